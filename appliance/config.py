@@ -1,0 +1,218 @@
+"""YAML -> frozen dataclasses, validated, with errors that name the key.
+
+Every CLI subcommand loads the same file plus `--set key=value` overrides, so `top`, `status` and
+`down` find the daemon that `up` started with the same config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = REPO_ROOT / "configs" / "default.yaml"
+
+
+class ConfigError(ValueError):
+    """A bad config: the message names the key."""
+
+
+def cache_dir() -> Path:
+    """Where generated checkpoints and runtime files live ($TOKENSPEED_CACHE)."""
+    return Path(os.environ.get("TOKENSPEED_CACHE", Path.home() / ".cache" / "tokenspeed"))
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: str | None = None
+    preset: str | None = "tiny-llama"
+    load_format: str = "auto"  # auto | safetensors | dummy
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    max_model_len: int = 4096
+    served_name: str | None = None
+    seed: int = 0
+
+    @property
+    def model_name(self) -> str:
+        if self.served_name:
+            return self.served_name
+        if self.path:
+            return Path(self.path).name
+        return str(self.preset)
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    tp_size: int = 1
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    socket: str = ""  # "" -> <cache>/run/tokenspeed-<port>.sock
+    api_key: str | None = None
+
+
+@dataclass(frozen=True)
+class KVConfig:
+    page_size: int = 16
+    memory_fraction: float = 0.85
+    num_pages: int | None = None
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_batch_tokens: int = 2048
+    max_running: int = 256
+    tps_floor: float = 70.0
+    session_ttl_s: float = 60.0
+
+
+@dataclass(frozen=True)
+class KernelsConfig:
+    override: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class AppConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    device: str = "auto"  # auto | cpu | cuda
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    kv: KVConfig = field(default_factory=KVConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    kernels: KernelsConfig = field(default_factory=KernelsConfig)
+
+    @property
+    def engine_ipc_dir(self) -> Path:
+        """Folder of the frontend <-> engine ZeroMQ sockets, unique per daemon."""
+        return Path(self.server.socket).parent / f"tokenspeed-{self.server.port}.ipc"
+
+
+_CHOICES = {
+    "model.load_format": ("auto", "safetensors", "dummy"),
+    "model.dtype": ("auto", "float32", "bfloat16", "float16"),
+    "device": ("auto", "cpu", "cuda"),
+    "parallel.tp_size": (1, 2, 4, 8),
+}
+_POSITIVE = {
+    "model.max_model_len", "server.port", "kv.page_size", "kv.num_pages",
+    "scheduler.max_batch_tokens", "scheduler.max_running", "scheduler.tps_floor",
+}
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> AppConfig:
+    """Read YAML (default: configs/default.yaml), apply `key=value` overrides, validate."""
+    path = Path(path) if path else DEFAULT_CONFIG
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    for item in overrides or []:
+        _apply_override(raw, item)
+    config = _build(AppConfig, raw, prefix="")
+    _validate(config)
+    return _resolve(config)
+
+
+def _apply_override(raw: dict, item: str) -> None:
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--set expects key=value, got {item!r}")
+    node = raw
+    *parents, leaf = key.strip().split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{key}: {part} is not a section")
+    node[leaf] = yaml.safe_load(value) if value.strip() else None
+    # model.path and model.preset are alternatives: setting one on the command line replaces
+    # the other from the file, so `--set model.path=/ckpt` works with the default config.
+    if parents == ["model"] and leaf in ("path", "preset") and node[leaf]:
+        node.pop("preset" if leaf == "path" else "path", None)
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        known = ", ".join(prefix + name for name in fields)
+        raise ConfigError(f"unknown config key {prefix}{unknown[0]} (known: {known})")
+    values = {name: _coerce(hints[name], value, prefix + name) for name, value in raw.items()}
+    return cls(**values)
+
+
+def _coerce(hint: Any, value: Any, key: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, key + ".")
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (hint,) = [a for a in args if a is not type(None)]
+        return _coerce(hint, value, key)
+    if origin is dict:
+        if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+            raise ConfigError(f"{key}: expected a mapping of names to strings, got {value!r}")
+        return dict(value)
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise ConfigError(f"{key}: expected {hint.__name__}, got {value!r}")
+    return value
+
+
+def _validate(config: AppConfig) -> None:
+    for key, choices in _CHOICES.items():
+        value = _get(config, key)
+        if value not in choices:
+            raise ConfigError(f"{key}: must be one of {', '.join(map(str, choices))}, got {value!r}")
+    for key in _POSITIVE:
+        value = _get(config, key)
+        if value is not None and value <= 0:
+            raise ConfigError(f"{key}: must be positive, got {value!r}")
+    if not 0.0 < config.kv.memory_fraction <= 1.0:
+        raise ConfigError(f"kv.memory_fraction: must be in (0, 1], got {config.kv.memory_fraction}")
+    if config.kv.page_size & (config.kv.page_size - 1):
+        raise ConfigError(f"kv.page_size: must be a power of two, got {config.kv.page_size}")
+    if config.scheduler.session_ttl_s < 0:
+        raise ConfigError("scheduler.session_ttl_s: must be >= 0")
+    if bool(config.model.path) == bool(config.model.preset):
+        raise ConfigError("model.path / model.preset: set exactly one of them")
+    if config.model.path and config.model.load_format == "dummy":
+        raise ConfigError("model.load_format: dummy needs model.preset, not model.path")
+    if config.server.port > 65535:
+        raise ConfigError(f"server.port: must be <= 65535, got {config.server.port}")
+
+
+def _resolve(config: AppConfig) -> AppConfig:
+    """Fill in derived defaults (the socket path) so every subcommand agrees on them."""
+    if config.server.socket:
+        socket = str(Path(config.server.socket).expanduser())
+    else:
+        socket = str(cache_dir() / "run" / f"tokenspeed-{config.server.port}.sock")
+    return dataclasses.replace(config, server=dataclasses.replace(config.server, socket=socket))
+
+
+def _get(config: Any, key: str) -> Any:
+    for part in key.split("."):
+        config = getattr(config, part)
+    return config

@@ -1,0 +1,166 @@
+"""Rank 0's step loop: scheduler plan -> model runner -> sampler -> commit.
+
+The C++ scheduler owns every request and KV page; this loop only moves messages and tensors.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import torch
+import zmq
+
+from appliance import _core
+from appliance.config import AppConfig
+from appliance.engine import protocol
+from appliance.engine.plan_arrays import PlanArrays, PlanChannel
+from appliance.engine.protocol import GenerateRequest, TokenOutput
+from appliance.engine.sampler import Sampler
+
+log = logging.getLogger(__name__)
+
+STATS_PERIOD_S = 0.25
+IDLE_POLL_MS = 50
+
+
+class Engine:
+    def __init__(self, config: AppConfig, runner, channel: PlanChannel, to_engine: str,
+                 from_engine: str) -> None:
+        self.config = config
+        self.runner = runner
+        self.channel = channel
+        self.device = runner.device
+        self.max_model_len = min(config.model.max_model_len, runner.max_model_len)
+        self.scheduler = _core.Scheduler(_core.SchedulerConfig(
+            num_pages=runner.num_pages, page_size=runner.page_size,
+            max_batch_tokens=config.scheduler.max_batch_tokens,
+            max_running=config.scheduler.max_running, tps_floor=config.scheduler.tps_floor,
+            session_ttl_s=config.scheduler.session_ttl_s, max_seq_len=self.max_model_len))
+        self.sampler = Sampler(self.device)
+        self.requests: dict[int, GenerateRequest] = {}
+        self._ctx = zmq.Context()
+        self._inbox = self._ctx.socket(zmq.PULL)
+        self._inbox.connect(to_engine)
+        self._outbox = self._ctx.socket(zmq.PUSH)
+        self._outbox.connect(from_engine)
+        self._last_stats = 0.0
+
+    def run(self) -> None:
+        self._send(protocol.Ready(self.max_model_len, self.runner.num_pages, self.runner.page_size,
+                                  self.runner.vocab_size, list(self.runner.eos_token_ids)))
+        try:
+            while self._drain_inbox(block=not self.requests):
+                if self.requests:
+                    self.step()
+                self._publish_stats()
+        finally:
+            for rid in list(self.requests):
+                self._abort(rid)
+            self._publish_stats(force=True)
+            self.channel.send_stop()
+            self._inbox.close(linger=0)
+            self._outbox.close(linger=1000)
+            self._ctx.term()
+
+    def step(self) -> bool:
+        """Run one scheduled batch; False when the scheduler had nothing to run."""
+        plan = self.scheduler.plan()
+        if plan is None:
+            return False
+        started = time.perf_counter()
+        arrays = PlanArrays.from_plan(plan)
+        rids = np.array(plan.rids, dtype=np.int64)
+        self.channel.send(arrays)
+        logits = self.runner.forward(to_forward_batch(arrays, self.device))
+        tokens = self.sampler.sample(logits, rids, arrays, self.requests)
+        tokens = tokens.to("cpu").numpy().astype(np.int32)
+        events = self.scheduler.commit(arrays.step, tokens, time.perf_counter() - started)
+        self._emit(events)
+        return True
+
+    # --- messages ------------------------------------------------------------------------------
+    def _drain_inbox(self, block: bool) -> bool:
+        """Apply every pending message; False once shutdown was asked for."""
+        timeout = IDLE_POLL_MS if block else 0
+        while self._inbox.poll(timeout):
+            timeout = 0
+            try:
+                message = protocol.decode_to_engine(self._inbox.recv())
+            except Exception as e:  # a malformed message must not take the engine down
+                log.error("dropping a malformed message: %s", e)
+                continue
+            if isinstance(message, protocol.ShutdownRequest):
+                return False
+            if isinstance(message, protocol.AbortRequest):
+                self._abort(message.rid)
+            else:
+                self._submit(message)
+        return True
+
+    def _submit(self, req: GenerateRequest) -> None:
+        try:
+            if req.rid in self.requests:
+                raise ValueError(f"request id {req.rid} is already running")
+            if any(t < 0 or t >= self.runner.vocab_size for t in req.prompt_ids):
+                raise ValueError(f"prompt token ids must be in [0, {self.runner.vocab_size})")
+            self.scheduler.submit(req.rid, np.asarray(req.prompt_ids, dtype=np.int32),
+                                  req.max_new_tokens, np.asarray(req.stop_token_ids, dtype=np.int32),
+                                  req.session)
+        except ValueError as e:
+            self._send(protocol.Rejected(req.rid, str(e)))
+            return
+        self.requests[req.rid] = req
+        self.sampler.add(req)
+
+    def _abort(self, rid: int) -> None:
+        if self.requests.pop(rid, None) is None:
+            return
+        self.scheduler.abort(rid)
+        self.sampler.remove(rid)
+        self._send(protocol.Outputs([TokenOutput(rid, -1, "abort")]))
+
+    def _emit(self, events: list[tuple[int, int, str]]) -> None:
+        items = []
+        for rid, token, reason in events:
+            if rid not in self.requests:
+                continue
+            items.append(TokenOutput(rid, token, reason or None))
+            if reason:
+                del self.requests[rid]
+                self.sampler.remove(rid)
+        if items:
+            self._send(protocol.Outputs(items))
+
+    def _publish_stats(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last_stats < STATS_PERIOD_S:
+            return
+        self._last_stats = now
+        values = {k: float(v) for k, v in self.scheduler.stats().items()}
+        values["page_size"] = float(self.runner.page_size)
+        self._send(protocol.Stats(values))
+
+    def _send(self, message) -> None:
+        self._outbox.send(protocol.encode(message))
+
+
+def to_forward_batch(arrays: PlanArrays, device: torch.device):
+    """The plan's arrays as the model runner's ForwardBatch on `device`."""
+    from appliance.model import ForwardBatch
+
+    def t(a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(a).to(device, non_blocking=True)
+
+    return ForwardBatch(
+        input_ids=t(arrays.input_ids), positions=t(arrays.positions),
+        query_start=t(arrays.query_start), prefix_lens=t(arrays.prefix_lens),
+        seq_lens=t(arrays.seq_lens), page_table=t(arrays.page_table),
+        slot_mapping=t(arrays.slot_mapping), num_decode=arrays.num_decode)
+
+
+def run_worker(runner, channel: PlanChannel) -> None:
+    """Ranks > 0: run every plan rank 0 broadcasts, until it says stop."""
+    while (arrays := channel.receive()) is not None:
+        runner.forward(to_forward_batch(arrays, runner.device))

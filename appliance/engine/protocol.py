@@ -1,0 +1,81 @@
+"""Messages between the frontend and engine rank 0 (msgspec msgpack over ZeroMQ ipc://).
+
+Tagged structs decode into exactly these types: nothing is unpickled, so a malformed message is a
+decode error, never code execution.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+
+class GenerateRequest(msgspec.Struct, tag="generate"):
+    rid: int
+    prompt_ids: list[int]
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop_token_ids: list[int] = []
+    session: str = ""
+    user: str = ""
+
+
+class AbortRequest(msgspec.Struct, tag="abort"):
+    rid: int
+
+
+class ShutdownRequest(msgspec.Struct, tag="shutdown"):
+    pass
+
+
+class TokenOutput(msgspec.Struct, tag="token", array_like=True):
+    rid: int
+    token_id: int  # -1 when the event carries no token (an abort)
+    finish_reason: str | None  # "stop" | "length" | "abort" | None while running
+
+
+class Outputs(msgspec.Struct, tag="outputs"):
+    items: list[TokenOutput]
+
+
+class Rejected(msgspec.Struct, tag="rejected"):
+    rid: int
+    message: str
+
+
+class Stats(msgspec.Struct, tag="stats"):
+    values: dict[str, float]
+
+
+class Ready(msgspec.Struct, tag="ready"):
+    max_model_len: int
+    num_pages: int
+    page_size: int
+    vocab_size: int
+    eos_token_ids: list[int]
+
+
+class Failed(msgspec.Struct, tag="failed"):
+    message: str
+
+
+ToEngine = GenerateRequest | AbortRequest | ShutdownRequest
+FromEngine = Outputs | Rejected | Stats | Ready | Failed
+
+_encoder = msgspec.msgpack.Encoder()
+_to_engine = msgspec.msgpack.Decoder(ToEngine)
+_from_engine = msgspec.msgpack.Decoder(FromEngine)
+
+
+def encode(message: msgspec.Struct) -> bytes:
+    return _encoder.encode(message)
+
+
+def decode_to_engine(data: bytes) -> ToEngine:
+    return _to_engine.decode(data)
+
+
+def decode_from_engine(data: bytes) -> FromEngine:
+    return _from_engine.decode(data)

@@ -1,0 +1,92 @@
+"""Entry point of one engine rank process (spawned by EngineClient)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import traceback
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+import kernels
+from appliance.config import AppConfig
+from appliance.engine import protocol
+from appliance.engine.model_files import ModelFiles
+from appliance.engine.plan_arrays import PlanChannel
+
+log = logging.getLogger("tokenspeed.engine")
+
+
+def run_rank(config: AppConfig, files: ModelFiles, paths, rank: int, dist_port: int) -> None:
+    # Ctrl-C reaches the whole process group: the frontend drains, then tells rank 0 to stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank{rank} %(levelname)s %(message)s")
+    try:
+        device = resolve_device(config.device, rank)
+        channel = PlanChannel(_init_distributed(config.parallel.tp_size, rank, dist_port, device))
+        kernels.set_overrides(dict(config.kernels.override))
+        runner = _build_runner(config, files, device, rank)
+        from appliance.engine.engine import Engine, run_worker
+
+        if rank == 0:
+            Engine(config, runner, channel, paths.to_engine, paths.from_engine).run()
+        else:
+            run_worker(runner, channel)
+    except Exception as e:
+        log.error("engine rank %d failed:\n%s", rank, traceback.format_exc())
+        if rank == 0:
+            _report_failure(paths.from_engine, f"{type(e).__name__}: {e}")
+        sys.exit(1)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def resolve_device(device: str, rank: int) -> torch.device:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("device: cuda was asked for but torch sees no GPU")
+        torch.cuda.set_device(rank)
+        return torch.device("cuda", rank)
+    return torch.device("cpu")
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def _init_distributed(tp_size: int, rank: int, port: int, device: torch.device):
+    """The model's TP group (NCCL on GPU, gloo on CPU) and a gloo group for the plan broadcast."""
+    if tp_size == 1:
+        return None
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=tp_size, timeout=timedelta(minutes=30))
+    return dist.new_group(backend="gloo") if backend != "gloo" else dist.group.WORLD
+
+
+def _build_runner(config: AppConfig, files: ModelFiles, device: torch.device, rank: int):
+    from appliance.model import ModelRunner
+
+    torch.manual_seed(config.model.seed)
+    return ModelRunner.from_config(config, files, device, resolve_dtype(config.model.dtype, device),
+                                   tp_rank=rank, tp_size=config.parallel.tp_size)
+
+
+def _report_failure(address: str, message: str) -> None:
+    import zmq
+
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.PUSH)
+    sock.connect(address)
+    sock.send(protocol.encode(protocol.Failed(message)))
+    sock.close(linger=2000)
+    ctx.term()

@@ -1,0 +1,41 @@
+"""Per-request sampling parameters -> the `sample` kernel's per-row tensors."""
+
+from __future__ import annotations
+
+import secrets
+
+import numpy as np
+import torch
+
+import kernels
+from appliance.engine.plan_arrays import PlanArrays
+from appliance.engine.protocol import GenerateRequest
+
+
+class Sampler:
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._sample = kernels.select("sample", device=device.type, dtype=torch.float32)
+        self._seeds: dict[int, int] = {}
+
+    def add(self, req: GenerateRequest) -> None:
+        # Without a seed, a random one: the row's randomness is still a pure function of
+        # (seed, position), so a preempted and recomputed request samples the same tokens.
+        self._seeds[req.rid] = req.seed if req.seed is not None else secrets.randbits(62)
+
+    def remove(self, rid: int) -> None:
+        self._seeds.pop(rid, None)
+
+    def sample(self, logits: torch.Tensor, rids: np.ndarray, arrays: PlanArrays,
+               params: dict[int, GenerateRequest]) -> torch.Tensor:
+        """logits [B, V] float32 -> tokens [B] int32 (on the device; no host sync here)."""
+        reqs = [params[int(rid)] for rid in rids]
+        temperature = torch.tensor([r.temperature for r in reqs], dtype=torch.float32)
+        top_k = torch.tensor([r.top_k for r in reqs], dtype=torch.int32)
+        top_p = torch.tensor([r.top_p for r in reqs], dtype=torch.float32)
+        seeds = torch.tensor([self._seeds[int(rid)] for rid in rids], dtype=torch.int64)
+        # The position of the token being sampled: the row's KV length after this step.
+        positions = torch.from_numpy(arrays.seq_lens.astype(np.int64))
+        to = dict(device=self.device, non_blocking=True)
+        return self._sample(logits, temperature.to(**to), top_k.to(**to), top_p.to(**to),
+                            seeds.to(**to), positions.to(**to))
