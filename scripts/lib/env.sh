@@ -1,0 +1,47 @@
+# Shared set-up for scripts/up and scripts/test: create .venv if missing, install the package with
+# its C++ extension, and skip all of it when nothing that affects the install changed.
+#
+# - A machine that already has torch (a GPU box) gets a venv that sees the system's packages, so
+#   its CUDA torch is used; elsewhere the venv gets the CPU wheel `pip install torch==2.13.0` takes.
+# - TOKENSPEED_WHEELHOUSE=DIR installs from a folder of wheels without any index (offline boxes).
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+VENV="$ROOT/.venv"
+PY="$VENV/bin/python"
+
+_install_stamp() {
+  # Everything that changes what `pip install -e .` produces.
+  (cd "$ROOT" && cat pyproject.toml $(find csrc -type f \( -name '*.cpp' -o -name '*.hpp' -o -name '*.h' -o -name 'CMakeLists.txt' -o -name '*.pyi' \) | sort) | sha256sum | cut -d' ' -f1)
+}
+
+_pip() {
+  if [ -n "${TOKENSPEED_WHEELHOUSE:-}" ]; then
+    "$PY" -m pip install --disable-pip-version-check --no-index --find-links "$TOKENSPEED_WHEELHOUSE" "$@"
+  else
+    "$PY" -m pip install --disable-pip-version-check "$@"
+  fi
+}
+
+ensure_env() {
+  local extras="${1:-}"
+  if [ ! -x "$PY" ]; then
+    if python3 -c 'import torch' >/dev/null 2>&1; then
+      echo "scripts: creating .venv on the system's torch ($(python3 -c 'import torch; print(torch.__version__)'))"
+      python3 -m venv --system-site-packages "$VENV"
+    else
+      echo "scripts: creating .venv with the CPU build of torch"
+      python3 -m venv "$VENV"
+      _pip -q torch==2.13.0
+    fi
+  fi
+  local stamp want
+  stamp="$VENV/.tokenspeed-install${extras:+-$extras}"
+  want="$(_install_stamp)"
+  if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$PY" -c 'import appliance._core' >/dev/null 2>&1; then
+    return 0
+  fi
+  echo "scripts: installing tokenspeed${extras:+[$extras]} and building the C++ core (first run takes a few minutes)"
+  _pip -q scikit-build-core pybind11
+  (cd "$ROOT" && _pip -q --no-build-isolation -e ".${extras:+[$extras]}")
+  echo "$want" > "$stamp"
+}
