@@ -1,0 +1,191 @@
+"""`tokenspeed bench`: load a running daemon through its OpenAI API and report what users see.
+
+Modes
+- latency:    one request at a time; time to first token and decode tokens/s at batch 1.
+- throughput: many requests at a fixed concurrency; output tokens/s (and per minute), TTFT, and
+              how many requests kept decode speed above `scheduler.tps_floor`.
+- agentic:    users running multi-turn conversations whose context grows every turn (previous
+              prompt + answer + new tokens), with a pause between turns as a tool call would make;
+              reports the prefix-cache hit rate the daemon measured, per-user TPS and TPM.
+
+Prompts are token-id lists (ids 10..499, valid for any vocabulary) sent to /v1/completions with
+`ignore_eos`, so input and output lengths are exact.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import statistics
+import time
+from dataclasses import dataclass
+
+import httpx
+
+from appliance.config import AppConfig
+
+
+@dataclass
+class RequestResult:
+    prompt_tokens: int
+    output_tokens: int
+    ttft_s: float
+    decode_tps: float  # (output_tokens - 1) / time from first to last token
+    latency_s: float
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("mode", choices=["latency", "throughput", "agentic"])
+    parser.add_argument("--input-len", type=int, default=512)
+    parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--requests", type=int, default=32)
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--users", type=int, default=4, help="agentic: concurrent conversations")
+    parser.add_argument("--turns", type=int, default=4, help="agentic: turns per conversation")
+    parser.add_argument("--turn-tokens", type=int, default=256, help="agentic: new tokens per turn")
+    parser.add_argument("--tool-time", type=float, default=0.5, help="agentic: pause between turns (s)")
+    parser.add_argument("--tcp", action="store_true", help="use TCP instead of the Unix socket")
+    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def run_bench(config: AppConfig, args: argparse.Namespace) -> int:
+    summary = asyncio.run(_run(config, args))
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        width = max(map(len, summary))
+        for key, value in summary.items():
+            print(f"{key:<{width}}  {value:.3f}" if isinstance(value, float) else f"{key:<{width}}  {value}")
+    return 0
+
+
+async def _run(config: AppConfig, args: argparse.Namespace) -> dict:
+    rng = random.Random(args.seed)
+    async with _client(config, args.tcp) as http:
+        model = (await http.get("/v1/models")).json()["data"][0]["id"]
+        before = (await http.get("/stats")).json()
+        started = time.perf_counter()
+        if args.mode == "agentic":
+            results = await _agentic(http, model, args, rng)
+        else:
+            concurrency = 1 if args.mode == "latency" else args.concurrency
+            count = min(args.requests, 8) if args.mode == "latency" else args.requests
+            prompts = [_tokens(rng, args.input_len) for _ in range(count)]
+            results = await _bounded(concurrency, [
+                lambda p=p: _complete(http, model, p, args.output_len) for p in prompts])
+        elapsed = time.perf_counter() - started
+        after = (await http.get("/stats")).json()
+    return _summarize(config, args.mode, results, elapsed, before, after)
+
+
+async def _agentic(http: httpx.AsyncClient, model: str, args: argparse.Namespace,
+                   rng: random.Random) -> list[RequestResult]:
+    async def conversation(user: int) -> list[RequestResult]:
+        context = _tokens(rng, args.input_len)
+        results = []
+        for _ in range(args.turns):
+            result, answer = await _complete(http, model, context, args.output_len,
+                                             session=f"bench-user-{user}", with_tokens=True)
+            results.append(result)
+            context = context + answer + _tokens(rng, args.turn_tokens)
+            await asyncio.sleep(args.tool_time)
+        return results
+
+    per_user = await asyncio.gather(*(conversation(u) for u in range(args.users)))
+    return [r for results in per_user for r in results]
+
+
+async def _bounded(limit: int, jobs: list) -> list[RequestResult]:
+    gate = asyncio.Semaphore(limit)
+
+    async def one(job):
+        async with gate:
+            return await job()
+
+    return list(await asyncio.gather(*(one(job) for job in jobs)))
+
+
+async def _complete(http: httpx.AsyncClient, model: str, prompt: list[int], max_tokens: int,
+                    session: str = "", with_tokens: bool = False):
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "stream": True,
+            "ignore_eos": True, "temperature": 0.0, "stream_options": {"include_usage": True},
+            "return_token_ids": with_tokens}
+    headers = {"x-session-id": session} if session else {}
+    started = time.perf_counter()
+    stamps: list[float] = []
+    token_ids: list[int] = []
+    usage = {}
+    async with http.stream("POST", "/v1/completions", json=body, headers=headers) as response:
+        if response.status_code != 200:
+            raise RuntimeError(f"HTTP {response.status_code}: {(await response.aread()).decode()}")
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                usage = chunk["usage"]
+            choice = chunk["choices"][0] if chunk.get("choices") else {}
+            token_ids.extend(choice.get("token_ids") or [])
+            if choice.get("text"):
+                stamps.append(time.perf_counter())
+    end = time.perf_counter()
+    produced = int(usage.get("completion_tokens", len(stamps)))
+    first = stamps[0] if stamps else end
+    decode_time = (stamps[-1] - first) if len(stamps) > 1 else 0.0
+    result = RequestResult(len(prompt), produced, first - started,
+                           (produced - 1) / decode_time if decode_time > 0 else 0.0, end - started)
+    if not with_tokens:
+        return result
+    # The next turn resends the answer's exact token ids, as an agent resends the exact text.
+    if len(token_ids) != produced:
+        raise RuntimeError("the daemon did not return the answer's token ids (return_token_ids)")
+    return result, token_ids
+
+
+def _tokens(rng: random.Random, n: int) -> list[int]:
+    return [rng.randrange(10, 500) for _ in range(n)]
+
+
+def _summarize(config: AppConfig, mode: str, results: list[RequestResult], elapsed: float,
+               before: dict, after: dict) -> dict:
+    outputs = sum(r.output_tokens for r in results)
+    prompts = sum(r.prompt_tokens for r in results)
+    tps = sorted(r.decode_tps for r in results)
+    ttft = sorted(r.ttft_s for r in results)
+    hits = after["totals"]["prefix_cache_hit_tokens"] - before["totals"]["prefix_cache_hit_tokens"]
+    return {
+        "mode": mode,
+        "requests": len(results),
+        "prompt_tokens": prompts,
+        "output_tokens": outputs,
+        "elapsed_s": elapsed,
+        "output_tokens_per_s": outputs / elapsed,
+        "output_tokens_per_min": 60 * outputs / elapsed,
+        "ttft_p50_s": _percentile(ttft, 50),
+        "ttft_p99_s": _percentile(ttft, 99),
+        "decode_tps_min": tps[0] if tps else 0.0,
+        "decode_tps_mean": statistics.fmean(tps) if tps else 0.0,
+        "tps_floor": config.scheduler.tps_floor,
+        "requests_above_floor": sum(t >= config.scheduler.tps_floor for t in tps),
+        "prefix_cache_hit_rate": hits / prompts if prompts else 0.0,
+    }
+
+
+def _percentile(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    index = min(len(values) - 1, max(0, round(q / 100 * (len(values) - 1))))
+    return values[index]
+
+
+def _client(config: AppConfig, tcp: bool) -> httpx.AsyncClient:
+    headers = {"Authorization": f"Bearer {config.server.api_key}"} if config.server.api_key else {}
+    timeout = httpx.Timeout(600.0)
+    if tcp:
+        return httpx.AsyncClient(base_url=f"http://{config.server.host}:{config.server.port}",
+                                 headers=headers, timeout=timeout)
+    return httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=config.server.socket),
+                             base_url="http://tokenspeed", headers=headers, timeout=timeout)
