@@ -141,7 +141,7 @@ def _apply_override(raw: dict, item: str) -> None:
     # model.path and model.preset are alternatives: setting one on the command line replaces
     # the other from the file, so `--set model.path=/ckpt` works with the default config.
     if parents == ["model"] and leaf in ("path", "preset") and node[leaf]:
-        node.pop("preset" if leaf == "path" else "path", None)
+        node["preset" if leaf == "path" else "path"] = None
 
 
 def _build(cls: type, raw: Any, prefix: str) -> Any:

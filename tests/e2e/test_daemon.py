@@ -1,0 +1,148 @@
+"""The walking skeleton end to end: the real daemon process, real SDK clients."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from pathlib import Path
+
+import anthropic
+import openai
+import pytest
+import torch
+
+from .conftest import REPO, start_daemon
+
+
+def _openai(daemon) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{daemon.base_url}/v1", api_key="unused", max_retries=0)
+
+
+def test_health_and_models(daemon):
+    client = _openai(daemon)
+    models = client.models.list()
+    assert [m.id for m in models.data] == ["tiny-llama"]
+    with daemon.uds_client() as http:
+        assert http.get("/health").status_code == 200
+
+
+def test_streamed_chat_through_openai_sdk(daemon):
+    client = _openai(daemon)
+    stream = client.chat.completions.create(
+        model="tiny-llama", messages=[{"role": "user", "content": "Write a haiku about caches."}],
+        max_tokens=12, temperature=0.0, stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    usage = chunks[-1].usage
+    assert finish and finish[-1] in ("stop", "length")
+    assert usage is not None and 1 <= usage.completion_tokens <= 12 and usage.prompt_tokens > 5
+    assert isinstance(text, str)
+
+
+def test_chat_is_deterministic_at_temperature_zero(daemon):
+    client = _openai(daemon)
+    messages = [{"role": "user", "content": "def fib(n):"}]
+    a = client.chat.completions.create(model="tiny-llama", messages=messages, max_tokens=16, temperature=0)
+    b = client.chat.completions.create(model="tiny-llama", messages=messages, max_tokens=16, temperature=0)
+    assert a.choices[0].message.content == b.choices[0].message.content
+    assert a.usage.completion_tokens == b.usage.completion_tokens
+
+
+def test_greedy_tokens_equal_transformers(daemon):
+    """The daemon's greedy continuation equals HF transformers' generate on the same checkpoint."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = Path(os.environ.get("TOKENSPEED_CACHE", REPO / ".cache" / "test")) / "models" / "tiny-llama"
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32)
+    prompt = "The quick brown fox jumps over"
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    expected = model.generate(ids, max_new_tokens=20, do_sample=False, min_new_tokens=20)[0, ids.shape[1]:]
+    got = _openai(daemon).completions.create(
+        model="tiny-llama", prompt=prompt, max_tokens=20, temperature=0,
+        extra_body={"ignore_eos": True})
+    assert got.choices[0].text == tokenizer.decode(expected, skip_special_tokens=True)
+
+
+def test_concurrent_requests_all_finish(daemon):
+    client = _openai(daemon)
+    results: dict[int, str] = {}
+
+    def ask(i: int) -> None:
+        out = client.completions.create(model="tiny-llama", prompt=f"request {i} " * (i + 1),
+                                        max_tokens=8 + i, temperature=0.7, seed=i)
+        results[i] = out.choices[0].finish_reason
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert sorted(results) == list(range(6))
+    assert set(results.values()) <= {"stop", "length"}
+
+
+def test_streaming_over_unix_socket(daemon):
+    body = {"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 6, "stream": True}
+    with daemon.uds_client() as http:
+        with http.stream("POST", "/v1/chat/completions", json=body) as response:
+            assert response.status_code == 200
+            lines = [line for line in response.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]"
+    first = json.loads(lines[0][6:])
+    assert first["object"] == "chat.completion.chunk"
+
+
+def test_anthropic_sdk_messages(daemon):
+    client = anthropic.Anthropic(base_url=daemon.base_url, api_key="unused", max_retries=0)
+    message = client.messages.create(model="tiny-llama", max_tokens=8,
+                                     messages=[{"role": "user", "content": "hello"}])
+    assert message.role == "assistant" and message.stop_reason in ("end_turn", "max_tokens")
+    with client.messages.stream(model="tiny-llama", max_tokens=8,
+                                messages=[{"role": "user", "content": "hello"}]) as stream:
+        final = stream.get_final_message()
+    assert final.usage.output_tokens >= 1
+
+
+def test_bad_requests_get_api_errors(daemon):
+    client = _openai(daemon)
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="tiny-llama", messages=[], max_tokens=4)
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="tiny-llama", prompt="x " * 5000, max_tokens=4)
+    # The daemon is still healthy afterwards.
+    assert client.completions.create(model="tiny-llama", prompt="ok", max_tokens=2).choices
+
+
+def test_status_and_stats(daemon):
+    result = daemon.cli("status")
+    assert result.returncode == 0, result.stderr
+    status = json.loads(result.stdout)
+    assert status["health"] is True
+    assert status["kv"]["pages_total"] == 1024
+    assert status["totals"]["generation_tokens"] > 0
+
+
+def test_metrics_exposed(daemon):
+    with daemon.uds_client() as http:
+        text = http.get("/metrics").text
+    for name in ("tokenspeed_kv_pages_total", "tokenspeed_kv_pages_used", "tokenspeed_requests_running",
+                 "tokenspeed_generation_tokens_total", "tokenspeed_time_to_first_token_seconds"):
+        assert name in text
+
+
+def test_sigterm_drains_in_flight_request_and_exits_zero(tmp_path):
+    daemon = start_daemon(tmp_path)
+    client = _openai(daemon)
+    stream = client.completions.create(model="tiny-llama", prompt="drain me", max_tokens=400,
+                                       temperature=0, stream=True, extra_body={"ignore_eos": True})
+    first = next(iter(stream))
+    assert first.choices
+    code = daemon.stop()
+    rest = list(stream)  # the stream ends (finished or aborted), it does not hang
+    assert code == 0, daemon.log.read_text()
+    assert not daemon.socket.exists()
+    assert rest is not None
