@@ -1,0 +1,19 @@
+"""Plain-torch reference implementations of every kernel op (backend "torch", priority 0).
+
+They run on CPU and GPU, compute in float32 and return the input dtype. They are the ground
+truth of the tests: simple and obviously right, not fast.
+"""
+from kernels.reference.activation import silu_and_mul
+from kernels.reference.attention import decode_attention, extend_attention
+from kernels.reference.kv_cache import store_kv
+from kernels.reference.mla import mla_decode, mla_extend
+from kernels.reference.moe import fused_moe, moe_route
+from kernels.reference.norm import fused_add_rms_norm, rms_norm
+from kernels.reference.rope import rope, rope_store_kv
+from kernels.reference.sample import sample
+
+__all__ = [
+    "rms_norm", "fused_add_rms_norm", "silu_and_mul", "rope", "store_kv", "rope_store_kv",
+    "decode_attention", "extend_attention", "mla_decode", "mla_extend",
+    "moe_route", "fused_moe", "sample",
+]

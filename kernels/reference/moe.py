@@ -1,0 +1,66 @@
+"""Mixture-of-experts routing (DeepSeek-V2 / V3 semantics, as in HF transformers) and the
+expert computation."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kernels.registry import register
+
+
+def _group_mask(choice: torch.Tensor, n_group: int, topk_group: int,
+                scoring: str) -> torch.Tensor:
+    """choice: [T, E] -> bool [T, E], True for experts in the top `topk_group` groups.
+    A group's score is its max (softmax, V2) or the sum of its top-2 (sigmoid, V3)."""
+    t, e = choice.shape
+    grouped = choice.view(t, n_group, e // n_group)                         # [T, G, E/G]
+    if scoring == "softmax":
+        gscore = grouped.max(dim=-1).values                                  # [T, G]
+    else:
+        gscore = grouped.topk(2, dim=-1).values.sum(dim=-1)                  # [T, G]
+    gidx = gscore.topk(topk_group, dim=-1).indices                           # [T, topk_group]
+    gmask = torch.zeros_like(gscore, dtype=torch.bool).scatter_(1, gidx, True)
+    return gmask[:, :, None].expand(t, n_group, e // n_group).reshape(t, e)
+
+
+@register("moe_route", backend="torch", priority=0)
+def moe_route(router_logits: torch.Tensor, top_k: int, scoring: str, renormalize: bool,
+              bias: torch.Tensor | None, n_group: int, topk_group: int,
+              routed_scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """router_logits: [T, E] -> (weights [T, k] float32, ids [T, k] int32).
+
+    softmax (DeepSeek-V2): scores = softmax(logits); group-limited when n_group > 1 (groups
+    ranked by their max score, the rest masked to 0). sigmoid (V3): scores = sigmoid(logits);
+    selection uses scores + bias (e_score_correction_bias), groups ranked by the sum of their
+    top-2, weights are the unbiased scores. Then optional renormalization (sum + 1e-20) and
+    multiplication by routed_scaling."""
+    if scoring not in ("softmax", "sigmoid"):
+        raise ValueError(f"moe_route: scoring must be 'softmax' or 'sigmoid', got {scoring!r}")
+    logits = router_logits.float()                                           # [T, E]
+    scores = logits.softmax(dim=-1) if scoring == "softmax" else logits.sigmoid()
+    choice = scores + bias.float() if bias is not None else scores           # [T, E]
+    if n_group > 1 and topk_group < n_group:
+        fill = 0.0 if scoring == "softmax" else float("-inf")
+        choice = choice.masked_fill(~_group_mask(choice, n_group, topk_group, scoring), fill)
+    ids = choice.topk(top_k, dim=-1).indices                                 # [T, k]
+    weights = scores.gather(1, ids)                                          # [T, k]
+    if renormalize:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return weights * routed_scaling, ids.to(torch.int32)
+
+
+@register("fused_moe", backend="torch", priority=0)
+def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
+              ids: torch.Tensor) -> torch.Tensor:
+    """x: [T, H], w13: [E, 2I, H], w2: [E, H, I], weights/ids: [T, k]
+    -> sum_k weights * (silu_and_mul(x @ w13[e].T) @ w2[e].T)  [T, H]."""
+    t, k = ids.shape
+    out = torch.zeros(t, x.shape[1], dtype=torch.float32, device=x.device)  # [T, H]
+    inter = w2.shape[2]
+    for e in ids.unique().tolist():
+        tok, slot = (ids == e).nonzero(as_tuple=True)                         # [n], [n]
+        h = x[tok].float() @ w13[e].float().t()                               # [n, 2I]
+        a = (F.silu(h[:, :inter]) * h[:, inter:]).to(x.dtype).float()         # [n, I]
+        y = a @ w2[e].float().t()                                             # [n, H]
+        out.index_add_(0, tok, y * weights[tok, slot].float()[:, None])
+    return out.to(x.dtype)

@@ -1,0 +1,44 @@
+"""Rotary position embedding (NeoX halves or GPT-J interleaved pairs) and its fusion with the
+KV-cache write."""
+from __future__ import annotations
+
+import torch
+
+from kernels.reference.kv_cache import store_kv
+from kernels.registry import register
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int,
+            is_neox: bool) -> torch.Tensor:
+    # x: [T, H, D]; cos, sin: [T, R/2] float32 -> [T, H, D] in x.dtype
+    x32 = x.float()
+    rot, tail = x32[..., :rotary_dim], x32[..., rotary_dim:]
+    c, s = cos[:, None, :], sin[:, None, :]                      # [T, 1, R/2]
+    if is_neox:
+        x1, x2 = rot.chunk(2, dim=-1)                            # [T, H, R/2] each
+        out = torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)
+    else:
+        x1, x2 = rot[..., 0::2], rot[..., 1::2]                  # [T, H, R/2] each
+        out = torch.stack([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).flatten(-2)
+    return torch.cat([out, tail], dim=-1).to(x.dtype)
+
+
+@register("rope", backend="torch", priority=0)
+def rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor,
+         rotary_dim: int, is_neox: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """q: [T, Hq, D], k: [T, Hk, D], positions: [T], cos_sin: [max_pos, R] (cos | sin)
+    -> (q, k) rotated on their first R dims (new tensors)."""
+    cs = cos_sin[positions.long()].float()                       # [T, R]
+    cos, sin = cs[:, : rotary_dim // 2], cs[:, rotary_dim // 2: rotary_dim]
+    return _rotate(q, cos, sin, rotary_dim, is_neox), _rotate(k, cos, sin, rotary_dim, is_neox)
+
+
+@register("rope_store_kv", backend="torch", priority=0)
+def rope_store_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                  cos_sin: torch.Tensor, rotary_dim: int, is_neox: bool,
+                  k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  slot_mapping: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """rope(q, k) then store_kv(rotated k, v); returns the rotated (q, k)."""
+    q2, k2 = rope(q, k, positions, cos_sin, rotary_dim, is_neox)
+    store_kv(k2, v, k_cache, v_cache, slot_mapping)
+    return q2, k2

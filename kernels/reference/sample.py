@@ -1,0 +1,88 @@
+"""Token sampling with no host sync: greedy, or top-k -> top-p -> Gumbel-max sampling whose
+randomness is a pure function of (seed, position, token id).
+
+Semantics (shared exactly by the Triton kernel):
+- temperature <= 0: argmax of the logits (first index on ties).
+- l = logits / temperature. top_k in (0, V): keep tokens with l >= the k-th largest l (ties kept).
+- top_p < 1: with e = exp(l - max) over the kept tokens and Z = sum(e), keep token i iff the
+  mass of kept tokens with e strictly greater than e_i is < top_p * Z (ties kept together).
+- token = argmax over kept tokens of l + g, g = -log(-log(u)), u = uniform(seed, position, id).
+"""
+from __future__ import annotations
+
+import torch
+
+from kernels.registry import register
+
+M32 = 0xFFFFFFFF
+MUL_A = 0x7FEB352D
+MUL_B = 0x846CA68B
+GOLDEN = 0x9E3779B9
+
+
+def mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash ("lowbias32") on int64 tensors holding values in [0, 2^32)."""
+    x = x ^ (x >> 16)
+    x = (x * MUL_A) & M32
+    x = x ^ (x >> 15)
+    x = (x * MUL_B) & M32
+    return x ^ (x >> 16)
+
+
+def row_key(seeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """seeds, positions: [B] int64 -> [B] int64 in [0, 2^32)."""
+    s = seeds.long()
+    p = positions.long()
+    h = mix32(s & M32)
+    h = mix32(h ^ ((s >> 32) & M32))
+    h = mix32(h ^ (p & M32))
+    return mix32(h ^ ((p >> 32) & M32))
+
+
+def uniform(key: torch.Tensor, vocab: int) -> torch.Tensor:
+    """key: [B] -> u [B, V] float32 in (0, 1), a pure function of (key, token id)."""
+    ids = torch.arange(vocab, device=key.device, dtype=torch.int64)             # [V]
+    r = mix32(key[:, None] ^ ((ids[None, :] * GOLDEN) & M32))                    # [B, V]
+    return ((r >> 8).float() + 0.5) * (1.0 / 16777216.0)
+
+
+def gumbel(seeds: torch.Tensor, positions: torch.Tensor, vocab: int) -> torch.Tensor:
+    """[B] x [B] -> Gumbel noise [B, V] float32."""
+    u = uniform(row_key(seeds, positions), vocab)
+    return -torch.log(-torch.log(u))
+
+
+def _filter_row(l: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """l: [V] float32 scaled logits -> l with filtered tokens at -inf."""
+    v = l.shape[0]
+    if 0 < top_k < v:
+        kth = l.topk(top_k).values[-1]
+        l = l.masked_fill(l < kth, float("-inf"))
+    if top_p < 1.0:
+        e = torch.exp(l - l.max())                                             # [V]
+        z = e.sum()
+        es, _ = e.sort(descending=True)                                        # [V]
+        above = torch.cumsum(es, 0) - es                                       # mass before
+        # mass strictly greater than each sorted value: take it at the first of its ties
+        first = torch.searchsorted(-es, -es, right=False)                      # [V]
+        keep_sorted = above[first] < top_p * z
+        thresh = es[keep_sorted].min()
+        l = l.masked_fill(e < thresh, float("-inf"))
+    return l
+
+
+@register("sample", backend="torch", priority=0)
+def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
+           top_p: torch.Tensor, seeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """logits: [B, V] float32 -> tokens [B] int32."""
+    b, v = logits.shape
+    g = gumbel(seeds, positions, v)                                            # [B, V]
+    out = torch.empty(b, dtype=torch.int32, device=logits.device)
+    for i in range(b):
+        t = float(temperature[i])
+        if t <= 0.0:
+            out[i] = logits[i].float().argmax()
+            continue
+        l = _filter_row(logits[i].float() / t, int(top_k[i]), float(top_p[i]))
+        out[i] = (l + g[i]).argmax()
+    return out
