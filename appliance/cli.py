@@ -153,7 +153,7 @@ def cmd_kernels(config: AppConfig, args: argparse.Namespace) -> int:
 
     kernels.set_overrides(dict(config.kernels.override))
     dtype = getattr(torch, args.dtype)
-    ops = [args.explain] if args.explain else kernels.ops()
+    ops = [args.explain] if args.explain else kernels.registered_ops()
     for op in ops:
         print(kernels.explain(op, device=args.device, dtype=dtype))
     return 0
