@@ -1,0 +1,6 @@
+"""Triton backend (priority 10, CUDA only). Importing this package registers every op.
+
+Kernels also run on CPU through Triton's interpreter (TRITON_INTERPRET=1), which the tests use;
+the registry never selects them for a CPU device."""
+from kernels.triton import attention_ops  # noqa: F401
+from kernels.triton import elementwise, rope_kv  # noqa: F401,E402

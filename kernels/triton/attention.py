@@ -1,0 +1,247 @@
+"""Paged attention in Triton: one kernel serves GQA decode/extend and MLA decode/extend.
+
+Each program owns BLOCK_M = BLOCK_T x G_BLK query rows: BLOCK_T consecutive query tokens of one
+sequence times G_BLK query heads that share one KV head (GQA group, or all MLA heads, which
+share the single latent head). Folding tokens and heads into M makes the tensor-core tile full
+when heads are few and reads each KV tile once for the whole group. The KV range of a program
+may be cut into NUM_SPLITS pieces (split-KV, for long contexts with few rows); a second kernel
+merges the pieces by their log-sum-exp. Keys are gathered per token through the page table,
+so any page size works. Scores: q1.k1 (+ q2.k2 for MLA's rope part); values: V, or k1 itself
+when SHARED_V (MLA: the latent is both key and value).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.triton.common import check, interpreting, next_pow2, num_sms
+
+
+@triton.jit
+def _attn_tile(acc, m_i, l_i, q1, q2, K1, K2, V, PageTable, n0, hi, pos, kvh, page_size,
+               stride_k1s, stride_k1h, stride_k2s, stride_k2h, stride_vs, stride_vh, scale_log2,
+               D1: tl.constexpr, D2: tl.constexpr, DV: tl.constexpr, BLOCK_D1: tl.constexpr,
+               BLOCK_D2: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr,
+               HAS_D2: tl.constexpr, SHARED_V: tl.constexpr, MASKED: tl.constexpr):
+    offs_n = n0 + tl.arange(0, BLOCK_N)                                   # [N]
+    n_ok = offs_n < hi
+    page = tl.load(PageTable + offs_n // page_size, mask=n_ok, other=0)    # [N]
+    slot = page.to(tl.int64) * page_size + offs_n % page_size              # [N]
+    d1 = tl.arange(0, BLOCK_D1)
+    k1 = tl.load(K1 + slot[:, None] * stride_k1s + kvh * stride_k1h + d1[None, :],
+                 mask=n_ok[:, None] & (d1[None, :] < D1), other=0.0)     # [N, D1]
+    qk = tl.dot(q1, tl.trans(k1))                                          # [M, N]
+    if HAS_D2:
+        d2 = tl.arange(0, BLOCK_D2)
+        k2 = tl.load(K2 + slot[:, None] * stride_k2s + kvh * stride_k2h + d2[None, :],
+                     mask=n_ok[:, None] & (d2[None, :] < D2), other=0.0)  # [N, D2]
+        qk += tl.dot(q2, tl.trans(k2))
+    qk = qk * scale_log2
+    if MASKED:
+        vis = (offs_n[None, :] <= pos[:, None]) & n_ok[None, :]            # [M, N]
+        qk = tl.where(vis, qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))                                 # [M]
+    p = tl.exp2(qk - m_new[:, None])                                       # [M, N]
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if SHARED_V:
+        v = k1                                                             # [N, DV]
+    else:
+        dv = tl.arange(0, BLOCK_DV)
+        v = tl.load(V + slot[:, None] * stride_vs + kvh * stride_vh + dv[None, :],
+                    mask=n_ok[:, None] & (dv[None, :] < DV), other=0.0)   # [N, DV]
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _paged_attn_kernel(
+        Q1, Q2, K1, K2, V, Out, PartO, PartL,
+        PageTable, QueryStart, SeqLens, BlockBatch, BlockTok,
+        scale_log2, page_size, split_len, group,
+        stride_q1t, stride_q1h, stride_q2t, stride_q2h,
+        stride_k1s, stride_k1h, stride_k2s, stride_k2h, stride_vs, stride_vh,
+        stride_ot, stride_oh, stride_pt, stride_pot, stride_poh, stride_pos,
+        stride_plt, stride_plh,
+        D1: tl.constexpr, D2: tl.constexpr, DV: tl.constexpr, BLOCK_D1: tl.constexpr,
+        BLOCK_D2: tl.constexpr, BLOCK_DV: tl.constexpr, G_BLK: tl.constexpr,
+        BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, N_HBLK: tl.constexpr,
+        NUM_SPLITS: tl.constexpr, HAS_D2: tl.constexpr, SHARED_V: tl.constexpr,
+        DECODE: tl.constexpr):
+    BLOCK_M: tl.constexpr = BLOCK_T * G_BLK
+    pid_q, pid_h, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    kvh, hb = pid_h // N_HBLK, pid_h % N_HBLK
+    if DECODE:
+        b, t0, q_start, qlen, valid = pid_q, 0, pid_q, 1, True
+    else:
+        b_raw = tl.load(BlockBatch + pid_q)
+        valid = b_raw >= 0
+        b = tl.maximum(b_raw, 0)
+        t0 = tl.where(valid, tl.load(BlockTok + pid_q), 0)
+        q_start = tl.load(QueryStart + b)
+        qlen = tl.where(valid, tl.load(QueryStart + b + 1) - q_start, 0)
+    seq_len = tl.load(SeqLens + b)
+    r = tl.arange(0, BLOCK_M)
+    t_rel = t0 + r // G_BLK                                               # [M] token in row
+    hg = hb * G_BLK + r % G_BLK                                           # [M] head in group
+    head = kvh * group + hg
+    row_ok = (t_rel < qlen) & (hg < group)
+    pos = seq_len - qlen + t_rel                                          # [M] query position
+    tok = (q_start + t_rel).to(tl.int64)
+    d1 = tl.arange(0, BLOCK_D1)
+    q1 = tl.load(Q1 + tok[:, None] * stride_q1t + head[:, None] * stride_q1h + d1[None, :],
+                 mask=row_ok[:, None] & (d1[None, :] < D1), other=0.0)    # [M, D1]
+    if HAS_D2:
+        d2 = tl.arange(0, BLOCK_D2)
+        q2 = tl.load(Q2 + tok[:, None] * stride_q2t + head[:, None] * stride_q2h + d2[None, :],
+                     mask=row_ok[:, None] & (d2[None, :] < D2), other=0.0)  # [M, D2]
+    else:
+        q2 = q1
+    kv_end = tl.where(valid, seq_len - qlen + tl.minimum(t0 + BLOCK_T, qlen), 0)
+    lo = split * split_len
+    hi = tl.minimum(lo + split_len, kv_end)
+    first_pos = seq_len - qlen + t0                      # keys <= first_pos are seen by all rows
+    full_end = lo + tl.maximum(tl.minimum(hi, first_pos + 1) - lo, 0) // BLOCK_N * BLOCK_N
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    pt = PageTable + b.to(tl.int64) * stride_pt
+    for n0 in range(lo, full_end, BLOCK_N):
+        acc, m_i, l_i = _attn_tile(acc, m_i, l_i, q1, q2, K1, K2, V, pt, n0, hi, pos, kvh,
+                                   page_size, stride_k1s, stride_k1h, stride_k2s, stride_k2h,
+                                   stride_vs, stride_vh, scale_log2, D1, D2, DV, BLOCK_D1,
+                                   BLOCK_D2, BLOCK_DV, BLOCK_N, HAS_D2, SHARED_V, False)
+    for n0 in range(full_end, hi, BLOCK_N):
+        acc, m_i, l_i = _attn_tile(acc, m_i, l_i, q1, q2, K1, K2, V, pt, n0, hi, pos, kvh,
+                                   page_size, stride_k1s, stride_k1h, stride_k2s, stride_k2h,
+                                   stride_vs, stride_vh, scale_log2, D1, D2, DV, BLOCK_D1,
+                                   BLOCK_D2, BLOCK_DV, BLOCK_N, HAS_D2, SHARED_V, True)
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    out = acc / l_safe[:, None]                                           # [M, DV]
+    dv = tl.arange(0, BLOCK_DV)
+    omask = row_ok[:, None] & (dv[None, :] < DV)
+    if NUM_SPLITS == 1:
+        tl.store(Out + tok[:, None] * stride_ot + head[:, None] * stride_oh + dv[None, :],
+                 out.to(Out.dtype.element_ty), mask=omask)
+    else:
+        tl.store(PartO + tok[:, None] * stride_pot + head[:, None] * stride_poh
+                 + split * stride_pos + dv[None, :], out, mask=omask)
+        lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf"))     # [M]
+        tl.store(PartL + tok * stride_plt + head * stride_plh + split, lse, mask=row_ok)
+
+
+@triton.jit
+def _merge_splits_kernel(PartO, PartL, Out, stride_pot, stride_poh, stride_pos, stride_plt,
+                         stride_plh, stride_ot, stride_oh, DV: tl.constexpr,
+                         BLOCK_DV: tl.constexpr, NUM_SPLITS: tl.constexpr,
+                         BLOCK_S: tl.constexpr):
+    t, h = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    s = tl.arange(0, BLOCK_S)
+    dv = tl.arange(0, BLOCK_DV)
+    lse = tl.load(PartL + t * stride_plt + h * stride_plh + s, mask=s < NUM_SPLITS,
+                  other=float("-inf"))                                    # [S]
+    m = tl.max(lse, 0)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp2(lse - m)                                                  # [S]
+    part = tl.load(PartO + t * stride_pot + h * stride_poh + s[:, None] * stride_pos + dv[None, :],
+                   mask=(s[:, None] < NUM_SPLITS) & (dv[None, :] < DV), other=0.0)  # [S, DV]
+    den = tl.sum(w, 0)
+    out = tl.sum(part * w[:, None], 0) / tl.where(den > 0, den, 1.0)     # [DV]
+    tl.store(Out + t * stride_ot + h * stride_oh + dv, out.to(Out.dtype.element_ty), mask=dv < DV)
+
+
+def _block_map(query_start: torch.Tensor, num_tokens: int, block_t: int
+               ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Map program ids to (row, first token) without a host sync.
+
+    query_start: [B+1] -> BlockBatch [NB] (-1 for spare programs), BlockTok [NB], NB."""
+    b = query_start.shape[0] - 1
+    nb = triton.cdiv(num_tokens, block_t) + b                         # upper bound on blocks
+    qs = query_start.long()
+    nblk = (qs[1:] - qs[:-1] + block_t - 1) // block_t                  # [B]
+    cum = torch.cumsum(nblk, 0)                                         # [B]
+    pid = torch.arange(nb, device=qs.device)                            # [NB]
+    row = torch.searchsorted(cum, pid, right=True)                      # [NB] in [0, B]
+    rowc = row.clamp(max=b - 1)
+    tok = (pid - (cum[rowc] - nblk[rowc])) * block_t
+    return torch.where(row < b, row, -1).to(torch.int32), tok.to(torch.int32), nb
+
+
+def _config(decode: bool, mla: bool, group: int) -> dict:
+    """Tile sizes: (G_BLK, BLOCK_T, BLOCK_N, num_warps, num_stages)."""
+    small = interpreting()
+    if decode:
+        g_blk = min(max(16, next_pow2(group)), 64)
+        return dict(G_BLK=g_blk, BLOCK_T=1, BLOCK_N=16 if small else (32 if mla else 64),
+                    num_warps=4 if (small or not mla) else 8, num_stages=2)
+    rows = 16 if small else (64 if mla else 128)
+    g_blk = min(next_pow2(group), rows)
+    return dict(G_BLK=g_blk, BLOCK_T=rows // g_blk, BLOCK_N=16 if small else (32 if mla else 64),
+                num_warps=4 if small else 8, num_stages=2 if mla else 3)
+
+
+def _num_splits(programs: int, max_len: int, block_n: int, device: torch.device) -> int:
+    """Enough splits to give every SM ~2 programs, each split at least 4 KV tiles long."""
+    want = max(1, (2 * num_sms(device) + programs - 1) // programs)
+    most = max(1, max_len // (4 * block_n))
+    return int(min(want, most, 64))
+
+
+def paged_attention(q1: torch.Tensor, q2: torch.Tensor | None, k1: torch.Tensor,
+                    k2: torch.Tensor | None, v: torch.Tensor | None, page_table: torch.Tensor,
+                    query_start: torch.Tensor | None, seq_lens: torch.Tensor, page_size: int,
+                    scale: float, num_splits: int | None = None) -> torch.Tensor:
+    """q1: [T, Hq, D1], q2: [T, Hq, D2] | None, k1: [S, Hk, D1], k2: [S, Hk, D2] | None,
+    v: [S, Hk, DV] | None (None: values are k1) -> [T, Hq, DV]. query_start None: decode."""
+    t, hq, d1 = q1.shape
+    hk = k1.shape[1]
+    check(hq % hk == 0, f"query heads {hq} not a multiple of kv heads {hk}")
+    check(page_table.dim() == 2 and seq_lens.shape[0] == page_table.shape[0],
+          "page_table must be [B, P] with seq_lens [B]")
+    group, decode, shared_v = hq // hk, query_start is None, v is None
+    vv = k1 if shared_v else v
+    dv = vv.shape[-1]
+    d2 = q2.shape[-1] if q2 is not None else 0
+    cfg = _config(decode, q2 is not None, group)
+    g_blk, block_t, block_n = cfg["G_BLK"], cfg["BLOCK_T"], cfg["BLOCK_N"]
+    n_hblk = triton.cdiv(group, g_blk)
+    max_len = page_table.shape[1] * page_size
+    if decode:
+        check(t == seq_lens.shape[0], "decode: q must have one row per sequence")
+        nb, bb, bt, qs = t, seq_lens, seq_lens, seq_lens
+    else:
+        bb, bt, nb = _block_map(query_start, t, block_t)
+        qs = query_start
+    if num_splits is None:
+        num_splits = _num_splits(nb * hk * n_hblk, max_len, block_n, q1.device) if decode else 1
+    split_len = triton.cdiv(triton.cdiv(max_len, num_splits), block_n) * block_n
+    out = torch.empty(t, hq, dv, dtype=q1.dtype, device=q1.device)          # [T, Hq, DV]
+    if num_splits > 1:
+        part_o = torch.empty(t, hq, num_splits, dv, dtype=torch.float32, device=q1.device)
+        part_l = torch.empty(t, hq, num_splits, dtype=torch.float32, device=q1.device)
+    else:
+        part_o, part_l = out, out
+    q2_, k2_ = (q2, k2) if q2 is not None else (q1, k1)
+    grid = (nb, hk * n_hblk, num_splits)
+    _paged_attn_kernel[grid](
+        q1, q2_, k1, k2_, vv, out, part_o, part_l, page_table, qs, seq_lens, bb, bt,
+        scale * math.log2(math.e), page_size, split_len, group,
+        q1.stride(0), q1.stride(1), q2_.stride(0), q2_.stride(1),
+        k1.stride(0), k1.stride(1), k2_.stride(0), k2_.stride(1), vv.stride(0), vv.stride(1),
+        out.stride(0), out.stride(1), page_table.stride(0),
+        part_o.stride(0), part_o.stride(1), part_o.stride(2) if num_splits > 1 else 0,
+        part_l.stride(0), part_l.stride(1),
+        D1=d1, D2=d2, DV=dv, BLOCK_D1=max(16, next_pow2(d1)), BLOCK_D2=max(16, next_pow2(d2)),
+        BLOCK_DV=max(16, next_pow2(dv)), G_BLK=g_blk, BLOCK_T=block_t, BLOCK_N=block_n,
+        N_HBLK=n_hblk, NUM_SPLITS=num_splits, HAS_D2=q2 is not None, SHARED_V=shared_v,
+        DECODE=decode, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    if num_splits > 1:
+        _merge_splits_kernel[(t, hq)](
+            part_o, part_l, out, part_o.stride(0), part_o.stride(1), part_o.stride(2),
+            part_l.stride(0), part_l.stride(1), out.stride(0), out.stride(1), DV=dv,
+            BLOCK_DV=max(16, next_pow2(dv)), NUM_SPLITS=num_splits,
+            BLOCK_S=max(2, next_pow2(num_splits)), num_warps=4)
+    return out

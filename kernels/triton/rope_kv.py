@@ -1,0 +1,145 @@
+"""RoPE and the KV-cache write in Triton; `rope_store_kv` does both in one pass.
+
+Rotation by gather: element d < R of a head pairs with partner p(d) (NeoX: d +- R/2; GPT-J:
+d ^ 1) and frequency f(d) (NeoX: d mod R/2; GPT-J: d // 2); out = x*cos + sign*x[p]*sin with
+sign -1 on the first element of each pair. Dims >= R pass through. One program per token."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.registry import register
+from kernels.triton.common import check, next_pow2, on_cuda
+
+PRIORITY = 10
+
+
+@triton.jit
+def _rope_kv_kernel(Q, K, V, Pos, CosSin, QOut, KOut, KCache, VCache, Slots,
+                    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                    stride_qot, stride_qoh, stride_kot, stride_koh, stride_cs,
+                    stride_kcs, stride_kch, stride_vcs, stride_vch,
+                    HQ, HK, R, D: tl.constexpr, DV: tl.constexpr, BLOCK_HQ: tl.constexpr,
+                    BLOCK_HK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                    IS_NEOX: tl.constexpr, STORE: tl.constexpr, ROTATE: tl.constexpr):
+    tok = tl.program_id(0).to(tl.int64)
+    d = tl.arange(0, BLOCK_D)
+    half = R // 2
+    rot = (d < R) & ROTATE
+    if IS_NEOX:
+        first = d < half
+        partner = tl.where(first, d + half, d - half)
+        freq = tl.where(first, d, d - half)
+    else:
+        first = (d % 2) == 0
+        partner = d ^ 1
+        freq = d // 2
+    pos = tl.load(Pos + tok).to(tl.int64)
+    cos = tl.load(CosSin + pos * stride_cs + freq, mask=rot, other=1.0).to(tl.float32)   # [D]
+    sin = tl.load(CosSin + pos * stride_cs + half + freq, mask=rot, other=0.0).to(tl.float32)
+    hq = tl.arange(0, BLOCK_HQ)
+    qok = (hq[:, None] < HQ) & (d[None, :] < D)
+    qb = Q + tok * stride_qt + hq[:, None] * stride_qh
+    q = tl.load(qb + d[None, :], mask=qok, other=0.0).to(tl.float32)                  # [HQ, D]
+    qp = tl.load(qb + partner[None, :], mask=qok & rot[None, :], other=0.0).to(tl.float32)
+    q = tl.where(rot[None, :], q * cos[None, :] + tl.where(first[None, :], -qp, qp) * sin[None, :], q)
+    tl.store(QOut + tok * stride_qot + hq[:, None] * stride_qoh + d[None, :],
+             q.to(QOut.dtype.element_ty), mask=qok)
+    hk = tl.arange(0, BLOCK_HK)
+    kok = (hk[:, None] < HK) & (d[None, :] < D)
+    kb = K + tok * stride_kt + hk[:, None] * stride_kh
+    k = tl.load(kb + d[None, :], mask=kok, other=0.0).to(tl.float32)                  # [HK, D]
+    kp = tl.load(kb + partner[None, :], mask=kok & rot[None, :], other=0.0).to(tl.float32)
+    k = tl.where(rot[None, :], k * cos[None, :] + tl.where(first[None, :], -kp, kp) * sin[None, :], k)
+    tl.store(KOut + tok * stride_kot + hk[:, None] * stride_koh + d[None, :],
+             k.to(KOut.dtype.element_ty), mask=kok)
+    if STORE:
+        slot = tl.load(Slots + tok).to(tl.int64)
+        if slot >= 0:
+            tl.store(KCache + slot * stride_kcs + hk[:, None] * stride_kch + d[None, :],
+                     k.to(KCache.dtype.element_ty), mask=kok)
+            dv = tl.arange(0, BLOCK_DV)
+            vok = (hk[:, None] < HK) & (dv[None, :] < DV)
+            v = tl.load(V + tok * stride_vt + hk[:, None] * stride_vh + dv[None, :], mask=vok)
+            tl.store(VCache + slot * stride_vcs + hk[:, None] * stride_vch + dv[None, :],
+                     v.to(VCache.dtype.element_ty), mask=vok)
+
+
+def _launch(q, k, v, positions, cos_sin, rotary_dim, is_neox, k_cache, v_cache, slots,
+            store: bool, rotate: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    t, hq, d = q.shape
+    hk = k.shape[1]
+    check(q.stride(2) == 1 and k.stride(2) == 1, "rope: last dim of q and k must be contiguous")
+    check(rotary_dim % 2 == 0 and rotary_dim <= d, f"rope: bad rotary_dim {rotary_dim}")
+    check(cos_sin.stride(1) == 1, "rope: cos_sin rows must be contiguous")
+    q_out, k_out = torch.empty_like(q), torch.empty_like(k)
+    if t == 0:
+        return q_out, k_out
+    dv = v.shape[-1]
+    vc = v_cache if store else k_out
+    kc = k_cache if store else k_out
+    _rope_kv_kernel[(t,)](
+        q, k, v, positions, cos_sin, q_out, k_out, kc, vc, slots,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1), cos_sin.stride(0),
+        kc.stride(0), kc.stride(1), vc.stride(0), vc.stride(1),
+        hq, hk, rotary_dim, D=d, DV=dv, BLOCK_HQ=next_pow2(hq), BLOCK_HK=next_pow2(hk),
+        BLOCK_D=next_pow2(d), BLOCK_DV=next_pow2(dv), IS_NEOX=is_neox, STORE=store,
+        ROTATE=rotate, num_warps=4)
+    return q_out, k_out
+
+
+@register("rope", backend="triton", priority=PRIORITY, supports=on_cuda)
+def rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor,
+         rotary_dim: int, is_neox: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """q: [T, Hq, D], k: [T, Hk, D] -> rotated (q, k)."""
+    return _launch(q, k, k, positions, cos_sin, rotary_dim, is_neox, None, None, positions,
+                   store=False, rotate=True)
+
+
+@register("rope_store_kv", backend="triton", priority=PRIORITY, supports=on_cuda)
+def rope_store_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                  cos_sin: torch.Tensor, rotary_dim: int, is_neox: bool, k_cache: torch.Tensor,
+                  v_cache: torch.Tensor, slot_mapping: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """rope(q, k), and the rotated k with v written at slot_mapping, in one pass."""
+    return _launch(q, k, v, positions, cos_sin, rotary_dim, is_neox, k_cache, v_cache,
+                   slot_mapping, store=True, rotate=True)
+
+
+@triton.jit
+def _store_kv_kernel(K, V, KCache, VCache, Slots, stride_kt, stride_kh, stride_vt, stride_vh,
+                     stride_kcs, stride_kch, stride_vcs, stride_vch, HK,
+                     D: tl.constexpr, DV: tl.constexpr, BLOCK_HK: tl.constexpr,
+                     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+    tok = tl.program_id(0).to(tl.int64)
+    slot = tl.load(Slots + tok).to(tl.int64)
+    if slot >= 0:
+        h = tl.arange(0, BLOCK_HK)
+        d = tl.arange(0, BLOCK_D)
+        kok = (h[:, None] < HK) & (d[None, :] < D)
+        k = tl.load(K + tok * stride_kt + h[:, None] * stride_kh + d[None, :], mask=kok)
+        tl.store(KCache + slot * stride_kcs + h[:, None] * stride_kch + d[None, :],
+                 k.to(KCache.dtype.element_ty), mask=kok)
+        dv = tl.arange(0, BLOCK_DV)
+        vok = (h[:, None] < HK) & (dv[None, :] < DV)
+        v = tl.load(V + tok * stride_vt + h[:, None] * stride_vh + dv[None, :], mask=vok)
+        tl.store(VCache + slot * stride_vcs + h[:, None] * stride_vch + dv[None, :],
+                 v.to(VCache.dtype.element_ty), mask=vok)
+
+
+@register("store_kv", backend="triton", priority=PRIORITY, supports=on_cuda)
+def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """k: [T, Hk, D], v: [T, Hk, Dv] -> caches at slot_mapping (negative slots skipped)."""
+    t, hk, d = k.shape
+    dv = v.shape[-1]
+    check(k.stride(2) == 1 and v.stride(2) == 1, "store_kv: last dim must be contiguous")
+    if t == 0:
+        return
+    _store_kv_kernel[(t,)](k, v, k_cache, v_cache, slot_mapping, k.stride(0), k.stride(1),
+                           v.stride(0), v.stride(1), k_cache.stride(0), k_cache.stride(1),
+                           v_cache.stride(0), v_cache.stride(1), hk, D=d, DV=dv,
+                           BLOCK_HK=next_pow2(hk), BLOCK_D=next_pow2(d),
+                           BLOCK_DV=next_pow2(dv), num_warps=4)
