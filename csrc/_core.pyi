@@ -1,0 +1,75 @@
+"""TokenSpeed control plane (C++): KV page pool, prefix cache, request FSM, scheduler.
+
+See docs/INTERFACES.md §1. Arrays are numpy int32 unless noted.
+"""
+from typing import Optional
+
+import numpy as np
+import numpy.typing as npt
+
+class SchedulerConfig:
+    num_pages: int
+    page_size: int
+    max_batch_tokens: int
+    max_running: int
+    tps_floor: float
+    session_ttl_s: float
+    max_seq_len: int
+    min_prefill_chunk: int
+    def __init__(
+        self,
+        num_pages: int = 512,
+        page_size: int = 16,
+        max_batch_tokens: int = 2048,
+        max_running: int = 256,
+        tps_floor: float = 70.0,
+        session_ttl_s: float = 30.0,
+        max_seq_len: int = 131072,
+        min_prefill_chunk: int = 64,
+    ) -> None: ...
+
+class Plan:
+    step: int
+    num_decode: int
+    predicted_time_s: float
+    rids: npt.NDArray[np.int64]  # [B]
+    input_ids: npt.NDArray[np.int32]  # [T]; -(r+1) = token sampled by row r of the previous plan
+    positions: npt.NDArray[np.int32]  # [T]
+    query_start: npt.NDArray[np.int32]  # [B+1]
+    prefix_lens: npt.NDArray[np.int32]  # [B]
+    seq_lens: npt.NDArray[np.int32]  # [B]
+    page_table: npt.NDArray[np.int32]  # [B, P], 0-padded
+    slot_mapping: npt.NDArray[np.int32]  # [T]
+    sample: npt.NDArray[np.int32]  # [B]
+    @property
+    def num_rows(self) -> int: ...
+    @property
+    def num_tokens(self) -> int: ...
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig) -> None: ...
+    @property
+    def config(self) -> SchedulerConfig: ...
+    def submit(
+        self,
+        rid: int,
+        prompt: npt.ArrayLike,
+        max_new_tokens: int,
+        stop_ids: npt.ArrayLike = ...,
+        session: str = "",
+    ) -> None: ...
+    def plan(self) -> Optional[Plan]: ...
+    def commit(
+        self, step: int, tokens: npt.ArrayLike, step_time_s: float = 0.0
+    ) -> list[tuple[int, int, str]]: ...
+    def abort(self, rid: int) -> bool: ...
+    def stats(self) -> dict[str, int]: ...
+    # debug / test hooks
+    def check_invariants(self) -> None: ...  # raises RuntimeError
+    def evict_cache(self) -> int: ...
+    def set_test_clock(self, now_s: float) -> None: ...
+    def clear_test_clock(self) -> None: ...
+    def cost_coeffs(self) -> tuple[float, float, float, float]: ...
+    def set_cost_prior(self, a: float, b: float, c: float, d: float) -> None: ...
+    def state(self, rid: int) -> str: ...  # "" | queued | prefilling | decoding | preempted
+    def inflight_steps(self) -> int: ...

@@ -1,0 +1,76 @@
+// pybind11 module appliance._core: only `.def`s (adapters live in py_scheduler).
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include "py_scheduler.h"
+
+namespace py = pybind11;
+using ts::PyPlan;
+using ts::PyScheduler;
+using ts::SchedulerConfig;
+
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "TokenSpeed control plane: KV page pool, prefix cache, request FSM, scheduler.";
+
+  py::class_<SchedulerConfig>(m, "SchedulerConfig")
+      .def(py::init([](int32_t num_pages, int32_t page_size, int32_t max_batch_tokens,
+                       int32_t max_running, double tps_floor, double session_ttl_s,
+                       int32_t max_seq_len, int32_t min_prefill_chunk) {
+             SchedulerConfig c{num_pages,   page_size,     max_batch_tokens,
+                               max_running, tps_floor,     session_ttl_s,
+                               max_seq_len, min_prefill_chunk};
+             c.validate();
+             return c;
+           }),
+           py::arg("num_pages") = 512, py::arg("page_size") = 16,
+           py::arg("max_batch_tokens") = 2048, py::arg("max_running") = 256,
+           py::arg("tps_floor") = 70.0, py::arg("session_ttl_s") = 30.0,
+           py::arg("max_seq_len") = 131072, py::arg("min_prefill_chunk") = 64)
+      .def_readonly("num_pages", &SchedulerConfig::num_pages)
+      .def_readonly("page_size", &SchedulerConfig::page_size)
+      .def_readonly("max_batch_tokens", &SchedulerConfig::max_batch_tokens)
+      .def_readonly("max_running", &SchedulerConfig::max_running)
+      .def_readonly("tps_floor", &SchedulerConfig::tps_floor)
+      .def_readonly("session_ttl_s", &SchedulerConfig::session_ttl_s)
+      .def_readonly("max_seq_len", &SchedulerConfig::max_seq_len)
+      .def_readonly("min_prefill_chunk", &SchedulerConfig::min_prefill_chunk)
+      .def("__repr__", &ts::config_repr);
+
+  py::class_<PyPlan>(m, "Plan")
+      .def_readonly("step", &PyPlan::step)
+      .def_readonly("num_decode", &PyPlan::num_decode)
+      .def_readonly("predicted_time_s", &PyPlan::predicted_time_s)
+      .def_readonly("rids", &PyPlan::rids)
+      .def_readonly("input_ids", &PyPlan::input_ids)
+      .def_readonly("positions", &PyPlan::positions)
+      .def_readonly("query_start", &PyPlan::query_start)
+      .def_readonly("prefix_lens", &PyPlan::prefix_lens)
+      .def_readonly("seq_lens", &PyPlan::seq_lens)
+      .def_readonly("page_table", &PyPlan::page_table)
+      .def_readonly("slot_mapping", &PyPlan::slot_mapping)
+      .def_readonly("sample", &PyPlan::sample)
+      .def_property_readonly("num_rows", &PyPlan::num_rows)
+      .def_property_readonly("num_tokens", &PyPlan::num_tokens)
+      .def("__repr__", &PyPlan::repr);
+
+  py::class_<PyScheduler>(m, "Scheduler")
+      .def(py::init<const SchedulerConfig&>(), py::arg("config"))
+      .def_property_readonly("config", &PyScheduler::config)
+      .def("submit", &PyScheduler::submit, py::arg("rid"), py::arg("prompt"),
+           py::arg("max_new_tokens"), py::arg("stop_ids") = ts::I32Array(0),
+           py::arg("session") = "")
+      .def("plan", &PyScheduler::plan)
+      .def("commit", &PyScheduler::commit, py::arg("step"), py::arg("tokens"),
+           py::arg("step_time_s") = 0.0)
+      .def("abort", &PyScheduler::abort, py::arg("rid"))
+      .def("stats", &PyScheduler::stats)
+      .def("check_invariants", &PyScheduler::check_invariants)
+      .def("evict_cache", &PyScheduler::evict_cache)
+      .def("set_test_clock", &PyScheduler::set_test_clock, py::arg("now_s"))
+      .def("clear_test_clock", &PyScheduler::clear_test_clock)
+      .def("cost_coeffs", &PyScheduler::cost_coeffs)
+      .def("set_cost_prior", &PyScheduler::set_cost_prior, py::arg("a"), py::arg("b"),
+           py::arg("c"), py::arg("d"))
+      .def("state", &PyScheduler::state, py::arg("rid"))
+      .def("inflight_steps", &PyScheduler::inflight_steps);
+}

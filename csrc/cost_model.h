@@ -1,0 +1,53 @@
+// Online step-time model: t = a + b*decode_tokens + c*prefill_tokens
+//                             + d*kv_tokens_read.
+//
+// Fitted by exponentially weighted least squares: the normal equations
+// (X'WX, X'Wy) are kept as running sums with a forgetting factor, so an
+// update is O(1) and the fit follows a drifting machine. A ridge term pulls
+// each coefficient toward its prior, which keeps the fit sane before data
+// arrive and when a feature never varies. Coefficients are constrained
+// non-negative by an active-set solve (clamp the most negative to 0, refit).
+#pragma once
+
+#include <array>
+#include <cstdint>
+
+namespace ts {
+
+struct StepFeatures {
+  double decode_tokens = 0;
+  double prefill_tokens = 0;
+  double kv_tokens_read = 0;
+};
+
+class CostModel {
+ public:
+  static constexpr int kN = 4;
+  using Vec = std::array<double, kN>;
+
+  // prior: {a seconds, b s/decode token, c s/prefill token, d s/kv token}.
+  explicit CostModel(Vec prior = default_prior(), double forget = 0.98,
+                     double prior_weight = 0.5);
+  static Vec default_prior() { return {2e-3, 5e-5, 1e-4, 2e-8}; }
+
+  void observe(const StepFeatures& f, double step_time_s);
+  double predict(const StepFeatures& f) const;
+  const Vec& coeffs() const;
+  int64_t observations() const { return n_obs_; }
+
+ private:
+  static Vec features(const StepFeatures& f);
+  void solve() const;
+
+  Vec prior_;
+  Vec scale2_;  // ridge weight per coefficient (feature scale squared)
+  double forget_;
+  double prior_weight_;
+  std::array<std::array<double, kN>, kN> xtx_{};
+  Vec xty_{};
+  int64_t n_obs_ = 0;
+  mutable Vec coef_;
+  mutable bool dirty_ = false;
+};
+
+}  // namespace ts

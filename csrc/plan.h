@@ -1,0 +1,42 @@
+// One step's batch description, in the layout of docs/INTERFACES.md §1.
+// Plain vectors; py_scheduler hands them to numpy without copying.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace ts {
+
+struct PlanData {
+  int64_t step = 0;
+  int32_t num_decode = 0;
+  int32_t page_table_width = 0;  // P
+  double predicted_time_s = 0;   // cost model's estimate for this step
+  std::vector<int64_t> rids;          // [B]
+  std::vector<int32_t> input_ids;     // [T]; -(r+1): token of row r of the previous plan
+  std::vector<int32_t> positions;     // [T]
+  std::vector<int32_t> query_start;   // [B+1]
+  std::vector<int32_t> prefix_lens;   // [B]
+  std::vector<int32_t> seq_lens;      // [B]
+  std::vector<int32_t> page_table;    // [B*P], row-major, 0-padded
+  std::vector<int32_t> slot_mapping;  // [T]
+  std::vector<int32_t> sample;        // [B]
+};
+
+enum class EventKind : uint8_t { kRunning, kStop, kLength };
+
+struct Event {
+  int64_t rid;
+  int32_t token;
+  EventKind kind;
+};
+
+struct Stats {
+  int64_t pages_total, pages_used, pages_cached, pages_free;
+  int64_t requests_running, requests_waiting;
+  int64_t prompt_tokens_total, prefix_cache_hit_tokens_total;
+  int64_t generation_tokens_total, preemptions_total, steps_total;
+};
+
+}  // namespace ts

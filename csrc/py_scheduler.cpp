@@ -1,0 +1,136 @@
+#include "py_scheduler.h"
+
+#include <sstream>
+#include <utility>
+#include <vector>
+
+namespace ts {
+namespace {
+
+// Hands a vector to numpy without copying: the array owns it via a capsule.
+template <class T>
+py::array to_numpy(std::vector<T>&& v, std::vector<py::ssize_t> shape) {
+  auto* owned = new std::vector<T>(std::move(v));
+  py::capsule free_it(owned, [](void* p) { delete static_cast<std::vector<T>*>(p); });
+  return py::array_t<T>(shape, owned->data(), free_it);
+}
+
+std::span<const int32_t> view(const I32Array& a) {
+  if (a.ndim() != 1) throw std::invalid_argument("expected a 1-D int32 array");
+  return {a.data(), static_cast<size_t>(a.shape(0))};
+}
+
+}  // namespace
+
+std::string PyPlan::repr() const {
+  std::ostringstream o;
+  o << "Plan(step=" << step << ", rows=" << num_rows() << ", num_decode=" << num_decode
+    << ", tokens=" << num_tokens() << ")";
+  return o.str();
+}
+
+std::string config_repr(const SchedulerConfig& c) {
+  std::ostringstream o;
+  o << "SchedulerConfig(num_pages=" << c.num_pages << ", page_size=" << c.page_size
+    << ", max_batch_tokens=" << c.max_batch_tokens << ", max_running=" << c.max_running
+    << ", tps_floor=" << c.tps_floor << ", session_ttl_s=" << c.session_ttl_s
+    << ", max_seq_len=" << c.max_seq_len << ", min_prefill_chunk=" << c.min_prefill_chunk
+    << ")";
+  return o.str();
+}
+
+void PyScheduler::submit(int64_t rid, const I32Array& prompt, int32_t max_new_tokens,
+                         const I32Array& stop_ids, const std::string& session) {
+  auto p = view(prompt);
+  auto s = view(stop_ids);
+  py::gil_scoped_release nogil;
+  s_.submit(rid, p, max_new_tokens, s, session);
+}
+
+std::optional<PyPlan> PyScheduler::plan() {
+  std::optional<PlanData> d;
+  {
+    py::gil_scoped_release nogil;
+    d = s_.plan();
+  }
+  if (!d) return std::nullopt;
+  auto b = static_cast<py::ssize_t>(d->rids.size());
+  auto t = static_cast<py::ssize_t>(d->input_ids.size());
+  PyPlan p;
+  p.step = d->step;
+  p.num_decode = d->num_decode;
+  p.predicted_time_s = d->predicted_time_s;
+  p.rids = to_numpy(std::move(d->rids), {b});
+  p.input_ids = to_numpy(std::move(d->input_ids), {t});
+  p.positions = to_numpy(std::move(d->positions), {t});
+  p.query_start = to_numpy(std::move(d->query_start), {b + 1});
+  p.prefix_lens = to_numpy(std::move(d->prefix_lens), {b});
+  p.seq_lens = to_numpy(std::move(d->seq_lens), {b});
+  p.page_table = to_numpy(std::move(d->page_table), {b, d->page_table_width});
+  p.slot_mapping = to_numpy(std::move(d->slot_mapping), {t});
+  p.sample = to_numpy(std::move(d->sample), {b});
+  return p;
+}
+
+py::list PyScheduler::commit(int64_t step, const I32Array& tokens, double step_time_s) {
+  auto tok = view(tokens);
+  std::vector<Event> events;
+  {
+    py::gil_scoped_release nogil;
+    events = s_.commit(step, tok, step_time_s);
+  }
+  // Leaked on purpose: Python objects must not be destroyed after finalization.
+  static const py::str& kRunning = *new py::str("");
+  static const py::str& kStop = *new py::str("stop");
+  static const py::str& kLength = *new py::str("length");
+  py::list out(events.size());
+  for (size_t i = 0; i < events.size(); ++i) {
+    const Event& e = events[i];
+    const py::str& why = e.kind == EventKind::kStop     ? kStop
+                         : e.kind == EventKind::kLength ? kLength
+                                                        : kRunning;
+    out[i] = py::make_tuple(e.rid, e.token, why);
+  }
+  return out;
+}
+
+bool PyScheduler::abort(int64_t rid) {
+  py::gil_scoped_release nogil;
+  return s_.abort(rid);
+}
+
+py::dict PyScheduler::stats() const {
+  Stats s = s_.stats();
+  py::dict d;
+  d["pages_total"] = s.pages_total;
+  d["pages_used"] = s.pages_used;
+  d["pages_cached"] = s.pages_cached;
+  d["pages_free"] = s.pages_free;
+  d["requests_running"] = s.requests_running;
+  d["requests_waiting"] = s.requests_waiting;
+  d["prompt_tokens_total"] = s.prompt_tokens_total;
+  d["prefix_cache_hit_tokens_total"] = s.prefix_cache_hit_tokens_total;
+  d["generation_tokens_total"] = s.generation_tokens_total;
+  d["preemptions_total"] = s.preemptions_total;
+  d["steps_total"] = s.steps_total;
+  return d;
+}
+
+void PyScheduler::check_invariants() const {
+  try {
+    s_.check_invariants();
+  } catch (const std::logic_error& e) {
+    throw std::runtime_error(e.what());  // RuntimeError in Python
+  }
+}
+
+py::tuple PyScheduler::cost_coeffs() const {
+  const auto& c = s_.cost_model().coeffs();
+  return py::make_tuple(c[0], c[1], c[2], c[3]);
+}
+
+void PyScheduler::set_cost_prior(double a, double b, double c, double d) {
+  s_.set_cost_model(CostModel({a, b, c, d}));
+}
+
+}  // namespace ts

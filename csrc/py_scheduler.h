@@ -1,0 +1,55 @@
+// The Python-facing adapter: numpy in/out, GIL released around C++ work.
+// Kept apart from bindings.cpp so that file is only `.def`s.
+#pragma once
+
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <optional>
+#include <string>
+
+#include "scheduler.h"
+
+namespace ts {
+
+namespace py = pybind11;
+using I32Array = py::array_t<int32_t, py::array::c_style | py::array::forcecast>;
+
+// A step's batch as numpy arrays (INTERFACES.md §1).
+struct PyPlan {
+  int64_t step = 0;
+  int32_t num_decode = 0;
+  double predicted_time_s = 0;
+  py::array rids, input_ids, positions, query_start, prefix_lens, seq_lens;
+  py::array page_table, slot_mapping, sample;
+  int64_t num_rows() const { return rids.shape(0); }
+  int64_t num_tokens() const { return input_ids.shape(0); }
+  std::string repr() const;
+};
+
+class PyScheduler {
+ public:
+  explicit PyScheduler(const SchedulerConfig& cfg) : s_(cfg) {}
+  void submit(int64_t rid, const I32Array& prompt, int32_t max_new_tokens,
+              const I32Array& stop_ids, const std::string& session);
+  std::optional<PyPlan> plan();
+  py::list commit(int64_t step, const I32Array& tokens, double step_time_s);
+  bool abort(int64_t rid);
+  py::dict stats() const;
+  void check_invariants() const;
+  int32_t evict_cache() { return s_.evict_cache(); }
+  void set_test_clock(double now_s) { s_.set_test_clock(now_s); }
+  void clear_test_clock() { s_.clear_test_clock(); }
+  py::tuple cost_coeffs() const;
+  void set_cost_prior(double a, double b, double c, double d);
+  std::string state(int64_t rid) const { return s_.state_name(rid); }
+  int64_t inflight_steps() const { return static_cast<int64_t>(s_.inflight_steps()); }
+  const SchedulerConfig& config() const { return s_.config(); }
+
+ private:
+  Scheduler s_;
+};
+
+std::string config_repr(const SchedulerConfig& c);
+
+}  // namespace ts

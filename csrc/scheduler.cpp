@@ -1,0 +1,594 @@
+#include "scheduler.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <stdexcept>
+
+namespace ts {
+namespace {
+
+template <class... F>
+struct Overloaded : F... {
+  using F::operator()...;
+};
+template <class... F>
+Overloaded(F...) -> Overloaded<F...>;
+
+bool contains(const std::vector<int32_t>& v, int32_t x) {
+  return std::find(v.begin(), v.end(), x) != v.end();
+}
+
+}  // namespace
+
+Scheduler::Scheduler(const SchedulerConfig& cfg)
+    : cfg_((cfg.validate(), cfg)), pool_(cfg.num_pages), cache_(pool_, cfg.page_size) {}
+
+RequestData& Scheduler::data_of(Entry& e) {
+  return std::visit([](auto& s) -> RequestData& { return s.data(); }, e.state);
+}
+const RequestData& Scheduler::data_of(const Entry& e) {
+  return std::visit([](const auto& s) -> const RequestData& { return s.data(); }, e.state);
+}
+
+const PageLease& Scheduler::lease_of(const Entry& e) {
+  if (auto* p = std::get_if<Prefilling>(&e.state)) return p->lease();
+  if (auto* d = std::get_if<Decoding>(&e.state)) return d->lease();
+  throw std::logic_error("lease_of: request holds no pages in this state");
+}
+
+double Scheduler::floor_step_time() const {
+  return cfg_.tps_floor > 0 ? 1.0 / cfg_.tps_floor
+                            : std::numeric_limits<double>::infinity();
+}
+
+// ---------------------------------------------------------------- submit
+
+void Scheduler::submit(int64_t rid, std::span<const int32_t> prompt,
+                       int32_t max_new_tokens, std::span<const int32_t> stop_ids,
+                       const std::string& session) {
+  auto fail = [](const std::string& m) { throw std::invalid_argument(m); };
+  if (requests_.count(rid))
+    fail("duplicate rid " + std::to_string(rid) + ": a request with this id is still live");
+  if (prompt.empty()) fail("prompt is empty");
+  if (max_new_tokens < 1) fail("max_new_tokens must be >= 1");
+  int64_t total = static_cast<int64_t>(prompt.size()) + max_new_tokens;
+  if (total > cfg_.max_seq_len)
+    fail("prompt (" + std::to_string(prompt.size()) + " tokens) + max_new_tokens (" +
+         std::to_string(max_new_tokens) + ") exceeds max_seq_len " +
+         std::to_string(cfg_.max_seq_len));
+  if (pages_for(total) > cfg_.num_pages)
+    fail("request needs " + std::to_string(pages_for(total)) +
+         " KV pages but the pool has only " + std::to_string(cfg_.num_pages));
+  for (int32_t t : prompt)
+    if (t < 0) fail("prompt token ids must be >= 0");
+
+  RequestData d;
+  d.rid = rid;
+  d.tokens.assign(prompt.begin(), prompt.end());
+  d.prompt_len = static_cast<int32_t>(prompt.size());
+  d.max_new_tokens = max_new_tokens;
+  d.stop_ids.assign(stop_ids.begin(), stop_ids.end());
+  d.session = session;
+  auto e = std::make_unique<Entry>(Queued(std::move(d)));
+  e->serial = next_serial_++;
+  requests_.emplace(rid, std::move(e));
+  waiting_.push_back(rid);
+  if (!session.empty()) sessions_.hand_off(session, rid);
+}
+
+// ------------------------------------------------------------------ plan
+
+std::optional<PlanData> Scheduler::plan() {
+  sessions_.expire(clock_.now());
+  std::vector<Row> rows;
+  rows.reserve(running_.size() + 8);
+  int32_t budget = cfg_.max_batch_tokens;
+
+  plan_decodes(rows, budget);
+  int32_t num_decode = static_cast<int32_t>(rows.size());
+  StepFeatures f;
+  f.decode_tokens = num_decode;
+  for (const Row& r : rows) f.kv_tokens_read += r.prefix + r.count;
+  double running_kv = 0;
+  for (const Entry* e : running_) {
+    const RequestData& d = data_of(*e);
+    running_kv += static_cast<double>(d.tokens.size()) + d.pending;
+  }
+
+  plan_prefills(rows, budget, f);
+  plan_admissions(rows, budget, f, running_kv);
+  if (rows.empty()) return std::nullopt;
+  return materialize(rows, num_decode, f);
+}
+
+bool Scheduler::decodable(const RequestData& d) const {
+  if (d.generated + d.pending >= d.max_new_tokens) return false;
+  if (d.pending == 0) return true;
+  // One pending token, sampled by the previous plan: use a placeholder.
+  return d.pending == 1 && d.last_sample_step == next_step_ - 1;
+}
+
+void Scheduler::mark_sample(RequestData& d, size_t row) {
+  ++d.pending;
+  d.last_sample_step = next_step_;
+  d.last_sample_row = static_cast<int32_t>(row);
+}
+
+// Decode-first: every decodable running request gets one token, oldest
+// first. Running requests are never held back for the TPS floor -- the floor
+// is protected by what is *added* (prefill chunk size, admissions).
+void Scheduler::plan_decodes(std::vector<Row>& rows, int32_t& budget) {
+  for (size_t i = 0; i < running_.size() && budget > 0; ++i) {
+    Entry* e = running_[i];
+    auto* dec = std::get_if<Decoding>(&e->state);
+    if (!dec || !decodable(dec->data())) continue;
+    int32_t kv = dec->kv_len();
+    int32_t need = pages_for(kv + 1) - static_cast<int32_t>(dec->lease().size());
+    // May preempt requests admitted after this one: they sit after i.
+    if (need > 0 && !obtain_pages(dec->lease(), need, dec->data().admit_seq, Need::kDecode))
+      continue;
+    RequestData& d = dec->data();
+    int32_t placeholder = d.pending ? -(d.last_sample_row + 1) : 0;
+    rows.push_back(Row{e, kv, 1, true, placeholder});
+    d.last_step = next_step_;  // in this plan: no longer a preemption victim
+    mark_sample(d, rows.size() - 1);
+    dec->advance(1);
+    --budget;
+  }
+}
+
+// Tokens of prefill the step can still take without breaking the floor.
+int32_t Scheduler::chunk_tokens(int32_t remaining, int32_t prefix, int32_t budget,
+                                const StepFeatures& f, bool first_prefill) const {
+  int32_t n = std::min(remaining, budget);
+  double limit = floor_step_time();
+  // No decodes to protect: prefill may use the whole step.
+  if (!std::isfinite(limit) || (f.decode_tokens == 0 && first_prefill)) return n;
+  const auto& c = cost_.coeffs();
+  double avail = limit - cost_.predict(f) - c[3] * prefix;
+  double per_token = c[2] + c[3];
+  double fit = per_token > 0 ? std::floor(avail / per_token) : n;
+  int64_t allowed = fit < 0 ? 0 : static_cast<int64_t>(std::min<double>(fit, n));
+  // Progress guarantee: the first prefill of a step always gets a chunk.
+  if (first_prefill) allowed = std::max<int64_t>(allowed, cfg_.min_prefill_chunk);
+  return static_cast<int32_t>(std::min<int64_t>(allowed, n));
+}
+
+// Grows `lease` to cover cursor+n tokens; shrinks n to what pages allow.
+int32_t Scheduler::grow_chunk(PageLease& lease, int32_t cursor, int32_t n,
+                              uint64_t seq, Need need) {
+  int32_t have = static_cast<int32_t>(lease.size());
+  int32_t need_pages = pages_for(static_cast<int64_t>(cursor) + n) - have;
+  if (need_pages <= 0 || obtain_pages(lease, need_pages, seq, need)) return n;
+  int32_t got = std::min(need_pages, pool_.num_free());
+  pool_.allocate_into(lease, got);
+  int64_t covered = static_cast<int64_t>(have + got) * cfg_.page_size - cursor;
+  return static_cast<int32_t>(std::clamp<int64_t>(covered, 0, n));
+}
+
+void Scheduler::add_prefill_row(std::vector<Row>& rows, Entry* e, int32_t n,
+                                StepFeatures& f) {
+  auto& p = std::get<Prefilling>(e->state);
+  int32_t cursor = p.cursor();
+  bool last = cursor + n >= p.target();
+  rows.push_back(Row{e, cursor, n, last, 0});
+  p.data().last_step = next_step_;  // in this plan: no longer a preemption victim
+  p.advance(n);
+  f.prefill_tokens += n;
+  f.kv_tokens_read += cursor + n;
+  if (!last) return;
+  mark_sample(p.data(), rows.size() - 1);
+  e->state = std::move(p).finish_prefill();  // replaces the consumed state
+}
+
+void Scheduler::plan_prefills(std::vector<Row>& rows, int32_t& budget, StepFeatures& f) {
+  for (size_t i = 0; i < running_.size() && budget > 0; ++i) {
+    Entry* e = running_[i];
+    auto* p = std::get_if<Prefilling>(&e->state);
+    if (!p) continue;
+    int32_t n = chunk_tokens(p->remaining(), p->cursor(), budget, f, f.prefill_tokens == 0);
+    if (n <= 0) return;  // the step's time is spent
+    bool oldest = i == 0;
+    n = grow_chunk(p->lease(), p->cursor(), n, p->data().admit_seq,
+                   oldest ? Need::kDecode : Need::kPrefill);
+    if (n <= 0) continue;
+    add_prefill_row(rows, e, n, f);
+    budget -= n;
+  }
+}
+
+// A new request waits unless the decode step with it added (its whole prompt
+// in KV) still meets the floor; it is always admitted into an idle system.
+bool Scheduler::admission_keeps_floor(const RequestData& d, double running_kv) const {
+  double limit = floor_step_time();
+  if (!std::isfinite(limit) || running_.empty()) return true;
+  StepFeatures g;
+  g.decode_tokens = static_cast<double>(running_.size()) + 1;
+  g.kv_tokens_read = running_kv + static_cast<double>(d.tokens.size());
+  return cost_.predict(g) <= limit;
+}
+
+void Scheduler::plan_admissions(std::vector<Row>& rows, int32_t& budget,
+                                StepFeatures& f, double running_kv) {
+  const int32_t ps = cfg_.page_size;
+  while (!waiting_.empty() && budget > 0 &&
+         static_cast<int32_t>(running_.size()) < cfg_.max_running) {
+    Entry* e = requests_.at(waiting_.front()).get();
+    RequestData& d = data_of(*e);
+    if (d.pending > 0) return;  // preempted with a token still in flight
+    if (!admission_keeps_floor(d, running_kv)) return;
+    int32_t len = static_cast<int32_t>(d.tokens.size());
+    // Leave the last token uncached: its logits are needed.
+    PageLease lease = cache_.match(d.tokens, static_cast<size_t>((len - 1) / ps));
+    int32_t cached = static_cast<int32_t>(lease.size()) * ps;
+    int32_t n = chunk_tokens(len - cached, cached, budget, f, f.prefill_tokens == 0);
+    if (n <= 0) return;
+    n = grow_chunk(lease, cached, n, next_admit_seq_,
+                   running_.empty() ? Need::kDecode : Need::kAdmit);
+    if (n <= 0) return;
+
+    waiting_.pop_front();
+    d.admit_seq = next_admit_seq_++;
+    if (!d.admitted_once) {
+      d.admitted_once = true;
+      prompt_tokens_total_ += d.prompt_len;
+      prefix_hit_tokens_total_ += cached;
+    }
+    if (!d.session.empty()) sessions_.release_handoff(d.session, d.rid);
+    running_kv += len;
+    if (auto* q = std::get_if<Queued>(&e->state))
+      e->state = std::move(*q).admit(std::move(lease), cached);
+    else
+      e->state = std::move(std::get<Preempted>(e->state)).readmit(std::move(lease), cached);
+    running_.push_back(e);
+    add_prefill_row(rows, e, n, f);
+    budget -= n;
+  }
+}
+
+PlanData Scheduler::materialize(const std::vector<Row>& rows, int32_t num_decode,
+                                const StepFeatures& f) {
+  const int32_t ps = cfg_.page_size;
+  PlanData p;
+  p.step = next_step_++;
+  p.num_decode = num_decode;
+  p.predicted_time_s = cost_.predict(f);
+  size_t b = rows.size();
+  size_t t = 0;
+  int32_t width = 0;
+  for (const Row& r : rows) {
+    t += r.count;
+    width = std::max(width, pages_for(r.prefix + r.count));
+  }
+  p.page_table_width = width;
+  p.rids.reserve(b);
+  p.input_ids.reserve(t);
+  p.positions.reserve(t);
+  p.slot_mapping.reserve(t);
+  p.query_start.reserve(b + 1);
+  p.prefix_lens.reserve(b);
+  p.seq_lens.reserve(b);
+  p.sample.reserve(b);
+  p.page_table.reserve(b * width);
+  p.query_start.push_back(0);
+
+  InFlight fl;
+  fl.step = p.step;
+  fl.features = f;
+  fl.rids.reserve(b);
+  fl.serials.reserve(b);
+  fl.sample.reserve(b);
+  for (const Row& r : rows) {
+    RequestData& d = data_of(*r.entry);
+    const PageLease& lease = lease_of(*r.entry);
+    const PageId* pages = lease.data();
+    int32_t seq = r.prefix + r.count;
+    for (int32_t pos = r.prefix; pos < seq; ++pos) {
+      bool known = pos < static_cast<int32_t>(d.tokens.size());
+      p.input_ids.push_back(known ? d.tokens[pos] : r.placeholder);
+      p.positions.push_back(pos);
+      p.slot_mapping.push_back(pages[pos / ps] * ps + pos % ps);
+    }
+    int32_t npages = pages_for(seq);
+    p.page_table.insert(p.page_table.end(), pages, pages + npages);
+    p.page_table.insert(p.page_table.end(), width - npages, 0);
+    p.rids.push_back(d.rid);
+    p.query_start.push_back(static_cast<int32_t>(p.input_ids.size()));
+    p.prefix_lens.push_back(r.prefix);
+    p.seq_lens.push_back(seq);
+    p.sample.push_back(r.sample ? 1 : 0);
+    d.last_step = p.step;
+    fl.rids.push_back(d.rid);
+    fl.serials.push_back(r.entry->serial);
+    fl.sample.push_back(r.sample ? 1 : 0);
+  }
+  inflight_.push_back(std::move(fl));
+  return p;
+}
+
+// ----------------------------------------------------------- page supply
+
+// Frees pages for `lease` in order of harm: idle cache (LRU), waiting for
+// pages a committing step will free, preempting newer requests (decodes
+// only), and -- last -- session pins.
+bool Scheduler::obtain_pages(PageLease& lease, int32_t n, uint64_t seq, Need need) {
+  while (pool_.num_free() < n) {
+    int32_t shortfall = n - pool_.num_free();
+    if (cache_.evict(shortfall) > 0) continue;
+    if (graveyard_pages_ >= shortfall) return false;  // freed at next commit
+    if (need == Need::kDecode && preempt_newer_than(seq)) continue;
+    if (need == Need::kDecode && sessions_.drop_one()) continue;
+    return false;
+  }
+  return pool_.allocate_into(lease, n);
+}
+
+bool Scheduler::preempt_newer_than(uint64_t seq) {
+  if (running_.empty()) return false;
+  Entry* v = running_.back();
+  const RequestData& vd = data_of(*v);
+  // Never the requester or older, nor a request already in the plan being built.
+  if (vd.admit_seq <= seq || vd.last_step == next_step_) return false;
+  running_.pop_back();
+  if (auto* dec = std::get_if<Decoding>(&v->state)) {
+    int32_t kv = dec->kv_len();
+    auto r = std::move(*dec).preempt();
+    retire(r.state.data(), std::move(r.pages), kv);
+    v->state = std::move(r.state);
+  } else {
+    auto& pre = std::get<Prefilling>(v->state);
+    int32_t kv = pre.cursor();
+    auto r = std::move(pre).preempt();
+    retire(r.state.data(), std::move(r.pages), kv);
+    v->state = std::move(r.state);
+  }
+  waiting_.push_front(data_of(*v).rid);
+  ++preemptions_total_;
+  return true;
+}
+
+bool Scheduler::in_flight(const RequestData& d) const {
+  return !inflight_.empty() && d.last_step >= inflight_.front().step;
+}
+
+// Pages a request gives up: full pages with known tokens and written KV go to
+// the prefix cache; the references are dropped now, or when the last
+// uncommitted step that reads them commits.
+void Scheduler::retire(RequestData& d, PageLease&& pages, int32_t kv_len) {
+  size_t known = std::min<size_t>(static_cast<size_t>(kv_len), d.tokens.size());
+  cache_.insert(std::span<const int32_t>(d.tokens.data(), known), pages.pages());
+  if (!in_flight(d)) {
+    pages.release_all();
+    return;
+  }
+  int32_t sole = 0;
+  for (PageId p : pages.pages()) sole += pool_.refcount(p) == 1;
+  InFlight& last = inflight_.back();
+  last.graveyard.push_back(std::move(pages));
+  last.graveyard_pages += sole;
+  graveyard_pages_ += sole;
+}
+
+void Scheduler::pin_session(const RequestData& d) {
+  if (d.session.empty() || cfg_.session_ttl_s <= 0) return;
+  size_t n = d.tokens.size() - 1;  // the last token never has KV
+  PageLease pin = cache_.match(std::span<const int32_t>(d.tokens.data(), n),
+                               n / cfg_.page_size);
+  sessions_.pin(d.session, std::move(pin), clock_.now() + cfg_.session_ttl_s);
+}
+
+// ---------------------------------------------------------------- commit
+
+std::vector<Event> Scheduler::commit(int64_t step, std::span<const int32_t> tokens,
+                                     double step_time_s) {
+  if (inflight_.empty() || inflight_.front().step != step)
+    throw std::invalid_argument(
+        "commit(step=" + std::to_string(step) + ") out of order: expected " +
+        (inflight_.empty() ? std::string("no step (none in flight)")
+                           : "step " + std::to_string(inflight_.front().step)));
+  InFlight& front = inflight_.front();
+  if (tokens.size() != front.rids.size())
+    throw std::invalid_argument("commit: got " + std::to_string(tokens.size()) +
+                                " tokens for " + std::to_string(front.rids.size()) + " rows");
+  for (size_t i = 0; i < tokens.size(); ++i)
+    if (front.sample[i] && tokens[i] < 0)
+      throw std::invalid_argument("commit: sampled token ids must be >= 0");
+
+  InFlight done = std::move(front);
+  inflight_.pop_front();
+  std::vector<Event> events;
+  events.reserve(done.rids.size());
+  for (size_t i = 0; i < done.rids.size(); ++i) {
+    if (!done.sample[i]) continue;
+    auto it = requests_.find(done.rids[i]);
+    if (it == requests_.end() || it->second->serial != done.serials[i]) continue;
+    Entry& e = *it->second;
+    RequestData& d = data_of(e);
+    int32_t tok = tokens[i];
+    --d.pending;
+    d.tokens.push_back(tok);
+    ++d.generated;
+    ++generation_tokens_total_;
+    EventKind kind = contains(d.stop_ids, tok)            ? EventKind::kStop
+                     : d.generated >= d.max_new_tokens    ? EventKind::kLength
+                                                          : EventKind::kRunning;
+    events.push_back(Event{d.rid, tok, kind});
+    if (kind == EventKind::kRunning) continue;
+    finish_entry(e, kind == EventKind::kStop ? FinishReason::kStop : FinishReason::kLength);
+    requests_.erase(it);
+  }
+  cost_.observe(done.features, step_time_s);
+  graveyard_pages_ -= done.graveyard_pages;
+  ++steps_total_;
+  return events;  // `done` goes out of scope: its graveyard pages return
+}
+
+void Scheduler::finish_entry(Entry& e, FinishReason reason) {
+  if (auto* dec = std::get_if<Decoding>(&e.state)) {
+    int32_t kv = dec->kv_len();
+    remove_running(&e);
+    auto r = std::move(*dec).finish(reason);
+    retire(r.state.data(), std::move(r.pages), kv);
+    pin_session(r.state.data());
+  } else if (auto* pre = std::get_if<Preempted>(&e.state)) {
+    remove_waiting(pre->rid());
+    Finished fin = std::move(*pre).finish(reason);
+    pin_session(fin.data());
+  } else {
+    throw std::logic_error("finish of a request that is neither decoding nor preempted");
+  }
+}
+
+// ----------------------------------------------------------------- abort
+
+bool Scheduler::abort(int64_t rid) {
+  auto it = requests_.find(rid);
+  if (it == requests_.end()) return false;
+  Entry& e = *it->second;
+  std::visit(Overloaded{
+                 [&](Queued& q) {
+                   remove_waiting(rid);
+                   Aborted a = std::move(q).abort();
+                   if (!a.data().session.empty())
+                     sessions_.release_handoff(a.data().session, rid);
+                 },
+                 [&](Preempted& p) {
+                   remove_waiting(rid);
+                   Aborted a = std::move(p).abort();
+                 },
+                 [&](Prefilling& p) {
+                   int32_t kv = p.cursor();
+                   remove_running(&e);
+                   auto r = std::move(p).abort();
+                   retire(r.state.data(), std::move(r.pages), kv);
+                 },
+                 [&](Decoding& d) {
+                   int32_t kv = d.kv_len();
+                   remove_running(&e);
+                   auto r = std::move(d).abort();
+                   retire(r.state.data(), std::move(r.pages), kv);
+                 },
+             },
+             e.state);
+  requests_.erase(it);
+  return true;
+}
+
+void Scheduler::remove_running(Entry* e) {
+  auto it = std::find(running_.begin(), running_.end(), e);
+  if (it != running_.end()) running_.erase(it);
+}
+
+void Scheduler::remove_waiting(int64_t rid) {
+  auto it = std::find(waiting_.begin(), waiting_.end(), rid);
+  if (it != waiting_.end()) waiting_.erase(it);
+}
+
+// ----------------------------------------------------------------- stats
+
+Stats Scheduler::stats() const {
+  Stats s{};
+  s.pages_total = pool_.num_pages();
+  s.pages_free = pool_.num_free();
+  s.pages_cached = cache_.num_idle();
+  s.pages_used = s.pages_total - s.pages_free - s.pages_cached;
+  s.requests_running = static_cast<int64_t>(running_.size());
+  s.requests_waiting = static_cast<int64_t>(waiting_.size());
+  s.prompt_tokens_total = prompt_tokens_total_;
+  s.prefix_cache_hit_tokens_total = prefix_hit_tokens_total_;
+  s.generation_tokens_total = generation_tokens_total_;
+  s.preemptions_total = preemptions_total_;
+  s.steps_total = steps_total_;
+  return s;
+}
+
+std::string Scheduler::state_name(int64_t rid) const {
+  auto it = requests_.find(rid);
+  if (it == requests_.end()) return "";
+  return std::visit(Overloaded{
+                        [](const Queued&) { return std::string("queued"); },
+                        [](const Prefilling&) { return std::string("prefilling"); },
+                        [](const Decoding&) { return std::string("decoding"); },
+                        [](const Preempted&) { return std::string("preempted"); },
+                    },
+                    it->second->state);
+}
+
+int32_t Scheduler::evict_cache() {
+  return cache_.evict(std::numeric_limits<int32_t>::max());
+}
+
+// ------------------------------------------------------------ invariants
+
+void Scheduler::check_invariants() const {
+  auto fail = [](const std::string& m) { throw std::logic_error("invariant: " + m); };
+  const int32_t n = pool_.num_pages();
+  std::vector<int32_t> refs(n, 0);
+  std::vector<int32_t> seen(n, -1);
+  int32_t lease_id = 0;
+  auto count = [&](const PageLease& l) {
+    for (PageId p : l.pages()) {
+      if (p < 0 || p >= n) fail("page id out of range");
+      if (seen[p] == lease_id) fail("page listed twice in one lease");
+      seen[p] = lease_id;
+      ++refs[p];
+    }
+    ++lease_id;
+  };
+  size_t running = 0, waiting = 0;
+  for (const auto& [rid, e] : requests_) {
+    const RequestData& d = data_of(*e);
+    if (d.rid != rid) fail("request keyed under the wrong rid");
+    if (auto* p = std::get_if<Prefilling>(&e->state)) {
+      ++running;
+      count(p->lease());
+      if (static_cast<int32_t>(p->lease().size()) < pages_for(p->cursor()))
+        fail("prefilling request has too few pages");
+    } else if (auto* dc = std::get_if<Decoding>(&e->state)) {
+      ++running;
+      count(dc->lease());
+      if (static_cast<int32_t>(dc->lease().size()) < pages_for(dc->kv_len()))
+        fail("decoding request has too few pages");
+      if (dc->kv_len() + 1 != static_cast<int32_t>(d.tokens.size()) + d.pending)
+        fail("decoding kv_len disagrees with its tokens");
+    } else {
+      ++waiting;
+    }
+    if (d.pending < 0 || d.generated > d.max_new_tokens) fail("token counts out of range");
+  }
+  if (running != running_.size()) fail("running list disagrees with request states");
+  if (waiting != waiting_.size()) fail("waiting queue disagrees with request states");
+  for (const Entry* e : running_)
+    if (!std::holds_alternative<Prefilling>(e->state) &&
+        !std::holds_alternative<Decoding>(e->state))
+      fail("running list holds a request that is not running");
+  sessions_.for_each_lease(count);
+  int32_t graveyard = 0;
+  for (const InFlight& f : inflight_) {
+    for (const PageLease& l : f.graveyard) count(l);
+    graveyard += f.graveyard_pages;
+  }
+  if (graveyard != graveyard_pages_) fail("graveyard page count drifted");
+
+  std::vector<uint8_t> is_free(n, 0);
+  for (PageId p : pool_.free_list()) {
+    if (is_free[p]) fail("page twice in the free list");
+    is_free[p] = 1;
+  }
+  int32_t used = 0, idle_cached = 0;
+  for (PageId p = 0; p < n; ++p) {
+    if (refs[p] != pool_.refcount(p)) fail("refcount of page " + std::to_string(p) + " is " +
+                                           std::to_string(pool_.refcount(p)) + ", leases hold " +
+                                           std::to_string(refs[p]));
+    if (refs[p] > 1 && !pool_.is_cached(p)) fail("uncached page owned twice");
+    if (is_free[p] && (refs[p] != 0 || pool_.is_cached(p))) fail("free page in use");
+    if (!is_free[p] && refs[p] == 0 && !pool_.is_cached(p)) fail("page leaked");
+    used += refs[p] > 0;
+    idle_cached += refs[p] == 0 && pool_.is_cached(p);
+  }
+  if (used + idle_cached + pool_.num_free() != n) fail("page accounting does not add up");
+  cache_.check_invariants();
+}
+
+}  // namespace ts

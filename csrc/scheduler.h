@@ -1,0 +1,142 @@
+// The batch scheduler: admission, chunked prefill, decode-first batching
+// under a TPS floor, preemption by recompute, abort, and one-step overlap.
+//
+// Ownership: every KV page reference lives in exactly one PageLease, held by
+// a Prefilling/Decoding request state, a session pin, or the "graveyard" of an
+// in-flight step (pages of requests that left while a planned but uncommitted
+// step still reads them; released when that step commits).
+#pragma once
+
+#include <cstdint>
+#include <deque>
+#include <memory>
+#include <optional>
+#include <span>
+#include <string>
+#include <unordered_map>
+#include <variant>
+#include <vector>
+
+#include "clock.h"
+#include "cost_model.h"
+#include "page_pool.h"
+#include "plan.h"
+#include "prefix_cache.h"
+#include "request_state.h"
+#include "scheduler_config.h"
+#include "session_table.h"
+
+namespace ts {
+
+class Scheduler {
+ public:
+  explicit Scheduler(const SchedulerConfig& cfg);
+  Scheduler(const Scheduler&) = delete;
+  Scheduler& operator=(const Scheduler&) = delete;
+
+  // Throws std::invalid_argument on bad input or a duplicate live rid.
+  void submit(int64_t rid, std::span<const int32_t> prompt, int32_t max_new_tokens,
+              std::span<const int32_t> stop_ids, const std::string& session);
+  // The next step, or nullopt when nothing can run.
+  std::optional<PlanData> plan();
+  // Applies the sampled tokens of the oldest uncommitted step (tokens[B]).
+  std::vector<Event> commit(int64_t step, std::span<const int32_t> tokens,
+                            double step_time_s);
+  bool abort(int64_t rid);
+  Stats stats() const;
+
+  // Debug/test hooks.
+  void check_invariants() const;  // throws std::logic_error
+  int32_t evict_cache();          // evicts every evictable cached page
+  void set_test_clock(double now_s) { clock_.set(now_s); }
+  void clear_test_clock() { clock_.clear(); }
+  const CostModel& cost_model() const { return cost_; }
+  void set_cost_model(const CostModel& m) { cost_ = m; }
+  size_t inflight_steps() const { return inflight_.size(); }
+  std::string state_name(int64_t rid) const;
+  const SchedulerConfig& config() const { return cfg_; }
+
+ private:
+  using State = std::variant<Queued, Prefilling, Decoding, Preempted>;
+  struct Entry {
+    explicit Entry(State s) : state(std::move(s)) {}
+    State state;
+    uint64_t serial = 0;  // distinguishes a reused rid from its predecessor
+  };
+  struct Row {  // one row of the plan being built
+    Entry* entry;
+    int32_t prefix;       // tokens already in KV
+    int32_t count;        // new tokens this step
+    bool sample;
+    int32_t placeholder;  // input id for a still-pending token
+  };
+  struct InFlight {
+    int64_t step;
+    std::vector<int64_t> rids;
+    std::vector<uint64_t> serials;
+    std::vector<uint8_t> sample;
+    StepFeatures features;
+    std::vector<PageLease> graveyard;
+    int32_t graveyard_pages = 0;  // sole-owner pages the graveyard will free
+  };
+  enum class Need { kDecode, kPrefill, kAdmit };
+
+  static RequestData& data_of(Entry& e);
+  static const RequestData& data_of(const Entry& e);
+
+  // plan() phases
+  void plan_decodes(std::vector<Row>& rows, int32_t& budget);
+  void plan_prefills(std::vector<Row>& rows, int32_t& budget, StepFeatures& f);
+  void plan_admissions(std::vector<Row>& rows, int32_t& budget, StepFeatures& f,
+                       double running_kv);
+  void add_prefill_row(std::vector<Row>& rows, Entry* e, int32_t n, StepFeatures& f);
+  void mark_sample(RequestData& d, size_t row);
+  int32_t grow_chunk(PageLease& lease, int32_t cursor, int32_t n, uint64_t seq, Need need);
+  int32_t pages_for(int64_t tokens) const {
+    return static_cast<int32_t>((tokens + cfg_.page_size - 1) / cfg_.page_size);
+  }
+  static const PageLease& lease_of(const Entry& e);
+  void pin_session(const RequestData& d);
+  int32_t chunk_tokens(int32_t remaining, int32_t prefix, int32_t budget,
+                       const StepFeatures& f, bool first_prefill) const;
+  bool admission_keeps_floor(const RequestData& d, double running_kv) const;
+  bool decodable(const RequestData& d) const;
+  PlanData materialize(const std::vector<Row>& rows, int32_t num_decode,
+                       const StepFeatures& f);
+
+  // page supply
+  bool obtain_pages(PageLease& lease, int32_t n, uint64_t requester_seq, Need need);
+  bool preempt_newer_than(uint64_t requester_seq);
+  void retire(RequestData& d, PageLease&& pages, int32_t kv_len);
+  bool in_flight(const RequestData& d) const;
+
+  void finish_entry(Entry& e, FinishReason reason);
+  void remove_running(Entry* e);
+  void remove_waiting(int64_t rid);
+  double floor_step_time() const;
+
+  SchedulerConfig cfg_;
+  PagePool pool_;
+  PrefixCache cache_;
+  CostModel cost_;
+  SessionTable sessions_;
+  Clock clock_;
+
+  std::unordered_map<int64_t, std::unique_ptr<Entry>> requests_;
+  std::deque<int64_t> waiting_;  // front is next; preempted requests go first
+  std::vector<Entry*> running_;  // admission order: oldest first
+  std::deque<InFlight> inflight_;
+  int32_t graveyard_pages_ = 0;
+
+  int64_t next_step_ = 0;
+  uint64_t next_admit_seq_ = 1;
+  uint64_t next_serial_ = 1;
+
+  int64_t prompt_tokens_total_ = 0;
+  int64_t prefix_hit_tokens_total_ = 0;
+  int64_t generation_tokens_total_ = 0;
+  int64_t preemptions_total_ = 0;
+  int64_t steps_total_ = 0;
+};
+
+}  // namespace ts
