@@ -110,3 +110,18 @@ def test_every_interface_op_has_a_torch_reference():
     for op in registry.OPS:
         assert "torch" in kernels.backends(op), op
         assert kernels.select(op, device="cpu", dtype=torch.float32) is not None
+
+
+def test_kernels_import_without_triton():
+    """A machine without triton: `import kernels` works and torch serves every op."""
+    import subprocess
+    import sys
+    code = ("import sys; sys.modules['triton'] = None\n"
+            "import torch, kernels\n"
+            "assert kernels.selected_backend('decode_attention', device='cuda',"
+            " dtype=torch.bfloat16) == 'torch'\n"
+            "assert all(kernels.backends(op) == ['torch'] for op in kernels.OPS)\n")
+    root = __file__.rsplit("/tests/", 1)[0]
+    res = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0, res.stderr

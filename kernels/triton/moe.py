@@ -1,0 +1,149 @@
+"""Fused MoE in Triton: align (token, expert) pairs by expert, a grouped GEMM with SiLU-and-mul
+fused (x @ w13[e].T -> silu(gate) * up), then the grouped down projection scaled by each pair's
+routing weight, summed over the top-k.
+
+Alignment happens on the device with torch ops and no host sync: pairs are sorted by expert and
+each expert's segment is padded to a multiple of BLOCK_M, so every M-block of the sorted order
+belongs to one expert. The grid is sized by the worst case (T*k + E*(BLOCK_M-1) rows); blocks
+past the last expert do no work."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.registry import register
+from kernels.triton.common import check, interpreting, on_cuda
+
+PRIORITY = 10
+
+
+def align_by_expert(ids: torch.Tensor, num_experts: int, block_m: int
+                    ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """ids: [T, k] -> sorted_pairs [NB*BLOCK_M] int32 (pair index t*k+j, or T*k as padding),
+    block_expert [NB] int32 (num_experts for idle blocks), NB."""
+    flat = ids.reshape(-1).long()                                            # [N]
+    n = flat.shape[0]
+    nb = triton.cdiv(n + num_experts * (block_m - 1), block_m)
+    counts = torch.zeros(num_experts, dtype=torch.long, device=ids.device)
+    counts.index_add_(0, flat, torch.ones_like(flat))                        # [E]
+    padded = (counts + block_m - 1) // block_m * block_m                     # [E]
+    cum_pad = torch.cumsum(padded, 0)                                        # [E]
+    order = torch.argsort(flat, stable=True)                                 # [N]
+    sorted_e = flat[order]                                                   # [N]
+    rank = torch.arange(n, device=ids.device) - (torch.cumsum(counts, 0) - counts)[sorted_e]
+    dest = (cum_pad - padded)[sorted_e] + rank                               # [N]
+    pairs = torch.full((nb * block_m,), n, dtype=torch.int32, device=ids.device)
+    pairs[dest] = order.to(torch.int32)
+    starts = torch.arange(nb, device=ids.device) * block_m                   # [NB]
+    block_expert = torch.searchsorted(cum_pad, starts, right=True).to(torch.int32)
+    return pairs, block_expert, nb
+
+
+@triton.jit
+def _moe_up_kernel(X, W13, Inter, Pairs, BlockExpert, num_pairs, top_k, num_experts,
+                   stride_xt, stride_we, stride_wn, stride_wk, stride_it,
+                   K: tl.constexpr, I: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Inter[rows, n] = silu(x @ w13[e, n].T) * (x @ w13[e, I + n].T) for one expert block."""
+    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    e = tl.load(BlockExpert + pid_m)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)                          # [M]
+    pair = tl.load(Pairs + rows)
+    ok = pair < num_pairs
+    tok = (pair // top_k).to(tl.int64)
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)                             # [N]
+    kk = tl.arange(0, BLOCK_K)
+    k_end = tl.where(e < num_experts, K, 0)
+    w = W13 + tl.minimum(e, num_experts - 1).to(tl.int64) * stride_we
+    a_ptr = X + tok[:, None] * stride_xt + kk[None, :]                       # [M, K]
+    g_ptr = w + n[None, :] * stride_wn + kk[:, None] * stride_wk            # [K, N]
+    u_ptr = g_ptr + I * stride_wn
+    acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, k_end, BLOCK_K):
+        kmask = (k0 + kk) < K
+        a = tl.load(a_ptr, mask=ok[:, None] & kmask[None, :], other=0.0)
+        bmask = kmask[:, None] & (n[None, :] < I)
+        acc_g = tl.dot(a, tl.load(g_ptr, mask=bmask, other=0.0), acc_g)
+        acc_u = tl.dot(a, tl.load(u_ptr, mask=bmask, other=0.0), acc_u)
+        a_ptr += BLOCK_K
+        g_ptr += BLOCK_K * stride_wk
+        u_ptr += BLOCK_K * stride_wk
+    y = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
+    tl.store(Inter + rows[:, None].to(tl.int64) * stride_it + n[None, :],
+             y.to(Inter.dtype.element_ty), mask=ok[:, None] & (n[None, :] < I))
+
+
+@triton.jit
+def _moe_down_kernel(Inter, W2, Weights, Out, Pairs, BlockExpert, num_pairs, num_experts,
+                     stride_it, stride_we, stride_wn, stride_wk, stride_ot,
+                     K: tl.constexpr, H: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Out[pair, n] = weight[pair] * (inter[rows] @ w2[e, n].T) for one expert block."""
+    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    e = tl.load(BlockExpert + pid_m)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)                          # [M]
+    pair = tl.load(Pairs + rows)
+    ok = pair < num_pairs
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)                             # [N]
+    kk = tl.arange(0, BLOCK_K)
+    k_end = tl.where(e < num_experts, K, 0)
+    w = W2 + tl.minimum(e, num_experts - 1).to(tl.int64) * stride_we
+    a_ptr = Inter + rows[:, None].to(tl.int64) * stride_it + kk[None, :]    # [M, K]
+    b_ptr = w + n[None, :] * stride_wn + kk[:, None] * stride_wk            # [K, N]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, k_end, BLOCK_K):
+        kmask = (k0 + kk) < K
+        a = tl.load(a_ptr, mask=ok[:, None] & kmask[None, :], other=0.0)
+        b = tl.load(b_ptr, mask=kmask[:, None] & (n[None, :] < H), other=0.0)
+        acc = tl.dot(a, b, acc)
+        a_ptr += BLOCK_K
+        b_ptr += BLOCK_K * stride_wk
+    wt = tl.load(Weights + pair, mask=ok, other=0.0).to(tl.float32)          # [M]
+    tl.store(Out + pair[:, None].to(tl.int64) * stride_ot + n[None, :], acc * wt[:, None],
+             mask=ok[:, None] & (n[None, :] < H))
+
+
+def _config(pairs_per_expert: float) -> dict:
+    if interpreting():
+        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=1)
+    if pairs_per_expert <= 16:
+        return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4)
+    if pairs_per_expert <= 48:
+        return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4)
+    if pairs_per_expert <= 192:
+        return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=4)
+    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=4)
+
+
+@register("fused_moe", backend="triton", priority=PRIORITY, supports=on_cuda)
+def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
+              ids: torch.Tensor) -> torch.Tensor:
+    """x: [T, H], w13: [E, 2I, H], w2: [E, H, I], weights/ids: [T, k] -> [T, H]."""
+    t, h = x.shape
+    e, two_i, h2 = w13.shape
+    inter = two_i // 2
+    check(h2 == h and w2.shape == (e, h, inter), "fused_moe: weight shapes disagree with x")
+    check(x.stride(1) == 1 and w13.stride(2) == 1 and w2.stride(2) == 1,
+          "fused_moe: x and weights must be contiguous in their last dim")
+    k = ids.shape[1]
+    n = t * k
+    if n == 0:
+        return torch.zeros_like(x)
+    cfg = _config(n / e)
+    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    pairs, block_expert, nb = align_by_expert(ids, e, bm)
+    inter_buf = torch.empty(nb * bm, inter, dtype=x.dtype, device=x.device)   # [NB*M, I]
+    launch = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    _moe_up_kernel[(nb, triton.cdiv(inter, bn))](
+        x, w13, inter_buf, pairs, block_expert, n, k, e, x.stride(0), w13.stride(0),
+        w13.stride(1), w13.stride(2), inter_buf.stride(0), K=h, I=inter, BLOCK_M=bm,
+        BLOCK_N=bn, BLOCK_K=bk, **launch)
+    out_pairs = torch.empty(n, h, dtype=torch.float32, device=x.device)        # [T*k, H]
+    wflat = weights.reshape(-1).float().contiguous()                          # [T*k]
+    _moe_down_kernel[(nb, triton.cdiv(h, bn))](
+        inter_buf, w2, wflat, out_pairs, pairs, block_expert, n, e, inter_buf.stride(0),
+        w2.stride(0), w2.stride(1), w2.stride(2), out_pairs.stride(0), K=inter, H=h,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **launch)
+    return out_pairs.view(t, k, h).sum(dim=1).to(x.dtype)                     # [T, H]

@@ -1,0 +1,154 @@
+"""Triton kernels against the torch reference on random inputs of several tiny shapes.
+
+Without a GPU they run through Triton's CPU interpreter (TRITON_INTERPRET=1, set in conftest)."""
+import os
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton", reason="triton is not installed: Triton backend untested")
+
+import kernels  # noqa: E402
+from kernel_testutil import make_paged, rel_err  # noqa: E402
+from kernels import reference as R  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+if DEV == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+    pytest.skip("no GPU and TRITON_INTERPRET unset", allow_module_level=True)
+
+from kernels.triton import attention_ops as A  # noqa: E402
+from kernels.triton import elementwise as E  # noqa: E402
+from kernels.triton import moe as M  # noqa: E402
+from kernels.triton import rope_kv as RK  # noqa: E402
+from kernels.triton import sample as S  # noqa: E402
+
+TOL = 1e-4 if DEV == "cpu" else 2e-2   # interpreter computes in fp32; the GPU dot in tf32/bf16
+
+
+def rnd(*shape, dtype=torch.float32):
+    return torch.randn(*shape, device=DEV).to(dtype)
+
+
+def test_registry_prefers_triton_on_cuda_only():
+    assert kernels.selected_backend("decode_attention", device="cuda", dtype=torch.bfloat16,
+                                    head_dim=128) == "triton"
+    assert kernels.selected_backend("decode_attention", device="cpu",
+                                    dtype=torch.float32) == "torch"
+    assert "triton (priority 10): refused" in kernels.explain("rms_norm", device="cpu",
+                                                              dtype=torch.float32)
+    for op in kernels.OPS:
+        if op != "moe_route":
+            assert "triton" in kernels.backends(op), op
+
+
+@pytest.mark.parametrize("t,h", [(1, 16), (5, 24), (3, 100)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_rms_norm(t, h, dtype):
+    x, r, w = rnd(t, h, dtype=dtype), rnd(t, h, dtype=dtype), rnd(h, dtype=dtype)
+    assert rel_err(E.rms_norm(x, w, 1e-6), R.rms_norm(x, w, 1e-6)) < 2e-3
+    a, s = E.fused_add_rms_norm(x, r, w, 1e-6)
+    ra, rs = R.fused_add_rms_norm(x, r, w, 1e-6)
+    assert torch.equal(s, rs) and rel_err(a, ra) < 2e-3
+
+
+@pytest.mark.parametrize("t,i", [(1, 8), (4, 40), (2, 1500)])
+def test_silu_and_mul(t, i):
+    x = rnd(t, 2 * i)
+    assert rel_err(E.silu_and_mul(x), R.silu_and_mul(x)) < 1e-5
+
+
+@pytest.mark.parametrize("is_neox", [True, False])
+@pytest.mark.parametrize("t,hq,hk,d,rot", [(3, 4, 2, 16, 16), (6, 6, 1, 24, 8)])
+def test_rope_and_rope_store_kv(is_neox, t, hq, hk, d, rot):
+    cs = rnd(64, rot)
+    q, k, v = rnd(t, hq, d), rnd(t, hk, d), rnd(t, hk, 12)
+    pos = torch.randint(0, 64, (t,), device=DEV)
+    for a, b in zip(RK.rope(q, k, pos, cs, rot, is_neox), R.rope(q, k, pos, cs, rot, is_neox)):
+        assert rel_err(a, b) < 1e-6
+    slots = torch.randperm(3 * t, device=DEV)[:t]
+    slots[0] = -1                                                # padding row is skipped
+    caches = [torch.full((3 * t, hk, dd), 7.0, device=DEV) for dd in (d, 12, d, 12)]
+    got = RK.rope_store_kv(q, k, v, pos, cs, rot, is_neox, caches[0], caches[1], slots)
+    ref = R.rope_store_kv(q, k, v, pos, cs, rot, is_neox, caches[2], caches[3], slots)
+    assert rel_err(got[0], ref[0]) < 1e-6 and rel_err(got[1], ref[1]) < 1e-6
+    assert rel_err(caches[0], caches[2]) < 1e-6 and torch.equal(caches[1], caches[3])
+    RK.store_kv(k, v, caches[0], caches[1], slots)
+    R.store_kv(k, v, caches[2], caches[3], slots)
+    assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
+
+
+def _paged(seq_lens, page_size, hk, d, dv):
+    table, num_pages = make_paged(seq_lens, page_size)
+    return (table.to(DEV), rnd(num_pages * page_size, hk, d), rnd(num_pages * page_size, hk, dv),
+            torch.tensor(seq_lens, dtype=torch.int32, device=DEV))
+
+
+@pytest.mark.parametrize("page_size", [1, 5, 16])
+@pytest.mark.parametrize("seq_lens,hq,hk,splits", [([1, 40, 77], 8, 2, None),
+                                                   ([100], 4, 4, 3), ([17, 2], 16, 1, 2)])
+def test_decode_attention(page_size, seq_lens, hq, hk, splits):
+    table, kc, vc, sl = _paged(seq_lens, page_size, hk, 16, 16)
+    q = rnd(len(seq_lens), hq, 16)
+    out = A.decode_attention(q, kc, vc, table, sl, page_size, 0.25, num_splits=splits)
+    assert rel_err(out, R.decode_attention(q, kc, vc, table, sl, page_size, 0.25)) < TOL
+
+
+@pytest.mark.parametrize("page_size", [1, 16])
+@pytest.mark.parametrize("seq_lens,qlens,hq,hk", [([30, 9, 50], [30, 1, 17], 4, 2),
+                                                  ([45], [45], 2, 2), ([20, 33], [0, 20], 8, 1)])
+def test_extend_attention(page_size, seq_lens, qlens, hq, hk):
+    table, kc, vc, sl = _paged(seq_lens, page_size, hk, 16, 32)
+    qs = torch.tensor([0] + torch.tensor(qlens).cumsum(0).tolist(), dtype=torch.int32,
+                      device=DEV)
+    q = rnd(sum(qlens), hq, 16)
+    out = A.extend_attention(q, kc, vc, table, qs, sl, page_size, 0.3)
+    assert rel_err(out, R.extend_attention(q, kc, vc, table, qs, sl, page_size, 0.3)) < TOL
+
+
+@pytest.mark.parametrize("heads,page_size,splits", [(4, 4, None), (16, 1, 3), (20, 16, 1)])
+def test_mla_decode_and_extend(heads, page_size, splits):
+    lat, rope_d = 32, 16
+    seq_lens, qlens = [21, 40], [5, 11]
+    table, num_pages = make_paged(seq_lens, page_size)
+    table = table.to(DEV)
+    cache = rnd(num_pages * page_size, lat + rope_d)
+    sl = torch.tensor(seq_lens, dtype=torch.int32, device=DEV)
+    ql, qr = rnd(2, heads, lat), rnd(2, heads, rope_d)
+    out = A.mla_decode(ql, qr, cache, table, sl, page_size, 0.2, num_splits=splits)
+    assert rel_err(out, R.mla_decode(ql, qr, cache, table, sl, page_size, 0.2)) < TOL
+    qs = torch.tensor([0, 5, 16], dtype=torch.int32, device=DEV)
+    ql, qr = rnd(16, heads, lat), rnd(16, heads, rope_d)
+    out = A.mla_extend(ql, qr, cache, table, qs, sl, page_size, 0.2)
+    assert rel_err(out, R.mla_extend(ql, qr, cache, table, qs, sl, page_size, 0.2)) < TOL
+
+
+@pytest.mark.parametrize("t,hd,inter,e,k", [(1, 32, 24, 8, 2), (9, 48, 40, 8, 3),
+                                            (40, 32, 16, 4, 2)])
+def test_fused_moe(t, hd, inter, e, k):
+    x = rnd(t, hd)
+    w13, w2 = rnd(e, 2 * inter, hd) * 0.2, rnd(e, hd, inter) * 0.2
+    w, ids = R.moe_route(rnd(t, e), k, "sigmoid", True, rnd(e), 1, 1, 1.5)
+    assert rel_err(M.fused_moe(x, w13, w2, w, ids), R.fused_moe(x, w13, w2, w, ids)) < TOL
+
+
+def test_moe_align_pads_each_expert_to_whole_blocks():
+    ids = torch.tensor([[2, 0], [2, 1], [0, 2]], dtype=torch.int32, device=DEV)
+    pairs, block_expert, nb = M.align_by_expert(ids, 3, 4)
+    pairs, block_expert = pairs.cpu(), block_expert.cpu()
+    assert block_expert[:3].tolist() == [0, 1, 2] and (block_expert[3:] == 3).all()
+    assert pairs[:4].tolist() == [1, 4, 6, 6] and pairs[4:8].tolist() == [3, 6, 6, 6]
+    assert pairs[8:12].tolist() == [0, 2, 5, 6]
+
+
+def test_sample_matches_reference_exactly():
+    b, v = 12, 300
+    logits = rnd(b, v) * 3
+    temp = torch.tensor([0.0, 1.0, 0.7, 1.3] * 3, device=DEV)
+    top_k = torch.tensor([0, 5, 50, 0, 1, 299, 300, 0, 10, 0, 3, 20], dtype=torch.int32,
+                         device=DEV)
+    top_p = torch.tensor([1.0, 0.9, 0.5, 0.3, 1.0, 0.95, 1.0, 0.1, 0.99, 1.0, 0.6, 0.8],
+                         device=DEV)
+    seeds = torch.randint(-2 ** 62, 2 ** 62, (b,), device=DEV)
+    pos = torch.randint(0, 10 ** 6, (b,), device=DEV)
+    got = S.sample(logits, temp, top_k, top_p, seeds, pos)
+    assert torch.equal(got, R.sample(logits, temp, top_k, top_p, seeds, pos))
