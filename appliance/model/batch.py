@@ -1,0 +1,62 @@
+"""ForwardBatch: one step's tokens and KV layout, as torch tensors on the model's device.
+
+The fields mirror the scheduler Plan of docs/INTERFACES.md §1/§3. B rows, T new tokens;
+rows [0, num_decode) are decodes (exactly one token each), the rest prefill chunks.
+Derived index tensors (`extend_query_start`, `last_token_index`) are computed once per
+batch on first use. A batch is passed down `forward` as an argument; nothing global.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+
+
+@dataclass(frozen=True)
+class ForwardBatch:
+    input_ids: torch.Tensor  # [T] int
+    positions: torch.Tensor  # [T] int: position of each token in its sequence
+    query_start: torch.Tensor  # [B+1] int: row b owns tokens query_start[b]:query_start[b+1]
+    prefix_lens: torch.Tensor  # [B] int: tokens of row b already cached before this step
+    seq_lens: torch.Tensor  # [B] int: prefix_lens + new tokens
+    page_table: torch.Tensor  # [B, P] int: page ids of row b (padding 0)
+    slot_mapping: torch.Tensor  # [T] int: KV slot (page * page_size + offset) of each new token
+    num_decode: int  # rows [0, num_decode) are single-token decodes
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.seq_lens.shape[0])
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @cached_property
+    def extend_query_start(self) -> torch.Tensor:
+        """[B - num_decode + 1]: query_start of the prefill rows, rebased to their first token."""
+        qs = self.query_start[self.num_decode:]
+        return qs - qs[0]
+
+    @cached_property
+    def last_token_index(self) -> torch.Tensor:
+        """[B] int64: index into the T tokens of each row's last token."""
+        return (self.query_start[1:] - 1).long()
+
+    def validate(self) -> None:
+        """ValueError when the shapes disagree (cheap checks, no device sync)."""
+        t, b = self.num_tokens, self.num_rows
+        for name in ("positions", "slot_mapping"):
+            if getattr(self, name).shape != (t,):
+                raise ValueError(f"ForwardBatch.{name} has shape {tuple(getattr(self, name).shape)}"
+                                 f", expected ({t},) like input_ids")
+        if self.query_start.shape != (b + 1,):
+            raise ValueError(f"ForwardBatch.query_start has shape {tuple(self.query_start.shape)},"
+                             f" expected ({b + 1},)")
+        if self.prefix_lens.shape != (b,) or self.page_table.dim() != 2 or \
+                self.page_table.shape[0] != b:
+            raise ValueError("ForwardBatch.prefix_lens / page_table disagree with seq_lens on B")
+        if not 0 <= self.num_decode <= b:
+            raise ValueError(f"ForwardBatch.num_decode {self.num_decode} not in [0, {b}]")
+        if b == 0 or t == 0:
+            raise ValueError("ForwardBatch is empty")

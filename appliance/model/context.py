@@ -1,0 +1,21 @@
+"""What every module constructor gets besides its HF config: where and how it is built."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from appliance.model.placement import ParallelLayout
+
+
+@dataclass(frozen=True)
+class BuildContext:
+    layout: ParallelLayout  # this rank's parallel groups
+    device: torch.device  # where the weights will live (modules are built on "meta" first)
+    dtype: torch.dtype  # weight / activation dtype
+    page_size: int  # tokens per KV page
+
+    @staticmethod
+    def single(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+               page_size: int = 16) -> "BuildContext":
+        return BuildContext(ParallelLayout.single(), torch.device(device), dtype, page_size)

@@ -1,0 +1,78 @@
+"""Paged attention over this rank's heads: write new K/V into the paged cache, then attend.
+
+Rows [0, num_decode) of a ForwardBatch are decodes (one query token each) and use the
+`decode_attention` kernel; the remaining rows are prefill chunks over a cached prefix and
+use `extend_attention`. The cache of one layer is a pair of tensors
+`k_cache[num_pages * page_size, kv_heads_local, head_dim]`, `v_cache[..., v_head_dim]`,
+allocated by the runner and handed over with `bind_kv_cache`. When the layer is given its
+RotaryEmbedding and a `rope_store_kv` kernel exists, rotation and the cache write are one op.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import kernels
+from appliance.model.batch import ForwardBatch
+from appliance.model.context import BuildContext
+from appliance.model.layers.rotary import RotaryEmbedding
+
+
+def select_optional(op: str, **features):
+    """kernels.select, or None when no implementation of `op` exists."""
+    try:
+        return kernels.select(op, **features)
+    except LookupError:  # kernels.KernelError: no implementation registered
+        return None
+
+
+class PagedAttention(nn.Module):
+    """softmax(q k^T * scale) v over the paged cache, GQA (kv heads shared by q-head groups)."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
+                 ctx: BuildContext, v_head_dim: int | None = None) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.v_head_dim = v_head_dim or head_dim
+        self.scale, self.page_size = scale, ctx.page_size
+        feats = dict(device=ctx.device, dtype=ctx.dtype, head_dim=head_dim,
+                     num_heads=num_heads, num_kv_heads=num_kv_heads, page_size=ctx.page_size)
+        self.store_kv = kernels.select("store_kv", device=ctx.device, dtype=ctx.dtype)
+        self.rope_store_kv = select_optional("rope_store_kv", device=ctx.device, dtype=ctx.dtype)
+        self.decode_attention = kernels.select("decode_attention", **feats)
+        self.extend_attention = kernels.select("extend_attention", **feats)
+        self.k_cache: torch.Tensor | None = None
+        self.v_cache: torch.Tensor | None = None
+
+    def kv_cache_shapes(self) -> tuple[tuple[int, ...], ...]:
+        """Per-slot shapes of this layer's cache tensors: (k, v)."""
+        return (self.num_kv_heads, self.head_dim), (self.num_kv_heads, self.v_head_dim)
+
+    def bind_kv_cache(self, caches: tuple[torch.Tensor, ...]) -> None:
+        self.k_cache, self.v_cache = caches
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch,
+                positions: torch.Tensor | None = None, rotary: RotaryEmbedding | None = None
+                ) -> torch.Tensor:
+        # q: [T, Hq, D], k: [T, Hk, D], v: [T, Hk, Dv] -> [T, Hq, Dv]
+        if self.k_cache is None:
+            raise RuntimeError("PagedAttention: no KV cache bound (ModelRunner allocates it)")
+        if rotary is not None and self.rope_store_kv is not None:
+            q, k = self.rope_store_kv(q, k, v, positions, rotary.cos_sin, rotary.rotary_dim,
+                                      rotary.is_neox, self.k_cache, self.v_cache,
+                                      batch.slot_mapping)
+        else:
+            if rotary is not None:
+                q, k = rotary(positions, q, k)
+            self.store_kv(k, v, self.k_cache, self.v_cache, batch.slot_mapping)
+        nd, rows = batch.num_decode, batch.num_rows
+        out = q.new_empty(q.shape[0], self.num_heads, self.v_head_dim)           # [T, Hq, Dv]
+        if nd > 0:
+            out[:nd] = self.decode_attention(q[:nd], self.k_cache, self.v_cache,
+                                             batch.page_table[:nd], batch.seq_lens[:nd],
+                                             self.page_size, self.scale)
+        if rows > nd:
+            out[nd:] = self.extend_attention(q[nd:], self.k_cache, self.v_cache,
+                                             batch.page_table[nd:], batch.extend_query_start,
+                                             batch.seq_lens[nd:], self.page_size, self.scale)
+        return out

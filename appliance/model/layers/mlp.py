@@ -1,0 +1,30 @@
+"""SwiGLU MLP: down(silu(gate(x)) * up(x)), gate|up column-parallel, down row-parallel.
+
+On the chain: input Replicate, output Partial over its group ("dense_tp" for dense layers;
+a MoE's shared experts may use it over "moe_tp").
+"""
+from __future__ import annotations
+
+import torch
+
+import kernels
+from appliance.model.context import BuildContext
+from appliance.model.layers.linear import ColumnParallelLinear, Part, RowParallelLinear
+from appliance.model.placement import Partial, Placed, Replicate
+
+
+class SwiGLUMLP(Placed):
+    def __init__(self, hidden_size: int, intermediate_size: int, ctx: BuildContext,
+                 bias: bool = False, group: str = "dense_tp") -> None:
+        super().__init__()
+        self.gate_up_proj = ColumnParallelLinear(
+            hidden_size, [Part("gate_proj", intermediate_size), Part("up_proj", intermediate_size)],
+            bias, ctx.layout, group)
+        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias, ctx.layout, group)
+        self.act = kernels.select("silu_and_mul", device=ctx.device, dtype=ctx.dtype)
+        self.input_placement, self.output_placement = Replicate(group), Partial(group)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [T, H] -> [T, H] (partial sums over the group)
+        gate_up = self.gate_up_proj(x)          # [T, 2 * I_local]
+        return self.down_proj(self.act(gate_up))  # [T, I_local] -> [T, H]

@@ -1,0 +1,148 @@
+"""Weight loading: HF checkpoint folders onto this rank's shard, or seeded dummy weights.
+
+`load_checkpoint` reads config.json + model.safetensors (or shards listed by
+model.safetensors.index.json, or every *.safetensors) with safetensors, and for each tensor
+of the compiler's ShardPlan reads only this rank's slice (`get_slice`, before anything
+moves to the device), then copies it into the parameter. Checkpoint tensors no parameter
+needs (rotary caches, a tied lm_head, MTP layers) are skipped. A tensor the plan needs but
+the checkpoint lacks, or one whose shape differs, raises LoadError naming it.
+`load_dummy` fills the same plan with random values seeded per tensor name, so every rank
+and every TP size sees the same full tensors.
+"""
+from __future__ import annotations
+
+import json
+import zlib
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from appliance.model.placement import LoadSlice, ShardPlan
+
+
+class LoadError(ValueError):
+    """A checkpoint that does not fit the model: missing tensors, wrong shapes, bad files."""
+
+
+def read_hf_config(folder: str | Path) -> dict:
+    path = Path(folder) / "config.json"
+    try:
+        cfg = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise LoadError(f"{path}: not found (an HF checkpoint folder needs config.json)") from None
+    except json.JSONDecodeError as e:
+        raise LoadError(f"{path}: not valid JSON: {e}") from None
+    if "text_config" in cfg and "hidden_size" not in cfg:  # multimodal wrapper (Kimi K2.5)
+        cfg = {**cfg["text_config"], "architectures": cfg["text_config"].get(
+            "architectures", cfg.get("architectures"))}
+    return cfg
+
+
+def read_eos_token_ids(folder: str | Path | None, hf_config: dict) -> list[int]:
+    """eos ids from generation_config.json when present, else from config.json."""
+    eos = None
+    if folder is not None:
+        gen = Path(folder) / "generation_config.json"
+        if gen.is_file():
+            eos = json.loads(gen.read_text()).get("eos_token_id")
+    if eos is None:
+        eos = hf_config.get("eos_token_id")
+    if eos is None:
+        return []
+    return [int(e) for e in (eos if isinstance(eos, list) else [eos])]
+
+
+def checkpoint_files(folder: str | Path) -> tuple[list[Path], dict[str, str] | None]:
+    """The safetensors files of a folder, and the index's tensor -> file map if any."""
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+        files = sorted({folder / f for f in weight_map.values()})
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise LoadError(f"{index}: lists files that do not exist: {missing}")
+        return files, weight_map
+    single = folder / "model.safetensors"
+    files = [single] if single.is_file() else sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise LoadError(f"{folder}: no *.safetensors files")
+    return files, None
+
+
+def _destination(params: dict[str, torch.Tensor], s: LoadSlice) -> torch.Tensor:
+    dst = params[s.param]
+    for i in s.index:
+        dst = dst[i]
+    if s.src_dim is not None:
+        dst = dst.narrow(s.src_dim, s.dst_start, s.length)
+    return dst
+
+
+def _zero(model: nn.Module) -> None:
+    # vocab padding rows are never written by the plan: they must read as zeros
+    for p in model.parameters():
+        p.data.zero_()
+
+
+def load_checkpoint(model: nn.Module, plan: ShardPlan, folder: str | Path) -> None:
+    files, weight_map = checkpoint_files(folder)
+    if weight_map is not None:
+        absent = [n for n in plan.slices if n not in weight_map]
+        if absent:
+            raise LoadError(f"{folder}: checkpoint lacks tensor(s) {_names(absent)} "
+                            "(not in model.safetensors.index.json)")
+    params = dict(model.named_parameters())
+    _zero(model)
+    remaining = set(plan.slices)
+    for file in files:
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for name in f.keys():
+                wanted = plan.slices.get(name)
+                if not wanted:
+                    continue
+                view = f.get_slice(name)
+                shape = tuple(view.get_shape())
+                for s in wanted:
+                    if shape != s.shape:
+                        raise LoadError(f"{file.name}: tensor {name} has shape {shape}, the model "
+                                        f"expects {s.shape} (for parameter {s.param})")
+                    if s.src_dim is None:
+                        part = view[:]
+                    else:
+                        idx = [slice(None)] * len(shape)
+                        idx[s.src_dim] = slice(s.src_start, s.src_start + s.length)
+                        part = view[tuple(idx)]                      # only this rank's slice
+                    _destination(params, s).copy_(part)            # to device and dtype
+                remaining.discard(name)
+    if remaining:
+        raise LoadError(f"{folder}: checkpoint lacks tensor(s) {_names(sorted(remaining))}")
+
+
+def dummy_value(name: str, shape: tuple[int, ...], seed: int, device: torch.device) -> torch.Tensor:
+    """A deterministic float32 tensor for checkpoint tensor `name`: norm weights 1,
+    biases 0, everything else N(0, 0.02), seeded by (seed, name)."""
+    if len(shape) == 1 and "norm" in name:
+        return torch.ones(shape, device=device)
+    if name.endswith(".bias") or name.endswith("correction_bias"):
+        return torch.zeros(shape, device=device)
+    gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+    return torch.randn(shape, generator=gen, device=device) * 0.02
+
+
+def load_dummy(model: nn.Module, plan: ShardPlan, seed: int = 0) -> None:
+    params = dict(model.named_parameters())
+    _zero(model)
+    for name, slices in plan.slices.items():
+        device = params[slices[0].param].device
+        full = dummy_value(name, slices[0].shape, seed, device)
+        for s in slices:
+            part = full if s.src_dim is None else full.narrow(s.src_dim, s.src_start, s.length)
+            _destination(params, s).copy_(part)
+
+
+def _names(names: list[str], limit: int = 8) -> str:
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more

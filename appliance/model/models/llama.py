@@ -1,0 +1,190 @@
+"""The Llama family: Llama-3.x, Qwen2 (q/k/v bias) and Qwen3 (per-head q/k RMSNorm).
+
+Mirrors HF's modeling_llama.py: Attention / MLP / DecoderLayer / Model / ForCausalLM, with
+GQA, RoPE (default, linear or Llama-3.1 scaling), RMSNorm, SwiGLU and tied or untied
+embeddings. Every module is built for this rank's shard (see placement.py); the collectives
+between them are inserted by the placement compiler from `placement_chain()`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from appliance.model.batch import ForwardBatch
+from appliance.model.context import BuildContext
+from appliance.model.layers.attention import PagedAttention
+from appliance.model.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from appliance.model.layers.linear import ColumnParallelLinear, Part, RowParallelLinear
+from appliance.model.layers.mlp import SwiGLUMLP
+from appliance.model.layers.norm import HeadRMSNorm, RMSNorm
+from appliance.model.layers.rotary import RopeConfig, RotaryEmbedding, rope_config
+from appliance.model.models import register_model
+from appliance.model.placement import Partial, Placed, Replicate
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    rope: RopeConfig
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False
+
+    @staticmethod
+    def from_hf(hf: dict, family: str = "llama") -> "LlamaConfig":
+        """family: "llama" (attention_bias on q/k/v/o), "qwen2" (bias on q/k/v), "qwen3"
+        (q/k norm, attention_bias on q/k/v/o)."""
+        heads = int(hf["num_attention_heads"])
+        attn_bias = bool(hf.get("attention_bias", False))
+        return LlamaConfig(
+            vocab_size=int(hf["vocab_size"]), hidden_size=int(hf["hidden_size"]),
+            intermediate_size=int(hf["intermediate_size"]),
+            num_hidden_layers=int(hf["num_hidden_layers"]), num_attention_heads=heads,
+            num_key_value_heads=int(hf.get("num_key_value_heads") or heads),
+            head_dim=int(hf.get("head_dim") or hf["hidden_size"] // heads),
+            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            rope=rope_config(hf),
+            qkv_bias=True if family == "qwen2" else attn_bias,
+            o_bias=False if family == "qwen2" else attn_bias,
+            mlp_bias=bool(hf.get("mlp_bias", False)),
+            qk_norm=family == "qwen3")
+
+
+class LlamaAttention(Placed):
+    def __init__(self, cfg: LlamaConfig, rotary_emb: RotaryEmbedding, ctx: BuildContext) -> None:
+        super().__init__()
+        tp = ctx.layout.size("attn_tp")
+        if cfg.num_attention_heads % tp:
+            raise ValueError(f"num_attention_heads {cfg.num_attention_heads} is not divisible by "
+                             f"tp_size {tp}")
+        d = cfg.head_dim
+        self.qkv_proj = ColumnParallelLinear(
+            cfg.hidden_size, [Part("q_proj", cfg.num_attention_heads * d, d),
+                              Part("k_proj", cfg.num_key_value_heads * d, d),
+                              Part("v_proj", cfg.num_key_value_heads * d, d)],
+            cfg.qkv_bias, ctx.layout, "attn_tp")
+        self.q_size, self.kv_size, _ = self.qkv_proj.local_sizes
+        self.num_heads, self.num_kv_heads, self.head_dim = self.q_size // d, self.kv_size // d, d
+        self.o_proj = RowParallelLinear(cfg.num_attention_heads * d, cfg.hidden_size, cfg.o_bias,
+                                        ctx.layout, "attn_tp", unit=d)
+        if cfg.qk_norm:
+            self.q_norm = HeadRMSNorm(d, cfg.rms_norm_eps, ctx.device, ctx.dtype, "attn_tp")
+            self.k_norm = HeadRMSNorm(d, cfg.rms_norm_eps, ctx.device, ctx.dtype, "attn_tp")
+        else:
+            self.q_norm = self.k_norm = None
+        self.rotary_emb = rotary_emb
+        self.attn = PagedAttention(self.num_heads, self.num_kv_heads, d, d ** -0.5, ctx)
+        self.input_placement, self.output_placement = Replicate("attn_tp"), Partial("attn_tp")
+
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor,
+                batch: ForwardBatch) -> torch.Tensor:
+        # positions: [T]; hidden_states: [T, H] -> [T, H] (partial sums over attn_tp)
+        t = hidden_states.shape[0]
+        qkv = self.qkv_proj(hidden_states)                      # [T, (Hq + 2 Hk) * D]
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(t, self.num_heads, self.head_dim)            # [T, Hq, D]
+        k = k.view(t, self.num_kv_heads, self.head_dim)         # [T, Hk, D]
+        v = v.view(t, self.num_kv_heads, self.head_dim)         # [T, Hk, D]
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        out = self.attn(q, k, v, batch, positions, self.rotary_emb)  # [T, Hq, D]
+        return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, cfg: LlamaConfig, rotary_emb: RotaryEmbedding, ctx: BuildContext) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ctx.device, ctx.dtype)
+        self.self_attn = LlamaAttention(cfg, rotary_emb, ctx)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ctx.device,
+                                                ctx.dtype)
+        self.mlp = SwiGLUMLP(cfg.hidden_size, cfg.intermediate_size, ctx, cfg.mlp_bias)
+
+    def placement_chain(self, prefix: str) -> Iterator[tuple[str, Placed]]:
+        for name in ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp"):
+            yield f"{prefix}.{name}", getattr(self, name)
+
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor,
+                residual: torch.Tensor | None, batch: ForwardBatch
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        # hidden_states, residual: [T, H] -> (mlp output [T, H], residual [T, H])
+        hidden_states, residual = self.input_layernorm(hidden_states, residual)
+        hidden_states = self.self_attn(positions, hidden_states, batch)
+        hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
+        hidden_states = self.mlp(hidden_states)
+        return hidden_states, residual
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, cfg: LlamaConfig, ctx: BuildContext) -> None:
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, ctx.layout)
+        self.rotary_emb = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope,
+                                          ctx.device, ctx.dtype)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, self.rotary_emb, ctx)
+                                    for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ctx.device, ctx.dtype)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        # input_ids, positions: [T] -> (last layer's output [T, H], residual [T, H])
+        hidden_states = self.embed_tokens(input_ids)            # [T, H]
+        residual = None
+        for layer in self.layers:
+            hidden_states, residual = layer(positions, hidden_states, residual, batch)
+        return hidden_states, residual
+
+
+class LlamaForCausalLM(nn.Module):
+    family = "llama"
+
+    def __init__(self, hf_config: dict, ctx: BuildContext) -> None:
+        super().__init__()
+        self.config = LlamaConfig.from_hf(hf_config, self.family)
+        self.model = LlamaModel(self.config, ctx)
+        self.lm_head = ParallelLMHead(
+            self.config.vocab_size, self.config.hidden_size, ctx.layout,
+            tied_to=self.model.embed_tokens if self.config.tie_word_embeddings else None)
+
+    def placement_chain(self) -> Iterator[tuple[str, Placed]]:
+        """The Placed modules in the order forward() runs them on the hidden state."""
+        yield "model.embed_tokens", self.model.embed_tokens
+        for i, layer in enumerate(self.model.layers):
+            yield from layer.placement_chain(f"model.layers.{i}")
+        yield "model.norm", self.model.norm
+        yield "lm_head", self.lm_head
+
+    def forward(self, batch: ForwardBatch) -> torch.Tensor:
+        # -> logits [B, V_local or V] of each row's last token (the compiler gathers vocab)
+        hidden_states, residual = self.model(batch.input_ids, batch.positions, batch)
+        last = batch.last_token_index                          # [B]
+        hidden_states, _ = self.model.norm(hidden_states[last], residual[last])  # [B, H]
+        return self.lm_head(hidden_states)
+
+
+@register_model("Qwen2ForCausalLM")
+class Qwen2ForCausalLM(LlamaForCausalLM):
+    family = "qwen2"
+
+
+@register_model("Qwen3ForCausalLM")
+class Qwen3ForCausalLM(LlamaForCausalLM):
+    family = "qwen3"
+
+
+register_model("LlamaForCausalLM", "MistralForCausalLM")(LlamaForCausalLM)

@@ -1,0 +1,173 @@
+"""ModelRunner: build the model for this rank, load its weights, own its KV cache, run steps.
+
+    runner = ModelRunner("path/to/hf_folder", device="cpu", dtype=torch.float32,
+                         tp_rank=0, tp_size=1, kv_num_pages=512, page_size=16)
+    logits = runner.forward(batch)      # [B, vocab] float32, last token of each row
+
+`model_cfg` is an HF checkpoint folder (str / Path), an HF config dict (dummy weights), or a
+`ModelSource` (path or preset, load_format, seed). With tp_size > 1 the caller has already
+initialised torch.distributed (gloo on CPU, nccl on GPU); every rank builds the same model
+on its own shard and all ranks agree on num_pages (the minimum).
+
+KV sizing: `kv_num_pages` if given; else `memory_fraction` of the device. On CUDA, after the
+weights are loaded, the cache gets `free - (1 - fraction) * total` bytes (torch.cuda
+mem_get_info), i.e. the process may use `fraction` of the card. On CPU there is no
+meaningful "free memory", so the cache gets `fraction * CPU_KV_BUDGET_BYTES` (512 MiB).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from appliance.model import presets
+from appliance.model.batch import ForwardBatch
+from appliance.model.comm import World
+from appliance.model.compiler import CompiledModel, compile_model
+from appliance.model.context import BuildContext
+from appliance.model.loader import (load_checkpoint, load_dummy, read_eos_token_ids,
+                                    read_hf_config)
+from appliance.model.models import model_class
+from appliance.model.placement import ParallelLayout
+
+CPU_KV_BUDGET_BYTES = 512 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model comes from: an HF folder, or a preset / HF config dict for dummy weights."""
+
+    path: str | None = None
+    preset: str | None = None
+    load_format: str = "auto"  # auto | safetensors | dummy
+    seed: int = 0
+    hf_config: dict[str, Any] | None = field(default=None, compare=False)
+    hf_overrides: dict[str, Any] | None = field(default=None, compare=False)
+
+    @staticmethod
+    def coerce(obj: Any) -> "ModelSource":
+        if isinstance(obj, ModelSource):
+            return obj
+        if isinstance(obj, (str, Path)):
+            return ModelSource(path=str(obj))
+        if isinstance(obj, dict):
+            return ModelSource(load_format="dummy", hf_config=obj)
+        raise TypeError(f"model_cfg must be a folder, an HF config dict or a ModelSource, "
+                        f"not {type(obj).__name__}")
+
+    def config(self) -> dict[str, Any]:
+        if self.hf_config is not None:
+            cfg = dict(self.hf_config)
+        elif self.path is not None and self.load_format != "dummy" or self.preset is None:
+            if self.path is None:
+                raise ValueError("ModelSource needs a path, a preset or an hf_config")
+            cfg = read_hf_config(self.path)
+        else:
+            cfg = presets.preset_config(self.preset)
+        cfg.update(self.hf_overrides or {})
+        return cfg
+
+
+def _materialize(model: nn.Module, device: torch.device) -> None:
+    """meta -> uninitialised storage on `device`, keeping shared (tied) parameters shared."""
+    owners: dict[int, list[tuple[nn.Module, str]]] = {}
+    for m in model.modules():
+        for name, p in m._parameters.items():
+            if p is not None:
+                owners.setdefault(id(p), []).append((m, name))
+    model.to_empty(device=device)
+    for refs in owners.values():
+        first = getattr(refs[0][0], refs[0][1])
+        for m, name in refs[1:]:
+            setattr(m, name, first)
+    for m in model.modules():
+        if hasattr(m, "init_buffers"):
+            m.init_buffers(device)
+
+
+class ModelRunner:
+    def __init__(self, model_cfg: Any, device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.float32, tp_rank: int = 0, tp_size: int = 1,
+                 kv_num_pages: int | None = None, memory_fraction: float | None = None,
+                 page_size: int = 16) -> None:
+        self.source = ModelSource.coerce(model_cfg)
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.dtype, self.page_size = dtype, page_size
+        self.layout = ParallelLayout.tensor_parallel(tp_rank, tp_size)
+        self.world = World(self.layout)
+        self.hf_config = self.source.config()
+        self.vocab_size = int(self.hf_config["vocab_size"])
+        self.max_model_len = int(self.hf_config.get("max_position_embeddings", 4096))
+        folder = self.source.path if self.source.load_format != "dummy" else None
+        self.eos_token_ids = read_eos_token_ids(folder, self.hf_config)
+
+        ctx = BuildContext(self.layout, self.device, dtype, page_size)
+        cls = model_class(self.hf_config.get("architectures"))
+        with torch.device("meta"):
+            model: nn.Module = cls(self.hf_config, ctx)
+        model.to(dtype)                                 # still meta: free
+        self.compiled: CompiledModel = compile_model(model, self.layout, self.world)
+        _materialize(model, self.device)
+        if folder is None:
+            load_dummy(model, self.compiled.shard_plan, self.source.seed)
+        else:
+            load_checkpoint(model, self.compiled.shard_plan, folder)
+        self.model = model.eval()
+
+        self._kv_layers = [m for m in model.modules() if hasattr(m, "kv_cache_shapes")]
+        self.num_pages = self._plan_pages(kv_num_pages, memory_fraction)
+        self.kv_caches: list[tuple[torch.Tensor, ...]] = []
+        for layer in self._kv_layers:
+            caches = tuple(torch.zeros(self.num_pages * page_size, *shape, dtype=dtype,
+                                       device=self.device)              # [S, *shape]
+                           for shape in layer.kv_cache_shapes())
+            layer.bind_kv_cache(caches)
+            self.kv_caches.append(caches)
+
+    @classmethod
+    def from_config(cls, config: Any, files: Any, device: str | torch.device,
+                    dtype: torch.dtype, tp_rank: int = 0, tp_size: int = 1) -> "ModelRunner":
+        """From the daemon's AppConfig and resolved model files (appliance.engine.model_files):
+        `files.checkpoint` (HF folder) or `files.preset` (dummy weights)."""
+        dummy = files.checkpoint is None or config.model.load_format == "dummy"
+        source = ModelSource(path=files.checkpoint, preset=files.preset,
+                             load_format="dummy" if dummy else "auto", seed=config.model.seed)
+        return cls(source, device, dtype, tp_rank, tp_size, kv_num_pages=config.kv.num_pages,
+                   memory_fraction=config.kv.memory_fraction, page_size=config.kv.page_size)
+
+    def kv_bytes_per_page(self) -> int:
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        return sum(self.page_size * math.prod(shape) * elem
+                   for layer in self._kv_layers for shape in layer.kv_cache_shapes())
+
+    def _plan_pages(self, kv_num_pages: int | None, memory_fraction: float | None) -> int:
+        if kv_num_pages is not None:
+            pages = int(kv_num_pages)
+        else:
+            fraction = 0.85 if memory_fraction is None else float(memory_fraction)
+            if not 0.0 < fraction <= 1.0:
+                raise ValueError(f"kv memory_fraction must be in (0, 1], got {fraction}")
+            if self.device.type == "cuda":
+                free, total = torch.cuda.mem_get_info(self.device)
+                budget = free - (1.0 - fraction) * total
+            else:
+                budget = fraction * CPU_KV_BUDGET_BYTES
+            pages = int(budget // max(1, self.kv_bytes_per_page()))
+        pages = self.world.min_int(pages)
+        if pages < 1:
+            raise ValueError(f"no room for the KV cache: {pages} pages of "
+                             f"{self.kv_bytes_per_page()} bytes (raise kv.memory_fraction or set "
+                             "kv.num_pages)")
+        return pages
+
+    @torch.inference_mode()
+    def forward(self, batch: ForwardBatch) -> torch.Tensor:
+        """logits [B, vocab] float32 of each row's last token; the same on every rank."""
+        logits = self.model(batch)                                 # [B, V_padded]
+        return logits[:, : self.vocab_size].float()

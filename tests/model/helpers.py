@@ -1,0 +1,158 @@
+"""Test helpers: tiny HF checkpoints, a minimal page allocator and a greedy driver.
+
+The driver stands in for the C++ scheduler: it admits requests, cuts prompts into chunks,
+puts decodes first in each batch (rows [0, num_decode)), allocates pages from a free list
+and builds ForwardBatch tensors exactly as a Plan would (INTERFACES §1/§3).
+"""
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from appliance.model import ForwardBatch, ModelRunner
+
+
+def tiny_hf_config(family: str = "llama", **over):
+    """A transformers config object for a tiny random model of `family`."""
+    import transformers
+
+    common = dict(vocab_size=160, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                  rms_norm_eps=1e-5, tie_word_embeddings=False, initializer_range=0.1,
+                  bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    if family == "llama":
+        common["rope_parameters"] = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
+                                     "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                     "original_max_position_embeddings": 64}
+        cfg = transformers.LlamaConfig(**{**common, **over})
+    elif family == "qwen3":
+        cfg = transformers.Qwen3Config(**{**common, "head_dim": 24, **over})
+    elif family == "qwen2":
+        cfg = transformers.Qwen2Config(**{**common, **over})
+    else:
+        raise ValueError(family)
+    return cfg
+
+
+def save_tiny_hf_model(folder: Path, family: str = "llama", seed: int = 0, **over) -> Path:
+    """Build a seeded random HF model and `save_pretrained` it to `folder`."""
+    import transformers
+
+    torch.manual_seed(seed)
+    cfg = tiny_hf_config(family, **over)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.float32)
+    model.save_pretrained(folder)
+    return folder
+
+
+def hf_greedy(folder: Path, prompts: list[list[int]], max_new: int) -> list[list[int]]:
+    """HF transformers' greedy `generate`, one prompt at a time, never stopping early."""
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32)
+    model.eval()
+    model.generation_config.eos_token_id = None
+    out = []
+    for p in prompts:
+        ids = torch.tensor([p])
+        with torch.no_grad():
+            g = model.generate(ids, max_new_tokens=max_new, min_new_tokens=max_new,
+                               do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(ids))
+        out.append(g[0, len(p):].tolist())
+    return out
+
+
+@dataclass
+class _Req:
+    prompt: list[int]
+    max_new: int
+    tokens: list[int] = field(default_factory=list)  # prompt + generated
+    kv_len: int = 0  # tokens already in the KV cache
+    pages: list[int] = field(default_factory=list)
+
+    @property
+    def generated(self) -> list[int]:
+        return self.tokens[len(self.prompt):]
+
+    @property
+    def done(self) -> bool:
+        return len(self.generated) >= self.max_new
+
+
+class PageAllocator:
+    def __init__(self, num_pages: int) -> None:
+        self.free = list(range(num_pages - 1, -1, -1))  # hand out 0, 1, 2, ... in order
+
+    def grow(self, req: _Req, length: int, page_size: int) -> None:
+        while len(req.pages) * page_size < length:
+            if not self.free:
+                raise RuntimeError("test allocator out of pages")
+            req.pages.append(self.free.pop())
+
+    def release(self, req: _Req) -> None:
+        self.free.extend(reversed(req.pages))
+        req.pages = []
+
+
+def greedy_generate(runner: ModelRunner, prompts: list[list[int]], max_new: int,
+                    chunk: int | None = None, admit_per_step: int | None = None) -> list[list[int]]:
+    """Greedy decode all prompts together: decodes and prefill chunks share mixed batches.
+
+    chunk: most prompt tokens one row may prefill per step (None: whole prompt).
+    admit_per_step: requests admitted per step (None: all at once), so that later requests
+    prefill while earlier ones decode."""
+    reqs = [_Req(list(p), max_new, tokens=list(p)) for p in prompts]
+    alloc = PageAllocator(runner.num_pages)
+    ps, dev = runner.page_size, runner.device
+    admitted = 0
+    while not all(r.done for r in reqs):
+        admitted = min(len(reqs), admitted + (admit_per_step or len(reqs)))
+        live = [r for r in reqs[:admitted] if not r.done]
+        decodes = [r for r in live if r.kv_len >= len(r.prompt)]
+        prefills = [r for r in live if r.kv_len < len(r.prompt)]
+        rows: list[tuple[_Req, list[int]]] = []
+        for r in decodes:
+            rows.append((r, r.tokens[r.kv_len:]))
+            assert len(rows[-1][1]) == 1
+        for r in prefills:
+            end = len(r.prompt) if chunk is None else min(len(r.prompt), r.kv_len + chunk)
+            rows.append((r, r.tokens[r.kv_len:end]))
+        ids, pos, qs, slots, prefix, seq = [], [], [0], [], [], []
+        for r, new in rows:
+            alloc.grow(r, r.kv_len + len(new), ps)
+            for j, t in enumerate(new):
+                p = r.kv_len + j
+                ids.append(t)
+                pos.append(p)
+                slots.append(r.pages[p // ps] * ps + p % ps)
+            qs.append(qs[-1] + len(new))
+            prefix.append(r.kv_len)
+            seq.append(r.kv_len + len(new))
+        width = max(len(r.pages) for r, _ in rows)
+        table = [r.pages + [0] * (width - len(r.pages)) for r, _ in rows]
+        i32 = dict(dtype=torch.int32, device=dev)
+        batch = ForwardBatch(
+            input_ids=torch.tensor(ids, **i32), positions=torch.tensor(pos, **i32),
+            query_start=torch.tensor(qs, **i32), prefix_lens=torch.tensor(prefix, **i32),
+            seq_lens=torch.tensor(seq, **i32), page_table=torch.tensor(table, **i32),
+            slot_mapping=torch.tensor(slots, **i32), num_decode=len(decodes))
+        batch.validate()
+        logits = runner.forward(batch)                               # [B, V]
+        assert logits.shape == (len(rows), runner.vocab_size) and logits.dtype == torch.float32
+        nxt = logits.argmax(dim=-1).tolist()
+        for (r, new), t in zip(rows, nxt):
+            r.kv_len += len(new)
+            if r.kv_len == len(r.tokens):  # the row's last token: sample
+                r.tokens.append(int(t))
+                if r.done:
+                    alloc.release(r)
+    return [r.generated for r in reqs]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
