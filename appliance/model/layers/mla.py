@@ -1,0 +1,314 @@
+"""Multi-head latent attention (MLA), DeepSeek-V2 §2.1 / DeepSeek-V3, with absorbed weights.
+
+Per token t (hidden h_t), per head i, with L = kv_lora_rank, R = qk_rope_head_dim,
+Dn = qk_nope_head_dim, Dv = v_head_dim:
+
+    c_t      = RMSNorm(W_DKV h_t)            latent KV, [L]      (kv_a_proj_with_mqa, first L)
+    k^R_t    = RoPE(W_KR h_t)                shared rope key, [R] (kv_a_proj_with_mqa, last R)
+    q_t      = W_UQ RMSNorm(W_DQ h_t)  or  W_Q h_t                (q_b_proj∘q_a_proj, or q_proj)
+    q_t,i    = [q^C_t,i (Dn) ; RoPE(q^R_t,i) (R)]
+    k^C_t,i  = W_UK,i c_t,   v_t,i = W_UV,i c_t                   (kv_b_proj = [W_UK,i ; W_UV,i]_i)
+
+Only [c_t ; k^R_t] is cached: one tensor `kv_cache[num_slots, L + R]` per layer, the same on
+every attention-TP rank (the latent is shared by all heads). Attention never materialises
+k^C or v: since q^C·k^C = (W_UK,i^T q^C_t,i)·c_s, the query is absorbed into the latent
+space (q_latent = W_UK,i^T q^C, [L]); the `mla_decode` / `mla_extend` ops attend over the
+cache with scores q_latent·c + q^R·k^R and return the softmax-weighted latent o_latent [L];
+W_UV,i brings it back to [Dv], then o_proj. Heads are sharded over "attn_tp": q/q_b and
+kv_b are column-parallel in whole heads, o_proj row-parallel (its output Partial).
+
+RoPE: DeepSeek rotates interleaved pairs (x0, x1), (x2, x3), ... of the R rope dims (GPT-J
+style, `is_neox=False`). HF's DeepseekV2 returns the rotated pairs interleaved and
+DeepseekV3 (rope_interleave=True) returns them de-interleaved ([evens ; odds]); since the
+same permutation is applied to q^R and k^R, q^R·k^R is identical either way, and we keep the
+interleaved layout. V3 with rope_interleave=False uses NeoX halves. YaRN (V2/V3 checkpoints)
+scales the inverse frequencies, multiplies cos/sin by the attention factor
+mscale(factor, mscale) / mscale(factor, mscale_all_dim) and the softmax scale by
+mscale(factor, mscale_all_dim)^2, as HF transformers and the DeepSeek reference code do.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+import kernels
+from appliance.model.batch import ForwardBatch
+from appliance.model.context import BuildContext
+from appliance.model.layers.linear import (ColumnParallelLinear, Part, ReplicatedLinear,
+                                           RowParallelLinear)
+from appliance.model.layers.norm import HeadRMSNorm
+from appliance.model.layers.rotary import RopeConfig, RotaryEmbedding, rope_config
+from appliance.model.placement import Partial, Placed, Replicate
+
+# HF's DeepseekV2/V3 build q_a_layernorm and kv_a_layernorm with the RMSNorm default eps (not
+# config.rms_norm_eps), as the DeepSeek reference code does.
+LATENT_NORM_EPS = 1e-6
+
+
+# --------------------------------------------------------------------------- config
+@dataclass(frozen=True)
+class YarnConfig:
+    """DeepSeek's YaRN rope scaling (rope_type "yarn")."""
+
+    theta: float
+    factor: float
+    original_max_position_embeddings: int
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 1.0
+    mscale_all_dim: float = 0.0
+    attention_factor: float | None = None
+    truncate: bool = True
+
+
+@dataclass(frozen=True)
+class MLAConfig:
+    hidden_size: int
+    num_heads: int
+    q_lora_rank: int | None
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    attention_bias: bool
+    max_position_embeddings: int
+    rope_is_neox: bool
+    rope: RopeConfig | None  # default / linear / llama3 rope (layers/rotary.py)
+    yarn: YarnConfig | None  # YaRN rope (this file)
+
+    @staticmethod
+    def from_hf(hf: dict, rope_is_neox: bool = False) -> "MLAConfig":
+        yarn = yarn_config(hf)
+        return MLAConfig(
+            hidden_size=int(hf["hidden_size"]), num_heads=int(hf["num_attention_heads"]),
+            q_lora_rank=int(hf["q_lora_rank"]) if hf.get("q_lora_rank") else None,
+            kv_lora_rank=int(hf["kv_lora_rank"]),
+            qk_nope_head_dim=int(hf["qk_nope_head_dim"]),
+            qk_rope_head_dim=int(hf["qk_rope_head_dim"]), v_head_dim=int(hf["v_head_dim"]),
+            attention_bias=bool(hf.get("attention_bias", False)),
+            max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
+            rope_is_neox=rope_is_neox,
+            rope=None if yarn is not None else rope_config(hf), yarn=yarn)
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    def softmax_scale(self) -> float:
+        """qk_head_dim^-0.5, times mscale(factor, mscale_all_dim)^2 under YaRN."""
+        scale = self.qk_head_dim ** -0.5
+        if self.yarn is not None and self.yarn.mscale_all_dim:
+            m = yarn_mscale(self.yarn.factor, self.yarn.mscale_all_dim)
+            scale *= m * m
+        return scale
+
+
+def _rope_params(hf: dict) -> dict:
+    # transformers v5 `rope_parameters`, v4 / DeepSeek checkpoints `rope_scaling` + `rope_theta`
+    params = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
+    params.setdefault("rope_theta", hf.get("rope_theta", 10000.0))
+    return params
+
+
+def yarn_config(hf: dict) -> YarnConfig | None:
+    """The YaRN settings of an HF config, or None when its rope is not YaRN."""
+    p = _rope_params(hf)
+    if p.get("rope_type", p.get("type", "default")) != "yarn":
+        return None
+    orig = int(p["original_max_position_embeddings"])
+    factor = p.get("factor")
+    factor = float(factor) if factor is not None else hf["max_position_embeddings"] / orig
+    att = p.get("attention_factor")
+    return YarnConfig(
+        theta=float(p["rope_theta"]), factor=factor, original_max_position_embeddings=orig,
+        beta_fast=float(p.get("beta_fast") or 32), beta_slow=float(p.get("beta_slow") or 1),
+        mscale=float(p.get("mscale") or 0.0), mscale_all_dim=float(p.get("mscale_all_dim") or 0.0),
+        attention_factor=float(att) if att is not None else None,
+        truncate=bool(p.get("truncate", True)))
+
+
+# --------------------------------------------------------------------------- YaRN rope
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's magnitude correction 0.1 * mscale * ln(factor) + 1 (1 when not extending)."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def yarn_attention_factor(y: YarnConfig) -> float:
+    """The factor cos/sin are multiplied by."""
+    if y.attention_factor is not None:
+        return y.attention_factor
+    if y.mscale and y.mscale_all_dim:
+        return yarn_mscale(y.factor, y.mscale) / yarn_mscale(y.factor, y.mscale_all_dim)
+    return yarn_mscale(y.factor)
+
+
+def yarn_inv_frequencies(y: YarnConfig, rotary_dim: int) -> torch.Tensor:
+    """[R/2] float32: high frequencies kept (extrapolation), low ones divided by `factor`
+    (interpolation), blended by a linear ramp over the dims between the rotation counts
+    beta_fast and beta_slow within the original context."""
+    exponents = torch.arange(0, rotary_dim, 2, dtype=torch.float32) / rotary_dim  # [R/2]
+    extrapolated = 1.0 / y.theta ** exponents                                      # [R/2]
+    interpolated = extrapolated / y.factor                                         # [R/2]
+
+    def dim_of(rotations: float) -> float:  # the dim that turns `rotations` times in context
+        return (rotary_dim * math.log(y.original_max_position_embeddings
+                                      / (rotations * 2 * math.pi))) / (2 * math.log(y.theta))
+
+    low, high = dim_of(y.beta_fast), dim_of(y.beta_slow)
+    if y.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, rotary_dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(rotary_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    keep = 1.0 - ramp                                                              # [R/2]
+    return interpolated * (1.0 - keep) + extrapolated * keep
+
+
+class YarnRotaryEmbedding(RotaryEmbedding):
+    """RotaryEmbedding whose cos|sin table follows YaRN (cos and sin scaled by the attention
+    factor). Same kernel and call as the base class."""
+
+    def __init__(self, rotary_dim: int, max_positions: int, yarn: YarnConfig,
+                 device: torch.device | str, dtype: torch.dtype, is_neox: bool) -> None:
+        super().__init__(rotary_dim, max_positions, RopeConfig(theta=yarn.theta), device, dtype,
+                         is_neox)
+        self.yarn = yarn
+
+    def init_buffers(self, device: torch.device) -> None:
+        inv = yarn_inv_frequencies(self.yarn, self.rotary_dim).to(device)           # [R/2]
+        pos = torch.arange(self.max_positions, device=device, dtype=torch.int64).float()
+        freqs = torch.outer(pos, inv)                                                # [P, R/2]
+        m = yarn_attention_factor(self.yarn)
+        self.cos_sin = torch.cat([freqs.cos() * m, freqs.sin() * m], dim=-1)         # [P, R]
+
+
+def mla_rotary(cfg: MLAConfig, ctx: BuildContext) -> RotaryEmbedding:
+    """The rope of MLA's R rope dims (one per model, shared by the layers)."""
+    if cfg.yarn is not None:
+        return YarnRotaryEmbedding(cfg.qk_rope_head_dim, cfg.max_position_embeddings, cfg.yarn,
+                                   ctx.device, ctx.dtype, cfg.rope_is_neox)
+    return RotaryEmbedding(cfg.qk_rope_head_dim, cfg.max_position_embeddings, cfg.rope,
+                           ctx.device, ctx.dtype, is_neox=cfg.rope_is_neox)
+
+
+# --------------------------------------------------------------------------- attention
+class MLAttention(Placed):
+    """DeepSeek MLA over this rank's heads; input Replicate, output Partial over attn_tp.
+
+    Sub-module names are the HF checkpoint's (q_proj | q_a_proj, q_a_layernorm, q_b_proj,
+    kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj, o_proj), so weights load by name."""
+
+    def __init__(self, cfg: MLAConfig, rotary_emb: RotaryEmbedding, ctx: BuildContext) -> None:
+        super().__init__()
+        tp = ctx.layout.size("attn_tp")
+        if cfg.num_heads % tp:
+            raise ValueError(f"num_attention_heads {cfg.num_heads} is not divisible by the "
+                             f"attention TP size {tp}")
+        self.cfg, self.rotary_emb, self.page_size = cfg, rotary_emb, ctx.page_size
+        self.num_heads = cfg.num_heads // tp  # local heads
+        self._build_projections(cfg, ctx)
+        self.scale = cfg.softmax_scale()
+        feats = dict(device=ctx.device, dtype=ctx.dtype, num_heads=self.num_heads,
+                     kv_lora_rank=cfg.kv_lora_rank, qk_rope_head_dim=cfg.qk_rope_head_dim,
+                     page_size=ctx.page_size)
+        self.mla_decode = kernels.select("mla_decode", **feats)
+        self.mla_extend = kernels.select("mla_extend", **feats)
+        self.kv_cache: torch.Tensor | None = None
+        self.input_placement, self.output_placement = Replicate("attn_tp"), Partial("attn_tp")
+
+    def _build_projections(self, cfg: MLAConfig, ctx: BuildContext) -> None:
+        h, dqk, layout = cfg.num_heads, cfg.qk_head_dim, ctx.layout
+        if cfg.q_lora_rank is None:
+            self.q_proj = ColumnParallelLinear(cfg.hidden_size, [Part("q_proj", h * dqk, dqk)],
+                                               False, layout, "attn_tp")
+        else:
+            self.q_a_proj = ReplicatedLinear(cfg.hidden_size, cfg.q_lora_rank, cfg.attention_bias,
+                                             "attn_tp")
+            self.q_a_layernorm = HeadRMSNorm(cfg.q_lora_rank, LATENT_NORM_EPS, ctx.device,
+                                             ctx.dtype, "attn_tp")
+            self.q_b_proj = ColumnParallelLinear(cfg.q_lora_rank, [Part("q_b_proj", h * dqk, dqk)],
+                                                 False, layout, "attn_tp")
+        self.kv_a_proj_with_mqa = ReplicatedLinear(
+            cfg.hidden_size, cfg.kv_lora_rank + cfg.qk_rope_head_dim, cfg.attention_bias,
+            "attn_tp")
+        self.kv_a_layernorm = HeadRMSNorm(cfg.kv_lora_rank, LATENT_NORM_EPS, ctx.device,
+                                          ctx.dtype, "attn_tp")
+        # [W_UK,i ; W_UV,i] stacked per head: [H * (Dn + Dv), L]; used only as W_UK / W_UV
+        kv_b = cfg.qk_nope_head_dim + cfg.v_head_dim
+        self.kv_b_proj = ColumnParallelLinear(cfg.kv_lora_rank, [Part("kv_b_proj", h * kv_b, kv_b)],
+                                              False, layout, "attn_tp")
+        self.o_proj = RowParallelLinear(h * cfg.v_head_dim, cfg.hidden_size, cfg.attention_bias,
+                                        layout, "attn_tp", unit=cfg.v_head_dim)
+
+    # ---- KV cache (allocated by the runner)
+    def kv_cache_shapes(self) -> tuple[tuple[int, ...], ...]:
+        """Per-slot shape of this layer's one cache tensor: latent c (L) | rope key (R)."""
+        return ((self.cfg.kv_lora_rank + self.cfg.qk_rope_head_dim,),)
+
+    def bind_kv_cache(self, caches: tuple[torch.Tensor, ...]) -> None:
+        (self.kv_cache,) = caches
+
+    # ---- weights
+    def w_uk_uv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views of kv_b_proj: W_UK [H, Dn, L] and W_UV [H, Dv, L] (this rank's heads)."""
+        c = self.cfg
+        w = self.kv_b_proj.weight.view(self.num_heads, c.qk_nope_head_dim + c.v_head_dim,
+                                       c.kv_lora_rank)                               # [H, Dn+Dv, L]
+        return w[:, :c.qk_nope_head_dim], w[:, c.qk_nope_head_dim:]
+
+    # ---- forward
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor,
+                batch: ForwardBatch) -> torch.Tensor:
+        # positions: [T]; hidden_states: [T, Hd] -> [T, Hd] (partial sums over attn_tp)
+        if self.kv_cache is None:
+            raise RuntimeError("MLAttention: no KV cache bound (ModelRunner allocates it)")
+        t, c = hidden_states.shape[0], self.cfg
+        q_nope, q_rope = self._query(hidden_states)                 # [T, H, Dn], [T, H, R]
+        latent, k_rope = self._latent_kv(hidden_states)             # [T, L], [T, R]
+        q_rope, k_rope = self.rotary_emb(positions, q_rope, k_rope[:, None, :])
+        self._store(latent, k_rope[:, 0], batch.slot_mapping)
+        w_uk, w_uv = self.w_uk_uv()
+        q_latent = torch.einsum("thd,hdl->thl", q_nope, w_uk)        # [T, H, L]
+        o_latent = self._attend(q_latent, q_rope, batch)              # [T, H, L]
+        out = torch.einsum("thl,hvl->thv", o_latent, w_uv)           # [T, H, Dv]
+        return self.o_proj(out.reshape(t, self.num_heads * c.v_head_dim))
+
+    def _query(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # x: [T, Hd] -> (q_nope [T, H, Dn], q_rope [T, H, R])
+        if self.cfg.q_lora_rank is None:
+            q = self.q_proj(x)                                               # [T, H * Dqk]
+        else:
+            q_a = self.q_a_layernorm(self.q_a_proj(x)[:, None, :])[:, 0]     # [T, Lq]
+            q = self.q_b_proj(q_a)                                           # [T, H * Dqk]
+        q = q.view(x.shape[0], self.num_heads, self.cfg.qk_head_dim)         # [T, H, Dqk]
+        return q.split([self.cfg.qk_nope_head_dim, self.cfg.qk_rope_head_dim], dim=-1)
+
+    def _latent_kv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # x: [T, Hd] -> (normed latent c [T, L], un-rotated rope key [T, R])
+        kv = self.kv_a_proj_with_mqa(x)                                      # [T, L + R]
+        latent, k_rope = kv.split([self.cfg.kv_lora_rank, self.cfg.qk_rope_head_dim], dim=-1)
+        return self.kv_a_layernorm(latent[:, None, :])[:, 0], k_rope
+
+    def _store(self, latent: torch.Tensor, k_rope: torch.Tensor, slots: torch.Tensor) -> None:
+        # latent: [T, L], k_rope: [T, R] -> kv_cache[slots] = [latent | k_rope]; slots < 0 skip
+        entry = torch.cat([latent, k_rope], dim=-1).to(self.kv_cache.dtype)  # [T, L + R]
+        keep = slots >= 0                                                    # [T]
+        self.kv_cache.index_copy_(0, slots[keep].long(), entry[keep])
+
+    def _attend(self, q_latent: torch.Tensor, q_rope: torch.Tensor,
+                batch: ForwardBatch) -> torch.Tensor:
+        # q_latent: [T, H, L], q_rope: [T, H, R] -> o_latent [T, H, L]
+        nd, rows = batch.num_decode, batch.num_rows
+        out = q_latent.new_empty(q_latent.shape)                             # [T, H, L]
+        if nd > 0:  # decode rows own tokens [0, nd), one each
+            out[:nd] = self.mla_decode(q_latent[:nd], q_rope[:nd], self.kv_cache,
+                                       batch.page_table[:nd], batch.seq_lens[:nd],
+                                       self.page_size, self.scale)
+        if rows > nd:
+            out[nd:] = self.mla_extend(q_latent[nd:], q_rope[nd:], self.kv_cache,
+                                       batch.page_table[nd:], batch.extend_query_start,
+                                       batch.seq_lens[nd:], self.page_size, self.scale)
+        return out
