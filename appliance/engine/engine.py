@@ -105,8 +105,11 @@ class Engine:
                 raise ValueError(f"request id {req.rid} is already running")
             if any(t < 0 or t >= self.runner.vocab_size for t in req.prompt_ids):
                 raise ValueError(f"prompt token ids must be in [0, {self.runner.vocab_size})")
+            stop_ids = list(req.stop_token_ids)
+            if not req.ignore_eos:
+                stop_ids += self.runner.eos_token_ids
             self.scheduler.submit(req.rid, np.asarray(req.prompt_ids, dtype=np.int32),
-                                  req.max_new_tokens, np.asarray(req.stop_token_ids, dtype=np.int32),
+                                  req.max_new_tokens, np.asarray(stop_ids, dtype=np.int32),
                                   req.session)
         except ValueError as e:
             self._send(protocol.Rejected(req.rid, str(e)))

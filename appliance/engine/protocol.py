@@ -18,6 +18,7 @@ class GenerateRequest(msgspec.Struct, tag="generate"):
     top_k: int = 0
     seed: int | None = None
     stop_token_ids: list[int] = []
+    ignore_eos: bool = False  # when False, the model's end-of-sequence ids also stop the request
     session: str = ""
     user: str = ""
 
