@@ -1,0 +1,106 @@
+"""Anthropic messages, system prompt and tools -> the plain dicts a HF chat template expects.
+
+A user turn's `tool_result` blocks become `tool` messages (in order, before the user's text), an
+assistant turn's `tool_use` blocks become `tool_calls`; thinking blocks are dropped. Images and
+documents are refused (the models served here read text only).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from appliance.server.anthropic_protocol import (ContentBlock, CountTokensRequest, Message, TextBlock,
+                                                 ToolDefinition, ToolResultBlock, ToolUseBlock)
+from appliance.server.errors import bad_request
+
+_DROPPED = {"thinking", "redacted_thinking"}
+
+
+def template_messages(body: CountTokensRequest) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    system = _system_text(body.system)
+    if system:
+        out.append({"role": "system", "content": system})
+    for i, message in enumerate(body.messages):
+        out.extend(_convert(i, message))
+    return out
+
+
+def template_tools(body: CountTokensRequest) -> list[dict[str, Any]] | None:
+    """Tools in the OpenAI function shape chat templates know; None when tools are off."""
+    if not body.tools or (body.tool_choice is not None and body.tool_choice.type == "none"):
+        return None
+    return [_tool(tool) for tool in body.tools]
+
+
+def _tool(tool: ToolDefinition) -> dict[str, Any]:
+    function: dict[str, Any] = {"name": tool.name, "parameters": tool.input_schema}
+    if tool.description:
+        function["description"] = tool.description
+    return {"type": "function", "function": function}
+
+
+def _system_text(system: str | list[TextBlock] | None) -> str:
+    if system is None or isinstance(system, str):
+        return system or ""
+    return "\n".join(block.text for block in system)
+
+
+def _convert(index: int, message: Message) -> list[dict[str, Any]]:
+    if isinstance(message.content, str):
+        return [{"role": message.role, "content": message.content}]
+    if message.role == "assistant":
+        return [_assistant(index, message.content)]
+    return _user(index, message.content)
+
+
+def _assistant(index: int, blocks: list[ContentBlock]) -> dict[str, Any]:
+    texts: list[str] = []
+    calls: list[dict[str, Any]] = []
+    for j, block in enumerate(blocks):
+        if isinstance(block, TextBlock):
+            texts.append(block.text)
+        elif isinstance(block, ToolUseBlock):
+            calls.append({"id": block.id, "type": "function",
+                          "function": {"name": block.name, "arguments": block.input}})
+        elif block.type not in _DROPPED:
+            raise _unsupported(block.type, f"messages.{index}.content.{j}")
+    out: dict[str, Any] = {"role": "assistant", "content": "\n".join(texts)}
+    if calls:
+        out["tool_calls"] = calls
+    return out
+
+
+def _user(index: int, blocks: list[ContentBlock]) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    texts: list[str] = []
+    for j, block in enumerate(blocks):
+        where = f"messages.{index}.content.{j}"
+        if isinstance(block, TextBlock):
+            texts.append(block.text)
+        elif isinstance(block, ToolResultBlock):
+            if texts:
+                out.append({"role": "user", "content": "\n".join(texts)})
+                texts = []
+            out.append({"role": "tool", "tool_call_id": block.tool_use_id,
+                        "content": _tool_result_text(block, where)})
+        elif block.type not in _DROPPED:
+            raise _unsupported(block.type, where)
+    if texts or not out:
+        out.append({"role": "user", "content": "\n".join(texts)})
+    return out
+
+
+def _tool_result_text(block: ToolResultBlock, where: str) -> str:
+    if block.content is None or isinstance(block.content, str):
+        return block.content or ""
+    texts = []
+    for k, part in enumerate(block.content):
+        if not isinstance(part, TextBlock):
+            raise _unsupported(part.type, f"{where}.content.{k}")
+        texts.append(part.text)
+    return "\n".join(texts)
+
+
+def _unsupported(kind: str, where: str) -> Exception:
+    return bad_request(f"Content blocks of type {kind!r} are not supported (text and tools only)", where)

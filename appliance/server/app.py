@@ -1,0 +1,24 @@
+"""`build_app`: the FastAPI app with every route, error handler and the app-owned state."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI
+
+from appliance.config import AppConfig
+from appliance.server import anthropic_messages, health, metrics, openai_chat, openai_completions, stats
+from appliance.server.errors import install_error_handlers
+from appliance.server.metrics import FrontendMetrics
+from appliance.server.state import AppState, EngineClientLike
+
+
+def build_app(config: AppConfig, client: EngineClientLike, tokenizer: Any) -> FastAPI:
+    app = FastAPI(title="TokenSpeed", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.tokenspeed = AppState(config=config, client=client, tokenizer=tokenizer,
+                                    metrics=FrontendMetrics(client.stats))
+    install_error_handlers(app)
+    for router in (health.router, health.models_router, openai_chat.router, openai_completions.router,
+                   anthropic_messages.router, metrics.router, stats.router):
+        app.include_router(router)
+    return app

@@ -1,0 +1,51 @@
+"""Incremental detokenization: token ids in, text deltas out, never a broken character.
+
+Byte-level BPE tokens can end in the middle of a multi-byte UTF-8 character, and some tokenizers
+merge text across token boundaries, so decoding one token at a time is wrong. We decode a short
+sliding window of ids twice (the part already emitted, and the whole window) and emit only the new
+suffix, holding it back while it ends in U+FFFD (an incomplete character).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+REPLACEMENT_CHAR = "\ufffd"
+PROMPT_CONTEXT_TOKENS = 4  # prompt ids decoded with the first outputs (leading-space handling)
+
+
+class IncrementalDetokenizer:
+    """Feeds one token id at a time; `push` returns the newly stable text (maybe "")."""
+
+    def __init__(self, tokenizer: Any, prompt_ids: Sequence[int] = (),
+                 skip_special_tokens: bool = True) -> None:
+        self._tokenizer = tokenizer
+        self._skip_special = skip_special_tokens
+        self._ids: list[int] = list(prompt_ids[-PROMPT_CONTEXT_TOKENS:]) if prompt_ids else []
+        self._prefix_offset = 0  # start of the decode window
+        self._read_offset = len(self._ids)  # ids before this were emitted
+
+    def push(self, token_id: int) -> str:
+        self._ids.append(token_id)
+        return self._advance(final=False)
+
+    def flush(self) -> str:
+        """Emit whatever is still held back (the stream ended), even an incomplete character."""
+        return self._advance(final=True)
+
+    def _advance(self, final: bool) -> str:
+        emitted = self._decode(self._ids[self._prefix_offset:self._read_offset])
+        window = self._decode(self._ids[self._prefix_offset:])
+        if len(window) <= len(emitted) or (window.endswith(REPLACEMENT_CHAR) and not final):
+            return ""
+        delta = window[len(emitted):]
+        self._prefix_offset = self._read_offset
+        self._read_offset = len(self._ids)
+        return delta
+
+    def _decode(self, ids: list[int]) -> str:
+        if not ids:
+            return ""
+        return self._tokenizer.decode(ids, skip_special_tokens=self._skip_special,
+                                      clean_up_tokenization_spaces=False)

@@ -1,0 +1,103 @@
+"""API errors: OpenAI's `{"error": {...}}` shape, or Anthropic's under /v1/messages; never a traceback."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger(__name__)
+
+ANTHROPIC_PREFIX = "/v1/messages"
+
+OPENAI_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+                429: "rate_limit_error", 500: "server_error", 503: "service_unavailable"}
+ANTHROPIC_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+                   413: "request_too_large", 429: "rate_limit_error", 500: "api_error",
+                   503: "overloaded_error", 529: "overloaded_error"}
+
+
+class ApiError(Exception):
+    """An error to report to the client with an HTTP status."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None,
+                 code: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+
+
+def bad_request(message: str, param: str | None = None) -> ApiError:
+    return ApiError(400, message, param=param)
+
+
+def openai_error_body(status: int, message: str, param: str | None = None,
+                      code: str | None = None) -> dict[str, Any]:
+    kind = OPENAI_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def anthropic_error_body(status: int, message: str) -> dict[str, Any]:
+    kind = ANTHROPIC_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
+    return {"type": "error", "error": {"type": kind, "message": message}}
+
+
+def is_anthropic(request: Request) -> bool:
+    return request.url.path.startswith(ANTHROPIC_PREFIX)
+
+
+def error_response(request: Request, error: ApiError) -> JSONResponse:
+    if is_anthropic(request):
+        body = anthropic_error_body(error.status, error.message)
+    else:
+        body = openai_error_body(error.status, error.message, error.param, error.code)
+    headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
+    return JSONResponse(body, status_code=error.status, headers=headers)
+
+
+def validation_message(errors: Sequence[Any]) -> tuple[str, str | None]:
+    """A readable message naming the offending field(s), and the first field as `param`."""
+    parts, params = [], []
+    for err in list(errors)[:3]:
+        loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+        if err.get("type") == "json_invalid":
+            detail = (err.get("ctx") or {}).get("error", err.get("msg", ""))
+            return f"The request body is not valid JSON: {detail}", None
+        field = ".".join(loc)
+        params.append(field or None)
+        parts.append(f"{field}: {err.get('msg', 'invalid')}" if field else str(err.get("msg")))
+    if not parts:
+        return "Invalid request body", None
+    return "Invalid request: " + "; ".join(parts), params[0]
+
+
+async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+    return error_response(request, exc)
+
+
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    message, param = validation_message(exc.errors())
+    return error_response(request, ApiError(400, message, param=param))
+
+
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    return error_response(request, ApiError(exc.status_code, str(exc.detail)))
+
+
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return error_response(request, ApiError(500, "Internal server error"))
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected)

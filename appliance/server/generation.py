@@ -1,0 +1,223 @@
+"""One request through the engine: token ids in, API-neutral events out.
+
+Pipeline per token: incremental detokenizer -> stop strings -> tool-call parser. Also records the
+request for /stats and the latency histograms, and aborts the request in the engine whenever the
+consumer goes away (client disconnect, stop string, server shutdown).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+from fastapi import Request
+
+from appliance.engine.client import EngineRejected
+from appliance.engine.protocol import GenerateRequest, TokenOutput
+from appliance.server.detokenize import IncrementalDetokenizer
+from appliance.server.errors import ApiError
+from appliance.server.state import AppState
+from appliance.server.stop_strings import StopStringMatcher
+from appliance.server.tool_calls import ParsedToolCall, ToolCallParser
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+
+@dataclass(frozen=True)
+class GenerationJob:
+    prompt_ids: list[int]
+    sampling: SamplingOptions
+    parse_tools: bool = False
+    session: str = ""
+    user: str = ""
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    text: str
+
+
+@dataclass(frozen=True)
+class ToolCallDelta:
+    index: int
+    call: ParsedToolCall
+
+
+@dataclass(frozen=True)
+class Finished:
+    reason: str  # "stop" (end of sequence) | "length" | "stop_sequence" | "abort"
+    prompt_tokens: int
+    completion_tokens: int
+    num_tool_calls: int = 0
+    stop_sequence: str | None = None
+
+
+Event = TextDelta | ToolCallDelta | Finished
+
+
+class OutputPipeline:
+    """Detokenize, cut at stop strings, split out tool calls."""
+
+    def __init__(self, tokenizer: Any, job: GenerationJob) -> None:
+        self._detok = IncrementalDetokenizer(tokenizer, job.prompt_ids)
+        self._stops = StopStringMatcher(job.sampling.stop)
+        self._tools = ToolCallParser() if job.parse_tools else None
+        self._calls_emitted = 0
+
+    @property
+    def num_tool_calls(self) -> int:
+        return self._tools.num_calls if self._tools else 0
+
+    def push(self, token_id: int, last: bool, decode: bool) -> tuple[list[Event], str | None]:
+        """Events for one engine output, and the stop string that ended the output (if any)."""
+        text = self._detok.push(token_id) if decode else ""
+        if last:
+            text += self._detok.flush()
+        emit, matched = self._stops.feed(text)
+        if matched is None and not last:
+            return self._route(emit), None
+        if matched is None:
+            emit += self._stops.flush()
+        return self._route(emit) + self._finish_tools(), matched
+
+    def _route(self, text: str) -> list[Event]:
+        if not text:
+            return []
+        if self._tools is None:
+            return [TextDelta(text)]
+        return self._events(self._tools.feed(text))
+
+    def _finish_tools(self) -> list[Event]:
+        return self._events(self._tools.finish()) if self._tools else []
+
+    def _events(self, pieces: list[str | ParsedToolCall]) -> list[Event]:
+        events: list[Event] = []
+        for piece in pieces:
+            if isinstance(piece, str):
+                events.append(TextDelta(piece))
+            else:
+                events.append(ToolCallDelta(self._calls_emitted, piece))
+                self._calls_emitted += 1
+        return events
+
+
+def engine_request(state: AppState, rid: int, job: GenerationJob) -> GenerateRequest:
+    sampling = job.sampling
+    return GenerateRequest(
+        rid=rid, prompt_ids=list(job.prompt_ids), max_new_tokens=sampling.max_tokens,
+        temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
+        seed=sampling.seed, stop_token_ids=[] if sampling.ignore_eos else list(state.eos_token_ids),
+        session=job.session, user=job.user)
+
+
+async def generate(state: AppState, job: GenerationJob) -> AsyncIterator[Event]:
+    """Run `job` in the engine; yields text/tool-call deltas and exactly one final `Finished`."""
+    client = state.client
+    rid = client.new_rid()
+    tracked = state.tracker.start(rid, job.user, len(job.prompt_ids))
+    pipeline = OutputPipeline(state.tokenizer, job)
+    stream = client.generate(engine_request(state, rid, job))
+    done = False
+    completion_tokens = 0
+    try:
+        async for out in _engine_outputs(state, stream):
+            if out.token_id >= 0:
+                completion_tokens += 1
+                state.metrics.observe(*state.tracker.on_token(tracked))
+            last = out.finish_reason is not None
+            events, matched = pipeline.push(out.token_id, last, _decodes(state, out))
+            for item in events:
+                yield item
+            if matched is not None or last:
+                if matched is not None:
+                    await _release(state, stream, rid, finished=False)
+                done = True
+                reason = "stop_sequence" if matched is not None else str(out.finish_reason)
+                yield Finished(reason, len(job.prompt_ids), completion_tokens,
+                               pipeline.num_tool_calls, matched)
+                return
+        done = True  # the engine stream ended without a finish reason (the engine stopped)
+        yield Finished("abort", len(job.prompt_ids), completion_tokens, pipeline.num_tool_calls)
+    finally:
+        state.tracker.finish(rid)
+        await _release(state, stream, rid, finished=done)
+
+
+def _decodes(state: AppState, out: TokenOutput) -> bool:
+    """Whether the token's text belongs in the output (not an abort marker or the final EOS)."""
+    if out.token_id < 0:
+        return False
+    return not (out.finish_reason == "stop" and out.token_id in state.eos_token_ids)
+
+
+async def _engine_outputs(state: AppState, stream: AsyncIterator[TokenOutput]) -> AsyncIterator[TokenOutput]:
+    """The engine's outputs, with a refusal turned into an API error."""
+    try:
+        async for out in stream:
+            yield out
+    except EngineRejected as e:
+        status = 400 if state.engine_healthy else 503
+        raise ApiError(status, f"The engine rejected the request: {e}") from None
+
+
+async def _release(state: AppState, stream: AsyncIterator[TokenOutput], rid: int, finished: bool) -> None:
+    """Close the engine stream (which aborts an unfinished request), even while being cancelled."""
+    with anyio.CancelScope(shield=True):
+        aclose = getattr(stream, "aclose", None)
+        if aclose is not None:
+            await aclose()
+        if not finished:
+            await state.client.abort(rid)
+
+
+@dataclass(frozen=True)
+class Collected:
+    """A whole (non-streamed) generation."""
+
+    text: str
+    tool_calls: list[ParsedToolCall]
+    finished: Finished
+
+
+async def collect(request: Request, events: AsyncIterator[Event]) -> Collected:
+    """Drain `events`; if the client disconnects first, cancel (which aborts in the engine)."""
+    parts: list[str] = []
+    calls: list[ParsedToolCall] = []
+    finished: Finished | None = None
+    with anyio.CancelScope() as scope:
+        watcher = asyncio.ensure_future(_cancel_on_disconnect(request, scope))
+        try:
+            async with aclosing(events):
+                async for item in events:
+                    if isinstance(item, TextDelta):
+                        parts.append(item.text)
+                    elif isinstance(item, ToolCallDelta):
+                        calls.append(item.call)
+                    else:
+                        finished = item
+        finally:
+            watcher.cancel()
+    if finished is None:
+        raise ApiError(499, "Client disconnected")
+    return Collected("".join(parts), calls, finished)
+
+
+async def _cancel_on_disconnect(request: Request, scope: anyio.CancelScope) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            scope.cancel()
+            return

@@ -1,0 +1,29 @@
+"""`GET /health` and `GET /v1/models`."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
+
+from appliance.server.auth import require_api_key
+from appliance.server.errors import ApiError
+from appliance.server.state import get_state
+
+router = APIRouter()
+models_router = APIRouter(dependencies=[Depends(require_api_key)])
+
+
+@router.get("/health")
+async def health(request: Request) -> JSONResponse:
+    """200 while the engine runs; 503 once it has stopped or died."""
+    if not get_state(request).engine_healthy:
+        raise ApiError(503, "The engine is not running")
+    return JSONResponse({"status": "ok"})
+
+
+@models_router.get("/v1/models")
+async def list_models(request: Request) -> JSONResponse:
+    state = get_state(request)
+    card = {"id": state.model_name, "object": "model", "created": int(state.created_at),
+            "owned_by": "tokenspeed", "max_model_len": state.client.max_model_len}
+    return JSONResponse({"object": "list", "data": [card]})

@@ -1,0 +1,60 @@
+"""OpenAI chat messages and tools -> the plain dicts a HF chat template expects."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from appliance.server.errors import bad_request
+from appliance.server.openai_protocol import ChatMessage, ContentPart, Tool, ToolCall
+
+TEXT_PART_TYPES = {"text", "input_text"}
+
+
+def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    return [_message(i, m) for i, m in enumerate(messages)]
+
+
+def template_tools(tools: list[Tool] | None) -> list[dict[str, Any]] | None:
+    if not tools:
+        return None
+    return [tool.model_dump(exclude_none=True) for tool in tools]
+
+
+def _message(index: int, message: ChatMessage) -> dict[str, Any]:
+    role = "system" if message.role == "developer" else message.role
+    out: dict[str, Any] = {"role": role, "content": _text(index, message.content)}
+    if message.name:
+        out["name"] = message.name
+    if message.tool_calls:
+        out["tool_calls"] = [_tool_call(call) for call in message.tool_calls]
+    if message.tool_call_id:
+        out["tool_call_id"] = message.tool_call_id
+    return out
+
+
+def _text(index: int, content: str | list[ContentPart] | None) -> str:
+    if content is None or isinstance(content, str):
+        return content or ""
+    texts = []
+    for j, part in enumerate(content):
+        if part.type not in TEXT_PART_TYPES or part.text is None:
+            raise bad_request(f"Content parts of type {part.type!r} are not supported (text only)",
+                              f"messages.{index}.content.{j}")
+        texts.append(part.text)
+    return "\n".join(texts)
+
+
+def _tool_call(call: ToolCall) -> dict[str, Any]:
+    """Arguments go to the template as an object when they are JSON (templates `tojson` them)."""
+    arguments: Any = call.function.arguments
+    if isinstance(arguments, str):
+        try:
+            parsed = json.loads(arguments) if arguments.strip() else {}
+            arguments = parsed if isinstance(parsed, dict) else arguments
+        except ValueError:
+            pass
+    out: dict[str, Any] = {"type": "function", "function": {"name": call.function.name, "arguments": arguments}}
+    if call.id:
+        out["id"] = call.id
+    return out

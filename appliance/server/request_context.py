@@ -1,0 +1,40 @@
+"""Who is asking and in which agent session: the model check, `session` and `user` hints.
+
+Session hint (the engine keeps a session's KV pages while the agent waits on a tool): header
+`x-session-id`, else the body's `session_id` (OpenAI) or `metadata.session_id` (Anthropic).
+User (for /stats and the dashboard): header `x-tokenspeed-user`, else the OpenAI `user` field or
+Anthropic `metadata.user_id`.
+"""
+
+from __future__ import annotations
+
+from fastapi import Request
+
+from appliance.server.errors import ApiError
+from appliance.server.state import AppState
+
+SESSION_HEADER = "x-session-id"
+USER_HEADER = "x-tokenspeed-user"
+MAX_HINT_LEN = 256
+
+
+def session_hint(request: Request, *body_values: str | None) -> str:
+    return _first(request.headers.get(SESSION_HEADER), *body_values)
+
+
+def user_hint(request: Request, *body_values: str | None) -> str:
+    return _first(request.headers.get(USER_HEADER), *body_values)
+
+
+def check_model(state: AppState, model: str | None) -> None:
+    """Like vLLM: a model name other than the served one is a 404 (an absent one means ours)."""
+    if model and model != state.model_name:
+        raise ApiError(404, f"The model `{model}` does not exist. This server serves "
+                            f"`{state.model_name}`.", param="model", code="model_not_found")
+
+
+def _first(*values: str | None) -> str:
+    for value in values:
+        if value and value.strip():
+            return value.strip()[:MAX_HINT_LEN]
+    return ""

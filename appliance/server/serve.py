@@ -1,0 +1,171 @@
+"""`serve`: one uvicorn server for the app on TCP (`server.host:port`) and on the Unix socket.
+
+The Unix socket is created mode 0600 (only the daemon's user may talk to it); a stale socket file
+left by a crashed daemon is replaced, a live one is an error; the file is removed at exit.
+SIGINT/SIGTERM: stop accepting, let in-flight requests finish for up to GRACE_S seconds, then
+cancel them (which aborts them in the engine) and return 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import stat
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+
+from appliance.config import AppConfig
+from appliance.server.app import build_app
+from appliance.server.state import AppState, EngineClientLike
+
+log = logging.getLogger(__name__)
+
+GRACE_S = 10.0
+BACKLOG = 2048
+HEALTH_POLL_S = 0.5
+
+
+class _Server(uvicorn.Server):
+    """uvicorn.Server whose signal handling drains and returns instead of re-raising the signal."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+def serve(config: AppConfig, client: EngineClientLike, tokenizer: Any) -> int:
+    """Serve until SIGINT/SIGTERM (0), or until the engine dies (1). 1 if a socket can't be bound."""
+    app = build_app(config, client, tokenizer)
+    try:
+        tcp = tcp_socket(config.server.host, config.server.port)
+    except OSError as e:
+        log.error("cannot listen on %s:%s: %s", config.server.host, config.server.port, e)
+        return 1
+    try:
+        uds = unix_socket(config.server.socket)
+        uds_inode = os.lstat(config.server.socket).st_ino
+    except OSError as e:
+        tcp.close()
+        log.error("cannot listen on %s: %s", config.server.socket, e)
+        return 1
+    server = _Server(uvicorn.Config(app, http="auto", lifespan="off", log_config=None,
+                                    timeout_graceful_shutdown=GRACE_S, backlog=BACKLOG))
+    log.info("serving %s on http://%s:%d and %s", config.model.model_name, config.server.host,
+             tcp.getsockname()[1], config.server.socket)
+    try:
+        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+            return runner.run(_run(server, [tcp, uds], app.state.tokenspeed))
+    finally:
+        uds.close()
+        _remove_socket_file(config.server.socket, uds_inode)
+        tcp.close()
+
+
+async def _run(server: _Server, sockets: list[socket.socket], state: AppState) -> int:
+    watchdog = asyncio.create_task(_watch_engine(server, state))
+    try:
+        await server.serve(sockets=sockets)
+    finally:
+        watchdog.cancel()
+    await _abort_leftovers(state)
+    return 0 if state.engine_healthy else 1
+
+
+async def _watch_engine(server: _Server, state: AppState) -> None:
+    while not server.should_exit:
+        if not state.engine_healthy:
+            log.error("the engine stopped; shutting the server down")
+            server.should_exit = True
+            return
+        await asyncio.sleep(HEALTH_POLL_S)
+
+
+async def _abort_leftovers(state: AppState) -> None:
+    """Requests still tracked after the grace period (their tasks were cancelled): abort them."""
+    await asyncio.sleep(0)
+    for rid in state.tracker.active_rids():
+        await state.client.abort(rid)
+        state.tracker.finish(rid)
+
+
+def _loop_factory() -> Any:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        return None
+    return uvloop.new_event_loop
+
+
+def tcp_socket(host: str, port: int) -> socket.socket:
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                         flags=socket.AI_PASSIVE)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(BACKLOG)
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
+
+
+def unix_socket(path: str) -> socket.socket:
+    """Bind `path` with mode 0600 (chmod before listen: nobody can connect in between)."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    _replace_stale(target)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+        os.chmod(path, 0o600)
+        sock.listen(BACKLOG)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _replace_stale(target: Path) -> None:
+    try:
+        mode = target.lstat().st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise OSError(f"{target} exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(target))
+    except OSError:
+        target.unlink()  # nobody listens: a stale socket left by a daemon that died
+        log.info("removed stale socket %s", target)
+        return
+    finally:
+        probe.close()
+    raise OSError(f"another server is already listening on {target}")
+
+
+def _remove_socket_file(path: str, inode: int) -> None:
+    """Remove the socket file if it is still ours (a newer daemon may have replaced it)."""
+    try:
+        if os.lstat(path).st_ino == inode:
+            os.unlink(path)
+    except FileNotFoundError:
+        pass

@@ -1,0 +1,69 @@
+"""What every route needs: config, engine client, tokenizer, metrics and the request tracker."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+import anyio
+from fastapi import Request
+
+from appliance.config import AppConfig
+from appliance.server.tracker import RequestTracker
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
+    from appliance.engine.protocol import GenerateRequest, TokenOutput
+    from appliance.server.metrics import FrontendMetrics
+
+
+class EngineClientLike(Protocol):
+    """The part of `appliance.engine.client.EngineClient` the frontend uses (INTERFACES §4)."""
+
+    max_model_len: int
+
+    def new_rid(self) -> int: ...
+    def generate(self, req: GenerateRequest) -> AsyncIterator[TokenOutput]: ...
+    async def abort(self, rid: int) -> None: ...
+    def stats(self) -> dict[str, float]: ...
+
+
+@dataclass
+class AppState:
+    config: AppConfig
+    client: EngineClientLike
+    tokenizer: Any  # a transformers tokenizer with a chat template
+    metrics: FrontendMetrics
+    tracker: RequestTracker = field(default_factory=RequestTracker)
+    started_at: float = field(default_factory=time.monotonic)
+    created_at: float = field(default_factory=time.time)
+    # Tokenizers are not safe to share between threads: one worker thread renders and encodes.
+    tokenize_limiter: anyio.CapacityLimiter = field(default_factory=lambda: anyio.CapacityLimiter(1))
+
+    @property
+    def model_name(self) -> str:
+        return self.config.model.model_name
+
+    eos_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.eos_token_ids:
+            self.eos_token_ids = _eos_token_ids(self.client, self.tokenizer)
+
+    @property
+    def engine_healthy(self) -> bool:
+        return bool(getattr(self.client, "healthy", True))
+
+
+def get_state(request: Request) -> AppState:
+    return request.app.state.tokenspeed
+
+
+def _eos_token_ids(client: Any, tokenizer: Any) -> tuple[int, ...]:
+    """End-of-sequence ids: the engine's (from the generation config) plus the tokenizer's."""
+    ids = set(getattr(getattr(client, "info", None), "eos_token_ids", ()) or ())
+    if getattr(tokenizer, "eos_token_id", None) is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return tuple(sorted(ids))

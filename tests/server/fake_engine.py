@@ -1,0 +1,99 @@
+"""A test double of `appliance.engine.client.EngineClient` (INTERFACES §4) that emits scripted tokens.
+
+It behaves like the engine where the frontend can tell: it stops on a stop token id (emitting it
+with finish_reason "stop"), stops at max_new_tokens with "length", raises EngineRejected before
+the first token when told to, records aborts (closing the stream early counts as one) and keeps
+engine-like totals for stats().
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from appliance.engine.client import EngineRejected
+from appliance.engine.protocol import GenerateRequest, TokenOutput
+
+EOS_ID = 2  # the tiny tokenizer's <|im_end|>
+
+
+@dataclass
+class EngineInfo:
+    eos_token_ids: tuple[int, ...] = (EOS_ID,)
+
+
+@dataclass
+class FakeEngineClient:
+    tokenizer: Any
+    max_model_len: int = 4096
+    reply: str = "Hello from the fake engine."
+    delay_s: float = 0.0  # before each token
+    reject: str | None = None
+    healthy: bool = True
+    requests: list[GenerateRequest] = field(default_factory=list)
+    aborted: set[int] = field(default_factory=set)
+    running: set[int] = field(default_factory=set)
+    info: EngineInfo = field(default_factory=EngineInfo)
+    totals: dict[str, int] = field(default_factory=lambda: {
+        "prompt_tokens_total": 0, "generation_tokens_total": 0, "prefix_cache_hit_tokens_total": 0,
+        "preemptions_total": 0})
+
+    def __post_init__(self) -> None:
+        self._rids = itertools.count(1)
+
+    def reset(self) -> None:
+        self.reply, self.delay_s, self.reject = "Hello from the fake engine.", 0.0, None
+        self.requests.clear()
+        self.aborted.clear()
+
+    def new_rid(self) -> int:
+        return next(self._rids)
+
+    def script(self) -> list[int]:
+        return list(self.tokenizer.encode(self.reply, add_special_tokens=False)) + [EOS_ID]
+
+    async def generate(self, req: GenerateRequest) -> AsyncIterator[TokenOutput]:
+        self.requests.append(req)
+        if self.reject is not None:
+            raise EngineRejected(self.reject)
+        self.running.add(req.rid)
+        self.totals["prompt_tokens_total"] += len(req.prompt_ids)
+        finished = False
+        try:
+            for i, token in enumerate(self._tokens(req)):
+                await asyncio.sleep(self.delay_s)
+                self.totals["generation_tokens_total"] += 1
+                reason = self._finish_reason(req, token, i)
+                finished = reason is not None
+                yield TokenOutput(req.rid, token, reason)
+                if finished:
+                    return
+        finally:
+            self.running.discard(req.rid)
+            if not finished:
+                self.aborted.add(req.rid)
+
+    def _tokens(self, req: GenerateRequest) -> list[int]:
+        tokens = self.script()
+        if EOS_ID not in req.stop_token_ids:  # ignore_eos: keep going with filler text
+            filler = self.tokenizer.encode(" more", add_special_tokens=False)
+            tokens = [t for t in tokens if t != EOS_ID] + filler * req.max_new_tokens
+        return tokens[:req.max_new_tokens]
+
+    @staticmethod
+    def _finish_reason(req: GenerateRequest, token: int, index: int) -> str | None:
+        if token in req.stop_token_ids:
+            return "stop"
+        return "length" if index + 1 >= req.max_new_tokens else None
+
+    async def abort(self, rid: int) -> None:
+        self.aborted.add(rid)
+
+    def stats(self) -> dict[str, float]:
+        return {"page_size": 16, "pages_total": 512, "pages_used": 40 + len(self.running),
+                "pages_cached": 24, "pages_free": 448 - len(self.running),
+                "requests_running": len(self.running), "requests_waiting": 1, **self.totals,
+                "steps_total": 7}

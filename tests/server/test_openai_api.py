@@ -1,0 +1,178 @@
+"""The OpenAI endpoints through the real `openai` SDK, against the app served by uvicorn."""
+
+from __future__ import annotations
+
+import json
+
+import openai
+import pytest
+
+from .conftest import MODEL, wait_until
+
+TOOLS = [{"type": "function", "function": {
+    "name": "read_file", "description": "Read a file",
+    "parameters": {"type": "object", "properties": {"path": {"type": "string"}}, "required": ["path"]}}}]
+CALL_REPLY = ('I will read it.\n<tool_call>\n{"name": "read_file", "arguments": {"path": "src/main.py"}}'
+              '\n</tool_call>')
+
+
+@pytest.fixture()
+def client(served) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{served.base_url}/v1", api_key="unused", max_retries=0)
+
+
+def test_models_list(client):
+    assert [m.id for m in client.models.list().data] == [MODEL]
+
+
+def test_chat_non_stream(client, served, tokenizer):
+    served.fake.reply = "Hi there, naïve café ☕!"
+    out = client.chat.completions.create(model=MODEL, messages=[
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "text", "text": "Say"}, {"type": "text", "text": "hi"}]}],
+        max_tokens=50, temperature=0.3, top_p=0.9, seed=7, user="alice")
+    assert out.choices[0].message.content == "Hi there, naïve café ☕!"
+    assert out.choices[0].finish_reason == "stop"
+    assert out.object == "chat.completion" and out.model == MODEL
+    req = served.fake.requests[-1]
+    prompt = tokenizer.decode(req.prompt_ids)
+    assert prompt.startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nSay\nhi")
+    assert prompt.endswith("<|im_start|>assistant\n")
+    assert (req.max_new_tokens, req.temperature, req.top_p, req.seed, req.user) == (50, 0.3, 0.9, 7, "alice")
+    assert 2 in req.stop_token_ids
+    n_reply = len(tokenizer.encode(served.fake.reply, add_special_tokens=False)) + 1
+    assert out.usage.prompt_tokens == len(req.prompt_ids)
+    assert out.usage.completion_tokens == n_reply
+    assert out.usage.total_tokens == len(req.prompt_ids) + n_reply
+
+
+def test_chat_stream_with_usage(client, served):
+    served.fake.reply = "Streaming 日本語 works."
+    stream = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "go"}],
+                                            max_completion_tokens=64, stream=True,
+                                            stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == "Streaming 日本語 works."
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == ["stop"]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens > 3
+    assert served.fake.requests[-1].max_new_tokens == 64
+
+
+def test_chat_length_finish(client, served):
+    served.fake.reply = "one two three four five six seven eight nine ten"
+    out = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "count"}],
+                                         max_tokens=3)
+    assert out.choices[0].finish_reason == "length"
+    assert out.usage.completion_tokens == 3
+
+
+def test_default_max_tokens_is_rest_of_context_capped(client, served):
+    client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}])
+    req = served.fake.requests[-1]
+    assert req.max_new_tokens == min(4096 - len(req.prompt_ids), 8192)
+
+
+def test_stop_string_split_across_tokens(client, served, tokenizer):
+    served.fake.reply = "alpha beta gamma delta"
+    stop = "a gam"  # spans the tokens of "beta" and "gamma"
+    ids = tokenizer.encode(served.fake.reply, add_special_tokens=False)
+    assert not any(stop in tokenizer.decode([i]) for i in ids)
+    out = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], stop=[stop])
+    assert out.choices[0].message.content == "alpha bet"
+    assert out.choices[0].finish_reason == "stop"
+    stream = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}],
+                                            stop=stop, stream=True)
+    chunks = list(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == "alpha bet"
+    rid = served.fake.requests[-1].rid
+    assert wait_until(lambda: rid in served.fake.aborted)  # the engine was told to stop early
+
+
+def test_tool_call_non_stream(client, served, tokenizer):
+    served.fake.reply = CALL_REPLY
+    out = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "read main"}],
+                                         tools=TOOLS, tool_choice="auto")
+    message = out.choices[0].message
+    assert out.choices[0].finish_reason == "tool_calls"
+    assert message.content == "I will read it."
+    assert len(message.tool_calls) == 1
+    call = message.tool_calls[0]
+    assert call.id.startswith("call_") and call.type == "function"
+    assert call.function.name == "read_file"
+    assert json.loads(call.function.arguments) == {"path": "src/main.py"}
+    prompt = tokenizer.decode(served.fake.requests[-1].prompt_ids)
+    assert "<tools>" in prompt and '"read_file"' in prompt
+
+
+def test_tool_call_stream_leaks_no_markup(client, served):
+    served.fake.reply = CALL_REPLY
+    stream = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "read"}],
+                                            tools=TOOLS, stream=True)
+    chunks = list(stream)
+    content = "".join(c.choices[0].delta.content or "" for c in chunks)
+    calls = [tc for c in chunks for tc in (c.choices[0].delta.tool_calls or [])]
+    assert content == "I will read it."
+    assert "<" not in content and "tool_call" not in content
+    assert len(calls) == 1 and calls[0].index == 0 and calls[0].function.name == "read_file"
+    assert json.loads(calls[0].function.arguments) == {"path": "src/main.py"}
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_tool_choice_none_passes_markup_through_as_text(client, served, tokenizer):
+    served.fake.reply = CALL_REPLY
+    out = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}],
+                                         tools=TOOLS, tool_choice="none")
+    assert out.choices[0].message.tool_calls is None
+    assert out.choices[0].finish_reason == "stop"
+    assert "<tools>" not in tokenizer.decode(served.fake.requests[-1].prompt_ids)
+
+
+def test_multi_turn_with_tool_results_renders_template(client, served, tokenizer):
+    served.fake.reply = "The file defines main()."
+    out = client.chat.completions.create(model=MODEL, tools=TOOLS, messages=[
+        {"role": "user", "content": "read main"},
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {
+            "name": "read_file", "arguments": '{"path": "src/main.py"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "def main(): pass"}])
+    assert out.choices[0].message.content == "The file defines main()."
+    prompt = tokenizer.decode(served.fake.requests[-1].prompt_ids)
+    assert '<tool_call>\n{"name": "read_file", "arguments": {"path": "src/main.py"}}\n</tool_call>' in prompt
+    assert "<tool_response>\ndef main(): pass\n</tool_response>" in prompt
+
+
+def test_completions_string_and_token_prompt(client, served, tokenizer):
+    served.fake.reply = " jumps over the lazy dog"
+    out = client.completions.create(model=MODEL, prompt="The quick brown fox", max_tokens=40)
+    assert out.choices[0].text == " jumps over the lazy dog"
+    assert out.object == "text_completion" and out.choices[0].finish_reason == "stop"
+    assert served.fake.requests[-1].prompt_ids == tokenizer.encode("The quick brown fox")
+    out = client.completions.create(model=MODEL, prompt=[5, 6, 7], max_tokens=2)
+    assert served.fake.requests[-1].prompt_ids == [5, 6, 7]
+    assert out.choices[0].finish_reason == "length" and out.usage.prompt_tokens == 3
+
+
+def test_completions_default_max_tokens_is_16(client, served):
+    client.completions.create(model=MODEL, prompt="hello")
+    assert served.fake.requests[-1].max_new_tokens == 16
+
+
+def test_completions_stream(client, served):
+    served.fake.reply = "a b c"
+    chunks = list(client.completions.create(model=MODEL, prompt="x", max_tokens=10, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == "a b c"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    assert chunks[-1].usage.completion_tokens == 4
+
+
+def test_ignore_eos_and_session_hint(client, served):
+    client.completions.create(model=MODEL, prompt="x", max_tokens=5, extra_body={"ignore_eos": True},
+                              extra_headers={"x-session-id": "agent-42"})
+    req = served.fake.requests[-1]
+    assert req.stop_token_ids == [] and req.session == "agent-42"
+    client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}],
+                                   extra_body={"session_id": "from-body"})
+    assert served.fake.requests[-1].session == "from-body"
