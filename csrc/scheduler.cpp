@@ -37,8 +37,11 @@ const PageLease& Scheduler::lease_of(const Entry& e) {
   throw std::logic_error("lease_of: request holds no pages in this state");
 }
 
+// The step-time target. 5% headroom absorbs the cost model's fitting error
+// (it is a linear fit of a machine that is not exactly linear).
 double Scheduler::floor_step_time() const {
-  return cfg_.tps_floor > 0 ? 1.0 / cfg_.tps_floor
+  constexpr double kHeadroom = 0.95;
+  return cfg_.tps_floor > 0 ? kHeadroom / cfg_.tps_floor
                             : std::numeric_limits<double>::infinity();
 }
 

@@ -65,3 +65,60 @@ class Driver:
             if self.step(check) is None:
                 return
         raise AssertionError("scheduler did not drain")
+
+
+class OverlapDriver(Driver):
+    """The engine with one step in flight: plan(N+1) is called before commit(N).
+
+    Placeholders -(r+1) in input_ids are resolved against the previous plan's
+    sampled tokens, as the engine does on the device. Checks that no page of
+    an uncommitted step is handed to a *different* request's new tokens.
+    """
+
+    def __init__(self, s, sampler=None, step_time=0.01):
+        super().__init__(s, sampler, step_time)
+        self.inflight = []  # (plan, sampled tokens)
+        self.resolved = []  # per plan: input_ids with placeholders resolved
+
+    def _resolve(self, p):
+        ids = p.input_ids.copy()
+        prev = self.inflight[-1] if self.inflight else None
+        for i, t in enumerate(ids):
+            if t < 0:
+                assert prev is not None, "placeholder without a previous plan"
+                r = -int(t) - 1
+                pp, toks = prev
+                assert pp.sample[r] == 1
+                ids[i] = toks[r]
+        return ids
+
+    def _check_no_reuse(self, p):
+        # Slots written by this plan must not be pages another request still
+        # reads in an uncommitted plan (unless it is the same request).
+        for pp, _ in self.inflight:
+            for b in range(p.num_rows):
+                rid = int(p.rids[b])
+                new_pages = {int(x) // self.s.config.page_size for x in
+                             p.slot_mapping[p.query_start[b]:p.query_start[b + 1]]}
+                for c in range(pp.num_rows):
+                    if int(pp.rids[c]) == rid:
+                        continue
+                    n = -(-int(pp.seq_lens[c]) // self.s.config.page_size)
+                    old = set(int(x) for x in pp.page_table[c, :n])
+                    assert not (new_pages & old), f"page reused while in flight: {new_pages & old}"
+
+    def step(self, check=True):
+        p = self.s.plan()
+        if p is not None:
+            self._check_no_reuse(p)
+            ids = self._resolve(p)
+            self.resolved.append((p, ids))
+            self.plans.append(p)
+            toks = self.sample_plan(p)
+            self.inflight.append((p, toks))
+        if len(self.inflight) >= 2 or (p is None and self.inflight):
+            old, toks = self.inflight.pop(0)
+            self.handle(self.s.commit(old.step, toks, self.step_time))
+        if check:
+            self.s.check_invariants()
+        return p if p is not None else (True if self.inflight else None)

@@ -1,0 +1,113 @@
+"""TPS-floor policy with a synthetic step-time model fed to commit()."""
+import numpy as np
+from core_helpers import i32, make
+
+A, B, C, D = 0.004, 0.0003, 0.00002, 2e-8  # synthetic machine: t = A + B*dec + C*pref + D*kv
+
+
+def synthetic_time(p):
+    dec = p.num_decode
+    pref = p.num_tokens - dec
+    kv = int(p.seq_lens.sum())
+    return A + B * dec + C * pref + D * kv
+
+
+def scenario(tps_floor, steps=400):
+    """8 users decoding 2K-token contexts; a 50K-token prompt arrives."""
+    s = make(num_pages=8192, page_size=16, max_batch_tokens=8192, max_running=64,
+             tps_floor=tps_floor, max_seq_len=65536)
+    for r in range(8):
+        s.submit(r, i32(np.arange(2000) + r * 3), 5000, i32([]))
+    clock = 0.0
+    decode_times = {r: [] for r in range(8)}  # synthetic time of each step a user decodes in
+    first_token_step = None
+    coeffs_at_first_token = None
+    for step in range(steps):
+        if step == 20:
+            s.submit(100, i32(np.arange(50_000) % 30000), 10, i32([]))
+        p = s.plan()
+        assert p is not None
+        t = synthetic_time(p)
+        clock += t
+        for b in range(p.num_decode):
+            if int(p.rids[b]) in decode_times:
+                decode_times[int(p.rids[b])].append(t)
+        ev = s.commit(p.step, np.full(p.num_rows, 1, np.int32), t)
+        if first_token_step is None and any(rid == 100 for rid, _, _ in ev):
+            first_token_step = step
+            coeffs_at_first_token = s.cost_coeffs()
+    return decode_times, first_token_step, coeffs_at_first_token
+
+
+def test_long_prefill_never_breaks_the_floor_and_finishes():
+    floor = 25.0  # tokens/s -> step time <= 40 ms
+    times, first_tok, coeffs = scenario(floor)
+    assert first_tok is not None, "the 50K prefill must finish"
+    for r, ts in times.items():
+        ts = np.array(ts)
+        assert len(ts) > 300  # decoded (almost) every step
+        tps = 1.0 / ts  # the user's instantaneous decode speed
+        assert tps.min() >= floor, f"user {r}: min TPS {tps.min():.1f} < floor {floor}"
+    # By the end of the prefill the online fit has found the prefill cost.
+    a, b, c, d = coeffs
+    assert abs(c - C) / C < 0.2, coeffs
+
+
+def test_without_floor_the_same_prefill_starves_decodes():
+    # Control: the scenario is sensitive -- with the floor off, big chunks win.
+    times, first_tok, _ = scenario(0.0, steps=60)
+    worst = min(1.0 / np.array(ts).max() for ts in times.values())
+    assert worst < 10.0
+    assert first_tok is not None and first_tok < 40
+
+
+def test_new_requests_wait_rather_than_break_the_floor():
+    # Each decode costs 4 ms on top of 4 ms; 25 tok/s less the scheduler's 5%
+    # headroom is a 38 ms step: at most 8 decoders.
+    s = make(num_pages=4096, page_size=16, max_batch_tokens=4096, max_running=64,
+             tps_floor=25.0, max_seq_len=4096)
+    s.set_cost_prior(0.004, 0.004, 1e-5, 0.0)
+    for r in range(14):
+        s.submit(r, i32(np.arange(100) + r), 30, i32([]))
+    most = 0
+    done = set()
+    for _ in range(400):
+        p = s.plan()
+        if p is None:
+            break
+        most = max(most, s.stats()["requests_running"])
+        t = 0.004 + 0.004 * p.num_decode + 1e-5 * (p.num_tokens - p.num_decode)
+        for rid, _, why in s.commit(p.step, np.full(p.num_rows, 1, np.int32), t):
+            if why:
+                done.add(rid)
+    assert most == 8
+    assert done == set(range(14))  # the waiting ones ran later
+
+
+def test_prefill_progresses_when_decodes_alone_exceed_floor():
+    # Admitted on a cheap prior; then the machine proves slow: decodes alone
+    # take 20 ms against a 1 ms floor. The long prefill still gets a minimal
+    # chunk every step and finishes.
+    s = make(num_pages=4096, page_size=16, max_batch_tokens=512, max_running=64,
+             tps_floor=1000.0, max_seq_len=8192, min_prefill_chunk=32)
+    s.set_cost_prior(1e-5, 1e-6, 1e-8, 0.0)
+    for r in range(4):
+        s.submit(r, i32(np.arange(64) + r), 400, i32([]))
+    s.submit(99, i32(np.arange(3000)), 2, i32([]))
+    chunks = []
+    for _ in range(200):
+        p = s.plan()
+        for b in range(p.num_decode, p.num_rows):
+            if int(p.rids[b]) == 99:
+                chunks.append(int(p.seq_lens[b] - p.prefix_lens[b]))
+        assert p.num_decode == (4 if chunks and len(chunks) > 1 else p.num_decode)
+        s.commit(p.step, np.ones(p.num_rows, np.int32), 0.02)
+        if s.state(99) == "decoding":
+            break
+    assert s.state(99) == "decoding"
+    assert len(chunks) > 10 and min(chunks[1:-1]) == 32 and sum(chunks) == 3000
+
+
+def test_cost_model_prior_before_data():
+    s = make()
+    assert s.cost_coeffs() == (2e-3, 5e-5, 1e-4, 2e-8)
