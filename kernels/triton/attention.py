@@ -75,7 +75,12 @@ def _paged_attn_kernel(
     pid_q, pid_h, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     kvh, hb = pid_h // N_HBLK, pid_h % N_HBLK
     if DECODE:
-        b, t0, q_start, qlen, valid = pid_q, 0, pid_q, 1, True
+        b = pid_q
+        t0 = 0
+        q_start = pid_q
+        qlen = 1
+        seq_len = tl.load(SeqLens + b)
+        kv_end = seq_len
     else:
         b_raw = tl.load(BlockBatch + pid_q)
         valid = b_raw >= 0
@@ -83,7 +88,8 @@ def _paged_attn_kernel(
         t0 = tl.where(valid, tl.load(BlockTok + pid_q), 0)
         q_start = tl.load(QueryStart + b)
         qlen = tl.where(valid, tl.load(QueryStart + b + 1) - q_start, 0)
-    seq_len = tl.load(SeqLens + b)
+        seq_len = tl.load(SeqLens + b)
+        kv_end = tl.where(valid, seq_len - qlen + tl.minimum(t0 + BLOCK_T, qlen), 0)
     r = tl.arange(0, BLOCK_M)
     t_rel = t0 + r // G_BLK                                               # [M] token in row
     hg = hb * G_BLK + r % G_BLK                                           # [M] head in group
@@ -100,7 +106,6 @@ def _paged_attn_kernel(
                      mask=row_ok[:, None] & (d2[None, :] < D2), other=0.0)  # [M, D2]
     else:
         q2 = q1
-    kv_end = tl.where(valid, seq_len - qlen + tl.minimum(t0 + BLOCK_T, qlen), 0)
     lo = split * split_len
     hi = tl.minimum(lo + split_len, kv_end)
     first_pos = seq_len - qlen + t0                      # keys <= first_pos are seen by all rows

@@ -11,11 +11,15 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.reference.sample import GOLDEN, MUL_A, MUL_B
+from kernels.reference.sample import GOLDEN as _GOLDEN, MUL_A as _MUL_A, MUL_B as _MUL_B
 from kernels.registry import register
 from kernels.triton.common import interpreting, on_cuda
 
 PRIORITY = 10
+# the hash constants of the reference, as constexpr globals Triton may read
+MUL_A = tl.constexpr(_MUL_A)
+MUL_B = tl.constexpr(_MUL_B)
+GOLDEN = tl.constexpr(_GOLDEN)
 
 
 @triton.jit
@@ -48,7 +52,7 @@ def _sample_kernel(Logits, Temp, TopK, TopP, Seeds, Pos, Out, stride_l, V,
     p_iters = tl.where((~greedy) & (top_p < 1.0), 31, 0)
     offs = tl.arange(0, BLOCK_V)
     # running max of the scaled logits
-    m = float("-inf")
+    m = tl.full((), float("-inf"), dtype=tl.float32)
     for v0 in range(0, V, BLOCK_V):
         l = tl.load(base + v0 + offs, mask=v0 + offs < V, other=float("-inf")) / inv_t
         m = tl.maximum(m, tl.max(l, 0))
@@ -95,8 +99,8 @@ def _sample_kernel(Logits, Temp, TopK, TopP, Seeds, Pos, Out, stride_l, V,
     key = _mix32(key ^ (seed >> 32).to(tl.uint32))
     key = _mix32(key ^ pos.to(tl.uint32))
     key = _mix32(key ^ (pos >> 32).to(tl.uint32))
-    best = float("-inf")
-    best_i = V
+    best = tl.full((), float("-inf"), dtype=tl.float32)
+    best_i = tl.zeros((), dtype=tl.int32) + V
     for v0 in range(0, V, BLOCK_V):
         idx = v0 + offs
         ok = idx < V
