@@ -12,7 +12,7 @@ import openai
 import pytest
 import torch
 
-from .conftest import REPO, start_daemon
+from daemon_process import REPO, start_daemon
 
 
 def _openai(daemon) -> openai.OpenAI:
