@@ -1,0 +1,193 @@
+"""DeepSeek V2 / V3 (MLA + DeepSeekMoE): greedy tokens of ModelRunner == HF transformers'
+generate on tiny random checkpoints, alone, batched, with chunked prefill, and at TP=2.
+
+What HF transformers (5.x, native `deepseek_v2` / `deepseek_v3`, no trust_remote_code) does
+and we match: interleaved-pair rope on the rope dims (V2 returns the pairs interleaved, V3
+de-interleaved: the same q.k), YaRN with mscale folded into cos/sin and mscale_all_dim^2
+into the softmax scale, q_a/kv_a layernorms with eps 1e-6, a float32 router, V2 softmax
+routing (group max), V3 sigmoid + correction bias (group top-2 sum) + renormalisation.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from appliance.model import ModelRunner
+from appliance.model.layers.mla import (MLAttention, yarn_attention_factor, yarn_config,
+                                        yarn_inv_frequencies)
+from appliance.model.layers.moe import MoEConfig, is_moe_layer
+from appliance.model.models.deepseek import DeepseekV2ForCausalLM, DeepseekV3ForCausalLM
+from helpers import greedy_generate, hf_greedy, run_tp
+
+PROMPTS = [[5, 9, 33, 7, 100, 21, 3], [8, 8, 8], list(range(10, 40)), [151, 2, 77, 0, 64]]
+MAX_NEW = 8
+
+YARN_V2 = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+           "original_max_position_embeddings": 16, "beta_fast": 32, "beta_slow": 1,
+           "mscale": 0.707, "mscale_all_dim": 0.707}
+# mscale != mscale_all_dim: cos/sin carry an attention factor != 1 as well
+YARN_V3 = {"rope_type": "yarn", "rope_theta": 5000.0, "factor": 8.0,
+           "original_max_position_embeddings": 16, "beta_fast": 32, "beta_slow": 1,
+           "mscale": 1.0, "mscale_all_dim": 0.5}
+
+COMMON = dict(vocab_size=160, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+              num_hidden_layers=2, num_attention_heads=4, kv_lora_rank=32, qk_nope_head_dim=16,
+              qk_rope_head_dim=8, v_head_dim=12, n_routed_experts=8, n_shared_experts=2,
+              num_experts_per_tok=3, first_k_dense_replace=1, n_group=4, topk_group=2,
+              max_position_embeddings=256, rms_norm_eps=1e-5, tie_word_embeddings=False,
+              bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+CONFIGS = {
+    # V2-Lite shape: no q low-rank, softmax group-limited greedy, YaRN
+    "v2-noqlora": ("v2", dict(q_lora_rank=None, topk_method="group_limited_greedy",
+                              routed_scaling_factor=1.0, rope_parameters=YARN_V2)),
+    # V2 shape: q low-rank, attention biases (q_a, kv_a, o_proj), plain rope
+    "v2-qlora": ("v2", dict(q_lora_rank=24, topk_method="group_limited_greedy",
+                            routed_scaling_factor=1.5, attention_bias=True,
+                            rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
+    # V3 / Kimi K2.5 shape: sigmoid + e_score_correction_bias, group top-k, renormalised
+    "v3": ("v3", dict(q_lora_rank=24, routed_scaling_factor=2.5, norm_topk_prob=True,
+                      rope_parameters=YARN_V3, num_mtp_layers=0)),
+}
+
+
+def save_tiny_deepseek(folder: Path, version: str, seed: int, **over) -> Path:
+    """A seeded random HF DeepSeek model, `save_pretrained` to folder (per-expert tensors).
+
+    Weights are wider than HF's init (std 0.02 gives near-flat logits and near-tied router
+    scores) and every norm weight / bias / correction bias is perturbed, so that a swapped or
+    unloaded tensor changes the tokens."""
+    import transformers
+
+    torch.manual_seed(seed)
+    if version == "v2":
+        model = transformers.DeepseekV2ForCausalLM(transformers.DeepseekV2Config(**{**COMMON, **over}))
+    else:
+        model = transformers.DeepseekV3ForCausalLM(transformers.DeepseekV3Config(**{**COMMON, **over}))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.25)
+            elif name.endswith("bias"):
+                p.normal_(0.0, 0.1)
+            else:  # norm weights
+                p.uniform_(0.5, 1.5)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.normal_(0.0, 0.2)
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module", params=sorted(CONFIGS))
+def checkpoint(request, tmp_path_factory):
+    version, over = CONFIGS[request.param]
+    folder = save_tiny_deepseek(tmp_path_factory.mktemp(request.param), version, seed=11, **over)
+    return folder, hf_greedy(folder, PROMPTS, MAX_NEW)
+
+
+def test_one_at_a_time(checkpoint):
+    folder, ref = checkpoint
+    runner = ModelRunner(str(folder), kv_num_pages=64, page_size=4)
+    for prompt, want in zip(PROMPTS, ref):
+        assert greedy_generate(runner, [prompt], MAX_NEW) == [want]
+
+
+def test_batch_of_different_lengths(checkpoint):
+    """All four prompts (3 to 30 tokens) prefilled in one batch, then decoded together."""
+    folder, ref = checkpoint
+    runner = ModelRunner(str(folder), kv_num_pages=64, page_size=16)
+    assert greedy_generate(runner, PROMPTS, MAX_NEW) == ref
+
+
+def test_mixed_batch_chunked_prefill(checkpoint):
+    """Prompts admitted one per step, prefilled in chunks of 5 over their cached prefix while
+    earlier ones decode: every batch mixes mla_decode rows and mla_extend rows."""
+    folder, ref = checkpoint
+    runner = ModelRunner(str(folder), kv_num_pages=64, page_size=4)
+    assert greedy_generate(runner, PROMPTS, MAX_NEW, chunk=5, admit_per_step=1) == ref
+
+
+def test_tp2_matches_tp1(checkpoint, tmp_path):
+    """Heads, dense MLP and expert intermediate dims split over 2 gloo ranks."""
+    folder, ref = checkpoint
+    results = run_tp(2, str(folder), PROMPTS, MAX_NEW, tmp_path, kv_num_pages=64, page_size=4)
+    assert [r["tokens"] for r in results] == [ref, ref]
+
+
+# --------------------------------------------------------------------------- structure
+def test_latent_cache_and_layer_kinds(tmp_path):
+    version, over = CONFIGS["v3"]
+    folder = save_tiny_deepseek(tmp_path, version, seed=1, **{**over, "num_hidden_layers": 3})
+    runner = ModelRunner(str(folder), kv_num_pages=8, page_size=4)
+    model = runner.model
+    assert isinstance(model, DeepseekV3ForCausalLM)
+    # one cache tensor per layer: [num_slots, kv_lora_rank + qk_rope_head_dim]
+    assert [tuple(t.shape) for caches in runner.kv_caches for t in caches] == [(32, 40)] * 3
+    kinds = [type(layer.mlp).__name__ for layer in model.model.layers]
+    assert kinds == ["SwiGLUMLP", "DeepseekMoE", "DeepseekMoE"]
+    gate = model.model.layers[1].mlp.gate
+    assert gate.weight.dtype == torch.float32 and gate.e_score_correction_bias is not None
+
+
+def test_bf16_model_keeps_float32_router(tmp_path):
+    version, over = CONFIGS["v2-noqlora"]
+    folder = save_tiny_deepseek(tmp_path, version, seed=2, **over)
+    runner = ModelRunner(str(folder), dtype=torch.bfloat16, kv_num_pages=8, page_size=4)
+    assert isinstance(runner.model, DeepseekV2ForCausalLM)
+    moe = runner.model.model.layers[1].mlp
+    assert moe.gate.weight.dtype == torch.float32 and moe.experts.w13.dtype == torch.bfloat16
+    tokens = greedy_generate(runner, PROMPTS[:2], 3)
+    assert all(len(t) == 3 for t in tokens)
+
+
+def test_moe_layer_placement_rules():
+    hf = {"n_routed_experts": 8, "first_k_dense_replace": 2, "moe_layer_freq": 2}
+    assert [is_moe_layer(hf, i) for i in range(6)] == [False, False, True, False, True, False]
+    assert not is_moe_layer({"n_routed_experts": 0}, 3)
+    v2 = MoEConfig.from_hf({**COMMON, "topk_method": "greedy", "norm_topk_prob": True}, 2)
+    assert (v2.scoring, v2.n_group, v2.renormalize, v2.correction_bias) == ("softmax", 1, True, False)
+    v3 = MoEConfig.from_hf({**COMMON, "topk_method": "noaux_tc"}, 3)
+    assert (v3.scoring, v3.n_group, v3.topk_group, v3.correction_bias) == ("sigmoid", 4, 2, True)
+    with pytest.raises(ValueError, match="scoring_func"):
+        MoEConfig.from_hf({**COMMON, "scoring_func": "relu"}, 3)
+
+
+@pytest.mark.parametrize("params,max_pos", [
+    (YARN_V2, 256), (YARN_V3, 256),
+    ({**YARN_V3, "truncate": False, "beta_fast": 16}, 256),
+    # DeepSeek-V2-Lite's rope_scaling, as its config.json spells it (v4 "type" key)
+    ({"type": "yarn", "factor": 40.0, "original_max_position_embeddings": 4096, "beta_fast": 32,
+      "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707, "rope_theta": 10000.0}, 163840),
+])
+def test_yarn_matches_transformers(params, max_pos):
+    """Our YaRN inverse frequencies and cos/sin factor == transformers' rope init."""
+    from transformers import DeepseekV3Config
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    hf_params = {**params, "rope_type": "yarn"}
+    hf_params.pop("type", None)
+    cfg = DeepseekV3Config(**{**COMMON, "q_lora_rank": 24, "max_position_embeddings": max_pos,
+                              "rope_parameters": hf_params})
+    want_inv, want_factor = ROPE_INIT_FUNCTIONS["yarn"](cfg, "cpu")
+    y = yarn_config({"max_position_embeddings": max_pos, "rope_scaling": params})
+    torch.testing.assert_close(yarn_inv_frequencies(y, COMMON["qk_rope_head_dim"]), want_inv)
+    assert yarn_attention_factor(y) == pytest.approx(want_factor)
+
+
+def test_mla_softmax_scale_matches_transformers():
+    from transformers import DeepseekV2Config
+    from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2Attention
+
+    from appliance.model.context import BuildContext
+    from appliance.model.layers.mla import MLAConfig, mla_rotary
+
+    hf = {**COMMON, "q_lora_rank": None, "rope_parameters": YARN_V2}
+    want = DeepseekV2Attention(DeepseekV2Config(**hf), 0).scaling
+    cfg = MLAConfig.from_hf(hf)
+    with torch.device("meta"):
+        attn = MLAttention(cfg, mla_rotary(cfg, BuildContext.single()), BuildContext.single())
+    assert attn.scale == pytest.approx(want) and attn.scale != cfg.qk_head_dim ** -0.5
+    assert attn.kv_cache_shapes() == ((COMMON["kv_lora_rank"] + COMMON["qk_rope_head_dim"],),)
