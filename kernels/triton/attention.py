@@ -143,18 +143,21 @@ def _merge_splits_kernel(PartO, PartL, Out, stride_pot, stride_poh, stride_pos, 
                          stride_plh, stride_ot, stride_oh, DV: tl.constexpr,
                          BLOCK_DV: tl.constexpr, NUM_SPLITS: tl.constexpr,
                          BLOCK_S: tl.constexpr):
+    """Out[t, h] = sum_s exp2(lse_s - m) * PartO[t, h, s] / sum_s exp2(lse_s - m)."""
     t, h = tl.program_id(0).to(tl.int64), tl.program_id(1)
     s = tl.arange(0, BLOCK_S)
     dv = tl.arange(0, BLOCK_DV)
-    lse = tl.load(PartL + t * stride_plt + h * stride_plh + s, mask=s < NUM_SPLITS,
-                  other=float("-inf"))                                    # [S]
+    lse_row = PartL + t * stride_plt + h * stride_plh
+    lse = tl.load(lse_row + s, mask=s < NUM_SPLITS, other=float("-inf"))   # [S]
     m = tl.max(lse, 0)
     m = tl.where(m == float("-inf"), 0.0, m)
-    w = tl.exp2(lse - m)                                                  # [S]
-    part = tl.load(PartO + t * stride_pot + h * stride_poh + s[:, None] * stride_pos + dv[None, :],
-                   mask=(s[:, None] < NUM_SPLITS) & (dv[None, :] < DV), other=0.0)  # [S, DV]
-    den = tl.sum(w, 0)
-    out = tl.sum(part * w[:, None], 0) / tl.where(den > 0, den, 1.0)     # [DV]
+    den = tl.sum(tl.exp2(lse - m), 0)
+    acc = tl.zeros([BLOCK_DV], dtype=tl.float32)
+    part = PartO + t * stride_pot + h * stride_poh + dv
+    for i in range(NUM_SPLITS):
+        w = tl.exp2(tl.load(lse_row + i) - m)
+        acc += w * tl.load(part + i * stride_pos, mask=dv < DV, other=0.0)  # [DV]
+    out = acc / tl.where(den > 0, den, 1.0)
     tl.store(Out + t * stride_ot + h * stride_oh + dv, out.to(Out.dtype.element_ty), mask=dv < DV)
 
 
@@ -192,7 +195,7 @@ def _num_splits(programs: int, max_len: int, block_n: int, device: torch.device)
     """Enough splits to give every SM ~2 programs, each split at least 4 KV tiles long."""
     want = max(1, (2 * num_sms(device) + programs - 1) // programs)
     most = max(1, max_len // (4 * block_n))
-    return int(min(want, most, 64))
+    return int(min(want, most, 128))
 
 
 def paged_attention(q1: torch.Tensor, q2: torch.Tensor | None, k1: torch.Tensor,

@@ -1,0 +1,425 @@
+"""Benchmark the Triton kernels at real model shapes against same-run ceilings.
+
+For every case: check the Triton op against the torch reference first (relative error), then
+time it (triton.testing.do_bench, median, L2 flushed between runs) and print achieved GB/s or
+TFLOP/s beside the ceilings measured in this run (a large device-to-device copy; a bf16
+8192^3 GEMM), plus the torch reference / torch SDPA / per-expert torch loop where they apply.
+
+    PYTHONPATH=. python3 scripts/bench_kernels.py [--out DIR] [--only decode,moe,...] [--quick]
+
+Shapes: Llama-3.1-8B (32 q heads, 8 kv heads, head_dim 128, hidden 4096, intermediate 14336,
+vocab 128256) and DeepSeek-V2-Lite (16 heads, kv_lora_rank 512, rope 64, 64 experts top-6,
+hidden 2048, moe_intermediate 1408). Needs a CUDA GPU.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.testing
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import kernels  # noqa: E402
+from kernels import reference as R  # noqa: E402
+from kernels.triton import attention_ops as TA  # noqa: E402
+from kernels.triton import elementwise as TE  # noqa: E402
+from kernels.triton import moe as TM  # noqa: E402
+from kernels.triton import rope_kv as TR  # noqa: E402
+from kernels.triton import sample as TS  # noqa: E402
+
+DEV = "cuda"
+BF16 = torch.bfloat16
+TOL = 2e-2  # bf16 operands
+
+
+@dataclass
+class Row:
+    kernel: str
+    shape: str
+    ms: float
+    unit: str                      # "GB/s" or "TFLOP/s"
+    value: float
+    pct: float                     # of the same-run ceiling for that unit
+    err: float | None = None       # relative error vs the torch reference (None: not checked)
+    baselines: dict = field(default_factory=dict)   # name -> ms
+    note: str = ""
+
+
+CEIL: dict[str, float] = {}
+ROWS: list[Row] = []
+
+
+def bench_ms(fn: Callable[[], object], rep: int = 60) -> float:
+    return float(triton.testing.do_bench(fn, warmup=15, rep=rep, return_mode="median"))
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double(), ref.double()
+    if torch.isnan(out).any():
+        return float("nan")
+    return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def emit(kernel: str, shape: str, ms: float, *, nbytes: float = 0.0, flops: float = 0.0,
+         err: float | None = None, **baselines: float | None) -> None:
+    if flops:
+        unit, value = "TFLOP/s", flops / ms / 1e9
+    else:
+        unit, value = "GB/s", nbytes / ms / 1e6
+    pct = 100.0 * value / CEIL["TFLOP/s" if flops else "GB/s"]
+    row = Row(kernel, shape, ms, unit, value, pct, err,
+              {k: v for k, v in baselines.items() if v is not None})
+    ROWS.append(row)
+    base = " ".join(f"{k}={v * 1e3:.1f}us" for k, v in row.baselines.items())
+    e = "unchecked" if err is None else f"err={err:.1e}" + ("" if err < TOL else " FAIL")
+    print(f"{kernel:20s} {shape:28s} {ms * 1e3:10.1f}us {value:8.1f} {unit:7s} "
+          f"{pct:5.1f}%  {e:14s} {base}", flush=True)
+
+
+def measure_ceilings() -> None:
+    src = torch.randn(1 << 30, dtype=BF16, device=DEV)                  # 2 GiB
+    dst = torch.empty_like(src)
+    ms = bench_ms(lambda: dst.copy_(src))
+    CEIL["GB/s"] = 2 * src.numel() * 2 / ms / 1e6
+    del src, dst
+    a = torch.randn(8192, 8192, dtype=BF16, device=DEV)
+    b = torch.randn(8192, 8192, dtype=BF16, device=DEV)
+    ms = bench_ms(lambda: a @ b)
+    CEIL["TFLOP/s"] = 2 * 8192 ** 3 / ms / 1e9
+    del a, b
+    torch.cuda.empty_cache()
+    print(f"ceilings: copy {CEIL['GB/s']:.0f} GB/s (read+write), bf16 GEMM 8192^3 "
+          f"{CEIL['TFLOP/s']:.0f} TFLOP/s", flush=True)
+
+
+# ----------------------------------------------------------------------------- paged caches
+
+def paged_table(batch: int, ctx: int, page_size: int) -> tuple[torch.Tensor, int]:
+    """Each row gets its own pages in a random order: [B, P] int32, num_pages."""
+    per = triton.cdiv(ctx, page_size)
+    num_pages = batch * per + 1
+    perm = torch.randperm(num_pages, device=DEV)[: batch * per].to(torch.int32)
+    return perm.view(batch, per).contiguous(), num_pages
+
+
+def gather_contig(cache: torch.Tensor, table: torch.Tensor, ctx: int, page_size: int
+                  ) -> torch.Tensor:
+    """cache [S, H, D] -> contiguous [B, H, ctx, D] (the SDPA baseline's layout)."""
+    n = torch.arange(ctx, device=DEV)
+    slots = table.long()[:, n // page_size] * page_size + n % page_size        # [B, ctx]
+    return cache[slots].transpose(1, 2).contiguous()
+
+
+def sdpa_ms(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> float | None:
+    """Flash SDPA on contiguous [B, H, L, D] tensors, GQA through enable_gqa."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+            fn = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal,  # noqa: E731
+                                                        enable_gqa=True)
+            fn()
+            return bench_ms(fn)
+    except Exception as e:  # noqa: BLE001 - a baseline that does not run is just absent
+        print(f"  (sdpa unavailable: {type(e).__name__}: {str(e)[:80]})")
+        return None
+
+
+# ----------------------------------------------------------------------------- attention
+
+def case_decode(batch: int, ctx: int, page_size: int = 16, hq: int = 32, hk: int = 8,
+                d: int = 128) -> None:
+    table, num_pages = paged_table(batch, ctx, page_size)
+    kc = torch.randn(num_pages * page_size, hk, d, dtype=BF16, device=DEV)
+    vc = torch.randn_like(kc)
+    q = torch.randn(batch, hq, d, dtype=BF16, device=DEV)
+    sl = torch.full((batch,), ctx, dtype=torch.int32, device=DEV)
+    scale = d ** -0.5
+    fn = lambda: TA.decode_attention(q, kc, vc, table, sl, page_size, scale)  # noqa: E731
+    ref_fn = lambda: R.decode_attention(q, kc, vc, table, sl, page_size, scale)  # noqa: E731
+    err = rel_err(fn(), ref_fn()) if batch * ctx <= (1 << 20) else None
+    ms = bench_ms(fn)
+    ref = bench_ms(ref_fn, rep=20) if batch * ctx <= (1 << 17) else None
+    kcont = gather_contig(kc, table, ctx, page_size)
+    vcont = gather_contig(vc, table, ctx, page_size)
+    sd = sdpa_ms(q[:, :, None, :], kcont, vcont, causal=False)
+    del kcont, vcont
+    nbytes = 2 * batch * ctx * hk * d * 2 + 2 * q.numel() * 2
+    emit("decode_attention", f"B={batch} ctx={ctx} ps={page_size}", ms, nbytes=nbytes, err=err,
+         torch_ref=ref, sdpa=sd)
+
+
+def causal_flops(qlen: int, seq: int, heads: int, dqk: int, dv: int) -> float:
+    """Exact FLOPs of causal attention for qlen queries that end a seq-long sequence."""
+    visible = qlen * (seq - qlen) + qlen * (qlen + 1) / 2
+    return 2.0 * heads * visible * (dqk + dv)
+
+
+def case_extend(seq: int, qlen: int, page_size: int = 16, hq: int = 32, hk: int = 8,
+                d: int = 128, check: bool = True) -> None:
+    table, num_pages = paged_table(1, seq, page_size)
+    kc = torch.randn(num_pages * page_size, hk, d, dtype=BF16, device=DEV)
+    vc = torch.randn_like(kc)
+    q = torch.randn(qlen, hq, d, dtype=BF16, device=DEV)
+    qs = torch.tensor([0, qlen], dtype=torch.int32, device=DEV)
+    sl = torch.tensor([seq], dtype=torch.int32, device=DEV)
+    scale = d ** -0.5
+    fn = lambda: TA.extend_attention(q, kc, vc, table, qs, sl, page_size, scale)  # noqa: E731
+    err = None
+    if check:
+        err = rel_err(fn(), R.extend_attention(q, kc, vc, table, qs, sl, page_size, scale))
+    torch.cuda.empty_cache()
+    ms = bench_ms(fn)
+    sd = None
+    if qlen == seq:
+        kcont = gather_contig(kc, table, seq, page_size)
+        vcont = gather_contig(vc, table, seq, page_size)
+        sd = sdpa_ms(q.transpose(0, 1)[None], kcont, vcont, causal=True)
+        del kcont, vcont
+    emit("extend_attention", f"q={qlen} kv={seq} ps={page_size}", ms,
+         flops=causal_flops(qlen, seq, hq, d, d), err=err, sdpa=sd)
+
+
+def mla_inputs(batch: int, ctx: int, page_size: int, heads: int, lat: int = 512,
+               rope: int = 64, tokens: int | None = None):
+    table, num_pages = paged_table(batch, ctx, page_size)
+    cache = torch.randn(num_pages * page_size, lat + rope, dtype=BF16, device=DEV)
+    t = tokens if tokens is not None else batch
+    ql = torch.randn(t, heads, lat, dtype=BF16, device=DEV)
+    qr = torch.randn(t, heads, rope, dtype=BF16, device=DEV)
+    sl = torch.full((batch,), ctx, dtype=torch.int32, device=DEV)
+    return table, cache, ql, qr, sl
+
+
+def case_mla_decode(batch: int, ctx: int, page_size: int = 16, heads: int = 16) -> None:
+    table, cache, ql, qr, sl = mla_inputs(batch, ctx, page_size, heads)
+    scale = (128 + 64) ** -0.5
+    fn = lambda: TA.mla_decode(ql, qr, cache, table, sl, page_size, scale)  # noqa: E731
+    ref_fn = lambda: R.mla_decode(ql, qr, cache, table, sl, page_size, scale)  # noqa: E731
+    err = rel_err(fn(), ref_fn()) if batch * ctx <= (1 << 20) else None
+    ms = bench_ms(fn)
+    ref = bench_ms(ref_fn, rep=20) if batch * ctx <= (1 << 17) else None
+    nbytes = batch * ctx * 576 * 2 + (ql.numel() + qr.numel() + ql.numel()) * 2
+    emit("mla_decode", f"B={batch} ctx={ctx} H={heads} ps={page_size}", ms, nbytes=nbytes,
+         err=err, torch_ref=ref)
+
+
+def case_mla_extend(seq: int, heads: int = 16, page_size: int = 16, check: bool = True) -> None:
+    table, cache, ql, qr, sl = mla_inputs(1, seq, page_size, heads, tokens=seq)
+    qs = torch.tensor([0, seq], dtype=torch.int32, device=DEV)
+    scale = (128 + 64) ** -0.5
+    fn = lambda: TA.mla_extend(ql, qr, cache, table, qs, sl, page_size, scale)  # noqa: E731
+    err = None
+    if check:
+        err = rel_err(fn(), R.mla_extend(ql, qr, cache, table, qs, sl, page_size, scale))
+    torch.cuda.empty_cache()
+    ms = bench_ms(fn)
+    emit("mla_extend", f"q=kv={seq} H={heads}", ms, flops=causal_flops(seq, seq, heads, 576, 512),
+         err=err)
+
+
+# ----------------------------------------------------------------------------- MoE
+
+def torch_loop_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
+                   ids: torch.Tensor) -> torch.Tensor:
+    """The usual eager baseline: one bf16 GEMM pair per expert that received tokens."""
+    out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
+    inter = w2.shape[2]
+    for e in ids.unique().tolist():
+        tok, slot = (ids == e).nonzero(as_tuple=True)                       # [n]
+        h = x[tok] @ w13[e].t()                                              # [n, 2I]
+        y = (F.silu(h[:, :inter]) * h[:, inter:]) @ w2[e].t()               # [n, H]
+        out.index_add_(0, tok, y.float() * weights[tok, slot][:, None])
+    return out.to(x.dtype)
+
+
+def case_moe(tokens: int, experts: int = 64, top_k: int = 6, hidden: int = 2048,
+             inter: int = 1408, w: tuple | None = None) -> None:
+    w13, w2 = w
+    x = torch.randn(tokens, hidden, dtype=BF16, device=DEV)
+    logits = torch.randn(tokens, experts, device=DEV)
+    weights, ids = R.moe_route(logits, top_k, "softmax", False, None, 1, 1, 1.0)
+    fn = lambda: TM.fused_moe(x, w13, w2, weights, ids)  # noqa: E731
+    err = rel_err(fn(), R.fused_moe(x, w13, w2, weights, ids)) if tokens <= 1024 else None
+    ms = bench_ms(fn)
+    loop = bench_ms(lambda: torch_loop_moe(x, w13, w2, weights, ids), rep=40)
+    flops = 6.0 * tokens * top_k * inter * hidden
+    used = int(ids.unique().numel())
+    nbytes = used * 3 * inter * hidden * 2 + tokens * hidden * 4
+    emit("fused_moe", f"T={tokens} E={experts} k={top_k}", ms, flops=flops, err=err,
+         torch_loop=loop)
+    gbs = nbytes / ms / 1e6
+    ROWS[-1].note = f"weights {gbs:.0f} GB/s = {100 * gbs / CEIL['GB/s']:.0f}% copy ({used} experts)"
+    print(f"  {'':19s} {ROWS[-1].note}")
+
+
+# ----------------------------------------------------------------------------- small ops
+
+def case_norm(tokens: int, hidden: int = 4096) -> None:
+    x = torch.randn(tokens, hidden, dtype=BF16, device=DEV)
+    r = torch.randn_like(x)
+    w = torch.randn(hidden, dtype=BF16, device=DEV)
+    fn = lambda: TE.fused_add_rms_norm(x, r, w, 1e-6)  # noqa: E731
+    ref_fn = lambda: R.fused_add_rms_norm(x, r, w, 1e-6)  # noqa: E731
+    err = rel_err(fn()[0], ref_fn()[0])
+    ms = bench_ms(fn)
+    emit("fused_add_rms_norm", f"T={tokens} H={hidden}", ms, nbytes=4 * x.numel() * 2, err=err,
+         torch_ref=bench_ms(ref_fn))
+
+
+def case_silu(tokens: int, inter: int = 14336) -> None:
+    x = torch.randn(tokens, 2 * inter, dtype=BF16, device=DEV)
+    fn = lambda: TE.silu_and_mul(x)  # noqa: E731
+    err = rel_err(fn(), R.silu_and_mul(x))
+    ms = bench_ms(fn)
+    emit("silu_and_mul", f"T={tokens} I={inter}", ms, nbytes=1.5 * x.numel() * 2, err=err,
+         torch_ref=bench_ms(lambda: R.silu_and_mul(x)))
+
+
+def case_rope_kv(tokens: int, hq: int = 32, hk: int = 8, d: int = 128) -> None:
+    q = torch.randn(tokens, hq, d, dtype=BF16, device=DEV)
+    k = torch.randn(tokens, hk, d, dtype=BF16, device=DEV)
+    v = torch.randn_like(k)
+    inv = 1.0 / 500000.0 ** (torch.arange(0, d, 2, device=DEV).float() / d)
+    ang = torch.arange(131072, device=DEV).float()[:, None] * inv[None]
+    cs = torch.cat([ang.cos(), ang.sin()], 1)
+    pos = torch.randint(0, 131072, (tokens,), device=DEV)
+    kc = torch.zeros(tokens * 2, hk, d, dtype=BF16, device=DEV)
+    vc, kc2, vc2 = torch.zeros_like(kc), torch.zeros_like(kc), torch.zeros_like(kc)
+    slots = torch.randperm(tokens * 2, device=DEV)[:tokens]
+    fn = lambda: TR.rope_store_kv(q, k, v, pos, cs, d, True, kc, vc, slots)  # noqa: E731
+    ref_fn = lambda: R.rope_store_kv(q, k, v, pos, cs, d, True, kc2, vc2, slots)  # noqa: E731
+    got, ref = fn(), ref_fn()
+    err = max(rel_err(got[0], ref[0]), rel_err(kc, kc2), rel_err(vc, vc2))
+    ms = bench_ms(fn)
+    nbytes = 2 * q.numel() * 2 + 3 * k.numel() * 2 + 2 * v.numel() * 2
+    emit("rope_store_kv", f"T={tokens} Hq={hq} Hk={hk} D={d}", ms, nbytes=nbytes, err=err,
+         torch_ref=bench_ms(ref_fn))
+
+
+def case_sample(batch: int, mode: str, vocab: int = 128256) -> None:
+    logits = torch.randn(batch, vocab, device=DEV) * 4
+    greedy = mode == "greedy"
+    temp = torch.full((batch,), 0.0 if greedy else 0.8, device=DEV)
+    top_k = torch.full((batch,), 0 if greedy else 50, dtype=torch.int32, device=DEV)
+    top_p = torch.full((batch,), 1.0 if greedy else 0.9, device=DEV)
+    seeds = torch.randint(0, 2 ** 62, (batch,), device=DEV)
+    pos = torch.randint(0, 2 ** 20, (batch,), device=DEV)
+    fn = lambda: TS.sample(logits, temp, top_k, top_p, seeds, pos)  # noqa: E731
+    ref_fn = lambda: R.sample(logits, temp, top_k, top_p, seeds, pos)  # noqa: E731
+    mismatch = float((fn() != ref_fn()).float().mean())
+    ms = bench_ms(fn)
+    emit("sample", f"B={batch} V={vocab} {mode}", ms, nbytes=logits.numel() * 4, err=mismatch,
+         torch_ref=bench_ms(ref_fn, rep=20) if batch <= 64 else None)
+
+
+# ----------------------------------------------------------------------------- driver
+
+def run_group(name: str, cases: list[Callable[[], None]]) -> None:
+    print(f"\n== {name}", flush=True)
+    for c in cases:
+        try:
+            c()
+        except torch.cuda.OutOfMemoryError as e:
+            print(f"  OOM: {str(e)[:100]}")
+        except Exception as e:  # noqa: BLE001 - report the case, keep benchmarking the rest
+            print(f"  ERROR {type(e).__name__}: {str(e)[:300]}")
+        torch.cuda.empty_cache()
+
+
+def groups(quick: bool) -> dict[str, list[Callable[[], None]]]:
+    dec = [(1, 1024), (1, 8192), (1, 32768), (1, 131072), (16, 8192), (16, 32768),
+           (64, 8192), (256, 1024), (256, 4096)]
+    mla = [(1, 8192), (1, 32768), (1, 131072), (16, 8192), (64, 8192), (64, 32768),
+           (256, 4096)]
+    moe_t = [1, 16, 64, 256, 1024, 4096, 16384]
+    if quick:
+        dec, mla, moe_t = dec[:3], mla[:2], moe_t[:4]
+    moe_w: list = []
+
+    def moe_case(t: int) -> Callable[[], None]:
+        def run() -> None:
+            if not moe_w:
+                moe_w.append(torch.randn(64, 2 * 1408, 2048, dtype=BF16, device=DEV) * 0.02)
+                moe_w.append(torch.randn(64, 2048, 1408, dtype=BF16, device=DEV) * 0.02)
+            case_moe(t, w=tuple(moe_w))
+        return run
+
+    return {
+        "decode_attention (Llama-3.1-8B: 32q/8kv heads, d128, bf16)":
+            [lambda b=b, c=c: case_decode(b, c) for b, c in dec]
+            + [lambda: case_decode(1, 32768, page_size=1), lambda: case_decode(1, 32768, 64)],
+        "extend_attention (prefill, Llama-3.1-8B)":
+            [lambda: case_extend(1024, 1024), lambda: case_extend(4096, 4096),
+             lambda: case_extend(8192, 8192), lambda: case_extend(16384, 16384, check=False),
+             lambda: case_extend(16384, 1024)]
+            + ([] if quick else [lambda: case_extend(32768, 4096, check=False)]),
+        "mla_decode (DeepSeek-V2-Lite: 16 heads, 512+64)":
+            [lambda b=b, c=c: case_mla_decode(b, c) for b, c in mla]
+            + [lambda: case_mla_decode(1, 32768, page_size=64)],
+        "mla_extend (DeepSeek-V2-Lite)":
+            [lambda: case_mla_extend(1024), lambda: case_mla_extend(4096),
+             lambda: case_mla_extend(8192, check=not quick)],
+        "fused_moe (DeepSeek-V2-Lite: 64 experts top-6, 2048 -> 1408)":
+            [moe_case(t) for t in moe_t],
+        "small ops":
+            [lambda: case_norm(1), lambda: case_norm(4096), lambda: case_silu(4096),
+             lambda: case_rope_kv(1), lambda: case_rope_kv(4096),
+             lambda: case_sample(1, "greedy"), lambda: case_sample(1, "topk50_topp0.9"),
+             lambda: case_sample(64, "topk50_topp0.9"), lambda: case_sample(256, "greedy"),
+             lambda: case_sample(256, "topk50_topp0.9")],
+    }
+
+
+def summary() -> str:
+    lines = [f"card: {torch.cuda.get_device_name()}  torch {torch.__version__}  "
+             f"triton {triton.__version__}  {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+             f"ceilings (same run): copy {CEIL['GB/s']:.0f} GB/s, bf16 GEMM {CEIL['TFLOP/s']:.0f} "
+             f"TFLOP/s",
+             "| kernel | shape | triton us | achieved | % ceiling | err | baselines us |",
+             "|---|---|---|---|---|---|---|"]
+    for r in ROWS:
+        base = ", ".join(f"{k} {v * 1e3:.1f}" for k, v in r.baselines.items())
+        if r.note:
+            base += f"; {r.note}"
+        err = "-" if r.err is None else f"{r.err:.1e}"
+        lines.append(f"| {r.kernel} | {r.shape} | {r.ms * 1e3:.1f} | {r.value:.0f} {r.unit} | "
+                     f"{r.pct:.0f}% | {err} | {base} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=os.environ.get("OUT", ""))
+    ap.add_argument("--only", default="", help="comma-separated group name prefixes")
+    ap.add_argument("--quick", action="store_true", help="fewer shapes")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench_kernels: needs a CUDA GPU")
+    torch.manual_seed(0)
+    print(kernels.explain("decode_attention", device="cuda", dtype=BF16, head_dim=128))
+    measure_ceilings()
+    only = [s for s in args.only.split(",") if s]
+    for name, cases in groups(args.quick).items():
+        if not only or any(name.startswith(o) for o in only):
+            run_group(name, cases)
+    text = summary()
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "bench_kernels.md"), "w") as f:
+            f.write(text + "\n")
+        with open(os.path.join(args.out, "bench_kernels.json"), "w") as f:
+            json.dump({"ceilings": CEIL, "rows": [asdict(r) for r in ROWS]}, f, indent=1)
+    print("\n" + text)
+
+
+if __name__ == "__main__":
+    main()
