@@ -116,9 +116,12 @@ class OverlapDriver(Driver):
             self.plans.append(p)
             toks = self.sample_plan(p)
             self.inflight.append((p, toks))
+        committed = False
         if len(self.inflight) >= 2 or (p is None and self.inflight):
             old, toks = self.inflight.pop(0)
             self.handle(self.s.commit(old.step, toks, self.step_time))
+            committed = True
         if check:
             self.s.check_invariants()
-        return p if p is not None else (True if self.inflight else None)
+        # None only when nothing could be planned and nothing was in flight.
+        return p if p is not None else (True if committed else None)
