@@ -119,8 +119,7 @@ def engine_request(state: AppState, rid: int, job: GenerationJob) -> GenerateReq
     return GenerateRequest(
         rid=rid, prompt_ids=list(job.prompt_ids), max_new_tokens=sampling.max_tokens,
         temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
-        seed=sampling.seed, stop_token_ids=[] if sampling.ignore_eos else list(state.eos_token_ids),
-        session=job.session, user=job.user)
+        seed=sampling.seed, ignore_eos=sampling.ignore_eos, session=job.session, user=job.user)
 
 
 async def generate(state: AppState, job: GenerationJob) -> AsyncIterator[Event]:

@@ -29,10 +29,17 @@ MODEL = "tiny-llama"
 def tokenizer():
     from transformers import AutoTokenizer
 
-    from appliance.model.tiny import ensure_tiny_checkpoint
+    return AutoTokenizer.from_pretrained(tiny_checkpoint())
 
-    folder = ensure_tiny_checkpoint(REPO / ".cache" / "test" / "models" / "tiny-llama")
-    return AutoTokenizer.from_pretrained(folder)
+
+def tiny_checkpoint() -> Path:
+    """The tiny model's folder (shared with the e2e tests); built once (it needs torch)."""
+    folder = REPO / ".cache" / "test" / "models" / "tiny-llama"
+    if not (folder / "tokenizer_config.json").is_file():  # the folder appears complete or not at all
+        from appliance.model.tiny import ensure_tiny_checkpoint
+
+        ensure_tiny_checkpoint(folder)
+    return folder
 
 
 @dataclass

@@ -78,14 +78,13 @@ class FakeEngineClient:
 
     def _tokens(self, req: GenerateRequest) -> list[int]:
         tokens = self.script()
-        if EOS_ID not in req.stop_token_ids:  # ignore_eos: keep going with filler text
+        if req.ignore_eos:  # keep going with filler text
             filler = self.tokenizer.encode(" more", add_special_tokens=False)
             tokens = [t for t in tokens if t != EOS_ID] + filler * req.max_new_tokens
         return tokens[:req.max_new_tokens]
 
-    @staticmethod
-    def _finish_reason(req: GenerateRequest, token: int, index: int) -> str | None:
-        if token in req.stop_token_ids:
+    def _finish_reason(self, req: GenerateRequest, token: int, index: int) -> str | None:
+        if token in req.stop_token_ids or (token in self.info.eos_token_ids and not req.ignore_eos):
             return "stop"
         return "length" if index + 1 >= req.max_new_tokens else None
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import httpx
 import openai
 import pytest
 
@@ -39,7 +40,7 @@ def test_chat_non_stream(client, served, tokenizer):
     assert prompt.startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nSay\nhi")
     assert prompt.endswith("<|im_start|>assistant\n")
     assert (req.max_new_tokens, req.temperature, req.top_p, req.seed, req.user) == (50, 0.3, 0.9, 7, "alice")
-    assert 2 in req.stop_token_ids
+    assert not req.ignore_eos  # the engine stops at the model's end-of-sequence ids
     n_reply = len(tokenizer.encode(served.fake.reply, add_special_tokens=False)) + 1
     assert out.usage.prompt_tokens == len(req.prompt_ids)
     assert out.usage.completion_tokens == n_reply
@@ -172,7 +173,36 @@ def test_ignore_eos_and_session_hint(client, served):
     client.completions.create(model=MODEL, prompt="x", max_tokens=5, extra_body={"ignore_eos": True},
                               extra_headers={"x-session-id": "agent-42"})
     req = served.fake.requests[-1]
-    assert req.stop_token_ids == [] and req.session == "agent-42"
+    assert req.ignore_eos and req.stop_token_ids == [] and req.session == "agent-42"
+    assert req.max_new_tokens == 5
     client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}],
                                    extra_body={"session_id": "from-body"})
     assert served.fake.requests[-1].session == "from-body"
+
+
+def _slow(served) -> None:
+    served.fake.reply = "word " * 300
+    served.fake.delay_s = 0.02
+
+
+def test_disconnect_during_stream_aborts(served):
+    _slow(served)
+    body = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 300, "stream": True}
+    with served.http() as http, http.stream("POST", "/v1/chat/completions", json=body) as response:
+        seen = 0
+        for line in response.iter_lines():
+            seen += line.startswith("data: ")
+            if seen >= 3:
+                break
+    rid = served.fake.requests[-1].rid
+    assert wait_until(lambda: rid in served.fake.aborted and rid not in served.fake.running)
+
+
+def test_disconnect_during_non_stream_aborts(served):
+    _slow(served)
+    with pytest.raises(httpx.ReadTimeout), served.http() as http:
+        http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}], "max_tokens": 300},
+                  timeout=0.5)
+    rid = served.fake.requests[-1].rid
+    assert wait_until(lambda: rid in served.fake.aborted and rid not in served.fake.running)
+    assert len(served.fake.requests) == 1

@@ -1,0 +1,137 @@
+"""`/v1/messages` and `/v1/messages/count_tokens` through the real `anthropic` SDK."""
+
+from __future__ import annotations
+
+import json
+
+import anthropic
+import pytest
+
+from .conftest import MODEL, wait_until
+
+TOOLS = [{"name": "get_weather", "description": "Weather for a city",
+          "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}]
+CALL_REPLY = 'Checking.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+
+
+@pytest.fixture()
+def client(served) -> anthropic.Anthropic:
+    return anthropic.Anthropic(base_url=served.base_url, api_key="unused", max_retries=0)
+
+
+def test_messages_non_stream(client, served, tokenizer):
+    served.fake.reply = "Bonjour ! Ça va ?"
+    message = client.messages.create(
+        model=MODEL, max_tokens=64, extra_body={"temperature": 0.5, "top_k": 20},
+        system=[{"type": "text", "text": "You are terse."}],
+        metadata={"user_id": "bob"},
+        messages=[{"role": "user", "content": [{"type": "text", "text": "hello", "cache_control": {"type": "ephemeral"}}]}])
+    assert message.type == "message" and message.role == "assistant" and message.model == MODEL
+    assert message.id.startswith("msg_")
+    assert [b.type for b in message.content] == ["text"]
+    assert message.content[0].text == "Bonjour ! Ça va ?"
+    assert message.stop_reason == "end_turn" and message.stop_sequence is None
+    req = served.fake.requests[-1]
+    assert message.usage.input_tokens == len(req.prompt_ids)
+    assert message.usage.output_tokens == len(tokenizer.encode("Bonjour ! Ça va ?", add_special_tokens=False)) + 1
+    assert (req.max_new_tokens, req.temperature, req.top_k, req.user) == (64, 0.5, 20, "bob")
+    assert tokenizer.decode(req.prompt_ids).startswith("<|im_start|>system\nYou are terse.<|im_end|>")
+
+
+def test_messages_stream_events(client, served):
+    served.fake.reply = "streamed text"
+    with client.messages.stream(model=MODEL, max_tokens=32,
+                                messages=[{"role": "user", "content": "hi"}]) as stream:
+        events = list(stream)
+        final = stream.get_final_message()
+    kinds = [e.type for e in events]
+    assert kinds[0] == "message_start"
+    assert "content_block_start" in kinds and "content_block_stop" in kinds
+    assert kinds[-2:] == ["message_delta", "message_stop"] or kinds[-1] == "message_stop"
+    assert final.content[0].text == "streamed text"
+    assert final.stop_reason == "end_turn" and final.usage.output_tokens >= 2
+    assert final.usage.input_tokens == len(served.fake.requests[-1].prompt_ids)
+
+
+def test_messages_raw_sse_order(served):
+    served.fake.reply = "ok"
+    body = {"model": MODEL, "max_tokens": 8, "stream": True, "messages": [{"role": "user", "content": "x"}]}
+    with served.http() as http, http.stream("POST", "/v1/messages", json=body) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        names = [line[7:] for line in response.iter_lines() if line.startswith("event: ")]
+    names = [n for i, n in enumerate(names) if n != "content_block_delta" or names[i - 1] != n]
+    assert names == ["message_start", "ping", "content_block_start", "content_block_delta",
+                     "content_block_stop", "message_delta", "message_stop"]
+
+
+def test_max_tokens_and_stop_sequence(client, served):
+    served.fake.reply = "one two three four five six"
+    message = client.messages.create(model=MODEL, max_tokens=2, messages=[{"role": "user", "content": "x"}])
+    assert message.stop_reason == "max_tokens" and message.usage.output_tokens == 2
+    message = client.messages.create(model=MODEL, max_tokens=50, stop_sequences=["e fo"],
+                                     messages=[{"role": "user", "content": "x"}])
+    assert message.stop_reason == "stop_sequence" and message.stop_sequence == "e fo"
+    assert message.content[0].text == "one two thre"
+
+
+def test_tool_use_non_stream_and_stream(client, served):
+    served.fake.reply = CALL_REPLY
+    message = client.messages.create(model=MODEL, max_tokens=100, tools=TOOLS,
+                                     messages=[{"role": "user", "content": "weather in Paris?"}])
+    assert message.stop_reason == "tool_use"
+    assert [b.type for b in message.content] == ["text", "tool_use"]
+    assert message.content[0].text == "Checking."
+    tool = message.content[1]
+    assert tool.id.startswith("toolu_") and tool.name == "get_weather" and tool.input == {"city": "Paris"}
+    with client.messages.stream(model=MODEL, max_tokens=100, tools=TOOLS,
+                                messages=[{"role": "user", "content": "weather?"}]) as stream:
+        final = stream.get_final_message()
+    assert final.stop_reason == "tool_use"
+    assert [b.type for b in final.content] == ["text", "tool_use"]
+    assert final.content[0].text == "Checking." and final.content[1].input == {"city": "Paris"}
+
+
+def test_tool_result_round_trip_renders_template(client, served, tokenizer):
+    served.fake.reply = "It is sunny."
+    message = client.messages.create(model=MODEL, max_tokens=20, tools=TOOLS, messages=[
+        {"role": "user", "content": "weather in Paris?"},
+        {"role": "assistant", "content": [
+            {"type": "thinking", "thinking": "hmm", "signature": "sig"},
+            {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Paris"}}]},
+        {"role": "user", "content": [
+            {"type": "tool_result", "tool_use_id": "toolu_1", "content": [{"type": "text", "text": "sunny, 21C"}]},
+            {"type": "text", "text": "and tomorrow?"}]}])
+    assert message.content[0].text == "It is sunny."
+    prompt = tokenizer.decode(served.fake.requests[-1].prompt_ids)
+    assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>' in prompt
+    assert "<tool_response>\nsunny, 21C\n</tool_response>" in prompt
+    assert prompt.index("</tool_response>") < prompt.index("and tomorrow?")
+    assert "hmm" not in prompt
+
+
+def test_count_tokens_matches_prompt(client, served):
+    messages = [{"role": "user", "content": "count me please"}]
+    counted = client.messages.count_tokens(model=MODEL, messages=messages, system="sys", tools=TOOLS)
+    client.messages.create(model=MODEL, max_tokens=4, messages=messages, system="sys", tools=TOOLS)
+    assert counted.input_tokens == len(served.fake.requests[-1].prompt_ids) > 10
+
+
+def test_session_from_metadata(client, served):
+    client.messages.create(model=MODEL, max_tokens=4, messages=[{"role": "user", "content": "x"}],
+                           metadata={"user_id": "u1"}, extra_body={"metadata": {"user_id": "u1", "session_id": "s-9"}})
+    assert served.fake.requests[-1].session == "s-9"
+
+
+def test_stream_disconnect_aborts_request(served):
+    served.fake.reply = "word " * 200
+    served.fake.delay_s = 0.02
+    body = {"model": MODEL, "max_tokens": 500, "stream": True, "messages": [{"role": "user", "content": "x"}]}
+    with served.http() as http, http.stream("POST", "/v1/messages", json=body) as response:
+        for line in response.iter_lines():
+            if "content_block_delta" in line:
+                break
+    rid = served.fake.requests[-1].rid
+    assert wait_until(lambda: rid in served.fake.aborted)
+    assert wait_until(lambda: rid not in served.fake.running)
+    assert json.dumps  # keep import used

@@ -1,0 +1,78 @@
+"""`/metrics` (Prometheus names per DESIGN) and `/stats` (INTERFACES §5) with live requests."""
+
+from __future__ import annotations
+
+import threading
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from .conftest import MODEL, wait_until
+
+GAUGES = ["kv_pages_total", "kv_pages_used", "kv_pages_cached", "requests_running", "requests_waiting"]
+COUNTERS = ["prompt_tokens", "prefix_cache_hit_tokens", "generation_tokens", "preemptions"]
+HISTOGRAMS = ["time_to_first_token_seconds", "inter_token_latency_seconds"]
+
+
+def _families(http: httpx.Client) -> dict:
+    response = http.get("/metrics")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    return {f.name: f for f in text_string_to_metric_families(response.text)}
+
+
+def _value(family, suffix: str = "") -> float:
+    return next(s.value for s in family.samples if s.name == family.name + suffix)
+
+
+def test_metrics_names_types_and_values(served):
+    with served.http() as http:
+        http.post("/v1/completions", json={"prompt": "warm up", "max_tokens": 5})
+        before = _families(http)
+        http.post("/v1/completions", json={"prompt": "one more", "max_tokens": 5})
+        after = _families(http)
+    for name in GAUGES:
+        assert before["tokenspeed_" + name].type == "gauge"
+    for name in COUNTERS:
+        assert after["tokenspeed_" + name].type == "counter"
+    for name in HISTOGRAMS:
+        assert after["tokenspeed_" + name].type == "histogram"
+    assert _value(after["tokenspeed_kv_pages_total"]) == 512
+    engine = served.fake.stats()
+    assert _value(after["tokenspeed_generation_tokens"], "_total") == engine["generation_tokens_total"]
+    assert _value(after["tokenspeed_prompt_tokens"], "_total") == engine["prompt_tokens_total"]
+    ttft = "tokenspeed_time_to_first_token_seconds"
+    assert _value(after[ttft], "_count") == _value(before[ttft], "_count") + 1
+    itl = "tokenspeed_inter_token_latency_seconds"
+    assert _value(after[itl], "_count") == _value(before[itl], "_count") + 4
+
+
+def test_stats_schema_and_live_request(served):
+    served.fake.reply = "tok " * 100
+    served.fake.delay_s = 0.02
+    done = threading.Event()
+
+    def run() -> None:
+        with served.http() as http:
+            http.post("/v1/chat/completions", headers={"x-tokenspeed-user": "carol"},
+                      json={"messages": [{"role": "user", "content": "x"}], "max_tokens": 60})
+        done.set()
+
+    threading.Thread(target=run).start()
+    with served.uds() as uds:
+        assert wait_until(lambda: any(a["generated_tokens"] >= 10 for a in uds.get("/stats").json()["active"]))
+        stats = uds.get("/stats").json()
+    assert set(stats) == {"model", "uptime_s", "kv", "requests", "throughput", "totals", "active"}
+    assert stats["model"] == MODEL and stats["uptime_s"] > 0
+    assert set(stats["kv"]) == {"page_size", "pages_total", "pages_used", "pages_cached", "pages_free"}
+    assert stats["kv"]["pages_total"] == 512 and stats["kv"]["page_size"] == 16
+    assert stats["requests"] == {"running": 1, "waiting": 1}
+    assert set(stats["totals"]) == {"prompt_tokens", "generation_tokens", "prefix_cache_hit_tokens", "preemptions"}
+    assert stats["throughput"]["generation_tokens_per_minute"] >= 10
+    assert stats["throughput"]["prompt_tokens_per_minute"] > 0
+    (active,) = stats["active"]
+    assert set(active) == {"rid", "user", "prompt_tokens", "generated_tokens", "decode_tps"}
+    assert active["user"] == "carol" and active["prompt_tokens"] > 0
+    assert 10 < active["decode_tps"] < 100  # 20 ms per token in the fake engine: about 50/s
+    assert done.wait(20)
+    with served.uds() as uds:
+        assert uds.get("/stats").json()["active"] == []

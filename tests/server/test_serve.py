@@ -1,0 +1,122 @@
+"""`serve()`: TCP + Unix socket (mode 0600), stale socket handling, SIGTERM drain and grace."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from appliance.server.serve import unix_socket
+
+from .conftest import MODEL, REPO, wait_until
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_uds_answers_and_is_private(served):
+    mode = stat.S_IMODE(os.stat(served.socket).st_mode)
+    assert mode == 0o600
+    with served.uds() as http:
+        assert http.get("/health").json() == {"status": "ok"}
+        out = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]})
+    assert out.status_code == 200 and out.json()["model"] == MODEL
+
+
+def test_stale_socket_is_replaced_and_live_one_refused(tmp_path):
+    path = str(Path(tempfile.mkdtemp(dir="/tmp")) / "s.sock")
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(path)
+    stale.close()  # the file stays behind, nobody listens
+    live = unix_socket(path)
+    try:
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+        with pytest.raises(OSError, match="already listening"):
+            unix_socket(path)
+    finally:
+        live.close()
+        os.unlink(path)
+    Path(path).write_text("not a socket")
+    with pytest.raises(OSError, match="not a socket"):
+        unix_socket(path)
+    os.unlink(path)
+
+
+def _start(folder: Path, grace: float) -> tuple[subprocess.Popen, int, Path]:
+    port, sock = _free_port(), folder / "d.sock"
+    proc = subprocess.Popen([sys.executable, "-m", "tests.server.fake_daemon", str(port), str(sock), str(grace)],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    ok = wait_until(lambda: sock.exists() or proc.poll() is not None, timeout=60)
+    assert ok and proc.poll() is None, proc.stdout.read() if proc.poll() is not None else "no socket"
+    return proc, port, sock
+
+
+def _stream_in_thread(port: int, lines: list[str]) -> threading.Thread:
+    def run() -> None:
+        body = {"model": MODEL, "prompt": "x", "max_tokens": 30, "stream": True}
+        try:
+            with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=30) as r:
+                lines.extend(line for line in r.iter_lines() if line)
+        except httpx.HTTPError as e:
+            lines.append(f"ERROR {e!r}")
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+def _finish(proc: subprocess.Popen) -> tuple[int, list[int], str]:
+    out, _ = proc.communicate(timeout=30)
+    aborted = [line for line in out.splitlines() if line.startswith("ABORTED ")]
+    return proc.returncode, json.loads(aborted[-1][8:]) if aborted else [], out
+
+
+def test_sigterm_drains_in_flight_stream_and_exits_zero():
+    folder = Path(tempfile.mkdtemp(dir="/tmp"))
+    proc, port, sock = _start(folder, grace=10.0)
+    assert stat.S_IMODE(os.stat(sock).st_mode) == 0o600
+    with httpx.Client(transport=httpx.HTTPTransport(uds=str(sock)), base_url="http://ts") as uds:
+        assert uds.get("/health").status_code == 200
+    lines: list[str] = []
+    thread = _stream_in_thread(port, lines)
+    assert wait_until(lambda: len(lines) >= 2, timeout=20)
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    with pytest.raises(httpx.ConnectError):  # no new connections while draining
+        httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
+    thread.join(30)
+    code, aborted, out = _finish(proc)
+    assert code == 0, out
+    assert lines[-1] == "data: [DONE]"
+    assert json.loads(lines[-2][6:])["choices"][0]["finish_reason"] == "length"  # ran to the end
+    assert aborted == []
+    assert not sock.exists()
+
+
+def test_sigterm_grace_expiry_aborts_in_engine():
+    folder = Path(tempfile.mkdtemp(dir="/tmp"))
+    proc, port, sock = _start(folder, grace=0.5)
+    lines: list[str] = []
+    thread = _stream_in_thread(port, lines)  # 30 tokens x 50 ms: longer than the grace
+    assert wait_until(lambda: len(lines) >= 2, timeout=20)
+    proc.send_signal(signal.SIGINT)
+    thread.join(30)
+    code, aborted, out = _finish(proc)
+    assert code == 0, out
+    assert aborted == [1]
+    assert "data: [DONE]" not in lines
+    assert not sock.exists()
