@@ -44,6 +44,7 @@ void PyScheduler::submit(int64_t rid, const I32Array& prompt, int32_t max_new_to
   auto p = view(prompt);
   auto s = view(stop_ids);
   py::gil_scoped_release nogil;
+  std::lock_guard lock(mu_);
   s_.submit(rid, p, max_new_tokens, s, session);
 }
 
@@ -51,6 +52,7 @@ std::optional<PyPlan> PyScheduler::plan() {
   std::optional<PlanData> d;
   {
     py::gil_scoped_release nogil;
+    std::lock_guard lock(mu_);
     d = s_.plan();
   }
   if (!d) return std::nullopt;
@@ -77,6 +79,7 @@ py::list PyScheduler::commit(int64_t step, const I32Array& tokens, double step_t
   std::vector<Event> events;
   {
     py::gil_scoped_release nogil;
+    std::lock_guard lock(mu_);
     events = s_.commit(step, tok, step_time_s);
   }
   // Leaked on purpose: Python objects must not be destroyed after finalization.
@@ -96,11 +99,17 @@ py::list PyScheduler::commit(int64_t step, const I32Array& tokens, double step_t
 
 bool PyScheduler::abort(int64_t rid) {
   py::gil_scoped_release nogil;
+  std::lock_guard lock(mu_);
   return s_.abort(rid);
 }
 
 py::dict PyScheduler::stats() const {
-  Stats s = s_.stats();
+  Stats s;
+  {
+    py::gil_scoped_release nogil;
+    std::lock_guard lock(mu_);
+    s = s_.stats();
+  }
   py::dict d;
   d["pages_total"] = s.pages_total;
   d["pages_used"] = s.pages_used;
@@ -117,6 +126,8 @@ py::dict PyScheduler::stats() const {
 }
 
 void PyScheduler::check_invariants() const {
+  py::gil_scoped_release nogil;
+  std::lock_guard lock(mu_);
   try {
     s_.check_invariants();
   } catch (const std::logic_error& e) {
@@ -125,12 +136,42 @@ void PyScheduler::check_invariants() const {
 }
 
 py::tuple PyScheduler::cost_coeffs() const {
-  const auto& c = s_.cost_model().coeffs();
+  CostModel::Vec c;
+  {
+    std::lock_guard lock(mu_);  // no Python calls inside: safe under the GIL
+    c = s_.cost_model().coeffs();
+  }
   return py::make_tuple(c[0], c[1], c[2], c[3]);
 }
 
 void PyScheduler::set_cost_prior(double a, double b, double c, double d) {
+  std::lock_guard lock(mu_);
   s_.set_cost_model(CostModel({a, b, c, d}));
+}
+
+int32_t PyScheduler::evict_cache() {
+  std::lock_guard lock(mu_);
+  return s_.evict_cache();
+}
+
+void PyScheduler::set_test_clock(double now_s) {
+  std::lock_guard lock(mu_);
+  s_.set_test_clock(now_s);
+}
+
+void PyScheduler::clear_test_clock() {
+  std::lock_guard lock(mu_);
+  s_.clear_test_clock();
+}
+
+std::string PyScheduler::state(int64_t rid) const {
+  std::lock_guard lock(mu_);
+  return s_.state_name(rid);
+}
+
+int64_t PyScheduler::inflight_steps() const {
+  std::lock_guard lock(mu_);
+  return static_cast<int64_t>(s_.inflight_steps());
 }
 
 }  // namespace ts

@@ -5,6 +5,7 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include <mutex>
 #include <optional>
 #include <string>
 
@@ -15,6 +16,10 @@ namespace ts {
 namespace py = pybind11;
 using I32Array = py::array_t<int32_t, py::array::c_style | py::array::forcecast>;
 
+// The GIL is released around scheduler calls, so the adapter serializes them
+// itself: every method takes `mu_` (after dropping the GIL, never before, so a
+// thread waiting for the lock never holds the GIL).
+//
 // A step's batch as numpy arrays (INTERFACES.md §1).
 struct PyPlan {
   int64_t step = 0;
@@ -37,16 +42,17 @@ class PyScheduler {
   bool abort(int64_t rid);
   py::dict stats() const;
   void check_invariants() const;
-  int32_t evict_cache() { return s_.evict_cache(); }
-  void set_test_clock(double now_s) { s_.set_test_clock(now_s); }
-  void clear_test_clock() { s_.clear_test_clock(); }
+  int32_t evict_cache();
+  void set_test_clock(double now_s);
+  void clear_test_clock();
   py::tuple cost_coeffs() const;
   void set_cost_prior(double a, double b, double c, double d);
-  std::string state(int64_t rid) const { return s_.state_name(rid); }
-  int64_t inflight_steps() const { return static_cast<int64_t>(s_.inflight_steps()); }
+  std::string state(int64_t rid) const;
+  int64_t inflight_steps() const;
   const SchedulerConfig& config() const { return s_.config(); }
 
  private:
+  mutable std::mutex mu_;
   Scheduler s_;
 };
 
