@@ -59,7 +59,51 @@ ROWS: list[Row] = []
 
 
 def bench_ms(fn: Callable[[], object], rep: int = 60) -> float:
+    """Median ms of eager calls (CPU launch cost included when the GPU waits for it)."""
     return float(triton.testing.do_bench(fn, warmup=15, rep=rep, return_mode="median"))
+
+
+_FLUSH: list[torch.Tensor] = []
+
+
+def graph_ms(fn: Callable[[], object], n: int = 10, replays: int = 7) -> float:
+    """Median ms of fn as a CUDA graph replay, the L2 flushed before each call: graph of n x
+    (flush, fn) minus graph of n x flush, over n. Falls back to bench_ms if capture fails."""
+    if not _FLUSH:
+        _FLUSH.append(torch.empty(256 << 20, dtype=torch.int8, device=DEV))   # > L2
+    flush = _FLUSH[0]
+    try:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        g_fn, g_flush = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g_fn):
+            for _ in range(n):
+                flush.zero_()
+                fn()
+        with torch.cuda.graph(g_flush):
+            for _ in range(n):
+                flush.zero_()
+    except Exception as e:  # noqa: BLE001 - e.g. an op that syncs with the host
+        print(f"  (graph capture failed, eager timing: {type(e).__name__})")
+        return bench_ms(fn)
+    return max(_replay_ms(g_fn, replays) - _replay_ms(g_flush, replays), 1e-6) / n
+
+
+def _replay_ms(g: "torch.cuda.CUDAGraph", replays: int) -> float:
+    times = []
+    for _ in range(replays + 1):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b))
+    times = sorted(times[1:])
+    return times[len(times) // 2]
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -127,7 +171,7 @@ def sdpa_ms(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> 
             fn = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal,  # noqa: E731
                                                         enable_gqa=True)
             fn()
-            return bench_ms(fn)
+            return graph_ms(fn)
     except Exception as e:  # noqa: BLE001 - a baseline that does not run is just absent
         print(f"  (sdpa unavailable: {type(e).__name__}: {str(e)[:80]})")
         return None
@@ -146,14 +190,14 @@ def case_decode(batch: int, ctx: int, page_size: int = 16, hq: int = 32, hk: int
     fn = lambda: TA.decode_attention(q, kc, vc, table, sl, page_size, scale)  # noqa: E731
     ref_fn = lambda: R.decode_attention(q, kc, vc, table, sl, page_size, scale)  # noqa: E731
     err = rel_err(fn(), ref_fn()) if batch * ctx <= (1 << 20) else None
-    ms = bench_ms(fn)
+    ms, eager = graph_ms(fn), bench_ms(fn)
     ref = bench_ms(ref_fn, rep=20) if batch * ctx <= (1 << 17) else None
     kcont = gather_contig(kc, table, ctx, page_size)
     vcont = gather_contig(vc, table, ctx, page_size)
     sd = sdpa_ms(q[:, :, None, :], kcont, vcont, causal=False)
     del kcont, vcont
     nbytes = 2 * batch * ctx * hk * d * 2 + 2 * q.numel() * 2
-    emit("decode_attention", f"B={batch} ctx={ctx} ps={page_size}", ms, nbytes=nbytes, err=err,
+    emit("decode_attention", f"B={batch} ctx={ctx} ps={page_size}", ms, eager=eager, nbytes=nbytes, err=err,
          torch_ref=ref, sdpa=sd)
 
 
@@ -177,14 +221,14 @@ def case_extend(seq: int, qlen: int, page_size: int = 16, hq: int = 32, hk: int 
     if check:
         err = rel_err(fn(), R.extend_attention(q, kc, vc, table, qs, sl, page_size, scale))
     torch.cuda.empty_cache()
-    ms = bench_ms(fn)
+    ms, eager = graph_ms(fn), bench_ms(fn)
     sd = None
     if qlen == seq:
         kcont = gather_contig(kc, table, seq, page_size)
         vcont = gather_contig(vc, table, seq, page_size)
         sd = sdpa_ms(q.transpose(0, 1)[None], kcont, vcont, causal=True)
         del kcont, vcont
-    emit("extend_attention", f"q={qlen} kv={seq} ps={page_size}", ms,
+    emit("extend_attention", f"q={qlen} kv={seq} ps={page_size}", ms, eager=eager,
          flops=causal_flops(qlen, seq, hq, d, d), err=err, sdpa=sd)
 
 
@@ -205,10 +249,10 @@ def case_mla_decode(batch: int, ctx: int, page_size: int = 16, heads: int = 16) 
     fn = lambda: TA.mla_decode(ql, qr, cache, table, sl, page_size, scale)  # noqa: E731
     ref_fn = lambda: R.mla_decode(ql, qr, cache, table, sl, page_size, scale)  # noqa: E731
     err = rel_err(fn(), ref_fn()) if batch * ctx <= (1 << 20) else None
-    ms = bench_ms(fn)
+    ms, eager = graph_ms(fn), bench_ms(fn)
     ref = bench_ms(ref_fn, rep=20) if batch * ctx <= (1 << 17) else None
     nbytes = batch * ctx * 576 * 2 + (ql.numel() + qr.numel() + ql.numel()) * 2
-    emit("mla_decode", f"B={batch} ctx={ctx} H={heads} ps={page_size}", ms, nbytes=nbytes,
+    emit("mla_decode", f"B={batch} ctx={ctx} H={heads} ps={page_size}", ms, eager=eager, nbytes=nbytes,
          err=err, torch_ref=ref)
 
 
@@ -221,8 +265,8 @@ def case_mla_extend(seq: int, heads: int = 16, page_size: int = 16, check: bool 
     if check:
         err = rel_err(fn(), R.mla_extend(ql, qr, cache, table, qs, sl, page_size, scale))
     torch.cuda.empty_cache()
-    ms = bench_ms(fn)
-    emit("mla_extend", f"q=kv={seq} H={heads}", ms, flops=causal_flops(seq, seq, heads, 576, 512),
+    ms, eager = graph_ms(fn), bench_ms(fn)
+    emit("mla_extend", f"q=kv={seq} H={heads}", ms, eager=eager, flops=causal_flops(seq, seq, heads, 576, 512),
          err=err)
 
 
@@ -249,12 +293,12 @@ def case_moe(tokens: int, experts: int = 64, top_k: int = 6, hidden: int = 2048,
     weights, ids = R.moe_route(logits, top_k, "softmax", False, None, 1, 1, 1.0)
     fn = lambda: TM.fused_moe(x, w13, w2, weights, ids)  # noqa: E731
     err = rel_err(fn(), R.fused_moe(x, w13, w2, weights, ids)) if tokens <= 1024 else None
-    ms = bench_ms(fn)
+    ms, eager = graph_ms(fn), bench_ms(fn)
     loop = bench_ms(lambda: torch_loop_moe(x, w13, w2, weights, ids), rep=40)
     flops = 6.0 * tokens * top_k * inter * hidden
     used = int(ids.unique().numel())
     nbytes = used * 3 * inter * hidden * 2 + tokens * hidden * 4
-    emit("fused_moe", f"T={tokens} E={experts} k={top_k}", ms, flops=flops, err=err,
+    emit("fused_moe", f"T={tokens} E={experts} k={top_k}", ms, eager=eager, flops=flops, err=err,
          torch_loop=loop)
     gbs = nbytes / ms / 1e6
     ROWS[-1].note = f"weights {gbs:.0f} GB/s = {100 * gbs / CEIL['GB/s']:.0f}% copy ({used} experts)"
@@ -270,8 +314,8 @@ def case_norm(tokens: int, hidden: int = 4096) -> None:
     fn = lambda: TE.fused_add_rms_norm(x, r, w, 1e-6)  # noqa: E731
     ref_fn = lambda: R.fused_add_rms_norm(x, r, w, 1e-6)  # noqa: E731
     err = rel_err(fn()[0], ref_fn()[0])
-    ms = bench_ms(fn)
-    emit("fused_add_rms_norm", f"T={tokens} H={hidden}", ms, nbytes=4 * x.numel() * 2, err=err,
+    ms, eager = graph_ms(fn), bench_ms(fn)
+    emit("fused_add_rms_norm", f"T={tokens} H={hidden}", ms, eager=eager, nbytes=4 * x.numel() * 2, err=err,
          torch_ref=bench_ms(ref_fn))
 
 
@@ -279,8 +323,8 @@ def case_silu(tokens: int, inter: int = 14336) -> None:
     x = torch.randn(tokens, 2 * inter, dtype=BF16, device=DEV)
     fn = lambda: TE.silu_and_mul(x)  # noqa: E731
     err = rel_err(fn(), R.silu_and_mul(x))
-    ms = bench_ms(fn)
-    emit("silu_and_mul", f"T={tokens} I={inter}", ms, nbytes=1.5 * x.numel() * 2, err=err,
+    ms, eager = graph_ms(fn), bench_ms(fn)
+    emit("silu_and_mul", f"T={tokens} I={inter}", ms, eager=eager, nbytes=1.5 * x.numel() * 2, err=err,
          torch_ref=bench_ms(lambda: R.silu_and_mul(x)))
 
 
@@ -299,9 +343,9 @@ def case_rope_kv(tokens: int, hq: int = 32, hk: int = 8, d: int = 128) -> None:
     ref_fn = lambda: R.rope_store_kv(q, k, v, pos, cs, d, True, kc2, vc2, slots)  # noqa: E731
     got, ref = fn(), ref_fn()
     err = max(rel_err(got[0], ref[0]), rel_err(kc, kc2), rel_err(vc, vc2))
-    ms = bench_ms(fn)
+    ms, eager = graph_ms(fn), bench_ms(fn)
     nbytes = 2 * q.numel() * 2 + 3 * k.numel() * 2 + 2 * v.numel() * 2
-    emit("rope_store_kv", f"T={tokens} Hq={hq} Hk={hk} D={d}", ms, nbytes=nbytes, err=err,
+    emit("rope_store_kv", f"T={tokens} Hq={hq} Hk={hk} D={d}", ms, eager=eager, nbytes=nbytes, err=err,
          torch_ref=bench_ms(ref_fn))
 
 
@@ -316,9 +360,109 @@ def case_sample(batch: int, mode: str, vocab: int = 128256) -> None:
     fn = lambda: TS.sample(logits, temp, top_k, top_p, seeds, pos)  # noqa: E731
     ref_fn = lambda: R.sample(logits, temp, top_k, top_p, seeds, pos)  # noqa: E731
     mismatch = float((fn() != ref_fn()).float().mean())
-    ms = bench_ms(fn)
-    emit("sample", f"B={batch} V={vocab} {mode}", ms, nbytes=logits.numel() * 4, err=mismatch,
+    ms, eager = graph_ms(fn), bench_ms(fn)
+    emit("sample", f"B={batch} V={vocab} {mode}", ms, eager=eager, nbytes=logits.numel() * 4, err=mismatch,
          torch_ref=bench_ms(ref_fn, rep=20) if batch <= 64 else None)
+
+
+# ----------------------------------------------------------------------------- tuning
+
+def tune_attention() -> None:
+    """Time tile/split variants of the paged attention kernel at the target shapes; prints
+    one line per variant (graph time) so the defaults in kernels/triton/attention.py can be
+    set from measurements."""
+    from kernels.triton import attention as KA
+    default_cfg, default_spm = KA._config, KA.SPLITS_PER_SM
+
+    def variant(cfg: dict | None, spm: int, label: str, case: Callable[[], tuple]) -> None:
+        KA._config = (lambda *a, **k: dict(cfg)) if cfg else default_cfg
+        KA.SPLITS_PER_SM = spm
+        try:
+            fn, work, unit = case()
+            ms = graph_ms(fn)
+            rate = work / ms / (1e9 if unit == "TFLOP/s" else 1e6)
+            print(f"  tune {label:60s} {ms * 1e3:9.1f}us {rate:8.1f} {unit}", flush=True)
+        except Exception as e:  # noqa: BLE001
+            print(f"  tune {label:60s} ERROR {type(e).__name__}: {str(e)[:120]}")
+        finally:
+            KA._config, KA.SPLITS_PER_SM = default_cfg, default_spm
+            torch.cuda.empty_cache()
+
+    def dec(batch: int, ctx: int) -> Callable[[], tuple]:
+        def make() -> tuple:
+            table, num_pages = paged_table(batch, ctx, 16)
+            kc = torch.randn(num_pages * 16, 8, 128, dtype=BF16, device=DEV)
+            vc, q = torch.randn_like(kc), torch.randn(batch, 32, 128, dtype=BF16, device=DEV)
+            sl = torch.full((batch,), ctx, dtype=torch.int32, device=DEV)
+            return (lambda: TA.decode_attention(q, kc, vc, table, sl, 16, 0.088),
+                    4 * batch * ctx * 8 * 128, "GB/s")
+        return make
+
+    def mdec(batch: int, ctx: int) -> Callable[[], tuple]:
+        def make() -> tuple:
+            table, cache, ql, qr, sl = mla_inputs(batch, ctx, 16, 16)
+            return (lambda: TA.mla_decode(ql, qr, cache, table, sl, 16, 0.07),
+                    batch * ctx * 576 * 2, "GB/s")
+        return make
+
+    def ext(seq: int, mla: bool) -> Callable[[], tuple]:
+        def make() -> tuple:
+            qs = torch.tensor([0, seq], dtype=torch.int32, device=DEV)
+            if mla:
+                table, cache, ql, qr, sl = mla_inputs(1, seq, 16, 16, tokens=seq)
+                return (lambda: TA.mla_extend(ql, qr, cache, table, qs, sl, 16, 0.07),
+                        causal_flops(seq, seq, 16, 576, 512), "TFLOP/s")
+            table, num_pages = paged_table(1, seq, 16)
+            kc = torch.randn(num_pages * 16, 8, 128, dtype=BF16, device=DEV)
+            vc, q = torch.randn_like(kc), torch.randn(seq, 32, 128, dtype=BF16, device=DEV)
+            sl = torch.tensor([seq], dtype=torch.int32, device=DEV)
+            return (lambda: TA.extend_attention(q, kc, vc, table, qs, sl, 16, 0.088),
+                    causal_flops(seq, seq, 32, 128, 128), "TFLOP/s")
+        return make
+
+    def cfg(g: int, t: int, n: int, w: int, s: int) -> dict:
+        return dict(G_BLK=g, BLOCK_T=t, BLOCK_N=n, num_warps=w, num_stages=s)
+
+    for shape in ((1, 131072), (4, 32768)):
+        for spm in (2, 4, 8):
+            for n, w, s in ((64, 4, 2), (64, 4, 3), (128, 4, 2), (32, 4, 3), (64, 8, 3)):
+                variant(cfg(16, 1, n, w, s), spm, f"decode B={shape[0]} ctx={shape[1]} "
+                        f"spm={spm} N={n} w={w} s={s}", dec(*shape))
+    for shape in ((1, 32768), (64, 8192)):
+        for spm in (2, 4):
+            for n, w, s in ((32, 8, 2), (32, 4, 2), (16, 4, 2), (16, 4, 3), (64, 8, 2),
+                            (32, 8, 3)):
+                variant(cfg(16, 1, n, w, s), spm, f"mla_decode B={shape[0]} ctx={shape[1]} "
+                        f"spm={spm} N={n} w={w} s={s}", mdec(*shape))
+    for t, n, w, s in ((32, 64, 8, 3), (32, 128, 8, 2), (32, 128, 8, 3), (16, 128, 4, 3),
+                       (32, 64, 4, 3), (64, 64, 8, 3), (32, 32, 4, 4), (16, 64, 4, 4)):
+        variant(cfg(4, t, n, w, s), 2, f"extend 8K T={t} G=4 N={n} w={w} s={s}", ext(8192, False))
+    for g, t, n, w, s in ((16, 4, 32, 8, 2), (16, 2, 32, 8, 2), (16, 2, 64, 8, 2),
+                          (16, 2, 32, 4, 2), (16, 1, 64, 4, 2), (16, 4, 16, 8, 2)):
+        variant(cfg(g, t, n, w, s), 2, f"mla_extend 8K T={t} N={n} w={w} s={s}", ext(8192, True))
+
+
+def profile() -> None:
+    """Kernel-level times of one call of each fused op (torch.profiler), to see fixed costs."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as prof
+    w13 = torch.randn(64, 2816, 2048, dtype=BF16, device=DEV) * 0.02
+    w2 = torch.randn(64, 2048, 1408, dtype=BF16, device=DEV) * 0.02
+    x = torch.randn(1, 2048, dtype=BF16, device=DEV)
+    wts, ids = R.moe_route(torch.randn(1, 64, device=DEV), 6, "softmax", False, None, 1, 1, 1.0)
+    table, cache, ql, qr, sl = mla_inputs(1, 8192, 16, 16)
+    calls = {"fused_moe T=1": lambda: TM.fused_moe(x, w13, w2, wts, ids),
+             "mla_decode B=1 ctx=8K": lambda: TA.mla_decode(ql, qr, cache, table, sl, 16, 0.07)}
+    for name, fn in calls.items():
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+        with prof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
+            for _ in range(5):
+                fn()
+            torch.cuda.synchronize()
+        print(f"\n-- profile {name} (5 calls)")
+        print(p.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=50))
 
 
 # ----------------------------------------------------------------------------- driver
@@ -401,12 +545,18 @@ def main() -> None:
     ap.add_argument("--out", default=os.environ.get("OUT", ""))
     ap.add_argument("--only", default="", help="comma-separated group name prefixes")
     ap.add_argument("--quick", action="store_true", help="fewer shapes")
+    ap.add_argument("--tune", action="store_true", help="sweep attention tile/split variants")
+    ap.add_argument("--profile", action="store_true", help="torch.profiler of fused ops")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_kernels: needs a CUDA GPU")
     torch.manual_seed(0)
     print(kernels.explain("decode_attention", device="cuda", dtype=BF16, head_dim=128))
     measure_ceilings()
+    if args.profile:
+        profile()
+    if args.tune:
+        tune_attention()
     only = [s for s in args.only.split(",") if s]
     for name, cases in groups(args.quick).items():
         if not only or any(name.startswith(o) for o in only):

@@ -142,21 +142,26 @@ def _paged_attn_kernel(
 def _merge_splits_kernel(PartO, PartL, Out, stride_pot, stride_poh, stride_pos, stride_plt,
                          stride_plh, stride_ot, stride_oh, DV: tl.constexpr,
                          BLOCK_DV: tl.constexpr, NUM_SPLITS: tl.constexpr,
-                         BLOCK_S: tl.constexpr):
-    """Out[t, h] = sum_s exp2(lse_s - m) * PartO[t, h, s] / sum_s exp2(lse_s - m)."""
+                         BLOCK_S: tl.constexpr, CHUNK_S: tl.constexpr):
+    """Out[t, h, cols] = sum_s exp2(lse_s - m) PartO[t, h, s, cols] / sum_s exp2(lse_s - m).
+    Splits are read CHUNK_S at a time so that many loads are in flight at once."""
     t, h = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    dv = tl.program_id(2) * BLOCK_DV + tl.arange(0, BLOCK_DV)
     s = tl.arange(0, BLOCK_S)
-    dv = tl.arange(0, BLOCK_DV)
     lse_row = PartL + t * stride_plt + h * stride_plh
     lse = tl.load(lse_row + s, mask=s < NUM_SPLITS, other=float("-inf"))   # [S]
     m = tl.max(lse, 0)
     m = tl.where(m == float("-inf"), 0.0, m)
     den = tl.sum(tl.exp2(lse - m), 0)
     acc = tl.zeros([BLOCK_DV], dtype=tl.float32)
-    part = PartO + t * stride_pot + h * stride_poh + dv
-    for i in range(NUM_SPLITS):
-        w = tl.exp2(tl.load(lse_row + i) - m)
-        acc += w * tl.load(part + i * stride_pos, mask=dv < DV, other=0.0)  # [DV]
+    c = tl.arange(0, CHUNK_S)
+    part = PartO + t * stride_pot + h * stride_poh
+    for s0 in range(0, NUM_SPLITS, CHUNK_S):
+        ok = s0 + c < NUM_SPLITS
+        w = tl.exp2(tl.load(lse_row + s0 + c, mask=ok, other=float("-inf")) - m)    # [C]
+        p = tl.load(part + (s0 + c)[:, None] * stride_pos + dv[None, :],
+                    mask=ok[:, None] & (dv[None, :] < DV), other=0.0)            # [C, DV]
+        acc += tl.sum(p * w[:, None], 0)
     out = acc / tl.where(den > 0, den, 1.0)
     tl.store(Out + t * stride_ot + h * stride_oh + dv, out.to(Out.dtype.element_ty), mask=dv < DV)
 
@@ -191,11 +196,16 @@ def _config(decode: bool, mla: bool, group: int) -> dict:
                 num_warps=4 if small else 8, num_stages=2 if mla else 3)
 
 
+SPLITS_PER_SM = 2      # split-KV target: programs per SM (tuned by scripts/bench_kernels.py)
+MIN_SPLIT_TILES = 4    # a split covers at least this many KV tiles
+
+
 def _num_splits(programs: int, max_len: int, block_n: int, device: torch.device) -> int:
-    """Enough splits to give every SM ~2 programs, each split at least 4 KV tiles long."""
-    want = max(1, (2 * num_sms(device) + programs - 1) // programs)
-    most = max(1, max_len // (4 * block_n))
-    return int(min(want, most, 128))
+    """Enough splits to give every SM ~SPLITS_PER_SM programs, each at least MIN_SPLIT_TILES
+    KV tiles long."""
+    want = max(1, (SPLITS_PER_SM * num_sms(device) + programs - 1) // programs)
+    most = max(1, max_len // (MIN_SPLIT_TILES * block_n))
+    return int(min(want, most, 256))
 
 
 def paged_attention(q1: torch.Tensor, q2: torch.Tensor | None, k1: torch.Tensor,
@@ -247,9 +257,10 @@ def paged_attention(q1: torch.Tensor, q2: torch.Tensor | None, k1: torch.Tensor,
         N_HBLK=n_hblk, NUM_SPLITS=num_splits, HAS_D2=q2 is not None, SHARED_V=shared_v,
         DECODE=decode, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if num_splits > 1:
-        _merge_splits_kernel[(t, hq)](
+        block_dv = min(128, max(16, next_pow2(dv)))
+        _merge_splits_kernel[(t, hq, triton.cdiv(dv, block_dv))](
             part_o, part_l, out, part_o.stride(0), part_o.stride(1), part_o.stride(2),
             part_l.stride(0), part_l.stride(1), out.stride(0), out.stride(1), DV=dv,
-            BLOCK_DV=max(16, next_pow2(dv)), NUM_SPLITS=num_splits,
-            BLOCK_S=max(2, next_pow2(num_splits)), num_warps=4)
+            BLOCK_DV=block_dv, NUM_SPLITS=num_splits, BLOCK_S=max(2, next_pow2(num_splits)),
+            CHUNK_S=min(16, max(2, next_pow2(num_splits))), num_warps=4)
     return out

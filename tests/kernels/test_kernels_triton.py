@@ -85,7 +85,8 @@ def _paged(seq_lens, page_size, hk, d, dv):
 
 @pytest.mark.parametrize("page_size", [1, 5, 16])
 @pytest.mark.parametrize("seq_lens,hq,hk,splits", [([1, 40, 77], 8, 2, None),
-                                                   ([100], 4, 4, 3), ([17, 2], 16, 1, 2)])
+                                                   ([100], 4, 4, 3), ([17, 2], 16, 1, 2),
+                                                   ([340], 4, 2, 20)])
 def test_decode_attention(page_size, seq_lens, hq, hk, splits):
     table, kc, vc, sl = _paged(seq_lens, page_size, hk, 16, 16)
     q = rnd(len(seq_lens), hq, 16)
