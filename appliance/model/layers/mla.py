@@ -212,7 +212,7 @@ class MLAttention(Placed):
         self._build_projections(cfg, ctx)
         self.scale = cfg.softmax_scale()
         feats = dict(device=ctx.device, dtype=ctx.dtype, num_heads=self.num_heads,
-                     kv_lora_rank=cfg.kv_lora_rank, qk_rope_head_dim=cfg.qk_rope_head_dim,
+                     kv_lora_rank=cfg.kv_lora_rank, rope_dim=cfg.qk_rope_head_dim,
                      page_size=ctx.page_size)
         self.mla_decode = kernels.select("mla_decode", **feats)
         self.mla_extend = kernels.select("mla_extend", **feats)
