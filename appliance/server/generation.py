@@ -63,6 +63,7 @@ class Finished:
     completion_tokens: int
     num_tool_calls: int = 0
     stop_sequence: str | None = None
+    token_ids: tuple[int, ...] = ()  # every generated token id, in order
 
 
 Event = TextDelta | ToolCallDelta | Finished
@@ -130,11 +131,11 @@ async def generate(state: AppState, job: GenerationJob) -> AsyncIterator[Event]:
     pipeline = OutputPipeline(state.tokenizer, job)
     stream = client.generate(engine_request(state, rid, job))
     done = False
-    completion_tokens = 0
+    token_ids: list[int] = []
     try:
         async for out in _engine_outputs(state, stream):
             if out.token_id >= 0:
-                completion_tokens += 1
+                token_ids.append(out.token_id)
                 state.metrics.observe(*state.tracker.on_token(tracked))
             last = out.finish_reason is not None
             events, matched = pipeline.push(out.token_id, last, _decodes(state, out))
@@ -145,11 +146,12 @@ async def generate(state: AppState, job: GenerationJob) -> AsyncIterator[Event]:
                     await _release(state, stream, rid, finished=False)
                 done = True
                 reason = "stop_sequence" if matched is not None else str(out.finish_reason)
-                yield Finished(reason, len(job.prompt_ids), completion_tokens,
-                               pipeline.num_tool_calls, matched)
+                yield Finished(reason, len(job.prompt_ids), len(token_ids),
+                               pipeline.num_tool_calls, matched, tuple(token_ids))
                 return
         done = True  # the engine stream ended without a finish reason (the engine stopped)
-        yield Finished("abort", len(job.prompt_ids), completion_tokens, pipeline.num_tool_calls)
+        yield Finished("abort", len(job.prompt_ids), len(token_ids), pipeline.num_tool_calls,
+                       token_ids=tuple(token_ids))
     finally:
         state.tracker.finish(rid)
         await _release(state, stream, rid, finished=done)

@@ -41,10 +41,11 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
             "model": state.model_name}
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return sse.response(sse.guarded(_stream(state, job, head, include_usage), stream_error))
+        stream = _stream(state, job, head, include_usage, body.return_token_ids)
+        return sse.response(sse.guarded(stream, stream_error))
     result = await collect(request, generate(state, job))
-    return JSONResponse({**head, "choices": [_choice(result.text, result.finished)],
-                         "usage": usage(result.finished)})
+    choice = _choice(result.text, result.finished, body.return_token_ids)
+    return JSONResponse({**head, "choices": [choice], "usage": usage(result.finished)})
 
 
 def _reject_unsupported(body: CompletionRequest) -> None:
@@ -75,19 +76,22 @@ async def _prompt_ids(state: AppState, prompt: str | list[str] | list[int] | lis
     return ids
 
 
-def _choice(text: str, finished: Finished | None) -> dict[str, Any]:
-    return {"index": 0, "text": text, "logprobs": None,
-            "finish_reason": finish_reason(finished) if finished else None}
+def _choice(text: str, finished: Finished | None, token_ids: bool = False) -> dict[str, Any]:
+    choice = {"index": 0, "text": text, "logprobs": None,
+              "finish_reason": finish_reason(finished) if finished else None}
+    if token_ids and finished is not None:
+        choice["token_ids"] = list(finished.token_ids)
+    return choice
 
 
 async def _stream(state: AppState, job: GenerationJob, head: dict[str, Any],
-                  include_usage: bool) -> AsyncIterator[str]:
+                  include_usage: bool, token_ids: bool) -> AsyncIterator[str]:
     extra = {"usage": None} if include_usage else {}
     async for item in generate(state, job):
         if isinstance(item, TextDelta):
             yield sse.data({**head, "choices": [_choice(item.text, None)], **extra})
         elif isinstance(item, Finished):
-            yield sse.data({**head, "choices": [_choice("", item)], **extra})
+            yield sse.data({**head, "choices": [_choice("", item, token_ids)], **extra})
             if include_usage:
                 yield sse.data({**head, "choices": [], "usage": usage(item)})
     yield sse.DONE

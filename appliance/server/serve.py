@@ -3,7 +3,8 @@
 The Unix socket is created mode 0600 (only the daemon's user may talk to it); a stale socket file
 left by a crashed daemon is replaced, a live one is an error; the file is removed at exit.
 SIGINT/SIGTERM: stop accepting, let in-flight requests finish for up to GRACE_S seconds, then
-cancel them (which aborts them in the engine) and return 0.
+abort the rest through the engine client (their streams end with finish_reason "abort"); a
+request still running ABORT_WAIT_S later is cancelled. Returns 0.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from appliance.server.state import AppState, EngineClientLike
 log = logging.getLogger(__name__)
 
 GRACE_S = 10.0
+ABORT_WAIT_S = 5.0
 BACKLOG = 2048
 HEALTH_POLL_S = 0.5
 
@@ -65,7 +67,7 @@ def serve(config: AppConfig, client: EngineClientLike, tokenizer: Any) -> int:
         log.error("cannot listen on %s: %s", config.server.socket, e)
         return 1
     server = _Server(uvicorn.Config(app, http="auto", lifespan="off", log_config=None,
-                                    timeout_graceful_shutdown=GRACE_S, backlog=BACKLOG))
+                                    timeout_graceful_shutdown=GRACE_S + ABORT_WAIT_S, backlog=BACKLOG))
     log.info("serving %s on http://%s:%d and %s", config.model.model_name, config.server.host,
              tcp.getsockname()[1], config.server.socket)
     try:
@@ -78,11 +80,13 @@ def serve(config: AppConfig, client: EngineClientLike, tokenizer: Any) -> int:
 
 
 async def _run(server: _Server, sockets: list[socket.socket], state: AppState) -> int:
-    watchdog = asyncio.create_task(_watch_engine(server, state))
+    helpers = [asyncio.create_task(_watch_engine(server, state)),
+               asyncio.create_task(_abort_after_grace(server, state))]
     try:
         await server.serve(sockets=sockets)
     finally:
-        watchdog.cancel()
+        for task in helpers:
+            task.cancel()
     await _abort_leftovers(state)
     return 0 if state.engine_healthy else 1
 
@@ -96,8 +100,20 @@ async def _watch_engine(server: _Server, state: AppState) -> None:
         await asyncio.sleep(HEALTH_POLL_S)
 
 
+async def _abort_after_grace(server: _Server, state: AppState) -> None:
+    """Once shutdown starts, give requests GRACE_S seconds, then abort what still runs."""
+    while not server.should_exit:
+        await asyncio.sleep(0.1)
+    await asyncio.sleep(GRACE_S)
+    rids = state.tracker.active_rids()
+    if rids:
+        log.warning("shutdown grace of %.0f s is over: aborting %d request(s)", GRACE_S, len(rids))
+    for rid in rids:
+        await state.client.abort(rid)
+
+
 async def _abort_leftovers(state: AppState) -> None:
-    """Requests still tracked after the grace period (their tasks were cancelled): abort them."""
+    """Requests still tracked once the server stopped (their tasks were cancelled): abort them."""
     await asyncio.sleep(0)
     for rid in state.tracker.active_rids():
         await state.client.abort(rid)

@@ -65,6 +65,10 @@ class FakeEngineClient:
         try:
             for i, token in enumerate(self._tokens(req)):
                 await asyncio.sleep(self.delay_s)
+                if req.rid in self.aborted:  # like the engine: an abort ends the stream
+                    finished = True
+                    yield TokenOutput(req.rid, -1, "abort")
+                    return
                 self.totals["generation_tokens_total"] += 1
                 reason = self._finish_reason(req, token, i)
                 finished = reason is not None

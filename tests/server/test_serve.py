@@ -118,5 +118,8 @@ def test_sigterm_grace_expiry_aborts_in_engine():
     code, aborted, out = _finish(proc)
     assert code == 0, out
     assert aborted == [1]
-    assert "data: [DONE]" not in lines
+    assert lines[-1] == "data: [DONE]"  # the stream ended properly, cut short by the abort
+    last = json.loads(lines[-2][6:])["choices"][0]
+    assert last["finish_reason"] == "abort"
+    assert len(lines) < 30
     assert not sock.exists()
