@@ -1,17 +1,21 @@
 // One step's batch description, in the layout of docs/INTERFACES.md §1.
-// Plain vectors; py_scheduler hands them to numpy without copying.
+// Plain vectors (and one shared buffer); py_scheduler hands them to numpy
+// without copying.
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
+
+#include "page_table_arena.h"
 
 namespace ts {
 
 struct PlanData {
   int64_t step = 0;
   int32_t num_decode = 0;
-  int32_t page_table_width = 0;  // P
+  int32_t page_table_width = 0;  // P (a multiple of PageTableArena::kWidthAlign)
   double predicted_time_s = 0;   // cost model's estimate for this step
   std::vector<int64_t> rids;          // [B]
   std::vector<int32_t> input_ids;     // [T]; -(r+1): token of row r of the previous plan
@@ -19,7 +23,8 @@ struct PlanData {
   std::vector<int32_t> query_start;   // [B+1]
   std::vector<int32_t> prefix_lens;   // [B]
   std::vector<int32_t> seq_lens;      // [B]
-  std::vector<int32_t> page_table;    // [B*P], row-major, 0-padded
+  // [B, P] row-major, 0-padded: the first B rows of a shared arena buffer.
+  std::shared_ptr<PageTableArena::Buffer> page_table;
   std::vector<int32_t> slot_mapping;  // [T]
   std::vector<int32_t> sample;        // [B]
 };

@@ -15,6 +15,17 @@ py::array to_numpy(std::vector<T>&& v, std::vector<py::ssize_t> shape) {
   return py::array_t<T>(shape, owned->data(), free_it);
 }
 
+// The first `rows` rows of an arena buffer; the array keeps the buffer alive
+// (and so out of the arena's reuse) until numpy frees it.
+py::array arena_to_numpy(std::shared_ptr<PageTableArena::Buffer>&& buf, py::ssize_t rows,
+                         py::ssize_t width) {
+  auto* owned = new std::shared_ptr<PageTableArena::Buffer>(std::move(buf));
+  py::capsule free_it(owned, [](void* p) {
+    delete static_cast<std::shared_ptr<PageTableArena::Buffer>*>(p);
+  });
+  return py::array_t<int32_t>({rows, width}, (*owned)->data.data(), free_it);
+}
+
 std::span<const int32_t> view(const I32Array& a) {
   if (a.ndim() != 1) throw std::invalid_argument("expected a 1-D int32 array");
   return {a.data(), static_cast<size_t>(a.shape(0))};
@@ -68,7 +79,7 @@ std::optional<PyPlan> PyScheduler::plan() {
   p.query_start = to_numpy(std::move(d->query_start), {b + 1});
   p.prefix_lens = to_numpy(std::move(d->prefix_lens), {b});
   p.seq_lens = to_numpy(std::move(d->seq_lens), {b});
-  p.page_table = to_numpy(std::move(d->page_table), {b, d->page_table_width});
+  p.page_table = arena_to_numpy(std::move(d->page_table), b, d->page_table_width);
   p.slot_mapping = to_numpy(std::move(d->slot_mapping), {t});
   p.sample = to_numpy(std::move(d->sample), {b});
   return p;

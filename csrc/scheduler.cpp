@@ -68,6 +68,9 @@ void Scheduler::submit(int64_t rid, std::span<const int32_t> prompt,
 
   RequestData d;
   d.rid = rid;
+  // Room for the first generated tokens up front: otherwise requests admitted
+  // together all regrow (copy) their token vectors in the same step.
+  d.tokens.reserve(prompt.size() + std::min(max_new_tokens, 1024));
   d.tokens.assign(prompt.begin(), prompt.end());
   d.prompt_len = static_cast<int32_t>(prompt.size());
   d.max_new_tokens = max_new_tokens;
@@ -93,14 +96,17 @@ std::optional<PlanData> Scheduler::plan() {
   StepFeatures f;
   f.decode_tokens = num_decode;
   for (const Row& r : rows) f.kv_tokens_read += r.prefix + r.count;
-  double running_kv = 0;
-  for (const Entry* e : running_) {
-    const RequestData& d = data_of(*e);
-    running_kv += static_cast<double>(d.tokens.size()) + d.pending;
+  // Decodes filled the running set; the rest is needed only with prefill work.
+  if (static_cast<int32_t>(rows.size()) < static_cast<int32_t>(running_.size()))
+    plan_prefills(rows, budget, f);
+  if (!waiting_.empty()) {
+    double running_kv = 0;
+    for (const Entry* e : running_) {
+      const RequestData& d = data_of(*e);
+      running_kv += static_cast<double>(d.tokens.size()) + d.pending;
+    }
+    plan_admissions(rows, budget, f, running_kv);
   }
-
-  plan_prefills(rows, budget, f);
-  plan_admissions(rows, budget, f, running_kv);
   if (rows.empty()) return std::nullopt;
   return materialize(rows, num_decode, f);
 }
@@ -264,7 +270,9 @@ PlanData Scheduler::materialize(const std::vector<Row>& rows, int32_t num_decode
     t += r.count;
     width = std::max(width, pages_for(r.prefix + r.count));
   }
+  width = PageTableArena::aligned_width(width);
   p.page_table_width = width;
+  p.page_table = page_tables_.acquire(b, width);
   p.rids.reserve(b);
   p.input_ids.reserve(t);
   p.positions.reserve(t);
@@ -273,7 +281,6 @@ PlanData Scheduler::materialize(const std::vector<Row>& rows, int32_t num_decode
   p.prefix_lens.reserve(b);
   p.seq_lens.reserve(b);
   p.sample.reserve(b);
-  p.page_table.reserve(b * width);
   p.query_start.push_back(0);
 
   InFlight fl;
@@ -293,9 +300,8 @@ PlanData Scheduler::materialize(const std::vector<Row>& rows, int32_t num_decode
       p.positions.push_back(pos);
       p.slot_mapping.push_back(pages[pos / ps] * ps + pos % ps);
     }
-    int32_t npages = pages_for(seq);
-    p.page_table.insert(p.page_table.end(), pages, pages + npages);
-    p.page_table.insert(p.page_table.end(), width - npages, 0);
+    PageTableArena::write_row(*p.page_table, p.rids.size(), d.admit_seq, pages,
+                              pages_for(seq));
     p.rids.push_back(d.rid);
     p.query_start.push_back(static_cast<int32_t>(p.input_ids.size()));
     p.prefix_lens.push_back(r.prefix);

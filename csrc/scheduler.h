@@ -20,6 +20,7 @@
 #include "clock.h"
 #include "cost_model.h"
 #include "page_pool.h"
+#include "page_table_arena.h"
 #include "plan.h"
 #include "prefix_cache.h"
 #include "request_state.h"
@@ -121,6 +122,7 @@ class Scheduler {
   CostModel cost_;
   SessionTable sessions_;
   Clock clock_;
+  PageTableArena page_tables_;
 
   std::unordered_map<int64_t, std::unique_ptr<Entry>> requests_;
   std::deque<int64_t> waiting_;  // front is next; preempted requests go first

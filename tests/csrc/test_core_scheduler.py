@@ -35,8 +35,10 @@ def test_single_request_plan_layout():
     assert p.query_start.tolist() == [0, 10]
     assert p.prefix_lens.tolist() == [0] and p.seq_lens.tolist() == [10]
     assert p.sample.tolist() == [1]
-    assert p.page_table.shape == (1, 3)
-    pages = p.page_table[0]
+    assert p.page_table.shape[0] == 1 and p.page_table.shape[1] >= 3
+    assert p.page_table.flags.c_contiguous
+    assert (p.page_table[0, 3:] == 0).all()  # padding
+    pages = p.page_table[0, :3]
     assert len(set(pages.tolist())) == 3
     expect = [int(pages[pos // 4]) * 4 + pos % 4 for pos in range(10)]
     assert p.slot_mapping.tolist() == expect
@@ -46,7 +48,7 @@ def test_single_request_plan_layout():
     assert p2.num_decode == 1 and p2.input_ids.tolist() == [55]
     assert p2.positions.tolist() == [10] and p2.prefix_lens.tolist() == [10]
     assert p2.seq_lens.tolist() == [11]
-    assert p2.page_table[0].tolist() == pages.tolist()  # same pages, 11 tokens fit in 3
+    assert p2.page_table[0, :3].tolist() == pages.tolist()  # same pages, 11 tokens fit in 3
     assert p2.slot_mapping.tolist() == [int(pages[2]) * 4 + 2]
     s.check_invariants()
 
@@ -153,3 +155,26 @@ def test_steps_total_counts_commits():
     s.submit(1, i32([1, 2, 3]), 2, i32([]))
     Driver(s).run()
     assert s.stats()["steps_total"] == 2
+
+
+def test_page_tables_of_held_plans_never_change():
+    # page_table buffers are reused in place only once Python dropped them.
+    s = make(num_pages=256, page_size=4, max_batch_tokens=64)
+    for r in range(6):
+        s.submit(r, i32(range(r * 10, r * 10 + 7 + r)), 20, i32([]))
+    held = []
+    d = Driver(s)
+    for i in range(40):
+        p = d.step()
+        if p is None:
+            break
+        if i % 3 == 0:
+            held.append((p, p.page_table.copy()))
+        if i == 10:
+            assert s.abort(2)
+            s.submit(100, i32(range(500, 530)), 10, i32([]))
+    for p, snapshot in held:
+        assert (p.page_table == snapshot).all()
+        for b in range(p.num_rows):
+            n = -(-int(p.seq_lens[b]) // 4)
+            assert (p.page_table[b, n:] == 0).all()
