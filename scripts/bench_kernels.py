@@ -423,23 +423,52 @@ def tune_attention() -> None:
     def cfg(g: int, t: int, n: int, w: int, s: int) -> dict:
         return dict(G_BLK=g, BLOCK_T=t, BLOCK_N=n, num_warps=w, num_stages=s)
 
-    for shape in ((1, 131072), (4, 32768)):
-        for spm in (2, 4, 8):
-            for n, w, s in ((64, 4, 2), (64, 4, 3), (128, 4, 2), (32, 4, 3), (64, 8, 3)):
-                variant(cfg(16, 1, n, w, s), spm, f"decode B={shape[0]} ctx={shape[1]} "
-                        f"spm={spm} N={n} w={w} s={s}", dec(*shape))
-    for shape in ((1, 32768), (64, 8192)):
-        for spm in (2, 4):
-            for n, w, s in ((32, 8, 2), (32, 4, 2), (16, 4, 2), (16, 4, 3), (64, 8, 2),
-                            (32, 8, 3)):
+    if os.environ.get("TUNE_GQA_DECODE"):
+        for shape in ((1, 131072), (4, 32768)):
+            for spm in (2, 4, 8):
+                for n, w, s in ((64, 4, 2), (128, 4, 2), (64, 4, 3)):
+                    variant(cfg(16, 1, n, w, s), spm, f"decode B={shape[0]} ctx={shape[1]} "
+                            f"spm={spm} N={n} w={w} s={s}", dec(*shape))
+    for shape in ((1, 32768), (1, 131072), (64, 8192)):
+        for spm in (1, 2, 4, 8):
+            for n, w, s in ((32, 4, 2), (64, 8, 2), (32, 4, 1), (16, 4, 1), (64, 4, 1),
+                            (32, 4, 3)):
                 variant(cfg(16, 1, n, w, s), spm, f"mla_decode B={shape[0]} ctx={shape[1]} "
                         f"spm={spm} N={n} w={w} s={s}", mdec(*shape))
-    for t, n, w, s in ((32, 64, 8, 3), (32, 128, 8, 2), (32, 128, 8, 3), (16, 128, 4, 3),
-                       (32, 64, 4, 3), (64, 64, 8, 3), (32, 32, 4, 4), (16, 64, 4, 4)):
+    for t, n, w, s in ((64, 64, 8, 3), (64, 128, 8, 2), (64, 64, 8, 2), (64, 64, 8, 4),
+                       (32, 128, 8, 2), (64, 32, 8, 3), (32, 64, 4, 2)):
         variant(cfg(4, t, n, w, s), 2, f"extend 8K T={t} G=4 N={n} w={w} s={s}", ext(8192, False))
-    for g, t, n, w, s in ((16, 4, 32, 8, 2), (16, 2, 32, 8, 2), (16, 2, 64, 8, 2),
-                          (16, 2, 32, 4, 2), (16, 1, 64, 4, 2), (16, 4, 16, 8, 2)):
+    for g, t, n, w, s in ((16, 4, 32, 8, 2), (16, 4, 32, 8, 1), (16, 4, 16, 8, 2),
+                          (16, 8, 16, 8, 2), (16, 2, 16, 4, 2)):
         variant(cfg(g, t, n, w, s), 2, f"mla_extend 8K T={t} N={n} w={w} s={s}", ext(8192, True))
+
+
+def tune_moe() -> None:
+    """Time tile variants of the fused MoE at DeepSeek-V2-Lite shapes."""
+    default = TM._config
+    w13 = torch.randn(64, 2816, 2048, dtype=BF16, device=DEV) * 0.02
+    w2 = torch.randn(64, 2048, 1408, dtype=BF16, device=DEV) * 0.02
+    variants = [(16, 64, 128, 4, 4), (16, 128, 64, 4, 4), (32, 64, 128, 4, 4),
+                (32, 128, 64, 4, 4), (64, 128, 64, 4, 4), (64, 128, 64, 8, 3),
+                (64, 64, 64, 4, 4), (128, 128, 64, 8, 3), (128, 128, 64, 8, 4),
+                (128, 256, 64, 8, 3), (128, 64, 64, 4, 4)]
+    for t in (16, 256, 1024, 4096, 16384):
+        x = torch.randn(t, 2048, dtype=BF16, device=DEV)
+        wts, ids = R.moe_route(torch.randn(t, 64, device=DEV), 6, "softmax", False, None, 1, 1,
+                               1.0)
+        for bm, bn, bk, w, s in variants:
+            if bm > 32 and t < 256 or bm < 64 and t > 4096:
+                continue
+            TM._config = lambda _p, c=dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=w,
+                                           num_stages=s): c
+            try:
+                ms = graph_ms(lambda: TM.fused_moe(x, w13, w2, wts, ids))
+                print(f"  tune moe T={t:6d} M={bm} N={bn} K={bk} w={w} s={s}  {ms * 1e3:9.1f}us "
+                      f"{6.0 * t * 6 * 1408 * 2048 / ms / 1e9:7.1f} TFLOP/s", flush=True)
+            except Exception as e:  # noqa: BLE001
+                print(f"  tune moe T={t} M={bm} N={bn} ERROR {type(e).__name__}: {str(e)[:100]}")
+            finally:
+                TM._config = default
 
 
 def profile() -> None:
@@ -557,6 +586,7 @@ def main() -> None:
         profile()
     if args.tune:
         tune_attention()
+        tune_moe()
     only = [s for s in args.only.split(",") if s]
     for name, cases in groups(args.quick).items():
         if not only or any(name.startswith(o) for o in only):

@@ -196,7 +196,7 @@ def _config(decode: bool, mla: bool, group: int) -> dict:
                 num_warps=4 if small else 8, num_stages=2 if mla else 3)
 
 
-SPLITS_PER_SM = 2      # split-KV target: programs per SM (tuned by scripts/bench_kernels.py)
+SPLITS_PER_SM = 4      # split-KV target: programs per SM (tuned by scripts/bench_kernels.py)
 MIN_SPLIT_TILES = 4    # a split covers at least this many KV tiles
 
 

@@ -1,19 +1,25 @@
 """Sampling in Triton without a host sync; the same function as kernels/reference/sample.py.
 
-One program per row streams the vocabulary in BLOCK_V chunks. top-k: bisection over an
-order-preserving integer key of the scaled logits finds the k-th largest value exactly (32
-passes). top-p: bisection over the bits of positive floats finds the smallest e = exp(l - max)
-whose strictly-larger mass is < top_p * Z (31 passes). Then Gumbel-max with counter-based noise.
-Rows without top-k / top-p skip those passes."""
+Two launches. Stage 1, one program per (row, vocab chunk): the chunk's best `l + gumbel` (plain
+`l` when greedy) and, when top-k is on with k <= KCAP, the chunk's top-k candidates (every
+element >= the chunk's k-th largest, found by bisection over an order-preserving integer key;
+the global top-k is a subset of the union). Stage 2, one program per row: rows with top-k
+finish on the candidates (global k-th largest, top-p by bisection over the bits of
+e = exp(l - max), Gumbel-max); rows with neither filter reduce the chunk bests; rows with top-p
+alone (or k > KCAP) stream the whole row (bisection passes over the vocabulary).
+Ties at the chunk threshold beyond KCAP candidates are dropped (not seen with float logits).
+"""
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
 
-from kernels.reference.sample import GOLDEN as _GOLDEN, MUL_A as _MUL_A, MUL_B as _MUL_B
+from kernels.reference.sample import GOLDEN as _GOLDEN
+from kernels.reference.sample import MUL_A as _MUL_A
+from kernels.reference.sample import MUL_B as _MUL_B
 from kernels.registry import register
-from kernels.triton.common import interpreting, on_cuda
+from kernels.triton.common import interpreting, next_pow2, on_cuda
 
 PRIORITY = 10
 # the hash constants of the reference, as constexpr globals Triton may read
@@ -32,6 +38,23 @@ def _mix32(x):
 
 
 @triton.jit
+def _row_key(Seeds, Pos, row):
+    seed = tl.load(Seeds + row)
+    pos = tl.load(Pos + row)
+    key = _mix32(seed.to(tl.uint32))
+    key = _mix32(key ^ (seed >> 32).to(tl.uint32))
+    key = _mix32(key ^ pos.to(tl.uint32))
+    return _mix32(key ^ (pos >> 32).to(tl.uint32))
+
+
+@triton.jit
+def _gumbel(key, idx):
+    r = _mix32(key ^ (idx.to(tl.uint32) * GOLDEN))
+    u = ((r >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
+    return -tl.log(-tl.log(u))
+
+
+@triton.jit
 def _order_key(l):
     """float32 -> int64 key with the same order (for non-NaN values)."""
     b = l.to(tl.int32, bitcast=True).to(tl.int64)
@@ -39,83 +62,171 @@ def _order_key(l):
 
 
 @triton.jit
-def _sample_kernel(Logits, Temp, TopK, TopP, Seeds, Pos, Out, stride_l, V,
-                   BLOCK_V: tl.constexpr):
-    row = tl.program_id(0)
-    base = Logits + row.to(tl.int64) * stride_l
-    temp = tl.load(Temp + row).to(tl.float32)
-    greedy = temp <= 0.0
-    inv_t = tl.where(greedy, 1.0, temp)
-    top_k = tl.load(TopK + row)
-    top_p = tl.load(TopP + row).to(tl.float32)
-    k_iters = tl.where((~greedy) & (top_k > 0) & (top_k < V), 32, 0)
-    p_iters = tl.where((~greedy) & (top_p < 1.0), 31, 0)
-    offs = tl.arange(0, BLOCK_V)
-    # running max of the scaled logits
-    m = tl.full((), float("-inf"), dtype=tl.float32)
-    for v0 in range(0, V, BLOCK_V):
-        l = tl.load(base + v0 + offs, mask=v0 + offs < V, other=float("-inf")) / inv_t
-        m = tl.maximum(m, tl.max(l, 0))
-    # top-k: the largest key x with count(key >= x) >= k
+def _kth_key(keys, valid, k):
+    """The k-th largest key among `valid` (0 if fewer than k are valid): 32-step bisection."""
     lo = tl.zeros((), dtype=tl.int64)
     hi = tl.full((), 4294967296, dtype=tl.int64)
-    for _ in range(k_iters):
+    for _ in range(32):
+        mid = lo + (hi - lo) // 2
+        big = tl.sum(((keys >= mid) & valid).to(tl.int32), 0) >= k
+        lo = tl.where(big, mid, lo)
+        hi = tl.where(big, hi, mid)
+    return lo
+
+
+@triton.jit
+def _row_params(Temp, TopK, TopP, row, V, KCAP: tl.constexpr):
+    temp = tl.load(Temp + row).to(tl.float32)
+    greedy = temp <= 0.0
+    top_k = tl.load(TopK + row)
+    top_p = tl.load(TopP + row).to(tl.float32)
+    k_on = (~greedy) & (top_k > 0) & (top_k < V)
+    p_on = (~greedy) & (top_p < 1.0)
+    cand = k_on & (top_k <= KCAP)
+    return tl.where(greedy, 1.0, temp), greedy, top_k, top_p, k_on, p_on, cand
+
+
+@triton.jit
+def _sample_chunk_kernel(Logits, Temp, TopK, TopP, Seeds, Pos, CandV, CandI, BestV, BestI,
+                         stride_l, V, NC, CHUNK: tl.constexpr, KCAP: tl.constexpr):
+    row, c = tl.program_id(0), tl.program_id(1)
+    t, greedy, top_k, top_p, k_on, p_on, cand = _row_params(Temp, TopK, TopP, row, V, KCAP)
+    idx = c * CHUNK + tl.arange(0, CHUNK)                                     # [C]
+    ok = idx < V
+    l = tl.load(Logits + row.to(tl.int64) * stride_l + idx, mask=ok, other=float("-inf")) / t
+    g = tl.where(greedy, 0.0, _gumbel(_row_key(Seeds, Pos, row), idx))
+    score = tl.where(ok, l + g, float("-inf"))
+    best = tl.max(score, 0)
+    slot = row.to(tl.int64) * NC + c
+    tl.store(BestV + slot, best)
+    tl.store(BestI + slot, tl.min(tl.where(score == best, idx, V), 0))
+    if cand:
+        keys = _order_key(l)
+        take = ok & (keys >= _kth_key(keys, ok, top_k))                      # [C]
+        at = tl.cumsum(take.to(tl.int32), 0) - 1                              # [C]
+        base = slot * KCAP
+        keep = take & (at < KCAP)
+        tl.store(CandV + base + at, l, mask=keep)
+        tl.store(CandI + base + at, idx, mask=keep)
+        j = tl.arange(0, KCAP)
+        pad = j >= tl.sum(take.to(tl.int32), 0)
+        tl.store(CandV + base + j, tl.full([KCAP], float("-inf"), tl.float32), mask=pad)
+        tl.store(CandI + base + j, tl.full([KCAP], 0, tl.int32) + V, mask=pad)
+
+
+@triton.jit
+def _top_p_floor(e, z, top_p):
+    """Smallest e_i whose strictly-larger mass is < top_p * z: bisection over float bits."""
+    lo = tl.zeros((), dtype=tl.int32)               # bits of 0.0: predicate false
+    hi = tl.full((), 1065353216, dtype=tl.int32)    # bits of 1.0 (= max e): predicate true
+    for _ in range(31):
+        mid = lo + (hi - lo) // 2
+        x = mid.to(tl.float32, bitcast=True)
+        pred = tl.sum(tl.where(e > x, e, 0.0), 0) < top_p * z
+        hi = tl.where(pred, mid, hi)
+        lo = tl.where(pred, lo, mid)
+    return hi.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _finish_candidates(CandV, CandI, row, NC, V, top_k, top_p, p_on, key,
+                       KCAP: tl.constexpr, NCAND: tl.constexpr):
+    j = tl.arange(0, NCAND)
+    base = row.to(tl.int64) * NC * KCAP
+    inb = j < NC * KCAP
+    vals = tl.load(CandV + base + j, mask=inb, other=float("-inf"))           # [NCAND]
+    ids = tl.load(CandI + base + j, mask=inb, other=V)
+    valid = ids < V
+    keys = _order_key(vals)
+    keep = valid & (keys >= _kth_key(keys, valid, top_k))
+    m = tl.max(tl.where(keep, vals, float("-inf")), 0)
+    e = tl.where(keep, tl.exp(vals - m), 0.0)
+    if p_on:
+        keep = keep & (e >= _top_p_floor(e, tl.sum(e, 0), top_p))
+    score = tl.where(keep, vals + _gumbel(key, ids), float("-inf"))
+    best = tl.max(score, 0)
+    return tl.min(tl.where(score == best, ids, V), 0)
+
+
+@triton.jit
+def _finish_stream(base, V, t, k_on, top_k, top_p, p_on, key, BLOCK_V: tl.constexpr):
+    """Top-p (and top-k > KCAP) on the whole row: passes over the vocabulary."""
+    offs = tl.arange(0, BLOCK_V)
+    m = tl.full((), float("-inf"), dtype=tl.float32)
+    for v0 in range(0, V, BLOCK_V):
+        m = tl.maximum(m, tl.max(tl.load(base + v0 + offs, mask=v0 + offs < V,
+                                         other=float("-inf")) / t, 0))
+    lo = tl.zeros((), dtype=tl.int64)
+    hi = tl.full((), 4294967296, dtype=tl.int64)
+    for _ in range(tl.where(k_on, 32, 0)):
         mid = lo + (hi - lo) // 2
         cnt = tl.zeros((), dtype=tl.int32)
         for v0 in range(0, V, BLOCK_V):
             ok = v0 + offs < V
-            l = tl.load(base + v0 + offs, mask=ok, other=float("-inf")) / inv_t
+            l = tl.load(base + v0 + offs, mask=ok, other=float("-inf")) / t
             cnt += tl.sum(((_order_key(l) >= mid) & ok).to(tl.int32), 0)
         big = cnt >= top_k
         lo = tl.where(big, mid, lo)
         hi = tl.where(big, hi, mid)
-    kth_key = lo                                   # 0 when top-k is off: keeps everything
-    # top-p: Z, then the smallest e with mass(e' > e) < top_p * Z
     z = tl.zeros((), dtype=tl.float32)
-    if p_iters > 0:
-        for v0 in range(0, V, BLOCK_V):
-            ok = v0 + offs < V
-            l = tl.load(base + v0 + offs, mask=ok, other=float("-inf")) / inv_t
-            z += tl.sum(tl.where(ok & (_order_key(l) >= kth_key), tl.exp(l - m), 0.0), 0)
-    plo = tl.zeros((), dtype=tl.int32)              # bits of 0.0: predicate false
-    phi = tl.full((), 1065353216, dtype=tl.int32)   # bits of 1.0 (= max e): predicate true
-    for _ in range(p_iters):
+    for v0 in range(0, V, BLOCK_V):
+        ok = v0 + offs < V
+        l = tl.load(base + v0 + offs, mask=ok, other=float("-inf")) / t
+        z += tl.sum(tl.where(ok & (_order_key(l) >= lo), tl.exp(l - m), 0.0), 0)
+    plo = tl.zeros((), dtype=tl.int32)
+    phi = tl.full((), 1065353216, dtype=tl.int32)
+    for _ in range(tl.where(p_on, 31, 0)):
         mid = plo + (phi - plo) // 2
         x = mid.to(tl.float32, bitcast=True)
         s = tl.zeros((), dtype=tl.float32)
         for v0 in range(0, V, BLOCK_V):
             ok = v0 + offs < V
-            l = tl.load(base + v0 + offs, mask=ok, other=float("-inf")) / inv_t
-            e = tl.where(ok & (_order_key(l) >= kth_key), tl.exp(l - m), 0.0)
+            l = tl.load(base + v0 + offs, mask=ok, other=float("-inf")) / t
+            e = tl.where(ok & (_order_key(l) >= lo), tl.exp(l - m), 0.0)
             s += tl.sum(tl.where(e > x, e, 0.0), 0)
         pred = s < top_p * z
         phi = tl.where(pred, mid, phi)
         plo = tl.where(pred, plo, mid)
-    e_min = tl.where(p_iters > 0, phi.to(tl.float32, bitcast=True), 0.0)
-    # Gumbel-max over the kept tokens (plain argmax when greedy)
-    seed = tl.load(Seeds + row)
-    pos = tl.load(Pos + row)
-    key = _mix32(seed.to(tl.uint32))
-    key = _mix32(key ^ (seed >> 32).to(tl.uint32))
-    key = _mix32(key ^ pos.to(tl.uint32))
-    key = _mix32(key ^ (pos >> 32).to(tl.uint32))
+    e_min = tl.where(p_on, phi.to(tl.float32, bitcast=True), 0.0)
     best = tl.full((), float("-inf"), dtype=tl.float32)
     best_i = tl.zeros((), dtype=tl.int32) + V
     for v0 in range(0, V, BLOCK_V):
         idx = v0 + offs
         ok = idx < V
-        l = tl.load(base + idx, mask=ok, other=float("-inf")) / inv_t
-        keep = ok & (_order_key(l) >= kth_key) & (tl.exp(l - m) >= e_min)
-        r = _mix32(key ^ (idx.to(tl.uint32) * GOLDEN))
-        u = ((r >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
-        g = tl.where(greedy, 0.0, -tl.log(-tl.log(u)))
-        score = tl.where(keep, l + g, float("-inf"))
+        l = tl.load(base + idx, mask=ok, other=float("-inf")) / t
+        keep = ok & (_order_key(l) >= lo) & (tl.exp(l - m) >= e_min)
+        score = tl.where(keep, l + _gumbel(key, idx), float("-inf"))
         cmax = tl.max(score, 0)
         cidx = tl.min(tl.where(score == cmax, idx, V), 0)
         take = cmax > best
         best_i = tl.where(take, cidx, best_i)
         best = tl.where(take, cmax, best)
-    tl.store(Out + row, best_i.to(tl.int32))
+    return best_i
+
+
+@triton.jit
+def _sample_finish_kernel(Logits, Temp, TopK, TopP, Seeds, Pos, CandV, CandI, BestV, BestI,
+                          Out, stride_l, V, NC, KCAP: tl.constexpr, NCAND: tl.constexpr,
+                          BLOCK_NC: tl.constexpr, BLOCK_V: tl.constexpr):
+    row = tl.program_id(0)
+    t, greedy, top_k, top_p, k_on, p_on, cand = _row_params(Temp, TopK, TopP, row, V, KCAP)
+    key = _row_key(Seeds, Pos, row)
+    c = tl.arange(0, BLOCK_NC)
+    bv = tl.load(BestV + row.to(tl.int64) * NC + c, mask=c < NC, other=float("-inf"))
+    bi = tl.load(BestI + row.to(tl.int64) * NC + c, mask=c < NC, other=V)
+    top = tl.max(bv, 0)
+    tok = tl.min(tl.where(bv == top, bi, V), 0)            # no filter (or greedy)
+    if cand:
+        tok = _finish_candidates(CandV, CandI, row, NC, V, top_k, top_p, p_on, key, KCAP, NCAND)
+    elif k_on | p_on:
+        tok = _finish_stream(Logits + row.to(tl.int64) * stride_l, V, t, k_on, top_k, top_p,
+                             p_on, key, BLOCK_V)
+    tl.store(Out + row, tok.to(tl.int32))
+
+
+def _sizes() -> tuple[int, int]:
+    """(CHUNK, KCAP): vocabulary chunk per stage-1 program, top-k candidate cap."""
+    return (64, 64) if interpreting() else (4096, 128)
 
 
 @register("sample", backend="triton", priority=PRIORITY, supports=on_cuda)
@@ -129,8 +240,18 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
     out = torch.empty(b, dtype=torch.int32, device=logits.device)
     if b == 0:
         return out
-    block = 128 if interpreting() else 2048
-    _sample_kernel[(b,)](logits, temperature.float(), top_k.int(), top_p.float(), seeds.long(),
-                         positions.long(), out, logits.stride(0), v, BLOCK_V=block,
-                         num_warps=8)
+    chunk, kcap = _sizes()
+    nc = triton.cdiv(v, chunk)
+    dev = logits.device
+    cand_v = torch.empty(b, nc * kcap, dtype=torch.float32, device=dev)      # [B, NC*KCAP]
+    cand_i = torch.empty(b, nc * kcap, dtype=torch.int32, device=dev)
+    best_v = torch.empty(b, nc, dtype=torch.float32, device=dev)              # [B, NC]
+    best_i = torch.empty(b, nc, dtype=torch.int32, device=dev)
+    args = (logits, temperature.float(), top_k.int(), top_p.float(), seeds.long(),
+            positions.long(), cand_v, cand_i, best_v, best_i)
+    _sample_chunk_kernel[(b, nc)](*args, logits.stride(0), v, nc, CHUNK=chunk, KCAP=kcap,
+                                  num_warps=8)
+    _sample_finish_kernel[(b,)](*args, out, logits.stride(0), v, nc, KCAP=kcap,
+                                NCAND=next_pow2(nc * kcap), BLOCK_NC=max(2, next_pow2(nc)),
+                                BLOCK_V=128 if interpreting() else 2048, num_warps=8)
     return out
