@@ -7,6 +7,7 @@ Modes
 - agentic:    users running multi-turn conversations whose context grows every turn (previous
               prompt + answer + new tokens), with a pause between turns as a tool call would make;
               reports the prefix-cache hit rate the daemon measured, per-user TPS and TPM.
+- greedy:     the greedy token ids of a few seeded prompts, to compare layouts (TP1 vs TP2/TP4).
 
 Prompts are token-id lists (ids 10..499, valid for any vocabulary) sent to /v1/completions with
 `ignore_eos`, so input and output lengths are exact.
@@ -37,7 +38,7 @@ class RequestResult:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("mode", choices=["latency", "throughput", "agentic"])
+    parser.add_argument("mode", choices=["latency", "throughput", "agentic", "greedy"])
     parser.add_argument("--input-len", type=int, default=512)
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--requests", type=int, default=32)
@@ -58,6 +59,7 @@ def run_bench(config: AppConfig, args: argparse.Namespace) -> int:
     else:
         width = max(map(len, summary))
         for key, value in summary.items():
+            value = value if not isinstance(value, list) else json.dumps(value)
             print(f"{key:<{width}}  {value:.3f}" if isinstance(value, float) else f"{key:<{width}}  {value}")
     return 0
 
@@ -68,6 +70,8 @@ async def _run(config: AppConfig, args: argparse.Namespace) -> dict:
         model = (await http.get("/v1/models")).json()["data"][0]["id"]
         before = (await http.get("/stats")).json()
         started = time.perf_counter()
+        if args.mode == "greedy":
+            return {"mode": "greedy", "token_ids": await _greedy(http, model, args, rng)}
         if args.mode == "agentic":
             results = await _agentic(http, model, args, rng)
         else:
@@ -96,6 +100,13 @@ async def _agentic(http: httpx.AsyncClient, model: str, args: argparse.Namespace
 
     per_user = await asyncio.gather(*(conversation(u) for u in range(args.users)))
     return [r for results in per_user for r in results]
+
+
+async def _greedy(http: httpx.AsyncClient, model: str, args: argparse.Namespace,
+                  rng: random.Random) -> list[list[int]]:
+    prompts = [_tokens(rng, args.input_len) for _ in range(min(args.requests, 4))]
+    outputs = [await _complete(http, model, p, args.output_len, with_tokens=True) for p in prompts]
+    return [token_ids for _, token_ids in outputs]
 
 
 async def _bounded(limit: int, jobs: list) -> list[RequestResult]:
