@@ -36,6 +36,7 @@ import torch
 import kernels
 from appliance.model.batch import ForwardBatch
 from appliance.model.context import BuildContext
+from appliance.model.layers.attention import select_optional
 from appliance.model.layers.linear import (ColumnParallelLinear, Part, ReplicatedLinear,
                                            RowParallelLinear)
 from appliance.model.layers.norm import HeadRMSNorm
@@ -214,6 +215,8 @@ class MLAttention(Placed):
         feats = dict(device=ctx.device, dtype=ctx.dtype, num_heads=self.num_heads,
                      kv_lora_rank=cfg.kv_lora_rank, rope_dim=cfg.qk_rope_head_dim,
                      page_size=ctx.page_size)
+        self.store_kv = kernels.select("store_kv", device=ctx.device, dtype=ctx.dtype)
+        self.rope_store_kv = select_optional("rope_store_kv", device=ctx.device, dtype=ctx.dtype)
         self.mla_decode = kernels.select("mla_decode", **feats)
         self.mla_extend = kernels.select("mla_extend", **feats)
         self.kv_cache: torch.Tensor | None = None
@@ -268,8 +271,7 @@ class MLAttention(Placed):
         t, c = hidden_states.shape[0], self.cfg
         q_nope, q_rope = self._query(hidden_states)                 # [T, H, Dn], [T, H, R]
         latent, k_rope = self._latent_kv(hidden_states)             # [T, L], [T, R]
-        q_rope, k_rope = self.rotary_emb(positions, q_rope, k_rope[:, None, :])
-        self._store(latent, k_rope[:, 0], batch.slot_mapping)
+        q_rope = self._rope_and_store(positions, q_rope, latent, k_rope, batch.slot_mapping)
         w_uk, w_uv = self.w_uk_uv()
         q_latent = torch.einsum("thd,hdl->thl", q_nope, w_uk)        # [T, H, L]
         o_latent = self._attend(q_latent, q_rope, batch)              # [T, H, L]
@@ -292,11 +294,23 @@ class MLAttention(Placed):
         latent, k_rope = kv.split([self.cfg.kv_lora_rank, self.cfg.qk_rope_head_dim], dim=-1)
         return self.kv_a_layernorm(latent[:, None, :])[:, 0], k_rope
 
-    def _store(self, latent: torch.Tensor, k_rope: torch.Tensor, slots: torch.Tensor) -> None:
-        # latent: [T, L], k_rope: [T, R] -> kv_cache[slots] = [latent | k_rope]; slots < 0 skip
-        entry = torch.cat([latent, k_rope], dim=-1).to(self.kv_cache.dtype)  # [T, L + R]
-        keep = slots >= 0                                                    # [T]
-        self.kv_cache.index_copy_(0, slots[keep].long(), entry[keep])
+    def _rope_and_store(self, positions: torch.Tensor, q_rope: torch.Tensor,
+                        latent: torch.Tensor, k_rope: torch.Tensor, slots: torch.Tensor
+                        ) -> torch.Tensor:
+        # q_rope: [T, H, R], latent: [T, L], k_rope: [T, R] -> rotated q_rope [T, H, R];
+        # kv_cache[slots] = [latent | rotated k_rope] (slots < 0 are padding, skipped).
+        # The cache is seen as a one-head K/V pair: "k" = rope key [S, 1, R], "v" = latent.
+        lat = self.cfg.kv_lora_rank
+        k_cache, v_cache = self.kv_cache[:, None, lat:], self.kv_cache[:, None, :lat]
+        k, v = k_rope[:, None, :], latent[:, None, :]                         # [T, 1, R], [T, 1, L]
+        rot = self.rotary_emb
+        if self.rope_store_kv is not None:  # rotate and write in one kernel
+            q_rope, _ = self.rope_store_kv(q_rope, k, v, positions, rot.cos_sin, rot.rotary_dim,
+                                           rot.is_neox, k_cache, v_cache, slots)
+            return q_rope
+        q_rope, k = rot(positions, q_rope, k)
+        self.store_kv(k, v, k_cache, v_cache, slots)
+        return q_rope
 
     def _attend(self, q_latent: torch.Tensor, q_rope: torch.Tensor,
                 batch: ForwardBatch) -> torch.Tensor:
