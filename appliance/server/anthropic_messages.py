@@ -17,7 +17,7 @@ from appliance.server.errors import ApiError, anthropic_error_body
 from appliance.server.generation import (Finished, GenerationJob, SamplingOptions, TextDelta, ToolCallDelta,
                                          collect, generate)
 from appliance.server.prompt import chat_prompt_ids, output_budget
-from appliance.server.request_context import check_model, session_hint, user_hint
+from appliance.server.request_context import check_model, embedded_session, session_hint, user_hint
 from appliance.server.state import AppState, get_state
 from appliance.server.tool_calls import ParsedToolCall
 
@@ -63,7 +63,10 @@ def _sampling(body: MessagesRequest, prompt_len: int, max_model_len: int) -> Sam
 
 
 def _session(request: Request, body: MessagesRequest) -> str:
-    return session_hint(request, body.metadata.session_id if body.metadata else None)
+    metadata = body.metadata
+    if metadata is None:
+        return session_hint(request)
+    return session_hint(request, metadata.session_id, embedded_session(metadata.user_id))
 
 
 def _stop_reason(finished: Finished) -> str:

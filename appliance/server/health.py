@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import datetime, timezone
+
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
@@ -24,6 +26,11 @@ async def health(request: Request) -> JSONResponse:
 @models_router.get("/v1/models")
 async def list_models(request: Request) -> JSONResponse:
     state = get_state(request)
-    card = {"id": state.model_name, "object": "model", "created": int(state.created_at),
-            "owned_by": "tokenspeed", "max_model_len": state.client.max_model_len}
-    return JSONResponse({"object": "list", "data": [card]})
+    created = int(state.created_at)
+    card = {"id": state.model_name, "object": "model", "created": created, "owned_by": "tokenspeed",
+            "max_model_len": state.client.max_model_len,
+            # the same list also satisfies the Anthropic SDK's models.list()
+            "type": "model", "display_name": state.model_name,
+            "created_at": datetime.fromtimestamp(created, timezone.utc).isoformat().replace("+00:00", "Z")}
+    return JSONResponse({"object": "list", "data": [card], "has_more": False,
+                         "first_id": state.model_name, "last_id": state.model_name})

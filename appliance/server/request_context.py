@@ -1,7 +1,8 @@
 """Who is asking and in which agent session: the model check, `session` and `user` hints.
 
 Session hint (the engine keeps a session's KV pages while the agent waits on a tool): header
-`x-session-id`, else the body's `session_id` (OpenAI) or `metadata.session_id` (Anthropic).
+`x-session-id`, else the body's `session_id` (OpenAI) or `metadata.session_id` (Anthropic), else
+the session Claude Code embeds in `metadata.user_id` (`user_<id>_account_<id>_session_<uuid>`).
 User (for /stats and the dashboard): header `x-tokenspeed-user`, else the OpenAI `user` field or
 Anthropic `metadata.user_id`.
 """
@@ -24,6 +25,13 @@ def session_hint(request: Request, *body_values: str | None) -> str:
 
 def user_hint(request: Request, *body_values: str | None) -> str:
     return _first(request.headers.get(USER_HEADER), *body_values)
+
+
+def embedded_session(user_id: str | None) -> str | None:
+    """The `<uuid>` of a Claude Code style `..._session_<uuid>` user id, else None."""
+    if not user_id or "_session_" not in user_id:
+        return None
+    return user_id.rsplit("_session_", 1)[1] or None
 
 
 def check_model(state: AppState, model: str | None) -> None:

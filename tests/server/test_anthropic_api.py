@@ -121,6 +121,13 @@ def test_session_from_metadata(client, served):
     client.messages.create(model=MODEL, max_tokens=4, messages=[{"role": "user", "content": "x"}],
                            metadata={"user_id": "u1"}, extra_body={"metadata": {"user_id": "u1", "session_id": "s-9"}})
     assert served.fake.requests[-1].session == "s-9"
+    claude_code_user = "user_8f3a_account_42b1_session_0d9c6e2a-1b2c-4d5e-8f90-123456789abc"
+    client.messages.create(model=MODEL, max_tokens=4, messages=[{"role": "user", "content": "x"}],
+                           metadata={"user_id": claude_code_user})
+    assert served.fake.requests[-1].session == "0d9c6e2a-1b2c-4d5e-8f90-123456789abc"
+    client.messages.create(model=MODEL, max_tokens=4, messages=[{"role": "user", "content": "x"}],
+                           metadata={"user_id": claude_code_user}, extra_headers={"x-session-id": "hdr"})
+    assert served.fake.requests[-1].session == "hdr"
 
 
 def test_stream_disconnect_aborts_request(served):
@@ -135,3 +142,8 @@ def test_stream_disconnect_aborts_request(served):
     assert wait_until(lambda: rid in served.fake.aborted)
     assert wait_until(lambda: rid not in served.fake.running)
     assert json.dumps  # keep import used
+
+
+def test_models_list_through_anthropic_sdk(client):
+    (model,) = list(client.models.list())
+    assert model.id == MODEL and model.type == "model"
