@@ -257,3 +257,36 @@ def test_ep2_matches_hf(tmp_path, tmp_path_factory):
     assert [(r["local_experts"], r["first_expert"]) for r in results] == [(4, 0), (4, 4)]
     assert results[0]["w13"] == [4, 2 * inter, hidden]
     assert [r["tokens"] for r in results] == [ref, ref]
+
+
+# --------------------------------------------------------------------------- real shapes
+@pytest.mark.parametrize("preset", ["deepseek-v2-lite", "kimi-k2.5"])
+@pytest.mark.parametrize("world", [1, 4])
+def test_real_shapes_plan_every_weight(preset, world):
+    """The real configs (two layers of them) build on the meta device and the compiler's
+    weight plan covers every parameter of every rank, with the checkpoint's tensor names."""
+    from appliance.model.compiler import plan_weights
+    from appliance.model.context import BuildContext
+    from appliance.model.models import model_class
+    from appliance.model.placement import ParallelLayout
+    from appliance.model.presets import preset_config
+
+    hf = preset_config(preset, num_hidden_layers=2)
+    heads, inter = hf["num_attention_heads"], hf["moe_intermediate_size"]
+    for rank in range(world):
+        layout = ParallelLayout.tensor_parallel(rank, world)
+        with torch.device("meta"):
+            model = model_class(hf["architectures"])(hf, BuildContext(layout, torch.device(
+                "meta"), torch.bfloat16, 64))
+        plan = plan_weights(model, layout)
+        attn, moe = model.model.layers[1].self_attn, model.model.layers[1].mlp
+        assert attn.num_heads == heads // world
+        assert tuple(moe.experts.w13.shape) == (hf["n_routed_experts"], 2 * inter // world,
+                                                hf["hidden_size"])
+        names = set(plan.names())
+        e = hf["n_routed_experts"] - 1
+        assert f"model.layers.1.mlp.experts.{e}.down_proj.weight" in names
+        assert "model.layers.1.self_attn.kv_b_proj.weight" in names
+        q = "q_proj" if hf["q_lora_rank"] is None else "q_b_proj"
+        assert f"model.layers.0.self_attn.{q}.weight" in names
+        assert ("model.layers.1.mlp.gate.e_score_correction_bias" in names) == (preset == "kimi-k2.5")
