@@ -65,7 +65,7 @@ def run_bench(config: AppConfig, args: argparse.Namespace) -> int:
 
 
 async def _run(config: AppConfig, args: argparse.Namespace) -> dict:
-    rng = random.Random(args.seed)
+    rng = random.Random(f"{args.seed}-{args.mode}")  # modes draw different prompts: no accidental cache hits
     async with _client(config, args.tcp) as http:
         model = (await http.get("/v1/models")).json()["data"][0]["id"]
         before = (await http.get("/stats")).json()
