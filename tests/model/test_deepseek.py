@@ -290,3 +290,13 @@ def test_real_shapes_plan_every_weight(preset, world):
         q = "q_proj" if hf["q_lora_rank"] is None else "q_b_proj"
         assert f"model.layers.0.self_attn.{q}.weight" in names
         assert ("model.layers.1.mlp.gate.e_score_correction_bias" in names) == (preset == "kimi-k2.5")
+
+
+def test_v3_without_rope_interleave(tmp_path):
+    """rope_interleave=False: HF rotates NeoX halves of the rope dims; so must we."""
+    version, over = CONFIGS["v3"]
+    folder = save_tiny_deepseek(tmp_path, version, seed=4, **{**over, "rope_interleave": False})
+    runner = ModelRunner(str(folder), kv_num_pages=64, page_size=4)
+    assert runner.model.model.rotary_emb.is_neox
+    prompts = PROMPTS[:3]
+    assert greedy_generate(runner, prompts, 6, chunk=7) == hf_greedy(folder, prompts, 6)
