@@ -18,6 +18,7 @@ The router runs in float32 on every rank (weights kept in float32, as HF does).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -99,7 +100,8 @@ class TopKRouter(nn.Module):
         self.route = kernels.select("moe_route", device=ctx.device, dtype=torch.float32,
                                     num_experts=e, top_k=cfg.top_k)
 
-    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 (nn.Module's signature)
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True
+               ) -> "TopKRouter":
         # Like HF (_keep_in_fp32_modules_strict), the router stays float32 when the model is
         # cast to bf16/fp16: re-cast any parameter the cast changed.
         super()._apply(fn, recurse)
