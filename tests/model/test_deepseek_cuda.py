@@ -8,6 +8,7 @@ DeepSeek-V2-Lite shape (dummy bf16 weights, eager PyTorch, no CUDA graphs):
 """
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -78,6 +79,52 @@ def test_triton_equals_reference(dtype):
         want = ref.forward(batch)                                        # [B, V]
         err = (got - want).abs().max().item() / want.abs().max().item()
         assert err < tol, f"relative error {err:.2e} on a batch of {batch.num_rows} rows"
+
+
+def _batch_to(batch: ForwardBatch, device: torch.device | str) -> ForwardBatch:
+    fields = {f.name: getattr(batch, f.name) for f in dataclasses.fields(batch)}
+    return ForwardBatch(**{k: v.to(device) if isinstance(v, torch.Tensor) else v
+                           for k, v in fields.items()})
+
+
+def tp_replay_worker(rank: int, world: int, port: int, steps_file: str, out_file: str) -> None:
+    """One NCCL rank: build the TP-sharded model and replay the recorded batches."""
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world, device_id=torch.device("cuda", rank))
+    try:
+        runner = ModelRunner(v2_lite(layers=3), device=f"cuda:{rank}", dtype=torch.bfloat16,
+                             tp_rank=rank, tp_size=world, kv_num_pages=64, page_size=16)
+        logits = [runner.forward(_batch_to(b, runner.device)).cpu()
+                  for b in torch.load(steps_file, weights_only=False)]
+        if rank == 0:
+            torch.save(logits, out_file)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_tp2_nccl_equals_tp1(tmp_path):
+    """The V2-Lite shape at TP=2 over NCCL (heads, dense MLP, expert intermediate split)
+    gives the TP=1 logits on the same batches (bf16 tolerance)."""
+    import torch.multiprocessing as mp
+
+    from helpers import free_port
+
+    one = build(v2_lite(layers=3), torch.bfloat16, None, kv_num_pages=64, page_size=16)
+    steps = record(one, PROMPTS, 6)
+    del one
+    torch.save([_batch_to(b, "cpu") for b, _ in steps], tmp_path / "steps.pt")
+    mp.spawn(tp_replay_worker, args=(2, free_port(), str(tmp_path / "steps.pt"),
+                                     str(tmp_path / "tp2.pt")), nprocs=2, join=True)
+    for (batch, want), got in zip(steps, torch.load(tmp_path / "tp2.pt")):
+        err = (got - want.cpu()).abs().max().item() / want.abs().max().item()
+        assert err < 4e-2, f"TP=2 relative error {err:.2e} on a batch of {batch.num_rows} rows"
 
 
 def bench(batch: int, prompt_len: int = 128, steps: int = 32) -> float:
