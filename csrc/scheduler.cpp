@@ -310,7 +310,8 @@ PlanData Scheduler::materialize(const std::vector<Row>& rows, int32_t num_decode
     d.last_step = p.step;
     fl.rids.push_back(d.rid);
     fl.serials.push_back(r.entry->serial);
-    fl.sample.push_back(r.sample ? 1 : 0);
+    bool decode_row = static_cast<int32_t>(p.rids.size()) <= num_decode;  // row < num_decode
+    fl.sample.push_back(!r.sample ? 0 : decode_row ? kSampleDecode : kSampleAfterPrefill);
   }
   inflight_.push_back(std::move(fl));
   return p;
@@ -415,6 +416,7 @@ std::vector<Event> Scheduler::commit(int64_t step, std::span<const int32_t> toke
     Entry& e = *it->second;
     RequestData& d = data_of(e);
     int32_t tok = tokens[i];
+    if (done.sample[i] == kSampleAfterPrefill) share_prompt(e);
     --d.pending;
     d.tokens.push_back(tok);
     ++d.generated;
@@ -431,6 +433,14 @@ std::vector<Event> Scheduler::commit(int64_t step, std::span<const int32_t> toke
   graveyard_pages_ -= done.graveyard_pages;
   ++steps_total_;
   return events;  // `done` goes out of scope: its graveyard pages return
+}
+
+// A prompt just finished prefilling (its step is committed, so its KV is
+// written): its full pages join the prefix cache now, so requests sharing the
+// prompt (agent fan-out) reuse them while this one is still decoding.
+void Scheduler::share_prompt(Entry& e) {
+  if (auto* dec = std::get_if<Decoding>(&e.state))
+    cache_.insert(dec->data().tokens, dec->lease().pages());
 }
 
 void Scheduler::finish_entry(Entry& e, FinishReason reason) {

@@ -71,11 +71,13 @@ class Scheduler {
     bool sample;
     int32_t placeholder;  // input id for a still-pending token
   };
+  static constexpr uint8_t kSampleDecode = 1;
+  static constexpr uint8_t kSampleAfterPrefill = 2;  // final prefill chunk
   struct InFlight {
     int64_t step;
     std::vector<int64_t> rids;
     std::vector<uint64_t> serials;
-    std::vector<uint8_t> sample;
+    std::vector<uint8_t> sample;  // 0, kSampleDecode or kSampleAfterPrefill
     StepFeatures features;
     std::vector<PageLease> graveyard;
     int32_t graveyard_pages = 0;  // sole-owner pages the graveyard will free
@@ -112,6 +114,7 @@ class Scheduler {
   bool in_flight(const RequestData& d) const;
 
   void finish_entry(Entry& e, FinishReason reason);
+  void share_prompt(Entry& e);
   void remove_running(Entry* e);
   void remove_waiting(int64_t rid);
   double floor_step_time() const;

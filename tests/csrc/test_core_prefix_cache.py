@@ -111,3 +111,22 @@ def test_aborted_request_pages_stay_reusable():
     s.submit(2, i32(known + [1, 2]), 2, i32([]))
     p = s.plan()
     assert p.prefix_lens.tolist() == [(len(known) - 1) // ps * ps]
+
+
+def test_prompt_pages_shared_while_first_request_still_decodes():
+    # Agent fan-out: a sub-agent with the same long context arrives while the
+    # first request is decoding; the first's prompt pages are already cached.
+    ps = 4
+    s = make(num_pages=64, page_size=ps, max_batch_tokens=64)
+    ctx = list(range(400, 430))  # 30 tokens: 7 full pages
+    s.submit(1, i32(ctx + [1]), 20, i32([]))
+    d = Driver(s)
+    d.step()  # prefill of 1 (committed)
+    assert s.state(1) == "decoding"
+    s.submit(2, i32(ctx + [2, 3]), 2, i32([]))
+    p = d.step()
+    row = list(p.rids).index(2)
+    assert p.prefix_lens[row] == 28
+    assert (p.page_table[row, :7] == p.page_table[list(p.rids).index(1), :7]).all()
+    d.run()
+    assert s.stats()["pages_used"] == 0
