@@ -420,8 +420,8 @@ def tune_attention() -> None:
                     causal_flops(seq, seq, 32, 128, 128), "TFLOP/s")
         return make
 
-    def cfg(g: int, t: int, n: int, w: int, s: int) -> dict:
-        return dict(G_BLK=g, BLOCK_T=t, BLOCK_N=n, num_warps=w, num_stages=s)
+    def cfg(g: int, t: int, n: int, w: int, s: int, trans: bool = False) -> dict:
+        return dict(G_BLK=g, BLOCK_T=t, BLOCK_N=n, num_warps=w, num_stages=s, TRANS=trans)
 
     if os.environ.get("TUNE_GQA_DECODE"):
         for shape in ((1, 131072), (4, 32768)):
@@ -430,17 +430,17 @@ def tune_attention() -> None:
                     variant(cfg(16, 1, n, w, s), spm, f"decode B={shape[0]} ctx={shape[1]} "
                             f"spm={spm} N={n} w={w} s={s}", dec(*shape))
     for shape in ((1, 32768), (1, 131072), (64, 8192)):
-        for spm in (1, 2, 4, 8):
-            for n, w, s in ((32, 4, 2), (64, 8, 2), (32, 4, 1), (16, 4, 1), (64, 4, 1),
-                            (32, 4, 3)):
-                variant(cfg(16, 1, n, w, s), spm, f"mla_decode B={shape[0]} ctx={shape[1]} "
-                        f"spm={spm} N={n} w={w} s={s}", mdec(*shape))
-    for t, n, w, s in ((64, 64, 8, 3), (64, 128, 8, 2), (64, 64, 8, 2), (64, 64, 8, 4),
-                       (32, 128, 8, 2), (64, 32, 8, 3), (32, 64, 4, 2)):
-        variant(cfg(4, t, n, w, s), 2, f"extend 8K T={t} G=4 N={n} w={w} s={s}", ext(8192, False))
-    for g, t, n, w, s in ((16, 4, 32, 8, 2), (16, 4, 32, 8, 1), (16, 4, 16, 8, 2),
-                          (16, 8, 16, 8, 2), (16, 2, 16, 4, 2)):
-        variant(cfg(g, t, n, w, s), 2, f"mla_extend 8K T={t} N={n} w={w} s={s}", ext(8192, True))
+        for spm in (2, 4, 8):
+            for n, w, s, tr in ((32, 4, 2, False), (32, 4, 2, True), (64, 4, 2, True),
+                                (128, 8, 2, True), (64, 8, 2, True), (64, 8, 3, True),
+                                (128, 8, 3, True), (32, 4, 3, True)):
+                variant(cfg(16, 1, n, w, s, tr), spm, f"mla_decode B={shape[0]} ctx={shape[1]} "
+                        f"spm={spm} N={n} w={w} s={s} trans={tr}", mdec(*shape))
+    for shape in ((1, 131072), (16, 8192)):
+        for n, w, s, tr in ((64, 4, 2, False), (64, 4, 2, True), (128, 4, 2, True),
+                            (128, 8, 2, True), (64, 4, 3, True)):
+            variant(cfg(16, 1, n, w, s, tr), 4, f"decode B={shape[0]} ctx={shape[1]} "
+                    f"N={n} w={w} s={s} trans={tr}", dec(*shape))
 
 
 def tune_moe() -> None:
@@ -586,7 +586,8 @@ def main() -> None:
         profile()
     if args.tune:
         tune_attention()
-        tune_moe()
+        if os.environ.get("TUNE_MOE"):
+            tune_moe()
     only = [s for s in args.only.split(",") if s]
     for name, cases in groups(args.quick).items():
         if not only or any(name.startswith(o) for o in only):

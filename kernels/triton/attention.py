@@ -25,7 +25,8 @@ def _attn_tile(acc, m_i, l_i, q1, q2, K1, K2, V, PageTable, n0, hi, pos, kvh, pa
                stride_k1s, stride_k1h, stride_k2s, stride_k2h, stride_vs, stride_vh, scale_log2,
                D1: tl.constexpr, D2: tl.constexpr, DV: tl.constexpr, BLOCK_D1: tl.constexpr,
                BLOCK_D2: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr,
-               HAS_D2: tl.constexpr, SHARED_V: tl.constexpr, MASKED: tl.constexpr):
+               HAS_D2: tl.constexpr, SHARED_V: tl.constexpr, MASKED: tl.constexpr,
+               TRANS: tl.constexpr):
     offs_n = n0 + tl.arange(0, BLOCK_N)                                   # [N]
     n_ok = offs_n < hi
     page = tl.load(PageTable + offs_n // page_size, mask=n_ok, other=0)    # [N]
@@ -33,27 +34,51 @@ def _attn_tile(acc, m_i, l_i, q1, q2, K1, K2, V, PageTable, n0, hi, pos, kvh, pa
     d1 = tl.arange(0, BLOCK_D1)
     k1 = tl.load(K1 + slot[:, None] * stride_k1s + kvh * stride_k1h + d1[None, :],
                  mask=n_ok[:, None] & (d1[None, :] < D1), other=0.0)     # [N, D1]
-    qk = tl.dot(q1, tl.trans(k1))                                          # [M, N]
-    if HAS_D2:
-        d2 = tl.arange(0, BLOCK_D2)
-        k2 = tl.load(K2 + slot[:, None] * stride_k2s + kvh * stride_k2h + d2[None, :],
-                     mask=n_ok[:, None] & (d2[None, :] < D2), other=0.0)  # [N, D2]
-        qk += tl.dot(q2, tl.trans(k2))
-    qk = qk * scale_log2
-    if MASKED:
-        vis = (offs_n[None, :] <= pos[:, None]) & n_ok[None, :]            # [M, N]
-        qk = tl.where(vis, qk, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(qk, 1))                                 # [M]
-    p = tl.exp2(qk - m_new[:, None])                                       # [M, N]
-    alpha = tl.exp2(m_i - m_new)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    if SHARED_V:
-        v = k1                                                             # [N, DV]
+    if TRANS:
+        # keys on the M axis (tensor-core tile full with few heads): s^T = K q^T
+        st = tl.dot(k1, tl.trans(q1))                                      # [N, M]
+        if HAS_D2:
+            d2 = tl.arange(0, BLOCK_D2)
+            k2 = tl.load(K2 + slot[:, None] * stride_k2s + kvh * stride_k2h + d2[None, :],
+                         mask=n_ok[:, None] & (d2[None, :] < D2), other=0.0)  # [N, D2]
+            st += tl.dot(k2, tl.trans(q2))
+        st = st * scale_log2
+        if MASKED:
+            vis = (offs_n[:, None] <= pos[None, :]) & n_ok[:, None]        # [N, M]
+            st = tl.where(vis, st, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(st, 0))                             # [M]
+        pt = tl.exp2(st - m_new[None, :])                                  # [N, M]
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(pt, 0)
+        if SHARED_V:
+            v = k1
+        else:
+            dv = tl.arange(0, BLOCK_DV)
+            v = tl.load(V + slot[:, None] * stride_vs + kvh * stride_vh + dv[None, :],
+                        mask=n_ok[:, None] & (dv[None, :] < DV), other=0.0)  # [N, DV]
+        acc = acc * alpha[None, :] + tl.dot(tl.trans(v), pt.to(v.dtype))   # [DV, M]
     else:
-        dv = tl.arange(0, BLOCK_DV)
-        v = tl.load(V + slot[:, None] * stride_vs + kvh * stride_vh + dv[None, :],
-                    mask=n_ok[:, None] & (dv[None, :] < DV), other=0.0)   # [N, DV]
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        qk = tl.dot(q1, tl.trans(k1))                                          # [M, N]
+        if HAS_D2:
+            d2 = tl.arange(0, BLOCK_D2)
+            k2 = tl.load(K2 + slot[:, None] * stride_k2s + kvh * stride_k2h + d2[None, :],
+                         mask=n_ok[:, None] & (d2[None, :] < D2), other=0.0)  # [N, D2]
+            qk += tl.dot(q2, tl.trans(k2))
+        qk = qk * scale_log2
+        if MASKED:
+            vis = (offs_n[None, :] <= pos[:, None]) & n_ok[None, :]            # [M, N]
+            qk = tl.where(vis, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))                                 # [M]
+        p = tl.exp2(qk - m_new[:, None])                                       # [M, N]
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if SHARED_V:
+            v = k1                                                             # [N, DV]
+        else:
+            dv = tl.arange(0, BLOCK_DV)
+            v = tl.load(V + slot[:, None] * stride_vs + kvh * stride_vh + dv[None, :],
+                        mask=n_ok[:, None] & (dv[None, :] < DV), other=0.0)   # [N, DV]
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
     return acc, m_new, l_i
 
 
@@ -70,7 +95,7 @@ def _paged_attn_kernel(
         BLOCK_D2: tl.constexpr, BLOCK_DV: tl.constexpr, G_BLK: tl.constexpr,
         BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, N_HBLK: tl.constexpr,
         NUM_SPLITS: tl.constexpr, HAS_D2: tl.constexpr, SHARED_V: tl.constexpr,
-        DECODE: tl.constexpr):
+        DECODE: tl.constexpr, TRANS: tl.constexpr):
     BLOCK_M: tl.constexpr = BLOCK_T * G_BLK
     pid_q, pid_h, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     kvh, hb = pid_h // N_HBLK, pid_h % N_HBLK
@@ -110,7 +135,10 @@ def _paged_attn_kernel(
     hi = tl.minimum(lo + split_len, kv_end)
     first_pos = seq_len - qlen + t0                      # keys <= first_pos are seen by all rows
     full_end = lo + tl.maximum(tl.minimum(hi, first_pos + 1) - lo, 0) // BLOCK_N * BLOCK_N
-    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    if TRANS:
+        acc = tl.zeros([BLOCK_DV, BLOCK_M], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     pt = PageTable + b.to(tl.int64) * stride_pt
@@ -118,14 +146,17 @@ def _paged_attn_kernel(
         acc, m_i, l_i = _attn_tile(acc, m_i, l_i, q1, q2, K1, K2, V, pt, n0, hi, pos, kvh,
                                    page_size, stride_k1s, stride_k1h, stride_k2s, stride_k2h,
                                    stride_vs, stride_vh, scale_log2, D1, D2, DV, BLOCK_D1,
-                                   BLOCK_D2, BLOCK_DV, BLOCK_N, HAS_D2, SHARED_V, False)
+                                   BLOCK_D2, BLOCK_DV, BLOCK_N, HAS_D2, SHARED_V, False, TRANS)
     for n0 in range(full_end, hi, BLOCK_N):
         acc, m_i, l_i = _attn_tile(acc, m_i, l_i, q1, q2, K1, K2, V, pt, n0, hi, pos, kvh,
                                    page_size, stride_k1s, stride_k1h, stride_k2s, stride_k2h,
                                    stride_vs, stride_vh, scale_log2, D1, D2, DV, BLOCK_D1,
-                                   BLOCK_D2, BLOCK_DV, BLOCK_N, HAS_D2, SHARED_V, True)
+                                   BLOCK_D2, BLOCK_DV, BLOCK_N, HAS_D2, SHARED_V, True, TRANS)
     l_safe = tl.where(l_i > 0, l_i, 1.0)
-    out = acc / l_safe[:, None]                                           # [M, DV]
+    if TRANS:
+        out = tl.trans(acc) / l_safe[:, None]                             # [M, DV]
+    else:
+        out = acc / l_safe[:, None]                                       # [M, DV]
     dv = tl.arange(0, BLOCK_DV)
     omask = row_ok[:, None] & (dv[None, :] < DV)
     if NUM_SPLITS == 1:
@@ -189,9 +220,10 @@ def _config(decode: bool, mla: bool, group: int) -> dict:
     if decode:
         g_blk = min(max(16, next_pow2(group)), 64)
         return dict(G_BLK=g_blk, BLOCK_T=1, BLOCK_N=16 if small else (32 if mla else 64),
-                    num_warps=4 if (small or not mla) else 8, num_stages=2)
-    rows = 16 if small else (64 if mla else 128)
-    g_blk = min(next_pow2(group), rows)
+                    num_warps=4, num_stages=2)
+    g_blk = min(next_pow2(group), 16 if small else 64)
+    rows = 16 if small else (64 if mla else (256 if g_blk >= 2 else 128))
+    g_blk = min(g_blk, rows)
     return dict(G_BLK=g_blk, BLOCK_T=rows // g_blk, BLOCK_N=16 if small else (32 if mla else 64),
                 num_warps=4 if small else 8, num_stages=2 if mla else 3)
 
@@ -255,7 +287,8 @@ def paged_attention(q1: torch.Tensor, q2: torch.Tensor | None, k1: torch.Tensor,
         D1=d1, D2=d2, DV=dv, BLOCK_D1=max(16, next_pow2(d1)), BLOCK_D2=max(16, next_pow2(d2)),
         BLOCK_DV=max(16, next_pow2(dv)), G_BLK=g_blk, BLOCK_T=block_t, BLOCK_N=block_n,
         N_HBLK=n_hblk, NUM_SPLITS=num_splits, HAS_D2=q2 is not None, SHARED_V=shared_v,
-        DECODE=decode, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        DECODE=decode, TRANS=cfg.get("TRANS", False), num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"])
     if num_splits > 1:
         block_dv = min(128, max(16, next_pow2(dv)))
         _merge_splits_kernel[(t, hq, triton.cdiv(dv, block_dv))](
