@@ -62,10 +62,10 @@ def save_tiny_deepseek(folder: Path, version: str, seed: int, **over) -> Path:
     import transformers
 
     torch.manual_seed(seed)
-    if version == "v2":
-        model = transformers.DeepseekV2ForCausalLM(transformers.DeepseekV2Config(**{**COMMON, **over}))
-    else:
-        model = transformers.DeepseekV3ForCausalLM(transformers.DeepseekV3Config(**{**COMMON, **over}))
+    cfg_cls, model_cls = ((transformers.DeepseekV2Config, transformers.DeepseekV2ForCausalLM)
+                          if version == "v2" else
+                          (transformers.DeepseekV3Config, transformers.DeepseekV3ForCausalLM))
+    model = model_cls(cfg_cls(**{**COMMON, **over}))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() > 1:
@@ -163,7 +163,8 @@ def test_moe_layer_placement_rules():
     assert [is_moe_layer(hf, i) for i in range(6)] == [False, False, True, False, True, False]
     assert not is_moe_layer({"n_routed_experts": 0}, 3)
     v2 = MoEConfig.from_hf({**COMMON, "topk_method": "greedy", "norm_topk_prob": True}, 2)
-    assert (v2.scoring, v2.n_group, v2.renormalize, v2.correction_bias) == ("softmax", 1, True, False)
+    assert (v2.scoring, v2.n_group, v2.renormalize, v2.correction_bias) == (
+        "softmax", 1, True, False)
     v3 = MoEConfig.from_hf({**COMMON, "topk_method": "noaux_tc"}, 3)
     assert (v3.scoring, v3.n_group, v3.topk_group, v3.correction_bias) == ("sigmoid", 4, 2, True)
     with pytest.raises(ValueError, match="scoring_func"):
@@ -289,7 +290,8 @@ def test_real_shapes_plan_every_weight(preset, world):
         assert "model.layers.1.self_attn.kv_b_proj.weight" in names
         q = "q_proj" if hf["q_lora_rank"] is None else "q_b_proj"
         assert f"model.layers.0.self_attn.{q}.weight" in names
-        assert ("model.layers.1.mlp.gate.e_score_correction_bias" in names) == (preset == "kimi-k2.5")
+        has_bias = "model.layers.1.mlp.gate.e_score_correction_bias" in names
+        assert has_bias == (preset == "kimi-k2.5")
 
 
 def test_v3_without_rope_interleave(tmp_path):
