@@ -28,6 +28,10 @@ ensure_env() {
     if python3 -c 'import torch' >/dev/null 2>&1; then
       echo "scripts: creating .venv on the system's torch ($(python3 -c 'import torch; print(torch.__version__)'))"
       python3 -m venv --system-site-packages "$VENV"
+      # python3 may itself live in a venv (as on the GPU image): --system-site-packages only
+      # reaches the base interpreter, so point the new venv at python3's own site-packages too.
+      python3 -c 'import site; print("\n".join(site.getsitepackages()))' \
+        > "$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/_tokenspeed_parent.pth"
     else
       echo "scripts: creating .venv with the CPU build of torch"
       python3 -m venv "$VENV"
