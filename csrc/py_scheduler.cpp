@@ -94,16 +94,21 @@ py::list PyScheduler::commit(int64_t step, const I32Array& tokens, double step_t
     events = s_.commit(step, tok, step_time_s);
   }
   // Leaked on purpose: Python objects must not be destroyed after finalization.
-  static const py::str& kRunning = *new py::str("");
-  static const py::str& kStop = *new py::str("stop");
-  static const py::str& kLength = *new py::str("length");
+  static PyObject* const kWhy[3] = {py::str("").release().ptr(),
+                                    py::str("stop").release().ptr(),
+                                    py::str("length").release().ptr()};
+  // Raw C API: this list is built every step (one tuple per running request).
   py::list out(events.size());
   for (size_t i = 0; i < events.size(); ++i) {
     const Event& e = events[i];
-    const py::str& why = e.kind == EventKind::kStop     ? kStop
-                         : e.kind == EventKind::kLength ? kLength
-                                                        : kRunning;
-    out[i] = py::make_tuple(e.rid, e.token, why);
+    PyObject* why = kWhy[static_cast<int>(e.kind)];
+    Py_INCREF(why);
+    PyObject* t = PyTuple_New(3);
+    if (!t) throw py::error_already_set();
+    PyTuple_SET_ITEM(t, 0, PyLong_FromLongLong(e.rid));
+    PyTuple_SET_ITEM(t, 1, PyLong_FromLong(e.token));
+    PyTuple_SET_ITEM(t, 2, why);
+    PyList_SET_ITEM(out.ptr(), static_cast<Py_ssize_t>(i), t);
   }
   return out;
 }
