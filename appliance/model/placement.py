@@ -23,7 +23,6 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal, Union
 
-import torch
 from torch import nn
 
 GROUPS: tuple[str, ...] = ("attn_tp", "dense_tp", "moe_tp", "moe_ep")
@@ -240,8 +239,3 @@ def resolve_sharding(ws: WeightSharding, layout: ParallelLayout) -> list[LoadSli
 def sharded_size(size: int, unit: int, layout: ParallelLayout, group: str, what: str) -> int:
     """Local length of a dim of `size` split in `unit`s over `group` (see split_extent)."""
     return split_extent(size, unit, layout.rank_in(group), layout.size(group), what)[1]
-
-
-def param_dtype_device(module: nn.Module) -> tuple[torch.dtype, torch.device]:
-    p = next(module.parameters())
-    return p.dtype, p.device

@@ -62,12 +62,12 @@ class ModelSource:
     def config(self) -> dict[str, Any]:
         if self.hf_config is not None:
             cfg = dict(self.hf_config)
-        elif self.path is not None and self.load_format != "dummy" or self.preset is None:
-            if self.path is None:
-                raise ValueError("ModelSource needs a path, a preset or an hf_config")
-            cfg = read_hf_config(self.path)
-        else:
+        elif self.preset is not None and (self.path is None or self.load_format == "dummy"):
             cfg = presets.preset_config(self.preset)
+        elif self.path is not None:
+            cfg = read_hf_config(self.path)  # real weights, or dummy weights of its shape
+        else:
+            raise ValueError("ModelSource needs a path, a preset or an hf_config")
         cfg.update(self.hf_overrides or {})
         return cfg
 
@@ -96,8 +96,10 @@ class ModelRunner:
                  page_size: int = 16) -> None:
         self.source = ModelSource.coerce(model_cfg)
         self.device = torch.device(device)
-        if self.device.type == "cuda" and self.device.index is None:
-            self.device = torch.device("cuda", torch.cuda.current_device())
+        if self.device.type == "cuda":
+            if self.device.index is None:
+                self.device = torch.device("cuda", torch.cuda.current_device())
+            torch.cuda.set_device(self.device)  # NCCL collectives use the current device
         self.dtype, self.page_size = dtype, page_size
         self.layout = ParallelLayout.tensor_parallel(tp_rank, tp_size)
         self.world = World(self.layout)
@@ -169,5 +171,6 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         """logits [B, vocab] float32 of each row's last token; the same on every rank."""
+        batch.validate()
         logits = self.model(batch)                                 # [B, V_padded]
         return logits[:, : self.vocab_size].float()

@@ -159,7 +159,7 @@ def free_port() -> int:
 
 
 def tp_worker(rank: int, world: int, port: int, jobs: list[tuple], prompts: list[list[int]],
-              max_new: int, out_dir: str) -> None:
+              max_new: int, out_dir: str, backend: str = "gloo") -> None:
     """One rank of a TP test (torch.multiprocessing.spawn): gloo, then for each job
     (model_cfg, runner_kwargs) build a runner and greedy-decode `prompts` in mixed batches.
 
@@ -169,14 +169,20 @@ def tp_worker(rank: int, world: int, port: int, jobs: list[tuple], prompts: list
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world)
+    extra = {}
+    if backend == "nccl":  # one GPU per rank
+        torch.cuda.set_device(rank)
+        extra["device_id"] = torch.device("cuda", rank)
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world, **extra)
     try:
         results = []
         for model_cfg, runner_kwargs in jobs:
             kw = dict(runner_kwargs)
             if "kv_num_pages" in kw:  # ranks ask for different sizes: all must take the min
                 kw["kv_num_pages"] = kw["kv_num_pages"] + rank
+            if backend == "nccl":
+                kw["device"] = f"cuda:{rank}"
             runner = ModelRunner(model_cfg, tp_rank=rank, tp_size=world, **kw)
             tokens = greedy_generate(runner, prompts, max_new, chunk=5, admit_per_step=1)
             results.append({"tokens": tokens, "num_pages": runner.num_pages})
@@ -186,13 +192,13 @@ def tp_worker(rank: int, world: int, port: int, jobs: list[tuple], prompts: list
 
 
 def run_tp(world: int, jobs: list[tuple], prompts: list[list[int]], max_new: int,
-           out_dir: Path) -> list[list[dict]]:
+           out_dir: Path, backend: str = "gloo") -> list[list[dict]]:
     """Spawn `world` gloo ranks running tp_worker; result[job][rank] = {"tokens", "num_pages"}."""
     import json
 
     import torch.multiprocessing as mp
 
-    mp.spawn(tp_worker, args=(world, free_port(), jobs, prompts, max_new, str(out_dir)),
+    mp.spawn(tp_worker, args=(world, free_port(), jobs, prompts, max_new, str(out_dir), backend),
              nprocs=world, join=True)
     per_rank = [json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(world)]
     return [[per_rank[r][j] for r in range(world)] for j in range(len(jobs))]
