@@ -58,17 +58,23 @@ CostModel::Vec CostModel::features(const StepFeatures& f) {
 void CostModel::observe(const StepFeatures& f, double step_time_s) {
   if (!(step_time_s >= 0) || !std::isfinite(step_time_s)) return;
   Vec x = features(f);
+  auto& a = xtx_[f.prefill_tokens > 0 ? 1 : 0];
+  auto& b = xty_[f.prefill_tokens > 0 ? 1 : 0];
   for (int i = 0; i < kN; ++i) {
-    for (int j = 0; j < kN; ++j) xtx_[i][j] = forget_ * xtx_[i][j] + x[i] * x[j];
-    xty_[i] = forget_ * xty_[i] + x[i] * step_time_s;
+    for (int j = 0; j < kN; ++j) a[i][j] = forget_ * a[i][j] + x[i] * x[j];
+    b[i] = forget_ * b[i] + x[i] * step_time_s;
   }
   ++n_obs_;
   dirty_ = true;
 }
 
 void CostModel::solve() const {
-  auto a = xtx_;
-  Vec b = xty_;
+  auto a = xtx_[0];
+  Vec b = xty_[0];
+  for (int i = 0; i < kN; ++i) {
+    for (int j = 0; j < kN; ++j) a[i][j] += xtx_[1][i][j];
+    b[i] += xty_[1][i];
+  }
   for (int i = 0; i < kN; ++i) {
     double r = prior_weight_ * scale2_[i];
     a[i][i] += r;

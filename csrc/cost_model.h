@@ -3,7 +3,10 @@
 //
 // Fitted by exponentially weighted least squares: the normal equations
 // (X'WX, X'Wy) are kept as running sums with a forgetting factor, so an
-// update is O(1) and the fit follows a drifting machine. A ridge term pulls
+// update is O(1) and the fit follows a drifting machine. Steps with and
+// without prefill are kept in two groups, each forgotten only when a step of
+// its own kind arrives: a long decode-only stretch must not erase what was
+// learned about prefill cost (it would drift back to the prior). A ridge term pulls
 // each coefficient toward its prior, which keeps the fit sane before data
 // arrive and when a feature never varies. Coefficients are constrained
 // non-negative by an active-set solve (clamp the most negative to 0, refit).
@@ -43,8 +46,9 @@ class CostModel {
   Vec scale2_;  // ridge weight per coefficient (feature scale squared)
   double forget_;
   double prior_weight_;
-  std::array<std::array<double, kN>, kN> xtx_{};
-  Vec xty_{};
+  // [0]: decode-only steps, [1]: steps with prefill tokens.
+  std::array<std::array<std::array<double, kN>, kN>, 2> xtx_{};
+  std::array<Vec, 2> xty_{};
   int64_t n_obs_ = 0;
   mutable Vec coef_;
   mutable bool dirty_ = false;

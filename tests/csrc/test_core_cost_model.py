@@ -1,0 +1,67 @@
+"""The online step-time model, observed through the binding."""
+import threading
+
+import numpy as np
+from core_helpers import Driver, i32, make
+
+
+def feed(s, truth, steps, rng):
+    """Runs decode/prefill mixes and reports truth(dec, pref, kv) as step time."""
+    for r in range(6):
+        s.submit(r, i32(rng.integers(0, 1000, int(rng.integers(50, 400)))), 60, i32([]))
+    for _ in range(steps):
+        p = s.plan()
+        if p is None:
+            break
+        t = truth(p.num_decode, p.num_tokens - p.num_decode, int(p.seq_lens.sum()))
+        s.commit(p.step, np.ones(p.num_rows, np.int32), t)
+
+
+def test_fit_recovers_a_linear_machine():
+    s = make(num_pages=1024, page_size=16, max_batch_tokens=96, tps_floor=0.0)
+    rng = np.random.default_rng(0)
+    feed(s, lambda d, p, kv: 0.003 + 0.0004 * d + 0.00005 * p + 1e-7 * kv, 200, rng)
+    a, b, c, d = s.cost_coeffs()
+    assert abs(c - 0.00005) / 0.00005 < 0.1
+    p = s.plan()  # prediction for a fresh plan is close to the truth
+    if p is not None:
+        truth = 0.003 + 0.0004 * p.num_decode + 0.00005 * (p.num_tokens - p.num_decode) \
+            + 1e-7 * int(p.seq_lens.sum())
+        assert abs(p.predicted_time_s - truth) / truth < 0.1
+
+
+def test_fit_stays_non_negative():
+    # A machine that gets *faster* with more decode tokens: b is clamped to 0.
+    s = make(num_pages=1024, page_size=16, max_batch_tokens=96, tps_floor=0.0)
+    rng = np.random.default_rng(1)
+    feed(s, lambda d, p, kv: max(0.001, 0.02 - 0.002 * d + 0.00005 * p), 150, rng)
+    assert all(x >= 0 for x in s.cost_coeffs())
+
+
+def test_concurrent_calls_are_serialized():
+    # The GIL is released inside plan/commit: a mutex keeps other threads out.
+    s = make(num_pages=512, page_size=4, max_batch_tokens=64)
+    for r in range(20):
+        s.submit(r, i32(range(r, r + 30)), 30, i32([]))
+    stop = threading.Event()
+    errors = []
+
+    def poll():
+        try:
+            while not stop.is_set():
+                st = s.stats()
+                assert st["pages_used"] + st["pages_cached"] + st["pages_free"] == 512
+                s.check_invariants()
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=poll) for _ in range(2)]
+    for t in threads:
+        t.start()
+    d = Driver(s)
+    d.run(check=False)
+    stop.set()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert len(d.finished) == 20
