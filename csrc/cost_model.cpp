@@ -56,7 +56,8 @@ CostModel::Vec CostModel::features(const StepFeatures& f) {
 }
 
 void CostModel::observe(const StepFeatures& f, double step_time_s) {
-  if (!(step_time_s >= 0) || !std::isfinite(step_time_s)) return;
+  // 0 (the binding's default) means "not measured": no information.
+  if (!(step_time_s > 0) || !std::isfinite(step_time_s)) return;
   Vec x = features(f);
   auto& a = xtx_[f.prefill_tokens > 0 ? 1 : 0];
   auto& b = xty_[f.prefill_tokens > 0 ? 1 : 0];

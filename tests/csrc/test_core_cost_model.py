@@ -65,3 +65,11 @@ def test_concurrent_calls_are_serialized():
         t.join()
     assert not errors, errors
     assert len(d.finished) == 20
+
+
+def test_unmeasured_steps_leave_the_model_alone():
+    s = make(num_pages=256, page_size=16, max_batch_tokens=96, tps_floor=0.0)
+    prior = s.cost_coeffs()
+    s.submit(1, i32(range(100)), 20, i32([]))
+    Driver(s, step_time=0.0).run()
+    assert s.cost_coeffs() == prior

@@ -268,3 +268,13 @@ def test_commit_must_follow_step_order_with_two_in_flight():
         s.commit(p1.step, i32([1]), 0.0)
     s.commit(p0.step, i32([1]), 0.0)
     s.commit(p1.step, i32([1]), 0.0)
+
+
+def test_abort_after_finish_is_false_and_harmless():
+    s = make()
+    s.submit(1, i32([1, 2, 3]), 2, i32([]))
+    d = Driver(s)
+    d.run()
+    assert d.finished == {1: "length"}
+    assert not s.abort(1)
+    _assert_clean(s)
