@@ -36,7 +36,13 @@ def test_mixed_batch_chunked_prefill(checkpoint):
     ones decode, so batches mix decode rows and prefill chunks over a cached prefix."""
     folder, ref = checkpoint
     runner = ModelRunner(str(folder), kv_num_pages=64, page_size=4)
+    seen = []
+    forward = runner.forward
+    runner.forward = lambda b: seen.append(b) or forward(b)
     assert greedy_generate(runner, PROMPTS, MAX_NEW, chunk=5, admit_per_step=1) == ref
+    # the driver really mixed decode rows with prefill chunks that extend a cached prefix
+    assert any(0 < b.num_decode < b.num_rows and int(b.prefix_lens[b.num_decode:].max()) > 0
+               for b in seen)
 
 
 def test_batched_prefill_then_decode(checkpoint):
