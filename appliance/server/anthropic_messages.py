@@ -32,7 +32,8 @@ async def messages(body: MessagesRequest, request: Request) -> Response:
     state = get_state(request)
     check_model(state, body.model)
     tools = template_tools(body)
-    prompt_ids = await chat_prompt_ids(state, template_messages(body), tools)
+    prefill = body.messages[-1].role == "assistant"  # Anthropic: the model continues that text
+    prompt_ids = await chat_prompt_ids(state, template_messages(body), tools, continue_final=prefill)
     job = GenerationJob(prompt_ids, _sampling(body, len(prompt_ids), state.client.max_model_len),
                         parse_tools=tools is not None, session=_session(request, body),
                         user=user_hint(request, body.metadata.user_id if body.metadata else None))
@@ -48,7 +49,8 @@ async def messages(body: MessagesRequest, request: Request) -> Response:
 async def count_tokens(body: CountTokensRequest, request: Request) -> Response:
     state = get_state(request)
     check_model(state, body.model)
-    prompt_ids = await chat_prompt_ids(state, template_messages(body), template_tools(body))
+    prompt_ids = await chat_prompt_ids(state, template_messages(body), template_tools(body),
+                                       continue_final=body.messages[-1].role == "assistant")
     return JSONResponse({"input_tokens": len(prompt_ids)})
 
 

@@ -14,14 +14,18 @@ from appliance.server.state import AppState
 # that a client which forgot the field cannot hold KV pages for a whole context of rambling.
 DEFAULT_MAX_TOKENS_CAP = 8192
 _RESERVED_TEMPLATE_ARGS = {"conversation", "messages", "tools", "add_generation_prompt", "tokenize",
-                           "return_dict", "chat_template"}
+                           "return_dict", "chat_template", "continue_final_message"}
 
 
 async def chat_prompt_ids(state: AppState, messages: list[dict[str, Any]],
                           tools: list[dict[str, Any]] | None,
-                          template_kwargs: dict[str, Any] | None = None) -> list[int]:
-    """Render the chat template (with the generation prompt) and encode it."""
+                          template_kwargs: dict[str, Any] | None = None,
+                          continue_final: bool = False) -> list[int]:
+    """Render the chat template and encode it: with the generation prompt, or (prefill) open
+    at the end of the final assistant message so the model continues it."""
     extra = {k: v for k, v in (template_kwargs or {}).items() if k not in _RESERVED_TEMPLATE_ARGS}
+    if continue_final:
+        extra["continue_final_message"] = True
 
     def render() -> list[int]:
         text = render_chat(state.tokenizer, messages, tools, extra)
@@ -33,8 +37,9 @@ async def chat_prompt_ids(state: AppState, messages: list[dict[str, Any]],
 def render_chat(tokenizer: Any, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
                 extra: dict[str, Any]) -> str:
     try:
-        text = tokenizer.apply_chat_template(messages, tools=tools or None, add_generation_prompt=True,
-                                             tokenize=False, **extra)
+        text = tokenizer.apply_chat_template(
+            messages, tools=tools or None, tokenize=False,
+            add_generation_prompt=not extra.get("continue_final_message", False), **extra)
     except jinja2.TemplateError as e:
         raise bad_request(f"The chat template rejected the messages: {e}", "messages") from None
     except ValueError as e:  # e.g. the tokenizer has no chat template

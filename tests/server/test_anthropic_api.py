@@ -147,3 +147,13 @@ def test_stream_disconnect_aborts_request(served):
 def test_models_list_through_anthropic_sdk(client):
     (model,) = list(client.models.list())
     assert model.id == MODEL and model.type == "model"
+
+
+def test_assistant_prefill_is_continued(client, served, tokenizer):
+    served.fake.reply = " 42."
+    message = client.messages.create(model=MODEL, max_tokens=10, messages=[
+        {"role": "user", "content": "What is six times seven?"},
+        {"role": "assistant", "content": "The answer is"}])
+    assert message.content[0].text == " 42."
+    prompt = tokenizer.decode(served.fake.requests[-1].prompt_ids)
+    assert prompt.endswith("<|im_start|>assistant\nThe answer is")

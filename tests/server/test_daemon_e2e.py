@@ -1,0 +1,156 @@
+"""The frontend with the real daemon (`tokenspeed up`: tiny model on CPU, real engine, real
+scheduler): what the fake engine cannot show — real token streams, real aborts, real stats."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import anthropic
+import httpx
+import openai
+import pytest
+
+from appliance.tui.app import TopApp
+from appliance.tui.source import StatsSource
+
+from .conftest import MODEL, REPO, wait_until
+
+
+class Daemon:
+    def __init__(self) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.folder = Path(tempfile.mkdtemp(prefix="tsd-", dir="/tmp"))
+        self.socket = self.folder / "d.sock"
+        self.log = self.folder / "daemon.log"
+        env = {**os.environ, "TOKENSPEED_CACHE": str(REPO / ".cache" / "test")}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "appliance.cli", "up", "--set", f"server.port={self.port}",
+             "--set", f"server.socket={self.socket}"],
+            cwd=REPO, env=env, stdout=self.log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait_healthy(self, timeout: float = 240) -> None:
+        def healthy() -> bool:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"daemon exited {self.proc.returncode}:\n{self.log.read_text()}")
+            try:
+                with self.uds() as http:
+                    return http.get("/health").status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        if not wait_until(healthy, timeout):
+            raise RuntimeError(f"daemon not healthy:\n{self.log.read_text()}")
+
+    def uds(self) -> httpx.Client:
+        return httpx.Client(transport=httpx.HTTPTransport(uds=str(self.socket)), base_url="http://ts", timeout=60)
+
+    def openai(self) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"http://127.0.0.1:{self.port}/v1", api_key="x", max_retries=0)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(60)
+
+
+@pytest.fixture(scope="module")
+def daemon() -> Iterator[Daemon]:
+    d = Daemon()
+    try:
+        d.wait_healthy()
+        yield d
+    finally:
+        code = d.stop()
+    assert code == 0, d.log.read_text()
+    assert not d.socket.exists()
+
+
+def _idle(d: Daemon) -> bool:
+    with d.uds() as http:
+        stats = http.get("/stats").json()
+    return stats["active"] == [] and stats["requests"]["running"] == 0 and stats["requests"]["waiting"] == 0
+
+
+def test_socket_is_private(daemon):
+    assert stat.S_IMODE(os.stat(daemon.socket).st_mode) == 0o600
+
+
+def test_stream_equals_non_stream_and_stop_string_cuts_real_text(daemon):
+    client = daemon.openai()
+    args = {"model": MODEL, "messages": [{"role": "user", "content": "Explain the cache."}],
+            "max_tokens": 40, "temperature": 0, "extra_body": {"ignore_eos": True}}
+    full = client.chat.completions.create(**args).choices[0].message.content
+    chunks = list(client.chat.completions.create(**args, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == full
+    assert len(full) > 12
+    stop = full[len(full) // 2: len(full) // 2 + 3]
+    cut = full[:full.index(stop)]
+    out = client.chat.completions.create(**args, stop=[stop])
+    assert out.choices[0].message.content == cut and out.choices[0].finish_reason == "stop"
+    streamed = list(client.chat.completions.create(**args, stop=[stop], stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == cut
+    assert wait_until(lambda: _idle(daemon), 10)  # the early stop freed the request in the engine
+
+
+def test_live_stats_then_disconnect_aborts_in_engine(daemon):
+    body = {"model": MODEL, "prompt": "stream for a long time", "max_tokens": 3000, "stream": True,
+            "temperature": 0, "ignore_eos": True, "user": "e2e-user"}
+    stats = None
+    with httpx.Client(timeout=60) as http, http.stream(
+            "POST", f"http://127.0.0.1:{daemon.port}/v1/completions", json=body) as response:
+        assert response.status_code == 200
+        lines = 0
+        for line in response.iter_lines():
+            lines += line.startswith("data: ")
+            if lines == 20:  # still streaming: look at /stats (leaving the loop disconnects)
+                with daemon.uds() as uds:
+                    stats = uds.get("/stats").json()
+                break
+    assert stats is not None
+    (active,) = stats["active"]
+    assert active["user"] == "e2e-user" and active["generated_tokens"] >= 20 and active["decode_tps"] > 0
+    assert stats["throughput"]["generation_tokens_per_minute"] >= 20
+    assert wait_until(lambda: _idle(daemon), 15)
+    time.sleep(1.0)  # several engine stats periods: the snapshots below are fresh
+    with daemon.uds() as uds:
+        after = uds.get("/stats").json()
+        time.sleep(0.5)
+        later = uds.get("/stats").json()
+    assert after["kv"]["pages_used"] == 0 and after["requests"]["running"] == 0
+    assert later["totals"]["generation_tokens"] == after["totals"]["generation_tokens"]  # decoding stopped
+    assert after["totals"]["generation_tokens"] < stats["totals"]["generation_tokens"] + 2000  # long before 3000
+
+
+def test_anthropic_count_tokens_matches_usage(daemon):
+    client = anthropic.Anthropic(base_url=f"http://127.0.0.1:{daemon.port}", api_key="x", max_retries=0)
+    messages = [{"role": "user", "content": "How many tokens is this?"}]
+    counted = client.messages.count_tokens(model=MODEL, messages=messages, system="Be short.")
+    message = client.messages.create(model=MODEL, max_tokens=5, messages=messages, system="Be short.")
+    assert counted.input_tokens == message.usage.input_tokens > 5
+    assert 1 <= message.usage.output_tokens <= 5
+
+
+@pytest.mark.anyio
+async def test_top_dashboard_reads_the_real_daemon(daemon):
+    app = TopApp(StatsSource(str(daemon.socket)), interval_s=0.1)
+    async with app.run_test(size=(120, 40)) as pilot:
+        for _ in range(100):
+            if app.reachable:
+                break
+            await pilot.pause(0.05)
+        assert app.reachable is True
+        assert app.stats["model"] == MODEL and app.stats["kv"]["pages_total"] == 1024
+        assert "of 1024 pages" in str(app.query_one("#kv").render())
+        await pilot.press("q")
+    assert not app.is_running
