@@ -38,11 +38,18 @@ const PageLease& Scheduler::lease_of(const Entry& e) {
 }
 
 // The step-time target. 5% headroom absorbs the cost model's fitting error
-// (it is a linear fit of a machine that is not exactly linear).
+// (it is a linear fit of a machine that is not exactly linear). When even a
+// lone decode cannot meet the floor (a slow machine, a tiny CPU model), no
+// user can have it: the policy then just maximizes throughput (infinite
+// target) instead of serializing requests for nothing.
 double Scheduler::floor_step_time() const {
   constexpr double kHeadroom = 0.95;
-  return cfg_.tps_floor > 0 ? kHeadroom / cfg_.tps_floor
-                            : std::numeric_limits<double>::infinity();
+  constexpr double kNone = std::numeric_limits<double>::infinity();
+  if (cfg_.tps_floor <= 0) return kNone;
+  double limit = kHeadroom / cfg_.tps_floor;
+  StepFeatures lone;
+  lone.decode_tokens = 1;
+  return cost_.predict(lone) > limit ? kNone : limit;
 }
 
 // ---------------------------------------------------------------- submit
