@@ -32,6 +32,7 @@ class FakeEngineClient:
     reply: str = "Hello from the fake engine."
     delay_s: float = 0.0  # before each token
     reject: str | None = None
+    crash_after: int | None = None  # raise RuntimeError after this many tokens (an engine bug)
     healthy: bool = True
     requests: list[GenerateRequest] = field(default_factory=list)
     aborted: set[int] = field(default_factory=set)
@@ -45,7 +46,7 @@ class FakeEngineClient:
         self._rids = itertools.count(1)
 
     def reset(self) -> None:
-        self.reply, self.delay_s, self.reject = "Hello from the fake engine.", 0.0, None
+        self.reply, self.delay_s, self.reject, self.crash_after = "Hello from the fake engine.", 0.0, None, None
         self.requests.clear()
         self.aborted.clear()
 
@@ -65,6 +66,8 @@ class FakeEngineClient:
         try:
             for i, token in enumerate(self._tokens(req)):
                 await asyncio.sleep(self.delay_s)
+                if self.crash_after is not None and i >= self.crash_after:
+                    raise RuntimeError("boom: engine bug with a secret traceback")
                 if req.rid in self.aborted:  # like the engine: an abort ends the stream
                     finished = True
                     yield TokenOutput(req.rid, -1, "abort")

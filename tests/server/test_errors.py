@@ -127,3 +127,18 @@ def test_api_key_required_when_configured(served_with_key):
         _openai_error(http.get("/stats"), 401)
         assert http.get("/stats", headers={"x-api-key": "sekrit"}).status_code == 200
         _openai_error(http.post(CHAT, json={}, headers={"authorization": "Bearer nope"}), 401)
+
+
+def test_unexpected_failure_is_500_without_traceback(served):
+    served.fake.crash_after = 2
+    with served.http() as http:
+        r = http.post(CHAT, json={"messages": [{"role": "user", "content": "x"}]})
+        err = _openai_error(r, 500)
+        assert "boom" not in r.text and err["type"] == "server_error"
+        r = http.post("/v1/messages", json={"model": MODEL, "max_tokens": 9, "messages": [{"role": "user", "content": "x"}]})
+        _anthropic_error(r, 500, "api_error")
+        with http.stream("POST", CHAT, json={"messages": [{"role": "user", "content": "x"}], "stream": True}) as s:
+            lines = [line for line in s.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]" and '"server_error"' in lines[-2] and "boom" not in "".join(lines)
+    rid = served.fake.requests[-1].rid
+    assert rid not in served.fake.running
