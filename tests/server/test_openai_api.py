@@ -206,3 +206,16 @@ def test_disconnect_during_non_stream_aborts(served):
     rid = served.fake.requests[-1].rid
     assert wait_until(lambda: rid in served.fake.aborted and rid not in served.fake.running)
     assert len(served.fake.requests) == 1
+
+
+def test_completions_return_token_ids(served, tokenizer):
+    served.fake.reply = "ids please"
+    expected = tokenizer.encode("ids please", add_special_tokens=False) + [2]
+    with served.http() as http:
+        body = {"prompt": "x", "max_tokens": 20, "return_token_ids": True}
+        choice = http.post("/v1/completions", json=body).json()["choices"][0]
+        assert choice["token_ids"] == expected and choice["text"] == "ids please"
+        with http.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+            chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+        assert chunks[-1]["choices"][0]["token_ids"] == expected
+        assert "token_ids" not in http.post("/v1/completions", json={"prompt": "x"}).json()["choices"][0]
