@@ -153,8 +153,10 @@ async def _stream(state: AppState, job: GenerationJob, message_id: str) -> Async
             events = blocks.text(item.text)
         elif isinstance(item, ToolCallDelta):
             events = blocks.tool_use(item.call)
-        else:
+        elif isinstance(item, Finished):
             events = blocks.finish() + _finish_events(item)
+        else:
+            continue
         for chunk in events:
             yield chunk
 

@@ -43,11 +43,19 @@ class GenerationJob:
     parse_tools: bool = False
     session: str = ""
     user: str = ""
+    token_events: bool = False  # also yield a TokenDelta per generated token
 
 
 @dataclass(frozen=True)
 class TextDelta:
     text: str
+
+
+@dataclass(frozen=True)
+class TokenDelta:
+    """One generated token id, ahead of its text (only for jobs with `token_events`)."""
+
+    token_id: int
 
 
 @dataclass(frozen=True)
@@ -66,7 +74,7 @@ class Finished:
     token_ids: tuple[int, ...] = ()  # every generated token id, in order
 
 
-Event = TextDelta | ToolCallDelta | Finished
+Event = TextDelta | TokenDelta | ToolCallDelta | Finished
 
 
 class OutputPipeline:
@@ -137,6 +145,8 @@ async def generate(state: AppState, job: GenerationJob) -> AsyncIterator[Event]:
             if out.token_id >= 0:
                 token_ids.append(out.token_id)
                 state.metrics.observe(*state.tracker.on_token(tracked))
+                if job.token_events:
+                    yield TokenDelta(out.token_id)
             last = out.finish_reason is not None
             events, matched = pipeline.push(out.token_id, last, _decodes(state, out))
             for item in events:
@@ -207,7 +217,7 @@ async def collect(request: Request, events: AsyncIterator[Event]) -> Collected:
                         parts.append(item.text)
                     elif isinstance(item, ToolCallDelta):
                         calls.append(item.call)
-                    else:
+                    elif isinstance(item, Finished):
                         finished = item
         finally:
             watcher.cancel()

@@ -1,15 +1,17 @@
-"""`GET /health` and `GET /v1/models`."""
+"""`GET /health`, `GET /v1/models` and `GET /v1/models/{id}`."""
 
 from __future__ import annotations
 
 from datetime import datetime, timezone
+from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
 from appliance.server.auth import require_api_key
 from appliance.server.errors import ApiError
-from appliance.server.state import get_state
+from appliance.server.request_context import check_model
+from appliance.server.state import AppState, get_state
 
 router = APIRouter()
 models_router = APIRouter(dependencies=[Depends(require_api_key)])
@@ -26,11 +28,23 @@ async def health(request: Request) -> JSONResponse:
 @models_router.get("/v1/models")
 async def list_models(request: Request) -> JSONResponse:
     state = get_state(request)
+    card = _card(state)
+    return JSONResponse({"object": "list", "data": [card], "has_more": False,
+                         "first_id": state.model_name, "last_id": state.model_name})
+
+
+@models_router.get("/v1/models/{model_id:path}")
+async def get_model(model_id: str, request: Request) -> JSONResponse:
+    state = get_state(request)
+    check_model(state, model_id)
+    return JSONResponse(_card(state))
+
+
+def _card(state: AppState) -> dict[str, Any]:
     created = int(state.created_at)
     card = {"id": state.model_name, "object": "model", "created": created, "owned_by": "tokenspeed",
             "max_model_len": state.client.max_model_len,
             # the same list also satisfies the Anthropic SDK's models.list()
             "type": "model", "display_name": state.model_name,
             "created_at": datetime.fromtimestamp(created, timezone.utc).isoformat().replace("+00:00", "Z")}
-    return JSONResponse({"object": "list", "data": [card], "has_more": False,
-                         "first_id": state.model_name, "last_id": state.model_name})
+    return card

@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse
 from appliance.server import sse
 from appliance.server.auth import require_api_key
 from appliance.server.errors import bad_request
-from appliance.server.generation import Event, Finished, GenerationJob, TextDelta, ToolCallDelta, collect, generate
+from appliance.server.generation import Finished, GenerationJob, TextDelta, ToolCallDelta, collect, generate
 from appliance.server.openai_common import (finish_reason, reject_unsupported, sampling_options,
                                              stream_error, usage)
 from appliance.server.openai_messages import template_messages, template_tools
@@ -98,13 +98,13 @@ async def _stream(state: AppState, job: GenerationJob, ids: ChatIds, include_usa
             if include_usage:
                 yield sse.data({"id": ids.id, "object": "chat.completion.chunk", "created": ids.created,
                                 "model": ids.model, "choices": [], "usage": usage(item)})
-        else:
+        elif isinstance(item, (TextDelta, ToolCallDelta)):
             yield chunk(_delta(item))
     yield sse.DONE
 
 
-def _delta(item: Event) -> dict[str, Any]:
+def _delta(item: TextDelta | ToolCallDelta) -> dict[str, Any]:
     if isinstance(item, ToolCallDelta):
         return {"tool_calls": [_tool_call(item.call, item.index)]}
-    return {"content": item.text if isinstance(item, TextDelta) else ""}
+    return {"content": item.text}
 

@@ -13,7 +13,8 @@ from fastapi.responses import JSONResponse
 from appliance.server import sse
 from appliance.server.auth import require_api_key
 from appliance.server.errors import bad_request
-from appliance.server.generation import Finished, GenerationJob, TextDelta, collect, generate
+from appliance.server.generation import (Finished, GenerationJob, TextDelta, TokenDelta, collect,
+                                         generate)
 from appliance.server.openai_common import (finish_reason, reject_unsupported, sampling_options,
                                              stream_error, usage)
 from appliance.server.openai_protocol import CompletionRequest
@@ -35,16 +36,20 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     requested = body.max_tokens if body.max_tokens is not None else min(
         DEFAULT_MAX_TOKENS, max(1, state.client.max_model_len - len(prompt_ids)))
     sampling = sampling_options(body, len(prompt_ids), state.client.max_model_len, requested, "max_tokens")
+    # Streamed with return_token_ids: a chunk per token carrying its id (its text may still be
+    # held back by the detokenizer), so clients can time every token.
     job = GenerationJob(prompt_ids, sampling, session=session_hint(request, body.session_id),
-                        user=user_hint(request, body.user))
+                        user=user_hint(request, body.user),
+                        token_events=bool(body.stream and body.return_token_ids))
     head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
             "model": state.model_name}
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        stream = _stream(state, job, head, include_usage, body.return_token_ids)
+        stream = _stream(state, job, head, include_usage)
         return sse.response(sse.guarded(stream, stream_error))
     result = await collect(request, generate(state, job))
-    choice = _choice(result.text, result.finished, body.return_token_ids)
+    ids = list(result.finished.token_ids) if body.return_token_ids and result.finished else None
+    choice = _choice(result.text, result.finished, ids)
     return JSONResponse({**head, "choices": [choice], "usage": usage(result.finished)})
 
 
@@ -76,22 +81,24 @@ async def _prompt_ids(state: AppState, prompt: str | list[str] | list[int] | lis
     return ids
 
 
-def _choice(text: str, finished: Finished | None, token_ids: bool = False) -> dict[str, Any]:
+def _choice(text: str, finished: Finished | None, token_ids: list[int] | None = None) -> dict[str, Any]:
     choice = {"index": 0, "text": text, "logprobs": None,
               "finish_reason": finish_reason(finished) if finished else None}
-    if token_ids and finished is not None:
-        choice["token_ids"] = list(finished.token_ids)
+    if token_ids is not None:
+        choice["token_ids"] = token_ids
     return choice
 
 
 async def _stream(state: AppState, job: GenerationJob, head: dict[str, Any],
-                  include_usage: bool, token_ids: bool) -> AsyncIterator[str]:
+                  include_usage: bool) -> AsyncIterator[str]:
     extra = {"usage": None} if include_usage else {}
     async for item in generate(state, job):
-        if isinstance(item, TextDelta):
+        if isinstance(item, TokenDelta):
+            yield sse.data({**head, "choices": [_choice("", None, [item.token_id])], **extra})
+        elif isinstance(item, TextDelta):
             yield sse.data({**head, "choices": [_choice(item.text, None)], **extra})
         elif isinstance(item, Finished):
-            yield sse.data({**head, "choices": [_choice("", item, token_ids)], **extra})
+            yield sse.data({**head, "choices": [_choice("", item)], **extra})
             if include_usage:
                 yield sse.data({**head, "choices": [], "usage": usage(item)})
     yield sse.DONE

@@ -22,8 +22,11 @@ def client(served) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{served.base_url}/v1", api_key="unused", max_retries=0)
 
 
-def test_models_list(client):
+def test_models_list_and_retrieve(client):
     assert [m.id for m in client.models.list().data] == [MODEL]
+    assert client.models.retrieve(MODEL).id == MODEL
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("other-model")
 
 
 def test_chat_non_stream(client, served, tokenizer):
@@ -217,5 +220,7 @@ def test_completions_return_token_ids(served, tokenizer):
         assert choice["token_ids"] == expected and choice["text"] == "ids please"
         with http.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
             chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
-        assert chunks[-1]["choices"][0]["token_ids"] == expected
+        streamed = [c["choices"][0]["token_ids"] for c in chunks
+                    if c["choices"] and "token_ids" in c["choices"][0]]
+        assert streamed == [[t] for t in expected]  # one chunk per token
         assert "token_ids" not in http.post("/v1/completions", json={"prompt": "x"}).json()["choices"][0]
