@@ -10,7 +10,8 @@ Modes
 - greedy:     the greedy token ids of a few seeded prompts, to compare layouts (TP1 vs TP2/TP4).
 
 Prompts are token-id lists (ids 10..499, valid for any vocabulary) sent to /v1/completions with
-`ignore_eos`, so input and output lengths are exact.
+`ignore_eos`, so input and output lengths are exact, and `return_token_ids`, so the stream has a
+chunk per token and every token is timed (dummy-weight models emit ids with no text).
 """
 
 from __future__ import annotations
@@ -123,7 +124,7 @@ async def _complete(http: httpx.AsyncClient, model: str, prompt: list[int], max_
                     session: str = "", with_tokens: bool = False):
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "stream": True,
             "ignore_eos": True, "temperature": 0.0, "stream_options": {"include_usage": True},
-            "return_token_ids": with_tokens}
+            "return_token_ids": True}
     headers = {"x-session-id": session} if session else {}
     started = time.perf_counter()
     stamps: list[float] = []
@@ -139,11 +140,11 @@ async def _complete(http: httpx.AsyncClient, model: str, prompt: list[int], max_
             if chunk.get("usage"):
                 usage = chunk["usage"]
             choice = chunk["choices"][0] if chunk.get("choices") else {}
-            token_ids.extend(choice.get("token_ids") or [])
-            if choice.get("text"):
+            for token_id in choice.get("token_ids") or []:  # one chunk per token, text or not
+                token_ids.append(token_id)
                 stamps.append(time.perf_counter())
     end = time.perf_counter()
-    produced = int(usage.get("completion_tokens", len(stamps)))
+    produced = int(usage.get("completion_tokens", len(token_ids)))
     first = stamps[0] if stamps else end
     decode_time = (stamps[-1] - first) if len(stamps) > 1 else 0.0
     result = RequestResult(len(prompt), produced, first - started,

@@ -43,6 +43,7 @@ class GenerationJob:
     parse_tools: bool = False
     session: str = ""
     user: str = ""
+    arrived_at: float | None = None  # monotonic time the HTTP request arrived (TTFT starts there)
     token_events: bool = False  # also yield a TokenDelta per generated token
 
 
@@ -135,7 +136,7 @@ async def generate(state: AppState, job: GenerationJob) -> AsyncIterator[Event]:
     """Run `job` in the engine; yields text/tool-call deltas and exactly one final `Finished`."""
     client = state.client
     rid = client.new_rid()
-    tracked = state.tracker.start(rid, job.user, len(job.prompt_ids))
+    tracked = state.tracker.start(rid, job.user, len(job.prompt_ids), job.arrived_at)
     pipeline = OutputPipeline(state.tokenizer, job)
     stream = client.generate(engine_request(state, rid, job))
     done = False

@@ -19,7 +19,7 @@ from appliance.server.openai_common import (finish_reason, reject_unsupported, s
                                              stream_error, usage)
 from appliance.server.openai_protocol import CompletionRequest
 from appliance.server.prompt import text_prompt_ids
-from appliance.server.request_context import check_model, session_hint, user_hint
+from appliance.server.request_context import arrival_time, check_model, session_hint, user_hint
 from appliance.server.state import AppState, get_state
 
 router = APIRouter(dependencies=[Depends(require_api_key)])
@@ -39,7 +39,7 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     # Streamed with return_token_ids: a chunk per token carrying its id (its text may still be
     # held back by the detokenizer), so clients can time every token.
     job = GenerationJob(prompt_ids, sampling, session=session_hint(request, body.session_id),
-                        user=user_hint(request, body.user),
+                        user=user_hint(request, body.user), arrived_at=arrival_time(request),
                         token_events=bool(body.stream and body.return_token_ids))
     head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
             "model": state.model_name}

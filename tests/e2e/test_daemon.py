@@ -175,3 +175,15 @@ def test_second_turn_reuses_every_full_page_of_the_first(daemon):
         assert second["usage"]["prompt_tokens"] == 170
         # Turn 1 wrote KV for its 100 prompt tokens and 39 of its 40 answer tokens.
         assert hits(http) - before >= (100 + 39) // 16 * 16
+
+
+def test_streamed_token_ids_come_one_chunk_per_token(daemon):
+    body = {"model": "tiny-llama", "prompt": [5, 6, 7, 8], "max_tokens": 9, "temperature": 0,
+            "ignore_eos": True, "stream": True, "return_token_ids": True}
+    with daemon.uds_client() as http:
+        with http.stream("POST", "/v1/completions", json=body) as response:
+            chunks = [json.loads(line[6:]) for line in response.iter_lines()
+                      if line.startswith("data: {")]
+    per_chunk = [c["choices"][0].get("token_ids") for c in chunks if c["choices"]]
+    assert [ids for ids in per_chunk if ids] == [[t] for t in sum(filter(None, per_chunk), [])]
+    assert len(sum(filter(None, per_chunk), [])) == 9
