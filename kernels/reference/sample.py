@@ -40,16 +40,18 @@ def row_key(seeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
 
 
 def uniform(key: torch.Tensor, vocab: int) -> torch.Tensor:
-    """key: [B] -> u [B, V] float32 in (0, 1), a pure function of (key, token id)."""
+    """key: [B] -> u [B, V] float64 in (0, 1) (exact: 24 random bits + 1/2), a pure function
+    of (key, token id)."""
     ids = torch.arange(vocab, device=key.device, dtype=torch.int64)             # [V]
     r = mix32(key[:, None] ^ ((ids[None, :] * GOLDEN) & M32))                    # [B, V]
-    return ((r >> 8).float() + 0.5) * (1.0 / 16777216.0)
+    return ((r >> 8).double() + 0.5) * (1.0 / 16777216.0)
 
 
 def gumbel(seeds: torch.Tensor, positions: torch.Tensor, vocab: int) -> torch.Tensor:
-    """[B] x [B] -> Gumbel noise [B, V] float32."""
+    """[B] x [B] -> Gumbel noise [B, V] float32, computed in float64: -log(u) for u near 1
+    (the tokens that win) needs more precision than a float32 log gives."""
     u = uniform(row_key(seeds, positions), vocab)
-    return -torch.log(-torch.log(u))
+    return (-torch.log(-torch.log(u))).float()
 
 
 def _filter_row(l: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:

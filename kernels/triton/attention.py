@@ -21,26 +21,41 @@ from kernels.triton.common import check, interpreting, next_pow2, num_sms
 
 
 @triton.jit
+def _load_rows(Base, slot, stride_s, d, D: tl.constexpr, n_ok, PRED: tl.constexpr):
+    """Gathered rows Base[slot[n], d] -> [N, BLOCK_D]; predicated only when PRED."""
+    ptrs = Base + slot[:, None] * stride_s + d[None, :]
+    if PRED:
+        return tl.load(ptrs, mask=n_ok[:, None] & (d[None, :] < D), other=0.0)
+    else:
+        return tl.load(ptrs)
+
+
+@triton.jit
 def _attn_tile(acc, m_i, l_i, q1, q2, K1, K2, V, PageTable, n0, hi, pos, kvh, page_size,
                stride_k1s, stride_k1h, stride_k2s, stride_k2h, stride_vs, stride_vh, scale_log2,
                D1: tl.constexpr, D2: tl.constexpr, DV: tl.constexpr, BLOCK_D1: tl.constexpr,
                BLOCK_D2: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr,
                HAS_D2: tl.constexpr, SHARED_V: tl.constexpr, MASKED: tl.constexpr,
-               TRANS: tl.constexpr):
+               TRANS: tl.constexpr, EVEN_D: tl.constexpr):
     offs_n = n0 + tl.arange(0, BLOCK_N)                                   # [N]
     n_ok = offs_n < hi
-    page = tl.load(PageTable + offs_n // page_size, mask=n_ok, other=0)    # [N]
-    slot = page.to(tl.int64) * page_size + offs_n % page_size              # [N]
     d1 = tl.arange(0, BLOCK_D1)
-    k1 = tl.load(K1 + slot[:, None] * stride_k1s + kvh * stride_k1h + d1[None, :],
-                 mask=n_ok[:, None] & (d1[None, :] < D1), other=0.0)     # [N, D1]
+    PRED: tl.constexpr = MASKED or not EVEN_D
+    if PRED:
+        page = tl.load(PageTable + offs_n // page_size, mask=n_ok, other=0)  # [N]
+        slot = page.to(tl.int64) * page_size + offs_n % page_size            # [N]
+        k1 = tl.load(K1 + slot[:, None] * stride_k1s + kvh * stride_k1h + d1[None, :],
+                     mask=n_ok[:, None] & (d1[None, :] < D1), other=0.0)   # [N, D1]
+    else:  # interior tile of power-of-two heads: no predicates
+        page = tl.load(PageTable + offs_n // page_size)                      # [N]
+        slot = page.to(tl.int64) * page_size + offs_n % page_size            # [N]
+        k1 = tl.load(K1 + slot[:, None] * stride_k1s + kvh * stride_k1h + d1[None, :])
     if TRANS:
         # keys on the M axis (tensor-core tile full with few heads): s^T = K q^T
         st = tl.dot(k1, tl.trans(q1))                                      # [N, M]
         if HAS_D2:
             d2 = tl.arange(0, BLOCK_D2)
-            k2 = tl.load(K2 + slot[:, None] * stride_k2s + kvh * stride_k2h + d2[None, :],
-                         mask=n_ok[:, None] & (d2[None, :] < D2), other=0.0)  # [N, D2]
+            k2 = _load_rows(K2 + kvh * stride_k2h, slot, stride_k2s, d2, D2, n_ok, PRED)  # [N, D2]
             st += tl.dot(k2, tl.trans(q2))
         st = st * scale_log2
         if MASKED:
@@ -54,15 +69,13 @@ def _attn_tile(acc, m_i, l_i, q1, q2, K1, K2, V, PageTable, n0, hi, pos, kvh, pa
             v = k1
         else:
             dv = tl.arange(0, BLOCK_DV)
-            v = tl.load(V + slot[:, None] * stride_vs + kvh * stride_vh + dv[None, :],
-                        mask=n_ok[:, None] & (dv[None, :] < DV), other=0.0)  # [N, DV]
+            v = _load_rows(V + kvh * stride_vh, slot, stride_vs, dv, DV, n_ok, PRED)  # [N, DV]
         acc = acc * alpha[None, :] + tl.dot(tl.trans(v), pt.to(v.dtype))   # [DV, M]
     else:
         qk = tl.dot(q1, tl.trans(k1))                                          # [M, N]
         if HAS_D2:
             d2 = tl.arange(0, BLOCK_D2)
-            k2 = tl.load(K2 + slot[:, None] * stride_k2s + kvh * stride_k2h + d2[None, :],
-                         mask=n_ok[:, None] & (d2[None, :] < D2), other=0.0)  # [N, D2]
+            k2 = _load_rows(K2 + kvh * stride_k2h, slot, stride_k2s, d2, D2, n_ok, PRED)  # [N, D2]
             qk += tl.dot(q2, tl.trans(k2))
         qk = qk * scale_log2
         if MASKED:
@@ -76,8 +89,7 @@ def _attn_tile(acc, m_i, l_i, q1, q2, K1, K2, V, PageTable, n0, hi, pos, kvh, pa
             v = k1                                                             # [N, DV]
         else:
             dv = tl.arange(0, BLOCK_DV)
-            v = tl.load(V + slot[:, None] * stride_vs + kvh * stride_vh + dv[None, :],
-                        mask=n_ok[:, None] & (dv[None, :] < DV), other=0.0)   # [N, DV]
+            v = _load_rows(V + kvh * stride_vh, slot, stride_vs, dv, DV, n_ok, PRED)  # [N, DV]
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
     return acc, m_new, l_i
 
@@ -95,7 +107,7 @@ def _paged_attn_kernel(
         BLOCK_D2: tl.constexpr, BLOCK_DV: tl.constexpr, G_BLK: tl.constexpr,
         BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, N_HBLK: tl.constexpr,
         NUM_SPLITS: tl.constexpr, HAS_D2: tl.constexpr, SHARED_V: tl.constexpr,
-        DECODE: tl.constexpr, TRANS: tl.constexpr):
+        DECODE: tl.constexpr, TRANS: tl.constexpr, EVEN_D: tl.constexpr):
     BLOCK_M: tl.constexpr = BLOCK_T * G_BLK
     pid_q, pid_h, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     kvh, hb = pid_h // N_HBLK, pid_h % N_HBLK
@@ -146,12 +158,14 @@ def _paged_attn_kernel(
         acc, m_i, l_i = _attn_tile(acc, m_i, l_i, q1, q2, K1, K2, V, pt, n0, hi, pos, kvh,
                                    page_size, stride_k1s, stride_k1h, stride_k2s, stride_k2h,
                                    stride_vs, stride_vh, scale_log2, D1, D2, DV, BLOCK_D1,
-                                   BLOCK_D2, BLOCK_DV, BLOCK_N, HAS_D2, SHARED_V, False, TRANS)
+                                   BLOCK_D2, BLOCK_DV, BLOCK_N, HAS_D2, SHARED_V, False, TRANS,
+                                   EVEN_D)
     for n0 in range(full_end, hi, BLOCK_N):
         acc, m_i, l_i = _attn_tile(acc, m_i, l_i, q1, q2, K1, K2, V, pt, n0, hi, pos, kvh,
                                    page_size, stride_k1s, stride_k1h, stride_k2s, stride_k2h,
                                    stride_vs, stride_vh, scale_log2, D1, D2, DV, BLOCK_D1,
-                                   BLOCK_D2, BLOCK_DV, BLOCK_N, HAS_D2, SHARED_V, True, TRANS)
+                                   BLOCK_D2, BLOCK_DV, BLOCK_N, HAS_D2, SHARED_V, True, TRANS,
+                                   EVEN_D)
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     if TRANS:
         out = tl.trans(acc) / l_safe[:, None]                             # [M, DV]
@@ -228,16 +242,21 @@ def _config(decode: bool, mla: bool, group: int) -> dict:
                 num_warps=4 if small else 8, num_stages=2 if mla else 3)
 
 
-SPLITS_PER_SM = 4      # split-KV target: programs per SM (tuned by scripts/bench_kernels.py)
+# split-KV sizing, from scripts/bench_kernels.py --tune on H200: GQA decode wants one wave of
+# ~4 resident programs per SM (more splits add a partial second wave); MLA decode, register
+# bound at 2 programs per SM, wants more, shorter splits.
+SPLITS_PER_SM = {"gqa": 4, "mla": 8}
 MIN_SPLIT_TILES = 4    # a split covers at least this many KV tiles
 
 
-def _num_splits(programs: int, max_len: int, block_n: int, device: torch.device) -> int:
-    """Enough splits to give every SM ~SPLITS_PER_SM programs, each at least MIN_SPLIT_TILES
-    KV tiles long."""
-    want = max(1, (SPLITS_PER_SM * num_sms(device) + programs - 1) // programs)
+def _num_splits(programs: int, max_len: int, block_n: int, device: torch.device,
+                mla: bool) -> int:
+    """Splits per (row, head block) for decode: GQA fills one wave (floor), MLA oversubscribes
+    (ceil); each split covers at least MIN_SPLIT_TILES KV tiles."""
+    target = SPLITS_PER_SM["mla" if mla else "gqa"] * num_sms(device)
+    want = -(-target // programs) if mla else target // programs
     most = max(1, max_len // (MIN_SPLIT_TILES * block_n))
-    return int(min(want, most, 256))
+    return int(max(1, min(want, most, 256)))
 
 
 def paged_attention(q1: torch.Tensor, q2: torch.Tensor | None, k1: torch.Tensor,
@@ -266,7 +285,8 @@ def paged_attention(q1: torch.Tensor, q2: torch.Tensor | None, k1: torch.Tensor,
         bb, bt, nb = _block_map(query_start, t, block_t)
         qs = query_start
     if num_splits is None:
-        num_splits = _num_splits(nb * hk * n_hblk, max_len, block_n, q1.device) if decode else 1
+        num_splits = (_num_splits(nb * hk * n_hblk, max_len, block_n, q1.device, q2 is not None)
+                      if decode else 1)
     split_len = triton.cdiv(triton.cdiv(max_len, num_splits), block_n) * block_n
     out = torch.empty(t, hq, dv, dtype=q1.dtype, device=q1.device)          # [T, Hq, DV]
     if num_splits > 1:
@@ -287,7 +307,9 @@ def paged_attention(q1: torch.Tensor, q2: torch.Tensor | None, k1: torch.Tensor,
         D1=d1, D2=d2, DV=dv, BLOCK_D1=max(16, next_pow2(d1)), BLOCK_D2=max(16, next_pow2(d2)),
         BLOCK_DV=max(16, next_pow2(dv)), G_BLK=g_blk, BLOCK_T=block_t, BLOCK_N=block_n,
         N_HBLK=n_hblk, NUM_SPLITS=num_splits, HAS_D2=q2 is not None, SHARED_V=shared_v,
-        DECODE=decode, TRANS=cfg.get("TRANS", False), num_warps=cfg["num_warps"],
+        DECODE=decode, TRANS=cfg.get("TRANS", False),
+        EVEN_D=all(x == next_pow2(x) and x >= 16 for x in (d1, dv) + ((d2,) if d2 else ())),
+        num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"])
     if num_splits > 1:
         block_dv = min(128, max(16, next_pow2(dv)))

@@ -50,8 +50,8 @@ def _row_key(Seeds, Pos, row):
 @triton.jit
 def _gumbel(key, idx):
     r = _mix32(key ^ (idx.to(tl.uint32) * GOLDEN))
-    u = ((r >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
-    return -tl.log(-tl.log(u))
+    u = ((r >> 8).to(tl.float64) + 0.5) * (1.0 / 16777216.0)          # exact in float64
+    return (-tl.log(-tl.log(u))).to(tl.float32)
 
 
 @triton.jit
