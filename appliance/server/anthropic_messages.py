@@ -17,7 +17,8 @@ from appliance.server.errors import ApiError, anthropic_error_body
 from appliance.server.generation import (Finished, GenerationJob, SamplingOptions, TextDelta, ToolCallDelta,
                                          collect, generate)
 from appliance.server.prompt import chat_prompt_ids, output_budget
-from appliance.server.request_context import check_model, embedded_session, session_hint, user_hint
+from appliance.server.request_context import (arrival_time, check_model, embedded_session, session_hint,
+                                              user_hint)
 from appliance.server.state import AppState, get_state
 from appliance.server.tool_calls import ParsedToolCall
 
@@ -36,7 +37,8 @@ async def messages(body: MessagesRequest, request: Request) -> Response:
     prompt_ids = await chat_prompt_ids(state, template_messages(body), tools, continue_final=prefill)
     job = GenerationJob(prompt_ids, _sampling(body, len(prompt_ids), state.client.max_model_len),
                         parse_tools=tools is not None, session=_session(request, body),
-                        user=user_hint(request, body.metadata.user_id if body.metadata else None))
+                        user=user_hint(request, body.metadata.user_id if body.metadata else None),
+                        arrived_at=arrival_time(request))
     message_id = f"msg_{uuid.uuid4().hex[:24]}"
     if body.stream:
         return sse.response(sse.guarded(_stream(state, job, message_id), _stream_error))

@@ -20,7 +20,7 @@ from appliance.server.openai_common import (finish_reason, reject_unsupported, s
 from appliance.server.openai_messages import template_messages, template_tools
 from appliance.server.openai_protocol import ChatCompletionRequest
 from appliance.server.prompt import chat_prompt_ids
-from appliance.server.request_context import check_model, session_hint, user_hint
+from appliance.server.request_context import arrival_time, check_model, session_hint, user_hint
 from appliance.server.state import AppState, get_state
 from appliance.server.tool_calls import ParsedToolCall
 
@@ -46,7 +46,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
                         if body.max_completion_tokens is not None else (body.max_tokens, "max_tokens"))
     sampling = sampling_options(body, len(prompt_ids), state.client.max_model_len, requested, param)
     job = GenerationJob(prompt_ids, sampling, parse_tools=tools is not None,
-                        session=session_hint(request, body.session_id), user=user_hint(request, body.user))
+                        session=session_hint(request, body.session_id), user=user_hint(request, body.user),
+                        arrived_at=arrival_time(request))
     ids = ChatIds(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), state.model_name)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)

@@ -9,11 +9,15 @@ Anthropic `metadata.user_id`.
 
 from __future__ import annotations
 
+import time
+
 from fastapi import Request
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from appliance.server.errors import ApiError
 from appliance.server.state import AppState
 
+ARRIVAL_KEY = "tokenspeed.arrival"
 SESSION_HEADER = "x-session-id"
 USER_HEADER = "x-tokenspeed-user"
 MAX_HINT_LEN = 256
@@ -46,3 +50,19 @@ def _first(*values: str | None) -> str:
         if value and value.strip():
             return value.strip()[:MAX_HINT_LEN]
     return ""
+
+
+class ArrivalTimeMiddleware:
+    """Stamps each request's arrival (monotonic clock) before the body is read and parsed, so
+    time to first token includes parsing, templating and tokenization."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        scope[ARRIVAL_KEY] = time.monotonic()
+        await self.app(scope, receive, send)
+
+
+def arrival_time(request: Request) -> float | None:
+    return request.scope.get(ARRIVAL_KEY)

@@ -84,9 +84,12 @@ class RequestTracker:
     def now() -> float:
         return time.monotonic()
 
-    def start(self, rid: int, user: str, prompt_tokens: int) -> TrackedRequest:
+    def start(self, rid: int, user: str, prompt_tokens: int,
+              arrived_at: float | None = None) -> TrackedRequest:
+        """Track a request; its TTFT counts from `arrived_at` (the HTTP arrival) when given."""
         now = self.now()
-        tracked = TrackedRequest(rid, user, prompt_tokens, started_at=now)
+        started = now if arrived_at is None else arrived_at
+        tracked = TrackedRequest(rid, user, prompt_tokens, started_at=started)
         self._active[rid] = tracked
         self._prompted.add(prompt_tokens, now)
         return tracked

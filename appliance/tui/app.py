@@ -46,7 +46,8 @@ class TopApp(App[int]):
         yield Footer()
 
     def on_mount(self) -> None:
-        self.query_one("#requests", DataTable).add_columns("rid", "user", "prompt tok", "generated", "decode tok/s")
+        requests = self.query_one("#requests", DataTable)
+        requests.add_columns("rid", "user", "prompt tok", "generated", "decode tok/s")
         self.query_one("#users", DataTable).add_columns("user", "requests", "generated", "decode tok/s")
         self.set_interval(self.interval_s, self.poll)
         self.call_later(self.poll)

@@ -76,3 +76,16 @@ def test_stats_schema_and_live_request(served):
     assert done.wait(20)
     with served.uds() as uds:
         assert uds.get("/stats").json()["active"] == []
+
+
+def test_ttft_counts_from_arrival(served):
+    served.fake.delay_s = 0.05  # before each token: TTFT >= 50 ms, ITL >= 50 ms
+    served.fake.reply = "a b"
+    with served.http() as http:
+        before = _families(http)
+        http.post("/v1/completions", json={"prompt": "x", "max_tokens": 5})
+        after = _families(http)
+    ttft, itl = "tokenspeed_time_to_first_token_seconds", "tokenspeed_inter_token_latency_seconds"
+    assert _value(after[ttft], "_sum") - _value(before[ttft], "_sum") >= 0.05
+    added = _value(after[itl], "_count") - _value(before[itl], "_count")
+    assert added == 2 and _value(after[itl], "_sum") - _value(before[itl], "_sum") >= 0.1
