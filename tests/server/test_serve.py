@@ -123,3 +123,24 @@ def test_sigterm_grace_expiry_aborts_in_engine():
     assert last["finish_reason"] == "abort"
     assert len(lines) < 30
     assert not sock.exists()
+
+
+def test_health_turns_503_when_the_engine_dies(served):
+    served.fake.healthy = False
+    try:
+        with served.http() as http:
+            r = http.get("/health")
+        assert r.status_code == 503 and r.json()["error"]["type"] == "service_unavailable"
+    finally:
+        served.fake.healthy = True
+
+
+@pytest.mark.anyio
+async def test_watchdog_stops_the_server_when_the_engine_dies():
+    from types import SimpleNamespace
+
+    from appliance.server.serve import _watch_engine
+
+    server = SimpleNamespace(should_exit=False)
+    await _watch_engine(server, SimpleNamespace(engine_healthy=False))
+    assert server.should_exit is True
