@@ -22,7 +22,7 @@ from appliance.engine.sampler import Sampler
 log = logging.getLogger(__name__)
 
 STATS_PERIOD_S = 0.25
-IDLE_POLL_MS = 50
+IDLE_POLL_MS = 5
 
 
 class Engine:
@@ -51,9 +51,11 @@ class Engine:
         self._send(protocol.Ready(self.max_model_len, self.runner.num_pages, self.runner.page_size,
                                   self.runner.vocab_size, list(self.runner.eos_token_ids)))
         try:
-            while self._drain_inbox(block=not self.requests):
-                if self.requests:
-                    self.step()
+            ran = False
+            # Block on the inbox when idle, or when the scheduler holds requests back (waiting
+            # for pages or for the TPS floor) so the loop does not spin.
+            while self._drain_inbox(block=not ran):
+                ran = bool(self.requests) and self.step()
                 self._publish_stats()
         finally:
             for rid in list(self.requests):
