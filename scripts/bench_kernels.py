@@ -351,10 +351,10 @@ def case_rope_kv(tokens: int, hq: int = 32, hk: int = 8, d: int = 128) -> None:
 
 def case_sample(batch: int, mode: str, vocab: int = 128256) -> None:
     logits = torch.randn(batch, vocab, device=DEV) * 4
-    greedy = mode == "greedy"
+    greedy, filtered = mode == "greedy", mode.startswith("topk")
     temp = torch.full((batch,), 0.0 if greedy else 0.8, device=DEV)
-    top_k = torch.full((batch,), 0 if greedy else 50, dtype=torch.int32, device=DEV)
-    top_p = torch.full((batch,), 1.0 if greedy else 0.9, device=DEV)
+    top_k = torch.full((batch,), 50 if filtered else 0, dtype=torch.int32, device=DEV)
+    top_p = torch.full((batch,), 0.9 if filtered else 1.0, device=DEV)
     seeds = torch.randint(0, 2 ** 62, (batch,), device=DEV)
     pos = torch.randint(0, 2 ** 20, (batch,), device=DEV)
     fn = lambda: TS.sample(logits, temp, top_k, top_p, seeds, pos)  # noqa: E731
@@ -547,7 +547,7 @@ def groups(quick: bool) -> dict[str, list[Callable[[], None]]]:
             [lambda: case_norm(1), lambda: case_norm(4096), lambda: case_silu(4096),
              lambda: case_rope_kv(1), lambda: case_rope_kv(4096),
              lambda: case_sample(1, "greedy"), lambda: case_sample(1, "topk50_topp0.9"),
-             lambda: case_sample(64, "topk50_topp0.9"), lambda: case_sample(256, "greedy"),
+             lambda: case_sample(64, "topk50_topp0.9"), lambda: case_sample(256, "greedy"), lambda: case_sample(256, "plain"),
              lambda: case_sample(256, "topk50_topp0.9")],
     }
 

@@ -1,7 +1,7 @@
 """Sampling in Triton without a host sync; the same function as kernels/reference/sample.py.
 
 Two launches. Stage 1, one program per (row, vocab chunk): the chunk's best `l + gumbel` (plain
-`l` when greedy) and, when top-k is on with k <= KCAP, the chunk's top-k candidates (every
+`l` when greedy; unused by filtered rows) and, when top-k is on with k <= KCAP, the chunk's top-k candidates (every
 element >= the chunk's k-th largest, found by bisection over an order-preserving integer key;
 the global top-k is a subset of the union). Stage 2, one program per row: rows with top-k
 finish on the candidates (global k-th largest, top-p by bisection over the bits of
@@ -94,8 +94,9 @@ def _sample_chunk_kernel(Logits, Temp, TopK, TopP, Seeds, Pos, CandV, CandI, Bes
     idx = c * CHUNK + tl.arange(0, CHUNK)                                     # [C]
     ok = idx < V
     l = tl.load(Logits + row.to(tl.int64) * stride_l + idx, mask=ok, other=float("-inf")) / t
-    g = tl.where(greedy, 0.0, _gumbel(_row_key(Seeds, Pos, row), idx))
-    score = tl.where(ok, l + g, float("-inf"))
+    score = tl.where(ok, l, float("-inf"))
+    if (~greedy) & (~k_on) & (~p_on):      # plain sampling: the chunk's best l + gumbel
+        score = tl.where(ok, l + _gumbel(_row_key(Seeds, Pos, row), idx), float("-inf"))
     best = tl.max(score, 0)
     slot = row.to(tl.int64) * NC + c
     tl.store(BestV + slot, best)
