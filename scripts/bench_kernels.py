@@ -197,7 +197,8 @@ def case_decode(batch: int, ctx: int, page_size: int = 16, hq: int = 32, hk: int
     sd = sdpa_ms(q[:, :, None, :], kcont, vcont, causal=False)
     del kcont, vcont
     nbytes = 2 * batch * ctx * hk * d * 2 + 2 * q.numel() * 2
-    emit("decode_attention", f"B={batch} ctx={ctx} ps={page_size}", ms, eager=eager, nbytes=nbytes, err=err,
+    emit("decode_attention", f"B={batch} ctx={ctx} ps={page_size}", ms, eager=eager,
+         nbytes=nbytes, err=err,
          torch_ref=ref, sdpa=sd)
 
 
@@ -252,7 +253,8 @@ def case_mla_decode(batch: int, ctx: int, page_size: int = 16, heads: int = 16) 
     ms, eager = graph_ms(fn), bench_ms(fn)
     ref = bench_ms(ref_fn, rep=20) if batch * ctx <= (1 << 17) else None
     nbytes = batch * ctx * 576 * 2 + (ql.numel() + qr.numel() + ql.numel()) * 2
-    emit("mla_decode", f"B={batch} ctx={ctx} H={heads} ps={page_size}", ms, eager=eager, nbytes=nbytes,
+    emit("mla_decode", f"B={batch} ctx={ctx} H={heads} ps={page_size}", ms, eager=eager,
+         nbytes=nbytes,
          err=err, torch_ref=ref)
 
 
@@ -266,7 +268,8 @@ def case_mla_extend(seq: int, heads: int = 16, page_size: int = 16, check: bool 
         err = rel_err(fn(), R.mla_extend(ql, qr, cache, table, qs, sl, page_size, scale))
     torch.cuda.empty_cache()
     ms, eager = graph_ms(fn), bench_ms(fn)
-    emit("mla_extend", f"q=kv={seq} H={heads}", ms, eager=eager, flops=causal_flops(seq, seq, heads, 576, 512),
+    emit("mla_extend", f"q=kv={seq} H={heads}", ms, eager=eager,
+         flops=causal_flops(seq, seq, heads, 576, 512),
          err=err)
 
 
@@ -301,7 +304,8 @@ def case_moe(tokens: int, experts: int = 64, top_k: int = 6, hidden: int = 2048,
     emit("fused_moe", f"T={tokens} E={experts} k={top_k}", ms, eager=eager, flops=flops, err=err,
          torch_loop=loop)
     gbs = nbytes / ms / 1e6
-    ROWS[-1].note = f"weights {gbs:.0f} GB/s = {100 * gbs / CEIL['GB/s']:.0f}% copy ({used} experts)"
+    pct = 100 * gbs / CEIL["GB/s"]
+    ROWS[-1].note = f"weights {gbs:.0f} GB/s = {pct:.0f}% copy ({used} experts)"
     print(f"  {'':19s} {ROWS[-1].note}")
 
 
@@ -315,7 +319,8 @@ def case_norm(tokens: int, hidden: int = 4096) -> None:
     ref_fn = lambda: R.fused_add_rms_norm(x, r, w, 1e-6)  # noqa: E731
     err = rel_err(fn()[0], ref_fn()[0])
     ms, eager = graph_ms(fn), bench_ms(fn)
-    emit("fused_add_rms_norm", f"T={tokens} H={hidden}", ms, eager=eager, nbytes=4 * x.numel() * 2, err=err,
+    emit("fused_add_rms_norm", f"T={tokens} H={hidden}", ms, eager=eager,
+         nbytes=4 * x.numel() * 2, err=err,
          torch_ref=bench_ms(ref_fn))
 
 
@@ -324,7 +329,8 @@ def case_silu(tokens: int, inter: int = 14336) -> None:
     fn = lambda: TE.silu_and_mul(x)  # noqa: E731
     err = rel_err(fn(), R.silu_and_mul(x))
     ms, eager = graph_ms(fn), bench_ms(fn)
-    emit("silu_and_mul", f"T={tokens} I={inter}", ms, eager=eager, nbytes=1.5 * x.numel() * 2, err=err,
+    emit("silu_and_mul", f"T={tokens} I={inter}", ms, eager=eager,
+         nbytes=1.5 * x.numel() * 2, err=err,
          torch_ref=bench_ms(lambda: R.silu_and_mul(x)))
 
 
@@ -345,7 +351,8 @@ def case_rope_kv(tokens: int, hq: int = 32, hk: int = 8, d: int = 128) -> None:
     err = max(rel_err(got[0], ref[0]), rel_err(kc, kc2), rel_err(vc, vc2))
     ms, eager = graph_ms(fn), bench_ms(fn)
     nbytes = 2 * q.numel() * 2 + 3 * k.numel() * 2 + 2 * v.numel() * 2
-    emit("rope_store_kv", f"T={tokens} Hq={hq} Hk={hk} D={d}", ms, eager=eager, nbytes=nbytes, err=err,
+    emit("rope_store_kv", f"T={tokens} Hq={hq} Hk={hk} D={d}", ms, eager=eager,
+         nbytes=nbytes, err=err,
          torch_ref=bench_ms(ref_fn))
 
 
@@ -361,7 +368,8 @@ def case_sample(batch: int, mode: str, vocab: int = 128256) -> None:
     ref_fn = lambda: R.sample(logits, temp, top_k, top_p, seeds, pos)  # noqa: E731
     mismatch = float((fn() != ref_fn()).float().mean())
     ms, eager = graph_ms(fn), bench_ms(fn)
-    emit("sample", f"B={batch} V={vocab} {mode}", ms, eager=eager, nbytes=logits.numel() * 4, err=mismatch,
+    emit("sample", f"B={batch} V={vocab} {mode}", ms, eager=eager,
+         nbytes=logits.numel() * 4, err=mismatch,
          torch_ref=bench_ms(ref_fn, rep=20) if batch <= 64 else None)
 
 
@@ -491,7 +499,8 @@ def profile() -> None:
                 fn()
             torch.cuda.synchronize()
         print(f"\n-- profile {name} (5 calls)")
-        print(p.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=50))
+        print(p.key_averages().table(sort_by="cuda_time_total", row_limit=12,
+                                     max_name_column_width=50))
 
 
 # ----------------------------------------------------------------------------- driver
@@ -547,7 +556,8 @@ def groups(quick: bool) -> dict[str, list[Callable[[], None]]]:
             [lambda: case_norm(1), lambda: case_norm(4096), lambda: case_silu(4096),
              lambda: case_rope_kv(1), lambda: case_rope_kv(4096),
              lambda: case_sample(1, "greedy"), lambda: case_sample(1, "topk50_topp0.9"),
-             lambda: case_sample(64, "topk50_topp0.9"), lambda: case_sample(256, "greedy"), lambda: case_sample(256, "plain"),
+             lambda: case_sample(64, "topk50_topp0.9"), lambda: case_sample(256, "greedy"),
+             lambda: case_sample(256, "plain"),
              lambda: case_sample(256, "topk50_topp0.9")],
     }
 

@@ -22,11 +22,11 @@ def _rope_kv_kernel(Q, K, V, Pos, CosSin, QOut, KOut, KCache, VCache, Slots,
                     stride_kcs, stride_kch, stride_vcs, stride_vch,
                     HQ, HK, R, D: tl.constexpr, DV: tl.constexpr, BLOCK_HQ: tl.constexpr,
                     BLOCK_HK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                    IS_NEOX: tl.constexpr, STORE: tl.constexpr, ROTATE: tl.constexpr):
+                    IS_NEOX: tl.constexpr, STORE: tl.constexpr):
     tok = tl.program_id(0).to(tl.int64)
     d = tl.arange(0, BLOCK_D)
     half = R // 2
-    rot = (d < R) & ROTATE
+    rot = d < R
     if IS_NEOX:
         first = d < half
         partner = tl.where(first, d + half, d - half)
@@ -43,7 +43,8 @@ def _rope_kv_kernel(Q, K, V, Pos, CosSin, QOut, KOut, KCache, VCache, Slots,
     qb = Q + tok * stride_qt + hq[:, None] * stride_qh
     q = tl.load(qb + d[None, :], mask=qok, other=0.0).to(tl.float32)                  # [HQ, D]
     qp = tl.load(qb + partner[None, :], mask=qok & rot[None, :], other=0.0).to(tl.float32)
-    q = tl.where(rot[None, :], q * cos[None, :] + tl.where(first[None, :], -qp, qp) * sin[None, :], q)
+    qp = tl.where(first[None, :], -qp, qp)
+    q = tl.where(rot[None, :], q * cos[None, :] + qp * sin[None, :], q)
     tl.store(QOut + tok * stride_qot + hq[:, None] * stride_qoh + d[None, :],
              q.to(QOut.dtype.element_ty), mask=qok)
     hk = tl.arange(0, BLOCK_HK)
@@ -51,7 +52,8 @@ def _rope_kv_kernel(Q, K, V, Pos, CosSin, QOut, KOut, KCache, VCache, Slots,
     kb = K + tok * stride_kt + hk[:, None] * stride_kh
     k = tl.load(kb + d[None, :], mask=kok, other=0.0).to(tl.float32)                  # [HK, D]
     kp = tl.load(kb + partner[None, :], mask=kok & rot[None, :], other=0.0).to(tl.float32)
-    k = tl.where(rot[None, :], k * cos[None, :] + tl.where(first[None, :], -kp, kp) * sin[None, :], k)
+    kp = tl.where(first[None, :], -kp, kp)
+    k = tl.where(rot[None, :], k * cos[None, :] + kp * sin[None, :], k)
     tl.store(KOut + tok * stride_kot + hk[:, None] * stride_koh + d[None, :],
              k.to(KOut.dtype.element_ty), mask=kok)
     if STORE:
@@ -67,7 +69,7 @@ def _rope_kv_kernel(Q, K, V, Pos, CosSin, QOut, KOut, KCache, VCache, Slots,
 
 
 def _launch(q, k, v, positions, cos_sin, rotary_dim, is_neox, k_cache, v_cache, slots,
-            store: bool, rotate: bool) -> tuple[torch.Tensor, torch.Tensor]:
+            store: bool) -> tuple[torch.Tensor, torch.Tensor]:
     t, hq, d = q.shape
     hk = k.shape[1]
     check(q.stride(2) == 1 and k.stride(2) == 1, "rope: last dim of q and k must be contiguous")
@@ -86,7 +88,7 @@ def _launch(q, k, v, positions, cos_sin, rotary_dim, is_neox, k_cache, v_cache, 
         kc.stride(0), kc.stride(1), vc.stride(0), vc.stride(1),
         hq, hk, rotary_dim, D=d, DV=dv, BLOCK_HQ=next_pow2(hq), BLOCK_HK=next_pow2(hk),
         BLOCK_D=next_pow2(d), BLOCK_DV=next_pow2(dv), IS_NEOX=is_neox, STORE=store,
-        ROTATE=rotate, num_warps=4)
+        num_warps=4)
     return q_out, k_out
 
 
@@ -95,7 +97,7 @@ def rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: tor
          rotary_dim: int, is_neox: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """q: [T, Hq, D], k: [T, Hk, D] -> rotated (q, k)."""
     return _launch(q, k, k, positions, cos_sin, rotary_dim, is_neox, None, None, positions,
-                   store=False, rotate=True)
+                   store=False)
 
 
 @register("rope_store_kv", backend="triton", priority=PRIORITY, supports=on_cuda)
@@ -105,7 +107,7 @@ def rope_store_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: 
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """rope(q, k), and the rotated k with v written at slot_mapping, in one pass."""
     return _launch(q, k, v, positions, cos_sin, rotary_dim, is_neox, k_cache, v_cache,
-                   slot_mapping, store=True, rotate=True)
+                   slot_mapping, store=True)
 
 
 @triton.jit

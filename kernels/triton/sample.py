@@ -1,12 +1,12 @@
 """Sampling in Triton without a host sync; the same function as kernels/reference/sample.py.
 
-Two launches. Stage 1, one program per (row, vocab chunk): the chunk's best `l + gumbel` (plain
-`l` when greedy; unused by filtered rows) and, when top-k is on with k <= KCAP, the chunk's top-k candidates (every
-element >= the chunk's k-th largest, found by bisection over an order-preserving integer key;
-the global top-k is a subset of the union). Stage 2, one program per row: rows with top-k
-finish on the candidates (global k-th largest, top-p by bisection over the bits of
-e = exp(l - max), Gumbel-max); rows with neither filter reduce the chunk bests; rows with top-p
-alone (or k > KCAP) stream the whole row (bisection passes over the vocabulary).
+Two launches. Stage 1, one program per (row, vocab chunk): the chunk's best `l + gumbel`
+(plain `l` when greedy; unused by filtered rows) and, when top-k is on with k <= KCAP, the
+chunk's top-k candidates (every element >= the chunk's k-th largest, found by bisection over an
+order-preserving integer key; the global top-k is a subset of the union). Stage 2, one program
+per row: rows with top-k finish on the candidates (global k-th largest, top-p by bisection over
+the bits of e = exp(l - max), Gumbel-max); rows with neither filter reduce the chunk bests; rows
+with top-p alone (or k > KCAP) stream the whole row (bisection passes over the vocabulary).
 Ties at the chunk threshold beyond KCAP candidates are dropped (not seen with float logits).
 """
 from __future__ import annotations
