@@ -17,6 +17,7 @@ meaningful "free memory", so the cache gets `fraction * CPU_KV_BUDGET_BYTES` (51
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from appliance.model.batch import ForwardBatch
 from appliance.model.comm import World
 from appliance.model.compiler import CompiledModel, compile_model
 from appliance.model.context import BuildContext
+from appliance.model.cuda_graph import DecodeGraphs
 from appliance.model.loader import (load_checkpoint, load_dummy, read_eos_token_ids,
                                     read_hf_config)
 from appliance.model.models import model_class
@@ -131,17 +133,32 @@ class ModelRunner:
                            for shape in layer.kv_cache_shapes())
             layer.bind_kv_cache(caches)
             self.kv_caches.append(caches)
+        self.decode_graphs: DecodeGraphs | None = None
 
     @classmethod
     def from_config(cls, config: Any, files: Any, device: str | torch.device,
                     dtype: torch.dtype, tp_rank: int = 0, tp_size: int = 1) -> "ModelRunner":
         """From the daemon's AppConfig and resolved model files (appliance.engine.model_files):
-        `files.checkpoint` (HF folder) or `files.preset` (dummy weights)."""
+        `files.checkpoint` (HF folder) or `files.preset` (dummy weights). With
+        TOKENSPEED_CUDA_GRAPHS=1 on CUDA, decode steps of up to min(scheduler.max_running,
+        256) rows run as CUDA graphs (opt-in until tests/model/test_llama_cuda.py has run
+        on a GPU)."""
         dummy = files.checkpoint is None or config.model.load_format == "dummy"
         source = ModelSource(path=files.checkpoint, preset=files.preset,
                              load_format="dummy" if dummy else "auto", seed=config.model.seed)
-        return cls(source, device, dtype, tp_rank, tp_size, kv_num_pages=config.kv.num_pages,
-                   memory_fraction=config.kv.memory_fraction, page_size=config.kv.page_size)
+        runner = cls(source, device, dtype, tp_rank, tp_size, kv_num_pages=config.kv.num_pages,
+                     memory_fraction=config.kv.memory_fraction, page_size=config.kv.page_size)
+        if runner.device.type == "cuda" and os.environ.get("TOKENSPEED_CUDA_GRAPHS", "0") == "1":
+            runner.enable_cuda_graphs(min(int(config.scheduler.max_running), 256),
+                                      min(int(config.model.max_model_len), runner.max_model_len))
+        return runner
+
+    def enable_cuda_graphs(self, max_batch: int, max_model_len: int | None = None) -> None:
+        """Capture decode-only steps of up to `max_batch` rows whose sequences fit
+        `max_model_len` tokens (default: the model's) as CUDA graphs."""
+        max_len = max_model_len or self.max_model_len
+        self.decode_graphs = DecodeGraphs(self.model, self.device, max_batch,
+                                          -(-max_len // self.page_size))
 
     def kv_bytes_per_page(self) -> int:
         elem = torch.empty((), dtype=self.dtype).element_size()
@@ -172,5 +189,8 @@ class ModelRunner:
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         """logits [B, vocab] float32 of each row's last token; the same on every rank."""
         batch.validate()
+        if self.decode_graphs is not None and self.decode_graphs.can_run(batch):
+            logits = self.decode_graphs.run(batch)                 # [B, V_padded], reused
+            return logits[:, : self.vocab_size].to(torch.float32, copy=True)
         logits = self.model(batch)                                 # [B, V_padded]
         return logits[:, : self.vocab_size].float()

@@ -1,0 +1,90 @@
+"""CUDA graphs of decode-only steps: launch overhead off the batch-1 critical path.
+
+`DecodeGraphs` captures the model's forward for decode-only batches (every row one token)
+at bucketed batch sizes, over static input buffers. `run` copies a batch into the buffers,
+pads the unused rows of its bucket (slot -1: the cache write skips them; seq_len 1 over
+page 0: read, then discarded), replays the bucket's graph and returns the live rows'
+logits. Batches with prefill rows, more rows than the largest bucket, or a page table wider
+than `max_pages` run eagerly. The page table is always presented `max_pages` wide, so the
+attention kernels choose their split-KV for `max_pages * page_size` tokens.
+Every rank makes the same choice for the same batch, so collectives stay matched (NCCL
+collectives are captured into the graph like any kernel).
+"""
+from __future__ import annotations
+
+import bisect
+
+import torch
+from torch import nn
+
+from appliance.model.batch import ForwardBatch
+
+DEFAULT_BUCKETS: tuple[int, ...] = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+
+
+class DecodeGraphs:
+    def __init__(self, model: nn.Module, device: torch.device, max_batch: int, max_pages: int,
+                 buckets: tuple[int, ...] = DEFAULT_BUCKETS) -> None:
+        if device.type != "cuda":
+            raise ValueError("CUDA graphs need a CUDA device")
+        self.model, self.device, self.max_pages = model, device, max_pages
+        self.buckets = sorted({b for b in buckets if b < max_batch} | {max_batch})
+        self.max_batch = self.buckets[-1]
+        n, i32 = self.max_batch, dict(dtype=torch.int32, device=device)
+        self.input_ids = torch.zeros(n, **i32)                  # [N]
+        self.positions = torch.zeros(n, **i32)                  # [N]
+        self.seq_lens = torch.ones(n, **i32)                    # [N]
+        self.page_table = torch.zeros(n, max_pages, **i32)      # [N, P]
+        self.slot_mapping = torch.full((n,), -1, **i32)         # [N]
+        self.query_start = torch.arange(n + 1, **i32)           # [N+1]: one token per row
+        self.prefix_lens = torch.zeros(n, **i32)                # [N]
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        pool = None
+        with torch.inference_mode():
+            for bs in reversed(self.buckets):  # largest first: later graphs reuse its pool
+                graph, out = self._capture(bs, pool)
+                pool = graph.pool()
+                self.graphs[bs] = (graph, out)
+
+    def _batch(self, bs: int) -> ForwardBatch:
+        return ForwardBatch(
+            input_ids=self.input_ids[:bs], positions=self.positions[:bs],
+            query_start=self.query_start[: bs + 1], prefix_lens=self.prefix_lens[:bs],
+            seq_lens=self.seq_lens[:bs], page_table=self.page_table[:bs],
+            slot_mapping=self.slot_mapping[:bs], num_decode=bs)
+
+    def _capture(self, bs: int, pool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):  # warm up (Triton autotune / compile) outside capture
+            for _ in range(2):
+                self.model(self._batch(bs))
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            out = self.model(self._batch(bs))                   # [bs, V_local or V]
+        return graph, out
+
+    def can_run(self, batch: ForwardBatch) -> bool:
+        return (batch.num_decode == batch.num_rows == batch.num_tokens
+                and batch.num_rows <= self.max_batch
+                and batch.page_table.shape[1] <= self.max_pages)
+
+    def run(self, batch: ForwardBatch) -> torch.Tensor:
+        """logits [B, V_padded] of a decode-only batch (a view of the graph's output)."""
+        rows = batch.num_rows
+        bs = self.buckets[bisect.bisect_left(self.buckets, rows)]
+        width = batch.page_table.shape[1]
+        self.input_ids[:rows].copy_(batch.input_ids)
+        self.positions[:rows].copy_(batch.positions)
+        self.seq_lens[:rows].copy_(batch.seq_lens)
+        self.prefix_lens[:rows].copy_(batch.prefix_lens)
+        self.slot_mapping[:rows].copy_(batch.slot_mapping)
+        self.page_table[:rows, :width].copy_(batch.page_table)
+        if rows < bs:  # padding rows: no cache write, one key from page 0
+            self.slot_mapping[rows:bs].fill_(-1)
+            self.seq_lens[rows:bs].fill_(1)
+            self.page_table[rows:bs, 0].fill_(0)
+        graph, out = self.graphs[bs]
+        graph.replay()
+        return out[:rows]
