@@ -121,3 +121,15 @@ def test_presets_are_complete():
             assert key in cfg, f"{name} lacks {key}"
     with pytest.raises(KeyError, match="unknown model preset 'nope'"):
         preset_config("nope")
+
+
+def test_multimodal_wrapper_config_uses_text_config(single_folder, tmp_path):
+    """Kimi K2.5-style config.json: the language model's config sits under text_config."""
+    wrapped = tmp_path / "wrapped"
+    _rewrite(single_folder, wrapped, lambda t: None)
+    inner = json.loads((wrapped / "config.json").read_text())
+    (wrapped / "config.json").write_text(json.dumps(
+        {"architectures": ["SomeVisionWrapper"], "text_config": inner}))
+    runner = ModelRunner(str(wrapped), kv_num_pages=16, page_size=8)
+    plain = ModelRunner(str(single_folder), kv_num_pages=16, page_size=8)
+    assert greedy_generate(runner, PROMPTS, 4) == greedy_generate(plain, PROMPTS, 4)
