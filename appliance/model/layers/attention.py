@@ -66,13 +66,19 @@ class PagedAttention(nn.Module):
                 q, k = rotary(positions, q, k)
             self.store_kv(k, v, self.k_cache, self.v_cache, batch.slot_mapping)
         nd, rows = batch.num_decode, batch.num_rows
+        if nd == rows:  # decodes only
+            return self.decode_attention(q, self.k_cache, self.v_cache, batch.page_table,
+                                         batch.seq_lens, self.page_size, self.scale)
+        if nd == 0:  # prefill chunks only
+            return self.extend_attention(q, self.k_cache, self.v_cache, batch.page_table,
+                                         batch.query_start, batch.seq_lens, self.page_size,
+                                         self.scale)
+        # mixed: decode rows first, then prefill chunks
         out = q.new_empty(q.shape[0], self.num_heads, self.v_head_dim)           # [T, Hq, Dv]
-        if nd > 0:
-            out[:nd] = self.decode_attention(q[:nd], self.k_cache, self.v_cache,
-                                             batch.page_table[:nd], batch.seq_lens[:nd],
-                                             self.page_size, self.scale)
-        if rows > nd:
-            out[nd:] = self.extend_attention(q[nd:], self.k_cache, self.v_cache,
-                                             batch.page_table[nd:], batch.extend_query_start,
-                                             batch.seq_lens[nd:], self.page_size, self.scale)
+        out[:nd] = self.decode_attention(q[:nd], self.k_cache, self.v_cache,
+                                         batch.page_table[:nd], batch.seq_lens[:nd],
+                                         self.page_size, self.scale)
+        out[nd:] = self.extend_attention(q[nd:], self.k_cache, self.v_cache,
+                                         batch.page_table[nd:], batch.extend_query_start,
+                                         batch.seq_lens[nd:], self.page_size, self.scale)
         return out
