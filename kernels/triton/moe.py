@@ -13,15 +13,15 @@ import triton
 import triton.language as tl
 
 from kernels.registry import register
-from kernels.triton.common import check, interpreting, next_pow2, on_cuda
+from kernels.triton.common import check, interpreting, on_cuda
 
 PRIORITY = 10
 
 
-def align_by_expert_torch(ids: torch.Tensor, num_experts: int, block_m: int
-                          ) -> tuple[torch.Tensor, torch.Tensor, int]:
+def align_by_expert(ids: torch.Tensor, num_experts: int, block_m: int
+                    ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """ids: [T, k] -> sorted_pairs [NB*BLOCK_M] int32 (pair index t*k+j, or T*k as padding),
-    block_expert [NB] int32 (num_experts for idle blocks), NB. Stable order within an expert."""
+    block_expert [NB] int32 (num_experts for idle blocks), NB."""
     flat = ids.reshape(-1).long()                                            # [N]
     n = flat.shape[0]
     nb = triton.cdiv(n + num_experts * (block_m - 1), block_m)
@@ -37,66 +37,6 @@ def align_by_expert_torch(ids: torch.Tensor, num_experts: int, block_m: int
     pairs[dest] = order.to(torch.int32)
     starts = torch.arange(nb, device=ids.device) * block_m                   # [NB]
     block_expert = torch.searchsorted(cum_pad, starts, right=True).to(torch.int32)
-    return pairs, block_expert, nb
-
-
-@triton.jit
-def _align_kernel(Ids, Counts, Rank, Start, Pairs, BlockExpert, N, NB, E: tl.constexpr,
-                  E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK: tl.constexpr,
-                  BLOCK_B: tl.constexpr):
-    """One program: ranks within each expert by atomic counters, per-expert padded offsets by a
-    cumsum, block -> expert, then the scatter. Order within an expert is arbitrary; every pair's
-    result is computed independently of its neighbours, so outputs do not depend on it."""
-    e_idx = tl.arange(0, E_PAD)
-    tl.store(Counts + e_idx, tl.zeros([E_PAD], dtype=tl.int32))
-    tl.debug_barrier()
-    offs = tl.arange(0, BLOCK)
-    for i0 in range(0, N, BLOCK):
-        ok = i0 + offs < N
-        e = tl.load(Ids + i0 + offs, mask=ok, other=0)
-        tl.store(Rank + i0 + offs, tl.atomic_add(Counts + e, 1, mask=ok), mask=ok)
-    tl.debug_barrier()
-    counts = tl.load(Counts + e_idx)                                         # [E]
-    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
-    cum = tl.cumsum(padded, 0)                                               # [E]
-    tl.store(Start + e_idx, cum - padded)
-    for b0 in range(0, NB, BLOCK_B):
-        blk = b0 + tl.arange(0, BLOCK_B)
-        at = blk * BLOCK_M
-        owner = tl.sum(((cum[None, :] <= at[:, None]) & (e_idx[None, :] < E)).to(tl.int32), 1)
-        tl.store(BlockExpert + blk, owner, mask=blk < NB)
-    for r0 in range(0, NB * BLOCK_M, BLOCK):
-        tl.store(Pairs + r0 + offs, tl.zeros([BLOCK], dtype=tl.int32) + N,
-                 mask=r0 + offs < NB * BLOCK_M)
-    tl.debug_barrier()
-    for i0 in range(0, N, BLOCK):
-        ok = i0 + offs < N
-        e = tl.load(Ids + i0 + offs, mask=ok, other=0)
-        dest = tl.load(Start + e, mask=ok, other=0) + tl.load(Rank + i0 + offs, mask=ok, other=0)
-        tl.store(Pairs + dest, i0 + offs, mask=ok)
-
-
-ALIGN_KERNEL_MAX_PAIRS = 8192   # above this the sort-based torch path is used (one program
-                                # would be slow; the GEMMs dominate there anyway)
-
-
-def align_by_expert(ids: torch.Tensor, num_experts: int, block_m: int
-                    ) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Same contract as align_by_expert_torch, in one Triton launch for small batches."""
-    n = ids.numel()
-    if n > ALIGN_KERNEL_MAX_PAIRS:
-        return align_by_expert_torch(ids, num_experts, block_m)
-    nb = triton.cdiv(n + num_experts * (block_m - 1), block_m)
-    dev = ids.device
-    e_pad = next_pow2(num_experts)
-    scratch = torch.empty(e_pad * 2 + n, dtype=torch.int32, device=dev)    # counts|start|rank
-    pairs = torch.empty(nb * block_m, dtype=torch.int32, device=dev)
-    block_expert = torch.empty(nb, dtype=torch.int32, device=dev)
-    flat = ids.reshape(-1)
-    flat = flat if flat.dtype == torch.int32 else flat.int()
-    _align_kernel[(1,)](flat, scratch, scratch[2 * e_pad:], scratch[e_pad:], pairs,
-                        block_expert, n, nb, E=num_experts, E_PAD=e_pad, BLOCK_M=block_m,
-                        BLOCK=256 if interpreting() else 1024, BLOCK_B=32, num_warps=8)
     return pairs, block_expert, nb
 
 

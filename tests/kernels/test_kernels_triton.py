@@ -133,27 +133,13 @@ def test_fused_moe(t, hd, inter, e, k):
     assert rel_err(M.fused_moe(x, w13, w2, w, ids), R.fused_moe(x, w13, w2, w, ids)) < TOL
 
 
-@pytest.mark.parametrize("align", ["torch", "triton"])
-def test_moe_align_pads_each_expert_to_whole_blocks(align):
-    fn = M.align_by_expert_torch if align == "torch" else M.align_by_expert
+def test_moe_align_pads_each_expert_to_whole_blocks():
     ids = torch.tensor([[2, 0], [2, 1], [0, 2]], dtype=torch.int32, device=DEV)
-    pairs, block_expert, nb = fn(ids, 3, 4)
+    pairs, block_expert, nb = M.align_by_expert(ids, 3, 4)
     pairs, block_expert = pairs.cpu(), block_expert.cpu()
     assert block_expert[:3].tolist() == [0, 1, 2] and (block_expert[3:] == 3).all()
-    # within an expert the Triton path may order pairs differently: compare as sets
-    assert sorted(pairs[:4].tolist()) == [1, 4, 6, 6] and pairs[4:8].tolist() == [3, 6, 6, 6]
-    assert sorted(pairs[8:12].tolist()) == [0, 2, 5, 6] and (pairs[12:] == 6).all()
-
-
-def test_moe_align_kernel_matches_sort_on_random_routes():
-    ids = torch.stack([torch.randperm(12)[:3] for _ in range(300)]).int().to(DEV)   # 900 pairs
-    a_pairs, a_blocks, nb = M.align_by_expert(ids, 12, 16)
-    b_pairs, b_blocks, nb2 = M.align_by_expert_torch(ids, 12, 16)
-    assert nb == nb2 and torch.equal(a_blocks, b_blocks)
-    a, b, blocks = a_pairs.view(nb, 16).cpu(), b_pairs.view(nb, 16).cpu(), a_blocks.cpu()
-    for e in range(13):                   # each expert's segment holds the same pairs
-        assert torch.equal(a[blocks == e].flatten().sort().values,
-                           b[blocks == e].flatten().sort().values)
+    assert pairs[:4].tolist() == [1, 4, 6, 6] and pairs[4:8].tolist() == [3, 6, 6, 6]
+    assert pairs[8:12].tolist() == [0, 2, 5, 6]
 
 
 def test_sample_matches_reference_exactly():
