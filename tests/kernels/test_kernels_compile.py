@@ -1,0 +1,137 @@
+"""Every Triton kernel compiles for Hopper (sm_90) at the shapes the appliance launches.
+
+Triton's CPU interpreter skips the compiler, so errors that only compiled kernels have (a
+global that is not constexpr, a loop-carried value changing type, shared memory over the
+limit) would otherwise surface only on a GPU. This compiles ahead of time, no GPU needed.
+Each check runs in a subprocess without TRITON_INTERPRET, so the kernels are real JIT
+functions there."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton", reason="triton is not installed")
+
+try:
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    import triton.backends.nvidia.compiler as _nv
+    _nv.get_ptxas(90).path  # noqa: B018 - raises when the bundled ptxas is missing
+except Exception as e:  # noqa: BLE001
+    pytest.skip(f"triton's CUDA backend/ptxas unavailable: {e}", allow_module_level=True)
+
+from kernels.triton import attention as A  # noqa: E402
+from kernels.triton import elementwise as E  # noqa: E402
+from kernels.triton import moe as M  # noqa: E402
+from kernels.triton import rope_kv as RK  # noqa: E402
+from kernels.triton import sample as S  # noqa: E402
+
+CHECKS = ["attention", "moe", "rows_and_sample"]
+
+
+@pytest.mark.parametrize("check", CHECKS)
+def test_compiles_for_sm90(check):
+    here = os.path.dirname(os.path.abspath(__file__))
+    root = os.path.dirname(os.path.dirname(here))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([root, here, env.get("PYTHONPATH", "")])
+    code = f"import test_kernels_compile as t; t.check_{check}()"
+    res = subprocess.run([sys.executable, "-c", code], cwd=here, env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-4000:]
+
+PTR = {torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.int32: "*i32",
+       torch.int64: "*i64"}
+
+
+def compile_sm90(kernel, args: dict, constexprs: dict, num_warps: int, num_stages: int):
+    """args: name -> torch dtype (pointer) or int/float (scalar, 16-divisible ints marked)."""
+    sig, cex, attrs = {}, {}, {}
+    for i, name in enumerate(kernel.arg_names):
+        if name in constexprs:
+            sig[name], cex[(i,)] = "constexpr", constexprs[name]
+            continue
+        v = args.get(name, 1024)                       # strides default to a 16-multiple
+        if isinstance(v, torch.dtype):
+            sig[name] = PTR[v]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(v, float):
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+            if v % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    src = ASTSource(fn=kernel, signature=sig, constexprs=cex, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=num_warps, num_stages=num_stages))
+
+
+BF, F32, I32, I64 = torch.bfloat16, torch.float32, torch.int32, torch.int64
+
+
+def check_attention() -> None:
+    """GQA and MLA, decode (split-KV + merge) and extend, with the default tiles."""
+    for decode in (True, False):
+        for mla in (False, True):
+            _attention(decode, mla)
+
+
+def _attention(decode: bool, mla: bool) -> None:
+    cfg = A._config(decode, mla, 16 if mla else 4)
+    splits = 8 if decode else 1
+    args = {n: BF for n in ("Q1", "Q2", "K1", "K2", "V", "Out")}
+    args.update(PartO=F32 if splits > 1 else BF, PartL=F32 if splits > 1 else BF,
+                PageTable=I32, QueryStart=I32, SeqLens=I32, BlockBatch=I32, BlockTok=I32,
+                scale_log2=0.1, page_size=16, split_len=1024, group=4)
+    d1, d2 = (512, 64) if mla else (128, 0)
+    cex = dict(D1=d1, D2=d2, DV=d1, BLOCK_D1=d1, BLOCK_D2=max(16, d2), BLOCK_DV=d1,
+               G_BLK=cfg["G_BLK"], BLOCK_T=cfg["BLOCK_T"], BLOCK_N=cfg["BLOCK_N"], N_HBLK=1,
+               NUM_SPLITS=splits, HAS_D2=mla, SHARED_V=mla, DECODE=decode,
+               TRANS=cfg.get("TRANS", False), EVEN_D=True)
+    compile_sm90(A._paged_attn_kernel, args, cex, cfg["num_warps"], cfg["num_stages"])
+    compile_sm90(A._merge_splits_kernel, dict(PartO=F32, PartL=F32, Out=BF),
+                 dict(DV=d1, BLOCK_DV=128, NUM_SPLITS=8, BLOCK_S=8, CHUNK_S=8), 4, 1)
+
+
+def _row_kernels() -> None:
+    compile_sm90(E._rms_norm_kernel, dict(X=BF, R=BF, W=BF, Out=BF, ResOut=BF, eps=1e-6),
+                 dict(H=4096, BLOCK_H=4096, HAS_RES=True), 8, 1)
+    compile_sm90(E._silu_and_mul_kernel, dict(X=BF, Out=BF), dict(I=14336, BLOCK=1024), 4, 1)
+    ptrs = {n: BF for n in ("Q", "K", "V", "QOut", "KOut", "KCache", "VCache")}
+    compile_sm90(RK._rope_kv_kernel, dict(ptrs, Pos=I64, CosSin=F32, Slots=I64, HQ=32, HK=8,
+                                          R=128),
+                 dict(D=128, DV=128, BLOCK_HQ=32, BLOCK_HK=8, BLOCK_D=128, BLOCK_DV=128,
+                      IS_NEOX=True, STORE=True), 4, 1)
+    compile_sm90(RK._store_kv_kernel, dict(K=BF, V=BF, KCache=BF, VCache=BF, Slots=I64, HK=8),
+                 dict(D=128, DV=128, BLOCK_HK=8, BLOCK_D=128, BLOCK_DV=128), 4, 1)
+
+
+def check_moe() -> None:
+    """Each tile configuration the MoE picks (decode, mid, prefill batches)."""
+    for pairs_per_expert in (4.0, 30.0, 500.0):
+        _moe(pairs_per_expert)
+
+
+def _moe(ppe: float) -> None:
+    cfg = M._config(ppe)
+    tiles = {k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")}
+    common = dict(Pairs=I32, BlockExpert=I32, num_pairs=6, top_k=6, num_experts=64)
+    compile_sm90(M._moe_up_kernel, dict(common, X=BF, W13=BF, Inter=BF),
+                 dict(K=2048, I=1408, **tiles), cfg["num_warps"], cfg["num_stages"])
+    compile_sm90(M._moe_down_kernel, dict(common, Inter=BF, W2=BF, Weights=F32, Out=F32),
+                 dict(K=1408, H=2048, **tiles), cfg["num_warps"], cfg["num_stages"])
+
+
+def _sample() -> None:
+    args = dict(Logits=F32, Temp=F32, TopK=I32, TopP=F32, Seeds=I64, Pos=I64, CandV=F32,
+                CandI=I32, BestV=F32, BestI=I32, Out=I32, stride_l=128256, V=128256, NC=32)
+    compile_sm90(S._sample_chunk_kernel, args, dict(CHUNK=4096, KCAP=128), 8, 1)
+    compile_sm90(S._sample_finish_kernel, args,
+                 dict(KCAP=128, NCAND=4096, BLOCK_NC=32, BLOCK_V=2048), 8, 1)
+
+
+def check_rows_and_sample() -> None:
+    _row_kernels()
+    _sample()
