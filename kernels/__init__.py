@@ -10,7 +10,9 @@ priority 10, CUDA only, loaded lazily and only if triton imports); out-of-tree b
 """
 from __future__ import annotations
 
-from kernels import plugins, reference  # noqa: F401  (reference registers the torch backend)
+import warnings
+
+from kernels import plugins, reference, registry  # noqa: F401  (reference registers "torch")
 from kernels.registry import (OPS, KernelError, backends, explain, register, registered_ops,
                               select, selected_backend, set_overrides, unregister)
 
@@ -20,14 +22,15 @@ def _load_triton_backend() -> None:
         import kernels.triton  # noqa: F401  (registers the triton backend)
     except ImportError:
         pass  # no triton on this machine: the torch backend serves every op
+    except Exception as e:  # noqa: BLE001 - a broken triton install must not take us down
+        warnings.warn(f"kernels: triton backend not loaded ({type(e).__name__}: {e}); "
+                      "using the torch reference", RuntimeWarning, stacklevel=2)
 
 
 def rescan_plugins() -> None:
     """Look for `tokenspeed.kernels` entry points again before the next lookup."""
     registry.add_lazy_loader(plugins.load_plugins)
 
-
-from kernels import registry  # noqa: E402
 
 registry.add_lazy_loader(_load_triton_backend)
 registry.add_lazy_loader(plugins.load_plugins)

@@ -1,6 +1,7 @@
 """Helpers shared by the Triton kernels: support predicates, launch sizing."""
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any, Mapping
 
@@ -24,9 +25,15 @@ def next_pow2(n: int) -> int:
 
 
 def num_sms(device: torch.device) -> int:
+    """Multiprocessor count of a CUDA device (4 for the CPU interpreter)."""
     if device.type != "cuda":
         return 4
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def check(cond: bool, msg: str) -> None:
