@@ -37,6 +37,9 @@ def _attn_tile(acc, m_i, l_i, q1, q2, K1, K2, V, PageTable, n0, hi, pos, kvh, pa
                BLOCK_D2: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr,
                HAS_D2: tl.constexpr, SHARED_V: tl.constexpr, MASKED: tl.constexpr,
                TRANS: tl.constexpr, EVEN_D: tl.constexpr):
+    """One online-softmax step over keys [n0, n0 + BLOCK_N): gather the tile through the page
+    table, score, rescale and accumulate. acc is [M, DV] (or [DV, M] when TRANS: keys on the MMA
+    M axis); MASKED applies the causal and bounds masks (diagonal and last tiles only)."""
     offs_n = n0 + tl.arange(0, BLOCK_N)                                   # [N]
     n_ok = offs_n < hi
     d1 = tl.arange(0, BLOCK_D1)
@@ -229,7 +232,8 @@ def _block_map(query_start: torch.Tensor, num_tokens: int, block_t: int
 
 
 def _config(decode: bool, mla: bool, group: int) -> dict:
-    """Tile sizes: (G_BLK, BLOCK_T, BLOCK_N, num_warps, num_stages)."""
+    """Tile sizes (G_BLK, BLOCK_T, BLOCK_N, num_warps, num_stages; TRANS optional), the best of
+    `scripts/bench_kernels.py --tune` on H200; tiny tiles under the CPU interpreter."""
     small = interpreting()
     if decode:
         g_blk = min(max(16, next_pow2(group)), 64)
