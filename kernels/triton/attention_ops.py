@@ -5,24 +5,17 @@ import torch
 
 from kernels.registry import register
 from kernels.triton.attention import paged_attention
-from kernels.triton.common import on_cuda
+from kernels.triton.common import on_cuda_half
 
 PRIORITY = 10
 
 
-# The tiles are sized for 16-bit operands: float32 needs twice the shared memory and fails to
-# launch at real shapes (Llama-3.1-8B: 262,400 B asked, 232,448 B on an H200), so the torch
-# reference serves float32.
-HALF_DTYPES = (torch.float16, torch.bfloat16)
-
-
 def _gqa_ok(f) -> bool:
-    return on_cuda(f) and f.get("dtype") in HALF_DTYPES and f.get("head_dim", 128) <= 256
+    return on_cuda_half(f) and f.get("head_dim", 128) <= 256
 
 
 def _mla_ok(f) -> bool:
-    return (on_cuda(f) and f.get("dtype") in HALF_DTYPES and f.get("kv_lora_rank", 512) <= 512
-            and f.get("rope_dim", 64) <= 128)
+    return on_cuda_half(f) and f.get("kv_lora_rank", 512) <= 512 and f.get("rope_dim", 64) <= 128
 
 
 @register("decode_attention", backend="triton", priority=PRIORITY, supports=_gqa_ok)

@@ -20,6 +20,17 @@ def on_cuda(f: Mapping[str, Any]) -> bool:
     return f.get("device") == "cuda" and f.get("dtype") in FLOAT_DTYPES
 
 
+# Tiles of the GEMM-shaped kernels (attention, MoE) are sized for 16-bit operands: float32 needs
+# twice the shared memory and fails to launch at real shapes (Llama-3.1-8B attention asked for
+# 262,400 B on an H200, which has 232,448 B), so the torch reference serves float32 there.
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def on_cuda_half(f: Mapping[str, Any]) -> bool:
+    """CUDA and a 16-bit float dtype: the predicate of the tensor-core kernels."""
+    return f.get("device") == "cuda" and f.get("dtype") in HALF_DTYPES
+
+
 def next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from kernels.registry import register
-from kernels.triton.common import check, interpreting, on_cuda
+from kernels.triton.common import check, interpreting, on_cuda_half
 
 PRIORITY = 10
 
@@ -115,7 +115,7 @@ def _config(pairs_per_expert: float) -> dict:
     return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
 
 
-@register("fused_moe", backend="triton", priority=PRIORITY, supports=on_cuda)
+@register("fused_moe", backend="triton", priority=PRIORITY, supports=on_cuda_half)
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
               ids: torch.Tensor) -> torch.Tensor:
     """x: [T, H], w13: [E, 2I, H], w2: [E, H, I], weights/ids: [T, k] -> [T, H]."""

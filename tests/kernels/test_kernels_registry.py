@@ -125,3 +125,12 @@ def test_kernels_import_without_triton():
     res = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
                          timeout=120)
     assert res.returncode == 0, res.stderr
+
+
+@pytest.mark.parametrize("op", ["decode_attention", "extend_attention", "mla_decode",
+                                "mla_extend", "fused_moe"])
+def test_tensor_core_kernels_serve_16_bit_only(op):
+    """float32 tiles overflow shared memory at real shapes: the torch reference serves them."""
+    pytest.importorskip("triton")
+    assert kernels.selected_backend(op, device="cuda", dtype=torch.bfloat16) == "triton"
+    assert kernels.selected_backend(op, device="cuda", dtype=torch.float32) == "torch"

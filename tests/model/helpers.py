@@ -202,3 +202,25 @@ def run_tp(world: int, jobs: list[tuple], prompts: list[list[int]], max_new: int
              nprocs=world, join=True)
     per_rank = [json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(world)]
     return [[per_rank[r][j] for r in range(world)] for j in range(len(jobs))]
+
+
+def check_graph_replay(runner: ModelRunner, steps: list[tuple[ForwardBatch, torch.Tensor]]
+                       ) -> None:
+    """CUDA-graph decode steps give the eager logits recorded in `steps`, graphs really replay,
+    and a returned tensor is a copy (the next replay does not overwrite it)."""
+    runner.enable_cuda_graphs(max_batch=4, max_model_len=1024)
+    graphs = runner.decode_graphs
+    replays = 0
+    for batch, want in steps:
+        if graphs.can_run(batch):
+            replays += 1
+        # replaying rewrites the same K/V the eager step wrote: the cache state is unchanged
+        got = runner.forward(batch)                                      # [B, V]
+        err = (got - want).abs().max().item() / want.abs().max().item()
+        assert err < 2e-2, f"relative error {err:.2e} on a batch of {batch.num_rows} rows"
+    assert replays >= 5 and sorted(graphs.graphs) == [1, 2, 4]
+    decode = [b for b, _ in steps if graphs.can_run(b)]
+    first = runner.forward(decode[0])
+    keep = first.clone()
+    runner.forward(decode[-1])
+    assert torch.equal(first, keep)

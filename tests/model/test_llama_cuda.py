@@ -12,7 +12,6 @@ bf16 weights, eager PyTorch, no CUDA graphs):  python tests/model/test_llama_cud
 """
 from __future__ import annotations
 
-import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ import kernels  # noqa: E402
 from appliance.model import ForwardBatch, ModelRunner, ModelSource  # noqa: E402
 from appliance.model.presets import preset_config  # noqa: E402
 from appliance.model.tiny import ensure_tiny_checkpoint  # noqa: E402
-from helpers import greedy_generate, run_tp  # noqa: E402
+from helpers import check_graph_replay, greedy_generate, run_tp  # noqa: E402
 
 PROMPTS = [list(range(7, 7 + 40)), [3, 1, 4, 1, 5], list(range(500, 600))]
 OPS = ("rms_norm", "fused_add_rms_norm", "silu_and_mul", "rope", "rope_store_kv", "store_kv",
@@ -122,24 +121,7 @@ def test_tp2_nccl_equals_tp1(tmp_path):
 def test_cuda_graph_decode_equals_eager():
     runner = build(dummy("llama-3.1-8b", 2), torch.bfloat16, None, kv_num_pages=128,
                    page_size=16)
-    steps = record(runner, PROMPTS, 8)
-    runner.enable_cuda_graphs(max_batch=4, max_model_len=1024)
-    graphs = runner.decode_graphs
-    replays = 0
-    for batch, want in steps:
-        if graphs.can_run(batch):
-            replays += 1
-        # replaying rewrites the same K/V the eager step wrote: the cache state is unchanged
-        got = runner.forward(batch)                                      # [B, V]
-        err = (got - want).abs().max().item() / want.abs().max().item()
-        assert err < 2e-2, f"relative error {err:.2e} on a batch of {batch.num_rows} rows"
-    assert replays >= 5 and sorted(graphs.graphs) == [1, 2, 4]
-    # a returned tensor is a copy: the next replay does not overwrite it
-    decode = [b for b, _ in steps if graphs.can_run(b)]
-    first = runner.forward(decode[0])
-    keep = first.clone()
-    runner.forward(decode[-1])
-    assert torch.equal(first, keep)
+    check_graph_replay(runner, record(runner, PROMPTS, 8))
 
 
 def bench(runner: ModelRunner, batch: int, prompt_len: int = 128, steps: int = 32) -> float:
