@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import zmq
 
 from appliance import _core
@@ -18,11 +20,24 @@ from appliance.engine import protocol
 from appliance.engine.plan_arrays import PlanArrays, PlanChannel
 from appliance.engine.protocol import GenerateRequest, TokenOutput
 from appliance.engine.sampler import Sampler
+from appliance.engine.transfer import to_device
 
 log = logging.getLogger(__name__)
 
 STATS_PERIOD_S = 0.25
 IDLE_POLL_MS = 5
+
+
+@dataclass(frozen=True)
+class InFlight:
+    """A launched step: its sampled tokens on the device (the next step's placeholders read
+    them) and on their way to the host (`done` marks the copy's end on CUDA)."""
+
+    step: int
+    tokens: torch.Tensor  # [B] int32, on the device
+    host: torch.Tensor  # [B] int32, CPU
+    done: torch.cuda.Event | None
+    started: float
 
 
 class Engine:
@@ -46,6 +61,7 @@ class Engine:
         self._outbox = self._ctx.socket(zmq.PUSH)
         self._outbox.connect(from_engine)
         self._last_stats = 0.0
+        self._inflight: InFlight | None = None  # the launched, not yet committed step
 
     def run(self) -> None:
         self._send(protocol.Ready(self.max_model_len, self.runner.num_pages, self.runner.page_size,
@@ -55,7 +71,7 @@ class Engine:
             # Block on the inbox when idle, or when the scheduler holds requests back (waiting
             # for pages or for the TPS floor) so the loop does not spin.
             while self._drain_inbox(block=not ran):
-                ran = bool(self.requests) and self.step()
+                ran = (bool(self.requests) or self._inflight is not None) and self.step()
                 self._publish_stats()
         finally:
             for rid in list(self.requests):
@@ -67,20 +83,39 @@ class Engine:
             self._ctx.term()
 
     def step(self) -> bool:
-        """Run one scheduled batch; False when the scheduler had nothing to run."""
+        """Launch the next batch, then commit the one launched before it: the scheduler plans
+        step N+1 (its decodes read step N's tokens through placeholders, resolved on the
+        device) while the GPU still runs step N, so host work stays off the GPU's critical
+        path. False when there was nothing to launch or commit."""
         plan = self.scheduler.plan()
-        if plan is None:
-            return False
+        launched = self._launch(plan) if plan is not None else None
+        committed = self._inflight is not None
+        if committed:
+            self._commit(self._inflight)
+        self._inflight = launched
+        return launched is not None or committed
+
+    def _launch(self, plan) -> InFlight:
         started = time.perf_counter()
         arrays = PlanArrays.from_plan(plan)
         rids = np.array(plan.rids, dtype=np.int64)
         self.channel.send(arrays)
-        logits = self.runner.forward(to_forward_batch(arrays, self.device))
-        tokens = self.sampler.sample(logits, rids, arrays, self.requests)
-        tokens = tokens.to("cpu").numpy().astype(np.int32)
-        events = self.scheduler.commit(arrays.step, tokens, time.perf_counter() - started)
+        prev = self._inflight.tokens if self._inflight is not None else None
+        batch = to_forward_batch(arrays, self.device, prev)
+        logits = self.runner.forward(batch)
+        tokens = self.sampler.sample(logits, rids, arrays, self.requests)       # [B] int32
+        host = tokens.to("cpu", non_blocking=True)
+        done = torch.cuda.Event() if self.device.type == "cuda" else None
+        if done is not None:
+            done.record()
+        return InFlight(arrays.step, tokens, host, done, started)
+
+    def _commit(self, step: InFlight) -> None:
+        if step.done is not None:
+            step.done.synchronize()
+        tokens = step.host.numpy().astype(np.int32)
+        events = self.scheduler.commit(step.step, tokens, time.perf_counter() - step.started)
         self._emit(events)
-        return True
 
     # --- messages ------------------------------------------------------------------------------
     def _drain_inbox(self, block: bool) -> bool:
@@ -151,18 +186,31 @@ class Engine:
         self._outbox.send(protocol.encode(message))
 
 
-def to_forward_batch(arrays: PlanArrays, device: torch.device):
-    """The plan's arrays as the model runner's ForwardBatch on `device`."""
+def to_forward_batch(arrays: PlanArrays, device: torch.device,
+                     prev_tokens: torch.Tensor | None = None):
+    """The plan's arrays as the model runner's ForwardBatch on `device` (one copy). Placeholder
+    input ids -(r+1) become the token row r of the previous step sampled: looked up in
+    `prev_tokens` on rank 0, then broadcast over the TP group (a stream-ordered device
+    collective: no host sync), so every rank runs the same ids."""
     from appliance.model import ForwardBatch
 
-    def t(a: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(a).to(device, non_blocking=True)
-
+    names = ("input_ids", "positions", "query_start", "prefix_lens", "seq_lens", "slot_mapping")
+    parts = [getattr(arrays, n) for n in names] + [arrays.page_table.ravel()]
+    flat = to_device(torch.from_numpy(np.concatenate(parts)), device)   # [sum of sizes] int32
+    views = dict(zip(names + ("page_table",), flat.split([len(p) for p in parts])))
+    input_ids = views["input_ids"]                                       # [T]
+    if arrays.input_ids.min(initial=0) < 0:
+        if prev_tokens is not None:
+            rows = (-input_ids - 1).clamp(min=0).long()
+            input_ids = torch.where(input_ids < 0, prev_tokens[rows], input_ids)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            input_ids = input_ids.contiguous()
+            dist.broadcast(input_ids, 0)
     return ForwardBatch(
-        input_ids=t(arrays.input_ids), positions=t(arrays.positions),
-        query_start=t(arrays.query_start), prefix_lens=t(arrays.prefix_lens),
-        seq_lens=t(arrays.seq_lens), page_table=t(arrays.page_table),
-        slot_mapping=t(arrays.slot_mapping), num_decode=arrays.num_decode)
+        input_ids=input_ids, positions=views["positions"], query_start=views["query_start"],
+        prefix_lens=views["prefix_lens"], seq_lens=views["seq_lens"],
+        page_table=views["page_table"].view(arrays.page_table.shape),
+        slot_mapping=views["slot_mapping"], num_decode=arrays.num_decode)
 
 
 def run_worker(runner, channel: PlanChannel) -> None:

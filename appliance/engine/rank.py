@@ -25,11 +25,13 @@ def run_rank(config: AppConfig, files: ModelFiles, paths, rank: int, dist_port: 
     # Ctrl-C reaches the whole process group: the frontend drains, then tells rank 0 to stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank{rank} %(levelname)s %(message)s")
+    code, nccl = 0, False
     try:
         device = resolve_device(config.device, rank)
         if device.type == "cpu":
             _share_cpu_cores(config.parallel.tp_size)
         channel = PlanChannel(_init_distributed(config.parallel.tp_size, rank, dist_port, device))
+        nccl = dist.is_initialized() and device.type == "cuda"
         kernels.set_overrides(dict(config.kernels.override))
         runner = _build_runner(config, files, device, rank)
         from appliance.engine.engine import Engine, run_worker
@@ -42,10 +44,16 @@ def run_rank(config: AppConfig, files: ModelFiles, paths, rank: int, dist_port: 
         log.error("engine rank %d failed:\n%s", rank, traceback.format_exc())
         if rank == 0:
             _report_failure(paths.from_engine, f"{type(e).__name__}: {e}")
-        sys.exit(1)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        code = 1
+    if nccl:
+        # Tearing NCCL down while captured CUDA graphs still reference its communicators hangs
+        # (measured: every TP rank with graphs outlived the 30 s stop deadline); the OS frees
+        # the GPU and the sockets when the process ends.
+        logging.shutdown()
+        os._exit(code)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    sys.exit(code)
 
 
 def resolve_device(device: str, rank: int) -> torch.device:

@@ -16,8 +16,10 @@ meaningful "free memory", so the cache gets `fraction * CPU_KV_BUDGET_BYTES` (51
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +39,7 @@ from appliance.model.models import model_class
 from appliance.model.placement import ParallelLayout
 
 CPU_KV_BUDGET_BYTES = 512 * 1024 * 1024
+log = logging.getLogger("tokenspeed.model")
 
 
 @dataclass(frozen=True)
@@ -157,8 +160,11 @@ class ModelRunner:
         """Capture decode-only steps of up to `max_batch` rows whose sequences fit
         `max_model_len` tokens (default: the model's) as CUDA graphs."""
         max_len = max_model_len or self.max_model_len
+        started = time.perf_counter()
         self.decode_graphs = DecodeGraphs(self.model, self.device, max_batch,
                                           -(-max_len // self.page_size))
+        log.info("CUDA graphs of decode steps captured for batch sizes %s in %.1f s",
+                 self.decode_graphs.buckets, time.perf_counter() - started)
 
     def kv_bytes_per_page(self) -> int:
         elem = torch.empty((), dtype=self.dtype).element_size()

@@ -1,0 +1,104 @@
+"""The engine loop keeps one step in flight: step N+1 is planned and launched before step N
+is committed, its decode inputs are step N's sampled tokens (placeholders resolved on the
+device), and the tokens that come out are those of a plain plan -> run -> commit loop."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from appliance.config import load_config
+from appliance.engine.engine import Engine, to_forward_batch
+from appliance.engine.plan_arrays import PlanArrays, PlanChannel
+from appliance.engine.protocol import GenerateRequest
+
+VOCAB = 50
+
+
+class CountingRunner:
+    """A model whose greedy next token is (last input id * 3 + 1) % VOCAB; records batches."""
+
+    device = torch.device("cpu")
+    num_pages, page_size, max_model_len, vocab_size = 64, 4, 256, VOCAB
+    eos_token_ids: tuple[int, ...] = ()
+
+    def __init__(self) -> None:
+        self.inputs: list[list[int]] = []
+
+    def forward(self, batch) -> torch.Tensor:
+        ids = batch.input_ids
+        assert (ids >= 0).all(), "a placeholder reached the model"
+        self.inputs.append(ids.tolist())
+        last = ids[batch.query_start[1:].long() - 1]                      # [B]
+        logits = torch.zeros(batch.num_rows, VOCAB)
+        logits[torch.arange(batch.num_rows), (last * 3 + 1) % VOCAB] = 1.0
+        return logits
+
+
+def expected(prompt: list[int], n: int) -> list[int]:
+    out, last = [], prompt[-1]
+    for _ in range(n):
+        last = (last * 3 + 1) % VOCAB
+        out.append(last)
+    return out
+
+
+@pytest.fixture
+def engine(tmp_path, monkeypatch):
+    sent = []
+    monkeypatch.setattr(Engine, "_send", lambda self, message: sent.append(message))
+    config = load_config(None, ["device=cpu"])
+    eng = Engine(config, CountingRunner(), PlanChannel(None), f"ipc://{tmp_path}/in",
+                 f"ipc://{tmp_path}/out")
+    eng.sent = sent
+    yield eng
+    eng._inbox.close(linger=0)
+    eng._outbox.close(linger=0)
+    eng._ctx.term()
+
+
+def tokens_of(sent, rid: int) -> list[int]:
+    return [o.token_id for m in sent for o in getattr(m, "items", []) if o.rid == rid]
+
+
+def test_one_step_in_flight_gives_the_sequential_tokens(engine):
+    prompts = {1: [5, 6, 7], 2: [9] * 9}
+    for rid, prompt in prompts.items():
+        engine._submit(GenerateRequest(rid, prompt, max_new_tokens=6, temperature=0.0,
+                                       ignore_eos=True))
+    in_flight_after_step = []
+    while engine.requests or engine._inflight is not None:
+        assert engine.step()
+        in_flight_after_step.append(engine.scheduler.inflight_steps())
+    for rid, prompt in prompts.items():
+        assert tokens_of(engine.sent, rid) == expected(prompt, 6)
+    # every launch but the last left its step uncommitted while the next one was planned
+    assert in_flight_after_step.count(1) >= 5
+    assert engine.scheduler.stats()["pages_used"] == 0
+
+
+def test_abort_during_flight_returns_pages(engine):
+    engine._submit(GenerateRequest(3, [1, 2, 3, 4, 5], max_new_tokens=50, temperature=0.0,
+                                   ignore_eos=True))
+    for _ in range(3):
+        engine.step()
+    engine._abort(3)
+    while engine.step():
+        pass
+    assert engine._inflight is None
+    assert engine.scheduler.stats()["pages_used"] == 0
+
+
+def test_placeholders_read_the_previous_tokens():
+    arrays = PlanArrays(step=1, num_decode=2, input_ids=np.array([-2, -1, 7], np.int32),
+                        positions=np.array([4, 9, 0], np.int32),
+                        query_start=np.array([0, 1, 2, 3], np.int32),
+                        prefix_lens=np.array([4, 9, 0], np.int32),
+                        seq_lens=np.array([5, 10, 1], np.int32),
+                        slot_mapping=np.array([4, 9, 12], np.int32),
+                        sample=np.array([1, 1, 1], np.int32),
+                        page_table=np.array([[0, 1], [2, 0], [3, 0]], np.int32))
+    batch = to_forward_batch(arrays, torch.device("cpu"), torch.tensor([11, 22], dtype=torch.int32))
+    assert batch.input_ids.tolist() == [22, 11, 7]
+    assert batch.page_table.tolist() == [[0, 1], [2, 0], [3, 0]]
+    assert batch.seq_lens.tolist() == [5, 10, 1]
