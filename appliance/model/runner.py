@@ -94,6 +94,18 @@ def _materialize(model: nn.Module, device: torch.device) -> None:
             m.init_buffers(device)
 
 
+def use_cuda_graphs(device: torch.device, dtype: torch.dtype, overrides: dict[str, str]) -> bool:
+    """CUDA graphs for decode steps: TOKENSPEED_CUDA_GRAPHS=1 / 0 forces them on / off; by
+    default on for CUDA with 16-bit weights and no kernel overrides, where every op is a
+    Triton kernel without host syncs (tests/model/test_*_cuda.py replay them against eager).
+    float32 and overridden ops may run the torch reference kernels, which read sequence
+    lengths on the host and cannot be captured."""
+    forced = os.environ.get("TOKENSPEED_CUDA_GRAPHS", "")
+    if device.type != "cuda" or forced == "0":
+        return False
+    return forced == "1" or (dtype in (torch.float16, torch.bfloat16) and not overrides)
+
+
 class ModelRunner:
     def __init__(self, model_cfg: Any, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32, tp_rank: int = 0, tp_size: int = 1,
@@ -142,16 +154,15 @@ class ModelRunner:
     def from_config(cls, config: Any, files: Any, device: str | torch.device,
                     dtype: torch.dtype, tp_rank: int = 0, tp_size: int = 1) -> "ModelRunner":
         """From the daemon's AppConfig and resolved model files (appliance.engine.model_files):
-        `files.checkpoint` (HF folder) or `files.preset` (dummy weights). With
-        TOKENSPEED_CUDA_GRAPHS=1 on CUDA, decode steps of up to min(scheduler.max_running,
-        256) rows run as CUDA graphs (opt-in until tests/model/test_llama_cuda.py has run
-        on a GPU)."""
+        `files.checkpoint` (HF folder) or `files.preset` (dummy weights). On CUDA, decode
+        steps of up to min(scheduler.max_running, 256) rows run as CUDA graphs (see
+        `use_cuda_graphs`)."""
         dummy = files.checkpoint is None or config.model.load_format == "dummy"
         source = ModelSource(path=files.checkpoint, preset=files.preset,
                              load_format="dummy" if dummy else "auto", seed=config.model.seed)
         runner = cls(source, device, dtype, tp_rank, tp_size, kv_num_pages=config.kv.num_pages,
                      memory_fraction=config.kv.memory_fraction, page_size=config.kv.page_size)
-        if runner.device.type == "cuda" and os.environ.get("TOKENSPEED_CUDA_GRAPHS", "0") == "1":
+        if use_cuda_graphs(runner.device, dtype, dict(config.kernels.override)):
             runner.enable_cuda_graphs(min(int(config.scheduler.max_running), 256),
                                       min(int(config.model.max_model_len), runner.max_model_len))
         return runner
