@@ -375,10 +375,10 @@ def case_sample(batch: int, mode: str, vocab: int = 128256) -> None:
 
 # ----------------------------------------------------------------------------- tuning
 
-def tune_attention() -> None:
+def tune_attention(mla_only: bool = False) -> None:
     """Time tile/split variants of the paged attention kernel at the target shapes; prints
     one line per variant (graph time) so the defaults in kernels/triton/attention.py can be
-    set from measurements."""
+    set from measurements. mla_only: the MLA decode variants only (--tune-mla)."""
     from kernels.triton import attention as KA
     default_cfg, default_spm = KA._config, KA.SPLITS_PER_SM
 
@@ -431,7 +431,7 @@ def tune_attention() -> None:
     def cfg(g: int, t: int, n: int, w: int, s: int, trans: bool = False) -> dict:
         return dict(G_BLK=g, BLOCK_T=t, BLOCK_N=n, num_warps=w, num_stages=s, TRANS=trans)
 
-    if os.environ.get("TUNE_GQA_DECODE"):
+    if os.environ.get("TUNE_GQA_DECODE") and not mla_only:
         for shape in ((1, 131072), (4, 32768)):
             for spm in (2, 4, 8):
                 for n, w, s in ((64, 4, 2), (128, 4, 2), (64, 4, 3)):
@@ -444,11 +444,88 @@ def tune_attention() -> None:
                                 (128, 8, 3, True), (32, 4, 3, True)):
                 variant(cfg(16, 1, n, w, s, tr), spm, f"mla_decode B={shape[0]} ctx={shape[1]} "
                         f"spm={spm} N={n} w={w} s={s} trans={tr}", mdec(*shape))
-    for shape in ((1, 131072), (16, 8192)):
+    for shape in (() if mla_only else ((1, 131072), (16, 8192))):
         for n, w, s, tr in ((64, 4, 2, False), (64, 4, 2, True), (128, 4, 2, True),
                             (128, 8, 2, True), (64, 4, 3, True)):
             variant(cfg(16, 1, n, w, s, tr), 4, f"decode B={shape[0]} ctx={shape[1]} "
                     f"N={n} w={w} s={s} trans={tr}", dec(*shape))
+
+
+MLA_TUNE_SHAPES = ((64, 8192), (1, 32768), (1, 131072), (256, 4096))   # first: the pruning one
+
+
+def tune_mla_chunked(top: int | None = None) -> None:
+    """Sweep kernels/triton/mla_decode.py's register-lean MLA decode (DeepSeek-V2-Lite: 16
+    heads, latent 512, rope 64, page size 64, bf16). Phase 1 at B=64 ctx=8192: nc {2, 4} x
+    block_n {16, 32, 64} x num_warps {4, 8} x num_stages {2, 3} x q_in_loop {True, False}
+    (block_n 64 with 3 stages skipped: ~150 KB of shared memory, one program per SM), 40
+    configs; then register caps (max_regs, Triton's maxnreg) at the occupancy steps on the
+    `top` best; then the `top` best of all at the other shapes. Each config is first checked
+    against the generic kernel (kernels/triton/attention_ops.py::mla_decode): err = max
+    |out - generic| / max |generic|; configs that raise print the error and are skipped. GB/s
+    counts the KV cache bytes read (B * ctx * 576 * 2). 70 timed configs at top=6 (env
+    TUNE_MLA_TOP): each costs a compile of a few seconds (CPU) and ~0.1 s of GPU time."""
+    from kernels.triton.mla_decode import mla_decode_chunked
+    top = int(os.environ.get("TUNE_MLA_TOP", "6")) if top is None else top
+    page_size, heads, scale = 64, 16, (128 + 64) ** -0.5
+    ceil = CEIL.get("GB/s")
+
+    def run_shape(batch: int, ctx: int, configs: list[dict]) -> list[tuple[float, dict]]:
+        table, cache, ql, qr, sl = mla_inputs(batch, ctx, page_size, heads)
+        nbytes = batch * ctx * 576 * 2
+        base = TA.mla_decode(ql, qr, cache, table, sl, page_size, scale).float()
+        denom = float(base.abs().max().clamp_min(1e-30))
+        gen_ms = graph_ms(lambda: TA.mla_decode(ql, qr, cache, table, sl, page_size, scale))
+        pct = f" {100 * nbytes / gen_ms / 1e6 / ceil:5.1f}%" if ceil else ""
+        label = f"B={batch} ctx={ctx} generic kernel (registry default)"
+        print(f"  tune mla_chunked {label:64s} {gen_ms * 1e3:9.1f}us "
+              f"{nbytes / gen_ms / 1e6:8.1f} GB/s{pct}", flush=True)
+        results = []
+        for c in configs:
+            label = (f"B={batch} ctx={ctx} nc={c['nc']} N={c['block_n']} w={c['num_warps']} "
+                     f"s={c['num_stages']} qloop={int(c['q_in_loop'])}"
+                     + (f" regs={c['max_regs']}" if c.get("max_regs") else ""))
+            fn = lambda c=c: mla_decode_chunked(ql, qr, cache, table, sl, page_size,  # noqa: E731
+                                                scale, **c)
+            try:
+                out = fn().float()
+                err = float((out - base).abs().max()) / denom
+                if err != err:                       # NaN
+                    err = float("inf")
+                ms = graph_ms(fn)
+            except Exception as e:  # noqa: BLE001
+                print(f"  tune mla_chunked {label:64s} ERROR {type(e).__name__}: "
+                      f"{str(e)[:120]}", flush=True)
+                torch.cuda.empty_cache()
+                continue
+            gbs = nbytes / ms / 1e6
+            pct = f" {100 * gbs / ceil:5.1f}%" if ceil else ""
+            bad = "" if err < TOL else " FAIL"
+            print(f"  tune mla_chunked {label:64s} {ms * 1e3:9.1f}us {gbs:8.1f} GB/s{pct} "
+                  f"err={err:.1e}{bad} (generic x{gen_ms / ms:.2f})", flush=True)
+            if not bad:
+                results.append((gbs, c))
+        del table, cache, ql, qr, sl, base
+        torch.cuda.empty_cache()
+        return sorted(results, key=lambda r: -r[0])
+
+    grid = [dict(nc=nc, block_n=n, num_warps=w, num_stages=st, q_in_loop=qil)
+            for nc in (4, 2) for n in (16, 32, 64) for w in (4, 8) for st in (2, 3)
+            for qil in (True, False) if not (n == 64 and st == 3)]
+    first, rest = MLA_TUNE_SHAPES[0], MLA_TUNE_SHAPES[1:]
+    print(f"\n== tune mla_decode_chunked: {len(grid)} configs at B={first[0]} ctx={first[1]}, "
+          f"then the top {top} (+ register caps) at the other shapes", flush=True)
+    ranked = run_shape(*first, grid)
+    # register caps at the occupancy steps: 4 warps 168/128 regs -> 3/4 programs per SM;
+    # 8 warps 80/64 -> 3/4 (65,536 registers per SM)
+    caps = [dict(c, max_regs=r) for _, c in ranked[:top] for r in
+            ((168, 128) if c["num_warps"] == 4 else (80, 64))]
+    ranked = sorted(ranked + run_shape(*first, caps), key=lambda r: -r[0])
+    best = [c for _, c in ranked[:top]]
+    print(f"  tune mla_chunked best at B={first[0]} ctx={first[1]}: "
+          + "; ".join(f"{g:.0f} GB/s {c}" for g, c in ranked[:top]), flush=True)
+    for shape in rest:
+        run_shape(*shape, best)
 
 
 def tune_moe() -> None:
@@ -585,6 +662,9 @@ def main() -> None:
     ap.add_argument("--only", default="", help="comma-separated group name prefixes")
     ap.add_argument("--quick", action="store_true", help="fewer shapes")
     ap.add_argument("--tune", action="store_true", help="sweep attention tile/split variants")
+    ap.add_argument("--tune-mla", action="store_true",
+                    help="sweep only the MLA decode variants (generic kernel and "
+                         "kernels/triton/mla_decode.py), then exit unless --only is given")
     ap.add_argument("--profile", action="store_true", help="torch.profiler of fused ops")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -596,8 +676,16 @@ def main() -> None:
         profile()
     if args.tune:
         tune_attention()
+        tune_mla_chunked()
         if os.environ.get("TUNE_MOE"):
             tune_moe()
+    if args.tune_mla:
+        if not args.tune:
+            if os.environ.get("TUNE_MLA_GENERIC", "1") != "0":   # 72 generic-kernel variants
+                tune_attention(mla_only=True)
+            tune_mla_chunked()
+        if not args.only:
+            return
     only = [s for s in args.only.split(",") if s]
     for name, cases in groups(args.quick).items():
         if not only or any(name.startswith(o) for o in only):

@@ -24,11 +24,12 @@ except Exception as e:  # noqa: BLE001
 
 from kernels.triton import attention as A  # noqa: E402
 from kernels.triton import elementwise as E  # noqa: E402
+from kernels.triton import mla_decode as MD  # noqa: E402
 from kernels.triton import moe as M  # noqa: E402
 from kernels.triton import rope_kv as RK  # noqa: E402
 from kernels.triton import sample as S  # noqa: E402
 
-CHECKS = ["attention", "moe", "rows_and_sample"]
+CHECKS = ["attention", "mla_chunked", "moe", "rows_and_sample"]
 
 
 @pytest.mark.parametrize("check", CHECKS)
@@ -46,8 +47,10 @@ PTR = {torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.int32: "*i32",
        torch.int64: "*i64"}
 
 
-def compile_sm90(kernel, args: dict, constexprs: dict, num_warps: int, num_stages: int):
-    """args: name -> torch dtype (pointer) or int/float (scalar, 16-divisible ints marked)."""
+def compile_sm90(kernel, args: dict, constexprs: dict, num_warps: int, num_stages: int,
+                 **options):
+    """args: name -> torch dtype (pointer) or int/float (scalar, 16-divisible ints marked);
+    options: further compile options (e.g. maxnreg)."""
     sig, cex, attrs = {}, {}, {}
     for i, name in enumerate(kernel.arg_names):
         if name in constexprs:
@@ -65,7 +68,7 @@ def compile_sm90(kernel, args: dict, constexprs: dict, num_warps: int, num_stage
                 attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn=kernel, signature=sig, constexprs=cex, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                          options=dict(num_warps=num_warps, num_stages=num_stages))
+                          options=dict(num_warps=num_warps, num_stages=num_stages, **options))
 
 
 BF, F32, I32, I64 = torch.bfloat16, torch.float32, torch.int32, torch.int64
@@ -93,6 +96,24 @@ def _attention(decode: bool, mla: bool) -> None:
     compile_sm90(A._paged_attn_kernel, args, cex, cfg["num_warps"], cfg["num_stages"])
     compile_sm90(A._merge_splits_kernel, dict(PartO=F32, PartL=F32, Out=BF),
                  dict(DV=d1, BLOCK_DV=128, NUM_SPLITS=8, BLOCK_S=8, CHUNK_S=8), 4, 1)
+
+
+def check_mla_chunked() -> None:
+    """The register-lean MLA decode at DeepSeek-V2-Lite shapes (L=512, R=64, G_BLK=16,
+    BLOCK_N=32): the latent in 4 and 2 chunks at 4 and 8 warps, with split-KV or not, the
+    query per tile or hoisted, 16 or 4 heads (TP4: masked rows), one with a register cap."""
+    args = dict(QL=BF, QR=BF, KV=BF, Out=BF, PageTable=I32, SeqLens=I32, scale_log2=0.1,
+                page_size=64, split_len=1024, num_heads=16, stride_kv=576)
+    for nc, warps, splits, q_in_loop, heads, regs in ((4, 4, 8, True, 16, 128),
+                                                      (4, 8, 1, False, 16, None),
+                                                      (2, 4, 1, True, 4, None),
+                                                      (2, 8, 8, False, 16, None)):
+        part = F32 if splits > 1 else BF
+        cex = dict(L=512, R=64, BLOCK_R=64, CH=512 // nc, NC=nc, G_BLK=16, BLOCK_N=32,
+                   NUM_SPLITS=splits, EVEN_H=heads % 16 == 0, EVEN_R=True, Q_IN_LOOP=q_in_loop)
+        compile_sm90(MD._mla_decode_chunked_kernel,
+                     dict(args, PartO=part, PartL=part, num_heads=heads), cex, warps, 2,
+                     **({} if regs is None else dict(maxnreg=regs)))
 
 
 def _row_kernels() -> None:

@@ -1,0 +1,333 @@
+"""Register-lean MLA decode: the latent dimension in chunks, the query re-read every KV tile.
+
+Why a second MLA decode kernel. The generic paged kernel (kernels/triton/attention.py) serves
+MLA decode with one program per (row, head block, split) that loads the whole query, [16, 576],
+once before its KV loop. Held in mma.sync's A-operand layout that tile would be replicated in
+every warp (~144 registers per thread), beside a [16, 512] fp32 accumulator (64 registers per
+thread at 4 warps), so only ~2 programs fit an SM; on an H200 DeepSeek-V2-Lite decode (16
+heads, latent L=512, rope R=64, cache [S, 576] bf16) reaches only 42-67% of copy bandwidth
+(target 80%).
+
+Here the query need not be live across the KV loop. The latent dimension is cut into NC chunks
+of CH = L // NC columns (NC in {1, 2, 4}, CH a power of two >= 16) with NC separate fp32
+accumulators [G_BLK, CH]. Per KV tile of BLOCK_N keys (gathered through the page table, slot =
+page * page_size + offset) and per chunk c, the query chunk q_c [G_BLK, CH] is loaded inside
+the loop (it hits L1/L2; the loop is marked disable_licm so the compiler does not hoist it
+back) and scored against the key chunk k_c [N, CH]; the rope part q_rope [G_BLK, R] . k_rope
+[N, R] is added. The constexpr Q_IN_LOOP=False instead loads every query chunk and q_rope once
+before the loop, for the tuning to compare. After the online softmax (exp2, scale in log2
+units) each accumulator takes p @ k_c, the same loaded k_c as the value chunk (MLA: the latent
+is both key and value). Split-KV writes the partial-output/LSE layout of attention.py, whose
+_merge_splits_kernel merges the splits.
+
+What ptxas reports (Triton 3.9, sm_90, no GPU; registers per thread, 4 warps, BLOCK_N=32):
+the generic kernel 199 - Triton already stages its hoisted query in shared memory, so the
+query is not what fills its registers; this kernel 189 at NC=4 (in-loop query; ptxas hoists
+the shared-memory operand loads of all chunks), 245 with Q_IN_LOOP=False (the hoisted chunks
+stay in registers); 126 at BLOCK_N=16, 98 at 8 warps. Uncapped, both kernels fit 2 programs
+per SM at BLOCK_N=32. Capped, this one spills little: max_regs=128 (Triton's maxnreg) spills
+16 B and fits 4 programs of 4 warps per SM (56 KB shared memory each); 8 warps at 80 spill
+52 B for 3 (the generic kernel capped at 128 spills 452 B). Hence the max_regs knob beside
+the tile sizes. Occupancy is what hides memory latency here: in both kernels Triton 3.9's
+pipeliner gives the gathered KV tile a single shared-memory buffer (tile i+1's copies start
+after tile i's last dot and are awaited at the top of the next iteration; num_stages=3 only
+double-buffers the page indices). The price of the in-loop query is an L2 re-read of the
+query per tile (18 KB per 37 KB KV tile at BLOCK_N=32).
+
+Not registered: kernels/triton/attention_ops.py still routes mla_decode to the generic kernel
+until GPU timings (scripts/bench_kernels.py --tune-mla) decide.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.triton.attention import _merge_splits_kernel, _num_splits
+from kernels.triton.common import check, interpreting, next_pow2
+
+G_BLK_DEFAULT = 16     # query heads per program (the mma.sync M tile); more heads: more blocks
+
+
+@triton.jit
+def _load_q(QRow, c0, ch, row_ok, EVEN_H: tl.constexpr):
+    """Query columns [c0, c0 + CH) of the program's heads: QRow [M, 1] pointers -> [M, CH]."""
+    ptrs = QRow + c0 + ch[None, :]                                        # [M, CH]
+    if EVEN_H:
+        return tl.load(ptrs)
+    else:
+        return tl.load(ptrs, mask=row_ok[:, None], other=0.0)
+
+
+@triton.jit
+def _load_k(KRow, c0, ch, n_ok, MASKED: tl.constexpr):
+    """Cache columns [c0, c0 + CH) of the tile's keys: KRow [N, 1] pointers -> [N, CH]."""
+    ptrs = KRow + c0 + ch[None, :]                                        # [N, CH]
+    if MASKED:
+        return tl.load(ptrs, mask=n_ok[:, None], other=0.0)
+    else:
+        return tl.load(ptrs)
+
+
+@triton.jit
+def _load_q_rope(QRRow, r, row_ok, R: tl.constexpr, EVEN_H: tl.constexpr,
+                 EVEN_R: tl.constexpr):
+    """The rope query of the program's heads: QRRow [M, 1] pointers -> [M, BLOCK_R]."""
+    ptrs = QRRow + r[None, :]                                             # [M, BLOCK_R]
+    if EVEN_H and EVEN_R:
+        return tl.load(ptrs)
+    else:
+        return tl.load(ptrs, mask=row_ok[:, None] & (r[None, :] < R), other=0.0)
+
+
+@triton.jit
+def _q_chunk(q_hoisted, QRow, c0, ch, row_ok, EVEN_H: tl.constexpr, Q_IN_LOOP: tl.constexpr):
+    """The query chunk [M, CH] at columns c0: loaded now (Q_IN_LOOP) or the hoisted one."""
+    if Q_IN_LOOP:
+        return _load_q(QRow, c0, ch, row_ok, EVEN_H)
+    else:
+        return q_hoisted
+
+
+@triton.jit
+def _mla_chunk_tile(acc0, acc1, acc2, acc3, m_i, l_i, q0, q1, q2, q3, q_rope, QRow, QRRow, KV,
+                    PageTable, n0, hi, page_size, stride_kv, scale_log2, row_ok,
+                    L: tl.constexpr, R: tl.constexpr, BLOCK_R: tl.constexpr,
+                    CH: tl.constexpr, NC: tl.constexpr, BLOCK_N: tl.constexpr,
+                    MASKED: tl.constexpr, EVEN_H: tl.constexpr, EVEN_R: tl.constexpr,
+                    Q_IN_LOOP: tl.constexpr):
+    """One online-softmax step over keys [n0, n0 + BLOCK_N). acc0..acc3 are [M, CH] (those
+    past NC are placeholders, returned untouched); q0..q3, q_rope are the hoisted query chunks
+    (placeholders when Q_IN_LOOP: then loaded here, per tile); MASKED predicates keys >= hi
+    (the last tile only)."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)                                   # [N]
+    n_ok = offs_n < hi                                                    # [N]
+    ch = tl.arange(0, CH)                                                 # [CH]
+    r = tl.arange(0, BLOCK_R)                                             # [BLOCK_R]
+    if MASKED:
+        page = tl.load(PageTable + offs_n // page_size, mask=n_ok, other=0)  # [N]
+    else:
+        page = tl.load(PageTable + offs_n // page_size)                   # [N]
+    slot = page.to(tl.int64) * page_size + offs_n % page_size             # [N]
+    KRow = KV + slot[:, None] * stride_kv                                 # [N, 1] pointers
+    # scores: sum over chunks of q_c . k_c, plus the rope part
+    k0 = _load_k(KRow, 0 * CH, ch, n_ok, MASKED)                          # [N, CH]
+    q = _q_chunk(q0, QRow, 0 * CH, ch, row_ok, EVEN_H, Q_IN_LOOP)         # [M, CH]
+    qk = tl.dot(q, tl.trans(k0))                                          # [M, N]
+    if NC >= 2:
+        k1 = _load_k(KRow, 1 * CH, ch, n_ok, MASKED)                      # [N, CH]
+        q = _q_chunk(q1, QRow, 1 * CH, ch, row_ok, EVEN_H, Q_IN_LOOP)     # [M, CH]
+        qk += tl.dot(q, tl.trans(k1))
+    if NC >= 4:
+        k2 = _load_k(KRow, 2 * CH, ch, n_ok, MASKED)                      # [N, CH]
+        q = _q_chunk(q2, QRow, 2 * CH, ch, row_ok, EVEN_H, Q_IN_LOOP)     # [M, CH]
+        qk += tl.dot(q, tl.trans(k2))
+        k3 = _load_k(KRow, 3 * CH, ch, n_ok, MASKED)                      # [N, CH]
+        q = _q_chunk(q3, QRow, 3 * CH, ch, row_ok, EVEN_H, Q_IN_LOOP)     # [M, CH]
+        qk += tl.dot(q, tl.trans(k3))
+    kr_ptrs = KRow + L + r[None, :]                                       # [N, BLOCK_R]
+    if MASKED or not EVEN_R:
+        k_rope = tl.load(kr_ptrs, mask=n_ok[:, None] & (r[None, :] < R), other=0.0)
+    else:
+        k_rope = tl.load(kr_ptrs)                                         # [N, BLOCK_R]
+    if Q_IN_LOOP:
+        q_rope = _load_q_rope(QRRow, r, row_ok, R, EVEN_H, EVEN_R)        # [M, BLOCK_R]
+    qk += tl.dot(q_rope, tl.trans(k_rope))                                # [M, N]
+    qk = qk * scale_log2
+    if MASKED:  # every row of a decode program has the same sequence: a per-key mask
+        qk = tl.where(n_ok[None, :], qk, float("-inf"))                   # [M, N]
+    # online softmax in log2 units
+    m_new = tl.maximum(m_i, tl.max(qk, 1))                                # [M]
+    p = tl.exp2(qk - m_new[:, None])                                      # [M, N]
+    alpha = tl.exp2(m_i - m_new)                                          # [M]
+    l_i = l_i * alpha + tl.sum(p, 1)
+    p = p.to(k0.dtype)
+    # values: the latent chunks already loaded as keys
+    acc0 = acc0 * alpha[:, None] + tl.dot(p, k0)                          # [M, CH]
+    if NC >= 2:
+        acc1 = acc1 * alpha[:, None] + tl.dot(p, k1)                      # [M, CH]
+    if NC >= 4:
+        acc2 = acc2 * alpha[:, None] + tl.dot(p, k2)                      # [M, CH]
+        acc3 = acc3 * alpha[:, None] + tl.dot(p, k3)                      # [M, CH]
+    return acc0, acc1, acc2, acc3, m_new, l_i
+
+
+@triton.jit
+def _store_chunk(acc, c0, l_safe, ORow, PRow, ch, row_ok, NUM_SPLITS: tl.constexpr,
+                 EVEN_H: tl.constexpr):
+    """acc [M, CH] / l -> Out (bf16/fp16, one split) or PartO (fp32), columns [c0, c0 + CH)."""
+    out = acc / l_safe[:, None]                                           # [M, CH]
+    if NUM_SPLITS == 1:
+        ptrs = ORow + c0 + ch[None, :]                                    # [M, CH]
+        out = out.to(ORow.dtype.element_ty)
+    else:
+        ptrs = PRow + c0 + ch[None, :]                                    # [M, CH]
+    if EVEN_H:
+        tl.store(ptrs, out)
+    else:
+        tl.store(ptrs, out, mask=row_ok[:, None])
+
+
+@triton.jit
+def _mla_decode_chunked_kernel(
+        QL, QR, KV, Out, PartO, PartL, PageTable, SeqLens,
+        scale_log2, page_size, split_len, num_heads,
+        stride_qlb, stride_qlh, stride_qrb, stride_qrh, stride_kv, stride_pt,
+        stride_ob, stride_oh, stride_pob, stride_poh, stride_pos, stride_plb, stride_plh,
+        L: tl.constexpr, R: tl.constexpr, BLOCK_R: tl.constexpr, CH: tl.constexpr,
+        NC: tl.constexpr, G_BLK: tl.constexpr, BLOCK_N: tl.constexpr,
+        NUM_SPLITS: tl.constexpr, EVEN_H: tl.constexpr, EVEN_R: tl.constexpr,
+        Q_IN_LOOP: tl.constexpr):
+    """grid (B, head blocks, splits): one sequence, G_BLK heads, one piece of the KV range."""
+    b, hb, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b64 = b.to(tl.int64)
+    head = hb * G_BLK + tl.arange(0, G_BLK)                               # [M]
+    row_ok = head < num_heads                                             # [M]
+    QRow = QL + b64 * stride_qlb + head[:, None] * stride_qlh             # [M, 1] pointers
+    QRRow = QR + b64 * stride_qrb + head[:, None] * stride_qrh            # [M, 1] pointers
+    if Q_IN_LOOP:  # placeholders: the tiles load the query themselves
+        q0 = tl.zeros([1], dtype=tl.float32)
+        q1, q2, q3, q_rope = q0, q0, q0, q0
+    else:  # hoisted: live across the KV loop (in shared memory or registers)
+        ch = tl.arange(0, CH)
+        q0 = _load_q(QRow, 0 * CH, ch, row_ok, EVEN_H)                    # [M, CH]
+        q1, q2, q3 = q0, q0, q0
+        if NC >= 2:
+            q1 = _load_q(QRow, 1 * CH, ch, row_ok, EVEN_H)                # [M, CH]
+        if NC >= 4:
+            q2 = _load_q(QRow, 2 * CH, ch, row_ok, EVEN_H)                # [M, CH]
+            q3 = _load_q(QRow, 3 * CH, ch, row_ok, EVEN_H)                # [M, CH]
+        q_rope = _load_q_rope(QRRow, tl.arange(0, BLOCK_R), row_ok, R, EVEN_H,
+                              EVEN_R)                                     # [M, BLOCK_R]
+    seq_len = tl.load(SeqLens + b)
+    lo = split * split_len
+    hi = tl.minimum(lo + split_len, seq_len)
+    full_end = lo + tl.maximum(hi - lo, 0) // BLOCK_N * BLOCK_N          # end of whole tiles
+    acc0 = tl.zeros([G_BLK, CH], dtype=tl.float32)                        # [M, CH] each
+    if NC >= 2:
+        acc1 = tl.zeros([G_BLK, CH], dtype=tl.float32)
+    else:
+        acc1 = tl.zeros([1], dtype=tl.float32)                            # placeholder
+    if NC >= 4:
+        acc2 = tl.zeros([G_BLK, CH], dtype=tl.float32)
+        acc3 = tl.zeros([G_BLK, CH], dtype=tl.float32)
+    else:
+        acc2 = tl.zeros([1], dtype=tl.float32)
+        acc3 = tl.zeros([1], dtype=tl.float32)
+    m_i = tl.full([G_BLK], -1.0e30, dtype=tl.float32)                     # [M]
+    l_i = tl.zeros([G_BLK], dtype=tl.float32)                             # [M]
+    pt = PageTable + b64 * stride_pt
+    # disable_licm: keep the query loads in the loop (not live across it: the point of this)
+    for n0 in tl.range(lo, full_end, BLOCK_N, disable_licm=True):         # interior tiles
+        acc0, acc1, acc2, acc3, m_i, l_i = _mla_chunk_tile(
+            acc0, acc1, acc2, acc3, m_i, l_i, q0, q1, q2, q3, q_rope, QRow, QRRow, KV, pt, n0,
+            hi, page_size, stride_kv, scale_log2, row_ok, L, R, BLOCK_R, CH, NC, BLOCK_N,
+            False, EVEN_H, EVEN_R, Q_IN_LOOP)
+    for n0 in tl.range(full_end, hi, BLOCK_N, disable_licm=True):         # the partial tile
+        acc0, acc1, acc2, acc3, m_i, l_i = _mla_chunk_tile(
+            acc0, acc1, acc2, acc3, m_i, l_i, q0, q1, q2, q3, q_rope, QRow, QRRow, KV, pt, n0,
+            hi, page_size, stride_kv, scale_log2, row_ok, L, R, BLOCK_R, CH, NC, BLOCK_N,
+            True, EVEN_H, EVEN_R, Q_IN_LOOP)
+    l_safe = tl.where(l_i > 0, l_i, 1.0)                                  # [M]; empty: out 0
+    ch = tl.arange(0, CH)
+    ORow = Out + b64 * stride_ob + head[:, None] * stride_oh               # [M, 1] pointers
+    PRow = PartO + b64 * stride_pob + head[:, None] * stride_poh + split * stride_pos
+    _store_chunk(acc0, 0 * CH, l_safe, ORow, PRow, ch, row_ok, NUM_SPLITS, EVEN_H)
+    if NC >= 2:
+        _store_chunk(acc1, 1 * CH, l_safe, ORow, PRow, ch, row_ok, NUM_SPLITS, EVEN_H)
+    if NC >= 4:
+        _store_chunk(acc2, 2 * CH, l_safe, ORow, PRow, ch, row_ok, NUM_SPLITS, EVEN_H)
+        _store_chunk(acc3, 3 * CH, l_safe, ORow, PRow, ch, row_ok, NUM_SPLITS, EVEN_H)
+    if NUM_SPLITS > 1:
+        lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf"))     # [M]
+        tl.store(PartL + b64 * stride_plb + head * stride_plh + split, lse, mask=row_ok)
+
+
+def _valid_chunk(lat: int, nc: int) -> bool:
+    ch = lat // nc
+    return lat % nc == 0 and ch >= 16 and ch == next_pow2(ch)
+
+
+def default_nc(lat: int) -> int:
+    """The most chunks (4, 2, 1) whose chunk is a power of two >= 16; 0 when none is."""
+    return next((nc for nc in (4, 2, 1) if _valid_chunk(lat, nc)), 0)
+
+
+def mla_decode_chunked(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Tensor,
+                       page_table: torch.Tensor, seq_lens: torch.Tensor, page_size: int,
+                       scale: float, num_splits: int | None = None, nc: int | None = None,
+                       block_n: int | None = None, num_warps: int | None = None,
+                       num_stages: int | None = None, q_in_loop: bool | None = None,
+                       g_blk: int | None = None, max_regs: int | None = None) -> torch.Tensor:
+    """q_latent: [B, H, L], q_rope: [B, H, R], kv_cache: [S, L+R], page_table: [B, P] int32,
+    seq_lens: [B] int32 -> [B, H, L] (q_latent's dtype). Rows with seq_len 0 give zeros.
+
+    Tuning knobs (None: defaults): num_splits (split-KV pieces, as attention.py's MLA decode),
+    nc (latent chunks, 1/2/4), block_n (keys per tile), num_warps, num_stages, q_in_loop (load
+    the query chunks and q_rope every tile, True, or once before the KV loop), g_blk (heads
+    per program, a power of two >= 16), max_regs (ptxas register cap per thread, Triton's
+    maxnreg; None: uncapped)."""
+    check(q_latent.dim() == 3 and q_rope.dim() == 3 and kv_cache.dim() == 2,
+          "q_latent [B, H, L], q_rope [B, H, R], kv_cache [S, L+R] expected")
+    bsz, heads, lat = q_latent.shape
+    rope = q_rope.shape[-1]
+    check(q_rope.shape[:2] == (bsz, heads), "q_rope must be [B, H, R] like q_latent")
+    check(kv_cache.shape[1] == lat + rope, f"kv_cache width {kv_cache.shape[1]} != L+R "
+          f"{lat + rope}")
+    check(q_latent.dtype == q_rope.dtype == kv_cache.dtype, "q and cache dtypes differ")
+    check(q_latent.stride(-1) == 1 and q_rope.stride(-1) == 1 and kv_cache.stride(-1) == 1,
+          "last dimensions must be contiguous")
+    check(page_table.dim() == 2 and page_table.shape[0] == bsz and seq_lens.shape == (bsz,),
+          "page_table must be [B, P] with seq_lens [B]")
+    check(page_table.dtype == torch.int32 and seq_lens.dtype == torch.int32,
+          "page_table and seq_lens must be int32")
+    check(page_size >= 1, "page_size must be positive")
+    nc = default_nc(lat) if nc is None else nc
+    check(nc in (1, 2, 4) and _valid_chunk(lat, nc),
+          f"latent {lat} in {nc} chunks: need nc in (1, 2, 4) and L/nc a power of two >= 16")
+    small = interpreting()
+    block_n = (16 if small else 32) if block_n is None else block_n
+    check(block_n >= 16 and block_n == next_pow2(block_n), "block_n: a power of two >= 16")
+    g_blk = G_BLK_DEFAULT if g_blk is None else g_blk
+    check(g_blk >= 16 and g_blk == next_pow2(g_blk), "g_blk: a power of two >= 16")
+    num_warps = 4 if num_warps is None else num_warps
+    num_stages = 2 if num_stages is None else num_stages
+    q_in_loop = True if q_in_loop is None else bool(q_in_loop)
+    out = torch.empty(bsz, heads, lat, dtype=q_latent.dtype, device=q_latent.device)  # [B,H,L]
+    if bsz == 0 or heads == 0:
+        return out
+    n_hblk = triton.cdiv(heads, g_blk)
+    max_len = page_table.shape[1] * page_size
+    if num_splits is None:
+        num_splits = _num_splits(bsz * n_hblk, max_len, block_n, q_latent.device, True)
+    check(num_splits >= 1, "num_splits must be >= 1")
+    split_len = triton.cdiv(triton.cdiv(max_len, num_splits), block_n) * block_n
+    if num_splits > 1:
+        part_o = torch.empty(bsz, heads, num_splits, lat, dtype=torch.float32,
+                             device=q_latent.device)                     # [B, H, S, L]
+        part_l = torch.empty(bsz, heads, num_splits, dtype=torch.float32,
+                             device=q_latent.device)                     # [B, H, S]
+    else:
+        part_o, part_l = out, out
+    block_r = max(16, next_pow2(rope))
+    _mla_decode_chunked_kernel[(bsz, n_hblk, num_splits)](
+        q_latent, q_rope, kv_cache, out, part_o, part_l, page_table, seq_lens,
+        scale * math.log2(math.e), page_size, split_len, heads,
+        q_latent.stride(0), q_latent.stride(1), q_rope.stride(0), q_rope.stride(1),
+        kv_cache.stride(0), page_table.stride(0), out.stride(0), out.stride(1),
+        part_o.stride(0), part_o.stride(1), part_o.stride(2) if num_splits > 1 else 0,
+        part_l.stride(0), part_l.stride(1),
+        L=lat, R=rope, BLOCK_R=block_r, CH=lat // nc, NC=nc, G_BLK=g_blk, BLOCK_N=block_n,
+        NUM_SPLITS=num_splits, EVEN_H=heads % g_blk == 0, EVEN_R=rope == block_r,
+        Q_IN_LOOP=q_in_loop, num_warps=num_warps, num_stages=num_stages,
+        **({} if max_regs is None else dict(maxnreg=max_regs)))
+    if num_splits > 1:
+        block_dv = min(128, next_pow2(lat))
+        _merge_splits_kernel[(bsz, heads, triton.cdiv(lat, block_dv))](
+            part_o, part_l, out, part_o.stride(0), part_o.stride(1), part_o.stride(2),
+            part_l.stride(0), part_l.stride(1), out.stride(0), out.stride(1), DV=lat,
+            BLOCK_DV=block_dv, NUM_SPLITS=num_splits, BLOCK_S=max(2, next_pow2(num_splits)),
+            CHUNK_S=min(16, max(2, next_pow2(num_splits))), num_warps=4)
+    return out
