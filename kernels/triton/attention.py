@@ -316,10 +316,16 @@ def paged_attention(q1: torch.Tensor, q2: torch.Tensor | None, k1: torch.Tensor,
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"])
     if num_splits > 1:
-        block_dv = min(128, max(16, next_pow2(dv)))
-        _merge_splits_kernel[(t, hq, triton.cdiv(dv, block_dv))](
-            part_o, part_l, out, part_o.stride(0), part_o.stride(1), part_o.stride(2),
-            part_l.stride(0), part_l.stride(1), out.stride(0), out.stride(1), DV=dv,
-            BLOCK_DV=block_dv, NUM_SPLITS=num_splits, BLOCK_S=max(2, next_pow2(num_splits)),
-            CHUNK_S=min(16, max(2, next_pow2(num_splits))), num_warps=4)
+        merge_splits(part_o, part_l, out)
     return out
+
+
+def merge_splits(part_o: torch.Tensor, part_l: torch.Tensor, out: torch.Tensor) -> None:
+    """part_o: [T, H, S, DV] fp32, part_l: [T, H, S] log2-sum-exp -> out [T, H, DV] (in place)."""
+    t, h, num_splits, dv = part_o.shape
+    block_dv = min(128, max(16, next_pow2(dv)))
+    _merge_splits_kernel[(t, h, triton.cdiv(dv, block_dv))](
+        part_o, part_l, out, part_o.stride(0), part_o.stride(1), part_o.stride(2),
+        part_l.stride(0), part_l.stride(1), out.stride(0), out.stride(1), DV=dv,
+        BLOCK_DV=block_dv, NUM_SPLITS=num_splits, BLOCK_S=max(2, next_pow2(num_splits)),
+        CHUNK_S=min(16, max(2, next_pow2(num_splits))), num_warps=4)

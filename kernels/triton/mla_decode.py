@@ -18,7 +18,7 @@ back) and scored against the key chunk k_c [N, CH]; the rope part q_rope [G_BLK,
 before the loop, for the tuning to compare. After the online softmax (exp2, scale in log2
 units) each accumulator takes p @ k_c, the same loaded k_c as the value chunk (MLA: the latent
 is both key and value). Split-KV writes the partial-output/LSE layout of attention.py, whose
-_merge_splits_kernel merges the splits.
+`merge_splits` merges the splits.
 
 What ptxas reports (Triton 3.9, sm_90, no GPU; registers per thread, 4 warps, BLOCK_N=32):
 the generic kernel 199 - Triton already stages its hoisted query in shared memory, so the
@@ -45,7 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton.attention import _merge_splits_kernel, _num_splits
+from kernels.triton.attention import _num_splits, merge_splits
 from kernels.triton.common import check, interpreting, next_pow2
 
 G_BLK_DEFAULT = 16     # query heads per program (the mma.sync M tile); more heads: more blocks
@@ -324,10 +324,5 @@ def mla_decode_chunked(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: t
         Q_IN_LOOP=q_in_loop, num_warps=num_warps, num_stages=num_stages,
         **({} if max_regs is None else dict(maxnreg=max_regs)))
     if num_splits > 1:
-        block_dv = min(128, next_pow2(lat))
-        _merge_splits_kernel[(bsz, heads, triton.cdiv(lat, block_dv))](
-            part_o, part_l, out, part_o.stride(0), part_o.stride(1), part_o.stride(2),
-            part_l.stride(0), part_l.stride(1), out.stride(0), out.stride(1), DV=lat,
-            BLOCK_DV=block_dv, NUM_SPLITS=num_splits, BLOCK_S=max(2, next_pow2(num_splits)),
-            CHUNK_S=min(16, max(2, next_pow2(num_splits))), num_warps=4)
+        merge_splits(part_o, part_l, out)
     return out
