@@ -9,8 +9,8 @@ import torch
 
 import kernels
 from appliance.engine.plan_arrays import PlanArrays
-from appliance.engine.transfer import to_device
 from appliance.engine.protocol import GenerateRequest
+from appliance.engine.transfer import to_device
 
 
 class Sampler:
@@ -32,8 +32,8 @@ class Sampler:
         """logits [B, V] float32 -> tokens [B] int32 (on the device; no host sync here)."""
         reqs = [params[int(rid)] for rid in rids]
         temperature = torch.tensor([r.temperature for r in reqs], dtype=torch.float32)
-        top_p = torch.tensor([r.top_p for r in reqs], dtype=torch.float32)
         top_k = torch.tensor([r.top_k for r in reqs], dtype=torch.int32)
+        top_p = torch.tensor([r.top_p for r in reqs], dtype=torch.float32)
         seeds = torch.tensor([self._seeds[int(rid)] for rid in rids], dtype=torch.int64)
         # The position of the token being sampled: the row's KV length after this step.
         positions = torch.from_numpy(arrays.seq_lens.astype(np.int64))
