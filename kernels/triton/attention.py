@@ -122,10 +122,13 @@ def _paged_attn_kernel(
         seq_len = tl.load(SeqLens + b)
         kv_end = seq_len
     else:
-        b_raw = tl.load(BlockBatch + pid_q)
+        # longest programs first: the block map ascends in tokens (later tokens see more
+        # keys), and programs start in id order, so reversed ids shrink the causal tail
+        blk = tl.num_programs(0) - 1 - pid_q
+        b_raw = tl.load(BlockBatch + blk)
         valid = b_raw >= 0
         b = tl.maximum(b_raw, 0)
-        t0 = tl.where(valid, tl.load(BlockTok + pid_q), 0)
+        t0 = tl.where(valid, tl.load(BlockTok + blk), 0)
         q_start = tl.load(QueryStart + b)
         qlen = tl.where(valid, tl.load(QueryStart + b + 1) - q_start, 0)
         seq_len = tl.load(SeqLens + b)
@@ -320,12 +323,28 @@ def paged_attention(q1: torch.Tensor, q2: torch.Tensor | None, k1: torch.Tensor,
     return out
 
 
+MERGE_TILE_ELEMS = 4096    # fp32 partial-output elements one merge load brings in (16 KB)
+
+
+def _merge_tiles(rows: int, dv: int, num_splits: int, device: torch.device) -> tuple[int, int]:
+    """(BLOCK_DV, CHUNK_S) of the split merge. With few rows (batch-1 decode: one program per
+    head and column block) the merge is latency-bound: each program's chunks are serial loads.
+    So column blocks narrow until there are ~2 programs per SM, and each load takes as many
+    splits as fit MERGE_TILE_ELEMS (B=1 MLA, 16 heads x 512 columns x 128 splits: 4 serial
+    loads per program at 128-column blocks, 1 at 16-column blocks over 8x more programs)."""
+    block_dv = min(128, max(16, next_pow2(dv)))
+    while block_dv > 16 and rows * triton.cdiv(dv, block_dv) < 2 * num_sms(device):
+        block_dv //= 2
+    chunk_s = min(max(2, next_pow2(num_splits)), max(2, MERGE_TILE_ELEMS // block_dv))
+    return block_dv, chunk_s
+
+
 def merge_splits(part_o: torch.Tensor, part_l: torch.Tensor, out: torch.Tensor) -> None:
     """part_o: [T, H, S, DV] fp32, part_l: [T, H, S] log2-sum-exp -> out [T, H, DV] (in place)."""
     t, h, num_splits, dv = part_o.shape
-    block_dv = min(128, max(16, next_pow2(dv)))
+    block_dv, chunk_s = _merge_tiles(t * h, dv, num_splits, part_o.device)
     _merge_splits_kernel[(t, h, triton.cdiv(dv, block_dv))](
         part_o, part_l, out, part_o.stride(0), part_o.stride(1), part_o.stride(2),
         part_l.stride(0), part_l.stride(1), out.stride(0), out.stride(1), DV=dv,
         BLOCK_DV=block_dv, NUM_SPLITS=num_splits, BLOCK_S=max(2, next_pow2(num_splits)),
-        CHUNK_S=min(16, max(2, next_pow2(num_splits))), num_warps=4)
+        CHUNK_S=chunk_s, num_warps=4)

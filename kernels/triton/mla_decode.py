@@ -34,8 +34,11 @@ after tile i's last dot and are awaited at the top of the next iteration; num_st
 double-buffers the page indices). The price of the in-loop query is an L2 re-read of the
 query per tile (18 KB per 37 KB KV tile at BLOCK_N=32).
 
-Not registered: kernels/triton/attention_ops.py still routes mla_decode to the generic kernel
-until GPU timings (scripts/bench_kernels.py --tune-mla) decide.
+Registered: kernels/triton/attention_ops.py routes mla_decode here when the latent splits into
+power-of-two chunks. Defaults, the best of `scripts/bench_kernels.py --tune-mla` on an H100
+(docs/KERNELS.md): 64-key tiles, 4 warps, 2 stages, query hoisted (Triton 3.6 stages it in
+shared memory: 212 registers, no spills). More stages (5 gives the KV tile a second buffer)
+measured 3-17% slower.
 """
 from __future__ import annotations
 
@@ -288,13 +291,13 @@ def mla_decode_chunked(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: t
     check(nc in (1, 2, 4) and _valid_chunk(lat, nc),
           f"latent {lat} in {nc} chunks: need nc in (1, 2, 4) and L/nc a power of two >= 16")
     small = interpreting()
-    block_n = (16 if small else 32) if block_n is None else block_n
+    block_n = (16 if small else 64) if block_n is None else block_n
     check(block_n >= 16 and block_n == next_pow2(block_n), "block_n: a power of two >= 16")
     g_blk = G_BLK_DEFAULT if g_blk is None else g_blk
     check(g_blk >= 16 and g_blk == next_pow2(g_blk), "g_blk: a power of two >= 16")
     num_warps = 4 if num_warps is None else num_warps
     num_stages = 2 if num_stages is None else num_stages
-    q_in_loop = True if q_in_loop is None else bool(q_in_loop)
+    q_in_loop = False if q_in_loop is None else bool(q_in_loop)
     out = torch.empty(bsz, heads, lat, dtype=q_latent.dtype, device=q_latent.device)  # [B,H,L]
     if bsz == 0 or heads == 0:
         return out

@@ -94,22 +94,26 @@ def _attention(decode: bool, mla: bool) -> None:
                NUM_SPLITS=splits, HAS_D2=mla, SHARED_V=mla, DECODE=decode,
                TRANS=cfg.get("TRANS", False), EVEN_D=True)
     compile_sm90(A._paged_attn_kernel, args, cex, cfg["num_warps"], cfg["num_stages"])
-    compile_sm90(A._merge_splits_kernel, dict(PartO=F32, PartL=F32, Out=BF),
-                 dict(DV=d1, BLOCK_DV=128, NUM_SPLITS=8, BLOCK_S=8, CHUNK_S=8), 4, 1)
+    # merge tiles: many rows (wide column blocks), and batch 1 (narrow blocks, 256 splits)
+    for block_dv, splits in ((128, 8), (16, 256)):
+        compile_sm90(A._merge_splits_kernel, dict(PartO=F32, PartL=F32, Out=BF),
+                     dict(DV=d1, BLOCK_DV=block_dv, NUM_SPLITS=splits, BLOCK_S=splits,
+                          CHUNK_S=min(splits, A.MERGE_TILE_ELEMS // block_dv)), 4, 1)
 
 
 def check_mla_chunked() -> None:
-    """The register-lean MLA decode at DeepSeek-V2-Lite shapes (L=512, R=64, G_BLK=16,
-    BLOCK_N=32): the latent in 4 and 2 chunks at 4 and 8 warps, with split-KV or not, the
-    query per tile or hoisted, 16 or 4 heads (TP4: masked rows), one with a register cap."""
+    """The register-lean MLA decode at DeepSeek-V2-Lite shapes (L=512, R=64, G_BLK=16): the
+    registered default (4 chunks, 64-key tiles, 4 warps, query hoisted), then 32-key tiles
+    with the latent in 4 and 2 chunks at 4 and 8 warps, with split-KV or not, the query per
+    tile or hoisted, 16 or 4 heads (TP4: masked rows), one with a register cap."""
     args = dict(QL=BF, QR=BF, KV=BF, Out=BF, PageTable=I32, SeqLens=I32, scale_log2=0.1,
                 page_size=64, split_len=1024, num_heads=16, stride_kv=576)
-    for nc, warps, splits, q_in_loop, heads, regs in ((4, 4, 8, True, 16, 128),
-                                                      (4, 8, 1, False, 16, None),
-                                                      (2, 4, 1, True, 4, None),
-                                                      (2, 8, 8, False, 16, None)):
+    for nc, block_n, warps, splits, q_in_loop, heads, regs in (
+            (4, 64, 4, 8, False, 16, None), (4, 32, 4, 8, True, 16, 128),
+            (4, 32, 8, 1, False, 16, None), (2, 32, 4, 1, True, 4, None),
+            (2, 32, 8, 8, False, 16, None)):
         part = F32 if splits > 1 else BF
-        cex = dict(L=512, R=64, BLOCK_R=64, CH=512 // nc, NC=nc, G_BLK=16, BLOCK_N=32,
+        cex = dict(L=512, R=64, BLOCK_R=64, CH=512 // nc, NC=nc, G_BLK=16, BLOCK_N=block_n,
                    NUM_SPLITS=splits, EVEN_H=heads % 16 == 0, EVEN_R=True, Q_IN_LOOP=q_in_loop)
         compile_sm90(MD._mla_decode_chunked_kernel,
                      dict(args, PartO=part, PartL=part, num_heads=heads), cex, warps, 2,
@@ -130,18 +134,22 @@ def _row_kernels() -> None:
 
 
 def check_moe() -> None:
-    """Each tile configuration the MoE picks (decode, mid, prefill batches)."""
-    for pairs_per_expert in (4.0, 30.0, 500.0):
-        _moe(pairs_per_expert)
+    """Each tile configuration the MoE picks (decode, mid, prefill batches); the decode tiles
+    also with one block per pair (batch 1: the kernels read the int64 expert ids)."""
+    for pairs_per_expert, pair_blocks in ((4.0, True), (4.0, False), (30.0, False),
+                                          (500.0, False)):
+        _moe(pairs_per_expert, pair_blocks)
 
 
-def _moe(ppe: float) -> None:
+def _moe(ppe: float, pair_blocks: bool) -> None:
     cfg = M._config(ppe)
-    tiles = {k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")}
-    common = dict(Pairs=I32, BlockExpert=I32, num_pairs=6, top_k=6, num_experts=64)
+    tiles = dict({k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")},
+                 PAIR_BLOCKS=pair_blocks)
+    ids = I64 if pair_blocks else I32
+    common = dict(Pairs=ids, BlockExpert=ids, num_pairs=6, top_k=6, num_experts=64)
     compile_sm90(M._moe_up_kernel, dict(common, X=BF, W13=BF, Inter=BF),
                  dict(K=2048, I=1408, **tiles), cfg["num_warps"], cfg["num_stages"])
-    compile_sm90(M._moe_down_kernel, dict(common, Inter=BF, W2=BF, Weights=F32, Out=F32),
+    compile_sm90(M._moe_down_kernel, dict(common, Inter=BF, W2=BF, Weights=F32, Out=BF),
                  dict(K=1408, H=2048, **tiles), cfg["num_warps"], cfg["num_stages"])
 
 

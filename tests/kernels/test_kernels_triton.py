@@ -124,9 +124,11 @@ def test_mla_decode_and_extend(heads, page_size, splits):
     assert rel_err(out, R.mla_extend(ql, qr, cache, table, qs, sl, page_size, 0.2)) < TOL
 
 
-@pytest.mark.parametrize("t,hd,inter,e,k", [(1, 32, 24, 8, 2), (9, 48, 40, 8, 3),
-                                            (40, 32, 16, 4, 2)])
+@pytest.mark.parametrize("t,hd,inter,e,k", [(1, 32, 24, 8, 2), (2, 32, 24, 4, 4),
+                                            (9, 48, 40, 8, 3), (40, 32, 16, 4, 2)])
 def test_fused_moe(t, hd, inter, e, k):
+    """Up to PAIR_BLOCKS_MAX pairs one block per pair (the second case: 2 tokens on all 4
+    experts, so experts repeat across blocks), above it the aligned grouped GEMM."""
     x = rnd(t, hd)
     w13, w2 = rnd(e, 2 * inter, hd) * 0.2, rnd(e, hd, inter) * 0.2
     w, ids = R.moe_route(rnd(t, e), k, "sigmoid", True, rnd(e), 1, 1, 1.5)
