@@ -135,7 +135,7 @@ def _row_kernels() -> None:
 
 def check_moe() -> None:
     """Each tile configuration the MoE picks (decode, mid, prefill batches); the decode tiles
-    also with one block per pair (batch 1: the kernels read the int64 expert ids)."""
+    also with one block per pair (batch 1: the kernels read the int32 routing ids)."""
     for pairs_per_expert, pair_blocks in ((4.0, True), (4.0, False), (30.0, False),
                                           (500.0, False)):
         _moe(pairs_per_expert, pair_blocks)
@@ -145,8 +145,7 @@ def _moe(ppe: float, pair_blocks: bool) -> None:
     cfg = M._config(ppe)
     tiles = dict({k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")},
                  PAIR_BLOCKS=pair_blocks)
-    ids = I64 if pair_blocks else I32
-    common = dict(Pairs=ids, BlockExpert=ids, num_pairs=6, top_k=6, num_experts=64)
+    common = dict(Pairs=I32, BlockExpert=I32, num_pairs=6, top_k=6, num_experts=64)
     compile_sm90(M._moe_up_kernel, dict(common, X=BF, W13=BF, Inter=BF),
                  dict(K=2048, I=1408, **tiles), cfg["num_warps"], cfg["num_stages"])
     compile_sm90(M._moe_down_kernel, dict(common, Inter=BF, W2=BF, Weights=F32, Out=BF),
