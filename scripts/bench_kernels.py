@@ -421,7 +421,7 @@ def tune_attention(mla_only: bool = False) -> None:
     def mdec(batch: int, ctx: int) -> Callable[[], tuple]:
         def make() -> tuple:
             table, cache, ql, qr, sl = mla_inputs(batch, ctx, 16, 16)
-            return (lambda: TA.mla_decode(ql, qr, cache, table, sl, 16, 0.07),
+            return (lambda: TA.mla_decode_generic(ql, qr, cache, table, sl, 16, 0.07),
                     batch * ctx * 576 * 2, "GB/s")
         return make
 
@@ -472,8 +472,8 @@ def tune_mla_chunked(top: int | None = None) -> None:
     {16, 32, 64} x num_warps {4, 8} x num_stages {2, 5, 6} x q_in_loop {True, False} (block_n
     64 with 6 stages skipped), 32 configs; then the `top` best (env TUNE_MLA_TOP) at the other
     shapes, and at batch 1 the best two with 128 / 512 / 1024 splits. Each config is first
-    checked against the generic kernel (kernels/triton/attention_ops.py::mla_decode): err =
-    max |out - generic| / max |generic|; configs that raise print the error and are skipped.
+    checked against the generic kernel (attention_ops.py::mla_decode_generic): err = max
+    |out - generic| / max |generic|; configs that raise print the error and are skipped.
     GB/s counts the KV cache bytes read (B * ctx * 576 * 2). Each config costs a compile of a
     few seconds (CPU) and ~0.1 s of GPU time."""
     from kernels.triton.mla_decode import mla_decode_chunked
@@ -484,11 +484,12 @@ def tune_mla_chunked(top: int | None = None) -> None:
     def run_shape(batch: int, ctx: int, configs: list[dict]) -> list[tuple[float, dict]]:
         table, cache, ql, qr, sl = mla_inputs(batch, ctx, page_size, heads)
         nbytes = batch * ctx * 576 * 2
-        base = TA.mla_decode(ql, qr, cache, table, sl, page_size, scale).float()
+        base = TA.mla_decode_generic(ql, qr, cache, table, sl, page_size, scale).float()
         denom = float(base.abs().max().clamp_min(1e-30))
-        gen_ms = graph_ms(lambda: TA.mla_decode(ql, qr, cache, table, sl, page_size, scale))
+        gen_ms = graph_ms(lambda: TA.mla_decode_generic(ql, qr, cache, table, sl, page_size,
+                                                        scale))
         pct = f" {100 * nbytes / gen_ms / 1e6 / ceil:5.1f}%" if ceil else ""
-        label = f"B={batch} ctx={ctx} generic kernel (registry default)"
+        label = f"B={batch} ctx={ctx} generic kernel"
         print(f"  tune mla_chunked {label:64s} {gen_ms * 1e3:9.1f}us "
               f"{nbytes / gen_ms / 1e6:8.1f} GB/s{pct}", flush=True)
         results = []
@@ -579,7 +580,7 @@ def tune_stages() -> None:
         table, cache, ql, qr, sl = mla_inputs(batch, ctx, 64, 16)
         for n, w, s in ((32, 4, 2), (32, 4, 5), (16, 4, 5), (32, 8, 5)):
             run(f"mla_decode B={batch} ctx={ctx} N={n} w={w} s={s}", cfg(16, 1, n, w, s),
-                lambda: TA.mla_decode(ql, qr, cache, table, sl, 64, 0.07),
+                lambda: TA.mla_decode_generic(ql, qr, cache, table, sl, 64, 0.07),
                 batch * ctx * 576 * 2, "GB/s")
         del cache
     seq = 8192

@@ -45,10 +45,19 @@ def mla_decode(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Ten
     chunked-latent kernel (kernels/triton/mla_decode.py, 1-22% faster on an H100: see
     docs/KERNELS.md) serves latents it can cut into power-of-two chunks (DeepSeek's 512);
     the generic paged kernel serves the rest."""
-    lat = q_latent.shape[-1]
-    if default_nc(lat):
+    if default_nc(q_latent.shape[-1]):
         return mla_decode_chunked(q_latent, q_rope, kv_cache, page_table, seq_lens, page_size,
                                   scale, num_splits)
+    return mla_decode_generic(q_latent, q_rope, kv_cache, page_table, seq_lens, page_size,
+                              scale, num_splits)
+
+
+def mla_decode_generic(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Tensor,
+                       page_table: torch.Tensor, seq_lens: torch.Tensor, page_size: int,
+                       scale: float, num_splits: int | None = None) -> torch.Tensor:
+    """mla_decode on the generic paged kernel, any latent width (the registered op's fallback;
+    also the baseline of scripts/bench_kernels.py --tune-mla)."""
+    lat = q_latent.shape[-1]
     c = kv_cache[:, None, :lat]                                     # [S, 1, L]
     kr = kv_cache[:, None, lat:]                                    # [S, 1, R]
     return paged_attention(q_latent, q_rope, c, kr, None, page_table, None, seq_lens,

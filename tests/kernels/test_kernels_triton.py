@@ -116,8 +116,10 @@ def test_mla_decode_and_extend(heads, page_size, splits):
     cache = rnd(num_pages * page_size, lat + rope_d)
     sl = torch.tensor(seq_lens, dtype=torch.int32, device=DEV)
     ql, qr = rnd(2, heads, lat), rnd(2, heads, rope_d)
-    out = A.mla_decode(ql, qr, cache, table, sl, page_size, 0.2, num_splits=splits)
-    assert rel_err(out, R.mla_decode(ql, qr, cache, table, sl, page_size, 0.2)) < TOL
+    ref = R.mla_decode(ql, qr, cache, table, sl, page_size, 0.2)
+    for op in (A.mla_decode, A.mla_decode_generic):   # registered (chunked at L=32), generic
+        out = op(ql, qr, cache, table, sl, page_size, 0.2, num_splits=splits)
+        assert rel_err(out, ref) < TOL
     qs = torch.tensor([0, 5, 16], dtype=torch.int32, device=DEV)
     ql, qr = rnd(16, heads, lat), rnd(16, heads, rope_d)
     out = A.mla_extend(ql, qr, cache, table, qs, sl, page_size, 0.2)
