@@ -34,6 +34,7 @@ from kernels.triton import attention_ops as TA  # noqa: E402
 from kernels.triton import elementwise as TE  # noqa: E402
 from kernels.triton import moe as TM  # noqa: E402
 from kernels.triton import rope_kv as TR  # noqa: E402
+from kernels.triton import route as TRT  # noqa: E402
 from kernels.triton import sample as TS  # noqa: E402
 
 DEV = "cuda"
@@ -319,6 +320,18 @@ def case_moe(tokens: int, experts: int = 64, top_k: int = 6, hidden: int = 2048,
     pct = 100 * gbs / CEIL["GB/s"]
     ROWS[-1].note = f"weights {gbs:.0f} GB/s = {pct:.0f}% copy ({used} experts)"
     print(f"  {'':19s} {ROWS[-1].note}")
+
+
+def case_moe_route(tokens: int, experts: int = 64, top_k: int = 6) -> None:
+    """DeepSeek-V2-Lite routing (softmax, top-6 of 64); err = fraction of ids that differ.
+    The baseline is the torch reference as a graph too: both run inside the decode graph."""
+    logits = torch.randn(tokens, experts, device=DEV) * 2
+    args = (top_k, "softmax", False, None, 1, 1, 1.0)
+    fn = lambda: TRT.moe_route(logits, *args)  # noqa: E731
+    ref_fn = lambda: R.moe_route(logits, *args)  # noqa: E731
+    err = float((fn()[1] != ref_fn()[1]).float().mean())
+    emit("moe_route", f"T={tokens} E={experts} k={top_k}", graph_ms(fn), eager=bench_ms(fn),
+         nbytes=logits.numel() * 4, err=err, torch_ref_graph=graph_ms(ref_fn))
 
 
 # ----------------------------------------------------------------------------- small ops
@@ -699,7 +712,8 @@ def groups(quick: bool) -> dict[str, list[Callable[[], None]]]:
             [lambda: case_mla_extend(1024), lambda: case_mla_extend(4096),
              lambda: case_mla_extend(8192, check=not quick)],
         "fused_moe (DeepSeek-V2-Lite: 64 experts top-6, 2048 -> 1408)":
-            [moe_case(t) for t in moe_t],
+            [moe_case(t) for t in moe_t]
+            + [lambda t=t: case_moe_route(t) for t in (1, 256, 4096)],
         "small ops":
             [lambda: case_norm(1), lambda: case_norm(4096), lambda: case_silu(4096),
              lambda: case_rope_kv(1), lambda: case_rope_kv(4096),

@@ -27,6 +27,7 @@ from kernels.triton import elementwise as E  # noqa: E402
 from kernels.triton import mla_decode as MD  # noqa: E402
 from kernels.triton import moe as M  # noqa: E402
 from kernels.triton import rope_kv as RK  # noqa: E402
+from kernels.triton import route as RT  # noqa: E402
 from kernels.triton import sample as S  # noqa: E402
 
 CHECKS = ["attention", "mla_chunked", "moe", "rows_and_sample"]
@@ -135,10 +136,18 @@ def _row_kernels() -> None:
 
 def check_moe() -> None:
     """Each tile configuration the MoE picks (decode, mid, prefill batches); the decode tiles
-    also with one block per pair (batch 1: the kernels read the int32 routing ids)."""
+    also with one block per pair (batch 1: the kernels read the int32 routing ids). Routing
+    at DeepSeek-V2-Lite's shape (64 experts, top-6, softmax) and V3's (256, top-8, sigmoid
+    with bias, 4 of 8 groups, renormalized)."""
     for pairs_per_expert, pair_blocks in ((4.0, True), (4.0, False), (30.0, False),
                                           (500.0, False)):
         _moe(pairs_per_expert, pair_blocks)
+    for e, k, groups, keep, softmax in ((64, 6, 1, 1, True), (256, 8, 8, 4, False)):
+        compile_sm90(RT._moe_route_kernel, dict(Logits=F32, Bias=F32, Weights=F32, Ids=I32,
+                                                routed_scaling=1.0),
+                     dict(E=e, BLOCK_E=e, TOP_K=k, BLOCK_K=8, N_GROUP=groups, TOPK_GROUP=keep,
+                          BLOCK_G=max(2, groups), SOFTMAX=softmax, HAS_BIAS=not softmax,
+                          RENORM=not softmax), 1 if e <= 256 else 4, 1)
 
 
 def _moe(ppe: float, pair_blocks: bool) -> None:

@@ -20,6 +20,7 @@ from kernels.triton import attention_ops as A  # noqa: E402
 from kernels.triton import elementwise as E  # noqa: E402
 from kernels.triton import moe as M  # noqa: E402
 from kernels.triton import rope_kv as RK  # noqa: E402
+from kernels.triton import route as RT  # noqa: E402
 from kernels.triton import sample as S  # noqa: E402
 
 TOL = 1e-4 if DEV == "cpu" else 2e-2   # interpreter computes in fp32; the GPU dot in tf32/bf16
@@ -37,8 +38,7 @@ def test_registry_prefers_triton_on_cuda_only():
     assert "triton (priority 10): refused" in kernels.explain("rms_norm", device="cpu",
                                                               dtype=torch.float32)
     for op in kernels.OPS:
-        if op != "moe_route":
-            assert "triton" in kernels.backends(op), op
+        assert "triton" in kernels.backends(op), op
 
 
 @pytest.mark.parametrize("t,h", [(1, 16), (5, 24), (3, 100)])
@@ -158,3 +158,27 @@ def test_sample_matches_reference_exactly():
     pos = torch.randint(0, 10 ** 6, (b,), device=DEV)
     got = S.sample(logits, temp, top_k, top_p, seeds, pos)
     assert torch.equal(got, R.sample(logits, temp, top_k, top_p, seeds, pos))
+
+
+@pytest.mark.parametrize("scoring,e,k,n_group,topk_group,bias,renorm", [
+    ("softmax", 64, 6, 1, 1, False, False),      # DeepSeek-V2-Lite
+    ("softmax", 20, 3, 4, 2, False, True),       # V2 group-limited, groups of 5
+    ("sigmoid", 32, 4, 4, 2, True, True),        # V3: biased choice, top-2 group scores
+    ("sigmoid", 48, 8, 1, 1, True, False)])
+def test_moe_route(scoring, e, k, n_group, topk_group, bias, renorm):
+    """Same experts in the same order as the reference, same weights (fp32 rounding)."""
+    logits = rnd(9, e) * 2
+    b = rnd(e) * 0.5 if bias else None
+    w, ids = RT.moe_route(logits, k, scoring, renorm, b, n_group, topk_group, 2.5)
+    rw, rids = R.moe_route(logits, k, scoring, renorm, b, n_group, topk_group, 2.5)
+    assert ids.dtype == torch.int32 and torch.equal(ids, rids)
+    assert torch.allclose(w, rw, atol=1e-6, rtol=1e-5)
+
+
+def test_moe_route_rejects_bad_arguments():
+    logits = rnd(2, 8)
+    for args in [(9, "softmax", 1, 1), (2, "relu", 1, 1), (2, "softmax", 3, 1),
+                 (2, "softmax", 2, 3)]:
+        k, scoring, n_group, topk_group = args
+        with pytest.raises(ValueError):
+            RT.moe_route(logits, k, scoring, False, None, n_group, topk_group, 1.0)

@@ -164,3 +164,5 @@ if __name__ == "__main__":
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                 bench(1, steps=4)
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+            print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30,
+                                            max_name_column_width=60))

@@ -1,0 +1,118 @@
+"""MoE routing in Triton: one launch, one program per token.
+
+The torch reference (kernels/reference/moe.py) takes softmax/sigmoid, a top-k, a gather and,
+for group-limited routing, a few more small kernels per MoE layer: at batch-1 decode each is a
+few microseconds of launch-bound GPU time, 26 times per DeepSeek-V2-Lite token. Here a program
+loads its token's E logits (E <= 1024) and does everything in registers: the scores, the
+group-limited choice (groups ranked by their max score for softmax, by the sum of their top 2
+for sigmoid; the others filled like the reference: 0 for softmax, -inf for sigmoid), then
+TOP_K rounds of argmax (ties go to the lowest expert id), the weights gathered from the
+unbiased scores, optionally renormalized, times routed_scaling. The ids come out in the
+reference's order (descending choice)."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.registry import register
+from kernels.triton.common import check, next_pow2, on_cuda
+
+PRIORITY = 10
+MAX_EXPERTS = 1024
+
+
+@triton.jit
+def _limit_groups(choice, e, E: tl.constexpr, BLOCK_E: tl.constexpr, N_GROUP: tl.constexpr,
+                  TOPK_GROUP: tl.constexpr, BLOCK_G: tl.constexpr, SOFTMAX: tl.constexpr):
+    """choice [BLOCK_E] with only the experts of the best TOPK_GROUP of N_GROUP groups kept."""
+    gid = e // (E // N_GROUP)                                  # [BLOCK_E]; padding: >= N_GROUP
+    g = tl.arange(0, BLOCK_G)                                  # [BLOCK_G]
+    gscore = tl.full([BLOCK_G], float("-inf"), tl.float32)     # [BLOCK_G]
+    for j in tl.static_range(N_GROUP):
+        in_g = gid == j
+        m1 = tl.max(tl.where(in_g, choice, float("-inf")), 0)
+        if SOFTMAX:
+            s = m1
+        else:  # the sum of the group's top 2: drop one occurrence of the max, take the max
+            first = tl.min(tl.where(in_g & (choice == m1), e, BLOCK_E), 0)
+            s = m1 + tl.max(tl.where(in_g & (e != first), choice, float("-inf")), 0)
+        gscore = tl.where(g == j, s, gscore)
+    keep = gid < 0                                             # all False, [BLOCK_E]
+    for _ in tl.static_range(TOPK_GROUP):
+        best = tl.argmax(gscore, 0)
+        keep = keep | (gid == best)
+        gscore = tl.where(g == best, float("-inf"), gscore)
+    return tl.where(keep, choice, 0.0 if SOFTMAX else float("-inf"))
+
+
+@triton.jit
+def _moe_route_kernel(Logits, Bias, Weights, Ids, stride_l, routed_scaling,
+                      E: tl.constexpr, BLOCK_E: tl.constexpr, TOP_K: tl.constexpr,
+                      BLOCK_K: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr,
+                      BLOCK_G: tl.constexpr, SOFTMAX: tl.constexpr, HAS_BIAS: tl.constexpr,
+                      RENORM: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    e = tl.arange(0, BLOCK_E)                                  # [BLOCK_E]
+    ok = e < E
+    x = tl.load(Logits + t * stride_l + e, mask=ok, other=float("-inf")).to(tl.float32)
+    if SOFTMAX:
+        p = tl.exp(x - tl.max(x, 0))                           # padding: exp(-inf) = 0
+        scores = p / tl.sum(p, 0)
+    else:
+        scores = 1.0 / (1.0 + tl.exp(-x))                      # padding: 1 / inf = 0
+    choice = scores
+    if HAS_BIAS:  # steers the choice only; the weights are the unbiased scores
+        choice = scores + tl.load(Bias + e, mask=ok, other=0.0).to(tl.float32)
+    choice = tl.where(ok, choice, float("-inf"))
+    if TOPK_GROUP < N_GROUP:
+        choice = _limit_groups(choice, e, E, BLOCK_E, N_GROUP, TOPK_GROUP, BLOCK_G, SOFTMAX)
+        choice = tl.where(ok, choice, float("-inf"))
+    k = tl.arange(0, BLOCK_K)                                  # [BLOCK_K]
+    w = tl.zeros([BLOCK_K], dtype=tl.float32)
+    ids = tl.zeros([BLOCK_K], dtype=tl.int32)
+    for i in tl.static_range(TOP_K):
+        best = tl.argmax(choice, 0)
+        w = tl.where(k == i, tl.sum(tl.where(e == best, scores, 0.0), 0), w)
+        ids = tl.where(k == i, best.to(tl.int32), ids)
+        choice = tl.where(e == best, float("-inf"), choice)
+    if RENORM:
+        w = w / (tl.sum(w, 0) + 1e-20)                         # lanes past TOP_K hold 0
+    w = w * routed_scaling
+    tl.store(Weights + t * TOP_K + k, w, mask=k < TOP_K)
+    tl.store(Ids + t * TOP_K + k, ids, mask=k < TOP_K)
+
+
+def _route_ok(f) -> bool:
+    return on_cuda(f) and f.get("num_experts", 64) <= MAX_EXPERTS
+
+
+@register("moe_route", backend="triton", priority=PRIORITY, supports=_route_ok)
+def moe_route(router_logits: torch.Tensor, top_k: int, scoring: str, renormalize: bool,
+              bias: torch.Tensor | None, n_group: int, topk_group: int,
+              routed_scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """router_logits: [T, E] -> (weights [T, k] float32, ids [T, k] int32); the reference's
+    semantics (kernels/reference/moe.py)."""
+    check(scoring in ("softmax", "sigmoid"),
+          f"moe_route: scoring must be 'softmax' or 'sigmoid', got {scoring!r}")
+    check(router_logits.dim() == 2, "moe_route: router_logits must be [T, E]")
+    t, e = router_logits.shape
+    check(e <= MAX_EXPERTS, f"moe_route: at most {MAX_EXPERTS} experts, got {e}")
+    check(1 <= top_k <= e, f"moe_route: top_k {top_k} must be in [1, {e}]")
+    check(n_group >= 1 and e % n_group == 0 and 1 <= topk_group <= n_group,
+          f"moe_route: {e} experts in {n_group} groups, keeping {topk_group}")
+    check(bias is None or bias.shape == (e,), "moe_route: bias must be [E]")
+    logits = router_logits if router_logits.stride(-1) == 1 else router_logits.contiguous()
+    weights = torch.empty(t, top_k, dtype=torch.float32, device=logits.device)   # [T, k]
+    ids = torch.empty(t, top_k, dtype=torch.int32, device=logits.device)         # [T, k]
+    if t == 0:
+        return weights, ids
+    grouped = n_group > 1 and topk_group < n_group
+    _moe_route_kernel[(t,)](
+        logits, bias if bias is not None else logits, weights, ids, logits.stride(0),
+        float(routed_scaling), E=e, BLOCK_E=max(2, next_pow2(e)), TOP_K=top_k,
+        BLOCK_K=max(2, next_pow2(top_k)), N_GROUP=n_group if grouped else 1,
+        TOPK_GROUP=topk_group if grouped else 1, BLOCK_G=max(2, next_pow2(n_group)),
+        SOFTMAX=scoring == "softmax", HAS_BIAS=bias is not None, RENORM=bool(renormalize),
+        num_warps=1 if e <= 256 else 4)
+    return weights, ids
