@@ -102,12 +102,16 @@ def moe_route(router_logits: torch.Tensor, top_k: int, scoring: str, renormalize
     check(n_group >= 1 and e % n_group == 0 and 1 <= topk_group <= n_group,
           f"moe_route: {e} experts in {n_group} groups, keeping {topk_group}")
     check(bias is None or bias.shape == (e,), "moe_route: bias must be [E]")
+    grouped = n_group > 1 and topk_group < n_group
+    check(not grouped or topk_group * (e // n_group) >= top_k,
+          f"moe_route: {topk_group} groups of {e // n_group} hold fewer than top_k {top_k}")
+    check(not grouped or scoring == "softmax" or e // n_group >= 2,
+          "moe_route: sigmoid groups are ranked by their top 2, groups need 2+ experts")
     logits = router_logits if router_logits.stride(-1) == 1 else router_logits.contiguous()
     weights = torch.empty(t, top_k, dtype=torch.float32, device=logits.device)   # [T, k]
     ids = torch.empty(t, top_k, dtype=torch.int32, device=logits.device)         # [T, k]
     if t == 0:
         return weights, ids
-    grouped = n_group > 1 and topk_group < n_group
     _moe_route_kernel[(t,)](
         logits, bias if bias is not None else logits, weights, ids, logits.stride(0),
         float(routed_scaling), E=e, BLOCK_E=max(2, next_pow2(e)), TOP_K=top_k,

@@ -178,7 +178,7 @@ def test_moe_route(scoring, e, k, n_group, topk_group, bias, renorm):
 def test_moe_route_rejects_bad_arguments():
     logits = rnd(2, 8)
     for args in [(9, "softmax", 1, 1), (2, "relu", 1, 1), (2, "softmax", 3, 1),
-                 (2, "softmax", 2, 3)]:
+                 (2, "softmax", 2, 3), (3, "softmax", 4, 1), (1, "sigmoid", 8, 2)]:
         k, scoring, n_group, topk_group = args
         with pytest.raises(ValueError):
             RT.moe_route(logits, k, scoring, False, None, n_group, topk_group, 1.0)
