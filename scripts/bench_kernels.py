@@ -1,11 +1,13 @@
 """Benchmark the Triton kernels at real model shapes against same-run ceilings.
 
 For every case: check the Triton op against the torch reference first (relative error), then
-time it (triton.testing.do_bench, median, L2 flushed between runs) and print achieved GB/s or
-TFLOP/s beside the ceilings measured in this run (a large device-to-device copy; a bf16
-8192^3 GEMM), plus the torch reference / torch SDPA / per-expert torch loop where they apply.
+time it as a CUDA-graph replay with the L2 flushed before each call (and eagerly, do_bench
+median) and print achieved GB/s or TFLOP/s beside the ceilings measured in this run (a large
+device-to-device copy; a bf16 8192^3 GEMM), plus the torch reference / torch SDPA / per-expert
+torch loop where they apply.
 
     PYTHONPATH=. python3 scripts/bench_kernels.py [--out DIR] [--only decode,moe,...] [--quick]
+    ... --tune | --tune-mla | --tune-stages | --tune-moe    (tile sweeps; see each function)
 
 Shapes: Llama-3.1-8B (32 q heads, 8 kv heads, head_dim 128, hidden 4096, intermediate 14336,
 vocab 128256) and DeepSeek-V2-Lite (16 heads, kv_lora_rank 512, rope 64, 64 experts top-6,
