@@ -5,7 +5,9 @@ model.safetensors.index.json, or every *.safetensors) with safetensors, and for 
 of the compiler's ShardPlan reads only this rank's slice (`get_slice`, before anything
 moves to the device), then copies it into the parameter. Checkpoint tensors no parameter
 needs (rotary caches, a tied lm_head, MTP layers) are skipped. A tensor the plan needs but
-the checkpoint lacks, or one whose shape differs, raises LoadError naming it.
+the checkpoint lacks, or one whose shape differs, raises LoadError naming it; so do quantized
+checkpoints (a `quantization_config`, or weights stored as FP8 / integers), which would
+otherwise load as garbage: an FP8 weight cast to bf16 without its block scales.
 `load_dummy` fills the same plan with random values seeded per tensor name, so every rank
 and every TP size sees the same full tensors.
 """
@@ -20,6 +22,9 @@ from safetensors import safe_open
 from torch import nn
 
 from appliance.model.placement import LoadSlice, ShardPlan
+
+
+FLOAT_DTYPES = ("BF16", "F16", "F32", "F64")     # safetensors dtype names we can cast from
 
 
 class LoadError(ValueError):
@@ -37,6 +42,12 @@ def read_hf_config(folder: str | Path) -> dict:
     if "text_config" in cfg and "hidden_size" not in cfg:  # multimodal wrapper (Kimi K2.5)
         cfg = {**cfg["text_config"], "architectures": cfg["text_config"].get(
             "architectures", cfg.get("architectures"))}
+    quant = cfg.get("quantization_config")
+    if quant:
+        method = quant.get("quant_method", "unknown") if isinstance(quant, dict) else quant
+        raise LoadError(f"{path}: the checkpoint is quantized (quantization_config.quant_method "
+                        f"= {method!r}); TokenSpeed loads 16- and 32-bit float weights only: "
+                        "use the model's bf16/fp16 release")
     return cfg
 
 
@@ -104,6 +115,10 @@ def load_checkpoint(model: nn.Module, plan: ShardPlan, folder: str | Path) -> No
                 if not wanted:
                     continue
                 view = f.get_slice(name)
+                if view.get_dtype() not in FLOAT_DTYPES:   # e.g. F8_E4M3 without its scales
+                    raise LoadError(f"{file.name}: tensor {name} is {view.get_dtype()}; "
+                                    "TokenSpeed loads 16- and 32-bit float weights only (a "
+                                    "quantized checkpoint? use the bf16/fp16 release)")
                 shape = tuple(view.get_shape())
                 for s in wanted:
                     if shape != s.shape:

@@ -73,6 +73,29 @@ def test_index_missing_tensor_is_named(single_folder, tmp_path):
         ModelRunner(str(bad), kv_num_pages=8)
 
 
+def test_quantized_config_is_refused(single_folder, tmp_path):
+    bad = tmp_path / "bad"
+    _rewrite(single_folder, bad, lambda t: None)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(LoadError, match=r"quantized \(quantization_config\.quant_method = 'fp8'\)"):
+        ModelRunner(str(bad), kv_num_pages=8)
+
+
+def test_fp8_weight_is_refused(single_folder, tmp_path):
+    """An FP8 tensor without a quantization_config: cast to bf16 it would load as garbage."""
+    bad = tmp_path / "bad"
+    name = "model.layers.0.mlp.down_proj.weight"
+
+    def to_fp8(t):
+        t[name] = t[name].to(torch.float8_e4m3fn)
+
+    _rewrite(single_folder, bad, to_fp8)
+    with pytest.raises(LoadError, match=rf"tensor {name} is F8_E4M3"):
+        ModelRunner(str(bad), kv_num_pages=8)
+
+
 def test_unknown_architecture(single_folder, tmp_path):
     bad = tmp_path / "bad"
     _rewrite(single_folder, bad, lambda t: None)
