@@ -35,6 +35,7 @@ from appliance.model.context import BuildContext
 from appliance.model.cuda_graph import DecodeGraphs
 from appliance.model.loader import (load_checkpoint, load_dummy, read_eos_token_ids,
                                     read_hf_config)
+from appliance.model.layers.yarn import context_length
 from appliance.model.models import model_class
 from appliance.model.placement import ParallelLayout
 
@@ -122,7 +123,7 @@ class ModelRunner:
         self.world = World(self.layout)
         self.hf_config = self.source.config()
         self.vocab_size = int(self.hf_config["vocab_size"])
-        self.max_model_len = int(self.hf_config.get("max_position_embeddings", 4096))
+        self.max_model_len = context_length(self.hf_config)
         folder = self.source.path if self.source.load_format != "dummy" else None
         self.eos_token_ids = read_eos_token_ids(folder, self.hf_config)
 

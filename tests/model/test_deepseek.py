@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from appliance.model import ModelRunner
-from appliance.model.layers.mla import (MLAttention, yarn_attention_factor, yarn_config,
-                                        yarn_inv_frequencies)
+from appliance.model.layers.mla import MLAttention
+from appliance.model.layers.yarn import yarn_attention_factor, yarn_config, yarn_inv_frequencies
 from appliance.model.layers.moe import MoEConfig, is_moe_layer
 from appliance.model.models.deepseek import DeepseekV2ForCausalLM, DeepseekV3ForCausalLM
 from helpers import greedy_generate, hf_greedy, run_tp

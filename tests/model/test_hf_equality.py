@@ -16,7 +16,9 @@ MAX_NEW = 8
     ("qwen2", {}),                                   # q/k/v bias
     ("llama", {"tie_word_embeddings": True, "rope_parameters":
                {"rope_type": "linear", "factor": 2.0, "rope_theta": 500.0}}),
-], ids=["llama3-rope", "qwen3-qknorm", "qwen2-bias", "tied-linear-rope"])
+    ("qwen2", {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0,
+                                   "original_max_position_embeddings": 128}}),
+], ids=["llama3-rope", "qwen3-qknorm", "qwen2-bias", "tied-linear-rope", "qwen2-yarn"])
 def checkpoint(request, tmp_path_factory):
     family, over = request.param
     folder = save_tiny_hf_model(tmp_path_factory.mktemp(request.node.callspec.id if hasattr(

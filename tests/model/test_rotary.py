@@ -46,3 +46,16 @@ def test_both_spellings_agree_and_unknown_type_is_named():
     assert v4 == v5
     with pytest.raises(ValueError, match="rope_type 'longrope' is not supported"):
         rope_config({"rope_scaling": {"rope_type": "longrope", "factor": 2.0}})
+
+
+def test_context_length_under_yarn():
+    """Qwen2.5 keeps max_position_embeddings at its pretraining 32K and extends with YaRN:
+    it serves original x factor (as vLLM). DeepSeek's config already states the long one."""
+    from appliance.model.layers.yarn import context_length
+
+    qwen = {"max_position_embeddings": 32768, "rope_theta": 1000000.0, "rope_scaling": {
+        "type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}}
+    assert context_length(qwen) == 131072
+    assert context_length(preset_config("deepseek-v2-lite")) == 163840
+    assert context_length(preset_config("llama-3.1-8b")) == 131072
+    assert context_length({}) == 4096

@@ -2,7 +2,8 @@
 
 `rope_config(hf)` reads both spellings of an HF config: transformers v5's `rope_parameters`
 ({"rope_type", "rope_theta", ...}) and v4's `rope_theta` + `rope_scaling`. Supported
-rope types: default, linear, llama3 (Llama-3.1). Others raise a ValueError naming them.
+rope types: default, linear, llama3 (Llama-3.1); yarn lives in layers/yarn.py. Others raise a
+ValueError naming them.
 The table is float32 [max_positions, rotary_dim]: cos in the first half, sin in the second
 (the `rope` kernel's layout), built by `init_buffers` once the module is on its device.
 """
@@ -37,7 +38,7 @@ def rope_config(hf: dict) -> RopeConfig:
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type not in ("default", "linear", "llama3"):
         raise ValueError(f"rope_type {rope_type!r} is not supported by layers/rotary.py "
-                         "(default, linear, llama3)")
+                         "(default, linear, llama3; yarn: layers/yarn.py)")
     return RopeConfig(
         theta=float(theta), rope_type=rope_type, factor=float(params.get("factor", 1.0)),
         low_freq_factor=float(params.get("low_freq_factor", 1.0)),

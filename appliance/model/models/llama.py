@@ -21,6 +21,8 @@ from appliance.model.layers.linear import ColumnParallelLinear, Part, RowParalle
 from appliance.model.layers.mlp import SwiGLUMLP
 from appliance.model.layers.norm import HeadRMSNorm, RMSNorm
 from appliance.model.layers.rotary import RopeConfig, RotaryEmbedding, rope_config
+from appliance.model.layers.yarn import (YarnConfig, YarnRotaryEmbedding, context_length,
+                                         yarn_config)
 from appliance.model.models import register_model
 from appliance.model.placement import Partial, Placed, Replicate
 
@@ -42,6 +44,7 @@ class LlamaConfig:
     o_bias: bool = False
     mlp_bias: bool = False
     qk_norm: bool = False
+    yarn: YarnConfig | None = None   # YaRN rope (layers/yarn.py); then `rope` holds only theta
 
     @staticmethod
     def from_hf(hf: dict, family: str = "llama") -> "LlamaConfig":
@@ -49,6 +52,7 @@ class LlamaConfig:
         (q/k norm, attention_bias on q/k/v/o)."""
         heads = int(hf["num_attention_heads"])
         attn_bias = bool(hf.get("attention_bias", False))
+        yarn = yarn_config(hf)
         return LlamaConfig(
             vocab_size=int(hf["vocab_size"]), hidden_size=int(hf["hidden_size"]),
             intermediate_size=int(hf["intermediate_size"]),
@@ -56,13 +60,13 @@ class LlamaConfig:
             num_key_value_heads=int(hf.get("num_key_value_heads") or heads),
             head_dim=int(hf.get("head_dim") or hf["hidden_size"] // heads),
             rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-            max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
+            max_position_embeddings=context_length(hf),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            rope=rope_config(hf),
+            rope=rope_config(hf) if yarn is None else RopeConfig(theta=yarn.theta),
             qkv_bias=True if family == "qwen2" else attn_bias,
             o_bias=False if family == "qwen2" else attn_bias,
             mlp_bias=bool(hf.get("mlp_bias", False)),
-            qk_norm=family == "qwen3")
+            qk_norm=family == "qwen3", yarn=yarn)
 
 
 class LlamaAttention(Placed):
@@ -134,8 +138,11 @@ class LlamaModel(nn.Module):
     def __init__(self, cfg: LlamaConfig, ctx: BuildContext) -> None:
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, ctx.layout)
-        self.rotary_emb = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope,
-                                          ctx.device, ctx.dtype)
+        self.rotary_emb = (
+            RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope, ctx.device,
+                            ctx.dtype) if cfg.yarn is None else
+            YarnRotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.yarn, ctx.device,
+                                ctx.dtype, is_neox=True))
         self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, self.rotary_emb, ctx)
                                     for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ctx.device, ctx.dtype)
