@@ -29,12 +29,17 @@ class RopeConfig:
     partial_rotary_factor: float = 1.0
 
 
+def rope_params(hf: dict) -> dict:
+    """transformers v5 `rope_parameters` over v4 `rope_scaling`, with `rope_theta` filled in."""
+    params = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
+    params.setdefault("rope_theta", hf.get("rope_theta", 10000.0))
+    return params
+
+
 def rope_config(hf: dict) -> RopeConfig:
     """The RoPE settings of an HF config dict (v4 or v5 layout)."""
-    params = dict(hf.get("rope_parameters") or {})
-    scaling = hf.get("rope_scaling") or {}
-    params = {**scaling, **params}
-    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+    params = rope_params(hf)
+    theta = params["rope_theta"]
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type not in ("default", "linear", "llama3"):
         raise ValueError(f"rope_type {rope_type!r} is not supported by layers/rotary.py "

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from appliance.model.layers.rotary import RopeConfig, RotaryEmbedding
+from appliance.model.layers.rotary import RopeConfig, RotaryEmbedding, rope_params
 
 
 @dataclass(frozen=True)
@@ -32,18 +32,13 @@ class YarnConfig:
     truncate: bool = True
 
 
-def rope_params(hf: dict) -> dict:
-    # transformers v5 `rope_parameters`, v4 / DeepSeek checkpoints `rope_scaling` + `rope_theta`
-    params = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
-    params.setdefault("rope_theta", hf.get("rope_theta", 10000.0))
-    return params
-
-
 def yarn_config(hf: dict) -> YarnConfig | None:
     """The YaRN settings of an HF config, or None when its rope is not YaRN."""
     p = rope_params(hf)
     if p.get("rope_type", p.get("type", "default")) != "yarn":
         return None
+    if float(p.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))) != 1.0:
+        raise ValueError("YaRN with partial_rotary_factor != 1 is not supported")
     orig = int(p.get("original_max_position_embeddings") or hf["max_position_embeddings"])
     factor = p.get("factor")
     factor = float(factor) if factor is not None else hf["max_position_embeddings"] / orig
