@@ -27,10 +27,22 @@ def template_messages(body: CountTokensRequest) -> list[dict[str, Any]]:
 
 
 def template_tools(body: CountTokensRequest) -> list[dict[str, Any]] | None:
-    """Tools in the OpenAI function shape chat templates know; None when tools are off."""
-    if not body.tools or (body.tool_choice is not None and body.tool_choice.type == "none"):
+    """Tools in the OpenAI function shape chat templates know; None when tools are off. A
+    tool_choice of type "tool" shows only that tool (steered, not grammar-constrained); a
+    choice that no tool can satisfy is a 400."""
+    choice, tools = body.tool_choice, body.tools or []
+    if choice is not None and choice.type == "any" and not tools:
+        raise bad_request("tool_choice type 'any' needs at least one tool in tools", "tool_choice")
+    if choice is not None and choice.type == "tool":
+        if not choice.name:
+            raise bad_request("tool_choice type 'tool' needs a name", "tool_choice.name")
+        tools = [tool for tool in tools if tool.name == choice.name]
+        if not tools:
+            raise bad_request(f"tool_choice names tool {choice.name!r}, which is not in tools",
+                              "tool_choice.name")
+    if not tools or (choice is not None and choice.type == "none"):
         return None
-    return [_tool(tool) for tool in body.tools]
+    return [_tool(tool) for tool in tools]
 
 
 def _tool(tool: ToolDefinition) -> dict[str, Any]:

@@ -39,7 +39,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     state = get_state(request)
     check_model(state, body.model)
     _reject_unsupported(body)
-    tools = None if body.tool_choice == "none" else template_tools(body.tools)
+    tools = template_tools(body.tools, body.tool_choice)
     prompt_ids = await chat_prompt_ids(state, template_messages(body.messages), tools,
                                        body.chat_template_kwargs)
     requested, param = ((body.max_completion_tokens, "max_completion_tokens")

@@ -6,7 +6,8 @@ import json
 from typing import Any
 
 from appliance.server.errors import bad_request
-from appliance.server.openai_protocol import ChatMessage, ContentPart, Tool, ToolCall
+from appliance.server.openai_protocol import (ChatMessage, ContentPart, NamedToolChoice, Tool,
+                                              ToolCall)
 
 TEXT_PART_TYPES = {"text", "input_text"}
 
@@ -15,8 +16,20 @@ def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
     return [_message(i, m) for i, m in enumerate(messages)]
 
 
-def template_tools(tools: list[Tool] | None) -> list[dict[str, Any]] | None:
-    if not tools:
+def template_tools(tools: list[Tool] | None,
+                   tool_choice: str | NamedToolChoice | None) -> list[dict[str, Any]] | None:
+    """The tools the chat template shows: none for tool_choice "none"; only the named one for a
+    named choice (the model is steered to it, not constrained by a grammar). A choice that no
+    tool can satisfy is a 400, as in OpenAI's API."""
+    if tool_choice == "required" and not tools:
+        raise bad_request("tool_choice 'required' needs at least one tool in tools", "tool_choice")
+    if isinstance(tool_choice, NamedToolChoice):
+        name = tool_choice.function.name
+        tools = [tool for tool in tools or [] if tool.function.name == name]
+        if not tools:
+            raise bad_request(f"tool_choice names function {name!r}, which is not in tools",
+                              "tool_choice")
+    if not tools or tool_choice == "none":
         return None
     return [tool.model_dump(exclude_none=True) for tool in tools]
 

@@ -90,6 +90,26 @@ def test_tool_use_non_stream_and_stream(client, served):
     assert final.content[0].text == "Checking." and final.content[1].input == {"city": "Paris"}
 
 
+def test_tool_choice_tool_offers_only_that_tool_and_bad_choices_are_400(client, served, tokenizer):
+    served.fake.reply = CALL_REPLY
+    other = {"name": "list_dir", "input_schema": {"type": "object", "properties": {}}}
+    message = client.messages.create(model=MODEL, max_tokens=100, tools=[other] + TOOLS,
+                                     tool_choice={"type": "tool", "name": "get_weather"},
+                                     messages=[{"role": "user", "content": "weather?"}])
+    assert message.content[1].name == "get_weather"
+    prompt = tokenizer.decode(served.fake.requests[-1].prompt_ids)
+    assert '"get_weather"' in prompt and '"list_dir"' not in prompt
+    n = len(served.fake.requests)
+    for extra, text in (({"tools": TOOLS, "tool_choice": {"type": "tool", "name": "nope"}},
+                         "'nope', which is not in tools"),
+                        ({"tool_choice": {"type": "any"}}, "'any' needs at least one tool")):
+        with pytest.raises(anthropic.BadRequestError) as e:
+            client.messages.create(model=MODEL, max_tokens=10,
+                                   messages=[{"role": "user", "content": "x"}], **extra)
+        assert e.value.body["type"] == "error" and text in e.value.body["error"]["message"]
+    assert len(served.fake.requests) == n
+
+
 def test_tool_result_round_trip_renders_template(client, served, tokenizer):
     served.fake.reply = "It is sunny."
     message = client.messages.create(model=MODEL, max_tokens=20, tools=TOOLS, messages=[

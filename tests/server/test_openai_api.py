@@ -134,6 +134,31 @@ def test_tool_choice_none_passes_markup_through_as_text(client, served, tokenize
     assert "<tools>" not in tokenizer.decode(served.fake.requests[-1].prompt_ids)
 
 
+def test_named_tool_choice_offers_only_that_tool(client, served, tokenizer):
+    served.fake.reply = CALL_REPLY
+    other = {"type": "function", "function": {"name": "list_dir", "parameters": {"type": "object"}}}
+    out = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "x"}], tools=[other] + TOOLS,
+        tool_choice={"type": "function", "function": {"name": "read_file"}})
+    assert out.choices[0].message.tool_calls[0].function.name == "read_file"
+    prompt = tokenizer.decode(served.fake.requests[-1].prompt_ids)
+    assert '"read_file"' in prompt and '"list_dir"' not in prompt
+
+
+@pytest.mark.parametrize("tools,choice,message", [
+    (TOOLS, {"type": "function", "function": {"name": "write_file"}}, "'write_file', which is not in tools"),
+    (None, {"type": "function", "function": {"name": "read_file"}}, "'read_file', which is not in tools"),
+    (None, "required", "'required' needs at least one tool")])
+def test_unsatisfiable_tool_choice_is_a_400(client, served, tools, choice, message):
+    n = len(served.fake.requests)
+    extra = {"tools": tools} if tools else {}
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}],
+                                       tool_choice=choice, **extra)
+    assert message in e.value.body["message"] and e.value.body["param"] == "tool_choice"
+    assert len(served.fake.requests) == n      # nothing reached the engine
+
+
 def test_multi_turn_with_tool_results_renders_template(client, served, tokenizer):
     served.fake.reply = "The file defines main()."
     out = client.chat.completions.create(model=MODEL, tools=TOOLS, messages=[
