@@ -402,26 +402,37 @@ def case_sample(batch: int, mode: str, vocab: int = 128256) -> None:
 
 # ----------------------------------------------------------------------------- tuning
 
+def time_attention_config(label: str, cfg: dict | None, make: Callable[[], tuple],
+                          spm: int | None = None, tag: str = "tune") -> None:
+    """Time one tile config of the generic paged attention kernel (None: its defaults) and,
+    with `spm`, one split sizing: `make()` -> (fn, work, unit) is built and timed under them,
+    then the defaults are restored. Prints one line with the rate and the same-run ceiling's
+    percentage, or the error."""
+    from kernels.triton import attention as KA
+    default_cfg, default_spm = KA._config, KA.SPLITS_PER_SM
+    KA._config = (lambda *a, **k: dict(cfg)) if cfg else default_cfg
+    if spm is not None:
+        KA.SPLITS_PER_SM = spm
+    try:
+        fn, work, unit = make()
+        ms = graph_ms(fn)
+        rate = work / ms / (1e9 if unit == "TFLOP/s" else 1e6)
+        ceil = CEIL.get(unit)
+        pct = f" {100 * rate / ceil:5.1f}%" if ceil else ""
+        print(f"  {tag} {label:60s} {ms * 1e3:9.1f}us {rate:8.1f} {unit}{pct}", flush=True)
+    except Exception as e:  # noqa: BLE001
+        print(f"  {tag} {label:60s} ERROR {type(e).__name__}: {str(e)[:120]}")
+    finally:
+        KA._config, KA.SPLITS_PER_SM = default_cfg, default_spm
+        torch.cuda.empty_cache()
+
+
 def tune_attention(mla_only: bool = False) -> None:
     """Time tile/split variants of the paged attention kernel at the target shapes; prints
     one line per variant (graph time) so the defaults in kernels/triton/attention.py can be
     set from measurements. mla_only: the MLA decode variants only (--tune-mla)."""
-    from kernels.triton import attention as KA
-    default_cfg, default_spm = KA._config, KA.SPLITS_PER_SM
-
     def variant(cfg: dict | None, spm: int, label: str, case: Callable[[], tuple]) -> None:
-        KA._config = (lambda *a, **k: dict(cfg)) if cfg else default_cfg
-        KA.SPLITS_PER_SM = spm
-        try:
-            fn, work, unit = case()
-            ms = graph_ms(fn)
-            rate = work / ms / (1e9 if unit == "TFLOP/s" else 1e6)
-            print(f"  tune {label:60s} {ms * 1e3:9.1f}us {rate:8.1f} {unit}", flush=True)
-        except Exception as e:  # noqa: BLE001
-            print(f"  tune {label:60s} ERROR {type(e).__name__}: {str(e)[:120]}")
-        finally:
-            KA._config, KA.SPLITS_PER_SM = default_cfg, default_spm
-            torch.cuda.empty_cache()
+        time_attention_config(label, cfg, case, spm)
 
     def dec(batch: int, ctx: int) -> Callable[[], tuple]:
         def make() -> tuple:
@@ -559,23 +570,8 @@ def tune_mla_chunked(top: int | None = None) -> None:
 def tune_stages() -> None:
     """Pipeline depth (num_stages) and tile variants of the generic paged attention kernel:
     GQA decode at batch 1, MLA decode, and the 8K prefill (target: 50% of the GEMM rate)."""
-    from kernels.triton import attention as KA
-    default_cfg = KA._config
-
     def run(label: str, cfg: dict, fn: Callable[[], object], work: float, unit: str) -> None:
-        KA._config = lambda *a, **k: dict(cfg)
-        try:
-            ms = graph_ms(fn)
-            rate = work / ms / (1e9 if unit == "TFLOP/s" else 1e6)
-            ceil = CEIL.get(unit)
-            pct = f" {100 * rate / ceil:5.1f}%" if ceil else ""
-            print(f"  tune stages {label:58s} {ms * 1e3:9.1f}us {rate:8.1f} {unit}{pct}",
-                  flush=True)
-        except Exception as e:  # noqa: BLE001
-            print(f"  tune stages {label:58s} ERROR {type(e).__name__}: {str(e)[:120]}")
-        finally:
-            KA._config = default_cfg
-            torch.cuda.empty_cache()
+        time_attention_config(label, cfg, lambda: (fn, work, unit), tag="tune stages")
 
     def cfg(g: int, t: int, n: int, w: int, s: int) -> dict:
         return dict(G_BLK=g, BLOCK_T=t, BLOCK_N=n, num_warps=w, num_stages=s)
