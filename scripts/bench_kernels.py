@@ -194,8 +194,10 @@ def sdpa_ms(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> 
 # ----------------------------------------------------------------------------- attention
 
 def case_decode(batch: int, ctx: int, page_size: int = 16, hq: int = 32, hk: int = 8,
-                d: int = 128) -> None:
-    table, num_pages = paged_table(batch, ctx, page_size)
+                d: int = 128, table_ctx: int | None = None) -> None:
+    """table_ctx: page-table width in tokens when wider than ctx (CUDA graphs pad tables to
+    the longest servable sequence)."""
+    table, num_pages = paged_table(batch, max(ctx, table_ctx or 0), page_size)
     kc = torch.randn(num_pages * page_size, hk, d, dtype=BF16, device=DEV)
     vc = torch.randn_like(kc)
     q = torch.randn(batch, hq, d, dtype=BF16, device=DEV)
@@ -211,7 +213,8 @@ def case_decode(batch: int, ctx: int, page_size: int = 16, hq: int = 32, hk: int
     sd = sdpa_ms(q[:, :, None, :], kcont, vcont, causal=False)
     del kcont, vcont
     nbytes = 2 * batch * ctx * hk * d * 2 + 2 * q.numel() * 2
-    emit("decode_attention", f"B={batch} ctx={ctx} ps={page_size}", ms, eager=eager,
+    emit("decode_attention", f"B={batch} ctx={ctx} ps={page_size}"
+         + (f" table={table_ctx}" if table_ctx else ""), ms, eager=eager,
          nbytes=nbytes, err=err,
          torch_ref=ref, sdpa=sd)
 
@@ -248,8 +251,8 @@ def case_extend(seq: int, qlen: int, page_size: int = 16, hq: int = 32, hk: int 
 
 
 def mla_inputs(batch: int, ctx: int, page_size: int, heads: int, lat: int = 512,
-               rope: int = 64, tokens: int | None = None):
-    table, num_pages = paged_table(batch, ctx, page_size)
+               rope: int = 64, tokens: int | None = None, table_ctx: int | None = None):
+    table, num_pages = paged_table(batch, max(ctx, table_ctx or 0), page_size)
     cache = torch.randn(num_pages * page_size, lat + rope, dtype=BF16, device=DEV)
     t = tokens if tokens is not None else batch
     ql = torch.randn(t, heads, lat, dtype=BF16, device=DEV)
@@ -258,9 +261,10 @@ def mla_inputs(batch: int, ctx: int, page_size: int, heads: int, lat: int = 512,
     return table, cache, ql, qr, sl
 
 
-def case_mla_decode(batch: int, ctx: int, page_size: int = 64, heads: int = 16) -> None:
-    """page_size 64: configs/deepseek-v2-lite.yaml's."""
-    table, cache, ql, qr, sl = mla_inputs(batch, ctx, page_size, heads)
+def case_mla_decode(batch: int, ctx: int, page_size: int = 64, heads: int = 16,
+                    table_ctx: int | None = None) -> None:
+    """page_size 64: configs/deepseek-v2-lite.yaml's; table_ctx as case_decode's."""
+    table, cache, ql, qr, sl = mla_inputs(batch, ctx, page_size, heads, table_ctx=table_ctx)
     scale = (128 + 64) ** -0.5
     fn = lambda: TA.mla_decode(ql, qr, cache, table, sl, page_size, scale)  # noqa: E731
     ref_fn = lambda: R.mla_decode(ql, qr, cache, table, sl, page_size, scale)  # noqa: E731
@@ -268,7 +272,8 @@ def case_mla_decode(batch: int, ctx: int, page_size: int = 64, heads: int = 16) 
     ms, eager = graph_ms(fn), bench_ms(fn)
     ref = bench_ms(ref_fn, rep=20) if batch * ctx <= (1 << 17) else None
     nbytes = batch * ctx * 576 * 2 + (ql.numel() + qr.numel() + ql.numel()) * 2
-    emit("mla_decode", f"B={batch} ctx={ctx} H={heads} ps={page_size}", ms, eager=eager,
+    emit("mla_decode", f"B={batch} ctx={ctx} H={heads} ps={page_size}"
+         + (f" table={table_ctx}" if table_ctx else ""), ms, eager=eager,
          nbytes=nbytes,
          err=err, torch_ref=ref)
 
@@ -696,7 +701,8 @@ def groups(quick: bool) -> dict[str, list[Callable[[], None]]]:
     return {
         "decode_attention (Llama-3.1-8B: 32q/8kv heads, d128, bf16)":
             [lambda b=b, c=c: case_decode(b, c) for b, c in dec]
-            + [lambda: case_decode(1, 32768, page_size=1), lambda: case_decode(1, 32768, 64)],
+            + [lambda: case_decode(1, 32768, page_size=1), lambda: case_decode(1, 32768, 64),
+               lambda: case_decode(1, 1024, table_ctx=32768)],
         "extend_attention (prefill, Llama-3.1-8B)":
             [lambda: case_extend(1024, 1024), lambda: case_extend(4096, 4096),
              lambda: case_extend(8192, 8192), lambda: case_extend(16384, 16384, check=False),
@@ -705,7 +711,9 @@ def groups(quick: bool) -> dict[str, list[Callable[[], None]]]:
         "mla_decode (DeepSeek-V2-Lite: 16 heads, 512+64)":
             [lambda b=b, c=c: case_mla_decode(b, c) for b, c in mla]
             + [lambda: case_mla_decode(1, 32768, page_size=16),
-               lambda: case_mla_decode(1, 131072, page_size=16)],
+               lambda: case_mla_decode(1, 131072, page_size=16),
+               lambda: case_mla_decode(1, 1024, table_ctx=32768),
+               lambda: case_mla_decode(1, 4096, table_ctx=32768)],
         "mla_extend (DeepSeek-V2-Lite)":
             [lambda: case_mla_extend(1024), lambda: case_mla_extend(4096),
              lambda: case_mla_extend(8192, check=not quick)],

@@ -31,6 +31,18 @@ def _load_rows(Base, slot, stride_s, d, D: tl.constexpr, n_ok, PRED: tl.constexp
 
 
 @triton.jit
+def _split_range(split, kv_len, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Keys [lo, hi) of one split-KV piece: the row's own length cut into NUM_SPLITS runs of
+    whole tiles. Sizing by the row (not the page table's width, which CUDA graphs pad to the
+    longest servable sequence) keeps a short row spread over all its splits."""
+    if NUM_SPLITS == 1:
+        return kv_len * 0, kv_len
+    split_len = tl.cdiv(tl.cdiv(kv_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    lo = split * split_len
+    return lo, tl.minimum(lo + split_len, kv_len)
+
+
+@triton.jit
 def _attn_tile(acc, m_i, l_i, q1, q2, K1, K2, V, PageTable, n0, hi, pos, kvh, page_size,
                stride_k1s, stride_k1h, stride_k2s, stride_k2h, stride_vs, stride_vh, scale_log2,
                D1: tl.constexpr, D2: tl.constexpr, DV: tl.constexpr, BLOCK_D1: tl.constexpr,
@@ -101,7 +113,7 @@ def _attn_tile(acc, m_i, l_i, q1, q2, K1, K2, V, PageTable, n0, hi, pos, kvh, pa
 def _paged_attn_kernel(
         Q1, Q2, K1, K2, V, Out, PartO, PartL,
         PageTable, QueryStart, SeqLens, BlockBatch, BlockTok,
-        scale_log2, page_size, split_len, group,
+        scale_log2, page_size, group,
         stride_q1t, stride_q1h, stride_q2t, stride_q2h,
         stride_k1s, stride_k1h, stride_k2s, stride_k2h, stride_vs, stride_vh,
         stride_ot, stride_oh, stride_pt, stride_pot, stride_poh, stride_pos,
@@ -149,8 +161,7 @@ def _paged_attn_kernel(
                      mask=row_ok[:, None] & (d2[None, :] < D2), other=0.0)  # [M, D2]
     else:
         q2 = q1
-    lo = split * split_len
-    hi = tl.minimum(lo + split_len, kv_end)
+    lo, hi = _split_range(split, kv_end, NUM_SPLITS, BLOCK_N)
     first_pos = seq_len - qlen + t0                      # keys <= first_pos are seen by all rows
     full_end = lo + tl.maximum(tl.minimum(hi, first_pos + 1) - lo, 0) // BLOCK_N * BLOCK_N
     if TRANS:
@@ -294,7 +305,6 @@ def paged_attention(q1: torch.Tensor, q2: torch.Tensor | None, k1: torch.Tensor,
     if num_splits is None:
         num_splits = (_num_splits(nb * hk * n_hblk, max_len, block_n, q1.device, q2 is not None)
                       if decode else 1)
-    split_len = triton.cdiv(triton.cdiv(max_len, num_splits), block_n) * block_n
     out = torch.empty(t, hq, dv, dtype=q1.dtype, device=q1.device)          # [T, Hq, DV]
     if num_splits > 1:
         part_o = torch.empty(t, hq, num_splits, dv, dtype=torch.float32, device=q1.device)
@@ -305,7 +315,7 @@ def paged_attention(q1: torch.Tensor, q2: torch.Tensor | None, k1: torch.Tensor,
     grid = (nb, hk * n_hblk, num_splits)
     _paged_attn_kernel[grid](
         q1, q2_, k1, k2_, vv, out, part_o, part_l, page_table, qs, seq_lens, bb, bt,
-        scale * math.log2(math.e), page_size, split_len, group,
+        scale * math.log2(math.e), page_size, group,
         q1.stride(0), q1.stride(1), q2_.stride(0), q2_.stride(1),
         k1.stride(0), k1.stride(1), k2_.stride(0), k2_.stride(1), vv.stride(0), vv.stride(1),
         out.stride(0), out.stride(1), page_table.stride(0),

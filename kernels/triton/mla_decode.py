@@ -48,7 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton.attention import _num_splits, merge_splits
+from kernels.triton.attention import _num_splits, _split_range, merge_splits
 from kernels.triton.common import check, interpreting, next_pow2
 
 G_BLK_DEFAULT = 16     # query heads per program (the mma.sync M tile); more heads: more blocks
@@ -176,7 +176,7 @@ def _store_chunk(acc, c0, l_safe, ORow, PRow, ch, row_ok, NUM_SPLITS: tl.constex
 @triton.jit
 def _mla_decode_chunked_kernel(
         QL, QR, KV, Out, PartO, PartL, PageTable, SeqLens,
-        scale_log2, page_size, split_len, num_heads,
+        scale_log2, page_size, num_heads,
         stride_qlb, stride_qlh, stride_qrb, stride_qrh, stride_kv, stride_pt,
         stride_ob, stride_oh, stride_pob, stride_poh, stride_pos, stride_plb, stride_plh,
         L: tl.constexpr, R: tl.constexpr, BLOCK_R: tl.constexpr, CH: tl.constexpr,
@@ -205,8 +205,7 @@ def _mla_decode_chunked_kernel(
         q_rope = _load_q_rope(QRRow, tl.arange(0, BLOCK_R), row_ok, R, EVEN_H,
                               EVEN_R)                                     # [M, BLOCK_R]
     seq_len = tl.load(SeqLens + b)
-    lo = split * split_len
-    hi = tl.minimum(lo + split_len, seq_len)
+    lo, hi = _split_range(split, seq_len, NUM_SPLITS, BLOCK_N)
     full_end = lo + tl.maximum(hi - lo, 0) // BLOCK_N * BLOCK_N          # end of whole tiles
     acc0 = tl.zeros([G_BLK, CH], dtype=tl.float32)                        # [M, CH] each
     if NC >= 2:
@@ -306,7 +305,6 @@ def mla_decode_chunked(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: t
     if num_splits is None:
         num_splits = _num_splits(bsz * n_hblk, max_len, block_n, q_latent.device, True)
     check(num_splits >= 1, "num_splits must be >= 1")
-    split_len = triton.cdiv(triton.cdiv(max_len, num_splits), block_n) * block_n
     if num_splits > 1:
         part_o = torch.empty(bsz, heads, num_splits, lat, dtype=torch.float32,
                              device=q_latent.device)                     # [B, H, S, L]
@@ -317,7 +315,7 @@ def mla_decode_chunked(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: t
     block_r = max(16, next_pow2(rope))
     _mla_decode_chunked_kernel[(bsz, n_hblk, num_splits)](
         q_latent, q_rope, kv_cache, out, part_o, part_l, page_table, seq_lens,
-        scale * math.log2(math.e), page_size, split_len, heads,
+        scale * math.log2(math.e), page_size, heads,
         q_latent.stride(0), q_latent.stride(1), q_rope.stride(0), q_rope.stride(1),
         kv_cache.stride(0), page_table.stride(0), out.stride(0), out.stride(1),
         part_o.stride(0), part_o.stride(1), part_o.stride(2) if num_splits > 1 else 0,

@@ -1,6 +1,6 @@
 """Fused MoE in Triton: align (token, expert) pairs by expert, a grouped GEMM with SiLU-and-mul
 fused (x @ w13[e].T -> silu(gate) * up), then the grouped down projection scaled by each pair's
-routing weight, summed over the top-k.
+routing weight, summed over the top-k (a third, small kernel).
 
 Alignment happens on the device with torch ops and no host sync: pairs are sorted by expert and
 each expert's segment is padded to a multiple of BLOCK_M, so every M-block of the sorted order
@@ -141,6 +141,33 @@ def _config(pairs_per_expert: float) -> dict:
     return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
 
 
+@triton.jit
+def _sum_topk_kernel(Pairs, Out, stride_p, stride_o, TOP_K: tl.constexpr, H: tl.constexpr,
+                     BLOCK_H: tl.constexpr):
+    """Out[t, cols] = sum over j < TOP_K of Pairs[t * TOP_K + j, cols], in fp32, rounded once."""
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)                  # [BLOCK_H]
+    ok = h < H
+    acc = tl.zeros([BLOCK_H], dtype=tl.float32)
+    for j in tl.static_range(TOP_K):
+        acc += tl.load(Pairs + (t * TOP_K + j) * stride_p + h, mask=ok, other=0.0).to(tl.float32)
+    tl.store(Out + t * stride_o + h, acc.to(Out.dtype.element_ty), mask=ok)
+
+
+SUM_BLOCK_H = 1024
+
+
+def sum_topk(out_pairs: torch.Tensor, t: int, k: int) -> torch.Tensor:
+    """out_pairs [T*k, H] -> [T, H]: one launch (torch's sum in fp32 + cast back took two)."""
+    h = out_pairs.shape[1]
+    out = torch.empty(t, h, dtype=out_pairs.dtype, device=out_pairs.device)
+    block_h = 16 if interpreting() else SUM_BLOCK_H
+    _sum_topk_kernel[(t, triton.cdiv(h, block_h))](
+        out_pairs, out, out_pairs.stride(0), out.stride(0), TOP_K=k, H=h, BLOCK_H=block_h,
+        num_warps=4)
+    return out
+
+
 @register("fused_moe", backend="triton", priority=PRIORITY, supports=on_cuda_half)
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
               ids: torch.Tensor) -> torch.Tensor:
@@ -178,4 +205,4 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: tor
         inter_buf, w2, wflat, out_pairs, pairs, block_expert, n, e, inter_buf.stride(0),
         w2.stride(0), w2.stride(1), w2.stride(2), out_pairs.stride(0), K=inter, H=h,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **launch)
-    return out_pairs.view(t, k, h).sum(dim=1, dtype=torch.float32).to(x.dtype)  # [T, H]
+    return sum_topk(out_pairs, t, k)                                          # [T, H]

@@ -3,8 +3,9 @@ cache, fused MoE, rope, norms) equals the model on the torch reference kernels, 
 batches (decodes and chunked prefills mixed). Skipped without CUDA.
 
 Run as a script on a GPU box it also prints batch-1 / batch-32 decode speed of the full
-DeepSeek-V2-Lite shape (dummy bf16 weights, eager PyTorch, no CUDA graphs):
-    python tests/model/test_deepseek_cuda.py [--bench]
+DeepSeek-V2-Lite shape (dummy bf16 weights, eager PyTorch; --graphs: decode steps as CUDA
+graphs, as the engine runs them; --profile: kernel times of 4 batch-1 steps):
+    python tests/model/test_deepseek_cuda.py [--bench [--graphs] [--profile]]
 """
 from __future__ import annotations
 
@@ -149,20 +150,43 @@ def bench(batch: int, prompt_len: int = 128, steps: int = 32) -> float:
     return batch * steps / (t1 - t0 - prefill)
 
 
+def profile_decode(runner: ModelRunner, steps: int = 8) -> None:
+    """Per-step kernel times of batch-1 decode: a profile of 1 prefill + `steps` decodes minus
+    one of the prefill alone, per kernel name; their sum against the step's wall time."""
+    from torch.profiler import ProfilerActivity, profile
+    prompt = [[(7 * j) % 1000 + 10 for j in range(128)]]
+
+    def kernel_us(new_tokens: int) -> tuple[dict[str, float], float]:
+        greedy_generate(runner, prompt, new_tokens)                      # warm
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            t = time.perf_counter()
+            greedy_generate(runner, prompt, new_tokens)
+            torch.cuda.synchronize()
+            wall = time.perf_counter() - t
+        return {e.key: e.self_device_time_total for e in prof.key_averages()}, wall
+
+    (full, wall_full), (pre, wall_pre) = kernel_us(steps + 1), kernel_us(1)
+    per = {k: (v - pre.get(k, 0.0)) / steps for k, v in full.items()}
+    busy = sum(per.values())
+    step_us = (wall_full - wall_pre) / steps * 1e6
+    print(f"\nbatch-1 decode step: {step_us:.0f} us wall, {busy:.0f} us of kernels "
+          f"({len(per)} kernel names)")
+    for k, v in sorted(per.items(), key=lambda kv: -kv[1])[:30]:
+        print(f"  {v:8.1f} us  {k[:90]}")
+
+
 if __name__ == "__main__":
     print(pytest.main([__file__, "-q", "-p", "no:cacheprovider"]) if "--bench" not in sys.argv
           else "")
     if "--bench" in sys.argv:
         t = time.perf_counter()
         bench.runner = build(v2_lite(27), torch.bfloat16, None, kv_num_pages=1024, page_size=64)
+        if "--graphs" in sys.argv:
+            bench.runner.enable_cuda_graphs(max_batch=32, max_model_len=4096)
         print(f"V2-Lite bf16 dummy built in {time.perf_counter() - t:.1f}s on "
-              f"{torch.cuda.get_device_name()}")
+              f"{torch.cuda.get_device_name()}, CUDA graphs {'--graphs' in sys.argv}")
         for b in (1, 32):
             print(f"batch {b}: {bench(b):.1f} decode tok/s")
         if "--profile" in sys.argv:
-            from torch.profiler import ProfilerActivity, profile
-            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-                bench(1, steps=4)
-            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
-            print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30,
-                                            max_name_column_width=60))
+            profile_decode(bench.runner)
