@@ -341,6 +341,18 @@ def case_moe_route(tokens: int, experts: int = 64, top_k: int = 6) -> None:
          nbytes=logits.numel() * 4, err=err, torch_ref_graph=graph_ms(ref_fn))
 
 
+def case_router_logits(tokens: int, experts: int = 64, hidden: int = 2048) -> None:
+    """DeepSeek-V2-Lite's gate: bf16 x [T, 2048] against the float32 [64, 2048] weight. The
+    baseline is the torch reference (cast + cuBLAS fp32) as a graph too."""
+    x = torch.randn(tokens, hidden, dtype=BF16, device=DEV)
+    w = torch.randn(experts, hidden, device=DEV) * 0.02
+    fn = lambda: TRT.router_logits(x, w)  # noqa: E731
+    ref_fn = lambda: R.router_logits(x, w)  # noqa: E731
+    emit("router_logits", f"T={tokens} E={experts} H={hidden}", graph_ms(fn),
+         eager=bench_ms(fn), nbytes=w.numel() * 4 + x.numel() * 2, err=rel_err(fn(), ref_fn()),
+         torch_ref_graph=graph_ms(ref_fn))
+
+
 # ----------------------------------------------------------------------------- small ops
 
 def case_norm(tokens: int, hidden: int = 4096) -> None:
@@ -719,7 +731,8 @@ def groups(quick: bool) -> dict[str, list[Callable[[], None]]]:
              lambda: case_mla_extend(8192, check=not quick)],
         "fused_moe (DeepSeek-V2-Lite: 64 experts top-6, 2048 -> 1408)":
             [moe_case(t) for t in moe_t]
-            + [lambda t=t: case_moe_route(t) for t in (1, 256, 4096)],
+            + [lambda t=t: case_moe_route(t) for t in (1, 256, 4096)]
+            + [lambda t=t: case_router_logits(t) for t in (1, 16, 64)],
         "small ops":
             [lambda: case_norm(1), lambda: case_norm(4096), lambda: case_silu(4096),
              lambda: case_rope_kv(1), lambda: case_rope_kv(4096),

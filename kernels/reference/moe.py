@@ -23,6 +23,13 @@ def _group_mask(choice: torch.Tensor, n_group: int, topk_group: int,
     return gmask[:, :, None].expand(t, n_group, e // n_group).reshape(t, e)
 
 
+@register("router_logits", backend="torch", priority=0)
+def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x: [T, H] (any float dtype), weight: [E, H] -> [T, E] float32: x @ weight^T computed in
+    float32, as HF's DeepSeek gate does."""
+    return F.linear(x.float(), weight.float())
+
+
 @register("moe_route", backend="torch", priority=0)
 def moe_route(router_logits: torch.Tensor, top_k: int, scoring: str, renormalize: bool,
               bias: torch.Tensor | None, n_group: int, topk_group: int,

@@ -1,4 +1,11 @@
-"""MoE routing in Triton: one launch, one program per token.
+"""MoE routing in Triton: the router's logits, then the choice of experts, one launch each.
+
+`router_logits` (decode batches): x [T, H] upcast and dotted with the float32 gate [E, H] in
+float32 registers, one program per (token, BLOCK_E experts) holding a whole [BLOCK_E, H] slice
+of the gate. The reference takes three launches at batch 1 (the cast of x, cuBLAS's fp32 GEMV
+and its split reduction); prefill-sized batches go to it (cuBLAS's fp32 GEMM).
+
+`moe_route`: one program per token.
 
 The torch reference (kernels/reference/moe.py) takes softmax/sigmoid, a top-k, a gather and,
 for group-limited routing, a few more small kernels per MoE layer: at batch-1 decode each is a
@@ -12,6 +19,7 @@ reference's order (descending choice)."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -20,6 +28,49 @@ from kernels.triton.common import check, next_pow2, on_cuda
 
 PRIORITY = 10
 MAX_EXPERTS = 1024
+
+
+ROUTER_ROWS_MAX = 64       # more tokens: the reference's fp32 GEMM
+ROUTER_TILE_ELEMS = 8192   # gate elements one program holds: BLOCK_E x BLOCK_K
+
+
+@triton.jit
+def _router_logits_kernel(X, W, Out, stride_x, stride_w, stride_o, H: tl.constexpr,
+                          E: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Out[t, e] = sum_k float(X[t, k]) * W[e, k] for the program's BLOCK_E experts."""
+    t = tl.program_id(0).to(tl.int64)
+    e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)                  # [BLOCK_E]
+    e_ok = e < E
+    kk = tl.arange(0, BLOCK_K)                                             # [BLOCK_K]
+    acc = tl.zeros([BLOCK_E], dtype=tl.float32)
+    for k0 in tl.range(0, H, BLOCK_K):
+        k = k0 + kk
+        k_ok = k < H
+        x = tl.load(X + t * stride_x + k, mask=k_ok, other=0.0).to(tl.float32)      # [K]
+        w = tl.load(W + e[:, None] * stride_w + k[None, :],
+                    mask=e_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)  # [E_B, K]
+        acc += tl.sum(w * x[None, :], 1)
+    tl.store(Out + t * stride_o + e, acc, mask=e_ok)
+
+
+@register("router_logits", backend="triton", priority=PRIORITY, supports=on_cuda)
+def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x: [T, H], weight: [E, H] -> [T, E] float32 (see the module docstring)."""
+    t, h = x.shape
+    e = weight.shape[0]
+    check(weight.dim() == 2 and weight.shape[1] == h, "router_logits: weight must be [E, H]")
+    if t > ROUTER_ROWS_MAX:
+        return F.linear(x.float(), weight.float())
+    check(x.stride(1) == 1 and weight.stride(1) == 1, "router_logits: rows must be contiguous")
+    out = torch.empty(t, e, dtype=torch.float32, device=x.device)
+    if t == 0:
+        return out
+    block_k = min(next_pow2(h), ROUTER_TILE_ELEMS)
+    block_e = max(1, min(next_pow2(e), ROUTER_TILE_ELEMS // block_k))
+    _router_logits_kernel[(t, triton.cdiv(e, block_e))](
+        x, weight, out, x.stride(0), weight.stride(0), out.stride(0), H=h, E=e,
+        BLOCK_E=block_e, BLOCK_K=block_k, num_warps=4)
+    return out
 
 
 @triton.jit

@@ -148,6 +148,12 @@ def check_moe() -> None:
                      dict(E=e, BLOCK_E=e, TOP_K=k, BLOCK_K=8, N_GROUP=groups, TOPK_GROUP=keep,
                           BLOCK_G=max(2, groups), SOFTMAX=softmax, HAS_BIAS=not softmax,
                           RENORM=not softmax), 1 if e <= 256 else 4, 1)
+    # the router's logits: V2-Lite (64 experts x 2048) and V3 (256 x 7168) gates
+    for e, h in ((64, 2048), (256, 7168)):
+        block_k = min(RT.next_pow2(h), RT.ROUTER_TILE_ELEMS)
+        compile_sm90(RT._router_logits_kernel, dict(X=BF, W=F32, Out=F32),
+                     dict(H=h, E=e, BLOCK_E=RT.ROUTER_TILE_ELEMS // block_k, BLOCK_K=block_k),
+                     4, 1)
 
 
 def _moe(ppe: float, pair_blocks: bool) -> None:

@@ -176,6 +176,18 @@ def test_moe_route(scoring, e, k, n_group, topk_group, bias, renorm):
     assert torch.allclose(w, rw, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("t,h,e", [(1, 64, 16), (3, 100, 20), (5, 48, 7)])
+def test_router_logits(t, h, e):
+    """fp32 logits of a bf16 x against the float32 gate, as the reference; H and E not powers
+    of two; a batch over ROUTER_ROWS_MAX takes the reference's path."""
+    x, w = rnd(t, h, dtype=torch.bfloat16), rnd(e, h)
+    got = RT.router_logits(x, w)
+    assert got.dtype == torch.float32 and got.shape == (t, e)
+    assert torch.allclose(got, R.router_logits(x, w), atol=1e-4, rtol=1e-5)
+    big = rnd(RT.ROUTER_ROWS_MAX + 1, h, dtype=torch.bfloat16)
+    assert torch.allclose(RT.router_logits(big, w), R.router_logits(big, w), atol=1e-4)
+
+
 def test_moe_route_rejects_bad_arguments():
     logits = rnd(2, 8)
     for args in [(9, "softmax", 1, 1), (2, "relu", 1, 1), (2, "softmax", 3, 1),

@@ -6,10 +6,10 @@
     y      = sum_{e in top-k} g_e * FFN_e(h) + sum_shared FFN_shared(h)
              g_e = s_e (V3: renormalised over the top-k) * routed_scaling_factor
 
-Routing is the `moe_route` op, the routed experts the `fused_moe` op. Expert weights are
-stacked at load from the HF per-expert tensors: w13[E_local, 2 I_local, H] (gate | up) and
-w2[E_local, H, I_local] (down). Parallelism: each expert's intermediate dim is split over
-"moe_tp" (gate/up column-wise, down row-wise); with expert parallelism (moe_ep size > 1)
+Routing is the `router_logits` and `moe_route` ops, the routed experts the `fused_moe` op.
+Expert weights are stacked at load from the HF per-expert tensors: w13[E_local, 2 I_local, H]
+(gate | up) and w2[E_local, H, I_local] (down). Parallelism: each expert's intermediate dim is
+split over "moe_tp" (gate/up column-wise, down row-wise); with expert parallelism (moe_ep > 1)
 the experts are also divided over "moe_ep", each rank computing only its own, and the
 shared experts are split over every rank instead. Either way the output is a pending sum
 (Partial) over all the ranks that contributed; the placement compiler reduces it.
@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import kernels
@@ -86,7 +85,7 @@ def is_moe_layer(hf: dict, layer_idx: int) -> bool:
 
 
 class TopKRouter(nn.Module):
-    """router_logits = h @ W_gate^T in float32, then the moe_route op."""
+    """The router_logits op (h @ W_gate^T in float32), then the moe_route op."""
 
     def __init__(self, cfg: MoEConfig, ctx: BuildContext) -> None:
         super().__init__()
@@ -97,6 +96,7 @@ class TopKRouter(nn.Module):
         self.e_score_correction_bias = (
             nn.Parameter(torch.empty(e, dtype=torch.float32), requires_grad=False)
             if cfg.correction_bias else None)
+        self.logits = kernels.select("router_logits", device=ctx.device, dtype=ctx.dtype)
         self.route = kernels.select("moe_route", device=ctx.device, dtype=torch.float32,
                                     num_experts=e, top_k=cfg.top_k)
 
@@ -113,7 +113,7 @@ class TopKRouter(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # x: [T, H] -> (weights [T, k] float32, expert ids [T, k] int32)
         c = self.cfg
-        logits = F.linear(x.float(), self.weight)                            # [T, E]
+        logits = self.logits(x, self.weight)                                 # [T, E] f32
         return self.route(logits, c.top_k, c.scoring, c.renormalize, self.e_score_correction_bias,
                           c.n_group, c.topk_group, c.routed_scaling_factor)
 
