@@ -31,13 +31,15 @@ def _load_rows(Base, slot, stride_s, d, D: tl.constexpr, n_ok, PRED: tl.constexp
 
 
 @triton.jit
-def _split_range(split, kv_len, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
+def _split_range(split, kv_len, min_split_len, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
     """Keys [lo, hi) of one split-KV piece: the row's own length cut into NUM_SPLITS runs of
-    whole tiles. Sizing by the row (not the page table's width, which CUDA graphs pad to the
-    longest servable sequence) keeps a short row spread over all its splits."""
+    whole tiles, each at least min_split_len keys (a multiple of BLOCK_N). Sizing by the row
+    (not the page table's width, which CUDA graphs pad to the longest servable sequence) keeps
+    a short row spread over several splits; the splits past its end are empty."""
     if NUM_SPLITS == 1:
         return kv_len * 0, kv_len
-    split_len = tl.cdiv(tl.cdiv(kv_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    split_len = tl.maximum(tl.cdiv(tl.cdiv(kv_len, NUM_SPLITS), BLOCK_N) * BLOCK_N,
+                           min_split_len)
     lo = split * split_len
     return lo, tl.minimum(lo + split_len, kv_len)
 
@@ -113,7 +115,7 @@ def _attn_tile(acc, m_i, l_i, q1, q2, K1, K2, V, PageTable, n0, hi, pos, kvh, pa
 def _paged_attn_kernel(
         Q1, Q2, K1, K2, V, Out, PartO, PartL,
         PageTable, QueryStart, SeqLens, BlockBatch, BlockTok,
-        scale_log2, page_size, group,
+        scale_log2, page_size, group, min_split_len,
         stride_q1t, stride_q1h, stride_q2t, stride_q2h,
         stride_k1s, stride_k1h, stride_k2s, stride_k2h, stride_vs, stride_vh,
         stride_ot, stride_oh, stride_pt, stride_pot, stride_poh, stride_pos,
@@ -161,7 +163,7 @@ def _paged_attn_kernel(
                      mask=row_ok[:, None] & (d2[None, :] < D2), other=0.0)  # [M, D2]
     else:
         q2 = q1
-    lo, hi = _split_range(split, kv_end, NUM_SPLITS, BLOCK_N)
+    lo, hi = _split_range(split, kv_end, min_split_len, NUM_SPLITS, BLOCK_N)
     first_pos = seq_len - qlen + t0                      # keys <= first_pos are seen by all rows
     full_end = lo + tl.maximum(tl.minimum(hi, first_pos + 1) - lo, 0) // BLOCK_N * BLOCK_N
     if TRANS:
@@ -193,9 +195,10 @@ def _paged_attn_kernel(
     if NUM_SPLITS == 1:
         tl.store(Out + tok[:, None] * stride_ot + head[:, None] * stride_oh + dv[None, :],
                  out.to(Out.dtype.element_ty), mask=omask)
-    else:
+    else:  # an empty split writes only its lse (-inf): the merge stops before it
         tl.store(PartO + tok[:, None] * stride_pot + head[:, None] * stride_poh
-                 + split * stride_pos + dv[None, :], out, mask=omask)
+                 + split * stride_pos + dv[None, :], out,
+                 mask=omask & (tl.zeros([BLOCK_M], dtype=tl.int32) + (hi - lo) > 0)[:, None])
         lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf"))     # [M]
         tl.store(PartL + tok * stride_plt + head * stride_plh + split, lse, mask=row_ok)
 
@@ -206,7 +209,8 @@ def _merge_splits_kernel(PartO, PartL, Out, stride_pot, stride_poh, stride_pos, 
                          BLOCK_DV: tl.constexpr, NUM_SPLITS: tl.constexpr,
                          BLOCK_S: tl.constexpr, CHUNK_S: tl.constexpr):
     """Out[t, h, cols] = sum_s exp2(lse_s - m) PartO[t, h, s, cols] / sum_s exp2(lse_s - m).
-    Splits are read CHUNK_S at a time so that many loads are in flight at once."""
+    Splits are read CHUNK_S at a time so that many loads are in flight at once, up to the
+    row's last non-empty split (non-empty splits are a prefix; empty ones wrote no partial)."""
     t, h = tl.program_id(0).to(tl.int64), tl.program_id(1)
     dv = tl.program_id(2) * BLOCK_DV + tl.arange(0, BLOCK_DV)
     s = tl.arange(0, BLOCK_S)
@@ -215,11 +219,12 @@ def _merge_splits_kernel(PartO, PartL, Out, stride_pot, stride_poh, stride_pos, 
     m = tl.max(lse, 0)
     m = tl.where(m == float("-inf"), 0.0, m)
     den = tl.sum(tl.exp2(lse - m), 0)
+    used = tl.max(tl.where(lse > float("-inf"), s + 1, 0), 0)                # splits with keys
     acc = tl.zeros([BLOCK_DV], dtype=tl.float32)
     c = tl.arange(0, CHUNK_S)
     part = PartO + t * stride_pot + h * stride_poh
-    for s0 in range(0, NUM_SPLITS, CHUNK_S):
-        ok = s0 + c < NUM_SPLITS
+    for s0 in range(0, used, CHUNK_S):
+        ok = s0 + c < used
         w = tl.exp2(tl.load(lse_row + s0 + c, mask=ok, other=float("-inf")) - m)    # [C]
         p = tl.load(part + (s0 + c)[:, None] * stride_pos + dv[None, :],
                     mask=ok[:, None] & (dv[None, :] < DV), other=0.0)            # [C, DV]
@@ -264,7 +269,19 @@ def _config(decode: bool, mla: bool, group: int) -> dict:
 # ~4 resident programs per SM (more splits add a partial second wave); MLA decode, register
 # bound at 2 programs per SM, wants more, shorter splits.
 SPLITS_PER_SM = {"gqa": 4, "mla": 8}
-MIN_SPLIT_TILES = 4    # a split covers at least this many KV tiles
+MIN_SPLIT_TILES = 4    # an MLA split covers at least this many KV tiles (few programs: fewer)
+FINE_SPLIT_PROGRAMS = 4
+
+
+def min_split_tiles(programs: int, mla: bool) -> int:
+    """Fewest KV tiles per split. An MLA split writes an fp32 [16, 512] partial (32 KB, the
+    merge reads it back) per 73 KB KV tile, so with many programs splits keep MIN_SPLIT_TILES
+    tiles; with few, a short row is better spread thin. A GQA partial is small (2 KB per 32 KB
+    tile): one tile always. From 32K-wide tables on an H200 (short rows, as CUDA graphs pad):
+    MLA B=1 ctx=1024 10.8 us at 1 tile vs 20.0 at 4; B=16 ctx=4096 60.9 vs 48.5."""
+    if not mla or programs <= FINE_SPLIT_PROGRAMS:
+        return 1
+    return 2 if programs <= 4 * FINE_SPLIT_PROGRAMS else MIN_SPLIT_TILES
 
 
 def _num_splits(programs: int, max_len: int, block_n: int, device: torch.device,
@@ -280,9 +297,11 @@ def _num_splits(programs: int, max_len: int, block_n: int, device: torch.device,
 def paged_attention(q1: torch.Tensor, q2: torch.Tensor | None, k1: torch.Tensor,
                     k2: torch.Tensor | None, v: torch.Tensor | None, page_table: torch.Tensor,
                     query_start: torch.Tensor | None, seq_lens: torch.Tensor, page_size: int,
-                    scale: float, num_splits: int | None = None) -> torch.Tensor:
+                    scale: float, num_splits: int | None = None, split_tiles: int | None = None
+                    ) -> torch.Tensor:
     """q1: [T, Hq, D1], q2: [T, Hq, D2] | None, k1: [S, Hk, D1], k2: [S, Hk, D2] | None,
-    v: [S, Hk, DV] | None (None: values are k1) -> [T, Hq, DV]. query_start None: decode."""
+    v: [S, Hk, DV] | None (None: values are k1) -> [T, Hq, DV]. query_start None: decode.
+    num_splits / split_tiles (fewest KV tiles per split): None for the sizing rules below."""
     t, hq, d1 = q1.shape
     hk = k1.shape[1]
     check(hq % hk == 0, f"query heads {hq} not a multiple of kv heads {hk}")
@@ -302,9 +321,12 @@ def paged_attention(q1: torch.Tensor, q2: torch.Tensor | None, k1: torch.Tensor,
     else:
         bb, bt, nb = _block_map(query_start, t, block_t)
         qs = query_start
+    programs = nb * hk * n_hblk
     if num_splits is None:
-        num_splits = (_num_splits(nb * hk * n_hblk, max_len, block_n, q1.device, q2 is not None)
+        num_splits = (_num_splits(programs, max_len, block_n, q1.device, q2 is not None)
                       if decode else 1)
+    split_tiles = (min_split_tiles(programs, q2 is not None) if split_tiles is None
+                   else split_tiles)
     out = torch.empty(t, hq, dv, dtype=q1.dtype, device=q1.device)          # [T, Hq, DV]
     if num_splits > 1:
         part_o = torch.empty(t, hq, num_splits, dv, dtype=torch.float32, device=q1.device)
@@ -315,7 +337,7 @@ def paged_attention(q1: torch.Tensor, q2: torch.Tensor | None, k1: torch.Tensor,
     grid = (nb, hk * n_hblk, num_splits)
     _paged_attn_kernel[grid](
         q1, q2_, k1, k2_, vv, out, part_o, part_l, page_table, qs, seq_lens, bb, bt,
-        scale * math.log2(math.e), page_size, group,
+        scale * math.log2(math.e), page_size, group, split_tiles * block_n,
         q1.stride(0), q1.stride(1), q2_.stride(0), q2_.stride(1),
         k1.stride(0), k1.stride(1), k2_.stride(0), k2_.stride(1), vv.stride(0), vv.stride(1),
         out.stride(0), out.stride(1), page_table.stride(0),

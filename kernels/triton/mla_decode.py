@@ -48,7 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton.attention import _num_splits, _split_range, merge_splits
+from kernels.triton.attention import _num_splits, _split_range, merge_splits, min_split_tiles
 from kernels.triton.common import check, interpreting, next_pow2
 
 G_BLK_DEFAULT = 16     # query heads per program (the mma.sync M tile); more heads: more blocks
@@ -158,25 +158,26 @@ def _mla_chunk_tile(acc0, acc1, acc2, acc3, m_i, l_i, q0, q1, q2, q3, q_rope, QR
 
 
 @triton.jit
-def _store_chunk(acc, c0, l_safe, ORow, PRow, ch, row_ok, NUM_SPLITS: tl.constexpr,
+def _store_chunk(acc, c0, l_safe, ORow, PRow, ch, row_ok, keep, NUM_SPLITS: tl.constexpr,
                  EVEN_H: tl.constexpr):
-    """acc [M, CH] / l -> Out (bf16/fp16, one split) or PartO (fp32), columns [c0, c0 + CH)."""
+    """acc [M, CH] / l -> Out (bf16/fp16, one split) or PartO (fp32, rows where keep: real
+    heads of a split with keys), columns [c0, c0 + CH)."""
     out = acc / l_safe[:, None]                                           # [M, CH]
     if NUM_SPLITS == 1:
         ptrs = ORow + c0 + ch[None, :]                                    # [M, CH]
         out = out.to(ORow.dtype.element_ty)
+        if EVEN_H:
+            tl.store(ptrs, out)
+        else:
+            tl.store(ptrs, out, mask=row_ok[:, None])
     else:
-        ptrs = PRow + c0 + ch[None, :]                                    # [M, CH]
-    if EVEN_H:
-        tl.store(ptrs, out)
-    else:
-        tl.store(ptrs, out, mask=row_ok[:, None])
+        tl.store(PRow + c0 + ch[None, :], out, mask=keep[:, None])
 
 
 @triton.jit
 def _mla_decode_chunked_kernel(
         QL, QR, KV, Out, PartO, PartL, PageTable, SeqLens,
-        scale_log2, page_size, num_heads,
+        scale_log2, page_size, num_heads, min_split_len,
         stride_qlb, stride_qlh, stride_qrb, stride_qrh, stride_kv, stride_pt,
         stride_ob, stride_oh, stride_pob, stride_poh, stride_pos, stride_plb, stride_plh,
         L: tl.constexpr, R: tl.constexpr, BLOCK_R: tl.constexpr, CH: tl.constexpr,
@@ -205,7 +206,7 @@ def _mla_decode_chunked_kernel(
         q_rope = _load_q_rope(QRRow, tl.arange(0, BLOCK_R), row_ok, R, EVEN_H,
                               EVEN_R)                                     # [M, BLOCK_R]
     seq_len = tl.load(SeqLens + b)
-    lo, hi = _split_range(split, seq_len, NUM_SPLITS, BLOCK_N)
+    lo, hi = _split_range(split, seq_len, min_split_len, NUM_SPLITS, BLOCK_N)
     full_end = lo + tl.maximum(hi - lo, 0) // BLOCK_N * BLOCK_N          # end of whole tiles
     acc0 = tl.zeros([G_BLK, CH], dtype=tl.float32)                        # [M, CH] each
     if NC >= 2:
@@ -236,12 +237,14 @@ def _mla_decode_chunked_kernel(
     ch = tl.arange(0, CH)
     ORow = Out + b64 * stride_ob + head[:, None] * stride_oh               # [M, 1] pointers
     PRow = PartO + b64 * stride_pob + head[:, None] * stride_poh + split * stride_pos
-    _store_chunk(acc0, 0 * CH, l_safe, ORow, PRow, ch, row_ok, NUM_SPLITS, EVEN_H)
+    # an empty split writes only its lse (-inf); [M] (the interpreter rejects a scalar & [M])
+    keep = row_ok & (tl.zeros([G_BLK], dtype=tl.int32) + (hi - lo) > 0)
+    _store_chunk(acc0, 0 * CH, l_safe, ORow, PRow, ch, row_ok, keep, NUM_SPLITS, EVEN_H)
     if NC >= 2:
-        _store_chunk(acc1, 1 * CH, l_safe, ORow, PRow, ch, row_ok, NUM_SPLITS, EVEN_H)
+        _store_chunk(acc1, 1 * CH, l_safe, ORow, PRow, ch, row_ok, keep, NUM_SPLITS, EVEN_H)
     if NC >= 4:
-        _store_chunk(acc2, 2 * CH, l_safe, ORow, PRow, ch, row_ok, NUM_SPLITS, EVEN_H)
-        _store_chunk(acc3, 3 * CH, l_safe, ORow, PRow, ch, row_ok, NUM_SPLITS, EVEN_H)
+        _store_chunk(acc2, 2 * CH, l_safe, ORow, PRow, ch, row_ok, keep, NUM_SPLITS, EVEN_H)
+        _store_chunk(acc3, 3 * CH, l_safe, ORow, PRow, ch, row_ok, keep, NUM_SPLITS, EVEN_H)
     if NUM_SPLITS > 1:
         lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf"))     # [M]
         tl.store(PartL + b64 * stride_plb + head * stride_plh + split, lse, mask=row_ok)
@@ -262,7 +265,8 @@ def mla_decode_chunked(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: t
                        scale: float, num_splits: int | None = None, nc: int | None = None,
                        block_n: int | None = None, num_warps: int | None = None,
                        num_stages: int | None = None, q_in_loop: bool | None = None,
-                       g_blk: int | None = None, max_regs: int | None = None) -> torch.Tensor:
+                       g_blk: int | None = None, max_regs: int | None = None,
+                       split_tiles: int | None = None) -> torch.Tensor:
     """q_latent: [B, H, L], q_rope: [B, H, R], kv_cache: [S, L+R], page_table: [B, P] int32,
     seq_lens: [B] int32 -> [B, H, L] (q_latent's dtype). Rows with seq_len 0 give zeros.
 
@@ -270,7 +274,7 @@ def mla_decode_chunked(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: t
     nc (latent chunks, 1/2/4), block_n (keys per tile), num_warps, num_stages, q_in_loop (load
     the query chunks and q_rope every tile, True, or once before the KV loop), g_blk (heads
     per program, a power of two >= 16), max_regs (ptxas register cap per thread, Triton's
-    maxnreg; None: uncapped)."""
+    maxnreg; None: uncapped), split_tiles (fewest KV tiles per split, as attention.py's)."""
     check(q_latent.dim() == 3 and q_rope.dim() == 3 and kv_cache.dim() == 2,
           "q_latent [B, H, L], q_rope [B, H, R], kv_cache [S, L+R] expected")
     bsz, heads, lat = q_latent.shape
@@ -304,6 +308,7 @@ def mla_decode_chunked(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: t
     max_len = page_table.shape[1] * page_size
     if num_splits is None:
         num_splits = _num_splits(bsz * n_hblk, max_len, block_n, q_latent.device, True)
+    split_tiles = min_split_tiles(bsz * n_hblk, True) if split_tiles is None else split_tiles
     check(num_splits >= 1, "num_splits must be >= 1")
     if num_splits > 1:
         part_o = torch.empty(bsz, heads, num_splits, lat, dtype=torch.float32,
@@ -315,7 +320,7 @@ def mla_decode_chunked(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: t
     block_r = max(16, next_pow2(rope))
     _mla_decode_chunked_kernel[(bsz, n_hblk, num_splits)](
         q_latent, q_rope, kv_cache, out, part_o, part_l, page_table, seq_lens,
-        scale * math.log2(math.e), page_size, heads,
+        scale * math.log2(math.e), page_size, heads, split_tiles * block_n,
         q_latent.stride(0), q_latent.stride(1), q_rope.stride(0), q_rope.stride(1),
         kv_cache.stride(0), page_table.stride(0), out.stride(0), out.stride(1),
         part_o.stride(0), part_o.stride(1), part_o.stride(2) if num_splits > 1 else 0,

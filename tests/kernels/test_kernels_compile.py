@@ -88,7 +88,7 @@ def _attention(decode: bool, mla: bool) -> None:
     args = {n: BF for n in ("Q1", "Q2", "K1", "K2", "V", "Out")}
     args.update(PartO=F32 if splits > 1 else BF, PartL=F32 if splits > 1 else BF,
                 PageTable=I32, QueryStart=I32, SeqLens=I32, BlockBatch=I32, BlockTok=I32,
-                scale_log2=0.1, page_size=16, group=4)
+                scale_log2=0.1, page_size=16, group=4, min_split_len=64)
     d1, d2 = (512, 64) if mla else (128, 0)
     cex = dict(D1=d1, D2=d2, DV=d1, BLOCK_D1=d1, BLOCK_D2=max(16, d2), BLOCK_DV=d1,
                G_BLK=cfg["G_BLK"], BLOCK_T=cfg["BLOCK_T"], BLOCK_N=cfg["BLOCK_N"], N_HBLK=1,
@@ -108,7 +108,7 @@ def check_mla_chunked() -> None:
     with the latent in 4 and 2 chunks at 4 and 8 warps, with split-KV or not, the query per
     tile or hoisted, 16 or 4 heads (TP4: masked rows), one with a register cap."""
     args = dict(QL=BF, QR=BF, KV=BF, Out=BF, PageTable=I32, SeqLens=I32, scale_log2=0.1,
-                page_size=64, num_heads=16, stride_kv=576)
+                page_size=64, num_heads=16, min_split_len=64, stride_kv=576)
     for nc, block_n, warps, splits, q_in_loop, heads, regs in (
             (4, 64, 4, 8, False, 16, None), (4, 32, 4, 8, True, 16, 128),
             (4, 32, 8, 1, False, 16, None), (2, 32, 4, 1, True, 4, None),

@@ -94,6 +94,32 @@ def test_decode_attention(page_size, seq_lens, hq, hk, splits):
     assert rel_err(out, R.decode_attention(q, kc, vc, table, sl, page_size, 0.25)) < TOL
 
 
+@pytest.mark.parametrize("split_tiles", [1, 2, 5])
+def test_split_kv_short_rows_in_a_wide_table(split_tiles):
+    """Rows far shorter than their page table (CUDA graphs pad it to the longest servable
+    sequence) are cut by their own length into splits of at least split_tiles tiles; splits
+    past a row's end write only their lse and the merge stops before them. GQA, and MLA on
+    both kernels."""
+    from kernels.triton.attention import paged_attention
+    from kernels.triton.mla_decode import mla_decode_chunked
+    seq_lens, page_size = [1, 40, 77, 0], 4
+    table, kc, vc, sl = _paged(seq_lens, page_size, 2, 16, 16)
+    table = torch.cat([table, torch.zeros(4, 60, dtype=torch.int32, device=DEV)], 1)  # 256+
+    q = rnd(4, 8, 16)
+    out = paged_attention(q, None, kc, None, vc, table, None, sl, page_size, 0.25,
+                          num_splits=7, split_tiles=split_tiles)
+    assert rel_err(out, R.decode_attention(q, kc, vc, table, sl, page_size, 0.25)) < TOL
+    assert torch.count_nonzero(out[3]) == 0                               # the empty row
+    cache = rnd(kc.shape[0], 48)
+    ql, qr = rnd(4, 16, 32), rnd(4, 16, 16)
+    ref = R.mla_decode(ql, qr, cache, table, sl, page_size, 0.2)
+    chunked = mla_decode_chunked(ql, qr, cache, table, sl, page_size, 0.2, num_splits=7,
+                                 split_tiles=split_tiles)
+    generic = paged_attention(ql, qr, cache[:, None, :32], cache[:, None, 32:], None, table,
+                              None, sl, page_size, 0.2, num_splits=7, split_tiles=split_tiles)
+    assert rel_err(chunked, ref) < TOL and rel_err(generic, ref) < TOL
+
+
 @pytest.mark.parametrize("page_size", [1, 16])
 @pytest.mark.parametrize("seq_lens,qlens,hq,hk", [([30, 9, 50], [30, 1, 17], 4, 2),
                                                   ([45], [45], 2, 2), ([20, 33], [0, 20], 8, 1)])
