@@ -7,7 +7,7 @@ device-to-device copy; a bf16 8192^3 GEMM), plus the torch reference / torch SDP
 torch loop where they apply.
 
     PYTHONPATH=. python3 scripts/bench_kernels.py [--out DIR] [--only decode,moe,...] [--quick]
-    ... --tune | --tune-mla | --tune-stages | --tune-moe    (tile sweeps; see each function)
+    ... --tune | --tune-mla | --tune-stages | --tune-moe | --tune-splits   (sweeps; see each)
 
 Shapes: Llama-3.1-8B (32 q heads, 8 kv heads, head_dim 128, hidden 4096, intermediate 14336,
 vocab 128256) and DeepSeek-V2-Lite (16 heads, kv_lora_rank 512, rope 64, 64 experts top-6,
@@ -654,6 +654,38 @@ def tune_moe() -> None:
                 TM._config = default
 
 
+def _split_tiles_row(label: str, call: Callable[[int], object]) -> None:
+    cells = [f"{t} tiles {graph_ms(lambda t=t: call(t)) * 1e3:6.1f}us" for t in (1, 2, 4)]
+    print(f"  tune split tiles {label}: " + "  ".join(cells), flush=True)
+
+
+def tune_split_tiles() -> None:
+    """Fewest KV tiles per split (attention.py's min_split_tiles) for short rows in 32K-wide
+    page tables, as CUDA graphs pad them: MLA decode (DeepSeek-V2-Lite, page size 64) and GQA
+    decode (Llama-3.1-8B, page size 16) at batch 1..64 x context 256..4096, 1/2/4 tiles."""
+    from kernels.triton.attention import paged_attention
+    from kernels.triton.mla_decode import mla_decode_chunked
+    width = 32768
+    for batch in (1, 2, 4, 8, 16, 32, 64):
+        table, cache, ql, qr, _ = mla_inputs(batch, width, 64, 16)
+        for ctx in (256, 1024, 4096):
+            sl = torch.full((batch,), ctx, dtype=torch.int32, device=DEV)
+            _split_tiles_row(f"mla B={batch:3d} ctx={ctx:5d}", lambda t: mla_decode_chunked(
+                ql, qr, cache, table, sl, 64, 0.07, split_tiles=t))
+        del table, cache, ql, qr
+    for batch in (1, 2, 4, 8, 16, 32):
+        table, n = paged_table(batch, width, 16)
+        k = torch.randn(n * 16, 8, 128, dtype=BF16, device=DEV)
+        v = torch.randn_like(k)
+        q = torch.randn(batch, 32, 128, dtype=BF16, device=DEV)
+        for ctx in (256, 1024, 4096):
+            sl = torch.full((batch,), ctx, dtype=torch.int32, device=DEV)
+            _split_tiles_row(f"gqa B={batch:3d} ctx={ctx:5d}", lambda t: paged_attention(
+                q, None, k, None, v, table, None, sl, 16, 0.08, split_tiles=t))
+        del k, v
+    torch.cuda.empty_cache()
+
+
 def profile() -> None:
     """Kernel-level times of one call of each fused op (torch.profiler), to see fixed costs."""
     from torch.profiler import ProfilerActivity
@@ -774,6 +806,9 @@ def main() -> None:
                          "unless --only or --tune-mla is given")
     ap.add_argument("--tune-moe", action="store_true",
                     help="sweep fused MoE tiles, then exit unless --only is given")
+    ap.add_argument("--tune-splits", action="store_true",
+                    help="sweep the fewest KV tiles per split for short rows in wide page "
+                         "tables, then exit unless --only is given")
     ap.add_argument("--profile", action="store_true", help="torch.profiler of fused ops")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -790,6 +825,10 @@ def main() -> None:
             tune_moe()
     if args.tune_moe and not args.tune:
         tune_moe()
+        if not args.only:
+            return
+    if args.tune_splits:
+        tune_split_tiles()
         if not args.only:
             return
     if args.tune_stages:

@@ -195,7 +195,8 @@ def _paged_attn_kernel(
     if NUM_SPLITS == 1:
         tl.store(Out + tok[:, None] * stride_ot + head[:, None] * stride_oh + dv[None, :],
                  out.to(Out.dtype.element_ty), mask=omask)
-    else:  # an empty split writes only its lse (-inf): the merge stops before it
+    else:  # an empty split writes only its lse (-inf): the merge stops before it. The mask is
+        # built as a [M] vector: the interpreter rejects a scalar & vector mask
         tl.store(PartO + tok[:, None] * stride_pot + head[:, None] * stride_poh
                  + split * stride_pos + dv[None, :], out,
                  mask=omask & (tl.zeros([BLOCK_M], dtype=tl.int32) + (hi - lo) > 0)[:, None])
@@ -327,6 +328,7 @@ def paged_attention(q1: torch.Tensor, q2: torch.Tensor | None, k1: torch.Tensor,
                       if decode else 1)
     split_tiles = (min_split_tiles(programs, q2 is not None) if split_tiles is None
                    else split_tiles)
+    check(split_tiles >= 1, "split_tiles must be >= 1")
     out = torch.empty(t, hq, dv, dtype=q1.dtype, device=q1.device)          # [T, Hq, DV]
     if num_splits > 1:
         part_o = torch.empty(t, hq, num_splits, dv, dtype=torch.float32, device=q1.device)

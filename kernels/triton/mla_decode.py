@@ -309,6 +309,7 @@ def mla_decode_chunked(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: t
     if num_splits is None:
         num_splits = _num_splits(bsz * n_hblk, max_len, block_n, q_latent.device, True)
     split_tiles = min_split_tiles(bsz * n_hblk, True) if split_tiles is None else split_tiles
+    check(split_tiles >= 1, "split_tiles must be >= 1")
     check(num_splits >= 1, "num_splits must be >= 1")
     if num_splits > 1:
         part_o = torch.empty(bsz, heads, num_splits, lat, dtype=torch.float32,
