@@ -4,7 +4,7 @@ batches (decodes and chunked prefills mixed). Skipped without CUDA.
 
 Run as a script on a GPU box it also prints batch-1 / batch-32 decode speed of the full
 DeepSeek-V2-Lite shape (dummy bf16 weights, eager PyTorch; --graphs: decode steps as CUDA
-graphs, as the engine runs them; --profile: kernel times of 4 batch-1 steps):
+graphs, as the engine runs them; --profile: kernel times of 8 batch-1 steps):
     python tests/model/test_deepseek_cuda.py [--bench [--graphs] [--profile]]
 """
 from __future__ import annotations
