@@ -10,7 +10,7 @@ import torch
 import kernels
 from appliance.engine.plan_arrays import PlanArrays
 from appliance.engine.protocol import GenerateRequest
-from appliance.engine.transfer import to_device
+from appliance.engine.transfer import to_device_packed
 
 
 class Sampler:
@@ -37,5 +37,5 @@ class Sampler:
         seeds = torch.tensor([self._seeds[int(rid)] for rid in rids], dtype=torch.int64)
         # The position of the token being sampled: the row's KV length after this step.
         positions = torch.from_numpy(arrays.seq_lens.astype(np.int64))
-        return self._sample(logits, *(to_device(x, self.device)
-                                      for x in (temperature, top_k, top_p, seeds, positions)))
+        return self._sample(logits, *to_device_packed(
+            [temperature, top_k, top_p, seeds, positions], self.device))
