@@ -193,15 +193,23 @@ def sdpa_ms(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> 
 
 # ----------------------------------------------------------------------------- attention
 
-def case_decode(batch: int, ctx: int, page_size: int = 16, hq: int = 32, hk: int = 8,
-                d: int = 128, table_ctx: int | None = None) -> None:
-    """table_ctx: page-table width in tokens when wider than ctx (CUDA graphs pad tables to
-    the longest servable sequence)."""
+def gqa_inputs(batch: int, ctx: int, page_size: int, hq: int = 32, hk: int = 8, d: int = 128,
+               table_ctx: int | None = None):
+    """Paged GQA decode inputs (Llama-3.1-8B heads by default): table, k/v caches, q,
+    seq_lens (all ctx). table_ctx: page-table width in tokens when wider than ctx (CUDA
+    graphs pad tables to the longest servable sequence)."""
     table, num_pages = paged_table(batch, max(ctx, table_ctx or 0), page_size)
     kc = torch.randn(num_pages * page_size, hk, d, dtype=BF16, device=DEV)
     vc = torch.randn_like(kc)
     q = torch.randn(batch, hq, d, dtype=BF16, device=DEV)
     sl = torch.full((batch,), ctx, dtype=torch.int32, device=DEV)
+    return table, kc, vc, q, sl
+
+
+def case_decode(batch: int, ctx: int, page_size: int = 16, hq: int = 32, hk: int = 8,
+                d: int = 128, table_ctx: int | None = None) -> None:
+    """table_ctx as gqa_inputs'."""
+    table, kc, vc, q, sl = gqa_inputs(batch, ctx, page_size, hq, hk, d, table_ctx)
     scale = d ** -0.5
     fn = lambda: TA.decode_attention(q, kc, vc, table, sl, page_size, scale)  # noqa: E731
     ref_fn = lambda: R.decode_attention(q, kc, vc, table, sl, page_size, scale)  # noqa: E731
@@ -453,10 +461,7 @@ def tune_attention(mla_only: bool = False) -> None:
 
     def dec(batch: int, ctx: int) -> Callable[[], tuple]:
         def make() -> tuple:
-            table, num_pages = paged_table(batch, ctx, 16)
-            kc = torch.randn(num_pages * 16, 8, 128, dtype=BF16, device=DEV)
-            vc, q = torch.randn_like(kc), torch.randn(batch, 32, 128, dtype=BF16, device=DEV)
-            sl = torch.full((batch,), ctx, dtype=torch.int32, device=DEV)
+            table, kc, vc, q, sl = gqa_inputs(batch, ctx, 16)
             return (lambda: TA.decode_attention(q, kc, vc, table, sl, 16, 0.088),
                     4 * batch * ctx * 8 * 128, "GB/s")
         return make
@@ -595,10 +600,7 @@ def tune_stages() -> None:
 
     print("\n== tune stages: generic paged attention kernel", flush=True)
     for batch, ctx in ((1, 32768), (1, 131072), (16, 8192)):
-        table, num_pages = paged_table(batch, ctx, 16)
-        kc = torch.randn(num_pages * 16, 8, 128, dtype=BF16, device=DEV)
-        vc, q = torch.randn_like(kc), torch.randn(batch, 32, 128, dtype=BF16, device=DEV)
-        sl = torch.full((batch,), ctx, dtype=torch.int32, device=DEV)
+        table, kc, vc, q, sl = gqa_inputs(batch, ctx, 16)
         for n, w, s in ((64, 4, 2), (64, 4, 4), (64, 4, 5), (32, 4, 5), (128, 8, 5)):
             run(f"decode B={batch} ctx={ctx} N={n} w={w} s={s}", cfg(16, 1, n, w, s),
                 lambda: TA.decode_attention(q, kc, vc, table, sl, 16, 0.088),
@@ -674,10 +676,7 @@ def tune_split_tiles() -> None:
                 ql, qr, cache, table, sl, 64, 0.07, split_tiles=t))
         del table, cache, ql, qr
     for batch in (1, 2, 4, 8, 16, 32):
-        table, n = paged_table(batch, width, 16)
-        k = torch.randn(n * 16, 8, 128, dtype=BF16, device=DEV)
-        v = torch.randn_like(k)
-        q = torch.randn(batch, 32, 128, dtype=BF16, device=DEV)
+        table, k, v, q, _ = gqa_inputs(batch, width, 16)
         for ctx in (256, 1024, 4096):
             sl = torch.full((batch,), ctx, dtype=torch.int32, device=DEV)
             _split_tiles_row(f"gqa B={batch:3d} ctx={ctx:5d}", lambda t: paged_attention(
