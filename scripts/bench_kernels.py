@@ -511,17 +511,17 @@ def tune_attention(mla_only: bool = False) -> None:
                     f"N={n} w={w} s={s} trans={tr}", dec(*shape))
 
 
-MLA_TUNE_SHAPES = ((64, 8192), (1, 32768), (1, 131072), (256, 4096))   # first: the pruning one
+MLA_TUNE_SHAPES = ((1, 131072), (64, 8192), (64, 32768), (1, 32768), (256, 4096))  # first prunes
 
 
 def tune_mla_chunked(top: int | None = None) -> None:
     """Sweep kernels/triton/mla_decode.py's register-lean MLA decode (DeepSeek-V2-Lite: 16
-    heads, latent 512, rope 64, page size 64, bf16). Phase 1 at B=64 ctx=8192: nc 4 x block_n
-    {16, 32, 64} x num_warps {4, 8} x num_stages {2, 5, 6} x q_in_loop {True, False} (block_n
-    64 with 6 stages skipped), 32 configs; then the `top` best (env TUNE_MLA_TOP) at the other
-    shapes, and at batch 1 the best two with 128 / 512 / 1024 splits. Each config is first
-    checked against the generic kernel (attention_ops.py::mla_decode_generic): err = max
-    |out - generic| / max |generic|; configs that raise print the error and are skipped.
+    heads, latent 512, rope 64, page size 64, bf16). Phase 1 at B=1 ctx=131072: nc 4 x block_n
+    {32, 64} x num_warps {4, 8} x num_stages {2, 3, 5} x tma {False, True}, query hoisted, 24
+    configs; then the `top` best (env TUNE_MLA_TOP) at the other shapes, and at batch 1 the
+    best two with 0.5 / 1 / 2 / 4 splits per SM. Each config is first checked against the
+    generic kernel (attention_ops.py::mla_decode_generic): err = max |out - generic| / max
+    |generic|; configs that raise print the error and are skipped.
     GB/s counts the KV cache bytes read (B * ctx * 576 * 2). Each config costs a compile of a
     few seconds (CPU) and ~0.1 s of GPU time."""
     from kernels.triton.mla_decode import mla_decode_chunked
@@ -543,7 +543,7 @@ def tune_mla_chunked(top: int | None = None) -> None:
         results = []
         for c in configs:
             label = (f"B={batch} ctx={ctx} nc={c['nc']} N={c['block_n']} w={c['num_warps']} "
-                     f"s={c['num_stages']} qloop={int(c['q_in_loop'])}"
+                     f"s={c['num_stages']} qloop={int(c['q_in_loop'])} tma={int(c['tma'])}"
                      + (f" regs={c['max_regs']}" if c.get("max_regs") else "")
                      + (f" splits={c['num_splits']}" if c.get("num_splits") else ""))
             fn = lambda c=c: mla_decode_chunked(ql, qr, cache, table, sl, page_size,  # noqa: E731
@@ -570,23 +570,31 @@ def tune_mla_chunked(top: int | None = None) -> None:
         torch.cuda.empty_cache()
         return sorted(results, key=lambda r: -r[0])
 
-    # num_stages >= 5 is what gives the gathered KV tile two shared-memory buffers (Triton
-    # 3.6 and 3.9 ttgir: 1 buffer at 2-4 stages); 2 stages is the previous default
-    grid = [dict(nc=4, block_n=n, num_warps=w, num_stages=st, q_in_loop=qil)
-            for n in (16, 32, 64) for w in (4, 8) for st in (2, 5, 6) for qil in (True, False)
-            if not (n == 64 and st == 6)]
+    # num_stages >= 5 is what gives the KV tile (gathered or TMA-copied) two shared-memory
+    # buffers (Triton 3.6 and 3.9 ttgir: 1 buffer at 2-4 stages: its page index is loaded in
+    # the same iteration); 5 stages lost at 64-key tiles. Query per tile and 16-key tiles lost
+    # every earlier sweep (docs/KERNELS.md)
+    grid = [dict(nc=4, block_n=n, num_warps=w, num_stages=st, q_in_loop=False, tma=t)
+            for n in (32, 64) for w in (4, 8) for st in (2, 3, 5) for t in (False, True)]
     first, rest = MLA_TUNE_SHAPES[0], MLA_TUNE_SHAPES[1:]
     print(f"\n== tune mla_decode_chunked: {len(grid)} configs at B={first[0]} ctx={first[1]}, "
           f"then the top {top} at the other shapes, split counts at batch 1", flush=True)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+
+    def sweep_splits(batch: int, ctx: int, ranked: list[tuple[float, dict]]) -> None:
+        """Batch 1: split-KV count in SM multiples; fewer, longer splits write and merge
+        fewer fp32 partials (32 KB each) but fill fewer resident slots."""
+        if batch == 1:
+            run_shape(batch, ctx, [dict(c, num_splits=int(sms * f)) for _, c in ranked[:2]
+                                   for f in (0.5, 1, 2, 4)])
+
     ranked = run_shape(*first, grid)
     best = [c for _, c in ranked[:top]]
     print(f"  tune mla_chunked best at B={first[0]} ctx={first[1]}: "
           + "; ".join(f"{g:.0f} GB/s {c}" for g, c in ranked[:top]), flush=True)
+    sweep_splits(*first, ranked)
     for batch, ctx in rest:
-        ranked = run_shape(batch, ctx, best)
-        if batch == 1:   # split-KV count: fewer, longer splits vs partial-output traffic
-            run_shape(batch, ctx, [dict(c, num_splits=s) for _, c in ranked[:2]
-                                   for s in (128, 512, 1024)])
+        sweep_splits(batch, ctx, run_shape(batch, ctx, best))
 
 
 def tune_stages() -> None:

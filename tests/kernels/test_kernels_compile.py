@@ -50,15 +50,18 @@ PTR = {torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.int32: "*i32",
 
 def compile_sm90(kernel, args: dict, constexprs: dict, num_warps: int, num_stages: int,
                  **options):
-    """args: name -> torch dtype (pointer) or int/float (scalar, 16-divisible ints marked);
-    options: further compile options (e.g. maxnreg)."""
+    """args: name -> torch dtype (pointer), int/float (scalar, 16-divisible ints marked) or a
+    type string (e.g. "tensordesc<bf16[64, 128]>"); options: further compile options (e.g.
+    maxnreg)."""
     sig, cex, attrs = {}, {}, {}
     for i, name in enumerate(kernel.arg_names):
         if name in constexprs:
             sig[name], cex[(i,)] = "constexpr", constexprs[name]
             continue
         v = args.get(name, 1024)                       # strides default to a 16-multiple
-        if isinstance(v, torch.dtype):
+        if isinstance(v, str):
+            sig[name] = v
+        elif isinstance(v, torch.dtype):
             sig[name] = PTR[v]
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif isinstance(v, float):
@@ -106,19 +109,24 @@ def check_mla_chunked() -> None:
     """The register-lean MLA decode at DeepSeek-V2-Lite shapes (L=512, R=64, G_BLK=16): the
     registered default (4 chunks, 64-key tiles, 4 warps, query hoisted), then 32-key tiles
     with the latent in 4 and 2 chunks at 4 and 8 warps, with split-KV or not, the query per
-    tile or hoisted, 16 or 4 heads (TP4: masked rows), one with a register cap."""
+    tile or hoisted, 16 or 4 heads (TP4: masked rows), one with a register cap; whole tiles
+    copied by tensor descriptors (TMA) or gathered."""
     args = dict(QL=BF, QR=BF, KV=BF, Out=BF, PageTable=I32, SeqLens=I32, scale_log2=0.1,
                 page_size=64, num_heads=16, min_split_len=64, stride_kv=576)
-    for nc, block_n, warps, splits, q_in_loop, heads, regs in (
-            (4, 64, 4, 8, False, 16, None), (4, 32, 4, 8, True, 16, 128),
-            (4, 32, 8, 1, False, 16, None), (2, 32, 4, 1, True, 4, None),
-            (2, 32, 8, 8, False, 16, None)):
+    for nc, block_n, warps, splits, q_in_loop, heads, regs, tma in (
+            (4, 64, 4, 8, False, 16, None, True), (4, 64, 4, 8, False, 16, None, False),
+            (4, 32, 4, 8, True, 16, 128, False), (4, 32, 8, 1, False, 16, None, True),
+            (2, 32, 4, 1, True, 4, None, False), (2, 32, 8, 8, False, 16, None, True)):
         part = F32 if splits > 1 else BF
+        descs = (dict(DescLat=f"tensordesc<bf16[{block_n}, {512 // nc}]>",
+                      DescRope=f"tensordesc<bf16[{block_n}, 64]>") if tma
+                 else dict(DescLat=BF, DescRope=BF))
         cex = dict(L=512, R=64, BLOCK_R=64, CH=512 // nc, NC=nc, G_BLK=16, BLOCK_N=block_n,
-                   NUM_SPLITS=splits, EVEN_H=heads % 16 == 0, EVEN_R=True, Q_IN_LOOP=q_in_loop)
+                   NUM_SPLITS=splits, EVEN_H=heads % 16 == 0, EVEN_R=True, Q_IN_LOOP=q_in_loop,
+                   TMA=tma)
         compile_sm90(MD._mla_decode_chunked_kernel,
-                     dict(args, PartO=part, PartL=part, num_heads=heads), cex, warps, 2,
-                     **({} if regs is None else dict(maxnreg=regs)))
+                     dict(args, **descs, PartO=part, PartL=part, num_heads=heads), cex, warps,
+                     2, **({} if regs is None else dict(maxnreg=regs)))
 
 
 def _row_kernels() -> None:

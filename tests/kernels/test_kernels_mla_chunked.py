@@ -19,7 +19,7 @@ if DEV == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
     pytest.skip("no GPU and TRITON_INTERPRET unset", allow_module_level=True)
 
 from kernels.triton import attention_ops as A  # noqa: E402
-from kernels.triton.mla_decode import default_nc, mla_decode_chunked  # noqa: E402
+from kernels.triton.mla_decode import default_nc, mla_decode_chunked, tma_supported  # noqa: E402
 
 TOL = 1e-4 if DEV == "cpu" else 2e-2   # interpreter computes in fp32; the GPU dot in tf32/bf16
 SEQ_LENS = [37, 0, 1, 70]               # a partial tile, an empty row, one key, several tiles
@@ -92,6 +92,32 @@ def test_strided_query_wide_tiles_masked_rope_and_wide_head_block():
         assert rel_err(mla_decode_chunked(ql, qr, cache, table, sl, 16, 0.2, **kw), ref) < TOL
 
 
+def _poison_unused_slots(cache, table, sl, page_size):
+    """NaN in every cache slot no row uses: a kernel that reads past a row's end (a whole
+    page copied for a partial tile) would turn its output NaN."""
+    used = torch.zeros(cache.shape[0], dtype=torch.bool, device=cache.device)
+    for b, n in enumerate(sl.tolist()):
+        pos = torch.arange(n, device=cache.device)
+        used[table[b, pos // page_size].long() * page_size + pos % page_size] = True
+    cache[~used] = float("nan")
+
+
+@pytest.mark.parametrize("page_size,splits", [(16, 3), (32, 1), (64, 2)])
+def test_tensor_descriptor_tiles_match_gathered(page_size, splits):
+    """Whole tiles copied by tensor descriptors (1, 2 or 4 tiles of 16 keys per page) give the
+    reference's output; the partial last tile is still gathered, so slots past a row's end
+    (NaN here) are never read."""
+    lens = [37, 0, 1, 70, 96]
+    ql, qr, cache, table, sl = _inputs(64, 16, 16, page_size, seq_lens=lens, seed=4)
+    _poison_unused_slots(cache, table, sl, page_size)
+    assert tma_supported(cache, page_size, 16, 16)
+    ref = R.mla_decode(ql, qr, cache, table, sl, page_size, 0.2)
+    for tma in (True, False):
+        out = mla_decode_chunked(ql, qr, cache, table, sl, page_size, 0.2, block_n=16,
+                                 num_splits=splits, tma=tma)
+        assert rel_err(out, ref) < TOL
+
+
 def test_rejects_bad_inputs():
     ql, qr, cache, table, sl = _inputs(64, 16, 4, 5)
     with pytest.raises(ValueError, match="chunks"):
@@ -104,3 +130,5 @@ def test_rejects_bad_inputs():
         mla_decode_chunked(ql, qr, cache, table.long(), sl, 5, 0.2)
     with pytest.raises(ValueError, match="block_n"):
         mla_decode_chunked(ql, qr, cache, table, sl, 5, 0.2, block_n=24)
+    with pytest.raises(ValueError, match="tma"):                          # pages of 5 keys
+        mla_decode_chunked(ql, qr, cache, table, sl, 5, 0.2, tma=True)
