@@ -233,21 +233,36 @@ def causal_flops(qlen: int, seq: int, heads: int, dqk: int, dv: int) -> float:
     return 2.0 * heads * visible * (dqk + dv)
 
 
+def new_token_kv(cache: torch.Tensor, table: torch.Tensor, seq: int, qlen: int,
+                 page_size: int) -> torch.Tensor:
+    """The cache rows of positions [seq - qlen, seq) of row 0: the K (or V) of an extend
+    step's new tokens as the model hands them over, [qlen, H, D] contiguous."""
+    n = torch.arange(seq - qlen, seq, device=DEV)
+    return cache[table[0].long()[n // page_size] * page_size + n % page_size].contiguous()
+
+
 def case_extend(seq: int, qlen: int, page_size: int = 16, hq: int = 32, hk: int = 8,
                 d: int = 128, check: bool = True) -> None:
+    """The op as the model calls it: given the new tokens' K/V (kernels/triton/prefill.py
+    reads them contiguously); `gathered` is the same op without them (every key through the
+    page table, the generic kernel)."""
     table, num_pages = paged_table(1, seq, page_size)
     kc = torch.randn(num_pages * page_size, hk, d, dtype=BF16, device=DEV)
     vc = torch.randn_like(kc)
+    k_new, v_new = (new_token_kv(c, table, seq, qlen, page_size) for c in (kc, vc))
     q = torch.randn(qlen, hq, d, dtype=BF16, device=DEV)
     qs = torch.tensor([0, qlen], dtype=torch.int32, device=DEV)
     sl = torch.tensor([seq], dtype=torch.int32, device=DEV)
     scale = d ** -0.5
-    fn = lambda: TA.extend_attention(q, kc, vc, table, qs, sl, page_size, scale)  # noqa: E731
+    fn = lambda: TA.extend_attention(q, kc, vc, table, qs, sl, page_size, scale,  # noqa: E731
+                                     k_new=k_new, v_new=v_new)
+    gathered = lambda: TA.extend_attention(q, kc, vc, table, qs, sl, page_size,  # noqa: E731
+                                           scale)
     err = None
     if check:
         err = rel_err(fn(), R.extend_attention(q, kc, vc, table, qs, sl, page_size, scale))
     torch.cuda.empty_cache()
-    ms, eager = graph_ms(fn), bench_ms(fn)
+    ms, eager, gathered_ms = graph_ms(fn), bench_ms(fn), graph_ms(gathered)
     sd = None
     if qlen == seq:
         kcont = gather_contig(kc, table, seq, page_size)
@@ -255,7 +270,7 @@ def case_extend(seq: int, qlen: int, page_size: int = 16, hq: int = 32, hk: int 
         sd = sdpa_ms(q.transpose(0, 1)[None], kcont, vcont, causal=True)
         del kcont, vcont
     emit("extend_attention", f"q={qlen} kv={seq} ps={page_size}", ms, eager=eager,
-         flops=causal_flops(qlen, seq, hq, d, d), err=err, sdpa=sd)
+         flops=causal_flops(qlen, seq, hq, d, d), err=err, gathered=gathered_ms, sdpa=sd)
 
 
 def mla_inputs(batch: int, ctx: int, page_size: int, heads: int, lat: int = 512,
@@ -636,6 +651,59 @@ def tune_stages() -> None:
             causal_flops(seq, seq, 32, 128, 128), "TFLOP/s")
 
 
+def tune_prefill() -> None:
+    """kernels/triton/prefill.py (new tokens' K/V by tensor descriptors) at Llama-3.1-8B's
+    shapes (32q/8kv, d128), the generic kernel (every key gathered) timed beside it; each
+    variant is checked against the generic kernel's output first. Tiles (env
+    TUNE_PREFILL_TILES=0 skips them): rows {128, 256} x block_n {64, 128} x num_warps {4, 8}
+    x num_stages {2, 3, 4} at causal prefills of 8K and 16K (target: 50% of the GEMM rate).
+    Then the default tiles with a cached prefix: 1/2 .. 1/16 of 16K keys new, the split
+    behind attention_ops.CONTIGUOUS_MIN_NEW."""
+    from kernels.triton.prefill import prefill_attention
+    ceil = CEIL.get("TFLOP/s")
+    print("\n== tune prefill: contiguous new-token K/V, Llama-3.1-8B (32q/8kv, d128)",
+          flush=True)
+
+    def run(seq: int, qlen: int, variants: list[dict]) -> None:
+        table, num_pages = paged_table(1, seq, 16)
+        kc = torch.randn(num_pages * 16, 8, 128, dtype=BF16, device=DEV)
+        vc, q = torch.randn_like(kc), torch.randn(qlen, 32, 128, dtype=BF16, device=DEV)
+        k_new, v_new = (new_token_kv(c, table, seq, qlen, 16) for c in (kc, vc))
+        qs = torch.tensor([0, qlen], dtype=torch.int32, device=DEV)
+        sl = torch.tensor([seq], dtype=torch.int32, device=DEV)
+        flops = causal_flops(qlen, seq, 32, 128, 128)
+        gen = lambda: TA.extend_attention(q, kc, vc, table, qs, sl, 16, 0.088)  # noqa: E731
+        base = gen().float()
+        for label, fn in [("generic (gathered)", gen)] + [
+                (" ".join(f"{k}={v}" for k, v in c.items()) or "contiguous, default tiles",
+                 lambda c=c: prefill_attention(q, kc, vc, k_new, v_new, table, qs, sl, 16,
+                                               0.088, **c)) for c in variants]:
+            shape = f"q={qlen} kv={seq}"
+            try:
+                err = rel_err(fn(), base)
+                ms = graph_ms(fn)
+            except Exception as e:  # noqa: BLE001
+                print(f"  tune prefill {shape:16s} {label:44s} ERROR {type(e).__name__}: "
+                      f"{str(e)[:100]}", flush=True)
+                torch.cuda.empty_cache()
+                continue
+            rate = flops / ms / 1e9
+            pct = f" {100 * rate / ceil:5.1f}%" if ceil else ""
+            bad = "" if err < TOL else " FAIL"
+            print(f"  tune prefill {shape:16s} {label:44s} {ms * 1e3:9.1f}us {rate:7.1f} "
+                  f"TFLOP/s{pct} err={err:.1e}{bad}", flush=True)
+        del kc, vc, q, k_new, v_new, base
+        torch.cuda.empty_cache()
+
+    if os.environ.get("TUNE_PREFILL_TILES", "1") != "0":
+        tiles = [dict(rows=r, block_n=n, num_warps=w, num_stages=st)
+                 for r in (128, 256) for n in (64, 128) for w in (4, 8) for st in (2, 3, 4)]
+        for seq in (8192, 16384):
+            run(seq, seq, tiles)
+    for qlen in (8192, 4096, 2048, 1024):
+        run(16384, qlen, [{}])
+
+
 def tune_moe() -> None:
     """Time tile variants of the fused MoE at DeepSeek-V2-Lite shapes."""
     default = TM._config
@@ -816,6 +884,9 @@ def main() -> None:
     ap.add_argument("--tune-splits", action="store_true",
                     help="sweep the fewest KV tiles per split for short rows in wide page "
                          "tables, then exit unless --only is given")
+    ap.add_argument("--tune-prefill", action="store_true",
+                    help="sweep the contiguous-K/V prefill tiles, then exit unless --only is "
+                         "given")
     ap.add_argument("--profile", action="store_true", help="torch.profiler of fused ops")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -832,6 +903,10 @@ def main() -> None:
             tune_moe()
     if args.tune_moe and not args.tune:
         tune_moe()
+        if not args.only:
+            return
+    if args.tune_prefill:
+        tune_prefill()
         if not args.only:
             return
     if args.tune_splits:

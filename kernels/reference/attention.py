@@ -41,8 +41,11 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 @register("extend_attention", backend="torch", priority=0)
 def extend_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      page_table: torch.Tensor, query_start: torch.Tensor, seq_lens: torch.Tensor,
-                     page_size: int, scale: float) -> torch.Tensor:
-    """q: [T, Hq, D], caches [S, Hk, D] / [S, Hk, Dv] -> [T, Hq, Dv]."""
+                     page_size: int, scale: float, k_new: torch.Tensor | None = None,
+                     v_new: torch.Tensor | None = None) -> torch.Tensor:
+    """q: [T, Hq, D], caches [S, Hk, D] / [S, Hk, Dv] -> [T, Hq, Dv]. k_new / v_new (the new
+    tokens' K/V, already in the cache) are accepted for the kernels that read them
+    contiguously; the reference reads the cache only."""
     out = torch.empty(q.shape[0], q.shape[1], v_cache.shape[-1], dtype=q.dtype, device=q.device)
     qs, sl = query_start.tolist(), seq_lens.tolist()
     for b in range(len(sl)):

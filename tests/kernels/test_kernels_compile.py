@@ -26,11 +26,12 @@ from kernels.triton import attention as A  # noqa: E402
 from kernels.triton import elementwise as E  # noqa: E402
 from kernels.triton import mla_decode as MD  # noqa: E402
 from kernels.triton import moe as M  # noqa: E402
+from kernels.triton import prefill as P  # noqa: E402
 from kernels.triton import rope_kv as RK  # noqa: E402
 from kernels.triton import route as RT  # noqa: E402
 from kernels.triton import sample as S  # noqa: E402
 
-CHECKS = ["attention", "mla_chunked", "moe", "rows_and_sample"]
+CHECKS = ["attention", "mla_chunked", "prefill", "moe", "rows_and_sample"]
 
 
 @pytest.mark.parametrize("check", CHECKS)
@@ -127,6 +128,20 @@ def check_mla_chunked() -> None:
         compile_sm90(MD._mla_decode_chunked_kernel,
                      dict(args, **descs, PartO=part, PartL=part, num_heads=heads), cex, warps,
                      2, **({} if regs is None else dict(maxnreg=regs)))
+
+
+def check_prefill() -> None:
+    """The contiguous-K/V prefill at its default tiles (Llama-3.1-8B: group 4, d 128: 64
+    tokens x 4 heads, 64-key tiles, 8 warps, 3 stages) and an MHA / 128-row variant."""
+    cfg = P._config()
+    for group, rows, block_n in ((4, cfg["rows"], cfg["BLOCK_N"]), (1, 128, 128)):
+        desc = f"tensordesc<bf16[{block_n}, 128]>"
+        args = dict(Q=BF, KCache=BF, VCache=BF, DescK=desc, DescV=desc, Out=BF, PageTable=I32,
+                    QueryStart=I32, SeqLens=I32, BlockBatch=I32, BlockTok=I32,
+                    scale_log2=0.1, page_size=16, group=group)
+        compile_sm90(P._prefill_kernel, args,
+                     dict(D=128, DV=128, G_BLK=group, BLOCK_T=rows // group, BLOCK_N=block_n,
+                          N_HBLK=1), cfg["num_warps"], cfg["num_stages"])
 
 
 def _row_kernels() -> None:

@@ -2,9 +2,9 @@
 
 Rows [0, num_decode) of a ForwardBatch are decodes (one query token each) and use the
 `decode_attention` kernel; the remaining rows are prefill chunks over a cached prefix and
-use `extend_attention`. The cache of one layer is a pair of tensors
-`k_cache[num_pages * page_size, kv_heads_local, head_dim]`, `v_cache[..., v_head_dim]`,
-allocated by the runner and handed over with `bind_kv_cache`. When the layer is given its
+use `extend_attention`, which also gets the new tokens' K/V. The cache of one layer is a pair
+of tensors `k_cache[num_pages * page_size, kv_heads_local, head_dim]`, `v_cache[...,
+v_head_dim]`, allocated by the runner and handed over with `bind_kv_cache`. When the layer is given its
 RotaryEmbedding and a `rope_store_kv` kernel exists, rotation and the cache write are one op.
 """
 from __future__ import annotations
@@ -69,10 +69,11 @@ class PagedAttention(nn.Module):
         if nd == rows:  # decodes only
             return self.decode_attention(q, self.k_cache, self.v_cache, batch.page_table,
                                          batch.seq_lens, self.page_size, self.scale)
+        # the new tokens' K/V go along too: a kernel may read them contiguously (prefill.py)
         if nd == 0:  # prefill chunks only
             return self.extend_attention(q, self.k_cache, self.v_cache, batch.page_table,
                                          batch.query_start, batch.seq_lens, self.page_size,
-                                         self.scale)
+                                         self.scale, k_new=k, v_new=v)
         # mixed: decode rows first, then prefill chunks
         out = q.new_empty(q.shape[0], self.num_heads, self.v_head_dim)           # [T, Hq, Dv]
         out[:nd] = self.decode_attention(q[:nd], self.k_cache, self.v_cache,
@@ -80,5 +81,6 @@ class PagedAttention(nn.Module):
                                          self.page_size, self.scale)
         out[nd:] = self.extend_attention(q[nd:], self.k_cache, self.v_cache,
                                          batch.page_table[nd:], batch.extend_query_start,
-                                         batch.seq_lens[nd:], self.page_size, self.scale)
+                                         batch.seq_lens[nd:], self.page_size, self.scale,
+                                         k_new=k[nd:], v_new=v[nd:])
         return out
