@@ -301,6 +301,40 @@ def case_mla_decode(batch: int, ctx: int, page_size: int = 64, heads: int = 16,
          err=err, torch_ref=ref)
 
 
+def case_mla_prefill(qlen: int, seq: int, heads: int = 16, page_size: int = 64) -> None:
+    """DeepSeek-V2-Lite prefill attention of one row (qlen new tokens, seq keys) both ways,
+    from the compressed cache to [qlen, H, Dv]: decompressed (the keys' slots, their gather,
+    kv_b_proj's GEMM to per-head keys and values, then `mla_prefill`) against `absorbed` (W_UK
+    into the query, `mla_extend` over the latent, W_UV out). TFLOP/s counts mla_prefill's
+    attention alone; the time is the whole path."""
+    from appliance.model.layers.mla import key_slots
+    lat, rope, dn, dv = 512, 64, 128, 128
+    table, cache, ql, qr, sl = mla_inputs(1, seq, page_size, heads, tokens=qlen)
+    q_nope = torch.randn(qlen, heads, dn, dtype=BF16, device=DEV)
+    w_kvb = torch.randn(heads * (dn + dv), lat, dtype=BF16, device=DEV) * lat ** -0.5
+    w_uk = w_kvb.view(heads, dn + dv, lat)[:, :dn]
+    w_uv = w_kvb.view(heads, dn + dv, lat)[:, dn:]
+    qs = torch.tensor([0, qlen], dtype=torch.int32, device=DEV)
+    scale = (dn + rope) ** -0.5
+
+    def decompressed() -> torch.Tensor:
+        kv = cache[key_slots(table, sl, seq, page_size)]                       # [N, L+R]
+        kvb = (kv[:, :lat] @ w_kvb.T).view(seq, heads, dn + dv)                # [N, H, Dn+Dv]
+        return TA.mla_prefill(q_nope, qr, kvb[..., :dn], kv[:, lat:], kvb[..., dn:], qs, sl,
+                              scale)
+
+    def absorbed() -> torch.Tensor:
+        q_lat = torch.einsum("thd,hdl->thl", q_nope, w_uk)
+        o = TA.mla_extend(q_lat, qr, cache, table, qs, sl, page_size, scale)
+        return torch.einsum("thl,hvl->thv", o, w_uv)
+
+    err = rel_err(decompressed(), absorbed())
+    torch.cuda.empty_cache()
+    ms, absorbed_ms = graph_ms(decompressed), graph_ms(absorbed)
+    emit("mla_prefill", f"q={qlen} kv={seq} H={heads} ps={page_size}", ms,
+         flops=causal_flops(qlen, seq, heads, dn + rope, dv), err=err, absorbed=absorbed_ms)
+
+
 def case_mla_extend(seq: int, heads: int = 16, page_size: int = 16, check: bool = True) -> None:
     table, cache, ql, qr, sl = mla_inputs(1, seq, page_size, heads, tokens=seq)
     qs = torch.tensor([0, seq], dtype=torch.int32, device=DEV)
@@ -836,6 +870,10 @@ def groups(quick: bool) -> dict[str, list[Callable[[], None]]]:
         "mla_extend (DeepSeek-V2-Lite)":
             [lambda: case_mla_extend(1024), lambda: case_mla_extend(4096),
              lambda: case_mla_extend(8192, check=not quick)],
+        "mla_prefill (DeepSeek-V2-Lite, decompressed vs absorbed)":
+            [lambda q=q, k=k: case_mla_prefill(q, k)
+             for q, k in ((8192, 8192), (1024, 16384), (256, 16384), (128, 16384),
+                          (64, 16384))],
         "fused_moe (DeepSeek-V2-Lite: 64 experts top-6, 2048 -> 1408)":
             [moe_case(t) for t in moe_t]
             + [lambda t=t: case_moe_route(t) for t in (1, 256, 4096)]

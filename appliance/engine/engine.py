@@ -210,7 +210,8 @@ def to_forward_batch(arrays: PlanArrays, device: torch.device,
         input_ids=input_ids, positions=views["positions"], query_start=views["query_start"],
         prefix_lens=views["prefix_lens"], seq_lens=views["seq_lens"],
         page_table=views["page_table"].view(arrays.page_table.shape),
-        slot_mapping=views["slot_mapping"], num_decode=arrays.num_decode)
+        slot_mapping=views["slot_mapping"], num_decode=arrays.num_decode,
+        extend_keys_host=int(arrays.seq_lens[arrays.num_decode:].sum()))
 
 
 def run_worker(runner, channel: PlanChannel) -> None:

@@ -23,6 +23,9 @@ class ForwardBatch:
     page_table: torch.Tensor  # [B, P] int: page ids of row b (padding 0)
     slot_mapping: torch.Tensor  # [T] int: KV slot (page * page_size + offset) of each new token
     num_decode: int  # rows [0, num_decode) are single-token decodes
+    # sum of the prefill rows' seq_lens, when the builder knows it on the host (None: read
+    # from the device once, a sync); sizes the decompressed MLA keys of those rows
+    extend_keys_host: int | None = None
 
     @property
     def num_rows(self) -> int:
@@ -37,6 +40,13 @@ class ForwardBatch:
         """[B - num_decode + 1]: query_start of the prefill rows, rebased to their first token."""
         qs = self.query_start[self.num_decode:]
         return qs - qs[0]
+
+    @cached_property
+    def extend_keys(self) -> int:
+        """Keys of the prefill rows (cached prefix + new tokens), summed over those rows."""
+        if self.extend_keys_host is not None:
+            return self.extend_keys_host
+        return int(self.seq_lens[self.num_decode:].sum())
 
     @cached_property
     def last_token_index(self) -> torch.Tensor:

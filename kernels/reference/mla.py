@@ -2,12 +2,13 @@
 
 kv_cache[S, L + R] holds per token the latent c (L, also the value) and the shared rope key
 (R). Scores are q_latent . c + q_rope . k_rope; outputs are latent ([.., H, L]); the caller
-applies W_UV afterwards (weights absorbed)."""
+applies W_UV afterwards (weights absorbed). `mla_prefill` is the other form: keys and values
+decompressed per head (W_UK c, W_UV c), contiguous per row, for long prefills."""
 from __future__ import annotations
 
 import torch
 
-from kernels.reference.attention import extend_attention
+from kernels.reference.attention import _attend, extend_attention
 from kernels.registry import register
 
 
@@ -30,3 +31,28 @@ def mla_decode(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Ten
     """q_latent: [B, H, L], q_rope: [B, H, R] -> [B, H, L]."""
     qs = torch.arange(q_latent.shape[0] + 1, device=q_latent.device, dtype=torch.int32)
     return mla_extend(q_latent, q_rope, kv_cache, page_table, qs, seq_lens, page_size, scale)
+
+
+@register("mla_prefill", backend="torch", priority=0)
+def mla_prefill(q_nope: torch.Tensor, q_rope: torch.Tensor, k_nope: torch.Tensor,
+                k_rope: torch.Tensor, v: torch.Tensor, query_start: torch.Tensor,
+                seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """MLA with decompressed keys/values (per head, as plain multi-head attention):
+    q_nope [T, H, Dn], q_rope [T, H, R], k_nope [N, H, Dn], k_rope [N, R] (shared by the
+    heads), v [N, H, Dv] -> [T, H, Dv]. Row b's keys are rows sum(seq_lens[:b]) ..
+    + seq_lens[b] of k / v (its cached prefix, then its new tokens); its queries, rows
+    query_start[b] .. query_start[b+1] of q, are the last positions of those keys, causal."""
+    heads = q_nope.shape[1]
+    q = torch.cat([q_nope, q_rope], dim=-1)                                  # [T, H, Dn+R]
+    k = torch.cat([k_nope, k_rope[:, None, :].expand(-1, heads, -1)], dim=-1)  # [N, H, Dn+R]
+    out = torch.empty(q.shape[0], heads, v.shape[-1], dtype=q.dtype, device=q.device)
+    qs, sl = query_start.tolist(), seq_lens.tolist()
+    k0 = 0
+    for b, n in enumerate(sl):
+        t0, t1 = qs[b], qs[b + 1]
+        if t1 > t0:
+            q_pos = torch.arange(n - (t1 - t0), n, device=q.device)          # [M]
+            out[t0:t1] = _attend(q[t0:t1], k[k0:k0 + n], v[k0:k0 + n], q_pos,
+                                 scale).to(q.dtype)
+        k0 += n
+    return out

@@ -312,7 +312,7 @@ def paged_attention(q1: torch.Tensor, q2: torch.Tensor | None, k1: torch.Tensor,
     vv = k1 if shared_v else v
     dv = vv.shape[-1]
     d2 = q2.shape[-1] if q2 is not None else 0
-    cfg = _config(decode, q2 is not None, group)
+    cfg = _config(decode, shared_v, group)   # MLA's absorbed form: wide latent tiles
     g_blk, block_t, block_n = cfg["G_BLK"], cfg["BLOCK_T"], cfg["BLOCK_N"]
     n_hblk = triton.cdiv(group, g_blk)
     max_len = page_table.shape[1] * page_size
@@ -324,9 +324,9 @@ def paged_attention(q1: torch.Tensor, q2: torch.Tensor | None, k1: torch.Tensor,
         qs = query_start
     programs = nb * hk * n_hblk
     if num_splits is None:
-        num_splits = (_num_splits(programs, max_len, block_n, q1.device, q2 is not None)
+        num_splits = (_num_splits(programs, max_len, block_n, q1.device, shared_v)
                       if decode else 1)
-    split_tiles = (min_split_tiles(programs, q2 is not None) if split_tiles is None
+    split_tiles = (min_split_tiles(programs, shared_v) if split_tiles is None
                    else split_tiles)
     check(split_tiles >= 1, "split_tiles must be >= 1")
     out = torch.empty(t, hq, dv, dtype=q1.dtype, device=q1.device)          # [T, Hq, DV]

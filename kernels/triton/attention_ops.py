@@ -5,7 +5,7 @@ import torch
 
 from kernels.registry import register
 from kernels.triton.attention import paged_attention
-from kernels.triton.common import on_cuda_half
+from kernels.triton.common import check, on_cuda_half
 from kernels.triton.mla_decode import default_nc, mla_decode_chunked
 from kernels.triton.prefill import contiguous_ok, prefill_attention
 
@@ -97,3 +97,22 @@ def mla_extend(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Ten
     c, kr = kv_cache[:, None, :lat], kv_cache[:, None, lat:]        # [S,1,L], [S,1,R]
     return paged_attention(q_latent, q_rope, c, kr, None, page_table, query_start, seq_lens,
                            page_size, scale)
+
+
+@register("mla_prefill", backend="triton", priority=PRIORITY, supports=_mla_ok)
+def mla_prefill(q_nope: torch.Tensor, q_rope: torch.Tensor, k_nope: torch.Tensor,
+                k_rope: torch.Tensor, v: torch.Tensor, query_start: torch.Tensor,
+                seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """Decompressed MLA ([T, H, Dn] + [T, H, R] queries, keys [N, H, Dn] + shared [N, R],
+    values [N, H, Dv], each row's keys contiguous) on the generic paged kernel: the keys are
+    seen as a cache of 1-key pages whose table maps row b to rows kv_start[b] + j, and the
+    shared rope key as a head axis of stride 0."""
+    check(k_rope.dim() == 2 and k_rope.shape[0] == k_nope.shape[0],
+          "k_rope must be [N, R] with N = k_nope's rows")
+    n, heads = k_nope.shape[0], k_nope.shape[1]
+    kv_start = torch.cumsum(seq_lens, 0) - seq_lens                         # [B]
+    table = kv_start[:, None] + torch.arange(max(n, 1), device=k_nope.device)  # [B, N]
+    table = table.clamp_(max=max(n - 1, 0)).to(torch.int32)
+    k_rope_heads = k_rope[:, None, :].expand(n, heads, k_rope.shape[-1])   # [N, H, R]
+    return paged_attention(q_nope, q_rope, k_nope, k_rope_heads, v, table, query_start,
+                           seq_lens, 1, scale)

@@ -80,10 +80,21 @@ BF, F32, I32, I64 = torch.bfloat16, torch.float32, torch.int32, torch.int64
 
 
 def check_attention() -> None:
-    """GQA and MLA, decode (split-KV + merge) and extend, with the default tiles."""
+    """GQA and MLA, decode (split-KV + merge) and extend, with the default tiles; and the
+    decompressed MLA prefill (mla_prefill: 16 heads of 128 + shared 64 rope dims, values
+    128, on the GQA extend tiles of group 1)."""
     for decode in (True, False):
         for mla in (False, True):
             _attention(decode, mla)
+    cfg = A._config(False, False, 1)
+    args = {n: BF for n in ("Q1", "Q2", "K1", "K2", "V", "Out", "PartO", "PartL")}
+    args.update(PageTable=I32, QueryStart=I32, SeqLens=I32, BlockBatch=I32, BlockTok=I32,
+                scale_log2=0.1, page_size=1, group=1, min_split_len=64, stride_k2h=0)
+    cex = dict(D1=128, D2=64, DV=128, BLOCK_D1=128, BLOCK_D2=64, BLOCK_DV=128,
+               G_BLK=cfg["G_BLK"], BLOCK_T=cfg["BLOCK_T"], BLOCK_N=cfg["BLOCK_N"], N_HBLK=1,
+               NUM_SPLITS=1, HAS_D2=True, SHARED_V=False, DECODE=False, TRANS=False,
+               EVEN_D=True)
+    compile_sm90(A._paged_attn_kernel, args, cex, cfg["num_warps"], cfg["num_stages"])
 
 
 def _attention(decode: bool, mla: bool) -> None:

@@ -9,7 +9,7 @@ import torch
 triton = pytest.importorskip("triton", reason="triton is not installed: Triton backend untested")
 
 import kernels  # noqa: E402
-from kernel_testutil import make_paged, rel_err  # noqa: E402
+from kernel_testutil import make_paged, naive_attention, rel_err  # noqa: E402
 from kernels import reference as R  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -150,6 +150,36 @@ def test_mla_decode_and_extend(heads, page_size, splits):
     ql, qr = rnd(16, heads, lat), rnd(16, heads, rope_d)
     out = A.mla_extend(ql, qr, cache, table, qs, sl, page_size, 0.2)
     assert rel_err(out, R.mla_extend(ql, qr, cache, table, qs, sl, page_size, 0.2)) < TOL
+
+
+@pytest.mark.parametrize("seq_lens,qlens,heads", [([30, 9, 50], [30, 1, 17], 4),
+                                                ([0, 45], [0, 45], 16), ([70], [3], 2)])
+def test_mla_prefill(seq_lens, qlens, heads):
+    """Decompressed MLA: per-row contiguous keys (prefix + new), k_nope / v as strided views
+    of one kv_b-projection output [N, H * (Dn + Dv)], the rope key shared by the heads; rows
+    with no keys, a row of one query over a long prefix; against the reference op, and the
+    reference against the naive float64 formula."""
+    dn, r, dv = 16, 16, 32
+    n, t = sum(seq_lens), sum(qlens)
+    kvb = rnd(n, heads * (dn + dv)).view(n, heads, dn + dv)
+    k_nope, v, k_rope = kvb[..., :dn], kvb[..., dn:], rnd(n, r)
+    q_nope, q_rope = rnd(t, heads, dn), rnd(t, heads, r)
+    qs = torch.tensor([0] + torch.tensor(qlens).cumsum(0).tolist(), dtype=torch.int32,
+                      device=DEV)
+    sl = torch.tensor(seq_lens, dtype=torch.int32, device=DEV)
+    ref = R.mla_prefill(q_nope, q_rope, k_nope, k_rope, v, qs, sl, 0.3)
+    out = A.mla_prefill(q_nope, q_rope, k_nope, k_rope, v, qs, sl, 0.3)
+    assert out.shape == (t, heads, dv) and rel_err(out, ref) < TOL
+    k = torch.cat([k_nope, k_rope[:, None, :].expand(-1, heads, -1)], -1).cpu()
+    q = torch.cat([q_nope, q_rope], -1).cpu()
+    k0 = 0
+    for b, (m, ql) in enumerate(zip(seq_lens, qlens)):
+        rows = slice(int(qs[b]), int(qs[b + 1]))
+        if ql:
+            want = naive_attention(q[rows], k[k0:k0 + m], v.cpu()[k0:k0 + m],
+                                   list(range(m - ql, m)), 0.3)
+            assert rel_err(ref.cpu()[rows], want) < 1e-4
+        k0 += m
 
 
 @pytest.mark.parametrize("t,hd,inter,e,k", [(1, 32, 24, 8, 2), (2, 32, 24, 4, 4),

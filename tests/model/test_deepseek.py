@@ -120,6 +120,22 @@ def test_mixed_batch_chunked_prefill(checkpoint):
     assert greedy_generate(runner, PROMPTS, MAX_NEW, chunk=5, admit_per_step=1) == ref
 
 
+@pytest.mark.parametrize("chunk,admit", [(None, None), (5, 1)])
+def test_decompressed_prefill_matches_hf(checkpoint, chunk, admit):
+    """Every prefill chunk attends decompressed (mla_prefill over the cached prefix and the
+    new tokens, projected by kv_b_proj): the whole batch at once, then chunks of 5 mixed
+    with decode rows (absorbed). Greedy tokens equal HF's."""
+    from appliance.model.layers.mla import MLAttention
+    folder, ref = checkpoint
+    runner = ModelRunner(str(folder), kv_num_pages=64, page_size=4)
+    layers = [m for m in runner.model.modules() if isinstance(m, MLAttention)]
+    assert layers
+    for m in layers:
+        m.decompress_min_tokens = 1
+    kw = {} if chunk is None else dict(chunk=chunk, admit_per_step=admit)
+    assert greedy_generate(runner, PROMPTS, MAX_NEW, **kw) == ref
+
+
 def test_tp2_matches_hf(tmp_path, tmp_path_factory):
     """Every config over 2 gloo ranks (one spawn): MLA heads, the dense MLP, the shared
     experts and each routed expert's intermediate dim split in two; vocab-parallel

@@ -47,6 +47,20 @@ from appliance.model.placement import Partial, Placed, Replicate
 # HF's DeepseekV2/V3 build q_a_layernorm and kv_a_layernorm with the RMSNorm default eps (not
 # config.rms_norm_eps), as the DeepSeek reference code does.
 LATENT_NORM_EPS = 1e-6
+# Prefill chunks of at least this many new tokens a row attend decompressed (mla_prefill):
+# the per-key projection is repaid after ~75 queries per key on an H200 estimate (docs/KERNELS.md)
+DECOMPRESS_MIN_TOKENS = 128
+
+
+def key_slots(page_table: torch.Tensor, seq_lens: torch.Tensor, num_keys: int,
+              page_size: int) -> torch.Tensor:
+    """Cache slots of every key of every row, packed row after row: page_table [B, P],
+    seq_lens [B] with num_keys = sum(seq_lens) (known on the host) -> [num_keys] int64."""
+    ends = torch.cumsum(seq_lens.long(), 0)                                # [B]
+    key = torch.arange(num_keys, device=page_table.device)                 # [N]
+    row = torch.searchsorted(ends, key, right=True)                        # [N]
+    pos = key - (ends - seq_lens.long())[row]                              # [N] in its row
+    return page_table.long()[row, pos // page_size] * page_size + pos % page_size
 
 
 # --------------------------------------------------------------------------- config
@@ -124,6 +138,8 @@ class MLAttention(Placed):
         self.rope_store_kv = select_optional("rope_store_kv", device=ctx.device, dtype=ctx.dtype)
         self.mla_decode = kernels.select("mla_decode", **feats)
         self.mla_extend = kernels.select("mla_extend", **feats)
+        self.mla_prefill = kernels.select("mla_prefill", **feats)
+        self.decompress_min_tokens = DECOMPRESS_MIN_TOKENS
         self.kv_cache: torch.Tensor | None = None
         self.input_placement, self.output_placement = Replicate("attn_tp"), Partial("attn_tp")
 
@@ -177,11 +193,46 @@ class MLAttention(Placed):
         q_nope, q_rope = self._query(hidden_states)                 # [T, H, Dn], [T, H, R]
         latent, k_rope = self._latent_kv(hidden_states)             # [T, L], [T, R]
         q_rope = self._rope_and_store(positions, q_rope, latent, k_rope, batch.slot_mapping)
-        w_uk, w_uv = self.w_uk_uv()
-        q_latent = torch.einsum("thd,hdl->thl", q_nope, w_uk)        # [T, H, L]
-        o_latent = self._attend(q_latent, q_rope, batch)              # [T, H, L]
-        out = torch.einsum("thl,hvl->thv", o_latent, w_uv)           # [T, H, Dv]
+        # tokens [0, split) attend in the absorbed form; the rest (prefill chunks) decompressed
+        split = batch.num_decode if self.decompress_extend(batch) else t
+        out = hidden_states.new_empty(t, self.num_heads, c.v_head_dim)  # [T, H, Dv]
+        if split > 0:
+            out[:split] = self._attend_absorbed(q_nope[:split], q_rope[:split], batch)
+        if split < t:
+            out[split:] = self._attend_decompressed(q_nope[split:], q_rope[split:], batch)
         return self.o_proj(out.reshape(t, self.num_heads * c.v_head_dim))
+
+    def decompress_extend(self, batch: ForwardBatch) -> bool:
+        """The prefill chunks attend decompressed (`mla_prefill`) when they bring on average
+        at least `decompress_min_tokens` new tokens a row: each key then costs one W_UK / W_UV
+        projection (2 * L * H * (Dn + Dv) FLOPs) but every (query, key) pair H * (Dn + R + Dv)
+        multiply-adds instead of H * (2L + R)."""
+        rows = batch.num_rows - batch.num_decode
+        new = batch.num_tokens - batch.num_decode
+        return rows > 0 and new >= self.decompress_min_tokens * rows
+
+    def _attend_absorbed(self, q_nope: torch.Tensor, q_rope: torch.Tensor,
+                         batch: ForwardBatch) -> torch.Tensor:
+        # the first n tokens: q_nope [n, H, Dn], q_rope [n, H, R] -> [n, H, Dv]
+        w_uk, w_uv = self.w_uk_uv()
+        q_latent = torch.einsum("thd,hdl->thl", q_nope, w_uk)        # [n, H, L]
+        o_latent = self._attend(q_latent, q_rope, batch)              # [n, H, L]
+        return torch.einsum("thl,hvl->thv", o_latent, w_uv)          # [n, H, Dv]
+
+    def _attend_decompressed(self, q_nope: torch.Tensor, q_rope: torch.Tensor,
+                             batch: ForwardBatch) -> torch.Tensor:
+        # the prefill chunks' tokens: q_nope [Te, H, Dn], q_rope [Te, H, R] -> [Te, H, Dv].
+        # Every key of every chunk's row (cached prefix + new tokens), packed row after row,
+        # is read from the cache and projected to per-head keys and values by kv_b_proj.
+        c, nd = self.cfg, batch.num_decode
+        seq_lens = batch.seq_lens[nd:]                                       # [Be]
+        slots = key_slots(batch.page_table[nd:], seq_lens, batch.extend_keys, self.page_size)
+        kv = self.kv_cache[slots]                                            # [N, L + R]
+        kv_b = self.kv_b_proj(kv[:, :c.kv_lora_rank])                        # [N, H*(Dn+Dv)]
+        kv_b = kv_b.view(-1, self.num_heads, c.qk_nope_head_dim + c.v_head_dim)
+        k_nope, v = kv_b.split([c.qk_nope_head_dim, c.v_head_dim], dim=-1)
+        return self.mla_prefill(q_nope, q_rope, k_nope, kv[:, c.kv_lora_rank:], v,
+                                batch.extend_query_start, seq_lens, self.scale)
 
     def _query(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # x: [T, Hd] -> (q_nope [T, H, Dn], q_rope [T, H, R])
@@ -219,14 +270,15 @@ class MLAttention(Placed):
 
     def _attend(self, q_latent: torch.Tensor, q_rope: torch.Tensor,
                 batch: ForwardBatch) -> torch.Tensor:
-        # q_latent: [T, H, L], q_rope: [T, H, R] -> o_latent [T, H, L]
+        # q_latent: [n, H, L], q_rope: [n, H, R] -> o_latent [n, H, L]: the decode rows' tokens
+        # (n = num_decode), or all T tokens
         nd, rows = batch.num_decode, batch.num_rows
-        out = q_latent.new_empty(q_latent.shape)                             # [T, H, L]
+        out = q_latent.new_empty(q_latent.shape)                             # [n, H, L]
         if nd > 0:  # decode rows own tokens [0, nd), one each
             out[:nd] = self.mla_decode(q_latent[:nd], q_rope[:nd], self.kv_cache,
                                        batch.page_table[:nd], batch.seq_lens[:nd],
                                        self.page_size, self.scale)
-        if rows > nd:
+        if rows > nd and q_latent.shape[0] > nd:
             out[nd:] = self.mla_extend(q_latent[nd:], q_rope[nd:], self.kv_cache,
                                        batch.page_table[nd:], batch.extend_query_start,
                                        batch.seq_lens[nd:], self.page_size, self.scale)
