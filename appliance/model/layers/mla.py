@@ -47,9 +47,11 @@ from appliance.model.placement import Partial, Placed, Replicate
 # HF's DeepseekV2/V3 build q_a_layernorm and kv_a_layernorm with the RMSNorm default eps (not
 # config.rms_norm_eps), as the DeepSeek reference code does.
 LATENT_NORM_EPS = 1e-6
-# Prefill chunks of at least this many new tokens a row attend decompressed (mla_prefill):
-# the per-key projection is repaid after ~75 queries per key on an H200 estimate (docs/KERNELS.md)
-DECOMPRESS_MIN_TOKENS = 128
+# Prefill chunks of at least this many new tokens a row attend decompressed (mla_prefill).
+# H200, DeepSeek-V2-Lite, one row over 16K keys, whole attention path (scripts/bench_kernels.py
+# mla_prefill rows): 64 new tokens 785 vs 1819 us absorbed, 1024: 745 vs 3488; 8K over 8K:
+# 1287 vs 6473. Fewer than 64 was not measured: those stay absorbed.
+DECOMPRESS_MIN_TOKENS = 64
 
 
 def key_slots(page_table: torch.Tensor, seq_lens: torch.Tensor, num_keys: int,
