@@ -136,6 +136,38 @@ def test_decompressed_prefill_matches_hf(checkpoint, chunk, admit):
     assert greedy_generate(runner, PROMPTS, MAX_NEW, **kw) == ref
 
 
+def test_decompress_rule():
+    """Decompressed from DECOMPRESS_MIN_TOKENS new tokens a prefill row on average, up to
+    DECOMPRESS_MAX_KEYS keys in all (host-known extend_keys, or read from the device);
+    decode-only batches never."""
+    from types import SimpleNamespace
+
+    from appliance.model.batch import ForwardBatch
+    from appliance.model.layers import mla
+
+    def batch(qlens, seq_lens, num_decode, host=True):
+        i32 = dict(dtype=torch.int32)
+        t = sum(qlens)
+        qs = torch.tensor([0] + torch.tensor(qlens).cumsum(0).tolist(), **i32)
+        keys = sum(seq_lens[num_decode:])
+        return ForwardBatch(
+            input_ids=torch.zeros(t, **i32), positions=torch.zeros(t, **i32), query_start=qs,
+            prefix_lens=torch.zeros(len(qlens), **i32), seq_lens=torch.tensor(seq_lens, **i32),
+            page_table=torch.zeros(len(qlens), 1, **i32), slot_mapping=torch.zeros(t, **i32),
+            num_decode=num_decode, extend_keys_host=keys if host else None)
+
+    layer = SimpleNamespace(decompress_min_tokens=mla.DECOMPRESS_MIN_TOKENS,
+                            decompress_max_keys=mla.DECOMPRESS_MAX_KEYS)
+    rule = lambda b: mla.MLAttention.decompress_extend(layer, b)  # noqa: E731
+    n = mla.DECOMPRESS_MIN_TOKENS
+    assert rule(batch([1, 1, n], [9, 40, 500], 2))                     # one row of n
+    assert not rule(batch([1, n - 1], [9, 500], 1))                    # too few new tokens
+    assert not rule(batch([n, n - 2], [n, n - 2], 0))                  # average below n
+    assert rule(batch([n, n], [n, mla.DECOMPRESS_MAX_KEYS - n], 0, host=False))
+    assert not rule(batch([n, n], [n, mla.DECOMPRESS_MAX_KEYS], 0))    # too many keys
+    assert not rule(batch([1, 1], [5, 9], 2))                          # decodes only
+
+
 def test_tp2_matches_hf(tmp_path, tmp_path_factory):
     """Every config over 2 gloo ranks (one spawn): MLA heads, the dense MLP, the shared
     experts and each routed expert's intermediate dim split in two; vocab-parallel

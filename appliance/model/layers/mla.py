@@ -52,6 +52,9 @@ LATENT_NORM_EPS = 1e-6
 # mla_prefill rows): 64 new tokens 785 vs 1819 us absorbed, 1024: 745 vs 3488; 8K over 8K:
 # 1287 vs 6473. Fewer than 64 was not measured: those stay absorbed.
 DECOMPRESS_MIN_TOKENS = 64
+# ... and at most this many keys in all (per-head keys and values: 8 KB a key at
+# DeepSeek-V2-Lite's 16 heads x 256 dims in bf16, transient): more stays absorbed
+DECOMPRESS_MAX_KEYS = 65536
 
 
 def key_slots(page_table: torch.Tensor, seq_lens: torch.Tensor, num_keys: int,
@@ -142,6 +145,7 @@ class MLAttention(Placed):
         self.mla_extend = kernels.select("mla_extend", **feats)
         self.mla_prefill = kernels.select("mla_prefill", **feats)
         self.decompress_min_tokens = DECOMPRESS_MIN_TOKENS
+        self.decompress_max_keys = DECOMPRESS_MAX_KEYS
         self.kv_cache: torch.Tensor | None = None
         self.input_placement, self.output_placement = Replicate("attn_tp"), Partial("attn_tp")
 
@@ -208,10 +212,12 @@ class MLAttention(Placed):
         """The prefill chunks attend decompressed (`mla_prefill`) when they bring on average
         at least `decompress_min_tokens` new tokens a row: each key then costs one W_UK / W_UV
         projection (2 * L * H * (Dn + Dv) FLOPs) but every (query, key) pair H * (Dn + R + Dv)
-        multiply-adds instead of H * (2L + R)."""
+        multiply-adds instead of H * (2L + R). The keys and values are transient memory,
+        so batches over `decompress_max_keys` keys stay absorbed."""
         rows = batch.num_rows - batch.num_decode
         new = batch.num_tokens - batch.num_decode
-        return rows > 0 and new >= self.decompress_min_tokens * rows
+        return (rows > 0 and new >= self.decompress_min_tokens * rows
+                and batch.extend_keys <= self.decompress_max_keys)
 
     def _attend_absorbed(self, q_nope: torch.Tensor, q_rope: torch.Tensor,
                          batch: ForwardBatch) -> torch.Tensor:
