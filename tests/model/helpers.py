@@ -162,6 +162,8 @@ def tp_worker(rank: int, world: int, port: int, jobs: list[tuple], prompts: list
               max_new: int, out_dir: str, backend: str = "gloo") -> None:
     """One rank of a TP test (torch.multiprocessing.spawn): gloo, then for each job
     (model_cfg, runner_kwargs) build a runner and greedy-decode `prompts` in mixed batches.
+    runner_kwargs may hold "module_attrs": {class name: {attribute: value}}, set on every
+    module of that class once the model is built (e.g. a layer's path threshold).
 
     Writes rank{r}.json: per job, the tokens and the runner's num_pages."""
     import json
@@ -179,11 +181,15 @@ def tp_worker(rank: int, world: int, port: int, jobs: list[tuple], prompts: list
         results = []
         for model_cfg, runner_kwargs in jobs:
             kw = dict(runner_kwargs)
+            module_attrs = kw.pop("module_attrs", {})
             if "kv_num_pages" in kw:  # ranks ask for different sizes: all must take the min
                 kw["kv_num_pages"] = kw["kv_num_pages"] + rank
             if backend == "nccl":
                 kw["device"] = f"cuda:{rank}"
             runner = ModelRunner(model_cfg, tp_rank=rank, tp_size=world, **kw)
+            for m in runner.model.modules():
+                for name, value in module_attrs.get(type(m).__name__, {}).items():
+                    setattr(m, name, value)
             tokens = greedy_generate(runner, prompts, max_new, chunk=5, admit_per_step=1)
             results.append({"tokens": tokens, "num_pages": runner.num_pages})
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))

@@ -171,12 +171,16 @@ def test_decompress_rule():
 def test_tp2_matches_hf(tmp_path, tmp_path_factory):
     """Every config over 2 gloo ranks (one spawn): MLA heads, the dense MLP, the shared
     experts and each routed expert's intermediate dim split in two; vocab-parallel
-    embedding and head. Mixed batches with chunked prefill, as test_mixed_batch_*."""
+    embedding and head. Mixed batches with chunked prefill, as test_mixed_batch_*; the first
+    config once more with its prefill chunks decompressed."""
     names = sorted(CONFIGS)
     built = [built_checkpoint(n, tmp_path_factory) for n in names]
     jobs = [(str(folder), {"kv_num_pages": 64, "page_size": 4}) for folder, _ in built]
+    # and the first config with every prefill chunk decompressed (kv_b_proj's local heads)
+    decompressed = {"MLAttention": {"decompress_min_tokens": 1}}
+    jobs.append((jobs[0][0], dict(jobs[0][1], module_attrs=decompressed)))
     results = run_tp(2, jobs, PROMPTS, MAX_NEW, tmp_path)
-    for name, (_, ref), per_rank in zip(names, built, results):
+    for name, (_, ref), per_rank in zip(names + names[:1], built + built[:1], results):
         assert [r["tokens"] for r in per_rank] == [ref, ref], name
 
 
