@@ -501,6 +501,28 @@ def time_attention_config(label: str, cfg: dict | None, make: Callable[[], tuple
         torch.cuda.empty_cache()
 
 
+def time_variant(tag: str, label: str, fn: Callable[[], torch.Tensor],
+                 err_of: Callable[[torch.Tensor], float], work: float, unit: str,
+                 note: Callable[[float], str] = lambda ms: "") -> float | None:
+    """Check one tuning variant's output (err_of, < TOL), time it as a graph and print one line
+    with its rate, the same-run ceiling's percentage and note(ms). Returns the rate, or None
+    when the variant raised (printed) or failed the check."""
+    try:
+        err = err_of(fn())
+        ms = graph_ms(fn)
+    except Exception as e:  # noqa: BLE001
+        print(f"  {tag} {label} ERROR {type(e).__name__}: {str(e)[:120]}", flush=True)
+        torch.cuda.empty_cache()
+        return None
+    rate = work / ms / (1e9 if unit == "TFLOP/s" else 1e6)
+    ceil = CEIL.get(unit)
+    pct = f" {100 * rate / ceil:5.1f}%" if ceil else ""
+    bad = "" if err < TOL else " FAIL"
+    print(f"  {tag} {label} {ms * 1e3:9.1f}us {rate:8.1f} {unit}{pct} err={err:.1e}{bad}"
+          f"{note(ms)}", flush=True)
+    return None if bad else rate
+
+
 def tune_attention(mla_only: bool = False) -> None:
     """Time tile/split variants of the paged attention kernel at the target shapes; prints
     one line per variant (graph time) so the defaults in kernels/triton/attention.py can be
@@ -583,6 +605,10 @@ def tune_mla_chunked(top: int | None = None) -> None:
         nbytes = batch * ctx * 576 * 2
         base = TA.mla_decode_generic(ql, qr, cache, table, sl, page_size, scale).float()
         denom = float(base.abs().max().clamp_min(1e-30))
+
+        def max_err(out: torch.Tensor) -> float:   # NaN -> inf: fails the check
+            err = float((out.float() - base).abs().max()) / denom
+            return err if err == err else float("inf")
         gen_ms = graph_ms(lambda: TA.mla_decode_generic(ql, qr, cache, table, sl, page_size,
                                                         scale))
         pct = f" {100 * nbytes / gen_ms / 1e6 / ceil:5.1f}%" if ceil else ""
@@ -597,23 +623,9 @@ def tune_mla_chunked(top: int | None = None) -> None:
                      + (f" splits={c['num_splits']}" if c.get("num_splits") else ""))
             fn = lambda c=c: mla_decode_chunked(ql, qr, cache, table, sl, page_size,  # noqa: E731
                                                 scale, **c)
-            try:
-                out = fn().float()
-                err = float((out - base).abs().max()) / denom
-                if err != err:                       # NaN
-                    err = float("inf")
-                ms = graph_ms(fn)
-            except Exception as e:  # noqa: BLE001
-                print(f"  tune mla_chunked {label:64s} ERROR {type(e).__name__}: "
-                      f"{str(e)[:120]}", flush=True)
-                torch.cuda.empty_cache()
-                continue
-            gbs = nbytes / ms / 1e6
-            pct = f" {100 * gbs / ceil:5.1f}%" if ceil else ""
-            bad = "" if err < TOL else " FAIL"
-            print(f"  tune mla_chunked {label:64s} {ms * 1e3:9.1f}us {gbs:8.1f} GB/s{pct} "
-                  f"err={err:.1e}{bad} (generic x{gen_ms / ms:.2f})", flush=True)
-            if not bad:
+            gbs = time_variant("tune mla_chunked", f"{label:64s}", fn, max_err, nbytes, "GB/s",
+                               lambda ms: f" (generic x{gen_ms / ms:.2f})")
+            if gbs is not None:
                 results.append((gbs, c))
         del table, cache, ql, qr, sl, base
         torch.cuda.empty_cache()
@@ -694,7 +706,6 @@ def tune_prefill() -> None:
     Then the default tiles with a cached prefix: 1/2 .. 1/16 of 16K keys new, the split
     behind attention_ops.CONTIGUOUS_MIN_NEW."""
     from kernels.triton.prefill import prefill_attention
-    ceil = CEIL.get("TFLOP/s")
     print("\n== tune prefill: contiguous new-token K/V, Llama-3.1-8B (32q/8kv, d128)",
           flush=True)
 
@@ -712,20 +723,8 @@ def tune_prefill() -> None:
                 (" ".join(f"{k}={v}" for k, v in c.items()) or "contiguous, default tiles",
                  lambda c=c: prefill_attention(q, kc, vc, k_new, v_new, table, qs, sl, 16,
                                                0.088, **c)) for c in variants]:
-            shape = f"q={qlen} kv={seq}"
-            try:
-                err = rel_err(fn(), base)
-                ms = graph_ms(fn)
-            except Exception as e:  # noqa: BLE001
-                print(f"  tune prefill {shape:16s} {label:44s} ERROR {type(e).__name__}: "
-                      f"{str(e)[:100]}", flush=True)
-                torch.cuda.empty_cache()
-                continue
-            rate = flops / ms / 1e9
-            pct = f" {100 * rate / ceil:5.1f}%" if ceil else ""
-            bad = "" if err < TOL else " FAIL"
-            print(f"  tune prefill {shape:16s} {label:44s} {ms * 1e3:9.1f}us {rate:7.1f} "
-                  f"TFLOP/s{pct} err={err:.1e}{bad}", flush=True)
+            time_variant("tune prefill", f"q={qlen} kv={seq} {label:44s}", fn,
+                         lambda out: rel_err(out, base), flops, "TFLOP/s")
         del kc, vc, q, k_new, v_new, base
         torch.cuda.empty_cache()
 

@@ -45,6 +45,22 @@ def _split_range(split, kv_len, min_split_len, NUM_SPLITS: tl.constexpr, BLOCK_N
 
 
 @triton.jit
+def _extend_block(pid_q, BlockBatch, BlockTok, QueryStart):
+    """An extend program's (valid, row b, first token t0, row's first query q_start, row's
+    query count qlen; qlen 0 for a spare program), from the `_block_map` tensors. Longest
+    programs first: the block map ascends in tokens (later tokens see more keys) and programs
+    start in id order, so program ids are reversed to shrink the causal tail."""
+    blk = tl.num_programs(0) - 1 - pid_q
+    b_raw = tl.load(BlockBatch + blk)
+    valid = b_raw >= 0
+    b = tl.maximum(b_raw, 0)
+    t0 = tl.where(valid, tl.load(BlockTok + blk), 0)
+    q_start = tl.load(QueryStart + b)
+    qlen = tl.where(valid, tl.load(QueryStart + b + 1) - q_start, 0)
+    return valid, b, t0, q_start, qlen
+
+
+@triton.jit
 def _attn_tile(acc, m_i, l_i, q1, q2, K1, K2, V, PageTable, n0, hi, pos, kvh, page_size,
                stride_k1s, stride_k1h, stride_k2s, stride_k2h, stride_vs, stride_vh, scale_log2,
                D1: tl.constexpr, D2: tl.constexpr, DV: tl.constexpr, BLOCK_D1: tl.constexpr,
@@ -136,15 +152,7 @@ def _paged_attn_kernel(
         seq_len = tl.load(SeqLens + b)
         kv_end = seq_len
     else:
-        # longest programs first: the block map ascends in tokens (later tokens see more
-        # keys), and programs start in id order, so reversed ids shrink the causal tail
-        blk = tl.num_programs(0) - 1 - pid_q
-        b_raw = tl.load(BlockBatch + blk)
-        valid = b_raw >= 0
-        b = tl.maximum(b_raw, 0)
-        t0 = tl.where(valid, tl.load(BlockTok + blk), 0)
-        q_start = tl.load(QueryStart + b)
-        qlen = tl.where(valid, tl.load(QueryStart + b + 1) - q_start, 0)
+        valid, b, t0, q_start, qlen = _extend_block(pid_q, BlockBatch, BlockTok, QueryStart)
         seq_len = tl.load(SeqLens + b)
         kv_end = tl.where(valid, seq_len - qlen + tl.minimum(t0 + BLOCK_T, qlen), 0)
     r = tl.arange(0, BLOCK_M)

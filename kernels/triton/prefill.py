@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from kernels.triton.attention import _attn_tile, _block_map
+from kernels.triton.attention import _attn_tile, _block_map, _extend_block
 from kernels.triton.common import check, interpreting, next_pow2
 
 
@@ -65,13 +65,7 @@ def _prefill_kernel(
     BLOCK_M: tl.constexpr = BLOCK_T * G_BLK
     pid_q, pid_h = tl.program_id(0), tl.program_id(1)
     kvh, hb = pid_h // N_HBLK, pid_h % N_HBLK
-    blk = tl.num_programs(0) - 1 - pid_q                  # longest programs first
-    b_raw = tl.load(BlockBatch + blk)
-    valid = b_raw >= 0
-    b = tl.maximum(b_raw, 0)
-    t0 = tl.where(valid, tl.load(BlockTok + blk), 0)
-    q_start = tl.load(QueryStart + b)
-    qlen = tl.where(valid, tl.load(QueryStart + b + 1) - q_start, 0)
+    valid, b, t0, q_start, qlen = _extend_block(pid_q, BlockBatch, BlockTok, QueryStart)
     prefix = tl.where(valid, tl.load(SeqLens + b) - qlen, 0)  # cached keys before the new ones
     n_new = tl.minimum(t0 + BLOCK_T, qlen)                # new keys this program's rows may see
     r = tl.arange(0, BLOCK_M)
