@@ -4,8 +4,9 @@ Rows [0, num_decode) of a ForwardBatch are decodes (one query token each) and us
 `decode_attention` kernel; the remaining rows are prefill chunks over a cached prefix and
 use `extend_attention`, which also gets the new tokens' K/V. The cache of one layer is a pair
 of tensors `k_cache[num_pages * page_size, kv_heads_local, head_dim]`, `v_cache[...,
-v_head_dim]`, allocated by the runner and handed over with `bind_kv_cache`. When the layer is given its
-RotaryEmbedding and a `rope_store_kv` kernel exists, rotation and the cache write are one op.
+v_head_dim]`, allocated by the runner and handed over with `bind_kv_cache`. When the layer is
+given its RotaryEmbedding and a `rope_store_kv` kernel exists, rotation and the cache write are
+one op.
 """
 from __future__ import annotations
 

@@ -208,11 +208,14 @@ class MLAttention(Placed):
         q_rope = self._rope_and_store(positions, q_rope, latent, k_rope, batch.slot_mapping)
         # tokens [0, split) attend in the absorbed form; the rest (prefill chunks) decompressed
         split = batch.num_decode if self.decompress_extend(batch) else t
-        out = hidden_states.new_empty(t, self.num_heads, c.v_head_dim)  # [T, H, Dv]
-        if split > 0:
-            out[:split] = self._attend_absorbed(q_nope[:split], q_rope[:split], batch)
-        if split < t:
-            out[split:] = self._attend_decompressed(q_nope[split:], q_rope[split:], batch)
+        if split == t:  # decodes only (the CUDA-graph path) or short chunks: no copy
+            out = self._attend_absorbed(q_nope, q_rope, batch)              # [T, H, Dv]
+        elif split == 0:
+            out = self._attend_decompressed(q_nope, q_rope, batch)          # [T, H, Dv]
+        else:
+            out = torch.cat([self._attend_absorbed(q_nope[:split], q_rope[:split], batch),
+                             self._attend_decompressed(q_nope[split:], q_rope[split:],
+                                                       batch)])                # [T, H, Dv]
         return self.o_proj(out.reshape(t, self.num_heads * c.v_head_dim))
 
     def decompress_extend(self, batch: ForwardBatch) -> bool:
