@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton.common import check, interpreting, next_pow2, num_sms
+from kernels.triton.common import check, interpreting, next_pow2, num_sms, pow2_dim
 
 
 @triton.jit
@@ -357,7 +357,7 @@ def paged_attention(q1: torch.Tensor, q2: torch.Tensor | None, k1: torch.Tensor,
         BLOCK_DV=max(16, next_pow2(dv)), G_BLK=g_blk, BLOCK_T=block_t, BLOCK_N=block_n,
         N_HBLK=n_hblk, NUM_SPLITS=num_splits, HAS_D2=q2 is not None, SHARED_V=shared_v,
         DECODE=decode, TRANS=cfg.get("TRANS", False),
-        EVEN_D=all(x == next_pow2(x) and x >= 16 for x in (d1, dv) + ((d2,) if d2 else ())),
+        EVEN_D=all(pow2_dim(x) for x in (d1, dv) + ((d2,) if d2 else ())),
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"])
     if num_splits > 1:

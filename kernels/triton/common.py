@@ -35,6 +35,24 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
+def pow2_dim(n: int) -> bool:
+    """n is a power of two >= 16: a tensor-core tile dimension that needs no masking."""
+    return n >= 16 and n == next_pow2(n)
+
+
+def tma_rows_ok(x: torch.Tensor) -> bool:
+    """x's rows (dim 0) can be copied by a tensor descriptor: the base and the row stride are
+    16-byte aligned."""
+    return x.data_ptr() % 16 == 0 and x.stride(0) * x.element_size() % 16 == 0
+
+
+def has_tma(x: torch.Tensor) -> bool:
+    """x's device copies by tensor descriptors (TMA: sm_90+), or the interpreter emulates it."""
+    if interpreting():
+        return True
+    return x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 9
+
+
 def num_sms(device: torch.device) -> int:
     """Multiprocessor count of a CUDA device (4 for the CPU interpreter)."""
     if device.type != "cuda":

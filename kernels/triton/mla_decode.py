@@ -62,7 +62,8 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from kernels.triton.attention import _num_splits, _split_range, merge_splits, min_split_tiles
-from kernels.triton.common import check, interpreting, next_pow2
+from kernels.triton.common import (check, has_tma, interpreting, next_pow2, pow2_dim,
+                                   tma_rows_ok)
 
 G_BLK_DEFAULT = 16     # query heads per program (the mma.sync M tile); more heads: more blocks
 
@@ -279,7 +280,7 @@ def _mla_decode_chunked_kernel(
 
 def _valid_chunk(lat: int, nc: int) -> bool:
     ch = lat // nc
-    return lat % nc == 0 and ch >= 16 and ch == next_pow2(ch)
+    return lat % nc == 0 and pow2_dim(ch)
 
 
 def default_nc(lat: int) -> int:
@@ -291,13 +292,8 @@ def tma_supported(kv_cache: torch.Tensor, page_size: int, block_n: int, rope: in
     """Whole KV tiles can be copied by tensor descriptors: a tile lies in one page, the rope
     block is exact, rows are 16-byte aligned, and the GPU has TMA (sm_90+; the interpreter
     emulates it)."""
-    elt = kv_cache.element_size()
-    aligned = kv_cache.data_ptr() % 16 == 0 and kv_cache.stride(0) * elt % 16 == 0
-    shapes_ok = page_size % block_n == 0 and rope >= 16 and rope == next_pow2(rope)
-    if interpreting():
-        return aligned and shapes_ok
-    return (aligned and shapes_ok and kv_cache.is_cuda
-            and torch.cuda.get_device_capability(kv_cache.device)[0] >= 9)
+    return (page_size % block_n == 0 and pow2_dim(rope) and tma_rows_ok(kv_cache)
+            and has_tma(kv_cache))
 
 
 def mla_decode_chunked(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Tensor,
@@ -336,9 +332,9 @@ def mla_decode_chunked(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: t
           f"latent {lat} in {nc} chunks: need nc in (1, 2, 4) and L/nc a power of two >= 16")
     small = interpreting()
     block_n = (16 if small else 64) if block_n is None else block_n
-    check(block_n >= 16 and block_n == next_pow2(block_n), "block_n: a power of two >= 16")
+    check(pow2_dim(block_n), "block_n: a power of two >= 16")
     g_blk = G_BLK_DEFAULT if g_blk is None else g_blk
-    check(g_blk >= 16 and g_blk == next_pow2(g_blk), "g_blk: a power of two >= 16")
+    check(pow2_dim(g_blk), "g_blk: a power of two >= 16")
     num_warps = 4 if num_warps is None else num_warps
     num_stages = 2 if num_stages is None else num_stages
     q_in_loop = False if q_in_loop is None else bool(q_in_loop)

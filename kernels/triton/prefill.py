@@ -29,7 +29,8 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from kernels.triton.attention import _attn_tile, _block_map, _extend_block
-from kernels.triton.common import check, interpreting, next_pow2
+from kernels.triton.common import (check, has_tma, interpreting, next_pow2, pow2_dim,
+                                   tma_rows_ok)
 
 
 @triton.jit
@@ -112,17 +113,13 @@ def _prefill_kernel(
              out.to(Out.dtype.element_ty), mask=row_ok[:, None])
 
 
-def _pow2(n: int) -> bool:
-    return n >= 16 and n == next_pow2(n)
-
-
 def _rows_view(x: torch.Tensor) -> tuple[list[int], list[int]] | None:
     """Shape and strides of x [T, H, D] seen as [T, H * D] rows (no copy), or None when its
     heads are not packed (stride(1) != D) or a row is not 16-byte aligned."""
     t, h, d = x.shape
     if x.stride(2) != 1 or (h > 1 and x.stride(1) != d):
         return None
-    if x.data_ptr() % 16 or (x.stride(0) * x.element_size()) % 16:
+    if not tma_rows_ok(x):
         return None
     return [t, h * d], [x.stride(0), 1]
 
@@ -131,15 +128,13 @@ def contiguous_ok(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor) -> 
     """This kernel applies: head dims powers of two >= 16, one K/V row per query token, the
     K/V rows viewable as [T, Hk * D] with 16-byte aligned rows, and a GPU with TMA (sm_90+)
     or the interpreter."""
-    if not (_pow2(k_new.shape[-1]) and _pow2(v_new.shape[-1])):
+    if not (pow2_dim(k_new.shape[-1]) and pow2_dim(v_new.shape[-1])):
         return False
     if k_new.shape[0] != q.shape[0] or v_new.shape[:2] != k_new.shape[:2]:
         return False
     if _rows_view(k_new) is None or _rows_view(v_new) is None:
         return False
-    if interpreting():
-        return True
-    return k_new.is_cuda and torch.cuda.get_device_capability(k_new.device)[0] >= 9
+    return has_tma(k_new)
 
 
 def _config() -> dict:
@@ -178,8 +173,8 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     group = hq // hk
     g_blk = min(next_pow2(group), rows)
     block_t = rows // g_blk
-    check(block_t >= 1 and block_t * g_blk == rows and block_n >= 16
-          and block_n == next_pow2(block_n), "rows / block_n: powers of two, block_n >= 16")
+    check(block_t >= 1 and block_t * g_blk == rows and pow2_dim(block_n),
+          "rows / block_n: powers of two, block_n >= 16")
     out = torch.empty(t, hq, dv, dtype=q.dtype, device=q.device)            # [T, Hq, DV]
     if t == 0:
         return out
