@@ -32,6 +32,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import kernels  # noqa: E402
 from kernels import reference as R  # noqa: E402
+from kernels.triton import attention as TA_attention  # noqa: E402
 from kernels.triton import attention_ops as TA  # noqa: E402
 from kernels.triton import elementwise as TE  # noqa: E402
 from kernels.triton import moe as TM  # noqa: E402
@@ -241,6 +242,18 @@ def new_token_kv(cache: torch.Tensor, table: torch.Tensor, seq: int, qlen: int,
     return cache[table[0].long()[n // page_size] * page_size + n % page_size].contiguous()
 
 
+def unsplit_extend(fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+    """fn with extend launches never split over their keys (the sizing before split-KV
+    extend): the same-run baseline of the `unsplit` columns."""
+    def run() -> torch.Tensor:
+        keep, TA_attention.EXTEND_PROGRAMS_PER_SM = TA_attention.EXTEND_PROGRAMS_PER_SM, 0
+        try:
+            return fn()
+        finally:
+            TA_attention.EXTEND_PROGRAMS_PER_SM = keep
+    return run
+
+
 def case_extend(seq: int, qlen: int, page_size: int = 16, hq: int = 32, hk: int = 8,
                 d: int = 128, check: bool = True) -> None:
     """The op as the model calls it: given the new tokens' K/V (kernels/triton/prefill.py
@@ -263,6 +276,7 @@ def case_extend(seq: int, qlen: int, page_size: int = 16, hq: int = 32, hk: int 
         err = rel_err(fn(), R.extend_attention(q, kc, vc, table, qs, sl, page_size, scale))
     torch.cuda.empty_cache()
     ms, eager, gathered_ms = graph_ms(fn), bench_ms(fn), graph_ms(gathered)
+    unsplit = graph_ms(unsplit_extend(gathered)) if qlen < seq else None
     sd = None
     if qlen == seq:
         kcont = gather_contig(kc, table, seq, page_size)
@@ -270,7 +284,8 @@ def case_extend(seq: int, qlen: int, page_size: int = 16, hq: int = 32, hk: int 
         sd = sdpa_ms(q.transpose(0, 1)[None], kcont, vcont, causal=True)
         del kcont, vcont
     emit("extend_attention", f"q={qlen} kv={seq} ps={page_size}", ms, eager=eager,
-         flops=causal_flops(qlen, seq, hq, d, d), err=err, gathered=gathered_ms, sdpa=sd)
+         flops=causal_flops(qlen, seq, hq, d, d), err=err, gathered=gathered_ms,
+         gathered_unsplit=unsplit, sdpa=sd)
 
 
 def mla_inputs(batch: int, ctx: int, page_size: int, heads: int, lat: int = 512,
@@ -332,7 +347,8 @@ def case_mla_prefill(qlen: int, seq: int, heads: int = 16, page_size: int = 64) 
     torch.cuda.empty_cache()
     ms, absorbed_ms = graph_ms(decompressed), graph_ms(absorbed)
     emit("mla_prefill", f"q={qlen} kv={seq} H={heads} ps={page_size}", ms,
-         flops=causal_flops(qlen, seq, heads, dn + rope, dv), err=err, absorbed=absorbed_ms)
+         flops=causal_flops(qlen, seq, heads, dn + rope, dv), err=err, absorbed=absorbed_ms,
+         unsplit=graph_ms(unsplit_extend(decompressed)))
 
 
 def case_mla_extend(seq: int, heads: int = 16, page_size: int = 16, check: bool = True) -> None:

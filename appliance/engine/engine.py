@@ -54,6 +54,7 @@ class Engine:
             max_running=config.scheduler.max_running, tps_floor=config.scheduler.tps_floor,
             session_ttl_s=config.scheduler.session_ttl_s, max_seq_len=self.max_model_len))
         self.sampler = Sampler(self.device)
+        self.sampler.warm_up(runner.vocab_size)
         self.requests: dict[int, GenerateRequest] = {}
         self._ctx = zmq.Context()
         self._inbox = self._ctx.socket(zmq.PULL)

@@ -19,6 +19,14 @@ class Sampler:
         self._sample = kernels.select("sample", device=device.type, dtype=torch.float32)
         self._seeds: dict[int, int] = {}
 
+    def warm_up(self, vocab_size: int) -> None:
+        """One launch before the first request (a GPU backend compiles its kernels then): a
+        greedy row and a temperature / top-k / top-p row."""
+        logits = torch.zeros(2, vocab_size, dtype=torch.float32, device=self.device)  # [2, V]
+        params = [torch.tensor([0.0, 0.7]), torch.tensor([0, 40], dtype=torch.int32),
+                  torch.tensor([1.0, 0.9]), torch.tensor([0, 1]), torch.tensor([1, 1])]
+        self._sample(logits, *to_device_packed(params, self.device))
+
     def add(self, req: GenerateRequest) -> None:
         # Without a seed, a random one: the row's randomness is still a pure function of
         # (seed, position), so a preempted and recomputed request samples the same tokens.

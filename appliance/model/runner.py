@@ -38,6 +38,7 @@ from appliance.model.loader import (load_checkpoint, load_dummy, read_eos_token_
 from appliance.model.layers.yarn import context_length
 from appliance.model.models import model_class
 from appliance.model.placement import ParallelLayout
+from appliance.model.warm_up import warm_up_batches
 
 CPU_KV_BUDGET_BYTES = 512 * 1024 * 1024
 log = logging.getLogger("tokenspeed.model")
@@ -163,10 +164,26 @@ class ModelRunner:
                              load_format="dummy" if dummy else "auto", seed=config.model.seed)
         runner = cls(source, device, dtype, tp_rank, tp_size, kv_num_pages=config.kv.num_pages,
                      memory_fraction=config.kv.memory_fraction, page_size=config.kv.page_size)
+        max_len = min(int(config.model.max_model_len), runner.max_model_len)
         if use_cuda_graphs(runner.device, dtype, dict(config.kernels.override)):
-            runner.enable_cuda_graphs(min(int(config.scheduler.max_running), 256),
-                                      min(int(config.model.max_model_len), runner.max_model_len))
+            runner.enable_cuda_graphs(min(int(config.scheduler.max_running), 256), max_len)
+        if runner.device.type == "cuda":
+            runner.warm_up(int(config.scheduler.max_batch_tokens), max_len)
         return runner
+
+    @torch.inference_mode()
+    def warm_up(self, max_tokens: int, max_len: int | None = None) -> None:
+        """Run the eager batches of appliance/model/warm_up.py (nothing is written to the KV
+        cache), so that prefill and mixed steps find their kernels compiled."""
+        started = time.perf_counter()
+        batches = warm_up_batches(max_tokens, max_len or self.max_model_len, self.page_size,
+                                  self.device)
+        for batch in batches:
+            self.model(batch)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        log.info("warm-up: %d eager batches in %.1f s", len(batches),
+                 time.perf_counter() - started)
 
     def enable_cuda_graphs(self, max_batch: int, max_model_len: int | None = None) -> None:
         """Capture decode-only steps of up to `max_batch` rows whose sequences fit

@@ -4,7 +4,7 @@ Each program owns BLOCK_M = BLOCK_T x G_BLK query rows: BLOCK_T consecutive quer
 sequence times G_BLK query heads that share one KV head (GQA group, or all MLA heads, which
 share the single latent head). Folding tokens and heads into M makes the tensor-core tile full
 when heads are few and reads each KV tile once for the whole group. The KV range of a program
-may be cut into NUM_SPLITS pieces (split-KV, for long contexts with few rows); a second kernel
+may be cut into num_splits pieces (split-KV, for long contexts with few rows); a second kernel
 merges the pieces by their log-sum-exp. Keys are gathered per token through the page table,
 so any page size works. Scores: q1.k1 (+ q2.k2 for MLA's rope part); values: V, or k1 itself
 when SHARED_V (MLA: the latent is both key and value).
@@ -31,14 +31,15 @@ def _load_rows(Base, slot, stride_s, d, D: tl.constexpr, n_ok, PRED: tl.constexp
 
 
 @triton.jit
-def _split_range(split, kv_len, min_split_len, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Keys [lo, hi) of one split-KV piece: the row's own length cut into NUM_SPLITS runs of
+def _split_range(split, kv_len, min_split_len, num_splits, SPLIT: tl.constexpr,
+                 BLOCK_N: tl.constexpr):
+    """Keys [lo, hi) of one split-KV piece: the row's own length cut into num_splits runs of
     whole tiles, each at least min_split_len keys (a multiple of BLOCK_N). Sizing by the row
     (not the page table's width, which CUDA graphs pad to the longest servable sequence) keeps
     a short row spread over several splits; the splits past its end are empty."""
-    if NUM_SPLITS == 1:
+    if not SPLIT:
         return kv_len * 0, kv_len
-    split_len = tl.maximum(tl.cdiv(tl.cdiv(kv_len, NUM_SPLITS), BLOCK_N) * BLOCK_N,
+    split_len = tl.maximum(tl.cdiv(tl.cdiv(kv_len, num_splits), BLOCK_N) * BLOCK_N,
                            min_split_len)
     lo = split * split_len
     return lo, tl.minimum(lo + split_len, kv_len)
@@ -127,11 +128,13 @@ def _attn_tile(acc, m_i, l_i, q1, q2, K1, K2, V, PageTable, n0, hi, pos, kvh, pa
     return acc, m_new, l_i
 
 
-@triton.jit
+# Per-batch integers (split count, page-table width) are not specialized: Triton would compile
+# a variant per value class (1, multiple of 16, other) mid-serving.
+@triton.jit(do_not_specialize=["num_splits", "stride_pt"])
 def _paged_attn_kernel(
         Q1, Q2, K1, K2, V, Out, PartO, PartL,
         PageTable, QueryStart, SeqLens, BlockBatch, BlockTok,
-        scale_log2, page_size, group, min_split_len,
+        scale_log2, page_size, group, min_split_len, num_splits,
         stride_q1t, stride_q1h, stride_q2t, stride_q2h,
         stride_k1s, stride_k1h, stride_k2s, stride_k2h, stride_vs, stride_vh,
         stride_ot, stride_oh, stride_pt, stride_pot, stride_poh, stride_pos,
@@ -139,7 +142,7 @@ def _paged_attn_kernel(
         D1: tl.constexpr, D2: tl.constexpr, DV: tl.constexpr, BLOCK_D1: tl.constexpr,
         BLOCK_D2: tl.constexpr, BLOCK_DV: tl.constexpr, G_BLK: tl.constexpr,
         BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, N_HBLK: tl.constexpr,
-        NUM_SPLITS: tl.constexpr, HAS_D2: tl.constexpr, SHARED_V: tl.constexpr,
+        SPLIT: tl.constexpr, HAS_D2: tl.constexpr, SHARED_V: tl.constexpr,
         DECODE: tl.constexpr, TRANS: tl.constexpr, EVEN_D: tl.constexpr):
     BLOCK_M: tl.constexpr = BLOCK_T * G_BLK
     pid_q, pid_h, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -171,7 +174,7 @@ def _paged_attn_kernel(
                      mask=row_ok[:, None] & (d2[None, :] < D2), other=0.0)  # [M, D2]
     else:
         q2 = q1
-    lo, hi = _split_range(split, kv_end, min_split_len, NUM_SPLITS, BLOCK_N)
+    lo, hi = _split_range(split, kv_end, min_split_len, num_splits, SPLIT, BLOCK_N)
     first_pos = seq_len - qlen + t0                      # keys <= first_pos are seen by all rows
     full_end = lo + tl.maximum(tl.minimum(hi, first_pos + 1) - lo, 0) // BLOCK_N * BLOCK_N
     if TRANS:
@@ -200,7 +203,7 @@ def _paged_attn_kernel(
         out = acc / l_safe[:, None]                                       # [M, DV]
     dv = tl.arange(0, BLOCK_DV)
     omask = row_ok[:, None] & (dv[None, :] < DV)
-    if NUM_SPLITS == 1:
+    if not SPLIT:
         tl.store(Out + tok[:, None] * stride_ot + head[:, None] * stride_oh + dv[None, :],
                  out.to(Out.dtype.element_ty), mask=omask)
     else:  # an empty split writes only its lse (-inf): the merge stops before it. The mask is
@@ -212,11 +215,10 @@ def _paged_attn_kernel(
         tl.store(PartL + tok * stride_plt + head * stride_plh + split, lse, mask=row_ok)
 
 
-@triton.jit
-def _merge_splits_kernel(PartO, PartL, Out, stride_pot, stride_poh, stride_pos, stride_plt,
-                         stride_plh, stride_ot, stride_oh, DV: tl.constexpr,
-                         BLOCK_DV: tl.constexpr, NUM_SPLITS: tl.constexpr,
-                         BLOCK_S: tl.constexpr, CHUNK_S: tl.constexpr):
+@triton.jit(do_not_specialize=["num_splits"])
+def _merge_splits_kernel(PartO, PartL, Out, num_splits, stride_pot, stride_poh, stride_pos,
+                         stride_plt, stride_plh, stride_ot, stride_oh, DV: tl.constexpr,
+                         BLOCK_DV: tl.constexpr, BLOCK_S: tl.constexpr, CHUNK_S: tl.constexpr):
     """Out[t, h, cols] = sum_s exp2(lse_s - m) PartO[t, h, s, cols] / sum_s exp2(lse_s - m).
     Splits are read CHUNK_S at a time so that many loads are in flight at once, up to the
     row's last non-empty split (non-empty splits are a prefix; empty ones wrote no partial)."""
@@ -224,7 +226,7 @@ def _merge_splits_kernel(PartO, PartL, Out, stride_pot, stride_poh, stride_pos, 
     dv = tl.program_id(2) * BLOCK_DV + tl.arange(0, BLOCK_DV)
     s = tl.arange(0, BLOCK_S)
     lse_row = PartL + t * stride_plt + h * stride_plh
-    lse = tl.load(lse_row + s, mask=s < NUM_SPLITS, other=float("-inf"))   # [S]
+    lse = tl.load(lse_row + s, mask=s < num_splits, other=float("-inf"))   # [S]
     m = tl.max(lse, 0)
     m = tl.where(m == float("-inf"), 0.0, m)
     den = tl.sum(tl.exp2(lse - m), 0)
@@ -280,6 +282,8 @@ def _config(decode: bool, mla: bool, group: int) -> dict:
 SPLITS_PER_SM = {"gqa": 4, "mla": 8}
 MIN_SPLIT_TILES = 4    # an MLA split covers at least this many KV tiles (few programs: fewer)
 FINE_SPLIT_PROGRAMS = 4
+EXTEND_PROGRAMS_PER_SM = 2
+MAX_EXTEND_SPLITS = 32
 
 
 def min_split_tiles(programs: int, mla: bool) -> int:
@@ -301,6 +305,21 @@ def _num_splits(programs: int, max_len: int, block_n: int, device: torch.device,
     want = -(-target // programs) if mla else target // programs
     most = max(1, max_len // (MIN_SPLIT_TILES * block_n))
     return int(max(1, min(want, most, 256)))
+
+
+def _extend_splits(programs: int, max_len: int, block_n: int, device: torch.device) -> int:
+    """Splits per extend program: 1, unless the launch fills at most half the SMs (few new
+    tokens over a long prefix: a decompressed MLA prefill of 64-256 tokens is 16 heads x 1-2
+    query blocks); then enough splits for EXTEND_PROGRAMS_PER_SM programs per SM, each split
+    at least MIN_SPLIT_TILES KV tiles. H200, `scripts/bench_kernels.py` mla_prefill rows over
+    16K keys: 16-32 programs 760-788 -> 325-399 us. A launch of 128 programs split in 3 was
+    slower (Llama 1024 new tokens over 16K: 760 -> 920 us), so fuller launches stay whole."""
+    sms = num_sms(device)
+    if 2 * programs > sms:
+        return 1
+    most = max(1, max_len // (MIN_SPLIT_TILES * block_n))
+    target = EXTEND_PROGRAMS_PER_SM * sms
+    return int(max(1, min(-(-target // programs), most, MAX_EXTEND_SPLITS)))
 
 
 def paged_attention(q1: torch.Tensor, q2: torch.Tensor | None, k1: torch.Tensor,
@@ -332,8 +351,8 @@ def paged_attention(q1: torch.Tensor, q2: torch.Tensor | None, k1: torch.Tensor,
         qs = query_start
     programs = nb * hk * n_hblk
     if num_splits is None:
-        num_splits = (_num_splits(programs, max_len, block_n, q1.device, shared_v)
-                      if decode else 1)
+        num_splits = (_num_splits(programs, max_len, block_n, q1.device, shared_v) if decode
+                      else _extend_splits(programs, max_len, block_n, q1.device))
     split_tiles = (min_split_tiles(programs, shared_v) if split_tiles is None
                    else split_tiles)
     check(split_tiles >= 1, "split_tiles must be >= 1")
@@ -347,7 +366,7 @@ def paged_attention(q1: torch.Tensor, q2: torch.Tensor | None, k1: torch.Tensor,
     grid = (nb, hk * n_hblk, num_splits)
     _paged_attn_kernel[grid](
         q1, q2_, k1, k2_, vv, out, part_o, part_l, page_table, qs, seq_lens, bb, bt,
-        scale * math.log2(math.e), page_size, group, split_tiles * block_n,
+        scale * math.log2(math.e), page_size, group, split_tiles * block_n, num_splits,
         q1.stride(0), q1.stride(1), q2_.stride(0), q2_.stride(1),
         k1.stride(0), k1.stride(1), k2_.stride(0), k2_.stride(1), vv.stride(0), vv.stride(1),
         out.stride(0), out.stride(1), page_table.stride(0),
@@ -355,7 +374,7 @@ def paged_attention(q1: torch.Tensor, q2: torch.Tensor | None, k1: torch.Tensor,
         part_l.stride(0), part_l.stride(1),
         D1=d1, D2=d2, DV=dv, BLOCK_D1=max(16, next_pow2(d1)), BLOCK_D2=max(16, next_pow2(d2)),
         BLOCK_DV=max(16, next_pow2(dv)), G_BLK=g_blk, BLOCK_T=block_t, BLOCK_N=block_n,
-        N_HBLK=n_hblk, NUM_SPLITS=num_splits, HAS_D2=q2 is not None, SHARED_V=shared_v,
+        N_HBLK=n_hblk, SPLIT=num_splits > 1, HAS_D2=q2 is not None, SHARED_V=shared_v,
         DECODE=decode, TRANS=cfg.get("TRANS", False),
         EVEN_D=all(pow2_dim(x) for x in (d1, dv) + ((d2,) if d2 else ())),
         num_warps=cfg["num_warps"],
@@ -366,27 +385,30 @@ def paged_attention(q1: torch.Tensor, q2: torch.Tensor | None, k1: torch.Tensor,
 
 
 MERGE_TILE_ELEMS = 4096    # fp32 partial-output elements one merge load brings in (16 KB)
+MERGE_MIN_SPLITS = 16      # narrowest lse vector of the merge (fewer compiled variants)
 
 
-def _merge_tiles(rows: int, dv: int, num_splits: int, device: torch.device) -> tuple[int, int]:
-    """(BLOCK_DV, CHUNK_S) of the split merge. With few rows (batch-1 decode: one program per
-    head and column block) the merge is latency-bound: each program's chunks are serial loads.
-    So column blocks narrow until there are ~2 programs per SM, and each load takes as many
-    splits as fit MERGE_TILE_ELEMS (B=1 MLA, 16 heads x 512 columns x 128 splits: 4 serial
-    loads per program at 128-column blocks, 1 at 16-column blocks over 8x more programs)."""
+def _merge_tiles(rows: int, dv: int, num_splits: int, device: torch.device
+                 ) -> tuple[int, int, int]:
+    """(BLOCK_DV, BLOCK_S, CHUNK_S) of the split merge. With few rows (batch-1 decode: one
+    program per head and column block) the merge is latency-bound: each program's chunks are
+    serial loads. So column blocks narrow until there are ~2 programs per SM, and each load
+    takes as many splits as fit MERGE_TILE_ELEMS (B=1 MLA, 16 heads x 512 columns x 128
+    splits: 4 serial loads per program at 128-column blocks, 1 at 16-column blocks over 8x
+    more programs). BLOCK_S (the lse vector) is at least MERGE_MIN_SPLITS wide, so eager
+    batches of varying split counts share a few compiled variants."""
     block_dv = min(128, max(16, next_pow2(dv)))
     while block_dv > 16 and rows * triton.cdiv(dv, block_dv) < 2 * num_sms(device):
         block_dv //= 2
-    chunk_s = min(max(2, next_pow2(num_splits)), max(2, MERGE_TILE_ELEMS // block_dv))
-    return block_dv, chunk_s
+    block_s = max(MERGE_MIN_SPLITS, next_pow2(num_splits))
+    return block_dv, block_s, min(block_s, max(2, MERGE_TILE_ELEMS // block_dv))
 
 
 def merge_splits(part_o: torch.Tensor, part_l: torch.Tensor, out: torch.Tensor) -> None:
     """part_o: [T, H, S, DV] fp32, part_l: [T, H, S] log2-sum-exp -> out [T, H, DV] (in place)."""
     t, h, num_splits, dv = part_o.shape
-    block_dv, chunk_s = _merge_tiles(t * h, dv, num_splits, part_o.device)
+    block_dv, block_s, chunk_s = _merge_tiles(t * h, dv, num_splits, part_o.device)
     _merge_splits_kernel[(t, h, triton.cdiv(dv, block_dv))](
-        part_o, part_l, out, part_o.stride(0), part_o.stride(1), part_o.stride(2),
+        part_o, part_l, out, num_splits, part_o.stride(0), part_o.stride(1), part_o.stride(2),
         part_l.stride(0), part_l.stride(1), out.stride(0), out.stride(1), DV=dv,
-        BLOCK_DV=block_dv, NUM_SPLITS=num_splits, BLOCK_S=max(2, next_pow2(num_splits)),
-        CHUNK_S=chunk_s, num_warps=4)
+        BLOCK_DV=block_dv, BLOCK_S=block_s, CHUNK_S=chunk_s, num_warps=4)

@@ -185,12 +185,12 @@ def _mla_chunk_tile(acc0, acc1, acc2, acc3, m_i, l_i, q0, q1, q2, q3, q_rope, QR
 
 
 @triton.jit
-def _store_chunk(acc, c0, l_safe, ORow, PRow, ch, row_ok, keep, NUM_SPLITS: tl.constexpr,
+def _store_chunk(acc, c0, l_safe, ORow, PRow, ch, row_ok, keep, SPLIT: tl.constexpr,
                  EVEN_H: tl.constexpr):
     """acc [M, CH] / l -> Out (bf16/fp16, one split) or PartO (fp32, rows where keep: real
     heads of a split with keys), columns [c0, c0 + CH)."""
     out = acc / l_safe[:, None]                                           # [M, CH]
-    if NUM_SPLITS == 1:
+    if not SPLIT:
         ptrs = ORow + c0 + ch[None, :]                                    # [M, CH]
         out = out.to(ORow.dtype.element_ty)
         if EVEN_H:
@@ -201,15 +201,15 @@ def _store_chunk(acc, c0, l_safe, ORow, PRow, ch, row_ok, keep, NUM_SPLITS: tl.c
         tl.store(PRow + c0 + ch[None, :], out, mask=keep[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits", "stride_pt"])  # per-batch: see attention.py
 def _mla_decode_chunked_kernel(
         QL, QR, KV, DescLat, DescRope, Out, PartO, PartL, PageTable, SeqLens,
-        scale_log2, page_size, num_heads, min_split_len,
+        scale_log2, page_size, num_heads, min_split_len, num_splits,
         stride_qlb, stride_qlh, stride_qrb, stride_qrh, stride_kv, stride_pt,
         stride_ob, stride_oh, stride_pob, stride_poh, stride_pos, stride_plb, stride_plh,
         L: tl.constexpr, R: tl.constexpr, BLOCK_R: tl.constexpr, CH: tl.constexpr,
         NC: tl.constexpr, G_BLK: tl.constexpr, BLOCK_N: tl.constexpr,
-        NUM_SPLITS: tl.constexpr, EVEN_H: tl.constexpr, EVEN_R: tl.constexpr,
+        SPLIT: tl.constexpr, EVEN_H: tl.constexpr, EVEN_R: tl.constexpr,
         Q_IN_LOOP: tl.constexpr, TMA: tl.constexpr):
     """grid (B, head blocks, splits): one sequence, G_BLK heads, one piece of the KV range.
     DescLat / DescRope: tensor descriptors of KV when TMA (else KV itself, unused)."""
@@ -234,7 +234,7 @@ def _mla_decode_chunked_kernel(
         q_rope = _load_q_rope(QRRow, tl.arange(0, BLOCK_R), row_ok, R, EVEN_H,
                               EVEN_R)                                     # [M, BLOCK_R]
     seq_len = tl.load(SeqLens + b)
-    lo, hi = _split_range(split, seq_len, min_split_len, NUM_SPLITS, BLOCK_N)
+    lo, hi = _split_range(split, seq_len, min_split_len, num_splits, SPLIT, BLOCK_N)
     full_end = lo + tl.maximum(hi - lo, 0) // BLOCK_N * BLOCK_N          # end of whole tiles
     acc0 = tl.zeros([G_BLK, CH], dtype=tl.float32)                        # [M, CH] each
     if NC >= 2:
@@ -267,13 +267,13 @@ def _mla_decode_chunked_kernel(
     PRow = PartO + b64 * stride_pob + head[:, None] * stride_poh + split * stride_pos
     # an empty split writes only its lse (-inf); [M] (the interpreter rejects a scalar & [M])
     keep = row_ok & (tl.zeros([G_BLK], dtype=tl.int32) + (hi - lo) > 0)
-    _store_chunk(acc0, 0 * CH, l_safe, ORow, PRow, ch, row_ok, keep, NUM_SPLITS, EVEN_H)
+    _store_chunk(acc0, 0 * CH, l_safe, ORow, PRow, ch, row_ok, keep, SPLIT, EVEN_H)
     if NC >= 2:
-        _store_chunk(acc1, 1 * CH, l_safe, ORow, PRow, ch, row_ok, keep, NUM_SPLITS, EVEN_H)
+        _store_chunk(acc1, 1 * CH, l_safe, ORow, PRow, ch, row_ok, keep, SPLIT, EVEN_H)
     if NC >= 4:
-        _store_chunk(acc2, 2 * CH, l_safe, ORow, PRow, ch, row_ok, keep, NUM_SPLITS, EVEN_H)
-        _store_chunk(acc3, 3 * CH, l_safe, ORow, PRow, ch, row_ok, keep, NUM_SPLITS, EVEN_H)
-    if NUM_SPLITS > 1:
+        _store_chunk(acc2, 2 * CH, l_safe, ORow, PRow, ch, row_ok, keep, SPLIT, EVEN_H)
+        _store_chunk(acc3, 3 * CH, l_safe, ORow, PRow, ch, row_ok, keep, SPLIT, EVEN_H)
+    if SPLIT:
         lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf"))     # [M]
         tl.store(PartL + b64 * stride_plb + head * stride_plh + split, lse, mask=row_ok)
 
@@ -366,13 +366,13 @@ def mla_decode_chunked(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: t
     _mla_decode_chunked_kernel[(bsz, n_hblk, num_splits)](
         q_latent, q_rope, kv_cache, desc_lat, desc_rope, out, part_o, part_l, page_table,
         seq_lens,
-        scale * math.log2(math.e), page_size, heads, split_tiles * block_n,
+        scale * math.log2(math.e), page_size, heads, split_tiles * block_n, num_splits,
         q_latent.stride(0), q_latent.stride(1), q_rope.stride(0), q_rope.stride(1),
         kv_cache.stride(0), page_table.stride(0), out.stride(0), out.stride(1),
         part_o.stride(0), part_o.stride(1), part_o.stride(2) if num_splits > 1 else 0,
         part_l.stride(0), part_l.stride(1),
         L=lat, R=rope, BLOCK_R=block_r, CH=lat // nc, NC=nc, G_BLK=g_blk, BLOCK_N=block_n,
-        NUM_SPLITS=num_splits, EVEN_H=heads % g_blk == 0, EVEN_R=rope == block_r,
+        SPLIT=num_splits > 1, EVEN_H=heads % g_blk == 0, EVEN_R=rope == block_r,
         Q_IN_LOOP=q_in_loop, TMA=tma, num_warps=num_warps, num_stages=num_stages,
         **({} if max_regs is None else dict(maxnreg=max_regs)))
     if num_splits > 1:

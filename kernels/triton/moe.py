@@ -70,7 +70,7 @@ def _block_rows(Pairs, BlockExpert, pid_m, num_pairs, BLOCK_M: tl.constexpr,
     return e, rows, pair
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs"])  # T * top_k varies per batch
 def _moe_up_kernel(X, W13, Inter, Pairs, BlockExpert, num_pairs, top_k, num_experts,
                    stride_xt, stride_we, stride_wn, stride_wk, stride_it,
                    K: tl.constexpr, I: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -103,7 +103,7 @@ def _moe_up_kernel(X, W13, Inter, Pairs, BlockExpert, num_pairs, top_k, num_expe
              y.to(Inter.dtype.element_ty), mask=ok[:, None] & (n[None, :] < I))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs"])  # T * top_k varies per batch
 def _moe_down_kernel(Inter, W2, Weights, Out, Pairs, BlockExpert, num_pairs, num_experts,
                      stride_it, stride_we, stride_wn, stride_wk, stride_ot,
                      K: tl.constexpr, H: tl.constexpr, BLOCK_M: tl.constexpr,

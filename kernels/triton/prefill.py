@@ -54,7 +54,7 @@ def _new_tokens_tile(acc, m_i, l_i, q, DescK, DescV, row0, kcol, vcol, j0, n_new
     return acc, m_new, l_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_pt"])  # the page-table width varies per batch
 def _prefill_kernel(
         Q, KCache, VCache, DescK, DescV, Out, PageTable, QueryStart, SeqLens, BlockBatch,
         BlockTok, scale_log2, page_size, group,

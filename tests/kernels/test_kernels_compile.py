@@ -92,7 +92,7 @@ def check_attention() -> None:
                 scale_log2=0.1, page_size=1, group=1, min_split_len=64, stride_k2h=0)
     cex = dict(D1=128, D2=64, DV=128, BLOCK_D1=128, BLOCK_D2=64, BLOCK_DV=128,
                G_BLK=cfg["G_BLK"], BLOCK_T=cfg["BLOCK_T"], BLOCK_N=cfg["BLOCK_N"], N_HBLK=1,
-               NUM_SPLITS=1, HAS_D2=True, SHARED_V=False, DECODE=False, TRANS=False,
+               SPLIT=False, HAS_D2=True, SHARED_V=False, DECODE=False, TRANS=False,
                EVEN_D=True)
     compile_sm90(A._paged_attn_kernel, args, cex, cfg["num_warps"], cfg["num_stages"])
 
@@ -107,14 +107,15 @@ def _attention(decode: bool, mla: bool) -> None:
     d1, d2 = (512, 64) if mla else (128, 0)
     cex = dict(D1=d1, D2=d2, DV=d1, BLOCK_D1=d1, BLOCK_D2=max(16, d2), BLOCK_DV=d1,
                G_BLK=cfg["G_BLK"], BLOCK_T=cfg["BLOCK_T"], BLOCK_N=cfg["BLOCK_N"], N_HBLK=1,
-               NUM_SPLITS=splits, HAS_D2=mla, SHARED_V=mla, DECODE=decode,
+               SPLIT=splits > 1, HAS_D2=mla, SHARED_V=mla, DECODE=decode,
                TRANS=cfg.get("TRANS", False), EVEN_D=True)
     compile_sm90(A._paged_attn_kernel, args, cex, cfg["num_warps"], cfg["num_stages"])
     # merge tiles: many rows (wide column blocks), and batch 1 (narrow blocks, 256 splits)
     for block_dv, splits in ((128, 8), (16, 256)):
         compile_sm90(A._merge_splits_kernel, dict(PartO=F32, PartL=F32, Out=BF),
-                     dict(DV=d1, BLOCK_DV=block_dv, NUM_SPLITS=splits, BLOCK_S=splits,
-                          CHUNK_S=min(splits, A.MERGE_TILE_ELEMS // block_dv)), 4, 1)
+                     dict(DV=d1, BLOCK_DV=block_dv, BLOCK_S=max(A.MERGE_MIN_SPLITS, splits),
+                          CHUNK_S=min(max(A.MERGE_MIN_SPLITS, splits),
+                                      A.MERGE_TILE_ELEMS // block_dv)), 4, 1)
 
 
 def check_mla_chunked() -> None:
@@ -134,7 +135,7 @@ def check_mla_chunked() -> None:
                       DescRope=f"tensordesc<bf16[{block_n}, 64]>") if tma
                  else dict(DescLat=BF, DescRope=BF))
         cex = dict(L=512, R=64, BLOCK_R=64, CH=512 // nc, NC=nc, G_BLK=16, BLOCK_N=block_n,
-                   NUM_SPLITS=splits, EVEN_H=heads % 16 == 0, EVEN_R=True, Q_IN_LOOP=q_in_loop,
+                   SPLIT=splits > 1, EVEN_H=heads % 16 == 0, EVEN_R=True, Q_IN_LOOP=q_in_loop,
                    TMA=tma)
         compile_sm90(MD._mla_decode_chunked_kernel,
                      dict(args, **descs, PartO=part, PartL=part, num_heads=heads), cex, warps,

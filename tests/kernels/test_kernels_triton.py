@@ -133,6 +133,36 @@ def test_extend_attention(page_size, seq_lens, qlens, hq, hk):
     assert rel_err(out, R.extend_attention(q, kc, vc, table, qs, sl, page_size, 0.3)) < TOL
 
 
+@pytest.mark.parametrize("splits", [2, 5])
+def test_extend_split_kv(splits):
+    """Extend programs split over their keys (as the sizing does for launches short of
+    programs): a row of one query over a long prefix, a whole-new row, an empty row (GQA,
+    values wider than keys), against the reference."""
+    from kernels.triton.attention import paged_attention
+    seq_lens, qlens, page_size, d = [70, 33, 20], [1, 33, 0], 4, 16
+    table, kc, vc, sl = _paged(seq_lens, page_size, 2, d, 32)
+    qs = torch.tensor([0] + torch.tensor(qlens).cumsum(0).tolist(), dtype=torch.int32,
+                      device=DEV)
+    q = rnd(sum(qlens), 4, d)
+    out = paged_attention(q, None, kc, None, vc, table, qs, sl, page_size, 0.3,
+                          num_splits=splits, split_tiles=1)
+    assert rel_err(out, R.extend_attention(q, kc, vc, table, qs, sl, page_size, 0.3)) < TOL
+
+
+def test_extend_split_rule():
+    """Launches filling at most half the SMs split, to EXTEND_PROGRAMS_PER_SM programs per
+    SM (each split at least MIN_SPLIT_TILES tiles, at most MAX_EXTEND_SPLITS); fuller ones
+    do not."""
+    from kernels.triton import attention as T
+    cpu, sms = torch.device("cpu"), 4                  # num_sms of the interpreter
+    target = T.EXTEND_PROGRAMS_PER_SM * sms
+    assert T._extend_splits(sms // 2 + 1, 1 << 20, 64, cpu) == 1
+    assert T._extend_splits(sms // 2, 1 << 20, 64, cpu) == -(-target // (sms // 2))
+    assert T._extend_splits(1, 1 << 20, 64, cpu) == min(target, T.MAX_EXTEND_SPLITS)
+    assert T._extend_splits(1, 3 * T.MIN_SPLIT_TILES * 64, 64, cpu) == 3
+    assert T._extend_splits(1, 64, 64, cpu) == 1
+
+
 @pytest.mark.parametrize("heads,page_size,splits", [(4, 4, None), (16, 1, 3), (20, 16, 1)])
 def test_mla_decode_and_extend(heads, page_size, splits):
     lat, rope_d = 32, 16

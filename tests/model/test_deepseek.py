@@ -136,6 +136,16 @@ def test_decompressed_prefill_matches_hf(checkpoint, chunk, admit):
     assert greedy_generate(runner, PROMPTS, MAX_NEW, **kw) == ref
 
 
+def test_warm_up_writes_nothing(checkpoint):
+    """The warm-up batches (chunks of 16 and 64 new tokens: absorbed; 100: decompressed;
+    each also beside a decode row) leave the latent cache zero and the greedy tokens HF's."""
+    folder, ref = checkpoint
+    runner = ModelRunner(str(folder), kv_num_pages=64, page_size=4)
+    runner.warm_up(100, 200)
+    assert all(not c.any() for caches in runner.kv_caches for c in caches)
+    assert greedy_generate(runner, PROMPTS, MAX_NEW) == ref
+
+
 def test_decompress_rule():
     """Decompressed from DECOMPRESS_MIN_TOKENS new tokens a prefill row on average, up to
     DECOMPRESS_MAX_KEYS keys in all (host-known extend_keys, or read from the device);

@@ -21,8 +21,8 @@ Prefill chunks of at least DECOMPRESS_MIN_TOKENS new tokens a row take the other
 key of their rows (cached prefix + new tokens) is read from the cache and projected by kv_b
 to per-head k^C and v, and `mla_prefill` attends as multi-head attention with the shared rope
 key. Each key then costs one projection, but each (query, key) pair H * (Dn + R + Dv)
-multiply-adds instead of H * (2L + R): on an H200 the whole path ran 2.3-5x faster than the
-absorbed one from 64 new tokens over 16K keys to an 8K prompt (docs/KERNELS.md).
+multiply-adds instead of H * (2L + R): on an H200 the whole path ran 1.6-5x faster than the
+absorbed one from 128 new tokens over 16K keys to an 8K prompt (docs/KERNELS.md).
 
 RoPE: DeepSeek rotates interleaved pairs (x0, x1), (x2, x3), ... of the R rope dims (GPT-J
 style, `is_neox=False`). HF's DeepseekV2 returns the rotated pairs interleaved and
@@ -55,10 +55,11 @@ from appliance.model.placement import Partial, Placed, Replicate
 # config.rms_norm_eps), as the DeepSeek reference code does.
 LATENT_NORM_EPS = 1e-6
 # Prefill chunks of at least this many new tokens a row attend decompressed (mla_prefill).
-# H200, DeepSeek-V2-Lite, one row over 16K keys, whole attention path (scripts/bench_kernels.py
-# mla_prefill rows): 64 new tokens 785 vs 1819 us absorbed, 1024: 745 vs 3488; 8K over 8K:
-# 1287 vs 6473. Fewer than 64 was not measured: those stay absorbed.
-DECOMPRESS_MIN_TOKENS = 64
+# H200, DeepSeek-V2-Lite, one row over 16K keys, whole attention path, both forms with
+# split-KV extend (scripts/bench_kernels.py mla_prefill rows): 64 new tokens 325 vs 293 us
+# absorbed, 128: 330 vs 516, 256: 399 vs 1095, 1024: 768 vs 3572; 8K over 8K: 1279 vs 6472.
+# The absorbed cost grows ~3.5 us a token, the decompressed one is flat: they cross near 75.
+DECOMPRESS_MIN_TOKENS = 80
 # ... and at most this many keys in all (per-head keys and values: 8 KB a key at
 # DeepSeek-V2-Lite's 16 heads x 256 dims in bf16, transient): more stays absorbed
 DECOMPRESS_MAX_KEYS = 65536
