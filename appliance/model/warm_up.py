@@ -7,7 +7,7 @@ those compiles (measured on an H200, DeepSeek-V2-Lite agentic bench: TTFT p99 5-
 first pass). The batches here reach each kernel choice the appliance makes by shape: chunk
 sizes across the MoE tile configs; whole-new prefills (the contiguous prefill kernel) and
 chunks over a cached prefix (gathered); chunks under and over the decompressed-MLA threshold;
-and a decode row beside them (eager split-KV decode and its merge).
+and decode rows beside them (eager decode, split or not, and the split merge).
 
 Nothing is written: every slot is -1 (the cache write skips it) and every page-table entry is
 page 0, whose contents are read and discarded.
@@ -19,19 +19,25 @@ import torch
 from appliance.model.batch import ForwardBatch
 
 CHUNK_TOKENS = (16, 64, 256, 1024, 4096)   # plus the scheduler's max_batch_tokens
-DECODE_CONTEXT = 4096                      # the decode row's length: long enough to split
+DECODE_CONTEXT = 4096                      # the decode rows' length: long enough to split
+DECODE_ROWS = (1, 2, 4, 8)                 # the split merge's column blocks vary up to 8 rows
 
 
 def warm_up_batches(max_tokens: int, max_len: int, page_size: int, device: torch.device
                     ) -> list[ForwardBatch]:
-    """For each chunk size T <= max_tokens: one row of T new tokens; and a decode row beside
-    a chunk of T - 1 new tokens over a T-token prefix (when it fits max_len)."""
+    """For each chunk size T <= max_tokens: one row of T new tokens, and a decode row beside
+    a chunk of T - 1 new tokens over a long prefix (DECODE_CONTEXT tokens, less where max_len
+    needs: short chunks there split over their keys). Then DECODE_ROWS decode rows beside a
+    small chunk, and a short decode row (one split)."""
     sizes = sorted({t for t in CHUNK_TOKENS + (max_tokens,) if 2 <= t <= min(max_tokens, max_len)})
     batches = [_batch([(0, t)], 0, page_size, device) for t in sizes]
-    decode_len = min(DECODE_CONTEXT, max_len)
+    long_decode = (min(DECODE_CONTEXT, max_len) - 1, 1)
     for t in sizes:
-        prefix = t if 2 * t - 1 <= max_len else 0
-        batches.append(_batch([(decode_len - 1, 1), (prefix, t - 1)], 1, page_size, device))
+        prefix = max(0, min(DECODE_CONTEXT, max_len - (t - 1)))
+        batches.append(_batch([long_decode, (prefix, t - 1)], 1, page_size, device))
+    small = (0, sizes[0])
+    batches += [_batch([long_decode] * d + [small], d, page_size, device) for d in DECODE_ROWS]
+    batches.append(_batch([(1, 1), small], 1, page_size, device))
     return batches
 
 

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton.common import check, interpreting, next_pow2, num_sms, pow2_dim
+from kernels.triton.common import check, interpreting, next_pow2, num_sms, per_batch, pow2_dim
 
 
 @triton.jit
@@ -128,9 +128,13 @@ def _attn_tile(acc, m_i, l_i, q1, q2, K1, K2, V, PageTable, n0, hi, pos, kvh, pa
     return acc, m_new, l_i
 
 
-# Per-batch integers (split count, page-table width) are not specialized: Triton would compile
-# a variant per value class (1, multiple of 16, other) mid-serving.
-@triton.jit(do_not_specialize=["num_splits", "stride_pt"])
+# The batch's metadata (per-batch views and slices) and the split partials' strides (they
+# scale with the split count): not specialized, see common.per_batch
+BATCH_META = ("PageTable", "QueryStart", "SeqLens", "BlockBatch", "BlockTok")
+SPLIT_INTS = ("num_splits", "stride_pot", "stride_poh", "stride_plt", "stride_plh")
+
+
+@triton.jit(**per_batch(ints=SPLIT_INTS + ("stride_pt",), pointers=BATCH_META))
 def _paged_attn_kernel(
         Q1, Q2, K1, K2, V, Out, PartO, PartL,
         PageTable, QueryStart, SeqLens, BlockBatch, BlockTok,
@@ -215,7 +219,7 @@ def _paged_attn_kernel(
         tl.store(PartL + tok * stride_plt + head * stride_plh + split, lse, mask=row_ok)
 
 
-@triton.jit(do_not_specialize=["num_splits"])
+@triton.jit(**per_batch(ints=SPLIT_INTS))
 def _merge_splits_kernel(PartO, PartL, Out, num_splits, stride_pot, stride_poh, stride_pos,
                          stride_plt, stride_plh, stride_ot, stride_oh, DV: tl.constexpr,
                          BLOCK_DV: tl.constexpr, BLOCK_S: tl.constexpr, CHUNK_S: tl.constexpr):
@@ -385,7 +389,7 @@ def paged_attention(q1: torch.Tensor, q2: torch.Tensor | None, k1: torch.Tensor,
 
 
 MERGE_TILE_ELEMS = 4096    # fp32 partial-output elements one merge load brings in (16 KB)
-MERGE_MIN_SPLITS = 16      # narrowest lse vector of the merge (fewer compiled variants)
+MERGE_MIN_SPLITS = 256     # narrowest lse vector of the merge: one variant up to 256 splits
 
 
 def _merge_tiles(rows: int, dv: int, num_splits: int, device: torch.device
@@ -395,8 +399,9 @@ def _merge_tiles(rows: int, dv: int, num_splits: int, device: torch.device
     serial loads. So column blocks narrow until there are ~2 programs per SM, and each load
     takes as many splits as fit MERGE_TILE_ELEMS (B=1 MLA, 16 heads x 512 columns x 128
     splits: 4 serial loads per program at 128-column blocks, 1 at 16-column blocks over 8x
-    more programs). BLOCK_S (the lse vector) is at least MERGE_MIN_SPLITS wide, so eager
-    batches of varying split counts share a few compiled variants."""
+    more programs). BLOCK_S (the lse vector) is at least MERGE_MIN_SPLITS wide (the split
+    sizing's cap), so eager batches of any split count share one compiled variant per
+    BLOCK_DV."""
     block_dv = min(128, max(16, next_pow2(dv)))
     while block_dv > 16 and rows * triton.cdiv(dv, block_dv) < 2 * num_sms(device):
         block_dv //= 2

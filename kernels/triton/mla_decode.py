@@ -62,8 +62,8 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from kernels.triton.attention import _num_splits, _split_range, merge_splits, min_split_tiles
-from kernels.triton.common import (check, has_tma, interpreting, next_pow2, pow2_dim,
-                                   tma_rows_ok)
+from kernels.triton.common import (check, has_tma, interpreting, next_pow2, per_batch,
+                                   pow2_dim, tma_rows_ok)
 
 G_BLK_DEFAULT = 16     # query heads per program (the mma.sync M tile); more heads: more blocks
 
@@ -201,7 +201,8 @@ def _store_chunk(acc, c0, l_safe, ORow, PRow, ch, row_ok, keep, SPLIT: tl.conste
         tl.store(PRow + c0 + ch[None, :], out, mask=keep[:, None])
 
 
-@triton.jit(do_not_specialize=["num_splits", "stride_pt"])  # per-batch: see attention.py
+@triton.jit(**per_batch(ints=("num_splits", "stride_pt", "stride_pob", "stride_poh",
+                              "stride_plb", "stride_plh"), pointers=("PageTable", "SeqLens")))
 def _mla_decode_chunked_kernel(
         QL, QR, KV, DescLat, DescRope, Out, PartO, PartL, PageTable, SeqLens,
         scale_log2, page_size, num_heads, min_split_len, num_splits,

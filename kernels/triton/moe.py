@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from kernels.registry import register
-from kernels.triton.common import check, interpreting, on_cuda_half
+from kernels.triton.common import check, interpreting, on_cuda_half, per_batch
 
 PRIORITY = 10
 # Up to this many (token, expert) pairs each pair gets an M block of its own, so the ~12 small
@@ -70,7 +70,7 @@ def _block_rows(Pairs, BlockExpert, pid_m, num_pairs, BLOCK_M: tl.constexpr,
     return e, rows, pair
 
 
-@triton.jit(do_not_specialize=["num_pairs"])  # T * top_k varies per batch
+@triton.jit(**per_batch(ints=("num_pairs",)))
 def _moe_up_kernel(X, W13, Inter, Pairs, BlockExpert, num_pairs, top_k, num_experts,
                    stride_xt, stride_we, stride_wn, stride_wk, stride_it,
                    K: tl.constexpr, I: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -103,7 +103,7 @@ def _moe_up_kernel(X, W13, Inter, Pairs, BlockExpert, num_pairs, top_k, num_expe
              y.to(Inter.dtype.element_ty), mask=ok[:, None] & (n[None, :] < I))
 
 
-@triton.jit(do_not_specialize=["num_pairs"])  # T * top_k varies per batch
+@triton.jit(**per_batch(ints=("num_pairs",)))
 def _moe_down_kernel(Inter, W2, Weights, Out, Pairs, BlockExpert, num_pairs, num_experts,
                      stride_it, stride_we, stride_wn, stride_wk, stride_ot,
                      K: tl.constexpr, H: tl.constexpr, BLOCK_M: tl.constexpr,

@@ -28,9 +28,9 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from kernels.triton.attention import _attn_tile, _block_map, _extend_block
-from kernels.triton.common import (check, has_tma, interpreting, next_pow2, pow2_dim,
-                                   tma_rows_ok)
+from kernels.triton.attention import BATCH_META, _attn_tile, _block_map, _extend_block
+from kernels.triton.common import (check, has_tma, interpreting, next_pow2, per_batch,
+                                   pow2_dim, tma_rows_ok)
 
 
 @triton.jit
@@ -54,7 +54,7 @@ def _new_tokens_tile(acc, m_i, l_i, q, DescK, DescV, row0, kcol, vcol, j0, n_new
     return acc, m_new, l_i
 
 
-@triton.jit(do_not_specialize=["stride_pt"])  # the page-table width varies per batch
+@triton.jit(**per_batch(ints=("stride_pt",), pointers=BATCH_META))
 def _prefill_kernel(
         Q, KCache, VCache, DescK, DescV, Out, PageTable, QueryStart, SeqLens, BlockBatch,
         BlockTok, scale_log2, page_size, group,

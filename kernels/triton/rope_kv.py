@@ -10,12 +10,12 @@ import triton
 import triton.language as tl
 
 from kernels.registry import register
-from kernels.triton.common import check, next_pow2, on_cuda
+from kernels.triton.common import check, next_pow2, on_cuda, per_batch
 
 PRIORITY = 10
 
 
-@triton.jit
+@triton.jit(**per_batch(pointers=("Pos", "Slots")))
 def _rope_kv_kernel(Q, K, V, Pos, CosSin, QOut, KOut, KCache, VCache, Slots,
                     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                     stride_qot, stride_qoh, stride_kot, stride_koh, stride_cs,
@@ -110,7 +110,7 @@ def rope_store_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: 
                    slot_mapping, store=True)
 
 
-@triton.jit
+@triton.jit(**per_batch(pointers=("Slots",)))
 def _store_kv_kernel(K, V, KCache, VCache, Slots, stride_kt, stride_kh, stride_vt, stride_vh,
                      stride_kcs, stride_kch, stride_vcs, stride_vch, HK,
                      D: tl.constexpr, DV: tl.constexpr, BLOCK_HK: tl.constexpr,

@@ -19,9 +19,10 @@ from kernels.reference.sample import GOLDEN as _GOLDEN
 from kernels.reference.sample import MUL_A as _MUL_A
 from kernels.reference.sample import MUL_B as _MUL_B
 from kernels.registry import register
-from kernels.triton.common import interpreting, next_pow2, on_cuda
+from kernels.triton.common import interpreting, next_pow2, on_cuda, per_batch
 
 PRIORITY = 10
+ROW_PARAMS = ("Temp", "TopK", "TopP", "Seeds", "Pos")   # per-row views of one packed copy
 # the hash constants of the reference, as constexpr globals Triton may read
 MUL_A = tl.constexpr(_MUL_A)
 MUL_B = tl.constexpr(_MUL_B)
@@ -86,7 +87,7 @@ def _row_params(Temp, TopK, TopP, row, V, KCAP: tl.constexpr):
     return tl.where(greedy, 1.0, temp), greedy, top_k, top_p, k_on, p_on, cand
 
 
-@triton.jit
+@triton.jit(**per_batch(pointers=ROW_PARAMS))
 def _sample_chunk_kernel(Logits, Temp, TopK, TopP, Seeds, Pos, CandV, CandI, BestV, BestI,
                          stride_l, V, NC, CHUNK: tl.constexpr, KCAP: tl.constexpr):
     row, c = tl.program_id(0), tl.program_id(1)
@@ -205,7 +206,7 @@ def _finish_stream(base, V, t, k_on, top_k, top_p, p_on, key, BLOCK_V: tl.conste
     return best_i
 
 
-@triton.jit
+@triton.jit(**per_batch(pointers=ROW_PARAMS))
 def _sample_finish_kernel(Logits, Temp, TopK, TopP, Seeds, Pos, CandV, CandI, BestV, BestI,
                           Out, stride_l, V, NC, KCAP: tl.constexpr, NCAND: tl.constexpr,
                           BLOCK_NC: tl.constexpr, BLOCK_V: tl.constexpr):
