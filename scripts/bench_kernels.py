@@ -874,7 +874,7 @@ def groups(quick: bool) -> dict[str, list[Callable[[], None]]]:
         "extend_attention (prefill, Llama-3.1-8B)":
             [lambda: case_extend(1024, 1024), lambda: case_extend(4096, 4096),
              lambda: case_extend(8192, 8192), lambda: case_extend(16384, 16384, check=False),
-             lambda: case_extend(16384, 1024)]
+             lambda: case_extend(16384, 1024), lambda: case_extend(16384, 256)]
             + ([] if quick else [lambda: case_extend(32768, 4096, check=False)]),
         "mla_decode (DeepSeek-V2-Lite: 16 heads, 512+64)":
             [lambda b=b, c=c: case_mla_decode(b, c) for b, c in mla]
@@ -887,8 +887,8 @@ def groups(quick: bool) -> dict[str, list[Callable[[], None]]]:
              lambda: case_mla_extend(8192, check=not quick)],
         "mla_prefill (DeepSeek-V2-Lite, decompressed vs absorbed)":
             [lambda q=q, k=k: case_mla_prefill(q, k)
-             for q, k in ((8192, 8192), (1024, 16384), (256, 16384), (128, 16384),
-                          (64, 16384))],
+             for q, k in ((8192, 8192), (1024, 16384), (512, 16384), (256, 16384),
+                          (128, 16384), (64, 16384))],
         "fused_moe (DeepSeek-V2-Lite: 64 experts top-6, 2048 -> 1408)":
             [moe_case(t) for t in moe_t]
             + [lambda t=t: case_moe_route(t) for t in (1, 256, 4096)]
