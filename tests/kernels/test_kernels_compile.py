@@ -31,7 +31,7 @@ from kernels.triton import rope_kv as RK  # noqa: E402
 from kernels.triton import route as RT  # noqa: E402
 from kernels.triton import sample as S  # noqa: E402
 
-CHECKS = ["attention", "mla_chunked", "prefill", "moe", "rows_and_sample"]
+CHECKS = ["attention", "mla_chunked", "prefill", "moe", "rows_and_sample", "per_batch"]
 
 
 @pytest.mark.parametrize("check", CHECKS)
@@ -215,3 +215,26 @@ def _sample() -> None:
 def check_rows_and_sample() -> None:
     _row_kernels()
     _sample()
+
+
+def check_per_batch() -> None:
+    """Arguments that vary from batch to batch are not specialized, so serving compiles no
+    new variant (common.per_batch): split counts, page-table widths and partial strides by
+    value; the engine's metadata views (packed in one copy, sliced at the decode rows) by
+    alignment."""
+    def unspecialized(kernel, ints=(), pointers=()):
+        params = {p.name: p for p in kernel.params}
+        assert all(params[n].do_not_specialize for n in ints), (kernel, ints)
+        assert all(params[n].do_not_specialize_on_alignment for n in pointers), (kernel, pointers)
+
+    unspecialized(A._paged_attn_kernel, A.SPLIT_INTS + ("stride_pt",), A.BATCH_META)
+    unspecialized(A._merge_splits_kernel, A.SPLIT_INTS)
+    unspecialized(MD._mla_decode_chunked_kernel, ("num_splits", "stride_pt", "stride_plb",
+                                                 "stride_plh"), ("PageTable", "SeqLens"))
+    unspecialized(P._prefill_kernel, ("stride_pt",), A.BATCH_META)
+    unspecialized(M._moe_up_kernel, ("num_pairs",))
+    unspecialized(M._moe_down_kernel, ("num_pairs",))
+    unspecialized(RK._rope_kv_kernel, (), ("Pos", "Slots"))
+    unspecialized(RK._store_kv_kernel, (), ("Slots",))
+    for kernel in (S._sample_chunk_kernel, S._sample_finish_kernel):
+        unspecialized(kernel, (), S.ROW_PARAMS)
