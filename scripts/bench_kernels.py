@@ -246,11 +246,11 @@ def unsplit_extend(fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]
     """fn with extend launches never split over their keys (the sizing before split-KV
     extend): the same-run baseline of the `unsplit` columns."""
     def run() -> torch.Tensor:
-        keep, TA_attention.EXTEND_PROGRAMS_PER_SM = TA_attention.EXTEND_PROGRAMS_PER_SM, 0
+        keep, TA_attention.EXTEND_WAVE = TA_attention.EXTEND_WAVE, 0.0
         try:
             return fn()
         finally:
-            TA_attention.EXTEND_PROGRAMS_PER_SM = keep
+            TA_attention.EXTEND_WAVE = keep
     return run
 
 

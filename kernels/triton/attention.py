@@ -286,7 +286,7 @@ def _config(decode: bool, mla: bool, group: int) -> dict:
 SPLITS_PER_SM = {"gqa": 4, "mla": 8}
 MIN_SPLIT_TILES = 4    # an MLA split covers at least this many KV tiles (few programs: fewer)
 FINE_SPLIT_PROGRAMS = 4
-EXTEND_PROGRAMS_PER_SM = 2
+EXTEND_WAVE = 1.25    # extend launches split up to this many programs per SM
 MAX_EXTEND_SPLITS = 32
 
 
@@ -312,18 +312,16 @@ def _num_splits(programs: int, max_len: int, block_n: int, device: torch.device,
 
 
 def _extend_splits(programs: int, max_len: int, block_n: int, device: torch.device) -> int:
-    """Splits per extend program: 1, unless the launch fills at most half the SMs (few new
-    tokens over a long prefix: a decompressed MLA prefill of 64-256 tokens is 16 heads x 1-2
-    query blocks); then enough splits for EXTEND_PROGRAMS_PER_SM programs per SM, each split
-    at least MIN_SPLIT_TILES KV tiles. H200, `scripts/bench_kernels.py` mla_prefill rows over
-    16K keys: 16-32 programs 760-788 -> 325-399 us. A launch of 128 programs split in 3 was
-    slower (Llama 1024 new tokens over 16K: 760 -> 920 us), so fuller launches stay whole."""
-    sms = num_sms(device)
-    if 2 * programs > sms:
-        return 1
+    """Splits per extend program: as many as keep the launch within EXTEND_WAVE programs per
+    SM (floor), each split at least MIN_SPLIT_TILES KV tiles; 1 from EXTEND_WAVE / 2 programs
+    per SM up. Few new tokens over a long prefix are what split (a decompressed MLA prefill of
+    64-512 tokens is 16 heads x 1-4 query blocks). H200, 16K keys, against 1.0 / 2.0 programs
+    per SM in the same run: mla_prefill 512 tokens 764 / 574 -> 489 us, Llama extend 256
+    tokens 311 / 346 -> 279 us; 64-128 tokens 320-323 us (2.0: 296-300). Launches of ~140
+    programs (1024 new tokens) were slower split in 2 (Llama 772 -> 936 us)."""
     most = max(1, max_len // (MIN_SPLIT_TILES * block_n))
-    target = EXTEND_PROGRAMS_PER_SM * sms
-    return int(max(1, min(-(-target // programs), most, MAX_EXTEND_SPLITS)))
+    return int(max(1, min(int(EXTEND_WAVE * num_sms(device)) // programs, most,
+                          MAX_EXTEND_SPLITS)))
 
 
 def paged_attention(q1: torch.Tensor, q2: torch.Tensor | None, k1: torch.Tensor,

@@ -150,15 +150,15 @@ def test_extend_split_kv(splits):
 
 
 def test_extend_split_rule():
-    """Launches filling at most half the SMs split, to EXTEND_PROGRAMS_PER_SM programs per
-    SM (each split at least MIN_SPLIT_TILES tiles, at most MAX_EXTEND_SPLITS); fuller ones
-    do not."""
+    """Launches split to at most EXTEND_WAVE programs per SM (floor), each split at least
+    MIN_SPLIT_TILES tiles and at most MAX_EXTEND_SPLITS; from EXTEND_WAVE / 2 programs per SM
+    up they stay whole."""
     from kernels.triton import attention as T
     cpu, sms = torch.device("cpu"), 4                  # num_sms of the interpreter
-    target = T.EXTEND_PROGRAMS_PER_SM * sms
-    assert T._extend_splits(sms // 2 + 1, 1 << 20, 64, cpu) == 1
-    assert T._extend_splits(sms // 2, 1 << 20, 64, cpu) == -(-target // (sms // 2))
-    assert T._extend_splits(1, 1 << 20, 64, cpu) == min(target, T.MAX_EXTEND_SPLITS)
+    slots = int(T.EXTEND_WAVE * sms)                   # 5
+    assert T._extend_splits(slots // 2 + 1, 1 << 20, 64, cpu) == 1
+    assert T._extend_splits(2, 1 << 20, 64, cpu) == slots // 2
+    assert T._extend_splits(1, 1 << 20, 64, cpu) == min(slots, T.MAX_EXTEND_SPLITS)
     assert T._extend_splits(1, 3 * T.MIN_SPLIT_TILES * 64, 64, cpu) == 3
     assert T._extend_splits(1, 64, 64, cpu) == 1
 
