@@ -56,8 +56,9 @@ from appliance.model.placement import Partial, Placed, Replicate
 LATENT_NORM_EPS = 1e-6
 # Prefill chunks of at least this many new tokens a row attend decompressed (mla_prefill).
 # H200, DeepSeek-V2-Lite, one row over 16K keys, whole attention path, both forms with
-# split-KV extend (scripts/bench_kernels.py mla_prefill rows): 64 new tokens 325 vs 293 us
-# absorbed, 128: 330 vs 516, 256: 399 vs 1095, 1024: 768 vs 3572; 8K over 8K: 1279 vs 6472.
+# split-KV extend (its first sizing; scripts/bench_kernels.py mla_prefill rows): 64 new
+# tokens 325 vs 293 us absorbed, 128: 330 vs 516, 256: 399 vs 1095, 1024: 768 vs 3572; 8K
+# over 8K: 1279 vs 6472.
 # The absorbed cost grows ~3.5 us a token, the decompressed one is flat: they cross near 75.
 DECOMPRESS_MIN_TOKENS = 80
 # ... and at most this many keys in all (per-head keys and values: 8 KB a key at
