@@ -61,7 +61,8 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from kernels.triton.attention import _num_splits, _split_range, merge_splits, min_split_tiles
+from kernels.triton.attention import (SPLIT_INTS, _num_splits, _split_range, merge_splits,
+                                      min_split_tiles)
 from kernels.triton.common import (check, has_tma, interpreting, next_pow2, per_batch,
                                    pow2_dim, tma_rows_ok)
 
@@ -201,13 +202,12 @@ def _store_chunk(acc, c0, l_safe, ORow, PRow, ch, row_ok, keep, SPLIT: tl.conste
         tl.store(PRow + c0 + ch[None, :], out, mask=keep[:, None])
 
 
-@triton.jit(**per_batch(ints=("num_splits", "stride_pt", "stride_pob", "stride_poh",
-                              "stride_plb", "stride_plh"), pointers=("PageTable", "SeqLens")))
+@triton.jit(**per_batch(ints=SPLIT_INTS + ("stride_pt",), pointers=("PageTable", "SeqLens")))
 def _mla_decode_chunked_kernel(
         QL, QR, KV, DescLat, DescRope, Out, PartO, PartL, PageTable, SeqLens,
         scale_log2, page_size, num_heads, min_split_len, num_splits,
         stride_qlb, stride_qlh, stride_qrb, stride_qrh, stride_kv, stride_pt,
-        stride_ob, stride_oh, stride_pob, stride_poh, stride_pos, stride_plb, stride_plh,
+        stride_ob, stride_oh, stride_pot, stride_poh, stride_pos, stride_plt, stride_plh,
         L: tl.constexpr, R: tl.constexpr, BLOCK_R: tl.constexpr, CH: tl.constexpr,
         NC: tl.constexpr, G_BLK: tl.constexpr, BLOCK_N: tl.constexpr,
         SPLIT: tl.constexpr, EVEN_H: tl.constexpr, EVEN_R: tl.constexpr,
@@ -265,7 +265,7 @@ def _mla_decode_chunked_kernel(
     l_safe = tl.where(l_i > 0, l_i, 1.0)                                  # [M]; empty: out 0
     ch = tl.arange(0, CH)
     ORow = Out + b64 * stride_ob + head[:, None] * stride_oh               # [M, 1] pointers
-    PRow = PartO + b64 * stride_pob + head[:, None] * stride_poh + split * stride_pos
+    PRow = PartO + b64 * stride_pot + head[:, None] * stride_poh + split * stride_pos
     # an empty split writes only its lse (-inf); [M] (the interpreter rejects a scalar & [M])
     keep = row_ok & (tl.zeros([G_BLK], dtype=tl.int32) + (hi - lo) > 0)
     _store_chunk(acc0, 0 * CH, l_safe, ORow, PRow, ch, row_ok, keep, SPLIT, EVEN_H)
@@ -276,7 +276,7 @@ def _mla_decode_chunked_kernel(
         _store_chunk(acc3, 3 * CH, l_safe, ORow, PRow, ch, row_ok, keep, SPLIT, EVEN_H)
     if SPLIT:
         lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf"))     # [M]
-        tl.store(PartL + b64 * stride_plb + head * stride_plh + split, lse, mask=row_ok)
+        tl.store(PartL + b64 * stride_plt + head * stride_plh + split, lse, mask=row_ok)
 
 
 def _valid_chunk(lat: int, nc: int) -> bool:

@@ -229,8 +229,8 @@ def check_per_batch() -> None:
 
     unspecialized(A._paged_attn_kernel, A.SPLIT_INTS + ("stride_pt",), A.BATCH_META)
     unspecialized(A._merge_splits_kernel, A.SPLIT_INTS)
-    unspecialized(MD._mla_decode_chunked_kernel, ("num_splits", "stride_pt", "stride_plb",
-                                                 "stride_plh"), ("PageTable", "SeqLens"))
+    unspecialized(MD._mla_decode_chunked_kernel, A.SPLIT_INTS + ("stride_pt",),
+                  ("PageTable", "SeqLens"))
     unspecialized(P._prefill_kernel, ("stride_pt",), A.BATCH_META)
     unspecialized(M._moe_up_kernel, ("num_pairs",))
     unspecialized(M._moe_down_kernel, ("num_pairs",))
