@@ -808,6 +808,39 @@ def tune_split_tiles() -> None:
                 q, None, k, None, v, table, None, sl, 16, 0.08, split_tiles=t))
         del k, v
     torch.cuda.empty_cache()
+    tune_mla_split_counts()
+
+
+MLA_SPLIT_SHAPES = [(b, c) for b in (1, 2, 4, 8, 16, 32, 64) for c in (4096, 8192, 32768)
+                    if b * c <= 64 * 32768] + [(128, 4096), (256, 4096)]
+
+
+def tune_mla_split_counts() -> None:
+    """Split-KV pieces per row for MLA decode (DeepSeek-V2-Lite, page size 64) over whole rows
+    in a 32K-wide page table (the CUDA-graph case): the sizing rule's count (`rule`) against
+    fixed counts of 1..256, each split at least one tile; % of copy per cell, best marked."""
+    from kernels.triton.attention import _num_splits, min_split_tiles
+    from kernels.triton.mla_decode import mla_decode_chunked
+    width = 32768
+    for batch, ctx in MLA_SPLIT_SHAPES:
+        rule = (_num_splits(batch, width, 64, torch.device(DEV), True),
+                min_split_tiles(batch, True))
+        table, cache, ql, qr, _ = mla_inputs(batch, width, 64, 16)
+        sl = torch.full((batch,), ctx, dtype=torch.int32, device=DEV)
+        nbytes = batch * ctx * 576 * 2
+        cells = {"rule": graph_ms(lambda: mla_decode_chunked(ql, qr, cache, table, sl, 64, 0.07),
+                                  captures=1)}
+        for s in (1, 2, 4, 8, 16, 32, 64, 128, 256):
+            if s * 64 <= ctx:
+                cells[str(s)] = graph_ms(lambda s=s: mla_decode_chunked(
+                    ql, qr, cache, table, sl, 64, 0.07, num_splits=s, split_tiles=1), captures=1)
+        best = min(cells, key=cells.get)
+        print(f"  tune mla splits B={batch:3d} ctx={ctx:5d}: " + "  ".join(
+            f"{k}{'*' if k == best else ''} {nbytes / v / 1e6 / CEIL['GB/s']:4.0%}"
+            for k, v in cells.items()) + f"  (best {cells[best] * 1e3:.1f}us, rule "
+            f"{cells['rule'] * 1e3:.1f}us = {rule[0]} splits of >= {rule[1]} tiles)", flush=True)
+        del table, cache, ql, qr
+    torch.cuda.empty_cache()
 
 
 def profile() -> None:

@@ -280,10 +280,12 @@ def _config(decode: bool, mla: bool, group: int) -> dict:
                 num_warps=4 if small else 8, num_stages=2 if mla else 3)
 
 
-# split-KV sizing, from scripts/bench_kernels.py --tune on H200: GQA decode wants one wave of
-# ~4 resident programs per SM (more splits add a partial second wave); MLA decode, register
-# bound at 2 programs per SM, wants more, shorter splits.
-SPLITS_PER_SM = {"gqa": 4, "mla": 8}
+# split-KV sizing: decode fills one wave (floor). GQA wants ~4 resident programs per SM (more
+# splits add a partial second wave; scripts/bench_kernels.py --tune, H200). MLA wants ~1: each
+# split writes a 32 KB fp32 partial that the merge reads back, and 1-2 programs per SM are
+# within noise of the best fixed count at B=1..256 x 4K..32K (--tune-splits, H100), where the
+# earlier 8 per SM (ceil) ran up to 1.45x slower (B=8 x 4K: 39.1 vs 26.9 us).
+SPLITS_PER_SM = {"gqa": 4, "mla": 1}
 MIN_SPLIT_TILES = 4    # an MLA split covers at least this many KV tiles (few programs: fewer)
 FINE_SPLIT_PROGRAMS = 4
 EXTEND_WAVE = 1.25    # extend launches split up to this many programs per SM
@@ -303,10 +305,9 @@ def min_split_tiles(programs: int, mla: bool) -> int:
 
 def _num_splits(programs: int, max_len: int, block_n: int, device: torch.device,
                 mla: bool) -> int:
-    """Splits per (row, head block) for decode: GQA fills one wave (floor), MLA oversubscribes
-    (ceil); each split covers at least MIN_SPLIT_TILES KV tiles."""
-    target = SPLITS_PER_SM["mla" if mla else "gqa"] * num_sms(device)
-    want = -(-target // programs) if mla else target // programs
+    """Splits per (row, head block) for decode: SPLITS_PER_SM programs per SM in one wave
+    (floor), each split at least MIN_SPLIT_TILES KV tiles of the page table's width."""
+    want = SPLITS_PER_SM["mla" if mla else "gqa"] * num_sms(device) // programs
     most = max(1, max_len // (MIN_SPLIT_TILES * block_n))
     return int(max(1, min(want, most, 256)))
 
