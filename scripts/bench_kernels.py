@@ -808,39 +808,55 @@ def tune_split_tiles() -> None:
                 q, None, k, None, v, table, None, sl, 16, 0.08, split_tiles=t))
         del k, v
     torch.cuda.empty_cache()
-    tune_mla_split_counts()
+    tune_split_counts()
 
 
 MLA_SPLIT_SHAPES = [(b, c) for b in (1, 2, 4, 8, 16, 32, 64) for c in (4096, 8192, 32768)
                     if b * c <= 64 * 32768] + [(128, 4096), (256, 4096)]
+GQA_SPLIT_SHAPES = [(b, c) for b in (1, 4, 16, 64) for c in (8192, 32768)] + [(256, 4096)]
+SPLIT_COUNTS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
-def tune_mla_split_counts() -> None:
-    """Split-KV pieces per row for MLA decode (DeepSeek-V2-Lite, page size 64) over whole rows
-    in a 32K-wide page table (the CUDA-graph case): the sizing rule's count (`rule`) against
-    fixed counts of 1..256, each split at least one tile; % of copy per cell, best marked."""
-    from kernels.triton.attention import _num_splits, min_split_tiles
+def tune_split_counts() -> None:
+    """Split-KV pieces per row for decode over whole rows in a 32K-wide page table (the
+    CUDA-graph case): the sizing rule's count (`rule`) against fixed counts of 1..256, each
+    split at least one tile; % of copy per cell, best marked. MLA: DeepSeek-V2-Lite (page size
+    64); GQA: Llama-3.1-8B (page size 16)."""
+    from kernels.triton.attention import _config, _num_splits, min_split_tiles, paged_attention
     from kernels.triton.mla_decode import mla_decode_chunked
-    width = 32768
+    width, dev = 32768, torch.device(DEV)
     for batch, ctx in MLA_SPLIT_SHAPES:
-        rule = (_num_splits(batch, width, 64, torch.device(DEV), True),
-                min_split_tiles(batch, True))
         table, cache, ql, qr, _ = mla_inputs(batch, width, 64, 16)
         sl = torch.full((batch,), ctx, dtype=torch.int32, device=DEV)
-        nbytes = batch * ctx * 576 * 2
-        cells = {"rule": graph_ms(lambda: mla_decode_chunked(ql, qr, cache, table, sl, 64, 0.07),
-                                  captures=1)}
-        for s in (1, 2, 4, 8, 16, 32, 64, 128, 256):
-            if s * 64 <= ctx:
-                cells[str(s)] = graph_ms(lambda s=s: mla_decode_chunked(
-                    ql, qr, cache, table, sl, 64, 0.07, num_splits=s, split_tiles=1), captures=1)
-        best = min(cells, key=cells.get)
-        print(f"  tune mla splits B={batch:3d} ctx={ctx:5d}: " + "  ".join(
-            f"{k}{'*' if k == best else ''} {nbytes / v / 1e6 / CEIL['GB/s']:4.0%}"
-            for k, v in cells.items()) + f"  (best {cells[best] * 1e3:.1f}us, rule "
-            f"{cells['rule'] * 1e3:.1f}us = {rule[0]} splits of >= {rule[1]} tiles)", flush=True)
+        _split_count_row(f"mla B={batch:3d} ctx={ctx:5d}", ctx, 64, batch * ctx * 576 * 2,
+                         (_num_splits(batch, width, 64, dev, True), min_split_tiles(batch, True)),
+                         lambda s, t: mla_decode_chunked(ql, qr, cache, table, sl, 64, 0.07,
+                                                         num_splits=s, split_tiles=t))
         del table, cache, ql, qr
+    block_n = _config(True, False, 4)["BLOCK_N"]
+    for batch, ctx in GQA_SPLIT_SHAPES:
+        table, k, v, q, _ = gqa_inputs(batch, width, 16)
+        sl = torch.full((batch,), ctx, dtype=torch.int32, device=DEV)
+        _split_count_row(f"gqa B={batch:3d} ctx={ctx:5d}", ctx, block_n,
+                         batch * ctx * 8 * 128 * 2 * 2,
+                         (_num_splits(batch * 8, width, block_n, dev, False), 1),
+                         lambda s, t: paged_attention(q, None, k, None, v, table, None, sl, 16,
+                                                      0.08, num_splits=s, split_tiles=t))
+        del table, k, v, q
     torch.cuda.empty_cache()
+
+
+def _split_count_row(label: str, ctx: int, block_n: int, nbytes: int, rule: tuple[int, int],
+                     call: Callable[[int | None, int | None], object]) -> None:
+    cells = {"rule": graph_ms(lambda: call(None, None), captures=1)}
+    for s in SPLIT_COUNTS:
+        if s * block_n <= ctx:
+            cells[str(s)] = graph_ms(lambda s=s: call(s, 1), captures=1)
+    best = min(cells, key=cells.get)
+    print(f"  tune splits {label}: " + "  ".join(
+        f"{k}{'*' if k == best else ''} {nbytes / v / 1e6 / CEIL['GB/s']:4.0%}"
+        for k, v in cells.items()) + f"  (best {cells[best] * 1e3:.1f}us, rule "
+        f"{cells['rule'] * 1e3:.1f}us = {rule[0]} splits of >= {rule[1]} tiles)", flush=True)
 
 
 def profile() -> None:
@@ -969,7 +985,8 @@ def main() -> None:
                     help="sweep fused MoE tiles, then exit unless --only is given")
     ap.add_argument("--tune-splits", action="store_true",
                     help="sweep the fewest KV tiles per split for short rows in wide page "
-                         "tables, then exit unless --only is given")
+                         "tables and the split counts of whole rows, then exit unless --only "
+                         "is given")
     ap.add_argument("--tune-prefill", action="store_true",
                     help="sweep the contiguous-K/V prefill tiles, then exit unless --only is "
                          "given")

@@ -281,11 +281,12 @@ def _config(decode: bool, mla: bool, group: int) -> dict:
 
 
 # split-KV sizing: decode fills one wave (floor). GQA wants ~4 resident programs per SM (more
-# splits add a partial second wave; scripts/bench_kernels.py --tune, H200). MLA wants ~1: each
-# split writes a 32 KB fp32 partial that the merge reads back, and 1-2 programs per SM are
-# within noise of the best fixed count at B=1..256 x 4K..32K (--tune-splits, H100), where the
-# earlier 8 per SM (ceil) ran up to 1.45x slower (B=8 x 4K: 39.1 vs 26.9 us).
-SPLITS_PER_SM = {"gqa": 4, "mla": 1}
+# splits add a partial second wave; scripts/bench_kernels.py --tune, H200). MLA wants ~2 (its
+# register-bound residency): each split writes a 32 KB fp32 partial that the merge reads back.
+# --tune-splits (B=1..256 x 4K..32K): 2 per SM is the best fixed count or within 2 points of it
+# on an H200; on an H100 within 4 points, but for B=128 x 4K (82% of copy vs 91% unsplit). The
+# earlier 8 per SM (ceil) ran up to 1.4x slower (H200, B=8 x 4K: 32.9 vs 24.1 us).
+SPLITS_PER_SM = {"gqa": 4, "mla": 2}
 MIN_SPLIT_TILES = 4    # an MLA split covers at least this many KV tiles (few programs: fewer)
 FINE_SPLIT_PROGRAMS = 4
 EXTEND_WAVE = 1.25    # extend launches split up to this many programs per SM
