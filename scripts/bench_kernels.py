@@ -473,19 +473,31 @@ def case_rope_kv(tokens: int, hq: int = 32, hk: int = 8, d: int = 128) -> None:
          torch_ref=bench_ms(ref_fn))
 
 
-def case_sample(batch: int, mode: str, vocab: int = 128256) -> None:
+def sample_logits(batch: int, vocab: int, peaked: bool) -> torch.Tensor:
+    """N(0, 16) logits; peaked: 8 random tokens per row lifted by 16 (the top 128 then hold
+    nearly all the mass, as in most LLM steps; at N(0, 16) alone they often do not)."""
     logits = torch.randn(batch, vocab, device=DEV) * 4
-    greedy, filtered = mode == "greedy", mode.startswith("topk")
+    if peaked:
+        lift = torch.rand(batch, vocab, device=DEV).topk(8, 1).indices
+        logits.scatter_add_(1, lift, torch.full(lift.shape, 16.0, device=DEV))
+    return logits
+
+
+def case_sample(batch: int, mode: str, vocab: int = 128256) -> None:
+    """mode: greedy, plain, topkK_topP, topP (top-p alone); a _peaked suffix: peaked logits."""
+    logits = sample_logits(batch, vocab, mode.endswith("_peaked"))
+    name, mode = mode, mode.removesuffix("_peaked")
+    greedy, k_on, p_on = mode == "greedy", mode.startswith("topk"), "topp" in mode
     temp = torch.full((batch,), 0.0 if greedy else 0.8, device=DEV)
-    top_k = torch.full((batch,), 50 if filtered else 0, dtype=torch.int32, device=DEV)
-    top_p = torch.full((batch,), 0.9 if filtered else 1.0, device=DEV)
+    top_k = torch.full((batch,), 50 if k_on else 0, dtype=torch.int32, device=DEV)
+    top_p = torch.full((batch,), float(mode.split("topp")[1]) if p_on else 1.0, device=DEV)
     seeds = torch.randint(0, 2 ** 62, (batch,), device=DEV)
     pos = torch.randint(0, 2 ** 20, (batch,), device=DEV)
     fn = lambda: TS.sample(logits, temp, top_k, top_p, seeds, pos)  # noqa: E731
     ref_fn = lambda: R.sample(logits, temp, top_k, top_p, seeds, pos)  # noqa: E731
     mismatch = float((fn() != ref_fn()).float().mean())
     ms, eager = graph_ms(fn), bench_ms(fn)
-    emit("sample", f"B={batch} V={vocab} {mode}", ms, eager=eager,
+    emit("sample", f"B={batch} V={vocab} {name}", ms, eager=eager,
          nbytes=logits.numel() * 4, err=mismatch,
          torch_ref=bench_ms(ref_fn, rep=20) if batch <= 64 else None)
 
@@ -946,7 +958,9 @@ def groups(quick: bool) -> dict[str, list[Callable[[], None]]]:
             [lambda: case_norm(1), lambda: case_norm(4096), lambda: case_silu(4096),
              lambda: case_rope_kv(1), lambda: case_rope_kv(4096),
              lambda: case_sample(1, "greedy"), lambda: case_sample(1, "topk50_topp0.9"),
-             lambda: case_sample(64, "topk50_topp0.9"), lambda: case_sample(256, "greedy"),
+             lambda: case_sample(1, "topp0.95"), lambda: case_sample(1, "topp0.95_peaked"),
+             lambda: case_sample(64, "topk50_topp0.9"), lambda: case_sample(64, "topp0.95"),
+             lambda: case_sample(64, "topp0.95_peaked"), lambda: case_sample(256, "greedy"),
              lambda: case_sample(256, "plain"),
              lambda: case_sample(256, "topk50_topp0.9")],
     }

@@ -1,13 +1,17 @@
 """Sampling in Triton without a host sync; the same function as kernels/reference/sample.py.
 
 Two launches. Stage 1, one program per (row, vocab chunk): the chunk's best `l + gumbel`
-(plain `l` when greedy; unused by filtered rows) and, when top-k is on with k <= KCAP, the
-chunk's top-k candidates (every element >= the chunk's k-th largest, found by bisection over an
-order-preserving integer key; the global top-k is a subset of the union). Stage 2, one program
-per row: rows with top-k finish on the candidates (global k-th largest, top-p by bisection over
-the bits of e = exp(l - max), Gumbel-max); rows with neither filter reduce the chunk bests; rows
-with top-p alone (or k > KCAP) stream the whole row (bisection passes over the vocabulary).
-Ties at the chunk threshold beyond KCAP candidates are dropped (not seen with float logits).
+(plain `l` when greedy; unused by filtered rows) and, when top-k is on with k <= KCAP or top-p
+is on alone, the chunk's top-k candidates (k = KCAP for top-p alone; every element >= the
+chunk's k-th largest, found by bisection over an order-preserving integer key: the global top-k
+is a subset of the union); for top-p alone also the chunk's mass sum(exp(l - chunk max)).
+Stage 2, one program per row: rows with candidates finish on them (global k-th largest, top-p
+by bisection over the bits of e = exp(l - max), Gumbel-max). For top-p alone that is exact when
+the global top KCAP hold at least top_p of the row's mass Z (summed from the chunk masses):
+every token of the nucleus is then a candidate. Rows where they do not (a flat distribution),
+rows with a chunk whose k-th value has more ties than its KCAP slots (e.g. masked logits), and
+top-k > KCAP stream the whole row (bisection passes over the vocabulary); rows with neither
+filter reduce the chunk bests.
 """
 from __future__ import annotations
 
@@ -83,15 +87,18 @@ def _row_params(Temp, TopK, TopP, row, V, KCAP: tl.constexpr):
     top_p = tl.load(TopP + row).to(tl.float32)
     k_on = (~greedy) & (top_k > 0) & (top_k < V)
     p_on = (~greedy) & (top_p < 1.0)
-    cand = k_on & (top_k <= KCAP)
-    return tl.where(greedy, 1.0, temp), greedy, top_k, top_p, k_on, p_on, cand
+    p_alone = p_on & ~k_on
+    cand = (k_on & (top_k <= KCAP)) | p_alone
+    k_cand = tl.where(k_on, top_k, KCAP)    # top-p alone: the KCAP largest
+    return tl.where(greedy, 1.0, temp), greedy, k_cand, top_p, k_on, p_on, p_alone, cand
 
 
 @triton.jit(**per_batch(pointers=ROW_PARAMS))
 def _sample_chunk_kernel(Logits, Temp, TopK, TopP, Seeds, Pos, CandV, CandI, BestV, BestI,
-                         stride_l, V, NC, CHUNK: tl.constexpr, KCAP: tl.constexpr):
+                         ChunkZ, Overflow, stride_l, V, NC, CHUNK: tl.constexpr, KCAP: tl.constexpr):
     row, c = tl.program_id(0), tl.program_id(1)
-    t, greedy, top_k, top_p, k_on, p_on, cand = _row_params(Temp, TopK, TopP, row, V, KCAP)
+    t, greedy, top_k, top_p, k_on, p_on, p_alone, cand = _row_params(Temp, TopK, TopP, row, V,
+                                                                      KCAP)
     idx = c * CHUNK + tl.arange(0, CHUNK)                                     # [C]
     ok = idx < V
     l = tl.load(Logits + row.to(tl.int64) * stride_l + idx, mask=ok, other=float("-inf")) / t
@@ -102,16 +109,24 @@ def _sample_chunk_kernel(Logits, Temp, TopK, TopP, Seeds, Pos, CandV, CandI, Bes
     slot = row.to(tl.int64) * NC + c
     tl.store(BestV + slot, best)
     tl.store(BestI + slot, tl.min(tl.where(score == best, idx, V), 0))
-    if cand:
+    if p_alone:   # the chunk's mass (no -inf - -inf when the chunk is all -inf)
+        tl.store(ChunkZ + slot, tl.sum(tl.where(score > float("-inf"), tl.exp(l - best), 0.0),
+                                       0))
+    if cand:   # the elements above the chunk's k-th largest first, then its ties
         keys = _order_key(l)
-        take = ok & (keys >= _kth_key(keys, ok, top_k))                      # [C]
-        at = tl.cumsum(take.to(tl.int32), 0) - 1                              # [C]
+        kth = _kth_key(keys, ok, top_k)
+        above = ok & (keys > kth)                                            # [C]
+        tie = ok & (keys == kth)                                             # [C]
+        at = tl.where(above, tl.cumsum(above.to(tl.int32), 0) - 1,
+                      tl.sum(above.to(tl.int32), 0) + tl.cumsum(tie.to(tl.int32), 0) - 1)
+        n_take = tl.sum((above | tie).to(tl.int32), 0)
+        tl.store(Overflow + slot, (n_take > KCAP).to(tl.int32))   # ties beyond KCAP slots
         base = slot * KCAP
-        keep = take & (at < KCAP)
+        keep = (above | tie) & (at < KCAP)
         tl.store(CandV + base + at, l, mask=keep)
         tl.store(CandI + base + at, idx, mask=keep)
         j = tl.arange(0, KCAP)
-        pad = j >= tl.sum(take.to(tl.int32), 0)
+        pad = j >= n_take
         tl.store(CandV + base + j, tl.full([KCAP], float("-inf"), tl.float32), mask=pad)
         tl.store(CandI + base + j, tl.full([KCAP], 0, tl.int32) + V, mask=pad)
 
@@ -131,23 +146,41 @@ def _top_p_floor(e, z, top_p):
 
 
 @triton.jit
-def _finish_candidates(CandV, CandI, row, NC, V, top_k, top_p, p_on, key,
-                       KCAP: tl.constexpr, NCAND: tl.constexpr):
+def _load_candidates(CandV, CandI, row, NC, V, KCAP: tl.constexpr, NCAND: tl.constexpr):
+    """The row's stage-1 candidates: values, token ids (V for none), validity; [NCAND] each."""
     j = tl.arange(0, NCAND)
     base = row.to(tl.int64) * NC * KCAP
     inb = j < NC * KCAP
-    vals = tl.load(CandV + base + j, mask=inb, other=float("-inf"))           # [NCAND]
+    vals = tl.load(CandV + base + j, mask=inb, other=float("-inf"))
     ids = tl.load(CandI + base + j, mask=inb, other=V)
-    valid = ids < V
+    return vals, ids, ids < V
+
+
+@triton.jit
+def _candidate_mass(CandV, CandI, row, NC, V, m, KCAP: tl.constexpr, NCAND: tl.constexpr):
+    """sum(exp(l - m)) over the row's candidates: at least the top KCAP's mass."""
+    vals, ids, valid = _load_candidates(CandV, CandI, row, NC, V, KCAP, NCAND)
+    return tl.sum(tl.where(valid, tl.exp(vals - m), 0.0), 0)
+
+
+@triton.jit
+def _finish_candidates(CandV, CandI, row, NC, V, top_k, top_p, p_on, p_alone, z_row, key,
+                       KCAP: tl.constexpr, NCAND: tl.constexpr):
+    """(token, exact). With top-k, top-p renormalizes over the top k. Top-p alone (top_k =
+    KCAP): z_row is the whole row's mass, and the result is exact only if the top KCAP hold
+    top_p of it (otherwise the caller streams the row)."""
+    vals, ids, valid = _load_candidates(CandV, CandI, row, NC, V, KCAP, NCAND)
     keys = _order_key(vals)
     keep = valid & (keys >= _kth_key(keys, valid, top_k))
     m = tl.max(tl.where(keep, vals, float("-inf")), 0)
     e = tl.where(keep, tl.exp(vals - m), 0.0)
+    z_keep = tl.sum(e, 0)
+    z = tl.where(p_alone, z_row, z_keep)
     if p_on:
-        keep = keep & (e >= _top_p_floor(e, tl.sum(e, 0), top_p))
+        keep = keep & (e >= _top_p_floor(e, z, top_p))
     score = tl.where(keep, vals + _gumbel(key, ids), float("-inf"))
     best = tl.max(score, 0)
-    return tl.min(tl.where(score == best, ids, V), 0)
+    return tl.min(tl.where(score == best, ids, V), 0), (~p_alone) | (z_keep >= top_p * z)
 
 
 @triton.jit
@@ -208,19 +241,34 @@ def _finish_stream(base, V, t, k_on, top_k, top_p, p_on, key, BLOCK_V: tl.conste
 
 @triton.jit(**per_batch(pointers=ROW_PARAMS))
 def _sample_finish_kernel(Logits, Temp, TopK, TopP, Seeds, Pos, CandV, CandI, BestV, BestI,
-                          Out, stride_l, V, NC, KCAP: tl.constexpr, NCAND: tl.constexpr,
-                          BLOCK_NC: tl.constexpr, BLOCK_V: tl.constexpr):
+                          ChunkZ, Overflow, Out, stride_l, V, NC, KCAP: tl.constexpr,
+                          NCAND: tl.constexpr, BLOCK_NC: tl.constexpr, BLOCK_V: tl.constexpr):
     row = tl.program_id(0)
-    t, greedy, top_k, top_p, k_on, p_on, cand = _row_params(Temp, TopK, TopP, row, V, KCAP)
+    t, greedy, top_k, top_p, k_on, p_on, p_alone, cand = _row_params(Temp, TopK, TopP, row, V,
+                                                                      KCAP)
     key = _row_key(Seeds, Pos, row)
     c = tl.arange(0, BLOCK_NC)
     bv = tl.load(BestV + row.to(tl.int64) * NC + c, mask=c < NC, other=float("-inf"))
     bi = tl.load(BestI + row.to(tl.int64) * NC + c, mask=c < NC, other=V)
     top = tl.max(bv, 0)
     tok = tl.min(tl.where(bv == top, bi, V), 0)            # no filter (or greedy)
+    stream = (k_on | p_on) & ~cand
     if cand:
-        tok = _finish_candidates(CandV, CandI, row, NC, V, top_k, top_p, p_on, key, KCAP, NCAND)
-    elif k_on | p_on:
+        # a chunk that dropped ties at its k-th value: its candidates may miss some of the set
+        stream = tl.max(tl.load(Overflow + row.to(tl.int64) * NC + c, mask=c < NC, other=0),
+                        0) > 0
+        z_row = 0.0
+        if p_alone:   # the row's mass relative to its max, from the chunks'
+            cz = tl.load(ChunkZ + row.to(tl.int64) * NC + c, mask=c < NC, other=0.0)
+            z_row = tl.sum(tl.where(bv > float("-inf"), cz * tl.exp(bv - top), 0.0), 0)
+            # all candidates' mass bounds the top KCAP's: a flat row streams without trying
+            stream = stream | (_candidate_mass(CandV, CandI, row, NC, V, top, KCAP, NCAND)
+                               < top_p * z_row)
+        if ~stream:
+            tok, exact = _finish_candidates(CandV, CandI, row, NC, V, top_k, top_p, p_on,
+                                            p_alone, z_row, key, KCAP, NCAND)
+            stream = ~exact
+    if stream:
         tok = _finish_stream(Logits + row.to(tl.int64) * stride_l, V, t, k_on, top_k, top_p,
                              p_on, key, BLOCK_V)
     tl.store(Out + row, tok.to(tl.int32))
@@ -249,8 +297,10 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
     cand_i = torch.empty(b, nc * kcap, dtype=torch.int32, device=dev)
     best_v = torch.empty(b, nc, dtype=torch.float32, device=dev)              # [B, NC]
     best_i = torch.empty(b, nc, dtype=torch.int32, device=dev)
+    chunk_z = torch.empty(b, nc, dtype=torch.float32, device=dev)             # top-p alone
+    overflow = torch.empty(b, nc, dtype=torch.int32, device=dev)
     args = (logits, temperature.float(), top_k.int(), top_p.float(), seeds.long(),
-            positions.long(), cand_v, cand_i, best_v, best_i)
+            positions.long(), cand_v, cand_i, best_v, best_i, chunk_z, overflow)
     _sample_chunk_kernel[(b, nc)](*args, logits.stride(0), v, nc, CHUNK=chunk, KCAP=kcap,
                                   num_warps=8)
     _sample_finish_kernel[(b,)](*args, out, logits.stride(0), v, nc, KCAP=kcap,

@@ -206,7 +206,8 @@ def _moe(ppe: float, pair_blocks: bool) -> None:
 
 def _sample() -> None:
     args = dict(Logits=F32, Temp=F32, TopK=I32, TopP=F32, Seeds=I64, Pos=I64, CandV=F32,
-                CandI=I32, BestV=F32, BestI=I32, Out=I32, stride_l=128256, V=128256, NC=32)
+                CandI=I32, BestV=F32, BestI=I32, ChunkZ=F32, Overflow=I32, Out=I32,
+                stride_l=128256, V=128256, NC=32)
     compile_sm90(S._sample_chunk_kernel, args, dict(CHUNK=4096, KCAP=128), 8, 1)
     compile_sm90(S._sample_finish_kernel, args,
                  dict(KCAP=128, NCAND=4096, BLOCK_NC=32, BLOCK_V=2048), 8, 1)

@@ -248,6 +248,64 @@ def test_sample_matches_reference_exactly():
     assert torch.equal(got, R.sample(logits, temp, top_k, top_p, seeds, pos))
 
 
+def test_sample_top_p_alone_on_candidates_and_streamed(monkeypatch):
+    """Top-p without top-k, chunks of 128 with 32 candidates each (so that the candidates do
+    not cover a row): rows whose top KCAP tokens hold top_p of the mass finish on the
+    candidates (peaked rows; `medium` rows, whose nucleus ends inside the top KCAP where the
+    mass outside it still moves that end), flat and lopsided rows stream the row; each row is
+    drawn at several positions and all equal the reference. One row is all -inf but one
+    token."""
+    monkeypatch.setattr(S, "_sizes", lambda: (128, 32))
+    chunk, kcap = S._sizes()
+    v = 5 * chunk + 17
+    peaked = rnd(2, v) * 6
+    flat = rnd(1, v) * 0.05                            # the top KCAP hold ~5% of the mass
+    medium = rnd(v) * 0.01 - 3.5                       # the top KCAP hold ~93% of the mass
+    medium[torch.randperm(v, device=DEV)[:kcap]] = 2.0 + rnd(kcap) * 0.3
+    # `lopsided`: 60 high tokens in the first chunk (32 kept), 10 in each other; all kept
+    # candidates hold ~70% of the mass, the top KCAP ~31%: streamed at top_p 0.6
+    lopsided = rnd(v) * 0.01 - 3.5
+    high = torch.cat([torch.randperm(chunk, device=DEV)[:60]] + [
+        c * chunk + torch.randperm(chunk, device=DEV)[:10] for c in range(1, 5)])
+    lopsided[high] = 2.0 + rnd(high.numel()) * 0.3
+    logits = torch.cat([peaked, flat.repeat(8, 1), medium.repeat(12, 1), lopsided.repeat(8, 1)])
+    logits[0, :] = float("-inf")
+    logits[0, 3] = 1.0
+    b = logits.shape[0]
+    temp = torch.tensor([1.0, 0.7] + [1.0] * 28, device=DEV)
+    top_p = torch.tensor([0.9, 0.5] + [0.7] * 8 + [0.9] * 12 + [0.6] * 8, device=DEV)
+    top_k = torch.zeros(b, dtype=torch.int32, device=DEV)
+    seeds = torch.randint(-2 ** 62, 2 ** 62, (b,), device=DEV)
+    pos = torch.randint(0, 10 ** 6, (b,), device=DEV)
+    top_mass = torch.softmax(logits.float() / temp[:, None], 1).topk(kcap, 1).values.sum(1)
+    assert torch.equal(top_mass >= top_p, torch.tensor([1, 1] + [0] * 8 + [1] * 12 + [0] * 8,
+                                                       device=DEV, dtype=torch.bool))
+    got = S.sample(logits, temp, top_k, top_p, seeds, pos)
+    assert got[0] == 3
+    assert torch.equal(got, R.sample(logits, temp, top_k, top_p, seeds, pos))
+
+
+def test_sample_ties_beyond_the_candidate_slots(monkeypatch):
+    """Masked logits (one value repeated) tie at a chunk's k-th largest more often than the
+    chunk has candidate slots: the tokens above the ties are never dropped, and such rows
+    stream (exact, ties kept as the reference keeps them). Top-k and top-p alone."""
+    monkeypatch.setattr(S, "_sizes", lambda: (128, 32))
+    v, b = 3 * 128, 16
+    logits = torch.full((b, v), -1.0e4, device=DEV)
+    logits[:, 100] = 5.0                      # after 100 ties in the first chunk
+    logits[:, 3] = 4.5
+    logits[8:, 200:260] = 4.0                 # rows 8..: 60 tied tokens, 56 in one chunk
+    temp = torch.ones(b, device=DEV)
+    top_k = torch.tensor([10] * 4 + [0] * 4 + [20] * 4 + [0] * 4, dtype=torch.int32,
+                         device=DEV)
+    top_p = torch.tensor([1.0] * 4 + [0.9] * 4 + [1.0] * 4 + [0.5] * 4, device=DEV)
+    seeds = torch.randint(-2 ** 62, 2 ** 62, (b,), device=DEV)
+    pos = torch.randint(0, 10 ** 6, (b,), device=DEV)
+    got = S.sample(logits, temp, top_k, top_p, seeds, pos)
+    assert torch.equal(got, R.sample(logits, temp, top_k, top_p, seeds, pos))
+    assert (got[:8] == 100).any() and ((got[8:] >= 200) & (got[8:] < 260)).sum() >= 4
+
+
 @pytest.mark.parametrize("scoring,e,k,n_group,topk_group,bias,renorm", [
     ("softmax", 64, 6, 1, 1, False, False),      # DeepSeek-V2-Lite
     ("softmax", 20, 3, 4, 2, False, True),       # V2 group-limited, groups of 5
