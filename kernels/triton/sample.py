@@ -95,7 +95,8 @@ def _row_params(Temp, TopK, TopP, row, V, KCAP: tl.constexpr):
 
 @triton.jit(**per_batch(pointers=ROW_PARAMS))
 def _sample_chunk_kernel(Logits, Temp, TopK, TopP, Seeds, Pos, CandV, CandI, BestV, BestI,
-                         ChunkZ, Overflow, stride_l, V, NC, CHUNK: tl.constexpr, KCAP: tl.constexpr):
+                         ChunkZ, Overflow, stride_l, V, NC, CHUNK: tl.constexpr,
+                         KCAP: tl.constexpr):
     row, c = tl.program_id(0), tl.program_id(1)
     t, greedy, top_k, top_p, k_on, p_on, p_alone, cand = _row_params(Temp, TopK, TopP, row, V,
                                                                       KCAP)
