@@ -309,8 +309,7 @@ def _num_splits(programs: int, max_len: int, block_n: int, device: torch.device,
     """Splits per (row, head block) for decode: SPLITS_PER_SM programs per SM in one wave
     (floor), each split at least MIN_SPLIT_TILES KV tiles of the page table's width."""
     want = SPLITS_PER_SM["mla" if mla else "gqa"] * num_sms(device) // programs
-    most = max(1, max_len // (MIN_SPLIT_TILES * block_n))
-    return int(max(1, min(want, most, 256)))
+    return int(max(1, min(want, _most_splits(max_len, block_n), 256)))
 
 
 def _extend_splits(programs: int, max_len: int, block_n: int, device: torch.device) -> int:
@@ -321,9 +320,13 @@ def _extend_splits(programs: int, max_len: int, block_n: int, device: torch.devi
     per SM in the same run: mla_prefill 512 tokens 764 / 574 -> 489 us, Llama extend 256
     tokens 311 / 346 -> 279 us; 64-128 tokens 320-323 us (2.0: 296-300). Launches of ~140
     programs (1024 new tokens) were slower split in 2 (Llama 772 -> 936 us)."""
-    most = max(1, max_len // (MIN_SPLIT_TILES * block_n))
-    return int(max(1, min(int(EXTEND_WAVE * num_sms(device)) // programs, most,
-                          MAX_EXTEND_SPLITS)))
+    return int(max(1, min(int(EXTEND_WAVE * num_sms(device)) // programs,
+                          _most_splits(max_len, block_n), MAX_EXTEND_SPLITS)))
+
+
+def _most_splits(max_len: int, block_n: int) -> int:
+    """Splits of at least MIN_SPLIT_TILES tiles that a page table max_len keys wide holds."""
+    return max(1, max_len // (MIN_SPLIT_TILES * block_n))
 
 
 def paged_attention(q1: torch.Tensor, q2: torch.Tensor | None, k1: torch.Tensor,
