@@ -1,5 +1,9 @@
 """YAML -> frozen dataclasses, validated, with errors that name the key.
 
+The dataclasses below are the one source of every setting's default: shipped YAML files state
+only what they change, and the C++ scheduler (appliance._core) takes every setting it needs
+from here, with no defaults of its own.
+
 Every CLI subcommand loads the same file plus `--set key=value` overrides, so `top`, `status` and
 `down` find the daemon that `up` started with the same config.
 """
@@ -63,17 +67,22 @@ class ServerConfig:
 
 @dataclass(frozen=True)
 class KVConfig:
-    page_size: int = 16
-    memory_fraction: float = 0.85
-    num_pages: int | None = None
+    """YAML `kv:`: the paged KV cache."""
+
+    page_size: int = 16  # tokens per page, a power of two
+    memory_fraction: float = 0.85  # of the device's memory, when num_pages is not set
+    num_pages: int | None = None  # a fixed pool size instead of memory_fraction
 
 
 @dataclass(frozen=True)
-class SchedulerConfig:
-    max_batch_tokens: int = 2048
-    max_running: int = 256
-    tps_floor: float = 70.0
-    session_ttl_s: float = 60.0
+class SchedulerPolicyConfig:
+    """YAML `scheduler:`: the batch policy of the C++ scheduler (the engine turns it into an
+    `appliance._core.SchedulerConfig`, adding the KV pool's size and the context length)."""
+
+    max_batch_tokens: int = 2048  # tokens per step, decodes + prefill chunks
+    max_running: int = 256  # admitted (prefilling + decoding) requests
+    tps_floor: float = 70.0  # decode tokens/s each running request keeps; 0 = off
+    session_ttl_s: float = 60.0  # pin of a finished session turn's KV pages; 0 = no retention
 
 
 @dataclass(frozen=True)
@@ -88,7 +97,7 @@ class AppConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     kv: KVConfig = field(default_factory=KVConfig)
-    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    scheduler: SchedulerPolicyConfig = field(default_factory=SchedulerPolicyConfig)
     kernels: KernelsConfig = field(default_factory=KernelsConfig)
 
     @property
@@ -105,8 +114,10 @@ _CHOICES = {
 }
 _POSITIVE = {
     "model.max_model_len", "server.port", "kv.page_size", "kv.num_pages",
-    "scheduler.max_batch_tokens", "scheduler.max_running", "scheduler.tps_floor",
+    "scheduler.max_batch_tokens", "scheduler.max_running",
 }
+# 0 has a meaning here: tps_floor 0 = no floor, session_ttl_s 0 = no retention.
+_NON_NEGATIVE = {"scheduler.tps_floor", "scheduler.session_ttl_s"}
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> AppConfig:
@@ -189,12 +200,14 @@ def _validate(config: AppConfig) -> None:
         value = _get(config, key)
         if value is not None and value <= 0:
             raise ConfigError(f"{key}: must be positive, got {value!r}")
+    for key in _NON_NEGATIVE:
+        value = _get(config, key)
+        if not value >= 0:  # also refuses NaN
+            raise ConfigError(f"{key}: must be >= 0, got {value!r}")
     if not 0.0 < config.kv.memory_fraction <= 1.0:
         raise ConfigError(f"kv.memory_fraction: must be in (0, 1], got {config.kv.memory_fraction}")
     if config.kv.page_size & (config.kv.page_size - 1):
         raise ConfigError(f"kv.page_size: must be a power of two, got {config.kv.page_size}")
-    if config.scheduler.session_ttl_s < 0:
-        raise ConfigError("scheduler.session_ttl_s: must be >= 0")
     if bool(config.model.path) == bool(config.model.preset):
         raise ConfigError("model.path / model.preset: set exactly one of them")
     if config.model.path and config.model.load_format == "dummy":

@@ -8,25 +8,30 @@ import numpy as np
 import numpy.typing as npt
 
 class SchedulerConfig:
+    """Everything the C++ Scheduler is built from. The settings have no defaults here: the
+    engine fills them from appliance/config.py (YAML `kv:`, `scheduler:`) and the model runner.
+    min_prefill_chunk is internal to the C++ policy and keeps its C++ default."""
+
     num_pages: int
     page_size: int
     max_batch_tokens: int
     max_running: int
-    tps_floor: float
-    session_ttl_s: float
+    tps_floor: float  # 0 = off
+    session_ttl_s: float  # 0 = no retention
     max_seq_len: int
     min_prefill_chunk: int
     def __init__(
         self,
-        num_pages: int = 512,
-        page_size: int = 16,
-        max_batch_tokens: int = 2048,
-        max_running: int = 256,
-        tps_floor: float = 70.0,
-        session_ttl_s: float = 30.0,
-        max_seq_len: int = 131072,
-        min_prefill_chunk: int = 64,
-    ) -> None: ...
+        *,
+        num_pages: int,
+        page_size: int,
+        max_batch_tokens: int,
+        max_running: int,
+        tps_floor: float,
+        session_ttl_s: float,
+        max_seq_len: int,
+        min_prefill_chunk: int = ...,
+    ) -> None: ...  # ValueError names the bad field
 
 class Plan:
     step: int

@@ -12,20 +12,27 @@ using ts::SchedulerConfig;
 PYBIND11_MODULE(_core, m) {
   m.doc() = "TokenSpeed control plane: KV page pool, prefix cache, request FSM, scheduler.";
 
+  // Every setting is a required keyword (its default lives in appliance/config.py); only the
+  // internal knob min_prefill_chunk has a default, the C++ one.
   py::class_<SchedulerConfig>(m, "SchedulerConfig")
       .def(py::init([](int32_t num_pages, int32_t page_size, int32_t max_batch_tokens,
                        int32_t max_running, double tps_floor, double session_ttl_s,
                        int32_t max_seq_len, int32_t min_prefill_chunk) {
-             SchedulerConfig c{num_pages,   page_size,     max_batch_tokens,
-                               max_running, tps_floor,     session_ttl_s,
-                               max_seq_len, min_prefill_chunk};
+             SchedulerConfig c{.num_pages = num_pages,
+                               .page_size = page_size,
+                               .max_batch_tokens = max_batch_tokens,
+                               .max_running = max_running,
+                               .tps_floor = tps_floor,
+                               .session_ttl_s = session_ttl_s,
+                               .max_seq_len = max_seq_len,
+                               .min_prefill_chunk = min_prefill_chunk};
              c.validate();
              return c;
            }),
-           py::arg("num_pages") = 512, py::arg("page_size") = 16,
-           py::arg("max_batch_tokens") = 2048, py::arg("max_running") = 256,
-           py::arg("tps_floor") = 70.0, py::arg("session_ttl_s") = 30.0,
-           py::arg("max_seq_len") = 131072, py::arg("min_prefill_chunk") = 64)
+           py::kw_only(), py::arg("num_pages"), py::arg("page_size"),
+           py::arg("max_batch_tokens"), py::arg("max_running"), py::arg("tps_floor"),
+           py::arg("session_ttl_s"), py::arg("max_seq_len"),
+           py::arg("min_prefill_chunk") = SchedulerConfig::kDefaultMinPrefillChunk)
       .def_readonly("num_pages", &SchedulerConfig::num_pages)
       .def_readonly("page_size", &SchedulerConfig::page_size)
       .def_readonly("max_batch_tokens", &SchedulerConfig::max_batch_tokens)

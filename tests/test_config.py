@@ -1,10 +1,13 @@
 """Config loading: defaults, overrides, and errors that name the key."""
 
-from pathlib import Path
+import dataclasses
 
 import pytest
+import yaml
 
-from appliance.config import ConfigError, load_config
+from appliance.config import REPO_ROOT, AppConfig, ConfigError, load_config
+
+SHIPPED_CONFIGS = sorted(REPO_ROOT.glob("configs/*.yaml"))
 
 
 def test_default_config_loads_and_resolves_socket(tmp_path, monkeypatch):
@@ -39,6 +42,10 @@ def test_model_path_override_replaces_the_preset():
     ("device=tpu", "device"),
     ("kv.memory_fraction=1.5", "kv.memory_fraction"),
     ("scheduler.max_batch_tokens=true", "scheduler.max_batch_tokens"),
+    ("scheduler.max_running=0", "scheduler.max_running"),
+    ("scheduler.tps_floor=-1", "scheduler.tps_floor"),
+    ("scheduler.tps_floor=.nan", "scheduler.tps_floor"),
+    ("scheduler.session_ttl_s=-5", "scheduler.session_ttl_s"),
     ("server=5", "server"),
 ])
 def test_bad_values_name_the_key(override, key):
@@ -67,6 +74,46 @@ def test_cli_reports_config_error(capsys):
     assert "kv.bogus" in capsys.readouterr().err
 
 
+def test_zero_means_off_for_the_floor_and_retention():
+    config = load_config(overrides=["scheduler.tps_floor=0", "scheduler.session_ttl_s=0"])
+    assert config.scheduler.tps_floor == 0.0 and config.scheduler.session_ttl_s == 0.0
+
+
+def test_scheduler_section_reaches_the_core_config():
+    """The engine's one conversion passes every `scheduler:` setting to the C++ scheduler, and
+    the C++ side accepts what config.py accepts (0 = off)."""
+    from appliance.engine.engine import core_scheduler_config
+
+    policy = load_config(overrides=["scheduler.tps_floor=0", "scheduler.session_ttl_s=0",
+                                    "scheduler.max_running=3"]).scheduler
+    core = core_scheduler_config(policy, num_pages=100, page_size=16, max_seq_len=4096)
+    for key, value in dataclasses.asdict(policy).items():
+        assert getattr(core, key) == value, key
+    assert (core.num_pages, core.page_size, core.max_seq_len) == (100, 16, 4096)
+
+
 def test_shipped_configs_load():
-    for path in sorted(Path(__file__).parent.parent.glob("configs/*.yaml")):
+    assert SHIPPED_CONFIGS, f"no configs/*.yaml under {REPO_ROOT}"
+    for path in SHIPPED_CONFIGS:
         load_config(path)
+
+
+def _leaves(raw: dict, prefix: str = ""):
+    for key, value in raw.items():
+        if isinstance(value, dict) and value:
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield prefix + key, value
+
+
+@pytest.mark.parametrize("path", SHIPPED_CONFIGS, ids=lambda p: p.name)
+def test_shipped_configs_state_only_what_they_change(path):
+    """appliance/config.py holds every default; a config file restating one would be a second
+    source that silently disagrees once the default moves."""
+    defaults = AppConfig()
+    for key, value in _leaves(yaml.safe_load(path.read_text()) or {}):
+        default = defaults
+        for part in key.split("."):
+            default = getattr(default, part) if dataclasses.is_dataclass(default) \
+                else default.get(part)
+        assert value != default, f"{path.name}: {key}: {value!r} is the default"

@@ -5,6 +5,7 @@ The C++ scheduler owns every request and KV page; this loop only moves messages 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ import torch.distributed as dist
 import zmq
 
 from appliance import _core
-from appliance.config import AppConfig
+from appliance.config import AppConfig, SchedulerPolicyConfig
 from appliance.engine import protocol
 from appliance.engine.plan_arrays import PlanArrays, PlanChannel
 from appliance.engine.protocol import GenerateRequest, TokenOutput
@@ -26,6 +27,15 @@ log = logging.getLogger(__name__)
 
 STATS_PERIOD_S = 0.25
 IDLE_POLL_MS = 5
+
+
+def core_scheduler_config(policy: SchedulerPolicyConfig, num_pages: int, page_size: int,
+                          max_seq_len: int) -> _core.SchedulerConfig:
+    """The C++ scheduler's config: YAML `scheduler:` passed field by field (so a new policy
+    setting reaches C++ or fails here, never falls back to a second default), the KV pool the
+    runner sized, and the context length."""
+    return _core.SchedulerConfig(num_pages=num_pages, page_size=page_size,
+                                 max_seq_len=max_seq_len, **dataclasses.asdict(policy))
 
 
 @dataclass(frozen=True)
@@ -48,11 +58,8 @@ class Engine:
         self.channel = channel
         self.device = runner.device
         self.max_model_len = min(config.model.max_model_len, runner.max_model_len)
-        self.scheduler = _core.Scheduler(_core.SchedulerConfig(
-            num_pages=runner.num_pages, page_size=runner.page_size,
-            max_batch_tokens=config.scheduler.max_batch_tokens,
-            max_running=config.scheduler.max_running, tps_floor=config.scheduler.tps_floor,
-            session_ttl_s=config.scheduler.session_ttl_s, max_seq_len=self.max_model_len))
+        self.scheduler = _core.Scheduler(core_scheduler_config(
+            config.scheduler, runner.num_pages, runner.page_size, self.max_model_len))
         self.sampler = Sampler(self.device)
         self.sampler.warm_up(runner.vocab_size)
         self.requests: dict[int, GenerateRequest] = {}

@@ -152,14 +152,13 @@ struct Sim {
 };
 
 static void test_scheduler_random(uint32_t seed) {
-  SchedulerConfig cfg;
-  cfg.num_pages = 24;
-  cfg.page_size = 4;
-  cfg.max_batch_tokens = 16;
-  cfg.max_running = 6;
-  cfg.tps_floor = seed % 2 ? 50.0 : 0.0;
-  cfg.session_ttl_s = 5.0;
-  cfg.max_seq_len = 64;
+  const SchedulerConfig cfg{.num_pages = 24,
+                            .page_size = 4,
+                            .max_batch_tokens = 16,
+                            .max_running = 6,
+                            .tps_floor = seed % 2 ? 50.0 : 0.0,
+                            .session_ttl_s = 5.0,
+                            .max_seq_len = 64};
   Scheduler s(cfg);
   s.set_test_clock(0.0);
   Sim sim{s, std::mt19937(seed), {}, {}};
@@ -208,13 +207,13 @@ static void test_scheduler_random(uint32_t seed) {
 }
 
 static void test_scheduler_overlap_and_preemption() {
-  SchedulerConfig cfg;
-  cfg.num_pages = 12;
-  cfg.page_size = 4;
-  cfg.max_batch_tokens = 64;
-  cfg.max_running = 4;
-  cfg.tps_floor = 0;
-  cfg.max_seq_len = 40;
+  const SchedulerConfig cfg{.num_pages = 12,
+                            .page_size = 4,
+                            .max_batch_tokens = 64,
+                            .max_running = 4,
+                            .tps_floor = 0,
+                            .session_ttl_s = 0,
+                            .max_seq_len = 40};
   Scheduler s(cfg);
   std::vector<int32_t> none;
   for (int64_t rid = 0; rid < 4; ++rid) s.submit(rid, seq(rid * 10, 9), 20, none, "");

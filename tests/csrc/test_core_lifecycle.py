@@ -52,6 +52,13 @@ def test_session_pin_expires_after_ttl():
     assert s.stats()["pages_used"] == 0
 
 
+def test_session_ttl_zero_retains_nothing():
+    s = make(num_pages=24, page_size=4, session_ttl_s=0.0, max_seq_len=96)
+    run_turn(s, 1, list(range(500, 533)), 4, "agent")
+    assert s.stats()["pages_used"] == 0  # nothing pinned: the pages are idle cache
+    assert s.stats()["pages_cached"] > 0
+
+
 def test_session_pin_handed_to_next_request_until_admitted():
     ps = 4
     s = make(num_pages=24, page_size=ps, session_ttl_s=5.0, max_seq_len=96, max_running=1)

@@ -10,17 +10,38 @@ STATS_KEYS = {"pages_total", "pages_used", "pages_cached", "pages_free", "reques
 
 def test_interfaces_example_config_works():
     cfg = _core.SchedulerConfig(num_pages=512, page_size=16, max_batch_tokens=2048,
-                                max_running=256, tps_floor=70.0, session_ttl_s=30.0)
+                                max_running=256, tps_floor=70.0, session_ttl_s=60.0,
+                                max_seq_len=131072)
+    assert cfg.min_prefill_chunk > 0  # the internal knob keeps its C++ default
     s = _core.Scheduler(cfg)
     assert s.plan() is None
     assert set(s.stats()) == STATS_KEYS
 
 
-def test_config_rejects_bad_values():
-    with pytest.raises(ValueError, match="page_size"):
-        _core.SchedulerConfig(num_pages=8, page_size=0)
-    with pytest.raises(ValueError, match="num_pages"):
-        _core.SchedulerConfig(num_pages=0)
+SETTINGS = dict(num_pages=8, page_size=4, max_batch_tokens=64, max_running=4, tps_floor=70.0,
+                session_ttl_s=60.0, max_seq_len=32)
+
+
+@pytest.mark.parametrize("missing", sorted(SETTINGS))
+def test_config_has_no_second_defaults(missing):
+    # Every setting comes from appliance/config.py; the binding has no fallback of its own.
+    with pytest.raises(TypeError):
+        _core.SchedulerConfig(**{k: v for k, v in SETTINGS.items() if k != missing})
+
+
+@pytest.mark.parametrize("key, value", [("page_size", 0), ("num_pages", 0),
+                                        ("max_batch_tokens", 0), ("max_running", -1),
+                                        ("tps_floor", -1.0), ("tps_floor", float("nan")),
+                                        ("session_ttl_s", -0.5), ("max_seq_len", 0),
+                                        ("min_prefill_chunk", 0)])
+def test_config_rejects_bad_values(key, value):
+    with pytest.raises(ValueError, match=key):
+        _core.SchedulerConfig(**{**SETTINGS, key: value})
+
+
+def test_config_zero_floor_and_ttl_mean_off():
+    cfg = _core.SchedulerConfig(**{**SETTINGS, "tps_floor": 0.0, "session_ttl_s": 0.0})
+    assert cfg.tps_floor == 0.0 and cfg.session_ttl_s == 0.0
 
 
 def test_single_request_plan_layout():
