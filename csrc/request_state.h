@@ -13,7 +13,9 @@
 // and Decoding own a PageLease; Queued, Preempted, Finished and Aborted have
 // no lease member at all, so a transition into them must hand the pages out
 // (as Retired::pages) or destroy them -- finishing releases pages by
-// construction.
+// construction. A state that owns pages shows them only as a const view plus
+// grow(): pages can be added while it runs but never dropped without a
+// transition.
 //
 // What the compiler enforces (tests/csrc/test_compile_fail.py proves each):
 //  * An invalid transition does not compile: a state has member functions
@@ -21,6 +23,8 @@
 //    transitions and no lease()).
 //  * States and leases cannot be copied (deleted copy constructor/assignment),
 //    so two owners of one lease cannot exist.
+//  * A running state's lease() is const: releasing, moving out or appending to
+//    it does not compile; grow() is the only way to change it in place.
 //  * Every transition is an rvalue-qualified (&&) member function: calling one
 //    on a named state (an lvalue) does not compile. The only way to transition
 //    a state is to spell std::move(state) -- or to call it on a temporary,
@@ -106,17 +110,35 @@ class Queued : public StateBase {
   [[nodiscard]] Aborted abort() &&;
 };
 
+// A state that owns pages (Prefilling, Decoding). Outside a transition its
+// lease can only be read or grown: no page leaves it except through a
+// transition that hands the lease out (Retired::pages) or on to the next state.
+class LeasedState : public StateBase {
+ public:
+  const PageLease& lease() const { return lease_; }
+  // More pages at the end of the sequence (same pool): what a running request
+  // needs as it advances.
+  void grow(PageLease&& more) { lease_.append(std::move(more)); }
+
+ protected:
+  LeasedState(RequestData data, PageLease&& lease)
+      : StateBase(std::move(data)), lease_(std::move(lease)) {}
+  LeasedState(LeasedState&&) noexcept = default;
+  LeasedState& operator=(LeasedState&&) noexcept = default;
+  ~LeasedState() = default;
+
+  PageLease lease_;
+};
+
 // Owns the pages of the prompt prefix computed so far; `cursor` counts
 // tokens whose KV is written (or is being written by a planned step).
-class Prefilling : public StateBase {
+class Prefilling : public LeasedState {
  public:
   Prefilling(RequestData data, PageLease&& lease, int32_t cursor)
-      : StateBase(std::move(data)), lease_(std::move(lease)), cursor_(cursor) {}
+      : LeasedState(std::move(data), std::move(lease)), cursor_(cursor) {}
   Prefilling(Prefilling&&) noexcept = default;
   Prefilling& operator=(Prefilling&&) noexcept = default;
 
-  PageLease& lease() { return lease_; }
-  const PageLease& lease() const { return lease_; }
   int32_t cursor() const { return cursor_; }
   int32_t target() const { return static_cast<int32_t>(data_.tokens.size()); }
   int32_t remaining() const { return target() - cursor_; }
@@ -130,20 +152,17 @@ class Prefilling : public StateBase {
   [[nodiscard]] Retired<Aborted> abort() &&;
 
  private:
-  PageLease lease_;
   int32_t cursor_;
 };
 
 // Owns the pages of its whole sequence; kv_len tokens have KV.
-class Decoding : public StateBase {
+class Decoding : public LeasedState {
  public:
   Decoding(RequestData data, PageLease&& lease, int32_t kv_len)
-      : StateBase(std::move(data)), lease_(std::move(lease)), kv_len_(kv_len) {}
+      : LeasedState(std::move(data), std::move(lease)), kv_len_(kv_len) {}
   Decoding(Decoding&&) noexcept = default;
   Decoding& operator=(Decoding&&) noexcept = default;
 
-  PageLease& lease() { return lease_; }
-  const PageLease& lease() const { return lease_; }
   int32_t kv_len() const { return kv_len_; }
   void advance(int32_t n) { kv_len_ += n; }
 
@@ -152,7 +171,6 @@ class Decoding : public StateBase {
   [[nodiscard]] Retired<Aborted> abort() &&;
 
  private:
-  PageLease lease_;
   int32_t kv_len_;
 };
 

@@ -141,12 +141,15 @@ void Scheduler::plan_decodes(std::vector<Row>& rows, int32_t& budget) {
     if (!dec || !decodable(dec->data())) continue;
     int32_t kv = dec->kv_len();
     int32_t need = pages_for(kv + 1) - static_cast<int32_t>(dec->lease().size());
-    // May preempt requests admitted after this one: they sit after i.
-    if (need > 0 && !obtain_pages(dec->lease(), need, dec->data().admit_seq, Need::kDecode))
-      continue;
+    if (need > 0) {
+      // May preempt requests admitted after this one: they sit after i.
+      PageLease more = pool_.empty_lease();
+      if (!obtain_pages(more, need, dec->data().admit_seq, Reclaim::kMayPreempt)) continue;
+      dec->grow(std::move(more));
+    }
     RequestData& d = dec->data();
     int32_t placeholder = d.pending ? -(d.last_sample_row + 1) : 0;
-    rows.push_back(Row{e, kv, 1, true, placeholder});
+    rows.push_back(Row{e, kv, 1, Sample::kDecode, placeholder});
     d.last_step = next_step_;  // in this plan: no longer a preemption victim
     mark_sample(d, rows.size() - 1);
     dec->advance(1);
@@ -171,16 +174,18 @@ int32_t Scheduler::chunk_tokens(int32_t remaining, int32_t prefix, int32_t budge
   return static_cast<int32_t>(std::min<int64_t>(allowed, n));
 }
 
-// Grows `lease` to cover cursor+n tokens; shrinks n to what pages allow.
-int32_t Scheduler::grow_chunk(PageLease& lease, int32_t cursor, int32_t n,
-                              uint64_t seq, Need need) {
-  int32_t have = static_cast<int32_t>(lease.size());
+// The pages that extend a holding of `have` pages to cover cursor+n tokens;
+// the chunk shrinks to what the pages allow.
+Scheduler::Chunk Scheduler::grow_chunk(int32_t have, int32_t cursor, int32_t n,
+                                       uint64_t seq, Reclaim reclaim) {
+  Chunk c{pool_.empty_lease(), n};
   int32_t need_pages = pages_for(static_cast<int64_t>(cursor) + n) - have;
-  if (need_pages <= 0 || obtain_pages(lease, need_pages, seq, need)) return n;
+  if (need_pages <= 0 || obtain_pages(c.pages, need_pages, seq, reclaim)) return c;
   int32_t got = std::min(need_pages, pool_.num_free());
-  pool_.allocate_into(lease, got);
+  pool_.allocate_into(c.pages, got);
   int64_t covered = static_cast<int64_t>(have + got) * cfg_.page_size - cursor;
-  return static_cast<int32_t>(std::clamp<int64_t>(covered, 0, n));
+  c.tokens = static_cast<int32_t>(std::clamp<int64_t>(covered, 0, n));
+  return c;
 }
 
 void Scheduler::add_prefill_row(std::vector<Row>& rows, Entry* e, int32_t n,
@@ -188,7 +193,7 @@ void Scheduler::add_prefill_row(std::vector<Row>& rows, Entry* e, int32_t n,
   auto& p = std::get<Prefilling>(e->state);
   int32_t cursor = p.cursor();
   bool last = cursor + n >= p.target();
-  rows.push_back(Row{e, cursor, n, last, 0});
+  rows.push_back(Row{e, cursor, n, last ? Sample::kAfterPrefill : Sample::kNone, 0});
   p.data().last_step = next_step_;  // in this plan: no longer a preemption victim
   p.advance(n);
   f.prefill_tokens += n;
@@ -205,9 +210,12 @@ void Scheduler::plan_prefills(std::vector<Row>& rows, int32_t& budget, StepFeatu
     if (!p) continue;
     int32_t n = chunk_tokens(p->remaining(), p->cursor(), budget, f, f.prefill_tokens == 0);
     if (n <= 0) return;  // the step's time is spent
-    bool oldest = i == 0;
-    n = grow_chunk(p->lease(), p->cursor(), n, p->data().admit_seq,
-                   oldest ? Need::kDecode : Need::kPrefill);
+    // Only the oldest prefill may preempt (newer requests) for its pages.
+    Reclaim reclaim = i == 0 ? Reclaim::kMayPreempt : Reclaim::kIdleCacheOnly;
+    Chunk c = grow_chunk(static_cast<int32_t>(p->lease().size()), p->cursor(), n,
+                         p->data().admit_seq, reclaim);
+    p->grow(std::move(c.pages));
+    n = c.tokens;
     if (n <= 0) continue;
     add_prefill_row(rows, e, n, f);
     budget -= n;
@@ -240,8 +248,11 @@ void Scheduler::plan_admissions(std::vector<Row>& rows, int32_t& budget,
     int32_t cached = static_cast<int32_t>(lease.size()) * ps;
     int32_t n = chunk_tokens(len - cached, cached, budget, f, f.prefill_tokens == 0);
     if (n <= 0) return;
-    n = grow_chunk(lease, cached, n, next_admit_seq_,
-                   running_.empty() ? Need::kDecode : Need::kAdmit);
+    // Into an idle system a request may drop session pins for its pages.
+    Chunk c = grow_chunk(static_cast<int32_t>(lease.size()), cached, n, next_admit_seq_,
+                         running_.empty() ? Reclaim::kMayPreempt : Reclaim::kIdleCacheOnly);
+    lease.append(std::move(c.pages));
+    n = c.tokens;
     if (n <= 0) return;
 
     waiting_.pop_front();
@@ -313,12 +324,11 @@ PlanData Scheduler::materialize(const std::vector<Row>& rows, int32_t num_decode
     p.query_start.push_back(static_cast<int32_t>(p.input_ids.size()));
     p.prefix_lens.push_back(r.prefix);
     p.seq_lens.push_back(seq);
-    p.sample.push_back(r.sample ? 1 : 0);
+    p.sample.push_back(r.sample != Sample::kNone);
     d.last_step = p.step;
     fl.rids.push_back(d.rid);
     fl.serials.push_back(r.entry->serial);
-    bool decode_row = static_cast<int32_t>(p.rids.size()) <= num_decode;  // row < num_decode
-    fl.sample.push_back(!r.sample ? 0 : decode_row ? kSampleDecode : kSampleAfterPrefill);
+    fl.sample.push_back(r.sample);
   }
   inflight_.push_back(std::move(fl));
   return p;
@@ -327,15 +337,17 @@ PlanData Scheduler::materialize(const std::vector<Row>& rows, int32_t num_decode
 // ----------------------------------------------------------- page supply
 
 // Frees pages for `lease` in order of harm: idle cache (LRU), waiting for
-// pages a committing step will free, preempting newer requests (decodes
-// only), and -- last -- session pins.
-bool Scheduler::obtain_pages(PageLease& lease, int32_t n, uint64_t seq, Need need) {
+// pages a committing step will free, and -- with Reclaim::kMayPreempt (decodes,
+// the oldest prefill, an admission into an idle system) -- preempting newer
+// requests and, last, dropping session pins.
+bool Scheduler::obtain_pages(PageLease& lease, int32_t n, uint64_t seq, Reclaim reclaim) {
+  const bool may_preempt = reclaim == Reclaim::kMayPreempt;
   while (pool_.num_free() < n) {
     int32_t shortfall = n - pool_.num_free();
     if (cache_.evict(shortfall) > 0) continue;
     if (graveyard_pages_ >= shortfall) return false;  // freed at next commit
-    if (need == Need::kDecode && preempt_newer_than(seq)) continue;
-    if (need == Need::kDecode && sessions_.drop_one()) continue;
+    if (may_preempt && preempt_newer_than(seq)) continue;
+    if (may_preempt && sessions_.drop_one()) continue;
     return false;
   }
   return pool_.allocate_into(lease, n);
@@ -409,7 +421,7 @@ std::vector<Event> Scheduler::commit(int64_t step, std::span<const int32_t> toke
     throw std::invalid_argument("commit: got " + std::to_string(tokens.size()) +
                                 " tokens for " + std::to_string(front.rids.size()) + " rows");
   for (size_t i = 0; i < tokens.size(); ++i)
-    if (front.sample[i] && tokens[i] < 0)
+    if (front.sample[i] != Sample::kNone && tokens[i] < 0)
       throw std::invalid_argument("commit: sampled token ids must be >= 0");
 
   InFlight done = std::move(front);
@@ -417,13 +429,13 @@ std::vector<Event> Scheduler::commit(int64_t step, std::span<const int32_t> toke
   std::vector<Event> events;
   events.reserve(done.rids.size());
   for (size_t i = 0; i < done.rids.size(); ++i) {
-    if (!done.sample[i]) continue;
+    if (done.sample[i] == Sample::kNone) continue;
     auto it = requests_.find(done.rids[i]);
     if (it == requests_.end() || it->second->serial != done.serials[i]) continue;
     Entry& e = *it->second;
     RequestData& d = data_of(e);
     int32_t tok = tokens[i];
-    if (done.sample[i] == kSampleAfterPrefill) share_prompt(e);
+    if (done.sample[i] == Sample::kAfterPrefill) share_prompt(e);
     --d.pending;
     d.tokens.push_back(tok);
     ++d.generated;

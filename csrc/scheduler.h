@@ -64,25 +64,38 @@ class Scheduler {
     State state;
     uint64_t serial = 0;  // distinguishes a reused rid from its predecessor
   };
+  // What a row's sampled token is for (commit treats the two kinds apart).
+  enum class Sample : uint8_t {
+    kNone,          // a non-final prefill chunk: nothing sampled
+    kDecode,        // the next token of a decoding request
+    kAfterPrefill,  // the first token, after the prompt's final chunk
+  };
   struct Row {  // one row of the plan being built
     Entry* entry;
     int32_t prefix;       // tokens already in KV
     int32_t count;        // new tokens this step
-    bool sample;
+    Sample sample;
     int32_t placeholder;  // input id for a still-pending token
   };
-  static constexpr uint8_t kSampleDecode = 1;
-  static constexpr uint8_t kSampleAfterPrefill = 2;  // final prefill chunk
   struct InFlight {
     int64_t step;
     std::vector<int64_t> rids;
     std::vector<uint64_t> serials;
-    std::vector<uint8_t> sample;  // 0, kSampleDecode or kSampleAfterPrefill
+    std::vector<Sample> sample;
     StepFeatures features;
     std::vector<PageLease> graveyard;
     int32_t graveyard_pages = 0;  // sole-owner pages the graveyard will free
   };
-  enum class Need { kDecode, kPrefill, kAdmit };
+  // How far obtain_pages may go when the pool is short.
+  enum class Reclaim {
+    kIdleCacheOnly,  // evict idle cached pages, else wait
+    kMayPreempt,     // also preempt newer requests, then drop session pins
+  };
+  // Fresh pages for a prefill chunk and the tokens they let it run.
+  struct Chunk {
+    PageLease pages;
+    int32_t tokens;
+  };
 
   static RequestData& data_of(Entry& e);
   static const RequestData& data_of(const Entry& e);
@@ -94,7 +107,7 @@ class Scheduler {
                        double running_kv);
   void add_prefill_row(std::vector<Row>& rows, Entry* e, int32_t n, StepFeatures& f);
   void mark_sample(RequestData& d, size_t row);
-  int32_t grow_chunk(PageLease& lease, int32_t cursor, int32_t n, uint64_t seq, Need need);
+  Chunk grow_chunk(int32_t have, int32_t cursor, int32_t n, uint64_t seq, Reclaim reclaim);
   int32_t pages_for(int64_t tokens) const {
     return static_cast<int32_t>((tokens + cfg_.page_size - 1) / cfg_.page_size);
   }
@@ -108,7 +121,7 @@ class Scheduler {
                        const StepFeatures& f);
 
   // page supply
-  bool obtain_pages(PageLease& lease, int32_t n, uint64_t requester_seq, Need need);
+  bool obtain_pages(PageLease& lease, int32_t n, uint64_t requester_seq, Reclaim reclaim);
   bool preempt_newer_than(uint64_t requester_seq);
   void retire(RequestData& d, PageLease&& pages, int32_t kv_len);
   bool in_flight(const RequestData& d) const;

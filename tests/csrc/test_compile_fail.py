@@ -19,6 +19,7 @@ pytestmark = pytest.mark.skipif(CXX is None, reason="g++ not found")
 PRELUDE = """
 #include <utility>
 #include "request_state.h"
+#include "scheduler_config.h"
 using namespace ts;
 inline RequestData req() { RequestData d; d.rid = 1; d.tokens = {1, 2, 3}; return d; }
 void consume_decoding(Decoding&&);
@@ -26,6 +27,8 @@ int main() {
   PagePool pool(8);
 """
 EPILOGUE = "\n  return 0;\n}\n"
+# csrc/CMakeLists.txt builds with this: a config field left out is an error.
+STRICT = ("-Werror=missing-field-initializers",)
 
 
 def compile_snippet(body, tmp_path, extra=()):
@@ -42,6 +45,10 @@ CONTROL = """
   if (!pool.allocate_into(lease, 1)) return 1;
   Queued q(req());
   Prefilling p = std::move(q).admit(std::move(lease), 0);
+  PageLease more = pool.empty_lease();
+  if (!pool.allocate_into(more, 1)) return 1;
+  p.grow(std::move(more));                 // the one in-place change of a running lease
+  if (p.lease().size() != 2) return 1;     // read through the const view
   p.advance(3);
   Decoding d = std::move(p).finish_prefill();
   d.advance(1);
@@ -52,6 +59,10 @@ CONTROL = """
   Retired<Aborted> ab = std::move(again).abort();
   PageLease moved = std::move(ab.pages);   // moving a lease is fine
   (void)f.state.reason();
+  SchedulerConfig cfg{.num_pages = 8, .page_size = 4, .max_batch_tokens = 16,
+                      .max_running = 2, .tps_floor = 0, .session_ttl_s = 0,
+                      .max_seq_len = 32};  // min_prefill_chunk: its C++ default
+  cfg.validate();
 """
 
 CASES = {
@@ -90,6 +101,18 @@ CASES = {
         "Queued q(req());\n  Prefilling p = std::move(q).admit(pool.empty_lease(), 0);\n"
         "  Prefilling p2 = q.admit(pool.empty_lease(), 0);",
         "discards qualifiers"),
+    "running_lease_release_without_transition": (
+        "Decoding d(req(), pool.empty_lease(), 3);\n  d.lease().release_all();",
+        "passing 'const ts::PageLease' as 'this' argument discards qualifiers"),
+    "running_lease_append_in_place": (
+        "Prefilling p(req(), pool.empty_lease(), 0);\n  p.lease().append(pool.empty_lease());",
+        "passing 'const ts::PageLease' as 'this' argument discards qualifiers"),
+    "running_lease_moved_out": (
+        "Prefilling p(req(), pool.empty_lease(), 0);\n  PageLease stolen = std::move(p.lease());",
+        "use of deleted function 'ts::PageLease::PageLease(const ts::PageLease&)'"),
+    "running_lease_replaced": (
+        "Decoding d(req(), pool.empty_lease(), 3);\n  d.lease() = pool.empty_lease();",
+        "passing 'const ts::PageLease' as 'this' argument discards qualifiers"),
     "use_after_move_finish_twice": (
         "Decoding d(req(), pool.empty_lease(), 3);\n"
         "  auto f1 = std::move(d).finish(FinishReason::kStop);\n"
@@ -99,7 +122,7 @@ CASES = {
 
 
 def test_control_snippet_compiles(tmp_path):
-    rc, err = compile_snippet(CONTROL, tmp_path)
+    rc, err = compile_snippet(CONTROL, tmp_path, extra=STRICT)
     assert rc == 0, err
 
 
@@ -116,3 +139,11 @@ def test_discarded_transition_is_diagnosed(tmp_path):
     body = "Queued q(req());\n  std::move(q).abort();"
     rc, err = compile_snippet(body, tmp_path, extra=("-Werror=unused-result",))
     assert rc != 0 and "ignoring return value" in err
+
+
+def test_scheduler_config_has_no_second_defaults(tmp_path):
+    # The settings' defaults live in appliance/config.py only: a C++ config that leaves one
+    # out does not build (the control snippet shows a complete one does).
+    body = "SchedulerConfig cfg{.num_pages = 8, .page_size = 4, .max_batch_tokens = 16};"
+    rc, err = compile_snippet(body, tmp_path, extra=STRICT)
+    assert rc != 0 and "missing initializer for member 'ts::SchedulerConfig::max_running'" in err
