@@ -14,7 +14,8 @@ import pytest
 
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
 CXX = shutil.which("g++")
-pytestmark = pytest.mark.skipif(CXX is None, reason="g++ not found")
+pytestmark = [pytest.mark.skipif(CXX is None, reason="g++ not found"),
+              pytest.mark.slow]  # runs the compiler per case: skipped by -m 'not slow'
 
 PRELUDE = """
 #include <utility>

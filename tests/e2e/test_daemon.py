@@ -14,6 +14,8 @@ import torch
 
 from daemon_process import REPO, start_daemon
 
+pytestmark = pytest.mark.slow  # spawns processes / > 5 s: skipped by -m 'not slow'
+
 
 def _openai(daemon) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{daemon.base_url}/v1", api_key="unused", max_retries=0)

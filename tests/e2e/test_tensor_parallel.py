@@ -6,6 +6,8 @@ import httpx
 import pytest
 from daemon_process import start_daemon
 
+pytestmark = pytest.mark.slow  # spawns processes / > 5 s: skipped by -m 'not slow'
+
 PROMPTS = ["The quick brown fox", "def quicksort(xs):", "Once upon a time, in a land far away,"]
 
 

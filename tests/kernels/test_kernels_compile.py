@@ -31,6 +31,8 @@ from kernels.triton import rope_kv as RK  # noqa: E402
 from kernels.triton import route as RT  # noqa: E402
 from kernels.triton import sample as S  # noqa: E402
 
+pytestmark = pytest.mark.slow  # spawns processes / > 5 s: skipped by -m 'not slow'
+
 CHECKS = ["attention", "mla_chunked", "prefill", "moe", "rows_and_sample", "per_batch"]
 
 

@@ -112,6 +112,7 @@ def test_every_interface_op_has_a_torch_reference():
         assert kernels.select(op, device="cpu", dtype=torch.float32) is not None
 
 
+@pytest.mark.slow
 def test_kernels_import_without_triton():
     """A machine without triton: `import kernels` works and torch serves every op."""
     import subprocess

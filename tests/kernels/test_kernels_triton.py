@@ -248,6 +248,7 @@ def test_sample_matches_reference_exactly():
     assert torch.equal(got, R.sample(logits, temp, top_k, top_p, seeds, pos))
 
 
+@pytest.mark.slow
 def test_sample_top_p_alone_on_candidates_and_streamed(monkeypatch):
     """Top-p without top-k, chunks of 128 with 32 candidates each (so that the candidates do
     not cover a row): rows whose top KCAP tokens hold top_p of the mass finish on the
@@ -285,6 +286,7 @@ def test_sample_top_p_alone_on_candidates_and_streamed(monkeypatch):
     assert torch.equal(got, R.sample(logits, temp, top_k, top_p, seeds, pos))
 
 
+@pytest.mark.slow
 def test_sample_ties_beyond_the_candidate_slots(monkeypatch):
     """Masked logits (one value repeated) tie at a chunk's k-th largest more often than the
     chunk has candidate slots: the tokens above the ties are never dropped, and such rows

@@ -178,6 +178,7 @@ def test_decompress_rule():
     assert not rule(batch([1, 1], [5, 9], 2))                          # decodes only
 
 
+@pytest.mark.slow
 def test_tp2_matches_hf(tmp_path, tmp_path_factory):
     """Every config over 2 gloo ranks (one spawn): MLA heads, the dense MLP, the shared
     experts and each routed expert's intermediate dim split in two; vocab-parallel
@@ -304,6 +305,7 @@ def ep_worker(rank: int, world: int, port: int, folder: str, out_dir: str) -> No
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_ep2_matches_hf(tmp_path, tmp_path_factory):
     """V3 with the 8 routed experts divided 4 + 4 over two ranks (each expert whole), shared
     experts split over both: the same tokens as HF."""

@@ -115,6 +115,7 @@ def tp_replay_worker(rank: int, world: int, port: int, steps_file: str, out_file
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 def test_tp2_nccl_equals_tp1(tmp_path):
     """The V2-Lite shape at TP=2 over NCCL (heads, dense MLP, expert intermediate split)

@@ -106,6 +106,7 @@ def test_memory_fraction_sizes_kv_from_free_memory():
     assert 0.25 * total < used < 0.32 * total
 
 
+@pytest.mark.slow
 @cuda
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 def test_tp2_nccl_equals_tp1(tmp_path):

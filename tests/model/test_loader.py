@@ -111,6 +111,7 @@ def test_eos_from_generation_config(single_folder):
     assert runner.eos_token_ids == [2] and runner.vocab_size == 160
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", ["llama-3.1-8b", "qwen3-8b"])
 def test_dummy_preset_real_width(preset):
     """A real model's layer at full width. For speed the test keeps ONE decoder layer and a

@@ -32,6 +32,7 @@ def _create(path: str) -> None:
     ensure_tiny_checkpoint(path)
 
 
+@pytest.mark.slow
 def test_concurrent_creation(tiny, tmp_path):
     target = tmp_path / "race" / "tiny"
     ctx = mp.get_context("spawn")  # not fork: tokenizers threads do not survive fork

@@ -8,6 +8,8 @@ import pytest
 from appliance.model import ModelRunner, ModelSource
 from helpers import greedy_generate, hf_greedy, run_tp, save_tiny_hf_model
 
+pytestmark = pytest.mark.slow  # spawns processes / > 5 s: skipped by -m 'not slow'
+
 PROMPTS = [[5, 9, 33, 7, 100, 21, 3], [8, 8, 8], list(range(10, 40))]
 MAX_NEW = 6
 KV = dict(kv_num_pages=64, page_size=4)

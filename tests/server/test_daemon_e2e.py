@@ -24,6 +24,8 @@ from appliance.tui.source import StatsSource
 
 from .conftest import MODEL, REPO, wait_until
 
+pytestmark = pytest.mark.slow  # spawns processes / > 5 s: skipped by -m 'not slow'
+
 
 class Daemon:
     def __init__(self) -> None:

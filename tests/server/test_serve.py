@@ -85,6 +85,7 @@ def _finish(proc: subprocess.Popen) -> tuple[int, list[int], str]:
     return proc.returncode, json.loads(aborted[-1][8:]) if aborted else [], out
 
 
+@pytest.mark.slow
 def test_sigterm_drains_in_flight_stream_and_exits_zero():
     folder = Path(tempfile.mkdtemp(dir="/tmp"))
     proc, port, sock = _start(folder, grace=10.0)
@@ -107,6 +108,7 @@ def test_sigterm_drains_in_flight_stream_and_exits_zero():
     assert not sock.exists()
 
 
+@pytest.mark.slow
 def test_sigterm_grace_expiry_aborts_in_engine():
     folder = Path(tempfile.mkdtemp(dir="/tmp"))
     proc, port, sock = _start(folder, grace=0.5)
