@@ -5,10 +5,9 @@ The C++ scheduler owns every request and KV page; this loop only moves messages 
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -35,7 +34,7 @@ def core_scheduler_config(policy: SchedulerPolicyConfig, num_pages: int, page_si
     setting reaches C++ or fails here, never falls back to a second default), the KV pool the
     runner sized, and the context length."""
     return _core.SchedulerConfig(num_pages=num_pages, page_size=page_size,
-                                 max_seq_len=max_seq_len, **dataclasses.asdict(policy))
+                                 max_seq_len=max_seq_len, **asdict(policy))
 
 
 @dataclass(frozen=True)
