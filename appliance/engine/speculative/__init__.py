@@ -1,0 +1,1 @@
+"""Speculative decoding: draft sources (`DraftSource`), and the per-request draft policy."""
