@@ -56,6 +56,8 @@ PYBIND11_MODULE(_core, m) {
       .def_readonly("page_table", &PyPlan::page_table)
       .def_readonly("slot_mapping", &PyPlan::slot_mapping)
       .def_readonly("sample", &PyPlan::sample)
+      .def_readonly("num_draft", &PyPlan::num_draft)
+      .def_readonly("total_drafts", &PyPlan::total_drafts)
       .def_property_readonly("num_rows", &PyPlan::num_rows)
       .def_property_readonly("num_tokens", &PyPlan::num_tokens)
       .def("__repr__", &PyPlan::repr);
@@ -66,9 +68,10 @@ PYBIND11_MODULE(_core, m) {
       .def("submit", &PyScheduler::submit, py::arg("rid"), py::arg("prompt"),
            py::arg("max_new_tokens"), py::arg("stop_ids") = ts::I32Array(0),
            py::arg("session") = "")
+      .def("set_drafts", &PyScheduler::set_drafts, py::arg("rid"), py::arg("drafts"))
       .def("plan", &PyScheduler::plan)
       .def("commit", &PyScheduler::commit, py::arg("step"), py::arg("tokens"),
-           py::arg("step_time_s") = 0.0)
+           py::arg("step_time_s") = 0.0, py::arg("counts") = py::none())
       .def("abort", &PyScheduler::abort, py::arg("rid"))
       .def("stats", &PyScheduler::stats)
       .def("check_invariants", &PyScheduler::check_invariants)
@@ -77,7 +80,7 @@ PYBIND11_MODULE(_core, m) {
       .def("clear_test_clock", &PyScheduler::clear_test_clock)
       .def("cost_coeffs", &PyScheduler::cost_coeffs)
       .def("set_cost_prior", &PyScheduler::set_cost_prior, py::arg("a"), py::arg("b"),
-           py::arg("c"), py::arg("d"))
+           py::arg("c"), py::arg("d"), py::arg("e"))
       .def("state", &PyScheduler::state, py::arg("rid"))
       .def("inflight_steps", &PyScheduler::inflight_steps);
 }
