@@ -86,6 +86,17 @@ class SchedulerPolicyConfig:
 
 
 @dataclass(frozen=True)
+class SpeculativeConfig:
+    """YAML `speculative:`: draft tokens verified by the target model in one step."""
+
+    method: str = "off"  # off | suffix | ngram | mtp (where the drafts come from)
+    max_draft: int = 8  # longest draft chain a request gets in one step (1..MAX_DRAFT)
+
+
+MAX_DRAFT = 32  # a verify row needs logits at each of its tokens: keep the chains short
+
+
+@dataclass(frozen=True)
 class KernelsConfig:
     override: dict[str, str] = field(default_factory=dict)
 
@@ -98,6 +109,7 @@ class AppConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
     kv: KVConfig = field(default_factory=KVConfig)
     scheduler: SchedulerPolicyConfig = field(default_factory=SchedulerPolicyConfig)
+    speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
     kernels: KernelsConfig = field(default_factory=KernelsConfig)
 
     @property
@@ -111,10 +123,17 @@ _CHOICES = {
     "model.dtype": ("auto", "float32", "bfloat16", "float16"),
     "device": ("auto", "cpu", "cuda"),
     "parallel.tp_size": (1, 2, 4, 8),
+    "speculative.method": ("off", "suffix", "ngram", "mtp"),
+}
+# Values the contract names that this build cannot serve yet: start-up refuses them clearly.
+_NOT_YET = {
+    ("speculative.method", "suffix"): "suffix-decoding drafts are not in this build yet",
+    ("speculative.method", "mtp"): "MTP drafts need a checkpoint with next-token layers; "
+                                   "they are not in this build yet",
 }
 _POSITIVE = {
     "model.max_model_len", "server.port", "kv.page_size", "kv.num_pages",
-    "scheduler.max_batch_tokens", "scheduler.max_running",
+    "scheduler.max_batch_tokens", "scheduler.max_running", "speculative.max_draft",
 }
 # 0 has a meaning here: tps_floor 0 = no floor, session_ttl_s 0 = no retention.
 _NON_NEGATIVE = {"scheduler.tps_floor", "scheduler.session_ttl_s"}
@@ -196,6 +215,9 @@ def _validate(config: AppConfig) -> None:
         value = _get(config, key)
         if value not in choices:
             raise ConfigError(f"{key}: must be one of {', '.join(map(str, choices))}, got {value!r}")
+    for (key, value), why in _NOT_YET.items():
+        if _get(config, key) == value:
+            raise ConfigError(f"{key}: {value} is not available: {why}")
     for key in _POSITIVE:
         value = _get(config, key)
         if value is not None and value <= 0:
@@ -212,6 +234,9 @@ def _validate(config: AppConfig) -> None:
         raise ConfigError("model.path / model.preset: set exactly one of them")
     if config.model.path and config.model.load_format == "dummy":
         raise ConfigError("model.load_format: dummy needs model.preset, not model.path")
+    if config.speculative.max_draft > MAX_DRAFT:
+        raise ConfigError(f"speculative.max_draft: must be <= {MAX_DRAFT}, "
+                          f"got {config.speculative.max_draft}")
     if config.server.port > 65535:
         raise ConfigError(f"server.port: must be <= 65535, got {config.server.port}")
 

@@ -1,6 +1,8 @@
 """Rank 0's step loop: scheduler plan -> model runner -> sampler -> commit.
 
 The C++ scheduler owns every request and KV page; this loop only moves messages and tensors.
+With speculation on, a step may carry verify rows (a request's next token and its drafts):
+their logits are checked by the verifier and commit takes each row's accepted run.
 """
 
 from __future__ import annotations
@@ -20,7 +22,10 @@ from appliance.engine import protocol
 from appliance.engine.plan_arrays import PlanArrays, PlanChannel
 from appliance.engine.protocol import GenerateRequest, TokenOutput
 from appliance.engine.sampler import Sampler
+from appliance.engine.speculative import make_speculator
+from appliance.engine.speculative.policy import StepCost
 from appliance.engine.transfer import to_device
+from appliance.engine.verify import LogitLayout, Verifier
 
 log = logging.getLogger(__name__)
 
@@ -39,14 +44,18 @@ def core_scheduler_config(policy: SchedulerPolicyConfig, num_pages: int, page_si
 
 @dataclass(frozen=True)
 class InFlight:
-    """A launched step: its sampled tokens on the device (the next step's placeholders read
-    them) and on their way to the host (`done` marks the copy's end on CUDA)."""
+    """A launched step: each row's first sampled token on the device (the next step's
+    placeholders read them), and its tokens on their way to the host (`done` marks the
+    copy's end on CUDA): one per logits row, with each row's count when it verified drafts."""
 
     step: int
     tokens: torch.Tensor  # [B] int32, on the device
-    host: torch.Tensor  # [B] int32, CPU
+    host: torch.Tensor  # [N] int32, CPU (N = B + drafts)
+    counts: torch.Tensor | None  # [B] int32, CPU: tokens each row emits (None: one each)
     done: torch.cuda.Event | None
     started: float
+    rids: np.ndarray  # [B] int64
+    num_draft: np.ndarray  # [B] int32
 
 
 class Engine:
@@ -61,6 +70,10 @@ class Engine:
             config.scheduler, runner.num_pages, runner.page_size, self.max_model_len))
         self.sampler = Sampler(self.device)
         self.sampler.warm_up(runner.vocab_size)
+        self.verifier = Verifier(self.device)
+        self.speculator = make_speculator(config.speculative)
+        self._speculating = False  # the next step plans drafts (after the previous commit)
+        self._next_cost = StepCost(tokens=1.0, time_s=1.0, draft_token_s=0.0)
         self.requests: dict[int, GenerateRequest] = {}
         self._ctx = zmq.Context()
         self._inbox = self._ctx.socket(zmq.PULL)
@@ -93,7 +106,11 @@ class Engine:
         """Launch the next batch, then commit the one launched before it: the scheduler plans
         step N+1 (its decodes read step N's tokens through placeholders, resolved on the
         device) while the GPU still runs step N, so host work stays off the GPU's critical
-        path. False when there was nothing to launch or commit."""
+        path. While requests speculate, drafts must follow their committed tokens: the step in
+        flight is committed first (no overlap then). False when there was nothing to launch
+        or commit."""
+        if self._speculating:
+            return self._step_with_drafts()
         plan = self.scheduler.plan()
         launched = self._launch(plan) if plan is not None else None
         committed = self._inflight is not None
@@ -102,27 +119,60 @@ class Engine:
         self._inflight = launched
         return launched is not None or committed
 
+    def _step_with_drafts(self) -> bool:
+        committed = self._inflight is not None
+        if committed:
+            self._commit(self._inflight)
+            self._inflight = None
+        if self._speculating:  # proposed after that commit, with nothing in flight: current
+            self.speculator.hand_to(self.scheduler)
+        plan = self.scheduler.plan()
+        self._inflight = self._launch(plan) if plan is not None else None
+        return committed or self._inflight is not None
+
     def _launch(self, plan) -> InFlight:
         started = time.perf_counter()
         arrays = PlanArrays.from_plan(plan)
         rids = np.array(plan.rids, dtype=np.int64)
         self.channel.send(arrays)
         prev = self._inflight.tokens if self._inflight is not None else None
-        batch = to_forward_batch(arrays, self.device, prev)
-        logits = self.runner.forward(batch)
-        tokens = self.sampler.sample(logits, rids, arrays, self.requests)       # [B] int32
+        layout = LogitLayout.of(arrays) if arrays.has_drafts else None
+        batch = to_forward_batch(arrays, self.device, prev,
+                                 layout.index if layout is not None else None)
+        logits = self.runner.forward(batch)                                    # [N, V]
+        counts_host = None
+        if layout is None:
+            tokens = first = self.sampler.sample(logits, rids, arrays, self.requests)  # [B]
+        else:
+            tokens, counts, first = self.verifier.verify(logits, layout, rids, arrays,
+                                                         self.sampler, self.requests)
+            counts_host = counts.to("cpu", non_blocking=True)
         host = tokens.to("cpu", non_blocking=True)
         done = torch.cuda.Event() if self.device.type == "cuda" else None
         if done is not None:
             done.record()
-        return InFlight(arrays.step, tokens, host, done, started)
+        a, b, c, d, e = self.scheduler.cost_coeffs()
+        self._next_cost = StepCost(tokens=float(arrays.sample.sum()),
+                                   time_s=plan.predicted_time_s - e * plan.total_drafts,
+                                   draft_token_s=e)
+        return InFlight(arrays.step, first, host, counts_host, done, started, rids,
+                        arrays.num_draft)
 
     def _commit(self, step: InFlight) -> None:
         if step.done is not None:
             step.done.synchronize()
         tokens = step.host.numpy().astype(np.int32)
-        events = self.scheduler.commit(step.step, tokens, time.perf_counter() - step.started)
-        self._emit(events)
+        counts = step.counts.numpy().astype(np.int32) if step.counts is not None else None
+        events = self.scheduler.commit(step.step, tokens, time.perf_counter() - step.started,
+                                       counts)
+        emitted = self._emit(events)
+        if self.speculator is None:
+            return
+        verified = ([] if counts is None else
+                    [(int(r), int(k), int(n) - 1)
+                     for r, k, n in zip(step.rids, step.num_draft, counts) if k > 0])
+        self.speculator.committed(emitted, verified)
+        self._speculating = self.speculator.propose(self._next_cost)
 
     # --- messages ------------------------------------------------------------------------------
     def _drain_inbox(self, block: bool) -> bool:
@@ -160,25 +210,36 @@ class Engine:
             return
         self.requests[req.rid] = req
         self.sampler.add(req)
+        if self.speculator is not None:
+            self.speculator.start(req)
 
     def _abort(self, rid: int) -> None:
         if self.requests.pop(rid, None) is None:
             return
         self.scheduler.abort(rid)
-        self.sampler.remove(rid)
+        self._forget(rid)
         self._send(protocol.Outputs([TokenOutput(rid, -1, "abort")]))
 
-    def _emit(self, events: list[tuple[int, int, str]]) -> None:
+    def _forget(self, rid: int) -> None:
+        self.sampler.remove(rid)
+        if self.speculator is not None:
+            self.speculator.finish(rid)
+
+    def _emit(self, events: list[tuple[int, int, str]]) -> dict[int, list[int]]:
+        """Send the commit's tokens; returns them per running request, in order."""
         items = []
+        emitted: dict[int, list[int]] = {}
         for rid, token, reason in events:
             if rid not in self.requests:
                 continue
             items.append(TokenOutput(rid, token, reason or None))
+            emitted.setdefault(rid, []).append(token)
             if reason:
                 del self.requests[rid]
-                self.sampler.remove(rid)
+                self._forget(rid)
         if items:
             self._send(protocol.Outputs(items))
+        return emitted
 
     def _publish_stats(self, force: bool = False) -> None:
         now = time.monotonic()
@@ -194,17 +255,21 @@ class Engine:
 
 
 def to_forward_batch(arrays: PlanArrays, device: torch.device,
-                     prev_tokens: torch.Tensor | None = None):
+                     prev_tokens: torch.Tensor | None = None,
+                     logit_index: np.ndarray | None = None):
     """The plan's arrays as the model runner's ForwardBatch on `device` (one copy). Placeholder
     input ids -(r+1) become the token row r of the previous step sampled: looked up in
     `prev_tokens` on rank 0, then broadcast over the TP group (a stream-ordered device
-    collective: no host sync), so every rank runs the same ids."""
+    collective: no host sync), so every rank runs the same ids. `logit_index` (steps with
+    verify rows, `LogitLayout.index`): the tokens that need logits."""
     from appliance.model import ForwardBatch
 
     names = ("input_ids", "positions", "query_start", "prefix_lens", "seq_lens", "slot_mapping")
     parts = [getattr(arrays, n) for n in names] + [arrays.page_table.ravel()]
+    if logit_index is not None:
+        parts.append(logit_index)
     flat = to_device(torch.from_numpy(np.concatenate(parts)), device)   # [sum of sizes] int32
-    views = dict(zip(names + ("page_table",), flat.split([len(p) for p in parts])))
+    views = dict(zip(names + ("page_table", "logit_index"), flat.split([len(p) for p in parts])))
     input_ids = views["input_ids"]                                       # [T]
     if arrays.input_ids.min(initial=0) < 0:
         if prev_tokens is not None:
@@ -218,10 +283,13 @@ def to_forward_batch(arrays: PlanArrays, device: torch.device,
         prefix_lens=views["prefix_lens"], seq_lens=views["seq_lens"],
         page_table=views["page_table"].view(arrays.page_table.shape),
         slot_mapping=views["slot_mapping"], num_decode=arrays.num_decode,
-        extend_keys_host=int(arrays.seq_lens[arrays.num_decode:].sum()))
+        extend_keys_host=int(arrays.seq_lens[arrays.num_decode:].sum()),
+        logit_index=views.get("logit_index"))
 
 
 def run_worker(runner, channel: PlanChannel) -> None:
-    """Ranks > 0: run every plan rank 0 broadcasts, until it says stop."""
+    """Ranks > 0: run every plan rank 0 broadcasts (verify rows included), until it says
+    stop."""
     while (arrays := channel.receive()) is not None:
-        runner.forward(to_forward_batch(arrays, runner.device))
+        index = LogitLayout.of(arrays).index if arrays.has_drafts else None
+        runner.forward(to_forward_batch(arrays, runner.device, logit_index=index))

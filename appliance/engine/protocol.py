@@ -21,6 +21,7 @@ class GenerateRequest(msgspec.Struct, tag="generate"):
     ignore_eos: bool = False  # when False, the model's end-of-sequence ids also stop the request
     session: str = ""
     user: str = ""
+    speculative: bool = True  # False: this request never gets draft tokens (opt-out)
 
 
 class AbortRequest(msgspec.Struct, tag="abort"):

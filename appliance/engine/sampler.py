@@ -36,14 +36,18 @@ class Sampler:
         self._seeds.pop(rid, None)
 
     def sample(self, logits: torch.Tensor, rids: np.ndarray, arrays: PlanArrays,
-               params: dict[int, GenerateRequest]) -> torch.Tensor:
-        """logits [B, V] float32 -> tokens [B] int32 (on the device; no host sync here)."""
+               params: dict[int, GenerateRequest], positions: np.ndarray | None = None
+               ) -> torch.Tensor:
+        """logits [N, V] float32 -> tokens [N] int32 (on the device; no host sync here).
+        Row i samples for request rids[i] the token at positions[i] (default: the plan
+        row's KV length after this step; verify rows pass one position per logits row)."""
         reqs = [params[int(rid)] for rid in rids]
         temperature = torch.tensor([r.temperature for r in reqs], dtype=torch.float32)
         top_k = torch.tensor([r.top_k for r in reqs], dtype=torch.int32)
         top_p = torch.tensor([r.top_p for r in reqs], dtype=torch.float32)
         seeds = torch.tensor([self._seeds[int(rid)] for rid in rids], dtype=torch.int64)
         # The position of the token being sampled: the row's KV length after this step.
-        positions = torch.from_numpy(arrays.seq_lens.astype(np.int64))
+        at = torch.from_numpy(arrays.seq_lens.astype(np.int64) if positions is None
+                              else positions.astype(np.int64))
         return self._sample(logits, *to_device_packed(
-            [temperature, top_k, top_p, seeds, positions], self.device))
+            [temperature, top_k, top_p, seeds, at], self.device))

@@ -11,9 +11,10 @@ from kernels.reference.moe import fused_moe, moe_route, router_logits
 from kernels.reference.norm import fused_add_rms_norm, rms_norm
 from kernels.reference.rope import rope, rope_store_kv
 from kernels.reference.sample import sample
+from kernels.reference.spec_accept import spec_accept
 
 __all__ = [
     "rms_norm", "fused_add_rms_norm", "silu_and_mul", "rope", "store_kv", "rope_store_kv",
     "decode_attention", "extend_attention", "mla_decode", "mla_extend", "mla_prefill",
-    "router_logits", "moe_route", "fused_moe", "sample",
+    "router_logits", "moe_route", "fused_moe", "sample", "spec_accept",
 ]

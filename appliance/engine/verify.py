@@ -1,0 +1,68 @@
+"""Speculative verification: one target step checks every verify row's chain of drafts.
+
+A verify row runs its next token and its k drafts; the model returns logits at all 1 + k
+tokens (`LogitLayout` says which). Each logits row is sampled as a plain decode at that
+position would be (the `sample` op: greedy, or temperature / top-k / top-p with randomness a
+pure function of (seed, position)), and `spec_accept` keeps the drafts up to the first one
+the target did not sample, plus the token it sampled there (after the last draft: the bonus
+token). The emitted tokens are the ones sampling without speculation gives at the same
+positions, so greedy output is identical token for token, and with temperature > 0 this is
+exact rejection sampling for deterministic drafts (kernels/reference/spec_accept.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+import kernels
+from appliance.engine.plan_arrays import PlanArrays
+from appliance.engine.protocol import GenerateRequest
+from appliance.engine.sampler import Sampler
+from appliance.engine.transfer import to_device_packed
+
+
+@dataclass(frozen=True)
+class LogitLayout:
+    """The logits rows of a step with verify rows (host arrays; N = B + total drafts)."""
+
+    index: np.ndarray  # [N] int32: the token (into the step's T) of each logits row
+    start: np.ndarray  # [B+1] int32: plan row b owns logits rows start[b]:start[b+1]
+    row: np.ndarray  # [N] int64: the plan row of each logits row
+    drafts: np.ndarray  # [N] int32: the draft each logits row checks (-1: none, last of a row)
+    positions: np.ndarray  # [N] int64: the position of the token each logits row samples
+
+    @classmethod
+    def of(cls, arrays: PlanArrays) -> LogitLayout:
+        per_row = arrays.num_draft.astype(np.int64) + 1                       # [B]
+        start = np.zeros(len(per_row) + 1, np.int64)
+        np.cumsum(per_row, out=start[1:])
+        row = np.repeat(np.arange(len(per_row)), per_row)                     # [N]
+        local = np.arange(start[-1]) - start[row]                             # [N]
+        # a plain row's one logits row is its last token; a verify row's are all its tokens
+        index = arrays.query_start[1:].astype(np.int64)[row] - per_row[row] + local
+        checks = local < arrays.num_draft[row]                                 # [N]
+        following = arrays.input_ids[np.minimum(index + 1, len(arrays.input_ids) - 1)]
+        return cls(index=index.astype(np.int32), start=start.astype(np.int32), row=row,
+                   drafts=np.where(checks, following, -1).astype(np.int32),
+                   positions=arrays.positions[index].astype(np.int64) + 1)
+
+
+class Verifier:
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._accept = kernels.select("spec_accept", device=device.type, dtype=torch.float32)
+
+    def verify(self, logits: torch.Tensor, layout: LogitLayout, rids: np.ndarray,
+               arrays: PlanArrays, sampler: Sampler, params: dict[int, GenerateRequest]
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """logits [N, V] float32 -> (tokens [N] int32, counts [B] int32, each row's first
+        token [B] int32) on the device, no host sync: row b emits
+        tokens[start[b] : start[b] + counts[b]]."""
+        tokens = sampler.sample(logits, rids[layout.row], arrays, params,
+                                positions=layout.positions)                   # [N]
+        drafts, start = to_device_packed(
+            [torch.from_numpy(layout.drafts), torch.from_numpy(layout.start)], self.device)
+        return tokens, self._accept(tokens, drafts, start), tokens[start[:-1].long()]
