@@ -16,9 +16,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-PRIOR_ACCEPTED = 1.0  # pseudo-counts: a new request starts at alpha = 1/2
-PRIOR_REJECTED = 1.0
-KEEP_PER_VERIFY = 0.8  # weight an older verify row keeps when a new one is recorded
+PRIOR_ACCEPTED = 0.5  # pseudo-counts: a new request starts at alpha = 1/2
+PRIOR_REJECTED = 0.5
+KEEP_PER_VERIFY = 0.9  # weight an older verify row keeps when a new one is recorded
 KEEP_PER_IDLE_STEP = 0.97  # evidence fades while a request does not draft (~ 30 steps)
 ALPHA_RANGE = (1e-3, 0.999)
 
