@@ -183,7 +183,19 @@ def _summarize(config: AppConfig, mode: str, results: list[RequestResult], elaps
         "tps_floor": config.scheduler.tps_floor,
         "requests_above_floor": sum(t >= config.scheduler.tps_floor for t in tps),
         "prefix_cache_hit_rate": hits / prompts if prompts else 0.0,
+        **_speculation(before, after),
     }
+
+
+def _speculation(before: dict, after: dict) -> dict:
+    """The daemon's speculative-decoding figures over the run (zeros with speculation off)."""
+    def delta(key: str) -> int:
+        return after.get("speculative", {}).get(key, 0) - before.get("speculative", {}).get(key, 0)
+
+    drafted, accepted, rows = delta("draft_tokens"), delta("accepted_tokens"), delta("verify_rows")
+    return {"spec_draft_tokens": drafted, "spec_accepted_tokens": accepted,
+            "spec_acceptance_rate": accepted / drafted if drafted else 0.0,
+            "spec_mean_accepted_length": 1 + accepted / rows if rows else 0.0}
 
 
 def _percentile(values: list[float], q: float) -> float:

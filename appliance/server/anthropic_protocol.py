@@ -96,3 +96,4 @@ class MessagesRequest(CountTokensRequest):
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     top_k: int | None = Field(default=None, ge=0)
     metadata: Metadata | None = None
+    speculative: bool = True  # TokenSpeed extension: false opts out of speculative decoding

@@ -34,6 +34,7 @@ class SamplingOptions:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    speculative: bool = True  # False: no draft tokens for this request
 
 
 @dataclass(frozen=True)
@@ -129,7 +130,8 @@ def engine_request(state: AppState, rid: int, job: GenerationJob) -> GenerateReq
     return GenerateRequest(
         rid=rid, prompt_ids=list(job.prompt_ids), max_new_tokens=sampling.max_tokens,
         temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
-        seed=sampling.seed, ignore_eos=sampling.ignore_eos, session=job.session, user=job.user)
+        seed=sampling.seed, ignore_eos=sampling.ignore_eos, session=job.session, user=job.user,
+        speculative=sampling.speculative)
 
 
 async def generate(state: AppState, job: GenerationJob) -> AsyncIterator[Event]:

@@ -37,6 +37,7 @@ def sampling_options(body: SamplingFields, prompt_len: int, max_model_len: int,
         seed=body.seed,
         stop=stop_strings(body.stop),
         ignore_eos=body.ignore_eos,
+        speculative=body.speculative,
     )
 
 

@@ -23,6 +23,17 @@ async def stats(request: Request) -> JSONResponse:
     return JSONResponse(stats_snapshot(get_state(request)))
 
 
+def speculative_figures(engine: dict[str, float]) -> dict[str, float]:
+    """Drafts verified and accepted since start; mean accepted length = tokens a verify row
+    emitted on average (its accepted drafts + the one token the target chose)."""
+    drafted = int(engine.get("spec_draft_tokens_total", 0))
+    accepted = int(engine.get("spec_accepted_tokens_total", 0))
+    rows = int(engine.get("spec_verify_rows_total", 0))
+    return {"draft_tokens": drafted, "accepted_tokens": accepted, "verify_rows": rows,
+            "acceptance_rate": round(accepted / drafted, 4) if drafted else 0.0,
+            "mean_accepted_length": round(1 + accepted / rows, 4) if rows else 0.0}
+
+
 def stats_snapshot(state: AppState) -> dict[str, Any]:
     engine = state.client.stats()
     tracker = state.tracker
@@ -41,6 +52,7 @@ def stats_snapshot(state: AppState) -> dict[str, Any]:
         "requests": {"running": count("requests_running"), "waiting": count("requests_waiting")},
         "throughput": {"generation_tokens_per_minute": round(tracker.generation_tokens_per_minute(), 3),
                        "prompt_tokens_per_minute": round(tracker.prompt_tokens_per_minute(), 3)},
+        "speculative": speculative_figures(engine),
         "totals": {"prompt_tokens": count("prompt_tokens_total"),
                    "generation_tokens": count("generation_tokens_total"),
                    "prefix_cache_hit_tokens": count("prefix_cache_hit_tokens_total"),

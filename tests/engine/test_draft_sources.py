@@ -12,12 +12,18 @@ from appliance.engine.speculative.policy import DraftPolicy, StepCost
 
 def lookup(context: list[int], k: int) -> list[int]:
     """The definition: the longest suffix (MAX..MIN tokens) that occurred earlier, at its
-    latest earlier occurrence, proposes the k tokens that followed it."""
+    latest earlier occurrence, proposes the k tokens that followed it; past the end of the
+    context, the proposal continues as the same lookup on the extended context would."""
+    context = list(context)
     for n in range(min(MAX_NGRAM, len(context)), MIN_NGRAM - 1, -1):
         suffix = context[len(context) - n:]
         for i in range(len(context) - 1, n - 1, -1):   # i: index of the follower
             if context[i - n:i] == suffix:
-                return context[i:i + k]
+                out = []
+                while len(out) < k:   # the match is len - i back: the text repeats with it
+                    out.append(context[i + len(out)] if i + len(out) < len(context)
+                               else out[len(out) - (len(context) - i)])
+                return out
     return []
 
 
@@ -43,6 +49,14 @@ def test_ngram_finds_a_repeated_edit():
     code = [10, 11, 12, 13, 14, 15, 16, 17]
     src.start(1, code + [99] + code[:3], "s")
     assert src.propose(1, 4) == [13, 14, 15, 16]
+
+
+def test_ngram_continues_a_repetition_past_the_end():
+    src = NgramDraft()
+    src.start(1, [5, 1, 2, 3, 1, 2, 3, 1, 2], "")
+    assert src.propose(1, 7) == [3, 1, 2, 3, 1, 2, 3]
+    src.start(2, [4, 4, 4], "")
+    assert src.propose(2, 3) == [4, 4, 4]
 
 
 FREE = StepCost(tokens=4, time_s=0.01, draft_token_s=1e-6)        # memory-bound: drafts ~free

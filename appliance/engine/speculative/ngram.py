@@ -2,7 +2,9 @@
 
 The longest suffix of the context (MAX_NGRAM tokens down to MIN_NGRAM) that occurred earlier
 in the context proposes the tokens that followed its most recent earlier occurrence. Coding
-agents re-emit what they read (edits, diffs, tool arguments), so this finds real drafts.
+agents re-emit what they read (edits, diffs, tool arguments), so this finds real drafts. When
+the continuation runs into the end of the context (the match is a period p back: the text
+repeats), the proposal keeps repeating that period, as looking up its own suffix again would.
 """
 
 from __future__ import annotations
@@ -57,7 +59,8 @@ class NgramDraft:
         for n in range(min(MAX_NGRAM, len(t)), MIN_NGRAM - 1, -1):
             at = ctx.follower.get(tuple(t[len(t) - n:]))
             if at is not None:
-                return t[at:at + max_draft]
+                period = len(t) - at
+                return [t[at + i % period] for i in range(max_draft)]
         return []
 
     def finish(self, rid: int) -> None:
