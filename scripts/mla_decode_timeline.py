@@ -12,7 +12,7 @@ its partial, with its %smid. The variants, both TMA-only copies of the registere
   one tile ahead (the registered kernel reads it in the same iteration);
 - `ticket`: persistent programs that take tiles from a shared counter two tickets ahead, so
   that fast programs take more (the counter resets itself: the last program out zeroes it).
-docs/KERNELS.md (seventh session) has the figures and what they say.
+docs/KERNELS_HISTORY.md (seventh session) has the figures and what they say.
 """
 from __future__ import annotations
 
