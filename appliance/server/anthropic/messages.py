@@ -10,8 +10,8 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 
 from appliance.server import sse
-from appliance.server.anthropic_convert import template_messages, template_tools
-from appliance.server.anthropic_protocol import CountTokensRequest, MessagesRequest
+from appliance.server.anthropic.template import template_messages, template_tools
+from appliance.server.anthropic.protocol import CountTokensRequest, MessagesRequest
 from appliance.server.auth import require_api_key
 from appliance.server.errors import ApiError, anthropic_error_body
 from appliance.server.generation import (Finished, GenerationJob, SamplingOptions, TextDelta, ToolCallDelta,

@@ -15,9 +15,9 @@ from appliance.server.auth import require_api_key
 from appliance.server.errors import bad_request
 from appliance.server.generation import (Finished, GenerationJob, TextDelta, TokenDelta, collect,
                                          generate)
-from appliance.server.openai_common import (finish_reason, reject_unsupported, sampling_options,
+from appliance.server.openai.common import (finish_reason, reject_unsupported, sampling_options,
                                              stream_error, usage)
-from appliance.server.openai_protocol import CompletionRequest
+from appliance.server.openai.protocol import CompletionRequest
 from appliance.server.prompt import text_prompt_ids
 from appliance.server.request_context import arrival_time, check_model, session_hint, user_hint
 from appliance.server.state import AppState, get_state
