@@ -47,6 +47,7 @@ class FakeEngineClient:
     healthy: bool = True
     requests: list[GenerateRequest] = field(default_factory=list)
     aborted: set[int] = field(default_factory=set)
+    abort_messages: list[int] = field(default_factory=list)  # one entry per abort sent to the engine
     running: set[int] = field(default_factory=set)
     info: EngineInfo = field(default_factory=EngineInfo)
     totals: dict[str, int] = field(default_factory=lambda: {
@@ -60,6 +61,7 @@ class FakeEngineClient:
         self.reply, self.delay_s, self.reject, self.crash_after = "Hello from the fake engine.", 0.0, None, None
         self.requests.clear()
         self.aborted.clear()
+        self.abort_messages.clear()
 
     def new_rid(self) -> int:
         return next(self._rids)
@@ -92,7 +94,7 @@ class FakeEngineClient:
         finally:
             self.running.discard(req.rid)
             if not finished:
-                self.aborted.add(req.rid)
+                self._record_abort(req.rid)
 
     def _tokens(self, req: GenerateRequest) -> list[int]:
         tokens = self.script()
@@ -107,7 +109,11 @@ class FakeEngineClient:
         return "length" if index + 1 >= req.max_new_tokens else None
 
     async def abort(self, rid: int) -> None:
+        self._record_abort(rid)
+
+    def _record_abort(self, rid: int) -> None:
         self.aborted.add(rid)
+        self.abort_messages.append(rid)
 
     def stats(self) -> dict[str, float]:
         return {"page_size": 16, "pages_total": 512, "pages_used": 40 + len(self.running),
