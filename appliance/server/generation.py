@@ -141,7 +141,7 @@ async def generate(state: AppState, job: GenerationJob) -> AsyncIterator[Event]:
     stream = client.generate(engine_request(rid, job))
     token_ids: list[int] = []
     try:
-        async for out in _engine_outputs(state, stream):
+        async for out in _engine_outputs(state, stream, token_ids):
             if out.token_id >= 0:
                 token_ids.append(out.token_id)
                 state.metrics.observe(*state.tracker.on_token(tracked))
@@ -158,9 +158,7 @@ async def generate(state: AppState, job: GenerationJob) -> AsyncIterator[Event]:
                 yield Finished(reason, len(job.prompt_ids), len(token_ids),
                                pipeline.num_tool_calls, matched, tuple(token_ids))
                 return
-        # the engine stream ended without a finish reason (the engine stopped)
-        yield Finished("abort", len(job.prompt_ids), len(token_ids), pipeline.num_tool_calls,
-                       token_ids=tuple(token_ids))
+        raise ApiError(503, "The engine stopped before the request finished")
     finally:
         state.tracker.finish(rid)
         await _close(stream)
@@ -173,14 +171,18 @@ def _decodes(state: AppState, out: TokenOutput) -> bool:
     return not (out.finish_reason == "stop" and out.token_id in state.eos_token_ids)
 
 
-async def _engine_outputs(state: AppState, stream: AsyncIterator[TokenOutput]) -> AsyncIterator[TokenOutput]:
-    """The engine's outputs, with a refusal turned into an API error."""
+async def _engine_outputs(state: AppState, stream: AsyncIterator[TokenOutput],
+                          token_ids: list[int]) -> AsyncIterator[TokenOutput]:
+    """The engine's outputs; its errors become API errors (a stream ends with an error event).
+    A refusal comes before the first token from a running engine (400); anything else is the
+    engine failing the request (503)."""
     try:
         async for out in stream:
             yield out
     except EngineRejected as e:
-        status = 400 if state.engine_healthy else 503
-        raise ApiError(status, f"The engine rejected the request: {e}") from None
+        if not token_ids and state.engine_healthy:
+            raise ApiError(400, f"The engine rejected the request: {e}") from None
+        raise ApiError(503, f"The engine failed the request: {e}") from None
 
 
 async def _close(stream: AsyncIterator[TokenOutput]) -> None:
