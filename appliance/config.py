@@ -59,6 +59,7 @@ class ServerConfig:
     port: int = 8000
     socket: str = ""  # "" -> <cache>/run/tokenspeed-<port>.sock
     api_key: str | None = None
+    max_body_bytes: int = 32 * 1024 * 1024  # a larger request body is refused with a 413
 
 
 @dataclass(frozen=True)
@@ -104,7 +105,7 @@ _CHOICES = {
     "parallel.tp_size": (1, 2, 4, 8),
 }
 _POSITIVE = {
-    "model.max_model_len", "server.port", "kv.page_size", "kv.num_pages",
+    "model.max_model_len", "server.port", "server.max_body_bytes", "kv.page_size", "kv.num_pages",
     "scheduler.max_batch_tokens", "scheduler.max_running", "scheduler.tps_floor",
 }
 

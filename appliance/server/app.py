@@ -8,6 +8,7 @@ from fastapi import FastAPI
 
 from appliance.config import AppConfig
 from appliance.server import anthropic, health, metrics, openai, stats
+from appliance.server.body_limit import BodyLimitMiddleware
 from appliance.server.errors import install_error_handlers
 from appliance.server.metrics import FrontendMetrics
 from appliance.server.request_context import ArrivalTimeMiddleware
@@ -19,6 +20,7 @@ def build_app(config: AppConfig, client: EngineClientLike, tokenizer: Any) -> Fa
     app.state.tokenspeed = AppState(config=config, client=client, tokenizer=tokenizer,
                                     metrics=FrontendMetrics(client.stats))
     install_error_handlers(app)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=config.server.max_body_bytes)
     app.add_middleware(ArrivalTimeMiddleware)  # outermost: stamped before anything else runs
     for router in (health.router, health.models_router, *openai.ROUTERS, *anthropic.ROUTERS,
                    metrics.router, stats.router):
