@@ -38,7 +38,7 @@ def _connect(served: Served) -> socket.socket:
     return socket.create_connection(("127.0.0.1", served.port), timeout=10)
 
 
-def _head(path: str, **headers: Any) -> bytes:
+def request_head(path: str, **headers: Any) -> bytes:
     lines = [f"POST {path} HTTP/1.1", "Host: test", "Content-Type: application/json"]
     lines += [f"{name.replace('_', '-')}: {value}" for name, value in headers.items()]
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
@@ -48,7 +48,7 @@ def _chunk(data: bytes) -> bytes:
     return f"{len(data):x}\r\n".encode() + data + b"\r\n"
 
 
-def _response(sock: socket.socket) -> tuple[int, dict[str, Any]]:
+def read_response(sock: socket.socket) -> tuple[int, dict[str, Any]]:
     response = http.client.HTTPResponse(sock)
     response.begin()
     return response.status, json.loads(response.read())
@@ -82,8 +82,8 @@ def test_declared_50mb_prompt_is_refused_before_it_is_read(served):
     for path, shape in ((CHAT, "openai"), (MESSAGES, "anthropic")):
         with _connect(served) as sock:
             started = time.monotonic()
-            sock.sendall(_head(path, content_length=len(prompt)) + prompt[:65536])
-            status, body = _response(sock)
+            sock.sendall(request_head(path, content_length=len(prompt)) + prompt[:65536])
+            status, body = read_response(sock)
             elapsed = time.monotonic() - started
             assert _closed_by_peer(sock, 5)  # the unread body is never parsed as a request
         assert status == 413 and elapsed < 2.0
@@ -110,10 +110,10 @@ def test_chunked_body_is_counted_and_a_pending_upload_holds_no_one(small_limit):
     """A body without Content-Length is refused once it passes the limit; while it is still
     arriving (stalled half-way), another client is served."""
     with _connect(small_limit) as sock:
-        sock.sendall(_head(MESSAGES, transfer_encoding="chunked") + _chunk(b'{"messages": "' + b"x" * (LIMIT // 2)))
+        sock.sendall(request_head(MESSAGES, transfer_encoding="chunked") + _chunk(b'{"messages": "' + b"x" * (LIMIT // 2)))
         assert _chat_ok(small_limit) < 5  # the stalled upload holds no one
         sock.sendall(_chunk(b"x" * LIMIT))
-        status, body = _response(sock)
+        status, body = read_response(sock)
     assert status == 413 and body["error"]["type"] == "request_too_large"
     assert small_limit.fake.requests[-1].prompt_ids  # the chat request went through
 
@@ -239,10 +239,10 @@ def test_headers_must_arrive_within_the_deadline(served, monkeypatch):
     # the deadline is for headers only: a body that takes longer is still read
     body = json.dumps(CHAT_BODY).encode()
     with _connect(served) as slow_body:
-        slow_body.sendall(_head(CHAT, content_length=len(body)))
+        slow_body.sendall(request_head(CHAT, content_length=len(body)))
         time.sleep(1.0)
         slow_body.sendall(body)
-        status, _ = _response(slow_body)
+        status, _ = read_response(slow_body)
     assert status == 200
 
 
@@ -251,7 +251,7 @@ def test_idle_keep_alive_connection_is_closed(served, monkeypatch):
     monkeypatch.setattr(served.server.config, "timeout_keep_alive", 0.5)
     body = json.dumps(CHAT_BODY).encode()
     with _connect(served) as sock:
-        sock.sendall(_head(CHAT, content_length=len(body)) + body)
-        status, _ = _response(sock)
+        sock.sendall(request_head(CHAT, content_length=len(body)) + body)
+        status, _ = read_response(sock)
         assert status == 200
         assert _closed_by_peer(sock, 5)
