@@ -230,7 +230,7 @@ def _engine_can_take(req, max_model_len: int) -> bool:
             and 0 <= req.top_k <= INT32_MAX and (req.seed is None or INT64_MIN <= req.seed <= INT64_MAX))
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(path=st.sampled_from(list(FIELDS)), data=st.data())
 def test_any_value_in_any_field_is_never_a_5xx(served, path, data):
     served.fake.reset()
