@@ -16,7 +16,7 @@ from typing import Any
 import anyio
 from fastapi import Request
 
-from appliance.engine.client import EngineRejected
+from appliance.engine.client import EngineFailed, EngineRejected
 from appliance.engine.protocol import GenerateRequest, TokenOutput
 from appliance.server.detokenize import IncrementalDetokenizer
 from appliance.server.errors import ApiError
@@ -180,6 +180,8 @@ async def _engine_outputs(state: AppState, stream: AsyncIterator[TokenOutput]) -
     try:
         async for out in stream:
             yield out
+    except EngineFailed as e:
+        raise ApiError(503, str(e)) from None
     except EngineRejected as e:
         status = 400 if state.engine_healthy else 503
         raise ApiError(status, f"The engine rejected the request: {e}") from None
