@@ -88,6 +88,22 @@ def test_restart_never_exits_nonzero_and_tells_every_client(folder):
     assert not daemon.socket.exists()
 
 
+def test_down_right_after_a_rank_died_stops_the_daemon_promptly(folder):
+    """The event loop never waits on a dead engine: `down` during the restart works at once."""
+    daemon = start_daemon(folder)
+    requests = start_requests(daemon, 3)
+    _, fault_at = inject(daemon, 0)
+    started = time.monotonic()
+    down = daemon.cli("down")
+    assert down.returncode == 0, down.stderr
+    assert time.monotonic() - started < 20
+    assert daemon.proc.wait(5) == 0
+    tally = Tally()
+    tally.add(finish(requests), fault_at)
+    assert tally.lost == 0, tally.details
+    assert not engine_ranks(daemon.proc.pid) and not list(folder.glob("ts-*-*"))
+
+
 def test_killing_the_frontend_leaves_no_rank(folder):
     daemon = start_daemon(folder, "parallel.tp_size=2")
     ranks = engine_ranks(daemon.proc.pid)
