@@ -163,12 +163,16 @@ class Tally:
                 f"{self.pages_leaked}, slowest error {self.worst_error_s:.1f} s after the fault")
 
 
-def start_requests(daemon: Daemon, count: int) -> list[InFlightRequest]:
+def start_requests(daemon: Daemon, count: int, timeout: float = 30) -> list[InFlightRequest]:
+    """Start `count` requests and wait until each produced text, or `timeout` passed: then
+    some may still wait in the engine's queue (the TPS floor admits what it can serve)."""
     requests = [InFlightRequest(daemon.base_url, APIS[i % len(APIS)], i) for i in range(count)]
     for r in requests:
         r.start()
+    deadline = time.monotonic() + timeout
     for r in requests:
-        assert r.started.wait(60), f"request {r.index} ({r.api}) produced nothing"
+        r.started.wait(max(0.0, deadline - time.monotonic()))
+    assert any(r.started.is_set() for r in requests), "no request produced anything"
     return requests
 
 
