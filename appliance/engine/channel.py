@@ -31,6 +31,8 @@ from pathlib import Path
 import zmq
 from zmq.auth.thread import ThreadAuthenticator
 
+from appliance.engine.lifeline import process_alive
+
 log = logging.getLogger(__name__)
 
 SEND_TIMEOUT_S = 5.0
@@ -166,7 +168,7 @@ def remove_stale_folders(run_dir: Path) -> None:
         return
     for entry in entries:
         match = _FOLDER.fullmatch(entry.name)
-        if match and int(match.group(1)) != os.getpid() and not _alive(int(match.group(1))):
+        if match and int(match.group(1)) != os.getpid() and not process_alive(int(match.group(1))):
             shutil.rmtree(entry, ignore_errors=True)
 
 
@@ -178,16 +180,6 @@ def _private_folder(run_dir: Path) -> Path:
     folder.mkdir(mode=0o700)  # fails if it exists: the name is new, nobody can have made it
     os.chmod(folder, 0o700)  # whatever the umask
     return folder
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class _OnlyKey:

@@ -44,7 +44,7 @@ def _watch(pids: tuple[int, ...]) -> None:
     except ProcessLookupError:
         _exit(pids)
     except (AttributeError, OSError):  # no pidfds (old kernel, not Linux): poll
-        while all(_alive(pid) for pid in pids) and os.getppid() == pids[0]:
+        while all(process_alive(pid) for pid in pids) and os.getppid() == pids[0]:
             time.sleep(_POLL_S)
         _exit(pids)
     select.select(fds, [], [])
@@ -52,12 +52,14 @@ def _watch(pids: tuple[int, ...]) -> None:
 
 
 def _exit(pids: tuple[int, ...]) -> None:
-    log.error("process %s ended; this engine rank exits with it", [p for p in pids if not _alive(p)])
+    gone = [pid for pid in pids if not process_alive(pid)]
+    log.error("process %s ended; this engine rank exits with it", gone)
     logging.shutdown()
     os._exit(1)
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie does not: it has ended, though not yet been reaped)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -65,7 +67,7 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         pass
     try:
-        with open(f"/proc/{pid}/stat") as f:  # a zombie has ended, though kill(pid, 0) works
+        with open(f"/proc/{pid}/stat") as f:  # kill(pid, 0) also finds zombies
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return True

@@ -6,7 +6,8 @@ from daemon_process import Daemon, start_daemon
 
 def pytest_configure(config) -> None:
     # Also registered in pyproject's pytest section; here so these files never warn without it.
-    config.addinivalue_line("markers", "slow: starts daemons or other processes (deselect: -m 'not slow')")
+    config.addinivalue_line("markers", "slow: starts daemons or other processes "
+                                       "(deselect: -m 'not slow')")
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from daemon_process import Daemon, start_daemon  # noqa: E402
 
+
 MODEL = "tiny-llama"
 APIS = ("completions", "chat", "messages", "completions-whole")
 
@@ -42,14 +43,6 @@ def engine_ranks(frontend_pid: int) -> dict[int, int]:
         if int(ppid) == frontend_pid and comm.startswith("tokenspeed-r") and state != "Z":
             ranks[int(comm.removeprefix("tokenspeed-r"))] = int(entry.name)
     return ranks
-
-
-def process_alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rindex(")") + 2:].split()[0] != "Z"
 
 
 @dataclass
@@ -212,7 +205,8 @@ def pages_in_use_when_idle(daemon: Daemon, timeout: float = 30) -> int:
     while True:
         with daemon.uds_client() as http:
             stats = http.get("/stats").json()
-        idle = not stats["active"] and not stats["requests"]["running"] and not stats["requests"]["waiting"]
+        queues = stats["requests"]
+        idle = not stats["active"] and not queues["running"] and not queues["waiting"]
         if idle or time.monotonic() > deadline:
             time.sleep(0.6)  # the engine publishes its counters every 0.25 s
             with daemon.uds_client() as http:

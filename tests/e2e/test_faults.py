@@ -15,10 +15,10 @@ import httpx
 import pytest
 import zmq
 from daemon_process import REPO, free_port, launch_daemon, launch_with_args, start_daemon, wait_healthy
-from faults import (Tally, engine_ranks, fault_round, finish, inject, probe, process_alive,
-                    start_requests)
+from faults import Tally, engine_ranks, fault_round, finish, inject, probe, start_requests
 
 from appliance.engine import protocol
+from appliance.engine.lifeline import process_alive
 
 pytestmark = pytest.mark.slow
 

@@ -7,6 +7,8 @@ import sys
 import time
 from pathlib import Path
 
+from appliance.engine.lifeline import process_alive
+
 REPO = Path(__file__).resolve().parents[2]
 
 # Arms the lifeline on the given pids, says so, then waits to be ended.
@@ -24,26 +26,18 @@ FRONTEND = ("import os, subprocess, sys, time\n"
             "time.sleep(60)\n")
 
 
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rindex(")") + 2:].split()[0] != "Z"
-
-
 def _gone_within(pid: int, seconds: float) -> bool:
     deadline = time.monotonic() + seconds
-    while _alive(pid) and time.monotonic() < deadline:
+    while process_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.05)
-    return not _alive(pid)
+    return not process_alive(pid)
 
 
 def test_a_rank_dies_when_its_frontend_is_killed():
     frontend = subprocess.Popen([sys.executable, "-c", FRONTEND, RANK], cwd=REPO,
                                 stdout=subprocess.PIPE, text=True)
     rank = int(frontend.stdout.readline())
-    assert _alive(rank)
+    assert process_alive(rank)
     frontend.kill()
     frontend.wait()
     assert _gone_within(rank, 5)
