@@ -45,18 +45,8 @@ def expected(prompt: list[int], n: int) -> list[int]:
 
 
 @pytest.fixture
-def engine(tmp_path, monkeypatch):
-    sent = []
-    monkeypatch.setattr(Engine, "_send", lambda self, message: sent.append(message))
-    config = load_config(None, ["device=cpu"])
-    frontend = FrontendChannel(tmp_path)
-    eng = Engine(config, CountingRunner(), PlanChannel(None), frontend.endpoints)
-    eng.sent = sent
-    yield eng
-    eng._inbox.close(linger=0)
-    eng._outbox.close(linger=0)
-    eng._ctx.term()
-    frontend.close()
+def engine(make_engine):
+    return make_engine(CountingRunner())
 
 
 def tokens_of(sent, rid: int) -> list[int]:
