@@ -63,6 +63,7 @@ class ServerConfig:
     port: int = 8000
     socket: str = ""  # "" -> <cache>/run/tokenspeed-<port>.sock
     api_key: str | None = None
+    max_body_bytes: int = 32 * 1024 * 1024  # a larger request body is refused with a 413
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,16 @@ MAX_DRAFT = 32  # a verify row needs logits at each of its tokens: keep the chai
 
 
 @dataclass(frozen=True)
+class EngineConfig:
+    """Supervision of the engine ranks (appliance/engine/client.py)."""
+
+    restart: str = "on-failure"  # on-failure | never (a failure stops the daemon, exit code 1)
+    max_restarts: int = 3  # restarts allowed within restart_window_s; the next failure stops
+    restart_window_s: float = 600.0
+    heartbeat_timeout_s: float = 10.0  # rank 0 silent this long while running = hung
+
+
+@dataclass(frozen=True)
 class KernelsConfig:
     override: dict[str, str] = field(default_factory=dict)
 
@@ -111,11 +122,17 @@ class AppConfig:
     scheduler: SchedulerPolicyConfig = field(default_factory=SchedulerPolicyConfig)
     speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
     kernels: KernelsConfig = field(default_factory=KernelsConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
 
     @property
-    def engine_ipc_dir(self) -> Path:
-        """Folder of the frontend <-> engine ZeroMQ sockets, unique per daemon."""
-        return Path(self.server.socket).parent / f"tokenspeed-{self.server.port}.ipc"
+    def run_dir(self) -> Path:
+        """The daemon's run folder: its Unix socket, pid file and engine ipc folders."""
+        return Path(self.server.socket).parent
+
+    @property
+    def pid_file(self) -> Path:
+        """Holds the daemon's pid; `up` keeps an exclusive lock on it while it runs."""
+        return Path(self.server.socket + ".pid")
 
 
 _CHOICES = {
@@ -124,6 +141,7 @@ _CHOICES = {
     "device": ("auto", "cpu", "cuda"),
     "parallel.tp_size": (1, 2, 4, 8),
     "speculative.method": ("off", "suffix", "ngram", "mtp"),
+    "engine.restart": ("on-failure", "never"),
 }
 # Values the contract names that this build cannot serve yet: start-up refuses them clearly.
 _NOT_YET = {
@@ -132,8 +150,9 @@ _NOT_YET = {
                                    "they are not in this build yet",
 }
 _POSITIVE = {
-    "model.max_model_len", "server.port", "kv.page_size", "kv.num_pages",
+    "model.max_model_len", "server.port", "server.max_body_bytes", "kv.page_size", "kv.num_pages",
     "scheduler.max_batch_tokens", "scheduler.max_running", "speculative.max_draft",
+    "engine.restart_window_s", "engine.heartbeat_timeout_s",
 }
 # 0 has a meaning here: tps_floor 0 = no floor, session_ttl_s 0 = no retention.
 _NON_NEGATIVE = {"scheduler.tps_floor", "scheduler.session_ttl_s"}
@@ -239,6 +258,8 @@ def _validate(config: AppConfig) -> None:
     if config.speculative.max_draft > MAX_DRAFT:
         raise ConfigError(f"speculative.max_draft: must be <= {MAX_DRAFT}, "
                           f"got {config.speculative.max_draft}")
+    if config.engine.max_restarts < 0:
+        raise ConfigError(f"engine.max_restarts: must be >= 0, got {config.engine.max_restarts}")
     if config.server.port > 65535:
         raise ConfigError(f"server.port: must be <= 65535, got {config.server.port}")
 

@@ -14,14 +14,14 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
-import zmq
 
 from appliance import _core
 from appliance.config import AppConfig, SchedulerPolicyConfig
 from appliance.engine import protocol
+from appliance.engine.channel import EngineEndpoints, connect_engine
 from appliance.engine.plan_arrays import PlanArrays, PlanChannel
 from appliance.engine.protocol import GenerateRequest, TokenOutput
-from appliance.engine.sampler import Sampler
+from appliance.engine.sampler import INT32_MAX, INT64_MAX, INT64_MIN, Sampler, check_sampling
 from appliance.engine.speculative import make_speculator
 from appliance.engine.speculative.policy import StepCost
 from appliance.engine.transfer import to_device
@@ -29,6 +29,8 @@ from appliance.engine.verify import LogitLayout, Verifier
 
 log = logging.getLogger(__name__)
 
+# Stats go out at least this often, also when idle: they are the heartbeat the frontend's
+# supervisor watches (engine.heartbeat_timeout_s), so a stuck step loop is noticed.
 STATS_PERIOD_S = 0.25
 IDLE_POLL_MS = 5
 
@@ -59,8 +61,8 @@ class InFlight:
 
 
 class Engine:
-    def __init__(self, config: AppConfig, runner, channel: PlanChannel, to_engine: str,
-                 from_engine: str) -> None:
+    def __init__(self, config: AppConfig, runner, channel: PlanChannel,
+                 endpoints: EngineEndpoints) -> None:
         self.config = config
         self.runner = runner
         self.channel = channel
@@ -75,11 +77,7 @@ class Engine:
         self._speculating = False  # the next step plans drafts (after the previous commit)
         self._next_cost = StepCost(tokens=1.0, time_s=1.0, draft_token_s=0.0)
         self.requests: dict[int, GenerateRequest] = {}
-        self._ctx = zmq.Context()
-        self._inbox = self._ctx.socket(zmq.PULL)
-        self._inbox.connect(to_engine)
-        self._outbox = self._ctx.socket(zmq.PUSH)
-        self._outbox.connect(from_engine)
+        self._ctx, self._inbox, self._outbox = connect_engine(endpoints)
         self._last_stats = 0.0
         self._inflight: InFlight | None = None  # the launched, not yet committed step
 
@@ -93,11 +91,13 @@ class Engine:
             while self._drain_inbox(block=not ran):
                 ran = (bool(self.requests) or self._inflight is not None) and self.step()
                 self._publish_stats()
-        finally:
+            # A clean stop ends what still runs with "abort". After a crash nothing is sent: an
+            # abort would read as a normal end, and the frontend fails them with a clear error.
             for rid in list(self.requests):
                 self._abort(rid)
             self._publish_stats(force=True)
             self.channel.send_stop()
+        finally:
             self._inbox.close(linger=0)
             self._outbox.close(linger=1000)
             self._ctx.term()
@@ -194,24 +194,37 @@ class Engine:
         return True
 
     def _submit(self, req: GenerateRequest) -> None:
+        """Hand a request to the scheduler, or refuse it (that request alone) with a Rejected:
+        whatever its fields hold, nothing of it may raise later inside a step."""
         try:
-            if req.rid in self.requests:
-                raise ValueError(f"request id {req.rid} is already running")
-            if any(t < 0 or t >= self.runner.vocab_size for t in req.prompt_ids):
-                raise ValueError(f"prompt token ids must be in [0, {self.runner.vocab_size})")
+            self._check_request(req)
+            check_sampling(req)
             stop_ids = list(req.stop_token_ids)
             if not req.ignore_eos:
                 stop_ids += self.runner.eos_token_ids
             self.scheduler.submit(req.rid, np.asarray(req.prompt_ids, dtype=np.int32),
                                   req.max_new_tokens, np.asarray(stop_ids, dtype=np.int32),
                                   req.session)
-        except ValueError as e:
+        except (ValueError, TypeError, OverflowError) as e:  # the binding's conversions raise the last two
             self._send(protocol.Rejected(req.rid, str(e)))
             return
         self.requests[req.rid] = req
         self.sampler.add(req)
         if self.speculator is not None:
             self.speculator.start(req)
+
+    def _check_request(self, req: GenerateRequest) -> None:
+        """ValueError unless the ids and counts fit the scheduler's int32 / int64 arguments."""
+        vocab = self.runner.vocab_size
+        if not INT64_MIN <= req.rid <= INT64_MAX:
+            raise ValueError(f"request id {req.rid} does not fit in a signed 64-bit integer")
+        if req.rid in self.requests:
+            raise ValueError(f"request id {req.rid} is already running")
+        if not 1 <= req.max_new_tokens <= INT32_MAX:
+            raise ValueError(f"max_new_tokens must be in [1, {INT32_MAX}], got {req.max_new_tokens}")
+        for name, ids in (("prompt", req.prompt_ids), ("stop", req.stop_token_ids)):
+            if any(not 0 <= t < vocab for t in ids):
+                raise ValueError(f"{name} token ids must be in [0, {vocab})")
 
     def _abort(self, rid: int) -> None:
         if self.requests.pop(rid, None) is None:

@@ -3,13 +3,9 @@ each commit, verify rows return logits at every token, and the tokens that come 
 ones the loop gives without speculation."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
-from appliance.config import load_config
-from appliance.engine.engine import Engine
-from appliance.engine.plan_arrays import PlanChannel
 from appliance.engine.protocol import GenerateRequest
 
 VOCAB = 50
@@ -37,31 +33,9 @@ class MarkovRunner:
         return logits
 
 
-def make_engine(tmp_path, monkeypatch, *overrides):
-    sent = []
-    monkeypatch.setattr(Engine, "_send", lambda self, message: sent.append(message))
-    config = load_config(None, ["device=cpu", *overrides])
-    eng = Engine(config, MarkovRunner(), PlanChannel(None), f"ipc://{tmp_path}/in",
-                 f"ipc://{tmp_path}/out")
-    eng.sent = sent
-    return eng
-
-
 @pytest.fixture
-def engines(tmp_path, monkeypatch):
-    made = []
-
-    def make(*overrides):
-        eng = make_engine(tmp_path / str(len(made)), monkeypatch, *overrides)
-        made.append(eng)
-        return eng
-    (tmp_path / "0").mkdir()
-    (tmp_path / "1").mkdir()
-    yield make
-    for eng in made:
-        eng._inbox.close(linger=0)
-        eng._outbox.close(linger=0)
-        eng._ctx.term()
+def engines(make_engine):
+    return lambda *overrides: make_engine(MarkovRunner(), *overrides)
 
 
 def run(engine, requests):
