@@ -6,9 +6,8 @@ import triton
 import triton.language as tl
 
 from kernels.registry import register
-from kernels.triton.common import on_cuda, per_batch
+from kernels.triton.common import PRIORITY, on_cuda, per_batch
 
-PRIORITY = 10
 BLOCK = 16  # logits rows looked at per iteration: a row is its next token + up to ~8 drafts
 
 
