@@ -76,6 +76,33 @@ def test_drafting_backs_off_when_drafts_miss_and_retries_later():
     assert pol.lengths([1], missing)[1] > 0   # the evidence faded: it tries again
 
 
+def test_repeated_misses_pause_drafting_even_when_drafts_are_free():
+    pol = DraftPolicy(max_draft=8)
+    pol.add(1)
+    free = StepCost(tokens=1, time_s=0.01, draft_token_s=0.0)
+    for _ in range(3):
+        assert pol.lengths([1], free)[1] == 8
+        pol.record(1, drafted=8, accepted=0)
+    assert pol.lengths([1], free)[1] == 0          # paused
+    for _ in range(8):
+        pol.idle(1)
+    assert pol.lengths([1], free)[1] == 8          # retries after the pause
+    for _ in range(3):
+        pol.record(1, drafted=8, accepted=0)
+    for _ in range(8):
+        pol.idle(1)
+    assert pol.lengths([1], free)[1] == 0          # the second pause is twice as long
+    for _ in range(8):
+        pol.idle(1)
+    assert pol.lengths([1], free)[1] == 8
+    pol.record(1, drafted=8, accepted=2)           # an acceptance resets the pauses
+    for _ in range(3):
+        pol.record(1, drafted=8, accepted=0)
+    for _ in range(8):
+        pol.idle(1)
+    assert pol.lengths([1], free)[1] > 0
+
+
 def test_chains_grow_with_acceptance():
     pol = DraftPolicy(max_draft=8)
     cost = StepCost(tokens=4, time_s=0.01, draft_token_s=5e-4)

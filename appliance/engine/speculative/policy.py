@@ -8,7 +8,10 @@ worth its slot when its expected tokens per second of added step time, alpha^i /
 step's rate: alpha^i >= e * tokens / time. At small batch a step is memory-bound, e is small
 and chains run long; as the batch grows compute-bound, e rises toward a token's full cost and
 drafting stops unless alpha is near 1. A request whose drafts keep missing drops below the
-threshold and stops drafting; its evidence fades while it does not draft, so it retries later.
+threshold; and after MISS_LIMIT verify rows in a row that accept nothing it stops drafting for
+a pause that doubles with each such run (a step in which anyone drafts is planned after the
+previous commit, without overlap, so even nearly free drafts are not free). Its evidence fades
+while it does not draft, so it retries later.
 """
 
 from __future__ import annotations
@@ -21,12 +24,17 @@ PRIOR_REJECTED = 0.5
 KEEP_PER_VERIFY = 0.9  # weight an older verify row keeps when a new one is recorded
 KEEP_PER_IDLE_STEP = 0.97  # evidence fades while a request does not draft (~ 30 steps)
 ALPHA_RANGE = (1e-3, 0.999)
+MISS_LIMIT = 3  # verify rows in a row with nothing accepted before drafting pauses
+PAUSE_STEPS = (8, 512)  # the first pause, and the longest (each run of misses doubles it)
 
 
 @dataclass
 class _Acceptance:
     accepted: float = 0.0
     rejected: float = 0.0
+    misses: int = 0  # verify rows in a row that accepted nothing
+    paused: int = 0  # steps left without drafting
+    next_pause: int = PAUSE_STEPS[0]
 
     def alpha(self) -> float:
         a = (self.accepted + PRIOR_ACCEPTED) / (
@@ -64,6 +72,13 @@ class DraftPolicy:
             return
         s.accepted = s.accepted * KEEP_PER_VERIFY + accepted
         s.rejected = s.rejected * KEEP_PER_VERIFY + (1.0 if accepted < drafted else 0.0)
+        if accepted:
+            s.misses, s.next_pause = 0, PAUSE_STEPS[0]
+            return
+        s.misses += 1
+        if s.misses >= MISS_LIMIT:
+            s.misses, s.paused = 0, s.next_pause
+            s.next_pause = min(2 * s.next_pause, PAUSE_STEPS[1])
 
     def idle(self, rid: int) -> None:
         """A step passed without drafts for `rid`."""
@@ -71,10 +86,12 @@ class DraftPolicy:
         if s is not None:
             s.accepted *= KEEP_PER_IDLE_STEP
             s.rejected *= KEEP_PER_IDLE_STEP
+            s.paused = max(0, s.paused - 1)
 
     def lengths(self, rids: list[int], cost: StepCost) -> dict[int, int]:
         """Draft-chain length for each of `rids` (0: no drafts) in the next step."""
-        alphas = {rid: self._stats[rid].alpha() for rid in rids if rid in self._stats}
+        alphas = {rid: self._stats[rid].alpha() for rid in rids
+                  if rid in self._stats and not self._stats[rid].paused}
         if not alphas or self.max_draft <= 0:
             return {rid: 0 for rid in rids}
         e = max(cost.draft_token_s, 0.0)
