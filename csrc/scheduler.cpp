@@ -711,25 +711,23 @@ void Scheduler::check_invariants() const {
   for (const auto& [rid, e] : requests_) {
     const RequestData& d = data_of(*e);
     if (d.rid != rid) fail("request keyed under the wrong rid");
+    // A running state holds the pages of its KV; a decoding one's next token (and drafts)
+    // are its pending tokens.
+    auto running_state = [&](const LeasedState& st, int32_t kv, const std::string& what,
+                             bool decoding) {
+      ++running;
+      count(st.lease());
+      if (static_cast<int32_t>(st.lease().size()) < pages_for(kv))
+        fail(what + " request has too few pages");
+      if (decoding && kv + 1 != static_cast<int32_t>(d.tokens.size()) + d.pending)
+        fail(what + " kv_len disagrees with its tokens");
+    };
     if (auto* p = std::get_if<Prefilling>(&e->state)) {
-      ++running;
-      count(p->lease());
-      if (static_cast<int32_t>(p->lease().size()) < pages_for(p->cursor()))
-        fail("prefilling request has too few pages");
+      running_state(*p, p->cursor(), "prefilling", false);
     } else if (auto* dc = std::get_if<Decoding>(&e->state)) {
-      ++running;
-      count(dc->lease());
-      if (static_cast<int32_t>(dc->lease().size()) < pages_for(dc->kv_len()))
-        fail("decoding request has too few pages");
-      if (dc->kv_len() + 1 != static_cast<int32_t>(d.tokens.size()) + d.pending)
-        fail("decoding kv_len disagrees with its tokens");
+      running_state(*dc, dc->kv_len(), "decoding", true);
     } else if (auto* v = std::get_if<Verifying>(&e->state)) {
-      ++running;
-      count(v->lease());
-      if (static_cast<int32_t>(v->lease().size()) < pages_for(v->kv_len()))
-        fail("verifying request has too few pages");
-      if (v->kv_len() + 1 != static_cast<int32_t>(d.tokens.size()) + d.pending)
-        fail("verifying kv_len disagrees with its tokens");
+      running_state(*v, v->kv_len(), "verifying", true);
       if (d.pending != 1 + static_cast<int32_t>(v->drafts().size()) || v->drafts().empty())
         fail("verifying request's pending tokens are not its next token and drafts");
       if (!in_flight(d)) fail("verifying request in no uncommitted step");

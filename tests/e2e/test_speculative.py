@@ -70,10 +70,12 @@ def test_batched_chunked_and_preempted_requests_keep_their_greedy_output(daemon)
 
 def test_anthropic_messages_opt_out_gives_the_same_text(daemon):
     client = anthropic.Anthropic(base_url=daemon.base_url, api_key="unused", max_retries=0)
+    with httpx.Client(base_url=daemon.base_url) as http:
+        model = http.get("/v1/models").json()["data"][0]["id"]
     texts = []
     for speculative in (True, False):
         reply = client.messages.create(
-            model="tiny-llama", max_tokens=60,
+            model=model, max_tokens=60,
             messages=[{"role": "user", "content": CODE + "Repeat the code above."}],
             extra_body={"speculative": speculative, "temperature": 0})
         texts.append((reply.content[0].text if reply.content else "", reply.usage.output_tokens))
