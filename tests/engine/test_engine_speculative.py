@@ -107,3 +107,48 @@ def test_verify_steps_are_planned_after_the_previous_commit(engines, monkeypatch
     eng.scheduler = Spy()
     run(eng, [GenerateRequest(**REQUESTS[1], temperature=0.0)])
     assert in_flight_at_verify_plans and set(in_flight_at_verify_plans) == {0}
+
+
+class WrongDraft:
+    """A draft source whose drafts the MarkovRunner never accepts (its next token after t is
+    (3t + 1) % VOCAB; this proposes (3t + 2) % VOCAB)."""
+
+    def __init__(self) -> None:
+        self.last: dict[int, int] = {}
+
+    def start(self, rid, prompt, session):
+        self.last[rid] = prompt[-1]
+
+    def extend(self, rid, tokens):
+        self.last[rid] = tokens[-1]
+
+    def propose(self, rid, max_draft):
+        return [(self.last[rid] * 3 + 2) % VOCAB] * max_draft
+
+    def finish(self, rid):
+        self.last.pop(rid, None)
+
+
+def test_drafts_that_always_miss_back_off_and_the_overlap_returns(engines):
+    from appliance.engine.speculative.speculator import Speculator
+
+    req = GenerateRequest(rid=1, prompt_ids=[5, 6, 7], max_new_tokens=200, temperature=0.0,
+                          ignore_eos=True)
+    plain = run(engines(), [req])
+    eng = engines("speculative.method=ngram")
+    eng.speculator = Speculator(WrongDraft(), max_draft=8)
+    eng._submit(req)
+    overlapped = 0
+    while eng.requests or eng._inflight is not None:
+        eng.step()
+        overlapped += eng.scheduler.inflight_steps() == 1 and eng._inflight is not None
+    out = {}
+    for m in eng.sent:
+        for o in getattr(m, "items", []):
+            out.setdefault(o.rid, []).append(o.token_id)
+    assert out == plain
+    st = eng.scheduler.stats()
+    assert st["spec_accepted_tokens_total"] == 0
+    # 3 misses, then pauses of 8, 16, 32, 64, 128 steps: a handful of verify rows in 200 steps
+    assert 3 <= st["spec_verify_rows_total"] <= 18
+    assert overlapped >= 150
