@@ -151,10 +151,11 @@ class Engine:
         done = torch.cuda.Event() if self.device.type == "cuda" else None
         if done is not None:
             done.record()
-        a, b, c, d, e = self.scheduler.cost_coeffs()
-        self._next_cost = StepCost(tokens=float(arrays.sample.sum()),
-                                   time_s=plan.predicted_time_s - e * plan.total_drafts,
-                                   draft_token_s=e)
+        if self.speculator is not None:  # what the next step's drafts are weighed against
+            e = self.scheduler.cost_coeffs()[4]
+            self._next_cost = StepCost(tokens=float(arrays.sample.sum()),
+                                       time_s=plan.predicted_time_s - e * plan.total_drafts,
+                                       draft_token_s=e)
         return InFlight(arrays.step, first, host, counts_host, done, started, rids,
                         arrays.num_draft)
 
