@@ -15,9 +15,9 @@ from daemon_process import start_daemon
 
 pytestmark = pytest.mark.slow  # spawns the daemon: skipped by -m 'not slow'
 
-# 64-token steps chunk every prompt below; 40 pages of 16 tokens hold ~3 of the batched
-# requests at full length, so running six at once preempts.
-SETTINGS = ("speculative.method=ngram", "speculative.max_draft=6",
+# The seeded tiny model (speed); 64-token steps chunk every prompt below; 40 pages of 16 tokens
+# hold ~3 of the batched requests at full length, so running six at once preempts.
+SETTINGS = ("model.preset=tiny-llama", "speculative.method=ngram", "speculative.max_draft=6",
             "scheduler.max_batch_tokens=64", "kv.num_pages=40", "model.max_model_len=640")
 CODE = ("def add(a, b):\n    return a + b\n\n\ndef sub(a, b):\n    return a - b\n\n\n"
         "def mul(a, b):\n    return a * b\n\n\n")
