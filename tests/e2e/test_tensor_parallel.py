@@ -94,7 +94,8 @@ def test_tp2_verifies_drafts_on_every_rank(tmp_path):
     """Ranks > 0 run the same verify rows (num_draft travels with the plan): speculative
     output at TP=2 equals the opted-out output on the same daemon."""
     code = "def add(a, b):\n    return a + b\n\n\ndef sub(a, b):\n    return a - b\n\n\n" * 2
-    daemon = start_daemon(tmp_path, "parallel.tp_size=2", "speculative.method=ngram")
+    daemon = start_daemon(tmp_path, "model.preset=tiny-llama", "parallel.tp_size=2",
+                          "speculative.method=ngram")
     try:
         with httpx.Client(base_url=daemon.base_url, timeout=120) as http:
             outputs = []
