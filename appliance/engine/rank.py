@@ -37,7 +37,8 @@ def run_rank(config: AppConfig, files: ModelFiles, paths, rank: int, dist_port: 
         from appliance.engine.engine import Engine, run_worker
 
         if rank == 0:
-            Engine(config, runner, channel, paths.to_engine, paths.from_engine).run()
+            Engine(config, runner, channel, paths.to_engine, paths.from_engine,
+                   tokenizer=files.tokenizer).run()
         else:
             run_worker(runner, channel)
     except Exception as e:
