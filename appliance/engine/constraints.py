@@ -53,6 +53,14 @@ def grammar_of(constraint: Constraint) -> str:
     return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_LAYOUT)
 
 
+def check_grammar(constraint: Constraint) -> None:
+    """ValueError naming the problem unless the constraint compiles (without a tokenizer: what
+    the frontend checks before a request reaches the engine)."""
+    is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar_of(constraint))
+    if is_error:
+        raise ValueError(f"{constraint.kind}: {messages[0].strip()}")
+
+
 def build_tokenizer(tokenizer_path: str, vocab_size: int, eos_ids: list[int]) -> llguidance.LLTokenizer:
     """llguidance's view of the model's tokenizer, sized to the logits (ids past the tokenizer's
     own vocabulary are never allowed); every end-of-sequence id ends a grammar."""
