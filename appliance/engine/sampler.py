@@ -107,6 +107,7 @@ class Sampler:
                           self.processors.plan(rids, arrays, masked), logprob_rows(reqs),
                           under_grammar)
 
+    @torch.inference_mode()  # the runner's logits are inference tensors: edited in place here
     def sample(self, logits: torch.Tensor, rows: SampleRows,
                bitmask: StepBitmask | None = None) -> Sampled:
         """logits [B, V] float32 (edited in place) -> tokens [B] int32 on the device, and the

@@ -7,11 +7,11 @@ import math
 
 import pytest
 import torch
-from transformers import RepetitionPenaltyLogitsProcessor
+from transformers import AutoTokenizer, RepetitionPenaltyLogitsProcessor
 
 from appliance.config import load_config
 from appliance.engine.model_files import resolve_model_files
-from appliance.engine.protocol import GenerateRequest
+from appliance.engine.protocol import Constraint, GenerateRequest
 from appliance.model import ModelRunner
 
 from .conftest import FakeRunner, outputs, rejected, run_to_end
@@ -131,12 +131,31 @@ def test_logprobs_are_the_models_raw_log_softmax(engine):
     assert all(o.logprobs is None for o in outputs(engine, 3))
 
 
+def tiny_runner() -> ModelRunner:
+    config = load_config(None, ["device=cpu", "kv.num_pages=64"])
+    return ModelRunner.from_config(config, resolve_model_files(config), torch.device("cpu"),
+                                   torch.float32, tp_rank=0, tp_size=1)
+
+
+def test_every_processor_on_the_tiny_models_logits(make_engine, tiny_tokenizer_path):
+    """The real runner hands out inference tensors: the processors and the grammar mask edit
+    them in place all the same."""
+    eng = make_engine(tiny_runner(), tiny_tokenizer_path)
+    eng._submit(GenerateRequest(1, [1, 20, 30], max_new_tokens=4, logit_bias={7: 100.0},
+                                repetition_penalty=1.1, presence_penalty=0.2, min_tokens=2, logprobs=2))
+    eng._submit(GenerateRequest(2, [1, 20, 30], max_new_tokens=8, temperature=0.0,
+                                constraint=Constraint("lark", 'start: "yes" | "no"')))
+    run_to_end(eng)
+    assert tokens(eng, 1) == [7] * 4
+    *text, end = tokens(eng, 2)
+    assert end in eng.runner.eos_token_ids
+    assert AutoTokenizer.from_pretrained(tiny_tokenizer_path).decode(text) in ("yes", "no")
+
+
 def test_logprobs_of_the_tiny_model_match_its_logits(make_engine):
     """Runner-level: the engine's logprobs for the tiny model's tokens equal torch.log_softmax
     of the logits ModelRunner.forward returned in those steps."""
-    config = load_config(None, ["device=cpu", "kv.num_pages=64"])
-    runner = ModelRunner.from_config(config, resolve_model_files(config), torch.device("cpu"),
-                                     torch.float32, tp_rank=0, tp_size=1)
+    runner = tiny_runner()
     seen = []
     forward = runner.forward
 
