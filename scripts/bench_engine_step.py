@@ -68,11 +68,14 @@ def tiny_tokenizer() -> str:
 
 
 def make_engine(runner, with_tokenizer: bool) -> Engine:
-    folder = tempfile.mkdtemp(prefix="ts-bench-")
+    from appliance.engine.channel import FrontendChannel
+
+    frontend = FrontendChannel(Path(tempfile.mkdtemp(prefix="ts-bench-")))
     args = (load_config(None, [f"device={runner.device.type}"]), runner, PlanChannel(None),
-            f"ipc://{folder}/in", f"ipc://{folder}/out")
+            frontend.endpoints)
     engine = Engine(*args, tokenizer=tiny_tokenizer()) if with_tokenizer else Engine(*args)
     engine._send = lambda message: None
+    engine.frontend = frontend  # kept alive with the engine
     return engine
 
 

@@ -1,4 +1,6 @@
-"""Fixtures for engine tests: an Engine over a fake model runner, its messages captured."""
+"""An Engine (rank 0's loop) on a fake runner, with its outgoing messages captured; helpers
+to run it to the end and read what it sent."""
+
 from __future__ import annotations
 
 import time
@@ -10,6 +12,7 @@ import torch
 
 from appliance.config import load_config
 from appliance.engine import protocol
+from appliance.engine.channel import FrontendChannel
 from appliance.engine.engine import Engine
 from appliance.engine.plan_arrays import PlanChannel
 
@@ -46,13 +49,14 @@ def tiny_tokenizer_path() -> str:
 
 @pytest.fixture
 def make_engine(tmp_path, monkeypatch) -> Iterator[Callable[..., Engine]]:
-    """make_engine(runner, tokenizer=None) -> an Engine whose sent messages are `engine.sent`."""
+    """`make_engine(runner, tokenizer=None)`: an Engine whose `sent` list holds every message
+    it sent; `tokenizer` (a tokenizer folder) lets it take grammar constraints."""
     monkeypatch.setattr(Engine, "_send", lambda self, message: self.sent.append(message))
+    frontend = FrontendChannel(tmp_path)
     engines: list[Engine] = []
 
     def make(runner, tokenizer: str | None = None) -> Engine:
-        eng = Engine(load_config(None, ["device=cpu"]), runner, PlanChannel(None),
-                     f"ipc://{tmp_path}/in{len(engines)}", f"ipc://{tmp_path}/out{len(engines)}",
+        eng = Engine(load_config(None, ["device=cpu"]), runner, PlanChannel(None), frontend.endpoints,
                      tokenizer=tokenizer)
         eng.sent = []
         engines.append(eng)
@@ -64,6 +68,7 @@ def make_engine(tmp_path, monkeypatch) -> Iterator[Callable[..., Engine]]:
         eng._inbox.close(linger=0)
         eng._outbox.close(linger=0)
         eng._ctx.term()
+    frontend.close()
 
 
 def run_to_end(engine: Engine, max_steps: int = 2000) -> None:
