@@ -12,7 +12,7 @@ Prints the median and mean per step (the median is the one to compare on a share
 so the default vocabulary is small; on a GPU pass --device cuda to time the launches.
 
     .venv/bin/python scripts/bench_engine_step.py [--batch 64] [--vocab 1024] [--steps 300]
-        [--mode plain penalties bias logprobs json] [--device cpu]
+        [--mode plain penalties bias logprobs json] [--device cpu | cuda [--check-syncs]]
 """
 from __future__ import annotations
 
@@ -90,8 +90,25 @@ def request(rid: int, mode: str) -> GenerateRequest:
                            ignore_eos=mode != "json" or rid != 0, **fields)
 
 
-def bench(mode: str, batch: int, vocab: int, steps: int, device: torch.device) -> list[float]:
+def fail_on_host_sync(engine: Engine) -> None:
+    """CUDA: any host sync inside the sampler (processors, mask, logprobs) raises."""
+    sample = engine.sampler.sample
+
+    def checked(*args, **kwargs):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return sample(*args, **kwargs)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    engine.sampler.sample = checked
+
+
+def bench(mode: str, batch: int, vocab: int, steps: int, device: torch.device,
+          check_syncs: bool = False) -> list[float]:
     engine = make_engine(FreeRunner(batch, vocab, device), mode == "json")
+    if check_syncs:
+        fail_on_host_sync(engine)
     for rid in range(batch):
         engine._submit(request(rid, mode))
     while getattr(engine, "compiling", None):
@@ -116,13 +133,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--mode", nargs="+", default=list(FEATURES), choices=list(FEATURES))
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--check-syncs", action="store_true",
+                        help="CUDA: fail if the sampler syncs with the host (torch sync debug mode)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     if "tokenizer" not in inspect.signature(Engine).parameters:  # an engine without the features
         args.mode = ["plain"]
     print(f"batch {args.batch}, vocab {args.vocab}, {args.steps} steps, device {args.device}")
     for mode in args.mode:
-        times = sorted(bench(mode, args.batch, args.vocab, args.steps, torch.device(args.device)))
+        times = sorted(bench(mode, args.batch, args.vocab, args.steps, torch.device(args.device),
+                             args.check_syncs))
         print(f"{mode:10s} median {statistics.median(times) * 1e3:7.3f} ms   "
               f"mean {statistics.fmean(times) * 1e3:7.3f} ms")
 
