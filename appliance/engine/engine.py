@@ -2,13 +2,15 @@
 
 The C++ scheduler owns every request and KV page; this loop only moves messages and tensors.
 With speculation on, a step may carry verify rows (a request's next token and its drafts):
-their logits are checked by the verifier and commit takes each row's accepted run.
+the sampler draws at each of their tokens, the verifier counts the accepted run, and commit
+takes each row's run.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import Future
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -19,9 +21,13 @@ from appliance import _core
 from appliance.config import AppConfig, SchedulerPolicyConfig
 from appliance.engine import protocol
 from appliance.engine.channel import EngineEndpoints, connect_engine
+from appliance.engine.constraints import GrammarCompiler, Grammars, check_constraint
+from appliance.engine.logits_processors import check_logits_processors
+from appliance.engine.logprobs import Logprobs, check_logprobs
 from appliance.engine.plan_arrays import PlanArrays, PlanChannel
 from appliance.engine.protocol import GenerateRequest, TokenOutput
-from appliance.engine.sampler import INT32_MAX, INT64_MAX, INT64_MIN, Sampler, check_sampling
+from appliance.engine.sampler import (INT32_MAX, INT64_MAX, INT64_MIN, SampleRows, Sampler,
+                                      check_sampling)
 from appliance.engine.speculative import make_speculator
 from appliance.engine.speculative.policy import StepCost
 from appliance.engine.transfer import to_device
@@ -45,24 +51,40 @@ def core_scheduler_config(policy: SchedulerPolicyConfig, num_pages: int, page_si
 
 
 @dataclass(frozen=True)
-class InFlight:
-    """A launched step: each row's first sampled token on the device (the next step's
-    placeholders read them), and its tokens on their way to the host (`done` marks the
-    copy's end on CUDA): one per logits row, with each row's count when it verified drafts."""
+class Forwarded:
+    """A step whose forward is launched and whose sampler is not yet."""
 
     step: int
+    logits: torch.Tensor  # [N, V] float32, on the device (N = B + drafts)
+    rows: SampleRows  # one per logits row
+    layout: LogitLayout | None  # the step's verify rows (None: it has none)
+    num_draft: np.ndarray  # [B] int32
+    started: float
+
+
+@dataclass(frozen=True)
+class InFlight:
+    """A launched step: each row's first sampled token on the device (the next step's
+    placeholders read them), and its tokens on their way to the host, one per logits row, with
+    each verify row's count and the log-probabilities asked for (`done` marks the copies' end
+    on CUDA)."""
+
+    step: int
+    rids: np.ndarray  # [N] int64: the request of each logits row
     tokens: torch.Tensor  # [B] int32, on the device
-    host: torch.Tensor  # [N] int32, CPU (N = B + drafts)
+    host: torch.Tensor  # [N] int32, CPU
     counts: torch.Tensor | None  # [B] int32, CPU: tokens each row emits (None: one each)
+    num_draft: np.ndarray  # [B] int32
+    logprobs: Logprobs | None  # CPU
     done: torch.cuda.Event | None
     started: float
-    rids: np.ndarray  # [B] int64
-    num_draft: np.ndarray  # [B] int32
 
 
 class Engine:
     def __init__(self, config: AppConfig, runner, channel: PlanChannel,
-                 endpoints: EngineEndpoints) -> None:
+                 endpoints: EngineEndpoints, tokenizer: str | None = None) -> None:
+        """`tokenizer`: the model's tokenizer folder, which grammar constraints need (without
+        it a request with a constraint is refused)."""
         self.config = config
         self.runner = runner
         self.channel = channel
@@ -70,13 +92,16 @@ class Engine:
         self.max_model_len = min(config.model.max_model_len, runner.max_model_len)
         self.scheduler = _core.Scheduler(core_scheduler_config(
             config.scheduler, runner.num_pages, runner.page_size, self.max_model_len))
-        self.sampler = Sampler(self.device)
+        self.sampler = Sampler(self.device, runner.vocab_size)
         self.sampler.warm_up(runner.vocab_size)
+        self.requests: dict[int, GenerateRequest] = {}
+        self.compiler = GrammarCompiler(tokenizer, runner.vocab_size, list(runner.eos_token_ids))
+        self.compiling: dict[int, tuple[GenerateRequest, Future]] = {}  # waiting for their grammar
+        self.grammars = Grammars(runner.vocab_size)
         self.verifier = Verifier(self.device)
         self.speculator = make_speculator(config.speculative)
         self._speculating = False  # the next step plans drafts (after the previous commit)
         self._next_cost = StepCost(tokens=1.0, time_s=1.0, draft_token_s=0.0)
-        self.requests: dict[int, GenerateRequest] = {}
         self._ctx, self._inbox, self._outbox = connect_engine(endpoints)
         self._last_stats = 0.0
         self._inflight: InFlight | None = None  # the launched, not yet committed step
@@ -93,11 +118,12 @@ class Engine:
                 self._publish_stats()
             # A clean stop ends what still runs with "abort". After a crash nothing is sent: an
             # abort would read as a normal end, and the frontend fails them with a clear error.
-            for rid in list(self.requests):
+            for rid in [*self.requests, *self.compiling]:
                 self._abort(rid)
             self._publish_stats(force=True)
             self.channel.send_stop()
         finally:
+            self.compiler.close()
             self._inbox.close(linger=0)
             self._outbox.close(linger=1000)
             self._ctx.term()
@@ -106,16 +132,24 @@ class Engine:
         """Launch the next batch, then commit the one launched before it: the scheduler plans
         step N+1 (its decodes read step N's tokens through placeholders, resolved on the
         device) while the GPU still runs step N, so host work stays off the GPU's critical
-        path. While requests speculate, drafts must follow their committed tokens: the step in
-        flight is committed first (no overlap then). False when there was nothing to launch
-        or commit."""
+        path. A batch with grammar-constrained rows launches its forward, commits step N (its
+        tokens advance the grammars), computes the masks on the host while the GPU runs the
+        forward, then launches the sampler; other batches launch forward and sampler at once.
+        While requests speculate, drafts must follow their committed tokens: the step in flight
+        is committed first (no overlap then). False when there was nothing to launch or
+        commit."""
         if self._speculating:
             return self._step_with_drafts()
         plan = self.scheduler.plan()
-        launched = self._launch(plan) if plan is not None else None
+        forwarded = self._forward(plan) if plan is not None else None
+        launched = None
+        if forwarded is not None and not forwarded.rows.constrained:
+            launched = self._sample(forwarded)
         committed = self._inflight is not None
         if committed:
             self._commit(self._inflight)
+        if forwarded is not None and launched is None:
+            launched = self._sample(forwarded)
         self._inflight = launched
         return launched is not None or committed
 
@@ -127,10 +161,10 @@ class Engine:
         if self._speculating:  # proposed after that commit, with nothing in flight: current
             self.speculator.hand_to(self.scheduler)
         plan = self.scheduler.plan()
-        self._inflight = self._launch(plan) if plan is not None else None
+        self._inflight = self._sample(self._forward(plan)) if plan is not None else None
         return committed or self._inflight is not None
 
-    def _launch(self, plan) -> InFlight:
+    def _forward(self, plan) -> Forwarded:
         started = time.perf_counter()
         arrays = PlanArrays.from_plan(plan)
         rids = np.array(plan.rids, dtype=np.int64)
@@ -139,25 +173,34 @@ class Engine:
         layout = LogitLayout.of(arrays) if arrays.has_drafts else None
         batch = to_forward_batch(arrays, self.device, prev,
                                  layout.index if layout is not None else None)
-        logits = self.runner.forward(batch)                                    # [N, V]
-        counts_host = None
+        logits = self.runner.forward(batch)                                         # [N, V]
         if layout is None:
-            tokens = first = self.sampler.sample(logits, rids, arrays, self.requests)  # [B]
-        else:
-            tokens, counts, first = self.verifier.verify(logits, layout, rids, arrays,
-                                                         self.sampler, self.requests)
-            counts_host = counts.to("cpu", non_blocking=True)
-        host = tokens.to("cpu", non_blocking=True)
-        done = torch.cuda.Event() if self.device.type == "cuda" else None
-        if done is not None:
-            done.record()
+            rows = self.sampler.prepare(rids, arrays, self.requests, self.grammars)
+        else:  # every logits row samples the token at its own position
+            rows = self.sampler.prepare(rids[layout.row], layout.per_logit_row(arrays),
+                                        self.requests, self.grammars)
         if self.speculator is not None:  # what the next step's drafts are weighed against
             e = self.scheduler.cost_coeffs()[4]
             self._next_cost = StepCost(tokens=float(arrays.sample.sum()),
                                        time_s=plan.predicted_time_s - e * plan.total_drafts,
                                        draft_token_s=e)
-        return InFlight(arrays.step, first, host, counts_host, done, started, rids,
-                        arrays.num_draft)
+        return Forwarded(arrays.step, logits, rows, layout, arrays.num_draft, started)
+
+    def _sample(self, fwd: Forwarded) -> InFlight:
+        held_back = fwd.rows.processors.held_back if fwd.rows.processors is not None else {}
+        bitmask = self.grammars.bitmask(fwd.rows.constrained, held_back) if fwd.rows.constrained else None
+        sampled = self.sampler.sample(fwd.logits, fwd.rows, bitmask)               # [N]
+        counts = first = None
+        if fwd.layout is not None:
+            counts, first = self.verifier.accept(sampled.tokens, fwd.layout)
+        host = sampled.tokens.to("cpu", non_blocking=True)
+        counts_host = counts.to("cpu", non_blocking=True) if counts is not None else None
+        logprobs = sampled.logprobs.to_host() if sampled.logprobs is not None else None
+        done = torch.cuda.Event() if self.device.type == "cuda" else None
+        if done is not None:
+            done.record()
+        return InFlight(fwd.step, fwd.rows.rids, sampled.tokens if first is None else first,
+                        host, counts_host, fwd.num_draft, logprobs, done, fwd.started)
 
     def _commit(self, step: InFlight) -> None:
         if step.done is not None:
@@ -166,12 +209,18 @@ class Engine:
         counts = step.counts.numpy().astype(np.int32) if step.counts is not None else None
         events = self.scheduler.commit(step.step, tokens, time.perf_counter() - step.started,
                                        counts)
-        emitted = self._emit(events)
+        logprobs = {}
+        if step.logprobs is not None:
+            by_row = step.logprobs.by_row()
+            logprobs = {int(step.rids[row]): lp for row, lp in by_row.items()}
+        emitted = self._emit(events, logprobs)
         if self.speculator is None:
             return
-        verified = ([] if counts is None else
-                    [(int(r), int(k), int(n) - 1)
-                     for r, k, n in zip(step.rids, step.num_draft, counts) if k > 0])
+        verified = []
+        if counts is not None:
+            row_rids = step.rids[np.cumsum(step.num_draft + 1) - step.num_draft - 1]   # [B]
+            verified = [(int(r), int(k), int(n) - 1)
+                        for r, k, n in zip(row_rids, step.num_draft, counts) if k > 0]
         self.speculator.committed(emitted, verified)
         self._speculating = self.speculator.propose(self._next_cost)
 
@@ -192,14 +241,43 @@ class Engine:
                 self._abort(message.rid)
             else:
                 self._submit(message)
+        self._admit_compiled()
         return True
 
     def _submit(self, req: GenerateRequest) -> None:
         """Hand a request to the scheduler, or refuse it (that request alone) with a Rejected:
-        whatever its fields hold, nothing of it may raise later inside a step."""
+        whatever its fields hold, nothing of it may raise later inside a step. A request with
+        a constraint first waits for its grammar (`_admit_compiled`)."""
         try:
             self._check_request(req)
-            check_sampling(req)
+            if req.constraint is not None:
+                self.compiling[req.rid] = (req, self.compiler.submit(req.constraint))
+                return
+        except ValueError as e:
+            self._send(protocol.Rejected(req.rid, str(e)))
+            return
+        self._admit(req)
+
+    def _admit_compiled(self) -> None:
+        """Admit the requests whose grammar compiled; refuse those whose grammar is bad."""
+        for rid, (req, future) in list(self.compiling.items()):
+            if not future.done():
+                continue
+            del self.compiling[rid]
+            try:
+                matcher = future.result()
+            except ValueError as e:
+                self._send(protocol.Rejected(rid, f"constraint: {e}"))
+                continue
+            except Exception as e:  # the tokenizer failed to build, or llguidance failed
+                log.error("constraint of request %d failed to compile: %s", rid, e)
+                self._send(protocol.Rejected(rid, f"constraint: {type(e).__name__}: {e}"))
+                continue
+            if self._admit(req):
+                self.grammars.add(rid, matcher)
+
+    def _admit(self, req: GenerateRequest) -> bool:
+        try:
             stop_ids = list(req.stop_token_ids)
             if not req.ignore_eos:
                 stop_ids += self.runner.eos_token_ids
@@ -208,45 +286,65 @@ class Engine:
                                   req.session)
         except (ValueError, TypeError, OverflowError) as e:  # the binding's conversions raise the last two
             self._send(protocol.Rejected(req.rid, str(e)))
-            return
+            return False
         self.requests[req.rid] = req
-        self.sampler.add(req)
+        self.sampler.add(req, stop_ids)
         if self.speculator is not None:
             self.speculator.start(req)
+        return True
 
     def _check_request(self, req: GenerateRequest) -> None:
         """ValueError unless the ids and counts fit the scheduler's int32 / int64 arguments."""
         vocab = self.runner.vocab_size
         if not INT64_MIN <= req.rid <= INT64_MAX:
             raise ValueError(f"request id {req.rid} does not fit in a signed 64-bit integer")
-        if req.rid in self.requests:
+        if req.rid in self.requests or req.rid in self.compiling:
             raise ValueError(f"request id {req.rid} is already running")
         if not 1 <= req.max_new_tokens <= INT32_MAX:
             raise ValueError(f"max_new_tokens must be in [1, {INT32_MAX}], got {req.max_new_tokens}")
         for name, ids in (("prompt", req.prompt_ids), ("stop", req.stop_token_ids)):
             if any(not 0 <= t < vocab for t in ids):
                 raise ValueError(f"{name} token ids must be in [0, {vocab})")
+        check_sampling(req)
+        check_logits_processors(req, vocab)
+        check_logprobs(req)
+        if req.constraint is not None:
+            check_constraint(req.constraint)
+            if req.ignore_eos:
+                raise ValueError("ignore_eos cannot be combined with a constraint: a finished "
+                                 "grammar allows only the end of sequence")
 
     def _abort(self, rid: int) -> None:
-        if self.requests.pop(rid, None) is None:
+        compiling = self.compiling.pop(rid, None)
+        if compiling is not None:
+            compiling[1].cancel()  # a compile already under way finishes; its matcher is dropped
+        elif self.requests.pop(rid, None) is not None:
+            self.scheduler.abort(rid)
+            self._forget(rid)
+        else:
             return
-        self.scheduler.abort(rid)
-        self._forget(rid)
         self._send(protocol.Outputs([TokenOutput(rid, -1, "abort")]))
 
     def _forget(self, rid: int) -> None:
         self.sampler.remove(rid)
+        self.grammars.remove(rid)
         if self.speculator is not None:
             self.speculator.finish(rid)
 
-    def _emit(self, events: list[tuple[int, int, str]]) -> dict[int, list[int]]:
-        """Send the commit's tokens; returns them per running request, in order."""
+    def _emit(self, events: list[tuple[int, int, str]],
+              logprobs: dict[int, protocol.TokenLogprobs]) -> dict[int, list[int]]:
+        """Send the commit's tokens; returns them per request that was running, in order."""
         items = []
         emitted: dict[int, list[int]] = {}
         for rid, token, reason in events:
             if rid not in self.requests:
                 continue
-            items.append(TokenOutput(rid, token, reason or None))
+            if not reason and (error := self.grammars.advance(rid, token)) is not None:
+                log.error("request %d: its grammar refused the token sampled under its own "
+                          "mask: %s", rid, error)
+                self.scheduler.abort(rid)
+                token, reason = -1, "abort"
+            items.append(TokenOutput(rid, token, reason or None, logprobs.get(rid)))
             emitted.setdefault(rid, []).append(token)
             if reason:
                 del self.requests[rid]

@@ -1,17 +1,19 @@
 """Speculative verification: one target step checks every verify row's chain of drafts.
 
 A verify row runs its next token and its k drafts; the model returns logits at all 1 + k
-tokens (`LogitLayout` says which). Each logits row is sampled as a plain decode at that
-position would be (the `sample` op: greedy, or temperature / top-k / top-p with randomness a
-pure function of (seed, position)), and `spec_accept` keeps the drafts up to the first one
-the target did not sample, plus the token it sampled there (after the last draft: the bonus
-token). The emitted tokens are the ones sampling without speculation gives at the same
-positions, so greedy output is identical token for token, and with temperature > 0 this is
-exact rejection sampling for deterministic drafts (kernels/reference/spec_accept.py).
+tokens (`LogitLayout` says which). The sampler draws at each logits row as a plain decode at
+that position would (`LogitLayout.per_logit_row`; the `sample` op: greedy, or temperature /
+top-k / top-p with randomness a pure function of (seed, position)), and `Verifier.accept`
+(`spec_accept`) keeps the drafts up to the first one the target did not sample, plus the token
+it sampled there (after the last draft: the bonus token). The emitted tokens are the ones
+sampling without speculation gives at the same positions, so greedy output is identical token
+for token, and with temperature > 0 this is exact rejection sampling for deterministic drafts
+(kernels/reference/spec_accept.py).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,8 +21,6 @@ import torch
 
 import kernels
 from appliance.engine.plan_arrays import PlanArrays
-from appliance.engine.protocol import GenerateRequest
-from appliance.engine.sampler import Sampler
 from appliance.engine.transfer import to_device_packed
 
 
@@ -49,20 +49,24 @@ class LogitLayout:
                    drafts=np.where(checks, following, -1).astype(np.int32),
                    positions=arrays.positions[index].astype(np.int64) + 1)
 
+    def per_logit_row(self, arrays: PlanArrays) -> PlanArrays:
+        """The step as the sampler reads it (`Sampler.prepare`: `seq_lens`, `sample`), one row
+        per logits row: each samples the token at its own position, as a plain decode of the
+        context up to it would (the randomness is a function of (seed, position))."""
+        return dataclasses.replace(arrays, seq_lens=self.positions.astype(np.int32),
+                                   sample=arrays.sample[self.row])
+
 
 class Verifier:
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self._accept = kernels.select("spec_accept", device=device.type, dtype=torch.float32)
 
-    def verify(self, logits: torch.Tensor, layout: LogitLayout, rids: np.ndarray,
-               arrays: PlanArrays, sampler: Sampler, params: dict[int, GenerateRequest]
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """logits [N, V] float32 -> (tokens [N] int32, counts [B] int32, each row's first
-        token [B] int32) on the device, no host sync: row b emits
+    def accept(self, tokens: torch.Tensor, layout: LogitLayout
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """tokens [N] int32 (sampled at every logits row, on the device) -> (counts [B] int32,
+        each row's first token [B] int32), no host sync: row b emits
         tokens[start[b] : start[b] + counts[b]]."""
-        tokens = sampler.sample(logits, rids[layout.row], arrays, params,
-                                positions=layout.positions)                   # [N]
         drafts, start = to_device_packed(
             [torch.from_numpy(layout.drafts), torch.from_numpy(layout.start)], self.device)
-        return tokens, self._accept(tokens, drafts, start), tokens[start[:-1].long()]
+        return self._accept(tokens, drafts, start), tokens[start[:-1].long()]

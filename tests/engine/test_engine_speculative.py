@@ -35,7 +35,7 @@ class MarkovRunner:
 
 @pytest.fixture
 def engines(make_engine):
-    return lambda *overrides: make_engine(MarkovRunner(), *overrides)
+    return lambda *overrides: make_engine(MarkovRunner(), overrides=overrides)
 
 
 def run(engine, requests):

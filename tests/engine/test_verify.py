@@ -51,21 +51,27 @@ def test_logit_layout_of_a_mixed_step():
     assert lay.positions.tolist() == [10, 21, 22, 23, 3]   # == seq_lens for each row's last
 
 
+def sampler_for(n_seeds: int, **sampling) -> tuple[Sampler, dict[int, GenerateRequest]]:
+    sampler, params = Sampler(CPU, V), {}
+    for rid in range(n_seeds):
+        req = GenerateRequest(rid=rid, prompt_ids=[1], max_new_tokens=8, seed=rid, **sampling)
+        sampler.add(req, [])
+        params[rid] = req
+    return sampler, params
+
+
 def run_verify(logits_per_position: torch.Tensor, drafts: list[int], n_seeds: int,
                temperature: float, top_k: int = 0, top_p: float = 1.0):
     """Verify rows (one per seed) whose logits rows are `logits_per_position` [1+k, V] ->
-    (tokens [n, 1+k], counts [n]) as numpy."""
+    (tokens [n, 1+k], counts [n], each row's first token [n]) as numpy."""
     k = len(drafts)
-    sampler, params = Sampler(CPU), {}
-    for rid in range(n_seeds):
-        req = GenerateRequest(rid=rid, prompt_ids=[1], max_new_tokens=8,
-                              temperature=temperature, top_k=top_k, top_p=top_p, seed=rid)
-        sampler.add(req)
-        params[rid] = req
+    sampler, params = sampler_for(n_seeds, temperature=temperature, top_k=top_k, top_p=top_p)
     arrays = verify_arrays([1] * n_seeds, [drafts] * n_seeds)
+    layout = LogitLayout.of(arrays)
     logits = logits_per_position.repeat(n_seeds, 1)                          # [n (1+k), V]
-    tokens, counts, first = Verifier(CPU).verify(logits, LogitLayout.of(arrays),
-                                                 np.arange(n_seeds), arrays, sampler, params)
+    rows = sampler.prepare(np.arange(n_seeds)[layout.row], layout.per_logit_row(arrays), params)
+    tokens = sampler.sample(logits, rows).tokens                              # [n (1+k)]
+    counts, first = Verifier(CPU).accept(tokens, layout)
     return tokens.view(n_seeds, k + 1).numpy(), counts.numpy(), first.numpy()
 
 
@@ -146,14 +152,11 @@ def test_verify_matches_plain_sampling_at_each_position():
     # a verify row's tokens are what a plain decode samples at the same (seed, position)
     n = 64
     toks, counts, _ = run_verify(LOGITS, [5, 1], n, 1.0)
-    sampler = Sampler(CPU)
-    for rid in range(n):
-        sampler.add(GenerateRequest(rid=rid, prompt_ids=[1], max_new_tokens=8, seed=rid))
-    params = {rid: GenerateRequest(rid=rid, prompt_ids=[1], max_new_tokens=8, seed=rid)
-              for rid in range(n)}
-    arrays = verify_arrays([1] * n, [[]] * n)
+    sampler, params = sampler_for(n, temperature=1.0)
     for j in range(3):
-        plain = sampler.sample(LOGITS[j].repeat(n, 1), np.arange(n), arrays, params,
-                               positions=np.full(n, 11 + j))
+        # plain decode rows whose KV length after the step is the verify row's position j + 1
+        arrays = verify_arrays([1] * n, [[]] * n, prefix=10 + j)
+        plain = sampler.sample(LOGITS[j].repeat(n, 1),
+                               sampler.prepare(np.arange(n), arrays, params)).tokens
         live = counts > j
         assert (toks[live, j] == plain.numpy()[live]).all()

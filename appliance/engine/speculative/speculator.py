@@ -25,7 +25,7 @@ class Speculator:
         self._proposals: dict[int, list[int]] = {}
 
     def start(self, req: GenerateRequest) -> None:
-        if not req.speculative:
+        if not takes_part(req):
             return
         self.source.start(req.rid, req.prompt_ids, req.session)
         self.policy.add(req.rid)
@@ -68,3 +68,13 @@ class Speculator:
         for rid, drafts in self._proposals.items():
             scheduler.set_drafts(rid, np.asarray(drafts, dtype=np.int32))
         self._proposals = {}
+
+
+def takes_part(req: GenerateRequest) -> bool:
+    """Whether `req` gets drafts: not when it opted out, nor when its sampling carries state
+    that would have to advance through each draft (a grammar, penalties, logit_bias or
+    min_tokens) or reports per-token log-probabilities; those decode one token a step."""
+    return (req.speculative and req.constraint is None and req.logprobs is None
+            and not req.logit_bias and req.min_tokens == 0
+            and (req.repetition_penalty, req.presence_penalty, req.frequency_penalty)
+            == (1.0, 0.0, 0.0))
