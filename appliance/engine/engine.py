@@ -31,7 +31,7 @@ from appliance.engine.sampler import (INT32_MAX, INT64_MAX, INT64_MIN, SampleRow
 from appliance.engine.speculative import make_speculator
 from appliance.engine.speculative.policy import StepCost
 from appliance.engine.transfer import to_device
-from appliance.engine.verify import LogitLayout, Verifier
+from appliance.engine.verify import LogitLayout, Verifier, verify_bitmask
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +188,11 @@ class Engine:
 
     def _sample(self, fwd: Forwarded) -> InFlight:
         held_back = fwd.rows.processors.held_back if fwd.rows.processors is not None else {}
-        bitmask = self.grammars.bitmask(fwd.rows.constrained, held_back) if fwd.rows.constrained else None
+        bitmask = None
+        if fwd.rows.constrained and fwd.layout is None:
+            bitmask = self.grammars.bitmask(fwd.rows.constrained, held_back)
+        elif fwd.rows.constrained:  # masks after each draft: a draft the grammar forbids fails
+            bitmask = verify_bitmask(fwd.rows.constrained, held_back, fwd.layout, self.grammars)
         sampled = self.sampler.sample(fwd.logits, fwd.rows, bitmask)               # [N]
         counts = first = None
         if fwd.layout is not None:
@@ -222,7 +226,11 @@ class Engine:
             verified = [(int(r), int(k), int(n) - 1)
                         for r, k, n in zip(row_rids, step.num_draft, counts) if k > 0]
         self.speculator.committed(emitted, verified)
-        self._speculating = self.speculator.propose(self._next_cost)
+        self._speculating = self.speculator.propose(self._next_cost, self._grammar_allows)
+
+    def _grammar_allows(self, rid: int, drafts: list[int]) -> int:
+        """How many of `rid`'s drafts its grammar accepts (all, without a grammar)."""
+        return self.grammars.draft_bitmask(rid, drafts)[1] if rid in self.grammars else len(drafts)
 
     # --- messages ------------------------------------------------------------------------------
     def _drain_inbox(self, block: bool) -> bool:

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 import kernels
+from appliance.engine.constraints import Grammars, StepBitmask
 from appliance.engine.plan_arrays import PlanArrays
 from appliance.engine.transfer import to_device_packed
 
@@ -70,3 +71,34 @@ class Verifier:
         drafts, start = to_device_packed(
             [torch.from_numpy(layout.drafts), torch.from_numpy(layout.start)], self.device)
         return self._accept(tokens, drafts, start), tokens[start[:-1].long()]
+
+
+def verify_bitmask(constrained: list[tuple[int, int]], held_back: dict[int, np.ndarray],
+                   layout: LogitLayout, grammars: Grammars) -> StepBitmask | None:
+    """The grammar masks of a verify step's constrained logits rows ((logits row, rid) pairs):
+    a plain row's at its matcher's state; a verify row's at the state after each of its drafts
+    (`Grammars.draft_bitmask`), so a draft the grammar forbids cannot be sampled, hence is
+    rejected. Logits rows past such a draft (their tokens are discarded) repeat the last mask."""
+    plain, rows, masks = [], [], []
+    draft_masks: dict[int, tuple[np.ndarray, int]] = {}
+    for logit_row, rid in constrained:
+        b = int(layout.row[logit_row])
+        first, end = int(layout.start[b]), int(layout.start[b + 1])
+        if end - first == 1:
+            plain.append((logit_row, rid))
+            continue
+        if rid not in grammars:
+            continue
+        if b not in draft_masks:
+            draft_masks[b] = grammars.draft_bitmask(rid, layout.drafts[first:end - 1].tolist())
+        state_masks, accepted = draft_masks[b]
+        rows.append(logit_row)
+        masks.append(state_masks[min(logit_row - first, accepted)])
+    step = grammars.bitmask(plain, held_back) if plain else None
+    if step is not None:
+        rows += step.rows.tolist()
+        masks += list(step.bitmask)
+    if not rows:
+        return None
+    return StepBitmask(np.array(rows, np.int64), np.stack(masks).astype(np.int32))
+

@@ -32,8 +32,8 @@ class FakeRunner:
         self.logits_fn = logits_fn
 
     def forward(self, batch) -> torch.Tensor:
-        last = batch.input_ids[batch.query_start[1:].long() - 1].long()        # [B]
-        return self.logits_fn(last).float()                                    # [B, V]
+        last = batch.input_ids[batch.logit_token_index].long()   # [N]: each row's last token,
+        return self.logits_fn(last).float()                      # or every token of a verify row
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,7 @@ proposals go to the scheduler (`set_drafts`), which plans them as verify rows.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 
@@ -51,12 +51,16 @@ class Speculator:
         for rid, drafted, accepted in verified:
             self.policy.record(rid, drafted, accepted)
 
-    def propose(self, cost: StepCost) -> bool:
-        """Fresh proposals for the decoding requests from their contexts as committed so far;
-        True when any request has drafts (the next step should verify)."""
+    def propose(self, cost: StepCost,
+                allowed: Callable[[int, list[int]], int] | None = None) -> bool:
+        """Fresh proposals for the decoding requests from their contexts as committed so far,
+        cut to the first `allowed(rid, drafts)` (a grammar's verdict); True when any request
+        has drafts (the next step should verify)."""
         self._proposals = {}
         for rid, k in self.policy.lengths(sorted(self._decoding), cost).items():
             drafts = self.source.propose(rid, k) if k > 0 else []
+            if drafts and allowed is not None:
+                drafts = drafts[:allowed(rid, drafts)]
             if drafts:
                 self._proposals[rid] = drafts
             else:
@@ -72,9 +76,10 @@ class Speculator:
 
 def takes_part(req: GenerateRequest) -> bool:
     """Whether `req` gets drafts: not when it opted out, nor when its sampling carries state
-    that would have to advance through each draft (a grammar, penalties, logit_bias or
-    min_tokens) or reports per-token log-probabilities; those decode one token a step."""
-    return (req.speculative and req.constraint is None and req.logprobs is None
+    that would have to advance through each draft (penalties, logit_bias, min_tokens) or
+    reports per-token log-probabilities; those decode one token a step. A grammar composes:
+    its masks follow the drafts (verify.verify_bitmask)."""
+    return (req.speculative and req.logprobs is None
             and not req.logit_bias and req.min_tokens == 0
             and (req.repetition_penalty, req.presence_penalty, req.frequency_penalty)
             == (1.0, 0.0, 0.0))
