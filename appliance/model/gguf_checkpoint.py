@@ -13,6 +13,7 @@ are stored as HF has them.
 """
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 
@@ -67,6 +68,14 @@ def find_gguf(path: str | Path) -> Path | None:
 
 
 def open_gguf(path: str | Path) -> GGUFReader:
+    path = Path(path).resolve()
+    return _open(path, path.stat().st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=2)
+def _open(path: Path, mtime_ns: int) -> GGUFReader:
+    # cached: parsing the metadata (the vocabulary) takes a second or two, and a start reads
+    # the config, then the weights
     try:
         reader = GGUFReader(path)
     except (OSError, ValueError) as e:
@@ -79,8 +88,19 @@ def open_gguf(path: str | Path) -> GGUFReader:
 
 
 def read_gguf_config(path: str | Path) -> dict:
-    """The HF-style config dict of a GGUF file (appliance/model/gguf_config.py)."""
-    return _hf_config(open_gguf(path), path)
+    """The HF-style config dict of a GGUF file (appliance/model/gguf_config.py); LoadError
+    for an architecture or a tensor type TokenSpeed does not read."""
+    reader = open_gguf(path)
+    config = _hf_config(reader, path)
+    unsupported: dict[str, str] = {}          # type -> its first tensor
+    for t in reader.tensors:
+        if t.tensor_type not in SUPPORTED_TYPES and hf_tensor_name(t.name):
+            unsupported.setdefault(t.tensor_type.name, t.name)
+    if unsupported:
+        found = ", ".join(f"{kind} (e.g. {name})" for kind, name in unsupported.items())
+        raise LoadError(f"{path}: GGUF tensor type(s) TokenSpeed does not read: {found}; it "
+                        f"reads {', '.join(t.name for t in SUPPORTED_TYPES)}")
+    return config
 
 
 def _hf_config(reader: GGUFReader, path: str | Path) -> dict:
@@ -107,20 +127,17 @@ def hf_tensor_name(gguf_name: str) -> str | None:
 
 
 def load_gguf(model: nn.Module, plan: ShardPlan, path: str | Path) -> None:
+    config = read_gguf_config(path)
     reader = open_gguf(path)
     by_hf_name = {hf: t for t in reader.tensors if (hf := hf_tensor_name(t.name)) is not None}
     absent = [n for n in plan.slices if n not in by_hf_name]
     if absent:
         raise LoadError(f"{path}: checkpoint lacks tensor(s) {missing_names(absent)}")
-    unpermute = _llama_qk_heads(_hf_config(reader, path))
+    unpermute = _llama_qk_heads(config)
     params = dict(model.named_parameters())
     zero_parameters(model)
     for name, slices in plan.slices.items():
         tensor = by_hf_name[name]
-        if tensor.tensor_type not in SUPPORTED_TYPES:
-            raise LoadError(f"{Path(path).name}: tensor {tensor.name} is {tensor.tensor_type.name}; "
-                            "TokenSpeed reads GGUF types "
-                            f"{', '.join(t.name for t in SUPPORTED_TYPES)}")
         shape = torch_shape(tensor)
         for s in slices:
             if shape != s.shape:

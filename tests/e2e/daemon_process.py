@@ -52,7 +52,8 @@ def start_daemon(folder: Path, *overrides: str, timeout: float = 240) -> Daemon:
     """Start `tokenspeed up` with its own port and socket; wait until /health answers."""
     port = free_port()
     sock = folder / f"ts-{port}.sock"
-    args = ["--set", f"server.port={port}", "--set", f"server.socket={sock}"]
+    args = ["--set", f"server.port={port}", "--set", f"server.socket={sock}",
+            "--set", "model.preset=tiny-llama"]  # fast; an override may name another model
     for item in overrides:
         args += ["--set", item]
     log = folder / f"daemon-{port}.log"
