@@ -85,7 +85,7 @@ def write_gguf(path: Path, arch: str, hf_config: dict, state_dict: dict[str, tor
         w.add_tokenizer_model("gpt2")
         w.add_tokenizer_pre("default")
         w.add_token_list(tokenizer["tokens"])
-        w.add_token_types([1] * len(tokenizer["tokens"]))
+        w.add_token_types(tokenizer.get("types") or [1] * len(tokenizer["tokens"]))
         w.add_token_merges(tokenizer["merges"])
         w.add_bos_token_id(tokenizer["bos"])
         w.add_eos_token_id(tokenizer["eos"])
