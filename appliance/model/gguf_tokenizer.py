@@ -9,11 +9,9 @@ folder named after the file's path, size and modification time, and every later 
 from __future__ import annotations
 
 import hashlib
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
+from appliance.model.atomic_folder import ensure_folder
 from appliance.model.loader import LoadError
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
@@ -24,21 +22,8 @@ def ensure_gguf_tokenizer(gguf: str | Path, cache: str | Path) -> Path:
     gguf = Path(gguf).resolve()
     stat = gguf.stat()
     key = hashlib.sha256(f"{gguf}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    folder = Path(cache) / f"{gguf.stem}-{key}"
-    if all((folder / f).is_file() for f in TOKENIZER_FILES):
-        return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    try:
-        _convert(gguf, tmp)
-        try:
-            os.rename(tmp, folder)  # atomic; fails if another process got there first
-        except OSError:
-            if not all((folder / f).is_file() for f in TOKENIZER_FILES):
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder
+    return ensure_folder(Path(cache) / f"{gguf.stem}-{key}", TOKENIZER_FILES,
+                         lambda out: _convert(gguf, out))
 
 
 def _convert(gguf: Path, out: Path) -> None:
