@@ -151,20 +151,13 @@ def load_gguf(model: nn.Module, plan: ShardPlan, path: str | Path) -> None:
 def _read_slice(tensor: ReaderTensor, s: LoadSlice, permuted_heads: int | None) -> torch.Tensor:
     """This rank's part of `tensor` as float32: only its rows when it is sharded along
     a dimension other than the quantized (last) one."""
-    last = len(s.shape) - 1
-    if s.src_dim is None:
-        full = _dequantize(tensor)
-    elif s.src_dim < last and permuted_heads is None:
-        rows = tensor.data[(slice(None),) * s.src_dim + (slice(s.src_start, s.src_start + s.length),)]
-        return torch.from_numpy(_dequantize_array(rows, tensor.tensor_type))
-    else:
-        full = _dequantize(tensor)
-    value = torch.from_numpy(full)
+    if s.src_dim is not None and s.src_dim < len(s.shape) - 1 and permuted_heads is None:
+        rows = (slice(None),) * s.src_dim + (slice(s.src_start, s.src_start + s.length),)
+        return torch.from_numpy(_dequantize_array(tensor.data[rows], tensor.tensor_type))
+    value = torch.from_numpy(_dequantize(tensor))
     if permuted_heads is not None:
         value = _unpermute_heads(value, permuted_heads)
-    if s.src_dim is not None:
-        value = value.narrow(s.src_dim, s.src_start, s.length)
-    return value
+    return value if s.src_dim is None else value.narrow(s.src_dim, s.src_start, s.length)
 
 
 def _dequantize(tensor: ReaderTensor) -> np.ndarray:

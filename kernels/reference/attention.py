@@ -44,7 +44,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     q32 = q.float().view(b, hk, hq // hk, d)                                 # [B, Hk, G, D]
     s = torch.einsum("bkgd,bnkd->bkgn", q32, k32) * scale                    # [B, Hk, G, N]
     s = s.masked_fill(n[None, None, None, :] >= seq_lens.view(b, 1, 1, 1), float("-inf"))
-    out = torch.einsum("bkgn,bnkd->bkgd", s.softmax(dim=-1), v32)           # [B, Hk, G, Dv]
+    p = s.softmax(dim=-1).nan_to_num(0.0)          # a row with no keys (seq_len 0) gets zeros
+    out = torch.einsum("bkgn,bnkd->bkgd", p, v32)                            # [B, Hk, G, Dv]
     return out.reshape(b, hq, -1).to(q.dtype)
 
 
