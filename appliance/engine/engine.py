@@ -62,6 +62,8 @@ class Engine:
         self.sampler = Sampler(self.device)
         self.sampler.warm_up(runner.vocab_size)
         self.requests: dict[int, GenerateRequest] = {}
+        self._unadmitted: set[int] = set()  # submitted, not yet in a plan
+        self._cached_tokens: dict[int, int] = {}  # admitted, first output not yet sent
         self._ctx = zmq.Context()
         self._inbox = self._ctx.socket(zmq.PULL)
         self._inbox.connect(to_engine)
@@ -95,12 +97,21 @@ class Engine:
         device) while the GPU still runs step N, so host work stays off the GPU's critical
         path. False when there was nothing to launch or commit."""
         plan = self.scheduler.plan()
+        if plan is not None and self._unadmitted:
+            self._note_admissions(plan)
         launched = self._launch(plan) if plan is not None else None
         committed = self._inflight is not None
         if committed:
             self._commit(self._inflight)
         self._inflight = launched
         return launched is not None or committed
+
+    def _note_admissions(self, plan) -> None:
+        """Each newly admitted request's prefix-cache hit, for its first output."""
+        for rid in plan.rids[plan.num_decode:].tolist():
+            if rid in self._unadmitted:
+                self._unadmitted.discard(rid)
+                self._cached_tokens[rid] = self.scheduler.cached_tokens(rid) or 0
 
     def _launch(self, plan) -> InFlight:
         started = time.perf_counter()
@@ -159,6 +170,7 @@ class Engine:
             self._send(protocol.Rejected(req.rid, str(e)))
             return
         self.requests[req.rid] = req
+        self._unadmitted.add(req.rid)
         self.sampler.add(req)
 
     def _check_request(self, req: GenerateRequest) -> None:
@@ -178,20 +190,31 @@ class Engine:
         if self.requests.pop(rid, None) is None:
             return
         self.scheduler.abort(rid)
-        self.sampler.remove(rid)
+        self._forget(rid)
+        self._publish_stats(force=True)
         self._send(protocol.Outputs([TokenOutput(rid, -1, "abort")]))
 
     def _emit(self, events: list[tuple[int, int, str]]) -> None:
         items = []
+        finished = False
         for rid, token, reason in events:
             if rid not in self.requests:
                 continue
-            items.append(TokenOutput(rid, token, reason or None))
+            cached = self._cached_tokens.pop(rid, None) if self._cached_tokens else None
+            items.append(TokenOutput(rid, token, reason or None, cached))
             if reason:
                 del self.requests[rid]
-                self.sampler.remove(rid)
+                self._forget(rid)
+                finished = True
+        if finished:  # /metrics and /stats are current when a reply ends
+            self._publish_stats(force=True)
         if items:
             self._send(protocol.Outputs(items))
+
+    def _forget(self, rid: int) -> None:
+        self.sampler.remove(rid)
+        self._unadmitted.discard(rid)
+        self._cached_tokens.pop(rid, None)
 
     def _publish_stats(self, force: bool = False) -> None:
         now = time.monotonic()
