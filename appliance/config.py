@@ -64,6 +64,7 @@ class ServerConfig:
     socket: str = ""  # "" -> <cache>/run/tokenspeed-<port>.sock
     api_key: str | None = None
     max_body_bytes: int = 32 * 1024 * 1024  # a larger request body is refused with a 413
+    tool_parser: str = "auto"  # tool-call markup: auto (from the chat template) or a format name
 
 
 @dataclass(frozen=True)
@@ -112,6 +113,9 @@ _CHOICES = {
     "model.dtype": ("auto", "float32", "bfloat16", "float16"),
     "device": ("auto", "cpu", "cuda"),
     "parallel.tp_size": (1, 2, 4, 8),
+    # appliance/server/tool_parsers FORMATS (a test keeps the two lists equal)
+    "server.tool_parser": ("auto", "hermes", "qwen3_coder", "glm45", "kimi_k2", "deepseek_v3",
+                           "deepseek_v31", "harmony"),
 }
 _POSITIVE = {
     "model.max_model_len", "server.port", "server.max_body_bytes", "kv.page_size", "kv.num_pages",

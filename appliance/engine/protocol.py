@@ -9,6 +9,15 @@ from __future__ import annotations
 import msgspec
 
 
+class Constraint(msgspec.Struct, frozen=True):
+    """Grammar-constrained decoding: the reply can only be a string this accepts (EOS only where
+    it may end). kind "json_schema" (spec: the schema as JSON text), "json_object" (spec ""),
+    or "lark" (spec: an llguidance Lark grammar, which may embed `%json {...}` schemas)."""
+
+    kind: str
+    spec: str = ""
+
+
 class GenerateRequest(msgspec.Struct, tag="generate"):
     rid: int
     prompt_ids: list[int]
@@ -21,6 +30,7 @@ class GenerateRequest(msgspec.Struct, tag="generate"):
     ignore_eos: bool = False  # when False, the model's end-of-sequence ids also stop the request
     session: str = ""
     user: str = ""
+    constraint: Constraint | None = None
 
 
 class AbortRequest(msgspec.Struct, tag="abort"):

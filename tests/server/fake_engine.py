@@ -4,7 +4,9 @@ It behaves like the engine where the frontend can tell: it stops on a stop token
 with finish_reason "stop"), stops at max_new_tokens with "length", raises EngineRejected before
 the first token when told to, fails a stream part-way when told to (raising `failure`, or ending
 without a finish reason), records aborts (closing the stream early counts as one) and keeps
-engine-like totals for stats().
+engine-like totals for stats(). Like the engine's prefix cache, it reuses every full page of an
+earlier request's tokens that a new prompt starts with (all but the prompt's last token), and
+reports that on the request's first output (`cached_tokens`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from appliance.engine.client import EngineRejected
 from appliance.engine.protocol import GenerateRequest, TokenOutput
 
 EOS_ID = 2  # the tiny tokenizer's <|im_end|>
+PAGE_SIZE = 16
 
 
 async def _sleep_at_least(seconds: float) -> None:
@@ -52,6 +55,8 @@ class FakeEngineClient:
     aborted: set[int] = field(default_factory=set)
     abort_messages: list[int] = field(default_factory=list)  # one entry per abort sent to the engine
     running: set[int] = field(default_factory=set)
+    scripts: list[str] = field(default_factory=list)  # replies for the next requests, in order
+    seen: list[list[int]] = field(default_factory=list)  # token sequences in the "prefix cache"
     info: EngineInfo = field(init=False)
     totals: dict[str, int] = field(default_factory=lambda: {
         "prompt_tokens_total": 0, "generation_tokens_total": 0, "prefix_cache_hit_tokens_total": 0,
@@ -64,6 +69,8 @@ class FakeEngineClient:
     def reset(self) -> None:
         self.reply, self.delay_s, self.reject = "Hello from the fake engine.", 0.0, None
         self.fail_after, self.failure = None, None
+        self.scripts.clear()
+        self.seen.clear()
         self.requests.clear()
         self.aborted.clear()
         self.abort_messages.clear()
@@ -72,7 +79,18 @@ class FakeEngineClient:
         return next(self._rids)
 
     def script(self) -> list[int]:
-        return list(self.tokenizer.encode(self.reply, add_special_tokens=False)) + [EOS_ID]
+        reply = self.scripts.pop(0) if self.scripts else self.reply
+        return list(self.tokenizer.encode(reply, add_special_tokens=False)) + [EOS_ID]
+
+    def _cached_tokens(self, prompt: list[int]) -> int:
+        """Full pages of the prompt (but its last token) an earlier sequence starts with."""
+        best = 0
+        for seq in self.seen:
+            n = 0
+            while n < min(len(seq), len(prompt) - 1) and seq[n] == prompt[n]:
+                n += 1
+            best = max(best, n)
+        return best // PAGE_SIZE * PAGE_SIZE
 
     async def generate(self, req: GenerateRequest) -> AsyncIterator[TokenOutput]:
         self.requests.append(req)
@@ -80,9 +98,13 @@ class FakeEngineClient:
             raise EngineRejected(self.reject)
         self.running.add(req.rid)
         self.totals["prompt_tokens_total"] += len(req.prompt_ids)
+        cached = self._cached_tokens(req.prompt_ids)
+        self.totals["prefix_cache_hit_tokens_total"] += cached
+        tokens = self._tokens(req)
+        self.seen.append(list(req.prompt_ids) + tokens[:-1])
         finished = False
         try:
-            for i, token in enumerate(self._tokens(req)):
+            for i, token in enumerate(tokens):
                 await _sleep_at_least(self.delay_s)
                 if self.fail_after is not None and i >= self.fail_after:
                     if self.failure is None:
@@ -96,7 +118,7 @@ class FakeEngineClient:
                 self.totals["generation_tokens_total"] += 1
                 reason = self._finish_reason(req, token, i)
                 finished = reason is not None
-                yield TokenOutput(req.rid, token, reason)
+                yield TokenOutput(req.rid, token, reason, cached if i == 0 else None)
                 if finished:
                     return
         finally:

@@ -39,7 +39,7 @@ OPENAI_SAMPLING: dict[str, list[Any]] = {
     "top_k": [-2, INT32_MAX + 1, 10**12, True, 1.5, "5"],
     "seed": [INT64_MAX + 1, INT64_MIN - 1, 2**64, True, 1.5, "1"],
     "stop": [5, [5], ["x"] * 17, "x" * 257, ["x" * 257], [None]],
-    "n": [2, 0, True, "1"],
+    "n": [17, 0, True, "1"],
     "presence_penalty": ["x", True, 0.5],
     "frequency_penalty": ["x", False, -1.0],
     "user": [5, ["u"]],
@@ -60,7 +60,8 @@ CHAT_FIELDS: dict[str, list[Any]] = {
     "parallel_tool_calls": ["yes", 1],
     "logprobs": ["yes", True],
     "top_logprobs": [True, 3, "3"],
-    "response_format": ["json", {"type": "json_object"}],
+    "response_format": ["json", {"type": "yaml"}, {"type": "json_schema"},
+                        {"type": "json_schema", "json_schema": {"schema": {"type": "wat"}}}],
     "chat_template_kwargs": ["x", 5, [1]],
 }
 COMPLETION_FIELDS: dict[str, list[Any]] = {

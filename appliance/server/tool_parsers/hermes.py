@@ -1,0 +1,126 @@
+"""Hermes / Qwen2.5 / Qwen3 (and the tiny model): `<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>`.
+
+The call is recognized once `{"name": "<tool>", "arguments": {` has been written; from there the
+arguments object streams as the model writes it. A body in another shape (keys in another
+order, arguments as a JSON string) is parsed whole at `</tool_call>`; one that is no call of an
+offered tool is given back as text.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from appliance.server.tool_parsers.base import StreamParser, ToolSpec
+from appliance.server.tool_parsers.format import ToolCallFormat
+from appliance.server.tool_parsers.grammar import json_value
+
+OPEN, CLOSE = "<tool_call>", "</tool_call>"
+HEADER = re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"(?:arguments|parameters)"\s*:\s*(?=\S)')
+MAX_HEADER_CHARS = 1024  # a body whose header is not found by then is parsed whole at its end
+
+
+def parse_body(body: str) -> tuple[str, dict[str, Any]] | None:
+    """(name, arguments) of a whole `<tool_call>` body, or None when it is no call."""
+    try:
+        obj = json.loads(body.strip())
+    except ValueError:
+        return None
+    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or not obj["name"]:
+        return None
+    arguments = obj.get("arguments", obj.get("parameters", {}))
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments) if arguments.strip() else {}
+        except ValueError:
+            return None
+    return (obj["name"], arguments) if isinstance(arguments, dict) else None
+
+
+class HermesParser(StreamParser):
+    def __init__(self, tools: list[ToolSpec]) -> None:
+        super().__init__(tools)
+        self._held = ""  # streamed arguments held back: a trailing `}` may close the envelope
+
+    def _on_text(self, final: bool) -> bool:
+        text, marker = self.take_until((OPEN,), final)
+        self._text(text)
+        if marker is None:
+            return False
+        self.state = "header"
+        return True
+
+    def _on_header(self, final: bool) -> bool:
+        m = HEADER.match(self.buf)
+        if m is not None:
+            name = _unescape(m.group(1))
+            if self.known(name) and self.buf[m.end()] == "{":
+                self._start(name)
+                self.buf = self.buf[m.end():]
+                self.state = "args"
+            else:
+                self.state = "whole"
+            return True
+        if final or CLOSE in self.buf or len(self.buf) > MAX_HEADER_CHARS:
+            self.state = "whole"
+            return True
+        return False
+
+    def _on_args(self, final: bool) -> bool:
+        text, marker = self.take_until((CLOSE,), final)
+        pending = self._held + text
+        if marker is None and not final:
+            emit = pending.rstrip()
+            emit = emit[:-1] if emit.endswith("}") else emit
+            self._held = pending[len(emit):]
+            self._args(emit)
+            return False
+        body = pending.rstrip()
+        self._args(body[:-1] if body.endswith("}") else body)  # without the envelope's `}`
+        self._held = ""
+        self._end()
+        self.state = "text"
+        return marker is not None
+
+    def _on_whole(self, final: bool) -> bool:
+        block = self.take_block(CLOSE, final)
+        if block is None:
+            return False
+        body, closed = block
+        parsed = parse_body(body)
+        if parsed is not None and self.known(parsed[0]):
+            self._whole_call(*parsed)
+        else:
+            self._text(OPEN + body + (CLOSE if closed else ""))
+        self.state = "text"
+        return closed
+
+
+def _unescape(raw: str) -> str:
+    try:
+        return json.loads(f'"{raw}"')
+    except ValueError:
+        return raw
+
+
+class Hermes(ToolCallFormat):
+    name = "hermes"
+    markers = (OPEN, CLOSE)
+    opener = OPEN
+    template_markers = (OPEN,)
+
+    def parser(self, tools: list[ToolSpec]) -> StreamParser:
+        return HermesParser(tools)
+
+    def region(self, tools: list[ToolSpec], parallel_calls: bool) -> list[str]:
+        rules = [f"call_{i}: \"\\n\" {json_value(_envelope(tool))} \"\\n\" {self.markup(CLOSE)}"
+                 for i, tool in enumerate(tools)]
+        return [self._calls([f"call_{i}" for i in range(len(tools))], '"\\n"', parallel_calls),
+                *rules]
+
+
+def _envelope(tool: ToolSpec) -> dict[str, Any]:
+    return {"type": "object", "properties": {"name": {"const": tool.name},
+                                             "arguments": tool.arguments_schema},
+            "required": ["name", "arguments"], "additionalProperties": False}
