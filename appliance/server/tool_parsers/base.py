@@ -102,6 +102,36 @@ def json_string_body(text: str) -> str:
     return json.dumps(text, ensure_ascii=False)[1:-1]
 
 
+class JsonScanner:
+    """Finds where a JSON value that starts with `{` or `[` ends, fed in pieces: tracks nesting
+    outside strings (and escapes inside them)."""
+
+    def __init__(self) -> None:
+        self._depth = 0
+        self._in_string = False
+        self._escaped = False
+
+    def feed(self, text: str) -> int:
+        """The index in `text` just past the value's end, or -1 while it is still open."""
+        for i, c in enumerate(text):
+            if self._in_string:
+                if self._escaped:
+                    self._escaped = False
+                elif c == "\\":
+                    self._escaped = True
+                elif c == '"':
+                    self._in_string = False
+            elif c == '"':
+                self._in_string = True
+            elif c in "{[":
+                self._depth += 1
+            elif c in "}]":
+                self._depth -= 1
+                if self._depth == 0:
+                    return i + 1
+        return -1
+
+
 class StreamParser:
     """Base of every format's parser: a text buffer with scanning helpers, and the pieces out.
 
@@ -118,6 +148,7 @@ class StreamParser:
         self._out: list[Piece] = []
         self._pending_ws = ""  # trailing whitespace of the content, held until we know more
         self._after_call = False
+        self._started = False  # content was emitted
         self._call_name: str | None = None
         self._call_args: list[str] = []
 
@@ -136,6 +167,7 @@ class StreamParser:
         return self._drain()
 
     state = "text"  # a subclass's initial state; `_on_<state>(final)` handles each
+    lstrip_output = False  # whitespace opening the output is the template's (GLM: a newline)
 
     def _parse(self, final: bool) -> None:
         """Run state handlers while they make progress (a handler returns False to wait)."""
@@ -182,11 +214,12 @@ class StreamParser:
     # --- output ---------------------------------------------------------------------------------
     def _text(self, text: str) -> None:
         """Content; whitespace that only separates content from calls is dropped."""
-        if self._after_call:
+        if self._after_call or (self.lstrip_output and not self._started):
             text = text.lstrip()
             if not text:
                 return
             self._after_call = False
+        self._started = True
         full = self._pending_ws + text
         content = full.rstrip()
         self._pending_ws = full[len(content):]

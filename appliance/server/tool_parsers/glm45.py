@@ -23,6 +23,7 @@ class Glm45Parser(KeyValueCallParser):
     ARG = re.compile(r"<arg_key>(.*?)</arg_key>\s*<arg_value>", re.DOTALL)
     VALUE_ENDS = (VALUE_CLOSE,)
     CALL_END = re.compile(r"</tool_call>")
+    lstrip_output = True
 
 
 class Glm45(ToolCallFormat):

@@ -1,7 +1,8 @@
 """Hermes / Qwen2.5 / Qwen3 (and the tiny model): `<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>`.
 
 The call is recognized once `{"name": "<tool>", "arguments": {` has been written; from there the
-arguments object streams as the model writes it. A body in another shape (keys in another
+arguments object streams as the model writes it, up to the `}` that closes it (the JSON is
+scanned, so `</tool_call>` inside a string argument does not end the call). A body in another shape (keys in another
 order, arguments as a JSON string) is parsed whole at `</tool_call>`; one that is no call of an
 offered tool is given back as text.
 """
@@ -12,7 +13,7 @@ import json
 import re
 from typing import Any
 
-from appliance.server.tool_parsers.base import StreamParser, ToolSpec
+from appliance.server.tool_parsers.base import JsonScanner, StreamParser, ToolSpec
 from appliance.server.tool_parsers.format import ToolCallFormat
 from appliance.server.tool_parsers.grammar import json_value
 
@@ -41,7 +42,7 @@ def parse_body(body: str) -> tuple[str, dict[str, Any]] | None:
 class HermesParser(StreamParser):
     def __init__(self, tools: list[ToolSpec]) -> None:
         super().__init__(tools)
-        self._held = ""  # streamed arguments held back: a trailing `}` may close the envelope
+        self._json = JsonScanner()
 
     def _on_text(self, final: bool) -> bool:
         text, marker = self.take_until((OPEN,), final)
@@ -58,6 +59,7 @@ class HermesParser(StreamParser):
             if self.known(name) and self.buf[m.end()] == "{":
                 self._start(name)
                 self.buf = self.buf[m.end():]
+                self._json = JsonScanner()
                 self.state = "args"
             else:
                 self.state = "whole"
@@ -68,20 +70,30 @@ class HermesParser(StreamParser):
         return False
 
     def _on_args(self, final: bool) -> bool:
-        text, marker = self.take_until((CLOSE,), final)
-        pending = self._held + text
-        if marker is None and not final:
-            emit = pending.rstrip()
-            emit = emit[:-1] if emit.endswith("}") else emit
-            self._held = pending[len(emit):]
-            self._args(emit)
+        """The arguments object, up to the `}` that closes it (found by scanning the JSON, so a
+        `</tool_call>` inside a string is text); then the envelope's end."""
+        end = self._json.feed(self.buf)
+        if end < 0 and not final:
+            self._args(self.buf)
+            self.buf = ""
             return False
-        body = pending.rstrip()
-        self._args(body[:-1] if body.endswith("}") else body)  # without the envelope's `}`
-        self._held = ""
+        if end < 0:  # cut off: the call ends with what was written
+            self._args(self.buf.rstrip().removesuffix(CLOSE).rstrip().removesuffix("}"))
+            self.buf = ""
+        else:
+            self._args(self.buf[:end])
+            self.buf = self.buf[end:]
         self._end()
+        self.state = "envelope"
+        return True
+
+    def _on_envelope(self, final: bool) -> bool:
+        """After the arguments: the envelope's `}` (and any other keys) up to `</tool_call>`."""
+        block = self.take_block(CLOSE, final)
+        if block is None:
+            return False
         self.state = "text"
-        return marker is not None
+        return block[1]
 
     def _on_whole(self, final: bool) -> bool:
         block = self.take_block(CLOSE, final)
