@@ -49,6 +49,7 @@ class FakeEngineClient:
     delay_s: float = 0.0  # before each token
     reject: str | None = None
     fail_after: int | None = None  # after this many tokens: raise `failure`, or end the stream if None
+    abort_after: int | None = None  # after this many tokens the engine aborts the request (shutdown)
     failure: Exception | None = None
     healthy: bool = True
     requests: list[GenerateRequest] = field(default_factory=list)
@@ -68,7 +69,7 @@ class FakeEngineClient:
 
     def reset(self) -> None:
         self.reply, self.delay_s, self.reject = "Hello from the fake engine.", 0.0, None
-        self.fail_after, self.failure = None, None
+        self.fail_after, self.failure, self.abort_after = None, None, None
         self.scripts.clear()
         self.seen.clear()
         self.requests.clear()
@@ -111,7 +112,7 @@ class FakeEngineClient:
                         return  # the stream ends without a finish reason
                     finished = True  # like the client: the error ended the request, no abort
                     raise self.failure
-                if req.rid in self.aborted:  # like the engine: an abort ends the stream
+                if req.rid in self.aborted or i == self.abort_after:  # an abort ends the stream
                     finished = True
                     yield TokenOutput(req.rid, -1, "abort")
                     return

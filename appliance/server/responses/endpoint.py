@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse
 from appliance.server import sse
 from appliance.server.auth import require_api_key
 from appliance.server.constraints import ResponseFormat, checked, request_constraint
-from appliance.server.errors import ApiError, bad_request
+from appliance.server.errors import ApiError, bad_request, openai_error_body
 from appliance.server.generation import (Finished, GenerationJob, Prefilled, SamplingOptions, collect,
                                          generate_choices)
 from appliance.server.json_body import JsonBodyRoute
@@ -156,7 +156,7 @@ class StreamWriter:
                 yield self.event(payload)
 
     def error(self, error: ApiError) -> str:
-        code = error.code or ("server_error" if error.status >= 500 else "invalid_request")
+        code = error.code or openai_error_body(error.status, error.message)["error"]["type"]
         failed = self.head.response("failed", self.builder.items, error={"code": code, "message": error.message})
         return (self.event({"type": "error", "code": code, "message": error.message, "param": error.param})
                 + self.event({"type": "response.failed", "response": failed}))
