@@ -8,22 +8,14 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
+from pydantic import BaseModel, Discriminator, Field, Tag
 
 from appliance.server.field_types import STRICT_BODY, Probability, Seed, TokenCount
-from appliance.server.openai.protocol import Temperature, TopK
+from appliance.server.openai.protocol import ContentPart, Temperature, TopK  # parts: text only
 
 
 class _Body(BaseModel):
     model_config = STRICT_BODY
-
-
-class ContentPart(BaseModel):
-    """input_text / output_text / summary_text / reasoning_text; anything else is refused."""
-
-    model_config = ConfigDict(extra="allow", strict=True)
-    type: str
-    text: str | None = None
 
 
 class MessageItem(_Body):

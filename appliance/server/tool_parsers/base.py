@@ -167,12 +167,34 @@ class StreamParser:
         return self._drain()
 
     state = "text"  # a subclass's initial state; `_on_<state>(final)` handles each
+    opener = ""  # the marker that ends text: markup begins (for the default `_on_text`)
+    after_opener = "header"  # the state the opener leads to
     lstrip_output = False  # whitespace opening the output is the template's (GLM: a newline)
 
     def _parse(self, final: bool) -> None:
         """Run state handlers while they make progress (a handler returns False to wait)."""
         while getattr(self, f"_on_{self.state}")(final):
             pass
+
+    def _on_text(self, final: bool) -> bool:
+        """Content up to the opener (held back while it may be the opener's start)."""
+        text, marker = self.take_until((self.opener,), final)
+        self._text(text)
+        if marker is None:
+            return False
+        self.state = self.after_opener
+        return True
+
+    def _give_back(self, begin: str, end: str, final: bool, then: str) -> bool:
+        """A call that is none (a malformed header, no offered tool): its markup through `end`
+        goes out as text; then state `then`."""
+        block = self.take_block(end, final)
+        if block is None:
+            return False
+        body, closed = block
+        self._text(begin + body + (end if closed else ""))
+        self.state = then
+        return closed
 
     def _drain(self) -> list[Piece]:
         out, self._out = self._out, []

@@ -11,7 +11,7 @@ import re
 from appliance.server.tool_parsers.base import StreamParser, ToolSpec
 from appliance.server.tool_parsers.format import ToolCallFormat
 from appliance.server.tool_parsers.grammar import json_value, literal
-from appliance.server.tool_parsers.key_value import KeyValueCallParser, is_string_param
+from appliance.server.tool_parsers.key_value import KeyValueCallParser, argument_rules, is_string_param
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 KEY_OPEN, KEY_CLOSE, VALUE_OPEN, VALUE_CLOSE = "<arg_key>", "</arg_key>", "<arg_value>", "</arg_value>"
@@ -38,27 +38,17 @@ class Glm45(ToolCallFormat):
     def region(self, tools: list[ToolSpec], parallel_calls: bool) -> list[str]:
         m = self.markup
         string_value, rules = m.text_then("STRING_VALUE", VALUE_CLOSE, [VALUE_CLOSE])
-        rules.append(f'FREE_KEY: /[^<]+/')
+        rules.append('FREE_KEY: /[^<]+/')
         rules.append(f'free_arg: {m(KEY_OPEN)} FREE_KEY {m(KEY_CLOSE)} "\\n" {m(VALUE_OPEN)} '
                      f'{string_value} "\\n"')
         for i, tool in enumerate(tools):
-            args = self._args(i, tool, string_value, rules)
+            args = argument_rules(i, tool, rules, lambda key, schema: self._argument(key, schema, string_value),
+                                  "free_arg")
             rules.append(f'call_{i}: {literal(tool.name + chr(10))} {args} {m(CLOSE)}')
         return [self._calls([f"call_{i}" for i in range(len(tools))], '"\\n"', parallel_calls),
                 *rules]
 
-    def _args(self, i: int, tool: ToolSpec, string_value: str, rules: list[str]) -> str:
-        props = tool.arguments_schema.get("properties")
-        if not isinstance(props, dict) or not props:
-            return "free_arg*"
+    def _argument(self, key: str, schema: dict, string_value: str) -> str:
         m = self.markup
-        required = set(tool.arguments_schema.get("required") or [])
-        parts = []
-        for j, (key, schema) in enumerate(props.items()):
-            schema = schema if isinstance(schema, dict) else {}
-            value = (string_value if is_string_param(schema)
-                     else f"{json_value(schema)} {m(VALUE_CLOSE)}")
-            rules.append(f'arg_{i}_{j}: {m(KEY_OPEN)} {literal(key)} {m(KEY_CLOSE)} "\\n" '
-                         f'{m(VALUE_OPEN)} {value} "\\n"')
-            parts.append(f"arg_{i}_{j}" + ("" if key in required else "?"))
-        return " ".join(parts)
+        value = string_value if is_string_param(schema) else f"{json_value(schema)} {m(VALUE_CLOSE)}"
+        return f'{m(KEY_OPEN)} {literal(key)} {m(KEY_CLOSE)} "\\n" {m(VALUE_OPEN)} {value} "\\n"'

@@ -40,17 +40,10 @@ def parse_body(body: str) -> tuple[str, dict[str, Any]] | None:
 
 
 class HermesParser(StreamParser):
+    opener = OPEN
     def __init__(self, tools: list[ToolSpec]) -> None:
         super().__init__(tools)
         self._json = JsonScanner()
-
-    def _on_text(self, final: bool) -> bool:
-        text, marker = self.take_until((OPEN,), final)
-        self._text(text)
-        if marker is None:
-            return False
-        self.state = "header"
-        return True
 
     def _on_header(self, final: bool) -> bool:
         m = HEADER.match(self.buf)

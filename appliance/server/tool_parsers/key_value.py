@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from typing import Any, ClassVar
 
-from appliance.server.tool_parsers.base import StreamParser, json_string_body
+from appliance.server.tool_parsers.base import StreamParser, ToolSpec, json_string_body
 
 MAX_HEADER_CHARS = 256
 MAX_JUNK_CHARS = 4096  # text between arguments that is no tag: dropped past this
@@ -77,6 +78,22 @@ def _json_type(value: Any) -> str:
     return "array" if isinstance(value, list) else "string"
 
 
+def argument_rules(i: int, tool: ToolSpec, rules: list[str], argument: Callable[[str, dict[str, Any]], str],
+                   free_argument: str) -> str:
+    """Grammar of tool i's arguments: a rule `arg_<i>_<j>` per parameter (`argument(key, schema)`
+    writes its markup), in the schema's order, optional ones optional; any number of
+    `free_argument` for a schema without properties. Returns the sequence; appends the rules."""
+    props = tool.arguments_schema.get("properties")
+    if not isinstance(props, dict) or not props:
+        return f"{free_argument}*"
+    required = set(tool.arguments_schema.get("required") or [])
+    parts = []
+    for j, (key, schema) in enumerate(props.items()):
+        rules.append(f"arg_{i}_{j}: {argument(key, schema if isinstance(schema, dict) else {})}")
+        parts.append(f"arg_{i}_{j}" + ("" if key in required else "?"))
+    return " ".join(parts)
+
+
 class KeyValueCallParser(StreamParser):
     """`OPEN` header arguments... end `CLOSE`; a subclass gives the markup as class attributes."""
 
@@ -90,17 +107,10 @@ class KeyValueCallParser(StreamParser):
 
     def __init__(self, tools) -> None:
         super().__init__(tools)
+        self.opener = self.OPEN
         self._num_args = 0
         self._key = ""
         self._value = ""
-
-    def _on_text(self, final: bool) -> bool:
-        text, marker = self.take_until((self.OPEN,), final)
-        self._text(text)
-        if marker is None:
-            return False
-        self.state = "header"
-        return True
 
     def _on_header(self, final: bool) -> bool:
         m = self.HEADER.match(self.buf)
@@ -177,11 +187,4 @@ class KeyValueCallParser(StreamParser):
         self.state = "text"
 
     def _on_whole(self, final: bool) -> bool:
-        """A call that is not one: given back as text."""
-        block = self.take_block(self.CLOSE, final)
-        if block is None:
-            return False
-        body, closed = block
-        self._text(self.OPEN + body + (self.CLOSE if closed else ""))
-        self.state = "text"
-        return closed
+        return self._give_back(self.OPEN, self.CLOSE, final, "text")

@@ -12,7 +12,7 @@ import re
 from appliance.server.tool_parsers.base import StreamParser, ToolSpec
 from appliance.server.tool_parsers.format import ToolCallFormat
 from appliance.server.tool_parsers.grammar import json_value, literal, text_until
-from appliance.server.tool_parsers.key_value import KeyValueCallParser, is_string_param
+from appliance.server.tool_parsers.key_value import KeyValueCallParser, argument_rules, is_string_param
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 VALUE_END = "</parameter>"
@@ -41,26 +41,13 @@ class Qwen3Coder(ToolCallFormat):
                  'FREE_KEY: /[^>\\n]+/',
                  'free_param: "<parameter=" FREE_KEY ">\\n" STRING_VALUE']
         for i, tool in enumerate(tools):
-            params = self._params(i, tool, rules)
+            params = argument_rules(i, tool, rules, _parameter, "free_param")
             rules.append(f'call_{i}: "\\n" {literal(f"<function={tool.name}>")} "\\n" {params} '
                          f'"</function>\\n" {self.markup(CLOSE)}')
         return [self._calls([f"call_{i}" for i in range(len(tools))], '"\\n"', parallel_calls),
                 *rules]
 
-    @staticmethod
-    def _params(i: int, tool: ToolSpec, rules: list[str]) -> str:
-        """The parameters in the schema's order, optional ones optional; any keys (as strings)
-        for a schema without properties."""
-        props = tool.arguments_schema.get("properties")
-        if not isinstance(props, dict) or not props:
-            return "free_param*"
-        required = set(tool.arguments_schema.get("required") or [])
-        parts = []
-        for j, (key, schema) in enumerate(props.items()):
-            schema = schema if isinstance(schema, dict) else {}
-            opening = literal(f"<parameter={key}>\n")
-            value = ("STRING_VALUE" if is_string_param(schema)
-                     else f'{json_value(schema)} "\\n{VALUE_END}\\n"')
-            rules.append(f"param_{i}_{j}: {opening} {value}")
-            parts.append(f"param_{i}_{j}" + ("" if key in required else "?"))
-        return " ".join(parts)
+
+def _parameter(key: str, schema: dict) -> str:
+    value = "STRING_VALUE" if is_string_param(schema) else f'{json_value(schema)} "\\n{VALUE_END}\\n"'
+    return f"{literal(f'<parameter={key}>' + chr(10))} {value}"

@@ -25,17 +25,12 @@ class SectionedJsonParser(StreamParser):
     HEADER: ClassVar[re.Pattern[str]]  # after CALL_BEGIN up to the arguments; group 1: the name
     ARGS_ENDS: ClassVar[tuple[str, ...]]  # each ends the arguments and the call
 
+    after_opener = "section"
+
     def __init__(self, tools: list[ToolSpec]) -> None:
         super().__init__(tools)
+        self.opener = self.SECTION_BEGIN
         self._args_begun = False
-
-    def _on_text(self, final: bool) -> bool:
-        text, marker = self.take_until((self.SECTION_BEGIN,), final)
-        self._text(text)
-        if marker is None:
-            return False
-        self.state = "section"
-        return True
 
     def _on_section(self, final: bool) -> bool:
         self.skip_ws()
@@ -80,14 +75,7 @@ class SectionedJsonParser(StreamParser):
         return marker is not None
 
     def _on_whole(self, final: bool) -> bool:
-        """A call that is not one: given back as text."""
-        block = self.take_block(self.CALL_END, final)
-        if block is None:
-            return False
-        body, closed = block
-        self._text(self.CALL_BEGIN + body + (self.CALL_END if closed else ""))
-        self.state = "section"
-        return closed
+        return self._give_back(self.CALL_BEGIN, self.CALL_END, final, "section")
 
 
 class SectionedJsonFormat(ToolCallFormat):
