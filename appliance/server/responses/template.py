@@ -14,7 +14,8 @@ from typing import Any
 from appliance.server.errors import bad_request
 from appliance.server.openai.template import tool_call_arguments
 from appliance.server.responses.protocol import (ContentPart, FunctionCallItem, FunctionCallOutputItem,
-                                                 FunctionTool, MessageItem, ReasoningItem, ResponsesRequest)
+                                                 FunctionChoice, FunctionTool, MessageItem, ReasoningItem,
+                                                 ResponsesRequest)
 from appliance.server.tool_parsers import ToolChoice, ToolSpec
 
 TEXT_PARTS = {"input_text", "output_text", "text", "summary_text", "reasoning_text"}
@@ -95,16 +96,16 @@ def template_tools(tools: list[FunctionTool], choice: ToolChoice | None) -> list
 
 
 def tool_setup(body: ResponsesRequest, tools: list[FunctionTool]) -> tuple[list[ToolSpec], ToolChoice | None]:
+    """The offered functions and the normalized choice (None: tools are off); a choice no tool
+    can satisfy is a 400."""
     specs = [ToolSpec(t.name, t.parameters or {}) for t in tools]
     choice = body.tool_choice
     if choice == "required" and not specs:
         raise bad_request("tool_choice 'required' needs at least one tool in tools", "tool_choice")
+    if isinstance(choice, FunctionChoice) and choice.name not in {s.name for s in specs}:
+        raise bad_request(f"tool_choice names function {choice.name!r}, which is not in tools", "tool_choice")
     if not specs or choice == "none":
         return specs, None
-    if choice is None or choice == "auto":
-        return specs, ToolChoice("auto")
-    if choice == "required":
-        return specs, ToolChoice("required")
-    if choice.name not in {s.name for s in specs}:
-        raise bad_request(f"tool_choice names function {choice.name!r}, which is not in tools", "tool_choice")
-    return specs, ToolChoice("named", choice.name)
+    if isinstance(choice, FunctionChoice):
+        return specs, ToolChoice("named", choice.name)
+    return specs, ToolChoice("required" if choice == "required" else "auto")
