@@ -9,13 +9,11 @@ from __future__ import annotations
 import msgspec
 
 
-class Constraint(msgspec.Struct, frozen=True):
-    """Grammar-constrained decoding: the reply can only be a string this accepts (EOS only where
-    it may end). kind "json_schema" (spec: the schema as JSON text), "json_object" (spec ""),
-    or "lark" (spec: an llguidance Lark grammar, which may embed `%json {...}` schemas)."""
+class Constraint(msgspec.Struct, tag="constraint"):
+    """What the output must match, enforced token by token (appliance/engine/constraints.py)."""
 
-    kind: str
-    spec: str = ""
+    kind: str  # "json_schema" (spec: the schema as JSON text) | "json_object" (spec "") | "lark"
+    spec: str = ""  # for "lark": an llguidance Lark grammar (may embed schemas with %json {...})
 
 
 class GenerateRequest(msgspec.Struct, tag="generate"):

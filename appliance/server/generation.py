@@ -36,6 +36,7 @@ class SamplingOptions:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    constraint: Constraint | None = None  # grammar the engine enforces
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,6 @@ class GenerationJob:
     sampling: SamplingOptions
     chat: bool = False  # a chat reply: parse the format's markup (calls of `tools`, reasoning)
     tools: tuple[ToolSpec, ...] = ()  # the calls to parse (none: tools are off)
-    constraint: Constraint | None = None  # grammar the engine enforces
     session: str = ""
     user: str = ""
     arrived_at: float | None = None  # monotonic time the HTTP request arrived (TTFT starts there)
@@ -142,7 +142,7 @@ def engine_request(rid: int, job: GenerationJob) -> GenerateRequest:
         rid=rid, prompt_ids=list(job.prompt_ids), max_new_tokens=sampling.max_tokens,
         temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
         seed=sampling.seed, ignore_eos=sampling.ignore_eos, session=job.session, user=job.user,
-        constraint=job.constraint)
+        constraint=sampling.constraint)
 
 
 async def generate(state: AppState, job: GenerationJob) -> AsyncIterator[Event]:

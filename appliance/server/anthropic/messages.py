@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request, Response
@@ -37,10 +38,9 @@ async def messages(body: MessagesRequest, request: Request) -> Response:
     tools, choice, parallel = tool_setup(body)
     prefill = body.messages[-1].role == "assistant"  # Anthropic: the model continues that text
     prompt_ids = await chat_prompt_ids(state, template_messages(body), template, continue_final=prefill)
-    constraint = request_constraint(state.tool_format, tools, choice, parallel)
-    job = GenerationJob(prompt_ids, _sampling(body, len(prompt_ids), state.client.max_model_len),
-                        chat=True, tools=tuple(tools) if choice else (),
-                        constraint=await checked(state, constraint, "tools"),
+    constraint = await checked(state, request_constraint(state.tool_format, tools, choice, parallel), "tools")
+    sampling = replace(_sampling(body, len(prompt_ids), state.client.max_model_len), constraint=constraint)
+    job = GenerationJob(prompt_ids, sampling, chat=True, tools=tuple(tools) if choice else (),
                         session=_session(request, body),
                         user=user_hint(request, body.metadata.user_id if body.metadata else None),
                         arrived_at=arrival_time(request))

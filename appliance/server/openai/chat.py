@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request, Response
@@ -52,8 +52,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     sampling = sampling_options(body, len(prompt_ids), state.client.max_model_len, requested, param)
     constraint = request_constraint(state.tool_format, tools, choice, body.parallel_tool_calls is not False,
                                     _response_format(body.response_format))
+    sampling = replace(sampling, constraint=await checked(state, constraint, _constraint_param(body)))
     job = GenerationJob(prompt_ids, sampling, chat=True, tools=tuple(tools) if choice else (),
-                        constraint=await checked(state, constraint, _constraint_param(body)),
                         session=session_hint(request, body.session_id), user=user_hint(request, body.user),
                         arrived_at=arrival_time(request))
     jobs = choice_jobs(job, body.n)

@@ -38,19 +38,19 @@ async def responses(body: ResponsesRequest, request: Request) -> Response:
     effort = body.reasoning.effort if body.reasoning else None
     prompt_ids = await chat_prompt_ids(state, template_messages(body), template_tools(tools, choice),
                                        {"reasoning_effort": effort} if effort else None)
-    sampling = SamplingOptions(
-        max_tokens=output_budget(len(prompt_ids), body.max_output_tokens, state.client.max_model_len,
-                                 param="max_output_tokens"),
-        temperature=1.0 if body.temperature is None else body.temperature,
-        top_p=1.0 if body.top_p is None else body.top_p, top_k=max(0, body.top_k or 0), seed=body.seed)
     text_format = body.text.format if body.text else None
     response_format = ResponseFormat(text_format.type, text_format.schema_) if text_format else ResponseFormat()
     if response_format.kind == "json_schema" and response_format.schema is None:
         raise bad_request("text.format json_schema needs a JSON schema object in schema", "text.format.schema")
     constraint = request_constraint(state.tool_format, specs, choice, body.parallel_tool_calls is not False,
                                     response_format)
+    sampling = SamplingOptions(
+        max_tokens=output_budget(len(prompt_ids), body.max_output_tokens, state.client.max_model_len,
+                                 param="max_output_tokens"),
+        temperature=1.0 if body.temperature is None else body.temperature,
+        top_p=1.0 if body.top_p is None else body.top_p, top_k=max(0, body.top_k or 0), seed=body.seed,
+        constraint=await checked(state, constraint, "tools" if specs else "text.format"))
     job = GenerationJob(prompt_ids, sampling, chat=True, tools=tuple(specs) if choice else (),
-                        constraint=await checked(state, constraint, "tools" if specs else "text.format"),
                         session=session_hint(request, body.session_id, body.prompt_cache_key),
                         user=user_hint(request, body.user), arrived_at=arrival_time(request))
     head = ResponseHead.of(state, body, tools)
