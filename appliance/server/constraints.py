@@ -4,8 +4,9 @@ call when parallel calls are off, and a response format (JSON object or schema).
 
 Every API normalizes its fields into `ToolChoice` / `ResponseFormat` and calls
 `request_constraint`; the grammar comes from the model's tool-call format. A constraint is
-validated here (in the tokenizer pool: a large schema takes a while to compile), so a schema
-llguidance cannot compile is a 400 naming the field, not an engine refusal.
+validated here (`check_grammar`, in the tokenizer pool: a large schema takes a while to
+compile), so a schema llguidance cannot compile is a 400 naming the field, not an engine
+refusal. vLLM's `structured_outputs` (openai/common.py) is the other source of a constraint.
 """
 
 from __future__ import annotations
@@ -14,8 +15,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import llguidance
-
+from appliance.engine.constraints import check_grammar
 from appliance.engine.protocol import Constraint
 from appliance.server.errors import bad_request
 from appliance.server.state import AppState
@@ -59,21 +59,8 @@ async def checked(state: AppState, constraint: Constraint | None, param: str) ->
     """`constraint`, once llguidance has compiled it; a 400 naming `param` if it cannot."""
     if constraint is None:
         return None
-    error = await state.tokenizers.run(lambda _tokenizer: _compile_error(constraint))
-    if error:
-        raise bad_request(f"{param} cannot be enforced: {error}", param)
-    return constraint
-
-
-def _compile_error(constraint: Constraint) -> str:
     try:
-        if constraint.kind == "lark":
-            grammar = llguidance.LLMatcher.grammar_from_lark(constraint.spec)
-        elif constraint.kind == "json_schema":
-            grammar = llguidance.LLMatcher.grammar_from_json_schema(constraint.spec)
-        else:
-            grammar = llguidance.LLMatcher.grammar_from_json_schema('{"type": "object"}')
-    except (ValueError, TypeError) as e:
-        return str(e)
-    is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar)
-    return messages[0] if is_error and messages else ""
+        await state.tokenizers.run(lambda _tokenizer: check_grammar(constraint))
+    except ValueError as e:
+        raise bad_request(f"{param} cannot be enforced: {e}", param) from None
+    return constraint

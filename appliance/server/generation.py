@@ -18,7 +18,7 @@ import anyio
 from fastapi import Request
 
 from appliance.engine.client import EngineFailed, EngineRejected
-from appliance.engine.protocol import Constraint, GenerateRequest, TokenOutput
+from appliance.engine.protocol import Constraint, GenerateRequest, TokenLogprobs, TokenOutput
 from appliance.server.detokenize import IncrementalDetokenizer
 from appliance.server.errors import ApiError
 from appliance.server.state import AppState
@@ -36,7 +36,14 @@ class SamplingOptions:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
-    constraint: Constraint | None = None  # grammar the engine enforces
+    # the engine's per-row logits processors and log-probabilities (GenerateRequest's fields)
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    min_tokens: int = 0
+    logprobs: int | None = None
+    constraint: Constraint | None = None
 
 
 @dataclass(frozen=True)
@@ -58,9 +65,11 @@ class TextDelta:
 
 @dataclass(frozen=True)
 class TokenDelta:
-    """One generated token id, ahead of its text (only for jobs with `token_events`)."""
+    """One generated token id, ahead of its text: for jobs with `token_events`, and with its
+    log-probabilities for jobs that asked for them (then not for a final end of sequence)."""
 
     token_id: int
+    logprobs: TokenLogprobs | None = None
 
 
 @dataclass(frozen=True)
@@ -142,7 +151,10 @@ def engine_request(rid: int, job: GenerationJob) -> GenerateRequest:
         rid=rid, prompt_ids=list(job.prompt_ids), max_new_tokens=sampling.max_tokens,
         temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
         seed=sampling.seed, ignore_eos=sampling.ignore_eos, session=job.session, user=job.user,
-        constraint=sampling.constraint)
+        constraint=sampling.constraint, logit_bias=dict(sampling.logit_bias),
+        repetition_penalty=sampling.repetition_penalty, presence_penalty=sampling.presence_penalty,
+        frequency_penalty=sampling.frequency_penalty, min_tokens=sampling.min_tokens,
+        logprobs=sampling.logprobs)
 
 
 async def generate(state: AppState, job: GenerationJob) -> AsyncIterator[Event]:
@@ -161,13 +173,15 @@ async def generate(state: AppState, job: GenerationJob) -> AsyncIterator[Event]:
             if not prefilled:
                 prefilled, cached = True, out.cached_tokens or 0
                 yield Prefilled(cached)
+            decodes = _decodes(state, out)
             if out.token_id >= 0:
                 token_ids.append(out.token_id)
                 state.metrics.observe(*state.tracker.on_token(tracked))
-                if job.token_events:
-                    yield TokenDelta(out.token_id)
+                logprobs = out.logprobs if decodes else None
+                if job.token_events or logprobs is not None:
+                    yield TokenDelta(out.token_id, logprobs)
             last = out.finish_reason is not None
-            events, matched = pipeline.push(out.token_id, last, _decodes(state, out))
+            events, matched = pipeline.push(out.token_id, last, decodes)
             reasoning_tokens += out.token_id >= 0 and pipeline.in_reasoning
             for item in events:
                 yield item
@@ -261,6 +275,7 @@ class Collected:
     text: str = ""
     reasoning: str = ""
     tool_calls: list[ParsedToolCall] = field(default_factory=list)
+    logprobs: list[TokenDelta] = field(default_factory=list)  # when the job asked for them
     finished: Finished | None = None
 
     def add(self, event: Event) -> None:
@@ -270,6 +285,8 @@ class Collected:
             self.reasoning += event.text
         elif isinstance(event, ToolCallEnd):
             self.tool_calls.append(event.call)
+        elif isinstance(event, TokenDelta) and event.logprobs is not None:
+            self.logprobs.append(event)
         elif isinstance(event, Finished):
             self.finished = event
 

@@ -16,11 +16,12 @@ from appliance.server import sse
 from appliance.server.auth import require_api_key
 from appliance.server.constraints import ResponseFormat, checked, request_constraint
 from appliance.server.errors import bad_request
-from appliance.server.generation import (Collected, Finished, GenerationJob, TextDelta, collect,
+from appliance.server.generation import (Collected, Finished, GenerationJob, TextDelta, TokenDelta, collect,
                                          generate_choices)
 from appliance.server.json_body import JsonBodyRoute
-from appliance.server.openai.common import (choice_jobs, finish_reason, reject_unsupported,
+from appliance.server.openai.common import (choice_jobs, finish_reason, merged_constraint, reject_unsupported,
                                              sampling_options, stream_error, tool_setup, usage)
+from appliance.server.openai.logprobs import ChatLogprobs
 from appliance.server.openai.protocol import ChatCompletionRequest
 from appliance.server.openai.template import template_messages, template_tools
 from appliance.server.prompt import chat_prompt_ids
@@ -49,10 +50,13 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
                                        body.chat_template_kwargs)
     requested, param = ((body.max_completion_tokens, "max_completion_tokens")
                         if body.max_completion_tokens is not None else (body.max_tokens, "max_tokens"))
-    sampling = sampling_options(body, len(prompt_ids), state.client.max_model_len, requested, param)
+    sampling = sampling_options(body, len(prompt_ids), state.client.max_model_len, requested, param,
+                                vocab_size=state.vocab_size,
+                                logprobs=(body.top_logprobs or 0) if body.logprobs else None)
     constraint = request_constraint(state.tool_format, tools, choice, body.parallel_tool_calls is not False,
                                     _response_format(body.response_format))
-    sampling = replace(sampling, constraint=await checked(state, constraint, _constraint_param(body)))
+    constraint = await checked(state, constraint, _constraint_param(body))
+    sampling = replace(sampling, constraint=merged_constraint(sampling.constraint, constraint))
     job = GenerationJob(prompt_ids, sampling, chat=True, tools=tuple(tools) if choice else (),
                         session=session_hint(request, body.session_id), user=user_hint(request, body.user),
                         arrived_at=arrival_time(request))
@@ -62,13 +66,13 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return sse.response(sse.guarded(_stream(state, jobs, ids, include_usage), stream_error))
     results = await collect(request, state, jobs)
-    return JSONResponse(_completion(ids, results))
+    return JSONResponse(_completion(state, ids, results, bool(body.logprobs)))
 
 
 def _reject_unsupported(body: ChatCompletionRequest) -> None:
     reject_unsupported(body)
-    if body.logprobs or body.top_logprobs:
-        raise bad_request("logprobs are not supported by this server", "logprobs")
+    if body.top_logprobs is not None and not body.logprobs:
+        raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
 
 
 def _response_format(value: dict[str, Any] | None) -> ResponseFormat:
@@ -91,8 +95,9 @@ def _constraint_param(body: ChatCompletionRequest) -> str:
     return "response_format" if body.response_format and not body.tools else "tools"
 
 
-def _completion(ids: ChatIds, results: list[Collected]) -> dict[str, Any]:
-    choices = [{"index": i, "message": _message(r), "logprobs": None,
+def _completion(state: AppState, ids: ChatIds, results: list[Collected], logprobs: bool) -> dict[str, Any]:
+    choices = [{"index": i, "message": _message(r),
+                "logprobs": _logprobs(state, r) if logprobs else None,
                 "finish_reason": finish_reason(r.finished)} for i, r in enumerate(results)]
     return {"id": ids.id, "object": "chat.completion", "created": ids.created, "model": ids.model,
             "choices": choices, "usage": usage([r.finished for r in results])}
@@ -108,6 +113,13 @@ def _message(result: Collected) -> dict[str, Any]:
     return message
 
 
+def _logprobs(state: AppState, result: Collected) -> dict[str, Any]:
+    logprobs = ChatLogprobs(state.tokenizer)
+    for item in result.logprobs:
+        logprobs.add(item.token_id, item.logprobs)
+    return logprobs.take() or {"content": []}
+
+
 def _tool_call(call: ParsedToolCall) -> dict[str, Any]:
     return {"id": _call_id(), "type": "function",
             "function": {"name": call.name, "arguments": call.arguments_json}}
@@ -119,10 +131,14 @@ def _call_id() -> str:
 
 async def _stream(state: AppState, jobs: list[GenerationJob], ids: ChatIds,
                   include_usage: bool) -> AsyncIterator[str]:
+    logprobs = [ChatLogprobs(state.tokenizer) for _ in jobs]
+
     def chunk(index: int, delta: dict[str, Any], reason: str | None = None) -> str:
+        # each chunk carries the log-probabilities of its choice's tokens since the last one
         body: dict[str, Any] = {"id": ids.id, "object": "chat.completion.chunk", "created": ids.created,
                                 "model": ids.model, "choices": [{"index": index, "delta": delta,
-                                                                 "logprobs": None, "finish_reason": reason}]}
+                                                                 "logprobs": logprobs[index].take(),
+                                                                 "finish_reason": reason}]}
         if include_usage:
             body["usage"] = None
         return sse.data(body)
@@ -134,6 +150,8 @@ async def _stream(state: AppState, jobs: list[GenerationJob], ids: ChatIds,
         if isinstance(item, Finished):
             finished[index] = item
             yield chunk(index, {}, finish_reason(item))
+        elif isinstance(item, TokenDelta) and item.logprobs is not None:
+            logprobs[index].add(item.token_id, item.logprobs)
         elif (delta := _delta(item)) is not None:
             yield chunk(index, delta)
     if include_usage:

@@ -17,6 +17,7 @@ from appliance.server.generation import Finished, GenerationJob, TextDelta, Toke
 from appliance.server.json_body import JsonBodyRoute
 from appliance.server.openai.common import (choice_jobs, finish_reason, reject_unsupported, sampling_options,
                                              stream_error, usage)
+from appliance.server.openai.logprobs import CompletionLogprobs
 from appliance.server.openai.protocol import CompletionRequest
 from appliance.server.prompt import check_token_ids, text_prompt_ids
 from appliance.server.request_context import arrival_time, check_model, session_hint, user_hint
@@ -35,7 +36,8 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     prompt_ids = await _prompt_ids(state, body.prompt)
     requested = body.max_tokens if body.max_tokens is not None else min(
         DEFAULT_MAX_TOKENS, max(1, state.client.max_model_len - len(prompt_ids)))
-    sampling = sampling_options(body, len(prompt_ids), state.client.max_model_len, requested, "max_tokens")
+    sampling = sampling_options(body, len(prompt_ids), state.client.max_model_len, requested, "max_tokens",
+                                vocab_size=state.vocab_size, logprobs=body.logprobs)
     # Streamed with return_token_ids: a chunk per token carrying its id (its text may still be
     # held back by the detokenizer), so clients can time every token.
     job = GenerationJob(prompt_ids, sampling, session=session_hint(request, body.session_id),
@@ -46,11 +48,18 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     jobs = choice_jobs(job, body.n)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        stream = _stream(state, jobs, head, include_usage)
+        stream = _stream(state, jobs, head, include_usage, body.logprobs is not None)
         return sse.response(sse.guarded(stream, stream_error))
     results = await collect(request, state, jobs)
-    choices = [_choice(i, r.text, r.finished, list(r.finished.token_ids) if body.return_token_ids else None)
-               for i, r in enumerate(results)]
+    choices = []
+    for i, r in enumerate(results):
+        choice = _choice(i, r.text, r.finished, list(r.finished.token_ids) if body.return_token_ids else None)
+        if body.logprobs is not None:
+            logprobs = CompletionLogprobs(state.tokenizer)
+            for item in r.logprobs:
+                logprobs.add(item.token_id, item.logprobs)
+            choice["logprobs"] = logprobs.take() or CompletionLogprobs.empty()
+        choices.append(choice)
     return JSONResponse({**head, "choices": choices, "usage": usage([r.finished for r in results])})
 
 
@@ -58,8 +67,6 @@ def _reject_unsupported(body: CompletionRequest) -> None:
     reject_unsupported(body)
     if body.echo:
         raise bad_request("echo is not supported by this server", "echo")
-    if body.logprobs is not None:
-        raise bad_request("logprobs are not supported by this server", "logprobs")
     if body.best_of not in (None, 1):
         raise bad_request("Only best_of=1 is supported", "best_of")
     if body.suffix:
@@ -87,17 +94,27 @@ def _choice(index: int, text: str, finished: Finished | None, token_ids: list[in
 
 
 async def _stream(state: AppState, jobs: list[GenerationJob], head: dict[str, Any],
-                  include_usage: bool) -> AsyncIterator[str]:
+                  include_usage: bool, with_logprobs: bool) -> AsyncIterator[str]:
     extra = {"usage": None} if include_usage else {}
+    logprobs = [CompletionLogprobs(state.tokenizer) for _ in jobs]
     finished: dict[int, Finished] = {}
+
+    def chunk(index: int, choice: dict[str, Any]) -> str:
+        if with_logprobs:  # the log-probabilities of the choice's tokens since its last chunk
+            choice["logprobs"] = logprobs[index].take()
+        return sse.data({**head, "choices": [choice], **extra})
+
     async for index, item in generate_choices(state, jobs):
         if isinstance(item, TokenDelta):
-            yield sse.data({**head, "choices": [_choice(index, "", None, [item.token_id])], **extra})
+            if item.logprobs is not None:
+                logprobs[index].add(item.token_id, item.logprobs)
+            if jobs[index].token_events:
+                yield chunk(index, _choice(index, "", None, [item.token_id]))
         elif isinstance(item, TextDelta):
-            yield sse.data({**head, "choices": [_choice(index, item.text, None)], **extra})
+            yield chunk(index, _choice(index, item.text, None))
         elif isinstance(item, Finished):
             finished[index] = item
-            yield sse.data({**head, "choices": [_choice(index, "", item)], **extra})
+            yield chunk(index, _choice(index, "", item))
     if include_usage:
         yield sse.data({**head, "choices": [], "usage": usage([finished[i] for i in sorted(finished)])})
     yield sse.DONE

@@ -15,7 +15,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-JSON_LAYOUT = {"whitespace_flexible": False, "key_separator": ": ", "item_separator": ", "}
+from appliance.engine.constraints import JSON_LAYOUT
+
 ANY_TEXT = r"/(.|\n)*/"
 _REGEX_SPECIAL = set("\\.+*?()|[]{}^$#&-~/")
 
