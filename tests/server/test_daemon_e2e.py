@@ -257,10 +257,9 @@ def test_responses_and_n_choices_through_the_real_engine(daemon):
     assert [c.index for c in chat.choices] == [0, 1] and chat.usage.completion_tokens == 16
 
 
-def test_forced_tool_call_through_the_real_engine(daemon):
-    """Whatever the random weights say, tool_choice required gives a call with schema-valid
-    arguments (needs the engine's constrained decoding)."""
-    pytest.importorskip("appliance.engine.constraints", reason="the engine enforces no constraints yet")
+def test_forced_tool_calls_and_schemas_hold_on_random_weights(daemon):
+    """Whatever the random weights say, a forced tool choice (Responses, chat, messages) gives
+    exactly one call with schema-valid arguments, and a response_format schema is met."""
     client = daemon.openai()
     shell = {"type": "function", "name": "shell", "parameters": {
         "type": "object", "properties": {"command": {"type": "array", "items": {"type": "string"}, "maxItems": 3}},
@@ -273,3 +272,25 @@ def test_forced_tool_call_through_the_real_engine(daemon):
         {"role": "user", "content": "list files"}, call.model_dump(exclude_none=True),
         {"type": "function_call_output", "call_id": call.call_id, "output": "a.py"}])
     assert follow.status in ("completed", "incomplete")
+
+    weather = {"type": "object", "additionalProperties": False, "required": ["city", "days"],
+               "properties": {"city": {"type": "string", "maxLength": 8},
+                              "days": {"type": "integer", "minimum": 1, "maximum": 7}}}
+    chat = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "weather?"}], max_tokens=200, parallel_tool_calls=False,
+        tools=[{"type": "function", "function": {"name": "get_weather", "parameters": weather}}],
+        tool_choice="required")
+    (tool_call,) = chat.choices[0].message.tool_calls
+    arguments = json.loads(tool_call.function.arguments)
+    assert chat.choices[0].finish_reason == "tool_calls" and len(arguments["city"]) <= 8
+    assert 1 <= arguments["days"] <= 7
+    claude = anthropic.Anthropic(base_url=f"http://127.0.0.1:{daemon.port}", api_key="x", max_retries=0)
+    message = claude.messages.create(model=MODEL, max_tokens=200, messages=[{"role": "user", "content": "x"}],
+                                     tools=[{"name": "get_weather", "input_schema": weather}],
+                                     tool_choice={"type": "any", "disable_parallel_tool_use": True})
+    (use,) = [b for b in message.content if b.type == "tool_use"]
+    assert message.stop_reason == "tool_use" and set(use.input) == {"city", "days"}
+    out = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=200,
+                                         response_format={"type": "json_schema",
+                                                          "json_schema": {"name": "w", "schema": weather}})
+    assert set(json.loads(out.choices[0].message.content)) == {"city", "days"}
