@@ -83,6 +83,18 @@ def checkpoint_files(folder: str | Path) -> tuple[list[Path], dict[str, str] | N
     return files, None
 
 
+def checkpoint_tensor_names(folder: str | Path) -> frozenset[str]:
+    """Every tensor name of a checkpoint folder, from its index or the files' headers."""
+    files, weight_map = checkpoint_files(folder)
+    if weight_map is not None:
+        return frozenset(weight_map)
+    names: set[str] = set()
+    for file in files:
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            names.update(f.keys())
+    return frozenset(names)
+
+
 def _destination(params: dict[str, torch.Tensor], s: LoadSlice) -> torch.Tensor:
     dst = params[s.param]
     for i in s.index:
