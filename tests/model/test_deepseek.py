@@ -274,28 +274,20 @@ def test_mla_softmax_scale_matches_transformers():
 
 # --------------------------------------------------------------------------- expert parallel
 def ep_worker(rank: int, world: int, port: int, folder: str, out_dir: str) -> None:
-    """One rank with experts split over moe_ep (EP=2, MoE TP=1): greedy tokens to a file.
-
-    ModelRunner has no expert-parallel knob yet, so this rank's layout factory is patched to
-    put both ranks in one expert-parallel group (see the module docstring of layers/moe.py)."""
+    """One rank with experts split over moe_ep (`parallel.moe: ep`, EP=2, MoE TP=1): greedy
+    tokens to a file."""
     import json
 
     import torch.distributed as dist
 
-    from appliance.model import placement
     from helpers import greedy_generate as generate
 
-    tensor_parallel = placement.ParallelLayout.tensor_parallel
-
-    def with_ep(r: int, w: int, moe_ep_size: int = world) -> placement.ParallelLayout:
-        return tensor_parallel(r, w, moe_ep_size)
-
-    placement.ParallelLayout.tensor_parallel = staticmethod(with_ep)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world)
     try:
-        runner = ModelRunner(folder, tp_rank=rank, tp_size=world, kv_num_pages=64, page_size=4)
+        runner = ModelRunner(folder, tp_rank=rank, tp_size=world, kv_num_pages=64, page_size=4,
+                             moe_parallel="ep")
         moe = runner.model.model.layers[1].mlp
         tokens = generate(runner, PROMPTS, MAX_NEW, chunk=5, admit_per_step=1)
         Path(out_dir, f"ep{rank}.json").write_text(json.dumps({

@@ -150,10 +150,12 @@ class RoutedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         # x: [T, H], weights/ids: [T, k] (global expert ids) -> [T, H] partial sums
-        if not self.all_local:  # expert parallel: other ranks' experts count 0 here
+        if not self.all_local:  # expert parallel: other ranks' experts are skipped here
             local = ids.long() - self.first                                      # [T, k]
             mine = (local >= 0) & (local < self.num_local)                       # [T, k]
-            ids = torch.where(mine, local, torch.zeros_like(local)).to(torch.int32)
+            # id num_local: fused_moe's "not on this rank"; weight 0 as well, so no term of
+            # a skipped pair can reach the output
+            ids = torch.where(mine, local, self.num_local).to(torch.int32)
             weights = weights * mine
         return self.fused_moe(x, self.w13, self.w2, weights, ids)
 
