@@ -274,14 +274,19 @@ def test_real_shapes_plan_every_weight(preset, world, moe):
 @pytest.mark.slow
 @pytest.mark.parametrize("preset", ["qwen3-coder-30b-a3b", "glm-4.5-air"])
 def test_dummy_preset_real_width(preset):
-    """One layer of each preset at full width (and a 4096-token vocabulary), dummy weights,
-    bf16: it builds, loads and decodes."""
+    """Each preset at full width, dummy weights, bf16: it builds, loads and decodes. For speed
+    one MoE layer (GLM: after its dense layer; no MTP layer), 16 of the experts and a
+    4096-token vocabulary; every dim is the preset's own."""
     from appliance.model.presets import preset_config
 
-    layers = 2 if preset == "glm-4.5-air" else 1     # GLM's first layer is dense
-    cfg = preset_config(preset, num_hidden_layers=layers, vocab_size=4096)
+    glm = preset == "glm-4.5-air"
+    over = (dict(num_hidden_layers=2, n_routed_experts=16, num_nextn_predict_layers=0) if glm
+            else dict(num_hidden_layers=1, num_experts=16))
+    cfg = preset_config(preset, vocab_size=4096, **over)
     runner = ModelRunner(ModelSource(load_format="dummy", hf_config=cfg, seed=3),
                          dtype=torch.bfloat16, kv_num_pages=4, page_size=16)
-    assert isinstance(runner.model.model.layers[-1].mlp, DeepseekMoE)
+    moe = runner.model.model.layers[-1].mlp
+    assert isinstance(moe, DeepseekMoE)
+    assert tuple(moe.experts.w2.shape) == (16, cfg["hidden_size"], cfg["moe_intermediate_size"])
     tokens, = greedy_generate(runner, [[1, 2, 3, 4, 5]], 3)
     assert len(tokens) == 3 and all(0 <= t < 4096 for t in tokens)
