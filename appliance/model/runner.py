@@ -7,7 +7,8 @@
 `model_cfg` is an HF checkpoint folder (str / Path), an HF config dict (dummy weights), or a
 `ModelSource` (path or preset, load_format, seed). With tp_size > 1 the caller has already
 initialised torch.distributed (gloo on CPU, nccl on GPU); every rank builds the same model
-on its own shard and all ranks agree on num_pages (the minimum).
+on its own shard and all ranks agree on num_pages (the minimum). `moe_parallel` (YAML
+`parallel.moe`): "tp" splits each expert over the ranks, "ep" places whole experts per rank.
 
 KV sizing: `kv_num_pages` if given; else `memory_fraction` of the device. On CUDA, after the
 weights are loaded, the cache gets `free - (1 - fraction) * total` bytes (torch.cuda

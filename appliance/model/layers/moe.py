@@ -1,4 +1,6 @@
-"""DeepSeekMoE (DeepSeek-V2 §2.2, DeepSeek-V3 §2.1.2): shared experts + routed experts.
+"""DeepSeekMoE (DeepSeek-V2 §2.2, DeepSeek-V3 §2.1.2): shared experts + routed experts. The
+same block serves Qwen3-MoE (softmax top-k, no shared expert: models/qwen3_moe.py) and GLM-4.5
+(V3's routing plus shared experts: models/glm4_moe.py); each model file reads its MoEConfig.
 
     s      = router scores of h (softmax for V2, sigmoid for V3) over E routed experts
     top-k  = top_k experts by s (V3: by s + e_score_correction_bias), restricted to the best
@@ -10,8 +12,9 @@ Routing is the `router_logits` and `moe_route` ops, the routed experts the `fuse
 Expert weights are stacked at load from the HF per-expert tensors: w13[E_local, 2 I_local, H]
 (gate | up) and w2[E_local, H, I_local] (down). Parallelism: each expert's intermediate dim is
 split over "moe_tp" (gate/up column-wise, down row-wise); with expert parallelism (moe_ep > 1)
-the experts are also divided over "moe_ep", each rank computing only its own, and the
-shared experts are split over every rank instead. Either way the output is a pending sum
+the experts are also divided over "moe_ep", each rank computing only its own (the pairs
+routed elsewhere get the id E_local, which fused_moe skips), and the shared experts are split
+over every rank instead. Either way the output is a pending sum
 (Partial) over all the ranks that contributed; the placement compiler reduces it.
 The router runs in float32 on every rank (weights kept in float32, as HF does).
 """
