@@ -14,7 +14,8 @@ into the consumer's input placement:
 The result is installed on the modules (a forward hook on the producer, or the fused
 all-reduce + residual add + RMSNorm step on the consumer), so model files never call a
 collective. The same walk resolves every parameter's `WeightSharding` into the loader's
-`ShardPlan` (with the checkpoint names a model's `checkpoint_prefixes` gives). `plan_collectives` is pure (placements in, steps out) and unit-tested alone.
+`ShardPlan` (with the checkpoint names a model's `checkpoint_prefixes` gives).
+`plan_collectives` is pure (placements in, steps out) and unit-tested alone.
 """
 from __future__ import annotations
 
