@@ -81,18 +81,6 @@ PRESETS: dict[str, dict[str, Any]] = {
         "hidden_act": "silu", "bos_token_id": 151643, "eos_token_id": 151645,
         "torch_dtype": "bfloat16",
     },
-    # Qwen3-Coder-480B-A35B-Instruct: 480B parameters (960 GB in bf16), 35B active
-    "qwen3-coder-480b": {
-        "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe",
-        "vocab_size": 151936, "hidden_size": 6144, "intermediate_size": 8192,
-        "moe_intermediate_size": 2560, "num_hidden_layers": 62, "num_attention_heads": 96,
-        "num_key_value_heads": 8, "head_dim": 128, "num_experts": 160, "num_experts_per_tok": 8,
-        "norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": [],
-        "max_position_embeddings": 262144, "rms_norm_eps": 1e-6, "rope_theta": 10000000.0,
-        "rope_scaling": None, "attention_bias": False, "tie_word_embeddings": False,
-        "hidden_act": "silu", "bos_token_id": 151643, "eos_token_id": 151645,
-        "torch_dtype": "bfloat16",
-    },
     # GLM-4.5-Air: 106B parameters (212 GB in bf16: more than one H200), 12B active; one MTP
     # layer after the 46 decoder layers
     "glm-4.5-air": {
@@ -108,6 +96,15 @@ PRESETS: dict[str, dict[str, Any]] = {
         "hidden_act": "silu", "pad_token_id": 151329, "eos_token_id": [151329, 151336, 151338],
         "torch_dtype": "bfloat16",
     },
+}
+
+
+# Qwen3-Coder-480B-A35B-Instruct: 480B parameters (960 GB in bf16), 35B active; the 30B's
+# config but for these dims
+PRESETS["qwen3-coder-480b"] = {
+    **PRESETS["qwen3-coder-30b-a3b"], "hidden_size": 6144, "intermediate_size": 8192,
+    "moe_intermediate_size": 2560, "num_hidden_layers": 62, "num_attention_heads": 96,
+    "num_key_value_heads": 8, "num_experts": 160,
 }
 
 

@@ -1,16 +1,14 @@
-"""Tiny random Qwen3-MoE and GLM-4.5 MoE checkpoints, made by transformers, for the MoE model
-tests (test_moe_models.py through ModelRunner, test_moe_http.py through the daemon).
-
-Weights are wider than HF's init (std 0.02 gives near-flat logits and near-tied router scores)
-and every norm weight, bias and correction bias is perturbed, so that a swapped or unloaded
-tensor changes the greedy tokens.
-"""
+"""Tiny random Qwen3-MoE and GLM-4.5 MoE checkpoints, made by transformers with widened
+weights (helpers.widen_weights), for the MoE model tests (test_moe_models.py through
+ModelRunner, test_moe_http.py through the daemon)."""
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
 
 import torch
+
+from helpers import widen_weights
 
 PROMPTS = [[5, 9, 33, 7, 100, 21, 3], [8, 8, 8], list(range(10, 40)), [151, 2, 77, 0, 64]]
 MAX_NEW = 8
@@ -54,17 +52,7 @@ def save_tiny_moe(folder: Path, name: str, seed: int = 11, **over) -> Path:
                           (transformers.Glm4MoeConfig, transformers.Glm4MoeForCausalLM))
     torch.manual_seed(seed)
     model = model_cls(cfg_cls(**{**COMMON, **config_over, **over}))
-    with torch.no_grad():
-        for pname, p in model.named_parameters():
-            if p.dim() > 1:
-                p.normal_(0.0, 0.25)
-            elif pname.endswith("bias"):
-                p.normal_(0.0, 0.1)
-            else:  # norm weights
-                p.uniform_(0.5, 1.5)
-        for bname, b in model.named_buffers():
-            if bname.endswith("e_score_correction_bias"):
-                b.normal_(0.0, 0.2)
+    widen_weights(model)
     model.save_pretrained(folder)
     return folder
 

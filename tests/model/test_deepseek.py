@@ -19,7 +19,7 @@ from appliance.model.layers.mla import MLAttention
 from appliance.model.layers.yarn import yarn_attention_factor, yarn_config, yarn_inv_frequencies
 from appliance.model.layers.moe import MoEConfig, is_moe_layer
 from appliance.model.models.deepseek import DeepseekV2ForCausalLM, DeepseekV3ForCausalLM
-from helpers import greedy_generate, hf_greedy, run_tp
+from helpers import greedy_generate, hf_greedy, run_tp, widen_weights
 
 PROMPTS = [[5, 9, 33, 7, 100, 21, 3], [8, 8, 8], list(range(10, 40)), [151, 2, 77, 0, 64]]
 MAX_NEW = 8
@@ -54,11 +54,8 @@ CONFIGS = {
 
 
 def save_tiny_deepseek(folder: Path, version: str, seed: int, **over) -> Path:
-    """A seeded random HF DeepSeek model, `save_pretrained` to folder (per-expert tensors).
-
-    Weights are wider than HF's init (std 0.02 gives near-flat logits and near-tied router
-    scores) and every norm weight / bias / correction bias is perturbed, so that a swapped or
-    unloaded tensor changes the tokens."""
+    """A seeded random HF DeepSeek model (helpers.widen_weights), `save_pretrained` to folder
+    (per-expert tensors)."""
     import transformers
 
     torch.manual_seed(seed)
@@ -66,17 +63,7 @@ def save_tiny_deepseek(folder: Path, version: str, seed: int, **over) -> Path:
                           if version == "v2" else
                           (transformers.DeepseekV3Config, transformers.DeepseekV3ForCausalLM))
     model = model_cls(cfg_cls(**{**COMMON, **over}))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() > 1:
-                p.normal_(0.0, 0.25)
-            elif name.endswith("bias"):
-                p.normal_(0.0, 0.1)
-            else:  # norm weights
-                p.uniform_(0.5, 1.5)
-        for name, b in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                b.normal_(0.0, 0.2)
+    widen_weights(model)
     model.save_pretrained(folder)
     return folder
 

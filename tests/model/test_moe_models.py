@@ -41,31 +41,24 @@ def checkpoint(request, tmp_path_factory):
     return built_checkpoint(request.param, tmp_path_factory)
 
 
-def test_one_at_a_time(checkpoint):
+@pytest.mark.parametrize("way", ["alone", "batched", "chunked"])
+def test_greedy_matches_hf(checkpoint, way):
+    """Each prompt alone; all four (3 to 30 tokens) prefilled in one batch, then decoded
+    together; or admitted one per step and prefilled in chunks of 5 over their cached prefix
+    while earlier ones decode (batches mix decode rows and prefill chunks)."""
     folder, ref = checkpoint
     runner = ModelRunner(str(folder), kv_num_pages=64, page_size=4)
-    for prompt, want in zip(PROMPTS, ref):
-        assert greedy_generate(runner, [prompt], MAX_NEW) == [want]
-
-
-def test_batch_of_different_lengths(checkpoint):
-    """All four prompts (3 to 30 tokens) prefilled in one batch, then decoded together."""
-    folder, ref = checkpoint
-    runner = ModelRunner(str(folder), kv_num_pages=64, page_size=16)
-    assert greedy_generate(runner, PROMPTS, MAX_NEW) == ref
-
-
-def test_mixed_batch_chunked_prefill(checkpoint):
-    """Prompts admitted one per step, prefilled in chunks of 5 over their cached prefix while
-    earlier ones decode: batches mix decode rows and prefill chunks."""
-    folder, ref = checkpoint
-    runner = ModelRunner(str(folder), kv_num_pages=64, page_size=4)
+    if way == "alone":
+        assert [greedy_generate(runner, [p], MAX_NEW)[0] for p in PROMPTS] == ref
+        return
     seen = []
     forward = runner.forward
     runner.forward = lambda b: seen.append(b) or forward(b)
-    assert greedy_generate(runner, PROMPTS, MAX_NEW, chunk=5, admit_per_step=1) == ref
-    assert any(0 < b.num_decode < b.num_rows and int(b.prefix_lens[b.num_decode:].max()) > 0
-               for b in seen)
+    kw = dict(chunk=5, admit_per_step=1) if way == "chunked" else {}
+    assert greedy_generate(runner, PROMPTS, MAX_NEW, **kw) == ref
+    mixed = any(0 < b.num_decode < b.num_rows and int(b.prefix_lens[b.num_decode:].max()) > 0
+                for b in seen)
+    assert mixed == (way == "chunked")
 
 
 @pytest.mark.slow
@@ -129,13 +122,21 @@ def test_glm4_moe_layer_kinds(tmp_path_factory):
     assert model.model.rotary_emb.rotary_dim == 32 // 2
 
 
-def test_glm_partial_rotary_defaults_to_half():
-    """A GLM config without partial_rotary_factor rotates half of each head, as HF does."""
-    cfg = Glm4MoeForCausalLM.read_config({
-        "vocab_size": 100, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 1,
-        "num_attention_heads": 4, "head_dim": 32, "attention_bias": True})
+def test_config_rules():
+    """A GLM config without partial_rotary_factor rotates half of each head, as HF does (and
+    YaRN, which rotates whole heads, is refused then); Qwen3-MoE refuses a sliding window."""
+    hf = {"vocab_size": 100, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 1,
+          "num_attention_heads": 4, "head_dim": 32, "attention_bias": True}
+    cfg = Glm4MoeForCausalLM.read_config(hf)
     assert cfg.rope.partial_rotary_factor == 0.5 and cfg.qkv_bias and not cfg.o_bias
     assert not cfg.qk_norm
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}
+    with pytest.raises(ValueError, match="YaRN"):
+        Glm4MoeForCausalLM.read_config({**hf, "rope_scaling": yarn})
+    assert Qwen3MoeForCausalLM.read_config({**hf, "sliding_window": 4096}).qk_norm
+    with pytest.raises(ValueError, match="use_sliding_window"):
+        Qwen3MoeForCausalLM.read_config({**hf, "use_sliding_window": True,
+                                         "sliding_window": 4096})
 
 
 def _with_mtp_layer(src: Path, dst: Path, drop: str | None = None) -> dict[str, torch.Tensor]:

@@ -47,6 +47,11 @@ class MoEConfig:
     routed_scaling_factor: float
     correction_bias: bool  # V3's e_score_correction_bias
 
+    def __post_init__(self) -> None:
+        if self.n_routed_experts % self.n_group:
+            raise ValueError(f"n_routed_experts {self.n_routed_experts} is not divisible by "
+                             f"n_group {self.n_group}")
+
     @staticmethod
     def from_hf(hf: dict, version: int) -> "MoEConfig":
         """version 2: softmax scores, group-limited greedy when topk_method says so;
@@ -57,8 +62,6 @@ class MoEConfig:
         scoring = hf.get("scoring_func") or ("sigmoid" if version == 3 else "softmax")
         if scoring not in ("softmax", "sigmoid"):
             raise ValueError(f"scoring_func {scoring!r} is not supported (softmax, sigmoid)")
-        if e % n_group:
-            raise ValueError(f"n_routed_experts {e} is not divisible by n_group {n_group}")
         return MoEConfig(
             hidden_size=int(hf["hidden_size"]),
             moe_intermediate_size=int(hf["moe_intermediate_size"]), n_routed_experts=e,

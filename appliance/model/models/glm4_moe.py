@@ -39,12 +39,11 @@ DEFAULT_PARTIAL_ROTARY_FACTOR = 0.5  # transformers' Glm4MoeConfig, for configs 
 
 def glm4_moe_config(hf: dict) -> MoEConfig:
     """Sigmoid + correction bias, group-limited when n_group > 1, shared experts."""
-    e, n_group = int(hf["n_routed_experts"]), int(hf.get("n_group") or 1)
-    if e % n_group:
-        raise ValueError(f"n_routed_experts {e} is not divisible by n_group {n_group}")
+    n_group = int(hf.get("n_group") or 1)
     return MoEConfig(
         hidden_size=int(hf["hidden_size"]),
-        moe_intermediate_size=int(hf["moe_intermediate_size"]), n_routed_experts=e,
+        moe_intermediate_size=int(hf["moe_intermediate_size"]),
+        n_routed_experts=int(hf["n_routed_experts"]),
         n_shared_experts=int(hf.get("n_shared_experts") or 0),
         top_k=int(hf["num_experts_per_tok"]), scoring="sigmoid",
         renormalize=bool(hf.get("norm_topk_prob", True)), n_group=n_group,
@@ -102,6 +101,8 @@ class Glm4MoeForCausalLM(LlamaForCausalLM):
         cfg = LlamaConfig.from_hf(hf_config, "llama")
         rope = cfg.rope
         if "partial_rotary_factor" not in {**hf_config, **rope_params(hf_config)}:
+            if cfg.yarn is not None:   # layers/yarn.py rotates whole heads
+                raise ValueError("Glm4MoeForCausalLM: YaRN rope needs partial_rotary_factor 1")
             rope = dataclasses.replace(rope, partial_rotary_factor=DEFAULT_PARTIAL_ROTARY_FACTOR)
         return dataclasses.replace(cfg, o_bias=False, rope=rope,
                                    qk_norm=bool(hf_config.get("use_qk_norm", False)))

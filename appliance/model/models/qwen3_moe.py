@@ -17,7 +17,7 @@ from __future__ import annotations
 from appliance.model.context import BuildContext
 from appliance.model.layers.moe import DeepseekMoE, MoEConfig
 from appliance.model.models import register_model
-from appliance.model.models.llama import LlamaForCausalLM
+from appliance.model.models.llama import LlamaConfig, LlamaForCausalLM
 from appliance.model.placement import Placed
 
 
@@ -47,6 +47,13 @@ def qwen3_moe_config(hf: dict) -> MoEConfig:
 @register_model("Qwen3MoeForCausalLM")
 class Qwen3MoeForCausalLM(LlamaForCausalLM):
     family = "qwen3"
+
+    @classmethod
+    def read_config(cls, hf_config: dict) -> LlamaConfig:
+        if hf_config.get("use_sliding_window") and hf_config.get("sliding_window"):
+            raise ValueError("Qwen3MoeForCausalLM: use_sliding_window is not supported (every "
+                             "released Qwen3-MoE checkpoint attends to the full context)")
+        return super().read_config(hf_config)
 
     def feed_forward(self, hf_config: dict, layer_idx: int, ctx: BuildContext) -> Placed | None:
         if not is_sparse_layer(hf_config, layer_idx):
