@@ -183,8 +183,8 @@ def sum_topk(out_pairs: torch.Tensor, t: int, k: int) -> torch.Tensor:
 @register("fused_moe", backend="triton", priority=PRIORITY, supports=on_cuda_half)
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
               ids: torch.Tensor, tiles: MoeTiles | None = None) -> torch.Tensor:
-    """x: [T, H], w13: [E, 2I, H], w2: [E, H, I], weights/ids: [T, k] -> [T, H]; a pair of id
-    E contributes nothing (the reference's contract). tiles: None for `moe_tiles`."""
+    """x: [T, H], w13: [E, 2I, H], w2: [E, H, I], weights/ids: [T, k] -> [T, H]. tiles: None
+    for `moe_tiles`."""
     t, h = x.shape
     e, two_i, h2 = w13.shape
     inter = two_i // 2

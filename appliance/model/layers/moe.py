@@ -133,6 +133,16 @@ class TopKRouter(nn.Module):
         return out
 
 
+def local_routing(weights: torch.Tensor, ids: torch.Tensor, first: int, num_local: int
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Expert parallel: global expert ids [T, k] -> this rank's slots (experts first ..
+    first + num_local - 1); other ranks' experts get slot num_local, which fused_moe skips,
+    and weight 0, so that no term of theirs (an expert bias) can reach the output."""
+    local = ids.long() - first                                               # [T, k]
+    mine = (local >= 0) & (local < num_local)                                # [T, k]
+    return weights * mine, torch.where(mine, local, num_local).to(torch.int32)
+
+
 class RoutedExperts(nn.Module):
     """This rank's experts, stacked: w13[E_local, 2 I_local, H], w2[E_local, H, I_local]."""
 
@@ -156,13 +166,8 @@ class RoutedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         # x: [T, H], weights/ids: [T, k] (global expert ids) -> [T, H] partial sums
-        if not self.all_local:  # expert parallel: other ranks' experts are skipped here
-            local = ids.long() - self.first                                      # [T, k]
-            mine = (local >= 0) & (local < self.num_local)                       # [T, k]
-            # id num_local: fused_moe's "not on this rank"; weight 0 as well, so no term of
-            # a skipped pair can reach the output
-            ids = torch.where(mine, local, self.num_local).to(torch.int32)
-            weights = weights * mine
+        if not self.all_local:
+            weights, ids = local_routing(weights, ids, self.first, self.num_local)
         return self.fused_moe(x, self.w13, self.w2, weights, ids)
 
     def weight_shardings(self, prefix: str) -> list[WeightSharding]:
