@@ -68,7 +68,9 @@ def mtp_layer_count(hf: dict, ctx: BuildContext) -> int:
 class Glm4MoeMTPLayer(LlamaDecoderLayer):
     """One multi-token-prediction layer: a decoder layer (attention + MoE) plus the norms of
     the embedding (enorm) and of the previous hidden state (hnorm), their projection eh_proj
-    and the norm before the shared LM head. Loaded; not run yet (module docstring)."""
+    and the norm before the shared LM head. Loaded; not run yet (module docstring): the
+    inherited `forward` is the decoder block alone, which a speculative decoder runs on
+    eh_proj(cat(enorm(embedding), hnorm(hidden)))."""
 
     def __init__(self, cfg: LlamaConfig, moe: MoEConfig, rotary_emb: RotaryEmbedding,
                  ctx: BuildContext) -> None:
