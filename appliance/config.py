@@ -55,6 +55,7 @@ class ModelConfig:
 @dataclass(frozen=True)
 class ParallelConfig:
     tp_size: int = 1
+    moe: str = "tp"  # tp: each expert split over the ranks | ep: whole experts per rank
 
 
 @dataclass(frozen=True)
@@ -129,6 +130,7 @@ _CHOICES = {
     "model.dtype": ("auto", "float32", "bfloat16", "float16"),
     "device": ("auto", "cpu", "cuda"),
     "parallel.tp_size": (1, 2, 4, 8),
+    "parallel.moe": ("tp", "ep"),
     # appliance/server/tool_parsers FORMATS (a test keeps the two lists equal)
     "server.tool_parser": ("auto", "hermes", "qwen3_coder", "glm45", "kimi_k2", "deepseek_v3",
                            "deepseek_v31", "harmony"),
