@@ -141,6 +141,11 @@ py::dict PyScheduler::stats() const {
   return d;
 }
 
+std::optional<int32_t> PyScheduler::cached_tokens(int64_t rid) const {
+  std::lock_guard lock(mu_);  // a map lookup: no need to drop the GIL
+  return s_.cached_tokens(rid);
+}
+
 void PyScheduler::check_invariants() const {
   py::gil_scoped_release nogil;
   std::lock_guard lock(mu_);

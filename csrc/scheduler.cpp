@@ -261,6 +261,7 @@ void Scheduler::plan_admissions(std::vector<Row>& rows, int32_t& budget,
       d.admitted_once = true;
       prompt_tokens_total_ += d.prompt_len;
       prefix_hit_tokens_total_ += cached;
+      d.cached_tokens = cached;
     }
     if (!d.session.empty()) sessions_.release_handoff(d.session, d.rid);
     running_kv += len;
@@ -539,6 +540,14 @@ Stats Scheduler::stats() const {
   s.preemptions_total = preemptions_total_;
   s.steps_total = steps_total_;
   return s;
+}
+
+std::optional<int32_t> Scheduler::cached_tokens(int64_t rid) const {
+  auto it = requests_.find(rid);
+  if (it == requests_.end()) return std::nullopt;
+  const RequestData& d = data_of(*it->second);
+  if (!d.admitted_once) return std::nullopt;
+  return d.cached_tokens;
 }
 
 std::string Scheduler::state_name(int64_t rid) const {

@@ -45,6 +45,10 @@ class Scheduler {
                             double step_time_s);
   bool abort(int64_t rid);
   Stats stats() const;
+  // Prompt tokens the prefix cache supplied when `rid` was first admitted (what
+  // prefix_cache_hit_tokens_total counted for it); nullopt while it is unknown
+  // or still queued.
+  std::optional<int32_t> cached_tokens(int64_t rid) const;
 
   // Debug/test hooks.
   void check_invariants() const;  // throws std::logic_error

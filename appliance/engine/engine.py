@@ -84,6 +84,8 @@ class Engine:
         self.sampler = Sampler(self.device, runner.vocab_size)
         self.sampler.warm_up(runner.vocab_size)
         self.requests: dict[int, GenerateRequest] = {}
+        self._unadmitted: set[int] = set()  # submitted, not yet in a plan
+        self._cached_tokens: dict[int, int] = {}  # admitted, first output not yet sent
         self.compiler = GrammarCompiler(tokenizer, runner.vocab_size, list(runner.eos_token_ids))
         self.compiling: dict[int, tuple[GenerateRequest, Future]] = {}  # waiting for their grammar
         self.grammars = Grammars(runner.vocab_size)
@@ -122,6 +124,8 @@ class Engine:
         forward, then launches the sampler; other batches launch forward and sampler at once.
         False when there was nothing to launch or commit."""
         plan = self.scheduler.plan()
+        if plan is not None and self._unadmitted:
+            self._note_admissions(plan)
         forwarded = self._forward(plan) if plan is not None else None
         launched = None
         if forwarded is not None and not forwarded.rows.constrained:
@@ -133,6 +137,13 @@ class Engine:
             launched = self._sample(forwarded)
         self._inflight = launched
         return launched is not None or committed
+
+    def _note_admissions(self, plan) -> None:
+        """Each newly admitted request's prefix-cache hit, for its first output."""
+        for rid in plan.rids[plan.num_decode:].tolist():
+            if rid in self._unadmitted:
+                self._unadmitted.discard(rid)
+                self._cached_tokens[rid] = self.scheduler.cached_tokens(rid) or 0
 
     def _forward(self, plan) -> Forwarded:
         started = time.perf_counter()
@@ -230,6 +241,7 @@ class Engine:
             self._send(protocol.Rejected(req.rid, str(e)))
             return False
         self.requests[req.rid] = req
+        self._unadmitted.add(req.rid)
         self.sampler.add(req, stop_ids)
         return True
 
@@ -263,15 +275,19 @@ class Engine:
             self._forget(rid)
         else:
             return
+        self._publish_stats(force=True)
         self._send(protocol.Outputs([TokenOutput(rid, -1, "abort")]))
 
     def _forget(self, rid: int) -> None:
         self.sampler.remove(rid)
         self.grammars.remove(rid)
+        self._unadmitted.discard(rid)
+        self._cached_tokens.pop(rid, None)
 
     def _emit(self, events: list[tuple[int, int, str]],
               logprobs: dict[int, protocol.TokenLogprobs]) -> None:
         items = []
+        finished = False
         for rid, token, reason in events:
             if rid not in self.requests:
                 continue
@@ -280,10 +296,14 @@ class Engine:
                           "mask: %s", rid, error)
                 self.scheduler.abort(rid)
                 token, reason = -1, "abort"
-            items.append(TokenOutput(rid, token, reason or None, logprobs.get(rid)))
+            cached = self._cached_tokens.pop(rid, None) if self._cached_tokens else None
+            items.append(TokenOutput(rid, token, reason or None, logprobs.get(rid), cached))
             if reason:
                 del self.requests[rid]
                 self._forget(rid)
+                finished = True
+        if finished:  # /metrics and /stats are current when a reply ends
+            self._publish_stats(force=True)
         if items:
             self._send(protocol.Outputs(items))
 

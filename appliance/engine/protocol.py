@@ -61,6 +61,9 @@ class TokenOutput(msgspec.Struct, tag="token", array_like=True):
     token_id: int  # -1 when the event carries no token (an abort)
     finish_reason: str | None  # "stop" | "length" | "abort" | None while running
     logprobs: TokenLogprobs | None = None  # only for requests that asked (one byte otherwise)
+    # On a request's first output only: prompt tokens the prefix cache supplied (what the
+    # scheduler's prefix_cache_hit_tokens_total counted for it); None on the others.
+    cached_tokens: int | None = None
 
 
 class Outputs(msgspec.Struct, tag="outputs"):

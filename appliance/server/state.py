@@ -10,6 +10,7 @@ from fastapi import Request
 
 from appliance.config import AppConfig
 from appliance.server.tokenizer_pool import TokenizerPool
+from appliance.server.tool_parsers import ToolCallFormat, select_format
 from appliance.server.tracker import RequestTracker
 
 if TYPE_CHECKING:
@@ -47,10 +48,12 @@ class AppState:
     created_at: float = field(default_factory=time.time)
     tokenizers: TokenizerPool = field(init=False)  # copies of `tokenizer` for worker threads
     eos_token_ids: tuple[int, ...] = field(init=False)
+    tool_format: ToolCallFormat = field(init=False)  # the model's tool-call markup
 
     def __post_init__(self) -> None:
         self.tokenizers = TokenizerPool(self.tokenizer)
         self.eos_token_ids = _eos_token_ids(self.client, self.tokenizer)
+        self.tool_format = select_format(self.config.server.tool_parser, self.tokenizer)
 
     @property
     def model_name(self) -> str:
