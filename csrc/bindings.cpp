@@ -71,6 +71,7 @@ PYBIND11_MODULE(_core, m) {
            py::arg("step_time_s") = 0.0)
       .def("abort", &PyScheduler::abort, py::arg("rid"))
       .def("stats", &PyScheduler::stats)
+      .def("progress", &PyScheduler::progress)
       .def("check_invariants", &PyScheduler::check_invariants)
       .def("evict_cache", &PyScheduler::evict_cache)
       .def("set_test_clock", &PyScheduler::set_test_clock, py::arg("now_s"))

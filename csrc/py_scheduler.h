@@ -41,6 +41,7 @@ class PyScheduler {
   py::list commit(int64_t step, const I32Array& tokens, double step_time_s);
   bool abort(int64_t rid);
   py::dict stats() const;
+  py::list progress() const;
   void check_invariants() const;
   int32_t evict_cache();
   void set_test_clock(double now_s);

@@ -65,6 +65,7 @@ struct RequestData {
   int64_t last_step = -1;         // latest step with a row of this request
   uint64_t admit_seq = 0;        // admission order (newest = largest)
   bool admitted_once = false;
+  int32_t cached_tokens = 0;     // prefix-cache hit at first admission
 };
 
 // The state a transition leads to, plus the pages the old state gave up.
