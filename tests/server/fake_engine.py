@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from appliance.engine.client import EngineRejected
-from appliance.engine.protocol import GenerateRequest, TokenOutput
+from appliance.engine.protocol import GenerateRequest, RequestProgress, TokenOutput
 
 EOS_ID = 2  # the tiny tokenizer's <|im_end|>
 
@@ -36,6 +36,7 @@ async def _sleep_at_least(seconds: float) -> None:
 class EngineInfo:
     vocab_size: int
     eos_token_ids: tuple[int, ...] = (EOS_ID,)
+    devices: tuple[str, ...] = ()  # a CPU engine
 
 
 @dataclass
@@ -52,6 +53,7 @@ class FakeEngineClient:
     aborted: set[int] = field(default_factory=set)
     abort_messages: list[int] = field(default_factory=list)  # one entry per abort sent to the engine
     running: set[int] = field(default_factory=set)
+    progress: dict[int, RequestProgress] = field(default_factory=dict)  # of the running ones
     info: EngineInfo = field(init=False)
     totals: dict[str, int] = field(default_factory=lambda: {
         "prompt_tokens_total": 0, "generation_tokens_total": 0, "prefix_cache_hit_tokens_total": 0,
@@ -80,6 +82,8 @@ class FakeEngineClient:
             raise EngineRejected(self.reject)
         self.running.add(req.rid)
         self.totals["prompt_tokens_total"] += len(req.prompt_ids)
+        context = len(req.prompt_ids)
+        self.progress[req.rid] = RequestProgress(req.rid, "decoding", context, 0, context)
         finished = False
         try:
             for i, token in enumerate(self._tokens(req)):
@@ -94,6 +98,8 @@ class FakeEngineClient:
                     yield TokenOutput(req.rid, -1, "abort")
                     return
                 self.totals["generation_tokens_total"] += 1
+                context += 1
+                self.progress[req.rid] = RequestProgress(req.rid, "decoding", context, 0, context)
                 reason = self._finish_reason(req, token, i)
                 finished = reason is not None
                 yield TokenOutput(req.rid, token, reason)
@@ -101,6 +107,7 @@ class FakeEngineClient:
                     return
         finally:
             self.running.discard(req.rid)
+            self.progress.pop(req.rid, None)
             if not finished:
                 self._record_abort(req.rid)
 
@@ -122,6 +129,9 @@ class FakeEngineClient:
     def _record_abort(self, rid: int) -> None:
         self.aborted.add(rid)
         self.abort_messages.append(rid)
+
+    def request_progress(self) -> dict[int, RequestProgress]:
+        return self.progress
 
     def stats(self) -> dict[str, float]:
         return {"page_size": 16, "pages_total": 512, "pages_used": 40 + len(self.running),
