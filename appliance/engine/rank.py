@@ -41,7 +41,9 @@ def run_rank(config: AppConfig, files: ModelFiles, endpoints: EngineEndpoints | 
     die_with(*lifelines)
     # Ctrl-C reaches the whole process group: the frontend drains, then tells rank 0 to stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank{rank} %(levelname)s %(message)s")
+    # `tokenspeed up` passes its verbosity (WARNING unless -v: its progress display tells the stages).
+    logging.basicConfig(level=os.environ.get("TOKENSPEED_RANK_LOG_LEVEL", "INFO"),
+                        format=f"%(asctime)s rank{rank} %(levelname)s %(message)s")
     code, nccl = 0, False
     try:
         device = resolve_device(config.device, rank)
