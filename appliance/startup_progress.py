@@ -1,9 +1,11 @@
 """What `tokenspeed up` shows while the engine starts: a line per stage, with a spinner and the
 time it has taken while it runs, then a check and what it did (weights loaded with GB/s, CUDA
-graphs captured, warm-up). The stages come from engine rank 0 (protocol.Progress)."""
+graphs captured, warm-up). The stages come from engine rank 0 (protocol.Progress). On a stream
+that is not a terminal (a log file) each finished stage is a log line instead."""
 
 from __future__ import annotations
 
+import logging
 from types import TracebackType
 
 from rich.console import Console
@@ -13,12 +15,16 @@ from appliance.engine.protocol import Progress as StageMessage
 
 SPAWN_STAGE = "engine ranks"
 
+log = logging.getLogger(__name__)
+
 
 class StartupProgress:
     def __init__(self, console: Console) -> None:
         self._progress = Progress(SpinnerColumn(finished_text="[green]✓"),
                                   TextColumn("{task.description}"),
-                                  TimeElapsedColumn(), console=console)
+                                  TimeElapsedColumn(), console=console,
+                                  disable=not console.is_terminal)
+        self._log = not console.is_terminal
         self._tasks: dict[str, TaskID] = {}
         self._done: set[str] = set()
 
@@ -51,3 +57,5 @@ class StartupProgress:
         self._begin(stage, description)
         self._progress.update(self._tasks[stage], description=description, total=1, completed=1)
         self._done.add(stage)
+        if self._log:
+            log.info("%s", description)

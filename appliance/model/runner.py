@@ -99,6 +99,10 @@ def _materialize(model: nn.Module, device: torch.device) -> None:
             m.init_buffers(device)
 
 
+def _bytes(n: float) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
 def use_cuda_graphs(device: torch.device, dtype: torch.dtype, overrides: dict[str, str]) -> bool:
     """CUDA graphs for decode steps: TOKENSPEED_CUDA_GRAPHS=1 / 0 forces them on / off; by
     default on for CUDA with 16-bit weights and no kernel overrides, where every op is a
@@ -171,10 +175,10 @@ class ModelRunner:
         started = time.perf_counter()
         runner = cls(source, device, dtype, tp_rank, tp_size, kv_num_pages=config.kv.num_pages,
                      memory_fraction=config.kv.memory_fraction, page_size=config.kv.page_size)
-        seconds = time.perf_counter() - started
-        gb = sum(p.numel() * p.element_size() for p in runner.model.parameters()) / 1e9
-        report("weights", f"{gb:.2f} GB{' per rank' if tp_size > 1 else ''} in {seconds:.1f} s "
-                          f"({gb / max(seconds, 1e-9):.2f} GB/s); KV cache {runner.num_pages} pages "
+        seconds = max(time.perf_counter() - started, 1e-9)
+        size = sum(p.numel() * p.element_size() for p in runner.model.parameters())
+        report("weights", f"{_bytes(size)}{' per rank' if tp_size > 1 else ''} in {seconds:.1f} s "
+                          f"({_bytes(size / seconds)}/s); KV cache {runner.num_pages} pages "
                           f"of {runner.page_size} tokens")
         max_len = min(int(config.model.max_model_len), runner.max_model_len)
         if use_cuda_graphs(runner.device, dtype, dict(config.kernels.override)):
