@@ -177,6 +177,7 @@ def cmd_status(config: AppConfig, args: argparse.Namespace) -> int:
     except (httpx.HTTPError, OSError, ValueError) as e:
         print(f"tokenspeed: no daemon answers on {config.server.socket} ({e})", file=sys.stderr)
         return 1
+    stats.pop("history", None)  # the dashboard's sparklines: not a status figure
     print(json.dumps({"health": engine == "ok", "engine": engine, "socket": config.server.socket,
                       "http": f"http://{config.server.host}:{config.server.port}", **stats}, indent=2))
     return 0 if engine == "ok" else 1

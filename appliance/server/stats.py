@@ -116,7 +116,9 @@ def _users(active: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
         states: dict[str, int] = {}
         for r in requests:
             states[r["state"]] = states.get(r["state"], 0) + 1
-        decoding = [r["decode_tps"] for r in requests if r["state"] == "decoding"]
+        # (a request the scheduler decodes may have no token at the frontend yet: no TPS)
+        decoding = [r["decode_tps"] for r in requests
+                    if r["state"] == "decoding" and r["decode_tps"] is not None]
         prefills = [r["prefill_pct"] for r in requests if r["prefill_pct"] is not None]
         users.append({
             "key": key, "user": requests[0]["user"], "session": requests[0]["session"],

@@ -55,11 +55,13 @@ def test_request_merges_the_scheduler_view_and_users_group_by_session_then_user(
         _request(_tracked(3, user="alice"), None, 10.0),  # not reported by the engine yet
         _request(_tracked(4, user="alice", generated=2, first_token_at=9.5), None, 10.0),
         _request(_tracked(5), None, 10.0),
+        _request(_tracked(6, user="bob"), RequestProgress(6, "decoding", 11, 0, 10), 10.0),  # no token here yet
     ]
     assert active[1]["prefill_pct"] == 25.0 and active[1]["decode_tps"] is None
     assert (active[2]["state"], active[3]["state"]) == ("queued", "decoding")
     users = {u["key"]: u for u in _users(active)}
-    assert set(users) == {"5f0c", "alice", ""}
+    assert set(users) == {"5f0c", "alice", "", "bob"}
+    assert users["bob"]["states"] == {"decoding": 1} and users["bob"]["decode_tps"] is None
     agent = users["5f0c"]
     assert agent["user"] == cc and agent["requests"] == 2
     assert agent["states"] == {"decoding": 1, "prefilling": 1} and agent["prefill_pct"] == 25.0
