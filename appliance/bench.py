@@ -105,8 +105,8 @@ def run_bench(config: AppConfig, args: argparse.Namespace) -> int:
         return 2
     if args.json:
         print(json.dumps(summaries[0] if len(summaries) == 1 else summaries, indent=2))
-    else:
-        print("\n\n".join(_format(summary) for summary in summaries))
+        return 0
+    print("\n\n".join(_format(summary) for summary in summaries))
     if args.plot:
         print(f"\nplot: {args.plot}")
     return 0

@@ -123,8 +123,7 @@ def test_sweep_with_plot_writes_a_png(tmp_path, capsys):
     daemon = CountingDaemon(target=1, hold_s=0.0, token_delay_s=0.01)
     with serving(daemon) as socket:
         assert main(bench(socket, "--concurrency", "1,2,4", "--requests", "8", "--plot", str(plot))) == 0
-    out = capsys.readouterr().out
-    summaries = json.loads(out[: out.rindex("plot:")])
+    summaries = json.loads(capsys.readouterr().out)
     assert [s["concurrency"] for s in summaries] == [1, 2, 4]
     assert all(s["requests"] == 8 and s["output_tokens"] == 24 for s in summaries)
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 10_000

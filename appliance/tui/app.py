@@ -91,13 +91,18 @@ class TopApp(App[int]):
             return
         self._polling = True
         try:
-            stats = await self.source.fetch()
+            stats: dict[str, Any] | None = await self.source.fetch()
+            reason = ""
         except StatsUnavailable as e:
-            self.show_unreachable(str(e))
-        else:
-            self.show(stats)
+            stats, reason = None, str(e)
         finally:
             self._polling = False
+        if not self.is_running:  # the answer came while the app shut down: nothing to draw on
+            return
+        if stats is None:
+            self.show_unreachable(reason)
+        else:
+            self.show(stats)
 
     # --- drawing -------------------------------------------------------------------------------
     def show_unreachable(self, reason: str) -> None:

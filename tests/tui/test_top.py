@@ -220,3 +220,12 @@ def test_view_helpers():
     assert view.kv_bar(view.KvPages.of({}), width=10).plain == "░" * 10
     assert view.speculative_acceptance({"speculative": {"draft_tokens": 0, "accepted_tokens": 0}}) is None
     assert view.duration(3665) == "1h01m05s" and view.ratio(None) == "-"
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("stats", [busy(), None])
+async def test_an_answer_arriving_after_the_app_closed_is_dropped(stats):
+    app = TopApp(FixedSource(stats), interval_s=60)
+    async with app.run_test(size=SIZE) as pilot:
+        await _wait(pilot, lambda: app.reachable is not None)
+    await app.poll()  # as a poll in flight at shutdown would return: no widget left to draw on
