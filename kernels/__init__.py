@@ -13,14 +13,14 @@ from __future__ import annotations
 import warnings
 
 from kernels import plugins, reference, registry  # noqa: F401  (reference registers "torch")
-from kernels.registry import (OPS, KernelError, backends, explain, listing, mark_unavailable,
-                              overrides, register, registered_ops, select, selected_backend,
-                              set_overrides, unavailable, unregister)
+from kernels.registry import (OPS, REFERENCE_ONLY, KernelError, backends, explain, listing,
+                              mark_unavailable, overrides, register, registered_ops, select,
+                              selected_backend, set_overrides, unavailable, unregister)
 
 
 # The ops kernels/triton registers (tests check the two agree), so `tokenspeed kernels` can
 # list them on a machine where triton does not import.
-TRITON_OPS: tuple[str, ...] = OPS
+TRITON_OPS: tuple[str, ...] = tuple(op for op in OPS if op not in REFERENCE_ONLY)
 
 
 def _load_triton_backend() -> None:
@@ -48,6 +48,6 @@ def rescan_plugins() -> None:
 registry.add_lazy_loader(_load_triton_backend)
 registry.add_lazy_loader(plugins.load_plugins)
 
-__all__ = ["OPS", "KernelError", "register", "unregister", "select", "selected_backend",
+__all__ = ["OPS", "REFERENCE_ONLY", "KernelError", "register", "unregister", "select", "selected_backend",
            "explain", "set_overrides", "overrides", "backends", "registered_ops",
            "rescan_plugins", "listing", "mark_unavailable", "unavailable"]

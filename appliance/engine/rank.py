@@ -57,7 +57,7 @@ def run_rank(config: AppConfig, files: ModelFiles, endpoints: EngineEndpoints | 
 
         if rank == 0:
             check_kv_pool(config, runner)
-            Engine(config, runner, channel, endpoints).run()
+            Engine(config, runner, channel, endpoints, tokenizer=files.tokenizer).run()
         else:
             run_worker(runner, channel)
     except Exception as e:
