@@ -89,7 +89,7 @@ def bench(socket: Path, *args: str) -> list[str]:
 
 
 def test_pool_holds_every_request_asked_for_and_the_daemon_batch_is_reported(capsys):
-    daemon = CountingDaemon(target=150, token_delay_s=0.1)
+    daemon = CountingDaemon(target=150, tokens=10, token_delay_s=0.1)  # all 150 open for 1 s
     with serving(daemon) as socket:
         assert main(bench(socket, "--concurrency", "150", "--requests", "150")) == 0
     out, err = capsys.readouterr()
