@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import threading
 
-import httpx
 import pytest
 from e2e.daemon_process import Daemon, start_daemon
 from textual.widgets import DataTable, Static
