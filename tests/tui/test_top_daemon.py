@@ -80,8 +80,12 @@ async def test_dashboard_matches_a_live_daemon(tmp_path):
         app = TopApp(StatsSource(str(daemon.socket)), interval_s=0.2)
         async with app.run_test(size=(130, 42)) as pilot:
             def all_decoding() -> bool:
+                """Each decodes, and the engine has reported agent-a (its stats come every 0.25 s:
+                a request may stream before they name it, and its cached tokens are known then)."""
                 rows = _rows(app)
-                return all(key in rows and rows[key][2] == "decoding" for key in ("agent-a", "agent-b", "carol"))
+                users = {u["key"]: u for u in app.stats["users"]} if app.stats else {}
+                return (all(key in rows and rows[key][2] == "decoding" for key in ("agent-a", "agent-b", "carol"))
+                        and users.get("agent-a", {}).get("cached_tokens", 0) > 0)
 
             await _wait(pilot, all_decoding, 60)
             assert [stream.status for stream in streams] == [200] * 3
