@@ -539,6 +539,7 @@ Stats Scheduler::stats() const {
   s.generation_tokens_total = generation_tokens_total_;
   s.preemptions_total = preemptions_total_;
   s.steps_total = steps_total_;
+  s.pages_pinned = pinned_only_pages();
   return s;
 }
 
@@ -548,6 +549,42 @@ std::optional<int32_t> Scheduler::cached_tokens(int64_t rid) const {
   const RequestData& d = data_of(*it->second);
   if (!d.admitted_once) return std::nullopt;
   return d.cached_tokens;
+}
+
+// Pages whose every reference is a session pin's: what retention costs right now.
+int64_t Scheduler::pinned_only_pages() const {
+  std::unordered_map<PageId, int32_t> pin_refs;
+  sessions_.for_each_lease([&](const PageLease& lease) {
+    for (PageId p : lease.pages()) ++pin_refs[p];
+  });
+  int64_t n = 0;
+  for (const auto& [page, refs] : pin_refs) n += refs == pool_.refcount(page);
+  return n;
+}
+
+std::vector<RequestProgress> Scheduler::progress() const {
+  std::vector<RequestProgress> out;
+  out.reserve(requests_.size());
+  for (const auto& [rid, e] : requests_) {
+    const RequestData& d = data_of(*e);
+    RequestProgress r{rid, "", static_cast<int32_t>(d.tokens.size()), d.cached_tokens, 0};
+    std::visit(Overloaded{
+                   [&](const Queued&) { r.state = "queued"; },
+                   [&](const Prefilling& p) {
+                     r.state = "prefilling";
+                     r.kv_tokens = p.cursor();
+                   },
+                   [&](const Decoding& dc) {
+                     r.state = "decoding";
+                     r.kv_tokens = dc.kv_len();
+                   },
+                   [&](const Preempted&) { r.state = "preempted"; },
+               },
+               e->state);
+    out.push_back(r);
+  }
+  std::sort(out.begin(), out.end(), [](const auto& a, const auto& b) { return a.rid < b.rid; });
+  return out;
 }
 
 std::string Scheduler::state_name(int64_t rid) const {

@@ -95,7 +95,8 @@ class Engine:
 
     def run(self) -> None:
         self._send(protocol.Ready(self.max_model_len, self.runner.num_pages, self.runner.page_size,
-                                  self.runner.vocab_size, list(self.runner.eos_token_ids)))
+                                  self.runner.vocab_size, list(self.runner.eos_token_ids),
+                                  gpu_uuids(self.device, self.config.parallel.tp_size)))
         try:
             ran = False
             # Block on the inbox when idle, or when the scheduler holds requests back (waiting
@@ -314,10 +315,19 @@ class Engine:
         self._last_stats = now
         values = {k: float(v) for k, v in self.scheduler.stats().items()}
         values["page_size"] = float(self.runner.page_size)
-        self._send(protocol.Stats(values))
+        progress = [protocol.RequestProgress(*row) for row in self.scheduler.progress()]
+        self._send(protocol.Stats(values, progress))
 
     def _send(self, message) -> None:
         self._outbox.send(protocol.encode(message))
+
+
+def gpu_uuids(device: torch.device, tp_size: int) -> list[str]:
+    """The GPUs of ranks 0..tp_size-1 as NVML names them ("GPU-<uuid>"), so the frontend reads
+    the right ones whatever CUDA_VISIBLE_DEVICES and CUDA_DEVICE_ORDER say; [] on CPU."""
+    if device.type != "cuda":
+        return []
+    return [f"GPU-{torch.cuda.get_device_properties(rank).uuid}" for rank in range(tp_size)]
 
 
 def to_forward_batch(arrays: PlanArrays, device: torch.device,

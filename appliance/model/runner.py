@@ -23,7 +23,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -42,6 +42,9 @@ from appliance.model.placement import ParallelLayout
 from appliance.model.warm_up import warm_up_batches
 
 CPU_KV_BUDGET_BYTES = 512 * 1024 * 1024
+# (stage, None) when a start-up stage begins, (stage, what it did) when it ends.
+StageReport = Callable[[str, "str | None"], None]
+
 log = logging.getLogger("tokenspeed.model")
 
 
@@ -95,6 +98,10 @@ def _materialize(model: nn.Module, device: torch.device) -> None:
     for m in model.modules():
         if hasattr(m, "init_buffers"):
             m.init_buffers(device)
+
+
+def _bytes(n: float) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
 
 def use_cuda_graphs(device: torch.device, dtype: torch.dtype, overrides: dict[str, str]) -> bool:
@@ -165,22 +172,38 @@ class ModelRunner:
 
     @classmethod
     def from_config(cls, config: Any, files: Any, device: str | torch.device,
-                    dtype: torch.dtype, tp_rank: int = 0, tp_size: int = 1) -> "ModelRunner":
+                    dtype: torch.dtype, tp_rank: int = 0, tp_size: int = 1,
+                    on_stage: StageReport | None = None) -> "ModelRunner":
         """From the daemon's AppConfig and resolved model files (appliance.engine.model_files):
         `files.checkpoint` (HF folder) or `files.preset` (dummy weights). On CUDA, decode
         steps of up to min(scheduler.max_running, 256) rows run as CUDA graphs (see
-        `use_cuda_graphs`)."""
+        `use_cuda_graphs`). `on_stage` hears each start-up stage begin and end."""
+        report = on_stage or (lambda stage, summary: None)
         dummy = files.checkpoint is None or config.model.load_format == "dummy"
         source = ModelSource(path=files.checkpoint, preset=files.preset,
                              load_format="dummy" if dummy else "auto", seed=config.model.seed)
+        report("weights", None)
+        started = time.perf_counter()
         runner = cls(source, device, dtype, tp_rank, tp_size, kv_num_pages=config.kv.num_pages,
                      memory_fraction=config.kv.memory_fraction, page_size=config.kv.page_size,
                      moe_parallel=config.parallel.moe)
+        seconds = max(time.perf_counter() - started, 1e-9)
+        size = sum(p.numel() * p.element_size() for p in runner.model.parameters())
+        report("weights", f"{_bytes(size)}{' per rank' if tp_size > 1 else ''} in {seconds:.1f} s "
+                          f"({_bytes(size / seconds)}/s); KV cache {runner.num_pages} pages "
+                          f"of {runner.page_size} tokens")
         max_len = min(int(config.model.max_model_len), runner.max_model_len)
         if use_cuda_graphs(runner.device, dtype, dict(config.kernels.override)):
+            report("CUDA graphs", None)
+            started = time.perf_counter()
             runner.enable_cuda_graphs(min(int(config.scheduler.max_running), 256), max_len)
+            report("CUDA graphs", f"{len(runner.decode_graphs.buckets)} decode batch sizes in "
+                                  f"{time.perf_counter() - started:.1f} s")
         if runner.device.type == "cuda":
+            report("warm-up", None)
+            started = time.perf_counter()
             runner.warm_up(int(config.scheduler.max_batch_tokens), max_len)
+            report("warm-up", f"{time.perf_counter() - started:.1f} s")
         return runner
 
     @torch.inference_mode()

@@ -162,7 +162,7 @@ async def generate(state: AppState, job: GenerationJob) -> AsyncIterator[Event]:
     exactly one final `Finished`."""
     client = state.client
     rid = client.new_rid()
-    tracked = state.tracker.start(rid, job.user, len(job.prompt_ids), job.arrived_at)
+    tracked = state.tracker.start(rid, job.user, len(job.prompt_ids), job.arrived_at, job.session)
     pipeline = OutputPipeline(state.tokenizer, state.tool_format, job)
     stream = client.generate(engine_request(rid, job))
     token_ids: list[int] = []

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from appliance.engine.client import EngineRejected
-from appliance.engine.protocol import GenerateRequest, TokenLogprobs, TokenOutput
+from appliance.engine.protocol import GenerateRequest, RequestProgress, TokenLogprobs, TokenOutput
 
 EOS_ID = 2  # the tiny tokenizer's <|im_end|>
 PAGE_SIZE = 16
@@ -47,6 +47,7 @@ def _logprobs(token: int, index: int, k: int | None) -> TokenLogprobs | None:
 class EngineInfo:
     vocab_size: int
     eos_token_ids: tuple[int, ...] = (EOS_ID,)
+    devices: tuple[str, ...] = ()  # a CPU engine
 
 
 @dataclass
@@ -66,6 +67,7 @@ class FakeEngineClient:
     running: set[int] = field(default_factory=set)
     scripts: list[str] = field(default_factory=list)  # replies for the next requests, in order
     seen: list[list[int]] = field(default_factory=list)  # token sequences in the "prefix cache"
+    progress: dict[int, RequestProgress] = field(default_factory=dict)  # of the running ones
     info: EngineInfo = field(init=False)
     totals: dict[str, int] = field(default_factory=lambda: {
         "prompt_tokens_total": 0, "generation_tokens_total": 0, "prefix_cache_hit_tokens_total": 0,
@@ -111,6 +113,8 @@ class FakeEngineClient:
         self.totals["prefix_cache_hit_tokens_total"] += cached
         tokens = self._tokens(req)
         self.seen.append(list(req.prompt_ids) + tokens[:-1])
+        context = len(req.prompt_ids)
+        self.progress[req.rid] = RequestProgress(req.rid, "decoding", context, 0, context)
         finished = False
         try:
             for i, token in enumerate(tokens):
@@ -125,6 +129,8 @@ class FakeEngineClient:
                     yield TokenOutput(req.rid, -1, "abort")
                     return
                 self.totals["generation_tokens_total"] += 1
+                context += 1
+                self.progress[req.rid] = RequestProgress(req.rid, "decoding", context, 0, context)
                 reason = self._finish_reason(req, token, i)
                 finished = reason is not None
                 yield TokenOutput(req.rid, token, reason, _logprobs(token, i, req.logprobs),
@@ -133,6 +139,7 @@ class FakeEngineClient:
                     return
         finally:
             self.running.discard(req.rid)
+            self.progress.pop(req.rid, None)
             if not finished:
                 self._record_abort(req.rid)
 
@@ -154,6 +161,9 @@ class FakeEngineClient:
     def _record_abort(self, rid: int) -> None:
         self.aborted.add(rid)
         self.abort_messages.append(rid)
+
+    def request_progress(self) -> dict[int, RequestProgress]:
+        return self.progress
 
     def stats(self) -> dict[str, float]:
         return {"page_size": 16, "pages_total": 512, "pages_used": 40 + len(self.running),

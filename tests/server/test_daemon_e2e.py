@@ -159,7 +159,7 @@ async def test_top_dashboard_reads_the_real_daemon(daemon):
             await pilot.pause(0.05)
         assert app.reachable is True
         assert app.stats["model"] == MODEL and app.stats["kv"]["pages_total"] == 1024
-        assert "of 1024 pages" in str(app.query_one("#kv").render())
+        assert "of 1,024 pages" in str(app.query_one("#kv").render())
         await pilot.press("q")
     assert not app.is_running
 
