@@ -9,6 +9,14 @@ Modes
               reports the prefix-cache hit rate the daemon measured, per-user TPS and TPM.
 - greedy:     the greedy token ids of a few seeded prompts, to compare layouts (TP1 vs TP2/TP4).
 
+`--concurrency 1,4,16,64` runs throughput at each level in turn; `--plot FILE.png` draws per-user
+TPS against TPM over those levels (matplotlib, the `plot` extra). The HTTP connection pool holds
+as many connections as requests in flight are asked for (httpx's default of 100 would hold the
+rest back in the client). While the load runs `/stats` is polled: the summary reports the
+running batch the daemon formed (mean/max of requests_running) and says so when the daemon never
+had as many requests (running + waiting) as were sent at once. A progress bar (rich) runs on
+stderr when it is a terminal.
+
 Prompts are token-id lists (ids 10..499, valid for any vocabulary) sent to /v1/completions with
 `ignore_eos`, so input and output lengths are exact, and `return_token_ids`, so the stream has a
 chunk per token and every token is timed (dummy-weight models emit ids with no text).
@@ -21,12 +29,24 @@ import asyncio
 import json
 import random
 import statistics
+import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import httpx
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from appliance.config import AppConfig
+
+STATS_POLL_S = 0.25  # the engine publishes its stats this often
+
+
+class BenchError(Exception):
+    """A bench that cannot run as asked (bad arguments, matplotlib missing); the message says why."""
 
 
 @dataclass
@@ -38,12 +58,23 @@ class RequestResult:
     latency_s: float
 
 
+@dataclass
+class DaemonLoad:
+    """requests_running and running + waiting, sampled from /stats while the load runs."""
+
+    running: list[int] = field(default_factory=list)
+    in_flight: list[int] = field(default_factory=list)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("mode", choices=["latency", "throughput", "agentic", "greedy"])
     parser.add_argument("--input-len", type=int, default=512)
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--requests", type=int, default=32)
-    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--concurrency", type=_levels, default=[8], metavar="N[,N...]",
+                        help="requests in flight (throughput); a list (1,4,16,64) sweeps the levels")
+    parser.add_argument("--plot", type=Path, metavar="FILE.png",
+                        help="throughput: draw per-user TPS against TPM over the --concurrency levels")
     parser.add_argument("--users", type=int, default=4, help="agentic: concurrent conversations")
     parser.add_argument("--turns", type=int, default=4, help="agentic: turns per conversation")
     parser.add_argument("--turn-tokens", type=int, default=256, help="agentic: new tokens per turn")
@@ -53,47 +84,139 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
 
 
+def _levels(text: str) -> list[int]:
+    try:
+        levels = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N or N,N,... (e.g. 1,4,16,64), got {text!r}") from None
+    if not levels or min(levels) < 1:
+        raise argparse.ArgumentTypeError(f"concurrency levels must be >= 1, got {text!r}")
+    return levels
+
+
 def run_bench(config: AppConfig, args: argparse.Namespace) -> int:
-    summary = asyncio.run(_run(config, args))
+    try:
+        _check_arguments(args)
+        summaries = asyncio.run(_run_all(config, args))
+        if args.plot:
+            plot_sweep(summaries, args.plot, config)
+    except BenchError as e:
+        print(f"tokenspeed bench: {e}", file=sys.stderr)
+        return 2
     if args.json:
-        print(json.dumps(summary, indent=2))
-    else:
-        width = max(map(len, summary))
-        for key, value in summary.items():
-            value = value if not isinstance(value, list) else json.dumps(value)
-            print(f"{key:<{width}}  {value:.3f}" if isinstance(value, float) else f"{key:<{width}}  {value}")
+        print(json.dumps(summaries[0] if len(summaries) == 1 else summaries, indent=2))
+        return 0
+    print("\n\n".join(_format(summary) for summary in summaries))
+    if args.plot:
+        print(f"\nplot: {args.plot}")
     return 0
 
 
-async def _run(config: AppConfig, args: argparse.Namespace) -> dict:
-    rng = random.Random(f"{args.seed}-{args.mode}")  # modes draw different prompts: no accidental cache hits
-    async with _client(config, args.tcp) as http:
+def _check_arguments(args: argparse.Namespace) -> None:
+    if len(args.concurrency) > 1 and args.mode != "throughput":
+        raise BenchError("a list of --concurrency levels is a throughput sweep: use `bench throughput`")
+    if args.plot is not None:
+        if args.mode != "throughput":
+            raise BenchError("--plot draws a throughput sweep: use `bench throughput --concurrency 1,4,16`")
+        _pyplot()  # fail before the load, not after it
+
+
+async def _run_all(config: AppConfig, args: argparse.Namespace) -> list[dict]:
+    levels = args.concurrency if args.mode == "throughput" else [_in_flight(args)]
+    async with _client(config, args.tcp, max(levels)) as http:
         model = (await http.get("/v1/models")).json()["data"][0]["id"]
-        before = (await http.get("/stats")).json()
-        started = time.perf_counter()
-        if args.mode == "greedy":
-            return {"mode": "greedy", "token_ids": await _greedy(http, model, args, rng)}
+        return [await _run(config, args, http, model, level) for level in levels]
+
+
+def _in_flight(args: argparse.Namespace) -> int:
+    """Requests a non-sweep mode has in flight at once."""
+    return {"agentic": args.users, "throughput": args.concurrency[0]}.get(args.mode, 1)
+
+
+async def _run(config: AppConfig, args: argparse.Namespace, http: httpx.AsyncClient, model: str,
+               concurrency: int) -> dict:
+    # Modes (and levels) draw different prompts: no accidental cache hits between them.
+    rng = random.Random(f"{args.seed}-{args.mode}-{concurrency}")
+    before = (await http.get("/stats")).json()
+    load = DaemonLoad()
+    if args.mode == "greedy":
+        prompts = [_tokens(rng, args.input_len) for _ in range(min(args.requests, 4))]
+        async with _progress("greedy", len(prompts)) as advance:
+            outputs = [await _counted(advance, _complete(http, model, p, args.output_len, with_tokens=True))
+                       for p in prompts]
+        return {"mode": "greedy", "token_ids": [token_ids for _, token_ids in outputs]}
+    started = time.perf_counter()
+    async with _watch_daemon(http, load):
         if args.mode == "agentic":
-            results = await _agentic(http, model, args, rng)
+            async with _progress("agentic turns", args.users * args.turns) as advance:
+                results = await _agentic(http, model, args, rng, advance)
         else:
-            concurrency = 1 if args.mode == "latency" else args.concurrency
             count = min(args.requests, 8) if args.mode == "latency" else args.requests
             prompts = [_tokens(rng, args.input_len) for _ in range(count)]
-            results = await _bounded(concurrency, [
-                lambda p=p: _complete(http, model, p, args.output_len) for p in prompts])
-        elapsed = time.perf_counter() - started
-        after = (await http.get("/stats")).json()
-    return _summarize(config, args.mode, results, elapsed, before, after)
+            async with _progress(f"{args.mode} at concurrency {concurrency}", count) as advance:
+                results = await _bounded(concurrency, [
+                    lambda p=p: _counted(advance, _complete(http, model, p, args.output_len))
+                    for p in prompts])
+    elapsed = time.perf_counter() - started
+    after = (await http.get("/stats")).json()
+    expected = min(concurrency, len(results))
+    return _summarize(config, args.mode, concurrency, results, elapsed, before, after, load, expected)
+
+
+@asynccontextmanager
+async def _watch_daemon(http: httpx.AsyncClient, load: DaemonLoad):
+    """Sample /stats every STATS_POLL_S while the body runs."""
+    stop = asyncio.Event()
+
+    async def watch() -> None:
+        while not stop.is_set():
+            try:
+                requests = (await http.get("/stats")).json()["requests"]
+            except (httpx.HTTPError, ValueError, KeyError):
+                pass
+            else:
+                load.running.append(int(requests["running"]))
+                load.in_flight.append(int(requests["running"]) + int(requests["waiting"]))
+            try:
+                await asyncio.wait_for(stop.wait(), STATS_POLL_S)
+            except asyncio.TimeoutError:  # (TimeoutError itself from Python 3.11)
+                pass
+
+    task = asyncio.create_task(watch())
+    try:
+        yield load
+    finally:
+        stop.set()
+        await task
+
+
+@asynccontextmanager
+async def _progress(description: str, total: int):
+    """A rich progress bar on stderr (only when it is a terminal); yields `advance()`."""
+    console = Console(stderr=True)
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TimeElapsedColumn(), console=console, transient=True,
+                   disable=not console.is_terminal)
+    with bar:
+        task = bar.add_task(description, total=total)
+        yield lambda: bar.advance(task)
+
+
+async def _counted(advance: Callable[[], None], job: Awaitable):
+    result = await job
+    advance()
+    return result
 
 
 async def _agentic(http: httpx.AsyncClient, model: str, args: argparse.Namespace,
-                   rng: random.Random) -> list[RequestResult]:
+                   rng: random.Random, advance: Callable[[], None]) -> list[RequestResult]:
     async def conversation(user: int) -> list[RequestResult]:
         context = _tokens(rng, args.input_len)
         results = []
         for _ in range(args.turns):
             result, answer = await _complete(http, model, context, args.output_len,
                                              session=f"bench-user-{user}", with_tokens=True)
+            advance()
             results.append(result)
             context = context + answer + _tokens(rng, args.turn_tokens)
             await asyncio.sleep(args.tool_time)
@@ -101,13 +224,6 @@ async def _agentic(http: httpx.AsyncClient, model: str, args: argparse.Namespace
 
     per_user = await asyncio.gather(*(conversation(u) for u in range(args.users)))
     return [r for results in per_user for r in results]
-
-
-async def _greedy(http: httpx.AsyncClient, model: str, args: argparse.Namespace,
-                  rng: random.Random) -> list[list[int]]:
-    prompts = [_tokens(rng, args.input_len) for _ in range(min(args.requests, 4))]
-    outputs = [await _complete(http, model, p, args.output_len, with_tokens=True) for p in prompts]
-    return [token_ids for _, token_ids in outputs]
 
 
 async def _bounded(limit: int, jobs: list) -> list[RequestResult]:
@@ -161,15 +277,16 @@ def _tokens(rng: random.Random, n: int) -> list[int]:
     return [rng.randrange(10, 500) for _ in range(n)]
 
 
-def _summarize(config: AppConfig, mode: str, results: list[RequestResult], elapsed: float,
-               before: dict, after: dict) -> dict:
+def _summarize(config: AppConfig, mode: str, concurrency: int, results: list[RequestResult],
+               elapsed: float, before: dict, after: dict, load: DaemonLoad, expected: int) -> dict:
     outputs = sum(r.output_tokens for r in results)
     prompts = sum(r.prompt_tokens for r in results)
     tps = sorted(r.decode_tps for r in results)
     ttft = sorted(r.ttft_s for r in results)
     hits = after["totals"]["prefix_cache_hit_tokens"] - before["totals"]["prefix_cache_hit_tokens"]
-    return {
+    summary = {
         "mode": mode,
+        "concurrency": concurrency,
         "requests": len(results),
         "prompt_tokens": prompts,
         "output_tokens": outputs,
@@ -184,7 +301,33 @@ def _summarize(config: AppConfig, mode: str, results: list[RequestResult], elaps
         "requests_above_floor": sum(t >= config.scheduler.tps_floor for t in tps),
         "prefix_cache_hit_rate": hits / prompts if prompts else 0.0,
         **_speculation(before, after),
+        "daemon_running_mean": statistics.fmean(load.running) if load.running else 0.0,
+        "daemon_running_max": max(load.running, default=0),
+        "daemon_in_flight_max": max(load.in_flight, default=0),
+        "daemon_samples": len(load.running),
     }
+    warning = fewer_in_flight_warning(load, expected)
+    if warning:
+        summary["warning"] = warning
+    return summary
+
+
+def fewer_in_flight_warning(load: DaemonLoad, expected: int) -> str | None:
+    """Said when the daemon never held as many requests as were sent at once (judged only
+    over a run long enough to be sampled a few times)."""
+    if len(load.in_flight) < 3 or max(load.in_flight) >= expected:
+        return None
+    return (f"the daemon never had more than {max(load.in_flight)} requests in flight (running + "
+            f"waiting, {len(load.in_flight)} samples of /stats), fewer than the {expected} sent at once")
+
+
+def _format(summary: dict) -> str:
+    width = max(map(len, summary))
+    lines = []
+    for key, value in summary.items():
+        value = value if not isinstance(value, list) else json.dumps(value)
+        lines.append(f"{key:<{width}}  {value:.3f}" if isinstance(value, float) else f"{key:<{width}}  {value}")
+    return "\n".join(lines)
 
 
 def _speculation(before: dict, after: dict) -> dict:
@@ -205,11 +348,55 @@ def _percentile(values: list[float], q: float) -> float:
     return values[index]
 
 
-def _client(config: AppConfig, tcp: bool) -> httpx.AsyncClient:
+def plot_sweep(summaries: list[dict], path: Path, config: AppConfig) -> None:
+    """Per-user TPS (mean decode tokens/s of a request) against TPM (output tokens per minute
+    of all requests), a point per concurrency level, with the TPS floor."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    tpm = [s["output_tokens_per_min"] for s in summaries]
+    tps = [s["decode_tps_mean"] for s in summaries]
+    ax.plot(tpm, tps, marker="o")
+    for s, x, y in zip(summaries, tpm, tps):
+        ax.annotate(f"{s['concurrency']}", (x, y), textcoords="offset points", xytext=(4, 4))
+    floor = config.scheduler.tps_floor
+    if floor:
+        ax.axhline(floor, color="tab:red", linestyle="--", label=f"TPS floor {floor:g}")
+        ax.legend()
+    ax.set_xlabel("TPM: output tokens per minute, all requests")
+    ax.set_ylabel("TPS per user: decode tokens/s")
+    first = summaries[0]
+    per_request = max(first["requests"], 1)
+    ax.set_title(f"{config.model.model_name}: {first['prompt_tokens'] // per_request} in / "
+                 f"{first['output_tokens'] // per_request} out; points labelled by requests in flight")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    try:
+        fig.savefig(path, dpi=120)
+    except OSError as e:
+        raise BenchError(f"cannot write the plot to {path}: {e}") from None
+    finally:
+        plt.close(fig)
+
+
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # files only, no display
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise BenchError("--plot needs matplotlib: pip install 'tokenspeed[plot]'") from None
+    return plt
+
+
+def _client(config: AppConfig, tcp: bool, concurrency: int) -> httpx.AsyncClient:
+    """A client whose pool holds `concurrency` streams plus the /stats poller (httpx's default
+    pool of 100 would queue the rest in the client, unseen by the daemon)."""
     headers = {"Authorization": f"Bearer {config.server.api_key}"} if config.server.api_key else {}
     timeout = httpx.Timeout(600.0)
+    limits = httpx.Limits(max_connections=concurrency + 1, max_keepalive_connections=concurrency + 1)
     if tcp:
         return httpx.AsyncClient(base_url=f"http://{config.server.host}:{config.server.port}",
-                                 headers=headers, timeout=timeout)
-    return httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=config.server.socket),
+                                 headers=headers, timeout=timeout, limits=limits)
+    return httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=config.server.socket, limits=limits),
                              base_url="http://tokenspeed", headers=headers, timeout=timeout)

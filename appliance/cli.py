@@ -17,10 +17,16 @@ from appliance.config import AppConfig, ConfigError, cache_dir, load_config
 log = logging.getLogger("tokenspeed")
 
 
+# The daemon's own loggers: `up` logs them at INFO; libraries (uvicorn, httpx, ...) only warn
+# unless -v. The other commands print their own output and nothing else unless -v.
+OWN_LOGGERS = ("tokenspeed", "appliance")
+RANK_LOG_LEVEL_ENV = "TOKENSPEED_RANK_LOG_LEVEL"  # read by engine ranks (spawned processes)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.command, args.verbose)
     try:
         config = load_config(args.config, args.set)
     except ConfigError as e:
@@ -34,6 +40,8 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("-c", "--config", help="YAML config (default: configs/default.yaml)")
     common.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set server.port=9000 (repeatable)")
+    common.add_argument("-v", "--verbose", action="store_true",
+                        help="also log what the libraries and engine ranks do (INFO)")
     parser = argparse.ArgumentParser(prog="tokenspeed", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, handler, help_text in [
@@ -48,12 +56,29 @@ def _parser() -> argparse.ArgumentParser:
 
     add_arguments(bench)
     bench.set_defaults(handler=cmd_bench)
-    kern = sub.add_parser("kernels", parents=[common], help="list kernel backends or explain a choice")
+    kern = sub.add_parser("kernels", parents=[common],
+                          help="list every kernel implementation (and why one is unavailable) or explain a choice")
     kern.add_argument("--explain", metavar="OP", help="explain which implementation OP selects")
     kern.add_argument("--device", default="cuda")
     kern.add_argument("--dtype", default="bfloat16")
     kern.set_defaults(handler=cmd_kernels)
     return parser
+
+
+def configure_logging(command: str, verbose: bool) -> None:
+    """`top` logs into Textual's log (never over the screen); `up` logs the daemon's own
+    loggers; every command logs libraries (httpx's per-request INFO lines...) only with -v."""
+    level = logging.INFO if verbose else logging.WARNING
+    if command == "top":
+        from textual.logging import TextualHandler
+
+        logging.basicConfig(level=level, handlers=[TextualHandler()])
+        return
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if command == "up":
+        for name in OWN_LOGGERS:
+            logging.getLogger(name).setLevel(logging.INFO)
+        os.environ[RANK_LOG_LEVEL_ENV] = logging.getLevelName(level)
 
 
 def cmd_up(config: AppConfig, args: argparse.Namespace) -> int:
@@ -78,9 +103,12 @@ def cmd_up(config: AppConfig, args: argparse.Namespace) -> int:
 
 def _run_daemon(config: AppConfig) -> int:
     """Everything `up` does once it holds the daemon lock."""
+    from rich.console import Console
+
     from appliance.engine.client import EngineClient, EngineStartError
     from appliance.engine.model_files import resolve_model_files
     from appliance.server.serve import check_tcp_port, serve
+    from appliance.startup_progress import StartupProgress
 
     try:
         check_tcp_port(config.server.host, config.server.port)
@@ -100,7 +128,8 @@ def _run_daemon(config: AppConfig) -> int:
     client = None
     try:
         log.info("starting %d engine rank(s) for %s", config.parallel.tp_size, config.model.model_name)
-        client = EngineClient(config, files)
+        with StartupProgress(Console(stderr=True)) as progress:
+            client = EngineClient(config, files, on_progress=progress.on_stage)
         log.info("engine ready: %d KV pages of %d tokens, max_model_len %d",
                  client.info.num_pages, client.info.page_size, client.max_model_len)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -148,6 +177,7 @@ def cmd_status(config: AppConfig, args: argparse.Namespace) -> int:
     except (httpx.HTTPError, OSError, ValueError) as e:
         print(f"tokenspeed: no daemon answers on {config.server.socket} ({e})", file=sys.stderr)
         return 1
+    stats.pop("history", None)  # the dashboard's sparklines: not a status figure
     print(json.dumps({"health": engine == "ok", "engine": engine, "socket": config.server.socket,
                       "http": f"http://{config.server.host}:{config.server.port}", **stats}, indent=2))
     return 0 if engine == "ok" else 1
@@ -166,15 +196,17 @@ def cmd_bench(config: AppConfig, args: argparse.Namespace) -> int:
 
 
 def cmd_kernels(config: AppConfig, args: argparse.Namespace) -> int:
+    """Without --explain: every op's implementations, best first, and each backend that is
+    unavailable here with the reason; with --explain OP: why OP selects what it selects."""
     import torch
 
     import kernels
 
     kernels.set_overrides(dict(config.kernels.override))
-    dtype = getattr(torch, args.dtype)
-    ops = [args.explain] if args.explain else kernels.registered_ops()
-    for op in ops:
-        print(kernels.explain(op, device=args.device, dtype=dtype))
+    if args.explain:
+        print(kernels.explain(args.explain, device=args.device, dtype=getattr(torch, args.dtype)))
+        return 0
+    print(kernels.listing())
     return 0
 
 

@@ -55,6 +55,7 @@ class ModelConfig:
 @dataclass(frozen=True)
 class ParallelConfig:
     tp_size: int = 1
+    moe: str = "tp"  # tp: each expert split over the ranks | ep: whole experts per rank
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,7 @@ class ServerConfig:
     socket: str = ""  # "" -> <cache>/run/tokenspeed-<port>.sock
     api_key: str | None = None
     max_body_bytes: int = 32 * 1024 * 1024  # a larger request body is refused with a 413
+    tool_parser: str = "auto"  # tool-call markup: auto (from the chat template) or a format name
 
 
 @dataclass(frozen=True)
@@ -141,6 +143,10 @@ _CHOICES = {
     "device": ("auto", "cpu", "cuda"),
     "parallel.tp_size": (1, 2, 4, 8),
     "speculative.method": ("off", "suffix", "ngram", "mtp"),
+    "parallel.moe": ("tp", "ep"),
+    # appliance/server/tool_parsers FORMATS (a test keeps the two lists equal)
+    "server.tool_parser": ("auto", "hermes", "qwen3_coder", "glm45", "kimi_k2", "deepseek_v3",
+                           "deepseek_v31", "harmony"),
     "engine.restart": ("on-failure", "never"),
 }
 # Values the contract names that this build cannot serve yet: start-up refuses them clearly.

@@ -74,6 +74,8 @@ PYBIND11_MODULE(_core, m) {
            py::arg("step_time_s") = 0.0, py::arg("counts") = py::none())
       .def("abort", &PyScheduler::abort, py::arg("rid"))
       .def("stats", &PyScheduler::stats)
+      .def("cached_tokens", &PyScheduler::cached_tokens, py::arg("rid"))
+      .def("progress", &PyScheduler::progress)
       .def("check_invariants", &PyScheduler::check_invariants)
       .def("evict_cache", &PyScheduler::evict_cache)
       .def("set_test_clock", &PyScheduler::set_test_clock, py::arg("now_s"))

@@ -48,6 +48,16 @@ struct Stats {
   int64_t generation_tokens_total, preemptions_total, steps_total;
   // speculative decoding: drafts verified, drafts accepted, verify rows
   int64_t spec_draft_tokens_total, spec_accepted_tokens_total, spec_verify_rows_total;
+  int64_t pages_pinned;  // part of pages_used: held only by session pins
+};
+
+// Where one live request stands (for the dashboard).
+struct RequestProgress {
+  int64_t rid;
+  const char* state;       // "queued" | "prefilling" | "decoding" | "preempted"
+  int32_t context_tokens;  // prompt + committed generated tokens
+  int32_t cached_tokens;   // prompt tokens the prefix cache supplied at first admission
+  int32_t kv_tokens;       // tokens whose KV is written or being written
 };
 
 }  // namespace ts

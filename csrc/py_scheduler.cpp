@@ -153,7 +153,28 @@ py::dict PyScheduler::stats() const {
   d["spec_draft_tokens_total"] = s.spec_draft_tokens_total;
   d["spec_accepted_tokens_total"] = s.spec_accepted_tokens_total;
   d["spec_verify_rows_total"] = s.spec_verify_rows_total;
+  d["pages_pinned"] = s.pages_pinned;
   return d;
+}
+
+std::optional<int32_t> PyScheduler::cached_tokens(int64_t rid) const {
+  std::lock_guard lock(mu_);  // a map lookup: no need to drop the GIL
+  return s_.cached_tokens(rid);
+}
+
+py::list PyScheduler::progress() const {
+  std::vector<RequestProgress> rows;
+  {
+    py::gil_scoped_release nogil;
+    std::lock_guard lock(mu_);
+    rows = s_.progress();
+  }
+  py::list out(rows.size());
+  for (size_t i = 0; i < rows.size(); ++i) {
+    const RequestProgress& r = rows[i];
+    out[i] = py::make_tuple(r.rid, r.state, r.context_tokens, r.cached_tokens, r.kv_tokens);
+  }
+  return out;
 }
 
 void PyScheduler::check_invariants() const {

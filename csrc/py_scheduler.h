@@ -44,6 +44,8 @@ class PyScheduler {
                   const std::optional<I32Array>& counts);
   bool abort(int64_t rid);
   py::dict stats() const;
+  std::optional<int32_t> cached_tokens(int64_t rid) const;
+  py::list progress() const;
   void check_invariants() const;
   int32_t evict_cache();
   void set_test_clock(double now_s);

@@ -80,6 +80,7 @@ struct RequestData {
   // an unchanged key: renewed on admission and whenever the list loses pages.
   uint64_t table_key = 0;
   bool admitted_once = false;
+  int32_t cached_tokens = 0;     // prompt tokens the prefix cache gave at first admission
 };
 
 // The state a transition leads to, plus the pages the old state gave up.

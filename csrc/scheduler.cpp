@@ -327,6 +327,7 @@ void Scheduler::plan_admissions(std::vector<Row>& rows, int32_t& budget,
       d.admitted_once = true;
       prompt_tokens_total_ += d.prompt_len;
       prefix_hit_tokens_total_ += cached;
+      d.cached_tokens = cached;
     }
     if (!d.session.empty()) sessions_.release_handoff(d.session, d.rid);
     running_kv += len;
@@ -670,7 +671,56 @@ Stats Scheduler::stats() const {
   s.spec_draft_tokens_total = spec_draft_tokens_total_;
   s.spec_accepted_tokens_total = spec_accepted_tokens_total_;
   s.spec_verify_rows_total = spec_verify_rows_total_;
+  s.pages_pinned = pinned_only_pages();
   return s;
+}
+
+std::optional<int32_t> Scheduler::cached_tokens(int64_t rid) const {
+  auto it = requests_.find(rid);
+  if (it == requests_.end()) return std::nullopt;
+  const RequestData& d = data_of(*it->second);
+  if (!d.admitted_once) return std::nullopt;
+  return d.cached_tokens;
+}
+
+// Pages whose every reference is a session pin's: what retention costs right now.
+int64_t Scheduler::pinned_only_pages() const {
+  std::unordered_map<PageId, int32_t> pin_refs;
+  sessions_.for_each_lease([&](const PageLease& lease) {
+    for (PageId p : lease.pages()) ++pin_refs[p];
+  });
+  int64_t n = 0;
+  for (const auto& [page, refs] : pin_refs) n += refs == pool_.refcount(page);
+  return n;
+}
+
+std::vector<RequestProgress> Scheduler::progress() const {
+  std::vector<RequestProgress> out;
+  out.reserve(requests_.size());
+  for (const auto& [rid, e] : requests_) {
+    const RequestData& d = data_of(*e);
+    RequestProgress r{rid, "", static_cast<int32_t>(d.tokens.size()), d.cached_tokens, 0};
+    std::visit(Overloaded{
+                   [&](const Queued&) { r.state = "queued"; },
+                   [&](const Prefilling& p) {
+                     r.state = "prefilling";
+                     r.kv_tokens = p.cursor();
+                   },
+                   [&](const Decoding& dc) {
+                     r.state = "decoding";
+                     r.kv_tokens = dc.kv_len();
+                   },
+                   [&](const Verifying& v) {  // drafts' slots are not the request's KV yet
+                     r.state = "decoding";
+                     r.kv_tokens = v.kv_len() - static_cast<int32_t>(v.drafts().size());
+                   },
+                   [&](const Preempted&) { r.state = "preempted"; },
+               },
+               e->state);
+    out.push_back(r);
+  }
+  std::sort(out.begin(), out.end(), [](const auto& a, const auto& b) { return a.rid < b.rid; });
+  return out;
 }
 
 std::string Scheduler::state_name(int64_t rid) const {

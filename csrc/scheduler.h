@@ -54,6 +54,11 @@ class Scheduler {
                             std::span<const int32_t> counts, double step_time_s);
   bool abort(int64_t rid);
   Stats stats() const;
+  // Prompt tokens the prefix cache supplied when `rid` was first admitted (what
+  // prefix_cache_hit_tokens_total counted for it); nullopt while it is unknown
+  // or still queued.
+  std::optional<int32_t> cached_tokens(int64_t rid) const;
+  std::vector<RequestProgress> progress() const;  // every live request, in rid order
 
   // Debug/test hooks.
   void check_invariants() const;  // throws std::logic_error
@@ -126,6 +131,7 @@ class Scheduler {
   }
   static const PageLease& lease_of(const Entry& e);
   void pin_session(const RequestData& d);
+  int64_t pinned_only_pages() const;
   int32_t chunk_tokens(int32_t remaining, int32_t prefix, int32_t budget,
                        const StepFeatures& f, bool first_prefill) const;
   bool admission_keeps_floor(const RequestData& d, double running_kv) const;

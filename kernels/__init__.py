@@ -13,19 +13,31 @@ from __future__ import annotations
 import warnings
 
 from kernels import plugins, reference, registry  # noqa: F401  (reference registers "torch")
-from kernels.registry import (OPS, REFERENCE_ONLY, KernelError, backends, explain, overrides, register,
-                              registered_ops, select, selected_backend, set_overrides,
-                              unregister)
+from kernels.registry import (OPS, REFERENCE_ONLY, KernelError, backends, explain, listing,
+                              mark_unavailable, overrides, register, registered_ops, select,
+                              selected_backend, set_overrides, unavailable, unregister)
+
+
+# The ops kernels/triton registers (tests check the two agree), so `tokenspeed kernels` can
+# list them on a machine where triton does not import.
+TRITON_OPS: tuple[str, ...] = tuple(op for op in OPS if op not in REFERENCE_ONLY)
 
 
 def _load_triton_backend() -> None:
     try:
         import kernels.triton  # noqa: F401  (registers the triton backend)
-    except ImportError:
-        pass  # no triton on this machine: the torch backend serves every op
+    except ImportError as e:  # no triton on this machine: the torch backend serves every op
+        registry.mark_unavailable("triton", f"not importable ({type(e).__name__}: {e})", TRITON_OPS)
+        return
     except Exception as e:  # noqa: BLE001 - a broken triton install must not take us down
+        registry.mark_unavailable("triton", f"failed to load ({type(e).__name__}: {e})", TRITON_OPS)
         warnings.warn(f"kernels: triton backend not loaded ({type(e).__name__}: {e}); "
                       "using the torch reference", RuntimeWarning, stacklevel=2)
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        registry.mark_unavailable("triton", "needs a CUDA device (torch sees none)", TRITON_OPS)
 
 
 def rescan_plugins() -> None:
@@ -38,4 +50,4 @@ registry.add_lazy_loader(plugins.load_plugins)
 
 __all__ = ["OPS", "REFERENCE_ONLY", "KernelError", "register", "unregister", "select", "selected_backend",
            "explain", "set_overrides", "overrides", "backends", "registered_ops",
-           "rescan_plugins"]
+           "rescan_plugins", "listing", "mark_unavailable", "unavailable"]

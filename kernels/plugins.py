@@ -15,6 +15,8 @@ import importlib.metadata as md
 import types
 import warnings
 
+from kernels import registry
+
 GROUP = "tokenspeed.kernels"
 loaded: list[str] = []   # names of entry points loaded so far
 failed: dict[str, str] = {}
@@ -39,5 +41,6 @@ def load_plugins() -> None:
             loaded.append(ep.name)
         except Exception as e:  # noqa: BLE001 - report and keep going
             failed[ep.name] = f"{type(e).__name__}: {e}"
+            registry.mark_unavailable(ep.name, f"plugin {ep.value} failed to load ({failed[ep.name]})")
             warnings.warn(f"tokenspeed kernel plugin {ep.name!r} ({ep.value}) failed: {e}",
                           RuntimeWarning, stacklevel=2)

@@ -4,6 +4,8 @@
 (device, dtype and any shape features), cached per feature set; `explain` says why;
 `set_overrides` forces a backend per op. Out-of-tree backends arrive through the
 `tokenspeed.kernels` entry-point group (see `plugins.py`), loaded lazily on first use.
+A backend that cannot serve on this machine (not importable, no CUDA device) is recorded with
+`mark_unavailable`, so `listing` (`tokenspeed kernels`) can say what exists and why it is off.
 """
 from __future__ import annotations
 
@@ -39,11 +41,19 @@ class Impl:
     fn: Callable[..., Any]
 
 
+@dataclass(frozen=True)
+class Unavailable:
+    backend: str
+    reason: str  # e.g. "not importable (ModuleNotFoundError: No module named 'triton')"
+    ops: tuple[str, ...]  # the ops it implements (or would), when known
+
+
 _lock = threading.RLock()
 _impls: dict[str, dict[str, Impl]] = {}
 _overrides: dict[str, str] = {}
 _cache: dict[tuple, Impl] = {}
 _loaders: list[Callable[[], None]] = []  # lazy loaders run once before the first lookup
+_unavailable: dict[str, Unavailable] = {}
 
 
 def add_lazy_loader(fn: Callable[[], None]) -> None:
@@ -170,6 +180,10 @@ def explain(op: str, device: Any = "cpu", dtype: Any = None, **features: Any) ->
         else:
             verdict = "refused"
         lines.append(f"  - {impl.backend} (priority {impl.priority}): {verdict}; {why}")
+    off = unavailable()
+    registered = {impl.backend for impl in impls}
+    lines += [f"  - {u.backend}: unavailable on this machine: {u.reason}" for u in off.values()
+              if u.backend in registered or op in u.ops]
     return "\n".join(lines)
 
 
@@ -208,3 +222,38 @@ def registered_ops() -> list[str]:
     _run_loaders()
     with _lock:
         return sorted(_impls)
+
+
+def mark_unavailable(backend: str, reason: str, ops: tuple[str, ...] = ()) -> None:
+    """Record that `backend` cannot serve on this machine (it stays registered if it was:
+    selection still goes by each implementation's `supports`)."""
+    with _lock:
+        _unavailable[backend] = Unavailable(backend, reason, tuple(ops))
+
+
+def unavailable() -> dict[str, Unavailable]:
+    """Backends that cannot serve on this machine, by name (a copy)."""
+    _run_loaders()
+    with _lock:
+        return dict(_unavailable)
+
+
+def listing() -> str:
+    """Every op with each implementation, best first, unavailable ones marked; then why each
+    unavailable backend is. What `tokenspeed kernels` prints."""
+    off = unavailable()
+    ops = sorted(set(registered_ops()) | {op for u in off.values() for op in u.ops})
+    width = max(map(len, ops), default=0)
+    lines = ["implementations of each op, best first:"]
+    for op in ops:
+        with _lock:
+            impls = sorted(_impls.get(op, {}).values(), key=lambda i: (-i.priority, i.backend))
+        names = [f"{i.backend} (priority {i.priority}{', unavailable' if i.backend in off else ''})"
+                 for i in impls]
+        names += [f"{u.backend} (unavailable)" for u in off.values()
+                  if op in u.ops and u.backend not in {i.backend for i in impls}]
+        lines.append(f"  {op:<{width}}  {', '.join(names)}")
+    if off:
+        lines.append("unavailable on this machine:")
+        lines += [f"  {u.backend}: {u.reason}" for u in sorted(off.values(), key=lambda u: u.backend)]
+    return "\n".join(lines)

@@ -79,7 +79,9 @@ class _Stream:
 class EngineClient:
     """Starts `tp_size` engine ranks, talks to rank 0 and keeps the engine running."""
 
-    def __init__(self, config: AppConfig, files: ModelFiles, start_timeout_s: float = 900.0) -> None:
+    def __init__(self, config: AppConfig, files: ModelFiles, start_timeout_s: float = 900.0,
+                 on_progress: Callable[[protocol.Progress], None] | None = None) -> None:
+        """`on_progress` gets the first start's stages (weights, graphs, warm-up) as they end."""
         self.config = config
         self.model_name = config.model.model_name
         self._files = files
@@ -88,10 +90,11 @@ class EngineClient:
         self._lock = threading.Lock()  # guards _streams, _status and _instance together
         self._rids = itertools.count(1)
         self._stats: dict[str, float] = {}
+        self._progress: dict[int, protocol.RequestProgress] = {}
         self._status = "starting"
         self._closing = threading.Event()
         self._budget = RestartBudget(config.engine)
-        self._instance = self._start()
+        self._instance = self._start(on_progress)
         self.info = self._instance.info
         self.max_model_len = self.info.max_model_len
         self._status = "ok"
@@ -116,6 +119,10 @@ class EngineClient:
         values.setdefault("page_size", self.info.page_size)
         values.setdefault("pages_total", self.info.num_pages)
         return values
+
+    def request_progress(self) -> dict[int, protocol.RequestProgress]:
+        """rid -> where the request stands in the scheduler, as of the latest stats."""
+        return self._progress
 
     async def generate(self, req: GenerateRequest) -> AsyncIterator[TokenOutput]:
         stream = _Stream(asyncio.get_running_loop())
@@ -203,7 +210,7 @@ class EngineClient:
         with self._lock:
             self._status = status
             streams = list(self._streams.values())
-        self._stats = {}
+        self._stats, self._progress = {}, {}
         then = "is restarting; retry shortly" if status == "restarting" else "is not coming back"
         error = EngineFailed(f"The engine failed while running this request and {then}.")
         for stream in streams:
@@ -215,9 +222,9 @@ class EngineClient:
         for stream in streams:
             stream.put(error)
 
-    def _start(self) -> EngineInstance:
+    def _start(self, on_progress: Callable[[protocol.Progress], None] | None = None) -> EngineInstance:
         return EngineInstance(self.config, self._files, self._dispatch, self._start_timeout_s,
-                              self._closing)
+                              self._closing, on_progress)
 
     def _not_running(self) -> str:
         return "shutting down" if self._closing.is_set() else self._status
@@ -236,3 +243,4 @@ class EngineClient:
                 stream.put(EngineRejected(message.message))
         elif isinstance(message, protocol.Stats):
             self._stats = message.values
+            self._progress = {r.rid: r for r in message.requests}

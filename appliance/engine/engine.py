@@ -95,6 +95,8 @@ class Engine:
         self.sampler = Sampler(self.device, runner.vocab_size)
         self.sampler.warm_up(runner.vocab_size)
         self.requests: dict[int, GenerateRequest] = {}
+        self._unadmitted: set[int] = set()  # submitted, not yet in a plan
+        self._cached_tokens: dict[int, int] = {}  # admitted, first output not yet sent
         self.compiler = GrammarCompiler(tokenizer, runner.vocab_size, list(runner.eos_token_ids))
         self.compiling: dict[int, tuple[GenerateRequest, Future]] = {}  # waiting for their grammar
         self.grammars = Grammars(runner.vocab_size)
@@ -108,7 +110,8 @@ class Engine:
 
     def run(self) -> None:
         self._send(protocol.Ready(self.max_model_len, self.runner.num_pages, self.runner.page_size,
-                                  self.runner.vocab_size, list(self.runner.eos_token_ids)))
+                                  self.runner.vocab_size, list(self.runner.eos_token_ids),
+                                  gpu_uuids(self.device, self.config.parallel.tp_size)))
         try:
             ran = False
             # Block on the inbox when idle, or when the scheduler holds requests back (waiting
@@ -141,6 +144,8 @@ class Engine:
         if self._speculating:
             return self._step_with_drafts()
         plan = self.scheduler.plan()
+        if plan is not None and self._unadmitted:
+            self._note_admissions(plan)
         forwarded = self._forward(plan) if plan is not None else None
         launched = None
         if forwarded is not None and not forwarded.rows.constrained:
@@ -161,8 +166,17 @@ class Engine:
         if self._speculating:  # proposed after that commit, with nothing in flight: current
             self.speculator.hand_to(self.scheduler)
         plan = self.scheduler.plan()
+        if plan is not None and self._unadmitted:
+            self._note_admissions(plan)
         self._inflight = self._sample(self._forward(plan)) if plan is not None else None
         return committed or self._inflight is not None
+
+    def _note_admissions(self, plan) -> None:
+        """Each newly admitted request's prefix-cache hit, for its first output."""
+        for rid in plan.rids[plan.num_decode:].tolist():
+            if rid in self._unadmitted:
+                self._unadmitted.discard(rid)
+                self._cached_tokens[rid] = self.scheduler.cached_tokens(rid) or 0
 
     def _forward(self, plan) -> Forwarded:
         started = time.perf_counter()
@@ -296,6 +310,7 @@ class Engine:
             self._send(protocol.Rejected(req.rid, str(e)))
             return False
         self.requests[req.rid] = req
+        self._unadmitted.add(req.rid)
         self.sampler.add(req, stop_ids)
         if self.speculator is not None:
             self.speculator.start(req)
@@ -331,11 +346,14 @@ class Engine:
             self._forget(rid)
         else:
             return
+        self._publish_stats(force=True)
         self._send(protocol.Outputs([TokenOutput(rid, -1, "abort")]))
 
     def _forget(self, rid: int) -> None:
         self.sampler.remove(rid)
         self.grammars.remove(rid)
+        self._unadmitted.discard(rid)
+        self._cached_tokens.pop(rid, None)
         if self.speculator is not None:
             self.speculator.finish(rid)
 
@@ -344,6 +362,7 @@ class Engine:
         """Send the commit's tokens; returns them per request that was running, in order."""
         items = []
         emitted: dict[int, list[int]] = {}
+        finished = False
         for rid, token, reason in events:
             if rid not in self.requests:
                 continue
@@ -352,11 +371,15 @@ class Engine:
                           "mask: %s", rid, error)
                 self.scheduler.abort(rid)
                 token, reason = -1, "abort"
-            items.append(TokenOutput(rid, token, reason or None, logprobs.get(rid)))
+            cached = self._cached_tokens.pop(rid, None) if self._cached_tokens else None
+            items.append(TokenOutput(rid, token, reason or None, logprobs.get(rid), cached))
             emitted.setdefault(rid, []).append(token)
             if reason:
                 del self.requests[rid]
                 self._forget(rid)
+                finished = True
+        if finished:  # /metrics and /stats are current when a reply ends
+            self._publish_stats(force=True)
         if items:
             self._send(protocol.Outputs(items))
         return emitted
@@ -368,10 +391,19 @@ class Engine:
         self._last_stats = now
         values = {k: float(v) for k, v in self.scheduler.stats().items()}
         values["page_size"] = float(self.runner.page_size)
-        self._send(protocol.Stats(values))
+        progress = [protocol.RequestProgress(*row) for row in self.scheduler.progress()]
+        self._send(protocol.Stats(values, progress))
 
     def _send(self, message) -> None:
         self._outbox.send(protocol.encode(message))
+
+
+def gpu_uuids(device: torch.device, tp_size: int) -> list[str]:
+    """The GPUs of ranks 0..tp_size-1 as NVML names them ("GPU-<uuid>"), so the frontend reads
+    the right ones whatever CUDA_VISIBLE_DEVICES and CUDA_DEVICE_ORDER say; [] on CPU."""
+    if device.type != "cuda":
+        return []
+    return [f"GPU-{torch.cuda.get_device_properties(rank).uuid}" for rank in range(tp_size)]
 
 
 def to_forward_batch(arrays: PlanArrays, device: torch.device,

@@ -40,12 +40,15 @@ class EngineInfo:
     page_size: int
     vocab_size: int
     eos_token_ids: tuple[int, ...]
+    devices: tuple[str, ...] = ()  # GPU UUIDs of ranks 0..tp_size-1; () on CPU
 
 
 class EngineInstance:
     def __init__(self, config: AppConfig, files: ModelFiles,
                  on_message: Callable[[protocol.FromEngine], None], timeout_s: float,
-                 cancelled: threading.Event) -> None:
+                 cancelled: threading.Event,
+                 on_progress: Callable[[protocol.Progress], None] | None = None) -> None:
+        """`on_progress` gets rank 0's start-up stages (called from this thread)."""
         self._on_message = on_message
         self._heartbeat_timeout_s = config.engine.heartbeat_timeout_s
         self._reported: str | None = None  # a Failed message from rank 0
@@ -57,7 +60,7 @@ class EngineInstance:
             raise EngineStartError(f"cannot set up the engine channel: {e}") from None
         try:
             self.procs = _spawn_ranks(config, files, self.channel.endpoints)
-            self.info = self._wait_ready(timeout_s, cancelled)
+            self.info = self._wait_ready(timeout_s, cancelled, on_progress)
         except BaseException:
             self.kill()
             raise
@@ -117,7 +120,8 @@ class EngineInstance:
         if hasattr(self, "channel"):
             self.channel.close()
 
-    def _wait_ready(self, timeout_s: float, cancelled: threading.Event) -> EngineInfo:
+    def _wait_ready(self, timeout_s: float, cancelled: threading.Event,
+                    on_progress: Callable[[protocol.Progress], None] | None) -> EngineInfo:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if cancelled.is_set():
@@ -127,7 +131,10 @@ class EngineInstance:
                 message = protocol.decode_from_engine(data)
                 if isinstance(message, protocol.Ready):
                     return EngineInfo(message.max_model_len, message.num_pages, message.page_size,
-                                      message.vocab_size, tuple(message.eos_token_ids))
+                                      message.vocab_size, tuple(message.eos_token_ids),
+                                      tuple(message.devices))
+                if isinstance(message, protocol.Progress) and on_progress is not None:
+                    on_progress(message)
                 if isinstance(message, protocol.Failed):
                     raise EngineStartError(message.message)
             for rank, proc in enumerate(self.procs):

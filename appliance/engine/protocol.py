@@ -62,6 +62,9 @@ class TokenOutput(msgspec.Struct, tag="token", array_like=True):
     token_id: int  # -1 when the event carries no token (an abort)
     finish_reason: str | None  # "stop" | "length" | "abort" | None while running
     logprobs: TokenLogprobs | None = None  # only for requests that asked (one byte otherwise)
+    # On a request's first output only: prompt tokens the prefix cache supplied (what the
+    # scheduler's prefix_cache_hit_tokens_total counted for it); None on the others.
+    cached_tokens: int | None = None
 
 
 class Outputs(msgspec.Struct, tag="outputs"):
@@ -73,8 +76,26 @@ class Rejected(msgspec.Struct, tag="rejected"):
     message: str
 
 
+class RequestProgress(msgspec.Struct, array_like=True):
+    """Where one live request stands in the scheduler (`_core.Scheduler.progress`)."""
+
+    rid: int
+    state: str  # "queued" | "prefilling" | "decoding" | "preempted"
+    context_tokens: int  # prompt + generated tokens so far
+    cached_tokens: int  # prompt tokens the prefix cache supplied at admission
+    kv_tokens: int  # tokens whose KV is written (prefill progress)
+
+
 class Stats(msgspec.Struct, tag="stats"):
     values: dict[str, float]
+    requests: list[RequestProgress] = []
+
+
+class Progress(msgspec.Struct, tag="progress"):
+    """A start-up stage of rank 0, before `Ready` (what `tokenspeed up` shows)."""
+
+    stage: str  # e.g. "weights", "CUDA graphs", "warm-up"
+    summary: str | None = None  # None when the stage starts; what it did when it ends
 
 
 class Ready(msgspec.Struct, tag="ready"):
@@ -83,6 +104,7 @@ class Ready(msgspec.Struct, tag="ready"):
     page_size: int
     vocab_size: int
     eos_token_ids: list[int]
+    devices: list[str] = []  # UUIDs of the GPUs of ranks 0..tp_size-1 ("GPU-..."); [] on CPU
 
 
 class Failed(msgspec.Struct, tag="failed"):
@@ -90,7 +112,7 @@ class Failed(msgspec.Struct, tag="failed"):
 
 
 ToEngine = GenerateRequest | AbortRequest | ShutdownRequest
-FromEngine = Outputs | Rejected | Stats | Ready | Failed
+FromEngine = Outputs | Rejected | Stats | Progress | Ready | Failed
 
 _encoder = msgspec.msgpack.Encoder()
 _to_engine = msgspec.msgpack.Decoder(ToEngine)

@@ -41,7 +41,9 @@ def run_rank(config: AppConfig, files: ModelFiles, endpoints: EngineEndpoints | 
     die_with(*lifelines)
     # Ctrl-C reaches the whole process group: the frontend drains, then tells rank 0 to stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank{rank} %(levelname)s %(message)s")
+    # `tokenspeed up` passes its verbosity (WARNING unless -v: its progress display tells the stages).
+    logging.basicConfig(level=os.environ.get("TOKENSPEED_RANK_LOG_LEVEL", "INFO"),
+                        format=f"%(asctime)s rank{rank} %(levelname)s %(message)s")
     code, nccl = 0, False
     try:
         device = resolve_device(config.device, rank)
@@ -50,7 +52,7 @@ def run_rank(config: AppConfig, files: ModelFiles, endpoints: EngineEndpoints | 
         channel = PlanChannel(_init_distributed(config.parallel.tp_size, rank, dist_port, device))
         nccl = dist.is_initialized() and device.type == "cuda"
         kernels.set_overrides(dict(config.kernels.override))
-        runner = _build_runner(config, files, device, rank)
+        runner = _build_runner(config, files, device, rank, endpoints)
         from appliance.engine.engine import Engine, run_worker
 
         if rank == 0:
@@ -146,19 +148,43 @@ def _loopback_store(rank: int, world_size: int, port: int) -> dist.TCPStore:
                          master_listen_fd=sock.detach())
 
 
-def _build_runner(config: AppConfig, files: ModelFiles, device: torch.device, rank: int):
+def _build_runner(config: AppConfig, files: ModelFiles, device: torch.device, rank: int,
+                  endpoints: EngineEndpoints | None):
+    """The model runner; rank 0 tells the frontend each start-up stage (`tokenspeed up` shows
+    them)."""
     from appliance.model import ModelRunner
 
     torch.manual_seed(config.model.seed)
-    return ModelRunner.from_config(config, files, device, resolve_dtype(config.model.dtype, device),
-                                   tp_rank=rank, tp_size=config.parallel.tp_size)
+    outbox = _FrontendOutbox(endpoints) if endpoints is not None else None
+    try:
+        on_stage = None if outbox is None else (
+            lambda stage, summary: outbox.send(protocol.Progress(stage, summary)))
+        return ModelRunner.from_config(config, files, device, resolve_dtype(config.model.dtype, device),
+                                       tp_rank=rank, tp_size=config.parallel.tp_size,
+                                       on_stage=on_stage)
+    finally:
+        if outbox is not None:
+            outbox.close()  # delivered before the engine loop's own socket sends Ready
+
+
+class _FrontendOutbox:
+    """A socket of its own to the frontend, for the messages before the engine loop runs."""
+
+    def __init__(self, endpoints: EngineEndpoints) -> None:
+        import zmq
+
+        self._ctx = zmq.Context()
+        self._sock = connect_socket(self._ctx, zmq.PUSH, endpoints.outputs, endpoints)
+
+    def send(self, message: protocol.FromEngine) -> None:
+        self._sock.send(protocol.encode(message))
+
+    def close(self) -> None:
+        self._sock.close(linger=2000)
+        self._ctx.term()
 
 
 def _report_failure(endpoints: EngineEndpoints, message: str) -> None:
-    import zmq
-
-    ctx = zmq.Context()
-    sock = connect_socket(ctx, zmq.PUSH, endpoints.outputs, endpoints)
-    sock.send(protocol.encode(protocol.Failed(message)))
-    sock.close(linger=2000)
-    ctx.term()
+    outbox = _FrontendOutbox(endpoints)
+    outbox.send(protocol.Failed(message))
+    outbox.close()

@@ -8,7 +8,8 @@
 `model_cfg` is an HF checkpoint folder (str / Path), an HF config dict (dummy weights), or a
 `ModelSource` (path or preset, load_format, seed). With tp_size > 1 the caller has already
 initialised torch.distributed (gloo on CPU, nccl on GPU); every rank builds the same model
-on its own shard and all ranks agree on num_pages (the minimum).
+on its own shard and all ranks agree on num_pages (the minimum). `moe_parallel` (YAML
+`parallel.moe`): "tp" splits each expert over the ranks, "ep" places whole experts per rank.
 
 KV sizing: `kv_num_pages` if given; else `memory_fraction` of the device. On CUDA, after the
 weights are loaded, the cache gets `free - (1 - fraction) * total` bytes (torch.cuda
@@ -23,7 +24,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -34,14 +35,17 @@ from appliance.model.comm import World
 from appliance.model.compiler import CompiledModel, compile_model
 from appliance.model.context import BuildContext
 from appliance.model.cuda_graph import DecodeGraphs
-from appliance.model.loader import (load_checkpoint, load_dummy, read_eos_token_ids,
-                                    read_hf_config)
+from appliance.model.loader import (checkpoint_tensor_names, load_checkpoint, load_dummy,
+                                    read_eos_token_ids, read_hf_config)
 from appliance.model.layers.yarn import context_length
 from appliance.model.models import model_class
 from appliance.model.placement import ParallelLayout
 from appliance.model.warm_up import warm_up_batches
 
 CPU_KV_BUDGET_BYTES = 512 * 1024 * 1024
+# (stage, None) when a start-up stage begins, (stage, what it did) when it ends.
+StageReport = Callable[[str, "str | None"], None]
+
 log = logging.getLogger("tokenspeed.model")
 
 
@@ -97,6 +101,10 @@ def _materialize(model: nn.Module, device: torch.device) -> None:
             m.init_buffers(device)
 
 
+def _bytes(n: float) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
 def use_cuda_graphs(device: torch.device, dtype: torch.dtype, overrides: dict[str, str]) -> bool:
     """CUDA graphs for decode steps: TOKENSPEED_CUDA_GRAPHS=1 / 0 forces them on / off; by
     default on for CUDA with 16-bit weights and no kernel overrides, where every op is a
@@ -109,11 +117,20 @@ def use_cuda_graphs(device: torch.device, dtype: torch.dtype, overrides: dict[st
     return forced == "1" or (dtype in (torch.float16, torch.bfloat16) and not overrides)
 
 
+def moe_layout(tp_rank: int, tp_size: int, moe_parallel: str) -> ParallelLayout:
+    """The tensor-parallel layout with YAML `parallel.moe`: "tp" splits every expert's
+    intermediate dim over all ranks, "ep" gives each rank whole experts (E / tp_size)."""
+    if moe_parallel not in ("tp", "ep"):
+        raise ValueError(f"parallel.moe must be 'tp' or 'ep', got {moe_parallel!r}")
+    return ParallelLayout.tensor_parallel(tp_rank, tp_size,
+                                          tp_size if moe_parallel == "ep" else 1)
+
+
 class ModelRunner:
     def __init__(self, model_cfg: Any, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32, tp_rank: int = 0, tp_size: int = 1,
                  kv_num_pages: int | None = None, memory_fraction: float | None = None,
-                 page_size: int = 16) -> None:
+                 page_size: int = 16, moe_parallel: str = "tp") -> None:
         self.source = ModelSource.coerce(model_cfg)
         self.device = torch.device(device)
         if self.device.type == "cuda":
@@ -121,7 +138,7 @@ class ModelRunner:
                 self.device = torch.device("cuda", torch.cuda.current_device())
             torch.cuda.set_device(self.device)  # NCCL collectives use the current device
         self.dtype, self.page_size = dtype, page_size
-        self.layout = ParallelLayout.tensor_parallel(tp_rank, tp_size)
+        self.layout = moe_layout(tp_rank, tp_size, moe_parallel)
         self.world = World(self.layout)
         self.hf_config = self.source.config()
         self.vocab_size = int(self.hf_config["vocab_size"])
@@ -129,7 +146,8 @@ class ModelRunner:
         folder = self.source.path if self.source.load_format != "dummy" else None
         self.eos_token_ids = read_eos_token_ids(folder, self.hf_config)
 
-        ctx = BuildContext(self.layout, self.device, dtype, page_size)
+        ctx = BuildContext(self.layout, self.device, dtype, page_size,
+                           checkpoint_tensor_names(folder) if folder is not None else None)
         cls = model_class(self.hf_config.get("architectures"))
         with torch.device("meta"):
             model: nn.Module = cls(self.hf_config, ctx)
@@ -155,21 +173,38 @@ class ModelRunner:
 
     @classmethod
     def from_config(cls, config: Any, files: Any, device: str | torch.device,
-                    dtype: torch.dtype, tp_rank: int = 0, tp_size: int = 1) -> "ModelRunner":
+                    dtype: torch.dtype, tp_rank: int = 0, tp_size: int = 1,
+                    on_stage: StageReport | None = None) -> "ModelRunner":
         """From the daemon's AppConfig and resolved model files (appliance.engine.model_files):
         `files.checkpoint` (HF folder) or `files.preset` (dummy weights). On CUDA, decode
         steps of up to min(scheduler.max_running, 256) rows run as CUDA graphs (see
-        `use_cuda_graphs`)."""
+        `use_cuda_graphs`). `on_stage` hears each start-up stage begin and end."""
+        report = on_stage or (lambda stage, summary: None)
         dummy = files.checkpoint is None or config.model.load_format == "dummy"
         source = ModelSource(path=files.checkpoint, preset=files.preset,
                              load_format="dummy" if dummy else "auto", seed=config.model.seed)
+        report("weights", None)
+        started = time.perf_counter()
         runner = cls(source, device, dtype, tp_rank, tp_size, kv_num_pages=config.kv.num_pages,
-                     memory_fraction=config.kv.memory_fraction, page_size=config.kv.page_size)
+                     memory_fraction=config.kv.memory_fraction, page_size=config.kv.page_size,
+                     moe_parallel=config.parallel.moe)
+        seconds = max(time.perf_counter() - started, 1e-9)
+        size = sum(p.numel() * p.element_size() for p in runner.model.parameters())
+        report("weights", f"{_bytes(size)}{' per rank' if tp_size > 1 else ''} in {seconds:.1f} s "
+                          f"({_bytes(size / seconds)}/s); KV cache {runner.num_pages} pages "
+                          f"of {runner.page_size} tokens")
         max_len = min(int(config.model.max_model_len), runner.max_model_len)
         if use_cuda_graphs(runner.device, dtype, dict(config.kernels.override)):
+            report("CUDA graphs", None)
+            started = time.perf_counter()
             runner.enable_cuda_graphs(min(int(config.scheduler.max_running), 256), max_len)
+            report("CUDA graphs", f"{len(runner.decode_graphs.buckets)} decode batch sizes in "
+                                  f"{time.perf_counter() - started:.1f} s")
         if runner.device.type == "cuda":
+            report("warm-up", None)
+            started = time.perf_counter()
             runner.warm_up(int(config.scheduler.max_batch_tokens), max_len)
+            report("warm-up", f"{time.perf_counter() - started:.1f} s")
         return runner
 
     @torch.inference_mode()

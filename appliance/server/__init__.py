@@ -1,4 +1,5 @@
-"""The frontend: OpenAI + Anthropic APIs, SSE, /metrics and /stats over TCP and a Unix socket.
+"""The frontend: OpenAI (chat, completions, responses) + Anthropic APIs, SSE, /metrics and /stats
+over TCP and a Unix socket.
 
 `build_app(config, client, tokenizer)` builds the FastAPI app; `serve(config, client, tokenizer)`
 runs it. May import `appliance.engine` (client, protocol) and `appliance.config` only.

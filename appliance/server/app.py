@@ -7,7 +7,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from appliance.config import AppConfig
-from appliance.server import anthropic, health, metrics, openai, stats
+from appliance.server import anthropic, health, metrics, openai, responses, stats
 from appliance.server.body_limit import BodyLimitMiddleware
 from appliance.server.errors import install_error_handlers
 from appliance.server.metrics import FrontendMetrics
@@ -22,7 +22,7 @@ def build_app(config: AppConfig, client: EngineClientLike, tokenizer: Any) -> Fa
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=config.server.max_body_bytes)
     app.add_middleware(ArrivalTimeMiddleware)  # outermost: stamped before anything else runs
-    for router in (health.router, health.models_router, *openai.ROUTERS, *anthropic.ROUTERS,
+    for router in (health.router, health.models_router, *openai.ROUTERS, *responses.ROUTERS, *anthropic.ROUTERS,
                    metrics.router, stats.router):
         app.include_router(router)
     return app

@@ -19,9 +19,11 @@ class IncrementalDetokenizer:
     """Feeds one token id at a time; `push` returns the newly stable text (maybe "")."""
 
     def __init__(self, tokenizer: Any, prompt_ids: Sequence[int] = (),
-                 skip_special_tokens: bool = True) -> None:
+                 keep_special: frozenset[str] = frozenset()) -> None:
+        """Special tokens are left out of the text, except those whose text is in
+        `keep_special` (a tool-call format's markup, e.g. `<|tool_calls_section_begin|>`)."""
         self._decode_ids = _fast_decoder(tokenizer)
-        self._skip_special = skip_special_tokens
+        self._skip_ids = _special_ids(tokenizer, keep_special) if keep_special else None
         self._ids: list[int] = list(prompt_ids[-PROMPT_CONTEXT_TOKENS:]) if prompt_ids else []
         self._prefix_offset = 0  # start of the decode window
         self._read_offset = len(self._ids)  # ids before this were emitted
@@ -45,7 +47,16 @@ class IncrementalDetokenizer:
         return delta
 
     def _decode(self, ids: list[int]) -> str:
-        return self._decode_ids(ids, self._skip_special) if ids else ""
+        if self._skip_ids is None:
+            return self._decode_ids(ids, True) if ids else ""
+        ids = [i for i in ids if i not in self._skip_ids]
+        return self._decode_ids(ids, False) if ids else ""
+
+
+def _special_ids(tokenizer: Any, keep: frozenset[str]) -> frozenset[int]:
+    """Ids of the tokenizer's special added tokens, but for those whose text is in `keep`."""
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    return frozenset(i for i, token in added.items() if token.special and token.content not in keep)
 
 
 def _fast_decoder(tokenizer: Any) -> Callable[[list[int], bool], str]:

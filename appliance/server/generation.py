@@ -1,8 +1,9 @@
 """One request through the engine: token ids in, API-neutral events out.
 
-Pipeline per token: incremental detokenizer -> stop strings -> tool-call parser. Also records the
-request for /stats and the latency histograms, and aborts the request in the engine whenever the
-consumer goes away (client disconnect, stop string, server shutdown).
+Pipeline per token: incremental detokenizer -> stop strings -> the tool-call format's parser
+(calls, reasoning channels). Also records the request for /stats and the latency histograms,
+and aborts the request in the engine whenever the consumer goes away (client disconnect, stop
+string, server shutdown).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
@@ -22,7 +23,8 @@ from appliance.server.detokenize import IncrementalDetokenizer
 from appliance.server.errors import ApiError
 from appliance.server.state import AppState
 from appliance.server.stop_strings import StopStringMatcher
-from appliance.server.tool_calls import ParsedToolCall, ToolCallParser
+from appliance.server.tool_parsers import (ParsedToolCall, Piece, Reasoning, ToolCallArgs, ToolCallEnd,
+                                           ToolCallFormat, ToolCallStart, ToolSpec)
 
 
 @dataclass(frozen=True)
@@ -49,7 +51,8 @@ class SamplingOptions:
 class GenerationJob:
     prompt_ids: list[int]
     sampling: SamplingOptions
-    parse_tools: bool = False
+    chat: bool = False  # a chat reply: parse the format's markup (calls of `tools`, reasoning)
+    tools: tuple[ToolSpec, ...] = ()  # the calls to parse (none: tools are off)
     session: str = ""
     user: str = ""
     arrived_at: float | None = None  # monotonic time the HTTP request arrived (TTFT starts there)
@@ -71,9 +74,11 @@ class TokenDelta:
 
 
 @dataclass(frozen=True)
-class ToolCallDelta:
-    index: int
-    call: ParsedToolCall
+class Prefilled:
+    """The engine's first output arrived: the prompt is in the KV cache, `cached_tokens` of it
+    reused from the prefix cache."""
+
+    cached_tokens: int
 
 
 @dataclass(frozen=True)
@@ -84,23 +89,35 @@ class Finished:
     num_tool_calls: int = 0
     stop_sequence: str | None = None
     token_ids: tuple[int, ...] = ()  # every generated token id, in order
+    cached_tokens: int = 0  # prompt tokens reused from the prefix cache
+    reasoning_tokens: int = 0  # generated while the output was in a reasoning channel
+
+    @property
+    def called_tools(self) -> bool:
+        """A call was really made: complete calls, and the output ended on its own."""
+        return bool(self.num_tool_calls) and self.reason in ("stop", "stop_sequence")
 
 
-Event = TextDelta | TokenDelta | ToolCallDelta | Finished
+Event = TextDelta | TokenDelta | Prefilled | Reasoning | ToolCallStart | ToolCallArgs | ToolCallEnd | Finished
 
 
 class OutputPipeline:
-    """Detokenize, cut at stop strings, split out tool calls."""
+    """Detokenize, cut at stop strings, split out tool calls and reasoning."""
 
-    def __init__(self, tokenizer: Any, job: GenerationJob) -> None:
-        self._detok = IncrementalDetokenizer(tokenizer, job.prompt_ids)
+    def __init__(self, tokenizer: Any, tool_format: ToolCallFormat, job: GenerationJob) -> None:
+        parse = job.chat and (bool(job.tools) or tool_format.always_parse)
+        self._parser = tool_format.parser(list(job.tools)) if parse else None
+        keep = frozenset(tool_format.markers) if parse else frozenset()
+        self._detok = IncrementalDetokenizer(tokenizer, job.prompt_ids, keep)
         self._stops = StopStringMatcher(job.sampling.stop)
-        self._tools = ToolCallParser() if job.parse_tools else None
-        self._calls_emitted = 0
 
     @property
     def num_tool_calls(self) -> int:
-        return self._tools.num_calls if self._tools else 0
+        return self._parser.num_calls if self._parser else 0
+
+    @property
+    def in_reasoning(self) -> bool:
+        return bool(self._parser and self._parser.in_reasoning)
 
     def push(self, token_id: int, last: bool, decode: bool) -> tuple[list[Event], str | None]:
         """Events for one engine output, and the stop string that ended the output (if any)."""
@@ -112,27 +129,21 @@ class OutputPipeline:
             return self._route(emit), None
         if matched is None:
             emit += self._stops.flush()
-        return self._route(emit) + self._finish_tools(), matched
+        return self._route(emit) + self._finish(), matched
 
     def _route(self, text: str) -> list[Event]:
         if not text:
             return []
-        if self._tools is None:
+        if self._parser is None:
             return [TextDelta(text)]
-        return self._events(self._tools.feed(text))
+        return _events(self._parser.feed(text))
 
-    def _finish_tools(self) -> list[Event]:
-        return self._events(self._tools.finish()) if self._tools else []
+    def _finish(self) -> list[Event]:
+        return _events(self._parser.finish()) if self._parser else []
 
-    def _events(self, pieces: list[str | ParsedToolCall]) -> list[Event]:
-        events: list[Event] = []
-        for piece in pieces:
-            if isinstance(piece, str):
-                events.append(TextDelta(piece))
-            else:
-                events.append(ToolCallDelta(self._calls_emitted, piece))
-                self._calls_emitted += 1
-        return events
+
+def _events(pieces: list[Piece]) -> list[Event]:
+    return [TextDelta(p) if isinstance(p, str) else p for p in pieces]
 
 
 def engine_request(rid: int, job: GenerationJob) -> GenerateRequest:
@@ -149,15 +160,21 @@ def engine_request(rid: int, job: GenerationJob) -> GenerateRequest:
 
 
 async def generate(state: AppState, job: GenerationJob) -> AsyncIterator[Event]:
-    """Run `job` in the engine; yields text/tool-call deltas and exactly one final `Finished`."""
+    """Run `job` in the engine; yields one `Prefilled`, text / reasoning / tool-call events and
+    exactly one final `Finished`."""
     client = state.client
     rid = client.new_rid()
-    tracked = state.tracker.start(rid, job.user, len(job.prompt_ids), job.arrived_at)
-    pipeline = OutputPipeline(state.tokenizer, job)
+    tracked = state.tracker.start(rid, job.user, len(job.prompt_ids), job.arrived_at, job.session)
+    pipeline = OutputPipeline(state.tokenizer, state.tool_format, job)
     stream = client.generate(engine_request(rid, job))
     token_ids: list[int] = []
+    cached = reasoning_tokens = 0
+    prefilled = False
     try:
         async for out in _engine_outputs(state, stream, token_ids):
+            if not prefilled:
+                prefilled, cached = True, out.cached_tokens or 0
+                yield Prefilled(cached)
             decodes = _decodes(state, out)
             if out.token_id >= 0:
                 token_ids.append(out.token_id)
@@ -167,14 +184,15 @@ async def generate(state: AppState, job: GenerationJob) -> AsyncIterator[Event]:
                     yield TokenDelta(out.token_id, logprobs)
             last = out.finish_reason is not None
             events, matched = pipeline.push(out.token_id, last, decodes)
+            reasoning_tokens += out.token_id >= 0 and pipeline.in_reasoning
             for item in events:
                 yield item
             if matched is not None or last:
                 if matched is not None:
                     await _close(stream)  # aborts the request in the engine (INTERFACES §4)
                 reason = "stop_sequence" if matched is not None else str(out.finish_reason)
-                yield Finished(reason, len(job.prompt_ids), len(token_ids),
-                               pipeline.num_tool_calls, matched, tuple(token_ids))
+                yield Finished(reason, len(job.prompt_ids), len(token_ids), pipeline.num_tool_calls,
+                               matched, tuple(token_ids), cached, reasoning_tokens)
                 return
         raise ApiError(503, "The engine stopped before the request finished")
     finally:
@@ -214,40 +232,82 @@ async def _close(stream: AsyncIterator[TokenOutput]) -> None:
             await aclose()
 
 
-@dataclass(frozen=True)
+async def generate_choices(state: AppState, jobs: list[GenerationJob]
+                           ) -> AsyncIterator[tuple[int, Event]]:
+    """Run the jobs at once (n choices); yields (choice index, event) as they come. Closing
+    this closes every choice's generation (aborting those still running)."""
+    if len(jobs) == 1:
+        async with aclosing(generate(state, jobs[0])) as events:
+            async for event in events:
+                yield 0, event
+        return
+    queue: asyncio.Queue[tuple[int, Event | BaseException | None]] = asyncio.Queue()
+
+    async def pump(index: int, job: GenerationJob) -> None:
+        try:
+            async with aclosing(generate(state, job)) as events:
+                async for event in events:
+                    await queue.put((index, event))
+        except Exception as e:  # handed to the consumer, which raises it
+            await queue.put((index, e))
+        await queue.put((index, None))
+
+    tasks = [asyncio.ensure_future(pump(i, job)) for i, job in enumerate(jobs)]
+    try:
+        running = len(jobs)
+        while running:
+            index, item = await queue.get()
+            if item is None:
+                running -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        with anyio.CancelScope(shield=True):
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+
+@dataclass
 class Collected:
     """A whole (non-streamed) generation."""
 
-    text: str
-    tool_calls: list[ParsedToolCall]
-    finished: Finished
-    logprobs: list[TokenDelta]  # the tokens' log-probabilities, when the job asked for them
-
-
-async def collect(request: Request, events: AsyncIterator[Event]) -> Collected:
-    """Drain `events`; if the client disconnects first, cancel (which aborts in the engine)."""
-    parts: list[str] = []
-    calls: list[ParsedToolCall] = []
-    logprobs: list[TokenDelta] = []
+    text: str = ""
+    reasoning: str = ""
+    tool_calls: list[ParsedToolCall] = field(default_factory=list)
+    logprobs: list[TokenDelta] = field(default_factory=list)  # when the job asked for them
     finished: Finished | None = None
+
+    def add(self, event: Event) -> None:
+        if isinstance(event, TextDelta):
+            self.text += event.text
+        elif isinstance(event, Reasoning):
+            self.reasoning += event.text
+        elif isinstance(event, ToolCallEnd):
+            self.tool_calls.append(event.call)
+        elif isinstance(event, TokenDelta) and event.logprobs is not None:
+            self.logprobs.append(event)
+        elif isinstance(event, Finished):
+            self.finished = event
+
+
+async def collect(request: Request, state: AppState, jobs: list[GenerationJob]) -> list[Collected]:
+    """Each job's whole generation; if the client disconnects first, cancel (which aborts in
+    the engine)."""
+    results = [Collected() for _ in jobs]
     with anyio.CancelScope() as scope:
         watcher = asyncio.ensure_future(_cancel_on_disconnect(request, scope))
         try:
-            async with aclosing(events):
-                async for item in events:
-                    if isinstance(item, TextDelta):
-                        parts.append(item.text)
-                    elif isinstance(item, ToolCallDelta):
-                        calls.append(item.call)
-                    elif isinstance(item, TokenDelta) and item.logprobs is not None:
-                        logprobs.append(item)
-                    elif isinstance(item, Finished):
-                        finished = item
+            async with aclosing(generate_choices(state, jobs)) as events:
+                async for index, event in events:
+                    results[index].add(event)
         finally:
             watcher.cancel()
-    if finished is None:
+    if any(r.finished is None for r in results):
         raise ApiError(499, "Client disconnected")
-    return Collected("".join(parts), calls, finished, logprobs)
+    return results
 
 
 async def _cancel_on_disconnect(request: Request, scope: anyio.CancelScope) -> None:

@@ -1,4 +1,5 @@
-"""What every route needs: config, engine client, tokenizer, metrics and the request tracker."""
+"""What every route needs: config, engine client, tokenizer, metrics, the request tracker and
+what `/stats` keeps (counter window, GPU telemetry)."""
 
 from __future__ import annotations
 
@@ -9,19 +10,23 @@ from typing import TYPE_CHECKING, Any, Protocol
 from fastapi import Request
 
 from appliance.config import AppConfig
+from appliance.server.counter_window import CounterWindow
+from appliance.server.gpus import GpuTelemetry
 from appliance.server.tokenizer_pool import TokenizerPool
+from appliance.server.tool_parsers import ToolCallFormat, select_format
 from appliance.server.tracker import RequestTracker
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
 
-    from appliance.engine.protocol import GenerateRequest, TokenOutput
+    from appliance.engine.protocol import GenerateRequest, RequestProgress, TokenOutput
     from appliance.server.metrics import FrontendMetrics
 
 
 class EngineInfoLike(Protocol):
     vocab_size: int
     eos_token_ids: tuple[int, ...]
+    devices: tuple[str, ...]  # GPU UUIDs of the ranks; () on CPU
 
 
 class EngineClientLike(Protocol):
@@ -34,6 +39,7 @@ class EngineClientLike(Protocol):
     def generate(self, req: GenerateRequest) -> AsyncIterator[TokenOutput]: ...
     async def abort(self, rid: int) -> None: ...
     def stats(self) -> dict[str, float]: ...
+    def request_progress(self) -> dict[int, RequestProgress]: ...
 
 
 @dataclass
@@ -43,14 +49,19 @@ class AppState:
     tokenizer: Any  # a transformers tokenizer with a chat template
     metrics: FrontendMetrics
     tracker: RequestTracker = field(default_factory=RequestTracker)
+    counters: CounterWindow = field(default_factory=CounterWindow)  # /stats' last-minute figures
     started_at: float = field(default_factory=time.monotonic)
     created_at: float = field(default_factory=time.time)
     tokenizers: TokenizerPool = field(init=False)  # copies of `tokenizer` for worker threads
     eos_token_ids: tuple[int, ...] = field(init=False)
+    tool_format: ToolCallFormat = field(init=False)  # the model's tool-call markup
+    gpus: GpuTelemetry = field(init=False)
 
     def __post_init__(self) -> None:
         self.tokenizers = TokenizerPool(self.tokenizer)
         self.eos_token_ids = _eos_token_ids(self.client, self.tokenizer)
+        self.tool_format = select_format(self.config.server.tool_parser, self.tokenizer)
+        self.gpus = GpuTelemetry(self.client.info.devices)
 
     @property
     def model_name(self) -> str:

@@ -1,4 +1,5 @@
-"""Per-request token timing measured in the frontend: decode TPS, tokens per minute, TTFT, ITL.
+"""Per-request token timing measured in the frontend: decode TPS, tokens per minute (and their
+last minutes, for sparklines), TTFT, ITL.
 
 Everything here is fed from the token arrival times the frontend sees, so it is what a user sees.
 """
@@ -10,13 +11,15 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-WINDOW_S = 60.0
+WINDOW_S = 60.0  # tokens per minute are measured over this window
+HISTORY_S = 300.0  # per-second counts kept for the dashboard's sparklines
+TPS_WINDOW_S = 5.0  # a request's decode TPS "now" is measured over this window
 
 
 class RateWindow:
     """Counts over a sliding window, in one-second buckets (bounded memory at any rate)."""
 
-    def __init__(self, window_s: float = WINDOW_S) -> None:
+    def __init__(self, window_s: float = HISTORY_S) -> None:
         self._window_s = window_s
         self._buckets: deque[list[float]] = deque()  # [bucket second, count]
 
@@ -28,9 +31,23 @@ class RateWindow:
             self._buckets.append([second, count])
         self._trim(now)
 
-    def total(self, now: float) -> float:
+    def total(self, now: float, window_s: float = WINDOW_S) -> float:
+        """The count of the last `window_s` seconds (at most the window it keeps)."""
         self._trim(now)
-        return sum(count for _, count in self._buckets)
+        return sum(count for second, count in self._buckets if second > now - window_s)
+
+    def series(self, now: float, bucket_s: int, span_s: float) -> list[float]:
+        """Rates per second in consecutive `bucket_s`-second buckets over the last `span_s`
+        seconds of whole seconds before `now`, oldest first (the current second is not over)."""
+        self._trim(now)
+        end = math.floor(now)
+        n = int(span_s // bucket_s)
+        start = end - n * bucket_s
+        sums = [0.0] * n
+        for second, count in self._buckets:
+            if start <= second < end:
+                sums[int((second - start) // bucket_s)] += count
+        return [total / bucket_s for total in sums]
 
     def _trim(self, now: float) -> None:
         while self._buckets and self._buckets[0][0] <= now - self._window_s:
@@ -43,6 +60,7 @@ class TrackedRequest:
     user: str
     prompt_tokens: int
     started_at: float
+    session: str = ""
     generated_tokens: int = 0
     first_token_at: float | None = None
     last_token_at: float | None = None
@@ -60,15 +78,15 @@ class TrackedRequest:
         return None, now - previous
 
     def decode_tps(self, now: float) -> float:
-        """Decode tokens per second over the last WINDOW_S seconds (stalls count as time)."""
+        """Decode tokens per second over the last TPS_WINDOW_S seconds (stalls count as time)."""
         if self.first_token_at is None:
             return 0.0
         self._trim(now)
-        span = now - max(now - WINDOW_S, self.first_token_at)
+        span = now - max(now - TPS_WINDOW_S, self.first_token_at)
         return len(self.decode_arrivals) / span if span > 0 else 0.0
 
     def _trim(self, now: float) -> None:
-        while self.decode_arrivals and self.decode_arrivals[0] <= now - WINDOW_S:
+        while self.decode_arrivals and self.decode_arrivals[0] <= now - TPS_WINDOW_S:
             self.decode_arrivals.popleft()
 
 
@@ -84,12 +102,12 @@ class RequestTracker:
     def now() -> float:
         return time.monotonic()
 
-    def start(self, rid: int, user: str, prompt_tokens: int,
-              arrived_at: float | None = None) -> TrackedRequest:
+    def start(self, rid: int, user: str, prompt_tokens: int, arrived_at: float | None = None,
+              session: str = "") -> TrackedRequest:
         """Track a request; its TTFT counts from `arrived_at` (the HTTP arrival) when given."""
         now = self.now()
         started = now if arrived_at is None else arrived_at
-        tracked = TrackedRequest(rid, user, prompt_tokens, started_at=started)
+        tracked = TrackedRequest(rid, user, prompt_tokens, started_at=started, session=session)
         self._active[rid] = tracked
         self._prompted.add(prompt_tokens, now)
         return tracked
@@ -113,3 +131,9 @@ class RequestTracker:
 
     def prompt_tokens_per_minute(self) -> float:
         return self._prompted.total(self.now()) * 60.0 / WINDOW_S
+
+    def history(self, bucket_s: int, span_s: float = HISTORY_S) -> dict[str, list[float]]:
+        """Generated and prompt tokens per second, per `bucket_s` over the last `span_s`."""
+        now = self.now()
+        return {"generation_tokens_per_s": self._generated.series(now, bucket_s, span_s),
+                "prompt_tokens_per_s": self._prompted.series(now, bucket_s, span_s)}

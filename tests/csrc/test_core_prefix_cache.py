@@ -130,3 +130,26 @@ def test_prompt_pages_shared_while_first_request_still_decodes():
     assert (p.page_table[row, :7] == p.page_table[list(p.rids).index(1), :7]).all()
     d.run()
     assert s.stats()["pages_used"] == 0
+
+
+def test_cached_tokens_reports_each_requests_prefix_hit():
+    """cached_tokens(rid): None until admitted, then the prompt tokens the prefix cache gave
+    that request at its first admission, which is what the hit counter moved by."""
+    ps = 4
+    s = make(num_pages=128, page_size=ps)
+    p1 = list(range(100, 137))
+    a1 = run_turn(s, 1, p1, 10)
+    assert s.cached_tokens(1) is None  # finished: forgotten
+    s.submit(2, i32(p1 + a1 + [7, 8]), 3, i32([]))
+    assert s.cached_tokens(2) is None  # queued
+    before = s.stats()["prefix_cache_hit_tokens_total"]
+    p = s.plan()
+    hit = s.stats()["prefix_cache_hit_tokens_total"] - before
+    assert hit == 44 and s.cached_tokens(2) == hit == p.prefix_lens[0]
+    s.submit(3, i32(range(900, 920)), 2, i32([]))  # a prompt nobody computed
+    s.commit(p.step, i32([1]), 0.0)
+    p = s.plan()
+    assert s.cached_tokens(3) == 0 and s.cached_tokens(2) == 44
+    s.commit(p.step, i32([1] * p.num_rows), 0.0)
+    Driver(s).run()
+    assert s.cached_tokens(99) is None

@@ -93,3 +93,29 @@ def test_placeholders_read_the_previous_tokens():
     assert batch.input_ids.tolist() == [22, 11, 7]
     assert batch.page_table.tolist() == [[0, 1], [2, 0], [3, 0]]
     assert batch.seq_lens.tolist() == [5, 10, 1]
+
+
+def test_first_output_carries_the_prefix_cache_hit(engine):
+    """The first TokenOutput of a request carries the prompt tokens the scheduler reused
+    (0 on a cold cache; every full page of the earlier turn on the next one); later outputs
+    carry None. A finished request publishes stats before its last output."""
+    from appliance.engine.protocol import Outputs, Stats
+
+    prompt = list(range(1, 19))  # 18 tokens, page size 4
+    engine._submit(GenerateRequest(1, prompt, max_new_tokens=3, temperature=0.0, ignore_eos=True))
+    while engine.step():
+        pass
+    turn1 = [o for m in engine.sent if isinstance(m, Outputs) for o in m.items if o.rid == 1]
+    assert [o.cached_tokens for o in turn1] == [0, None, None]
+    last = next(i for i, m in enumerate(engine.sent)
+                if isinstance(m, Outputs) and any(o.finish_reason for o in m.items))
+    assert isinstance(engine.sent[last - 1], Stats)
+    assert engine.sent[last - 1].values["generation_tokens_total"] == 3
+    hits_before = engine.scheduler.stats()["prefix_cache_hit_tokens_total"]
+    engine._submit(GenerateRequest(2, prompt + expected(prompt, 3) + [7], max_new_tokens=2,
+                                   temperature=0.0, ignore_eos=True))
+    while engine.step():
+        pass
+    turn2 = [o for m in engine.sent if isinstance(m, Outputs) for o in m.items if o.rid == 2]
+    hit = engine.scheduler.stats()["prefix_cache_hit_tokens_total"] - hits_before
+    assert turn2[0].cached_tokens == hit == 20 and turn2[1].cached_tokens is None

@@ -4,6 +4,7 @@ hostile input that never reaches or harms the real engine."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -144,7 +145,7 @@ def test_anthropic_count_tokens_matches_usage(daemon):
     messages = [{"role": "user", "content": "How many tokens is this?"}]
     counted = client.messages.count_tokens(model=MODEL, messages=messages, system="Be short.")
     message = client.messages.create(model=MODEL, max_tokens=5, messages=messages, system="Be short.")
-    assert counted.input_tokens == message.usage.input_tokens > 5
+    assert counted.input_tokens == message.usage.input_tokens + message.usage.cache_read_input_tokens > 5
     assert 1 <= message.usage.output_tokens <= 5
 
 
@@ -158,7 +159,7 @@ async def test_top_dashboard_reads_the_real_daemon(daemon):
             await pilot.pause(0.05)
         assert app.reachable is True
         assert app.stats["model"] == MODEL and app.stats["kv"]["pages_total"] == 1024
-        assert "of 1024 pages" in str(app.query_one("#kv").render())
+        assert "of 1,024 pages" in str(app.query_one("#kv").render())
         await pilot.press("q")
     assert not app.is_running
 
@@ -202,3 +203,94 @@ def test_hostile_requests_are_4xx_and_the_daemon_serves_on(daemon):
     assert tried > 130
     assert wait_until(lambda: _idle(daemon), 15)
     assert _pages_used(daemon) == idle_pages
+
+
+def _metric(d: Daemon, name: str) -> float:
+    with d.uds() as http:
+        text = http.get("/metrics").text
+    return next(float(line.split()[-1]) for line in text.splitlines() if line.startswith(f"tokenspeed_{name} "))
+
+
+def test_claude_code_loop_reports_cached_tokens_and_metrics_are_current(daemon):
+    """A 3-turn /v1/messages conversation with tools and cache_control blocks: turns 2 and 3
+    read the earlier turns' KV from the prefix cache, cache_read_input_tokens says how many
+    (what the /metrics counter moved by), and /metrics is current when each reply returns."""
+    client = anthropic.Anthropic(base_url=f"http://127.0.0.1:{daemon.port}", api_key="x", max_retries=0)
+    tools = [{"name": "Read", "description": "Read a file from the repository",
+              "input_schema": {"type": "object", "properties": {"file_path": {"type": "string"}},
+                               "required": ["file_path"]}, "cache_control": {"type": "ephemeral"}}]
+    system = [{"type": "text", "text": "You are a coding agent working in a Python repository. " * 6,
+               "cache_control": {"type": "ephemeral"}}]
+    messages: list = []
+    for turn, ask in enumerate(["Where is the scheduler?", "And the sampler?", "Summarize both."]):
+        messages.append({"role": "user", "content": [{"type": "text", "text": ask,
+                                                      "cache_control": {"type": "ephemeral"}}]})
+        hits, generated = _metric(daemon, "prefix_cache_hit_tokens_total"), _metric(daemon, "generation_tokens_total")
+        reply = client.messages.create(model=MODEL, max_tokens=12, extra_body={"temperature": 0}, system=system, tools=tools,
+                                       messages=messages, metadata={"user_id": "user_e2e_account_1_session_cc-3"})
+        usage = reply.usage
+        assert _metric(daemon, "prefix_cache_hit_tokens_total") - hits == usage.cache_read_input_tokens
+        assert _metric(daemon, "generation_tokens_total") - generated == usage.output_tokens  # no lag
+        if turn:
+            assert usage.cache_read_input_tokens > 0
+        messages.append({"role": "assistant", "content": [b.model_dump(exclude_none=True) for b in reply.content
+                                                          if b.type != "text" or b.text]
+                         or [{"type": "text", "text": "."}]})
+
+
+def test_responses_and_n_choices_through_the_real_engine(daemon):
+    client = daemon.openai()
+    first = client.responses.create(model=MODEL, instructions="You are Codex. " * 8, input="list the files",
+                                    max_output_tokens=6, temperature=0, store=False)
+    assert first.status in ("completed", "incomplete") and first.usage.output_tokens >= 1
+    history = [{"role": "user", "content": "list the files"},
+               *[item.model_dump(exclude_none=True) for item in first.output],
+               {"role": "user", "content": "now the tests"}]
+    with client.responses.stream(model=MODEL, instructions="You are Codex. " * 8, input=history,
+                                 max_output_tokens=6, temperature=0) as stream:
+        last = list(stream)[-1]  # response.incomplete when cut at max_output_tokens
+    assert last.type in ("response.completed", "response.incomplete")
+    second = last.response
+    assert second.usage.input_tokens_details.cached_tokens > 0
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "pick"}], n=2,
+                                          seed=3, max_tokens=8, extra_body={"ignore_eos": True})
+    assert [c.index for c in chat.choices] == [0, 1] and chat.usage.completion_tokens == 16
+
+
+def test_forced_tool_calls_and_schemas_hold_on_random_weights(daemon):
+    """Whatever the random weights say, a forced tool choice (Responses, chat, messages) gives
+    exactly one call with schema-valid arguments, and a response_format schema is met."""
+    client = daemon.openai()
+    shell = {"type": "function", "name": "shell", "parameters": {
+        "type": "object", "properties": {"command": {"type": "array", "items": {"type": "string"}, "maxItems": 3}},
+        "required": ["command"], "additionalProperties": False}}
+    out = client.responses.create(model=MODEL, input="list files", tools=[shell], tool_choice="required",
+                                  parallel_tool_calls=False, max_output_tokens=200)
+    (call,) = [item for item in out.output if item.type == "function_call"]
+    assert call.name == "shell" and isinstance(json.loads(call.arguments)["command"], list)
+    follow = client.responses.create(model=MODEL, max_output_tokens=8, tools=[shell], input=[
+        {"role": "user", "content": "list files"}, call.model_dump(exclude_none=True),
+        {"type": "function_call_output", "call_id": call.call_id, "output": "a.py"}])
+    assert follow.status in ("completed", "incomplete")
+
+    weather = {"type": "object", "additionalProperties": False, "required": ["city", "days"],
+               "properties": {"city": {"type": "string", "maxLength": 8},
+                              "days": {"type": "integer", "minimum": 1, "maximum": 7}}}
+    chat = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "weather?"}], max_tokens=200, parallel_tool_calls=False,
+        tools=[{"type": "function", "function": {"name": "get_weather", "parameters": weather}}],
+        tool_choice="required")
+    (tool_call,) = chat.choices[0].message.tool_calls
+    arguments = json.loads(tool_call.function.arguments)
+    assert chat.choices[0].finish_reason == "tool_calls" and len(arguments["city"]) <= 8
+    assert 1 <= arguments["days"] <= 7
+    claude = anthropic.Anthropic(base_url=f"http://127.0.0.1:{daemon.port}", api_key="x", max_retries=0)
+    message = claude.messages.create(model=MODEL, max_tokens=200, messages=[{"role": "user", "content": "x"}],
+                                     tools=[{"name": "get_weather", "input_schema": weather}],
+                                     tool_choice={"type": "any", "disable_parallel_tool_use": True})
+    (use,) = [b for b in message.content if b.type == "tool_use"]
+    assert message.stop_reason == "tool_use" and set(use.input) == {"city", "days"}
+    out = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=200,
+                                         response_format={"type": "json_schema",
+                                                          "json_schema": {"name": "w", "schema": weather}})
+    assert set(json.loads(out.choices[0].message.content)) == {"city", "days"}

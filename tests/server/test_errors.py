@@ -53,10 +53,17 @@ def test_missing_and_invalid_fields_name_the_field(served):
 def test_unsupported_options_are_400(served):
     msgs = [{"role": "user", "content": "x"}]
     with served.http() as http:
-        _openai_error(http.post(CHAT, json={"messages": msgs, "n": 2}), 400, "n")
+        _openai_error(http.post(CHAT, json={"messages": msgs, "n": 17}), 400, "n")
+        _openai_error(http.post("/v1/completions", json={"prompt": "x", "n": 0}), 400, "n")
+        _openai_error(http.post(CHAT, json={"messages": msgs, "response_format": {"type": "xml"}}), 400,
+                      "response_format.type")
+        _openai_error(http.post(CHAT, json={"messages": msgs, "response_format": {"type": "json_schema"}}),
+                      400, "response_format.json_schema.schema")
         _openai_error(http.post(CHAT, json={"messages": msgs, "top_logprobs": 2}), 400, "top_logprobs")
         _openai_error(http.post(CHAT, json={"messages": msgs, "structured_outputs": {"regex": "a"}}),
                       400, "structured_outputs")
+        _openai_error(http.post(CHAT, json={"messages": msgs, "structured_outputs": {"json_object": True},
+                                            "response_format": {"type": "json_object"}}), 400, "structured_outputs")
         _openai_error(http.post("/v1/completions", json={"prompt": "x", "echo": True}), 400, "echo")
         _openai_error(http.post("/v1/completions", json={"prompt": ["a", "b"]}), 400, "prompt")
         _openai_error(http.post(CHAT, json={"messages": [{"role": "user", "content": [

@@ -1,4 +1,4 @@
-"""Hostile input against the in-process app (fake engine): every field of the four POST
+"""Hostile input against the in-process app (fake engine): every field of the five POST
 endpoints with values out of range, of the wrong type, too big, and bodies that are not strict
 JSON (invalid UTF-8, lone surrogates, NaN, nesting). Each is a 4xx in the API's own error shape,
 nothing reaches the engine, and the next normal request is served."""
@@ -17,12 +17,13 @@ from appliance.server.field_types import INT32_MAX, INT64_MAX, INT64_MIN
 
 from .conftest import MODEL
 
-CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
+CHAT, COMPLETIONS, RESPONSES = "/v1/chat/completions", "/v1/completions", "/v1/responses"
 MESSAGES, COUNT = "/v1/messages", "/v1/messages/count_tokens"
 USER = [{"role": "user", "content": "hi"}]
 BASE = {
     CHAT: {"model": MODEL, "messages": USER, "max_tokens": 4},
     COMPLETIONS: {"model": MODEL, "prompt": "hi", "max_tokens": 4},
+    RESPONSES: {"model": MODEL, "input": "hi", "max_output_tokens": 4},
     MESSAGES: {"model": MODEL, "max_tokens": 4, "messages": USER},
     COUNT: {"model": MODEL, "messages": USER},
 }
@@ -39,7 +40,7 @@ OPENAI_SAMPLING: dict[str, list[Any]] = {
     "top_k": [-2, INT32_MAX + 1, 10**12, True, 1.5, "5"],
     "seed": [INT64_MAX + 1, INT64_MIN - 1, 2**64, True, 1.5, "1"],
     "stop": [5, [5], ["x"] * 17, "x" * 257, ["x" * 257], [None]],
-    "n": [2, 0, True, "1"],
+    "n": [17, 0, True, "1"],
     "presence_penalty": ["x", True, 2.5],
     "frequency_penalty": ["x", False, -2.5],
     "logit_bias": ["x", [1], {"5": 101}, {"5": "x"}, {"5": True}, {str(VOCAB): 1}, {"-1": 1}, {"1e2": 1},
@@ -68,7 +69,8 @@ CHAT_FIELDS: dict[str, list[Any]] = {
     "parallel_tool_calls": ["yes", 1],
     "logprobs": ["yes", 1],
     "top_logprobs": [True, 3, "3", 21, -1],  # 3: without logprobs true
-    "response_format": ["json", {"type": "json_object"}],
+    "response_format": ["json", {"type": "yaml"}, {"type": "json_schema"},
+                        {"type": "json_schema", "json_schema": {"schema": {"type": "wat"}}}],
     "chat_template_kwargs": ["x", 5, [1]],
 }
 COMPLETION_FIELDS: dict[str, list[Any]] = {
@@ -79,6 +81,24 @@ COMPLETION_FIELDS: dict[str, list[Any]] = {
     "logprobs": [True, "2", 21, -1],
     "best_of": [2, True],
     "suffix": [5, "x"],
+}
+RESPONSES_FIELDS: dict[str, list[Any]] = {
+    "model": [5, True, "gpt-9"],
+    "input": [5, None, [5], [{"type": "message", "role": "robot", "content": "x"}],
+              [{"type": "function_call", "call_id": 5, "name": "f"}], [{"type": "item_reference", "id": "x"}],
+              [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]],
+    "instructions": [5, ["x"]],
+    "tools": ["x", [{"type": "function", "name": ""}], [{"type": "web_search"}], [{"type": "function"}]],
+    "tool_choice": ["maybe", "required", {"type": "function", "name": "nope"}],
+    "parallel_tool_calls": ["yes", 1],
+    "max_output_tokens": [True, 0, "5", INT32_MAX + 1, 5000],
+    "temperature": [-0.1, 2.5, "0.5"],
+    "top_p": [0, 1.5, True],
+    "stream": ["yes", 1],
+    "text": ["x", {"format": {"type": "yaml"}}, {"format": {"type": "json_schema", "name": "x"}}],
+    "previous_response_id": ["resp_1", 5],
+    "top_logprobs": [3, "3"],
+    "background": [True, "yes"],
 }
 ANTHROPIC_PROMPT: dict[str, list[Any]] = {
     "model": [5, None, True, "claude-x"],
@@ -104,8 +124,8 @@ MESSAGES_FIELDS: dict[str, list[Any]] = {
     "metadata": ["x", {"user_id": 5}, {"session_id": 5}],
     "speculative": ["no", 0, None],
 }
-FIELDS = {CHAT: CHAT_FIELDS, COMPLETIONS: COMPLETION_FIELDS, MESSAGES: MESSAGES_FIELDS,
-          COUNT: ANTHROPIC_PROMPT}
+FIELDS = {CHAT: CHAT_FIELDS, COMPLETIONS: COMPLETION_FIELDS, RESPONSES: RESPONSES_FIELDS,
+          MESSAGES: MESSAGES_FIELDS, COUNT: ANTHROPIC_PROMPT}
 CASES = [pytest.param(path, name, value, id=f"{path.rsplit('/', 1)[1]}-{name}-{i}")
          for path, fields in FIELDS.items() for name, values in fields.items()
          for i, value in enumerate(values)]

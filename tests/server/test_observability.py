@@ -77,10 +77,14 @@ def test_stats_schema_and_live_request(served):
     with served.uds() as uds:
         assert wait_until(lambda: any(a["generated_tokens"] >= 10 for a in uds.get("/stats").json()["active"]))
         stats = uds.get("/stats").json()
-    assert set(stats) == {"model", "uptime_s", "kv", "requests", "throughput", "speculative",
-                          "totals", "active"}
+    assert set(stats) == {"model", "uptime_s", "engine", "device", "tp_size", "tps_floor", "kv", "requests",
+                          "throughput", "prefix_cache", "speculative", "totals", "history", "gpus", "active",
+                          "users"}
     assert stats["model"] == MODEL and stats["uptime_s"] > 0
-    assert set(stats["kv"]) == {"page_size", "pages_total", "pages_used", "pages_cached", "pages_free"}
+    assert (stats["engine"], stats["device"], stats["tp_size"]) == ("ok", "cpu", 1)
+    assert stats["gpus"] == {"available": False, "reason": "no GPU: the engine runs on the CPU", "devices": []}
+    assert set(stats["kv"]) == {"page_size", "pages_total", "pages_used", "pages_pinned", "pages_cached",
+                                "pages_free"}
     assert stats["kv"]["pages_total"] == 512 and stats["kv"]["page_size"] == 16
     assert stats["requests"] == {"running": 1, "waiting": 1}
     assert set(stats["totals"]) == {"prompt_tokens", "generation_tokens", "prefix_cache_hit_tokens", "preemptions"}
@@ -89,9 +93,14 @@ def test_stats_schema_and_live_request(served):
     assert stats["throughput"]["generation_tokens_per_minute"] >= 10
     assert stats["throughput"]["prompt_tokens_per_minute"] > 0
     (active,) = stats["active"]
-    assert set(active) == {"rid", "user", "prompt_tokens", "generated_tokens", "decode_tps"}
+    assert set(active) == {"rid", "user", "session", "prompt_tokens", "generated_tokens", "decode_tps", "state",
+                           "context_tokens", "cached_tokens", "prefill_pct"}
     assert active["user"] == "carol" and active["prompt_tokens"] > 0
     assert 10 < active["decode_tps"] < 100  # 20 ms per token in the fake engine: about 50/s
+    assert active["state"] == "decoding" and active["context_tokens"] >= active["prompt_tokens"] + 10
+    (user,) = stats["users"]
+    assert (user["key"], user["requests"], user["states"]) == ("carol", 1, {"decoding": 1})
+    assert len(stats["history"]["generation_tokens_per_s"]) == 300 // stats["history"]["bucket_s"]
     assert done.wait(20)
     with served.uds() as uds:
         assert uds.get("/stats").json()["active"] == []

@@ -119,11 +119,14 @@ def test_tool_call_stream_leaks_no_markup(client, served):
                                             tools=TOOLS, stream=True)
     chunks = list(stream)
     content = "".join(c.choices[0].delta.content or "" for c in chunks)
-    calls = [tc for c in chunks for tc in (c.choices[0].delta.tool_calls or [])]
+    deltas = [tc for c in chunks for tc in (c.choices[0].delta.tool_calls or [])]
     assert content == "I will read it."
     assert "<" not in content and "tool_call" not in content
-    assert len(calls) == 1 and calls[0].index == 0 and calls[0].function.name == "read_file"
-    assert json.loads(calls[0].function.arguments) == {"path": "src/main.py"}
+    first, *more = deltas
+    assert first.index == 0 and first.id.startswith("call_") and first.function.name == "read_file"
+    assert len(more) > 1 and all(d.index == 0 and d.id is None and d.function.name is None for d in more)
+    arguments = "".join(d.function.arguments for d in deltas)  # streamed as they were generated
+    assert json.loads(arguments) == {"path": "src/main.py"}
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
 
 

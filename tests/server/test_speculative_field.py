@@ -12,6 +12,7 @@ BODIES = {
     "/v1/chat/completions": {"model": MODEL, "messages": USER, "max_tokens": 3},
     "/v1/completions": {"model": MODEL, "prompt": "hi", "max_tokens": 3},
     "/v1/messages": {"model": MODEL, "messages": USER, "max_tokens": 3},
+    "/v1/responses": {"model": MODEL, "input": "hi", "max_output_tokens": 3},
 }
 
 

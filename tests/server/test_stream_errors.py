@@ -1,6 +1,7 @@
 """A request whose engine stream fails (the engine died, refused it, or broke) ends with an error
 in the API's shape: an SSE error event on streams (OpenAI: a data chunk with an `error` object,
-then `[DONE]`; Anthropic: `event: error`), a 5xx otherwise; never an ordinary finish."""
+then `[DONE]`; Anthropic: `event: error`; Responses: `error` then `response.failed`), a 5xx
+otherwise; never an ordinary finish."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ STREAMS = {
     "/v1/chat/completions": {"model": MODEL, "messages": USER, "stream": True},
     "/v1/completions": {"model": MODEL, "prompt": "x", "stream": True},
     "/v1/messages": {"model": MODEL, "max_tokens": 50, "messages": USER, "stream": True},
+    "/v1/responses": {"model": MODEL, "input": "x", "stream": True},
 }
 
 
@@ -54,6 +56,13 @@ def test_stream_that_fails_ends_with_an_error_event(served, path, kind):
         assert lines[-2] == "event: error" and "message_delta" not in text and "message_stop" not in text
         error = json.loads(lines[-1].removeprefix("data: "))["error"]
         assert error["type"] == anthropic_type
+    elif path == "/v1/responses":
+        assert lines[-4] == "event: error" and lines[-2] == "event: response.failed"
+        assert "response.completed" not in text and "response.incomplete" not in text
+        error = json.loads(lines[-3].removeprefix("data: "))
+        assert error["code"] == openai_type
+        failed = json.loads(lines[-1].removeprefix("data: "))["response"]
+        assert failed["status"] == "failed" and failed["error"]["message"] == error["message"]
     else:
         assert lines[-1] == "data: [DONE]"
         error = json.loads(lines[-2].removeprefix("data: "))["error"]
@@ -68,6 +77,8 @@ def _text_before_error(path: str, lines: list[str]) -> str:
         data = json.loads(line[6:]) if line.startswith("data: {") else {}
         if path == "/v1/messages" and data.get("type") == "content_block_delta":
             parts.append(data["delta"]["text"])
+        if data.get("type") == "response.output_text.delta":
+            parts.append(data["delta"])
         for choice in data.get("choices", []):
             parts.append(choice.get("text") or choice.get("delta", {}).get("content") or "")
     return "".join(parts)

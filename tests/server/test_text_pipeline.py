@@ -1,14 +1,12 @@
-"""Incremental detokenization, stop strings and the tool-call parser, each on its own."""
+"""Incremental detokenization and stop strings, each on its own (the tool-call parsers:
+test_tool_parsers.py)."""
 
 from __future__ import annotations
-
-import json
 
 import pytest
 
 from appliance.server.detokenize import IncrementalDetokenizer
 from appliance.server.stop_strings import StopStringMatcher
-from appliance.server.tool_calls import ParsedToolCall, ToolCallParser, parse_tool_call
 
 MIXED = "Grüße, 日本語 and emoji 🤖🚀 — done. def f(x):\n    return x"
 
@@ -81,54 +79,7 @@ def test_stop_strings_hold_back_only_possible_prefixes():
     assert matcher.feed("#x") == ("##x", None)
 
 
-def _parse(pieces: list[str]) -> list:
-    parser = ToolCallParser()
-    out = []
-    for piece in pieces:
-        out.extend(parser.feed(piece))
-    return out + parser.finish()
-
-
-def _chars(text: str) -> list[str]:
-    return list(text)
-
-
-def test_tool_call_parsed_from_character_stream_without_markup():
-    text = 'Let me look.\n<tool_call>\n{"name": "read_file", "arguments": {"path": "a.py"}}\n</tool_call>'
-    out = _parse(_chars(text))
-    content = "".join(p for p in out if isinstance(p, str))
-    calls = [p for p in out if isinstance(p, ParsedToolCall)]
-    assert content == "Let me look."
-    assert calls == [ParsedToolCall("read_file", {"path": "a.py"})]
-    assert "<" not in content
-
-
-def test_two_tool_calls_and_whitespace_between():
-    one = '<tool_call>{"name": "a", "arguments": {}}</tool_call>'
-    two = '<tool_call>{"name": "b", "arguments": "{\\"k\\": 1}"}</tool_call>'
-    out = _parse(["\n", one, "\n\n", two, "\n"])
-    assert out == [ParsedToolCall("a", {}), ParsedToolCall("b", {"k": 1})]
-
-
-def test_malformed_tool_call_becomes_plain_text():
-    text = "<tool_call>{not json}</tool_call> after"
-    out = _parse(_chars(text))
-    assert all(isinstance(p, str) for p in out)
-    assert "".join(out) == text
-
-
-def test_unclosed_tool_call_at_end_is_still_a_call():
-    out = _parse(['<tool_call>\n{"name": "run", "arguments": {"cmd": "ls"}}\n'])
-    assert out == [ParsedToolCall("run", {"cmd": "ls"})]
-
-
-def test_text_that_only_looks_like_a_tag_is_kept():
-    out = _parse(_chars("a < b and <tool is fine"))
-    assert "".join(out) == "a < b and <tool is fine"
-
-
-def test_parse_tool_call_rejects_non_calls():
-    assert parse_tool_call('{"arguments": {}}') is None
-    assert parse_tool_call('["name"]') is None
-    assert parse_tool_call('{"name": "x", "arguments": 3}') is None
-    assert json.loads(parse_tool_call('{"name": "x", "arguments": {"q": "ü"}}').arguments_json) == {"q": "ü"}
+def test_detokenizer_keeps_the_special_tokens_it_is_told_to(tokenizer):
+    ids = tokenizer.encode("a<|im_start|>b<|im_end|>", add_special_tokens=False)
+    detok = IncrementalDetokenizer(tokenizer, keep_special=frozenset({"<|im_start|>"}))
+    assert "".join(detok.push(i) for i in ids) + detok.flush() == "a<|im_start|>b"

@@ -7,7 +7,8 @@ from hypothesis import strategies as st
 
 from appliance.server.detokenize import IncrementalDetokenizer
 from appliance.server.stop_strings import StopStringMatcher
-from appliance.server.tool_calls import ParsedToolCall, ToolCallParser
+from appliance.server.tool_parsers import ToolCallEnd, ToolSpec
+from appliance.server.tool_parsers.hermes import HermesParser
 
 TEXT = st.lists(st.sampled_from(list("ab <>/\n{}\":,_lotcé日🤖") + ["<tool_call>", "</tool_call>"]),
                 max_size=30).map("".join)
@@ -35,18 +36,22 @@ def test_stop_strings_independent_of_chunking(text, cuts, stop):
     assert matched == (None if index < 0 else stop)
 
 
+TOOLS = [ToolSpec("read"), ToolSpec("run_cmd"), ToolSpec("f")]
+
+
 def _parse(pieces: list[str]) -> list:
-    parser = ToolCallParser()
+    """Content (adjacent pieces merged) and the completed calls, in order."""
+    parser = HermesParser(TOOLS)
     out: list = []
     for piece in pieces:
         out.extend(parser.feed(piece))
     out.extend(parser.finish())
-    merged: list = []  # adjacent text pieces are one piece of content
+    merged: list = []
     for item in out:
         if isinstance(item, str) and merged and isinstance(merged[-1], str):
             merged[-1] += item
-        else:
-            merged.append(item)
+        elif isinstance(item, (str, ToolCallEnd)):
+            merged.append(item.call if isinstance(item, ToolCallEnd) else item)
     return merged
 
 
@@ -60,7 +65,7 @@ def test_tool_parser_independent_of_chunking(parts, cuts):
     whole = _parse([text])
     assert _parse(_split(text, cuts)) == whole
     for item in whole:
-        if isinstance(item, ParsedToolCall):
+        if not isinstance(item, str):
             assert item.name in ("read", "run_cmd")
 
 
@@ -68,7 +73,7 @@ def test_tool_parser_independent_of_chunking(parts, cuts):
 def test_complete_calls_never_leak_markup(contents):
     calls = "".join(f'<tool_call>{{"name": "f", "arguments": {{"v": "{c}"}}}}</tool_call>' for c in contents)
     out = _parse(list("Sure." + calls))
-    assert out[0] == "Sure." and all(isinstance(item, ParsedToolCall) for item in out[1:])
+    assert out[0] == "Sure." and all(not isinstance(item, str) for item in out[1:])
     assert [item.arguments["v"] for item in out[1:]] == contents
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request, Response
@@ -11,41 +12,43 @@ from fastapi.responses import JSONResponse
 
 from appliance.server import sse
 from appliance.server.anthropic.protocol import CountTokensRequest, MessagesRequest
-from appliance.server.anthropic.template import template_messages, template_tools
+from appliance.server.anthropic.template import template_messages, template_tools, tool_setup
 from appliance.server.auth import require_api_key
-from appliance.server.errors import ApiError, anthropic_error_body
-from appliance.server.generation import (Finished, GenerationJob, SamplingOptions, TextDelta, ToolCallDelta,
-                                         collect, generate)
+from appliance.server.constraints import checked, request_constraint
+from appliance.server.errors import ApiError, anthropic_error_body, bad_request
+from appliance.server.generation import (Collected, Finished, GenerationJob, Prefilled, SamplingOptions,
+                                         TextDelta, collect, generate_choices)
 from appliance.server.json_body import JsonBodyRoute
-from appliance.server.prompt import chat_prompt_ids, output_budget
+from appliance.server.prompt import chat_prompt_ids
 from appliance.server.request_context import (arrival_time, check_model, embedded_session, session_hint,
                                               user_hint)
 from appliance.server.state import AppState, get_state
-from appliance.server.tool_calls import ParsedToolCall
+from appliance.server.tool_parsers import Reasoning, ToolCallArgs, ToolCallEnd, ToolCallStart
 
 router = APIRouter(route_class=JsonBodyRoute, dependencies=[Depends(require_api_key)])
 
-STOP_REASONS = {"stop": "end_turn", "stop_sequence": "stop_sequence", "length": "max_tokens",
-                "abort": "end_turn"}
+STOP_REASONS = {"stop": "end_turn", "stop_sequence": "stop_sequence", "length": "max_tokens"}
 
 
 @router.post("/v1/messages")
 async def messages(body: MessagesRequest, request: Request) -> Response:
     state = get_state(request)
     check_model(state, body.model)
-    tools = template_tools(body)
+    template = template_tools(body)
+    tools, choice, parallel = tool_setup(body)
     prefill = body.messages[-1].role == "assistant"  # Anthropic: the model continues that text
-    prompt_ids = await chat_prompt_ids(state, template_messages(body), tools, continue_final=prefill)
-    job = GenerationJob(prompt_ids, _sampling(body, len(prompt_ids), state.client.max_model_len),
-                        parse_tools=tools is not None, session=_session(request, body),
+    prompt_ids = await chat_prompt_ids(state, template_messages(body), template, continue_final=prefill)
+    constraint = await checked(state, request_constraint(state.tool_format, tools, choice, parallel), "tools")
+    sampling = replace(_sampling(body, len(prompt_ids), state.client.max_model_len), constraint=constraint)
+    job = GenerationJob(prompt_ids, sampling, chat=True, tools=tuple(tools) if choice else (),
+                        session=_session(request, body),
                         user=user_hint(request, body.metadata.user_id if body.metadata else None),
                         arrived_at=arrival_time(request))
     message_id = f"msg_{uuid.uuid4().hex[:24]}"
     if body.stream:
         return sse.response(sse.guarded(_stream(state, job, message_id), _stream_error))
-    result = await collect(request, generate(state, job))
-    content = _content(result.text, result.tool_calls)
-    return JSONResponse(_message(state, message_id, content, result.finished))
+    (result,) = await collect(request, state, [job])
+    return JSONResponse(_message(state, message_id, _content(result), _checked(result.finished)))
 
 
 @router.post("/v1/messages/count_tokens")
@@ -59,13 +62,25 @@ async def count_tokens(body: CountTokensRequest, request: Request) -> Response:
 
 def _sampling(body: MessagesRequest, prompt_len: int, max_model_len: int) -> SamplingOptions:
     return SamplingOptions(
-        max_tokens=output_budget(prompt_len, body.max_tokens, max_model_len, param="max_tokens"),
+        max_tokens=output_budget(prompt_len, body.max_tokens, max_model_len),
         temperature=1.0 if body.temperature is None else body.temperature,
         top_p=1.0 if body.top_p is None else body.top_p,
         top_k=body.top_k or 0,
         stop=tuple(body.stop_sequences or ()),
         speculative=body.speculative,
     )
+
+
+def output_budget(prompt_len: int, max_tokens: int, max_model_len: int) -> int:
+    """`max_tokens`, or a 400 in Anthropic's wording (which clients such as Claude Code parse
+    to shorten the prompt or lower max_tokens) when the context cannot hold it."""
+    if prompt_len >= max_model_len:
+        raise bad_request(f"prompt is too long: {prompt_len} tokens > {max_model_len - 1} maximum", "messages")
+    if prompt_len + max_tokens > max_model_len:
+        raise bad_request(f"input length and `max_tokens` exceed context limit: {prompt_len} + {max_tokens} "
+                          f"> {max_model_len}, decrease input length or `max_tokens` and try again",
+                          "max_tokens")
+    return max_tokens
 
 
 def _session(request: Request, body: MessagesRequest) -> str:
@@ -75,101 +90,147 @@ def _session(request: Request, body: MessagesRequest) -> str:
     return session_hint(request, metadata.session_id, embedded_session(metadata.user_id))
 
 
-def _stop_reason(finished: Finished) -> str:
-    if finished.num_tool_calls and finished.reason in ("stop", "stop_sequence"):
-        return "tool_use"
-    return STOP_REASONS.get(finished.reason, "end_turn")
+def _checked(finished: Finished | None) -> Finished:
+    """The generation's end; an engine abort (the server shutting down) is an error, never a
+    reply that looks complete."""
+    if finished is None or finished.reason == "abort":
+        raise ApiError(503, "The request was aborted before it finished (the server is shutting down)")
+    return finished
 
 
-def _tool_use(call: ParsedToolCall) -> dict[str, Any]:
-    return {"type": "tool_use", "id": f"toolu_{uuid.uuid4().hex[:24]}", "name": call.name,
-            "input": call.arguments}
+def _stop_reason(finished: Finished, content: list[dict[str, Any]] | None = None) -> str:
+    called = finished.called_tools and (content is None or any(b["type"] == "tool_use" for b in content))
+    return "tool_use" if called else STOP_REASONS[finished.reason]
 
 
-def _content(text: str, calls: list[ParsedToolCall]) -> list[dict[str, Any]]:
-    blocks = [{"type": "text", "text": text}] if (text or not calls) else []
-    return blocks + [_tool_use(call) for call in calls]
+def _usage(prompt_tokens: int, cached_tokens: int, output_tokens: int) -> dict[str, int]:
+    """Anthropic counts cached prompt tokens apart from input_tokens. The prefix cache is
+    automatic: nothing is billed for writing to it (cache_creation_input_tokens is 0)."""
+    return {"input_tokens": prompt_tokens - cached_tokens, "cache_creation_input_tokens": 0,
+            "cache_read_input_tokens": cached_tokens, "output_tokens": output_tokens}
 
 
-def _usage(finished: Finished | None, prompt_tokens: int) -> dict[str, int]:
-    return {"input_tokens": prompt_tokens, "output_tokens": finished.completion_tokens if finished else 0}
+def _final_usage(finished: Finished) -> dict[str, int]:
+    return _usage(finished.prompt_tokens, finished.cached_tokens, finished.completion_tokens)
+
+
+def _tool_use(name: str) -> dict[str, Any]:
+    return {"type": "tool_use", "id": f"toolu_{uuid.uuid4().hex[:24]}", "name": name, "input": {}}
+
+
+def _content(result: Collected) -> list[dict[str, Any]]:
+    """Thinking, text, then the calls; a call whose arguments are not a JSON object (the model
+    broke them, or the output was cut off) is given back as text, as written."""
+    blocks: list[dict[str, Any]] = []
+    if result.reasoning:
+        blocks.append({"type": "thinking", "thinking": result.reasoning, "signature": ""})
+    calls = [call for call in result.tool_calls if call.arguments is not None]
+    text = result.text + "".join(c.arguments_json for c in result.tool_calls if c.arguments is None)
+    if text or not calls:
+        blocks.append({"type": "text", "text": text})
+    return blocks + [{**_tool_use(call.name), "input": call.arguments} for call in calls]
 
 
 def _message(state: AppState, message_id: str, content: list[dict[str, Any]],
-             finished: Finished | None, prompt_tokens: int = 0) -> dict[str, Any]:
+             finished: Finished) -> dict[str, Any]:
     return {"id": message_id, "type": "message", "role": "assistant", "model": state.model_name,
-            "content": content,
-            "stop_reason": _stop_reason(finished) if finished else None,
-            "stop_sequence": finished.stop_sequence if finished else None,
-            "usage": _usage(finished, finished.prompt_tokens if finished else prompt_tokens)}
+            "content": content, "stop_reason": _stop_reason(finished, content),
+            "stop_sequence": finished.stop_sequence, "usage": _final_usage(finished)}
+
+
+def _message_start(state: AppState, message_id: str, prompt_tokens: int, cached_tokens: int) -> str:
+    message = {"id": message_id, "type": "message", "role": "assistant", "model": state.model_name,
+               "content": [], "stop_reason": None, "stop_sequence": None,
+               "usage": _usage(prompt_tokens, cached_tokens, 0)}
+    return sse.event("message_start", {"type": "message_start", "message": message})
 
 
 class _BlockStream:
-    """Anthropic's content-block events: opens a text block lazily, one block per tool call."""
+    """Anthropic's content-block events: thinking, text and tool_use blocks, opened as their
+    first piece arrives; a tool_use block's input streams as input_json_delta fragments."""
 
     def __init__(self) -> None:
         self.index = -1
-        self.text_open = False
+        self.open_kind: str | None = None
 
     def text(self, text: str) -> list[str]:
-        events = [] if self.text_open else self._open({"type": "text", "text": ""})
-        self.text_open = True
-        return events + [sse.event("content_block_delta", {
-            "type": "content_block_delta", "index": self.index, "delta": {"type": "text_delta", "text": text}})]
+        return self._ensure("text", {"type": "text", "text": ""}) + self._delta({"type": "text_delta", "text": text})
 
-    def tool_use(self, call: ParsedToolCall) -> list[str]:
-        block = _tool_use(call)
-        events = self.close() + self._open({**block, "input": {}})
-        events.append(sse.event("content_block_delta", {
-            "type": "content_block_delta", "index": self.index,
-            "delta": {"type": "input_json_delta", "partial_json": call.arguments_json}}))
-        return events + self._stop()
+    def thinking(self, text: str) -> list[str]:
+        return (self._ensure("thinking", {"type": "thinking", "thinking": "", "signature": ""})
+                + self._delta({"type": "thinking_delta", "thinking": text}))
+
+    def tool_start(self, name: str) -> list[str]:
+        events = self.close() + self._open(_tool_use(name))
+        self.open_kind = "tool_use"
+        return events
+
+    def tool_args(self, fragment: str) -> list[str]:
+        return self._delta({"type": "input_json_delta", "partial_json": fragment})
 
     def finish(self) -> list[str]:
         """Close the open block; an output with no content still gets one empty text block."""
         if self.index < 0:
-            self.text_open = True
-            return self._open({"type": "text", "text": ""}) + self.close()
+            return self._open({"type": "text", "text": ""}) + self._stop()
         return self.close()
 
     def close(self) -> list[str]:
-        if not self.text_open:
+        if self.open_kind is None:
             return []
-        self.text_open = False
+        self.open_kind = None
         return self._stop()
+
+    def _ensure(self, kind: str, block: dict[str, Any]) -> list[str]:
+        if self.open_kind == kind:
+            return []
+        events = self.close() + self._open(block)
+        self.open_kind = kind
+        return events
 
     def _open(self, block: dict[str, Any]) -> list[str]:
         self.index += 1
         return [sse.event("content_block_start", {"type": "content_block_start", "index": self.index,
                                                   "content_block": block})]
 
+    def _delta(self, delta: dict[str, Any]) -> list[str]:
+        return [sse.event("content_block_delta", {"type": "content_block_delta", "index": self.index,
+                                                  "delta": delta})]
+
     def _stop(self) -> list[str]:
         return [sse.event("content_block_stop", {"type": "content_block_stop", "index": self.index})]
 
 
 async def _stream(state: AppState, job: GenerationJob, message_id: str) -> AsyncIterator[str]:
-    start = _message(state, message_id, [], None, prompt_tokens=len(job.prompt_ids))
-    yield sse.event("message_start", {"type": "message_start", "message": start})
-    yield sse.event("ping", {"type": "ping"})
+    """message_start once the prompt is prefilled (its usage then knows the cached tokens)."""
     blocks = _BlockStream()
-    async for item in generate(state, job):
-        if isinstance(item, TextDelta):
-            events = blocks.text(item.text)
-        elif isinstance(item, ToolCallDelta):
-            events = blocks.tool_use(item.call)
-        elif isinstance(item, Finished):
-            events = blocks.finish() + _finish_events(item)
-        else:
+    async for _, item in generate_choices(state, [job]):
+        if isinstance(item, Prefilled):
+            yield _message_start(state, message_id, len(job.prompt_ids), item.cached_tokens)
+            yield sse.event("ping", {"type": "ping"})
             continue
-        for chunk in events:
+        for chunk in _events(blocks, item):
             yield chunk
 
 
-def _finish_events(finished: Finished) -> list[str]:
-    delta = {"type": "message_delta",
-             "delta": {"stop_reason": _stop_reason(finished), "stop_sequence": finished.stop_sequence},
-             "usage": {"output_tokens": finished.completion_tokens}}
-    return [sse.event("message_delta", delta), sse.event("message_stop", {"type": "message_stop"})]
+def _events(blocks: _BlockStream, item: object) -> list[str]:
+    if isinstance(item, TextDelta):
+        return blocks.text(item.text)
+    if isinstance(item, Reasoning):
+        return blocks.thinking(item.text)
+    if isinstance(item, ToolCallStart):
+        return blocks.tool_start(item.name)
+    if isinstance(item, ToolCallArgs):
+        return blocks.tool_args(item.fragment)
+    if isinstance(item, ToolCallEnd):
+        return blocks.close()
+    if isinstance(item, Finished):
+        finished = _checked(item)
+        delta = {"type": "message_delta",
+                 "delta": {"stop_reason": _stop_reason(finished), "stop_sequence": finished.stop_sequence},
+                 "usage": _final_usage(finished)}
+        return blocks.finish() + [sse.event("message_delta", delta),
+                                  sse.event("message_stop", {"type": "message_stop"})]
+    return []
 
 
 def _stream_error(error: ApiError) -> str:

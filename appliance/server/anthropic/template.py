@@ -12,6 +12,7 @@ from typing import Any
 from appliance.server.anthropic.protocol import (ContentBlock, CountTokensRequest, Message, TextBlock,
                                                  ToolDefinition, ToolResultBlock, ToolUseBlock)
 from appliance.server.errors import bad_request
+from appliance.server.tool_parsers import ToolChoice, ToolSpec
 
 _DROPPED = {"thinking", "redacted_thinking"}
 
@@ -43,6 +44,21 @@ def template_tools(body: CountTokensRequest) -> list[dict[str, Any]] | None:
     if not tools or (choice is not None and choice.type == "none"):
         return None
     return [_tool(tool) for tool in tools]
+
+
+def tool_setup(body: CountTokensRequest) -> tuple[list[ToolSpec], ToolChoice | None, bool]:
+    """The offered tools, the normalized choice (None: tools are off: type "none" or no tools)
+    and whether several calls may come at once (not with disable_parallel_tool_use)."""
+    specs = [ToolSpec(t.name, t.input_schema) for t in body.tools or []]
+    choice = body.tool_choice
+    parallel = not (choice and choice.disable_parallel_tool_use)
+    if not specs or (choice is not None and choice.type == "none"):
+        return specs, None, parallel
+    if choice is None or choice.type == "auto":
+        return specs, ToolChoice("auto"), parallel
+    if choice.type == "tool":
+        return specs, ToolChoice("named", choice.name), parallel
+    return specs, ToolChoice("required"), parallel
 
 
 def _tool(tool: ToolDefinition) -> dict[str, Any]:

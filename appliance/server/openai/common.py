@@ -1,17 +1,22 @@
-"""Pieces the OpenAI chat and completions endpoints share: sampling, usage, finish reasons."""
+"""Pieces the OpenAI endpoints share: sampling, choices (n), tools and their constraint,
+usage, finish reasons, stream errors."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from typing import Any
 
 from appliance.engine.constraints import check_grammar
 from appliance.engine.protocol import Constraint
 from appliance.server import sse
 from appliance.server.errors import ApiError, bad_request, openai_error_body
-from appliance.server.generation import Finished, SamplingOptions
-from appliance.server.openai.protocol import SamplingFields, StructuredOutputs
+from appliance.server.generation import Finished, GenerationJob, SamplingOptions
+from appliance.server.openai.protocol import NamedToolChoice, SamplingFields, StructuredOutputs, Tool
 from appliance.server.prompt import output_budget
+from appliance.server.tool_parsers import ToolChoice, ToolSpec
+
+MAX_CHOICES = 16  # n: each choice is an engine request holding its own KV pages
 
 
 def stop_strings(stop: str | list[str] | None) -> tuple[str, ...]:
@@ -21,8 +26,8 @@ def stop_strings(stop: str | list[str] | None) -> tuple[str, ...]:
 
 
 def reject_unsupported(body: SamplingFields) -> None:
-    if body.n != 1:
-        raise bad_request("Only n=1 is supported", "n")
+    if not 1 <= body.n <= MAX_CHOICES:
+        raise bad_request(f"n must be between 1 and {MAX_CHOICES}, got {body.n}", "n")
 
 
 def sampling_options(body: SamplingFields, prompt_len: int, max_model_len: int,
@@ -93,15 +98,52 @@ def _json_constraint(schema: dict[str, Any] | str | None) -> Constraint | None:
     return Constraint("json_schema", schema if isinstance(schema, str) else json.dumps(schema))
 
 
+def choice_jobs(job: GenerationJob, n: int) -> list[GenerationJob]:
+    """One engine request per choice; with a seed, choice i samples with seed + i."""
+    seed = job.sampling.seed
+    return [job if i == 0 or seed is None else replace(job, sampling=replace(job.sampling, seed=seed + i))
+            for i in range(n)]
+
+
+def tool_setup(tools: list[Tool] | None, tool_choice: str | NamedToolChoice | None
+               ) -> tuple[list[ToolSpec], ToolChoice | None]:
+    """The offered functions and the normalized choice (None: tools are off)."""
+    specs = [ToolSpec(t.function.name, t.function.parameters or {}) for t in tools or []]
+    if not specs or tool_choice == "none":
+        return specs, None
+    if isinstance(tool_choice, NamedToolChoice):
+        return specs, ToolChoice("named", tool_choice.function.name)
+    return specs, ToolChoice("required" if tool_choice == "required" else "auto")
+
+
+def merged_constraint(structured: Constraint | None, other: Constraint | None) -> Constraint | None:
+    """vLLM's `structured_outputs`, or the constraint of tool_choice / response_format: one
+    grammar per request, so not both."""
+    if structured is not None and other is not None:
+        raise bad_request("structured_outputs cannot be combined with response_format, a forced "
+                          "tool_choice or parallel_tool_calls: false", "structured_outputs")
+    return structured or other
+
+
 def finish_reason(finished: Finished) -> str:
-    if finished.num_tool_calls and finished.reason in ("stop", "stop_sequence"):
+    if finished.called_tools:
         return "tool_calls"
     return "stop" if finished.reason == "stop_sequence" else finished.reason
 
 
-def usage(finished: Finished) -> dict[str, Any]:
-    return {"prompt_tokens": finished.prompt_tokens, "completion_tokens": finished.completion_tokens,
-            "total_tokens": finished.prompt_tokens + finished.completion_tokens}
+def usage(finished: Finished | list[Finished]) -> dict[str, Any]:
+    """Prompt tokens once (the choices share the prompt; cached: the first choice's), completion
+    tokens summed over the choices."""
+    choices = finished if isinstance(finished, list) else [finished]
+    first = choices[0]
+    completion = sum(f.completion_tokens for f in choices)
+    out: dict[str, Any] = {"prompt_tokens": first.prompt_tokens, "completion_tokens": completion,
+                           "total_tokens": first.prompt_tokens + completion,
+                           "prompt_tokens_details": {"cached_tokens": first.cached_tokens}}
+    reasoning = sum(f.reasoning_tokens for f in choices)
+    if reasoning:
+        out["completion_tokens_details"] = {"reasoning_tokens": reasoning}
+    return out
 
 
 def stream_error(error: ApiError) -> str:

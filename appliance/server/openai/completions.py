@@ -13,10 +13,9 @@ from fastapi.responses import JSONResponse
 from appliance.server import sse
 from appliance.server.auth import require_api_key
 from appliance.server.errors import bad_request
-from appliance.server.generation import (Finished, GenerationJob, TextDelta, TokenDelta, collect,
-                                         generate)
+from appliance.server.generation import Finished, GenerationJob, TextDelta, TokenDelta, collect, generate_choices
 from appliance.server.json_body import JsonBodyRoute
-from appliance.server.openai.common import (finish_reason, reject_unsupported, sampling_options,
+from appliance.server.openai.common import (choice_jobs, finish_reason, reject_unsupported, sampling_options,
                                              stream_error, usage)
 from appliance.server.openai.logprobs import CompletionLogprobs
 from appliance.server.openai.protocol import CompletionRequest
@@ -46,19 +45,22 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
                         token_events=bool(body.stream and body.return_token_ids))
     head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
             "model": state.model_name}
+    jobs = choice_jobs(job, body.n)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        stream = _stream(state, job, head, include_usage, body.logprobs is not None)
+        stream = _stream(state, jobs, head, include_usage, body.logprobs is not None)
         return sse.response(sse.guarded(stream, stream_error))
-    result = await collect(request, generate(state, job))
-    ids = list(result.finished.token_ids) if body.return_token_ids and result.finished else None
-    choice = _choice(result.text, result.finished, ids)
-    if body.logprobs is not None:
-        logprobs = CompletionLogprobs(state.tokenizer)
-        for item in result.logprobs:
-            logprobs.add(item.token_id, item.logprobs)
-        choice["logprobs"] = logprobs.take() or CompletionLogprobs.empty()
-    return JSONResponse({**head, "choices": [choice], "usage": usage(result.finished)})
+    results = await collect(request, state, jobs)
+    choices = []
+    for i, r in enumerate(results):
+        choice = _choice(i, r.text, r.finished, list(r.finished.token_ids) if body.return_token_ids else None)
+        if body.logprobs is not None:
+            logprobs = CompletionLogprobs(state.tokenizer)
+            for item in r.logprobs:
+                logprobs.add(item.token_id, item.logprobs)
+            choice["logprobs"] = logprobs.take() or CompletionLogprobs.empty()
+        choices.append(choice)
+    return JSONResponse({**head, "choices": choices, "usage": usage([r.finished for r in results])})
 
 
 def _reject_unsupported(body: CompletionRequest) -> None:
@@ -83,35 +85,36 @@ async def _prompt_ids(state: AppState, prompt: str | list[str] | list[int] | lis
     return check_token_ids(ids, state.vocab_size)
 
 
-def _choice(text: str, finished: Finished | None, token_ids: list[int] | None = None) -> dict[str, Any]:
-    choice = {"index": 0, "text": text, "logprobs": None,
+def _choice(index: int, text: str, finished: Finished | None, token_ids: list[int] | None = None) -> dict[str, Any]:
+    choice = {"index": index, "text": text, "logprobs": None,
               "finish_reason": finish_reason(finished) if finished else None}
     if token_ids is not None:
         choice["token_ids"] = token_ids
     return choice
 
 
-async def _stream(state: AppState, job: GenerationJob, head: dict[str, Any],
+async def _stream(state: AppState, jobs: list[GenerationJob], head: dict[str, Any],
                   include_usage: bool, with_logprobs: bool) -> AsyncIterator[str]:
     extra = {"usage": None} if include_usage else {}
-    logprobs = CompletionLogprobs(state.tokenizer)
+    logprobs = [CompletionLogprobs(state.tokenizer) for _ in jobs]
+    finished: dict[int, Finished] = {}
 
-    def chunk(choice: dict[str, Any]) -> str:
-        if with_logprobs:  # the log-probabilities of the tokens since the last chunk
-            choice["logprobs"] = logprobs.take()
+    def chunk(index: int, choice: dict[str, Any]) -> str:
+        if with_logprobs:  # the log-probabilities of the choice's tokens since its last chunk
+            choice["logprobs"] = logprobs[index].take()
         return sse.data({**head, "choices": [choice], **extra})
 
-    async for item in generate(state, job):
+    async for index, item in generate_choices(state, jobs):
         if isinstance(item, TokenDelta):
             if item.logprobs is not None:
-                logprobs.add(item.token_id, item.logprobs)
-            if job.token_events:
-                yield chunk(_choice("", None, [item.token_id]))
+                logprobs[index].add(item.token_id, item.logprobs)
+            if jobs[index].token_events:
+                yield chunk(index, _choice(index, "", None, [item.token_id]))
         elif isinstance(item, TextDelta):
-            yield chunk(_choice(item.text, None))
+            yield chunk(index, _choice(index, item.text, None))
         elif isinstance(item, Finished):
-            yield chunk(_choice("", item))
-            if include_usage:
-                yield sse.data({**head, "choices": [], "usage": usage(item)})
+            finished[index] = item
+            yield chunk(index, _choice(index, "", item))
+    if include_usage:
+        yield sse.data({**head, "choices": [], "usage": usage([finished[i] for i in sorted(finished)])})
     yield sse.DONE
-

@@ -59,15 +59,19 @@ def _text(index: int, content: str | list[ContentPart] | None) -> str:
 
 
 def _tool_call(call: ToolCall) -> dict[str, Any]:
-    """Arguments go to the template as an object when they are JSON (templates `tojson` them)."""
-    arguments: Any = call.function.arguments
-    if isinstance(arguments, str):
-        try:
-            parsed = json.loads(arguments) if arguments.strip() else {}
-            arguments = parsed if isinstance(parsed, dict) else arguments
-        except ValueError:
-            pass
-    out: dict[str, Any] = {"type": "function", "function": {"name": call.function.name, "arguments": arguments}}
+    out: dict[str, Any] = {"type": "function", "function": {
+        "name": call.function.name, "arguments": tool_call_arguments(call.function.arguments)}}
     if call.id:
         out["id"] = call.id
     return out
+
+
+def tool_call_arguments(arguments: str | dict[str, Any]) -> Any:
+    """Arguments go to the template as an object when they are JSON (templates `tojson` them)."""
+    if isinstance(arguments, str):
+        try:
+            parsed = json.loads(arguments) if arguments.strip() else {}
+            return parsed if isinstance(parsed, dict) else arguments
+        except ValueError:
+            pass
+    return arguments

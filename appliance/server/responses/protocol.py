@@ -1,0 +1,130 @@
+"""Request body of `POST /v1/responses` (pydantic, strict types, unknown fields ignored).
+
+Input items of a type the server does not take (images, files, item references, hosted-tool
+calls) and tools other than functions parse into `Unsupported*` so the handler can refuse them
+with a 400 naming the item."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, Discriminator, Field, Tag
+
+from appliance.server.field_types import STRICT_BODY, Probability, Seed, TokenCount
+from appliance.server.openai.protocol import ContentPart, Temperature, TopK  # parts: text only
+
+
+class _Body(BaseModel):
+    model_config = STRICT_BODY
+
+
+class MessageItem(_Body):
+    type: Literal["message"] = "message"
+    role: Literal["user", "system", "developer", "assistant"]
+    content: str | list[ContentPart]
+
+
+class FunctionCallItem(_Body):
+    type: Literal["function_call"]
+    call_id: str
+    name: str
+    arguments: str = ""
+
+
+class FunctionCallOutputItem(_Body):
+    type: Literal["function_call_output"]
+    call_id: str
+    output: str | list[ContentPart]
+
+
+class ReasoningItem(_Body):
+    type: Literal["reasoning"]
+    summary: list[ContentPart] = Field(default_factory=list)
+    content: list[ContentPart] | None = None
+
+
+class UnsupportedItem(_Body):
+    type: str
+
+
+def _item_kind(item: Any) -> str:
+    kind = item.get("type", "message") if isinstance(item, dict) else getattr(item, "type", "message")
+    return kind if kind in ("message", "function_call", "function_call_output", "reasoning") else "other"
+
+
+InputItem = Annotated[
+    Annotated[MessageItem, Tag("message")] | Annotated[FunctionCallItem, Tag("function_call")]
+    | Annotated[FunctionCallOutputItem, Tag("function_call_output")]
+    | Annotated[ReasoningItem, Tag("reasoning")] | Annotated[UnsupportedItem, Tag("other")],
+    Discriminator(_item_kind),
+]
+
+
+class FunctionTool(_Body):
+    type: Literal["function"]
+    name: str = Field(min_length=1)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class UnsupportedTool(_Body):
+    type: str
+
+
+def _tool_kind(tool: Any) -> str:
+    kind = tool.get("type") if isinstance(tool, dict) else getattr(tool, "type", None)
+    return "function" if kind == "function" else "other"
+
+
+ToolDefinition = Annotated[
+    Annotated[FunctionTool, Tag("function")] | Annotated[UnsupportedTool, Tag("other")],
+    Discriminator(_tool_kind),
+]
+
+
+class FunctionChoice(_Body):
+    type: Literal["function"]
+    name: str
+
+
+class TextFormat(_Body):
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    name: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class TextConfig(_Body):
+    format: TextFormat = Field(default_factory=TextFormat)
+
+
+class ReasoningConfig(_Body):
+    effort: str | None = None
+
+
+class ResponsesRequest(_Body):
+    model: str | None = None
+    input: str | list[InputItem]
+    instructions: str | None = None
+    tools: list[ToolDefinition] | None = None
+    tool_choice: Literal["none", "auto", "required"] | FunctionChoice | None = None
+    parallel_tool_calls: bool | None = None
+    max_output_tokens: TokenCount | None = None
+    temperature: Temperature | None = None
+    top_p: Probability | None = None
+    top_k: TopK | None = None  # TokenSpeed/vLLM extension
+    seed: Seed | None = None  # TokenSpeed/vLLM extension
+    stream: bool = False
+    store: bool | None = None
+    previous_response_id: str | None = None
+    text: TextConfig | None = None
+    reasoning: ReasoningConfig | None = None
+    top_logprobs: int | None = None
+    truncation: Literal["auto", "disabled"] | None = None
+    background: bool | None = None
+    user: str | None = None
+    prompt_cache_key: str | None = None  # Codex sends its conversation id: the session hint
+    session_id: str | None = None  # TokenSpeed: agent session hint (see README)
+    speculative: bool = True  # TokenSpeed extension: false opts out of speculative decoding
+    include: list[str] | None = None

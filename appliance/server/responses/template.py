@@ -1,0 +1,111 @@
+"""Responses input (a string, or items) and tools -> the dicts a HF chat template expects.
+
+`instructions` is the system message. Function calls join the assistant message before them
+(or start one), their outputs become `tool` messages, and a reasoning item is handed to the
+next assistant message as `reasoning_content` (and `thinking`, GPT-OSS's template's name). With
+no stored state every turn is in the input, so `previous_response_id` and item references are
+refused.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from appliance.server.errors import bad_request
+from appliance.server.openai.template import tool_call_arguments
+from appliance.server.responses.protocol import (ContentPart, FunctionCallItem, FunctionCallOutputItem,
+                                                 FunctionChoice, FunctionTool, MessageItem, ReasoningItem,
+                                                 ResponsesRequest)
+from appliance.server.tool_parsers import ToolChoice, ToolSpec
+
+TEXT_PARTS = {"input_text", "output_text", "text", "summary_text", "reasoning_text"}
+
+
+def template_messages(body: ResponsesRequest) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    if body.instructions:
+        out.append({"role": "system", "content": body.instructions})
+    if isinstance(body.input, str):
+        return out + [{"role": "user", "content": body.input}]
+    reasoning: list[str] = []
+    for i, item in enumerate(body.input):
+        where = f"input.{i}"
+        if isinstance(item, MessageItem):
+            role = "system" if item.role == "developer" else item.role
+            out.append({"role": role, "content": _text(item.content, f"{where}.content")})
+            if role == "assistant":
+                _attach_reasoning(out[-1], reasoning)
+        elif isinstance(item, FunctionCallItem):
+            _assistant(out, reasoning).setdefault("tool_calls", []).append(
+                {"id": item.call_id, "type": "function",
+                 "function": {"name": item.name, "arguments": tool_call_arguments(item.arguments)}})
+        elif isinstance(item, FunctionCallOutputItem):
+            out.append({"role": "tool", "tool_call_id": item.call_id,
+                        "content": _text(item.output, f"{where}.output")})
+        elif isinstance(item, ReasoningItem):
+            reasoning.extend(part.text or "" for part in [*item.summary, *(item.content or [])])
+        else:
+            raise bad_request(f"input items of type {item.type!r} are not supported (this server keeps no "
+                              "state: send messages, function calls and their outputs)", f"{where}.type")
+    return out
+
+
+def _assistant(out: list[dict[str, Any]], reasoning: list[str]) -> dict[str, Any]:
+    """The assistant message a function call belongs to: the last message if it is one."""
+    if not out or out[-1]["role"] != "assistant":
+        out.append({"role": "assistant", "content": ""})
+        _attach_reasoning(out[-1], reasoning)
+    return out[-1]
+
+
+def _attach_reasoning(message: dict[str, Any], reasoning: list[str]) -> None:
+    if reasoning:
+        message["reasoning_content"] = message["thinking"] = "\n".join(reasoning)
+        reasoning.clear()
+
+
+def _text(content: str | list[ContentPart], where: str) -> str:
+    if isinstance(content, str):
+        return content
+    texts = []
+    for j, part in enumerate(content):
+        if part.type not in TEXT_PARTS or part.text is None:
+            raise bad_request(f"Content parts of type {part.type!r} are not supported (text only)", f"{where}.{j}")
+        texts.append(part.text)
+    return "\n".join(texts)
+
+
+def function_tools(body: ResponsesRequest) -> list[FunctionTool]:
+    tools = []
+    for i, tool in enumerate(body.tools or []):
+        if not isinstance(tool, FunctionTool):
+            raise bad_request(f"tools of type {tool.type!r} are not supported (function tools only)",
+                              f"tools.{i}.type")
+        tools.append(tool)
+    return tools
+
+
+def template_tools(tools: list[FunctionTool], choice: ToolChoice | None) -> list[dict[str, Any]] | None:
+    """The tools the chat template shows (a named choice: that one; tools off: none)."""
+    if choice is None:
+        return None
+    shown = [t for t in tools if choice.mode != "named" or t.name == choice.name]
+    return [{"type": "function", "function": {"name": t.name, "description": t.description or "",
+                                              "parameters": t.parameters or {"type": "object", "properties": {}}}}
+            for t in shown]
+
+
+def tool_setup(body: ResponsesRequest, tools: list[FunctionTool]) -> tuple[list[ToolSpec], ToolChoice | None]:
+    """The offered functions and the normalized choice (None: tools are off); a choice no tool
+    can satisfy is a 400."""
+    specs = [ToolSpec(t.name, t.parameters or {}) for t in tools]
+    choice = body.tool_choice
+    if choice == "required" and not specs:
+        raise bad_request("tool_choice 'required' needs at least one tool in tools", "tool_choice")
+    if isinstance(choice, FunctionChoice) and choice.name not in {s.name for s in specs}:
+        raise bad_request(f"tool_choice names function {choice.name!r}, which is not in tools", "tool_choice")
+    if not specs or choice == "none":
+        return specs, None
+    if isinstance(choice, FunctionChoice):
+        return specs, ToolChoice("named", choice.name)
+    return specs, ToolChoice("required" if choice == "required" else "auto")

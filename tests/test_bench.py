@@ -1,0 +1,141 @@
+"""`tokenspeed bench` against a stand-in daemon (FastAPI on a Unix socket) that counts the
+streams it holds at once: the connection pool follows --concurrency (past httpx's default of
+100), the daemon's batch is reported from /stats, too few requests in flight are called out,
+a --concurrency sweep with --plot writes a PNG, and nothing but the results is printed."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import uvicorn
+from fastapi import FastAPI
+from fastapi.responses import StreamingResponse
+
+from appliance.bench import DaemonLoad, fewer_in_flight_warning
+from appliance.cli import main
+from appliance.server.serve import unix_socket
+
+
+class CountingDaemon:
+    """Holds each stream until `target` are open at once (or `hold_s` passed), then sends
+    `tokens` tokens `token_delay_s` apart. /stats reports what it holds, capped at `stats_cap`."""
+
+    def __init__(self, target: int, tokens: int = 3, token_delay_s: float = 0.0, hold_s: float = 5.0,
+                 stats_cap: int | None = None) -> None:
+        self.target, self.tokens, self.token_delay_s, self.hold_s = target, tokens, token_delay_s, hold_s
+        self.stats_cap = stats_cap
+        self.open = self.max_open = 0
+        self.app = FastAPI()
+        self.app.get("/v1/models")(lambda: {"data": [{"id": "fake"}]})
+        self.app.get("/stats")(self.stats)
+        self.app.post("/v1/completions")(self.completions)
+
+    def stats(self) -> dict:
+        held = self.open if self.stats_cap is None else min(self.open, self.stats_cap)
+        return {"requests": {"running": held, "waiting": 0}, "totals": {"prefix_cache_hit_tokens": 0}}
+
+    async def completions(self) -> StreamingResponse:
+        self.open += 1
+        self.max_open = max(self.max_open, self.open)
+        deadline = time.monotonic() + self.hold_s
+        while self.max_open < self.target and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+
+        async def stream():
+            try:
+                for i in range(self.tokens):
+                    await asyncio.sleep(self.token_delay_s)
+                    chunk = {"choices": [{"index": 0, "text": "", "token_ids": [i + 10]}]}
+                    yield f"data: {json.dumps(chunk)}\n\n"
+                usage = {"prompt_tokens": 4, "completion_tokens": self.tokens}
+                yield f"data: {json.dumps({'choices': [], 'usage': usage})}\n\n"
+                yield "data: [DONE]\n\n"
+            finally:
+                self.open -= 1
+
+        return StreamingResponse(stream(), media_type="text/event-stream")
+
+
+@contextmanager
+def serving(daemon: CountingDaemon) -> Iterator[Path]:
+    folder = Path(tempfile.mkdtemp(prefix="ts-bench-", dir="/tmp"))
+    path = folder / "ts.sock"
+    server = uvicorn.Server(uvicorn.Config(daemon.app, log_config=None, lifespan="off", backlog=2048))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [unix_socket(str(path))]}, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.02)
+    try:
+        yield path
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        path.unlink(missing_ok=True)
+        folder.rmdir()
+
+
+def bench(socket: Path, *args: str) -> list[str]:
+    return ["bench", "throughput", "--set", f"server.socket={socket}", "--input-len", "4",
+            "--output-len", "3", "--json", *args]
+
+
+def test_pool_holds_every_request_asked_for_and_the_daemon_batch_is_reported(capsys):
+    daemon = CountingDaemon(target=150, tokens=10, token_delay_s=0.1)  # all 150 open for 1 s
+    with serving(daemon) as socket:
+        assert main(bench(socket, "--concurrency", "150", "--requests", "150")) == 0
+    out, err = capsys.readouterr()
+    summary = json.loads(out)  # stdout is the JSON alone
+    assert daemon.max_open == 150  # httpx's default pool would have held 50 of them back
+    assert summary["concurrency"] == 150 and summary["requests"] == 150
+    assert summary["daemon_in_flight_max"] == summary["daemon_running_max"] == 150
+    assert 0 < summary["daemon_running_mean"] <= 150 and summary["daemon_samples"] >= 2
+    assert "warning" not in summary
+    assert err == ""  # no log lines (httpx logs every request at INFO)
+
+
+def test_fewer_requests_in_the_daemon_than_sent_is_called_out(capsys):
+    daemon = CountingDaemon(target=20, tokens=10, token_delay_s=0.1, stats_cap=5)
+    with serving(daemon) as socket:
+        assert main(bench(socket, "--concurrency", "20", "--requests", "20")) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["daemon_in_flight_max"] == 5 and summary["daemon_running_max"] == 5
+    assert "never had more than 5 requests in flight" in summary["warning"]
+    assert "fewer than the 20 sent at once" in summary["warning"]
+
+
+def test_too_few_samples_are_not_judged():
+    assert fewer_in_flight_warning(DaemonLoad([1, 1], [1, 1]), expected=8) is None
+    assert fewer_in_flight_warning(DaemonLoad([8, 8, 8], [8, 9, 8]), expected=8) is None
+
+
+def test_sweep_with_plot_writes_a_png(tmp_path, capsys):
+    pytest.importorskip("matplotlib")  # in the `test` extra; the message without it is tested below
+    plot = tmp_path / "sweep.png"
+    daemon = CountingDaemon(target=1, hold_s=0.0, token_delay_s=0.01)
+    with serving(daemon) as socket:
+        assert main(bench(socket, "--concurrency", "1,2,4", "--requests", "8", "--plot", str(plot))) == 0
+    summaries = json.loads(capsys.readouterr().out)
+    assert [s["concurrency"] for s in summaries] == [1, 2, 4]
+    assert all(s["requests"] == 8 and s["output_tokens"] == 24 for s in summaries)
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 10_000
+
+
+def test_bad_sweeps_and_missing_matplotlib_are_clear_errors(tmp_path, capsys, monkeypatch):
+    socket = tmp_path / "none.sock"  # never reached: the arguments are refused first
+    assert main(["bench", "latency", "--set", f"server.socket={socket}", "--concurrency", "1,2"]) == 2
+    assert "a list of --concurrency levels is a throughput sweep" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert main(bench(socket, "--plot", str(tmp_path / "x.png"))) == 2
+    assert "--plot needs matplotlib: pip install 'tokenspeed[plot]'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(bench(socket, "--concurrency", "4,0"))
+    assert "concurrency levels must be >= 1" in capsys.readouterr().err
