@@ -127,6 +127,15 @@ class TopKRouter(nn.Module):
         return out
 
 
+def local_routing(weights: torch.Tensor, ids: torch.Tensor, first: int, num_local: int
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Expert parallel: global expert ids [T, k] -> this rank's slots (experts first ..
+    first + num_local - 1); other ranks' experts get weight 0 (and slot 0)."""
+    local = ids.long() - first                                               # [T, k]
+    mine = (local >= 0) & (local < num_local)                                # [T, k]
+    return weights * mine, torch.where(mine, local, torch.zeros_like(local)).to(torch.int32)
+
+
 class RoutedExperts(nn.Module):
     """This rank's experts, stacked: w13[E_local, 2 I_local, H], w2[E_local, H, I_local]."""
 
@@ -150,11 +159,8 @@ class RoutedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         # x: [T, H], weights/ids: [T, k] (global expert ids) -> [T, H] partial sums
-        if not self.all_local:  # expert parallel: other ranks' experts count 0 here
-            local = ids.long() - self.first                                      # [T, k]
-            mine = (local >= 0) & (local < self.num_local)                       # [T, k]
-            ids = torch.where(mine, local, torch.zeros_like(local)).to(torch.int32)
-            weights = weights * mine
+        if not self.all_local:
+            weights, ids = local_routing(weights, ids, self.first, self.num_local)
         return self.fused_moe(x, self.w13, self.w2, weights, ids)
 
     def weight_shardings(self, prefix: str) -> list[WeightSharding]:

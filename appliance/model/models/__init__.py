@@ -19,6 +19,7 @@ _BUILTIN: dict[str, str] = {
     "Qwen3ForCausalLM": "appliance.model.models.llama",
     "DeepseekV2ForCausalLM": "appliance.model.models.deepseek",
     "DeepseekV3ForCausalLM": "appliance.model.models.deepseek",
+    "GptOssForCausalLM": "appliance.model.models.gpt_oss",
 }
 
 
