@@ -6,7 +6,12 @@ Alignment happens on the device with torch ops and no host sync: pairs are sorte
 each expert's segment is padded to a multiple of BLOCK_M, so every M-block of the sorted order
 belongs to one expert. The grid is sized by the worst case (T*k + E*(BLOCK_M-1) rows); blocks
 past the last expert do no work. With at most PAIR_BLOCKS_MAX pairs (batch-1 decode) there is
-no alignment: block p serves pair p alone, its expert read from the routing ids."""
+no alignment: block p serves pair p alone, its expert read from the routing ids.
+
+GPT-OSS options (constexpr-gated: the default variant compiles as before): expert biases
+(b13 added before the activation, b2 before the routing weight), the clamped SwiGLU
+(kernels/moe_activation.py) and gate/up rows interleaved in w13 (then one [K, 2 BLOCK_N] tile
+of pairs is loaded and its product split into gate and up)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -15,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.moe_activation import ClampedSwiGLU
 from kernels.registry import register
 from kernels.triton.common import PRIORITY, check, interpreting, on_cuda_half, per_batch
 # Up to this many (token, expert) pairs each pair gets an M block of its own, so the ~12 small
@@ -51,7 +57,7 @@ def _expert_block(Pairs, BlockExpert, W, num_pairs, num_experts, stride_we, N: t
                   BLOCK_K: tl.constexpr, PAIR_BLOCKS: tl.constexpr):
     """What a grouped-GEMM program works on: (rows [M] of the padded order, pair [M] (num_pairs
     for padding), ok [M] (a real pair), output columns n [N], k offsets kk [K], k_end (0 for an
-    idle block), its expert's weights W[e]).
+    idle block), its expert's weights W[e], e (clamped to a real expert: bias offsets)).
 
     The 1-D grid runs N blocks fastest, so the programs resident together share one expert's
     rows (A) and weights (B) in L2; with M fastest each A block was re-read from DRAM once per
@@ -70,48 +76,88 @@ def _expert_block(Pairs, BlockExpert, W, num_pairs, num_experts, stride_we, N: t
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)                             # [N]
     kk = tl.arange(0, BLOCK_K)
     k_end = tl.where(e < num_experts, K, 0)
-    w = W + tl.minimum(e, num_experts - 1).to(tl.int64) * stride_we
-    return rows, pair, ok, n, kk, k_end, w
+    ec = tl.minimum(e, num_experts - 1).to(tl.int64)
+    return rows, pair, ok, n, kk, k_end, W + ec * stride_we, ec
 
 
-@triton.jit(**per_batch(ints=("num_pairs",)))
-def _moe_up_kernel(X, W13, Inter, Pairs, BlockExpert, num_pairs, top_k, num_experts,
-                   stride_xt, stride_we, stride_wn, stride_wk, stride_it,
-                   K: tl.constexpr, I: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PAIR_BLOCKS: tl.constexpr):
-    """Inter[rows, n] = silu(x @ w13[e, n].T) * (x @ w13[e, I + n].T) for one expert block."""
-    rows, pair, ok, n, kk, k_end, w = _expert_block(Pairs, BlockExpert, W13, num_pairs,
-                                                    num_experts, stride_we, I, K, BLOCK_M,
-                                                    BLOCK_N, BLOCK_K, PAIR_BLOCKS)
-    tok = (pair // top_k).to(tl.int64)
-    a_ptr = X + tok[:, None] * stride_xt + kk[None, :]                       # [M, K]
-    g_ptr = w + n[None, :] * stride_wn + kk[:, None] * stride_wk            # [K, N]
-    u_ptr = g_ptr + I * stride_wn
-    acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+@triton.jit
+def _gate_up_interleaved(a_ptr, ok, w, pid_n, kk, k_end, B13, stride_be, ec, stride_wn,
+                         stride_wk, K: tl.constexpr, I: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """(gate, up) [M, N] when w13's rows alternate gate / up: rows 2n, 2n + 1 of the block's
+    BLOCK_N pairs are one contiguous [K, 2N] tile; the product is split by column parity."""
+    n2 = pid_n * 2 * BLOCK_N + tl.arange(0, 2 * BLOCK_N)                   # [2N] w13 rows
+    b_ptr = w + n2[None, :] * stride_wn + kk[:, None] * stride_wk           # [K, 2N]
+    acc = tl.zeros([BLOCK_M, 2 * BLOCK_N], dtype=tl.float32)
     for k0 in range(0, k_end, BLOCK_K):
         kmask = (k0 + kk) < K
         a = tl.load(a_ptr, mask=ok[:, None] & kmask[None, :], other=0.0)
-        bmask = kmask[:, None] & (n[None, :] < I)
-        acc_g = tl.dot(a, tl.load(g_ptr, mask=bmask, other=0.0), acc_g)
-        acc_u = tl.dot(a, tl.load(u_ptr, mask=bmask, other=0.0), acc_u)
+        b = tl.load(b_ptr, mask=kmask[:, None] & (n2[None, :] < 2 * I), other=0.0)
+        acc = tl.dot(a, b, acc)
         a_ptr += BLOCK_K
-        g_ptr += BLOCK_K * stride_wk
-        u_ptr += BLOCK_K * stride_wk
-    y = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
+        b_ptr += BLOCK_K * stride_wk
+    if HAS_BIAS:
+        acc += tl.load(B13 + ec * stride_be + n2, mask=n2 < 2 * I, other=0.0).to(tl.float32)
+    return tl.split(tl.reshape(acc, [BLOCK_M, BLOCK_N, 2]))
+
+
+@triton.jit(**per_batch(ints=("num_pairs",)))
+def _moe_up_kernel(X, W13, Inter, Pairs, BlockExpert, B13, num_pairs, top_k, num_experts,
+                   stride_xt, stride_we, stride_wn, stride_wk, stride_it, stride_be, alpha,
+                   limit, K: tl.constexpr, I: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PAIR_BLOCKS: tl.constexpr,
+                   HAS_BIAS: tl.constexpr, CLAMPED: tl.constexpr, INTERLEAVED: tl.constexpr):
+    """Inter[rows, n] = silu(x @ w13[e, n].T) * (x @ w13[e, I + n].T) for one expert block;
+    or, as the constexprs say, + b13[e], gate/up rows 2n / 2n + 1, the clamped SwiGLU."""
+    rows, pair, ok, n, kk, k_end, w, ec = _expert_block(Pairs, BlockExpert, W13, num_pairs,
+                                                        num_experts, stride_we, I, K, BLOCK_M,
+                                                        BLOCK_N, BLOCK_K, PAIR_BLOCKS)
+    tok = (pair // top_k).to(tl.int64)
+    a_ptr = X + tok[:, None] * stride_xt + kk[None, :]                       # [M, K]
+    if INTERLEAVED:
+        acc_g, acc_u = _gate_up_interleaved(a_ptr, ok, w, tl.program_id(0) % tl.cdiv(I, BLOCK_N),
+                                            kk, k_end, B13, stride_be, ec, stride_wn,
+                                            stride_wk, K, I, BLOCK_M, BLOCK_N, BLOCK_K,
+                                            HAS_BIAS)
+    else:
+        g_ptr = w + n[None, :] * stride_wn + kk[:, None] * stride_wk        # [K, N]
+        u_ptr = g_ptr + I * stride_wn
+        acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, k_end, BLOCK_K):
+            kmask = (k0 + kk) < K
+            a = tl.load(a_ptr, mask=ok[:, None] & kmask[None, :], other=0.0)
+            bmask = kmask[:, None] & (n[None, :] < I)
+            acc_g = tl.dot(a, tl.load(g_ptr, mask=bmask, other=0.0), acc_g)
+            acc_u = tl.dot(a, tl.load(u_ptr, mask=bmask, other=0.0), acc_u)
+            a_ptr += BLOCK_K
+            g_ptr += BLOCK_K * stride_wk
+            u_ptr += BLOCK_K * stride_wk
+        if HAS_BIAS:
+            bias = B13 + ec * stride_be + n
+            acc_g += tl.load(bias, mask=n < I, other=0.0).to(tl.float32)[None, :]
+            acc_u += tl.load(bias + I, mask=n < I, other=0.0).to(tl.float32)[None, :]
+    if CLAMPED:
+        g = tl.minimum(acc_g, limit)
+        u = tl.minimum(tl.maximum(acc_u, -limit), limit)
+        y = (u + 1.0) * g * tl.sigmoid(g * alpha)
+    else:
+        y = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
     tl.store(Inter + rows[:, None].to(tl.int64) * stride_it + n[None, :],
              y.to(Inter.dtype.element_ty), mask=ok[:, None] & (n[None, :] < I))
 
 
 @triton.jit(**per_batch(ints=("num_pairs",)))
-def _moe_down_kernel(Inter, W2, Weights, Out, Pairs, BlockExpert, num_pairs, num_experts,
-                     stride_it, stride_we, stride_wn, stride_wk, stride_ot,
+def _moe_down_kernel(Inter, W2, Weights, Out, Pairs, BlockExpert, B2, num_pairs, num_experts,
+                     stride_it, stride_we, stride_wn, stride_wk, stride_ot, stride_be,
                      K: tl.constexpr, H: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PAIR_BLOCKS: tl.constexpr):
-    """Out[pair, n] = weight[pair] * (inter[rows] @ w2[e, n].T) for one expert block."""
-    rows, pair, ok, n, kk, k_end, w = _expert_block(Pairs, BlockExpert, W2, num_pairs,
-                                                    num_experts, stride_we, H, K, BLOCK_M,
-                                                    BLOCK_N, BLOCK_K, PAIR_BLOCKS)
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PAIR_BLOCKS: tl.constexpr,
+                     HAS_BIAS: tl.constexpr):
+    """Out[pair, n] = weight[pair] * (inter[rows] @ w2[e, n].T (+ b2[e, n])) for one expert
+    block."""
+    rows, pair, ok, n, kk, k_end, w, ec = _expert_block(Pairs, BlockExpert, W2, num_pairs,
+                                                        num_experts, stride_we, H, K, BLOCK_M,
+                                                        BLOCK_N, BLOCK_K, PAIR_BLOCKS)
     a_ptr = Inter + rows[:, None].to(tl.int64) * stride_it + kk[None, :]    # [M, K]
     b_ptr = w + n[None, :] * stride_wn + kk[:, None] * stride_wk            # [K, N]
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -122,6 +168,8 @@ def _moe_down_kernel(Inter, W2, Weights, Out, Pairs, BlockExpert, num_pairs, num
         acc = tl.dot(a, b, acc)
         a_ptr += BLOCK_K
         b_ptr += BLOCK_K * stride_wk
+    if HAS_BIAS:
+        acc += tl.load(B2 + ec * stride_be + n, mask=n < H, other=0.0).to(tl.float32)[None, :]
     wt = tl.load(Weights + pair, mask=ok, other=0.0).to(tl.float32)          # [M]
     tl.store(Out + pair[:, None].to(tl.int64) * stride_ot + n[None, :],
              (acc * wt[:, None]).to(Out.dtype.element_ty), mask=ok[:, None] & (n[None, :] < H))
@@ -180,15 +228,21 @@ def sum_topk(out_pairs: torch.Tensor, t: int, k: int) -> torch.Tensor:
 
 @register("fused_moe", backend="triton", priority=PRIORITY, supports=on_cuda_half)
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
-              ids: torch.Tensor, tiles: MoeTiles | None = None) -> torch.Tensor:
-    """x: [T, H], w13: [E, 2I, H], w2: [E, H, I], weights/ids: [T, k] -> [T, H]. tiles: None
-    for `moe_tiles`."""
+              ids: torch.Tensor, b13: torch.Tensor | None = None, b2: torch.Tensor | None = None,
+              activation: ClampedSwiGLU | None = None, interleaved: bool = False,
+              tiles: MoeTiles | None = None) -> torch.Tensor:
+    """x: [T, H], w13: [E, 2I, H], w2: [E, H, I] (any strides), weights/ids: [T, k] -> [T, H].
+    b13 [E, 2I] / b2 [E, H] / activation / interleaved: GPT-OSS (the reference's doc).
+    tiles: None for `moe_tiles`."""
     t, h = x.shape
     e, two_i, h2 = w13.shape
     inter = two_i // 2
     check(h2 == h and w2.shape == (e, h, inter), "fused_moe: weight shapes disagree with x")
-    check(x.stride(1) == 1 and w13.stride(2) == 1 and w2.stride(2) == 1,
-          "fused_moe: x and weights must be contiguous in their last dim")
+    check(x.stride(1) == 1, "fused_moe: x must be contiguous in its last dim")
+    check(b13 is None or (b13.shape == (e, two_i) and b13.stride(1) == 1),
+          "fused_moe: b13 must be [E, 2I], contiguous rows")
+    check(b2 is None or (b2.shape == (e, h) and b2.stride(1) == 1),
+          "fused_moe: b2 must be [E, H], contiguous rows")
     k = ids.shape[1]
     n = t * k
     if n == 0:
@@ -204,16 +258,20 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: tor
     inter_buf = torch.empty(nb * bm, inter, dtype=x.dtype, device=x.device)   # [NB*M, I]
     launch = dict(num_warps=tiles.num_warps, num_stages=tiles.num_stages,
                   PAIR_BLOCKS=pair_blocks)
+    act = activation or ClampedSwiGLU()      # alpha / limit are read only when clamped
     _moe_up_kernel[(nb * triton.cdiv(inter, bn),)](
-        x, w13, inter_buf, pairs, block_expert, n, k, e, x.stride(0), w13.stride(0),
-        w13.stride(1), w13.stride(2), inter_buf.stride(0), K=h, I=inter, BLOCK_M=bm,
-        BLOCK_N=bn, BLOCK_K=bk, **launch)
+        x, w13, inter_buf, pairs, block_expert, x if b13 is None else b13, n, k, e,
+        x.stride(0), w13.stride(0), w13.stride(1), w13.stride(2), inter_buf.stride(0),
+        0 if b13 is None else b13.stride(0), act.alpha, act.limit, K=h, I=inter, BLOCK_M=bm,
+        BLOCK_N=bn, BLOCK_K=bk, HAS_BIAS=b13 is not None, CLAMPED=activation is not None,
+        INTERLEAVED=interleaved, **launch)
     # weighted expert outputs in x's dtype (HF rounds each expert's output to it too; an fp32
     # buffer would double this write + read)
     out_pairs = torch.empty(n, h, dtype=x.dtype, device=x.device)            # [T*k, H]
     wflat = weights.reshape(-1).float().contiguous()                          # [T*k]
     _moe_down_kernel[(nb * triton.cdiv(h, bn),)](
-        inter_buf, w2, wflat, out_pairs, pairs, block_expert, n, e, inter_buf.stride(0),
-        w2.stride(0), w2.stride(1), w2.stride(2), out_pairs.stride(0), K=inter, H=h,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **launch)
+        inter_buf, w2, wflat, out_pairs, pairs, block_expert, x if b2 is None else b2, n, e,
+        inter_buf.stride(0), w2.stride(0), w2.stride(1), w2.stride(2), out_pairs.stride(0),
+        0 if b2 is None else b2.stride(0), K=inter, H=h, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+        HAS_BIAS=b2 is not None, **launch)
     return sum_topk(out_pairs, t, k)                                          # [T, H]
