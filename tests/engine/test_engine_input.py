@@ -10,10 +10,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from appliance.config import load_config
 from appliance.engine import protocol
 from appliance.engine.engine import Engine
-from appliance.engine.plan_arrays import PlanChannel
 from appliance.engine.protocol import GenerateRequest
 
 VOCAB = 50
@@ -32,16 +30,8 @@ class UniformRunner:
 
 
 @pytest.fixture
-def engine(tmp_path, monkeypatch):
-    sent = []
-    monkeypatch.setattr(Engine, "_send", lambda self, message: sent.append(message))
-    eng = Engine(load_config(None, ["device=cpu"]), UniformRunner(), PlanChannel(None),
-                 f"ipc://{tmp_path}/in", f"ipc://{tmp_path}/out")
-    eng.sent = sent
-    yield eng
-    eng._inbox.close(linger=0)
-    eng._outbox.close(linger=0)
-    eng._ctx.term()
+def engine(make_engine):
+    return make_engine(UniformRunner())
 
 
 def good(rid: int, **fields) -> GenerateRequest:
