@@ -26,6 +26,7 @@ from torch import nn
 
 from appliance.model import mxfp4
 from appliance.model.placement import LoadSlice, ShardPlan
+from kernels.mxfp4 import SCALE_BIAS
 
 
 FLOAT_DTYPES = ("BF16", "F16", "F32", "F64")     # safetensors dtype names we can cast from
@@ -106,7 +107,7 @@ def _zero(model: nn.Module) -> None:
 def load_checkpoint(model: nn.Module, plan: ShardPlan, folder: str | Path) -> None:
     files, weight_map = checkpoint_files(folder)
     located = weight_map if weight_map is not None else _tensor_files(files)
-    packed = {n for n in plan.slices if n not in located
+    packed = {n for n in plan.slices if n not in located    # MXFP4 pairs to dequantize
               and all(p in located for p in mxfp4.packed_names(n))}
     if weight_map is not None:
         absent = [n for n in plan.slices if n not in weight_map and n not in packed]
@@ -123,7 +124,9 @@ def load_checkpoint(model: nn.Module, plan: ShardPlan, folder: str | Path) -> No
                 if not wanted:
                     continue
                 view = f.get_slice(name)
-                if view.get_dtype() not in FLOAT_DTYPES:   # e.g. F8_E4M3 without its scales
+                codes = all(params[s.param].dtype == torch.uint8 for s in wanted)  # MXFP4 kept
+                if view.get_dtype() not in FLOAT_DTYPES and not (
+                        codes and view.get_dtype() == "U8"):  # e.g. F8_E4M3 without scales
                     raise LoadError(f"{file.name}: tensor {name} is {view.get_dtype()}; "
                                     "TokenSpeed loads 16- and 32-bit float weights only (a "
                                     "quantized checkpoint? use the bf16/fp16 release)")
@@ -178,12 +181,17 @@ def _load_packed(params: dict[str, torch.Tensor], name: str, wanted: list[LoadSl
 
 def dummy_value(name: str, shape: tuple[int, ...], seed: int, device: torch.device) -> torch.Tensor:
     """A deterministic float32 tensor for checkpoint tensor `name`: norm weights 1,
-    biases 0, everything else N(0, 0.02), seeded by (seed, name)."""
+    biases 0, everything else N(0, 0.02), seeded by (seed, name). MXFP4 pairs: random codes
+    (`*_blocks`) and scales of 2^-7 (`*_scales`), weights of about that spread."""
     if len(shape) == 1 and "norm" in name:
         return torch.ones(shape, device=device)
     if name.endswith(".bias") or name.endswith("correction_bias"):
         return torch.zeros(shape, device=device)
+    if name.endswith(mxfp4.SCALES):
+        return torch.full(shape, SCALE_BIAS - 7.0, device=device)
     gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+    if name.endswith(mxfp4.BLOCKS):
+        return torch.randint(0, 256, shape, generator=gen, device=device).float()
     return torch.randn(shape, generator=gen, device=device) * 0.02
 
 

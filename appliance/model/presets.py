@@ -72,11 +72,13 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def _gpt_oss(layers: int, experts: int) -> dict[str, Any]:
+def _gpt_oss(layers: int, experts: int, mxfp4: bool = False) -> dict[str, Any]:
     """gpt-oss-20b / gpt-oss-120b (published config.json; they differ in depth and experts).
-    The released weights are MXFP4 experts (`quantization_config` left out: dummy weights are
-    bf16)."""
-    return {
+    The released experts are MXFP4: the `-mxfp4` presets say so (`quantization_config`), and
+    their dummy experts are packed where a kernel reads them packed; the plain ones are
+    bf16 throughout."""
+    quant = {"quantization_config": {"quant_method": "mxfp4"}} if mxfp4 else {}
+    return quant | {
         "architectures": ["GptOssForCausalLM"], "model_type": "gpt_oss",
         "vocab_size": 201088, "hidden_size": 2880, "intermediate_size": 2880,
         "num_hidden_layers": layers, "num_attention_heads": 64, "num_key_value_heads": 8,
@@ -96,6 +98,8 @@ def _gpt_oss(layers: int, experts: int) -> dict[str, Any]:
 
 PRESETS["gpt-oss-20b"] = _gpt_oss(24, 32)
 PRESETS["gpt-oss-120b"] = _gpt_oss(36, 128)
+PRESETS["gpt-oss-20b-mxfp4"] = _gpt_oss(24, 32, mxfp4=True)
+PRESETS["gpt-oss-120b-mxfp4"] = _gpt_oss(36, 128, mxfp4=True)
 
 
 def preset_config(name: str, **overrides: Any) -> dict[str, Any]:

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.moe_activation import ClampedSwiGLU
+from kernels.mxfp4 import dequantize
 from kernels.registry import register
 
 
@@ -100,3 +101,16 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: tor
             y = y + b2[e].float()
         out.index_add_(0, tok, y * weights[tok, slot].float()[:, None])
     return out.to(x.dtype)
+
+
+@register("fused_moe_mxfp4", backend="torch", priority=0)
+def fused_moe_mxfp4(x: torch.Tensor, w13_blocks: torch.Tensor, w13_scales: torch.Tensor,
+                    w2_blocks: torch.Tensor, w2_scales: torch.Tensor, weights: torch.Tensor,
+                    ids: torch.Tensor, b13: torch.Tensor | None = None,
+                    b2: torch.Tensor | None = None, activation: ClampedSwiGLU | None = None,
+                    interleaved: bool = True) -> torch.Tensor:
+    """fused_moe with MXFP4 weights (kernels/mxfp4.py): w13 = blocks [E, 2I, H/32, 16] +
+    scales [E, 2I, H/32], w2 = [E, H, I/32, 16] + [E, H, I/32], dequantized to x's dtype."""
+    w13 = dequantize(w13_blocks, w13_scales, x.dtype)                        # [E, 2I, H]
+    w2 = dequantize(w2_blocks, w2_scales, x.dtype)                           # [E, H, I]
+    return fused_moe(x, w13, w2, weights, ids, b13, b2, activation, interleaved)

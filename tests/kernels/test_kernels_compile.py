@@ -52,7 +52,7 @@ def test_compiles_for_sm90(check):
     assert res.returncode == 0, res.stderr[-4000:]
 
 PTR = {torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.int32: "*i32",
-       torch.int64: "*i64"}
+       torch.int64: "*i64", torch.uint8: "*u8"}
 
 
 def compile_sm90(kernel, args: dict, constexprs: dict, num_warps: int, num_stages: int,
@@ -203,19 +203,22 @@ def check_moe() -> None:
                      4, 1)
 
 
-def _moe(ppe: float, pair_blocks: bool, gpt_oss: bool = False) -> None:
+def _moe(ppe: float, pair_blocks: bool, gpt_oss: bool = False, mxfp4: bool = False) -> None:
     """DeepSeek-V2-Lite's experts (64 x 2048 -> 1408, top-6), or with gpt_oss GPT-OSS-20b's
-    (32 x 2880 -> 2880, top-4, biases, clamped SwiGLU, gate/up interleaved)."""
+    (32 x 2880 -> 2880, top-4, biases, clamped SwiGLU, gate/up interleaved), bf16 or MXFP4."""
     tiles = M.moe_tiles(ppe)
-    cex = dict(BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
-               PAIR_BLOCKS=pair_blocks, HAS_BIAS=gpt_oss)
+    cex = dict(BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
+               BLOCK_K=max(32, tiles.block_k) if mxfp4 else tiles.block_k,
+               PAIR_BLOCKS=pair_blocks, HAS_BIAS=gpt_oss, MXFP4=mxfp4)
     h, inter, e, k = (2880, 2880, 32, 4) if gpt_oss else (2048, 1408, 64, 6)
+    w = torch.uint8 if mxfp4 else BF
     common = dict(Pairs=I32, BlockExpert=I32, num_pairs=6, top_k=k, num_experts=e,
                   alpha=1.702, limit=7.0)
-    compile_sm90(M._moe_up_kernel, dict(common, X=BF, W13=BF, Inter=BF, B13=BF),
+    compile_sm90(M._moe_up_kernel, dict(common, X=BF, W13=w, Inter=BF, B13=BF, W13S=w),
                  dict(K=h, I=inter, CLAMPED=gpt_oss, INTERLEAVED=gpt_oss, **cex),
                  tiles.num_warps, tiles.num_stages)
-    compile_sm90(M._moe_down_kernel, dict(common, Inter=BF, W2=BF, Weights=F32, Out=BF, B2=BF),
+    compile_sm90(M._moe_down_kernel, dict(common, Inter=BF, W2=w, Weights=F32, Out=BF, B2=BF,
+                                          W2S=w),
                  dict(K=inter, H=h, **cex), tiles.num_warps, tiles.num_stages)
     compile_sm90(M._sum_topk_kernel, dict(Pairs=BF, Out=BF),
                  dict(TOP_K=6, H=2048, BLOCK_H=M.SUM_BLOCK_H), 4, 1)
@@ -266,7 +269,7 @@ def check_gpt_oss() -> None:
     """GPT-OSS-20b's shapes (64 query heads of 64 over 8 KV heads, 128-key window, sinks):
     decode (split + merge with sinks, and whole) and extend on the gathering kernel, sliding
     and full; the contiguous prefill with sinks; the biased, clamped, interleaved experts at
-    each tile configuration."""
+    each tile configuration, bf16 and MXFP4."""
     for decode in (True, False):
         tiles = A.attention_tiles(decode, False, 8)
         for window, splits in ((128, 1), (0, 1), (0, 8) if decode else (0, 2)):
@@ -292,3 +295,4 @@ def check_gpt_oss() -> None:
     for pairs_per_expert, pair_blocks in ((4.0, True), (4.0, False), (30.0, False),
                                           (500.0, False)):
         _moe(pairs_per_expert, pair_blocks, gpt_oss=True)
+        _moe(pairs_per_expert, pair_blocks, gpt_oss=True, mxfp4=True)

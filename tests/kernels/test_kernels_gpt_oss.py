@@ -1,5 +1,5 @@
 """GPT-OSS's kernel options: attention with sinks and a sliding window, fused MoE with expert
-biases, the clamped SwiGLU and interleaved gate/up rows.
+biases, the clamped SwiGLU and interleaved gate/up rows, and on MXFP4 weights read packed.
 
 The torch references are checked against float64 attention written here and against HF
 transformers' GptOssExperts; the Triton kernels against the references (through Triton's
@@ -14,6 +14,8 @@ from kernels import ClampedSwiGLU
 from kernels import reference as R
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
+# the interpreter's numpy exp overflows to inf inside sigmoid / silu of large negatives: exact
+pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
@@ -115,6 +117,32 @@ def test_reference_experts_equal_transformers():
     assert rel_err(got, want) < 1e-5
 
 
+def _mxfp4_experts(gen, e, h, inter):
+    """Random MXFP4 expert weights (codes, scales near 2^-2) and biases: w13 [E, 2I, H],
+    w2 [E, H, I] as blocks + scales."""
+    def packed(out, inn):
+        return (torch.randint(0, 256, (e, out, inn // 32, 16), dtype=torch.uint8, generator=gen),
+                torch.randint(122, 128, (e, out, inn // 32), dtype=torch.uint8, generator=gen))
+    return (*packed(2 * inter, h), *packed(h, inter),
+            torch.randn(e, 2 * inter, generator=gen), torch.randn(e, h, generator=gen))
+
+
+def test_reference_mxfp4_experts_equal_dequantized_by_transformers():
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    gen = torch.Generator().manual_seed(4)
+    b13, s13, b2, s2, bias13, bias2 = _mxfp4_experts(gen, 4, 64, 32)
+    x = torch.randn(7, 64, generator=gen)
+    w, ids = R.moe_route(torch.randn(7, 4, generator=gen), 2, "softmax", True, None, 1, 1, 1.0)
+    act = ClampedSwiGLU(1.702, 3.0)
+    got = R.fused_moe_mxfp4(x, b13, s13, b2, s2, w, ids, bias13, bias2, act, True)
+    gate_up = convert_moe_packed_tensors(b13, s13, dtype=torch.float32)           # [E, H, 2I]
+    down = convert_moe_packed_tensors(b2, s2, dtype=torch.float32)                # [E, I, H]
+    want = R.fused_moe(x, gate_up.transpose(1, 2), down.transpose(1, 2), w, ids, bias13, bias2,
+                       act, interleaved=True)
+    assert torch.equal(got, want)
+
+
 # --------------------------------------------------------------------------- Triton
 triton_only = pytest.mark.skipif(DEV == "cpu" and not INTERPRETED,
                                  reason="no GPU and TRITON_INTERPRET unset")
@@ -187,3 +215,18 @@ def test_triton_fused_moe_gpt_oss_options(t, e, k, interleaved):
     # the default path (no options) is untouched
     plain = (x, gate_up.transpose(1, 2).contiguous(), down.transpose(1, 2).contiguous(), w, ids)
     assert rel_err(M.fused_moe(*plain), R.fused_moe(*plain)) < TOL
+
+
+@triton_only
+@pytest.mark.parametrize("t,e,k", [(1, 4, 2), (9, 6, 3), (40, 4, 2)])
+def test_triton_fused_moe_mxfp4(t, e, k):
+    """The experts read packed (codes decoded in registers, one block per pair at t=1)."""
+    _, M = _triton()
+    dt = torch.bfloat16 if DEV == "cuda" else torch.float32
+    gen = torch.Generator().manual_seed(t)
+    b13, s13, b2, s2, bias13, bias2 = (a.to(DEV) for a in _mxfp4_experts(gen, e, 64, 64))
+    x = rnd(t, 64, dtype=dt)
+    w, ids = R.moe_route(rnd(t, e), k, "softmax", True, None, 1, 1, 1.0)
+    for biases in ((None, None), (bias13.to(dt), bias2.to(dt))):
+        args = (x, b13, s13, b2, s2, w, ids, *biases, ClampedSwiGLU(1.702, 2.0), True)
+        assert rel_err(M.fused_moe_mxfp4(*args), R.fused_moe_mxfp4(*args)) < TOL

@@ -164,7 +164,7 @@ def _random_mxfp4(gen, *lead_out_groups):
 def test_mxfp4_dequantize_equals_transformers():
     from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
-    from appliance.model import mxfp4
+    from kernels import mxfp4
     gen = torch.Generator().manual_seed(0)
     blocks, scales = _random_mxfp4(gen, 3, 5, 4)
     scales[0, 0, 0], scales[1, 2, 3] = 0, 255        # the scale range's ends
@@ -174,18 +174,21 @@ def test_mxfp4_dequantize_equals_transformers():
         assert got.dtype == dtype and torch.equal(got.transpose(1, 2), want)
 
 
-def test_mxfp4_checkpoint_equals_its_dequantized_twin(checkpoint, tmp_path):
-    """The tiny checkpoint with MXFP4 experts (`*_blocks` / `*_scales`, quant_method mxfp4)
-    generates transformers' tokens for the same weights dequantized by transformers."""
+@pytest.fixture(scope="module")
+def mxfp4_checkpoint(checkpoint, tmp_path_factory):
+    """The tiny checkpoint with MXFP4 experts (`*_blocks` / `*_scales`, quant_method mxfp4),
+    and its twin holding the same experts dequantized by transformers: (folder, transformers'
+    greedy tokens on the twin, the twin's expert tensors)."""
     from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
     folder, _ = checkpoint
+    out = tmp_path_factory.mktemp("mxfp4")
     gen = torch.Generator().manual_seed(1)
     packed, plain = {}, {}
     for layer in range(4):
-        for proj, out, inn in (("gate_up_proj", 64, 64), ("down_proj", 64, 32)):
+        for proj, rows, inn in (("gate_up_proj", 64, 64), ("down_proj", 64, 32)):
             name = f"model.layers.{layer}.mlp.experts.{proj}"
-            blocks, scales = _random_mxfp4(gen, 4, out, inn // 32)
+            blocks, scales = _random_mxfp4(gen, 4, rows, inn // 32)
             packed[name] = (blocks, scales)
             plain[name] = convert_moe_packed_tensors(blocks, scales, dtype=torch.float32)
 
@@ -196,13 +199,67 @@ def test_mxfp4_checkpoint_equals_its_dequantized_twin(checkpoint, tmp_path):
 
     def quantized(cfg):
         return {**cfg, "quantization_config": {"quant_method": "mxfp4"}}
-    _rewrite(folder, tmp_path / "mxfp4", to_packed, quantized)
-    _rewrite(folder, tmp_path / "twin", lambda t: t.update(plain))
-    ref = hf_greedy(tmp_path / "twin", PROMPTS, MAX_NEW)
-    runner = ModelRunner(str(tmp_path / "mxfp4"), kv_num_pages=64, page_size=4)
-    assert greedy_generate(runner, PROMPTS, MAX_NEW) == ref
+    _rewrite(folder, out / "mxfp4", to_packed, quantized)
+    _rewrite(folder, out / "twin", lambda t: t.update(plain))
+    return out / "mxfp4", hf_greedy(out / "twin", PROMPTS, MAX_NEW), plain
+
+
+def test_mxfp4_checkpoint_dequantized_at_load(mxfp4_checkpoint):
+    """On CPU only the torch reference reads MXFP4 experts: they are dequantized as they
+    load, and the model generates transformers' tokens of the dequantized twin."""
+    folder, ref, plain = mxfp4_checkpoint
+    runner = ModelRunner(str(folder), kv_num_pages=64, page_size=4)
     experts = runner.model.model.layers[3].mlp.experts
+    assert not experts.packed
     assert torch.equal(experts.down_proj, plain["model.layers.3.mlp.experts.down_proj"])
+    assert greedy_generate(runner, PROMPTS, MAX_NEW) == ref
+
+
+@pytest.fixture
+def packed_backend():
+    """A non-reference `fused_moe_mxfp4` on CPU (the reference under another name), so the
+    model keeps MXFP4 experts packed as it does where the Triton kernel serves them."""
+    import kernels
+    from kernels import reference as R
+
+    kernels.register("fused_moe_mxfp4", backend="packed-test", priority=5)(R.fused_moe_mxfp4)
+    yield
+    kernels.unregister("fused_moe_mxfp4", "packed-test")
+
+
+def test_mxfp4_checkpoint_kept_packed(mxfp4_checkpoint, packed_backend):
+    folder, ref, _ = mxfp4_checkpoint
+    runner = ModelRunner(str(folder), kv_num_pages=64, page_size=4)
+    experts = runner.model.model.layers[0].mlp.experts
+    assert experts.packed and experts.gate_up_proj_blocks.dtype == torch.uint8
+    assert experts.gate_up_proj_blocks.shape == (4, 64, 2, 16)
+    assert greedy_generate(runner, PROMPTS, MAX_NEW, chunk=5, admit_per_step=1) == ref
+
+
+def test_mxfp4_packed_shards_whole_groups(packed_backend):
+    """TP2 plan of packed experts: rank 1 holds the second half of the gate/up rows (pairs
+    kept) and of the down projection's 32-element groups; a split that would cut a group is
+    refused by name."""
+    from appliance.model.compiler import plan_weights
+    from appliance.model.context import BuildContext
+    from appliance.model.layers.gpt_oss_moe import GptOssExperts, GptOssMoEConfig
+    from appliance.model.placement import ParallelLayout
+
+    hf = {"hidden_size": 64, "intermediate_size": 128, "num_local_experts": 4,
+          "num_experts_per_tok": 2, "quantization_config": {"quant_method": "mxfp4"}}
+    ctx = BuildContext(ParallelLayout.tensor_parallel(1, 2), torch.device("cpu"),
+                       torch.float32, 16)
+    with torch.device("meta"):
+        model = torch.nn.ModuleDict({"experts": GptOssExperts(GptOssMoEConfig.from_hf(hf), ctx)})
+    plan = plan_weights(model, ctx.layout)
+    (down,) = plan.slices["experts.down_proj_blocks"]
+    assert (down.src_dim, down.src_start, down.length) == (2, 2, 2)     # groups 2..3 of 4
+    (gate_up,) = plan.slices["experts.gate_up_proj_scales"]
+    assert (gate_up.src_dim, gate_up.src_start, gate_up.length) == (1, 128, 128)
+    ctx4 = BuildContext(ParallelLayout.tensor_parallel(0, 4), torch.device("cpu"),
+                        torch.float32, 16)
+    with pytest.raises(ValueError, match="intermediate_size 96 over moe_tp 4 leaves 24"):
+        GptOssExperts(GptOssMoEConfig.from_hf({**hf, "intermediate_size": 96}), ctx4)
 
 
 def test_other_quantized_checkpoints_are_still_refused(checkpoint, tmp_path):
@@ -239,3 +296,20 @@ def test_preset_real_width_dummy():
     assert runner.max_model_len == 131072
     tokens, = greedy_generate(runner, [[1, 2, 3, 4, 5]], 3)
     assert len(tokens) == 3 and all(0 <= t < 4096 for t in tokens)
+
+
+@pytest.mark.slow
+def test_mxfp4_preset_real_width_dummy(packed_backend):
+    """gpt-oss-20b-mxfp4's experts at full width kept packed, dummy codes and scales (2
+    layers, 4 experts, a 4096-token vocabulary, for speed)."""
+    cfg = preset_config("gpt-oss-20b-mxfp4", num_hidden_layers=2, num_local_experts=4,
+                        vocab_size=4096, layer_types=["sliding_attention", "full_attention"])
+    runner = ModelRunner(ModelSource(load_format="dummy", hf_config=cfg, seed=3),
+                         dtype=torch.bfloat16, kv_num_pages=4, page_size=16)
+    experts = runner.model.model.layers[1].mlp.experts
+    assert experts.gate_up_proj_blocks.shape == (4, 5760, 90, 16)
+    assert experts.down_proj_scales.shape == (4, 2880, 90)
+    assert experts.gate_up_proj_blocks.float().std() > 50          # random codes
+    assert bool((experts.down_proj_scales == 120).all())           # 2^-7
+    tokens, = greedy_generate(runner, [[1, 2, 3, 4, 5]], 2)
+    assert len(tokens) == 2 and all(0 <= t < 4096 for t in tokens)
