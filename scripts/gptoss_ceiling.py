@@ -7,7 +7,8 @@
   its default experts implementation and its eager loop), batch 1 and batch 64;
 - GPT-OSS's kernel options at its shapes, checked against the torch reference and timed as
   graph replays beside the default path: attention with sinks, with the 128-token window,
-  and the experts with biases + clamped SwiGLU on HF's layout against the plain bf16 experts.
+  and the experts with biases + clamped SwiGLU on HF's layout against the plain bf16 experts,
+  and the same experts in MXFP4 read packed (`fused_moe_mxfp4`) against bf16.
 
     python scripts/gptoss_ceiling.py [--out DIR] [--skip-hf]
 """
@@ -23,12 +24,15 @@ from kernel_bench.harness import BF16, DEV, Session, bench_ms, graph_ms, measure
 from kernel_bench.inputs import gqa_extend_inputs, gqa_inputs, new_token_kv
 
 from appliance.model.presets import preset_config
-from kernels import ClampedSwiGLU
+from kernels import ClampedSwiGLU, mxfp4
 from kernels import reference as R
 from kernels.triton import attention_ops as TA
 from kernels.triton import moe as TM
 
 HQ, HK, D, WINDOW = 64, 8, 64, 128         # gpt-oss attention: 64 q / 8 kv heads of 64
+MOE_TOKENS = (1, 16, 64, 256, 1024, 4096)
+DECODE_SHAPES = ((1, 32768), (1, 131072), (64, 8192), (256, 4096))    # (batch, context)
+EXTEND_SHAPES = ((8192, 8192), (16384, 1024))                          # (keys, new tokens)
 
 
 def active_param_bytes(cfg: dict, dtype_bytes: int = 2) -> int:
@@ -71,7 +75,7 @@ def hf_generate_tps(cfg: dict, batch: int, new_tokens: int, experts: str | None)
 def attention_rows(s: Session) -> None:
     """decode / extend at gpt-oss's heads: plain, + sinks (full layers), + sinks and the
     window (sliding layers: reads 128 keys whatever the context)."""
-    for batch, ctx in ((1, 32768), (1, 131072), (64, 8192), (256, 4096)):
+    for batch, ctx in DECODE_SHAPES:
         table, kc, vc, q, sl = gqa_inputs(batch, ctx, 16, HQ, HK, D)
         sinks = torch.randn(HQ, dtype=BF16, device=DEV)
         for name, opts in (("plain", {}), ("sinks", dict(sinks=sinks)),
@@ -84,7 +88,7 @@ def attention_rows(s: Session) -> None:
                    nbytes=2 * batch * keys * HK * D * 2 + 2 * q.numel() * 2, err=err)
         del kc, vc
         torch.cuda.empty_cache()
-    for seq, qlen in ((8192, 8192), (16384, 1024)):
+    for seq, qlen in EXTEND_SHAPES:
         table, kc, vc, q, qs, sl = gqa_extend_inputs(seq, qlen, 16, HQ, HK, D)
         k_new, v_new = (new_token_kv(c, table, seq, qlen, 16) for c in (kc, vc))
         sinks = torch.randn(HQ, dtype=BF16, device=DEV)
@@ -103,7 +107,8 @@ def attention_rows(s: Session) -> None:
 def moe_rows(s: Session, cfg: dict) -> None:
     """gpt-oss-20b's experts (32 x 2880 -> 2880, top-4): GPT-OSS's options on HF's layout
     against the default path on [E, 2I, H] / [E, H, I] (the same math without biases and
-    with silu); `weights` = the rate the used experts' weights are read at."""
+    with silu); then the experts in MXFP4 read packed against the bf16 ones (`bf16`, the
+    same experts dequantized); `weights` = the rate the used experts' bytes are read at."""
     e, h, inter, k = (cfg["num_local_experts"], cfg["hidden_size"], cfg["intermediate_size"],
                       cfg["num_experts_per_tok"])
     gate_up = torch.randn(e, h, 2 * inter, dtype=BF16, device=DEV) * 0.02
@@ -112,7 +117,7 @@ def moe_rows(s: Session, cfg: dict) -> None:
     b2 = torch.randn(e, h, dtype=BF16, device=DEV) * 0.02
     w13, w2 = gate_up.transpose(1, 2).contiguous(), down.transpose(1, 2).contiguous()
     act = ClampedSwiGLU(float(cfg.get("swiglu_alpha", 1.702)), float(cfg["swiglu_limit"]))
-    for tokens in (1, 16, 64, 256, 1024, 4096):
+    for tokens in MOE_TOKENS:
         x = torch.randn(tokens, h, dtype=BF16, device=DEV)
         weights, ids = R.moe_route(torch.randn(tokens, e, device=DEV), k, "softmax", True,
                                    None, 1, 1, 1.0)
@@ -126,9 +131,33 @@ def moe_rows(s: Session, cfg: dict) -> None:
         row = s.emit("gptoss_moe", f"T={tokens} E={e} k={k}", ms,
                      flops=6.0 * tokens * k * inter * h, err=err, plain=graph_ms(plain),
                      eager=bench_ms(fn))
-        gbs = used * 3 * inter * h * 2 / ms / 1e6
-        row.note = f"weights {gbs:.0f} GB/s = {100 * gbs / s.ceilings.copy_gbs:.0f}% copy"
-        print(f"  {'':19s} {row.note}")
+        _weights_note(s, row, used * 3 * inter * h * 2, ms)
+    blocks13 = torch.randint(0, 256, (e, 2 * inter, h // 32, 16), dtype=torch.uint8, device=DEV)
+    scales13 = torch.randint(118, 122, (e, 2 * inter, h // 32), dtype=torch.uint8, device=DEV)
+    blocks2 = torch.randint(0, 256, (e, h, inter // 32, 16), dtype=torch.uint8, device=DEV)
+    scales2 = torch.randint(118, 122, (e, h, inter // 32), dtype=torch.uint8, device=DEV)
+    dq13 = mxfp4.dequantize(blocks13, scales13, BF16)                       # [E, 2I, H]
+    dq2 = mxfp4.dequantize(blocks2, scales2, BF16)                          # [E, H, I]
+    for tokens in MOE_TOKENS:
+        x = torch.randn(tokens, h, dtype=BF16, device=DEV)
+        weights, ids = R.moe_route(torch.randn(tokens, e, device=DEV), k, "softmax", True,
+                                   None, 1, 1, 1.0)
+        args = (x, blocks13, scales13, blocks2, scales2, weights, ids, b13, b2, act, True)
+        fn = lambda a=args: TM.fused_moe_mxfp4(*a)  # noqa: E731
+        err = rel_err(fn(), R.fused_moe_mxfp4(*args)) if tokens <= 256 else None
+        bf16 = lambda: TM.fused_moe(x, dq13, dq2, weights, ids, b13, b2, act, True)  # noqa: E731
+        ms = graph_ms(fn)
+        used = int(ids.unique().numel())
+        row = s.emit("gptoss_moe_mxfp4", f"T={tokens} E={e} k={k}", ms,
+                     flops=6.0 * tokens * k * inter * h, err=err, bf16=graph_ms(bf16),
+                     eager=bench_ms(fn))
+        _weights_note(s, row, used * 3 * inter * h * 17 / 32, ms)
+
+
+def _weights_note(s: Session, row, nbytes: float, ms: float) -> None:
+    gbs = nbytes / ms / 1e6
+    row.note = f"weights {gbs:.0f} GB/s = {100 * gbs / s.ceilings.copy_gbs:.0f}% copy"
+    print(f"  {'':19s} {row.note}")
 
 
 def main() -> int:
