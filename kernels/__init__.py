@@ -37,6 +37,6 @@ def rescan_plugins() -> None:
 registry.add_lazy_loader(_load_triton_backend)
 registry.add_lazy_loader(plugins.load_plugins)
 
-__all__ = ["ClampedSwiGLU", "OPS", "KernelError", "register", "unregister", "select", "selected_backend",
-           "explain", "set_overrides", "overrides", "backends", "registered_ops",
-           "rescan_plugins"]
+__all__ = ["ClampedSwiGLU", "OPS", "KernelError", "register", "unregister", "select",
+           "selected_backend", "explain", "set_overrides", "overrides", "backends",
+           "registered_ops", "rescan_plugins"]

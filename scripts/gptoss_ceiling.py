@@ -80,7 +80,8 @@ def attention_rows(s: Session) -> None:
         sinks = torch.randn(HQ, dtype=BF16, device=DEV)
         for name, opts in (("plain", {}), ("sinks", dict(sinks=sinks)),
                            ("sinks+window", dict(sinks=sinks, window=WINDOW))):
-            fn = lambda o=opts: TA.decode_attention(q, kc, vc, table, sl, 16, D ** -0.5, **o)  # noqa: E731
+            def fn(o=opts):
+                return TA.decode_attention(q, kc, vc, table, sl, 16, D ** -0.5, **o)
             err = (rel_err(fn(), R.decode_attention(q, kc, vc, table, sl, 16, D ** -0.5, **opts))
                    if batch * ctx <= (1 << 20) or "window" in opts else None)
             keys = min(ctx, WINDOW) if "window" in opts else ctx
@@ -94,8 +95,9 @@ def attention_rows(s: Session) -> None:
         sinks = torch.randn(HQ, dtype=BF16, device=DEV)
         for name, opts in (("plain", {}), ("sinks", dict(sinks=sinks)),
                            ("sinks+window", dict(sinks=sinks, window=WINDOW))):
-            fn = lambda o=opts: TA.extend_attention(q, kc, vc, table, qs, sl, 16, D ** -0.5,  # noqa: E731
-                                                    k_new=k_new, v_new=v_new, **o)
+            def fn(o=opts):
+                return TA.extend_attention(q, kc, vc, table, qs, sl, 16, D ** -0.5,
+                                           k_new=k_new, v_new=v_new, **o)
             err = rel_err(fn(), R.extend_attention(q, kc, vc, table, qs, sl, 16, D ** -0.5,
                                                    **opts)) if qlen * seq <= (1 << 24) else None
             visible = qlen * min(seq, WINDOW) if "window" in opts else \

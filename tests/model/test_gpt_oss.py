@@ -290,7 +290,7 @@ def test_preset_real_width_dummy():
     src = ModelSource(load_format="dummy", hf_config=cfg, seed=3)
     runner = ModelRunner(src, dtype=torch.bfloat16, kv_num_pages=4, page_size=16)
     layer = runner.model.model.layers[0]
-    assert layer.self_attn.attn.window == 128 and runner.model.model.layers[1].self_attn.attn.window == 0
+    assert [m.self_attn.attn.window for m in runner.model.model.layers] == [128, 0]
     assert layer.self_attn.attn.sinks.shape == (64,)
     assert layer.mlp.experts.gate_up_proj.shape == (4, 2880, 5760)
     assert runner.max_model_len == 131072
