@@ -8,9 +8,10 @@ needs (rotary caches, a tied lm_head, MTP layers) are skipped. A tensor the plan
 the checkpoint lacks, or one whose shape differs, raises LoadError naming it; so do quantized
 checkpoints (a `quantization_config`, or weights stored as FP8 / integers), which would
 otherwise load as garbage: an FP8 weight cast to bf16 without its block scales. The one
-quantized format read is MXFP4 (GPT-OSS's experts): a tensor the plan needs that the
-checkpoint holds as `<name>_blocks` + `<name>_scales` is dequantized to bf16 as it loads
-(mxfp4.py), one expert at a time.
+quantized format read is MXFP4 (GPT-OSS's experts): uint8 `<name>_blocks` / `<name>_scales`
+load as they are into uint8 parameters (experts kept packed), and a tensor the plan needs
+that the checkpoint holds only as such a pair is dequantized to bf16 as it loads (mxfp4.py),
+one expert at a time.
 `load_dummy` fills the same plan with random values seeded per tensor name, so every rank
 and every TP size sees the same full tensors.
 """
@@ -48,12 +49,12 @@ def read_hf_config(folder: str | Path) -> dict:
         cfg = {**cfg["text_config"], "architectures": cfg["text_config"].get(
             "architectures", cfg.get("architectures"))}
     quant = cfg.get("quantization_config")
-    method = (quant.get("quant_method", "unknown") if isinstance(quant, dict) else quant
-              ) if quant else None
-    if method is not None and method != "mxfp4":   # MXFP4 tensors are dequantized at load
-        raise LoadError(f"{path}: the checkpoint is quantized (quantization_config.quant_method "
-                        f"= {method!r}); TokenSpeed loads 16- and 32-bit float weights only: "
-                        "use the model's bf16/fp16 release")
+    if quant:
+        method = quant.get("quant_method", "unknown") if isinstance(quant, dict) else quant
+        if method != "mxfp4":   # MXFP4 experts: read packed, or dequantized at load
+            raise LoadError(f"{path}: the checkpoint is quantized (quantization_config."
+                            f"quant_method = {method!r}); TokenSpeed loads 16- and 32-bit float "
+                            "weights only: use the model's bf16/fp16 release")
     return cfg
 
 
