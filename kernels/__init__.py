@@ -14,9 +14,9 @@ import warnings
 
 from kernels import plugins, reference, registry  # noqa: F401  (reference registers "torch")
 from kernels.moe_activation import ClampedSwiGLU
-from kernels.registry import (OPS, KernelError, backends, explain, overrides, register,
-                              registered_ops, select, selected_backend, set_overrides,
-                              unregister)
+from kernels.registry import (OPS, REFERENCE_ONLY, KernelError, backends, explain, overrides,
+                              register, registered_ops, select, selected_backend,
+                              set_overrides, unregister)
 
 
 def _load_triton_backend() -> None:
@@ -37,6 +37,6 @@ def rescan_plugins() -> None:
 registry.add_lazy_loader(_load_triton_backend)
 registry.add_lazy_loader(plugins.load_plugins)
 
-__all__ = ["ClampedSwiGLU", "OPS", "KernelError", "register", "unregister", "select",
-           "selected_backend", "explain", "set_overrides", "overrides", "backends",
+__all__ = ["ClampedSwiGLU", "OPS", "REFERENCE_ONLY", "KernelError", "register", "unregister",
+           "select", "selected_backend", "explain", "set_overrides", "overrides", "backends",
            "registered_ops", "rescan_plugins"]

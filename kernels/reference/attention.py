@@ -29,11 +29,12 @@ def window_start(first_query_pos: int, window: int) -> int:
     return max(0, first_query_pos - window + 1) if window > 0 else 0
 
 
-def _softmax(s: torch.Tensor, sinks: torch.Tensor | None) -> torch.Tensor:
-    """s: [Hq, M, N] masked logits -> probabilities; a head's sink takes its share of the mass."""
-    if sinks is None:
+def _softmax(s: torch.Tensor, sink: torch.Tensor | None) -> torch.Tensor:
+    """s: [..., N] masked logits -> probabilities over N; sink (broadcastable to [..., 1]):
+    a logit in the denominator that takes its share of the mass and attends to nothing."""
+    if sink is None:
         return s.softmax(dim=-1)
-    sink = sinks.float()[:, None, None].expand(s.shape[0], s.shape[1], 1)      # [Hq, M, 1]
+    sink = sink.expand(*s.shape[:-1], 1)
     return torch.cat([s, sink], dim=-1).softmax(dim=-1)[..., :-1]
 
 
@@ -53,7 +54,8 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tens
     if window > 0:
         hidden |= k_pos[None, :] <= q_pos[:, None] - window
     s = s.masked_fill(hidden[None], float("-inf"))
-    return torch.einsum("hmn,nhd->mhd", _softmax(s, sinks), v32)      # [M, Hq, Dv]
+    sink = None if sinks is None else sinks.float()[:, None, None]      # [Hq, 1, 1]
+    return torch.einsum("hmn,nhd->mhd", _softmax(s, sink), v32)       # [M, Hq, Dv]
 
 
 @register("decode_attention", backend="torch", priority=0)
@@ -61,10 +63,31 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      page_table: torch.Tensor, seq_lens: torch.Tensor, page_size: int,
                      scale: float, sinks: torch.Tensor | None = None,
                      window: int = 0) -> torch.Tensor:
-    """q: [B, Hq, D] -> [B, Hq, Dv]; sinks [Hq] / window: see the module doc."""
-    qs = torch.arange(q.shape[0] + 1, device=q.device, dtype=torch.int32)
-    return extend_attention(q, k_cache, v_cache, page_table, qs, seq_lens, page_size, scale,
-                            sinks=sinks, window=window)
+    """q: [B, Hq, D] -> [B, Hq, Dv]. All rows at once (a CPU step is a few dozen ops, not a
+    few dozen per row): keys gathered up to the longest row (with a window, each row's last
+    `window` positions), the shorter rows' tails masked and their values zeroed (those slots
+    may hold anything), each kv head's query group attending together (no repeated K/V).
+    sinks [Hq] / window: see the module doc."""
+    b, hq, d = q.shape
+    hk = k_cache.shape[1]
+    lens = seq_lens.long()                                                   # [B]
+    width = int(lens.max()) if b else 0
+    first = torch.zeros_like(lens)
+    if window > 0:
+        width = min(width, window)
+        first = (lens - width).clamp(min=0)
+    n = first[:, None] + torch.arange(width, device=q.device)                # [B, N] positions
+    seen = n < lens[:, None]                                                 # [B, N]
+    slots = page_table.long().gather(1, n // page_size) * page_size + n % page_size  # [B, N]
+    k32 = k_cache[slots].float()                                             # [B, N, Hk, D]
+    v32 = v_cache[slots].float().masked_fill(~seen[:, :, None, None], 0.0)  # [B, N, Hk, Dv]
+    q32 = q.float().view(b, hk, hq // hk, d)                                 # [B, Hk, G, D]
+    s = torch.einsum("bkgd,bnkd->bkgn", q32, k32) * scale                    # [B, Hk, G, N]
+    s = s.masked_fill(~seen[:, None, None, :], float("-inf"))
+    sink = None if sinks is None else sinks.float().view(1, hk, hq // hk, 1)
+    p = _softmax(s, sink).nan_to_num(0.0)          # a row with no keys (seq_len 0) gets zeros
+    out = torch.einsum("bkgn,bnkd->bkgd", p, v32)                            # [B, Hk, G, Dv]
+    return out.reshape(b, hq, -1).to(q.dtype)
 
 
 @register("extend_attention", backend="torch", priority=0)
