@@ -89,6 +89,8 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: tor
     rows, or alternate rows when `interleaved`. Biases b13 [E, 2I] / b2 [E, H] are optional.
     Weights may be any strided views (GPT-OSS keeps HF's [E, H, 2I] tensors, transposed)."""
     t, k = ids.shape
+    here = ids < w13.shape[0]     # id E: an expert of another rank (EP), contributes nothing
+    weights, ids = weights * here, torch.where(here, ids, 0)
     out = torch.zeros(t, x.shape[1], dtype=torch.float32, device=x.device)  # [T, H]
     for e in ids.unique().tolist():
         tok, slot = (ids == e).nonzero(as_tuple=True)                         # [n], [n]
