@@ -1,6 +1,6 @@
 """GPT-OSS through the HTTP API of the real daemon: greedy tokens == transformers' `generate`
 (fp32, CPU) for prompts run alone and all at once, prefilled in chunks of 16 tokens by the
-C++ scheduler, with contexts several windows long; TP=2 (gloo) == TP=1."""
+C++ scheduler, with contexts several windows long; TP=2 (gloo, parallel.moe tp and ep) too."""
 
 from __future__ import annotations
 
@@ -95,7 +95,8 @@ def test_greedy_equals_transformers(checkpoint, tmp_path):
     assert together == ref
 
 
-def test_tp2_equals_transformers(checkpoint, tmp_path):
+@pytest.mark.parametrize("moe", ["tp", "ep"])
+def test_tp2_equals_transformers(checkpoint, tmp_path, moe):
     folder, ref = checkpoint
-    alone, together = _serve(tmp_path, folder, "parallel.tp_size=2")
+    alone, together = _serve(tmp_path, folder, "parallel.tp_size=2", f"parallel.moe={moe}")
     assert alone == ref and together == ref

@@ -119,14 +119,16 @@ def test_window_and_sinks_matter(checkpoint):
 
 @pytest.mark.slow
 def test_tp2_equals_tp1(checkpoint, tmp_path):
-    """Heads, sinks and the experts' intermediate dim split over 2 gloo ranks."""
+    """Heads and sinks split over 2 gloo ranks, the experts' intermediate dim split (parallel.moe
+    tp) or 2 whole experts a rank (ep, biases added by their expert's rank only)."""
     folder, ref = checkpoint
     runner = ModelRunner(str(folder), kv_num_pages=64, page_size=4)
     want = greedy_generate(runner, PROMPTS, MAX_NEW, chunk=5, admit_per_step=1)
     assert want == ref
-    (per_rank,) = run_tp(2, [(str(folder), dict(kv_num_pages=64, page_size=4))], PROMPTS,
-                         MAX_NEW, tmp_path)
-    assert [r["tokens"] for r in per_rank] == [ref, ref]
+    jobs = [(str(folder), dict(kv_num_pages=64, page_size=4, moe_parallel=moe))
+            for moe in ("tp", "ep")]
+    for per_rank in run_tp(2, jobs, PROMPTS, MAX_NEW, tmp_path):
+        assert [r["tokens"] for r in per_rank] == [ref, ref]
 
 
 def _rewrite(src, dst, edit, config_edit=None) -> None:
