@@ -215,8 +215,8 @@ def _moe_down_kernel(Inter, W2, Weights, Out, Pairs, BlockExpert, B2, W2S, num_p
         a_ptr += BLOCK_K
         b_ptr += BLOCK_K * stride_wk
     if HAS_BIAS:  # not in idle blocks (k_end 0): another rank's experts contribute nothing
-        acc += tl.load(B2 + ec * stride_be + n, mask=(n < H) & (k_end > 0),
-                       other=0.0).to(tl.float32)[None, :]
+        bias = tl.load(B2 + ec * stride_be + n, mask=n < H, other=0.0).to(tl.float32)
+        acc += tl.where(k_end > 0, bias, 0.0)[None, :]
     wt = tl.load(Weights + pair, mask=ok, other=0.0).to(tl.float32)          # [M]
     tl.store(Out + pair[:, None].to(tl.int64) * stride_ot + n[None, :],
              (acc * wt[:, None]).to(Out.dtype.element_ty), mask=ok[:, None] & (n[None, :] < H))
