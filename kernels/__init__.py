@@ -13,6 +13,7 @@ from __future__ import annotations
 import warnings
 
 from kernels import plugins, reference, registry  # noqa: F401  (reference registers "torch")
+from kernels.moe_activation import ClampedSwiGLU
 from kernels.registry import (OPS, REFERENCE_ONLY, KernelError, backends, explain, listing,
                               mark_unavailable, overrides, register, registered_ops, select,
                               selected_backend, set_overrides, unavailable, unregister)
@@ -48,6 +49,6 @@ def rescan_plugins() -> None:
 registry.add_lazy_loader(_load_triton_backend)
 registry.add_lazy_loader(plugins.load_plugins)
 
-__all__ = ["OPS", "REFERENCE_ONLY", "KernelError", "register", "unregister", "select", "selected_backend",
-           "explain", "set_overrides", "overrides", "backends", "registered_ops",
-           "rescan_plugins", "listing", "mark_unavailable", "unavailable"]
+__all__ = ["ClampedSwiGLU", "OPS", "REFERENCE_ONLY", "KernelError", "register", "unregister",
+           "select", "selected_backend", "explain", "set_overrides", "overrides", "backends",
+           "registered_ops", "rescan_plugins", "listing", "mark_unavailable", "unavailable"]

@@ -10,7 +10,11 @@ moves to the device), then copies it into the parameter. Checkpoint tensors no p
 needs (rotary caches, a tied lm_head, MTP layers) are skipped. A tensor the plan needs but
 the checkpoint lacks, or one whose shape differs, raises LoadError naming it; so do quantized
 checkpoints (a `quantization_config`, or weights stored as FP8 / integers), which would
-otherwise load as garbage: an FP8 weight cast to bf16 without its block scales.
+otherwise load as garbage: an FP8 weight cast to bf16 without its block scales. The one
+quantized format read is MXFP4 (GPT-OSS's experts): uint8 `<name>_blocks` / `<name>_scales`
+load as they are into uint8 parameters (experts kept packed), and a tensor the plan needs
+that the checkpoint holds only as such a pair is dequantized to bf16 as it loads (mxfp4.py),
+one expert at a time.
 `load_dummy` fills the same plan with random values seeded per tensor name, so every rank
 and every TP size sees the same full tensors.
 """
@@ -24,7 +28,9 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from appliance.model import mxfp4
 from appliance.model.placement import LoadSlice, ShardPlan
+from kernels.mxfp4 import SCALE_BIAS
 
 
 FLOAT_DTYPES = ("BF16", "F16", "F32", "F64")     # safetensors dtype names we can cast from
@@ -53,9 +59,10 @@ def read_hf_config(folder: str | Path) -> dict:
     quant = cfg.get("quantization_config")
     if quant:
         method = quant.get("quant_method", "unknown") if isinstance(quant, dict) else quant
-        raise LoadError(f"{path}: the checkpoint is quantized (quantization_config.quant_method "
-                        f"= {method!r}); TokenSpeed loads 16- and 32-bit float weights only: "
-                        "use the model's bf16/fp16 release")
+        if method != "mxfp4":   # MXFP4 experts: read packed, or dequantized at load
+            raise LoadError(f"{path}: the checkpoint is quantized (quantization_config."
+                            f"quant_method = {method!r}); TokenSpeed loads 16- and 32-bit float "
+                            "weights only: use the model's bf16/fp16 release")
     return cfg
 
 
@@ -132,8 +139,11 @@ def load_checkpoint(model: nn.Module, plan: ShardPlan, folder: str | Path) -> No
         gguf_checkpoint.load_gguf(model, plan, gguf)
         return
     files, weight_map = checkpoint_files(folder)
+    located = weight_map if weight_map is not None else _tensor_files(files)
+    packed = {n for n in plan.slices if n not in located    # MXFP4 pairs to dequantize
+              and all(p in located for p in mxfp4.packed_names(n))}
     if weight_map is not None:
-        absent = [n for n in plan.slices if n not in weight_map]
+        absent = [n for n in plan.slices if n not in weight_map and n not in packed]
         if absent:
             raise LoadError(f"{folder}: checkpoint lacks tensor(s) {missing_names(absent)} "
                             "(not in model.safetensors.index.json)")
@@ -147,35 +157,74 @@ def load_checkpoint(model: nn.Module, plan: ShardPlan, folder: str | Path) -> No
                 if not wanted:
                     continue
                 view = f.get_slice(name)
-                if view.get_dtype() not in FLOAT_DTYPES:   # e.g. F8_E4M3 without its scales
+                codes = all(params[s.param].dtype == torch.uint8 for s in wanted)  # MXFP4 kept
+                if view.get_dtype() not in FLOAT_DTYPES and not (
+                        codes and view.get_dtype() == "U8"):  # e.g. F8_E4M3 without scales
                     raise LoadError(f"{file.name}: tensor {name} is {view.get_dtype()}; "
                                     "TokenSpeed loads 16- and 32-bit float weights only (a "
                                     "quantized checkpoint? use the bf16/fp16 release)")
-                shape = tuple(view.get_shape())
-                for s in wanted:
-                    if shape != s.shape:
-                        raise LoadError(f"{file.name}: tensor {name} has shape {shape}, the model "
-                                        f"expects {s.shape} (for parameter {s.param})")
-                    if s.src_dim is None:
-                        part = view[:]
-                    else:
-                        idx = [slice(None)] * len(shape)
-                        idx[s.src_dim] = slice(s.src_start, s.src_start + s.length)
-                        part = view[tuple(idx)]                      # only this rank's slice
-                    destination(params, s).copy_(part)            # to device and dtype
+                _copy_slices(params, name, view, wanted, file.name)
                 remaining.discard(name)
+    for name in sorted(packed):
+        _load_packed(params, name, plan.slices[name], Path(folder), located)
+        remaining.discard(name)
     if remaining:
         raise LoadError(f"{folder}: checkpoint lacks tensor(s) {missing_names(sorted(remaining))}")
 
 
+def _copy_slices(params: dict[str, torch.Tensor], name: str, view, wanted: list[LoadSlice],
+                 where: str) -> None:
+    """Copy this rank's slices of checkpoint tensor `name` (a safetensors slice, or an
+    mxfp4.PackedView) into their parameters."""
+    shape = tuple(view.get_shape())
+    for s in wanted:
+        if shape != s.shape:
+            raise LoadError(f"{where}: tensor {name} has shape {shape}, the model "
+                            f"expects {s.shape} (for parameter {s.param})")
+        if s.src_dim is None:
+            part = view[:]
+        else:
+            idx = [slice(None)] * len(shape)
+            idx[s.src_dim] = slice(s.src_start, s.src_start + s.length)
+            part = view[tuple(idx)]                      # only this rank's slice
+        destination(params, s).copy_(part)            # to device and dtype
+
+
+def _tensor_files(files: list[Path]) -> dict[str, str]:
+    """tensor name -> file name, from the files' headers (no index.json)."""
+    located: dict[str, str] = {}
+    for file in files:
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            located.update(dict.fromkeys(f.keys(), file.name))
+    return located
+
+
+def _load_packed(params: dict[str, torch.Tensor], name: str, wanted: list[LoadSlice],
+                 folder: Path, located: dict[str, str]) -> None:
+    """Tensor `name` from its MXFP4 `_blocks` / `_scales` pair, dequantized as it is read."""
+    blocks, scales = mxfp4.packed_names(name)
+    with safe_open(str(folder / located[blocks]), framework="pt", device="cpu") as fb, \
+            safe_open(str(folder / located[scales]), framework="pt", device="cpu") as fs:
+        try:
+            view = mxfp4.PackedView(fb.get_slice(blocks), fs.get_slice(scales), name)
+        except ValueError as e:
+            raise LoadError(f"{located[blocks]}: {e}") from None
+        _copy_slices(params, name, view, wanted, located[blocks])
+
+
 def dummy_value(name: str, shape: tuple[int, ...], seed: int, device: torch.device) -> torch.Tensor:
     """A deterministic float32 tensor for checkpoint tensor `name`: norm weights 1,
-    biases 0, everything else N(0, 0.02), seeded by (seed, name)."""
+    biases 0, everything else N(0, 0.02), seeded by (seed, name). MXFP4 pairs: random codes
+    (`*_blocks`) and scales of 2^-7 (`*_scales`), weights of about that spread."""
     if len(shape) == 1 and "norm" in name:
         return torch.ones(shape, device=device)
     if name.endswith(".bias") or name.endswith("correction_bias"):
         return torch.zeros(shape, device=device)
+    if name.endswith(mxfp4.SCALES):
+        return torch.full(shape, SCALE_BIAS - 7.0, device=device)
     gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+    if name.endswith(mxfp4.BLOCKS):
+        return torch.randint(0, 256, shape, generator=gen, device=device).float()
     return torch.randn(shape, generator=gen, device=device) * 0.02
 
 

@@ -121,6 +121,36 @@ PRESETS["qwen3-coder-480b"] = {
 }
 
 
+def _gpt_oss(layers: int, experts: int, mxfp4: bool = False) -> dict[str, Any]:
+    """gpt-oss-20b / gpt-oss-120b (published config.json; they differ in depth and experts).
+    The released experts are MXFP4: the `-mxfp4` presets say so (`quantization_config`), and
+    their dummy experts are packed where a kernel reads them packed; the plain ones are
+    bf16 throughout."""
+    quant = {"quantization_config": {"quant_method": "mxfp4"}} if mxfp4 else {}
+    return quant | {
+        "architectures": ["GptOssForCausalLM"], "model_type": "gpt_oss",
+        "vocab_size": 201088, "hidden_size": 2880, "intermediate_size": 2880,
+        "num_hidden_layers": layers, "num_attention_heads": 64, "num_key_value_heads": 8,
+        "head_dim": 64, "num_local_experts": experts, "num_experts_per_tok": 4,
+        "experts_per_token": 4, "sliding_window": 128,
+        "layer_types": ["sliding_attention", "full_attention"] * (layers // 2),
+        "max_position_embeddings": 131072, "initial_context_length": 4096,
+        "rms_norm_eps": 1e-5, "rope_theta": 150000,
+        "rope_scaling": {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0,
+                         "beta_slow": 1.0, "truncate": False,
+                         "original_max_position_embeddings": 4096},
+        "attention_bias": True, "swiglu_limit": 7.0, "tie_word_embeddings": False,
+        "hidden_act": "silu", "pad_token_id": 199999, "eos_token_id": [200002, 199999, 200012],
+        "torch_dtype": "bfloat16",
+    }
+
+
+PRESETS["gpt-oss-20b"] = _gpt_oss(24, 32)
+PRESETS["gpt-oss-120b"] = _gpt_oss(36, 128)
+PRESETS["gpt-oss-20b-mxfp4"] = _gpt_oss(24, 32, mxfp4=True)
+PRESETS["gpt-oss-120b-mxfp4"] = _gpt_oss(36, 128, mxfp4=True)
+
+
 def preset_config(name: str, **overrides: Any) -> dict[str, Any]:
     """A copy of preset `name`'s HF config with `overrides` applied (e.g. num_hidden_layers=1
     to build a real-width model quickly in tests)."""

@@ -2,6 +2,13 @@
 
 Decode: one query per row attends all `seq_lens[b]` keys. Extend: row b's queries are the last
 `query_start[b+1] - query_start[b]` positions of its `seq_lens[b]` keys, causal.
+
+Two optional arguments serve GPT-OSS (both off by default):
+- `window` > 0: sliding-window attention, the query at position p sees keys p - window < n <= p
+  (HF's `sliding_window`). Only the keys inside some query's window are gathered, so the slots
+  of earlier positions are never read (their pages may have been given to someone else).
+- `sinks[Hq]`: a learned logit per head that joins the softmax's denominator and attends to
+  nothing: p_n = exp(s_n) / (exp(sink_h) + sum_m exp(s_m)).
 """
 from __future__ import annotations
 
@@ -10,41 +17,75 @@ import torch
 from kernels.registry import register
 
 
-def gather_slots(page_table_row: torch.Tensor, seq_len: int, page_size: int) -> torch.Tensor:
-    """page_table_row: [P] -> the cache slots of the first `seq_len` tokens, [seq_len] int64."""
-    n = torch.arange(seq_len, device=page_table_row.device)          # [N]
+def gather_slots(page_table_row: torch.Tensor, seq_len: int, page_size: int,
+                 start: int = 0) -> torch.Tensor:
+    """page_table_row: [P] -> the cache slots of positions [start, seq_len), [N] int64."""
+    n = torch.arange(start, seq_len, device=page_table_row.device)   # [N]
     return page_table_row.long()[n // page_size] * page_size + n % page_size
 
 
+def window_start(first_query_pos: int, window: int) -> int:
+    """The first key position any query from `first_query_pos` on can see."""
+    return max(0, first_query_pos - window + 1) if window > 0 else 0
+
+
+def _softmax(s: torch.Tensor, sink: torch.Tensor | None) -> torch.Tensor:
+    """s: [..., N] masked logits -> probabilities over N; sink (broadcastable to [..., 1]):
+    a logit in the denominator that takes its share of the mass and attends to nothing."""
+    if sink is None:
+        return s.softmax(dim=-1)
+    sink = sink.expand(*s.shape[:-1], 1)
+    return torch.cat([s, sink], dim=-1).softmax(dim=-1)[..., :-1]
+
+
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor,
-            scale: float) -> torch.Tensor:
-    """q: [M, Hq, D], k: [N, Hk, D], v: [N, Hk, Dv], q_pos: [M] (key n visible iff n <= q_pos)
-    -> [M, Hq, Dv] float32."""
+            scale: float, k_pos: torch.Tensor | None = None, window: int = 0,
+            sinks: torch.Tensor | None = None) -> torch.Tensor:
+    """q: [M, Hq, D], k: [N, Hk, D], v: [N, Hk, Dv] at positions q_pos [M] / k_pos [N]
+    (default 0..N-1); key n visible iff k_pos[n] <= q_pos and, with a window,
+    k_pos[n] > q_pos - window -> [M, Hq, Dv] float32."""
     g = q.shape[1] // k.shape[1]
+    if k_pos is None:
+        k_pos = torch.arange(k.shape[0], device=q.device)            # [N]
     k32 = k.float().repeat_interleave(g, dim=1)                       # [N, Hq, D]
     v32 = v.float().repeat_interleave(g, dim=1)                       # [N, Hq, Dv]
     s = torch.einsum("mhd,nhd->hmn", q.float(), k32) * scale           # [Hq, M, N]
-    n = torch.arange(k.shape[0], device=q.device)
-    s = s.masked_fill(n[None, None, :] > q_pos[None, :, None], float("-inf"))
-    return torch.einsum("hmn,nhd->mhd", s.softmax(dim=-1), v32)       # [M, Hq, Dv]
+    hidden = k_pos[None, :] > q_pos[:, None]                          # [M, N]
+    if window > 0:
+        hidden |= k_pos[None, :] <= q_pos[:, None] - window
+    s = s.masked_fill(hidden[None], float("-inf"))
+    sink = None if sinks is None else sinks.float()[:, None, None]      # [Hq, 1, 1]
+    return torch.einsum("hmn,nhd->mhd", _softmax(s, sink), v32)       # [M, Hq, Dv]
 
 
 @register("decode_attention", backend="torch", priority=0)
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      page_table: torch.Tensor, seq_lens: torch.Tensor, page_size: int,
-                     scale: float) -> torch.Tensor:
+                     scale: float, sinks: torch.Tensor | None = None,
+                     window: int = 0) -> torch.Tensor:
     """q: [B, Hq, D] -> [B, Hq, Dv]. All rows at once (a CPU step is a few dozen ops, not a
-    few dozen per row): keys gathered up to the longest row, the shorter rows' tails masked,
-    each kv head's query group attending together (no repeated K/V)."""
+    few dozen per row): keys gathered up to the longest row (with a window, each row's last
+    `window` positions), the shorter rows' tails masked and their values zeroed (those slots
+    may hold anything), each kv head's query group attending together (no repeated K/V).
+    sinks [Hq] / window: see the module doc."""
     b, hq, d = q.shape
     hk = k_cache.shape[1]
-    n = torch.arange(int(seq_lens.max()), device=q.device)                   # [N]
-    slots = page_table.long()[:, n // page_size] * page_size + n % page_size  # [B, N]
-    k32, v32 = k_cache[slots].float(), v_cache[slots].float()  # [B, N, Hk, D], [B, N, Hk, Dv]
+    lens = seq_lens.long()                                                   # [B]
+    width = int(lens.max()) if b else 0
+    first = torch.zeros_like(lens)
+    if window > 0:
+        width = min(width, window)
+        first = (lens - width).clamp(min=0)
+    n = first[:, None] + torch.arange(width, device=q.device)                # [B, N] positions
+    seen = n < lens[:, None]                                                 # [B, N]
+    slots = page_table.long().gather(1, n // page_size) * page_size + n % page_size  # [B, N]
+    k32 = k_cache[slots].float()                                             # [B, N, Hk, D]
+    v32 = v_cache[slots].float().masked_fill(~seen[:, :, None, None], 0.0)  # [B, N, Hk, Dv]
     q32 = q.float().view(b, hk, hq // hk, d)                                 # [B, Hk, G, D]
     s = torch.einsum("bkgd,bnkd->bkgn", q32, k32) * scale                    # [B, Hk, G, N]
-    s = s.masked_fill(n[None, None, None, :] >= seq_lens.view(b, 1, 1, 1), float("-inf"))
-    p = s.softmax(dim=-1).nan_to_num(0.0)          # a row with no keys (seq_len 0) gets zeros
+    s = s.masked_fill(~seen[:, None, None, :], float("-inf"))
+    sink = None if sinks is None else sinks.float().view(1, hk, hq // hk, 1)
+    p = _softmax(s, sink).nan_to_num(0.0)          # a row with no keys (seq_len 0) gets zeros
     out = torch.einsum("bkgn,bnkd->bkgd", p, v32)                            # [B, Hk, G, Dv]
     return out.reshape(b, hq, -1).to(q.dtype)
 
@@ -53,17 +94,21 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 def extend_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      page_table: torch.Tensor, query_start: torch.Tensor, seq_lens: torch.Tensor,
                      page_size: int, scale: float, k_new: torch.Tensor | None = None,
-                     v_new: torch.Tensor | None = None) -> torch.Tensor:
+                     v_new: torch.Tensor | None = None, sinks: torch.Tensor | None = None,
+                     window: int = 0) -> torch.Tensor:
     """q: [T, Hq, D], caches [S, Hk, D] / [S, Hk, Dv] -> [T, Hq, Dv]. k_new / v_new (the new
     tokens' K/V, already in the cache) are accepted for the kernels that read them
-    contiguously; the reference reads the cache only."""
+    contiguously; the reference reads the cache only. sinks [Hq] / window: module doc."""
     out = torch.empty(q.shape[0], q.shape[1], v_cache.shape[-1], dtype=q.dtype, device=q.device)
     qs, sl = query_start.tolist(), seq_lens.tolist()
     for b in range(len(sl)):
         t0, t1, n = qs[b], qs[b + 1], sl[b]
         if t1 == t0:
             continue
-        slots = gather_slots(page_table[b], n, page_size)             # [N]
+        start = window_start(n - (t1 - t0), window)
+        slots = gather_slots(page_table[b], n, page_size, start)      # [N]
+        k_pos = torch.arange(start, n, device=q.device)               # [N]
         q_pos = torch.arange(n - (t1 - t0), n, device=q.device)       # [M]
-        out[t0:t1] = _attend(q[t0:t1], k_cache[slots], v_cache[slots], q_pos, scale).to(q.dtype)
+        out[t0:t1] = _attend(q[t0:t1], k_cache[slots], v_cache[slots], q_pos, scale,
+                             k_pos, window, sinks).to(q.dtype)
     return out

@@ -1,10 +1,13 @@
 """Mixture-of-experts routing (DeepSeek-V2 / V3 semantics, as in HF transformers) and the
-expert computation."""
+expert computation (SwiGLU experts; GPT-OSS's biased experts with the clamped SwiGLU of
+kernels/moe_activation.py and gate/up rows interleaved)."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from kernels.moe_activation import ClampedSwiGLU
+from kernels.mxfp4 import dequantize
 from kernels.registry import register
 
 
@@ -56,20 +59,60 @@ def moe_route(router_logits: torch.Tensor, top_k: int, scoring: str, renormalize
     return weights * routed_scaling, ids.to(torch.int32)
 
 
+def split_gate_up(h: torch.Tensor, interleaved: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """h: [n, 2I] -> (gate, up) [n, I]: halves, or alternating rows of w13 when interleaved."""
+    if interleaved:
+        return h[:, 0::2], h[:, 1::2]
+    inter = h.shape[1] // 2
+    return h[:, :inter], h[:, inter:]
+
+
+def activate(gate: torch.Tensor, up: torch.Tensor, activation: ClampedSwiGLU | None
+             ) -> torch.Tensor:
+    """silu(gate) * up, or GPT-OSS's clamped SwiGLU."""
+    if activation is None:
+        return F.silu(gate) * up
+    gate = gate.clamp(max=activation.limit)
+    up = up.clamp(-activation.limit, activation.limit)
+    return (up + 1) * gate * torch.sigmoid(gate * activation.alpha)
+
+
 @register("fused_moe", backend="torch", priority=0)
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
-              ids: torch.Tensor) -> torch.Tensor:
+              ids: torch.Tensor, b13: torch.Tensor | None = None, b2: torch.Tensor | None = None,
+              activation: ClampedSwiGLU | None = None, interleaved: bool = False
+              ) -> torch.Tensor:
     """x: [T, H], w13: [E, 2I, H], w2: [E, H, I], weights/ids: [T, k]
-    -> sum_k weights * (silu_and_mul(x @ w13[e].T) @ w2[e].T)  [T, H]."""
+    -> sum_k weights * (act(x @ w13[e].T + b13[e]) @ w2[e].T + b2[e])  [T, H].
+
+    act: silu(gate) * up, or `activation` (ClampedSwiGLU); gate/up are the halves of w13's
+    rows, or alternate rows when `interleaved`. Biases b13 [E, 2I] / b2 [E, H] are optional.
+    Weights may be any strided views (GPT-OSS keeps HF's [E, H, 2I] tensors, transposed)."""
     t, k = ids.shape
     here = ids < w13.shape[0]     # id E: an expert of another rank (EP), contributes nothing
     weights, ids = weights * here, torch.where(here, ids, 0)
     out = torch.zeros(t, x.shape[1], dtype=torch.float32, device=x.device)  # [T, H]
-    inter = w2.shape[2]
     for e in ids.unique().tolist():
         tok, slot = (ids == e).nonzero(as_tuple=True)                         # [n], [n]
         h = x[tok].float() @ w13[e].float().t()                               # [n, 2I]
-        a = (F.silu(h[:, :inter]) * h[:, inter:]).to(x.dtype).float()         # [n, I]
-        y = a @ w2[e].float().t()                                             # [n, H]
+        if b13 is not None:
+            h = h + b13[e].float()
+        a = activate(*split_gate_up(h, interleaved), activation)              # [n, I]
+        y = a.to(x.dtype).float() @ w2[e].float().t()                         # [n, H]
+        if b2 is not None:
+            y = y + b2[e].float()
         out.index_add_(0, tok, y * weights[tok, slot].float()[:, None])
     return out.to(x.dtype)
+
+
+@register("fused_moe_mxfp4", backend="torch", priority=0)
+def fused_moe_mxfp4(x: torch.Tensor, w13_blocks: torch.Tensor, w13_scales: torch.Tensor,
+                    w2_blocks: torch.Tensor, w2_scales: torch.Tensor, weights: torch.Tensor,
+                    ids: torch.Tensor, b13: torch.Tensor | None = None,
+                    b2: torch.Tensor | None = None, activation: ClampedSwiGLU | None = None,
+                    interleaved: bool = True) -> torch.Tensor:
+    """fused_moe with MXFP4 weights (kernels/mxfp4.py): w13 = blocks [E, 2I, H/32, 16] +
+    scales [E, 2I, H/32], w2 = [E, H, I/32, 16] + [E, H, I/32], dequantized to x's dtype."""
+    w13 = dequantize(w13_blocks, w13_scales, x.dtype)                        # [E, 2I, H]
+    w2 = dequantize(w2_blocks, w2_scales, x.dtype)                           # [E, H, I]
+    return fused_moe(x, w13, w2, weights, ids, b13, b2, activation, interleaved)

@@ -9,6 +9,11 @@ gathered per token through the page table (paged_tiles.py), so any page size wor
 q1.k1 (+ q2.k2 for MLA's rope part); values: V, or k1 itself when SHARED_V (MLA: the latent
 is both key and value). Interior tiles (every key visible to every row of the program) run
 without masks; only the diagonal and last tiles are masked.
+
+GPT-OSS options (constexpr-gated, so the default variant compiles as before): WINDOW > 0
+starts a program's keys at its first row's window (position - WINDOW + 1), every tile masked
+(a window is a few tiles), and never reads a slot before it; HAS_SINKS adds each head's sink
+logit to the softmax's denominator (in the split merge when the keys are split).
 """
 from __future__ import annotations
 
@@ -20,14 +25,14 @@ import triton
 import triton.language as tl
 
 from kernels.triton.common import check, interpreting, next_pow2, per_batch, pow2_dim
-from kernels.triton.paged_tiles import BATCH_META, attn_tile, block_map, extend_block
+from kernels.triton.paged_tiles import BATCH_META, add_sink, attn_tile, block_map, extend_block
 from kernels.triton.split_kv import (DEFAULT_SIZING, SPLIT_INTS, SplitSizing, merge_splits,
                                      split_buffers, split_range)
 
 
 @triton.jit(**per_batch(ints=SPLIT_INTS + ("stride_pt",), pointers=BATCH_META))
 def _paged_attn_kernel(
-        Q1, Q2, K1, K2, V, Out, PartO, PartL,
+        Q1, Q2, K1, K2, V, Out, PartO, PartL, Sinks,
         PageTable, QueryStart, SeqLens, BlockBatch, BlockTok,
         scale_log2, page_size, group, min_split_len, num_splits,
         stride_q1t, stride_q1h, stride_q2t, stride_q2h,
@@ -38,7 +43,8 @@ def _paged_attn_kernel(
         BLOCK_D2: tl.constexpr, BLOCK_DV: tl.constexpr, G_BLK: tl.constexpr,
         BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, N_HBLK: tl.constexpr,
         SPLIT: tl.constexpr, HAS_D2: tl.constexpr, SHARED_V: tl.constexpr,
-        DECODE: tl.constexpr, EVEN_D: tl.constexpr):
+        DECODE: tl.constexpr, EVEN_D: tl.constexpr, WINDOW: tl.constexpr,
+        HAS_SINKS: tl.constexpr):
     BLOCK_M: tl.constexpr = BLOCK_T * G_BLK
     pid_q, pid_h, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     kvh, hb = pid_h // N_HBLK, pid_h % N_HBLK
@@ -69,9 +75,16 @@ def _paged_attn_kernel(
                      mask=row_ok[:, None] & (d2[None, :] < D2), other=0.0)  # [M, D2]
     else:
         q2 = q1
-    lo, hi = split_range(split, kv_end, min_split_len, num_splits, SPLIT, BLOCK_N)
     first_pos = seq_len - qlen + t0                      # keys <= first_pos are seen by all rows
-    full_end = lo + tl.maximum(tl.minimum(hi, first_pos + 1) - lo, 0) // BLOCK_N * BLOCK_N
+    if WINDOW > 0:  # keys from the first row's window on, every tile masked
+        kv_start = tl.maximum(first_pos - WINDOW + 1, 0)
+        lo, hi = split_range(split, tl.maximum(kv_end - kv_start, 0), min_split_len,
+                             num_splits, SPLIT, BLOCK_N)
+        lo, hi = lo + kv_start, hi + kv_start
+        full_end = lo
+    else:
+        lo, hi = split_range(split, kv_end, min_split_len, num_splits, SPLIT, BLOCK_N)
+        full_end = lo + tl.maximum(tl.minimum(hi, first_pos + 1) - lo, 0) // BLOCK_N * BLOCK_N
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -80,12 +93,16 @@ def _paged_attn_kernel(
         acc, m_i, l_i = attn_tile(acc, m_i, l_i, q1, q2, K1, K2, V, pt, n0, hi, pos, kvh,
                                   page_size, stride_k1s, stride_k1h, stride_k2s, stride_k2h,
                                   stride_vs, stride_vh, scale_log2, D1, D2, DV, BLOCK_D1,
-                                  BLOCK_D2, BLOCK_DV, BLOCK_N, HAS_D2, SHARED_V, False, EVEN_D)
+                                  BLOCK_D2, BLOCK_DV, BLOCK_N, HAS_D2, SHARED_V, False, EVEN_D,
+                                  WINDOW)
     for n0 in range(full_end, hi, BLOCK_N):
         acc, m_i, l_i = attn_tile(acc, m_i, l_i, q1, q2, K1, K2, V, pt, n0, hi, pos, kvh,
                                   page_size, stride_k1s, stride_k1h, stride_k2s, stride_k2h,
                                   stride_vs, stride_vh, scale_log2, D1, D2, DV, BLOCK_D1,
-                                  BLOCK_D2, BLOCK_DV, BLOCK_N, HAS_D2, SHARED_V, True, EVEN_D)
+                                  BLOCK_D2, BLOCK_DV, BLOCK_N, HAS_D2, SHARED_V, True, EVEN_D,
+                                  WINDOW)
+    if HAS_SINKS and not SPLIT:  # split: the merge adds the sink once
+        l_i = add_sink(l_i, m_i, Sinks, head, row_ok)
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     out = acc / l_safe[:, None]                                           # [M, DV]
     dv = tl.arange(0, BLOCK_DV)
@@ -135,9 +152,11 @@ def paged_attention(q1: torch.Tensor, q2: torch.Tensor | None, k1: torch.Tensor,
                     query_start: torch.Tensor | None, seq_lens: torch.Tensor, page_size: int,
                     scale: float, num_splits: int | None = None, split_tiles: int | None = None,
                     tiles: AttentionTiles | None = None,
-                    sizing: SplitSizing = DEFAULT_SIZING) -> torch.Tensor:
+                    sizing: SplitSizing = DEFAULT_SIZING, sinks: torch.Tensor | None = None,
+                    window: int = 0) -> torch.Tensor:
     """q1: [T, Hq, D1], q2: [T, Hq, D2] | None, k1: [S, Hk, D1], k2: [S, Hk, D2] | None,
     v: [S, Hk, DV] | None (None: values are k1) -> [T, Hq, DV]. query_start None: decode.
+    sinks [Hq] (softmax denominator logits) and window (> 0: sliding window): GPT-OSS.
 
     Tuning: num_splits / split_tiles (fewest KV tiles per split) for this call, else from
     `sizing`; tiles, else `attention_tiles`."""
@@ -160,6 +179,8 @@ def paged_attention(q1: torch.Tensor, q2: torch.Tensor | None, k1: torch.Tensor,
         bb, bt, nb = block_map(query_start, t, tiles.block_t)
         qs = query_start
     programs = nb * hk * n_hblk
+    if window > 0:  # a program reads at most its rows' windows
+        max_len = min(max_len, window + (0 if decode else tiles.block_t))
     if num_splits is None and decode:
         num_splits = sizing.decode_splits(programs, max_len, tiles.block_n, q1.device, shared_v)
     elif num_splits is None:
@@ -172,7 +193,8 @@ def paged_attention(q1: torch.Tensor, q2: torch.Tensor | None, k1: torch.Tensor,
     q2_, k2_ = (q2, k2) if q2 is not None else (q1, k1)
     grid = (nb, hk * n_hblk, num_splits)
     _paged_attn_kernel[grid](
-        q1, q2_, k1, k2_, vv, out, part_o, part_l, page_table, qs, seq_lens, bb, bt,
+        q1, q2_, k1, k2_, vv, out, part_o, part_l, q1 if sinks is None else sinks,
+        page_table, qs, seq_lens, bb, bt,
         scale * math.log2(math.e), page_size, group, split_tiles * tiles.block_n, num_splits,
         q1.stride(0), q1.stride(1), q2_.stride(0), q2_.stride(1),
         k1.stride(0), k1.stride(1), k2_.stride(0), k2_.stride(1), vv.stride(0), vv.stride(1),
@@ -184,7 +206,8 @@ def paged_attention(q1: torch.Tensor, q2: torch.Tensor | None, k1: torch.Tensor,
         BLOCK_N=tiles.block_n, N_HBLK=n_hblk, SPLIT=num_splits > 1, HAS_D2=q2 is not None,
         SHARED_V=shared_v, DECODE=decode,
         EVEN_D=all(pow2_dim(x) for x in (d1, dv) + ((d2,) if d2 else ())),
+        WINDOW=window, HAS_SINKS=sinks is not None,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     if num_splits > 1:
-        merge_splits(part_o, part_l, out)
+        merge_splits(part_o, part_l, out, sinks)
     return out

@@ -22,10 +22,12 @@ def _mla_ok(f) -> bool:
 @register("decode_attention", backend="triton", priority=PRIORITY, supports=_gqa_ok)
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      page_table: torch.Tensor, seq_lens: torch.Tensor, page_size: int,
-                     scale: float, num_splits: int | None = None) -> torch.Tensor:
-    """q: [B, Hq, D] -> [B, Hq, Dv]; split-KV chosen from the page table width."""
+                     scale: float, num_splits: int | None = None,
+                     sinks: torch.Tensor | None = None, window: int = 0) -> torch.Tensor:
+    """q: [B, Hq, D] -> [B, Hq, Dv]; split-KV chosen from the page table width (or the
+    window). sinks [Hq] / window: GPT-OSS (kernels/reference/attention.py)."""
     return paged_attention(q, None, k_cache, None, v_cache, page_table, None, seq_lens,
-                           page_size, scale, num_splits)
+                           page_size, scale, num_splits, sinks=sinks, window=window)
 
 
 # The contiguous-K/V prefill gathers a cached prefix a little slower than the generic kernel,
@@ -48,16 +50,18 @@ def use_contiguous(q: torch.Tensor, k_new: torch.Tensor | None, v_new: torch.Ten
 def extend_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      page_table: torch.Tensor, query_start: torch.Tensor, seq_lens: torch.Tensor,
                      page_size: int, scale: float, k_new: torch.Tensor | None = None,
-                     v_new: torch.Tensor | None = None) -> torch.Tensor:
+                     v_new: torch.Tensor | None = None, sinks: torch.Tensor | None = None,
+                     window: int = 0) -> torch.Tensor:
     """q: [T, Hq, D] -> [T, Hq, Dv], causal over each row's cached prefix + new tokens. Given
     the new tokens' K/V (k_new / v_new [T, Hk, D]), kernels/triton/prefill.py reads them
     contiguously by tensor descriptors where `use_contiguous` says; else every key is
-    gathered."""
-    if use_contiguous(q, k_new, v_new, page_table, page_size):
+    gathered. sinks [Hq] / window: GPT-OSS; a window (a few tiles a program) always takes
+    the gathering kernel, which starts at each program's window."""
+    if window <= 0 and use_contiguous(q, k_new, v_new, page_table, page_size):
         return prefill_attention(q, k_cache, v_cache, k_new, v_new, page_table, query_start,
-                                 seq_lens, page_size, scale)
+                                 seq_lens, page_size, scale, sinks=sinks)
     return paged_attention(q, None, k_cache, None, v_cache, page_table, query_start, seq_lens,
-                           page_size, scale)
+                           page_size, scale, sinks=sinks, window=window)
 
 
 @register("mla_decode", backend="triton", priority=PRIORITY, supports=_mla_ok)

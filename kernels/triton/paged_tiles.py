@@ -2,6 +2,7 @@
 
 - `attn_tile`: one online-softmax step over a tile of keys gathered through the page table
   (`slot = page * page_size + offset`, so any page size works), scores in log2 units.
+- `add_sink`: a head's sink logit (GPT-OSS) joining a softmax's denominator.
 - `extend_block` / `block_map`: which (row, first query token) an extend program serves. The
   map is built on the device from `query_start` (no host sync, so launches can be captured in
   CUDA graphs); the grid is sized from the token and row counts alone.
@@ -33,13 +34,14 @@ def attn_tile(acc, m_i, l_i, q1, q2, K1, K2, V, PageTable, n0, hi, pos, kvh, pag
               D1: tl.constexpr, D2: tl.constexpr, DV: tl.constexpr, BLOCK_D1: tl.constexpr,
               BLOCK_D2: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr,
               HAS_D2: tl.constexpr, SHARED_V: tl.constexpr, MASKED: tl.constexpr,
-              EVEN_D: tl.constexpr):
+              EVEN_D: tl.constexpr, WINDOW: tl.constexpr):
     """One online-softmax step over keys [n0, n0 + BLOCK_N) for the query rows q1 [M, D1]
     (+ q2 [M, D2] when HAS_D2: MLA's rope part), keys of KV head kvh: acc [M, DV], running max
     m_i and sum l_i [M] -> updated (acc, m_i, l_i). Values are V, or the key tile itself when
     SHARED_V (MLA: the latent is both). MASKED applies the causal mask (key n visible to the row
     at position pos iff n <= pos) and the bound hi: the diagonal and last tiles only; interior
-    tiles of power-of-two heads (EVEN_D) load without predicates."""
+    tiles of power-of-two heads (EVEN_D) load without predicates. WINDOW > 0 (sliding-window
+    attention, masked tiles only) also hides keys n <= pos - WINDOW."""
     offs_n = n0 + tl.arange(0, BLOCK_N)                                   # [N]
     n_ok = offs_n < hi
     d1 = tl.arange(0, BLOCK_D1)
@@ -61,6 +63,8 @@ def attn_tile(acc, m_i, l_i, q1, q2, K1, K2, V, PageTable, n0, hi, pos, kvh, pag
     qk = qk * scale_log2
     if MASKED:
         vis = (offs_n[None, :] <= pos[:, None]) & n_ok[None, :]            # [M, N]
+        if WINDOW > 0:
+            vis = vis & (offs_n[None, :] > pos[:, None] - WINDOW)
         qk = tl.where(vis, qk, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(qk, 1))                                 # [M]
     p = tl.exp2(qk - m_new[:, None])                                       # [M, N]
@@ -73,6 +77,18 @@ def attn_tile(acc, m_i, l_i, q1, q2, K1, K2, V, PageTable, n0, hi, pos, kvh, pag
         v = load_rows(V + kvh * stride_vh, slot, stride_vs, dv, DV, n_ok, PRED)  # [N, DV]
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
     return acc, m_new, l_i
+
+
+LOG2E = tl.constexpr(1.4426950408889634)   # jit functions read only constexpr globals
+
+
+@triton.jit
+def add_sink(l_i, m_i, Sinks, head, row_ok):
+    """A row's softmax denominator (log2 units: running max m_i, sum l_i) plus its head's sink
+    logit (GPT-OSS; natural-log units, Sinks[head]) -> the new sum. A row without keys
+    (m_i = -1e30) gets a huge sum (2^126, finite), so its output is 0."""
+    sink = tl.load(Sinks + head, mask=row_ok, other=0.0).to(tl.float32) * LOG2E     # [M]
+    return l_i + tl.exp2(tl.minimum(sink - m_i, 126.0))
 
 
 @triton.jit

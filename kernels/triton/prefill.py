@@ -33,7 +33,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from kernels.triton.common import (check, has_tma, interpreting, next_pow2, per_batch,
                                    pow2_dim, tma_rows_ok)
-from kernels.triton.paged_tiles import BATCH_META, attn_tile, block_map, extend_block
+from kernels.triton.paged_tiles import BATCH_META, add_sink, attn_tile, block_map, extend_block
 
 
 @triton.jit
@@ -59,13 +59,14 @@ def _new_tokens_tile(acc, m_i, l_i, q, DescK, DescV, row0, kcol, vcol, j0, n_new
 
 @triton.jit(**per_batch(ints=("stride_pt",), pointers=BATCH_META))
 def _prefill_kernel(
-        Q, KCache, VCache, DescK, DescV, Out, PageTable, QueryStart, SeqLens, BlockBatch,
-        BlockTok, scale_log2, page_size, group,
+        Q, KCache, VCache, DescK, DescV, Out, Sinks, PageTable, QueryStart, SeqLens,
+        BlockBatch, BlockTok, scale_log2, page_size, group,
         stride_qt, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_ot,
         stride_oh, stride_pt,
         D: tl.constexpr, DV: tl.constexpr, G_BLK: tl.constexpr, BLOCK_T: tl.constexpr,
-        BLOCK_N: tl.constexpr, N_HBLK: tl.constexpr):
-    """grid (blocks of BLOCK_T tokens, KV heads x head blocks)."""
+        BLOCK_N: tl.constexpr, N_HBLK: tl.constexpr, HAS_SINKS: tl.constexpr):
+    """grid (blocks of BLOCK_T tokens, KV heads x head blocks). HAS_SINKS: Sinks[Hq] joins
+    each row's softmax denominator (paged_tiles.add_sink)."""
     BLOCK_M: tl.constexpr = BLOCK_T * G_BLK
     pid_q, pid_h = tl.program_id(0), tl.program_id(1)
     kvh, hb = pid_h // N_HBLK, pid_h % N_HBLK
@@ -92,12 +93,12 @@ def _prefill_kernel(
         acc, m_i, l_i = attn_tile(acc, m_i, l_i, q, q, KCache, KCache, VCache, pt, n0,
                                   prefix, pos, kvh, page_size, stride_ks, stride_kh,
                                   stride_ks, stride_kh, stride_vs, stride_vh, scale_log2,
-                                  D, D, DV, D, D, DV, BLOCK_N, False, False, False, True)
+                                  D, D, DV, D, D, DV, BLOCK_N, False, False, False, True, 0)
     for n0 in range(full_pre, prefix, BLOCK_N):
         acc, m_i, l_i = attn_tile(acc, m_i, l_i, q, q, KCache, KCache, VCache, pt, n0,
                                   prefix, pos, kvh, page_size, stride_ks, stride_kh,
                                   stride_ks, stride_kh, stride_vs, stride_vh, scale_log2,
-                                  D, D, DV, D, D, DV, BLOCK_N, False, False, True, True)
+                                  D, D, DV, D, D, DV, BLOCK_N, False, False, True, True, 0)
     # the new tokens: contiguous rows q_start + j of k_new / v_new
     full_new = (t0 + 1) // BLOCK_N * BLOCK_N           # tiles every row sees whole
     for j0 in tl.range(0, full_new, BLOCK_N):
@@ -108,6 +109,8 @@ def _prefill_kernel(
         acc, m_i, l_i = _new_tokens_tile(acc, m_i, l_i, q, DescK, DescV, q_start + j0,
                                          kvh * D, kvh * DV, j0, n_new, t_rel, scale_log2,
                                          BLOCK_N, True)
+    if HAS_SINKS:
+        l_i = add_sink(l_i, m_i, Sinks, head, row_ok)
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]                      # [M, DV]
     dv = tl.arange(0, DV)
     tl.store(Out + tok[:, None] * stride_ot + head[:, None] * stride_oh + dv[None, :],
@@ -159,10 +162,12 @@ def prefill_tiles() -> PrefillTiles:
 def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                       k_new: torch.Tensor, v_new: torch.Tensor, page_table: torch.Tensor,
                       query_start: torch.Tensor, seq_lens: torch.Tensor, page_size: int,
-                      scale: float, tiles: PrefillTiles | None = None) -> torch.Tensor:
+                      scale: float, tiles: PrefillTiles | None = None,
+                      sinks: torch.Tensor | None = None) -> torch.Tensor:
     """q: [T, Hq, D]; caches [S, Hk, D] / [S, Hk, DV] (holding each row's prefix); k_new /
     v_new: [T, Hk, D] / [T, Hk, DV], the new tokens' keys and values (row t of the batch's
-    query tokens) -> [T, Hq, DV], causal. tiles: None for `prefill_tiles`."""
+    query tokens) -> [T, Hq, DV], causal. tiles: None for `prefill_tiles`. sinks: [Hq]
+    logits in each head's softmax denominator (GPT-OSS) or None."""
     t, hq, d = q.shape
     hk, dv = k_new.shape[1], v_new.shape[-1]
     check(hq % hk == 0, f"query heads {hq} not a multiple of kv heads {hk}")
@@ -189,10 +194,11 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     desc_k = TensorDescriptor(k_new, ks, kst, [block_n, d])
     desc_v = TensorDescriptor(v_new, vs, vst, [block_n, dv])
     _prefill_kernel[(nb, hk * n_hblk)](
-        q, k_cache, v_cache, desc_k, desc_v, out, page_table, query_start, seq_lens, bb, bt,
+        q, k_cache, v_cache, desc_k, desc_v, out, q if sinks is None else sinks, page_table,
+        query_start, seq_lens, bb, bt,
         scale * math.log2(math.e), page_size, group,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0),
         v_cache.stride(1), out.stride(0), out.stride(1), page_table.stride(0),
         D=d, DV=dv, G_BLK=g_blk, BLOCK_T=block_t, BLOCK_N=block_n, N_HBLK=n_hblk,
-        num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+        HAS_SINKS=sinks is not None, num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     return out

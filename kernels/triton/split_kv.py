@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from kernels.triton.common import next_pow2, num_sms, per_batch
+from kernels.triton.paged_tiles import LOG2E
 
 # Arguments that scale with the split count: not specialized (common.per_batch)
 SPLIT_INTS = ("num_splits", "stride_pot", "stride_poh", "stride_plt", "stride_plh")
@@ -89,20 +90,27 @@ def split_range(split, kv_len, min_split_len, num_splits, SPLIT: tl.constexpr,
 
 
 @triton.jit(**per_batch(ints=SPLIT_INTS))
-def _merge_splits_kernel(PartO, PartL, Out, num_splits, stride_pot, stride_poh, stride_pos,
-                         stride_plt, stride_plh, stride_ot, stride_oh, DV: tl.constexpr,
-                         BLOCK_DV: tl.constexpr, BLOCK_S: tl.constexpr, CHUNK_S: tl.constexpr):
+def _merge_splits_kernel(PartO, PartL, Out, Sinks, num_splits, stride_pot, stride_poh,
+                         stride_pos, stride_plt, stride_plh, stride_ot, stride_oh,
+                         DV: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_S: tl.constexpr,
+                         CHUNK_S: tl.constexpr, HAS_SINKS: tl.constexpr):
     """Out[t, h, cols] = sum_s exp2(lse_s - m) PartO[t, h, s, cols] / sum_s exp2(lse_s - m).
     Splits are read CHUNK_S at a time so that many loads are in flight at once, up to the
-    row's last non-empty split (non-empty splits are a prefix; empty ones wrote no partial)."""
+    row's last non-empty split (non-empty splits are a prefix; empty ones wrote no partial).
+    HAS_SINKS: head h's sink logit Sinks[h] (natural log) joins the denominator."""
     t, h = tl.program_id(0).to(tl.int64), tl.program_id(1)
     dv = tl.program_id(2) * BLOCK_DV + tl.arange(0, BLOCK_DV)
     s = tl.arange(0, BLOCK_S)
     lse_row = PartL + t * stride_plt + h * stride_plh
     lse = tl.load(lse_row + s, mask=s < num_splits, other=float("-inf"))   # [S]
     m = tl.max(lse, 0)
+    if HAS_SINKS:
+        sink = tl.load(Sinks + h).to(tl.float32) * LOG2E
+        m = tl.maximum(m, sink)
     m = tl.where(m == float("-inf"), 0.0, m)
     den = tl.sum(tl.exp2(lse - m), 0)
+    if HAS_SINKS:
+        den += tl.exp2(sink - m)
     used = tl.max(tl.where(lse > float("-inf"), s + 1, 0), 0)                # splits with keys
     acc = tl.zeros([BLOCK_DV], dtype=tl.float32)
     c = tl.arange(0, CHUNK_S)
@@ -134,14 +142,17 @@ def merge_tiles(rows: int, dv: int, num_splits: int, device: torch.device
     return block_dv, block_s, min(block_s, max(2, MERGE_TILE_ELEMS // block_dv))
 
 
-def merge_splits(part_o: torch.Tensor, part_l: torch.Tensor, out: torch.Tensor) -> None:
-    """part_o: [T, H, S, DV] fp32, part_l: [T, H, S] log2-sum-exp -> out [T, H, DV] (in place)."""
+def merge_splits(part_o: torch.Tensor, part_l: torch.Tensor, out: torch.Tensor,
+                 sinks: torch.Tensor | None = None) -> None:
+    """part_o: [T, H, S, DV] fp32, part_l: [T, H, S] log2-sum-exp -> out [T, H, DV] (in place).
+    sinks: [H] logits that join each head's denominator (GPT-OSS) or None."""
     t, h, num_splits, dv = part_o.shape
     block_dv, block_s, chunk_s = merge_tiles(t * h, dv, num_splits, part_o.device)
     _merge_splits_kernel[(t, h, triton.cdiv(dv, block_dv))](
-        part_o, part_l, out, num_splits, part_o.stride(0), part_o.stride(1), part_o.stride(2),
-        part_l.stride(0), part_l.stride(1), out.stride(0), out.stride(1), DV=dv,
-        BLOCK_DV=block_dv, BLOCK_S=block_s, CHUNK_S=chunk_s, num_warps=4)
+        part_o, part_l, out, out if sinks is None else sinks, num_splits, part_o.stride(0),
+        part_o.stride(1), part_o.stride(2), part_l.stride(0), part_l.stride(1), out.stride(0),
+        out.stride(1), DV=dv, BLOCK_DV=block_dv, BLOCK_S=block_s, CHUNK_S=chunk_s,
+        HAS_SINKS=sinks is not None, num_warps=4)
 
 
 def split_buffers(shape: tuple[int, ...], num_splits: int, out: torch.Tensor

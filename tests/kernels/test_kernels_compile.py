@@ -36,7 +36,8 @@ from kernels.triton.common import next_pow2  # noqa: E402
 
 pytestmark = pytest.mark.slow  # spawns processes / > 5 s: skipped by -m 'not slow'
 
-CHECKS = ["attention", "mla_chunked", "prefill", "moe", "rows_and_sample", "per_batch"]
+CHECKS = ["attention", "mla_chunked", "prefill", "moe", "rows_and_sample", "per_batch",
+          "gpt_oss"]
 
 
 @pytest.mark.parametrize("check", CHECKS)
@@ -51,7 +52,7 @@ def test_compiles_for_sm90(check):
     assert res.returncode == 0, res.stderr[-4000:]
 
 PTR = {torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.int32: "*i32",
-       torch.int64: "*i64"}
+       torch.int64: "*i64", torch.uint8: "*u8"}
 
 
 def compile_sm90(kernel, args: dict, constexprs: dict, num_warps: int, num_stages: int,
@@ -98,8 +99,19 @@ def check_attention() -> None:
                 scale_log2=0.1, page_size=1, group=1, min_split_len=64, stride_k2h=0)
     cex = dict(D1=128, D2=64, DV=128, BLOCK_D1=128, BLOCK_D2=64, BLOCK_DV=128,
                G_BLK=tiles.g_blk, BLOCK_T=tiles.block_t, BLOCK_N=tiles.block_n, N_HBLK=1,
-               SPLIT=False, HAS_D2=True, SHARED_V=False, DECODE=False, EVEN_D=True)
+               SPLIT=False, HAS_D2=True, SHARED_V=False, DECODE=False, EVEN_D=True, WINDOW=0,
+               HAS_SINKS=False)
     compile_sm90(A._paged_attn_kernel, args, cex, tiles.num_warps, tiles.num_stages)
+
+
+def _merge(dv: int, sinks: bool) -> None:
+    """Merge tiles: many rows (wide column blocks), and batch 1 (narrow blocks, 256 splits)."""
+    for block_dv, splits in ((128, 8), (16, 256)):
+        compile_sm90(SK._merge_splits_kernel, dict(PartO=F32, PartL=F32, Out=BF, Sinks=BF),
+                     dict(DV=dv, BLOCK_DV=min(block_dv, dv),
+                          BLOCK_S=max(SK.MAX_DECODE_SPLITS, splits),
+                          CHUNK_S=min(max(SK.MAX_DECODE_SPLITS, splits),
+                                      SK.MERGE_TILE_ELEMS // block_dv), HAS_SINKS=sinks), 4, 1)
 
 
 def _attention(decode: bool, mla: bool) -> None:
@@ -112,14 +124,10 @@ def _attention(decode: bool, mla: bool) -> None:
     d1, d2 = (512, 64) if mla else (128, 0)
     cex = dict(D1=d1, D2=d2, DV=d1, BLOCK_D1=d1, BLOCK_D2=max(16, d2), BLOCK_DV=d1,
                G_BLK=tiles.g_blk, BLOCK_T=tiles.block_t, BLOCK_N=tiles.block_n, N_HBLK=1,
-               SPLIT=splits > 1, HAS_D2=mla, SHARED_V=mla, DECODE=decode, EVEN_D=True)
+               SPLIT=splits > 1, HAS_D2=mla, SHARED_V=mla, DECODE=decode, EVEN_D=True,
+               WINDOW=0, HAS_SINKS=False)
     compile_sm90(A._paged_attn_kernel, args, cex, tiles.num_warps, tiles.num_stages)
-    # merge tiles: many rows (wide column blocks), and batch 1 (narrow blocks, 256 splits)
-    for block_dv, splits in ((128, 8), (16, 256)):
-        compile_sm90(SK._merge_splits_kernel, dict(PartO=F32, PartL=F32, Out=BF),
-                     dict(DV=d1, BLOCK_DV=block_dv, BLOCK_S=max(SK.MAX_DECODE_SPLITS, splits),
-                          CHUNK_S=min(max(SK.MAX_DECODE_SPLITS, splits),
-                                      SK.MERGE_TILE_ELEMS // block_dv)), 4, 1)
+    _merge(d1, False)
 
 
 def check_mla_chunked() -> None:
@@ -155,9 +163,9 @@ def check_prefill() -> None:
         args = dict(Q=BF, KCache=BF, VCache=BF, DescK=desc, DescV=desc, Out=BF, PageTable=I32,
                     QueryStart=I32, SeqLens=I32, BlockBatch=I32, BlockTok=I32,
                     scale_log2=0.1, page_size=16, group=group)
-        compile_sm90(P._prefill_kernel, args,
+        compile_sm90(P._prefill_kernel, dict(args, Sinks=BF),
                      dict(D=128, DV=128, G_BLK=group, BLOCK_T=rows // group, BLOCK_N=block_n,
-                          N_HBLK=1), tiles.num_warps, tiles.num_stages)
+                          N_HBLK=1, HAS_SINKS=False), tiles.num_warps, tiles.num_stages)
 
 
 def _row_kernels() -> None:
@@ -195,15 +203,23 @@ def check_moe() -> None:
                      4, 1)
 
 
-def _moe(ppe: float, pair_blocks: bool) -> None:
+def _moe(ppe: float, pair_blocks: bool, gpt_oss: bool = False, mxfp4: bool = False) -> None:
+    """DeepSeek-V2-Lite's experts (64 x 2048 -> 1408, top-6), or with gpt_oss GPT-OSS-20b's
+    (32 x 2880 -> 2880, top-4, biases, clamped SwiGLU, gate/up interleaved), bf16 or MXFP4."""
     tiles = M.moe_tiles(ppe)
-    cex = dict(BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
-               PAIR_BLOCKS=pair_blocks)
-    common = dict(Pairs=I32, BlockExpert=I32, num_pairs=6, top_k=6, num_experts=64)
-    compile_sm90(M._moe_up_kernel, dict(common, X=BF, W13=BF, Inter=BF),
-                 dict(K=2048, I=1408, **cex), tiles.num_warps, tiles.num_stages)
-    compile_sm90(M._moe_down_kernel, dict(common, Inter=BF, W2=BF, Weights=F32, Out=BF),
-                 dict(K=1408, H=2048, **cex), tiles.num_warps, tiles.num_stages)
+    cex = dict(BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
+               BLOCK_K=max(32, tiles.block_k) if mxfp4 else tiles.block_k,
+               PAIR_BLOCKS=pair_blocks, HAS_BIAS=gpt_oss, MXFP4=mxfp4)
+    h, inter, e, k = (2880, 2880, 32, 4) if gpt_oss else (2048, 1408, 64, 6)
+    w = torch.uint8 if mxfp4 else BF
+    common = dict(Pairs=I32, BlockExpert=I32, num_pairs=6, top_k=k, num_experts=e,
+                  alpha=1.702, limit=7.0)
+    compile_sm90(M._moe_up_kernel, dict(common, X=BF, W13=w, Inter=BF, B13=BF, W13S=w),
+                 dict(K=h, I=inter, CLAMPED=gpt_oss, INTERLEAVED=gpt_oss, **cex),
+                 tiles.num_warps, tiles.num_stages)
+    compile_sm90(M._moe_down_kernel, dict(common, Inter=BF, W2=w, Weights=F32, Out=BF, B2=BF,
+                                          W2S=w),
+                 dict(K=inter, H=h, **cex), tiles.num_warps, tiles.num_stages)
     compile_sm90(M._sum_topk_kernel, dict(Pairs=BF, Out=BF),
                  dict(TOP_K=6, H=2048, BLOCK_H=M.SUM_BLOCK_H), 4, 1)
 
@@ -247,3 +263,36 @@ def check_per_batch() -> None:
     unspecialized(RK._store_kv_kernel, (), ("Slots",))
     for kernel in (S._sample_chunk_kernel, S._sample_finish_kernel):
         unspecialized(kernel, (), S.ROW_PARAMS)
+
+
+def check_gpt_oss() -> None:
+    """GPT-OSS-20b's shapes (64 query heads of 64 over 8 KV heads, 128-key window, sinks):
+    decode (split + merge with sinks, and whole) and extend on the gathering kernel, sliding
+    and full; the contiguous prefill with sinks; the biased, clamped, interleaved experts at
+    each tile configuration, bf16 and MXFP4."""
+    for decode in (True, False):
+        tiles = A.attention_tiles(decode, False, 8)
+        for window, splits in ((128, 1), (0, 1), (0, 8) if decode else (0, 2)):
+            part = F32 if splits > 1 else BF
+            args = {n: BF for n in ("Q1", "Q2", "K1", "K2", "V", "Out", "Sinks")}
+            args.update(PartO=part, PartL=part, PageTable=I32, QueryStart=I32, SeqLens=I32,
+                        BlockBatch=I32, BlockTok=I32, scale_log2=0.1, page_size=16, group=8,
+                        min_split_len=64)
+            cex = dict(D1=64, D2=0, DV=64, BLOCK_D1=64, BLOCK_D2=16, BLOCK_DV=64,
+                       G_BLK=tiles.g_blk, BLOCK_T=tiles.block_t, BLOCK_N=tiles.block_n,
+                       N_HBLK=1, SPLIT=splits > 1, HAS_D2=False, SHARED_V=False,
+                       DECODE=decode, EVEN_D=True, WINDOW=window, HAS_SINKS=True)
+            compile_sm90(A._paged_attn_kernel, args, cex, tiles.num_warps, tiles.num_stages)
+    _merge(64, True)
+    tiles = P.prefill_tiles()
+    desc = f"tensordesc<bf16[{tiles.block_n}, 64]>"
+    args = dict(Q=BF, KCache=BF, VCache=BF, DescK=desc, DescV=desc, Out=BF, Sinks=BF,
+                PageTable=I32, QueryStart=I32, SeqLens=I32, BlockBatch=I32, BlockTok=I32,
+                scale_log2=0.1, page_size=16, group=8)
+    compile_sm90(P._prefill_kernel, args,
+                 dict(D=64, DV=64, G_BLK=8, BLOCK_T=tiles.rows // 8, BLOCK_N=tiles.block_n,
+                      N_HBLK=1, HAS_SINKS=True), tiles.num_warps, tiles.num_stages)
+    for pairs_per_expert, pair_blocks in ((4.0, True), (4.0, False), (30.0, False),
+                                          (500.0, False)):
+        _moe(pairs_per_expert, pair_blocks, gpt_oss=True)
+        _moe(pairs_per_expert, pair_blocks, gpt_oss=True, mxfp4=True)

@@ -7,6 +7,12 @@ of tensors `k_cache[num_pages * page_size, kv_heads_local, head_dim]`, `v_cache[
 v_head_dim]`, allocated by the runner and handed over with `bind_kv_cache`. When the layer is
 given its RotaryEmbedding and a `rope_store_kv` kernel exists, rotation and the cache write are
 one op.
+
+GPT-OSS options (off by default, and then the kernels are called exactly as before):
+`window` > 0 attends only the last `window` positions (sliding-window layers: the kernels
+never read a slot before the window), `sinks=True` gives the layer a learned logit per head
+(`sinks[Hq_local]`, checkpoint tensor `<attention module>.sinks`, split with the heads) that
+joins each softmax's denominator.
 """
 from __future__ import annotations
 
@@ -17,6 +23,7 @@ import kernels
 from appliance.model.batch import ForwardBatch
 from appliance.model.context import BuildContext
 from appliance.model.layers.rotary import RotaryEmbedding
+from appliance.model.placement import WeightSharding, WeightSource
 
 
 def select_optional(op: str, **features):
@@ -31,13 +38,19 @@ class PagedAttention(nn.Module):
     """softmax(q k^T * scale) v over the paged cache, GQA (kv heads shared by q-head groups)."""
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
-                 ctx: BuildContext, v_head_dim: int | None = None) -> None:
+                 ctx: BuildContext, v_head_dim: int | None = None, window: int = 0,
+                 sinks: bool = False) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.v_head_dim = v_head_dim or head_dim
-        self.scale, self.page_size = scale, ctx.page_size
+        self.scale, self.page_size, self.window = scale, ctx.page_size, window
+        self.sinks = (nn.Parameter(torch.empty(num_heads), requires_grad=False) if sinks
+                      else None)
+        self.total_heads = num_heads * ctx.layout.size("attn_tp")
         feats = dict(device=ctx.device, dtype=ctx.dtype, head_dim=head_dim,
                      num_heads=num_heads, num_kv_heads=num_kv_heads, page_size=ctx.page_size)
+        if window or sinks:
+            feats.update(sliding_window=window, sinks=sinks)
         self.store_kv = kernels.select("store_kv", device=ctx.device, dtype=ctx.dtype)
         self.rope_store_kv = select_optional("rope_store_kv", device=ctx.device, dtype=ctx.dtype)
         self.decode_attention = kernels.select("decode_attention", **feats)
@@ -51,6 +64,23 @@ class PagedAttention(nn.Module):
 
     def bind_kv_cache(self, caches: tuple[torch.Tensor, ...]) -> None:
         self.k_cache, self.v_cache = caches
+
+    def weight_shardings(self, prefix: str) -> list[WeightSharding]:
+        """The sinks, if any: the parent attention module's `sinks`, split like its heads."""
+        if self.sinks is None:
+            return []
+        name = prefix.rsplit(".", 1)[0] + ".sinks"
+        return [WeightSharding(f"{prefix}.sinks", "column", "attn_tp",
+                               (WeightSource(name, (self.total_heads,)),), dim=0)]
+
+    def _options(self) -> dict:
+        """The GPT-OSS keywords of the attention kernels; none for plain attention."""
+        opts: dict = {}
+        if self.window:
+            opts["window"] = self.window
+        if self.sinks is not None:
+            opts["sinks"] = self.sinks
+        return opts
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch,
                 positions: torch.Tensor | None = None, rotary: RotaryEmbedding | None = None
@@ -67,21 +97,22 @@ class PagedAttention(nn.Module):
                 q, k = rotary(positions, q, k)
             self.store_kv(k, v, self.k_cache, self.v_cache, batch.slot_mapping)
         nd, rows = batch.num_decode, batch.num_rows
+        opts = self._options()
         if nd == rows:  # decodes only
             return self.decode_attention(q, self.k_cache, self.v_cache, batch.page_table,
-                                         batch.seq_lens, self.page_size, self.scale)
+                                         batch.seq_lens, self.page_size, self.scale, **opts)
         # the new tokens' K/V go along too: a kernel may read them contiguously (prefill.py)
         if nd == 0:  # prefill chunks only
             return self.extend_attention(q, self.k_cache, self.v_cache, batch.page_table,
                                          batch.query_start, batch.seq_lens, self.page_size,
-                                         self.scale, k_new=k, v_new=v)
+                                         self.scale, k_new=k, v_new=v, **opts)
         # mixed: decode rows first, then prefill chunks
         out = q.new_empty(q.shape[0], self.num_heads, self.v_head_dim)           # [T, Hq, Dv]
         out[:nd] = self.decode_attention(q[:nd], self.k_cache, self.v_cache,
                                          batch.page_table[:nd], batch.seq_lens[:nd],
-                                         self.page_size, self.scale)
+                                         self.page_size, self.scale, **opts)
         out[nd:] = self.extend_attention(q[nd:], self.k_cache, self.v_cache,
                                          batch.page_table[nd:], batch.extend_query_start,
                                          batch.seq_lens[nd:], self.page_size, self.scale,
-                                         k_new=k[nd:], v_new=v[nd:])
+                                         k_new=k[nd:], v_new=v[nd:], **opts)
         return out

@@ -21,6 +21,7 @@ _BUILTIN: dict[str, str] = {
     "DeepseekV3ForCausalLM": "appliance.model.models.deepseek",
     "Qwen3MoeForCausalLM": "appliance.model.models.qwen3_moe",
     "Glm4MoeForCausalLM": "appliance.model.models.glm4_moe",
+    "GptOssForCausalLM": "appliance.model.models.gpt_oss",
 }
 
 
