@@ -7,11 +7,17 @@ Modes
 - agentic:    users running multi-turn conversations whose context grows every turn (previous
               prompt + answer + new tokens), with a pause between turns as a tool call would make;
               reports the prefix-cache hit rate the daemon measured, per-user TPS and TPM.
+              `--workload edit`: each user asks, through the chat API, for a file of this
+              repository rewritten with a function renamed, then for another rename of the
+              previous answer each turn (the answers re-emit the file: what speculative drafts
+              taken from the conversation are for); adds the daemon's speculative counters.
 - greedy:     the greedy token ids of a few seeded prompts, to compare layouts (TP1 vs TP2/TP4).
 
 Prompts are token-id lists (ids 10..499, valid for any vocabulary) sent to /v1/completions with
 `ignore_eos`, so input and output lengths are exact, and `return_token_ids`, so the stream has a
-chunk per token and every token is timed (dummy-weight models emit ids with no text).
+chunk per token and every token is timed (dummy-weight models emit ids with no text). The edit
+workload is text through /v1/chat/completions instead: the model decides when an answer ends,
+and decode TPS is usage.completion_tokens over the time from the first to the last chunk.
 """
 
 from __future__ import annotations
@@ -20,9 +26,11 @@ import argparse
 import asyncio
 import json
 import random
+import re
 import statistics
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 
@@ -48,6 +56,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--turns", type=int, default=4, help="agentic: turns per conversation")
     parser.add_argument("--turn-tokens", type=int, default=256, help="agentic: new tokens per turn")
     parser.add_argument("--tool-time", type=float, default=0.5, help="agentic: pause between turns (s)")
+    parser.add_argument("--workload", choices=["random", "edit"], default="random",
+                        help="agentic: random token ids, or edits of this repository's files (chat)")
     parser.add_argument("--tcp", action="store_true", help="use TCP instead of the Unix socket")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     parser.add_argument("--seed", type=int, default=0)
@@ -73,7 +83,9 @@ async def _run(config: AppConfig, args: argparse.Namespace) -> dict:
         started = time.perf_counter()
         if args.mode == "greedy":
             return {"mode": "greedy", "token_ids": await _greedy(http, model, args, rng)}
-        if args.mode == "agentic":
+        if args.mode == "agentic" and args.workload == "edit":
+            results = await _agentic_edit(http, model, args)
+        elif args.mode == "agentic":
             results = await _agentic(http, model, args, rng)
         else:
             concurrency = 1 if args.mode == "latency" else args.concurrency
@@ -83,7 +95,11 @@ async def _run(config: AppConfig, args: argparse.Namespace) -> dict:
                 lambda p=p: _complete(http, model, p, args.output_len) for p in prompts])
         elapsed = time.perf_counter() - started
         after = (await http.get("/stats")).json()
-    return _summarize(config, args.mode, results, elapsed, before, after)
+    summary = _summarize(config, args.mode, results, elapsed, before, after)
+    if args.mode == "agentic" and args.workload == "edit":
+        summary["workload"] = "edit"
+        summary.update(_speculative(before, after))
+    return summary
 
 
 async def _agentic(http: httpx.AsyncClient, model: str, args: argparse.Namespace,
@@ -101,6 +117,116 @@ async def _agentic(http: httpx.AsyncClient, model: str, args: argparse.Namespace
 
     per_user = await asyncio.gather(*(conversation(u) for u in range(args.users)))
     return [r for results in per_user for r in results]
+
+
+# -- the edit workload ----------------------------------------------------------------------------
+
+EDIT_SYSTEM = ("You are a coding assistant. When asked to change a file, reply with the whole "
+               "changed file in a single ```python code block and nothing else.")
+_EDIT_FILE_CHARS = (1200, 3500)  # a few hundred to ~1K tokens: several turns fit an 8K context
+
+
+@dataclass(frozen=True)
+class EditTask:
+    """One user's job: a file of this repository and the names to rename, one per turn."""
+
+    path: str
+    text: str
+    names: tuple[str, ...]
+
+    def user_message(self, turn: int) -> str:
+        name = self.names[turn % len(self.names)]
+        if turn == 0:
+            return (f"Here is `{self.path}`:\n\n```python\n{self.text}```\n\n"
+                    f"Rewrite this file with `{name}` renamed to `{name}_v2`.")
+        return f"Now also rename `{name}` to `{name}_v2`. Reply with the whole file again."
+
+
+def edit_tasks(users: int, seed: int) -> list[EditTask]:
+    """A different file for each user (cycling when users outnumber the files)."""
+    root = Path(__file__).resolve().parent
+    files = []
+    for path in sorted(root.rglob("*.py")):
+        text = path.read_text()
+        found = re.findall(r"^\s*(?:def|class) ([A-Za-z]\w*)", text, re.MULTILINE)
+        names = tuple(dict.fromkeys(found))  # in order, once each; no dunders
+        if _EDIT_FILE_CHARS[0] <= len(text) <= _EDIT_FILE_CHARS[1] and names:
+            files.append(EditTask(str(path.relative_to(root.parent)), text, names))
+    random.Random(seed).shuffle(files)
+    return [files[u % len(files)] for u in range(users)]
+
+
+def edit_messages(task: EditTask, answers: list[str]) -> list[dict]:
+    """The chat so far: the system prompt, then each turn's request and answer, then the next
+    request (turn len(answers))."""
+    messages = [{"role": "system", "content": EDIT_SYSTEM}]
+    for turn, answer in enumerate(answers):
+        messages += [{"role": "user", "content": task.user_message(turn)},
+                     {"role": "assistant", "content": answer}]
+    return messages + [{"role": "user", "content": task.user_message(len(answers))}]
+
+
+async def _agentic_edit(http: httpx.AsyncClient, model: str,
+                        args: argparse.Namespace) -> list[RequestResult]:
+    async def conversation(user: int, task: EditTask) -> list[RequestResult]:
+        answers: list[str] = []
+        results = []
+        for _ in range(args.turns):
+            result, answer = await _chat(http, model, edit_messages(task, answers), args.output_len,
+                                         session=f"bench-edit-{user}")
+            results.append(result)
+            answers.append(answer)
+            await asyncio.sleep(args.tool_time)
+        return results
+
+    tasks = edit_tasks(args.users, args.seed)
+    per_user = await asyncio.gather(*(conversation(u, t) for u, t in enumerate(tasks)))
+    return [r for results in per_user for r in results]
+
+
+async def _chat(http: httpx.AsyncClient, model: str, messages: list[dict], max_tokens: int,
+                session: str) -> tuple[RequestResult, str]:
+    body = {"model": model, "messages": messages, "max_tokens": max_tokens, "stream": True,
+            "temperature": 0.0, "stream_options": {"include_usage": True}}
+    started = time.perf_counter()
+    stamps: list[float] = []
+    parts: list[str] = []
+    usage = {}
+    async with http.stream("POST", "/v1/chat/completions", json=body,
+                           headers={"x-session-id": session}) as response:
+        if response.status_code != 200:
+            raise RuntimeError(f"HTTP {response.status_code}: {(await response.aread()).decode()}")
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                usage = chunk["usage"]
+            delta = chunk["choices"][0].get("delta", {}) if chunk.get("choices") else {}
+            if delta.get("content"):
+                parts.append(delta["content"])
+                stamps.append(time.perf_counter())
+    end = time.perf_counter()
+    produced = int(usage.get("completion_tokens", 0))
+    first = stamps[0] if stamps else end
+    decode_time = stamps[-1] - first if len(stamps) > 1 else 0.0
+    result = RequestResult(int(usage.get("prompt_tokens", 0)), produced, first - started,
+                           (produced - 1) / decode_time if decode_time > 0 else 0.0, end - started)
+    return result, "".join(parts)
+
+
+def _speculative(before: dict, after: dict) -> dict:
+    """The daemon's speculative counters (totals named spec_*) over the run."""
+    delta = {key: after["totals"][key] - before["totals"].get(key, 0)
+             for key in after["totals"] if key.startswith("spec_")}
+    out = {f"{key}": value for key, value in sorted(delta.items())}
+    drafted, accepted = delta.get("spec_draft_tokens"), delta.get("spec_accepted_tokens")
+    if drafted:
+        out["spec_acceptance_rate"] = accepted / drafted
+    steps = delta.get("spec_verify_steps")
+    if steps:
+        out["spec_mean_accepted_length"] = accepted / steps
+    return out
 
 
 async def _greedy(http: httpx.AsyncClient, model: str, args: argparse.Namespace,
