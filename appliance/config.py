@@ -63,6 +63,7 @@ class ServerConfig:
     port: int = 8000
     socket: str = ""  # "" -> <cache>/run/tokenspeed-<port>.sock
     api_key: str | None = None
+    max_body_bytes: int = 32 * 1024 * 1024  # a larger request body is refused with a 413
 
 
 @dataclass(frozen=True)
@@ -113,7 +114,7 @@ _CHOICES = {
     "parallel.tp_size": (1, 2, 4, 8),
 }
 _POSITIVE = {
-    "model.max_model_len", "server.port", "kv.page_size", "kv.num_pages",
+    "model.max_model_len", "server.port", "server.max_body_bytes", "kv.page_size", "kv.num_pages",
     "scheduler.max_batch_tokens", "scheduler.max_running",
 }
 # 0 has a meaning here: tps_floor 0 = no floor, session_ttl_s 0 = no retention.

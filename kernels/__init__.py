@@ -13,8 +13,9 @@ from __future__ import annotations
 import warnings
 
 from kernels import plugins, reference, registry  # noqa: F401  (reference registers "torch")
-from kernels.registry import (OPS, KernelError, backends, explain, register, registered_ops,
-                              select, selected_backend, set_overrides, unregister)
+from kernels.registry import (OPS, KernelError, backends, explain, overrides, register,
+                              registered_ops, select, selected_backend, set_overrides,
+                              unregister)
 
 
 def _load_triton_backend() -> None:
@@ -36,4 +37,5 @@ registry.add_lazy_loader(_load_triton_backend)
 registry.add_lazy_loader(plugins.load_plugins)
 
 __all__ = ["OPS", "KernelError", "register", "unregister", "select", "selected_backend",
-           "explain", "set_overrides", "backends", "registered_ops", "rescan_plugins"]
+           "explain", "set_overrides", "overrides", "backends", "registered_ops",
+           "rescan_plugins"]

@@ -189,6 +189,12 @@ def set_overrides(overrides: Mapping[str, str] | None) -> None:
         _cache.clear()
 
 
+def overrides() -> dict[str, str]:
+    """The backends forced by `set_overrides`, op -> backend (a copy)."""
+    with _lock:
+        return dict(_overrides)
+
+
 def backends(op: str) -> list[str]:
     """Registered backends of `op`, best priority first."""
     return [i.backend for i in _candidates(op)]

@@ -14,6 +14,7 @@ import socket
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from kernel_bench.harness import loop_ms
 
 TOKENS = (1, 16, 64, 256)
 
@@ -21,20 +22,12 @@ TOKENS = (1, 16, 64, 256)
 def _worker(rank: int, world: int, port: int, hidden: int, layers: int, queue) -> None:
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     torch.cuda.set_device(rank)
-    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world)
     rows = []
     for tokens in TOKENS:
         x = torch.randn(tokens, hidden, dtype=torch.bfloat16, device="cuda")
-        for _ in range(20):
-            dist.all_reduce(x)
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(200):
-            dist.all_reduce(x)
-        end.record()
-        torch.cuda.synchronize()
-        us = start.elapsed_time(end) * 1e3 / 200
+        us = loop_ms(lambda: dist.all_reduce(x), iters=200, warmup=20) * 1e3
         rows.append((tokens, us, us * (2 * layers + 1) / 1e3))
     if rank == 0:
         queue.put(rows)

@@ -1,43 +1,17 @@
 """Ceilings measured on this GPU, printed beside our figures: device copy bandwidth, bf16 GEMM
-rate, the batch-1 decode bound they imply for Llama-3.1-8B, and HF transformers eager decode at
-batch 1 on the same shape (random weights) as the baseline an engine must beat."""
+rate (kernel_bench.harness.measure_ceilings, the kernel benchmarks' own), the batch-1 decode
+bound they imply for Llama-3.1-8B, and HF transformers eager decode at batch 1 on the same
+shape (random weights) as the baseline an engine must beat.
+
+    python scripts/bench_ceiling.py
+"""
 
 from __future__ import annotations
 
 import time
 
 import torch
-
-
-def copy_bandwidth_gbs() -> float:
-    src = torch.randn(1 << 30, dtype=torch.bfloat16, device="cuda")  # 2 GiB
-    dst = torch.empty_like(src)
-    for _ in range(3):
-        dst.copy_(src)
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(10):
-        dst.copy_(src)
-    end.record()
-    torch.cuda.synchronize()
-    seconds = start.elapsed_time(end) / 1e3 / 10
-    return 2 * src.numel() * src.element_size() / seconds / 1e9  # read + write
-
-
-def gemm_tflops(n: int = 8192) -> float:
-    a = torch.randn(n, n, dtype=torch.bfloat16, device="cuda")
-    b = torch.randn(n, n, dtype=torch.bfloat16, device="cuda")
-    for _ in range(3):
-        a @ b
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(10):
-        a @ b
-    end.record()
-    torch.cuda.synchronize()
-    return 2 * n**3 / (start.elapsed_time(end) / 1e3 / 10) / 1e12
+from kernel_bench.harness import measure_ceilings
 
 
 def hf_eager_decode_tps(new_tokens: int = 128) -> tuple[float, float]:
@@ -46,7 +20,8 @@ def hf_eager_decode_tps(new_tokens: int = 128) -> tuple[float, float]:
 
     from appliance.model.presets import PRESETS
 
-    config = LlamaConfig(**{k: v for k, v in PRESETS["llama-3.1-8b"].items() if k != "architectures"})
+    config = LlamaConfig(**{k: v for k, v in PRESETS["llama-3.1-8b"].items()
+                            if k != "architectures"})
     torch.set_default_dtype(torch.bfloat16)
     with torch.device("cuda"):
         model = LlamaForCausalLM(config).eval()
@@ -66,8 +41,8 @@ def hf_eager_decode_tps(new_tokens: int = 128) -> tuple[float, float]:
 
 
 def main() -> None:
-    bw = copy_bandwidth_gbs()
-    tflops = gemm_tflops()
+    ceil = measure_ceilings()
+    bw, tflops = ceil.copy_gbs, ceil.gemm_tflops
     hf_tps, weight_gb = hf_eager_decode_tps()
     print(f"device                          {torch.cuda.get_device_name()}")
     print(f"copy bandwidth (read+write)     {bw:8.0f} GB/s")

@@ -1,6 +1,6 @@
 """Where batch-1 MLA decode time goes: per-program timelines of two experimental kernels.
 
-    python3 scripts/mla_decode_timeline.py [--ctx 131072]      (needs a CUDA GPU with TMA)
+    PYTHONPATH=. python3 scripts/mla_decode_timeline.py [--ctx 131072]   (a CUDA GPU with TMA)
 
 DeepSeek-V2-Lite shapes (16 heads, latent 512, rope 64, page size 64), one row of ctx keys.
 Prints the ceilings, the registered op's time (kernels/triton/mla_decode.py) and, for each
@@ -12,26 +12,23 @@ its partial, with its %smid. The variants, both TMA-only copies of the registere
   one tile ahead (the registered kernel reads it in the same iteration);
 - `ticket`: persistent programs that take tiles from a shared counter two tickets ahead, so
   that fast programs take more (the counter resets itself: the last program out zeroes it).
-docs/KERNELS.md (seventh session) has the figures and what they say.
+docs/KERNELS_HISTORY.md (seventh session) has the figures and what they say.
 """
 from __future__ import annotations
 
 import argparse
 import math
-import os
-import sys
 
 import torch
 import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-import bench_kernels as BK  # noqa: E402
-from kernels.triton.attention import _split_range, merge_splits  # noqa: E402
-from kernels.triton.common import num_sms  # noqa: E402
-from kernels.triton.mla_decode import mla_decode_chunked  # noqa: E402
+from kernel_bench.harness import graph_ms, measure_ceilings, rel_err
+from kernel_bench.inputs import mla_cache_bytes, mla_inputs
+from kernels.triton.common import num_sms
+from kernels.triton.mla_decode import mla_decode_chunked
+from kernels.triton.split_kv import merge_splits, split_range
 
 DEV = "cuda"
 STAMPS = 8   # int64 slots per program: start, first tile, loop end, stored, SM, tiles
@@ -134,7 +131,7 @@ def _static_kernel(QL, QR, DescLat, DescRope, PartO, PartL, PageTable, SeqLens, 
     b, prog = tl.program_id(0), tl.program_id(1)
     t0 = _now()
     q0, q1, q2, q3, qr = _query(QL, QR, b, L, R, CH, G_BLK)
-    lo, hi = _split_range(prog, tl.load(SeqLens + b), BLOCK_N, num_progs, True, BLOCK_N)
+    lo, hi = split_range(prog, tl.load(SeqLens + b), BLOCK_N, num_progs, True, BLOCK_N)
     hi = tl.maximum(hi, lo)
     pt = PageTable + b * stride_pt
     acc0 = tl.zeros([G_BLK, CH], dtype=tl.float32)
@@ -272,25 +269,26 @@ def main() -> None:
     ctx = ap.parse_args().ctx
     torch.manual_seed(0)
     print(torch.cuda.get_device_name(), f"torch {torch.__version__} triton {triton.__version__}")
-    BK.measure_ceilings()
+    ceil = measure_ceilings()
+    print(ceil.line())
     page_size, scale, sms = 64, (128 + 64) ** -0.5, num_sms(torch.device(DEV))
-    table, cache, ql, qr, sl = BK.mla_inputs(1, ctx, page_size, 16)
+    table, cache, ql, qr, sl = mla_inputs(1, ctx, page_size, 16)
     args = (ql, qr, cache, table, sl, page_size, scale)
-    nbytes, copy = ctx * 576 * 2, BK.CEIL["GB/s"]
+    nbytes, copy = mla_cache_bytes(1, ctx), ceil.copy_gbs
 
     def report(label: str, ms: float) -> None:
         print(f"{label:48s} {ms * 1e3:7.1f}us {nbytes / ms / 1e6 / copy:6.1%} of copy", flush=True)
 
     ref = mla_decode_chunked(*args)
-    report(f"registered op, B=1 x {ctx}", BK.graph_ms(lambda: mla_decode_chunked(*args)))
+    report(f"registered op, B=1 x {ctx}", graph_ms(lambda: mla_decode_chunked(*args)))
     for kind, sem in (("static", "relaxed"), ("ticket", "relaxed"), ("ticket", "acq_rel")):
         programs = 2 * sms
-        err = BK.rel_err(run_variant(kind, *args, programs, sem=sem), ref)
+        err = rel_err(run_variant(kind, *args, programs, sem=sem), ref)
         label = f"{kind}{' ' + sem if kind == 'ticket' else ''}, {programs} programs"
         report(f"{label} (err {err:.1e})",
-               BK.graph_ms(lambda: run_variant(kind, *args, programs, sem=sem)))
+               graph_ms(lambda: run_variant(kind, *args, programs, sem=sem)))
         report(f"{label}, no merge",
-               BK.graph_ms(lambda: run_variant(kind, *args, programs, merge=False, sem=sem)))
+               graph_ms(lambda: run_variant(kind, *args, programs, merge=False, sem=sem)))
         stamps = torch.zeros(programs, STAMPS, dtype=torch.int64, device=DEV)
         flush = torch.empty(256 << 20, dtype=torch.int8, device=DEV)
         for _ in range(3):   # the last call's stamps, L2 flushed before it

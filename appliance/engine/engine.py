@@ -19,7 +19,7 @@ from appliance.config import AppConfig, SchedulerPolicyConfig
 from appliance.engine import protocol
 from appliance.engine.plan_arrays import PlanArrays, PlanChannel
 from appliance.engine.protocol import GenerateRequest, TokenOutput
-from appliance.engine.sampler import Sampler
+from appliance.engine.sampler import INT32_MAX, INT64_MAX, INT64_MIN, Sampler, check_sampling
 from appliance.engine.transfer import to_device
 
 log = logging.getLogger(__name__)
@@ -144,22 +144,35 @@ class Engine:
         return True
 
     def _submit(self, req: GenerateRequest) -> None:
+        """Hand a request to the scheduler, or refuse it (that request alone) with a Rejected:
+        whatever its fields hold, nothing of it may raise later inside a step."""
         try:
-            if req.rid in self.requests:
-                raise ValueError(f"request id {req.rid} is already running")
-            if any(t < 0 or t >= self.runner.vocab_size for t in req.prompt_ids):
-                raise ValueError(f"prompt token ids must be in [0, {self.runner.vocab_size})")
+            self._check_request(req)
+            check_sampling(req)
             stop_ids = list(req.stop_token_ids)
             if not req.ignore_eos:
                 stop_ids += self.runner.eos_token_ids
             self.scheduler.submit(req.rid, np.asarray(req.prompt_ids, dtype=np.int32),
                                   req.max_new_tokens, np.asarray(stop_ids, dtype=np.int32),
                                   req.session)
-        except ValueError as e:
+        except (ValueError, TypeError, OverflowError) as e:  # the binding's conversions raise the last two
             self._send(protocol.Rejected(req.rid, str(e)))
             return
         self.requests[req.rid] = req
         self.sampler.add(req)
+
+    def _check_request(self, req: GenerateRequest) -> None:
+        """ValueError unless the ids and counts fit the scheduler's int32 / int64 arguments."""
+        vocab = self.runner.vocab_size
+        if not INT64_MIN <= req.rid <= INT64_MAX:
+            raise ValueError(f"request id {req.rid} does not fit in a signed 64-bit integer")
+        if req.rid in self.requests:
+            raise ValueError(f"request id {req.rid} is already running")
+        if not 1 <= req.max_new_tokens <= INT32_MAX:
+            raise ValueError(f"max_new_tokens must be in [1, {INT32_MAX}], got {req.max_new_tokens}")
+        for name, ids in (("prompt", req.prompt_ids), ("stop", req.stop_token_ids)):
+            if any(not 0 <= t < vocab for t in ids):
+                raise ValueError(f"{name} token ids must be in [0, {vocab})")
 
     def _abort(self, rid: int) -> None:
         if self.requests.pop(rid, None) is None:

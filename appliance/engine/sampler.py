@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import secrets
 
 import numpy as np
@@ -11,6 +12,23 @@ import kernels
 from appliance.engine.plan_arrays import PlanArrays
 from appliance.engine.protocol import GenerateRequest
 from appliance.engine.transfer import to_device_packed
+
+INT32_MAX = 2**31 - 1
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
+def check_sampling(req: GenerateRequest) -> None:
+    """ValueError unless the request's parameters fit the `sample` kernel's rows (temperature,
+    top_p float32; top_k int32; seed int64): a value outside them would raise inside a step
+    and take the whole batch down with it."""
+    if not (math.isfinite(req.temperature) and req.temperature >= 0.0):
+        raise ValueError(f"temperature must be a finite number >= 0, got {req.temperature}")
+    if not 0.0 < req.top_p <= 1.0:  # NaN fails too
+        raise ValueError(f"top_p must be in (0, 1], got {req.top_p}")
+    if not 0 <= req.top_k <= INT32_MAX:
+        raise ValueError(f"top_k must be in [0, {INT32_MAX}], got {req.top_k}")
+    if req.seed is not None and not INT64_MIN <= req.seed <= INT64_MAX:
+        raise ValueError(f"seed must fit in a signed 64-bit integer, got {req.seed}")
 
 
 class Sampler:

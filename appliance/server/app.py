@@ -7,7 +7,8 @@ from typing import Any
 from fastapi import FastAPI
 
 from appliance.config import AppConfig
-from appliance.server import anthropic_messages, health, metrics, openai_chat, openai_completions, stats
+from appliance.server import anthropic, health, metrics, openai, stats
+from appliance.server.body_limit import BodyLimitMiddleware
 from appliance.server.errors import install_error_handlers
 from appliance.server.metrics import FrontendMetrics
 from appliance.server.request_context import ArrivalTimeMiddleware
@@ -19,8 +20,9 @@ def build_app(config: AppConfig, client: EngineClientLike, tokenizer: Any) -> Fa
     app.state.tokenspeed = AppState(config=config, client=client, tokenizer=tokenizer,
                                     metrics=FrontendMetrics(client.stats))
     install_error_handlers(app)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=config.server.max_body_bytes)
     app.add_middleware(ArrivalTimeMiddleware)  # outermost: stamped before anything else runs
-    for router in (health.router, health.models_router, openai_chat.router, openai_completions.router,
-                   anthropic_messages.router, metrics.router, stats.router):
+    for router in (health.router, health.models_router, *openai.ROUTERS, *anthropic.ROUTERS,
+                   metrics.router, stats.router):
         app.include_router(router)
     return app

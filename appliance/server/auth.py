@@ -1,5 +1,6 @@
-"""API-key check: when `server.api_key` is set, `/v1/*` and `/stats` need
-`Authorization: Bearer <key>` (OpenAI SDKs) or `x-api-key: <key>` (Anthropic SDKs)."""
+"""API-key check: when `server.api_key` is set, `/v1/*`, `/stats` and `/metrics` need
+`Authorization: Bearer <key>` (OpenAI SDKs) or `x-api-key: <key>` (Anthropic SDKs); `/health`
+stays open for probes."""
 
 from __future__ import annotations
 

@@ -64,19 +64,39 @@ def error_response(request: Request, error: ApiError) -> JSONResponse:
 
 
 def validation_message(errors: Sequence[Any]) -> tuple[str, str | None]:
-    """A readable message naming the offending field(s), and the first field as `param`."""
-    parts, params = [], []
-    for err in list(errors)[:3]:
-        loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+    """A readable message naming the offending field(s), and the first field as `param`.
+
+    A value that fits no member of a union fails once per member; per top-level field the error
+    shown is one that failed a constraint (a range, a length) rather than a type, else the one
+    that got deepest into the value: they say most about what is wrong."""
+    chosen: dict[str, tuple[str, Any]] = {}  # top-level field -> (dotted path, error)
+    for err in errors:
         if err.get("type") == "json_invalid":
             detail = (err.get("ctx") or {}).get("error", err.get("msg", ""))
             return f"The request body is not valid JSON: {detail}", None
-        field = ".".join(loc)
-        params.append(field or None)
-        parts.append(f"{field}: {err.get('msg', 'invalid')}" if field else str(err.get("msg")))
-    if not parts:
+        path = [str(p) for p in err.get("loc", ()) if p != "body" and not _is_union_tag(p)]
+        field = ".".join(path)
+        key = path[0] if path else ""
+        if key not in chosen or _rank(path, err) > _rank(chosen[key][0].split("."), chosen[key][1]):
+            chosen[key] = (field, err)
+    if not chosen:
         return "Invalid request body", None
-    return "Invalid request: " + "; ".join(parts), params[0]
+    shown = list(chosen.values())[:3]
+    parts = [f"{field}: {err.get('msg', 'invalid')}" if field else str(err.get("msg")) for field, err in shown]
+    return "Invalid request: " + "; ".join(parts), shown[0][0] or None
+
+
+def _is_union_tag(part: Any) -> bool:
+    """pydantic names the union member in `loc` ("str", "list[constrained-int]", "function-after[...]")."""
+    return isinstance(part, str) and ("[" in part or part in _TYPE_NAMES)
+
+
+def _rank(path: list[str], err: Any) -> tuple[bool, int]:
+    return not str(err.get("type", "")).endswith("_type"), len(path)
+
+
+_TYPE_NAMES = {"str", "int", "float", "bool", "list", "dict", "none", "constrained-str",
+               "constrained-int", "constrained-float"}
 
 
 async def _api_error(request: Request, exc: ApiError) -> JSONResponse:

@@ -124,7 +124,7 @@ class OutputPipeline:
         return events
 
 
-def engine_request(state: AppState, rid: int, job: GenerationJob) -> GenerateRequest:
+def engine_request(rid: int, job: GenerationJob) -> GenerateRequest:
     sampling = job.sampling
     return GenerateRequest(
         rid=rid, prompt_ids=list(job.prompt_ids), max_new_tokens=sampling.max_tokens,
@@ -138,11 +138,10 @@ async def generate(state: AppState, job: GenerationJob) -> AsyncIterator[Event]:
     rid = client.new_rid()
     tracked = state.tracker.start(rid, job.user, len(job.prompt_ids), job.arrived_at)
     pipeline = OutputPipeline(state.tokenizer, job)
-    stream = client.generate(engine_request(state, rid, job))
-    done = False
+    stream = client.generate(engine_request(rid, job))
     token_ids: list[int] = []
     try:
-        async for out in _engine_outputs(state, stream):
+        async for out in _engine_outputs(state, stream, token_ids):
             if out.token_id >= 0:
                 token_ids.append(out.token_id)
                 state.metrics.observe(*state.tracker.on_token(tracked))
@@ -154,18 +153,15 @@ async def generate(state: AppState, job: GenerationJob) -> AsyncIterator[Event]:
                 yield item
             if matched is not None or last:
                 if matched is not None:
-                    await _release(state, stream, rid, finished=False)
-                done = True
+                    await _close(stream)  # aborts the request in the engine (INTERFACES §4)
                 reason = "stop_sequence" if matched is not None else str(out.finish_reason)
                 yield Finished(reason, len(job.prompt_ids), len(token_ids),
                                pipeline.num_tool_calls, matched, tuple(token_ids))
                 return
-        done = True  # the engine stream ended without a finish reason (the engine stopped)
-        yield Finished("abort", len(job.prompt_ids), len(token_ids), pipeline.num_tool_calls,
-                       token_ids=tuple(token_ids))
+        raise ApiError(503, "The engine stopped before the request finished")
     finally:
         state.tracker.finish(rid)
-        await _release(state, stream, rid, finished=done)
+        await _close(stream)
 
 
 def _decodes(state: AppState, out: TokenOutput) -> bool:
@@ -175,24 +171,27 @@ def _decodes(state: AppState, out: TokenOutput) -> bool:
     return not (out.finish_reason == "stop" and out.token_id in state.eos_token_ids)
 
 
-async def _engine_outputs(state: AppState, stream: AsyncIterator[TokenOutput]) -> AsyncIterator[TokenOutput]:
-    """The engine's outputs, with a refusal turned into an API error."""
+async def _engine_outputs(state: AppState, stream: AsyncIterator[TokenOutput],
+                          token_ids: list[int]) -> AsyncIterator[TokenOutput]:
+    """The engine's outputs; its errors become API errors (a stream ends with an error event).
+    A refusal comes before the first token from a running engine (400); anything else is the
+    engine failing the request (503)."""
     try:
         async for out in stream:
             yield out
     except EngineRejected as e:
-        status = 400 if state.engine_healthy else 503
-        raise ApiError(status, f"The engine rejected the request: {e}") from None
+        if not token_ids and state.engine_healthy:
+            raise ApiError(400, f"The engine rejected the request: {e}") from None
+        raise ApiError(503, f"The engine failed the request: {e}") from None
 
 
-async def _release(state: AppState, stream: AsyncIterator[TokenOutput], rid: int, finished: bool) -> None:
-    """Close the engine stream (which aborts an unfinished request), even while being cancelled."""
+async def _close(stream: AsyncIterator[TokenOutput]) -> None:
+    """Close the engine stream, even while being cancelled: closing an unfinished stream aborts
+    its request in the engine (a finished one is closed already, so this is then a no-op)."""
     with anyio.CancelScope(shield=True):
         aclose = getattr(stream, "aclose", None)
         if aclose is not None:
             await aclose()
-        if not finished:
-            await state.client.abort(rid)
 
 
 @dataclass(frozen=True)

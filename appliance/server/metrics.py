@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from appliance.server.auth import require_api_key
 from appliance.server.state import get_state
 
 PREFIX = "tokenspeed_"
@@ -80,7 +81,9 @@ class FrontendMetrics:
         return generate_latest(self.registry)
 
 
-router = APIRouter()
+# Behind the API key when one is set: the prefix-cache counter tells whether a guessed prompt
+# was cached.
+router = APIRouter(dependencies=[Depends(require_api_key)])
 
 
 @router.get("/metrics", include_in_schema=False)

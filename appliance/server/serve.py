@@ -25,6 +25,7 @@ import uvicorn
 
 from appliance.config import AppConfig
 from appliance.server.app import build_app
+from appliance.server.connection import uvicorn_config
 from appliance.server.state import AppState, EngineClientLike
 
 log = logging.getLogger(__name__)
@@ -66,8 +67,7 @@ def serve(config: AppConfig, client: EngineClientLike, tokenizer: Any) -> int:
         tcp.close()
         log.error("cannot listen on %s: %s", config.server.socket, e)
         return 1
-    server = _Server(uvicorn.Config(app, http="auto", lifespan="off", log_config=None,
-                                    timeout_graceful_shutdown=GRACE_S + ABORT_WAIT_S, backlog=BACKLOG))
+    server = _Server(uvicorn_config(app, timeout_graceful_shutdown=GRACE_S + ABORT_WAIT_S, backlog=BACKLOG))
     log.info("serving %s on http://%s:%d and %s", config.model.model_name, config.server.host,
              tcp.getsockname()[1], config.server.socket)
     try:

@@ -6,10 +6,10 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-import anyio
 from fastapi import Request
 
 from appliance.config import AppConfig
+from appliance.server.tokenizer_pool import TokenizerPool
 from appliance.server.tracker import RequestTracker
 
 if TYPE_CHECKING:
@@ -19,10 +19,16 @@ if TYPE_CHECKING:
     from appliance.server.metrics import FrontendMetrics
 
 
+class EngineInfoLike(Protocol):
+    vocab_size: int
+    eos_token_ids: tuple[int, ...]
+
+
 class EngineClientLike(Protocol):
     """The part of `appliance.engine.client.EngineClient` the frontend uses (INTERFACES §4)."""
 
     max_model_len: int
+    info: EngineInfoLike
 
     def new_rid(self) -> int: ...
     def generate(self, req: GenerateRequest) -> AsyncIterator[TokenOutput]: ...
@@ -39,18 +45,20 @@ class AppState:
     tracker: RequestTracker = field(default_factory=RequestTracker)
     started_at: float = field(default_factory=time.monotonic)
     created_at: float = field(default_factory=time.time)
-    # Tokenizers are not safe to share between threads: one worker thread renders and encodes.
-    tokenize_limiter: anyio.CapacityLimiter = field(default_factory=lambda: anyio.CapacityLimiter(1))
+    tokenizers: TokenizerPool = field(init=False)  # copies of `tokenizer` for worker threads
+    eos_token_ids: tuple[int, ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.tokenizers = TokenizerPool(self.tokenizer)
+        self.eos_token_ids = _eos_token_ids(self.client, self.tokenizer)
 
     @property
     def model_name(self) -> str:
         return self.config.model.model_name
 
-    eos_token_ids: tuple[int, ...] = ()
-
-    def __post_init__(self) -> None:
-        if not self.eos_token_ids:
-            self.eos_token_ids = _eos_token_ids(self.client, self.tokenizer)
+    @property
+    def vocab_size(self) -> int:
+        return self.client.info.vocab_size
 
     @property
     def engine_healthy(self) -> bool:
@@ -61,9 +69,9 @@ def get_state(request: Request) -> AppState:
     return request.app.state.tokenspeed
 
 
-def _eos_token_ids(client: Any, tokenizer: Any) -> tuple[int, ...]:
+def _eos_token_ids(client: EngineClientLike, tokenizer: Any) -> tuple[int, ...]:
     """End-of-sequence ids: the engine's (from the generation config) plus the tokenizer's."""
-    ids = set(getattr(getattr(client, "info", None), "eos_token_ids", ()) or ())
+    ids = set(client.info.eos_token_ids)
     if getattr(tokenizer, "eos_token_id", None) is not None:
         ids.add(int(tokenizer.eos_token_id))
     return tuple(sorted(ids))

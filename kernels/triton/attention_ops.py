@@ -4,12 +4,11 @@ from __future__ import annotations
 import torch
 
 from kernels.registry import register
-from kernels.triton.attention import paged_attention
-from kernels.triton.common import check, on_cuda_half
+from kernels.triton.attention import AttentionTiles, paged_attention
+from kernels.triton.common import PRIORITY, check, on_cuda_half
 from kernels.triton.mla_decode import default_nc, mla_decode_chunked
 from kernels.triton.prefill import contiguous_ok, prefill_attention
-
-PRIORITY = 10
+from kernels.triton.split_kv import DEFAULT_SIZING, SplitSizing
 
 
 def _gqa_ok(f) -> bool:
@@ -31,8 +30,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 
 # The contiguous-K/V prefill gathers a cached prefix a little slower than the generic kernel,
 # so it serves batches whose new tokens are at least this fraction of the widest row's keys
-# (the page table's width: known on the host, no sync). H200, 16K keys, `--tune-prefill` of
-# scripts/bench_kernels.py: all new 1.22x faster, 1/2 new 1.02x, 1/4 0.98x, 1/16 0.97x.
+# (the page table's width: known on the host, no sync). From `python -m scripts.kernel_bench
+# tune prefill` (docs/KERNELS.md, "Prefill")
 CONTIGUOUS_MIN_NEW = 0.5
 
 
@@ -66,9 +65,9 @@ def mla_decode(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Ten
                page_table: torch.Tensor, seq_lens: torch.Tensor, page_size: int, scale: float,
                num_splits: int | None = None) -> torch.Tensor:
     """q_latent: [B, H, L], q_rope: [B, H, R], kv_cache: [S, L+R] -> [B, H, L]. The
-    chunked-latent kernel (kernels/triton/mla_decode.py, 1-22% faster on an H100: see
-    docs/KERNELS.md) serves latents it can cut into power-of-two chunks (DeepSeek's 512);
-    the generic paged kernel serves the rest."""
+    chunked-latent kernel (kernels/triton/mla_decode.py, faster: docs/KERNELS.md) serves
+    latents it can cut into power-of-two chunks (DeepSeek's 512); the generic paged kernel
+    serves the rest."""
     if default_nc(q_latent.shape[-1]):
         return mla_decode_chunked(q_latent, q_rope, kv_cache, page_table, seq_lens, page_size,
                                   scale, num_splits)
@@ -78,14 +77,16 @@ def mla_decode(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Ten
 
 def mla_decode_generic(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Tensor,
                        page_table: torch.Tensor, seq_lens: torch.Tensor, page_size: int,
-                       scale: float, num_splits: int | None = None) -> torch.Tensor:
+                       scale: float, num_splits: int | None = None,
+                       tiles: AttentionTiles | None = None,
+                       sizing: SplitSizing = DEFAULT_SIZING) -> torch.Tensor:
     """mla_decode on the generic paged kernel, any latent width (the registered op's fallback;
-    also the baseline of scripts/bench_kernels.py --tune-mla)."""
+    also the baseline of the MLA decode sweeps); tiles / sizing as `paged_attention`'s."""
     lat = q_latent.shape[-1]
     c = kv_cache[:, None, :lat]                                     # [S, 1, L]
     kr = kv_cache[:, None, lat:]                                    # [S, 1, R]
     return paged_attention(q_latent, q_rope, c, kr, None, page_table, None, seq_lens,
-                           page_size, scale, num_splits)
+                           page_size, scale, num_splits, tiles=tiles, sizing=sizing)
 
 
 @register("mla_extend", backend="triton", priority=PRIORITY, supports=_mla_ok)
@@ -102,11 +103,12 @@ def mla_extend(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Ten
 @register("mla_prefill", backend="triton", priority=PRIORITY, supports=_mla_ok)
 def mla_prefill(q_nope: torch.Tensor, q_rope: torch.Tensor, k_nope: torch.Tensor,
                 k_rope: torch.Tensor, v: torch.Tensor, query_start: torch.Tensor,
-                seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
+                seq_lens: torch.Tensor, scale: float, num_splits: int | None = None
+                ) -> torch.Tensor:
     """Decompressed MLA ([T, H, Dn] + [T, H, R] queries, keys [N, H, Dn] + shared [N, R],
     values [N, H, Dv], each row's keys contiguous) on the generic paged kernel: the keys are
     seen as a cache of 1-key pages whose table maps row b to rows kv_start[b] + j, and the
-    shared rope key as a head axis of stride 0."""
+    shared rope key as a head axis of stride 0. num_splits: None for the split sizing."""
     check(k_rope.dim() == 2 and k_rope.shape[0] == k_nope.shape[0],
           "k_rope must be [N, R] with N = k_nope's rows")
     n, heads = k_nope.shape[0], k_nope.shape[1]
@@ -115,4 +117,4 @@ def mla_prefill(q_nope: torch.Tensor, q_rope: torch.Tensor, k_nope: torch.Tensor
     table = table.clamp_(max=max(n - 1, 0)).to(torch.int32)
     k_rope_heads = k_rope[:, None, :].expand(n, heads, k_rope.shape[-1])   # [N, H, R]
     return paged_attention(q_nope, q_rope, k_nope, k_rope_heads, v, table, query_start,
-                           seq_lens, 1, scale)
+                           seq_lens, 1, scale, num_splits)

@@ -1,4 +1,5 @@
-"""Helpers shared by the Triton kernels: support predicates, launch sizing."""
+"""Helpers shared by the Triton kernels: the backend's priority, support predicates, launch
+sizing."""
 from __future__ import annotations
 
 import functools
@@ -9,6 +10,8 @@ from typing import Any, Mapping
 import torch
 import triton
 
+# Every Triton op registers at this priority, above the torch reference's 0
+PRIORITY = 10
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -36,8 +39,8 @@ def on_cuda_half(f: Mapping[str, Any]) -> bool:
 # Triton compiles a variant per value class of each integer argument (1, a multiple of 16,
 # other) and per 16-byte alignment of each pointer. Arguments that change from batch to batch
 # (split counts, page-table widths; the engine's per-batch metadata, views into one packed
-# copy, sliced at the decode rows) would then compile new variants while serving: measured on
-# an H200, DeepSeek-V2-Lite agentic bench, 5-10 s TTFT p99 on the first passes.
+# copy, sliced at the decode rows) would then compile new variants while serving, seconds of
+# TTFT each (docs/KERNELS.md, "No Triton compile while serving").
 _ALIGN_KW = ("do_not_specialize_on_alignment"
              if "do_not_specialize_on_alignment" in inspect.signature(triton.jit).parameters
              else None)

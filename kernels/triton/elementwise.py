@@ -6,9 +6,7 @@ import triton
 import triton.language as tl
 
 from kernels.registry import register
-from kernels.triton.common import check, next_pow2, on_cuda
-
-PRIORITY = 10
+from kernels.triton.common import PRIORITY, check, next_pow2, on_cuda
 
 
 @triton.jit

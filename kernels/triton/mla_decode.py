@@ -1,56 +1,30 @@
-"""Register-lean MLA decode: the latent dimension in chunks, the query re-read every KV tile.
+"""Register-lean MLA decode: the latent dimension in chunks, whole KV tiles copied by TMA.
 
-Why a second MLA decode kernel. The generic paged kernel (kernels/triton/attention.py) serves
-MLA decode with one program per (row, head block, split) that loads the whole query, [16, 576],
-once before its KV loop. Held in mma.sync's A-operand layout that tile would be replicated in
-every warp (~144 registers per thread), beside a [16, 512] fp32 accumulator (64 registers per
-thread at 4 warps), so only ~2 programs fit an SM; on an H200 DeepSeek-V2-Lite decode (16
-heads, latent L=512, rope R=64, cache [S, 576] bf16) reaches only 42-67% of copy bandwidth
-(target 80%).
+Why a second MLA decode kernel. The generic paged kernel (attention.py) serves MLA decode with
+one program per (row, head block, split) holding one [G_BLK, L] fp32 accumulator and the whole
+query: register-bound, ~2 programs per SM, well short of copy bandwidth on DeepSeek's shapes
+(16 heads, latent L=512, rope R=64, cache [S, 576] bf16). Occupancy is what hides the gathered
+loads' latency here (Triton's pipeliner gives the gathered tile a single buffer), so this
+kernel spends fewer registers:
 
-Here the query need not be live across the KV loop. The latent dimension is cut into NC chunks
-of CH = L // NC columns (NC in {1, 2, 4}, CH a power of two >= 16) with NC separate fp32
-accumulators [G_BLK, CH]. Per KV tile of BLOCK_N keys (gathered through the page table, slot =
-page * page_size + offset) and per chunk c, the query chunk q_c [G_BLK, CH] is loaded inside
-the loop (it hits L1/L2; the loop is marked disable_licm so the compiler does not hoist it
-back) and scored against the key chunk k_c [N, CH]; the rope part q_rope [G_BLK, R] . k_rope
-[N, R] is added. The constexpr Q_IN_LOOP=False instead loads every query chunk and q_rope once
-before the loop, for the tuning to compare. After the online softmax (exp2, scale in log2
-units) each accumulator takes p @ k_c, the same loaded k_c as the value chunk (MLA: the latent
-is both key and value). Split-KV writes the partial-output/LSE layout of attention.py, whose
-`merge_splits` merges the splits.
+- The latent is cut into NC chunks of CH = L // NC columns (NC in {1, 2, 4}, CH a power of two
+  >= 16) with NC separate fp32 accumulators [G_BLK, CH]. Per KV tile of BLOCK_N keys and per
+  chunk c, q_c [G_BLK, CH] is scored against k_c [N, CH], the rope part q_rope . k_rope is
+  added, and after the online softmax (exp2, scale in log2 units) each accumulator takes
+  p @ k_c: the loaded k_c is also the value chunk (MLA: the latent is key and value).
+- The query is hoisted before the KV loop (Triton stages it in shared memory) or, with
+  q_in_loop, re-read per tile from L1/L2 (the loop is marked disable_licm so that the compiler
+  keeps the loads there); max_regs caps ptxas' registers per thread. Both are tuning knobs.
+- When a KV tile lies in one page (page_size % BLOCK_N == 0; DeepSeek's pages hold 64 keys)
+  its rows are contiguous in the cache, so interior tiles are copied by host-side tensor
+  descriptors (one [BLOCK_N, CH] block per chunk, one [BLOCK_N, R] for the rope part) instead
+  of per-key gathers. The partial last tile is still gathered with a key mask, so slots past a
+  row's end (never written: possibly NaN) are not read.
 
-What ptxas reports (Triton 3.9, sm_90, no GPU; registers per thread, 4 warps, BLOCK_N=32):
-the generic kernel 199 - Triton already stages its hoisted query in shared memory, so the
-query is not what fills its registers; this kernel 189 at NC=4 (in-loop query; ptxas hoists
-the shared-memory operand loads of all chunks), 245 with Q_IN_LOOP=False (the hoisted chunks
-stay in registers); 126 at BLOCK_N=16, 98 at 8 warps. Uncapped, both kernels fit 2 programs
-per SM at BLOCK_N=32. Capped, this one spills little: max_regs=128 (Triton's maxnreg) spills
-16 B and fits 4 programs of 4 warps per SM (56 KB shared memory each); 8 warps at 80 spill
-52 B for 3 (the generic kernel capped at 128 spills 452 B). Hence the max_regs knob beside
-the tile sizes. Occupancy is what hides memory latency here: in both kernels Triton 3.9's
-pipeliner gives the gathered KV tile a single shared-memory buffer (tile i+1's copies start
-after tile i's last dot and are awaited at the top of the next iteration; num_stages=3 only
-double-buffers the page indices). The price of the in-loop query is an L2 re-read of the
-query per tile (18 KB per 37 KB KV tile at BLOCK_N=32).
-
-Tensor-descriptor (TMA) copies. When a KV tile lies in one page (page_size % BLOCK_N == 0;
-DeepSeek's config pages hold 64 keys) its rows are contiguous in the cache, so the interior
-tiles are copied by host-side tensor descriptors (one [BLOCK_N, CH] block per latent chunk,
-one [BLOCK_N, R] for the rope part) instead of per-key gathers: no per-element addresses in
-registers. The partial last tile is still gathered with a key mask, so slots past a row's end
-(never written: possibly NaN) are not read. On an H200 (same run, 64-key tiles): B=1 x 128K
-59.8 -> 55.9 us, B=64 x 32K 93% -> 95% of copy, B=256 x 4K 75% -> 79%. Reading the next
-tile's page one iteration ahead lets Triton double-buffer the copies at 3 stages, but that
-measured no faster (55.9 us at 32-key tiles, 61.9 at 64), so it is not kept. ptxas gives the
-kernel 250-255 registers either way (the hoisted query, as an mma.sync A operand replicated
-in each warp, and the accumulators): 2 programs per SM.
-
-Registered: kernels/triton/attention_ops.py routes mla_decode here when the latent splits into
-power-of-two chunks. Defaults, the best of `scripts/bench_kernels.py --tune-mla` on an H100
-(docs/KERNELS.md): 64-key tiles, 4 warps, 2 stages, query hoisted (Triton 3.6 stages it in
-shared memory: 212 registers, no spills). More stages (5 gives the KV tile a second buffer)
-measured 3-17% slower.
+Split-KV writes split_kv.py's partial-output/LSE layout, merged by its `merge_splits`.
+Registered through attention_ops.py for latents that split into power-of-two chunks. The
+defaults (64-key tiles, 4 warps, 2 stages, query hoisted) and what ptxas and the sweeps said
+about the alternatives: docs/KERNELS.md, "MLA decode".
 """
 from __future__ import annotations
 
@@ -61,10 +35,10 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from kernels.triton.attention import (SPLIT_INTS, _num_splits, _split_range, merge_splits,
-                                      min_split_tiles)
 from kernels.triton.common import (check, has_tma, interpreting, next_pow2, per_batch,
                                    pow2_dim, tma_rows_ok)
+from kernels.triton.split_kv import (DEFAULT_SIZING, SPLIT_INTS, SplitSizing, merge_splits,
+                                     split_buffers, split_range)
 
 G_BLK_DEFAULT = 16     # query heads per program (the mma.sync M tile); more heads: more blocks
 
@@ -235,7 +209,7 @@ def _mla_decode_chunked_kernel(
         q_rope = _load_q_rope(QRRow, tl.arange(0, BLOCK_R), row_ok, R, EVEN_H,
                               EVEN_R)                                     # [M, BLOCK_R]
     seq_len = tl.load(SeqLens + b)
-    lo, hi = _split_range(split, seq_len, min_split_len, num_splits, SPLIT, BLOCK_N)
+    lo, hi = split_range(split, seq_len, min_split_len, num_splits, SPLIT, BLOCK_N)
     full_end = lo + tl.maximum(hi - lo, 0) // BLOCK_N * BLOCK_N          # end of whole tiles
     acc0 = tl.zeros([G_BLK, CH], dtype=tl.float32)                        # [M, CH] each
     if NC >= 2:
@@ -303,15 +277,16 @@ def mla_decode_chunked(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: t
                        block_n: int | None = None, num_warps: int | None = None,
                        num_stages: int | None = None, q_in_loop: bool | None = None,
                        g_blk: int | None = None, max_regs: int | None = None,
-                       split_tiles: int | None = None, tma: bool | None = None) -> torch.Tensor:
+                       split_tiles: int | None = None, tma: bool | None = None,
+                       sizing: SplitSizing = DEFAULT_SIZING) -> torch.Tensor:
     """q_latent: [B, H, L], q_rope: [B, H, R], kv_cache: [S, L+R], page_table: [B, P] int32,
     seq_lens: [B] int32 -> [B, H, L] (q_latent's dtype). Rows with seq_len 0 give zeros.
 
-    Tuning knobs (None: defaults): num_splits (split-KV pieces, as attention.py's MLA decode),
-    nc (latent chunks, 1/2/4), block_n (keys per tile), num_warps, num_stages, q_in_loop (load
+    Tuning knobs (None: defaults): num_splits (split-KV pieces; None: from `sizing`), nc
+    (latent chunks, 1/2/4), block_n (keys per tile), num_warps, num_stages, q_in_loop (load
     the query chunks and q_rope every tile, True, or once before the KV loop), g_blk (heads
     per program, a power of two >= 16), max_regs (ptxas register cap per thread, Triton's
-    maxnreg; None: uncapped), split_tiles (fewest KV tiles per split, as attention.py's), tma
+    maxnreg; None: uncapped), split_tiles (fewest KV tiles per split; None: from `sizing`), tma
     (tensor-descriptor copies of whole tiles; None: wherever `tma_supported` allows)."""
     check(q_latent.dim() == 3 and q_rope.dim() == 3 and kv_cache.dim() == 2,
           "q_latent [B, H, L], q_rope [B, H, R], kv_cache [S, L+R] expected")
@@ -345,17 +320,12 @@ def mla_decode_chunked(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: t
     n_hblk = triton.cdiv(heads, g_blk)
     max_len = page_table.shape[1] * page_size
     if num_splits is None:
-        num_splits = _num_splits(bsz * n_hblk, max_len, block_n, q_latent.device, True)
-    split_tiles = min_split_tiles(bsz * n_hblk, True) if split_tiles is None else split_tiles
+        num_splits = sizing.decode_splits(bsz * n_hblk, max_len, block_n, q_latent.device, True)
+    if split_tiles is None:
+        split_tiles = sizing.tiles_per_split(bsz * n_hblk, True)
     check(split_tiles >= 1, "split_tiles must be >= 1")
     check(num_splits >= 1, "num_splits must be >= 1")
-    if num_splits > 1:
-        part_o = torch.empty(bsz, heads, num_splits, lat, dtype=torch.float32,
-                             device=q_latent.device)                     # [B, H, S, L]
-        part_l = torch.empty(bsz, heads, num_splits, dtype=torch.float32,
-                             device=q_latent.device)                     # [B, H, S]
-    else:
-        part_o, part_l = out, out
+    part_o, part_l = split_buffers(out.shape, num_splits, out)     # [B, H, S, L], [B, H, S]
     block_r = max(16, next_pow2(rope))
     tma_ok = tma_supported(kv_cache, page_size, block_n, rope)
     tma = tma_ok if tma is None else bool(tma)

@@ -9,14 +9,14 @@ past the last expert do no work. With at most PAIR_BLOCKS_MAX pairs (batch-1 dec
 no alignment: block p serves pair p alone, its expert read from the routing ids."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 
 from kernels.registry import register
-from kernels.triton.common import check, interpreting, on_cuda_half, per_batch
-
-PRIORITY = 10
+from kernels.triton.common import PRIORITY, check, interpreting, on_cuda_half, per_batch
 # Up to this many (token, expert) pairs each pair gets an M block of its own, so the ~12 small
 # launches of align_by_expert are skipped (batch-1 decode: T=1 x top-6). Distinct experts per
 # block then, so no expert's weights are read twice as long as a token's k experts differ.
@@ -46,20 +46,19 @@ def align_by_expert(ids: torch.Tensor, num_experts: int, block_m: int
 
 
 @triton.jit
-def _block_ids(N: tl.constexpr, BLOCK_N: tl.constexpr):
-    """(M block, N block) of a 1-D grid, N fastest: the programs resident together share one
-    expert's rows (A) and weights (B) in L2. With M fastest, each A block was re-read from
-    DRAM once per N block (T=16384: 4.7 GB of gathered activations for the up projection)."""
+def _expert_block(Pairs, BlockExpert, W, num_pairs, num_experts, stride_we, N: tl.constexpr,
+                  K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_K: tl.constexpr, PAIR_BLOCKS: tl.constexpr):
+    """What a grouped-GEMM program works on: (rows [M] of the padded order, pair [M] (num_pairs
+    for padding), ok [M] (a real pair), output columns n [N], k offsets kk [K], k_end (0 for an
+    idle block), its expert's weights W[e]).
+
+    The 1-D grid runs N blocks fastest, so the programs resident together share one expert's
+    rows (A) and weights (B) in L2; with M fastest each A block was re-read from DRAM once per
+    N block. PAIR_BLOCKS: block p holds pair p alone and BlockExpert is the flat expert ids."""
     n_blocks: tl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
     pid = tl.program_id(0)
-    return pid // n_blocks, pid % n_blocks
-
-
-@triton.jit
-def _block_rows(Pairs, BlockExpert, pid_m, num_pairs, BLOCK_M: tl.constexpr,
-                PAIR_BLOCKS: tl.constexpr):
-    """(expert, rows [M] of the padded order, pair [M] or num_pairs for padding) of M block
-    pid_m. PAIR_BLOCKS: block p holds pair p alone and BlockExpert is the flat expert ids."""
+    pid_m, pid_n = pid // n_blocks, pid % n_blocks
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)                          # [M]
     if PAIR_BLOCKS:
         e = tl.load(BlockExpert + pid_m).to(tl.int32)
@@ -67,7 +66,12 @@ def _block_rows(Pairs, BlockExpert, pid_m, num_pairs, BLOCK_M: tl.constexpr,
     else:
         e = tl.load(BlockExpert + pid_m)
         pair = tl.load(Pairs + rows)                                        # [M]
-    return e, rows, pair
+    ok = pair < num_pairs
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)                             # [N]
+    kk = tl.arange(0, BLOCK_K)
+    k_end = tl.where(e < num_experts, K, 0)
+    w = W + tl.minimum(e, num_experts - 1).to(tl.int64) * stride_we
+    return rows, pair, ok, n, kk, k_end, w
 
 
 @triton.jit(**per_batch(ints=("num_pairs",)))
@@ -76,14 +80,10 @@ def _moe_up_kernel(X, W13, Inter, Pairs, BlockExpert, num_pairs, top_k, num_expe
                    K: tl.constexpr, I: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PAIR_BLOCKS: tl.constexpr):
     """Inter[rows, n] = silu(x @ w13[e, n].T) * (x @ w13[e, I + n].T) for one expert block."""
-    pid_m, pid_n = _block_ids(I, BLOCK_N)
-    e, rows, pair = _block_rows(Pairs, BlockExpert, pid_m, num_pairs, BLOCK_M, PAIR_BLOCKS)
-    ok = pair < num_pairs
+    rows, pair, ok, n, kk, k_end, w = _expert_block(Pairs, BlockExpert, W13, num_pairs,
+                                                    num_experts, stride_we, I, K, BLOCK_M,
+                                                    BLOCK_N, BLOCK_K, PAIR_BLOCKS)
     tok = (pair // top_k).to(tl.int64)
-    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)                             # [N]
-    kk = tl.arange(0, BLOCK_K)
-    k_end = tl.where(e < num_experts, K, 0)
-    w = W13 + tl.minimum(e, num_experts - 1).to(tl.int64) * stride_we
     a_ptr = X + tok[:, None] * stride_xt + kk[None, :]                       # [M, K]
     g_ptr = w + n[None, :] * stride_wn + kk[:, None] * stride_wk            # [K, N]
     u_ptr = g_ptr + I * stride_wn
@@ -109,13 +109,9 @@ def _moe_down_kernel(Inter, W2, Weights, Out, Pairs, BlockExpert, num_pairs, num
                      K: tl.constexpr, H: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PAIR_BLOCKS: tl.constexpr):
     """Out[pair, n] = weight[pair] * (inter[rows] @ w2[e, n].T) for one expert block."""
-    pid_m, pid_n = _block_ids(H, BLOCK_N)
-    e, rows, pair = _block_rows(Pairs, BlockExpert, pid_m, num_pairs, BLOCK_M, PAIR_BLOCKS)
-    ok = pair < num_pairs
-    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)                             # [N]
-    kk = tl.arange(0, BLOCK_K)
-    k_end = tl.where(e < num_experts, K, 0)
-    w = W2 + tl.minimum(e, num_experts - 1).to(tl.int64) * stride_we
+    rows, pair, ok, n, kk, k_end, w = _expert_block(Pairs, BlockExpert, W2, num_pairs,
+                                                    num_experts, stride_we, H, K, BLOCK_M,
+                                                    BLOCK_N, BLOCK_K, PAIR_BLOCKS)
     a_ptr = Inter + rows[:, None].to(tl.int64) * stride_it + kk[None, :]    # [M, K]
     b_ptr = w + n[None, :] * stride_wn + kk[:, None] * stride_wk            # [K, N]
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -131,14 +127,28 @@ def _moe_down_kernel(Inter, W2, Weights, Out, Pairs, BlockExpert, num_pairs, num
              (acc * wt[:, None]).to(Out.dtype.element_ty), mask=ok[:, None] & (n[None, :] < H))
 
 
-def _config(pairs_per_expert: float) -> dict:
+@dataclass(frozen=True)
+class MoeTiles:
+    """Launch shape of both grouped GEMMs: block_m (pair) rows x block_n output columns per
+    program, block_k deep steps."""
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+def moe_tiles(pairs_per_expert: float) -> MoeTiles:
+    """The default tiles by (token, expert) pairs per expert: small row blocks when experts
+    get few rows (decode), big ones for prefill; the best of `python -m scripts.kernel_bench
+    tune moe` (docs/KERNELS.md). Tiny in the interpreter."""
     if interpreting():
-        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=1)
+        return MoeTiles(block_m=16, block_n=16, block_k=16, num_warps=4, num_stages=1)
     if pairs_per_expert <= 16:
-        return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4)
+        return MoeTiles(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=4)
     if pairs_per_expert <= 48:
-        return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4)
-    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
+        return MoeTiles(block_m=32, block_n=64, block_k=128, num_warps=4, num_stages=4)
+    return MoeTiles(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3)
 
 
 @triton.jit
@@ -170,8 +180,9 @@ def sum_topk(out_pairs: torch.Tensor, t: int, k: int) -> torch.Tensor:
 
 @register("fused_moe", backend="triton", priority=PRIORITY, supports=on_cuda_half)
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
-              ids: torch.Tensor) -> torch.Tensor:
-    """x: [T, H], w13: [E, 2I, H], w2: [E, H, I], weights/ids: [T, k] -> [T, H]."""
+              ids: torch.Tensor, tiles: MoeTiles | None = None) -> torch.Tensor:
+    """x: [T, H], w13: [E, 2I, H], w2: [E, H, I], weights/ids: [T, k] -> [T, H]. tiles: None
+    for `moe_tiles`."""
     t, h = x.shape
     e, two_i, h2 = w13.shape
     inter = two_i // 2
@@ -182,8 +193,8 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: tor
     n = t * k
     if n == 0:
         return torch.zeros_like(x)
-    cfg = _config(n / e)
-    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    tiles = moe_tiles(n / e) if tiles is None else tiles
+    bm, bn, bk = tiles.block_m, tiles.block_n, tiles.block_k
     pair_blocks = n <= PAIR_BLOCKS_MAX
     if pair_blocks:   # batch-1 decode: no alignment launches; the kernels read the ids
         block_expert = ids.reshape(-1)
@@ -191,14 +202,14 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: tor
     else:
         pairs, block_expert, nb = align_by_expert(ids, e, bm)
     inter_buf = torch.empty(nb * bm, inter, dtype=x.dtype, device=x.device)   # [NB*M, I]
-    launch = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    launch = dict(num_warps=tiles.num_warps, num_stages=tiles.num_stages,
                   PAIR_BLOCKS=pair_blocks)
     _moe_up_kernel[(nb * triton.cdiv(inter, bn),)](
         x, w13, inter_buf, pairs, block_expert, n, k, e, x.stride(0), w13.stride(0),
         w13.stride(1), w13.stride(2), inter_buf.stride(0), K=h, I=inter, BLOCK_M=bm,
         BLOCK_N=bn, BLOCK_K=bk, **launch)
-    # weighted expert outputs in x's dtype (HF rounds each expert's output to it too): an fp32
-    # buffer doubled this write + read, 1.6 GB at T=16384
+    # weighted expert outputs in x's dtype (HF rounds each expert's output to it too; an fp32
+    # buffer would double this write + read)
     out_pairs = torch.empty(n, h, dtype=x.dtype, device=x.device)            # [T*k, H]
     wflat = weights.reshape(-1).float().contiguous()                          # [T*k]
     _moe_down_kernel[(nb * triton.cdiv(h, bn),)](

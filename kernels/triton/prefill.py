@@ -7,7 +7,7 @@ tokens are also in the layer's K/V inputs `[T, Hk, D]` (written to the cache jus
 row's new keys are consecutive rows there. Here the keys of a row are taken in two parts:
 
 - the cached prefix (positions < seq_len - qlen), through the page table as before
-  (attention.py's `_attn_tile`), all visible to every query of the row;
+  (paged_tiles.py's `attn_tile`), all visible to every query of the row;
 - the new tokens, whose K and V tiles are copied by host-side tensor descriptors over the
   `[T, Hk * D]` views of k_new / v_new (TMA on Hopper): one `[BLOCK_N, D]` block per tile at
   row `query_start + j`, column `kv_head * D`. Tiles wholly before the program's first query
@@ -15,22 +15,25 @@ row's new keys are consecutive rows there. Here the keys of a row are taken in t
   (a tile may run into the next row's tokens or past T, where TMA reads zeros: masked).
 
 Programs are laid out as in attention.py: BLOCK_T query tokens x G_BLK heads of one KV head
-folded into the MMA's M axis, (row, first token) from `_block_map` on the device, program ids
+folded into the MMA's M axis, (row, first token) from `block_map` on the device, program ids
 reversed so the longest programs start first. Head dims must be powers of two >= 16 (the
-descriptor blocks are exact); `contiguous_ok` says when this kernel applies.
+descriptor blocks are exact); `contiguous_ok` says when this kernel applies. The cached prefix
+is gathered a little slower than by the generic kernel, so the op takes this kernel only for
+batches of mostly new tokens (attention_ops.CONTIGUOUS_MIN_NEW).
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from kernels.triton.attention import BATCH_META, _attn_tile, _block_map, _extend_block
 from kernels.triton.common import (check, has_tma, interpreting, next_pow2, per_batch,
                                    pow2_dim, tma_rows_ok)
+from kernels.triton.paged_tiles import BATCH_META, attn_tile, block_map, extend_block
 
 
 @triton.jit
@@ -66,7 +69,7 @@ def _prefill_kernel(
     BLOCK_M: tl.constexpr = BLOCK_T * G_BLK
     pid_q, pid_h = tl.program_id(0), tl.program_id(1)
     kvh, hb = pid_h // N_HBLK, pid_h % N_HBLK
-    valid, b, t0, q_start, qlen = _extend_block(pid_q, BlockBatch, BlockTok, QueryStart)
+    valid, b, t0, q_start, qlen = extend_block(pid_q, BlockBatch, BlockTok, QueryStart)
     prefix = tl.where(valid, tl.load(SeqLens + b) - qlen, 0)  # cached keys before the new ones
     n_new = tl.minimum(t0 + BLOCK_T, qlen)                # new keys this program's rows may see
     r = tl.arange(0, BLOCK_M)
@@ -86,17 +89,15 @@ def _prefill_kernel(
     pos = prefix + t_rel                                                  # [M] query position
     full_pre = prefix // BLOCK_N * BLOCK_N
     for n0 in range(0, full_pre, BLOCK_N):
-        acc, m_i, l_i = _attn_tile(acc, m_i, l_i, q, q, KCache, KCache, VCache, pt, n0,
-                                   prefix, pos, kvh, page_size, stride_ks, stride_kh,
-                                   stride_ks, stride_kh, stride_vs, stride_vh, scale_log2,
-                                   D, D, DV, D, D, DV, BLOCK_N, False, False, False, False,
-                                   True)
+        acc, m_i, l_i = attn_tile(acc, m_i, l_i, q, q, KCache, KCache, VCache, pt, n0,
+                                  prefix, pos, kvh, page_size, stride_ks, stride_kh,
+                                  stride_ks, stride_kh, stride_vs, stride_vh, scale_log2,
+                                  D, D, DV, D, D, DV, BLOCK_N, False, False, False, True)
     for n0 in range(full_pre, prefix, BLOCK_N):
-        acc, m_i, l_i = _attn_tile(acc, m_i, l_i, q, q, KCache, KCache, VCache, pt, n0,
-                                   prefix, pos, kvh, page_size, stride_ks, stride_kh,
-                                   stride_ks, stride_kh, stride_vs, stride_vh, scale_log2,
-                                   D, D, DV, D, D, DV, BLOCK_N, False, False, True, False,
-                                   True)
+        acc, m_i, l_i = attn_tile(acc, m_i, l_i, q, q, KCache, KCache, VCache, pt, n0,
+                                  prefix, pos, kvh, page_size, stride_ks, stride_kh,
+                                  stride_ks, stride_kh, stride_vs, stride_vh, scale_log2,
+                                  D, D, DV, D, D, DV, BLOCK_N, False, False, True, True)
     # the new tokens: contiguous rows q_start + j of k_new / v_new
     full_new = (t0 + 1) // BLOCK_N * BLOCK_N           # tiles every row sees whole
     for j0 in tl.range(0, full_new, BLOCK_N):
@@ -137,26 +138,31 @@ def contiguous_ok(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor) -> 
     return has_tma(k_new)
 
 
-def _config() -> dict:
-    """Tiles of the GQA prefill (BLOCK_M = BLOCK_T x G_BLK query rows); tiny in the
-    interpreter. The best of `scripts/bench_kernels.py --tune-prefill` on an H200 at 8K and
-    16K (256 rows x 64 keys, 8 warps, 3 stages: 458 / 476 TFLOP/s; 128-key tiles and 4 warps
-    were slower or over the shared-memory limit)."""
+@dataclass(frozen=True)
+class PrefillTiles:
+    """Launch shape of the prefill kernel: `rows` query rows per program (tokens x heads of one
+    KV head, powers of two), block_n keys per tile."""
+    rows: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+def prefill_tiles() -> PrefillTiles:
+    """The default tiles (the best of `python -m scripts.kernel_bench tune prefill` on an H200
+    at 8K and 16K; docs/KERNELS.md); tiny in the interpreter."""
     if interpreting():
-        return dict(rows=16, BLOCK_N=16, num_warps=4, num_stages=2)
-    return dict(rows=256, BLOCK_N=64, num_warps=8, num_stages=3)
+        return PrefillTiles(rows=16, block_n=16, num_warps=4, num_stages=2)
+    return PrefillTiles(rows=256, block_n=64, num_warps=8, num_stages=3)
 
 
 def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                       k_new: torch.Tensor, v_new: torch.Tensor, page_table: torch.Tensor,
                       query_start: torch.Tensor, seq_lens: torch.Tensor, page_size: int,
-                      scale: float, rows: int | None = None, block_n: int | None = None,
-                      num_warps: int | None = None, num_stages: int | None = None
-                      ) -> torch.Tensor:
+                      scale: float, tiles: PrefillTiles | None = None) -> torch.Tensor:
     """q: [T, Hq, D]; caches [S, Hk, D] / [S, Hk, DV] (holding each row's prefix); k_new /
     v_new: [T, Hk, D] / [T, Hk, DV], the new tokens' keys and values (row t of the batch's
-    query tokens) -> [T, Hq, DV], causal. Tuning knobs (None: `_config`): rows (query rows per
-    program, tokens x heads), block_n (keys per tile), num_warps, num_stages."""
+    query tokens) -> [T, Hq, DV], causal. tiles: None for `prefill_tiles`."""
     t, hq, d = q.shape
     hk, dv = k_new.shape[1], v_new.shape[-1]
     check(hq % hk == 0, f"query heads {hq} not a multiple of kv heads {hk}")
@@ -167,9 +173,8 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     check(page_table.dim() == 2 and seq_lens.shape[0] == page_table.shape[0]
           and query_start.shape[0] == seq_lens.shape[0] + 1,
           "page_table [B, P], seq_lens [B], query_start [B+1] expected")
-    cfg = _config()
-    rows = cfg["rows"] if rows is None else rows
-    block_n = cfg["BLOCK_N"] if block_n is None else block_n
+    tiles = prefill_tiles() if tiles is None else tiles
+    rows, block_n = tiles.rows, tiles.block_n
     group = hq // hk
     g_blk = min(next_pow2(group), rows)
     block_t = rows // g_blk
@@ -178,7 +183,7 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     out = torch.empty(t, hq, dv, dtype=q.dtype, device=q.device)            # [T, Hq, DV]
     if t == 0:
         return out
-    bb, bt, nb = _block_map(query_start, t, block_t)
+    bb, bt, nb = block_map(query_start, t, block_t)
     n_hblk = triton.cdiv(group, g_blk)
     (ks, kst), (vs, vst) = _rows_view(k_new), _rows_view(v_new)
     desc_k = TensorDescriptor(k_new, ks, kst, [block_n, d])
@@ -189,6 +194,5 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0),
         v_cache.stride(1), out.stride(0), out.stride(1), page_table.stride(0),
         D=d, DV=dv, G_BLK=g_blk, BLOCK_T=block_t, BLOCK_N=block_n, N_HBLK=n_hblk,
-        num_warps=cfg["num_warps"] if num_warps is None else num_warps,
-        num_stages=cfg["num_stages"] if num_stages is None else num_stages)
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     return out

@@ -10,9 +10,41 @@ import triton
 import triton.language as tl
 
 from kernels.registry import register
-from kernels.triton.common import check, next_pow2, on_cuda, per_batch
+from kernels.triton.common import PRIORITY, check, next_pow2, on_cuda, per_batch
 
-PRIORITY = 10
+
+@triton.jit
+def _rotate_heads(X, tok, stride_t, stride_h, num_heads, d, cos, sin, partner, first, rot,
+                  D: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Token tok's heads of X rotated, fp32 [BLOCK_H, BLOCK_D], and the mask of their real
+    elements: x*cos + sign*x[partner]*sin on the rotated dims (rot), x elsewhere."""
+    h = tl.arange(0, BLOCK_H)
+    ok = (h[:, None] < num_heads) & (d[None, :] < D)
+    base = X + tok * stride_t + h[:, None] * stride_h
+    x = tl.load(base + d[None, :], mask=ok, other=0.0).to(tl.float32)                 # [H, D]
+    xp = tl.load(base + partner[None, :], mask=ok & rot[None, :], other=0.0).to(tl.float32)
+    xp = tl.where(first[None, :], -xp, xp)
+    return tl.where(rot[None, :], x * cos[None, :] + xp * sin[None, :], x), ok
+
+
+@triton.jit
+def _store_heads(Base, row, stride_s, stride_h, x, ok, BLOCK_H: tl.constexpr,
+                 BLOCK_D: tl.constexpr):
+    """x [BLOCK_H, BLOCK_D] -> Base[row, h, d] where ok, in Base's dtype."""
+    h = tl.arange(0, BLOCK_H)
+    d = tl.arange(0, BLOCK_D)
+    tl.store(Base + row * stride_s + h[:, None] * stride_h + d[None, :],
+             x.to(Base.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _load_heads(X, tok, stride_t, stride_h, num_heads, D: tl.constexpr, BLOCK_H: tl.constexpr,
+                BLOCK_D: tl.constexpr):
+    """Token tok's heads of X, [BLOCK_H, BLOCK_D] in X's dtype, and the mask of real ones."""
+    h = tl.arange(0, BLOCK_H)
+    d = tl.arange(0, BLOCK_D)
+    ok = (h[:, None] < num_heads) & (d[None, :] < D)
+    return tl.load(X + tok * stride_t + h[:, None] * stride_h + d[None, :], mask=ok), ok
 
 
 @triton.jit(**per_batch(pointers=("Pos", "Slots")))
@@ -38,34 +70,18 @@ def _rope_kv_kernel(Q, K, V, Pos, CosSin, QOut, KOut, KCache, VCache, Slots,
     pos = tl.load(Pos + tok).to(tl.int64)
     cos = tl.load(CosSin + pos * stride_cs + freq, mask=rot, other=1.0).to(tl.float32)   # [D]
     sin = tl.load(CosSin + pos * stride_cs + half + freq, mask=rot, other=0.0).to(tl.float32)
-    hq = tl.arange(0, BLOCK_HQ)
-    qok = (hq[:, None] < HQ) & (d[None, :] < D)
-    qb = Q + tok * stride_qt + hq[:, None] * stride_qh
-    q = tl.load(qb + d[None, :], mask=qok, other=0.0).to(tl.float32)                  # [HQ, D]
-    qp = tl.load(qb + partner[None, :], mask=qok & rot[None, :], other=0.0).to(tl.float32)
-    qp = tl.where(first[None, :], -qp, qp)
-    q = tl.where(rot[None, :], q * cos[None, :] + qp * sin[None, :], q)
-    tl.store(QOut + tok * stride_qot + hq[:, None] * stride_qoh + d[None, :],
-             q.to(QOut.dtype.element_ty), mask=qok)
-    hk = tl.arange(0, BLOCK_HK)
-    kok = (hk[:, None] < HK) & (d[None, :] < D)
-    kb = K + tok * stride_kt + hk[:, None] * stride_kh
-    k = tl.load(kb + d[None, :], mask=kok, other=0.0).to(tl.float32)                  # [HK, D]
-    kp = tl.load(kb + partner[None, :], mask=kok & rot[None, :], other=0.0).to(tl.float32)
-    kp = tl.where(first[None, :], -kp, kp)
-    k = tl.where(rot[None, :], k * cos[None, :] + kp * sin[None, :], k)
-    tl.store(KOut + tok * stride_kot + hk[:, None] * stride_koh + d[None, :],
-             k.to(KOut.dtype.element_ty), mask=kok)
+    q, qok = _rotate_heads(Q, tok, stride_qt, stride_qh, HQ, d, cos, sin, partner, first, rot,
+                           D, BLOCK_HQ)
+    _store_heads(QOut, tok, stride_qot, stride_qoh, q, qok, BLOCK_HQ, BLOCK_D)
+    k, kok = _rotate_heads(K, tok, stride_kt, stride_kh, HK, d, cos, sin, partner, first, rot,
+                           D, BLOCK_HK)
+    _store_heads(KOut, tok, stride_kot, stride_koh, k, kok, BLOCK_HK, BLOCK_D)
     if STORE:
         slot = tl.load(Slots + tok).to(tl.int64)
         if slot >= 0:
-            tl.store(KCache + slot * stride_kcs + hk[:, None] * stride_kch + d[None, :],
-                     k.to(KCache.dtype.element_ty), mask=kok)
-            dv = tl.arange(0, BLOCK_DV)
-            vok = (hk[:, None] < HK) & (dv[None, :] < DV)
-            v = tl.load(V + tok * stride_vt + hk[:, None] * stride_vh + dv[None, :], mask=vok)
-            tl.store(VCache + slot * stride_vcs + hk[:, None] * stride_vch + dv[None, :],
-                     v.to(VCache.dtype.element_ty), mask=vok)
+            _store_heads(KCache, slot, stride_kcs, stride_kch, k, kok, BLOCK_HK, BLOCK_D)
+            v, vok = _load_heads(V, tok, stride_vt, stride_vh, HK, DV, BLOCK_HK, BLOCK_DV)
+            _store_heads(VCache, slot, stride_vcs, stride_vch, v, vok, BLOCK_HK, BLOCK_DV)
 
 
 def _launch(q, k, v, positions, cos_sin, rotary_dim, is_neox, k_cache, v_cache, slots,
@@ -118,17 +134,10 @@ def _store_kv_kernel(K, V, KCache, VCache, Slots, stride_kt, stride_kh, stride_v
     tok = tl.program_id(0).to(tl.int64)
     slot = tl.load(Slots + tok).to(tl.int64)
     if slot >= 0:
-        h = tl.arange(0, BLOCK_HK)
-        d = tl.arange(0, BLOCK_D)
-        kok = (h[:, None] < HK) & (d[None, :] < D)
-        k = tl.load(K + tok * stride_kt + h[:, None] * stride_kh + d[None, :], mask=kok)
-        tl.store(KCache + slot * stride_kcs + h[:, None] * stride_kch + d[None, :],
-                 k.to(KCache.dtype.element_ty), mask=kok)
-        dv = tl.arange(0, BLOCK_DV)
-        vok = (h[:, None] < HK) & (dv[None, :] < DV)
-        v = tl.load(V + tok * stride_vt + h[:, None] * stride_vh + dv[None, :], mask=vok)
-        tl.store(VCache + slot * stride_vcs + h[:, None] * stride_vch + dv[None, :],
-                 v.to(VCache.dtype.element_ty), mask=vok)
+        k, kok = _load_heads(K, tok, stride_kt, stride_kh, HK, D, BLOCK_HK, BLOCK_D)
+        _store_heads(KCache, slot, stride_kcs, stride_kch, k, kok, BLOCK_HK, BLOCK_D)
+        v, vok = _load_heads(V, tok, stride_vt, stride_vh, HK, DV, BLOCK_HK, BLOCK_DV)
+        _store_heads(VCache, slot, stride_vcs, stride_vch, v, vok, BLOCK_HK, BLOCK_DV)
 
 
 @register("store_kv", backend="triton", priority=PRIORITY, supports=on_cuda)

@@ -24,16 +24,13 @@ import triton.language as tl
 
 from kernels.reference.moe import router_logits as reference_router_logits
 from kernels.registry import register
-from kernels.triton.common import check, next_pow2, on_cuda
+from kernels.triton.common import PRIORITY, check, next_pow2, on_cuda
 
-PRIORITY = 10
 MAX_EXPERTS = 1024
-
-
 ROUTER_ROWS_MAX = 64       # more tokens: the reference's fp32 GEMM
 # gate elements one program loads at a time (BLOCK_E x BLOCK_K): 2048 gives DeepSeek-V2-Lite's
-# [64, 2048] gate one expert per program, 64 programs (4 experts each: 16 programs, 6.6 us on
-# an H200, no faster than the reference's three launches)
+# [64, 2048] gate one expert per program, 64 programs (fewer, wider programs were no faster
+# than the reference: docs/KERNELS.md, "Router logits")
 ROUTER_TILE_ELEMS = 2048
 
 

@@ -15,6 +15,8 @@ filter reduce the chunk bests.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -23,9 +25,8 @@ from kernels.reference.sample import GOLDEN as _GOLDEN
 from kernels.reference.sample import MUL_A as _MUL_A
 from kernels.reference.sample import MUL_B as _MUL_B
 from kernels.registry import register
-from kernels.triton.common import interpreting, next_pow2, on_cuda, per_batch
+from kernels.triton.common import PRIORITY, interpreting, next_pow2, on_cuda, per_batch
 
-PRIORITY = 10
 ROW_PARAMS = ("Temp", "TopK", "TopP", "Seeds", "Pos")   # per-row views of one packed copy
 # the hash constants of the reference, as constexpr globals Triton may read
 MUL_A = tl.constexpr(_MUL_A)
@@ -275,15 +276,27 @@ def _sample_finish_kernel(Logits, Temp, TopK, TopP, Seeds, Pos, CandV, CandI, Be
     tl.store(Out + row, tok.to(tl.int32))
 
 
-def _sizes() -> tuple[int, int]:
-    """(CHUNK, KCAP): vocabulary chunk per stage-1 program, top-k candidate cap."""
-    return (64, 64) if interpreting() else (4096, 128)
+@dataclass(frozen=True)
+class SampleSizes:
+    """chunk: vocabulary tokens per stage-1 program; kcap: top-k candidates kept per chunk
+    (top-k above it streams the row); block_v: tokens per pass of a streamed row."""
+    chunk: int
+    kcap: int
+    block_v: int
+
+
+def sample_sizes() -> SampleSizes:
+    """The defaults; small in the interpreter."""
+    if interpreting():
+        return SampleSizes(chunk=64, kcap=64, block_v=128)
+    return SampleSizes(chunk=4096, kcap=128, block_v=2048)
 
 
 @register("sample", backend="triton", priority=PRIORITY, supports=on_cuda)
 def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
-           top_p: torch.Tensor, seeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """logits: [B, V] float32 -> tokens [B] int32."""
+           top_p: torch.Tensor, seeds: torch.Tensor, positions: torch.Tensor,
+           sizes: SampleSizes | None = None) -> torch.Tensor:
+    """logits: [B, V] float32 -> tokens [B] int32. sizes: None for `sample_sizes`."""
     b, v = logits.shape
     logits = logits.float()
     if logits.stride(1) != 1:
@@ -291,7 +304,8 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
     out = torch.empty(b, dtype=torch.int32, device=logits.device)
     if b == 0:
         return out
-    chunk, kcap = _sizes()
+    sizes = sample_sizes() if sizes is None else sizes
+    chunk, kcap = sizes.chunk, sizes.kcap
     nc = triton.cdiv(v, chunk)
     dev = logits.device
     cand_v = torch.empty(b, nc * kcap, dtype=torch.float32, device=dev)      # [B, NC*KCAP]
@@ -306,5 +320,5 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
                                   num_warps=8)
     _sample_finish_kernel[(b,)](*args, out, logits.stride(0), v, nc, KCAP=kcap,
                                 NCAND=next_pow2(nc * kcap), BLOCK_NC=max(2, next_pow2(nc)),
-                                BLOCK_V=128 if interpreting() else 2048, num_warps=8)
+                                BLOCK_V=sizes.block_v, num_warps=8)
     return out

@@ -26,10 +26,13 @@ from kernels.triton import attention as A  # noqa: E402
 from kernels.triton import elementwise as E  # noqa: E402
 from kernels.triton import mla_decode as MD  # noqa: E402
 from kernels.triton import moe as M  # noqa: E402
+from kernels.triton import paged_tiles as PT  # noqa: E402
 from kernels.triton import prefill as P  # noqa: E402
 from kernels.triton import rope_kv as RK  # noqa: E402
 from kernels.triton import route as RT  # noqa: E402
 from kernels.triton import sample as S  # noqa: E402
+from kernels.triton import split_kv as SK  # noqa: E402
+from kernels.triton.common import next_pow2  # noqa: E402
 
 pytestmark = pytest.mark.slow  # spawns processes / > 5 s: skipped by -m 'not slow'
 
@@ -82,25 +85,25 @@ BF, F32, I32, I64 = torch.bfloat16, torch.float32, torch.int32, torch.int64
 
 
 def check_attention() -> None:
-    """GQA and MLA, decode (split-KV + merge) and extend, with the default tiles; and the
-    decompressed MLA prefill (mla_prefill: 16 heads of 128 + shared 64 rope dims, values
-    128, on the GQA extend tiles of group 1)."""
+    """GQA and MLA, decode (split-KV + merge) and extend, with the default tiles (the paged
+    tile step and the extend block map of paged_tiles.py, the split range of split_kv.py
+    inlined); and the decompressed MLA prefill (mla_prefill: 16 heads of 128 + shared 64 rope
+    dims, values 128, on the GQA extend tiles of group 1)."""
     for decode in (True, False):
         for mla in (False, True):
             _attention(decode, mla)
-    cfg = A._config(False, False, 1)
+    tiles = A.attention_tiles(False, False, 1)
     args = {n: BF for n in ("Q1", "Q2", "K1", "K2", "V", "Out", "PartO", "PartL")}
     args.update(PageTable=I32, QueryStart=I32, SeqLens=I32, BlockBatch=I32, BlockTok=I32,
                 scale_log2=0.1, page_size=1, group=1, min_split_len=64, stride_k2h=0)
     cex = dict(D1=128, D2=64, DV=128, BLOCK_D1=128, BLOCK_D2=64, BLOCK_DV=128,
-               G_BLK=cfg["G_BLK"], BLOCK_T=cfg["BLOCK_T"], BLOCK_N=cfg["BLOCK_N"], N_HBLK=1,
-               SPLIT=False, HAS_D2=True, SHARED_V=False, DECODE=False, TRANS=False,
-               EVEN_D=True)
-    compile_sm90(A._paged_attn_kernel, args, cex, cfg["num_warps"], cfg["num_stages"])
+               G_BLK=tiles.g_blk, BLOCK_T=tiles.block_t, BLOCK_N=tiles.block_n, N_HBLK=1,
+               SPLIT=False, HAS_D2=True, SHARED_V=False, DECODE=False, EVEN_D=True)
+    compile_sm90(A._paged_attn_kernel, args, cex, tiles.num_warps, tiles.num_stages)
 
 
 def _attention(decode: bool, mla: bool) -> None:
-    cfg = A._config(decode, mla, 16 if mla else 4)
+    tiles = A.attention_tiles(decode, mla, 16 if mla else 4)
     splits = 8 if decode else 1
     args = {n: BF for n in ("Q1", "Q2", "K1", "K2", "V", "Out")}
     args.update(PartO=F32 if splits > 1 else BF, PartL=F32 if splits > 1 else BF,
@@ -108,16 +111,15 @@ def _attention(decode: bool, mla: bool) -> None:
                 scale_log2=0.1, page_size=16, group=4, min_split_len=64)
     d1, d2 = (512, 64) if mla else (128, 0)
     cex = dict(D1=d1, D2=d2, DV=d1, BLOCK_D1=d1, BLOCK_D2=max(16, d2), BLOCK_DV=d1,
-               G_BLK=cfg["G_BLK"], BLOCK_T=cfg["BLOCK_T"], BLOCK_N=cfg["BLOCK_N"], N_HBLK=1,
-               SPLIT=splits > 1, HAS_D2=mla, SHARED_V=mla, DECODE=decode,
-               TRANS=cfg.get("TRANS", False), EVEN_D=True)
-    compile_sm90(A._paged_attn_kernel, args, cex, cfg["num_warps"], cfg["num_stages"])
+               G_BLK=tiles.g_blk, BLOCK_T=tiles.block_t, BLOCK_N=tiles.block_n, N_HBLK=1,
+               SPLIT=splits > 1, HAS_D2=mla, SHARED_V=mla, DECODE=decode, EVEN_D=True)
+    compile_sm90(A._paged_attn_kernel, args, cex, tiles.num_warps, tiles.num_stages)
     # merge tiles: many rows (wide column blocks), and batch 1 (narrow blocks, 256 splits)
     for block_dv, splits in ((128, 8), (16, 256)):
-        compile_sm90(A._merge_splits_kernel, dict(PartO=F32, PartL=F32, Out=BF),
-                     dict(DV=d1, BLOCK_DV=block_dv, BLOCK_S=max(A.MERGE_MIN_SPLITS, splits),
-                          CHUNK_S=min(max(A.MERGE_MIN_SPLITS, splits),
-                                      A.MERGE_TILE_ELEMS // block_dv)), 4, 1)
+        compile_sm90(SK._merge_splits_kernel, dict(PartO=F32, PartL=F32, Out=BF),
+                     dict(DV=d1, BLOCK_DV=block_dv, BLOCK_S=max(SK.MAX_DECODE_SPLITS, splits),
+                          CHUNK_S=min(max(SK.MAX_DECODE_SPLITS, splits),
+                                      SK.MERGE_TILE_ELEMS // block_dv)), 4, 1)
 
 
 def check_mla_chunked() -> None:
@@ -147,15 +149,15 @@ def check_mla_chunked() -> None:
 def check_prefill() -> None:
     """The contiguous-K/V prefill at its default tiles (Llama-3.1-8B: group 4, d 128: 64
     tokens x 4 heads, 64-key tiles, 8 warps, 3 stages) and an MHA / 128-row variant."""
-    cfg = P._config()
-    for group, rows, block_n in ((4, cfg["rows"], cfg["BLOCK_N"]), (1, 128, 128)):
+    tiles = P.prefill_tiles()
+    for group, rows, block_n in ((4, tiles.rows, tiles.block_n), (1, 128, 128)):
         desc = f"tensordesc<bf16[{block_n}, 128]>"
         args = dict(Q=BF, KCache=BF, VCache=BF, DescK=desc, DescV=desc, Out=BF, PageTable=I32,
                     QueryStart=I32, SeqLens=I32, BlockBatch=I32, BlockTok=I32,
                     scale_log2=0.1, page_size=16, group=group)
         compile_sm90(P._prefill_kernel, args,
                      dict(D=128, DV=128, G_BLK=group, BLOCK_T=rows // group, BLOCK_N=block_n,
-                          N_HBLK=1), cfg["num_warps"], cfg["num_stages"])
+                          N_HBLK=1), tiles.num_warps, tiles.num_stages)
 
 
 def _row_kernels() -> None:
@@ -187,32 +189,36 @@ def check_moe() -> None:
                           RENORM=not softmax), 1 if e <= 256 else 4, 1)
     # the router's logits: V2-Lite (64 experts x 2048) and V3 (256 x 7168) gates
     for e, h in ((64, 2048), (256, 7168)):
-        block_k = min(RT.next_pow2(h), RT.ROUTER_TILE_ELEMS)
+        block_k = min(next_pow2(h), RT.ROUTER_TILE_ELEMS)
         compile_sm90(RT._router_logits_kernel, dict(X=BF, W=F32, Out=F32),
                      dict(H=h, E=e, BLOCK_E=RT.ROUTER_TILE_ELEMS // block_k, BLOCK_K=block_k),
                      4, 1)
 
 
 def _moe(ppe: float, pair_blocks: bool) -> None:
-    cfg = M._config(ppe)
-    tiles = dict({k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")},
-                 PAIR_BLOCKS=pair_blocks)
+    tiles = M.moe_tiles(ppe)
+    cex = dict(BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
+               PAIR_BLOCKS=pair_blocks)
     common = dict(Pairs=I32, BlockExpert=I32, num_pairs=6, top_k=6, num_experts=64)
     compile_sm90(M._moe_up_kernel, dict(common, X=BF, W13=BF, Inter=BF),
-                 dict(K=2048, I=1408, **tiles), cfg["num_warps"], cfg["num_stages"])
+                 dict(K=2048, I=1408, **cex), tiles.num_warps, tiles.num_stages)
     compile_sm90(M._moe_down_kernel, dict(common, Inter=BF, W2=BF, Weights=F32, Out=BF),
-                 dict(K=1408, H=2048, **tiles), cfg["num_warps"], cfg["num_stages"])
+                 dict(K=1408, H=2048, **cex), tiles.num_warps, tiles.num_stages)
     compile_sm90(M._sum_topk_kernel, dict(Pairs=BF, Out=BF),
                  dict(TOP_K=6, H=2048, BLOCK_H=M.SUM_BLOCK_H), 4, 1)
 
 
 def _sample() -> None:
+    """Llama-3's vocabulary (128256) at the default sizes."""
+    sizes = S.sample_sizes()
+    nc = -(-128256 // sizes.chunk)
     args = dict(Logits=F32, Temp=F32, TopK=I32, TopP=F32, Seeds=I64, Pos=I64, CandV=F32,
                 CandI=I32, BestV=F32, BestI=I32, ChunkZ=F32, Overflow=I32, Out=I32,
-                stride_l=128256, V=128256, NC=32)
-    compile_sm90(S._sample_chunk_kernel, args, dict(CHUNK=4096, KCAP=128), 8, 1)
+                stride_l=128256, V=128256, NC=nc)
+    compile_sm90(S._sample_chunk_kernel, args, dict(CHUNK=sizes.chunk, KCAP=sizes.kcap), 8, 1)
     compile_sm90(S._sample_finish_kernel, args,
-                 dict(KCAP=128, NCAND=4096, BLOCK_NC=32, BLOCK_V=2048), 8, 1)
+                 dict(KCAP=sizes.kcap, NCAND=next_pow2(nc * sizes.kcap),
+                      BLOCK_NC=next_pow2(nc), BLOCK_V=sizes.block_v), 8, 1)
 
 
 def check_rows_and_sample() -> None:
@@ -230,11 +236,11 @@ def check_per_batch() -> None:
         assert all(params[n].do_not_specialize for n in ints), (kernel, ints)
         assert all(params[n].do_not_specialize_on_alignment for n in pointers), (kernel, pointers)
 
-    unspecialized(A._paged_attn_kernel, A.SPLIT_INTS + ("stride_pt",), A.BATCH_META)
-    unspecialized(A._merge_splits_kernel, A.SPLIT_INTS)
-    unspecialized(MD._mla_decode_chunked_kernel, A.SPLIT_INTS + ("stride_pt",),
+    unspecialized(A._paged_attn_kernel, SK.SPLIT_INTS + ("stride_pt",), PT.BATCH_META)
+    unspecialized(SK._merge_splits_kernel, SK.SPLIT_INTS)
+    unspecialized(MD._mla_decode_chunked_kernel, SK.SPLIT_INTS + ("stride_pt",),
                   ("PageTable", "SeqLens"))
-    unspecialized(P._prefill_kernel, ("stride_pt",), A.BATCH_META)
+    unspecialized(P._prefill_kernel, ("stride_pt",), PT.BATCH_META)
     unspecialized(M._moe_up_kernel, ("num_pairs",))
     unspecialized(M._moe_down_kernel, ("num_pairs",))
     unspecialized(RK._rope_kv_kernel, (), ("Pos", "Slots"))

@@ -61,7 +61,6 @@ def test_entry_point_plugin_is_loaded_and_selected(tmp_path):
         kernels.set_overrides({"rms_norm": "demo_plugin"})
         assert kernels.select("rms_norm", device="cpu", dtype=torch.float32, demo=True) is fn
     finally:
-        kernels.set_overrides({})
         kernels.unregister("rms_norm", "demo_plugin")
         kernels.unregister("silu_and_mul", "demo_factory")
         sys.path.remove(str(tmp_path))

@@ -6,6 +6,7 @@ positions (as the model writes them just before attending), so the reference, wh
 the cache, is the ground truth: cached prefixes of 0 to 3 pages plus a partial one, rows with no
 new tokens, new-token runs of 1 to 3 tiles with partial tiles, GQA groups 1 to 8, and K/V given
 as views of one packed qkv tensor (row stride wider than the heads)."""
+import dataclasses
 import os
 
 import pytest
@@ -21,7 +22,7 @@ if DEV == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
     pytest.skip("no GPU and TRITON_INTERPRET unset", allow_module_level=True)
 
 from kernels.triton import attention_ops as A  # noqa: E402
-from kernels.triton.prefill import contiguous_ok, prefill_attention  # noqa: E402
+from kernels.triton.prefill import contiguous_ok, prefill_attention, prefill_tiles  # noqa: E402
 
 TOL = 1e-4 if DEV == "cpu" else 2e-2   # interpreter computes in fp32; the GPU dot in bf16
 
@@ -90,7 +91,8 @@ def test_wider_tiles_and_more_rows_per_program():
                                                     seed=1)
     ref = R.extend_attention(q, kc, vc, table, qs, sl, 8, 0.25)
     for kw in (dict(block_n=32), dict(rows=32), dict(rows=32, block_n=32)):
-        out = prefill_attention(q, kc, vc, k_new, v_new, table, qs, sl, 8, 0.25, **kw)
+        tiles = dataclasses.replace(prefill_tiles(), **kw)
+        out = prefill_attention(q, kc, vc, k_new, v_new, table, qs, sl, 8, 0.25, tiles=tiles)
         assert rel_err(out, ref) < TOL
 
 

@@ -32,7 +32,6 @@ def fake_op():
     yield calls
     for b in ("slow", "fast", "picky"):
         kernels.unregister(OP, b)
-    kernels.set_overrides({})
 
 
 def test_highest_priority_supported_wins(fake_op):

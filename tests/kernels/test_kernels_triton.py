@@ -1,6 +1,7 @@
 """Triton kernels against the torch reference on random inputs of several tiny shapes.
 
 Without a GPU they run through Triton's CPU interpreter (TRITON_INTERPRET=1, set in conftest)."""
+import dataclasses
 import os
 
 import pytest
@@ -150,17 +151,40 @@ def test_extend_split_kv(splits):
 
 
 def test_extend_split_rule():
-    """Launches split to at most EXTEND_WAVE programs per SM (floor), each split at least
-    MIN_SPLIT_TILES tiles and at most MAX_EXTEND_SPLITS; from EXTEND_WAVE / 2 programs per SM
-    up they stay whole."""
-    from kernels.triton import attention as T
-    cpu, sms = torch.device("cpu"), 4                  # num_sms of the interpreter
-    slots = int(T.EXTEND_WAVE * sms)                   # 5
-    assert T._extend_splits(slots // 2 + 1, 1 << 20, 64, cpu) == 1
-    assert T._extend_splits(2, 1 << 20, 64, cpu) == slots // 2
-    assert T._extend_splits(1, 1 << 20, 64, cpu) == min(slots, T.MAX_EXTEND_SPLITS)
-    assert T._extend_splits(1, 3 * T.MIN_SPLIT_TILES * 64, 64, cpu) == 3
-    assert T._extend_splits(1, 64, 64, cpu) == 1
+    """Launches split to at most extend_wave programs per SM (floor), each split at least
+    min_split_tiles tiles and at most max_extend_splits; from extend_wave / 2 programs per SM
+    up they stay whole. A sizing with extend_wave 0 never splits."""
+    from kernels.triton.split_kv import SplitSizing
+    sizing, cpu, sms = SplitSizing(), torch.device("cpu"), 4   # num_sms of the interpreter
+    slots = int(sizing.extend_wave * sms)                       # 5
+    assert sizing.extend_splits(slots // 2 + 1, 1 << 20, 64, cpu) == 1
+    assert sizing.extend_splits(2, 1 << 20, 64, cpu) == slots // 2
+    assert sizing.extend_splits(1, 1 << 20, 64, cpu) == min(slots, sizing.max_extend_splits)
+    assert sizing.extend_splits(1, 3 * sizing.min_split_tiles * 64, 64, cpu) == 3
+    assert sizing.extend_splits(1, 64, 64, cpu) == 1
+    assert SplitSizing(extend_wave=0).extend_splits(1, 1 << 20, 64, cpu) == 1
+
+
+def test_paged_attention_takes_its_tuning_as_arguments():
+    """Tiles and split sizing given per call (as the benchmark's sweeps give them) serve
+    decode and extend: tiles other than the defaults, a sizing that splits decode more; a
+    key tile that is not a power of two is refused, so the tiles given are the tiles used."""
+    from kernels.triton.attention import AttentionTiles, paged_attention
+    from kernels.triton.split_kv import SplitSizing
+    seq_lens, qlens, page_size = [40, 23], [9, 23], 4
+    table, kc, vc, sl = _paged(seq_lens, page_size, 2, 16, 16)
+    qs = torch.tensor([0, 9, 32], dtype=torch.int32, device=DEV)
+    q = rnd(32, 4, 16)
+    tiles = AttentionTiles(g_blk=4, block_t=4, block_n=32, num_warps=4, num_stages=1)
+    out = paged_attention(q, None, kc, None, vc, table, qs, sl, page_size, 0.3, tiles=tiles)
+    assert rel_err(out, R.extend_attention(q, kc, vc, table, qs, sl, page_size, 0.3)) < TOL
+    with pytest.raises(Exception, match="power of 2"):
+        paged_attention(q, None, kc, None, vc, table, qs, sl, page_size, 0.3,
+                        tiles=dataclasses.replace(tiles, block_n=24))
+    qd = rnd(2, 4, 16)
+    out = paged_attention(qd, None, kc, None, vc, table, None, sl, page_size, 0.3,
+                          sizing=SplitSizing(gqa_splits_per_sm=16))
+    assert rel_err(out, R.decode_attention(qd, kc, vc, table, sl, page_size, 0.3)) < TOL
 
 
 @pytest.mark.parametrize("heads,page_size,splits", [(4, 4, None), (16, 1, 3), (20, 16, 1)])
@@ -248,16 +272,20 @@ def test_sample_matches_reference_exactly():
     assert torch.equal(got, R.sample(logits, temp, top_k, top_p, seeds, pos))
 
 
+# chunks of 128 tokens with 32 candidate slots each: rows of a few chunks exercise the limits
+SMALL_SAMPLE = dict(chunk=128, kcap=32)
+
+
 @pytest.mark.slow
-def test_sample_top_p_alone_on_candidates_and_streamed(monkeypatch):
+def test_sample_top_p_alone_on_candidates_and_streamed():
     """Top-p without top-k, chunks of 128 with 32 candidates each (so that the candidates do
     not cover a row): rows whose top KCAP tokens hold top_p of the mass finish on the
     candidates (peaked rows; `medium` rows, whose nucleus ends inside the top KCAP where the
     mass outside it still moves that end), flat and lopsided rows stream the row; each row is
     drawn at several positions and all equal the reference. One row is all -inf but one
     token."""
-    monkeypatch.setattr(S, "_sizes", lambda: (128, 32))
-    chunk, kcap = S._sizes()
+    sizes = dataclasses.replace(S.sample_sizes(), **SMALL_SAMPLE)
+    chunk, kcap = sizes.chunk, sizes.kcap
     v = 5 * chunk + 17
     peaked = rnd(2, v) * 6
     flat = rnd(1, v) * 0.05                            # the top KCAP hold ~5% of the mass
@@ -281,18 +309,18 @@ def test_sample_top_p_alone_on_candidates_and_streamed(monkeypatch):
     top_mass = torch.softmax(logits.float() / temp[:, None], 1).topk(kcap, 1).values.sum(1)
     assert torch.equal(top_mass >= top_p, torch.tensor([1, 1] + [0] * 8 + [1] * 12 + [0] * 8,
                                                        device=DEV, dtype=torch.bool))
-    got = S.sample(logits, temp, top_k, top_p, seeds, pos)
+    got = S.sample(logits, temp, top_k, top_p, seeds, pos, sizes=sizes)
     assert got[0] == 3
     assert torch.equal(got, R.sample(logits, temp, top_k, top_p, seeds, pos))
 
 
 @pytest.mark.slow
-def test_sample_ties_beyond_the_candidate_slots(monkeypatch):
+def test_sample_ties_beyond_the_candidate_slots():
     """Masked logits (one value repeated) tie at a chunk's k-th largest more often than the
     chunk has candidate slots: the tokens above the ties are never dropped, and such rows
     stream (exact, ties kept as the reference keeps them). Top-k and top-p alone."""
-    monkeypatch.setattr(S, "_sizes", lambda: (128, 32))
-    v, b = 3 * 128, 16
+    sizes = dataclasses.replace(S.sample_sizes(), **SMALL_SAMPLE)
+    v, b = 3 * sizes.chunk, 16
     logits = torch.full((b, v), -1.0e4, device=DEV)
     logits[:, 100] = 5.0                      # after 100 ties in the first chunk
     logits[:, 3] = 4.5
@@ -303,7 +331,7 @@ def test_sample_ties_beyond_the_candidate_slots(monkeypatch):
     top_p = torch.tensor([1.0] * 4 + [0.9] * 4 + [1.0] * 4 + [0.5] * 4, device=DEV)
     seeds = torch.randint(-2 ** 62, 2 ** 62, (b,), device=DEV)
     pos = torch.randint(0, 10 ** 6, (b,), device=DEV)
-    got = S.sample(logits, temp, top_k, top_p, seeds, pos)
+    got = S.sample(logits, temp, top_k, top_p, seeds, pos, sizes=sizes)
     assert torch.equal(got, R.sample(logits, temp, top_k, top_p, seeds, pos))
     assert (got[:8] == 100).any() and ((got[8:] >= 200) & (got[8:] < 260)).sum() >= 4
 

@@ -1,5 +1,5 @@
 """Fixtures: the tiny model's tokenizer, a fake engine, and the app served by uvicorn in a thread
-on a free TCP port and a Unix socket (the same socket helpers `serve` uses)."""
+on a free TCP port and a Unix socket (the same socket helpers and uvicorn config `serve` uses)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -17,6 +18,7 @@ import uvicorn
 
 from appliance.config import AppConfig, ModelConfig, ServerConfig
 from appliance.server.app import build_app
+from appliance.server.connection import uvicorn_config
 from appliance.server.serve import tcp_socket, unix_socket
 
 from .fake_engine import FakeEngineClient
@@ -62,19 +64,20 @@ class Served:
                             base_url="http://tokenspeed", timeout=30, **kwargs)
 
 
-def make_config(socket: Path, api_key: str | None = None, max_model_len: int = 4096) -> AppConfig:
+def make_config(socket: Path, max_model_len: int = 4096, **server: Any) -> AppConfig:
+    """The test config; `server` sets ServerConfig keys (api_key, max_body_bytes)."""
     return AppConfig(model=ModelConfig(preset=MODEL, max_model_len=max_model_len),
-                     server=ServerConfig(host="127.0.0.1", port=0, socket=str(socket), api_key=api_key))
+                     server=ServerConfig(host="127.0.0.1", port=0, socket=str(socket), **server))
 
 
 @contextmanager
-def serve_in_thread(tokenizer, api_key: str | None = None) -> Iterator[Served]:
+def serve_in_thread(tokenizer, **server: Any) -> Iterator[Served]:
     folder = Path(tempfile.mkdtemp(prefix="ts-", dir="/tmp"))  # short path: AF_UNIX limit
-    config = make_config(folder / "ts.sock", api_key=api_key)
+    config = make_config(folder / "ts.sock", **server)
     fake = FakeEngineClient(tokenizer)
     app = build_app(config, fake, tokenizer)
     tcp, uds = tcp_socket("127.0.0.1", 0), unix_socket(config.server.socket)
-    server = uvicorn.Server(uvicorn.Config(app, lifespan="off", log_config=None, timeout_graceful_shutdown=2))
+    server = uvicorn.Server(uvicorn_config(app, timeout_graceful_shutdown=2))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [tcp, uds]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 20
@@ -117,3 +120,4 @@ def wait_until(predicate, timeout: float = 5.0) -> bool:
             return True
         time.sleep(0.02)
     return predicate()
+

@@ -26,6 +26,9 @@ class RawTokenizer:
         self._tok = Tokenizer.from_file(str(path))
         self.eos_token_id = self._tok.token_to_id("<|im_end|>")
 
+    def __len__(self) -> int:
+        return self._tok.get_vocab_size()
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 

@@ -2,7 +2,8 @@
 
 It behaves like the engine where the frontend can tell: it stops on a stop token id (emitting it
 with finish_reason "stop"), stops at max_new_tokens with "length", raises EngineRejected before
-the first token when told to, records aborts (closing the stream early counts as one) and keeps
+the first token when told to, fails a stream part-way when told to (raising `failure`, or ending
+without a finish reason), records aborts (closing the stream early counts as one) and keeps
 engine-like totals for stats().
 """
 
@@ -33,6 +34,7 @@ async def _sleep_at_least(seconds: float) -> None:
 
 @dataclass
 class EngineInfo:
+    vocab_size: int
     eos_token_ids: tuple[int, ...] = (EOS_ID,)
 
 
@@ -43,23 +45,28 @@ class FakeEngineClient:
     reply: str = "Hello from the fake engine."
     delay_s: float = 0.0  # before each token
     reject: str | None = None
-    crash_after: int | None = None  # raise RuntimeError after this many tokens (an engine bug)
+    fail_after: int | None = None  # after this many tokens: raise `failure`, or end the stream if None
+    failure: Exception | None = None
     healthy: bool = True
     requests: list[GenerateRequest] = field(default_factory=list)
     aborted: set[int] = field(default_factory=set)
+    abort_messages: list[int] = field(default_factory=list)  # one entry per abort sent to the engine
     running: set[int] = field(default_factory=set)
-    info: EngineInfo = field(default_factory=EngineInfo)
+    info: EngineInfo = field(init=False)
     totals: dict[str, int] = field(default_factory=lambda: {
         "prompt_tokens_total": 0, "generation_tokens_total": 0, "prefix_cache_hit_tokens_total": 0,
         "preemptions_total": 0})
 
     def __post_init__(self) -> None:
         self._rids = itertools.count(1)
+        self.info = EngineInfo(vocab_size=len(self.tokenizer))
 
     def reset(self) -> None:
-        self.reply, self.delay_s, self.reject, self.crash_after = "Hello from the fake engine.", 0.0, None, None
+        self.reply, self.delay_s, self.reject = "Hello from the fake engine.", 0.0, None
+        self.fail_after, self.failure = None, None
         self.requests.clear()
         self.aborted.clear()
+        self.abort_messages.clear()
 
     def new_rid(self) -> int:
         return next(self._rids)
@@ -77,8 +84,11 @@ class FakeEngineClient:
         try:
             for i, token in enumerate(self._tokens(req)):
                 await _sleep_at_least(self.delay_s)
-                if self.crash_after is not None and i >= self.crash_after:
-                    raise RuntimeError("boom: engine bug with a secret traceback")
+                if self.fail_after is not None and i >= self.fail_after:
+                    if self.failure is None:
+                        return  # the stream ends without a finish reason
+                    finished = True  # like the client: the error ended the request, no abort
+                    raise self.failure
                 if req.rid in self.aborted:  # like the engine: an abort ends the stream
                     finished = True
                     yield TokenOutput(req.rid, -1, "abort")
@@ -92,7 +102,7 @@ class FakeEngineClient:
         finally:
             self.running.discard(req.rid)
             if not finished:
-                self.aborted.add(req.rid)
+                self._record_abort(req.rid)
 
     def _tokens(self, req: GenerateRequest) -> list[int]:
         tokens = self.script()
@@ -107,7 +117,11 @@ class FakeEngineClient:
         return "length" if index + 1 >= req.max_new_tokens else None
 
     async def abort(self, rid: int) -> None:
+        self._record_abort(rid)
+
+    def _record_abort(self, rid: int) -> None:
         self.aborted.add(rid)
+        self.abort_messages.append(rid)
 
     def stats(self) -> dict[str, float]:
         return {"page_size": 16, "pages_total": 512, "pages_used": 40 + len(self.running),

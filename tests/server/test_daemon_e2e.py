@@ -1,5 +1,6 @@
 """The frontend with the real daemon (`tokenspeed up`: tiny model on CPU, real engine, real
-scheduler): what the fake engine cannot show — real token streams, real aborts, real stats."""
+scheduler): what the fake engine cannot show — real token streams, real aborts, real stats,
+hostile input that never reaches or harms the real engine."""
 
 from __future__ import annotations
 
@@ -23,6 +24,10 @@ from appliance.tui.app import TopApp
 from appliance.tui.source import StatsSource
 
 from .conftest import MODEL, REPO, wait_until
+from .test_hostile_input import BASE, FIELDS, ISSUE_16_CASES, RAW_BODIES, assert_api_error, post_raw
+from .test_limits import read_response, request_head
+
+pytestmark = pytest.mark.slow
 
 pytestmark = pytest.mark.slow  # spawns processes / > 5 s: skipped by -m 'not slow'
 
@@ -156,3 +161,44 @@ async def test_top_dashboard_reads_the_real_daemon(daemon):
         assert "of 1024 pages" in str(app.query_one("#kv").render())
         await pilot.press("q")
     assert not app.is_running
+
+
+def _pages_used(d: Daemon) -> int:
+    time.sleep(1.0)  # several engine stats periods: the snapshot is fresh
+    with d.uds() as http:
+        return http.get("/stats").json()["kv"]["pages_used"]
+
+
+def test_hostile_requests_are_4xx_and_the_daemon_serves_on(daemon):
+    """Issue 16 item 1 against the real engine: one value of every field per endpoint, every
+    malformed body, a declared 50 MB body; each is a 4xx, then normal requests are served and
+    no KV page is held."""
+    assert wait_until(lambda: _idle(daemon), 15)
+    idle_pages = _pages_used(daemon)
+    tried = 0
+    with httpx.Client(base_url=f"http://127.0.0.1:{daemon.port}", timeout=60) as http:
+        for path, body, _ in ISSUE_16_CASES:
+            assert_api_error(path, post_raw(http, path, body), 400)
+            tried += 1
+        for path, fields in FIELDS.items():
+            for name, values in fields.items():
+                assert_api_error(path, post_raw(http, path, {**BASE[path], name: values[0]}))
+                tried += 1
+            for raw in RAW_BODIES.values():
+                assert_api_error(path, post_raw(http, path, raw), 400)
+                tried += 1
+        for path in BASE:  # the issue's 50 MB prompt: refused from its declared length
+            with socket.create_connection(("127.0.0.1", daemon.port), timeout=10) as sock:
+                sock.sendall(request_head(path, content_length=50_000_000) + b'{"messages": "')
+                status, _ = read_response(sock)
+            assert status == 413
+            tried += 1
+        assert daemon.proc.poll() is None
+        chat = http.post("/v1/chat/completions", json={**BASE["/v1/chat/completions"], "max_tokens": 8,
+                                                       "top_k": 2**31 - 1, "seed": -(2**63)})
+        assert chat.status_code == 200 and chat.json()["choices"][0]["message"]["content"]
+        message = http.post("/v1/messages", json={**BASE["/v1/messages"], "max_tokens": 8})
+        assert message.status_code == 200 and message.json()["usage"]["output_tokens"] >= 1
+    assert tried > 130
+    assert wait_until(lambda: _idle(daemon), 15)
+    assert _pages_used(daemon) == idle_pages

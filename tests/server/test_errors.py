@@ -77,7 +77,7 @@ def test_unknown_model_is_404_like_vllm(served):
 def test_prompt_too_long_is_400(served):
     client = openai.OpenAI(base_url=f"{served.base_url}/v1", api_key="x", max_retries=0)
     with pytest.raises(openai.BadRequestError) as e:
-        client.completions.create(model=MODEL, prompt=list(range(3, 4000)), max_tokens=200)
+        client.completions.create(model=MODEL, prompt=[5] * 3997, max_tokens=200)
     assert "maximum context length is 4096" in e.value.message
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x " * 5000}])
@@ -122,15 +122,16 @@ def test_api_key_required_when_configured(served_with_key):
     assert anthropic.Anthropic(base_url=base, api_key="sekrit", max_retries=0).messages.create(
         model=MODEL, max_tokens=3, messages=[{"role": "user", "content": "x"}]).content
     with served_with_key.http() as http:
-        assert http.get("/health").status_code == 200  # health and metrics stay open for probes
-        assert http.get("/metrics").status_code == 200
-        _openai_error(http.get("/stats"), 401)
-        assert http.get("/stats", headers={"x-api-key": "sekrit"}).status_code == 200
+        assert http.get("/health").status_code == 200  # health stays open for probes
+        for path in ("/stats", "/metrics"):  # the prefix-cache counter would leak what was cached
+            _openai_error(http.get(path), 401)
+            assert http.get(path, headers={"x-api-key": "sekrit"}).status_code == 200
+            assert http.get(path, headers={"authorization": "Bearer sekrit"}).status_code == 200
         _openai_error(http.post(CHAT, json={}, headers={"authorization": "Bearer nope"}), 401)
 
 
 def test_unexpected_failure_is_500_without_traceback(served):
-    served.fake.crash_after = 2
+    served.fake.fail_after, served.fake.failure = 2, RuntimeError("boom: engine bug with a secret traceback")
     with served.http() as http:
         r = http.post(CHAT, json={"messages": [{"role": "user", "content": "x"}]})
         err = _openai_error(r, 500)

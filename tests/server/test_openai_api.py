@@ -91,8 +91,10 @@ def test_stop_string_split_across_tokens(client, served, tokenizer):
                                             stop=stop, stream=True)
     chunks = list(stream)
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == "alpha bet"
-    rid = served.fake.requests[-1].rid
-    assert wait_until(lambda: rid in served.fake.aborted)  # the engine was told to stop early
+    rids = [req.rid for req in served.fake.requests]
+    assert len(rids) == 2
+    assert wait_until(lambda: set(rids) <= served.fake.aborted)  # the engine was told to stop early
+    assert sorted(served.fake.abort_messages) == rids  # once each: closing the stream is the abort
 
 
 def test_tool_call_non_stream(client, served, tokenizer):

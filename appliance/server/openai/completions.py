@@ -15,14 +15,15 @@ from appliance.server.auth import require_api_key
 from appliance.server.errors import bad_request
 from appliance.server.generation import (Finished, GenerationJob, TextDelta, TokenDelta, collect,
                                          generate)
-from appliance.server.openai_common import (finish_reason, reject_unsupported, sampling_options,
+from appliance.server.json_body import JsonBodyRoute
+from appliance.server.openai.common import (finish_reason, reject_unsupported, sampling_options,
                                              stream_error, usage)
-from appliance.server.openai_protocol import CompletionRequest
-from appliance.server.prompt import text_prompt_ids
+from appliance.server.openai.protocol import CompletionRequest
+from appliance.server.prompt import check_token_ids, text_prompt_ids
 from appliance.server.request_context import arrival_time, check_model, session_hint, user_hint
 from appliance.server.state import AppState, get_state
 
-router = APIRouter(dependencies=[Depends(require_api_key)])
+router = APIRouter(route_class=JsonBodyRoute, dependencies=[Depends(require_api_key)])
 
 DEFAULT_MAX_TOKENS = 16  # the OpenAI Completions default when max_tokens is absent
 
@@ -74,11 +75,7 @@ async def _prompt_ids(state: AppState, prompt: str | list[str] | list[int] | lis
         ids = [int(t) for t in prompt]  # type: ignore[arg-type]
     else:
         raise bad_request("Only one prompt per request is supported", "prompt")
-    if not ids:
-        raise bad_request("The prompt is empty", "prompt")
-    if any(t < 0 for t in ids):
-        raise bad_request("Prompt token ids must be non-negative", "prompt")
-    return ids
+    return check_token_ids(ids, state.vocab_size)
 
 
 def _choice(text: str, finished: Finished | None, token_ids: list[int] | None = None) -> dict[str, Any]:

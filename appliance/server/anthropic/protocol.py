@@ -1,14 +1,20 @@
-"""Request bodies of the Anthropic Messages API (`/v1/messages`, `/v1/messages/count_tokens`)."""
+"""Request bodies of the Anthropic Messages API (`/v1/messages`, `/v1/messages/count_tokens`):
+pydantic, strict types, unknown fields ignored; numeric ranges those of Anthropic's API, narrowed
+to what the engine accepts."""
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
+
+from appliance.server.field_types import STRICT_BODY, Probability, StopStrings, TokenCount, TopK
+
+Temperature = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
 
 
 class _Block(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # e.g. cache_control, citations
+    model_config = STRICT_BODY  # ignores e.g. cache_control, citations
 
 
 class TextBlock(_Block):
@@ -89,10 +95,10 @@ class CountTokensRequest(_Block):
 
 
 class MessagesRequest(CountTokensRequest):
-    max_tokens: int = Field(ge=1)
-    stop_sequences: list[str] | None = None
+    max_tokens: TokenCount
+    stop_sequences: StopStrings | None = None
     stream: bool = False
-    temperature: float | None = Field(default=None, ge=0.0, le=1.0)
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    top_k: int | None = Field(default=None, ge=0)
+    temperature: Temperature | None = None
+    top_p: Probability | None = None
+    top_k: TopK | None = None
     metadata: Metadata | None = None

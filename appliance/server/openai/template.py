@@ -6,7 +6,7 @@ import json
 from typing import Any
 
 from appliance.server.errors import bad_request
-from appliance.server.openai_protocol import (ChatMessage, ContentPart, NamedToolChoice, Tool,
+from appliance.server.openai.protocol import (ChatMessage, ContentPart, NamedToolChoice, Tool,
                                               ToolCall)
 
 TEXT_PART_TYPES = {"text", "input_text"}

@@ -7,7 +7,7 @@ from typing import Any
 from appliance.server import sse
 from appliance.server.errors import ApiError, bad_request, openai_error_body
 from appliance.server.generation import Finished, SamplingOptions
-from appliance.server.openai_protocol import SamplingFields
+from appliance.server.openai.protocol import SamplingFields
 from appliance.server.prompt import output_budget
 
 

@@ -15,16 +15,17 @@ from appliance.server import sse
 from appliance.server.auth import require_api_key
 from appliance.server.errors import bad_request
 from appliance.server.generation import Finished, GenerationJob, TextDelta, ToolCallDelta, collect, generate
-from appliance.server.openai_common import (finish_reason, reject_unsupported, sampling_options,
+from appliance.server.json_body import JsonBodyRoute
+from appliance.server.openai.common import (finish_reason, reject_unsupported, sampling_options,
                                              stream_error, usage)
-from appliance.server.openai_messages import template_messages, template_tools
-from appliance.server.openai_protocol import ChatCompletionRequest
+from appliance.server.openai.protocol import ChatCompletionRequest
+from appliance.server.openai.template import template_messages, template_tools
 from appliance.server.prompt import chat_prompt_ids
 from appliance.server.request_context import arrival_time, check_model, session_hint, user_hint
 from appliance.server.state import AppState, get_state
 from appliance.server.tool_calls import ParsedToolCall
 
-router = APIRouter(dependencies=[Depends(require_api_key)])
+router = APIRouter(route_class=JsonBodyRoute, dependencies=[Depends(require_api_key)])
 
 
 @dataclass(frozen=True)

@@ -10,19 +10,20 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 
 from appliance.server import sse
-from appliance.server.anthropic_convert import template_messages, template_tools
-from appliance.server.anthropic_protocol import CountTokensRequest, MessagesRequest
+from appliance.server.anthropic.protocol import CountTokensRequest, MessagesRequest
+from appliance.server.anthropic.template import template_messages, template_tools
 from appliance.server.auth import require_api_key
 from appliance.server.errors import ApiError, anthropic_error_body
 from appliance.server.generation import (Finished, GenerationJob, SamplingOptions, TextDelta, ToolCallDelta,
                                          collect, generate)
+from appliance.server.json_body import JsonBodyRoute
 from appliance.server.prompt import chat_prompt_ids, output_budget
 from appliance.server.request_context import (arrival_time, check_model, embedded_session, session_hint,
                                               user_hint)
 from appliance.server.state import AppState, get_state
 from appliance.server.tool_calls import ParsedToolCall
 
-router = APIRouter(dependencies=[Depends(require_api_key)])
+router = APIRouter(route_class=JsonBodyRoute, dependencies=[Depends(require_api_key)])
 
 STOP_REASONS = {"stop": "end_turn", "stop_sequence": "stop_sequence", "length": "max_tokens",
                 "abort": "end_turn"}

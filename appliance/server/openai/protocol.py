@@ -1,18 +1,25 @@
-"""Request bodies of the OpenAI-compatible endpoints (pydantic; unknown fields are ignored)."""
+"""Request bodies of the OpenAI-compatible endpoints (pydantic, strict types; unknown fields are
+ignored). Numeric ranges are those of OpenAI's API, narrowed to what the engine accepts."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from appliance.server.field_types import (INT32_MAX, STRICT_BODY, FiniteFloat, Probability, Seed,
+                                          StopString, StopStrings, TokenCount, TokenId)
+
+Temperature = Annotated[float, Field(ge=0.0, le=2.0, allow_inf_nan=False)]
+TopK = Annotated[int, Field(ge=-1, le=INT32_MAX)]  # vLLM's extension: -1 and 0 are off
+
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = STRICT_BODY
 
 
 class ContentPart(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     type: str
     text: str | None = None
 
@@ -67,15 +74,15 @@ class SamplingFields(_Body):
     model: str | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    top_k: int | None = Field(default=None, ge=-1)
-    seed: int | None = None
-    stop: str | list[str] | None = None
+    max_tokens: TokenCount | None = None
+    temperature: Temperature | None = None
+    top_p: Probability | None = None
+    top_k: TopK | None = None
+    seed: Seed | None = None
+    stop: StopString | StopStrings | None = None
     n: int = 1
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
+    presence_penalty: FiniteFloat | None = None
+    frequency_penalty: FiniteFloat | None = None
     user: str | None = None
     session_id: str | None = None  # TokenSpeed: agent session hint (see README)
     ignore_eos: bool = False  # TokenSpeed/vLLM extension, for benchmarks
@@ -84,7 +91,7 @@ class SamplingFields(_Body):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: TokenCount | None = None
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
@@ -95,7 +102,8 @@ class ChatCompletionRequest(SamplingFields):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    # one prompt: text, or token ids (each below the model's vocabulary size: checked per request)
+    prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
     echo: bool = False
     logprobs: int | None = None
     best_of: int | None = None

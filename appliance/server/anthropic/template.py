@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from appliance.server.anthropic_protocol import (ContentBlock, CountTokensRequest, Message, TextBlock,
+from appliance.server.anthropic.protocol import (ContentBlock, CountTokensRequest, Message, TextBlock,
                                                  ToolDefinition, ToolResultBlock, ToolUseBlock)
 from appliance.server.errors import bad_request
 

@@ -1,0 +1,31 @@
+"""Field types the request models of every API share: numbers in the ranges the engine accepts.
+
+The engine's sampler keeps `top_k` in int32 and `seed` in int64 and the scheduler counts tokens
+in int32, so the edge refuses anything outside those ranges with a 400 naming the field (the
+engine would refuse it too, but only after tokenization). Request models are strict
+(`STRICT_BODY`): `true` is not an integer, `"yes"` not a boolean, `"0.5"` not a number.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import ConfigDict, Field
+
+INT32_MAX = 2**31 - 1
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+MAX_STOP_STRINGS = 16  # stop strings are matched on every token's text: keep that work small
+MAX_STOP_LENGTH = 256
+
+# extra="ignore": agents send many fields we do not use; strict: no silent type coercion.
+STRICT_BODY = ConfigDict(extra="ignore", strict=True)
+
+TokenCount = Annotated[int, Field(ge=1, le=INT32_MAX)]
+TopK = Annotated[int, Field(ge=0, le=INT32_MAX)]  # 0: off
+Seed = Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)]
+TokenId = Annotated[int, Field(ge=0, le=INT32_MAX)]  # below the model's vocab: checked per request
+Probability = Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)]
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+StopString = Annotated[str, Field(max_length=MAX_STOP_LENGTH)]
+StopStrings = Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)]
+

@@ -1,0 +1,41 @@
+"""Request bodies decoded as strict JSON (msgspec): the API routes use `JsonBodyRoute`.
+
+Python's `json` module accepts what these APIs must refuse: `NaN` and `Infinity`, encoded
+surrogates in the UTF-8 bytes and lone surrogate escapes (`"\\ud800"`), which pass validation and
+then break the tokenizer or the engine message (a 500). msgspec refuses all of them, and is
+faster on large bodies. FastAPI turns the `JSONDecodeError` raised here into its `json_invalid`
+validation error, which the app answers with a 400 in the API's shape.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import msgspec
+from fastapi import Request, Response
+from fastapi.routing import APIRoute
+
+_decoder = msgspec.json.Decoder()
+
+
+class JsonBodyRequest(Request):
+    async def json(self) -> Any:
+        if not hasattr(self, "_json"):
+            try:
+                self._json = _decoder.decode(await self.body())
+            except (msgspec.DecodeError, RecursionError) as e:
+                reason = "nested too deeply" if isinstance(e, RecursionError) else str(e)
+                raise json.JSONDecodeError(f"{reason} (expected strict JSON in UTF-8)", "", 0) from None
+        return self._json
+
+
+class JsonBodyRoute(APIRoute):
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def strict_json_handler(request: Request) -> Response:
+            return await handler(JsonBodyRequest(request.scope, request.receive))
+
+        return strict_json_handler

@@ -1,0 +1,109 @@
+"""Building blocks shared by the paged attention kernels (attention.py, prefill.py).
+
+- `attn_tile`: one online-softmax step over a tile of keys gathered through the page table
+  (`slot = page * page_size + offset`, so any page size works), scores in log2 units.
+- `extend_block` / `block_map`: which (row, first query token) an extend program serves. The
+  map is built on the device from `query_start` (no host sync, so launches can be captured in
+  CUDA graphs); the grid is sized from the token and row counts alone.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# The batch's metadata, per-batch views and slices of one packed copy: kernels that read them
+# keep them unspecialized on alignment (common.per_batch)
+BATCH_META = ("PageTable", "QueryStart", "SeqLens", "BlockBatch", "BlockTok")
+
+
+@triton.jit
+def load_rows(Base, slot, stride_s, d, D: tl.constexpr, n_ok, PRED: tl.constexpr):
+    """Gathered rows Base[slot[n], d] -> [N, BLOCK_D]; predicated only when PRED."""
+    ptrs = Base + slot[:, None] * stride_s + d[None, :]
+    if PRED:
+        return tl.load(ptrs, mask=n_ok[:, None] & (d[None, :] < D), other=0.0)
+    else:
+        return tl.load(ptrs)
+
+
+@triton.jit
+def attn_tile(acc, m_i, l_i, q1, q2, K1, K2, V, PageTable, n0, hi, pos, kvh, page_size,
+              stride_k1s, stride_k1h, stride_k2s, stride_k2h, stride_vs, stride_vh, scale_log2,
+              D1: tl.constexpr, D2: tl.constexpr, DV: tl.constexpr, BLOCK_D1: tl.constexpr,
+              BLOCK_D2: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr,
+              HAS_D2: tl.constexpr, SHARED_V: tl.constexpr, MASKED: tl.constexpr,
+              EVEN_D: tl.constexpr):
+    """One online-softmax step over keys [n0, n0 + BLOCK_N) for the query rows q1 [M, D1]
+    (+ q2 [M, D2] when HAS_D2: MLA's rope part), keys of KV head kvh: acc [M, DV], running max
+    m_i and sum l_i [M] -> updated (acc, m_i, l_i). Values are V, or the key tile itself when
+    SHARED_V (MLA: the latent is both). MASKED applies the causal mask (key n visible to the row
+    at position pos iff n <= pos) and the bound hi: the diagonal and last tiles only; interior
+    tiles of power-of-two heads (EVEN_D) load without predicates."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)                                   # [N]
+    n_ok = offs_n < hi
+    d1 = tl.arange(0, BLOCK_D1)
+    PRED: tl.constexpr = MASKED or not EVEN_D
+    if PRED:
+        page = tl.load(PageTable + offs_n // page_size, mask=n_ok, other=0)  # [N]
+        slot = page.to(tl.int64) * page_size + offs_n % page_size            # [N]
+        k1 = tl.load(K1 + slot[:, None] * stride_k1s + kvh * stride_k1h + d1[None, :],
+                     mask=n_ok[:, None] & (d1[None, :] < D1), other=0.0)   # [N, D1]
+    else:  # interior tile of power-of-two heads: no predicates
+        page = tl.load(PageTable + offs_n // page_size)                      # [N]
+        slot = page.to(tl.int64) * page_size + offs_n % page_size            # [N]
+        k1 = tl.load(K1 + slot[:, None] * stride_k1s + kvh * stride_k1h + d1[None, :])
+    qk = tl.dot(q1, tl.trans(k1))                                          # [M, N]
+    if HAS_D2:
+        d2 = tl.arange(0, BLOCK_D2)
+        k2 = load_rows(K2 + kvh * stride_k2h, slot, stride_k2s, d2, D2, n_ok, PRED)  # [N, D2]
+        qk += tl.dot(q2, tl.trans(k2))
+    qk = qk * scale_log2
+    if MASKED:
+        vis = (offs_n[None, :] <= pos[:, None]) & n_ok[None, :]            # [M, N]
+        qk = tl.where(vis, qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))                                 # [M]
+    p = tl.exp2(qk - m_new[:, None])                                       # [M, N]
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if SHARED_V:
+        v = k1                                                             # [N, DV]
+    else:
+        dv = tl.arange(0, BLOCK_DV)
+        v = load_rows(V + kvh * stride_vh, slot, stride_vs, dv, DV, n_ok, PRED)  # [N, DV]
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def extend_block(pid_q, BlockBatch, BlockTok, QueryStart):
+    """An extend program's (valid, row b, first token t0, row's first query q_start, row's
+    query count qlen; qlen 0 for a spare program), from the `block_map` tensors. Longest
+    programs first: the block map ascends in tokens (later tokens see more keys) and programs
+    start in id order, so program ids are reversed to shrink the causal tail."""
+    blk = tl.num_programs(0) - 1 - pid_q
+    b_raw = tl.load(BlockBatch + blk)
+    valid = b_raw >= 0
+    b = tl.maximum(b_raw, 0)
+    t0 = tl.where(valid, tl.load(BlockTok + blk), 0)
+    q_start = tl.load(QueryStart + b)
+    qlen = tl.where(valid, tl.load(QueryStart + b + 1) - q_start, 0)
+    return valid, b, t0, q_start, qlen
+
+
+def block_map(query_start: torch.Tensor, num_tokens: int, block_t: int
+              ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Map extend program ids to (row, first token) without a host sync.
+
+    query_start: [B+1] -> BlockBatch [NB] (-1 for spare programs), BlockTok [NB], NB (an upper
+    bound on the blocks of block_t tokens: each row may end in a partial block)."""
+    b = query_start.shape[0] - 1
+    nb = triton.cdiv(num_tokens, block_t) + b
+    qs = query_start.long()
+    nblk = (qs[1:] - qs[:-1] + block_t - 1) // block_t                  # [B]
+    cum = torch.cumsum(nblk, 0)                                         # [B]
+    pid = torch.arange(nb, device=qs.device)                            # [NB]
+    row = torch.searchsorted(cum, pid, right=True)                      # [NB] in [0, B]
+    rowc = row.clamp(max=b - 1)
+    tok = (pid - (cum[rowc] - nblk[rowc])) * block_t
+    return torch.where(row < b, row, -1).to(torch.int32), tok.to(torch.int32), nb
