@@ -31,31 +31,38 @@ def greedy_replay(source, rid, output, k):
     return accepted_per_step
 
 
-turn = st.tuples(st.sampled_from(["", "a", "b"]),                    # session
+turn = st.tuples(st.sampled_from(["a", "b", "c"]),                   # conversation
                  st.integers(0, 3),                                    # answer tokens re-tokenized
                  st.lists(st.integers(0, 4), max_size=40),             # new prompt tokens
                  st.lists(st.lists(st.integers(0, 4), min_size=1, max_size=3), max_size=12))
+SESSION = {"a": "a", "b": "b", "c": ""}  # conversation c sends no session
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(turns=st.lists(turn, max_size=10), k=st.integers(1, 6))
 def test_drafts_occurred_in_the_indexed_text(turns, k):
-    """Turns of a few sessions; each resends its session's last context (the answer's last
-    tokens re-tokenized) plus new tokens. Every draft, with the suffix it matched, occurs in
+    """Turns of a few conversations; each resends its conversation's last context (the answer's
+    last tokens re-tokenized) plus new tokens. Every draft, with the suffix it matched, occurs in
     some text a tree was given: a request's tree (with what an earlier turn left) or an output."""
     depth = 8
     source = SuffixDraft(SuffixParams(max_depth=depth, global_tokens=60, parked_tokens=200))
     indexed: list[list[int]] = []
-    last: dict[str, tuple[list[int], list[int]]] = {}  # session -> (tree text, context)
-    for rid, (session, rewrite, new, chunks) in enumerate(turns):
-        tree_text, context = last.get(session, ([], []))
+    contexts: dict[str, list[int]] = {}
+    parked: dict[object, tuple[list[int], list[int]]] = {}  # park key -> (tree text, context)
+
+    def key(session, context):
+        return session or tuple(context[:64])
+
+    for rid, (conversation, rewrite, new, chunks) in enumerate(turns):
+        session, context = SESSION[conversation], contexts.get(conversation, [])
         prompt = context[:len(context) - rewrite] + [9] * min(rewrite, len(context)) + new
         source.start(rid, prompt, session)
+        tree_text, old = parked.pop(key(session, prompt), ([], []))
         if source.indexed_tokens(rid) == len(prompt):  # a fresh tree (or one with no leftover)
             tree_text = list(prompt)
-        else:  # the session's tree, extended after the common prefix
-            kept = next((i for i, (a, b) in enumerate(zip(context, prompt)) if a != b),
-                        min(len(context), len(prompt)))
+        else:  # the parked tree, extended after the common prefix
+            kept = next((i for i, (a, b) in enumerate(zip(old, prompt)) if a != b),
+                        min(len(old), len(prompt)))
             tree_text = tree_text + prompt[kept:]
             assert source.indexed_tokens(rid) == len(tree_text)
         indexed.append(tree_text)
@@ -72,8 +79,8 @@ def test_drafts_occurred_in_the_indexed_text(turns, k):
             tree_text += chunk
         source.finish(rid)
         indexed.append(output)
-        if session:
-            last[session] = (tree_text, prompt + output)
+        contexts[conversation] = prompt + output
+        parked[key(session, prompt + output)] = (tree_text, prompt + output)
         assert source.global_tree.num_tokens <= 60 or source.global_tree.num_sequences == 1
         assert source.parked_tokens <= 200
 
@@ -119,6 +126,17 @@ def test_next_turn_takes_over_the_session_tree():
     source.finish(4)
     source.start(5, turn3, "other")
     assert source.indexed_tokens(5) == len(turn3)
+
+
+def test_a_conversation_without_session_is_found_by_its_opening():
+    rng = np.random.default_rng(3)
+    prompt = rng.integers(0, 1000, size=2000).tolist()
+    source = SuffixDraft()
+    source.start(1, prompt, "")
+    source.extend(1, [5, 6])
+    source.finish(1)
+    source.start(2, prompt + [5, 6, 7], "")
+    assert source.indexed_tokens(2) == len(prompt) + 3
 
 
 def test_outputs_of_finished_requests_draft_for_others():

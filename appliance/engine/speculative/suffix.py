@@ -14,14 +14,16 @@ falls below `min_prob`. Of the two trees' drafts the one with more expected acce
 
 Sessions: an agent's next turn resends the previous context plus a few new tokens, so a finished
 request's tree is parked for its session and the next turn takes it over, indexing only the
-tokens after the common prefix instead of rebuilding a 100K-token context. What the new prompt
-no longer holds (an answer it re-tokenized differently) stays in the tree as extra text; the
-tree is rebuilt when that exceeds `max_stale_fraction` of it. Parked trees are bounded in
-tokens, least recently parked dropped first.
+tokens after the common prefix instead of rebuilding a 100K-token context (for a client that
+sends no session, the park is keyed by the context's opening tokens, which its next turn
+repeats). What the new prompt no longer holds (an answer it re-tokenized differently) stays in
+the tree as extra text; the tree is rebuilt when that exceeds `max_stale_fraction` of it.
+Parked trees are bounded in tokens, least recently parked dropped first.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,13 +33,16 @@ import numpy as np
 from appliance._core import Draft, SuffixTree
 
 
+_OPENING_TOKENS = 64  # what identifies a conversation that comes without a session
+
+
 @dataclass(frozen=True)
 class SuffixParams:
     max_depth: int = 32  # tokens of each suffix indexed: the matched suffix plus the draft
     min_prob: float = 0.1
     tokens_per_match: float = 1.0
-    global_tokens: int = 1 << 18  # outputs held by the global tree
-    parked_tokens: int = 1 << 22  # tokens in the trees parked for sessions' next turns
+    global_tokens: int = 1 << 18  # outputs held by the global tree (~140 bytes a token)
+    parked_tokens: int = 1 << 20  # tokens in the trees parked for sessions' next turns
     max_stale_fraction: float = 0.25
 
 
@@ -106,14 +111,13 @@ class SuffixDraft:
             return
         if req.output:
             self._global.add(req.output)
-        if req.session:
-            context = np.concatenate([req.prompt, np.asarray(req.output, dtype=np.int32)])
-            self._park(req.session, _Parked(req.tree, context, req.stale))
+        context = np.concatenate([req.prompt, np.asarray(req.output, dtype=np.int32)])
+        self._park(_park_key(req.session, context), _Parked(req.tree, context, req.stale))
 
     # -- sessions ------------------------------------------------------------------------------
 
     def _take_parked(self, session: str, prompt: np.ndarray) -> tuple[SuffixTree, int]:
-        parked = self._parked.pop(session, None) if session else None
+        parked = self._parked.pop(_park_key(session, prompt), None)
         if parked is not None:
             self._parked_tokens -= parked.tree.num_tokens
             kept = _common_prefix(parked.context, prompt)
@@ -126,11 +130,11 @@ class SuffixDraft:
         tree.add(prompt)
         return tree, 0
 
-    def _park(self, session: str, parked: _Parked) -> None:
-        older = self._parked.pop(session, None)  # a concurrent turn of the session parked first
+    def _park(self, key: str, parked: _Parked) -> None:
+        older = self._parked.pop(key, None)  # a concurrent turn of the session parked first
         if older is not None:
             self._parked_tokens -= older.tree.num_tokens
-        self._parked[session] = parked
+        self._parked[key] = parked
         self._parked_tokens += parked.tree.num_tokens
         while self._parked_tokens > self.params.parked_tokens:
             _, dropped = self._parked.popitem(last=False)
@@ -147,6 +151,15 @@ class SuffixDraft:
     @property
     def parked_tokens(self) -> int:
         return self._parked_tokens
+
+
+def _park_key(session: str, context: np.ndarray) -> str:
+    """Where a finished turn's tree waits for the next turn: under its session, else under the
+    opening tokens its next prompt will repeat."""
+    if session:
+        return "session:" + session
+    opening = np.ascontiguousarray(context[:_OPENING_TOKENS], dtype=np.int32).tobytes()
+    return "opening:" + hashlib.blake2b(opening, digest_size=16).hexdigest()
 
 
 def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
