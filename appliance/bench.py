@@ -29,6 +29,7 @@ import random
 import re
 import statistics
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -192,27 +193,14 @@ async def _chat(http: httpx.AsyncClient, model: str, messages: list[dict], max_t
     stamps: list[float] = []
     parts: list[str] = []
     usage = {}
-    async with http.stream("POST", "/v1/chat/completions", json=body,
-                           headers={"x-session-id": session}) as response:
-        if response.status_code != 200:
-            raise RuntimeError(f"HTTP {response.status_code}: {(await response.aread()).decode()}")
-        async for line in response.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if chunk.get("usage"):
-                usage = chunk["usage"]
-            delta = chunk["choices"][0].get("delta", {}) if chunk.get("choices") else {}
-            if delta.get("content"):
-                parts.append(delta["content"])
-                stamps.append(time.perf_counter())
-    end = time.perf_counter()
+    async for chunk in _sse(http, "/v1/chat/completions", body, session):
+        usage = chunk.get("usage") or usage
+        delta = chunk["choices"][0].get("delta", {}) if chunk.get("choices") else {}
+        if delta.get("content"):
+            parts.append(delta["content"])
+            stamps.append(time.perf_counter())
     produced = int(usage.get("completion_tokens", 0))
-    first = stamps[0] if stamps else end
-    decode_time = stamps[-1] - first if len(stamps) > 1 else 0.0
-    result = RequestResult(int(usage.get("prompt_tokens", 0)), produced, first - started,
-                           (produced - 1) / decode_time if decode_time > 0 else 0.0, end - started)
-    return result, "".join(parts)
+    return _timed(int(usage.get("prompt_tokens", 0)), produced, started, stamps), "".join(parts)
 
 
 def _speculative(before: dict, after: dict) -> dict:
@@ -251,36 +239,44 @@ async def _complete(http: httpx.AsyncClient, model: str, prompt: list[int], max_
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "stream": True,
             "ignore_eos": True, "temperature": 0.0, "stream_options": {"include_usage": True},
             "return_token_ids": True}
-    headers = {"x-session-id": session} if session else {}
     started = time.perf_counter()
     stamps: list[float] = []
     token_ids: list[int] = []
     usage = {}
-    async with http.stream("POST", "/v1/completions", json=body, headers=headers) as response:
-        if response.status_code != 200:
-            raise RuntimeError(f"HTTP {response.status_code}: {(await response.aread()).decode()}")
-        async for line in response.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if chunk.get("usage"):
-                usage = chunk["usage"]
-            choice = chunk["choices"][0] if chunk.get("choices") else {}
-            for token_id in choice.get("token_ids") or []:  # one chunk per token, text or not
-                token_ids.append(token_id)
-                stamps.append(time.perf_counter())
-    end = time.perf_counter()
+    async for chunk in _sse(http, "/v1/completions", body, session):
+        usage = chunk.get("usage") or usage
+        choice = chunk["choices"][0] if chunk.get("choices") else {}
+        for token_id in choice.get("token_ids") or []:  # one chunk per token, text or not
+            token_ids.append(token_id)
+            stamps.append(time.perf_counter())
     produced = int(usage.get("completion_tokens", len(token_ids)))
-    first = stamps[0] if stamps else end
-    decode_time = (stamps[-1] - first) if len(stamps) > 1 else 0.0
-    result = RequestResult(len(prompt), produced, first - started,
-                           (produced - 1) / decode_time if decode_time > 0 else 0.0, end - started)
+    result = _timed(len(prompt), produced, started, stamps)
     if not with_tokens:
         return result
     # The next turn resends the answer's exact token ids, as an agent resends the exact text.
     if len(token_ids) != produced:
         raise RuntimeError("the daemon did not return the answer's token ids (return_token_ids)")
     return result, token_ids
+
+
+async def _sse(http: httpx.AsyncClient, path: str, body: dict, session: str) -> AsyncIterator[dict]:
+    """The chunks of a streamed request, parsed ([DONE] left out)."""
+    headers = {"x-session-id": session} if session else {}
+    async with http.stream("POST", path, json=body, headers=headers) as response:
+        if response.status_code != 200:
+            raise RuntimeError(f"HTTP {response.status_code}: {(await response.aread()).decode()}")
+        async for line in response.aiter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                yield json.loads(line[6:])
+
+
+def _timed(prompt_tokens: int, produced: int, started: float, stamps: list[float]) -> RequestResult:
+    """A request's figures from when it started and when each streamed chunk arrived."""
+    end = time.perf_counter()
+    first = stamps[0] if stamps else end
+    decode_time = stamps[-1] - first if len(stamps) > 1 else 0.0
+    return RequestResult(prompt_tokens, produced, first - started,
+                         (produced - 1) / decode_time if decode_time > 0 else 0.0, end - started)
 
 
 def _tokens(rng: random.Random, n: int) -> list[int]:

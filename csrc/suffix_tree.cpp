@@ -132,14 +132,29 @@ size_t SuffixTree::memory_bytes() const {
   return total;
 }
 
-int32_t SuffixTree::new_node() {
+int32_t SuffixTree::new_node(int32_t token, int32_t count, Occurrence at) {
+  int32_t n;
   if (!free_.empty()) {
-    const int32_t n = free_.back();
+    n = free_.back();
     free_.pop_back();
-    return n;
+  } else {
+    n = static_cast<int32_t>(nodes_.size());
+    nodes_.emplace_back();
   }
-  nodes_.emplace_back();
-  return static_cast<int32_t>(nodes_.size() - 1);
+  Node& node = nodes_[n];
+  node.length = 1;
+  node.token = token;
+  node.count = count;
+  node.ends = 1;  // the suffix that made it ends here
+  node.seq = at.seq;
+  node.end = at.end;
+  return n;
+}
+
+void SuffixTree::touch(int32_t n, Occurrence at) {
+  nodes_[n].seq = at.seq;
+  nodes_[n].end = at.end;
+  offer_best(nodes_[n].parent, n);
 }
 
 void SuffixTree::free_node(int32_t n) {
@@ -261,8 +276,8 @@ void SuffixTree::append(int32_t token) {
 }
 
 int32_t SuffixTree::step(int32_t u, int32_t token) {
-  const uint32_t sid = first_seq_ + static_cast<uint32_t>(seqs_.size() - 1);
-  const int32_t end = static_cast<int32_t>(seqs_.back().size());
+  const Occurrence at{first_seq_ + static_cast<uint32_t>(seqs_.size() - 1),
+                      static_cast<int32_t>(seqs_.back().size())};
   const int32_t c = find_child(u, token);
   if (c >= 0) {
     if (u != kRoot && nodes_[u].count == nodes_[c].count + 1) {
@@ -275,43 +290,28 @@ int32_t SuffixTree::step(int32_t u, int32_t token) {
         cn.token = nodes_[u].token;
         cn.count += 1;
         cn.ends += 1;
-        cn.seq = sid;
-        cn.end = end;
         replace_child(u, c);
-        offer_best(nodes_[c].parent, c);
         free_node(u);
+        touch(c, at);
         return c;
       }
       // Slide the boundary: u's edge gains the token, c's edge loses it.
       nodes_[c].length -= 1;
       nodes_[c].token = label(c, 0);
       rekey(c, token);
-      Node& un = nodes_[u];
-      un.length += 1;
-      un.seq = sid;
-      un.end = end;
-      offer_best(un.parent, u);
+      nodes_[u].length += 1;
+      touch(u, at);
       return u;
     }
     if (nodes_[c].length == 1) {  // go down into c
       nodes_[u].ends -= 1;
-      Node& cn = nodes_[c];
-      cn.count += 1;
-      cn.ends += 1;
-      cn.seq = sid;
-      cn.end = end;
-      offer_best(u, c);
+      nodes_[c].count += 1;
+      nodes_[c].ends += 1;
+      touch(c, at);
       return c;
     }
     // Split c after its first token: w = [token] ending here, c keeps the rest below w.
-    const int32_t w = new_node();
-    Node& wn = nodes_[w];
-    wn.length = 1;
-    wn.token = token;
-    wn.count = nodes_[c].count + 1;
-    wn.ends = 1;
-    wn.seq = sid;
-    wn.end = end;
+    const int32_t w = new_node(token, nodes_[c].count + 1, at);
     replace_child(c, w);
     nodes_[c].length -= 1;
     nodes_[c].token = label(c, 0);
@@ -322,21 +322,11 @@ int32_t SuffixTree::step(int32_t u, int32_t token) {
     return w;
   }
   if (u != kRoot && nodes_[u].count == 1) {  // a leaf only this suffix reaches: grow its edge
-    Node& un = nodes_[u];
-    un.length += 1;
-    un.seq = sid;
-    un.end = end;
-    offer_best(un.parent, u);
+    nodes_[u].length += 1;
+    touch(u, at);
     return u;
   }
-  const int32_t x = new_node();  // a new leaf
-  Node& xn = nodes_[x];
-  xn.length = 1;
-  xn.token = token;
-  xn.count = 1;
-  xn.ends = 1;
-  xn.seq = sid;
-  xn.end = end;
+  const int32_t x = new_node(token, 1, at);  // a new leaf
   link_child(u, x);
   nodes_[u].ends -= 1;
   offer_best(u, x);

@@ -127,8 +127,14 @@ class SuffixTree {
   uint64_t recency(int32_t node) const;
   bool better(int32_t a, int32_t b) const;  // a beats b as the best child
 
-  int32_t new_node();
+  // Where the open sequence's newest token ends: a reference for the nodes its suffixes reach.
+  struct Occurrence {
+    uint32_t seq;
+    int32_t end;
+  };
+  int32_t new_node(int32_t token, int32_t count, Occurrence at);  // a one-token edge, one end
   void free_node(int32_t n);
+  void touch(int32_t n, Occurrence at);  // a suffix now ends at n's bottom: the newest one
   bool branching(int32_t node) const;  // two children or more: they are in children_
   void link_child(int32_t parent, int32_t child);
   void unlink_child(int32_t child);
