@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from appliance.config import AppConfig, ConfigError, load_config
+from appliance.config import AppConfig, ConfigError, cache_dir, load_config
 
 log = logging.getLogger("tokenspeed")
 
@@ -56,23 +56,45 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def pid_file(config: AppConfig) -> Path:
-    return Path(config.server.socket + ".pid")
-
-
 def cmd_up(config: AppConfig, args: argparse.Namespace) -> int:
+    from appliance.daemon_lock import DaemonLock, DaemonRunning
+
+    os.umask(0o077)  # sockets, pid file and folders are private whatever the caller's umask
+    try:
+        _make_run_dir(config)
+        lock = DaemonLock.acquire(config.pid_file)
+    except DaemonRunning as e:
+        print(f"tokenspeed: a daemon (pid {e.pid}) already runs for {config.server.socket}; stop it "
+              "with `tokenspeed down` (same -c/--set)", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"tokenspeed: cannot use the run folder {config.run_dir}: {e}", file=sys.stderr)
+        return 1
+    try:
+        return _run_daemon(config)
+    finally:
+        lock.release()
+
+
+def _run_daemon(config: AppConfig) -> int:
+    """Everything `up` does once it holds the daemon lock."""
     from appliance.engine.client import EngineClient, EngineStartError
     from appliance.engine.model_files import resolve_model_files
+    from appliance.server.serve import check_tcp_port, serve
 
-    if _daemon_answers(config):
-        print(f"tokenspeed: a daemon already answers on {config.server.socket}", file=sys.stderr)
+    try:
+        check_tcp_port(config.server.host, config.server.port)
+    except OSError as e:
+        print(f"tokenspeed: cannot listen on {config.server.host}:{config.server.port}: {e}",
+              file=sys.stderr)
         return 1
     try:
         files = resolve_model_files(config)
+        _check_model_config(files.checkpoint)
+        tokenizer = _load_tokenizer(files.tokenizer)
     except ConfigError as e:
         print(f"tokenspeed: config error: {e}", file=sys.stderr)
         return 2
-    tokenizer = _load_tokenizer(files.tokenizer)
     # Ctrl-C while the model loads: stop the ranks and exit cleanly too.
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     client = None
@@ -82,10 +104,6 @@ def cmd_up(config: AppConfig, args: argparse.Namespace) -> int:
         log.info("engine ready: %d KV pages of %d tokens, max_model_len %d",
                  client.info.num_pages, client.info.page_size, client.max_model_len)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        from appliance.server.serve import serve
-
-        pid_file(config).parent.mkdir(parents=True, exist_ok=True)
-        pid_file(config).write_text(str(os.getpid()))
         return serve(config, client, tokenizer)
     except EngineStartError as e:
         print(f"tokenspeed: the engine failed to start: {e}", file=sys.stderr)
@@ -95,23 +113,24 @@ def cmd_up(config: AppConfig, args: argparse.Namespace) -> int:
     finally:
         if client is not None:
             client.close()
-        pid_file(config).unlink(missing_ok=True)
 
 
 def cmd_down(config: AppConfig, args: argparse.Namespace) -> int:
-    path = pid_file(config)
-    try:
-        pid = int(path.read_text())
-        os.kill(pid, signal.SIGTERM)
-    except (FileNotFoundError, ValueError, ProcessLookupError):
+    from appliance.daemon_lock import is_daemon_process, lock_holder, read_pid
+
+    path = config.pid_file
+    pid, holder = read_pid(path), lock_holder(path)
+    if holder is None:
         print(f"tokenspeed: no daemon running for {config.server.socket}", file=sys.stderr)
-        path.unlink(missing_ok=True)
         return 1
+    if pid != holder or not is_daemon_process(pid):
+        print(f"tokenspeed: {path} names pid {pid}, but the process holding it (pid {holder}) is not "
+              "that tokenspeed daemon; not signalling anything", file=sys.stderr)
+        return 1
+    os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+        if lock_holder(path) != pid:
             print(f"tokenspeed: daemon {pid} stopped")
             return 0
         time.sleep(0.2)
@@ -124,14 +143,14 @@ def cmd_status(config: AppConfig, args: argparse.Namespace) -> int:
 
     try:
         with _socket_client(config) as http:
-            health = http.get("/health")
+            engine = http.get("/health").json().get("status", "unknown")
             stats = http.get("/stats").json()
-    except (httpx.HTTPError, OSError) as e:
+    except (httpx.HTTPError, OSError, ValueError) as e:
         print(f"tokenspeed: no daemon answers on {config.server.socket} ({e})", file=sys.stderr)
         return 1
-    print(json.dumps({"health": health.status_code == 200, "socket": config.server.socket,
+    print(json.dumps({"health": engine == "ok", "engine": engine, "socket": config.server.socket,
                       "http": f"http://{config.server.host}:{config.server.port}", **stats}, indent=2))
-    return 0 if health.status_code == 200 else 1
+    return 0 if engine == "ok" else 1
 
 
 def cmd_top(config: AppConfig, args: argparse.Namespace) -> int:
@@ -167,22 +186,36 @@ def _socket_client(config: AppConfig):
                         base_url="http://tokenspeed", headers=headers, timeout=5.0)
 
 
-def _daemon_answers(config: AppConfig) -> bool:
-    import httpx
+def _make_run_dir(config: AppConfig) -> None:
+    """The run folder, 0700 when we create it. The default one (under the cache) is made 0700
+    even if it exists; a folder named through server.socket keeps its mode (it may be /tmp)."""
+    run_dir = config.run_dir
+    created = not run_dir.exists()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if created or run_dir == cache_dir() / "run":
+        os.chmod(run_dir, 0o700)
 
-    if not Path(config.server.socket).exists():
-        return False
+
+def _check_model_config(checkpoint: str | None) -> None:
+    """A config.json that is not a JSON object stops start-up with the file named (and no
+    traceback from whichever reader meets it first)."""
+    if checkpoint is None or not (path := Path(checkpoint) / "config.json").is_file():
+        return
     try:
-        with _socket_client(config) as http:
-            return http.get("/health").status_code == 200
-    except (httpx.HTTPError, OSError):
-        return False
+        value = json.loads(path.read_bytes())
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{path}: expected a JSON object, got {type(value).__name__}")
 
 
 def _load_tokenizer(folder: str):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(folder)
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except Exception as e:  # transformers raises many kinds; the message is what matters
+        raise ConfigError(f"cannot load the tokenizer from {folder}: {e}") from None
 
 
 def _raise_keyboard_interrupt(signum, frame) -> None:

@@ -87,6 +87,16 @@ class SchedulerPolicyConfig:
 
 
 @dataclass(frozen=True)
+class EngineConfig:
+    """Supervision of the engine ranks (appliance/engine/client.py)."""
+
+    restart: str = "on-failure"  # on-failure | never (a failure stops the daemon, exit code 1)
+    max_restarts: int = 3  # restarts allowed within restart_window_s; the next failure stops
+    restart_window_s: float = 600.0
+    heartbeat_timeout_s: float = 10.0  # rank 0 silent this long while running = hung
+
+
+@dataclass(frozen=True)
 class KernelsConfig:
     override: dict[str, str] = field(default_factory=dict)
 
@@ -100,11 +110,17 @@ class AppConfig:
     kv: KVConfig = field(default_factory=KVConfig)
     scheduler: SchedulerPolicyConfig = field(default_factory=SchedulerPolicyConfig)
     kernels: KernelsConfig = field(default_factory=KernelsConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
 
     @property
-    def engine_ipc_dir(self) -> Path:
-        """Folder of the frontend <-> engine ZeroMQ sockets, unique per daemon."""
-        return Path(self.server.socket).parent / f"tokenspeed-{self.server.port}.ipc"
+    def run_dir(self) -> Path:
+        """The daemon's run folder: its Unix socket, pid file and engine ipc folders."""
+        return Path(self.server.socket).parent
+
+    @property
+    def pid_file(self) -> Path:
+        """Holds the daemon's pid; `up` keeps an exclusive lock on it while it runs."""
+        return Path(self.server.socket + ".pid")
 
 
 _CHOICES = {
@@ -112,10 +128,12 @@ _CHOICES = {
     "model.dtype": ("auto", "float32", "bfloat16", "float16"),
     "device": ("auto", "cpu", "cuda"),
     "parallel.tp_size": (1, 2, 4, 8),
+    "engine.restart": ("on-failure", "never"),
 }
 _POSITIVE = {
     "model.max_model_len", "server.port", "server.max_body_bytes", "kv.page_size", "kv.num_pages",
     "scheduler.max_batch_tokens", "scheduler.max_running",
+    "engine.restart_window_s", "engine.heartbeat_timeout_s",
 }
 # 0 has a meaning here: tps_floor 0 = no floor, session_ttl_s 0 = no retention.
 _NON_NEGATIVE = {"scheduler.tps_floor", "scheduler.session_ttl_s"}
@@ -213,6 +231,8 @@ def _validate(config: AppConfig) -> None:
         raise ConfigError("model.path / model.preset: set exactly one of them")
     if config.model.path and config.model.load_format == "dummy":
         raise ConfigError("model.load_format: dummy needs model.preset, not model.path")
+    if config.engine.max_restarts < 0:
+        raise ConfigError(f"engine.max_restarts: must be >= 0, got {config.engine.max_restarts}")
     if config.server.port > 65535:
         raise ConfigError(f"server.port: must be <= 65535, got {config.server.port}")
 

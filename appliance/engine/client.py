@@ -1,8 +1,12 @@
-"""The frontend's handle on the engine: starts the rank processes, streams tokens per request.
+"""The frontend's handle on the engine: starts and supervises the ranks, streams tokens per request.
 
-Sends go out on the event loop's thread; a receiver thread blocks on the engine's output socket and
-hands each message to the loop. Each request gets an asyncio queue, so `generate` is a plain async
-iterator and closing it early (a client that disconnected) aborts the request in the engine.
+Each request gets an asyncio queue, so `generate` is a plain async iterator, and closing it early
+(a client that disconnected) aborts the request in the engine. Nothing here blocks the event loop:
+sends are queued for the channel's sender thread, and one monitor thread receives rank 0's
+messages and watches the ranks. When the engine fails (a rank exits, rank 0 reports an error, or
+goes silent: see instance.py) the monitor fails every in-flight request with `EngineFailed`, then
+restarts the engine (`engine.restart: on-failure`, at most `engine.max_restarts` times within
+`engine.restart_window_s`) or gives up (`status` "failed": the daemon exits non-zero).
 """
 
 from __future__ import annotations
@@ -10,98 +14,102 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import multiprocessing as mp
-import shutil
 import threading
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections import deque
+from collections.abc import AsyncIterator, Callable
 
-import zmq
-
-from appliance.config import AppConfig
+from appliance.config import AppConfig, EngineConfig
 from appliance.engine import protocol
+from appliance.engine.instance import EngineInfo, EngineInstance, EngineStartError
 from appliance.engine.model_files import ModelFiles
 from appliance.engine.protocol import GenerateRequest, TokenOutput
 
+__all__ = ["EngineClient", "EngineFailed", "EngineInfo", "EngineRejected", "EngineStartError"]
+
 log = logging.getLogger(__name__)
+
+_POLL_MS = 100
+STOP_TIMEOUT_S = 30.0
 
 
 class EngineRejected(Exception):
-    """The engine refused a request (bad input) or is gone; the message says why."""
+    """The engine refused a request (bad input) or is not running; the message says why."""
 
 
-class EngineStartError(RuntimeError):
-    """An engine rank failed while loading the model."""
+class EngineFailed(EngineRejected):
+    """The engine died or hung while the request ran; the daemon restarts it or stops."""
 
 
-@dataclass(frozen=True)
-class EngineInfo:
-    max_model_len: int
-    num_pages: int
-    page_size: int
-    vocab_size: int
-    eos_token_ids: tuple[int, ...]
+class RestartBudget:
+    """`engine.restart` and its limit: may the engine be restarted now?"""
 
+    def __init__(self, config: EngineConfig, clock: Callable[[], float] = time.monotonic) -> None:
+        self._config = config
+        self._clock = clock
+        self._restarts: deque[float] = deque()
 
-@dataclass(frozen=True)
-class IpcPaths:
-    to_engine: str
-    from_engine: str
-
-    @classmethod
-    def for_config(cls, config: AppConfig) -> IpcPaths:
-        folder = config.engine_ipc_dir
-        return cls(f"ipc://{folder}/requests", f"ipc://{folder}/outputs")
+    def allow(self) -> bool:
+        """True (and counted) if one more restart fits the budget."""
+        if self._config.restart == "never":
+            return False
+        now = self._clock()
+        while self._restarts and now - self._restarts[0] > self._config.restart_window_s:
+            self._restarts.popleft()
+        if len(self._restarts) >= self._config.max_restarts:
+            return False
+        self._restarts.append(now)
+        return True
 
 
 class _Stream:
-    """One request's token queue, fed from the receiver thread through the loop."""
+    """One request's token queue, fed from the monitor thread through the loop."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.queue: asyncio.Queue[TokenOutput | Exception] = asyncio.Queue()
 
     def put(self, item: TokenOutput | Exception) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # the loop is closed: nobody is waiting any more
+            pass
 
 
 class EngineClient:
-    """Starts `tp_size` engine ranks and talks to rank 0 over ZeroMQ."""
+    """Starts `tp_size` engine ranks, talks to rank 0 and keeps the engine running."""
 
     def __init__(self, config: AppConfig, files: ModelFiles, start_timeout_s: float = 900.0) -> None:
         self.config = config
         self.model_name = config.model.model_name
-        self._paths = IpcPaths.for_config(config)
-        config.engine_ipc_dir.mkdir(parents=True, exist_ok=True)
-        self._ctx = zmq.Context()
-        self._send = self._ctx.socket(zmq.PUSH)
-        self._send.bind(self._paths.to_engine)
-        self._recv = self._ctx.socket(zmq.PULL)
-        self._recv.bind(self._paths.from_engine)
+        self._files = files
+        self._start_timeout_s = start_timeout_s
         self._streams: dict[int, _Stream] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards _streams, _status and _instance together
         self._rids = itertools.count(1)
         self._stats: dict[str, float] = {}
-        self._stopping = threading.Event()
-        self._closed = False
-        self._procs = _spawn_ranks(config, files, self._paths)
-        try:
-            self.info = self._wait_ready(start_timeout_s)
-        except BaseException:
-            self.close()
-            raise
+        self._status = "starting"
+        self._closing = threading.Event()
+        self._budget = RestartBudget(config.engine)
+        self._instance = self._start()
+        self.info = self._instance.info
         self.max_model_len = self.info.max_model_len
-        self._receiver = threading.Thread(target=self._receive_loop, name="engine-recv", daemon=True)
-        self._receiver.start()
+        self._status = "ok"
+        self._monitor = threading.Thread(target=self._monitor_loop, name="engine-monitor", daemon=True)
+        self._monitor.start()
 
     # --- the API the frontend uses -------------------------------------------------------------
     def new_rid(self) -> int:
         return next(self._rids)
 
     @property
+    def status(self) -> str:
+        """"starting" | "ok" | "restarting" | "failed" (for /health and `tokenspeed status`)."""
+        return self._status
+
+    @property
     def healthy(self) -> bool:
-        return not self._stopping.is_set() and all(p.is_alive() for p in self._procs)
+        return self._status == "ok" and not self._closing.is_set()
 
     def stats(self) -> dict[str, float]:
         values = dict(self._stats)
@@ -110,16 +118,17 @@ class EngineClient:
         return values
 
     async def generate(self, req: GenerateRequest) -> AsyncIterator[TokenOutput]:
-        if not self.healthy:
-            raise EngineRejected("the engine is not running")
         stream = _Stream(asyncio.get_running_loop())
         with self._lock:
+            if not self.healthy:
+                raise EngineRejected(f"the engine is {self._not_running()}")
             if req.rid in self._streams:
                 raise EngineRejected(f"request id {req.rid} is already running")
             self._streams[req.rid] = stream
+            instance = self._instance
         finished = False
         try:
-            self._send.send(protocol.encode(req))
+            instance.send(req)
             while True:
                 item = await stream.queue.get()
                 if isinstance(item, Exception):
@@ -132,69 +141,86 @@ class EngineClient:
         finally:
             with self._lock:
                 self._streams.pop(req.rid, None)
-            if not finished and not self._stopping.is_set():
-                self._send.send(protocol.encode(protocol.AbortRequest(req.rid)))
+            if not finished:
+                await self.abort(req.rid)
 
     async def abort(self, rid: int) -> None:
-        self._send.send(protocol.encode(protocol.AbortRequest(rid)))
+        if self.healthy:
+            self._instance.send(protocol.AbortRequest(rid))
 
     def running_rids(self) -> list[int]:
         with self._lock:
             return list(self._streams)
 
     # --- lifecycle -----------------------------------------------------------------------------
-    def close(self, timeout_s: float = 30.0) -> None:
-        """Stop the ranks (rank 0 aborts what is still running) and remove the ipc folder."""
-        if self._closed:
+    def close(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
+        """Stop the ranks (rank 0 aborts what still runs) and remove the channel folder."""
+        if self._closing.is_set():
             return
-        self._closed = True
-        self._stopping.set()
+        self._closing.set()
+        self._monitor.join(timeout_s + 15)
+
+    # --- the monitor thread --------------------------------------------------------------------
+    def _monitor_loop(self) -> None:
+        """Receive and watch; on a failure, recover. Ranks started here die with this thread
+        (PR_SET_PDEATHSIG), so it also stops them itself before it ends."""
         try:
-            self._send.send(protocol.encode(protocol.ShutdownRequest()), zmq.NOBLOCK)
-        except zmq.ZMQError:
-            pass
-        deadline = time.monotonic() + timeout_s
-        for proc in self._procs:
-            proc.join(max(0.0, deadline - time.monotonic()))
-        for proc in self._procs:
-            if proc.is_alive():
-                log.warning("engine rank pid %s did not stop in time; terminating", proc.pid)
-                proc.terminate()
-                proc.join(5)
-        receiver = getattr(self, "_receiver", None)
-        if receiver is not None:
-            receiver.join(2)
-        self._fail_all(EngineRejected("the engine stopped"))
-        self._send.close(linger=0)
-        self._recv.close(linger=0)
-        self._ctx.term()
-        shutil.rmtree(self.config.engine_ipc_dir, ignore_errors=True)
+            while not self._closing.is_set() and self._status != "failed":
+                self._instance.poll(_POLL_MS)
+                reason = self._instance.failure()
+                if reason is not None and not self._closing.is_set():
+                    self._recover(reason)
+        except Exception:
+            log.exception("the engine monitor failed")
+            self._fail_in_flight("failed")
+        finally:
+            self._instance.stop(STOP_TIMEOUT_S)
+            self._fail_all(EngineRejected("the engine stopped"))
 
-    # --- internals -----------------------------------------------------------------------------
-    def _wait_ready(self, timeout_s: float) -> EngineInfo:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self._recv.poll(200):
-                message = protocol.decode_from_engine(self._recv.recv())
-                if isinstance(message, protocol.Ready):
-                    return EngineInfo(message.max_model_len, message.num_pages, message.page_size,
-                                      message.vocab_size, tuple(message.eos_token_ids))
-                if isinstance(message, protocol.Failed):
-                    raise EngineStartError(message.message)
-            dead = [p for p in self._procs if not p.is_alive()]
-            if dead:
-                raise EngineStartError(f"engine rank exited with code {dead[0].exitcode} during start-up")
-        raise EngineStartError(f"engine not ready after {timeout_s:.0f} s")
-
-    def _receive_loop(self) -> None:
-        while not self._stopping.is_set():
-            if not self._recv.poll(100):
-                if not all(p.is_alive() for p in self._procs):
-                    log.error("an engine rank died; failing in-flight requests")
-                    self._fail_all(EngineRejected("the engine process died"))
-                    self._stopping.set()
+    def _recover(self, reason: str) -> None:
+        restart = self._budget.allow()
+        log.error("engine failure: %s; %s", reason, "restarting it" if restart else
+                  f"not restarting (engine.restart: {self.config.engine.restart}, "
+                  f"max_restarts: {self.config.engine.max_restarts})")
+        self._fail_in_flight("restarting" if restart else "failed")
+        self._instance.kill()
+        while restart and not self._closing.is_set():
+            try:
+                instance = self._start()
+            except EngineStartError as e:
+                log.error("engine restart failed: %s", e)
+                restart = self._budget.allow()
                 continue
-            self._dispatch(protocol.decode_from_engine(self._recv.recv()))
+            with self._lock:
+                self._instance, self._status = instance, "ok"
+            log.info("engine restarted")
+            return
+        with self._lock:
+            self._status = "failed"
+
+    def _fail_in_flight(self, status: str) -> None:
+        """Enter `status` and fail every request the engine had (none can slip in between)."""
+        with self._lock:
+            self._status = status
+            streams = list(self._streams.values())
+        self._stats = {}
+        then = "is restarting; retry shortly" if status == "restarting" else "is not coming back"
+        error = EngineFailed(f"The engine failed while running this request and {then}.")
+        for stream in streams:
+            stream.put(error)
+
+    def _fail_all(self, error: Exception) -> None:
+        with self._lock:
+            streams = list(self._streams.values())
+        for stream in streams:
+            stream.put(error)
+
+    def _start(self) -> EngineInstance:
+        return EngineInstance(self.config, self._files, self._dispatch, self._start_timeout_s,
+                              self._closing)
+
+    def _not_running(self) -> str:
+        return "shutting down" if self._closing.is_set() else self._status
 
     def _dispatch(self, message: protocol.FromEngine) -> None:
         if isinstance(message, protocol.Outputs):
@@ -210,37 +236,3 @@ class EngineClient:
                 stream.put(EngineRejected(message.message))
         elif isinstance(message, protocol.Stats):
             self._stats = message.values
-        elif isinstance(message, protocol.Failed):
-            log.error("engine failed: %s", message.message)
-            self._fail_all(EngineRejected(f"engine failed: {message.message}"))
-
-    def _fail_all(self, error: Exception) -> None:
-        with self._lock:
-            streams = list(self._streams.values())
-        for stream in streams:
-            try:
-                stream.put(error)
-            except RuntimeError:  # the loop is already closed
-                pass
-
-
-def _spawn_ranks(config: AppConfig, files: ModelFiles, paths: IpcPaths) -> list[mp.process.BaseProcess]:
-    from appliance.engine.rank import run_rank  # the rank entry point imports torch; keep it lazy
-
-    ctx = mp.get_context("spawn")
-    dist_port = _free_port()
-    procs = []
-    for rank in range(config.parallel.tp_size):
-        proc = ctx.Process(target=run_rank, args=(config, files, paths, rank, dist_port),
-                           name=f"tokenspeed-rank{rank}", daemon=True)
-        proc.start()
-        procs.append(proc)
-    return procs
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

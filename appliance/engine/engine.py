@@ -12,11 +12,11 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
-import zmq
 
 from appliance import _core
 from appliance.config import AppConfig, SchedulerPolicyConfig
 from appliance.engine import protocol
+from appliance.engine.channel import EngineEndpoints, connect_engine
 from appliance.engine.plan_arrays import PlanArrays, PlanChannel
 from appliance.engine.protocol import GenerateRequest, TokenOutput
 from appliance.engine.sampler import INT32_MAX, INT64_MAX, INT64_MIN, Sampler, check_sampling
@@ -24,6 +24,8 @@ from appliance.engine.transfer import to_device
 
 log = logging.getLogger(__name__)
 
+# Stats go out at least this often, also when idle: they are the heartbeat the frontend's
+# supervisor watches (engine.heartbeat_timeout_s), so a stuck step loop is noticed.
 STATS_PERIOD_S = 0.25
 IDLE_POLL_MS = 5
 
@@ -50,8 +52,8 @@ class InFlight:
 
 
 class Engine:
-    def __init__(self, config: AppConfig, runner, channel: PlanChannel, to_engine: str,
-                 from_engine: str) -> None:
+    def __init__(self, config: AppConfig, runner, channel: PlanChannel,
+                 endpoints: EngineEndpoints) -> None:
         self.config = config
         self.runner = runner
         self.channel = channel
@@ -62,11 +64,7 @@ class Engine:
         self.sampler = Sampler(self.device)
         self.sampler.warm_up(runner.vocab_size)
         self.requests: dict[int, GenerateRequest] = {}
-        self._ctx = zmq.Context()
-        self._inbox = self._ctx.socket(zmq.PULL)
-        self._inbox.connect(to_engine)
-        self._outbox = self._ctx.socket(zmq.PUSH)
-        self._outbox.connect(from_engine)
+        self._ctx, self._inbox, self._outbox = connect_engine(endpoints)
         self._last_stats = 0.0
         self._inflight: InFlight | None = None  # the launched, not yet committed step
 
@@ -80,11 +78,13 @@ class Engine:
             while self._drain_inbox(block=not ran):
                 ran = (bool(self.requests) or self._inflight is not None) and self.step()
                 self._publish_stats()
-        finally:
+            # A clean stop ends what still runs with "abort". After a crash nothing is sent: an
+            # abort would read as a normal end, and the frontend fails them with a clear error.
             for rid in list(self.requests):
                 self._abort(rid)
             self._publish_stats(force=True)
             self.channel.send_stop()
+        finally:
             self._inbox.close(linger=0)
             self._outbox.close(linger=1000)
             self._ctx.term()

@@ -1,10 +1,15 @@
-"""Entry point of one engine rank process (spawned by EngineClient)."""
+"""Entry point of one engine rank process (spawned by EngineClient).
+
+A rank ends with the frontend that spawned it and, for ranks > 0, with rank 0 (lifeline.py).
+torch.distributed listens on the loopback interface only (the store and gloo's connections).
+"""
 
 from __future__ import annotations
 
 import logging
 import os
 import signal
+import socket
 import sys
 import traceback
 from datetime import timedelta
@@ -15,13 +20,25 @@ import torch.distributed as dist
 import kernels
 from appliance.config import AppConfig
 from appliance.engine import protocol
+from appliance.engine.channel import EngineEndpoints, connect_socket
+from appliance.engine.lifeline import die_with, name_process
 from appliance.engine.model_files import ModelFiles
 from appliance.engine.plan_arrays import PlanChannel
+from appliance.model.loader import LoadError
 
 log = logging.getLogger("tokenspeed.engine")
 
 
-def run_rank(config: AppConfig, files: ModelFiles, paths, rank: int, dist_port: int) -> None:
+class StartupError(RuntimeError):
+    """A setting that cannot work with this model or machine; the message says which keys."""
+
+
+def run_rank(config: AppConfig, files: ModelFiles, endpoints: EngineEndpoints | None, rank: int,
+             dist_port: int, lifelines: tuple[int, ...]) -> None:
+    """`endpoints`: rank 0's way to the frontend (None on other ranks); `lifelines`: the pids
+    this rank must not outlive (the frontend, then rank 0)."""
+    name_process(f"tokenspeed-r{rank}")
+    die_with(*lifelines)
     # Ctrl-C reaches the whole process group: the frontend drains, then tells rank 0 to stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank{rank} %(levelname)s %(message)s")
@@ -37,13 +54,19 @@ def run_rank(config: AppConfig, files: ModelFiles, paths, rank: int, dist_port: 
         from appliance.engine.engine import Engine, run_worker
 
         if rank == 0:
-            Engine(config, runner, channel, paths.to_engine, paths.from_engine).run()
+            check_kv_pool(config, runner)
+            Engine(config, runner, channel, endpoints).run()
         else:
             run_worker(runner, channel)
     except Exception as e:
-        log.error("engine rank %d failed:\n%s", rank, traceback.format_exc())
+        if isinstance(e, (StartupError, LoadError)):  # the message says it all: no traceback
+            message = str(e)
+            log.error("engine rank %d: %s", rank, message)
+        else:
+            message = f"{type(e).__name__}: {e}"
+            log.error("engine rank %d failed:\n%s", rank, traceback.format_exc())
         if rank == 0:
-            _report_failure(paths.from_engine, f"{type(e).__name__}: {e}")
+            _report_failure(endpoints, message)
         code = 1
     if nccl:
         # Tearing NCCL down while captured CUDA graphs still reference its communicators hangs
@@ -80,14 +103,44 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return getattr(torch, name)
 
 
+def check_kv_pool(config: AppConfig, runner) -> None:
+    """Refuse a KV pool that cannot hold one request of max_model_len tokens."""
+    max_len = min(config.model.max_model_len, runner.max_model_len)
+    needed = -(-max_len // runner.page_size)
+    if runner.num_pages < needed:
+        raise StartupError(
+            f"the KV pool holds {runner.num_pages * runner.page_size} tokens ({runner.num_pages} "
+            f"pages of {runner.page_size}) but one request of max_model_len {max_len} tokens needs "
+            f"{needed} pages: raise kv.num_pages (or kv.memory_fraction) or lower "
+            "model.max_model_len")
+
+
+_DIST_TIMEOUT = timedelta(minutes=30)
+
+
 def _init_distributed(tp_size: int, rank: int, port: int, device: torch.device):
     """The model's TP group (NCCL on GPU, gloo on CPU) and a gloo group for the plan broadcast."""
     if tp_size == 1:
         return None
+    # Every rank is on this machine: connections between them stay on loopback.
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
     backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=tp_size, timeout=timedelta(minutes=30))
+    dist.init_process_group(backend, store=_loopback_store(rank, tp_size, port), rank=rank,
+                            world_size=tp_size, timeout=_DIST_TIMEOUT)
     return dist.new_group(backend="gloo") if backend != "gloo" else dist.group.WORLD
+
+
+def _loopback_store(rank: int, world_size: int, port: int) -> dist.TCPStore:
+    """The rendezvous store. TCPStore's server listens on every interface unless handed a
+    socket: rank 0 binds one to 127.0.0.1 and gives it over."""
+    if rank != 0:
+        return dist.TCPStore("127.0.0.1", port, world_size, is_master=False, timeout=_DIST_TIMEOUT)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", port))
+    return dist.TCPStore("127.0.0.1", port, world_size, is_master=True, timeout=_DIST_TIMEOUT,
+                         master_listen_fd=sock.detach())
 
 
 def _build_runner(config: AppConfig, files: ModelFiles, device: torch.device, rank: int):
@@ -98,12 +151,11 @@ def _build_runner(config: AppConfig, files: ModelFiles, device: torch.device, ra
                                    tp_rank=rank, tp_size=config.parallel.tp_size)
 
 
-def _report_failure(address: str, message: str) -> None:
+def _report_failure(endpoints: EngineEndpoints, message: str) -> None:
     import zmq
 
     ctx = zmq.Context()
-    sock = ctx.socket(zmq.PUSH)
-    sock.connect(address)
+    sock = connect_socket(ctx, zmq.PUSH, endpoints.outputs, endpoints)
     sock.send(protocol.encode(protocol.Failed(message)))
     sock.close(linger=2000)
     ctx.term()

@@ -16,7 +16,7 @@ from typing import Any
 import anyio
 from fastapi import Request
 
-from appliance.engine.client import EngineRejected
+from appliance.engine.client import EngineFailed, EngineRejected
 from appliance.engine.protocol import GenerateRequest, TokenOutput
 from appliance.server.detokenize import IncrementalDetokenizer
 from appliance.server.errors import ApiError
@@ -179,6 +179,8 @@ async def _engine_outputs(state: AppState, stream: AsyncIterator[TokenOutput],
     try:
         async for out in stream:
             yield out
+    except EngineFailed as e:
+        raise ApiError(503, str(e)) from None
     except EngineRejected as e:
         if not token_ids and state.engine_healthy:
             raise ApiError(400, f"The engine rejected the request: {e}") from None

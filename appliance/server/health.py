@@ -9,7 +9,6 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
 from appliance.server.auth import require_api_key
-from appliance.server.errors import ApiError
 from appliance.server.request_context import check_model
 from appliance.server.state import AppState, get_state
 
@@ -19,10 +18,10 @@ models_router = APIRouter(dependencies=[Depends(require_api_key)])
 
 @router.get("/health")
 async def health(request: Request) -> JSONResponse:
-    """200 while the engine runs; 503 once it has stopped or died."""
-    if not get_state(request).engine_healthy:
-        raise ApiError(503, "The engine is not running")
-    return JSONResponse({"status": "ok"})
+    """200 `{"status": "ok"}` while the engine serves; else 503 with the engine's status
+    ("starting" | "restarting" | "failed") and nothing more."""
+    status = get_state(request).engine_status
+    return JSONResponse({"status": status}, status_code=200 if status == "ok" else 503)
 
 
 @models_router.get("/v1/models")

@@ -4,7 +4,9 @@ The Unix socket is created mode 0600 (only the daemon's user may talk to it); a 
 left by a crashed daemon is replaced, a live one is an error; the file is removed at exit.
 SIGINT/SIGTERM: stop accepting, let in-flight requests finish for up to GRACE_S seconds, then
 abort the rest through the engine client (their streams end with finish_reason "abort"); a
-request still running ABORT_WAIT_S later is cancelled. Returns 0.
+request still running ABORT_WAIT_S later is cancelled. Returns 0, or 1 once the engine has
+failed for good (`engine.restart: never`, or its restart limit spent); while the engine client
+restarts a failed engine the server keeps running and /health answers 503 "restarting".
 """
 
 from __future__ import annotations
@@ -53,7 +55,8 @@ class _Server(uvicorn.Server):
 
 
 def serve(config: AppConfig, client: EngineClientLike, tokenizer: Any) -> int:
-    """Serve until SIGINT/SIGTERM (0), or until the engine dies (1). 1 if a socket can't be bound."""
+    """Serve until SIGINT/SIGTERM (0), or until the engine fails for good (1). 1 if a socket
+    can't be bound."""
     app = build_app(config, client, tokenizer)
     try:
         tcp = tcp_socket(config.server.host, config.server.port)
@@ -88,13 +91,14 @@ async def _run(server: _Server, sockets: list[socket.socket], state: AppState) -
         for task in helpers:
             task.cancel()
     await _abort_leftovers(state)
-    return 0 if state.engine_healthy else 1
+    return 1 if state.engine_status == "failed" else 0
 
 
 async def _watch_engine(server: _Server, state: AppState) -> None:
+    """Stop serving once the engine has failed for good (a restart keeps the server up)."""
     while not server.should_exit:
-        if not state.engine_healthy:
-            log.error("the engine stopped; shutting the server down")
+        if state.engine_status == "failed":
+            log.error("the engine failed and is not restarting; shutting the server down")
             server.should_exit = True
             return
         await asyncio.sleep(HEALTH_POLL_S)
@@ -129,17 +133,32 @@ def _loop_factory() -> Any:
 
 
 def tcp_socket(host: str, port: int) -> socket.socket:
+    sock = _bound_tcp(host, port)
+    try:
+        sock.listen(BACKLOG)
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
+
+
+def check_tcp_port(host: str, port: int) -> None:
+    """Raise OSError if `host:port` cannot be listened on (another server holds it), without
+    listening: `tokenspeed up` checks before it loads anything."""
+    _bound_tcp(host, port).close()
+
+
+def _bound_tcp(host: str, port: int) -> socket.socket:
     family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
                                                          flags=socket.AI_PASSIVE)[0]
     sock = socket.socket(family, kind, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(address)
-        sock.listen(BACKLOG)
     except OSError:
         sock.close()
         raise
-    sock.set_inheritable(True)
     return sock
 
 

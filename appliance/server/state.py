@@ -64,6 +64,11 @@ class AppState:
     def engine_healthy(self) -> bool:
         return bool(getattr(self.client, "healthy", True))
 
+    @property
+    def engine_status(self) -> str:
+        """"ok" | "starting" | "restarting" | "failed" (a client without `status`: ok or failed)."""
+        return getattr(self.client, "status", None) or ("ok" if self.engine_healthy else "failed")
+
 
 def get_state(request: Request) -> AppState:
     return request.app.state.tokenspeed

@@ -4,6 +4,12 @@ import pytest
 from daemon_process import Daemon, start_daemon
 
 
+def pytest_configure(config) -> None:
+    # Also registered in pyproject's pytest section; here so these files never warn without it.
+    config.addinivalue_line("markers", "slow: starts daemons or other processes "
+                                       "(deselect: -m 'not slow')")
+
+
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory) -> Daemon:
     d = start_daemon(tmp_path_factory.mktemp("daemon"))

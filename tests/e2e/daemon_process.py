@@ -36,6 +36,16 @@ class Daemon:
         return subprocess.run([sys.executable, "-m", "appliance.cli", command, *self.args, *extra],
                               capture_output=True, text=True, timeout=timeout, cwd=REPO)
 
+    def health(self) -> int | None:
+        """/health's status code on the Unix socket (None: nothing answers)."""
+        if not self.socket.exists():
+            return None
+        try:
+            with self.uds_client() as http:
+                return http.get("/health", timeout=5).status_code
+        except httpx.HTTPError:
+            return None
+
     def stop(self, timeout: float = 60) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -48,32 +58,44 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_daemon(folder: Path, *overrides: str, timeout: float = 240) -> Daemon:
-    """Start `tokenspeed up` with its own port and socket; wait until /health answers."""
+def launch_daemon(folder: Path, *overrides: str, socket: Path | None = None,
+                  umask: int | None = None) -> Daemon:
+    """Start `tokenspeed up` with its own port and socket (default `folder/ts-<port>.sock`);
+    `umask`: the one it starts under."""
     port = free_port()
-    sock = folder / f"ts-{port}.sock"
+    sock = socket or folder / f"ts-{port}.sock"
     args = ["--set", f"server.port={port}", "--set", f"server.socket={sock}"]
     for item in overrides:
         args += ["--set", item]
-    log = folder / f"daemon-{port}.log"
+    return launch_with_args(folder, port, sock, args, umask)
+
+
+def launch_with_args(folder: Path, port: int, sock: Path, args: list[str],
+                     umask: int | None = None) -> Daemon:
+    log = folder / f"daemon-{port}-{time.monotonic_ns()}.log"
     env = dict(os.environ)
     env.setdefault("TOKENSPEED_CACHE", str(REPO / ".cache" / "test"))
     proc = subprocess.Popen([sys.executable, "-m", "appliance.cli", "up", *args], cwd=REPO, env=env,
-                            stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
-    daemon = Daemon(proc, port, sock, log, args)
+                            stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
+                            preexec_fn=None if umask is None else lambda: os.umask(umask))
+    return Daemon(proc, port, sock, log, args)
+
+
+def wait_healthy(daemon: Daemon, timeout: float = 240) -> Daemon:
+    """Wait until /health answers 200 on the Unix socket."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"daemon exited with {proc.returncode}:\n{log.read_text()}")
-        if sock.exists():
-            try:
-                with daemon.uds_client() as http:
-                    if http.get("/health").status_code == 200:
-                        return daemon
-            except httpx.HTTPError:
-                pass
+        if daemon.proc.poll() is not None:
+            raise RuntimeError(f"daemon exited with {daemon.proc.returncode}:\n{daemon.log.read_text()}")
+        if daemon.health() == 200:
+            return daemon
         time.sleep(0.3)
     daemon.stop()
-    raise RuntimeError(f"daemon not healthy after {timeout} s:\n{log.read_text()}")
+    raise RuntimeError(f"daemon not healthy after {timeout} s:\n{daemon.log.read_text()}")
+
+
+def start_daemon(folder: Path, *overrides: str, timeout: float = 240, **kwargs) -> Daemon:
+    """Start `tokenspeed up` (see launch_daemon) and wait until /health answers."""
+    return wait_healthy(launch_daemon(folder, *overrides, **kwargs), timeout)
 
 

@@ -32,16 +32,8 @@ class UniformRunner:
 
 
 @pytest.fixture
-def engine(tmp_path, monkeypatch):
-    sent = []
-    monkeypatch.setattr(Engine, "_send", lambda self, message: sent.append(message))
-    eng = Engine(load_config(None, ["device=cpu"]), UniformRunner(), PlanChannel(None),
-                 f"ipc://{tmp_path}/in", f"ipc://{tmp_path}/out")
-    eng.sent = sent
-    yield eng
-    eng._inbox.close(linger=0)
-    eng._outbox.close(linger=0)
-    eng._ctx.term()
+def engine(make_engine):
+    return make_engine(UniformRunner())
 
 
 def good(rid: int, **fields) -> GenerateRequest:

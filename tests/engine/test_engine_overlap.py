@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from appliance.config import load_config
+from appliance.engine.channel import FrontendChannel
 from appliance.engine.engine import Engine, to_forward_batch
 from appliance.engine.plan_arrays import PlanArrays, PlanChannel
 from appliance.engine.protocol import GenerateRequest
@@ -44,17 +45,8 @@ def expected(prompt: list[int], n: int) -> list[int]:
 
 
 @pytest.fixture
-def engine(tmp_path, monkeypatch):
-    sent = []
-    monkeypatch.setattr(Engine, "_send", lambda self, message: sent.append(message))
-    config = load_config(None, ["device=cpu"])
-    eng = Engine(config, CountingRunner(), PlanChannel(None), f"ipc://{tmp_path}/in",
-                 f"ipc://{tmp_path}/out")
-    eng.sent = sent
-    yield eng
-    eng._inbox.close(linger=0)
-    eng._outbox.close(linger=0)
-    eng._ctx.term()
+def engine(make_engine):
+    return make_engine(CountingRunner())
 
 
 def tokens_of(sent, rid: int) -> list[int]:

@@ -127,22 +127,28 @@ def test_sigterm_grace_expiry_aborts_in_engine():
     assert not sock.exists()
 
 
-def test_health_turns_503_when_the_engine_dies(served):
+def test_health_says_the_engine_status_and_nothing_else(served):
     served.fake.healthy = False
     try:
         with served.http() as http:
-            r = http.get("/health")
-        assert r.status_code == 503 and r.json()["error"]["type"] == "service_unavailable"
+            assert (r := http.get("/health")).status_code == 503 and r.json() == {"status": "failed"}
+            served.fake.status = "restarting"
+            assert (r := http.get("/health")).status_code == 503 and r.json() == {"status": "restarting"}
     finally:
         served.fake.healthy = True
+        vars(served.fake).pop("status", None)
 
 
 @pytest.mark.anyio
-async def test_watchdog_stops_the_server_when_the_engine_dies():
+async def test_watchdog_stops_the_server_once_the_engine_failed_for_good():
+    import asyncio
     from types import SimpleNamespace
 
     from appliance.server.serve import _watch_engine
 
     server = SimpleNamespace(should_exit=False)
-    await _watch_engine(server, SimpleNamespace(engine_healthy=False))
+    with pytest.raises(TimeoutError):  # a restart keeps the server up
+        await asyncio.wait_for(_watch_engine(server, SimpleNamespace(engine_status="restarting")), 0.3)
+    assert server.should_exit is False
+    await _watch_engine(server, SimpleNamespace(engine_status="failed"))
     assert server.should_exit is True

@@ -1,0 +1,65 @@
+"""One daemon per endpoint: the pid-file lock."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+
+import pytest
+
+from appliance.daemon_lock import DaemonLock, DaemonRunning, is_daemon_process, lock_holder, read_pid
+
+
+def test_a_second_holder_is_refused_and_told_the_first_pid(tmp_path):
+    path = tmp_path / "ts.sock.pid"
+    old = os.umask(0)
+    try:
+        lock = DaemonLock.acquire(path)
+    finally:
+        os.umask(old)
+    assert read_pid(path) == os.getpid() == lock_holder(path)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    with pytest.raises(DaemonRunning) as refused:
+        DaemonLock.acquire(path)  # another open file description: flock refuses it
+    assert refused.value.pid == os.getpid()
+    lock.release()
+    assert not path.exists() and lock_holder(path) is None
+    DaemonLock.acquire(path).release()
+
+
+def test_a_stale_pid_file_is_taken_over(tmp_path):
+    path = tmp_path / "ts.sock.pid"
+    path.write_text("999999\n")  # left by a daemon that died: nobody holds the lock
+    lock = DaemonLock.acquire(path)
+    assert read_pid(path) == os.getpid()
+    lock.release()
+
+
+def test_a_lock_held_by_another_process_names_it(tmp_path):
+    path = tmp_path / "ts.sock.pid"
+    holder = subprocess.Popen([sys.executable, "-c",
+                               "import sys, time\nfrom appliance.daemon_lock import DaemonLock\n"
+                               f"DaemonLock.acquire(__import__('pathlib').Path({str(path)!r}))\n"
+                               "print('held', flush=True)\ntime.sleep(60)\n"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(DaemonRunning, match=f"pid {holder.pid}"):
+            DaemonLock.acquire(path)
+        assert lock_holder(path) == holder.pid
+    finally:
+        holder.kill()
+        holder.wait()
+    DaemonLock.acquire(path).release()  # the kernel dropped the lock with the holder
+
+
+def test_only_a_tokenspeed_up_process_counts_as_a_daemon():
+    sleeper = subprocess.Popen(["sleep", "30"])
+    try:
+        assert not is_daemon_process(sleeper.pid)
+        assert not is_daemon_process(os.getpid())  # pytest
+    finally:
+        sleeper.kill()
+        sleeper.wait()
