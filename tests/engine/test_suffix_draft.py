@@ -166,3 +166,17 @@ def test_unknown_requests():
     assert source.propose(5, 4) == []
     with pytest.raises(KeyError):
         source.extend(5, [1])
+
+
+def test_a_long_prompt_is_indexed_off_the_callers_thread():
+    rng = np.random.default_rng(4)
+    prompt = rng.integers(0, 30000, size=40_000).tolist()
+    source = SuffixDraft()
+    source.start(1, prompt, "")
+    source.extend(1, prompt[100:103])  # accepted while the prompt may still be indexing
+    draft = source.propose(1, 8)  # 3 matched tokens: 3 drafted
+    assert draft in ([], prompt[103:106])  # nothing until the tree is ready, then the right one
+    assert source.indexed_tokens(1) == len(prompt) + 3  # waits; the accepted tokens joined
+    assert source.propose(1, 8) == prompt[103:106]
+    source.finish(1)
+    assert source.global_tree.num_tokens == 3

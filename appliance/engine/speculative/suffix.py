@@ -19,14 +19,19 @@ sends no session, the park is keyed by the context's opening tokens, which its n
 repeats). What the new prompt no longer holds (an answer it re-tokenized differently) stays in
 the tree as extra text; the tree is rebuilt when that exceeds `max_stale_fraction` of it.
 Parked trees are bounded in tokens, least recently parked dropped first.
+
+Indexing a long prompt (a new 100K-token conversation: ~0.1 s) runs on a worker thread (the
+tree releases the GIL), off the engine loop: the request drafts nothing until its tree is ready,
+which is normally long before its prefill ends; accepted tokens wait in the meantime.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -34,6 +39,7 @@ from appliance._core import Draft, SuffixTree
 
 
 _OPENING_TOKENS = 64  # what identifies a conversation that comes without a session
+_BACKGROUND_TOKENS = 8192  # indexing at least this many tokens runs on the worker thread
 
 
 @dataclass(frozen=True)
@@ -54,6 +60,8 @@ class _Request:
     output: list[int]
     tail: list[int]  # the context's last max_depth tokens: what a draft continues
     stale: int  # tokens in the tree that this context no longer holds
+    indexing: Future | None = None  # the prompt is being indexed on the worker thread
+    waiting: list[int] = field(default_factory=list)  # accepted meanwhile, for the tree
 
 
 @dataclass
@@ -72,19 +80,28 @@ class SuffixDraft:
         self._global = SuffixTree(params.max_depth, params.global_tokens)
         self._parked: OrderedDict[str, _Parked] = OrderedDict()
         self._parked_tokens = 0
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="suffix-index")
 
     def start(self, rid: int, prompt: Sequence[int], session: str) -> None:
         prompt = np.asarray(prompt, dtype=np.int32)
-        tree, stale = self._take_parked(session, prompt)
+        tree, stale, index, new = self._tree_for(session, prompt)
         tail = prompt[-self.params.max_depth:].tolist()
-        self._requests[rid] = _Request(tree, session, prompt, [], tail, stale)
+        req = _Request(tree, session, prompt, [], tail, stale)
+        if new >= _BACKGROUND_TOKENS:
+            req.indexing = self._worker.submit(index)
+        else:
+            index()
+        self._requests[rid] = req
 
     def extend(self, rid: int, tokens: Sequence[int]) -> None:
         req = self._requests[rid]
         tokens = [int(t) for t in tokens]
         if not tokens:
             return
-        req.tree.extend(tokens)
+        if _ready(req):
+            req.tree.extend(tokens)
+        else:
+            req.waiting += tokens
         req.output += tokens
         req.tail = (req.tail + tokens)[-self.params.max_depth:]
 
@@ -95,7 +112,7 @@ class SuffixDraft:
     def draft(self, rid: int, max_draft: int) -> Draft | None:
         """The chosen draft with its match statistics (None for an unknown request)."""
         req = self._requests.get(rid)
-        if req is None or max_draft <= 0:
+        if req is None or max_draft <= 0 or not _ready(req):
             return None
         p = self.params
         best = req.tree.propose(req.tail, max_draft, p.min_prob, p.tokens_per_match)
@@ -109,6 +126,7 @@ class SuffixDraft:
         req = self._requests.pop(rid, None)
         if req is None:
             return
+        _ready(req, wait=True)
         if req.output:
             self._global.add(req.output)
         context = np.concatenate([req.prompt, np.asarray(req.output, dtype=np.int32)])
@@ -116,7 +134,11 @@ class SuffixDraft:
 
     # -- sessions ------------------------------------------------------------------------------
 
-    def _take_parked(self, session: str, prompt: np.ndarray) -> tuple[SuffixTree, int]:
+    def _tree_for(self, session: str, prompt: np.ndarray
+                  ) -> tuple[SuffixTree, int, Callable[[], None], int]:
+        """The request's tree, its stale tokens, the call that indexes the prompt into it and
+        how many tokens that call indexes: the session's parked tree extended past the common
+        prefix, or a new tree."""
         parked = self._parked.pop(_park_key(session, prompt), None)
         if parked is not None:
             self._parked_tokens -= parked.tree.num_tokens
@@ -124,11 +146,10 @@ class SuffixDraft:
             stale = parked.stale + len(parked.context) - kept
             grown = parked.tree.num_tokens + len(prompt) - kept
             if stale <= self.params.max_stale_fraction * grown:
-                parked.tree.extend(prompt[kept:])
-                return parked.tree, stale
+                new = prompt[kept:]
+                return parked.tree, stale, lambda: parked.tree.extend(new), len(new)
         tree = SuffixTree(self.params.max_depth)
-        tree.add(prompt)
-        return tree, 0
+        return tree, 0, lambda: tree.add(prompt), len(prompt)
 
     def _park(self, key: str, parked: _Parked) -> None:
         older = self._parked.pop(key, None)  # a concurrent turn of the session parked first
@@ -142,7 +163,9 @@ class SuffixDraft:
 
     def indexed_tokens(self, rid: int) -> int:
         """Tokens in the request's tree (its context, plus what an earlier turn left)."""
-        return self._requests[rid].tree.num_tokens
+        req = self._requests[rid]
+        _ready(req, wait=True)
+        return req.tree.num_tokens
 
     @property
     def global_tree(self) -> SuffixTree:
@@ -151,6 +174,20 @@ class SuffixDraft:
     @property
     def parked_tokens(self) -> int:
         return self._parked_tokens
+
+
+def _ready(req: _Request, wait: bool = False) -> bool:
+    """Whether the request's tree holds its context; once its prompt is indexed, the tokens
+    accepted meanwhile join it. With `wait`, until then."""
+    if req.indexing is None:
+        return True
+    if not (wait or req.indexing.done()):
+        return False
+    req.indexing.result()  # re-raises what the indexing raised
+    req.indexing = None
+    req.tree.extend(req.waiting)
+    req.waiting = []
+    return True
 
 
 def _park_key(session: str, context: np.ndarray) -> str:
