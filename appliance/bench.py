@@ -10,7 +10,7 @@ Modes
               `--workload edit`: each user asks, through the chat API, for a file of this
               repository rewritten with a function renamed, then for another rename of the
               previous answer each turn (the answers re-emit the file: what speculative drafts
-              taken from the conversation are for); adds the daemon's speculative counters.
+              taken from the conversation are for).
 - greedy:     the greedy token ids of a few seeded prompts, to compare layouts (TP1 vs TP2/TP4).
 
 Prompts are token-id lists (ids 10..499, valid for any vocabulary) sent to /v1/completions with
@@ -97,9 +97,8 @@ async def _run(config: AppConfig, args: argparse.Namespace) -> dict:
         elapsed = time.perf_counter() - started
         after = (await http.get("/stats")).json()
     summary = _summarize(config, args.mode, results, elapsed, before, after)
-    if args.mode == "agentic" and args.workload == "edit":
-        summary["workload"] = "edit"
-        summary.update(_speculative(before, after))
+    if args.mode == "agentic":
+        summary["workload"] = args.workload
     return summary
 
 
@@ -201,20 +200,6 @@ async def _chat(http: httpx.AsyncClient, model: str, messages: list[dict], max_t
             stamps.append(time.perf_counter())
     produced = int(usage.get("completion_tokens", 0))
     return _timed(int(usage.get("prompt_tokens", 0)), produced, started, stamps), "".join(parts)
-
-
-def _speculative(before: dict, after: dict) -> dict:
-    """The daemon's speculative counters (totals named spec_*) over the run."""
-    delta = {key: after["totals"][key] - before["totals"].get(key, 0)
-             for key in after["totals"] if key.startswith("spec_")}
-    out = {f"{key}": value for key, value in sorted(delta.items())}
-    drafted, accepted = delta.get("spec_draft_tokens"), delta.get("spec_accepted_tokens")
-    if drafted:
-        out["spec_acceptance_rate"] = accepted / drafted
-    steps = delta.get("spec_verify_steps")
-    if steps:
-        out["spec_mean_accepted_length"] = accepted / steps
-    return out
 
 
 async def _greedy(http: httpx.AsyncClient, model: str, args: argparse.Namespace,
