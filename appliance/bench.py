@@ -300,9 +300,9 @@ def _percentile(values: list[float], q: float) -> float:
     return values[index]
 
 
-def _client(config: AppConfig, tcp: bool) -> httpx.AsyncClient:
+def _client(config: AppConfig, tcp: bool, timeout_s: float = 600.0) -> httpx.AsyncClient:
     headers = {"Authorization": f"Bearer {config.server.api_key}"} if config.server.api_key else {}
-    timeout = httpx.Timeout(600.0)
+    timeout = httpx.Timeout(timeout_s)
     if tcp:
         return httpx.AsyncClient(base_url=f"http://{config.server.host}:{config.server.port}",
                                  headers=headers, timeout=timeout)

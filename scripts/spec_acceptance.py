@@ -45,7 +45,8 @@ class Request:
 
 # -- 1. the trace ----------------------------------------------------------------------------------
 
-async def record(config, users: int, turns: int, max_tokens: int, seed: int) -> list[Request]:
+async def record(config, users: int, turns: int, max_tokens: int, seed: int,
+                 save: Path | None) -> list[Request]:
     from transformers import AutoTokenizer
 
     from appliance.engine.model_files import resolve_model_files
@@ -68,12 +69,14 @@ async def record(config, users: int, turns: int, max_tokens: int, seed: int) -> 
             output = response.json()["choices"][0]["token_ids"]
             requests.append(Request(session, turn, prompt, output))
             answers.append(tokenizer.decode(output, skip_special_tokens=True))
+            if save:  # as it goes: a slow CPU run that fails late keeps what it recorded
+                save.write_text(json.dumps([asdict(r) for r in requests]))
 
-    async with _client(config, tcp=False) as http:
+    async with _client(config, tcp=False, timeout_s=24 * 3600) as http:
         model = (await http.get("/v1/models")).json()["data"][0]["id"]
         tasks = edit_tasks(users, seed)
         await asyncio.gather(*(conversation(http, model, u, t) for u, t in enumerate(tasks)))
-    return sorted(requests, key=lambda r: (r.turn, r.session))
+    return requests
 
 
 # -- 2. the replay ---------------------------------------------------------------------------------
@@ -141,9 +144,9 @@ def main() -> int:
         trace = [Request(**r) for r in json.loads(args.load.read_text())]
     else:
         config = load_config(args.config, args.set)
-        trace = asyncio.run(record(config, args.users, args.turns, args.max_tokens, args.seed))
-    if args.save:
-        args.save.write_text(json.dumps([asdict(r) for r in trace]))
+        trace = asyncio.run(record(config, args.users, args.turns, args.max_tokens, args.seed,
+                                   args.save))
+    trace.sort(key=lambda r: (r.turn, r.session))  # turn by turn, as at batch 1
 
     results = {name: {k: replay(make, trace, k) for k in range(1, args.max_draft + 1)}
                for name, make in draft_sources().items()}
