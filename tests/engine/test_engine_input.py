@@ -10,10 +10,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from appliance.config import load_config
 from appliance.engine import protocol
 from appliance.engine.engine import Engine
-from appliance.engine.plan_arrays import PlanChannel
 from appliance.engine.protocol import GenerateRequest
 
 VOCAB = 50

@@ -7,10 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from appliance.config import load_config
-from appliance.engine.channel import FrontendChannel
-from appliance.engine.engine import Engine, to_forward_batch
-from appliance.engine.plan_arrays import PlanArrays, PlanChannel
+from appliance.engine.engine import to_forward_batch
+from appliance.engine.plan_arrays import PlanArrays
 from appliance.engine.protocol import GenerateRequest
 
 VOCAB = 50
