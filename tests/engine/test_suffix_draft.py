@@ -174,9 +174,9 @@ def test_a_long_prompt_is_indexed_off_the_callers_thread():
     source = SuffixDraft()
     source.start(1, prompt, "")
     source.extend(1, prompt[100:103])  # accepted while the prompt may still be indexing
-    draft = source.propose(1, 8)  # 3 matched tokens: 3 drafted
-    assert draft in ([], prompt[103:106])  # nothing until the tree is ready, then the right one
+    draft = source.propose(1, 8)  # 3 matched tokens: 6 drafted
+    assert draft in ([], prompt[103:109])  # nothing until the tree is ready, then the right one
     assert source.indexed_tokens(1) == len(prompt) + 3  # waits; the accepted tokens joined
-    assert source.propose(1, 8) == prompt[103:106]
+    assert source.propose(1, 8) == prompt[103:109]
     source.finish(1)
     assert source.global_tree.num_tokens == 3
