@@ -58,7 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--turn-tokens", type=int, default=256, help="agentic: new tokens per turn")
     parser.add_argument("--tool-time", type=float, default=0.5, help="agentic: pause between turns (s)")
     parser.add_argument("--workload", choices=["random", "edit"], default="random",
-                        help="agentic: random token ids, or edits of this repository's files (chat)")
+                        help="agentic: random token ids, or edits of this repo's files (chat)")
     parser.add_argument("--tcp", action="store_true", help="use TCP instead of the Unix socket")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     parser.add_argument("--seed", type=int, default=0)

@@ -117,7 +117,8 @@ def main() -> int:
     else:
         width = max(map(len, out))
         for key, value in out.items():
-            print(f"{key:<{width}}  {value:.3f}" if isinstance(value, float) else f"{key:<{width}}  {value}")
+            print(f"{key:<{width}}  {value:.3f}" if isinstance(value, float)
+                  else f"{key:<{width}}  {value}")
     return 0
 
 

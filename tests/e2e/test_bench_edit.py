@@ -28,7 +28,7 @@ def test_each_turn_resends_the_chat_and_asks_for_another_rename():
     assert task.text in first[1]["content"] and f"`{task.names[0]}_v2`" in first[1]["content"]
     third = edit_messages(task, ["answer one", "answer two"])
     assert third[:2] == first[:2]  # the next turn extends the previous prompt
-    assert [m["role"] for m in third] == ["system", "user", "assistant", "user", "assistant", "user"]
+    assert [m["role"] for m in third] == ["system", *["user", "assistant"] * 2, "user"]
     assert third[2]["content"] == "answer one" and third[4]["content"] == "answer two"
     name = task.names[2 % len(task.names)]
     assert f"rename `{name}` to `{name}_v2`" in third[5]["content"]
