@@ -36,7 +36,7 @@ def cache_dir() -> Path:
 @dataclass(frozen=True)
 class ModelConfig:
     path: str | None = None
-    preset: str | None = "tiny-llama"
+    preset: str | None = "smollm2-135m-instruct"  # the real default model (presets.PACKAGED)
     load_format: str = "auto"  # auto | safetensors | dummy
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     max_model_len: int = 4096

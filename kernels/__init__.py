@@ -13,7 +13,7 @@ from __future__ import annotations
 import warnings
 
 from kernels import plugins, reference, registry  # noqa: F401  (reference registers "torch")
-from kernels.registry import (OPS, KernelError, backends, explain, overrides, register,
+from kernels.registry import (OPS, REFERENCE_ONLY, KernelError, backends, explain, overrides, register,
                               registered_ops, select, selected_backend, set_overrides,
                               unregister)
 
@@ -36,6 +36,6 @@ def rescan_plugins() -> None:
 registry.add_lazy_loader(_load_triton_backend)
 registry.add_lazy_loader(plugins.load_plugins)
 
-__all__ = ["OPS", "KernelError", "register", "unregister", "select", "selected_backend",
+__all__ = ["OPS", "REFERENCE_ONLY", "KernelError", "register", "unregister", "select", "selected_backend",
            "explain", "set_overrides", "overrides", "backends", "registered_ops",
            "rescan_plugins"]

@@ -14,7 +14,7 @@ def test_default_config_loads_and_resolves_socket(tmp_path, monkeypatch):
     monkeypatch.setenv("TOKENSPEED_CACHE", str(tmp_path))
     config = load_config()
     assert config.server.host == "127.0.0.1"
-    assert config.model.preset == "tiny-llama"
+    assert config.model.preset == "smollm2-135m-instruct"
     assert config.server.socket == str(tmp_path / "run" / "tokenspeed-8000.sock")
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import Future
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -17,9 +18,13 @@ from appliance import _core
 from appliance.config import AppConfig, SchedulerPolicyConfig
 from appliance.engine import protocol
 from appliance.engine.channel import EngineEndpoints, connect_engine
+from appliance.engine.constraints import GrammarCompiler, Grammars, check_constraint
+from appliance.engine.logits_processors import check_logits_processors
+from appliance.engine.logprobs import Logprobs, check_logprobs
 from appliance.engine.plan_arrays import PlanArrays, PlanChannel
 from appliance.engine.protocol import GenerateRequest, TokenOutput
-from appliance.engine.sampler import INT32_MAX, INT64_MAX, INT64_MIN, Sampler, check_sampling
+from appliance.engine.sampler import (INT32_MAX, INT64_MAX, INT64_MIN, SampleRows, Sampler,
+                                      check_sampling)
 from appliance.engine.transfer import to_device
 
 log = logging.getLogger(__name__)
@@ -40,20 +45,35 @@ def core_scheduler_config(policy: SchedulerPolicyConfig, num_pages: int, page_si
 
 
 @dataclass(frozen=True)
-class InFlight:
-    """A launched step: its sampled tokens on the device (the next step's placeholders read
-    them) and on their way to the host (`done` marks the copy's end on CUDA)."""
+class Forwarded:
+    """A step whose forward is launched and whose sampler is not yet."""
 
     step: int
+    logits: torch.Tensor  # [B, V] float32, on the device
+    rows: SampleRows
+    started: float
+
+
+@dataclass(frozen=True)
+class InFlight:
+    """A launched step: its sampled tokens on the device (the next step's placeholders read
+    them) and on their way to the host with the log-probabilities asked for (`done` marks the
+    copies' end on CUDA)."""
+
+    step: int
+    rids: np.ndarray  # [B] int64
     tokens: torch.Tensor  # [B] int32, on the device
     host: torch.Tensor  # [B] int32, CPU
+    logprobs: Logprobs | None  # CPU
     done: torch.cuda.Event | None
     started: float
 
 
 class Engine:
     def __init__(self, config: AppConfig, runner, channel: PlanChannel,
-                 endpoints: EngineEndpoints) -> None:
+                 endpoints: EngineEndpoints, tokenizer: str | None = None) -> None:
+        """`tokenizer`: the model's tokenizer folder, which grammar constraints need (without
+        it a request with a constraint is refused)."""
         self.config = config
         self.runner = runner
         self.channel = channel
@@ -61,9 +81,12 @@ class Engine:
         self.max_model_len = min(config.model.max_model_len, runner.max_model_len)
         self.scheduler = _core.Scheduler(core_scheduler_config(
             config.scheduler, runner.num_pages, runner.page_size, self.max_model_len))
-        self.sampler = Sampler(self.device)
+        self.sampler = Sampler(self.device, runner.vocab_size)
         self.sampler.warm_up(runner.vocab_size)
         self.requests: dict[int, GenerateRequest] = {}
+        self.compiler = GrammarCompiler(tokenizer, runner.vocab_size, list(runner.eos_token_ids))
+        self.compiling: dict[int, tuple[GenerateRequest, Future]] = {}  # waiting for their grammar
+        self.grammars = Grammars(runner.vocab_size)
         self._ctx, self._inbox, self._outbox = connect_engine(endpoints)
         self._last_stats = 0.0
         self._inflight: InFlight | None = None  # the launched, not yet committed step
@@ -80,11 +103,12 @@ class Engine:
                 self._publish_stats()
             # A clean stop ends what still runs with "abort". After a crash nothing is sent: an
             # abort would read as a normal end, and the frontend fails them with a clear error.
-            for rid in list(self.requests):
+            for rid in [*self.requests, *self.compiling]:
                 self._abort(rid)
             self._publish_stats(force=True)
             self.channel.send_stop()
         finally:
+            self.compiler.close()
             self._inbox.close(linger=0)
             self._outbox.close(linger=1000)
             self._ctx.term()
@@ -93,36 +117,54 @@ class Engine:
         """Launch the next batch, then commit the one launched before it: the scheduler plans
         step N+1 (its decodes read step N's tokens through placeholders, resolved on the
         device) while the GPU still runs step N, so host work stays off the GPU's critical
-        path. False when there was nothing to launch or commit."""
+        path. A batch with grammar-constrained rows launches its forward, commits step N (its
+        tokens advance the grammars), computes the masks on the host while the GPU runs the
+        forward, then launches the sampler; other batches launch forward and sampler at once.
+        False when there was nothing to launch or commit."""
         plan = self.scheduler.plan()
-        launched = self._launch(plan) if plan is not None else None
+        forwarded = self._forward(plan) if plan is not None else None
+        launched = None
+        if forwarded is not None and not forwarded.rows.constrained:
+            launched = self._sample(forwarded)
         committed = self._inflight is not None
         if committed:
             self._commit(self._inflight)
+        if forwarded is not None and launched is None:
+            launched = self._sample(forwarded)
         self._inflight = launched
         return launched is not None or committed
 
-    def _launch(self, plan) -> InFlight:
+    def _forward(self, plan) -> Forwarded:
         started = time.perf_counter()
         arrays = PlanArrays.from_plan(plan)
         rids = np.array(plan.rids, dtype=np.int64)
         self.channel.send(arrays)
         prev = self._inflight.tokens if self._inflight is not None else None
-        batch = to_forward_batch(arrays, self.device, prev)
-        logits = self.runner.forward(batch)
-        tokens = self.sampler.sample(logits, rids, arrays, self.requests)       # [B] int32
-        host = tokens.to("cpu", non_blocking=True)
+        logits = self.runner.forward(to_forward_batch(arrays, self.device, prev))   # [B, V]
+        rows = self.sampler.prepare(rids, arrays, self.requests, self.grammars)
+        return Forwarded(arrays.step, logits, rows, started)
+
+    def _sample(self, fwd: Forwarded) -> InFlight:
+        held_back = fwd.rows.processors.held_back if fwd.rows.processors is not None else {}
+        bitmask = self.grammars.bitmask(fwd.rows.constrained, held_back) if fwd.rows.constrained else None
+        sampled = self.sampler.sample(fwd.logits, fwd.rows, bitmask)
+        host = sampled.tokens.to("cpu", non_blocking=True)
+        logprobs = sampled.logprobs.to_host() if sampled.logprobs is not None else None
         done = torch.cuda.Event() if self.device.type == "cuda" else None
         if done is not None:
             done.record()
-        return InFlight(arrays.step, tokens, host, done, started)
+        return InFlight(fwd.step, fwd.rows.rids, sampled.tokens, host, logprobs, done, fwd.started)
 
     def _commit(self, step: InFlight) -> None:
         if step.done is not None:
             step.done.synchronize()
         tokens = step.host.numpy().astype(np.int32)
         events = self.scheduler.commit(step.step, tokens, time.perf_counter() - step.started)
-        self._emit(events)
+        logprobs = {}
+        if step.logprobs is not None:
+            by_row = step.logprobs.by_row()
+            logprobs = {int(step.rids[row]): lp for row, lp in by_row.items()}
+        self._emit(events, logprobs)
 
     # --- messages ------------------------------------------------------------------------------
     def _drain_inbox(self, block: bool) -> bool:
@@ -141,14 +183,43 @@ class Engine:
                 self._abort(message.rid)
             else:
                 self._submit(message)
+        self._admit_compiled()
         return True
 
     def _submit(self, req: GenerateRequest) -> None:
         """Hand a request to the scheduler, or refuse it (that request alone) with a Rejected:
-        whatever its fields hold, nothing of it may raise later inside a step."""
+        whatever its fields hold, nothing of it may raise later inside a step. A request with
+        a constraint first waits for its grammar (`_admit_compiled`)."""
         try:
             self._check_request(req)
-            check_sampling(req)
+            if req.constraint is not None:
+                self.compiling[req.rid] = (req, self.compiler.submit(req.constraint))
+                return
+        except ValueError as e:
+            self._send(protocol.Rejected(req.rid, str(e)))
+            return
+        self._admit(req)
+
+    def _admit_compiled(self) -> None:
+        """Admit the requests whose grammar compiled; refuse those whose grammar is bad."""
+        for rid, (req, future) in list(self.compiling.items()):
+            if not future.done():
+                continue
+            del self.compiling[rid]
+            try:
+                matcher = future.result()
+            except ValueError as e:
+                self._send(protocol.Rejected(rid, f"constraint: {e}"))
+                continue
+            except Exception as e:  # the tokenizer failed to build, or llguidance failed
+                log.error("constraint of request %d failed to compile: %s", rid, e)
+                self._send(protocol.Rejected(rid, f"constraint: {type(e).__name__}: {e}"))
+                continue
+            if self._admit(req):
+                self.grammars.add(rid, matcher)
+
+    def _admit(self, req: GenerateRequest) -> bool:
+        try:
             stop_ids = list(req.stop_token_ids)
             if not req.ignore_eos:
                 stop_ids += self.runner.eos_token_ids
@@ -157,39 +228,62 @@ class Engine:
                                   req.session)
         except (ValueError, TypeError, OverflowError) as e:  # the binding's conversions raise the last two
             self._send(protocol.Rejected(req.rid, str(e)))
-            return
+            return False
         self.requests[req.rid] = req
-        self.sampler.add(req)
+        self.sampler.add(req, stop_ids)
+        return True
 
     def _check_request(self, req: GenerateRequest) -> None:
         """ValueError unless the ids and counts fit the scheduler's int32 / int64 arguments."""
         vocab = self.runner.vocab_size
         if not INT64_MIN <= req.rid <= INT64_MAX:
             raise ValueError(f"request id {req.rid} does not fit in a signed 64-bit integer")
-        if req.rid in self.requests:
+        if req.rid in self.requests or req.rid in self.compiling:
             raise ValueError(f"request id {req.rid} is already running")
         if not 1 <= req.max_new_tokens <= INT32_MAX:
             raise ValueError(f"max_new_tokens must be in [1, {INT32_MAX}], got {req.max_new_tokens}")
         for name, ids in (("prompt", req.prompt_ids), ("stop", req.stop_token_ids)):
             if any(not 0 <= t < vocab for t in ids):
                 raise ValueError(f"{name} token ids must be in [0, {vocab})")
+        check_sampling(req)
+        check_logits_processors(req, vocab)
+        check_logprobs(req)
+        if req.constraint is not None:
+            check_constraint(req.constraint)
+            if req.ignore_eos:
+                raise ValueError("ignore_eos cannot be combined with a constraint: a finished "
+                                 "grammar allows only the end of sequence")
 
     def _abort(self, rid: int) -> None:
-        if self.requests.pop(rid, None) is None:
+        compiling = self.compiling.pop(rid, None)
+        if compiling is not None:
+            compiling[1].cancel()  # a compile already under way finishes; its matcher is dropped
+        elif self.requests.pop(rid, None) is not None:
+            self.scheduler.abort(rid)
+            self._forget(rid)
+        else:
             return
-        self.scheduler.abort(rid)
-        self.sampler.remove(rid)
         self._send(protocol.Outputs([TokenOutput(rid, -1, "abort")]))
 
-    def _emit(self, events: list[tuple[int, int, str]]) -> None:
+    def _forget(self, rid: int) -> None:
+        self.sampler.remove(rid)
+        self.grammars.remove(rid)
+
+    def _emit(self, events: list[tuple[int, int, str]],
+              logprobs: dict[int, protocol.TokenLogprobs]) -> None:
         items = []
         for rid, token, reason in events:
             if rid not in self.requests:
                 continue
-            items.append(TokenOutput(rid, token, reason or None))
+            if not reason and (error := self.grammars.advance(rid, token)) is not None:
+                log.error("request %d: its grammar refused the token sampled under its own "
+                          "mask: %s", rid, error)
+                self.scheduler.abort(rid)
+                token, reason = -1, "abort"
+            items.append(TokenOutput(rid, token, reason or None, logprobs.get(rid)))
             if reason:
                 del self.requests[rid]
-                self.sampler.remove(rid)
+                self._forget(rid)
         if items:
             self._send(protocol.Outputs(items))
 

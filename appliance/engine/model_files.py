@@ -1,4 +1,13 @@
-"""Where the daemon's weights and tokenizer come from, decided once from `model.*` config keys."""
+"""Where the daemon's weights and tokenizer come from, decided once from `model.*` config keys.
+
+- `model.path`: an HF folder (config.json + safetensors + tokenizer files), a `.gguf` file,
+  or a folder holding one `.gguf`. A GGUF's tokenizer and chat template are converted once
+  into `$TOKENSPEED_CACHE/tokenizers/` (appliance/model/gguf_tokenizer.py).
+- `model.preset` with real weights: `tiny-llama` (generated into the cache on first use) or
+  a preset whose weights an installed package ships (`presets.PACKAGED`, e.g. the default
+  `smollm2-135m-instruct`).
+- `model.preset` with `load_format: dummy`: random weights in the preset's shape.
+"""
 
 from __future__ import annotations
 
@@ -12,29 +21,53 @@ TINY_PRESET = "tiny-llama"
 
 @dataclass(frozen=True)
 class ModelFiles:
-    checkpoint: str | None  # HF folder with config.json + safetensors; None for dummy weights
+    checkpoint: str | None  # HF folder or .gguf file; None for dummy weights
     preset: str | None  # preset name when the weights are dummy
     tokenizer: str  # folder with tokenizer.json + tokenizer_config.json
 
 
 def resolve_model_files(config: AppConfig) -> ModelFiles:
-    """Map model.path / model.preset / model.load_format to folders, creating the tiny model."""
+    """Map model.path / model.preset / model.load_format to files, creating the tiny model
+    or a GGUF's tokenizer folder when they are missing."""
     from appliance.model import presets, tiny  # creating the tiny checkpoint needs torch
 
     model = config.model
     if model.path:
-        folder = Path(model.path).expanduser()
-        if not (folder / "config.json").is_file():
-            raise ConfigError(f"model.path: no config.json in {folder}")
-        return ModelFiles(str(folder), None, str(folder))
+        return _checkpoint_files(Path(model.path).expanduser(), "model.path", model.load_format)
+    if model.preset in presets.PACKAGED and model.load_format != "dummy":
+        try:
+            path = presets.packaged_weights(model.preset)
+        except FileNotFoundError as e:
+            raise ConfigError(f"model.preset: {e}") from None
+        return _checkpoint_files(path, "model.preset", model.load_format)
     tiny_folder = str(tiny.ensure_tiny_checkpoint(cache_dir() / "models" / TINY_PRESET))
     if model.preset == TINY_PRESET and model.load_format != "dummy":
         return ModelFiles(tiny_folder, None, tiny_folder)
-    if model.preset not in presets.PRESETS and model.preset != TINY_PRESET:
-        known = ", ".join(sorted([TINY_PRESET, *presets.PRESETS]))
+    if model.preset not in presets.PRESETS:
+        known = ", ".join(sorted(presets.PRESETS))
         raise ConfigError(f"model.preset: unknown preset {model.preset!r} (known: {known})")
     if model.load_format != "dummy":
         raise ConfigError(f"model.load_format: preset {model.preset!r} has no weights on this "
                           "machine; use load_format: dummy or model.path")
     # Dummy weights have no tokenizer of their own: the tiny model's byte-level BPE stands in.
     return ModelFiles(None, model.preset, tiny_folder)
+
+
+def _checkpoint_files(path: Path, key: str, load_format: str) -> ModelFiles:
+    from appliance.model.gguf_checkpoint import find_gguf, read_gguf_config
+    from appliance.model.gguf_tokenizer import ensure_gguf_tokenizer
+    from appliance.model.loader import LoadError
+
+    try:
+        gguf = find_gguf(path)
+        if gguf is None:
+            if not (path / "config.json").is_file():
+                raise ConfigError(f"{key}: no config.json or .gguf file in {path}")
+            return ModelFiles(str(path), None, str(path))
+        if load_format == "safetensors":
+            raise ConfigError(f"model.load_format: safetensors, but {key} is a GGUF file ({gguf})")
+        read_gguf_config(gguf)  # an architecture or tensor type we cannot read stops start-up here
+        tokenizer = ensure_gguf_tokenizer(gguf, cache_dir() / "tokenizers")
+        return ModelFiles(str(gguf), None, str(tokenizer))
+    except LoadError as e:
+        raise ConfigError(f"{key}: {e}") from None

@@ -9,6 +9,13 @@ from __future__ import annotations
 import msgspec
 
 
+class Constraint(msgspec.Struct, tag="constraint"):
+    """What the output must match, enforced token by token (appliance/engine/constraints.py)."""
+
+    kind: str  # "json_schema" (spec: the schema as JSON text) | "json_object" (spec "") | "lark"
+    spec: str = ""  # for "lark": an llguidance Lark grammar (may embed schemas with %json {...})
+
+
 class GenerateRequest(msgspec.Struct, tag="generate"):
     rid: int
     prompt_ids: list[int]
@@ -21,6 +28,15 @@ class GenerateRequest(msgspec.Struct, tag="generate"):
     ignore_eos: bool = False  # when False, the model's end-of-sequence ids also stop the request
     session: str = ""
     user: str = ""
+    constraint: Constraint | None = None
+    # Per-row logits processors (appliance/engine/logits_processors.py): a request that leaves
+    # them at their defaults costs its batch nothing.
+    logit_bias: dict[int, float] = {}  # token id -> added to its logit
+    repetition_penalty: float = 1.0  # HF semantics, over prompt + generated tokens; 1 = off
+    presence_penalty: float = 0.0  # OpenAI semantics, over generated tokens; 0 = off
+    frequency_penalty: float = 0.0
+    min_tokens: int = 0  # stop ids and EOS cannot be sampled before this many tokens
+    logprobs: int | None = None  # None: off; k >= 0: the sampled token's and k alternatives'
 
 
 class AbortRequest(msgspec.Struct, tag="abort"):
@@ -31,10 +47,20 @@ class ShutdownRequest(msgspec.Struct, tag="shutdown"):
     pass
 
 
+class TokenLogprobs(msgspec.Struct, array_like=True):
+    """Log-probabilities under the model's raw distribution (log-softmax of its logits, before
+    temperature, penalties, bias or a grammar mask: what vLLM returns by default)."""
+
+    logprob: float  # of the sampled token
+    top_ids: list[int]  # the k most probable tokens, most probable first
+    top_logprobs: list[float]
+
+
 class TokenOutput(msgspec.Struct, tag="token", array_like=True):
     rid: int
     token_id: int  # -1 when the event carries no token (an abort)
     finish_reason: str | None  # "stop" | "length" | "abort" | None while running
+    logprobs: TokenLogprobs | None = None  # only for requests that asked (one byte otherwise)
 
 
 class Outputs(msgspec.Struct, tag="outputs"):

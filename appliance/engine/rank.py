@@ -55,7 +55,7 @@ def run_rank(config: AppConfig, files: ModelFiles, endpoints: EngineEndpoints | 
 
         if rank == 0:
             check_kv_pool(config, runner)
-            Engine(config, runner, channel, endpoints).run()
+            Engine(config, runner, channel, endpoints, tokenizer=files.tokenizer).run()
         else:
             run_worker(runner, channel)
     except Exception as e:
@@ -91,10 +91,13 @@ def resolve_device(device: str, rank: int) -> torch.device:
 
 
 def _share_cpu_cores(tp_size: int) -> None:
-    """CPU ranks and the frontend share the cores: oversubscribed intra-op threads spin against
-    each other (measured: a tiny-model step took 100 ms with 2 threads on 2 busy cores, 9.5 ms
-    with 1)."""
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // (tp_size + 1)))
+    """CPU ranks and the frontend share the cores this process may run on (its affinity: a
+    container or `taskset` may allow fewer than the machine has): oversubscribed intra-op
+    threads wait on each other at every op (measured on 2 busy cores: a tiny-model step took
+    100 ms with 2 threads, 9.5 ms with 1; a SmolLM2-135M decode step 0.8-1.8 s with 2,
+    0.1 s with 1)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    torch.set_num_threads(max(1, (cores or 1) // (tp_size + 1)))
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:

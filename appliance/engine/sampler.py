@@ -1,20 +1,34 @@
-"""Per-request sampling parameters -> the `sample` kernel's per-row tensors."""
+"""Per-request sampling parameters -> the `sample` kernel's per-row tensors, with the rows that
+ask for them edited first (logits processors, a grammar's token bitmask) and their
+log-probabilities taken.
+
+Two phases, so that a grammar's mask can wait for the step in flight (engine.py `step`):
+`prepare` snapshots each row's parameters from the plan while every row's request is known;
+`sample` applies them to the logits, with the bitmask computed in between.
+"""
 
 from __future__ import annotations
 
 import math
 import secrets
+from collections.abc import Container
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 import kernels
+from appliance.engine.constraints import StepBitmask
+from appliance.engine.logits_processors import LogitsProcessors, ProcessorStep
+from appliance.engine.logprobs import LogprobRows, Logprobs, logprob_rows
 from appliance.engine.plan_arrays import PlanArrays
 from appliance.engine.protocol import GenerateRequest
-from appliance.engine.transfer import to_device_packed
+from appliance.engine.transfer import to_device, to_device_packed
 
 INT32_MAX = 2**31 - 1
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+# A row whose request ended while its step was planned: sampled greedily, the token discarded.
+_DISCARDED = GenerateRequest(rid=-1, prompt_ids=[], max_new_tokens=1, temperature=0.0)
 
 
 def check_sampling(req: GenerateRequest) -> None:
@@ -31,11 +45,30 @@ def check_sampling(req: GenerateRequest) -> None:
         raise ValueError(f"seed must fit in a signed 64-bit integer, got {req.seed}")
 
 
+@dataclass(frozen=True)
+class SampleRows:
+    """One step's rows, snapshotted from the plan (host)."""
+
+    rids: np.ndarray  # [B] int64
+    params: list[torch.Tensor]  # the `sample` kernel's temperature, top_k, top_p, seeds, positions
+    processors: ProcessorStep | None
+    logprobs: LogprobRows | None
+    constrained: list[tuple[int, int]]  # (row, rid) of the sampling rows under a grammar
+
+
+@dataclass(frozen=True)
+class Sampled:
+    tokens: torch.Tensor  # [B] int32, on the device
+    logprobs: Logprobs | None
+
+
 class Sampler:
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, vocab_size: int) -> None:
         self.device = device
         self._sample = kernels.select("sample", device=device.type, dtype=torch.float32)
+        self._mask = kernels.select("apply_token_bitmask", device=device.type, dtype=torch.float32)
         self._seeds: dict[int, int] = {}
+        self.processors = LogitsProcessors(device, vocab_size)
 
     def warm_up(self, vocab_size: int) -> None:
         """One launch before the first request (a GPU backend compiles its kernels then): a
@@ -45,23 +78,52 @@ class Sampler:
                   torch.tensor([1.0, 0.9]), torch.tensor([0, 1]), torch.tensor([1, 1])]
         self._sample(logits, *to_device_packed(params, self.device))
 
-    def add(self, req: GenerateRequest) -> None:
+    def add(self, req: GenerateRequest, stop_ids: list[int]) -> None:
         # Without a seed, a random one: the row's randomness is still a pure function of
         # (seed, position), so a preempted and recomputed request samples the same tokens.
         self._seeds[req.rid] = req.seed if req.seed is not None else secrets.randbits(62)
+        self.processors.add(req, stop_ids)
 
     def remove(self, rid: int) -> None:
         self._seeds.pop(rid, None)
+        self.processors.remove(rid)
 
-    def sample(self, logits: torch.Tensor, rids: np.ndarray, arrays: PlanArrays,
-               params: dict[int, GenerateRequest]) -> torch.Tensor:
-        """logits [B, V] float32 -> tokens [B] int32 (on the device; no host sync here)."""
-        reqs = [params[int(rid)] for rid in rids]
-        temperature = torch.tensor([r.temperature for r in reqs], dtype=torch.float32)
-        top_k = torch.tensor([r.top_k for r in reqs], dtype=torch.int32)
-        top_p = torch.tensor([r.top_p for r in reqs], dtype=torch.float32)
-        seeds = torch.tensor([self._seeds[int(rid)] for rid in rids], dtype=torch.int64)
+    def prepare(self, rids: np.ndarray, arrays: PlanArrays, params: dict[int, GenerateRequest],
+                constrained: Container[int] = frozenset()) -> SampleRows:
+        """The rows' parameters while every row's request is known (before the step in
+        flight is committed). `constrained`: the rids under a grammar."""
+        reqs = [params.get(int(rid)) for rid in rids]
+        rows = [r or _DISCARDED for r in reqs]
+        temperature = torch.tensor([r.temperature for r in rows], dtype=torch.float32)
+        top_k = torch.tensor([r.top_k for r in rows], dtype=torch.int32)
+        top_p = torch.tensor([r.top_p for r in rows], dtype=torch.float32)
+        seeds = torch.tensor([self._seeds.get(int(rid), 0) for rid in rids], dtype=torch.int64)
         # The position of the token being sampled: the row's KV length after this step.
         positions = torch.from_numpy(arrays.seq_lens.astype(np.int64))
-        return self._sample(logits, *to_device_packed(
-            [temperature, top_k, top_p, seeds, positions], self.device))
+        under_grammar = [(row, int(rid)) for row, rid in enumerate(rids)
+                         if arrays.sample[row] and int(rid) in constrained] if constrained else []
+        masked = {rid for _, rid in under_grammar}
+        return SampleRows(rids, [temperature, top_k, top_p, seeds, positions],
+                          self.processors.plan(rids, arrays, masked), logprob_rows(reqs),
+                          under_grammar)
+
+    @torch.inference_mode()  # the runner's logits are inference tensors: edited in place here
+    def sample(self, logits: torch.Tensor, rows: SampleRows,
+               bitmask: StepBitmask | None = None) -> Sampled:
+        """logits [B, V] float32 (edited in place) -> tokens [B] int32 on the device, and the
+        log-probabilities of the rows that asked; no host sync here."""
+        raw = None
+        if rows.logprobs is not None:
+            lp_rows = to_device(torch.from_numpy(rows.logprobs.rows), self.device)
+            raw = torch.log_softmax(logits[lp_rows], dim=-1)                          # [R, V]
+        if rows.processors is not None:
+            self.processors.apply(logits, rows.processors)
+        if bitmask is not None:
+            mask_rows, mask = to_device_packed([torch.from_numpy(bitmask.rows),
+                                                torch.from_numpy(bitmask.bitmask)], self.device)
+            self._mask(logits, mask, mask_rows)
+        tokens = self._sample(logits, *to_device_packed(rows.params, self.device))  # [B] int32
+        if rows.processors is not None:
+            self.processors.after_sample(tokens, rows.processors)
+        logprobs = None if raw is None else Logprobs.compute(raw, rows.logprobs, lp_rows, tokens)
+        return Sampled(tokens, logprobs)

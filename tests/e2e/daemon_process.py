@@ -64,7 +64,8 @@ def launch_daemon(folder: Path, *overrides: str, socket: Path | None = None,
     `umask`: the one it starts under."""
     port = free_port()
     sock = socket or folder / f"ts-{port}.sock"
-    args = ["--set", f"server.port={port}", "--set", f"server.socket={sock}"]
+    args = ["--set", f"server.port={port}", "--set", f"server.socket={sock}",
+            "--set", "model.preset=tiny-llama"]  # fast; an override may name another model
     for item in overrides:
         args += ["--set", item]
     return launch_with_args(folder, port, sock, args, umask)

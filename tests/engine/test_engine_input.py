@@ -104,6 +104,13 @@ def test_no_field_value_makes_a_step_raise(engine, data):
         "max_new_tokens": data.draw(st.integers(min_value=-5, max_value=2**40)),
         "prompt_ids": data.draw(st.lists(st.integers(min_value=-2, max_value=2**40), max_size=5)),
         "stop_token_ids": data.draw(st.lists(st.integers(min_value=-2, max_value=VOCAB + 2), max_size=3)),
+        "logit_bias": data.draw(st.dictionaries(st.integers(min_value=-2, max_value=VOCAB + 2),
+                                                st.floats(allow_nan=True, allow_infinity=True), max_size=3)),
+        "repetition_penalty": data.draw(st.floats(allow_nan=True, allow_infinity=True)),
+        "presence_penalty": data.draw(st.floats(allow_nan=True, allow_infinity=True)),
+        "frequency_penalty": data.draw(st.floats(allow_nan=True, allow_infinity=True)),
+        "min_tokens": data.draw(st.integers(min_value=-5, max_value=2**40)),
+        "logprobs": data.draw(st.none() | st.integers(min_value=-3, max_value=30)),
     }
     rid = len(engine.sent) + 1000
     engine._submit(GenerateRequest(rid, **fields))

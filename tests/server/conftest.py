@@ -6,7 +6,7 @@ from __future__ import annotations
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,10 +71,13 @@ def make_config(socket: Path, max_model_len: int = 4096, **server: Any) -> AppCo
 
 
 @contextmanager
-def serve_in_thread(tokenizer, **server: Any) -> Iterator[Served]:
+def serve_in_thread(tokenizer, engine: Callable[[AppConfig], Any] | None = None,
+                    **server: Any) -> Iterator[Served]:
+    """The app on a fake engine, or on `engine(config)` (e.g. a real EngineClient; then
+    `Served.fake` is that client)."""
     folder = Path(tempfile.mkdtemp(prefix="ts-", dir="/tmp"))  # short path: AF_UNIX limit
     config = make_config(folder / "ts.sock", **server)
-    fake = FakeEngineClient(tokenizer)
+    fake = FakeEngineClient(tokenizer) if engine is None else engine(config)
     app = build_app(config, fake, tokenizer)
     tcp, uds = tcp_socket("127.0.0.1", 0), unix_socket(config.server.socket)
     server = uvicorn.Server(uvicorn_config(app, timeout_graceful_shutdown=2))

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from appliance.engine.client import EngineRejected
-from appliance.engine.protocol import GenerateRequest, TokenOutput
+from appliance.engine.protocol import GenerateRequest, TokenLogprobs, TokenOutput
 
 EOS_ID = 2  # the tiny tokenizer's <|im_end|>
 
@@ -30,6 +30,14 @@ async def _sleep_at_least(seconds: float) -> None:
     await asyncio.sleep(seconds)          # always yields to the loop, as before (also at 0)
     while (left := deadline - time.monotonic()) > 0:
         await asyncio.sleep(left)
+
+
+def _logprobs(token: int, index: int, k: int | None) -> TokenLogprobs | None:
+    """Made-up but well-formed values: the sampled token is the most probable alternative."""
+    if k is None:
+        return None
+    logprob = -0.1 * (index + 1)
+    return TokenLogprobs(logprob, [token + j for j in range(k)], [logprob - j for j in range(k)])
 
 
 @dataclass
@@ -96,7 +104,7 @@ class FakeEngineClient:
                 self.totals["generation_tokens_total"] += 1
                 reason = self._finish_reason(req, token, i)
                 finished = reason is not None
-                yield TokenOutput(req.rid, token, reason)
+                yield TokenOutput(req.rid, token, reason, _logprobs(token, i, req.logprobs))
                 if finished:
                     return
         finally:

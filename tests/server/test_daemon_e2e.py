@@ -43,7 +43,7 @@ class Daemon:
         env = {**os.environ, "TOKENSPEED_CACHE": str(REPO / ".cache" / "test")}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "appliance.cli", "up", "--set", f"server.port={self.port}",
-             "--set", f"server.socket={self.socket}"],
+             "--set", f"server.socket={self.socket}", "--set", "model.preset=tiny-llama"],
             cwd=REPO, env=env, stdout=self.log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
 
     def wait_healthy(self, timeout: float = 240) -> None:

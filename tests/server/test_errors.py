@@ -54,8 +54,9 @@ def test_unsupported_options_are_400(served):
     msgs = [{"role": "user", "content": "x"}]
     with served.http() as http:
         _openai_error(http.post(CHAT, json={"messages": msgs, "n": 2}), 400, "n")
-        _openai_error(http.post(CHAT, json={"messages": msgs, "logprobs": True}), 400, "logprobs")
-        _openai_error(http.post("/v1/completions", json={"prompt": "x", "logprobs": 2}), 400, "logprobs")
+        _openai_error(http.post(CHAT, json={"messages": msgs, "top_logprobs": 2}), 400, "top_logprobs")
+        _openai_error(http.post(CHAT, json={"messages": msgs, "structured_outputs": {"regex": "a"}}),
+                      400, "structured_outputs")
         _openai_error(http.post("/v1/completions", json={"prompt": "x", "echo": True}), 400, "echo")
         _openai_error(http.post("/v1/completions", json={"prompt": ["a", "b"]}), 400, "prompt")
         _openai_error(http.post(CHAT, json={"messages": [{"role": "user", "content": [

@@ -40,8 +40,15 @@ OPENAI_SAMPLING: dict[str, list[Any]] = {
     "seed": [INT64_MAX + 1, INT64_MIN - 1, 2**64, True, 1.5, "1"],
     "stop": [5, [5], ["x"] * 17, "x" * 257, ["x" * 257], [None]],
     "n": [2, 0, True, "1"],
-    "presence_penalty": ["x", True, 0.5],
-    "frequency_penalty": ["x", False, -1.0],
+    "presence_penalty": ["x", True, 2.5],
+    "frequency_penalty": ["x", False, -2.5],
+    "logit_bias": ["x", [1], {"5": 101}, {"5": "x"}, {"5": True}, {str(VOCAB): 1}, {"-1": 1}, {"1e2": 1},
+                   {" 5": 1}, {str(i): 1 for i in range(1025)}],
+    "repetition_penalty": [0, -1, "x", True],
+    "min_tokens": [-1, True, "3", 5, INT32_MAX + 1],  # 5 > max_tokens
+    "structured_outputs": ["x", {}, {"json": 5}, {"json": {"type": 12}}, {"json": "{bad"},
+                           {"grammar": "start: nope"}, {"regex": "a+"}, {"choice": ["a"]},
+                           {"json_object": True, "grammar": 'start: "a"'}, {"json_object": "yes"}],
     "user": [5, ["u"]],
     "session_id": [5, {"a": 1}],
     "ignore_eos": ["yes", 1],
@@ -58,8 +65,8 @@ CHAT_FIELDS: dict[str, list[Any]] = {
     "tools": ["x", [{"type": "function", "function": {"name": ""}}], [{"function": {"name": 5}}]],
     "tool_choice": ["maybe", 5, {"type": "function", "function": {"name": "nope"}}, "required"],  # no tools
     "parallel_tool_calls": ["yes", 1],
-    "logprobs": ["yes", True],
-    "top_logprobs": [True, 3, "3"],
+    "logprobs": ["yes", 1],
+    "top_logprobs": [True, 3, "3", 21, -1],  # 3: without logprobs true
     "response_format": ["json", {"type": "json_object"}],
     "chat_template_kwargs": ["x", 5, [1]],
 }
@@ -68,7 +75,7 @@ COMPLETION_FIELDS: dict[str, list[Any]] = {
     "prompt": [5, True, None, {"a": 1}, [], [2**64], [-1], [VOCAB], [INT32_MAX + 1], [True], [1.5],
                [[1], [2]], ["a", "b"], [[VOCAB]]],
     "echo": ["yes", True],
-    "logprobs": [True, 2, "2"],
+    "logprobs": [True, "2", 21, -1],
     "best_of": [2, True],
     "suffix": [5, "x"],
 }

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
+from appliance.engine.constraints import check_grammar
+from appliance.engine.protocol import Constraint
 from appliance.server import sse
 from appliance.server.errors import ApiError, bad_request, openai_error_body
 from appliance.server.generation import Finished, SamplingOptions
-from appliance.server.openai.protocol import SamplingFields
+from appliance.server.openai.protocol import SamplingFields, StructuredOutputs
 from appliance.server.prompt import output_budget
 
 
@@ -20,15 +23,18 @@ def stop_strings(stop: str | list[str] | None) -> tuple[str, ...]:
 def reject_unsupported(body: SamplingFields) -> None:
     if body.n != 1:
         raise bad_request("Only n=1 is supported", "n")
-    for name in ("presence_penalty", "frequency_penalty"):
-        if getattr(body, name):
-            raise bad_request(f"{name} is not supported by this server; omit it or send 0", name)
 
 
 def sampling_options(body: SamplingFields, prompt_len: int, max_model_len: int,
-                     requested: int | None, param: str, default_cap: int | None = None) -> SamplingOptions:
+                     requested: int | None, param: str, default_cap: int | None = None, *,
+                     vocab_size: int, logprobs: int | None = None) -> SamplingOptions:
+    """The request's sampling fields, checked against the model (`vocab_size`) and its output
+    budget; `logprobs`: the alternatives per token the endpoint's own fields asked for."""
     budget_args = {} if default_cap is None else {"default_cap": default_cap}
     max_tokens = output_budget(prompt_len, requested, max_model_len, param=param, **budget_args)
+    min_tokens = body.min_tokens or 0
+    if min_tokens > max_tokens:
+        raise bad_request(f"min_tokens ({min_tokens}) must not exceed {param} ({max_tokens})", "min_tokens")
     return SamplingOptions(
         max_tokens=max_tokens,
         temperature=1.0 if body.temperature is None else body.temperature,
@@ -37,7 +43,53 @@ def sampling_options(body: SamplingFields, prompt_len: int, max_model_len: int,
         seed=body.seed,
         stop=stop_strings(body.stop),
         ignore_eos=body.ignore_eos,
+        logit_bias=logit_bias(body.logit_bias, vocab_size),
+        repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
+        presence_penalty=body.presence_penalty or 0.0,
+        frequency_penalty=body.frequency_penalty or 0.0,
+        min_tokens=min_tokens,
+        logprobs=logprobs,
+        constraint=structured_constraint(body.structured_outputs),
     )
+
+
+def logit_bias(bias: dict[str, float] | None, vocab_size: int) -> tuple[tuple[int, float], ...]:
+    """OpenAI's {"token id": bias} with each id a decimal integer in [0, vocab_size)."""
+    pairs = []
+    for key, value in (bias or {}).items():
+        if not (key.isascii() and key.isdigit() and int(key) < vocab_size):
+            raise bad_request(f"logit_bias keys must be token ids in [0, {vocab_size}), got {key!r}",
+                              "logit_bias")
+        pairs.append((int(key), value))
+    return tuple(pairs)
+
+
+def structured_constraint(spec: StructuredOutputs | None) -> Constraint | None:
+    """The engine constraint of vLLM's `structured_outputs`, checked here (a 400 naming the
+    problem) before the request is tokenized."""
+    if spec is None:
+        return None
+    for name in ("regex", "choice"):
+        if getattr(spec, name) is not None:
+            raise bad_request(f"structured_outputs.{name} is not supported; use json or grammar",
+                              "structured_outputs")
+    given = [c for c in (_json_constraint(spec.json_schema),
+                         Constraint("json_object") if spec.json_object else None,
+                         None if spec.grammar is None else Constraint("lark", spec.grammar)) if c]
+    if len(given) != 1:
+        raise bad_request("structured_outputs needs exactly one of json, json_object or grammar",
+                          "structured_outputs")
+    try:
+        check_grammar(given[0])
+    except ValueError as e:
+        raise bad_request(f"structured_outputs: {e}", "structured_outputs") from None
+    return given[0]
+
+
+def _json_constraint(schema: dict[str, Any] | str | None) -> Constraint | None:
+    if schema is None:
+        return None
+    return Constraint("json_schema", schema if isinstance(schema, str) else json.dumps(schema))
 
 
 def finish_reason(finished: Finished) -> str:

@@ -18,6 +18,7 @@ from appliance.server.generation import (Finished, GenerationJob, TextDelta, Tok
 from appliance.server.json_body import JsonBodyRoute
 from appliance.server.openai.common import (finish_reason, reject_unsupported, sampling_options,
                                              stream_error, usage)
+from appliance.server.openai.logprobs import CompletionLogprobs
 from appliance.server.openai.protocol import CompletionRequest
 from appliance.server.prompt import check_token_ids, text_prompt_ids
 from appliance.server.request_context import arrival_time, check_model, session_hint, user_hint
@@ -36,7 +37,8 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     prompt_ids = await _prompt_ids(state, body.prompt)
     requested = body.max_tokens if body.max_tokens is not None else min(
         DEFAULT_MAX_TOKENS, max(1, state.client.max_model_len - len(prompt_ids)))
-    sampling = sampling_options(body, len(prompt_ids), state.client.max_model_len, requested, "max_tokens")
+    sampling = sampling_options(body, len(prompt_ids), state.client.max_model_len, requested, "max_tokens",
+                                vocab_size=state.vocab_size, logprobs=body.logprobs)
     # Streamed with return_token_ids: a chunk per token carrying its id (its text may still be
     # held back by the detokenizer), so clients can time every token.
     job = GenerationJob(prompt_ids, sampling, session=session_hint(request, body.session_id),
@@ -46,11 +48,16 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
             "model": state.model_name}
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        stream = _stream(state, job, head, include_usage)
+        stream = _stream(state, job, head, include_usage, body.logprobs is not None)
         return sse.response(sse.guarded(stream, stream_error))
     result = await collect(request, generate(state, job))
     ids = list(result.finished.token_ids) if body.return_token_ids and result.finished else None
     choice = _choice(result.text, result.finished, ids)
+    if body.logprobs is not None:
+        logprobs = CompletionLogprobs(state.tokenizer)
+        for item in result.logprobs:
+            logprobs.add(item.token_id, item.logprobs)
+        choice["logprobs"] = logprobs.take() or CompletionLogprobs.empty()
     return JSONResponse({**head, "choices": [choice], "usage": usage(result.finished)})
 
 
@@ -58,8 +65,6 @@ def _reject_unsupported(body: CompletionRequest) -> None:
     reject_unsupported(body)
     if body.echo:
         raise bad_request("echo is not supported by this server", "echo")
-    if body.logprobs is not None:
-        raise bad_request("logprobs are not supported by this server", "logprobs")
     if body.best_of not in (None, 1):
         raise bad_request("Only best_of=1 is supported", "best_of")
     if body.suffix:
@@ -87,15 +92,25 @@ def _choice(text: str, finished: Finished | None, token_ids: list[int] | None = 
 
 
 async def _stream(state: AppState, job: GenerationJob, head: dict[str, Any],
-                  include_usage: bool) -> AsyncIterator[str]:
+                  include_usage: bool, with_logprobs: bool) -> AsyncIterator[str]:
     extra = {"usage": None} if include_usage else {}
+    logprobs = CompletionLogprobs(state.tokenizer)
+
+    def chunk(choice: dict[str, Any]) -> str:
+        if with_logprobs:  # the log-probabilities of the tokens since the last chunk
+            choice["logprobs"] = logprobs.take()
+        return sse.data({**head, "choices": [choice], **extra})
+
     async for item in generate(state, job):
         if isinstance(item, TokenDelta):
-            yield sse.data({**head, "choices": [_choice("", None, [item.token_id])], **extra})
+            if item.logprobs is not None:
+                logprobs.add(item.token_id, item.logprobs)
+            if job.token_events:
+                yield chunk(_choice("", None, [item.token_id]))
         elif isinstance(item, TextDelta):
-            yield sse.data({**head, "choices": [_choice(item.text, None)], **extra})
+            yield chunk(_choice(item.text, None))
         elif isinstance(item, Finished):
-            yield sse.data({**head, "choices": [_choice("", item)], **extra})
+            yield chunk(_choice("", item))
             if include_usage:
                 yield sse.data({**head, "choices": [], "usage": usage(item)})
     yield sse.DONE

