@@ -14,9 +14,15 @@
 Reports, per source and k = 1..8, the mean tokens per verify step (accepted drafts + the
 target's token; 1.0 without speculation), the acceptance rate and the time the source took.
 
+`--oracle` replaces the model by one that makes each edit exactly (the file with the names
+renamed, in a code block): no daemon, the daemon's tokenizer only. A small model's answers are
+not faithful rewrites (SmolLM2-135M drifts into repetition, which drafts predict too), so this
+is the figure for a model that does the task.
+
     tokenspeed up &                                      # speculation off, the default model
     .venv/bin/python scripts/spec_acceptance.py --users 4 --turns 3 --save /tmp/edit-trace.json
     .venv/bin/python scripts/spec_acceptance.py --load /tmp/edit-trace.json    # replay only
+    .venv/bin/python scripts/spec_acceptance.py --oracle --users 8                # exact edits
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import re
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -45,21 +52,50 @@ class Request:
 
 # -- 1. the trace ----------------------------------------------------------------------------------
 
-async def record(config, users: int, turns: int, max_tokens: int, seed: int,
-                 save: Path | None) -> list[Request]:
+def tokenizer_of(config):
     from transformers import AutoTokenizer
+    from transformers.utils import logging
 
     from appliance.engine.model_files import resolve_model_files
+
+    logging.set_verbosity_error()  # prompts may exceed the model's context: ids are all we want
+    return AutoTokenizer.from_pretrained(resolve_model_files(config).tokenizer)
+
+
+def prompt_ids(tokenizer, task, answers: list[str]) -> list[int]:
+    """The chat so far, rendered and encoded as the chat API does."""
     from appliance.server.prompt import render_chat
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_files(config).tokenizer)
+    text = render_chat(tokenizer, edit_messages(task, answers), None, {})
+    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def oracle(config, users: int, turns: int, seed: int) -> list[Request]:
+    """Each answer is the edit made exactly: the file so far with the turn's name renamed."""
+    tokenizer = tokenizer_of(config)
+    requests = []
+    for user, task in enumerate(edit_tasks(users, seed)):
+        answers: list[str] = []
+        text = task.text
+        for turn in range(turns):
+            prompt = prompt_ids(tokenizer, task, answers)
+            name = task.names[turn % len(task.names)]
+            text = re.sub(rf"\b{name}\b", f"{name}_v2", text)
+            answers.append(f"```python\n{text}```")
+            output = list(tokenizer.encode(answers[-1], add_special_tokens=False))
+            requests.append(Request(f"edit-{user}", turn, prompt, output))
+    return requests
+
+
+async def record(config, users: int, turns: int, max_tokens: int, seed: int,
+                 save: Path | None) -> list[Request]:
+    tokenizer = tokenizer_of(config)
     requests: list[Request] = []
 
     async def conversation(http, model: str, user: int, task) -> None:
         answers: list[str] = []
         for turn in range(turns):
-            text = render_chat(tokenizer, edit_messages(task, answers), None, {})
-            prompt = list(tokenizer.encode(text, add_special_tokens=False))
+            prompt = prompt_ids(tokenizer, task, answers)
             body = {"model": model, "prompt": prompt, "max_tokens": max_tokens,
                     "temperature": 0.0, "return_token_ids": True}
             session = f"edit-{user}"
@@ -137,16 +173,22 @@ def main() -> int:
     parser.add_argument("--max-draft", type=int, default=8, help="k = 1..this")
     parser.add_argument("--save", type=Path, help="write the recorded trace here (JSON)")
     parser.add_argument("--load", type=Path, help="replay a saved trace; no daemon needed")
+    parser.add_argument("--oracle", action="store_true",
+                        help="answers are the edits made exactly; no daemon needed")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
+    config = load_config(args.config, args.set)
     if args.load:
         trace = [Request(**r) for r in json.loads(args.load.read_text())]
+    elif args.oracle:
+        trace = oracle(config, args.users, args.turns, args.seed)
     else:
-        config = load_config(args.config, args.set)
         trace = asyncio.run(record(config, args.users, args.turns, args.max_tokens, args.seed,
                                    args.save))
     trace.sort(key=lambda r: (r.turn, r.session))  # turn by turn, as at batch 1
+    if args.save and args.oracle:
+        args.save.write_text(json.dumps([asdict(r) for r in trace]))
 
     results = {name: {k: replay(make, trace, k) for k in range(1, args.max_draft + 1)}
                for name, make in draft_sources().items()}
