@@ -55,6 +55,7 @@ class ModelConfig:
 @dataclass(frozen=True)
 class ParallelConfig:
     tp_size: int = 1
+    moe: str = "tp"  # tp: each expert split over the ranks | ep: whole experts per rank
 
 
 @dataclass(frozen=True)
@@ -128,6 +129,7 @@ _CHOICES = {
     "model.dtype": ("auto", "float32", "bfloat16", "float16"),
     "device": ("auto", "cpu", "cuda"),
     "parallel.tp_size": (1, 2, 4, 8),
+    "parallel.moe": ("tp", "ep"),
     "engine.restart": ("on-failure", "never"),
 }
 _POSITIVE = {

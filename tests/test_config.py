@@ -26,6 +26,17 @@ def test_overrides_are_typed_and_nested():
     assert config.kernels.override == {"rms_norm": "torch"}
 
 
+def test_parallel_moe_reaches_the_runner_layout():
+    """parallel.moe: ep puts each rank in one expert-parallel group of tp_size ranks."""
+    from appliance.model.runner import moe_layout
+
+    config = load_config(overrides=["parallel.tp_size=4", "parallel.moe=ep"])
+    assert (config.parallel.moe, load_config().parallel.moe) == ("ep", "tp")
+    layout = moe_layout(1, config.parallel.tp_size, config.parallel.moe)
+    assert layout.ranks("moe_ep") == (0, 1, 2, 3) and layout.ranks("moe_tp") == (1,)
+    assert moe_layout(1, 4, "tp").ranks("moe_tp") == (0, 1, 2, 3)
+
+
 def test_model_path_override_replaces_the_preset():
     config = load_config(overrides=["model.path=/some/checkpoint"])
     assert config.model.path == "/some/checkpoint" and config.model.preset is None
@@ -37,6 +48,7 @@ def test_model_path_override_replaces_the_preset():
     ("kv.page_size=12", "kv.page_size"),
     ("kv.page_size=0", "kv.page_size"),
     ("parallel.tp_size=3", "parallel.tp_size"),
+    ("parallel.moe=dp", "parallel.moe"),
     ("server.port=http", "server.port"),
     ("model.dtype=fp7", "model.dtype"),
     ("device=tpu", "device"),

@@ -14,10 +14,12 @@ into the consumer's input placement:
 The result is installed on the modules (a forward hook on the producer, or the fused
 all-reduce + residual add + RMSNorm step on the consumer), so model files never call a
 collective. The same walk resolves every parameter's `WeightSharding` into the loader's
-`ShardPlan`. `plan_collectives` is pure (placements in, steps out) and unit-tested alone.
+`ShardPlan` (with the checkpoint names a model's `checkpoint_prefixes` gives).
+`plan_collectives` is pure (placements in, steps out) and unit-tested alone.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -211,10 +213,24 @@ def install(steps: Sequence[Step], mods: dict[str, Placed], world: World) -> Non
             mods[step.producer].register_forward_hook(OutputStep(step.op, group, step.dim))
 
 
+def checkpoint_named(ws: WeightSharding, prefixes: dict[str, str]) -> WeightSharding:
+    """`ws` with its sources renamed by the model's `checkpoint_prefixes` (module path prefix
+    -> checkpoint name prefix), for modules stored elsewhere in the checkpoint than in the
+    model (GLM's MTP layers: `mtp_layers.0.` -> `model.layers.46.`)."""
+    def rename(name: str) -> str:
+        for ours, theirs in prefixes.items():
+            if name.startswith(ours):
+                return theirs + name[len(ours):]
+        return name
+    sources = tuple(dataclasses.replace(s, name=rename(s.name)) for s in ws.sources)
+    return dataclasses.replace(ws, sources=sources)
+
+
 def plan_weights(model: nn.Module, layout: ParallelLayout) -> ShardPlan:
     """Every parameter's WeightSharding resolved for this rank, checked for coverage."""
     plan = ShardPlan()
     params = dict(model.named_parameters())
+    prefixes: dict[str, str] = getattr(model, "checkpoint_prefixes", {})
     covered: dict[str, int] = {name: 0 for name in params}
     padded: set[str] = set()
     for prefix, mod in model.named_modules():
@@ -226,6 +242,7 @@ def plan_weights(model: nn.Module, layout: ParallelLayout) -> ShardPlan:
                                      "declares no weight_shardings()")
             continue
         for ws in declare(prefix):
+            ws = checkpoint_named(ws, prefixes)
             if ws.param not in params:
                 raise PlacementError(f"{prefix}: weight sharding names unknown parameter "
                                      f"{ws.param!r}")

@@ -1,7 +1,7 @@
 """What every module constructor gets besides its HF config: where and how it is built."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -14,6 +14,9 @@ class BuildContext:
     device: torch.device  # where the weights will live (modules are built on "meta" first)
     dtype: torch.dtype  # weight / activation dtype
     page_size: int  # tokens per KV page
+    # the checkpoint's tensor names (None: dummy weights), for models whose optional parts
+    # a checkpoint may lack (GLM's MTP layers, which transformers does not save)
+    checkpoint_tensors: frozenset[str] | None = field(default=None, compare=False)
 
     @staticmethod
     def single(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,

@@ -91,6 +91,25 @@ def checkpoint_files(folder: str | Path) -> tuple[list[Path], dict[str, str] | N
     return files, None
 
 
+def checkpoint_tensor_names(folder: str | Path) -> frozenset[str]:
+    """Every tensor name (HF spelling) of a checkpoint: a folder's index or files' headers, or
+    a GGUF file's tensors."""
+    from appliance.model import gguf_checkpoint   # builds on this module's helpers
+
+    if (gguf := gguf_checkpoint.find_gguf(folder)) is not None:
+        reader = gguf_checkpoint.open_gguf(gguf)
+        return frozenset(hf for t in reader.tensors
+                         if (hf := gguf_checkpoint.hf_tensor_name(t.name)) is not None)
+    files, weight_map = checkpoint_files(folder)
+    if weight_map is not None:
+        return frozenset(weight_map)
+    names: set[str] = set()
+    for file in files:
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            names.update(f.keys())
+    return frozenset(names)
+
+
 def destination(params: dict[str, torch.Tensor], s: LoadSlice) -> torch.Tensor:
     dst = params[s.param]
     for i in s.index:

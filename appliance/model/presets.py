@@ -2,9 +2,9 @@
 and the presets whose real weights a Python package installs (`PACKAGED`).
 
 Values follow the published config.json files of each model (rounded to what the model code
-reads). The DeepSeek entries are configs only until models/deepseek.py lands. Kimi K2.5 is a
-multimodal wrapper upstream; its text model is a DeepseekV3ForCausalLM and that is what is
-listed here.
+reads). Kimi K2.5 is a multimodal wrapper upstream; its text model is a DeepseekV3ForCausalLM
+and that is what is listed here. Of the MoE presets only qwen3-coder-30b-a3b fits one H200 in
+bf16 (configs/qwen3-coder-30b-a3b.yaml).
 """
 from __future__ import annotations
 
@@ -82,6 +82,42 @@ PRESETS: dict[str, dict[str, Any]] = {
         "attention_bias": False, "tie_word_embeddings": False, "hidden_act": "silu",
         "bos_token_id": 163584, "eos_token_id": 163586, "torch_dtype": "bfloat16",
     },
+    # Qwen3-Coder-30B-A3B-Instruct: 30.5B parameters (61 GB in bf16), 3.3B active per token
+    "qwen3-coder-30b-a3b": {
+        "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe",
+        "vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 5472,
+        "moe_intermediate_size": 768, "num_hidden_layers": 48, "num_attention_heads": 32,
+        "num_key_value_heads": 4, "head_dim": 128, "num_experts": 128, "num_experts_per_tok": 8,
+        "norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": [],
+        "max_position_embeddings": 262144, "rms_norm_eps": 1e-6, "rope_theta": 10000000.0,
+        "rope_scaling": None, "attention_bias": False, "tie_word_embeddings": False,
+        "hidden_act": "silu", "bos_token_id": 151643, "eos_token_id": 151645,
+        "torch_dtype": "bfloat16",
+    },
+    # GLM-4.5-Air: 106B parameters (212 GB in bf16: more than one H200), 12B active; one MTP
+    # layer after the 46 decoder layers
+    "glm-4.5-air": {
+        "architectures": ["Glm4MoeForCausalLM"], "model_type": "glm4_moe",
+        "vocab_size": 151552, "hidden_size": 4096, "intermediate_size": 10944,
+        "moe_intermediate_size": 1408, "num_hidden_layers": 46, "num_attention_heads": 96,
+        "num_key_value_heads": 8, "head_dim": 128, "partial_rotary_factor": 0.5,
+        "attention_bias": True, "use_qk_norm": False, "n_routed_experts": 128,
+        "n_shared_experts": 1, "num_experts_per_tok": 8, "n_group": 1, "topk_group": 1,
+        "norm_topk_prob": True, "routed_scaling_factor": 1.0, "first_k_dense_replace": 1,
+        "num_nextn_predict_layers": 1, "max_position_embeddings": 131072, "rms_norm_eps": 1e-5,
+        "rope_theta": 1000000.0, "rope_scaling": None, "tie_word_embeddings": False,
+        "hidden_act": "silu", "pad_token_id": 151329, "eos_token_id": [151329, 151336, 151338],
+        "torch_dtype": "bfloat16",
+    },
+}
+
+
+# Qwen3-Coder-480B-A35B-Instruct: 480B parameters (960 GB in bf16), 35B active; the 30B's
+# config but for these dims
+PRESETS["qwen3-coder-480b"] = {
+    **PRESETS["qwen3-coder-30b-a3b"], "hidden_size": 6144, "intermediate_size": 8192,
+    "moe_intermediate_size": 2560, "num_hidden_layers": 62, "num_attention_heads": 96,
+    "num_key_value_heads": 8, "num_experts": 160,
 }
 
 

@@ -7,7 +7,8 @@
 `model_cfg` is an HF checkpoint folder (str / Path), an HF config dict (dummy weights), or a
 `ModelSource` (path or preset, load_format, seed). With tp_size > 1 the caller has already
 initialised torch.distributed (gloo on CPU, nccl on GPU); every rank builds the same model
-on its own shard and all ranks agree on num_pages (the minimum).
+on its own shard and all ranks agree on num_pages (the minimum). `moe_parallel` (YAML
+`parallel.moe`): "tp" splits each expert over the ranks, "ep" places whole experts per rank.
 
 KV sizing: `kv_num_pages` if given; else `memory_fraction` of the device. On CUDA, after the
 weights are loaded, the cache gets `free - (1 - fraction) * total` bytes (torch.cuda
@@ -33,8 +34,8 @@ from appliance.model.comm import World
 from appliance.model.compiler import CompiledModel, compile_model
 from appliance.model.context import BuildContext
 from appliance.model.cuda_graph import DecodeGraphs
-from appliance.model.loader import (load_checkpoint, load_dummy, read_eos_token_ids,
-                                    read_hf_config)
+from appliance.model.loader import (checkpoint_tensor_names, load_checkpoint, load_dummy,
+                                    read_eos_token_ids, read_hf_config)
 from appliance.model.layers.yarn import context_length
 from appliance.model.models import model_class
 from appliance.model.placement import ParallelLayout
@@ -108,11 +109,20 @@ def use_cuda_graphs(device: torch.device, dtype: torch.dtype, overrides: dict[st
     return forced == "1" or (dtype in (torch.float16, torch.bfloat16) and not overrides)
 
 
+def moe_layout(tp_rank: int, tp_size: int, moe_parallel: str) -> ParallelLayout:
+    """The tensor-parallel layout with YAML `parallel.moe`: "tp" splits every expert's
+    intermediate dim over all ranks, "ep" gives each rank whole experts (E / tp_size)."""
+    if moe_parallel not in ("tp", "ep"):
+        raise ValueError(f"parallel.moe must be 'tp' or 'ep', got {moe_parallel!r}")
+    return ParallelLayout.tensor_parallel(tp_rank, tp_size,
+                                          tp_size if moe_parallel == "ep" else 1)
+
+
 class ModelRunner:
     def __init__(self, model_cfg: Any, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32, tp_rank: int = 0, tp_size: int = 1,
                  kv_num_pages: int | None = None, memory_fraction: float | None = None,
-                 page_size: int = 16) -> None:
+                 page_size: int = 16, moe_parallel: str = "tp") -> None:
         self.source = ModelSource.coerce(model_cfg)
         self.device = torch.device(device)
         if self.device.type == "cuda":
@@ -120,7 +130,7 @@ class ModelRunner:
                 self.device = torch.device("cuda", torch.cuda.current_device())
             torch.cuda.set_device(self.device)  # NCCL collectives use the current device
         self.dtype, self.page_size = dtype, page_size
-        self.layout = ParallelLayout.tensor_parallel(tp_rank, tp_size)
+        self.layout = moe_layout(tp_rank, tp_size, moe_parallel)
         self.world = World(self.layout)
         self.hf_config = self.source.config()
         self.vocab_size = int(self.hf_config["vocab_size"])
@@ -128,7 +138,8 @@ class ModelRunner:
         folder = self.source.path if self.source.load_format != "dummy" else None
         self.eos_token_ids = read_eos_token_ids(folder, self.hf_config)
 
-        ctx = BuildContext(self.layout, self.device, dtype, page_size)
+        ctx = BuildContext(self.layout, self.device, dtype, page_size,
+                           checkpoint_tensor_names(folder) if folder is not None else None)
         cls = model_class(self.hf_config.get("architectures"))
         with torch.device("meta"):
             model: nn.Module = cls(self.hf_config, ctx)
@@ -163,7 +174,8 @@ class ModelRunner:
         source = ModelSource(path=files.checkpoint, preset=files.preset,
                              load_format="dummy" if dummy else "auto", seed=config.model.seed)
         runner = cls(source, device, dtype, tp_rank, tp_size, kv_num_pages=config.kv.num_pages,
-                     memory_fraction=config.kv.memory_fraction, page_size=config.kv.page_size)
+                     memory_fraction=config.kv.memory_fraction, page_size=config.kv.page_size,
+                     moe_parallel=config.parallel.moe)
         max_len = min(int(config.model.max_model_len), runner.max_model_len)
         if use_cuda_graphs(runner.device, dtype, dict(config.kernels.override)):
             runner.enable_cuda_graphs(min(int(config.scheduler.max_running), 256), max_len)

@@ -62,6 +62,8 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: tor
     """x: [T, H], w13: [E, 2I, H], w2: [E, H, I], weights/ids: [T, k]
     -> sum_k weights * (silu_and_mul(x @ w13[e].T) @ w2[e].T)  [T, H]."""
     t, k = ids.shape
+    here = ids < w13.shape[0]     # id E: an expert of another rank (EP), contributes nothing
+    weights, ids = weights * here, torch.where(here, ids, 0)
     out = torch.zeros(t, x.shape[1], dtype=torch.float32, device=x.device)  # [T, H]
     inter = w2.shape[2]
     for e in ids.unique().tolist():

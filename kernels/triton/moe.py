@@ -26,14 +26,16 @@ PAIR_BLOCKS_MAX = 8
 def align_by_expert(ids: torch.Tensor, num_experts: int, block_m: int
                     ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """ids: [T, k] -> sorted_pairs [NB*BLOCK_M] int32 (pair index t*k+j, or T*k as padding),
-    block_expert [NB] int32 (num_experts for idle blocks), NB."""
+    block_expert [NB] int32 (>= num_experts for idle blocks), NB. Pairs of id num_experts
+    (another rank's expert) get blocks of their own, which are idle: their outputs are 0."""
     flat = ids.reshape(-1).long()                                            # [N]
     n = flat.shape[0]
-    nb = triton.cdiv(n + num_experts * (block_m - 1), block_m)
-    counts = torch.zeros(num_experts, dtype=torch.long, device=ids.device)
+    buckets = num_experts + 1                                                # + not here
+    nb = triton.cdiv(n + buckets * (block_m - 1), block_m)
+    counts = torch.zeros(buckets, dtype=torch.long, device=ids.device)
     counts.index_add_(0, flat, torch.ones_like(flat))                        # [E]
-    padded = (counts + block_m - 1) // block_m * block_m                     # [E]
-    cum_pad = torch.cumsum(padded, 0)                                        # [E]
+    padded = (counts + block_m - 1) // block_m * block_m                     # [E + 1]
+    cum_pad = torch.cumsum(padded, 0)                                        # [E + 1]
     order = torch.argsort(flat, stable=True)                                 # [N]
     sorted_e = flat[order]                                                   # [N]
     rank = torch.arange(n, device=ids.device) - (torch.cumsum(counts, 0) - counts)[sorted_e]

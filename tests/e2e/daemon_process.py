@@ -64,11 +64,17 @@ def launch_daemon(folder: Path, *overrides: str, socket: Path | None = None,
     `umask`: the one it starts under."""
     port = free_port()
     sock = socket or folder / f"ts-{port}.sock"
-    args = ["--set", f"server.port={port}", "--set", f"server.socket={sock}",
-            "--set", "model.preset=tiny-llama"]  # fast; an override may name another model
+    args = endpoint_args(port, sock)
     for item in overrides:
         args += ["--set", item]
     return launch_with_args(folder, port, sock, args, umask)
+
+
+def endpoint_args(port: int, sock: Path) -> list[str]:
+    """`--set`s for a test daemon: its own port and socket, and the fast seeded tiny model (a
+    later `--set model.preset=...` or `model.path=...` overrides it)."""
+    return ["--set", f"server.port={port}", "--set", f"server.socket={sock}",
+            "--set", "model.preset=tiny-llama"]
 
 
 def launch_with_args(folder: Path, port: int, sock: Path, args: list[str],

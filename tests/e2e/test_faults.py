@@ -14,7 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 import zmq
-from daemon_process import REPO, free_port, launch_daemon, launch_with_args, start_daemon, wait_healthy
+from daemon_process import (REPO, endpoint_args, free_port, launch_daemon, launch_with_args,
+                            start_daemon, wait_healthy)
 from faults import Tally, engine_ranks, fault_round, finish, inject, probe, start_requests
 
 from appliance.engine import protocol
@@ -122,7 +123,7 @@ def test_killing_the_frontend_leaves_no_rank(folder):
 def test_two_ups_at_once_exactly_one_serves(folder):
     port = free_port()
     sock = folder / "ts.sock"
-    args = ["--set", f"server.port={port}", "--set", f"server.socket={sock}"]
+    args = endpoint_args(port, sock)
     first, second = (launch_with_args(folder, port, sock, args) for _ in range(2))
     started = time.monotonic()
     deadline = started + 30

@@ -48,6 +48,23 @@ def save_tiny_hf_model(folder: Path, family: str = "llama", seed: int = 0, **ove
     return folder
 
 
+def widen_weights(model) -> None:
+    """Weights wider than HF's init (std 0.02 gives near-flat logits and near-tied router
+    scores), every norm weight, bias and MoE correction bias perturbed, so that a swapped or
+    unloaded tensor changes the greedy tokens."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.25)
+            elif name.endswith("bias"):
+                p.normal_(0.0, 0.1)
+            else:  # norm weights
+                p.uniform_(0.5, 1.5)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.normal_(0.0, 0.2)
+
+
 def hf_greedy(folder: Path, prompts: list[list[int]], max_new: int) -> list[list[int]]:
     """HF transformers' greedy `generate`, one prompt at a time, never stopping early."""
     import transformers

@@ -19,7 +19,7 @@ from appliance.model.layers.mla import MLAttention
 from appliance.model.layers.yarn import yarn_attention_factor, yarn_config, yarn_inv_frequencies
 from appliance.model.layers.moe import MoEConfig, is_moe_layer
 from appliance.model.models.deepseek import DeepseekV2ForCausalLM, DeepseekV3ForCausalLM
-from helpers import greedy_generate, hf_greedy, run_tp
+from helpers import greedy_generate, hf_greedy, run_tp, widen_weights
 
 PROMPTS = [[5, 9, 33, 7, 100, 21, 3], [8, 8, 8], list(range(10, 40)), [151, 2, 77, 0, 64]]
 MAX_NEW = 8
@@ -54,11 +54,8 @@ CONFIGS = {
 
 
 def save_tiny_deepseek(folder: Path, version: str, seed: int, **over) -> Path:
-    """A seeded random HF DeepSeek model, `save_pretrained` to folder (per-expert tensors).
-
-    Weights are wider than HF's init (std 0.02 gives near-flat logits and near-tied router
-    scores) and every norm weight / bias / correction bias is perturbed, so that a swapped or
-    unloaded tensor changes the tokens."""
+    """A seeded random HF DeepSeek model (helpers.widen_weights), `save_pretrained` to folder
+    (per-expert tensors)."""
     import transformers
 
     torch.manual_seed(seed)
@@ -66,17 +63,7 @@ def save_tiny_deepseek(folder: Path, version: str, seed: int, **over) -> Path:
                           if version == "v2" else
                           (transformers.DeepseekV3Config, transformers.DeepseekV3ForCausalLM))
     model = model_cls(cfg_cls(**{**COMMON, **over}))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() > 1:
-                p.normal_(0.0, 0.25)
-            elif name.endswith("bias"):
-                p.normal_(0.0, 0.1)
-            else:  # norm weights
-                p.uniform_(0.5, 1.5)
-        for name, b in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                b.normal_(0.0, 0.2)
+    widen_weights(model)
     model.save_pretrained(folder)
     return folder
 
@@ -274,28 +261,20 @@ def test_mla_softmax_scale_matches_transformers():
 
 # --------------------------------------------------------------------------- expert parallel
 def ep_worker(rank: int, world: int, port: int, folder: str, out_dir: str) -> None:
-    """One rank with experts split over moe_ep (EP=2, MoE TP=1): greedy tokens to a file.
-
-    ModelRunner has no expert-parallel knob yet, so this rank's layout factory is patched to
-    put both ranks in one expert-parallel group (see the module docstring of layers/moe.py)."""
+    """One rank with experts split over moe_ep (`parallel.moe: ep`, EP=2, MoE TP=1): greedy
+    tokens to a file."""
     import json
 
     import torch.distributed as dist
 
-    from appliance.model import placement
     from helpers import greedy_generate as generate
 
-    tensor_parallel = placement.ParallelLayout.tensor_parallel
-
-    def with_ep(r: int, w: int, moe_ep_size: int = world) -> placement.ParallelLayout:
-        return tensor_parallel(r, w, moe_ep_size)
-
-    placement.ParallelLayout.tensor_parallel = staticmethod(with_ep)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world)
     try:
-        runner = ModelRunner(folder, tp_rank=rank, tp_size=world, kv_num_pages=64, page_size=4)
+        runner = ModelRunner(folder, tp_rank=rank, tp_size=world, kv_num_pages=64, page_size=4,
+                             moe_parallel="ep")
         moe = runner.model.model.layers[1].mlp
         tokens = generate(runner, PROMPTS, MAX_NEW, chunk=5, admit_per_step=1)
         Path(out_dir, f"ep{rank}.json").write_text(json.dumps({

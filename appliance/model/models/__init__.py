@@ -19,6 +19,8 @@ _BUILTIN: dict[str, str] = {
     "Qwen3ForCausalLM": "appliance.model.models.llama",
     "DeepseekV2ForCausalLM": "appliance.model.models.deepseek",
     "DeepseekV3ForCausalLM": "appliance.model.models.deepseek",
+    "Qwen3MoeForCausalLM": "appliance.model.models.qwen3_moe",
+    "Glm4MoeForCausalLM": "appliance.model.models.glm4_moe",
 }
 
 

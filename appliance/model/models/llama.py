@@ -8,7 +8,7 @@ between them are inserted by the placement compiler from `placement_chain()`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -111,13 +111,17 @@ class LlamaAttention(Placed):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg: LlamaConfig, rotary_emb: RotaryEmbedding, ctx: BuildContext) -> None:
+    """mlp: the layer's feed-forward (a MoE, ...); None for the dense SwiGLU MLP."""
+
+    def __init__(self, cfg: LlamaConfig, rotary_emb: RotaryEmbedding, ctx: BuildContext,
+                 mlp: Placed | None = None) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ctx.device, ctx.dtype)
         self.self_attn = LlamaAttention(cfg, rotary_emb, ctx)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ctx.device,
                                                 ctx.dtype)
-        self.mlp = SwiGLUMLP(cfg.hidden_size, cfg.intermediate_size, ctx, cfg.mlp_bias)
+        self.mlp = mlp if mlp is not None else SwiGLUMLP(cfg.hidden_size, cfg.intermediate_size,
+                                                         ctx, cfg.mlp_bias)
 
     def placement_chain(self, prefix: str) -> Iterator[tuple[str, Placed]]:
         for name in ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp"):
@@ -134,8 +138,12 @@ class LlamaDecoderLayer(nn.Module):
         return hidden_states, residual
 
 
+FeedForward = Callable[[int], Placed | None]  # layer index -> its MLP; None: the dense one
+
+
 class LlamaModel(nn.Module):
-    def __init__(self, cfg: LlamaConfig, ctx: BuildContext) -> None:
+    def __init__(self, cfg: LlamaConfig, ctx: BuildContext,
+                 feed_forward: FeedForward = lambda layer_idx: None) -> None:
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, ctx.layout)
         self.rotary_emb = (
@@ -143,8 +151,8 @@ class LlamaModel(nn.Module):
                             ctx.dtype) if cfg.yarn is None else
             YarnRotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.yarn, ctx.device,
                                 ctx.dtype, is_neox=True))
-        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, self.rotary_emb, ctx)
-                                    for _ in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, self.rotary_emb, ctx, feed_forward(i))
+                                    for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ctx.device, ctx.dtype)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch
@@ -158,15 +166,27 @@ class LlamaModel(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
+    """Subclasses change the attention flags (`read_config`) or a layer's feed-forward
+    (`feed_forward`), e.g. models/qwen3_moe.py and models/glm4_moe.py."""
+
     family = "llama"
 
     def __init__(self, hf_config: dict, ctx: BuildContext) -> None:
         super().__init__()
-        self.config = LlamaConfig.from_hf(hf_config, self.family)
-        self.model = LlamaModel(self.config, ctx)
+        self.config = self.read_config(hf_config)
+        self.model = LlamaModel(self.config, ctx,
+                                lambda layer_idx: self.feed_forward(hf_config, layer_idx, ctx))
         self.lm_head = ParallelLMHead(
             self.config.vocab_size, self.config.hidden_size, ctx.layout,
             tied_to=self.model.embed_tokens if self.config.tie_word_embeddings else None)
+
+    @classmethod
+    def read_config(cls, hf_config: dict) -> LlamaConfig:
+        return LlamaConfig.from_hf(hf_config, cls.family)
+
+    def feed_forward(self, hf_config: dict, layer_idx: int, ctx: BuildContext) -> Placed | None:
+        """Layer `layer_idx`'s MLP; None: the dense SwiGLU MLP."""
+        return None
 
     def placement_chain(self) -> Iterator[tuple[str, Placed]]:
         """The Placed modules in the order forward() runs them on the hidden state."""

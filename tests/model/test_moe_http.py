@@ -1,0 +1,68 @@
+"""Qwen3-MoE and GLM-4.5 MoE through the HTTP API of the live daemon (`tokenspeed up --set
+model.path=...`, the real engine and C++ scheduler on the CPU): greedy completions of token-id
+prompts equal HF transformers' generate token for token, each prompt alone and all of them at
+once; `scheduler.max_batch_tokens=16` cuts the 30-token prompt into chunks and mixes prefill
+chunks with decode rows. GLM once more over two gloo ranks with whole experts per rank
+(`parallel.moe=ep`)."""
+from __future__ import annotations
+
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from helpers import hf_greedy
+from moe_checkpoints import MAX_NEW, PROMPTS, save_tiny_moe, with_tokenizer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))
+from daemon_process import start_daemon  # noqa: E402  (tests/e2e: the daemon launcher)
+
+pytestmark = pytest.mark.slow  # spawns the daemon: skipped by -m 'not slow'
+
+
+@pytest.fixture(scope="module")
+def tokenizer_folder(tmp_path_factory) -> Path:
+    import os
+
+    from appliance.model.tiny import ensure_tiny_checkpoint
+
+    cache = Path(os.environ.get("TOKENSPEED_CACHE", tmp_path_factory.mktemp("cache")))
+    return Path(ensure_tiny_checkpoint(cache / "models" / "tiny-llama"))
+
+
+def _complete(base_url: str, prompt: list[int]) -> list[int]:
+    with httpx.Client(base_url=base_url, timeout=300) as http:
+        model = http.get("/v1/models").json()["data"][0]["id"]
+        body = {"model": model, "prompt": prompt, "max_tokens": MAX_NEW, "temperature": 0,
+                "ignore_eos": True, "return_token_ids": True}
+        response = http.post("/v1/completions", json=body)
+        assert response.status_code == 200, response.text
+        return response.json()["choices"][0]["token_ids"]
+
+
+def _served(folder: Path, tmp_path: Path, *overrides: str) -> tuple[list, list]:
+    """(tokens of each prompt sent alone, tokens of all prompts sent at once)."""
+    daemon = start_daemon(tmp_path, f"model.path={folder}", "scheduler.max_batch_tokens=16",
+                          *overrides)
+    try:
+        alone = [_complete(daemon.base_url, p) for p in PROMPTS]
+        with ThreadPoolExecutor(len(PROMPTS)) as pool:
+            together = list(pool.map(lambda p: _complete(daemon.base_url, p), PROMPTS))
+    finally:
+        assert daemon.stop() == 0, daemon.log.read_text()
+    return alone, together
+
+
+@pytest.mark.parametrize("name,overrides", [
+    ("qwen3-moe", ()),
+    ("glm-4.5-grouped", ()),
+    ("glm-4.5-grouped", ("parallel.tp_size=2", "parallel.moe=ep")),
+], ids=["qwen3-moe", "glm-4.5", "glm-4.5-tp2-ep"])
+def test_http_greedy_matches_hf(name, overrides, tokenizer_folder, tmp_path):
+    folder = with_tokenizer(save_tiny_moe(tmp_path / "model", name), tokenizer_folder)
+    want = hf_greedy(folder, PROMPTS, MAX_NEW)
+    alone, together = _served(folder, tmp_path, *overrides)
+    assert alone == want
+    assert together == want
