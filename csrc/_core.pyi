@@ -89,3 +89,38 @@ class Scheduler:
     def set_cost_prior(self, a: float, b: float, c: float, d: float, e: float) -> None: ...
     def state(self, rid: int) -> str: ...  # "" | queued | prefilling | decoding | verifying | preempted
     def inflight_steps(self) -> int: ...
+
+class Draft:
+    """A suffix-tree draft: the most frequent continuation of the longest matched suffix."""
+
+    tokens: list[int]
+    probs: list[float]  # probs[i]: estimated probability that tokens[:i+1] are all accepted
+    match_len: int  # tokens of the context's suffix that matched
+    score: float  # sum of probs: the expected number of accepted tokens
+
+class SuffixTree:
+    """Depth-bounded suffix tree over token sequences (csrc/suffix_tree.h). Only the last
+    sequence is open to extend(); with max_tokens > 0, the oldest closed sequences are dropped
+    beyond that many tokens."""
+
+    def __init__(self, max_depth: int, max_tokens: int = 0) -> None: ...  # ValueError if bad
+    def add(self, tokens: npt.ArrayLike) -> None: ...  # a new sequence; closes the open one
+    def extend(self, tokens: npt.ArrayLike) -> None: ...  # RuntimeError if none is open
+    def propose(
+        self, context: npt.ArrayLike, max_draft: int, min_prob: float, tokens_per_match: float
+    ) -> Draft: ...
+    @property
+    def max_depth(self) -> int: ...
+    @property
+    def max_tokens(self) -> int: ...
+    @property
+    def num_tokens(self) -> int: ...
+    @property
+    def num_sequences(self) -> int: ...
+    @property
+    def open_length(self) -> int: ...
+    @property
+    def num_nodes(self) -> int: ...
+    @property
+    def memory_bytes(self) -> int: ...
+    def check_invariants(self) -> None: ...  # raises RuntimeError

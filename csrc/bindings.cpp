@@ -3,10 +3,12 @@
 #include <pybind11/stl.h>
 
 #include "py_scheduler.h"
+#include "py_suffix_tree.h"
 
 namespace py = pybind11;
 using ts::PyPlan;
 using ts::PyScheduler;
+using ts::PySuffixTree;
 using ts::SchedulerConfig;
 
 PYBIND11_MODULE(_core, m) {
@@ -85,4 +87,25 @@ PYBIND11_MODULE(_core, m) {
            py::arg("c"), py::arg("d"), py::arg("e"))
       .def("state", &PyScheduler::state, py::arg("rid"))
       .def("inflight_steps", &PyScheduler::inflight_steps);
+
+  py::class_<ts::Draft>(m, "Draft")
+      .def_readonly("tokens", &ts::Draft::tokens)
+      .def_readonly("probs", &ts::Draft::probs)
+      .def_readonly("match_len", &ts::Draft::match_len)
+      .def_readonly("score", &ts::Draft::score);
+
+  py::class_<PySuffixTree>(m, "SuffixTree")
+      .def(py::init<int32_t, int64_t>(), py::arg("max_depth"), py::arg("max_tokens") = 0)
+      .def("add", &PySuffixTree::add, py::arg("tokens"))
+      .def("extend", &PySuffixTree::extend, py::arg("tokens"))
+      .def("propose", &PySuffixTree::propose, py::arg("context"), py::arg("max_draft"),
+           py::arg("min_prob"), py::arg("tokens_per_match"))
+      .def_property_readonly("max_depth", &PySuffixTree::max_depth)
+      .def_property_readonly("max_tokens", &PySuffixTree::max_tokens)
+      .def_property_readonly("num_tokens", &PySuffixTree::num_tokens)
+      .def_property_readonly("num_sequences", &PySuffixTree::num_sequences)
+      .def_property_readonly("open_length", &PySuffixTree::open_length)
+      .def_property_readonly("num_nodes", &PySuffixTree::num_nodes)
+      .def_property_readonly("memory_bytes", &PySuffixTree::memory_bytes)
+      .def("check_invariants", &PySuffixTree::check_invariants);
 }
