@@ -151,7 +151,6 @@ _CHOICES = {
 }
 # Values the contract names that this build cannot serve yet: start-up refuses them clearly.
 _NOT_YET = {
-    ("speculative.method", "suffix"): "suffix-decoding drafts are not in this build yet",
     ("speculative.method", "mtp"): "MTP drafts need a checkpoint with next-token layers; "
                                    "they are not in this build yet",
 }

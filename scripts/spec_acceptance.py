@@ -118,15 +118,9 @@ async def record(config, users: int, turns: int, max_tokens: int, seed: int,
 # -- 2. the replay ---------------------------------------------------------------------------------
 
 def draft_sources() -> dict:
-    from appliance.engine.speculative.suffix import SuffixDraft
+    from appliance.engine.speculative import DRAFT_SOURCES
 
-    sources = {"suffix": SuffixDraft}
-    try:
-        from appliance.engine.speculative.ngram import NgramDraft
-        sources["ngram"] = NgramDraft
-    except ImportError:  # the n-gram baseline lands with the verifier
-        pass
-    return sources
+    return DRAFT_SOURCES
 
 
 def replay(make_source, trace: list[Request], k: int) -> dict:

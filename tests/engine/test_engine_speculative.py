@@ -1,4 +1,4 @@
-"""The engine loop with speculation: drafts from the n-gram source go to the scheduler after
+"""The engine loop with speculation: drafts from the n-gram (or suffix) source go to the scheduler after
 each commit, verify rows return logits at every token, and the tokens that come out are the
 ones the loop gives without speculation."""
 from __future__ import annotations
@@ -57,12 +57,13 @@ REQUESTS = [
 ]
 
 
+@pytest.mark.parametrize("method", ["ngram", "suffix"])
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_speculation_gives_the_tokens_of_plain_decoding(engines, temperature):
+def test_speculation_gives_the_tokens_of_plain_decoding(engines, temperature, method):
     reqs = [GenerateRequest(**r, temperature=temperature, seed=7, ignore_eos=True)
             for r in REQUESTS]
     plain = run(engines(), reqs)
-    spec_engine = engines("speculative.method=ngram", "speculative.max_draft=4")
+    spec_engine = engines(f"speculative.method={method}", "speculative.max_draft=4")
     spec = run(spec_engine, reqs)
     assert spec == plain
     st = spec_engine.scheduler.stats()

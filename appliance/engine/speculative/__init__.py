@@ -3,15 +3,21 @@ the `Speculator` the engine loop calls. The verifier is appliance/engine/verify.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from appliance.config import SpeculativeConfig
+from appliance.engine.speculative.draft import DraftSource
 from appliance.engine.speculative.ngram import NgramDraft
 from appliance.engine.speculative.speculator import Speculator
+from appliance.engine.speculative.suffix import SuffixDraft
+
+# `speculative.method` -> its draft source (appliance/config.py refuses the methods this build
+# does not have)
+DRAFT_SOURCES: dict[str, Callable[[], DraftSource]] = {"ngram": NgramDraft, "suffix": SuffixDraft}
 
 
 def make_speculator(config: SpeculativeConfig) -> Speculator | None:
-    """The configured draft source behind a Speculator; None when speculation is off.
-    (appliance/config.py refuses the methods this build does not have.)"""
+    """The configured draft source behind a Speculator; None when speculation is off."""
     if config.method == "off":
         return None
-    sources = {"ngram": NgramDraft}
-    return Speculator(sources[config.method](), config.max_draft)
+    return Speculator(DRAFT_SOURCES[config.method](), config.max_draft)

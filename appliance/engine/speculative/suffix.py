@@ -161,6 +161,11 @@ class SuffixDraft:
             _, dropped = self._parked.popitem(last=False)
             self._parked_tokens -= dropped.tree.num_tokens
 
+    @property
+    def num_requests(self) -> int:
+        """Requests with a live tree (started, not finished)."""
+        return len(self._requests)
+
     def indexed_tokens(self, rid: int) -> int:
         """Tokens in the request's tree (its context, plus what an earlier turn left)."""
         req = self._requests[rid]
