@@ -1,7 +1,7 @@
-"""Speculative decoding through the HTTP API of the real daemon (n-gram drafts): greedy output
-is token for token the output without speculation (the per-request opt-out on the same
-daemon), alone, batched, with chunked prefill and under preemption; the Anthropic endpoint
-too; drafts were really verified and accepted."""
+"""Speculative decoding through the HTTP API of the real daemon (n-gram and suffix drafts, a
+daemon each): greedy output is token for token the output without speculation (the
+per-request opt-out on the same daemon), alone, batched, with chunked prefill and under
+preemption; the Anthropic endpoint too; drafts were really verified and accepted."""
 
 from __future__ import annotations
 
@@ -18,15 +18,16 @@ pytestmark = pytest.mark.slow  # spawns the daemon: skipped by -m 'not slow'
 
 # The seeded tiny model (speed); 64-token steps chunk every prompt below; 40 pages of 16 tokens
 # hold ~3 of the batched requests at full length, so running six at once preempts.
-SETTINGS = ("model.preset=tiny-llama", "speculative.method=ngram", "speculative.max_draft=6",
+SETTINGS = ("model.preset=tiny-llama", "speculative.max_draft=6",
             "scheduler.max_batch_tokens=64", "kv.num_pages=40", "model.max_model_len=640")
 CODE = ("def add(a, b):\n    return a + b\n\n\ndef sub(a, b):\n    return a - b\n\n\n"
         "def mul(a, b):\n    return a * b\n\n\n")
 
 
-@pytest.fixture(scope="module")
-def daemon(tmp_path_factory):
-    d = start_daemon(tmp_path_factory.mktemp("spec"), *SETTINGS)
+@pytest.fixture(scope="module", params=["ngram", "suffix"])
+def daemon(tmp_path_factory, request):
+    d = start_daemon(tmp_path_factory.mktemp("spec"), *SETTINGS,
+                     f"speculative.method={request.param}")
     yield d
     assert d.stop() == 0, d.log.read_text()
 
