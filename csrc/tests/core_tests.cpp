@@ -8,21 +8,13 @@
 #include <string>
 #include <vector>
 
+#include "check.h"
 #include "page_pool.h"
 #include "prefix_cache.h"
 #include "request_state.h"
 #include "scheduler.h"
 
 using namespace ts;
-
-#define CHECK(cond)                                                         \
-  do {                                                                      \
-    if (!(cond)) {                                                          \
-      std::fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, \
-                   #cond);                                                  \
-      std::exit(1);                                                         \
-    }                                                                       \
-  } while (0)
 
 template <class E, class F>
 bool throws(F&& f) {

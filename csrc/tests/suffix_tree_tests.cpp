@@ -9,19 +9,11 @@
 #include <stdexcept>
 #include <vector>
 
+#include "check.h"
 #include "suffix_tree.h"
 
 using namespace ts;
 using Tokens = std::vector<int32_t>;
-
-#define CHECK(cond)                                                         \
-  do {                                                                      \
-    if (!(cond)) {                                                          \
-      std::fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, \
-                   #cond);                                                  \
-      std::exit(1);                                                         \
-    }                                                                       \
-  } while (0)
 
 static DraftParams params(int32_t max_draft, float min_prob = 0.0f, float per_match = 100.0f) {
   return DraftParams{.max_draft = max_draft, .min_prob = min_prob, .tokens_per_match = per_match};
