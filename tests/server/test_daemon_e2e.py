@@ -259,10 +259,11 @@ def test_responses_and_n_choices_through_the_real_engine(daemon):
 
 def test_forced_tool_calls_and_schemas_hold_on_random_weights(daemon):
     """Whatever the random weights say, a forced tool choice (Responses, chat, messages) gives
-    exactly one call with schema-valid arguments, and a response_format schema is met."""
+    exactly one call with schema-valid arguments, and a response_format schema is met (string
+    lengths are bounded, so the grammar ends each call inside its token budget)."""
     client = daemon.openai()
     shell = {"type": "function", "name": "shell", "parameters": {
-        "type": "object", "properties": {"command": {"type": "array", "items": {"type": "string"}, "maxItems": 3}},
+        "type": "object", "properties": {"command": {"type": "array", "items": {"type": "string", "maxLength": 12}, "maxItems": 3}},
         "required": ["command"], "additionalProperties": False}}
     out = client.responses.create(model=MODEL, input="list files", tools=[shell], tool_choice="required",
                                   parallel_tool_calls=False, max_output_tokens=200)
