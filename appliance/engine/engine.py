@@ -94,6 +94,7 @@ class Engine:
         self._last_stats = 0.0
         self._inflight: InFlight | None = None  # the launched, not yet committed step
         self.step_error = PredictionError()  # the cost model's, for /stats
+        self._last_done = 0.0  # perf_counter when the last committed step's tokens were in
         self.timeline = timeline_from_env(self.device)  # per-step profile; a no-op unless asked
 
     def run(self) -> None:
@@ -184,7 +185,11 @@ class Engine:
             step.done.synchronize()
         self.timeline.mark("wait")
         tokens = step.host.numpy().astype(np.int32)
-        measured = time.perf_counter() - step.started
+        # The step's own time, what the cost model fits: from when it could run (launched, and
+        # the step before it done: one step is in flight behind another) to its tokens.
+        done = time.perf_counter()
+        measured = done - max(step.started, self._last_done)
+        self._last_done = done
         events = self.scheduler.commit(step.step, tokens, measured)
         self.step_error.committed(step.step, measured)
         self.timeline.committed(step.step, measured)

@@ -3,6 +3,7 @@ for /stats) and the per-step timeline with a profiler window (TOKENSPEED_STEP_TI
 from __future__ import annotations
 
 import csv
+import time
 
 import pytest
 import torch
@@ -86,3 +87,28 @@ def test_timeline_records_every_step_and_a_profiler_window(make_engine, tmp_path
     assert table and sum(float(r["pct"]) for r in table) == pytest.approx(100, abs=0.5)
     assert (folder / "trace-rows3.json").is_file()
     assert not (folder / "kernels-rows100.csv").exists()
+
+
+class SlowRunner(FakeRunner):
+    """Each forward takes FORWARD_S (a synchronous device: the CPU)."""
+
+    FORWARD_S = 0.05
+
+    def forward(self, batch) -> torch.Tensor:
+        time.sleep(self.FORWARD_S)
+        return super().forward(batch)
+
+
+def test_measured_step_time_is_the_steps_own_not_two_overlapped_steps(make_engine):
+    """Step N+1 is launched before step N is committed: measured from its launch, step N would
+    also count step N-1's remaining time (twice the step on a busy pipeline)."""
+    engine = make_engine(SlowRunner(VOCAB, _runner().logits_fn))
+    _submit(engine, [1], prompt_len=4, new_tokens=8)
+    run_to_end(engine)
+    pairs = list(engine.step_error._pairs)
+    assert len(pairs) == 8
+    # One forward each (and some host work), not two. On the CPU the forward runs inside the
+    # launch, so the host sees step N's tokens one pass late: the first step of a busy stretch
+    # takes two forwards and the last none; the steps between are the cadence a user sees.
+    for _, measured in pairs[1:-1]:
+        assert SlowRunner.FORWARD_S <= measured < 1.5 * SlowRunner.FORWARD_S
