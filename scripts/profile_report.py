@@ -4,8 +4,10 @@
   timing/kernels-rows*.csv the top kernels of each torch.profiler window
   bench-*.json             `tokenspeed bench throughput --json` of each load
   stats.jsonl              /stats's step_time (the cost model) polled during the loads
+  loads.txt                "name start end" (epoch seconds) of each load: steps are grouped by it
 
-Steps are grouped by batch composition (profiled steps left out: the profiler slows them):
+Within each load, steps are grouped by batch composition (profiled steps left out: the profiler
+slows them):
   batch 1        one decode row, no prefill
   decode >= N    at least N decode rows, no prefill (N: --rows, the big load's profile window)
   mixed          decode rows and prefill tokens in one step
@@ -34,8 +36,10 @@ def main() -> int:
     parser.add_argument("--rows", type=int, default=192, help="decode rows of the large-batch group")
     parser.add_argument("--top", type=int, default=8, help="kernels shown per profiler window")
     args = parser.parse_args()
+    loads = read_loads(args.out / "loads.txt")
     lines = (bench_lines(args.out) + [""] + kernel_lines(args.out / "timing", args.top) + [""]
-             + cost_model_lines(args.out / "stats.jsonl") + [""] + step_lines(args.out / "timing" / "steps.csv", args.rows))
+             + cost_model_lines(args.out / "stats.jsonl") + [""]
+             + step_lines(args.out / "timing" / "steps.csv", args.rows, loads))
     text = "\n".join(lines)
     (args.out / "summary.txt").write_text(text + "\n")
     print(text)
@@ -47,6 +51,17 @@ def read_steps(path: Path) -> list[dict[str, float | None]]:
         return [{k: float(v) if v != "" else None for k, v in row.items()} for row in csv.DictReader(f)]
 
 
+def read_loads(path: Path) -> list[tuple[str, float, float]]:
+    """(name, start, end) of each load; one load over all time without the file."""
+    if not path.is_file():
+        return [("all", 0.0, float("inf"))]
+    loads = []
+    for line in path.read_text().splitlines():
+        name, start, end = line.split()
+        loads.append((name, float(start), float(end)))
+    return loads
+
+
 def group_of(step: dict[str, float | None], rows: int) -> str | None:
     decode, prefill = step["decode_rows"] or 0, step["prefill_tokens"] or 0
     if step["step"] is None or step["step"] < 0 or step["profiled"]:
@@ -56,23 +71,25 @@ def group_of(step: dict[str, float | None], rows: int) -> str | None:
     return "mixed" if decode else "prefill only"
 
 
-def step_lines(path: Path, rows: int) -> list[str]:
+def step_lines(path: Path, rows: int, loads: list[tuple[str, float, float]]) -> list[str]:
     if not path.is_file():
         return [f"no step timeline ({path} missing: did the daemon stop cleanly?)"]
-    groups: dict[str, list[dict[str, float | None]]] = {}
+    groups: dict[tuple[str, str], list[dict[str, float | None]]] = {}
     for step in read_steps(path):
-        if (name := group_of(step, rows)) is not None:
-            groups.setdefault(name, []).append(step)
-    header = ("group", "steps", "rows", "pf_tok", *PHASES, "host", "gpu", "gap", "pred", "meas", "|err|")
+        load = next((n for n, start, end in loads if start <= (step["time_s"] or 0) <= end), None)
+        if load is not None and (name := group_of(step, rows)) is not None:
+            groups.setdefault((load, name), []).append(step)
+    header = ("load", "group", "steps", "rows", "pf_tok", *PHASES, "host", "gpu", "gap", "pred", "meas", "|err|")
     table = [header]
-    for name in ("batch 1", f"decode >= {rows}", "mixed", "prefill only"):
-        steps = groups.get(name, [])
+    for key in [(load, name) for load, _, _ in loads
+                for name in ("batch 1", f"decode >= {rows}", "mixed", "prefill only")]:
+        steps = groups.get(key, [])
         if not steps:
             continue
         host = [sum(s[f"{p}_ms"] or 0 for p in PHASES) for s in steps]
         errors = [abs(s["predicted_ms"] - s["measured_ms"]) for s in steps
                   if s["predicted_ms"] is not None and s["measured_ms"] is not None]
-        table.append((name, str(len(steps)), _median(steps, "decode_rows", 0), _median(steps, "prefill_tokens", 0),
+        table.append((*key, str(len(steps)), _median(steps, "decode_rows", 0), _median(steps, "prefill_tokens", 0),
                       *(_median(steps, f"{p}_ms") for p in PHASES), f"{statistics.median(host):.2f}",
                       _median(steps, "gpu_ms"), _median(steps, "gpu_gap_ms"),
                       _median(steps, "predicted_ms"), _median(steps, "measured_ms"),
@@ -100,8 +117,8 @@ def kernel_lines(folder: Path, top: int) -> list[str]:
 
 
 def bench_lines(out: Path) -> list[str]:
-    keys = ("output_tokens_per_s", "ttft_p50_s", "decode_tps_mean", "daemon_running_mean",
-            "daemon_running_max", "daemon_in_flight_max")
+    keys = ("requests", "output_tokens_per_s", "ttft_p50_s", "ttft_p99_s", "decode_tps_min",
+            "decode_tps_mean", "requests_above_floor", "daemon_running_mean", "daemon_running_max")
     table = [("load", *keys)]
     for path in sorted(out.glob("bench-*.json")):
         try:

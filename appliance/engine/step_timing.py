@@ -44,7 +44,7 @@ PROFILE_STEPS = 20
 ERROR_WINDOW = 64
 
 PHASES = ("other", "plan", "to_device", "launch", "wait", "commit", "emit")
-COLUMNS = ("t_s", "step", "decode_rows", "prefill_rows", "prefill_tokens",
+COLUMNS = ("time_s", "step", "decode_rows", "prefill_rows", "prefill_tokens",
            *(f"{p}_ms" for p in PHASES), "gpu_ms", "gpu_gap_ms", "predicted_ms", "measured_ms",
            "profiled")
 _COL = {name: i for i, name in enumerate(COLUMNS)}
@@ -109,7 +109,7 @@ class StepTimeline(NoTimeline):
         self._rows = np.full((CAPACITY, len(COLUMNS)), np.nan)
         self._n = 0  # passes recorded
         self._row = self._rows[0]
-        self._t0 = self._last = time.perf_counter()
+        self._last = time.perf_counter()
         # launched, not yet committed steps: step -> (row index, start event, end event)
         self._launched: dict[int, list] = {}
         self._prev_end: torch.cuda.Event | None = None
@@ -123,7 +123,7 @@ class StepTimeline(NoTimeline):
         now = time.perf_counter()
         self._row = row = self._rows[self._n % CAPACITY]
         row[:] = np.nan
-        row[_COL["t_s"]] = now - self._t0
+        row[_COL["time_s"]] = time.time()  # wall clock: lines steps up with the load that ran them
         row[_COL["step"]] = -1
         for phase in PHASES:
             row[_COL[f"{phase}_ms"]] = 0.0
@@ -234,7 +234,7 @@ class StepTimeline(NoTimeline):
 def _cell(value: float) -> str:
     if np.isnan(value):
         return ""
-    value = round(float(value), 4)
+    value = round(float(value), 6 if value > 1e6 else 4)
     return str(int(value)) if value.is_integer() else str(value)
 
 
