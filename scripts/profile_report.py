@@ -95,7 +95,8 @@ def step_lines(path: Path, rows: int, loads: list[tuple[str, float, float]]) -> 
                       _median(steps, "predicted_ms"), _median(steps, "measured_ms"),
                       f"{statistics.fmean(errors):.2f}" if errors else "-"))
     return ["per step (medians, ms; host = all phases of the pass that launched the step; gap = GPU "
-            "idle before it; pred/meas = cost model vs launch-to-commit):", *_format(table)]
+            "idle before it; pred/meas = the cost model's prediction vs the step's measured time, what "
+            "it is fitted on):", *_format(table)]
 
 
 def _median(steps: list[dict[str, float | None]], key: str, digits: int = 2) -> str:
