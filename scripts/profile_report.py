@@ -79,7 +79,8 @@ def step_lines(path: Path, rows: int, loads: list[tuple[str, float, float]]) -> 
         load = next((n for n, start, end in loads if start <= (step["time_s"] or 0) <= end), None)
         if load is not None and (name := group_of(step, rows)) is not None:
             groups.setdefault((load, name), []).append(step)
-    header = ("load", "group", "steps", "rows", "pf_tok", *PHASES, "host", "gpu", "gap", "pred", "meas", "|err|")
+    header = ("load", "group", "steps", "rows", "pf_tok", *PHASES, "host", "gpu", "gap", "pred", "meas", "|err|",
+              "dec_tok/s")
     table = [header]
     for key in [(load, name) for load, _, _ in loads
                 for name in ("batch 1", f"decode >= {rows}", "mixed", "prefill only")]:
@@ -93,10 +94,18 @@ def step_lines(path: Path, rows: int, loads: list[tuple[str, float, float]]) -> 
                       *(_median(steps, f"{p}_ms") for p in PHASES), f"{statistics.median(host):.2f}",
                       _median(steps, "gpu_ms"), _median(steps, "gpu_gap_ms"),
                       _median(steps, "predicted_ms"), _median(steps, "measured_ms"),
-                      f"{statistics.fmean(errors):.2f}" if errors else "-"))
+                      f"{statistics.fmean(errors):.2f}" if errors else "-", _decode_rate(steps)))
     return ["per step (medians, ms; host = all phases of the pass that launched the step; gap = GPU "
             "idle before it; pred/meas = the cost model's prediction vs the step's measured time, what "
-            "it is fitted on):", *_format(table)]
+            "it is fitted on; dec_tok/s = rows / meas, profiler pauses left out):", *_format(table)]
+
+
+def _decode_rate(steps: list[dict[str, float | None]]) -> str:
+    """Decode tokens per second at the group's median rows and measured step time."""
+    rows, measured = _median(steps, "decode_rows"), _median(steps, "measured_ms")
+    if "-" in (rows, measured) or float(measured) <= 0:
+        return "-"
+    return f"{1e3 * float(rows) / float(measured):.0f}"
 
 
 def _median(steps: list[dict[str, float | None]], key: str, digits: int = 2) -> str:
