@@ -194,13 +194,17 @@ class StepTimeline(NoTimeline):
             self._stop_profiler()
         n = min(self._n, CAPACITY)
         order = np.arange(self._n - n, self._n) % CAPACITY
-        self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / "steps.csv"
-        with path.open("w", newline="") as f:
-            out = csv.writer(f)
-            out.writerow(COLUMNS)
-            for row in self._rows[order]:
-                out.writerow([_cell(v) for v in row])
+        try:  # the engine's shutdown goes on whatever happens here
+            self.folder.mkdir(parents=True, exist_ok=True)
+            with path.open("w", newline="") as f:
+                out = csv.writer(f)
+                out.writerow(COLUMNS)
+                for row in self._rows[order]:
+                    out.writerow([_cell(v) for v in row])
+        except OSError as e:
+            log.error("step timing: cannot write %s: %s", path, e)
+            return
         log.info("step timing: %d steps written to %s", n, path)
 
     # --- torch.profiler windows -------------------------------------------------------------------
@@ -224,11 +228,14 @@ class StepTimeline(NoTimeline):
         self._over = 0
         if self._cuda:
             torch.cuda.synchronize()
-        profiler.stop()
-        self.folder.mkdir(parents=True, exist_ok=True)
-        profiler.export_chrome_trace(str(self.folder / f"trace-rows{threshold}.json"))
-        write_kernel_table(profiler, self._profiled, self._cuda,
-                           self.folder / f"kernels-rows{threshold}.csv")
+        try:  # profiling never takes the engine down
+            profiler.stop()
+            self.folder.mkdir(parents=True, exist_ok=True)
+            profiler.export_chrome_trace(str(self.folder / f"trace-rows{threshold}.json"))
+            write_kernel_table(profiler, self._profiled, self._cuda,
+                               self.folder / f"kernels-rows{threshold}.csv")
+        except Exception as e:
+            log.error("step timing: the profiler window at %d rows failed: %s", threshold, e)
 
 
 def _cell(value: float) -> str:

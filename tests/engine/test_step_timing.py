@@ -112,3 +112,17 @@ def test_measured_step_time_is_the_steps_own_not_two_overlapped_steps(make_engin
     # takes two forwards and the last none; the steps between are the cadence a user sees.
     for _, measured in pairs[1:-1]:
         assert SlowRunner.FORWARD_S <= measured < 1.5 * SlowRunner.FORWARD_S
+
+
+def test_a_timeline_that_cannot_write_leaves_the_engine_running(make_engine, tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv(step_timing.TIMING_ENV, str(blocker / "timing"))  # under a file: no folder
+    monkeypatch.setenv(step_timing.PROFILE_ROWS_ENV, "1")
+    monkeypatch.setattr(step_timing, "PROFILE_SKIP", 1)
+    monkeypatch.setattr(step_timing, "PROFILE_STEPS", 2)
+    engine = make_engine(_runner())
+    _submit(engine, [1], prompt_len=4, new_tokens=6)
+    run_to_end(engine)  # the profiler window closed and failed to write: the steps went on
+    assert not engine.requests
+    engine.timeline.write()  # logged, not raised
