@@ -25,6 +25,7 @@ from appliance.engine.plan_arrays import PlanArrays, PlanChannel
 from appliance.engine.protocol import GenerateRequest, TokenOutput
 from appliance.engine.sampler import (INT32_MAX, INT64_MAX, INT64_MIN, SampleRows, Sampler,
                                       check_sampling)
+from appliance.engine.step_timing import PredictionError, timeline_from_env
 from appliance.engine.transfer import to_device
 
 log = logging.getLogger(__name__)
@@ -92,6 +93,9 @@ class Engine:
         self._ctx, self._inbox, self._outbox = connect_engine(endpoints)
         self._last_stats = 0.0
         self._inflight: InFlight | None = None  # the launched, not yet committed step
+        self.step_error = PredictionError()  # the cost model's, for /stats
+        self._last_done = 0.0  # perf_counter when the last committed step's tokens were in
+        self.timeline = timeline_from_env(self.device)  # per-step profile; a no-op unless asked
 
     def run(self) -> None:
         self._send(protocol.Ready(self.max_model_len, self.runner.num_pages, self.runner.page_size,
@@ -111,6 +115,7 @@ class Engine:
             self._publish_stats(force=True)
             self.channel.send_stop()
         finally:
+            self.timeline.write()
             self.compiler.close()
             self._inbox.close(linger=0)
             self._outbox.close(linger=1000)
@@ -124,7 +129,11 @@ class Engine:
         tokens advance the grammars), computes the masks on the host while the GPU runs the
         forward, then launches the sampler; other batches launch forward and sampler at once.
         False when there was nothing to launch or commit."""
+        self.timeline.begin()
         plan = self.scheduler.plan()
+        if plan is not None:
+            self.step_error.planned(plan.step, plan.predicted_time_s)
+        self.timeline.planned(plan)
         if plan is not None and self._unadmitted:
             self._note_admissions(plan)
         forwarded = self._forward(plan) if plan is not None else None
@@ -137,6 +146,7 @@ class Engine:
         if forwarded is not None and launched is None:
             launched = self._sample(forwarded)
         self._inflight = launched
+        self.timeline.end()
         return launched is not None or committed
 
     def _note_admissions(self, plan) -> None:
@@ -152,7 +162,9 @@ class Engine:
         rids = np.array(plan.rids, dtype=np.int64)
         self.channel.send(arrays)
         prev = self._inflight.tokens if self._inflight is not None else None
-        logits = self.runner.forward(to_forward_batch(arrays, self.device, prev))   # [B, V]
+        batch = to_forward_batch(arrays, self.device, prev)
+        self.timeline.forward_starts(arrays.step)
+        logits = self.runner.forward(batch)   # [B, V]
         rows = self.sampler.prepare(rids, arrays, self.requests, self.grammars)
         return Forwarded(arrays.step, logits, rows, started)
 
@@ -165,18 +177,28 @@ class Engine:
         done = torch.cuda.Event() if self.device.type == "cuda" else None
         if done is not None:
             done.record()
+        self.timeline.sampler_launched(fwd.step)
         return InFlight(fwd.step, fwd.rows.rids, sampled.tokens, host, logprobs, done, fwd.started)
 
     def _commit(self, step: InFlight) -> None:
         if step.done is not None:
             step.done.synchronize()
+        self.timeline.mark("wait")
         tokens = step.host.numpy().astype(np.int32)
-        events = self.scheduler.commit(step.step, tokens, time.perf_counter() - step.started)
+        # The step's own time, what the cost model fits: from when it could run (launched, and
+        # the step before it done: one step is in flight behind another) to its tokens.
+        done = time.perf_counter()
+        measured = done - max(step.started, self._last_done)
+        self._last_done = done
+        events = self.scheduler.commit(step.step, tokens, measured)
+        self.step_error.committed(step.step, measured)
+        self.timeline.committed(step.step, measured)
         logprobs = {}
         if step.logprobs is not None:
             by_row = step.logprobs.by_row()
             logprobs = {int(step.rids[row]): lp for row, lp in by_row.items()}
         self._emit(events, logprobs)
+        self.timeline.mark("emit")
 
     # --- messages ------------------------------------------------------------------------------
     def _drain_inbox(self, block: bool) -> bool:
@@ -315,6 +337,7 @@ class Engine:
         self._last_stats = now
         values = {k: float(v) for k, v in self.scheduler.stats().items()}
         values["page_size"] = float(self.runner.page_size)
+        values.update(self.step_error.stats())
         progress = [protocol.RequestProgress(*row) for row in self.scheduler.progress()]
         self._send(protocol.Stats(values, progress))
 

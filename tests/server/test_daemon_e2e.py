@@ -129,6 +129,9 @@ def test_live_stats_then_disconnect_aborts_in_engine(daemon):
     (active,) = stats["active"]
     assert active["user"] == "e2e-user" and active["generated_tokens"] >= 20 and active["decode_tps"] > 0
     assert stats["throughput"]["generation_tokens_per_minute"] >= 20
+    step_time = stats["step_time"]  # the cost model against the engine's measured steps
+    assert step_time["window_steps"] > 0 and step_time["measured_ms"] > 0
+    assert step_time["abs_error_ms"] >= 0 and step_time["predicted_ms"] > 0
     assert wait_until(lambda: _idle(daemon), 15)
     time.sleep(1.0)  # several engine stats periods: the snapshots below are fresh
     with daemon.uds() as uds:
