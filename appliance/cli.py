@@ -11,8 +11,12 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from appliance.config import AppConfig, ConfigError, cache_dir, load_config
+
+if TYPE_CHECKING:
+    from appliance.server.serve import Listening
 
 log = logging.getLogger("tokenspeed")
 
@@ -103,19 +107,30 @@ def cmd_up(config: AppConfig, args: argparse.Namespace) -> int:
 
 def _run_daemon(config: AppConfig) -> int:
     """Everything `up` does once it holds the daemon lock."""
+    from appliance.server.serve import listen
+
+    # Bound before anything loads: a port in use fails at once, and /health answers meanwhile.
+    try:
+        listening = listen(config)
+    except OSError as e:
+        print(f"tokenspeed: {e}", file=sys.stderr)
+        return 1
+    try:
+        return _serve_when_ready(config, listening)
+    finally:
+        listening.close()  # serve() closed it already, unless start-up ended early
+
+
+def _serve_when_ready(config: AppConfig, listening: Listening) -> int:
+    """Start the engine while /health says "warming up", then serve."""
     from rich.console import Console
 
     from appliance.engine.client import EngineClient, EngineStartError
     from appliance.engine.model_files import resolve_model_files
-    from appliance.server.serve import check_tcp_port, serve
+    from appliance.server.serve import serve
+    from appliance.server.warming_up import WarmingUp
     from appliance.startup_progress import StartupProgress
 
-    try:
-        check_tcp_port(config.server.host, config.server.port)
-    except OSError as e:
-        print(f"tokenspeed: cannot listen on {config.server.host}:{config.server.port}: {e}",
-              file=sys.stderr)
-        return 1
     try:
         files = resolve_model_files(config)
         _check_model_config(files.checkpoint)
@@ -128,12 +143,12 @@ def _run_daemon(config: AppConfig) -> int:
     client = None
     try:
         log.info("starting %d engine rank(s) for %s", config.parallel.tp_size, config.model.model_name)
-        with StartupProgress(Console(stderr=True)) as progress:
+        with WarmingUp(listening.sockets), StartupProgress(Console(stderr=True)) as progress:
             client = EngineClient(config, files, on_progress=progress.on_stage)
         log.info("engine ready: %d KV pages of %d tokens, max_model_len %d",
                  client.info.num_pages, client.info.page_size, client.max_model_len)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        return serve(config, client, tokenizer)
+        return serve(config, client, tokenizer, listening)
     except EngineStartError as e:
         print(f"tokenspeed: the engine failed to start: {e}", file=sys.stderr)
         return 1

@@ -58,6 +58,10 @@ CostModel::Vec CostModel::features(const StepFeatures& f) {
 void CostModel::observe(const StepFeatures& f, double step_time_s) {
   // 0 (the binding's default) means "not measured": no information.
   if (!(step_time_s > 0) || !std::isfinite(step_time_s)) return;
+  if (n_obs_ >= kTrusted) {
+    double cap = kMaxRatio * predict(f);
+    if (cap > 0) step_time_s = std::min(step_time_s, cap);
+  }
   Vec x = features(f);
   auto& a = xtx_[f.prefill_tokens > 0 ? 1 : 0];
   auto& b = xty_[f.prefill_tokens > 0 ? 1 : 0];

@@ -15,6 +15,10 @@
 // each coefficient toward its prior, which keeps the fit sane before data
 // arrive and when a feature never varies. Coefficients are constrained
 // non-negative by an active-set solve (clamp the most negative to 0, refit).
+// A stall (a GC pause, a kernel compiled on first use, a profiler) is not what
+// a step costs: once the fit has seen kTrusted steps, an observation counts
+// for at most kMaxRatio times the prediction. A machine that really slowed
+// down still moves the fit, by up to that factor a step.
 #pragma once
 
 #include <array>
@@ -32,6 +36,8 @@ struct StepFeatures {
 class CostModel {
  public:
   static constexpr int kN = 5;
+  static constexpr int64_t kTrusted = 32;
+  static constexpr double kMaxRatio = 4.0;
   using Vec = std::array<double, kN>;
 
   // prior: {a seconds, b s/decode token, c s/prefill token, d s/kv token,

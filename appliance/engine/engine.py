@@ -30,6 +30,7 @@ from appliance.engine.sampler import (INT32_MAX, INT64_MAX, INT64_MIN, SampleRow
                                       check_sampling)
 from appliance.engine.speculative import make_speculator
 from appliance.engine.speculative.policy import StepCost
+from appliance.engine.step_timing import PredictionError, timeline_from_env
 from appliance.engine.transfer import to_device
 from appliance.engine.verify import LogitLayout, Verifier, verify_bitmask
 
@@ -107,6 +108,9 @@ class Engine:
         self._ctx, self._inbox, self._outbox = connect_engine(endpoints)
         self._last_stats = 0.0
         self._inflight: InFlight | None = None  # the launched, not yet committed step
+        self.step_error = PredictionError()  # the cost model's, for /stats
+        self._last_done = 0.0  # perf_counter when the last committed step's tokens were in
+        self.timeline = timeline_from_env(self.device)  # per-step profile; a no-op unless asked
 
     def run(self) -> None:
         self._send(protocol.Ready(self.max_model_len, self.runner.num_pages, self.runner.page_size,
@@ -126,6 +130,7 @@ class Engine:
             self._publish_stats(force=True)
             self.channel.send_stop()
         finally:
+            self.timeline.write()
             self.compiler.close()
             self._inbox.close(linger=0)
             self._outbox.close(linger=1000)
@@ -143,7 +148,11 @@ class Engine:
         commit."""
         if self._speculating:
             return self._step_with_drafts()
+        self.timeline.begin()
         plan = self.scheduler.plan()
+        if plan is not None:
+            self.step_error.planned(plan.step, plan.predicted_time_s)
+        self.timeline.planned(plan)
         if plan is not None and self._unadmitted:
             self._note_admissions(plan)
         forwarded = self._forward(plan) if plan is not None else None
@@ -156,9 +165,11 @@ class Engine:
         if forwarded is not None and launched is None:
             launched = self._sample(forwarded)
         self._inflight = launched
+        self.timeline.end()
         return launched is not None or committed
 
     def _step_with_drafts(self) -> bool:
+        self.timeline.begin()
         committed = self._inflight is not None
         if committed:
             self._commit(self._inflight)
@@ -166,9 +177,13 @@ class Engine:
         if self._speculating:  # proposed after that commit, with nothing in flight: current
             self.speculator.hand_to(self.scheduler)
         plan = self.scheduler.plan()
+        if plan is not None:
+            self.step_error.planned(plan.step, plan.predicted_time_s)
+        self.timeline.planned(plan)
         if plan is not None and self._unadmitted:
             self._note_admissions(plan)
         self._inflight = self._sample(self._forward(plan)) if plan is not None else None
+        self.timeline.end()
         return committed or self._inflight is not None
 
     def _note_admissions(self, plan) -> None:
@@ -187,6 +202,7 @@ class Engine:
         layout = LogitLayout.of(arrays) if arrays.has_drafts else None
         batch = to_forward_batch(arrays, self.device, prev,
                                  layout.index if layout is not None else None)
+        self.timeline.forward_starts(arrays.step)
         logits = self.runner.forward(batch)                                         # [N, V]
         if layout is None:
             rows = self.sampler.prepare(rids, arrays, self.requests, self.grammars)
@@ -217,21 +233,30 @@ class Engine:
         done = torch.cuda.Event() if self.device.type == "cuda" else None
         if done is not None:
             done.record()
+        self.timeline.sampler_launched(fwd.step)
         return InFlight(fwd.step, fwd.rows.rids, sampled.tokens if first is None else first,
                         host, counts_host, fwd.num_draft, logprobs, done, fwd.started)
 
     def _commit(self, step: InFlight) -> None:
         if step.done is not None:
             step.done.synchronize()
+        self.timeline.mark("wait")
         tokens = step.host.numpy().astype(np.int32)
         counts = step.counts.numpy().astype(np.int32) if step.counts is not None else None
-        events = self.scheduler.commit(step.step, tokens, time.perf_counter() - step.started,
-                                       counts)
+        # The step's own time, what the cost model fits: from when it could run (launched, and
+        # the step before it done: one step is in flight behind another) to its tokens.
+        done = time.perf_counter()
+        measured = done - max(step.started, self._last_done)
+        self._last_done = done
+        events = self.scheduler.commit(step.step, tokens, measured, counts)
+        self.step_error.committed(step.step, measured)
+        self.timeline.committed(step.step, measured)
         logprobs = {}
         if step.logprobs is not None:
             by_row = step.logprobs.by_row()
             logprobs = {int(step.rids[row]): lp for row, lp in by_row.items()}
         emitted = self._emit(events, logprobs)
+        self.timeline.mark("emit")
         if self.speculator is None:
             return
         verified = []
@@ -391,6 +416,7 @@ class Engine:
         self._last_stats = now
         values = {k: float(v) for k, v in self.scheduler.stats().items()}
         values["page_size"] = float(self.runner.page_size)
+        values.update(self.step_error.stats())
         progress = [protocol.RequestProgress(*row) for row in self.scheduler.progress()]
         self._send(protocol.Stats(values, progress))
 

@@ -19,7 +19,8 @@ models_router = APIRouter(dependencies=[Depends(require_api_key)])
 @router.get("/health")
 async def health(request: Request) -> JSONResponse:
     """200 `{"status": "ok"}` while the engine serves; else 503 with the engine's status
-    ("starting" | "restarting" | "failed") and nothing more."""
+    ("starting" | "restarting" | "failed") and nothing more. Before the engine is up, the
+    warm-up server answers instead: 503 "warming up" (warming_up.py)."""
     status = get_state(request).engine_status
     return JSONResponse({"status": status}, status_code=200 if status == "ok" else 503)
 

@@ -20,6 +20,7 @@ import socket
 import stat
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,7 @@ BACKLOG = 2048
 HEALTH_POLL_S = 0.5
 
 
-class _Server(uvicorn.Server):
+class DrainingServer(uvicorn.Server):
     """uvicorn.Server whose signal handling drains and returns instead of re-raising the signal."""
 
     @contextlib.contextmanager
@@ -54,35 +55,62 @@ class _Server(uvicorn.Server):
                 signal.signal(sig, handler)
 
 
-def serve(config: AppConfig, client: EngineClientLike, tokenizer: Any) -> int:
-    """Serve until SIGINT/SIGTERM (0), or until the engine fails for good (1). 1 if a socket
-    can't be bound."""
-    app = build_app(config, client, tokenizer)
+@dataclass(frozen=True)
+class Listening:
+    """The daemon's bound, listening sockets: TCP and the Unix socket (its file is ours)."""
+
+    tcp: socket.socket
+    uds: socket.socket
+    path: str
+    inode: int
+
+    @property
+    def sockets(self) -> list[socket.socket]:
+        return [self.tcp, self.uds]
+
+    def close(self) -> None:
+        self.uds.close()
+        _remove_socket_file(self.path, self.inode)
+        self.tcp.close()
+
+
+def listen(config: AppConfig) -> Listening:
+    """Bind and listen on `server.host:port` and `server.socket`; OSError names the one that
+    failed."""
     try:
         tcp = tcp_socket(config.server.host, config.server.port)
     except OSError as e:
-        log.error("cannot listen on %s:%s: %s", config.server.host, config.server.port, e)
-        return 1
+        raise OSError(f"cannot listen on {config.server.host}:{config.server.port}: {e}") from e
     try:
         uds = unix_socket(config.server.socket)
-        uds_inode = os.lstat(config.server.socket).st_ino
+        return Listening(tcp, uds, config.server.socket, os.lstat(config.server.socket).st_ino)
     except OSError as e:
         tcp.close()
-        log.error("cannot listen on %s: %s", config.server.socket, e)
-        return 1
-    server = _Server(uvicorn_config(app, timeout_graceful_shutdown=GRACE_S + ABORT_WAIT_S, backlog=BACKLOG))
+        raise OSError(f"cannot listen on {config.server.socket}: {e}") from e
+
+
+def serve(config: AppConfig, client: EngineClientLike, tokenizer: Any,
+          listening: Listening | None = None) -> int:
+    """Serve until SIGINT/SIGTERM (0), or until the engine fails for good (1), on `listening`
+    (bound here when None: 1 if a socket can't be bound). Closes the sockets at the end."""
+    if listening is None:
+        try:
+            listening = listen(config)
+        except OSError as e:
+            log.error("%s", e)
+            return 1
+    app = build_app(config, client, tokenizer)
+    server = DrainingServer(uvicorn_config(app, timeout_graceful_shutdown=GRACE_S + ABORT_WAIT_S, backlog=BACKLOG))
     log.info("serving %s on http://%s:%d and %s", config.model.model_name, config.server.host,
-             tcp.getsockname()[1], config.server.socket)
+             listening.tcp.getsockname()[1], config.server.socket)
     try:
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-            return runner.run(_run(server, [tcp, uds], app.state.tokenspeed))
+            return runner.run(_run(server, listening.sockets, app.state.tokenspeed))
     finally:
-        uds.close()
-        _remove_socket_file(config.server.socket, uds_inode)
-        tcp.close()
+        listening.close()
 
 
-async def _run(server: _Server, sockets: list[socket.socket], state: AppState) -> int:
+async def _run(server: DrainingServer, sockets: list[socket.socket], state: AppState) -> int:
     helpers = [asyncio.create_task(_watch_engine(server, state)),
                asyncio.create_task(_abort_after_grace(server, state))]
     try:
@@ -94,7 +122,7 @@ async def _run(server: _Server, sockets: list[socket.socket], state: AppState) -
     return 1 if state.engine_status == "failed" else 0
 
 
-async def _watch_engine(server: _Server, state: AppState) -> None:
+async def _watch_engine(server: DrainingServer, state: AppState) -> None:
     """Stop serving once the engine has failed for good (a restart keeps the server up)."""
     while not server.should_exit:
         if state.engine_status == "failed":
@@ -104,7 +132,7 @@ async def _watch_engine(server: _Server, state: AppState) -> None:
         await asyncio.sleep(HEALTH_POLL_S)
 
 
-async def _abort_after_grace(server: _Server, state: AppState) -> None:
+async def _abort_after_grace(server: DrainingServer, state: AppState) -> None:
     """Once shutdown starts, give requests GRACE_S seconds, then abort what still runs."""
     while not server.should_exit:
         await asyncio.sleep(0.1)
@@ -141,12 +169,6 @@ def tcp_socket(host: str, port: int) -> socket.socket:
         raise
     sock.set_inheritable(True)
     return sock
-
-
-def check_tcp_port(host: str, port: int) -> None:
-    """Raise OSError if `host:port` cannot be listened on (another server holds it), without
-    listening: `tokenspeed up` checks before it loads anything."""
-    _bound_tcp(host, port).close()
 
 
 def _bound_tcp(host: str, port: int) -> socket.socket:

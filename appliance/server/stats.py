@@ -1,7 +1,8 @@
 """`GET /stats`: the dashboard's JSON (docs/INTERFACES.md §5).
 
 From the engine's latest snapshot: KV pages (pinned by sessions among them), the queue, totals
-and where each request stands in the scheduler (state, context, cached tokens). Measured here:
+and where each request stands in the scheduler (state, context, cached tokens), the cost
+model's predicted against measured step time (engine/step_timing.py). Measured here:
 tokens per minute and their last minutes (token arrival times, tracker.py), each request's
 decode TPS over the last 5 s, the prefix-cache hit rate of the last minute (counter_window.py),
 speculative decoding's drafted/accepted counts, GPU telemetry (gpus.py). Requests are grouped
@@ -73,6 +74,7 @@ def stats_snapshot(state: AppState) -> dict[str, Any]:
         "throughput": _throughput(tracker, len(gpus)),
         "prefix_cache": _prefix_cache(totals, state.counters, now),
         "speculative": speculative_figures(engine),
+        "step_time": _step_time(engine),
         "totals": totals,
         "history": {"bucket_s": HISTORY_BUCKET_S, **tracker.history(HISTORY_BUCKET_S)},
         "gpus": state.gpus.read(),
@@ -86,6 +88,17 @@ def _throughput(tracker: RequestTracker, num_gpus: int) -> dict[str, float | Non
     return {"generation_tokens_per_minute": round(generated, 3),
             "prompt_tokens_per_minute": round(tracker.prompt_tokens_per_minute(), 3),
             "generation_tokens_per_minute_per_gpu": round(generated / num_gpus, 3) if num_gpus else None}
+
+
+def _step_time(engine: Mapping[str, float]) -> dict[str, float] | None:
+    """The scheduler's cost model: its predicted step time against the measured one (launch to
+    commit, what it is fitted on), means over the engine's last steps; None before a step."""
+    if "step_time_measured_s" not in engine:
+        return None
+    return {"predicted_ms": round(1e3 * engine["step_time_predicted_s"], 3),
+            "measured_ms": round(1e3 * engine["step_time_measured_s"], 3),
+            "abs_error_ms": round(1e3 * engine["step_time_abs_error_s"], 3),
+            "window_steps": int(engine["step_time_window_steps"])}
 
 
 def _prefix_cache(totals: Mapping[str, int], window: CounterWindow, now: float) -> dict[str, Any]:

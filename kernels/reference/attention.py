@@ -13,6 +13,7 @@ Two optional arguments serve GPT-OSS (both off by default):
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from kernels.registry import register
 
@@ -58,36 +59,50 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tens
     return torch.einsum("hmn,nhd->mhd", _softmax(s, sink), v32)       # [M, Hq, Dv]
 
 
+def _decode_keys(k_cache: torch.Tensor, v_cache: torch.Tensor, page_table: torch.Tensor,
+                 lens: torch.Tensor, page_size: int, window: int
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every row's keys and values up to the longest row (with a window, each row's last
+    `window` positions): k [B, N, Hk, D], v [B, N, Hk, Dv] float32 and seen [B, N]. A shorter
+    row's tail reads its own last key again (a written, finite slot: the slots past the end
+    may hold anything), to be masked by `seen`."""
+    width = int(lens.max()) if lens.numel() else 0
+    first = torch.zeros_like(lens)
+    if window > 0:
+        width = min(width, window)
+        first = (lens - width).clamp(min=0)
+    n = first[:, None] + torch.arange(width, device=lens.device)            # [B, N] positions
+    seen = n < lens[:, None]                                                 # [B, N]
+    n = torch.minimum(n, (lens - 1).clamp(min=0)[:, None])
+    slots = page_table.long().gather(1, n // page_size) * page_size + n % page_size  # [B, N]
+    return k_cache[slots].float(), v_cache[slots].float(), seen
+
+
 @register("decode_attention", backend="torch", priority=0)
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      page_table: torch.Tensor, seq_lens: torch.Tensor, page_size: int,
                      scale: float, sinks: torch.Tensor | None = None,
                      window: int = 0) -> torch.Tensor:
-    """q: [B, Hq, D] -> [B, Hq, Dv]. All rows at once (a CPU step is a few dozen ops, not a
-    few dozen per row): keys gathered up to the longest row (with a window, each row's last
-    `window` positions), the shorter rows' tails masked and their values zeroed (those slots
-    may hold anything), each kv head's query group attending together (no repeated K/V).
-    sinks [Hq] / window: see the module doc."""
+    """q: [B, Hq, D] -> [B, Hq, Dv]. All rows at once (a CPU step is a few ops per layer, not a
+    few per row), each kv head's query group attending together (no repeated K/V): torch's
+    fused scaled_dot_product_attention with the shorter rows' tails masked, or, with sinks,
+    the softmax written out. sinks [Hq] / window: see the module doc."""
     b, hq, d = q.shape
     hk = k_cache.shape[1]
-    lens = seq_lens.long()                                                   # [B]
-    width = int(lens.max()) if b else 0
-    first = torch.zeros_like(lens)
-    if window > 0:
-        width = min(width, window)
-        first = (lens - width).clamp(min=0)
-    n = first[:, None] + torch.arange(width, device=q.device)                # [B, N] positions
-    seen = n < lens[:, None]                                                 # [B, N]
-    slots = page_table.long().gather(1, n // page_size) * page_size + n % page_size  # [B, N]
-    k32 = k_cache[slots].float()                                             # [B, N, Hk, D]
-    v32 = v_cache[slots].float().masked_fill(~seen[:, :, None, None], 0.0)  # [B, N, Hk, Dv]
+    k32, v32, seen = _decode_keys(k_cache, v_cache, page_table, seq_lens.long(), page_size,
+                                  window)
     q32 = q.float().view(b, hk, hq // hk, d)                                 # [B, Hk, G, D]
-    s = torch.einsum("bkgd,bnkd->bkgn", q32, k32) * scale                    # [B, Hk, G, N]
-    s = s.masked_fill(~seen[:, None, None, :], float("-inf"))
-    sink = None if sinks is None else sinks.float().view(1, hk, hq // hk, 1)
-    p = _softmax(s, sink).nan_to_num(0.0)          # a row with no keys (seq_len 0) gets zeros
-    out = torch.einsum("bkgn,bnkd->bkgd", p, v32)                            # [B, Hk, G, Dv]
-    return out.reshape(b, hq, -1).to(q.dtype)
+    if sinks is None:
+        hidden = torch.zeros(seen.shape, device=q.device).masked_fill_(~seen, float("-inf"))
+        out = F.scaled_dot_product_attention(q32, k32.transpose(1, 2), v32.transpose(1, 2),
+                                             attn_mask=hidden[:, None, None, :], scale=scale)
+    else:
+        s = torch.einsum("bkgd,bnkd->bkgn", q32, k32) * scale                # [B, Hk, G, N]
+        s = s.masked_fill(~seen[:, None, None, :], float("-inf"))
+        p = _softmax(s, sinks.float().view(1, hk, hq // hk, 1))
+        out = torch.einsum("bkgn,bnkd->bkgd", p, v32)                        # [B, Hk, G, Dv]
+    # a row with no keys (seq_len 0) gets zeros, not the NaN of an empty softmax
+    return out.nan_to_num(0.0).reshape(b, hq, -1).to(q.dtype)
 
 
 @register("extend_attention", backend="torch", priority=0)

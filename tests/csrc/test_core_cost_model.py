@@ -73,3 +73,41 @@ def test_unmeasured_steps_leave_the_model_alone():
     s.submit(1, i32(range(100)), 20, i32([]))
     Driver(s, step_time=0.0).run()
     assert s.cost_coeffs() == prior
+
+
+def _decode_only(s, truth, steps, stall=None):
+    """Decode-only steps of a fixed batch; `stall(i)`: seconds that step i really took instead.
+    Returns the relative error of the prediction for the step after them."""
+    for i in range(steps + 1):
+        p = s.plan()
+        t = truth(p.num_decode, int(p.seq_lens.sum()))
+        if i == steps:
+            error = abs(p.predicted_time_s - t) / t
+        s.commit(p.step, np.ones(p.num_rows, np.int32), stall(i) if stall and stall(i) else t)
+    return error
+
+
+def _decoding(num_requests=8):
+    s = make(num_pages=2048, page_size=16, max_batch_tokens=256, tps_floor=0.0)
+    for r in range(num_requests):
+        s.submit(r, i32(range(r, r + 16)), 500, i32([]))
+    return s
+
+
+def test_a_stall_does_not_poison_the_fit():
+    """A 1 s stall among 10 ms steps (a GC pause, a profiler): the next predictions stay near
+    the machine's cost instead of carrying a share of the stall for the next hundred steps."""
+    truth = lambda d, kv: 0.01 + 0.0002 * d  # noqa: E731
+    s = _decoding()
+    assert _decode_only(s, truth, 60) < 0.1
+    # (counted in full, the stall would add about 1 s / 50 steps of memory: nearly 3x the step)
+    assert _decode_only(s, truth, 5, stall=lambda i: 1.0 if i == 0 else None) < 0.2
+
+
+def test_a_machine_that_really_slows_down_is_followed():
+    """Capped at 4x a step, the fit still climbs to a 10x slower machine."""
+    fast = lambda d, kv: 0.01 + 0.0002 * d  # noqa: E731
+    slow = lambda d, kv: 10 * fast(d, kv)  # noqa: E731  (beyond one step's cap)
+    s = _decoding()
+    _decode_only(s, fast, 60)
+    assert _decode_only(s, slow, 150) < 0.1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 from pathlib import Path
 
 import anthropic
@@ -12,7 +13,7 @@ import openai
 import pytest
 import torch
 
-from daemon_process import REPO, start_daemon
+from daemon_process import REPO, launch_daemon, start_daemon, wait_healthy
 
 pytestmark = pytest.mark.slow  # spawns processes / > 5 s: skipped by -m 'not slow'
 
@@ -150,6 +151,31 @@ def test_sigterm_drains_in_flight_request_and_exits_zero(tmp_path):
     assert code == 0, daemon.log.read_text()
     assert not daemon.socket.exists()
     assert rest and rest[-1].choices[0].finish_reason is not None
+
+
+def test_health_says_warming_up_while_the_engine_loads(tmp_path):
+    """The sockets answer from before the engine starts (spawning a rank alone takes seconds):
+    503 "warming up", the API's error shapes; then the real app takes the same sockets over."""
+    daemon = launch_daemon(tmp_path)
+    try:
+        deadline = time.monotonic() + 60
+        while not daemon.socket.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        with daemon.uds_client() as http:
+            health = http.get("/health")
+            chat = http.post("/v1/chat/completions", json={"model": "tiny-llama", "messages": []})
+            messages = http.post("/v1/messages", json={})
+        assert (health.status_code, health.json()) == (503, {"status": "warming up"})
+        assert chat.status_code == 503 and chat.headers["retry-after"] == "5"
+        assert chat.json()["error"]["type"] == "service_unavailable"
+        assert messages.status_code == 503 and messages.json()["type"] == "error"
+        wait_healthy(daemon)
+        reply = _openai(daemon).completions.create(model="tiny-llama", prompt="hi", max_tokens=3)
+        assert reply.choices[0].text is not None
+    finally:
+        code = daemon.stop()
+    assert code == 0, daemon.log.read_text()
+    assert not daemon.socket.exists()
 
 
 def test_second_turn_reuses_every_full_page_of_the_first(daemon):

@@ -129,6 +129,9 @@ def test_live_stats_then_disconnect_aborts_in_engine(daemon):
     (active,) = stats["active"]
     assert active["user"] == "e2e-user" and active["generated_tokens"] >= 20 and active["decode_tps"] > 0
     assert stats["throughput"]["generation_tokens_per_minute"] >= 20
+    step_time = stats["step_time"]  # the cost model against the engine's measured steps
+    assert step_time["window_steps"] > 0 and step_time["measured_ms"] > 0
+    assert step_time["abs_error_ms"] >= 0 and step_time["predicted_ms"] > 0
     assert wait_until(lambda: _idle(daemon), 15)
     time.sleep(1.0)  # several engine stats periods: the snapshots below are fresh
     with daemon.uds() as uds:
@@ -259,10 +262,11 @@ def test_responses_and_n_choices_through_the_real_engine(daemon):
 
 def test_forced_tool_calls_and_schemas_hold_on_random_weights(daemon):
     """Whatever the random weights say, a forced tool choice (Responses, chat, messages) gives
-    exactly one call with schema-valid arguments, and a response_format schema is met."""
+    exactly one call with schema-valid arguments, and a response_format schema is met (string
+    lengths are bounded, so the grammar ends each call inside its token budget)."""
     client = daemon.openai()
     shell = {"type": "function", "name": "shell", "parameters": {
-        "type": "object", "properties": {"command": {"type": "array", "items": {"type": "string"}, "maxItems": 3}},
+        "type": "object", "properties": {"command": {"type": "array", "items": {"type": "string", "maxLength": 12}, "maxItems": 3}},
         "required": ["command"], "additionalProperties": False}}
     out = client.responses.create(model=MODEL, input="list files", tools=[shell], tool_choice="required",
                                   parallel_tool_calls=False, max_output_tokens=200)

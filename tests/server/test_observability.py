@@ -79,7 +79,8 @@ def test_stats_schema_and_live_request(served):
         stats = uds.get("/stats").json()
     assert set(stats) == {"model", "uptime_s", "engine", "device", "tp_size", "tps_floor", "kv", "requests",
                           "throughput", "prefix_cache", "speculative", "totals", "history", "gpus", "active",
-                          "users"}
+                          "users", "step_time"}
+    assert stats["step_time"] is None  # the fake engine runs no steps (the real one: test_daemon_e2e)
     assert stats["model"] == MODEL and stats["uptime_s"] > 0
     assert (stats["engine"], stats["device"], stats["tp_size"]) == ("ok", "cpu", 1)
     assert stats["gpus"] == {"available": False, "reason": "no GPU: the engine runs on the CPU", "devices": []}

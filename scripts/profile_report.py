@@ -1,0 +1,168 @@
+#!/usr/bin/env python3
+"""The short table scripts/gpu_profile prints last, from what it wrote under OUT:
+  timing/steps.csv         the engine's per-step timeline (appliance/engine/step_timing.py)
+  timing/kernels-rows*.csv the top kernels of each torch.profiler window
+  bench-*.json             `tokenspeed bench throughput --json` of each load
+  stats.jsonl              /stats's step_time (the cost model) polled during the loads
+  loads.txt                "name start end" (epoch seconds) of each load: steps are grouped by it
+
+Within each load, steps are grouped by batch composition (profiled steps left out: the profiler
+slows them):
+  batch 1        one decode row, no prefill
+  decode >= N    at least N decode rows, no prefill (N: --rows, the big load's profile window)
+  mixed          decode rows and prefill tokens in one step
+  prefill only   no decode row
+Per group: medians of the host phases (ms) of the passes that launched them, the GPU time of the
+step and the GPU's idle gap before it (host-bound when the gap is large), and the cost model's
+prediction against the measured step time (median, and mean absolute error).
+
+    python scripts/profile_report.py OUT [--rows 192] [--top 8]
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import statistics
+import sys
+from pathlib import Path
+
+PHASES = ("other", "plan", "to_device", "launch", "wait", "commit", "emit")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--rows", type=int, default=192, help="decode rows of the large-batch group")
+    parser.add_argument("--top", type=int, default=8, help="kernels shown per profiler window")
+    args = parser.parse_args()
+    loads = read_loads(args.out / "loads.txt")
+    lines = (bench_lines(args.out) + [""] + kernel_lines(args.out / "timing", args.top) + [""]
+             + cost_model_lines(args.out / "stats.jsonl") + [""]
+             + step_lines(args.out / "timing" / "steps.csv", args.rows, loads))
+    text = "\n".join(lines)
+    (args.out / "summary.txt").write_text(text + "\n")
+    print(text)
+    return 0
+
+
+def read_steps(path: Path) -> list[dict[str, float | None]]:
+    with path.open() as f:
+        return [{k: float(v) if v != "" else None for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def read_loads(path: Path) -> list[tuple[str, float, float]]:
+    """(name, start, end) of each load; one load over all time without the file."""
+    if not path.is_file():
+        return [("all", 0.0, float("inf"))]
+    loads = []
+    for line in path.read_text().splitlines():
+        name, start, end = line.split()
+        loads.append((name, float(start), float(end)))
+    return loads
+
+
+def group_of(step: dict[str, float | None], rows: int) -> str | None:
+    decode, prefill = step["decode_rows"] or 0, step["prefill_tokens"] or 0
+    if step["step"] is None or step["step"] < 0 or step["profiled"]:
+        return None
+    if prefill == 0:
+        return "batch 1" if decode == 1 else f"decode >= {rows}" if decode >= rows else None
+    return "mixed" if decode else "prefill only"
+
+
+def step_lines(path: Path, rows: int, loads: list[tuple[str, float, float]]) -> list[str]:
+    if not path.is_file():
+        return [f"no step timeline ({path} missing: did the daemon stop cleanly?)"]
+    groups: dict[tuple[str, str], list[dict[str, float | None]]] = {}
+    for step in read_steps(path):
+        load = next((n for n, start, end in loads if start <= (step["time_s"] or 0) <= end), None)
+        if load is not None and (name := group_of(step, rows)) is not None:
+            groups.setdefault((load, name), []).append(step)
+    header = ("load", "group", "steps", "rows", "pf_tok", *PHASES, "host", "gpu", "gap", "pred", "meas", "|err|",
+              "dec_tok/s")
+    table = [header]
+    for key in [(load, name) for load, _, _ in loads
+                for name in ("batch 1", f"decode >= {rows}", "mixed", "prefill only")]:
+        steps = groups.get(key, [])
+        if not steps:
+            continue
+        host = [sum(s[f"{p}_ms"] or 0 for p in PHASES) for s in steps]
+        errors = [abs(s["predicted_ms"] - s["measured_ms"]) for s in steps
+                  if s["predicted_ms"] is not None and s["measured_ms"] is not None]
+        table.append((*key, str(len(steps)), _median(steps, "decode_rows", 0), _median(steps, "prefill_tokens", 0),
+                      *(_median(steps, f"{p}_ms") for p in PHASES), f"{statistics.median(host):.2f}",
+                      _median(steps, "gpu_ms"), _median(steps, "gpu_gap_ms"),
+                      _median(steps, "predicted_ms"), _median(steps, "measured_ms"),
+                      f"{statistics.fmean(errors):.2f}" if errors else "-", _decode_rate(steps)))
+    return ["per step (medians, ms; host = all phases of the pass that launched the step; gap = GPU "
+            "idle before it; pred/meas = the cost model's prediction vs the step's measured time, what "
+            "it is fitted on; dec_tok/s = rows / meas, profiler pauses left out):", *_format(table)]
+
+
+def _decode_rate(steps: list[dict[str, float | None]]) -> str:
+    """Decode tokens per second at the group's median rows and measured step time."""
+    rows, measured = _median(steps, "decode_rows"), _median(steps, "measured_ms")
+    if "-" in (rows, measured) or float(measured) <= 0:
+        return "-"
+    return f"{1e3 * float(rows) / float(measured):.0f}"
+
+
+def _median(steps: list[dict[str, float | None]], key: str, digits: int = 2) -> str:
+    values = [s[key] for s in steps if s[key] is not None]
+    return f"{statistics.median(values):.{digits}f}" if values else "-"
+
+
+def kernel_lines(folder: Path, top: int) -> list[str]:
+    lines = []
+    for path in sorted(folder.glob("kernels-rows*.csv"), key=lambda p: int(p.stem.removeprefix("kernels-rows"))):
+        with path.open() as f:
+            kernels = list(csv.DictReader(f))
+        lines.append(f"top kernels, profiler window at >= {path.stem.removeprefix('kernels-rows')} decode rows "
+                     f"({path.name}):")
+        table = [("kernel", "calls/step", "ms/step", "%")]
+        table += [(k["kernel"][:70], k["calls_per_step"], k["ms_per_step"], k["pct"]) for k in kernels[:top]]
+        lines += _format(table)
+    return lines or [f"no kernel tables under {folder}"]
+
+
+def bench_lines(out: Path) -> list[str]:
+    keys = ("requests", "output_tokens_per_s", "ttft_p50_s", "ttft_p99_s", "decode_tps_min",
+            "decode_tps_mean", "requests_above_floor", "daemon_running_mean", "daemon_running_max")
+    table = [("load", *keys)]
+    for path in sorted(out.glob("bench-*.json")):
+        try:
+            result = json.loads(path.read_text())
+        except ValueError:
+            table.append((path.stem, "no result"))
+            continue
+        table.append((path.stem, *(_number(result.get(k)) for k in keys)))
+    return ["bench:", *_format(table)]
+
+
+def cost_model_lines(path: Path) -> list[str]:
+    if not path.is_file():
+        return ["no /stats step_time samples"]
+    samples = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    samples = [s for s in samples if s]
+    if not samples:
+        return ["no /stats step_time samples"]
+    table = [("/stats step_time", "samples", "predicted_ms", "measured_ms", "abs_error_ms")]
+    table.append(("mean of samples", str(len(samples)),
+                  *(f"{statistics.fmean(s[k] for s in samples):.2f}"
+                    for k in ("predicted_ms", "measured_ms", "abs_error_ms"))))
+    return _format(table)
+
+
+def _number(value) -> str:
+    return "-" if value is None else f"{value:.2f}" if isinstance(value, float) else str(value)
+
+
+def _format(table: list[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(row[i]) for row in table if i < len(row)) for i in range(len(table[0]))]
+    return ["  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+            for row in table]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
