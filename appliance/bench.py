@@ -7,6 +7,10 @@ Modes
 - agentic:    users running multi-turn conversations whose context grows every turn (previous
               prompt + answer + new tokens), with a pause between turns as a tool call would make;
               reports the prefix-cache hit rate the daemon measured, per-user TPS and TPM.
+              `--workload edit`: each user asks, through the chat API, for a file of this
+              repository rewritten with a function renamed, then for another rename of the
+              previous answer each turn (the answers re-emit the file: what speculative drafts
+              taken from the conversation are for).
 - greedy:     the greedy token ids of a few seeded prompts, to compare layouts (TP1 vs TP2/TP4).
 
 `--concurrency 1,4,16,64` runs throughput at each level in turn; `--plot FILE.png` draws per-user
@@ -19,7 +23,9 @@ stderr when it is a terminal.
 
 Prompts are token-id lists (ids 10..499, valid for any vocabulary) sent to /v1/completions with
 `ignore_eos`, so input and output lengths are exact, and `return_token_ids`, so the stream has a
-chunk per token and every token is timed (dummy-weight models emit ids with no text).
+chunk per token and every token is timed (dummy-weight models emit ids with no text). The edit
+workload is text through /v1/chat/completions instead: the model decides when an answer ends,
+and decode TPS is usage.completion_tokens over the time from the first to the last chunk.
 """
 
 from __future__ import annotations
@@ -28,10 +34,11 @@ import argparse
 import asyncio
 import json
 import random
+import re
 import statistics
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,6 +86,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--turns", type=int, default=4, help="agentic: turns per conversation")
     parser.add_argument("--turn-tokens", type=int, default=256, help="agentic: new tokens per turn")
     parser.add_argument("--tool-time", type=float, default=0.5, help="agentic: pause between turns (s)")
+    parser.add_argument("--workload", choices=["random", "edit"], default="random",
+                        help="agentic: random token ids, or edits of this repo's files (chat)")
     parser.add_argument("--tcp", action="store_true", help="use TCP instead of the Unix socket")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     parser.add_argument("--seed", type=int, default=0)
@@ -149,7 +158,8 @@ async def _run(config: AppConfig, args: argparse.Namespace, http: httpx.AsyncCli
     async with _watch_daemon(http, load):
         if args.mode == "agentic":
             async with _progress("agentic turns", args.users * args.turns) as advance:
-                results = await _agentic(http, model, args, rng, advance)
+                agentic = _agentic_edit if args.workload == "edit" else _agentic
+                results = await agentic(http, model, args, rng, advance)
         else:
             count = min(args.requests, 8) if args.mode == "latency" else args.requests
             prompts = [_tokens(rng, args.input_len) for _ in range(count)]
@@ -160,7 +170,10 @@ async def _run(config: AppConfig, args: argparse.Namespace, http: httpx.AsyncCli
     elapsed = time.perf_counter() - started
     after = (await http.get("/stats")).json()
     expected = min(concurrency, len(results))
-    return _summarize(config, args.mode, concurrency, results, elapsed, before, after, load, expected)
+    summary = _summarize(config, args.mode, concurrency, results, elapsed, before, after, load, expected)
+    if args.mode == "agentic":
+        summary["workload"] = args.workload
+    return summary
 
 
 @asynccontextmanager
@@ -226,6 +239,90 @@ async def _agentic(http: httpx.AsyncClient, model: str, args: argparse.Namespace
     return [r for results in per_user for r in results]
 
 
+# -- the edit workload ----------------------------------------------------------------------------
+
+EDIT_SYSTEM = ("You are a coding assistant. When asked to change a file, reply with the whole "
+               "changed file in a single ```python code block and nothing else.")
+_EDIT_FILE_CHARS = (1200, 3500)  # a few hundred to ~1K tokens: several turns fit an 8K context
+
+
+@dataclass(frozen=True)
+class EditTask:
+    """One user's job: a file of this repository and the names to rename, one per turn."""
+
+    path: str
+    text: str
+    names: tuple[str, ...]
+
+    def user_message(self, turn: int) -> str:
+        name = self.names[turn % len(self.names)]
+        if turn == 0:
+            return (f"Here is `{self.path}`:\n\n```python\n{self.text}```\n\n"
+                    f"Rewrite this file with `{name}` renamed to `{name}_v2`.")
+        return f"Now also rename `{name}` to `{name}_v2`. Reply with the whole file again."
+
+
+def edit_tasks(users: int, seed: int) -> list[EditTask]:
+    """A different file for each user (cycling when users outnumber the files)."""
+    root = Path(__file__).resolve().parent
+    files = []
+    for path in sorted(root.rglob("*.py")):
+        text = path.read_text()
+        found = re.findall(r"^\s*(?:def|class) ([A-Za-z]\w*)", text, re.MULTILINE)
+        names = tuple(dict.fromkeys(found))  # in order, once each; no dunders
+        if _EDIT_FILE_CHARS[0] <= len(text) <= _EDIT_FILE_CHARS[1] and names:
+            files.append(EditTask(str(path.relative_to(root.parent)), text, names))
+    random.Random(seed).shuffle(files)
+    return [files[u % len(files)] for u in range(users)]
+
+
+def edit_messages(task: EditTask, answers: list[str]) -> list[dict]:
+    """The chat so far: the system prompt, then each turn's request and answer, then the next
+    request (turn len(answers))."""
+    messages = [{"role": "system", "content": EDIT_SYSTEM}]
+    for turn, answer in enumerate(answers):
+        messages += [{"role": "user", "content": task.user_message(turn)},
+                     {"role": "assistant", "content": answer}]
+    return messages + [{"role": "user", "content": task.user_message(len(answers))}]
+
+
+async def _agentic_edit(http: httpx.AsyncClient, model: str, args: argparse.Namespace,
+                        rng: random.Random, advance: Callable[[], None]) -> list[RequestResult]:
+    async def conversation(user: int, task: EditTask) -> list[RequestResult]:
+        answers: list[str] = []
+        results = []
+        for _ in range(args.turns):
+            result, answer = await _chat(http, model, edit_messages(task, answers), args.output_len,
+                                         session=f"bench-edit-{user}")
+            advance()
+            results.append(result)
+            answers.append(answer)
+            await asyncio.sleep(args.tool_time)
+        return results
+
+    tasks = edit_tasks(args.users, args.seed)
+    per_user = await asyncio.gather(*(conversation(u, t) for u, t in enumerate(tasks)))
+    return [r for results in per_user for r in results]
+
+
+async def _chat(http: httpx.AsyncClient, model: str, messages: list[dict], max_tokens: int,
+                session: str) -> tuple[RequestResult, str]:
+    body = {"model": model, "messages": messages, "max_tokens": max_tokens, "stream": True,
+            "temperature": 0.0, "stream_options": {"include_usage": True}}
+    started = time.perf_counter()
+    stamps: list[float] = []
+    parts: list[str] = []
+    usage = {}
+    async for chunk in _sse(http, "/v1/chat/completions", body, session):
+        usage = chunk.get("usage") or usage
+        delta = chunk["choices"][0].get("delta", {}) if chunk.get("choices") else {}
+        if delta.get("content"):
+            parts.append(delta["content"])
+            stamps.append(time.perf_counter())
+    produced = int(usage.get("completion_tokens", 0))
+    return _timed(int(usage.get("prompt_tokens", 0)), produced, started, stamps), "".join(parts)
+
+
 async def _bounded(limit: int, jobs: list) -> list[RequestResult]:
     gate = asyncio.Semaphore(limit)
 
@@ -241,36 +338,44 @@ async def _complete(http: httpx.AsyncClient, model: str, prompt: list[int], max_
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "stream": True,
             "ignore_eos": True, "temperature": 0.0, "stream_options": {"include_usage": True},
             "return_token_ids": True}
-    headers = {"x-session-id": session} if session else {}
     started = time.perf_counter()
     stamps: list[float] = []
     token_ids: list[int] = []
     usage = {}
-    async with http.stream("POST", "/v1/completions", json=body, headers=headers) as response:
-        if response.status_code != 200:
-            raise RuntimeError(f"HTTP {response.status_code}: {(await response.aread()).decode()}")
-        async for line in response.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if chunk.get("usage"):
-                usage = chunk["usage"]
-            choice = chunk["choices"][0] if chunk.get("choices") else {}
-            for token_id in choice.get("token_ids") or []:  # one chunk per token, text or not
-                token_ids.append(token_id)
-                stamps.append(time.perf_counter())
-    end = time.perf_counter()
+    async for chunk in _sse(http, "/v1/completions", body, session):
+        usage = chunk.get("usage") or usage
+        choice = chunk["choices"][0] if chunk.get("choices") else {}
+        for token_id in choice.get("token_ids") or []:  # one chunk per token, text or not
+            token_ids.append(token_id)
+            stamps.append(time.perf_counter())
     produced = int(usage.get("completion_tokens", len(token_ids)))
-    first = stamps[0] if stamps else end
-    decode_time = (stamps[-1] - first) if len(stamps) > 1 else 0.0
-    result = RequestResult(len(prompt), produced, first - started,
-                           (produced - 1) / decode_time if decode_time > 0 else 0.0, end - started)
+    result = _timed(len(prompt), produced, started, stamps)
     if not with_tokens:
         return result
     # The next turn resends the answer's exact token ids, as an agent resends the exact text.
     if len(token_ids) != produced:
         raise RuntimeError("the daemon did not return the answer's token ids (return_token_ids)")
     return result, token_ids
+
+
+async def _sse(http: httpx.AsyncClient, path: str, body: dict, session: str) -> AsyncIterator[dict]:
+    """The chunks of a streamed request, parsed ([DONE] left out)."""
+    headers = {"x-session-id": session} if session else {}
+    async with http.stream("POST", path, json=body, headers=headers) as response:
+        if response.status_code != 200:
+            raise RuntimeError(f"HTTP {response.status_code}: {(await response.aread()).decode()}")
+        async for line in response.aiter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                yield json.loads(line[6:])
+
+
+def _timed(prompt_tokens: int, produced: int, started: float, stamps: list[float]) -> RequestResult:
+    """A request's figures from when it started and when each streamed chunk arrived."""
+    end = time.perf_counter()
+    first = stamps[0] if stamps else end
+    decode_time = stamps[-1] - first if len(stamps) > 1 else 0.0
+    return RequestResult(prompt_tokens, produced, first - started,
+                         (produced - 1) / decode_time if decode_time > 0 else 0.0, end - started)
 
 
 def _tokens(rng: random.Random, n: int) -> list[int]:
@@ -300,6 +405,7 @@ def _summarize(config: AppConfig, mode: str, concurrency: int, results: list[Req
         "tps_floor": config.scheduler.tps_floor,
         "requests_above_floor": sum(t >= config.scheduler.tps_floor for t in tps),
         "prefix_cache_hit_rate": hits / prompts if prompts else 0.0,
+        **_speculation(before, after),
         "daemon_running_mean": statistics.fmean(load.running) if load.running else 0.0,
         "daemon_running_max": max(load.running, default=0),
         "daemon_in_flight_max": max(load.in_flight, default=0),
@@ -327,6 +433,17 @@ def _format(summary: dict) -> str:
         value = value if not isinstance(value, list) else json.dumps(value)
         lines.append(f"{key:<{width}}  {value:.3f}" if isinstance(value, float) else f"{key:<{width}}  {value}")
     return "\n".join(lines)
+
+
+def _speculation(before: dict, after: dict) -> dict:
+    """The daemon's speculative-decoding figures over the run (zeros with speculation off)."""
+    def delta(key: str) -> int:
+        return after.get("speculative", {}).get(key, 0) - before.get("speculative", {}).get(key, 0)
+
+    drafted, accepted, rows = delta("draft_tokens"), delta("accepted_tokens"), delta("verify_rows")
+    return {"spec_draft_tokens": drafted, "spec_accepted_tokens": accepted,
+            "spec_acceptance_rate": accepted / drafted if drafted else 0.0,
+            "spec_mean_accepted_length": 1 + accepted / rows if rows else 0.0}
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -377,11 +494,12 @@ def _pyplot():
     return plt
 
 
-def _client(config: AppConfig, tcp: bool, concurrency: int) -> httpx.AsyncClient:
+def _client(config: AppConfig, tcp: bool, concurrency: int,
+            timeout_s: float = 600.0) -> httpx.AsyncClient:
     """A client whose pool holds `concurrency` streams plus the /stats poller (httpx's default
     pool of 100 would queue the rest in the client, unseen by the daemon)."""
     headers = {"Authorization": f"Bearer {config.server.api_key}"} if config.server.api_key else {}
-    timeout = httpx.Timeout(600.0)
+    timeout = httpx.Timeout(timeout_s)
     limits = httpx.Limits(max_connections=concurrency + 1, max_keepalive_connections=concurrency + 1)
     if tcp:
         return httpx.AsyncClient(base_url=f"http://{config.server.host}:{config.server.port}",

@@ -89,6 +89,17 @@ class SchedulerPolicyConfig:
 
 
 @dataclass(frozen=True)
+class SpeculativeConfig:
+    """YAML `speculative:`: draft tokens verified by the target model in one step."""
+
+    method: str = "off"  # off | suffix | ngram | mtp (where the drafts come from)
+    max_draft: int = 8  # longest draft chain a request gets in one step (1..MAX_DRAFT)
+
+
+MAX_DRAFT = 32  # a verify row needs logits at each of its tokens: keep the chains short
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     """Supervision of the engine ranks (appliance/engine/client.py)."""
 
@@ -111,6 +122,7 @@ class AppConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
     kv: KVConfig = field(default_factory=KVConfig)
     scheduler: SchedulerPolicyConfig = field(default_factory=SchedulerPolicyConfig)
+    speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
     kernels: KernelsConfig = field(default_factory=KernelsConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
 
@@ -130,15 +142,21 @@ _CHOICES = {
     "model.dtype": ("auto", "float32", "bfloat16", "float16"),
     "device": ("auto", "cpu", "cuda"),
     "parallel.tp_size": (1, 2, 4, 8),
+    "speculative.method": ("off", "suffix", "ngram", "mtp"),
     "parallel.moe": ("tp", "ep"),
     # appliance/server/tool_parsers FORMATS (a test keeps the two lists equal)
     "server.tool_parser": ("auto", "hermes", "qwen3_coder", "glm45", "kimi_k2", "deepseek_v3",
                            "deepseek_v31", "harmony"),
     "engine.restart": ("on-failure", "never"),
 }
+# Values the contract names that this build cannot serve yet: start-up refuses them clearly.
+_NOT_YET = {
+    ("speculative.method", "mtp"): "MTP drafts need a checkpoint with next-token layers; "
+                                   "they are not in this build yet",
+}
 _POSITIVE = {
     "model.max_model_len", "server.port", "server.max_body_bytes", "kv.page_size", "kv.num_pages",
-    "scheduler.max_batch_tokens", "scheduler.max_running",
+    "scheduler.max_batch_tokens", "scheduler.max_running", "speculative.max_draft",
     "engine.restart_window_s", "engine.heartbeat_timeout_s",
 }
 # 0 has a meaning here: tps_floor 0 = no floor, session_ttl_s 0 = no retention.
@@ -209,6 +227,8 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
         return dict(value)
     if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if hint is str and value is False:
+        return "off"  # YAML 1.1 reads an unquoted `off` (or `no`) as false
     if hint is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
     if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
@@ -221,6 +241,9 @@ def _validate(config: AppConfig) -> None:
         value = _get(config, key)
         if value not in choices:
             raise ConfigError(f"{key}: must be one of {', '.join(map(str, choices))}, got {value!r}")
+    for (key, value), why in _NOT_YET.items():
+        if _get(config, key) == value:
+            raise ConfigError(f"{key}: {value} is not available: {why}")
     for key in _POSITIVE:
         value = _get(config, key)
         if value is not None and value <= 0:
@@ -237,6 +260,9 @@ def _validate(config: AppConfig) -> None:
         raise ConfigError("model.path / model.preset: set exactly one of them")
     if config.model.path and config.model.load_format == "dummy":
         raise ConfigError("model.load_format: dummy needs model.preset, not model.path")
+    if config.speculative.max_draft > MAX_DRAFT:
+        raise ConfigError(f"speculative.max_draft: must be <= {MAX_DRAFT}, "
+                          f"got {config.speculative.max_draft}")
     if config.engine.max_restarts < 0:
         raise ConfigError(f"engine.max_restarts: must be >= 0, got {config.engine.max_restarts}")
     if config.server.port > 65535:

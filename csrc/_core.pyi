@@ -35,7 +35,7 @@ class SchedulerConfig:
 
 class Plan:
     step: int
-    num_decode: int
+    num_decode: int  # rows [0, num_decode) are plain decodes; verify rows (num_draft > 0) follow
     predicted_time_s: float
     rids: npt.NDArray[np.int64]  # [B]
     input_ids: npt.NDArray[np.int32]  # [T]; -(r+1) = token sampled by row r of the previous plan
@@ -46,6 +46,8 @@ class Plan:
     page_table: npt.NDArray[np.int32]  # [B, P], 0-padded
     slot_mapping: npt.NDArray[np.int32]  # [T]
     sample: npt.NDArray[np.int32]  # [B]
+    num_draft: npt.NDArray[np.int32]  # [B]: draft tokens after the row's first token
+    total_drafts: int  # sum of num_draft: commit takes num_rows + total_drafts tokens
     @property
     def num_rows(self) -> int: ...
     @property
@@ -63,10 +65,15 @@ class Scheduler:
         stop_ids: npt.ArrayLike = ...,
         session: str = "",
     ) -> None: ...
+    def set_drafts(self, rid: int, drafts: npt.ArrayLike) -> int: ...  # drafts kept (0: refused)
     def plan(self) -> Optional[Plan]: ...
     def commit(
-        self, step: int, tokens: npt.ArrayLike, step_time_s: float = 0.0
-    ) -> list[tuple[int, int, str]]: ...
+        self,
+        step: int,
+        tokens: npt.ArrayLike,  # [num_rows + total_drafts]: row b's 1 + num_draft[b] in order
+        step_time_s: float = 0.0,
+        counts: Optional[npt.ArrayLike] = None,  # [num_rows]: tokens row b emits (None: 1 each)
+    ) -> list[tuple[int, int, str]]: ...  # one event per emitted token
     def abort(self, rid: int) -> bool: ...
     def stats(self) -> dict[str, int]: ...
     def cached_tokens(self, rid: int) -> Optional[int]: ...  # prefix-cache hit at first admission; None if unknown/queued
@@ -78,7 +85,42 @@ class Scheduler:
     def evict_cache(self) -> int: ...
     def set_test_clock(self, now_s: float) -> None: ...
     def clear_test_clock(self) -> None: ...
-    def cost_coeffs(self) -> tuple[float, float, float, float]: ...
-    def set_cost_prior(self, a: float, b: float, c: float, d: float) -> None: ...
-    def state(self, rid: int) -> str: ...  # "" | queued | prefilling | decoding | preempted
+    def cost_coeffs(self) -> tuple[float, float, float, float, float]: ...  # a, b, c, d, e
+    def set_cost_prior(self, a: float, b: float, c: float, d: float, e: float) -> None: ...
+    def state(self, rid: int) -> str: ...  # "" | queued | prefilling | decoding | verifying | preempted
     def inflight_steps(self) -> int: ...
+
+class Draft:
+    """A suffix-tree draft: the most frequent continuation of the longest matched suffix."""
+
+    tokens: list[int]
+    probs: list[float]  # probs[i]: estimated probability that tokens[:i+1] are all accepted
+    match_len: int  # tokens of the context's suffix that matched
+    score: float  # sum of probs: the expected number of accepted tokens
+
+class SuffixTree:
+    """Depth-bounded suffix tree over token sequences (csrc/suffix_tree.h). Only the last
+    sequence is open to extend(); with max_tokens > 0, the oldest closed sequences are dropped
+    beyond that many tokens."""
+
+    def __init__(self, max_depth: int, max_tokens: int = 0) -> None: ...  # ValueError if bad
+    def add(self, tokens: npt.ArrayLike) -> None: ...  # a new sequence; closes the open one
+    def extend(self, tokens: npt.ArrayLike) -> None: ...  # RuntimeError if none is open
+    def propose(
+        self, context: npt.ArrayLike, max_draft: int, min_prob: float, tokens_per_match: float
+    ) -> Draft: ...
+    @property
+    def max_depth(self) -> int: ...
+    @property
+    def max_tokens(self) -> int: ...
+    @property
+    def num_tokens(self) -> int: ...
+    @property
+    def num_sequences(self) -> int: ...
+    @property
+    def open_length(self) -> int: ...
+    @property
+    def num_nodes(self) -> int: ...
+    @property
+    def memory_bytes(self) -> int: ...
+    def check_invariants(self) -> None: ...  # raises RuntimeError

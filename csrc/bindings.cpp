@@ -3,10 +3,12 @@
 #include <pybind11/stl.h>
 
 #include "py_scheduler.h"
+#include "py_suffix_tree.h"
 
 namespace py = pybind11;
 using ts::PyPlan;
 using ts::PyScheduler;
+using ts::PySuffixTree;
 using ts::SchedulerConfig;
 
 PYBIND11_MODULE(_core, m) {
@@ -56,6 +58,8 @@ PYBIND11_MODULE(_core, m) {
       .def_readonly("page_table", &PyPlan::page_table)
       .def_readonly("slot_mapping", &PyPlan::slot_mapping)
       .def_readonly("sample", &PyPlan::sample)
+      .def_readonly("num_draft", &PyPlan::num_draft)
+      .def_readonly("total_drafts", &PyPlan::total_drafts)
       .def_property_readonly("num_rows", &PyPlan::num_rows)
       .def_property_readonly("num_tokens", &PyPlan::num_tokens)
       .def("__repr__", &PyPlan::repr);
@@ -66,9 +70,10 @@ PYBIND11_MODULE(_core, m) {
       .def("submit", &PyScheduler::submit, py::arg("rid"), py::arg("prompt"),
            py::arg("max_new_tokens"), py::arg("stop_ids") = ts::I32Array(0),
            py::arg("session") = "")
+      .def("set_drafts", &PyScheduler::set_drafts, py::arg("rid"), py::arg("drafts"))
       .def("plan", &PyScheduler::plan)
       .def("commit", &PyScheduler::commit, py::arg("step"), py::arg("tokens"),
-           py::arg("step_time_s") = 0.0)
+           py::arg("step_time_s") = 0.0, py::arg("counts") = py::none())
       .def("abort", &PyScheduler::abort, py::arg("rid"))
       .def("stats", &PyScheduler::stats)
       .def("cached_tokens", &PyScheduler::cached_tokens, py::arg("rid"))
@@ -79,7 +84,28 @@ PYBIND11_MODULE(_core, m) {
       .def("clear_test_clock", &PyScheduler::clear_test_clock)
       .def("cost_coeffs", &PyScheduler::cost_coeffs)
       .def("set_cost_prior", &PyScheduler::set_cost_prior, py::arg("a"), py::arg("b"),
-           py::arg("c"), py::arg("d"))
+           py::arg("c"), py::arg("d"), py::arg("e"))
       .def("state", &PyScheduler::state, py::arg("rid"))
       .def("inflight_steps", &PyScheduler::inflight_steps);
+
+  py::class_<ts::Draft>(m, "Draft")
+      .def_readonly("tokens", &ts::Draft::tokens)
+      .def_readonly("probs", &ts::Draft::probs)
+      .def_readonly("match_len", &ts::Draft::match_len)
+      .def_readonly("score", &ts::Draft::score);
+
+  py::class_<PySuffixTree>(m, "SuffixTree")
+      .def(py::init<int32_t, int64_t>(), py::arg("max_depth"), py::arg("max_tokens") = 0)
+      .def("add", &PySuffixTree::add, py::arg("tokens"))
+      .def("extend", &PySuffixTree::extend, py::arg("tokens"))
+      .def("propose", &PySuffixTree::propose, py::arg("context"), py::arg("max_draft"),
+           py::arg("min_prob"), py::arg("tokens_per_match"))
+      .def_property_readonly("max_depth", &PySuffixTree::max_depth)
+      .def_property_readonly("max_tokens", &PySuffixTree::max_tokens)
+      .def_property_readonly("num_tokens", &PySuffixTree::num_tokens)
+      .def_property_readonly("num_sequences", &PySuffixTree::num_sequences)
+      .def_property_readonly("open_length", &PySuffixTree::open_length)
+      .def_property_readonly("num_nodes", &PySuffixTree::num_nodes)
+      .def_property_readonly("memory_bytes", &PySuffixTree::memory_bytes)
+      .def("check_invariants", &PySuffixTree::check_invariants);
 }

@@ -7,7 +7,7 @@ namespace {
 
 // Typical feature magnitudes; the ridge term of coefficient i is
 // prior_weight * scale_i^2, i.e. "prior_weight pseudo-steps of this size".
-constexpr CostModel::Vec kScale = {1.0, 16.0, 128.0, 4096.0};
+constexpr CostModel::Vec kScale = {1.0, 16.0, 128.0, 4096.0, 32.0};
 
 // Solves A x = b restricted to the `active` coefficients (others are 0), by
 // Gaussian elimination with partial pivoting. A is SPD so this is stable.
@@ -52,7 +52,7 @@ CostModel::CostModel(Vec prior, double forget, double prior_weight)
 }
 
 CostModel::Vec CostModel::features(const StepFeatures& f) {
-  return {1.0, f.decode_tokens, f.prefill_tokens, f.kv_tokens_read};
+  return {1.0, f.decode_tokens, f.prefill_tokens, f.kv_tokens_read, f.draft_tokens};
 }
 
 void CostModel::observe(const StepFeatures& f, double step_time_s) {
@@ -85,7 +85,8 @@ void CostModel::solve() const {
     a[i][i] += r;
     b[i] += r * prior_[i];
   }
-  std::array<bool, kN> active{true, true, true, true};
+  std::array<bool, kN> active;
+  active.fill(true);
   Vec x{};
   // At most kN rounds: each clamps one more coefficient to zero.
   for (int round = 0; round <= kN; ++round) {

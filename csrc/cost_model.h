@@ -1,5 +1,10 @@
 // Online step-time model: t = a + b*decode_tokens + c*prefill_tokens
-//                             + d*kv_tokens_read.
+//                             + d*kv_tokens_read + e*draft_tokens.
+//
+// A speculative verify row counts as one decode token plus its draft tokens:
+// its drafts cost far less than prefill tokens while a step is memory-bound
+// and approach their cost once it is compute-bound, so they get their own
+// coefficient, fitted on real step times like the others.
 //
 // Fitted by exponentially weighted least squares: the normal equations
 // (X'WX, X'Wy) are kept as running sums with a forgetting factor, so an
@@ -25,19 +30,21 @@ struct StepFeatures {
   double decode_tokens = 0;
   double prefill_tokens = 0;
   double kv_tokens_read = 0;
+  double draft_tokens = 0;  // verify rows' tokens after their first
 };
 
 class CostModel {
  public:
-  static constexpr int kN = 4;
+  static constexpr int kN = 5;
   static constexpr int64_t kTrusted = 32;
   static constexpr double kMaxRatio = 4.0;
   using Vec = std::array<double, kN>;
 
-  // prior: {a seconds, b s/decode token, c s/prefill token, d s/kv token}.
+  // prior: {a seconds, b s/decode token, c s/prefill token, d s/kv token,
+  //         e s/draft token}.
   explicit CostModel(Vec prior = default_prior(), double forget = 0.98,
                      double prior_weight = 0.5);
-  static Vec default_prior() { return {2e-3, 5e-5, 1e-4, 2e-8}; }
+  static Vec default_prior() { return {2e-3, 5e-5, 1e-4, 2e-8, 5e-5}; }
 
   void observe(const StepFeatures& f, double step_time_s);
   double predict(const StepFeatures& f) const;

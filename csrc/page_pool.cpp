@@ -86,4 +86,13 @@ void PageLease::append(PageLease&& other) {
   other.pages_.clear();
 }
 
+PageLease PageLease::take_tail(size_t keep) {
+  PageLease tail(pool_);
+  if (keep < pages_.size()) {
+    tail.pages_.assign(pages_.begin() + static_cast<std::ptrdiff_t>(keep), pages_.end());
+    pages_.resize(keep);
+  }
+  return tail;
+}
+
 }  // namespace ts

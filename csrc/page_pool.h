@@ -84,6 +84,9 @@ class PageLease {
   void release_all();
   // Moves the references of `other` (same pool) to the end of this lease.
   void append(PageLease&& other);
+  // Moves the pages after the first `keep` into a new lease (same pool): the
+  // tail a shortened sequence no longer needs.
+  [[nodiscard]] PageLease take_tail(size_t keep);
 
  private:
   friend class PagePool;

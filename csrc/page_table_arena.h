@@ -38,7 +38,8 @@ class PageTableArena {
   // else references (so it may be written).
   std::shared_ptr<Buffer> acquire(size_t rows, int32_t width);
   // Makes row `row` hold pages[0:n] followed by zeros; `key` identifies the
-  // owner, whose page list only ever grows at the end.
+  // owner's page list, which only ever grows at the end while its key stays
+  // the same (a list that loses pages gets a new key).
   static void write_row(Buffer& b, size_t row, uint64_t key, const PageId* pages, int32_t n);
 
  private:

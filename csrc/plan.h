@@ -14,7 +14,7 @@ namespace ts {
 
 struct PlanData {
   int64_t step = 0;
-  int32_t num_decode = 0;
+  int32_t num_decode = 0;  // rows [0, num_decode): one token each
   int32_t page_table_width = 0;  // P (a multiple of PageTableArena::kWidthAlign)
   double predicted_time_s = 0;   // cost model's estimate for this step
   std::vector<int64_t> rids;          // [B]
@@ -27,6 +27,10 @@ struct PlanData {
   std::shared_ptr<PageTableArena::Buffer> page_table;
   std::vector<int32_t> slot_mapping;  // [T]
   std::vector<int32_t> sample;        // [B]
+  // [B]: draft tokens after the row's first token (verify rows follow the
+  // plain decodes; their query tokens are the next token and its drafts)
+  std::vector<int32_t> num_draft;
+  int32_t total_drafts = 0;           // sum of num_draft
 };
 
 enum class EventKind : uint8_t { kRunning, kStop, kLength };
@@ -42,6 +46,8 @@ struct Stats {
   int64_t requests_running, requests_waiting;
   int64_t prompt_tokens_total, prefix_cache_hit_tokens_total;
   int64_t generation_tokens_total, preemptions_total, steps_total;
+  // speculative decoding: drafts verified, drafts accepted, verify rows
+  int64_t spec_draft_tokens_total, spec_accepted_tokens_total, spec_verify_rows_total;
   int64_t pages_pinned;  // part of pages_used: held only by session pins
 };
 

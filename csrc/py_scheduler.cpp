@@ -59,6 +59,13 @@ void PyScheduler::submit(int64_t rid, const I32Array& prompt, int32_t max_new_to
   s_.submit(rid, p, max_new_tokens, s, session);
 }
 
+int32_t PyScheduler::set_drafts(int64_t rid, const I32Array& drafts) {
+  auto d = view(drafts);
+  py::gil_scoped_release nogil;
+  std::lock_guard lock(mu_);
+  return s_.set_drafts(rid, d);
+}
+
 std::optional<PyPlan> PyScheduler::plan() {
   std::optional<PlanData> d;
   {
@@ -82,16 +89,21 @@ std::optional<PyPlan> PyScheduler::plan() {
   p.page_table = arena_to_numpy(std::move(d->page_table), b, d->page_table_width);
   p.slot_mapping = to_numpy(std::move(d->slot_mapping), {t});
   p.sample = to_numpy(std::move(d->sample), {b});
+  p.num_draft = to_numpy(std::move(d->num_draft), {b});
+  p.total_drafts = d->total_drafts;
   return p;
 }
 
-py::list PyScheduler::commit(int64_t step, const I32Array& tokens, double step_time_s) {
+py::list PyScheduler::commit(int64_t step, const I32Array& tokens, double step_time_s,
+                             const std::optional<I32Array>& counts) {
   auto tok = view(tokens);
+  std::span<const int32_t> cnt;
+  if (counts) cnt = view(*counts);
   std::vector<Event> events;
   {
     py::gil_scoped_release nogil;
     std::lock_guard lock(mu_);
-    events = s_.commit(step, tok, step_time_s);
+    events = s_.commit(step, tok, cnt, step_time_s);
   }
   // Leaked on purpose: Python objects must not be destroyed after finalization.
   static PyObject* const kWhy[3] = {py::str("").release().ptr(),
@@ -138,6 +150,9 @@ py::dict PyScheduler::stats() const {
   d["generation_tokens_total"] = s.generation_tokens_total;
   d["preemptions_total"] = s.preemptions_total;
   d["steps_total"] = s.steps_total;
+  d["spec_draft_tokens_total"] = s.spec_draft_tokens_total;
+  d["spec_accepted_tokens_total"] = s.spec_accepted_tokens_total;
+  d["spec_verify_rows_total"] = s.spec_verify_rows_total;
   d["pages_pinned"] = s.pages_pinned;
   return d;
 }
@@ -178,12 +193,12 @@ py::tuple PyScheduler::cost_coeffs() const {
     std::lock_guard lock(mu_);  // no Python calls inside: safe under the GIL
     c = s_.cost_model().coeffs();
   }
-  return py::make_tuple(c[0], c[1], c[2], c[3]);
+  return py::make_tuple(c[0], c[1], c[2], c[3], c[4]);
 }
 
-void PyScheduler::set_cost_prior(double a, double b, double c, double d) {
+void PyScheduler::set_cost_prior(double a, double b, double c, double d, double e) {
   std::lock_guard lock(mu_);
-  s_.set_cost_model(CostModel({a, b, c, d}));
+  s_.set_cost_model(CostModel({a, b, c, d, e}));
 }
 
 int32_t PyScheduler::evict_cache() {

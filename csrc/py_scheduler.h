@@ -26,7 +26,8 @@ struct PyPlan {
   int32_t num_decode = 0;
   double predicted_time_s = 0;
   py::array rids, input_ids, positions, query_start, prefix_lens, seq_lens;
-  py::array page_table, slot_mapping, sample;
+  py::array page_table, slot_mapping, sample, num_draft;
+  int32_t total_drafts = 0;
   int64_t num_rows() const { return rids.shape(0); }
   int64_t num_tokens() const { return input_ids.shape(0); }
   std::string repr() const;
@@ -37,8 +38,10 @@ class PyScheduler {
   explicit PyScheduler(const SchedulerConfig& cfg) : s_(cfg) {}
   void submit(int64_t rid, const I32Array& prompt, int32_t max_new_tokens,
               const I32Array& stop_ids, const std::string& session);
+  int32_t set_drafts(int64_t rid, const I32Array& drafts);
   std::optional<PyPlan> plan();
-  py::list commit(int64_t step, const I32Array& tokens, double step_time_s);
+  py::list commit(int64_t step, const I32Array& tokens, double step_time_s,
+                  const std::optional<I32Array>& counts);
   bool abort(int64_t rid);
   py::dict stats() const;
   std::optional<int32_t> cached_tokens(int64_t rid) const;
@@ -48,7 +51,7 @@ class PyScheduler {
   void set_test_clock(double now_s);
   void clear_test_clock();
   py::tuple cost_coeffs() const;
-  void set_cost_prior(double a, double b, double c, double d);
+  void set_cost_prior(double a, double b, double c, double d, double e);
   std::string state(int64_t rid) const;
   int64_t inflight_steps() const;
   const SchedulerConfig& config() const { return s_.config(); }

@@ -1,13 +1,21 @@
 // Typestate request FSM.
 //
 //   Queued --admit--> Prefilling --finish_prefill--> Decoding --finish--> Finished
-//                        |  ^                           |
-//                 preempt|  |readmit            preempt |
-//                        v  |                           v
-//                      Preempted <----------------------+
+//                        |  ^                         |  ^
+//                 preempt|  |readmit           verify |  | settle
+//                        v  |                         v  |
+//                      Preempted <--preempt------- Verifying
+//                          ^------------------------ Decoding (preempt)
 //   any live state --abort--> Aborted;  Preempted --finish--> Finished
-//   (a Preempted request may still receive the token of a step that was in
-//   flight when it was preempted, and that token can end it).
+//   (a Preempted request may still receive the tokens of a step that was in
+//   flight when it was preempted, and they can end it).
+//
+// Speculative slots: a Decoding request may hold draft tokens proposed for its
+// next step. verify() plans the next token and the drafts in one step: the
+// Verifying state's KV length counts the drafts' slots, written by a step that
+// is not committed yet. settle(accepted) is the only way back: it keeps the
+// accepted drafts' slots and hands out the pages that only rejected drafts
+// used (Retired::pages), so they return in the commit that rejects them.
 //
 // Each state is its own type and owns only what is valid in it: Prefilling
 // and Decoding own a PageLease; Queued, Preempted, Finished and Aborted have
@@ -23,8 +31,12 @@
 //    transitions and no lease()).
 //  * States and leases cannot be copied (deleted copy constructor/assignment),
 //    so two owners of one lease cannot exist.
-//  * A running state's lease() is const: releasing, moving out or appending to
-//    it does not compile; grow() is the only way to change it in place.
+//  * A running state's lease() is const: releasing, moving out, appending to
+//    or splitting off its tail does not compile; grow() is the only way to
+//    change it in place, so the pages of rejected drafts leave a Verifying
+//    request only through settle().
+//  * A Verifying request has no finish(): its accepted tokens are known only
+//    once settle() has dropped the rejected slots.
 //  * Every transition is an rvalue-qualified (&&) member function: calling one
 //    on a named state (an lvalue) does not compile. The only way to transition
 //    a state is to spell std::move(state) -- or to call it on a temporary,
@@ -64,6 +76,9 @@ struct RequestData {
   int32_t last_sample_row = -1;   // its row in that step
   int64_t last_step = -1;         // latest step with a row of this request
   uint64_t admit_seq = 0;        // admission order (newest = largest)
+  // Names the page list for the page-table arena, which appends to a row with
+  // an unchanged key: renewed on admission and whenever the list loses pages.
+  uint64_t table_key = 0;
   bool admitted_once = false;
   int32_t cached_tokens = 0;     // prompt tokens the prefix cache gave at first admission
 };
@@ -77,6 +92,7 @@ struct [[nodiscard]] Retired {
 
 class Prefilling;
 class Decoding;
+class Verifying;
 class Preempted;
 class Finished;
 class Aborted;
@@ -166,13 +182,48 @@ class Decoding : public LeasedState {
 
   int32_t kv_len() const { return kv_len_; }
   void advance(int32_t n) { kv_len_ += n; }
+  // Draft tokens proposed to follow the next token (replaced by each proposal;
+  // dropped by every transition but verify()).
+  const std::vector<int32_t>& drafts() const { return drafts_; }
+  void propose(std::vector<int32_t> drafts) { drafts_ = std::move(drafts); }
 
+  // Precondition: drafts() is not empty and the lease covers kv_len + 1 +
+  // drafts().size() tokens. Plans the next token and the drafts in one step.
+  [[nodiscard]] Verifying verify() &&;
   [[nodiscard]] Retired<Finished> finish(FinishReason reason) &&;
   [[nodiscard]] Retired<Preempted> preempt() &&;
   [[nodiscard]] Retired<Aborted> abort() &&;
 
  private:
   int32_t kv_len_;
+  std::vector<int32_t> drafts_;
+};
+
+// A decoding request whose next token and draft chain are in an uncommitted
+// step: kv_len counts the drafts' (speculative) slots.
+class Verifying : public LeasedState {
+ public:
+  Verifying(RequestData data, PageLease&& lease, int32_t kv_len, std::vector<int32_t> drafts)
+      : LeasedState(std::move(data), std::move(lease)),
+        kv_len_(kv_len),
+        drafts_(std::move(drafts)) {}
+  Verifying(Verifying&&) noexcept = default;
+  Verifying& operator=(Verifying&&) noexcept = default;
+
+  int32_t kv_len() const { return kv_len_; }
+  // The chain being verified; its slots are the last drafts().size() of kv_len.
+  const std::vector<int32_t>& drafts() const { return drafts_; }
+
+  // The verify step committed with the first `accepted` drafts confirmed:
+  // back to Decoding without the rejected slots; pages past the kept KV
+  // (page_size tokens each) are handed out.
+  [[nodiscard]] Retired<Decoding> settle(int32_t accepted, int32_t page_size) &&;
+  [[nodiscard]] Retired<Preempted> preempt() &&;
+  [[nodiscard]] Retired<Aborted> abort() &&;
+
+ private:
+  int32_t kv_len_;
+  std::vector<int32_t> drafts_;
 };
 
 // Gave its pages back; will recompute tokens (prompt + generated) on readmit.
@@ -226,13 +277,38 @@ inline Retired<Aborted> Prefilling::abort() && {
   return {Aborted(take_data()), std::move(lease_)};
 }
 
+inline Verifying Decoding::verify() && {
+  if (drafts_.empty()) throw std::logic_error("verify without drafts");
+  auto k = static_cast<int32_t>(drafts_.size());
+  return Verifying(take_data(), std::move(lease_), kv_len_ + 1 + k, std::exchange(drafts_, {}));
+}
 inline Retired<Finished> Decoding::finish(FinishReason reason) && {
+  drafts_.clear();
   return {Finished(take_data(), reason), std::move(lease_)};
 }
 inline Retired<Preempted> Decoding::preempt() && {
+  drafts_.clear();
   return {Preempted(take_data()), std::move(lease_)};
 }
 inline Retired<Aborted> Decoding::abort() && {
+  drafts_.clear();
+  return {Aborted(take_data()), std::move(lease_)};
+}
+
+inline Retired<Decoding> Verifying::settle(int32_t accepted, int32_t page_size) && {
+  auto k = static_cast<int32_t>(drafts_.size());
+  if (accepted < 0 || accepted > k) throw std::logic_error("settle: accepted out of range");
+  int32_t kv = kv_len_ - (k - accepted);
+  PageLease rejected = lease_.take_tail(static_cast<size_t>((kv + page_size - 1) / page_size));
+  drafts_.clear();
+  return {Decoding(take_data(), std::move(lease_), kv), std::move(rejected)};
+}
+inline Retired<Preempted> Verifying::preempt() && {
+  drafts_.clear();
+  return {Preempted(take_data()), std::move(lease_)};
+}
+inline Retired<Aborted> Verifying::abort() && {
+  drafts_.clear();
   return {Aborted(take_data()), std::move(lease_)};
 }
 

@@ -34,6 +34,7 @@ const RequestData& Scheduler::data_of(const Entry& e) {
 const PageLease& Scheduler::lease_of(const Entry& e) {
   if (auto* p = std::get_if<Prefilling>(&e.state)) return p->lease();
   if (auto* d = std::get_if<Decoding>(&e.state)) return d->lease();
+  if (auto* v = std::get_if<Verifying>(&e.state)) return v->lease();
   throw std::logic_error("lease_of: request holds no pages in this state");
 }
 
@@ -90,6 +91,21 @@ void Scheduler::submit(int64_t rid, std::span<const int32_t> prompt,
   if (!session.empty()) sessions_.hand_off(session, rid);
 }
 
+int32_t Scheduler::set_drafts(int64_t rid, std::span<const int32_t> drafts) {
+  for (int32_t t : drafts)
+    if (t < 0) throw std::invalid_argument("draft token ids must be >= 0");
+  auto it = requests_.find(rid);
+  if (it == requests_.end()) return 0;
+  auto* dec = std::get_if<Decoding>(&it->second->state);
+  if (!dec || dec->data().pending != 0) return 0;
+  const RequestData& d = dec->data();
+  auto k = static_cast<int32_t>(
+      std::min<int64_t>(static_cast<int64_t>(drafts.size()), d.max_new_tokens - d.generated - 1));
+  k = std::max(k, 0);
+  dec->propose(std::vector<int32_t>(drafts.begin(), drafts.begin() + k));
+  return k;
+}
+
 // ------------------------------------------------------------------ plan
 
 std::optional<PlanData> Scheduler::plan() {
@@ -99,10 +115,14 @@ std::optional<PlanData> Scheduler::plan() {
   int32_t budget = cfg_.max_batch_tokens;
 
   plan_decodes(rows, budget);
-  int32_t num_decode = static_cast<int32_t>(rows.size());
+  int32_t num_decode = 0;  // the plain decodes lead; verify rows follow them
   StepFeatures f;
-  f.decode_tokens = num_decode;
-  for (const Row& r : rows) f.kv_tokens_read += r.prefix + r.count;
+  f.decode_tokens = static_cast<double>(rows.size());
+  for (const Row& r : rows) {
+    num_decode += r.sample == Sample::kDecode;
+    f.draft_tokens += r.count - 1;
+    f.kv_tokens_read += r.prefix + r.count;
+  }
   // Decodes filled the running set; the rest is needed only with prefill work.
   if (static_cast<int32_t>(rows.size()) < static_cast<int32_t>(running_.size()))
     plan_prefills(rows, budget, f);
@@ -132,13 +152,23 @@ void Scheduler::mark_sample(RequestData& d, size_t row) {
 }
 
 // Decode-first: every decodable running request gets one token, oldest
-// first. Running requests are never held back for the TPS floor -- the floor
-// is protected by what is *added* (prefill chunk size, admissions).
+// first; one with drafts also gets them verified in the same row (a verify
+// row, placed after the plain decodes) as far as the budget the other
+// decodes leave and pages taken without preempting anyone allow. Running
+// requests are never held back for the TPS floor -- the floor is protected
+// by what is *added* (prefill chunk size, admissions, the engine's drafts).
 void Scheduler::plan_decodes(std::vector<Row>& rows, int32_t& budget) {
+  int32_t decodes_left = 0;
+  for (Entry* e : running_) {
+    auto* dec = std::get_if<Decoding>(&e->state);
+    decodes_left += dec != nullptr && decodable(dec->data());
+  }
+  std::vector<Row> verify;
   for (size_t i = 0; i < running_.size() && budget > 0; ++i) {
     Entry* e = running_[i];
     auto* dec = std::get_if<Decoding>(&e->state);
     if (!dec || !decodable(dec->data())) continue;
+    --decodes_left;
     int32_t kv = dec->kv_len();
     int32_t need = pages_for(kv + 1) - static_cast<int32_t>(dec->lease().size());
     if (need > 0) {
@@ -148,13 +178,48 @@ void Scheduler::plan_decodes(std::vector<Row>& rows, int32_t& budget) {
       dec->grow(std::move(more));
     }
     RequestData& d = dec->data();
+    d.last_step = next_step_;  // in this plan: no longer a preemption victim
+    if (int32_t k = verify_drafts(*dec, budget - 1 - decodes_left); k > 0) {
+      d.pending += 1 + k;
+      e->state = std::move(*dec).verify();  // replaces the consumed state
+      verify.push_back(Row{e, kv, 1 + k, Sample::kVerify, 0});
+      budget -= 1 + k;
+      continue;
+    }
     int32_t placeholder = d.pending ? -(d.last_sample_row + 1) : 0;
     rows.push_back(Row{e, kv, 1, Sample::kDecode, placeholder});
-    d.last_step = next_step_;  // in this plan: no longer a preemption victim
     mark_sample(d, rows.size() - 1);
     dec->advance(1);
     --budget;
   }
+  for (const Row& r : verify) {
+    rows.push_back(r);
+    RequestData& d = data_of(*r.entry);
+    d.last_sample_step = next_step_;
+    d.last_sample_row = static_cast<int32_t>(rows.size() - 1);
+  }
+}
+
+// How many of `dec`'s drafts this step verifies (0: a plain decode): drafts
+// follow committed tokens only, stay within `allowed` tokens and
+// max_new_tokens, and get pages only where no one is preempted for them. The
+// drafts are trimmed to that many.
+int32_t Scheduler::verify_drafts(Decoding& dec, int32_t allowed) {
+  const RequestData& d = dec.data();
+  int32_t k = 0;
+  if (d.pending == 0)
+    k = std::min({static_cast<int32_t>(dec.drafts().size()), allowed,
+                  d.max_new_tokens - d.generated - 1});
+  if (k > 0) {
+    Chunk c = grow_chunk(static_cast<int32_t>(dec.lease().size()), dec.kv_len() + 1, k,
+                         d.admit_seq, Reclaim::kIdleCacheOnly);
+    dec.grow(std::move(c.pages));
+    k = c.tokens;
+  }
+  k = std::max(k, 0);
+  if (k != static_cast<int32_t>(dec.drafts().size()))
+    dec.propose(std::vector<int32_t>(dec.drafts().begin(), dec.drafts().begin() + k));
+  return k;
 }
 
 // Tokens of prefill the step can still take without breaking the floor.
@@ -257,6 +322,7 @@ void Scheduler::plan_admissions(std::vector<Row>& rows, int32_t& budget,
 
     waiting_.pop_front();
     d.admit_seq = next_admit_seq_++;
+    d.table_key = next_table_key_++;
     if (!d.admitted_once) {
       d.admitted_once = true;
       prompt_tokens_total_ += d.prompt_len;
@@ -300,6 +366,7 @@ PlanData Scheduler::materialize(const std::vector<Row>& rows, int32_t num_decode
   p.prefix_lens.reserve(b);
   p.seq_lens.reserve(b);
   p.sample.reserve(b);
+  p.num_draft.reserve(b);
   p.query_start.push_back(0);
 
   InFlight fl;
@@ -308,28 +375,40 @@ PlanData Scheduler::materialize(const std::vector<Row>& rows, int32_t num_decode
   fl.rids.reserve(b);
   fl.serials.reserve(b);
   fl.sample.reserve(b);
+  fl.num_draft.reserve(b);
   for (const Row& r : rows) {
     RequestData& d = data_of(*r.entry);
     const PageLease& lease = lease_of(*r.entry);
     const PageId* pages = lease.data();
     int32_t seq = r.prefix + r.count;
+    const int32_t known_len = static_cast<int32_t>(d.tokens.size());
+    const auto* verifying = std::get_if<Verifying>(&r.entry->state);
+    const int32_t k = r.count - 1;
+    if (r.sample == Sample::kVerify) {
+      fl.drafts.insert(fl.drafts.end(), verifying->drafts().begin(), verifying->drafts().end());
+      p.total_drafts += k;
+    }
     for (int32_t pos = r.prefix; pos < seq; ++pos) {
-      bool known = pos < static_cast<int32_t>(d.tokens.size());
-      p.input_ids.push_back(known ? d.tokens[pos] : r.placeholder);
+      int32_t id = pos < known_len ? d.tokens[pos]
+                   : verifying     ? verifying->drafts()[pos - known_len]
+                                   : r.placeholder;
+      p.input_ids.push_back(id);
       p.positions.push_back(pos);
       p.slot_mapping.push_back(pages[pos / ps] * ps + pos % ps);
     }
-    PageTableArena::write_row(*p.page_table, p.rids.size(), d.admit_seq, pages,
+    PageTableArena::write_row(*p.page_table, p.rids.size(), d.table_key, pages,
                               pages_for(seq));
     p.rids.push_back(d.rid);
     p.query_start.push_back(static_cast<int32_t>(p.input_ids.size()));
     p.prefix_lens.push_back(r.prefix);
     p.seq_lens.push_back(seq);
     p.sample.push_back(r.sample != Sample::kNone);
+    p.num_draft.push_back(r.sample == Sample::kVerify ? k : 0);
     d.last_step = p.step;
     fl.rids.push_back(d.rid);
     fl.serials.push_back(r.entry->serial);
     fl.sample.push_back(r.sample);
+    fl.num_draft.push_back(r.sample == Sample::kVerify ? k : 0);
   }
   inflight_.push_back(std::move(fl));
   return p;
@@ -364,6 +443,11 @@ bool Scheduler::preempt_newer_than(uint64_t seq) {
   if (auto* dec = std::get_if<Decoding>(&v->state)) {
     int32_t kv = dec->kv_len();
     auto r = std::move(*dec).preempt();
+    retire(r.state.data(), std::move(r.pages), kv);
+    v->state = std::move(r.state);
+  } else if (auto* ver = std::get_if<Verifying>(&v->state)) {
+    int32_t kv = ver->kv_len();
+    auto r = std::move(*ver).preempt();
     retire(r.state.data(), std::move(r.pages), kv);
     v->state = std::move(r.state);
   } else {
@@ -411,43 +495,82 @@ void Scheduler::pin_session(const RequestData& d) {
 // ---------------------------------------------------------------- commit
 
 std::vector<Event> Scheduler::commit(int64_t step, std::span<const int32_t> tokens,
-                                     double step_time_s) {
+                                     std::span<const int32_t> counts, double step_time_s) {
+  auto fail = [](const std::string& m) { throw std::invalid_argument("commit: " + m); };
   if (inflight_.empty() || inflight_.front().step != step)
     throw std::invalid_argument(
         "commit(step=" + std::to_string(step) + ") out of order: expected " +
         (inflight_.empty() ? std::string("no step (none in flight)")
                            : "step " + std::to_string(inflight_.front().step)));
   InFlight& front = inflight_.front();
-  if (tokens.size() != front.rids.size())
-    throw std::invalid_argument("commit: got " + std::to_string(tokens.size()) +
-                                " tokens for " + std::to_string(front.rids.size()) + " rows");
-  for (size_t i = 0; i < tokens.size(); ++i)
-    if (front.sample[i] != Sample::kNone && tokens[i] < 0)
-      throw std::invalid_argument("commit: sampled token ids must be >= 0");
+  const size_t rows = front.rids.size();
+  const size_t expected = rows + front.drafts.size();
+  if (tokens.size() != expected)
+    fail("got " + std::to_string(tokens.size()) + " tokens for " + std::to_string(rows) +
+         " rows with " + std::to_string(front.drafts.size()) + " drafts (expected " +
+         std::to_string(expected) + ")");
+  if (!counts.empty() && counts.size() != rows)
+    fail("got " + std::to_string(counts.size()) + " counts for " + std::to_string(rows) +
+         " rows");
+  // Validate everything before changing anything.
+  for (size_t i = 0, at = 0, draft = 0; i < rows; ++i) {
+    const int32_t k = front.num_draft[i];
+    const int32_t n = counts.empty() ? 1 : counts[i];
+    if (front.sample[i] != Sample::kNone) {
+      if (n < 1 || n > 1 + k)
+        fail("row " + std::to_string(i) + " emits " + std::to_string(n) +
+             " tokens; it can emit 1 to " + std::to_string(1 + k));
+      for (int32_t j = 0; j < n; ++j)
+        if (tokens[at + j] < 0) fail("sampled token ids must be >= 0");
+      for (int32_t j = 0; j + 1 < n; ++j)
+        if (tokens[at + j] != front.drafts[draft + j])
+          fail("row " + std::to_string(i) + ": an accepted token differs from its draft");
+    }
+    at += 1 + k;
+    draft += k;
+  }
 
   InFlight done = std::move(front);
   inflight_.pop_front();
   std::vector<Event> events;
-  events.reserve(done.rids.size());
-  for (size_t i = 0; i < done.rids.size(); ++i) {
+  events.reserve(rows);
+  for (size_t i = 0, at = 0; i < rows; at += 1 + done.num_draft[i], ++i) {
     if (done.sample[i] == Sample::kNone) continue;
     auto it = requests_.find(done.rids[i]);
     if (it == requests_.end() || it->second->serial != done.serials[i]) continue;
     Entry& e = *it->second;
-    RequestData& d = data_of(e);
-    int32_t tok = tokens[i];
+    const int32_t k = done.num_draft[i];
+    const int32_t n = counts.empty() ? 1 : counts[i];
     if (done.sample[i] == Sample::kAfterPrefill) share_prompt(e);
-    --d.pending;
-    d.tokens.push_back(tok);
-    ++d.generated;
-    ++generation_tokens_total_;
-    EventKind kind = contains(d.stop_ids, tok)            ? EventKind::kStop
-                     : d.generated >= d.max_new_tokens    ? EventKind::kLength
-                                                          : EventKind::kRunning;
-    events.push_back(Event{d.rid, tok, kind});
-    if (kind == EventKind::kRunning) continue;
-    finish_entry(e, kind == EventKind::kStop ? FinishReason::kStop : FinishReason::kLength);
-    requests_.erase(it);
+    if (auto* v = std::get_if<Verifying>(&e.state)) {
+      // Rejected drafts' slots go; pages only they used return now (no other
+      // step reads them: a verifying request is in no later plan).
+      auto settled = std::move(*v).settle(n - 1, cfg_.page_size);
+      e.state = std::move(settled.state);
+      if (!settled.pages.empty()) data_of(e).table_key = next_table_key_++;
+    }
+    if (k > 0) {
+      spec_draft_tokens_total_ += k;
+      spec_accepted_tokens_total_ += n - 1;
+      ++spec_verify_rows_total_;
+    }
+    RequestData& d = data_of(e);
+    d.pending -= 1 + k;
+    for (int32_t j = 0; j < n; ++j) {
+      int32_t tok = tokens[at + j];
+      d.tokens.push_back(tok);
+      ++d.generated;
+      ++generation_tokens_total_;
+      EventKind kind = contains(d.stop_ids, tok)            ? EventKind::kStop
+                       : d.generated >= d.max_new_tokens    ? EventKind::kLength
+                                                            : EventKind::kRunning;
+      events.push_back(Event{d.rid, tok, kind});
+      if (kind == EventKind::kRunning) continue;
+      // The accepted run ends at a stop id: the tokens after it are dropped.
+      finish_entry(e, kind == EventKind::kStop ? FinishReason::kStop : FinishReason::kLength);
+      requests_.erase(it);
+      break;
+    }
   }
   cost_.observe(done.features, step_time_s);
   graveyard_pages_ -= done.graveyard_pages;
@@ -508,6 +631,12 @@ bool Scheduler::abort(int64_t rid) {
                    auto r = std::move(d).abort();
                    retire(r.state.data(), std::move(r.pages), kv);
                  },
+                 [&](Verifying& v) {
+                   int32_t kv = v.kv_len();
+                   remove_running(&e);
+                   auto r = std::move(v).abort();
+                   retire(r.state.data(), std::move(r.pages), kv);
+                 },
              },
              e.state);
   requests_.erase(it);
@@ -539,6 +668,9 @@ Stats Scheduler::stats() const {
   s.generation_tokens_total = generation_tokens_total_;
   s.preemptions_total = preemptions_total_;
   s.steps_total = steps_total_;
+  s.spec_draft_tokens_total = spec_draft_tokens_total_;
+  s.spec_accepted_tokens_total = spec_accepted_tokens_total_;
+  s.spec_verify_rows_total = spec_verify_rows_total_;
   s.pages_pinned = pinned_only_pages();
   return s;
 }
@@ -578,6 +710,10 @@ std::vector<RequestProgress> Scheduler::progress() const {
                      r.state = "decoding";
                      r.kv_tokens = dc.kv_len();
                    },
+                   [&](const Verifying& v) {  // drafts' slots are not the request's KV yet
+                     r.state = "decoding";
+                     r.kv_tokens = v.kv_len() - static_cast<int32_t>(v.drafts().size());
+                   },
                    [&](const Preempted&) { r.state = "preempted"; },
                },
                e->state);
@@ -594,6 +730,7 @@ std::string Scheduler::state_name(int64_t rid) const {
                         [](const Queued&) { return std::string("queued"); },
                         [](const Prefilling&) { return std::string("prefilling"); },
                         [](const Decoding&) { return std::string("decoding"); },
+                        [](const Verifying&) { return std::string("verifying"); },
                         [](const Preempted&) { return std::string("preempted"); },
                     },
                     it->second->state);
@@ -624,18 +761,26 @@ void Scheduler::check_invariants() const {
   for (const auto& [rid, e] : requests_) {
     const RequestData& d = data_of(*e);
     if (d.rid != rid) fail("request keyed under the wrong rid");
+    // A running state holds the pages of its KV; a decoding one's next token (and drafts)
+    // are its pending tokens.
+    auto running_state = [&](const LeasedState& st, int32_t kv, const std::string& what,
+                             bool decoding) {
+      ++running;
+      count(st.lease());
+      if (static_cast<int32_t>(st.lease().size()) < pages_for(kv))
+        fail(what + " request has too few pages");
+      if (decoding && kv + 1 != static_cast<int32_t>(d.tokens.size()) + d.pending)
+        fail(what + " kv_len disagrees with its tokens");
+    };
     if (auto* p = std::get_if<Prefilling>(&e->state)) {
-      ++running;
-      count(p->lease());
-      if (static_cast<int32_t>(p->lease().size()) < pages_for(p->cursor()))
-        fail("prefilling request has too few pages");
+      running_state(*p, p->cursor(), "prefilling", false);
     } else if (auto* dc = std::get_if<Decoding>(&e->state)) {
-      ++running;
-      count(dc->lease());
-      if (static_cast<int32_t>(dc->lease().size()) < pages_for(dc->kv_len()))
-        fail("decoding request has too few pages");
-      if (dc->kv_len() + 1 != static_cast<int32_t>(d.tokens.size()) + d.pending)
-        fail("decoding kv_len disagrees with its tokens");
+      running_state(*dc, dc->kv_len(), "decoding", true);
+    } else if (auto* v = std::get_if<Verifying>(&e->state)) {
+      running_state(*v, v->kv_len(), "verifying", true);
+      if (d.pending != 1 + static_cast<int32_t>(v->drafts().size()) || v->drafts().empty())
+        fail("verifying request's pending tokens are not its next token and drafts");
+      if (!in_flight(d)) fail("verifying request in no uncommitted step");
     } else {
       ++waiting;
     }
@@ -645,7 +790,8 @@ void Scheduler::check_invariants() const {
   if (waiting != waiting_.size()) fail("waiting queue disagrees with request states");
   for (const Entry* e : running_)
     if (!std::holds_alternative<Prefilling>(e->state) &&
-        !std::holds_alternative<Decoding>(e->state))
+        !std::holds_alternative<Decoding>(e->state) &&
+        !std::holds_alternative<Verifying>(e->state))
       fail("running list holds a request that is not running");
   sessions_.for_each_lease(count);
   int32_t graveyard = 0;

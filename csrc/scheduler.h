@@ -1,5 +1,6 @@
 // The batch scheduler: admission, chunked prefill, decode-first batching
-// under a TPS floor, preemption by recompute, abort, and one-step overlap.
+// under a TPS floor, preemption by recompute, abort, one-step overlap, and
+// speculative verify rows (a decode plus its draft tokens).
 //
 // Ownership: every KV page reference lives in exactly one PageLease, held by
 // a Prefilling/Decoding request state, a session pin, or the "graveyard" of an
@@ -38,11 +39,19 @@ class Scheduler {
   // Throws std::invalid_argument on bad input or a duplicate live rid.
   void submit(int64_t rid, std::span<const int32_t> prompt, int32_t max_new_tokens,
               std::span<const int32_t> stop_ids, const std::string& session);
+  // Draft tokens to verify after `rid`'s next token in the next plan. Taken
+  // only from a decoding request whose tokens are all committed, at most
+  // max_new_tokens - generated - 1 of them; returns how many were kept (the
+  // plan may verify fewer: budget, pages). Throws on a negative token id.
+  int32_t set_drafts(int64_t rid, std::span<const int32_t> drafts);
   // The next step, or nullopt when nothing can run.
   std::optional<PlanData> plan();
-  // Applies the sampled tokens of the oldest uncommitted step (tokens[B]).
+  // Applies the oldest uncommitted step. `tokens` has one entry per logits
+  // row: B + total_drafts, row b's 1 + num_draft[b] entries in row order.
+  // `counts[b]` (empty: 1 each) is how many of row b's entries it emits: its
+  // accepted drafts (which must equal the drafts) plus one more token.
   std::vector<Event> commit(int64_t step, std::span<const int32_t> tokens,
-                            double step_time_s);
+                            std::span<const int32_t> counts, double step_time_s);
   bool abort(int64_t rid);
   Stats stats() const;
   // Prompt tokens the prefix cache supplied when `rid` was first admitted (what
@@ -63,7 +72,7 @@ class Scheduler {
   const SchedulerConfig& config() const { return cfg_; }
 
  private:
-  using State = std::variant<Queued, Prefilling, Decoding, Preempted>;
+  using State = std::variant<Queued, Prefilling, Decoding, Verifying, Preempted>;
   struct Entry {
     explicit Entry(State s) : state(std::move(s)) {}
     State state;
@@ -74,11 +83,12 @@ class Scheduler {
     kNone,          // a non-final prefill chunk: nothing sampled
     kDecode,        // the next token of a decoding request
     kAfterPrefill,  // the first token, after the prompt's final chunk
+    kVerify,        // the next token of a decoding request and its drafts
   };
   struct Row {  // one row of the plan being built
     Entry* entry;
     int32_t prefix;       // tokens already in KV
-    int32_t count;        // new tokens this step
+    int32_t count;        // new tokens this step (1 + drafts for kVerify)
     Sample sample;
     int32_t placeholder;  // input id for a still-pending token
   };
@@ -87,6 +97,8 @@ class Scheduler {
     std::vector<int64_t> rids;
     std::vector<uint64_t> serials;
     std::vector<Sample> sample;
+    std::vector<int32_t> num_draft;  // [B]
+    std::vector<int32_t> drafts;     // every row's drafts, concatenated
     StepFeatures features;
     std::vector<PageLease> graveyard;
     int32_t graveyard_pages = 0;  // sole-owner pages the graveyard will free
@@ -107,6 +119,7 @@ class Scheduler {
 
   // plan() phases
   void plan_decodes(std::vector<Row>& rows, int32_t& budget);
+  int32_t verify_drafts(Decoding& dec, int32_t budget);
   void plan_prefills(std::vector<Row>& rows, int32_t& budget, StepFeatures& f);
   void plan_admissions(std::vector<Row>& rows, int32_t& budget, StepFeatures& f,
                        double running_kv);
@@ -154,6 +167,7 @@ class Scheduler {
 
   int64_t next_step_ = 0;
   uint64_t next_admit_seq_ = 1;
+  uint64_t next_table_key_ = 1;
   uint64_t next_serial_ = 1;
 
   int64_t prompt_tokens_total_ = 0;
@@ -161,6 +175,9 @@ class Scheduler {
   int64_t generation_tokens_total_ = 0;
   int64_t preemptions_total_ = 0;
   int64_t steps_total_ = 0;
+  int64_t spec_draft_tokens_total_ = 0;
+  int64_t spec_accepted_tokens_total_ = 0;
+  int64_t spec_verify_rows_total_ = 0;
 };
 
 }  // namespace ts

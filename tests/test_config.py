@@ -59,10 +59,19 @@ def test_model_path_override_replaces_the_preset():
     ("scheduler.tps_floor=.nan", "scheduler.tps_floor"),
     ("scheduler.session_ttl_s=-5", "scheduler.session_ttl_s"),
     ("server=5", "server"),
+    ("speculative.method=eagle", "speculative.method"),
+    ("speculative.method=mtp", "speculative.method"),  # not in this build yet
+    ("speculative.max_draft=0", "speculative.max_draft"),
+    ("speculative.max_draft=33", "speculative.max_draft"),
 ])
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config(overrides=[override])
+
+
+@pytest.mark.parametrize("method", ["off", "ngram", "suffix"])
+def test_speculative_methods_of_this_build_load(method):
+    assert load_config(overrides=[f"speculative.method={method}"]).speculative.method == method
 
 
 def test_bad_yaml_and_missing_file(tmp_path):

@@ -159,13 +159,16 @@ class Grammars:
         matcher = self._matchers[rid]
         masks = np.empty((len(drafts) + 1, self.words), np.int32)
         llg_numpy.fill_next_token_bitmask(matcher, masks, 0)
-        accepted = 0
+        accepted = recorded = 0
         for token in drafts:
+            # a stopped matcher takes the end of sequence without recording it: not rolled back
+            stopped = matcher.is_stopped()
             if not allows(masks[accepted], token) or not matcher.consume_token(token):
                 break
             accepted += 1
+            recorded += not stopped
             llg_numpy.fill_next_token_bitmask(matcher, masks, accepted)
-        matcher.rollback(accepted)
+        matcher.rollback(recorded)
         return masks[:accepted + 1], accepted
 
 

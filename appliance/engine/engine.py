@@ -1,6 +1,9 @@
 """Rank 0's step loop: scheduler plan -> model runner -> sampler -> commit.
 
 The C++ scheduler owns every request and KV page; this loop only moves messages and tensors.
+With speculation on, a step may carry verify rows (a request's next token and its drafts):
+the sampler draws at each of their tokens, the verifier counts the accepted run, and commit
+takes each row's run.
 """
 
 from __future__ import annotations
@@ -25,8 +28,11 @@ from appliance.engine.plan_arrays import PlanArrays, PlanChannel
 from appliance.engine.protocol import GenerateRequest, TokenOutput
 from appliance.engine.sampler import (INT32_MAX, INT64_MAX, INT64_MIN, SampleRows, Sampler,
                                       check_sampling)
+from appliance.engine.speculative import make_speculator
+from appliance.engine.speculative.policy import StepCost
 from appliance.engine.step_timing import PredictionError, timeline_from_env
 from appliance.engine.transfer import to_device
+from appliance.engine.verify import LogitLayout, Verifier, verify_bitmask
 
 log = logging.getLogger(__name__)
 
@@ -50,21 +56,26 @@ class Forwarded:
     """A step whose forward is launched and whose sampler is not yet."""
 
     step: int
-    logits: torch.Tensor  # [B, V] float32, on the device
-    rows: SampleRows
+    logits: torch.Tensor  # [N, V] float32, on the device (N = B + drafts)
+    rows: SampleRows  # one per logits row
+    layout: LogitLayout | None  # the step's verify rows (None: it has none)
+    num_draft: np.ndarray  # [B] int32
     started: float
 
 
 @dataclass(frozen=True)
 class InFlight:
-    """A launched step: its sampled tokens on the device (the next step's placeholders read
-    them) and on their way to the host with the log-probabilities asked for (`done` marks the
-    copies' end on CUDA)."""
+    """A launched step: each row's first sampled token on the device (the next step's
+    placeholders read them), and its tokens on their way to the host, one per logits row, with
+    each verify row's count and the log-probabilities asked for (`done` marks the copies' end
+    on CUDA)."""
 
     step: int
-    rids: np.ndarray  # [B] int64
+    rids: np.ndarray  # [N] int64: the request of each logits row
     tokens: torch.Tensor  # [B] int32, on the device
-    host: torch.Tensor  # [B] int32, CPU
+    host: torch.Tensor  # [N] int32, CPU
+    counts: torch.Tensor | None  # [B] int32, CPU: tokens each row emits (None: one each)
+    num_draft: np.ndarray  # [B] int32
     logprobs: Logprobs | None  # CPU
     done: torch.cuda.Event | None
     started: float
@@ -90,6 +101,10 @@ class Engine:
         self.compiler = GrammarCompiler(tokenizer, runner.vocab_size, list(runner.eos_token_ids))
         self.compiling: dict[int, tuple[GenerateRequest, Future]] = {}  # waiting for their grammar
         self.grammars = Grammars(runner.vocab_size)
+        self.verifier = Verifier(self.device)
+        self.speculator = make_speculator(config.speculative)
+        self._speculating = False  # the next step plans drafts (after the previous commit)
+        self._next_cost = StepCost(tokens=1.0, time_s=1.0, draft_token_s=0.0)
         self._ctx, self._inbox, self._outbox = connect_engine(endpoints)
         self._last_stats = 0.0
         self._inflight: InFlight | None = None  # the launched, not yet committed step
@@ -128,7 +143,11 @@ class Engine:
         path. A batch with grammar-constrained rows launches its forward, commits step N (its
         tokens advance the grammars), computes the masks on the host while the GPU runs the
         forward, then launches the sampler; other batches launch forward and sampler at once.
-        False when there was nothing to launch or commit."""
+        While requests speculate, drafts must follow their committed tokens: the step in flight
+        is committed first (no overlap then). False when there was nothing to launch or
+        commit."""
+        if self._speculating:
+            return self._step_with_drafts()
         self.timeline.begin()
         plan = self.scheduler.plan()
         if plan is not None:
@@ -149,6 +168,24 @@ class Engine:
         self.timeline.end()
         return launched is not None or committed
 
+    def _step_with_drafts(self) -> bool:
+        self.timeline.begin()
+        committed = self._inflight is not None
+        if committed:
+            self._commit(self._inflight)
+            self._inflight = None
+        if self._speculating:  # proposed after that commit, with nothing in flight: current
+            self.speculator.hand_to(self.scheduler)
+        plan = self.scheduler.plan()
+        if plan is not None:
+            self.step_error.planned(plan.step, plan.predicted_time_s)
+        self.timeline.planned(plan)
+        if plan is not None and self._unadmitted:
+            self._note_admissions(plan)
+        self._inflight = self._sample(self._forward(plan)) if plan is not None else None
+        self.timeline.end()
+        return committed or self._inflight is not None
+
     def _note_admissions(self, plan) -> None:
         """Each newly admitted request's prefix-cache hit, for its first output."""
         for rid in plan.rids[plan.num_decode:].tolist():
@@ -162,43 +199,77 @@ class Engine:
         rids = np.array(plan.rids, dtype=np.int64)
         self.channel.send(arrays)
         prev = self._inflight.tokens if self._inflight is not None else None
-        batch = to_forward_batch(arrays, self.device, prev)
+        layout = LogitLayout.of(arrays) if arrays.has_drafts else None
+        batch = to_forward_batch(arrays, self.device, prev,
+                                 layout.index if layout is not None else None)
         self.timeline.forward_starts(arrays.step)
-        logits = self.runner.forward(batch)   # [B, V]
-        rows = self.sampler.prepare(rids, arrays, self.requests, self.grammars)
-        return Forwarded(arrays.step, logits, rows, started)
+        logits = self.runner.forward(batch)                                         # [N, V]
+        if layout is None:
+            rows = self.sampler.prepare(rids, arrays, self.requests, self.grammars)
+        else:  # every logits row samples the token at its own position
+            rows = self.sampler.prepare(rids[layout.row], layout.per_logit_row(arrays),
+                                        self.requests, self.grammars)
+        if self.speculator is not None:  # what the next step's drafts are weighed against
+            e = self.scheduler.cost_coeffs()[4]
+            self._next_cost = StepCost(tokens=float(arrays.sample.sum()),
+                                       time_s=plan.predicted_time_s - e * plan.total_drafts,
+                                       draft_token_s=e)
+        return Forwarded(arrays.step, logits, rows, layout, arrays.num_draft, started)
 
     def _sample(self, fwd: Forwarded) -> InFlight:
         held_back = fwd.rows.processors.held_back if fwd.rows.processors is not None else {}
-        bitmask = self.grammars.bitmask(fwd.rows.constrained, held_back) if fwd.rows.constrained else None
-        sampled = self.sampler.sample(fwd.logits, fwd.rows, bitmask)
+        bitmask = None
+        if fwd.rows.constrained and fwd.layout is None:
+            bitmask = self.grammars.bitmask(fwd.rows.constrained, held_back)
+        elif fwd.rows.constrained:  # masks after each draft: a draft the grammar forbids fails
+            bitmask = verify_bitmask(fwd.rows.constrained, held_back, fwd.layout, self.grammars)
+        sampled = self.sampler.sample(fwd.logits, fwd.rows, bitmask)               # [N]
+        counts = first = None
+        if fwd.layout is not None:
+            counts, first = self.verifier.accept(sampled.tokens, fwd.layout)
         host = sampled.tokens.to("cpu", non_blocking=True)
+        counts_host = counts.to("cpu", non_blocking=True) if counts is not None else None
         logprobs = sampled.logprobs.to_host() if sampled.logprobs is not None else None
         done = torch.cuda.Event() if self.device.type == "cuda" else None
         if done is not None:
             done.record()
         self.timeline.sampler_launched(fwd.step)
-        return InFlight(fwd.step, fwd.rows.rids, sampled.tokens, host, logprobs, done, fwd.started)
+        return InFlight(fwd.step, fwd.rows.rids, sampled.tokens if first is None else first,
+                        host, counts_host, fwd.num_draft, logprobs, done, fwd.started)
 
     def _commit(self, step: InFlight) -> None:
         if step.done is not None:
             step.done.synchronize()
         self.timeline.mark("wait")
         tokens = step.host.numpy().astype(np.int32)
+        counts = step.counts.numpy().astype(np.int32) if step.counts is not None else None
         # The step's own time, what the cost model fits: from when it could run (launched, and
         # the step before it done: one step is in flight behind another) to its tokens.
         done = time.perf_counter()
         measured = done - max(step.started, self._last_done)
         self._last_done = done
-        events = self.scheduler.commit(step.step, tokens, measured)
+        events = self.scheduler.commit(step.step, tokens, measured, counts)
         self.step_error.committed(step.step, measured)
         self.timeline.committed(step.step, measured)
         logprobs = {}
         if step.logprobs is not None:
             by_row = step.logprobs.by_row()
             logprobs = {int(step.rids[row]): lp for row, lp in by_row.items()}
-        self._emit(events, logprobs)
+        emitted = self._emit(events, logprobs)
         self.timeline.mark("emit")
+        if self.speculator is None:
+            return
+        verified = []
+        if counts is not None:
+            row_rids = step.rids[np.cumsum(step.num_draft + 1) - step.num_draft - 1]   # [B]
+            verified = [(int(r), int(k), int(n) - 1)
+                        for r, k, n in zip(row_rids, step.num_draft, counts) if k > 0]
+        self.speculator.committed(emitted, verified)
+        self._speculating = self.speculator.propose(self._next_cost, self._grammar_allows)
+
+    def _grammar_allows(self, rid: int, drafts: list[int]) -> int:
+        """How many of `rid`'s drafts its grammar accepts (all, without a grammar)."""
+        return self.grammars.draft_bitmask(rid, drafts)[1] if rid in self.grammars else len(drafts)
 
     # --- messages ------------------------------------------------------------------------------
     def _drain_inbox(self, block: bool) -> bool:
@@ -266,6 +337,8 @@ class Engine:
         self.requests[req.rid] = req
         self._unadmitted.add(req.rid)
         self.sampler.add(req, stop_ids)
+        if self.speculator is not None:
+            self.speculator.start(req)
         return True
 
     def _check_request(self, req: GenerateRequest) -> None:
@@ -306,10 +379,14 @@ class Engine:
         self.grammars.remove(rid)
         self._unadmitted.discard(rid)
         self._cached_tokens.pop(rid, None)
+        if self.speculator is not None:
+            self.speculator.finish(rid)
 
     def _emit(self, events: list[tuple[int, int, str]],
-              logprobs: dict[int, protocol.TokenLogprobs]) -> None:
+              logprobs: dict[int, protocol.TokenLogprobs]) -> dict[int, list[int]]:
+        """Send the commit's tokens; returns them per request that was running, in order."""
         items = []
+        emitted: dict[int, list[int]] = {}
         finished = False
         for rid, token, reason in events:
             if rid not in self.requests:
@@ -321,6 +398,7 @@ class Engine:
                 token, reason = -1, "abort"
             cached = self._cached_tokens.pop(rid, None) if self._cached_tokens else None
             items.append(TokenOutput(rid, token, reason or None, logprobs.get(rid), cached))
+            emitted.setdefault(rid, []).append(token)
             if reason:
                 del self.requests[rid]
                 self._forget(rid)
@@ -329,6 +407,7 @@ class Engine:
             self._publish_stats(force=True)
         if items:
             self._send(protocol.Outputs(items))
+        return emitted
 
     def _publish_stats(self, force: bool = False) -> None:
         now = time.monotonic()
@@ -354,17 +433,21 @@ def gpu_uuids(device: torch.device, tp_size: int) -> list[str]:
 
 
 def to_forward_batch(arrays: PlanArrays, device: torch.device,
-                     prev_tokens: torch.Tensor | None = None):
+                     prev_tokens: torch.Tensor | None = None,
+                     logit_index: np.ndarray | None = None):
     """The plan's arrays as the model runner's ForwardBatch on `device` (one copy). Placeholder
     input ids -(r+1) become the token row r of the previous step sampled: looked up in
     `prev_tokens` on rank 0, then broadcast over the TP group (a stream-ordered device
-    collective: no host sync), so every rank runs the same ids."""
+    collective: no host sync), so every rank runs the same ids. `logit_index` (steps with
+    verify rows, `LogitLayout.index`): the tokens that need logits."""
     from appliance.model import ForwardBatch
 
     names = ("input_ids", "positions", "query_start", "prefix_lens", "seq_lens", "slot_mapping")
     parts = [getattr(arrays, n) for n in names] + [arrays.page_table.ravel()]
+    if logit_index is not None:
+        parts.append(logit_index)
     flat = to_device(torch.from_numpy(np.concatenate(parts)), device)   # [sum of sizes] int32
-    views = dict(zip(names + ("page_table",), flat.split([len(p) for p in parts])))
+    views = dict(zip(names + ("page_table", "logit_index"), flat.split([len(p) for p in parts])))
     input_ids = views["input_ids"]                                       # [T]
     if arrays.input_ids.min(initial=0) < 0:
         if prev_tokens is not None:
@@ -378,10 +461,13 @@ def to_forward_batch(arrays: PlanArrays, device: torch.device,
         prefix_lens=views["prefix_lens"], seq_lens=views["seq_lens"],
         page_table=views["page_table"].view(arrays.page_table.shape),
         slot_mapping=views["slot_mapping"], num_decode=arrays.num_decode,
-        extend_keys_host=int(arrays.seq_lens[arrays.num_decode:].sum()))
+        extend_keys_host=int(arrays.seq_lens[arrays.num_decode:].sum()),
+        logit_index=views.get("logit_index"))
 
 
 def run_worker(runner, channel: PlanChannel) -> None:
-    """Ranks > 0: run every plan rank 0 broadcasts, until it says stop."""
+    """Ranks > 0: run every plan rank 0 broadcasts (verify rows included), until it says
+    stop."""
     while (arrays := channel.receive()) is not None:
-        runner.forward(to_forward_batch(arrays, runner.device))
+        index = LogitLayout.of(arrays).index if arrays.has_drafts else None
+        runner.forward(to_forward_batch(arrays, runner.device, logit_index=index))

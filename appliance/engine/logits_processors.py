@@ -10,7 +10,6 @@ where they lie (`after_sample`).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,20 +21,28 @@ from appliance.engine.protocol import GenerateRequest
 from appliance.engine.transfer import to_device, to_device_packed
 
 INT32_MAX = 2**31 - 1
+MAX_BIAS = 100.0  # OpenAI's logit_bias range
+MAX_PENALTY = 2.0  # OpenAI's presence/frequency range
+MAX_REPETITION_PENALTY = 1e6
 
 
 def check_logits_processors(req: GenerateRequest, vocab_size: int) -> None:
-    """ValueError naming the field unless the processors' fields are usable."""
+    """ValueError naming the field unless the processors' fields are usable: within OpenAI's
+    ranges (bias, presence/frequency) and a repetition penalty that keeps float32 logits finite
+    (inf - inf would make a row NaN and the whole step fail)."""
     for token, bias in req.logit_bias.items():
         if not 0 <= token < vocab_size:
             raise ValueError(f"logit_bias: token id {token} is outside [0, {vocab_size})")
-        if not math.isfinite(bias):
-            raise ValueError(f"logit_bias: the bias of token {token} must be finite, got {bias}")
-    if not (math.isfinite(req.repetition_penalty) and req.repetition_penalty > 0):
-        raise ValueError(f"repetition_penalty must be a finite number > 0, got {req.repetition_penalty}")
+        if not -MAX_BIAS <= bias <= MAX_BIAS:  # NaN fails too
+            raise ValueError(f"logit_bias: the bias of token {token} must be in "
+                             f"[-{MAX_BIAS:g}, {MAX_BIAS:g}], got {bias}")
+    if not 1 / MAX_REPETITION_PENALTY <= req.repetition_penalty <= MAX_REPETITION_PENALTY:
+        raise ValueError(f"repetition_penalty must be in [{1 / MAX_REPETITION_PENALTY:g}, "
+                         f"{MAX_REPETITION_PENALTY:g}], got {req.repetition_penalty}")
     for name in ("presence_penalty", "frequency_penalty"):
-        if not math.isfinite(getattr(req, name)):
-            raise ValueError(f"{name} must be finite, got {getattr(req, name)}")
+        if not -MAX_PENALTY <= getattr(req, name) <= MAX_PENALTY:
+            raise ValueError(f"{name} must be in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}], "
+                             f"got {getattr(req, name)}")
     if not 0 <= req.min_tokens <= INT32_MAX:
         raise ValueError(f"min_tokens must be in [0, {INT32_MAX}], got {req.min_tokens}")
 

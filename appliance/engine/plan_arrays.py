@@ -10,7 +10,8 @@ import torch
 import torch.distributed as dist
 
 # Order of the 1-D per-token / per-row arrays in the broadcast buffer.
-_FLAT_FIELDS = ("input_ids", "positions", "query_start", "prefix_lens", "seq_lens", "slot_mapping", "sample")
+_FLAT_FIELDS = ("input_ids", "positions", "query_start", "prefix_lens", "seq_lens", "slot_mapping",
+                "sample", "num_draft")
 _STOP = -1
 
 
@@ -25,6 +26,7 @@ class PlanArrays:
     seq_lens: np.ndarray  # [B] int32
     slot_mapping: np.ndarray  # [T] int32
     sample: np.ndarray  # [B] int32
+    num_draft: np.ndarray  # [B] int32: draft tokens of a verify row (after its first token)
     page_table: np.ndarray  # [B, P] int32
 
     @classmethod
@@ -37,6 +39,10 @@ class PlanArrays:
     @property
     def num_rows(self) -> int:
         return len(self.seq_lens)
+
+    @property
+    def has_drafts(self) -> bool:
+        return bool(self.num_draft.any())
 
 
 class PlanChannel:
@@ -67,7 +73,7 @@ class PlanChannel:
         if step == _STOP:
             return None
         sizes = {"input_ids": t, "positions": t, "query_start": b + 1, "prefix_lens": b,
-                 "seq_lens": b, "slot_mapping": t, "sample": b}
+                 "seq_lens": b, "slot_mapping": t, "sample": b, "num_draft": b}
         flat = torch.empty(sum(sizes.values()) + b * p, dtype=torch.int32)
         dist.broadcast(flat, 0, group=self.group)
         values, offset = {}, 0

@@ -37,6 +37,7 @@ class GenerateRequest(msgspec.Struct, tag="generate"):
     frequency_penalty: float = 0.0
     min_tokens: int = 0  # stop ids and EOS cannot be sampled before this many tokens
     logprobs: int | None = None  # None: off; k >= 0: the sampled token's and k alternatives'
+    speculative: bool = True  # False: this request never gets draft tokens (opt-out)
 
 
 class AbortRequest(msgspec.Struct, tag="abort"):

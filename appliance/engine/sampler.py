@@ -9,7 +9,6 @@ Two phases, so that a grammar's mask can wait for the step in flight (engine.py 
 
 from __future__ import annotations
 
-import math
 import secrets
 from collections.abc import Container
 from dataclasses import dataclass
@@ -27,6 +26,11 @@ from appliance.engine.transfer import to_device, to_device_packed
 
 INT32_MAX = 2**31 - 1
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+FLOAT32_TINY = float(np.finfo(np.float32).tiny)
+# Below this temperature a row is sampled greedily (as vLLM does): logits / a subnormal
+# temperature overflow float32 and would make the row NaN.
+GREEDY_BELOW_TEMPERATURE = 1e-5
 # A row whose request ended while its step was planned: sampled greedily, the token discarded.
 _DISCARDED = GenerateRequest(rid=-1, prompt_ids=[], max_new_tokens=1, temperature=0.0)
 
@@ -35,9 +39,9 @@ def check_sampling(req: GenerateRequest) -> None:
     """ValueError unless the request's parameters fit the `sample` kernel's rows (temperature,
     top_p float32; top_k int32; seed int64): a value outside them would raise inside a step
     and take the whole batch down with it."""
-    if not (math.isfinite(req.temperature) and req.temperature >= 0.0):
-        raise ValueError(f"temperature must be a finite number >= 0, got {req.temperature}")
-    if not 0.0 < req.top_p <= 1.0:  # NaN fails too
+    if not 0.0 <= req.temperature <= FLOAT32_MAX:  # NaN fails too; float32 inf gives NaN rows
+        raise ValueError(f"temperature must be in [0, {FLOAT32_MAX:g}], got {req.temperature}")
+    if not FLOAT32_TINY <= req.top_p <= 1.0:  # NaN fails too; float32 0 would keep no token
         raise ValueError(f"top_p must be in (0, 1], got {req.top_p}")
     if not 0 <= req.top_k <= INT32_MAX:
         raise ValueError(f"top_k must be in [0, {INT32_MAX}], got {req.top_k}")
@@ -94,7 +98,8 @@ class Sampler:
         flight is committed). `constrained`: the rids under a grammar."""
         reqs = [params.get(int(rid)) for rid in rids]
         rows = [r or _DISCARDED for r in reqs]
-        temperature = torch.tensor([r.temperature for r in rows], dtype=torch.float32)
+        temperature = torch.tensor([r.temperature * (r.temperature >= GREEDY_BELOW_TEMPERATURE)
+                                    for r in rows], dtype=torch.float32)
         top_k = torch.tensor([r.top_k for r in rows], dtype=torch.int32)
         top_p = torch.tensor([r.top_p for r in rows], dtype=torch.float32)
         seeds = torch.tensor([self._seeds.get(int(rid), 0) for rid in rids], dtype=torch.int64)

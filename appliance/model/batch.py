@@ -1,9 +1,11 @@
 """ForwardBatch: one step's tokens and KV layout, as torch tensors on the model's device.
 
 The fields mirror the scheduler Plan of docs/INTERFACES.md §1/§3. B rows, T new tokens;
-rows [0, num_decode) are decodes (exactly one token each), the rest prefill chunks.
-Derived index tensors (`extend_query_start`, `last_token_index`) are computed once per
-batch on first use. A batch is passed down `forward` as an argument; nothing global.
+rows [0, num_decode) are decodes (exactly one token each), the rest extend rows: prefill
+chunks, and speculative verify rows (a next token and its drafts) that need logits at every
+token. Derived index tensors (`extend_query_start`, `last_token_index`, `logit_token_index`)
+are computed once per batch on first use. A batch is passed down `forward` as an argument;
+nothing global.
 """
 from __future__ import annotations
 
@@ -26,6 +28,9 @@ class ForwardBatch:
     # sum of the prefill rows' seq_lens, when the builder knows it on the host (None: read
     # from the device once, a sync); sizes the decompressed MLA keys of those rows
     extend_keys_host: int | None = None
+    # [N] int: the tokens whose logits the step returns, in order (None: each row's last
+    # token, N = B); verify rows list every token of the row
+    logit_index: torch.Tensor | None = None
 
     @property
     def num_rows(self) -> int:
@@ -53,6 +58,17 @@ class ForwardBatch:
         """[B] int64: index into the T tokens of each row's last token."""
         return (self.query_start[1:] - 1).long()
 
+    @cached_property
+    def logit_token_index(self) -> torch.Tensor:
+        """[N] int64: index into the T tokens of each token whose logits the model returns."""
+        if self.logit_index is None:
+            return self.last_token_index
+        return self.logit_index.long()
+
+    @property
+    def num_logits(self) -> int:
+        return self.num_rows if self.logit_index is None else int(self.logit_index.shape[0])
+
     def validate(self) -> None:
         """ValueError when the shapes disagree (cheap checks, no device sync)."""
         t, b = self.num_tokens, self.num_rows
@@ -70,3 +86,5 @@ class ForwardBatch:
             raise ValueError(f"ForwardBatch.num_decode {self.num_decode} not in [0, {b}]")
         if b == 0 or t == 0:
             raise ValueError("ForwardBatch is empty")
+        if self.logit_index is not None and self.logit_index.dim() != 1:
+            raise ValueError("ForwardBatch.logit_index must be 1-D")

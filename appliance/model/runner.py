@@ -2,7 +2,8 @@
 
     runner = ModelRunner("path/to/hf_folder", device="cpu", dtype=torch.float32,
                          tp_rank=0, tp_size=1, kv_num_pages=512, page_size=16)
-    logits = runner.forward(batch)      # [B, vocab] float32, last token of each row
+    logits = runner.forward(batch)      # [N, vocab] float32: each row's last token, or
+                                        # every token listed in batch.logit_index
 
 `model_cfg` is an HF checkpoint folder (str / Path), an HF config dict (dummy weights), or a
 `ModelSource` (path or preset, load_format, seed). With tp_size > 1 the caller has already
@@ -257,10 +258,15 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
-        """logits [B, vocab] float32 of each row's last token; the same on every rank."""
+        """logits [N, vocab] float32 of each row's last token (N = B), or of the tokens in
+        batch.logit_index (speculative verify rows); the same on every rank. Decode-only steps
+        replay CUDA graphs; steps with verify rows are extend steps and run eagerly."""
         batch.validate()
         if self.decode_graphs is not None and self.decode_graphs.can_run(batch):
             logits = self.decode_graphs.run(batch)                 # [B, V_padded], reused
             return logits[:, : self.vocab_size].to(torch.float32, copy=True)
-        logits = self.model(batch)                                 # [B, V_padded]
+        logits = self.model(batch)                                 # [N, V_padded]
+        if logits.shape[0] != batch.num_logits:
+            raise ValueError(f"{type(self.model).__name__} returned {logits.shape[0]} logits "
+                             f"rows for {batch.num_logits} (does it read logit_token_index?)")
         return logits[:, : self.vocab_size].float()

@@ -44,6 +44,7 @@ class SamplingOptions:
     min_tokens: int = 0
     logprobs: int | None = None
     constraint: Constraint | None = None
+    speculative: bool = True  # False: no draft tokens for this request
 
 
 @dataclass(frozen=True)
@@ -154,7 +155,8 @@ def engine_request(rid: int, job: GenerationJob) -> GenerateRequest:
         constraint=sampling.constraint, logit_bias=dict(sampling.logit_bias),
         repetition_penalty=sampling.repetition_penalty, presence_penalty=sampling.presence_penalty,
         frequency_penalty=sampling.frequency_penalty, min_tokens=sampling.min_tokens,
-        logprobs=sampling.logprobs)
+        logprobs=sampling.logprobs,
+        speculative=sampling.speculative)
 
 
 async def generate(state: AppState, job: GenerationJob) -> AsyncIterator[Event]:

@@ -5,7 +5,8 @@ and where each request stands in the scheduler (state, context, cached tokens), 
 model's predicted against measured step time (engine/step_timing.py). Measured here:
 tokens per minute and their last minutes (token arrival times, tracker.py), each request's
 decode TPS over the last 5 s, the prefix-cache hit rate of the last minute (counter_window.py),
-GPU telemetry (gpus.py). Requests are grouped into users by session, else by user.
+speculative decoding's drafted/accepted counts, GPU telemetry (gpus.py). Requests are grouped
+into users by session, else by user.
 """
 
 from __future__ import annotations
@@ -35,6 +36,17 @@ async def stats(request: Request) -> JSONResponse:
     return JSONResponse(stats_snapshot(get_state(request)))
 
 
+def speculative_figures(engine: dict[str, float]) -> dict[str, float]:
+    """Drafts verified and accepted since start; mean accepted length = tokens a verify row
+    emitted on average (its accepted drafts + the one token the target chose)."""
+    drafted = int(engine.get("spec_draft_tokens_total", 0))
+    accepted = int(engine.get("spec_accepted_tokens_total", 0))
+    rows = int(engine.get("spec_verify_rows_total", 0))
+    return {"draft_tokens": drafted, "accepted_tokens": accepted, "verify_rows": rows,
+            "acceptance_rate": round(accepted / drafted, 4) if drafted else 0.0,
+            "mean_accepted_length": round(1 + accepted / rows, 4) if rows else 0.0}
+
+
 def stats_snapshot(state: AppState) -> dict[str, Any]:
     engine = state.client.stats()
     tracker = state.tracker
@@ -61,6 +73,7 @@ def stats_snapshot(state: AppState) -> dict[str, Any]:
         "requests": {"running": count("requests_running"), "waiting": count("requests_waiting")},
         "throughput": _throughput(tracker, len(gpus)),
         "prefix_cache": _prefix_cache(totals, state.counters, now),
+        "speculative": speculative_figures(engine),
         "step_time": _step_time(engine),
         "totals": totals,
         "history": {"bucket_s": HISTORY_BUCKET_S, **tracker.history(HISTORY_BUCKET_S)},

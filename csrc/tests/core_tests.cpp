@@ -8,21 +8,13 @@
 #include <string>
 #include <vector>
 
+#include "check.h"
 #include "page_pool.h"
 #include "prefix_cache.h"
 #include "request_state.h"
 #include "scheduler.h"
 
 using namespace ts;
-
-#define CHECK(cond)                                                         \
-  do {                                                                      \
-    if (!(cond)) {                                                          \
-      std::fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, \
-                   #cond);                                                  \
-      std::exit(1);                                                         \
-    }                                                                       \
-  } while (0)
 
 template <class E, class F>
 bool throws(F&& f) {
@@ -128,22 +120,73 @@ static void test_fsm() {
   CHECK(f.reason() == FinishReason::kStop && f.rid() == 1);
 }
 
+// Decoding --verify--> Verifying --settle--> Decoding: kv_len counts the
+// drafts' slots until settle keeps the accepted ones and hands out the pages
+// only rejected drafts used.
+static void test_fsm_speculative_slots() {
+  const int32_t ps = 4;
+  PagePool pool(8);
+  RequestData d;
+  d.rid = 2;
+  d.tokens = {1, 2, 3, 4, 5, 6};  // KV for 5, the 6th is the next input
+  PageLease l = pool.empty_lease();
+  CHECK(pool.allocate_into(l, 4));  // covers 16 slots: the next token + 10 drafts
+  Decoding dec(std::move(d), std::move(l), 5);
+  CHECK(throws<std::logic_error>([&] {
+    Decoding empty(RequestData{}, pool.empty_lease(), 0);
+    auto v = std::move(empty).verify();  // no drafts
+  }));
+  dec.propose(seq(40, 10));
+  Verifying v = std::move(dec).verify();
+  CHECK(v.kv_len() == 16 && v.drafts().size() == 10 && dec.drafts().empty());
+  CHECK(throws<std::logic_error>([&] {
+    Verifying tmp(RequestData{}, pool.empty_lease(), 3, {1});
+    auto r = std::move(tmp).settle(2, ps);  // more accepted than drafted
+  }));
+  auto r = std::move(v).settle(2, ps);  // next token + 2 drafts keep KV: 8 slots, 2 pages
+  CHECK(r.state.kv_len() == 8 && r.state.lease().size() == 2 && r.pages.size() == 2);
+  CHECK(v.lease().empty() && v.drafts().empty());
+  r.pages.release_all();
+  CHECK(pool.num_free() == 6);
+  PageLease tail = pool.empty_lease();
+  CHECK(pool.allocate_into(tail, 3));
+  PageLease none = tail.take_tail(5);  // keeps all: nothing past the end
+  CHECK(none.empty() && tail.size() == 3);
+}
+
 struct Sim {
   Scheduler& s;
   std::mt19937 rng;
-  std::deque<std::pair<PlanData, std::vector<int32_t>>> inflight;
   std::set<int64_t> live;
 
+  struct Sampled {
+    std::vector<int32_t> tokens, counts;
+  };
+  std::deque<std::pair<PlanData, Sampled>> inflight;
+
+  // Drafts for random live requests (refused unless decoding, all committed).
+  void draft() {
+    for (int64_t rid : live)
+      if (rng() % 2) s.set_drafts(rid, seq(static_cast<int32_t>(rng() % 5), rng() % 6));
+  }
+  // One token per logits row; a verify row accepts a random prefix of its drafts.
   void plan_one() {
     auto p = s.plan();
     if (!p) return;
-    std::vector<int32_t> toks(p->rids.size());
-    for (auto& t : toks) t = static_cast<int32_t>(rng() % 13);
-    inflight.emplace_back(std::move(*p), std::move(toks));
+    Sampled out;
+    for (size_t b = 0; b < p->rids.size(); ++b) {
+      int32_t k = p->num_draft[b];
+      auto accepted = static_cast<int32_t>(rng() % (k + 1));
+      const int32_t* drafts = p->input_ids.data() + p->query_start[b] + 1;
+      for (int32_t j = 0; j <= k; ++j)
+        out.tokens.push_back(j < accepted ? drafts[j] : static_cast<int32_t>(rng() % 13));
+      out.counts.push_back(accepted + 1);
+    }
+    inflight.emplace_back(std::move(*p), std::move(out));
   }
   void commit_one() {
-    auto& [p, toks] = inflight.front();
-    for (const Event& e : s.commit(p.step, toks, 0.01)) {
+    auto& [p, out] = inflight.front();
+    for (const Event& e : s.commit(p.step, out.tokens, out.counts, 0.01)) {
       CHECK(live.count(e.rid));
       if (e.kind != EventKind::kRunning) live.erase(e.rid);
     }
@@ -181,6 +224,10 @@ static void test_scheduler_random(uint32_t seed) {
     } else if (r < 8) {
       if (!sim.inflight.empty()) sim.commit_one();
     } else if (r < 9) {
+      if (sim.rng() % 2) {
+        sim.draft();
+        continue;
+      }
       int64_t rid = sim.rng() % 16;
       CHECK(s.abort(rid) == (sim.live.count(rid) > 0));
       sim.live.erase(rid);
@@ -217,8 +264,12 @@ static void test_scheduler_overlap_and_preemption() {
   Scheduler s(cfg);
   std::vector<int32_t> none;
   for (int64_t rid = 0; rid < 4; ++rid) s.submit(rid, seq(rid * 10, 9), 20, none, "");
-  Sim sim{s, std::mt19937(7), {}, {0, 1, 2, 3}};
+  Sim sim{s, std::mt19937(7), {0, 1, 2, 3}, {}};
   for (int i = 0; i < 2000 && (!sim.live.empty() || !sim.inflight.empty()); ++i) {
+    if (i % 3 == 0) {  // as the engine does while speculating: commit, then draft
+      while (!sim.inflight.empty()) sim.commit_one();
+      sim.draft();
+    }
     size_t before = sim.inflight.size();
     if (before < 2) sim.plan_one();
     if (!sim.inflight.empty() && (sim.inflight.size() == before || sim.inflight.size() >= 2))
@@ -227,12 +278,14 @@ static void test_scheduler_overlap_and_preemption() {
   }
   CHECK(sim.live.empty());
   CHECK(s.stats().preemptions_total > 0);
+  CHECK(s.stats().spec_verify_rows_total > 0);
 }
 
 int main() {
   test_pool_and_leases();
   test_prefix_cache();
   test_fsm();
+  test_fsm_speculative_slots();
   test_scheduler_overlap_and_preemption();
   for (uint32_t seed = 1; seed <= 40; ++seed) test_scheduler_random(seed);
   std::puts("core_tests: all passed");

@@ -6,3 +6,4 @@ from kernels.triton import attention_ops  # noqa: F401
 from kernels.triton import elementwise, rope_kv  # noqa: F401,E402
 from kernels.triton import moe, route  # noqa: F401,E402
 from kernels.triton import sample  # noqa: F401,E402
+from kernels.triton import spec_accept  # noqa: F401,E402

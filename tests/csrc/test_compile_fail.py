@@ -53,6 +53,11 @@ CONTROL = """
   p.advance(3);
   Decoding d = std::move(p).finish_prefill();
   d.advance(1);
+  d.propose({7, 8});                       // drafts: the next step verifies them
+  Verifying v = std::move(d).verify();
+  Retired<Decoding> settled = std::move(v).settle(1, 4);  // one accepted
+  settled.pages.release_all();
+  d = std::move(settled.state);
   Retired<Finished> f = std::move(d).finish(FinishReason::kLength);
   f.pages.release_all();
   Retired<Preempted> pr = Prefilling(req(), pool.empty_lease(), 0).preempt();
@@ -114,6 +119,20 @@ CASES = {
     "running_lease_replaced": (
         "Decoding d(req(), pool.empty_lease(), 3);\n  d.lease() = pool.empty_lease();",
         "passing 'const ts::PageLease' as 'this' argument discards qualifiers"),
+    "verifying_finishes_only_after_settle": (
+        "Verifying v(req(), pool.empty_lease(), 4, {7});\n"
+        "  auto f = std::move(v).finish(FinishReason::kStop);",
+        "has no member named 'finish'"),
+    "rejected_pages_leave_only_through_settle": (
+        "Verifying v(req(), pool.empty_lease(), 4, {7});\n"
+        "  PageLease rejected = v.lease().take_tail(0);",
+        "passing 'const ts::PageLease' as 'this' argument discards qualifiers"),
+    "settle_on_lvalue": (
+        "Verifying v(req(), pool.empty_lease(), 4, {7});\n  auto r = v.settle(0, 4);",
+        "discards qualifiers"),
+    "decoding_has_no_speculative_slots_to_settle": (
+        "Decoding d(req(), pool.empty_lease(), 3);\n  auto r = std::move(d).settle(0, 4);",
+        "has no member named 'settle'"),
     "use_after_move_finish_twice": (
         "Decoding d(req(), pool.empty_lease(), 3);\n"
         "  auto f1 = std::move(d).finish(FinishReason::kStop);\n"

@@ -1,4 +1,8 @@
-"""Hypothesis: random submit/plan/commit/abort/clock sequences through the binding.
+"""Hypothesis: random submit/plan/commit/abort/clock/draft sequences through the binding.
+
+Drafts are set on random requests (refused unless the request is decoding with every token
+committed); their verify rows commit a random number of accepted drafts, sometimes with a stop
+id inside the accepted run, while other steps are in flight, requests are preempted and aborted.
 
 After every operation the C++ invariants hold (no page leaked or owned twice,
 refcounts equal the leases holding them, cache tree and LRU consistent); every
@@ -25,6 +29,9 @@ ops = st.lists(
         st.tuples(st.just("plan")), st.tuples(st.just("plan")), st.tuples(st.just("plan")),
         st.tuples(st.just("commit")), st.tuples(st.just("commit")),
         st.tuples(st.just("abort"), st.integers(0, 11)),
+        st.tuples(st.just("draft"), st.integers(0, 11), st.integers(1, 6)),
+        st.tuples(st.just("draft"), st.just(-1), st.integers(1, 6)),  # every live request
+        st.tuples(st.just("draft"), st.just(-1), st.integers(1, 6)),
         st.tuples(st.just("clock"), st.floats(0.0, 20.0)),
     ),
     min_size=30,
@@ -36,6 +43,22 @@ def token_for(rid, pos, salt):
     return int((rid * 31 + pos * 17 + salt) % 11)  # 3 (STOP) comes up now and then
 
 
+def verify_tokens(p, salt):
+    """One token per logits row (B + total_drafts) and the counts a verifier would give: a
+    pseudo-random number of each verify row's drafts accepted, then one sampled token."""
+    toks, counts = [], []
+    for r in range(p.num_rows):
+        rid, k = int(p.rids[r]), int(p.num_draft[r])
+        lo = int(p.query_start[r])
+        drafts = p.input_ids[lo + 1:lo + 1 + k].tolist()
+        accepted = (rid * 7 + int(p.seq_lens[r]) + salt) % (k + 1)
+        bonus = token_for(rid, int(p.prefix_lens[r]) + 1 + accepted, salt)
+        row = drafts[:accepted] + [bonus]
+        toks += row + [0] * (k + 1 - len(row))
+        counts.append(len(row))
+    return np.array(toks, np.int32), np.array(counts, np.int32)
+
+
 def check_plan(p, prev, cfg):
     b, t = p.num_rows, p.num_tokens
     assert t <= cfg.max_batch_tokens
@@ -43,6 +66,12 @@ def check_plan(p, prev, cfg):
     assert p.query_start[0] == 0 and p.query_start[-1] == t
     qs = np.diff(p.query_start)
     assert (qs[: p.num_decode] == 1).all() and (qs > 0).all()
+    nd = p.num_draft
+    assert (nd[: p.num_decode] == 0).all() and int(nd.sum()) == p.total_drafts
+    verify = np.flatnonzero(nd)
+    # verify rows follow the plain decodes, a sampled next token plus its drafts
+    assert verify.tolist() == list(range(p.num_decode, p.num_decode + len(verify)))
+    assert (qs[verify] == nd[verify] + 1).all() and (p.sample[verify] == 1).all()
     assert (p.seq_lens - p.prefix_lens == qs).all()
     written = {}
     for r in range(b):
@@ -56,6 +85,7 @@ def check_plan(p, prev, cfg):
         for k, ps_ in zip(pos, p.slot_mapping[lo:hi]):
             assert ps_ == pages[k // PS] * PS + k % PS
         for k, tok in zip(pos, p.input_ids[lo:hi]):
+            assert tok >= 0 or r < p.num_decode  # verify rows: committed token + drafts
             if tok < 0:  # placeholder: a sampled row of the previous plan, same request
                 assert prev is not None
                 src = -int(tok) - 1
@@ -98,8 +128,8 @@ def test_random_operation_sequences_keep_invariants(ops, num_pages, salt, budget
     events_seen = {}
 
     def do_commit():
-        p, toks = inflight.pop(0)
-        for rid, tok, why in s.commit(p.step, toks, 0.01):
+        p, (toks, counts) = inflight.pop(0)
+        for rid, tok, why in s.commit(p.step, toks, 0.01, counts):
             assert rid in live, f"event for a request that is not live: {rid}"
             events_seen[rid] = events_seen.get(rid, 0) + 1
             assert events_seen[rid] <= live[rid]
@@ -119,9 +149,7 @@ def test_random_operation_sequences_keep_invariants(ops, num_pages, salt, budget
         check_plan(p, last_plan, cfg)
         check_no_inflight_reuse(p, [q for q, _ in inflight])
         last_plan = p
-        toks = np.array([token_for(int(p.rids[r]), int(p.seq_lens[r]), salt)
-                         for r in range(p.num_rows)], np.int32)
-        inflight.append((p, toks))
+        inflight.append((p, verify_tokens(p, salt)))
         return True
 
     for op in ops:
@@ -155,7 +183,13 @@ def test_random_operation_sequences_keep_invariants(ops, num_pages, salt, budget
             rid = op[1]
             assert s.abort(rid) == (rid in live)
             live.pop(rid, None)
-        elif kind == "clock":
+        elif kind == "draft":
+            _, which, k = op
+            for rid in ([which] if which >= 0 else list(live)):
+                # drafts that sometimes hold the stop id, so an accepted run can end early
+                kept = s.set_drafts(rid, i32([(rid + j + salt) % 11 for j in range(k)]))
+                assert 0 <= kept <= k
+                assert kept == 0 or s.state(rid) == "decoding"
             clock += op[1]
             s.set_test_clock(clock)
         s.check_invariants()

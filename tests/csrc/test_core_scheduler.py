@@ -5,7 +5,8 @@ from core_helpers import Driver, _core, i32, make
 
 STATS_KEYS = {"pages_total", "pages_used", "pages_cached", "pages_free", "requests_running",
               "requests_waiting", "prompt_tokens_total", "prefix_cache_hit_tokens_total",
-              "generation_tokens_total", "preemptions_total", "steps_total", "pages_pinned"}
+              "generation_tokens_total", "preemptions_total", "steps_total", "pages_pinned",
+              "spec_draft_tokens_total", "spec_accepted_tokens_total", "spec_verify_rows_total"}
 
 
 def test_interfaces_example_config_works():

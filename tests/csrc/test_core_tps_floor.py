@@ -49,7 +49,7 @@ def test_long_prefill_never_breaks_the_floor_and_finishes():
         tps = 1.0 / ts  # the user's instantaneous decode speed
         assert tps.min() >= floor, f"user {r}: min TPS {tps.min():.1f} < floor {floor}"
     # By the end of the prefill the online fit has found the prefill cost.
-    a, b, c, d = coeffs
+    a, b, c, d, e = coeffs
     assert abs(c - C) / C < 0.2, coeffs
 
 
@@ -66,7 +66,7 @@ def test_new_requests_wait_rather_than_break_the_floor():
     # headroom is a 38 ms step: at most 8 decoders.
     s = make(num_pages=4096, page_size=16, max_batch_tokens=4096, max_running=64,
              tps_floor=25.0, max_seq_len=4096)
-    s.set_cost_prior(0.004, 0.004, 1e-5, 0.0)
+    s.set_cost_prior(0.004, 0.004, 1e-5, 0.0, 0.004)
     for r in range(14):
         s.submit(r, i32(np.arange(100) + r), 30, i32([]))
     most = 0
@@ -90,11 +90,11 @@ def test_prefill_progresses_when_decodes_alone_exceed_floor():
     # for them. The long prefill still gets a minimal chunk every step.
     s = make(num_pages=4096, page_size=16, max_batch_tokens=512, max_running=64,
              tps_floor=100.0, max_seq_len=8192, min_prefill_chunk=32)
-    s.set_cost_prior(1e-5, 1e-6, 1e-8, 0.0)
+    s.set_cost_prior(1e-5, 1e-6, 1e-8, 0.0, 1e-6)
     for r in range(4):
         s.submit(r, i32(np.arange(64) + r), 400, i32([]))
     s.submit(99, i32(np.arange(3000)), 2, i32([]))
-    truth = (0.002, 0.004, 1e-6, 0.0)
+    truth = (0.002, 0.004, 1e-6, 0.0, 0.004)
     chunks = []
     for i in range(300):
         p = s.plan()
@@ -118,7 +118,7 @@ def test_unreachable_floor_is_ignored():
     # so the scheduler batches for throughput instead of serializing requests.
     s = make(num_pages=4096, page_size=16, max_batch_tokens=4096, max_running=64,
              tps_floor=1000.0, max_seq_len=4096)
-    s.set_cost_prior(0.01, 0.001, 1e-5, 0.0)
+    s.set_cost_prior(0.01, 0.001, 1e-5, 0.0, 0.001)
     for r in range(6):
         s.submit(r, i32(np.arange(100) + r), 5, i32([]))
     p = s.plan()
@@ -127,4 +127,4 @@ def test_unreachable_floor_is_ignored():
 
 def test_cost_model_prior_before_data():
     s = make()
-    assert s.cost_coeffs() == (2e-3, 5e-5, 1e-4, 2e-8)
+    assert s.cost_coeffs() == (2e-3, 5e-5, 1e-4, 2e-8, 5e-5)

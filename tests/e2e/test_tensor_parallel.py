@@ -88,3 +88,25 @@ def tp1_deepseek(deepseek_checkpoint, tmp_path_factory) -> list[str]:
 @pytest.mark.parametrize("tp", [2, 4])
 def test_deepseek_tp_matches_tp1(tp, deepseek_checkpoint, tp1_deepseek, tmp_path):
     assert _run(tmp_path, f"model.path={deepseek_checkpoint}", f"parallel.tp_size={tp}") == tp1_deepseek
+
+
+def test_tp2_verifies_drafts_on_every_rank(tmp_path):
+    """Ranks > 0 run the same verify rows (num_draft travels with the plan): speculative
+    output at TP=2 equals the opted-out output on the same daemon."""
+    code = "def add(a, b):\n    return a + b\n\n\ndef sub(a, b):\n    return a - b\n\n\n" * 2
+    daemon = start_daemon(tmp_path, "model.preset=tiny-llama", "parallel.tp_size=2",
+                          "speculative.method=ngram")
+    try:
+        with httpx.Client(base_url=daemon.base_url, timeout=120) as http:
+            outputs = []
+            for speculative in (True, False):
+                body = {"prompt": code, "max_tokens": 48, "temperature": 0, "ignore_eos": True,
+                        "return_token_ids": True, "speculative": speculative}
+                response = http.post("/v1/completions", json=body)
+                assert response.status_code == 200, response.text
+                outputs.append(response.json()["choices"][0]["token_ids"])
+            spec = http.get("/stats").json()["speculative"]
+        assert outputs[0] == outputs[1]
+        assert spec["verify_rows"] > 0 and spec["accepted_tokens"] > 0
+    finally:
+        assert daemon.stop() == 0, daemon.log.read_text()

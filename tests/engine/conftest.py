@@ -32,8 +32,8 @@ class FakeRunner:
         self.logits_fn = logits_fn
 
     def forward(self, batch) -> torch.Tensor:
-        last = batch.input_ids[batch.query_start[1:].long() - 1].long()        # [B]
-        return self.logits_fn(last).float()                                    # [B, V]
+        last = batch.input_ids[batch.logit_token_index].long()   # [N]: each row's last token,
+        return self.logits_fn(last).float()                      # or every token of a verify row
 
 
 @pytest.fixture(scope="session")
@@ -49,15 +49,16 @@ def tiny_tokenizer_path() -> str:
 
 @pytest.fixture
 def make_engine(tmp_path, monkeypatch) -> Iterator[Callable[..., Engine]]:
-    """`make_engine(runner, tokenizer=None)`: an Engine whose `sent` list holds every message
-    it sent; `tokenizer` (a tokenizer folder) lets it take grammar constraints."""
+    """`make_engine(runner, tokenizer=None, overrides=())`: an Engine whose `sent` list holds
+    every message it sent; `tokenizer` (a tokenizer folder) lets it take grammar constraints;
+    `overrides`: config `--set` items."""
     monkeypatch.setattr(Engine, "_send", lambda self, message: self.sent.append(message))
     frontend = FrontendChannel(tmp_path)
     engines: list[Engine] = []
 
-    def make(runner, tokenizer: str | None = None) -> Engine:
-        eng = Engine(load_config(None, ["device=cpu"]), runner, PlanChannel(None), frontend.endpoints,
-                     tokenizer=tokenizer)
+    def make(runner, tokenizer: str | None = None, overrides: tuple[str, ...] = ()) -> Engine:
+        config = load_config(None, ["device=cpu", *overrides])
+        eng = Engine(config, runner, PlanChannel(None), frontend.endpoints, tokenizer=tokenizer)
         eng.sent = []
         engines.append(eng)
         return eng

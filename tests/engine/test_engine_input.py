@@ -42,7 +42,9 @@ BAD_FIELDS = [
     {"top_k": 1_000_000_000_000}, {"top_k": INT32_MAX + 1}, {"top_k": -1},
     {"seed": INT64_MAX + 1}, {"seed": -(2**63) - 1}, {"seed": 2**64 - 1},
     {"temperature": math.nan}, {"temperature": math.inf}, {"temperature": -0.5},
+    {"temperature": 1e39},  # inf as float32: logits / inf gives NaN
     {"top_p": 0.0}, {"top_p": math.nan}, {"top_p": 1.5}, {"top_p": -1.0},
+    {"top_p": 1e-50},  # 0 as float32
     {"max_new_tokens": 0}, {"max_new_tokens": INT32_MAX + 1}, {"max_new_tokens": 2**40},
     {"prompt_ids": [1, VOCAB]}, {"prompt_ids": [-1]}, {"prompt_ids": [2**40]}, {"prompt_ids": []},
     {"stop_token_ids": [VOCAB]}, {"stop_token_ids": [2**40]}, {"stop_token_ids": [-3]},
@@ -81,6 +83,7 @@ def test_in_range_extremes_are_accepted(engine):
     engine._submit(good(1, top_k=INT32_MAX, seed=INT64_MAX, temperature=100.0, top_p=1e-9,
                         stop_token_ids=[0, VOCAB - 1], prompt_ids=[0, VOCAB - 1]))
     engine._submit(good(2, seed=-(2**63), top_k=0, temperature=0.0, max_new_tokens=250))
+    engine._submit(good(3, temperature=1e-300, top_p=1e-30))  # sampled greedily; 1e-30 in float32
     assert not [m for m in engine.sent if isinstance(m, protocol.Rejected)]
     for _ in range(6):
         engine.step()

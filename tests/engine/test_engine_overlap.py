@@ -87,6 +87,7 @@ def test_placeholders_read_the_previous_tokens():
                         seq_lens=np.array([5, 10, 1], np.int32),
                         slot_mapping=np.array([4, 9, 12], np.int32),
                         sample=np.array([1, 1, 1], np.int32),
+                        num_draft=np.zeros(3, np.int32),
                         page_table=np.array([[0, 1], [2, 0], [3, 0]], np.int32))
     batch = to_forward_batch(arrays, torch.device("cpu"), torch.tensor([11, 22], dtype=torch.int32))
     assert batch.input_ids.tolist() == [22, 11, 7]

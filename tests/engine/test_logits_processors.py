@@ -182,6 +182,9 @@ def test_logprobs_of_the_tiny_model_match_its_logits(make_engine):
     ({"repetition_penalty": math.inf}, "repetition_penalty"), ({"presence_penalty": math.nan}, "presence"),
     ({"frequency_penalty": -math.inf}, "frequency"), ({"min_tokens": -1}, "min_tokens"),
     ({"logprobs": 21}, "logprobs"), ({"logprobs": -1}, "logprobs"),
+    # values that overflow float32 logits (inf - inf: a NaN row fails the whole step)
+    ({"logit_bias": {1: 4e16}}, "logit_bias"), ({"repetition_penalty": 1e-300}, "repetition_penalty"),
+    ({"frequency_penalty": -5e304}, "frequency"), ({"presence_penalty": 2.5}, "presence"),
 ])
 def test_bad_processor_fields_are_rejected_alone(engine, fields, words):
     engine._submit(greedy(1, **fields))

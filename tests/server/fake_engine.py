@@ -71,7 +71,8 @@ class FakeEngineClient:
     info: EngineInfo = field(init=False)
     totals: dict[str, int] = field(default_factory=lambda: {
         "prompt_tokens_total": 0, "generation_tokens_total": 0, "prefix_cache_hit_tokens_total": 0,
-        "preemptions_total": 0})
+        "preemptions_total": 0, "spec_draft_tokens_total": 0, "spec_accepted_tokens_total": 0,
+        "spec_verify_rows_total": 0})
 
     def __post_init__(self) -> None:
         self._rids = itertools.count(1)

@@ -54,6 +54,7 @@ OPENAI_SAMPLING: dict[str, list[Any]] = {
     "session_id": [5, {"a": 1}],
     "ignore_eos": ["yes", 1],
     "return_token_ids": ["yes", 0],
+    "speculative": ["no", 0, None],
 }
 CHAT_FIELDS: dict[str, list[Any]] = {
     **OPENAI_SAMPLING,
@@ -121,6 +122,7 @@ MESSAGES_FIELDS: dict[str, list[Any]] = {
     "top_p": [0, 2, True, "0.5"],
     "top_k": [-1, INT32_MAX + 1, 10**12, True, "5"],
     "metadata": ["x", {"user_id": 5}, {"session_id": 5}],
+    "speculative": ["no", 0, None],
 }
 FIELDS = {CHAT: CHAT_FIELDS, COMPLETIONS: COMPLETION_FIELDS, RESPONSES: RESPONSES_FIELDS,
           MESSAGES: MESSAGES_FIELDS, COUNT: ANTHROPIC_PROMPT}

@@ -46,6 +46,22 @@ def test_metrics_names_types_and_values(served):
     assert _value(after[itl], "_count") == _value(before[itl], "_count") + 4
 
 
+def test_speculative_figures(served):
+    spec = {"spec_draft_tokens_total": 12, "spec_accepted_tokens_total": 9,
+            "spec_verify_rows_total": 4}
+    served.fake.totals.update(spec)
+    try:
+        with served.http() as http:
+            families = _families(http)
+            stats = http.get("/stats").json()
+    finally:
+        served.fake.totals.update(dict.fromkeys(spec, 0))
+    assert _value(families["tokenspeed_spec_draft_tokens"], "_total") == 12
+    assert _value(families["tokenspeed_spec_accepted_tokens"], "_total") == 9
+    assert stats["speculative"] == {"draft_tokens": 12, "accepted_tokens": 9, "verify_rows": 4,
+                                    "acceptance_rate": 0.75, "mean_accepted_length": 3.25}
+
+
 def test_stats_schema_and_live_request(served):
     served.fake.reply = "tok " * 100
     served.fake.delay_s = 0.02
@@ -62,8 +78,8 @@ def test_stats_schema_and_live_request(served):
         assert wait_until(lambda: any(a["generated_tokens"] >= 10 for a in uds.get("/stats").json()["active"]))
         stats = uds.get("/stats").json()
     assert set(stats) == {"model", "uptime_s", "engine", "device", "tp_size", "tps_floor", "kv", "requests",
-                          "throughput", "prefix_cache", "totals", "history", "gpus", "active", "users",
-                          "step_time"}
+                          "throughput", "prefix_cache", "speculative", "totals", "history", "gpus", "active",
+                          "users", "step_time"}
     assert stats["step_time"] is None  # the fake engine runs no steps (the real one: test_daemon_e2e)
     assert stats["model"] == MODEL and stats["uptime_s"] > 0
     assert (stats["engine"], stats["device"], stats["tp_size"]) == ("ok", "cpu", 1)
@@ -73,6 +89,8 @@ def test_stats_schema_and_live_request(served):
     assert stats["kv"]["pages_total"] == 512 and stats["kv"]["page_size"] == 16
     assert stats["requests"] == {"running": 1, "waiting": 1}
     assert set(stats["totals"]) == {"prompt_tokens", "generation_tokens", "prefix_cache_hit_tokens", "preemptions"}
+    assert stats["speculative"] == {"draft_tokens": 0, "accepted_tokens": 0, "verify_rows": 0,
+                                    "acceptance_rate": 0.0, "mean_accepted_length": 0.0}
     assert stats["throughput"]["generation_tokens_per_minute"] >= 10
     assert stats["throughput"]["prompt_tokens_per_minute"] > 0
     (active,) = stats["active"]

@@ -197,10 +197,11 @@ class LlamaForCausalLM(nn.Module):
         yield "lm_head", self.lm_head
 
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
-        # -> logits [B, V_local or V] of each row's last token (the compiler gathers vocab)
+        # -> logits [N, V_local or V] of the batch's logit tokens (each row's last token, or
+        # every token of a verify row); the compiler gathers vocab
         hidden_states, residual = self.model(batch.input_ids, batch.positions, batch)
-        last = batch.last_token_index                          # [B]
-        hidden_states, _ = self.model.norm(hidden_states[last], residual[last])  # [B, H]
+        rows = batch.logit_token_index                         # [N]
+        hidden_states, _ = self.model.norm(hidden_states[rows], residual[rows])  # [N, H]
         return self.lm_head(hidden_states)
 
 

@@ -67,6 +67,7 @@ def _sampling(body: MessagesRequest, prompt_len: int, max_model_len: int) -> Sam
         top_p=1.0 if body.top_p is None else body.top_p,
         top_k=body.top_k or 0,
         stop=tuple(body.stop_sequences or ()),
+        speculative=body.speculative,
     )
 
 

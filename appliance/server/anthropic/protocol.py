@@ -102,3 +102,4 @@ class MessagesRequest(CountTokensRequest):
     top_p: Probability | None = None
     top_k: TopK | None = None
     metadata: Metadata | None = None
+    speculative: bool = True  # TokenSpeed extension: false opts out of speculative decoding

@@ -55,6 +55,7 @@ def sampling_options(body: SamplingFields, prompt_len: int, max_model_len: int,
         min_tokens=min_tokens,
         logprobs=logprobs,
         constraint=structured_constraint(body.structured_outputs),
+        speculative=body.speculative,
     )
 
 

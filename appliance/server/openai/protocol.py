@@ -106,6 +106,7 @@ class SamplingFields(_Body):
     user: str | None = None
     session_id: str | None = None  # TokenSpeed: agent session hint (see README)
     ignore_eos: bool = False  # TokenSpeed/vLLM extension, for benchmarks
+    speculative: bool = True  # TokenSpeed extension: false opts out of speculative decoding
     return_token_ids: bool = False  # TokenSpeed/vLLM extension: the final choice lists token ids
 
 

@@ -49,6 +49,7 @@ async def responses(body: ResponsesRequest, request: Request) -> Response:
                                  param="max_output_tokens"),
         temperature=1.0 if body.temperature is None else body.temperature,
         top_p=1.0 if body.top_p is None else body.top_p, top_k=max(0, body.top_k or 0), seed=body.seed,
+        speculative=body.speculative,
         constraint=await checked(state, constraint, "tools" if specs else "text.format"))
     job = GenerationJob(prompt_ids, sampling, chat=True, tools=tuple(specs) if choice else (),
                         session=session_hint(request, body.session_id, body.prompt_cache_key),

@@ -126,4 +126,5 @@ class ResponsesRequest(_Body):
     user: str | None = None
     prompt_cache_key: str | None = None  # Codex sends its conversation id: the session hint
     session_id: str | None = None  # TokenSpeed: agent session hint (see README)
+    speculative: bool = True  # TokenSpeed extension: false opts out of speculative decoding
     include: list[str] | None = None

@@ -1,0 +1,120 @@
+"""How many drafts each request gets in a step, so that speculation never slows anyone down.
+
+Per request: alpha, the chance that a draft is accepted given the drafts before it were (the
+i-th draft of a chain survives with probability alpha^i), estimated from decayed counts of
+accepted and rejected drafts. Per step: the cost model's draft-token coefficient `e` (seconds
+a verify token adds to a step) against the step's own yield (tokens per second). A draft is
+worth its slot when its expected tokens per second of added step time, alpha^i / e, beat the
+step's rate: alpha^i >= e * tokens / time. At small batch a step is memory-bound, e is small
+and chains run long; as the batch grows compute-bound, e rises toward a token's full cost and
+drafting stops unless alpha is near 1. A request whose drafts keep missing drops below the
+threshold; and after MISS_LIMIT verify rows in a row that accept nothing it stops drafting for
+a pause that doubles with each such run (a step in which anyone drafts is planned after the
+previous commit, without overlap, so even nearly free drafts are not free). Its evidence fades
+while it does not draft, so it retries later.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+PRIOR_ACCEPTED = 0.5  # pseudo-counts: a new request starts at alpha = 1/2
+PRIOR_REJECTED = 0.5
+KEEP_PER_VERIFY = 0.9  # weight an older verify row keeps when a new one is recorded
+KEEP_PER_IDLE_STEP = 0.97  # evidence fades while a request does not draft (~ 30 steps)
+ALPHA_RANGE = (1e-3, 0.999)
+MISS_LIMIT = 3  # verify rows in a row with nothing accepted before drafting pauses
+PAUSE_STEPS = (8, 512)  # the first pause, and the longest (each run of misses doubles it)
+
+
+@dataclass
+class _Acceptance:
+    accepted: float = 0.0
+    rejected: float = 0.0
+    misses: int = 0  # verify rows in a row that accepted nothing
+    paused: int = 0  # steps left without drafting
+    next_pause: int = PAUSE_STEPS[0]
+
+    def alpha(self) -> float:
+        a = (self.accepted + PRIOR_ACCEPTED) / (
+            self.accepted + self.rejected + PRIOR_ACCEPTED + PRIOR_REJECTED)
+        return min(max(a, ALPHA_RANGE[0]), ALPHA_RANGE[1])
+
+
+@dataclass(frozen=True)
+class StepCost:
+    """What the cost model says about the next step without drafts."""
+
+    tokens: float  # tokens it emits (its sampled rows)
+    time_s: float  # its predicted time
+    draft_token_s: float  # the cost model's e: time one verify token adds
+
+
+class DraftPolicy:
+    def __init__(self, max_draft: int) -> None:
+        self.max_draft = max_draft
+        self._stats: dict[int, _Acceptance] = {}
+
+    def add(self, rid: int) -> None:
+        self._stats[rid] = _Acceptance()
+
+    def remove(self, rid: int) -> None:
+        self._stats.pop(rid, None)
+
+    def alpha(self, rid: int) -> float:
+        return self._stats[rid].alpha()
+
+    def record(self, rid: int, drafted: int, accepted: int) -> None:
+        """A verify row of `rid` accepted `accepted` of its `drafted` drafts."""
+        s = self._stats.get(rid)
+        if s is None or drafted <= 0:
+            return
+        s.accepted = s.accepted * KEEP_PER_VERIFY + accepted
+        s.rejected = s.rejected * KEEP_PER_VERIFY + (1.0 if accepted < drafted else 0.0)
+        if accepted:
+            s.misses, s.next_pause = 0, PAUSE_STEPS[0]
+            return
+        s.misses += 1
+        if s.misses >= MISS_LIMIT:
+            s.misses, s.paused = 0, s.next_pause
+            s.next_pause = min(2 * s.next_pause, PAUSE_STEPS[1])
+
+    def idle(self, rid: int) -> None:
+        """A step passed without drafts for `rid`."""
+        s = self._stats.get(rid)
+        if s is not None:
+            s.accepted *= KEEP_PER_IDLE_STEP
+            s.rejected *= KEEP_PER_IDLE_STEP
+            s.paused = max(0, s.paused - 1)
+
+    def lengths(self, rids: list[int], cost: StepCost) -> dict[int, int]:
+        """Draft-chain length for each of `rids` (0: no drafts) in the next step."""
+        alphas = {rid: self._stats[rid].alpha() for rid in rids
+                  if rid in self._stats and not self._stats[rid].paused}
+        if not alphas or self.max_draft <= 0:
+            return {rid: 0 for rid in rids}
+        e = max(cost.draft_token_s, 0.0)
+        tokens, time_s = max(cost.tokens, 1.0), max(cost.time_s, 1e-9)
+        k: dict[int, int] = {}
+        for _ in range(3):  # the threshold depends on the drafts it admits: a few rounds settle
+            tau = e * tokens / time_s
+            k = {rid: _chain_length(a, tau, self.max_draft) for rid, a in alphas.items()}
+            gain = sum(_expected_accepted(alphas[rid], n) for rid, n in k.items())
+            tokens = max(cost.tokens, 1.0) + gain
+            time_s = max(cost.time_s, 1e-9) + e * sum(k.values())
+        return {rid: k.get(rid, 0) for rid in rids}
+
+
+def _chain_length(alpha: float, tau: float, max_draft: int) -> int:
+    """How many i >= 1 have alpha^i >= tau."""
+    if tau <= 0:
+        return max_draft
+    if tau > alpha:
+        return 0
+    return min(max_draft, int(math.log(tau) / math.log(alpha) + 1e-9))
+
+
+def _expected_accepted(alpha: float, n: int) -> float:
+    """sum_{i=1..n} alpha^i: the accepted drafts a chain of n is expected to give."""
+    return alpha * (1.0 - alpha ** n) / (1.0 - alpha)

@@ -1,0 +1,85 @@
+"""The step loop's side of speculative decoding: one object the engine calls.
+
+After each commit the accepted tokens go to the draft source and every decoding request that
+takes part gets a fresh proposal, sized by the `DraftPolicy`; before the next plan the
+proposals go to the scheduler (`set_drafts`), which plans them as verify rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import numpy as np
+
+from appliance.engine.protocol import GenerateRequest
+from appliance.engine.speculative.draft import DraftSource
+from appliance.engine.speculative.policy import DraftPolicy, StepCost
+
+
+class Speculator:
+    def __init__(self, source: DraftSource, max_draft: int) -> None:
+        self.source = source
+        self.policy = DraftPolicy(max_draft)
+        self._tracked: set[int] = set()  # requests that take part (not opted out)
+        self._decoding: set[int] = set()  # ... and have emitted a token (drafts follow it)
+        self._proposals: dict[int, list[int]] = {}
+
+    def start(self, req: GenerateRequest) -> None:
+        if not takes_part(req):
+            return
+        self.source.start(req.rid, req.prompt_ids, req.session)
+        self.policy.add(req.rid)
+        self._tracked.add(req.rid)
+
+    def finish(self, rid: int) -> None:
+        if rid not in self._tracked:
+            return
+        self._tracked.discard(rid)
+        self._decoding.discard(rid)
+        self._proposals.pop(rid, None)
+        self.policy.remove(rid)
+        self.source.finish(rid)
+
+    def committed(self, emitted: dict[int, list[int]],
+                  verified: Iterable[tuple[int, int, int]]) -> None:
+        """A commit's tokens per request (in order) and its verify rows as (rid, drafted,
+        accepted)."""
+        for rid, tokens in emitted.items():
+            if rid in self._tracked:
+                self.source.extend(rid, tokens)
+                self._decoding.add(rid)
+        for rid, drafted, accepted in verified:
+            self.policy.record(rid, drafted, accepted)
+
+    def propose(self, cost: StepCost,
+                allowed: Callable[[int, list[int]], int] | None = None) -> bool:
+        """Fresh proposals for the decoding requests from their contexts as committed so far,
+        cut to the first `allowed(rid, drafts)` (a grammar's verdict); True when any request
+        has drafts (the next step should verify)."""
+        self._proposals = {}
+        for rid, k in self.policy.lengths(sorted(self._decoding), cost).items():
+            drafts = self.source.propose(rid, k) if k > 0 else []
+            if drafts and allowed is not None:
+                drafts = drafts[:allowed(rid, drafts)]
+            if drafts:
+                self._proposals[rid] = drafts
+            else:
+                self.policy.idle(rid)
+        return bool(self._proposals)
+
+    def hand_to(self, scheduler) -> None:
+        """The proposals, as the scheduler's drafts for the next plan."""
+        for rid, drafts in self._proposals.items():
+            scheduler.set_drafts(rid, np.asarray(drafts, dtype=np.int32))
+        self._proposals = {}
+
+
+def takes_part(req: GenerateRequest) -> bool:
+    """Whether `req` gets drafts: not when it opted out, nor when its sampling carries state
+    that would have to advance through each draft (penalties, logit_bias, min_tokens) or
+    reports per-token log-probabilities; those decode one token a step. A grammar composes:
+    its masks follow the drafts (verify.verify_bitmask)."""
+    return (req.speculative and req.logprobs is None
+            and not req.logit_bias and req.min_tokens == 0
+            and (req.repetition_penalty, req.presence_penalty, req.frequency_penalty)
+            == (1.0, 0.0, 0.0))

@@ -1,0 +1,193 @@
+"""The cost of a speculative verify step against a plain decode step, on one GPU.
+
+For each preset (dummy weights, bf16) and batch size B (1..64 rows over 2K-token contexts):
+the plain decode step as the engine runs it (CUDA-graph replay) and eagerly, then verify steps
+with k = 1..8 drafts in every row (extend steps: eager, logits at all 1 + k tokens of a row).
+A step here is what the engine does between plan and commit: the plan's arrays to the device,
+the forward, sampling (decode) or sampling at every token + acceptance (verify), the tokens
+back to the host. Then, for per-draft acceptance rates alpha, the speed-up per user a verify
+step gives: it emits (1 - alpha^(k+1)) / (1 - alpha) tokens on average, at cost ratio
+t_verify(k) / t_decode(graph); the best k per batch size.
+
+    python scripts/gpu_spec_verify.py                       # both presets, ~5 minutes on an H200
+    python scripts/gpu_spec_verify.py --presets llama-3.1-8b --batches 1 8 --alpha 0.6 0.8
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from appliance.engine.engine import to_forward_batch  # noqa: E402
+from appliance.engine.plan_arrays import PlanArrays  # noqa: E402
+from appliance.engine.protocol import GenerateRequest  # noqa: E402
+from appliance.engine.sampler import Sampler  # noqa: E402
+from appliance.engine.verify import LogitLayout, Verifier  # noqa: E402
+from appliance.model import ModelRunner, ModelSource  # noqa: E402
+
+PAGE = 16
+WIDTH_ALIGN = 16  # the scheduler's page-table width alignment
+
+
+def plan_arrays(batch: int, drafts: int, context: int, vocab: int, rng) -> PlanArrays:
+    """B rows over `context` cached tokens, each running 1 + drafts new tokens in its own pages."""
+    per_row_pages = -(-(context + 1 + drafts) // PAGE)
+    width = -(-per_row_pages // WIDTH_ALIGN) * WIDTH_ALIGN
+    n = 1 + drafts
+    pages = np.arange(batch * per_row_pages, dtype=np.int32).reshape(batch, per_row_pages)
+    positions = np.tile(np.arange(context, context + n, dtype=np.int32), batch)
+    rows = np.repeat(np.arange(batch), n)
+    slots = pages[rows, positions // PAGE] * PAGE + positions % PAGE
+    table = np.zeros((batch, width), np.int32)
+    table[:, :per_row_pages] = pages
+    return PlanArrays(
+        step=0, num_decode=batch if drafts == 0 else 0,
+        input_ids=rng.integers(0, vocab, batch * n).astype(np.int32), positions=positions,
+        query_start=(np.arange(batch + 1) * n).astype(np.int32),
+        prefix_lens=np.full(batch, context, np.int32),
+        seq_lens=np.full(batch, context + n, np.int32), slot_mapping=slots.astype(np.int32),
+        sample=np.ones(batch, np.int32), num_draft=np.full(batch, drafts, np.int32),
+        page_table=table)
+
+
+class Stepper:
+    """One engine step (minus the scheduler) for a preset's runner."""
+
+    def __init__(self, runner: ModelRunner, max_batch: int) -> None:
+        self.runner, self.device = runner, runner.device
+        self.sampler, self.verifier = Sampler(self.device), Verifier(self.device)
+        self.params = {}
+        for rid in range(max_batch):
+            req = GenerateRequest(rid=rid, prompt_ids=[1], max_new_tokens=1, temperature=0.0)
+            self.sampler.add(req)
+            self.params[rid] = req
+
+    def step(self, arrays: PlanArrays) -> None:
+        rids = np.arange(arrays.num_rows)
+        if arrays.has_drafts:
+            layout = LogitLayout.of(arrays)
+            logits = self.runner.forward(to_forward_batch(arrays, self.device, None, layout.index))
+            tokens, counts, _ = self.verifier.verify(logits, layout, rids, arrays, self.sampler,
+                                                     self.params)
+            counts.to("cpu", non_blocking=True)
+        else:
+            logits = self.runner.forward(to_forward_batch(arrays, self.device))
+            tokens = self.sampler.sample(logits, rids, arrays, self.params)
+        tokens.to("cpu", non_blocking=True)
+        torch.cuda.synchronize(self.device)
+
+    def time_ms(self, arrays: PlanArrays, warmup: int, iters: int) -> float:
+        for _ in range(warmup):
+            self.step(arrays)
+        times = []
+        for _ in range(iters):
+            started = time.perf_counter()
+            self.step(arrays)
+            times.append((time.perf_counter() - started) * 1e3)
+        return statistics.median(times)
+
+
+def measure(preset: str, batches: list[int], drafts: list[int], context: int, warmup: int,
+            iters: int) -> dict:
+    started = time.perf_counter()
+    max_batch = max(batches)
+    row_pages = -(-(context + 1 + max(drafts)) // PAGE)
+    pages = max_batch * row_pages + 16
+    runner = ModelRunner(ModelSource(preset=preset, load_format="dummy"), device="cuda",
+                         dtype=torch.bfloat16, kv_num_pages=pages, page_size=PAGE)
+    # graphs as wide as the scheduler's aligned page tables
+    runner.enable_cuda_graphs(max_batch, -(-row_pages // WIDTH_ALIGN) * WIDTH_ALIGN * PAGE)
+    stepper = Stepper(runner, max_batch)
+    rng = np.random.default_rng(0)
+    print(f"== {preset}: loaded with {pages} KV pages, graphs captured in "
+          f"{time.perf_counter() - started:.0f} s", flush=True)
+    rows = []
+    for b in batches:
+        decode = plan_arrays(b, 0, context, runner.vocab_size, rng)
+        if not runner.decode_graphs.can_run(to_forward_batch(decode, runner.device)):
+            raise RuntimeError(f"B={b}: the decode step would not replay a CUDA graph")
+        graph_ms = stepper.time_ms(decode, warmup, iters)
+        graphs, runner.decode_graphs = runner.decode_graphs, None
+        eager_ms = stepper.time_ms(decode, warmup, iters)
+        runner.decode_graphs = graphs
+        verify = {k: stepper.time_ms(plan_arrays(b, k, context, runner.vocab_size, rng), warmup,
+                                     iters) for k in drafts}
+        rows.append({"batch": b, "decode_graph_ms": graph_ms, "decode_eager_ms": eager_ms,
+                     "verify_ms": verify})
+        cells = " ".join(f"k{k}={ms / graph_ms:.2f}x" for k, ms in verify.items())
+        print(f"B={b:3d} decode graph {graph_ms:7.2f} ms eager {eager_ms:7.2f} ms | verify / "
+              f"graph decode: {cells}", flush=True)
+    del stepper, runner
+    torch.cuda.empty_cache()
+    return {"preset": preset, "context": context, "rows": rows,
+            "seconds": time.perf_counter() - started}
+
+
+def expected_tokens(alpha: float, k: int) -> float:
+    """Tokens a verify row of k drafts emits when each draft survives with probability alpha
+    (given the ones before it did): the accepted run plus one."""
+    return float(sum(alpha ** i for i in range(k + 1)))
+
+
+def tables(result: dict, alphas: list[float]) -> str:
+    drafts = sorted({int(k) for row in result["rows"] for k in row["verify_ms"]})
+    head = " | ".join(f"k={k}" for k in drafts)
+    lines = [f"### {result['preset']} (bf16, dummy weights, {result['context']}-token contexts)",
+             "", "Step time in ms (verify / decode-graph ratio)", "",
+             f"| B | decode graph | decode eager | {head} |",
+             "|---|---|---|" + "---|" * len(drafts)]
+    for row in result["rows"]:
+        g = row["decode_graph_ms"]
+        cells = " | ".join(f"{row['verify_ms'][k]:.2f} ({row['verify_ms'][k] / g:.2f}x)"
+                           for k in drafts)
+        lines.append(f"| {row['batch']} | {g:.2f} | {row['decode_eager_ms']:.2f} | {cells} |")
+    lines += ["", "Per-user speed-up over graph decode at the best k (E[tokens] / cost ratio)", "",
+              "| B | " + " | ".join(f"alpha={a}" for a in alphas) + " |",
+              "|---|" + "---|" * len(alphas)]
+    for row in result["rows"]:
+        g = row["decode_graph_ms"]
+        cells = []
+        for a in alphas:
+            gain, k = max((expected_tokens(a, k) * g / row["verify_ms"][k], k) for k in drafts)
+            cells.append(f"{gain:.2f}x (k={k})" if gain > 1 else f"{gain:.2f}x (off)")
+        lines.append(f"| {row['batch']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--presets", nargs="+", default=["llama-3.1-8b", "deepseek-v2-lite"])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
+    parser.add_argument("--drafts", type=int, nargs="+", default=list(range(1, 9)))
+    parser.add_argument("--context", type=int, default=2048)
+    parser.add_argument("--alpha", type=float, nargs="+", default=[0.5, 0.7, 0.8, 0.9])
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--iters", type=int, default=15)
+    parser.add_argument("--out", default=os.environ.get("OUT", ""))
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("gpu_spec_verify: needs a CUDA device", file=sys.stderr)
+        return 1
+    print(f"card: {torch.cuda.get_device_name()}  torch {torch.__version__}", flush=True)
+    results = [measure(p, args.batches, args.drafts, args.context, args.warmup, args.iters)
+               for p in args.presets]
+    report = "\n\n".join(tables(r, args.alpha) for r in results)
+    print("\n" + report)
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        Path(args.out, "spec_verify.md").write_text(report + "\n")
+        Path(args.out, "spec_verify.json").write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

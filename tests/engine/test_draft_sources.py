@@ -1,0 +1,132 @@
+"""Draft sources and the draft policy: n-gram prompt lookup against a brute-force definition,
+and the policy's back-off per request (misses) and per batch (compute-bound steps)."""
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from appliance.engine.speculative.draft import DraftSource
+from appliance.engine.speculative.ngram import MAX_NGRAM, MIN_NGRAM, NgramDraft
+from appliance.engine.speculative.policy import DraftPolicy, StepCost
+
+
+def lookup(context: list[int], k: int) -> list[int]:
+    """The definition: the longest suffix (MAX..MIN tokens) that occurred earlier, at its
+    latest earlier occurrence, proposes the k tokens that followed it; past the end of the
+    context, the proposal continues as the same lookup on the extended context would."""
+    context = list(context)
+    for n in range(min(MAX_NGRAM, len(context)), MIN_NGRAM - 1, -1):
+        suffix = context[len(context) - n:]
+        for i in range(len(context) - 1, n - 1, -1):   # i: index of the follower
+            if context[i - n:i] == suffix:
+                out = []
+                while len(out) < k:   # the match is len - i back: the text repeats with it
+                    out.append(context[i + len(out)] if i + len(out) < len(context)
+                               else out[len(out) - (len(context) - i)])
+                return out
+    return []
+
+
+@settings(max_examples=300, deadline=None)
+@given(prompt=st.lists(st.integers(0, 4), min_size=1, max_size=40),
+       chunks=st.lists(st.lists(st.integers(0, 4), min_size=1, max_size=5), max_size=8),
+       k=st.integers(1, 6))
+def test_ngram_proposes_what_followed_the_latest_longest_match(prompt, chunks, k):
+    src: DraftSource = NgramDraft()
+    src.start(7, prompt, "")
+    context = list(prompt)
+    assert src.propose(7, k) == lookup(context, k)
+    for chunk in chunks:
+        src.extend(7, chunk)
+        context += chunk
+        assert src.propose(7, k) == lookup(context, k)
+    src.finish(7)
+    assert src.propose(7, k) == []
+
+
+def test_ngram_finds_a_repeated_edit():
+    src = NgramDraft()
+    code = [10, 11, 12, 13, 14, 15, 16, 17]
+    src.start(1, code + [99] + code[:3], "s")
+    assert src.propose(1, 4) == [13, 14, 15, 16]
+
+
+def test_ngram_continues_a_repetition_past_the_end():
+    src = NgramDraft()
+    src.start(1, [5, 1, 2, 3, 1, 2, 3, 1, 2], "")
+    assert src.propose(1, 7) == [3, 1, 2, 3, 1, 2, 3]
+    src.start(2, [4, 4, 4], "")
+    assert src.propose(2, 3) == [4, 4, 4]
+
+
+FREE = StepCost(tokens=4, time_s=0.01, draft_token_s=1e-6)        # memory-bound: drafts ~free
+COMPUTE_BOUND = StepCost(tokens=64, time_s=0.05, draft_token_s=0.002)  # a draft ~ 2.5 tokens
+
+
+def test_drafting_backs_off_when_drafts_miss_and_retries_later():
+    pol = DraftPolicy(max_draft=8)
+    pol.add(1)
+    assert pol.lengths([1], FREE)[1] > 0   # a new request starts drafting
+    for _ in range(12):
+        pol.record(1, drafted=4, accepted=0)
+    missing = StepCost(tokens=4, time_s=0.01, draft_token_s=2e-4)
+    assert pol.lengths([1], missing)[1] == 0
+    for _ in range(200):
+        pol.idle(1)
+    assert pol.lengths([1], missing)[1] > 0   # the evidence faded: it tries again
+
+
+def test_repeated_misses_pause_drafting_even_when_drafts_are_free():
+    pol = DraftPolicy(max_draft=8)
+    pol.add(1)
+    free = StepCost(tokens=1, time_s=0.01, draft_token_s=0.0)
+    for _ in range(3):
+        assert pol.lengths([1], free)[1] == 8
+        pol.record(1, drafted=8, accepted=0)
+    assert pol.lengths([1], free)[1] == 0          # paused
+    for _ in range(8):
+        pol.idle(1)
+    assert pol.lengths([1], free)[1] == 8          # retries after the pause
+    for _ in range(3):
+        pol.record(1, drafted=8, accepted=0)
+    for _ in range(8):
+        pol.idle(1)
+    assert pol.lengths([1], free)[1] == 0          # the second pause is twice as long
+    for _ in range(8):
+        pol.idle(1)
+    assert pol.lengths([1], free)[1] == 8
+    pol.record(1, drafted=8, accepted=2)           # an acceptance resets the pauses
+    for _ in range(3):
+        pol.record(1, drafted=8, accepted=0)
+    for _ in range(8):
+        pol.idle(1)
+    assert pol.lengths([1], free)[1] > 0
+
+
+def test_chains_grow_with_acceptance():
+    pol = DraftPolicy(max_draft=8)
+    cost = StepCost(tokens=4, time_s=0.01, draft_token_s=5e-4)
+    pol.add(1)
+    pol.add(2)
+    for _ in range(20):
+        pol.record(1, drafted=4, accepted=4)
+        pol.record(2, drafted=4, accepted=1)
+    k = pol.lengths([1, 2], cost)
+    assert k[1] > k[2] > 0 and k[1] <= 8
+
+
+def test_a_compute_bound_batch_stops_drafting():
+    pol = DraftPolicy(max_draft=8)
+    for rid in range(64):
+        pol.add(rid)
+        for _ in range(10):
+            pol.record(rid, drafted=4, accepted=3)   # alpha ~ 0.75
+    assert all(n > 0 for n in pol.lengths(list(range(64)), FREE).values())
+    assert all(n == 0 for n in pol.lengths(list(range(64)), COMPUTE_BOUND).values())
+
+
+def test_unknown_and_removed_requests_get_no_drafts():
+    pol = DraftPolicy(max_draft=4)
+    pol.add(1)
+    pol.remove(1)
+    assert pol.lengths([1, 2], FREE) == {1: 0, 2: 0}

@@ -1,0 +1,155 @@
+"""The engine loop with speculation: drafts from the n-gram (or suffix) source go to the scheduler after
+each commit, verify rows return logits at every token, and the tokens that come out are the
+ones the loop gives without speculation."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from appliance.engine.protocol import GenerateRequest
+
+VOCAB = 50
+
+
+class MarkovRunner:
+    """Greedy next token (id * 3 + 1) % VOCAB of each logit token, a cycle n-gram lookup
+    finds; `noise` adds a second, rarely winning, token so sampling has a distribution."""
+
+    device = torch.device("cpu")
+    num_pages, page_size, max_model_len, vocab_size = 64, 4, 512, VOCAB
+    eos_token_ids: tuple[int, ...] = ()
+
+    def __init__(self) -> None:
+        self.batches: list = []
+
+    def forward(self, batch) -> torch.Tensor:
+        ids = batch.input_ids
+        assert (ids >= 0).all(), "a placeholder reached the model"
+        self.batches.append(batch)
+        at = ids[batch.logit_token_index]                                   # [N]
+        logits = torch.zeros(at.shape[0], VOCAB)
+        logits[torch.arange(at.shape[0]), (at * 3 + 1) % VOCAB] = 8.0
+        logits[torch.arange(at.shape[0]), (at * 7 + 2) % VOCAB] = 5.0
+        return logits
+
+
+@pytest.fixture
+def engines(make_engine):
+    return lambda *overrides: make_engine(MarkovRunner(), overrides=overrides)
+
+
+def run(engine, requests):
+    for req in requests:
+        engine._submit(req)
+    while engine.requests or engine._inflight is not None:
+        assert engine.step()
+    out = {}
+    for m in engine.sent:
+        for o in getattr(m, "items", []):
+            out.setdefault(o.rid, []).append(o.token_id)
+    return out
+
+
+REQUESTS = [
+    dict(rid=1, prompt_ids=[5, 6, 7], max_new_tokens=40),
+    dict(rid=2, prompt_ids=[9] * 9, max_new_tokens=33),
+    dict(rid=3, prompt_ids=[11, 3], max_new_tokens=25, stop_token_ids=[20]),
+]
+
+
+@pytest.mark.parametrize("method", ["ngram", "suffix"])
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_speculation_gives_the_tokens_of_plain_decoding(engines, temperature, method):
+    reqs = [GenerateRequest(**r, temperature=temperature, seed=7, ignore_eos=True)
+            for r in REQUESTS]
+    plain = run(engines(), reqs)
+    spec_engine = engines(f"speculative.method={method}", "speculative.max_draft=4")
+    spec = run(spec_engine, reqs)
+    assert spec == plain
+    st = spec_engine.scheduler.stats()
+    assert st["spec_verify_rows_total"] > 0 and st["spec_accepted_tokens_total"] > 0
+    assert st["pages_used"] == 0
+    verify_batches = [b for b in spec_engine.runner.batches if b.logit_index is not None]
+    assert verify_batches and all(b.num_logits > b.num_rows for b in verify_batches)
+
+
+def test_an_opted_out_request_never_gets_drafts(engines):
+    eng = engines("speculative.method=ngram")
+    run(eng, [GenerateRequest(**REQUESTS[0], temperature=0.0, speculative=False)])
+    assert eng.scheduler.stats()["spec_verify_rows_total"] == 0
+    assert all(b.logit_index is None for b in eng.runner.batches)
+
+
+def test_speculation_off_keeps_the_step_in_flight(engines):
+    eng = engines()
+    eng._submit(GenerateRequest(**REQUESTS[0], temperature=0.0))
+    overlapped = 0
+    while eng.requests or eng._inflight is not None:
+        eng.step()
+        overlapped += eng.scheduler.inflight_steps() == 1 and eng._inflight is not None
+    assert overlapped >= 30
+
+
+def test_verify_steps_are_planned_after_the_previous_commit(engines, monkeypatch):
+    eng = engines("speculative.method=ngram")
+    in_flight_at_verify_plans = []
+    plan = eng.scheduler.plan
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(eng_scheduler, name)
+
+        def plan(self):
+            p = plan()
+            if p is not None and p.total_drafts:
+                in_flight_at_verify_plans.append(eng_scheduler.inflight_steps() - 1)
+            return p
+    eng_scheduler = eng.scheduler
+    eng.scheduler = Spy()
+    run(eng, [GenerateRequest(**REQUESTS[1], temperature=0.0)])
+    assert in_flight_at_verify_plans and set(in_flight_at_verify_plans) == {0}
+
+
+class WrongDraft:
+    """A draft source whose drafts the MarkovRunner never accepts (its next token after t is
+    (3t + 1) % VOCAB; this proposes (3t + 2) % VOCAB)."""
+
+    def __init__(self) -> None:
+        self.last: dict[int, int] = {}
+
+    def start(self, rid, prompt, session):
+        self.last[rid] = prompt[-1]
+
+    def extend(self, rid, tokens):
+        self.last[rid] = tokens[-1]
+
+    def propose(self, rid, max_draft):
+        return [(self.last[rid] * 3 + 2) % VOCAB] * max_draft
+
+    def finish(self, rid):
+        self.last.pop(rid, None)
+
+
+def test_drafts_that_always_miss_back_off_and_the_overlap_returns(engines):
+    from appliance.engine.speculative.speculator import Speculator
+
+    req = GenerateRequest(rid=1, prompt_ids=[5, 6, 7], max_new_tokens=200, temperature=0.0,
+                          ignore_eos=True)
+    plain = run(engines(), [req])
+    eng = engines("speculative.method=ngram")
+    eng.speculator = Speculator(WrongDraft(), max_draft=8)
+    eng._submit(req)
+    overlapped = 0
+    while eng.requests or eng._inflight is not None:
+        eng.step()
+        overlapped += eng.scheduler.inflight_steps() == 1 and eng._inflight is not None
+    out = {}
+    for m in eng.sent:
+        for o in getattr(m, "items", []):
+            out.setdefault(o.rid, []).append(o.token_id)
+    assert out == plain
+    st = eng.scheduler.stats()
+    assert st["spec_accepted_tokens_total"] == 0
+    # 3 misses, then pauses of 8, 16, 32, 64, 128 steps: a handful of verify rows in 200 steps
+    assert 3 <= st["spec_verify_rows_total"] <= 18
+    assert overlapped >= 150
