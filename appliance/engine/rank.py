@@ -93,13 +93,15 @@ def resolve_device(device: str, rank: int) -> torch.device:
 
 
 def _share_cpu_cores(tp_size: int) -> None:
-    """CPU ranks and the frontend share the cores this process may run on (its affinity: a
-    container or `taskset` may allow fewer than the machine has): oversubscribed intra-op
-    threads wait on each other at every op (measured on 2 busy cores: a tiny-model step took
-    100 ms with 2 threads, 9.5 ms with 1; a SmolLM2-135M decode step 0.8-1.8 s with 2,
-    0.1 s with 1)."""
+    """CPU ranks share the cores this process may run on (its affinity: a container or
+    `taskset` may allow fewer than the machine has), one intra-op thread pool each. The
+    frontend is left no core of its own: it needs one only in bursts, and on a quiet 2-core
+    machine (scripts/bench_cpu_decode.py, SmolLM2-135M) 2 engine threads against 1 gave decode
+    24.3 against 16.3 tok/s at batch 1 and 95.4 against 55.6 at batch 8 (transformers, 2
+    threads: 26.7 and 112.5). Oversubscribed (several ranks or a busy machine) the threads
+    wait on each other at every op, so ranks never share a core."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    torch.set_num_threads(max(1, (cores or 1) // (tp_size + 1)))
+    torch.set_num_threads(max(1, (cores or 1) // tp_size))
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
