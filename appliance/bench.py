@@ -361,12 +361,23 @@ async def _complete(http: httpx.AsyncClient, model: str, prompt: list[int], max_
 async def _sse(http: httpx.AsyncClient, path: str, body: dict, session: str) -> AsyncIterator[dict]:
     """The chunks of a streamed request, parsed ([DONE] left out)."""
     headers = {"x-session-id": session} if session else {}
-    async with http.stream("POST", path, json=body, headers=headers) as response:
-        if response.status_code != 200:
-            raise RuntimeError(f"HTTP {response.status_code}: {(await response.aread()).decode()}")
-        async for line in response.aiter_lines():
-            if line.startswith("data: ") and line != "data: [DONE]":
-                yield json.loads(line[6:])
+    for attempt in range(2):
+        answered = False
+        try:
+            async with http.stream("POST", path, json=body, headers=headers) as response:
+                answered = True
+                if response.status_code != 200:
+                    raise RuntimeError(f"HTTP {response.status_code}: "
+                                       f"{(await response.aread()).decode()}")
+                async for line in response.aiter_lines():
+                    if line.startswith("data: ") and line != "data: [DONE]":
+                        yield json.loads(line[6:])
+            return
+        except httpx.RemoteProtocolError:
+            # A pooled connection the server closed as the request went out: no response
+            # began, so sending it again on a fresh connection is safe (once).
+            if attempt or answered:
+                raise
 
 
 def _timed(prompt_tokens: int, produced: int, started: float, stamps: list[float]) -> RequestResult:

@@ -15,11 +15,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
 import pytest
 import uvicorn
 from fastapi import FastAPI
 from fastapi.responses import StreamingResponse
 
+from appliance import bench as bench_client
 from appliance.bench import DaemonLoad, fewer_in_flight_warning
 from appliance.cli import main
 from appliance.server.serve import unix_socket
@@ -139,3 +141,30 @@ def test_bad_sweeps_and_missing_matplotlib_are_clear_errors(tmp_path, capsys, mo
     with pytest.raises(SystemExit):
         main(bench(socket, "--concurrency", "4,0"))
     assert "concurrency levels must be >= 1" in capsys.readouterr().err
+
+
+def _dropping_transport(drops: int) -> tuple[httpx.MockTransport, list[int]]:
+    """A server that closes the first `drops` requests unanswered, then streams one chunk."""
+    calls: list[int] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(1)
+        if len(calls) <= drops:
+            raise httpx.RemoteProtocolError("Server disconnected without sending a response.")
+        return httpx.Response(200, text='data: {"n": 1}\n\ndata: [DONE]\n\n')
+
+    return httpx.MockTransport(handler), calls
+
+
+async def _chunks(transport: httpx.MockTransport) -> list[dict]:
+    async with httpx.AsyncClient(transport=transport, base_url="http://tokenspeed") as http:
+        return [chunk async for chunk in bench_client._sse(http, "/v1/completions", {}, "")]
+
+
+def test_a_request_dropped_unanswered_is_sent_again_once():
+    transport, calls = _dropping_transport(drops=1)
+    assert asyncio.run(_chunks(transport)) == [{"n": 1}] and len(calls) == 2
+    transport, calls = _dropping_transport(drops=2)
+    with pytest.raises(httpx.RemoteProtocolError):
+        asyncio.run(_chunks(transport))
+    assert len(calls) == 2

@@ -16,7 +16,10 @@ import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 HEADER_TIMEOUT_S = 10.0
-KEEP_ALIVE_TIMEOUT_S = 5
+# Longer than clients keep an idle connection (httpx, so the openai/anthropic SDKs: 5 s; Node:
+# 4-5 s), so that the client, not the server, closes it: a server that closes first races a
+# client reusing the connection, whose request then fails with no response at all.
+KEEP_ALIVE_TIMEOUT_S = 20
 
 
 class HeaderTimeoutProtocol(HttpToolsProtocol):
