@@ -264,7 +264,7 @@ class Engine:
             row_rids = step.rids[np.cumsum(step.num_draft + 1) - step.num_draft - 1]   # [B]
             verified = [(int(r), int(k), int(n) - 1)
                         for r, k, n in zip(row_rids, step.num_draft, counts) if k > 0]
-        self.speculator.committed(emitted, verified)
+        self.speculator.committed(emitted, verified, len(step.num_draft), measured)
         self._speculating = self.speculator.propose(self._next_cost, self._grammar_allows)
 
     def _grammar_allows(self, rid: int, drafts: list[int]) -> int:

@@ -3,6 +3,8 @@ each commit, verify rows return logits at every token, and the tokens that come 
 ones the loop gives without speculation."""
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -153,3 +155,52 @@ def test_drafts_that_always_miss_back_off_and_the_overlap_returns(engines):
     # 3 misses, then pauses of 8, 16, 32, 64, 128 steps: a handful of verify rows in 200 steps
     assert 3 <= st["spec_verify_rows_total"] <= 18
     assert overlapped >= 150
+
+
+class SlowVerifyRunner(MarkovRunner):
+    """Verify steps (logits at more tokens than rows) take `verify_s`, others `plain_s`: drafts
+    that are all right but cost more than they give."""
+
+    def __init__(self, plain_s: float, verify_s: float) -> None:
+        super().__init__()
+        self.plain_s, self.verify_s = plain_s, verify_s
+
+    def forward(self, batch) -> torch.Tensor:
+        verify = batch.logit_token_index.shape[0] > batch.seq_lens.shape[0]
+        time.sleep(self.verify_s if verify else self.plain_s)
+        return super().forward(batch)
+
+
+def test_verify_steps_slower_than_plain_ones_close_the_batch_gate(engines, make_engine):
+    req = GenerateRequest(rid=1, prompt_ids=[5, 6, 7], max_new_tokens=200, temperature=0.0,
+                          ignore_eos=True)
+    plain = run(engines(), [req])
+    eng = make_engine(SlowVerifyRunner(plain_s=0.002, verify_s=0.05),
+                      overrides=("speculative.method=ngram",))
+    assert run(eng, [req]) == plain and len(plain[1]) == 200
+    st = eng.scheduler.stats()
+    # every draft is right (9 tokens a verify step), yet 50 ms for 9 loses to 2 ms for 1: after
+    # 3 verify steps the gate closes for 16 plain steps, then 32, 64, ... (one trial each)
+    assert st["spec_accepted_tokens_total"] >= 0.9 * st["spec_draft_tokens_total"] > 0
+    assert st["spec_verify_rows_total"] <= 12
+
+
+def test_batch_gate_compares_verify_and_plain_rates():
+    from appliance.engine.speculative.policy import GATE_PAUSE_STEPS, BatchGate
+
+    gate = BatchGate()
+    for _ in range(3):
+        gate.record(False, 8, 0.010)     # 800 tokens/s without drafts
+        gate.record(True, 20, 0.020)     # 1000 with them: keeps drafting
+    assert gate.open
+    for _ in range(3):
+        gate.record(True, 10, 0.020)     # 500: the average falls below 800
+    assert not gate.open and gate.paused == GATE_PAUSE_STEPS[0]
+    for _ in range(GATE_PAUSE_STEPS[0]):
+        gate.record(False, 8, 0.010)
+    assert gate.open                    # a new trial; losing again doubles the pause
+    for _ in range(3):
+        gate.record(True, 4, 0.020)
+    assert gate.paused == 2 * GATE_PAUSE_STEPS[0]
+    gate.record(True, 0, 0.0)           # nothing measured: ignored
+    assert gate.paused == 2 * GATE_PAUSE_STEPS[0]

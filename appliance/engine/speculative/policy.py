@@ -12,6 +12,11 @@ threshold; and after MISS_LIMIT verify rows in a row that accept nothing it stop
 a pause that doubles with each such run (a step in which anyone drafts is planned after the
 previous commit, without overlap, so even nearly free drafts are not free). Its evidence fades
 while it does not draft, so it retries later.
+
+Per batch (`BatchGate`): what a verify step costs beyond its drafts' compute is not in the cost
+model: it runs eagerly (no decode CUDA graph) and without overlap. So the steps themselves are
+compared: tokens per second of recent verify steps against recent plain decode steps; while
+verifying gives fewer, nobody drafts, for a pause that doubles as long as it keeps losing.
 """
 
 from __future__ import annotations
@@ -26,6 +31,9 @@ KEEP_PER_IDLE_STEP = 0.97  # evidence fades while a request does not draft (~ 30
 ALPHA_RANGE = (1e-3, 0.999)
 MISS_LIMIT = 3  # verify rows in a row with nothing accepted before drafting pauses
 PAUSE_STEPS = (8, 512)  # the first pause, and the longest (each run of misses doubles it)
+RATE_KEEP = 0.8  # weight an older step keeps in a step kind's tokens-per-second average
+GATE_MIN_STEPS = 3  # steps of each kind before verify and plain steps are compared
+GATE_PAUSE_STEPS = (16, 1024)  # the batch-wide pause: first, longest
 
 
 @dataclass
@@ -40,6 +48,54 @@ class _Acceptance:
         a = (self.accepted + PRIOR_ACCEPTED) / (
             self.accepted + self.rejected + PRIOR_ACCEPTED + PRIOR_REJECTED)
         return min(max(a, ALPHA_RANGE[0]), ALPHA_RANGE[1])
+
+
+@dataclass
+class _Rate:
+    """Decayed tokens and seconds of one kind of step."""
+
+    tokens: float = 0.0
+    seconds: float = 0.0
+    steps: int = 0
+
+    def add(self, tokens: int, seconds: float) -> None:
+        self.tokens = self.tokens * RATE_KEEP + tokens
+        self.seconds = self.seconds * RATE_KEEP + seconds
+        self.steps += 1
+
+    def per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+class BatchGate:
+    """Whether anyone may draft in the next step: closed while recent verify steps emitted
+    fewer tokens per second than recent plain decode steps (module doc)."""
+
+    def __init__(self) -> None:
+        self.plain, self.verify = _Rate(), _Rate()
+        self.paused = 0
+        self.next_pause = GATE_PAUSE_STEPS[0]
+
+    @property
+    def open(self) -> bool:
+        return self.paused == 0
+
+    def record(self, verified: bool, tokens: int, seconds: float) -> None:
+        """A decode step (every row emitted) with or without verify rows: its tokens and time."""
+        if tokens <= 0 or seconds <= 0:
+            return
+        if not verified:
+            self.plain.add(tokens, seconds)
+            self.paused = max(0, self.paused - 1)
+            return
+        self.verify.add(tokens, seconds)
+        if min(self.verify.steps, self.plain.steps) < GATE_MIN_STEPS:
+            return
+        if self.verify.per_second() < self.plain.per_second():
+            self.paused, self.verify = self.next_pause, _Rate()  # the next trial starts afresh
+            self.next_pause = min(2 * self.next_pause, GATE_PAUSE_STEPS[1])
+        else:
+            self.next_pause = GATE_PAUSE_STEPS[0]
 
 
 @dataclass(frozen=True)

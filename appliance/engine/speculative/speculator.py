@@ -7,19 +7,20 @@ proposals go to the scheduler (`set_drafts`), which plans them as verify rows.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 import numpy as np
 
 from appliance.engine.protocol import GenerateRequest
 from appliance.engine.speculative.draft import DraftSource
-from appliance.engine.speculative.policy import DraftPolicy, StepCost
+from appliance.engine.speculative.policy import BatchGate, DraftPolicy, StepCost
 
 
 class Speculator:
     def __init__(self, source: DraftSource, max_draft: int) -> None:
         self.source = source
         self.policy = DraftPolicy(max_draft)
+        self.gate = BatchGate()
         self._tracked: set[int] = set()  # requests that take part (not opted out)
         self._decoding: set[int] = set()  # ... and have emitted a token (drafts follow it)
         self._proposals: dict[int, list[int]] = {}
@@ -40,16 +41,18 @@ class Speculator:
         self.policy.remove(rid)
         self.source.finish(rid)
 
-    def committed(self, emitted: dict[int, list[int]],
-                  verified: Iterable[tuple[int, int, int]]) -> None:
-        """A commit's tokens per request (in order) and its verify rows as (rid, drafted,
-        accepted)."""
+    def committed(self, emitted: dict[int, list[int]], verified: list[tuple[int, int, int]],
+                  rows: int, step_time_s: float) -> None:
+        """A commit's tokens per request (in order), its verify rows as (rid, drafted,
+        accepted), its number of rows and its measured time."""
         for rid, tokens in emitted.items():
             if rid in self._tracked:
                 self.source.extend(rid, tokens)
                 self._decoding.add(rid)
         for rid, drafted, accepted in verified:
             self.policy.record(rid, drafted, accepted)
+        if len(emitted) == rows:  # a decode step (a prefill chunk would skew its rate)
+            self.gate.record(bool(verified), sum(map(len, emitted.values())), step_time_s)
 
     def propose(self, cost: StepCost,
                 allowed: Callable[[int, list[int]], int] | None = None) -> bool:
@@ -57,6 +60,10 @@ class Speculator:
         cut to the first `allowed(rid, drafts)` (a grammar's verdict); True when any request
         has drafts (the next step should verify)."""
         self._proposals = {}
+        if not self.gate.open:
+            for rid in self._decoding:
+                self.policy.idle(rid)
+            return False
         for rid, k in self.policy.lengths(sorted(self._decoding), cost).items():
             drafts = self.source.propose(rid, k) if k > 0 else []
             if drafts and allowed is not None:
