@@ -64,24 +64,29 @@ class Stepper:
 
     def __init__(self, runner: ModelRunner, max_batch: int) -> None:
         self.runner, self.device = runner, runner.device
-        self.sampler, self.verifier = Sampler(self.device), Verifier(self.device)
+        self.sampler = Sampler(self.device, runner.vocab_size)
+        self.verifier = Verifier(self.device)
         self.params = {}
         for rid in range(max_batch):
             req = GenerateRequest(rid=rid, prompt_ids=[1], max_new_tokens=1, temperature=0.0)
-            self.sampler.add(req)
+            self.sampler.add(req, [])
             self.params[rid] = req
 
     def step(self, arrays: PlanArrays) -> None:
+        """As Engine._forward + _sample + the copies its commit waits for."""
         rids = np.arange(arrays.num_rows)
-        if arrays.has_drafts:
-            layout = LogitLayout.of(arrays)
-            logits = self.runner.forward(to_forward_batch(arrays, self.device, None, layout.index))
-            tokens, counts, _ = self.verifier.verify(logits, layout, rids, arrays, self.sampler,
-                                                     self.params)
+        layout = LogitLayout.of(arrays) if arrays.has_drafts else None
+        logits = self.runner.forward(to_forward_batch(
+            arrays, self.device, None, layout.index if layout is not None else None))
+        if layout is None:
+            rows = self.sampler.prepare(rids, arrays, self.params)
+        else:  # every logits row samples the token at its own position
+            rows = self.sampler.prepare(rids[layout.row], layout.per_logit_row(arrays),
+                                        self.params)
+        tokens = self.sampler.sample(logits, rows).tokens
+        if layout is not None:
+            counts, tokens = self.verifier.accept(tokens, layout)
             counts.to("cpu", non_blocking=True)
-        else:
-            logits = self.runner.forward(to_forward_batch(arrays, self.device))
-            tokens = self.sampler.sample(logits, rids, arrays, self.params)
         tokens.to("cpu", non_blocking=True)
         torch.cuda.synchronize(self.device)
 
