@@ -149,12 +149,7 @@ class Engine:
         if self._speculating:
             return self._step_with_drafts()
         self.timeline.begin()
-        plan = self.scheduler.plan()
-        if plan is not None:
-            self.step_error.planned(plan.step, plan.predicted_time_s)
-        self.timeline.planned(plan)
-        if plan is not None and self._unadmitted:
-            self._note_admissions(plan)
+        plan = self._plan()
         forwarded = self._forward(plan) if plan is not None else None
         launched = None
         if forwarded is not None and not forwarded.rows.constrained:
@@ -176,15 +171,20 @@ class Engine:
             self._inflight = None
         if self._speculating:  # proposed after that commit, with nothing in flight: current
             self.speculator.hand_to(self.scheduler)
+        plan = self._plan()
+        self._inflight = self._sample(self._forward(plan)) if plan is not None else None
+        self.timeline.end()
+        return committed or self._inflight is not None
+
+    def _plan(self):
+        """The scheduler's next plan (None: nothing to run), noted by the step instruments."""
         plan = self.scheduler.plan()
         if plan is not None:
             self.step_error.planned(plan.step, plan.predicted_time_s)
         self.timeline.planned(plan)
         if plan is not None and self._unadmitted:
             self._note_admissions(plan)
-        self._inflight = self._sample(self._forward(plan)) if plan is not None else None
-        self.timeline.end()
-        return committed or self._inflight is not None
+        return plan
 
     def _note_admissions(self, plan) -> None:
         """Each newly admitted request's prefix-cache hit, for its first output."""

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,3 +107,30 @@ def start_daemon(folder: Path, *overrides: str, timeout: float = 240, **kwargs) 
     return wait_healthy(launch_daemon(folder, *overrides, **kwargs), timeout)
 
 
+
+
+def greedy_token_ids(base_url: str, prompt: list[int], max_tokens: int) -> list[int]:
+    """The token ids a greedy /v1/completions gives for `prompt` (ignore_eos)."""
+    with httpx.Client(base_url=base_url, timeout=300) as http:
+        model = http.get("/v1/models").json()["data"][0]["id"]
+        body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+                "ignore_eos": True, "return_token_ids": True}
+        response = http.post("/v1/completions", json=body)
+        assert response.status_code == 200, response.text
+        return response.json()["choices"][0]["token_ids"]
+
+
+def serve_alone_and_together(folder: Path, checkpoint: str | Path, prompts: list[list[int]],
+                             max_tokens: int, *overrides: str) -> tuple[list, list]:
+    """Serve `checkpoint` (16-token prefill chunks): (greedy tokens of each prompt sent alone,
+    of all prompts sent at once)."""
+    daemon = start_daemon(folder, f"model.path={checkpoint}", "scheduler.max_batch_tokens=16",
+                          *overrides)
+    try:
+        alone = [greedy_token_ids(daemon.base_url, p, max_tokens) for p in prompts]
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            together = list(pool.map(lambda p: greedy_token_ids(daemon.base_url, p, max_tokens),
+                                     prompts))
+    finally:
+        assert daemon.stop() == 0, daemon.log.read_text()
+    return alone, together

@@ -5,13 +5,11 @@ C++ scheduler, with contexts several windows long; TP=2 (gloo, parallel.moe tp a
 from __future__ import annotations
 
 import shutil
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import httpx
 import pytest
 import torch
-from daemon_process import start_daemon
+from daemon_process import serve_alone_and_together
 
 pytestmark = pytest.mark.slow  # spawns processes / > 5 s: skipped by -m 'not slow'
 
@@ -65,32 +63,9 @@ def checkpoint(tmp_path_factory) -> tuple[str, list[list[int]]]:
     return str(folder), ref
 
 
-def _complete(base_url: str, prompt: list[int]) -> list[int]:
-    with httpx.Client(base_url=base_url, timeout=300) as http:
-        model = http.get("/v1/models").json()["data"][0]["id"]
-        body = {"model": model, "prompt": prompt, "max_tokens": MAX_NEW, "temperature": 0,
-                "ignore_eos": True, "return_token_ids": True}
-        response = http.post("/v1/completions", json=body)
-        assert response.status_code == 200, response.text
-        return response.json()["choices"][0]["token_ids"]
-
-
-def _serve(folder: Path, checkpoint: str, *overrides: str) -> tuple[list, list]:
-    """(tokens of each prompt sent alone, tokens of all prompts sent at once)."""
-    daemon = start_daemon(folder, f"model.path={checkpoint}", "scheduler.max_batch_tokens=16",
-                          *overrides)
-    try:
-        alone = [_complete(daemon.base_url, p) for p in PROMPTS]
-        with ThreadPoolExecutor(len(PROMPTS)) as pool:
-            together = list(pool.map(lambda p: _complete(daemon.base_url, p), PROMPTS))
-        return alone, together
-    finally:
-        assert daemon.stop() == 0, daemon.log.read_text()
-
-
 def test_greedy_equals_transformers(checkpoint, tmp_path):
     folder, ref = checkpoint
-    alone, together = _serve(tmp_path, folder)
+    alone, together = serve_alone_and_together(tmp_path, folder, PROMPTS, MAX_NEW)
     assert alone == ref
     assert together == ref
 
@@ -98,5 +73,6 @@ def test_greedy_equals_transformers(checkpoint, tmp_path):
 @pytest.mark.parametrize("moe", ["tp", "ep"])
 def test_tp2_equals_transformers(checkpoint, tmp_path, moe):
     folder, ref = checkpoint
-    alone, together = _serve(tmp_path, folder, "parallel.tp_size=2", f"parallel.moe={moe}")
+    alone, together = serve_alone_and_together(tmp_path, folder, PROMPTS, MAX_NEW,
+                                               "parallel.tp_size=2", f"parallel.moe={moe}")
     assert alone == ref and together == ref

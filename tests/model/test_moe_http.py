@@ -7,17 +7,15 @@ chunks with decode rows. GLM once more over two gloo ranks with whole experts pe
 from __future__ import annotations
 
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import httpx
 import pytest
 
 from helpers import hf_greedy
 from moe_checkpoints import MAX_NEW, PROMPTS, save_tiny_moe, with_tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))
-from daemon_process import start_daemon  # noqa: E402  (tests/e2e: the daemon launcher)
+from daemon_process import serve_alone_and_together  # noqa: E402  (tests/e2e: the daemon launcher)
 
 pytestmark = pytest.mark.slow  # spawns the daemon: skipped by -m 'not slow'
 
@@ -32,29 +30,6 @@ def tokenizer_folder(tmp_path_factory) -> Path:
     return Path(ensure_tiny_checkpoint(cache / "models" / "tiny-llama"))
 
 
-def _complete(base_url: str, prompt: list[int]) -> list[int]:
-    with httpx.Client(base_url=base_url, timeout=300) as http:
-        model = http.get("/v1/models").json()["data"][0]["id"]
-        body = {"model": model, "prompt": prompt, "max_tokens": MAX_NEW, "temperature": 0,
-                "ignore_eos": True, "return_token_ids": True}
-        response = http.post("/v1/completions", json=body)
-        assert response.status_code == 200, response.text
-        return response.json()["choices"][0]["token_ids"]
-
-
-def _served(folder: Path, tmp_path: Path, *overrides: str) -> tuple[list, list]:
-    """(tokens of each prompt sent alone, tokens of all prompts sent at once)."""
-    daemon = start_daemon(tmp_path, f"model.path={folder}", "scheduler.max_batch_tokens=16",
-                          *overrides)
-    try:
-        alone = [_complete(daemon.base_url, p) for p in PROMPTS]
-        with ThreadPoolExecutor(len(PROMPTS)) as pool:
-            together = list(pool.map(lambda p: _complete(daemon.base_url, p), PROMPTS))
-    finally:
-        assert daemon.stop() == 0, daemon.log.read_text()
-    return alone, together
-
-
 @pytest.mark.parametrize("name,overrides", [
     ("qwen3-moe", ()),
     ("glm-4.5-grouped", ()),
@@ -63,6 +38,6 @@ def _served(folder: Path, tmp_path: Path, *overrides: str) -> tuple[list, list]:
 def test_http_greedy_matches_hf(name, overrides, tokenizer_folder, tmp_path):
     folder = with_tokenizer(save_tiny_moe(tmp_path / "model", name), tokenizer_folder)
     want = hf_greedy(folder, PROMPTS, MAX_NEW)
-    alone, together = _served(folder, tmp_path, *overrides)
+    alone, together = serve_alone_and_together(tmp_path, folder, PROMPTS, MAX_NEW, *overrides)
     assert alone == want
     assert together == want
