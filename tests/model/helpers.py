@@ -247,3 +247,11 @@ def check_graph_replay(runner: ModelRunner, steps: list[tuple[ForwardBatch, torc
     keep = first.clone()
     runner.forward(decode[-1])
     assert torch.equal(first, keep)
+
+
+def assert_each_prompt_alone(folder: Path, prompts: list[list[int]], want: list[list[int]],
+                             max_new: int) -> None:
+    """Greedy tokens of each prompt decoded on its own (4-token pages) equal `want`."""
+    runner = ModelRunner(str(folder), kv_num_pages=64, page_size=4)
+    for prompt, expected in zip(prompts, want):
+        assert greedy_generate(runner, [prompt], max_new) == [expected]

@@ -19,7 +19,7 @@ from appliance.model.layers.mla import MLAttention
 from appliance.model.layers.yarn import yarn_attention_factor, yarn_config, yarn_inv_frequencies
 from appliance.model.layers.moe import MoEConfig, is_moe_layer
 from appliance.model.models.deepseek import DeepseekV2ForCausalLM, DeepseekV3ForCausalLM
-from helpers import greedy_generate, hf_greedy, run_tp, widen_weights
+from helpers import assert_each_prompt_alone, greedy_generate, hf_greedy, run_tp, widen_weights
 
 PROMPTS = [[5, 9, 33, 7, 100, 21, 3], [8, 8, 8], list(range(10, 40)), [151, 2, 77, 0, 64]]
 MAX_NEW = 8
@@ -87,9 +87,7 @@ def checkpoint(request, tmp_path_factory):
 
 def test_one_at_a_time(checkpoint):
     folder, ref = checkpoint
-    runner = ModelRunner(str(folder), kv_num_pages=64, page_size=4)
-    for prompt, want in zip(PROMPTS, ref):
-        assert greedy_generate(runner, [prompt], MAX_NEW) == [want]
+    assert_each_prompt_alone(folder, PROMPTS, ref, MAX_NEW)
 
 
 def test_batch_of_different_lengths(checkpoint):

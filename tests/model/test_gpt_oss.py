@@ -14,7 +14,7 @@ from appliance.model import ModelRunner, ModelSource
 from appliance.model.layers.attention import PagedAttention
 from appliance.model.loader import LoadError
 from appliance.model.presets import PRESETS, preset_config
-from helpers import greedy_generate, hf_greedy, run_tp
+from helpers import assert_each_prompt_alone, greedy_generate, hf_greedy, run_tp
 
 WINDOW = 6
 PROMPTS = [[5, 9, 33, 7, 100, 21, 3], [8, 8, 8], list(range(10, 40)), [151, 2, 77, 0, 64]]
@@ -55,9 +55,7 @@ def checkpoint(tmp_path_factory):
 
 def test_one_at_a_time(checkpoint):
     folder, ref = checkpoint
-    runner = ModelRunner(str(folder), kv_num_pages=64, page_size=4)
-    for prompt, want in zip(PROMPTS, ref):
-        assert greedy_generate(runner, [prompt], MAX_NEW) == [want]
+    assert_each_prompt_alone(folder, PROMPTS, ref, MAX_NEW)
 
 
 def test_batched_prefill_then_decode(checkpoint):

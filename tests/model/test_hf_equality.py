@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from appliance.model import ModelRunner
-from helpers import greedy_generate, hf_greedy, save_tiny_hf_model
+from helpers import assert_each_prompt_alone, greedy_generate, hf_greedy, save_tiny_hf_model
 
 PROMPTS = [[5, 9, 33, 7, 100, 21, 3], [8, 8, 8], list(range(10, 40)), [151, 2, 77, 0, 64]]
 MAX_NEW = 8
@@ -28,9 +28,7 @@ def checkpoint(request, tmp_path_factory):
 
 def test_one_at_a_time(checkpoint):
     folder, ref = checkpoint
-    runner = ModelRunner(str(folder), kv_num_pages=64, page_size=4)
-    for prompt, want in zip(PROMPTS, ref):
-        assert greedy_generate(runner, [prompt], MAX_NEW) == [want]
+    assert_each_prompt_alone(folder, PROMPTS, ref, MAX_NEW)
 
 
 def test_mixed_batch_chunked_prefill(checkpoint):
