@@ -68,7 +68,11 @@ def build_tokenizer(tokenizer_path: str, vocab_size: int, eos_ids: list[int]) ->
     from transformers import AutoTokenizer
 
     hf = AutoTokenizer.from_pretrained(tokenizer_path)
-    return llguidance.hf.from_tokenizer(hf, n_vocab=vocab_size, eos_token=list(eos_ids))
+    try:
+        return llguidance.hf.from_tokenizer(hf, n_vocab=vocab_size, eos_token=list(eos_ids))
+    except TypeError:  # llguidance < 1.9 (the newest wheel for some glibc) takes one id: the
+        # grammar then ends on the first; the others are masked where it must end
+        return llguidance.hf.from_tokenizer(hf, n_vocab=vocab_size, eos_token=eos_ids[0])
 
 
 def compile_matcher(tokenizer: llguidance.LLTokenizer, constraint: Constraint) -> llguidance.LLMatcher:

@@ -228,3 +228,28 @@ def test_padding_ids_and_early_end_are_never_allowed(ll_tokenizer):
     mask = grammars.bitmask([(3, 1)], {})
     assert mask.rows.tolist() == [3]
     assert not any(allows(mask.bitmask[0], t) for t in [EOS, *range(1000, VOCAB)])
+
+
+def test_an_llguidance_that_takes_one_eos_id_still_builds_the_tokenizer(
+        monkeypatch, tiny_tokenizer_path, hf_tokenizer):
+    """llguidance < 1.9 (the newest wheel on an older glibc, as on the GPU box) refuses a list
+    of end-of-sequence ids: the grammar then ends on the first one."""
+    import llguidance.hf
+
+    real = llguidance.hf.from_tokenizer
+    seen = []
+
+    def one_eos_only(hf, n_vocab=None, eos_token=None):
+        if isinstance(eos_token, list):
+            raise TypeError("argument 'eos_token': 'list' object cannot be interpreted as an integer")
+        seen.append(eos_token)
+        return real(hf, n_vocab=n_vocab, eos_token=eos_token)
+
+    monkeypatch.setattr(llguidance.hf, "from_tokenizer", one_eos_only)
+    tokenizer = build_tokenizer(tiny_tokenizer_path, VOCAB, [EOS, EOS + 1])
+    assert seen == [EOS]
+    grammars = Grammars(VOCAB)
+    grammars.add(1, compile_matcher(tokenizer, Constraint("lark", 'start: "ok"')))
+    ok = hf_tokenizer.encode("ok")
+    masks, accepted = grammars.draft_bitmask(1, ok)
+    assert accepted == len(ok) and allows(masks[-1], EOS)  # the grammar ends on the first id
