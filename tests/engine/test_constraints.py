@@ -3,6 +3,7 @@ string the grammar accepts, ended only where the grammar may end; a bad grammar 
 for that request alone; an abort while its grammar compiles leaks nothing."""
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import threading
 
@@ -101,6 +102,9 @@ def test_json_object_and_a_lark_tool_call(engine, hf_tokenizer):
 def test_constrained_and_free_rows_share_a_batch(engine, hf_tokenizer, make_engine):
     free = request(2, None, ignore_eos=True, max_new_tokens=30)
     engine._submit(request(1, Constraint("json_schema", json.dumps(SCHEMA))))
+    # the grammar compiles on a worker thread: on a busy machine the free row would otherwise
+    # finish before the constrained one is admitted
+    concurrent.futures.wait([future for _, future in engine.compiling.values()], timeout=60)
     engine._submit(free)
     batches = []
     run = engine.runner.forward
