@@ -7,7 +7,7 @@ namespace {
 
 // Typical feature magnitudes; the ridge term of coefficient i is
 // prior_weight * scale_i^2, i.e. "prior_weight pseudo-steps of this size".
-constexpr CostModel::Vec kScale = {1.0, 16.0, 128.0, 4096.0, 32.0};
+constexpr CostModel::Vec kScale = {1.0, 16.0, 128.0, 4096.0, 32.0, 1.0};
 
 // Solves A x = b restricted to the `active` coefficients (others are 0), by
 // Gaussian elimination with partial pivoting. A is SPD so this is stable.
@@ -52,16 +52,15 @@ CostModel::CostModel(Vec prior, double forget, double prior_weight)
 }
 
 CostModel::Vec CostModel::features(const StepFeatures& f) {
-  return {1.0, f.decode_tokens, f.prefill_tokens, f.kv_tokens_read, f.draft_tokens};
+  double eager = f.prefill_tokens > 0 || f.draft_tokens > 0 ? 1.0 : 0.0;
+  return {1.0, f.decode_tokens, f.prefill_tokens, f.kv_tokens_read, f.draft_tokens, eager};
 }
 
 void CostModel::observe(const StepFeatures& f, double step_time_s) {
   // 0 (the binding's default) means "not measured": no information.
   if (!(step_time_s > 0) || !std::isfinite(step_time_s)) return;
-  if (n_obs_ >= kTrusted) {
-    double cap = kMaxRatio * predict(f);
-    if (cap > 0) step_time_s = std::min(step_time_s, cap);
-  }
+  double cap = kMaxRatio * predict(f);
+  if (cap > 0) step_time_s = std::min(step_time_s, cap);
   Vec x = features(f);
   auto& a = xtx_[f.prefill_tokens > 0 ? 1 : 0];
   auto& b = xty_[f.prefill_tokens > 0 ? 1 : 0];
@@ -69,7 +68,6 @@ void CostModel::observe(const StepFeatures& f, double step_time_s) {
     for (int j = 0; j < kN; ++j) a[i][j] = forget_ * a[i][j] + x[i] * x[j];
     b[i] = forget_ * b[i] + x[i] * step_time_s;
   }
-  ++n_obs_;
   dirty_ = true;
 }
 

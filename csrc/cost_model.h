@@ -1,5 +1,14 @@
 // Online step-time model: t = a + b*decode_tokens + c*prefill_tokens
-//                             + d*kv_tokens_read + e*draft_tokens.
+//                             + d*kv_tokens_read + e*draft_tokens + f*eager,
+// where `eager` marks a step that is not plain decode (it has prefill or drafts).
+//
+// f, the extra fixed cost of such a step: a plain decode step replays a captured
+// CUDA graph on a GPU, any other launches its kernels one by one (tens a layer).
+// With one fixed cost for both, the long prefill steps pulled the plain steps'
+// predictions to 3x what they measured (8B on an H200: 15 ms predicted for a
+// 4.8 ms batch-1 step), and the TPS floor then held every waiting request back
+// while one user decoded. Its prior is 0 (a CPU has no graphs): where the data
+// cannot tell f from the per-token costs, the ridge keeps the one-intercept fit.
 //
 // A speculative verify row counts as one decode token plus its draft tokens:
 // its drafts cost far less than prefill tokens while a step is memory-bound
@@ -16,9 +25,10 @@
 // arrive and when a feature never varies. Coefficients are constrained
 // non-negative by an active-set solve (clamp the most negative to 0, refit).
 // A stall (a GC pause, a kernel compiled on first use, a profiler) is not what
-// a step costs: once the fit has seen kTrusted steps, an observation counts
-// for at most kMaxRatio times the prediction. A machine that really slowed
-// down still moves the fit, by up to that factor a step.
+// a step costs: an observation counts for at most kMaxRatio times the
+// prediction, from the first step on (the first prefill of a fresh process
+// compiles kernels: uncapped, its 0.9 s stayed in the prefill group for good). A
+// machine slower than the prior still moves the fit, by up to that factor a step.
 #pragma once
 
 #include <array>
@@ -35,21 +45,19 @@ struct StepFeatures {
 
 class CostModel {
  public:
-  static constexpr int kN = 5;
-  static constexpr int64_t kTrusted = 32;
+  static constexpr int kN = 6;
   static constexpr double kMaxRatio = 4.0;
   using Vec = std::array<double, kN>;
 
   // prior: {a seconds, b s/decode token, c s/prefill token, d s/kv token,
-  //         e s/draft token}.
+  //         e s/draft token, f seconds more for an eager step}.
   explicit CostModel(Vec prior = default_prior(), double forget = 0.98,
                      double prior_weight = 0.5);
-  static Vec default_prior() { return {2e-3, 5e-5, 1e-4, 2e-8, 5e-5}; }
+  static Vec default_prior() { return {2e-3, 5e-5, 1e-4, 2e-8, 5e-5, 0.0}; }
 
   void observe(const StepFeatures& f, double step_time_s);
   double predict(const StepFeatures& f) const;
   const Vec& coeffs() const;
-  int64_t observations() const { return n_obs_; }
 
  private:
   static Vec features(const StepFeatures& f);
@@ -62,7 +70,6 @@ class CostModel {
   // [0]: decode-only steps, [1]: steps with prefill tokens.
   std::array<std::array<std::array<double, kN>, kN>, 2> xtx_{};
   std::array<Vec, 2> xty_{};
-  int64_t n_obs_ = 0;
   mutable Vec coef_;
   mutable bool dirty_ = false;
 };

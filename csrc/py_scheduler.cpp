@@ -193,12 +193,13 @@ py::tuple PyScheduler::cost_coeffs() const {
     std::lock_guard lock(mu_);  // no Python calls inside: safe under the GIL
     c = s_.cost_model().coeffs();
   }
-  return py::make_tuple(c[0], c[1], c[2], c[3], c[4]);
+  return py::make_tuple(c[0], c[1], c[2], c[3], c[4], c[5]);
 }
 
-void PyScheduler::set_cost_prior(double a, double b, double c, double d, double e) {
+void PyScheduler::set_cost_prior(double a, double b, double c, double d, double e,
+                                 std::optional<double> f) {
   std::lock_guard lock(mu_);
-  s_.set_cost_model(CostModel({a, b, c, d, e}));
+  s_.set_cost_model(CostModel({a, b, c, d, e, f.value_or(0.0)}));
 }
 
 int32_t PyScheduler::evict_cache() {

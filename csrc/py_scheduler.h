@@ -51,7 +51,9 @@ class PyScheduler {
   void set_test_clock(double now_s);
   void clear_test_clock();
   py::tuple cost_coeffs() const;
-  void set_cost_prior(double a, double b, double c, double d, double e);
+  // f (the extra fixed cost of a step that is not plain decode) defaults to 0.
+  void set_cost_prior(double a, double b, double c, double d, double e,
+                      std::optional<double> f);
   std::string state(int64_t rid) const;
   int64_t inflight_steps() const;
   const SchedulerConfig& config() const { return s_.config(); }

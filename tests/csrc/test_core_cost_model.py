@@ -21,7 +21,7 @@ def test_fit_recovers_a_linear_machine():
     s = make(num_pages=1024, page_size=16, max_batch_tokens=96, tps_floor=0.0)
     rng = np.random.default_rng(0)
     feed(s, lambda d, p, kv: 0.003 + 0.0004 * d + 0.00005 * p + 1e-7 * kv, 200, rng)
-    a, b, c, d, e = s.cost_coeffs()
+    a, b, c, d, e, f = s.cost_coeffs()
     assert abs(c - 0.00005) / 0.00005 < 0.1
     p = s.plan()  # prediction for a fresh plan is close to the truth
     if p is not None:
@@ -111,3 +111,43 @@ def test_a_machine_that_really_slows_down_is_followed():
     s = _decoding()
     _decode_only(s, fast, 60)
     assert _decode_only(s, slow, 150) < 0.1
+
+
+def _run(s, truth, stall_first=None):
+    """Plans and commits until nothing runs; `truth(plan)` is each step's time (the first one
+    `stall_first` instead, when given). Returns (plan, predicted, true) for every step."""
+    seen = []
+    while (p := s.plan()) is not None:
+        t = truth(p)
+        seen.append((p, p.predicted_time_s, t))
+        s.commit(p.step, np.ones(p.num_rows, np.int32), stall_first if stall_first and not seen[:-1] else t)
+    return seen
+
+
+def _gpu_like(p) -> float:
+    """An 8B-on-one-GPU-like machine: a plain decode step (a CUDA graph) costs 4.5 ms + 60 us a
+    row; a step with prefill launches its kernels eagerly: 12 ms + 55 us a prefill token."""
+    prefill = p.num_tokens - p.num_decode
+    if prefill == 0:
+        return 0.0045 + 0.00006 * p.num_decode
+    return 0.012 + 0.00006 * p.num_decode + 0.000055 * prefill
+
+
+def test_plain_decode_steps_and_steps_with_prefill_have_their_own_fixed_cost():
+    """Long prefill steps launched eagerly must not lift the prediction of a graph-replayed
+    decode step (one intercept for both predicted 15 ms for a 4.8 ms step on the H200), and a
+    first prefill that compiled kernels for a second must not either (it is capped)."""
+    s = make(num_pages=4096, page_size=16, max_batch_tokens=2048, tps_floor=0.0, max_seq_len=2048)
+    for r in range(4):
+        s.submit(r, i32(range(r, r + 1500)), 300, i32([]))  # max_seq_len 2048 below
+    seen = _run(s, _gpu_like, stall_first=0.9)
+    for kind in ("decode", "prefill"):
+        late = [(pred, t) for p, pred, t in seen[-100:] if (p.num_tokens == p.num_decode) == (kind == "decode")]
+        if not late:
+            continue
+        err = max(abs(pred - t) / t for pred, t in late)
+        assert err < 0.1, (kind, err)
+    # a request arriving now: the lone decode steps that follow are predicted near 4.6 ms
+    s.submit(9, i32(range(100)), 60, i32([]))
+    tail = [(pred, t) for p, pred, t in _run(s, _gpu_like)[-20:]]
+    assert all(abs(pred - t) / t < 0.1 for pred, t in tail), tail

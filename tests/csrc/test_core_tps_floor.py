@@ -49,7 +49,7 @@ def test_long_prefill_never_breaks_the_floor_and_finishes():
         tps = 1.0 / ts  # the user's instantaneous decode speed
         assert tps.min() >= floor, f"user {r}: min TPS {tps.min():.1f} < floor {floor}"
     # By the end of the prefill the online fit has found the prefill cost.
-    a, b, c, d, e = coeffs
+    a, b, c, d, e, f = coeffs
     assert abs(c - C) / C < 0.2, coeffs
 
 
@@ -127,4 +127,4 @@ def test_unreachable_floor_is_ignored():
 
 def test_cost_model_prior_before_data():
     s = make()
-    assert s.cost_coeffs() == (2e-3, 5e-5, 1e-4, 2e-8, 5e-5)
+    assert s.cost_coeffs() == (2e-3, 5e-5, 1e-4, 2e-8, 5e-5, 0.0)
