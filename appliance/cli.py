@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -129,26 +130,34 @@ def _serve_when_ready(config: AppConfig, listening: Listening) -> int:
     from appliance.engine.model_files import resolve_model_files
     from appliance.server.serve import serve
     from appliance.server.warming_up import WarmingUp
-    from appliance.startup_progress import StartupProgress
+    from appliance.startup_progress import StartupProgress, since_process_start
 
     try:
         files = resolve_model_files(config)
         _check_model_config(files.checkpoint)
-        tokenizer = _load_tokenizer(files.tokenizer)
     except ConfigError as e:
         print(f"tokenspeed: config error: {e}", file=sys.stderr)
         return 2
     # Ctrl-C while the model loads: stop the ranks and exit cleanly too.
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     client = None
+    # The tokenizer loads (seconds: transformers' import) while the engine ranks start.
+    loader = ThreadPoolExecutor(1, thread_name_prefix="tokenizer")
+    tokenizer = loader.submit(_load_tokenizer, files.tokenizer)
+    loader.shutdown(wait=False)
     try:
         log.info("starting %d engine rank(s) for %s", config.parallel.tp_size, config.model.model_name)
         with WarmingUp(listening.sockets), StartupProgress(Console(stderr=True)) as progress:
             client = EngineClient(config, files, on_progress=progress.on_stage)
-        log.info("engine ready: %d KV pages of %d tokens, max_model_len %d",
-                 client.info.num_pages, client.info.page_size, client.max_model_len)
+            ready_tokenizer = tokenizer.result()
+        log.info("engine ready: %d KV pages of %d tokens, max_model_len %d (%s)",
+                 client.info.num_pages, client.info.page_size, client.max_model_len,
+                 since_process_start())
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        return serve(config, client, tokenizer, listening)
+        return serve(config, client, ready_tokenizer, listening)
+    except ConfigError as e:
+        print(f"tokenspeed: config error: {e}", file=sys.stderr)
+        return 2
     except EngineStartError as e:
         print(f"tokenspeed: the engine failed to start: {e}", file=sys.stderr)
         return 1

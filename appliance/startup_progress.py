@@ -6,6 +6,7 @@ that is not a terminal (a log file) each finished stage is a log line instead.""
 from __future__ import annotations
 
 import logging
+import os
 from types import TracebackType
 
 from rich.console import Console
@@ -59,3 +60,16 @@ class StartupProgress:
         self._done.add(stage)
         if self._log:
             log.info("%s", description)
+
+
+def since_process_start() -> str:
+    """"N.N s after the process started" (interpreter start-up and imports included: what a
+    user waits for), from /proc; "" where there is none."""
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return "start-up time unknown"
+    return f"{uptime - start_ticks / os.sysconf('SC_CLK_TCK'):.1f} s after the process started"

@@ -14,6 +14,7 @@ from appliance.model import presets, tiny
 from appliance.model.gguf_checkpoint import read_gguf_config
 from appliance.model.gguf_tokenizer import ensure_gguf_tokenizer
 from gguf_files import write_gguf
+from helpers import free_port
 
 TEXTS = ["Hello! How can I help you today?", "def add(a, b):\n    return a + b  ",
          "<|im_start|>user\nhi<|im_end|>", '<tool_call>{"name": "x"}</tool_call> é 🙂']
@@ -123,3 +124,18 @@ def test_unreadable_gguf_stops_up_with_a_config_error(cache, tmp_path, capsys):
     assert code == 2
     assert "config error: model.path:" in err and "GGUF architecture 'phi3'" in err
     assert "Traceback" not in err
+
+
+def test_a_tokenizer_that_does_not_load_stops_up_with_a_config_error(cache, tmp_path, capsys):
+    """The tokenizer loads while the engine ranks start: its failure still ends `up` with a
+    config error naming it (exit 2, no traceback), after the ranks it started are stopped."""
+    import shutil
+
+    folder = tmp_path / "broken-tokenizer"
+    shutil.copytree(tiny.ensure_tiny_checkpoint(tmp_path / "tiny-llama"), folder)
+    (folder / "tokenizer.json").write_text("{ not json")
+    code = cli.main(["up", "--set", f"model.path={folder}", "--set", "device=cpu",
+                     "--set", f"server.socket={tmp_path / 'ts.sock'}", "--set", f"server.port={free_port()}"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "config error: cannot load the tokenizer" in err and "Traceback" not in err
