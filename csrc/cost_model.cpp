@@ -52,8 +52,8 @@ CostModel::CostModel(Vec prior, double forget, double prior_weight)
 }
 
 CostModel::Vec CostModel::features(const StepFeatures& f) {
-  double eager = f.prefill_tokens > 0 || f.draft_tokens > 0 ? 1.0 : 0.0;
-  return {1.0, f.decode_tokens, f.prefill_tokens, f.kv_tokens_read, f.draft_tokens, eager};
+  return {1.0, f.decode_tokens, f.prefill_tokens, f.kv_tokens_read, f.draft_tokens,
+          f.eager() ? 1.0 : 0.0};
 }
 
 void CostModel::observe(const StepFeatures& f, double step_time_s) {

@@ -41,11 +41,15 @@ struct StepFeatures {
   double prefill_tokens = 0;
   double kv_tokens_read = 0;
   double draft_tokens = 0;  // verify rows' tokens after their first
+
+  // Launched kernel by kernel (not a plain decode step, which may replay a graph).
+  bool eager() const { return prefill_tokens > 0 || draft_tokens > 0; }
 };
 
 class CostModel {
  public:
   static constexpr int kN = 6;
+  static constexpr int kEager = 5;  // index of f
   static constexpr double kMaxRatio = 4.0;
   using Vec = std::array<double, kN>;
 

@@ -53,6 +53,46 @@ double Scheduler::floor_step_time() const {
   return cost_.predict(lone) > limit ? kNone : limit;
 }
 
+// The floor is a rate: a user keeps it if its tokens come at least that fast on
+// average, not in every single step. A step with prefill pays a fixed cost a
+// plain decode step does not (on a GPU its kernels launch one by one, ~30 ms
+// for an 8B model, where a decode step replays a graph in 5 ms); when that
+// alone overshoots the target, a chunk every step would break the floor every
+// step for a few tokens each. So the time decode steps run under the target is
+// saved (at most kCreditSteps targets) and spent at once on one large chunk.
+double Scheduler::max_floor_credit() const {
+  constexpr double kCreditSteps = 4;
+  return kCreditSteps * floor_step_time();
+}
+
+void Scheduler::update_floor_credit(double predicted_s) {
+  double limit = floor_step_time();
+  if (!std::isfinite(limit)) {
+    floor_credit_s_ = 0;
+    return;
+  }
+  double most = max_floor_credit();
+  floor_credit_s_ = std::clamp(floor_credit_s_ + limit - predicted_s, -most, most);
+}
+
+// Given the step's decode rows: smooth chunks that fit the target in every
+// step where the cost model says a worthwhile one (min_prefill_chunk) does;
+// else decode-only steps until the credit is full, then one step that spends
+// it; and if the decodes alone miss the target, the floor is lost for this
+// step anyway and a prefill still progresses by min_prefill_chunk.
+Scheduler::StepTarget Scheduler::step_target(const StepFeatures& decodes) const {
+  constexpr double kNone = std::numeric_limits<double>::infinity();
+  double limit = floor_step_time();
+  if (!std::isfinite(limit) || decodes.decode_tokens == 0) return {kNone, true};
+  const auto& c = cost_.coeffs();
+  double alone = cost_.predict(decodes);
+  double with_chunk = alone + (decodes.eager() ? 0 : c[CostModel::kEager]) +
+                      (c[2] + c[3]) * cfg_.min_prefill_chunk;
+  if (with_chunk <= limit || alone >= limit) return {limit, true};
+  if (floor_credit_s_ >= max_floor_credit()) return {limit + floor_credit_s_, true};
+  return {limit, false};
+}
+
 // ---------------------------------------------------------------- submit
 
 void Scheduler::submit(int64_t rid, std::span<const int32_t> prompt,
@@ -123,19 +163,22 @@ std::optional<PlanData> Scheduler::plan() {
     f.draft_tokens += r.count - 1;
     f.kv_tokens_read += r.prefix + r.count;
   }
+  const StepTarget target = step_target(f);
   // Decodes filled the running set; the rest is needed only with prefill work.
   if (static_cast<int32_t>(rows.size()) < static_cast<int32_t>(running_.size()))
-    plan_prefills(rows, budget, f);
+    plan_prefills(rows, budget, f, target);
   if (!waiting_.empty()) {
     double running_kv = 0;
     for (const Entry* e : running_) {
       const RequestData& d = data_of(*e);
       running_kv += static_cast<double>(d.tokens.size()) + d.pending;
     }
-    plan_admissions(rows, budget, f, running_kv);
+    plan_admissions(rows, budget, f, running_kv, target);
   }
   if (rows.empty()) return std::nullopt;
-  return materialize(rows, num_decode, f);
+  PlanData p = materialize(rows, num_decode, f);
+  if (f.decode_tokens > 0) update_floor_credit(p.predicted_time_s);
+  return p;
 }
 
 bool Scheduler::decodable(const RequestData& d) const {
@@ -224,18 +267,20 @@ int32_t Scheduler::verify_drafts(Decoding& dec, int32_t allowed) {
 
 // Tokens of prefill the step can still take without breaking the floor.
 int32_t Scheduler::chunk_tokens(int32_t remaining, int32_t prefix, int32_t budget,
-                                const StepFeatures& f, bool first_prefill) const {
+                                const StepFeatures& f, bool first_prefill,
+                                const StepTarget& target) const {
   int32_t n = std::min(remaining, budget);
-  double limit = floor_step_time();
   // No decodes to protect: prefill may use the whole step.
-  if (!std::isfinite(limit) || (f.decode_tokens == 0 && first_prefill)) return n;
+  if (!std::isfinite(target.time_s) || (f.decode_tokens == 0 && first_prefill)) return n;
   const auto& c = cost_.coeffs();
-  double avail = limit - cost_.predict(f) - c[3] * prefix;
+  double fixed = f.eager() ? 0 : c[CostModel::kEager];  // what the first chunk adds at once
+  double avail = target.time_s - cost_.predict(f) - fixed - c[3] * prefix;
   double per_token = c[2] + c[3];
   double fit = per_token > 0 ? std::floor(avail / per_token) : n;
   int64_t allowed = fit < 0 ? 0 : static_cast<int64_t>(std::min<double>(fit, n));
-  // Progress guarantee: the first prefill of a step always gets a chunk.
-  if (first_prefill) allowed = std::max<int64_t>(allowed, cfg_.min_prefill_chunk);
+  // The first prefill of a step gets a worthwhile chunk or none (step_target).
+  if (first_prefill && allowed < cfg_.min_prefill_chunk)
+    allowed = target.progress ? cfg_.min_prefill_chunk : 0;
   return static_cast<int32_t>(std::min<int64_t>(allowed, n));
 }
 
@@ -268,12 +313,14 @@ void Scheduler::add_prefill_row(std::vector<Row>& rows, Entry* e, int32_t n,
   e->state = std::move(p).finish_prefill();  // replaces the consumed state
 }
 
-void Scheduler::plan_prefills(std::vector<Row>& rows, int32_t& budget, StepFeatures& f) {
+void Scheduler::plan_prefills(std::vector<Row>& rows, int32_t& budget, StepFeatures& f,
+                              const StepTarget& target) {
   for (size_t i = 0; i < running_.size() && budget > 0; ++i) {
     Entry* e = running_[i];
     auto* p = std::get_if<Prefilling>(&e->state);
     if (!p) continue;
-    int32_t n = chunk_tokens(p->remaining(), p->cursor(), budget, f, f.prefill_tokens == 0);
+    int32_t n = chunk_tokens(p->remaining(), p->cursor(), budget, f, f.prefill_tokens == 0,
+                             target);
     if (n <= 0) return;  // the step's time is spent
     // Only the oldest prefill may preempt (newer requests) for its pages.
     Reclaim reclaim = i == 0 ? Reclaim::kMayPreempt : Reclaim::kIdleCacheOnly;
@@ -299,7 +346,8 @@ bool Scheduler::admission_keeps_floor(const RequestData& d, double running_kv) c
 }
 
 void Scheduler::plan_admissions(std::vector<Row>& rows, int32_t& budget,
-                                StepFeatures& f, double running_kv) {
+                                StepFeatures& f, double running_kv,
+                                const StepTarget& target) {
   const int32_t ps = cfg_.page_size;
   while (!waiting_.empty() && budget > 0 &&
          static_cast<int32_t>(running_.size()) < cfg_.max_running) {
@@ -311,7 +359,7 @@ void Scheduler::plan_admissions(std::vector<Row>& rows, int32_t& budget,
     // Leave the last token uncached: its logits are needed.
     PageLease lease = cache_.match(d.tokens, static_cast<size_t>((len - 1) / ps));
     int32_t cached = static_cast<int32_t>(lease.size()) * ps;
-    int32_t n = chunk_tokens(len - cached, cached, budget, f, f.prefill_tokens == 0);
+    int32_t n = chunk_tokens(len - cached, cached, budget, f, f.prefill_tokens == 0, target);
     if (n <= 0) return;
     // Into an idle system a request may drop session pins for its pages.
     Chunk c = grow_chunk(static_cast<int32_t>(lease.size()), cached, n, next_admit_seq_,

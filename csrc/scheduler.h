@@ -117,12 +117,20 @@ class Scheduler {
   static RequestData& data_of(Entry& e);
   static const RequestData& data_of(const Entry& e);
 
+  // How long the step being planned may take, and whether its first prefill
+  // gets at least min_prefill_chunk (scheduler.cpp: the TPS floor).
+  struct StepTarget {
+    double time_s;
+    bool progress;
+  };
+
   // plan() phases
   void plan_decodes(std::vector<Row>& rows, int32_t& budget);
   int32_t verify_drafts(Decoding& dec, int32_t budget);
-  void plan_prefills(std::vector<Row>& rows, int32_t& budget, StepFeatures& f);
+  void plan_prefills(std::vector<Row>& rows, int32_t& budget, StepFeatures& f,
+                     const StepTarget& target);
   void plan_admissions(std::vector<Row>& rows, int32_t& budget, StepFeatures& f,
-                       double running_kv);
+                       double running_kv, const StepTarget& target);
   void add_prefill_row(std::vector<Row>& rows, Entry* e, int32_t n, StepFeatures& f);
   void mark_sample(RequestData& d, size_t row);
   Chunk grow_chunk(int32_t have, int32_t cursor, int32_t n, uint64_t seq, Reclaim reclaim);
@@ -132,8 +140,10 @@ class Scheduler {
   static const PageLease& lease_of(const Entry& e);
   void pin_session(const RequestData& d);
   int64_t pinned_only_pages() const;
+  StepTarget step_target(const StepFeatures& decodes) const;
   int32_t chunk_tokens(int32_t remaining, int32_t prefix, int32_t budget,
-                       const StepFeatures& f, bool first_prefill) const;
+                       const StepFeatures& f, bool first_prefill,
+                       const StepTarget& target) const;
   bool admission_keeps_floor(const RequestData& d, double running_kv) const;
   bool decodable(const RequestData& d) const;
   PlanData materialize(const std::vector<Row>& rows, int32_t num_decode,
@@ -150,6 +160,8 @@ class Scheduler {
   void remove_running(Entry* e);
   void remove_waiting(int64_t rid);
   double floor_step_time() const;
+  double max_floor_credit() const;
+  void update_floor_credit(double predicted_s);
 
   SchedulerConfig cfg_;
   PagePool pool_;
@@ -165,6 +177,9 @@ class Scheduler {
   std::deque<InFlight> inflight_;
   int32_t graveyard_pages_ = 0;
 
+  // Seconds the decode rows have run ahead of the floor (steps faster than its
+  // target), within +-max_floor_credit(): what a prefill step may spend at once.
+  double floor_credit_s_ = 0;
   int64_t next_step_ = 0;
   uint64_t next_admit_seq_ = 1;
   uint64_t next_table_key_ = 1;

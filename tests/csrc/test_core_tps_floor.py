@@ -46,8 +46,11 @@ def test_long_prefill_never_breaks_the_floor_and_finishes():
     for r, ts in times.items():
         ts = np.array(ts)
         assert len(ts) > 300  # decoded (almost) every step
-        tps = 1.0 / ts  # the user's instantaneous decode speed
+        # the user's instantaneous decode speed, once the cost model has seen a step (the
+        # first decodes share a step with prefill chunks sized on one observation)
+        tps = 1.0 / ts[1:]
         assert tps.min() >= floor, f"user {r}: min TPS {tps.min():.1f} < floor {floor}"
+        assert len(ts) / ts.sum() >= floor  # and on average over the whole run
     # By the end of the prefill the online fit has found the prefill cost.
     a, b, c, d, e, f = coeffs
     assert abs(c - C) / C < 0.2, coeffs
@@ -128,3 +131,47 @@ def test_unreachable_floor_is_ignored():
 def test_cost_model_prior_before_data():
     s = make()
     assert s.cost_coeffs() == (2e-3, 5e-5, 1e-4, 2e-8, 5e-5, 0.0)
+
+
+def test_an_eager_step_cost_is_paid_from_saved_time_in_few_large_chunks():
+    """A GPU-like machine: a plain decode step (a CUDA graph) costs 4.5 ms + 60 us a row, a step
+    with prefill launches eagerly: 30 ms more. At a 70 tok/s floor (13.6 ms a step) no step with
+    prefill fits, so decode-only steps save the time they run under the target and one step
+    spends it on a large chunk: the users keep the floor on average and the prompt is done in
+    a few steps, where a chunk in every step would have broken the floor in every step for
+    min_prefill_chunk tokens each."""
+    floor = 70.0
+    s = make(num_pages=8192, page_size=16, max_batch_tokens=8192, max_running=64,
+             tps_floor=floor, max_seq_len=16384)
+    truth = (0.0045, 0.00006, 0.000025, 0.0, 0.00006, 0.030)  # a, b, c, d, e, f
+    s.set_cost_prior(*truth)
+
+    def step_time(p):
+        prefill = p.num_tokens - p.num_decode
+        return (truth[0] + truth[1] * p.num_decode + truth[2] * prefill
+                + (truth[5] if prefill else 0.0))
+
+    for r in range(16):
+        s.submit(r, i32(np.arange(64) + r), 2000, i32([]))
+    times = {r: [] for r in range(16)}
+    chunks, first_token = [], None
+    for step in range(400):
+        if step == 10:
+            s.submit(100, i32(np.arange(4000) % 3000 + 500), 4, i32([]))
+        p = s.plan()
+        t = step_time(p)
+        for b in range(p.num_rows):
+            rid = int(p.rids[b])
+            if b < p.num_decode and rid in times:
+                times[rid].append(t)
+            elif rid == 100 and b >= p.num_decode:
+                chunks.append(int(p.seq_lens[b] - p.prefix_lens[b]))
+        for rid, _, _ in s.commit(p.step, np.ones(p.num_rows, np.int32), t):
+            if rid == 100 and first_token is None:
+                first_token = step
+    assert first_token is not None and sum(chunks) == 4000
+    assert len(chunks) <= 8 and min(chunks[:-1]) > 256, chunks
+    for r, ts in times.items():
+        ts = np.array(ts[2:])  # after the 16 prompts' own prefill
+        assert len(ts) / ts.sum() >= floor, (r, len(ts) / ts.sum())
+        assert ts.max() <= 5 / (0.95 * floor) * 0.95 + 1e-9  # one target + the saved 4
