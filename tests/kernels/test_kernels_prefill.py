@@ -106,3 +106,20 @@ def test_unsupported_inputs_fall_back_or_raise():
     assert rel_err(out, ref) < TOL
     with pytest.raises(ValueError, match="power-of-two"):
         prefill_attention(q, kc, vc, k_new, v_new, table, qs, sl, 4, 0.3)
+
+
+def test_block_map_is_computed_once_per_query_start_and_again_after_a_write():
+    """Each layer of a step asks for the same map: the same tensors come back; a write into
+    query_start (a reused buffer) makes it computed again, and a second tile height has its own."""
+    from kernels.triton.paged_tiles import block_map
+
+    qs = torch.tensor([0, 5, 12, 13], dtype=torch.int32)
+    first = block_map(qs, 13, 4)
+    assert block_map(qs, 13, 4) is first
+    assert block_map(qs, 13, 8) is not first and block_map(qs, 13, 4) is first
+    rows, toks, nb = first
+    assert nb == 4 + 3 and rows.tolist() == [0, 0, 1, 1, 2, -1, -1]
+    assert toks.tolist()[:5] == [0, 4, 0, 4, 0]
+    qs.copy_(torch.tensor([0, 1, 2, 13], dtype=torch.int32))
+    rows, toks, _ = block_map(qs, 13, 4)
+    assert rows.tolist() == [0, 1, 2, 2, 2, -1, -1] and toks.tolist()[:5] == [0, 0, 0, 4, 8]
