@@ -160,14 +160,19 @@ def check_prefill() -> None:
     tokens x 4 heads, 64-key tiles, 8 warps, 3 stages) and an MHA / 128-row variant."""
     tiles = P.prefill_tiles()
     for group, rows, block_n in ((4, tiles.rows, tiles.block_n), (1, 128, 128)):
-        desc = f"tensordesc<bf16[{block_n}, 128]>"
-        args = dict(Q=BF, KCache=BF, VCache=BF, DescK=desc, DescV=desc, Out=BF, PageTable=I32,
-                    QueryStart=I32, SeqLens=I32, BlockBatch=I32, BlockTok=I32,
-                    scale_log2=0.1, prefix_scale_log2=0.1, v_scale=1.0, page_size=16,
-                    group=group)
-        compile_sm90(P._prefill_kernel, dict(args, Sinks=BF),
-                     dict(D=128, DV=128, G_BLK=group, BLOCK_T=rows // group, BLOCK_N=block_n,
-                          N_HBLK=1, HAS_SINKS=False), tiles.num_warps, tiles.num_stages)
+        _prefill(128, group, rows, block_n, sinks=False)
+
+
+def _prefill(d: int, group: int, rows: int, block_n: int, sinks: bool, cache=BF) -> None:
+    """The contiguous prefill kernel, head dim d, over a cache of dtype `cache`."""
+    tiles = P.prefill_tiles()
+    desc = f"tensordesc<bf16[{block_n}, {d}]>"
+    args = dict(Q=BF, KCache=cache, VCache=cache, DescK=desc, DescV=desc, Out=BF, Sinks=BF,
+                PageTable=I32, QueryStart=I32, SeqLens=I32, BlockBatch=I32, BlockTok=I32,
+                scale_log2=0.1, prefix_scale_log2=0.05, v_scale=0.5, page_size=16, group=group)
+    compile_sm90(P._prefill_kernel, args,
+                 dict(D=d, DV=d, G_BLK=group, BLOCK_T=rows // group, BLOCK_N=block_n, N_HBLK=1,
+                      HAS_SINKS=sinks), tiles.num_warps, tiles.num_stages)
 
 
 def _row_kernels() -> None:
@@ -282,27 +287,11 @@ def check_gpt_oss() -> None:
     and full; the contiguous prefill with sinks; the biased, clamped, interleaved experts at
     each tile configuration, bf16 and MXFP4."""
     for decode in (True, False):
-        tiles = A.attention_tiles(decode, False, 8)
         for window, splits in ((128, 1), (0, 1), (0, 8) if decode else (0, 2)):
-            part = F32 if splits > 1 else BF
-            args = {n: BF for n in ("Q1", "Q2", "K1", "K2", "V", "Out", "Sinks")}
-            args.update(PartO=part, PartL=part, PageTable=I32, QueryStart=I32, SeqLens=I32,
-                        BlockBatch=I32, BlockTok=I32, scale_log2=0.1, v_scale=1.0,
-                        page_size=16, group=8, min_split_len=64)
-            cex = dict(D1=64, D2=0, DV=64, BLOCK_D1=64, BLOCK_D2=16, BLOCK_DV=64,
-                       G_BLK=tiles.g_blk, BLOCK_T=tiles.block_t, BLOCK_N=tiles.block_n,
-                       N_HBLK=1, SPLIT=splits > 1, HAS_D2=False, SHARED_V=False,
-                       DECODE=decode, EVEN_D=True, WINDOW=window, HAS_SINKS=True)
-            compile_sm90(A._paged_attn_kernel, args, cex, tiles.num_warps, tiles.num_stages)
+            _gqa_attention(64, 8, decode, window, True, splits)
     _merge(64, True)
     tiles = P.prefill_tiles()
-    desc = f"tensordesc<bf16[{tiles.block_n}, 64]>"
-    args = dict(Q=BF, KCache=BF, VCache=BF, DescK=desc, DescV=desc, Out=BF, Sinks=BF,
-                PageTable=I32, QueryStart=I32, SeqLens=I32, BlockBatch=I32, BlockTok=I32,
-                scale_log2=0.1, prefix_scale_log2=0.1, v_scale=1.0, page_size=16, group=8)
-    compile_sm90(P._prefill_kernel, args,
-                 dict(D=64, DV=64, G_BLK=8, BLOCK_T=tiles.rows // 8, BLOCK_N=tiles.block_n,
-                      N_HBLK=1, HAS_SINKS=True), tiles.num_warps, tiles.num_stages)
+    _prefill(64, 8, tiles.rows, tiles.block_n, sinks=True)
     for pairs_per_expert, pair_blocks in ((4.0, True), (4.0, False), (30.0, False),
                                           (500.0, False)):
         _moe(pairs_per_expert, pair_blocks, gpt_oss=True)
@@ -316,24 +305,25 @@ def check_fp8_kv() -> None:
     f8 = torch.float8_e4m3fn
     _cache_writers(f8)
     for decode in (True, False):
-        tiles = A.attention_tiles(decode, False, 4)
         for window, sinks, splits in ((0, False, 8 if decode else 2), (0, False, 1),
                                       (128, True, 1)):
-            part = F32 if splits > 1 else BF
-            args = dict(Q1=BF, Q2=BF, K1=f8, K2=f8, V=f8, Out=BF, Sinks=BF, PartO=part,
-                        PartL=part, PageTable=I32, QueryStart=I32, SeqLens=I32,
-                        BlockBatch=I32, BlockTok=I32, scale_log2=0.1, v_scale=0.5,
-                        page_size=16, group=4, min_split_len=64)
-            cex = dict(D1=128, D2=0, DV=128, BLOCK_D1=128, BLOCK_D2=16, BLOCK_DV=128,
-                       G_BLK=tiles.g_blk, BLOCK_T=tiles.block_t, BLOCK_N=tiles.block_n,
-                       N_HBLK=1, SPLIT=splits > 1, HAS_D2=False, SHARED_V=False,
-                       DECODE=decode, EVEN_D=True, WINDOW=window, HAS_SINKS=sinks)
-            compile_sm90(A._paged_attn_kernel, args, cex, tiles.num_warps, tiles.num_stages)
+            _gqa_attention(128, 4, decode, window, sinks, splits, cache=f8)
     tiles = P.prefill_tiles()
-    desc = f"tensordesc<bf16[{tiles.block_n}, 128]>"
-    args = dict(Q=BF, KCache=f8, VCache=f8, DescK=desc, DescV=desc, Out=BF, Sinks=BF,
-                PageTable=I32, QueryStart=I32, SeqLens=I32, BlockBatch=I32, BlockTok=I32,
-                scale_log2=0.1, prefix_scale_log2=0.05, v_scale=0.5, page_size=16, group=4)
-    compile_sm90(P._prefill_kernel, args,
-                 dict(D=128, DV=128, G_BLK=4, BLOCK_T=tiles.rows // 4, BLOCK_N=tiles.block_n,
-                      N_HBLK=1, HAS_SINKS=False), tiles.num_warps, tiles.num_stages)
+    _prefill(128, 4, tiles.rows, tiles.block_n, sinks=False, cache=f8)
+
+
+def _gqa_attention(d: int, group: int, decode: bool, window: int, sinks: bool, splits: int,
+                   cache=BF) -> None:
+    """The paged kernel for GQA (head dim d, `group` query heads a KV head) at its default
+    tiles, over a cache of dtype `cache`."""
+    tiles = A.attention_tiles(decode, False, group)
+    part = F32 if splits > 1 else BF
+    args = dict(Q1=BF, Q2=BF, K1=cache, K2=cache, V=cache, Out=BF, Sinks=BF, PartO=part,
+                PartL=part, PageTable=I32, QueryStart=I32, SeqLens=I32, BlockBatch=I32,
+                BlockTok=I32, scale_log2=0.1, v_scale=0.5, page_size=16, group=group,
+                min_split_len=64)
+    cex = dict(D1=d, D2=0, DV=d, BLOCK_D1=d, BLOCK_D2=16, BLOCK_DV=d, G_BLK=tiles.g_blk,
+               BLOCK_T=tiles.block_t, BLOCK_N=tiles.block_n, N_HBLK=1, SPLIT=splits > 1,
+               HAS_D2=False, SHARED_V=False, DECODE=decode, EVEN_D=True, WINDOW=window,
+               HAS_SINKS=sinks)
+    compile_sm90(A._paged_attn_kernel, args, cex, tiles.num_warps, tiles.num_stages)
