@@ -205,6 +205,10 @@ class ModelRunner:
         if self.kv_dtype not in KV_DTYPES.values():
             raise KVDtypeError(f"kv.dtype: a {self.kv_dtype} cache is not supported (one of "
                                f"{', '.join(KV_DTYPES)})")
+        if self.device.type == "cuda" and torch.cuda.get_device_capability(self.device) < (8, 9):
+            major, minor = torch.cuda.get_device_capability(self.device)
+            raise KVDtypeError(f"kv.dtype: {kv_dtype_name(self.kv_dtype)} needs a GPU that "
+                               f"converts FP8 (sm_89+: Ada, Hopper); this one is sm_{major}{minor}")
         kinds = sorted({type(m).__name__ for m in model.modules()
                         if hasattr(m, "kv_cache_shapes") and not getattr(m, "reads_fp8_kv", False)})
         if kinds:
