@@ -75,6 +75,9 @@ class KVConfig:
     page_size: int = 16  # tokens per page, a power of two
     memory_fraction: float = 0.85  # of the device's memory, when num_pages is not set
     num_pages: int | None = None  # a fixed pool size instead of memory_fraction
+    # the cache's element type: auto (the model's dtype) | fp8_e4m3 (one byte, scaled per
+    # layer; twice the pages in the same memory; not for MLA models)
+    dtype: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -148,6 +151,7 @@ _CHOICES = {
     "server.tool_parser": ("auto", "hermes", "qwen3_coder", "glm45", "kimi_k2", "deepseek_v3",
                            "deepseek_v31", "harmony"),
     "engine.restart": ("on-failure", "never"),
+    "kv.dtype": ("auto", "fp8_e4m3"),   # appliance/model/runner.py KV_DTYPES
 }
 # Values the contract names that this build cannot serve yet: start-up refuses them clearly.
 _NOT_YET = {

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 import kernels
-from appliance.config import AppConfig
+from appliance.config import AppConfig, ConfigError
 from appliance.engine import protocol
 from appliance.engine.channel import EngineEndpoints, connect_socket
 from appliance.engine.lifeline import die_with, name_process
@@ -61,7 +61,7 @@ def run_rank(config: AppConfig, files: ModelFiles, endpoints: EngineEndpoints | 
         else:
             run_worker(runner, channel)
     except Exception as e:
-        if isinstance(e, (StartupError, LoadError)):  # the message says it all: no traceback
+        if isinstance(e, (StartupError, ConfigError, LoadError)):  # the message says it all
             message = str(e)
             log.error("engine rank %d: %s", rank, message)
         else:

@@ -17,6 +17,8 @@ class BuildContext:
     # the checkpoint's tensor names (None: dummy weights), for models whose optional parts
     # a checkpoint may lack (GLM's MTP layers, which transformers does not save)
     checkpoint_tensors: frozenset[str] | None = field(default=None, compare=False)
+    # the KV cache's element dtype when it differs from `dtype` (FP8: YAML kv.dtype), else None
+    kv_dtype: torch.dtype | None = None
 
     @staticmethod
     def single(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,

@@ -15,6 +15,10 @@ KV sizing: `kv_num_pages` if given; else `memory_fraction` of the device. On CUD
 weights are loaded, the cache gets `free - (1 - fraction) * total` bytes (torch.cuda
 mem_get_info), i.e. the process may use `fraction` of the card. On CPU there is no
 meaningful "free memory", so the cache gets `fraction * CPU_KV_BUDGET_BYTES` (512 MiB).
+`kv_dtype` (YAML `kv.dtype`): the cache's element type, the model's dtype by default or FP8
+e4m3 (one byte: twice the pages of a bf16 cache in the same bytes), for models whose KV
+layers read it (`reads_fp8_kv`; not MLA), with per-layer scales from the checkpoint when it
+has them (kv_scales.py).
 """
 from __future__ import annotations
 
@@ -35,6 +39,7 @@ from appliance.model.comm import World
 from appliance.model.compiler import CompiledModel, compile_model
 from appliance.model.context import BuildContext
 from appliance.model.cuda_graph import DecodeGraphs
+from appliance.model.kv_scales import apply_checkpoint_kv_scales
 from appliance.model.loader import (checkpoint_tensor_names, load_checkpoint, load_dummy,
                                     read_eos_token_ids, read_hf_config)
 from appliance.model.layers.yarn import context_length
@@ -47,6 +52,19 @@ CPU_KV_BUDGET_BYTES = 512 * 1024 * 1024
 StageReport = Callable[[str, "str | None"], None]
 
 log = logging.getLogger("tokenspeed.model")
+
+# YAML kv.dtype -> the cache's element dtype (None: the model's)
+KV_DTYPES: dict[str, torch.dtype | None] = {"auto": None, "fp8_e4m3": torch.float8_e4m3fn}
+
+
+class KVDtypeError(ValueError):
+    """A KV cache dtype this model cannot use; the message names kv.dtype."""
+
+
+def kv_dtype_name(kv_dtype: torch.dtype) -> str:
+    """How start-up reports a cache dtype: YAML's name for FP8, torch's for the others."""
+    names = {v: k for k, v in KV_DTYPES.items() if v is not None}
+    return names.get(kv_dtype, str(kv_dtype).removeprefix("torch."))
 
 
 @dataclass(frozen=True)
@@ -130,7 +148,8 @@ class ModelRunner:
     def __init__(self, model_cfg: Any, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32, tp_rank: int = 0, tp_size: int = 1,
                  kv_num_pages: int | None = None, memory_fraction: float | None = None,
-                 page_size: int = 16, moe_parallel: str = "tp") -> None:
+                 page_size: int = 16, moe_parallel: str = "tp",
+                 kv_dtype: torch.dtype | None = None) -> None:
         self.source = ModelSource.coerce(model_cfg)
         self.device = torch.device(device)
         if self.device.type == "cuda":
@@ -138,6 +157,7 @@ class ModelRunner:
                 self.device = torch.device("cuda", torch.cuda.current_device())
             torch.cuda.set_device(self.device)  # NCCL collectives use the current device
         self.dtype, self.page_size = dtype, page_size
+        self.kv_dtype = kv_dtype or dtype
         self.layout = moe_layout(tp_rank, tp_size, moe_parallel)
         self.world = World(self.layout)
         self.hf_config = self.source.config()
@@ -146,11 +166,13 @@ class ModelRunner:
         folder = self.source.path if self.source.load_format != "dummy" else None
         self.eos_token_ids = read_eos_token_ids(folder, self.hf_config)
 
-        ctx = BuildContext(self.layout, self.device, dtype, page_size,
-                           checkpoint_tensor_names(folder) if folder is not None else None)
+        names = checkpoint_tensor_names(folder) if folder is not None else None
+        ctx = BuildContext(self.layout, self.device, dtype, page_size, names,
+                           self.kv_dtype if self.kv_dtype != dtype else None)
         cls = model_class(self.hf_config.get("architectures"))
         with torch.device("meta"):
             model: nn.Module = cls(self.hf_config, ctx)
+        self._check_kv_dtype(model)
         model.to(dtype)                                 # still meta: free
         self.compiled: CompiledModel = compile_model(model, self.layout, self.world)
         _materialize(model, self.device)
@@ -158,18 +180,48 @@ class ModelRunner:
             load_dummy(model, self.compiled.shard_plan, self.source.seed)
         else:
             load_checkpoint(model, self.compiled.shard_plan, folder)
+            if self.kv_dtype != dtype:
+                scaled = apply_checkpoint_kv_scales(model, folder, names)
+                log.info("FP8 KV cache scales: %s", f"from the checkpoint for {scaled} layers"
+                         if scaled else "1.0 (the checkpoint has none)")
         self.model = model.eval()
 
         self._kv_layers = [m for m in model.modules() if hasattr(m, "kv_cache_shapes")]
         self.num_pages = self._plan_pages(kv_num_pages, memory_fraction)
         self.kv_caches: list[tuple[torch.Tensor, ...]] = []
         for layer in self._kv_layers:
-            caches = tuple(torch.zeros(self.num_pages * page_size, *shape, dtype=dtype,
+            caches = tuple(torch.zeros(self.num_pages * page_size, *shape, dtype=self.kv_dtype,
                                        device=self.device)              # [S, *shape]
                            for shape in layer.kv_cache_shapes())
             layer.bind_kv_cache(caches)
             self.kv_caches.append(caches)
+        log.info("KV cache: %s", self.kv_summary())
         self.decode_graphs: DecodeGraphs | None = None
+
+    def _check_kv_dtype(self, model: nn.Module) -> None:
+        """Refuse a quantized cache for a model with KV layers that cannot read it."""
+        if self.kv_dtype == self.dtype:
+            return
+        if self.kv_dtype not in KV_DTYPES.values():
+            raise KVDtypeError(f"kv.dtype: a {self.kv_dtype} cache is not supported (one of "
+                               f"{', '.join(KV_DTYPES)})")
+        if self.device.type == "cuda" and torch.cuda.get_device_capability(self.device) < (8, 9):
+            major, minor = torch.cuda.get_device_capability(self.device)
+            raise KVDtypeError(f"kv.dtype: {kv_dtype_name(self.kv_dtype)} needs a GPU that "
+                               f"converts FP8 (sm_89+: Ada, Hopper); this one is sm_{major}{minor}")
+        kinds = sorted({type(m).__name__ for m in model.modules()
+                        if hasattr(m, "kv_cache_shapes") and not getattr(m, "reads_fp8_kv", False)})
+        if kinds:
+            raise KVDtypeError(f"kv.dtype: {kv_dtype_name(self.kv_dtype)} is not supported by "
+                               f"this model's attention ({', '.join(kinds)}: no FP8 cache "
+                               "kernels yet); use kv.dtype: auto")
+
+    def kv_summary(self) -> str:
+        """The pool as start-up reports it: pages, tokens, element dtype, bytes."""
+        total = self.num_pages * self.kv_bytes_per_page()
+        return (f"{self.num_pages} pages of {self.page_size} tokens "
+                f"({self.num_pages * self.page_size} tokens), {kv_dtype_name(self.kv_dtype)}, "
+                f"{_bytes(total)}")
 
     @classmethod
     def from_config(cls, config: Any, files: Any, device: str | torch.device,
@@ -185,14 +237,19 @@ class ModelRunner:
                              load_format="dummy" if dummy else "auto", seed=config.model.seed)
         report("weights", None)
         started = time.perf_counter()
-        runner = cls(source, device, dtype, tp_rank, tp_size, kv_num_pages=config.kv.num_pages,
-                     memory_fraction=config.kv.memory_fraction, page_size=config.kv.page_size,
-                     moe_parallel=config.parallel.moe)
+        try:
+            runner = cls(source, device, dtype, tp_rank, tp_size,
+                         kv_num_pages=config.kv.num_pages,
+                         memory_fraction=config.kv.memory_fraction,
+                         page_size=config.kv.page_size, moe_parallel=config.parallel.moe,
+                         kv_dtype=KV_DTYPES[config.kv.dtype])
+        except KVDtypeError as e:
+            from appliance.config import ConfigError   # the daemon's settings error
+            raise ConfigError(str(e)) from None
         seconds = max(time.perf_counter() - started, 1e-9)
         size = sum(p.numel() * p.element_size() for p in runner.model.parameters())
         report("weights", f"{_bytes(size)}{' per rank' if tp_size > 1 else ''} in {seconds:.1f} s "
-                          f"({_bytes(size / seconds)}/s); KV cache {runner.num_pages} pages "
-                          f"of {runner.page_size} tokens")
+                          f"({_bytes(size / seconds)}/s); KV cache {runner.kv_summary()}")
         max_len = min(int(config.model.max_model_len), runner.max_model_len)
         if use_cuda_graphs(runner.device, dtype, dict(config.kernels.override)):
             report("CUDA graphs", None)
@@ -232,7 +289,7 @@ class ModelRunner:
                  self.decode_graphs.buckets, time.perf_counter() - started)
 
     def kv_bytes_per_page(self) -> int:
-        elem = torch.empty((), dtype=self.dtype).element_size()
+        elem = torch.empty((), dtype=self.kv_dtype).element_size()
         return sum(self.page_size * math.prod(shape) * elem
                    for layer in self._kv_layers for shape in layer.kv_cache_shapes())
 

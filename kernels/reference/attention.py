@@ -9,12 +9,16 @@ Two optional arguments serve GPT-OSS (both off by default):
   of earlier positions are never read (their pages may have been given to someone else).
 - `sinks[Hq]`: a learned logit per head that joins the softmax's denominator and attends to
   nothing: p_n = exp(s_n) / (exp(sink_h) + sum_m exp(s_m)).
+
+The caches may be FP8 (kernels/reference/kv_cache.py): keys are read as `k_cache * k_scale`,
+values as `v_cache * v_scale` (float32); both scales are 1.0 for a 16/32-bit cache.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from kernels.reference.kv_cache import dequantize
 from kernels.registry import register
 
 
@@ -60,8 +64,8 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tens
 
 
 def _decode_keys(k_cache: torch.Tensor, v_cache: torch.Tensor, page_table: torch.Tensor,
-                 lens: torch.Tensor, page_size: int, window: int
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 lens: torch.Tensor, page_size: int, window: int, k_scale: float,
+                 v_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Every row's keys and values up to the longest row (with a window, each row's last
     `window` positions): k [B, N, Hk, D], v [B, N, Hk, Dv] float32 and seen [B, N]. A shorter
     row's tail reads its own last key again (a written, finite slot: the slots past the end
@@ -75,22 +79,22 @@ def _decode_keys(k_cache: torch.Tensor, v_cache: torch.Tensor, page_table: torch
     seen = n < lens[:, None]                                                 # [B, N]
     n = torch.minimum(n, (lens - 1).clamp(min=0)[:, None])
     slots = page_table.long().gather(1, n // page_size) * page_size + n % page_size  # [B, N]
-    return k_cache[slots].float(), v_cache[slots].float(), seen
+    return dequantize(k_cache[slots], k_scale), dequantize(v_cache[slots], v_scale), seen
 
 
 @register("decode_attention", backend="torch", priority=0)
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      page_table: torch.Tensor, seq_lens: torch.Tensor, page_size: int,
-                     scale: float, sinks: torch.Tensor | None = None,
-                     window: int = 0) -> torch.Tensor:
+                     scale: float, sinks: torch.Tensor | None = None, window: int = 0,
+                     k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
     """q: [B, Hq, D] -> [B, Hq, Dv]. All rows at once (a CPU step is a few ops per layer, not a
     few per row), each kv head's query group attending together (no repeated K/V): torch's
     fused scaled_dot_product_attention with the shorter rows' tails masked, or, with sinks,
-    the softmax written out. sinks [Hq] / window: see the module doc."""
+    the softmax written out. sinks [Hq] / window / k_scale, v_scale: see the module doc."""
     b, hq, d = q.shape
     hk = k_cache.shape[1]
     k32, v32, seen = _decode_keys(k_cache, v_cache, page_table, seq_lens.long(), page_size,
-                                  window)
+                                  window, k_scale, v_scale)
     q32 = q.float().view(b, hk, hq // hk, d)                                 # [B, Hk, G, D]
     if sinks is None:
         hidden = torch.zeros(seen.shape, device=q.device).masked_fill_(~seen, float("-inf"))
@@ -110,10 +114,12 @@ def extend_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      page_table: torch.Tensor, query_start: torch.Tensor, seq_lens: torch.Tensor,
                      page_size: int, scale: float, k_new: torch.Tensor | None = None,
                      v_new: torch.Tensor | None = None, sinks: torch.Tensor | None = None,
-                     window: int = 0) -> torch.Tensor:
+                     window: int = 0, k_scale: float = 1.0, v_scale: float = 1.0
+                     ) -> torch.Tensor:
     """q: [T, Hq, D], caches [S, Hk, D] / [S, Hk, Dv] -> [T, Hq, Dv]. k_new / v_new (the new
     tokens' K/V, already in the cache) are accepted for the kernels that read them
-    contiguously; the reference reads the cache only. sinks [Hq] / window: module doc."""
+    contiguously; the reference reads the cache only. sinks [Hq] / window / k_scale, v_scale:
+    module doc."""
     out = torch.empty(q.shape[0], q.shape[1], v_cache.shape[-1], dtype=q.dtype, device=q.device)
     qs, sl = query_start.tolist(), seq_lens.tolist()
     for b in range(len(sl)):
@@ -124,6 +130,7 @@ def extend_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         slots = gather_slots(page_table[b], n, page_size, start)      # [N]
         k_pos = torch.arange(start, n, device=q.device)               # [N]
         q_pos = torch.arange(n - (t1 - t0), n, device=q.device)       # [M]
-        out[t0:t1] = _attend(q[t0:t1], k_cache[slots], v_cache[slots], q_pos, scale,
-                             k_pos, window, sinks).to(q.dtype)
+        out[t0:t1] = _attend(q[t0:t1], dequantize(k_cache[slots], k_scale),
+                             dequantize(v_cache[slots], v_scale), q_pos, scale, k_pos, window,
+                             sinks).to(q.dtype)
     return out

@@ -1,18 +1,45 @@
-"""Writing new keys/values into a paged KV cache (slot = page * page_size + offset)."""
+"""Writing new keys/values into a paged KV cache (slot = page * page_size + offset), and the
+cache's element format.
+
+A cache holds `x / scale` in its dtype and is read back as `cache * scale` (float32). The scale
+is a per-layer float (1.0 unless an FP8 checkpoint calibrated it: `self_attn.k_scale` /
+`v_scale`). An FP8 (e4m3) cache saturates at +-448 (`FP8_MAX`) instead of overflowing to NaN;
+a 16/32-bit cache is written with a plain cast (its scale is 1.0).
+"""
 from __future__ import annotations
 
 import torch
 
 from kernels.registry import register
 
+FP8_KV_DTYPE = torch.float8_e4m3fn
+FP8_MAX = float(torch.finfo(FP8_KV_DTYPE).max)      # 448.0
+
+
+def quantize(x: torch.Tensor, dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
+    """x -> the cache's element format: x / scale in `dtype`, saturated to +-FP8_MAX for FP8
+    (rounded to nearest even)."""
+    if dtype != FP8_KV_DTYPE and scale == 1.0:
+        return x.to(dtype)
+    y = x.float() * (1.0 / scale)     # a product, as the Triton kernels compute it
+    if dtype == FP8_KV_DTYPE:
+        y = y.clamp(-FP8_MAX, FP8_MAX)
+    return y.to(dtype)
+
+
+def dequantize(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """Cache elements -> float32 values (x * scale)."""
+    return x.float() * scale if scale != 1.0 else x.float()
+
 
 @register("store_kv", backend="torch", priority=0)
 def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
-    """k: [T, Hk, D], v: [T, Hk, Dv] -> k_cache[S, Hk, D], v_cache[S, Hk, Dv] at slot_mapping[T].
+             slot_mapping: torch.Tensor, k_scale: float = 1.0, v_scale: float = 1.0) -> None:
+    """k: [T, Hk, D], v: [T, Hk, Dv] -> k_cache[S, Hk, D], v_cache[S, Hk, Dv] at slot_mapping[T],
+    each quantized to its cache's format (`quantize`, k_scale / v_scale).
 
     Slots < 0 are padding and are skipped."""
     keep = slot_mapping >= 0                      # [T]
     slots = slot_mapping[keep].long()             # [T']
-    k_cache[slots] = k[keep].to(k_cache.dtype)
-    v_cache[slots] = v[keep].to(v_cache.dtype)
+    k_cache[slots] = quantize(k[keep], k_cache.dtype, k_scale)
+    v_cache[slots] = quantize(v[keep], v_cache.dtype, v_scale)

@@ -36,9 +36,10 @@ def rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: tor
 @register("rope_store_kv", backend="torch", priority=0)
 def rope_store_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                   cos_sin: torch.Tensor, rotary_dim: int, is_neox: bool,
-                  k_cache: torch.Tensor, v_cache: torch.Tensor,
-                  slot_mapping: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """rope(q, k) then store_kv(rotated k, v); returns the rotated (q, k)."""
+                  k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                  k_scale: float = 1.0, v_scale: float = 1.0
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """rope(q, k) then store_kv(rotated k, v, k_scale, v_scale); returns the rotated (q, k)."""
     q2, k2 = rope(q, k, positions, cos_sin, rotary_dim, is_neox)
-    store_kv(k2, v, k_cache, v_cache, slot_mapping)
+    store_kv(k2, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
     return q2, k2

@@ -14,6 +14,10 @@ GPT-OSS options (constexpr-gated, so the default variant compiles as before): WI
 starts a program's keys at its first row's window (position - WINDOW + 1), every tile masked
 (a window is a few tiles), and never reads a slot before it; HAS_SINKS adds each head's sink
 logit to the softmax's denominator (in the split merge when the keys are split).
+
+FP8 caches (e4m3) take the same kernel: tiles are cast to the query's dtype as they load
+(paged_tiles.attn_tile), k_scale is folded into the score scale on the host and v_scale
+multiplies each program's output.
 """
 from __future__ import annotations
 
@@ -34,7 +38,7 @@ from kernels.triton.split_kv import (DEFAULT_SIZING, SPLIT_INTS, SplitSizing, me
 def _paged_attn_kernel(
         Q1, Q2, K1, K2, V, Out, PartO, PartL, Sinks,
         PageTable, QueryStart, SeqLens, BlockBatch, BlockTok,
-        scale_log2, page_size, group, min_split_len, num_splits,
+        scale_log2, v_scale, page_size, group, min_split_len, num_splits,
         stride_q1t, stride_q1h, stride_q2t, stride_q2h,
         stride_k1s, stride_k1h, stride_k2s, stride_k2h, stride_vs, stride_vh,
         stride_ot, stride_oh, stride_pt, stride_pot, stride_poh, stride_pos,
@@ -104,7 +108,7 @@ def _paged_attn_kernel(
     if HAS_SINKS and not SPLIT:  # split: the merge adds the sink once
         l_i = add_sink(l_i, m_i, Sinks, head, row_ok)
     l_safe = tl.where(l_i > 0, l_i, 1.0)
-    out = acc / l_safe[:, None]                                           # [M, DV]
+    out = acc / l_safe[:, None] * v_scale                                 # [M, DV]
     dv = tl.arange(0, BLOCK_DV)
     omask = row_ok[:, None] & (dv[None, :] < DV)
     if not SPLIT:
@@ -153,10 +157,12 @@ def paged_attention(q1: torch.Tensor, q2: torch.Tensor | None, k1: torch.Tensor,
                     scale: float, num_splits: int | None = None, split_tiles: int | None = None,
                     tiles: AttentionTiles | None = None,
                     sizing: SplitSizing = DEFAULT_SIZING, sinks: torch.Tensor | None = None,
-                    window: int = 0) -> torch.Tensor:
+                    window: int = 0, k_scale: float = 1.0, v_scale: float = 1.0
+                    ) -> torch.Tensor:
     """q1: [T, Hq, D1], q2: [T, Hq, D2] | None, k1: [S, Hk, D1], k2: [S, Hk, D2] | None,
     v: [S, Hk, DV] | None (None: values are k1) -> [T, Hq, DV]. query_start None: decode.
     sinks [Hq] (softmax denominator logits) and window (> 0: sliding window): GPT-OSS.
+    The cache tensors may be FP8, read as k * k_scale (k1 and k2) and v * v_scale.
 
     Tuning: num_splits / split_tiles (fewest KV tiles per split) for this call, else from
     `sizing`; tiles, else `attention_tiles`."""
@@ -195,7 +201,8 @@ def paged_attention(q1: torch.Tensor, q2: torch.Tensor | None, k1: torch.Tensor,
     _paged_attn_kernel[grid](
         q1, q2_, k1, k2_, vv, out, part_o, part_l, q1 if sinks is None else sinks,
         page_table, qs, seq_lens, bb, bt,
-        scale * math.log2(math.e), page_size, group, split_tiles * tiles.block_n, num_splits,
+        scale * k_scale * math.log2(math.e), v_scale, page_size, group,
+        split_tiles * tiles.block_n, num_splits,
         q1.stride(0), q1.stride(1), q2_.stride(0), q2_.stride(1),
         k1.stride(0), k1.stride(1), k2_.stride(0), k2_.stride(1), vv.stride(0), vv.stride(1),
         out.stride(0), out.stride(1), page_table.stride(0),

@@ -1,33 +1,41 @@
-"""Registry entries of the Triton paged attention (GQA and MLA, decode and extend)."""
+"""Registry entries of the Triton paged attention (GQA and MLA, decode and extend).
+
+The GQA ops read 16-bit or FP8 (e4m3) caches (feature `kv_dtype`, the cache's dtype; absent:
+the model's); the MLA ops read only a cache in the model's dtype, so the registry never
+hands them an FP8 one."""
 from __future__ import annotations
 
 import torch
 
 from kernels.registry import register
 from kernels.triton.attention import AttentionTiles, paged_attention
-from kernels.triton.common import PRIORITY, check, on_cuda_half
+from kernels.triton.common import PRIORITY, check, kv_dtype_ok, on_cuda_half
 from kernels.triton.mla_decode import default_nc, mla_decode_chunked
 from kernels.triton.prefill import contiguous_ok, prefill_attention
 from kernels.triton.split_kv import DEFAULT_SIZING, SplitSizing
 
 
 def _gqa_ok(f) -> bool:
-    return on_cuda_half(f) and f.get("head_dim", 128) <= 256
+    return on_cuda_half(f) and f.get("head_dim", 128) <= 256 and kv_dtype_ok(f, fp8=True)
 
 
 def _mla_ok(f) -> bool:
-    return on_cuda_half(f) and f.get("kv_lora_rank", 512) <= 512 and f.get("rope_dim", 64) <= 128
+    return (on_cuda_half(f) and f.get("kv_lora_rank", 512) <= 512
+            and f.get("rope_dim", 64) <= 128 and kv_dtype_ok(f, fp8=False))
 
 
 @register("decode_attention", backend="triton", priority=PRIORITY, supports=_gqa_ok)
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      page_table: torch.Tensor, seq_lens: torch.Tensor, page_size: int,
                      scale: float, num_splits: int | None = None,
-                     sinks: torch.Tensor | None = None, window: int = 0) -> torch.Tensor:
+                     sinks: torch.Tensor | None = None, window: int = 0, k_scale: float = 1.0,
+                     v_scale: float = 1.0) -> torch.Tensor:
     """q: [B, Hq, D] -> [B, Hq, Dv]; split-KV chosen from the page table width (or the
-    window). sinks [Hq] / window: GPT-OSS (kernels/reference/attention.py)."""
+    window). sinks [Hq] / window: GPT-OSS; k_scale / v_scale: an FP8 cache's
+    (kernels/reference/attention.py)."""
     return paged_attention(q, None, k_cache, None, v_cache, page_table, None, seq_lens,
-                           page_size, scale, num_splits, sinks=sinks, window=window)
+                           page_size, scale, num_splits, sinks=sinks, window=window,
+                           k_scale=k_scale, v_scale=v_scale)
 
 
 # The contiguous-K/V prefill gathers a cached prefix a little slower than the generic kernel,
@@ -51,17 +59,21 @@ def extend_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      page_table: torch.Tensor, query_start: torch.Tensor, seq_lens: torch.Tensor,
                      page_size: int, scale: float, k_new: torch.Tensor | None = None,
                      v_new: torch.Tensor | None = None, sinks: torch.Tensor | None = None,
-                     window: int = 0) -> torch.Tensor:
+                     window: int = 0, k_scale: float = 1.0, v_scale: float = 1.0
+                     ) -> torch.Tensor:
     """q: [T, Hq, D] -> [T, Hq, Dv], causal over each row's cached prefix + new tokens. Given
     the new tokens' K/V (k_new / v_new [T, Hk, D]), kernels/triton/prefill.py reads them
     contiguously by tensor descriptors where `use_contiguous` says; else every key is
     gathered. sinks [Hq] / window: GPT-OSS; a window (a few tiles a program) always takes
-    the gathering kernel, which starts at each program's window."""
+    the gathering kernel, which starts at each program's window. k_scale / v_scale: an FP8
+    cache's."""
     if window <= 0 and use_contiguous(q, k_new, v_new, page_table, page_size):
         return prefill_attention(q, k_cache, v_cache, k_new, v_new, page_table, query_start,
-                                 seq_lens, page_size, scale, sinks=sinks)
+                                 seq_lens, page_size, scale, sinks=sinks, k_scale=k_scale,
+                                 v_scale=v_scale)
     return paged_attention(q, None, k_cache, None, v_cache, page_table, query_start, seq_lens,
-                           page_size, scale, sinks=sinks, window=window)
+                           page_size, scale, sinks=sinks, window=window, k_scale=k_scale,
+                           v_scale=v_scale)
 
 
 @register("mla_decode", backend="triton", priority=PRIORITY, supports=_mla_ok)

@@ -10,6 +10,8 @@ from typing import Any, Mapping
 import torch
 import triton
 
+from kernels.reference.kv_cache import FP8_KV_DTYPE
+
 # Every Triton op registers at this priority, above the torch reference's 0
 PRIORITY = 10
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -23,6 +25,26 @@ def interpreting() -> bool:
 def on_cuda(f: Mapping[str, Any]) -> bool:
     """The registry predicate shared by every Triton op: CUDA and a float dtype."""
     return f.get("device") == "cuda" and f.get("dtype") in FLOAT_DTYPES
+
+
+def kv_dtype_ok(f: Mapping[str, Any], fp8: bool) -> bool:
+    """The op's KV cache (feature `kv_dtype`; absent or None: the model's dtype) is one it
+    reads: the model's dtype, or with `fp8` an e4m3 cache on a GPU that converts it (sm_89+)."""
+    kv = f.get("kv_dtype")
+    if kv is None or kv == f.get("dtype"):
+        return True
+    return fp8 and kv == FP8_KV_DTYPE and _fp8_capable()
+
+
+@functools.lru_cache(maxsize=None)
+def _fp8_capable() -> bool:
+    """Triton's e4m3 conversions need sm_89+ (Ada, Hopper); the interpreter emulates them."""
+    if interpreting():
+        return True
+    try:
+        return torch.cuda.get_device_capability() >= (8, 9)
+    except (RuntimeError, AssertionError):   # no CUDA device
+        return False
 
 
 # Tiles of the GEMM-shaped kernels (attention, MoE) are sized for 16-bit operands: float32 needs

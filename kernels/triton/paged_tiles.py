@@ -1,7 +1,10 @@
 """Building blocks shared by the paged attention kernels (attention.py, prefill.py).
 
 - `attn_tile`: one online-softmax step over a tile of keys gathered through the page table
-  (`slot = page * page_size + offset`, so any page size works), scores in log2 units.
+  (`slot = page * page_size + offset`, so any page size works), scores in log2 units. Cache
+  elements are cast to the query's dtype as they load, so an FP8 cache (e4m3, exact in bf16
+  and fp16) is read by the same code; its scales are folded in by the callers (k_scale into
+  the score scale, v_scale into the accumulator once its cached tiles are summed).
 - `add_sink`: a head's sink logit (GPT-OSS) joining a softmax's denominator.
 - `extend_block` / `block_map`: which (row, first query token) an extend program serves. The
   map is built on the device from `query_start` (no host sync, so launches can be captured in
@@ -55,11 +58,12 @@ def attn_tile(acc, m_i, l_i, q1, q2, K1, K2, V, PageTable, n0, hi, pos, kvh, pag
         page = tl.load(PageTable + offs_n // page_size)                      # [N]
         slot = page.to(tl.int64) * page_size + offs_n % page_size            # [N]
         k1 = tl.load(K1 + slot[:, None] * stride_k1s + kvh * stride_k1h + d1[None, :])
+    k1 = k1.to(q1.dtype)                                  # an FP8 cache: e4m3 -> exact 16-bit
     qk = tl.dot(q1, tl.trans(k1))                                          # [M, N]
     if HAS_D2:
         d2 = tl.arange(0, BLOCK_D2)
         k2 = load_rows(K2 + kvh * stride_k2h, slot, stride_k2s, d2, D2, n_ok, PRED)  # [N, D2]
-        qk += tl.dot(q2, tl.trans(k2))
+        qk += tl.dot(q2, tl.trans(k2.to(q2.dtype)))
     qk = qk * scale_log2
     if MASKED:
         vis = (offs_n[None, :] <= pos[:, None]) & n_ok[None, :]            # [M, N]
@@ -74,7 +78,7 @@ def attn_tile(acc, m_i, l_i, q1, q2, K1, K2, V, PageTable, n0, hi, pos, kvh, pag
         v = k1                                                             # [N, DV]
     else:
         dv = tl.arange(0, BLOCK_DV)
-        v = load_rows(V + kvh * stride_vh, slot, stride_vs, dv, DV, n_ok, PRED)  # [N, DV]
+        v = load_rows(V + kvh * stride_vh, slot, stride_vs, dv, DV, n_ok, PRED).to(q1.dtype)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
     return acc, m_new, l_i
 

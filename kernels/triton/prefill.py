@@ -16,7 +16,9 @@ row's new keys are consecutive rows there. Here the keys of a row are taken in t
 
 Programs are laid out as in attention.py: BLOCK_T query tokens x G_BLK heads of one KV head
 folded into the MMA's M axis, (row, first token) from `block_map` on the device, program ids
-reversed so the longest programs start first. Head dims must be powers of two >= 16 (the
+reversed so the longest programs start first. An FP8 cache is read as the generic kernel
+reads it (the prefix tiles scaled by k_scale / v_scale); the new tokens come from the layer's
+16-bit K/V, unquantized. Head dims must be powers of two >= 16 (the
 descriptor blocks are exact); `contiguous_ok` says when this kernel applies. The cached prefix
 is gathered a little slower than by the generic kernel, so the op takes this kernel only for
 batches of mostly new tokens (attention_ops.CONTIGUOUS_MIN_NEW).
@@ -60,13 +62,15 @@ def _new_tokens_tile(acc, m_i, l_i, q, DescK, DescV, row0, kcol, vcol, j0, n_new
 @triton.jit(**per_batch(ints=("stride_pt",), pointers=BATCH_META))
 def _prefill_kernel(
         Q, KCache, VCache, DescK, DescV, Out, Sinks, PageTable, QueryStart, SeqLens,
-        BlockBatch, BlockTok, scale_log2, page_size, group,
+        BlockBatch, BlockTok, scale_log2, prefix_scale_log2, v_scale, page_size, group,
         stride_qt, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_ot,
         stride_oh, stride_pt,
         D: tl.constexpr, DV: tl.constexpr, G_BLK: tl.constexpr, BLOCK_T: tl.constexpr,
         BLOCK_N: tl.constexpr, N_HBLK: tl.constexpr, HAS_SINKS: tl.constexpr):
     """grid (blocks of BLOCK_T tokens, KV heads x head blocks). HAS_SINKS: Sinks[Hq] joins
-    each row's softmax denominator (paged_tiles.add_sink)."""
+    each row's softmax denominator (paged_tiles.add_sink). The cached prefix's scores take
+    prefix_scale_log2 (k_scale folded in) and its values v_scale, applied to the accumulator
+    once the prefix is summed (online-softmax rescaling is linear)."""
     BLOCK_M: tl.constexpr = BLOCK_T * G_BLK
     pid_q, pid_h = tl.program_id(0), tl.program_id(1)
     kvh, hb = pid_h // N_HBLK, pid_h % N_HBLK
@@ -92,13 +96,16 @@ def _prefill_kernel(
     for n0 in range(0, full_pre, BLOCK_N):
         acc, m_i, l_i = attn_tile(acc, m_i, l_i, q, q, KCache, KCache, VCache, pt, n0,
                                   prefix, pos, kvh, page_size, stride_ks, stride_kh,
-                                  stride_ks, stride_kh, stride_vs, stride_vh, scale_log2,
-                                  D, D, DV, D, D, DV, BLOCK_N, False, False, False, True, 0)
+                                  stride_ks, stride_kh, stride_vs, stride_vh,
+                                  prefix_scale_log2, D, D, DV, D, D, DV, BLOCK_N, False, False,
+                                  False, True, 0)
     for n0 in range(full_pre, prefix, BLOCK_N):
         acc, m_i, l_i = attn_tile(acc, m_i, l_i, q, q, KCache, KCache, VCache, pt, n0,
                                   prefix, pos, kvh, page_size, stride_ks, stride_kh,
-                                  stride_ks, stride_kh, stride_vs, stride_vh, scale_log2,
-                                  D, D, DV, D, D, DV, BLOCK_N, False, False, True, True, 0)
+                                  stride_ks, stride_kh, stride_vs, stride_vh,
+                                  prefix_scale_log2, D, D, DV, D, D, DV, BLOCK_N, False, False,
+                                  True, True, 0)
+    acc = acc * v_scale
     # the new tokens: contiguous rows q_start + j of k_new / v_new
     full_new = (t0 + 1) // BLOCK_N * BLOCK_N           # tiles every row sees whole
     for j0 in tl.range(0, full_new, BLOCK_N):
@@ -163,11 +170,13 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
                       k_new: torch.Tensor, v_new: torch.Tensor, page_table: torch.Tensor,
                       query_start: torch.Tensor, seq_lens: torch.Tensor, page_size: int,
                       scale: float, tiles: PrefillTiles | None = None,
-                      sinks: torch.Tensor | None = None) -> torch.Tensor:
+                      sinks: torch.Tensor | None = None, k_scale: float = 1.0,
+                      v_scale: float = 1.0) -> torch.Tensor:
     """q: [T, Hq, D]; caches [S, Hk, D] / [S, Hk, DV] (holding each row's prefix); k_new /
     v_new: [T, Hk, D] / [T, Hk, DV], the new tokens' keys and values (row t of the batch's
     query tokens) -> [T, Hq, DV], causal. tiles: None for `prefill_tiles`. sinks: [Hq]
-    logits in each head's softmax denominator (GPT-OSS) or None."""
+    logits in each head's softmax denominator (GPT-OSS) or None. The caches may be FP8, read
+    as k_cache * k_scale and v_cache * v_scale."""
     t, hq, d = q.shape
     hk, dv = k_new.shape[1], v_new.shape[-1]
     check(hq % hk == 0, f"query heads {hq} not a multiple of kv heads {hk}")
@@ -196,7 +205,8 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     _prefill_kernel[(nb, hk * n_hblk)](
         q, k_cache, v_cache, desc_k, desc_v, out, q if sinks is None else sinks, page_table,
         query_start, seq_lens, bb, bt,
-        scale * math.log2(math.e), page_size, group,
+        scale * math.log2(math.e), scale * k_scale * math.log2(math.e), v_scale, page_size,
+        group,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0),
         v_cache.stride(1), out.stride(0), out.stride(1), page_table.stride(0),
         D=d, DV=dv, G_BLK=g_blk, BLOCK_T=block_t, BLOCK_N=block_n, N_HBLK=n_hblk,

@@ -2,15 +2,26 @@
 
 Rotation by gather: element d < R of a head pairs with partner p(d) (NeoX: d +- R/2; GPT-J:
 d ^ 1) and frequency f(d) (NeoX: d mod R/2; GPT-J: d // 2); out = x*cos + sign*x[p]*sin with
-sign -1 on the first element of each pair. Dims >= R pass through. One program per token."""
+sign -1 on the first element of each pair. Dims >= R pass through. One program per token.
+
+The caches' element format (kernels/reference/kv_cache.py): x / scale in the cache's dtype, and
+for an FP8 cache (FP8, constexpr) saturated to +-448 first; a 16-bit cache has scale 1.0."""
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
 
+from kernels.reference.kv_cache import FP8_KV_DTYPE, FP8_MAX
 from kernels.registry import register
-from kernels.triton.common import PRIORITY, check, next_pow2, on_cuda, per_batch
+from kernels.triton.common import PRIORITY, check, kv_dtype_ok, next_pow2, on_cuda, per_batch
+
+FP8_LIMIT = tl.constexpr(FP8_MAX)   # jit functions read only constexpr globals
+
+
+def _store_ok(f) -> bool:
+    """The cache writers: CUDA, a float model dtype, a cache of that dtype or FP8."""
+    return on_cuda(f) and kv_dtype_ok(f, fp8=True)
 
 
 @triton.jit
@@ -38,6 +49,17 @@ def _store_heads(Base, row, stride_s, stride_h, x, ok, BLOCK_H: tl.constexpr,
 
 
 @triton.jit
+def _store_cache_heads(Cache, slot, stride_s, stride_h, x, ok, inv_scale, FP8: tl.constexpr,
+                       BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+    """x [BLOCK_H, BLOCK_D] -> Cache[slot, h, d] where ok, as x * inv_scale (= x / scale; a
+    product, exact for scale 1), saturated when FP8."""
+    y = x.to(tl.float32) * inv_scale
+    if FP8:
+        y = tl.clamp(y, -FP8_LIMIT, FP8_LIMIT)
+    _store_heads(Cache, slot, stride_s, stride_h, y, ok, BLOCK_H, BLOCK_D)
+
+
+@triton.jit
 def _load_heads(X, tok, stride_t, stride_h, num_heads, D: tl.constexpr, BLOCK_H: tl.constexpr,
                 BLOCK_D: tl.constexpr):
     """Token tok's heads of X, [BLOCK_H, BLOCK_D] in X's dtype, and the mask of real ones."""
@@ -51,10 +73,10 @@ def _load_heads(X, tok, stride_t, stride_h, num_heads, D: tl.constexpr, BLOCK_H:
 def _rope_kv_kernel(Q, K, V, Pos, CosSin, QOut, KOut, KCache, VCache, Slots,
                     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                     stride_qot, stride_qoh, stride_kot, stride_koh, stride_cs,
-                    stride_kcs, stride_kch, stride_vcs, stride_vch,
+                    stride_kcs, stride_kch, stride_vcs, stride_vch, inv_k_scale, inv_v_scale,
                     HQ, HK, R, D: tl.constexpr, DV: tl.constexpr, BLOCK_HQ: tl.constexpr,
                     BLOCK_HK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                    IS_NEOX: tl.constexpr, STORE: tl.constexpr):
+                    IS_NEOX: tl.constexpr, STORE: tl.constexpr, FP8: tl.constexpr):
     tok = tl.program_id(0).to(tl.int64)
     d = tl.arange(0, BLOCK_D)
     half = R // 2
@@ -79,13 +101,20 @@ def _rope_kv_kernel(Q, K, V, Pos, CosSin, QOut, KOut, KCache, VCache, Slots,
     if STORE:
         slot = tl.load(Slots + tok).to(tl.int64)
         if slot >= 0:
-            _store_heads(KCache, slot, stride_kcs, stride_kch, k, kok, BLOCK_HK, BLOCK_D)
+            _store_cache_heads(KCache, slot, stride_kcs, stride_kch, k, kok, inv_k_scale, FP8,
+                               BLOCK_HK, BLOCK_D)
             v, vok = _load_heads(V, tok, stride_vt, stride_vh, HK, DV, BLOCK_HK, BLOCK_DV)
-            _store_heads(VCache, slot, stride_vcs, stride_vch, v, vok, BLOCK_HK, BLOCK_DV)
+            _store_cache_heads(VCache, slot, stride_vcs, stride_vch, v, vok, inv_v_scale, FP8,
+                               BLOCK_HK, BLOCK_DV)
+
+
+def _is_fp8(cache: torch.Tensor | None) -> bool:
+    return cache is not None and cache.dtype == FP8_KV_DTYPE
 
 
 def _launch(q, k, v, positions, cos_sin, rotary_dim, is_neox, k_cache, v_cache, slots,
-            store: bool) -> tuple[torch.Tensor, torch.Tensor]:
+            store: bool, k_scale: float = 1.0, v_scale: float = 1.0
+            ) -> tuple[torch.Tensor, torch.Tensor]:
     t, hq, d = q.shape
     hk = k.shape[1]
     check(q.stride(2) == 1 and k.stride(2) == 1, "rope: last dim of q and k must be contiguous")
@@ -101,10 +130,10 @@ def _launch(q, k, v, positions, cos_sin, rotary_dim, is_neox, k_cache, v_cache, 
         q, k, v, positions, cos_sin, q_out, k_out, kc, vc, slots,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1), cos_sin.stride(0),
-        kc.stride(0), kc.stride(1), vc.stride(0), vc.stride(1),
+        kc.stride(0), kc.stride(1), vc.stride(0), vc.stride(1), 1.0 / k_scale, 1.0 / v_scale,
         hq, hk, rotary_dim, D=d, DV=dv, BLOCK_HQ=next_pow2(hq), BLOCK_HK=next_pow2(hk),
         BLOCK_D=next_pow2(d), BLOCK_DV=next_pow2(dv), IS_NEOX=is_neox, STORE=store,
-        num_warps=4)
+        FP8=_is_fp8(kc), num_warps=4)
     return q_out, k_out
 
 
@@ -116,41 +145,47 @@ def rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: tor
                    store=False)
 
 
-@register("rope_store_kv", backend="triton", priority=PRIORITY, supports=on_cuda)
+@register("rope_store_kv", backend="triton", priority=PRIORITY, supports=_store_ok)
 def rope_store_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                   cos_sin: torch.Tensor, rotary_dim: int, is_neox: bool, k_cache: torch.Tensor,
-                  v_cache: torch.Tensor, slot_mapping: torch.Tensor
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """rope(q, k), and the rotated k with v written at slot_mapping, in one pass."""
+                  v_cache: torch.Tensor, slot_mapping: torch.Tensor, k_scale: float = 1.0,
+                  v_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """rope(q, k), and the rotated k with v written at slot_mapping (in the caches' format:
+    k_scale / v_scale), in one pass."""
+    check(k_cache.dtype == v_cache.dtype, "rope_store_kv: k_cache and v_cache dtypes differ")
     return _launch(q, k, v, positions, cos_sin, rotary_dim, is_neox, k_cache, v_cache,
-                   slot_mapping, store=True)
+                   slot_mapping, True, k_scale, v_scale)
 
 
 @triton.jit(**per_batch(pointers=("Slots",)))
 def _store_kv_kernel(K, V, KCache, VCache, Slots, stride_kt, stride_kh, stride_vt, stride_vh,
-                     stride_kcs, stride_kch, stride_vcs, stride_vch, HK,
-                     D: tl.constexpr, DV: tl.constexpr, BLOCK_HK: tl.constexpr,
-                     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+                     stride_kcs, stride_kch, stride_vcs, stride_vch, inv_k_scale, inv_v_scale,
+                     HK, D: tl.constexpr, DV: tl.constexpr, BLOCK_HK: tl.constexpr,
+                     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, FP8: tl.constexpr):
     tok = tl.program_id(0).to(tl.int64)
     slot = tl.load(Slots + tok).to(tl.int64)
     if slot >= 0:
         k, kok = _load_heads(K, tok, stride_kt, stride_kh, HK, D, BLOCK_HK, BLOCK_D)
-        _store_heads(KCache, slot, stride_kcs, stride_kch, k, kok, BLOCK_HK, BLOCK_D)
+        _store_cache_heads(KCache, slot, stride_kcs, stride_kch, k, kok, inv_k_scale, FP8,
+                           BLOCK_HK, BLOCK_D)
         v, vok = _load_heads(V, tok, stride_vt, stride_vh, HK, DV, BLOCK_HK, BLOCK_DV)
-        _store_heads(VCache, slot, stride_vcs, stride_vch, v, vok, BLOCK_HK, BLOCK_DV)
+        _store_cache_heads(VCache, slot, stride_vcs, stride_vch, v, vok, inv_v_scale, FP8,
+                           BLOCK_HK, BLOCK_DV)
 
 
-@register("store_kv", backend="triton", priority=PRIORITY, supports=on_cuda)
+@register("store_kv", backend="triton", priority=PRIORITY, supports=_store_ok)
 def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
-    """k: [T, Hk, D], v: [T, Hk, Dv] -> caches at slot_mapping (negative slots skipped)."""
+             slot_mapping: torch.Tensor, k_scale: float = 1.0, v_scale: float = 1.0) -> None:
+    """k: [T, Hk, D], v: [T, Hk, Dv] -> caches at slot_mapping (negative slots skipped), in
+    the caches' format (k_scale / v_scale)."""
     t, hk, d = k.shape
     dv = v.shape[-1]
     check(k.stride(2) == 1 and v.stride(2) == 1, "store_kv: last dim must be contiguous")
+    check(k_cache.dtype == v_cache.dtype, "store_kv: k_cache and v_cache dtypes differ")
     if t == 0:
         return
     _store_kv_kernel[(t,)](k, v, k_cache, v_cache, slot_mapping, k.stride(0), k.stride(1),
                            v.stride(0), v.stride(1), k_cache.stride(0), k_cache.stride(1),
-                           v_cache.stride(0), v_cache.stride(1), hk, D=d, DV=dv,
-                           BLOCK_HK=next_pow2(hk), BLOCK_D=next_pow2(d),
-                           BLOCK_DV=next_pow2(dv), num_warps=4)
+                           v_cache.stride(0), v_cache.stride(1), 1.0 / k_scale, 1.0 / v_scale,
+                           hk, D=d, DV=dv, BLOCK_HK=next_pow2(hk), BLOCK_D=next_pow2(d),
+                           BLOCK_DV=next_pow2(dv), FP8=_is_fp8(k_cache), num_warps=4)

@@ -37,7 +37,7 @@ from kernels.triton.common import next_pow2  # noqa: E402
 pytestmark = pytest.mark.slow  # spawns processes / > 5 s: skipped by -m 'not slow'
 
 CHECKS = ["attention", "mla_chunked", "prefill", "moe", "rows_and_sample", "per_batch",
-          "gpt_oss"]
+          "gpt_oss", "fp8_kv"]
 
 
 @pytest.mark.parametrize("check", CHECKS)
@@ -52,7 +52,7 @@ def test_compiles_for_sm90(check):
     assert res.returncode == 0, res.stderr[-4000:]
 
 PTR = {torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.int32: "*i32",
-       torch.int64: "*i64", torch.uint8: "*u8"}
+       torch.int64: "*i64", torch.uint8: "*u8", torch.float8_e4m3fn: "*fp8e4nv"}
 
 
 def compile_sm90(kernel, args: dict, constexprs: dict, num_warps: int, num_stages: int,
@@ -96,7 +96,8 @@ def check_attention() -> None:
     tiles = A.attention_tiles(False, False, 1)
     args = {n: BF for n in ("Q1", "Q2", "K1", "K2", "V", "Out", "PartO", "PartL")}
     args.update(PageTable=I32, QueryStart=I32, SeqLens=I32, BlockBatch=I32, BlockTok=I32,
-                scale_log2=0.1, page_size=1, group=1, min_split_len=64, stride_k2h=0)
+                scale_log2=0.1, v_scale=1.0, page_size=1, group=1, min_split_len=64,
+                stride_k2h=0)
     cex = dict(D1=128, D2=64, DV=128, BLOCK_D1=128, BLOCK_D2=64, BLOCK_DV=128,
                G_BLK=tiles.g_blk, BLOCK_T=tiles.block_t, BLOCK_N=tiles.block_n, N_HBLK=1,
                SPLIT=False, HAS_D2=True, SHARED_V=False, DECODE=False, EVEN_D=True, WINDOW=0,
@@ -120,7 +121,7 @@ def _attention(decode: bool, mla: bool) -> None:
     args = {n: BF for n in ("Q1", "Q2", "K1", "K2", "V", "Out")}
     args.update(PartO=F32 if splits > 1 else BF, PartL=F32 if splits > 1 else BF,
                 PageTable=I32, QueryStart=I32, SeqLens=I32, BlockBatch=I32, BlockTok=I32,
-                scale_log2=0.1, page_size=16, group=4, min_split_len=64)
+                scale_log2=0.1, v_scale=1.0, page_size=16, group=4, min_split_len=64)
     d1, d2 = (512, 64) if mla else (128, 0)
     cex = dict(D1=d1, D2=d2, DV=d1, BLOCK_D1=d1, BLOCK_D2=max(16, d2), BLOCK_DV=d1,
                G_BLK=tiles.g_blk, BLOCK_T=tiles.block_t, BLOCK_N=tiles.block_n, N_HBLK=1,
@@ -159,26 +160,41 @@ def check_prefill() -> None:
     tokens x 4 heads, 64-key tiles, 8 warps, 3 stages) and an MHA / 128-row variant."""
     tiles = P.prefill_tiles()
     for group, rows, block_n in ((4, tiles.rows, tiles.block_n), (1, 128, 128)):
-        desc = f"tensordesc<bf16[{block_n}, 128]>"
-        args = dict(Q=BF, KCache=BF, VCache=BF, DescK=desc, DescV=desc, Out=BF, PageTable=I32,
-                    QueryStart=I32, SeqLens=I32, BlockBatch=I32, BlockTok=I32,
-                    scale_log2=0.1, page_size=16, group=group)
-        compile_sm90(P._prefill_kernel, dict(args, Sinks=BF),
-                     dict(D=128, DV=128, G_BLK=group, BLOCK_T=rows // group, BLOCK_N=block_n,
-                          N_HBLK=1, HAS_SINKS=False), tiles.num_warps, tiles.num_stages)
+        _prefill(128, group, rows, block_n, sinks=False)
+
+
+def _prefill(d: int, group: int, rows: int, block_n: int, sinks: bool, cache=BF) -> None:
+    """The contiguous prefill kernel, head dim d, over a cache of dtype `cache`."""
+    tiles = P.prefill_tiles()
+    desc = f"tensordesc<bf16[{block_n}, {d}]>"
+    args = dict(Q=BF, KCache=cache, VCache=cache, DescK=desc, DescV=desc, Out=BF, Sinks=BF,
+                PageTable=I32, QueryStart=I32, SeqLens=I32, BlockBatch=I32, BlockTok=I32,
+                scale_log2=0.1, prefix_scale_log2=0.05, v_scale=0.5, page_size=16, group=group)
+    compile_sm90(P._prefill_kernel, args,
+                 dict(D=d, DV=d, G_BLK=group, BLOCK_T=rows // group, BLOCK_N=block_n, N_HBLK=1,
+                      HAS_SINKS=sinks), tiles.num_warps, tiles.num_stages)
 
 
 def _row_kernels() -> None:
     compile_sm90(E._rms_norm_kernel, dict(X=BF, R=BF, W=BF, Out=BF, ResOut=BF, eps=1e-6),
                  dict(H=4096, BLOCK_H=4096, HAS_RES=True), 8, 1)
     compile_sm90(E._silu_and_mul_kernel, dict(X=BF, Out=BF), dict(I=14336, BLOCK=1024), 4, 1)
-    ptrs = {n: BF for n in ("Q", "K", "V", "QOut", "KOut", "KCache", "VCache")}
-    compile_sm90(RK._rope_kv_kernel, dict(ptrs, Pos=I64, CosSin=F32, Slots=I64, HQ=32, HK=8,
-                                          R=128),
+    _cache_writers(BF)
+
+
+def _cache_writers(cache) -> None:
+    """rope_store_kv's and store_kv's kernels (Llama-3.1-8B heads) writing a cache of dtype
+    `cache` (bf16, or FP8: scaled and saturated)."""
+    ptrs = {n: BF for n in ("Q", "K", "V", "QOut", "KOut")}
+    scales = dict(inv_k_scale=1.0, inv_v_scale=1.0)
+    fp8 = cache == torch.float8_e4m3fn
+    compile_sm90(RK._rope_kv_kernel, dict(ptrs, KCache=cache, VCache=cache, Pos=I64,
+                                          CosSin=F32, Slots=I64, HQ=32, HK=8, R=128, **scales),
                  dict(D=128, DV=128, BLOCK_HQ=32, BLOCK_HK=8, BLOCK_D=128, BLOCK_DV=128,
-                      IS_NEOX=True, STORE=True), 4, 1)
-    compile_sm90(RK._store_kv_kernel, dict(K=BF, V=BF, KCache=BF, VCache=BF, Slots=I64, HK=8),
-                 dict(D=128, DV=128, BLOCK_HK=8, BLOCK_D=128, BLOCK_DV=128), 4, 1)
+                      IS_NEOX=True, STORE=True, FP8=fp8), 4, 1)
+    compile_sm90(RK._store_kv_kernel, dict(K=BF, V=BF, KCache=cache, VCache=cache, Slots=I64,
+                                           HK=8, **scales),
+                 dict(D=128, DV=128, BLOCK_HK=8, BLOCK_D=128, BLOCK_DV=128, FP8=fp8), 4, 1)
 
 
 def check_moe() -> None:
@@ -271,28 +287,43 @@ def check_gpt_oss() -> None:
     and full; the contiguous prefill with sinks; the biased, clamped, interleaved experts at
     each tile configuration, bf16 and MXFP4."""
     for decode in (True, False):
-        tiles = A.attention_tiles(decode, False, 8)
         for window, splits in ((128, 1), (0, 1), (0, 8) if decode else (0, 2)):
-            part = F32 if splits > 1 else BF
-            args = {n: BF for n in ("Q1", "Q2", "K1", "K2", "V", "Out", "Sinks")}
-            args.update(PartO=part, PartL=part, PageTable=I32, QueryStart=I32, SeqLens=I32,
-                        BlockBatch=I32, BlockTok=I32, scale_log2=0.1, page_size=16, group=8,
-                        min_split_len=64)
-            cex = dict(D1=64, D2=0, DV=64, BLOCK_D1=64, BLOCK_D2=16, BLOCK_DV=64,
-                       G_BLK=tiles.g_blk, BLOCK_T=tiles.block_t, BLOCK_N=tiles.block_n,
-                       N_HBLK=1, SPLIT=splits > 1, HAS_D2=False, SHARED_V=False,
-                       DECODE=decode, EVEN_D=True, WINDOW=window, HAS_SINKS=True)
-            compile_sm90(A._paged_attn_kernel, args, cex, tiles.num_warps, tiles.num_stages)
+            _gqa_attention(64, 8, decode, window, True, splits)
     _merge(64, True)
     tiles = P.prefill_tiles()
-    desc = f"tensordesc<bf16[{tiles.block_n}, 64]>"
-    args = dict(Q=BF, KCache=BF, VCache=BF, DescK=desc, DescV=desc, Out=BF, Sinks=BF,
-                PageTable=I32, QueryStart=I32, SeqLens=I32, BlockBatch=I32, BlockTok=I32,
-                scale_log2=0.1, page_size=16, group=8)
-    compile_sm90(P._prefill_kernel, args,
-                 dict(D=64, DV=64, G_BLK=8, BLOCK_T=tiles.rows // 8, BLOCK_N=tiles.block_n,
-                      N_HBLK=1, HAS_SINKS=True), tiles.num_warps, tiles.num_stages)
+    _prefill(64, 8, tiles.rows, tiles.block_n, sinks=True)
     for pairs_per_expert, pair_blocks in ((4.0, True), (4.0, False), (30.0, False),
                                           (500.0, False)):
         _moe(pairs_per_expert, pair_blocks, gpt_oss=True)
         _moe(pairs_per_expert, pair_blocks, gpt_oss=True, mxfp4=True)
+
+
+def check_fp8_kv() -> None:
+    """An FP8 (e4m3) cache at Llama-3.1-8B's shapes (32 query heads of 128 over 8 KV heads):
+    the cache writers, decode (split + merge, and whole) and extend on the gathering kernel,
+    GPT-OSS's window and sinks on it, and the contiguous prefill over an FP8 prefix."""
+    f8 = torch.float8_e4m3fn
+    _cache_writers(f8)
+    for decode in (True, False):
+        for window, sinks, splits in ((0, False, 8 if decode else 2), (0, False, 1),
+                                      (128, True, 1)):
+            _gqa_attention(128, 4, decode, window, sinks, splits, cache=f8)
+    tiles = P.prefill_tiles()
+    _prefill(128, 4, tiles.rows, tiles.block_n, sinks=False, cache=f8)
+
+
+def _gqa_attention(d: int, group: int, decode: bool, window: int, sinks: bool, splits: int,
+                   cache=BF) -> None:
+    """The paged kernel for GQA (head dim d, `group` query heads a KV head) at its default
+    tiles, over a cache of dtype `cache`."""
+    tiles = A.attention_tiles(decode, False, group)
+    part = F32 if splits > 1 else BF
+    args = dict(Q1=BF, Q2=BF, K1=cache, K2=cache, V=cache, Out=BF, Sinks=BF, PartO=part,
+                PartL=part, PageTable=I32, QueryStart=I32, SeqLens=I32, BlockBatch=I32,
+                BlockTok=I32, scale_log2=0.1, v_scale=0.5, page_size=16, group=group,
+                min_split_len=64)
+    cex = dict(D1=d, D2=0, DV=d, BLOCK_D1=d, BLOCK_D2=16, BLOCK_DV=d, G_BLK=tiles.g_blk,
+               BLOCK_T=tiles.block_t, BLOCK_N=tiles.block_n, N_HBLK=1, SPLIT=splits > 1,
+               HAS_D2=False, SHARED_V=False, DECODE=decode, EVEN_D=True, WINDOW=window,
+               HAS_SINKS=sinks)
+    compile_sm90(A._paged_attn_kernel, args, cex, tiles.num_warps, tiles.num_stages)

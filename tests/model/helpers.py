@@ -249,6 +249,16 @@ def check_graph_replay(runner: ModelRunner, steps: list[tuple[ForwardBatch, torc
     assert torch.equal(first, keep)
 
 
+def assert_steps_match(runner: ModelRunner, steps: list[tuple[ForwardBatch, torch.Tensor]],
+                       tol: float = 4e-2) -> None:
+    """`runner` gives the logits recorded in `steps` (batch, logits) within `tol` of its
+    largest magnitude, batch by batch."""
+    for batch, recorded in steps:
+        want = runner.forward(batch)                                     # [B, V]
+        err = (recorded - want).abs().max().item() / want.abs().max().item()
+        assert err < tol, f"relative error {err:.2e} on a batch of {batch.num_rows} rows"
+
+
 def assert_each_prompt_alone(folder: Path, prompts: list[list[int]], want: list[list[int]],
                              max_new: int) -> None:
     """Greedy tokens of each prompt decoded on its own (4-token pages) equal `want`."""

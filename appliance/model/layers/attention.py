@@ -13,6 +13,12 @@ GPT-OSS options (off by default, and then the kernels are called exactly as befo
 never read a slot before the window), `sinks=True` gives the layer a learned logit per head
 (`sinks[Hq_local]`, checkpoint tensor `<attention module>.sinks`, split with the heads) that
 joins each softmax's denominator.
+
+FP8 KV cache (`ctx.kv_dtype` float8_e4m3fn, YAML `kv.dtype: fp8_e4m3`): the caches hold
+K / k_scale and V / v_scale in e4m3 (kernels/reference/kv_cache.py), written by the same store
+ops and read by the same attention ops, which get the scales as keywords (only then: a 16-bit
+cache calls them as before) and are selected for `kv_dtype`. The scales are 1.0 unless the
+checkpoint calibrated them (`set_kv_scales`, appliance/model/kv_scales.py).
 """
 from __future__ import annotations
 
@@ -37,6 +43,8 @@ def select_optional(op: str, **features):
 class PagedAttention(nn.Module):
     """softmax(q k^T * scale) v over the paged cache, GQA (kv heads shared by q-head groups)."""
 
+    reads_fp8_kv = True   # the runner refuses an FP8 cache for KV layers without this
+
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
                  ctx: BuildContext, v_head_dim: int | None = None, window: int = 0,
                  sinks: bool = False) -> None:
@@ -47,12 +55,18 @@ class PagedAttention(nn.Module):
         self.sinks = (nn.Parameter(torch.empty(num_heads), requires_grad=False) if sinks
                       else None)
         self.total_heads = num_heads * ctx.layout.size("attn_tp")
+        self.kv_dtype = ctx.kv_dtype or ctx.dtype
+        self.quantized_kv = self.kv_dtype != ctx.dtype
+        self.k_scale = self.v_scale = 1.0
+        cache = dict(kv_dtype=self.kv_dtype) if self.quantized_kv else {}
         feats = dict(device=ctx.device, dtype=ctx.dtype, head_dim=head_dim,
-                     num_heads=num_heads, num_kv_heads=num_kv_heads, page_size=ctx.page_size)
+                     num_heads=num_heads, num_kv_heads=num_kv_heads, page_size=ctx.page_size,
+                     **cache)
         if window or sinks:
             feats.update(sliding_window=window, sinks=sinks)
-        self.store_kv = kernels.select("store_kv", device=ctx.device, dtype=ctx.dtype)
-        self.rope_store_kv = select_optional("rope_store_kv", device=ctx.device, dtype=ctx.dtype)
+        self.store_kv = kernels.select("store_kv", device=ctx.device, dtype=ctx.dtype, **cache)
+        self.rope_store_kv = select_optional("rope_store_kv", device=ctx.device, dtype=ctx.dtype,
+                                             **cache)
         self.decode_attention = kernels.select("decode_attention", **feats)
         self.extend_attention = kernels.select("extend_attention", **feats)
         self.k_cache: torch.Tensor | None = None
@@ -65,6 +79,14 @@ class PagedAttention(nn.Module):
     def bind_kv_cache(self, caches: tuple[torch.Tensor, ...]) -> None:
         self.k_cache, self.v_cache = caches
 
+    def set_kv_scales(self, k_scale: float, v_scale: float) -> None:
+        """An FP8 cache's scales (cache = K / k_scale, V / v_scale), from the checkpoint."""
+        self.k_scale, self.v_scale = float(k_scale), float(v_scale)
+
+    def _scales(self) -> dict:
+        """The cache format's keywords of the store and attention ops; none for 16-bit."""
+        return dict(k_scale=self.k_scale, v_scale=self.v_scale) if self.quantized_kv else {}
+
     def weight_shardings(self, prefix: str) -> list[WeightSharding]:
         """The sinks, if any: the parent attention module's `sinks`, split like its heads."""
         if self.sinks is None:
@@ -74,8 +96,9 @@ class PagedAttention(nn.Module):
                                (WeightSource(name, (self.total_heads,)),), dim=0)]
 
     def _options(self) -> dict:
-        """The GPT-OSS keywords of the attention kernels; none for plain attention."""
-        opts: dict = {}
+        """The GPT-OSS and FP8-cache keywords of the attention kernels; none for plain
+        attention over a 16-bit cache."""
+        opts: dict = self._scales()
         if self.window:
             opts["window"] = self.window
         if self.sinks is not None:
@@ -91,11 +114,11 @@ class PagedAttention(nn.Module):
         if rotary is not None and self.rope_store_kv is not None:
             q, k = self.rope_store_kv(q, k, v, positions, rotary.cos_sin, rotary.rotary_dim,
                                       rotary.is_neox, self.k_cache, self.v_cache,
-                                      batch.slot_mapping)
+                                      batch.slot_mapping, **self._scales())
         else:
             if rotary is not None:
                 q, k = rotary(positions, q, k)
-            self.store_kv(k, v, self.k_cache, self.v_cache, batch.slot_mapping)
+            self.store_kv(k, v, self.k_cache, self.v_cache, batch.slot_mapping, **self._scales())
         nd, rows = batch.num_decode, batch.num_rows
         opts = self._options()
         if nd == rows:  # decodes only

@@ -1,0 +1,157 @@
+"""FP8 (e4m3) against bf16 KV caches on a GPU, at Llama-3.1-8B's attention shape (32 query heads
+of 128 over 8 KV heads, 16-token pages): part (a) of scripts/gpu_fp8kv.
+
+1. The cache writers (store_kv, rope_store_kv) write the bytes torch's cast gives (the GPU's
+   `cvt.rn.satfinite` against the reference's round-to-nearest-even, saturated).
+2. Decode attention (`_paged_attn_kernel`, split-KV as the op sizes it) at B x context for a
+   bf16 and an FP8 cache: checked against the torch reference over the same cache, timed as a
+   CUDA-graph replay with the L2 flushed (what it costs inside the decode graph), with the K/V
+   bytes it reads per second beside the device copy bandwidth measured in this run.
+3. Extend attention over an FP8 prefix, both kernels (gathered; contiguous new tokens), against
+   the reference.
+
+    python scripts/fp8kv_attention.py [--batches 1 64 256] [--contexts 1024 2048]
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+from kernel_bench.harness import graph_ms, measure_ceilings, rel_err
+
+from kernels import reference as R
+from kernels.reference.kv_cache import FP8_KV_DTYPE, quantize
+from kernels.triton import attention_ops as A
+from kernels.triton import rope_kv as RK
+
+DEV, BF16, F8 = "cuda", torch.bfloat16, FP8_KV_DTYPE
+HQ, HK, D, PAGE = 32, 8, 128, 16
+TOL = 2e-2      # bf16 operands in the kernel's dots; the reference computes in float32
+K_SCALE, V_SCALE = 0.02, 0.01
+
+
+def check_writers() -> list[str]:
+    """The Triton writers' FP8 bytes == torch's cast of the same values."""
+    failures = []
+    t = 4096
+    k = torch.randn(t, HK, D, device=DEV, dtype=BF16) * 4
+    k[0, 0, :4] = torch.tensor([1e4, -1e4, 31.1 * K_SCALE, 34 * K_SCALE])  # saturate; carry; tie
+    v = torch.randn(t, HK, D, device=DEV, dtype=BF16)
+    q = torch.randn(t, HQ, D, device=DEV, dtype=BF16)
+    slots = torch.randperm(2 * t, device=DEV)[:t]
+    cos_sin = torch.randn(8192, D, device=DEV)
+    pos = torch.randint(0, 8192, (t,), device=DEV)
+    for name in ("store_kv", "rope_store_kv"):
+        got = [torch.zeros(2 * t, HK, D, device=DEV, dtype=F8) for _ in range(2)]
+        ref = [torch.zeros(2 * t, HK, D, device=DEV, dtype=F8) for _ in range(2)]
+        if name == "store_kv":
+            RK.store_kv(k, v, *got, slots, K_SCALE, V_SCALE)
+            R.store_kv(k, v, *ref, slots, K_SCALE, V_SCALE)
+        else:
+            RK.rope_store_kv(q, k, v, pos, cos_sin, D, True, *got, slots, K_SCALE, V_SCALE)
+            R.rope_store_kv(q, k, v, pos, cos_sin, D, True, *ref, slots, K_SCALE, V_SCALE)
+        for what, a, b in (("k", got[0], ref[0]), ("v", got[1], ref[1])):
+            differ = (a.view(torch.uint8) != b.view(torch.uint8)).float().mean().item()
+            nan = torch.isnan(a.float()).any().item()
+            # rope_store_kv quantizes the rotation's float32, the reference its bf16 rounding
+            ok = not nan and (differ == 0 or (name == "rope_store_kv" and what == "k"
+                                              and differ < 0.05))
+            print(f"  {name} {what}: {differ:.2%} of bytes differ from torch's cast"
+                  f"{', NaN!' if nan else ''} {'ok' if ok else 'FAIL'}")
+            if not ok:
+                failures.append(f"{name} {what}")
+    return failures
+
+
+def paged_cache(batch: int, context: int, kv_dtype: torch.dtype, scale: float
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows of `context` keys on shuffled pages: page table [B, P], K/V caches, seq_lens."""
+    pages = batch * (context // PAGE)
+    table = torch.randperm(pages, device=DEV, dtype=torch.int32).view(batch, -1)
+    kc = torch.randn(pages * PAGE, HK, D, device=DEV, dtype=BF16)
+    vc = torch.randn(pages * PAGE, HK, D, device=DEV, dtype=BF16)
+    if kv_dtype == F8:
+        kc, vc = quantize(kc * scale, F8, scale), quantize(vc * scale, F8, scale)
+    lens = torch.full((batch,), context, device=DEV, dtype=torch.int32)
+    return table, kc, vc, lens
+
+
+def decode_rows(batches: list[int], contexts: list[int], copy_gbs: float) -> list[str]:
+    failures = []
+    print(f"\n  {'B':>4} {'ctx':>5} {'cache':>6} {'us':>8} {'GB/s':>7} {'% copy':>7} "
+          f"{'speed-up':>8} {'rel.err':>8}")
+    for batch in batches:
+        for context in contexts:
+            base = None
+            for kv, scale in ((BF16, 1.0), (F8, K_SCALE)):
+                table, kc, vc, lens = paged_cache(batch, context, kv, scale)
+                q = torch.randn(batch, HQ, D, device=DEV, dtype=BF16)
+                opts = dict(k_scale=scale, v_scale=scale) if kv == F8 else {}
+                out = A.decode_attention(q, kc, vc, table, lens, PAGE, D ** -0.5, **opts)
+                err = rel_err(out, R.decode_attention(q, kc, vc, table, lens, PAGE, D ** -0.5,
+                                                      **opts))
+                ms = graph_ms(lambda: A.decode_attention(q, kc, vc, table, lens, PAGE,
+                                                         D ** -0.5, **opts))
+                nbytes = 2 * batch * context * HK * D * kc.element_size()   # K and V read
+                gbs = nbytes / ms / 1e6
+                base = ms if base is None else base
+                ok = err < TOL
+                print(f"  {batch:>4} {context:>5} {'fp8' if kv == F8 else 'bf16':>6} "
+                      f"{ms * 1e3:8.1f} {gbs:7.0f} {gbs / copy_gbs:7.1%} {base / ms:7.2f}x "
+                      f"{err:8.1e}{'' if ok else '  FAIL'}")
+                if not ok:
+                    failures.append(f"decode B={batch} ctx={context} {kv}")
+                del table, kc, vc
+    return failures
+
+
+def extend_rows() -> list[str]:
+    """An FP8 prefix of 1500 keys + 300 new tokens a row (the gathering kernel), and 64 + 2000
+    (mostly new: the contiguous prefill kernel), against the reference."""
+    failures = []
+    for prefix, new in ((1500, 300), (64, 2000)):
+        rows, n = 2, prefix + new
+        table, kc, vc, lens = paged_cache(rows, -(-n // PAGE) * PAGE, F8, K_SCALE)
+        lens.fill_(n)
+        slots = torch.cat([(table[b, torch.arange(prefix, n, device=DEV) // PAGE].long() * PAGE
+                            + torch.arange(prefix, n, device=DEV) % PAGE) for b in range(rows)])
+        k_new = (kc[slots].float() * K_SCALE).to(BF16)
+        v_new = (vc[slots].float() * K_SCALE).to(BF16)
+        q = torch.randn(rows * new, HQ, D, device=DEV, dtype=BF16)
+        qs = torch.arange(0, rows * new + 1, new, device=DEV, dtype=torch.int32)
+        kw = dict(k_scale=K_SCALE, v_scale=K_SCALE)
+        contiguous = A.use_contiguous(q, k_new, v_new, table, PAGE)
+        out = A.extend_attention(q, kc, vc, table, qs, lens, PAGE, D ** -0.5, k_new=k_new,
+                                 v_new=v_new, **kw)
+        ref = R.extend_attention(q, kc, vc, table, qs, lens, PAGE, D ** -0.5, **kw)
+        err = rel_err(out, ref)
+        ok = err < TOL
+        kernel = "contiguous" if contiguous else "gathering"
+        print(f"  extend, FP8 prefix {prefix} + {new} new ({kernel} kernel): rel.err {err:.1e} "
+              f"{'ok' if ok else 'FAIL'}")
+        if not ok:
+            failures.append(f"extend {prefix}+{new}")
+    return failures
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 64, 256])
+    parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 2048])
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    ceil = measure_ceilings()
+    print(f"{torch.cuda.get_device_name()}: {ceil.line()}")
+    print("cache writers (FP8 bytes against torch's cast):")
+    failures = check_writers()
+    print("decode attention, Llama-3.1-8B heads (32 x 128 over 8 KV heads), CUDA graph, L2 "
+          "flushed; GB/s = K+V bytes read")
+    failures += decode_rows(args.batches, args.contexts, ceil.copy_gbs)
+    print("extend attention over an FP8 cache:")
+    failures += extend_rows()
+    print(f"\nkernel checks: {'all ok' if not failures else 'FAILED: ' + ', '.join(failures)}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,58 @@
+"""The FP8 KV cache on CUDA (skipped without CUDA; scripts/gpu_fp8kv runs it): Llama-3.1-8B's
+shape (2 layers, dummy bf16 weights) with `kv_dtype=float8_e4m3fn`.
+
+- The Triton kernels (registry's choice for an FP8 cache) == the torch reference kernels on the
+  same mixed batches over the same FP8 cache format.
+- CUDA-graph decode steps captured over the FP8 cache give the eager logits (and replay), and
+  the warm-up batches run over it.
+- The FP8 cache's logits stay near the bf16 cache's (e4m3's error: test_fp8_kv_cache.py).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kernels
+from helpers import assert_steps_match, check_graph_replay
+from test_llama_cuda import OPS, PROMPTS, build, cuda, dummy, record
+
+F8 = torch.float8_e4m3fn
+
+
+@cuda
+def test_triton_equals_reference_over_fp8_cache():
+    fast = build(dummy("llama-3.1-8b", 2), torch.bfloat16, None, kv_num_pages=64,
+                 page_size=16, kv_dtype=F8)
+    assert all(kernels.selected_backend(op, device="cuda", dtype=torch.bfloat16,
+                                        kv_dtype=F8) == "triton" for op in OPS)
+    steps = record(fast, PROMPTS, 6)
+    del fast
+    ref = build(dummy("llama-3.1-8b", 2), torch.bfloat16, "torch", kv_num_pages=64,
+                page_size=16, kv_dtype=F8)
+    assert any(b.num_decode and b.num_rows > b.num_decode for b, _ in steps)  # mixed batches
+    assert_steps_match(ref, steps)
+
+
+@cuda
+def test_cuda_graphs_and_warm_up_over_fp8_cache():
+    runner = build(dummy("llama-3.1-8b", 2), torch.bfloat16, None, kv_num_pages=128,
+                   page_size=16, kv_dtype=F8)
+    runner.warm_up(512, 1024)
+    check_graph_replay(runner, record(runner, PROMPTS, 8))
+
+
+@cuda
+def test_fp8_logits_near_bf16_cache():
+    bf16 = build(dummy("llama-3.1-8b", 2), torch.bfloat16, None, kv_num_pages=64,
+                 page_size=16)
+    steps = record(bf16, PROMPTS, 4)
+    del bf16
+    fp8 = build(dummy("llama-3.1-8b", 2), torch.bfloat16, None, kv_num_pages=64,
+                page_size=16, kv_dtype=F8)
+    errs = []
+    for batch, want in steps:
+        got = fp8.forward(batch)
+        errs.append(((got - want).norm(dim=-1) / want.norm(dim=-1)).max().item())
+    print("FP8 against bf16 cache, relative logit error per step:", errs)
+    assert max(errs) < 0.15 and sum(errs) / len(errs) < 0.08
+    assert max(errs) > 0
