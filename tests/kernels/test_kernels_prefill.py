@@ -123,3 +123,14 @@ def test_block_map_is_computed_once_per_query_start_and_again_after_a_write():
     qs.copy_(torch.tensor([0, 1, 2, 13], dtype=torch.int32))
     rows, toks, _ = block_map(qs, 13, 4)
     assert rows.tolist() == [0, 1, 2, 2, 2, -1, -1] and toks.tolist()[:5] == [0, 0, 0, 4, 8]
+
+
+def test_block_map_of_an_inference_tensor():
+    """The model runner's tensors are inference tensors (no write count): still kept per tensor."""
+    from kernels.triton.paged_tiles import block_map
+
+    with torch.inference_mode():
+        qs = torch.tensor([0, 5, 12, 13], dtype=torch.int32)
+        first = block_map(qs, 13, 4)
+        assert block_map(qs, 13, 4) is first
+        assert first[0].tolist() == [0, 0, 1, 1, 2, -1, -1]
