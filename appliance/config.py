@@ -150,10 +150,7 @@ _CHOICES = {
     "engine.restart": ("on-failure", "never"),
 }
 # Values the contract names that this build cannot serve yet: start-up refuses them clearly.
-_NOT_YET = {
-    ("speculative.method", "mtp"): "MTP drafts need a checkpoint with next-token layers; "
-                                   "they are not in this build yet",
-}
+_NOT_YET: dict[tuple[str, str], str] = {}
 _POSITIVE = {
     "model.max_model_len", "server.port", "server.max_body_bytes", "kv.page_size", "kv.num_pages",
     "scheduler.max_batch_tokens", "scheduler.max_running", "speculative.max_draft",

@@ -6,6 +6,12 @@ layer's block (`model.layers.{L}.*`, the name real checkpoints use), and the MTP
 (enorm, hnorm, eh_proj, shared_head.norm; the embedding and LM-head copies real checkpoints
 also store) are written beside it. The folder of L + 1 layers stays, so a test can run that
 block through transformers as the reference.
+
+With `echo`, the MTP layer repeats the target's prediction for the position it reads
+(eh_proj passes hnorm(h) only, the block's output projections are zero, hnorm undoes the
+final norm's weight g and shared_head.norm applies it again, so z = h), so its drafts (the
+target's last token again) are accepted wherever the target repeats a token: speculation then
+visibly accepts drafts.
 """
 from __future__ import annotations
 
@@ -34,7 +40,8 @@ GLM_45 = dict(vocab_size=160, hidden_size=64, intermediate_size=96, moe_intermed
 FAMILIES = {"deepseek-v3": ("DeepseekV3", DEEPSEEK_V3), "glm-4.5": ("Glm4Moe", GLM_45)}
 
 
-def save_with_mtp(folder: Path, family: str, seed: int = 7) -> tuple[Path, Path]:
+def save_with_mtp(folder: Path, family: str, seed: int = 7, echo: bool = False
+                  ) -> tuple[Path, Path]:
     """(the checkpoint with L layers + one MTP layer, the HF folder of L + 1 layers)."""
     import transformers
 
@@ -59,5 +66,17 @@ def save_with_mtp(folder: Path, family: str, seed: int = 7) -> tuple[Path, Path]
     tensors[f"{mtp}eh_proj.weight"] = torch.randn(h, 2 * h, generator=gen) * 0.2
     tensors[f"{mtp}embed_tokens.weight"] = tensors["model.embed_tokens.weight"].clone()
     tensors[f"{mtp}shared_head.head.weight"] = tensors["lm_head.weight"].clone()
+    if echo:
+        _echo(tensors, mtp, h)
     save_file(tensors, out / "model.safetensors")
     return out, full
+
+
+def _echo(tensors: dict[str, torch.Tensor], mtp: str, h: int) -> None:
+    """The MTP layer as `echo` describes (module doc)."""
+    g = tensors["model.norm.weight"]
+    tensors[f"{mtp}hnorm.weight"], tensors[f"{mtp}shared_head.norm.weight"] = 1 / g, g.clone()
+    tensors[f"{mtp}eh_proj.weight"] = torch.cat([torch.zeros(h, h), torch.eye(h)], dim=1)
+    for name in list(tensors):
+        if name.startswith(mtp) and name.endswith(("o_proj.weight", "down_proj.weight")):
+            tensors[name] = torch.zeros_like(tensors[name])
