@@ -127,6 +127,7 @@ def _serve_when_ready(config: AppConfig, listening: Listening) -> int:
 
     from appliance.engine.client import EngineClient, EngineStartError
     from appliance.engine.model_files import resolve_model_files
+    from appliance.engine.speculative.mtp import check_mtp_checkpoint
     from appliance.server.serve import serve
     from appliance.server.warming_up import WarmingUp
     from appliance.startup_progress import StartupProgress
@@ -134,6 +135,7 @@ def _serve_when_ready(config: AppConfig, listening: Listening) -> int:
     try:
         files = resolve_model_files(config)
         _check_model_config(files.checkpoint)
+        check_mtp_checkpoint(config, files)
         tokenizer = _load_tokenizer(files.tokenizer)
     except ConfigError as e:
         print(f"tokenspeed: config error: {e}", file=sys.stderr)

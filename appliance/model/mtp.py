@@ -36,12 +36,12 @@ from appliance.model.layers.norm import RMSNorm
 from appliance.model.placement import Placed
 
 
-def mtp_layer_count(hf: dict, ctx: BuildContext) -> int:
-    """The MTP layers to build: the config's, unless the checkpoint holds none of them (a
-    checkpoint saved by transformers drops them)."""
+def mtp_layer_count(hf: dict, checkpoint_tensors: frozenset[str] | None) -> int:
+    """The MTP layers to build: the config's, unless the checkpoint (its tensor names; None:
+    dummy weights) holds none of them (a checkpoint saved by transformers drops them)."""
     n = int(hf.get("num_nextn_predict_layers") or 0)
     first = f"model.layers.{int(hf['num_hidden_layers'])}.eh_proj.weight"
-    if n and ctx.checkpoint_tensors is not None and first not in ctx.checkpoint_tensors:
+    if n and checkpoint_tensors is not None and first not in checkpoint_tensors:
         return 0
     return n
 

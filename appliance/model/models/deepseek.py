@@ -90,7 +90,7 @@ class DeepseekForCausalLM(NextTokenLayers, LlamaForCausalLM):
         first, m = int(hf_config["num_hidden_layers"]), self.model
         self.build_next_token_layers(hf_config, [
             DeepseekDecoderLayer(hf_config, first + i, m.mla, m.moe, m.rotary_emb, ctx)
-            for i in range(mtp_layer_count(hf_config, ctx))], ctx)
+            for i in range(mtp_layer_count(hf_config, ctx.checkpoint_tensors))], ctx)
 
 
 @register_model("DeepseekV2ForCausalLM")

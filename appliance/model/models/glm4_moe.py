@@ -58,7 +58,7 @@ class Glm4MoeForCausalLM(NextTokenLayers, LlamaForCausalLM):
         moe = glm4_moe_config(hf_config)
         self.build_next_token_layers(hf_config, [
             LlamaDecoderLayer(self.config, self.model.rotary_emb, ctx, DeepseekMoE(moe, ctx))
-            for _ in range(mtp_layer_count(hf_config, ctx))], ctx)
+            for _ in range(mtp_layer_count(hf_config, ctx.checkpoint_tensors))], ctx)
 
     @classmethod
     def read_config(cls, hf_config: dict) -> LlamaConfig:
