@@ -32,7 +32,7 @@ from appliance.engine.speculative import make_speculator
 from appliance.engine.speculative.mtp import Following, MTPDraft, NextTokenPass
 from appliance.engine.speculative.policy import StepCost
 from appliance.engine.step_timing import PredictionError, timeline_from_env
-from appliance.engine.transfer import to_device
+from appliance.engine.transfer import to_device, to_device_packed
 from appliance.engine.verify import LogitLayout, Verifier, verify_bitmask
 
 log = logging.getLogger(__name__)
@@ -117,7 +117,7 @@ class Engine:
         self.verifier = Verifier(self.device)
         self.speculator = make_speculator(config.speculative)
         # MTP drafts: the model's next-token layer runs after every step (speculative/mtp.py)
-        self.next_token = (NextTokenPass(runner)
+        self.next_token = (NextTokenPass(runner, channel.group)
                            if self.speculator is not None
                            and isinstance(self.speculator.source, MTPDraft) else None)
         self._speculating = False  # the next step plans drafts (after the previous commit)
@@ -268,7 +268,7 @@ class Engine:
         """The MTP pass over a sampled step: each row's draft chain, on the device."""
         last_logit = None
         if counts is not None:  # a verify row's last accepted token
-            start = torch.from_numpy(fwd.layout.start[:-1]).to(self.device)
+            start, = to_device_packed([torch.from_numpy(fwd.layout.start[:-1])], self.device)
             last_logit = start + counts - 1
         m = fwd.mtp
         return self.next_token.launch(m.batch, m.hidden, m.arrays, m.following, sampled,
@@ -507,7 +507,7 @@ def to_forward_batch(arrays: PlanArrays, device: torch.device,
 def run_worker(runner, channel: PlanChannel, mtp: bool = False) -> None:
     """Ranks > 0: run every plan rank 0 broadcasts (verify rows included), until it says
     stop; with `mtp`, the MTP pass after each step too (its inputs come from rank 0)."""
-    next_token = NextTokenPass(runner) if mtp else None
+    next_token = NextTokenPass(runner, channel.group) if mtp else None
     while (arrays := channel.receive()) is not None:
         index = LogitLayout.of(arrays).index if arrays.has_drafts else None
         batch = to_forward_batch(arrays, runner.device, logit_index=index)

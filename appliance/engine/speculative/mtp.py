@@ -19,7 +19,8 @@ the target commits that position, before anything reads it.
 pass made for it, which `propose` hands out while it still continues the committed context.
 
 With tensor parallelism every rank runs the same pass: rank 0 broadcasts the pass's inputs
-(the following tokens, each row's last accepted position, the chain length).
+(the following tokens and each row's last accepted position over the device group, the chain
+length over the plan's CPU group, so no rank waits for its GPU to read it).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import torch.distributed as dist
 
 from appliance.config import AppConfig, ConfigError
 from appliance.engine.plan_arrays import PlanArrays
+from appliance.engine.transfer import to_device_packed
 from appliance.engine.verify import LogitLayout
 
 
@@ -105,11 +107,12 @@ class MTPDraft:
 class NextTokenPass:
     """The MTP layer after each target step, on every rank (module doc)."""
 
-    def __init__(self, runner) -> None:
+    def __init__(self, runner, group: dist.ProcessGroup | None = None) -> None:
+        """`group`: the plan channel's CPU group (None: one rank)."""
         if runner.num_mtp_layers == 0:
             raise ValueError("speculative.method: mtp needs a checkpoint with next-token (MTP) "
                              "layers; this model has none")
-        self.runner = runner
+        self.runner, self.group = runner, group
 
     def launch(self, batch, hidden: torch.Tensor, arrays: PlanArrays, following: Following,
                sampled: torch.Tensor, last_logit: torch.Tensor | None, depth: int
@@ -117,42 +120,44 @@ class NextTokenPass:
         """Rank 0, after the target's sampler: sampled [N] (each logits row's token),
         last_logit [B] (each row's last accepted logits row; None: each row's one) -> chains
         [B, 2 + depth] int32 on the device (MTPDraft.offer)."""
-        dev = hidden.device
-        take, known = (torch.from_numpy(a).to(dev) for a in (following.take, following.known))
+        take, known = to_device_packed([torch.from_numpy(following.take),
+                                        torch.from_numpy(following.known)], hidden.device)
         shifted = torch.cat([batch.input_ids[1:], batch.input_ids[:1]])                 # [T]
         ids = torch.where(take >= 0, sampled[take.clamp(min=0).long()].to(shifted.dtype),
                           torch.where(known >= 0, known.to(shifted.dtype), shifted))
         last = (batch.last_token_index if last_logit is None
                 else batch.logit_token_index[last_logit.long()])                          # [B]
-        inputs = torch.cat([torch.tensor([depth], device=dev, dtype=torch.int64),
-                            ids.long(), last.long()])
-        if dist.is_initialized() and dist.get_world_size() > 1:
+        inputs = torch.cat([ids.long(), last.long()])
+        if self.group is not None:
+            dist.broadcast(torch.tensor([depth]), 0, group=self.group)
             dist.broadcast(inputs, 0)
-        return self._run(batch, hidden, arrays, inputs)
+        return self._run(batch, hidden, arrays, inputs, depth)
 
     def follow(self, batch, hidden: torch.Tensor, arrays: PlanArrays) -> None:
         """Ranks > 0: the same pass, on the inputs rank 0 broadcasts."""
-        inputs = torch.empty(1 + batch.num_tokens + batch.num_rows, dtype=torch.int64,
+        depth = torch.empty(1, dtype=torch.int64)
+        dist.broadcast(depth, 0, group=self.group)
+        inputs = torch.empty(batch.num_tokens + batch.num_rows, dtype=torch.int64,
                              device=hidden.device)
         dist.broadcast(inputs, 0)
-        self._run(batch, hidden, arrays, inputs)
+        self._run(batch, hidden, arrays, inputs, int(depth))
 
     @torch.inference_mode()
-    def _run(self, batch, hidden: torch.Tensor, arrays: PlanArrays, inputs: torch.Tensor
-             ) -> torch.Tensor:
+    def _run(self, batch, hidden: torch.Tensor, arrays: PlanArrays, inputs: torch.Tensor,
+             depth: int) -> torch.Tensor:
         from appliance.model import ForwardBatch
 
         t, b = batch.num_tokens, batch.num_rows
-        depth = int(inputs[0])
-        ids, last = inputs[1:1 + t], inputs[1 + t:]
+        ids, last = inputs[:t], inputs[t:]
         logits, z = self.runner.forward_next_token(0, ids, hidden, batch, last)
         drafts = [logits.argmax(dim=-1)]                                               # [B]
         dev, ps = hidden.device, self.runner.page_size
-        valid = torch.from_numpy(arrays.sample != 0).to(dev)                            # [B]
+        valid, owned = to_device_packed(
+            [torch.from_numpy(arrays.sample != 0),
+             torch.from_numpy((arrays.seq_lens.astype(np.int64) + ps - 1) // ps)], dev)  # [B]
         length = valid.long()
         position = batch.positions[last].long()                                         # [B]
         pages = batch.page_table.long()                                                 # [B, P]
-        owned = torch.from_numpy((arrays.seq_lens + ps - 1) // ps).to(dev).long()      # [B]
         rows = torch.arange(b, device=dev)
         for j in range(1, depth):
             at = position + j
