@@ -80,8 +80,9 @@ class MTPDraft:
         for rid, row in zip(rids.tolist(), chains):
             if rid in self._context and row[1] > 0:
                 self._chains[rid] = (int(row[0]), row[2:2 + row[1]].tolist())
-        if self._asked:
-            self.depth, self._asked = self._asked, 0
+        # the next passes chain as far as proposals asked since the last offer: 1 while
+        # nobody drafts (the first draft only keeps the decision to draft current)
+        self.depth, self._asked = max(1, self._asked), 0
 
     def following(self, rids: np.ndarray, arrays: PlanArrays, layout: LogitLayout | None
                   ) -> Following:
