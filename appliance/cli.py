@@ -128,6 +128,7 @@ def _serve_when_ready(config: AppConfig, listening: Listening) -> int:
 
     from appliance.engine.client import EngineClient, EngineStartError
     from appliance.engine.model_files import resolve_model_files
+    from appliance.engine.speculative.mtp import check_mtp_checkpoint
     from appliance.server.serve import serve
     from appliance.server.warming_up import WarmingUp
     from appliance.startup_progress import StartupProgress, since_process_start
@@ -135,6 +136,7 @@ def _serve_when_ready(config: AppConfig, listening: Listening) -> int:
     try:
         files = resolve_model_files(config)
         _check_model_config(files.checkpoint)
+        check_mtp_checkpoint(config, files)
     except ConfigError as e:
         print(f"tokenspeed: config error: {e}", file=sys.stderr)
         return 2

@@ -154,10 +154,7 @@ _CHOICES = {
     "kv.dtype": ("auto", "fp8_e4m3"),   # appliance/model/runner.py KV_DTYPES
 }
 # Values the contract names that this build cannot serve yet: start-up refuses them clearly.
-_NOT_YET = {
-    ("speculative.method", "mtp"): "MTP drafts need a checkpoint with next-token layers; "
-                                   "they are not in this build yet",
-}
+_NOT_YET: dict[tuple[str, str], str] = {}
 _POSITIVE = {
     "model.max_model_len", "server.port", "server.max_body_bytes", "kv.page_size", "kv.num_pages",
     "scheduler.max_batch_tokens", "scheduler.max_running", "speculative.max_draft",

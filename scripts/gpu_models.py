@@ -50,7 +50,7 @@ def step_bytes(preset: str, batch: int, mean_len: float) -> float:
     model, cfg = _meta_model(preset)
     total = 0.0
     for name, module in model.named_modules():
-        if name.startswith("mtp_layers"):          # loaded, never run
+        if name.startswith("mtp_layers"):          # run only by MTP drafts
             continue
         own = sum(p.numel() * p.element_size() for p in module.parameters(recurse=False))
         if isinstance(module, RoutedExperts):

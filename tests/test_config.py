@@ -60,7 +60,6 @@ def test_model_path_override_replaces_the_preset():
     ("scheduler.session_ttl_s=-5", "scheduler.session_ttl_s"),
     ("server=5", "server"),
     ("speculative.method=eagle", "speculative.method"),
-    ("speculative.method=mtp", "speculative.method"),  # not in this build yet
     ("speculative.max_draft=0", "speculative.max_draft"),
     ("speculative.max_draft=33", "speculative.max_draft"),
 ])
@@ -69,7 +68,7 @@ def test_bad_values_name_the_key(override, key):
         load_config(overrides=[override])
 
 
-@pytest.mark.parametrize("method", ["off", "ngram", "suffix"])
+@pytest.mark.parametrize("method", ["off", "ngram", "suffix", "mtp"])
 def test_speculative_methods_of_this_build_load(method):
     assert load_config(overrides=[f"speculative.method={method}"]).speculative.method == method
 

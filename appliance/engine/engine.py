@@ -29,9 +29,10 @@ from appliance.engine.protocol import GenerateRequest, TokenOutput
 from appliance.engine.sampler import (INT32_MAX, INT64_MAX, INT64_MIN, SampleRows, Sampler,
                                       check_sampling)
 from appliance.engine.speculative import make_speculator
+from appliance.engine.speculative.mtp import Following, MTPDraft, NextTokenPass
 from appliance.engine.speculative.policy import StepCost
 from appliance.engine.step_timing import PredictionError, timeline_from_env
-from appliance.engine.transfer import to_device
+from appliance.engine.transfer import to_device, to_device_packed
 from appliance.engine.verify import LogitLayout, Verifier, verify_bitmask
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,17 @@ class Forwarded:
     layout: LogitLayout | None  # the step's verify rows (None: it has none)
     num_draft: np.ndarray  # [B] int32
     started: float
+    mtp: "MTPInputs | None" = None  # what the MTP pass needs after sampling (MTP drafts)
+
+
+@dataclass(frozen=True)
+class MTPInputs:
+    """A step's batch, its hidden states and which token follows each of its tokens."""
+
+    batch: object  # the ForwardBatch
+    hidden: torch.Tensor  # [T, H]
+    arrays: PlanArrays
+    following: Following
 
 
 @dataclass(frozen=True)
@@ -79,6 +91,7 @@ class InFlight:
     logprobs: Logprobs | None  # CPU
     done: torch.cuda.Event | None
     started: float
+    chains: torch.Tensor | None = None  # [B, 2 + k] int32, CPU: MTP drafts (MTPDraft.offer)
 
 
 class Engine:
@@ -103,6 +116,10 @@ class Engine:
         self.grammars = Grammars(runner.vocab_size)
         self.verifier = Verifier(self.device)
         self.speculator = make_speculator(config.speculative)
+        # MTP drafts: the model's next-token layer runs after every step (speculative/mtp.py)
+        self.next_token = (NextTokenPass(runner, channel.group)
+                           if self.speculator is not None
+                           and isinstance(self.speculator.source, MTPDraft) else None)
         self._speculating = False  # the next step plans drafts (after the previous commit)
         self._next_cost = StepCost(tokens=1.0, time_s=1.0, draft_token_s=0.0)
         self._ctx, self._inbox, self._outbox = connect_engine(endpoints)
@@ -203,7 +220,13 @@ class Engine:
         batch = to_forward_batch(arrays, self.device, prev,
                                  layout.index if layout is not None else None)
         self.timeline.forward_starts(arrays.step)
-        logits = self.runner.forward(batch)                                         # [N, V]
+        mtp = None
+        if self.next_token is None:
+            logits = self.runner.forward(batch)                                     # [N, V]
+        else:
+            logits, hidden = self.runner.forward_hidden(batch)                      # [T, H]
+            mtp = MTPInputs(batch, hidden, arrays,
+                            self.speculator.source.following(rids, arrays, layout))
         if layout is None:
             rows = self.sampler.prepare(rids, arrays, self.requests, self.grammars)
         else:  # every logits row samples the token at its own position
@@ -214,7 +237,7 @@ class Engine:
             self._next_cost = StepCost(tokens=float(arrays.sample.sum()),
                                        time_s=plan.predicted_time_s - e * plan.total_drafts,
                                        draft_token_s=e)
-        return Forwarded(arrays.step, logits, rows, layout, arrays.num_draft, started)
+        return Forwarded(arrays.step, logits, rows, layout, arrays.num_draft, started, mtp)
 
     def _sample(self, fwd: Forwarded) -> InFlight:
         held_back = fwd.rows.processors.held_back if fwd.rows.processors is not None else {}
@@ -227,6 +250,9 @@ class Engine:
         counts = first = None
         if fwd.layout is not None:
             counts, first = self.verifier.accept(sampled.tokens, fwd.layout)
+        chains = None
+        if fwd.mtp is not None:
+            chains = self._mtp_chains(fwd, sampled.tokens, counts).to("cpu", non_blocking=True)
         host = sampled.tokens.to("cpu", non_blocking=True)
         counts_host = counts.to("cpu", non_blocking=True) if counts is not None else None
         logprobs = sampled.logprobs.to_host() if sampled.logprobs is not None else None
@@ -235,7 +261,18 @@ class Engine:
             done.record()
         self.timeline.sampler_launched(fwd.step)
         return InFlight(fwd.step, fwd.rows.rids, sampled.tokens if first is None else first,
-                        host, counts_host, fwd.num_draft, logprobs, done, fwd.started)
+                        host, counts_host, fwd.num_draft, logprobs, done, fwd.started, chains)
+
+    def _mtp_chains(self, fwd: Forwarded, sampled: torch.Tensor,
+                    counts: torch.Tensor | None) -> torch.Tensor:
+        """The MTP pass over a sampled step: each row's draft chain, on the device."""
+        last_logit = None
+        if counts is not None:  # a verify row's last accepted token
+            start, = to_device_packed([torch.from_numpy(fwd.layout.start[:-1])], self.device)
+            last_logit = start + counts - 1
+        m = fwd.mtp
+        return self.next_token.launch(m.batch, m.hidden, m.arrays, m.following, sampled,
+                                      last_logit, self.speculator.source.depth)
 
     def _commit(self, step: InFlight) -> None:
         if step.done is not None:
@@ -259,9 +296,11 @@ class Engine:
         self.timeline.mark("emit")
         if self.speculator is None:
             return
+        row_rids = step.rids[np.cumsum(step.num_draft + 1) - step.num_draft - 1]       # [B]
+        if step.chains is not None:
+            self.speculator.source.offer(row_rids, step.chains.numpy())
         verified = []
         if counts is not None:
-            row_rids = step.rids[np.cumsum(step.num_draft + 1) - step.num_draft - 1]   # [B]
             verified = [(int(r), int(k), int(n) - 1)
                         for r, k, n in zip(row_rids, step.num_draft, counts) if k > 0]
         self.speculator.committed(emitted, verified, len(step.num_draft), measured)
@@ -465,9 +504,14 @@ def to_forward_batch(arrays: PlanArrays, device: torch.device,
         logit_index=views.get("logit_index"))
 
 
-def run_worker(runner, channel: PlanChannel) -> None:
+def run_worker(runner, channel: PlanChannel, mtp: bool = False) -> None:
     """Ranks > 0: run every plan rank 0 broadcasts (verify rows included), until it says
-    stop."""
+    stop; with `mtp`, the MTP pass after each step too (its inputs come from rank 0)."""
+    next_token = NextTokenPass(runner, channel.group) if mtp else None
     while (arrays := channel.receive()) is not None:
         index = LogitLayout.of(arrays).index if arrays.has_drafts else None
-        runner.forward(to_forward_batch(arrays, runner.device, logit_index=index))
+        batch = to_forward_batch(arrays, runner.device, logit_index=index)
+        if next_token is None:
+            runner.forward(batch)
+        else:
+            next_token.follow(batch, runner.forward_hidden(batch)[1], arrays)

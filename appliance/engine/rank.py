@@ -59,7 +59,7 @@ def run_rank(config: AppConfig, files: ModelFiles, endpoints: EngineEndpoints | 
             check_kv_pool(config, runner)
             Engine(config, runner, channel, endpoints, tokenizer=files.tokenizer).run()
         else:
-            run_worker(runner, channel)
+            run_worker(runner, channel, mtp=config.speculative.method == "mtp")
     except Exception as e:
         if isinstance(e, (StartupError, ConfigError, LoadError)):  # the message says it all
             message = str(e)

@@ -184,9 +184,11 @@ class CompiledModel:
         return [s for s in self.steps if s.op != "none"]
 
 
-def chain_nodes(model: nn.Module) -> tuple[list[ChainNode], dict[str, Placed]]:
-    """The model's chain as ChainNodes (with the final sink "logits" requiring Replicate)."""
-    chain = list(model.placement_chain())
+def chain_nodes(model: nn.Module, chain: Sequence[tuple[str, nn.Module]] | None = None
+                ) -> tuple[list[ChainNode], dict[str, Placed]]:
+    """The model's chain (or `chain`, one of its side chains) as ChainNodes, with the final
+    sink "logits" requiring Replicate."""
+    chain = list(model.placement_chain() if chain is None else chain)
     nodes: list[ChainNode] = []
     mods: dict[str, Placed] = {}
     for name, mod in chain:
@@ -280,8 +282,14 @@ def _check_slice(sl: LoadSlice, param: torch.Tensor) -> int:
 
 
 def compile_model(model: nn.Module, layout: ParallelLayout, world: World) -> CompiledModel:
-    """Plan and install the collectives of `model`, and plan its weight shards."""
-    nodes, mods = chain_nodes(model)
-    steps = plan_collectives(nodes, layout)
-    install(steps, mods, world)
+    """Plan and install the collectives of `model` (its chain, then its `side_chains()`: the
+    modules it runs beside the main chain, e.g. MTP layers, which start at a module the main
+    chain already has), and plan its weight shards."""
+    steps: list[Step] = []
+    side_chains = getattr(model, "side_chains", lambda: ())
+    for chain in (None, *side_chains()):
+        nodes, mods = chain_nodes(model, chain)
+        chain_steps = plan_collectives(nodes, layout)
+        install(chain_steps, mods, world)
+        steps += chain_steps
     return CompiledModel(steps, plan_weights(model, layout))

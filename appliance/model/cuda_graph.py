@@ -8,26 +8,34 @@ logits. Batches with prefill rows, more rows than the largest bucket, or a page 
 than `max_pages` run eagerly. The page table is always presented `max_pages` wide, so the
 attention kernels choose their split-KV for `max_pages * page_size` tokens.
 Every rank makes the same choice for the same batch, so collectives stay matched (NCCL
-collectives are captured into the graph like any kernel).
+collectives are captured into the graph like any kernel). `forward` picks what is captured:
+the model's forward (logits), or e.g. `forward_hidden` (logits and every token's hidden
+state, for MTP drafts).
 """
 from __future__ import annotations
 
 import bisect
 
 import torch
+from typing import Callable
+
 from torch import nn
 
 from appliance.model.batch import ForwardBatch
+
+Output = torch.Tensor | tuple[torch.Tensor, ...]
 
 DEFAULT_BUCKETS: tuple[int, ...] = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 
 
 class DecodeGraphs:
     def __init__(self, model: nn.Module, device: torch.device, max_batch: int, max_pages: int,
-                 buckets: tuple[int, ...] = DEFAULT_BUCKETS) -> None:
+                 buckets: tuple[int, ...] = DEFAULT_BUCKETS,
+                 forward: Callable[[ForwardBatch], Output] | None = None) -> None:
         if device.type != "cuda":
             raise ValueError("CUDA graphs need a CUDA device")
         self.model, self.device, self.max_pages = model, device, max_pages
+        self.forward = forward or model
         self.buckets = sorted({b for b in buckets if b < max_batch} | {max_batch})
         self.max_batch = self.buckets[-1]
         n, i32 = self.max_batch, dict(dtype=torch.int32, device=device)
@@ -38,7 +46,7 @@ class DecodeGraphs:
         self.slot_mapping = torch.full((n,), -1, **i32)         # [N]
         self.query_start = torch.arange(n + 1, **i32)           # [N+1]: one token per row
         self.prefix_lens = torch.zeros(n, **i32)                # [N]
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, Output]] = {}
         pool = None
         with torch.inference_mode():
             for bs in reversed(self.buckets):  # largest first: later graphs reuse its pool
@@ -53,16 +61,16 @@ class DecodeGraphs:
             seq_lens=self.seq_lens[:bs], page_table=self.page_table[:bs],
             slot_mapping=self.slot_mapping[:bs], num_decode=bs)
 
-    def _capture(self, bs: int, pool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    def _capture(self, bs: int, pool) -> tuple[torch.cuda.CUDAGraph, Output]:
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):  # warm up (Triton autotune / compile) outside capture
             for _ in range(2):
-                self.model(self._batch(bs))
+                self.forward(self._batch(bs))
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=pool):
-            out = self.model(self._batch(bs))                   # [bs, V_local or V]
+            out = self.forward(self._batch(bs))                 # [bs, V_local or V] (, ...)
         return graph, out
 
     def can_run(self, batch: ForwardBatch) -> bool:
@@ -70,8 +78,9 @@ class DecodeGraphs:
                 and batch.num_rows <= self.max_batch
                 and batch.page_table.shape[1] <= self.max_pages)
 
-    def run(self, batch: ForwardBatch) -> torch.Tensor:
-        """logits [B, V_padded] of a decode-only batch (a view of the graph's output)."""
+    def run(self, batch: ForwardBatch) -> Output:
+        """logits [B, V_padded] of a decode-only batch (a view of the graph's output; each of
+        its tensors' first B rows when `forward` returns several)."""
         rows = batch.num_rows
         bs = self.buckets[bisect.bisect_left(self.buckets, rows)]
         width = batch.page_table.shape[1]
@@ -87,4 +96,4 @@ class DecodeGraphs:
             self.page_table[rows:bs, 0].fill_(0)
         graph, out = self.graphs[bs]
         graph.replay()
-        return out[:rows]
+        return tuple(o[:rows] for o in out) if isinstance(out, tuple) else out[:rows]

@@ -4,6 +4,8 @@
                          tp_rank=0, tp_size=1, kv_num_pages=512, page_size=16)
     logits = runner.forward(batch)      # [N, vocab] float32: each row's last token, or
                                         # every token listed in batch.logit_index
+    logits, hidden = runner.forward_hidden(batch)   # ... and every token's hidden state
+    logits, z = runner.forward_next_token(0, ids, hidden, batch, rows)   # an MTP layer
 
 `model_cfg` is an HF checkpoint folder (str / Path), an HF config dict (dummy weights), or a
 `ModelSource` (path or preset, load_format, seed). With tp_size > 1 the caller has already
@@ -197,6 +199,12 @@ class ModelRunner:
             self.kv_caches.append(caches)
         log.info("KV cache: %s", self.kv_summary())
         self.decode_graphs: DecodeGraphs | None = None
+        self._graphs_hidden = False  # the graphs return forward_hidden's pair
+
+    @property
+    def num_mtp_layers(self) -> int:
+        """The model's multi-token-prediction layers (appliance/model/mtp.py) that loaded."""
+        return len(getattr(self.model, "mtp_layers", ()))
 
     def _check_kv_dtype(self, model: nn.Module) -> None:
         """Refuse a quantized cache for a model with KV layers that cannot read it."""
@@ -230,7 +238,8 @@ class ModelRunner:
         """From the daemon's AppConfig and resolved model files (appliance.engine.model_files):
         `files.checkpoint` (HF folder) or `files.preset` (dummy weights). On CUDA, decode
         steps of up to min(scheduler.max_running, 256) rows run as CUDA graphs (see
-        `use_cuda_graphs`). `on_stage` hears each start-up stage begin and end."""
+        `use_cuda_graphs`; with `speculative.method: mtp` they return the hidden states too).
+        `on_stage` hears each start-up stage begin and end."""
         report = on_stage or (lambda stage, summary: None)
         dummy = files.checkpoint is None or config.model.load_format == "dummy"
         source = ModelSource(path=files.checkpoint, preset=files.preset,
@@ -254,7 +263,8 @@ class ModelRunner:
         if use_cuda_graphs(runner.device, dtype, dict(config.kernels.override)):
             report("CUDA graphs", None)
             started = time.perf_counter()
-            runner.enable_cuda_graphs(min(int(config.scheduler.max_running), 256), max_len)
+            runner.enable_cuda_graphs(min(int(config.scheduler.max_running), 256), max_len,
+                                      hidden=config.speculative.method == "mtp")
             report("CUDA graphs", f"{len(runner.decode_graphs.buckets)} decode batch sizes in "
                                   f"{time.perf_counter() - started:.1f} s")
         if runner.device.type == "cuda":
@@ -278,13 +288,17 @@ class ModelRunner:
         log.info("warm-up: %d eager batches in %.1f s", len(batches),
                  time.perf_counter() - started)
 
-    def enable_cuda_graphs(self, max_batch: int, max_model_len: int | None = None) -> None:
+    def enable_cuda_graphs(self, max_batch: int, max_model_len: int | None = None,
+                           hidden: bool = False) -> None:
         """Capture decode-only steps of up to `max_batch` rows whose sequences fit
-        `max_model_len` tokens (default: the model's) as CUDA graphs."""
+        `max_model_len` tokens (default: the model's) as CUDA graphs; `hidden`: of
+        `forward_hidden` (then `forward` runs decode steps eagerly)."""
         max_len = max_model_len or self.max_model_len
         started = time.perf_counter()
         self.decode_graphs = DecodeGraphs(self.model, self.device, max_batch,
-                                          -(-max_len // self.page_size))
+                                          -(-max_len // self.page_size),
+                                          forward=self.model.forward_hidden if hidden else None)
+        self._graphs_hidden = hidden
         log.info("CUDA graphs of decode steps captured for batch sizes %s in %.1f s",
                  self.decode_graphs.buckets, time.perf_counter() - started)
 
@@ -319,11 +333,37 @@ class ModelRunner:
         batch.logit_index (speculative verify rows); the same on every rank. Decode-only steps
         replay CUDA graphs; steps with verify rows are extend steps and run eagerly."""
         batch.validate()
-        if self.decode_graphs is not None and self.decode_graphs.can_run(batch):
+        if (not self._graphs_hidden and self.decode_graphs is not None
+                and self.decode_graphs.can_run(batch)):
             logits = self.decode_graphs.run(batch)                 # [B, V_padded], reused
             return logits[:, : self.vocab_size].to(torch.float32, copy=True)
-        logits = self.model(batch)                                 # [N, V_padded]
-        if logits.shape[0] != batch.num_logits:
+        return self._logits(self.model(batch), batch.num_logits)
+
+    @torch.inference_mode()
+    def forward_hidden(self, batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """`forward`'s logits and hidden [T, H]: every token's state after the final norm (a
+        model with MTP layers; what they read)."""
+        batch.validate()
+        if (self._graphs_hidden and self.decode_graphs is not None
+                and self.decode_graphs.can_run(batch)):
+            logits, hidden = self.decode_graphs.run(batch)         # views of reused buffers
+            return logits[:, : self.vocab_size].to(torch.float32, copy=True), hidden.clone()
+        logits, hidden = self.model.forward_hidden(batch)
+        return self._logits(logits, batch.num_logits), hidden
+
+    @torch.inference_mode()
+    def forward_next_token(self, layer_idx: int, input_ids: torch.Tensor, hidden: torch.Tensor,
+                           batch: ForwardBatch, rows: torch.Tensor
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+        """MTP layer `layer_idx` over `batch` (input_ids [T]: the token after each position,
+        hidden [T, H] the state at it) -> (logits [R, vocab] float32, normed state [R, H]) of
+        the tokens `rows` names; writes that layer's KV cache at the batch's slots."""
+        logits, z = self.model.forward_next_token(layer_idx, input_ids, hidden, batch, rows)
+        return self._logits(logits, rows.shape[0]), z
+
+    def _logits(self, logits: torch.Tensor, expected: int) -> torch.Tensor:
+        """[N, V_padded] -> [N, vocab] float32, after checking the row count."""
+        if logits.shape[0] != expected:
             raise ValueError(f"{type(self.model).__name__} returned {logits.shape[0]} logits "
-                             f"rows for {batch.num_logits} (does it read logit_token_index?)")
+                             f"rows for {expected} (does it read logit_token_index?)")
         return logits[:, : self.vocab_size].float()

@@ -162,7 +162,7 @@ def _with_mtp_layer(src: Path, dst: Path, drop: str | None = None) -> dict[str, 
     return mtp
 
 
-def test_glm_mtp_layer_is_loaded_and_ignored(tmp_path, tmp_path_factory):
+def test_glm_mtp_layer_is_loaded_and_leaves_the_target_alone(tmp_path, tmp_path_factory):
     """A checkpoint with the MTP layer (num_nextn_predict_layers: 1) loads it into
     model.mtp_layers[0] (every tensor from model.layers.3.*, the routed experts stacked), gives
     its attention a KV cache, and leaves the greedy tokens HF's. One of its tensors missing:

@@ -7,12 +7,13 @@ from collections.abc import Callable
 
 from appliance.config import SpeculativeConfig
 from appliance.engine.speculative.draft import DraftSource
+from appliance.engine.speculative.mtp import MTPDraft
 from appliance.engine.speculative.ngram import NgramDraft
 from appliance.engine.speculative.speculator import Speculator
 from appliance.engine.speculative.suffix import SuffixDraft
 
-# `speculative.method` -> its draft source (appliance/config.py refuses the methods this build
-# does not have)
+# `speculative.method` -> its draft source, for the sources that read tokens only; "mtp"
+# (MTPDraft) also needs the engine to run the model's next-token layer (speculative/mtp.py)
 DRAFT_SOURCES: dict[str, Callable[[], DraftSource]] = {"ngram": NgramDraft, "suffix": SuffixDraft}
 
 
@@ -20,4 +21,6 @@ def make_speculator(config: SpeculativeConfig) -> Speculator | None:
     """The configured draft source behind a Speculator; None when speculation is off."""
     if config.method == "off":
         return None
-    return Speculator(DRAFT_SOURCES[config.method](), config.max_draft)
+    source = (MTPDraft(config.max_draft) if config.method == "mtp"
+              else DRAFT_SOURCES[config.method]())
+    return Speculator(source, config.max_draft)

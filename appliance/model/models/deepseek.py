@@ -10,8 +10,10 @@ experts over "moe_tp" (and "moe_ep"); the placement compiler inserts the collect
 
 Checkpoint names are HF's, so the loader maps them directly, except the routed experts:
 `mlp.experts.{e}.{gate,up,down}_proj.weight` are stacked into `mlp.experts.w13` / `w2`.
-Tensors of V3's multi-token-prediction layer (`model.layers.{num_hidden_layers}.*`) are not
-used and are skipped by the loader.
+V3's multi-token-prediction layers (`model.layers.{num_hidden_layers + i}.*`: an MLA + MoE
+decoder layer with enorm, hnorm, eh_proj, shared_head.norm) are built as `mtp_layers` and run
+by `forward_next_token` (appliance/model/mtp.py) for MTP speculative decoding; a checkpoint
+without them (transformers saves none) builds none.
 
 V2 vs V3: V2 routes with softmax scores (greedy or group-limited greedy, groups ranked by
 their best expert) and always rotates interleaved rope pairs; V3 routes with sigmoid scores
@@ -31,6 +33,7 @@ from appliance.model.layers.norm import RMSNorm
 from appliance.model.layers.rotary import RotaryEmbedding
 from appliance.model.models import register_model
 from appliance.model.models.llama import LlamaDecoderLayer, LlamaForCausalLM, LlamaModel
+from appliance.model.mtp import NextTokenLayers, mtp_layer_count
 
 
 class DeepseekDecoderLayer(LlamaDecoderLayer):
@@ -61,6 +64,7 @@ class DeepseekModel(LlamaModel):
         mla = MLAConfig.from_hf(hf, rope_is_neox=version == 3 and
                                 hf.get("rope_interleave", True) is False)
         moe = MoEConfig.from_hf(hf, version) if hf.get("n_routed_experts") else None
+        self.mla, self.moe = mla, moe
         self.embed_tokens = VocabParallelEmbedding(vocab, hidden, ctx.layout)
         self.rotary_emb = mla_rotary(mla, ctx)
         self.layers = nn.ModuleList(
@@ -69,9 +73,9 @@ class DeepseekModel(LlamaModel):
         self.norm = RMSNorm(hidden, float(hf.get("rms_norm_eps", 1e-6)), ctx.device, ctx.dtype)
 
 
-class DeepseekForCausalLM(LlamaForCausalLM):
-    """model + lm_head; `placement_chain` and `forward` (logits of each row's last token)
-    are the shared causal-LM wrapper's."""
+class DeepseekForCausalLM(NextTokenLayers, LlamaForCausalLM):
+    """model + lm_head (+ MTP layers); `placement_chain` and `forward` (logits of each row's
+    last token) are the shared causal-LM wrapper's."""
 
     version = 2
 
@@ -83,6 +87,10 @@ class DeepseekForCausalLM(LlamaForCausalLM):
         tied = bool(hf_config.get("tie_word_embeddings", False))
         self.lm_head = ParallelLMHead(vocab, hidden, ctx.layout,
                                       tied_to=self.model.embed_tokens if tied else None)
+        first, m = int(hf_config["num_hidden_layers"]), self.model
+        self.build_next_token_layers(hf_config, [
+            DeepseekDecoderLayer(hf_config, first + i, m.mla, m.moe, m.rotary_emb, ctx)
+            for i in range(mtp_layer_count(hf_config, ctx.checkpoint_tensors))], ctx)
 
 
 @register_model("DeepseekV2ForCausalLM")

@@ -9,29 +9,24 @@ group-limited top-k (groups ranked by their top-2 sum), weights renormalised whe
 `norm_topk_prob` and multiplied by `routed_scaling_factor`, plus `n_shared_experts` shared
 experts. The attention / decoder skeleton is the Llama family's, the MoE layers/moe.py's.
 
-Multi-token prediction: the checkpoint's `num_nextn_predict_layers` layers are stored after the
-decoder as `model.layers.{num_hidden_layers + i}.*`: enorm, hnorm, eh_proj [H, 2H],
-shared_head.norm and a full decoder layer (attention + MoE). They are built as `mtp_layers`
-and loaded (so a speculative decoder finds them, with the KV cache of their attention
-allocated beside the others) but nothing runs them yet: they are not on the placement chain.
-GLM-4.5 also stores a copy of the embedding and LM head there (`embed_tokens`,
-`shared_head.head`), GLM-4.6 does not; the main model's serve both, so they are not loaded.
-A checkpoint saved by transformers (which drops the MTP tensors) still loads: its MTP layers
-are left out when it holds no `eh_proj` for them.
+Multi-token prediction: the checkpoint's `num_nextn_predict_layers` layers (a decoder layer
+with attention + MoE, plus enorm, hnorm, eh_proj, shared_head.norm) are built as `mtp_layers`
+and run by `forward_next_token` (appliance/model/mtp.py, shared with DeepSeek-V3), which MTP
+speculative decoding drives. GLM-4.5 also stores a copy of the embedding and LM head there
+(`embed_tokens`, `shared_head.head`), GLM-4.6 does not; the main model's serve both, so they
+are not loaded. A checkpoint saved by transformers (which drops the MTP tensors) still loads:
+its MTP layers are left out when it holds no `eh_proj` for them.
 """
 from __future__ import annotations
 
 import dataclasses
 
-from torch import nn
-
 from appliance.model.context import BuildContext
-from appliance.model.layers.linear import ReplicatedLinear
 from appliance.model.layers.moe import DeepseekMoE, MoEConfig
-from appliance.model.layers.norm import RMSNorm
-from appliance.model.layers.rotary import RotaryEmbedding, rope_params
+from appliance.model.layers.rotary import rope_params
 from appliance.model.models import register_model
 from appliance.model.models.llama import LlamaConfig, LlamaDecoderLayer, LlamaForCausalLM
+from appliance.model.mtp import NextTokenLayers, mtp_layer_count
 from appliance.model.placement import Placed
 
 DEFAULT_PARTIAL_ROTARY_FACTOR = 0.5  # transformers' Glm4MoeConfig, for configs that omit it
@@ -56,45 +51,14 @@ def is_moe_layer(hf: dict, layer_idx: int) -> bool:
     return layer_idx >= int(hf.get("first_k_dense_replace") or 0)
 
 
-def mtp_layer_count(hf: dict, ctx: BuildContext) -> int:
-    """The MTP layers to build: the config's, unless the checkpoint holds none of them."""
-    n = int(hf.get("num_nextn_predict_layers") or 0)
-    first = f"model.layers.{int(hf['num_hidden_layers'])}.eh_proj.weight"
-    if n and ctx.checkpoint_tensors is not None and first not in ctx.checkpoint_tensors:
-        return 0
-    return n
-
-
-class Glm4MoeMTPLayer(LlamaDecoderLayer):
-    """One multi-token-prediction layer: a decoder layer (attention + MoE) plus the norms of
-    the embedding (enorm) and of the previous hidden state (hnorm), their projection eh_proj
-    and the norm before the shared LM head. Loaded; not run yet (module docstring): the
-    inherited `forward` is the decoder block alone, which a speculative decoder runs on
-    eh_proj(cat(enorm(embedding), hnorm(hidden)))."""
-
-    def __init__(self, cfg: LlamaConfig, moe: MoEConfig, rotary_emb: RotaryEmbedding,
-                 ctx: BuildContext) -> None:
-        super().__init__(cfg, rotary_emb, ctx, DeepseekMoE(moe, ctx))
-        h, eps = cfg.hidden_size, cfg.rms_norm_eps
-        self.enorm = RMSNorm(h, eps, ctx.device, ctx.dtype)
-        self.hnorm = RMSNorm(h, eps, ctx.device, ctx.dtype)
-        self.eh_proj = ReplicatedLinear(2 * h, h, bias=False)
-        self.shared_head = nn.Module()
-        self.shared_head.norm = RMSNorm(h, eps, ctx.device, ctx.dtype)
-
-
 @register_model("Glm4MoeForCausalLM")
-class Glm4MoeForCausalLM(LlamaForCausalLM):
+class Glm4MoeForCausalLM(NextTokenLayers, LlamaForCausalLM):
     def __init__(self, hf_config: dict, ctx: BuildContext) -> None:
         super().__init__(hf_config, ctx)
-        layers = int(hf_config["num_hidden_layers"])
         moe = glm4_moe_config(hf_config)
-        self.mtp_layers = nn.ModuleList(
-            Glm4MoeMTPLayer(self.config, moe, self.model.rotary_emb, ctx)
-            for _ in range(mtp_layer_count(hf_config, ctx)))
-        # the checkpoint's names of their tensors (compiler.plan_weights)
-        self.checkpoint_prefixes = {f"mtp_layers.{i}.": f"model.layers.{layers + i}."
-                                    for i in range(len(self.mtp_layers))}
+        self.build_next_token_layers(hf_config, [
+            LlamaDecoderLayer(self.config, self.model.rotary_emb, ctx, DeepseekMoE(moe, ctx))
+            for _ in range(mtp_layer_count(hf_config, ctx.checkpoint_tensors))], ctx)
 
     @classmethod
     def read_config(cls, hf_config: dict) -> LlamaConfig:
