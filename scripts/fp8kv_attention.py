@@ -9,6 +9,8 @@ of 128 over 8 KV heads, 16-token pages): part (a) of scripts/gpu_fp8kv.
    bytes it reads per second beside the device copy bandwidth measured in this run.
 3. Extend attention over an FP8 prefix, both kernels (gathered; contiguous new tokens), against
    the reference.
+4. `--sweep`: decode tiles (keys per tile, warps, stages) at B=256 x 2048 for both caches: an
+   FP8 tile of 64 keys moves half the bytes of a bf16 one per load, so its best tile may differ.
 
     python scripts/fp8kv_attention.py [--batches 1 64 256] [--contexts 1024 2048]
 """
@@ -22,6 +24,7 @@ from kernel_bench.harness import graph_ms, measure_ceilings, rel_err
 from kernels import reference as R
 from kernels.reference.kv_cache import FP8_KV_DTYPE, quantize
 from kernels.triton import attention_ops as A
+from kernels.triton.attention import AttentionTiles, attention_tiles, paged_attention
 from kernels.triton import rope_kv as RK
 
 DEV, BF16, F8 = "cuda", torch.bfloat16, FP8_KV_DTYPE
@@ -105,6 +108,33 @@ def decode_rows(batches: list[int], contexts: list[int], copy_gbs: float) -> lis
     return failures
 
 
+def tile_sweep(batch: int = 256, context: int = 2048) -> None:
+    """Decode time per tile shape, bf16 and FP8 caches (the default tile first)."""
+    default = attention_tiles(decode=True, mla=False, group=HQ // HK)
+    shapes = [default] + [AttentionTiles(default.g_blk, 1, n, w, st)
+                          for n in (32, 64, 128) for w in (4, 8) for st in (2, 3, 4)
+                          if (n, w, st) != (default.block_n, default.num_warps, default.num_stages)]
+    print(f"  B={batch} ctx={context}: us per tile shape (block_n, warps, stages)")
+    for kv, scale in ((BF16, 1.0), (F8, K_SCALE)):
+        table, kc, vc, lens = paged_cache(batch, context, kv, scale)
+        q = torch.randn(batch, HQ, D, device=DEV, dtype=BF16)
+        ref = R.decode_attention(q, kc, vc, table, lens, PAGE, D ** -0.5, k_scale=scale,
+                                 v_scale=scale)
+        cells = []
+        for t in shapes:
+            def run(t=t):
+                return paged_attention(q, None, kc, None, vc, table, None, lens, PAGE, D ** -0.5,
+                                       tiles=t, k_scale=scale, v_scale=scale)
+            try:
+                ok = rel_err(run(), ref) < TOL
+                cells.append(f"({t.block_n},{t.num_warps},{t.num_stages}) "
+                             f"{graph_ms(run) * 1e3:.1f}{'' if ok else ' FAIL'}")
+            except Exception as e:  # noqa: BLE001 - a shape the GPU cannot run (shared memory)
+                cells.append(f"({t.block_n},{t.num_warps},{t.num_stages}) {type(e).__name__}")
+        print(f"  {'fp8' if kv == F8 else 'bf16':>5}: " + "; ".join(cells))
+        del table, kc, vc
+
+
 def extend_rows() -> list[str]:
     """An FP8 prefix of 1500 keys + 300 new tokens a row (the gathering kernel), and 64 + 2000
     (mostly new: the contiguous prefill kernel), against the reference."""
@@ -138,6 +168,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 64, 256])
     parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 2048])
+    parser.add_argument("--sweep", action="store_true", help="decode tile shapes (4.)")
     args = parser.parse_args()
     torch.manual_seed(0)
     ceil = measure_ceilings()
@@ -149,6 +180,9 @@ def main() -> int:
     failures += decode_rows(args.batches, args.contexts, ceil.copy_gbs)
     print("extend attention over an FP8 cache:")
     failures += extend_rows()
+    if args.sweep:
+        print("decode tile sweep:")
+        tile_sweep()
     print(f"\nkernel checks: {'all ok' if not failures else 'FAILED: ' + ', '.join(failures)}")
     return 1 if failures else 0
 
