@@ -30,7 +30,10 @@ def test_triton_equals_reference_over_fp8_cache():
     ref = build(dummy("llama-3.1-8b", 2), torch.bfloat16, "torch", kv_num_pages=64,
                 page_size=16, kv_dtype=F8)
     assert any(b.num_decode and b.num_rows > b.num_decode for b, _ in steps)  # mixed batches
-    assert_steps_match(ref, steps)
+    # The Triton prefill reads a chunk's own K/V unquantized from the layer, the reference reads
+    # them back from the FP8 cache: they differ by e4m3's rounding (~6% an element at worst; on
+    # the H200 a prefill batch's logits came 7.2% of the largest apart, past bf16's 4%)
+    assert_steps_match(ref, steps, tol=0.12)
 
 
 @cuda
