@@ -168,12 +168,26 @@ async def _run(config: AppConfig, args: argparse.Namespace, http: httpx.AsyncCli
                     lambda p=p: _counted(advance, _complete(http, model, p, args.output_len))
                     for p in prompts])
     elapsed = time.perf_counter() - started
-    after = (await http.get("/stats")).json()
+    after = await _stats_covering(http, before, sum(r.prompt_tokens for r in results))
     expected = min(concurrency, len(results))
     summary = _summarize(config, args.mode, concurrency, results, elapsed, before, after, load, expected)
     if args.mode == "agentic":
         summary["workload"] = args.workload
     return summary
+
+
+async def _stats_covering(http: httpx.AsyncClient, before: dict, prompt_tokens: int,
+                          wait_s: float = 2.0) -> dict:
+    """/stats once its totals count every prompt the run sent: the engine reports them every
+    0.25 s, so a read right after a short run can miss the last admissions (and their prefix
+    cache hits). After `wait_s` the latest snapshot, whatever it counts."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        after = (await http.get("/stats")).json()
+        counted = after["totals"]["prompt_tokens"] - before["totals"]["prompt_tokens"]
+        if counted >= prompt_tokens or time.monotonic() > deadline:
+            return after
+        await asyncio.sleep(0.05)
 
 
 @asynccontextmanager

@@ -70,10 +70,12 @@ void PrefixCache::insert(std::span<const int32_t> tokens,
     auto page = tokens.subspan(i * page_size_, page_size_);
     key = page_key(key, page);
     PageId p = find(key, parent, page);
-    // Cached under another page: this sequence computed a duplicate. Stop, so
-    // that a node's parent is always held by whoever holds the node (an idle
-    // parent of a busy child could never be evicted).
-    if (p >= 0 && p != pages[i]) return;
+    // Cached under another page: this sequence computed a duplicate (two
+    // requests prefilled the same system prompt at once). Its later pages go on
+    // under the cached one, whose content is the same: stopping here left every
+    // page after an agent's shared system prompt out of the cache. The cached
+    // page may be idle above this sequence's busy ones: it has children, so it
+    // leaves the LRU set until they are evicted, after their holder lets go.
     if (p < 0) {
       p = pages[i];
       // A page already cached elsewhere cannot hold this content: stop.
@@ -165,8 +167,6 @@ void PrefixCache::check_invariants() const {
     if (n.parent >= 0) {
       if (!nodes_[n.parent].live) throw std::logic_error("cache node orphaned");
       ++children[n.parent];
-      if (!idle(page) && idle(n.parent))
-        throw std::logic_error("busy cached page below an idle one (unevictable)");
     }
     if (static_cast<int32_t>(n.tokens.size()) != page_size_)
       throw std::logic_error("cache node with a partial page");

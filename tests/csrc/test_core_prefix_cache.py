@@ -153,3 +153,28 @@ def test_cached_tokens_reports_each_requests_prefix_hit():
     s.commit(p.step, i32([1] * p.num_rows), 0.0)
     Driver(s).run()
     assert s.cached_tokens(99) is None
+
+
+def test_requests_that_prefilled_one_system_prompt_at_once_both_cache_their_turn():
+    """Two agents admitted together share a system prompt neither found cached: each computes
+    its own copy. The second to be cached finds the first's system pages: its later pages must
+    still be recorded (under the cached ones), or its next turn hits only the system prompt."""
+    ps = 4
+    s = make(num_pages=256, page_size=ps, max_batch_tokens=256)
+    system = list(range(500, 520))                       # 5 pages, shared
+    a, b = system + list(range(100, 140)), system + list(range(200, 260))
+    s.submit(1, i32(a), 6, i32([]))
+    s.submit(2, i32(b), 6, i32([]))
+    d = Driver(s)
+    d.run()
+    s.check_invariants()
+    for rid, prompt, nxt in ((3, a, 1), (4, b, 2)):
+        turn = prompt + d.outputs[nxt] + [7, 8, 9]
+        before = s.stats()["prefix_cache_hit_tokens_total"]
+        s.submit(rid, i32(turn), 2, i32([]))
+        Driver(s).run()
+        hit = s.stats()["prefix_cache_hit_tokens_total"] - before
+        assert hit == (len(prompt) + len(d.outputs[nxt]) - 1) // ps * ps, (rid, hit)
+        s.check_invariants()
+    assert s.evict_cache() > 0 and s.stats()["pages_cached"] == 0  # every page evictable at rest
+    s.check_invariants()
