@@ -184,7 +184,8 @@ async def _stats_covering(http: httpx.AsyncClient, before: dict, prompt_tokens: 
     deadline = time.monotonic() + wait_s
     while True:
         after = (await http.get("/stats")).json()
-        counted = after["totals"]["prompt_tokens"] - before["totals"]["prompt_tokens"]
+        counted = (after["totals"].get("prompt_tokens", prompt_tokens)
+                   - before["totals"].get("prompt_tokens", 0))
         if counted >= prompt_tokens or time.monotonic() > deadline:
             return after
         await asyncio.sleep(0.05)

@@ -278,9 +278,10 @@ int32_t Scheduler::chunk_tokens(int32_t remaining, int32_t prefix, int32_t budge
   double per_token = c[2] + c[3];
   double fit = per_token > 0 ? std::floor(avail / per_token) : n;
   int64_t allowed = fit < 0 ? 0 : static_cast<int64_t>(std::min<double>(fit, n));
-  // The first prefill of a step gets a worthwhile chunk or none (step_target).
-  if (first_prefill && allowed < cfg_.min_prefill_chunk)
-    allowed = target.progress ? cfg_.min_prefill_chunk : 0;
+  // The first prefill of a step gets a worthwhile chunk (min_prefill_chunk, or
+  // what is left of the prompt) or none (step_target).
+  int64_t worthwhile = std::min<int64_t>(cfg_.min_prefill_chunk, n);
+  if (first_prefill && allowed < worthwhile) allowed = target.progress ? worthwhile : 0;
   return static_cast<int32_t>(std::min<int64_t>(allowed, n));
 }
 

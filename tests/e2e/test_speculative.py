@@ -16,10 +16,11 @@ from daemon_process import start_daemon
 
 pytestmark = pytest.mark.slow  # spawns the daemon: skipped by -m 'not slow'
 
-# The seeded tiny model (speed); 64-token steps chunk every prompt below; 40 pages of 16 tokens
-# hold ~3 of the batched requests at full length, so running six at once preempts.
+# The seeded tiny model (speed); 64-token steps chunk every prompt below; 32 pages of 16 tokens
+# hold ~2 of the batched requests at full length (their shared prefixes cached once), so
+# running six at once preempts.
 SETTINGS = ("model.preset=tiny-llama", "speculative.max_draft=6",
-            "scheduler.max_batch_tokens=64", "kv.num_pages=40", "model.max_model_len=640")
+            "scheduler.max_batch_tokens=64", "kv.num_pages=32", "model.max_model_len=512")
 CODE = ("def add(a, b):\n    return a + b\n\n\ndef sub(a, b):\n    return a - b\n\n\n"
         "def mul(a, b):\n    return a * b\n\n\n")
 
