@@ -64,7 +64,7 @@ class StartupProgress:
 
 def since_process_start() -> str:
     """"N.N s after the process started" (interpreter start-up and imports included: what a
-    user waits for), from /proc; "" where there is none."""
+    user waits for), from /proc; "start-up time unknown" where there is none."""
     try:
         with open("/proc/self/stat") as f:
             start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])

@@ -61,6 +61,9 @@ class CostModel {
 
   void observe(const StepFeatures& f, double step_time_s);
   double predict(const StepFeatures& f) const;
+  // The fixed cost a first prefill chunk adds to a step of features f (f's
+  // eager term, unless the step is eager already).
+  double eager_jump(const StepFeatures& f) const { return f.eager() ? 0 : coeffs()[kEager]; }
   const Vec& coeffs() const;
 
  private:

@@ -86,8 +86,7 @@ Scheduler::StepTarget Scheduler::step_target(const StepFeatures& decodes) const 
   if (!std::isfinite(limit) || decodes.decode_tokens == 0) return {kNone, true};
   const auto& c = cost_.coeffs();
   double alone = cost_.predict(decodes);
-  double with_chunk = alone + (decodes.eager() ? 0 : c[CostModel::kEager]) +
-                      (c[2] + c[3]) * cfg_.min_prefill_chunk;
+  double with_chunk = alone + cost_.eager_jump(decodes) + (c[2] + c[3]) * cfg_.min_prefill_chunk;
   if (with_chunk <= limit || alone >= limit) return {limit, true};
   if (floor_credit_s_ >= max_floor_credit()) return {limit + floor_credit_s_, true};
   return {limit, false};
@@ -273,8 +272,7 @@ int32_t Scheduler::chunk_tokens(int32_t remaining, int32_t prefix, int32_t budge
   // No decodes to protect: prefill may use the whole step.
   if (!std::isfinite(target.time_s) || (f.decode_tokens == 0 && first_prefill)) return n;
   const auto& c = cost_.coeffs();
-  double fixed = f.eager() ? 0 : c[CostModel::kEager];  // what the first chunk adds at once
-  double avail = target.time_s - cost_.predict(f) - fixed - c[3] * prefix;
+  double avail = target.time_s - cost_.predict(f) - cost_.eager_jump(f) - c[3] * prefix;
   double per_token = c[2] + c[3];
   double fit = per_token > 0 ? std::floor(avail / per_token) : n;
   int64_t allowed = fit < 0 ? 0 : static_cast<int64_t>(std::min<double>(fit, n));

@@ -135,19 +135,27 @@ def _gpu_like(p) -> float:
 
 def test_plain_decode_steps_and_steps_with_prefill_have_their_own_fixed_cost():
     """Long prefill steps launched eagerly must not lift the prediction of a graph-replayed
-    decode step (one intercept for both predicted 15 ms for a 4.8 ms step on the H200), and a
-    first prefill that compiled kernels for a second must not either (it is capped)."""
+    decode step (one intercept for both predicted 15 ms for a 4.8 ms step on the H200), nor
+    must a first prefill that compiled kernels for 0.9 s (it is capped at 4x the prediction).
+    A short first request (as in the H200 profile), four long ones, then waves of requests
+    of several lengths, each prefilled beside the decodes of the one before. In the later
+    waves decode steps are predicted within 10%; prefill steps within 20%, as the capped
+    stall still weighs in their group, forgotten only as prefill steps come (0.17 measured
+    here, 0.02 without the stall)."""
     s = make(num_pages=4096, page_size=16, max_batch_tokens=2048, tps_floor=0.0, max_seq_len=2048)
+    s.submit(99, i32(range(5000, 5128)), 4, i32([]))
+    _run(s, _gpu_like, stall_first=0.9)
     for r in range(4):
-        s.submit(r, i32(range(r, r + 1500)), 300, i32([]))  # max_seq_len 2048 below
-    seen = _run(s, _gpu_like, stall_first=0.9)
-    for kind in ("decode", "prefill"):
-        late = [(pred, t) for p, pred, t in seen[-100:] if (p.num_tokens == p.num_decode) == (kind == "decode")]
-        if not late:
-            continue
-        err = max(abs(pred - t) / t for pred, t in late)
-        assert err < 0.1, (kind, err)
-    # a request arriving now: the lone decode steps that follow are predicted near 4.6 ms
-    s.submit(9, i32(range(100)), 60, i32([]))
-    tail = [(pred, t) for p, pred, t in _run(s, _gpu_like)[-20:]]
-    assert all(abs(pred - t) / t < 0.1 for pred, t in tail), tail
+        s.submit(r, i32(range(r, r + 1500)), 300, i32([]))
+    _run(s, _gpu_like)
+    late = []
+    for wave in range(12):
+        s.submit(10 + wave, i32(range(1000 + wave, 1000 + wave + 200 + 50 * (wave % 5))), 40,
+                 i32([]))
+        seen = _run(s, _gpu_like)
+        if wave >= 6:
+            late += seen
+    for prefill, bound in ((False, 0.1), (True, 0.2)):
+        errors = [abs(pred - t) / t for p, pred, t in late
+                  if (p.num_tokens > p.num_decode) == prefill]
+        assert errors and max(errors) < bound, (prefill, max(errors, default=None))
