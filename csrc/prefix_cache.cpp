@@ -62,7 +62,7 @@ PageLease PrefixCache::match(std::span<const int32_t> tokens, size_t max_pages) 
 }
 
 void PrefixCache::insert(std::span<const int32_t> tokens,
-                         std::span<const PageId> pages) {
+                         std::span<const PageId> pages, bool past_duplicates) {
   uint64_t key = kRootKey;
   PageId parent = -1;
   size_t full = std::min(tokens.size() / page_size_, pages.size());
@@ -75,7 +75,10 @@ void PrefixCache::insert(std::span<const int32_t> tokens,
     // under the cached one, whose content is the same: stopping here left every
     // page after an agent's shared system prompt out of the cache. The cached
     // page may be idle above this sequence's busy ones: it has children, so it
-    // leaves the LRU set until they are evicted, after their holder lets go.
+    // leaves the LRU set until they are evicted, after their holder lets go:
+    // only for a holder about to let go (a running one could wait for pages
+    // that only its own children keep from eviction).
+    if (p >= 0 && p != pages[i] && !past_duplicates) return;
     if (p < 0) {
       p = pages[i];
       // A page already cached elsewhere cannot hold this content: stop.

@@ -34,9 +34,11 @@ class PrefixCache final : public IdleObserver {
   PageLease match(std::span<const int32_t> tokens, size_t max_pages);
   // Records pages[i] as holding tokens[i*ps, (i+1)*ps) for every full page.
   // `pages` must be held by the caller. Where a position is already cached
-  // under a different page (the caller's copy is a duplicate), the caller's
-  // later pages are recorded under the cached one.
-  void insert(std::span<const int32_t> tokens, std::span<const PageId> pages);
+  // under a different page (the caller's copy is a duplicate) it stops, unless
+  // past_duplicates (the caller lets go of its pages now): then the later
+  // pages are recorded under the cached one.
+  void insert(std::span<const int32_t> tokens, std::span<const PageId> pages,
+              bool past_duplicates = false);
   // Evicts up to n idle leaf pages, least recently used first.
   int32_t evict(int32_t n);
 

@@ -518,7 +518,7 @@ bool Scheduler::in_flight(const RequestData& d) const {
 // uncommitted step that reads them commits.
 void Scheduler::retire(RequestData& d, PageLease&& pages, int32_t kv_len) {
   size_t known = std::min<size_t>(static_cast<size_t>(kv_len), d.tokens.size());
-  cache_.insert(std::span<const int32_t>(d.tokens.data(), known), pages.pages());
+  cache_.insert(std::span<const int32_t>(d.tokens.data(), known), pages.pages(), true);
   if (!in_flight(d)) {
     pages.release_all();
     return;
