@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import warnings
 
-from kernels import plugins, reference, registry  # noqa: F401  (reference registers "torch")
+from kernels import cpu, plugins, reference, registry  # noqa: F401  (they register "torch", "cpu")
 from kernels.moe_activation import ClampedSwiGLU
 from kernels.registry import (OPS, REFERENCE_ONLY, KernelError, backends, explain, listing,
                               mark_unavailable, overrides, register, registered_ops, select,

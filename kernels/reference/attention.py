@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from kernels.reference.kv_cache import dequantize
 from kernels.registry import register
+from kernels.step_memo import memoized
 
 
 def gather_slots(page_table_row: torch.Tensor, seq_len: int, page_size: int,
@@ -63,13 +64,14 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tens
     return torch.einsum("hmn,nhd->mhd", _softmax(s, sink), v32)       # [M, Hq, Dv]
 
 
-def _decode_keys(k_cache: torch.Tensor, v_cache: torch.Tensor, page_table: torch.Tensor,
-                 lens: torch.Tensor, page_size: int, window: int, k_scale: float,
-                 v_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Every row's keys and values up to the longest row (with a window, each row's last
-    `window` positions): k [B, N, Hk, D], v [B, N, Hk, Dv] float32 and seen [B, N]. A shorter
-    row's tail reads its own last key again (a written, finite slot: the slots past the end
-    may hold anything), to be masked by `seen`."""
+def _decode_slots(page_table: torch.Tensor, seq_lens: torch.Tensor, page_size: int,
+                  window: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The cache slots of every row's keys up to the longest row (with a window, each row's
+    last `window` positions): slots [B, N], seen [B, N] and the additive mask [B, 1, 1, N]
+    (0 or -inf). A shorter row's tail reads its own last key again (a written, finite slot:
+    the slots past the end may hold anything), to be masked by `seen`. Every layer of a step
+    asks the same: kept for the step (kernels/step_memo.py)."""
+    lens = seq_lens.long()
     width = int(lens.max()) if lens.numel() else 0
     first = torch.zeros_like(lens)
     if window > 0:
@@ -79,7 +81,8 @@ def _decode_keys(k_cache: torch.Tensor, v_cache: torch.Tensor, page_table: torch
     seen = n < lens[:, None]                                                 # [B, N]
     n = torch.minimum(n, (lens - 1).clamp(min=0)[:, None])
     slots = page_table.long().gather(1, n // page_size) * page_size + n % page_size  # [B, N]
-    return dequantize(k_cache[slots], k_scale), dequantize(v_cache[slots], v_scale), seen
+    mask = torch.zeros(seen.shape, device=lens.device).masked_fill_(~seen, float("-inf"))
+    return slots, seen, mask[:, None, None, :]
 
 
 @register("decode_attention", backend="torch", priority=0)
@@ -93,13 +96,14 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     the softmax written out. sinks [Hq] / window / k_scale, v_scale: see the module doc."""
     b, hq, d = q.shape
     hk = k_cache.shape[1]
-    k32, v32, seen = _decode_keys(k_cache, v_cache, page_table, seq_lens.long(), page_size,
-                                  window, k_scale, v_scale)
+    slots, seen, mask = memoized(("decode_slots", page_size, window), (seq_lens, page_table),
+                                 lambda: _decode_slots(page_table, seq_lens, page_size, window))
+    k32 = dequantize(k_cache[slots], k_scale)                                # [B, N, Hk, D]
+    v32 = dequantize(v_cache[slots], v_scale)                                # [B, N, Hk, Dv]
     q32 = q.float().view(b, hk, hq // hk, d)                                 # [B, Hk, G, D]
     if sinks is None:
-        hidden = torch.zeros(seen.shape, device=q.device).masked_fill_(~seen, float("-inf"))
         out = F.scaled_dot_product_attention(q32, k32.transpose(1, 2), v32.transpose(1, 2),
-                                             attn_mask=hidden[:, None, None, :], scale=scale)
+                                             attn_mask=mask, scale=scale)
     else:
         s = torch.einsum("bkgd,bnkd->bkgn", q32, k32) * scale                # [B, Hk, G, N]
         s = s.masked_fill(~seen[:, None, None, :], float("-inf"))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from kernels.registry import register
+from kernels.step_memo import memoized
 
 FP8_KV_DTYPE = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8_KV_DTYPE).max)      # 448.0
@@ -39,7 +40,17 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     each quantized to its cache's format (`quantize`, k_scale / v_scale).
 
     Slots < 0 are padding and are skipped."""
-    keep = slot_mapping >= 0                      # [T]
-    slots = slot_mapping[keep].long()             # [T']
-    k_cache[slots] = quantize(k[keep], k_cache.dtype, k_scale)
-    v_cache[slots] = quantize(v[keep], v_cache.dtype, v_scale)
+    slots, keep = memoized("store_kv_slots", (slot_mapping,), lambda: _kept_slots(slot_mapping))
+    if keep is not None:
+        k, v = k[keep], v[keep]
+    k_cache[slots] = quantize(k, k_cache.dtype, k_scale)
+    v_cache[slots] = quantize(v, v_cache.dtype, v_scale)
+
+
+def _kept_slots(slot_mapping: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The slots to write [T'] int64, and the rows that go there [T'] (None: every row; the
+    common case, so that the rows are not gathered again at every layer)."""
+    keep = (slot_mapping >= 0).nonzero().squeeze(1)                 # [T']
+    if keep.numel() == slot_mapping.numel():
+        return slot_mapping.long(), None
+    return slot_mapping[keep].long(), keep

@@ -6,6 +6,7 @@ import torch
 
 from kernels.reference.kv_cache import store_kv
 from kernels.registry import register
+from kernels.step_memo import memoized
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int,
@@ -20,7 +21,16 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: i
     else:
         x1, x2 = rot[..., 0::2], rot[..., 1::2]                  # [T, H, R/2] each
         out = torch.stack([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).flatten(-2)
-    return torch.cat([out, tail], dim=-1).to(x.dtype)
+    if tail.shape[-1]:
+        out = torch.cat([out, tail], dim=-1)
+    return out.to(x.dtype)
+
+
+def _cos_sin(positions: torch.Tensor, cos_sin: torch.Tensor, rotary_dim: int
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows of `positions`: cos, sin [T, R/2] float32 (every layer of a step asks)."""
+    cs = cos_sin[positions.long()].float()                       # [T, R]
+    return cs[:, : rotary_dim // 2], cs[:, rotary_dim // 2: rotary_dim]
 
 
 @register("rope", backend="torch", priority=0)
@@ -28,8 +38,8 @@ def rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: tor
          rotary_dim: int, is_neox: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """q: [T, Hq, D], k: [T, Hk, D], positions: [T], cos_sin: [max_pos, R] (cos | sin)
     -> (q, k) rotated on their first R dims (new tensors)."""
-    cs = cos_sin[positions.long()].float()                       # [T, R]
-    cos, sin = cs[:, : rotary_dim // 2], cs[:, rotary_dim // 2: rotary_dim]
+    cos, sin = memoized(("rope_cos_sin", rotary_dim), (positions, cos_sin),
+                        lambda: _cos_sin(positions, cos_sin, rotary_dim))
     return _rotate(q, cos, sin, rotary_dim, is_neox), _rotate(k, cos, sin, rotary_dim, is_neox)
 
 

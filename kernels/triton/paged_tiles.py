@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.step_memo import memoized
+
 # The batch's metadata, per-batch views and slices of one packed copy: kernels that read them
 # keep them unspecialized on alignment (common.per_batch)
 BATCH_META = ("PageTable", "QueryStart", "SeqLens", "BlockBatch", "BlockTok")
@@ -119,22 +121,10 @@ def block_map(query_start: torch.Tensor, num_tokens: int, block_t: int
     bound on the blocks of block_t tokens: each row may end in a partial block).
 
     Every layer of a step asks the same question of the same `query_start`: the answer is kept
-    on that tensor (freed with it), which saves a step of an 8B model 32 x ~15 small launches.
-    Recomputed after an in-place write where torch counts writes; an inference tensor (the
-    model runner's) has no such count: the engine builds a fresh `query_start` every step and
-    never writes one a kernel has read. Not while a CUDA graph is captured: the graph must
-    compute the map itself, to follow the buffer's next contents."""
-    if query_start.is_cuda and torch.cuda.is_current_stream_capturing():
-        return _block_map(query_start, num_tokens, block_t)
-    writes = None if query_start.is_inference() else query_start._version
-    seen, memo = getattr(query_start, "_ts_block_maps", (None, None))
-    if memo is None or seen != writes:  # new, or written since
-        memo = {}
-        query_start._ts_block_maps = (writes, memo)
-    key = (num_tokens, block_t)  # GPT-OSS's two kinds of layers tile differently
-    if key not in memo:
-        memo[key] = _block_map(query_start, num_tokens, block_t)
-    return memo[key]
+    for the step (kernels/step_memo.py), which saves a step of an 8B model 32 x ~15 small
+    launches."""
+    return memoized(("block_map", num_tokens, block_t), (query_start,),
+                    lambda: _block_map(query_start, num_tokens, block_t))
 
 
 def _block_map(query_start: torch.Tensor, num_tokens: int, block_t: int

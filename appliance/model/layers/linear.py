@@ -12,10 +12,12 @@ Parameters are created empty; the loader fills them from the `weight_shardings` 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+import kernels
 
 from appliance.model.placement import (ParallelLayout, Partial, Replicate, Shard, WeightSharding,
                                        WeightSource, split_extent)
@@ -35,11 +37,23 @@ def _parent(prefix: str) -> str:
     return prefix.rsplit(".", 1)[0] + "." if "." in prefix else ""
 
 
+def matmul_for(x: torch.Tensor) -> Callable[..., torch.Tensor]:
+    """The kernel registry's `linear` for x's device and dtype (F.linear's contract; on the
+    CPU it tunes the few rows of a decode step: kernels/cpu/tuned_linear.py)."""
+    return kernels.select("linear", device=x.device, dtype=x.dtype)
+
+
 class _Linear(nn.Module):
     def __init__(self, in_local: int, out_local: int, bias: bool) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_local, in_local), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_local), requires_grad=False) if bias else None
+        self._matmul: Callable[..., torch.Tensor] | None = None  # chosen at the first call
+
+    def _linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self._matmul is None:
+            self._matmul = matmul_for(x)
+        return self._matmul(x, self.weight, bias)
 
     def extra_repr(self) -> str:
         return f"in={self.weight.shape[1]}, out={self.weight.shape[0]}, bias={self.bias is not None}"
@@ -60,7 +74,7 @@ class ColumnParallelLinear(_Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [T, in] -> [T, out_local]
-        return F.linear(x, self.weight, self.bias)
+        return self._linear(x, self.bias)
 
     def weight_shardings(self, prefix: str) -> list[WeightSharding]:
         parent = _parent(prefix)
@@ -90,7 +104,7 @@ class RowParallelLinear(_Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [T, in_local] -> [T, out] partial sums over the group
-        return F.linear(x, self.weight, self.bias if self.add_bias else None)
+        return self._linear(x, self.bias if self.add_bias else None)
 
     def weight_shardings(self, prefix: str) -> list[WeightSharding]:
         name = f"{_parent(prefix)}{self.name}" if self.name else prefix
@@ -115,7 +129,7 @@ class ReplicatedLinear(_Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [T, in] -> [T, out]
-        return F.linear(x, self.weight, self.bias)
+        return self._linear(x, self.bias)
 
     def weight_shardings(self, prefix: str) -> list[WeightSharding]:
         name = f"{_parent(prefix)}{self.name}" if self.name else prefix
