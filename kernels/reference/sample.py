@@ -78,11 +78,13 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
            top_p: torch.Tensor, seeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """logits: [B, V] float32 -> tokens [B] int32."""
     b, v = logits.shape
-    out = torch.empty(b, dtype=torch.int32, device=logits.device)
+    greedy = temperature <= 0.0                                                # [B]
+    out = logits.argmax(dim=1).to(torch.int32)          # every greedy row in one op
+    if bool(greedy.all()):
+        return out
     for i in range(b):
         t = float(temperature[i])
         if t <= 0.0:
-            out[i] = logits[i].float().argmax()
             continue
         l = _filter_row(logits[i].float() / t, int(top_k[i]), float(top_p[i]))
         g = gumbel(seeds[i:i + 1], positions[i:i + 1], v)[0]                   # [V], this row's
