@@ -232,12 +232,22 @@ class Engine:
         else:  # every logits row samples the token at its own position
             rows = self.sampler.prepare(rids[layout.row], layout.per_logit_row(arrays),
                                         self.requests, self.grammars)
-        if self.speculator is not None:  # what the next step's drafts are weighed against
-            e = self.scheduler.cost_coeffs()[4]
-            self._next_cost = StepCost(tokens=float(arrays.sample.sum()),
-                                       time_s=plan.predicted_time_s - e * plan.total_drafts,
-                                       draft_token_s=e)
+        if self.speculator is not None:
+            self._next_cost = self._cost_without_drafts(plan, float(arrays.sample.sum()))
         return Forwarded(arrays.step, logits, rows, layout, arrays.num_draft, started, mtp)
+
+    def _cost_without_drafts(self, plan, tokens: float) -> StepCost:
+        """What the next step's drafts are weighed against: this step as if it had none (its
+        predicted time less its drafts' cost and, unless its prefill makes it eager anyway,
+        the eager step's fixed cost, which drafts would bring back)."""
+        c = self.scheduler.cost_coeffs()
+        e, f = c[4], c[5]
+        prefill = plan.num_tokens > plan.num_rows + plan.total_drafts
+        eager_s = 0.0 if prefill else f
+        time_s = plan.predicted_time_s - e * plan.total_drafts
+        if plan.total_drafts and not prefill:
+            time_s -= f
+        return StepCost(tokens=tokens, time_s=time_s, draft_token_s=e, eager_s=eager_s)
 
     def _sample(self, fwd: Forwarded) -> InFlight:
         held_back = fwd.rows.processors.held_back if fwd.rows.processors is not None else {}

@@ -130,3 +130,22 @@ def test_unknown_and_removed_requests_get_no_drafts():
     pol.add(1)
     pol.remove(1)
     assert pol.lengths([1, 2], FREE) == {1: 0, 2: 0}
+
+
+def test_drafts_must_pay_for_the_eager_step_they_bring():
+    """An H200-like 8B step: a 10 ms graph decode of 16 rows; any drafts make it eager, 25 ms
+    more. Middling acceptance does not earn that back; near-certain acceptance does; and a
+    step already eager for its prefill (eager_s 0) drafts as before."""
+    graph_step = StepCost(tokens=16, time_s=0.010, draft_token_s=2e-5, eager_s=0.025)
+    mixed_step = StepCost(tokens=16, time_s=0.010, draft_token_s=2e-5, eager_s=0.0)
+    middling, sure = DraftPolicy(max_draft=8), DraftPolicy(max_draft=8)
+    for rid in range(16):
+        middling.add(rid)
+        sure.add(rid)
+        for _ in range(30):
+            middling.record(rid, drafted=4, accepted=1)   # alpha ~ 0.25 .. 0.5
+            sure.record(rid, drafted=8, accepted=8)       # alpha ~ 1
+    rows = list(range(16))
+    assert all(n == 0 for n in middling.lengths(rows, graph_step).values())
+    assert all(n > 0 for n in middling.lengths(rows, mixed_step).values())
+    assert all(n == 8 for n in sure.lengths(rows, graph_step).values())

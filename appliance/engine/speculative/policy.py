@@ -13,10 +13,17 @@ a pause that doubles with each such run (a step in which anyone drafts is planne
 previous commit, without overlap, so even nearly free drafts are not free). Its evidence fades
 while it does not draft, so it retries later.
 
-Per batch (`BatchGate`): what a verify step costs beyond its drafts' compute is not in the cost
-model: it runs eagerly (no decode CUDA graph) and without overlap. So the steps themselves are
-compared: tokens per second of recent verify steps against recent plain decode steps; while
-verifying gives fewer, nobody drafts, for a pause that doubles as long as it keeps losing.
+Per step, the fixed cost of verifying at all: a step with drafts runs eagerly (no decode CUDA
+graph), which the cost model knows as its eager coefficient `f` (`StepCost.eager_s`: 0 when the
+step is eager anyway, for its prefill). Drafts are planned only when the step's expected tokens
+per second with them, f included, beat its rate without: on an H200 an eager 8B step pays
+~25 ms of kernel launches over a ~5-10 ms graph step, which drafts at random-text acceptance
+never earn back (16 users lost 6.5% of TPM to such steps before).
+
+Per batch (`BatchGate`): what a verify step costs beyond that is not in the cost model: it runs
+without overlap. So the steps themselves are compared: tokens per second of recent verify steps
+against recent plain decode steps; while verifying gives fewer, nobody drafts, for a pause that
+doubles as long as it keeps losing.
 """
 
 from __future__ import annotations
@@ -105,6 +112,7 @@ class StepCost:
     tokens: float  # tokens it emits (its sampled rows)
     time_s: float  # its predicted time
     draft_token_s: float  # the cost model's e: time one verify token adds
+    eager_s: float = 0.0  # time any drafts add at once (f; 0 if the step is eager anyway)
 
 
 class DraftPolicy:
@@ -150,15 +158,19 @@ class DraftPolicy:
                   if rid in self._stats and not self._stats[rid].paused}
         if not alphas or self.max_draft <= 0:
             return {rid: 0 for rid in rids}
-        e = max(cost.draft_token_s, 0.0)
-        tokens, time_s = max(cost.tokens, 1.0), max(cost.time_s, 1e-9)
+        e, fixed = max(cost.draft_token_s, 0.0), max(cost.eager_s, 0.0)
+        base_tokens, base_time = max(cost.tokens, 1.0), max(cost.time_s, 1e-9)
+        tokens, time_s = base_tokens, base_time
         k: dict[int, int] = {}
         for _ in range(3):  # the threshold depends on the drafts it admits: a few rounds settle
             tau = e * tokens / time_s
             k = {rid: _chain_length(a, tau, self.max_draft) for rid, a in alphas.items()}
             gain = sum(_expected_accepted(alphas[rid], n) for rid, n in k.items())
-            tokens = max(cost.tokens, 1.0) + gain
-            time_s = max(cost.time_s, 1e-9) + e * sum(k.values())
+            drafts = sum(k.values())
+            tokens = base_tokens + gain
+            time_s = base_time + e * drafts + (fixed if drafts else 0.0)
+        if tokens / time_s <= base_tokens / base_time:  # the drafts do not pay for the step
+            return {rid: 0 for rid in rids}
         return {rid: k.get(rid, 0) for rid in rids}
 
 
