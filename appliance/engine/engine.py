@@ -238,16 +238,19 @@ class Engine:
 
     def _cost_without_drafts(self, plan, tokens: float) -> StepCost:
         """What the next step's drafts are weighed against: this step as if it had none (its
-        predicted time less its drafts' cost and, unless its prefill makes it eager anyway,
-        the eager step's fixed cost, which drafts would bring back)."""
+        predicted time less its drafts' cost). Where plain decode steps replay CUDA graphs,
+        drafts also bring the eager step's fixed cost f (the cost model's; none when prefill
+        makes the step eager anyway); without graphs (the CPU) every step runs eagerly."""
         c = self.scheduler.cost_coeffs()
         e, f = c[4], c[5]
-        prefill = plan.num_tokens > plan.num_rows + plan.total_drafts
-        eager_s = 0.0 if prefill else f
         time_s = plan.predicted_time_s - e * plan.total_drafts
+        if getattr(self.runner, "decode_graphs", None) is None:
+            return StepCost(tokens=tokens, time_s=time_s, draft_token_s=e)
+        prefill = plan.num_tokens > plan.num_rows + plan.total_drafts
         if plan.total_drafts and not prefill:
             time_s -= f
-        return StepCost(tokens=tokens, time_s=time_s, draft_token_s=e, eager_s=eager_s)
+        return StepCost(tokens=tokens, time_s=time_s, draft_token_s=e,
+                        eager_s=0.0 if prefill else f)
 
     def _sample(self, fwd: Forwarded) -> InFlight:
         held_back = fwd.rows.processors.held_back if fwd.rows.processors is not None else {}

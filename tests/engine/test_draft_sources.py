@@ -149,3 +149,24 @@ def test_drafts_must_pay_for_the_eager_step_they_bring():
     assert all(n == 0 for n in middling.lengths(rows, graph_step).values())
     assert all(n > 0 for n in middling.lengths(rows, mixed_step).values())
     assert all(n == 8 for n in sure.lengths(rows, graph_step).values())
+
+
+def test_the_engine_charges_the_eager_step_only_where_decode_replays_graphs():
+    from types import SimpleNamespace
+
+    from appliance.engine.engine import Engine
+
+    coeffs = (1e-3, 1e-4, 1e-4, 1e-8, 2e-5, 0.025)            # a..f: f = 25 ms
+    sched = SimpleNamespace(cost_coeffs=lambda: coeffs)
+    decode = SimpleNamespace(predicted_time_s=0.010, total_drafts=0, num_tokens=16, num_rows=16)
+    verify = SimpleNamespace(predicted_time_s=0.036, total_drafts=50, num_tokens=66, num_rows=16)
+    mixed = SimpleNamespace(predicted_time_s=0.060, total_drafts=0, num_tokens=80, num_rows=17)
+    gpu = SimpleNamespace(scheduler=sched, runner=SimpleNamespace(decode_graphs=object()))
+    cpu = SimpleNamespace(scheduler=sched, runner=SimpleNamespace(decode_graphs=None))
+    cost = Engine._cost_without_drafts
+    assert cost(gpu, decode, 16).eager_s == 0.025
+    after_verify = cost(gpu, verify, 16)              # as if plain: less its drafts and f
+    assert after_verify.eager_s == 0.025 and abs(after_verify.time_s - 0.010) < 1e-12
+    assert cost(gpu, mixed, 16).eager_s == 0.0        # eager anyway for its prefill
+    assert cost(cpu, verify, 16).eager_s == 0.0       # no graphs: every step is eager
+    assert abs(cost(cpu, verify, 16).time_s - 0.035) < 1e-12

@@ -120,7 +120,8 @@ def test_kernels_import_without_triton():
             "import torch, kernels\n"
             "assert kernels.selected_backend('decode_attention', device='cuda',"
             " dtype=torch.bfloat16) == 'torch'\n"
-            "assert all(kernels.backends(op) == ['torch'] for op in kernels.OPS)\n")
+            "assert all('torch' in kernels.backends(op) and 'triton' not in kernels.backends(op)"
+            " for op in kernels.OPS)\n")
     root = __file__.rsplit("/tests/", 1)[0]
     res = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
                          timeout=120)
