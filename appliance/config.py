@@ -109,7 +109,9 @@ class EngineConfig:
     restart: str = "on-failure"  # on-failure | never (a failure stops the daemon, exit code 1)
     max_restarts: int = 3  # restarts allowed within restart_window_s; the next failure stops
     restart_window_s: float = 600.0
-    heartbeat_timeout_s: float = 10.0  # rank 0 silent this long while running = hung
+    # rank 0 silent this long while running = hung; None: 10 s on GPUs, 60 s on the CPU (a
+    # long prefill chunk's step takes seconds there: 2,048 tokens of SmolLM2 ~5 s on 2 cores)
+    heartbeat_timeout_s: float | None = None
 
 
 @dataclass(frozen=True)

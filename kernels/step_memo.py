@@ -7,6 +7,8 @@ on the first of its input tensors, so it is freed with the step's batch:
 
     cos, sin = memoized("rope_cos_sin", (positions, cos_sin), lambda: gather(...))
 
+The value must not hold the anchor (a view of it, say): that too would be a cycle.
+
 A kept result is reused only while every input is the same object and unwritten since: torch
 counts in-place writes on a normal tensor; an inference tensor (the model runner's) has no
 such count, and the engine builds fresh batch tensors every step and never writes one a kernel
@@ -33,12 +35,13 @@ def memoized(key: Hashable, inputs: tuple[torch.Tensor, ...], compute: Callable[
     if anchor.is_cuda and torch.cuda.is_current_stream_capturing():
         return compute()
     memo: dict = anchor.__dict__.setdefault(_ATTR, {})
-    writes = tuple(_writes(t) for t in inputs)
+    others, writes = inputs[1:], tuple(_writes(t) for t in inputs)
     kept = memo.get(key)
-    # `kept` holds its inputs, so none of them can be freed and its id reused meanwhile.
+    # `kept` holds the other inputs (not the anchor: a cycle would outlive the step), so none
+    # of them can be freed and its id reused while it is kept.
     if (kept is not None and kept[1] == writes
-            and all(a is b for a, b in zip(kept[0], inputs))):
+            and all(a is b for a, b in zip(kept[0], others))):
         return kept[2]
     value = compute()
-    memo[key] = (inputs, writes, value)
+    memo[key] = (others, writes, value)
     return value

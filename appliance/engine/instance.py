@@ -33,6 +33,19 @@ class EngineStartError(RuntimeError):
     """The engine could not start (a rank failed while loading, or it timed out)."""
 
 
+# engine.heartbeat_timeout_s by default: one step is the longest rank 0 stays silent, and a CPU
+# step with a long prefill chunk takes seconds
+GPU_HEARTBEAT_TIMEOUT_S = 10.0
+CPU_HEARTBEAT_TIMEOUT_S = 60.0
+
+
+def heartbeat_timeout(configured: float | None, devices: tuple[str, ...]) -> float:
+    """engine.heartbeat_timeout_s, or its default for ranks on these GPUs (none: the CPU)."""
+    if configured is not None:
+        return configured
+    return GPU_HEARTBEAT_TIMEOUT_S if devices else CPU_HEARTBEAT_TIMEOUT_S
+
+
 @dataclass(frozen=True)
 class EngineInfo:
     max_model_len: int
@@ -50,7 +63,7 @@ class EngineInstance:
                  on_progress: Callable[[protocol.Progress], None] | None = None) -> None:
         """`on_progress` gets rank 0's start-up stages (called from this thread)."""
         self._on_message = on_message
-        self._heartbeat_timeout_s = config.engine.heartbeat_timeout_s
+        self._heartbeat_timeout_s = config.engine.heartbeat_timeout_s  # None: by device
         self._reported: str | None = None  # a Failed message from rank 0
         self._stopped = False
         self.procs: list[mp.process.BaseProcess] = []
@@ -64,6 +77,7 @@ class EngineInstance:
         except BaseException:
             self.kill()
             raise
+        self._heartbeat_timeout_s = heartbeat_timeout(self._heartbeat_timeout_s, self.info.devices)
         self._last_heard = time.monotonic()
 
     def send(self, message: protocol.ToEngine) -> None:

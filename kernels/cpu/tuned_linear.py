@@ -7,7 +7,9 @@ F.linear but 8.9 ms as (W @ x.T).T, while for the layers' shapes at M=8 F.linear
 (scripts/bench_cpu_decode.py measures the whole step). So for M <= MAX_TUNED_ROWS each
 (M, N, K) tries every way TRIALS times on real calls, round-robin (each call's result is
 used), then keeps the one with the lowest median time. Larger M (prefill chunks) always takes
-F.linear. The ways differ only in summation order (float rounding).
+F.linear. The ways differ only in summation order (float rounding), so where ranks of a
+process group must compute replicated values bit for bit alike (tensor parallel on the CPU),
+each taking its own timings could part them: there every call takes F.linear.
 """
 from __future__ import annotations
 
@@ -72,12 +74,18 @@ def chosen_ways() -> dict[tuple[int, int, int, torch.dtype], str | None]:
     return {key: t.chosen for key, t in _tuners.items()}
 
 
+def _in_process_group() -> bool:
+    return (torch.distributed.is_available() and torch.distributed.is_initialized()
+            and torch.distributed.get_world_size() > 1)
+
+
 @register("linear", backend="cpu", priority=5, supports=lambda f: f["device"] == "cpu")
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
            ) -> torch.Tensor:
     """x: [M, K], weight: [N, K], bias: [N] or None -> [M, N] (F.linear's contract)."""
     m = x.shape[0]
-    if x.dim() != 2 or not 0 < m <= MAX_TUNED_ROWS or x.requires_grad:
+    if (x.dim() != 2 or not 0 < m <= MAX_TUNED_ROWS or x.requires_grad
+            or _in_process_group()):
         return F.linear(x, weight, bias)
     key = (m, weight.shape[0], weight.shape[1], x.dtype)
     tuner = _tuners.get(key)

@@ -52,5 +52,5 @@ def _kept_slots(slot_mapping: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor 
     common case, so that the rows are not gathered again at every layer)."""
     keep = (slot_mapping >= 0).nonzero().squeeze(1)                 # [T']
     if keep.numel() == slot_mapping.numel():
-        return slot_mapping.long(), None
+        return slot_mapping.to(torch.int64, copy=True), None   # never the anchor itself
     return slot_mapping[keep].long(), keep

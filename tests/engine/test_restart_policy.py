@@ -49,3 +49,14 @@ def test_budget_allows_max_restarts_per_window():
 def test_never_allows_no_restart():
     assert not RestartBudget(EngineConfig(restart="never")).allow()
     assert not RestartBudget(EngineConfig(max_restarts=0)).allow()
+
+
+def test_the_heartbeat_timeout_defaults_by_device():
+    """A CPU step with a long prefill chunk takes seconds (SmolLM2's first 2,048-token chunk
+    ~5 s on 2 cores, more under load): 10 s of silence there is not a hang."""
+    from appliance.engine.instance import heartbeat_timeout
+
+    assert load_config(None).engine.heartbeat_timeout_s is None
+    assert heartbeat_timeout(None, ()) == 60.0
+    assert heartbeat_timeout(None, ("GPU-1",)) == 10.0
+    assert heartbeat_timeout(2.5, ()) == 2.5

@@ -46,3 +46,13 @@ def test_prefill_rows_take_f_linear_untouched(monkeypatch):
 def test_the_registry_gives_the_cpu_backend_to_the_cpu_only():
     assert kernels.selected_backend("linear", device="cpu", dtype=torch.float32) == "cpu"
     assert kernels.selected_backend("linear", device="cuda", dtype=torch.bfloat16) == "torch"
+
+
+def test_ranks_of_a_process_group_all_take_f_linear(monkeypatch):
+    """Replicated values must come out bit for bit alike on every rank: no per-rank timings."""
+    monkeypatch.setattr(cpu_linear, "_tuners", {})
+    monkeypatch.setattr(cpu_linear, "_in_process_group", lambda: True)
+    x, w = torch.randn(2, 16), torch.randn(8, 16)
+    for _ in range(3 * cpu_linear.TRIALS):
+        assert torch.equal(cpu_linear.linear(x, w), F.linear(x, w))
+    assert cpu_linear.chosen_ways() == {}

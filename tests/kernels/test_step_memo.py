@@ -57,3 +57,20 @@ def test_decode_attention_reads_each_step_own_pages():
     fresh = R.decode_attention(q, k, v, swapped.clone(), lens.clone(), 4, 0.3)
     torch.testing.assert_close(other, fresh)
     assert not torch.allclose(other, first)
+
+
+def test_a_step_tensor_is_freed_with_its_last_reference():
+    """The memo must not keep its anchor alive in a cycle (batch tensors, on a GPU device
+    memory, would wait for the cyclic collector)."""
+    import gc
+    import weakref
+
+    gc.disable()
+    try:
+        positions, table = torch.arange(8), torch.ones(4, 2)
+        memoized("k", (positions, table), lambda: positions * 2)
+        gone = weakref.ref(positions)
+        del positions
+        assert gone() is None
+    finally:
+        gc.enable()

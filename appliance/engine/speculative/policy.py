@@ -15,10 +15,11 @@ while it does not draft, so it retries later.
 
 Per step, the fixed cost of verifying at all: where plain decode steps replay CUDA graphs, a
 step with drafts runs eagerly, which the cost model knows as its eager coefficient `f`
-(`StepCost.eager_s`: 0 when the step is eager anyway, for its prefill, and on the CPU). Drafts are planned only when the step's expected tokens
-per second with them, f included, beat its rate without: on an H200 an eager 8B step pays
-~25 ms of kernel launches over a ~5-10 ms graph step, which drafts at random-text acceptance
-never earn back (16 users lost 6.5% of TPM to such steps before).
+(`StepCost.eager_s`: 0 when the step is eager anyway, for its prefill, and on the CPU). Drafts
+are planned only when the step's expected tokens per second with them, f included, beat its
+rate without: on an H200 an eager 8B step pays ~25 ms of kernel launches over a ~5-10 ms graph
+step, which drafts at random-text acceptance never earn back (16 users lost 6.5% of TPM to
+such steps before).
 
 Per batch (`BatchGate`): what a verify step costs beyond that is not in the cost model: it runs
 without overlap. So the steps themselves are compared: tokens per second of recent verify steps
