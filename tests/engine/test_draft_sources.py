@@ -170,3 +170,24 @@ def test_the_engine_charges_the_eager_step_only_where_decode_replays_graphs():
     assert cost(gpu, mixed, 16).eager_s == 0.0        # eager anyway for its prefill
     assert cost(cpu, verify, 16).eager_s == 0.0       # no graphs: every step is eager
     assert abs(cost(cpu, verify, 16).time_s - 0.035) < 1e-12
+
+
+def test_new_requests_probe_to_learn_their_acceptance():
+    """8 rows on 2 CPU cores: a draft token costs most of a row's share of the step, so the
+    prior alpha of 1/2 is refused. A request without evidence probes with PROBE_DRAFTS; good
+    probes earn it full chains, failed ones pause it; on a graph step nobody probes alone."""
+    from appliance.engine.speculative.policy import MISS_LIMIT, PROBE_DRAFTS
+
+    cpu_step = StepCost(tokens=8, time_s=0.065, draft_token_s=0.006)       # tau ~ 0.74
+    graph_step = StepCost(tokens=8, time_s=0.010, draft_token_s=2e-5, eager_s=0.025)
+    pol = DraftPolicy(max_draft=8)
+    for rid in (1, 2):
+        pol.add(rid)
+    assert pol.lengths([1, 2], cpu_step) == {1: PROBE_DRAFTS, 2: PROBE_DRAFTS}
+    assert pol.lengths([1, 2], graph_step) == {1: 0, 2: 0}
+    for _ in range(3):
+        pol.record(1, drafted=PROBE_DRAFTS, accepted=PROBE_DRAFTS)      # re-emits what it read
+    for _ in range(MISS_LIMIT):
+        pol.record(2, drafted=PROBE_DRAFTS, accepted=0)                 # drafts that miss
+    k = pol.lengths([1, 2], cpu_step)
+    assert k[1] > PROBE_DRAFTS and k[2] == 0

@@ -21,6 +21,14 @@ rate without: on an H200 an eager 8B step pays ~25 ms of kernel launches over a 
 step, which drafts at random-text acceptance never earn back (16 users lost 6.5% of TPM to
 such steps before).
 
+Probes: a request without evidence sits at the prior alpha = 1/2, which a compute-bound step's
+threshold refuses, so it would never draft and never learn that its drafts are good (the edit
+workload on 2 CPU cores: 8 and 16 users drafted 43 and 24 tokens in a whole run, against ~80%
+acceptance at 1 and 4 users). So a request whose decayed evidence is below PROBE_EVIDENCE
+drafts PROBE_DRAFTS tokens whenever the step pays for verification anyway (someone else
+drafts, or there is no eager cost: the CPU). A probe that misses counts toward MISS_LIMIT, so
+a request whose drafts keep failing probes ever more rarely.
+
 Per batch (`BatchGate`): what a verify step costs beyond that is not in the cost model: it runs
 without overlap. So the steps themselves are compared: tokens per second of recent verify steps
 against recent plain decode steps; while verifying gives fewer, nobody drafts, for a pause that
@@ -40,6 +48,8 @@ ALPHA_RANGE = (1e-3, 0.999)
 MISS_LIMIT = 3  # verify rows in a row with nothing accepted before drafting pauses
 PAUSE_STEPS = (8, 512)  # the first pause, and the longest (each run of misses doubles it)
 RATE_KEEP = 0.8  # weight an older step keeps in a step kind's tokens-per-second average
+PROBE_DRAFTS = 2  # drafts a request without evidence gets, to learn its acceptance
+PROBE_EVIDENCE = 0.5  # decayed accepted + rejected counts below which a request probes
 GATE_MIN_STEPS = 3  # steps of each kind before verify and plain steps are compared
 GATE_PAUSE_STEPS = (16, 1024)  # the batch-wide pause: first, longest
 
@@ -51,6 +61,9 @@ class _Acceptance:
     misses: int = 0  # verify rows in a row that accepted nothing
     paused: int = 0  # steps left without drafting
     next_pause: int = PAUSE_STEPS[0]
+
+    def evidence(self) -> float:
+        return self.accepted + self.rejected
 
     def alpha(self) -> float:
         a = (self.accepted + PRIOR_ACCEPTED) / (
@@ -171,7 +184,11 @@ class DraftPolicy:
             tokens = base_tokens + gain
             time_s = base_time + e * drafts + (fixed if drafts else 0.0)
         if tokens / time_s <= base_tokens / base_time:  # the drafts do not pay for the step
-            return {rid: 0 for rid in rids}
+            k = {}
+        if k and any(k.values()) or fixed == 0.0:   # verification is paid for: probes ride along
+            for rid in alphas:
+                if k.get(rid, 0) == 0 and self._stats[rid].evidence() < PROBE_EVIDENCE:
+                    k[rid] = min(PROBE_DRAFTS, self.max_draft)
         return {rid: k.get(rid, 0) for rid in rids}
 
 
