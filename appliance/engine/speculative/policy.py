@@ -185,7 +185,7 @@ class DraftPolicy:
             time_s = base_time + e * drafts + (fixed if drafts else 0.0)
         if tokens / time_s <= base_tokens / base_time:  # the drafts do not pay for the step
             k = {}
-        if k and any(k.values()) or fixed == 0.0:   # verification is paid for: probes ride along
+        if any(k.values()) or fixed == 0.0:   # verification is paid for: probes ride along
             for rid in alphas:
                 if k.get(rid, 0) == 0 and self._stats[rid].evidence() < PROBE_EVIDENCE:
                     k[rid] = min(PROBE_DRAFTS, self.max_draft)
