@@ -250,7 +250,7 @@ class Engine:
         if plan.total_drafts and not prefill:
             time_s -= f
         return StepCost(tokens=tokens, time_s=time_s, draft_token_s=e,
-                        eager_s=0.0 if prefill else f)
+                        eager_s=0.0 if prefill else f, graphs=True)
 
     def _sample(self, fwd: Forwarded) -> InFlight:
         held_back = fwd.rows.processors.held_back if fwd.rows.processors is not None else {}

@@ -164,7 +164,8 @@ def test_the_engine_charges_the_eager_step_only_where_decode_replays_graphs():
     gpu = SimpleNamespace(scheduler=sched, runner=SimpleNamespace(decode_graphs=object()))
     cpu = SimpleNamespace(scheduler=sched, runner=SimpleNamespace(decode_graphs=None))
     cost = Engine._cost_without_drafts
-    assert cost(gpu, decode, 16).eager_s == 0.025
+    assert cost(gpu, decode, 16).eager_s == 0.025 and cost(gpu, decode, 16).graphs
+    assert not cost(cpu, decode, 16).graphs
     after_verify = cost(gpu, verify, 16)              # as if plain: less its drafts and f
     assert after_verify.eager_s == 0.025 and abs(after_verify.time_s - 0.010) < 1e-12
     assert cost(gpu, mixed, 16).eager_s == 0.0        # eager anyway for its prefill
@@ -179,12 +180,15 @@ def test_new_requests_probe_to_learn_their_acceptance():
     from appliance.engine.speculative.policy import MISS_LIMIT, PROBE_DRAFTS
 
     cpu_step = StepCost(tokens=8, time_s=0.065, draft_token_s=0.006)       # tau ~ 0.74
-    graph_step = StepCost(tokens=8, time_s=0.010, draft_token_s=2e-5, eager_s=0.025)
+    graph_step = StepCost(tokens=8, time_s=0.010, draft_token_s=2e-5, eager_s=0.025,
+                          graphs=True)
+    mixed_gpu_step = StepCost(tokens=8, time_s=0.065, draft_token_s=0.006, graphs=True)
     pol = DraftPolicy(max_draft=8)
     for rid in (1, 2):
         pol.add(rid)
     assert pol.lengths([1, 2], cpu_step) == {1: PROBE_DRAFTS, 2: PROBE_DRAFTS}
     assert pol.lengths([1, 2], graph_step) == {1: 0, 2: 0}
+    assert pol.lengths([1, 2], mixed_gpu_step) == {1: 0, 2: 0}   # eager already: still not alone
     for _ in range(3):
         pol.record(1, drafted=PROBE_DRAFTS, accepted=PROBE_DRAFTS)      # re-emits what it read
     for _ in range(MISS_LIMIT):
