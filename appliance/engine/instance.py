@@ -63,7 +63,6 @@ class EngineInstance:
                  on_progress: Callable[[protocol.Progress], None] | None = None) -> None:
         """`on_progress` gets rank 0's start-up stages (called from this thread)."""
         self._on_message = on_message
-        self._heartbeat_timeout_s = config.engine.heartbeat_timeout_s  # None: by device
         self._reported: str | None = None  # a Failed message from rank 0
         self._stopped = False
         self.procs: list[mp.process.BaseProcess] = []
@@ -77,7 +76,8 @@ class EngineInstance:
         except BaseException:
             self.kill()
             raise
-        self._heartbeat_timeout_s = heartbeat_timeout(self._heartbeat_timeout_s, self.info.devices)
+        self._heartbeat_timeout_s = heartbeat_timeout(config.engine.heartbeat_timeout_s,
+                                                      self.info.devices)
         self._last_heard = time.monotonic()
 
     def send(self, message: protocol.ToEngine) -> None:
