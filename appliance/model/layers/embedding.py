@@ -7,13 +7,11 @@ the compiler gathers them. With tied embeddings the head reuses the embedding's 
 """
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from appliance.model.layers.linear import matmul_for
+from appliance.model.layers.linear import RegistryMatmul
 from appliance.model.placement import (ParallelLayout, Partial, Placed, Replicate, Shard,
                                        WeightSharding, WeightSource, vocab_extent)
 
@@ -61,12 +59,10 @@ class ParallelLMHead(Placed):
             self.weight = nn.Parameter(torch.empty(per, hidden_size), requires_grad=False)
         self.input_placement = Replicate(group)
         self.output_placement = Shard(-1, group) if n > 1 else Replicate(group)
-        self._matmul: Callable[..., torch.Tensor] | None = None  # chosen at the first call
+        self._matmul = RegistryMatmul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [B, H] -> [B, V_local]
-        if self._matmul is None:
-            self._matmul = matmul_for(x)
         return self._matmul(x, self.weight)
 
     def weight_shardings(self, prefix: str) -> list[WeightSharding]:

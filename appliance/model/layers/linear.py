@@ -37,10 +37,19 @@ def _parent(prefix: str) -> str:
     return prefix.rsplit(".", 1)[0] + "." if "." in prefix else ""
 
 
-def matmul_for(x: torch.Tensor) -> Callable[..., torch.Tensor]:
-    """The kernel registry's `linear` for x's device and dtype (F.linear's contract; on the
-    CPU it tunes the few rows of a decode step: kernels/cpu/tuned_linear.py)."""
-    return kernels.select("linear", device=x.device, dtype=x.dtype)
+class RegistryMatmul:
+    """x @ W.T + b (F.linear's contract) through the kernel registry's `linear`, chosen for the
+    first input's device and dtype (on the CPU it tunes the few rows of a decode step:
+    kernels/cpu/tuned_linear.py)."""
+
+    def __init__(self) -> None:
+        self._fn: Callable[..., torch.Tensor] | None = None
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor,
+                 bias: torch.Tensor | None = None) -> torch.Tensor:
+        if self._fn is None:
+            self._fn = kernels.select("linear", device=x.device, dtype=x.dtype)
+        return self._fn(x, weight, bias)
 
 
 class _Linear(nn.Module):
@@ -48,11 +57,9 @@ class _Linear(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_local, in_local), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_local), requires_grad=False) if bias else None
-        self._matmul: Callable[..., torch.Tensor] | None = None  # chosen at the first call
+        self._matmul = RegistryMatmul()
 
     def _linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if self._matmul is None:
-            self._matmul = matmul_for(x)
         return self._matmul(x, self.weight, bias)
 
     def extra_repr(self) -> str:
