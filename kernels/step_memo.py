@@ -12,8 +12,9 @@ The value must not hold the anchor (a view of it, say): that too would be a cycl
 A kept result is reused only while every input is the same object and unwritten since: torch
 counts in-place writes on a normal tensor; an inference tensor (the model runner's) has no
 such count, and the engine builds fresh batch tensors every step and never writes one a kernel
-has read. Nothing is kept while a CUDA graph is captured: the graph must compute the result
-itself, to follow its buffers' next contents.
+has read. Under CUDA-graph capture the first layer's computation is captured and the later
+layers read its output tensor, which every replay rewrites: the capture's batch views are
+fresh objects (appliance/model/cuda_graph.py), so nothing computed before the capture is kept.
 """
 from __future__ import annotations
 
@@ -32,8 +33,6 @@ def _writes(t: torch.Tensor) -> int | None:
 def memoized(key: Hashable, inputs: tuple[torch.Tensor, ...], compute: Callable[[], T]) -> T:
     """compute(), or what it returned for the same `key` and the same unwritten `inputs`."""
     anchor = inputs[0]
-    if anchor.is_cuda and torch.cuda.is_current_stream_capturing():
-        return compute()
     memo: dict = anchor.__dict__.setdefault(_ATTR, {})
     others, writes = inputs[1:], tuple(_writes(t) for t in inputs)
     kept = memo.get(key)

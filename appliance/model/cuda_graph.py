@@ -28,6 +28,23 @@ Output = torch.Tensor | tuple[torch.Tensor, ...]
 DEFAULT_BUCKETS: tuple[int, ...] = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 
 
+def capture(forward: Callable[[ForwardBatch], Output], make_batch: Callable[[], ForwardBatch],
+            device: torch.device, pool) -> tuple[torch.cuda.CUDAGraph, Output]:
+    """A CUDA graph of forward(make_batch()) in memory pool `pool` (None: a new one), and its
+    output tensors. Two eager runs on a side stream first compile (and autotune) the
+    kernels outside the capture."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            forward(make_batch())
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = forward(make_batch())
+    return graph, out
+
+
 class DecodeGraphs:
     def __init__(self, model: nn.Module, device: torch.device, max_batch: int, max_pages: int,
                  buckets: tuple[int, ...] = DEFAULT_BUCKETS,
@@ -50,9 +67,10 @@ class DecodeGraphs:
         pool = None
         with torch.inference_mode():
             for bs in reversed(self.buckets):  # largest first: later graphs reuse its pool
-                graph, out = self._capture(bs, pool)
+                graph, out = capture(self.forward, lambda: self._batch(bs), device, pool)
                 pool = graph.pool()
                 self.graphs[bs] = (graph, out)
+        self.pool = pool  # the graphs' memory pool (the extend graphs share it)
 
     def _batch(self, bs: int) -> ForwardBatch:
         return ForwardBatch(
@@ -60,18 +78,6 @@ class DecodeGraphs:
             query_start=self.query_start[: bs + 1], prefix_lens=self.prefix_lens[:bs],
             seq_lens=self.seq_lens[:bs], page_table=self.page_table[:bs],
             slot_mapping=self.slot_mapping[:bs], num_decode=bs)
-
-    def _capture(self, bs: int, pool) -> tuple[torch.cuda.CUDAGraph, Output]:
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):  # warm up (Triton autotune / compile) outside capture
-            for _ in range(2):
-                self.forward(self._batch(bs))
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool):
-            out = self.forward(self._batch(bs))                 # [bs, V_local or V] (, ...)
-        return graph, out
 
     def can_run(self, batch: ForwardBatch) -> bool:
         return (batch.num_decode == batch.num_rows == batch.num_tokens

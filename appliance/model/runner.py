@@ -41,6 +41,7 @@ from appliance.model.comm import World
 from appliance.model.compiler import CompiledModel, compile_model
 from appliance.model.context import BuildContext
 from appliance.model.cuda_graph import DecodeGraphs
+from appliance.model.extend_graph import ExtendGraphs
 from appliance.model.kv_scales import apply_checkpoint_kv_scales
 from appliance.model.loader import (checkpoint_tensor_names, load_checkpoint, load_dummy,
                                     read_eos_token_ids, read_hf_config)
@@ -137,6 +138,20 @@ def use_cuda_graphs(device: torch.device, dtype: torch.dtype, overrides: dict[st
     return forced == "1" or (dtype in (torch.float16, torch.bfloat16) and not overrides)
 
 
+# Extend steps (prefill chunks, verify rows) are captured up to this many tokens: their
+# eager host cost (~25 ms on an 8B) exceeds the GPU's time up to about 1K tokens
+EXTEND_GRAPH_TOKENS = 2048
+
+
+def use_extend_graphs(kv_layers: list[nn.Module]) -> bool:
+    """Extend steps replay CUDA graphs when every KV layer's extend path reads its layout on
+    the device (`captures_extend`: GQA attention, not MLA, whose extend path sizes its
+    decompressed keys on the host) and TOKENSPEED_EXTEND_GRAPHS is not 0."""
+    if os.environ.get("TOKENSPEED_EXTEND_GRAPHS", "") == "0":
+        return False
+    return bool(kv_layers) and all(getattr(m, "captures_extend", False) for m in kv_layers)
+
+
 def moe_layout(tp_rank: int, tp_size: int, moe_parallel: str) -> ParallelLayout:
     """The tensor-parallel layout with YAML `parallel.moe`: "tp" splits every expert's
     intermediate dim over all ranks, "ep" gives each rank whole experts (E / tp_size)."""
@@ -199,6 +214,7 @@ class ModelRunner:
             self.kv_caches.append(caches)
         log.info("KV cache: %s", self.kv_summary())
         self.decode_graphs: DecodeGraphs | None = None
+        self.extend_graphs: ExtendGraphs | None = None
         self._graphs_hidden = False  # the graphs return forward_hidden's pair
 
     @property
@@ -264,9 +280,13 @@ class ModelRunner:
             report("CUDA graphs", None)
             started = time.perf_counter()
             runner.enable_cuda_graphs(min(int(config.scheduler.max_running), 256), max_len,
-                                      hidden=config.speculative.method == "mtp")
-            report("CUDA graphs", f"{len(runner.decode_graphs.buckets)} decode batch sizes in "
-                                  f"{time.perf_counter() - started:.1f} s")
+                                      hidden=config.speculative.method == "mtp",
+                                      max_extend_tokens=int(config.scheduler.max_batch_tokens))
+            extend = runner.extend_graphs
+            report("CUDA graphs", f"{len(runner.decode_graphs.buckets)} decode batch sizes"
+                                  + (f", {len(extend.buckets)} extend token counts"
+                                     if extend is not None else "")
+                                  + f" in {time.perf_counter() - started:.1f} s")
         if runner.device.type == "cuda":
             report("warm-up", None)
             started = time.perf_counter()
@@ -289,18 +309,30 @@ class ModelRunner:
                  time.perf_counter() - started)
 
     def enable_cuda_graphs(self, max_batch: int, max_model_len: int | None = None,
-                           hidden: bool = False) -> None:
+                           hidden: bool = False, max_extend_tokens: int = 0) -> None:
         """Capture decode-only steps of up to `max_batch` rows whose sequences fit
         `max_model_len` tokens (default: the model's) as CUDA graphs; `hidden`: of
-        `forward_hidden` (then `forward` runs decode steps eagerly)."""
+        `forward_hidden` (then `forward` runs graph steps eagerly). With `max_extend_tokens`,
+        also steps with prefill or verify rows of up to min(that, EXTEND_GRAPH_TOKENS) tokens
+        (`use_extend_graphs`)."""
         max_len = max_model_len or self.max_model_len
+        max_pages = -(-max_len // self.page_size)
+        forward = self.model.forward_hidden if hidden else None
         started = time.perf_counter()
-        self.decode_graphs = DecodeGraphs(self.model, self.device, max_batch,
-                                          -(-max_len // self.page_size),
-                                          forward=self.model.forward_hidden if hidden else None)
+        self.decode_graphs = DecodeGraphs(self.model, self.device, max_batch, max_pages,
+                                          forward=forward)
         self._graphs_hidden = hidden
         log.info("CUDA graphs of decode steps captured for batch sizes %s in %.1f s",
                  self.decode_graphs.buckets, time.perf_counter() - started)
+        tokens = min(max_extend_tokens, EXTEND_GRAPH_TOKENS)
+        if tokens < 1 or not use_extend_graphs(self._kv_layers):
+            return
+        started = time.perf_counter()
+        self.extend_graphs = ExtendGraphs(self.model, self.device, max_batch, max_pages,
+                                          max_logits=max_batch, max_tokens=tokens,
+                                          forward=forward, pool=self.decode_graphs.pool)
+        log.info("CUDA graphs of extend steps captured for token counts %s in %.1f s",
+                 self.extend_graphs.buckets, time.perf_counter() - started)
 
     def kv_bytes_per_page(self) -> int:
         elem = torch.empty((), dtype=self.kv_dtype).element_size()
@@ -327,15 +359,25 @@ class ModelRunner:
                              "kv.num_pages)")
         return pages
 
+    def _replay(self, batch: ForwardBatch):
+        """The graph outputs of `batch` (views of reused buffers), or None: it runs eagerly."""
+        if self.decode_graphs is not None and self.decode_graphs.can_run(batch):
+            return self.decode_graphs.run(batch)
+        if self.extend_graphs is not None:
+            tokens = self.extend_graphs.bucket(batch)
+            if tokens is not None:
+                return self.extend_graphs.run(batch, tokens)
+        return None
+
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         """logits [N, vocab] float32 of each row's last token (N = B), or of the tokens in
-        batch.logit_index (speculative verify rows); the same on every rank. Decode-only steps
-        replay CUDA graphs; steps with verify rows are extend steps and run eagerly."""
+        batch.logit_index (speculative verify rows); the same on every rank. Steps replay
+        CUDA graphs where they fit one (decode-only steps; extend steps up to a token count),
+        else run eagerly."""
         batch.validate()
-        if (not self._graphs_hidden and self.decode_graphs is not None
-                and self.decode_graphs.can_run(batch)):
-            logits = self.decode_graphs.run(batch)                 # [B, V_padded], reused
+        logits = None if self._graphs_hidden else self._replay(batch)   # [N, V_padded]
+        if logits is not None:
             return logits[:, : self.vocab_size].to(torch.float32, copy=True)
         return self._logits(self.model(batch), batch.num_logits)
 
@@ -344,9 +386,9 @@ class ModelRunner:
         """`forward`'s logits and hidden [T, H]: every token's state after the final norm (a
         model with MTP layers; what they read)."""
         batch.validate()
-        if (self._graphs_hidden and self.decode_graphs is not None
-                and self.decode_graphs.can_run(batch)):
-            logits, hidden = self.decode_graphs.run(batch)         # views of reused buffers
+        out = self._replay(batch) if self._graphs_hidden else None
+        if out is not None:
+            logits, hidden = out
             return logits[:, : self.vocab_size].to(torch.float32, copy=True), hidden.clone()
         logits, hidden = self.model.forward_hidden(batch)
         return self._logits(logits, batch.num_logits), hidden

@@ -249,6 +249,34 @@ def check_graph_replay(runner: ModelRunner, steps: list[tuple[ForwardBatch, torc
     assert torch.equal(first, keep)
 
 
+def check_extend_replay(runner: ModelRunner, prompts: list[list[int]], max_new: int,
+                        extra: list[ForwardBatch] = ()) -> int:
+    """With extend graphs captured, every step of a greedy run (and each `extra` batch after
+    it) gives the eager forward's logits; returns how many steps replayed an extend graph."""
+    eager_forward, replays = runner.forward, 0
+
+    def both(batch: ForwardBatch) -> torch.Tensor:
+        nonlocal replays
+        graphs = runner.extend_graphs
+        if not runner.decode_graphs.can_run(batch) and graphs.bucket(batch) is not None:
+            replays += 1
+        got = eager_forward(batch)          # replays a graph where one fits (the step's K/V)
+        with torch.inference_mode():        # rewrites the same K/V eagerly
+            want = runner._logits(runner.model(batch), batch.num_logits)
+        err = (got - want).abs().max().item() / want.abs().max().item()
+        assert err < 2e-2, f"relative error {err:.2e} on a step of {batch.num_tokens} tokens"
+        return got
+
+    runner.forward = both
+    try:
+        greedy_generate(runner, prompts, max_new, chunk=32, admit_per_step=1)
+        for batch in extra:
+            both(batch)
+    finally:
+        del runner.forward
+    return replays
+
+
 def assert_steps_match(runner: ModelRunner, steps: list[tuple[ForwardBatch, torch.Tensor]],
                        tol: float = 4e-2) -> None:
     """`runner` gives the logits recorded in `steps` (batch, logits) within `tol` of its

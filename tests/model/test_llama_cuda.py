@@ -6,12 +6,15 @@
 - `memory_fraction` sizes the KV cache from torch.cuda.mem_get_info after the weights load.
 - TP=2 over NCCL decodes the TP=1 tokens (2 GPUs).
 - CUDA-graph decode steps give the eager logits (and are really replayed).
+- CUDA-graph extend steps (prefill chunks, mixed steps, verify rows) give the eager logits, for
+  the Llama shape and the Qwen3-Coder MoE shape.
 
 As a script on a GPU box it prints decode tokens/s of the full Llama-3.1-8B shape (dummy
 bf16 weights, eager PyTorch, no CUDA graphs):  python tests/model/test_llama_cuda.py
 """
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -26,7 +29,9 @@ import kernels  # noqa: E402
 from appliance.model import ForwardBatch, ModelRunner, ModelSource  # noqa: E402
 from appliance.model.presets import preset_config  # noqa: E402
 from appliance.model.tiny import ensure_tiny_checkpoint  # noqa: E402
-from helpers import assert_steps_match, check_graph_replay, greedy_generate, run_tp  # noqa: E402
+from helpers import (assert_steps_match, check_extend_replay, check_graph_replay,  # noqa: E402
+                     greedy_generate, run_tp)
+from test_verify_rows import PS, batch_of  # noqa: E402
 
 PROMPTS = [list(range(7, 7 + 40)), [3, 1, 4, 1, 5], list(range(500, 600))]
 OPS = ("rms_norm", "fused_add_rms_norm", "silu_and_mul", "rope", "rope_store_kv", "store_kv",
@@ -117,6 +122,26 @@ def test_cuda_graph_decode_equals_eager():
     runner = build(dummy("llama-3.1-8b", 2), torch.bfloat16, None, kv_num_pages=128,
                    page_size=16)
     check_graph_replay(runner, record(runner, PROMPTS, 8))
+
+
+@cuda
+@pytest.mark.parametrize("preset", ["llama-3.1-8b", "qwen3-coder-30b-a3b"])
+def test_cuda_graph_extend_equals_eager(preset):
+    runner = build(dummy(preset, 2), torch.bfloat16, None, kv_num_pages=256, page_size=PS)
+    runner.enable_cuda_graphs(max_batch=4, max_model_len=1024, max_extend_tokens=128)
+    assert runner.extend_graphs.buckets[-1] == 128
+    a, pages = list(range(30, 50)), [100, 101, 102, 103]
+    prefill = batch_of([(a, 0, pages)], 0, None)
+    verify = batch_of([([7], 5, [104]), ([50, 51, 52, 53], len(a), pages)], num_decode=1,
+                      logit_index=[0, 1, 2, 3, 4])
+    replays = check_extend_replay(runner, PROMPTS, 6, [to_cuda(prefill), to_cuda(verify)])
+    assert replays >= 5
+
+
+def to_cuda(batch: ForwardBatch) -> ForwardBatch:
+    return dataclasses.replace(batch, **{f.name: getattr(batch, f.name).cuda()
+                                         for f in dataclasses.fields(batch)
+                                         if isinstance(getattr(batch, f.name), torch.Tensor)})
 
 
 def bench(runner: ModelRunner, batch: int, prompt_len: int = 128, steps: int = 32) -> float:

@@ -44,6 +44,9 @@ class PagedAttention(nn.Module):
     """softmax(q k^T * scale) v over the paged cache, GQA (kv heads shared by q-head groups)."""
 
     reads_fp8_kv = True   # the runner refuses an FP8 cache for KV layers without this
+    # extend steps read their row layout on the device only: they can be captured in CUDA
+    # graphs (appliance/model/extend_graph.py); KV layers without this run them eagerly
+    captures_extend = True
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
                  ctx: BuildContext, v_head_dim: int | None = None, window: int = 0,

@@ -1,0 +1,98 @@
+"""The extend graphs' step layout (appliance/model/extend_graph.py), checked on the CPU: a step
+laid out in a bucket's shape (every row an extend row, empty rows, a padding row, a padded
+logits index) gives the unpadded step's logits and leaves the KV cache as the step left it.
+Every step of a greedy run (prefill chunks, mixed and decode steps) and a step with verify
+rows; a Llama and a Qwen3-MoE (whose router sees the padding tokens). The graphs themselves
+replay on CUDA: tests/model/test_llama_cuda.py."""
+from __future__ import annotations
+
+import bisect
+
+import pytest
+import torch
+
+from appliance.model import ForwardBatch, ModelRunner
+from appliance.model.extend_graph import DEFAULT_TOKEN_BUCKETS, fits, pad_extend_batch
+from helpers import greedy_generate, save_tiny_hf_model
+from moe_checkpoints import save_tiny_moe
+from test_verify_rows import PS, batch_of
+
+PROMPTS = [list(range(7, 47)), [3, 1, 4, 1, 5], list(range(100, 123))]
+MAX_ROWS, MAX_LOGITS = 4, 16
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen3-moe"])
+def runner(request, tmp_path_factory) -> ModelRunner:
+    folder = tmp_path_factory.mktemp(request.param)
+    if request.param == "llama":
+        save_tiny_hf_model(folder, "llama", seed=3)
+    else:
+        save_tiny_moe(folder, "qwen3-moe")
+    return ModelRunner(str(folder), kv_num_pages=64, page_size=PS)
+
+
+def padded_logits(forward, batch: ForwardBatch) -> torch.Tensor:
+    """The step's logits from `forward`, run in the smallest bucket that holds it."""
+    tokens = DEFAULT_TOKEN_BUCKETS[bisect.bisect_left(DEFAULT_TOKEN_BUCKETS, batch.num_tokens)]
+    assert fits(batch, tokens, MAX_ROWS, MAX_LOGITS, batch.page_table.shape[1])
+    padded = pad_extend_batch(batch, tokens, MAX_ROWS, MAX_LOGITS)
+    assert padded.num_decode == 0 and padded.num_tokens == tokens
+    return forward(padded)[: batch.num_logits]
+
+
+def check_padded_step(runner: ModelRunner, batch: ForwardBatch, want: torch.Tensor,
+                      forward=None) -> None:
+    """The padded step's logits are `want`'s, and it writes its own tokens' cache slots (the
+    same K/V again, up to rounding: the CPU picks its GEMM by row count) and no other."""
+    before = [c.clone() for layer in runner.kv_caches for c in layer]
+    got = padded_logits(forward or runner.forward, batch)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    own = torch.zeros(before[0].shape[0], dtype=torch.bool)
+    own[batch.slot_mapping.long()] = True
+    for old, new in zip(before, (c for layer in runner.kv_caches for c in layer)):
+        assert torch.equal(old[~own], new[~own]), "the padding wrote a cache slot"
+        torch.testing.assert_close(old[own], new[own], rtol=1e-5, atol=1e-5)
+
+
+def test_every_step_of_a_greedy_run_gives_its_logits_padded(runner):
+    forward, kinds = runner.forward, set()
+
+    def both(batch: ForwardBatch) -> torch.Tensor:
+        want = forward(batch)
+        check_padded_step(runner, batch, want, forward)   # rewrites the same K/V: the cache is as it was
+        kinds.add("decode" if batch.num_decode == batch.num_rows else
+                  "prefill" if batch.num_decode == 0 else "mixed")
+        return want
+
+    runner.forward = both
+    try:
+        greedy_generate(runner, PROMPTS, 4, chunk=16, admit_per_step=1)
+    finally:
+        del runner.forward
+    assert kinds == {"decode", "prefill", "mixed"}
+
+
+def test_a_step_with_verify_rows_gives_every_logit_padded(runner):
+    a, b = [5, 9, 33, 7, 100, 21, 3, 44, 12], [8, 8, 8, 17, 90]
+    pages = {"a": [10, 11, 12, 13], "b": [14, 15], "c": [16, 17, 18, 19]}
+    runner.forward(batch_of([(a, 0, pages["a"]), (b, 0, pages["b"])], 0, None))
+    rows = [([60], len(b), pages["b"]), ([50, 51, 52, 53], len(a), pages["a"]),
+            (list(range(10, 16)), 0, pages["c"])]
+    step = batch_of(rows, num_decode=1, logit_index=[0, 1, 2, 3, 4, 10])
+    check_padded_step(runner, step, runner.forward(step))
+
+
+def test_a_bucket_holds_a_step_only_with_room_for_its_padding():
+    def step(tokens: list[int], logits: list[int] | None = None) -> ForwardBatch:
+        rows = [([1] * n, 0, [i]) for i, n in enumerate(tokens)]
+        return batch_of(rows, 0, logits)
+
+    assert fits(step([3, 2]), 8, MAX_ROWS, MAX_LOGITS, 1)          # rows 0-1, padding row 4
+    assert fits(step([2, 2, 2, 2]), 8, MAX_ROWS, MAX_LOGITS, 1)    # 4 rows: the 5th pads
+    assert not fits(step([1] * 5), 8, MAX_ROWS, MAX_LOGITS, 1)     # more rows than max_rows
+    assert not fits(step([3, 3, 3]), 8, MAX_ROWS, MAX_LOGITS, 1)   # 9 tokens
+    assert fits(step([2, 2, 2, 2]), 8, 8, 8, 1)                    # 8 rows: room to pad
+    assert fits(step([1] * 8), 8, 8, 8, 1)                         # a full bucket: no padding
+    assert fits(step([1] * 7), 8, 7, 8, 1)                         # 7 rows + the padding row
+    assert not fits(step([4, 4], list(range(8))), 8, MAX_ROWS, 4, 1)  # 8 logits, 4 rows of them
+    assert not fits(step([3, 2]), 8, MAX_ROWS, MAX_LOGITS, 0)      # page table too wide
