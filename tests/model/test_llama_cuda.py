@@ -130,9 +130,9 @@ def test_cuda_graph_extend_equals_eager(preset):
     runner = build(dummy(preset, 2), torch.bfloat16, None, kv_num_pages=256, page_size=PS)
     runner.enable_cuda_graphs(max_batch=4, max_model_len=1024, max_extend_tokens=128)
     assert runner.extend_graphs.buckets[-1] == 128
-    a, pages = list(range(30, 50)), [100, 101, 102, 103]
+    a, pages = list(range(30, 50)), list(range(100, 106))  # 24 tokens with the drafts
     prefill = batch_of([(a, 0, pages)], 0, None)
-    verify = batch_of([([7], 5, [104]), ([50, 51, 52, 53], len(a), pages)], num_decode=1,
+    verify = batch_of([([7], 3, [106]), ([50, 51, 52, 53], len(a), pages)], num_decode=1,
                       logit_index=[0, 1, 2, 3, 4])
     replays = check_extend_replay(runner, PROMPTS, 6, [to_cuda(prefill), to_cuda(verify)])
     assert replays >= 5
