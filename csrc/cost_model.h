@@ -9,6 +9,9 @@
 // 4.8 ms batch-1 step), and the TPS floor then held every waiting request back
 // while one user decoded. Its prior is 0 (a CPU has no graphs): where the data
 // cannot tell f from the per-token costs, the ridge keeps the one-intercept fit.
+// A GQA model's steps of up to 2,048 tokens replay extend graphs too
+// (appliance/model/extend_graph.py): f is then mostly their padding and the
+// extend kernels' cost over the decode kernels', fitted like the rest.
 //
 // A speculative verify row counts as one decode token plus its draft tokens:
 // its drafts cost far less than prefill tokens while a step is memory-bound

@@ -239,8 +239,9 @@ class Engine:
     def _cost_without_drafts(self, plan, tokens: float) -> StepCost:
         """What the next step's drafts are weighed against: this step as if it had none (its
         predicted time less its drafts' cost). Where plain decode steps replay CUDA graphs,
-        drafts also bring the eager step's fixed cost f (the cost model's; none when prefill
-        makes the step eager anyway); without graphs (the CPU) every step runs eagerly."""
+        drafts also bring an extend step's fixed cost f (the cost model's: an eager step's
+        launches, or an extend graph's padding; none when prefill makes the step an extend
+        step anyway); without graphs (the CPU) every step runs eagerly."""
         c = self.scheduler.cost_coeffs()
         e, f = c[4], c[5]
         time_s = plan.predicted_time_s - e * plan.total_drafts
