@@ -127,14 +127,23 @@ def extend_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     out = torch.empty(q.shape[0], q.shape[1], v_cache.shape[-1], dtype=q.dtype, device=q.device)
     qs, sl = query_start.tolist(), seq_lens.tolist()
     for b in range(len(sl)):
-        t0, t1, n = qs[b], qs[b + 1], sl[b]
-        if t1 == t0:
-            continue
-        start = window_start(n - (t1 - t0), window)
-        slots = gather_slots(page_table[b], n, page_size, start)      # [N]
-        k_pos = torch.arange(start, n, device=q.device)               # [N]
-        q_pos = torch.arange(n - (t1 - t0), n, device=q.device)       # [M]
-        out[t0:t1] = _attend(q[t0:t1], dequantize(k_cache[slots], k_scale),
-                             dequantize(v_cache[slots], v_scale), q_pos, scale, k_pos, window,
-                             sinks).to(q.dtype)
+        t0, t1 = qs[b], qs[b + 1]
+        if t1 > t0:
+            out[t0:t1] = extend_row(q[t0:t1], k_cache, v_cache, page_table[b], sl[b], page_size,
+                                    scale, sinks, window, k_scale, v_scale)
     return out
+
+
+def extend_row(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+               page_table_row: torch.Tensor, seq_len: int, page_size: int, scale: float,
+               sinks: torch.Tensor | None = None, window: int = 0, k_scale: float = 1.0,
+               v_scale: float = 1.0) -> torch.Tensor:
+    """One extend row: q [M, Hq, D], the last M of its seq_len positions -> [M, Hq, Dv] in
+    q's dtype, causal (extend_attention's arguments)."""
+    m = q.shape[0]
+    start = window_start(seq_len - m, window)
+    slots = gather_slots(page_table_row, seq_len, page_size, start)   # [N]
+    k_pos = torch.arange(start, seq_len, device=q.device)             # [N]
+    q_pos = torch.arange(seq_len - m, seq_len, device=q.device)       # [M]
+    return _attend(q, dequantize(k_cache[slots], k_scale), dequantize(v_cache[slots], v_scale),
+                   q_pos, scale, k_pos, window, sinks).to(q.dtype)

@@ -35,7 +35,7 @@ def test_registry_prefers_triton_on_cuda_only():
     assert kernels.selected_backend("decode_attention", device="cuda", dtype=torch.bfloat16,
                                     head_dim=128) == "triton"
     assert kernels.selected_backend("decode_attention", device="cpu",
-                                    dtype=torch.float32) == "torch"
+                                    dtype=torch.float32) == "cpu"   # kernels/cpu
     assert "triton (priority 10): refused" in kernels.explain("rms_norm", device="cpu",
                                                               dtype=torch.float32)
     for op in kernels.OPS:
