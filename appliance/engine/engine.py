@@ -241,9 +241,18 @@ class Engine:
         predicted time less its drafts' cost). Where plain decode steps replay CUDA graphs,
         drafts also bring an extend step's fixed cost f (the cost model's: an eager step's
         launches, or an extend graph's padding; none when prefill makes the step an extend
-        step anyway); without graphs (the CPU) every step runs eagerly."""
+        step anyway); without graphs (the CPU) every step runs eagerly.
+
+        A draft token does a decode token's work (the weights, attention over its row's
+        prefix), so it is charged at most that: b + d * the rows' mean length. The fitted e
+        can say more and stay there: the first verify steps ride on mixed steps whose prefill
+        the linear model leaves partly unexplained, and a policy that then refuses drafts
+        gives e no new evidence (the CPU edit workload at 8 users: e held at 45-50 ms for a
+        whole run, while a draft token cost ~3 ms)."""
         c = self.scheduler.cost_coeffs()
-        e, f = c[4], c[5]
+        lengths = np.asarray(plan.seq_lens)
+        decode_token_s = c[1] + c[3] * (float(lengths.mean()) if lengths.size else 0.0)
+        e, f = min(c[4], decode_token_s), c[5]
         time_s = plan.predicted_time_s - e * plan.total_drafts
         if getattr(self.runner, "decode_graphs", None) is None:
             return StepCost(tokens=tokens, time_s=time_s, draft_token_s=e)

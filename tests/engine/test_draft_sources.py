@@ -158,9 +158,13 @@ def test_the_engine_charges_the_eager_step_only_where_decode_replays_graphs():
 
     coeffs = (1e-3, 1e-4, 1e-4, 1e-8, 2e-5, 0.025)            # a..f: f = 25 ms
     sched = SimpleNamespace(cost_coeffs=lambda: coeffs)
-    decode = SimpleNamespace(predicted_time_s=0.010, total_drafts=0, num_tokens=16, num_rows=16)
-    verify = SimpleNamespace(predicted_time_s=0.036, total_drafts=50, num_tokens=66, num_rows=16)
-    mixed = SimpleNamespace(predicted_time_s=0.060, total_drafts=0, num_tokens=80, num_rows=17)
+    lens = [100] * 16
+    decode = SimpleNamespace(predicted_time_s=0.010, total_drafts=0, num_tokens=16, num_rows=16,
+                             seq_lens=lens)
+    verify = SimpleNamespace(predicted_time_s=0.036, total_drafts=50, num_tokens=66, num_rows=16,
+                             seq_lens=lens)
+    mixed = SimpleNamespace(predicted_time_s=0.060, total_drafts=0, num_tokens=80, num_rows=17,
+                            seq_lens=lens + [64])
     gpu = SimpleNamespace(scheduler=sched, runner=SimpleNamespace(decode_graphs=object()))
     cpu = SimpleNamespace(scheduler=sched, runner=SimpleNamespace(decode_graphs=None))
     cost = Engine._cost_without_drafts
@@ -171,6 +175,24 @@ def test_the_engine_charges_the_eager_step_only_where_decode_replays_graphs():
     assert cost(gpu, mixed, 16).eager_s == 0.0        # eager anyway for its prefill
     assert cost(cpu, verify, 16).eager_s == 0.0       # no graphs: every step is eager
     assert abs(cost(cpu, verify, 16).time_s - 0.035) < 1e-12
+
+
+def test_a_draft_token_is_charged_at_most_a_decode_tokens_work():
+    """The fitted e may say a draft costs more than a decode token (stale evidence from mixed
+    steps); the policy is told b + d * the mean length at most."""
+    from types import SimpleNamespace
+
+    from appliance.engine.engine import Engine
+
+    stuck = (1e-3, 2e-3, 1e-3, 1e-5, 0.048, 0.0)              # e = 48 ms, b = 2 ms
+    step = SimpleNamespace(predicted_time_s=0.2, total_drafts=0, num_tokens=8, num_rows=8,
+                           seq_lens=[1500] * 8)
+    engine = SimpleNamespace(scheduler=SimpleNamespace(cost_coeffs=lambda: stuck),
+                             runner=SimpleNamespace(decode_graphs=None))
+    assert abs(Engine._cost_without_drafts(engine, step, 8).draft_token_s - 0.017) < 1e-12
+    fitted = (1e-3, 2e-3, 1e-3, 1e-5, 0.003, 0.0)
+    engine.scheduler = SimpleNamespace(cost_coeffs=lambda: fitted)
+    assert Engine._cost_without_drafts(engine, step, 8).draft_token_s == 0.003
 
 
 def test_new_requests_probe_to_learn_their_acceptance():

@@ -96,3 +96,14 @@ def test_a_bucket_holds_a_step_only_with_room_for_its_padding():
     assert fits(step([1] * 7), 8, 7, 8, 1)                         # 7 rows + the padding row
     assert not fits(step([4, 4], list(range(8))), 8, MAX_ROWS, 4, 1)  # 8 logits, 4 rows of them
     assert not fits(step([3, 2]), 8, MAX_ROWS, MAX_LOGITS, 0)      # page table too wide
+
+
+def test_extend_graphs_serve_models_whose_attention_reads_its_layout_on_the_device(
+        runner, monkeypatch):
+    from appliance.model.layers.mla import MLAttention
+    from appliance.model.runner import use_extend_graphs
+
+    assert use_extend_graphs(runner._kv_layers)                        # GQA attention
+    assert not getattr(MLAttention, "captures_extend", False)          # sizes keys on the host
+    monkeypatch.setenv("TOKENSPEED_EXTEND_GRAPHS", "0")
+    assert not use_extend_graphs(runner._kv_layers)
