@@ -89,7 +89,7 @@ def fill_padding(dst: ForwardBatch, t: int, b: int, n: int) -> None:
 
 def empty_batch(tokens: int, rows: int, logits: int, max_pages: int,
                 device: torch.device) -> ForwardBatch:
-    """A ForwardBatch of a bucket's shape over fresh int32 tensors (contents unset)."""
+    """A ForwardBatch of a bucket's shape over fresh int32 tensors (zeros; slots -1)."""
     i32 = dict(dtype=torch.int32, device=device)
     return ForwardBatch(
         input_ids=torch.zeros(tokens, **i32), positions=torch.zeros(tokens, **i32),

@@ -88,15 +88,17 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 
 def _extend_layout(query_start: torch.Tensor, seq_lens: torch.Tensor, page_table: torch.Tensor,
                    page_size: int) -> tuple[list[int], torch.Tensor, torch.Tensor,
-                                            torch.Tensor, torch.Tensor]:
+                                            torch.Tensor, torch.Tensor, torch.Tensor]:
     """Short rows batched: (the long rows, short rows' ids [S], their tokens' indices [S, M]
-    (padding: 0), which of those are real [S, M], the pages [S, P], the mask [S, M, N])."""
+    (padding: 0), which of those are real [S, M], the pages [S, P], the mask [S, M, N]); S = 0
+    when every row is long or empty."""
     qs, sl = query_start.tolist(), seq_lens.tolist()
     qlen = [qs[b + 1] - qs[b] for b in range(len(sl))]
     short = [b for b in range(len(sl)) if 0 < qlen[b] <= SHORT_QUERIES]
     long = [b for b in range(len(sl)) if qlen[b] > SHORT_QUERIES]
     if not short:
-        return long, *(torch.empty(0, dtype=torch.long),) * 4, torch.empty(0)
+        none = torch.empty(0, dtype=torch.long)
+        return long, none, none, none, none, torch.empty(0)
     m = max(qlen[b] for b in short)
     j = torch.arange(m)
     rows = torch.tensor(short)
