@@ -87,15 +87,17 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 
 
 def _extend_layout(query_start: torch.Tensor, seq_lens: torch.Tensor, page_table: torch.Tensor,
-                   page_size: int) -> tuple[list[int], torch.Tensor, torch.Tensor,
-                                            torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Short rows batched: (the long rows, short rows' ids [S], their tokens' indices [S, M]
+                   page_size: int) -> tuple[list[tuple[int, int, int, int]], torch.Tensor,
+                                            torch.Tensor, torch.Tensor, torch.Tensor,
+                                            torch.Tensor]:
+    """Short rows batched: (the long rows as (row, first token, end token, length), short
+    rows' ids [S], their tokens' indices [S, M]
     (padding: 0), which of those are real [S, M], the pages [S, P], the mask [S, M, N]); S = 0
     when every row is long or empty."""
     qs, sl = query_start.tolist(), seq_lens.tolist()
     qlen = [qs[b + 1] - qs[b] for b in range(len(sl))]
     short = [b for b in range(len(sl)) if 0 < qlen[b] <= SHORT_QUERIES]
-    long = [b for b in range(len(sl)) if qlen[b] > SHORT_QUERIES]
+    long = [(b, qs[b], qs[b + 1], sl[b]) for b in range(len(sl)) if qlen[b] > SHORT_QUERIES]
     if not short:
         none = torch.empty(0, dtype=torch.long)
         return long, none, none, none, none, torch.empty(0)
@@ -133,9 +135,7 @@ def extend_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         v = _gather_pages(v_cache, table, page_size, v_scale)
         short = _attend(q[tokens], k, v, mask, scale).to(q.dtype)       # [S, M, Hq, Dv]
         out[tokens[real]] = short[real]
-    qs, sl = query_start.tolist(), seq_lens.tolist()
-    for b in long:
-        out[qs[b]:qs[b + 1]] = reference.extend_row(q[qs[b]:qs[b + 1]], k_cache, v_cache,
-                                                    page_table[b], sl[b], page_size, scale,
-                                                    k_scale=k_scale, v_scale=v_scale)
+    for b, t0, t1, length in long:
+        out[t0:t1] = reference.extend_row(q[t0:t1], k_cache, v_cache, page_table[b], length,
+                                          page_size, scale, k_scale=k_scale, v_scale=v_scale)
     return out
