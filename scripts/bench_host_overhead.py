@@ -6,7 +6,8 @@
             reference `sample`; a Triton kernel on a GPU).
   frontend  `tokenspeed up` with the tiny model and B concurrent streams from `tokenspeed bench
             throughput`: CPU time of the frontend process (event loop, engine monitor thread,
-            tokenizer threads; not the engine ranks, not the bench client) per generated token.
+            tokenizer threads; not the engine ranks) per generated token, and the bench client's
+            (`tokenspeed bench`: parsing every stream's events), which shares the host with it.
 
     .venv/bin/python scripts/bench_host_overhead.py [--batch 256] [--steps 300] [--output-len 128]
         [--part engine frontend]
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import socket
 import statistics
 import subprocess
@@ -86,8 +88,10 @@ def frontend_cpu_per_token(batch: int, output_len: int) -> dict[str, float]:
         subprocess.run(bench[:-6] + ["--concurrency", "8", "--requests", "8", "--input-len", "32",
                                      "--output-len", "16", "--json"], cwd=ROOT, env=env, capture_output=True)
         tokens0, cpu0 = _generated(cli, args, env), _cpu_s(daemon.pid)
+        client0 = _children_cpu_s()
         result = json.loads(subprocess.run(bench, cwd=ROOT, env=env, capture_output=True, text=True,
                                            check=True).stdout)
+        client = _children_cpu_s() - client0
         cpu1, tokens1 = _cpu_s(daemon.pid), _generated(cli, args, env)
     finally:
         subprocess.run([*cli, "down", *args], cwd=ROOT, env=env, capture_output=True)
@@ -95,6 +99,7 @@ def frontend_cpu_per_token(batch: int, output_len: int) -> dict[str, float]:
     tokens = tokens1 - tokens0
     return {"generated_tokens": tokens, "frontend_cpu_s": round(cpu1 - cpu0, 3),
             "frontend_us_per_token": round(1e6 * (cpu1 - cpu0) / max(tokens, 1), 1),
+            "client_us_per_token": round(1e6 * client / max(tokens, 1), 1),
             "output_tokens_per_s": round(result["output_tokens_per_s"], 1),
             "daemon_running_max": result.get("daemon_running_max")}
 
@@ -103,6 +108,12 @@ def _cpu_s(pid: int) -> float:
     """User + system CPU seconds of the process (all its threads)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _children_cpu_s() -> float:
+    """User + system CPU seconds of this process's finished children."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _generated(cli: list[str], args: list[str], env: dict[str, str]) -> int:

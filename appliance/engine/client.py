@@ -76,6 +76,25 @@ class _Stream:
             pass
 
 
+def _deliver_all(routed: list[tuple[_Stream, TokenOutput]]) -> None:
+    """Hand a step's outputs to their streams with one wake-up of each event loop (one per
+    token cost a self-pipe write and a loop wake-up each: at 256 streams, ~12K a second on an
+    H200). A stream's items stay in order: a loop runs its callbacks first in, first out."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, TokenOutput]]] = {}
+    for stream, item in routed:
+        by_loop.setdefault(stream.loop, []).append((stream.queue, item))
+    for loop, items in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_put_each, items)
+        except RuntimeError:  # the loop is closed: nobody is waiting any more
+            pass
+
+
+def _put_each(items: list[tuple[asyncio.Queue, TokenOutput]]) -> None:
+    for queue, item in items:
+        queue.put_nowait(item)
+
+
 class EngineClient:
     """Starts `tp_size` engine ranks, talks to rank 0 and keeps the engine running."""
 
@@ -232,10 +251,9 @@ class EngineClient:
     def _dispatch(self, message: protocol.FromEngine) -> None:
         if isinstance(message, protocol.Outputs):
             with self._lock:
-                for item in message.items:
-                    stream = self._streams.get(item.rid)
-                    if stream is not None:
-                        stream.put(item)
+                routed = [(stream, item) for item in message.items
+                          if (stream := self._streams.get(item.rid)) is not None]
+            _deliver_all(routed)
         elif isinstance(message, protocol.Rejected):
             with self._lock:
                 stream = self._streams.get(message.rid)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import anyio
@@ -67,10 +67,13 @@ class TextDelta:
 @dataclass(frozen=True)
 class TokenDelta:
     """One generated token id, ahead of its text: for jobs with `token_events`, and with its
-    log-probabilities for jobs that asked for them (then not for a final end of sequence)."""
+    log-probabilities for jobs that asked for them (then not for a final end of sequence).
+    For `token_events` jobs `text` carries the token's text when that is plain text (one
+    TextDelta, then not sent apart): a stream sends the two in one chunk, not two."""
 
     token_id: int
     logprobs: TokenLogprobs | None = None
+    text: str = ""
 
 
 @dataclass(frozen=True)
@@ -176,15 +179,20 @@ async def generate(state: AppState, job: GenerationJob) -> AsyncIterator[Event]:
                 prefilled, cached = True, out.cached_tokens or 0
                 yield Prefilled(cached)
             decodes = _decodes(state, out)
+            token_event = None
             if out.token_id >= 0:
                 token_ids.append(out.token_id)
                 state.metrics.observe(*state.tracker.on_token(tracked))
                 logprobs = out.logprobs if decodes else None
                 if job.token_events or logprobs is not None:
-                    yield TokenDelta(out.token_id, logprobs)
+                    token_event = TokenDelta(out.token_id, logprobs)
             last = out.finish_reason is not None
             events, matched = pipeline.push(out.token_id, last, decodes)
             reasoning_tokens += out.token_id >= 0 and pipeline.in_reasoning
+            if token_event is not None:
+                if job.token_events and len(events) == 1 and isinstance(events[0], TextDelta):
+                    token_event, events = replace(token_event, text=events[0].text), []
+                yield token_event
             for item in events:
                 yield item
             if matched is not None or last:

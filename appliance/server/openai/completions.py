@@ -109,7 +109,7 @@ async def _stream(state: AppState, jobs: list[GenerationJob], head: dict[str, An
             if item.logprobs is not None:
                 logprobs[index].add(item.token_id, item.logprobs)
             if jobs[index].token_events:
-                yield chunk(index, _choice(index, "", None, [item.token_id]))
+                yield chunk(index, _choice(index, item.text, None, [item.token_id]))
         elif isinstance(item, TextDelta):
             yield chunk(index, _choice(index, item.text, None))
         elif isinstance(item, Finished):
