@@ -5,6 +5,9 @@
   bench-*.json             `tokenspeed bench throughput --json` of each load
   stats.jsonl              /stats's step_time (the cost model) polled during the loads
   loads.txt                "name start end" (epoch seconds) of each load: steps are grouped by it
+  cpu.txt, cpu_pids.txt    each process's CPU ticks every second, and its command line: per load,
+                           the frontend's, each engine rank's and the bench client's mean and
+                           peak (over 1 s) share of a core
 
 Within each load, steps are grouped by batch composition (profiled steps left out: the profiler
 slows them):
@@ -39,11 +42,50 @@ def main() -> int:
     loads = read_loads(args.out / "loads.txt")
     lines = (bench_lines(args.out) + [""] + kernel_lines(args.out / "timing", args.top) + [""]
              + cost_model_lines(args.out / "stats.jsonl") + [""]
-             + step_lines(args.out / "timing" / "steps.csv", args.rows, loads))
+             + step_lines(args.out / "timing" / "steps.csv", args.rows, loads) + [""]
+             + cpu_lines(args.out, loads))
     text = "\n".join(lines)
     (args.out / "summary.txt").write_text(text + "\n")
     print(text)
     return 0
+
+
+def role(command: str) -> str:
+    if " bench " in command:
+        return "bench client"
+    if " up " in command:
+        return "frontend"
+    if "spawn_main" in command:
+        return "engine rank"
+    return command.split(" ")[-1][:24] or "?"
+
+
+def cpu_lines(out: Path, loads: list[tuple[str, float, float]]) -> list[str]:
+    """Per load and process: mean and peak % of a core (100 = one core busy all the time)."""
+    samples, pids = out / "cpu.txt", out / "cpu_pids.txt"
+    if not samples.is_file() or not pids.is_file():
+        return ["no CPU samples (cpu.txt)"]
+    head, *rest = pids.read_text().splitlines()
+    tick = float(head.split()[1])
+    commands = dict(line.split(" ", 1) for line in rest if " " in line)
+    series: dict[str, list[tuple[float, float]]] = {}
+    for line in samples.read_text().splitlines():
+        when, pid, ticks = line.split()
+        series.setdefault(pid, []).append((float(when), float(ticks) / tick))
+    lines = ["CPU per process (% of one core over the load: mean, peak 1 s)",
+             f"{'load':<14} {'process':<14} {'pid':>7} {'mean %':>7} {'peak %':>7}"]
+    for name, start, end in loads:
+        for pid, points in sorted(series.items()):
+            inside = [p for p in points if start <= p[0] <= end]
+            if len(inside) < 2:
+                continue
+            rates = [100 * (b[1] - a[1]) / max(b[0] - a[0], 1e-6) for a, b in zip(inside, inside[1:])]
+            mean = 100 * (inside[-1][1] - inside[0][1]) / max(inside[-1][0] - inside[0][0], 1e-6)
+            if mean < 5:
+                continue
+            lines.append(f"{name:<14} {role(commands.get(pid, '')):<14} {pid:>7} {mean:7.0f} "
+                         f"{max(rates):7.0f}")
+    return lines
 
 
 def read_steps(path: Path) -> list[dict[str, float | None]]:
