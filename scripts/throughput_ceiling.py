@@ -13,6 +13,10 @@ The phases run one after the other in a step (a GEMM is compute-bound at large b
 decode attention is bandwidth-bound; they do not overlap), so the ceiling adds their times:
 no engine gets above it, and an engine at 100% of both peaks in every kernel reaches it.
 
+Also the floor on TTFT p50 when the C requests arrive at once (the bench's first wave; its
+second wave arrives as the first ends, all together too): the median request waits for half
+the burst's prompts to go through the layers at the GEMM rate.
+
     python scripts/throughput_ceiling.py                        # on the GPU: measures the peaks
     python scripts/throughput_ceiling.py --copy-gbs 4220 --gemm-tflops 797   # anywhere
     python scripts/throughput_ceiling.py --kv-bytes 1   # an FP8 KV cache
@@ -77,6 +81,7 @@ class Ceiling:
     decode_attention_s: float
     prefill_attention_s: float
     output_tokens: int
+    burst_ttft_p50_s: float  # C prompts at once: the median one's prefill done
 
     @property
     def seconds(self) -> float:
@@ -102,8 +107,11 @@ def ceiling(shape: DenseShape, load: Load, copy_gbs: float, gemm_tflops: float,
     cached_reads = n * ((o - 1) * i + (o - 1) * o / 2)
     kv_s = cached_reads * shape.kv_elements_per_token() * kv_bytes / (copy_gbs * 1e9)
     # QK^T and PV over a causal I x I block, every layer and head
-    prefill_attention_flops = n * shape.layers * shape.heads * 4 * shape.head_dim * i * i / 2
-    return Ceiling(linear_s, kv_s, prefill_attention_flops / (gemm_tflops * 1e12), n * o)
+    attention_flops = shape.layers * shape.heads * 4 * shape.head_dim * i * i / 2
+    prompt_flops = 2 * body * i + attention_flops + 2 * head
+    burst_ttft = min(load.concurrency, n) / 2 * prompt_flops / (gemm_tflops * 1e12)
+    return Ceiling(linear_s, kv_s, n * attention_flops / (gemm_tflops * 1e12), n * o,
+                   burst_ttft)
 
 
 def main() -> int:
@@ -141,6 +149,8 @@ def main() -> int:
     print(f"prefill attention {result.prefill_attention_s:7.2f} s")
     print(f"ceiling           {result.output_tokens_per_s:7.0f} output tok/s "
           f"({result.output_tokens} tokens in {result.seconds:.2f} s)")
+    print(f"TTFT p50 floor    {result.burst_ttft_p50_s:7.2f} s  ({load.concurrency} prompts "
+          "arriving at once)")
     return 0
 
 

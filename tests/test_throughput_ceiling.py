@@ -21,6 +21,8 @@ def test_each_phase_by_hand():
     assert got.decode_attention_s == pytest.approx(2 * 15 * 16)
     assert got.prefill_attention_s == pytest.approx(2 * 2 * 2 * 4 * 2 * 9 / 2)
     assert got.output_tokens == 8
+    # the median of 2 prompts at once waits for 1: its layers, attention and head (one token)
+    assert got.burst_ttft_p50_s == pytest.approx(2 * 288 * 3 + 2 * 2 * 4 * 2 * 9 / 2 + 2 * 40)
     assert got.output_tokens_per_s == pytest.approx(8 / got.seconds)
 
 

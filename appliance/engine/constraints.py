@@ -16,6 +16,7 @@ committed token (`advance`). The end-of-sequence ids are allowed only where the 
 from __future__ import annotations
 
 import json
+from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -84,7 +85,10 @@ def compile_matcher(tokenizer: llguidance.LLTokenizer, constraint: Constraint) -
 
 class GrammarCompiler:
     """Compiles constraints off the step loop, on one worker thread, where the tokenizer is
-    built first (about a second for a large vocabulary) so start-up does not wait for it."""
+    built first. Building it imports transformers and walks the vocabulary: seconds of Python
+    that hold the GIL against the step loop (the first request after start-up decoded at a
+    third of its speed while it ran), so rank 0 starts the compiler before the weights load and
+    waits for the tokenizer (`wait_for_tokenizer`) before it says it is ready."""
 
     def __init__(self, tokenizer_path: str | None, vocab_size: int, eos_ids: list[int]) -> None:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar")
@@ -95,6 +99,12 @@ class GrammarCompiler:
     @property
     def available(self) -> bool:
         return self._tokenizer is not None
+
+    def wait_for_tokenizer(self, timeout_s: float | None = None) -> None:
+        """Until the tokenizer is built or failed to build (a failure is the constrained
+        requests' error, raised by `submit`'s futures), or `timeout_s` passed."""
+        if self._tokenizer is not None:
+            futures.wait([self._tokenizer], timeout=timeout_s)
 
     def submit(self, constraint: Constraint) -> Future:
         """A future of the request's LLMatcher (ValueError when the constraint is bad)."""

@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 # supervisor watches (engine.heartbeat_timeout_s), so a stuck step loop is noticed.
 STATS_PERIOD_S = 0.25
 IDLE_POLL_MS = 5
+# Ready waits this long at most for the constraint tokenizer (GrammarCompiler), then serves.
+TOKENIZER_WAIT_S = 60.0
 
 
 def core_scheduler_config(policy: SchedulerPolicyConfig, num_pages: int, page_size: int,
@@ -96,9 +98,11 @@ class InFlight:
 
 class Engine:
     def __init__(self, config: AppConfig, runner, channel: PlanChannel,
-                 endpoints: EngineEndpoints, tokenizer: str | None = None) -> None:
+                 endpoints: EngineEndpoints, tokenizer: str | None = None,
+                 compiler: GrammarCompiler | None = None) -> None:
         """`tokenizer`: the model's tokenizer folder, which grammar constraints need (without
-        it a request with a constraint is refused)."""
+        it a request with a constraint is refused); or `compiler`, one already building it
+        (rank 0 starts it before the weights load)."""
         self.config = config
         self.runner = runner
         self.channel = channel
@@ -111,7 +115,8 @@ class Engine:
         self.requests: dict[int, GenerateRequest] = {}
         self._unadmitted: set[int] = set()  # submitted, not yet in a plan
         self._cached_tokens: dict[int, int] = {}  # admitted, first output not yet sent
-        self.compiler = GrammarCompiler(tokenizer, runner.vocab_size, list(runner.eos_token_ids))
+        self.compiler = compiler or GrammarCompiler(tokenizer, runner.vocab_size,
+                                                    list(runner.eos_token_ids))
         self.compiling: dict[int, tuple[GenerateRequest, Future]] = {}  # waiting for their grammar
         self.grammars = Grammars(runner.vocab_size)
         self.verifier = Verifier(self.device)
@@ -130,6 +135,7 @@ class Engine:
         self.timeline = timeline_from_env(self.device)  # per-step profile; a no-op unless asked
 
     def run(self) -> None:
+        self.compiler.wait_for_tokenizer(TOKENIZER_WAIT_S)
         self._send(protocol.Ready(self.max_model_len, self.runner.num_pages, self.runner.page_size,
                                   self.runner.vocab_size, list(self.runner.eos_token_ids),
                                   gpu_uuids(self.device, self.config.parallel.tp_size)))

@@ -52,12 +52,13 @@ def run_rank(config: AppConfig, files: ModelFiles, endpoints: EngineEndpoints | 
         channel = PlanChannel(_init_distributed(config.parallel.tp_size, rank, dist_port, device))
         nccl = dist.is_initialized() and device.type == "cuda"
         kernels.set_overrides(dict(config.kernels.override))
+        compiler = _start_grammar_compiler(config, files) if rank == 0 else None
         runner = _build_runner(config, files, device, rank, endpoints)
         from appliance.engine.engine import Engine, run_worker
 
         if rank == 0:
             check_kv_pool(config, runner)
-            Engine(config, runner, channel, endpoints, tokenizer=files.tokenizer).run()
+            Engine(config, runner, channel, endpoints, compiler=compiler).run()
         else:
             run_worker(runner, channel, mtp=config.speculative.method == "mtp")
     except Exception as e:
@@ -148,6 +149,16 @@ def _loopback_store(rank: int, world_size: int, port: int) -> dist.TCPStore:
     sock.bind(("127.0.0.1", port))
     return dist.TCPStore("127.0.0.1", port, world_size, is_master=True, timeout=_DIST_TIMEOUT,
                          master_listen_fd=sock.detach())
+
+
+def _start_grammar_compiler(config: AppConfig, files: ModelFiles):
+    """Rank 0's constraint compiler, its tokenizer building while the weights load and the
+    graphs capture (see GrammarCompiler)."""
+    from appliance.engine.constraints import GrammarCompiler
+    from appliance.model.runner import model_source, vocabulary
+
+    vocab_size, eos_ids = vocabulary(model_source(config, files))
+    return GrammarCompiler(files.tokenizer, vocab_size, eos_ids)
 
 
 def _build_runner(config: AppConfig, files: ModelFiles, device: torch.device, rank: int,

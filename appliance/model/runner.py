@@ -140,6 +140,22 @@ def use_cuda_graphs(device: torch.device, dtype: torch.dtype, overrides: dict[st
 
 # Extend steps (prefill chunks, verify rows) are captured up to this many tokens: their
 # eager host cost (~25 ms on an 8B) exceeds the GPU's time up to about 1K tokens
+def model_source(config: Any, files: Any) -> ModelSource:
+    """The model `from_config` builds for the daemon's AppConfig and model files: the
+    checkpoint, or dummy weights (a preset, or `model.load_format: dummy`)."""
+    dummy = files.checkpoint is None or config.model.load_format == "dummy"
+    return ModelSource(path=files.checkpoint, preset=files.preset,
+                       load_format="dummy" if dummy else "auto", seed=config.model.seed)
+
+
+def vocabulary(source: ModelSource, hf_config: dict | None = None) -> tuple[int, list[int]]:
+    """The logits' vocabulary size and the end-of-sequence ids of `source`'s model, from its
+    config files alone (no weights)."""
+    hf_config = source.config() if hf_config is None else hf_config
+    folder = source.path if source.load_format != "dummy" else None
+    return int(hf_config["vocab_size"]), read_eos_token_ids(folder, hf_config)
+
+
 EXTEND_GRAPH_TOKENS = 2048
 
 
@@ -178,10 +194,9 @@ class ModelRunner:
         self.layout = moe_layout(tp_rank, tp_size, moe_parallel)
         self.world = World(self.layout)
         self.hf_config = self.source.config()
-        self.vocab_size = int(self.hf_config["vocab_size"])
+        self.vocab_size, self.eos_token_ids = vocabulary(self.source, self.hf_config)
         self.max_model_len = context_length(self.hf_config)
         folder = self.source.path if self.source.load_format != "dummy" else None
-        self.eos_token_ids = read_eos_token_ids(folder, self.hf_config)
 
         names = checkpoint_tensor_names(folder) if folder is not None else None
         ctx = BuildContext(self.layout, self.device, dtype, page_size, names,
@@ -257,9 +272,7 @@ class ModelRunner:
         `use_cuda_graphs`; with `speculative.method: mtp` they return the hidden states too).
         `on_stage` hears each start-up stage begin and end."""
         report = on_stage or (lambda stage, summary: None)
-        dummy = files.checkpoint is None or config.model.load_format == "dummy"
-        source = ModelSource(path=files.checkpoint, preset=files.preset,
-                             load_format="dummy" if dummy else "auto", seed=config.model.seed)
+        source = model_source(config, files)
         report("weights", None)
         started = time.perf_counter()
         try:

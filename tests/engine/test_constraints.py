@@ -257,3 +257,24 @@ def test_an_llguidance_that_takes_one_eos_id_still_builds_the_tokenizer(
     ok = hf_tokenizer.encode("ok")
     masks, accepted = grammars.draft_bitmask(1, ok)
     assert accepted == len(ok) and allows(masks[-1], EOS)  # the grammar ends on the first id
+
+
+def test_the_compiler_starts_from_the_config_files_and_can_be_waited_for(tiny_tokenizer_path):
+    """Rank 0 starts the compiler before the weights load (the vocabulary from the model's
+    config files alone), and Ready waits for its tokenizer."""
+    from appliance.config import load_config
+    from appliance.engine.constraints import GrammarCompiler
+    from appliance.engine.model_files import resolve_model_files
+    from appliance.model.presets import PRESETS
+    from appliance.model.runner import model_source, vocabulary
+
+    config = load_config("configs/llama-3.1-8b.yaml", ["device=cpu"])
+    source = model_source(config, resolve_model_files(config))
+    assert vocabulary(source) == (PRESETS["llama-3.1-8b"]["vocab_size"],
+                                  PRESETS["llama-3.1-8b"]["eos_token_id"])
+    compiler = GrammarCompiler(tiny_tokenizer_path, 1000, [2])
+    compiler.wait_for_tokenizer(60)
+    try:
+        assert compiler._tokenizer.done() and compiler._tokenizer.exception() is None
+    finally:
+        compiler.close()
