@@ -138,8 +138,6 @@ def use_cuda_graphs(device: torch.device, dtype: torch.dtype, overrides: dict[st
     return forced == "1" or (dtype in (torch.float16, torch.bfloat16) and not overrides)
 
 
-# Extend steps (prefill chunks, verify rows) are captured up to this many tokens: their
-# eager host cost (~25 ms on an 8B) exceeds the GPU's time up to about 1K tokens
 def model_source(config: Any, files: Any) -> ModelSource:
     """The model `from_config` builds for the daemon's AppConfig and model files: the
     checkpoint, or dummy weights (a preset, or `model.load_format: dummy`)."""
@@ -156,6 +154,8 @@ def vocabulary(source: ModelSource, hf_config: dict | None = None) -> tuple[int,
     return int(hf_config["vocab_size"]), read_eos_token_ids(folder, hf_config)
 
 
+# Extend steps (prefill chunks, verify rows) are captured up to this many tokens: their
+# eager host cost (~25 ms on an 8B) exceeds the GPU's time up to about 1K tokens
 EXTEND_GRAPH_TOKENS = 2048
 
 
