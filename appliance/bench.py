@@ -39,7 +39,7 @@ import statistics
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,6 +50,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from appliance.config import AppConfig
 
 STATS_POLL_S = 0.25  # the engine publishes its stats this often
+STREAMS_PER_CLIENT = 16  # streams one HTTP client (one httpx pool) carries in a throughput load
 
 
 class BenchError(Exception):
@@ -163,9 +164,10 @@ async def _run(config: AppConfig, args: argparse.Namespace, http: httpx.AsyncCli
         else:
             count = min(args.requests, 8) if args.mode == "latency" else args.requests
             prompts = [_tokens(rng, args.input_len) for _ in range(count)]
-            async with _progress(f"{args.mode} at concurrency {concurrency}", count) as advance:
-                results = await _bounded(concurrency, [
-                    lambda p=p: _counted(advance, _complete(http, model, p, args.output_len))
+            async with _progress(f"{args.mode} at concurrency {concurrency}", count) as advance, \
+                    _stream_clients(config, args.tcp, concurrency) as clients:
+                results = await _bounded(concurrency, clients, [
+                    lambda client, p=p: _counted(advance, _complete(client, model, p, args.output_len))
                     for p in prompts])
     elapsed = time.perf_counter() - started
     after = await _stats_covering(http, before, sum(r.prompt_tokens for r in results))
@@ -338,14 +340,21 @@ async def _chat(http: httpx.AsyncClient, model: str, messages: list[dict], max_t
     return _timed(int(usage.get("prompt_tokens", 0)), produced, started, stamps), "".join(parts)
 
 
-async def _bounded(limit: int, jobs: list) -> list[RequestResult]:
-    gate = asyncio.Semaphore(limit)
+async def _bounded(limit: int, clients: list[httpx.AsyncClient],
+                   jobs: list[Callable[[httpx.AsyncClient], Awaitable[RequestResult]]]
+                   ) -> list[RequestResult]:
+    """Run `jobs` in order, `limit` at a time: `limit` workers, each taking the next job when
+    its last ends, worker w sending on client w % len(clients) (so no client has more streams
+    than its pool holds)."""
+    results: list[RequestResult | None] = [None] * len(jobs)
+    pending = iter(enumerate(jobs))
 
-    async def one(job):
-        async with gate:
-            return await job()
+    async def worker(client: httpx.AsyncClient) -> None:
+        for i, job in pending:   # one iterator: each job goes to one worker
+            results[i] = await job(client)
 
-    return list(await asyncio.gather(*(one(job) for job in jobs)))
+    await asyncio.gather(*(worker(clients[w % len(clients)]) for w in range(limit)))
+    return results  # type: ignore[return-value]
 
 
 async def _complete(http: httpx.AsyncClient, model: str, prompt: list[int], max_tokens: int,
@@ -518,6 +527,19 @@ def _pyplot():
     except ImportError:
         raise BenchError("--plot needs matplotlib: pip install 'tokenspeed[plot]'") from None
     return plt
+
+
+@asynccontextmanager
+async def _stream_clients(config: AppConfig, tcp: bool,
+                          concurrency: int) -> AsyncIterator[list[httpx.AsyncClient]]:
+    """Clients of STREAMS_PER_CLIENT streams each for `concurrency` streams. httpx's pool scans
+    every connection it holds each time a request starts or ends: with one pool of 256, that
+    scan was a fifth of the bench client's CPU, and the client, not the daemon, ran out of core
+    at 256 streams on an H200."""
+    count = -(-concurrency // STREAMS_PER_CLIENT)
+    async with AsyncExitStack() as stack:
+        yield [await stack.enter_async_context(_client(config, tcp, STREAMS_PER_CLIENT))
+               for _ in range(count)]
 
 
 def _client(config: AppConfig, tcp: bool, concurrency: int,

@@ -104,6 +104,17 @@ def test_pool_holds_every_request_asked_for_and_the_daemon_batch_is_reported(cap
     assert err == ""  # no log lines (httpx logs every request at INFO)
 
 
+def test_streams_spread_over_clients_of_a_few_connections_each(capsys, monkeypatch):
+    """Each worker keeps its client: 12 streams over clients of 4 connections, 3 rounds."""
+    monkeypatch.setattr(bench_client, "STREAMS_PER_CLIENT", 4)
+    daemon = CountingDaemon(target=12, tokens=5, token_delay_s=0.02)
+    with serving(daemon) as socket:
+        assert main(bench(socket, "--concurrency", "12", "--requests", "36")) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert daemon.max_open == 12 and summary["requests"] == 36
+    assert summary["output_tokens"] == 36 * 5
+
+
 def test_fewer_requests_in_the_daemon_than_sent_is_called_out(capsys):
     daemon = CountingDaemon(target=20, tokens=10, token_delay_s=0.1, stats_cap=5)
     with serving(daemon) as socket:
