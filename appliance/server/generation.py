@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
@@ -179,20 +179,19 @@ async def generate(state: AppState, job: GenerationJob) -> AsyncIterator[Event]:
                 prefilled, cached = True, out.cached_tokens or 0
                 yield Prefilled(cached)
             decodes = _decodes(state, out)
-            token_event = None
+            logprobs = None
             if out.token_id >= 0:
                 token_ids.append(out.token_id)
                 state.metrics.observe(*state.tracker.on_token(tracked))
                 logprobs = out.logprobs if decodes else None
-                if job.token_events or logprobs is not None:
-                    token_event = TokenDelta(out.token_id, logprobs)
             last = out.finish_reason is not None
             events, matched = pipeline.push(out.token_id, last, decodes)
             reasoning_tokens += out.token_id >= 0 and pipeline.in_reasoning
-            if token_event is not None:
+            if out.token_id >= 0 and (job.token_events or logprobs is not None):
+                text = ""
                 if job.token_events and len(events) == 1 and isinstance(events[0], TextDelta):
-                    token_event, events = replace(token_event, text=events[0].text), []
-                yield token_event
+                    text, events = events[0].text, []
+                yield TokenDelta(out.token_id, logprobs, text)
             for item in events:
                 yield item
             if matched is not None or last:
