@@ -152,7 +152,7 @@ async def _run(config: AppConfig, args: argparse.Namespace, http: httpx.AsyncCli
     if args.mode == "greedy":
         prompts = [_tokens(rng, args.input_len) for _ in range(min(args.requests, 4))]
         async with _progress("greedy", len(prompts)) as advance:
-            outputs = [await _counted(advance, _complete(http, model, p, args.output_len, with_tokens=True))
+            outputs = [await _counted(advance, complete(http, model, p, args.output_len, with_tokens=True))
                        for p in prompts]
         return {"mode": "greedy", "token_ids": [token_ids for _, token_ids in outputs]}
     started = time.perf_counter()
@@ -164,11 +164,16 @@ async def _run(config: AppConfig, args: argparse.Namespace, http: httpx.AsyncCli
         else:
             count = min(args.requests, 8) if args.mode == "latency" else args.requests
             prompts = [_tokens(rng, args.input_len) for _ in range(count)]
-            async with _progress(f"{args.mode} at concurrency {concurrency}", count) as advance, \
-                    _stream_clients(config, args.tcp, concurrency) as clients:
-                results = await _bounded(concurrency, clients, [
-                    lambda client, p=p: _counted(advance, _complete(client, model, p, args.output_len))
-                    for p in prompts])
+            from appliance.bench_processes import processes_for, run_in_processes  # imports bench
+            if processes_for(concurrency) > 1:
+                started, results = await run_in_processes(config, args.tcp, model, prompts,
+                                                          args.output_len, concurrency)
+            else:
+                async with _progress(f"{args.mode} at concurrency {concurrency}", count) as advance, \
+                        stream_clients(config, args.tcp, concurrency) as clients:
+                    results = await bounded(concurrency, clients, [
+                        lambda client, p=p: _counted(advance, complete(client, model, p, args.output_len))
+                        for p in prompts])
     elapsed = time.perf_counter() - started
     after = await _stats_covering(http, before, sum(r.prompt_tokens for r in results))
     expected = min(concurrency, len(results))
@@ -244,7 +249,7 @@ async def _agentic(http: httpx.AsyncClient, model: str, args: argparse.Namespace
         context = _tokens(rng, args.input_len)
         results = []
         for _ in range(args.turns):
-            result, answer = await _complete(http, model, context, args.output_len,
+            result, answer = await complete(http, model, context, args.output_len,
                                              session=f"bench-user-{user}", with_tokens=True)
             advance()
             results.append(result)
@@ -340,7 +345,7 @@ async def _chat(http: httpx.AsyncClient, model: str, messages: list[dict], max_t
     return _timed(int(usage.get("prompt_tokens", 0)), produced, started, stamps), "".join(parts)
 
 
-async def _bounded(limit: int, clients: list[httpx.AsyncClient],
+async def bounded(limit: int, clients: list[httpx.AsyncClient],
                    jobs: list[Callable[[httpx.AsyncClient], Awaitable[RequestResult]]]
                    ) -> list[RequestResult]:
     """Run `jobs` in order, `limit` at a time: `limit` workers, each taking the next job when
@@ -357,7 +362,7 @@ async def _bounded(limit: int, clients: list[httpx.AsyncClient],
     return results  # type: ignore[return-value]
 
 
-async def _complete(http: httpx.AsyncClient, model: str, prompt: list[int], max_tokens: int,
+async def complete(http: httpx.AsyncClient, model: str, prompt: list[int], max_tokens: int,
                     session: str = "", with_tokens: bool = False):
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "stream": True,
             "ignore_eos": True, "temperature": 0.0, "stream_options": {"include_usage": True},
@@ -530,7 +535,7 @@ def _pyplot():
 
 
 @asynccontextmanager
-async def _stream_clients(config: AppConfig, tcp: bool,
+async def stream_clients(config: AppConfig, tcp: bool,
                           concurrency: int) -> AsyncIterator[list[httpx.AsyncClient]]:
     """Clients of STREAMS_PER_CLIENT streams each for `concurrency` streams. httpx's pool scans
     every connection it holds each time a request starts or ends: with one pool of 256, that
