@@ -14,9 +14,11 @@ Modes
 - greedy:     the greedy token ids of a few seeded prompts, to compare layouts (TP1 vs TP2/TP4).
 
 `--concurrency 1,4,16,64` runs throughput at each level in turn; `--plot FILE.png` draws per-user
-TPS against TPM over those levels (matplotlib, the `plot` extra). The HTTP connection pool holds
-as many connections as requests in flight are asked for (httpx's default of 100 would hold the
-rest back in the client). While the load runs `/stats` is polled: the summary reports the
+TPS against TPM over those levels (matplotlib, the `plot` extra). The HTTP clients hold as many
+connections as requests in flight are asked for (httpx's default of 100 would hold the rest back
+in the client), 16 a client (a pool scans all its connections per request); past 64 streams a
+throughput load's clients run in processes of 64 streams each (bench_processes.py: one process
+ran out of its core at 256 streams on an H200), without a progress bar. While the load runs `/stats` is polled: the summary reports the
 running batch the daemon formed (mean/max of requests_running) and says so when the daemon never
 had as many requests (running + waiting) as were sent at once. A progress bar (rich) runs on
 stderr when it is a terminal.
