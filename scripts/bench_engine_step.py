@@ -4,10 +4,13 @@ costs nothing, so that what the loop itself adds is what is measured.
 
 B requests decode at once; one of them may ask for a feature (`--mode`):
   plain      nobody asks for anything (the path every batch without the features takes)
+  greedy     every row at temperature 0 (what `suffix` is to be compared with)
   penalties  one row with repetition / presence / frequency penalties
   bias       one row with a logit_bias and min_tokens
   logprobs   one row with logprobs=5
   json       one row under a JSON schema (llguidance; the step commits before its sampler)
+  suffix     every row drafts (speculative.method suffix; each row repeats one token, so its
+             drafts are all accepted): host ms of a verify step, and tokens a step emits
 Prints the median and mean per step (the median is the one to compare on a shared machine). On CPU the `sample` reference dominates a large vocabulary,
 so the default vocabulary is small; on a GPU pass --device cuda to time the launches.
 
@@ -38,11 +41,15 @@ SCHEMA = {"type": "object", "properties": {"text": {"type": "string", "minLength
           "required": ["text"]}  # does not end within the benchmark
 FEATURES = {
     "plain": {},
+    "greedy": {"temperature": 0.0},
     "penalties": {"repetition_penalty": 1.2, "presence_penalty": 0.5, "frequency_penalty": 0.3},
     "bias": {"logit_bias": {5: 3.0, 7: -3.0}, "min_tokens": 10_000},
     "logprobs": {"logprobs": 5},
     "json": {"constraint": "json"},
+    "suffix": {"temperature": 0.0},  # greedy: a row's fixed logits repeat its token
 }
+EVERY_ROW = {"greedy", "suffix"}  # the modes every row asks for (the others: row 0 alone)
+MODE_CONFIG = {"suffix": ("speculative.method=suffix",)}
 
 
 class FreeRunner:
@@ -57,7 +64,11 @@ class FreeRunner:
         self.logits = torch.randn(batch, vocab, device=device)
 
     def forward(self, batch) -> torch.Tensor:
-        return self.logits[:batch.num_rows].clone()
+        if batch.logit_index is None:
+            return self.logits[:batch.num_rows].clone()
+        # a verify step: every logits row gets its request row's logits
+        rows = torch.searchsorted(batch.query_start[1:], batch.logit_token_index, right=True)
+        return self.logits[rows]
 
 
 def tiny_tokenizer() -> str:
@@ -67,12 +78,12 @@ def tiny_tokenizer() -> str:
     return str(ensure_tiny_checkpoint(cache_dir() / "models" / "tiny-llama"))
 
 
-def make_engine(runner, with_tokenizer: bool) -> Engine:
+def make_engine(runner, with_tokenizer: bool, overrides: tuple[str, ...] = ()) -> Engine:
     from appliance.engine.channel import FrontendChannel
 
     frontend = FrontendChannel(Path(tempfile.mkdtemp(prefix="ts-bench-")))
-    args = (load_config(None, [f"device={runner.device.type}"]), runner, PlanChannel(None),
-            frontend.endpoints)
+    args = (load_config(None, [f"device={runner.device.type}", *overrides]), runner,
+            PlanChannel(None), frontend.endpoints)
     engine = Engine(*args, tokenizer=tiny_tokenizer()) if with_tokenizer else Engine(*args)
     engine._send = lambda message: None
     engine.frontend = frontend  # kept alive with the engine
@@ -80,7 +91,7 @@ def make_engine(runner, with_tokenizer: bool) -> Engine:
 
 
 def request(rid: int, mode: str) -> GenerateRequest:
-    fields = dict(FEATURES[mode]) if rid == 0 else {}
+    fields = dict(FEATURES[mode]) if rid == 0 or mode in EVERY_ROW else {}
     if fields.pop("constraint", None):
         from appliance.engine.protocol import Constraint
 
@@ -105,8 +116,10 @@ def fail_on_host_sync(engine: Engine) -> None:
 
 
 def bench(mode: str, batch: int, vocab: int, steps: int, device: torch.device,
-          check_syncs: bool = False) -> list[float]:
-    engine = make_engine(FreeRunner(batch, vocab, device), mode == "json")
+          check_syncs: bool = False) -> tuple[list[float], float]:
+    """Seconds of each step after the warm-up, and tokens generated per step."""
+    engine = make_engine(FreeRunner(batch, vocab, device), mode == "json",
+                         MODE_CONFIG.get(mode, ()))
     if check_syncs:
         fail_on_host_sync(engine)
     for rid in range(batch):
@@ -116,6 +129,8 @@ def bench(mode: str, batch: int, vocab: int, steps: int, device: torch.device,
         time.sleep(0.001)
     times = []
     for i in range(steps + 30):
+        if i == 30:
+            generated = engine.scheduler.stats()["generation_tokens_total"]
         t0 = time.perf_counter()
         engine.step()
         if device.type == "cuda":
@@ -123,7 +138,7 @@ def bench(mode: str, batch: int, vocab: int, steps: int, device: torch.device,
         if i >= 30:
             times.append(time.perf_counter() - t0)
     assert len(engine.requests) == batch, f"{mode}: a request ended during the benchmark"
-    return times
+    return times, (engine.scheduler.stats()["generation_tokens_total"] - generated) / steps
 
 
 def main() -> None:
@@ -141,10 +156,10 @@ def main() -> None:
         args.mode = ["plain"]
     print(f"batch {args.batch}, vocab {args.vocab}, {args.steps} steps, device {args.device}")
     for mode in args.mode:
-        times = sorted(bench(mode, args.batch, args.vocab, args.steps, torch.device(args.device),
-                             args.check_syncs))
+        times, tokens = bench(mode, args.batch, args.vocab, args.steps,
+                              torch.device(args.device), args.check_syncs)
         print(f"{mode:10s} median {statistics.median(times) * 1e3:7.3f} ms   "
-              f"mean {statistics.fmean(times) * 1e3:7.3f} ms")
+              f"mean {statistics.fmean(times) * 1e3:7.3f} ms   {tokens:6.1f} tokens a step")
 
 
 if __name__ == "__main__":
