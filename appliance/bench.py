@@ -18,10 +18,10 @@ TPS against TPM over those levels (matplotlib, the `plot` extra). The HTTP clien
 connections as requests in flight are asked for (httpx's default of 100 would hold the rest back
 in the client), 16 a client (a pool scans all its connections per request); past 64 streams a
 throughput load's clients run in processes of 64 streams each (bench_processes.py: one process
-ran out of its core at 256 streams on an H200), without a progress bar. While the load runs `/stats` is polled: the summary reports the
-running batch the daemon formed (mean/max of requests_running) and says so when the daemon never
-had as many requests (running + waiting) as were sent at once. A progress bar (rich) runs on
-stderr when it is a terminal.
+ran out of its core at 256 streams on an H200). While the load runs `/stats` is polled: the
+summary reports the running batch the daemon formed (mean/max of requests_running) and says so
+when the daemon never had as many requests (running + waiting) as were sent at once. A progress
+bar (rich) runs on stderr when it is a terminal (not for a load spread over processes).
 
 Prompts are token-id lists (ids 10..499, valid for any vocabulary) sent to /v1/completions with
 `ignore_eos`, so input and output lengths are exact, and `return_token_ids`, so the stream has a
@@ -252,7 +252,7 @@ async def _agentic(http: httpx.AsyncClient, model: str, args: argparse.Namespace
         results = []
         for _ in range(args.turns):
             result, answer = await complete(http, model, context, args.output_len,
-                                             session=f"bench-user-{user}", with_tokens=True)
+                                            session=f"bench-user-{user}", with_tokens=True)
             advance()
             results.append(result)
             context = context + answer + _tokens(rng, args.turn_tokens)
@@ -348,8 +348,8 @@ async def _chat(http: httpx.AsyncClient, model: str, messages: list[dict], max_t
 
 
 async def bounded(limit: int, clients: list[httpx.AsyncClient],
-                   jobs: list[Callable[[httpx.AsyncClient], Awaitable[RequestResult]]]
-                   ) -> list[RequestResult]:
+                  jobs: list[Callable[[httpx.AsyncClient], Awaitable[RequestResult]]]
+                  ) -> list[RequestResult]:
     """Run `jobs` in order, `limit` at a time: `limit` workers, each taking the next job when
     its last ends, worker w sending on client w % len(clients) (so no client has more streams
     than its pool holds)."""
@@ -365,7 +365,7 @@ async def bounded(limit: int, clients: list[httpx.AsyncClient],
 
 
 async def complete(http: httpx.AsyncClient, model: str, prompt: list[int], max_tokens: int,
-                    session: str = "", with_tokens: bool = False):
+                   session: str = "", with_tokens: bool = False):
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "stream": True,
             "ignore_eos": True, "temperature": 0.0, "stream_options": {"include_usage": True},
             "return_token_ids": True}
@@ -538,7 +538,7 @@ def _pyplot():
 
 @asynccontextmanager
 async def stream_clients(config: AppConfig, tcp: bool,
-                          concurrency: int) -> AsyncIterator[list[httpx.AsyncClient]]:
+                         concurrency: int) -> AsyncIterator[list[httpx.AsyncClient]]:
     """Clients of STREAMS_PER_CLIENT streams each for `concurrency` streams. httpx's pool scans
     every connection it holds each time a request starts or ends: with one pool of 256, that
     scan was a fifth of the bench client's CPU, and the client, not the daemon, ran out of core
