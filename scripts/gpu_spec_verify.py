@@ -13,6 +13,12 @@ t_verify(k) / t_decode(graph); the best k per batch size.
 
     python scripts/gpu_spec_verify.py                       # both presets, ~5 minutes on an H200
     python scripts/gpu_spec_verify.py --presets llama-3.1-8b --batches 1 8 --alpha 0.6 0.8
+    python scripts/gpu_spec_verify.py --presets llama-3.1-8b --profile 1:1 1:4 16:4
+
+--profile B:K runs torch.profiler over PROFILE_STEPS decode steps of B rows and as many verify
+steps of k drafts a row (as the engine runs them), and prints where a verify step's extra time
+goes: each step's wall time, its GPU kernel time, and the kernels whose per-step time differs
+most between the two (OUT gets both kernel tables, kernels-decode-B<B>.csv / kernels-verify-...).
 """
 from __future__ import annotations
 
@@ -29,9 +35,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import kernels  # noqa: E402
 from appliance.engine.engine import to_forward_batch  # noqa: E402
 from appliance.engine.plan_arrays import PlanArrays  # noqa: E402
 from appliance.engine.protocol import GenerateRequest  # noqa: E402
+from appliance.engine.step_timing import write_kernel_table  # noqa: E402
 from appliance.engine.sampler import Sampler  # noqa: E402
 from appliance.engine.verify import LogitLayout, Verifier  # noqa: E402
 from appliance.model import ModelRunner, ModelSource  # noqa: E402
@@ -40,6 +48,7 @@ PAGE = 16
 WIDTH_ALIGN = 16  # the scheduler's page-table width alignment
 GRAPH_ROWS = 256  # the daemon's graphs: min(scheduler.max_running, 256) rows and logits
 EXTEND_TOKENS = 2048  # ... and extend steps of up to scheduler.max_batch_tokens tokens
+PROFILE_STEPS = 20
 
 
 def plan_arrays(batch: int, drafts: int, context: int, vocab: int, rng) -> PlanArrays:
@@ -105,11 +114,11 @@ class Stepper:
         return statistics.median(times)
 
 
-def measure(preset: str, batches: list[int], drafts: list[int], context: int, warmup: int,
-            iters: int) -> dict:
+def load(preset: str, max_batch: int, max_drafts: int, context: int
+         ) -> tuple[ModelRunner, "Stepper"]:
+    """The preset's runner with graphs captured as the daemon captures them, and a Stepper."""
     started = time.perf_counter()
-    max_batch = max(batches)
-    row_pages = -(-(context + 1 + max(drafts)) // PAGE)
+    row_pages = -(-(context + 1 + max_drafts) // PAGE)
     pages = max_batch * row_pages + 16
     runner = ModelRunner(ModelSource(preset=preset, load_format="dummy"), device="cuda",
                          dtype=torch.bfloat16, kv_num_pages=pages, page_size=PAGE)
@@ -117,10 +126,16 @@ def measure(preset: str, batches: list[int], drafts: list[int], context: int, wa
     # the scheduler's aligned page tables
     runner.enable_cuda_graphs(GRAPH_ROWS, -(-row_pages // WIDTH_ALIGN) * WIDTH_ALIGN * PAGE,
                               max_extend_tokens=EXTEND_TOKENS)
-    stepper = Stepper(runner, max_batch)
-    rng = np.random.default_rng(0)
     print(f"== {preset}: loaded with {pages} KV pages, graphs captured in "
           f"{time.perf_counter() - started:.0f} s", flush=True)
+    return runner, Stepper(runner, max_batch)
+
+
+def measure(preset: str, batches: list[int], drafts: list[int], context: int, warmup: int,
+            iters: int) -> dict:
+    started = time.perf_counter()
+    runner, stepper = load(preset, max(batches), max(drafts), context)
+    rng = np.random.default_rng(0)
     rows = []
     for b in batches:
         decode = plan_arrays(b, 0, context, runner.vocab_size, rng)
@@ -152,6 +167,61 @@ def measure(preset: str, batches: list[int], drafts: list[int], context: int, wa
     torch.cuda.empty_cache()
     return {"preset": preset, "context": context, "rows": rows,
             "seconds": time.perf_counter() - started}
+
+
+def profile_steps(stepper: Stepper, arrays: PlanArrays, path: Path) -> tuple[float, float]:
+    """torch.profiler over PROFILE_STEPS steps: (median wall ms, GPU kernel ms) a step; the
+    kernel table (step_timing.write_kernel_table) to `path`."""
+    for _ in range(3):
+        stepper.step(arrays)
+    walls = []
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(PROFILE_STEPS):
+            started = time.perf_counter()
+            stepper.step(arrays)
+            walls.append((time.perf_counter() - started) * 1e3)
+    write_kernel_table(prof, PROFILE_STEPS, True, path)
+    rows = [line.split(",") for line in path.read_text().splitlines()[1:]]
+    kernel_ms = sum(float(r[-2]) for r in rows if len(r) >= 6)
+    return statistics.median(walls), kernel_ms
+
+
+def kernel_rows(path: Path) -> dict[str, tuple[float, float]]:
+    """kernel -> (calls a step, ms a step) from a write_kernel_table CSV."""
+    import csv
+    with path.open() as f:
+        return {r["kernel"][:70]: (float(r["calls_per_step"]), float(r["ms_per_step"]))
+                for r in csv.DictReader(f)}
+
+
+def profile(preset: str, cases: list[tuple[int, int]], context: int, out: Path) -> str:
+    """Where a verify step's extra time goes, for each (B, k) in `cases`."""
+    runner, stepper = load(preset, max(b for b, _ in cases), max(k for _, k in cases), context)
+    rng = np.random.default_rng(0)
+    out.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for b, k in cases:
+        steps = {}
+        for name, drafts in (("decode", 0), ("verify", k)):
+            arrays = plan_arrays(b, drafts, context, runner.vocab_size, rng)
+            path = out / f"kernels-{name}-B{b}-k{drafts}.csv"
+            steps[name] = profile_steps(stepper, arrays, path) + (kernel_rows(path),)
+        (dw, dk, dt), (vw, vk, vt) = steps["decode"], steps["verify"]
+        lines += [f"### {preset} B={b} k={k}: step wall {dw:.2f} -> {vw:.2f} ms, GPU kernels "
+                  f"{dk:.2f} -> {vk:.2f} ms a step (profiled, {PROFILE_STEPS} steps each)", "",
+                  "| kernel | decode calls | decode ms | verify calls | verify ms | delta ms |",
+                  "|---|---|---|---|---|---|"]
+        names = sorted(set(dt) | set(vt),
+                       key=lambda n: -abs(vt.get(n, (0, 0))[1] - dt.get(n, (0, 0))[1]))
+        for name in names[:15]:
+            (dc, dm), (vc, vm) = dt.get(name, (0, 0.0)), vt.get(name, (0, 0.0))
+            lines.append(f"| {name} | {dc:g} | {dm:.4f} | {vc:g} | {vm:.4f} | {vm - dm:+.4f} |")
+        lines.append("")
+        print("\n".join(lines[-19:]), flush=True)
+    del stepper, runner
+    torch.cuda.empty_cache()
+    return "\n".join(lines)
 
 
 def expected_tokens(alpha: float, k: int) -> float:
@@ -203,11 +273,25 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=15)
     parser.add_argument("--out", default=os.environ.get("OUT", ""))
+    parser.add_argument("--override", nargs="+", metavar="OP=BACKEND", default=[],
+                        help="kernel backends to use (kernels.set_overrides), e.g. linear=torch")
+    parser.add_argument("--profile", nargs="+", metavar="B:K", default=[],
+                        help="profile decode against verify steps at these batch sizes and drafts")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("gpu_spec_verify: needs a CUDA device", file=sys.stderr)
         return 1
-    print(f"card: {torch.cuda.get_device_name()}  torch {torch.__version__}", flush=True)
+    overrides = dict(item.split("=", 1) for item in args.override)
+    kernels.set_overrides(overrides)
+    print(f"card: {torch.cuda.get_device_name()}  torch {torch.__version__}  "
+          f"kernel overrides {overrides or 'none'}", flush=True)
+    if args.profile:
+        cases = [tuple(int(v) for v in case.split(":")) for case in args.profile]
+        report = "\n\n".join(profile(p, cases, args.context, Path(args.out or "/tmp/out"))
+                              for p in args.presets)
+        print("\n" + report)
+        Path(args.out or "/tmp/out", "spec_profile.md").write_text(report + "\n")
+        return 0
     results = [measure(p, args.batches, args.drafts, args.context, args.warmup, args.iters)
                for p in args.presets]
     report = "\n\n".join(tables(r, args.alpha) for r in results)

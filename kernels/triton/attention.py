@@ -135,20 +135,32 @@ class AttentionTiles:
     num_stages: int
 
 
-def attention_tiles(decode: bool, mla: bool, group: int) -> AttentionTiles:
+# An extend launch of at most this many query tokens takes tiles of SHORT_EXTEND_ROWS rows: its
+# rows are short (a verify step's 1 + k tokens, decode rows padded into an extend graph, a
+# short chunk), and a 256-row tile would hold a few of them and run mostly empty MMAs. H200,
+# Llama-3.1-8B heads, 2K-token rows (scripts/gpu_verify_attention.py): see docs/KERNELS.md.
+SHORT_EXTEND_TOKENS = 512
+SHORT_EXTEND_ROWS = 64
+
+
+def attention_tiles(decode: bool, mla: bool, group: int, tokens: int | None = None
+                    ) -> AttentionTiles:
     """The default tiles (the best of `python -m scripts.kernel_bench tune attention`, H200;
-    docs/KERNELS.md). MLA's absorbed form takes narrower key tiles for its wide latent. Tiny
-    tiles under the CPU interpreter."""
+    docs/KERNELS.md) for a launch of `tokens` query tokens (None: any). MLA's absorbed form
+    takes narrower key tiles for its wide latent. Tiny tiles under the CPU interpreter."""
     small = interpreting()
     block_n = 16 if small else (32 if mla else 64)
     if decode:
         return AttentionTiles(g_blk=min(max(16, next_pow2(group)), 64), block_t=1,
                               block_n=block_n, num_warps=4, num_stages=2)
     g_blk = min(next_pow2(group), 16 if small else 64)
-    rows = 16 if small else (64 if mla else (256 if g_blk >= 2 else 128))
+    short = not mla and tokens is not None and tokens <= SHORT_EXTEND_TOKENS
+    rows = 16 if small else (64 if mla else (SHORT_EXTEND_ROWS if short else
+                                             (256 if g_blk >= 2 else 128)))
     g_blk = min(g_blk, rows)
     return AttentionTiles(g_blk=g_blk, block_t=rows // g_blk, block_n=block_n,
-                          num_warps=4 if small else 8, num_stages=2 if mla else 3)
+                          num_warps=4 if small or short else 8,
+                          num_stages=2 if mla or short else 3)
 
 
 def paged_attention(q1: torch.Tensor, q2: torch.Tensor | None, k1: torch.Tensor,
@@ -175,7 +187,7 @@ def paged_attention(q1: torch.Tensor, q2: torch.Tensor | None, k1: torch.Tensor,
     vv = k1 if shared_v else v
     dv = vv.shape[-1]
     d2 = q2.shape[-1] if q2 is not None else 0
-    tiles = attention_tiles(decode, shared_v, group) if tiles is None else tiles
+    tiles = attention_tiles(decode, shared_v, group, t) if tiles is None else tiles
     n_hblk = triton.cdiv(group, tiles.g_blk)
     max_len = page_table.shape[1] * page_size
     if decode:
@@ -185,12 +197,15 @@ def paged_attention(q1: torch.Tensor, q2: torch.Tensor | None, k1: torch.Tensor,
         bb, bt, nb = block_map(query_start, t, tiles.block_t)
         qs = query_start
     programs = nb * hk * n_hblk
+    # a GQA extend launch's blocks of tokens: nb counts a spare block per row besides, which
+    # an extend graph's empty rows never use
+    busy = programs if decode or shared_v else triton.cdiv(t, tiles.block_t) * hk * n_hblk
     if window > 0:  # a program reads at most its rows' windows
         max_len = min(max_len, window + (0 if decode else tiles.block_t))
     if num_splits is None and decode:
         num_splits = sizing.decode_splits(programs, max_len, tiles.block_n, q1.device, shared_v)
     elif num_splits is None:
-        num_splits = sizing.extend_splits(programs, max_len, tiles.block_n, q1.device)
+        num_splits = sizing.extend_splits(busy, max_len, tiles.block_n, q1.device)
     if split_tiles is None:
         split_tiles = sizing.tiles_per_split(programs, shared_v)
     check(split_tiles >= 1, "split_tiles must be >= 1")

@@ -165,6 +165,48 @@ def test_extend_split_rule():
     assert SplitSizing(extend_wave=0).extend_splits(1, 1 << 20, 64, cpu) == 1
 
 
+def test_short_extend_launches_take_small_tiles(monkeypatch):
+    """On a GPU (not the interpreter's tiny tiles) a GQA extend launch of at most
+    SHORT_EXTEND_TOKENS tokens, a verify step's, takes SHORT_EXTEND_ROWS-row tiles; longer ones
+    the prefill tiles; decode and MLA tiles do not depend on the token count. The short tile
+    is correct: a verify-shaped launch on 64-row tiles (16 rows a tile here) against the
+    reference."""
+    from kernels.triton import attention as AT
+    monkeypatch.setattr(AT, "interpreting", lambda: False)
+    short, long_ = (AT.attention_tiles(False, False, 4, t)
+                    for t in (AT.SHORT_EXTEND_TOKENS, AT.SHORT_EXTEND_TOKENS + 1))
+    assert short.block_t * short.g_blk == AT.SHORT_EXTEND_ROWS and short.num_warps == 4
+    assert long_.block_t * long_.g_blk == 256 and long_ == AT.attention_tiles(False, False, 4)
+    assert AT.attention_tiles(False, True, 16, 8) == AT.attention_tiles(False, True, 16)
+    assert AT.attention_tiles(True, False, 4, 8) == AT.attention_tiles(True, False, 4)
+    monkeypatch.undo()
+    seq_lens, qlens, page_size = [70, 41, 1], [5, 5, 1], 4
+    table, kc, vc, sl = _paged(seq_lens, page_size, 2, 16, 32)
+    qs = torch.tensor([0, 5, 10, 11], dtype=torch.int32, device=DEV)
+    q = rnd(11, 8, 16)
+    tiles = AT.AttentionTiles(g_blk=4, block_t=4, block_n=16, num_warps=4, num_stages=2)
+    out = AT.paged_attention(q, None, kc, None, vc, table, qs, sl, page_size, 0.3, tiles=tiles)
+    assert rel_err(out, R.extend_attention(q, kc, vc, table, qs, sl, page_size, 0.3)) < TOL
+
+
+@pytest.mark.parametrize("n,k,bias", [(40, 64, False), (37, 100, True), (16, 2048, False)])
+def test_linear_one_row_gemv(n, k, bias):
+    """One row takes the GEMV (K a multiple of its step or not, N ragged, with a bias) and
+    matches F.linear; more rows, or a strided row, go to torch's product."""
+    from kernels.triton import gemv as G
+    x, w = rnd(1, k), rnd(n, k)
+    b = rnd(n) if bias else None
+    want = torch.nn.functional.linear(x, w, b)
+    assert G.gemv_applies(x, w, b)
+    assert rel_err(G.gemv(x, w, b, G.GemvConfig(block_n=8, block_k=64, num_warps=4)),
+                   want) < 1e-5
+    assert rel_err(G.linear(x, w, b), want) < 1e-5
+    xs = rnd(3, k)
+    assert not G.gemv_applies(xs, w, b) and not G.gemv_applies(rnd(1, 2 * k)[:, ::2], w, b)
+    assert torch.equal(G.linear(xs, w, b), torch.nn.functional.linear(xs, w, b))
+    assert G.gemv_config(128256, 4096) == G.WIDE and G.gemv_config(4096, 14336) == G.NARROW
+
+
 def test_paged_attention_takes_its_tuning_as_arguments():
     """Tiles and split sizing given per call (as the benchmark's sweeps give them) serve
     decode and extend: tiles other than the defaults, a sizing that splits decode more; a

@@ -1,0 +1,129 @@
+"""Batch-1 linear layers on one GPU: cuBLAS (F.linear) against kernels/triton/gemv.py.
+
+For each weight shape of a preset's decode step (default: Llama-3.1-8B's qkv, o, gate_up,
+down and lm_head), a CUDA graph calls the op on enough distinct weight copies that every call
+reads its weight from HBM, as a decode step does; replayed, timed with CUDA events. Prints,
+per shape, cuBLAS and the best few GEMV configurations: microseconds a call and the weight
+bytes a second, against the copy bandwidth measured in the same run (a device-to-device copy
+of 1 GiB). Checks every configuration against F.linear first.
+
+    python scripts/gpu_gemv_bench.py                 # ~2 minutes on an H200
+    python scripts/gpu_gemv_bench.py --shapes 4096x4096 --top 5
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from kernels.triton.gemv import GemvConfig, gemv  # noqa: E402
+
+LLAMA_8B = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096),
+            "down": (4096, 14336), "lm_head": (128256, 4096)}
+STREAM_BYTES = 1 << 30  # weight copies per graph: at least this much, well past the L2
+
+
+def graph_us(fn, weights: list[torch.Tensor], x: torch.Tensor, replays: int) -> float:
+    """Microseconds a call, fn(x, w) over every w in a CUDA graph, replayed."""
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        for w in weights[:2]:
+            fn(x, w)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        for w in weights:
+            fn(x, w)
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1e3 / (replays * len(weights))
+
+
+def copy_tbps() -> float:
+    src = torch.empty(STREAM_BYTES, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        dst.copy_(src)
+    end.record()
+    torch.cuda.synchronize()
+    return 2 * STREAM_BYTES * 10 / (start.elapsed_time(end) * 1e-3) / 1e12
+
+
+def configs(args) -> list[GemvConfig]:
+    return [GemvConfig(n, k, w, s) for n, k, w, s in itertools.product(
+        args.block_n, args.block_k, args.warps, args.stages)]
+
+
+def bench_shape(name: str, n: int, k: int, cfgs: list[GemvConfig], replays: int, top: int,
+                copy: float) -> list[str]:
+    bytes_ = n * k * 2
+    copies = max(2, -(-STREAM_BYTES // bytes_))
+    weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+               for _ in range(copies)]
+    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+    want = F.linear(x, weights[0]).float()
+    results = [("cuBLAS", graph_us(lambda a, w: F.linear(a, w), weights, x, replays))]
+    for cfg in cfgs:
+        err = (gemv(x, weights[0], None, cfg).float() - want).abs().max().item()
+        if err > 0.02 * want.abs().max().item() + 1e-3:
+            print(f"{name} {cfg}: WRONG, max error {err:.4g}", flush=True)
+            continue
+        results.append((f"gemv {cfg.block_n}x{cfg.block_k} w{cfg.num_warps} s{cfg.num_stages}",
+                        graph_us(lambda a, w, c=cfg: gemv(a, w, None, c), weights, x, replays)))
+    base = results[0][1]
+    best = sorted(results[1:], key=lambda r: r[1])[:top]
+    lines = []
+    for label, us in [results[0]] + best:
+        tbps = bytes_ / (us * 1e-6) / 1e12
+        lines.append(f"| {name} {n}x{k} | {label} | {us:.2f} | {tbps:.2f} | {tbps / copy:.0%} | "
+                     f"{base / us:.2f}x |")
+    del weights
+    torch.cuda.empty_cache()
+    print("\n".join(lines), flush=True)
+    return lines
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--shapes", nargs="+", default=[f"{n}x{k}" for n, k in LLAMA_8B.values()])
+    parser.add_argument("--block-n", type=int, nargs="+", default=[4, 8, 16])
+    parser.add_argument("--block-k", type=int, nargs="+", default=[256, 512, 1024])
+    parser.add_argument("--warps", type=int, nargs="+", default=[4, 8])
+    parser.add_argument("--stages", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--replays", type=int, default=20)
+    parser.add_argument("--top", type=int, default=3)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("gpu_gemv_bench: needs a CUDA device", file=sys.stderr)
+        return 1
+    names = {f"{n}x{k}": name for name, (n, k) in LLAMA_8B.items()}
+    copy = copy_tbps()
+    print(f"card: {torch.cuda.get_device_name()}  torch {torch.__version__}  "
+          f"copy {copy:.2f} TB/s", flush=True)
+    lines = ["| shape | kernel | us a call | TB/s | of copy | vs cuBLAS |",
+             "|---|---|---|---|---|---|"]
+    for shape in args.shapes:
+        n, k = (int(v) for v in shape.split("x"))
+        lines += bench_shape(names.get(shape, shape), n, k, configs(args), args.replays,
+                             args.top, copy)
+    print("\n" + "\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,165 @@
+"""Attention of a speculative verify step on one GPU: extend launches of B rows of 1 + k tokens
+over C cached keys, against the decode launch of the same B rows.
+
+A verify step's attention runs the extend kernel (kernels/triton/attention.py), laid out as the
+extend graphs lay it out (appliance/model/extend_graph.py: the step padded to its token bucket,
+one row per token up to 257 rows). Its default tile is sized for prefill (256 query rows x
+64 keys), so a row of a few tokens fills a tenth of it; this script times the default against
+smaller tiles and split counts, every variant checked against the default's output first.
+Llama-3.1-8B's heads (32 query, 8 KV, 128 wide), bf16, 16-token pages; times from
+CUDA-graph replays of one launch per layer over `--layers` caches (no host time between
+launches, each layer's keys its own, as in a step).
+
+    python scripts/gpu_verify_attention.py                  # ~1 minute on an H200
+    python scripts/gpu_verify_attention.py --cases 1:4 16:4 --context 8192
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from appliance.model.batch import ForwardBatch  # noqa: E402
+from appliance.model.extend_graph import DEFAULT_TOKEN_BUCKETS, pad_extend_batch  # noqa: E402
+from kernels.triton.attention import AttentionTiles, attention_tiles, paged_attention  # noqa: E402
+
+PAGE, HQ, HK, D = 16, 32, 8, 128
+GRAPH_ROWS = 256
+
+
+def verify_batch(b: int, k: int, context: int, device: torch.device) -> ForwardBatch:
+    """B rows of 1 + k new tokens over `context` cached ones, each in its own pages."""
+    n = 1 + k
+    per_row = -(-(context + n) // PAGE)
+    i32 = dict(dtype=torch.int32, device=device)
+    pages = torch.arange(b * per_row, **i32).view(b, per_row)
+    positions = torch.arange(context, context + n, **i32).repeat(b)
+    rows = torch.arange(b, device=device).repeat_interleave(n)
+    slots = pages[rows, (positions // PAGE).long()] * PAGE + positions % PAGE
+    return ForwardBatch(
+        input_ids=torch.zeros(b * n, **i32), positions=positions,
+        query_start=torch.arange(b + 1, **i32) * n, prefix_lens=torch.full((b,), context, **i32),
+        seq_lens=torch.full((b,), context + n, **i32), page_table=pages, slot_mapping=slots,
+        num_decode=0, logit_index=torch.arange(b * n, **i32))
+
+
+def bucket(tokens: int) -> int:
+    return next((t for t in DEFAULT_TOKEN_BUCKETS if t >= tokens), tokens)
+
+
+def graph_us(fn, layers: int, replays: int = 20) -> float:
+    """Microseconds a launch: fn(layer) for each layer in a CUDA graph, replayed (what a
+    step's graph does: no host time between launches)."""
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        fn(0)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        for layer in range(layers):
+            fn(layer)
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1e3 / (replays * layers)
+
+
+Variant = tuple[str, "AttentionTiles | None", "int | None"]
+
+
+def case(b: int, k: int, context: int, variants: list[Variant], layers: int) -> list[str]:
+    """B rows of 1 + k tokens over `context` keys: each variant's launch, `layers` caches."""
+    dev = torch.device("cuda")
+    batch = verify_batch(b, k, context, dev)
+    tokens = bucket(batch.num_tokens)
+    padded = pad_extend_batch(batch, tokens, GRAPH_ROWS, min(tokens, GRAPH_ROWS * 9))
+    slots = int(batch.page_table.max()) * PAGE + PAGE
+    caches = [(torch.randn(slots, HK, D, device=dev, dtype=torch.bfloat16),
+               torch.randn(slots, HK, D, device=dev, dtype=torch.bfloat16)) for _ in range(layers)]
+    q = torch.randn(tokens, HQ, D, device=dev, dtype=torch.bfloat16)
+    qd = torch.randn(b, HQ, D, device=dev, dtype=torch.bfloat16)
+    lens = batch.seq_lens - k
+    scale = D ** -0.5
+
+    def extend(layer, tiles, splits):
+        kc, vc = caches[layer]
+        return paged_attention(q, None, kc, None, vc, padded.page_table, padded.query_start,
+                               padded.seq_lens, PAGE, scale, num_splits=splits, tiles=tiles)
+
+    def decode(layer):
+        kc, vc = caches[layer]
+        return paged_attention(qd, None, kc, None, vc, batch.page_table, None, lens, PAGE, scale)
+
+    decode_us = graph_us(decode, layers)
+    real = batch.num_tokens
+    want = extend(0, *variants[0][1:])[:real].float()
+    head = f"B={b} k={k} C={context} ({tokens}-token bucket)"
+    lines = [f"| {head} | decode launch of the B rows | {decode_us:.1f} | 1.00x |"]
+    for label, tiles, splits in variants:
+        err = (extend(0, tiles, splits)[:real].float() - want).abs().max().item()
+        if err > 2e-2:
+            lines.append(f"| {head} | {label} | WRONG (max error {err:.3g}) | |")
+            continue
+        us = graph_us(lambda layer: extend(layer, tiles, splits), layers)
+        lines.append(f"| {head} | {label} | {us:.1f} | {us / decode_us:.2f}x |")
+    print("\n".join(lines), flush=True)
+    del caches
+    torch.cuda.empty_cache()
+    return lines
+
+
+def variants() -> list[Variant]:
+    """The kernel's default first (what the check compares against), then the tiles before
+    SHORT_EXTEND_TOKENS (256 rows, 8 warps, 3 stages; splits sized on every block), then
+    other tiles x split counts."""
+    group = HQ // HK
+    out: list[Variant] = [("default (this tree)", None, None)]
+    old = AttentionTiles(g_blk=group, block_t=256 // group, block_n=64, num_warps=8,
+                         num_stages=3)
+    out.append(("256 rows w8 s3 (before), splits 2", old, 2))
+    out.append(("256 rows w8 s3 (before), splits 1", old, 1))
+    for rows, warps, stages in ((16, 4, 2), (32, 4, 2), (64, 4, 2), (64, 4, 3), (64, 8, 3),
+                                (128, 8, 3)):
+        tiles = AttentionTiles(g_blk=group, block_t=rows // group, block_n=64,
+                               num_warps=warps, num_stages=stages)
+        for splits in (1, 2, 4, 8, 16):
+            out.append((f"{rows} rows w{warps} s{stages} splits {splits}", tiles, splits))
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--cases", nargs="+", metavar="B:K[:C]",
+                        default=["1:1", "1:4", "1:8", "4:4", "16:4", "64:4", "1:255:16384",
+                                 "1:511:16384"],
+                        help="B rows of 1 + K tokens over C cached keys (default --context)")
+    parser.add_argument("--context", type=int, default=2048)
+    parser.add_argument("--top", type=int, default=4, help="fastest variants shown per case")
+    parser.add_argument("--layers", type=int, default=8, help="caches a graph cycles through")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("gpu_verify_attention: needs a CUDA device", file=sys.stderr)
+        return 1
+    print(f"card: {torch.cuda.get_device_name()}  torch {torch.__version__}  "
+          f"context {args.context}", flush=True)
+    table = ["| case | launch | us | vs decode |", "|---|---|---|---|"]
+    for spec in args.cases:
+        b, k, *rest = (int(v) for v in spec.split(":"))
+        lines = case(b, k, rest[0] if rest else args.context, variants(), args.layers)
+        timed = [line for line in lines[4:] if "WRONG" not in line]
+        timed.sort(key=lambda line: float(line.split("|")[3]))
+        table += lines[:4] + timed[:args.top] + [line for line in lines if "WRONG" in line]
+    print("\n" + "\n".join(table))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
