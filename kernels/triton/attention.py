@@ -79,6 +79,11 @@ def _paged_attn_kernel(
                      mask=row_ok[:, None] & (d2[None, :] < D2), other=0.0)  # [M, D2]
     else:
         q2 = q1
+    if K1.dtype.element_ty == tl.float8e4nv and Q1.dtype.element_ty == tl.bfloat16:
+        # attn_tile casts each tile to q's dtype: e4m3 -> fp16 is one cvt a pair, -> bf16 is
+        # not; bf16 -> fp16 is exact for |q| within fp16's range (65504)
+        q1 = q1.to(tl.float16)
+        q2 = q2.to(tl.float16)
     first_pos = seq_len - qlen + t0                      # keys <= first_pos are seen by all rows
     if WINDOW > 0:  # keys from the first row's window on, every tile masked
         kv_start = tl.maximum(first_pos - WINDOW + 1, 0)

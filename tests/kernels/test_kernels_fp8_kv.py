@@ -117,6 +117,22 @@ def test_decode_attention(page_size, seq_lens, hq, hk, splits):
     assert rel_err(out, ref) < TOL
 
 
+def test_bf16_queries_over_an_fp8_cache():
+    """The model's case: bf16 queries, which the kernel turns to fp16 for the e4m3 tiles'
+    cheaper conversion: decode and extend within bf16's rounding of the reference."""
+    table, kc, vc, sl = _fp8_paged([50, 9], 4, 2, 16, 16)
+    q = torch.randn(2, 8, 16, device=DEV).to(torch.bfloat16)
+    out = A.decode_attention(q, kc, vc, table, sl, 4, 0.25, **SCALES)
+    assert out.dtype == torch.bfloat16
+    assert rel_err(out.float(), R.decode_attention(q.float(), kc, vc, table, sl, 4, 0.25,
+                                                   **SCALES)) < 1e-2
+    qs = torch.tensor([0, 3, 5], dtype=torch.int32, device=DEV)
+    qe = torch.randn(5, 8, 16, device=DEV).to(torch.bfloat16)
+    out = A.extend_attention(qe, kc, vc, table, qs, sl, 4, 0.25, **SCALES)
+    assert rel_err(out.float(), R.extend_attention(qe.float(), kc, vc, table, qs, sl, 4, 0.25,
+                                                   **SCALES)) < 1e-2
+
+
 @pytest.mark.parametrize("splits", [1, 3])
 def test_decode_attention_with_window_and_sinks(splits):
     """GPT-OSS's options on the same kernel with an FP8 cache."""
