@@ -1,8 +1,9 @@
-"""Batch-1 linear layers on one GPU: cuBLAS (F.linear) against kernels/triton/gemv.py.
+"""Few-row linear layers on one GPU: cuBLAS (F.linear) against kernels/triton/gemv.py.
 
 For each weight shape of a preset's decode step (default: Llama-3.1-8B's qkv, o, gate_up,
 down and lm_head), a CUDA graph calls the op on enough distinct weight copies that every call
-reads its weight from HBM, as a decode step does; replayed, timed with CUDA events. Prints,
+reads its weight from HBM, as a decode step does; replayed, timed with CUDA events; for x of
+1, 2, 4 and 8 rows (a decode step of B rows, a verify step of one row's 1 + k tokens). Prints,
 per shape, cuBLAS and the best few GEMV configurations: microseconds a call and the weight
 bytes a second, against the copy bandwidth measured in the same run (a device-to-device copy
 of 1 GiB). Checks every configuration against F.linear first.
@@ -64,18 +65,21 @@ def copy_tbps() -> float:
     return 2 * STREAM_BYTES * 10 / (start.elapsed_time(end) * 1e-3) / 1e12
 
 
-def configs(args) -> list[GemvConfig]:
-    return [GemvConfig(n, k, w, s) for n, k, w, s in itertools.product(
-        args.block_n, args.block_k, args.warps, args.stages)]
+def configs(args, rows: int) -> list[GemvConfig]:
+    if rows == 1:
+        grid = (args.block_n, args.block_k, args.warps, args.stages)
+    else:  # the few-rows kernel's MMA wants wider N tiles and shorter K steps
+        grid = (args.rows_block_n, args.rows_block_k, args.warps, args.stages)
+    return [GemvConfig(n, k, w, s) for n, k, w, s in itertools.product(*grid)]
 
 
-def bench_shape(name: str, n: int, k: int, cfgs: list[GemvConfig], replays: int, top: int,
-                copy: float) -> list[str]:
+def bench_shape(name: str, n: int, k: int, rows: int, cfgs: list[GemvConfig], replays: int,
+                top: int, copy: float) -> list[str]:
     bytes_ = n * k * 2
     copies = max(2, -(-STREAM_BYTES // bytes_))
     weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
                for _ in range(copies)]
-    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
     want = F.linear(x, weights[0]).float()
     results = [("cuBLAS", graph_us(lambda a, w: F.linear(a, w), weights, x, replays))]
     for cfg in cfgs:
@@ -90,7 +94,7 @@ def bench_shape(name: str, n: int, k: int, cfgs: list[GemvConfig], replays: int,
     lines = []
     for label, us in [results[0]] + best:
         tbps = bytes_ / (us * 1e-6) / 1e12
-        lines.append(f"| {name} {n}x{k} | {label} | {us:.2f} | {tbps:.2f} | {tbps / copy:.0%} | "
+        lines.append(f"| {name} {n}x{k} | {rows} | {label} | {us:.2f} | {tbps:.2f} | {tbps / copy:.0%} | "
                      f"{base / us:.2f}x |")
     del weights
     torch.cuda.empty_cache()
@@ -105,6 +109,10 @@ def main() -> int:
     parser.add_argument("--block-k", type=int, nargs="+", default=[256, 512, 1024])
     parser.add_argument("--warps", type=int, nargs="+", default=[4, 8])
     parser.add_argument("--stages", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8],
+                        help="rows of x (M); more than one takes the few-rows kernel")
+    parser.add_argument("--rows-block-n", type=int, nargs="+", default=[16, 32, 64])
+    parser.add_argument("--rows-block-k", type=int, nargs="+", default=[128, 256, 512])
     parser.add_argument("--replays", type=int, default=20)
     parser.add_argument("--top", type=int, default=3)
     args = parser.parse_args()
@@ -115,12 +123,13 @@ def main() -> int:
     copy = copy_tbps()
     print(f"card: {torch.cuda.get_device_name()}  torch {torch.__version__}  "
           f"copy {copy:.2f} TB/s", flush=True)
-    lines = ["| shape | kernel | us a call | TB/s | of copy | vs cuBLAS |",
-             "|---|---|---|---|---|---|"]
-    for shape in args.shapes:
-        n, k = (int(v) for v in shape.split("x"))
-        lines += bench_shape(names.get(shape, shape), n, k, configs(args), args.replays,
-                             args.top, copy)
+    lines = ["| shape | rows | kernel | us a call | TB/s | of copy | vs cuBLAS |",
+             "|---|---|---|---|---|---|---|"]
+    for rows in args.rows:
+        for shape in args.shapes:
+            n, k = (int(v) for v in shape.split("x"))
+            lines += bench_shape(names.get(shape, shape), n, k, rows, configs(args, rows),
+                                 args.replays, args.top, copy)
     print("\n" + "\n".join(lines))
     return 0
 

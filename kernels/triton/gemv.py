@@ -37,6 +37,11 @@ WIDE = GemvConfig(block_n=16, block_k=256, num_warps=4, num_stages=2)
 NARROW = GemvConfig(block_n=16, block_k=1024, num_warps=8, num_stages=2)
 
 
+# The few-rows kernel's MMA height; linear() sends it up to GEMV_ROWS rows
+FEW_ROWS = 16
+GEMV_ROWS = 1
+
+
 def gemv_config(n: int, k: int) -> GemvConfig:
     """The tiles of an [N, K] weight's GEMV."""
     return WIDE if n >= WIDE_N else NARROW
@@ -70,26 +75,66 @@ def _gemv_kernel(X, W, B, Out, N, K, stride_w,
     tl.store(Out + n, y.to(Out.dtype.element_ty), mask=n_ok)
 
 
+@triton.jit
+def _few_rows_kernel(X, W, B, Out, M, N, K, stride_x, stride_w, stride_o,
+                     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+    """M <= BLOCK_M rows at once: each W tile is read once for all of them (an MMA of
+    BLOCK_M x BLOCK_N, mostly padding; the step is bound by the weight reads)."""
+    pid = tl.program_id(0)
+    n = pid * BLOCK_N + tl.arange(0, BLOCK_N)                          # [BN]
+    n_ok = n < N
+    m = tl.arange(0, BLOCK_M)                                          # [BM]
+    m_ok = m < M
+    k = tl.arange(0, BLOCK_K)                                          # [BK]
+    xrows = X + m.to(tl.int64)[:, None] * stride_x                     # [BM, 1]
+    wrows = W + n.to(tl.int64)[:, None] * stride_w                     # [BN, 1]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + k
+        k_ok = (kk < K) | EVEN_K
+        x = tl.load(xrows + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(wrows + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0,
+                    eviction_policy="evict_first")
+        acc = tl.dot(x, tl.trans(w), acc)
+    if HAS_BIAS:
+        acc += tl.load(B + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(Out + m.to(tl.int64)[:, None] * stride_o + n[None, :],
+             acc.to(Out.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
          config: GemvConfig | None = None) -> torch.Tensor:
-    """x: [1, K] (contiguous), weight: [N, K] (row-contiguous), bias: [N] -> [1, N]."""
+    """x: [M, K] (row-contiguous, M <= FEW_ROWS), weight: [N, K] (row-contiguous), bias: [N]
+    -> [M, N]: one row by the GEMV kernel, a few by the few-rows kernel."""
     n, k = weight.shape
     config = config or gemv_config(n, k)
-    if x.shape != (1, k) or not x.is_contiguous() or weight.stride(1) != 1:
-        raise ValueError(f"gemv: expected x [1, {k}] contiguous and a row-contiguous weight, "
-                         f"got x {tuple(x.shape)} and weight strides {weight.stride()}")
-    out = torch.empty((1, n), device=x.device, dtype=x.dtype)
+    m = x.shape[0]
+    if x.dim() != 2 or x.shape[1] != k or not 1 <= m <= FEW_ROWS or x.stride(1) != 1 \
+            or weight.stride(1) != 1:
+        raise ValueError(f"gemv: expected x [<= {FEW_ROWS}, {k}] and a weight, both "
+                         f"row-contiguous, got x {tuple(x.shape)} strides {x.stride()} and "
+                         f"weight strides {weight.stride()}")
+    out = torch.empty((m, n), device=x.device, dtype=x.dtype)
     grid = (triton.cdiv(n, config.block_n),)
-    _gemv_kernel[grid](x, weight, bias if bias is not None else out, out, n, k, weight.stride(0),
-                       HAS_BIAS=bias is not None, BLOCK_N=config.block_n,
-                       BLOCK_K=config.block_k, EVEN_K=k % config.block_k == 0,
-                       num_warps=config.num_warps, num_stages=config.num_stages)
+    b = bias if bias is not None else out
+    launch = dict(HAS_BIAS=bias is not None, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+                  EVEN_K=k % config.block_k == 0, num_warps=config.num_warps,
+                  num_stages=config.num_stages)
+    if m == 1 and x.is_contiguous():
+        _gemv_kernel[grid](x, weight, b, out, n, k, weight.stride(0), **launch)
+    else:
+        _few_rows_kernel[grid](x, weight, b, out, m, n, k, x.stride(0), weight.stride(0),
+                               out.stride(0), BLOCK_M=FEW_ROWS, **launch)
     return out
 
 
-def gemv_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    """One contiguous row, a row-contiguous weight of its dtype (no quantized weights)."""
-    return (x.dim() == 2 and x.shape[0] == 1 and x.is_contiguous() and weight.dim() == 2
+def gemv_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 rows: int = GEMV_ROWS) -> bool:
+    """Up to `rows` row-contiguous rows, a row-contiguous weight of their dtype (no quantized
+    weights)."""
+    return (x.dim() == 2 and 1 <= x.shape[0] <= min(rows, FEW_ROWS) and x.stride(1) == 1
+            and weight.dim() == 2
             and weight.dtype == x.dtype and weight.stride(1) == 1
             and x.shape[1] == weight.shape[1]
             and (bias is None or (bias.dtype == x.dtype and bias.is_contiguous())))
