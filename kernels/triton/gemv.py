@@ -20,6 +20,7 @@ import triton.language as tl
 
 from kernels.registry import register
 from kernels.triton.common import PRIORITY, on_cuda
+from kernels.triton.elementwise import fused_add_rms_norm, rms_norm
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,42 @@ def _few_rows_kernel(X, W, B, Out, M, N, K, stride_x, stride_w, stride_o,
              acc.to(Out.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
+@triton.jit
+def _norm_gemv_kernel(X, R, G, W, B, Out, ResOut, N, K, stride_w, eps,
+                      HAS_RES: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+    """One row: y = W @ (rms_norm(x + r) * g) (+ b). The norm's scale is one number for the
+    row, so it factors out of the product: each program sums x^2 while it streams its rows of
+    W against x * g, and scales its outputs at the end. Program 0 writes x + r."""
+    pid = tl.program_id(0)
+    n = pid * BLOCK_N + tl.arange(0, BLOCK_N)                          # [BN]
+    n_ok = n < N
+    k = tl.arange(0, BLOCK_K)                                          # [BK]
+    rows = W + n.to(tl.int64)[:, None] * stride_w                      # [BN, 1]
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    squares = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + k
+        k_ok = (kk < K) | EVEN_K
+        x = tl.load(X + kk, mask=k_ok, other=0.0)
+        if HAS_RES:  # the sum rounded to x's dtype, as fused_add_rms_norm stores it
+            x = (x.to(tl.float32) + tl.load(R + kk, mask=k_ok, other=0.0).to(tl.float32)
+                 ).to(X.dtype.element_ty)
+            first = tl.zeros((BLOCK_K,), dtype=tl.int32) + pid == 0  # a vector mask: the
+            tl.store(ResOut + kk, x, mask=k_ok & first)               # interpreter's rule
+        x = x.to(tl.float32)
+        squares += x * x
+        g = tl.load(G + kk, mask=k_ok, other=0.0).to(tl.float32)
+        w = tl.load(rows + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0,
+                    eviction_policy="evict_first")
+        acc += w.to(tl.float32) * (x * g)[None, :]
+    inv = 1.0 / tl.sqrt(tl.sum(squares, 0) / K + eps)
+    y = tl.sum(acc, axis=1) * inv                                      # [BN]
+    if HAS_BIAS:
+        y += tl.load(B + n, mask=n_ok, other=0.0).to(tl.float32)
+    tl.store(Out + n, y.to(Out.dtype.element_ty), mask=n_ok)
+
+
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
          config: GemvConfig | None = None) -> torch.Tensor:
     """x: [M, K] (row-contiguous, M <= FEW_ROWS), weight: [N, K] (row-contiguous), bias: [N]
@@ -148,3 +185,40 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if gemv_applies(x, weight, bias):
         return gemv(x, weight, bias)
     return F.linear(x, weight, bias)
+
+
+def norm_gemv(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor,
+              eps: float, weight: torch.Tensor, bias: torch.Tensor | None = None,
+              config: GemvConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """add_rms_norm_linear of one row in one kernel: x, residual [1, K] -> ([1, N], [1, K])."""
+    n, k = weight.shape
+    config = config or gemv_config(n, k)
+    out = torch.empty((1, n), device=x.device, dtype=x.dtype)
+    res_out = torch.empty_like(x) if residual is not None else x
+    grid = (triton.cdiv(n, config.block_n),)
+    _norm_gemv_kernel[grid](
+        x, residual if residual is not None else x, norm_weight, weight,
+        bias if bias is not None else out, out, res_out, n, k, weight.stride(0), eps,
+        HAS_RES=residual is not None, HAS_BIAS=bias is not None, BLOCK_N=config.block_n,
+        BLOCK_K=config.block_k, EVEN_K=k % config.block_k == 0, num_warps=config.num_warps,
+        num_stages=config.num_stages)
+    return out, res_out
+
+
+@register("add_rms_norm_linear", backend="triton", priority=PRIORITY,
+          supports=lambda f: on_cuda(f) and f["dtype"] in (torch.bfloat16, torch.float16))
+def add_rms_norm_linear(x: torch.Tensor, residual: torch.Tensor | None,
+                        norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
+                        bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference's contract. One contiguous row (a batch-1 decode step): one kernel, the
+    norm inside the GEMV; more rows: the norm kernel, then `linear`."""
+    one_row = (gemv_applies(x, weight, bias, rows=1) and x.is_contiguous()
+               and norm_weight.is_contiguous()
+               and (residual is None or (residual.shape == x.shape and residual.is_contiguous())))
+    if one_row:
+        return norm_gemv(x, residual, norm_weight, eps, weight, bias)
+    if residual is None:
+        normed, residual = rms_norm(x, norm_weight, eps), x
+    else:
+        normed, residual = fused_add_rms_norm(x, residual, norm_weight, eps)
+    return linear(normed, weight, bias), residual
