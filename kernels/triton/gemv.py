@@ -21,6 +21,7 @@ import triton.language as tl
 from kernels.registry import register
 from kernels.triton.common import PRIORITY, on_cuda
 from kernels.triton.elementwise import fused_add_rms_norm, rms_norm
+from kernels.triton.elementwise import silu_and_mul as silu_and_mul_kernel
 
 
 @dataclass(frozen=True)
@@ -105,18 +106,21 @@ def _few_rows_kernel(X, W, B, Out, M, N, K, stride_x, stride_w, stride_o,
 
 
 @triton.jit
-def _norm_gemv_kernel(X, R, G, W, B, Out, ResOut, N, K, stride_w, eps,
-                      HAS_RES: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+def _norm_gemv_kernel(X, R, G, W, WUp, B, Out, ResOut, N, K, stride_w, eps,
+                      HAS_RES: tl.constexpr, HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
     """One row: y = W @ (rms_norm(x + r) * g) (+ b). The norm's scale is one number for the
     row, so it factors out of the product: each program sums x^2 while it streams its rows of
-    W against x * g, and scales its outputs at the end. Program 0 writes x + r."""
+    W against x * g, and scales its outputs at the end. Program 0 writes x + r. SILU_MUL: W
+    holds the gate rows and WUp the up rows (W's [N, 2N)) and the output is silu(gate) * up."""
     pid = tl.program_id(0)
     n = pid * BLOCK_N + tl.arange(0, BLOCK_N)                          # [BN]
     n_ok = n < N
     k = tl.arange(0, BLOCK_K)                                          # [BK]
     rows = W + n.to(tl.int64)[:, None] * stride_w                      # [BN, 1]
+    up_rows = WUp + n.to(tl.int64)[:, None] * stride_w                 # SILU_MUL's up rows
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     squares = tl.zeros((BLOCK_K,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + k
@@ -129,14 +133,23 @@ def _norm_gemv_kernel(X, R, G, W, B, Out, ResOut, N, K, stride_w, eps,
             tl.store(ResOut + kk, x, mask=k_ok & first)               # interpreter's rule
         x = x.to(tl.float32)
         squares += x * x
-        g = tl.load(G + kk, mask=k_ok, other=0.0).to(tl.float32)
-        w = tl.load(rows + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0,
-                    eviction_policy="evict_first")
-        acc += w.to(tl.float32) * (x * g)[None, :]
+        xg = (x * tl.load(G + kk, mask=k_ok, other=0.0).to(tl.float32))[None, :]
+        w_ok = n_ok[:, None] & k_ok[None, :]
+        w = tl.load(rows + kk[None, :], mask=w_ok, other=0.0, eviction_policy="evict_first")
+        acc += w.to(tl.float32) * xg
+        if SILU_MUL:
+            w = tl.load(up_rows + kk[None, :], mask=w_ok, other=0.0,
+                        eviction_policy="evict_first")
+            acc_up += w.to(tl.float32) * xg
     inv = 1.0 / tl.sqrt(tl.sum(squares, 0) / K + eps)
     y = tl.sum(acc, axis=1) * inv                                      # [BN]
     if HAS_BIAS:
         y += tl.load(B + n, mask=n_ok, other=0.0).to(tl.float32)
+    if SILU_MUL:
+        up = tl.sum(acc_up, axis=1) * inv
+        if HAS_BIAS:
+            up += tl.load(B + N + n, mask=n_ok, other=0.0).to(tl.float32)
+        y = y / (1.0 + tl.exp(-y)) * up
     tl.store(Out + n, y.to(Out.dtype.element_ty), mask=n_ok)
 
 
@@ -189,19 +202,22 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 def norm_gemv(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor,
               eps: float, weight: torch.Tensor, bias: torch.Tensor | None = None,
-              config: GemvConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """add_rms_norm_linear of one row in one kernel: x, residual [1, K] -> ([1, N], [1, K])."""
+              silu_and_mul: bool = False, config: GemvConfig | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """add_rms_norm_linear of one row in one kernel: x, residual [1, K] -> ([1, N], [1, K])
+    ([1, N / 2] with silu_and_mul)."""
     n, k = weight.shape
     config = config or gemv_config(n, k)
-    out = torch.empty((1, n), device=x.device, dtype=x.dtype)
+    outs = n // 2 if silu_and_mul else n
+    out = torch.empty((1, outs), device=x.device, dtype=x.dtype)
     res_out = torch.empty_like(x) if residual is not None else x
-    grid = (triton.cdiv(n, config.block_n),)
+    grid = (triton.cdiv(outs, config.block_n),)
     _norm_gemv_kernel[grid](
-        x, residual if residual is not None else x, norm_weight, weight,
-        bias if bias is not None else out, out, res_out, n, k, weight.stride(0), eps,
-        HAS_RES=residual is not None, HAS_BIAS=bias is not None, BLOCK_N=config.block_n,
-        BLOCK_K=config.block_k, EVEN_K=k % config.block_k == 0, num_warps=config.num_warps,
-        num_stages=config.num_stages)
+        x, residual if residual is not None else x, norm_weight, weight, weight[outs:],
+        bias if bias is not None else out, out, res_out, outs, k, weight.stride(0), eps,
+        HAS_RES=residual is not None, HAS_BIAS=bias is not None, SILU_MUL=silu_and_mul,
+        BLOCK_N=config.block_n, BLOCK_K=config.block_k, EVEN_K=k % config.block_k == 0,
+        num_warps=config.num_warps, num_stages=config.num_stages)
     return out, res_out
 
 
@@ -209,16 +225,20 @@ def norm_gemv(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch
           supports=lambda f: on_cuda(f) and f["dtype"] in (torch.bfloat16, torch.float16))
 def add_rms_norm_linear(x: torch.Tensor, residual: torch.Tensor | None,
                         norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
-                        bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                        bias: torch.Tensor | None = None, silu_and_mul: bool = False
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """The reference's contract. One contiguous row (a batch-1 decode step): one kernel, the
-    norm inside the GEMV; more rows: the norm kernel, then `linear`."""
+    norm inside the GEMV (and the activation after it); more rows: the norm kernel, then
+    `linear` (then the activation kernel)."""
     one_row = (gemv_applies(x, weight, bias, rows=1) and x.is_contiguous()
                and norm_weight.is_contiguous()
+               and not (silu_and_mul and weight.shape[0] % 2)
                and (residual is None or (residual.shape == x.shape and residual.is_contiguous())))
     if one_row:
-        return norm_gemv(x, residual, norm_weight, eps, weight, bias)
+        return norm_gemv(x, residual, norm_weight, eps, weight, bias, silu_and_mul)
     if residual is None:
         normed, residual = rms_norm(x, norm_weight, eps), x
     else:
         normed, residual = fused_add_rms_norm(x, residual, norm_weight, eps)
-    return linear(normed, weight, bias), residual
+    y = linear(normed, weight, bias)
+    return (silu_and_mul_kernel(y) if silu_and_mul else y), residual

@@ -16,25 +16,29 @@ if DEV == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
 from kernels.triton import gemv as G  # noqa: E402
 
 
-@pytest.mark.parametrize("n,k,residual,bias", [(40, 64, True, False), (37, 100, True, True),
-                                               (16, 256, False, False)])
-def test_one_row_kernel_matches_the_reference(n, k, residual, bias):
-    """The residual sum comes back exactly (rounded to x's dtype); the product within float32
-    rounding; tiles that do not divide N or K."""
+@pytest.mark.parametrize("n,k,residual,bias,silu", [
+    (40, 64, True, False, False), (37, 100, True, True, False), (16, 256, False, False, False),
+    (40, 64, True, False, True), (74, 100, False, True, True)])
+def test_one_row_kernel_matches_the_reference(n, k, residual, bias, silu):
+    """The residual sum comes back exactly (rounded to x's dtype); the product (and with silu,
+    silu(gate) * up of its two halves) within float32 rounding; tiles that do not divide N or
+    K."""
     gen = torch.Generator().manual_seed(n + k)
     x, g, w = (torch.randn(*s, generator=gen).to(DEV) for s in ((1, k), (k,), (n, k)))
     r = torch.randn(1, k, generator=gen).to(DEV) if residual else None
     b = torch.randn(n, generator=gen).to(DEV) if bias else None
-    want_y, want_s = R.add_rms_norm_linear(x, r, g, 1e-6, w, b)
-    y, s = G.norm_gemv(x, r, g, 1e-6, w, b, G.GemvConfig(block_n=8, block_k=32, num_warps=4))
+    want_y, want_s = R.add_rms_norm_linear(x, r, g, 1e-6, w, b, silu)
+    y, s = G.norm_gemv(x, r, g, 1e-6, w, b, silu,
+                       G.GemvConfig(block_n=8, block_k=32, num_warps=4))
+    assert y.shape == (1, n // 2 if silu else n)
     assert torch.equal(s, want_s)
     assert torch.allclose(y, want_y, rtol=1e-4, atol=1e-4)
     # more rows: the norm kernel, then linear
     x3 = torch.randn(3, k, generator=gen).to(DEV)
-    y3, s3 = G.add_rms_norm_linear(x3, None, g, 1e-6, w, b)
+    y3, s3 = G.add_rms_norm_linear(x3, None, g, 1e-6, w, b, silu)
     assert torch.equal(s3, x3)
-    assert torch.allclose(y3, R.add_rms_norm_linear(x3, None, g, 1e-6, w, b)[0], rtol=1e-4,
-                          atol=1e-4)
+    assert torch.allclose(y3, R.add_rms_norm_linear(x3, None, g, 1e-6, w, b, silu)[0],
+                          rtol=1e-4, atol=1e-4)
 
 
 def _step(runner, ids: list[int], start: int, pages: torch.Tensor):
@@ -52,8 +56,8 @@ def _step(runner, ids: list[int], start: int, pages: torch.Tensor):
 
 def test_llama_one_token_steps_with_fused_norms_match_the_plain_layers():
     """A tiny Llama decoding one token a step: with every decoder layer's norms run inside
-    qkv_proj and gate_up_proj (the Triton op, as on one GPU) the logits match the plain
-    layers' and the greedy tokens are the same; the fused path really ran."""
+    qkv_proj and gate_up_proj (+ its activation; the Triton op, as on one GPU) the logits
+    match the plain layers' and the greedy tokens are the same; the fused path really ran."""
     from appliance.model import ModelRunner, ModelSource
     torch.manual_seed(0)
     runner = ModelRunner(ModelSource(preset="tiny-llama", load_format="dummy"), device=DEV,
@@ -62,9 +66,9 @@ def test_llama_one_token_steps_with_fused_norms_match_the_plain_layers():
     assert all(layer.norm_linear is None for layer in layers)   # the CPU build: plain norms
     calls = []
 
-    def fused(*args):
-        calls.append(args[0].shape[0])
-        return G.add_rms_norm_linear(*args)
+    def fused(*args, **kwargs):
+        calls.append((args[0].shape[0], kwargs.get("silu_and_mul", False)))
+        return G.add_rms_norm_linear(*args, **kwargs)
 
     pages = torch.arange(4, dtype=torch.int32)
     runs = []
@@ -80,4 +84,5 @@ def test_llama_one_token_steps_with_fused_norms_match_the_plain_layers():
         runs.append((tokens, torch.stack(rows)))
     assert runs[0][0] == runs[1][0]
     assert torch.allclose(runs[0][1], runs[1][1], rtol=1e-3, atol=1e-3)
-    assert calls and set(calls) == {1} and len(calls) == 6 * 2 * len(layers)
+    # each layer: the input norm into qkv_proj, the post-attention norm into gate_up + SiLU
+    assert calls == [(1, False), (1, True)] * 6 * len(layers)

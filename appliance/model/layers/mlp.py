@@ -26,8 +26,5 @@ class SwiGLUMLP(Placed):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [T, H] -> [T, H] (partial sums over the group)
-        return self.down(self.gate_up_proj(x))
-
-    def down(self, gate_up: torch.Tensor) -> torch.Tensor:
-        """What follows gate_up_proj. gate_up: [T, 2 * I_local] -> [T, H] (partial sums)."""
+        gate_up = self.gate_up_proj(x)          # [T, 2 * I_local]
         return self.down_proj(self.act(gate_up))  # [T, I_local] -> [T, H]

@@ -159,7 +159,7 @@ class LlamaDecoderLayer(nn.Module):
                            residual: torch.Tensor | None, batch: ForwardBatch
                            ) -> tuple[torch.Tensor, torch.Tensor]:
         """forward() with each norm fused into the next linear layer: qkv_proj and, for the
-        dense MLP, gate_up_proj (a MoE takes the plain norm)."""
+        dense MLP, gate_up_proj with its activation (a MoE takes the plain norm)."""
         norm, attn, mlp = self.input_layernorm, self.self_attn, self.mlp
         qkv, residual = self.norm_linear(hidden_states, residual, norm.weight, norm.eps,
                                          attn.qkv_proj.weight, attn.qkv_proj.bias)
@@ -168,9 +168,10 @@ class LlamaDecoderLayer(nn.Module):
         if not isinstance(mlp, SwiGLUMLP):
             hidden_states, residual = norm(hidden_states, residual)
             return mlp(hidden_states), residual
-        gate_up, residual = self.norm_linear(hidden_states, residual, norm.weight, norm.eps,
-                                             mlp.gate_up_proj.weight, mlp.gate_up_proj.bias)
-        return mlp.down(gate_up), residual
+        act, residual = self.norm_linear(hidden_states, residual, norm.weight, norm.eps,
+                                         mlp.gate_up_proj.weight, mlp.gate_up_proj.bias,
+                                         silu_and_mul=True)
+        return mlp.down_proj(act), residual
 
 
 FeedForward = Callable[[int], Placed | None]  # layer index -> its MLP; None: the dense one
