@@ -119,6 +119,10 @@ class LlamaAttention(Placed):
 class LlamaDecoderLayer(nn.Module):
     """mlp: the layer's feed-forward (a MoE, ...); None for the dense SwiGLU MLP."""
 
+    # add_rms_norm_linear where one-token steps fuse each norm into the next linear layer
+    # (set in __init__); subclasses that build their own modules keep the plain norms
+    norm_linear: Callable | None = None
+
     def __init__(self, cfg: LlamaConfig, rotary_emb: RotaryEmbedding, ctx: BuildContext,
                  mlp: Placed | None = None) -> None:
         super().__init__()
