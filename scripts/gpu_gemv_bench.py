@@ -23,7 +23,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kernels.triton.gemv import GemvConfig, gemv  # noqa: E402
+from kernels.triton import elementwise  # noqa: E402
+from kernels.triton.gemv import GemvConfig, gemv, norm_gemv  # noqa: E402
 
 LLAMA_8B = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096),
             "down": (4096, 14336), "lm_head": (128256, 4096)}
@@ -102,6 +103,44 @@ def bench_shape(name: str, n: int, k: int, rows: int, cfgs: list[GemvConfig], re
     return lines
 
 
+def bench_norm(name: str, n: int, k: int, silu: bool, replays: int, copy: float) -> list[str]:
+    """One row through RMSNorm (+ residual add) into an [N, K] weight (+ SiLU-and-mul of the
+    halves): the norm kernel, then cuBLAS or the GEMV (then the activation kernel), against
+    add_rms_norm_linear's one kernel."""
+    bytes_ = n * k * 2
+    copies = max(2, -(-STREAM_BYTES // bytes_))
+    weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+               for _ in range(copies)]
+    x, r = (torch.randn(1, k, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    g = torch.rand(k, device="cuda", dtype=torch.bfloat16) + 0.5
+
+    def separate(a, w, matmul):
+        normed, _ = elementwise.fused_add_rms_norm(a, r, g, 1e-5)
+        y = matmul(normed, w)
+        return elementwise.silu_and_mul(y) if silu else y
+
+    variants = [("norm + cuBLAS" + (" + silu" if silu else ""),
+                 lambda a, w: separate(a, w, F.linear)),
+                ("norm + GEMV" + (" + silu" if silu else ""),
+                 lambda a, w: separate(a, w, lambda b, v: gemv(b, v))),
+                ("add_rms_norm_linear, one kernel", lambda a, w: norm_gemv(a, r, g, 1e-5, w,
+                                                                           silu_and_mul=silu)[0])]
+    want = variants[0][1](x, weights[0]).float()
+    lines = []
+    base = None
+    for label, fn in variants:
+        err = (fn(x, weights[0]).float() - want).abs().max().item()
+        us = graph_us(fn, weights, x, replays)
+        base = base or us
+        tbps = bytes_ / (us * 1e-6) / 1e12
+        lines.append(f"| {name} {n}x{k} | 1 | {label} (max diff {err:.2g}) | {us:.2f} | "
+                     f"{tbps:.2f} | {tbps / copy:.0%} | {base / us:.2f}x |")
+    del weights
+    torch.cuda.empty_cache()
+    print("\n".join(lines), flush=True)
+    return lines
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shapes", nargs="+", default=[f"{n}x{k}" for n, k in LLAMA_8B.values()])
@@ -109,11 +148,13 @@ def main() -> int:
     parser.add_argument("--block-k", type=int, nargs="+", default=[256, 512, 1024])
     parser.add_argument("--warps", type=int, nargs="+", default=[4, 8])
     parser.add_argument("--stages", type=int, nargs="+", default=[2, 4])
-    parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8],
+    parser.add_argument("--rows", type=int, nargs="*", default=[1, 2, 4, 8],
                         help="rows of x (M); more than one takes the few-rows kernel")
     parser.add_argument("--rows-block-n", type=int, nargs="+", default=[16, 32, 64])
     parser.add_argument("--rows-block-k", type=int, nargs="+", default=[128, 256, 512])
     parser.add_argument("--replays", type=int, default=20)
+    parser.add_argument("--norm", action="store_true",
+                        help="also RMSNorm into qkv and into gate_up + SiLU, fused or not")
     parser.add_argument("--top", type=int, default=3)
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -130,6 +171,9 @@ def main() -> int:
             n, k = (int(v) for v in shape.split("x"))
             lines += bench_shape(names.get(shape, shape), n, k, rows, configs(args, rows),
                                  args.replays, args.top, copy)
+    if args.norm:
+        for name, silu in (("qkv", False), ("gate_up", True)):
+            lines += bench_norm(name, *LLAMA_8B[name], silu, args.replays, copy)
     print("\n" + "\n".join(lines))
     return 0
 

@@ -118,7 +118,7 @@ def case(b: int, k: int, context: int, variants: list[Variant], layers: int) -> 
 
 def variants() -> list[Variant]:
     """The kernel's default first (what the check compares against), then the tiles before
-    SHORT_EXTEND_TOKENS (256 rows, 8 warps, 3 stages; splits sized on every block), then
+    SHORT_EXTEND_TILES (256 rows, 8 warps, 3 stages; splits sized on every block), then
     other tiles x split counts."""
     group = HQ // HK
     out: list[Variant] = [("default (this tree)", None, None)]

@@ -140,12 +140,13 @@ class AttentionTiles:
     num_stages: int
 
 
-# An extend launch of at most this many query tokens takes tiles of SHORT_EXTEND_ROWS rows: its
-# rows are short (a verify step's 1 + k tokens, decode rows padded into an extend graph, a
-# short chunk), and a 256-row tile would hold a few of them and run mostly empty MMAs. H200,
-# Llama-3.1-8B heads, 2K-token rows (scripts/gpu_verify_attention.py): see docs/KERNELS.md.
-SHORT_EXTEND_TOKENS = 512
-SHORT_EXTEND_ROWS = 64
+# Extend launches of few query tokens take small tiles: their rows are short (a verify step's
+# 1 + k tokens, decode rows padded into an extend graph, a short chunk), and the prefill tile
+# (256 rows) would hold a few of them and run mostly empty MMAs. (at most this many tokens,
+# tile rows), from scripts/gpu_verify_attention.py on an H200 (Llama-3.1-8B heads, 2K-token
+# rows; docs/KERNELS.md): B=1 x 2 tokens 69.6 -> 19.2 us, B=16 x 5 tokens 235 -> 83,
+# B=64 x 5 (384-token launch) 699 -> 194, one 256-token chunk over 16K keys 737 -> 581.
+SHORT_EXTEND_TILES: tuple[tuple[int, int], ...] = ((128, 16), (512, 64))
 
 
 def attention_tiles(decode: bool, mla: bool, group: int, tokens: int | None = None
@@ -159,9 +160,9 @@ def attention_tiles(decode: bool, mla: bool, group: int, tokens: int | None = No
         return AttentionTiles(g_blk=min(max(16, next_pow2(group)), 64), block_t=1,
                               block_n=block_n, num_warps=4, num_stages=2)
     g_blk = min(next_pow2(group), 16 if small else 64)
-    short = not mla and tokens is not None and tokens <= SHORT_EXTEND_TOKENS
-    rows = 16 if small else (64 if mla else (SHORT_EXTEND_ROWS if short else
-                                             (256 if g_blk >= 2 else 128)))
+    short = None if mla or tokens is None else next(
+        (rows for most, rows in SHORT_EXTEND_TILES if tokens <= most), None)
+    rows = 16 if small else (64 if mla else (short or (256 if g_blk >= 2 else 128)))
     g_blk = min(g_blk, rows)
     return AttentionTiles(g_blk=g_blk, block_t=rows // g_blk, block_n=block_n,
                           num_warps=4 if small or short else 8,

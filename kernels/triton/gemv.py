@@ -106,21 +106,24 @@ def _few_rows_kernel(X, W, B, Out, M, N, K, stride_x, stride_w, stride_o,
 
 
 @triton.jit
-def _norm_gemv_kernel(X, R, G, W, WUp, B, Out, ResOut, N, K, stride_w, eps,
+def _norm_gemv_kernel(X, R, G, W, B, Out, ResOut, N, K, stride_w, eps,
                       HAS_RES: tl.constexpr, HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
     """One row: y = W @ (rms_norm(x + r) * g) (+ b). The norm's scale is one number for the
     row, so it factors out of the product: each program sums x^2 while it streams its rows of
-    W against x * g, and scales its outputs at the end. Program 0 writes x + r. SILU_MUL: W
-    holds the gate rows and WUp the up rows (W's [N, 2N)) and the output is silu(gate) * up."""
+    W against x * g, and scales its outputs at the end. Program 0 writes x + r.
+    SILU_MUL: W is [2N, K] (gate rows, then up rows), the output silu(gate) * up [N]; a
+    program's BLOCK_N rows are BLOCK_N / 2 gate rows and the matching up rows, so it holds
+    one accumulator, as the plain GEMV does."""
     pid = tl.program_id(0)
-    n = pid * BLOCK_N + tl.arange(0, BLOCK_N)                          # [BN]
+    OUTS: tl.constexpr = BLOCK_N // 2 if SILU_MUL else BLOCK_N
+    r = tl.arange(0, BLOCK_N)
+    n = pid * OUTS + r % OUTS                                          # [BN] output index
     n_ok = n < N
+    row = n + (r // OUTS) * N if SILU_MUL else n                       # [BN] row of W
     k = tl.arange(0, BLOCK_K)                                          # [BK]
-    rows = W + n.to(tl.int64)[:, None] * stride_w                      # [BN, 1]
-    up_rows = WUp + n.to(tl.int64)[:, None] * stride_w                 # SILU_MUL's up rows
+    rows = W + row.to(tl.int64)[:, None] * stride_w                    # [BN, 1]
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    acc_up = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     squares = tl.zeros((BLOCK_K,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + k
@@ -133,24 +136,21 @@ def _norm_gemv_kernel(X, R, G, W, WUp, B, Out, ResOut, N, K, stride_w, eps,
             tl.store(ResOut + kk, x, mask=k_ok & first)               # interpreter's rule
         x = x.to(tl.float32)
         squares += x * x
-        xg = (x * tl.load(G + kk, mask=k_ok, other=0.0).to(tl.float32))[None, :]
-        w_ok = n_ok[:, None] & k_ok[None, :]
-        w = tl.load(rows + kk[None, :], mask=w_ok, other=0.0, eviction_policy="evict_first")
-        acc += w.to(tl.float32) * xg
-        if SILU_MUL:
-            w = tl.load(up_rows + kk[None, :], mask=w_ok, other=0.0,
-                        eviction_policy="evict_first")
-            acc_up += w.to(tl.float32) * xg
+        xg = x * tl.load(G + kk, mask=k_ok, other=0.0).to(tl.float32)
+        w = tl.load(rows + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0,
+                    eviction_policy="evict_first")
+        acc += w.to(tl.float32) * xg[None, :]
     inv = 1.0 / tl.sqrt(tl.sum(squares, 0) / K + eps)
     y = tl.sum(acc, axis=1) * inv                                      # [BN]
     if HAS_BIAS:
-        y += tl.load(B + n, mask=n_ok, other=0.0).to(tl.float32)
+        y += tl.load(B + row, mask=n_ok, other=0.0).to(tl.float32)
     if SILU_MUL:
-        up = tl.sum(acc_up, axis=1) * inv
-        if HAS_BIAS:
-            up += tl.load(B + N + n, mask=n_ok, other=0.0).to(tl.float32)
-        y = y / (1.0 + tl.exp(-y)) * up
-    tl.store(Out + n, y.to(Out.dtype.element_ty), mask=n_ok)
+        gate, up = tl.split(tl.permute(tl.reshape(y, (2, OUTS)), (1, 0)))   # [OUTS] each
+        out = pid * OUTS + tl.arange(0, OUTS)
+        tl.store(Out + out, (gate / (1.0 + tl.exp(-gate)) * up).to(Out.dtype.element_ty),
+                 mask=out < N)
+    else:
+        tl.store(Out + n, y.to(Out.dtype.element_ty), mask=n_ok)
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -211,9 +211,9 @@ def norm_gemv(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch
     outs = n // 2 if silu_and_mul else n
     out = torch.empty((1, outs), device=x.device, dtype=x.dtype)
     res_out = torch.empty_like(x) if residual is not None else x
-    grid = (triton.cdiv(outs, config.block_n),)
+    grid = (triton.cdiv(outs, config.block_n // 2 if silu_and_mul else config.block_n),)
     _norm_gemv_kernel[grid](
-        x, residual if residual is not None else x, norm_weight, weight, weight[outs:],
+        x, residual if residual is not None else x, norm_weight, weight,
         bias if bias is not None else out, out, res_out, outs, k, weight.stride(0), eps,
         HAS_RES=residual is not None, HAS_BIAS=bias is not None, SILU_MUL=silu_and_mul,
         BLOCK_N=config.block_n, BLOCK_K=config.block_k, EVEN_K=k % config.block_k == 0,

@@ -166,16 +166,17 @@ def test_extend_split_rule():
 
 
 def test_short_extend_launches_take_small_tiles(monkeypatch):
-    """On a GPU (not the interpreter's tiny tiles) a GQA extend launch of at most
-    SHORT_EXTEND_TOKENS tokens, a verify step's, takes SHORT_EXTEND_ROWS-row tiles; longer ones
-    the prefill tiles; decode and MLA tiles do not depend on the token count. The short tile
-    is correct: a verify-shaped launch on 64-row tiles (16 rows a tile here) against the
-    reference."""
+    """On a GPU (not the interpreter's tiny tiles) a GQA extend launch of few tokens, a verify
+    step's, takes the small tiles of SHORT_EXTEND_TILES; longer ones the prefill tiles; decode
+    and MLA tiles do not depend on the token count. The short tile is correct: a
+    verify-shaped launch on 16-row tiles against the reference."""
     from kernels.triton import attention as AT
     monkeypatch.setattr(AT, "interpreting", lambda: False)
-    short, long_ = (AT.attention_tiles(False, False, 4, t)
-                    for t in (AT.SHORT_EXTEND_TOKENS, AT.SHORT_EXTEND_TOKENS + 1))
-    assert short.block_t * short.g_blk == AT.SHORT_EXTEND_ROWS and short.num_warps == 4
+    for most, rows in AT.SHORT_EXTEND_TILES:
+        tiles = AT.attention_tiles(False, False, 4, most)
+        assert tiles.block_t * tiles.g_blk == rows and tiles.num_warps == 4
+    longest = AT.SHORT_EXTEND_TILES[-1][0]
+    long_ = AT.attention_tiles(False, False, 4, longest + 1)
     assert long_.block_t * long_.g_blk == 256 and long_ == AT.attention_tiles(False, False, 4)
     assert AT.attention_tiles(False, True, 16, 8) == AT.attention_tiles(False, True, 16)
     assert AT.attention_tiles(True, False, 4, 8) == AT.attention_tiles(True, False, 4)

@@ -44,9 +44,9 @@ def test_one_row_kernel_matches_the_reference(n, k, residual, bias, silu):
 def _step(runner, ids: list[int], start: int, pages: torch.Tensor):
     """One row of len(ids) new tokens at positions start.. over one sequence's pages."""
     from appliance.model import ForwardBatch
-    t, page = len(ids), runner.page_size
-    pos = torch.arange(start, start + t, dtype=torch.int32)
-    i32 = lambda v: torch.tensor(v, dtype=torch.int32)  # noqa: E731
+    t, page, dev = len(ids), runner.page_size, runner.device
+    pos = torch.arange(start, start + t, dtype=torch.int32, device=dev)
+    i32 = lambda v: torch.tensor(v, dtype=torch.int32, device=dev)  # noqa: E731
     return runner.forward(ForwardBatch(
         input_ids=i32(ids), positions=pos, query_start=i32([0, t]), prefix_lens=i32([start]),
         seq_lens=i32([start + t]), page_table=pages.view(1, -1),
@@ -60,17 +60,19 @@ def test_llama_one_token_steps_with_fused_norms_match_the_plain_layers():
     match the plain layers' and the greedy tokens are the same; the fused path really ran."""
     from appliance.model import ModelRunner, ModelSource
     torch.manual_seed(0)
+    dtype = torch.bfloat16 if DEV == "cuda" else torch.float32   # what the GPU fuses
     runner = ModelRunner(ModelSource(preset="tiny-llama", load_format="dummy"), device=DEV,
-                         kv_num_pages=8, page_size=16)
+                         dtype=dtype, kv_num_pages=8, page_size=16)
     layers = runner.model.model.layers
-    assert all(layer.norm_linear is None for layer in layers)   # the CPU build: plain norms
+    # plain norms on the CPU; on one GPU the layers are built with the fusion
+    assert all((layer.norm_linear is not None) == (DEV == "cuda") for layer in layers)
     calls = []
 
     def fused(*args, **kwargs):
         calls.append((args[0].shape[0], kwargs.get("silu_and_mul", False)))
         return G.add_rms_norm_linear(*args, **kwargs)
 
-    pages = torch.arange(4, dtype=torch.int32)
+    pages = torch.arange(4, dtype=torch.int32, device=runner.device)
     runs = []
     for norm_linear in (None, fused):
         for layer in layers:
@@ -82,7 +84,9 @@ def test_llama_one_token_steps_with_fused_norms_match_the_plain_layers():
             rows.append(row)
             tokens.append(int(row.argmax()))
         runs.append((tokens, torch.stack(rows)))
-    assert runs[0][0] == runs[1][0]
-    assert torch.allclose(runs[0][1], runs[1][1], rtol=1e-3, atol=1e-3)
+    tol = 1e-3 if dtype == torch.float32 else 5e-2
+    assert torch.allclose(runs[0][1].float(), runs[1][1].float(), rtol=tol, atol=tol)
+    if dtype == torch.float32:   # bf16 may flip a near tie
+        assert runs[0][0] == runs[1][0]
     # each layer: the input norm into qkv_proj, the post-attention norm into gate_up + SiLU
     assert calls == [(1, False), (1, True)] * 6 * len(layers)
