@@ -1,9 +1,8 @@
-"""Few-row linear layers on one GPU: cuBLAS (F.linear) against kernels/triton/gemv.py.
+"""Batch-1 linear layers on one GPU: cuBLAS (F.linear) against kernels/triton/gemv.py.
 
 For each weight shape of a preset's decode step (default: Llama-3.1-8B's qkv, o, gate_up,
 down and lm_head), a CUDA graph calls the op on enough distinct weight copies that every call
-reads its weight from HBM, as a decode step does; replayed, timed with CUDA events; for x of
-1, 2, 4 and 8 rows (a decode step of B rows, a verify step of one row's 1 + k tokens). Prints,
+reads its weight from HBM, as a decode step does; replayed, timed with CUDA events. Prints,
 per shape, cuBLAS and the best few GEMV configurations: microseconds a call and the weight
 bytes a second, against the copy bandwidth measured in the same run (a device-to-device copy
 of 1 GiB). Checks every configuration against F.linear first.
@@ -23,8 +22,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kernels.triton import elementwise  # noqa: E402
-from kernels.triton.gemv import GemvConfig, gemv, norm_gemv  # noqa: E402
+from kernels.triton.gemv import GemvConfig, gemv  # noqa: E402
 
 LLAMA_8B = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096),
             "down": (4096, 14336), "lm_head": (128256, 4096)}
@@ -66,21 +64,18 @@ def copy_tbps() -> float:
     return 2 * STREAM_BYTES * 10 / (start.elapsed_time(end) * 1e-3) / 1e12
 
 
-def configs(args, rows: int) -> list[GemvConfig]:
-    if rows == 1:
-        grid = (args.block_n, args.block_k, args.warps, args.stages)
-    else:  # the few-rows kernel's MMA wants wider N tiles and shorter K steps
-        grid = (args.rows_block_n, args.rows_block_k, args.warps, args.stages)
-    return [GemvConfig(n, k, w, s) for n, k, w, s in itertools.product(*grid)]
+def configs(args) -> list[GemvConfig]:
+    return [GemvConfig(n, k, w, s) for n, k, w, s in itertools.product(
+        args.block_n, args.block_k, args.warps, args.stages)]
 
 
-def bench_shape(name: str, n: int, k: int, rows: int, cfgs: list[GemvConfig], replays: int,
-                top: int, copy: float) -> list[str]:
+def bench_shape(name: str, n: int, k: int, cfgs: list[GemvConfig], replays: int, top: int,
+                copy: float) -> list[str]:
     bytes_ = n * k * 2
     copies = max(2, -(-STREAM_BYTES // bytes_))
     weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
                for _ in range(copies)]
-    x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
     want = F.linear(x, weights[0]).float()
     results = [("cuBLAS", graph_us(lambda a, w: F.linear(a, w), weights, x, replays))]
     for cfg in cfgs:
@@ -95,46 +90,8 @@ def bench_shape(name: str, n: int, k: int, rows: int, cfgs: list[GemvConfig], re
     lines = []
     for label, us in [results[0]] + best:
         tbps = bytes_ / (us * 1e-6) / 1e12
-        lines.append(f"| {name} {n}x{k} | {rows} | {label} | {us:.2f} | {tbps:.2f} | {tbps / copy:.0%} | "
+        lines.append(f"| {name} {n}x{k} | {label} | {us:.2f} | {tbps:.2f} | {tbps / copy:.0%} | "
                      f"{base / us:.2f}x |")
-    del weights
-    torch.cuda.empty_cache()
-    print("\n".join(lines), flush=True)
-    return lines
-
-
-def bench_norm(name: str, n: int, k: int, silu: bool, replays: int, copy: float) -> list[str]:
-    """One row through RMSNorm (+ residual add) into an [N, K] weight (+ SiLU-and-mul of the
-    halves): the norm kernel, then cuBLAS or the GEMV (then the activation kernel), against
-    add_rms_norm_linear's one kernel."""
-    bytes_ = n * k * 2
-    copies = max(2, -(-STREAM_BYTES // bytes_))
-    weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
-               for _ in range(copies)]
-    x, r = (torch.randn(1, k, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    g = torch.rand(k, device="cuda", dtype=torch.bfloat16) + 0.5
-
-    def separate(a, w, matmul):
-        normed, _ = elementwise.fused_add_rms_norm(a, r, g, 1e-5)
-        y = matmul(normed, w)
-        return elementwise.silu_and_mul(y) if silu else y
-
-    variants = [("norm + cuBLAS" + (" + silu" if silu else ""),
-                 lambda a, w: separate(a, w, F.linear)),
-                ("norm + GEMV" + (" + silu" if silu else ""),
-                 lambda a, w: separate(a, w, lambda b, v: gemv(b, v))),
-                ("add_rms_norm_linear, one kernel", lambda a, w: norm_gemv(a, r, g, 1e-5, w,
-                                                                           silu_and_mul=silu)[0])]
-    want = variants[0][1](x, weights[0]).float()
-    lines = []
-    base = None
-    for label, fn in variants:
-        err = (fn(x, weights[0]).float() - want).abs().max().item()
-        us = graph_us(fn, weights, x, replays)
-        base = base or us
-        tbps = bytes_ / (us * 1e-6) / 1e12
-        lines.append(f"| {name} {n}x{k} | 1 | {label} (max diff {err:.2g}) | {us:.2f} | "
-                     f"{tbps:.2f} | {tbps / copy:.0%} | {base / us:.2f}x |")
     del weights
     torch.cuda.empty_cache()
     print("\n".join(lines), flush=True)
@@ -148,13 +105,7 @@ def main() -> int:
     parser.add_argument("--block-k", type=int, nargs="+", default=[256, 512, 1024])
     parser.add_argument("--warps", type=int, nargs="+", default=[4, 8])
     parser.add_argument("--stages", type=int, nargs="+", default=[2, 4])
-    parser.add_argument("--rows", type=int, nargs="*", default=[1, 2, 4, 8],
-                        help="rows of x (M); more than one takes the few-rows kernel")
-    parser.add_argument("--rows-block-n", type=int, nargs="+", default=[16, 32, 64])
-    parser.add_argument("--rows-block-k", type=int, nargs="+", default=[128, 256, 512])
     parser.add_argument("--replays", type=int, default=20)
-    parser.add_argument("--norm", action="store_true",
-                        help="also RMSNorm into qkv and into gate_up + SiLU, fused or not")
     parser.add_argument("--top", type=int, default=3)
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -164,16 +115,12 @@ def main() -> int:
     copy = copy_tbps()
     print(f"card: {torch.cuda.get_device_name()}  torch {torch.__version__}  "
           f"copy {copy:.2f} TB/s", flush=True)
-    lines = ["| shape | rows | kernel | us a call | TB/s | of copy | vs cuBLAS |",
-             "|---|---|---|---|---|---|---|"]
-    for rows in args.rows:
-        for shape in args.shapes:
-            n, k = (int(v) for v in shape.split("x"))
-            lines += bench_shape(names.get(shape, shape), n, k, rows, configs(args, rows),
-                                 args.replays, args.top, copy)
-    if args.norm:
-        for name, silu in (("qkv", False), ("gate_up", True)):
-            lines += bench_norm(name, *LLAMA_8B[name], silu, args.replays, copy)
+    lines = ["| shape | kernel | us a call | TB/s | of copy | vs cuBLAS |",
+             "|---|---|---|---|---|---|"]
+    for shape in args.shapes:
+        n, k = (int(v) for v in shape.split("x"))
+        lines += bench_shape(names.get(shape, shape), n, k, configs(args), args.replays,
+                             args.top, copy)
     print("\n" + "\n".join(lines))
     return 0
 

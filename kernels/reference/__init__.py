@@ -10,7 +10,7 @@ from kernels.reference.linear import linear
 from kernels.reference.logits import apply_penalties, apply_token_bitmask
 from kernels.reference.mla import mla_decode, mla_extend, mla_prefill
 from kernels.reference.moe import fused_moe, fused_moe_mxfp4, moe_route, router_logits
-from kernels.reference.norm import add_rms_norm_linear, fused_add_rms_norm, rms_norm
+from kernels.reference.norm import fused_add_rms_norm, rms_norm
 from kernels.reference.rope import rope, rope_store_kv
 from kernels.reference.sample import sample
 from kernels.reference.spec_accept import spec_accept
@@ -19,5 +19,5 @@ __all__ = [
     "rms_norm", "fused_add_rms_norm", "silu_and_mul", "rope", "store_kv", "rope_store_kv",
     "decode_attention", "extend_attention", "mla_decode", "mla_extend", "mla_prefill",
     "router_logits", "moe_route", "fused_moe", "fused_moe_mxfp4", "sample",
-    "apply_token_bitmask", "apply_penalties", "spec_accept", "linear", "add_rms_norm_linear",
+    "apply_token_bitmask", "apply_penalties", "spec_accept", "linear",
 ]

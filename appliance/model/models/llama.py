@@ -13,8 +13,6 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-import kernels
-
 from appliance.model.batch import ForwardBatch
 from appliance.model.context import BuildContext
 from appliance.model.layers.attention import PagedAttention
@@ -100,12 +98,8 @@ class LlamaAttention(Placed):
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor,
                 batch: ForwardBatch) -> torch.Tensor:
         # positions: [T]; hidden_states: [T, H] -> [T, H] (partial sums over attn_tp)
-        return self.attend(positions, self.qkv_proj(hidden_states), batch)
-
-    def attend(self, positions: torch.Tensor, qkv: torch.Tensor, batch: ForwardBatch
-               ) -> torch.Tensor:
-        """What follows qkv_proj. qkv: [T, (Hq + 2 Hk) * D] -> [T, H] (partial sums)."""
-        t = qkv.shape[0]
+        t = hidden_states.shape[0]
+        qkv = self.qkv_proj(hidden_states)                      # [T, (Hq + 2 Hk) * D]
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(t, self.num_heads, self.head_dim)            # [T, Hq, D]
         k = k.view(t, self.num_kv_heads, self.head_dim)         # [T, Hk, D]
@@ -119,10 +113,6 @@ class LlamaAttention(Placed):
 class LlamaDecoderLayer(nn.Module):
     """mlp: the layer's feed-forward (a MoE, ...); None for the dense SwiGLU MLP."""
 
-    # add_rms_norm_linear where one-token steps fuse each norm into the next linear layer
-    # (set in __init__); subclasses that build their own modules keep the plain norms
-    norm_linear: Callable | None = None
-
     def __init__(self, cfg: LlamaConfig, rotary_emb: RotaryEmbedding, ctx: BuildContext,
                  mlp: Placed | None = None) -> None:
         super().__init__()
@@ -132,15 +122,6 @@ class LlamaDecoderLayer(nn.Module):
                                                 ctx.dtype)
         self.mlp = mlp if mlp is not None else SwiGLUMLP(cfg.hidden_size, cfg.intermediate_size,
                                                          ctx, cfg.mlp_bias)
-        # One token on one GPU (batch-1 decode): each RMSNorm runs inside the linear layer
-        # after it (kernels' add_rms_norm_linear), 64 fewer launches a step on an 8B. Under
-        # tensor parallelism the norms carry the all-reduce instead (RMSNorm.fused_reduce);
-        # the torch reference (float32 weights) is no fusion to take (kernels.override).
-        op = dict(device=ctx.device, dtype=ctx.dtype)
-        fuse = (torch.device(ctx.device).type == "cuda"
-                and ctx.layout.size("attn_tp") == ctx.layout.size("dense_tp") == 1
-                and kernels.selected_backend("add_rms_norm_linear", **op) != "torch")
-        self.norm_linear = kernels.select("add_rms_norm_linear", **op) if fuse else None
 
     def placement_chain(self, prefix: str) -> Iterator[tuple[str, Placed]]:
         for name in ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp"):
@@ -150,32 +131,11 @@ class LlamaDecoderLayer(nn.Module):
                 residual: torch.Tensor | None, batch: ForwardBatch
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         # hidden_states, residual: [T, H] -> (mlp output [T, H], residual [T, H])
-        if self.norm_linear is not None and hidden_states.shape[0] == 1:
-            return self._forward_one_token(positions, hidden_states, residual, batch)
         hidden_states, residual = self.input_layernorm(hidden_states, residual)
         hidden_states = self.self_attn(positions, hidden_states, batch)
         hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
         hidden_states = self.mlp(hidden_states)
         return hidden_states, residual
-
-
-    def _forward_one_token(self, positions: torch.Tensor, hidden_states: torch.Tensor,
-                           residual: torch.Tensor | None, batch: ForwardBatch
-                           ) -> tuple[torch.Tensor, torch.Tensor]:
-        """forward() with each norm fused into the next linear layer: qkv_proj and, for the
-        dense MLP, gate_up_proj with its activation (a MoE takes the plain norm)."""
-        norm, attn, mlp = self.input_layernorm, self.self_attn, self.mlp
-        qkv, residual = self.norm_linear(hidden_states, residual, norm.weight, norm.eps,
-                                         attn.qkv_proj.weight, attn.qkv_proj.bias)
-        hidden_states = attn.attend(positions, qkv, batch)
-        norm = self.post_attention_layernorm
-        if not isinstance(mlp, SwiGLUMLP):
-            hidden_states, residual = norm(hidden_states, residual)
-            return mlp(hidden_states), residual
-        act, residual = self.norm_linear(hidden_states, residual, norm.weight, norm.eps,
-                                         mlp.gate_up_proj.weight, mlp.gate_up_proj.bias,
-                                         silu_and_mul=True)
-        return mlp.down_proj(act), residual
 
 
 FeedForward = Callable[[int], Placed | None]  # layer index -> its MLP; None: the dense one
