@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from kernel_bench.harness import sequence_us  # noqa: E402
 from kernels.triton.gemv import GemvConfig, gemv  # noqa: E402
 
 LLAMA_8B = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096),
@@ -31,23 +32,7 @@ STREAM_BYTES = 1 << 30  # weight copies per graph: at least this much, well past
 
 def graph_us(fn, weights: list[torch.Tensor], x: torch.Tensor, replays: int) -> float:
     """Microseconds a call, fn(x, w) over every w in a CUDA graph, replayed."""
-    stream = torch.cuda.Stream()
-    with torch.cuda.stream(stream):
-        for w in weights[:2]:
-            fn(x, w)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=stream):
-        for w in weights:
-            fn(x, w)
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3 / (replays * len(weights))
+    return sequence_us([lambda w=w: fn(x, w) for w in weights], replays)
 
 
 def copy_tbps() -> float:

@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from appliance.model.batch import ForwardBatch  # noqa: E402
 from appliance.model.extend_graph import DEFAULT_TOKEN_BUCKETS, pad_extend_batch  # noqa: E402
-from kernels.triton.attention import AttentionTiles, attention_tiles, paged_attention  # noqa: E402
+from kernel_bench.harness import sequence_us  # noqa: E402
+from kernels.triton.attention import AttentionTiles, paged_attention  # noqa: E402
 
 PAGE, HQ, HK, D = 16, 32, 8, 128
 GRAPH_ROWS = 256
@@ -52,24 +53,8 @@ def bucket(tokens: int) -> int:
 
 
 def graph_us(fn, layers: int, replays: int = 20) -> float:
-    """Microseconds a launch: fn(layer) for each layer in a CUDA graph, replayed (what a
-    step's graph does: no host time between launches)."""
-    stream = torch.cuda.Stream()
-    with torch.cuda.stream(stream):
-        fn(0)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=stream):
-        for layer in range(layers):
-            fn(layer)
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3 / (replays * layers)
+    """Microseconds a launch: fn(layer) for each layer in a CUDA graph, replayed."""
+    return sequence_us([lambda layer=layer: fn(layer) for layer in range(layers)], replays)
 
 
 Variant = tuple[str, "AttentionTiles | None", "int | None"]

@@ -52,6 +52,31 @@ def _l2_flush_buffer() -> torch.Tensor:
     return torch.empty(256 << 20, dtype=torch.int8, device=DEV)   # larger than any L2
 
 
+def sequence_us(calls: list[Callable[[], object]], replays: int = 20) -> float:
+    """Microseconds a call of `calls`, captured in order in one CUDA graph and replayed: what
+    a step's graph does, no host time between launches. Each call its own operands (a layer's
+    weights or cache), so that together they stream from HBM, not from the L2."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for call in calls[:2]:
+            call()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        for call in calls:
+            call()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1e3 / (replays * len(calls))
+
+
 def graph_ms(fn: Callable[[], object], n: int = 10, replays: int = 7, captures: int = 2
              ) -> float:
     """Median ms of fn as a CUDA graph replay, the L2 flushed before each call: graph of n x
