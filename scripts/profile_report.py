@@ -50,14 +50,32 @@ def main() -> int:
     return 0
 
 
-def role(command: str) -> str:
-    if " bench " in command:
+def role(pid: str, processes: dict[str, tuple[str, str]]) -> str:
+    """What a sampled process is, from its command line (and its parent's: the bench client's
+    worker processes are spawned like engine ranks)."""
+    parent, command = processes.get(pid, ("", ""))
+    if " bench " in command or (
+            "spawn_main" in command and " bench " in processes.get(parent, ("", ""))[1]):
         return "bench client"
     if " up " in command:
         return "frontend"
     if "spawn_main" in command:
         return "engine rank"
     return command.split(" ")[-1][:24] or "?"
+
+
+def read_processes(lines: list[str]) -> dict[str, tuple[str, str]]:
+    """cpu_pids.txt's lines "pid ppid=P command" (older files: "pid command") -> pid ->
+    (parent pid or "", command)."""
+    out = {}
+    for line in lines:
+        pid, _, rest = line.partition(" ")
+        parent = ""
+        if rest.startswith("ppid="):
+            parent, _, rest = rest.partition(" ")
+            parent = parent.removeprefix("ppid=")
+        out[pid] = (parent, rest)
+    return out
 
 
 def cpu_lines(out: Path, loads: list[tuple[str, float, float]]) -> list[str]:
@@ -67,7 +85,7 @@ def cpu_lines(out: Path, loads: list[tuple[str, float, float]]) -> list[str]:
         return ["no CPU samples (cpu.txt)"]
     head, *rest = pids.read_text().splitlines()
     tick = float(head.split()[1])
-    commands = dict(line.split(" ", 1) for line in rest if " " in line)
+    processes = read_processes([line for line in rest if " " in line])
     series: dict[str, list[tuple[float, float]]] = {}
     for line in samples.read_text().splitlines():
         when, pid, ticks = line.split()
@@ -83,7 +101,7 @@ def cpu_lines(out: Path, loads: list[tuple[str, float, float]]) -> list[str]:
             mean = 100 * (inside[-1][1] - inside[0][1]) / max(inside[-1][0] - inside[0][0], 1e-6)
             if mean < 5:
                 continue
-            lines.append(f"{name:<14} {role(commands.get(pid, '')):<14} {pid:>7} {mean:7.0f} "
+            lines.append(f"{name:<14} {role(pid, processes):<14} {pid:>7} {mean:7.0f} "
                          f"{max(rates):7.0f}")
     return lines
 
