@@ -23,6 +23,7 @@ most between the two (OUT gets both kernel tables, kernels-decode-B<B>.csv / ker
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import statistics
@@ -169,9 +170,10 @@ def measure(preset: str, batches: list[int], drafts: list[int], context: int, wa
             "seconds": time.perf_counter() - started}
 
 
-def profile_steps(stepper: Stepper, arrays: PlanArrays, path: Path) -> tuple[float, float]:
-    """torch.profiler over PROFILE_STEPS steps: (median wall ms, GPU kernel ms) a step; the
-    kernel table (step_timing.write_kernel_table) to `path`."""
+def profile_steps(stepper: Stepper, arrays: PlanArrays, path: Path
+                  ) -> tuple[float, dict[str, tuple[float, float]]]:
+    """torch.profiler over PROFILE_STEPS steps: the median wall ms a step, and each kernel's
+    (calls, ms) a step; the kernel table (step_timing.write_kernel_table) to `path`."""
     for _ in range(3):
         stepper.step(arrays)
     walls = []
@@ -182,17 +184,10 @@ def profile_steps(stepper: Stepper, arrays: PlanArrays, path: Path) -> tuple[flo
             stepper.step(arrays)
             walls.append((time.perf_counter() - started) * 1e3)
     write_kernel_table(prof, PROFILE_STEPS, True, path)
-    rows = [line.split(",") for line in path.read_text().splitlines()[1:]]
-    kernel_ms = sum(float(r[-2]) for r in rows if len(r) >= 6)
-    return statistics.median(walls), kernel_ms
-
-
-def kernel_rows(path: Path) -> dict[str, tuple[float, float]]:
-    """kernel -> (calls a step, ms a step) from a write_kernel_table CSV."""
-    import csv
     with path.open() as f:
-        return {r["kernel"][:70]: (float(r["calls_per_step"]), float(r["ms_per_step"]))
-                for r in csv.DictReader(f)}
+        kernels_ = {r["kernel"][:70]: (float(r["calls_per_step"]), float(r["ms_per_step"]))
+                    for r in csv.DictReader(f)}
+    return statistics.median(walls), kernels_
 
 
 def profile(preset: str, cases: list[tuple[int, int]], context: int, out: Path) -> str:
@@ -206,8 +201,9 @@ def profile(preset: str, cases: list[tuple[int, int]], context: int, out: Path) 
         for name, drafts in (("decode", 0), ("verify", k)):
             arrays = plan_arrays(b, drafts, context, runner.vocab_size, rng)
             path = out / f"kernels-{name}-B{b}-k{drafts}.csv"
-            steps[name] = profile_steps(stepper, arrays, path) + (kernel_rows(path),)
-        (dw, dk, dt), (vw, vk, vt) = steps["decode"], steps["verify"]
+            steps[name] = profile_steps(stepper, arrays, path)
+        (dw, dt), (vw, vt) = steps["decode"], steps["verify"]
+        dk, vk = (sum(ms for _, ms in table.values()) for table in (dt, vt))
         lines += [f"### {preset} B={b} k={k}: step wall {dw:.2f} -> {vw:.2f} ms, GPU kernels "
                   f"{dk:.2f} -> {vk:.2f} ms a step (profiled, {PROFILE_STEPS} steps each)", "",
                   "| kernel | decode calls | decode ms | verify calls | verify ms | delta ms |",
