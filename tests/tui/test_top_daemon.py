@@ -81,11 +81,16 @@ async def test_dashboard_matches_a_live_daemon(tmp_path):
         async with app.run_test(size=(130, 42)) as pilot:
             def all_decoding() -> bool:
                 """Each decodes, and the engine has reported agent-a (its stats come every 0.25 s:
-                a request may stream before they name it, and its cached tokens are known then)."""
+                a request may stream before they name it, and its cached tokens are known then).
+                The frontend counts a user's tokens as it delivers them, on its event loop, so
+                a snapshot can name a user decoding before its first token is counted: each
+                user's count is waited for too (the assertions below still read them)."""
                 rows = _rows(app)
                 users = {u["key"]: u for u in app.stats["users"]} if app.stats else {}
-                return (all(key in rows and rows[key][2] == "decoding" for key in ("agent-a", "agent-b", "carol"))
-                        and users.get("agent-a", {}).get("cached_tokens", 0) > 0)
+                keys = ("agent-a", "agent-b", "carol")
+                return (all(key in rows and rows[key][2] == "decoding" for key in keys)
+                        and users.get("agent-a", {}).get("cached_tokens", 0) > 0
+                        and all(users.get(key, {}).get("generated_tokens", 0) > 0 for key in keys))
 
             await _wait(pilot, all_decoding, 60)
             assert [stream.status for stream in streams] == [200] * 3
