@@ -7,6 +7,7 @@ daemon does not answer it says so in red, keeps the last figures dimmed and keep
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -52,6 +53,7 @@ class TopApp(App[int]):
         self.reachable: bool | None = None
         self.sort_by, self.sort_reverse = view.SORT_KEYS[0], False
         self._polling = False
+        self._timer = None  # the poll interval, from on_mount
 
     def compose(self) -> ComposeResult:
         with Horizontal(id="top"):
@@ -80,10 +82,16 @@ class TopApp(App[int]):
         for column in view.USER_COLUMNS:
             table.add_column(column, key=column)
         self._title_users()
-        self.set_interval(self.interval_s, self.poll)
+        self._timer = self.set_interval(self.interval_s, self.poll)
         self.call_later(self.poll)
 
     async def on_unmount(self) -> None:
+        # No new polls, and the one in flight ends (TIMEOUT_S at most) before its client
+        # closes: closing an HTTP client under a request it is still reading is a race.
+        if self._timer is not None:
+            self._timer.stop()
+        while self._polling:
+            await asyncio.sleep(0.01)
         await self.source.aclose()
 
     async def poll(self) -> None:
