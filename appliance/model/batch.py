@@ -31,6 +31,9 @@ class ForwardBatch:
     # [N] int: the tokens whose logits the step returns, in order (None: each row's last
     # token, N = B); verify rows list every token of the row
     logit_index: torch.Tensor | None = None
+    # laid out in an extend graph's bucket (appliance/model/extend_graph.py): rows are read
+    # from the device only, so no layer may choose its path from the host's view of them
+    graph_bucket: bool = False
 
     @property
     def num_rows(self) -> int:

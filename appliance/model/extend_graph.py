@@ -96,7 +96,7 @@ def empty_batch(tokens: int, rows: int, logits: int, max_pages: int,
         query_start=torch.zeros(rows + 1, **i32), prefix_lens=torch.zeros(rows, **i32),
         seq_lens=torch.zeros(rows, **i32), page_table=torch.zeros(rows, max_pages, **i32),
         slot_mapping=torch.full((tokens,), -1, **i32), num_decode=0,
-        logit_index=torch.zeros(logits, **i32))
+        logit_index=torch.zeros(logits, **i32), graph_bucket=True)
 
 
 def pad_extend_batch(batch: ForwardBatch, tokens: int, max_rows: int,
@@ -147,7 +147,7 @@ class ExtendGraphs:
             query_start=b.query_start[: rows + 1], prefix_lens=b.prefix_lens[:rows],
             seq_lens=b.seq_lens[:rows], page_table=b.page_table[:rows],
             slot_mapping=b.slot_mapping[:tokens], num_decode=0,
-            logit_index=b.logit_index[:logits])
+            logit_index=b.logit_index[:logits], graph_bucket=True)
 
     def bucket(self, batch: ForwardBatch) -> int | None:
         """The token bucket `batch` runs in (None: it runs eagerly)."""

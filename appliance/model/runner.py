@@ -160,12 +160,18 @@ EXTEND_GRAPH_TOKENS = 2048
 
 
 def use_extend_graphs(kv_layers: list[nn.Module]) -> bool:
-    """Extend steps replay CUDA graphs when every KV layer's extend path reads its layout on
-    the device (`captures_extend`: GQA attention, not MLA, whose extend path sizes its
-    decompressed keys on the host) and TOKENSPEED_EXTEND_GRAPHS is not 0."""
+    """Extend steps replay CUDA graphs when every KV layer's extend path can read its layout
+    on the device (`captures_extend`: GQA attention, and MLA for the steps it attends
+    absorbed) and TOKENSPEED_EXTEND_GRAPHS is not 0."""
     if os.environ.get("TOKENSPEED_EXTEND_GRAPHS", "") == "0":
         return False
     return bool(kv_layers) and all(getattr(m, "captures_extend", False) for m in kv_layers)
+
+
+def replays_extend(kv_layers: list[nn.Module], batch: ForwardBatch) -> bool:
+    """Whether every KV layer takes `batch` the way its extend graph was captured (MLA: the
+    absorbed path; a layer without `replays_extend` always does)."""
+    return all(m.replays_extend(batch) for m in kv_layers if hasattr(m, "replays_extend"))
 
 
 def moe_layout(tp_rank: int, tp_size: int, moe_parallel: str) -> ParallelLayout:
@@ -378,7 +384,7 @@ class ModelRunner:
             return self.decode_graphs.run(batch)
         if self.extend_graphs is not None:
             tokens = self.extend_graphs.bucket(batch)
-            if tokens is not None:
+            if tokens is not None and replays_extend(self._kv_layers, batch):
                 return self.extend_graphs.run(batch, tokens)
         return None
 

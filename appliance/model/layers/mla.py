@@ -135,6 +135,11 @@ class MLAttention(Placed):
     Sub-module names are the HF checkpoint's (q_proj | q_a_proj, q_a_layernorm, q_b_proj,
     kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj, o_proj), so weights load by name."""
 
+    # Extend steps replay CUDA graphs (appliance/model/extend_graph.py) when they attend
+    # absorbed: that path reads its rows on the device. A graph is captured absorbed, so steps
+    # whose chunks attend decompressed (keys gathered by a host-sized index) run eagerly.
+    captures_extend = True
+
     def __init__(self, cfg: MLAConfig, rotary_emb: RotaryEmbedding, ctx: BuildContext) -> None:
         super().__init__()
         tp = ctx.layout.size("attn_tp")
@@ -225,11 +230,17 @@ class MLAttention(Placed):
         at least `decompress_min_tokens` new tokens a row: each key then costs one W_UK / W_UV
         projection (2 * L * H * (Dn + Dv) FLOPs) but every (query, key) pair H * (Dn + R + Dv)
         multiply-adds instead of H * (2L + R). The keys and values are transient memory,
-        so batches over `decompress_max_keys` keys stay absorbed."""
+        so batches over `decompress_max_keys` keys stay absorbed, as does a graph bucket."""
+        if batch.graph_bucket:
+            return False
         rows = batch.num_rows - batch.num_decode
         new = batch.num_tokens - batch.num_decode
         return (rows > 0 and new >= self.decompress_min_tokens * rows
                 and batch.extend_keys <= self.decompress_max_keys)
+
+    def replays_extend(self, batch: ForwardBatch) -> bool:
+        """Whether `batch` may replay an extend graph: it attends absorbed, as captured."""
+        return not self.decompress_extend(batch)
 
     def _attend_absorbed(self, q_nope: torch.Tensor, q_rope: torch.Tensor,
                          batch: ForwardBatch) -> torch.Tensor:
