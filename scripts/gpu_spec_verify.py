@@ -132,6 +132,24 @@ def load(preset: str, max_batch: int, max_drafts: int, context: int
     return runner, Stepper(runner, max_batch)
 
 
+def check_replay(runner: ModelRunner, batch, case: str, tolerance: float = 0.02) -> None:
+    """The verify step's logits from its extend graph against an eager forward (bf16: the
+    graph's decode rows take the extend kernel; max difference over the logits' scale)."""
+    graphed = runner.forward(batch)
+    extend, runner.extend_graphs = runner.extend_graphs, None
+    try:
+        eager = runner.forward(batch)
+    finally:
+        runner.extend_graphs = extend
+    diff = float((graphed - eager).abs().max() / eager.abs().max().clamp_min(1e-6))
+    same = float((graphed.argmax(-1) == eager.argmax(-1)).float().mean())
+    print(f"   {case}: extend graph vs eager logits: max diff {diff:.2e} of their scale, "
+          f"argmax agrees at {same:.0%} of tokens", flush=True)
+    if diff > tolerance:
+        raise RuntimeError(f"{case}: the extend graph's logits differ from eager ones by "
+                           f"{diff:.2e} of their scale (> {tolerance})")
+
+
 def measure(preset: str, batches: list[int], drafts: list[int], context: int, warmup: int,
             iters: int) -> dict:
     started = time.perf_counter()
@@ -152,7 +170,9 @@ def measure(preset: str, batches: list[int], drafts: list[int], context: int, wa
             layout = LogitLayout.of(arrays)
             batch = to_forward_batch(arrays, runner.device, None, layout.index)
             extend = runner.extend_graphs
-            replayed[k] = extend is not None and extend.bucket(batch) is not None
+            replayed[k] = runner.extend_bucket(batch) is not None
+            if replayed[k] and k == drafts[0]:
+                check_replay(runner, batch, f"B={b} k={k}")
             verify[k] = stepper.time_ms(arrays, warmup, iters)
             runner.extend_graphs = None
             verify_eager[k] = stepper.time_ms(arrays, warmup, iters)

@@ -382,11 +382,15 @@ class ModelRunner:
         """The graph outputs of `batch` (views of reused buffers), or None: it runs eagerly."""
         if self.decode_graphs is not None and self.decode_graphs.can_run(batch):
             return self.decode_graphs.run(batch)
-        if self.extend_graphs is not None:
-            tokens = self.extend_graphs.bucket(batch)
-            if tokens is not None and replays_extend(self._kv_layers, batch):
-                return self.extend_graphs.run(batch, tokens)
-        return None
+        tokens = self.extend_bucket(batch)
+        return None if tokens is None else self.extend_graphs.run(batch, tokens)
+
+    def extend_bucket(self, batch: ForwardBatch) -> int | None:
+        """The token count of the extend graph `batch` replays (None: no extend graph)."""
+        if self.extend_graphs is None:
+            return None
+        tokens = self.extend_graphs.bucket(batch)
+        return tokens if tokens is not None and replays_extend(self._kv_layers, batch) else None
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
