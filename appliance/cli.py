@@ -127,8 +127,7 @@ def _serve_when_ready(config: AppConfig, listening: Listening) -> int:
     from rich.console import Console
 
     from appliance.engine.client import EngineClient, EngineStartError
-    from appliance.engine.model_files import resolve_model_files
-    from appliance.engine.speculative.mtp import check_mtp_checkpoint
+    from appliance.engine.model_files import check_mtp_checkpoint, resolve_model_files
     from appliance.server.serve import serve
     from appliance.server.warming_up import WarmingUp
     from appliance.startup_progress import StartupProgress, since_process_start

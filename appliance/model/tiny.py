@@ -13,8 +13,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from appliance.model.atomic_folder import ensure_folder
 
@@ -22,6 +21,9 @@ VOCAB_SIZE = 1000
 SEED = 1234
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")  # ids 0, 1, 2
 TOOL_TOKENS = ("<tool_call>", "</tool_call>")  # added (not special: the frontend parses them)
+if TYPE_CHECKING:
+    import torch
+
 FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
          "tokenizer_config.json", "special_tokens_map.json")
 
@@ -155,8 +157,10 @@ def _train_tokenizer():
     return tok
 
 
-def _weights(cfg: dict) -> dict[str, torch.Tensor]:
+def _weights(cfg: dict) -> dict[str, "torch.Tensor"]:
     """Seeded N(0, 0.02) weights (norms 1) in a fixed order, named as HF Llama names them."""
+    import torch  # here: the frontend reads TINY_CONFIG without importing torch
+
     gen = torch.Generator().manual_seed(SEED)
     h, i, d = cfg["hidden_size"], cfg["intermediate_size"], cfg["head_dim"]
     q, kv = cfg["num_attention_heads"] * d, cfg["num_key_value_heads"] * d

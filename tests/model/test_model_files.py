@@ -139,3 +139,33 @@ def test_a_tokenizer_that_does_not_load_stops_up_with_a_config_error(cache, tmp_
     err = capsys.readouterr().err
     assert code == 2
     assert "config error: cannot load the tokenizer" in err and "Traceback" not in err
+
+
+def test_the_frontend_resolves_model_files_without_importing_torch(tmp_path):
+    """What `tokenspeed up` runs before it spawns the engine ranks imports no torch (seconds
+    on a GPU box, which the ranks would otherwise wait for), once the tiny tokenizer's
+    checkpoint exists (writing it the first time needs torch)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tiny.ensure_tiny_checkpoint(tmp_path / "models" / "tiny-llama")
+
+    code = ("import sys\n"
+            "from appliance import cli\n"
+            "from appliance.config import load_config\n"
+            "from appliance.engine.client import EngineClient\n"
+            "from appliance.engine.model_files import check_mtp_checkpoint, resolve_model_files\n"
+            "from appliance.server import serve, warming_up\n"
+            "for name in ('configs/llama-3.1-8b.yaml', 'configs/deepseek-v2-lite.yaml'):\n"
+            "    config = load_config(name)\n"
+            "    files = resolve_model_files(config)\n"
+            "    cli._check_model_config(files.checkpoint)\n"
+            "    check_mtp_checkpoint(config, files)\n"
+            "print('torch' in sys.modules)\n")
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
+                         timeout=120, env={**os.environ, "TOKENSPEED_CACHE": str(tmp_path)})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"

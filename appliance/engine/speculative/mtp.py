@@ -32,7 +32,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from appliance.config import AppConfig, ConfigError
 from appliance.engine.plan_arrays import PlanArrays
 from appliance.engine.transfer import to_device_packed
 from appliance.engine.verify import LogitLayout
@@ -178,30 +177,3 @@ class NextTokenPass:
         context = position + 2  # the chain continues the tokens up to the sampled one
         return torch.cat([context[:, None], length[:, None], torch.stack(drafts, 1)],
                          dim=1).to(torch.int32)
-
-
-def check_mtp_checkpoint(config: AppConfig, files) -> None:
-    """At start-up, before any rank loads: `speculative.method: mtp` needs a model whose
-    architecture runs MTP layers and whose checkpoint holds them (`files`:
-    model_files.ModelFiles; a dummy preset's are generated)."""
-    if config.speculative.method != "mtp":
-        return
-    from appliance.model import presets
-    from appliance.model.loader import checkpoint_tensor_names, read_hf_config
-    from appliance.model.models import model_class
-    from appliance.model.mtp import NextTokenLayers, mtp_layer_count
-
-    if files.checkpoint is not None:
-        hf, names, what = (read_hf_config(files.checkpoint),
-                           checkpoint_tensor_names(files.checkpoint), files.checkpoint)
-    else:
-        hf, names, what = presets.preset_config(files.preset), None, f"preset {files.preset}"
-    try:
-        cls = model_class(hf.get("architectures"))
-    except ValueError:
-        return  # an architecture this build lacks: the ranks report it
-    if not issubclass(cls, NextTokenLayers) or mtp_layer_count(hf, names) == 0:
-        raise ConfigError(
-            "speculative.method: mtp needs a checkpoint with next-token (MTP) layers (the "
-            "DeepSeek-V3 or GLM-4.5 families, num_nextn_predict_layers > 0 and the layers' "
-            f"tensors); {what} has none: use suffix or ngram")
