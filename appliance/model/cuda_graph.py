@@ -47,6 +47,22 @@ def capture(forward: Callable[[ForwardBatch], Output], make_batch: Callable[[], 
     return graph, out
 
 
+def decode_buckets(max_batch: int, buckets: tuple[int, ...] = DEFAULT_BUCKETS) -> list[int]:
+    """The batch sizes captured for steps of up to `max_batch` rows."""
+    return sorted({b for b in buckets if b < max_batch} | {max_batch})
+
+
+def decode_capture_batch(bs: int, max_pages: int, device: torch.device) -> ForwardBatch:
+    """A batch laid out as the bucket of `bs` rows is captured (DecodeGraphs' buffers, fresh):
+    one token a row, seq_len 1 over page 0, no cache write."""
+    i32 = dict(dtype=torch.int32, device=device)
+    return ForwardBatch(
+        input_ids=torch.zeros(bs, **i32), positions=torch.zeros(bs, **i32),
+        query_start=torch.arange(bs + 1, **i32), prefix_lens=torch.zeros(bs, **i32),
+        seq_lens=torch.ones(bs, **i32), page_table=torch.zeros(bs, max_pages, **i32),
+        slot_mapping=torch.full((bs,), -1, **i32), num_decode=bs)
+
+
 class DecodeGraphs:
     def __init__(self, model: nn.Module, device: torch.device, max_batch: int, max_pages: int,
                  buckets: tuple[int, ...] = DEFAULT_BUCKETS,
@@ -55,16 +71,13 @@ class DecodeGraphs:
             raise ValueError("CUDA graphs need a CUDA device")
         self.model, self.device, self.max_pages = model, device, max_pages
         self.forward = forward or model
-        self.buckets = sorted({b for b in buckets if b < max_batch} | {max_batch})
+        self.buckets = decode_buckets(max_batch, buckets)
         self.max_batch = self.buckets[-1]
-        n, i32 = self.max_batch, dict(dtype=torch.int32, device=device)
-        self.input_ids = torch.zeros(n, **i32)                  # [N]
-        self.positions = torch.zeros(n, **i32)                  # [N]
-        self.seq_lens = torch.ones(n, **i32)                    # [N]
-        self.page_table = torch.zeros(n, max_pages, **i32)      # [N, P]
-        self.slot_mapping = torch.full((n,), -1, **i32)         # [N]
-        self.query_start = torch.arange(n + 1, **i32)           # [N+1]: one token per row
-        self.prefix_lens = torch.zeros(n, **i32)                # [N]
+        full = decode_capture_batch(self.max_batch, max_pages, device)  # the static buffers
+        self.input_ids, self.positions = full.input_ids, full.positions          # [N], [N]
+        self.seq_lens, self.page_table = full.seq_lens, full.page_table          # [N], [N, P]
+        self.slot_mapping, self.prefix_lens = full.slot_mapping, full.prefix_lens  # [N], [N]
+        self.query_start = full.query_start                      # [N+1]: one token per row
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, Output]] = {}
         pool = None
         with torch.inference_mode():

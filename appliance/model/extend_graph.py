@@ -99,6 +99,22 @@ def empty_batch(tokens: int, rows: int, logits: int, max_pages: int,
         logit_index=torch.zeros(logits, **i32), graph_bucket=True)
 
 
+def extend_buckets(max_tokens: int,
+                   buckets: tuple[int, ...] = DEFAULT_TOKEN_BUCKETS) -> list[int]:
+    """The token counts captured for steps of up to `max_tokens` tokens."""
+    return sorted({b for b in buckets if b < max_tokens} | {max_tokens})
+
+
+def extend_capture_batch(tokens: int, max_rows: int, max_pages: int,
+                         device: torch.device) -> ForwardBatch:
+    """A batch laid out as the bucket of `tokens` tokens is captured (ExtendGraphs' idle
+    batch, in fresh tensors; logits rows as many as rows, as the runner sizes them)."""
+    rows, logits = bucket_shape(tokens, max_rows, max_rows)
+    batch = empty_batch(tokens, rows, logits, max_pages, device)
+    fill_padding(batch, 0, 0, 0)
+    return batch
+
+
 def pad_extend_batch(batch: ForwardBatch, tokens: int, max_rows: int,
                      max_logits: int) -> ForwardBatch:
     """`batch` laid out in the bucket of `tokens` tokens (module doc), as a new batch."""
@@ -121,7 +137,7 @@ class ExtendGraphs:
             raise ValueError("CUDA graphs need a CUDA device")
         self.max_rows, self.max_logits, self.max_pages = max_rows, max_logits, max_pages
         self.forward = forward or model
-        self.buckets = sorted({b for b in buckets if b < max_tokens} | {max_tokens})
+        self.buckets = extend_buckets(max_tokens, buckets)
         rows, logits = bucket_shape(self.buckets[-1], max_rows, max_logits)
         self.buffers = empty_batch(self.buckets[-1], rows, logits, max_pages, device)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, Output]] = {}

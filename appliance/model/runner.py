@@ -28,7 +28,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -43,8 +43,9 @@ from appliance.model.context import BuildContext
 from appliance.model.cuda_graph import DecodeGraphs
 from appliance.model.extend_graph import ExtendGraphs
 from appliance.model.kv_scales import apply_checkpoint_kv_scales
+from appliance.model.compile_ahead import CompileAhead, StartupShapes, compile_threads
 from appliance.model.loader import (checkpoint_tensor_names, load_checkpoint, load_dummy,
-                                    read_eos_token_ids, read_hf_config)
+                                    read_eos_token_ids, read_hf_config, zero_parameters)
 from appliance.model.layers.yarn import context_length
 from appliance.model.models import model_class
 from appliance.model.placement import ParallelLayout
@@ -138,6 +139,19 @@ def use_cuda_graphs(device: torch.device, dtype: torch.dtype, overrides: dict[st
     return forced == "1" or (dtype in (torch.float16, torch.bfloat16) and not overrides)
 
 
+def startup_shapes(config: Any, max_len: int, graphs: bool) -> StartupShapes | None:
+    """What `from_config` runs after the load, for compiling it ahead (compile_ahead.py);
+    None when TOKENSPEED_COMPILE_AHEAD=0."""
+    if os.environ.get("TOKENSPEED_COMPILE_AHEAD", "") == "0":
+        return None
+    rows = min(int(config.scheduler.max_running), 256) if graphs else 0
+    tokens = int(config.scheduler.max_batch_tokens)
+    return StartupShapes(graph_rows=rows,
+                         extend_tokens=min(tokens, EXTEND_GRAPH_TOKENS) if graphs else 0,
+                         max_len=max_len, hidden=config.speculative.method == "mtp",
+                         warm_up_tokens=tokens)
+
+
 def model_source(config: Any, files: Any) -> ModelSource:
     """The model `from_config` builds for the daemon's AppConfig and model files: the
     checkpoint, or dummy weights (a preset, or `model.load_format: dummy`)."""
@@ -188,7 +202,10 @@ class ModelRunner:
                  dtype: torch.dtype = torch.float32, tp_rank: int = 0, tp_size: int = 1,
                  kv_num_pages: int | None = None, memory_fraction: float | None = None,
                  page_size: int = 16, moe_parallel: str = "tp",
-                 kv_dtype: torch.dtype | None = None) -> None:
+                 kv_dtype: torch.dtype | None = None,
+                 startup: StartupShapes | None = None) -> None:
+        """`startup`: on CUDA, what start-up runs after the load, compiled beside it
+        (compile_ahead.py; its summary in `compile_summary`)."""
         self.source = ModelSource.coerce(model_cfg)
         self.device = torch.device(device)
         if self.device.type == "cuda":
@@ -214,17 +231,16 @@ class ModelRunner:
         model.to(dtype)                                 # still meta: free
         self.compiled: CompiledModel = compile_model(model, self.layout, self.world)
         _materialize(model, self.device)
-        if folder is None:
-            load_dummy(model, self.compiled.shard_plan, self.source.seed)
-        else:
-            load_checkpoint(model, self.compiled.shard_plan, folder)
-            if self.kv_dtype != dtype:
-                scaled = apply_checkpoint_kv_scales(model, folder, names)
-                log.info("FP8 KV cache scales: %s", f"from the checkpoint for {scaled} layers"
-                         if scaled else "1.0 (the checkpoint has none)")
-        self.model = model.eval()
-
         self._kv_layers = [m for m in model.modules() if hasattr(m, "kv_cache_shapes")]
+        ahead = self._compile_ahead(model, startup, tp_size)
+        started = time.perf_counter()
+        try:
+            self._load(model, folder, names)
+            self.load_seconds = time.perf_counter() - started
+        finally:
+            self.compile_summary = ahead.join() if ahead is not None else None
+        self.compiled_ahead = ahead is not None and ahead.ran_all
+        self.model = model.eval()
         self.num_pages = self._plan_pages(kv_num_pages, memory_fraction)
         self.kv_caches: list[tuple[torch.Tensor, ...]] = []
         for layer in self._kv_layers:
@@ -237,6 +253,27 @@ class ModelRunner:
         self.decode_graphs: DecodeGraphs | None = None
         self.extend_graphs: ExtendGraphs | None = None
         self._graphs_hidden = False  # the graphs return forward_hidden's pair
+
+    def _load(self, model: nn.Module, folder: str | None, names: list[str] | None) -> None:
+        if folder is None:
+            load_dummy(model, self.compiled.shard_plan, self.source.seed)
+            return
+        load_checkpoint(model, self.compiled.shard_plan, folder)
+        if self.kv_dtype != self.dtype:
+            scaled = apply_checkpoint_kv_scales(model, folder, names)
+            log.info("FP8 KV cache scales: %s", f"from the checkpoint for {scaled} layers"
+                     if scaled else "1.0 (the checkpoint has none)")
+
+    def _compile_ahead(self, model: nn.Module, startup: StartupShapes | None,
+                       tp_size: int) -> CompileAhead | None:
+        """Start compiling start-up's kernels over the zeroed parameters (compile_ahead.py)."""
+        if startup is None or self.device.type != "cuda":
+            return None
+        if startup.extend_tokens and not use_extend_graphs(self._kv_layers):
+            startup = replace(startup, extend_tokens=0)
+        zero_parameters(model)
+        return CompileAhead(model, self._kv_layers, self.kv_dtype, startup, self.page_size,
+                            self.device, compile_threads(tp_size, os.cpu_count() or 1))
 
     @property
     def num_mtp_layers(self) -> int:
@@ -279,23 +316,28 @@ class ModelRunner:
         `on_stage` hears each start-up stage begin and end."""
         report = on_stage or (lambda stage, summary: None)
         source = model_source(config, files)
+        max_len = min(int(config.model.max_model_len), context_length(source.config()))
+        graphs = use_cuda_graphs(torch.device(device), dtype, dict(config.kernels.override))
+        startup = startup_shapes(config, max_len, graphs)
         report("weights", None)
-        started = time.perf_counter()
+        if startup is not None:
+            report("kernels", None)
         try:
             runner = cls(source, device, dtype, tp_rank, tp_size,
                          kv_num_pages=config.kv.num_pages,
                          memory_fraction=config.kv.memory_fraction,
                          page_size=config.kv.page_size, moe_parallel=config.parallel.moe,
-                         kv_dtype=KV_DTYPES[config.kv.dtype])
+                         kv_dtype=KV_DTYPES[config.kv.dtype], startup=startup)
         except KVDtypeError as e:
             from appliance.config import ConfigError   # the daemon's settings error
             raise ConfigError(str(e)) from None
-        seconds = max(time.perf_counter() - started, 1e-9)
+        seconds = max(runner.load_seconds, 1e-9)
         size = sum(p.numel() * p.element_size() for p in runner.model.parameters())
         report("weights", f"{_bytes(size)}{' per rank' if tp_size > 1 else ''} in {seconds:.1f} s "
                           f"({_bytes(size / seconds)}/s); KV cache {runner.kv_summary()}")
-        max_len = min(int(config.model.max_model_len), runner.max_model_len)
-        if use_cuda_graphs(runner.device, dtype, dict(config.kernels.override)):
+        if runner.compile_summary is not None:
+            report("kernels", runner.compile_summary)
+        if graphs:
             report("CUDA graphs", None)
             started = time.perf_counter()
             runner.enable_cuda_graphs(min(int(config.scheduler.max_running), 256), max_len,
@@ -306,7 +348,7 @@ class ModelRunner:
                                   + (f", {len(extend.buckets)} extend token counts"
                                      if extend is not None else "")
                                   + f" in {time.perf_counter() - started:.1f} s")
-        if runner.device.type == "cuda":
+        if runner.device.type == "cuda" and not runner.compiled_ahead:
             report("warm-up", None)
             started = time.perf_counter()
             runner.warm_up(int(config.scheduler.max_batch_tokens), max_len)

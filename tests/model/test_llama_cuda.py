@@ -7,7 +7,9 @@
 - TP=2 over NCCL decodes the TP=1 tokens (2 GPUs).
 - CUDA-graph decode steps give the eager logits (and are really replayed).
 - CUDA-graph extend steps (prefill chunks, mixed steps, verify rows) give the eager logits, for
-  the Llama shape and the Qwen3-Coder MoE shape.
+  the Llama shape, the Qwen3-Coder MoE shape and DeepSeek-V2-Lite (MLA, absorbed).
+- Compiling ahead (appliance/model/compile_ahead.py) leaves the graph capture and warm-up
+  nothing to compile.
 
 As a script on a GPU box it prints decode tokens/s of the full Llama-3.1-8B shape (dummy
 bf16 weights, eager PyTorch, no CUDA graphs):  python tests/model/test_llama_cuda.py
@@ -125,7 +127,7 @@ def test_cuda_graph_decode_equals_eager():
 
 
 @cuda
-@pytest.mark.parametrize("preset", ["llama-3.1-8b", "qwen3-coder-30b-a3b"])
+@pytest.mark.parametrize("preset", ["llama-3.1-8b", "qwen3-coder-30b-a3b", "deepseek-v2-lite"])
 def test_cuda_graph_extend_equals_eager(preset):
     runner = build(dummy(preset, 2), torch.bfloat16, None, kv_num_pages=256, page_size=PS)
     runner.enable_cuda_graphs(max_batch=4, max_model_len=1024, max_extend_tokens=128)
@@ -136,6 +138,47 @@ def test_cuda_graph_extend_equals_eager(preset):
                       logit_index=[0, 1, 2, 3, 4])
     replays = check_extend_replay(runner, PROMPTS, 6, [to_cuda(prefill), to_cuda(verify)])
     assert replays >= 5
+
+
+COMPILE_AHEAD_CHECK = """
+import sys
+sys.path.insert(0, {root!r})
+import torch, triton
+from appliance.model import ModelRunner, ModelSource
+from appliance.model.compile_ahead import StartupShapes
+from appliance.model.presets import preset_config
+source = ModelSource(load_format="dummy", seed=5,
+                     hf_config=preset_config({preset!r}, num_hidden_layers=2))
+shapes = StartupShapes(graph_rows=8, extend_tokens=64, max_len=1024, hidden=False,
+                       warm_up_tokens=256)
+runner = ModelRunner(source, device="cuda", dtype=torch.bfloat16, kv_num_pages=256,
+                     page_size=16, startup=shapes)
+assert runner.compiled_ahead, runner.compile_summary
+compiled = []
+triton.knobs.runtime.jit_post_compile_hook = lambda *a, **k: compiled.append(a[0] if a else k)
+runner.enable_cuda_graphs(8, 1024, max_extend_tokens=64)
+runner.warm_up(256, 1024)
+print(len(compiled))
+"""
+
+
+@cuda
+@pytest.mark.skipif(not hasattr(getattr(__import__("triton"), "knobs", None), "runtime"),
+                    reason="needs triton.knobs (Triton >= 3.4)")
+@pytest.mark.parametrize("preset", ["llama-3.1-8b", "deepseek-v2-lite"])
+def test_compiling_ahead_leaves_the_capture_nothing_to_compile(preset, tmp_path):
+    """In a fresh process (an empty in-memory kernel cache) over a fresh Triton cache: after
+    the runner compiled start-up's batches beside its load, the graph capture and the warm-up
+    compile no kernel variant."""
+    import os
+    import subprocess
+
+    root = str(Path(__file__).resolve().parents[2])
+    out = subprocess.run([sys.executable, "-c", COMPILE_AHEAD_CHECK.format(root=root, preset=preset)],
+                         capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "TRITON_CACHE_DIR": str(tmp_path / "triton")})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "0", out.stdout
 
 
 def to_cuda(batch: ForwardBatch) -> ForwardBatch:

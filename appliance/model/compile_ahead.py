@@ -1,0 +1,142 @@
+"""Compile ahead: start-up's Triton kernels compiled while the weights load.
+
+Triton compiles a kernel variant on its first launch. On a fresh machine that was most of the
+8B preset's start-up: 47 s to ready on an H200, of which CUDA-graph capture took 20.5 s and
+the warm-up 4.9 s, nearly all compiling, after a 6.4 s weight load. A variant depends on the
+arguments' dtypes, shapes and alignment, never on their values, so start-up's batches run over
+weights that are still loading compile the same variants. `CompileAhead` runs them beside the
+load: the batch each CUDA graph is captured on (cuda_graph.py, extend_graph.py) and the eager
+warm-up batches (warm_up.py), in a few threads. Triton releases the GIL while it compiles, so
+the compiles overlap each other and the load; the capture and warm-up then find them compiled.
+
+What it runs over: the parameters zeroed before the load writes them (finite values whatever
+the load has reached: a router over them picks valid experts) and a scratch KV cache of a few
+pages, bound to the layers until `join`. Every slot is -1 and every page-table entry page 0,
+so nothing is written to the cache, and the outputs are dropped. All per-batch memory comes
+from the caching allocator on the one stream, which orders the threads' kernels; no layer keeps
+scratch between calls (kernels allocate their outputs). With tensor parallelism the batches run
+in one thread, in the same order on every rank, so their collectives match.
+
+A failure here (memory, say) is logged and left: the capture and warm-up after the load
+compile what is missing, and report any real error themselves.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from appliance.model.batch import ForwardBatch
+from appliance.model.cuda_graph import decode_buckets, decode_capture_batch
+from appliance.model.extend_graph import extend_buckets, extend_capture_batch
+from appliance.model.warm_up import warm_up_batches
+
+log = logging.getLogger(__name__)
+
+SCRATCH_PAGES = 4      # the batches read page 0 only
+MAX_THREADS = 8        # H200 box: 16 cores; more threads mostly duplicate shared variants
+
+
+@dataclass(frozen=True)
+class StartupShapes:
+    """What start-up will run after the load (ModelRunner.from_config): CUDA graphs of
+    decode steps up to `graph_rows` rows (0: none) and of extend steps up to
+    `extend_tokens` tokens (0: none), over page tables `max_len` tokens wide; `hidden`: the
+    graphs capture forward_hidden; then warm-up batches of up to `warm_up_tokens` tokens."""
+    graph_rows: int
+    extend_tokens: int
+    max_len: int
+    hidden: bool
+    warm_up_tokens: int
+
+
+Job = tuple[Callable[[ForwardBatch], object], Callable[[], ForwardBatch]]
+
+
+def startup_jobs(model: nn.Module, shapes: StartupShapes, page_size: int,
+                 device: torch.device) -> list[Job]:
+    """(forward, batch maker) for every graph bucket's capture batch and every warm-up batch,
+    interleaved (decode, extend, warm-up, decode, ...) so that concurrent threads start on
+    different kernels."""
+    max_pages = -(-shapes.max_len // page_size)
+    graph_forward = model.forward_hidden if shapes.hidden else model
+    decode = [(graph_forward, _maker(decode_capture_batch, bs, max_pages, device))
+              for bs in (decode_buckets(shapes.graph_rows) if shapes.graph_rows else ())]
+    extend = [(graph_forward, _maker(extend_capture_batch, t, shapes.graph_rows, max_pages, device))
+              for t in (extend_buckets(shapes.extend_tokens) if shapes.extend_tokens else ())]
+    warm = [(model, lambda b=b: b) for b in
+            warm_up_batches(shapes.warm_up_tokens, shapes.max_len, page_size, device)]
+    groups = [decode, extend, warm]
+    return [g[i] for i in range(max(map(len, groups))) for g in groups if i < len(g)]
+
+
+def _maker(build: Callable[..., ForwardBatch], *args) -> Callable[[], ForwardBatch]:
+    return lambda: build(*args)
+
+
+class CompileAhead:
+    def __init__(self, model: nn.Module, kv_layers: list[nn.Module], kv_dtype: torch.dtype,
+                 shapes: StartupShapes, page_size: int, device: torch.device,
+                 threads: int) -> None:
+        """Bind a scratch cache to `kv_layers` and start running start-up's batches over
+        `model` in `threads` threads (returns at once; `join` waits)."""
+        self.device, self.threads = device, max(1, threads)
+        for layer in kv_layers:
+            layer.bind_kv_cache(tuple(
+                torch.zeros(SCRATCH_PAGES * page_size, *shape, dtype=kv_dtype, device=device)
+                for shape in layer.kv_cache_shapes()))
+        self.jobs = startup_jobs(model, shapes, page_size, device)
+        self.completed, self.error = 0, None
+        self._started = time.perf_counter()
+        self._thread = threading.Thread(target=self._run, name="compile-ahead", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.device)
+                from triton.runtime import driver
+                driver.active.get_current_device()   # Triton's driver set up once, not per thread
+            with ThreadPoolExecutor(self.threads, thread_name_prefix="compile-ahead") as pool:
+                for _ in pool.map(self._run_job, self.jobs):
+                    self.completed += 1
+        except Exception as e:    # left to the capture and warm-up (module doc)
+            self.error = e
+
+    def _run_job(self, job: Job) -> None:
+        forward, make_batch = job
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        with torch.inference_mode():
+            forward(make_batch())
+
+    def join(self) -> str:
+        """Wait for the batches and give their memory back (the scratch cache stays bound
+        until the runner binds the real one); a summary."""
+        self._thread.join()
+        seconds = time.perf_counter() - self._started
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+        if self.error is not None:
+            log.warning("compiling ahead stopped after %d of %d batches (start-up compiles the "
+                        "rest): %s: %s", self.completed, len(self.jobs),
+                        type(self.error).__name__, self.error)
+        return (f"{self.completed} of {len(self.jobs)} start-up batches in {seconds:.1f} s "
+                f"({self.threads} thread{'s' * (self.threads > 1)}, beside the weights)")
+
+    @property
+    def ran_all(self) -> bool:
+        return self.error is None and self.completed == len(self.jobs)
+
+
+def compile_threads(tp_size: int, cpus: int) -> int:
+    """One thread with tensor parallelism (collectives in one order on every rank); else half
+    the cores, up to MAX_THREADS."""
+    return 1 if tp_size > 1 else max(1, min(MAX_THREADS, cpus // 2))

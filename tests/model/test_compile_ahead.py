@@ -1,0 +1,83 @@
+"""Compiling ahead (appliance/model/compile_ahead.py) on the CPU: the jobs are every CUDA
+graph's capture batch and every warm-up batch, and running them in threads over a model
+leaves it exact (its cache unwritten, HF's greedy tokens). That the capture then compiles
+nothing is checked on CUDA: tests/model/test_llama_cuda.py."""
+from __future__ import annotations
+
+import torch
+
+from appliance.config import load_config
+from appliance.model import ModelRunner
+from appliance.model.compile_ahead import CompileAhead, StartupShapes, compile_threads, startup_jobs
+from appliance.model.runner import startup_shapes
+from appliance.model.tiny import ensure_tiny_checkpoint
+from appliance.model.warm_up import warm_up_batches
+from helpers import greedy_generate, hf_greedy
+
+PS = 4
+SHAPES = StartupShapes(graph_rows=6, extend_tokens=40, max_len=200, hidden=False,
+                       warm_up_tokens=80)
+
+
+def tiny_runner(tmp_path) -> tuple[ModelRunner, str]:
+    folder = str(ensure_tiny_checkpoint(tmp_path / "tiny"))
+    return ModelRunner(folder, kv_num_pages=64, page_size=PS), folder
+
+
+def test_the_jobs_are_every_graph_capture_batch_and_warm_up_batch(tmp_path):
+    runner, _ = tiny_runner(tmp_path)
+    jobs = startup_jobs(runner.model, SHAPES, PS, torch.device("cpu"))
+    batches = [make() for _, make in jobs]
+    decode = [b for b in batches if b.num_decode == b.num_rows == b.num_tokens and b.num_rows > 0
+              and not b.graph_bucket and bool((b.seq_lens == 1).all())]
+    extend = [b for b in batches if b.graph_bucket]
+    warm = warm_up_batches(80, 200, PS, torch.device("cpu"))
+    assert [b.num_rows for b in decode] == [1, 2, 4, 6]            # buckets up to graph_rows
+    assert [b.num_tokens for b in extend] == [8, 16, 32, 40]       # ... and to extend_tokens
+    assert len(batches) == len(decode) + len(extend) + len(warm)
+    assert {b.page_table.shape[1] for b in decode + extend} == {50}  # max_len / page size
+    assert all(b.num_rows == min(b.num_tokens, 7) for b in extend)   # rows + the padding row
+    assert [b.num_tokens for b in batches[:3]] == [1, 8, warm[0].num_tokens]  # interleaved
+    for b in batches:
+        b.validate()
+        assert bool((b.slot_mapping == -1).all()) and not b.page_table.any()   # writes nothing
+
+
+def test_running_them_in_threads_leaves_the_model_exact(tmp_path):
+    runner, folder = tiny_runner(tmp_path)
+    caches = list(runner.kv_caches)
+    ahead = CompileAhead(runner.model, runner._kv_layers, runner.kv_dtype, SHAPES, PS,
+                         torch.device("cpu"), threads=2)
+    summary = ahead.join()
+    assert ahead.ran_all and summary.startswith(f"{len(ahead.jobs)} of {len(ahead.jobs)} ")
+    for layer, cache in zip(runner._kv_layers, caches):
+        layer.bind_kv_cache(cache)
+    assert all(not c.any() for layer in caches for c in layer)
+    prompts = [[5, 9, 2, 7, 1, 3], [4, 4, 8]]
+    assert greedy_generate(runner, prompts, 4) == hf_greedy(folder, prompts, 4)
+
+
+def test_a_failing_batch_is_left_to_start_up(tmp_path):
+    runner, _ = tiny_runner(tmp_path)
+
+    class Boom(torch.nn.Module):
+        def forward(self, batch):
+            raise RuntimeError("out of memory, say")
+
+    ahead = CompileAhead(Boom(), runner._kv_layers, runner.kv_dtype, SHAPES, PS,
+                         torch.device("cpu"), threads=2)
+    summary = ahead.join()
+    assert not ahead.ran_all and isinstance(ahead.error, RuntimeError)
+    assert summary.startswith("0 of ")
+
+
+def test_startup_shapes_follow_the_config(monkeypatch):
+    config = load_config(None)
+    shapes = startup_shapes(config, 4096, graphs=True)
+    assert shapes.graph_rows == min(config.scheduler.max_running, 256)
+    assert shapes.extend_tokens == min(config.scheduler.max_batch_tokens, 2048)
+    assert shapes.warm_up_tokens == config.scheduler.max_batch_tokens and shapes.max_len == 4096
+    assert startup_shapes(config, 4096, graphs=False).graph_rows == 0
+    monkeypatch.setenv("TOKENSPEED_COMPILE_AHEAD", "0")
+    assert startup_shapes(config, 4096, graphs=True) is None
+    assert compile_threads(1, 16) == 8 and compile_threads(1, 2) == 1 and compile_threads(2, 64) == 1
