@@ -1,0 +1,125 @@
+"""Where an engine rank's start-up goes, phase by phase, in one process on this machine.
+
+The phases of appliance/engine/rank.py's run_rank up to the model runner, timed one after the
+other: imports (torch, triton, the appliance's modules), the CUDA context, the grammar compiler's
+start, then ModelRunner construction (the load and the KV cache; no graphs, no warm-up)
+under cProfile (its top functions by cumulative time). With --compile N1 N2 ..., then, each in a fresh process over
+an empty Triton cache: start-up's batches compiled ahead (appliance/model/compile_ahead.py) in
+N threads, with the count and summed time of the Triton compiles (their hooks).
+
+    python scripts/startup_phases.py [-c configs/llama-3.1-8b.yaml] [--compile 1 8]
+"""
+from __future__ import annotations
+
+import time
+
+STARTED = time.perf_counter()
+
+import argparse  # noqa: E402
+import cProfile  # noqa: E402
+import io  # noqa: E402
+import os  # noqa: E402
+import pstats  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def phase(name: str, since: list[float]) -> None:
+    now = time.perf_counter()
+    print(f"{name:<34} {now - since[0]:7.2f} s", flush=True)
+    since[0] = now
+
+
+def rank_phases(config_path: str) -> None:
+    since = [STARTED]
+    import torch
+    phase("import torch", since)
+    import triton  # noqa: F401
+    phase("import triton", since)
+    import kernels  # noqa: F401
+    from appliance.engine import engine, rank  # noqa: F401
+    from appliance.model import runner  # noqa: F401
+    phase("import appliance (rank, engine, runner)", since)
+    from appliance.config import load_config
+    from appliance.engine.model_files import resolve_model_files
+    config = load_config(config_path)
+    files = resolve_model_files(config)
+    phase("config and model files", since)
+    device = rank.resolve_device(config.device, 0)
+    torch.zeros(1, device=device)
+    phase("CUDA context", since)
+    compiler = rank._start_grammar_compiler(config, files)
+    phase("grammar compiler started", since)
+    profiler = cProfile.Profile()
+    profiler.enable()
+    built = runner.ModelRunner(runner.model_source(config, files), device,
+                               rank.resolve_dtype(config.model.dtype, device),
+                               kv_num_pages=config.kv.num_pages,
+                               memory_fraction=config.kv.memory_fraction,
+                               page_size=config.kv.page_size,
+                               kv_dtype=runner.KV_DTYPES[config.kv.dtype])
+    profiler.disable()
+    phase("ModelRunner (load, KV cache)", since)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        phase("... its GPU work done", since)
+    del built, compiler
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(30)
+    print(text.getvalue()[-6000:])
+
+
+COMPILE = """
+import sys, threading, time
+sys.path.insert(0, {root!r})
+import torch, triton
+from appliance.model import ModelRunner, ModelSource
+from appliance.model.compile_ahead import CompileAhead
+from appliance.model.runner import startup_shapes, context_length
+from appliance.config import load_config
+config = load_config({config!r})
+source = ModelSource(preset=config.model.preset, load_format="dummy")
+runner = ModelRunner(source, device="cuda", dtype=torch.bfloat16, kv_num_pages=64)
+shapes = startup_shapes(config, min(config.model.max_model_len, runner.max_model_len), True)
+local, spans = threading.local(), []
+def begin(*a, **k):
+    local.t = time.perf_counter()
+def end(*a, **k):
+    spans.append(time.perf_counter() - getattr(local, "t", time.perf_counter()))
+triton.knobs.runtime.jit_cache_hook = lambda *a, **k: begin() or False
+triton.knobs.runtime.jit_post_compile_hook = end
+t = time.perf_counter()
+ahead = CompileAhead(runner.model, runner._kv_layers, runner.kv_dtype, shapes, runner.page_size,
+                     runner.device, {threads})
+summary = ahead.join()
+print(f"threads {threads}: {{time.perf_counter() - t:.1f}} s wall; {{len(spans)}} compiles, "
+      f"{{sum(spans):.1f}} s summed; {{summary}}")
+"""
+
+
+def compile_runs(config_path: str, threads: list[int]) -> None:
+    for n in threads:
+        with tempfile.TemporaryDirectory() as cache:
+            code = COMPILE.format(root=str(ROOT), config=config_path, threads=n)
+            out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                 env={**os.environ, "TRITON_CACHE_DIR": cache}, timeout=300)
+            print(out.stdout.strip() or out.stderr[-2000:], flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("-c", "--config", default="configs/llama-3.1-8b.yaml")
+    parser.add_argument("--compile", type=int, nargs="*", default=[])
+    args = parser.parse_args()
+    rank_phases(args.config)
+    if args.compile:
+        compile_runs(args.config, args.compile)
+
+
+if __name__ == "__main__":
+    main()
