@@ -173,19 +173,26 @@ def _spawn_ranks(config: AppConfig, files: ModelFiles,
                  endpoints: EngineEndpoints) -> list[mp.process.BaseProcess]:
     """Start the ranks from this thread: they die with it (PR_SET_PDEATHSIG is per thread), so
     call it only from a thread that outlives them (the main thread or the engine monitor)."""
-    from appliance.engine.rank import run_rank  # the rank entry point imports torch; keep it lazy
-
     ctx = mp.get_context("spawn")
     dist_port = _free_port()
     procs: list[mp.process.BaseProcess] = []
     for rank in range(config.parallel.tp_size):
         lifelines = (os.getpid(),) if rank == 0 else (os.getpid(), procs[0].pid)
-        proc = ctx.Process(target=run_rank, name=f"tokenspeed-rank{rank}", daemon=True,
+        proc = ctx.Process(target=_rank_main, name=f"tokenspeed-rank{rank}", daemon=True,
                            args=(config, files, endpoints if rank == 0 else None, rank, dist_port,
                                  lifelines))
         proc.start()
         procs.append(proc)
     return procs
+
+
+def _rank_main(*args) -> None:
+    """A rank process's entry point. The spawn pickles its target by name: this one is
+    importable without torch, so the frontend starts the ranks before it loads torch itself
+    (seconds on a GPU box); appliance.engine.rank is imported in the rank."""
+    from appliance.engine.rank import run_rank
+
+    run_rank(*args)
 
 
 def _describe_exit(code: int) -> str:

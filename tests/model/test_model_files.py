@@ -156,6 +156,9 @@ def test_the_frontend_resolves_model_files_without_importing_torch(tmp_path):
             "from appliance import cli\n"
             "from appliance.config import load_config\n"
             "from appliance.engine.client import EngineClient\n"
+            "from appliance.engine.instance import _rank_main\n"
+            "import pickle\n"
+            "pickle.dumps(_rank_main)\n"   # what the spawn pickles
             "from appliance.engine.model_files import check_mtp_checkpoint, resolve_model_files\n"
             "from appliance.server import serve, warming_up\n"
             "for name in ('configs/llama-3.1-8b.yaml', 'configs/deepseek-v2-lite.yaml'):\n"
