@@ -107,17 +107,18 @@ class ModelSource:
 
 
 def _materialize(model: nn.Module, device: torch.device) -> None:
-    """meta -> uninitialised storage on `device`, keeping shared (tied) parameters shared."""
-    owners: dict[int, list[tuple[nn.Module, str]]] = {}
+    """meta -> uninitialised storage on `device`, keeping shared (tied) parameters shared.
+    One torch.empty a parameter: nn.Module.to_empty goes through empty_like's Python
+    reference for meta tensors (0.6-0.8 s here for any model size, against ~1 ms)."""
+    fresh: dict[int, nn.Parameter] = {}
     for m in model.modules():
         for name, p in m._parameters.items():
-            if p is not None:
-                owners.setdefault(id(p), []).append((m, name))
-    model.to_empty(device=device)
-    for refs in owners.values():
-        first = getattr(refs[0][0], refs[0][1])
-        for m, name in refs[1:]:
-            setattr(m, name, first)
+            if p is None:
+                continue
+            if id(p) not in fresh:
+                fresh[id(p)] = nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device=device),
+                                            requires_grad=p.requires_grad)
+            m._parameters[name] = fresh[id(p)]
     for m in model.modules():
         if hasattr(m, "init_buffers"):
             m.init_buffers(device)
