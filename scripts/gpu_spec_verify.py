@@ -132,9 +132,12 @@ def load(preset: str, max_batch: int, max_drafts: int, context: int
     return runner, Stepper(runner, max_batch)
 
 
-def check_replay(runner: ModelRunner, batch, case: str, tolerance: float = 0.02) -> None:
-    """The verify step's logits from its extend graph against an eager forward (bf16: the
-    graph's decode rows take the extend kernel; max difference over the logits' scale)."""
+def check_replay(runner: ModelRunner, batch, case: str, tolerance: float = 0.1,
+                 min_agree: float = 0.9) -> None:
+    """The verify step's logits from its extend graph against an eager forward: a broken
+    replay differs by the logits' whole scale. bf16 over the whole model (the graph's rows
+    take the extend kernel): DeepSeek-V2-Lite's 27 layers measured 4.3e-2 of the scale with
+    every argmax equal (the 2-layer CUDA tests hold 2e-2)."""
     graphed = runner.forward(batch)
     extend, runner.extend_graphs = runner.extend_graphs, None
     try:
@@ -145,9 +148,10 @@ def check_replay(runner: ModelRunner, batch, case: str, tolerance: float = 0.02)
     same = float((graphed.argmax(-1) == eager.argmax(-1)).float().mean())
     print(f"   {case}: extend graph vs eager logits: max diff {diff:.2e} of their scale, "
           f"argmax agrees at {same:.0%} of tokens", flush=True)
-    if diff > tolerance:
+    if diff > tolerance or same < min_agree:
         raise RuntimeError(f"{case}: the extend graph's logits differ from eager ones by "
-                           f"{diff:.2e} of their scale (> {tolerance})")
+                           f"{diff:.2e} of their scale (> {tolerance}) or agree on the argmax "
+                           f"at {same:.0%} of tokens (< {min_agree:.0%})")
 
 
 def measure(preset: str, batches: list[int], drafts: list[int], context: int, warmup: int,

@@ -17,6 +17,11 @@ from the caching allocator on the one stream, which orders the threads' kernels;
 scratch between calls (kernels allocate their outputs). With tensor parallelism the batches run
 in one thread, in the same order on every rank, so their collectives match.
 
+Threads share the variants they need: left alone, each thread compiles its own copy of a
+variant another is compiling (H200, 8B: 60 compiles and 54.6 s of compiling for 17 variants
+and 10.6 s in one thread). `OneCompilePerVariant` makes the later ones wait for the first,
+then load its result from Triton's on-disk cache (Triton's jit_cache_hook, 3.4 and later).
+
 A failure here (memory, say) is logged and left: the capture and warm-up after the load
 compile what is missing, and report any real error themselves.
 """
@@ -80,6 +85,66 @@ def _maker(build: Callable[..., ForwardBatch], *args) -> Callable[[], ForwardBat
     return lambda: build(*args)
 
 
+class OneCompilePerVariant:
+    """Installed as Triton's compile hooks while the threads run: a thread about to compile a
+    variant another thread is compiling waits until that one is done (then the compile it
+    goes on to finds the variant in the on-disk cache)."""
+
+    WAIT_S = 300.0   # a compile that raised never says it is done: waiters go on after this
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._compiling: dict[tuple, threading.Event] = {}
+        self._saved: tuple | None = None
+
+    @staticmethod
+    def _variant(args: tuple, kwargs: dict) -> tuple:
+        if "fn" not in kwargs:     # a Triton that passes them positionally: key first
+            return tuple(map(str, args[:1]))
+        fn = kwargs["fn"]
+        return (getattr(fn, "module", None), getattr(fn, "name", None), str(kwargs.get("key")))
+
+    def before(self, *args, **kwargs) -> bool:
+        variant = self._variant(args, kwargs)
+        with self._lock:
+            first = variant not in self._compiling
+            done = self._compiling.setdefault(variant, threading.Event())
+        if not first:
+            done.wait(self.WAIT_S)
+        return False   # compile (or, after the wait, load from the disk cache)
+
+    def after(self, *args, **kwargs) -> None:
+        with self._lock:
+            done = self._compiling.get(self._variant(args, kwargs))
+        if done is not None:
+            done.set()
+
+    def install(self) -> None:
+        runtime = _triton_runtime_knobs()
+        if runtime is None:
+            return
+        self._saved = (runtime.jit_cache_hook, runtime.jit_post_compile_hook)
+        runtime.jit_cache_hook, runtime.jit_post_compile_hook = self.before, self.after
+
+    def remove(self) -> None:
+        runtime = _triton_runtime_knobs()
+        if runtime is not None and self._saved is not None:
+            runtime.jit_cache_hook, runtime.jit_post_compile_hook = self._saved
+        with self._lock:
+            for done in self._compiling.values():
+                done.set()
+
+
+def _triton_runtime_knobs():
+    """triton.knobs.runtime where it has the compile hooks (Triton 3.4+), else None."""
+    try:
+        from triton import knobs
+    except ImportError:
+        return None
+    runtime = getattr(knobs, "runtime", None)
+    return runtime if hasattr(runtime, "jit_cache_hook") else None
+
+
 class CompileAhead:
     def __init__(self, model: nn.Module, kv_layers: list[nn.Module], kv_dtype: torch.dtype,
                  shapes: StartupShapes, page_size: int, device: torch.device,
@@ -98,16 +163,20 @@ class CompileAhead:
         self._thread.start()
 
     def _run(self) -> None:
+        hooks = OneCompilePerVariant()
         try:
             if self.device.type == "cuda":
                 torch.cuda.set_device(self.device)
                 from triton.runtime import driver
                 driver.active.get_current_device()   # Triton's driver set up once, not per thread
+                hooks.install()
             with ThreadPoolExecutor(self.threads, thread_name_prefix="compile-ahead") as pool:
                 for _ in pool.map(self._run_job, self.jobs):
                     self.completed += 1
         except Exception as e:    # left to the capture and warm-up (module doc)
             self.error = e
+        finally:
+            hooks.remove()
 
     def _run_job(self, job: Job) -> None:
         forward, make_batch = job

@@ -81,3 +81,33 @@ def test_startup_shapes_follow_the_config(monkeypatch):
     monkeypatch.setenv("TOKENSPEED_COMPILE_AHEAD", "0")
     assert startup_shapes(config, 4096, graphs=True) is None
     assert compile_threads(1, 16) == 8 and compile_threads(1, 2) == 1 and compile_threads(2, 64) == 1
+
+
+def test_a_variant_another_thread_compiles_is_waited_for_not_compiled_again():
+    import threading
+    import time
+
+    from appliance.model.compile_ahead import OneCompilePerVariant
+
+    hooks, spans, lock = OneCompilePerVariant(), {}, threading.Lock()
+
+    class Kernel:
+        module, name = "kernels.triton.x", "_k"
+
+    def compile_variant(i: int, key: str) -> None:
+        assert hooks.before(key=key, fn=Kernel) is False          # Triton then compiles
+        begin = time.perf_counter()
+        time.sleep(0.3)
+        with lock:
+            spans[i] = (begin, time.perf_counter())
+        hooks.after(key=key, fn=Kernel)
+
+    threads = [threading.Thread(target=compile_variant, args=(i, key))
+               for i, key in enumerate(["a", "a", "b"])]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    (a1, a2), b = sorted([spans[0], spans[1]]), spans[2]
+    assert a2[0] >= a1[1]                  # the second "a" began once the first had ended
+    assert b[0] < a1[1]                    # "b" did not wait for "a"
