@@ -174,10 +174,24 @@ def _build_runner(config: AppConfig, files: ModelFiles, device: torch.device, ra
             lambda stage, summary: outbox.send(protocol.Progress(stage, summary)))
         return ModelRunner.from_config(config, files, device, resolve_dtype(config.model.dtype, device),
                                        tp_rank=rank, tp_size=config.parallel.tp_size,
-                                       on_stage=on_stage)
+                                       on_stage=on_stage, compile_also=_sampler_warm_up(config, files,
+                                                                                         device, rank))
     finally:
         if outbox is not None:
             outbox.close()  # delivered before the engine loop's own socket sends Ready
+
+
+def _sampler_warm_up(config: AppConfig, files: ModelFiles, device: torch.device,
+                     rank: int) -> tuple:
+    """Rank 0's sampler warm-up (the Engine runs it again, then compiled), for the runner to
+    compile beside the weight load; none on other ranks, which do not sample."""
+    if rank != 0:
+        return ()
+    from appliance.engine.sampler import Sampler
+    from appliance.model.runner import model_source, vocabulary
+
+    vocab_size, _ = vocabulary(model_source(config, files))
+    return (Sampler(device, vocab_size).warm_up_launch(vocab_size),)
 
 
 class _FrontendOutbox:

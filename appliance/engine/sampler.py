@@ -10,7 +10,7 @@ Two phases, so that a grammar's mask can wait for the step in flight (engine.py 
 from __future__ import annotations
 
 import secrets
-from collections.abc import Container
+from collections.abc import Callable, Container
 from dataclasses import dataclass
 
 import numpy as np
@@ -77,10 +77,16 @@ class Sampler:
     def warm_up(self, vocab_size: int) -> None:
         """One launch before the first request (a GPU backend compiles its kernels then): a
         greedy row and a temperature / top-k / top-p row."""
-        logits = torch.zeros(2, vocab_size, dtype=torch.float32, device=self.device)  # [2, V]
-        params = [torch.tensor([0.0, 0.7]), torch.tensor([0, 40], dtype=torch.int32),
-                  torch.tensor([1.0, 0.9]), torch.tensor([0, 1]), torch.tensor([1, 1])]
-        self._sample(logits, *to_device_packed(params, self.device))
+        self.warm_up_launch(vocab_size)()
+
+    def warm_up_launch(self, vocab_size: int) -> Callable[[], object]:
+        """warm_up's launch, to run later or elsewhere (the runner compiles it ahead)."""
+        def launch() -> object:
+            logits = torch.zeros(2, vocab_size, dtype=torch.float32, device=self.device)  # [2, V]
+            params = [torch.tensor([0.0, 0.7]), torch.tensor([0, 40], dtype=torch.int32),
+                      torch.tensor([1.0, 0.9]), torch.tensor([0, 1]), torch.tensor([1, 1])]
+            return self._sample(logits, *to_device_packed(params, self.device))
+        return launch
 
     def add(self, req: GenerateRequest, stop_ids: list[int]) -> None:
         # Without a seed, a random one: the row's randomness is still a pure function of

@@ -53,22 +53,25 @@ class StartupShapes:
     """What start-up will run after the load (ModelRunner.from_config): CUDA graphs of
     decode steps up to `graph_rows` rows (0: none) and of extend steps up to
     `extend_tokens` tokens (0: none), over page tables `max_len` tokens wide; `hidden`: the
-    graphs capture forward_hidden; then warm-up batches of up to `warm_up_tokens` tokens."""
+    graphs capture forward_hidden; then warm-up batches of up to `warm_up_tokens` tokens;
+    `also`, callables of other start-up launches."""
     graph_rows: int
     extend_tokens: int
     max_len: int
     hidden: bool
     warm_up_tokens: int
+    # more start-up launches to compile beside them (the engine's sampler warm-up)
+    also: tuple[Callable[[], object], ...] = ()
 
 
-Job = tuple[Callable[[ForwardBatch], object], Callable[[], ForwardBatch]]
+Job = tuple[Callable[[ForwardBatch | None], object], Callable[[], ForwardBatch | None]]
 
 
 def startup_jobs(model: nn.Module, shapes: StartupShapes, page_size: int,
                  device: torch.device) -> list[Job]:
     """(forward, batch maker) for every graph bucket's capture batch and every warm-up batch,
-    interleaved (decode, extend, warm-up, decode, ...) so that concurrent threads start on
-    different kernels."""
+    and `also`'s callables (their batch None), interleaved (decode, extend, warm-up, also,
+    decode, ...) so that concurrent threads start on different kernels."""
     max_pages = -(-shapes.max_len // page_size)
     graph_forward = model.forward_hidden if shapes.hidden else model
     decode = [(graph_forward, _maker(decode_capture_batch, bs, max_pages, device))
@@ -77,8 +80,17 @@ def startup_jobs(model: nn.Module, shapes: StartupShapes, page_size: int,
               for t in (extend_buckets(shapes.extend_tokens) if shapes.extend_tokens else ())]
     warm = [(model, lambda b=b: b) for b in
             warm_up_batches(shapes.warm_up_tokens, shapes.max_len, page_size, device)]
-    groups = [decode, extend, warm]
+    also = [(_ignore_batch(fn), _no_batch) for fn in shapes.also]
+    groups = [decode, extend, warm, also]
     return [g[i] for i in range(max(map(len, groups))) for g in groups if i < len(g)]
+
+
+def _no_batch() -> None:
+    return None
+
+
+def _ignore_batch(fn: Callable[[], object]) -> Callable[[None], object]:
+    return lambda _: fn()
 
 
 def _maker(build: Callable[..., ForwardBatch], *args) -> Callable[[], ForwardBatch]:

@@ -140,9 +140,10 @@ def use_cuda_graphs(device: torch.device, dtype: torch.dtype, overrides: dict[st
     return forced == "1" or (dtype in (torch.float16, torch.bfloat16) and not overrides)
 
 
-def startup_shapes(config: Any, max_len: int, graphs: bool) -> StartupShapes | None:
-    """What `from_config` runs after the load, for compiling it ahead (compile_ahead.py);
-    None when TOKENSPEED_COMPILE_AHEAD=0."""
+def startup_shapes(config: Any, max_len: int, graphs: bool,
+                   also: tuple[Callable[[], object], ...] = ()) -> StartupShapes | None:
+    """What `from_config` runs after the load, and `also` (more launches), for compiling it
+    ahead (compile_ahead.py); None when TOKENSPEED_COMPILE_AHEAD=0."""
     if os.environ.get("TOKENSPEED_COMPILE_AHEAD", "") == "0":
         return None
     rows = min(int(config.scheduler.max_running), 256) if graphs else 0
@@ -150,7 +151,7 @@ def startup_shapes(config: Any, max_len: int, graphs: bool) -> StartupShapes | N
     return StartupShapes(graph_rows=rows,
                          extend_tokens=min(tokens, EXTEND_GRAPH_TOKENS) if graphs else 0,
                          max_len=max_len, hidden=config.speculative.method == "mtp",
-                         warm_up_tokens=tokens)
+                         warm_up_tokens=tokens, also=also)
 
 
 def model_source(config: Any, files: Any) -> ModelSource:
@@ -309,17 +310,20 @@ class ModelRunner:
     @classmethod
     def from_config(cls, config: Any, files: Any, device: str | torch.device,
                     dtype: torch.dtype, tp_rank: int = 0, tp_size: int = 1,
-                    on_stage: StageReport | None = None) -> "ModelRunner":
+                    on_stage: StageReport | None = None,
+                    compile_also: tuple[Callable[[], object], ...] = ()) -> "ModelRunner":
         """From the daemon's AppConfig and resolved model files (appliance.engine.model_files):
         `files.checkpoint` (HF folder) or `files.preset` (dummy weights). On CUDA, decode
         steps of up to min(scheduler.max_running, 256) rows run as CUDA graphs (see
         `use_cuda_graphs`; with `speculative.method: mtp` they return the hidden states too).
-        `on_stage` hears each start-up stage begin and end."""
+        `on_stage` hears each start-up stage begin and end; `compile_also`: the caller's
+        own start-up launches (the engine's sampler warm-up), compiled ahead with the
+        runner's."""
         report = on_stage or (lambda stage, summary: None)
         source = model_source(config, files)
         max_len = min(int(config.model.max_model_len), context_length(source.config()))
         graphs = use_cuda_graphs(torch.device(device), dtype, dict(config.kernels.override))
-        startup = startup_shapes(config, max_len, graphs)
+        startup = startup_shapes(config, max_len, graphs, compile_also)
         report("weights", None)
         if startup is not None:
             report("kernels", None)

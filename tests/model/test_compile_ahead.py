@@ -28,6 +28,7 @@ def test_the_jobs_are_every_graph_capture_batch_and_warm_up_batch(tmp_path):
     runner, _ = tiny_runner(tmp_path)
     jobs = startup_jobs(runner.model, SHAPES, PS, torch.device("cpu"))
     batches = [make() for _, make in jobs]
+    assert None not in batches                                      # no `also` callables
     decode = [b for b in batches if b.num_decode == b.num_rows == b.num_tokens and b.num_rows > 0
               and not b.graph_bucket and bool((b.seq_lens == 1).all())]
     extend = [b for b in batches if b.graph_bucket]
@@ -44,12 +45,20 @@ def test_the_jobs_are_every_graph_capture_batch_and_warm_up_batch(tmp_path):
 
 
 def test_running_them_in_threads_leaves_the_model_exact(tmp_path):
+    from dataclasses import replace
+
+    from appliance.engine.sampler import Sampler
+
     runner, folder = tiny_runner(tmp_path)
     caches = list(runner.kv_caches)
-    ahead = CompileAhead(runner.model, runner._kv_layers, runner.kv_dtype, SHAPES, PS,
+    sampled = []
+    launch = Sampler(torch.device("cpu"), runner.vocab_size).warm_up_launch(runner.vocab_size)
+    shapes = replace(SHAPES, also=(lambda: sampled.append(launch()),))
+    ahead = CompileAhead(runner.model, runner._kv_layers, runner.kv_dtype, shapes, PS,
                          torch.device("cpu"), threads=2)
     summary = ahead.join()
     assert ahead.ran_all and summary.startswith(f"{len(ahead.jobs)} of {len(ahead.jobs)} ")
+    assert len(sampled) == 1 and sampled[0].shape == (2,)          # `also` ran too
     for layer, cache in zip(runner._kv_layers, caches):
         layer.bind_kv_cache(cache)
     assert all(not c.any() for layer in caches for c in layer)
