@@ -46,6 +46,8 @@ log = logging.getLogger(__name__)
 
 SCRATCH_PAGES = 4      # the batches read page 0 only
 MAX_THREADS = 8        # H200 box: 16 cores; more threads mostly duplicate shared variants
+MIN_FREE = 4 << 30     # GPU memory free beside the weights for one thread (compile_threads)
+THREADS_MIN_FREE = 16 << 30   # ... and for MAX_THREADS
 
 
 @dataclass(frozen=True)
@@ -217,7 +219,13 @@ class CompileAhead:
         return self.error is None and self.completed == len(self.jobs)
 
 
-def compile_threads(tp_size: int, cpus: int) -> int:
+def compile_threads(tp_size: int, cpus: int, free_bytes: int) -> int:
     """One thread with tensor parallelism (collectives in one order on every rank); else half
-    the cores, up to MAX_THREADS."""
-    return 1 if tp_size > 1 else max(1, min(MAX_THREADS, cpus // 2))
+    the cores, up to MAX_THREADS. Each thread's batches hold up to ~1 GB of activations (an
+    8K-token prefill of the 8B) while the load may still need room for its own transients:
+    one thread under THREADS_MIN_FREE free, none under MIN_FREE."""
+    if free_bytes < MIN_FREE:
+        return 0
+    if tp_size > 1 or free_bytes < THREADS_MIN_FREE:
+        return 1
+    return max(1, min(MAX_THREADS, cpus // 2))

@@ -273,9 +273,14 @@ class ModelRunner:
             return None
         if startup.extend_tokens and not use_extend_graphs(self._kv_layers):
             startup = replace(startup, extend_tokens=0)
+        free, _ = torch.cuda.mem_get_info(self.device)
+        threads = compile_threads(tp_size, os.cpu_count() or 1, free)
+        if threads == 0:
+            log.info("compiling ahead: skipped, %s free beside the weights", _bytes(free))
+            return None
         zero_parameters(model)
         return CompileAhead(model, self._kv_layers, self.kv_dtype, startup, self.page_size,
-                            self.device, compile_threads(tp_size, os.cpu_count() or 1))
+                            self.device, threads)
 
     @property
     def num_mtp_layers(self) -> int:

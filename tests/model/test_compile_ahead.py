@@ -89,7 +89,10 @@ def test_startup_shapes_follow_the_config(monkeypatch):
     assert startup_shapes(config, 4096, graphs=False).graph_rows == 0
     monkeypatch.setenv("TOKENSPEED_COMPILE_AHEAD", "0")
     assert startup_shapes(config, 4096, graphs=True) is None
-    assert compile_threads(1, 16) == 8 and compile_threads(1, 2) == 1 and compile_threads(2, 64) == 1
+    big, tight, none = 100 << 30, 8 << 30, 2 << 30
+    assert compile_threads(1, 16, big) == 8 and compile_threads(1, 2, big) == 1
+    assert compile_threads(2, 64, big) == 1                    # TP: one order on every rank
+    assert compile_threads(1, 16, tight) == 1 and compile_threads(1, 16, none) == 0
 
 
 def test_a_variant_another_thread_compiles_is_waited_for_not_compiled_again():
