@@ -53,7 +53,7 @@ def rank_phases(config_path: str) -> None:
     device = rank.resolve_device(config.device, 0)
     torch.zeros(1, device=device)
     phase("CUDA context", since)
-    compiler = rank._start_grammar_compiler(config, files)
+    compiler = rank._start_grammar_compiler(files, *rank._vocabulary(config, files))
     phase("grammar compiler started", since)
     profiler = cProfile.Profile()
     profiler.enable()

@@ -52,8 +52,10 @@ def run_rank(config: AppConfig, files: ModelFiles, endpoints: EngineEndpoints | 
         channel = PlanChannel(_init_distributed(config.parallel.tp_size, rank, dist_port, device))
         nccl = dist.is_initialized() and device.type == "cuda"
         kernels.set_overrides(dict(config.kernels.override))
-        compiler = _start_grammar_compiler(config, files) if rank == 0 else None
-        runner = _build_runner(config, files, device, rank, endpoints)
+        vocab = _vocabulary(config, files) if rank == 0 else None   # (size, eos ids)
+        compiler = _start_grammar_compiler(files, *vocab) if vocab is not None else None
+        runner = _build_runner(config, files, device, rank, endpoints,
+                               _sampler_warm_up(device, vocab[0]) if vocab is not None else ())
         from appliance.engine.engine import Engine, run_worker
 
         if rank == 0:
@@ -151,18 +153,31 @@ def _loopback_store(rank: int, world_size: int, port: int) -> dist.TCPStore:
                          master_listen_fd=sock.detach())
 
 
-def _start_grammar_compiler(config: AppConfig, files: ModelFiles):
+def _vocabulary(config: AppConfig, files: ModelFiles) -> tuple[int, list[int]]:
+    """The model's vocabulary size and EOS ids, before it loads."""
+    from appliance.model.runner import model_source, vocabulary
+
+    return vocabulary(model_source(config, files))
+
+
+def _start_grammar_compiler(files: ModelFiles, vocab_size: int, eos_ids: list[int]):
     """Rank 0's constraint compiler, its tokenizer building while the weights load and the
     graphs capture (see GrammarCompiler)."""
     from appliance.engine.constraints import GrammarCompiler
-    from appliance.model.runner import model_source, vocabulary
 
-    vocab_size, eos_ids = vocabulary(model_source(config, files))
     return GrammarCompiler(files.tokenizer, vocab_size, eos_ids)
 
 
+def _sampler_warm_up(device: torch.device, vocab_size: int) -> tuple:
+    """Rank 0's sampler warm-up (the Engine runs it again, then compiled), for the runner to
+    compile beside the weight load."""
+    from appliance.engine.sampler import Sampler
+
+    return (Sampler(device, vocab_size).warm_up_launch(vocab_size),)
+
+
 def _build_runner(config: AppConfig, files: ModelFiles, device: torch.device, rank: int,
-                  endpoints: EngineEndpoints | None):
+                  endpoints: EngineEndpoints | None, compile_also: tuple = ()):
     """The model runner; rank 0 tells the frontend each start-up stage (`tokenspeed up` shows
     them)."""
     from appliance.model import ModelRunner
@@ -174,24 +189,10 @@ def _build_runner(config: AppConfig, files: ModelFiles, device: torch.device, ra
             lambda stage, summary: outbox.send(protocol.Progress(stage, summary)))
         return ModelRunner.from_config(config, files, device, resolve_dtype(config.model.dtype, device),
                                        tp_rank=rank, tp_size=config.parallel.tp_size,
-                                       on_stage=on_stage, compile_also=_sampler_warm_up(config, files,
-                                                                                         device, rank))
+                                       on_stage=on_stage, compile_also=compile_also)
     finally:
         if outbox is not None:
             outbox.close()  # delivered before the engine loop's own socket sends Ready
-
-
-def _sampler_warm_up(config: AppConfig, files: ModelFiles, device: torch.device,
-                     rank: int) -> tuple:
-    """Rank 0's sampler warm-up (the Engine runs it again, then compiled), for the runner to
-    compile beside the weight load; none on other ranks, which do not sample."""
-    if rank != 0:
-        return ()
-    from appliance.engine.sampler import Sampler
-    from appliance.model.runner import model_source, vocabulary
-
-    vocab_size, _ = vocabulary(model_source(config, files))
-    return (Sampler(device, vocab_size).warm_up_launch(vocab_size),)
 
 
 class _FrontendOutbox:

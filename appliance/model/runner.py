@@ -330,8 +330,6 @@ class ModelRunner:
         graphs = use_cuda_graphs(torch.device(device), dtype, dict(config.kernels.override))
         startup = startup_shapes(config, max_len, graphs, compile_also)
         report("weights", None)
-        if startup is not None:
-            report("kernels", None)
         try:
             runner = cls(source, device, dtype, tp_rank, tp_size,
                          kv_num_pages=config.kv.num_pages,
