@@ -32,6 +32,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable
 
 import torch
@@ -76,9 +77,10 @@ def startup_jobs(model: nn.Module, shapes: StartupShapes, page_size: int,
     decode, ...) so that concurrent threads start on different kernels."""
     max_pages = -(-shapes.max_len // page_size)
     graph_forward = model.forward_hidden if shapes.hidden else model
-    decode = [(graph_forward, _maker(decode_capture_batch, bs, max_pages, device))
+    decode = [(graph_forward, partial(decode_capture_batch, bs, max_pages, device))
               for bs in (decode_buckets(shapes.graph_rows) if shapes.graph_rows else ())]
-    extend = [(graph_forward, _maker(extend_capture_batch, t, shapes.graph_rows, max_pages, device))
+    extend = [(graph_forward,
+               partial(extend_capture_batch, t, shapes.graph_rows, max_pages, device))
               for t in (extend_buckets(shapes.extend_tokens) if shapes.extend_tokens else ())]
     warm = [(model, lambda b=b: b) for b in
             warm_up_batches(shapes.warm_up_tokens, shapes.max_len, page_size, device)]
@@ -93,10 +95,6 @@ def _no_batch() -> None:
 
 def _ignore_batch(fn: Callable[[], object]) -> Callable[[None], object]:
     return lambda _: fn()
-
-
-def _maker(build: Callable[..., ForwardBatch], *args) -> Callable[[], ForwardBatch]:
-    return lambda: build(*args)
 
 
 class OneCompilePerVariant:

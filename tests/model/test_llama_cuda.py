@@ -174,8 +174,8 @@ def test_compiling_ahead_leaves_the_capture_nothing_to_compile(preset, tmp_path)
     import subprocess
 
     root = str(Path(__file__).resolve().parents[2])
-    out = subprocess.run([sys.executable, "-c", COMPILE_AHEAD_CHECK.format(root=root, preset=preset)],
-                         capture_output=True, text=True, timeout=600,
+    code = COMPILE_AHEAD_CHECK.format(root=root, preset=preset)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
                          env={**os.environ, "TRITON_CACHE_DIR": str(tmp_path / "triton")})
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().splitlines()[-1] == "0", out.stdout
