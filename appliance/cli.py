@@ -89,6 +89,10 @@ def configure_logging(command: str, verbose: bool) -> None:
 def cmd_up(config: AppConfig, args: argparse.Namespace) -> int:
     from appliance.daemon_lock import DaemonLock, DaemonRunning
 
+    clash = kernels_name_clash()
+    if clash:
+        print(f"tokenspeed: {clash}", file=sys.stderr)
+        return 1
     os.umask(0o077)  # sockets, pid file and folders are private whatever the caller's umask
     try:
         _make_run_dir(config)
@@ -104,6 +108,21 @@ def cmd_up(config: AppConfig, args: argparse.Namespace) -> int:
         return _run_daemon(config)
     finally:
         lock.release()
+
+
+def kernels_name_clash() -> str | None:
+    """Hugging Face's `kernels` distribution installs a top-level `kernels` package, the import
+    name of TokenSpeed's own; with both present, transformers (5.25+ requires it) imports ours
+    and fails deep inside a tokenizer load. Say so before anything starts."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        found = version("kernels")
+    except PackageNotFoundError:
+        return None
+    return (f"the `kernels` distribution {found} (Hugging Face hub kernels) is installed; its import "
+            "name clashes with TokenSpeed's `kernels` package. Remove it (`pip uninstall kernels`) "
+            "and keep transformers below 5.25, as pyproject.toml asks")
 
 
 def _run_daemon(config: AppConfig) -> int:
