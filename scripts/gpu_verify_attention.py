@@ -12,6 +12,12 @@ launches, each layer's keys its own, as in a step).
 
     python scripts/gpu_verify_attention.py                  # ~1 minute on an H200
     python scripts/gpu_verify_attention.py --cases 1:4 16:4 --context 8192
+    python scripts/gpu_verify_attention.py --mla            # DeepSeek-V2-Lite's MLA
+
+`--mla` times MLA's absorbed extend (16 heads, latent 512, rope 64, 64-token pages): the
+registered op (each token a decode row of the chunked kernel up to
+MLA_PER_TOKEN_MAX_TOKENS tokens), the generic paged kernel, and the decode launch of the
+same rows.
 """
 from __future__ import annotations
 
@@ -26,21 +32,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from appliance.model.batch import ForwardBatch  # noqa: E402
 from appliance.model.extend_graph import DEFAULT_TOKEN_BUCKETS, pad_extend_batch  # noqa: E402
 from kernel_bench.harness import sequence_us  # noqa: E402
+from kernels.triton import attention_ops  # noqa: E402
 from kernels.triton.attention import AttentionTiles, paged_attention  # noqa: E402
 
 PAGE, HQ, HK, D = 16, 32, 8, 128
 GRAPH_ROWS = 256
 
 
-def verify_batch(b: int, k: int, context: int, device: torch.device) -> ForwardBatch:
+MLA_HEADS, MLA_LATENT, MLA_ROPE, MLA_PAGE = 16, 512, 64, 64
+
+
+def verify_batch(b: int, k: int, context: int, device: torch.device,
+                 page: int = PAGE) -> ForwardBatch:
     """B rows of 1 + k new tokens over `context` cached ones, each in its own pages."""
     n = 1 + k
-    per_row = -(-(context + n) // PAGE)
+    per_row = -(-(context + n) // page)
     i32 = dict(dtype=torch.int32, device=device)
     pages = torch.arange(b * per_row, **i32).view(b, per_row)
     positions = torch.arange(context, context + n, **i32).repeat(b)
     rows = torch.arange(b, device=device).repeat_interleave(n)
-    slots = pages[rows, (positions // PAGE).long()] * PAGE + positions % PAGE
+    slots = pages[rows, (positions // page).long()] * page + positions % page
     return ForwardBatch(
         input_ids=torch.zeros(b * n, **i32), positions=positions,
         query_start=torch.arange(b + 1, **i32) * n, prefix_lens=torch.full((b,), context, **i32),
@@ -101,6 +112,51 @@ def case(b: int, k: int, context: int, variants: list[Variant], layers: int) -> 
     return lines
 
 
+def mla_case(b: int, k: int, context: int, layers: int) -> list[str]:
+    """MLA's absorbed extend over B rows of 1 + k tokens, padded into its graph bucket: the
+    registered op against the generic kernel (checked first) and the rows' decode launch."""
+    dev, bf16 = torch.device("cuda"), torch.bfloat16
+    batch = verify_batch(b, k, context, dev, MLA_PAGE)
+    tokens = bucket(batch.num_tokens)
+    padded = pad_extend_batch(batch, tokens, GRAPH_ROWS, min(tokens, GRAPH_ROWS * 9))
+    slots = int(batch.page_table.max()) * MLA_PAGE + MLA_PAGE
+    caches = [torch.randn(slots, MLA_LATENT + MLA_ROPE, device=dev, dtype=bf16)
+              for _ in range(layers)]
+    ql = torch.randn(tokens, MLA_HEADS, MLA_LATENT, device=dev, dtype=bf16)
+    qr = torch.randn(tokens, MLA_HEADS, MLA_ROPE, device=dev, dtype=bf16)
+    scale = (128 + MLA_ROPE) ** -0.5
+    lens = batch.seq_lens - k
+
+    def registered(layer):
+        return attention_ops.mla_extend(ql, qr, caches[layer], padded.page_table,
+                                        padded.query_start, padded.seq_lens, MLA_PAGE, scale)
+
+    def generic(layer):
+        c = caches[layer]
+        return paged_attention(ql, qr, c[:, None, :MLA_LATENT], c[:, None, MLA_LATENT:], None,
+                               padded.page_table, padded.query_start, padded.seq_lens,
+                               MLA_PAGE, scale)
+
+    def decode(layer):
+        return attention_ops.mla_decode(ql[:b], qr[:b], caches[layer], batch.page_table,
+                                        lens, MLA_PAGE, scale)
+
+    real = batch.num_tokens
+    err = (registered(0)[:real].float() - generic(0)[:real].float()).abs().max().item()
+    head = f"MLA B={b} k={k} C={context} ({tokens}-token bucket)"
+    decode_us = graph_us(decode, layers)
+    lines = [f"| {head} | decode launch of the B rows | {decode_us:.1f} | 1.00x |"]
+    if err > 2e-2:
+        lines.append(f"| {head} | registered op | WRONG (max error {err:.3g} vs generic) | |")
+    for label, fn in (("registered op", registered), ("generic kernel", generic)):
+        us = graph_us(fn, layers)
+        lines.append(f"| {head} | {label} | {us:.1f} | {us / decode_us:.2f}x |")
+    print("\n".join(lines), flush=True)
+    del caches
+    torch.cuda.empty_cache()
+    return lines
+
+
 def variants() -> list[Variant]:
     """The kernel's default first (what the check compares against), then the tiles before
     SHORT_EXTEND_TILES (256 rows, 8 warps, 3 stages; splits sized on every block), then
@@ -131,6 +187,9 @@ def main() -> int:
     parser.add_argument("--layers", type=int, default=8, help="caches a graph cycles through")
     parser.add_argument("--default-only", action="store_true",
                         help="time the kernel's default and the tiles before it, no sweep")
+    parser.add_argument("--mla", action="store_true",
+                        help="MLA (DeepSeek-V2-Lite's shapes): the registered op, the generic "
+                        "kernel and decode; cases default to 1:1 1:2 1:4 1:8 4:1 4:4 16:1")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("gpu_verify_attention: needs a CUDA device", file=sys.stderr)
@@ -138,6 +197,14 @@ def main() -> int:
     print(f"card: {torch.cuda.get_device_name()}  torch {torch.__version__}  "
           f"context {args.context}", flush=True)
     table = ["| case | launch | us | vs decode |", "|---|---|---|---|"]
+    if args.mla:
+        cases = args.cases if args.cases != parser.get_default("cases") else [
+            "1:1", "1:2", "1:4", "1:8", "4:1", "4:4", "16:1"]
+        for spec in cases:
+            b, k, *rest = (int(v) for v in spec.split(":"))
+            table += mla_case(b, k, rest[0] if rest else args.context, args.layers)
+        print("\n" + "\n".join(table))
+        return 0
     for spec in args.cases:
         b, k, *rest = (int(v) for v in spec.split(":"))
         chosen = variants()[:3] if args.default_only else variants()

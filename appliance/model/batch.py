@@ -50,6 +50,17 @@ class ForwardBatch:
         return qs - qs[0]
 
     @cached_property
+    def extend_seq_lens(self) -> torch.Tensor:
+        """[B - num_decode]: seq_lens of the prefill rows (one view for every layer of the step,
+        so per-step kernel memos keyed on it hold: kernels/step_memo.py)."""
+        return self.seq_lens[self.num_decode:]
+
+    @cached_property
+    def extend_page_table(self) -> torch.Tensor:
+        """[B - num_decode, P]: the prefill rows' page table (one view, as extend_seq_lens)."""
+        return self.page_table[self.num_decode:]
+
+    @cached_property
     def extend_keys(self) -> int:
         """Keys of the prefill rows (cached prefix + new tokens), summed over those rows."""
         if self.extend_keys_host is not None:

@@ -10,7 +10,7 @@ import torch
 from kernels.registry import register
 from kernels.triton.attention import AttentionTiles, paged_attention
 from kernels.triton.common import PRIORITY, check, kv_dtype_ok, on_cuda_half
-from kernels.triton.mla_decode import default_nc, mla_decode_chunked
+from kernels.triton.mla_decode import default_nc, mla_decode_chunked, mla_extend_per_token
 from kernels.triton.prefill import contiguous_ok, prefill_attention
 from kernels.triton.split_kv import DEFAULT_SIZING, SplitSizing
 
@@ -105,12 +105,25 @@ def mla_decode_generic(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: t
                            page_size, scale, num_splits, tiles=tiles, sizing=sizing)
 
 
+# MLA extend launches of at most this many tokens run each token as a decode row of the chunked
+# kernel (`mla_extend_per_token`): verify steps of up to 16 tokens (B=1 with up to 8 drafts,
+# in the 8- and 16-token graph buckets), where DeepSeek-V2-Lite's verify step cost 2.2-3.0x a
+# decode step on the generic kernel's 64-row tiles. A short prefill chunk in the same bucket
+# then reads its keys once per token, from L2 after the first: at most 16 times.
+MLA_PER_TOKEN_MAX_TOKENS = 16
+
+
 @register("mla_extend", backend="triton", priority=PRIORITY, supports=_mla_ok)
 def mla_extend(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Tensor,
                page_table: torch.Tensor, query_start: torch.Tensor, seq_lens: torch.Tensor,
                page_size: int, scale: float) -> torch.Tensor:
-    """q_latent: [T, H, L], q_rope: [T, H, R] -> [T, H, L], causal."""
+    """q_latent: [T, H, L], q_rope: [T, H, R] -> [T, H, L], causal. Launches of at most
+    MLA_PER_TOKEN_MAX_TOKENS tokens take the chunked decode kernel a token a row; the rest
+    the generic paged kernel."""
     lat = q_latent.shape[-1]
+    if default_nc(lat) and q_latent.shape[0] <= MLA_PER_TOKEN_MAX_TOKENS:
+        return mla_extend_per_token(q_latent, q_rope, kv_cache, page_table, query_start,
+                                    seq_lens, page_size, scale)
     c, kr = kv_cache[:, None, :lat], kv_cache[:, None, lat:]        # [S,1,L], [S,1,R]
     return paged_attention(q_latent, q_rope, c, kr, None, page_table, query_start, seq_lens,
                            page_size, scale)

@@ -35,6 +35,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from kernels.step_memo import memoized
 from kernels.triton.common import (check, has_tma, interpreting, next_pow2, per_batch,
                                    pow2_dim, tma_rows_ok)
 from kernels.triton.split_kv import (DEFAULT_SIZING, SPLIT_INTS, SplitSizing, merge_splits,
@@ -349,3 +350,34 @@ def mla_decode_chunked(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: t
     if num_splits > 1:
         merge_splits(part_o, part_l, out)
     return out
+
+
+def mla_extend_per_token(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Tensor,
+                         page_table: torch.Tensor, query_start: torch.Tensor,
+                         seq_lens: torch.Tensor, page_size: int, scale: float) -> torch.Tensor:
+    """mla_extend (q_latent [T, H, L], q_rope [T, H, R] -> [T, H, L], causal) as T decode rows:
+    token i of row b is a row of its own over row b's pages, seeing the keys up to its own
+    position. For launches of a few tokens (verify rows): each row's keys are read once per
+    token (the repeats from L2), but every program is the register-lean decode one, where the
+    generic extend kernel holds 4 tokens x the heads in one 64-row tile, mostly empty."""
+    table, lens = token_rows(query_start, seq_lens, page_table, q_latent.shape[0])
+    return mla_decode_chunked(q_latent, q_rope, kv_cache, table, lens, page_size, scale)
+
+
+def token_rows(query_start: torch.Tensor, seq_lens: torch.Tensor, page_table: torch.Tensor,
+               num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each of the `num_tokens` extend tokens as a decode row: its row's page table [T, P]
+    int32 and its key count [T] int32 (the row's keys before it, itself included), on the
+    device without a host sync; computed once per step (kernels/step_memo.py)."""
+    return memoized(("mla_token_rows", num_tokens), (query_start, seq_lens, page_table),
+                    lambda: _token_rows(query_start, seq_lens, page_table, num_tokens))
+
+
+def _token_rows(query_start: torch.Tensor, seq_lens: torch.Tensor, page_table: torch.Tensor,
+                num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    ends = query_start[1:].long()                                         # [B]
+    tok = torch.arange(num_tokens, device=query_start.device)             # [T]
+    row = torch.searchsorted(ends, tok, right=True).clamp_(max=ends.shape[0] - 1)  # [T]
+    # token i of a row ending at e sits at key position seq_len - (e - i)
+    lens = (seq_lens.long()[row] - ends[row] + tok + 1).clamp_(min=0)    # [T]
+    return page_table[row], lens.to(torch.int32)

@@ -138,7 +138,7 @@ class PagedAttention(nn.Module):
                                          batch.page_table[:nd], batch.seq_lens[:nd],
                                          self.page_size, self.scale, **opts)
         out[nd:] = self.extend_attention(q[nd:], self.k_cache, self.v_cache,
-                                         batch.page_table[nd:], batch.extend_query_start,
-                                         batch.seq_lens[nd:], self.page_size, self.scale,
+                                         batch.extend_page_table, batch.extend_query_start,
+                                         batch.extend_seq_lens, self.page_size, self.scale,
                                          k_new=k[nd:], v_new=v[nd:], **opts)
         return out

@@ -255,9 +255,9 @@ class MLAttention(Placed):
         # the prefill chunks' tokens: q_nope [Te, H, Dn], q_rope [Te, H, R] -> [Te, H, Dv].
         # Every key of every chunk's row (cached prefix + new tokens), packed row after row,
         # is read from the cache and projected to per-head keys and values by kv_b_proj.
-        c, nd = self.cfg, batch.num_decode
-        seq_lens = batch.seq_lens[nd:]                                       # [Be]
-        slots = key_slots(batch.page_table[nd:], seq_lens, batch.extend_keys, self.page_size)
+        c = self.cfg
+        seq_lens = batch.extend_seq_lens                                     # [Be]
+        slots = key_slots(batch.extend_page_table, seq_lens, batch.extend_keys, self.page_size)
         kv = self.kv_cache[slots]                                            # [N, L + R]
         kv_b = self.kv_b_proj(kv[:, :c.kv_lora_rank])                        # [N, H*(Dn+Dv)]
         kv_b = kv_b.view(-1, self.num_heads, c.qk_nope_head_dim + c.v_head_dim)
@@ -311,6 +311,6 @@ class MLAttention(Placed):
                                        self.page_size, self.scale)
         if rows > nd and q_latent.shape[0] > nd:
             out[nd:] = self.mla_extend(q_latent[nd:], q_rope[nd:], self.kv_cache,
-                                       batch.page_table[nd:], batch.extend_query_start,
-                                       batch.seq_lens[nd:], self.page_size, self.scale)
+                                       batch.extend_page_table, batch.extend_query_start,
+                                       batch.extend_seq_lens, self.page_size, self.scale)
         return out
