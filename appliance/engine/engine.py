@@ -34,6 +34,7 @@ from appliance.engine.speculative.policy import StepCost
 from appliance.engine.step_timing import PredictionError, timeline_from_env
 from appliance.engine.transfer import to_device, to_device_packed
 from appliance.engine.verify import LogitLayout, Verifier, verify_bitmask
+from appliance.model.late_compiles import LateCompiles
 
 log = logging.getLogger(__name__)
 
@@ -133,9 +134,12 @@ class Engine:
         self.step_error = PredictionError()  # the cost model's, for /stats
         self._last_done = 0.0  # perf_counter when the last committed step's tokens were in
         self.timeline = timeline_from_env(self.device)  # per-step profile; a no-op unless asked
+        self.late_compiles = LateCompiles()  # kernel variants start-up missed (after Ready)
 
     def run(self) -> None:
         self.compiler.wait_for_tokenizer(TOKENIZER_WAIT_S)
+        if self.device.type == "cuda":
+            self.late_compiles.install()
         self._send(protocol.Ready(self.max_model_len, self.runner.num_pages, self.runner.page_size,
                                   self.runner.vocab_size, list(self.runner.eos_token_ids),
                                   gpu_uuids(self.device, self.config.parallel.tp_size)))
@@ -153,6 +157,7 @@ class Engine:
             self._publish_stats(force=True)
             self.channel.send_stop()
         finally:
+            self.late_compiles.remove()
             self.timeline.write()
             self.compiler.close()
             self._inbox.close(linger=0)
@@ -485,6 +490,7 @@ class Engine:
         values = {k: float(v) for k, v in self.scheduler.stats().items()}
         values["page_size"] = float(self.runner.page_size)
         values.update(self.step_error.stats())
+        values.update(self.late_compiles.stats())
         progress = [protocol.RequestProgress(*row) for row in self.scheduler.progress()]
         self._send(protocol.Stats(values, progress))
 

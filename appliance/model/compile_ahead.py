@@ -132,14 +132,14 @@ class OneCompilePerVariant:
             done.set()
 
     def install(self) -> None:
-        runtime = _triton_runtime_knobs()
+        runtime = triton_runtime_knobs()
         if runtime is None:
             return
         self._saved = (runtime.jit_cache_hook, runtime.jit_post_compile_hook)
         runtime.jit_cache_hook, runtime.jit_post_compile_hook = self.before, self.after
 
     def remove(self) -> None:
-        runtime = _triton_runtime_knobs()
+        runtime = triton_runtime_knobs()
         if runtime is not None and self._saved is not None:
             runtime.jit_cache_hook, runtime.jit_post_compile_hook = self._saved
         with self._lock:
@@ -147,7 +147,7 @@ class OneCompilePerVariant:
                 done.set()
 
 
-def _triton_runtime_knobs():
+def triton_runtime_knobs():
     """triton.knobs.runtime where it has the compile hooks (Triton 3.4+), else None."""
     try:
         from triton import knobs

@@ -34,6 +34,10 @@ COUNTERS = {
     "preemptions": ("preemptions_total", "Requests preempted (recomputed later) for lack of KV pages"),
     "spec_draft_tokens": ("spec_draft_tokens_total", "Draft tokens verified by speculative decoding"),
     "spec_accepted_tokens": ("spec_accepted_tokens_total", "Draft tokens the target model accepted"),
+    "kernel_compiles": ("kernel_compiles_total",
+                        "GPU kernel variants compiled while serving (start-up's batches missed them)"),
+    "kernel_compile_seconds": ("kernel_compile_seconds_total",
+                               "Seconds steps waited for kernel variants compiled while serving"),
 }
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0)
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25,

@@ -10,7 +10,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from .conftest import MODEL, wait_until
 
 GAUGES = ["kv_pages_total", "kv_pages_used", "kv_pages_cached", "requests_running", "requests_waiting"]
-COUNTERS = ["prompt_tokens", "prefix_cache_hit_tokens", "generation_tokens", "preemptions"]
+COUNTERS = ["prompt_tokens", "prefix_cache_hit_tokens", "generation_tokens", "preemptions",
+            "kernel_compiles", "kernel_compile_seconds"]
 HISTOGRAMS = ["time_to_first_token_seconds", "inter_token_latency_seconds"]
 
 

@@ -1,0 +1,70 @@
+"""Kernel variants first launched while serving: what start-up's batches did not reach.
+
+Triton compiles a variant on its first launch, and the step that launches it waits, with every
+request in it (a second or more for the attention and MoE kernels). Start-up compiles what its
+CUDA graphs and warm-up batches launch (compile_ahead.py, warm_up.py); a load that reaches
+another variant pays for it while serving. `LateCompiles`, installed as Triton's compile
+hooks once start-up is done, counts those variants and the time they took (a compile, or a
+load from Triton's disk cache), logs each by kernel name, and gives the totals to the engine's
+stats (`/metrics`: tokenspeed_kernel_compiles_total, tokenspeed_kernel_compile_seconds_total).
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from appliance.model.compile_ahead import triton_runtime_knobs
+
+log = logging.getLogger(__name__)
+
+
+class LateCompiles:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._started: dict[tuple, float] = {}   # variant -> when its compile began
+        self.count = 0
+        self.seconds = 0.0
+        self._saved: tuple | None = None
+
+    @staticmethod
+    def _variant(kwargs: dict) -> tuple:
+        fn = kwargs.get("fn")
+        return getattr(fn, "name", str(fn)), str(kwargs.get("key"))
+
+    def before(self, *args, **kwargs) -> bool:
+        with self._lock:
+            self._started.setdefault(self._variant(kwargs), time.perf_counter())
+        return False   # compile as usual
+
+    def after(self, *args, **kwargs) -> None:
+        variant = self._variant(kwargs)
+        with self._lock:
+            began = self._started.pop(variant, None)
+            if began is None:
+                return
+            took = time.perf_counter() - began
+            self.count += 1
+            self.seconds += took
+        log.info("kernel %s: a variant first launched while serving took %.2f s to compile "
+                 "(start-up's batches did not reach it)", variant[0], took)
+
+    def stats(self) -> dict[str, float]:
+        with self._lock:
+            return {"kernel_compiles_total": float(self.count),
+                    "kernel_compile_seconds_total": self.seconds}
+
+    def install(self) -> bool:
+        """Become Triton's compile hooks (False where this Triton has none: nothing counted)."""
+        runtime = triton_runtime_knobs()
+        if runtime is None:
+            return False
+        self._saved = (runtime.jit_cache_hook, runtime.jit_post_compile_hook)
+        runtime.jit_cache_hook, runtime.jit_post_compile_hook = self.before, self.after
+        return True
+
+    def remove(self) -> None:
+        runtime = triton_runtime_knobs()
+        if runtime is not None and self._saved is not None:
+            runtime.jit_cache_hook, runtime.jit_post_compile_hook = self._saved
+            self._saved = None
