@@ -5,8 +5,9 @@ request in it (a second or more for the attention and MoE kernels). Start-up com
 CUDA graphs and warm-up batches launch (compile_ahead.py, warm_up.py); a load that reaches
 another variant pays for it while serving. `LateCompiles`, installed as Triton's compile
 hooks once start-up is done, counts those variants and the time they took (a compile, or a
-load from Triton's disk cache), logs each by kernel name, and gives the totals to the engine's
-stats (`/metrics`: tokenspeed_kernel_compiles_total, tokenspeed_kernel_compile_seconds_total).
+load from Triton's disk cache), warns of each by kernel name (ranks log warnings unless -v),
+and gives the totals to the engine's stats (`/metrics`: tokenspeed_kernel_compiles_total,
+tokenspeed_kernel_compile_seconds_total).
 """
 from __future__ import annotations
 
@@ -46,7 +47,7 @@ class LateCompiles:
             took = time.perf_counter() - began
             self.count += 1
             self.seconds += took
-        log.info("kernel %s: a variant first launched while serving took %.2f s to compile "
+        log.warning("kernel %s: a variant first launched while serving took %.2f s to compile "
                  "(start-up's batches did not reach it)", variant[0], took)
 
     def stats(self) -> dict[str, float]:

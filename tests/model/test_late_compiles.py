@@ -19,7 +19,7 @@ def _hook_kwargs(name: str, key: str) -> dict:
 
 def test_each_variant_is_counted_once_with_its_time_and_logged(caplog):
     late = LateCompiles()
-    caplog.set_level(logging.INFO, logger=late_compiles.__name__)
+    caplog.set_level(logging.WARNING, logger=late_compiles.__name__)
     assert late.before(**_hook_kwargs("_paged_attn_kernel", "k1")) is False  # Triton compiles
     late.before(**_hook_kwargs("_gemv", "k2"))
     late.after(**_hook_kwargs("_paged_attn_kernel", "k1"))
