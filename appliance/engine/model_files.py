@@ -54,9 +54,9 @@ def resolve_model_files(config: AppConfig) -> ModelFiles:
 
 
 def _checkpoint_files(path: Path, key: str, load_format: str) -> ModelFiles:
-    from appliance.model.gguf_checkpoint import find_gguf, read_gguf_config
+    from appliance.model.gguf_files import find_gguf
     from appliance.model.gguf_tokenizer import ensure_gguf_tokenizer
-    from appliance.model.loader import LoadError
+    from appliance.model.load_error import LoadError
 
     try:
         gguf = find_gguf(path)
@@ -66,7 +66,8 @@ def _checkpoint_files(path: Path, key: str, load_format: str) -> ModelFiles:
             return ModelFiles(str(path), None, str(path))
         if load_format == "safetensors":
             raise ConfigError(f"model.load_format: safetensors, but {key} is a GGUF file ({gguf})")
-        read_gguf_config(gguf)  # an architecture or tensor type we cannot read stops start-up here
+        # an architecture or tensor type we cannot read stops start-up here (checked when the
+        # tokenizer folder is made, which then keeps the config: gguf_tokenizer.py)
         tokenizer = ensure_gguf_tokenizer(gguf, cache_dir() / "tokenizers")
         return ModelFiles(str(gguf), None, str(tokenizer))
     except LoadError as e:

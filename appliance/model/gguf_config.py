@@ -10,10 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import torch
 
-from appliance.model.layers.rotary import RopeConfig, inv_frequencies
-from appliance.model.loader import LoadError
+from appliance.model.load_error import LoadError
 
 # GGUF general.architecture -> (HF architecture, HF model_type)
 ARCHITECTURES = {
@@ -121,6 +119,11 @@ def _llama3_scaling(rope_freqs: np.ndarray, cfg: dict[str, Any],
     """llama.cpp stores Llama-3.1's rope as per-frequency divisors; HF as four numbers.
     Take the factor from the divisors, the published defaults for the rest, and accept them
     only if they reproduce every divisor."""
+    # torch only here: the frontend reads GGUF configs without it, and rope_freqs is Llama-3's
+    import torch
+
+    from appliance.model.layers.rotary import RopeConfig, inv_frequencies
+
     scaling = {"rope_type": "llama3", "factor": float(np.max(rope_freqs)), **_LLAMA3_DEFAULTS}
     dim = int(cfg["head_dim"])
     theta = float(cfg["rope_theta"])

@@ -1,33 +1,46 @@
-"""A GGUF file's tokenizer and chat template as an HF tokenizer folder.
+"""A GGUF file's tokenizer and chat template as an HF tokenizer folder, beside its config.
 
 transformers converts the `tokenizer.ggml.*` metadata into a fast tokenizer
 (`AutoTokenizer.from_pretrained(folder, gguf_file=name)`, which keeps
 `tokenizer.chat_template`); that takes seconds, so the result is saved once into a cache
 folder named after the file's path, size and modification time, and every later start
-(and the frontend, which loads tokenizers from folders) reads it from there.
+(and the frontend, which loads tokenizers from folders) reads it from there. The folder also
+keeps the file's HF-style config (`GGUF_CONFIG`, gguf_files.read_gguf_config), written
+once the file passed its checks (architecture, tensor types), so a later start skips them:
+reading a GGUF's metadata parses its whole vocabulary (4-5 s for SmolLM2's 49K tokens on a
+2-core box), which the frontend would otherwise do before it spawns the engine ranks.
 """
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 from appliance.model.atomic_folder import ensure_folder
-from appliance.model.loader import LoadError
+from appliance.model.load_error import LoadError
 
+GGUF_CONFIG = "gguf_config.json"   # not config.json: transformers would read that one
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+FOLDER_VERSION = 2                  # 2: with GGUF_CONFIG (a version-1 folder lacks it)
 
 
 def ensure_gguf_tokenizer(gguf: str | Path, cache: str | Path) -> Path:
-    """The tokenizer folder of `gguf` under `cache`, converted on first use."""
+    """The tokenizer folder of `gguf` under `cache`, converted on first use (LoadError for
+    a file TokenSpeed cannot read: its config is checked first)."""
     gguf = Path(gguf).resolve()
     stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    return ensure_folder(Path(cache) / f"{gguf.stem}-{key}", TOKENIZER_FILES,
+    key = hashlib.sha256(f"{gguf}|{stat.st_size}|{stat.st_mtime_ns}|{FOLDER_VERSION}".encode()
+                         ).hexdigest()[:16]
+    return ensure_folder(Path(cache) / f"{gguf.stem}-{key}", (GGUF_CONFIG, *TOKENIZER_FILES),
                          lambda out: _convert(gguf, out))
 
 
 def _convert(gguf: Path, out: Path) -> None:
     from transformers import AutoTokenizer
+
+    from appliance.model.gguf_files import read_gguf_config
+
+    (out / GGUF_CONFIG).write_text(json.dumps(read_gguf_config(gguf)))
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)

@@ -2,7 +2,7 @@
 dummy weights.
 
 `read_hf_config` and `load_checkpoint` take an HF folder or a GGUF checkpoint (a `.gguf`
-file, or a folder holding one: `gguf_checkpoint.find_gguf`), which gguf_checkpoint.py reads.
+file, or a folder holding one: `gguf_files.find_gguf`), which gguf_checkpoint.py reads.
 For an HF folder, `load_checkpoint` reads config.json + model.safetensors (or shards listed by
 model.safetensors.index.json, or every *.safetensors) with safetensors, and for each tensor
 of the compiler's ShardPlan reads only this rank's slice (`get_slice`, before anything
@@ -29,6 +29,7 @@ from safetensors import safe_open
 from torch import nn
 
 from appliance.model import mxfp4
+from appliance.model.load_error import LoadError
 from appliance.model.placement import LoadSlice, ShardPlan
 from kernels.mxfp4 import SCALE_BIAS
 
@@ -36,16 +37,12 @@ from kernels.mxfp4 import SCALE_BIAS
 FLOAT_DTYPES = ("BF16", "F16", "F32", "F64")     # safetensors dtype names we can cast from
 
 
-class LoadError(ValueError):
-    """A checkpoint that does not fit the model: missing tensors, wrong shapes, bad files."""
-
-
 def read_hf_config(folder: str | Path) -> dict:
     """config.json of an HF folder, or the HF-style config of a GGUF checkpoint."""
-    from appliance.model import gguf_checkpoint   # builds on this module's helpers
+    from appliance.model import gguf_files
 
-    if (gguf := gguf_checkpoint.find_gguf(folder)) is not None:
-        return gguf_checkpoint.read_gguf_config(gguf)
+    if (gguf := gguf_files.find_gguf(folder)) is not None:
+        return gguf_files.read_gguf_config(gguf)
     path = Path(folder) / "config.json"
     try:
         cfg = json.loads(path.read_text())
@@ -101,12 +98,12 @@ def checkpoint_files(folder: str | Path) -> tuple[list[Path], dict[str, str] | N
 def checkpoint_tensor_names(folder: str | Path) -> frozenset[str]:
     """Every tensor name (HF spelling) of a checkpoint: a folder's index or files' headers, or
     a GGUF file's tensors."""
-    from appliance.model import gguf_checkpoint   # builds on this module's helpers
+    from appliance.model import gguf_files
 
-    if (gguf := gguf_checkpoint.find_gguf(folder)) is not None:
-        reader = gguf_checkpoint.open_gguf(gguf)
+    if (gguf := gguf_files.find_gguf(folder)) is not None:
+        reader = gguf_files.open_gguf(gguf)
         return frozenset(hf for t in reader.tensors
-                         if (hf := gguf_checkpoint.hf_tensor_name(t.name)) is not None)
+                         if (hf := gguf_files.hf_tensor_name(t.name)) is not None)
     files, weight_map = checkpoint_files(folder)
     if weight_map is not None:
         return frozenset(weight_map)
@@ -133,9 +130,9 @@ def zero_parameters(model: nn.Module) -> None:
 
 
 def load_checkpoint(model: nn.Module, plan: ShardPlan, folder: str | Path) -> None:
-    from appliance.model import gguf_checkpoint   # builds on this module's helpers
+    from appliance.model import gguf_checkpoint, gguf_files   # build on this module's helpers
 
-    if (gguf := gguf_checkpoint.find_gguf(folder)) is not None:
+    if (gguf := gguf_files.find_gguf(folder)) is not None:
         gguf_checkpoint.load_gguf(model, plan, gguf)
         return
     files, weight_map = checkpoint_files(folder)

