@@ -135,3 +135,23 @@ def test_tensor_core_kernels_serve_16_bit_only(op):
     pytest.importorskip("triton")
     assert kernels.selected_backend(op, device="cuda", dtype=torch.bfloat16) == "triton"
     assert kernels.selected_backend(op, device="cuda", dtype=torch.float32) == "torch"
+
+
+def test_the_triton_backend_keeps_fp_fusion_on_without_a_warning():
+    """Kernels were tuned with FP fusion, Triton's default until 3.10 (3.9 warns when the
+    default is left unset); importing the backend keeps it on, silently."""
+    import os
+    import warnings
+
+    triton = pytest.importorskip("triton")
+    import kernels.triton  # noqa: F401
+
+    # set, so no Triton warns (its warning fires once a process: catching it is not enough)
+    assert os.environ.get("TRITON_DEFAULT_FP_FUSION") in ("1", "true", "True", "0")
+
+    language = getattr(getattr(triton, "knobs", None), "language", None)
+    if not hasattr(language, "fp_fusion_enabled"):
+        pytest.skip("this Triton has no fp_fusion_enabled knob")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert language.fp_fusion_enabled(None) is True
