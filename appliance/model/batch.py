@@ -50,6 +50,17 @@ class ForwardBatch:
         return qs - qs[0]
 
     @cached_property
+    def decode_seq_lens(self) -> torch.Tensor:
+        """[num_decode]: seq_lens of the decode rows (one view for every layer of the step,
+        so per-step kernel memos keyed on it hold: kernels/step_memo.py)."""
+        return self.seq_lens[:self.num_decode]
+
+    @cached_property
+    def decode_page_table(self) -> torch.Tensor:
+        """[num_decode, P]: the decode rows' page table (one view, as decode_seq_lens)."""
+        return self.page_table[:self.num_decode]
+
+    @cached_property
     def extend_seq_lens(self) -> torch.Tensor:
         """[B - num_decode]: seq_lens of the prefill rows (one view for every layer of the step,
         so per-step kernel memos keyed on it hold: kernels/step_memo.py)."""

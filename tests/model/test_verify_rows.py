@@ -83,3 +83,26 @@ def test_a_model_that_ignores_logit_index_is_a_clear_error(model_folder, monkeyp
     batch = batch_of([([1, 2, 3], 0, [0])], 0, logit_index=[0, 1, 2])
     with pytest.raises(ValueError, match="returned 1 logits rows for 3"):
         runner.forward(batch)
+
+
+def test_a_mixed_step_lays_out_its_rows_once_for_every_layer(tmp_path, monkeypatch):
+    """The CPU attention's per-step layouts (decode rows, extend rows) are computed by the
+    first layer and reused by the others (kernels/step_memo.py): every layer is handed the
+    same views of the batch (ForwardBatch.decode_* / extend_*)."""
+    from kernels.cpu import paged_attention as cpu
+
+    folder = save_tiny_hf_model(tmp_path, "llama", seed=3, num_hidden_layers=3)
+    runner = ModelRunner(folder, kv_num_pages=16, page_size=PS)
+    calls = {"_decode_layout": 0, "_extend_layout": 0}
+    for name in calls:
+        real = getattr(cpu, name)
+
+        def counted(*args, _real=real, _name=name):
+            calls[_name] += 1
+            return _real(*args)
+
+        monkeypatch.setattr(cpu, name, counted)
+    runner.forward(batch_of([([5, 9, 33], 0, [0]), ([8, 8], 0, [1])], 0, None))
+    calls.update(dict.fromkeys(calls, 0))
+    runner.forward(batch_of([([60], 2, [1]), ([50, 51, 52], 3, [0, 2])], 1, [0, 1, 2, 3]))
+    assert calls == {"_decode_layout": 1, "_extend_layout": 1}

@@ -135,7 +135,7 @@ class PagedAttention(nn.Module):
         # mixed: decode rows first, then prefill chunks
         out = q.new_empty(q.shape[0], self.num_heads, self.v_head_dim)           # [T, Hq, Dv]
         out[:nd] = self.decode_attention(q[:nd], self.k_cache, self.v_cache,
-                                         batch.page_table[:nd], batch.seq_lens[:nd],
+                                         batch.decode_page_table, batch.decode_seq_lens,
                                          self.page_size, self.scale, **opts)
         out[nd:] = self.extend_attention(q[nd:], self.k_cache, self.v_cache,
                                          batch.extend_page_table, batch.extend_query_start,

@@ -307,7 +307,7 @@ class MLAttention(Placed):
         out = q_latent.new_empty(q_latent.shape)                             # [n, H, L]
         if nd > 0:  # decode rows own tokens [0, nd), one each
             out[:nd] = self.mla_decode(q_latent[:nd], q_rope[:nd], self.kv_cache,
-                                       batch.page_table[:nd], batch.seq_lens[:nd],
+                                       batch.decode_page_table, batch.decode_seq_lens,
                                        self.page_size, self.scale)
         if rows > nd and q_latent.shape[0] > nd:
             out[nd:] = self.mla_extend(q_latent[nd:], q_rope[nd:], self.kv_cache,
