@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from appliance.model.batch import ForwardBatch
+from appliance.model.compile_hooks import CompileHooks, variant_of
 from appliance.model.cuda_graph import decode_buckets, decode_capture_batch
 from appliance.model.extend_graph import extend_buckets, extend_capture_batch
 from appliance.model.warm_up import warm_up_batches
@@ -97,7 +98,7 @@ def _ignore_batch(fn: Callable[[], object]) -> Callable[[None], object]:
     return lambda _: fn()
 
 
-class OneCompilePerVariant:
+class OneCompilePerVariant(CompileHooks):
     """Installed as Triton's compile hooks while the threads run: a thread about to compile a
     variant another thread is compiling waits until that one is done (then the compile it
     goes on to finds the variant in the on-disk cache)."""
@@ -105,19 +106,12 @@ class OneCompilePerVariant:
     WAIT_S = 300.0   # a compile that raised never says it is done: waiters go on after this
 
     def __init__(self) -> None:
+        super().__init__()
         self._lock = threading.Lock()
         self._compiling: dict[tuple, threading.Event] = {}
-        self._saved: tuple | None = None
-
-    @staticmethod
-    def _variant(args: tuple, kwargs: dict) -> tuple:
-        if "fn" not in kwargs:     # a Triton that passes them positionally: key first
-            return tuple(map(str, args[:1]))
-        fn = kwargs["fn"]
-        return (getattr(fn, "module", None), getattr(fn, "name", None), str(kwargs.get("key")))
 
     def before(self, *args, **kwargs) -> bool:
-        variant = self._variant(args, kwargs)
+        variant = variant_of(args, kwargs)
         with self._lock:
             first = variant not in self._compiling
             done = self._compiling.setdefault(variant, threading.Event())
@@ -127,34 +121,15 @@ class OneCompilePerVariant:
 
     def after(self, *args, **kwargs) -> None:
         with self._lock:
-            done = self._compiling.get(self._variant(args, kwargs))
+            done = self._compiling.get(variant_of(args, kwargs))
         if done is not None:
             done.set()
 
-    def install(self) -> None:
-        runtime = triton_runtime_knobs()
-        if runtime is None:
-            return
-        self._saved = (runtime.jit_cache_hook, runtime.jit_post_compile_hook)
-        runtime.jit_cache_hook, runtime.jit_post_compile_hook = self.before, self.after
-
     def remove(self) -> None:
-        runtime = triton_runtime_knobs()
-        if runtime is not None and self._saved is not None:
-            runtime.jit_cache_hook, runtime.jit_post_compile_hook = self._saved
+        super().remove()
         with self._lock:
             for done in self._compiling.values():
                 done.set()
-
-
-def triton_runtime_knobs():
-    """triton.knobs.runtime where it has the compile hooks (Triton 3.4+), else None."""
-    try:
-        from triton import knobs
-    except ImportError:
-        return None
-    runtime = getattr(knobs, "runtime", None)
-    return runtime if hasattr(runtime, "jit_cache_hook") else None
 
 
 class CompileAhead:

@@ -15,31 +15,26 @@ import logging
 import threading
 import time
 
-from appliance.model.compile_ahead import triton_runtime_knobs
+from appliance.model.compile_hooks import CompileHooks, variant_of
 
 log = logging.getLogger(__name__)
 
 
-class LateCompiles:
+class LateCompiles(CompileHooks):
     def __init__(self) -> None:
+        super().__init__()
         self._lock = threading.Lock()
         self._started: dict[tuple, float] = {}   # variant -> when its compile began
         self.count = 0
         self.seconds = 0.0
-        self._saved: tuple | None = None
-
-    @staticmethod
-    def _variant(kwargs: dict) -> tuple:
-        fn = kwargs.get("fn")
-        return getattr(fn, "name", str(fn)), str(kwargs.get("key"))
 
     def before(self, *args, **kwargs) -> bool:
         with self._lock:
-            self._started.setdefault(self._variant(kwargs), time.perf_counter())
+            self._started.setdefault(variant_of(args, kwargs), time.perf_counter())
         return False   # compile as usual
 
     def after(self, *args, **kwargs) -> None:
-        variant = self._variant(kwargs)
+        variant = variant_of(args, kwargs)
         with self._lock:
             began = self._started.pop(variant, None)
             if began is None:
@@ -48,24 +43,9 @@ class LateCompiles:
             self.count += 1
             self.seconds += took
         log.warning("kernel %s: a variant first launched while serving took %.2f s to compile "
-                 "(start-up's batches did not reach it)", variant[0], took)
+                    "(start-up's batches did not reach it)", variant[1], took)
 
     def stats(self) -> dict[str, float]:
         with self._lock:
             return {"kernel_compiles_total": float(self.count),
                     "kernel_compile_seconds_total": self.seconds}
-
-    def install(self) -> bool:
-        """Become Triton's compile hooks (False where this Triton has none: nothing counted)."""
-        runtime = triton_runtime_knobs()
-        if runtime is None:
-            return False
-        self._saved = (runtime.jit_cache_hook, runtime.jit_post_compile_hook)
-        runtime.jit_cache_hook, runtime.jit_post_compile_hook = self.before, self.after
-        return True
-
-    def remove(self) -> None:
-        runtime = triton_runtime_knobs()
-        if runtime is not None and self._saved is not None:
-            runtime.jit_cache_hook, runtime.jit_post_compile_hook = self._saved
-            self._saved = None

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from appliance.model import late_compiles
+from appliance.model import compile_hooks, late_compiles
 from appliance.model.late_compiles import LateCompiles
 
 
@@ -33,13 +33,13 @@ def test_each_variant_is_counted_once_with_its_time_and_logged(caplog):
 
 def test_installed_as_the_runtime_hooks_and_removed(monkeypatch):
     runtime = SimpleNamespace(jit_cache_hook="theirs", jit_post_compile_hook=None)
-    monkeypatch.setattr(late_compiles, "triton_runtime_knobs", lambda: runtime)
+    monkeypatch.setattr(compile_hooks, "triton_runtime_knobs", lambda: runtime)
     late = LateCompiles()
     assert late.install()
     assert runtime.jit_cache_hook == late.before and runtime.jit_post_compile_hook == late.after
     late.remove()
     assert (runtime.jit_cache_hook, runtime.jit_post_compile_hook) == ("theirs", None)
-    monkeypatch.setattr(late_compiles, "triton_runtime_knobs", lambda: None)
+    monkeypatch.setattr(compile_hooks, "triton_runtime_knobs", lambda: None)
     assert not LateCompiles().install()                       # a Triton without hooks
 
 
