@@ -76,7 +76,7 @@ class ForwardBatch:
         """Keys of the prefill rows (cached prefix + new tokens), summed over those rows."""
         if self.extend_keys_host is not None:
             return self.extend_keys_host
-        return int(self.seq_lens[self.num_decode:].sum())
+        return int(self.extend_seq_lens.sum())
 
     @cached_property
     def last_token_index(self) -> torch.Tensor:
