@@ -95,8 +95,8 @@ class Stepper:
         if layout is None:
             rows = self.sampler.prepare(rids, arrays, self.params)
         else:  # every logits row samples the token at its own position
-            rows = self.sampler.prepare(rids[layout.row], layout.per_logit_row(arrays),
-                                        self.params)
+            rows = self.sampler.prepare(rids, layout.per_logit_row(arrays), self.params,
+                                        row_request=layout.row)
         tokens = self.sampler.sample(logits, rows).tokens
         if layout is not None:
             counts, tokens = self.verifier.accept(tokens, layout)

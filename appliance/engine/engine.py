@@ -130,6 +130,8 @@ class Engine:
         self._next_cost = StepCost(tokens=1.0, time_s=1.0, draft_token_s=0.0)
         self._ctx, self._inbox, self._outbox = connect_engine(endpoints)
         self._last_stats = 0.0
+        self._unsent: list[TokenOutput] = []  # a commit's outputs, until `_send_outputs`
+        self._unsent_finished = False  # ... and whether a request ended in them
         self._inflight: InFlight | None = None  # the launched, not yet committed step
         self.step_error = PredictionError()  # the cost model's, for /stats
         self._last_done = 0.0  # perf_counter when the last committed step's tokens were in
@@ -185,6 +187,7 @@ class Engine:
         committed = self._inflight is not None
         if committed:
             self._commit(self._inflight)
+            self._send_outputs()
         if forwarded is not None and launched is None:
             launched = self._sample(forwarded)
         self._inflight = launched
@@ -201,6 +204,7 @@ class Engine:
             self.speculator.hand_to(self.scheduler)
         plan = self._plan()
         self._inflight = self._sample(self._forward(plan)) if plan is not None else None
+        self._send_outputs()  # the commit's tokens go out while the GPU runs the next step
         self.timeline.end()
         return committed or self._inflight is not None
 
@@ -241,8 +245,8 @@ class Engine:
         if layout is None:
             rows = self.sampler.prepare(rids, arrays, self.requests, self.grammars)
         else:  # every logits row samples the token at its own position
-            rows = self.sampler.prepare(rids[layout.row], layout.per_logit_row(arrays),
-                                        self.requests, self.grammars)
+            rows = self.sampler.prepare(rids, layout.per_logit_row(arrays), self.requests,
+                                        self.grammars, row_request=layout.row)
         if self.speculator is not None:
             self._next_cost = self._cost_without_drafts(plan, float(arrays.sample.sum()))
         return Forwarded(arrays.step, logits, rows, layout, arrays.num_draft, started, mtp)
@@ -457,14 +461,15 @@ class Engine:
 
     def _emit(self, events: list[tuple[int, int, str]],
               logprobs: dict[int, protocol.TokenLogprobs]) -> dict[int, list[int]]:
-        """Send the commit's tokens; returns them per request that was running, in order."""
-        items = []
+        """Queue the commit's tokens for `_send_outputs`; returns them per request that was
+        running, in order."""
+        items = self._unsent
         emitted: dict[int, list[int]] = {}
-        finished = False
+        requests, grammars = self.requests, self.grammars if self.grammars else None
         for rid, token, reason in events:
-            if rid not in self.requests:
+            if rid not in requests:
                 continue
-            if not reason and (error := self.grammars.advance(rid, token)) is not None:
+            if grammars is not None and not reason and (error := grammars.advance(rid, token)):
                 log.error("request %d: its grammar refused the token sampled under its own "
                           "mask: %s", rid, error)
                 self.scheduler.abort(rid)
@@ -473,14 +478,20 @@ class Engine:
             items.append(TokenOutput(rid, token, reason or None, logprobs.get(rid), cached))
             emitted.setdefault(rid, []).append(token)
             if reason:
-                del self.requests[rid]
+                del requests[rid]
                 self._forget(rid)
-                finished = True
-        if finished:  # /metrics and /stats are current when a reply ends
-            self._publish_stats(force=True)
-        if items:
-            self._send(protocol.Outputs(items))
+                self._unsent_finished = True
         return emitted
+
+    def _send_outputs(self) -> None:
+        """Send the queued outputs (stats first when a request ended in them, so that /metrics
+        and /stats are current when its reply ends)."""
+        if self._unsent_finished:
+            self._unsent_finished = False
+            self._publish_stats(force=True)
+        if self._unsent:
+            self._send(protocol.Outputs(self._unsent))
+            self._unsent = []
 
     def _publish_stats(self, force: bool = False) -> None:
         now = time.monotonic()

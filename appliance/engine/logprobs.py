@@ -35,11 +35,16 @@ class LogprobRows:
         return max(self.ks)
 
 
-def logprob_rows(reqs: list[GenerateRequest | None]) -> LogprobRows | None:
-    asked = [(row, r.logprobs) for row, r in enumerate(reqs) if r is not None and r.logprobs is not None]
-    if not asked:
+def logprob_rows(reqs: list[GenerateRequest | None],
+                 row_request: np.ndarray | None = None) -> LogprobRows | None:
+    """The rows whose request asked: `reqs` per row, or per request with `row_request` [B]
+    each row's index into it."""
+    if all(r is None or r.logprobs is None for r in reqs):
         return None
-    return LogprobRows(np.array([row for row, _ in asked], np.int64), [k for _, k in asked])
+    k_of = np.array([-1 if r is None or r.logprobs is None else r.logprobs for r in reqs], np.int64)
+    ks = k_of if row_request is None else k_of[row_request]
+    rows = np.flatnonzero(ks >= 0).astype(np.int64)
+    return LogprobRows(rows, ks[rows].tolist())
 
 
 @dataclass(frozen=True)

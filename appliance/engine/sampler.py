@@ -99,24 +99,32 @@ class Sampler:
         self.processors.remove(rid)
 
     def prepare(self, rids: np.ndarray, arrays: PlanArrays, params: dict[int, GenerateRequest],
-                constrained: Container[int] = frozenset()) -> SampleRows:
+                constrained: Container[int] = frozenset(),
+                row_request: np.ndarray | None = None) -> SampleRows:
         """The rows' parameters while every row's request is known (before the step in
-        flight is committed). `constrained`: the rids under a grammar."""
-        reqs = [params.get(int(rid)) for rid in rids]
-        rows = [r or _DISCARDED for r in reqs]
-        temperature = torch.tensor([r.temperature * (r.temperature >= GREEDY_BELOW_TEMPERATURE)
-                                    for r in rows], dtype=torch.float32)
-        top_k = torch.tensor([r.top_k for r in rows], dtype=torch.int32)
-        top_p = torch.tensor([r.top_p for r in rows], dtype=torch.float32)
-        seeds = torch.tensor([self._seeds.get(int(rid), 0) for rid in rids], dtype=torch.int64)
+        flight is committed). `constrained`: the rids under a grammar. `row_request` (a verify
+        step, whose rows are its logits rows, 1 + k a request): each row's index into `rids`,
+        which then holds each request once."""
+        reqs = [params.get(rid) for rid in rids.tolist()]
+        known = [r or _DISCARDED for r in reqs]
+        per_request = [
+            torch.tensor([r.temperature * (r.temperature >= GREEDY_BELOW_TEMPERATURE)
+                          for r in known], dtype=torch.float32),
+            torch.tensor([r.top_k for r in known], dtype=torch.int32),
+            torch.tensor([r.top_p for r in known], dtype=torch.float32),
+            torch.tensor([self._seeds.get(rid, 0) for rid in rids.tolist()], dtype=torch.int64)]
+        if row_request is not None:
+            index = torch.from_numpy(row_request)
+            per_request = [t[index] for t in per_request]
+            rids = rids[row_request]
         # The position of the token being sampled: the row's KV length after this step.
         positions = torch.from_numpy(arrays.seq_lens.astype(np.int64))
         under_grammar = [(row, int(rid)) for row, rid in enumerate(rids)
                          if arrays.sample[row] and int(rid) in constrained] if constrained else []
         masked = {rid for _, rid in under_grammar}
-        return SampleRows(rids, [temperature, top_k, top_p, seeds, positions],
-                          self.processors.plan(rids, arrays, masked), logprob_rows(reqs),
-                          under_grammar)
+        return SampleRows(rids, [*per_request, positions],
+                          self.processors.plan(rids, arrays, masked),
+                          logprob_rows(reqs, row_request), under_grammar)
 
     @torch.inference_mode()  # the runner's logits are inference tensors: edited in place here
     def sample(self, logits: torch.Tensor, rows: SampleRows,

@@ -112,6 +112,34 @@ def test_verify_steps_are_planned_after_the_previous_commit(engines, monkeypatch
     assert in_flight_at_verify_plans and set(in_flight_at_verify_plans) == {0}
 
 
+def sent_tokens(engine) -> int:
+    return sum(len(getattr(m, "items", [])) for m in engine.sent)
+
+
+@pytest.mark.parametrize("method", ["", "ngram"])
+def test_a_commit_sends_its_tokens_after_the_next_launch(engines, method):
+    """With or without drafts, the tokens a step commits leave after the next step's forward
+    is launched: that host work overlaps the GPU even when verify steps cannot."""
+    eng = engines(*([f"speculative.method={method}"] if method else []))
+    at_launch = []
+    forward = eng.runner.forward
+
+    def spy(batch):
+        at_launch.append(sent_tokens(eng))
+        return forward(batch)
+    eng.runner.forward = spy
+    eng._submit(GenerateRequest(**REQUESTS[1], temperature=0.0, ignore_eos=True))
+    before = []
+    while eng.requests or eng._inflight is not None:
+        before.append(sent_tokens(eng))
+        launches = len(at_launch)
+        eng.step()
+        assert at_launch[launches:] in ([], [before[-1]])
+    assert sent_tokens(eng) == REQUESTS[1]["max_new_tokens"]
+    if method:
+        assert eng.scheduler.stats()["spec_verify_rows_total"] > 0
+
+
 class WrongDraft:
     """A draft source whose drafts the MarkovRunner never accepts (its next token after t is
     (3t + 1) % VOCAB; this proposes (3t + 2) % VOCAB)."""

@@ -69,7 +69,8 @@ def run_verify(logits_per_position: torch.Tensor, drafts: list[int], n_seeds: in
     arrays = verify_arrays([1] * n_seeds, [drafts] * n_seeds)
     layout = LogitLayout.of(arrays)
     logits = logits_per_position.repeat(n_seeds, 1)                          # [n (1+k), V]
-    rows = sampler.prepare(np.arange(n_seeds)[layout.row], layout.per_logit_row(arrays), params)
+    rows = sampler.prepare(np.arange(n_seeds), layout.per_logit_row(arrays), params,
+                           row_request=layout.row)
     tokens = sampler.sample(logits, rows).tokens                              # [n (1+k)]
     counts, first = Verifier(CPU).accept(tokens, layout)
     return tokens.view(n_seeds, k + 1).numpy(), counts.numpy(), first.numpy()
