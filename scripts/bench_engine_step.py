@@ -90,14 +90,14 @@ def make_engine(runner, with_tokenizer: bool, overrides: tuple[str, ...] = ()) -
     return engine
 
 
-def request(rid: int, mode: str) -> GenerateRequest:
+def request(rid: int, mode: str, max_new_tokens: int) -> GenerateRequest:
     fields = dict(FEATURES[mode]) if rid == 0 or mode in EVERY_ROW else {}
     if fields.pop("constraint", None):
         from appliance.engine.protocol import Constraint
 
         fields["constraint"] = Constraint("json_schema", json.dumps(SCHEMA))
         fields["temperature"] = 1.0
-    return GenerateRequest(rid, prompt_ids=[3, 4, 5, 6], max_new_tokens=2048,
+    return GenerateRequest(rid, prompt_ids=[3, 4, 5, 6], max_new_tokens=max_new_tokens,
                            ignore_eos=mode != "json" or rid != 0, **fields)
 
 
@@ -123,7 +123,9 @@ def bench(mode: str, batch: int, vocab: int, steps: int, device: torch.device,
     if check_syncs:
         fail_on_host_sync(engine)
     for rid in range(batch):
-        engine._submit(request(rid, mode))
+        # enough for every step to emit a whole verify row (1 + max_draft tokens)
+        per_step = 1 + engine.config.speculative.max_draft
+        engine._submit(request(rid, mode, (steps + 30) * per_step))
     while getattr(engine, "compiling", None):
         engine._admit_compiled()
         time.sleep(0.001)
