@@ -44,10 +44,11 @@ from appliance.engine.step_timing import write_kernel_table  # noqa: E402
 from appliance.engine.sampler import Sampler  # noqa: E402
 from appliance.engine.verify import LogitLayout, Verifier  # noqa: E402
 from appliance.model import ModelRunner, ModelSource  # noqa: E402
+from appliance.model.extend_graph import graph_logits  # noqa: E402
 
 PAGE = 16
 WIDTH_ALIGN = 16  # the scheduler's page-table width alignment
-GRAPH_ROWS = 256  # the daemon's graphs: min(scheduler.max_running, 256) rows and logits
+GRAPH_ROWS = 256  # the daemon's graphs: min(scheduler.max_running, 256) rows
 EXTEND_TOKENS = 2048  # ... and extend steps of up to scheduler.max_batch_tokens tokens
 PROFILE_STEPS = 20
 
@@ -126,7 +127,8 @@ def load(preset: str, max_batch: int, max_drafts: int, context: int
     # graphs as the daemon captures them (max_running 256, max_batch_tokens 2048), as wide as
     # the scheduler's aligned page tables
     runner.enable_cuda_graphs(GRAPH_ROWS, -(-row_pages // WIDTH_ALIGN) * WIDTH_ALIGN * PAGE,
-                              max_extend_tokens=EXTEND_TOKENS)
+                              max_extend_tokens=EXTEND_TOKENS,
+                              max_logits=graph_logits(GRAPH_ROWS, max_drafts))
     print(f"== {preset}: loaded with {pages} KV pages, graphs captured in "
           f"{time.perf_counter() - started:.0f} s", flush=True)
     return runner, Stepper(runner, max_batch)

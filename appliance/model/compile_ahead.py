@@ -66,6 +66,7 @@ class StartupShapes:
     warm_up_tokens: int
     # more start-up launches to compile beside them (the engine's sampler warm-up)
     also: tuple[Callable[[], object], ...] = ()
+    graph_logits: int = 0  # logits rows of the extend graphs (0: graph_rows)
 
 
 Job = tuple[Callable[[ForwardBatch | None], object], Callable[[], ForwardBatch | None]]
@@ -81,7 +82,8 @@ def startup_jobs(model: nn.Module, shapes: StartupShapes, page_size: int,
     decode = [(graph_forward, partial(decode_capture_batch, bs, max_pages, device))
               for bs in (decode_buckets(shapes.graph_rows) if shapes.graph_rows else ())]
     extend = [(graph_forward,
-               partial(extend_capture_batch, t, shapes.graph_rows, max_pages, device))
+               partial(extend_capture_batch, t, shapes.graph_rows,
+                       shapes.graph_logits or shapes.graph_rows, max_pages, device))
               for t in (extend_buckets(shapes.extend_tokens) if shapes.extend_tokens else ())]
     warm = [(model, lambda b=b: b) for b in
             warm_up_batches(shapes.warm_up_tokens, shapes.max_len, page_size, device)]

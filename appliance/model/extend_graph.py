@@ -37,6 +37,23 @@ DEFAULT_TOKEN_BUCKETS: tuple[int, ...] = (8, 16, 32, 48, 64, 96, 128, 192, 256, 
                                           1024, 1536, 2048)
 
 
+# With speculation, the most logits rows a graph computes: a verify step needs one per token of
+# its verify rows (B x (1 + k)), 144 at 16 rows of 8 drafts. Without this a step of more logits
+# than the graphs' rows ran eagerly: SmolLM2 at 16 users of the edit workload (max_running 64:
+# 64 logits) verified 144 tokens a step in ~16 ms on an H200 and lost a third of its per-user
+# TPS to speculation. Every bucket computes min(tokens, this) rows of the LM head, so the
+# larger buckets (prefill chunks) pay for the rows they do not use: kept to 512.
+VERIFY_GRAPH_LOGITS = 512
+
+
+def graph_logits(max_rows: int, max_draft: int) -> int:
+    """Logits rows the extend graphs hold for steps of up to `max_rows` rows: one a row, and
+    with drafts (`max_draft` > 0) one a verify token, up to VERIFY_GRAPH_LOGITS."""
+    if max_draft <= 0:
+        return max_rows
+    return max(max_rows, min(max_rows * (1 + max_draft), VERIFY_GRAPH_LOGITS))
+
+
 def bucket_shape(tokens: int, max_rows: int, max_logits: int) -> tuple[int, int]:
     """(rows, logits) of the bucket of `tokens` tokens: one row more than a step may have
     (the padding row), never more rows or logits than tokens."""
@@ -105,11 +122,11 @@ def extend_buckets(max_tokens: int,
     return sorted({b for b in buckets if b < max_tokens} | {max_tokens})
 
 
-def extend_capture_batch(tokens: int, max_rows: int, max_pages: int,
+def extend_capture_batch(tokens: int, max_rows: int, max_logits: int, max_pages: int,
                          device: torch.device) -> ForwardBatch:
     """A batch laid out as the bucket of `tokens` tokens is captured (ExtendGraphs' idle
-    batch, in fresh tensors; logits rows as many as rows, as the runner sizes them)."""
-    rows, logits = bucket_shape(tokens, max_rows, max_rows)
+    batch, in fresh tensors)."""
+    rows, logits = bucket_shape(tokens, max_rows, max_logits)
     batch = empty_batch(tokens, rows, logits, max_pages, device)
     fill_padding(batch, 0, 0, 0)
     return batch

@@ -41,7 +41,7 @@ from appliance.model.comm import World
 from appliance.model.compiler import CompiledModel, compile_model
 from appliance.model.context import BuildContext
 from appliance.model.cuda_graph import DecodeGraphs
-from appliance.model.extend_graph import ExtendGraphs
+from appliance.model.extend_graph import ExtendGraphs, graph_logits
 from appliance.model.kv_scales import apply_checkpoint_kv_scales
 from appliance.model.compile_ahead import CompileAhead, StartupShapes, compile_threads
 from appliance.model.loader import (checkpoint_tensor_names, load_checkpoint, load_dummy,
@@ -146,12 +146,23 @@ def startup_shapes(config: Any, max_len: int, graphs: bool,
     ahead (compile_ahead.py); None when TOKENSPEED_COMPILE_AHEAD=0."""
     if os.environ.get("TOKENSPEED_COMPILE_AHEAD", "") == "0":
         return None
-    rows = min(int(config.scheduler.max_running), 256) if graphs else 0
+    rows = graph_rows(config) if graphs else 0
     tokens = int(config.scheduler.max_batch_tokens)
     return StartupShapes(graph_rows=rows,
                          extend_tokens=min(tokens, EXTEND_GRAPH_TOKENS) if graphs else 0,
                          max_len=max_len, hidden=config.speculative.method == "mtp",
-                         warm_up_tokens=tokens, also=also)
+                         warm_up_tokens=tokens, also=also,
+                         graph_logits=graph_logits(rows, graph_drafts(config)))
+
+
+def graph_rows(config: Any) -> int:
+    """Rows of the largest CUDA-graph step: the scheduler's running requests, at most 256."""
+    return min(int(config.scheduler.max_running), 256)
+
+
+def graph_drafts(config: Any) -> int:
+    """Drafts a verify row may carry (0 without speculation): sizes the graphs' logits."""
+    return 0 if config.speculative.method == "off" else int(config.speculative.max_draft)
 
 
 def model_source(config: Any, files: Any) -> ModelSource:
@@ -348,9 +359,10 @@ class ModelRunner:
         if graphs:
             report("CUDA graphs", None)
             started = time.perf_counter()
-            runner.enable_cuda_graphs(min(int(config.scheduler.max_running), 256), max_len,
-                                      hidden=config.speculative.method == "mtp",
-                                      max_extend_tokens=int(config.scheduler.max_batch_tokens))
+            rows = graph_rows(config)
+            runner.enable_cuda_graphs(rows, max_len, hidden=config.speculative.method == "mtp",
+                                      max_extend_tokens=int(config.scheduler.max_batch_tokens),
+                                      max_logits=graph_logits(rows, graph_drafts(config)))
             extend = runner.extend_graphs
             report("CUDA graphs", f"{len(runner.decode_graphs.buckets)} decode batch sizes"
                                   + (f", {len(extend.buckets)} extend token counts"
@@ -378,12 +390,14 @@ class ModelRunner:
                  time.perf_counter() - started)
 
     def enable_cuda_graphs(self, max_batch: int, max_model_len: int | None = None,
-                           hidden: bool = False, max_extend_tokens: int = 0) -> None:
+                           hidden: bool = False, max_extend_tokens: int = 0,
+                           max_logits: int | None = None) -> None:
         """Capture decode-only steps of up to `max_batch` rows whose sequences fit
         `max_model_len` tokens (default: the model's) as CUDA graphs; `hidden`: of
         `forward_hidden` (then `forward` runs graph steps eagerly). With `max_extend_tokens`,
         also steps with prefill or verify rows of up to min(that, EXTEND_GRAPH_TOKENS) tokens
-        (`use_extend_graphs`)."""
+        (`use_extend_graphs`), with `max_logits` logits rows (default max_batch; more for
+        speculative verify steps: extend_graph.graph_logits)."""
         max_len = max_model_len or self.max_model_len
         max_pages = -(-max_len // self.page_size)
         forward = self.model.forward_hidden if hidden else None
@@ -398,7 +412,7 @@ class ModelRunner:
             return
         started = time.perf_counter()
         self.extend_graphs = ExtendGraphs(self.model, self.device, max_batch, max_pages,
-                                          max_logits=max_batch, max_tokens=tokens,
+                                          max_logits=max_logits or max_batch, max_tokens=tokens,
                                           forward=forward, pool=self.decode_graphs.pool)
         log.info("CUDA graphs of extend steps captured for token counts %s in %.1f s",
                  self.extend_graphs.buckets, time.perf_counter() - started)

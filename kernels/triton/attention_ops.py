@@ -106,11 +106,15 @@ def mla_decode_generic(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: t
 
 
 # MLA extend launches of at most this many tokens run each token as a decode row of the chunked
-# kernel (`mla_extend_per_token`): verify steps of up to 16 tokens (B=1 with up to 8 drafts,
-# in the 8- and 16-token graph buckets), where DeepSeek-V2-Lite's verify step cost 2.2-3.0x a
-# decode step on the generic kernel's 64-row tiles. A short prefill chunk in the same bucket
-# then reads its keys once per token, from L2 after the first: at most 16 times.
-MLA_PER_TOKEN_MAX_TOKENS = 16
+# kernel (`mla_extend_per_token`), the rest the generic kernel's 64-row tiles (4 tokens x 16
+# heads). H200, DeepSeek-V2-Lite's heads, graph replays over 8 layers (scripts/
+# gpu_verify_attention.py --mla), us a launch per-token vs generic: verify rows B x (1 + k)
+# over 2K keys 1x2 17 vs 27, 1x9 19 vs 46, 4x5 30 vs 76, 16x2 33 vs 78, 16x5 78 vs 230,
+# 64x2 91 vs 242; a prefill chunk of 64 / 128 tokens over 2K 46 / 81 vs 137 / 235, 64 / 256
+# over 16K 206 / 756 vs 919 / 1814. A row's keys are read once per token, the repeats from L2,
+# which wins at every size measured: the limit is the largest measured, an extend graph's
+# 256-token bucket (larger eager chunks attend decompressed from 80 tokens a row).
+MLA_PER_TOKEN_MAX_TOKENS = 256
 
 
 @register("mla_extend", backend="triton", priority=PRIORITY, supports=_mla_ok)

@@ -135,11 +135,11 @@ def test_rejects_bad_inputs():
 
 
 @pytest.mark.parametrize("qlens", [[3, 0, 1, 9, 2], [2, 0, 1, 3, 11]])
-def test_extend_a_token_a_row_matches_reference(qlens):
+def test_extend_a_token_a_row_matches_reference(qlens, monkeypatch):
     """mla_extend as one decode row per token (verify rows): ragged rows of 1 + k tokens, an
     empty row, a one-token row, and a last row that is all new tokens (an extend graph's
     padding row); NaN in every slot no row uses. The registered op takes this path up to
-    MLA_PER_TOKEN_MAX_TOKENS tokens and the generic kernel above it: both match."""
+    MLA_PER_TOKEN_MAX_TOKENS tokens (16 here) and the generic kernel above it: both match."""
     from kernels.triton.mla_decode import mla_extend_per_token
 
     lens = [37, 0, 1, 70, qlens[-1]]
@@ -151,6 +151,7 @@ def test_extend_a_token_a_row_matches_reference(qlens):
     gen = torch.Generator().manual_seed(6)
     ql, qr = rnd(t, 16, 64, gen=gen), rnd(t, 16, 16, gen=gen)
     ref = R.mla_extend(ql, qr, cache, table, qs, sl, 16, 0.2)
+    monkeypatch.setattr(A, "MLA_PER_TOKEN_MAX_TOKENS", 16)
     out = mla_extend_per_token(ql, qr, cache, table, qs, sl, 16, 0.2)
     assert out.shape == ref.shape and rel_err(out, ref) < TOL
     assert rel_err(A.mla_extend(ql, qr, cache, table, qs, sl, 16, 0.2), ref) < TOL

@@ -4,11 +4,14 @@ leaves it exact (its cache unwritten, HF's greedy tokens). That the capture then
 nothing is checked on CUDA: tests/model/test_llama_cuda.py."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from appliance.config import load_config
 from appliance.model import ModelRunner
 from appliance.model.compile_ahead import CompileAhead, StartupShapes, compile_threads, startup_jobs
+from appliance.model.extend_graph import graph_logits
 from appliance.model.runner import startup_shapes
 from appliance.model.tiny import ensure_tiny_checkpoint
 from appliance.model.warm_up import warm_up_batches
@@ -38,6 +41,9 @@ def test_the_jobs_are_every_graph_capture_batch_and_warm_up_batch(tmp_path):
     assert len(batches) == len(decode) + len(extend) + len(warm)
     assert {b.page_table.shape[1] for b in decode + extend} == {50}  # max_len / page size
     assert all(b.num_rows == min(b.num_tokens, 7) for b in extend)   # rows + the padding row
+    assert all(b.num_logits == min(b.num_tokens, 6) for b in extend)  # graph_logits 0: rows
+    more = startup_jobs(runner.model, replace(SHAPES, graph_logits=20), PS, torch.device("cpu"))
+    assert [b.num_logits for b in (make() for _, make in more) if b.graph_bucket] == [8, 16, 20, 20]
     assert [b.num_tokens for b in batches[:3]] == [1, 8, warm[0].num_tokens]  # interleaved
     for b in batches:
         b.validate()
@@ -45,8 +51,6 @@ def test_the_jobs_are_every_graph_capture_batch_and_warm_up_batch(tmp_path):
 
 
 def test_running_them_in_threads_leaves_the_model_exact(tmp_path):
-    from dataclasses import replace
-
     from appliance.engine.sampler import Sampler
 
     runner, folder = tiny_runner(tmp_path)
@@ -87,6 +91,10 @@ def test_startup_shapes_follow_the_config(monkeypatch):
     assert shapes.extend_tokens == min(config.scheduler.max_batch_tokens, 2048)
     assert shapes.warm_up_tokens == config.scheduler.max_batch_tokens and shapes.max_len == 4096
     assert startup_shapes(config, 4096, graphs=False).graph_rows == 0
+    assert shapes.graph_logits == shapes.graph_rows                  # speculation off
+    spec = load_config(None, ["speculative.method=suffix", "speculative.max_draft=4"])
+    rows = min(spec.scheduler.max_running, 256)
+    assert startup_shapes(spec, 4096, graphs=True).graph_logits == graph_logits(rows, 4) > rows
     monkeypatch.setenv("TOKENSPEED_COMPILE_AHEAD", "0")
     assert startup_shapes(config, 4096, graphs=True) is None
     big, tight, none = 100 << 30, 8 << 30, 2 << 30

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from appliance.model import ForwardBatch, ModelRunner
-from appliance.model.extend_graph import DEFAULT_TOKEN_BUCKETS, fits, pad_extend_batch
+from appliance.model.extend_graph import (DEFAULT_TOKEN_BUCKETS, VERIFY_GRAPH_LOGITS, fits,
+                                          graph_logits, pad_extend_batch)
 from helpers import greedy_generate, save_tiny_hf_model
 from moe_checkpoints import save_tiny_moe
 from test_deepseek import CONFIGS, save_tiny_deepseek
@@ -102,6 +103,20 @@ def test_a_bucket_holds_a_step_only_with_room_for_its_padding():
     assert fits(step([1] * 7), 8, 7, 8, 1)                         # 7 rows + the padding row
     assert not fits(step([4, 4], list(range(8))), 8, MAX_ROWS, 4, 1)  # 8 logits, 4 rows of them
     assert not fits(step([3, 2]), 8, MAX_ROWS, MAX_LOGITS, 0)      # page table too wide
+
+
+def test_with_drafts_the_graphs_hold_a_logits_row_per_verify_token():
+    """16 rows of 8 drafts (144 logits) fit the graphs of a daemon of 64 running requests
+    once it speculates; without drafts a logits row a row, as before; capped for the LM head
+    of large buckets."""
+    assert graph_logits(64, 0) == 64 and graph_logits(256, 0) == 256
+    assert graph_logits(64, 8) == min(64 * 9, VERIFY_GRAPH_LOGITS) >= 16 * 9
+    assert graph_logits(4, 3) == 16
+    assert graph_logits(1024, 8) == 1024                  # never fewer than the rows
+    rows = [([1] * 9, 0, [3 * i, 3 * i + 1, 3 * i + 2]) for i in range(16)]
+    verify = batch_of(rows, 0, list(range(16 * 9)))        # every token a logits row
+    assert not fits(verify, 192, 64, 64, 3)
+    assert fits(verify, 192, 64, graph_logits(64, 8), 3)
 
 
 def test_extend_graphs_serve_models_whose_attention_reads_its_layout_on_the_device(
