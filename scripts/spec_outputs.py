@@ -5,8 +5,9 @@ two such files compared: speculation must not change a token of greedy output.
     python scripts/spec_outputs.py save off.json --port 8126 --users 16 --max-tokens 512
     python scripts/spec_outputs.py compare off.json suffix.json
 
-`save` sends every user's request at once through the `openai` SDK (temperature 0) and
-writes each answer's text and completion token count. `compare` prints how many answers match and where the first differing one parts.
+`save` sends every user's request at once to /v1/chat/completions (temperature 0; httpx,
+which the daemon itself installs, so it runs on a box without the test extras) and writes
+each answer's text and completion token count. `compare` prints how many answers match and where the first differing one parts.
 A daemon in float32 should match exactly; in bfloat16 a verify step's kernels round
 differently from a decode step's, so a near-tie can flip a greedy token and the rest follows.
 """
@@ -24,16 +25,19 @@ from appliance.bench import edit_messages, edit_tasks  # noqa: E402
 
 
 def save(path: str, port: int, users: int, max_tokens: int) -> None:
-    from openai import OpenAI
+    import httpx
 
-    client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none")
-    model = client.models.list().data[0].id
+    base = f"http://127.0.0.1:{port}/v1"
+    model = httpx.get(f"{base}/models").json()["data"][0]["id"]
 
     def answer(task) -> dict:
-        reply = client.chat.completions.create(model=model, messages=edit_messages(task, []),
-                                               max_tokens=max_tokens, temperature=0.0)
-        return {"text": reply.choices[0].message.content,
-                "tokens": reply.usage.completion_tokens}
+        body = {"model": model, "messages": edit_messages(task, []), "max_tokens": max_tokens,
+                "temperature": 0.0}
+        reply = httpx.post(f"{base}/chat/completions", json=body, timeout=600.0)
+        reply.raise_for_status()
+        reply = reply.json()
+        return {"text": reply["choices"][0]["message"]["content"],
+                "tokens": reply["usage"]["completion_tokens"]}
 
     with ThreadPoolExecutor(users) as pool:
         answers = list(pool.map(answer, edit_tasks(users, seed=0)))
