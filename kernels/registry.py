@@ -88,8 +88,12 @@ def register(op: str, backend: str = "torch", priority: int = 0,
 
 
 def unregister(op: str, backend: str) -> None:
+    """Remove `op`'s `backend`; an op left without implementations is no longer listed."""
     with _lock:
-        _impls.get(op, {}).pop(backend, None)
+        impls = _impls.get(op, {})
+        impls.pop(backend, None)
+        if not impls:
+            _impls.pop(op, None)
         _cache.clear()
 
 

@@ -155,3 +155,15 @@ def test_the_triton_backend_keeps_fp_fusion_on_without_a_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert language.fp_fusion_enabled(None) is True
+
+
+def test_an_op_whose_last_backend_is_unregistered_is_not_listed():
+    @kernels.register("test_registry_gone", backend="only")
+    def only(x):
+        return x
+
+    assert "test_registry_gone" in kernels.registered_ops()
+    kernels.unregister("test_registry_gone", "only")
+    assert "test_registry_gone" not in kernels.registered_ops()
+    with pytest.raises(kernels.KernelError, match="unknown kernel op"):
+        kernels.backends("test_registry_gone")
