@@ -7,8 +7,8 @@ two such files compared: speculation must not change a token of greedy output.
 
 `save` sends every user's request at once to /v1/chat/completions (temperature 0; httpx,
 which the daemon itself installs, so it runs on a box without the test extras) and writes
-each answer's text and completion token count. `compare` prints how many answers match and where the first differing one parts.
-A daemon in float32 should match exactly; in bfloat16 a verify step's kernels round
+each answer's text and completion token count. `compare` prints how many answers match and
+where each differing one parts. A daemon in float32 should match exactly; in bfloat16 a verify step's kernels round
 differently from a decode step's, so a near-tie can flip a greedy token and the rest follows.
 """
 from __future__ import annotations

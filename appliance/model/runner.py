@@ -146,23 +146,20 @@ def startup_shapes(config: Any, max_len: int, graphs: bool,
     ahead (compile_ahead.py); None when TOKENSPEED_COMPILE_AHEAD=0."""
     if os.environ.get("TOKENSPEED_COMPILE_AHEAD", "") == "0":
         return None
-    rows = graph_rows(config) if graphs else 0
+    rows, logits = graph_size(config) if graphs else (0, 0)
     tokens = int(config.scheduler.max_batch_tokens)
     return StartupShapes(graph_rows=rows,
                          extend_tokens=min(tokens, EXTEND_GRAPH_TOKENS) if graphs else 0,
                          max_len=max_len, hidden=config.speculative.method == "mtp",
-                         warm_up_tokens=tokens, also=also,
-                         graph_logits=graph_logits(rows, graph_drafts(config)))
+                         warm_up_tokens=tokens, also=also, graph_logits=logits)
 
 
-def graph_rows(config: Any) -> int:
-    """Rows of the largest CUDA-graph step: the scheduler's running requests, at most 256."""
-    return min(int(config.scheduler.max_running), 256)
-
-
-def graph_drafts(config: Any) -> int:
-    """Drafts a verify row may carry (0 without speculation): sizes the graphs' logits."""
-    return 0 if config.speculative.method == "off" else int(config.speculative.max_draft)
+def graph_size(config: Any) -> tuple[int, int]:
+    """Rows and logits rows of the largest CUDA-graph step: the scheduler's running requests
+    (at most 256), and with speculation a logits row per verify token (graph_logits)."""
+    rows = min(int(config.scheduler.max_running), 256)
+    drafts = 0 if config.speculative.method == "off" else int(config.speculative.max_draft)
+    return rows, graph_logits(rows, drafts)
 
 
 def model_source(config: Any, files: Any) -> ModelSource:
@@ -359,10 +356,10 @@ class ModelRunner:
         if graphs:
             report("CUDA graphs", None)
             started = time.perf_counter()
-            rows = graph_rows(config)
+            rows, logits = graph_size(config)
             runner.enable_cuda_graphs(rows, max_len, hidden=config.speculative.method == "mtp",
                                       max_extend_tokens=int(config.scheduler.max_batch_tokens),
-                                      max_logits=graph_logits(rows, graph_drafts(config)))
+                                      max_logits=logits)
             extend = runner.extend_graphs
             report("CUDA graphs", f"{len(runner.decode_graphs.buckets)} decode batch sizes"
                                   + (f", {len(extend.buckets)} extend token counts"
