@@ -5,11 +5,13 @@ two such files compared: speculation must not change a token of greedy output.
     python scripts/spec_outputs.py save off.json --port 8126 --users 16 --max-tokens 512
     python scripts/spec_outputs.py compare off.json suffix.json
 
-`save` sends every user's request at once to /v1/chat/completions (temperature 0; httpx,
+`save` sends every user's request at once (or --concurrency at a time) to /v1/chat/completions (temperature 0; httpx,
 which the daemon itself installs, so it runs on a box without the test extras) and writes
 each answer's text and completion token count. `compare` prints how many answers match and
-where each differing one parts. A daemon in float32 should match exactly; in bfloat16 a verify step's kernels round
-differently from a decode step's, so a near-tie can flip a greedy token and the rest follows.
+where each differing one parts. A daemon in float32 should match exactly; in bfloat16 a verify
+step's kernels round differently from a decode step's, so a near-tie can flip a greedy token and
+the rest follows, as a different batch does without speculation (compare one-at-a-time answers
+with all-at-once ones of the same daemon).
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from appliance.bench import edit_messages, edit_tasks  # noqa: E402
 
 
-def save(path: str, port: int, users: int, max_tokens: int) -> None:
+def save(path: str, port: int, users: int, max_tokens: int, concurrency: int) -> None:
     import httpx
 
     base = f"http://127.0.0.1:{port}/v1"
@@ -39,10 +41,11 @@ def save(path: str, port: int, users: int, max_tokens: int) -> None:
         return {"text": reply["choices"][0]["message"]["content"],
                 "tokens": reply["usage"]["completion_tokens"]}
 
-    with ThreadPoolExecutor(users) as pool:
+    with ThreadPoolExecutor(concurrency or users) as pool:
         answers = list(pool.map(answer, edit_tasks(users, seed=0)))
     Path(path).write_text(json.dumps(answers))
-    print(f"{path}: {users} answers, {sum(a['tokens'] for a in answers)} tokens")
+    print(f"{path}: {users} answers, {concurrency or users} at a time, "
+          f"{sum(a['tokens'] for a in answers)} tokens")
 
 
 def compare(a_path: str, b_path: str) -> int:
@@ -67,12 +70,14 @@ def main() -> int:
     s.add_argument("--port", type=int, default=8126)
     s.add_argument("--users", type=int, default=16)
     s.add_argument("--max-tokens", type=int, default=512)
+    s.add_argument("--concurrency", type=int, default=0,
+                   help="requests in flight at once (default: all users)")
     c = sub.add_parser("compare")
     c.add_argument("a")
     c.add_argument("b")
     args = parser.parse_args()
     if args.command == "save":
-        save(args.path, args.port, args.users, args.max_tokens)
+        save(args.path, args.port, args.users, args.max_tokens, args.concurrency)
         return 0
     return compare(args.a, args.b)
 

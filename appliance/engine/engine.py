@@ -256,7 +256,8 @@ class Engine:
         predicted time less its drafts' cost). Where plain decode steps replay CUDA graphs,
         drafts also bring an extend step's fixed cost f (the cost model's: an eager step's
         launches, or an extend graph's padding; none when prefill makes the step an extend
-        step anyway); without graphs (the CPU) every step runs eagerly.
+        step anyway), and no more drafts than the extend graphs have room for beside the
+        step's rows; without graphs (the CPU) every step runs eagerly.
 
         A draft token does a decode token's work (the weights, attention over its row's
         prefix), so it is charged at most that: b + d * the rows' mean length. The fitted e
@@ -274,8 +275,10 @@ class Engine:
         prefill = plan.num_tokens > plan.num_rows + plan.total_drafts
         if plan.total_drafts and not prefill:
             time_s -= f
+        extend = getattr(self.runner, "extend_graphs", None)
         return StepCost(tokens=tokens, time_s=time_s, draft_token_s=e,
-                        eager_s=0.0 if prefill else f, graphs=True)
+                        eager_s=0.0 if prefill else f, graphs=True,
+                        max_drafts=extend.draft_room(plan.num_rows) if extend else None)
 
     def _sample(self, fwd: Forwarded) -> InFlight:
         held_back = fwd.rows.processors.held_back if fwd.rows.processors is not None else {}

@@ -191,6 +191,11 @@ class ExtendGraphs:
         return tokens if fits(batch, tokens, self.max_rows, self.max_logits,
                               self.max_pages) else None
 
+    def draft_room(self, rows: int) -> int:
+        """Drafts a decode step of `rows` rows may carry and still replay a graph: a draft
+        adds a token and a logits row."""
+        return max(0, min(self.buckets[-1], self.max_logits) - rows)
+
     def run(self, batch: ForwardBatch, tokens: int) -> Output:
         """The step's logits [N, V_padded] (and what else `forward` returns, its first T rows):
         views of the graph's outputs, valid until the next replay."""

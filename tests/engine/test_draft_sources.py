@@ -177,6 +177,46 @@ def test_the_engine_charges_the_eager_step_only_where_decode_replays_graphs():
     assert abs(cost(cpu, verify, 16).time_s - 0.035) < 1e-12
 
 
+def test_drafts_are_cut_to_what_the_extend_graphs_hold():
+    """DeepSeek-V2-Lite on an H200: 64 rows x 8 drafts (576 logits rows) ran eagerly at 3.7
+    decode steps, past the graphs' 512. With room for 448 drafts, the chains are cut to fit,
+    the least likely drafts first (the shorter-lived chains lose theirs)."""
+    pol = DraftPolicy(max_draft=8)
+    for rid in range(64):
+        pol.add(rid)
+        for _ in range(30):
+            pol.record(rid, drafted=8, accepted=8 if rid < 32 else 6)
+    rows = list(range(64))
+    unbounded = StepCost(tokens=64, time_s=0.010, draft_token_s=1e-6)
+    assert sum(pol.lengths(rows, unbounded).values()) == 64 * 8
+    k = pol.lengths(rows, StepCost(tokens=64, time_s=0.010, draft_token_s=1e-6, max_drafts=448))
+    assert sum(k.values()) == 448
+    assert all(k[rid] == 8 for rid in range(32))          # near-certain chains stay whole
+    assert min(k[rid] for rid in range(32, 64)) >= 5      # the rest share the cut evenly
+    tight = StepCost(tokens=64, time_s=0.010, draft_token_s=1e-6, max_drafts=0)
+    assert sum(pol.lengths(rows, tight).values()) == 0
+
+
+def test_the_engine_tells_the_policy_the_extend_graphs_room():
+    from types import SimpleNamespace
+
+    from appliance.engine.engine import Engine
+    from appliance.model.extend_graph import ExtendGraphs
+
+    graphs = SimpleNamespace(buckets=[128, 512, 2048], max_logits=512)
+    assert ExtendGraphs.draft_room(graphs, 64) == 448
+    assert ExtendGraphs.draft_room(graphs, 600) == 0
+    coeffs = (1e-3, 1e-4, 1e-4, 1e-8, 2e-5, 0.002)
+    step = SimpleNamespace(predicted_time_s=0.010, total_drafts=0, num_tokens=64, num_rows=64,
+                           seq_lens=[100] * 64)
+    room = SimpleNamespace(draft_room=lambda rows: ExtendGraphs.draft_room(graphs, rows))
+    engine = SimpleNamespace(scheduler=SimpleNamespace(cost_coeffs=lambda: coeffs),
+                             runner=SimpleNamespace(decode_graphs=object(), extend_graphs=room))
+    assert Engine._cost_without_drafts(engine, step, 64).max_drafts == 448
+    engine.runner.extend_graphs = None                # verify steps are eager anyway
+    assert Engine._cost_without_drafts(engine, step, 64).max_drafts is None
+
+
 def test_a_draft_token_is_charged_at_most_a_decode_tokens_work():
     """The fitted e may say a draft costs more than a decode token (stale evidence from mixed
     steps); the policy is told b + d * the mean length at most."""

@@ -13,13 +13,13 @@ a pause that doubles with each such run (a step in which anyone drafts is planne
 previous commit, without overlap, so even nearly free drafts are not free). Its evidence fades
 while it does not draft, so it retries later.
 
-Per step, the fixed cost of verifying at all: where plain decode steps replay CUDA graphs, a
-step with drafts runs eagerly, which the cost model knows as its eager coefficient `f`
-(`StepCost.eager_s`: 0 when the step is eager anyway, for its prefill, and on the CPU). Drafts
-are planned only when the step's expected tokens per second with them, f included, beat its
-rate without: on an H200 an eager 8B step pays ~25 ms of kernel launches over a ~5-10 ms graph
-step, which drafts at random-text acceptance never earn back (16 users lost 6.5% of TPM to
-such steps before).
+Per step, the fixed cost of verifying at all: where plain decode steps replay decode graphs, a
+step with drafts replays an extend graph (padded to its bucket) or, where none fits, runs
+eagerly; the cost model knows that as its coefficient `f` (`StepCost.eager_s`: 0 when the step
+is an extend step anyway, for its prefill, and on the CPU). Drafts are planned only when the
+step's expected tokens per second with them, f included, beat its rate without: on an H200 an
+eager 8B step pays ~25 ms of kernel launches over a ~5-10 ms graph step, which drafts at
+random-text acceptance never earn back (16 users lost 6.5% of TPM to such steps before).
 
 Probes: a request without evidence sits at the prior alpha = 1/2, which a compute-bound step's
 threshold refuses, so it would never draft and never learn that its drafts are good (the edit
@@ -32,6 +32,12 @@ in one of two runs where probes rode on mixed steps), so there it never goes alo
 that misses counts toward MISS_LIMIT, so a request whose drafts keep failing probes ever more
 rarely.
 
+Per step, the graphs' room: an extend graph holds at most so many logits rows (one a row plus
+one a draft; `StepCost.max_drafts`). A step with more drafts runs eagerly, a cost the model
+above does not see (DeepSeek-V2-Lite at 64 rows x 8 drafts: 3.7 decode steps eagerly, against
+1.65 in a graph at 4 drafts), so the least likely drafts (smallest alpha^i) are cut until the
+step fits.
+
 Per batch (`BatchGate`): what a verify step costs beyond that is not in the cost model: it runs
 without overlap. So the steps themselves are compared: tokens per second of recent verify steps
 against recent plain decode steps; while verifying gives fewer, nobody drafts, for a pause that
@@ -40,6 +46,7 @@ doubles as long as it keeps losing.
 
 from __future__ import annotations
 
+import heapq
 import math
 from dataclasses import dataclass
 
@@ -131,6 +138,7 @@ class StepCost:
     draft_token_s: float  # the cost model's e: time one verify token adds
     eager_s: float = 0.0  # time any drafts add at once (f; 0 if the step is eager anyway)
     graphs: bool = False  # plain decode steps replay CUDA graphs (no probe goes alone)
+    max_drafts: int | None = None  # drafts the step's extend graph has logits rows for
 
 
 class DraftPolicy:
@@ -193,7 +201,26 @@ class DraftPolicy:
             for rid in alphas:
                 if k.get(rid, 0) == 0 and self._stats[rid].evidence() < PROBE_EVIDENCE:
                     k[rid] = min(PROBE_DRAFTS, self.max_draft)
+        if cost.max_drafts is not None:
+            k = _fit(k, alphas, max(cost.max_drafts, 0))
         return {rid: k.get(rid, 0) for rid in rids}
+
+
+def _fit(k: dict[int, int], alphas: dict[int, float], budget: int) -> dict[int, int]:
+    """`k` cut to at most `budget` drafts in all, dropping the chains' least likely drafts
+    first: the last draft of the chain whose alpha^length is smallest."""
+    excess = sum(k.values()) - budget
+    if excess <= 0:
+        return k
+    k = dict(k)
+    tails = [(alphas[rid] ** n, rid) for rid, n in k.items() if n > 0]
+    heapq.heapify(tails)
+    for _ in range(excess):
+        _, rid = heapq.heappop(tails)
+        k[rid] -= 1
+        if k[rid] > 0:
+            heapq.heappush(tails, (alphas[rid] ** k[rid], rid))
+    return k
 
 
 def _chain_length(alpha: float, tau: float, max_draft: int) -> int:
