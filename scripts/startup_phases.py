@@ -5,7 +5,9 @@ other: imports (torch, triton, the appliance's modules), the CUDA context, the g
 start, then ModelRunner construction (the load and the KV cache; no graphs, no warm-up)
 under cProfile (its top functions by cumulative time). With --compile N1 N2 ..., then, each in a fresh process over
 an empty Triton cache: start-up's batches compiled ahead (appliance/model/compile_ahead.py) in
-N threads, with the count and summed time of the Triton compiles (their hooks).
+N threads, with the count and summed time of the Triton compiles (their hooks). With
+--warm-profile, then: a restart's share, over the Triton cache such a run filled: start-up's
+batches one by one in one thread, then the CUDA-graph capture, each under cProfile.
 
     python scripts/startup_phases.py [-c configs/llama-3.1-8b.yaml] [--compile 1 8]
 """
@@ -102,6 +104,60 @@ print(f"threads {threads}: {{time.perf_counter() - t:.1f}} s wall; {{len(spans)}
 """
 
 
+WARM = """
+import cProfile, io, pstats, sys, time
+sys.path.insert(0, {root!r})
+import torch, triton
+from appliance.model import ModelRunner, ModelSource
+from appliance.model.compile_ahead import startup_jobs
+from appliance.model.runner import startup_shapes, graph_size
+from appliance.config import load_config
+config = load_config({config!r})
+source = ModelSource(preset=config.model.preset, load_format="dummy")
+runner = ModelRunner(source, device="cuda", dtype=torch.bfloat16, kv_num_pages=64)
+max_len = min(config.model.max_model_len, runner.max_model_len)
+shapes = startup_shapes(config, max_len, True)
+compiles = []
+triton.knobs.runtime.jit_post_compile_hook = lambda *a, **k: compiles.append(1)
+def profiled(name, fn):
+    profiler = cProfile.Profile()
+    t = time.perf_counter()
+    profiler.enable()
+    with torch.inference_mode():
+        fn()
+    torch.cuda.synchronize()
+    profiler.disable()
+    print(f"== {{name}}: {{time.perf_counter() - t:.2f}} s, {{len(compiles)}} compiles", flush=True)
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(25)
+    print(text.getvalue()[-5000:], flush=True)
+    compiles.clear()
+def jobs():
+    for i, (forward, make) in enumerate(startup_jobs(runner.model, shapes, runner.page_size,
+                                                     runner.device)):
+        t = time.perf_counter()
+        forward(make())
+        torch.cuda.synchronize()
+        print(f"job {{i}}: {{time.perf_counter() - t:.3f}} s", flush=True)
+profiled("start-up batches, one thread", jobs)
+rows, logits = graph_size(config)
+profiled("CUDA graphs", lambda: runner.enable_cuda_graphs(
+    rows, max_len, max_extend_tokens=int(config.scheduler.max_batch_tokens), max_logits=logits))
+"""
+
+
+def warm_profile(config_path: str) -> None:
+    """Start-up's batches in one thread, then the CUDA-graph capture, under cProfile, over a
+    Triton cache a compile-ahead run has just filled: what a restart spends beside compiling."""
+    with tempfile.TemporaryDirectory() as cache:
+        env = {**os.environ, "TRITON_CACHE_DIR": cache}
+        for code in (COMPILE.format(root=str(ROOT), config=config_path, threads=8),
+                     WARM.format(root=str(ROOT), config=config_path)):
+            out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                 env=env, timeout=400)
+            print(out.stdout.strip() or out.stderr[-3000:], flush=True)
+
+
 def compile_runs(config_path: str, threads: list[int]) -> None:
     for n in threads:
         with tempfile.TemporaryDirectory() as cache:
@@ -115,10 +171,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("-c", "--config", default="configs/llama-3.1-8b.yaml")
     parser.add_argument("--compile", type=int, nargs="*", default=[])
+    parser.add_argument("--warm-profile", action="store_true",
+                        help="then profile a restart's batches and graph capture (warm_profile)")
     args = parser.parse_args()
     rank_phases(args.config)
     if args.compile:
         compile_runs(args.config, args.compile)
+    if args.warm_profile:
+        warm_profile(args.config)
 
 
 if __name__ == "__main__":

@@ -31,14 +31,14 @@ DEFAULT_BUCKETS: tuple[int, ...] = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192
 def capture(forward: Callable[[ForwardBatch], Output], make_batch: Callable[[], ForwardBatch],
             device: torch.device, pool) -> tuple[torch.cuda.CUDAGraph, Output]:
     """A CUDA graph of forward(make_batch()) in memory pool `pool` (None: a new one), and its
-    output tensors. Two eager runs on a side stream first compile (and autotune) the
-    kernels outside the capture. make_batch runs outside the capture too: what it writes
+    output tensors. An eager run on a side stream first compiles (or loads) the kernels
+    outside the capture; one is enough, as nothing autotunes (a second cost the 8B's
+    start-up 28 more eager forwards, about a second). make_batch runs outside the capture too: what it writes
     into the static buffers must not be replayed over the next step's inputs."""
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side):
-        for _ in range(2):
-            forward(make_batch())
+        forward(make_batch())
     torch.cuda.current_stream(device).wait_stream(side)
     batch = make_batch()  # fresh views: nothing the warm-up runs memoized on them
     graph = torch.cuda.CUDAGraph()
