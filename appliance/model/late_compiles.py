@@ -5,7 +5,7 @@ request in it (a second or more for the attention and MoE kernels). Start-up com
 CUDA graphs and warm-up batches launch (compile_ahead.py, warm_up.py); a load that reaches
 another variant pays for it while serving. `LateCompiles`, installed as Triton's compile
 hooks once start-up is done, counts those variants and the time they took (a compile, or a
-load from Triton's disk cache), warns of each by kernel name (ranks log warnings unless -v),
+load from Triton's disk cache), warns of each by kernel name and variant key (ranks log warnings unless -v),
 and gives the totals to the engine's stats (`/metrics`: tokenspeed_kernel_compiles_total,
 tokenspeed_kernel_compile_seconds_total).
 """
@@ -43,7 +43,8 @@ class LateCompiles(CompileHooks):
             self.count += 1
             self.seconds += took
         log.warning("kernel %s: a variant first launched while serving took %.2f s to compile "
-                    "(start-up's batches did not reach it)", variant[1], took)
+                    "(start-up's batches did not reach it); its key: %.600s",
+                    variant[1], took, variant[2])
 
     def stats(self) -> dict[str, float]:
         with self._lock:
