@@ -43,7 +43,7 @@ class LateCompiles(CompileHooks):
             self.count += 1
             self.seconds += took
         log.warning("kernel %s: a variant first launched while serving took %.2f s to compile "
-                    "(start-up's batches did not reach it); its key: %.600s",
+                    "(start-up's batches did not reach it); its key: %s",
                     variant[1], took, variant[2])
 
     def stats(self) -> dict[str, float]:
