@@ -12,6 +12,8 @@ import signal
 import socket
 import sys
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 
 import torch
@@ -27,6 +29,26 @@ from appliance.engine.plan_arrays import PlanChannel
 from appliance.model.loader import LoadError
 
 log = logging.getLogger("tokenspeed.engine")
+
+
+# Start-up runs Python on several threads at once: compile-ahead's batches (a GIL release and
+# re-take around every Triton launch), the weight load's loop over tensors, the grammar
+# compiler's tokenizer. A thread that released the GIL for a C call waits up to the switch
+# interval (5 ms by default) for a busy thread to hand it back; thousands of such calls add up
+# (scripts/bench_switch_interval.py, 2 cores: 3,000 small tensor loads beside 4 busy threads
+# took 324 s at 5 ms, 19 s at 0.2 ms, 1.1 s alone).
+STARTUP_SWITCH_INTERVAL_S = 2e-4
+
+
+@contextmanager
+def quick_gil_handoffs(interval_s: float = STARTUP_SWITCH_INTERVAL_S) -> Iterator[None]:
+    """Python's thread switch interval at `interval_s` inside the block, then as it was."""
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(interval_s)
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(before)
 
 
 class StartupError(RuntimeError):
@@ -53,9 +75,10 @@ def run_rank(config: AppConfig, files: ModelFiles, endpoints: EngineEndpoints | 
         nccl = dist.is_initialized() and device.type == "cuda"
         kernels.set_overrides(dict(config.kernels.override))
         vocab = _vocabulary(config, files) if rank == 0 else None   # (size, eos ids)
-        compiler = _start_grammar_compiler(files, *vocab) if vocab is not None else None
-        runner = _build_runner(config, files, device, rank, endpoints,
-                               _sampler_warm_up(device, vocab[0]) if vocab is not None else ())
+        with quick_gil_handoffs():
+            compiler = _start_grammar_compiler(files, *vocab) if vocab is not None else None
+            runner = _build_runner(config, files, device, rank, endpoints,
+                                   _sampler_warm_up(device, vocab[0]) if vocab is not None else ())
         from appliance.engine.engine import Engine, run_worker
 
         if rank == 0:

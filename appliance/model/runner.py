@@ -44,7 +44,6 @@ from appliance.model.cuda_graph import DecodeGraphs
 from appliance.model.extend_graph import ExtendGraphs, graph_logits
 from appliance.model.kv_scales import apply_checkpoint_kv_scales
 from appliance.model.compile_ahead import CompileAhead, StartupShapes, compile_threads
-from appliance.model.compile_record import compiled_before, record_path, remember
 from appliance.model.loader import (checkpoint_tensor_names, load_checkpoint, load_dummy,
                                     read_eos_token_ids, read_hf_config, zero_parameters)
 from appliance.model.layers.yarn import context_length
@@ -243,7 +242,6 @@ class ModelRunner:
         self.compiled: CompiledModel = compile_model(model, self.layout, self.world)
         _materialize(model, self.device)
         self._kv_layers = [m for m in model.modules() if hasattr(m, "kv_cache_shapes")]
-        self._compile_record = None   # compile_record.py: start-up's batches ran here before
         ahead = self._compile_ahead(model, startup, tp_size)
         started = time.perf_counter()
         try:
@@ -252,8 +250,6 @@ class ModelRunner:
         finally:
             self.compile_summary = ahead.join() if ahead is not None else None
         self.compiled_ahead = ahead is not None and ahead.ran_all
-        if self.compiled_ahead:
-            remember(self._compile_record)
         self.model = model.eval()
         self.num_pages = self._plan_pages(kv_num_pages, memory_fraction)
         self.kv_caches: list[tuple[torch.Tensor, ...]] = []
@@ -290,12 +286,6 @@ class ModelRunner:
         if threads == 0:
             log.info("compiling ahead: skipped, %s free beside the weights", _bytes(free))
             return None
-        self._compile_record = record_path(model, startup, self.kv_dtype, self.page_size,
-                                           self.device)
-        if compiled_before(self._compile_record):   # nothing to compile: threads only contend
-            log.info("compiling ahead: start-up's kernels are in Triton's cache (%s), one thread",
-                     self._compile_record.name)
-            threads = 1
         zero_parameters(model)
         return CompileAhead(model, self._kv_layers, self.kv_dtype, startup, self.page_size,
                             self.device, threads)

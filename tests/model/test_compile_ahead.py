@@ -132,28 +132,3 @@ def test_a_variant_another_thread_compiles_is_waited_for_not_compiled_again():
     assert a2[0] >= a1[1]                  # the second "a" began once the first had ended
     assert b[0] < a1[1]                    # "b" did not wait for "a"
 
-
-def test_a_record_in_tritons_cache_says_the_batches_ran_there_before(tmp_path, monkeypatch):
-    """compile_record.py: a restart over a filled Triton cache runs its batches in one thread.
-    The record is per cache, per model and per start-up shapes."""
-    from appliance.model.compile_record import compiled_before, record_path, remember
-
-    runner, _ = tiny_runner(tmp_path)
-    cpu = torch.device("cpu")
-    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton"))
-    path = record_path(runner.model, SHAPES, runner.kv_dtype, PS, cpu)
-    assert path == record_path(runner.model, SHAPES, runner.kv_dtype, PS, cpu)
-    assert path.is_relative_to(tmp_path / "triton") and not compiled_before(path)
-    remember(path)
-    assert compiled_before(path)
-    assert not compiled_before(record_path(runner.model, replace(SHAPES, warm_up_tokens=160),
-                                           runner.kv_dtype, PS, cpu))
-    assert not compiled_before(record_path(runner.model, SHAPES, torch.float8_e4m3fn, PS, cpu))
-    bigger, _ = tiny_runner(tmp_path / "other")
-    bigger.model.lm_head.weight.data = torch.zeros(3, 3)          # another model's shapes
-    assert not compiled_before(record_path(bigger.model, SHAPES, runner.kv_dtype, PS, cpu))
-    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "elsewhere"))
-    assert not compiled_before(record_path(runner.model, SHAPES, runner.kv_dtype, PS, cpu))
-    (tmp_path / "file").write_text("")                 # a cache that cannot be written
-    remember(tmp_path / "file" / "tokenspeed" / "startup-x")
-    assert compiled_before(None) is False
