@@ -17,8 +17,13 @@ from __future__ import annotations
 import torch
 
 from appliance.model.batch import ForwardBatch
+from appliance.model.layers.mla import DECOMPRESS_MIN_TOKENS
 
-CHUNK_TOKENS = (16, 64, 256, 1024, 4096)   # plus the scheduler's max_batch_tokens
+# Plus the scheduler's max_batch_tokens. 128 and 640: the ends of the generic paged kernel's
+# 16-row tiles (<= 128 tokens) and of its split launches of 128-row tiles (<= 640 at 16
+# heads on 132 SMs), which MLA's decompressed prefill reaches (80+ tokens a row): DeepSeek-V2-
+# Lite on an H200 compiled both while serving (tests/model/test_warm_up.py)
+CHUNK_TOKENS = (16, 64, 128, 256, 640, 1024, 4096)
 DECODE_CONTEXT = 4096                      # the decode rows' length: long enough to split
 DECODE_ROWS = (1, 2, 4, 8)                 # the split merge's column blocks vary up to 8 rows
 
@@ -27,14 +32,18 @@ def warm_up_batches(max_tokens: int, max_len: int, page_size: int, device: torch
                     ) -> list[ForwardBatch]:
     """For each chunk size T <= max_tokens: one row of T new tokens, and a decode row beside
     a chunk of T - 1 new tokens over a long prefix (DECODE_CONTEXT tokens, less where max_len
-    needs: short chunks there split over their keys). Then DECODE_ROWS decode rows beside a
-    small chunk, and a short decode row (one split)."""
+    needs: short chunks there split over their keys), and one beside MLA's shortest
+    decompressed chunk (the only decompressed launch of 16-row tiles that splits). Then
+    DECODE_ROWS decode rows beside a small chunk, and a short decode row (one split)."""
     sizes = sorted({t for t in CHUNK_TOKENS + (max_tokens,) if 2 <= t <= min(max_tokens, max_len)})
     batches = [_batch([(0, t)], 0, page_size, device) for t in sizes]
     long_decode = (min(DECODE_CONTEXT, max_len) - 1, 1)
-    for t in sizes:
-        prefix = max(0, min(DECODE_CONTEXT, max_len - (t - 1)))
-        batches.append(_batch([long_decode, (prefix, t - 1)], 1, page_size, device))
+    chunks = [t - 1 for t in sizes]
+    if DECOMPRESS_MIN_TOKENS < max_tokens:
+        chunks.append(DECOMPRESS_MIN_TOKENS)
+    for new in chunks:
+        prefix = max(0, min(DECODE_CONTEXT, max_len - new))
+        batches.append(_batch([long_decode, (prefix, new)], 1, page_size, device))
     small = (0, sizes[0])
     batches += [_batch([long_decode] * d + [small], d, page_size, device) for d in DECODE_ROWS]
     batches.append(_batch([(1, 1), small], 1, page_size, device))

@@ -15,9 +15,10 @@ def test_batches_cover_chunk_sizes_and_mixed_steps():
     batches = warm_up_batches(8192, 32768, 64, torch.device("cpu"))
     sizes = sorted(set(CHUNK_TOKENS) | {8192})
     n = len(sizes)
-    whole, mixed = batches[:n], batches[n:2 * n]
-    many, short = batches[2 * n:-1], batches[-1]
-    assert len(batches) == 2 * n + len(DECODE_ROWS) + 1
+    whole, mixed, mla = batches[:n], batches[n:2 * n], batches[2 * n]
+    many, short = batches[2 * n + 1:-1], batches[-1]
+    assert len(batches) == 2 * n + 1 + len(DECODE_ROWS) + 1
+    assert mla.num_decode == 1 and mla.seq_lens.tolist() == [DECODE_CONTEXT, DECODE_CONTEXT + 80]
     for b in batches:
         b.validate()
         assert bool((b.slot_mapping == -1).all()) and not b.page_table.any()
@@ -49,3 +50,59 @@ def test_warm_up_writes_nothing(tmp_path):
     runner.warm_up(80, 200)
     assert all(not c.any() for caches in runner.kv_caches for c in caches)
     assert greedy_generate(runner, prompts, 4) == hf_greedy(folder, prompts, 4)
+
+
+def _mla_prefill_variants(monkeypatch, row_sets: list[list[tuple[int, int]]]) -> set:
+    """The generic paged kernel's constexprs (its Triton variant, the per-batch ints being
+    unspecialized) that DeepSeek-V2-Lite's decompressed prefill launches on an H200 (132 SMs,
+    16 heads) for each set of prefill rows (cached prefix, new tokens) that attends
+    decompressed; the launch recorded, not run."""
+    import kernels.triton.attention as attention
+    from kernels.triton.attention_ops import mla_prefill
+    from types import SimpleNamespace
+
+    from appliance.model.layers.mla import MLAttention
+
+    seen: set = set()
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *args, **constexprs: seen.add(tuple(sorted(constexprs.items())))
+
+    monkeypatch.setattr(attention, "_paged_attn_kernel", Recorder())
+    monkeypatch.setattr(attention, "merge_splits", lambda *a, **k: None)
+    monkeypatch.setattr("kernels.triton.split_kv.num_sms", lambda device: 132)
+    layer = SimpleNamespace(decompress_min_tokens=80, decompress_max_keys=65536)
+    for rows in row_sets:
+        new = sum(n for _, n in rows)
+        keys = sum(p + n for p, n in rows)
+        batch = SimpleNamespace(graph_bucket=False, num_rows=len(rows), num_decode=0,
+                                num_tokens=new, extend_keys=keys)
+        if not MLAttention.decompress_extend(layer, batch):
+            continue
+        seq_lens = torch.tensor([p + n for p, n in rows], dtype=torch.int32)
+        query_start = torch.tensor([0] + [n for _, n in rows]).cumsum(0).to(torch.int32)
+        q = torch.empty(new, 16, 192, dtype=torch.bfloat16)
+        kv = torch.empty(keys, 16, 256, dtype=torch.bfloat16)
+        mla_prefill(q[..., :128], q[..., 128:], kv[..., :128], torch.empty(keys, 64,
+                    dtype=torch.bfloat16), kv[..., 128:], query_start, seq_lens, 0.1)
+    return seen
+
+
+def test_short_mla_prefills_find_their_kernel_variants_warmed(monkeypatch):
+    """DeepSeek-V2-Lite on an H200 compiled two variants of the generic paged kernel while
+    serving: a 128-token prompt (the 16-row tiles of launches of <= 128 tokens, which no
+    warm-up chunk of 80+ new tokens reached) and a split launch of > 512 tokens. Every whole
+    prompt of 80 to 2,048 tokens and every chunk over a prefix tried here now launches a
+    variant the warm-up batches launch."""
+    warm = []
+    for b in warm_up_batches(8192, 32768, 64, torch.device("cpu")):
+        starts, prefix = b.query_start.tolist(), b.prefix_lens.tolist()
+        warm.append([(prefix[i], starts[i + 1] - starts[i])
+                     for i in range(b.num_decode, b.num_rows)])
+    warmed = _mla_prefill_variants(monkeypatch, warm)
+    prompts = [[(0, t)] for t in range(80, 2049, 8)]
+    chunks = [[(p, t)] for p in (500, 4096, 16000) for t in (80, 100, 128, 300, 600, 2000)]
+    chunks += [[(16000, 2000)] * 2, [(0, 700), (0, 700)]]
+    served = _mla_prefill_variants(monkeypatch, prompts + chunks)
+    assert served <= warmed, served - warmed
