@@ -33,8 +33,9 @@ def capture(forward: Callable[[ForwardBatch], Output], make_batch: Callable[[], 
     """A CUDA graph of forward(make_batch()) in memory pool `pool` (None: a new one), and its
     output tensors. An eager run on a side stream first compiles (or loads) the kernels
     outside the capture; one is enough, as nothing autotunes (a second cost the 8B's
-    start-up 28 more eager forwards, about a second). make_batch runs outside the capture too: what it writes
-    into the static buffers must not be replayed over the next step's inputs."""
+    start-up 28 more eager forwards, about a second). make_batch runs outside the capture
+    too: what it writes into the static buffers must not be replayed over the next step's
+    inputs."""
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side):

@@ -5,9 +5,9 @@ request in it (a second or more for the attention and MoE kernels). Start-up com
 CUDA graphs and warm-up batches launch (compile_ahead.py, warm_up.py); a load that reaches
 another variant pays for it while serving. `LateCompiles`, installed as Triton's compile
 hooks once start-up is done, counts those variants and the time they took (a compile, or a
-load from Triton's disk cache), warns of each by kernel name and variant key (ranks log warnings unless -v),
-and gives the totals to the engine's stats (`/metrics`: tokenspeed_kernel_compiles_total,
-tokenspeed_kernel_compile_seconds_total).
+load from Triton's disk cache), warns of each by kernel name and variant key (ranks log
+warnings unless -v), and gives the totals to the engine's stats (`/metrics`:
+tokenspeed_kernel_compiles_total, tokenspeed_kernel_compile_seconds_total).
 """
 from __future__ import annotations
 
