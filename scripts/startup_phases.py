@@ -76,18 +76,23 @@ def rank_phases(config_path: str) -> None:
     print(text.getvalue()[-6000:])
 
 
-COMPILE = """
+# Both child processes: the config's model with dummy weights, and its start-up shapes.
+RUNNER = """
 import sys, threading, time
 sys.path.insert(0, {root!r})
 import torch, triton
 from appliance.model import ModelRunner, ModelSource
-from appliance.model.compile_ahead import CompileAhead
-from appliance.model.runner import startup_shapes, context_length
+from appliance.model.runner import startup_shapes
 from appliance.config import load_config
 config = load_config({config!r})
 source = ModelSource(preset=config.model.preset, load_format="dummy")
 runner = ModelRunner(source, device="cuda", dtype=torch.bfloat16, kv_num_pages=64)
-shapes = startup_shapes(config, min(config.model.max_model_len, runner.max_model_len), True)
+max_len = min(config.model.max_model_len, runner.max_model_len)
+shapes = startup_shapes(config, max_len, True)
+"""
+
+COMPILE = RUNNER + """
+from appliance.model.compile_ahead import CompileAhead
 local, spans = threading.local(), []
 def begin(*a, **k):
     local.t = time.perf_counter()
@@ -104,19 +109,10 @@ print(f"threads {threads}: {{time.perf_counter() - t:.1f}} s wall; {{len(spans)}
 """
 
 
-WARM = """
-import cProfile, io, pstats, sys, time
-sys.path.insert(0, {root!r})
-import torch, triton
-from appliance.model import ModelRunner, ModelSource
+WARM = RUNNER + """
+import cProfile, io, pstats
 from appliance.model.compile_ahead import startup_jobs
-from appliance.model.runner import startup_shapes, graph_size
-from appliance.config import load_config
-config = load_config({config!r})
-source = ModelSource(preset=config.model.preset, load_format="dummy")
-runner = ModelRunner(source, device="cuda", dtype=torch.bfloat16, kv_num_pages=64)
-max_len = min(config.model.max_model_len, runner.max_model_len)
-shapes = startup_shapes(config, max_len, True)
+from appliance.model.runner import graph_size
 compiles = []
 triton.knobs.runtime.jit_post_compile_hook = lambda *a, **k: compiles.append(1)
 def profiled(name, fn):
