@@ -12,7 +12,10 @@
    accepted depends only on the target's greedy tokens, which speculation does not change.
 
 Reports, per source and k = 1..8, the mean tokens per verify step (accepted drafts + the
-target's token; 1.0 without speculation), the acceptance rate and the time the source took.
+target's token; 1.0 without speculation), the acceptance rate and the time the source took;
+and what the smallest token tree (a second branch at the first draft) could add at most: the
+share of steps whose first draft missed, and the tokens per step if each of those had accepted
+k drafts on the other branch.
 
 `--oracle` replaces the model by one that makes each edit exactly (the file with the names
 renamed, in a code block): no daemon, the daemon's tokenizer only. A small model's answers are
@@ -126,7 +129,7 @@ def draft_sources() -> dict:
 def replay(make_source, trace: list[Request], k: int) -> dict:
     """Batch 1, in turn order: each request runs to its end before the next starts."""
     source = make_source()
-    steps = tokens = drafted = accepted = 0
+    steps = tokens = drafted = accepted = missed_first = 0
     spent = 0.0
     for rid, req in enumerate(trace):
         t0 = time.perf_counter()
@@ -147,10 +150,15 @@ def replay(make_source, trace: list[Request], k: int) -> dict:
             steps += 1
             drafted += len(draft)
             accepted += n
+            missed_first += bool(draft) and n == 0
             tokens += len(step)
             i += len(step)
         source.finish(rid)
+    # A second branch at the first draft helps only a step whose first draft missed: at most
+    # (the bound) it accepts k drafts there.
     return {"tokens_per_step": tokens / max(steps, 1),
+            "tree_bound_tokens_per_step": (tokens + k * missed_first) / max(steps, 1),
+            "missed_first": missed_first / max(steps, 1),
             "acceptance_rate": accepted / max(drafted, 1),
             "drafted_per_step": drafted / max(steps, 1),
             "source_us_per_token": 1e6 * spent / max(tokens, 1)}
@@ -195,12 +203,14 @@ def main() -> int:
         return 0
     print(f"{summary['requests']} requests, {summary['prompt_tokens']} prompt tokens, "
           f"{summary['output_tokens']} output tokens (greedy, batch 1)")
-    print(f"{'source':<8} {'k':>2} {'tokens/step':>11} {'accept':>7} {'drafted/step':>12} "
-          f"{'us/token':>9}")
+    print(f"{'source':<8} {'k':>2} {'tokens/step':>11} {'tree bound':>10} {'missed 1st':>10} "
+          f"{'accept':>7} {'drafted/step':>12} {'us/token':>9}")
     for name, by_k in results.items():
         for k, r in by_k.items():
-            print(f"{name:<8} {k:>2} {r['tokens_per_step']:>11.3f} {r['acceptance_rate']:>7.3f} "
-                  f"{r['drafted_per_step']:>12.2f} {r['source_us_per_token']:>9.1f}")
+            print(f"{name:<8} {k:>2} {r['tokens_per_step']:>11.3f} "
+                  f"{r['tree_bound_tokens_per_step']:>10.3f} {r['missed_first']:>10.3f} "
+                  f"{r['acceptance_rate']:>7.3f} {r['drafted_per_step']:>12.2f} "
+                  f"{r['source_us_per_token']:>9.1f}")
     return 0
 
 

@@ -1,5 +1,6 @@
 """scripts/spec_acceptance.py: the replay counts verify steps as the verifier would at greedy
-(accepted drafts up to the first wrong one, plus the target's own token), and suffix drafts
+(accepted drafts up to the first wrong one, plus the target's own token) and the bound on a
+second branch at the first draft, and suffix drafts
 on exactly-made edits of this repository's files are nearly all accepted."""
 from __future__ import annotations
 
@@ -37,13 +38,17 @@ def test_replay_counts_steps_like_greedy_verification(k):
     right = replay(lambda: Scripted(lambda i, n: OUTPUT[i:i + n]), trace, k)
     assert right["tokens_per_step"] == pytest.approx(len(OUTPUT) / -(-len(OUTPUT) // (k + 1)))
     assert right["acceptance_rate"] == pytest.approx(1.0, abs=0.05)
+    assert right["missed_first"] == 0.0
+    assert right["tree_bound_tokens_per_step"] == right["tokens_per_step"]
     wrong = replay(lambda: Scripted(lambda i, n: [0] * n), trace, k)
     assert wrong["tokens_per_step"] == 1.0 and wrong["acceptance_rate"] == 0.0
+    assert wrong["missed_first"] == 1.0 and wrong["tree_bound_tokens_per_step"] == 1.0 + k
     none = replay(lambda: Scripted(lambda i, n: []), trace, k)
     assert none["tokens_per_step"] == 1.0 and none["drafted_per_step"] == 0.0
     # Right for two tokens, then wrong: every step takes 2 drafts + the target's token.
     half = replay(lambda: Scripted(lambda i, n: (OUTPUT[i:i + 2] + [0] * n)[:n]), trace, 4)
     assert half["tokens_per_step"] == pytest.approx(3.0)
+    assert half["missed_first"] == 0.0        # a second first-draft branch would not help
 
 
 def test_suffix_drafts_on_exact_edits():
