@@ -146,21 +146,21 @@ def warm_profile(config_path: str) -> None:
     """Start-up's batches in one thread, then the CUDA-graph capture, under cProfile, over a
     Triton cache a compile-ahead run has just filled: what a restart spends beside compiling."""
     with tempfile.TemporaryDirectory() as cache:
-        env = {**os.environ, "TRITON_CACHE_DIR": cache}
-        for code in (COMPILE.format(root=str(ROOT), config=config_path, threads=8),
-                     WARM.format(root=str(ROOT), config=config_path)):
-            out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                                 env=env, timeout=400)
-            print(out.stdout.strip() or out.stderr[-3000:], flush=True)
+        run_child(COMPILE.format(root=str(ROOT), config=config_path, threads=8), cache)
+        run_child(WARM.format(root=str(ROOT), config=config_path), cache)
 
 
 def compile_runs(config_path: str, threads: list[int]) -> None:
     for n in threads:
         with tempfile.TemporaryDirectory() as cache:
-            code = COMPILE.format(root=str(ROOT), config=config_path, threads=n)
-            out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                                 env={**os.environ, "TRITON_CACHE_DIR": cache}, timeout=300)
-            print(out.stdout.strip() or out.stderr[-2000:], flush=True)
+            run_child(COMPILE.format(root=str(ROOT), config=config_path, threads=n), cache)
+
+
+def run_child(code: str, triton_cache: str) -> None:
+    """`code` in a fresh Python over `triton_cache`; its output (or its error's tail)."""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "TRITON_CACHE_DIR": triton_cache}, timeout=400)
+    print(out.stdout.strip() or out.stderr[-3000:], flush=True)
 
 
 def main() -> None:

@@ -195,31 +195,30 @@ class DraftPolicy:
             drafts = sum(n)
             tokens = base_tokens + sum(map(_expected_accepted, alphas, n))
             time_s = base_time + e * drafts + (fixed if drafts else 0.0)
-        k = dict(zip(live, n))
         if tokens / time_s <= base_tokens / base_time:  # the drafts do not pay for the step
-            k = {}
-        if any(k.values()) or not cost.graphs:   # verification is paid for: probes ride along
-            for rid in live:
-                if k.get(rid, 0) == 0 and self._stats[rid].evidence() < PROBE_EVIDENCE:
-                    k[rid] = min(PROBE_DRAFTS, self.max_draft)
+            n = [0] * len(live)
+        if any(n) or not cost.graphs:   # verification is paid for: probes ride along
+            for i, rid in enumerate(live):
+                if n[i] == 0 and self._stats[rid].evidence() < PROBE_EVIDENCE:
+                    n[i] = min(PROBE_DRAFTS, self.max_draft)
         if cost.max_drafts is not None:
-            k = _fit(k, dict(zip(live, alphas)), max(cost.max_drafts, 0))
+            n = _fit(n, alphas, max(cost.max_drafts, 0))
+        k = dict(zip(live, n))
         return {rid: k.get(rid, 0) for rid in rids}
 
 
-def _fit(k: dict[int, int], alphas: dict[int, float], budget: int) -> dict[int, int]:
-    """`k` cut to at most `budget` drafts in all, keeping the likeliest: the i-th draft of a
-    chain survives with alpha^i, which falls along the chain, so keeping the `budget` largest
-    keeps a prefix of every chain. (In numpy: at 256 rows nearly 2,000 drafts may go.)"""
-    if sum(k.values()) <= budget:
-        return k
-    rids = list(k)
-    n = np.array([k[rid] for rid in rids])
-    alpha = np.array([alphas[rid] for rid in rids])
-    rows = np.repeat(np.arange(n.size), n)                             # a row index a draft
-    depth = np.arange(rows.size) - np.repeat(np.cumsum(n) - n, n) + 1   # 1..n[row]
-    keep = np.argsort(-(alpha[rows] ** depth), kind="stable")[:budget]
-    return dict(zip(rids, np.bincount(rows[keep], minlength=n.size).tolist()))
+def _fit(n: list[int], alphas: list[float], budget: int) -> list[int]:
+    """Chain lengths `n` cut to at most `budget` drafts in all, keeping the likeliest: the
+    i-th draft of a chain survives with alpha^i, which falls along the chain, so keeping the
+    `budget` largest keeps a prefix of every chain. (In numpy: at 256 rows nearly 2,000
+    drafts may go.)"""
+    if sum(n) <= budget:
+        return n
+    lengths, alpha = np.array(n), np.array(alphas)
+    rows = np.repeat(np.arange(lengths.size), lengths)                  # a row index a draft
+    depth = np.arange(rows.size) - np.repeat(np.cumsum(lengths) - lengths, lengths) + 1
+    keep = np.argsort(-(alpha[rows] ** depth), kind="stable")[:budget]  # depth: 1..n[row]
+    return np.bincount(rows[keep], minlength=lengths.size).tolist()
 
 
 def _chain_lengths(alphas: list[float], logs: list[float], tau: float,
