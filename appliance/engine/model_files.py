@@ -29,7 +29,7 @@ class ModelFiles:
 def resolve_model_files(config: AppConfig) -> ModelFiles:
     """Map model.path / model.preset / model.load_format to files, creating the tiny model
     or a GGUF's tokenizer folder when they are missing."""
-    from appliance.model import presets, tiny  # creating the tiny checkpoint needs torch
+    from appliance.model import presets, tiny  # the tiny checkpoint's weights need torch
 
     model = config.model
     if model.path:
@@ -40,8 +40,8 @@ def resolve_model_files(config: AppConfig) -> ModelFiles:
         except FileNotFoundError as e:
             raise ConfigError(f"model.preset: {e}") from None
         return _checkpoint_files(path, "model.preset", model.load_format)
-    tiny_folder = str(tiny.ensure_tiny_checkpoint(cache_dir() / "models" / TINY_PRESET))
     if model.preset == TINY_PRESET and model.load_format != "dummy":
+        tiny_folder = str(tiny.ensure_tiny_checkpoint(cache_dir() / "models" / TINY_PRESET))
         return ModelFiles(tiny_folder, None, tiny_folder)
     if model.preset not in presets.PRESETS:
         known = ", ".join(sorted(presets.PRESETS))
@@ -50,7 +50,8 @@ def resolve_model_files(config: AppConfig) -> ModelFiles:
         raise ConfigError(f"model.load_format: preset {model.preset!r} has no weights on this "
                           "machine; use load_format: dummy or model.path")
     # Dummy weights have no tokenizer of their own: the tiny model's byte-level BPE stands in.
-    return ModelFiles(None, model.preset, tiny_folder)
+    tokenizer = tiny.ensure_tiny_tokenizer(cache_dir() / "models" / f"{TINY_PRESET}-tokenizer")
+    return ModelFiles(None, model.preset, str(tokenizer))
 
 
 def _checkpoint_files(path: Path, key: str, load_format: str) -> ModelFiles:

@@ -24,8 +24,9 @@ TOOL_TOKENS = ("<tool_call>", "</tool_call>")  # added (not special: the fronten
 if TYPE_CHECKING:
     import torch
 
-FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
-         "tokenizer_config.json", "special_tokens_map.json")
+TOKENIZER_FILES = ("config.json", "generation_config.json", "tokenizer.json",
+                   "tokenizer_config.json", "special_tokens_map.json")
+FILES = (*TOKENIZER_FILES, "model.safetensors")
 
 TINY_CONFIG: dict = {
     "architectures": ["LlamaForCausalLM"], "model_type": "llama",
@@ -193,9 +194,13 @@ def write_tiny_checkpoint(folder: Path) -> None:
     """Write every file of the tiny checkpoint into `folder` (which must exist)."""
     from safetensors.torch import save_file
 
-    tok = _train_tokenizer()
-    tok.save(str(folder / "tokenizer.json"))
+    write_tiny_tokenizer(folder)
     save_file(_weights(TINY_CONFIG), str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+
+def write_tiny_tokenizer(folder: Path) -> None:
+    """The tiny checkpoint's files but its weights (TOKENIZER_FILES): no torch needed."""
+    _train_tokenizer().save(str(folder / "tokenizer.json"))
     (folder / "config.json").write_text(_dump(TINY_CONFIG))
     (folder / "generation_config.json").write_text(_dump(
         {"bos_token_id": 0, "eos_token_id": [2], "pad_token_id": 0}))
@@ -213,3 +218,10 @@ def write_tiny_checkpoint(folder: Path) -> None:
 def ensure_tiny_checkpoint(path: str | os.PathLike) -> Path:
     """Create the tiny checkpoint at `path` unless it is already there; returns the path."""
     return ensure_folder(path, FILES, write_tiny_checkpoint)
+
+
+def ensure_tiny_tokenizer(path: str | os.PathLike) -> Path:
+    """The tiny checkpoint without its weights at `path` (created unless there): the stand-in
+    tokenizer of dummy-weight presets, written without importing torch (seconds on a GPU box,
+    on the frontend's path before the engine ranks spawn)."""
+    return ensure_folder(path, TOKENIZER_FILES, write_tiny_tokenizer)

@@ -143,15 +143,14 @@ def test_a_tokenizer_that_does_not_load_stops_up_with_a_config_error(cache, tmp_
 
 def test_the_frontend_resolves_model_files_without_importing_torch(tmp_path, monkeypatch):
     """What `tokenspeed up` runs before it spawns the engine ranks imports no torch (seconds
-    on a GPU box, which the ranks would otherwise wait for), once the tiny tokenizer's
-    checkpoint exists (writing it the first time needs torch): for the GPU presets and for
-    the default model, a GGUF file (its tokenizer converted once, beforehand)."""
+    on a GPU box, which the ranks would otherwise wait for), even on the first start, when it
+    writes the dummy presets' stand-in tokenizer: for the GPU presets and for the default
+    model, a GGUF file (its tokenizer converted once, beforehand)."""
     import os
     import subprocess
     import sys
     from pathlib import Path
 
-    tiny.ensure_tiny_checkpoint(tmp_path / "models" / "tiny-llama")
     monkeypatch.setenv("TOKENSPEED_CACHE", str(tmp_path))
     configs = ["configs/llama-3.1-8b.yaml", "configs/deepseek-v2-lite.yaml"]
     try:
@@ -175,11 +174,13 @@ def test_the_frontend_resolves_model_files_without_importing_torch(tmp_path, mon
             "    cli._check_model_config(files.checkpoint)\n"
             "    check_mtp_checkpoint(config, files)\n"
             "print('torch' in sys.modules)\n")
+    assert not (tmp_path / "models" / "tiny-llama-tokenizer").exists()
     root = Path(__file__).resolve().parents[2]
     out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
                          timeout=120, env={**os.environ, "TOKENSPEED_CACHE": str(tmp_path)})
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+    assert (tmp_path / "models" / "tiny-llama-tokenizer" / "tokenizer.json").is_file()
 
 
 def test_the_gguf_tokenizer_folder_is_made_only_for_a_file_that_passes_and_keeps_its_config(

@@ -7,12 +7,12 @@ import multiprocessing as mp
 import pytest
 
 from appliance.model import ModelRunner
-from appliance.model.tiny import FILES, ensure_tiny_checkpoint
+from appliance.model.tiny import FILES, TOKENIZER_FILES, ensure_tiny_checkpoint, ensure_tiny_tokenizer
 from helpers import greedy_generate, hf_greedy
 
 
-def _digest(folder) -> dict[str, str]:
-    return {f: hashlib.sha256((folder / f).read_bytes()).hexdigest() for f in FILES}
+def _digest(folder, files: tuple[str, ...] = FILES) -> dict[str, str]:
+    return {f: hashlib.sha256((folder / f).read_bytes()).hexdigest() for f in files}
 
 
 @pytest.fixture(scope="module")
@@ -26,6 +26,14 @@ def test_byte_identical_across_creations(tiny, tmp_path):
     assert _digest(other) == _digest(tiny)
     assert ensure_tiny_checkpoint(other) == other  # already there: untouched
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp left
+
+
+def test_the_tokenizer_folder_is_the_checkpoint_without_its_weights(tiny, tmp_path):
+    """Dummy-weight presets' stand-in tokenizer: the same files, byte for byte, but no
+    model.safetensors."""
+    folder = ensure_tiny_tokenizer(tmp_path / "tok")
+    assert sorted(p.name for p in folder.iterdir()) == sorted(TOKENIZER_FILES)
+    assert _digest(folder, TOKENIZER_FILES) == _digest(tiny, TOKENIZER_FILES)
 
 
 def _create(path: str) -> None:
