@@ -38,7 +38,7 @@ from kernels.triton.split_kv import (DEFAULT_SIZING, SPLIT_INTS, SplitSizing, me
 def _paged_attn_kernel(
         Q1, Q2, K1, K2, V, Out, PartO, PartL, Sinks,
         PageTable, QueryStart, SeqLens, BlockBatch, BlockTok,
-        scale_log2, v_scale, page_size, group, min_split_len, num_splits,
+        scale_log2, v_scale, group, min_split_len, num_splits,
         stride_q1t, stride_q1h, stride_q2t, stride_q2h,
         stride_k1s, stride_k1h, stride_k2s, stride_k2h, stride_vs, stride_vh,
         stride_ot, stride_oh, stride_pt, stride_pot, stride_poh, stride_pos,
@@ -48,7 +48,7 @@ def _paged_attn_kernel(
         BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, N_HBLK: tl.constexpr,
         SPLIT: tl.constexpr, HAS_D2: tl.constexpr, SHARED_V: tl.constexpr,
         DECODE: tl.constexpr, EVEN_D: tl.constexpr, WINDOW: tl.constexpr,
-        HAS_SINKS: tl.constexpr):
+        HAS_SINKS: tl.constexpr, PAGE_SIZE: tl.constexpr):
     BLOCK_M: tl.constexpr = BLOCK_T * G_BLK
     pid_q, pid_h, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     kvh, hb = pid_h // N_HBLK, pid_h % N_HBLK
@@ -100,13 +100,13 @@ def _paged_attn_kernel(
     pt = PageTable + b.to(tl.int64) * stride_pt
     for n0 in range(lo, full_end, BLOCK_N):
         acc, m_i, l_i = attn_tile(acc, m_i, l_i, q1, q2, K1, K2, V, pt, n0, hi, pos, kvh,
-                                  page_size, stride_k1s, stride_k1h, stride_k2s, stride_k2h,
+                                  PAGE_SIZE, stride_k1s, stride_k1h, stride_k2s, stride_k2h,
                                   stride_vs, stride_vh, scale_log2, D1, D2, DV, BLOCK_D1,
                                   BLOCK_D2, BLOCK_DV, BLOCK_N, HAS_D2, SHARED_V, False, EVEN_D,
                                   WINDOW)
     for n0 in range(full_end, hi, BLOCK_N):
         acc, m_i, l_i = attn_tile(acc, m_i, l_i, q1, q2, K1, K2, V, pt, n0, hi, pos, kvh,
-                                  page_size, stride_k1s, stride_k1h, stride_k2s, stride_k2h,
+                                  PAGE_SIZE, stride_k1s, stride_k1h, stride_k2s, stride_k2h,
                                   stride_vs, stride_vh, scale_log2, D1, D2, DV, BLOCK_D1,
                                   BLOCK_D2, BLOCK_DV, BLOCK_N, HAS_D2, SHARED_V, True, EVEN_D,
                                   WINDOW)
@@ -149,13 +149,15 @@ class AttentionTiles:
 SHORT_EXTEND_TILES: tuple[tuple[int, int], ...] = ((128, 16), (512, 64))
 
 
-def attention_tiles(decode: bool, mla: bool, group: int, tokens: int | None = None
-                    ) -> AttentionTiles:
+def attention_tiles(decode: bool, mla: bool, group: int, tokens: int | None = None,
+                    fp8: bool = False) -> AttentionTiles:
     """The default tiles (the best of `python -m scripts.kernel_bench tune attention`, H200;
     docs/KERNELS.md) for a launch of `tokens` query tokens (None: any). MLA's absorbed form
-    takes narrower key tiles for its wide latent. Tiny tiles under the CPU interpreter."""
+    takes narrower key tiles for its wide latent; GQA decode over an FP8 cache (`fp8`) wider
+    ones: its tiles are bound by the instructions that unpack them, not by their bytes, and a
+    128-key tile spends fewer a key. Tiny tiles under the CPU interpreter."""
     small = interpreting()
-    block_n = 16 if small else (32 if mla else 64)
+    block_n = 16 if small else (32 if mla else (128 if fp8 and decode else 64))
     if decode:
         return AttentionTiles(g_blk=min(max(16, next_pow2(group)), 64), block_t=1,
                               block_n=block_n, num_warps=4, num_stages=2)
@@ -193,7 +195,8 @@ def paged_attention(q1: torch.Tensor, q2: torch.Tensor | None, k1: torch.Tensor,
     vv = k1 if shared_v else v
     dv = vv.shape[-1]
     d2 = q2.shape[-1] if q2 is not None else 0
-    tiles = attention_tiles(decode, shared_v, group, t) if tiles is None else tiles
+    tiles = (attention_tiles(decode, shared_v, group, t, fp8=k1.element_size() == 1)
+             if tiles is None else tiles)
     n_hblk = triton.cdiv(group, tiles.g_blk)
     max_len = page_table.shape[1] * page_size
     if decode:
@@ -222,7 +225,7 @@ def paged_attention(q1: torch.Tensor, q2: torch.Tensor | None, k1: torch.Tensor,
     _paged_attn_kernel[grid](
         q1, q2_, k1, k2_, vv, out, part_o, part_l, q1 if sinks is None else sinks,
         page_table, qs, seq_lens, bb, bt,
-        scale * k_scale * math.log2(math.e), v_scale, page_size, group,
+        scale * k_scale * math.log2(math.e), v_scale, group,
         split_tiles * tiles.block_n, num_splits,
         q1.stride(0), q1.stride(1), q2_.stride(0), q2_.stride(1),
         k1.stride(0), k1.stride(1), k2_.stride(0), k2_.stride(1), vv.stride(0), vv.stride(1),
@@ -234,7 +237,7 @@ def paged_attention(q1: torch.Tensor, q2: torch.Tensor | None, k1: torch.Tensor,
         BLOCK_N=tiles.block_n, N_HBLK=n_hblk, SPLIT=num_splits > 1, HAS_D2=q2 is not None,
         SHARED_V=shared_v, DECODE=decode,
         EVEN_D=all(pow2_dim(x) for x in (d1, dv) + ((d2,) if d2 else ())),
-        WINDOW=window, HAS_SINKS=sinks is not None,
+        WINDOW=window, HAS_SINKS=sinks is not None, PAGE_SIZE=page_size,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     if num_splits > 1:
         merge_splits(part_o, part_l, out, sinks)

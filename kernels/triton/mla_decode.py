@@ -180,13 +180,13 @@ def _store_chunk(acc, c0, l_safe, ORow, PRow, ch, row_ok, keep, SPLIT: tl.conste
 @triton.jit(**per_batch(ints=SPLIT_INTS + ("stride_pt",), pointers=("PageTable", "SeqLens")))
 def _mla_decode_chunked_kernel(
         QL, QR, KV, DescLat, DescRope, Out, PartO, PartL, PageTable, SeqLens,
-        scale_log2, page_size, num_heads, min_split_len, num_splits,
+        scale_log2, num_heads, min_split_len, num_splits,
         stride_qlb, stride_qlh, stride_qrb, stride_qrh, stride_kv, stride_pt,
         stride_ob, stride_oh, stride_pot, stride_poh, stride_pos, stride_plt, stride_plh,
         L: tl.constexpr, R: tl.constexpr, BLOCK_R: tl.constexpr, CH: tl.constexpr,
         NC: tl.constexpr, G_BLK: tl.constexpr, BLOCK_N: tl.constexpr,
         SPLIT: tl.constexpr, EVEN_H: tl.constexpr, EVEN_R: tl.constexpr,
-        Q_IN_LOOP: tl.constexpr, TMA: tl.constexpr):
+        Q_IN_LOOP: tl.constexpr, TMA: tl.constexpr, PAGE_SIZE: tl.constexpr):
     """grid (B, head blocks, splits): one sequence, G_BLK heads, one piece of the KV range.
     DescLat / DescRope: tensor descriptors of KV when TMA (else KV itself, unused)."""
     b, hb, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -230,12 +230,12 @@ def _mla_decode_chunked_kernel(
     for n0 in tl.range(lo, full_end, BLOCK_N, disable_licm=True):         # interior tiles
         acc0, acc1, acc2, acc3, m_i, l_i = _mla_chunk_tile(
             acc0, acc1, acc2, acc3, m_i, l_i, q0, q1, q2, q3, q_rope, QRow, QRRow, KV, DescLat,
-            DescRope, pt, n0, hi, page_size, stride_kv, scale_log2, row_ok, L, R, BLOCK_R, CH,
+            DescRope, pt, n0, hi, PAGE_SIZE, stride_kv, scale_log2, row_ok, L, R, BLOCK_R, CH,
             NC, BLOCK_N, False, EVEN_H, EVEN_R, Q_IN_LOOP, TMA)
     for n0 in tl.range(full_end, hi, BLOCK_N, disable_licm=True):         # the partial tile
         acc0, acc1, acc2, acc3, m_i, l_i = _mla_chunk_tile(
             acc0, acc1, acc2, acc3, m_i, l_i, q0, q1, q2, q3, q_rope, QRow, QRRow, KV, DescLat,
-            DescRope, pt, n0, hi, page_size, stride_kv, scale_log2, row_ok, L, R, BLOCK_R, CH,
+            DescRope, pt, n0, hi, PAGE_SIZE, stride_kv, scale_log2, row_ok, L, R, BLOCK_R, CH,
             NC, BLOCK_N, True, EVEN_H, EVEN_R, Q_IN_LOOP, TMA)
     l_safe = tl.where(l_i > 0, l_i, 1.0)                                  # [M]; empty: out 0
     ch = tl.arange(0, CH)
@@ -338,14 +338,15 @@ def mla_decode_chunked(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: t
     _mla_decode_chunked_kernel[(bsz, n_hblk, num_splits)](
         q_latent, q_rope, kv_cache, desc_lat, desc_rope, out, part_o, part_l, page_table,
         seq_lens,
-        scale * math.log2(math.e), page_size, heads, split_tiles * block_n, num_splits,
+        scale * math.log2(math.e), heads, split_tiles * block_n, num_splits,
         q_latent.stride(0), q_latent.stride(1), q_rope.stride(0), q_rope.stride(1),
         kv_cache.stride(0), page_table.stride(0), out.stride(0), out.stride(1),
         part_o.stride(0), part_o.stride(1), part_o.stride(2) if num_splits > 1 else 0,
         part_l.stride(0), part_l.stride(1),
         L=lat, R=rope, BLOCK_R=block_r, CH=lat // nc, NC=nc, G_BLK=g_blk, BLOCK_N=block_n,
         SPLIT=num_splits > 1, EVEN_H=heads % g_blk == 0, EVEN_R=rope == block_r,
-        Q_IN_LOOP=q_in_loop, TMA=tma, num_warps=num_warps, num_stages=num_stages,
+        Q_IN_LOOP=q_in_loop, TMA=tma, PAGE_SIZE=page_size, num_warps=num_warps,
+        num_stages=num_stages,
         **({} if max_regs is None else dict(maxnreg=max_regs)))
     if num_splits > 1:
         merge_splits(part_o, part_l, out)

@@ -62,11 +62,12 @@ def _new_tokens_tile(acc, m_i, l_i, q, DescK, DescV, row0, kcol, vcol, j0, n_new
 @triton.jit(**per_batch(ints=("stride_pt",), pointers=BATCH_META))
 def _prefill_kernel(
         Q, KCache, VCache, DescK, DescV, Out, Sinks, PageTable, QueryStart, SeqLens,
-        BlockBatch, BlockTok, scale_log2, prefix_scale_log2, v_scale, page_size, group,
+        BlockBatch, BlockTok, scale_log2, prefix_scale_log2, v_scale, group,
         stride_qt, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_ot,
         stride_oh, stride_pt,
         D: tl.constexpr, DV: tl.constexpr, G_BLK: tl.constexpr, BLOCK_T: tl.constexpr,
-        BLOCK_N: tl.constexpr, N_HBLK: tl.constexpr, HAS_SINKS: tl.constexpr):
+        BLOCK_N: tl.constexpr, N_HBLK: tl.constexpr, HAS_SINKS: tl.constexpr,
+        PAGE_SIZE: tl.constexpr):
     """grid (blocks of BLOCK_T tokens, KV heads x head blocks). HAS_SINKS: Sinks[Hq] joins
     each row's softmax denominator (paged_tiles.add_sink). The cached prefix's scores take
     prefix_scale_log2 (k_scale folded in) and its values v_scale, applied to the accumulator
@@ -95,13 +96,13 @@ def _prefill_kernel(
     full_pre = prefix // BLOCK_N * BLOCK_N
     for n0 in range(0, full_pre, BLOCK_N):
         acc, m_i, l_i = attn_tile(acc, m_i, l_i, q, q, KCache, KCache, VCache, pt, n0,
-                                  prefix, pos, kvh, page_size, stride_ks, stride_kh,
+                                  prefix, pos, kvh, PAGE_SIZE, stride_ks, stride_kh,
                                   stride_ks, stride_kh, stride_vs, stride_vh,
                                   prefix_scale_log2, D, D, DV, D, D, DV, BLOCK_N, False, False,
                                   False, True, 0)
     for n0 in range(full_pre, prefix, BLOCK_N):
         acc, m_i, l_i = attn_tile(acc, m_i, l_i, q, q, KCache, KCache, VCache, pt, n0,
-                                  prefix, pos, kvh, page_size, stride_ks, stride_kh,
+                                  prefix, pos, kvh, PAGE_SIZE, stride_ks, stride_kh,
                                   stride_ks, stride_kh, stride_vs, stride_vh,
                                   prefix_scale_log2, D, D, DV, D, D, DV, BLOCK_N, False, False,
                                   True, True, 0)
@@ -205,10 +206,10 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     _prefill_kernel[(nb, hk * n_hblk)](
         q, k_cache, v_cache, desc_k, desc_v, out, q if sinks is None else sinks, page_table,
         query_start, seq_lens, bb, bt,
-        scale * math.log2(math.e), scale * k_scale * math.log2(math.e), v_scale, page_size,
-        group,
+        scale * math.log2(math.e), scale * k_scale * math.log2(math.e), v_scale, group,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0),
         v_cache.stride(1), out.stride(0), out.stride(1), page_table.stride(0),
         D=d, DV=dv, G_BLK=g_blk, BLOCK_T=block_t, BLOCK_N=block_n, N_HBLK=n_hblk,
-        HAS_SINKS=sinks is not None, num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+        HAS_SINKS=sinks is not None, PAGE_SIZE=page_size, num_warps=tiles.num_warps,
+        num_stages=tiles.num_stages)
     return out

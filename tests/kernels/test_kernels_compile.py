@@ -60,6 +60,8 @@ def compile_sm90(kernel, args: dict, constexprs: dict, num_warps: int, num_stage
     """args: name -> torch dtype (pointer), int/float (scalar, 16-divisible ints marked) or a
     type string (e.g. "tensordesc<bf16[64, 128]>"); options: further compile options (e.g.
     maxnreg)."""
+    unknown = set(constexprs) - set(kernel.arg_names)
+    assert not unknown, f"{kernel.fn.__name__} has no constexprs {sorted(unknown)}"
     sig, cex, attrs = {}, {}, {}
     for i, name in enumerate(kernel.arg_names):
         if name in constexprs:
@@ -96,12 +98,11 @@ def check_attention() -> None:
     tiles = A.attention_tiles(False, False, 1)
     args = {n: BF for n in ("Q1", "Q2", "K1", "K2", "V", "Out", "PartO", "PartL")}
     args.update(PageTable=I32, QueryStart=I32, SeqLens=I32, BlockBatch=I32, BlockTok=I32,
-                scale_log2=0.1, v_scale=1.0, page_size=1, group=1, min_split_len=64,
-                stride_k2h=0)
+                scale_log2=0.1, v_scale=1.0, group=1, min_split_len=64, stride_k2h=0)
     cex = dict(D1=128, D2=64, DV=128, BLOCK_D1=128, BLOCK_D2=64, BLOCK_DV=128,
                G_BLK=tiles.g_blk, BLOCK_T=tiles.block_t, BLOCK_N=tiles.block_n, N_HBLK=1,
                SPLIT=False, HAS_D2=True, SHARED_V=False, DECODE=False, EVEN_D=True, WINDOW=0,
-               HAS_SINKS=False)
+               HAS_SINKS=False, PAGE_SIZE=1)
     compile_sm90(A._paged_attn_kernel, args, cex, tiles.num_warps, tiles.num_stages)
 
 
@@ -121,12 +122,12 @@ def _attention(decode: bool, mla: bool) -> None:
     args = {n: BF for n in ("Q1", "Q2", "K1", "K2", "V", "Out")}
     args.update(PartO=F32 if splits > 1 else BF, PartL=F32 if splits > 1 else BF,
                 PageTable=I32, QueryStart=I32, SeqLens=I32, BlockBatch=I32, BlockTok=I32,
-                scale_log2=0.1, v_scale=1.0, page_size=16, group=4, min_split_len=64)
+                scale_log2=0.1, v_scale=1.0, group=4, min_split_len=64)
     d1, d2 = (512, 64) if mla else (128, 0)
     cex = dict(D1=d1, D2=d2, DV=d1, BLOCK_D1=d1, BLOCK_D2=max(16, d2), BLOCK_DV=d1,
                G_BLK=tiles.g_blk, BLOCK_T=tiles.block_t, BLOCK_N=tiles.block_n, N_HBLK=1,
                SPLIT=splits > 1, HAS_D2=mla, SHARED_V=mla, DECODE=decode, EVEN_D=True,
-               WINDOW=0, HAS_SINKS=False)
+               WINDOW=0, HAS_SINKS=False, PAGE_SIZE=16)
     compile_sm90(A._paged_attn_kernel, args, cex, tiles.num_warps, tiles.num_stages)
     _merge(d1, False)
 
@@ -138,7 +139,7 @@ def check_mla_chunked() -> None:
     tile or hoisted, 16 or 4 heads (TP4: masked rows), one with a register cap; whole tiles
     copied by tensor descriptors (TMA) or gathered."""
     args = dict(QL=BF, QR=BF, KV=BF, Out=BF, PageTable=I32, SeqLens=I32, scale_log2=0.1,
-                page_size=64, num_heads=16, min_split_len=64, stride_kv=576)
+                num_heads=16, min_split_len=64, stride_kv=576)
     for nc, block_n, warps, splits, q_in_loop, heads, regs, tma in (
             (4, 64, 4, 8, False, 16, None, True), (4, 64, 4, 8, False, 16, None, False),
             (4, 32, 4, 8, True, 16, 128, False), (4, 32, 8, 1, False, 16, None, True),
@@ -149,7 +150,7 @@ def check_mla_chunked() -> None:
                  else dict(DescLat=BF, DescRope=BF))
         cex = dict(L=512, R=64, BLOCK_R=64, CH=512 // nc, NC=nc, G_BLK=16, BLOCK_N=block_n,
                    SPLIT=splits > 1, EVEN_H=heads % 16 == 0, EVEN_R=True, Q_IN_LOOP=q_in_loop,
-                   TMA=tma)
+                   TMA=tma, PAGE_SIZE=64)
         compile_sm90(MD._mla_decode_chunked_kernel,
                      dict(args, **descs, PartO=part, PartL=part, num_heads=heads), cex, warps,
                      2, **({} if regs is None else dict(maxnreg=regs)))
@@ -169,10 +170,10 @@ def _prefill(d: int, group: int, rows: int, block_n: int, sinks: bool, cache=BF)
     desc = f"tensordesc<bf16[{block_n}, {d}]>"
     args = dict(Q=BF, KCache=cache, VCache=cache, DescK=desc, DescV=desc, Out=BF, Sinks=BF,
                 PageTable=I32, QueryStart=I32, SeqLens=I32, BlockBatch=I32, BlockTok=I32,
-                scale_log2=0.1, prefix_scale_log2=0.05, v_scale=0.5, page_size=16, group=group)
+                scale_log2=0.1, prefix_scale_log2=0.05, v_scale=0.5, group=group)
     compile_sm90(P._prefill_kernel, args,
                  dict(D=d, DV=d, G_BLK=group, BLOCK_T=rows // group, BLOCK_N=block_n, N_HBLK=1,
-                      HAS_SINKS=sinks), tiles.num_warps, tiles.num_stages)
+                      HAS_SINKS=sinks, PAGE_SIZE=16), tiles.num_warps, tiles.num_stages)
 
 
 def _row_kernels() -> None:
@@ -320,10 +321,9 @@ def _gqa_attention(d: int, group: int, decode: bool, window: int, sinks: bool, s
     part = F32 if splits > 1 else BF
     args = dict(Q1=BF, Q2=BF, K1=cache, K2=cache, V=cache, Out=BF, Sinks=BF, PartO=part,
                 PartL=part, PageTable=I32, QueryStart=I32, SeqLens=I32, BlockBatch=I32,
-                BlockTok=I32, scale_log2=0.1, v_scale=0.5, page_size=16, group=group,
-                min_split_len=64)
+                BlockTok=I32, scale_log2=0.1, v_scale=0.5, group=group, min_split_len=64)
     cex = dict(D1=d, D2=0, DV=d, BLOCK_D1=d, BLOCK_D2=16, BLOCK_DV=d, G_BLK=tiles.g_blk,
                BLOCK_T=tiles.block_t, BLOCK_N=tiles.block_n, N_HBLK=1, SPLIT=splits > 1,
                HAS_D2=False, SHARED_V=False, DECODE=decode, EVEN_D=True, WINDOW=window,
-               HAS_SINKS=sinks)
+               HAS_SINKS=sinks, PAGE_SIZE=16)
     compile_sm90(A._paged_attn_kernel, args, cex, tiles.num_warps, tiles.num_stages)
