@@ -147,20 +147,28 @@ class AttentionTiles:
 # rows; docs/KERNELS.md): B=1 x 2 tokens 69.6 -> 19.2 us, B=16 x 5 tokens 235 -> 83,
 # B=64 x 5 (384-token launch) 699 -> 194, one 256-token chunk over 16K keys 737 -> 581.
 SHORT_EXTEND_TILES: tuple[tuple[int, int], ...] = ((128, 16), (512, 64))
+# GQA decode over an FP8 cache with this many rows or more takes 128-key tiles, 3 stages
+# (scripts/fp8kv_attention.py --sweep, H200, Llama-3.1-8B heads, 2K keys: B=256 441.9 us at
+# 64 keys / 2 stages -> 397.0, bf16 499.7; B=64 152 -> 110, bf16 134.5). At B=1 they were
+# slower (17.8 us against 14.6 with 64 keys): few programs, and the wider tile splits less.
+FP8_WIDE_ROWS = 32
 
 
 def attention_tiles(decode: bool, mla: bool, group: int, tokens: int | None = None,
                     fp8: bool = False) -> AttentionTiles:
     """The default tiles (the best of `python -m scripts.kernel_bench tune attention`, H200;
     docs/KERNELS.md) for a launch of `tokens` query tokens (None: any). MLA's absorbed form
-    takes narrower key tiles for its wide latent; GQA decode over an FP8 cache (`fp8`) wider
-    ones: its tiles are bound by the instructions that unpack them, not by their bytes, and a
-    128-key tile spends fewer a key. Tiny tiles under the CPU interpreter."""
+    takes narrower key tiles for its wide latent; GQA decode of FP8_WIDE_ROWS or more rows
+    over an FP8 cache (`fp8`) wider ones: its tiles are bound by the instructions that unpack
+    them, not by their bytes, and a 128-key tile spends fewer a key. Tiny tiles under the CPU
+    interpreter."""
     small = interpreting()
-    block_n = 16 if small else (32 if mla else (128 if fp8 and decode else 64))
+    block_n = 16 if small else (32 if mla else 64)
     if decode:
+        wide = fp8 and not (small or mla) and tokens is not None and tokens >= FP8_WIDE_ROWS
         return AttentionTiles(g_blk=min(max(16, next_pow2(group)), 64), block_t=1,
-                              block_n=block_n, num_warps=4, num_stages=2)
+                              block_n=128 if wide else block_n, num_warps=4,
+                              num_stages=3 if wide else 2)
     g_blk = min(next_pow2(group), 16 if small else 64)
     short = None if mla or tokens is None else next(
         (rows for most, rows in SHORT_EXTEND_TILES if tokens <= most), None)

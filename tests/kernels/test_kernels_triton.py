@@ -165,6 +165,31 @@ def test_extend_split_rule():
     assert SplitSizing(extend_wave=0).extend_splits(1, 1 << 20, 64, cpu) == 1
 
 
+def test_fp8_decode_of_many_rows_takes_wide_key_tiles(monkeypatch):
+    """On a GPU, GQA decode over an FP8 cache takes 128-key tiles from FP8_WIDE_ROWS rows on
+    (fewer unpacking instructions a key); few rows, bf16 caches, MLA and extend launches keep
+    their tiles; the op passes the cache's element size."""
+    from kernels.triton import attention as AT
+    monkeypatch.setattr(AT, "interpreting", lambda: False)
+    wide = AT.attention_tiles(True, False, 4, AT.FP8_WIDE_ROWS, fp8=True)
+    assert (wide.block_n, wide.num_warps, wide.num_stages) == (128, 4, 3)
+    plain = AT.attention_tiles(True, False, 4, AT.FP8_WIDE_ROWS)
+    assert AT.attention_tiles(True, False, 4, AT.FP8_WIDE_ROWS - 1, fp8=True) == plain
+    assert plain.block_n == 64
+    assert AT.attention_tiles(True, True, 16, 256, fp8=True) == AT.attention_tiles(True, True, 16)
+    assert (AT.attention_tiles(False, False, 4, 256, fp8=True)
+            == AT.attention_tiles(False, False, 4, 256))
+    monkeypatch.undo()
+    seen = []
+    real = AT.attention_tiles
+    monkeypatch.setattr(AT, "attention_tiles", lambda *a, **k: seen.append(k) or real(*a, **k))
+    table, kc, vc, sl = _paged([40] * 2, 16, 2, 16, 32)
+    q = rnd(2, 4, 16)
+    AT.paged_attention(q, None, kc.to(torch.float8_e4m3fn), None, vc.to(torch.float8_e4m3fn),
+                       table, None, sl, 16, 0.25)
+    assert seen == [{"fp8": True}]
+
+
 def test_short_extend_launches_take_small_tiles(monkeypatch):
     """On a GPU (not the interpreter's tiny tiles) a GQA extend launch of few tokens, a verify
     step's, takes the small tiles of SHORT_EXTEND_TILES; longer ones the prefill tiles; decode
