@@ -22,11 +22,18 @@ variant another is compiling (H200, 8B: 60 compiles and 54.6 s of compiling for 
 and 10.6 s in one thread). `OneCompilePerVariant` makes the later ones wait for the first,
 then load its result from Triton's on-disk cache (Triton's jit_cache_hook, 3.4 and later).
 
+Triton builds each variant's host launcher (a small C extension module, the same module name
+for every kernel) on its first launch; built by several threads at once, a kernel was seen to
+get a launcher of another argument count (H200, Triton 3.6, a cold cache: "function takes
+exactly 30 arguments (33 given)" from the sampler's kernel, which then failed every launch and
+stopped the engine). `one_launcher_at_a_time` builds them one by one while the threads run.
+
 A failure here (memory, say) is logged and left: the capture and warm-up after the load
 compile what is missing, and report any real error themselves.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -134,6 +141,23 @@ class OneCompilePerVariant(CompileHooks):
                 done.set()
 
 
+@contextlib.contextmanager
+def one_launcher_at_a_time(driver):
+    """Within: Triton's `driver.launcher_cls` (what a kernel variant's first launch calls to
+    build its host launcher) holds a lock, so launchers are built one by one (module doc)."""
+    build, lock = driver.launcher_cls, threading.Lock()
+
+    def locked(*args, **kwargs):
+        with lock:
+            return build(*args, **kwargs)
+
+    driver.launcher_cls = locked
+    try:
+        yield
+    finally:
+        driver.launcher_cls = build
+
+
 class CompileAhead:
     def __init__(self, model: nn.Module, kv_layers: list[nn.Module], kv_dtype: torch.dtype,
                  shapes: StartupShapes, page_size: int, device: torch.device,
@@ -153,13 +177,16 @@ class CompileAhead:
 
     def _run(self) -> None:
         hooks = OneCompilePerVariant()
+        serial = contextlib.nullcontext()
         try:
             if self.device.type == "cuda":
                 torch.cuda.set_device(self.device)
                 from triton.runtime import driver
                 driver.active.get_current_device()   # Triton's driver set up once, not per thread
                 hooks.install()
-            with ThreadPoolExecutor(self.threads, thread_name_prefix="compile-ahead") as pool:
+                serial = one_launcher_at_a_time(driver.active)
+            with serial, ThreadPoolExecutor(self.threads,
+                                            thread_name_prefix="compile-ahead") as pool:
                 for _ in pool.map(self._run_job, self.jobs):
                     self.completed += 1
         except Exception as e:    # left to the capture and warm-up (module doc)

@@ -132,3 +132,38 @@ def test_a_variant_another_thread_compiles_is_waited_for_not_compiled_again():
     assert a2[0] >= a1[1]                  # the second "a" began once the first had ended
     assert b[0] < a1[1]                    # "b" did not wait for "a"
 
+
+
+def test_launchers_are_built_one_at_a_time_and_the_driver_restored():
+    """Within one_launcher_at_a_time, 8 threads building Triton launchers at once build them
+    one by one (none overlaps another); after it, the driver's own launcher class is back."""
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from appliance.model.compile_ahead import one_launcher_at_a_time
+
+    inside, most = [0], [0]
+    count = threading.Lock()
+
+    def build(src, metadata):
+        with count:
+            inside[0] += 1
+            most[0] = max(most[0], inside[0])
+        time.sleep(0.01)
+        with count:
+            inside[0] -= 1
+        return (src, metadata)
+
+    class Driver:
+        launcher_cls = staticmethod(build)
+
+    driver = Driver()
+    with one_launcher_at_a_time(driver):
+        with ThreadPoolExecutor(8) as pool:
+            built = list(pool.map(lambda i: driver.launcher_cls(i, "meta"), range(16)))
+    assert built == [(i, "meta") for i in range(16)] and most[0] == 1
+    assert driver.launcher_cls is build
+    with ThreadPoolExecutor(8) as pool:         # without it they overlap: the test can fail
+        list(pool.map(lambda i: driver.launcher_cls(i, "meta"), range(16)))
+    assert most[0] > 1
