@@ -30,6 +30,7 @@ import triton.language as tl
 
 from kernels.triton.common import check, interpreting, next_pow2, per_batch, pow2_dim
 from kernels.triton.paged_tiles import BATCH_META, add_sink, attn_tile, block_map, extend_block
+from kernels.triton.pdl import pdl_begin, pdl_launch
 from kernels.triton.split_kv import (DEFAULT_SIZING, SPLIT_INTS, SplitSizing, merge_splits,
                                      split_buffers, split_range)
 
@@ -48,7 +49,8 @@ def _paged_attn_kernel(
         BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, N_HBLK: tl.constexpr,
         SPLIT: tl.constexpr, HAS_D2: tl.constexpr, SHARED_V: tl.constexpr,
         DECODE: tl.constexpr, EVEN_D: tl.constexpr, WINDOW: tl.constexpr,
-        HAS_SINKS: tl.constexpr, PAGE_SIZE: tl.constexpr):
+        HAS_SINKS: tl.constexpr, PAGE_SIZE: tl.constexpr, PDL: tl.constexpr):
+    pdl_begin(PDL)
     BLOCK_M: tl.constexpr = BLOCK_T * G_BLK
     pid_q, pid_h, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     kvh, hb = pid_h // N_HBLK, pid_h % N_HBLK
@@ -246,7 +248,7 @@ def paged_attention(q1: torch.Tensor, q2: torch.Tensor | None, k1: torch.Tensor,
         SHARED_V=shared_v, DECODE=decode,
         EVEN_D=all(pow2_dim(x) for x in (d1, dv) + ((d2,) if d2 else ())),
         WINDOW=window, HAS_SINKS=sinks is not None, PAGE_SIZE=page_size,
-        num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages, **pdl_launch(q1.device))
     if num_splits > 1:
         merge_splits(part_o, part_l, out, sinks)
     return out

@@ -7,11 +7,14 @@ import triton.language as tl
 
 from kernels.registry import register
 from kernels.triton.common import PRIORITY, check, next_pow2, on_cuda
+from kernels.triton.pdl import pdl_begin, pdl_launch
 
 
 @triton.jit
 def _rms_norm_kernel(X, R, W, Out, ResOut, stride_x, stride_r, stride_o, stride_ro, eps,
-                     H: tl.constexpr, BLOCK_H: tl.constexpr, HAS_RES: tl.constexpr):
+                     H: tl.constexpr, BLOCK_H: tl.constexpr, HAS_RES: tl.constexpr,
+                     PDL: tl.constexpr):
+    pdl_begin(PDL)
     row = tl.program_id(0).to(tl.int64)
     h = tl.arange(0, BLOCK_H)
     ok = h < H
@@ -43,7 +46,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     t, h = x.shape
     out = torch.empty_like(x)
     _rms_norm_kernel[(t,)](x, x, weight, out, out, x.stride(0), 0, out.stride(0), 0, eps,
-                           H=h, BLOCK_H=next_pow2(h), HAS_RES=False, num_warps=_norm_warps(h))
+                           H=h, BLOCK_H=next_pow2(h), HAS_RES=False, num_warps=_norm_warps(h),
+                           **pdl_launch(x.device))
     return out
 
 
@@ -58,12 +62,14 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
     out, res_out = torch.empty_like(x), torch.empty_like(x)
     _rms_norm_kernel[(t,)](x, residual, weight, out, res_out, x.stride(0), residual.stride(0),
                            out.stride(0), res_out.stride(0), eps, H=h, BLOCK_H=next_pow2(h),
-                           HAS_RES=True, num_warps=_norm_warps(h))
+                           HAS_RES=True, num_warps=_norm_warps(h), **pdl_launch(x.device))
     return out, res_out
 
 
 @triton.jit
-def _silu_and_mul_kernel(X, Out, stride_x, stride_o, I: tl.constexpr, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(X, Out, stride_x, stride_o, I: tl.constexpr, BLOCK: tl.constexpr,
+                         PDL: tl.constexpr):
+    pdl_begin(PDL)
     row = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = c < I
@@ -82,5 +88,6 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     out = torch.empty(t, inter, dtype=x.dtype, device=x.device)
     block = min(1024, next_pow2(inter))
     _silu_and_mul_kernel[(t, triton.cdiv(inter, block))](x, out, x.stride(0), out.stride(0),
-                                                         I=inter, BLOCK=block, num_warps=4)
+                                                         I=inter, BLOCK=block, num_warps=4,
+                                                         **pdl_launch(x.device))
     return out

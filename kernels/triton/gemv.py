@@ -20,6 +20,7 @@ import triton.language as tl
 
 from kernels.registry import register
 from kernels.triton.common import PRIORITY, on_cuda
+from kernels.triton.pdl import pdl_begin, pdl_launch
 
 
 @dataclass(frozen=True)
@@ -43,14 +44,28 @@ def gemv_config(n: int, k: int) -> GemvConfig:
 
 
 @triton.jit
+def _prefetch_l2(ptrs):
+    """Ask L2 for the lines at `ptrs` (no registers, no wait)."""
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [ptrs],
+                              dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
 def _gemv_kernel(X, W, B, Out, N, K, stride_w,
                  HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 EVEN_K: tl.constexpr):
+                 EVEN_K: tl.constexpr, PDL: tl.constexpr):
     pid = tl.program_id(0)
     n = pid * BLOCK_N + tl.arange(0, BLOCK_N)                          # [BN]
     n_ok = n < N
     k = tl.arange(0, BLOCK_K)                                          # [BK]
     rows = W + n.to(tl.int64)[:, None] * stride_w                      # [BN, 1]
+    if PDL:
+        # Weights are never written while serving: the first tile's 128-byte lines stream
+        # into L2 while the kernel that writes X ends (pdl.py).
+        lines = tl.arange(0, BLOCK_K // 64) * 64
+        safe_rows = W + tl.where(n_ok, n, 0).to(tl.int64)[:, None] * stride_w
+        _prefetch_l2(safe_rows + tl.where(lines < K, lines, 0)[None, :])
+    pdl_begin(PDL)
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + k
@@ -83,7 +98,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     _gemv_kernel[grid](x, weight, bias if bias is not None else out, out, n, k, weight.stride(0),
                        HAS_BIAS=bias is not None, BLOCK_N=config.block_n,
                        BLOCK_K=config.block_k, EVEN_K=k % config.block_k == 0,
-                       num_warps=config.num_warps, num_stages=config.num_stages)
+                       num_warps=config.num_warps, num_stages=config.num_stages,
+                       **pdl_launch(x.device))
     return out
 
 

@@ -38,6 +38,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from kernels.step_memo import memoized
 from kernels.triton.common import (check, has_tma, interpreting, next_pow2, per_batch,
                                    pow2_dim, tma_rows_ok)
+from kernels.triton.pdl import pdl_begin, pdl_launch
 from kernels.triton.split_kv import (DEFAULT_SIZING, SPLIT_INTS, SplitSizing, merge_splits,
                                      split_buffers, split_range)
 
@@ -186,9 +187,10 @@ def _mla_decode_chunked_kernel(
         L: tl.constexpr, R: tl.constexpr, BLOCK_R: tl.constexpr, CH: tl.constexpr,
         NC: tl.constexpr, G_BLK: tl.constexpr, BLOCK_N: tl.constexpr,
         SPLIT: tl.constexpr, EVEN_H: tl.constexpr, EVEN_R: tl.constexpr,
-        Q_IN_LOOP: tl.constexpr, TMA: tl.constexpr, PAGE_SIZE: tl.constexpr):
+        Q_IN_LOOP: tl.constexpr, TMA: tl.constexpr, PAGE_SIZE: tl.constexpr, PDL: tl.constexpr):
     """grid (B, head blocks, splits): one sequence, G_BLK heads, one piece of the KV range.
     DescLat / DescRope: tensor descriptors of KV when TMA (else KV itself, unused)."""
+    pdl_begin(PDL)
     b, hb, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b64 = b.to(tl.int64)
     head = hb * G_BLK + tl.arange(0, G_BLK)                               # [M]
@@ -346,7 +348,7 @@ def mla_decode_chunked(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: t
         L=lat, R=rope, BLOCK_R=block_r, CH=lat // nc, NC=nc, G_BLK=g_blk, BLOCK_N=block_n,
         SPLIT=num_splits > 1, EVEN_H=heads % g_blk == 0, EVEN_R=rope == block_r,
         Q_IN_LOOP=q_in_loop, TMA=tma, PAGE_SIZE=page_size, num_warps=num_warps,
-        num_stages=num_stages,
+        num_stages=num_stages, **pdl_launch(out.device),
         **({} if max_regs is None else dict(maxnreg=max_regs)))
     if num_splits > 1:
         merge_splits(part_o, part_l, out)

@@ -26,6 +26,7 @@ import triton.language as tl
 from kernels.moe_activation import ClampedSwiGLU
 from kernels.registry import register
 from kernels.triton.common import PRIORITY, check, interpreting, on_cuda_half, per_batch
+from kernels.triton.pdl import pdl_begin, pdl_launch
 # Up to this many (token, expert) pairs each pair gets an M block of its own, so the ~12 small
 # launches of align_by_expert are skipped (batch-1 decode: T=1 x top-6). Distinct experts per
 # block then, so no expert's weights are read twice as long as a token's k experts differ.
@@ -146,10 +147,12 @@ def _moe_up_kernel(X, W13, Inter, Pairs, BlockExpert, B13, W13S, num_pairs, top_
                    stride_be, stride_se, stride_sn, alpha, limit, K: tl.constexpr,
                    I: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_K: tl.constexpr, PAIR_BLOCKS: tl.constexpr, HAS_BIAS: tl.constexpr,
-                   CLAMPED: tl.constexpr, INTERLEAVED: tl.constexpr, MXFP4: tl.constexpr):
+                   CLAMPED: tl.constexpr, INTERLEAVED: tl.constexpr, MXFP4: tl.constexpr,
+                   PDL: tl.constexpr):
     """Inter[rows, n] = silu(x @ w13[e, n].T) * (x @ w13[e, I + n].T) for one expert block;
     or, as the constexprs say, + b13[e], gate/up rows 2n / 2n + 1, the clamped SwiGLU, and
     (with INTERLEAVED) w13 as MXFP4 codes (W13) + scales (W13S)."""
+    pdl_begin(PDL)
     rows, pair, ok, n, kk, k_end, w, ec = _expert_block(Pairs, BlockExpert, W13, num_pairs,
                                                         num_experts, stride_we, I, K, BLOCK_M,
                                                         BLOCK_N, BLOCK_K, PAIR_BLOCKS)
@@ -194,9 +197,11 @@ def _moe_down_kernel(Inter, W2, Weights, Out, Pairs, BlockExpert, B2, W2S, num_p
                      num_experts, stride_it, stride_we, stride_wn, stride_wk, stride_ot,
                      stride_be, stride_se, stride_sn, K: tl.constexpr, H: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     PAIR_BLOCKS: tl.constexpr, HAS_BIAS: tl.constexpr, MXFP4: tl.constexpr):
+                     PAIR_BLOCKS: tl.constexpr, HAS_BIAS: tl.constexpr, MXFP4: tl.constexpr,
+                     PDL: tl.constexpr):
     """Out[pair, n] = weight[pair] * (inter[rows] @ w2[e, n].T (+ b2[e, n])) for one expert
     block; MXFP4: w2 as codes (W2) + scales (W2S)."""
+    pdl_begin(PDL)
     rows, pair, ok, n, kk, k_end, w, ec = _expert_block(Pairs, BlockExpert, W2, num_pairs,
                                                         num_experts, stride_we, H, K, BLOCK_M,
                                                         BLOCK_N, BLOCK_K, PAIR_BLOCKS)
@@ -248,8 +253,9 @@ def moe_tiles(pairs_per_expert: float) -> MoeTiles:
 
 @triton.jit
 def _sum_topk_kernel(Pairs, Out, stride_p, stride_o, TOP_K: tl.constexpr, H: tl.constexpr,
-                     BLOCK_H: tl.constexpr):
+                     BLOCK_H: tl.constexpr, PDL: tl.constexpr):
     """Out[t, cols] = sum over j < TOP_K of Pairs[t * TOP_K + j, cols], in fp32, rounded once."""
+    pdl_begin(PDL)
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)                  # [BLOCK_H]
     ok = h < H
@@ -269,7 +275,7 @@ def sum_topk(out_pairs: torch.Tensor, t: int, k: int) -> torch.Tensor:
     block_h = 16 if interpreting() else SUM_BLOCK_H
     _sum_topk_kernel[(t, triton.cdiv(h, block_h))](
         out_pairs, out, out_pairs.stride(0), out.stride(0), TOP_K=k, H=h, BLOCK_H=block_h,
-        num_warps=4)
+        num_warps=4, **pdl_launch(out.device))
     return out
 
 
@@ -341,7 +347,7 @@ def _fused_moe(x: torch.Tensor, w13: tuple, w2: tuple, dims: tuple[int, int, int
     inter_buf = torch.empty(nb * bm, inter, dtype=x.dtype, device=x.device)   # [NB*M, I]
     mxfp4 = s13 is not None
     launch = dict(num_warps=tiles.num_warps, num_stages=tiles.num_stages,
-                  PAIR_BLOCKS=pair_blocks, MXFP4=mxfp4)
+                  PAIR_BLOCKS=pair_blocks, MXFP4=mxfp4, **pdl_launch(x.device))
     act = activation or ClampedSwiGLU()      # alpha / limit are read only when clamped
     _moe_up_kernel[(nb * triton.cdiv(inter, bn),)](
         x, w13, inter_buf, pairs, block_expert, x if b13 is None else b13,

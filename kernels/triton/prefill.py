@@ -36,6 +36,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from kernels.triton.common import (check, has_tma, interpreting, next_pow2, per_batch,
                                    pow2_dim, tma_rows_ok)
 from kernels.triton.paged_tiles import BATCH_META, add_sink, attn_tile, block_map, extend_block
+from kernels.triton.pdl import pdl_begin, pdl_launch
 
 
 @triton.jit
@@ -67,11 +68,12 @@ def _prefill_kernel(
         stride_oh, stride_pt,
         D: tl.constexpr, DV: tl.constexpr, G_BLK: tl.constexpr, BLOCK_T: tl.constexpr,
         BLOCK_N: tl.constexpr, N_HBLK: tl.constexpr, HAS_SINKS: tl.constexpr,
-        PAGE_SIZE: tl.constexpr):
+        PAGE_SIZE: tl.constexpr, PDL: tl.constexpr):
     """grid (blocks of BLOCK_T tokens, KV heads x head blocks). HAS_SINKS: Sinks[Hq] joins
     each row's softmax denominator (paged_tiles.add_sink). The cached prefix's scores take
     prefix_scale_log2 (k_scale folded in) and its values v_scale, applied to the accumulator
     once the prefix is summed (online-softmax rescaling is linear)."""
+    pdl_begin(PDL)
     BLOCK_M: tl.constexpr = BLOCK_T * G_BLK
     pid_q, pid_h = tl.program_id(0), tl.program_id(1)
     kvh, hb = pid_h // N_HBLK, pid_h % N_HBLK
@@ -211,5 +213,5 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         v_cache.stride(1), out.stride(0), out.stride(1), page_table.stride(0),
         D=d, DV=dv, G_BLK=g_blk, BLOCK_T=block_t, BLOCK_N=block_n, N_HBLK=n_hblk,
         HAS_SINKS=sinks is not None, PAGE_SIZE=page_size, num_warps=tiles.num_warps,
-        num_stages=tiles.num_stages)
+        num_stages=tiles.num_stages, **pdl_launch(q.device))
     return out

@@ -15,6 +15,7 @@ import triton.language as tl
 from kernels.reference.kv_cache import FP8_KV_DTYPE, FP8_MAX
 from kernels.registry import register
 from kernels.triton.common import PRIORITY, check, kv_dtype_ok, next_pow2, on_cuda, per_batch
+from kernels.triton.pdl import pdl_begin, pdl_launch
 
 FP8_LIMIT = tl.constexpr(FP8_MAX)   # jit functions read only constexpr globals
 
@@ -76,7 +77,9 @@ def _rope_kv_kernel(Q, K, V, Pos, CosSin, QOut, KOut, KCache, VCache, Slots,
                     stride_kcs, stride_kch, stride_vcs, stride_vch, inv_k_scale, inv_v_scale,
                     HQ, HK, R, D: tl.constexpr, DV: tl.constexpr, BLOCK_HQ: tl.constexpr,
                     BLOCK_HK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                    IS_NEOX: tl.constexpr, STORE: tl.constexpr, FP8: tl.constexpr):
+                    IS_NEOX: tl.constexpr, STORE: tl.constexpr, FP8: tl.constexpr,
+                    PDL: tl.constexpr):
+    pdl_begin(PDL)
     tok = tl.program_id(0).to(tl.int64)
     d = tl.arange(0, BLOCK_D)
     half = R // 2
@@ -133,7 +136,7 @@ def _launch(q, k, v, positions, cos_sin, rotary_dim, is_neox, k_cache, v_cache, 
         kc.stride(0), kc.stride(1), vc.stride(0), vc.stride(1), 1.0 / k_scale, 1.0 / v_scale,
         hq, hk, rotary_dim, D=d, DV=dv, BLOCK_HQ=next_pow2(hq), BLOCK_HK=next_pow2(hk),
         BLOCK_D=next_pow2(d), BLOCK_DV=next_pow2(dv), IS_NEOX=is_neox, STORE=store,
-        FP8=_is_fp8(kc), num_warps=4)
+        FP8=_is_fp8(kc), num_warps=4, **pdl_launch(q.device))
     return q_out, k_out
 
 
@@ -161,7 +164,9 @@ def rope_store_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: 
 def _store_kv_kernel(K, V, KCache, VCache, Slots, stride_kt, stride_kh, stride_vt, stride_vh,
                      stride_kcs, stride_kch, stride_vcs, stride_vch, inv_k_scale, inv_v_scale,
                      HK, D: tl.constexpr, DV: tl.constexpr, BLOCK_HK: tl.constexpr,
-                     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, FP8: tl.constexpr):
+                     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, FP8: tl.constexpr,
+                     PDL: tl.constexpr):
+    pdl_begin(PDL)
     tok = tl.program_id(0).to(tl.int64)
     slot = tl.load(Slots + tok).to(tl.int64)
     if slot >= 0:
@@ -188,4 +193,5 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
                            v.stride(0), v.stride(1), k_cache.stride(0), k_cache.stride(1),
                            v_cache.stride(0), v_cache.stride(1), 1.0 / k_scale, 1.0 / v_scale,
                            hk, D=d, DV=dv, BLOCK_HK=next_pow2(hk), BLOCK_D=next_pow2(d),
-                           BLOCK_DV=next_pow2(dv), FP8=_is_fp8(k_cache), num_warps=4)
+                           BLOCK_DV=next_pow2(dv), FP8=_is_fp8(k_cache), num_warps=4,
+                           **pdl_launch(k.device))

@@ -25,6 +25,7 @@ import triton.language as tl
 from kernels.reference.moe import router_logits as reference_router_logits
 from kernels.registry import register
 from kernels.triton.common import PRIORITY, check, next_pow2, on_cuda
+from kernels.triton.pdl import pdl_begin, pdl_launch
 
 MAX_EXPERTS = 1024
 ROUTER_ROWS_MAX = 64       # more tokens: the reference's fp32 GEMM
@@ -36,8 +37,10 @@ ROUTER_TILE_ELEMS = 2048
 
 @triton.jit
 def _router_logits_kernel(X, W, Out, stride_x, stride_w, stride_o, H: tl.constexpr,
-                          E: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
+                          E: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+                          PDL: tl.constexpr):
     """Out[t, e] = sum_k float(X[t, k]) * W[e, k] for the program's BLOCK_E experts."""
+    pdl_begin(PDL)
     t = tl.program_id(0).to(tl.int64)
     e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)                  # [BLOCK_E]
     e_ok = e < E
@@ -69,7 +72,7 @@ def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     block_e = max(1, min(next_pow2(e), ROUTER_TILE_ELEMS // block_k))
     _router_logits_kernel[(t, triton.cdiv(e, block_e))](
         x, weight, out, x.stride(0), weight.stride(0), out.stride(0), H=h, E=e,
-        BLOCK_E=block_e, BLOCK_K=block_k, num_warps=4)
+        BLOCK_E=block_e, BLOCK_K=block_k, num_warps=4, **pdl_launch(x.device))
     return out
 
 
@@ -102,7 +105,8 @@ def _moe_route_kernel(Logits, Bias, Weights, Ids, stride_l, routed_scaling,
                       E: tl.constexpr, BLOCK_E: tl.constexpr, TOP_K: tl.constexpr,
                       BLOCK_K: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr,
                       BLOCK_G: tl.constexpr, SOFTMAX: tl.constexpr, HAS_BIAS: tl.constexpr,
-                      RENORM: tl.constexpr):
+                      RENORM: tl.constexpr, PDL: tl.constexpr):
+    pdl_begin(PDL)
     t = tl.program_id(0).to(tl.int64)
     e = tl.arange(0, BLOCK_E)                                  # [BLOCK_E]
     ok = e < E
@@ -169,5 +173,5 @@ def moe_route(router_logits: torch.Tensor, top_k: int, scoring: str, renormalize
         BLOCK_K=max(2, next_pow2(top_k)), N_GROUP=n_group if grouped else 1,
         TOPK_GROUP=topk_group if grouped else 1, BLOCK_G=max(2, next_pow2(n_group)),
         SOFTMAX=scoring == "softmax", HAS_BIAS=bias is not None, RENORM=bool(renormalize),
-        num_warps=1 if e <= 256 else 4)
+        num_warps=1 if e <= 256 else 4, **pdl_launch(logits.device))
     return weights, ids

@@ -26,6 +26,7 @@ from kernels.reference.sample import MUL_A as _MUL_A
 from kernels.reference.sample import MUL_B as _MUL_B
 from kernels.registry import register
 from kernels.triton.common import PRIORITY, interpreting, next_pow2, on_cuda, per_batch
+from kernels.triton.pdl import pdl_begin, pdl_launch
 
 ROW_PARAMS = ("Temp", "TopK", "TopP", "Seeds", "Pos")   # per-row views of one packed copy
 # the hash constants of the reference, as constexpr globals Triton may read
@@ -97,7 +98,8 @@ def _row_params(Temp, TopK, TopP, row, V, KCAP: tl.constexpr):
 @triton.jit(**per_batch(pointers=ROW_PARAMS))
 def _sample_chunk_kernel(Logits, Temp, TopK, TopP, Seeds, Pos, CandV, CandI, BestV, BestI,
                          ChunkZ, Overflow, stride_l, V, NC, CHUNK: tl.constexpr,
-                         KCAP: tl.constexpr):
+                         KCAP: tl.constexpr, PDL: tl.constexpr):
+    pdl_begin(PDL)
     row, c = tl.program_id(0), tl.program_id(1)
     t, greedy, top_k, top_p, k_on, p_on, p_alone, cand = _row_params(Temp, TopK, TopP, row, V,
                                                                       KCAP)
@@ -244,7 +246,9 @@ def _finish_stream(base, V, t, k_on, top_k, top_p, p_on, key, BLOCK_V: tl.conste
 @triton.jit(**per_batch(pointers=ROW_PARAMS))
 def _sample_finish_kernel(Logits, Temp, TopK, TopP, Seeds, Pos, CandV, CandI, BestV, BestI,
                           ChunkZ, Overflow, Out, stride_l, V, NC, KCAP: tl.constexpr,
-                          NCAND: tl.constexpr, BLOCK_NC: tl.constexpr, BLOCK_V: tl.constexpr):
+                          NCAND: tl.constexpr, BLOCK_NC: tl.constexpr, BLOCK_V: tl.constexpr,
+                          PDL: tl.constexpr):
+    pdl_begin(PDL)
     row = tl.program_id(0)
     t, greedy, top_k, top_p, k_on, p_on, p_alone, cand = _row_params(Temp, TopK, TopP, row, V,
                                                                       KCAP)
@@ -316,9 +320,10 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
     overflow = torch.empty(b, nc, dtype=torch.int32, device=dev)
     args = (logits, temperature.float(), top_k.int(), top_p.float(), seeds.long(),
             positions.long(), cand_v, cand_i, best_v, best_i, chunk_z, overflow)
+    pdl = pdl_launch(dev)
     _sample_chunk_kernel[(b, nc)](*args, logits.stride(0), v, nc, CHUNK=chunk, KCAP=kcap,
-                                  num_warps=8)
+                                  num_warps=8, **pdl)
     _sample_finish_kernel[(b,)](*args, out, logits.stride(0), v, nc, KCAP=kcap,
                                 NCAND=next_pow2(nc * kcap), BLOCK_NC=max(2, next_pow2(nc)),
-                                BLOCK_V=sizes.block_v, num_warps=8)
+                                BLOCK_V=sizes.block_v, num_warps=8, **pdl)
     return out

@@ -7,12 +7,14 @@ import triton.language as tl
 
 from kernels.registry import register
 from kernels.triton.common import PRIORITY, on_cuda, per_batch
+from kernels.triton.pdl import pdl_begin, pdl_launch
 
 BLOCK = 16  # logits rows looked at per iteration: a row is its next token + up to ~8 drafts
 
 
 @triton.jit(**per_batch(pointers=("Tokens", "Drafts", "Start", "Counts")))
-def _spec_accept_kernel(Tokens, Drafts, Start, Counts, BLOCK: tl.constexpr):
+def _spec_accept_kernel(Tokens, Drafts, Start, Counts, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    pdl_begin(PDL)
     row = tl.program_id(0)
     lo = tl.load(Start + row)
     hi = tl.load(Start + row + 1)
@@ -35,5 +37,6 @@ def spec_accept(tokens: torch.Tensor, drafts: torch.Tensor,
     counts = torch.empty(rows, dtype=torch.int32, device=tokens.device)
     if rows > 0:
         _spec_accept_kernel[(rows,)](tokens.int().contiguous(), drafts.int().contiguous(),
-                                     logit_start.int().contiguous(), counts, BLOCK=BLOCK)
+                                     logit_start.int().contiguous(), counts, BLOCK=BLOCK,
+                                     **pdl_launch(tokens.device))
     return counts

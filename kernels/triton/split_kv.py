@@ -23,6 +23,7 @@ import triton.language as tl
 
 from kernels.triton.common import next_pow2, num_sms, per_batch
 from kernels.triton.paged_tiles import LOG2E
+from kernels.triton.pdl import pdl_begin, pdl_launch
 
 # Arguments that scale with the split count: not specialized (common.per_batch)
 SPLIT_INTS = ("num_splits", "stride_pot", "stride_poh", "stride_plt", "stride_plh")
@@ -93,11 +94,12 @@ def split_range(split, kv_len, min_split_len, num_splits, SPLIT: tl.constexpr,
 def _merge_splits_kernel(PartO, PartL, Out, Sinks, num_splits, stride_pot, stride_poh,
                          stride_pos, stride_plt, stride_plh, stride_ot, stride_oh,
                          DV: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_S: tl.constexpr,
-                         CHUNK_S: tl.constexpr, HAS_SINKS: tl.constexpr):
+                         CHUNK_S: tl.constexpr, HAS_SINKS: tl.constexpr, PDL: tl.constexpr):
     """Out[t, h, cols] = sum_s exp2(lse_s - m) PartO[t, h, s, cols] / sum_s exp2(lse_s - m).
     Splits are read CHUNK_S at a time so that many loads are in flight at once, up to the
     row's last non-empty split (non-empty splits are a prefix; empty ones wrote no partial).
     HAS_SINKS: head h's sink logit Sinks[h] (natural log) joins the denominator."""
+    pdl_begin(PDL)
     t, h = tl.program_id(0).to(tl.int64), tl.program_id(1)
     dv = tl.program_id(2) * BLOCK_DV + tl.arange(0, BLOCK_DV)
     s = tl.arange(0, BLOCK_S)
@@ -152,7 +154,7 @@ def merge_splits(part_o: torch.Tensor, part_l: torch.Tensor, out: torch.Tensor,
         part_o, part_l, out, out if sinks is None else sinks, num_splits, part_o.stride(0),
         part_o.stride(1), part_o.stride(2), part_l.stride(0), part_l.stride(1), out.stride(0),
         out.stride(1), DV=dv, BLOCK_DV=block_dv, BLOCK_S=block_s, CHUNK_S=chunk_s,
-        HAS_SINKS=sinks is not None, num_warps=4)
+        HAS_SINKS=sinks is not None, num_warps=4, **pdl_launch(out.device))
 
 
 def split_buffers(shape: tuple[int, ...], num_splits: int, out: torch.Tensor

@@ -24,6 +24,7 @@ except Exception as e:  # noqa: BLE001
 
 from kernels.triton import attention as A  # noqa: E402
 from kernels.triton import elementwise as E  # noqa: E402
+from kernels.triton import gemv as G  # noqa: E402
 from kernels.triton import mla_decode as MD  # noqa: E402
 from kernels.triton import moe as M  # noqa: E402
 from kernels.triton import paged_tiles as PT  # noqa: E402
@@ -37,7 +38,7 @@ from kernels.triton.common import next_pow2  # noqa: E402
 pytestmark = pytest.mark.slow  # spawns processes / > 5 s: skipped by -m 'not slow'
 
 CHECKS = ["attention", "mla_chunked", "prefill", "moe", "rows_and_sample", "per_batch",
-          "gpt_oss", "fp8_kv"]
+          "gpt_oss", "fp8_kv", "pdl"]
 
 
 @pytest.mark.parametrize("check", CHECKS)
@@ -59,7 +60,11 @@ def compile_sm90(kernel, args: dict, constexprs: dict, num_warps: int, num_stage
                  **options):
     """args: name -> torch dtype (pointer), int/float (scalar, 16-divisible ints marked) or a
     type string (e.g. "tensordesc<bf16[64, 128]>"); options: further compile options (e.g.
-    maxnreg)."""
+    maxnreg). Kernels compile as an sm_90 launch runs them: with PDL (kernels/triton/pdl.py)
+    unless `constexprs` says otherwise."""
+    if "PDL" in kernel.arg_names:
+        constexprs = {"PDL": True, **constexprs}
+        options = {"launch_pdl": constexprs["PDL"], **options}
     unknown = set(constexprs) - set(kernel.arg_names)
     assert not unknown, f"{kernel.fn.__name__} has no constexprs {sorted(unknown)}"
     sig, cex, attrs = {}, {}, {}
@@ -181,6 +186,16 @@ def _row_kernels() -> None:
                  dict(H=4096, BLOCK_H=4096, HAS_RES=True), 8, 1)
     compile_sm90(E._silu_and_mul_kernel, dict(X=BF, Out=BF), dict(I=14336, BLOCK=1024), 4, 1)
     _cache_writers(BF)
+    for n, k in ((6144, 4096), (28672, 4096), (4096, 14336)):   # the 8B: qkv, gate_up, down
+        _gemv(n, k)
+
+
+def _gemv(n: int, k: int, pdl: bool = True):
+    config = G.gemv_config(n, k)
+    return compile_sm90(G._gemv_kernel, dict(X=BF, W=BF, B=BF, Out=BF, N=n, K=k, stride_w=k),
+                        dict(HAS_BIAS=False, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+                             EVEN_K=k % config.block_k == 0, PDL=pdl),
+                        config.num_warps, config.num_stages)
 
 
 def _cache_writers(cache) -> None:
@@ -327,3 +342,15 @@ def _gqa_attention(d: int, group: int, decode: bool, window: int, sinks: bool, s
                HAS_D2=False, SHARED_V=False, DECODE=decode, EVEN_D=True, WINDOW=window,
                HAS_SINKS=sinks, PAGE_SIZE=16)
     compile_sm90(A._paged_attn_kernel, args, cex, tiles.num_warps, tiles.num_stages)
+
+
+def check_pdl() -> None:
+    """With PDL a kernel waits for the one before (griddepcontrol.wait) before it touches its
+    tensors, then lets the next launch; the GEMV asks L2 for its first weight tile before the
+    wait. Without PDL none of it is emitted (the interpreter's and older GPUs' path)."""
+    ptx = _gemv(6144, 4096).asm["ptx"]
+    prefetch, wait = ptx.find("prefetch.global.L2"), ptx.find("griddepcontrol.wait")
+    assert 0 <= prefetch < wait < ptx.find("griddepcontrol.launch_dependents"), ptx[:3000]
+    assert wait < ptx.find("ld.global"), "a global load before the wait"
+    plain = _gemv(6144, 4096, pdl=False).asm["ptx"]
+    assert "griddepcontrol" not in plain and "prefetch" not in plain
