@@ -15,10 +15,16 @@ control), or the script fails.
 
     python scripts/gpu_pdl.py                                    # both presets, B = 1, 16, 64
     python scripts/gpu_pdl.py --presets llama-3.1-8b --batches 1 --context 512
+    python scripts/gpu_pdl.py --profile 1 --rounds 1     # + where a B=1 replay's GPU time goes
+
+--profile B: torch.profiler over PROFILE_REPLAYS graph replays of B rows, PDL off and on: the
+kernels' time a step (with PDL a kernel's time includes its wait for the one before), their
+sum against the replay's time, and the top kernels; the tables go to OUT (kernels-*.csv).
 """
 from __future__ import annotations
 
 import argparse
+import csv
 import os
 import statistics
 import sys
@@ -36,10 +42,13 @@ from gpu_spec_verify import PAGE, WIDTH_ALIGN, Stepper, plan_arrays  # noqa: E40
 from kernel_bench.harness import measure_ceilings  # noqa: E402
 
 from appliance.engine.engine import to_forward_batch  # noqa: E402
+from appliance.engine.step_timing import write_kernel_table  # noqa: E402
 from appliance.model import ModelRunner, ModelSource  # noqa: E402
 from kernels.triton import pdl  # noqa: E402
 
 REPLAYS = 50
+PROFILE_REPLAYS = 20
+TOP = 14
 
 
 def set_pdl(on: bool) -> None:
@@ -59,7 +68,28 @@ def forward_ms(runner: ModelRunner, batch) -> float:
     return start.elapsed_time(end) / REPLAYS
 
 
-def measure(preset: str, batches: list[int], context: int, rounds: int, bw: float) -> list[str]:
+def profile(runner: ModelRunner, batch, name: str, out: Path) -> str:
+    """Kernels of PROFILE_REPLAYS replays of `batch` (module doc), as table lines."""
+    forward = forward_ms(runner, batch)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(PROFILE_REPLAYS):
+            runner.forward(batch)
+        torch.cuda.synchronize()
+    path = out / f"kernels-{name}.csv"
+    write_kernel_table(prof, PROFILE_REPLAYS, True, path)
+    with path.open() as f:
+        rows = list(csv.DictReader(f))
+    total = sum(float(r["ms_per_step"]) for r in rows)
+    lines = [f"### {name}: replay {forward * 1e3:.0f} us, kernels {total * 1e3:.0f} us a step "
+             f"({sum(float(r['calls_per_step']) for r in rows):.0f} launches)", "",
+             "| kernel | calls | us a step | % |", "|---|---|---|---|"]
+    lines += [f"| {r['kernel'][:72]} | {float(r['calls_per_step']):g} | "
+              f"{float(r['ms_per_step']) * 1e3:.1f} | {r['pct']} |" for r in rows[:TOP]]
+    return "\n".join(lines)
+
+
+def measure(preset: str, batches: list[int], context: int, rounds: int, bw: float,
+            profile_rows: int | None, out: Path) -> tuple[list[str], list[str], list[str]]:
     row_pages = -(-(context + 1) // PAGE)
     runner = ModelRunner(ModelSource(preset=preset, load_format="dummy"), device="cuda",
                          dtype=torch.bfloat16, kv_num_pages=max(batches) * row_pages + 16,
@@ -104,9 +134,21 @@ def measure(preset: str, batches: list[int], context: int, rounds: int, bw: floa
         print(lines[-1], flush=True)
         if not same:
             differ.append(f"{preset} B={b}")
+    profiles = []
+    if profile_rows is not None:
+        batch = to_forward_batch(plan_arrays(profile_rows, 0, context, runner.vocab_size, rng),
+                                 runner.device)
+        for on in (False, True):
+            set_pdl(on)
+            runner.decode_graphs = None
+            runner.enable_cuda_graphs(max(batches), -(-row_pages // WIDTH_ALIGN) * WIDTH_ALIGN
+                                      * PAGE)
+            profiles.append(profile(runner, batch, f"{preset}-B{profile_rows}-pdl-"
+                                    f"{'on' if on else 'off'}", out))
+            print(profiles[-1], flush=True)
     del stepper, runner
     torch.cuda.empty_cache()
-    return lines, differ
+    return lines, differ, profiles
 
 
 def main() -> int:
@@ -115,6 +157,8 @@ def main() -> int:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--context", type=int, default=2048)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--profile", type=int, metavar="B", default=None)
+    parser.add_argument("--out", default=os.environ.get("OUT", "/tmp/out"))
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("gpu_pdl: needs a CUDA device", file=sys.stderr)
@@ -124,10 +168,15 @@ def main() -> int:
           f"{bw / 1e9:.0f} GB/s", flush=True)
     head = ["| preset | B | forward us, PDL off | on | speed-up | share of the bound | "
             "step us, off | on | tok/s on | logits equal |", "|---" * 10 + "|"]
-    rows, differ = [], []
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows, differ, profiles = [], [], []
     for preset in args.presets:
-        lines, bad = measure(preset, args.batches, args.context, args.rounds, bw)
-        rows, differ = rows + lines, differ + bad
+        lines, bad, tables = measure(preset, args.batches, args.context, args.rounds, bw,
+                                     args.profile, out)
+        rows, differ, profiles = rows + lines, differ + bad, profiles + tables
+    if profiles:
+        print("\n" + "\n\n".join(profiles))
     print(f"\ncontext {args.context} tokens; forward: CUDA-graph replay; step: as the engine")
     print("\n".join(head + rows))
     if differ:

@@ -40,6 +40,9 @@ def _parser() -> argparse.ArgumentParser:
     mla.add_argument("--no-generic", action="store_true",
                      help="skip the generic kernel's variants before the chunked sweep")
     mla.set_defaults(sweep=lambda a, c: tune.mla(c, a.top, not a.no_generic))
+    sweeps.add_parser("short-decode", help="batch-1 GQA decode of short rows in a 128K-wide "
+                                           "table: split tiles and tiles").set_defaults(
+        sweep=lambda a, c: tune.short_decode(c))
     sweeps.add_parser("stages", help="pipeline depths of the generic paged kernel"
                       ).set_defaults(sweep=lambda a, c: tune.stages(c))
     pre = sweeps.add_parser("prefill", help="contiguous-K/V prefill tiles and the "

@@ -98,6 +98,28 @@ def attention(ceil: Ceilings, gqa_decode: bool = False, mla_only: bool = False) 
             decode_gqa(batch, ctx, ((64, 4, 2), (128, 4, 2), (128, 8, 2), (64, 4, 3)), (4,))
 
 
+def short_decode(ceil: Ceilings) -> None:
+    """Batch-1 GQA decode of short rows (512 / 2K / 8K keys) in a 128K-wide page table, as the
+    daemon's decode graphs launch it: the split count comes from the table's width (the rows'
+    lengths are on the device), and each split takes at least `split_tiles` tiles of the row,
+    so a short row fills the first few splits and leaves the others empty. Variants: split_tiles
+    and tiles at the rule's count, and a few fixed counts."""
+    print("\n== tune attention: batch-1 decode of short rows in a 128K-wide table", flush=True)
+    for ctx in (512, 2048, 8192):
+        table, kc, vc, q, sl = gqa_inputs(1, ctx, 16, table_ctx=131072)
+        for splits, split_tiles in ((None, 1), (None, 2), (None, 4), (None, 8), (4, 1), (8, 1),
+                                    (16, 1)):
+            for n, w, st in ((64, 4, 2), (32, 4, 2), (128, 4, 2), (64, 4, 3), (32, 4, 3)):
+                tiles = AttentionTiles(g_blk=16, block_t=1, block_n=n, num_warps=w, num_stages=st)
+                fn = partial(paged_attention, q, None, kc, None, vc, table, None, sl, 16,
+                             GQA_SCALE, num_splits=splits, split_tiles=split_tiles, tiles=tiles)
+                time_variant(ceil, "tune", f"decode B=1 ctx={ctx} splits={splits or 'rule'} "
+                             f"split_tiles={split_tiles} N={n} w={w} s={st}", fn,
+                             _gqa_decode_bytes(1, ctx), "GB/s")
+        del table, kc, vc, q
+        torch.cuda.empty_cache()
+
+
 def stages(ceil: Ceilings) -> None:
     """Pipeline depth (num_stages) and tile variants of the generic paged kernel: GQA decode
     at batch 1, MLA decode, and the 8K prefill (target: 50% of the GEMM rate)."""
