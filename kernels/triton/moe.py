@@ -27,6 +27,7 @@ from kernels.moe_activation import ClampedSwiGLU
 from kernels.registry import register
 from kernels.triton.common import PRIORITY, check, interpreting, on_cuda_half, per_batch
 from kernels.triton.pdl import pdl_begin, pdl_launch
+
 # Up to this many (token, expert) pairs each pair gets an M block of its own, so the ~12 small
 # launches of align_by_expert are skipped (batch-1 decode: T=1 x top-6). Distinct experts per
 # block then, so no expert's weights are read twice as long as a token's k experts differ.
