@@ -32,6 +32,7 @@ from kernels.triton import prefill as P  # noqa: E402
 from kernels.triton import rope_kv as RK  # noqa: E402
 from kernels.triton import route as RT  # noqa: E402
 from kernels.triton import sample as S  # noqa: E402
+from kernels.triton import spec_accept as SA  # noqa: E402
 from kernels.triton import split_kv as SK  # noqa: E402
 from kernels.triton.common import next_pow2  # noqa: E402
 
@@ -85,8 +86,24 @@ def compile_sm90(kernel, args: dict, constexprs: dict, num_warps: int, num_stage
             if v % 16 == 0:
                 attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn=kernel, signature=sig, constexprs=cex, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                          options=dict(num_warps=num_warps, num_stages=num_stages, **options))
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                              options=dict(num_warps=num_warps, num_stages=num_stages, **options))
+    if constexprs.get("PDL"):
+        _waits_before_memory(kernel.fn.__name__, compiled.asm["ptx"])
+    return compiled
+
+
+# PTX instructions that read or write global memory (a TMA copy, an atomic, a plain access)
+GLOBAL_ACCESS = ("ld.global", "st.global", "cp.async", "atom.global", "red.global")
+
+
+def _waits_before_memory(name: str, ptx: str) -> None:
+    """With PDL a kernel may run beside the one before it, so nothing it reads or writes may
+    come before its griddepcontrol.wait (kernels/triton/pdl.py); the GEMV's L2 prefetch of
+    weights is not an access."""
+    wait = ptx.find("griddepcontrol.wait")
+    first = min((i for i in (ptx.find(op) for op in GLOBAL_ACCESS) if i >= 0), default=len(ptx))
+    assert 0 <= wait < first, f"{name}: a global access before griddepcontrol.wait"
 
 
 BF, F32, I32, I64 = torch.bfloat16, torch.float32, torch.int32, torch.int64
@@ -188,6 +205,8 @@ def _row_kernels() -> None:
     _cache_writers(BF)
     for n, k in ((6144, 4096), (28672, 4096), (4096, 14336)):   # the 8B: qkv, gate_up, down
         _gemv(n, k)
+    compile_sm90(SA._spec_accept_kernel, dict(Tokens=I32, Drafts=I32, Start=I32, Counts=I32),
+                 dict(BLOCK=SA.BLOCK), 4, 1)
 
 
 def _gemv(n: int, k: int, pdl: bool = True):
@@ -348,9 +367,8 @@ def check_pdl() -> None:
     """With PDL a kernel waits for the one before (griddepcontrol.wait) before it touches its
     tensors, then lets the next launch; the GEMV asks L2 for its first weight tile before the
     wait. Without PDL none of it is emitted (the interpreter's and older GPUs' path)."""
-    ptx = _gemv(6144, 4096).asm["ptx"]
+    ptx = _gemv(6144, 4096).asm["ptx"]     # compile_sm90 checks no access precedes the wait
     prefetch, wait = ptx.find("prefetch.global.L2"), ptx.find("griddepcontrol.wait")
     assert 0 <= prefetch < wait < ptx.find("griddepcontrol.launch_dependents"), ptx[:3000]
-    assert wait < ptx.find("ld.global"), "a global load before the wait"
     plain = _gemv(6144, 4096, pdl=False).asm["ptx"]
     assert "griddepcontrol" not in plain and "prefetch" not in plain
