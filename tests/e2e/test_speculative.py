@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow  # spawns the daemon: skipped by -m 'not slow'
 # The seeded tiny model (speed); 64-token steps chunk every prompt below; 24 pages of 16 tokens
 # hold the longest batched request at full length (172 + 200 tokens, 24 pages) but no two of
 # them (the two shortest need 31 pages, their shared prefix cached once), so running six at
-# once preempts. With 32 pages, one CI run saw none (below).
+# once preempts. With 32 pages, one .ci/run of a fresh clone saw none (below).
 SETTINGS = ("model.preset=tiny-llama", "speculative.max_draft=6",
             "scheduler.max_batch_tokens=64", "kv.num_pages=24", "model.max_model_len=384")
 CODE = ("def add(a, b):\n    return a + b\n\n\ndef sub(a, b):\n    return a - b\n\n\n"
@@ -70,7 +70,7 @@ def test_batched_chunked_and_preempted_requests_keep_their_greedy_output(daemon)
     # One client made beforehand, so the six requests leave together: a client a thread (an SSL
     # context each) staggered them, and on a loaded CI box the suffix drafts (these very
     # outputs, just generated) finished the first requests before the last arrived, with no
-    # preemption (once in CI; reproduced on this box with 0.15 s between the requests)
+    # preemption (once, in a fresh clone's .ci/run; here again with 0.15 s between requests)
     with httpx.Client(base_url=daemon.base_url, timeout=300,
                       limits=httpx.Limits(max_connections=len(prompts))) as http:
         with ThreadPoolExecutor(len(prompts)) as pool:
