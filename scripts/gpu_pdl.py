@@ -56,6 +56,14 @@ def set_pdl(on: bool) -> None:
     pdl.pdl_enabled.cache_clear()
 
 
+def capture(runner: ModelRunner, on: bool, rows: int, width: int) -> None:
+    """The decode graphs (up to `rows` rows, `width`-token tables) re-captured with PDL `on`."""
+    set_pdl(on)
+    runner.decode_graphs = None
+    torch.cuda.empty_cache()
+    runner.enable_cuda_graphs(rows, width)
+
+
 def forward_ms(runner: ModelRunner, batch) -> float:
     """GPU ms of one forward: REPLAYS back to back between two events."""
     runner.forward(batch)
@@ -91,6 +99,7 @@ def profile(runner: ModelRunner, batch, name: str, out: Path) -> str:
 def measure(preset: str, batches: list[int], context: int, rounds: int, bw: float,
             profile_rows: int | None, out: Path) -> tuple[list[str], list[str], list[str]]:
     row_pages = -(-(context + 1) // PAGE)
+    width = -(-row_pages // WIDTH_ALIGN) * WIDTH_ALIGN * PAGE     # as the scheduler aligns it
     runner = ModelRunner(ModelSource(preset=preset, load_format="dummy"), device="cuda",
                          dtype=torch.bfloat16, kv_num_pages=max(batches) * row_pages + 16,
                          page_size=PAGE)
@@ -102,12 +111,8 @@ def measure(preset: str, batches: list[int], context: int, rounds: int, bw: floa
     logits = {}
     for r in range(rounds):
         for on in (False, True):
-            set_pdl(on)
-            runner.decode_graphs = None
-            torch.cuda.empty_cache()
             started = time.perf_counter()
-            runner.enable_cuda_graphs(max(batches), -(-row_pages // WIDTH_ALIGN) * WIDTH_ALIGN
-                                      * PAGE)
+            capture(runner, on, max(batches), width)
             print(f"== {preset} round {r} PDL {'on' if on else 'off'}: graphs captured in "
                   f"{time.perf_counter() - started:.1f} s", flush=True)
             for b in batches:
@@ -139,10 +144,7 @@ def measure(preset: str, batches: list[int], context: int, rounds: int, bw: floa
         batch = to_forward_batch(plan_arrays(profile_rows, 0, context, runner.vocab_size, rng),
                                  runner.device)
         for on in (False, True):
-            set_pdl(on)
-            runner.decode_graphs = None
-            runner.enable_cuda_graphs(max(batches), -(-row_pages // WIDTH_ALIGN) * WIDTH_ALIGN
-                                      * PAGE)
+            capture(runner, on, max(batches), width)
             profiles.append(profile(runner, batch, f"{preset}-B{profile_rows}-pdl-"
                                     f"{'on' if on else 'off'}", out))
             print(profiles[-1], flush=True)
