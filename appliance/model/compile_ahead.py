@@ -6,8 +6,10 @@ the warm-up 4.9 s, nearly all compiling, after a 6.4 s weight load. A variant de
 arguments' dtypes, shapes and alignment, never on their values, so start-up's batches run over
 weights that are still loading compile the same variants. `CompileAhead` runs them beside the
 load: the batch each CUDA graph is captured on (cuda_graph.py, extend_graph.py) and the eager
-warm-up batches (warm_up.py), in a few threads. Triton releases the GIL while it compiles, so
-the compiles overlap each other and the load; the capture and warm-up then find them compiled.
+warm-up batches (warm_up.py), in a few threads; the capture and warm-up then find them
+compiled. A compile mostly holds the GIL, so the threads hand each variant to a worker
+process (compile_workers.py; TOKENSPEED_COMPILE_WORKERS=0 compiles in the threads) and wait
+for it without the GIL, then load it from Triton's on-disk cache.
 
 What it runs over: the parameters zeroed before the load writes them (finite values whatever
 the load has reached: a router over them picks valid experts) and a scratch KV cache of a few
@@ -35,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -46,7 +49,8 @@ import torch
 from torch import nn
 
 from appliance.model.batch import ForwardBatch
-from appliance.model.compile_hooks import CompileHooks, variant_of
+from appliance.model.compile_hooks import CompileHooks, triton_runtime_knobs, variant_of
+from appliance.model.compile_workers import CompileWorkers
 from appliance.model.cuda_graph import decode_buckets, decode_capture_batch
 from appliance.model.extend_graph import extend_buckets, extend_capture_batch
 from appliance.model.warm_up import warm_up_batches
@@ -110,14 +114,16 @@ def _ignore_batch(fn: Callable[[], object]) -> Callable[[None], object]:
 class OneCompilePerVariant(CompileHooks):
     """Installed as Triton's compile hooks while the threads run: a thread about to compile a
     variant another thread is compiling waits until that one is done (then the compile it
-    goes on to finds the variant in the on-disk cache)."""
+    goes on to finds the variant in the on-disk cache). With `workers`, the first thread has
+    a worker process compile it (compile_workers.py) before Triton loads it from the cache."""
 
     WAIT_S = 300.0   # a compile that raised never says it is done: waiters go on after this
 
-    def __init__(self) -> None:
+    def __init__(self, workers: CompileWorkers | None = None) -> None:
         super().__init__()
         self._lock = threading.Lock()
         self._compiling: dict[tuple, threading.Event] = {}
+        self._workers = workers
 
     def before(self, *args, **kwargs) -> bool:
         variant = variant_of(args, kwargs)
@@ -126,7 +132,9 @@ class OneCompilePerVariant(CompileHooks):
             done = self._compiling.setdefault(variant, threading.Event())
         if not first:
             done.wait(self.WAIT_S)
-        return False   # compile (or, after the wait, load from the disk cache)
+        elif self._workers is not None:
+            self._workers.compile(kwargs)   # a failure: the compile below does the work
+        return False   # compile (or load from the disk cache)
 
     def after(self, *args, **kwargs) -> None:
         with self._lock:
@@ -172,11 +180,12 @@ class CompileAhead:
         self.jobs = startup_jobs(model, shapes, page_size, device)
         self.completed, self.error = 0, None
         self._started = time.perf_counter()
+        self.workers = start_workers(device, self.threads)
         self._thread = threading.Thread(target=self._run, name="compile-ahead", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
-        hooks = OneCompilePerVariant()
+        hooks = OneCompilePerVariant(self.workers)
         serial = contextlib.nullcontext()
         try:
             if self.device.type == "cuda":
@@ -193,6 +202,8 @@ class CompileAhead:
             self.error = e
         finally:
             hooks.remove()
+            if self.workers is not None:
+                self.workers.close()
 
     def _run_job(self, job: Job) -> None:
         forward, make_batch = job
@@ -213,14 +224,28 @@ class CompileAhead:
             log.warning("compiling ahead stopped after %d of %d batches (start-up compiles the "
                         "rest): %s: %s", self.completed, len(self.jobs),
                         type(self.error).__name__, self.error)
+        workers = f"; {self.workers.summary()}" if self.workers is not None else ""
         return (f"{self.completed} of {len(self.jobs)} start-up batches in {seconds:.1f} s "
-                f"({self.threads} thread{'s' * (self.threads > 1)}, beside the weights)")
+                f"({self.threads} thread{'s' * (self.threads > 1)}, beside the weights{workers})")
 
     @property
     def ran_all(self) -> bool:
         return self.error is None and self.completed == len(self.jobs)
 
 
+def start_workers(device: torch.device, count: int) -> CompileWorkers | None:
+    """Compile worker processes for this GPU's target (compile_workers.py), or None: not
+    CUDA, a Triton without compile hooks, or TOKENSPEED_COMPILE_WORKERS=0 (compile in the
+    threads, as before them)."""
+    if device.type != "cuda" or os.environ.get("TOKENSPEED_COMPILE_WORKERS", "") == "0":
+        return None
+    if triton_runtime_knobs() is None:
+        return None
+    from triton.runtime import driver
+    torch.cuda.set_device(device)
+    target = driver.active.get_current_target()
+    return CompileWorkers(count, {"backend": target.backend, "arch": target.arch,
+                                  "warp_size": target.warp_size})
 def compile_threads(tp_size: int, cpus: int, free_bytes: int) -> int:
     """One thread with tensor parallelism (collectives in one order on every rank); else half
     the cores, up to MAX_THREADS. Each thread's batches hold up to ~1 GB of activations (an
