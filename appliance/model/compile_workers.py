@@ -27,6 +27,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -42,35 +43,50 @@ class Reply:
 
 class CompileWorkers:
     """`count` worker processes compiling for `target` (Triton's GPUTarget as a dict:
-    backend, arch, warp_size). `compile(hook_kwargs)` blocks until one has compiled the
-    variant a Triton compile hook was called for; safe to call from several threads."""
+    backend, arch, warp_size). `submit(hook_kwargs)` queues the variant a Triton compile hook
+    was called for and returns a future of the worker's `Reply`; safe from any thread."""
 
     def __init__(self, count: int, target: dict[str, Any]) -> None:
-        self.target = target
+        self.target, self.count = target, max(1, count)
+        self.started = time.perf_counter()
         env = dict(os.environ, CUDA_VISIBLE_DEVICES="",
                    PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT),
                                                             os.environ.get("PYTHONPATH")])))
         self._procs = [subprocess.Popen([sys.executable, "-m", "appliance.model.compile_workers"],
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
                                         text=True, bufsize=1)
-                       for _ in range(max(1, count))]
+                       for _ in range(self.count)]
         self._idle: queue.Queue[subprocess.Popen] = queue.Queue()
         for proc in self._procs:
             self._idle.put(proc)
+        self._dispatch = ThreadPoolExecutor(self.count, thread_name_prefix="compile-worker")
         self._lock = threading.Lock()
         self.compiled, self.seconds, self.errors = 0, 0.0, []
+        self.span: tuple[float, float] | None = None   # first compile's start, last one's end
 
-    def compile(self, hook_kwargs: dict[str, Any]) -> Reply:
-        """Have a worker compile the variant of this compile-hook call (`fn`, `compile`)."""
+    def submit(self, hook_kwargs: dict[str, Any]) -> Future[Reply]:
+        """Queue the variant of this compile-hook call (`fn`, `compile`) for a worker."""
         request = variant_request(hook_kwargs, self.target)
         if request is None:
-            return Reply(0.0, "this Triton's compile hook does not describe the variant")
+            done: Future[Reply] = Future()
+            done.set_result(Reply(0.0, "this Triton's compile hook does not describe the variant"))
+            return done
+        return self._dispatch.submit(self._compile, request)
+
+    def compile(self, hook_kwargs: dict[str, Any]) -> Reply:
+        """submit, and wait for the reply."""
+        return self.submit(hook_kwargs).result()
+
+    def _compile(self, request: dict) -> Reply:
         proc = self._idle.get()
+        started = time.perf_counter() - self.started
         try:
             reply = _exchange(proc, request)
         finally:
             self._idle.put(proc)
         with self._lock:
+            ended = time.perf_counter() - self.started
+            self.span = (min(started, self.span[0]), ended) if self.span else (started, ended)
             if reply.error is None:
                 self.compiled, self.seconds = self.compiled + 1, self.seconds + reply.seconds
             else:
@@ -80,12 +96,16 @@ class CompileWorkers:
     def summary(self) -> str:
         text = (f"{self.compiled} variants compiled in {len(self._procs)} worker processes, "
                 f"{self.seconds:.1f} s summed")
+        if self.span:
+            text += f", from {self.span[0]:.1f} to {self.span[1]:.1f} s"
         if self.errors:
             text += f"; {len(self.errors)} left to this process (first: {self.errors[0]})"
         return text
 
     def close(self) -> None:
-        """End the workers (each exits when its input closes)."""
+        """Wait for the queued compiles, then end the workers (each exits when its input
+        closes)."""
+        self._dispatch.shutdown(wait=True)
         for proc in self._procs:
             try:
                 proc.stdin.close()

@@ -67,8 +67,8 @@ def cache_hits() -> list[bool]:
 
 def launch_as_on_an_h200() -> None:
     """Two kernels through their real wrappers, as an H200 launches them (PDL on): RMSNorm
-    and the GEMV (inline asm). The stand-in driver cannot run a kernel, so each launch fails
-    after its compile."""
+    and the GEMV (inline asm). The stand-in driver cannot run a kernel, so a launch that is
+    not skipped fails after its compile."""
     import torch
 
     from kernels.triton import elementwise as E
@@ -82,14 +82,19 @@ def launch_as_on_an_h200() -> None:
 
 
 def workers_fill_the_cache() -> None:
-    from appliance.model.compile_ahead import OneCompilePerVariant
+    """Collecting, the launches only hand their variants over (nothing compiles or launches
+    here); launched after that, each variant is a cache hit, compiled once by a worker."""
+    from appliance.model.compile_ahead import CompileInWorkers
     from appliance.model.compile_workers import CompileWorkers
     hopper_driver()
     workers = CompileWorkers(2, SM90)
-    hooks = OneCompilePerVariant(workers)
+    hooks = CompileInWorkers(workers)
     assert hooks.install()
     hits = cache_hits()
     try:
+        with hooks.collecting():
+            launch_as_on_an_h200()
+        assert hits == [] and workers.compiled + len(workers.errors) <= 2
         launch_as_on_an_h200()
     finally:
         hooks.remove()
