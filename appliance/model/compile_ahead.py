@@ -214,7 +214,7 @@ class CompileAhead:
                 torch.zeros(SCRATCH_PAGES * page_size, *shape, dtype=kv_dtype, device=device)
                 for shape in layer.kv_cache_shapes()))
         self.jobs = startup_jobs(model, shapes, page_size, device)
-        self.completed, self.collected, self.error = 0, 0, None
+        self.completed, self.collected, self.collect_seconds, self.error = 0, 0, 0.0, None
         self.collect = collect
         self._started = time.perf_counter()
         self.workers = start_workers(device, self.threads)
@@ -233,6 +233,7 @@ class CompileAhead:
                 serial = one_launcher_at_a_time(driver.active)
             if isinstance(hooks, CompileInWorkers) and self.collect:
                 self._collect(hooks)
+                self.collect_seconds = time.perf_counter() - self._started
             with serial, ThreadPoolExecutor(self.threads,
                                             thread_name_prefix="compile-ahead") as pool:
                 for _ in pool.map(self._run_job, self.jobs):
@@ -283,7 +284,8 @@ class CompileAhead:
                         "rest): %s: %s", self.completed, len(self.jobs),
                         type(self.error).__name__, self.error)
         workers = "" if self.workers is None else (
-            f"; {self.workers.summary()}; {self.collected} batches captured to collect them")
+            f"; {self.workers.summary()}; {self.collected} batches captured to collect them, "
+            f"by {self.collect_seconds:.1f} s")
         return (f"{self.completed} of {len(self.jobs)} start-up batches in {seconds:.1f} s "
                 f"({self.threads} thread{'s' * (self.threads > 1)}, beside the weights{workers})")
 

@@ -39,6 +39,7 @@ ROOT = Path(__file__).resolve().parents[2]   # holds the appliance and kernels p
 class Reply:
     seconds: float          # the worker's compile (or cache load) of the variant
     error: str | None       # why it could not (the in-process compile then does it)
+    launcher: bool = False  # its host launcher built too (compile_variant)
 
 
 class CompileWorkers:
@@ -61,7 +62,7 @@ class CompileWorkers:
             self._idle.put(proc)
         self._dispatch = ThreadPoolExecutor(self.count, thread_name_prefix="compile-worker")
         self._lock = threading.Lock()
-        self.compiled, self.seconds, self.errors = 0, 0.0, []
+        self.compiled, self.launchers, self.seconds, self.errors = 0, 0, 0.0, []
         self.span: tuple[float, float] | None = None   # first compile's start, last one's end
 
     def submit(self, hook_kwargs: dict[str, Any]) -> Future[Reply]:
@@ -89,13 +90,14 @@ class CompileWorkers:
             self.span = (min(started, self.span[0]), ended) if self.span else (started, ended)
             if reply.error is None:
                 self.compiled, self.seconds = self.compiled + 1, self.seconds + reply.seconds
+                self.launchers += reply.launcher
             else:
                 self.errors.append(f"{request['kernel']}: {reply.error}")
         return reply
 
     def summary(self) -> str:
-        text = (f"{self.compiled} variants compiled in {len(self._procs)} worker processes, "
-                f"{self.seconds:.1f} s summed")
+        text = (f"{self.compiled} variants ({self.launchers} with their launchers) compiled "
+                f"in {len(self._procs)} worker processes, {self.seconds:.1f} s summed")
         if self.span:
             text += f", from {self.span[0]:.1f} to {self.span[1]:.1f} s"
         if self.errors:
@@ -134,7 +136,8 @@ def _exchange(proc: subprocess.Popen, request: dict) -> Reply:
     if not line:
         return Reply(0.0, f"worker exited (code {proc.poll()})")
     answer = json.loads(line)
-    return Reply(float(answer.get("seconds", 0.0)), answer.get("error"))
+    return Reply(float(answer.get("seconds", 0.0)), answer.get("error"),
+                 bool(answer.get("launcher")))
 
 
 # --- the worker process -----------------------------------------------------------------
@@ -171,8 +174,14 @@ def _constant(value: Any) -> Any:
     return _tuples(value)
 
 
-def compile_variant(kernel: str, specialization: str, target: dict[str, Any]) -> None:
-    """Compile one variant into Triton's cache (a cache hit if it is there already)."""
+def compile_variant(kernel: str, specialization: str, target: dict[str, Any]) -> bool:
+    """Compile one variant, and its host launcher where there is one to build, into Triton's
+    cache (cache hits if they are there already); whether a launcher was built."""
+    return build_launcher(compiled_variant(kernel, specialization, target))
+
+
+def compiled_variant(kernel: str, specialization: str, target: dict[str, Any]):
+    """The variant Triton's specialization data describes, compiled (a CompiledKernel)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -185,7 +194,43 @@ def compile_variant(kernel: str, specialization: str, target: dict[str, Any]) ->
     # as Triton's own preload: top-level lists back to tuples (the cache key hashes the text)
     options = {k: tuple(v) if isinstance(v, list) else v for k, v in data["options"].items()}
     source = ASTSource(fn, signature, constexprs, attrs)
-    triton.compile(source, target=GPUTarget(**data.get("target", target)), options=options)
+    return triton.compile(source, target=GPUTarget(**data.get("target", target)),
+                          options=options)
+
+
+def launcher_source(kernel) -> str | None:
+    """The C source of a compiled variant's host launcher as this Triton's CudaLauncher makes
+    it, or None where it makes none (one launcher for every kernel: 3.7 and later)."""
+    try:
+        from triton.backends.nvidia import driver as cuda
+    except ImportError:
+        return None
+    if not hasattr(cuda, "make_launcher"):
+        return None
+    names = kernel.src.fn.arg_names
+    constants = {((names.index(k),) if isinstance(k, str) else k): v
+                 for k, v in kernel.src.constants.items()}
+    return cuda.make_launcher(constants, dict(kernel.src.signature),
+                              getattr(kernel.metadata, "tensordesc_meta", None))
+
+
+def build_launcher(kernel) -> bool:
+    """Build the variant's host launcher into Triton's cache where this Triton builds one per
+    signature (3.5-3.6: a C extension, compiled by the system's C compiler on the first launch;
+    in the asking process those builds ran one at a time, see compile_ahead.py); the same
+    source as its CudaLauncher makes, so that one is a cache hit. False where there is none to
+    build (a Triton with one launcher for every kernel) or no CUDA driver library to link."""
+    source = launcher_source(kernel)
+    if source is None:
+        return False
+    from triton.backends.nvidia import driver as cuda
+    try:
+        cuda.compile_module_from_src(src=source, name="__triton_launcher",
+                                     library_dirs=cuda.library_dirs(),
+                                     include_dirs=cuda.include_dirs, libraries=cuda.libraries)
+    except Exception:   # noqa: BLE001 - no libcuda here: the launch builds it as before
+        return False
+    return True
 
 
 def serve(requests: IO[str], replies: IO[str]) -> None:
@@ -194,8 +239,9 @@ def serve(requests: IO[str], replies: IO[str]) -> None:
         request = json.loads(line)
         started = time.perf_counter()
         try:
-            compile_variant(request["kernel"], request["specialization"], request["target"])
-            reply = {"seconds": time.perf_counter() - started}
+            launcher = compile_variant(request["kernel"], request["specialization"],
+                                       request["target"])
+            reply = {"seconds": time.perf_counter() - started, "launcher": launcher}
         except Exception as e:   # noqa: BLE001 - reported; the asking process compiles it
             reply = {"error": f"{type(e).__name__}: {e}"}
         replies.write(json.dumps(reply) + "\n")

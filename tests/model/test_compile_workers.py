@@ -28,7 +28,8 @@ pytestmark = pytest.mark.slow  # spawns processes: skipped by -m 'not slow'
 SM90 = {"backend": "cuda", "arch": 90, "warp_size": 32}
 
 
-@pytest.mark.parametrize("check", ["workers_fill_the_cache", "failures_are_reported"])
+@pytest.mark.parametrize("check", ["workers_fill_the_cache", "failures_are_reported",
+                                   "launcher_sources_match"])
 def test_in_a_subprocess(check, tmp_path):
     here = os.path.dirname(os.path.abspath(__file__))
     root = os.path.dirname(os.path.dirname(here))
@@ -126,3 +127,35 @@ def failures_are_reported() -> None:
         workers.close()
     assert workers.compiled == 0 and len(workers.errors) == 2
     assert "left to this process" in workers.summary()
+
+
+def launcher_sources_match() -> None:
+    """Where Triton builds a host launcher per signature (3.5-3.6), the one a worker builds
+    has the C source the launch's own CudaLauncher makes (so the launch's is a cache hit)."""
+    from appliance.model.compile_workers import compiled_variant, launcher_source
+    hopper_driver()
+    asked = []
+    triton.knobs.runtime.jit_cache_hook = lambda **k: asked.append(k) and False
+    launch_as_on_an_h200()
+    from kernels.triton import elementwise as E
+    from kernels.triton import gemv as G
+    for fn, kwargs in zip((E._rms_norm_kernel, G._gemv_kernel), asked, strict=True):
+        launched = next(iter(fn.device_caches[0][0].values()))
+        mine = compiled_variant(f"{kwargs['fn'].module}:{kwargs['fn'].name}",
+                                kwargs["compile"]["specialization_data"], SM90)
+        source = launcher_source(mine)
+        if source is None:
+            print("this Triton builds no launcher per signature")
+            return
+        from triton.backends.nvidia import driver as cuda
+        made = []
+
+        def record(src, **_):
+            made.append(src)
+            raise RuntimeError("recorded")
+
+        cuda.compile_module_from_src = record
+        cuda.library_dirs = lambda: []           # no libcuda to find on a CPU box
+        with contextlib.suppress(RuntimeError):
+            cuda.CudaLauncher(launched.src, launched.metadata)
+        assert made == [source]
