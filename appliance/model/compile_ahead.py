@@ -51,6 +51,7 @@ from torch import nn
 from appliance.model.batch import ForwardBatch
 from appliance.model.compile_hooks import CompileHooks, triton_runtime_knobs, variant_of
 from appliance.model.compile_workers import CompileWorkers
+from appliance.model.triton_launchers import LauncherBuilds, loads_one_at_a_time
 from appliance.model.cuda_graph import decode_buckets, decode_capture_batch
 from appliance.model.extend_graph import extend_buckets, extend_capture_batch
 from appliance.model.warm_up import warm_up_batches
@@ -118,10 +119,11 @@ class OneCompilePerVariant(CompileHooks):
 
     WAIT_S = 300.0   # a compile that raised never says it is done: waiters go on after this
 
-    def __init__(self) -> None:
+    def __init__(self, launchers: LauncherBuilds | None = None) -> None:
         super().__init__()
         self._lock = threading.Lock()
         self._compiling: dict[tuple, threading.Event] = {}
+        self._launchers = launchers
 
     def before(self, *args, **kwargs) -> bool:
         variant = variant_of(args, kwargs)
@@ -130,6 +132,8 @@ class OneCompilePerVariant(CompileHooks):
             done = self._compiling.setdefault(variant, threading.Event())
         if not first:
             done.wait(self.WAIT_S)
+        elif self._launchers is not None and isinstance(kwargs.get("compile"), dict):
+            self._launchers.start(kwargs["compile"].get("signature") or {})
         return False   # compile (or, after the wait, load from the disk cache)
 
     def after(self, *args, **kwargs) -> None:
@@ -222,7 +226,11 @@ class CompileAhead:
         self._thread.start()
 
     def _run(self) -> None:
-        hooks = CompileInWorkers(self.workers) if self.workers else OneCompilePerVariant()
+        launchers = None
+        if self.workers is None and os.environ.get("TOKENSPEED_LAUNCHERS", "") != "serial":
+            launchers = LauncherBuilds(self.threads)
+        hooks = (CompileInWorkers(self.workers) if self.workers
+                 else OneCompilePerVariant(launchers))
         serial = contextlib.nullcontext()
         try:
             if self.device.type == "cuda":
@@ -230,7 +238,8 @@ class CompileAhead:
                 from triton.runtime import driver
                 driver.active.get_current_device()   # Triton's driver set up once, not per thread
                 hooks.install()
-                serial = one_launcher_at_a_time(driver.active)
+                serial = (loads_one_at_a_time() if launchers is not None
+                          else one_launcher_at_a_time(driver.active))
             if isinstance(hooks, CompileInWorkers) and self.collect:
                 self._collect(hooks)
                 self.collect_seconds = time.perf_counter() - self._started
@@ -244,6 +253,9 @@ class CompileAhead:
             hooks.remove()
             if self.workers is not None:
                 self.workers.close()
+            if launchers is not None:
+                launchers.close()
+                self.launchers = launchers
 
     def _collect(self, hooks: CompileInWorkers) -> None:
         """Hand every variant start-up's batches launch to the workers before any batch runs,
@@ -283,7 +295,14 @@ class CompileAhead:
             log.warning("compiling ahead stopped after %d of %d batches (start-up compiles the "
                         "rest): %s: %s", self.completed, len(self.jobs),
                         type(self.error).__name__, self.error)
-        workers = "" if self.workers is None else (
+        launchers = getattr(self, "launchers", None)
+        if launchers is not None:
+            text = f"{launchers.built} host launchers built beside the compiles"
+            workers = f"; {text}" + (f" ({launchers.errors[0]})" if launchers.errors else "")
+        elif self.workers is None:
+            workers = ""
+        else:
+            workers = (
             f"; {self.workers.summary()}; {self.collected} batches captured to collect them, "
             f"by {self.collect_seconds:.1f} s")
         return (f"{self.completed} of {len(self.jobs)} start-up batches in {seconds:.1f} s "
@@ -318,7 +337,7 @@ def start_workers(device: torch.device, count: int) -> CompileWorkers | None:
     """Compile worker processes for this GPU's target (compile_workers.py), or None: not
     CUDA, a Triton without compile hooks, or TOKENSPEED_COMPILE_WORKERS=0 (compile in the
     threads, as before them)."""
-    if device.type != "cuda" or os.environ.get("TOKENSPEED_COMPILE_WORKERS", "") == "0":
+    if device.type != "cuda" or os.environ.get("TOKENSPEED_COMPILE_WORKERS", "") != "1":
         return None
     if triton_runtime_knobs() is None:
         return None

@@ -144,6 +144,8 @@ def launcher_sources_match() -> None:
         mine = compiled_variant(f"{kwargs['fn'].module}:{kwargs['fn'].name}",
                                 kwargs["compile"]["specialization_data"], SM90)
         source = launcher_source(mine)
+        from appliance.model import triton_launchers
+        assert triton_launchers.launcher_source(kwargs["compile"]["signature"]) == source
         if source is None:
             print("this Triton builds no launcher per signature")
             return
