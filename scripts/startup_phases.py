@@ -6,13 +6,11 @@ start, then ModelRunner construction (the load and the KV cache; no graphs, no w
 under cProfile (its top functions by cumulative time). With --compile N1 N2 ..., then, each in
 a fresh process over an empty Triton cache: start-up's batches compiled ahead
 (appliance/model/compile_ahead.py) in N threads, with the count and summed time of the Triton
-compiles in this process (triton.compiler.compile timed: compile-ahead holds Triton's compile
-hooks) and those of its compile worker processes (--without-workers: also each N without
-them, TOKENSPEED_COMPILE_WORKERS=0). With
+compiles (triton.compiler.compile timed: compile-ahead holds Triton's compile hooks). With
 --warm-profile, then: a restart's share, over the Triton cache such a run filled: start-up's
 batches one by one in one thread, then the CUDA-graph capture, each under cProfile.
 
-    python scripts/startup_phases.py [-c configs/llama-3.1-8b.yaml] [--compile 1 8 [--without-workers]]
+    python scripts/startup_phases.py [-c configs/llama-3.1-8b.yaml] [--compile 1 8]
 """
 from __future__ import annotations
 
@@ -161,20 +159,16 @@ def warm_profile(config_path: str) -> None:
         run_child(WARM.format(root=str(ROOT), config=config_path), cache)
 
 
-def compile_runs(config_path: str, threads: list[int], without_workers: bool) -> None:
+def compile_runs(config_path: str, threads: list[int]) -> None:
     for n in threads:
-        for workers in ("0", "1") if without_workers else ("1",):
-            with tempfile.TemporaryDirectory() as cache:
-                print(f"worker processes {'on' if workers == '1' else 'off'}: ", end="")
-                run_child(COMPILE.format(root=str(ROOT), config=config_path, threads=n), cache,
-                          TOKENSPEED_COMPILE_WORKERS=workers)
+        with tempfile.TemporaryDirectory() as cache:
+            run_child(COMPILE.format(root=str(ROOT), config=config_path, threads=n), cache)
 
 
-def run_child(code: str, triton_cache: str, **env: str) -> None:
+def run_child(code: str, triton_cache: str) -> None:
     """`code` in a fresh Python over `triton_cache`; its output (or its error's tail)."""
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         env={**os.environ, "TRITON_CACHE_DIR": triton_cache, **env},
-                         timeout=400)
+                         env={**os.environ, "TRITON_CACHE_DIR": triton_cache}, timeout=400)
     print(out.stdout.strip() or out.stderr[-3000:], flush=True)
 
 
@@ -182,14 +176,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("-c", "--config", default="configs/llama-3.1-8b.yaml")
     parser.add_argument("--compile", type=int, nargs="*", default=[])
-    parser.add_argument("--without-workers", action="store_true",
-                        help="--compile's runs also without compile worker processes")
     parser.add_argument("--warm-profile", action="store_true",
                         help="then profile a restart's batches and graph capture (warm_profile)")
     args = parser.parse_args()
     rank_phases(args.config)
     if args.compile:
-        compile_runs(args.config, args.compile, args.without_workers)
+        compile_runs(args.config, args.compile)
     if args.warm_profile:
         warm_profile(args.config)
 

@@ -6,10 +6,8 @@ the warm-up 4.9 s, nearly all compiling, after a 6.4 s weight load. A variant de
 arguments' dtypes, shapes and alignment, never on their values, so start-up's batches run over
 weights that are still loading compile the same variants. `CompileAhead` runs them beside the
 load: the batch each CUDA graph is captured on (cuda_graph.py, extend_graph.py) and the eager
-warm-up batches (warm_up.py), in a few threads; the capture and warm-up then find them
-compiled. A compile mostly holds the GIL, so the threads hand each variant to a worker
-process (compile_workers.py; TOKENSPEED_COMPILE_WORKERS=0 compiles in the threads) and wait
-for it without the GIL, then load it from Triton's on-disk cache.
+warm-up batches (warm_up.py), in a few threads. Triton releases the GIL while it compiles, so
+the compiles overlap each other and the load; the capture and warm-up then find them compiled.
 
 What it runs over: the parameters zeroed before the load writes them (finite values whatever
 the load has reached: a router over them picks valid experts) and a scratch KV cache of a few
@@ -37,10 +35,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from typing import Callable
@@ -49,9 +46,7 @@ import torch
 from torch import nn
 
 from appliance.model.batch import ForwardBatch
-from appliance.model.compile_hooks import CompileHooks, triton_runtime_knobs, variant_of
-from appliance.model.compile_workers import CompileWorkers
-from appliance.model.triton_launchers import LauncherBuilds, loads_one_at_a_time
+from appliance.model.compile_hooks import CompileHooks, variant_of
 from appliance.model.cuda_graph import decode_buckets, decode_capture_batch
 from appliance.model.extend_graph import extend_buckets, extend_capture_batch
 from appliance.model.warm_up import warm_up_batches
@@ -113,17 +108,16 @@ def _ignore_batch(fn: Callable[[], object]) -> Callable[[None], object]:
 
 
 class OneCompilePerVariant(CompileHooks):
-    """Installed as Triton's compile hooks while the threads run without worker processes: a
-    thread about to compile a variant another thread is compiling waits until that one is
-    done (then the compile it goes on to finds the variant in the on-disk cache)."""
+    """Installed as Triton's compile hooks while the threads run: a thread about to compile a
+    variant another thread is compiling waits until that one is done (then the compile it
+    goes on to finds the variant in the on-disk cache)."""
 
     WAIT_S = 300.0   # a compile that raised never says it is done: waiters go on after this
 
-    def __init__(self, launchers: LauncherBuilds | None = None) -> None:
+    def __init__(self) -> None:
         super().__init__()
         self._lock = threading.Lock()
         self._compiling: dict[tuple, threading.Event] = {}
-        self._launchers = launchers
 
     def before(self, *args, **kwargs) -> bool:
         variant = variant_of(args, kwargs)
@@ -132,8 +126,6 @@ class OneCompilePerVariant(CompileHooks):
             done = self._compiling.setdefault(variant, threading.Event())
         if not first:
             done.wait(self.WAIT_S)
-        elif self._launchers is not None and isinstance(kwargs.get("compile"), dict):
-            self._launchers.start(kwargs["compile"].get("signature") or {})
         return False   # compile (or, after the wait, load from the disk cache)
 
     def after(self, *args, **kwargs) -> None:
@@ -147,44 +139,6 @@ class OneCompilePerVariant(CompileHooks):
         with self._lock:
             for done in self._compiling.values():
                 done.set()
-
-
-class CompileInWorkers(CompileHooks):
-    """Installed as Triton's compile hooks while compile-ahead runs with worker processes
-    (compile_workers.py): each variant is handed to a worker once; a launch that meets it
-    waits for that compile, then lets Triton load it from the on-disk cache. In the thread
-    that is `collecting` (CompileAhead._collect), a launch only hands its variant over and is
-    skipped (the hook returns True: Triton launches nothing)."""
-
-    WAIT_S = 300.0
-
-    def __init__(self, workers: CompileWorkers) -> None:
-        super().__init__()
-        self._workers = workers
-        self._lock = threading.Lock()
-        self._compiles: dict[tuple, Future] = {}
-        self._collector: int | None = None
-
-    @contextlib.contextmanager
-    def collecting(self):
-        """Within, this thread's launches of variants not loaded here are skipped."""
-        self._collector = threading.get_ident()
-        try:
-            yield
-        finally:
-            self._collector = None
-
-    def before(self, *args, **kwargs) -> bool:
-        variant = variant_of(args, kwargs)
-        with self._lock:
-            compile = self._compiles.get(variant)
-            if compile is None:
-                compile = self._compiles[variant] = self._workers.submit(kwargs)
-        if self._collector == threading.get_ident():
-            return True
-        with contextlib.suppress(TimeoutError):   # a late worker: Triton compiles it here
-            compile.result(self.WAIT_S)
-        return False   # load from the disk cache (or compile, if the worker could not)
 
 
 @contextlib.contextmanager
@@ -207,30 +161,22 @@ def one_launcher_at_a_time(driver):
 class CompileAhead:
     def __init__(self, model: nn.Module, kv_layers: list[nn.Module], kv_dtype: torch.dtype,
                  shapes: StartupShapes, page_size: int, device: torch.device,
-                 threads: int, collect: bool = True) -> None:
+                 threads: int) -> None:
         """Bind a scratch cache to `kv_layers` and start running start-up's batches over
-        `model` in `threads` threads (returns at once; `join` waits). With worker processes
-        and `collect`, every batch's variants are handed to them first (`_collect`; not under
-        tensor parallelism, whose forwards hold collectives)."""
+        `model` in `threads` threads (returns at once; `join` waits)."""
         self.device, self.threads = device, max(1, threads)
         for layer in kv_layers:
             layer.bind_kv_cache(tuple(
                 torch.zeros(SCRATCH_PAGES * page_size, *shape, dtype=kv_dtype, device=device)
                 for shape in layer.kv_cache_shapes()))
         self.jobs = startup_jobs(model, shapes, page_size, device)
-        self.completed, self.collected, self.collect_seconds, self.error = 0, 0, 0.0, None
-        self.collect = collect
+        self.completed, self.error = 0, None
         self._started = time.perf_counter()
-        self.workers = start_workers(device, self.threads)
         self._thread = threading.Thread(target=self._run, name="compile-ahead", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
-        launchers = None
-        if self.workers is None and os.environ.get("TOKENSPEED_LAUNCHERS", "") != "serial":
-            launchers = LauncherBuilds(self.threads)
-        hooks = (CompileInWorkers(self.workers) if self.workers
-                 else OneCompilePerVariant(launchers))
+        hooks = OneCompilePerVariant()
         serial = contextlib.nullcontext()
         try:
             if self.device.type == "cuda":
@@ -238,11 +184,7 @@ class CompileAhead:
                 from triton.runtime import driver
                 driver.active.get_current_device()   # Triton's driver set up once, not per thread
                 hooks.install()
-                serial = (loads_one_at_a_time() if launchers is not None
-                          else one_launcher_at_a_time(driver.active))
-            if isinstance(hooks, CompileInWorkers) and self.collect:
-                self._collect(hooks)
-                self.collect_seconds = time.perf_counter() - self._started
+                serial = one_launcher_at_a_time(driver.active)
             with serial, ThreadPoolExecutor(self.threads,
                                             thread_name_prefix="compile-ahead") as pool:
                 for _ in pool.map(self._run_job, self.jobs):
@@ -251,30 +193,6 @@ class CompileAhead:
             self.error = e
         finally:
             hooks.remove()
-            if self.workers is not None:
-                self.workers.close()
-            if launchers is not None:
-                launchers.close()
-                self.launchers = launchers
-
-    def _collect(self, hooks: CompileInWorkers) -> None:
-        """Hand every variant start-up's batches launch to the workers before any batch runs,
-        so that they compile side by side (run in order, a batch waits for each of its
-        variants, and every batch meets the shared ones in the same order: a chain). Each
-        batch's forward is captured into a CUDA graph that is then dropped, its Triton launches
-        skipped: captured kernels never run, so the unwritten outputs of the skipped launches
-        are never read (as expert ids, say). A forward that cannot be captured (one that
-        waits for the device) hands over the variants it met before that."""
-        stream = torch.cuda.Stream(self.device)
-        with torch.cuda.stream(stream), torch.inference_mode():
-            torch.ones(8, 8, device=self.device) @ torch.ones(8, 8, device=self.device)  # cuBLAS up
-            with hooks.collecting():
-                for forward, make_batch in self.jobs:
-                    batch = make_batch()
-                    if batch is None:     # `also` callables: not captured (their generators)
-                        continue
-                    self.collected += _capture_dropped(forward, batch)
-        stream.synchronize()
 
     def _run_job(self, job: Job) -> None:
         forward, make_batch = job
@@ -295,57 +213,14 @@ class CompileAhead:
             log.warning("compiling ahead stopped after %d of %d batches (start-up compiles the "
                         "rest): %s: %s", self.completed, len(self.jobs),
                         type(self.error).__name__, self.error)
-        launchers = getattr(self, "launchers", None)
-        if launchers is not None:
-            text = f"{launchers.built} host launchers built beside the compiles"
-            workers = f"; {text}" + (f" ({launchers.errors[0]})" if launchers.errors else "")
-        elif self.workers is None:
-            workers = ""
-        else:
-            workers = (
-            f"; {self.workers.summary()}; {self.collected} batches captured to collect them, "
-            f"by {self.collect_seconds:.1f} s")
         return (f"{self.completed} of {len(self.jobs)} start-up batches in {seconds:.1f} s "
-                f"({self.threads} thread{'s' * (self.threads > 1)}, beside the weights{workers})")
+                f"({self.threads} thread{'s' * (self.threads > 1)}, beside the weights)")
 
     @property
     def ran_all(self) -> bool:
         return self.error is None and self.completed == len(self.jobs)
 
 
-def _capture_dropped(forward: Callable[[ForwardBatch], object], batch: ForwardBatch) -> bool:
-    """Capture forward(batch) into a CUDA graph on the current stream and drop it; whether
-    the capture completed. Other threads' device work goes on meanwhile (thread-local
-    capture: only this thread's calls are checked)."""
-    graph = torch.cuda.CUDAGraph()
-    graph.capture_begin(capture_error_mode="thread_local")
-    try:
-        forward(batch)
-        captured = True
-    except Exception:   # noqa: BLE001 - waits for the device (a host copy, say)
-        captured = False
-    finally:
-        try:
-            graph.capture_end()
-        except Exception:   # noqa: BLE001 - invalidated by what stopped the forward
-            captured = False
-    del graph
-    return captured
-
-
-def start_workers(device: torch.device, count: int) -> CompileWorkers | None:
-    """Compile worker processes for this GPU's target (compile_workers.py), or None: not
-    CUDA, a Triton without compile hooks, or TOKENSPEED_COMPILE_WORKERS=0 (compile in the
-    threads, as before them)."""
-    if device.type != "cuda" or os.environ.get("TOKENSPEED_COMPILE_WORKERS", "") != "1":
-        return None
-    if triton_runtime_knobs() is None:
-        return None
-    from triton.runtime import driver
-    torch.cuda.set_device(device)
-    target = driver.active.get_current_target()
-    return CompileWorkers(count, {"backend": target.backend, "arch": target.arch,
-                                  "warp_size": target.warp_size})
 def compile_threads(tp_size: int, cpus: int, free_bytes: int) -> int:
     """One thread with tensor parallelism (collectives in one order on every rank); else half
     the cores, up to MAX_THREADS. Each thread's batches hold up to ~1 GB of activations (an

@@ -288,7 +288,7 @@ class ModelRunner:
             return None
         zero_parameters(model)
         return CompileAhead(model, self._kv_layers, self.kv_dtype, startup, self.page_size,
-                            self.device, threads, collect=tp_size == 1)
+                            self.device, threads)
 
     @property
     def num_mtp_layers(self) -> int:
