@@ -6,8 +6,20 @@ the warm-up 4.9 s, nearly all compiling, after a 6.4 s weight load. A variant de
 arguments' dtypes, shapes and alignment, never on their values, so start-up's batches run over
 weights that are still loading compile the same variants. `CompileAhead` runs them beside the
 load: the batch each CUDA graph is captured on (cuda_graph.py, extend_graph.py) and the eager
-warm-up batches (warm_up.py), in a few threads. Triton releases the GIL while it compiles, so
-the compiles overlap each other and the load; the capture and warm-up then find them compiled.
+warm-up batches (warm_up.py), in a few threads, beside the load; the capture and warm-up then
+find them compiled.
+
+Where the time goes on a fresh machine (H200, Triton 3.6, 8B preset, dummy weights): 12.5-13.5
+s for the 51 batches in 8 threads, about 15 compiles of ~1 s each. A compile mostly holds the
+GIL (Triton's AST walk, MLIR and LLVM passes; only ptxas runs beside), so the threads overlap
+them only ~1.5x; and every batch meets the variants it shares with the others in the same order,
+each waiting for the one compile of it, so they form a chain. Tried and measured there, none
+faster, so none kept: the variants compiled in 8 worker processes (no GIL: 22-24 s, the chain
+then all latency); the variants first collected by capturing each batch into a dropped CUDA
+graph with its Triton launches skipped, then compiled side by side in the workers (the 50
+captures alone took 6-12 s, mostly Triton's launch path for an uncompiled variant, and the
+batches after them 8-10 s more; 22-25 s); the host launchers built beside the compiles (9
+distinct ones: 12.5 and 13.5 s against 12.8 s).
 
 What it runs over: the parameters zeroed before the load writes them (finite values whatever
 the load has reached: a router over them picks valid experts) and a scratch KV cache of a few
