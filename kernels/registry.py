@@ -21,7 +21,7 @@ OPS: tuple[str, ...] = (
     "rms_norm", "fused_add_rms_norm", "silu_and_mul", "rope", "store_kv", "rope_store_kv",
     "decode_attention", "extend_attention", "mla_decode", "mla_extend", "mla_prefill",
     "router_logits", "moe_route", "fused_moe", "fused_moe_mxfp4", "sample",
-    "apply_token_bitmask", "apply_penalties", "spec_accept", "linear",
+    "apply_token_bitmask", "apply_penalties", "spec_accept", "linear", "linear_silu_and_mul",
 )
 # Ops the torch reference serves on CUDA too (vectorized, no host sync): no Triton kernel until a
 # measurement asks for one.

@@ -20,6 +20,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from kernels.reference.activation import silu_and_mul
 from kernels.registry import register
 
 MAX_TUNED_ROWS = 64
@@ -99,3 +100,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         out = WAYS[name](x, weight)
         tuner.record(name, time.perf_counter() - started)
     return out if bias is None else out.add_(bias)
+
+
+@register("linear_silu_and_mul", backend="cpu", priority=5,
+          supports=lambda f: f["device"] == "cpu")
+def linear_silu_and_mul(x: torch.Tensor, weight: torch.Tensor,
+                        bias: torch.Tensor | None = None) -> torch.Tensor:
+    """silu_and_mul(linear(x, weight, bias)), the linear tuned as above."""
+    return silu_and_mul(linear(x, weight, bias))

@@ -20,6 +20,7 @@ import triton.language as tl
 
 from kernels.registry import register
 from kernels.triton.common import PRIORITY, on_cuda
+from kernels.triton.elementwise import silu_and_mul
 from kernels.triton.pdl import pdl_begin, pdl_launch
 
 
@@ -53,10 +54,21 @@ def _prefetch_l2(ptrs):
 @triton.jit
 def _gemv_kernel(X, W, B, Out, N, K, stride_w,
                  HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 EVEN_K: tl.constexpr, PDL: tl.constexpr):
+                 EVEN_K: tl.constexpr, SILU_MUL: tl.constexpr, PDL: tl.constexpr):
+    """Out[n] = W[n] . X (+ B[n]) for BLOCK_N rows n a program. SILU_MUL: W is N gate rows
+    then N up rows, and a program's rows are BLOCK_N / 2 (gate j, up j) pairs, interleaved,
+    so that Out[j] = silu(gate_j) * up_j is its epilogue: the same rows, tiles and sums as
+    the plain GEMV, each rounded to Out's dtype as the plain one stores it, and the
+    silu_and_mul kernel's arithmetic on them (bit-equal to the two kernels, one launch)."""
     pid = tl.program_id(0)
-    n = pid * BLOCK_N + tl.arange(0, BLOCK_N)                          # [BN]
-    n_ok = n < N
+    r = tl.arange(0, BLOCK_N)
+    if SILU_MUL:
+        j = pid * (BLOCK_N // 2) + r // 2                              # [BN] output column
+        n = j + (r % 2) * N                                            # gate row j, up row N + j
+        n_ok = j < N
+    else:
+        n = pid * BLOCK_N + r                                          # [BN]
+        n_ok = n < N
     k = tl.arange(0, BLOCK_K)                                          # [BK]
     rows = W + n.to(tl.int64)[:, None] * stride_w                      # [BN, 1]
     if PDL:
@@ -82,24 +94,35 @@ def _gemv_kernel(X, W, B, Out, N, K, stride_w,
     y = tl.sum(acc, axis=1)                                            # [BN]
     if HAS_BIAS:
         y += tl.load(B + n, mask=n_ok, other=0.0).to(tl.float32)
-    tl.store(Out + n, y.to(Out.dtype.element_ty), mask=n_ok)
+    if SILU_MUL:
+        gate, up = tl.split(tl.reshape(y.to(Out.dtype.element_ty).to(tl.float32),
+                                       [BLOCK_N // 2, 2]))             # [BN/2] each
+        j = pid * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+        tl.store(Out + j, (gate / (1.0 + tl.exp(-gate)) * up).to(Out.dtype.element_ty),
+                 mask=j < N)
+    else:
+        tl.store(Out + n, y.to(Out.dtype.element_ty), mask=n_ok)
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-         config: GemvConfig | None = None) -> torch.Tensor:
-    """x: [1, K] (contiguous), weight: [N, K] (row-contiguous), bias: [N] -> [1, N]."""
+         config: GemvConfig | None = None, silu_mul: bool = False) -> torch.Tensor:
+    """x: [1, K] (contiguous), weight: [N, K] (row-contiguous), bias: [N] -> [1, N].
+    silu_mul: weight is gate rows then up rows (N even) -> silu(gate) * up [1, N / 2]."""
     n, k = weight.shape
     config = config or gemv_config(n, k)
     if x.shape != (1, k) or not x.is_contiguous() or weight.stride(1) != 1:
         raise ValueError(f"gemv: expected x [1, {k}] contiguous and a row-contiguous weight, "
                          f"got x {tuple(x.shape)} and weight strides {weight.stride()}")
-    out = torch.empty((1, n), device=x.device, dtype=x.dtype)
+    if silu_mul and n % 2:
+        raise ValueError(f"gemv: silu_mul needs gate and up rows of equal count, got {n} rows")
+    width = n // 2 if silu_mul else n
+    out = torch.empty((1, width), device=x.device, dtype=x.dtype)
     grid = (triton.cdiv(n, config.block_n),)
-    _gemv_kernel[grid](x, weight, bias if bias is not None else out, out, n, k, weight.stride(0),
-                       HAS_BIAS=bias is not None, BLOCK_N=config.block_n,
+    _gemv_kernel[grid](x, weight, bias if bias is not None else out, out, width, k,
+                       weight.stride(0), HAS_BIAS=bias is not None, BLOCK_N=config.block_n,
                        BLOCK_K=config.block_k, EVEN_K=k % config.block_k == 0,
-                       num_warps=config.num_warps, num_stages=config.num_stages,
-                       **pdl_launch(x.device))
+                       SILU_MUL=silu_mul, num_warps=config.num_warps,
+                       num_stages=config.num_stages, **pdl_launch(x.device))
     return out
 
 
@@ -119,3 +142,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if gemv_applies(x, weight, bias):
         return gemv(x, weight, bias)
     return F.linear(x, weight, bias)
+
+
+@register("linear_silu_and_mul", backend="triton", priority=PRIORITY,
+          supports=lambda f: on_cuda(f) and f["dtype"] in (torch.bfloat16, torch.float16))
+def linear_silu_and_mul(x: torch.Tensor, weight: torch.Tensor,
+                        bias: torch.Tensor | None = None) -> torch.Tensor:
+    """silu_and_mul(linear(x, weight, bias)); one row in one GEMV launch (its SILU_MUL
+    epilogue), more rows by cuBLAS and the silu_and_mul kernel."""
+    if gemv_applies(x, weight, bias) and weight.shape[0] % 2 == 0:
+        return gemv(x, weight, bias, silu_mul=True)
+    return silu_and_mul(F.linear(x, weight, bias))

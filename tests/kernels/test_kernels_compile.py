@@ -205,15 +205,17 @@ def _row_kernels() -> None:
     _cache_writers(BF)
     for n, k in ((6144, 4096), (28672, 4096), (4096, 14336)):   # the 8B: qkv, gate_up, down
         _gemv(n, k)
+    _gemv(28672, 4096, silu_mul=True)                              # gate_up with its SiLU
     compile_sm90(SA._spec_accept_kernel, dict(Tokens=I32, Drafts=I32, Start=I32, Counts=I32),
                  dict(BLOCK=SA.BLOCK), 4, 1)
 
 
-def _gemv(n: int, k: int, pdl: bool = True):
+def _gemv(n: int, k: int, pdl: bool = True, silu_mul: bool = False):
     config = G.gemv_config(n, k)
-    return compile_sm90(G._gemv_kernel, dict(X=BF, W=BF, B=BF, Out=BF, N=n, K=k, stride_w=k),
+    return compile_sm90(G._gemv_kernel, dict(X=BF, W=BF, B=BF, Out=BF,
+                                             N=n // 2 if silu_mul else n, K=k, stride_w=k),
                         dict(HAS_BIAS=False, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-                             EVEN_K=k % config.block_k == 0, PDL=pdl),
+                             EVEN_K=k % config.block_k == 0, SILU_MUL=silu_mul, PDL=pdl),
                         config.num_warps, config.num_stages)
 
 

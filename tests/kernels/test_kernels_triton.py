@@ -233,6 +233,27 @@ def test_linear_one_row_gemv(n, k, bias):
     assert G.gemv_config(128256, 4096) == G.WIDE and G.gemv_config(4096, 14336) == G.NARROW
 
 
+@pytest.mark.parametrize("inter,k,bias", [(20, 64, False), (37, 100, True), (8, 2048, False)])
+def test_linear_silu_and_mul_one_row_is_one_gemv_bit_equal_to_two_kernels(inter, k, bias):
+    """One row: the GEMV's SILU_MUL epilogue (gate and up rows paired in each program) gives
+    exactly what the GEMV then the silu_and_mul kernel give, and matches the reference; more
+    rows take F.linear and the silu_and_mul kernel."""
+    from kernels.triton import gemv as G
+    from kernels.triton.elementwise import silu_and_mul
+    x, w = rnd(1, k), rnd(2 * inter, k)
+    b = rnd(2 * inter) if bias else None
+    config = G.GemvConfig(block_n=8, block_k=64, num_warps=4)
+    fused = G.gemv(x, w, b, config, silu_mul=True)
+    assert fused.shape == (1, inter)
+    assert torch.equal(fused, silu_and_mul(G.gemv(x, w, b, config)))
+    assert rel_err(G.linear_silu_and_mul(x, w, b), R.linear_silu_and_mul(x, w, b)) < 1e-2
+    xs = rnd(3, k)
+    assert torch.equal(G.linear_silu_and_mul(xs, w, b),
+                       silu_and_mul(torch.nn.functional.linear(xs, w, b)))
+    with pytest.raises(ValueError, match="equal count"):
+        G.gemv(x, w[1:], None, config, silu_mul=True)
+
+
 def test_paged_attention_takes_its_tuning_as_arguments():
     """Tiles and split sizing given per call (as the benchmark's sweeps give them) serve
     decode and extend: tiles other than the defaults, a sizing that splits decode more; a

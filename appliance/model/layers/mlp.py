@@ -21,10 +21,13 @@ class SwiGLUMLP(Placed):
             hidden_size, [Part("gate_proj", intermediate_size), Part("up_proj", intermediate_size)],
             bias, ctx.layout, group)
         self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias, ctx.layout, group)
-        self.act = kernels.select("silu_and_mul", device=ctx.device, dtype=ctx.dtype)
+        # gate|up and the activation in one op (batch-1 decode: one GEMV launch, not two)
+        self.gate_up_act = kernels.select("linear_silu_and_mul", device=ctx.device,
+                                          dtype=ctx.dtype)
         self.input_placement, self.output_placement = Replicate(group), Partial(group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [T, H] -> [T, H] (partial sums over the group)
-        gate_up = self.gate_up_proj(x)          # [T, 2 * I_local]
-        return self.down_proj(self.act(gate_up))  # [T, I_local] -> [T, H]
+        gate_up = self.gate_up_proj
+        act = self.gate_up_act(x, gate_up.weight, gate_up.bias)   # [T, I_local]
+        return self.down_proj(act)                                # [T, H]
