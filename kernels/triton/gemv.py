@@ -1,4 +1,5 @@
-"""`linear` on CUDA: one row (a batch-1 decode step) by a GEMV kernel, more rows by cuBLAS.
+"""`linear` on CUDA: one row (a batch-1 decode step) by a GEMV kernel, more rows by cuBLAS;
+and `linear_silu_and_mul`, a SwiGLU MLP's gate|up with its SiLU in the same GEMV's epilogue.
 
 At one row a decode step's linear layers only stream their weights; cuBLAS picks split-K
 kernels for the narrow ones (o_proj, down_proj) and pays a reduce kernel after each, and
@@ -19,7 +20,7 @@ import triton
 import triton.language as tl
 
 from kernels.registry import register
-from kernels.triton.common import PRIORITY, on_cuda
+from kernels.triton.common import HALF_DTYPES, PRIORITY, on_cuda, on_cuda_half
 from kernels.triton.elementwise import silu_and_mul
 from kernels.triton.pdl import pdl_begin, pdl_launch
 
@@ -134,8 +135,7 @@ def gemv_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
             and (bias is None or (bias.dtype == x.dtype and bias.is_contiguous())))
 
 
-@register("linear", backend="triton", priority=PRIORITY,
-          supports=lambda f: on_cuda(f) and f["dtype"] in (torch.bfloat16, torch.float16))
+@register("linear", backend="triton", priority=PRIORITY, supports=on_cuda_half)
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
            ) -> torch.Tensor:
     """F.linear's contract; one row by the GEMV, anything else by cuBLAS."""
@@ -144,12 +144,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x, weight, bias)
 
 
-@register("linear_silu_and_mul", backend="triton", priority=PRIORITY,
-          supports=lambda f: on_cuda(f) and f["dtype"] in (torch.bfloat16, torch.float16))
+@register("linear_silu_and_mul", backend="triton", priority=PRIORITY, supports=on_cuda)
 def linear_silu_and_mul(x: torch.Tensor, weight: torch.Tensor,
                         bias: torch.Tensor | None = None) -> torch.Tensor:
-    """silu_and_mul(linear(x, weight, bias)); one row in one GEMV launch (its SILU_MUL
-    epilogue), more rows by cuBLAS and the silu_and_mul kernel."""
-    if gemv_applies(x, weight, bias) and weight.shape[0] % 2 == 0:
+    """silu_and_mul(linear(x, weight, bias)); one 16-bit row in one GEMV launch (its SILU_MUL
+    epilogue), anything else by F.linear (cuBLAS) and the silu_and_mul kernel, as the
+    `linear` and `silu_and_mul` ops would run it."""
+    if x.dtype in HALF_DTYPES and gemv_applies(x, weight, bias) and weight.shape[0] % 2 == 0:
         return gemv(x, weight, bias, silu_mul=True)
     return silu_and_mul(F.linear(x, weight, bias))
