@@ -303,14 +303,26 @@ class MLAttention(Placed):
                 batch: ForwardBatch) -> torch.Tensor:
         # q_latent: [n, H, L], q_rope: [n, H, R] -> o_latent [n, H, L]: the decode rows' tokens
         # (n = num_decode), or all T tokens
-        nd, rows = batch.num_decode, batch.num_rows
+        nd = batch.num_decode
+        extend = batch.num_rows > nd and q_latent.shape[0] > nd
+        if nd > 0 and not extend:  # decode rows only: their output as it is (no copy)
+            return self._decode(q_latent, q_rope, batch)
+        if nd == 0 and extend:     # extend rows only
+            return self._extend(q_latent, q_rope, batch)
         out = q_latent.new_empty(q_latent.shape)                             # [n, H, L]
         if nd > 0:  # decode rows own tokens [0, nd), one each
-            out[:nd] = self.mla_decode(q_latent[:nd], q_rope[:nd], self.kv_cache,
-                                       batch.decode_page_table, batch.decode_seq_lens,
-                                       self.page_size, self.scale)
-        if rows > nd and q_latent.shape[0] > nd:
-            out[nd:] = self.mla_extend(q_latent[nd:], q_rope[nd:], self.kv_cache,
-                                       batch.extend_page_table, batch.extend_query_start,
-                                       batch.extend_seq_lens, self.page_size, self.scale)
+            out[:nd] = self._decode(q_latent[:nd], q_rope[:nd], batch)
+        if extend:
+            out[nd:] = self._extend(q_latent[nd:], q_rope[nd:], batch)
         return out
+
+    def _decode(self, q_latent: torch.Tensor, q_rope: torch.Tensor,
+                batch: ForwardBatch) -> torch.Tensor:
+        return self.mla_decode(q_latent, q_rope, self.kv_cache, batch.decode_page_table,
+                               batch.decode_seq_lens, self.page_size, self.scale)
+
+    def _extend(self, q_latent: torch.Tensor, q_rope: torch.Tensor,
+                batch: ForwardBatch) -> torch.Tensor:
+        return self.mla_extend(q_latent, q_rope, self.kv_cache, batch.extend_page_table,
+                               batch.extend_query_start, batch.extend_seq_lens, self.page_size,
+                               self.scale)
