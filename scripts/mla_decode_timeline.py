@@ -131,7 +131,7 @@ def _static_kernel(QL, QR, DescLat, DescRope, PartO, PartL, PageTable, SeqLens, 
     b, prog = tl.program_id(0), tl.program_id(1)
     t0 = _now()
     q0, q1, q2, q3, qr = _query(QL, QR, b, L, R, CH, G_BLK)
-    lo, hi = split_range(prog, tl.load(SeqLens + b), BLOCK_N, num_progs, True, BLOCK_N)
+    lo, hi = split_range(prog, tl.load(SeqLens + b), BLOCK_N, num_progs, BLOCK_N)
     hi = tl.maximum(hi, lo)
     pt = PageTable + b * stride_pt
     acc0 = tl.zeros([G_BLK, CH], dtype=tl.float32)

@@ -8,9 +8,10 @@ a fresh process over an empty Triton cache: start-up's batches compiled ahead
 (appliance/model/compile_ahead.py) in N threads, with the count and summed time of the Triton
 compiles (triton.compiler.compile timed: compile-ahead holds Triton's compile hooks). With
 --warm-profile, then: a restart's share, over the Triton cache such a run filled: start-up's
-batches one by one in one thread, then the CUDA-graph capture, each under cProfile.
+batches one by one in one thread, then the CUDA-graph capture, each under cProfile. With
+--list, every compile of start-up's batches in one thread: the batch, kernel, constexprs, time.
 
-    python scripts/startup_phases.py [-c configs/llama-3.1-8b.yaml] [--compile 1 8]
+    python scripts/startup_phases.py [-c configs/llama-3.1-8b.yaml] [--compile 1 8] [--list]
 """
 from __future__ import annotations
 
@@ -118,6 +119,38 @@ print(f"threads {threads}: {{time.perf_counter() - t:.1f}} s wall; {{len(built)}
 """
 
 
+LIST = RUNNER + """
+import triton.compiler
+from appliance.model.compile_ahead import startup_jobs
+# every compile of start-up's batches in one thread over an empty cache, in order: which batch
+# met it, the kernel, its constexprs and how long it took
+spans, compile_ = [], triton.compiler.compile
+job = [None]
+def listed_compile(src, *a, **k):
+    started = time.perf_counter()
+    try:
+        return compile_(src, *a, **k)
+    finally:
+        names = getattr(getattr(src, "fn", None), "arg_names", [])
+        consts = {{names[i[0]] if names and len(i) == 1 else i: v
+                   for i, v in getattr(src, "constants", {{}}).items()
+                   if isinstance(v, (int, float, bool, str))}}
+        spans.append((job[0], getattr(src, "name", "?"), time.perf_counter() - started, consts))
+triton.compiler.compile = listed_compile
+t = time.perf_counter()
+with torch.inference_mode():
+    for i, (forward, make) in enumerate(startup_jobs(runner.model, shapes, runner.page_size,
+                                                     runner.device)):
+        job[0] = i
+        forward(make())
+torch.cuda.synchronize()
+print(f"one thread: {{time.perf_counter() - t:.1f}} s, {{len(spans)}} compiles, "
+      f"{{sum(s[2] for s in spans):.1f}} s summed")
+for i, name, secs, consts in spans:
+    print(f"  job {{i:>3}} {{secs:6.2f}} s  {{name}}  {{consts}}")
+"""
+
+
 WARM = RUNNER + """
 import cProfile, io, pstats
 from appliance.model.compile_ahead import startup_jobs
@@ -159,6 +192,12 @@ def warm_profile(config_path: str) -> None:
         run_child(WARM.format(root=str(ROOT), config=config_path), cache)
 
 
+def list_compiles(config_path: str) -> None:
+    """Every compile of start-up's batches, one thread, an empty Triton cache (LIST)."""
+    with tempfile.TemporaryDirectory() as cache:
+        run_child(LIST.format(root=str(ROOT), config=config_path), cache)
+
+
 def compile_runs(config_path: str, threads: list[int]) -> None:
     for n in threads:
         with tempfile.TemporaryDirectory() as cache:
@@ -178,8 +217,12 @@ def main() -> None:
     parser.add_argument("--compile", type=int, nargs="*", default=[])
     parser.add_argument("--warm-profile", action="store_true",
                         help="then profile a restart's batches and graph capture (warm_profile)")
+    parser.add_argument("--list", action="store_true",
+                        help="then list every start-up compile in one thread (list_compiles)")
     args = parser.parse_args()
     rank_phases(args.config)
+    if args.list:
+        list_compiles(args.config)
     if args.compile:
         compile_runs(args.config, args.compile)
     if args.warm_profile:

@@ -47,7 +47,7 @@ def _paged_attn_kernel(
         D1: tl.constexpr, D2: tl.constexpr, DV: tl.constexpr, BLOCK_D1: tl.constexpr,
         BLOCK_D2: tl.constexpr, BLOCK_DV: tl.constexpr, G_BLK: tl.constexpr,
         BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, N_HBLK: tl.constexpr,
-        SPLIT: tl.constexpr, HAS_D2: tl.constexpr, SHARED_V: tl.constexpr,
+        HAS_D2: tl.constexpr, SHARED_V: tl.constexpr,
         DECODE: tl.constexpr, EVEN_D: tl.constexpr, WINDOW: tl.constexpr,
         HAS_SINKS: tl.constexpr, PAGE_SIZE: tl.constexpr, PDL: tl.constexpr):
     pdl_begin(PDL)
@@ -90,11 +90,11 @@ def _paged_attn_kernel(
     if WINDOW > 0:  # keys from the first row's window on, every tile masked
         kv_start = tl.maximum(first_pos - WINDOW + 1, 0)
         lo, hi = split_range(split, tl.maximum(kv_end - kv_start, 0), min_split_len,
-                             num_splits, SPLIT, BLOCK_N)
+                             num_splits, BLOCK_N)
         lo, hi = lo + kv_start, hi + kv_start
         full_end = lo
     else:
-        lo, hi = split_range(split, kv_end, min_split_len, num_splits, SPLIT, BLOCK_N)
+        lo, hi = split_range(split, kv_end, min_split_len, num_splits, BLOCK_N)
         full_end = lo + tl.maximum(tl.minimum(hi, first_pos + 1) - lo, 0) // BLOCK_N * BLOCK_N
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
@@ -112,13 +112,14 @@ def _paged_attn_kernel(
                                   stride_vs, stride_vh, scale_log2, D1, D2, DV, BLOCK_D1,
                                   BLOCK_D2, BLOCK_DV, BLOCK_N, HAS_D2, SHARED_V, True, EVEN_D,
                                   WINDOW)
-    if HAS_SINKS and not SPLIT:  # split: the merge adds the sink once
-        l_i = add_sink(l_i, m_i, Sinks, head, row_ok)
+    if HAS_SINKS:  # split: the merge adds the sink once
+        if num_splits == 1:
+            l_i = add_sink(l_i, m_i, Sinks, head, row_ok)
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     out = acc / l_safe[:, None] * v_scale                                 # [M, DV]
     dv = tl.arange(0, BLOCK_DV)
     omask = row_ok[:, None] & (dv[None, :] < DV)
-    if not SPLIT:
+    if num_splits == 1:  # a run-time branch: one variant serves split and whole launches
         tl.store(Out + tok[:, None] * stride_ot + head[:, None] * stride_oh + dv[None, :],
                  out.to(Out.dtype.element_ty), mask=omask)
     else:  # an empty split writes only its lse (-inf): the merge stops before it. The mask is
@@ -244,7 +245,7 @@ def paged_attention(q1: torch.Tensor, q2: torch.Tensor | None, k1: torch.Tensor,
         part_l.stride(0), part_l.stride(1),
         D1=d1, D2=d2, DV=dv, BLOCK_D1=max(16, next_pow2(d1)), BLOCK_D2=max(16, next_pow2(d2)),
         BLOCK_DV=max(16, next_pow2(dv)), G_BLK=tiles.g_blk, BLOCK_T=tiles.block_t,
-        BLOCK_N=tiles.block_n, N_HBLK=n_hblk, SPLIT=num_splits > 1, HAS_D2=q2 is not None,
+        BLOCK_N=tiles.block_n, N_HBLK=n_hblk, HAS_D2=q2 is not None,
         SHARED_V=shared_v, DECODE=decode,
         EVEN_D=all(pow2_dim(x) for x in (d1, dv) + ((d2,) if d2 else ())),
         WINDOW=window, HAS_SINKS=sinks is not None, PAGE_SIZE=page_size,

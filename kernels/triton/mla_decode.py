@@ -162,18 +162,17 @@ def _mla_chunk_tile(acc0, acc1, acc2, acc3, m_i, l_i, q0, q1, q2, q3, q_rope, QR
 
 
 @triton.jit
-def _store_chunk(acc, c0, l_safe, ORow, PRow, ch, row_ok, keep, SPLIT: tl.constexpr,
+def _store_chunk(acc, c0, l_safe, ORow, PRow, ch, row_ok, keep, num_splits,
                  EVEN_H: tl.constexpr):
     """acc [M, CH] / l -> Out (bf16/fp16, one split) or PartO (fp32, rows where keep: real
     heads of a split with keys), columns [c0, c0 + CH)."""
     out = acc / l_safe[:, None]                                           # [M, CH]
-    if not SPLIT:
+    if num_splits == 1:  # a run-time branch: one variant serves split and whole launches
         ptrs = ORow + c0 + ch[None, :]                                    # [M, CH]
-        out = out.to(ORow.dtype.element_ty)
         if EVEN_H:
-            tl.store(ptrs, out)
+            tl.store(ptrs, out.to(ORow.dtype.element_ty))
         else:
-            tl.store(ptrs, out, mask=row_ok[:, None])
+            tl.store(ptrs, out.to(ORow.dtype.element_ty), mask=row_ok[:, None])
     else:
         tl.store(PRow + c0 + ch[None, :], out, mask=keep[:, None])
 
@@ -186,7 +185,7 @@ def _mla_decode_chunked_kernel(
         stride_ob, stride_oh, stride_pot, stride_poh, stride_pos, stride_plt, stride_plh,
         L: tl.constexpr, R: tl.constexpr, BLOCK_R: tl.constexpr, CH: tl.constexpr,
         NC: tl.constexpr, G_BLK: tl.constexpr, BLOCK_N: tl.constexpr,
-        SPLIT: tl.constexpr, EVEN_H: tl.constexpr, EVEN_R: tl.constexpr,
+        EVEN_H: tl.constexpr, EVEN_R: tl.constexpr,
         Q_IN_LOOP: tl.constexpr, TMA: tl.constexpr, PAGE_SIZE: tl.constexpr, PDL: tl.constexpr):
     """grid (B, head blocks, splits): one sequence, G_BLK heads, one piece of the KV range.
     DescLat / DescRope: tensor descriptors of KV when TMA (else KV itself, unused)."""
@@ -212,7 +211,7 @@ def _mla_decode_chunked_kernel(
         q_rope = _load_q_rope(QRRow, tl.arange(0, BLOCK_R), row_ok, R, EVEN_H,
                               EVEN_R)                                     # [M, BLOCK_R]
     seq_len = tl.load(SeqLens + b)
-    lo, hi = split_range(split, seq_len, min_split_len, num_splits, SPLIT, BLOCK_N)
+    lo, hi = split_range(split, seq_len, min_split_len, num_splits, BLOCK_N)
     full_end = lo + tl.maximum(hi - lo, 0) // BLOCK_N * BLOCK_N          # end of whole tiles
     acc0 = tl.zeros([G_BLK, CH], dtype=tl.float32)                        # [M, CH] each
     if NC >= 2:
@@ -245,13 +244,13 @@ def _mla_decode_chunked_kernel(
     PRow = PartO + b64 * stride_pot + head[:, None] * stride_poh + split * stride_pos
     # an empty split writes only its lse (-inf); [M] (the interpreter rejects a scalar & [M])
     keep = row_ok & (tl.zeros([G_BLK], dtype=tl.int32) + (hi - lo) > 0)
-    _store_chunk(acc0, 0 * CH, l_safe, ORow, PRow, ch, row_ok, keep, SPLIT, EVEN_H)
+    _store_chunk(acc0, 0 * CH, l_safe, ORow, PRow, ch, row_ok, keep, num_splits, EVEN_H)
     if NC >= 2:
-        _store_chunk(acc1, 1 * CH, l_safe, ORow, PRow, ch, row_ok, keep, SPLIT, EVEN_H)
+        _store_chunk(acc1, 1 * CH, l_safe, ORow, PRow, ch, row_ok, keep, num_splits, EVEN_H)
     if NC >= 4:
-        _store_chunk(acc2, 2 * CH, l_safe, ORow, PRow, ch, row_ok, keep, SPLIT, EVEN_H)
-        _store_chunk(acc3, 3 * CH, l_safe, ORow, PRow, ch, row_ok, keep, SPLIT, EVEN_H)
-    if SPLIT:
+        _store_chunk(acc2, 2 * CH, l_safe, ORow, PRow, ch, row_ok, keep, num_splits, EVEN_H)
+        _store_chunk(acc3, 3 * CH, l_safe, ORow, PRow, ch, row_ok, keep, num_splits, EVEN_H)
+    if num_splits > 1:
         lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf"))     # [M]
         tl.store(PartL + b64 * stride_plt + head * stride_plh + split, lse, mask=row_ok)
 
@@ -346,7 +345,7 @@ def mla_decode_chunked(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: t
         part_o.stride(0), part_o.stride(1), part_o.stride(2) if num_splits > 1 else 0,
         part_l.stride(0), part_l.stride(1),
         L=lat, R=rope, BLOCK_R=block_r, CH=lat // nc, NC=nc, G_BLK=g_blk, BLOCK_N=block_n,
-        SPLIT=num_splits > 1, EVEN_H=heads % g_blk == 0, EVEN_R=rope == block_r,
+        EVEN_H=heads % g_blk == 0, EVEN_R=rope == block_r,
         Q_IN_LOOP=q_in_loop, TMA=tma, PAGE_SIZE=page_size, num_warps=num_warps,
         num_stages=num_stages, **pdl_launch(out.device),
         **({} if max_regs is None else dict(maxnreg=max_regs)))

@@ -77,13 +77,10 @@ DEFAULT_SIZING = SplitSizing()
 
 
 @triton.jit
-def split_range(split, kv_len, min_split_len, num_splits, SPLIT: tl.constexpr,
-                BLOCK_N: tl.constexpr):
+def split_range(split, kv_len, min_split_len, num_splits, BLOCK_N: tl.constexpr):
     """Keys [lo, hi) of one split-KV piece: the row's own length cut into num_splits runs of
     whole tiles, each at least min_split_len keys (a multiple of BLOCK_N); the splits past the
-    row's end are empty."""
-    if not SPLIT:
-        return kv_len * 0, kv_len
+    row's end are empty. One split (num_splits == 1) is the whole row."""
     split_len = tl.maximum(tl.cdiv(tl.cdiv(kv_len, num_splits), BLOCK_N) * BLOCK_N,
                            min_split_len)
     lo = split * split_len
@@ -159,11 +156,15 @@ def merge_splits(part_o: torch.Tensor, part_l: torch.Tensor, out: torch.Tensor,
 
 def split_buffers(shape: tuple[int, ...], num_splits: int, out: torch.Tensor
                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(PartO [*shape[:-1], S, DV] fp32, PartL [*shape[:-1], S] fp32) for num_splits > 1; for
-    one split the kernels write `out` directly and the partials are placeholders (out)."""
-    if num_splits <= 1:
-        return out, out
+    """(PartO [*shape[:-1], S, DV] fp32, PartL [*shape[:-1], S] fp32). With one split the
+    kernels write `out` directly: the partials are then one-element fp32 placeholders of the
+    same ranks, never written, so that a launch with one split and a launch with several are
+    the same compiled variant (the kernels branch on num_splits at run time, not on a
+    constexpr: one compile fewer per tile shape at start-up)."""
     lead, dv = shape[:-1], shape[-1]
+    if num_splits <= 1:
+        return (out.new_empty((1,) * (len(lead) + 2), dtype=torch.float32),
+                out.new_empty((1,) * (len(lead) + 1), dtype=torch.float32))
     part_o = torch.empty(*lead, num_splits, dv, dtype=torch.float32, device=out.device)
     part_l = torch.empty(*lead, num_splits, dtype=torch.float32, device=out.device)
     return part_o, part_l

@@ -118,12 +118,12 @@ def check_attention() -> None:
         for mla in (False, True):
             _attention(decode, mla)
     tiles = A.attention_tiles(False, False, 1)
-    args = {n: BF for n in ("Q1", "Q2", "K1", "K2", "V", "Out", "PartO", "PartL")}
-    args.update(PageTable=I32, QueryStart=I32, SeqLens=I32, BlockBatch=I32, BlockTok=I32,
+    args = {n: BF for n in ("Q1", "Q2", "K1", "K2", "V", "Out")}
+    args.update(PartO=F32, PartL=F32, PageTable=I32, QueryStart=I32, SeqLens=I32, BlockBatch=I32, BlockTok=I32,
                 scale_log2=0.1, v_scale=1.0, group=1, min_split_len=64, stride_k2h=0)
     cex = dict(D1=128, D2=64, DV=128, BLOCK_D1=128, BLOCK_D2=64, BLOCK_DV=128,
                G_BLK=tiles.g_blk, BLOCK_T=tiles.block_t, BLOCK_N=tiles.block_n, N_HBLK=1,
-               SPLIT=False, HAS_D2=True, SHARED_V=False, DECODE=False, EVEN_D=True, WINDOW=0,
+               HAS_D2=True, SHARED_V=False, DECODE=False, EVEN_D=True, WINDOW=0,
                HAS_SINKS=False, PAGE_SIZE=1)
     compile_sm90(A._paged_attn_kernel, args, cex, tiles.num_warps, tiles.num_stages)
 
@@ -140,15 +140,13 @@ def _merge(dv: int, sinks: bool) -> None:
 
 def _attention(decode: bool, mla: bool) -> None:
     tiles = A.attention_tiles(decode, mla, 16 if mla else 4)
-    splits = 8 if decode else 1
     args = {n: BF for n in ("Q1", "Q2", "K1", "K2", "V", "Out")}
-    args.update(PartO=F32 if splits > 1 else BF, PartL=F32 if splits > 1 else BF,
-                PageTable=I32, QueryStart=I32, SeqLens=I32, BlockBatch=I32, BlockTok=I32,
+    args.update(PartO=F32, PartL=F32, PageTable=I32, QueryStart=I32, SeqLens=I32, BlockBatch=I32, BlockTok=I32,
                 scale_log2=0.1, v_scale=1.0, group=4, min_split_len=64)
     d1, d2 = (512, 64) if mla else (128, 0)
     cex = dict(D1=d1, D2=d2, DV=d1, BLOCK_D1=d1, BLOCK_D2=max(16, d2), BLOCK_DV=d1,
                G_BLK=tiles.g_blk, BLOCK_T=tiles.block_t, BLOCK_N=tiles.block_n, N_HBLK=1,
-               SPLIT=splits > 1, HAS_D2=mla, SHARED_V=mla, DECODE=decode, EVEN_D=True,
+               HAS_D2=mla, SHARED_V=mla, DECODE=decode, EVEN_D=True,
                WINDOW=0, HAS_SINKS=False, PAGE_SIZE=16)
     compile_sm90(A._paged_attn_kernel, args, cex, tiles.num_warps, tiles.num_stages)
     _merge(d1, False)
@@ -157,24 +155,23 @@ def _attention(decode: bool, mla: bool) -> None:
 def check_mla_chunked() -> None:
     """The register-lean MLA decode at DeepSeek-V2-Lite shapes (L=512, R=64, G_BLK=16): the
     registered default (4 chunks, 64-key tiles, 4 warps, query hoisted), then 32-key tiles
-    with the latent in 4 and 2 chunks at 4 and 8 warps, with split-KV or not, the query per
-    tile or hoisted, 16 or 4 heads (TP4: masked rows), one with a register cap; whole tiles
+    with the latent in 4 and 2 chunks at 4 and 8 warps (split-KV or not is a run-time
+    branch of each variant), the query per tile or hoisted, 16 or 4 heads (TP4: masked rows), one with a register cap; whole tiles
     copied by tensor descriptors (TMA) or gathered."""
     args = dict(QL=BF, QR=BF, KV=BF, Out=BF, PageTable=I32, SeqLens=I32, scale_log2=0.1,
                 num_heads=16, min_split_len=64, stride_kv=576)
-    for nc, block_n, warps, splits, q_in_loop, heads, regs, tma in (
-            (4, 64, 4, 8, False, 16, None, True), (4, 64, 4, 8, False, 16, None, False),
-            (4, 32, 4, 8, True, 16, 128, False), (4, 32, 8, 1, False, 16, None, True),
-            (2, 32, 4, 1, True, 4, None, False), (2, 32, 8, 8, False, 16, None, True)):
-        part = F32 if splits > 1 else BF
+    for nc, block_n, warps, q_in_loop, heads, regs, tma in (
+            (4, 64, 4, False, 16, None, True), (4, 64, 4, False, 16, None, False),
+            (4, 32, 4, True, 16, 128, False), (4, 32, 8, False, 16, None, True),
+            (2, 32, 4, True, 4, None, False), (2, 32, 8, False, 16, None, True)):
         descs = (dict(DescLat=f"tensordesc<bf16[{block_n}, {512 // nc}]>",
                       DescRope=f"tensordesc<bf16[{block_n}, 64]>") if tma
                  else dict(DescLat=BF, DescRope=BF))
         cex = dict(L=512, R=64, BLOCK_R=64, CH=512 // nc, NC=nc, G_BLK=16, BLOCK_N=block_n,
-                   SPLIT=splits > 1, EVEN_H=heads % 16 == 0, EVEN_R=True, Q_IN_LOOP=q_in_loop,
+                   EVEN_H=heads % 16 == 0, EVEN_R=True, Q_IN_LOOP=q_in_loop,
                    TMA=tma, PAGE_SIZE=64)
         compile_sm90(MD._mla_decode_chunked_kernel,
-                     dict(args, **descs, PartO=part, PartL=part, num_heads=heads), cex, warps,
+                     dict(args, **descs, PartO=F32, PartL=F32, num_heads=heads), cex, warps,
                      2, **({} if regs is None else dict(maxnreg=regs)))
 
 
@@ -320,12 +317,12 @@ def check_per_batch() -> None:
 
 def check_gpt_oss() -> None:
     """GPT-OSS-20b's shapes (64 query heads of 64 over 8 KV heads, 128-key window, sinks):
-    decode (split + merge with sinks, and whole) and extend on the gathering kernel, sliding
-    and full; the contiguous prefill with sinks; the biased, clamped, interleaved experts at
+    decode (one variant, split or whole; the merge with sinks) and extend on the gathering
+    kernel, sliding and full; the contiguous prefill with sinks; the biased, clamped, interleaved experts at
     each tile configuration, bf16 and MXFP4."""
     for decode in (True, False):
-        for window, splits in ((128, 1), (0, 1), (0, 8) if decode else (0, 2)):
-            _gqa_attention(64, 8, decode, window, True, splits)
+        for window in (128, 0):
+            _gqa_attention(64, 8, decode, window, True)
     _merge(64, True)
     tiles = P.prefill_tiles()
     _prefill(64, 8, tiles.rows, tiles.block_n, sinks=True)
@@ -337,31 +334,29 @@ def check_gpt_oss() -> None:
 
 def check_fp8_kv() -> None:
     """An FP8 (e4m3) cache at Llama-3.1-8B's shapes (32 query heads of 128 over 8 KV heads):
-    the cache writers, decode (split + merge, and whole) and extend on the gathering kernel,
+    the cache writers, decode (one variant, split or whole) and extend on the gathering kernel,
     GPT-OSS's window and sinks on it, and the contiguous prefill over an FP8 prefix."""
     f8 = torch.float8_e4m3fn
     _cache_writers(f8)
     for decode in (True, False):
-        for window, sinks, splits in ((0, False, 8 if decode else 2), (0, False, 1),
-                                      (128, True, 1)):
-            _gqa_attention(128, 4, decode, window, sinks, splits, cache=f8)
+        for window, sinks in ((0, False), (128, True)):
+            _gqa_attention(128, 4, decode, window, sinks, cache=f8)
     tiles = P.prefill_tiles()
     _prefill(128, 4, tiles.rows, tiles.block_n, sinks=False, cache=f8)
 
 
-def _gqa_attention(d: int, group: int, decode: bool, window: int, sinks: bool, splits: int,
+def _gqa_attention(d: int, group: int, decode: bool, window: int, sinks: bool,
                    cache=BF) -> None:
     """The paged kernel for GQA (head dim d, `group` query heads a KV head) at its default
     tiles, over a cache of dtype `cache`."""
     tiles = A.attention_tiles(decode, False, group)
-    part = F32 if splits > 1 else BF
-    args = dict(Q1=BF, Q2=BF, K1=cache, K2=cache, V=cache, Out=BF, Sinks=BF, PartO=part,
-                PartL=part, PageTable=I32, QueryStart=I32, SeqLens=I32, BlockBatch=I32,
+    args = dict(Q1=BF, Q2=BF, K1=cache, K2=cache, V=cache, Out=BF, Sinks=BF, PartO=F32,
+                PartL=F32, PageTable=I32, QueryStart=I32, SeqLens=I32, BlockBatch=I32,
                 BlockTok=I32, scale_log2=0.1, v_scale=0.5, group=group, min_split_len=64)
     cex = dict(D1=d, D2=0, DV=d, BLOCK_D1=d, BLOCK_D2=16, BLOCK_DV=d, G_BLK=tiles.g_blk,
-               BLOCK_T=tiles.block_t, BLOCK_N=tiles.block_n, N_HBLK=1, SPLIT=splits > 1,
-               HAS_D2=False, SHARED_V=False, DECODE=decode, EVEN_D=True, WINDOW=window,
-               HAS_SINKS=sinks, PAGE_SIZE=16)
+               BLOCK_T=tiles.block_t, BLOCK_N=tiles.block_n, N_HBLK=1, HAS_D2=False,
+               SHARED_V=False, DECODE=decode, EVEN_D=True, WINDOW=window, HAS_SINKS=sinks,
+               PAGE_SIZE=16)
     compile_sm90(A._paged_attn_kernel, args, cex, tiles.num_warps, tiles.num_stages)
 
 
