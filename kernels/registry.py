@@ -16,7 +16,7 @@ from typing import Any, Callable, Mapping
 Features = Mapping[str, Any]
 Predicate = Callable[[Features], bool]
 
-# The ops of docs/INTERFACES.md §2 (+ rope_store_kv). Plugins may add more.
+# The ops of docs/INTERFACES.md §2. Plugins may add more.
 OPS: tuple[str, ...] = (
     "rms_norm", "fused_add_rms_norm", "silu_and_mul", "rope", "store_kv", "rope_store_kv",
     "decode_attention", "extend_attention", "mla_decode", "mla_extend", "mla_prefill",

@@ -80,10 +80,11 @@ def activate(gate: torch.Tensor, up: torch.Tensor, activation: ClampedSwiGLU | N
 @register("fused_moe", backend="torch", priority=0)
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
               ids: torch.Tensor, b13: torch.Tensor | None = None, b2: torch.Tensor | None = None,
-              activation: ClampedSwiGLU | None = None, interleaved: bool = False
-              ) -> torch.Tensor:
+              activation: ClampedSwiGLU | None = None, interleaved: bool = False,
+              shared: torch.Tensor | None = None) -> torch.Tensor:
     """x: [T, H], w13: [E, 2I, H], w2: [E, H, I], weights/ids: [T, k]
-    -> sum_k weights * (act(x @ w13[e].T + b13[e]) @ w2[e].T + b2[e])  [T, H].
+    -> sum_k weights * (act(x @ w13[e].T + b13[e]) @ w2[e].T + b2[e]) (+ shared)  [T, H].
+    shared [T, H] (the shared experts' output) joins the sum before it is rounded.
 
     act: silu(gate) * up, or `activation` (ClampedSwiGLU); gate/up are the halves of w13's
     rows, or alternate rows when `interleaved`. Biases b13 [E, 2I] / b2 [E, H] are optional.
@@ -102,6 +103,8 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: tor
         if b2 is not None:
             y = y + b2[e].float()
         out.index_add_(0, tok, y * weights[tok, slot].float()[:, None])
+    if shared is not None:
+        out += shared.float()
     return out.to(x.dtype)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from kernels.reference.kv_cache import store_kv
+from kernels.reference.norm import rms_norm
 from kernels.registry import register
 from kernels.step_memo import memoized
 
@@ -47,9 +48,14 @@ def rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: tor
 def rope_store_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                   cos_sin: torch.Tensor, rotary_dim: int, is_neox: bool,
                   k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
-                  k_scale: float = 1.0, v_scale: float = 1.0
+                  k_scale: float = 1.0, v_scale: float = 1.0,
+                  v_norm_weight: torch.Tensor | None = None, v_norm_eps: float = 0.0
                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """rope(q, k) then store_kv(rotated k, v, k_scale, v_scale); returns the rotated (q, k)."""
+    """rope(q, k) then store_kv(rotated k, v, k_scale, v_scale); returns the rotated (q, k).
+    v_norm_weight [Dv]: v is stored as rms_norm(v, v_norm_weight, v_norm_eps) over its last
+    dim (MLA's normed latent, which only the cache keeps)."""
     q2, k2 = rope(q, k, positions, cos_sin, rotary_dim, is_neox)
+    if v_norm_weight is not None:
+        v = rms_norm(v.reshape(-1, v.shape[-1]), v_norm_weight, v_norm_eps).view(v.shape)
     store_kv(k2, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
     return q2, k2

@@ -253,9 +253,11 @@ def moe_tiles(pairs_per_expert: float) -> MoeTiles:
 
 
 @triton.jit
-def _sum_topk_kernel(Pairs, Out, stride_p, stride_o, TOP_K: tl.constexpr, H: tl.constexpr,
-                     BLOCK_H: tl.constexpr, PDL: tl.constexpr):
-    """Out[t, cols] = sum over j < TOP_K of Pairs[t * TOP_K + j, cols], in fp32, rounded once."""
+def _sum_topk_kernel(Pairs, Shared, Out, stride_p, stride_s, stride_o, TOP_K: tl.constexpr,
+                     H: tl.constexpr, BLOCK_H: tl.constexpr, HAS_SHARED: tl.constexpr,
+                     PDL: tl.constexpr):
+    """Out[t, cols] = sum over j < TOP_K of Pairs[t * TOP_K + j, cols] (+ Shared[t, cols]), in
+    fp32, rounded once."""
     pdl_begin(PDL)
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)                  # [BLOCK_H]
@@ -263,20 +265,25 @@ def _sum_topk_kernel(Pairs, Out, stride_p, stride_o, TOP_K: tl.constexpr, H: tl.
     acc = tl.zeros([BLOCK_H], dtype=tl.float32)
     for j in tl.static_range(TOP_K):
         acc += tl.load(Pairs + (t * TOP_K + j) * stride_p + h, mask=ok, other=0.0).to(tl.float32)
+    if HAS_SHARED:
+        acc += tl.load(Shared + t * stride_s + h, mask=ok, other=0.0).to(tl.float32)
     tl.store(Out + t * stride_o + h, acc.to(Out.dtype.element_ty), mask=ok)
 
 
 SUM_BLOCK_H = 1024
 
 
-def sum_topk(out_pairs: torch.Tensor, t: int, k: int) -> torch.Tensor:
-    """out_pairs [T*k, H] -> [T, H]: one launch (torch's sum in fp32 + cast back took two)."""
+def sum_topk(out_pairs: torch.Tensor, t: int, k: int, shared: torch.Tensor | None = None
+             ) -> torch.Tensor:
+    """out_pairs [T*k, H] (+ shared [T, H]) -> [T, H]: one launch (torch's sum in fp32 + cast
+    back took two; the shared experts' add one more)."""
     h = out_pairs.shape[1]
     out = torch.empty(t, h, dtype=out_pairs.dtype, device=out_pairs.device)
     block_h = 16 if interpreting() else SUM_BLOCK_H
     _sum_topk_kernel[(t, triton.cdiv(h, block_h))](
-        out_pairs, out, out_pairs.stride(0), out.stride(0), TOP_K=k, H=h, BLOCK_H=block_h,
-        num_warps=4, **pdl_launch(out.device))
+        out_pairs, out if shared is None else shared, out, out_pairs.stride(0),
+        0 if shared is None else shared.stride(0), out.stride(0), TOP_K=k, H=h,
+        BLOCK_H=block_h, HAS_SHARED=shared is not None, num_warps=4, **pdl_launch(out.device))
     return out
 
 
@@ -284,15 +291,16 @@ def sum_topk(out_pairs: torch.Tensor, t: int, k: int) -> torch.Tensor:
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
               ids: torch.Tensor, b13: torch.Tensor | None = None, b2: torch.Tensor | None = None,
               activation: ClampedSwiGLU | None = None, interleaved: bool = False,
-              tiles: MoeTiles | None = None) -> torch.Tensor:
+              shared: torch.Tensor | None = None, tiles: MoeTiles | None = None
+              ) -> torch.Tensor:
     """x: [T, H], w13: [E, 2I, H], w2: [E, H, I] (any strides), weights/ids: [T, k] -> [T, H].
     b13 [E, 2I] / b2 [E, H] / activation / interleaved: GPT-OSS (the reference's doc).
-    tiles: None for `moe_tiles`."""
+    shared [T, H]: added in the top-k sum's launch. tiles: None for `moe_tiles`."""
     e, two_i, h = w13.shape
     check(h == x.shape[1] and w2.shape == (e, h, two_i // 2),
           "fused_moe: weight shapes disagree with x")
     return _fused_moe(x, (w13, None), (w2, None), (e, two_i // 2, h), weights, ids, b13, b2,
-                      activation, interleaved, tiles)
+                      activation, interleaved, tiles, shared)
 
 
 @register("fused_moe_mxfp4", backend="triton", priority=PRIORITY, supports=on_cuda_half)
@@ -323,8 +331,9 @@ def fused_moe_mxfp4(x: torch.Tensor, w13_blocks: torch.Tensor, w13_scales: torch
 def _fused_moe(x: torch.Tensor, w13: tuple, w2: tuple, dims: tuple[int, int, int],
                weights: torch.Tensor, ids: torch.Tensor, b13: torch.Tensor | None,
                b2: torch.Tensor | None, activation: ClampedSwiGLU | None, interleaved: bool,
-               tiles: MoeTiles | None) -> torch.Tensor:
-    """Both launches + the top-k sum. w13 / w2: (weights, None), or MXFP4 (codes, scales)."""
+               tiles: MoeTiles | None, shared: torch.Tensor | None = None) -> torch.Tensor:
+    """Both launches + the top-k sum (+ shared). w13 / w2: (weights, None), or MXFP4 (codes,
+    scales)."""
     (w13, s13), (w2, s2) = w13, w2
     e, inter, h = dims
     t = x.shape[0]
@@ -333,10 +342,12 @@ def _fused_moe(x: torch.Tensor, w13: tuple, w2: tuple, dims: tuple[int, int, int
           "fused_moe: b13 must be [E, 2I], contiguous rows")
     check(b2 is None or (b2.shape == (e, h) and b2.stride(1) == 1),
           "fused_moe: b2 must be [E, H], contiguous rows")
+    check(shared is None or (shared.shape == x.shape and shared.stride(1) == 1),
+          "fused_moe: shared must be [T, H] like x, contiguous rows")
     k = ids.shape[1]
     n = t * k
     if n == 0:
-        return torch.zeros_like(x)
+        return torch.zeros_like(x) if shared is None else shared.clone()
     tiles = moe_tiles(n / e) if tiles is None else tiles
     bm, bn, bk = tiles.block_m, tiles.block_n, tiles.block_k
     pair_blocks = n <= PAIR_BLOCKS_MAX
@@ -367,7 +378,7 @@ def _fused_moe(x: torch.Tensor, w13: tuple, w2: tuple, dims: tuple[int, int, int
         w2.stride(2), out_pairs.stride(0), 0 if b2 is None else b2.stride(0),
         *_scale_strides(s2), K=inter, H=h, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
         HAS_BIAS=b2 is not None, **launch)
-    return sum_topk(out_pairs, t, k)                                          # [T, H]
+    return sum_topk(out_pairs, t, k, shared)                                  # [T, H]
 
 
 def _scale_strides(scales: torch.Tensor | None) -> tuple[int, int]:

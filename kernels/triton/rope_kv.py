@@ -70,15 +70,29 @@ def _load_heads(X, tok, stride_t, stride_h, num_heads, D: tl.constexpr, BLOCK_H:
     return tl.load(X + tok * stride_t + h[:, None] * stride_h + d[None, :], mask=ok), ok
 
 
+@triton.jit
+def _rms_norm_heads(v, ok, W, eps, DV: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """v [BLOCK_H, BLOCK_DV] (masked elements 0) normed over its DV real dims and scaled by
+    W [DV], in v's dtype: the rms_norm kernel's arithmetic (elementwise.py) a row."""
+    v32 = v.to(tl.float32)
+    inv = 1.0 / tl.sqrt(tl.sum(v32 * v32, 1) / DV + eps)                           # [H]
+    dv = tl.arange(0, BLOCK_DV)
+    w = tl.load(W + dv, mask=dv < DV, other=0.0).to(tl.float32)                     # [DV]
+    return tl.where(ok, v32 * inv[:, None] * w[None, :], 0.0).to(v.dtype)
+
+
 @triton.jit(**per_batch(pointers=("Pos", "Slots")))
-def _rope_kv_kernel(Q, K, V, Pos, CosSin, QOut, KOut, KCache, VCache, Slots,
+def _rope_kv_kernel(Q, K, V, Pos, CosSin, QOut, KOut, KCache, VCache, Slots, VNormW,
                     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                     stride_qot, stride_qoh, stride_kot, stride_koh, stride_cs,
                     stride_kcs, stride_kch, stride_vcs, stride_vch, inv_k_scale, inv_v_scale,
-                    HQ, HK, R, D: tl.constexpr, DV: tl.constexpr, BLOCK_HQ: tl.constexpr,
-                    BLOCK_HK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                    IS_NEOX: tl.constexpr, STORE: tl.constexpr, FP8: tl.constexpr,
-                    PDL: tl.constexpr):
+                    v_norm_eps, HQ, HK, R, D: tl.constexpr, DV: tl.constexpr,
+                    BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_D: tl.constexpr,
+                    BLOCK_DV: tl.constexpr, IS_NEOX: tl.constexpr, STORE: tl.constexpr,
+                    FP8: tl.constexpr, V_NORM: tl.constexpr, PDL: tl.constexpr):
+    """One token a program: q and k rotated; with STORE the rotated k and v written at the
+    token's slot (skipped for slot < 0), v first RMS-normed by VNormW when V_NORM (MLA's
+    latent: the kv_a layernorm in this launch instead of its own)."""
     pdl_begin(PDL)
     tok = tl.program_id(0).to(tl.int64)
     d = tl.arange(0, BLOCK_D)
@@ -107,6 +121,8 @@ def _rope_kv_kernel(Q, K, V, Pos, CosSin, QOut, KOut, KCache, VCache, Slots,
             _store_cache_heads(KCache, slot, stride_kcs, stride_kch, k, kok, inv_k_scale, FP8,
                                BLOCK_HK, BLOCK_D)
             v, vok = _load_heads(V, tok, stride_vt, stride_vh, HK, DV, BLOCK_HK, BLOCK_DV)
+            if V_NORM:
+                v = _rms_norm_heads(v, vok, VNormW, v_norm_eps, DV, BLOCK_DV)
             _store_cache_heads(VCache, slot, stride_vcs, stride_vch, v, vok, inv_v_scale, FP8,
                                BLOCK_HK, BLOCK_DV)
 
@@ -116,7 +132,8 @@ def _is_fp8(cache: torch.Tensor | None) -> bool:
 
 
 def _launch(q, k, v, positions, cos_sin, rotary_dim, is_neox, k_cache, v_cache, slots,
-            store: bool, k_scale: float = 1.0, v_scale: float = 1.0
+            store: bool, k_scale: float = 1.0, v_scale: float = 1.0,
+            v_norm_weight: torch.Tensor | None = None, v_norm_eps: float = 0.0
             ) -> tuple[torch.Tensor, torch.Tensor]:
     t, hq, d = q.shape
     hk = k.shape[1]
@@ -129,14 +146,18 @@ def _launch(q, k, v, positions, cos_sin, rotary_dim, is_neox, k_cache, v_cache, 
     dv = v.shape[-1]
     vc = v_cache if store else k_out
     kc = k_cache if store else k_out
+    check(v_norm_weight is None or (v_norm_weight.shape == (dv,) and store),
+          "rope_store_kv: v_norm_weight must be [Dv]")
     _rope_kv_kernel[(t,)](
         q, k, v, positions, cos_sin, q_out, k_out, kc, vc, slots,
+        q if v_norm_weight is None else v_norm_weight,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1), cos_sin.stride(0),
         kc.stride(0), kc.stride(1), vc.stride(0), vc.stride(1), 1.0 / k_scale, 1.0 / v_scale,
-        hq, hk, rotary_dim, D=d, DV=dv, BLOCK_HQ=next_pow2(hq), BLOCK_HK=next_pow2(hk),
-        BLOCK_D=next_pow2(d), BLOCK_DV=next_pow2(dv), IS_NEOX=is_neox, STORE=store,
-        FP8=_is_fp8(kc), num_warps=4, **pdl_launch(q.device))
+        float(v_norm_eps), hq, hk, rotary_dim, D=d, DV=dv, BLOCK_HQ=next_pow2(hq),
+        BLOCK_HK=next_pow2(hk), BLOCK_D=next_pow2(d), BLOCK_DV=next_pow2(dv), IS_NEOX=is_neox,
+        STORE=store, FP8=_is_fp8(kc), V_NORM=v_norm_weight is not None, num_warps=4,
+        **pdl_launch(q.device))
     return q_out, k_out
 
 
@@ -152,12 +173,13 @@ def rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: tor
 def rope_store_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                   cos_sin: torch.Tensor, rotary_dim: int, is_neox: bool, k_cache: torch.Tensor,
                   v_cache: torch.Tensor, slot_mapping: torch.Tensor, k_scale: float = 1.0,
-                  v_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+                  v_scale: float = 1.0, v_norm_weight: torch.Tensor | None = None,
+                  v_norm_eps: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """rope(q, k), and the rotated k with v written at slot_mapping (in the caches' format:
-    k_scale / v_scale), in one pass."""
+    k_scale / v_scale), in one pass; v RMS-normed first by v_norm_weight [Dv] if given."""
     check(k_cache.dtype == v_cache.dtype, "rope_store_kv: k_cache and v_cache dtypes differ")
     return _launch(q, k, v, positions, cos_sin, rotary_dim, is_neox, k_cache, v_cache,
-                   slot_mapping, True, k_scale, v_scale)
+                   slot_mapping, True, k_scale, v_scale, v_norm_weight, v_norm_eps)
 
 
 @triton.jit(**per_batch(pointers=("Slots",)))

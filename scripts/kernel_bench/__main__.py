@@ -43,6 +43,9 @@ def _parser() -> argparse.ArgumentParser:
     sweeps.add_parser("short-decode", help="batch-1 GQA decode of short rows in a 128K-wide "
                                            "table: split tiles and tiles").set_defaults(
         sweep=lambda a, c: tune.short_decode(c))
+    sweeps.add_parser("short-mla", help="batch-1 MLA decode of short rows in a 32K-wide "
+                                        "table: split counts, split tiles, tiles").set_defaults(
+        sweep=lambda a, c: tune.short_mla(c))
     sweeps.add_parser("stages", help="pipeline depths of the generic paged kernel"
                       ).set_defaults(sweep=lambda a, c: tune.stages(c))
     pre = sweeps.add_parser("prefill", help="contiguous-K/V prefill tiles and the "

@@ -120,6 +120,32 @@ def short_decode(ceil: Ceilings) -> None:
         torch.cuda.empty_cache()
 
 
+def short_mla(ceil: Ceilings) -> None:
+    """Batch-1 MLA decode (the chunked kernel, DeepSeek-V2-Lite: 16 heads, page size 64) of
+    short rows (512 / 2K / 8K keys) in a 32K-wide page table (the preset's longest sequence),
+    as the daemon's decode graphs launch it: the split count from the table's width, each
+    split at least `split_tiles` tiles of the row. Variants: split counts (the rule's and
+    fixed), split_tiles, key tiles and stages. err against the generic kernel."""
+    print("\n== tune mla: batch-1 decode of short rows in a 32K-wide table", flush=True)
+    page_size, heads = 64, 16
+    for ctx in (512, 2048, 8192):
+        table, cache, ql, qr, sl = mla_inputs(1, ctx, page_size, heads, table_ctx=32768)
+        base = TA.mla_decode_generic(ql, qr, cache, table, sl, page_size, MLA_SCALE).float()
+        denom = float(base.abs().max().clamp_min(1e-30))
+        for splits in (None, 32, 64, 128):
+            for split_tiles in (1, 2):
+                for n, st in ((64, 2), (32, 2), (32, 3)):
+                    fn = partial(mla_decode_chunked, ql, qr, cache, table, sl, page_size,
+                                 MLA_SCALE, num_splits=splits, split_tiles=split_tiles,
+                                 block_n=n, num_stages=st)
+                    time_variant(ceil, "tune", f"mla_decode B=1 ctx={ctx} splits="
+                                 f"{splits or 'rule'} split_tiles={split_tiles} N={n} s={st}",
+                                 fn, mla_cache_bytes(1, ctx), "GB/s",
+                                 lambda out: float((out.float() - base).abs().max()) / denom)
+        del table, cache, ql, qr
+        torch.cuda.empty_cache()
+
+
 def stages(ceil: Ceilings) -> None:
     """Pipeline depth (num_stages) and tile variants of the generic paged kernel: GQA decode
     at batch 1, MLA decode, and the 8K prefill (target: 50% of the GEMM rate)."""

@@ -157,7 +157,8 @@ def check_mla_chunked() -> None:
     registered default (4 chunks, 64-key tiles, 4 warps, query hoisted), then 32-key tiles
     with the latent in 4 and 2 chunks at 4 and 8 warps (split-KV or not is a run-time
     branch of each variant), the query per tile or hoisted, 16 or 4 heads (TP4: masked rows), one with a register cap; whole tiles
-    copied by tensor descriptors (TMA) or gathered."""
+    copied by tensor descriptors (TMA) or gathered; then the rope + cache write with the
+    latent's norm."""
     args = dict(QL=BF, QR=BF, KV=BF, Out=BF, PageTable=I32, SeqLens=I32, scale_log2=0.1,
                 num_heads=16, min_split_len=64, stride_kv=576)
     for nc, block_n, warps, q_in_loop, heads, regs, tma in (
@@ -173,6 +174,14 @@ def check_mla_chunked() -> None:
         compile_sm90(MD._mla_decode_chunked_kernel,
                      dict(args, **descs, PartO=F32, PartL=F32, num_heads=heads), cex, warps,
                      2, **({} if regs is None else dict(maxnreg=regs)))
+    # MLA's rope + cache write with the kv_a layernorm on the latent (one KV "head": rope key
+    # 64, latent 512), as DeepSeek-V2-Lite's layers launch it
+    compile_sm90(RK._rope_kv_kernel, dict({n: BF for n in ("Q", "K", "V", "QOut", "KOut",
+                                                            "KCache", "VCache", "VNormW")},
+                                          Pos=I64, CosSin=F32, Slots=I64, v_norm_eps=1e-6,
+                                          inv_k_scale=1.0, inv_v_scale=1.0, HQ=16, HK=1, R=64),
+                 dict(D=64, DV=512, BLOCK_HQ=16, BLOCK_HK=1, BLOCK_D=64, BLOCK_DV=512,
+                      IS_NEOX=False, STORE=True, FP8=False, V_NORM=True), 4, 1)
 
 
 def check_prefill() -> None:
@@ -223,9 +232,10 @@ def _cache_writers(cache) -> None:
     scales = dict(inv_k_scale=1.0, inv_v_scale=1.0)
     fp8 = cache == torch.float8_e4m3fn
     compile_sm90(RK._rope_kv_kernel, dict(ptrs, KCache=cache, VCache=cache, Pos=I64,
-                                          CosSin=F32, Slots=I64, HQ=32, HK=8, R=128, **scales),
+                                          CosSin=F32, Slots=I64, VNormW=BF, v_norm_eps=1e-6,
+                                          HQ=32, HK=8, R=128, **scales),
                  dict(D=128, DV=128, BLOCK_HQ=32, BLOCK_HK=8, BLOCK_D=128, BLOCK_DV=128,
-                      IS_NEOX=True, STORE=True, FP8=fp8), 4, 1)
+                      IS_NEOX=True, STORE=True, FP8=fp8, V_NORM=False), 4, 1)
     compile_sm90(RK._store_kv_kernel, dict(K=BF, V=BF, KCache=cache, VCache=cache, Slots=I64,
                                            HK=8, **scales),
                  dict(D=128, DV=128, BLOCK_HK=8, BLOCK_D=128, BLOCK_DV=128, FP8=fp8), 4, 1)
@@ -270,8 +280,9 @@ def _moe(ppe: float, pair_blocks: bool, gpt_oss: bool = False, mxfp4: bool = Fal
     compile_sm90(M._moe_down_kernel, dict(common, Inter=BF, W2=w, Weights=F32, Out=BF, B2=BF,
                                           W2S=w),
                  dict(K=inter, H=h, **cex), tiles.num_warps, tiles.num_stages)
-    compile_sm90(M._sum_topk_kernel, dict(Pairs=BF, Out=BF),
-                 dict(TOP_K=6, H=2048, BLOCK_H=M.SUM_BLOCK_H), 4, 1)
+    for shared in (False, True):   # DeepSeek's shared experts' output added, or none
+        compile_sm90(M._sum_topk_kernel, dict(Pairs=BF, Shared=BF, Out=BF),
+                     dict(TOP_K=6, H=2048, BLOCK_H=M.SUM_BLOCK_H, HAS_SHARED=shared), 4, 1)
 
 
 def _sample() -> None:

@@ -78,6 +78,33 @@ def test_rope_and_rope_store_kv(is_neox, t, hq, hk, d, rot):
     assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
 
 
+@pytest.mark.parametrize("dv", [32, 40])
+def test_rope_store_kv_norms_v_as_the_rms_norm_kernel(dv):
+    """MLA's call: v (the latent, a strided view of the kv_a output) RMS-normed by
+    v_norm_weight in the same launch, written as the rms_norm kernel's output then store_kv
+    would write it (bit-equal), and as the reference writes it; padding slots skipped."""
+    t, rot = 5, 16
+    cs = rnd(64, rot)
+    q, kv = rnd(t, 4, rot), rnd(t, dv + rot)
+    v, k = kv[:, None, :dv], kv[:, None, dv:]                     # [T, 1, Dv], [T, 1, R]
+    w = rnd(dv)
+    pos = torch.randint(0, 64, (t,), device=DEV)
+    slots = torch.randperm(3 * t, device=DEV)[:t]
+    slots[1] = -1
+    caches = [torch.full((3 * t, 1, dd), 7.0, device=DEV) for dd in (rot, dv) * 3]
+    got = RK.rope_store_kv(q, k, v, pos, cs, rot, False, caches[0], caches[1], slots,
+                           v_norm_weight=w, v_norm_eps=1e-6)
+    ref = R.rope_store_kv(q, k, v, pos, cs, rot, False, caches[2], caches[3], slots,
+                          v_norm_weight=w, v_norm_eps=1e-6)
+    normed = E.rms_norm(v.reshape(t, dv), w, 1e-6).view(t, 1, dv)
+    RK.store_kv(got[1], normed, caches[4], caches[5], slots)
+    assert rel_err(got[0], ref[0]) < 1e-6 and torch.equal(caches[0], caches[4])
+    assert torch.equal(caches[1], caches[5]) and rel_err(caches[1], caches[3]) < 1e-5
+    untouched = torch.ones(3 * t, dtype=torch.bool, device=DEV)
+    untouched[slots[slots >= 0]] = False
+    assert (caches[1][untouched] == 7.0).all()
+
+
 def _paged(seq_lens, page_size, hk, d, dv):
     table, num_pages = make_paged(seq_lens, page_size)
     return (table.to(DEV), rnd(num_pages * page_size, hk, d), rnd(num_pages * page_size, hk, dv),
@@ -345,6 +372,10 @@ def test_fused_moe(t, hd, inter, e, k):
     w13, w2 = rnd(e, 2 * inter, hd, dtype=dt) * 0.2, rnd(e, hd, inter, dtype=dt) * 0.2
     w, ids = R.moe_route(rnd(t, e), k, "sigmoid", True, rnd(e), 1, 1, 1.5)
     assert rel_err(M.fused_moe(x, w13, w2, w, ids), R.fused_moe(x, w13, w2, w, ids)) < TOL
+    shared = rnd(t, hd, dtype=dt)     # the shared experts' output, added in the top-k sum
+    got = M.fused_moe(x, w13, w2, w, ids, shared=shared)
+    assert rel_err(got, R.fused_moe(x, w13, w2, w, ids, shared=shared)) < TOL
+    assert rel_err(got, R.fused_moe(x, w13, w2, w, ids).float() + shared.float()) < 2e-2
 
 
 @pytest.mark.parametrize("t", [2, 9])

@@ -276,27 +276,29 @@ class MLAttention(Placed):
         return q.split([self.cfg.qk_nope_head_dim, self.cfg.qk_rope_head_dim], dim=-1)
 
     def _latent_kv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # x: [T, Hd] -> (normed latent c [T, L], un-rotated rope key [T, R])
+        # x: [T, Hd] -> (latent c before its norm [T, L], un-rotated rope key [T, R])
         kv = self.kv_a_proj_with_mqa(x)                                      # [T, L + R]
         latent, k_rope = kv.split([self.cfg.kv_lora_rank, self.cfg.qk_rope_head_dim], dim=-1)
-        return self.kv_a_layernorm(latent[:, None, :])[:, 0], k_rope
+        return latent, k_rope
 
     def _rope_and_store(self, positions: torch.Tensor, q_rope: torch.Tensor,
                         latent: torch.Tensor, k_rope: torch.Tensor, slots: torch.Tensor
                         ) -> torch.Tensor:
-        # q_rope: [T, H, R], latent: [T, L], k_rope: [T, R] -> rotated q_rope [T, H, R];
-        # kv_cache[slots] = [latent | rotated k_rope] (slots < 0 are padding, skipped).
+        # q_rope: [T, H, R], latent: [T, L] (before its norm), k_rope: [T, R] -> rotated
+        # q_rope [T, H, R]; kv_cache[slots] = [kv_a_layernorm(latent) | rotated k_rope] (slots
+        # < 0 are padding, skipped). Only the cache keeps the normed latent.
         # The cache is seen as a one-head K/V pair: "k" = rope key [S, 1, R], "v" = latent.
         lat = self.cfg.kv_lora_rank
         k_cache, v_cache = self.kv_cache[:, None, lat:], self.kv_cache[:, None, :lat]
         k, v = k_rope[:, None, :], latent[:, None, :]                         # [T, 1, R], [T, 1, L]
-        rot = self.rotary_emb
-        if self.rope_store_kv is not None:  # rotate and write in one kernel
+        rot, norm = self.rotary_emb, self.kv_a_layernorm
+        if self.rope_store_kv is not None:  # rotate, norm and write in one kernel
             q_rope, _ = self.rope_store_kv(q_rope, k, v, positions, rot.cos_sin, rot.rotary_dim,
-                                           rot.is_neox, k_cache, v_cache, slots)
+                                           rot.is_neox, k_cache, v_cache, slots,
+                                           v_norm_weight=norm.weight, v_norm_eps=norm.eps)
             return q_rope
         q_rope, k = rot(positions, q_rope, k)
-        self.store_kv(k, v, k_cache, v_cache, slots)
+        self.store_kv(k, norm(v), k_cache, v_cache, slots)
         return q_rope
 
     def _attend(self, q_latent: torch.Tensor, q_rope: torch.Tensor,

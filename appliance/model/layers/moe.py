@@ -164,11 +164,13 @@ class RoutedExperts(nn.Module):
                                         num_experts=self.num_local, top_k=cfg.top_k,
                                         hidden=h, intermediate=self.inter_local)
 
-    def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        # x: [T, H], weights/ids: [T, k] (global expert ids) -> [T, H] partial sums
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
+                shared: torch.Tensor | None = None) -> torch.Tensor:
+        # x: [T, H], weights/ids: [T, k] (global expert ids) -> [T, H] partial sums; shared
+        # [T, H] (the shared experts' partial sums) added in the op's last launch
         if not self.all_local:
             weights, ids = local_routing(weights, ids, self.first, self.num_local)
-        return self.fused_moe(x, self.w13, self.w2, weights, ids)
+        return self.fused_moe(x, self.w13, self.w2, weights, ids, shared=shared)
 
     def weight_shardings(self, prefix: str) -> list[WeightSharding]:
         """Expert e of the checkpoint (`{prefix}.{e}.gate_proj.weight` ...) -> slot e - first."""
@@ -211,7 +213,6 @@ class DeepseekMoE(Placed):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         # hidden_states: [T, H] -> [T, H] (partial sums)
         weights, ids = self.gate(hidden_states)                               # [T, k], [T, k]
-        out = self.experts(hidden_states, weights, ids)                       # [T, H]
-        if self.shared_experts is not None:
-            out = out + self.shared_experts(hidden_states)
-        return out
+        shared = (self.shared_experts(hidden_states)                          # [T, H]
+                  if self.shared_experts is not None else None)
+        return self.experts(hidden_states, weights, ids, shared)              # [T, H]
