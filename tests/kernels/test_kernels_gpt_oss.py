@@ -93,7 +93,9 @@ def test_reference_window_never_reads_before_the_window():
 
 def test_reference_experts_equal_transformers():
     """fused_moe with biases, the clamped SwiGLU and interleaved gate/up (HF's [E, H, 2I]
-    tensors seen transposed) == transformers' GptOssExperts, routed by HF's router."""
+    tensors seen transposed) == transformers' GptOssExperts, routed by HF's router. The
+    SwiGLU's alpha and limit are the experts' own (transformers 5.17 fixes them at 1.702 and
+    7.0 whatever the config says; later versions read the config)."""
     transformers = pytest.importorskip("transformers")
     from transformers.models.gpt_oss import modeling_gpt_oss as hf
 
@@ -114,7 +116,7 @@ def test_reference_experts_equal_transformers():
         got = R.fused_moe(x, experts.gate_up_proj.transpose(1, 2),
                           experts.down_proj.transpose(1, 2), weights, our_ids,
                           experts.gate_up_proj_bias, experts.down_proj_bias,
-                          ClampedSwiGLU(cfg.swiglu_alpha, cfg.swiglu_limit), interleaved=True)
+                          ClampedSwiGLU(experts.alpha, experts.limit), interleaved=True)
     assert rel_err(got, want) < 1e-5
 
 
