@@ -22,7 +22,9 @@ batches after them 8-10 s more; 22-25 s); the host launchers built beside the co
 distinct ones: 12.5 and 13.5 s against 12.8 s). Fewer variants: whether an attention launch
 splits is a run-time branch, not a constexpr (19 -> 16 compiles; another H200 box, whose
 compiles ran ~2x faster: 13 -> 10 compiles in the threads, 5.3 -> 5.2 s, the chain again;
-there `tokenspeed up` answered in 11.9 s on a cold cache, twice).
+there `tokenspeed up` answered in 11.9 s on a cold cache, twice). The box sets the time: a
+third one, the daemon its first process (OS file cache cold too), compiled for 22.5 s and
+answered after 31.8 s.
 
 What it runs over: the parameters zeroed before the load writes them (finite values whatever
 the load has reached: a router over them picks valid experts) and a scratch KV cache of a few

@@ -15,6 +15,7 @@ first split alone. Why the defaults are what they are: docs/KERNELS.md, "Split-K
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -163,8 +164,14 @@ def split_buffers(shape: tuple[int, ...], num_splits: int, out: torch.Tensor
     constexpr: one compile fewer per tile shape at start-up)."""
     lead, dv = shape[:-1], shape[-1]
     if num_splits <= 1:
-        return (out.new_empty((1,) * (len(lead) + 2), dtype=torch.float32),
-                out.new_empty((1,) * (len(lead) + 1), dtype=torch.float32))
+        return _placeholders(out.device, len(lead))
     part_o = torch.empty(*lead, num_splits, dv, dtype=torch.float32, device=out.device)
     part_l = torch.empty(*lead, num_splits, dtype=torch.float32, device=out.device)
     return part_o, part_l
+
+
+@functools.lru_cache(maxsize=None)
+def _placeholders(device: torch.device, lead_dims: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """split_buffers' one-split partials, made once per device (no allocation per launch)."""
+    return (torch.empty((1,) * (lead_dims + 2), dtype=torch.float32, device=device),
+            torch.empty((1,) * (lead_dims + 1), dtype=torch.float32, device=device))
