@@ -9,7 +9,7 @@ a fresh process over an empty Triton cache: start-up's batches compiled ahead
 compiles (triton.compiler.compile timed: compile-ahead holds Triton's compile hooks). With
 --warm-profile, then: a restart's share, over the Triton cache such a run filled: start-up's
 batches one by one in one thread, then the CUDA-graph capture, each under cProfile. With
---list, every compile of start-up's batches in one thread: the batch, kernel, constexprs, time.
+--list, first compile-ahead in one thread with every compile listed: seconds, kernel, constexprs.
 
     python scripts/startup_phases.py [-c configs/llama-3.1-8b.yaml] [--compile 1 8] [--list]
 """
@@ -101,53 +101,28 @@ from appliance.model.compile_ahead import CompileAhead
 # disk cache through it too, in well under COMPILED_S
 COMPILED_S = 0.2
 spans, compile_ = [], triton.compiler.compile
-def timed_compile(*a, **k):
+def timed_compile(src, *a, **k):
     started = time.perf_counter()
     try:
-        return compile_(*a, **k)
-    finally:
-        spans.append(time.perf_counter() - started)
+        return compile_(src, *a, **k)
+    finally:   # the seconds, the kernel and its scalar constexprs by name
+        names = getattr(getattr(src, "fn", None), "arg_names", [])
+        consts = {{names[i[0]] if names and len(i) == 1 else i: v
+                   for i, v in getattr(src, "constants", {{}}).items()
+                   if isinstance(v, (int, float, bool, str))}}
+        spans.append((time.perf_counter() - started, getattr(src, "name", "?"), consts))
 triton.compiler.compile = timed_compile
 t = time.perf_counter()
 ahead = CompileAhead(runner.model, runner._kv_layers, runner.kv_dtype, shapes, runner.page_size,
                      runner.device, {threads})
 summary = ahead.join()
-built = [x for x in spans if x >= COMPILED_S]
+built = [x for x in spans if x[0] >= COMPILED_S]
 print(f"threads {threads}: {{time.perf_counter() - t:.1f}} s wall; {{len(built)}} compiles, "
-      f"{{sum(built):.1f}} s summed ({{len(spans) - len(built)}} more variants loaded); "
-      f"{{summary}}")
-"""
-
-
-LIST = RUNNER + """
-import triton.compiler
-from appliance.model.compile_ahead import startup_jobs
-# every compile of start-up's batches in one thread over an empty cache, in order: which batch
-# met it, the kernel, its constexprs and how long it took
-spans, compile_ = [], triton.compiler.compile
-job = [None]
-def listed_compile(src, *a, **k):
-    started = time.perf_counter()
-    try:
-        return compile_(src, *a, **k)
-    finally:
-        names = getattr(getattr(src, "fn", None), "arg_names", [])
-        consts = {{names[i[0]] if names and len(i) == 1 else i: v
-                   for i, v in getattr(src, "constants", {{}}).items()
-                   if isinstance(v, (int, float, bool, str))}}
-        spans.append((job[0], getattr(src, "name", "?"), time.perf_counter() - started, consts))
-triton.compiler.compile = listed_compile
-t = time.perf_counter()
-with torch.inference_mode():
-    for i, (forward, make) in enumerate(startup_jobs(runner.model, shapes, runner.page_size,
-                                                     runner.device)):
-        job[0] = i
-        forward(make())
-torch.cuda.synchronize()
-print(f"one thread: {{time.perf_counter() - t:.1f}} s, {{len(spans)}} compiles, "
-      f"{{sum(s[2] for s in spans):.1f}} s summed")
-for i, name, secs, consts in spans:
-    print(f"  job {{i:>3}} {{secs:6.2f}} s  {{name}}  {{consts}}")
+      f"{{sum(x[0] for x in built):.1f}} s summed ({{len(spans) - len(built)}} more variants "
+      f"loaded); {{summary}}")
+if {listed}:   # in the order they were compiled
+    for secs, name, consts in built:
+        print(f"  {{secs:6.2f}} s  {{name}}  {{consts}}")
 """
 
 
@@ -188,20 +163,18 @@ def warm_profile(config_path: str) -> None:
     """Start-up's batches in one thread, then the CUDA-graph capture, under cProfile, over a
     Triton cache a compile-ahead run has just filled: what a restart spends beside compiling."""
     with tempfile.TemporaryDirectory() as cache:
-        run_child(COMPILE.format(root=str(ROOT), config=config_path, threads=8), cache)
+        run_child(COMPILE.format(root=str(ROOT), config=config_path, threads=8, listed=False),
+                  cache)
         run_child(WARM.format(root=str(ROOT), config=config_path), cache)
 
 
-def list_compiles(config_path: str) -> None:
-    """Every compile of start-up's batches, one thread, an empty Triton cache (LIST)."""
-    with tempfile.TemporaryDirectory() as cache:
-        run_child(LIST.format(root=str(ROOT), config=config_path), cache)
-
-
-def compile_runs(config_path: str, threads: list[int]) -> None:
+def compile_runs(config_path: str, threads: list[int], listed: bool = False) -> None:
+    """Compile-ahead in each thread count over an empty Triton cache; listed: each compile's
+    seconds, kernel and constexprs too."""
     for n in threads:
         with tempfile.TemporaryDirectory() as cache:
-            run_child(COMPILE.format(root=str(ROOT), config=config_path, threads=n), cache)
+            run_child(COMPILE.format(root=str(ROOT), config=config_path, threads=n,
+                                     listed=listed), cache)
 
 
 def run_child(code: str, triton_cache: str) -> None:
@@ -218,11 +191,11 @@ def main() -> None:
     parser.add_argument("--warm-profile", action="store_true",
                         help="then profile a restart's batches and graph capture (warm_profile)")
     parser.add_argument("--list", action="store_true",
-                        help="then list every start-up compile in one thread (list_compiles)")
+                        help="then compile ahead in one thread, listing every compile")
     args = parser.parse_args()
     rank_phases(args.config)
     if args.list:
-        list_compiles(args.config)
+        compile_runs(args.config, [1], listed=True)
     if args.compile:
         compile_runs(args.config, args.compile)
     if args.warm_profile:

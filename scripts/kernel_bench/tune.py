@@ -52,6 +52,17 @@ def time_variant(ceil: Ceilings, tag: str, label: str, fn: Callable[[], torch.Te
     return None if bad else r
 
 
+def max_err_against(base: torch.Tensor) -> Callable[[torch.Tensor], float]:
+    """err_of for time_variant: max |out - base| / max |base| (NaN -> inf: fails the check)."""
+    base = base.float()
+    denom = float(base.abs().max().clamp_min(1e-30))
+
+    def max_err(out: torch.Tensor) -> float:
+        err = float((out.float() - base).abs().max()) / denom
+        return err if err == err else float("inf")
+    return max_err
+
+
 def _gqa_decode_bytes(batch: int, ctx: int) -> int:
     return 4 * batch * ctx * 8 * 128           # k and v, 8 kv heads x 128, bf16
 
@@ -130,8 +141,8 @@ def short_mla(ceil: Ceilings) -> None:
     page_size, heads = 64, 16
     for ctx in (512, 2048, 8192):
         table, cache, ql, qr, sl = mla_inputs(1, ctx, page_size, heads, table_ctx=32768)
-        base = TA.mla_decode_generic(ql, qr, cache, table, sl, page_size, MLA_SCALE).float()
-        denom = float(base.abs().max().clamp_min(1e-30))
+        max_err = max_err_against(TA.mla_decode_generic(ql, qr, cache, table, sl, page_size,
+                                                         MLA_SCALE))
         for splits in (None, 32, 64, 128):
             for split_tiles in (1, 2):
                 for n, st in ((64, 2), (32, 2), (32, 3)):
@@ -140,8 +151,7 @@ def short_mla(ceil: Ceilings) -> None:
                                  block_n=n, num_stages=st)
                     time_variant(ceil, "tune", f"mla_decode B=1 ctx={ctx} splits="
                                  f"{splits or 'rule'} split_tiles={split_tiles} N={n} s={st}",
-                                 fn, mla_cache_bytes(1, ctx), "GB/s",
-                                 lambda out: float((out.float() - base).abs().max()) / denom)
+                                 fn, mla_cache_bytes(1, ctx), "GB/s", max_err)
         del table, cache, ql, qr
         torch.cuda.empty_cache()
 
@@ -204,12 +214,7 @@ def mla(ceil: Ceilings, top: int = 6, generic: bool = True) -> None:
         table, cache, ql, qr, sl = mla_inputs(batch, ctx, page_size, heads)
         nbytes = mla_cache_bytes(batch, ctx)
         gen = partial(TA.mla_decode_generic, ql, qr, cache, table, sl, page_size, MLA_SCALE)
-        base = gen().float()
-        denom = float(base.abs().max().clamp_min(1e-30))
-
-        def max_err(out: torch.Tensor) -> float:   # NaN -> inf: fails the check
-            err = float((out.float() - base).abs().max()) / denom
-            return err if err == err else float("inf")
+        max_err = max_err_against(gen())
         gen_rate = time_variant(ceil, "tune mla_chunked",
                                 f"{f'B={batch} ctx={ctx} generic kernel':64s}", gen, nbytes,
                                 "GB/s")
@@ -225,7 +230,7 @@ def mla(ceil: Ceilings, top: int = 6, generic: bool = True) -> None:
                                max_err, lambda ms: f" (generic x{gen_ms / ms:.2f})")
             if gbs is not None:
                 results.append((gbs, c))
-        del table, cache, ql, qr, sl, base
+        del table, cache, ql, qr, sl, max_err
         torch.cuda.empty_cache()
         return sorted(results, key=lambda r: -r[0])
 
