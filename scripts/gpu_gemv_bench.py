@@ -3,12 +3,14 @@
 For each weight shape of a preset's decode step (default: Llama-3.1-8B's qkv, o, gate_up,
 down and lm_head), a CUDA graph calls the op on enough distinct weight copies that every call
 reads its weight from HBM, as a decode step does; replayed, timed with CUDA events. Prints,
-per shape, cuBLAS and the best few GEMV configurations: microseconds a call and the weight
+per shape, cuBLAS, the GEMV as `gemv_config` tiles it (the rule) and the best few GEMV
+configurations: microseconds a call and the weight
 bytes a second, against the copy bandwidth measured in the same run (a device-to-device copy
 of 1 GiB). Checks every configuration against F.linear first.
 
     python scripts/gpu_gemv_bench.py                 # ~2 minutes on an H200
     python scripts/gpu_gemv_bench.py --shapes 4096x4096 --top 5
+    python scripts/gpu_gemv_bench.py --shapes ds --block-n 2 4 8 16 --block-k 256 512 1024 2048
 """
 from __future__ import annotations
 
@@ -23,10 +25,15 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kernel_bench.harness import sequence_us  # noqa: E402
-from kernels.triton.gemv import GemvConfig, gemv  # noqa: E402
+from kernels.triton.gemv import GemvConfig, gemv, gemv_config  # noqa: E402
 
 LLAMA_8B = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096),
             "down": (4096, 14336), "lm_head": (128256, 4096)}
+# DeepSeek-V2-Lite's: q_proj, kv_a_proj_with_mqa, o_proj, the shared experts' gate_up and down,
+# the dense first layer's gate_up and down (--shapes ds)
+DEEPSEEK_V2_LITE = {"ds q": (3072, 2048), "ds kv_a": (576, 2048), "ds o": (2048, 2048),
+                    "ds shared gate_up": (5632, 2048), "ds shared down": (2048, 2816),
+                    "ds dense gate_up": (21888, 2048), "ds dense down": (2048, 10944)}
 STREAM_BYTES = 1 << 30  # weight copies per graph: at least this much, well past the L2
 
 
@@ -62,7 +69,10 @@ def bench_shape(name: str, n: int, k: int, cfgs: list[GemvConfig], replays: int,
                for _ in range(copies)]
     x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
     want = F.linear(x, weights[0]).float()
-    results = [("cuBLAS", graph_us(lambda a, w: F.linear(a, w), weights, x, replays))]
+    rule = gemv_config(n, k)
+    results = [("cuBLAS", graph_us(lambda a, w: F.linear(a, w), weights, x, replays)),
+               (f"rule {rule.block_n}x{rule.block_k} w{rule.num_warps} s{rule.num_stages}",
+                graph_us(lambda a, w: gemv(a, w), weights, x, replays))]
     for cfg in cfgs:
         err = (gemv(x, weights[0], None, cfg).float() - want).abs().max().item()
         if err > 0.02 * want.abs().max().item() + 1e-3:
@@ -71,9 +81,9 @@ def bench_shape(name: str, n: int, k: int, cfgs: list[GemvConfig], replays: int,
         results.append((f"gemv {cfg.block_n}x{cfg.block_k} w{cfg.num_warps} s{cfg.num_stages}",
                         graph_us(lambda a, w, c=cfg: gemv(a, w, None, c), weights, x, replays)))
     base = results[0][1]
-    best = sorted(results[1:], key=lambda r: r[1])[:top]
+    best = sorted(results[2:], key=lambda r: r[1])[:top]
     lines = []
-    for label, us in [results[0]] + best:
+    for label, us in results[:2] + best:
         tbps = bytes_ / (us * 1e-6) / 1e12
         lines.append(f"| {name} {n}x{k} | {label} | {us:.2f} | {tbps:.2f} | {tbps / copy:.0%} | "
                      f"{base / us:.2f}x |")
@@ -96,7 +106,9 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("gpu_gemv_bench: needs a CUDA device", file=sys.stderr)
         return 1
-    names = {f"{n}x{k}": name for name, (n, k) in LLAMA_8B.items()}
+    names = {f"{n}x{k}": name for name, (n, k) in {**LLAMA_8B, **DEEPSEEK_V2_LITE}.items()}
+    deepseek = [f"{n}x{k}" for n, k in DEEPSEEK_V2_LITE.values()]
+    args.shapes = [s for shape in args.shapes for s in (deepseek if shape == "ds" else [shape])]
     copy = copy_tbps()
     print(f"card: {torch.cuda.get_device_name()}  torch {torch.__version__}  "
           f"copy {copy:.2f} TB/s", flush=True)

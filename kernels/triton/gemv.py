@@ -34,15 +34,23 @@ class GemvConfig:
 
 
 # Wide outputs (gate_up, lm_head) have programs to spare and take short K steps; narrow ones
-# (qkv, o, down) need more bytes in flight per program (gpu_gemv_bench.py's best per shape).
+# (qkv, o, down) need more bytes in flight per program; small weights (DeepSeek-V2-Lite's q,
+# kv_a, o and shared experts, K = 2048: 576-5632 rows) have too few rows for 16-row programs
+# to fill the GPU (kv_a: 36 programs) and take 4-row programs of one 2048-wide K step
+# (gpu_gemv_bench.py's best per shape; H200, us a call: kv_a 2.90 -> 1.85, o 4.40 -> 3.39,
+# q 5.48 -> 4.59, shared gate_up 8.41 -> 7.19).
 WIDE_N = 16384
+SMALL_WEIGHT = 12 << 20    # elements
 WIDE = GemvConfig(block_n=16, block_k=256, num_warps=4, num_stages=2)
 NARROW = GemvConfig(block_n=16, block_k=1024, num_warps=8, num_stages=2)
+SMALL = GemvConfig(block_n=4, block_k=2048, num_warps=4, num_stages=2)
 
 
 def gemv_config(n: int, k: int) -> GemvConfig:
     """The tiles of an [N, K] weight's GEMV."""
-    return WIDE if n >= WIDE_N else NARROW
+    if n >= WIDE_N:
+        return WIDE
+    return SMALL if n * k <= SMALL_WEIGHT else NARROW
 
 
 @triton.jit

@@ -55,6 +55,8 @@ def _parser() -> argparse.ArgumentParser:
     pre.set_defaults(sweep=lambda a, c: tune.prefill(c, not a.no_tiles))
     sweeps.add_parser("moe", help="fused MoE tiles").set_defaults(
         sweep=lambda a, c: tune.moe(c))
+    sweeps.add_parser("moe-decode", help="fused MoE tiles at batch 1").set_defaults(
+        sweep=lambda a, c: tune.moe_decode(c))
     sweeps.add_parser("splits", help="split-KV: tiles per split and split counts"
                       ).set_defaults(sweep=lambda a, c: tune.splits(c))
     sub.add_parser("ceiling", help="measure the copy and GEMM ceilings")

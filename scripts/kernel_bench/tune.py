@@ -6,7 +6,7 @@ are passed to the kernels as arguments (tiles, split sizing, knobs); nothing is 
 Families (`python -m scripts.kernel_bench tune <family>`): attention (tiles and split counts
 of the generic paged kernel), mla (MLA decode: generic kernel and kernels/triton/mla_decode.py),
 stages (pipeline depths of the generic kernel), prefill (kernels/triton/prefill.py), moe
-(fused MoE tiles), splits (split-KV: tiles per split and split counts)."""
+(fused MoE tiles), moe-decode (its tiles at batch 1), splits (split-KV: tiles per split and split counts)."""
 from __future__ import annotations
 
 from functools import partial
@@ -318,6 +318,32 @@ def moe(ceil: Ceilings) -> None:
             fn = partial(TM.fused_moe, x, w13, w2, wts, ids, tiles=tiles)
             time_variant(ceil, "tune moe", f"T={t:6d} M={bm} N={bn} K={bk} w={w} s={st}", fn,
                          6.0 * t * 6 * 1408 * 2048, "TFLOP/s")
+
+
+def moe_decode(ceil: Ceilings) -> list[tuple[MoeTiles, float]]:
+    """Tile variants of the fused MoE at batch 1 (DeepSeek-V2-Lite: one token, top-6 of 64
+    experts, each pair its own row block): the 6 experts' weights streamed, GB/s against copy.
+    Returns (tiles, GB/s) of the variants that ran and matched the first, fastest first."""
+    print("\n== tune moe-decode: fused MoE tiles at batch 1, DeepSeek-V2-Lite", flush=True)
+    w13, w2 = moe_weights()
+    x = torch.randn(1, 2048, dtype=BF16, device=DEV)
+    wts, ids = R.moe_route(torch.randn(1, 64, device=DEV), 6, "softmax", False, None, 1, 1, 1.0)
+    nbytes = 6 * 3 * 1408 * 2048 * 2
+    err_of = max_err_against(TM.fused_moe(x, w13, w2, wts, ids))
+    results = []
+    for bn in (32, 64, 128):
+        for bk in (64, 128, 256):
+            for w in (4, 8):
+                for st in (3, 4, 6):
+                    tiles = MoeTiles(block_m=16, block_n=bn, block_k=bk, num_warps=w,
+                                     num_stages=st)
+                    fn = partial(TM.fused_moe, x, w13, w2, wts, ids, tiles=tiles)
+                    r = time_variant(ceil, "tune moe-decode",
+                                     f"N={bn:3d} K={bk:3d} w={w} s={st}", fn, nbytes, "GB/s",
+                                     err_of)
+                    if r is not None:
+                        results.append((tiles, r))
+    return sorted(results, key=lambda tr: -tr[1])
 
 
 # ----------------------------------------------------------------------------- split-KV

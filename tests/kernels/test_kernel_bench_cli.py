@@ -36,7 +36,8 @@ def test_run_list_and_unknown_rows(capsys):
     (["tune", "mla", "--top", "3", "--no-generic"], "mla", (3, False)),
     (["tune", "mla"], "mla", (6, True)),
     (["tune", "stages"], "stages", ()), (["tune", "prefill", "--no-tiles"], "prefill", (False,)),
-    (["tune", "moe"], "moe", ()), (["tune", "splits"], "splits", ())])
+    (["tune", "moe"], "moe", ()), (["tune", "moe-decode"], "moe_decode", ()),
+    (["tune", "splits"], "splits", ())])
 def test_tune_options_reach_the_sweep(monkeypatch, argv, family, want):
     """The former environment switches (TUNE_GQA_DECODE, TUNE_MLA_TOP, TUNE_MLA_GENERIC,
     TUNE_PREFILL_TILES, TUNE_MOE) are options of `tune <family>`."""

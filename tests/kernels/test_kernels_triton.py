@@ -258,6 +258,8 @@ def test_linear_one_row_gemv(n, k, bias):
     assert not G.gemv_applies(xs, w, b) and not G.gemv_applies(rnd(1, 2 * k)[:, ::2], w, b)
     assert torch.equal(G.linear(xs, w, b), torch.nn.functional.linear(xs, w, b))
     assert G.gemv_config(128256, 4096) == G.WIDE and G.gemv_config(4096, 14336) == G.NARROW
+    assert G.gemv_config(576, 2048) == G.gemv_config(5632, 2048) == G.SMALL     # DeepSeek-V2-Lite
+    assert G.gemv_config(4096, 4096) == G.NARROW                                 # the 8B's o_proj
 
 
 @pytest.mark.parametrize("inter,k,bias", [(20, 64, False), (37, 100, True), (8, 2048, False)])
