@@ -4,9 +4,9 @@ For each weight shape of a preset's decode step (default: Llama-3.1-8B's qkv, o,
 down and lm_head), a CUDA graph calls the op on enough distinct weight copies that every call
 reads its weight from HBM, as a decode step does; replayed, timed with CUDA events. Prints,
 per shape, cuBLAS, the GEMV as `gemv_config` tiles it (the rule) and the best few GEMV
-configurations: microseconds a call and the weight
-bytes a second, against the copy bandwidth measured in the same run (a device-to-device copy
-of 1 GiB). Checks every configuration against F.linear first.
+configurations: microseconds a call and the weight bytes a second, against the copy bandwidth
+measured in the same run (a device-to-device copy of 1 GiB). Checks every configuration
+against F.linear first.
 
     python scripts/gpu_gemv_bench.py                 # ~2 minutes on an H200
     python scripts/gpu_gemv_bench.py --shapes 4096x4096 --top 5

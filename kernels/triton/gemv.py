@@ -34,12 +34,13 @@ class GemvConfig:
 
 
 # Wide outputs (gate_up, lm_head) have programs to spare and take short K steps; narrow ones
-# (qkv, o, down) need more bytes in flight per program; small weights (DeepSeek-V2-Lite's q,
-# kv_a, o and shared experts, K = 2048: 576-5632 rows) have too few rows for 16-row programs
-# to fill the GPU (kv_a: 36 programs) and take 4-row programs of one 2048-wide K step
+# (qkv, o, down) need more bytes in flight per program; small weights of K <= 2048
+# (DeepSeek-V2-Lite's q, kv_a, o and shared gate_up: 576-5632 rows) have too few rows for
+# 16-row programs to fill the GPU (kv_a: 36 programs) and take 4-row programs of one K step
 # (gpu_gemv_bench.py's best per shape; H200, us a call: kv_a 2.90 -> 1.85, o 4.40 -> 3.39,
-# q 5.48 -> 4.59, shared gate_up 8.41 -> 7.19); taller than wide ones (the 8B's qkv) take
-# half as long K steps (qkv 15.13 -> 13.15 us; o and down stay).
+# q 5.48 -> 4.59, shared gate_up 8.41 -> 7.19; the shared down, K = 2816, would take two
+# steps, the second part-masked: 5.03 -> 5.22, so it stays); taller than wide ones (the 8B's
+# qkv) take half as long K steps (qkv 15.13 -> 13.15 us; o and down stay).
 WIDE_N = 16384
 SMALL_WEIGHT = 12 << 20    # elements
 WIDE = GemvConfig(block_n=16, block_k=256, num_warps=4, num_stages=2)
@@ -52,7 +53,7 @@ def gemv_config(n: int, k: int) -> GemvConfig:
     """The tiles of an [N, K] weight's GEMV."""
     if n >= WIDE_N:
         return WIDE
-    if n * k <= SMALL_WEIGHT:
+    if n * k <= SMALL_WEIGHT and k <= SMALL.block_k:
         return SMALL
     return TALL if n > k else NARROW
 

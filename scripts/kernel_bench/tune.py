@@ -6,7 +6,8 @@ are passed to the kernels as arguments (tiles, split sizing, knobs); nothing is 
 Families (`python -m scripts.kernel_bench tune <family>`): attention (tiles and split counts
 of the generic paged kernel), mla (MLA decode: generic kernel and kernels/triton/mla_decode.py),
 stages (pipeline depths of the generic kernel), prefill (kernels/triton/prefill.py), moe
-(fused MoE tiles), moe-decode (its tiles at batch 1), splits (split-KV: tiles per split and split counts)."""
+(fused MoE tiles), moe-decode (its tiles at batch 1), splits (split-KV: tiles per split and
+split counts)."""
 from __future__ import annotations
 
 from functools import partial

@@ -214,7 +214,6 @@ def _row_kernels() -> None:
     _gemv(28672, 4096, silu_mul=True)                              # gate_up with its SiLU
     _gemv(576, 2048)                                               # small: DeepSeek's kv_a
     _gemv(5632, 2048, silu_mul=True)                               # ... its shared experts
-    _gemv(2048, 2816)                                              # ... and their down
     compile_sm90(SA._spec_accept_kernel, dict(Tokens=I32, Drafts=I32, Start=I32, Counts=I32),
                  dict(BLOCK=SA.BLOCK), 4, 1)
 

@@ -259,6 +259,7 @@ def test_linear_one_row_gemv(n, k, bias):
     assert torch.equal(G.linear(xs, w, b), torch.nn.functional.linear(xs, w, b))
     assert G.gemv_config(128256, 4096) == G.WIDE and G.gemv_config(4096, 14336) == G.NARROW
     assert G.gemv_config(576, 2048) == G.gemv_config(5632, 2048) == G.SMALL     # DeepSeek-V2-Lite
+    assert G.gemv_config(2048, 2816) == G.NARROW                                 # its shared down
     assert G.gemv_config(4096, 4096) == G.NARROW                                 # the 8B's o_proj
     assert G.gemv_config(6144, 4096) == G.TALL                                   # ... and qkv
 
