@@ -10,6 +10,7 @@ stages (pipeline depths of the generic kernel), prefill (kernels/triton/prefill.
 split counts)."""
 from __future__ import annotations
 
+import itertools
 from functools import partial
 from typing import Callable
 
@@ -321,30 +322,23 @@ def moe(ceil: Ceilings) -> None:
                          6.0 * t * 6 * 1408 * 2048, "TFLOP/s")
 
 
-def moe_decode(ceil: Ceilings) -> list[tuple[MoeTiles, float]]:
+def moe_decode(ceil: Ceilings) -> None:
     """Tile variants of the fused MoE at batch 1 (DeepSeek-V2-Lite: one token, top-6 of 64
-    experts, each pair its own row block): the 6 experts' weights streamed, GB/s against copy.
-    Returns (tiles, GB/s) of the variants that ran and matched the first, fastest first."""
+    experts, each pair its own row block), the rule's tiles first: the 6 experts' weights
+    streamed, GB/s against copy."""
     print("\n== tune moe-decode: fused MoE tiles at batch 1, DeepSeek-V2-Lite", flush=True)
     w13, w2 = moe_weights()
     x = torch.randn(1, 2048, dtype=BF16, device=DEV)
     wts, ids = R.moe_route(torch.randn(1, 64, device=DEV), 6, "softmax", False, None, 1, 1, 1.0)
     nbytes = 6 * 3 * 1408 * 2048 * 2
-    err_of = max_err_against(TM.fused_moe(x, w13, w2, wts, ids))
-    results = []
-    for bn in (32, 64, 128):
-        for bk in (64, 128, 256):
-            for w in (4, 8):
-                for st in (3, 4, 6):
-                    tiles = MoeTiles(block_m=16, block_n=bn, block_k=bk, num_warps=w,
-                                     num_stages=st)
-                    fn = partial(TM.fused_moe, x, w13, w2, wts, ids, tiles=tiles)
-                    r = time_variant(ceil, "tune moe-decode",
-                                     f"N={bn:3d} K={bk:3d} w={w} s={st}", fn, nbytes, "GB/s",
-                                     err_of)
-                    if r is not None:
-                        results.append((tiles, r))
-    return sorted(results, key=lambda tr: -tr[1])
+    rule = partial(TM.fused_moe, x, w13, w2, wts, ids)
+    err_of = max_err_against(rule())
+    time_variant(ceil, "tune moe-decode", "rule", rule, nbytes, "GB/s")
+    for bn, bk, w, st in itertools.product((32, 64, 128), (64, 128, 256), (4, 8), (3, 4, 6)):
+        tiles = MoeTiles(block_m=16, block_n=bn, block_k=bk, num_warps=w, num_stages=st)
+        time_variant(ceil, "tune moe-decode", f"N={bn:3d} K={bk:3d} w={w} s={st}",
+                     partial(TM.fused_moe, x, w13, w2, wts, ids, tiles=tiles), nbytes, "GB/s",
+                     err_of)
 
 
 # ----------------------------------------------------------------------------- split-KV
