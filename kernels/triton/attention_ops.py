@@ -10,6 +10,7 @@ import torch
 from kernels.registry import register
 from kernels.triton.attention import AttentionTiles, paged_attention
 from kernels.triton.common import PRIORITY, check, kv_dtype_ok, on_cuda_half
+from kernels.triton.gqa_decode import gqa_decode
 from kernels.triton.mla_decode import default_nc, mla_decode_chunked, mla_extend_per_token
 from kernels.triton.prefill import contiguous_ok, prefill_attention
 from kernels.triton.split_kv import DEFAULT_SIZING, SplitSizing
@@ -32,7 +33,11 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      v_scale: float = 1.0) -> torch.Tensor:
     """q: [B, Hq, D] -> [B, Hq, Dv]; split-KV chosen from the page table width (or the
     window). sinks [Hq] / window: GPT-OSS; k_scale / v_scale: an FP8 cache's
-    (kernels/reference/attention.py)."""
+    (kernels/reference/attention.py). Without a window: gqa_decode.py's kernel (its cache
+    reads before the PDL wait, its merge in the last split); with one, the generic kernel."""
+    if window == 0:
+        return gqa_decode(q, k_cache, v_cache, page_table, seq_lens, page_size, scale,
+                          num_splits, sinks=sinks, k_scale=k_scale, v_scale=v_scale)
     return paged_attention(q, None, k_cache, None, v_cache, page_table, None, seq_lens,
                            page_size, scale, num_splits, sinks=sinks, window=window,
                            k_scale=k_scale, v_scale=v_scale)

@@ -78,14 +78,19 @@ DEFAULT_SIZING = SplitSizing()
 
 
 @triton.jit
+def split_length(kv_len, min_split_len, num_splits, BLOCK_N: tl.constexpr):
+    """Keys a split-KV piece of a kv_len-key row covers: the row cut into num_splits runs of
+    whole tiles, each at least min_split_len keys (a multiple of BLOCK_N)."""
+    return tl.maximum(tl.cdiv(tl.cdiv(kv_len, num_splits), BLOCK_N) * BLOCK_N, min_split_len)
+
+
+@triton.jit
 def split_range(split, kv_len, min_split_len, num_splits, BLOCK_N: tl.constexpr):
-    """Keys [lo, hi) of one split-KV piece: the row's own length cut into num_splits runs of
-    whole tiles, each at least min_split_len keys (a multiple of BLOCK_N); the splits past the
-    row's end are empty. One split (num_splits == 1) is the whole row."""
-    split_len = tl.maximum(tl.cdiv(tl.cdiv(kv_len, num_splits), BLOCK_N) * BLOCK_N,
-                           min_split_len)
-    lo = split * split_len
-    return lo, tl.minimum(lo + split_len, kv_len)
+    """Keys [lo, hi) of one split-KV piece (`split_length`); the splits past the row's end are
+    empty. One split (num_splits == 1) is the whole row."""
+    length = split_length(kv_len, min_split_len, num_splits, BLOCK_N)
+    lo = split * length
+    return lo, tl.minimum(lo + length, kv_len)
 
 
 @triton.jit(**per_batch(ints=SPLIT_INTS))

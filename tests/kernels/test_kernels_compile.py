@@ -6,8 +6,10 @@ limit) would otherwise surface only on a GPU. This compiles ahead of time, no GP
 Each check runs in a subprocess without TRITON_INTERPRET, so the kernels are real JIT
 functions there."""
 import os
+import re
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -25,6 +27,7 @@ except Exception as e:  # noqa: BLE001
 from kernels.triton import attention as A  # noqa: E402
 from kernels.triton import elementwise as E  # noqa: E402
 from kernels.triton import gemv as G  # noqa: E402
+from kernels.triton import gqa_decode as GD  # noqa: E402
 from kernels.triton import mla_decode as MD  # noqa: E402
 from kernels.triton import moe as M  # noqa: E402
 from kernels.triton import paged_tiles as PT  # noqa: E402
@@ -150,6 +153,8 @@ def _attention(decode: bool, mla: bool) -> None:
                WINDOW=0, HAS_SINKS=False, PAGE_SIZE=16)
     compile_sm90(A._paged_attn_kernel, args, cex, tiles.num_warps, tiles.num_stages)
     _merge(d1, False)
+    if decode and not mla:
+        _gqa_decode(128, 4, sinks=False)
 
 
 def check_mla_chunked() -> None:
@@ -336,6 +341,7 @@ def check_gpt_oss() -> None:
     for decode in (True, False):
         for window in (128, 0):
             _gqa_attention(64, 8, decode, window, True)
+    _gqa_decode(64, 8, sinks=True)
     _merge(64, True)
     tiles = P.prefill_tiles()
     _prefill(64, 8, tiles.rows, tiles.block_n, sinks=True)
@@ -354,6 +360,8 @@ def check_fp8_kv() -> None:
     for decode in (True, False):
         for window, sinks in ((0, False), (128, True)):
             _gqa_attention(128, 4, decode, window, sinks, cache=f8)
+    for rows in (1, A.FP8_WIDE_ROWS):
+        _gqa_decode(128, 4, sinks=rows > 1, cache=f8, rows=rows)
     tiles = P.prefill_tiles()
     _prefill(128, 4, tiles.rows, tiles.block_n, sinks=False, cache=f8)
 
@@ -371,6 +379,36 @@ def _gqa_attention(d: int, group: int, decode: bool, window: int, sinks: bool,
                SHARED_V=False, DECODE=decode, EVEN_D=True, WINDOW=window, HAS_SINKS=sinks,
                PAGE_SIZE=16)
     compile_sm90(A._paged_attn_kernel, args, cex, tiles.num_warps, tiles.num_stages)
+
+
+def _gqa_decode(d: int, group: int, sinks: bool, cache=BF, rows: int = 1) -> None:
+    """gqa_decode.py's kernel (head dim d, `group` query heads a KV head) at the default tiles
+    of a `rows`-row launch over a cache of dtype `cache`; over a 16-bit cache within 128
+    registers a thread (4 programs an SM, as the generic kernel's 109: the merge's tile is
+    sized for it; an FP8 cache's tiles take more in either kernel)."""
+    tiles = A.attention_tiles(True, False, group, rows, fp8=cache != BF)
+    merge_g, chunk_s = GD.merge_shape(group, tiles.g_blk, d)
+    args = dict(Q=BF, K=cache, V=cache, Out=BF, PartO=F32, PartL=F32, Tickets=I32, Sinks=BF,
+                PageTable=I32, SeqLens=I32, scale_log2=0.1, v_scale=0.5, group=group,
+                min_split_len=64)
+    cex = dict(D=d, DV=d, BLOCK_D=d, BLOCK_DV=d, G_BLK=tiles.g_blk, BLOCK_N=tiles.block_n,
+               N_HBLK=1, MERGE_G=merge_g, CHUNK_S=chunk_s, EVEN_D=True, HAS_SINKS=sinks,
+               PAGE_SIZE=16)
+    ptx = compile_sm90(GD._gqa_decode_kernel, args, cex, tiles.num_warps,
+                       tiles.num_stages).asm["ptx"]
+    assert cache != BF or _registers(ptx) <= 128
+
+
+def _registers(ptx: str) -> int:
+    """Registers a thread of the kernel in `ptx` takes on sm_90 (ptxas -v)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        res = subprocess.run([_nv.get_ptxas(90).path, "-arch=sm_90a", "-v", src, "-o",
+                              os.path.join(tmp, "k.cubin")], capture_output=True, text=True,
+                             check=True)
+    return int(re.search(r"Used (\d+) registers", res.stdout + res.stderr).group(1))
 
 
 def check_pdl() -> None:

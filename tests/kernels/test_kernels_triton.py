@@ -122,6 +122,25 @@ def test_decode_attention(page_size, seq_lens, hq, hk, splits):
     assert rel_err(out, R.decode_attention(q, kc, vc, table, sl, page_size, 0.25)) < TOL
 
 
+@pytest.mark.parametrize("seq_lens", [[0, 70, 9], [70]])
+@pytest.mark.parametrize("splits", [1, 3, 8])
+def test_gqa_decode_merges_in_the_last_split_and_leaves_its_tickets_at_zero(seq_lens, splits):
+    """kernels/triton/gqa_decode.py (the registered GQA decode without a window): with two rows
+    or more, the program that takes a row's last ticket merges its splits (with sinks) and
+    every counter is back at zero for the next launch; one row merges in a launch of its own
+    (empty splits write -inf); a row without keys gets zeros; twice over the same counters."""
+    from kernels.triton.gqa_decode import TICKETS
+    table, kc, vc, sl = _paged(seq_lens, 4, 2, 16, 16)
+    sinks = rnd(8)
+    for _ in range(2):
+        q = rnd(len(seq_lens), 8, 16)
+        out = A.decode_attention(q, kc, vc, table, sl, 4, 0.3, num_splits=splits, sinks=sinks)
+        ref = R.decode_attention(q, kc, vc, table, sl, 4, 0.3, sinks=sinks)
+        assert rel_err(out, ref) < TOL
+        assert not TICKETS.current[q.device].any()
+    assert seq_lens[0] or not out[0].any()
+
+
 @pytest.mark.parametrize("split_tiles", [1, 2, 5])
 def test_split_kv_short_rows_in_a_wide_table(split_tiles):
     """Rows far shorter than their page table (CUDA graphs pad it to the longest servable

@@ -1,0 +1,234 @@
+"""GQA decode attention whose split-KV merge runs in the last split's program, not a launch
+of its own.
+
+A decode launch with few rows splits each row's keys (split_kv.py) and the generic kernel
+(attention.py) writes partials that a second launch merges. Here each split program writes its
+partial output and log2-sum-exp in the same layout, then takes a ticket from a counter of its
+(row, head block); the program that takes the row's last ticket merges the partials (reading
+them past L1: other programs wrote them) and writes the output, then zeroes the counter for
+the next launch. Counters live across launches and CUDA-graph replays; a launch touches them
+only after its PDL wait, when every launch before it has finished, so no two share them.
+Splits past a row's end do nothing (split 0 always runs: a row without keys gets zeros).
+
+At one row the merge launch stays (`LAST_MERGE_MIN_ROWS`): Llama-3.1-8B's decode graph, 1K
+keys, H200, PDL on (`scripts/gpu_op_ablation.py --ablations generic_decode gqa_merge_launch`),
+us a step generic -> this kernel: B=2 4,798 -> 4,773, B=4 4,917 -> 4,837, B=8 5,096 ->
+5,116, B=16 5,351 -> 5,268, B=32 5,992 -> 5,885; B=1 4,254 -> 4,242 with the merge launch and
+4,264 merging in the last program. Tried and not kept: reading each program's first tile of
+keys and values before the PDL wait (only the launch just before may still run, and it
+writes only the query and the newest key): into registers it took 208 registers a thread and
+was slower at every batch size; asked into L2 (`prefetch.global.L2`) it was within +-1% and
+more often slower.
+
+Sinks (GPT-OSS) join the merge's denominator; sliding windows take the generic kernel.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.triton.attention import AttentionTiles, attention_tiles
+from kernels.triton.common import check, next_pow2, per_batch, pow2_dim
+from kernels.triton.paged_tiles import LOG2E, add_sink, attn_tile
+from kernels.triton.pdl import pdl_begin, pdl_launch
+from kernels.triton.split_kv import (DEFAULT_SIZING, SPLIT_INTS, SplitSizing, merge_splits,
+                                     split_buffers, split_length, split_range)
+
+MERGE_TILE_ELEMS = 2048    # fp32 partials the last program loads at once: 128 registers a thread
+LAST_MERGE_MIN_ROWS = 2    # launches of fewer rows merge in a launch of their own (module doc)
+
+
+@triton.jit
+def _merge_in_last(PartO, PartL, Out, Sinks, tok, head0, group, hb, n_used, stride_pot,
+                   stride_poh, stride_pos, stride_plt, stride_plh, stride_ot, stride_oh,
+                   DV: tl.constexpr, BLOCK_DV: tl.constexpr, MERGE_G: tl.constexpr,
+                   G_BLK: tl.constexpr, CHUNK_S: tl.constexpr, HAS_SINKS: tl.constexpr):
+    """Out[tok, heads] = the partials of splits [0, n_used) combined, for the MERGE_G-head
+    slices of this head block (online over CHUNK_S splits at a time). Loads bypass L1 (.cg):
+    other programs wrote the partials."""
+    for g0 in range(0, tl.minimum(G_BLK, group - hb * G_BLK), MERGE_G):  # real heads only
+        hg = hb * G_BLK + g0 + tl.arange(0, MERGE_G)                            # [G]
+        h_ok = (g0 + tl.arange(0, MERGE_G) < G_BLK) & (hg < group)
+        head = head0 + hg
+        s = tl.arange(0, CHUNK_S)
+        dv = tl.arange(0, BLOCK_DV)
+        m = tl.full([MERGE_G], float("-inf"), dtype=tl.float32)
+        den = tl.zeros([MERGE_G], dtype=tl.float32)
+        acc = tl.zeros([MERGE_G, BLOCK_DV], dtype=tl.float32)
+        for s0 in range(0, n_used, CHUNK_S):
+            ok = h_ok[:, None] & (s0 + s < n_used)[None, :]                      # [G, S]
+            lse = tl.load(PartL + tok * stride_plt + head[:, None] * stride_plh + s0
+                          + s[None, :], mask=ok, other=float("-inf"), cache_modifier=".cg")
+            part = tl.load(PartO + tok * stride_pot + head[:, None, None] * stride_poh
+                           + (s0 + s)[None, :, None] * stride_pos + dv[None, None, :],
+                           mask=ok[:, :, None] & (dv[None, None, :] < DV), other=0.0,
+                           cache_modifier=".cg")                                 # [G, S, DV]
+            m_new = tl.maximum(m, tl.max(lse, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m - m_safe)
+            w = tl.exp2(lse - m_safe[:, None])                                   # [G, S]
+            den = den * alpha + tl.sum(w, 1)
+            acc = acc * alpha[:, None] + tl.sum(part * w[:, :, None], 1)
+            m = m_new
+        if HAS_SINKS:
+            sink = tl.load(Sinks + head, mask=h_ok, other=0.0).to(tl.float32) * LOG2E
+            m_f = tl.maximum(m, sink)
+            alpha = tl.exp2(m - m_f)
+            den = den * alpha + tl.exp2(sink - m_f)
+            acc = acc * alpha[:, None]
+        out = acc / tl.where(den > 0, den, 1.0)[:, None]
+        tl.store(Out + tok * stride_ot + head[:, None] * stride_oh + dv[None, :],
+                 out.to(Out.dtype.element_ty), mask=h_ok[:, None] & (dv[None, :] < DV))
+
+
+@triton.jit(**per_batch(ints=SPLIT_INTS + ("stride_pt", "last_merges"),
+                        pointers=("PageTable", "SeqLens")))
+def _gqa_decode_kernel(
+        Q, K, V, Out, PartO, PartL, Tickets, Sinks, PageTable, SeqLens,
+        scale_log2, v_scale, group, min_split_len, num_splits, last_merges,
+        stride_qt, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_ot, stride_oh,
+        stride_pt, stride_pot, stride_poh, stride_pos, stride_plt, stride_plh,
+        D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+        G_BLK: tl.constexpr, BLOCK_N: tl.constexpr, N_HBLK: tl.constexpr,
+        MERGE_G: tl.constexpr, CHUNK_S: tl.constexpr, EVEN_D: tl.constexpr,
+        HAS_SINKS: tl.constexpr, PAGE_SIZE: tl.constexpr, PDL: tl.constexpr):
+    """Program (row b, KV head x head block, split): the paged kernel's decode path over the
+    split's keys; then the output (one split), or the partial and, when last_merges, the
+    ticket (module doc). last_merges is a run-time flag: one compiled variant serves both."""
+    pdl_begin(PDL)
+    b, pid_h, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    kvh, hb = pid_h // N_HBLK, pid_h % N_HBLK
+    tok = b.to(tl.int64)
+    hg = hb * G_BLK + tl.arange(0, G_BLK)                                        # [M]
+    row_ok = hg < group
+    head = kvh * group + hg
+    seq_len = tl.load(SeqLens + b)
+    lo, hi = split_range(split, seq_len, min_split_len, num_splits, BLOCK_N)
+    n_used = tl.maximum(tl.cdiv(seq_len, split_length(seq_len, min_split_len, num_splits,
+                                                      BLOCK_N)), 1)     # splits with keys
+    if split < n_used:
+        d = tl.arange(0, BLOCK_D)
+        dv = tl.arange(0, BLOCK_DV)
+        q = tl.load(Q + tok * stride_qt + head[:, None] * stride_qh + d[None, :],
+                    mask=row_ok[:, None] & (d[None, :] < D), other=0.0)           # [M, D]
+        if K.dtype.element_ty == tl.float8e4nv and Q.dtype.element_ty == tl.bfloat16:
+            q = q.to(tl.float16)      # as attention.py: e4m3 -> fp16 is one cvt a pair
+        acc = tl.zeros([G_BLK, BLOCK_DV], dtype=tl.float32)
+        m_i = tl.full([G_BLK], -1.0e30, dtype=tl.float32)
+        l_i = tl.zeros([G_BLK], dtype=tl.float32)
+        pos = tl.zeros([G_BLK], dtype=tl.int32) + seq_len - 1    # every key is visible
+        pt = PageTable + tok * stride_pt
+        full_end = lo + (hi - lo) // BLOCK_N * BLOCK_N
+        for n0 in range(lo, full_end, BLOCK_N):
+            acc, m_i, l_i = attn_tile(acc, m_i, l_i, q, q, K, K, V, pt, n0, hi, pos, kvh,
+                                      PAGE_SIZE, stride_ks, stride_kh, stride_ks, stride_kh,
+                                      stride_vs, stride_vh, scale_log2, D, D, DV, BLOCK_D,
+                                      BLOCK_D, BLOCK_DV, BLOCK_N, False, False, False, EVEN_D,
+                                      0)
+        for n0 in range(full_end, hi, BLOCK_N):
+            acc, m_i, l_i = attn_tile(acc, m_i, l_i, q, q, K, K, V, pt, n0, hi, pos, kvh,
+                                      PAGE_SIZE, stride_ks, stride_kh, stride_ks, stride_kh,
+                                      stride_vs, stride_vh, scale_log2, D, D, DV, BLOCK_D,
+                                      BLOCK_D, BLOCK_DV, BLOCK_N, False, False, True, EVEN_D,
+                                      0)
+        if HAS_SINKS:  # split: the merge adds the sink once
+            if num_splits == 1:
+                l_i = add_sink(l_i, m_i, Sinks, head, row_ok)
+        l_safe = tl.where(l_i > 0, l_i, 1.0)
+        out = acc / l_safe[:, None] * v_scale                                    # [M, DV]
+        omask = row_ok[:, None] & (dv[None, :] < DV)
+        if num_splits == 1:
+            tl.store(Out + tok * stride_ot + head[:, None] * stride_oh + dv[None, :],
+                     out.to(Out.dtype.element_ty), mask=omask)
+        else:
+            tl.store(PartO + tok * stride_pot + head[:, None] * stride_poh + split * stride_pos
+                     + dv[None, :], out, mask=omask)
+            lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf"))
+            tl.store(PartL + tok * stride_plt + head * stride_plh + split, lse, mask=row_ok)
+            if last_merges != 0:
+                tl.debug_barrier()         # every thread's partial is out before the ticket
+                ticket = Tickets + b * tl.num_programs(1) + pid_h
+                if tl.atomic_add(ticket, 1) == n_used - 1:  # acq_rel: sees the others' partials
+                    _merge_in_last(PartO, PartL, Out, Sinks, tok, kvh * group, group, hb,
+                                   n_used, stride_pot, stride_poh, stride_pos, stride_plt,
+                                   stride_plh, stride_ot, stride_oh, DV, BLOCK_DV, MERGE_G,
+                                   G_BLK, CHUNK_S, HAS_SINKS)
+                    tl.atomic_xchg(ticket, 0)
+    elif last_merges == 0:  # (several splits) the merge launch reads every lse: -inf, no keys
+        tl.store(PartL + tok * stride_plt + head * stride_plh + split,
+                 tl.full([G_BLK], float("-inf"), dtype=tl.float32), mask=row_ok)
+
+
+class _Tickets:
+    """Per-device split tickets (int32 counters, zero between launches). A launch needing more
+    than the current buffer holds gets a larger one; the old ones are kept, since captured
+    CUDA graphs still point at them."""
+
+    def __init__(self) -> None:
+        self.current: dict[torch.device, torch.Tensor] = {}
+        self.retired: list[torch.Tensor] = []
+
+    def get(self, device: torch.device, n: int) -> torch.Tensor:
+        have = self.current.get(device)
+        if have is None or have.numel() < n:
+            if have is not None:
+                self.retired.append(have)
+            have = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+            self.current[device] = have
+        return have
+
+
+TICKETS = _Tickets()
+
+
+def merge_shape(group: int, g_blk: int, dv: int) -> tuple[int, int]:
+    """(MERGE_G, CHUNK_S): the heads and splits one merge load covers, within
+    MERGE_TILE_ELEMS fp32 elements."""
+    merge_g = min(next_pow2(group), g_blk)
+    return merge_g, max(1, MERGE_TILE_ELEMS // (merge_g * max(16, next_pow2(dv))))
+
+
+def gqa_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+               page_table: torch.Tensor, seq_lens: torch.Tensor, page_size: int, scale: float,
+               num_splits: int | None = None, tiles: AttentionTiles | None = None,
+               sizing: SplitSizing = DEFAULT_SIZING, sinks: torch.Tensor | None = None,
+               k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
+    """q: [B, Hq, D], k_cache: [S, Hk, D], v_cache: [S, Hk, Dv] (16-bit or e4m3, read as
+    k * k_scale, v * v_scale) -> [B, Hq, Dv]: one new token a row, over the row's seq_lens
+    cached keys (its own included). sinks [Hq]: GPT-OSS's. Splits from `sizing` unless given."""
+    t, hq, d = q.shape
+    hk, dv = k_cache.shape[1], v_cache.shape[-1]
+    check(hq % hk == 0, f"query heads {hq} not a multiple of kv heads {hk}")
+    check(page_table.dim() == 2 and seq_lens.shape[0] == page_table.shape[0] == t,
+          "decode: page_table [B, P] and seq_lens [B] with one query row each")
+    group = hq // hk
+    tiles = tiles or attention_tiles(True, False, group, t, fp8=k_cache.element_size() == 1)
+    n_hblk = triton.cdiv(group, tiles.g_blk)
+    programs = t * hk * n_hblk
+    if num_splits is None:
+        num_splits = sizing.decode_splits(programs, page_table.shape[1] * page_size,
+                                          tiles.block_n, q.device, False)
+    out = torch.empty(t, hq, dv, dtype=q.dtype, device=q.device)
+    part_o, part_l = split_buffers(out.shape, num_splits, out)
+    last_merges = num_splits > 1 and t >= LAST_MERGE_MIN_ROWS
+    tickets = TICKETS.get(q.device, programs if last_merges else 1)
+    merge_g, chunk_s = merge_shape(group, tiles.g_blk, dv)
+    _gqa_decode_kernel[(t, hk * n_hblk, num_splits)](
+        q, k_cache, v_cache, out, part_o, part_l, tickets, q if sinks is None else sinks,
+        page_table, seq_lens, scale * k_scale * math.log2(math.e), v_scale, group,
+        sizing.tiles_per_split(programs, False) * tiles.block_n, num_splits, int(last_merges),
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0),
+        v_cache.stride(1), out.stride(0), out.stride(1), page_table.stride(0),
+        part_o.stride(0), part_o.stride(1), part_o.stride(2) if num_splits > 1 else 0,
+        part_l.stride(0), part_l.stride(1),
+        D=d, DV=dv, BLOCK_D=max(16, next_pow2(d)), BLOCK_DV=max(16, next_pow2(dv)),
+        G_BLK=tiles.g_blk, BLOCK_N=tiles.block_n, N_HBLK=n_hblk, MERGE_G=merge_g,
+        CHUNK_S=chunk_s, EVEN_D=pow2_dim(d) and pow2_dim(dv), HAS_SINKS=sinks is not None,
+        PAGE_SIZE=page_size, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        **pdl_launch(q.device))
+    if num_splits > 1 and not last_merges:
+        merge_splits(part_o, part_l, out, sinks)
+    return out

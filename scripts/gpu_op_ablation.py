@@ -1,0 +1,219 @@
+"""What each small op costs a batch-1 decode step: the step replayed with that op taken out.
+
+For each preset (dummy weights, bf16) the decode graph as the engine captures it (PDL as the
+daemon runs it) at B rows over `--context`-token contexts, re-captured once per ablation, in
+alternating rounds so drift hits all alike. An ablation replaces an op by the cheapest stand-in
+of the right shape (its input passed through, or an empty tensor), so the step's time without
+it says what the op adds to the chain of dependent launches: the most that fusing it away
+could win. The logits of an ablated step are meaningless; only its time is kept.
+
+    python scripts/gpu_op_ablation.py                     # both presets, B = 1, 1K context
+    python scripts/gpu_op_ablation.py --presets llama-3.1-8b --context 256
+
+Ablations (those that touch no module of a preset are skipped for it):
+- norms: every RMSNorm on the hidden-state chain returns its input (and the residual);
+- rope_kv: RoPE + KV-cache write (`rope_store_kv`) returns q, k as they are;
+- attention: decode attention returns its query (GQA: out = q; MLA: o_latent = q_latent);
+- merge: the split-KV merge launch does nothing (the attention launch itself still splits);
+- one_split: the attention runs as one split per (row, head block), so no merge;
+- absorbed: MLA's W_UK / W_UV products return empty tensors of their shapes;
+- routed: the routed experts return the shared experts' output;
+- small: norms + rope_kv + attention together: what is left is the GEMVs and the rest;
+- generic_decode: not an ablation but the A/B of gqa_decode.py: GQA decode attention on the
+  generic paged kernel (attention.py, with its merge launch) as before it; its logits are
+  compared with the step's own (summation order differs, so not bit for bit);
+- gqa_merge_launch: gqa_decode.py's kernel with the merge in a launch of its own at every
+  batch size (as it runs at one row).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import sys
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from gpu_models import step_bytes  # noqa: E402
+from gpu_pdl import capture, forward_ms  # noqa: E402
+from gpu_spec_verify import PAGE, WIDTH_ALIGN, plan_arrays  # noqa: E402
+from kernel_bench.harness import measure_ceilings  # noqa: E402
+
+from appliance.engine.engine import to_forward_batch  # noqa: E402
+from appliance.model import ModelRunner, ModelSource  # noqa: E402
+from appliance.model.layers.attention import PagedAttention  # noqa: E402
+from appliance.model.layers.mla import MLAttention  # noqa: E402
+from appliance.model.layers.moe import RoutedExperts  # noqa: E402
+from appliance.model.layers.norm import RMSNorm  # noqa: E402
+from kernels.triton import attention as gqa_attention  # noqa: E402
+from kernels.triton import attention_ops, gqa_decode  # noqa: E402
+from kernels.triton import mla_decode  # noqa: E402
+from kernels.triton.split_kv import SplitSizing  # noqa: E402
+
+Patch = tuple[object, str, object]
+
+
+def _norms(model: torch.nn.Module) -> list[Patch]:
+    out: list[Patch] = []
+    for m in model.modules():
+        if isinstance(m, RMSNorm):
+            out += [(m, "rms_norm", lambda x, w, eps: x),
+                    (m, "fused_add_rms_norm", lambda x, r, w, eps: (x, r))]
+    return out
+
+
+def _rope_kv(model: torch.nn.Module) -> list[Patch]:
+    return [(m, "rope_store_kv", lambda q, k, *a, **kw: (q, k)) for m in model.modules()
+            if isinstance(m, (PagedAttention, MLAttention)) and m.rope_store_kv is not None]
+
+
+def _attention(model: torch.nn.Module) -> list[Patch]:
+    out: list[Patch] = []
+    for m in model.modules():
+        if isinstance(m, PagedAttention):
+            out.append((m, "decode_attention", lambda q, *a, **kw: q))
+        elif isinstance(m, MLAttention):
+            out.append((m, "mla_decode", lambda q, *a, **kw: q))
+    return out
+
+
+def _merge(model: torch.nn.Module) -> list[Patch]:
+    return [(mod, "merge_splits", lambda *a, **kw: None)
+            for mod in (gqa_attention, gqa_decode, mla_decode)]
+
+
+def _one_split(model: torch.nn.Module) -> list[Patch]:
+    return [(SplitSizing, "decode_splits", lambda self, *a, **kw: 1)]
+
+
+def _absorbed(model: torch.nn.Module) -> list[Patch]:
+    def attend(self, q_nope, q_rope, batch):
+        n, h = q_nope.shape[:2]
+        q_latent = q_nope.new_empty(n, h, self.cfg.kv_lora_rank)
+        self._attend(q_latent, q_rope, batch)
+        return q_nope.new_empty(n, h, self.cfg.v_head_dim)
+    return [(MLAttention, "_attend_absorbed", attend)] if any(
+        isinstance(m, MLAttention) for m in model.modules()) else []
+
+
+def _routed(model: torch.nn.Module) -> list[Patch]:
+    return [(m, "forward", lambda x, w, ids, shared=None: shared if shared is not None
+             else torch.zeros_like(x)) for m in model.modules() if isinstance(m, RoutedExperts)]
+
+
+def _generic_decode(model: torch.nn.Module) -> list[Patch]:
+    def generic(q, k_cache, v_cache, page_table, seq_lens, page_size, scale, num_splits=None,
+                sinks=None, k_scale=1.0, v_scale=1.0):
+        return gqa_attention.paged_attention(q, None, k_cache, None, v_cache, page_table, None,
+                                             seq_lens, page_size, scale, num_splits,
+                                             sinks=sinks, k_scale=k_scale, v_scale=v_scale)
+    return [(attention_ops, "gqa_decode", generic)] if any(
+        isinstance(m, PagedAttention) for m in model.modules()) else []
+
+
+def _gqa_knob(name: str, value) -> Callable[[torch.nn.Module], list[Patch]]:
+    return lambda model: [(gqa_decode, name, value)] if any(
+        isinstance(m, PagedAttention) for m in model.modules()) else []
+
+
+ABLATIONS: dict[str, Callable[[torch.nn.Module], list[Patch]]] = {
+    "norms": _norms, "rope_kv": _rope_kv, "attention": _attention, "merge": _merge,
+    "one_split": _one_split, "absorbed": _absorbed, "routed": _routed,
+    "small": lambda m: _norms(m) + _rope_kv(m) + _attention(m),
+    "generic_decode": _generic_decode,
+    "gqa_merge_launch": _gqa_knob("LAST_MERGE_MIN_ROWS", 1 << 30),
+}
+
+
+@contextlib.contextmanager
+def patched(patches: list[Patch]) -> Iterator[None]:
+    saved = [(obj, name, obj.__dict__.get(name, _MISSING)) for obj, name, _ in patches]
+    for obj, name, value in patches:
+        setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        for obj, name, old in reversed(saved):
+            if old is _MISSING:
+                delattr(obj, name)
+            else:
+                setattr(obj, name, old)
+
+
+_MISSING = object()
+
+
+def measure(preset: str, rows: int, context: int, rounds: int, names: list[str],
+            bw: float) -> list[str]:
+    row_pages = -(-(context + 1) // PAGE)
+    width = -(-row_pages // WIDTH_ALIGN) * WIDTH_ALIGN * PAGE     # as the scheduler aligns it
+    runner = ModelRunner(ModelSource(preset=preset, load_format="dummy"), device="cuda",
+                         dtype=torch.bfloat16, kv_num_pages=rows * row_pages + 16,
+                         page_size=PAGE)
+    arrays = plan_arrays(rows, 0, context, runner.vocab_size, np.random.default_rng(0))
+    model = runner.model
+    plans = {"none": []} | {n: ABLATIONS[n](model) for n in names}
+    plans = {n: p for n, p in plans.items() if p or n == "none"}
+    times: dict[str, list[float]] = {n: [] for n in plans}
+    logits: dict[str, torch.Tensor] = {}
+    for _ in range(rounds):
+        for name, patches in plans.items():
+            with patched(patches):
+                capture(runner, True, rows, width)
+                batch = to_forward_batch(arrays, runner.device)
+                logits.setdefault(name, runner.forward(batch).float().cpu())
+                times[name].append(forward_ms(runner, batch) * 1e3)
+    if "generic_decode" in logits:
+        diff = (logits["generic_decode"] - logits["none"]).abs().max().item()
+        print(f"{preset}: logits, generic decode kernel against gqa_decode: max |diff| "
+              f"{diff:.3g} (max |logit| {logits['none'].abs().max().item():.3g})", flush=True)
+    base = statistics.median(times["none"])
+    layers = sum(isinstance(m, (PagedAttention, MLAttention)) for m in model.modules())
+    bound = step_bytes(preset, rows, context) / bw * 1e6
+    lines = []
+    for name, ts in times.items():
+        t = statistics.median(ts)
+        lines.append(f"| {preset} | {name} | {t:.0f} | {base - t:+.0f} | "
+                     f"{(base - t) / layers:+.2f} | {bound / t:.1%} | "
+                     f"{' '.join(f'{x:.0f}' for x in ts)} |")
+        print(lines[-1], flush=True)
+    del runner, model
+    torch.cuda.empty_cache()
+    return lines
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--presets", nargs="+", default=["llama-3.1-8b", "deepseek-v2-lite"])
+    parser.add_argument("--rows", type=int, default=1)
+    parser.add_argument("--context", type=int, default=1024)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--ablations", nargs="+", default=list(ABLATIONS),
+                        choices=list(ABLATIONS))
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("gpu_op_ablation: needs a CUDA device", file=sys.stderr)
+        return 1
+    bw = measure_ceilings().copy_gbs * 1e9
+    print(f"card: {torch.cuda.get_device_name()}  torch {torch.__version__}  copy "
+          f"{bw / 1e9:.0f} GB/s", flush=True)
+    lines = []
+    for preset in args.presets:
+        lines += measure(preset, args.rows, args.context, args.rounds, args.ablations, bw)
+    print(f"\nB={args.rows}, context {args.context} tokens, PDL on; forward: CUDA-graph replay "
+          "(us); saved: against `none` (a step, a layer); bound: copy bandwidth over the "
+          "step's bytes")
+    print("| preset | ablation | forward us | saved | a layer | share of bound | rounds |")
+    print("|---|---|---|---|---|---|---|")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
