@@ -23,12 +23,18 @@ Ablations (those that touch no module of a preset are skipped for it):
   generic paged kernel (attention.py, with its merge launch) as before it; its logits are
   compared with the step's own (summation order differs, so not bit for bit);
 - gqa_merge_launch: gqa_decode.py's kernel with the merge in a launch of its own at every
-  batch size (as it runs at one row).
+  batch size (as it runs at one row);
+- gqa_splits=N / mla_splits=N: decode launches split to N programs an SM (SplitSizing's
+  gqa_splits_per_sm / mla_splits_per_sm) instead of the default;
+- gqa_tiles=BLOCK_N,STAGES: gqa_decode.py's launches on those key tiles and pipeline stages
+  (16 query rows, 4 warps) instead of attention_tiles' (their shared memory differs).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
+import functools
 import statistics
 import sys
 from pathlib import Path
@@ -54,6 +60,7 @@ from appliance.model.layers.norm import RMSNorm  # noqa: E402
 from kernels.triton import attention as gqa_attention  # noqa: E402
 from kernels.triton import attention_ops, gqa_decode  # noqa: E402
 from kernels.triton import mla_decode  # noqa: E402
+from kernels.triton.attention import AttentionTiles  # noqa: E402
 from kernels.triton.split_kv import SplitSizing  # noqa: E402
 
 Patch = tuple[object, str, object]
@@ -131,6 +138,42 @@ ABLATIONS: dict[str, Callable[[torch.nn.Module], list[Patch]]] = {
 }
 
 
+def _split_count(field: str, per_sm: int) -> Callable[[torch.nn.Module], list[Patch]]:
+    default = SplitSizing.decode_splits
+
+    def decode_splits(self, *args, **kwargs):
+        return default(dataclasses.replace(self, **{field: per_sm}), *args, **kwargs)
+    return lambda model: [(SplitSizing, "decode_splits", decode_splits)]
+
+
+def _gqa_tiles(block_n: int, stages: int) -> Callable[[torch.nn.Module], list[Patch]]:
+    tiles = AttentionTiles(g_blk=16, block_t=1, block_n=block_n, num_warps=4,
+                           num_stages=stages)
+    return lambda model: [(attention_ops, "gqa_decode",
+                           functools.partial(gqa_decode.gqa_decode, tiles=tiles))]
+
+
+def plan(name: str) -> Callable[[torch.nn.Module], list[Patch]]:
+    """An ABLATIONS entry, `gqa_splits=N` / `mla_splits=N` or `gqa_tiles=BLOCK_N,STAGES`."""
+    if name.startswith("gqa_tiles="):
+        block_n, stages = (int(x) for x in name.partition("=")[2].split(","))
+        return _gqa_tiles(block_n, stages)
+    kind, _, count = name.partition("_splits=")
+    if count:
+        return _split_count(f"{kind}_splits_per_sm", int(count))
+    return ABLATIONS[name]
+
+
+def _checked(name: str) -> str:
+    try:
+        plan(name)
+        return name
+    except (KeyError, ValueError):
+        raise argparse.ArgumentTypeError(
+            f"unknown ablation {name!r}: {', '.join(ABLATIONS)}, gqa_splits=N, mla_splits=N, "
+            "gqa_tiles=BLOCK_N,STAGES") from None
+
+
 @contextlib.contextmanager
 def patched(patches: list[Patch]) -> Iterator[None]:
     saved = [(obj, name, obj.__dict__.get(name, _MISSING)) for obj, name, _ in patches]
@@ -158,7 +201,7 @@ def measure(preset: str, rows: int, context: int, rounds: int, names: list[str],
                          page_size=PAGE)
     arrays = plan_arrays(rows, 0, context, runner.vocab_size, np.random.default_rng(0))
     model = runner.model
-    plans = {"none": []} | {n: ABLATIONS[n](model) for n in names}
+    plans = {"none": []} | {n: plan(n)(model) for n in names}
     plans = {n: p for n, p in plans.items() if p or n == "none"}
     times: dict[str, list[float]] = {n: [] for n in plans}
     logits: dict[str, torch.Tensor] = {}
@@ -195,7 +238,7 @@ def main() -> int:
     parser.add_argument("--context", type=int, default=1024)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--ablations", nargs="+", default=list(ABLATIONS),
-                        choices=list(ABLATIONS))
+                        metavar="NAME", type=_checked)
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("gpu_op_ablation: needs a CUDA device", file=sys.stderr)

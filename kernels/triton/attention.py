@@ -155,6 +155,12 @@ SHORT_EXTEND_TILES: tuple[tuple[int, int], ...] = ((128, 16), (512, 64))
 # 64 keys / 2 stages -> 397.0, bf16 499.7; B=64 152 -> 110, bf16 134.5). At B=1 they were
 # slower (17.8 us against 14.6 with 64 keys): few programs, and the wider tile splits less.
 FP8_WIDE_ROWS = 32
+# GQA decode of this many rows or fewer over a 16-bit cache takes 32-key tiles: its programs
+# are latency chains, and a split of 32 keys ends sooner (scripts/gpu_op_ablation.py
+# --ablations gqa_tiles=32,2, H200, Llama-3.1-8B's decode graph, PDL on: B=1 4,126-4,148 ->
+# 4,107 us at 256 keys, 4,191-4,205 -> 4,155 at 1K, 4,257-4,272 -> 4,243 at 4K; B=2 4,732 ->
+# 4,713; B=4 4,787 -> 4,799, B=16 5,220 -> 5,372)
+NARROW_DECODE_ROWS = 2
 
 
 def attention_tiles(decode: bool, mla: bool, group: int, tokens: int | None = None,
@@ -163,15 +169,17 @@ def attention_tiles(decode: bool, mla: bool, group: int, tokens: int | None = No
     docs/KERNELS.md) for a launch of `tokens` query tokens (None: any). MLA's absorbed form
     takes narrower key tiles for its wide latent; GQA decode of FP8_WIDE_ROWS or more rows
     over an FP8 cache (`fp8`) wider ones: its tiles are bound by the instructions that unpack
-    them, not by their bytes, and a 128-key tile spends fewer a key. Tiny tiles under the CPU
+    them, not by their bytes, and a 128-key tile spends fewer a key; of NARROW_DECODE_ROWS or
+    fewer over a 16-bit cache narrower ones (32 keys). Tiny tiles under the CPU
     interpreter."""
     small = interpreting()
     block_n = 16 if small else (32 if mla else 64)
     if decode:
         wide = fp8 and not (small or mla) and tokens is not None and tokens >= FP8_WIDE_ROWS
+        narrow = not (fp8 or small) and tokens is not None and tokens <= NARROW_DECODE_ROWS
         return AttentionTiles(g_blk=min(max(16, next_pow2(group)), 64), block_t=1,
-                              block_n=128 if wide else block_n, num_warps=4,
-                              num_stages=3 if wide else 2)
+                              block_n=128 if wide else (32 if narrow else block_n),
+                              num_warps=4, num_stages=3 if wide else 2)
     g_blk = min(next_pow2(group), 16 if small else 64)
     short = None if mla or tokens is None else next(
         (rows for most, rows in SHORT_EXTEND_TILES if tokens <= most), None)

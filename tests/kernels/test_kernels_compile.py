@@ -154,7 +154,8 @@ def _attention(decode: bool, mla: bool) -> None:
     compile_sm90(A._paged_attn_kernel, args, cex, tiles.num_warps, tiles.num_stages)
     _merge(d1, False)
     if decode and not mla:
-        _gqa_decode(128, 4, sinks=False)
+        for rows in (1, 16):           # 32-key tiles (A.NARROW_DECODE_ROWS), then 64-key ones
+            _gqa_decode(128, 4, sinks=False, rows=rows)
 
 
 def check_mla_chunked() -> None:

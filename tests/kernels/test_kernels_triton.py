@@ -236,6 +236,20 @@ def test_fp8_decode_of_many_rows_takes_wide_key_tiles(monkeypatch):
     assert seen == [{"fp8": True}]
 
 
+def test_few_row_gqa_decode_takes_narrow_key_tiles(monkeypatch):
+    """On a GPU, GQA decode of NARROW_DECODE_ROWS rows or fewer over a 16-bit cache takes
+    32-key tiles (shorter latency chains); more rows, FP8 caches, MLA and a launch of unknown
+    size keep theirs."""
+    from kernels.triton import attention as AT
+    monkeypatch.setattr(AT, "interpreting", lambda: False)
+    tiles = {rows: AT.attention_tiles(True, False, 4, rows) for rows in (1, 2, 3, 16)}
+    assert [tiles[r].block_n for r in (1, 2, 3, 16)] == [32, 32, 64, 64]
+    assert tiles[1].num_stages == tiles[16].num_stages == 2
+    assert AT.attention_tiles(True, False, 4, 1, fp8=True).block_n == 64
+    assert AT.attention_tiles(True, True, 16, 1) == AT.attention_tiles(True, True, 16)
+    assert AT.attention_tiles(True, False, 4).block_n == 64
+
+
 def test_short_extend_launches_take_small_tiles(monkeypatch):
     """On a GPU (not the interpreter's tiny tiles) a GQA extend launch of few tokens, a verify
     step's, takes the small tiles of SHORT_EXTEND_TILES; longer ones the prefill tiles; decode
