@@ -12,19 +12,20 @@ Splits past a row's end do nothing (split 0 always runs: a row without keys gets
 
 At one row the merge launch stays (`LAST_MERGE_MIN_ROWS`): Llama-3.1-8B's decode graph, 1K
 keys, H200, PDL on (`scripts/gpu_op_ablation.py --ablations generic_decode gqa_merge_launch`),
-us a step generic -> this kernel: B=2 4,798 -> 4,773, B=4 4,917 -> 4,837, B=8 5,096 ->
-5,116, B=16 5,351 -> 5,268, B=32 5,992 -> 5,885; B=1 4,254 -> 4,242 with the merge launch and
-4,264 merging in the last program. Tried and not kept: reading each program's first tile of
-keys and values before the PDL wait (only the launch just before may still run, and it
-writes only the query and the newest key): into registers it took 208 registers a thread and
-was slower at every batch size; asked into L2 (`prefetch.global.L2`) it was within +-1% and
-more often slower.
+us a step generic -> this kernel: B=2 4,800 -> 4,781, B=4 4,910 -> 4,840, B=16 5,357 ->
+5,279 (an earlier run: B=8 5,096 -> 5,116, B=32 5,992 -> 5,885); at B=1 merging in the last
+program took 4,264 against 4,242 with the merge launch. Tried and not kept: reading each
+program's first tile of keys and values before the PDL wait (only the launch just before may
+still run, and it writes only the query and the newest key): into registers it took 208
+registers a thread and was slower at every batch size; asked into L2 (`prefetch.global.L2`)
+it was within +-1% and more often slower.
 
 Sinks (GPT-OSS) join the merge's denominator; sliding windows take the generic kernel.
 """
 from __future__ import annotations
 
 import math
+import threading
 
 import torch
 import triton
@@ -163,22 +164,31 @@ def _gqa_decode_kernel(
 
 
 class _Tickets:
-    """Per-device split tickets (int32 counters, zero between launches). A launch needing more
-    than the current buffer holds gets a larger one; the old ones are kept, since captured
-    CUDA graphs still point at them."""
+    """Per-device split tickets (int32 counters, zero between launches), at least MIN_TICKETS
+    of them. A launch needing more gets a larger buffer; the old ones are kept, since captured
+    CUDA graphs still point at them. A buffer is made outside graph capture only (the graphs
+    are captured after an eager run of the same batch, cuda_graph.capture), as its zeros must
+    be there before the first launch; start-up's compile threads share one under a lock."""
+
+    MIN_TICKETS = 1 << 16           # 256 KB: B x KV heads of any split decode launch
 
     def __init__(self) -> None:
         self.current: dict[torch.device, torch.Tensor] = {}
         self.retired: list[torch.Tensor] = []
+        self.lock = threading.Lock()
 
     def get(self, device: torch.device, n: int) -> torch.Tensor:
-        have = self.current.get(device)
-        if have is None or have.numel() < n:
-            if have is not None:
-                self.retired.append(have)
-            have = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
-            self.current[device] = have
-        return have
+        with self.lock:
+            have = self.current.get(device)
+            if have is None or have.numel() < n:
+                if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                    raise RuntimeError("gqa_decode: split tickets first needed inside CUDA-graph "
+                                       "capture; run the batch eagerly first")
+                if have is not None:
+                    self.retired.append(have)
+                have = torch.zeros(max(n, self.MIN_TICKETS), dtype=torch.int32, device=device)
+                self.current[device] = have
+            return have
 
 
 TICKETS = _Tickets()
