@@ -47,9 +47,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gpu_models import step_bytes  # noqa: E402
-from gpu_pdl import capture, forward_ms  # noqa: E402
+from gpu_pdl import capture, card_bandwidth, forward_ms  # noqa: E402
 from gpu_spec_verify import PAGE, WIDTH_ALIGN, plan_arrays  # noqa: E402
-from kernel_bench.harness import measure_ceilings  # noqa: E402
 
 from appliance.engine.engine import to_forward_batch  # noqa: E402
 from appliance.model import ModelRunner, ModelSource  # noqa: E402
@@ -240,12 +239,9 @@ def main() -> int:
     parser.add_argument("--ablations", nargs="+", default=list(ABLATIONS),
                         metavar="NAME", type=_checked)
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        print("gpu_op_ablation: needs a CUDA device", file=sys.stderr)
+    bw = card_bandwidth("gpu_op_ablation")
+    if bw is None:
         return 1
-    bw = measure_ceilings().copy_gbs * 1e9
-    print(f"card: {torch.cuda.get_device_name()}  torch {torch.__version__}  copy "
-          f"{bw / 1e9:.0f} GB/s", flush=True)
     lines = []
     for preset in args.presets:
         lines += measure(preset, args.rows, args.context, args.rounds, args.ablations, bw)

@@ -96,6 +96,18 @@ def profile(runner: ModelRunner, batch, name: str, out: Path) -> str:
     return "\n".join(lines)
 
 
+def card_bandwidth(tool: str) -> float | None:
+    """The copy bandwidth (bytes/s) of this run's GPU, after a line naming the card; None
+    (and a message) without one."""
+    if not torch.cuda.is_available():
+        print(f"{tool}: needs a CUDA device", file=sys.stderr)
+        return None
+    bw = measure_ceilings().copy_gbs * 1e9
+    print(f"card: {torch.cuda.get_device_name()}  torch {torch.__version__}  copy "
+          f"{bw / 1e9:.0f} GB/s", flush=True)
+    return bw
+
+
 def measure(preset: str, batches: list[int], context: int, rounds: int, bw: float,
             profile_rows: int | None, out: Path) -> tuple[list[str], list[str], list[str]]:
     row_pages = -(-(context + 1) // PAGE)
@@ -162,12 +174,9 @@ def main() -> int:
     parser.add_argument("--profile", type=int, metavar="B", default=None)
     parser.add_argument("--out", default=os.environ.get("OUT", "/tmp/out"))
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        print("gpu_pdl: needs a CUDA device", file=sys.stderr)
+    bw = card_bandwidth("gpu_pdl")
+    if bw is None:
         return 1
-    bw = measure_ceilings().copy_gbs * 1e9
-    print(f"card: {torch.cuda.get_device_name()}  torch {torch.__version__}  copy "
-          f"{bw / 1e9:.0f} GB/s", flush=True)
     head = ["| preset | B | forward us, PDL off | on | speed-up | share of the bound | "
             "step us, off | on | tok/s on | logits equal |", "|---" * 10 + "|"]
     out = Path(args.out)
