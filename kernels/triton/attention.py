@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from kernels.triton.common import check, interpreting, next_pow2, per_batch, pow2_dim
-from kernels.triton.paged_tiles import BATCH_META, add_sink, attn_tile, block_map, extend_block
+from kernels.triton.paged_tiles import BATCH_META, add_sink, attn_range, block_map, extend_block
 from kernels.triton.pdl import pdl_begin, pdl_launch
 from kernels.triton.split_kv import (DEFAULT_SIZING, SPLIT_INTS, SplitSizing, merge_splits,
                                      split_buffers, split_range)
@@ -100,18 +100,10 @@ def _paged_attn_kernel(
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     pt = PageTable + b.to(tl.int64) * stride_pt
-    for n0 in range(lo, full_end, BLOCK_N):
-        acc, m_i, l_i = attn_tile(acc, m_i, l_i, q1, q2, K1, K2, V, pt, n0, hi, pos, kvh,
-                                  PAGE_SIZE, stride_k1s, stride_k1h, stride_k2s, stride_k2h,
-                                  stride_vs, stride_vh, scale_log2, D1, D2, DV, BLOCK_D1,
-                                  BLOCK_D2, BLOCK_DV, BLOCK_N, HAS_D2, SHARED_V, False, EVEN_D,
-                                  WINDOW)
-    for n0 in range(full_end, hi, BLOCK_N):
-        acc, m_i, l_i = attn_tile(acc, m_i, l_i, q1, q2, K1, K2, V, pt, n0, hi, pos, kvh,
-                                  PAGE_SIZE, stride_k1s, stride_k1h, stride_k2s, stride_k2h,
-                                  stride_vs, stride_vh, scale_log2, D1, D2, DV, BLOCK_D1,
-                                  BLOCK_D2, BLOCK_DV, BLOCK_N, HAS_D2, SHARED_V, True, EVEN_D,
-                                  WINDOW)
+    acc, m_i, l_i = attn_range(acc, m_i, l_i, q1, q2, K1, K2, V, pt, lo, full_end, hi, pos,
+                               kvh, PAGE_SIZE, stride_k1s, stride_k1h, stride_k2s, stride_k2h,
+                               stride_vs, stride_vh, scale_log2, D1, D2, DV, BLOCK_D1,
+                               BLOCK_D2, BLOCK_DV, BLOCK_N, HAS_D2, SHARED_V, EVEN_D, WINDOW)
     if HAS_SINKS:  # split: the merge adds the sink once
         if num_splits == 1:
             l_i = add_sink(l_i, m_i, Sinks, head, row_ok)

@@ -33,7 +33,7 @@ import triton.language as tl
 
 from kernels.triton.attention import AttentionTiles, attention_tiles
 from kernels.triton.common import check, next_pow2, per_batch, pow2_dim
-from kernels.triton.paged_tiles import LOG2E, add_sink, attn_tile
+from kernels.triton.paged_tiles import LOG2E, add_sink, attn_range
 from kernels.triton.pdl import pdl_begin, pdl_launch
 from kernels.triton.split_kv import (DEFAULT_SIZING, SPLIT_INTS, SplitSizing, merge_splits,
                                      split_buffers, split_length, split_range)
@@ -123,18 +123,10 @@ def _gqa_decode_kernel(
         pos = tl.zeros([G_BLK], dtype=tl.int32) + seq_len - 1    # every key is visible
         pt = PageTable + tok * stride_pt
         full_end = lo + (hi - lo) // BLOCK_N * BLOCK_N
-        for n0 in range(lo, full_end, BLOCK_N):
-            acc, m_i, l_i = attn_tile(acc, m_i, l_i, q, q, K, K, V, pt, n0, hi, pos, kvh,
-                                      PAGE_SIZE, stride_ks, stride_kh, stride_ks, stride_kh,
-                                      stride_vs, stride_vh, scale_log2, D, D, DV, BLOCK_D,
-                                      BLOCK_D, BLOCK_DV, BLOCK_N, False, False, False, EVEN_D,
-                                      0)
-        for n0 in range(full_end, hi, BLOCK_N):
-            acc, m_i, l_i = attn_tile(acc, m_i, l_i, q, q, K, K, V, pt, n0, hi, pos, kvh,
-                                      PAGE_SIZE, stride_ks, stride_kh, stride_ks, stride_kh,
-                                      stride_vs, stride_vh, scale_log2, D, D, DV, BLOCK_D,
-                                      BLOCK_D, BLOCK_DV, BLOCK_N, False, False, True, EVEN_D,
-                                      0)
+        acc, m_i, l_i = attn_range(acc, m_i, l_i, q, q, K, K, V, pt, lo, full_end, hi, pos,
+                                   kvh, PAGE_SIZE, stride_ks, stride_kh, stride_ks, stride_kh,
+                                   stride_vs, stride_vh, scale_log2, D, D, DV, BLOCK_D, BLOCK_D,
+                                   BLOCK_DV, BLOCK_N, False, False, EVEN_D, 0)
         if HAS_SINKS:  # split: the merge adds the sink once
             if num_splits == 1:
                 l_i = add_sink(l_i, m_i, Sinks, head, row_ok)

@@ -1,10 +1,12 @@
-"""Building blocks shared by the paged attention kernels (attention.py, prefill.py).
+"""Building blocks shared by the paged attention kernels (attention.py, gqa_decode.py,
+prefill.py).
 
 - `attn_tile`: one online-softmax step over a tile of keys gathered through the page table
   (`slot = page * page_size + offset`, so any page size works), scores in log2 units. Cache
   elements are cast to the query's dtype as they load, so an FP8 cache (e4m3, exact in bf16
   and fp16) is read by the same code; its scales are folded in by the callers (k_scale into
   the score scale, v_scale into the accumulator once its cached tiles are summed).
+- `attn_range`: `attn_tile` over a range of keys, the tiles every row sees whole unmasked.
 - `add_sink`: a head's sink logit (GPT-OSS) joining a softmax's denominator.
 - `extend_block` / `block_map`: which (row, first query token) an extend program serves. The
   map is built on the device from `query_start` (no host sync, so launches can be captured in
@@ -83,6 +85,30 @@ def attn_tile(acc, m_i, l_i, q1, q2, K1, K2, V, PageTable, n0, hi, pos, kvh, pag
         v = load_rows(V + kvh * stride_vh, slot, stride_vs, dv, DV, n_ok, PRED).to(q1.dtype)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
     return acc, m_new, l_i
+
+
+@triton.jit
+def attn_range(acc, m_i, l_i, q1, q2, K1, K2, V, PageTable, lo, full_end, hi, pos, kvh,
+               page_size, stride_k1s, stride_k1h, stride_k2s, stride_k2h, stride_vs, stride_vh,
+               scale_log2, D1: tl.constexpr, D2: tl.constexpr, DV: tl.constexpr,
+               BLOCK_D1: tl.constexpr, BLOCK_D2: tl.constexpr, BLOCK_DV: tl.constexpr,
+               BLOCK_N: tl.constexpr, HAS_D2: tl.constexpr, SHARED_V: tl.constexpr,
+               EVEN_D: tl.constexpr, WINDOW: tl.constexpr):
+    """`attn_tile` over keys [lo, hi): the tiles before full_end (every key visible to every
+    row) unmasked, the rest masked -> (acc, m_i, l_i)."""
+    for n0 in range(lo, full_end, BLOCK_N):
+        acc, m_i, l_i = attn_tile(acc, m_i, l_i, q1, q2, K1, K2, V, PageTable, n0, hi, pos,
+                                  kvh, page_size, stride_k1s, stride_k1h, stride_k2s,
+                                  stride_k2h, stride_vs, stride_vh, scale_log2, D1, D2, DV,
+                                  BLOCK_D1, BLOCK_D2, BLOCK_DV, BLOCK_N, HAS_D2, SHARED_V,
+                                  False, EVEN_D, WINDOW)
+    for n0 in range(full_end, hi, BLOCK_N):
+        acc, m_i, l_i = attn_tile(acc, m_i, l_i, q1, q2, K1, K2, V, PageTable, n0, hi, pos,
+                                  kvh, page_size, stride_k1s, stride_k1h, stride_k2s,
+                                  stride_k2h, stride_vs, stride_vh, scale_log2, D1, D2, DV,
+                                  BLOCK_D1, BLOCK_D2, BLOCK_DV, BLOCK_N, HAS_D2, SHARED_V,
+                                  True, EVEN_D, WINDOW)
+    return acc, m_i, l_i
 
 
 LOG2E = tl.constexpr(1.4426950408889634)   # jit functions read only constexpr globals

@@ -35,7 +35,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from kernels.triton.common import (check, has_tma, interpreting, next_pow2, per_batch,
                                    pow2_dim, tma_rows_ok)
-from kernels.triton.paged_tiles import BATCH_META, add_sink, attn_tile, block_map, extend_block
+from kernels.triton.paged_tiles import BATCH_META, add_sink, attn_range, block_map, extend_block
 from kernels.triton.pdl import pdl_begin, pdl_launch
 
 
@@ -96,18 +96,10 @@ def _prefill_kernel(
     pt = PageTable + b.to(tl.int64) * stride_pt
     pos = prefix + t_rel                                                  # [M] query position
     full_pre = prefix // BLOCK_N * BLOCK_N
-    for n0 in range(0, full_pre, BLOCK_N):
-        acc, m_i, l_i = attn_tile(acc, m_i, l_i, q, q, KCache, KCache, VCache, pt, n0,
-                                  prefix, pos, kvh, PAGE_SIZE, stride_ks, stride_kh,
-                                  stride_ks, stride_kh, stride_vs, stride_vh,
-                                  prefix_scale_log2, D, D, DV, D, D, DV, BLOCK_N, False, False,
-                                  False, True, 0)
-    for n0 in range(full_pre, prefix, BLOCK_N):
-        acc, m_i, l_i = attn_tile(acc, m_i, l_i, q, q, KCache, KCache, VCache, pt, n0,
-                                  prefix, pos, kvh, PAGE_SIZE, stride_ks, stride_kh,
-                                  stride_ks, stride_kh, stride_vs, stride_vh,
-                                  prefix_scale_log2, D, D, DV, D, D, DV, BLOCK_N, False, False,
-                                  True, True, 0)
+    acc, m_i, l_i = attn_range(acc, m_i, l_i, q, q, KCache, KCache, VCache, pt, 0, full_pre,
+                               prefix, pos, kvh, PAGE_SIZE, stride_ks, stride_kh, stride_ks,
+                               stride_kh, stride_vs, stride_vh, prefix_scale_log2, D, D, DV, D,
+                               D, DV, BLOCK_N, False, False, True, 0)
     acc = acc * v_scale
     # the new tokens: contiguous rows q_start + j of k_new / v_new
     full_new = (t0 + 1) // BLOCK_N * BLOCK_N           # tiles every row sees whole
