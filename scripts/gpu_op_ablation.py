@@ -1,4 +1,4 @@
-"""What each small op costs a batch-1 decode step: the step replayed with that op taken out.
+"""What each small op costs a decode step: the step replayed with that op taken out.
 
 For each preset (dummy weights, bf16) the decode graph as the engine captures it (PDL as the
 daemon runs it) at B rows over `--context`-token contexts, re-captured once per ablation, in
@@ -113,19 +113,21 @@ def _routed(model: torch.nn.Module) -> list[Patch]:
              else torch.zeros_like(x)) for m in model.modules() if isinstance(m, RoutedExperts)]
 
 
+def _has_gqa(model: torch.nn.Module) -> bool:
+    return any(isinstance(m, PagedAttention) for m in model.modules())
+
+
 def _generic_decode(model: torch.nn.Module) -> list[Patch]:
     def generic(q, k_cache, v_cache, page_table, seq_lens, page_size, scale, num_splits=None,
                 sinks=None, k_scale=1.0, v_scale=1.0):
         return gqa_attention.paged_attention(q, None, k_cache, None, v_cache, page_table, None,
                                              seq_lens, page_size, scale, num_splits,
                                              sinks=sinks, k_scale=k_scale, v_scale=v_scale)
-    return [(attention_ops, "gqa_decode", generic)] if any(
-        isinstance(m, PagedAttention) for m in model.modules()) else []
+    return [(attention_ops, "gqa_decode", generic)] if _has_gqa(model) else []
 
 
 def _gqa_knob(name: str, value) -> Callable[[torch.nn.Module], list[Patch]]:
-    return lambda model: [(gqa_decode, name, value)] if any(
-        isinstance(m, PagedAttention) for m in model.modules()) else []
+    return lambda model: [(gqa_decode, name, value)] if _has_gqa(model) else []
 
 
 ABLATIONS: dict[str, Callable[[torch.nn.Module], list[Patch]]] = {
@@ -148,8 +150,8 @@ def _split_count(field: str, per_sm: int) -> Callable[[torch.nn.Module], list[Pa
 def _gqa_tiles(block_n: int, stages: int) -> Callable[[torch.nn.Module], list[Patch]]:
     tiles = AttentionTiles(g_blk=16, block_t=1, block_n=block_n, num_warps=4,
                            num_stages=stages)
-    return lambda model: [(attention_ops, "gqa_decode",
-                           functools.partial(gqa_decode.gqa_decode, tiles=tiles))]
+    patch = (attention_ops, "gqa_decode", functools.partial(gqa_decode.gqa_decode, tiles=tiles))
+    return lambda model: [patch] if _has_gqa(model) else []
 
 
 def plan(name: str) -> Callable[[torch.nn.Module], list[Patch]]:
@@ -158,7 +160,7 @@ def plan(name: str) -> Callable[[torch.nn.Module], list[Patch]]:
         block_n, stages = (int(x) for x in name.partition("=")[2].split(","))
         return _gqa_tiles(block_n, stages)
     kind, _, count = name.partition("_splits=")
-    if count:
+    if kind in ("gqa", "mla") and count:
         return _split_count(f"{kind}_splits_per_sm", int(count))
     return ABLATIONS[name]
 
@@ -173,8 +175,12 @@ def _checked(name: str) -> str:
             "gqa_tiles=BLOCK_N,STAGES") from None
 
 
+_MISSING = object()
+
+
 @contextlib.contextmanager
 def patched(patches: list[Patch]) -> Iterator[None]:
+    """The patches applied (attribute set on its object), then undone in reverse order."""
     saved = [(obj, name, obj.__dict__.get(name, _MISSING)) for obj, name, _ in patches]
     for obj, name, value in patches:
         setattr(obj, name, value)
@@ -186,9 +192,6 @@ def patched(patches: list[Patch]) -> Iterator[None]:
                 delattr(obj, name)
             else:
                 setattr(obj, name, old)
-
-
-_MISSING = object()
 
 
 def measure(preset: str, rows: int, context: int, rounds: int, names: list[str],

@@ -56,6 +56,6 @@ def test_each_ablation_patches_runs_and_restores(preset):
 
 
 def test_unknown_names_are_rejected():
-    for bad in ("foo", "gqa_splits=x", "gqa_tiles=32"):
+    for bad in ("foo", "gqa_splits=x", "foo_splits=2", "gqa_tiles=32"):
         with pytest.raises(Exception, match="unknown ablation"):
             A._checked(bad)
