@@ -33,8 +33,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      v_scale: float = 1.0) -> torch.Tensor:
     """q: [B, Hq, D] -> [B, Hq, Dv]; split-KV chosen from the page table width (or the
     window). sinks [Hq] / window: GPT-OSS; k_scale / v_scale: an FP8 cache's
-    (kernels/reference/attention.py). Without a window: gqa_decode.py's kernel (its cache
-    reads before the PDL wait, its merge in the last split); with one, the generic kernel."""
+    (kernels/reference/attention.py). Without a window: gqa_decode.py's kernel (from 2 rows
+    up its split merge runs in the last split); with one, the generic kernel."""
     if window == 0:
         return gqa_decode(q, k_cache, v_cache, page_table, seq_lens, page_size, scale,
                           num_splits, sinks=sinks, k_scale=k_scale, v_scale=v_scale)
