@@ -103,7 +103,8 @@ def _paged_attn_kernel(
     acc, m_i, l_i = attn_range(acc, m_i, l_i, q1, q2, K1, K2, V, pt, lo, full_end, hi, pos,
                                kvh, PAGE_SIZE, stride_k1s, stride_k1h, stride_k2s, stride_k2h,
                                stride_vs, stride_vh, scale_log2, D1, D2, DV, BLOCK_D1,
-                               BLOCK_D2, BLOCK_DV, BLOCK_N, HAS_D2, SHARED_V, EVEN_D, WINDOW)
+                               BLOCK_D2, BLOCK_DV, BLOCK_N, HAS_D2, SHARED_V, EVEN_D, WINDOW,
+                               False)
     if HAS_SINKS:  # split: the merge adds the sink once
         if num_splits == 1:
             l_i = add_sink(l_i, m_i, Sinks, head, row_ok)
@@ -147,6 +148,13 @@ SHORT_EXTEND_TILES: tuple[tuple[int, int], ...] = ((128, 16), (512, 64))
 # 64 keys / 2 stages -> 397.0, bf16 499.7; B=64 152 -> 110, bf16 134.5). At B=1 they were
 # slower (17.8 us against 14.6 with 64 keys): few programs, and the wider tile splits less.
 FP8_WIDE_ROWS = 32
+# ... and from this many rows, 2 stages, where the kernel reads its values as words
+# (gqa_decode.py; paged_tiles.load_e4m3_words). A 128-key program then holds 74 KB of shared
+# memory and 168 registers a thread, 3 an SM, a 64-key one 39 KB and 125, 4 an SM: the wider
+# tile wins only once there are waves of programs to fill (H200, Llama-3.1-8B heads, 2K keys,
+# graph replays, us, 64 -> 128 keys: B=32 64.2 -> 74.4, B=64 113.0 -> 130.4, B=128 211.9 ->
+# 205.8, B=256 403.8 -> 394.8; 3 stages 398.5).
+FP8_WORDS_WIDE_ROWS = 128
 # GQA decode of this many rows or fewer over a 16-bit cache takes 32-key tiles: its programs
 # are latency chains, and a split of 32 keys ends sooner (scripts/gpu_op_ablation.py
 # --ablations gqa_tiles=32,2, H200, Llama-3.1-8B's decode graph, PDL on: B=1 4,126-4,148 ->
@@ -156,22 +164,24 @@ NARROW_DECODE_ROWS = 2
 
 
 def attention_tiles(decode: bool, mla: bool, group: int, tokens: int | None = None,
-                    fp8: bool = False) -> AttentionTiles:
+                    fp8: bool = False, v_words: bool = False) -> AttentionTiles:
     """The default tiles (the best of `python -m scripts.kernel_bench tune attention`, H200;
     docs/KERNELS.md) for a launch of `tokens` query tokens (None: any). MLA's absorbed form
     takes narrower key tiles for its wide latent; GQA decode of FP8_WIDE_ROWS or more rows
     over an FP8 cache (`fp8`) wider ones: its tiles are bound by the instructions that unpack
-    them, not by their bytes, and a 128-key tile spends fewer a key; of NARROW_DECODE_ROWS or
+    them, not by their bytes, and a 128-key tile spends fewer a key (FP8_WORDS_WIDE_ROWS for a
+    kernel that reads its values as words: `v_words`); of NARROW_DECODE_ROWS or
     fewer over a 16-bit cache narrower ones (32 keys). Tiny tiles under the CPU
     interpreter."""
     small = interpreting()
     block_n = 16 if small else (32 if mla else 64)
     if decode:
-        wide = fp8 and not (small or mla) and tokens is not None and tokens >= FP8_WIDE_ROWS
+        wide_rows = FP8_WORDS_WIDE_ROWS if v_words else FP8_WIDE_ROWS
+        wide = fp8 and not (small or mla) and tokens is not None and tokens >= wide_rows
         narrow = not (fp8 or small) and tokens is not None and tokens <= NARROW_DECODE_ROWS
         return AttentionTiles(g_blk=min(max(16, next_pow2(group)), 64), block_t=1,
                               block_n=128 if wide else (32 if narrow else block_n),
-                              num_warps=4, num_stages=3 if wide else 2)
+                              num_warps=4, num_stages=3 if wide and not v_words else 2)
     g_blk = min(next_pow2(group), 16 if small else 64)
     short = None if mla or tokens is None else next(
         (rows for most, rows in SHORT_EXTEND_TILES if tokens <= most), None)

@@ -33,7 +33,7 @@ import triton.language as tl
 
 from kernels.triton.attention import AttentionTiles, attention_tiles
 from kernels.triton.common import check, next_pow2, per_batch, pow2_dim
-from kernels.triton.paged_tiles import LOG2E, add_sink, attn_range
+from kernels.triton.paged_tiles import LOG2E, add_sink, attn_range, check_e4m3_words
 from kernels.triton.pdl import pdl_begin, pdl_launch
 from kernels.triton.split_kv import (DEFAULT_SIZING, SPLIT_INTS, SplitSizing, merge_splits,
                                      split_buffers, split_length, split_range)
@@ -126,7 +126,7 @@ def _gqa_decode_kernel(
         acc, m_i, l_i = attn_range(acc, m_i, l_i, q, q, K, K, V, pt, lo, full_end, hi, pos,
                                    kvh, PAGE_SIZE, stride_ks, stride_kh, stride_ks, stride_kh,
                                    stride_vs, stride_vh, scale_log2, D, D, DV, BLOCK_D, BLOCK_D,
-                                   BLOCK_DV, BLOCK_N, False, False, EVEN_D, 0)
+                                   BLOCK_DV, BLOCK_N, False, False, EVEN_D, 0, True)
         if HAS_SINKS:  # split: the merge adds the sink once
             if num_splits == 1:
                 l_i = add_sink(l_i, m_i, Sinks, head, row_ok)
@@ -206,8 +206,10 @@ def gqa_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     check(hq % hk == 0, f"query heads {hq} not a multiple of kv heads {hk}")
     check(page_table.dim() == 2 and seq_lens.shape[0] == page_table.shape[0] == t,
           "decode: page_table [B, P] and seq_lens [B] with one query row each")
+    check_e4m3_words(v_cache)
     group = hq // hk
-    tiles = tiles or attention_tiles(True, False, group, t, fp8=k_cache.element_size() == 1)
+    tiles = tiles or attention_tiles(True, False, group, t, fp8=k_cache.element_size() == 1,
+                                     v_words=True)
     n_hblk = triton.cdiv(group, tiles.g_blk)
     programs = t * hk * n_hblk
     if num_splits is None:

@@ -35,7 +35,8 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from kernels.triton.common import (check, has_tma, interpreting, next_pow2, per_batch,
                                    pow2_dim, tma_rows_ok)
-from kernels.triton.paged_tiles import BATCH_META, add_sink, attn_range, block_map, extend_block
+from kernels.triton.paged_tiles import (BATCH_META, add_sink, attn_range, block_map,
+                                       check_e4m3_words, extend_block)
 from kernels.triton.pdl import pdl_begin, pdl_launch
 
 
@@ -99,7 +100,7 @@ def _prefill_kernel(
     acc, m_i, l_i = attn_range(acc, m_i, l_i, q, q, KCache, KCache, VCache, pt, 0, full_pre,
                                prefix, pos, kvh, PAGE_SIZE, stride_ks, stride_kh, stride_ks,
                                stride_kh, stride_vs, stride_vh, prefix_scale_log2, D, D, DV, D,
-                               D, DV, BLOCK_N, False, False, True, 0)
+                               D, DV, BLOCK_N, False, False, True, 0, True)
     acc = acc * v_scale
     # the new tokens: contiguous rows q_start + j of k_new / v_new
     full_new = (t0 + 1) // BLOCK_N * BLOCK_N           # tiles every row sees whole
@@ -182,6 +183,7 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     check(page_table.dim() == 2 and seq_lens.shape[0] == page_table.shape[0]
           and query_start.shape[0] == seq_lens.shape[0] + 1,
           "page_table [B, P], seq_lens [B], query_start [B+1] expected")
+    check_e4m3_words(v_cache)
     tiles = prefill_tiles() if tiles is None else tiles
     rows, block_n = tiles.rows, tiles.block_n
     group = hq // hk

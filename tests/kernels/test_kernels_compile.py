@@ -205,9 +205,11 @@ def _prefill(d: int, group: int, rows: int, block_n: int, sinks: bool, cache=BF)
     args = dict(Q=BF, KCache=cache, VCache=cache, DescK=desc, DescV=desc, Out=BF, Sinks=BF,
                 PageTable=I32, QueryStart=I32, SeqLens=I32, BlockBatch=I32, BlockTok=I32,
                 scale_log2=0.1, prefix_scale_log2=0.05, v_scale=0.5, group=group)
-    compile_sm90(P._prefill_kernel, args,
-                 dict(D=d, DV=d, G_BLK=group, BLOCK_T=rows // group, BLOCK_N=block_n, N_HBLK=1,
-                      HAS_SINKS=sinks, PAGE_SIZE=16), tiles.num_warps, tiles.num_stages)
+    ptx = compile_sm90(P._prefill_kernel, args,
+                       dict(D=d, DV=d, G_BLK=group, BLOCK_T=rows // group, BLOCK_N=block_n,
+                            N_HBLK=1, HAS_SINKS=sinks, PAGE_SIZE=16), tiles.num_warps,
+                       tiles.num_stages).asm["ptx"]
+    _no_byte_loads_from_shared(ptx)
 
 
 def _row_kernels() -> None:
@@ -361,7 +363,7 @@ def check_fp8_kv() -> None:
     for decode in (True, False):
         for window, sinks in ((0, False), (128, True)):
             _gqa_attention(128, 4, decode, window, sinks, cache=f8)
-    for rows in (1, A.FP8_WIDE_ROWS):
+    for rows in (1, A.FP8_WIDE_ROWS, A.FP8_WORDS_WIDE_ROWS):
         _gqa_decode(128, 4, sinks=rows > 1, cache=f8, rows=rows)
     tiles = P.prefill_tiles()
     _prefill(128, 4, tiles.rows, tiles.block_n, sinks=False, cache=f8)
@@ -387,7 +389,7 @@ def _gqa_decode(d: int, group: int, sinks: bool, cache=BF, rows: int = 1) -> Non
     of a `rows`-row launch over a cache of dtype `cache`; over a 16-bit cache within 128
     registers a thread (4 programs an SM, as the generic kernel's 109: the merge's tile is
     sized for it; an FP8 cache's tiles take more in either kernel)."""
-    tiles = A.attention_tiles(True, False, group, rows, fp8=cache != BF)
+    tiles = A.attention_tiles(True, False, group, rows, fp8=cache != BF, v_words=True)
     merge_g, chunk_s = GD.merge_shape(group, tiles.g_blk, d)
     args = dict(Q=BF, K=cache, V=cache, Out=BF, PartO=F32, PartL=F32, Tickets=I32, Sinks=BF,
                 PageTable=I32, SeqLens=I32, scale_log2=0.1, v_scale=0.5, group=group,
@@ -398,6 +400,13 @@ def _gqa_decode(d: int, group: int, sinks: bool, cache=BF, rows: int = 1) -> Non
     ptx = compile_sm90(GD._gqa_decode_kernel, args, cex, tiles.num_warps,
                        tiles.num_stages).asm["ptx"]
     assert cache != BF or _registers(ptx) <= 128
+    _no_byte_loads_from_shared(ptx)
+
+
+def _no_byte_loads_from_shared(ptx: str) -> None:
+    """The e4m3 values reach the P.V product unpacked from words (paged_tiles.load_e4m3_words),
+    not a byte a load from shared memory (256 `ld.shared.u8` in gqa_decode's loops before)."""
+    assert not re.search(r"ld\.shared\.[ub]8", ptx)
 
 
 def _registers(ptx: str) -> int:

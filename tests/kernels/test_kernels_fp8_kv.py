@@ -133,6 +133,29 @@ def test_bf16_queries_over_an_fp8_cache():
                                                    **SCALES)) < 1e-2
 
 
+def test_decode_values_as_words_and_as_bytes():
+    """gqa_decode reads e4m3 values of power-of-two width as 32-bit words unpacked in registers
+    (paged_tiles.load_e4m3_words; a row's last tile masked), other widths byte by byte: both
+    match the reference."""
+    for dv in (32, 24):
+        table, kc, vc, sl = _fp8_paged([45, 3], 4, 2, 16, dv, seed=5)
+        q = torch.randn(2, 4, 16, device=DEV)
+        out = A.decode_attention(q, kc, vc, table, sl, 4, 0.25, **SCALES)
+        assert out.shape == (2, 4, dv)
+        assert rel_err(out, R.decode_attention(q, kc, vc, table, sl, 4, 0.25, **SCALES)) < TOL
+
+
+def test_values_read_as_words_need_aligned_rows():
+    """A cache whose rows start off a 4-byte boundary is refused with an error that says so,
+    not read as misaligned words."""
+    table, kc, vc, sl = _fp8_paged([20], 4, 2, 16, 16)
+    q = torch.randn(1, 4, 16, device=DEV)
+    shifted = torch.empty(vc.numel() + 2, dtype=F8, device=DEV)[2:].view(vc.shape)
+    shifted.copy_(vc)
+    with pytest.raises(ValueError, match="4-byte boundaries"):
+        A.decode_attention(q, kc, shifted, table, sl, 4, 0.25, **SCALES)
+
+
 @pytest.mark.parametrize("splits", [1, 3])
 def test_decode_attention_with_window_and_sinks(splits):
     """GPT-OSS's options on the same kernel with an FP8 cache."""

@@ -225,6 +225,11 @@ def test_fp8_decode_of_many_rows_takes_wide_key_tiles(monkeypatch):
     assert AT.attention_tiles(True, True, 16, 256, fp8=True) == AT.attention_tiles(True, True, 16)
     assert (AT.attention_tiles(False, False, 4, 256, fp8=True)
             == AT.attention_tiles(False, False, 4, 256))
+    # a kernel reading its values as words (gqa_decode) widens later, at 2 stages
+    words = AT.attention_tiles(True, False, 4, AT.FP8_WORDS_WIDE_ROWS, fp8=True, v_words=True)
+    assert (words.block_n, words.num_warps, words.num_stages) == (128, 4, 2)
+    assert AT.attention_tiles(True, False, 4, AT.FP8_WORDS_WIDE_ROWS - 1, fp8=True,
+                              v_words=True) == plain
     monkeypatch.undo()
     seen = []
     real = AT.attention_tiles
