@@ -24,6 +24,8 @@ Ablations (those that touch no module of a preset are skipped for it):
   compared with the step's own (summation order differs, so not bit for bit);
 - gqa_merge_launch: gqa_decode.py's kernel with the merge in a launch of its own at every
   batch size (as it runs at one row);
+- moe_grouped: not an ablation but the A/B of moe_gemv.py: one token's routed experts on
+  moe.py's grouped kernels and top-k sum launch, as before it (logits compared too);
 - gqa_splits=N / mla_splits=N: decode launches split to N programs an SM (SplitSizing's
   gqa_splits_per_sm / mla_splits_per_sm) instead of the default;
 - gqa_tiles=BLOCK_N,STAGES: gqa_decode.py's launches on those key tiles and pipeline stages
@@ -57,7 +59,7 @@ from appliance.model.layers.mla import MLAttention  # noqa: E402
 from appliance.model.layers.moe import RoutedExperts  # noqa: E402
 from appliance.model.layers.norm import RMSNorm  # noqa: E402
 from kernels.triton import attention as gqa_attention  # noqa: E402
-from kernels.triton import attention_ops, gqa_decode  # noqa: E402
+from kernels.triton import attention_ops, gqa_decode, moe  # noqa: E402
 from kernels.triton import mla_decode  # noqa: E402
 from kernels.triton.attention import AttentionTiles  # noqa: E402
 from kernels.triton.split_kv import SplitSizing  # noqa: E402
@@ -126,6 +128,11 @@ def _generic_decode(model: torch.nn.Module) -> list[Patch]:
     return [(attention_ops, "gqa_decode", generic)] if _has_gqa(model) else []
 
 
+def _moe_grouped(model: torch.nn.Module) -> list[Patch]:
+    routed = any(isinstance(m, RoutedExperts) for m in model.modules())
+    return [(moe, "moe_gemv_applies", lambda *args: False)] if routed else []
+
+
 def _gqa_knob(name: str, value) -> Callable[[torch.nn.Module], list[Patch]]:
     return lambda model: [(gqa_decode, name, value)] if _has_gqa(model) else []
 
@@ -136,6 +143,7 @@ ABLATIONS: dict[str, Callable[[torch.nn.Module], list[Patch]]] = {
     "small": lambda m: _norms(m) + _rope_kv(m) + _attention(m),
     "generic_decode": _generic_decode,
     "gqa_merge_launch": _gqa_knob("LAST_MERGE_MIN_ROWS", 1 << 30),
+    "moe_grouped": _moe_grouped,
 }
 
 
@@ -214,10 +222,12 @@ def measure(preset: str, rows: int, context: int, rounds: int, names: list[str],
                 batch = to_forward_batch(arrays, runner.device)
                 logits.setdefault(name, runner.forward(batch).float().cpu())
                 times[name].append(forward_ms(runner, batch) * 1e3)
-    if "generic_decode" in logits:
-        diff = (logits["generic_decode"] - logits["none"]).abs().max().item()
-        print(f"{preset}: logits, generic decode kernel against gqa_decode: max |diff| "
-              f"{diff:.3g} (max |logit| {logits['none'].abs().max().item():.3g})", flush=True)
+    for name in ("generic_decode", "moe_grouped"):   # the A/Bs: the same model either way
+        if name in logits:
+            diff = (logits[name] - logits["none"]).abs().max().item()
+            print(f"{preset}: logits, {name} against the registered kernels: max |diff| "
+                  f"{diff:.3g} (max |logit| {logits['none'].abs().max().item():.3g})",
+                  flush=True)
     base = statistics.median(times["none"])
     layers = sum(isinstance(m, (PagedAttention, MLAttention)) for m in model.modules())
     bound = step_bytes(preset, rows, context) / bw * 1e6

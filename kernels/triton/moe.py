@@ -26,6 +26,7 @@ import triton.language as tl
 from kernels.moe_activation import ClampedSwiGLU
 from kernels.registry import register
 from kernels.triton.common import PRIORITY, check, interpreting, on_cuda_half, per_batch
+from kernels.triton.moe_gemv import moe_gemv, moe_gemv_applies
 from kernels.triton.pdl import pdl_begin, pdl_launch
 
 # Up to this many (token, expert) pairs each pair gets an M block of its own, so the ~12 small
@@ -295,10 +296,14 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: tor
               ) -> torch.Tensor:
     """x: [T, H], w13: [E, 2I, H], w2: [E, H, I] (any strides), weights/ids: [T, k] -> [T, H].
     b13 [E, 2I] / b2 [E, H] / activation / interleaved: GPT-OSS (the reference's doc).
-    shared [T, H]: added in the top-k sum's launch. tiles: None for `moe_tiles`."""
+    shared [T, H]: added in the top-k sum's launch. tiles: None for `moe_tiles`. One token
+    without GPT-OSS's options (batch-1 decode) takes moe_gemv.py's two GEMVs."""
     e, two_i, h = w13.shape
     check(h == x.shape[1] and w2.shape == (e, h, two_i // 2),
           "fused_moe: weight shapes disagree with x")
+    if (tiles is None and b13 is None and b2 is None and activation is None
+            and not interleaved and moe_gemv_applies(x, w13, w2)):
+        return moe_gemv(x, w13, w2, weights, ids, shared)
     return _fused_moe(x, (w13, None), (w2, None), (e, two_i // 2, h), weights, ids, b13, b2,
                       activation, interleaved, tiles, shared)
 

@@ -30,6 +30,7 @@ from kernels.triton import gemv as G  # noqa: E402
 from kernels.triton import gqa_decode as GD  # noqa: E402
 from kernels.triton import mla_decode as MD  # noqa: E402
 from kernels.triton import moe as M  # noqa: E402
+from kernels.triton import moe_gemv as MG  # noqa: E402
 from kernels.triton import paged_tiles as PT  # noqa: E402
 from kernels.triton import prefill as P  # noqa: E402
 from kernels.triton import rope_kv as RK  # noqa: E402
@@ -259,6 +260,7 @@ def check_moe() -> None:
     for pairs_per_expert, pair_blocks in ((4.0, True), (4.0, False), (30.0, False),
                                           (500.0, False)):
         _moe(pairs_per_expert, pair_blocks)
+    _moe_gemv()
     for e, k, groups, keep, softmax in ((64, 6, 1, 1, True), (256, 8, 8, 4, False)):
         compile_sm90(RT._moe_route_kernel, dict(Logits=F32, Bias=F32, Weights=F32, Ids=I32,
                                                 routed_scaling=1.0),
@@ -293,6 +295,20 @@ def _moe(ppe: float, pair_blocks: bool, gpt_oss: bool = False, mxfp4: bool = Fal
     for shared in (False, True):   # DeepSeek's shared experts' output added, or none
         compile_sm90(M._sum_topk_kernel, dict(Pairs=BF, Shared=BF, Out=BF),
                      dict(TOP_K=6, H=2048, BLOCK_H=M.SUM_BLOCK_H, HAS_SHARED=shared), 4, 1)
+
+
+def _moe_gemv() -> None:
+    """moe_gemv.py's one-token kernels at DeepSeek-V2-Lite's experts (64 x 2048 -> 1408,
+    top-6) and default tiles, with the shared experts' output and without."""
+    t = MG.DEFAULT_TILES
+    compile_sm90(MG._up_kernel, dict(X=BF, W13=BF, Ids=I32, Inter=BF, num_experts=64, I=1408),
+                 dict(K=2048, BLOCK_N=t.up_block_n, BLOCK_K=t.up_block_k), t.up_warps,
+                 t.num_stages)
+    for shared in (False, True):
+        compile_sm90(MG._down_kernel, dict(Inter=BF, W2=BF, Ids=I32, Weights=F32, Shared=BF,
+                                           Out=BF, num_experts=64, H=2048),
+                     dict(K=1408, TOP_K=6, BLOCK_N=t.down_block_n, BLOCK_K=t.down_block_k,
+                          HAS_SHARED=shared), t.down_warps, t.num_stages)
 
 
 def _sample() -> None:

@@ -403,11 +403,13 @@ def test_mla_prefill(seq_lens, qlens, heads):
         k0 += m
 
 
-@pytest.mark.parametrize("t,hd,inter,e,k", [(1, 32, 24, 8, 2), (2, 32, 24, 4, 4),
-                                            (9, 48, 40, 8, 3), (40, 32, 16, 4, 2)])
+@pytest.mark.parametrize("t,hd,inter,e,k", [(1, 32, 24, 8, 2), (1, 40, 23, 8, 6),
+                                            (2, 32, 24, 4, 4), (9, 48, 40, 8, 3),
+                                            (40, 32, 16, 4, 2)])
 def test_fused_moe(t, hd, inter, e, k):
-    """Up to PAIR_BLOCKS_MAX pairs one block per pair (the second case: 2 tokens on all 4
-    experts, so experts repeat across blocks), above it the aligned grouped GEMM. On a GPU in
+    """One token takes moe_gemv.py's GEMVs (the second case: K and I not whole tiles), up to
+    PAIR_BLOCKS_MAX pairs one block per pair (2 tokens on all 4 experts, so experts repeat
+    across blocks), above it the aligned grouped GEMM. On a GPU in
     bf16: the only dtypes the registry gives this kernel (fp32 tiles overflow shared memory)."""
     dt = torch.bfloat16 if DEV == "cuda" else torch.float32
     x = rnd(t, hd, dtype=dt)
@@ -420,16 +422,18 @@ def test_fused_moe(t, hd, inter, e, k):
     assert rel_err(got, R.fused_moe(x, w13, w2, w, ids).float() + shared.float()) < 2e-2
 
 
-@pytest.mark.parametrize("t", [2, 9])
+@pytest.mark.parametrize("t", [1, 2, 9])
 def test_fused_moe_skips_pairs_of_other_ranks(t):
     """Expert parallelism: a pair of id E (an expert on another rank) contributes nothing,
-    as in the reference; one block per pair (t=2, k=3) and aligned (t=9)."""
+    as in the reference; the one-token GEMVs (t=1), one block per pair (t=2, k=3) and
+    aligned (t=9)."""
     dt = torch.bfloat16 if DEV == "cuda" else torch.float32
     e, hd, inter, k = 4, 32, 16, 3
     x = rnd(t, hd, dtype=dt)
     w13, w2 = rnd(e, 2 * inter, hd, dtype=dt) * 0.2, rnd(e, hd, inter, dtype=dt) * 0.2
     w, ids = R.moe_route(rnd(t, e + 2), k, "softmax", True, None, 1, 1, 1.0)
     ids = ids.clamp(max=e)                       # experts 4 and 5 live elsewhere: id E
+    ids[0, -1] = e                               # at least one such pair in every case
     got = M.fused_moe(x, w13, w2, w, ids)
     here = ids < e
     want = R.fused_moe(x, w13, w2, w * here, torch.where(here, ids, 0))
