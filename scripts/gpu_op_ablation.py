@@ -26,6 +26,8 @@ Ablations (those that touch no module of a preset are skipped for it):
   batch size (as it runs at one row);
 - moe_grouped: not an ablation but the A/B of moe_gemv.py: one token's routed experts on
   moe.py's grouped kernels and top-k sum launch, as before it (logits compared too);
+- head_einsum: the A/B of head_gemv.py: MLA's W_UK / W_UV products by torch.einsum (cuBLAS),
+  as before it (logits compared too);
 - gqa_splits=N / mla_splits=N: decode launches split to N programs an SM (SplitSizing's
   gqa_splits_per_sm / mla_splits_per_sm) instead of the default;
 - gqa_tiles=BLOCK_N,STAGES: gqa_decode.py's launches on those key tiles and pipeline stages
@@ -58,6 +60,7 @@ from appliance.model.layers.attention import PagedAttention  # noqa: E402
 from appliance.model.layers.mla import MLAttention  # noqa: E402
 from appliance.model.layers.moe import RoutedExperts  # noqa: E402
 from appliance.model.layers.norm import RMSNorm  # noqa: E402
+from kernels.reference.linear import head_matmul as reference_head_matmul  # noqa: E402
 from kernels.triton import attention as gqa_attention  # noqa: E402
 from kernels.triton import attention_ops, gqa_decode, moe  # noqa: E402
 from kernels.triton import mla_decode  # noqa: E402
@@ -133,6 +136,11 @@ def _moe_grouped(model: torch.nn.Module) -> list[Patch]:
     return [(moe, "moe_gemv_applies", lambda *args: False)] if routed else []
 
 
+def _head_einsum(model: torch.nn.Module) -> list[Patch]:
+    return [(m, "head_matmul", reference_head_matmul) for m in model.modules()
+            if isinstance(m, MLAttention)]
+
+
 def _gqa_knob(name: str, value) -> Callable[[torch.nn.Module], list[Patch]]:
     return lambda model: [(gqa_decode, name, value)] if _has_gqa(model) else []
 
@@ -144,6 +152,7 @@ ABLATIONS: dict[str, Callable[[torch.nn.Module], list[Patch]]] = {
     "generic_decode": _generic_decode,
     "gqa_merge_launch": _gqa_knob("LAST_MERGE_MIN_ROWS", 1 << 30),
     "moe_grouped": _moe_grouped,
+    "head_einsum": _head_einsum,
 }
 
 
@@ -222,7 +231,7 @@ def measure(preset: str, rows: int, context: int, rounds: int, names: list[str],
                 batch = to_forward_batch(arrays, runner.device)
                 logits.setdefault(name, runner.forward(batch).float().cpu())
                 times[name].append(forward_ms(runner, batch) * 1e3)
-    for name in ("generic_decode", "moe_grouped"):   # the A/Bs: the same model either way
+    for name in ("generic_decode", "moe_grouped", "head_einsum"):   # the A/Bs: same model
         if name in logits:
             diff = (logits[name] - logits["none"]).abs().max().item()
             print(f"{preset}: logits, {name} against the registered kernels: max |diff| "

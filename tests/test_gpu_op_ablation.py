@@ -29,7 +29,8 @@ EXPECTED = {"llama-3.1-8b": {"norms", "rope_kv", "attention", "merge", "one_spli
                              "generic_decode", "gqa_merge_launch", "gqa_splits=2",
                              "gqa_tiles=32,2"},
             "deepseek-v2-lite": {"norms", "attention", "merge", "one_split", "absorbed",
-                                 "routed", "small", "mla_splits=1", "moe_grouped"}}
+                                 "routed", "small", "mla_splits=1", "moe_grouped",
+                                 "head_einsum"}}
 
 
 @pytest.mark.parametrize("preset", sorted(EXPECTED))

@@ -1,5 +1,6 @@
 """x @ W.T + b: torch's own (cuBLAS on a GPU); the CPU backend (kernels/cpu) tunes small M.
-And the same followed by silu_and_mul (a SwiGLU MLP's gate|up projection)."""
+And the same followed by silu_and_mul (a SwiGLU MLP's gate|up projection); and each head's
+tokens by that head's own matrix (`head_matmul`: MLA's absorbed W_UK / W_UV products)."""
 from __future__ import annotations
 
 import torch
@@ -22,3 +23,10 @@ def linear_silu_and_mul(x: torch.Tensor, weight: torch.Tensor,
     """silu_and_mul(linear(x, weight, bias)): weight [2I, K] is I gate rows then I up rows,
     bias [2I] or None -> [M, I] (a SwiGLU MLP's gate|up projection and its activation)."""
     return silu_and_mul(F.linear(x, weight, bias))
+
+
+@register("head_matmul", backend="torch", priority=0)
+def head_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x: [T, H, K], weight: [H, K, N] (any strides) -> [T, H, N]: out[t, h] = x[t, h] @
+    weight[h] (torch.einsum: one batched GEMM over the heads)."""
+    return torch.einsum("thk,hkn->thn", x, weight)

@@ -28,6 +28,7 @@ from kernels.triton import attention as A  # noqa: E402
 from kernels.triton import elementwise as E  # noqa: E402
 from kernels.triton import gemv as G  # noqa: E402
 from kernels.triton import gqa_decode as GD  # noqa: E402
+from kernels.triton import head_gemv as HG  # noqa: E402
 from kernels.triton import mla_decode as MD  # noqa: E402
 from kernels.triton import moe as M  # noqa: E402
 from kernels.triton import moe_gemv as MG  # noqa: E402
@@ -93,20 +94,26 @@ def compile_sm90(kernel, args: dict, constexprs: dict, num_warps: int, num_stage
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                               options=dict(num_warps=num_warps, num_stages=num_stages, **options))
     if constexprs.get("PDL"):
-        _waits_before_memory(kernel.fn.__name__, compiled.asm["ptx"])
+        early = kernel.fn.__name__ in WEIGHTS_BEFORE_WAIT
+        _waits_before_memory(kernel.fn.__name__, compiled.asm["ptx"],
+                             WRITES if early else GLOBAL_ACCESS)
     return compiled
 
 
 # PTX instructions that read or write global memory (a TMA copy, an atomic, a plain access)
 GLOBAL_ACCESS = ("ld.global", "st.global", "cp.async", "atom.global", "red.global")
+WRITES = ("st.global", "atom.global", "red.global")
+# kernels that read their weights (never written while serving) before the wait: only their
+# writes are checked (their reads of other launches' outputs: check_pdl)
+WEIGHTS_BEFORE_WAIT = ("_head_gemv_kernel",)
 
 
-def _waits_before_memory(name: str, ptx: str) -> None:
+def _waits_before_memory(name: str, ptx: str, ops: tuple[str, ...] = GLOBAL_ACCESS) -> None:
     """With PDL a kernel may run beside the one before it, so nothing it reads or writes may
     come before its griddepcontrol.wait (kernels/triton/pdl.py); the GEMV's L2 prefetch of
-    weights is not an access."""
+    weights is not an access. `ops`: the accesses checked (all by default)."""
     wait = ptx.find("griddepcontrol.wait")
-    first = min((i for i in (ptx.find(op) for op in GLOBAL_ACCESS) if i >= 0), default=len(ptx))
+    first = min((i for i in (ptx.find(op) for op in ops) if i >= 0), default=len(ptx))
     assert 0 <= wait < first, f"{name}: a global access before griddepcontrol.wait"
 
 
@@ -446,3 +453,11 @@ def check_pdl() -> None:
     assert 0 <= prefetch < wait < ptx.find("griddepcontrol.launch_dependents"), ptx[:3000]
     plain = _gemv(6144, 4096, pdl=False).asm["ptx"]
     assert "griddepcontrol" not in plain and "prefetch" not in plain
+    # MLA's per-head products at DeepSeek-V2-Lite's shape: W_UK (K 128, N 512, rows of the
+    # output contiguous) and W_UV^T (K 512 contiguous, N 128): the weight tile's loads come
+    # before the wait, the input's after it (one load each: the tile is read at once)
+    for k, n, block_n in ((128, 512, 64), (512, 128, 16)):
+        ptx = compile_sm90(HG._head_gemv_kernel, dict(X=BF, W=BF, Out=BF, N=n, K=k),
+                           dict(BLOCK_K=k, BLOCK_N=block_n), 4, 1).asm["ptx"]
+        wait = ptx.find("griddepcontrol.wait")
+        assert 0 <= ptx.find("ld.global") < wait < ptx.rfind("ld.global")

@@ -326,6 +326,24 @@ def test_linear_silu_and_mul_one_row_is_one_gemv_bit_equal_to_two_kernels(inter,
         G.gemv(x, w[1:], None, config, silu_mul=True)
 
 
+@pytest.mark.parametrize("heads,k,n", [(4, 32, 64), (3, 24, 40), (2, 64, 16)])
+def test_head_matmul_one_token_gemv(heads, k, n):
+    """One token takes the per-head GEMV, over MLA's two layouts (W_UK's [H, Dn, L] rows of
+    kv_b_proj, contiguous along the output; W_UV^T, contiguous along K), K and N ragged or
+    not; more tokens take einsum. Both match the reference."""
+    from kernels.triton import head_gemv as HG
+    kv_b = rnd(heads, 2 * k, n)                        # [W_UK ; W_UV]-like stacked rows
+    w_uk = kv_b[:, :k]                                 # [H, K, N], strided heads
+    w_uvt = rnd(heads, n, k).transpose(1, 2)           # [H, K, N], K contiguous
+    for w in (w_uk, w_uvt):
+        q = rnd(1, heads, 3 * k)[:, :, :k]             # a strided query, as q_nope is
+        assert HG.head_gemv_applies(q, w)
+        assert rel_err(HG.head_matmul(q, w), R.head_matmul(q, w)) < 1e-5
+        more = rnd(3, heads, k)
+        assert not HG.head_gemv_applies(more, w)
+        assert torch.equal(HG.head_matmul(more, w), R.head_matmul(more, w))
+
+
 def test_paged_attention_takes_its_tuning_as_arguments():
     """Tiles and split sizing given per call (as the benchmark's sweeps give them) serve
     decode and extend: tiles other than the defaults, a sizing that splits decode more; a

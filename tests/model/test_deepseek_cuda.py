@@ -27,7 +27,7 @@ from helpers import check_graph_replay, greedy_generate  # noqa: E402
 
 PROMPTS = [list(range(7, 7 + 40)), [3, 1, 4, 1, 5], list(range(500, 600))]
 OPS = ("rms_norm", "fused_add_rms_norm", "silu_and_mul", "rope", "store_kv", "mla_decode",
-       "mla_extend", "moe_route", "fused_moe")
+       "mla_extend", "moe_route", "fused_moe", "head_matmul")
 
 
 def v2_lite(layers: int) -> ModelSource:

@@ -158,6 +158,7 @@ class MLAttention(Placed):
         self.mla_decode = kernels.select("mla_decode", **feats)
         self.mla_extend = kernels.select("mla_extend", **feats)
         self.mla_prefill = kernels.select("mla_prefill", **feats)
+        self.head_matmul = kernels.select("head_matmul", device=ctx.device, dtype=ctx.dtype)
         self.decompress_min_tokens = DECOMPRESS_MIN_TOKENS
         self.decompress_max_keys = DECOMPRESS_MAX_KEYS
         self.kv_cache: torch.Tensor | None = None
@@ -246,9 +247,9 @@ class MLAttention(Placed):
                          batch: ForwardBatch) -> torch.Tensor:
         # the first n tokens: q_nope [n, H, Dn], q_rope [n, H, R] -> [n, H, Dv]
         w_uk, w_uv = self.w_uk_uv()
-        q_latent = torch.einsum("thd,hdl->thl", q_nope, w_uk)        # [n, H, L]
+        q_latent = self.head_matmul(q_nope, w_uk)                     # [n, H, L]
         o_latent = self._attend(q_latent, q_rope, batch)              # [n, H, L]
-        return torch.einsum("thl,hvl->thv", o_latent, w_uv)          # [n, H, Dv]
+        return self.head_matmul(o_latent, w_uv.transpose(1, 2))       # [n, H, Dv]
 
     def _attend_decompressed(self, q_nope: torch.Tensor, q_rope: torch.Tensor,
                              batch: ForwardBatch) -> torch.Tensor:

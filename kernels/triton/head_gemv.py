@@ -1,0 +1,79 @@
+"""`head_matmul` on CUDA: one token by a per-head GEMV, more by torch.einsum (cuBLAS).
+
+MLA's absorbed decode multiplies each head's query by its slice of kv_b_proj before the
+attention (q_nope [T, H, Dn] x W_UK [H, Dn, L]) and each head's latent output by another after
+it (o_latent [T, H, L] x W_UV^T [H, L, Dv]). At one token einsum runs them as cuBLAS batched
+GEMMs (with a copy of the strided query before), kernels that take no part in programmatic
+dependent launch, so the launches around them cannot start early either.
+
+Here program (head h, BLOCK_N output columns) holds its head's whole [K, BLOCK_N] weight tile:
+it reads the tile into registers before its PDL wait (weights are never written while
+serving: pdl.py), then the head's K inputs, and reduces over K. So the kernel's own weight
+read overlaps the launch before it; what is left after the wait is one small load from L2, a
+reduction and a store. Weights of any strides: the tile's loads follow its contiguous axis
+(W_UK's output columns, W_UV^T's K).
+
+H200, DeepSeek-V2-Lite's B=1 decode graph (1K keys, PDL on; `scripts/gpu_op_ablation.py
+--ablations head_einsum`, 3 rounds): einsum 2,471 -> this kernel 2,379 us a step (1.039x; the
+ablation that takes both products out saved 229). A tensor-core version (16-row tiles, the K
+loop after the wait; thirteenth session) had made the step slower, 2,709 -> 2,944.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.registry import register
+from kernels.triton.common import PRIORITY, next_pow2, on_cuda_half
+from kernels.triton.pdl import pdl_begin, pdl_launch
+
+TILE_ELEMS = 8192          # weight elements a program holds: 64 a thread at 4 warps
+MAX_K = TILE_ELEMS // 16   # a 16-column tile at most: longer K takes einsum
+
+
+@triton.jit
+def _head_gemv_kernel(X, W, Out, N, K, stride_xh, stride_xk, stride_wh, stride_wk, stride_wn,
+                      stride_oh, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+                      PDL: tl.constexpr):
+    """Out[h, n] = sum_k X[h, k] * W[h, k, n] for the BLOCK_N columns n of this program."""
+    h, pid_n = tl.program_id(0), tl.program_id(1)
+    k = tl.arange(0, BLOCK_K)
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    k_ok, n_ok = k < K, n < N
+    w = tl.load(W + h * stride_wh + k[:, None] * stride_wk + n[None, :] * stride_wn,
+                mask=k_ok[:, None] & n_ok[None, :], other=0.0)              # [BK, BN]
+    pdl_begin(PDL)          # X is the launch before's output: read only after the wait
+    x = tl.load(X + h * stride_xh + k * stride_xk, mask=k_ok, other=0.0)     # [BK]
+    y = tl.sum(w.to(tl.float32) * x.to(tl.float32)[:, None], axis=0)         # [BN]
+    tl.store(Out + h * stride_oh + n, y.to(Out.dtype.element_ty), mask=n_ok)
+
+
+def head_gemv_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """One token, each head's K within one tile, the weight of x's dtype."""
+    return (x.dim() == 3 and x.shape[0] == 1 and weight.dim() == 3
+            and weight.shape[:2] == x.shape[1:] and x.shape[2] <= MAX_K
+            and weight.dtype == x.dtype)
+
+
+def head_gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x: [1, H, K], weight: [H, K, N] (any strides) -> [1, H, N]."""
+    _, h, k = x.shape
+    n = weight.shape[2]
+    block_k = max(16, next_pow2(k))
+    block_n = max(16, min(next_pow2(n), TILE_ELEMS // block_k))
+    out = torch.empty(1, h, n, dtype=x.dtype, device=x.device)
+    _head_gemv_kernel[(h, triton.cdiv(n, block_n))](
+        x, weight, out, n, k, x.stride(1), x.stride(2), weight.stride(0), weight.stride(1),
+        weight.stride(2), out.stride(1), BLOCK_K=block_k, BLOCK_N=block_n, num_warps=4,
+        **pdl_launch(x.device))
+    return out
+
+
+@register("head_matmul", backend="triton", priority=PRIORITY, supports=on_cuda_half)
+def head_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The reference's contract (kernels/reference/linear.py): one token by the GEMV above,
+    more by einsum."""
+    if head_gemv_applies(x, weight):
+        return head_gemv(x, weight)
+    return torch.einsum("thk,hkn->thn", x, weight)
