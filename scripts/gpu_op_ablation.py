@@ -28,6 +28,8 @@ Ablations (those that touch no module of a preset are skipped for it):
   moe.py's grouped kernels and top-k sum launch, as before it (logits compared too);
 - head_einsum: the A/B of head_gemv.py: MLA's W_UK / W_UV products by torch.einsum (cuBLAS),
   as before it (logits compared too);
+- router_after_wait: the A/B of route.py's EARLY: the router's first gate tile read after the
+  PDL wait (as before), not before it;
 - gqa_splits=N / mla_splits=N: decode launches split to N programs an SM (SplitSizing's
   gqa_splits_per_sm / mla_splits_per_sm) instead of the default;
 - gqa_tiles=BLOCK_N,STAGES: gqa_decode.py's launches on those key tiles and pipeline stages
@@ -62,7 +64,7 @@ from appliance.model.layers.moe import RoutedExperts  # noqa: E402
 from appliance.model.layers.norm import RMSNorm  # noqa: E402
 from kernels.reference.linear import head_matmul as reference_head_matmul  # noqa: E402
 from kernels.triton import attention as gqa_attention  # noqa: E402
-from kernels.triton import attention_ops, gqa_decode, moe  # noqa: E402
+from kernels.triton import attention_ops, gqa_decode, moe, route  # noqa: E402
 from kernels.triton import mla_decode  # noqa: E402
 from kernels.triton.attention import AttentionTiles  # noqa: E402
 from kernels.triton.split_kv import SplitSizing  # noqa: E402
@@ -153,6 +155,8 @@ ABLATIONS: dict[str, Callable[[torch.nn.Module], list[Patch]]] = {
     "gqa_merge_launch": _gqa_knob("LAST_MERGE_MIN_ROWS", 1 << 30),
     "moe_grouped": _moe_grouped,
     "head_einsum": _head_einsum,
+    "router_after_wait": lambda model: [(route, "EARLY_TILE", False)] if any(
+        isinstance(m, RoutedExperts) for m in model.modules()) else [],
 }
 
 

@@ -30,7 +30,7 @@ EXPECTED = {"llama-3.1-8b": {"norms", "rope_kv", "attention", "merge", "one_spli
                              "gqa_tiles=32,2"},
             "deepseek-v2-lite": {"norms", "attention", "merge", "one_split", "absorbed",
                                  "routed", "small", "mla_splits=1", "moe_grouped",
-                                 "head_einsum"}}
+                                 "head_einsum", "router_after_wait"}}
 
 
 @pytest.mark.parametrize("preset", sorted(EXPECTED))

@@ -16,7 +16,7 @@ reduction and a store. Weights of any strides: the tile's loads follow its conti
 H200, DeepSeek-V2-Lite's B=1 decode graph (1K keys, PDL on; `scripts/gpu_op_ablation.py
 --ablations head_einsum`, 3 rounds): einsum 2,471 -> this kernel 2,379 us a step (1.039x; the
 ablation that takes both products out saved 229). A tensor-core version (16-row tiles, the K
-loop after the wait; thirteenth session) had made the step slower, 2,709 -> 2,944.
+loop after the wait; twelfth session) had made the step slower, 2,709 -> 2,944.
 """
 from __future__ import annotations
 

@@ -105,7 +105,7 @@ GLOBAL_ACCESS = ("ld.global", "st.global", "cp.async", "atom.global", "red.globa
 WRITES = ("st.global", "atom.global", "red.global")
 # kernels that read their weights (never written while serving) before the wait: only their
 # writes are checked (their reads of other launches' outputs: check_pdl)
-WEIGHTS_BEFORE_WAIT = ("_head_gemv_kernel",)
+WEIGHTS_BEFORE_WAIT = ("_head_gemv_kernel", "_router_logits_kernel")
 
 
 def _waits_before_memory(name: str, ptx: str, ops: tuple[str, ...] = GLOBAL_ACCESS) -> None:
@@ -278,7 +278,8 @@ def check_moe() -> None:
     for e, h in ((64, 2048), (256, 7168)):
         block_k = min(next_pow2(h), RT.ROUTER_TILE_ELEMS)
         compile_sm90(RT._router_logits_kernel, dict(X=BF, W=F32, Out=F32),
-                     dict(H=h, E=e, BLOCK_E=RT.ROUTER_TILE_ELEMS // block_k, BLOCK_K=block_k),
+                     dict(H=h, E=e, BLOCK_E=RT.ROUTER_TILE_ELEMS // block_k, BLOCK_K=block_k,
+                          EARLY=RT.EARLY_TILE),
                      4, 1)
 
 

@@ -326,6 +326,16 @@ def test_linear_silu_and_mul_one_row_is_one_gemv_bit_equal_to_two_kernels(inter,
         G.gemv(x, w[1:], None, config, silu_mul=True)
 
 
+def test_router_gate_tile_before_the_wait_changes_nothing(monkeypatch):
+    """With PDL the router reads its first gate tile before the wait (EARLY); the sums are
+    the same, in the same order, as without it."""
+    from kernels.triton import route as RT
+    x, gate = rnd(2, 3000), rnd(5, 3000)                  # two gate tiles a row
+    plain = RT.router_logits(x, gate)
+    monkeypatch.setattr(RT, "_early", lambda launch: {**launch, "EARLY": True})
+    assert torch.equal(RT.router_logits(x, gate), plain)
+
+
 @pytest.mark.parametrize("heads,k,n", [(4, 32, 64), (3, 24, 40), (2, 64, 16)])
 def test_head_matmul_one_token_gemv(heads, k, n):
     """One token takes the per-head GEMV, over MLA's two layouts (W_UK's [H, Dn, L] rows of
