@@ -32,6 +32,8 @@ Ablations (those that touch no module of a preset are skipped for it):
   PDL wait (as before), not before it;
 - gqa_splits=N / mla_splits=N: decode launches split to N programs an SM (SplitSizing's
   gqa_splits_per_sm / mla_splits_per_sm) instead of the default;
+- coarse_cap: SplitSizing.fine_cap off: every decode launch's split count capped by pieces
+  of min_split_tiles tiles (as before), not by its own fewest tiles per split;
 - gqa_tiles=BLOCK_N,STAGES: gqa_decode.py's launches on those key tiles and pipeline stages
   (16 query rows, 4 warps) instead of attention_tiles' (their shared memory differs).
 """
@@ -155,16 +157,17 @@ ABLATIONS: dict[str, Callable[[torch.nn.Module], list[Patch]]] = {
     "gqa_merge_launch": _gqa_knob("LAST_MERGE_MIN_ROWS", 1 << 30),
     "moe_grouped": _moe_grouped,
     "head_einsum": _head_einsum,
+    "coarse_cap": lambda model: _split_count("fine_cap", False)(model),
     "router_after_wait": lambda model: [(route, "EARLY_TILE", False)] if any(
         isinstance(m, RoutedExperts) for m in model.modules()) else [],
 }
 
 
-def _split_count(field: str, per_sm: int) -> Callable[[torch.nn.Module], list[Patch]]:
+def _split_count(field: str, value: int) -> Callable[[torch.nn.Module], list[Patch]]:
     default = SplitSizing.decode_splits
 
     def decode_splits(self, *args, **kwargs):
-        return default(dataclasses.replace(self, **{field: per_sm}), *args, **kwargs)
+        return default(dataclasses.replace(self, **{field: value}), *args, **kwargs)
     return lambda model: [(SplitSizing, "decode_splits", decode_splits)]
 
 

@@ -44,6 +44,15 @@ class SplitSizing:
     # MLA launches of up to this many programs split down to 1 tile, up to 4x as many to 2:
     # with few programs a short row is better spread thin
     fine_split_programs: int = 4
+    # the split count of an MLA decode launch, and of a GQA one of at most fine_cap_gqa_programs
+    # programs (one row of 8 KV heads), is capped by the pieces of its own fewest tiles
+    # (`tiles_per_split`: 1 for GQA and few-program MLA), not of min_split_tiles: a short row
+    # then spreads one tile a program. H200, B=1 decode graphs at 1K keys (scripts/
+    # gpu_op_ablation.py --ablations coarse_cap), us a step: Llama-3.1-8B 4,160 -> 4,075 (8 ->
+    # 33 splits), DeepSeek-V2-Lite 2,349 -> 2,162 (9 -> 33); at B=4 DeepSeek-V2-Lite 6,004 ->
+    # 5,820, Llama-3.1-8B 4,759 -> 4,777 (32 programs: left coarse)
+    fine_cap: bool = True
+    fine_cap_gqa_programs: int = 8
     # extend launches split up to this many programs per SM (floor), at most max_extend_splits
     extend_wave: float = 1.25
     max_extend_splits: int = 32
@@ -61,7 +70,10 @@ class SplitSizing:
         table max_len keys wide."""
         per_sm = self.mla_splits_per_sm if mla else self.gqa_splits_per_sm
         want = per_sm * num_sms(device) // programs
-        return int(max(1, min(want, self.most_splits(max_len, block_n), MAX_DECODE_SPLITS)))
+        fine = self.fine_cap and (mla or programs <= self.fine_cap_gqa_programs)
+        tiles = self.tiles_per_split(programs, mla) if fine else self.min_split_tiles
+        return int(max(1, min(want, self.most_splits(max_len, block_n, tiles),
+                              MAX_DECODE_SPLITS)))
 
     def extend_splits(self, programs: int, max_len: int, block_n: int,
                       device: torch.device) -> int:
@@ -69,9 +81,10 @@ class SplitSizing:
         return int(max(1, min(int(self.extend_wave * num_sms(device)) // programs,
                               self.most_splits(max_len, block_n), self.max_extend_splits)))
 
-    def most_splits(self, max_len: int, block_n: int) -> int:
-        """Splits of at least min_split_tiles tiles that a page table max_len keys wide holds."""
-        return max(1, max_len // (self.min_split_tiles * block_n))
+    def most_splits(self, max_len: int, block_n: int, tiles: int | None = None) -> int:
+        """Splits of at least `tiles` (min_split_tiles) tiles that a page table max_len keys
+        wide holds."""
+        return max(1, max_len // ((tiles or self.min_split_tiles) * block_n))
 
 
 DEFAULT_SIZING = SplitSizing()

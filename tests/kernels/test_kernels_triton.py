@@ -211,6 +211,30 @@ def test_extend_split_rule():
     assert SplitSizing(extend_wave=0).extend_splits(1, 1 << 20, 64, cpu) == 1
 
 
+def test_decode_split_cap():
+    """A decode launch splits to fill the GPU (splits_per_sm programs an SM), capped by the
+    pieces its page table holds: of its own fewest tiles (tiles_per_split) for MLA and for
+    GQA launches of up to fine_cap_gqa_programs programs, of min_split_tiles otherwise or
+    without fine_cap."""
+    import dataclasses
+
+    from kernels.triton.split_kv import SplitSizing
+    cpu, sms = torch.device("cpu"), 4                      # num_sms of the interpreter
+    fine = SplitSizing(gqa_splits_per_sm=64, mla_splits_per_sm=64)
+    coarse = dataclasses.replace(fine, fine_cap=False)
+    want = 64 * sms // 8                                   # 8 programs: one row, 8 KV heads
+    assert coarse.decode_splits(8, 1024, 32, cpu, False) == 1024 // (4 * 32) < want
+    assert fine.decode_splits(8, 1024, 32, cpu, False) == 1024 // 32 == want
+    assert fine.decode_splits(1, 1024, 32, cpu, True) == 1024 // 32        # MLA, one row
+    assert coarse.decode_splits(1, 1024, 32, cpu, True) == 1024 // (4 * 32)
+    # GQA over more programs, MLA over many: the min_split_tiles cap either way
+    assert fine.decode_splits(16, 1024, 32, cpu, False) == coarse.decode_splits(
+        16, 1024, 32, cpu, False) == 1024 // (4 * 32)
+    many = 4 * fine.fine_split_programs + 1
+    assert fine.decode_splits(many, 1 << 20, 32, cpu, True) == coarse.decode_splits(
+        many, 1 << 20, 32, cpu, True)
+
+
 def test_fp8_decode_of_many_rows_takes_wide_key_tiles(monkeypatch):
     """On a GPU, GQA decode over an FP8 cache takes 128-key tiles from FP8_WIDE_ROWS rows on
     (fewer unpacking instructions a key); few rows, bf16 caches, MLA and extend launches keep
