@@ -47,10 +47,14 @@ class SplitSizing:
     # the split count of an MLA decode launch, and of a GQA one of at most fine_cap_gqa_programs
     # programs (one row of 8 KV heads), is capped by the pieces of its own fewest tiles
     # (`tiles_per_split`: 1 for GQA and few-program MLA), not of min_split_tiles: a short row
-    # then spreads one tile a program. H200, B=1 decode graphs at 1K keys (scripts/
-    # gpu_op_ablation.py --ablations coarse_cap), us a step: Llama-3.1-8B 4,160 -> 4,075 (8 ->
-    # 33 splits), DeepSeek-V2-Lite 2,349 -> 2,162 (9 -> 33); at B=4 DeepSeek-V2-Lite 6,004 ->
-    # 5,820, Llama-3.1-8B 4,759 -> 4,777 (32 programs: left coarse)
+    # then spreads one tile a program whatever its page table's width. The daemon captures its
+    # decode graphs over max_model_len-wide tables, where `want` binds either way (its batch-1
+    # decode: Llama-3.1-8B 242.5 tok/s before and after, DeepSeek-V2-Lite 456.3 -> 458.6); a
+    # table as wide as the rows (eager launches, graphs over a short max_model_len, scripts/
+    # gpu_op_ablation.py's) was split 4 tiles a program: H200, B=1 graphs over 1K-key tables
+    # (`--ablations coarse_cap`), us a step: Llama-3.1-8B 4,160 -> 4,075 (8 -> 33 splits),
+    # DeepSeek-V2-Lite 2,349 -> 2,162 (9 -> 33); at B=4 DeepSeek-V2-Lite 6,004 -> 5,820,
+    # Llama-3.1-8B 4,759 -> 4,777 (32 programs: left coarse)
     fine_cap: bool = True
     fine_cap_gqa_programs: int = 8
     # extend launches split up to this many programs per SM (floor), at most max_extend_splits
