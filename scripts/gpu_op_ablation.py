@@ -1,7 +1,9 @@
 """What each small op costs a decode step: the step replayed with that op taken out.
 
 For each preset (dummy weights, bf16) the decode graph as the engine captures it (PDL as the
-daemon runs it) at B rows over `--context`-token contexts, re-captured once per ablation, in
+daemon runs it; its page tables as wide as the rows, where the daemon's are max_model_len
+wide: split counts agree since SplitSizing.fine_cap, not before) at B rows over
+`--context`-token contexts, re-captured once per ablation, in
 alternating rounds so drift hits all alike. An ablation replaces an op by the cheapest stand-in
 of the right shape (its input passed through, or an empty tensor), so the step's time without
 it says what the op adds to the chain of dependent launches: the most that fusing it away
