@@ -112,8 +112,8 @@ def _down_kernel(Inter, W2, Ids, Weights, Shared, Out, num_experts, stride_we, s
 
 
 def moe_gemv_applies(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> bool:
-    """One token, weights with contiguous rows (K last, stride 1)."""
-    return x.shape[0] == 1 and w13.stride(2) == 1 and w2.stride(2) == 1
+    """One contiguous token, weights with contiguous rows (K last, stride 1)."""
+    return x.shape[0] == 1 and x.stride(1) == 1 and w13.stride(2) == 1 and w2.stride(2) == 1
 
 
 def moe_gemv(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
@@ -123,8 +123,8 @@ def moe_gemv(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torc
     ids [1, k], shared [1, H]) without biases or GPT-OSS's activation -> [1, H]."""
     e, two_i, h = w13.shape
     inter, k = two_i // 2, ids.shape[1]
-    check(moe_gemv_applies(x, w13, w2) and x.stride(1) == 1,
-          "moe_gemv: one token and weights with contiguous rows")
+    check(moe_gemv_applies(x, w13, w2), "moe_gemv: one contiguous token and weights with "
+          "contiguous rows")
     check(shared is None or (shared.shape == x.shape and shared.stride(1) == 1),
           "moe_gemv: shared must be [1, H] like x, contiguous")
     tiles = tiles or (TINY_TILES if interpreting() else DEFAULT_TILES)

@@ -40,6 +40,7 @@ ROUTER_ROWS_MAX = 64       # more tokens: the reference's fp32 GEMM
 # [64, 2048] gate one expert per program, 64 programs (fewer, wider programs were no faster
 # than the reference: docs/KERNELS.md, "Router logits")
 ROUTER_TILE_ELEMS = 2048
+EARLY_TILE = True          # the first gate tile read before the PDL wait (module doc)
 
 
 @triton.jit
@@ -70,6 +71,11 @@ def _router_logits_kernel(X, W, Out, stride_x, stride_w, stride_o, H: tl.constex
     tl.store(Out + t * stride_o + e, acc, mask=e_ok)
 
 
+def _early(launch: dict[str, bool]) -> dict[str, bool]:
+    """The launch keywords with EARLY: the first gate tile read before the PDL wait."""
+    return {**launch, "EARLY": launch["PDL"] and EARLY_TILE}
+
+
 @register("router_logits", backend="triton", priority=PRIORITY, supports=on_cuda)
 def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x: [T, H], weight: [E, H] -> [T, E] float32 (see the module docstring)."""
@@ -89,13 +95,6 @@ def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         BLOCK_E=block_e, BLOCK_K=block_k, num_warps=4, **_early(pdl_launch(x.device)))
     return out
 
-
-EARLY_TILE = True
-
-
-def _early(launch: dict[str, bool]) -> dict[str, bool]:
-    """The launch keywords with EARLY: the first gate tile read before the PDL wait."""
-    return {**launch, "EARLY": launch["PDL"] and EARLY_TILE}
 
 
 @triton.jit
