@@ -1,8 +1,10 @@
 """What each small op costs a decode step: the step replayed with that op taken out.
 
 For each preset (dummy weights, bf16) the decode graph as the engine captures it (PDL as the
-daemon runs it; its page tables as wide as the rows, where the daemon's are max_model_len
-wide: split counts agree since SplitSizing.fine_cap, not before) at B rows over
+daemon runs it; over `--graph-keys`-wide page tables, the configs' max_model_len, as the
+daemon captures them: split counts follow the table's width. Before this option the tables
+were as wide as the rows, `--graph-keys 0`, where GQA launches of 2+ rows split fewer times
+than in the daemon, and before SplitSizing.fine_cap one-row launches too) at B rows over
 `--context`-token contexts, re-captured once per ablation, in
 alternating rounds so drift hits all alike. An ablation replaces an op by the cheapest stand-in
 of the right shape (its input passed through, or an empty tensor), so the step's time without
@@ -202,6 +204,7 @@ def _checked(name: str) -> str:
 
 
 _MISSING = object()
+GRAPH_KEYS = 32768     # configs/llama-3.1-8b.yaml's and deepseek-v2-lite.yaml's max_model_len
 
 
 @contextlib.contextmanager
@@ -221,9 +224,10 @@ def patched(patches: list[Patch]) -> Iterator[None]:
 
 
 def measure(preset: str, rows: int, context: int, rounds: int, names: list[str],
-            bw: float) -> list[str]:
+            bw: float, graph_keys: int = 0) -> list[str]:
     row_pages = -(-(context + 1) // PAGE)
-    width = -(-row_pages // WIDTH_ALIGN) * WIDTH_ALIGN * PAGE     # as the scheduler aligns it
+    rows_width = -(-row_pages // WIDTH_ALIGN) * WIDTH_ALIGN * PAGE  # as the scheduler aligns it
+    width = max(graph_keys, rows_width)                             # the graphs' table width
     runner = ModelRunner(ModelSource(preset=preset, load_format="dummy"), device="cuda",
                          dtype=torch.bfloat16, kv_num_pages=rows * row_pages + 16,
                          page_size=PAGE)
@@ -267,6 +271,9 @@ def main() -> int:
     parser.add_argument("--rows", type=int, default=1)
     parser.add_argument("--context", type=int, default=1024)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--graph-keys", type=int, default=GRAPH_KEYS,
+                        help="the decode graphs' page-table width in keys (module doc); 0: as "
+                             "wide as the rows")
     parser.add_argument("--ablations", nargs="+", default=list(ABLATIONS),
                         metavar="NAME", type=_checked)
     args = parser.parse_args()
@@ -275,8 +282,10 @@ def main() -> int:
         return 1
     lines = []
     for preset in args.presets:
-        lines += measure(preset, args.rows, args.context, args.rounds, args.ablations, bw)
-    print(f"\nB={args.rows}, context {args.context} tokens, PDL on; forward: CUDA-graph replay "
+        lines += measure(preset, args.rows, args.context, args.rounds, args.ablations, bw,
+                         args.graph_keys)
+    print(f"\nB={args.rows}, context {args.context} tokens, graphs over "
+          f"{args.graph_keys or 'row-wide'}-key tables, PDL on; forward: CUDA-graph replay "
           "(us); saved: against `none` (a step, a layer); bound: copy bandwidth over the "
           "step's bytes")
     print("| preset | ablation | forward us | saved | a layer | share of bound | rounds |")
