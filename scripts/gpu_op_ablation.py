@@ -117,8 +117,7 @@ def _absorbed(model: torch.nn.Module) -> list[Patch]:
         q_latent = q_nope.new_empty(n, h, self.cfg.kv_lora_rank)
         self._attend(q_latent, q_rope, batch)
         return q_nope.new_empty(n, h, self.cfg.v_head_dim)
-    return [(MLAttention, "_attend_absorbed", attend)] if any(
-        isinstance(m, MLAttention) for m in model.modules()) else []
+    return [(MLAttention, "_attend_absorbed", attend)] if _has(model, MLAttention) else []
 
 
 def _routed(model: torch.nn.Module) -> list[Patch]:
@@ -126,8 +125,8 @@ def _routed(model: torch.nn.Module) -> list[Patch]:
              else torch.zeros_like(x)) for m in model.modules() if isinstance(m, RoutedExperts)]
 
 
-def _has_gqa(model: torch.nn.Module) -> bool:
-    return any(isinstance(m, PagedAttention) for m in model.modules())
+def _has(model: torch.nn.Module, kind: type) -> bool:
+    return any(isinstance(m, kind) for m in model.modules())
 
 
 def _generic_decode(model: torch.nn.Module) -> list[Patch]:
@@ -136,12 +135,7 @@ def _generic_decode(model: torch.nn.Module) -> list[Patch]:
         return gqa_attention.paged_attention(q, None, k_cache, None, v_cache, page_table, None,
                                              seq_lens, page_size, scale, num_splits,
                                              sinks=sinks, k_scale=k_scale, v_scale=v_scale)
-    return [(attention_ops, "gqa_decode", generic)] if _has_gqa(model) else []
-
-
-def _moe_grouped(model: torch.nn.Module) -> list[Patch]:
-    routed = any(isinstance(m, RoutedExperts) for m in model.modules())
-    return [(moe, "moe_gemv_applies", lambda *args: False)] if routed else []
+    return [(attention_ops, "gqa_decode", generic)] if _has(model, PagedAttention) else []
 
 
 def _head_einsum(model: torch.nn.Module) -> list[Patch]:
@@ -149,25 +143,13 @@ def _head_einsum(model: torch.nn.Module) -> list[Patch]:
             if isinstance(m, MLAttention)]
 
 
-def _gqa_knob(name: str, value) -> Callable[[torch.nn.Module], list[Patch]]:
-    return lambda model: [(gqa_decode, name, value)] if _has_gqa(model) else []
+def _knob(module: object, name: str, value: object, kind: type
+          ) -> Callable[[torch.nn.Module], list[Patch]]:
+    """`module.name` set to `value` in models that have a `kind` module."""
+    return lambda model: [(module, name, value)] if _has(model, kind) else []
 
 
-ABLATIONS: dict[str, Callable[[torch.nn.Module], list[Patch]]] = {
-    "norms": _norms, "rope_kv": _rope_kv, "attention": _attention, "merge": _merge,
-    "one_split": _one_split, "absorbed": _absorbed, "routed": _routed,
-    "small": lambda m: _norms(m) + _rope_kv(m) + _attention(m),
-    "generic_decode": _generic_decode,
-    "gqa_merge_launch": _gqa_knob("LAST_MERGE_MIN_ROWS", 1 << 30),
-    "moe_grouped": _moe_grouped,
-    "head_einsum": _head_einsum,
-    "coarse_cap": lambda model: _split_count("fine_cap", False)(model),
-    "router_after_wait": lambda model: [(route, "EARLY_TILE", False)] if any(
-        isinstance(m, RoutedExperts) for m in model.modules()) else [],
-}
-
-
-def _split_count(field: str, value: int) -> Callable[[torch.nn.Module], list[Patch]]:
+def _split_count(field: str, value: object) -> Callable[[torch.nn.Module], list[Patch]]:
     default = SplitSizing.decode_splits
 
     def decode_splits(self, *args, **kwargs):
@@ -175,11 +157,24 @@ def _split_count(field: str, value: int) -> Callable[[torch.nn.Module], list[Pat
     return lambda model: [(SplitSizing, "decode_splits", decode_splits)]
 
 
+ABLATIONS: dict[str, Callable[[torch.nn.Module], list[Patch]]] = {
+    "norms": _norms, "rope_kv": _rope_kv, "attention": _attention, "merge": _merge,
+    "one_split": _one_split, "absorbed": _absorbed, "routed": _routed,
+    "small": lambda m: _norms(m) + _rope_kv(m) + _attention(m),
+    "generic_decode": _generic_decode,
+    "gqa_merge_launch": _knob(gqa_decode, "LAST_MERGE_MIN_ROWS", 1 << 30, PagedAttention),
+    "moe_grouped": _knob(moe, "moe_gemv_applies", lambda *args: False, RoutedExperts),
+    "head_einsum": _head_einsum,
+    "coarse_cap": _split_count("fine_cap", False),
+    "router_after_wait": _knob(route, "EARLY_TILE", False, RoutedExperts),
+}
+
+
 def _gqa_tiles(block_n: int, stages: int) -> Callable[[torch.nn.Module], list[Patch]]:
     tiles = AttentionTiles(g_blk=16, block_t=1, block_n=block_n, num_warps=4,
                            num_stages=stages)
     patch = (attention_ops, "gqa_decode", functools.partial(gqa_decode.gqa_decode, tiles=tiles))
-    return lambda model: [patch] if _has_gqa(model) else []
+    return lambda model: [patch] if _has(model, PagedAttention) else []
 
 
 def plan(name: str) -> Callable[[torch.nn.Module], list[Patch]]:
