@@ -195,6 +195,18 @@ def test_latent_cache_and_layer_kinds(tmp_path):
     assert gate.weight.dtype == torch.float32 and gate.e_score_correction_bias is not None
 
 
+def test_kv_a_bias_without_q_lora_keeps_two_projections(tmp_path):
+    """q_proj never has a bias: with attention_bias and no q_lora_rank the query and latent KV
+    projections stay two linears (elsewhere they are one, q_kv_a_proj), still HF's tokens."""
+    version, over = CONFIGS["v2-noqlora"]
+    folder = save_tiny_deepseek(tmp_path, version, seed=4, **{**over, "attention_bias": True})
+    runner = ModelRunner(str(folder), kv_num_pages=64, page_size=16)
+    attn = runner.model.model.layers[0].self_attn
+    assert not attn.fused_x_proj and attn.kv_a_proj.bias is not None
+    assert attn.q_in_proj.bias is None
+    assert greedy_generate(runner, PROMPTS[:2], MAX_NEW) == hf_greedy(folder, PROMPTS[:2], MAX_NEW)
+
+
 def test_bf16_model_keeps_float32_router(tmp_path):
     version, over = CONFIGS["v2-noqlora"]
     folder = save_tiny_deepseek(tmp_path, version, seed=2, **over)
@@ -331,6 +343,14 @@ def test_real_shapes_plan_every_weight(preset, world):
         assert "model.layers.1.self_attn.kv_b_proj.weight" in names
         q = "q_proj" if hf["q_lora_rank"] is None else "q_b_proj"
         assert f"model.layers.0.self_attn.{q}.weight" in names
+        # q_proj | q_a_proj and kv_a_proj_with_mqa are one linear: the query part split over
+        # the ranks (q_a_proj: whole), the latent KV part whole on every rank
+        lat_r = hf["kv_lora_rank"] + hf["qk_rope_head_dim"]
+        q_out = (heads // world * (hf["qk_nope_head_dim"] + hf["qk_rope_head_dim"])
+                 if hf["q_lora_rank"] is None else hf["q_lora_rank"])
+        assert attn.q_kv_a_proj.local_sizes == (q_out, lat_r)
+        assert tuple(attn.q_kv_a_proj.weight.shape) == (q_out + lat_r, hf["hidden_size"])
+        assert "model.layers.1.self_attn.kv_a_proj_with_mqa.weight" in names
         has_bias = "model.layers.1.mlp.gate.e_score_correction_bias" in names
         assert has_bias == (preset == "kimi-k2.5")
 

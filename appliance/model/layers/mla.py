@@ -38,13 +38,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 import kernels
 from appliance.model.batch import ForwardBatch
 from appliance.model.context import BuildContext
 from appliance.model.layers.attention import select_optional
-from appliance.model.layers.linear import (ColumnParallelLinear, Part, ReplicatedLinear,
-                                           RowParallelLinear)
+from appliance.model.layers.linear import ColumnParallelLinear, Part, RowParallelLinear
 from appliance.model.layers.norm import HeadRMSNorm
 from appliance.model.layers.rotary import RopeConfig, RotaryEmbedding, rope_config
 from appliance.model.layers.yarn import (YarnConfig, YarnRotaryEmbedding, context_length,
@@ -132,8 +132,9 @@ def mla_rotary(cfg: MLAConfig, ctx: BuildContext) -> RotaryEmbedding:
 class MLAttention(Placed):
     """DeepSeek MLA over this rank's heads; input Replicate, output Partial over attn_tp.
 
-    Sub-module names are the HF checkpoint's (q_proj | q_a_proj, q_a_layernorm, q_b_proj,
-    kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj, o_proj), so weights load by name."""
+    Weights load by the HF checkpoint's names (q_proj | q_a_proj, q_a_layernorm, q_b_proj,
+    kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj, o_proj); q_proj | q_a_proj and
+    kv_a_proj_with_mqa are one fused linear, q_kv_a_proj."""
 
     # Extend steps replay CUDA graphs (appliance/model/extend_graph.py) when they attend
     # absorbed: that path reads its rows on the device. A graph is captured absorbed, so steps
@@ -166,19 +167,30 @@ class MLAttention(Placed):
 
     def _build_projections(self, cfg: MLAConfig, ctx: BuildContext) -> None:
         h, dqk, layout = cfg.num_heads, cfg.qk_head_dim, ctx.layout
-        if cfg.q_lora_rank is None:
-            self.q_proj = ColumnParallelLinear(cfg.hidden_size, [Part("q_proj", h * dqk, dqk)],
-                                               False, layout, "attn_tp")
+        lat_r = cfg.kv_lora_rank + cfg.qk_rope_head_dim
+        # The query's first projection (q_proj, or q_a_proj) and the latent KV's read the same
+        # x: one fused weight [q part | kv_a], so a batch-1 decode reads both in one GEMV
+        # launch. kv_a (and q_a) is one unit, so whole on every rank. Fused where both parts
+        # have the same bias (q_proj never has one); else two linears.
+        q_part = (Part("q_proj", h * dqk, dqk) if cfg.q_lora_rank is None
+                  else Part("q_a_proj", cfg.q_lora_rank, cfg.q_lora_rank))
+        q_bias = cfg.attention_bias and cfg.q_lora_rank is not None
+        kv_part = Part("kv_a_proj_with_mqa", lat_r, lat_r)
+        self.fused_x_proj = q_bias == cfg.attention_bias
+        if self.fused_x_proj:
+            self.q_kv_a_proj = ColumnParallelLinear(cfg.hidden_size, [q_part, kv_part], q_bias,
+                                                    layout, "attn_tp")
+            self.x_proj_sizes = self.q_kv_a_proj.local_sizes                 # (Q, L + R)
         else:
-            self.q_a_proj = ReplicatedLinear(cfg.hidden_size, cfg.q_lora_rank, cfg.attention_bias,
-                                             "attn_tp")
+            self.q_in_proj = ColumnParallelLinear(cfg.hidden_size, [q_part], False, layout,
+                                                  "attn_tp")
+            self.kv_a_proj = ColumnParallelLinear(cfg.hidden_size, [kv_part], True, layout,
+                                                  "attn_tp")
+        if cfg.q_lora_rank is not None:
             self.q_a_layernorm = HeadRMSNorm(cfg.q_lora_rank, LATENT_NORM_EPS, ctx.device,
                                              ctx.dtype, "attn_tp")
             self.q_b_proj = ColumnParallelLinear(cfg.q_lora_rank, [Part("q_b_proj", h * dqk, dqk)],
                                                  False, layout, "attn_tp")
-        self.kv_a_proj_with_mqa = ReplicatedLinear(
-            cfg.hidden_size, cfg.kv_lora_rank + cfg.qk_rope_head_dim, cfg.attention_bias,
-            "attn_tp")
         self.kv_a_layernorm = HeadRMSNorm(cfg.kv_lora_rank, LATENT_NORM_EPS, ctx.device,
                                           ctx.dtype, "attn_tp")
         # [W_UK,i ; W_UV,i] stacked per head: [H * (Dn + Dv), L]; used only as W_UK / W_UV
@@ -211,8 +223,9 @@ class MLAttention(Placed):
         if self.kv_cache is None:
             raise RuntimeError("MLAttention: no KV cache bound (ModelRunner allocates it)")
         t, c = hidden_states.shape[0], self.cfg
-        q_nope, q_rope = self._query(hidden_states)                 # [T, H, Dn], [T, H, R]
-        latent, k_rope = self._latent_kv(hidden_states)             # [T, L], [T, R]
+        q, kv = self._project_x(hidden_states)                      # [T, Q], [T, L + R]
+        q_nope, q_rope = self._query(q)                             # [T, H, Dn], [T, H, R]
+        latent, k_rope = self._latent_kv(kv)                        # [T, L], [T, R]
         q_rope = self._rope_and_store(positions, q_rope, latent, k_rope, batch.slot_mapping)
         # tokens [0, split) attend in the absorbed form; the rest (prefill chunks) decompressed
         split = batch.num_decode if self.decompress_extend(batch) else t
@@ -266,19 +279,23 @@ class MLAttention(Placed):
         return self.mla_prefill(q_nope, q_rope, k_nope, kv[:, c.kv_lora_rank:], v,
                                 batch.extend_query_start, seq_lens, self.scale)
 
-    def _query(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # x: [T, Hd] -> (q_nope [T, H, Dn], q_rope [T, H, R])
-        if self.cfg.q_lora_rank is None:
-            q = self.q_proj(x)                                               # [T, H * Dqk]
-        else:
-            q_a = self.q_a_layernorm(self.q_a_proj(x)[:, None, :])[:, 0]     # [T, Lq]
+    def _project_x(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # x: [T, Hd] -> (q_proj's or q_a_proj's output [T, Q], kv_a's [T, L + R])
+        if self.fused_x_proj:
+            q, kv = self.q_kv_a_proj(x).split(self.x_proj_sizes, dim=-1)
+            return q, kv
+        return self.q_in_proj(x), self.kv_a_proj(x)
+
+    def _query(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # q_proj's (or q_a_proj's) output [T, Q] -> (q_nope [T, H, Dn], q_rope [T, H, R])
+        if self.cfg.q_lora_rank is not None:
+            q_a = self.q_a_layernorm(q[:, None, :])[:, 0]                    # [T, Lq]
             q = self.q_b_proj(q_a)                                           # [T, H * Dqk]
-        q = q.view(x.shape[0], self.num_heads, self.cfg.qk_head_dim)         # [T, H, Dqk]
+        q = q.view(q.shape[0], self.num_heads, self.cfg.qk_head_dim)         # [T, H, Dqk]
         return q.split([self.cfg.qk_nope_head_dim, self.cfg.qk_rope_head_dim], dim=-1)
 
-    def _latent_kv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # x: [T, Hd] -> (latent c before its norm [T, L], un-rotated rope key [T, R])
-        kv = self.kv_a_proj_with_mqa(x)                                      # [T, L + R]
+    def _latent_kv(self, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # kv_a's output [T, L + R] -> (latent c before its norm [T, L], un-rotated rope key [T, R])
         latent, k_rope = kv.split([self.cfg.kv_lora_rank, self.cfg.qk_rope_head_dim], dim=-1)
         return latent, k_rope
 
