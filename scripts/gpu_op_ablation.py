@@ -34,6 +34,9 @@ Ablations (those that touch no module of a preset are skipped for it):
   as before it (logits compared too);
 - router_after_wait: the A/B of route.py's EARLY: the router's first gate tile read after the
   PDL wait (as before), not before it;
+- shared_apart: the A/B of moe_gemv.py's shared slices: one token's shared experts in
+  launches of their own (SwiGLUMLP, its output added by the routed experts' last launch), as
+  before them (logits compared too);
 - gqa_splits=N / mla_splits=N: decode launches split to N programs an SM (SplitSizing's
   gqa_splits_per_sm / mla_splits_per_sm) instead of the default;
 - coarse_cap: SplitSizing.fine_cap off: every decode launch's split count capped by pieces
@@ -66,7 +69,7 @@ from appliance.engine.engine import to_forward_batch  # noqa: E402
 from appliance.model import ModelRunner, ModelSource  # noqa: E402
 from appliance.model.layers.attention import PagedAttention  # noqa: E402
 from appliance.model.layers.mla import MLAttention  # noqa: E402
-from appliance.model.layers.moe import RoutedExperts  # noqa: E402
+from appliance.model.layers.moe import DeepseekMoE, RoutedExperts  # noqa: E402
 from appliance.model.layers.norm import RMSNorm  # noqa: E402
 from kernels.reference.linear import head_matmul as reference_head_matmul  # noqa: E402
 from kernels.triton import attention as gqa_attention  # noqa: E402
@@ -120,9 +123,15 @@ def _absorbed(model: torch.nn.Module) -> list[Patch]:
     return [(MLAttention, "_attend_absorbed", attend)] if _has(model, MLAttention) else []
 
 
+def _shared_apart(model: torch.nn.Module) -> list[Patch]:
+    return [(m, "fold_shared", False) for m in model.modules()
+            if isinstance(m, DeepseekMoE) and m.shared_experts is not None]
+
+
 def _routed(model: torch.nn.Module) -> list[Patch]:
-    return [(m, "forward", lambda x, w, ids, shared=None: shared if shared is not None
-             else torch.zeros_like(x)) for m in model.modules() if isinstance(m, RoutedExperts)]
+    return _shared_apart(model) + [
+        (m, "forward", lambda x, w, ids, shared=None: shared if shared is not None
+         else torch.zeros_like(x)) for m in model.modules() if isinstance(m, RoutedExperts)]
 
 
 def _has(model: torch.nn.Module, kind: type) -> bool:
@@ -167,6 +176,7 @@ ABLATIONS: dict[str, Callable[[torch.nn.Module], list[Patch]]] = {
     "head_einsum": _head_einsum,
     "coarse_cap": _split_count("fine_cap", False),
     "router_after_wait": _knob(route, "EARLY_TILE", False, RoutedExperts),
+    "shared_apart": _shared_apart,
 }
 
 
@@ -239,7 +249,7 @@ def measure(preset: str, rows: int, context: int, rounds: int, names: list[str],
                 batch = to_forward_batch(arrays, runner.device)
                 logits.setdefault(name, runner.forward(batch).float().cpu())
                 times[name].append(forward_ms(runner, batch) * 1e3)
-    for name in ("generic_decode", "moe_grouped", "head_einsum"):   # the A/Bs: same model
+    for name in ("generic_decode", "moe_grouped", "head_einsum", "shared_apart"):  # the A/Bs
         if name in logits:
             diff = (logits[name] - logits["none"]).abs().max().item()
             print(f"{preset}: logits, {name} against the registered kernels: max |diff| "

@@ -30,7 +30,8 @@ EXPECTED = {"llama-3.1-8b": {"norms", "rope_kv", "attention", "merge", "one_spli
                              "gqa_tiles=32,2", "coarse_cap"},
             "deepseek-v2-lite": {"norms", "attention", "merge", "one_split", "absorbed",
                                  "routed", "small", "mla_splits=1", "moe_grouped",
-                                 "head_einsum", "router_after_wait", "coarse_cap"}}
+                                 "head_einsum", "router_after_wait", "coarse_cap",
+                                 "shared_apart"}}
 
 
 @pytest.mark.parametrize("preset", sorted(EXPECTED))

@@ -81,10 +81,13 @@ def activate(gate: torch.Tensor, up: torch.Tensor, activation: ClampedSwiGLU | N
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
               ids: torch.Tensor, b13: torch.Tensor | None = None, b2: torch.Tensor | None = None,
               activation: ClampedSwiGLU | None = None, interleaved: bool = False,
-              shared: torch.Tensor | None = None) -> torch.Tensor:
+              shared: torch.Tensor | None = None,
+              shared_mlp: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """x: [T, H], w13: [E, 2I, H], w2: [E, H, I], weights/ids: [T, k]
     -> sum_k weights * (act(x @ w13[e].T + b13[e]) @ w2[e].T + b2[e]) (+ shared)  [T, H].
-    shared [T, H] (the shared experts' output) joins the sum before it is rounded.
+    shared [T, H] (the shared experts' output) joins the sum before it is rounded; or
+    shared_mlp, the shared experts' own weights (gate|up [2 Is, H] in halves, down [H, Is]):
+    their silu(gate) * up, rounded like an expert's, then down, join it instead.
 
     act: silu(gate) * up, or `activation` (ClampedSwiGLU); gate/up are the halves of w13's
     rows, or alternate rows when `interleaved`. Biases b13 [E, 2I] / b2 [E, H] are optional.
@@ -105,6 +108,10 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: tor
         out.index_add_(0, tok, y * weights[tok, slot].float()[:, None])
     if shared is not None:
         out += shared.float()
+    if shared_mlp is not None:
+        sw13, sw2 = shared_mlp
+        a = activate(*split_gate_up(x.float() @ sw13.float().t(), False), None)   # [T, Is]
+        out += a.to(x.dtype).float() @ sw2.float().t()
     return out.to(x.dtype)
 
 

@@ -26,7 +26,8 @@ import triton.language as tl
 from kernels.moe_activation import ClampedSwiGLU
 from kernels.registry import register
 from kernels.triton.common import PRIORITY, check, interpreting, on_cuda_half, per_batch
-from kernels.triton.moe_gemv import moe_gemv, moe_gemv_applies
+from kernels.triton.gemv import linear, linear_silu_and_mul
+from kernels.triton.moe_gemv import moe_gemv, moe_gemv_applies, shared_slices
 from kernels.triton.pdl import pdl_begin, pdl_launch
 
 # Up to this many (token, expert) pairs each pair gets an M block of its own, so the ~12 small
@@ -292,18 +293,25 @@ def sum_topk(out_pairs: torch.Tensor, t: int, k: int, shared: torch.Tensor | Non
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
               ids: torch.Tensor, b13: torch.Tensor | None = None, b2: torch.Tensor | None = None,
               activation: ClampedSwiGLU | None = None, interleaved: bool = False,
-              shared: torch.Tensor | None = None, tiles: MoeTiles | None = None
-              ) -> torch.Tensor:
+              shared: torch.Tensor | None = None, tiles: MoeTiles | None = None,
+              shared_mlp: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """x: [T, H], w13: [E, 2I, H], w2: [E, H, I] (any strides), weights/ids: [T, k] -> [T, H].
     b13 [E, 2I] / b2 [E, H] / activation / interleaved: GPT-OSS (the reference's doc).
-    shared [T, H]: added in the top-k sum's launch. tiles: None for `moe_tiles`. One token
-    without GPT-OSS's options (batch-1 decode) takes moe_gemv.py's two GEMVs."""
+    shared [T, H]: added in the top-k sum's launch; shared_mlp: the shared experts' weights
+    (the reference's doc). tiles: None for `moe_tiles`. One token without GPT-OSS's options
+    (batch-1 decode) takes moe_gemv.py's two GEMVs, the shared experts' slices among their
+    pairs; elsewhere the shared experts run as SwiGLUMLP would (gemv.py's ops)."""
     e, two_i, h = w13.shape
     check(h == x.shape[1] and w2.shape == (e, h, two_i // 2),
           "fused_moe: weight shapes disagree with x")
-    if (tiles is None and b13 is None and b2 is None and activation is None
-            and not interleaved and moe_gemv_applies(x, w13, w2)):
-        return moe_gemv(x, w13, w2, weights, ids, shared)
+    check(shared is None or shared_mlp is None, "fused_moe: shared or shared_mlp, not both")
+    gemv_path = (tiles is None and b13 is None and b2 is None and activation is None
+                 and not interleaved and moe_gemv_applies(x, w13, w2))
+    if shared_mlp is not None and not (gemv_path and shared_slices(shared_mlp, two_i // 2)):
+        sw13, sw2 = shared_mlp
+        shared, shared_mlp = linear(linear_silu_and_mul(x, sw13), sw2), None
+    if gemv_path:
+        return moe_gemv(x, w13, w2, weights, ids, shared, shared_mlp)
     return _fused_moe(x, (w13, None), (w2, None), (e, two_i // 2, h), weights, ids, b13, b2,
                       activation, interleaved, tiles, shared)
 

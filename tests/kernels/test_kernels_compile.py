@@ -307,16 +307,19 @@ def _moe(ppe: float, pair_blocks: bool, gpt_oss: bool = False, mxfp4: bool = Fal
 
 def _moe_gemv() -> None:
     """moe_gemv.py's one-token kernels at DeepSeek-V2-Lite's experts (64 x 2048 -> 1408,
-    top-6) and default tiles, with the shared experts' output and without."""
+    top-6) and default tiles: the shared experts' 2816 as two slices, their output added, or
+    neither."""
     t = MG.DEFAULT_TILES
-    compile_sm90(MG._up_kernel, dict(X=BF, W13=BF, Ids=I32, Inter=BF, num_experts=64, I=1408),
-                 dict(K=2048, BLOCK_N=t.up_block_n, BLOCK_K=t.up_block_k), t.up_warps,
+    compile_sm90(MG._up_kernel, dict(X=BF, W13=BF, Ids=I32, Inter=BF, SW13=BF, num_experts=64,
+                                     I=1408, I_SHARED=2816),
+                 dict(K=2048, TOP_K=6, BLOCK_N=t.up_block_n, BLOCK_K=t.up_block_k), t.up_warps,
                  t.num_stages)
-    for shared in (False, True):
+    for slices, shared in ((2, False), (0, True), (0, False)):
         compile_sm90(MG._down_kernel, dict(Inter=BF, W2=BF, Ids=I32, Weights=F32, Shared=BF,
-                                           Out=BF, num_experts=64, H=2048),
-                     dict(K=1408, TOP_K=6, BLOCK_N=t.down_block_n, BLOCK_K=t.down_block_k,
-                          HAS_SHARED=shared), t.down_warps, t.num_stages)
+                                           SW2=BF, Out=BF, num_experts=64, H=2048),
+                     dict(K=1408, TOP_K=6, N_SHARED=slices, BLOCK_N=t.down_block_n,
+                          BLOCK_K=t.down_block_k, HAS_SHARED=shared), t.down_warps,
+                     t.num_stages)
 
 
 def _sample() -> None:

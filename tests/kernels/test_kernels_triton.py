@@ -20,6 +20,7 @@ if DEV == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
 from kernels.triton import attention_ops as A  # noqa: E402
 from kernels.triton import elementwise as E  # noqa: E402
 from kernels.triton import moe as M  # noqa: E402
+from kernels.triton import moe_gemv as MG  # noqa: E402
 from kernels.triton import rope_kv as RK  # noqa: E402
 from kernels.triton import route as RT  # noqa: E402
 from kernels.triton import sample as S  # noqa: E402
@@ -472,6 +473,30 @@ def test_fused_moe(t, hd, inter, e, k):
     got = M.fused_moe(x, w13, w2, w, ids, shared=shared)
     assert rel_err(got, R.fused_moe(x, w13, w2, w, ids, shared=shared)) < TOL
     assert rel_err(got, R.fused_moe(x, w13, w2, w, ids).float() + shared.float()) < 2e-2
+
+
+@pytest.mark.parametrize("t,inter,i_shared", [(1, 24, 48), (1, 23, 23), (1, 24, 36),
+                                               (3, 24, 48)])
+def test_fused_moe_runs_the_shared_experts(t, inter, i_shared):
+    """shared_mlp: the shared experts' own weights. One token takes them as I-wide slices
+    among moe_gemv's pairs (2 and 1 slices; one of them an expert off the reference's order:
+    EP's id E); an intermediate not a multiple of I (36 over 24) or more tokens run them as
+    SwiGLUMLP would. Against the reference, and the reference against SwiGLU by hand."""
+    dt = torch.bfloat16 if DEV == "cuda" else torch.float32
+    e, hd, k = 8, 40, 3
+    x = rnd(t, hd, dtype=dt)
+    w13, w2 = rnd(e, 2 * inter, hd, dtype=dt) * 0.2, rnd(e, hd, inter, dtype=dt) * 0.2
+    sw13, sw2 = rnd(2 * i_shared, hd, dtype=dt) * 0.2, rnd(hd, i_shared, dtype=dt) * 0.2
+    w, ids = R.moe_route(rnd(t, e), k, "softmax", False, None, 1, 1, 1.0)
+    ids[0, 0] = e
+    got = M.fused_moe(x, w13, w2, w, ids, shared_mlp=(sw13, sw2))
+    want = R.fused_moe(x, w13, w2, w, ids, shared_mlp=(sw13, sw2))
+    assert rel_err(got, want) < TOL
+    g, u = (x.float() @ sw13.float().t()).split(i_shared, dim=-1)
+    by_hand = (torch.nn.functional.silu(g) * u) @ sw2.float().t()
+    assert rel_err(want, R.fused_moe(x, w13, w2, w, ids).float() + by_hand) < 2e-2
+    assert MG.shared_slices((sw13, sw2), inter) == (i_shared // inter
+                                                    if i_shared % inter == 0 else 0)
 
 
 @pytest.mark.parametrize("t", [1, 2, 9])

@@ -165,12 +165,15 @@ class RoutedExperts(nn.Module):
                                         hidden=h, intermediate=self.inter_local)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
-                shared: torch.Tensor | None = None) -> torch.Tensor:
+                shared: torch.Tensor | None = None,
+                shared_mlp: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         # x: [T, H], weights/ids: [T, k] (global expert ids) -> [T, H] partial sums; shared
-        # [T, H] (the shared experts' partial sums) added in the op's last launch
+        # [T, H] (the shared experts' partial sums) added in the op's last launch, or
+        # shared_mlp (their gate|up and down weights) run by the op
         if not self.all_local:
             weights, ids = local_routing(weights, ids, self.first, self.num_local)
-        return self.fused_moe(x, self.w13, self.w2, weights, ids, shared=shared)
+        return self.fused_moe(x, self.w13, self.w2, weights, ids, shared=shared,
+                              shared_mlp=shared_mlp)
 
     def weight_shardings(self, prefix: str) -> list[WeightSharding]:
         """Expert e of the checkpoint (`{prefix}.{e}.gate_proj.weight` ...) -> slot e - first."""
@@ -208,11 +211,18 @@ class DeepseekMoE(Placed):
             SwiGLUMLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts, ctx,
                       group="moe_tp" if group == "moe_tp" else "dense_tp")
             if cfg.n_shared_experts else None)
+        # one token on the GPU: the shared experts join the routed ones' launches (forward)
+        self.fold_shared = ctx.device.type == "cuda"
         self.input_placement, self.output_placement = Replicate(group), Partial(group)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         # hidden_states: [T, H] -> [T, H] (partial sums)
         weights, ids = self.gate(hidden_states)                               # [T, k], [T, k]
-        shared = (self.shared_experts(hidden_states)                          # [T, H]
-                  if self.shared_experts is not None else None)
+        mlp = self.shared_experts
+        if mlp is not None and self.fold_shared and hidden_states.shape[0] == 1:
+            # one token: the op runs the shared experts inside its GEMVs (moe_gemv.py), two
+            # launches fewer a layer
+            weights_of_shared = (mlp.gate_up_proj.weight, mlp.down_proj.weight)
+            return self.experts(hidden_states, weights, ids, shared_mlp=weights_of_shared)
+        shared = mlp(hidden_states) if mlp is not None else None              # [T, H]
         return self.experts(hidden_states, weights, ids, shared)              # [T, H]
