@@ -37,6 +37,8 @@ Ablations (those that touch no module of a preset are skipped for it):
 - shared_apart: the A/B of moe_gemv.py's shared slices: one token's shared experts in
   launches of their own (SwiGLUMLP, its output added by the routed experts' last launch), as
   before them (logits compared too);
+- x_proj_apart: the A/B of MLA's q_kv_a_proj: the query's and the latent KV's projections
+  as two GEMV launches over the fused weight's two row ranges, as before it;
 - gqa_splits=N / mla_splits=N: decode launches split to N programs an SM (SplitSizing's
   gqa_splits_per_sm / mla_splits_per_sm) instead of the default;
 - coarse_cap: SplitSizing.fine_cap off: every decode launch's split count capped by pieces
@@ -128,6 +130,16 @@ def _shared_apart(model: torch.nn.Module) -> list[Patch]:
             if isinstance(m, DeepseekMoE) and m.shared_experts is not None]
 
 
+def _x_proj_apart(model: torch.nn.Module) -> list[Patch]:
+    def apart(self, x):   # the fused weight's two row ranges, one GEMV launch each, as before
+        proj, q_rows = self.q_kv_a_proj, self.x_proj_sizes[0]
+        b = proj.bias
+        return (proj._matmul(x, proj.weight[:q_rows], None if b is None else b[:q_rows]),
+                proj._matmul(x, proj.weight[q_rows:], None if b is None else b[q_rows:]))
+    return [(MLAttention, "_project_x", apart)] if any(
+        isinstance(m, MLAttention) and m.fused_x_proj for m in model.modules()) else []
+
+
 def _routed(model: torch.nn.Module) -> list[Patch]:
     return _shared_apart(model) + [
         (m, "forward", lambda x, w, ids, shared=None: shared if shared is not None
@@ -177,6 +189,7 @@ ABLATIONS: dict[str, Callable[[torch.nn.Module], list[Patch]]] = {
     "coarse_cap": _split_count("fine_cap", False),
     "router_after_wait": _knob(route, "EARLY_TILE", False, RoutedExperts),
     "shared_apart": _shared_apart,
+    "x_proj_apart": _x_proj_apart,
 }
 
 
@@ -249,7 +262,8 @@ def measure(preset: str, rows: int, context: int, rounds: int, names: list[str],
                 batch = to_forward_batch(arrays, runner.device)
                 logits.setdefault(name, runner.forward(batch).float().cpu())
                 times[name].append(forward_ms(runner, batch) * 1e3)
-    for name in ("generic_decode", "moe_grouped", "head_einsum", "shared_apart"):  # the A/Bs
+    for name in ("generic_decode", "moe_grouped", "head_einsum", "shared_apart",
+                 "x_proj_apart"):   # the A/Bs: same model
         if name in logits:
             diff = (logits[name] - logits["none"]).abs().max().item()
             print(f"{preset}: logits, {name} against the registered kernels: max |diff| "
