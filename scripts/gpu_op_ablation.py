@@ -18,7 +18,8 @@ Ablations (those that touch no module of a preset are skipped for it):
 - norms: every RMSNorm on the hidden-state chain returns its input (and the residual);
 - rope_kv: RoPE + KV-cache write (`rope_store_kv`) returns q, k as they are;
 - attention: decode attention returns its query (GQA: out = q; MLA: o_latent = q_latent);
-- merge: the split-KV merge launch does nothing (the attention launch itself still splits);
+- merge: the split-KV merge launch does nothing (the attention launch itself still splits;
+  MLA's one-token merge runs inside W_UV's launch: see merge_apart);
 - one_split: the attention runs as one split per (row, head block), so no merge;
 - absorbed: MLA's W_UK / W_UV products return empty tensors of their shapes;
 - routed: the routed experts return the shared experts' output;
@@ -37,6 +38,8 @@ Ablations (those that touch no module of a preset are skipped for it):
 - shared_apart: the A/B of moe_gemv.py's shared slices: one token's shared experts in
   launches of their own (SwiGLUMLP, its output added by the routed experts' last launch), as
   before them (logits compared too);
+- merge_apart: the A/B of head_gemv.py's merged_head_gemv: MLA's one-token split merge in a
+  launch of its own before W_UV's, as before it;
 - x_proj_apart: the A/B of MLA's q_kv_a_proj: the query's and the latent KV's projections
   as two GEMV launches over the fused weight's two row ranges, as before it;
 - gqa_splits=N / mla_splits=N: decode launches split to N programs an SM (SplitSizing's
@@ -102,8 +105,9 @@ def _attention(model: torch.nn.Module) -> list[Patch]:
     for m in model.modules():
         if isinstance(m, PagedAttention):
             out.append((m, "decode_attention", lambda q, *a, **kw: q))
-        elif isinstance(m, MLAttention):
-            out.append((m, "mla_decode", lambda q, *a, **kw: q))
+        elif isinstance(m, MLAttention):   # o_latent = q_latent, still projected by W_UV
+            out.append((m, "mla_decode", lambda q, *a, w_uv=None, m=m, **kw:
+                        q if w_uv is None else m.head_matmul(q, w_uv)))
     return out
 
 
@@ -120,7 +124,7 @@ def _absorbed(model: torch.nn.Module) -> list[Patch]:
     def attend(self, q_nope, q_rope, batch):
         n, h = q_nope.shape[:2]
         q_latent = q_nope.new_empty(n, h, self.cfg.kv_lora_rank)
-        self._attend(q_latent, q_rope, batch)
+        self._decode(q_latent, q_rope, batch)     # decode graphs: rows of one token
         return q_nope.new_empty(n, h, self.cfg.v_head_dim)
     return [(MLAttention, "_attend_absorbed", attend)] if _has(model, MLAttention) else []
 
@@ -190,6 +194,7 @@ ABLATIONS: dict[str, Callable[[torch.nn.Module], list[Patch]]] = {
     "router_after_wait": _knob(route, "EARLY_TILE", False, RoutedExperts),
     "shared_apart": _shared_apart,
     "x_proj_apart": _x_proj_apart,
+    "merge_apart": _knob(mla_decode, "MERGE_INTO_PROJECTION", False, MLAttention),
 }
 
 
@@ -263,7 +268,7 @@ def measure(preset: str, rows: int, context: int, rounds: int, names: list[str],
                 logits.setdefault(name, runner.forward(batch).float().cpu())
                 times[name].append(forward_ms(runner, batch) * 1e3)
     for name in ("generic_decode", "moe_grouped", "head_einsum", "shared_apart",
-                 "x_proj_apart"):   # the A/Bs: same model
+                 "x_proj_apart", "merge_apart"):   # the A/Bs: same model
         if name in logits:
             diff = (logits[name] - logits["none"]).abs().max().item()
             print(f"{preset}: logits, {name} against the registered kernels: max |diff| "

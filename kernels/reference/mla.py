@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from kernels.reference.attention import _attend, extend_attention
+from kernels.reference.linear import head_matmul
 from kernels.registry import register
 
 
@@ -27,10 +28,12 @@ def mla_extend(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Ten
 @register("mla_decode", backend="torch", priority=0)
 def mla_decode(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Tensor,
                page_table: torch.Tensor, seq_lens: torch.Tensor, page_size: int,
-               scale: float) -> torch.Tensor:
-    """q_latent: [B, H, L], q_rope: [B, H, R] -> [B, H, L]."""
+               scale: float, w_uv: torch.Tensor | None = None) -> torch.Tensor:
+    """q_latent: [B, H, L], q_rope: [B, H, R] -> o_latent [B, H, L]; with w_uv [H, L, Dv]
+    (MLA's W_UV^T) projected per head, o_latent [b, h] @ w_uv[h]: [B, H, Dv]."""
     qs = torch.arange(q_latent.shape[0] + 1, device=q_latent.device, dtype=torch.int32)
-    return mla_extend(q_latent, q_rope, kv_cache, page_table, qs, seq_lens, page_size, scale)
+    out = mla_extend(q_latent, q_rope, kv_cache, page_table, qs, seq_lens, page_size, scale)
+    return out if w_uv is None else head_matmul(out, w_uv)
 
 
 @register("mla_prefill", backend="torch", priority=0)

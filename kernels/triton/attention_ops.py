@@ -11,6 +11,7 @@ from kernels.registry import register
 from kernels.triton.attention import AttentionTiles, paged_attention
 from kernels.triton.common import PRIORITY, check, kv_dtype_ok, on_cuda_half
 from kernels.triton.gqa_decode import gqa_decode
+from kernels.triton.head_gemv import head_matmul
 from kernels.triton.mla_decode import default_nc, mla_decode_chunked, mla_extend_per_token
 from kernels.triton.prefill import contiguous_ok, prefill_attention
 from kernels.triton.split_kv import DEFAULT_SIZING, SplitSizing
@@ -84,16 +85,18 @@ def extend_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 @register("mla_decode", backend="triton", priority=PRIORITY, supports=_mla_ok)
 def mla_decode(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Tensor,
                page_table: torch.Tensor, seq_lens: torch.Tensor, page_size: int, scale: float,
-               num_splits: int | None = None) -> torch.Tensor:
-    """q_latent: [B, H, L], q_rope: [B, H, R], kv_cache: [S, L+R] -> [B, H, L]. The
-    chunked-latent kernel (kernels/triton/mla_decode.py, faster: docs/KERNELS.md) serves
-    latents it can cut into power-of-two chunks (DeepSeek's 512); the generic paged kernel
-    serves the rest."""
+               num_splits: int | None = None, w_uv: torch.Tensor | None = None
+               ) -> torch.Tensor:
+    """q_latent: [B, H, L], q_rope: [B, H, R], kv_cache: [S, L+R] -> [B, H, L], or with w_uv
+    [H, L, Dv] projected per head, [B, H, Dv]. The chunked-latent kernel
+    (kernels/triton/mla_decode.py, faster: docs/KERNELS.md) serves latents it can cut into
+    power-of-two chunks (DeepSeek's 512); the generic paged kernel serves the rest."""
     if default_nc(q_latent.shape[-1]):
         return mla_decode_chunked(q_latent, q_rope, kv_cache, page_table, seq_lens, page_size,
-                                  scale, num_splits)
-    return mla_decode_generic(q_latent, q_rope, kv_cache, page_table, seq_lens, page_size,
-                              scale, num_splits)
+                                  scale, num_splits, w_uv=w_uv)
+    out = mla_decode_generic(q_latent, q_rope, kv_cache, page_table, seq_lens, page_size,
+                             scale, num_splits)
+    return out if w_uv is None else head_matmul(out, w_uv)
 
 
 def mla_decode_generic(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Tensor,

@@ -27,6 +27,7 @@ import triton.language as tl
 from kernels.registry import register
 from kernels.triton.common import PRIORITY, next_pow2, on_cuda_half
 from kernels.triton.pdl import pdl_begin, pdl_launch
+from kernels.triton.split_kv import MAX_DECODE_SPLITS, MERGE_TILE_ELEMS, merge_partials
 
 TILE_ELEMS = 8192          # weight elements a program holds: 64 a thread at 4 warps
 MAX_K = TILE_ELEMS // 16   # a 16-column tile at most: longer K takes einsum
@@ -49,6 +50,27 @@ def _head_gemv_kernel(X, W, Out, N, K, stride_xh, stride_xk, stride_wh, stride_w
     tl.store(Out + h * stride_oh + n, y.to(Out.dtype.element_ty), mask=n_ok)
 
 
+@triton.jit
+def _merged_head_gemv_kernel(PartO, PartL, W, Out, num_splits, N, stride_poh, stride_pos,
+                             stride_plh, stride_wh, stride_wk, stride_wn, stride_oh,
+                             K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
+                             CHUNK_S: tl.constexpr, PDL: tl.constexpr):
+    """Out[h, n] = sum_k x_h[k] * W[h, k, n], x_h the merge of head h's split-KV partials
+    (split_kv.py's layout), rounded to Out's dtype as the merge's own output would be."""
+    h, pid_n = tl.program_id(0), tl.program_id(1)
+    k = tl.arange(0, K)
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = n < N
+    w = tl.load(W + h * stride_wh + k[:, None] * stride_wk + n[None, :] * stride_wn,
+                mask=n_ok[None, :], other=0.0)                              # [K, BN]
+    pdl_begin(PDL)          # the partials are the launch before's output
+    x = merge_partials(PartO + h * stride_poh, PartL + h * stride_plh, num_splits, stride_pos,
+                       k, k < K, 0.0, BLOCK_S, CHUNK_S, False)             # [K] fp32
+    x = x.to(Out.dtype.element_ty).to(tl.float32)
+    y = tl.sum(w.to(tl.float32) * x[:, None], axis=0)                     # [BN]
+    tl.store(Out + h * stride_oh + n, y.to(Out.dtype.element_ty), mask=n_ok)
+
+
 def head_gemv_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """One token, each head's K within one tile, the weight of x's dtype."""
     return (x.dim() == 3 and x.shape[0] == 1 and weight.dim() == 3
@@ -67,6 +89,34 @@ def head_gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         x, weight, out, n, k, x.stride(1), x.stride(2), weight.stride(0), weight.stride(1),
         weight.stride(2), out.stride(1), BLOCK_K=block_k, BLOCK_N=block_n, num_warps=4,
         **pdl_launch(x.device))
+    return out
+
+
+def merged_head_gemv_applies(part_o: torch.Tensor, weight: torch.Tensor,
+                             dtype: torch.dtype) -> bool:
+    """One token's split partials [1, H, S, K] (K a power of two within one tile, the
+    columns contiguous) and a weight [H, K, N] of the output's dtype."""
+    _, h, _, k = part_o.shape
+    return (part_o.shape[0] == 1 and part_o.stride(3) == 1 and weight.dim() == 3
+            and weight.shape[:2] == (h, k) and k == next_pow2(k) and 16 <= k <= MAX_K
+            and weight.dtype == dtype)
+
+
+def merged_head_gemv(part_o: torch.Tensor, part_l: torch.Tensor, weight: torch.Tensor
+                     ) -> torch.Tensor:
+    """part_o: [1, H, S, K] fp32, part_l: [1, H, S] (split_kv.py's partials of one token),
+    weight: [H, K, N] (any strides) -> [1, H, N] in the weight's dtype: head_gemv of the merged
+    partials in one launch, no merge launch before it."""
+    _, h, num_splits, k = part_o.shape
+    n = weight.shape[2]
+    block_n = max(16, min(next_pow2(n), TILE_ELEMS // k))
+    block_s = max(MAX_DECODE_SPLITS, next_pow2(num_splits))
+    out = torch.empty(1, h, n, dtype=weight.dtype, device=weight.device)
+    _merged_head_gemv_kernel[(h, triton.cdiv(n, block_n))](
+        part_o, part_l, weight, out, num_splits, n, part_o.stride(1), part_o.stride(2),
+        part_l.stride(1), weight.stride(0), weight.stride(1), weight.stride(2), out.stride(1),
+        K=k, BLOCK_N=block_n, BLOCK_S=block_s, CHUNK_S=min(block_s, max(2, MERGE_TILE_ELEMS // k)),
+        num_warps=4, **pdl_launch(weight.device))
     return out
 
 

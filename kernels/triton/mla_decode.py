@@ -21,7 +21,9 @@ kernel spends fewer registers:
   of per-key gathers. The partial last tile is still gathered with a key mask, so slots past a
   row's end (never written: possibly NaN) are not read.
 
-Split-KV writes split_kv.py's partial-output/LSE layout, merged by its `merge_splits`.
+Split-KV writes split_kv.py's partial-output/LSE layout, merged by its `merge_splits`; or,
+when the caller passes W_UV (one token, the op's projected form), by the projection's own
+launch (head_gemv.py's `merged_head_gemv`): no merge launch between them.
 Registered through attention_ops.py for latents that split into power-of-two chunks. The
 defaults (64-key tiles, 4 warps, 2 stages, query hoisted) and what ptxas and the sweeps said
 about the alternatives: docs/KERNELS.md, "MLA decode".
@@ -38,11 +40,13 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from kernels.step_memo import memoized
 from kernels.triton.common import (check, has_tma, interpreting, next_pow2, per_batch,
                                    pow2_dim, tma_rows_ok)
+from kernels.triton.head_gemv import head_matmul, merged_head_gemv, merged_head_gemv_applies
 from kernels.triton.pdl import pdl_begin, pdl_launch
 from kernels.triton.split_kv import (DEFAULT_SIZING, SPLIT_INTS, SplitSizing, merge_splits,
                                      split_buffers, split_range)
 
 G_BLK_DEFAULT = 16     # query heads per program (the mma.sync M tile); more heads: more blocks
+MERGE_INTO_PROJECTION = True   # one token's merge inside W_UV's launch (module doc)
 
 
 @triton.jit
@@ -280,9 +284,12 @@ def mla_decode_chunked(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: t
                        num_stages: int | None = None, q_in_loop: bool | None = None,
                        g_blk: int | None = None, max_regs: int | None = None,
                        split_tiles: int | None = None, tma: bool | None = None,
-                       sizing: SplitSizing = DEFAULT_SIZING) -> torch.Tensor:
+                       sizing: SplitSizing = DEFAULT_SIZING,
+                       w_uv: torch.Tensor | None = None) -> torch.Tensor:
     """q_latent: [B, H, L], q_rope: [B, H, R], kv_cache: [S, L+R], page_table: [B, P] int32,
     seq_lens: [B] int32 -> [B, H, L] (q_latent's dtype). Rows with seq_len 0 give zeros.
+    w_uv: [H, L, Dv] or None: the output projected per head, [B, H, Dv] (the `mla_decode` op's
+    contract); one split token's merge then runs inside the projection (`merged_head_gemv`).
 
     Tuning knobs (None: defaults): num_splits (split-KV pieces; None: from `sizing`), nc
     (latent chunks, 1/2/4), block_n (keys per tile), num_warps, num_stages, q_in_loop (load
@@ -349,9 +356,12 @@ def mla_decode_chunked(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: t
         Q_IN_LOOP=q_in_loop, TMA=tma, PAGE_SIZE=page_size, num_warps=num_warps,
         num_stages=num_stages, **pdl_launch(out.device),
         **({} if max_regs is None else dict(maxnreg=max_regs)))
+    if w_uv is not None and num_splits > 1 and MERGE_INTO_PROJECTION \
+            and merged_head_gemv_applies(part_o, w_uv, out.dtype):
+        return merged_head_gemv(part_o, part_l, w_uv)
     if num_splits > 1:
         merge_splits(part_o, part_l, out)
-    return out
+    return out if w_uv is None else head_matmul(out, w_uv)
 
 
 def mla_extend_per_token(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Tensor,

@@ -110,40 +110,52 @@ def split_range(split, kv_len, min_split_len, num_splits, BLOCK_N: tl.constexpr)
     return lo, tl.minimum(lo + length, kv_len)
 
 
-@triton.jit(**per_batch(ints=SPLIT_INTS))
-def _merge_splits_kernel(PartO, PartL, Out, Sinks, num_splits, stride_pot, stride_poh,
-                         stride_pos, stride_plt, stride_plh, stride_ot, stride_oh,
-                         DV: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_S: tl.constexpr,
-                         CHUNK_S: tl.constexpr, HAS_SINKS: tl.constexpr, PDL: tl.constexpr):
-    """Out[t, h, cols] = sum_s exp2(lse_s - m) PartO[t, h, s, cols] / sum_s exp2(lse_s - m).
-    Splits are read CHUNK_S at a time so that many loads are in flight at once, up to the
-    row's last non-empty split (non-empty splits are a prefix; empty ones wrote no partial).
-    HAS_SINKS: head h's sink logit Sinks[h] (natural log) joins the denominator."""
-    pdl_begin(PDL)
-    t, h = tl.program_id(0).to(tl.int64), tl.program_id(1)
-    dv = tl.program_id(2) * BLOCK_DV + tl.arange(0, BLOCK_DV)
+@triton.jit
+def merge_partials(part, lse_row, num_splits, stride_pos, dv, dv_ok, sink,
+                   BLOCK_S: tl.constexpr, CHUNK_S: tl.constexpr, HAS_SINKS: tl.constexpr):
+    """[BLOCK_DV] fp32: columns dv of one (row, head)'s split partials (`part`: its first
+    split's row, `lse_row`: its log2-sum-exps) merged: sum_s exp2(lse_s - m) part_s /
+    sum_s exp2(lse_s - m). Splits are read CHUNK_S at a time so that many loads are in flight
+    at once, up to the last non-empty split (non-empty splits are a prefix; empty ones wrote
+    no partial). HAS_SINKS: `sink` (a logit, natural log) joins the denominator."""
     s = tl.arange(0, BLOCK_S)
-    lse_row = PartL + t * stride_plt + h * stride_plh
     lse = tl.load(lse_row + s, mask=s < num_splits, other=float("-inf"))   # [S]
     m = tl.max(lse, 0)
     if HAS_SINKS:
-        sink = tl.load(Sinks + h).to(tl.float32) * LOG2E
+        sink = sink * LOG2E
         m = tl.maximum(m, sink)
     m = tl.where(m == float("-inf"), 0.0, m)
     den = tl.sum(tl.exp2(lse - m), 0)
     if HAS_SINKS:
         den += tl.exp2(sink - m)
     used = tl.max(tl.where(lse > float("-inf"), s + 1, 0), 0)                # splits with keys
-    acc = tl.zeros([BLOCK_DV], dtype=tl.float32)
+    acc = tl.zeros(dv.shape, dtype=tl.float32)
     c = tl.arange(0, CHUNK_S)
-    part = PartO + t * stride_pot + h * stride_poh
     for s0 in range(0, used, CHUNK_S):
         ok = s0 + c < used
         w = tl.exp2(tl.load(lse_row + s0 + c, mask=ok, other=float("-inf")) - m)    # [C]
         p = tl.load(part + (s0 + c)[:, None] * stride_pos + dv[None, :],
-                    mask=ok[:, None] & (dv[None, :] < DV), other=0.0)            # [C, DV]
+                    mask=ok[:, None] & dv_ok[None, :], other=0.0)                # [C, DV]
         acc += tl.sum(p * w[:, None], 0)
-    out = acc / tl.where(den > 0, den, 1.0)
+    return acc / tl.where(den > 0, den, 1.0)
+
+
+@triton.jit(**per_batch(ints=SPLIT_INTS))
+def _merge_splits_kernel(PartO, PartL, Out, Sinks, num_splits, stride_pot, stride_poh,
+                         stride_pos, stride_plt, stride_plh, stride_ot, stride_oh,
+                         DV: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_S: tl.constexpr,
+                         CHUNK_S: tl.constexpr, HAS_SINKS: tl.constexpr, PDL: tl.constexpr):
+    """Out[t, h, cols] = `merge_partials` of (t, h). HAS_SINKS: head h's sink logit Sinks[h]
+    (natural log) joins the denominator."""
+    pdl_begin(PDL)
+    t, h = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    dv = tl.program_id(2) * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    sink = 0.0
+    if HAS_SINKS:
+        sink = tl.load(Sinks + h).to(tl.float32)
+    out = merge_partials(PartO + t * stride_pot + h * stride_poh,
+                         PartL + t * stride_plt + h * stride_plh, num_splits, stride_pos, dv,
+                         dv < DV, sink, BLOCK_S, CHUNK_S, HAS_SINKS)
     tl.store(Out + t * stride_ot + h * stride_oh + dv, out.to(Out.dtype.element_ty), mask=dv < DV)
 
 

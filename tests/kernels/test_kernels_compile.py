@@ -105,7 +105,7 @@ GLOBAL_ACCESS = ("ld.global", "st.global", "cp.async", "atom.global", "red.globa
 WRITES = ("st.global", "atom.global", "red.global")
 # kernels that read their weights (never written while serving) before the wait: only their
 # writes are checked (their reads of other launches' outputs: check_pdl)
-WEIGHTS_BEFORE_WAIT = ("_head_gemv_kernel", "_router_logits_kernel")
+WEIGHTS_BEFORE_WAIT = ("_head_gemv_kernel", "_merged_head_gemv_kernel", "_router_logits_kernel")
 
 
 def _waits_before_memory(name: str, ptx: str, ops: tuple[str, ...] = GLOBAL_ACCESS) -> None:
@@ -465,3 +465,9 @@ def check_pdl() -> None:
                            dict(BLOCK_K=k, BLOCK_N=block_n), 4, 1).asm["ptx"]
         wait = ptx.find("griddepcontrol.wait")
         assert 0 <= ptx.find("ld.global") < wait < ptx.rfind("ld.global")
+    # ... and W_UV^T with one token's split merge inside (16 heads, 256-wide lse vectors)
+    ptx = compile_sm90(HG._merged_head_gemv_kernel, dict(PartO=F32, PartL=F32, W=BF, Out=BF,
+                                                         N=128),
+                       dict(K=512, BLOCK_N=16, BLOCK_S=256, CHUNK_S=8), 4, 1).asm["ptx"]
+    wait = ptx.find("griddepcontrol.wait")
+    assert 0 <= ptx.find("ld.global") < wait < ptx.rfind("ld.global")

@@ -70,6 +70,27 @@ def test_mla_decode_chunked_matches_reference(lat, rope, heads, page_size, split
     assert torch.count_nonzero(out[1]) == 0                               # the empty row
 
 
+@pytest.mark.parametrize("splits", [1, 3])
+def test_projected_by_w_uv(splits, monkeypatch):
+    """The op's projected form (w_uv = W_UV^T [H, L, Dv], strided as MLA views it): one token
+    of several splits merges inside W_UV's launch (no merge launch); one split, or more
+    rows, merge (if split) and then project. Against the reference op's projected form."""
+    from kernels.triton import mla_decode as MD
+    lat, rope, heads, dv = 64, 16, 4, 24
+    merges = []
+    real_merge = MD.merge_splits
+    monkeypatch.setattr(MD, "merge_splits", lambda *a: merges.append(1) or real_merge(*a))
+    for seq_lens in ([70], [37, 70]):
+        ql, qr, cache, table, sl = _inputs(lat, rope, heads, 16, seq_lens)
+        w_uv = rnd(heads, dv, lat).transpose(1, 2)                           # [H, L, Dv]
+        got = A.mla_decode(ql, qr, cache, table, sl, 16, 0.2, num_splits=splits, w_uv=w_uv)
+        want = R.mla_decode(ql, qr, cache, table, sl, 16, 0.2, w_uv=w_uv)
+        assert got.shape == (len(seq_lens), heads, dv) and rel_err(got, want) < TOL
+        o_latent = R.mla_decode(ql, qr, cache, table, sl, 16, 0.2)
+        assert rel_err(want, torch.einsum("bhl,hld->bhd", o_latent, w_uv)) < 1e-6
+    assert len(merges) == (1 if splits > 1 else 0)    # the two-row batch's merge only
+
+
 def test_defaults_and_the_generic_kernel_agree():
     """Default nc/splits/tiles; also equal (to fp32 rounding) to the generic Triton kernel."""
     assert (default_nc(512), default_nc(64), default_nc(32), default_nc(16)) == (4, 4, 2, 1)

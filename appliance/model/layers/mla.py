@@ -261,8 +261,7 @@ class MLAttention(Placed):
         # the first n tokens: q_nope [n, H, Dn], q_rope [n, H, R] -> [n, H, Dv]
         w_uk, w_uv = self.w_uk_uv()
         q_latent = self.head_matmul(q_nope, w_uk)                     # [n, H, L]
-        o_latent = self._attend(q_latent, q_rope, batch)              # [n, H, L]
-        return self.head_matmul(o_latent, w_uv.transpose(1, 2))       # [n, H, Dv]
+        return self._attend(q_latent, q_rope, batch, w_uv.transpose(1, 2))   # [n, H, Dv]
 
     def _attend_decompressed(self, q_nope: torch.Tensor, q_rope: torch.Tensor,
                              batch: ForwardBatch) -> torch.Tensor:
@@ -319,27 +318,27 @@ class MLAttention(Placed):
         self.store_kv(k, norm(v), k_cache, v_cache, slots)
         return q_rope
 
-    def _attend(self, q_latent: torch.Tensor, q_rope: torch.Tensor,
-                batch: ForwardBatch) -> torch.Tensor:
-        # q_latent: [n, H, L], q_rope: [n, H, R] -> o_latent [n, H, L]: the decode rows' tokens
-        # (n = num_decode), or all T tokens
+    def _attend(self, q_latent: torch.Tensor, q_rope: torch.Tensor, batch: ForwardBatch,
+                w_uv_t: torch.Tensor) -> torch.Tensor:
+        # q_latent: [n, H, L], q_rope: [n, H, R], w_uv_t: W_UV^T [H, L, Dv] -> the latent
+        # output projected, [n, H, Dv]: the decode rows' tokens (n = num_decode), or all T
         nd = batch.num_decode
         extend = batch.num_rows > nd and q_latent.shape[0] > nd
-        if nd > 0 and not extend:  # decode rows only: their output as it is (no copy)
-            return self._decode(q_latent, q_rope, batch)
+        if nd > 0 and not extend:  # decode rows only: the op projects (its merge inside)
+            return self._decode(q_latent, q_rope, batch, w_uv_t)
         if nd == 0 and extend:     # extend rows only
-            return self._extend(q_latent, q_rope, batch)
+            return self.head_matmul(self._extend(q_latent, q_rope, batch), w_uv_t)
         out = q_latent.new_empty(q_latent.shape)                             # [n, H, L]
         if nd > 0:  # decode rows own tokens [0, nd), one each
             out[:nd] = self._decode(q_latent[:nd], q_rope[:nd], batch)
         if extend:
             out[nd:] = self._extend(q_latent[nd:], q_rope[nd:], batch)
-        return out
+        return self.head_matmul(out, w_uv_t)
 
-    def _decode(self, q_latent: torch.Tensor, q_rope: torch.Tensor,
-                batch: ForwardBatch) -> torch.Tensor:
+    def _decode(self, q_latent: torch.Tensor, q_rope: torch.Tensor, batch: ForwardBatch,
+                w_uv_t: torch.Tensor | None = None) -> torch.Tensor:
         return self.mla_decode(q_latent, q_rope, self.kv_cache, batch.decode_page_table,
-                               batch.decode_seq_lens, self.page_size, self.scale)
+                               batch.decode_seq_lens, self.page_size, self.scale, w_uv=w_uv_t)
 
     def _extend(self, q_latent: torch.Tensor, q_rope: torch.Tensor,
                 batch: ForwardBatch) -> torch.Tensor:
