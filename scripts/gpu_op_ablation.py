@@ -23,6 +23,8 @@ Ablations (those that touch no module of a preset are skipped for it):
 - one_split: the attention runs as one split per (row, head block), so no merge;
 - absorbed: MLA's W_UK / W_UV products return empty tensors of their shapes;
 - routed: the routed experts return the shared experts' output;
+- route: the choice of experts (moe_route) returns experts 0 .. k-1 at weight 1 / k, made
+  before the capture: what the routing launch costs;
 - small: norms + rope_kv + attention together: what is left is the GEMVs and the rest;
 - generic_decode: not an ablation but the A/B of gqa_decode.py: GQA decode attention on the
   generic paged kernel (attention.py, with its merge launch) as before it; its logits are
@@ -74,7 +76,7 @@ from appliance.engine.engine import to_forward_batch  # noqa: E402
 from appliance.model import ModelRunner, ModelSource  # noqa: E402
 from appliance.model.layers.attention import PagedAttention  # noqa: E402
 from appliance.model.layers.mla import MLAttention  # noqa: E402
-from appliance.model.layers.moe import DeepseekMoE, RoutedExperts  # noqa: E402
+from appliance.model.layers.moe import DeepseekMoE, RoutedExperts, TopKRouter  # noqa: E402
 from appliance.model.layers.norm import RMSNorm  # noqa: E402
 from kernels.reference.linear import head_matmul as reference_head_matmul  # noqa: E402
 from kernels.triton import attention as gqa_attention  # noqa: E402
@@ -127,6 +129,19 @@ def _absorbed(model: torch.nn.Module) -> list[Patch]:
         self._decode(q_latent, q_rope, batch)     # decode graphs: rows of one token
         return q_nope.new_empty(n, h, self.cfg.v_head_dim)
     return [(MLAttention, "_attend_absorbed", attend)] if _has(model, MLAttention) else []
+
+
+def _route(model: torch.nn.Module) -> list[Patch]:
+    made: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def fixed(logits, top_k, *args):   # experts 0 .. k-1 at weight 1/k, made once per shape
+        key = (logits.shape[0], top_k, logits.device)
+        if key not in made:
+            ids = torch.arange(top_k, dtype=torch.int32, device=logits.device)
+            made[key] = (torch.full((logits.shape[0], top_k), 1 / top_k, device=logits.device),
+                         ids.expand(logits.shape[0], -1).contiguous())
+        return made[key]
+    return [(m, "route", fixed) for m in model.modules() if isinstance(m, TopKRouter)]
 
 
 def _shared_apart(model: torch.nn.Module) -> list[Patch]:
@@ -193,6 +208,7 @@ ABLATIONS: dict[str, Callable[[torch.nn.Module], list[Patch]]] = {
     "coarse_cap": _split_count("fine_cap", False),
     "router_after_wait": _knob(route, "EARLY_TILE", False, RoutedExperts),
     "shared_apart": _shared_apart,
+    "route": _route,
     "x_proj_apart": _x_proj_apart,
     "merge_apart": _knob(mla_decode, "MERGE_INTO_PROJECTION", False, MLAttention),
 }

@@ -31,7 +31,8 @@ EXPECTED = {"llama-3.1-8b": {"norms", "rope_kv", "attention", "merge", "one_spli
             "deepseek-v2-lite": {"norms", "attention", "merge", "one_split", "absorbed",
                                  "routed", "small", "mla_splits=1", "moe_grouped",
                                  "head_einsum", "router_after_wait", "coarse_cap",
-                                 "shared_apart", "x_proj_apart", "merge_apart"}}
+                                 "shared_apart", "x_proj_apart", "merge_apart",
+                                 "route"}}
 
 
 @pytest.mark.parametrize("preset", sorted(EXPECTED))

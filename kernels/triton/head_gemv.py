@@ -17,6 +17,15 @@ H200, DeepSeek-V2-Lite's B=1 decode graph (1K keys, PDL on; `scripts/gpu_op_abla
 --ablations head_einsum`, 3 rounds): einsum 2,471 -> this kernel 2,379 us a step (1.039x; the
 ablation that takes both products out saved 229). A tensor-core version (16-row tiles, the K
 loop after the wait; twelfth session) had made the step slower, 2,709 -> 2,944.
+
+`merged_head_gemv`: W_UV's product for one token whose MLA decode ran in splits, the splits'
+merge inside it (split_kv.merge_partials), so the merge launch between the two is gone. Every
+program merges its head's partials itself (the whole latent: its K). Same graph, same call
+(`--ablations merge_apart`, 3 rounds, 16 splits used): the merge in a launch of its own
+2,022 us a step; merged at head_gemv's tiles ([512, 16], 4 warps, 8 splits a load) 2,056,
+slower; at [512, 32] tiles, 8 warps and 32 splits a load (the splits in one load) 1,994;
+[512, 64] tiles with 16 warps 1,992, 8 warps and 16 splits a load 2,028; a head a program
+([512, 128], 16 warps) 2,015.
 """
 from __future__ import annotations
 
@@ -27,10 +36,15 @@ import triton.language as tl
 from kernels.registry import register
 from kernels.triton.common import PRIORITY, next_pow2, on_cuda_half
 from kernels.triton.pdl import pdl_begin, pdl_launch
-from kernels.triton.split_kv import MAX_DECODE_SPLITS, MERGE_TILE_ELEMS, merge_partials
+from kernels.triton.split_kv import MAX_DECODE_SPLITS, merge_partials
 
 TILE_ELEMS = 8192          # weight elements a program holds: 64 a thread at 4 warps
 MAX_K = TILE_ELEMS // 16   # a 16-column tile at most: longer K takes einsum
+# merged_head_gemv (module doc): a [512, 32] weight tile at DeepSeek's latent, 8 warps, and up
+# to 32 splits' partials in one load
+MERGED_TILE_ELEMS = 16384   # weight elements a program holds
+MERGED_CHUNK_ELEMS = 16384  # partial-output elements one of its loads brings in
+MERGED_WARPS = 8
 
 
 @triton.jit
@@ -109,14 +123,15 @@ def merged_head_gemv(part_o: torch.Tensor, part_l: torch.Tensor, weight: torch.T
     partials in one launch, no merge launch before it."""
     _, h, num_splits, k = part_o.shape
     n = weight.shape[2]
-    block_n = max(16, min(next_pow2(n), TILE_ELEMS // k))
+    block_n = max(16, min(next_pow2(n), MERGED_TILE_ELEMS // k))
     block_s = max(MAX_DECODE_SPLITS, next_pow2(num_splits))
     out = torch.empty(1, h, n, dtype=weight.dtype, device=weight.device)
     _merged_head_gemv_kernel[(h, triton.cdiv(n, block_n))](
         part_o, part_l, weight, out, num_splits, n, part_o.stride(1), part_o.stride(2),
         part_l.stride(1), weight.stride(0), weight.stride(1), weight.stride(2), out.stride(1),
-        K=k, BLOCK_N=block_n, BLOCK_S=block_s, CHUNK_S=min(block_s, max(2, MERGE_TILE_ELEMS // k)),
-        num_warps=4, **pdl_launch(weight.device))
+        K=k, BLOCK_N=block_n, BLOCK_S=block_s,
+        CHUNK_S=min(block_s, max(2, MERGED_CHUNK_ELEMS // k)), num_warps=MERGED_WARPS,
+        **pdl_launch(weight.device))
     return out
 
 

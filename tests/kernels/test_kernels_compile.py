@@ -468,6 +468,6 @@ def check_pdl() -> None:
     # ... and W_UV^T with one token's split merge inside (16 heads, 256-wide lse vectors)
     ptx = compile_sm90(HG._merged_head_gemv_kernel, dict(PartO=F32, PartL=F32, W=BF, Out=BF,
                                                          N=128),
-                       dict(K=512, BLOCK_N=16, BLOCK_S=256, CHUNK_S=8), 4, 1).asm["ptx"]
+                       dict(K=512, BLOCK_N=32, BLOCK_S=256, CHUNK_S=32), 8, 1).asm["ptx"]
     wait = ptx.find("griddepcontrol.wait")
     assert 0 <= ptx.find("ld.global") < wait < ptx.rfind("ld.global")
