@@ -42,6 +42,8 @@ Ablations (those that touch no module of a preset are skipped for it):
   before them (logits compared too);
 - merge_apart: the A/B of head_gemv.py's merged_head_gemv: MLA's one-token split merge in a
   launch of its own before W_UV's, as before it;
+- absorb_apart: the A/B of mla_absorb_rope.py: MLA's W_UK product and its rope + cache write
+  in two launches, as before it;
 - x_proj_apart: the A/B of MLA's q_kv_a_proj: the query's and the latent KV's projections
   as two GEMV launches over the fused weight's two row ranges, as before it;
 - gqa_splits=N / mla_splits=N: decode launches split to N programs an SM (SplitSizing's
@@ -97,9 +99,26 @@ def _norms(model: torch.nn.Module) -> list[Patch]:
     return out
 
 
+def _mla(model: torch.nn.Module) -> list[MLAttention]:
+    return [m for m in model.modules() if isinstance(m, MLAttention)]
+
+
+def _absorb_as(w_uk_product: Callable | None, rope: bool) -> Callable[[MLAttention], Callable]:
+    """An `absorb_rope` for module m with W_UK's product by `w_uk_product` (None: m's
+    head_matmul) in a launch of its own, and the rope + cache write by m's rope_store_kv
+    (rope False: none, q_rope passed through)."""
+    def make(m: MLAttention) -> Callable:
+        def absorb(q_nope, w_uk, q_rope, *args, **kwargs):
+            q_latent = (w_uk_product or m.head_matmul)(q_nope, w_uk)
+            return q_latent, m.rope_store_kv(q_rope, *args, **kwargs)[0] if rope else q_rope
+        return absorb
+    return make
+
+
 def _rope_kv(model: torch.nn.Module) -> list[Patch]:
     return [(m, "rope_store_kv", lambda q, k, *a, **kw: (q, k)) for m in model.modules()
-            if isinstance(m, (PagedAttention, MLAttention)) and m.rope_store_kv is not None]
+            if isinstance(m, PagedAttention) and m.rope_store_kv is not None] + [
+        (m, "absorb_rope", _absorb_as(None, rope=False)(m)) for m in _mla(model)]
 
 
 def _attention(model: torch.nn.Module) -> list[Patch]:
@@ -123,12 +142,15 @@ def _one_split(model: torch.nn.Module) -> list[Patch]:
 
 
 def _absorbed(model: torch.nn.Module) -> list[Patch]:
-    def attend(self, q_nope, q_rope, batch):
-        n, h = q_nope.shape[:2]
-        q_latent = q_nope.new_empty(n, h, self.cfg.kv_lora_rank)
-        self._decode(q_latent, q_rope, batch)     # decode graphs: rows of one token
-        return q_nope.new_empty(n, h, self.cfg.v_head_dim)
-    return [(MLAttention, "_attend_absorbed", attend)] if _has(model, MLAttention) else []
+    def empty_product(x, w):
+        return x.new_empty(*x.shape[:2], w.shape[2])
+    out: list[Patch] = []
+    for m in _mla(model):   # the decode runs (its merge in a launch of its own), unprojected
+        decode = m.mla_decode
+        out += [(m, "absorb_rope", _absorb_as(empty_product, rope=True)(m)),
+                (m, "mla_decode", lambda *a, w_uv=None, decode=decode, **kw:
+                 empty_product(decode(*a, **kw), w_uv))]
+    return out
 
 
 def _route(model: torch.nn.Module) -> list[Patch]:
@@ -179,8 +201,17 @@ def _generic_decode(model: torch.nn.Module) -> list[Patch]:
 
 
 def _head_einsum(model: torch.nn.Module) -> list[Patch]:
-    return [(m, "head_matmul", reference_head_matmul) for m in model.modules()
-            if isinstance(m, MLAttention)]
+    out: list[Patch] = []
+    for m in _mla(model):   # W_UK's and W_UV's products by einsum, in launches of their own
+        decode = m.mla_decode
+        out += [(m, "absorb_rope", _absorb_as(reference_head_matmul, rope=True)(m)),
+                (m, "mla_decode", lambda *a, w_uv=None, decode=decode, **kw:
+                 reference_head_matmul(decode(*a, **kw), w_uv))]
+    return out
+
+
+def _absorb_apart(model: torch.nn.Module) -> list[Patch]:
+    return [(m, "absorb_rope", _absorb_as(None, rope=True)(m)) for m in _mla(model)]
 
 
 def _knob(module: object, name: str, value: object, kind: type
@@ -211,6 +242,7 @@ ABLATIONS: dict[str, Callable[[torch.nn.Module], list[Patch]]] = {
     "route": _route,
     "x_proj_apart": _x_proj_apart,
     "merge_apart": _knob(mla_decode, "MERGE_INTO_PROJECTION", False, MLAttention),
+    "absorb_apart": _absorb_apart,
 }
 
 
@@ -284,7 +316,7 @@ def measure(preset: str, rows: int, context: int, rounds: int, names: list[str],
                 logits.setdefault(name, runner.forward(batch).float().cpu())
                 times[name].append(forward_ms(runner, batch) * 1e3)
     for name in ("generic_decode", "moe_grouped", "head_einsum", "shared_apart",
-                 "x_proj_apart", "merge_apart"):   # the A/Bs: same model
+                 "x_proj_apart", "merge_apart", "absorb_apart"):   # the A/Bs
         if name in logits:
             diff = (logits[name] - logits["none"]).abs().max().item()
             print(f"{preset}: logits, {name} against the registered kernels: max |diff| "

@@ -32,7 +32,7 @@ EXPECTED = {"llama-3.1-8b": {"norms", "rope_kv", "attention", "merge", "one_spli
                                  "routed", "small", "mla_splits=1", "moe_grouped",
                                  "head_einsum", "router_after_wait", "coarse_cap",
                                  "shared_apart", "x_proj_apart", "merge_apart",
-                                 "route"}}
+                                 "route", "absorb_apart", "rope_kv"}}
 
 
 @pytest.mark.parametrize("preset", sorted(EXPECTED))

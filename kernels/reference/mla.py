@@ -10,6 +10,7 @@ import torch
 
 from kernels.reference.attention import _attend, extend_attention
 from kernels.reference.linear import head_matmul
+from kernels.reference.rope import rope_store_kv
 from kernels.registry import register
 
 
@@ -34,6 +35,22 @@ def mla_decode(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Ten
     qs = torch.arange(q_latent.shape[0] + 1, device=q_latent.device, dtype=torch.int32)
     out = mla_extend(q_latent, q_rope, kv_cache, page_table, qs, seq_lens, page_size, scale)
     return out if w_uv is None else head_matmul(out, w_uv)
+
+
+@register("mla_absorb_rope", backend="torch", priority=0)
+def mla_absorb_rope(q_nope: torch.Tensor, w_uk: torch.Tensor, q_rope: torch.Tensor,
+                    k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                    cos_sin: torch.Tensor, rotary_dim: int, is_neox: bool,
+                    k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                    k_scale: float = 1.0, v_scale: float = 1.0,
+                    v_norm_weight: torch.Tensor | None = None, v_norm_eps: float = 0.0
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """MLA's query side of an absorbed step: (head_matmul(q_nope [T, H, Dn], w_uk [H, Dn, L])
+    [T, H, L], the rotated q_rope [T, H, R]), with rope_store_kv's cache write of (k, v)
+    (its arguments after q_rope: MLA's rope key and latent, v_norm_weight its latent norm)."""
+    q_rot, _ = rope_store_kv(q_rope, k, v, positions, cos_sin, rotary_dim, is_neox, k_cache,
+                             v_cache, slot_mapping, k_scale, v_scale, v_norm_weight, v_norm_eps)
+    return head_matmul(q_nope, w_uk), q_rot
 
 
 @register("mla_prefill", backend="torch", priority=0)

@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from kernels.registry import register
-from kernels.triton.common import PRIORITY, next_pow2, on_cuda_half
+from kernels.triton.common import PRIORITY, next_pow2, on_cuda_half, per_batch
 from kernels.triton.pdl import pdl_begin, pdl_launch
 from kernels.triton.split_kv import MAX_DECODE_SPLITS, merge_partials
 
@@ -48,11 +48,10 @@ MERGED_WARPS = 8
 
 
 @triton.jit
-def _head_gemv_kernel(X, W, Out, N, K, stride_xh, stride_xk, stride_wh, stride_wk, stride_wn,
-                      stride_oh, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+def head_gemv_program(h, pid_n, X, W, Out, N, K, stride_xh, stride_xk, stride_wh, stride_wk,
+                      stride_wn, stride_oh, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
                       PDL: tl.constexpr):
-    """Out[h, n] = sum_k X[h, k] * W[h, k, n] for the BLOCK_N columns n of this program."""
-    h, pid_n = tl.program_id(0), tl.program_id(1)
+    """Out[h, n] = sum_k X[h, k] * W[h, k, n] for the BLOCK_N columns n of block pid_n."""
     k = tl.arange(0, BLOCK_K)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     k_ok, n_ok = k < K, n < N
@@ -65,6 +64,19 @@ def _head_gemv_kernel(X, W, Out, N, K, stride_xh, stride_xk, stride_wh, stride_w
 
 
 @triton.jit
+def _head_gemv_kernel(X, W, Out, N, K, stride_xh, stride_xk, stride_wh, stride_wk, stride_wn,
+                      stride_oh, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+                      PDL: tl.constexpr):
+    """Program (head, column block): `head_gemv_program`."""
+    head_gemv_program(tl.program_id(0), tl.program_id(1), X, W, Out, N, K, stride_xh,
+                      stride_xk, stride_wh, stride_wk, stride_wn, stride_oh, BLOCK_K, BLOCK_N,
+                      PDL)
+
+
+MERGED_PER_BATCH = ("num_splits", "stride_poh", "stride_plh")   # vary with the split count
+
+
+@triton.jit(**per_batch(ints=MERGED_PER_BATCH))
 def _merged_head_gemv_kernel(PartO, PartL, W, Out, num_splits, N, stride_poh, stride_pos,
                              stride_plh, stride_wh, stride_wk, stride_wn, stride_oh,
                              K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
@@ -92,17 +104,25 @@ def head_gemv_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and weight.dtype == x.dtype)
 
 
-def head_gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x: [1, H, K], weight: [H, K, N] (any strides) -> [1, H, N]."""
+def head_gemv_launch(x: torch.Tensor, weight: torch.Tensor
+                     ) -> tuple[tuple, dict, int, torch.Tensor]:
+    """(arguments, constexprs, column blocks) of `head_gemv_program` for x [1, H, K] and
+    weight [H, K, N], and the output [1, H, N] it writes."""
     _, h, k = x.shape
     n = weight.shape[2]
     block_k = max(16, next_pow2(k))
     block_n = max(16, min(next_pow2(n), TILE_ELEMS // block_k))
     out = torch.empty(1, h, n, dtype=x.dtype, device=x.device)
-    _head_gemv_kernel[(h, triton.cdiv(n, block_n))](
-        x, weight, out, n, k, x.stride(1), x.stride(2), weight.stride(0), weight.stride(1),
-        weight.stride(2), out.stride(1), BLOCK_K=block_k, BLOCK_N=block_n, num_warps=4,
-        **pdl_launch(x.device))
+    args = (x, weight, out, n, k, x.stride(1), x.stride(2), weight.stride(0), weight.stride(1),
+            weight.stride(2), out.stride(1))
+    return args, dict(BLOCK_K=block_k, BLOCK_N=block_n), triton.cdiv(n, block_n), out
+
+
+def head_gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x: [1, H, K], weight: [H, K, N] (any strides) -> [1, H, N]."""
+    args, constexprs, blocks, out = head_gemv_launch(x, weight)
+    _head_gemv_kernel[(x.shape[1], blocks)](*args, **constexprs, num_warps=4,
+                                           **pdl_launch(x.device))
     return out
 
 

@@ -81,20 +81,18 @@ def _rms_norm_heads(v, ok, W, eps, DV: tl.constexpr, BLOCK_DV: tl.constexpr):
     return tl.where(ok, v32 * inv[:, None] * w[None, :], 0.0).to(v.dtype)
 
 
-@triton.jit(**per_batch(pointers=("Pos", "Slots")))
-def _rope_kv_kernel(Q, K, V, Pos, CosSin, QOut, KOut, KCache, VCache, Slots, VNormW,
-                    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-                    stride_qot, stride_qoh, stride_kot, stride_koh, stride_cs,
-                    stride_kcs, stride_kch, stride_vcs, stride_vch, inv_k_scale, inv_v_scale,
-                    v_norm_eps, HQ, HK, R, D: tl.constexpr, DV: tl.constexpr,
-                    BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_D: tl.constexpr,
-                    BLOCK_DV: tl.constexpr, IS_NEOX: tl.constexpr, STORE: tl.constexpr,
-                    FP8: tl.constexpr, V_NORM: tl.constexpr, PDL: tl.constexpr):
-    """One token a program: q and k rotated; with STORE the rotated k and v written at the
-    token's slot (skipped for slot < 0), v first RMS-normed by VNormW when V_NORM (MLA's
-    latent: the kv_a layernorm in this launch instead of its own)."""
-    pdl_begin(PDL)
-    tok = tl.program_id(0).to(tl.int64)
+@triton.jit
+def rope_kv_token(tok, Q, K, V, Pos, CosSin, QOut, KOut, KCache, VCache, Slots, VNormW,
+                  stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                  stride_qot, stride_qoh, stride_kot, stride_koh, stride_cs,
+                  stride_kcs, stride_kch, stride_vcs, stride_vch, inv_k_scale, inv_v_scale,
+                  v_norm_eps, HQ, HK, R, D: tl.constexpr, DV: tl.constexpr,
+                  BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_D: tl.constexpr,
+                  BLOCK_DV: tl.constexpr, IS_NEOX: tl.constexpr, STORE: tl.constexpr,
+                  FP8: tl.constexpr, V_NORM: tl.constexpr):
+    """Token tok's q and k rotated; with STORE the rotated k and v written at the token's
+    slot (skipped for slot < 0), v first RMS-normed by VNormW when V_NORM (MLA's latent: the
+    kv_a layernorm in this launch instead of its own)."""
     d = tl.arange(0, BLOCK_D)
     half = R // 2
     rot = d < R
@@ -127,37 +125,67 @@ def _rope_kv_kernel(Q, K, V, Pos, CosSin, QOut, KOut, KCache, VCache, Slots, VNo
                                BLOCK_HK, BLOCK_DV)
 
 
+@triton.jit(**per_batch(pointers=("Pos", "Slots")))
+def _rope_kv_kernel(Q, K, V, Pos, CosSin, QOut, KOut, KCache, VCache, Slots, VNormW,
+                    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                    stride_qot, stride_qoh, stride_kot, stride_koh, stride_cs,
+                    stride_kcs, stride_kch, stride_vcs, stride_vch, inv_k_scale, inv_v_scale,
+                    v_norm_eps, HQ, HK, R, D: tl.constexpr, DV: tl.constexpr,
+                    BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_D: tl.constexpr,
+                    BLOCK_DV: tl.constexpr, IS_NEOX: tl.constexpr, STORE: tl.constexpr,
+                    FP8: tl.constexpr, V_NORM: tl.constexpr, PDL: tl.constexpr):
+    """One token a program: `rope_kv_token`."""
+    pdl_begin(PDL)
+    rope_kv_token(tl.program_id(0).to(tl.int64), Q, K, V, Pos, CosSin, QOut, KOut, KCache,
+                  VCache, Slots, VNormW, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt,
+                  stride_vh, stride_qot, stride_qoh, stride_kot, stride_koh, stride_cs,
+                  stride_kcs, stride_kch, stride_vcs, stride_vch, inv_k_scale, inv_v_scale,
+                  v_norm_eps, HQ, HK, R, D, DV, BLOCK_HQ, BLOCK_HK, BLOCK_D, BLOCK_DV, IS_NEOX,
+                  STORE, FP8, V_NORM)
+
+
 def _is_fp8(cache: torch.Tensor | None) -> bool:
     return cache is not None and cache.dtype == FP8_KV_DTYPE
 
 
-def _launch(q, k, v, positions, cos_sin, rotary_dim, is_neox, k_cache, v_cache, slots,
-            store: bool, k_scale: float = 1.0, v_scale: float = 1.0,
-            v_norm_weight: torch.Tensor | None = None, v_norm_eps: float = 0.0
-            ) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_kv_launch(q, k, v, positions, cos_sin, rotary_dim, is_neox, k_cache, v_cache,
+                   slots, store: bool, k_scale: float = 1.0, v_scale: float = 1.0,
+                   v_norm_weight: torch.Tensor | None = None, v_norm_eps: float = 0.0
+                   ) -> tuple[tuple, dict, torch.Tensor, torch.Tensor]:
+    """(arguments, constexprs) of `rope_kv_token` for this batch (checked), and the rotated
+    outputs (q_out, k_out) it writes."""
     t, hq, d = q.shape
     hk = k.shape[1]
     check(q.stride(2) == 1 and k.stride(2) == 1, "rope: last dim of q and k must be contiguous")
     check(rotary_dim % 2 == 0 and rotary_dim <= d, f"rope: bad rotary_dim {rotary_dim}")
     check(cos_sin.stride(1) == 1, "rope: cos_sin rows must be contiguous")
     q_out, k_out = torch.empty_like(q), torch.empty_like(k)
-    if t == 0:
-        return q_out, k_out
     dv = v.shape[-1]
     vc = v_cache if store else k_out
     kc = k_cache if store else k_out
     check(v_norm_weight is None or (v_norm_weight.shape == (dv,) and store),
           "rope_store_kv: v_norm_weight must be [Dv]")
-    _rope_kv_kernel[(t,)](
-        q, k, v, positions, cos_sin, q_out, k_out, kc, vc, slots,
-        q if v_norm_weight is None else v_norm_weight,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1), cos_sin.stride(0),
-        kc.stride(0), kc.stride(1), vc.stride(0), vc.stride(1), 1.0 / k_scale, 1.0 / v_scale,
-        float(v_norm_eps), hq, hk, rotary_dim, D=d, DV=dv, BLOCK_HQ=next_pow2(hq),
-        BLOCK_HK=next_pow2(hk), BLOCK_D=next_pow2(d), BLOCK_DV=next_pow2(dv), IS_NEOX=is_neox,
-        STORE=store, FP8=_is_fp8(kc), V_NORM=v_norm_weight is not None, num_warps=4,
-        **pdl_launch(q.device))
+    args = (q, k, v, positions, cos_sin, q_out, k_out, kc, vc, slots,
+            q if v_norm_weight is None else v_norm_weight,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1),
+            cos_sin.stride(0), kc.stride(0), kc.stride(1), vc.stride(0), vc.stride(1),
+            1.0 / k_scale, 1.0 / v_scale, float(v_norm_eps), hq, hk, rotary_dim)
+    constexprs = dict(D=d, DV=dv, BLOCK_HQ=next_pow2(hq), BLOCK_HK=next_pow2(hk),
+                      BLOCK_D=next_pow2(d), BLOCK_DV=next_pow2(dv), IS_NEOX=is_neox,
+                      STORE=store, FP8=_is_fp8(kc), V_NORM=v_norm_weight is not None)
+    return args, constexprs, q_out, k_out
+
+
+def _launch(q, k, v, positions, cos_sin, rotary_dim, is_neox, k_cache, v_cache, slots,
+            store: bool, k_scale: float = 1.0, v_scale: float = 1.0,
+            v_norm_weight: torch.Tensor | None = None, v_norm_eps: float = 0.0
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    args, constexprs, q_out, k_out = rope_kv_launch(
+        q, k, v, positions, cos_sin, rotary_dim, is_neox, k_cache, v_cache, slots, store,
+        k_scale, v_scale, v_norm_weight, v_norm_eps)
+    if q.shape[0]:
+        _rope_kv_kernel[(q.shape[0],)](*args, **constexprs, num_warps=4, **pdl_launch(q.device))
     return q_out, k_out
 
 

@@ -29,6 +29,7 @@ from kernels.triton import elementwise as E  # noqa: E402
 from kernels.triton import gemv as G  # noqa: E402
 from kernels.triton import gqa_decode as GD  # noqa: E402
 from kernels.triton import head_gemv as HG  # noqa: E402
+from kernels.triton import mla_absorb_rope as MA  # noqa: E402
 from kernels.triton import mla_decode as MD  # noqa: E402
 from kernels.triton import moe as M  # noqa: E402
 from kernels.triton import moe_gemv as MG  # noqa: E402
@@ -105,7 +106,8 @@ GLOBAL_ACCESS = ("ld.global", "st.global", "cp.async", "atom.global", "red.globa
 WRITES = ("st.global", "atom.global", "red.global")
 # kernels that read their weights (never written while serving) before the wait: only their
 # writes are checked (their reads of other launches' outputs: check_pdl)
-WEIGHTS_BEFORE_WAIT = ("_head_gemv_kernel", "_merged_head_gemv_kernel", "_router_logits_kernel")
+WEIGHTS_BEFORE_WAIT = ("_head_gemv_kernel", "_merged_head_gemv_kernel", "_absorb_rope_kernel",
+                       "_router_logits_kernel")
 
 
 def _waits_before_memory(name: str, ptx: str, ops: tuple[str, ...] = GLOBAL_ACCESS) -> None:
@@ -196,6 +198,16 @@ def check_mla_chunked() -> None:
                                           inv_k_scale=1.0, inv_v_scale=1.0, HQ=16, HK=1, R=64),
                  dict(D=64, DV=512, BLOCK_HQ=16, BLOCK_HK=1, BLOCK_D=64, BLOCK_DV=512,
                       IS_NEOX=False, STORE=True, FP8=False, V_NORM=True), 4, 1)
+    # ... and beside W_UK's head GEMV (K 128, N 512), one launch (mla_absorb_rope.py)
+    compile_sm90(MA._absorb_rope_kernel, dict({n: BF for n in ("Q", "Kr", "V", "QOut", "KOut",
+                                                                "KCache", "VCache", "VNormW",
+                                                                "X", "W", "QLat")},
+                                              Pos=I64, CosSin=F32, Slots=I64, v_norm_eps=1e-6,
+                                              inv_k_scale=1.0, inv_v_scale=1.0, HQ=16, HK=1,
+                                              R=64, N=512, K=128),
+                 dict(BLOCK_K=128, BLOCK_N=64, D=64, DV=512, BLOCK_HQ=16, BLOCK_HK=1,
+                      BLOCK_D=64, BLOCK_DV=512, IS_NEOX=False, STORE=True, FP8=False,
+                      V_NORM=True), 4, 1)
 
 
 def check_prefill() -> None:
@@ -358,6 +370,8 @@ def check_per_batch() -> None:
     unspecialized(M._moe_up_kernel, ("num_pairs",))
     unspecialized(M._moe_down_kernel, ("num_pairs",))
     unspecialized(RK._rope_kv_kernel, (), ("Pos", "Slots"))
+    unspecialized(MA._absorb_rope_kernel, (), ("Pos", "Slots"))
+    unspecialized(HG._merged_head_gemv_kernel, HG.MERGED_PER_BATCH)
     unspecialized(RK._store_kv_kernel, (), ("Slots",))
     for kernel in (S._sample_chunk_kernel, S._sample_finish_kernel):
         unspecialized(kernel, (), S.ROW_PARAMS)

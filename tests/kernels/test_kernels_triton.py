@@ -19,6 +19,7 @@ if DEV == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
 
 from kernels.triton import attention_ops as A  # noqa: E402
 from kernels.triton import elementwise as E  # noqa: E402
+from kernels.triton import head_gemv as HG  # noqa: E402
 from kernels.triton import moe as M  # noqa: E402
 from kernels.triton import moe_gemv as MG  # noqa: E402
 from kernels.triton import rope_kv as RK  # noqa: E402
@@ -104,6 +105,38 @@ def test_rope_store_kv_norms_v_as_the_rms_norm_kernel(dv):
     untouched = torch.ones(3 * t, dtype=torch.bool, device=DEV)
     untouched[slots[slots >= 0]] = False
     assert (caches[1][untouched] == 7.0).all()
+
+
+@pytest.mark.parametrize("t,slot", [(1, 5), (1, -1), (3, 5)])
+def test_mla_absorb_rope(t, slot):
+    """MLA's W_UK product beside its rope + normed-latent cache write: one token in one launch
+    (a padding slot writes nothing), more tokens by the two ops; against the reference, and
+    the same as head_matmul then rope_store_kv."""
+    from kernels.triton import mla_absorb_rope as MA
+    heads, dn, lat, rot = 4, 24, 32, 16
+    cs = rnd(64, rot)
+    q_nope, q_rope = rnd(t, heads, dn), rnd(t, heads, rot)
+    w_uk = rnd(heads, lat, dn).transpose(1, 2)                  # [H, Dn, L], strided as MLA's
+    kv = rnd(t, lat + rot)
+    v, k = kv[:, None, :lat], kv[:, None, lat:]                   # [T, 1, L], [T, 1, R]
+    norm_w = rnd(lat)
+    pos = torch.randint(0, 64, (t,), device=DEV)
+    slots = torch.arange(slot, slot + t, device=DEV) if slot >= 0 else torch.full(
+        (t,), -1, device=DEV)
+    caches = [torch.full((16, 1, dd), 7.0, device=DEV) for dd in (rot, lat) * 3]
+    args = (pos, cs, rot, False)
+    got = MA.mla_absorb_rope(q_nope, w_uk, q_rope, k, v, *args, caches[0], caches[1], slots,
+                             v_norm_weight=norm_w, v_norm_eps=1e-6)
+    ref = R.mla_absorb_rope(q_nope, w_uk, q_rope, k, v, *args, caches[2], caches[3], slots,
+                            v_norm_weight=norm_w, v_norm_eps=1e-6)
+    apart = (HG.head_matmul(q_nope, w_uk),
+             RK.rope_store_kv(q_rope, k, v, *args, caches[4], caches[5], slots,
+                              v_norm_weight=norm_w, v_norm_eps=1e-6)[0])
+    for a, b, c in zip(got, ref, apart):
+        assert a.shape == b.shape and rel_err(a, b) < 1e-5 and torch.equal(a, c)
+    assert all(rel_err(caches[i], caches[i + 2]) < 1e-5 for i in (0, 1))
+    assert torch.equal(caches[0], caches[4]) and torch.equal(caches[1], caches[5])
+    assert (caches[1] == 7.0).all() == (slot < 0)
 
 
 def _paged(seq_lens, page_size, hk, d, dv):

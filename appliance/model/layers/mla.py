@@ -160,6 +160,7 @@ class MLAttention(Placed):
         self.mla_extend = kernels.select("mla_extend", **feats)
         self.mla_prefill = kernels.select("mla_prefill", **feats)
         self.head_matmul = kernels.select("head_matmul", device=ctx.device, dtype=ctx.dtype)
+        self.absorb_rope = kernels.select("mla_absorb_rope", device=ctx.device, dtype=ctx.dtype)
         self.decompress_min_tokens = DECOMPRESS_MIN_TOKENS
         self.decompress_max_keys = DECOMPRESS_MAX_KEYS
         self.kv_cache: torch.Tensor | None = None
@@ -226,12 +227,15 @@ class MLAttention(Placed):
         q, kv = self._project_x(hidden_states)                      # [T, Q], [T, L + R]
         q_nope, q_rope = self._query(q)                             # [T, H, Dn], [T, H, R]
         latent, k_rope = self._latent_kv(kv)                        # [T, L], [T, R]
-        q_rope = self._rope_and_store(positions, q_rope, latent, k_rope, batch.slot_mapping)
         # tokens [0, split) attend in the absorbed form; the rest (prefill chunks) decompressed
         split = batch.num_decode if self.decompress_extend(batch) else t
         if split == t:  # decodes only (the CUDA-graph path) or short chunks: no copy
-            out = self._attend_absorbed(q_nope, q_rope, batch)              # [T, H, Dv]
-        elif split == 0:
+            q_latent, q_rope = self._absorb_rope_and_store(positions, q_nope, q_rope, latent,
+                                                           k_rope, batch.slot_mapping)
+            out = self._attend(q_latent, q_rope, batch, self.w_uk_uv()[1].transpose(1, 2))
+            return self.o_proj(out.reshape(t, self.num_heads * c.v_head_dim))
+        q_rope = self._rope_and_store(positions, q_rope, latent, k_rope, batch.slot_mapping)
+        if split == 0:
             out = self._attend_decompressed(q_nope, q_rope, batch)          # [T, H, Dv]
         else:
             out = torch.cat([self._attend_absorbed(q_nope[:split], q_rope[:split], batch),
@@ -298,16 +302,34 @@ class MLAttention(Placed):
         latent, k_rope = kv.split([self.cfg.kv_lora_rank, self.cfg.qk_rope_head_dim], dim=-1)
         return latent, k_rope
 
+    def _cache_as_kv(self, latent: torch.Tensor, k_rope: torch.Tensor
+                     ) -> tuple[torch.Tensor, ...]:
+        # The cache seen as a one-head K/V pair, "k" = rope key [S, 1, R], "v" = latent
+        # [S, 1, L], and the token's (k, v): (k_cache, v_cache, k [T, 1, R], v [T, 1, L])
+        lat = self.cfg.kv_lora_rank
+        return (self.kv_cache[:, None, lat:], self.kv_cache[:, None, :lat], k_rope[:, None, :],
+                latent[:, None, :])
+
+    def _absorb_rope_and_store(self, positions: torch.Tensor, q_nope: torch.Tensor,
+                               q_rope: torch.Tensor, latent: torch.Tensor,
+                               k_rope: torch.Tensor, slots: torch.Tensor
+                               ) -> tuple[torch.Tensor, torch.Tensor]:
+        # q_nope: [T, H, Dn] -> (q_latent = q_nope x W_UK per head [T, H, L], rotated q_rope
+        # [T, H, R]), the cache written as _rope_and_store writes it: the two are independent,
+        # so the op runs them in one launch at one token (mla_absorb_rope)
+        k_cache, v_cache, k, v = self._cache_as_kv(latent, k_rope)
+        rot, norm = self.rotary_emb, self.kv_a_layernorm
+        return self.absorb_rope(q_nope, self.w_uk_uv()[0], q_rope, k, v, positions, rot.cos_sin,
+                                rot.rotary_dim, rot.is_neox, k_cache, v_cache, slots,
+                                v_norm_weight=norm.weight, v_norm_eps=norm.eps)
+
     def _rope_and_store(self, positions: torch.Tensor, q_rope: torch.Tensor,
                         latent: torch.Tensor, k_rope: torch.Tensor, slots: torch.Tensor
                         ) -> torch.Tensor:
         # q_rope: [T, H, R], latent: [T, L] (before its norm), k_rope: [T, R] -> rotated
         # q_rope [T, H, R]; kv_cache[slots] = [kv_a_layernorm(latent) | rotated k_rope] (slots
         # < 0 are padding, skipped). Only the cache keeps the normed latent.
-        # The cache is seen as a one-head K/V pair: "k" = rope key [S, 1, R], "v" = latent.
-        lat = self.cfg.kv_lora_rank
-        k_cache, v_cache = self.kv_cache[:, None, lat:], self.kv_cache[:, None, :lat]
-        k, v = k_rope[:, None, :], latent[:, None, :]                         # [T, 1, R], [T, 1, L]
+        k_cache, v_cache, k, v = self._cache_as_kv(latent, k_rope)
         rot, norm = self.rotary_emb, self.kv_a_layernorm
         if self.rope_store_kv is not None:  # rotate, norm and write in one kernel
             q_rope, _ = self.rope_store_kv(q_rope, k, v, positions, rot.cos_sin, rot.rotary_dim,
