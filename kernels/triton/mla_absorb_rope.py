@@ -6,8 +6,12 @@ rope of q^R and k^R with the cache write of the token's normed latent (rope_kv.p
 batch-1 decode each is a few microseconds of latency for little work, and the chain of
 programmatic dependent launches ran them one after the other. Here one launch runs both: its
 first H x blocks programs are head_gemv's (their weight tile read before the PDL wait), the
-last T are rope_kv's, one a token. More tokens (or shapes head_gemv does not take) run the
-two ops one after the other.
+last two rope_kv's: one rotates the query's rope part, the other the rope key and writes the
+cache (the latent normed), so neither waits for the other's loads. More tokens (or shapes
+head_gemv does not take) run the two ops one after the other.
+
+H200, DeepSeek-V2-Lite's B=1 decode graph (1K keys; `scripts/gpu_op_ablation.py --ablations
+absorb_apart`, 3 rounds, one rope program then): two launches 1,937 us a step, one 1,917.
 """
 from __future__ import annotations
 
@@ -36,8 +40,8 @@ def _absorb_rope_kernel(X, W, QLat, N, K, stride_xh, stride_xk, stride_wh, strid
                         BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, IS_NEOX: tl.constexpr,
                         STORE: tl.constexpr, FP8: tl.constexpr, V_NORM: tl.constexpr,
                         PDL: tl.constexpr):
-    """Programs [0, HQ * col_blocks): W_UK's head GEMV, (head, column block) each; the rest:
-    the rope and cache write of token pid - HQ * col_blocks."""
+    """Programs [0, HQ * col_blocks): W_UK's head GEMV, (head, column block) each; then two a
+    token: its q's rope, and its k's rope with the cache write."""
     pid = tl.program_id(0)
     gemv_programs = HQ * col_blocks
     if pid < gemv_programs:
@@ -46,12 +50,21 @@ def _absorb_rope_kernel(X, W, QLat, N, K, stride_xh, stride_xk, stride_wh, strid
                           BLOCK_N, PDL)
     else:
         pdl_begin(PDL)
-        rope_kv_token((pid - gemv_programs).to(tl.int64), Q, Kr, V, Pos, CosSin, QOut, KOut,
-                      KCache, VCache, Slots, VNormW, stride_qt, stride_qh, stride_kt,
-                      stride_kh, stride_vt, stride_vh, stride_qot, stride_qoh, stride_kot,
-                      stride_koh, stride_cs, stride_kcs, stride_kch, stride_vcs, stride_vch,
-                      inv_k_scale, inv_v_scale, v_norm_eps, HQ, HK, R, D, DV, BLOCK_HQ,
-                      BLOCK_HK, BLOCK_D, BLOCK_DV, IS_NEOX, STORE, FP8, V_NORM)
+        tok = ((pid - gemv_programs) // 2).to(tl.int64)
+        if (pid - gemv_programs) % 2 == 0:
+            rope_kv_token(tok, Q, Kr, V, Pos, CosSin, QOut, KOut, KCache, VCache, Slots,
+                          VNormW, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt,
+                          stride_vh, stride_qot, stride_qoh, stride_kot, stride_koh, stride_cs,
+                          stride_kcs, stride_kch, stride_vcs, stride_vch, inv_k_scale,
+                          inv_v_scale, v_norm_eps, HQ, HK, R, D, DV, BLOCK_HQ, BLOCK_HK,
+                          BLOCK_D, BLOCK_DV, IS_NEOX, STORE, FP8, V_NORM, True, False)
+        else:
+            rope_kv_token(tok, Q, Kr, V, Pos, CosSin, QOut, KOut, KCache, VCache, Slots,
+                          VNormW, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt,
+                          stride_vh, stride_qot, stride_qoh, stride_kot, stride_koh, stride_cs,
+                          stride_kcs, stride_kch, stride_vcs, stride_vch, inv_k_scale,
+                          inv_v_scale, v_norm_eps, HQ, HK, R, D, DV, BLOCK_HQ, BLOCK_HK,
+                          BLOCK_D, BLOCK_DV, IS_NEOX, STORE, FP8, V_NORM, False, True)
 
 
 @register("mla_absorb_rope", backend="triton", priority=PRIORITY, supports=_store_ok)
@@ -75,7 +88,7 @@ def mla_absorb_rope(q_nope: torch.Tensor, w_uk: torch.Tensor, q_rope: torch.Tens
     rope_args, rope_cex, q_rot, _ = rope_kv_launch(
         q_rope, k, v, positions, cos_sin, rotary_dim, is_neox, k_cache, v_cache, slot_mapping,
         True, k_scale, v_scale, v_norm_weight, v_norm_eps)
-    _absorb_rope_kernel[(q_nope.shape[1] * col_blocks + 1,)](
+    _absorb_rope_kernel[(q_nope.shape[1] * col_blocks + 2,)](
         *gemv_args, col_blocks, *rope_args, **gemv_cex, **rope_cex, num_warps=4,
         **pdl_launch(q_nope.device))
     return q_latent, q_rot

@@ -89,10 +89,12 @@ def rope_kv_token(tok, Q, K, V, Pos, CosSin, QOut, KOut, KCache, VCache, Slots, 
                   v_norm_eps, HQ, HK, R, D: tl.constexpr, DV: tl.constexpr,
                   BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_D: tl.constexpr,
                   BLOCK_DV: tl.constexpr, IS_NEOX: tl.constexpr, STORE: tl.constexpr,
-                  FP8: tl.constexpr, V_NORM: tl.constexpr):
+                  FP8: tl.constexpr, V_NORM: tl.constexpr, DO_Q: tl.constexpr = True,
+                  DO_KV: tl.constexpr = True):
     """Token tok's q and k rotated; with STORE the rotated k and v written at the token's
     slot (skipped for slot < 0), v first RMS-normed by VNormW when V_NORM (MLA's latent: the
-    kv_a layernorm in this launch instead of its own)."""
+    kv_a layernorm in this launch instead of its own). DO_Q / DO_KV: only q's part, or only
+    k's and v's (two programs sharing a token)."""
     d = tl.arange(0, BLOCK_D)
     half = R // 2
     rot = d < R
@@ -107,9 +109,26 @@ def rope_kv_token(tok, Q, K, V, Pos, CosSin, QOut, KOut, KCache, VCache, Slots, 
     pos = tl.load(Pos + tok).to(tl.int64)
     cos = tl.load(CosSin + pos * stride_cs + freq, mask=rot, other=1.0).to(tl.float32)   # [D]
     sin = tl.load(CosSin + pos * stride_cs + half + freq, mask=rot, other=0.0).to(tl.float32)
-    q, qok = _rotate_heads(Q, tok, stride_qt, stride_qh, HQ, d, cos, sin, partner, first, rot,
-                           D, BLOCK_HQ)
-    _store_heads(QOut, tok, stride_qot, stride_qoh, q, qok, BLOCK_HQ, BLOCK_D)
+    if DO_Q:
+        q, qok = _rotate_heads(Q, tok, stride_qt, stride_qh, HQ, d, cos, sin, partner, first,
+                               rot, D, BLOCK_HQ)
+        _store_heads(QOut, tok, stride_qot, stride_qoh, q, qok, BLOCK_HQ, BLOCK_D)
+    if DO_KV:
+        _rotate_store_kv(tok, K, V, KOut, KCache, VCache, Slots, VNormW, stride_kt, stride_kh,
+                         stride_vt, stride_vh, stride_kot, stride_koh, stride_kcs, stride_kch,
+                         stride_vcs, stride_vch, inv_k_scale, inv_v_scale, v_norm_eps, HK, d,
+                         cos, sin, partner, first, rot, D, DV, BLOCK_HK, BLOCK_D, BLOCK_DV,
+                         STORE, FP8, V_NORM)
+
+
+@triton.jit
+def _rotate_store_kv(tok, K, V, KOut, KCache, VCache, Slots, VNormW, stride_kt, stride_kh,
+                     stride_vt, stride_vh, stride_kot, stride_koh, stride_kcs, stride_kch,
+                     stride_vcs, stride_vch, inv_k_scale, inv_v_scale, v_norm_eps, HK, d, cos,
+                     sin, partner, first, rot, D: tl.constexpr, DV: tl.constexpr,
+                     BLOCK_HK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                     STORE: tl.constexpr, FP8: tl.constexpr, V_NORM: tl.constexpr):
+    """rope_kv_token's k part: k rotated into KOut, and with STORE k and v into the caches."""
     k, kok = _rotate_heads(K, tok, stride_kt, stride_kh, HK, d, cos, sin, partner, first, rot,
                            D, BLOCK_HK)
     _store_heads(KOut, tok, stride_kot, stride_koh, k, kok, BLOCK_HK, BLOCK_D)
