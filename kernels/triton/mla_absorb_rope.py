@@ -51,20 +51,13 @@ def _absorb_rope_kernel(X, W, QLat, N, K, stride_xh, stride_xk, stride_wh, strid
     else:
         pdl_begin(PDL)
         tok = ((pid - gemv_programs) // 2).to(tl.int64)
-        if (pid - gemv_programs) % 2 == 0:
-            rope_kv_token(tok, Q, Kr, V, Pos, CosSin, QOut, KOut, KCache, VCache, Slots,
-                          VNormW, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt,
-                          stride_vh, stride_qot, stride_qoh, stride_kot, stride_koh, stride_cs,
-                          stride_kcs, stride_kch, stride_vcs, stride_vch, inv_k_scale,
-                          inv_v_scale, v_norm_eps, HQ, HK, R, D, DV, BLOCK_HQ, BLOCK_HK,
-                          BLOCK_D, BLOCK_DV, IS_NEOX, STORE, FP8, V_NORM, True, False)
-        else:
-            rope_kv_token(tok, Q, Kr, V, Pos, CosSin, QOut, KOut, KCache, VCache, Slots,
-                          VNormW, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt,
-                          stride_vh, stride_qot, stride_qoh, stride_kot, stride_koh, stride_cs,
-                          stride_kcs, stride_kch, stride_vcs, stride_vch, inv_k_scale,
-                          inv_v_scale, v_norm_eps, HQ, HK, R, D, DV, BLOCK_HQ, BLOCK_HK,
-                          BLOCK_D, BLOCK_DV, IS_NEOX, STORE, FP8, V_NORM, False, True)
+        q_part = (pid - gemv_programs) % 2 == 0
+        rope_kv_token(tok, Q, Kr, V, Pos, CosSin, QOut, KOut, KCache, VCache, Slots, VNormW,
+                      stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                      stride_qot, stride_qoh, stride_kot, stride_koh, stride_cs, stride_kcs,
+                      stride_kch, stride_vcs, stride_vch, inv_k_scale, inv_v_scale, v_norm_eps,
+                      HQ, HK, R, D, DV, BLOCK_HQ, BLOCK_HK, BLOCK_D, BLOCK_DV, IS_NEOX, STORE,
+                      FP8, V_NORM, q_part, not q_part)
 
 
 @register("mla_absorb_rope", backend="triton", priority=PRIORITY, supports=_store_ok)

@@ -89,12 +89,11 @@ def rope_kv_token(tok, Q, K, V, Pos, CosSin, QOut, KOut, KCache, VCache, Slots, 
                   v_norm_eps, HQ, HK, R, D: tl.constexpr, DV: tl.constexpr,
                   BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_D: tl.constexpr,
                   BLOCK_DV: tl.constexpr, IS_NEOX: tl.constexpr, STORE: tl.constexpr,
-                  FP8: tl.constexpr, V_NORM: tl.constexpr, DO_Q: tl.constexpr = True,
-                  DO_KV: tl.constexpr = True):
+                  FP8: tl.constexpr, V_NORM: tl.constexpr, DO_Q, DO_KV):
     """Token tok's q and k rotated; with STORE the rotated k and v written at the token's
     slot (skipped for slot < 0), v first RMS-normed by VNormW when V_NORM (MLA's latent: the
-    kv_a layernorm in this launch instead of its own). DO_Q / DO_KV: only q's part, or only
-    k's and v's (two programs sharing a token)."""
+    kv_a layernorm in this launch instead of its own). DO_Q / DO_KV: q's part, k's and v's
+    (both True, or one each for two programs sharing a token)."""
     d = tl.arange(0, BLOCK_D)
     half = R // 2
     rot = d < R
@@ -160,7 +159,7 @@ def _rope_kv_kernel(Q, K, V, Pos, CosSin, QOut, KOut, KCache, VCache, Slots, VNo
                   stride_vh, stride_qot, stride_qoh, stride_kot, stride_koh, stride_cs,
                   stride_kcs, stride_kch, stride_vcs, stride_vch, inv_k_scale, inv_v_scale,
                   v_norm_eps, HQ, HK, R, D, DV, BLOCK_HQ, BLOCK_HK, BLOCK_D, BLOCK_DV, IS_NEOX,
-                  STORE, FP8, V_NORM)
+                  STORE, FP8, V_NORM, True, True)
 
 
 def _is_fp8(cache: torch.Tensor | None) -> bool:
