@@ -173,7 +173,8 @@ def _shared_apart(model: torch.nn.Module) -> list[Patch]:
 
 def _x_proj_apart(model: torch.nn.Module) -> list[Patch]:
     def apart(self, x):   # the fused weight's two row ranges, one GEMV launch each, as before
-        proj, q_rows = self.q_kv_a_proj, self.x_proj_sizes[0]
+        proj = self.q_kv_a_proj
+        q_rows = proj.local_sizes[0]
         b = proj.bias
         return (proj._matmul(x, proj.weight[:q_rows], None if b is None else b[:q_rows]),
                 proj._matmul(x, proj.weight[q_rows:], None if b is None else b[q_rows:]))

@@ -181,7 +181,6 @@ class MLAttention(Placed):
         if self.fused_x_proj:
             self.q_kv_a_proj = ColumnParallelLinear(cfg.hidden_size, [q_part, kv_part], q_bias,
                                                     layout, "attn_tp")
-            self.x_proj_sizes = self.q_kv_a_proj.local_sizes                 # (Q, L + R)
         else:
             self.q_in_proj = ColumnParallelLinear(cfg.hidden_size, [q_part], False, layout,
                                                   "attn_tp")
@@ -285,7 +284,7 @@ class MLAttention(Placed):
     def _project_x(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # x: [T, Hd] -> (q_proj's or q_a_proj's output [T, Q], kv_a's [T, L + R])
         if self.fused_x_proj:
-            q, kv = self.q_kv_a_proj(x).split(self.x_proj_sizes, dim=-1)
+            q, kv = self.q_kv_a_proj(x).split(self.q_kv_a_proj.local_sizes, dim=-1)
             return q, kv
         return self.q_in_proj(x), self.kv_a_proj(x)
 
