@@ -11,7 +11,8 @@ cache (the latent normed), so neither waits for the other's loads. More tokens (
 head_gemv does not take) run the two ops one after the other.
 
 H200, DeepSeek-V2-Lite's B=1 decode graph (1K keys; `scripts/gpu_op_ablation.py --ablations
-absorb_apart`, 3 rounds, one rope program then): two launches 1,937 us a step, one 1,917.
+absorb_apart`, 3 rounds): two launches 1,937 us a step, one 1,917 (one rope program); in a
+later call 1,954 -> 1,928 with the token's rope in two programs.
 """
 from __future__ import annotations
 
@@ -51,13 +52,13 @@ def _absorb_rope_kernel(X, W, QLat, N, K, stride_xh, stride_xk, stride_wh, strid
     else:
         pdl_begin(PDL)
         tok = ((pid - gemv_programs) // 2).to(tl.int64)
-        q_part = (pid - gemv_programs) % 2 == 0
+        part = (pid - gemv_programs) % 2                      # 0: q's rope; 1: k's + cache
         rope_kv_token(tok, Q, Kr, V, Pos, CosSin, QOut, KOut, KCache, VCache, Slots, VNormW,
                       stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                       stride_qot, stride_qoh, stride_kot, stride_koh, stride_cs, stride_kcs,
                       stride_kch, stride_vcs, stride_vch, inv_k_scale, inv_v_scale, v_norm_eps,
                       HQ, HK, R, D, DV, BLOCK_HQ, BLOCK_HK, BLOCK_D, BLOCK_DV, IS_NEOX, STORE,
-                      FP8, V_NORM, q_part, not q_part)
+                      FP8, V_NORM, part == 0, part == 1)
 
 
 @register("mla_absorb_rope", backend="triton", priority=PRIORITY, supports=_store_ok)
