@@ -141,16 +141,22 @@ def _one_split(model: torch.nn.Module) -> list[Patch]:
     return [(SplitSizing, "decode_splits", lambda self, *a, **kw: 1)]
 
 
-def _absorbed(model: torch.nn.Module) -> list[Patch]:
-    def empty_product(x, w):
-        return x.new_empty(*x.shape[:2], w.shape[2])
-    out: list[Patch] = []
-    for m in _mla(model):   # the decode runs (its merge in a launch of its own), unprojected
-        decode = m.mla_decode
-        out += [(m, "absorb_rope", _absorb_as(empty_product, rope=True)(m)),
-                (m, "mla_decode", lambda *a, w_uv=None, decode=decode, **kw:
-                 empty_product(decode(*a, **kw), w_uv))]
-    return out
+def _products_by(product: Callable) -> Callable[[torch.nn.Module], list[Patch]]:
+    """MLA's W_UK and W_UV products by `product(x, w)`, each in a launch of its own: W_UK's
+    beside rope_store_kv, W_UV's after the decode (its merge in a launch of its own)."""
+    def patches(model: torch.nn.Module) -> list[Patch]:
+        out: list[Patch] = []
+        for m in _mla(model):
+            decode = m.mla_decode
+            out += [(m, "absorb_rope", _absorb_as(product, rope=True)(m)),
+                    (m, "mla_decode", lambda *a, w_uv=None, decode=decode, **kw:
+                     product(decode(*a, **kw), w_uv))]
+        return out
+    return patches
+
+
+def _empty_product(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(*x.shape[:2], w.shape[2])
 
 
 def _route(model: torch.nn.Module) -> list[Patch]:
@@ -201,16 +207,6 @@ def _generic_decode(model: torch.nn.Module) -> list[Patch]:
     return [(attention_ops, "gqa_decode", generic)] if _has(model, PagedAttention) else []
 
 
-def _head_einsum(model: torch.nn.Module) -> list[Patch]:
-    out: list[Patch] = []
-    for m in _mla(model):   # W_UK's and W_UV's products by einsum, in launches of their own
-        decode = m.mla_decode
-        out += [(m, "absorb_rope", _absorb_as(reference_head_matmul, rope=True)(m)),
-                (m, "mla_decode", lambda *a, w_uv=None, decode=decode, **kw:
-                 reference_head_matmul(decode(*a, **kw), w_uv))]
-    return out
-
-
 def _absorb_apart(model: torch.nn.Module) -> list[Patch]:
     return [(m, "absorb_rope", _absorb_as(None, rope=True)(m)) for m in _mla(model)]
 
@@ -231,12 +227,12 @@ def _split_count(field: str, value: object) -> Callable[[torch.nn.Module], list[
 
 ABLATIONS: dict[str, Callable[[torch.nn.Module], list[Patch]]] = {
     "norms": _norms, "rope_kv": _rope_kv, "attention": _attention, "merge": _merge,
-    "one_split": _one_split, "absorbed": _absorbed, "routed": _routed,
+    "one_split": _one_split, "absorbed": _products_by(_empty_product), "routed": _routed,
     "small": lambda m: _norms(m) + _rope_kv(m) + _attention(m),
     "generic_decode": _generic_decode,
     "gqa_merge_launch": _knob(gqa_decode, "LAST_MERGE_MIN_ROWS", 1 << 30, PagedAttention),
     "moe_grouped": _knob(moe, "moe_gemv_applies", lambda *args: False, RoutedExperts),
-    "head_einsum": _head_einsum,
+    "head_einsum": _products_by(reference_head_matmul),
     "coarse_cap": _split_count("fine_cap", False),
     "router_after_wait": _knob(route, "EARLY_TILE", False, RoutedExperts),
     "shared_apart": _shared_apart,
