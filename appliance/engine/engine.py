@@ -539,8 +539,7 @@ def to_forward_batch(arrays: PlanArrays, device: torch.device,
     input_ids = views["input_ids"]                                       # [T]
     if arrays.input_ids.min(initial=0) < 0:
         if prev_tokens is not None:
-            rows = (-input_ids - 1).clamp(min=0).long()
-            input_ids = torch.where(input_ids < 0, prev_tokens[rows], input_ids)
+            input_ids = resolve_placeholders(input_ids, arrays.input_ids, prev_tokens)
         if dist.is_initialized() and dist.get_world_size() > 1:
             input_ids = input_ids.contiguous()
             dist.broadcast(input_ids, 0)
@@ -551,6 +550,19 @@ def to_forward_batch(arrays: PlanArrays, device: torch.device,
         slot_mapping=views["slot_mapping"], num_decode=arrays.num_decode,
         extend_keys_host=int(arrays.seq_lens[arrays.num_decode:].sum()),
         logit_index=views.get("logit_index"))
+
+
+def resolve_placeholders(input_ids: torch.Tensor, host_ids: np.ndarray,
+                         prev_tokens: torch.Tensor) -> torch.Tensor:
+    """input_ids [T] on the device with each placeholder -(r+1) replaced by prev_tokens[r]
+    (host_ids: the same ids on the host). When token t is placeholder -(t+1) for every t
+    (decode rows that kept their order: most decode steps), prev_tokens' first T rows as
+    they are, without a launch."""
+    t = host_ids.size
+    if t <= len(prev_tokens) and (host_ids == -np.arange(1, t + 1, dtype=host_ids.dtype)).all():
+        return prev_tokens[:t]
+    rows = (-input_ids - 1).clamp(min=0).long()
+    return torch.where(input_ids < 0, prev_tokens[rows], input_ids)
 
 
 def run_worker(runner, channel: PlanChannel, mtp: bool = False) -> None:

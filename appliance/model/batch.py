@@ -90,6 +90,14 @@ class ForwardBatch:
             return self.last_token_index
         return self.logit_index.long()
 
+    def at_logit_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, ...] at the tokens whose logits the step returns: x itself when that is every
+        token in order (one token a row and no logit_index, as in a decode step: no index
+        launches in its graph), else x[logit_token_index]."""
+        if self.logit_index is None and self.num_tokens == self.num_rows:
+            return x
+        return x[self.logit_token_index]
+
     @property
     def num_logits(self) -> int:
         return self.num_rows if self.logit_index is None else int(self.logit_index.shape[0])

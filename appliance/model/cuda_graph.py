@@ -1,11 +1,10 @@
 """CUDA graphs of decode-only steps: launch overhead off the batch-1 critical path.
 
 `DecodeGraphs` captures the model's forward for decode-only batches (every row one token)
-at bucketed batch sizes, over static input buffers. `run` copies a batch into the buffers,
-pads the unused rows of its bucket (slot -1: the cache write skips them; seq_len 1 over
-page 0: read, then discarded), replays the bucket's graph and returns the live rows'
-logits. Batches with prefill rows, more rows than the largest bucket, or a page table wider
-than `max_pages` run eagerly. The page table is always presented `max_pages` wide, so the
+at bucketed batch sizes, over static input buffers (`DecodeInputs`). `run` stages a batch
+into the buffers (two launches, and the unused rows of its bucket padded), replays the
+bucket's graph and returns the live rows' logits. Batches with prefill rows, more rows than
+the largest bucket, or a page table wider than `max_pages` run eagerly. The page table is always presented `max_pages` wide, so the
 attention kernels choose their split-KV for `max_pages * page_size` tokens.
 Every rank makes the same choice for the same batch, so collectives stay matched (NCCL
 collectives are captured into the graph like any kernel). `forward` picks what is captured:
@@ -15,6 +14,7 @@ state, for MTP drafts).
 from __future__ import annotations
 
 import bisect
+from functools import partial
 
 import torch
 from typing import Callable
@@ -64,6 +64,45 @@ def decode_capture_batch(bs: int, max_pages: int, device: torch.device) -> Forwa
         slot_mapping=torch.full((bs,), -1, **i32), num_decode=bs)
 
 
+# The per-row int fields a decode step stages; query_start is the same for every decode step
+# of a bucket (one token a row: 0..bs) and the page table is staged apart (strided rows).
+ROW_FIELDS = ("input_ids", "positions", "seq_lens", "prefix_lens", "slot_mapping")
+
+
+class DecodeInputs:
+    """The static input buffers of the decode graphs (laid out for `max_batch` rows and a
+    `max_pages`-wide page table; a bucket reads the first rows) and the staging of a batch
+    into them: the per-row fields in one launch, the page table in another, the bucket's
+    padding rows (slot -1: the cache write skips them; seq_len 1 over page 0: read, then
+    discarded) only when the batch leaves some."""
+
+    def __init__(self, max_batch: int, max_pages: int, device: torch.device) -> None:
+        self.max_pages = max_pages
+        self.full = decode_capture_batch(max_batch, max_pages, device)
+
+    def view(self, bs: int) -> ForwardBatch:
+        """The first `bs` rows of the buffers, as the bucket of `bs` rows reads them."""
+        f = self.full
+        return ForwardBatch(
+            input_ids=f.input_ids[:bs], positions=f.positions[:bs],
+            query_start=f.query_start[: bs + 1], prefix_lens=f.prefix_lens[:bs],
+            seq_lens=f.seq_lens[:bs], page_table=f.page_table[:bs],
+            slot_mapping=f.slot_mapping[:bs], num_decode=bs)
+
+    def stage(self, batch: ForwardBatch, bs: int) -> None:
+        """Copy decode-only `batch` (at most bs rows, page table at most max_pages wide) into
+        the first bs rows."""
+        rows, width = batch.num_rows, batch.page_table.shape[1]
+        f = self.full
+        torch._foreach_copy_([getattr(f, name)[:rows] for name in ROW_FIELDS],
+                             [getattr(batch, name) for name in ROW_FIELDS])
+        f.page_table[:rows, :width].copy_(batch.page_table)
+        if rows < bs:
+            f.slot_mapping[rows:bs].fill_(-1)
+            f.seq_lens[rows:bs].fill_(1)
+            f.page_table[rows:bs, 0].fill_(0)
+
+
 class DecodeGraphs:
     def __init__(self, model: nn.Module, device: torch.device, max_batch: int, max_pages: int,
                  buckets: tuple[int, ...] = DEFAULT_BUCKETS,
@@ -74,26 +113,15 @@ class DecodeGraphs:
         self.forward = forward or model
         self.buckets = decode_buckets(max_batch, buckets)
         self.max_batch = self.buckets[-1]
-        full = decode_capture_batch(self.max_batch, max_pages, device)  # the static buffers
-        self.input_ids, self.positions = full.input_ids, full.positions          # [N], [N]
-        self.seq_lens, self.page_table = full.seq_lens, full.page_table          # [N], [N, P]
-        self.slot_mapping, self.prefix_lens = full.slot_mapping, full.prefix_lens  # [N], [N]
-        self.query_start = full.query_start                      # [N+1]: one token per row
+        self.inputs = DecodeInputs(self.max_batch, max_pages, device)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, Output]] = {}
         pool = None
         with torch.inference_mode():
             for bs in reversed(self.buckets):  # largest first: later graphs reuse its pool
-                graph, out = capture(self.forward, lambda: self._batch(bs), device, pool)
+                graph, out = capture(self.forward, partial(self.inputs.view, bs), device, pool)
                 pool = graph.pool()
                 self.graphs[bs] = (graph, out)
         self.pool = pool  # the graphs' memory pool (the extend graphs share it)
-
-    def _batch(self, bs: int) -> ForwardBatch:
-        return ForwardBatch(
-            input_ids=self.input_ids[:bs], positions=self.positions[:bs],
-            query_start=self.query_start[: bs + 1], prefix_lens=self.prefix_lens[:bs],
-            seq_lens=self.seq_lens[:bs], page_table=self.page_table[:bs],
-            slot_mapping=self.slot_mapping[:bs], num_decode=bs)
 
     def can_run(self, batch: ForwardBatch) -> bool:
         return (batch.num_decode == batch.num_rows == batch.num_tokens
@@ -105,17 +133,7 @@ class DecodeGraphs:
         its tensors' first B rows when `forward` returns several)."""
         rows = batch.num_rows
         bs = self.buckets[bisect.bisect_left(self.buckets, rows)]
-        width = batch.page_table.shape[1]
-        self.input_ids[:rows].copy_(batch.input_ids)
-        self.positions[:rows].copy_(batch.positions)
-        self.seq_lens[:rows].copy_(batch.seq_lens)
-        self.prefix_lens[:rows].copy_(batch.prefix_lens)
-        self.slot_mapping[:rows].copy_(batch.slot_mapping)
-        self.page_table[:rows, :width].copy_(batch.page_table)
-        if rows < bs:  # padding rows: no cache write, one key from page 0
-            self.slot_mapping[rows:bs].fill_(-1)
-            self.seq_lens[rows:bs].fill_(1)
-            self.page_table[rows:bs, 0].fill_(0)
+        self.inputs.stage(batch, bs)
         graph, out = self.graphs[bs]
         graph.replay()
         return tuple(o[:rows] for o in out) if isinstance(out, tuple) else out[:rows]

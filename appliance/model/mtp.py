@@ -83,7 +83,7 @@ class NextTokenLayers:
         the final norm, what the MTP layers read)."""
         hidden_states, residual = self.model(batch.input_ids, batch.positions, batch)
         hidden, _ = self.model.norm(hidden_states, residual)                  # [T, H]
-        return self.lm_head(hidden[batch.logit_token_index]), hidden
+        return self.lm_head(batch.at_logit_tokens(hidden)), hidden
 
     def forward_next_token(self, layer_idx: int, input_ids: torch.Tensor, hidden: torch.Tensor,
                            batch: ForwardBatch, rows: torch.Tensor

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from appliance.engine.engine import to_forward_batch
+from appliance.engine.engine import resolve_placeholders, to_forward_batch
 from appliance.engine.plan_arrays import PlanArrays
 from appliance.engine.protocol import GenerateRequest
 
@@ -93,6 +93,19 @@ def test_placeholders_read_the_previous_tokens():
     assert batch.input_ids.tolist() == [22, 11, 7]
     assert batch.page_table.tolist() == [[0, 1], [2, 0], [3, 0]]
     assert batch.seq_lens.tolist() == [5, 10, 1]
+
+
+def test_decode_rows_in_order_take_the_previous_tokens_as_they_are():
+    """Row t reading row t of the step before (a decode step whose rows kept their order):
+    the ids are the previous tokens' first rows, a view (no launch); any other order and
+    a literal id go through the lookup."""
+    prev = torch.tensor([11, 22, 33], dtype=torch.int32)
+    ids = resolve_placeholders(torch.tensor([-1, -2]), np.array([-1, -2], np.int32), prev)
+    assert ids.tolist() == [11, 22] and ids.data_ptr() == prev.data_ptr()
+    for host in ([-2, -1], [-1, 5], [7]):
+        host_ids = np.array(host, np.int32)
+        ids = resolve_placeholders(torch.from_numpy(host_ids), host_ids, prev)
+        assert ids.tolist() == [int(prev[-i - 1]) if i < 0 else i for i in host]
 
 
 def test_first_output_carries_the_prefix_cache_hit(engine):

@@ -106,3 +106,16 @@ def test_a_mixed_step_lays_out_its_rows_once_for_every_layer(tmp_path, monkeypat
     calls.update(dict.fromkeys(calls, 0))
     runner.forward(batch_of([([60], 2, [1]), ([50, 51, 52], 3, [0, 2])], 1, [0, 1, 2, 3]))
     assert calls == {"_decode_layout": 1, "_extend_layout": 1}
+
+
+def test_logit_tokens_gather_only_when_some_token_is_not_one():
+    """One token a row and no logit_index (a decode step, as its CUDA graph is captured):
+    every token is a logit token in order, so the tensor itself (no index launch); a prefill
+    row, or verify rows, gather."""
+    x = torch.arange(12.0).view(6, 2)
+    decode = batch_of([([5], 3, [0]), ([6], 7, [1, 2])], 2, None)
+    assert decode.at_logit_tokens(x[:2]).data_ptr() == x.data_ptr()
+    mixed = batch_of([([5], 3, [0]), ([1, 2, 3], 0, [3])], 1, None)
+    assert mixed.at_logit_tokens(x[:4]).tolist() == [[0.0, 1.0], [6.0, 7.0]]
+    verify = batch_of([([5, 6], 3, [0, 1])], 0, [0, 1])
+    assert verify.at_logit_tokens(x[:2]).tolist() == [[0.0, 1.0], [2.0, 3.0]]

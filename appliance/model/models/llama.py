@@ -200,8 +200,8 @@ class LlamaForCausalLM(nn.Module):
         # -> logits [N, V_local or V] of the batch's logit tokens (each row's last token, or
         # every token of a verify row); the compiler gathers vocab
         hidden_states, residual = self.model(batch.input_ids, batch.positions, batch)
-        rows = batch.logit_token_index                         # [N]
-        hidden_states, _ = self.model.norm(hidden_states[rows], residual[rows])  # [N, H]
+        hidden_states, _ = self.model.norm(batch.at_logit_tokens(hidden_states),
+                                           batch.at_logit_tokens(residual))      # [N, H]
         return self.lm_head(hidden_states)
 
 
