@@ -2,7 +2,7 @@
 
 `DecodeGraphs` captures the model's forward for decode-only batches (every row one token)
 at bucketed batch sizes, over static input buffers (`DecodeInputs`). `run` stages a batch
-into the buffers (two launches, and the unused rows of its bucket padded), replays the
+into the buffers (one or two launches, and the unused rows of its bucket padded), replays the
 bucket's graph and returns the live rows' logits. Batches with prefill rows, more rows than
 the largest bucket, or a page table wider than `max_pages` run eagerly. The page table is always presented `max_pages` wide, so the
 attention kernels choose their split-KV for `max_pages * page_size` tokens.
@@ -64,16 +64,16 @@ def decode_capture_batch(bs: int, max_pages: int, device: torch.device) -> Forwa
         slot_mapping=torch.full((bs,), -1, **i32), num_decode=bs)
 
 
-# The per-row int fields a decode step stages; query_start is the same for every decode step
-# of a bucket (one token a row: 0..bs) and the page table is staged apart (strided rows).
+# The per-row int fields a decode step stages beside the page table; query_start is the same
+# for every decode step of a bucket (one token a row: 0..bs).
 ROW_FIELDS = ("input_ids", "positions", "seq_lens", "prefix_lens", "slot_mapping")
 
 
 class DecodeInputs:
     """The static input buffers of the decode graphs (laid out for `max_batch` rows and a
     `max_pages`-wide page table; a bucket reads the first rows) and the staging of a batch
-    into them: the per-row fields in one launch, the page table in another, the bucket's
-    padding rows (slot -1: the cache write skips them; seq_len 1 over page 0: read, then
+    into them: the per-row fields in one launch, the page table in the same one when its
+    rows are contiguous there (one row) and in another when not, the bucket's padding rows (slot -1: the cache write skips them; seq_len 1 over page 0: read, then
     discarded) only when the batch leaves some."""
 
     def __init__(self, max_batch: int, max_pages: int, device: torch.device) -> None:
@@ -94,9 +94,15 @@ class DecodeInputs:
         the first bs rows."""
         rows, width = batch.num_rows, batch.page_table.shape[1]
         f = self.full
-        torch._foreach_copy_([getattr(f, name)[:rows] for name in ROW_FIELDS],
-                             [getattr(batch, name) for name in ROW_FIELDS])
-        f.page_table[:rows, :width].copy_(batch.page_table)
+        dst = [getattr(f, name)[:rows] for name in ROW_FIELDS]
+        src = [getattr(batch, name) for name in ROW_FIELDS]
+        table = f.page_table[:rows, :width]
+        if table.is_contiguous():  # one row (or every column): the same launch takes it
+            dst.append(table)
+            src.append(batch.page_table)
+        else:
+            table.copy_(batch.page_table)
+        torch._foreach_copy_(dst, src)
         if rows < bs:
             f.slot_mapping[rows:bs].fill_(-1)
             f.seq_lens[rows:bs].fill_(1)

@@ -42,3 +42,11 @@ def test_decode_inputs_stage_a_batch_into_its_bucket():
     assert view.seq_lens.tolist() == [8, 3, 1] and view.slot_mapping.tolist() == [15, 26, -1]
     assert view.page_table.tolist() == [[1, 2, 9], [3, 0, 9], [0, 9, 9]]
     assert view.query_start.tolist() == [0, 1, 2, 3] and view.num_decode == 3
+    one = ForwardBatch(  # one row: its page table goes in the fields' launch
+        input_ids=torch.tensor([4], **i32), positions=torch.tensor([9], **i32),
+        query_start=torch.tensor([0, 1], **i32), prefix_lens=torch.tensor([9], **i32),
+        seq_lens=torch.tensor([10], **i32), page_table=torch.tensor([[6, 7]], **i32),
+        slot_mapping=torch.tensor([29], **i32), num_decode=1)
+    inputs.stage(one, bs=1)
+    assert inputs.view(1).page_table.tolist() == [[6, 7, 9]]
+    assert inputs.view(1).seq_lens.tolist() == [10] and inputs.view(1).input_ids.tolist() == [4]
