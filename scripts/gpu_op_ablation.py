@@ -46,6 +46,9 @@ Ablations (those that touch no module of a preset are skipped for it):
   in two launches, as before it;
 - x_proj_apart: the A/B of MLA's q_kv_a_proj: the query's and the latent KV's projections
   as two GEMV launches over the fused weight's two row ranges, as before it;
+- fold_norms: the A/B of layers/norm.py's FOLD_NORMS_ON: each pre-norm layer's RMSNorm inside
+  the first linear that reads it (rms_norm_linear: one GEMV launch at one token), not in a
+  launch of its own as by default (logits compared too);
 - gqa_splits=N / mla_splits=N: decode launches split to N programs an SM (SplitSizing's
   gqa_splits_per_sm / mla_splits_per_sm) instead of the default;
 - coarse_cap: SplitSizing.fine_cap off: every decode launch's split count capped by pieces
@@ -79,6 +82,7 @@ from appliance.model import ModelRunner, ModelSource  # noqa: E402
 from appliance.model.layers.attention import PagedAttention  # noqa: E402
 from appliance.model.layers.mla import MLAttention  # noqa: E402
 from appliance.model.layers.moe import DeepseekMoE, RoutedExperts, TopKRouter  # noqa: E402
+from appliance.model.layers import norm as norm_layers  # noqa: E402
 from appliance.model.layers.norm import RMSNorm  # noqa: E402
 from kernels.reference.linear import head_matmul as reference_head_matmul  # noqa: E402
 from kernels.triton import attention as gqa_attention  # noqa: E402
@@ -240,6 +244,7 @@ ABLATIONS: dict[str, Callable[[torch.nn.Module], list[Patch]]] = {
     "x_proj_apart": _x_proj_apart,
     "merge_apart": _knob(mla_decode, "MERGE_INTO_PROJECTION", False, MLAttention),
     "absorb_apart": _absorb_apart,
+    "fold_norms": _knob(norm_layers, "FOLD_NORMS_ON", frozenset({"cuda", "cpu"}), RMSNorm),
 }
 
 

@@ -27,12 +27,12 @@ SMALL = dict(num_hidden_layers=2, hidden_size=128, intermediate_size=256, vocab_
 # ablations that must find something to patch in each model
 EXPECTED = {"llama-3.1-8b": {"norms", "rope_kv", "attention", "merge", "one_split", "small",
                              "generic_decode", "gqa_merge_launch", "gqa_splits=2",
-                             "gqa_tiles=32,2", "coarse_cap"},
+                             "gqa_tiles=32,2", "coarse_cap", "fold_norms"},
             "deepseek-v2-lite": {"norms", "attention", "merge", "one_split", "absorbed",
                                  "routed", "small", "mla_splits=1", "moe_grouped",
                                  "head_einsum", "router_after_wait", "coarse_cap",
                                  "shared_apart", "x_proj_apart", "merge_apart",
-                                 "route", "absorb_apart", "rope_kv"}}
+                                 "route", "absorb_apart", "rope_kv", "fold_norms"}}
 
 
 @pytest.mark.parametrize("preset", sorted(EXPECTED))

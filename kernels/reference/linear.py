@@ -1,12 +1,14 @@
 """x @ W.T + b: torch's own (cuBLAS on a GPU); the CPU backend (kernels/cpu) tunes small M.
 And the same followed by silu_and_mul (a SwiGLU MLP's gate|up projection); and each head's
-tokens by that head's own matrix (`head_matmul`: MLA's absorbed W_UK / W_UV products)."""
+tokens by that head's own matrix (`head_matmul`: MLA's absorbed W_UK / W_UV products); and a
+pre-norm layer's RMSNorm followed by its first linear (`rms_norm_linear`)."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
 from kernels.reference.activation import silu_and_mul
+from kernels.reference.norm import fused_add_rms_norm, rms_norm
 from kernels.registry import register
 
 
@@ -30,3 +32,20 @@ def head_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x: [T, H, K], weight: [H, K, N] (any strides) -> [T, H, N]: out[t, h] = x[t, h] @
     weight[h] (torch.einsum: one batched GEMM over the heads)."""
     return torch.einsum("thk,hkn->thn", x, weight)
+
+
+@register("rms_norm_linear", backend="torch", priority=0)
+def rms_norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor,
+                    eps: float, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                    silu_mul: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """A pre-norm layer's RMSNorm and the first linear that reads it: (normed, new residual)
+    = fused_add_rms_norm(x, residual, norm_weight, eps) (rms_norm(x) and x when residual is
+    None), then (linear(normed, weight, bias) or with silu_mul linear_silu_and_mul's, new
+    residual). x, residual: [M, K] -> ([M, N] or [M, N / 2], [M, K])."""
+    if residual is None:
+        normed, residual = rms_norm(x, norm_weight, eps), x
+    else:
+        normed, residual = fused_add_rms_norm(x, residual, norm_weight, eps)
+    project = linear_silu_and_mul if silu_mul else linear
+    return project(normed, weight, bias), residual
+

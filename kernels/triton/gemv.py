@@ -21,7 +21,7 @@ import triton.language as tl
 
 from kernels.registry import register
 from kernels.triton.common import HALF_DTYPES, PRIORITY, on_cuda, on_cuda_half
-from kernels.triton.elementwise import silu_and_mul
+from kernels.triton.elementwise import fused_add_rms_norm, rms_norm, silu_and_mul
 from kernels.triton.pdl import pdl_begin, pdl_launch
 
 
@@ -49,6 +49,16 @@ TALL = GemvConfig(block_n=16, block_k=512, num_warps=8, num_stages=2)
 SMALL = GemvConfig(block_n=4, block_k=2048, num_warps=4, num_stages=2)
 
 
+@dataclass(frozen=True)
+class RowNorm:
+    """The RMS norm a GEMV applies to its row first: weight [K], eps, and the residual [1, K]
+    added before it (None: the first layer's) with residual_out [1, K] receiving the sum."""
+    weight: torch.Tensor
+    eps: float
+    residual: torch.Tensor | None = None
+    residual_out: torch.Tensor | None = None
+
+
 def gemv_config(n: int, k: int) -> GemvConfig:
     """The tiles of an [N, K] weight's GEMV."""
     if n >= WIDE_N:
@@ -66,14 +76,33 @@ def _prefetch_l2(ptrs):
 
 
 @triton.jit
-def _gemv_kernel(X, W, B, Out, N, K, stride_w,
+def _norm_input(x, R, G, ResOut, kk, k_ok, K, first, ss, HAS_RES: tl.constexpr):
+    """A chunk of X made the RMS norm's input inside the GEMV: + the residual's chunk (rounded
+    to X's dtype as fused_add_rms_norm stores it; the `first` program stores it in ResOut),
+    its squares added to ss, times the norm weight G (the 1 / rms scale multiplies the dot
+    products at the end) -> (float32 chunk, ss)."""
+    if HAS_RES:
+        r = tl.load(R + kk, mask=k_ok, other=0.0)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
+        tl.store(ResOut + kk, x, mask=k_ok & (kk < tl.where(first, K, 0)))
+    xf = x.to(tl.float32)
+    return xf * tl.load(G + kk, mask=k_ok, other=0.0).to(tl.float32), ss + xf * xf
+
+
+@triton.jit
+def _gemv_kernel(X, W, B, Out, R, G, ResOut, N, K, stride_w, eps,
                  HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 EVEN_K: tl.constexpr, SILU_MUL: tl.constexpr, PDL: tl.constexpr):
+                 EVEN_K: tl.constexpr, SILU_MUL: tl.constexpr, NORM: tl.constexpr,
+                 HAS_RES: tl.constexpr, PDL: tl.constexpr):
     """Out[n] = W[n] . X (+ B[n]) for BLOCK_N rows n a program. SILU_MUL: W is N gate rows
     then N up rows, and a program's rows are BLOCK_N / 2 (gate j, up j) pairs, interleaved,
     so that Out[j] = silu(gate_j) * up_j is its epilogue: the same rows, tiles and sums as
     the plain GEMV, each rounded to Out's dtype as the plain one stores it, and the
-    silu_and_mul kernel's arithmetic on them (bit-equal to the two kernels, one launch)."""
+    silu_and_mul kernel's arithmetic on them (bit-equal to the two kernels, one launch).
+    NORM: X is RMS-normed first (weight G, epsilon eps; HAS_RES: X + R, stored in ResOut by
+    program 0): every program reads all of X anyway, so each sums its squares as it goes
+    and scales its dot products by 1 / rms at the end (the normed X is not rounded to X's
+    dtype between the two, as the separate norm kernel's output is)."""
     pid = tl.program_id(0)
     r = tl.arange(0, BLOCK_N)
     if SILU_MUL:
@@ -93,19 +122,24 @@ def _gemv_kernel(X, W, B, Out, N, K, stride_w,
         _prefetch_l2(safe_rows + tl.where(lines < K, lines, 0)[None, :])
     pdl_begin(PDL)
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    ss = tl.zeros((BLOCK_K,), dtype=tl.float32)                        # NORM: sum of squares
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + k
+        k_ok = kk < K
         if EVEN_K:
             x = tl.load(X + kk)
             w = tl.load(rows + kk[None, :], mask=n_ok[:, None], other=0.0,
                         eviction_policy="evict_first")
         else:
-            k_ok = kk < K
             x = tl.load(X + kk, mask=k_ok, other=0.0)
             w = tl.load(rows + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0,
                         eviction_policy="evict_first")
+        if NORM:
+            x, ss = _norm_input(x, R, G, ResOut, kk, k_ok, K, pid == 0, ss, HAS_RES)
         acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
     y = tl.sum(acc, axis=1)                                            # [BN]
+    if NORM:
+        y = y / tl.sqrt(tl.sum(ss, 0) / K + eps)
     if HAS_BIAS:
         y += tl.load(B + n, mask=n_ok, other=0.0).to(tl.float32)
     if SILU_MUL:
@@ -119,9 +153,11 @@ def _gemv_kernel(X, W, B, Out, N, K, stride_w,
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-         config: GemvConfig | None = None, silu_mul: bool = False) -> torch.Tensor:
+         config: GemvConfig | None = None, silu_mul: bool = False,
+         norm: RowNorm | None = None) -> torch.Tensor:
     """x: [1, K] (contiguous), weight: [N, K] (row-contiguous), bias: [N] -> [1, N].
-    silu_mul: weight is gate rows then up rows (N even) -> silu(gate) * up [1, N / 2]."""
+    silu_mul: weight is gate rows then up rows (N even) -> silu(gate) * up [1, N / 2].
+    norm: x is RMS-normed first (its residual added and stored: see RowNorm)."""
     n, k = weight.shape
     config = config or gemv_config(n, k)
     if x.shape != (1, k) or not x.is_contiguous() or weight.stride(1) != 1:
@@ -131,12 +167,17 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         raise ValueError(f"gemv: silu_mul needs gate and up rows of equal count, got {n} rows")
     width = n // 2 if silu_mul else n
     out = torch.empty((1, width), device=x.device, dtype=x.dtype)
+    has_res = norm is not None and norm.residual is not None
+    residual, res_out = (norm.residual, norm.residual_out) if has_res else (x, x)
     grid = (triton.cdiv(n, config.block_n),)
-    _gemv_kernel[grid](x, weight, bias if bias is not None else out, out, width, k,
-                       weight.stride(0), HAS_BIAS=bias is not None, BLOCK_N=config.block_n,
+    _gemv_kernel[grid](x, weight, bias if bias is not None else out, out, residual,
+                       norm.weight if norm is not None else x, res_out, width, k,
+                       weight.stride(0), norm.eps if norm is not None else 0.0,
+                       HAS_BIAS=bias is not None, BLOCK_N=config.block_n,
                        BLOCK_K=config.block_k, EVEN_K=k % config.block_k == 0,
-                       SILU_MUL=silu_mul, num_warps=config.num_warps,
-                       num_stages=config.num_stages, **pdl_launch(x.device))
+                       SILU_MUL=silu_mul, NORM=norm is not None, HAS_RES=has_res,
+                       num_warps=config.num_warps, num_stages=config.num_stages,
+                       **pdl_launch(x.device))
     return out
 
 
@@ -166,3 +207,32 @@ def linear_silu_and_mul(x: torch.Tensor, weight: torch.Tensor,
     if x.dtype in HALF_DTYPES and gemv_applies(x, weight, bias) and weight.shape[0] % 2 == 0:
         return gemv(x, weight, bias, silu_mul=True)
     return silu_and_mul(F.linear(x, weight, bias))
+
+
+def _row_norm_applies(x: torch.Tensor, residual: torch.Tensor | None,
+                      norm_weight: torch.Tensor) -> bool:
+    return ((residual is None or (residual.shape == x.shape and residual.is_contiguous()
+                                  and residual.dtype == x.dtype))
+            and norm_weight.shape == (x.shape[-1],) and norm_weight.is_contiguous())
+
+
+@register("rms_norm_linear", backend="triton", priority=PRIORITY, supports=on_cuda_half)
+def rms_norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor,
+                    eps: float, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                    silu_mul: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference's contract (kernels/reference/linear.py). One 16-bit row: one GEMV
+    launch, the norm in its loads (`_gemv_kernel`'s NORM: the norm kernel's launch gone;
+    the normed row is not rounded to 16 bits before the dot products). Anything else: the
+    norm kernel, then `linear` or `linear_silu_and_mul`, as the separate ops run it."""
+    if (gemv_applies(x, weight, bias) and _row_norm_applies(x, residual, norm_weight)
+            and not (silu_mul and weight.shape[0] % 2)):
+        out_residual = torch.empty_like(x) if residual is not None else x
+        norm = RowNorm(norm_weight, eps, residual, out_residual)
+        return gemv(x, weight, bias, silu_mul=silu_mul, norm=norm), out_residual
+    if residual is None:
+        normed, residual = rms_norm(x, norm_weight, eps), x
+    else:
+        normed, residual = fused_add_rms_norm(x, residual, norm_weight, eps)
+    project = linear_silu_and_mul if silu_mul else linear
+    return project(normed, weight, bias), residual
+

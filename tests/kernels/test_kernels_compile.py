@@ -242,16 +242,22 @@ def _row_kernels() -> None:
     _gemv(28672, 4096, silu_mul=True)                              # gate_up with its SiLU
     _gemv(576, 2048)                                               # small: DeepSeek's kv_a
     _gemv(5632, 2048, silu_mul=True)                               # ... its shared experts
+    _gemv(6144, 4096, norm=True)                                   # the 8B's qkv, normed
+    _gemv(28672, 4096, silu_mul=True, norm=True)                   # ... its gate_up, normed
+    _gemv(3648, 2048, norm=True)                                   # DeepSeek's q | kv_a, normed
     compile_sm90(SA._spec_accept_kernel, dict(Tokens=I32, Drafts=I32, Start=I32, Counts=I32),
                  dict(BLOCK=SA.BLOCK), 4, 1)
 
 
-def _gemv(n: int, k: int, pdl: bool = True, silu_mul: bool = False):
+def _gemv(n: int, k: int, pdl: bool = True, silu_mul: bool = False, norm: bool = False):
+    """norm: with the RMS norm (and its residual) in the loads (rms_norm_linear)."""
     config = G.gemv_config(n, k)
-    return compile_sm90(G._gemv_kernel, dict(X=BF, W=BF, B=BF, Out=BF,
-                                             N=n // 2 if silu_mul else n, K=k, stride_w=k),
+    return compile_sm90(G._gemv_kernel, dict(X=BF, W=BF, B=BF, Out=BF, R=BF, G=BF, ResOut=BF,
+                                             N=n // 2 if silu_mul else n, K=k, stride_w=k,
+                                             eps=1e-6),
                         dict(HAS_BIAS=False, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-                             EVEN_K=k % config.block_k == 0, SILU_MUL=silu_mul, PDL=pdl),
+                             EVEN_K=k % config.block_k == 0, SILU_MUL=silu_mul, NORM=norm,
+                             HAS_RES=norm, PDL=pdl),
                         config.num_warps, config.num_stages)
 
 

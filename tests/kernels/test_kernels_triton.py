@@ -360,6 +360,41 @@ def test_linear_one_row_gemv(n, k, bias):
     assert G.gemv_config(6144, 4096) == G.TALL                                   # ... and qkv
 
 
+@pytest.mark.parametrize("n,k,res,silu,bias", [(40, 64, True, False, False),
+                                                (37, 100, False, False, True),
+                                                (16, 2048, True, True, False),
+                                                (20, 100, True, True, True)])
+def test_rms_norm_linear_one_row_is_one_gemv(n, k, res, silu, bias):
+    """One row: the norm inside the GEMV's loads (a ragged K step, with and without the
+    residual, the SiLU epilogue, a bias). In float32 it is the reference (norm, then linear);
+    in bf16 the normed row is not rounded before the dot products, so it is the reference
+    within bf16 rounding, and the new residual (program 0's store) is the norm kernel's
+    exactly. More rows take the norm kernel, then linear / linear_silu_and_mul, bit-equal
+    to those ops."""
+    from kernels.triton import gemv as G
+    config = G.GemvConfig(block_n=8, block_k=64, num_warps=4)
+    rows = 2 * n if silu else n
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        x, g, w = rnd(1, k, dtype=dtype), rnd(k, dtype=dtype) + 1, rnd(rows, k, dtype=dtype)
+        r = rnd(1, k, dtype=dtype) if res else None
+        b = rnd(rows, dtype=dtype) if bias else None
+        want, want_r = R.rms_norm_linear(x, r, g, 1e-6, w, b, silu)
+        got, got_r = G.rms_norm_linear(x, r, g, 1e-6, w, b, silu)
+        assert rel_err(got, want) < tol and rel_err(got_r, want_r) < tol
+        if r is None:
+            assert got_r is x
+        else:  # the sum rounded as the norm kernel rounds it
+            assert torch.equal(got_r, E.fused_add_rms_norm(x, r, g, 1e-6)[1])
+        out_r = torch.empty_like(x)
+        small_tiles = G.gemv(x, w, b, config, silu, G.RowNorm(g, 1e-6, r, out_r))
+        assert rel_err(small_tiles, want) < tol
+    xs, rs = rnd(3, k, dtype=torch.bfloat16), rnd(3, k, dtype=torch.bfloat16)
+    normed, new_r = E.fused_add_rms_norm(xs, rs, g, 1e-6)
+    project = G.linear_silu_and_mul if silu else G.linear
+    got, got_r = G.rms_norm_linear(xs, rs, g, 1e-6, w, b, silu)
+    assert torch.equal(got, project(normed, w, b)) and torch.equal(got_r, new_r)
+
+
 @pytest.mark.parametrize("inter,k,bias", [(20, 64, False), (37, 100, True), (8, 2048, False)])
 def test_linear_silu_and_mul_one_row_is_one_gemv_bit_equal_to_two_kernels(inter, k, bias):
     """One 16-bit row: the GEMV's SILU_MUL epilogue (gate and up rows paired in each

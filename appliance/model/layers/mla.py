@@ -45,7 +45,7 @@ from appliance.model.batch import ForwardBatch
 from appliance.model.context import BuildContext
 from appliance.model.layers.attention import select_optional
 from appliance.model.layers.linear import ColumnParallelLinear, Part, RowParallelLinear
-from appliance.model.layers.norm import HeadRMSNorm
+from appliance.model.layers.norm import HeadRMSNorm, RMSNorm
 from appliance.model.layers.rotary import RopeConfig, RotaryEmbedding, rope_config
 from appliance.model.layers.yarn import (YarnConfig, YarnRotaryEmbedding, context_length,
                                          yarn_config, yarn_mscale)
@@ -165,6 +165,7 @@ class MLAttention(Placed):
         self.decompress_max_keys = DECOMPRESS_MAX_KEYS
         self.kv_cache: torch.Tensor | None = None
         self.input_placement, self.output_placement = Replicate("attn_tp"), Partial("attn_tp")
+        self.folds_norm = self.fused_x_proj  # forward_normed: the norm inside q_kv_a_proj's op
 
     def _build_projections(self, cfg: MLAConfig, ctx: BuildContext) -> None:
         h, dqk, layout = cfg.num_heads, cfg.qk_head_dim, ctx.layout
@@ -220,10 +221,23 @@ class MLAttention(Placed):
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor,
                 batch: ForwardBatch) -> torch.Tensor:
         # positions: [T]; hidden_states: [T, Hd] -> [T, Hd] (partial sums over attn_tp)
+        return self._attend_projected(positions, *self._project_x(hidden_states), batch)
+
+    def forward_normed(self, norm: RMSNorm, x: torch.Tensor, residual: torch.Tensor | None,
+                       positions: torch.Tensor, batch: ForwardBatch
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """forward over norm(x, residual), the norm inside q_kv_a_proj's op (fused_x_proj
+        only) -> (out, residual)."""
+        projected, residual = norm.into(self.q_kv_a_proj, x, residual)
+        q, kv = projected.split(self.q_kv_a_proj.local_sizes, dim=-1)
+        return self._attend_projected(positions, q, kv, batch), residual
+
+    def _attend_projected(self, positions: torch.Tensor, q: torch.Tensor, kv: torch.Tensor,
+                          batch: ForwardBatch) -> torch.Tensor:
+        # q: q_proj's or q_a_proj's output [T, Q], kv: kv_a's [T, L + R] -> [T, Hd]
         if self.kv_cache is None:
             raise RuntimeError("MLAttention: no KV cache bound (ModelRunner allocates it)")
-        t, c = hidden_states.shape[0], self.cfg
-        q, kv = self._project_x(hidden_states)                      # [T, Q], [T, L + R]
+        t, c = q.shape[0], self.cfg
         q_nope, q_rope = self._query(q)                             # [T, H, Dn], [T, H, R]
         latent, k_rope = self._latent_kv(kv)                        # [T, L], [T, R]
         # tokens [0, split) attend in the absorbed form; the rest (prefill chunks) decompressed

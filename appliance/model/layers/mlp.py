@@ -10,6 +10,7 @@ import torch
 import kernels
 from appliance.model.context import BuildContext
 from appliance.model.layers.linear import ColumnParallelLinear, Part, RowParallelLinear
+from appliance.model.layers.norm import RMSNorm
 from appliance.model.placement import Partial, Placed, Replicate
 
 
@@ -25,9 +26,16 @@ class SwiGLUMLP(Placed):
         self.gate_up_act = kernels.select("linear_silu_and_mul", device=ctx.device,
                                           dtype=ctx.dtype)
         self.input_placement, self.output_placement = Replicate(group), Partial(group)
+        self.folds_norm = True  # forward_normed: the norm inside gate|up's op
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [T, H] -> [T, H] (partial sums over the group)
         gate_up = self.gate_up_proj
         act = self.gate_up_act(x, gate_up.weight, gate_up.bias)   # [T, I_local]
         return self.down_proj(act)                                # [T, H]
+
+    def forward_normed(self, norm: RMSNorm, x: torch.Tensor, residual: torch.Tensor | None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """forward over norm(x, residual), the norm inside gate|up's op -> (out, residual)."""
+        act, residual = norm.into(self.gate_up_proj, x, residual, silu_mul=True)
+        return self.down_proj(act), residual

@@ -6,6 +6,13 @@ when the producer's output is Partial the compiler hands it a fused all-reduce s
 (`set_fused_reduce`) and the norm runs that step instead of the plain kernels.
 `HeadRMSNorm` normalises each attention head (Qwen3's q_norm / k_norm); it is not on the
 chain.
+
+A norm can also go into the first linear that reads its output (`folds_into`, `into`: the
+`rms_norm_linear` op, one GEMV launch at one token instead of the norm's and the GEMV's).
+The consumers that can take it (attention's q|k|v or MLA's q|kv_a projection, the dense
+MLP's gate|up) say so with `folds_norm` and run it in `forward_normed`; the decoder layer
+chooses. Only on the device types of `FOLD_NORMS_ON`: none until the GPU has measured it
+(`scripts/gpu_op_ablation.py --ablations fold_norms`).
 """
 from __future__ import annotations
 
@@ -16,6 +23,11 @@ from torch import nn
 
 import kernels
 from appliance.model.placement import Placed, Replicate, WeightSharding, WeightSource
+
+
+# The device types on which a norm goes into its consumer's first linear (none until the GPU
+# has measured it; read at each forward, so a test or an A/B may set it on a built model).
+FOLD_NORMS_ON: frozenset[str] = frozenset()
 
 
 class _NormWeight(nn.Module):
@@ -38,6 +50,7 @@ class RMSNorm(_NormWeight, Placed):
                  dtype: torch.dtype, group: str = "attn_tp") -> None:
         super().__init__(hidden_size, eps, device, dtype, group)
         self.fused_add_rms_norm = kernels.select("fused_add_rms_norm", device=device, dtype=dtype)
+        self.rms_norm_linear = kernels.select("rms_norm_linear", device=device, dtype=dtype)
         self.input_placement = self.output_placement = Replicate(group)
         self.fused_reduce: Callable | None = None
 
@@ -53,6 +66,21 @@ class RMSNorm(_NormWeight, Placed):
         if residual is None:
             return self.rms_norm(x, self.weight, self.eps), x
         return self.fused_add_rms_norm(x, residual, self.weight, self.eps)
+
+    def folds_into(self, consumer: nn.Module) -> bool:
+        """Whether `consumer` runs this norm inside its first linear (its `forward_normed`):
+        on a device of FOLD_NORMS_ON, where it can (`folds_norm`) and no collective lies
+        between them (none fused into the norm, no hook on the consumer)."""
+        return (self.weight.device.type in FOLD_NORMS_ON
+                and getattr(consumer, "folds_norm", False) and self.fused_reduce is None
+                and not consumer._forward_hooks and not consumer._forward_pre_hooks)
+
+    def into(self, linear: nn.Module, x: torch.Tensor, residual: torch.Tensor | None,
+             silu_mul: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(linear's output over this norm's, or with silu_mul its SwiGLU activation, new
+        residual), in one op: x, residual [T, H] -> ([T, out], [T, H])."""
+        return self.rms_norm_linear(x, residual, self.weight, self.eps, linear.weight,
+                                    linear.bias, silu_mul)
 
 
 class HeadRMSNorm(_NormWeight):

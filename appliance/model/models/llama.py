@@ -94,12 +94,24 @@ class LlamaAttention(Placed):
         self.rotary_emb = rotary_emb
         self.attn = PagedAttention(self.num_heads, self.num_kv_heads, d, d ** -0.5, ctx)
         self.input_placement, self.output_placement = Replicate("attn_tp"), Partial("attn_tp")
+        self.folds_norm = True  # forward_normed: the norm inside q|k|v's op
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor,
                 batch: ForwardBatch) -> torch.Tensor:
         # positions: [T]; hidden_states: [T, H] -> [T, H] (partial sums over attn_tp)
-        t = hidden_states.shape[0]
-        qkv = self.qkv_proj(hidden_states)                      # [T, (Hq + 2 Hk) * D]
+        return self._attend(positions, self.qkv_proj(hidden_states), batch)
+
+    def forward_normed(self, norm: RMSNorm, x: torch.Tensor, residual: torch.Tensor | None,
+                       positions: torch.Tensor, batch: ForwardBatch
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """forward over norm(x, residual), the norm inside q|k|v's op -> (out, residual)."""
+        qkv, residual = norm.into(self.qkv_proj, x, residual)
+        return self._attend(positions, qkv, batch), residual
+
+    def _attend(self, positions: torch.Tensor, qkv: torch.Tensor, batch: ForwardBatch
+                ) -> torch.Tensor:
+        # qkv: [T, (Hq + 2 Hk) * D] -> [T, H] (partial sums over attn_tp)
+        t = qkv.shape[0]
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(t, self.num_heads, self.head_dim)            # [T, Hq, D]
         k = k.view(t, self.num_kv_heads, self.head_dim)         # [T, Hk, D]
@@ -130,11 +142,21 @@ class LlamaDecoderLayer(nn.Module):
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor,
                 residual: torch.Tensor | None, batch: ForwardBatch
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        # hidden_states, residual: [T, H] -> (mlp output [T, H], residual [T, H])
-        hidden_states, residual = self.input_layernorm(hidden_states, residual)
-        hidden_states = self.self_attn(positions, hidden_states, batch)
-        hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
-        hidden_states = self.mlp(hidden_states)
+        # hidden_states, residual: [T, H] -> (mlp output [T, H], residual [T, H]); each norm
+        # inside its consumer's first linear where that one folds it (layers/norm.py)
+        norm, attn = self.input_layernorm, self.self_attn
+        if norm.folds_into(attn):
+            hidden_states, residual = attn.forward_normed(norm, hidden_states, residual,
+                                                          positions, batch)
+        else:
+            hidden_states, residual = norm(hidden_states, residual)
+            hidden_states = attn(positions, hidden_states, batch)
+        norm, mlp = self.post_attention_layernorm, self.mlp
+        if norm.folds_into(mlp):
+            hidden_states, residual = mlp.forward_normed(norm, hidden_states, residual)
+        else:
+            hidden_states, residual = norm(hidden_states, residual)
+            hidden_states = mlp(hidden_states)
         return hidden_states, residual
 
 

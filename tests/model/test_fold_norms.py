@@ -1,0 +1,71 @@
+"""A pre-norm layer's RMSNorm inside the first linear that reads it (layers/norm.py,
+`rms_norm_linear`), switched on for the CPU here: a prefill step's and a decode step's logits
+are the unfolded model's, the folded norms launch no norm op of their own, and a norm with a
+collective fused in (tensor parallelism) stays apart."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from appliance.model import ModelRunner
+from appliance.model.layers import norm as norm_module
+from appliance.model.layers.mlp import SwiGLUMLP
+from helpers import save_tiny_hf_model
+from test_deepseek import CONFIGS, save_tiny_deepseek
+from test_verify_rows import PS, batch_of
+
+
+@pytest.fixture(scope="module", params=["llama", "deepseek-v2"])
+def model_folder(request, tmp_path_factory):
+    folder = tmp_path_factory.mktemp(request.param)
+    if request.param == "llama":
+        return save_tiny_hf_model(folder, "llama", seed=5)
+    version, over = CONFIGS["v2-noqlora"]
+    return save_tiny_deepseek(folder, version, seed=5, **over)
+
+
+def _two_steps(runner: ModelRunner) -> list[torch.Tensor]:
+    """The logits of a 2-row prefill, then of one decode token in each row."""
+    a, b = [5, 9, 33, 7, 100, 21], [8, 8, 17]
+    first = runner.forward(batch_of([(a, 0, [0, 1]), (b, 0, [2])], 0, None))
+    second = runner.forward(batch_of([([40], len(a), [0, 1]), ([41], len(b), [2])], 2, None))
+    one = runner.forward(batch_of([([42], len(a) + 1, [0, 1])], 1, None))
+    return [first, second, one]
+
+
+def test_folded_norms_give_the_unfolded_logits(model_folder, monkeypatch):
+    want = _two_steps(ModelRunner(model_folder, kv_num_pages=16, page_size=PS))
+    monkeypatch.setattr(norm_module, "FOLD_NORMS_ON", frozenset({"cpu"}))
+    runner = ModelRunner(model_folder, kv_num_pages=16, page_size=PS)
+    calls = {"norm": 0, "folded": 0}
+    for m in runner.model.modules():
+        if isinstance(m, norm_module.RMSNorm):
+            for name, key in (("rms_norm", "norm"), ("fused_add_rms_norm", "norm"),
+                              ("rms_norm_linear", "folded")):
+                def counted(*args, _real=getattr(m, name), _key=key):
+                    calls[_key] += 1
+                    return _real(*args)
+                setattr(m, name, counted)
+    got = _two_steps(runner)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+    layers = runner.model.model.layers
+    # each step: every layer's input norm and the dense MLPs' post-attention ones folded; the
+    # MoE layers' post-attention norms (their consumer takes none) and the final norm apart
+    folded = sum(1 + isinstance(layer.mlp, SwiGLUMLP) for layer in layers)
+    assert calls["folded"] == 3 * folded and folded > len(layers)
+    assert calls["norm"] == 3 * (1 + 2 * len(layers) - folded)
+
+
+def test_a_norm_with_a_fused_reduce_stays_apart(model_folder, monkeypatch):
+    monkeypatch.setattr(norm_module, "FOLD_NORMS_ON", frozenset({"cpu"}))
+    runner = ModelRunner(model_folder, kv_num_pages=16, page_size=PS)
+    layer = runner.model.model.layers[0]
+    assert layer.input_layernorm.folds_into(layer.self_attn)
+    layer.input_layernorm.set_fused_reduce(lambda *args: None)
+    assert not layer.input_layernorm.folds_into(layer.self_attn)
+    handle = layer.mlp.register_forward_hook(lambda *args: None)
+    assert not layer.post_attention_layernorm.folds_into(layer.mlp)
+    handle.remove()
+    monkeypatch.setattr(norm_module, "FOLD_NORMS_ON", frozenset())
+    assert not layer.post_attention_layernorm.folds_into(layer.mlp)
