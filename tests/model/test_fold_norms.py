@@ -50,10 +50,10 @@ def test_folded_norms_give_the_unfolded_logits(model_folder, monkeypatch):
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
     layers = runner.model.model.layers
-    # each step: every layer's input norm and the dense MLPs' post-attention ones folded; the
-    # MoE layers' post-attention norms (their consumer takes none) and the final norm apart
-    folded = sum(1 + isinstance(layer.mlp, SwiGLUMLP) for layer in layers)
-    assert calls["folded"] == 3 * folded and folded > len(layers)
+    # each step: every layer's input norm, the dense MLPs' post-attention ones and the final
+    # norm folded; the MoE layers' post-attention norms (their consumer takes none) apart
+    folded = 1 + sum(1 + isinstance(layer.mlp, SwiGLUMLP) for layer in layers)
+    assert calls["folded"] == 3 * folded and folded > len(layers) + 1
     assert calls["norm"] == 3 * (1 + 2 * len(layers) - folded)
 
 

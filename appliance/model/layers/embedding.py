@@ -60,10 +60,18 @@ class ParallelLMHead(Placed):
         self.input_placement = Replicate(group)
         self.output_placement = Shard(-1, group) if n > 1 else Replicate(group)
         self._matmul = RegistryMatmul()
+        self.bias = None
+        self.folds_norm = True  # forward_normed: the final norm inside the head's op
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [B, H] -> [B, V_local]
         return self._matmul(x, self.weight)
+
+    def forward_normed(self, norm: nn.Module, x: torch.Tensor, residual: torch.Tensor | None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """forward over norm(x, residual), the norm inside the head's op -> (logits,
+        residual)."""
+        return norm.into(self, x, residual)
 
     def weight_shardings(self, prefix: str) -> list[WeightSharding]:
         if self.tied:

@@ -222,8 +222,11 @@ class LlamaForCausalLM(nn.Module):
         # -> logits [N, V_local or V] of the batch's logit tokens (each row's last token, or
         # every token of a verify row); the compiler gathers vocab
         hidden_states, residual = self.model(batch.input_ids, batch.positions, batch)
-        hidden_states, _ = self.model.norm(batch.at_logit_tokens(hidden_states),
-                                           batch.at_logit_tokens(residual))      # [N, H]
+        hidden_states = batch.at_logit_tokens(hidden_states)                   # [N, H]
+        residual = batch.at_logit_tokens(residual)                             # [N, H]
+        if self.model.norm.folds_into(self.lm_head):
+            return self.lm_head.forward_normed(self.model.norm, hidden_states, residual)[0]
+        hidden_states, _ = self.model.norm(hidden_states, residual)
         return self.lm_head(hidden_states)
 
 
