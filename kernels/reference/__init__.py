@@ -9,7 +9,8 @@ from kernels.reference.kv_cache import store_kv
 from kernels.reference.linear import head_matmul, linear, linear_silu_and_mul, rms_norm_linear
 from kernels.reference.logits import apply_penalties, apply_token_bitmask
 from kernels.reference.mla import mla_absorb_rope, mla_decode, mla_extend, mla_prefill
-from kernels.reference.moe import fused_moe, fused_moe_mxfp4, moe_route, router_logits
+from kernels.reference.moe import (fused_moe, fused_moe_mxfp4, moe_route, rms_norm_router_logits,
+                                   router_logits)
 from kernels.reference.norm import fused_add_rms_norm, rms_norm
 from kernels.reference.rope import rope, rope_store_kv
 from kernels.reference.sample import sample
@@ -20,5 +21,5 @@ __all__ = [
     "decode_attention", "extend_attention", "mla_decode", "mla_extend", "mla_prefill",
     "router_logits", "moe_route", "fused_moe", "fused_moe_mxfp4", "sample",
     "apply_token_bitmask", "apply_penalties", "spec_accept", "linear", "linear_silu_and_mul",
-    "head_matmul", "mla_absorb_rope", "rms_norm_linear",
+    "head_matmul", "mla_absorb_rope", "rms_norm_linear", "rms_norm_router_logits",
 ]

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from kernels.moe_activation import ClampedSwiGLU
 from kernels.mxfp4 import dequantize
+from kernels.reference.norm import fused_add_rms_norm, rms_norm
 from kernels.registry import register
 
 
@@ -31,6 +32,20 @@ def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x: [T, H] (any float dtype), weight: [E, H] -> [T, E] float32: x @ weight^T computed in
     float32, as HF's DeepSeek gate does."""
     return F.linear(x.float(), weight.float())
+
+
+@register("rms_norm_router_logits", backend="torch", priority=0)
+def rms_norm_router_logits(x: torch.Tensor, residual: torch.Tensor | None,
+                           norm_weight: torch.Tensor, eps: float, weight: torch.Tensor
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A MoE layer's pre-norm and its router: (normed, new residual) =
+    fused_add_rms_norm(x, residual, norm_weight, eps) (rms_norm(x) and x when residual is
+    None) -> (router_logits(normed, weight) [T, E] float32, normed [T, H], new residual)."""
+    if residual is None:
+        normed, residual = rms_norm(x, norm_weight, eps), x
+    else:
+        normed, residual = fused_add_rms_norm(x, residual, norm_weight, eps)
+    return router_logits(normed, weight), normed, residual
 
 
 @register("moe_route", backend="torch", priority=0)

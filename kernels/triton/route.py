@@ -25,6 +25,8 @@ unbiased scores, optionally renormalized, times routed_scaling. The ids come out
 reference's order (descending choice)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -32,6 +34,7 @@ import triton.language as tl
 from kernels.reference.moe import router_logits as reference_router_logits
 from kernels.registry import register
 from kernels.triton.common import PRIORITY, check, next_pow2, on_cuda
+from kernels.triton.elementwise import fused_add_rms_norm, rms_norm
 from kernels.triton.pdl import pdl_begin, pdl_launch
 
 MAX_EXPERTS = 1024
@@ -44,11 +47,32 @@ EARLY_TILE = True          # the first gate tile read before the PDL wait (modul
 
 
 @triton.jit
-def _router_logits_kernel(X, W, Out, stride_x, stride_w, stride_o, H: tl.constexpr,
-                          E: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
-                          EARLY: tl.constexpr, PDL: tl.constexpr):
+def _router_input(X, R, G, k, k_ok, NORM: tl.constexpr, HAS_RES: tl.constexpr):
+    """The token's chunk k of X (pointers X, R: the token's row) as the router dots it, in
+    float32 -> (chunk, its squares). NORM: the RMS norm's input X + R (rounded to X's dtype,
+    as fused_add_rms_norm stores it), times the norm weight G (1 / rms comes after the dot)."""
+    x = tl.load(X + k, mask=k_ok, other=0.0)
+    if NORM:
+        if HAS_RES:
+            r = tl.load(R + k, mask=k_ok, other=0.0)
+            x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
+        xf = x.to(tl.float32)
+        return xf * tl.load(G + k, mask=k_ok, other=0.0).to(tl.float32), xf * xf
+    return x.to(tl.float32), tl.zeros(k.shape, dtype=tl.float32)
+
+
+@triton.jit
+def _router_logits_kernel(X, W, Out, R, G, Normed, ResOut, stride_x, stride_w, stride_o, eps,
+                          H: tl.constexpr, E: tl.constexpr, BLOCK_E: tl.constexpr,
+                          BLOCK_K: tl.constexpr, SLICE: tl.constexpr, BLOCK_S: tl.constexpr,
+                          EARLY: tl.constexpr, NORM: tl.constexpr, HAS_RES: tl.constexpr,
+                          PDL: tl.constexpr):
     """Out[t, e] = sum_k float(X[t, k]) * W[e, k] for the program's BLOCK_E experts. EARLY:
-    the first gate tile is read before the PDL wait (a weight: pdl.py)."""
+    the first gate tile is read before the PDL wait (a weight: pdl.py). NORM: X is RMS-normed
+    first (weight G; HAS_RES: X + R), each program summing the squares as it dots the row and
+    scaling its logits by 1 / rms; then each stores its SLICE of the row's elements normed in
+    Normed (the experts' input, as the norm kernel computes and rounds it) and, HAS_RES, of
+    X + R in ResOut."""
     e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)                  # [BLOCK_E]
     e_ok = e < E
     kk = tl.arange(0, BLOCK_K)                                             # [BLOCK_K]
@@ -57,17 +81,34 @@ def _router_logits_kernel(X, W, Out, stride_x, stride_w, stride_o, H: tl.constex
                      mask=e_ok[:, None] & (kk < H)[None, :], other=0.0)    # [E_B, K]
     pdl_begin(PDL)
     t = tl.program_id(0).to(tl.int64)
+    X, R = X + t * stride_x, R + t * stride_x
     acc = tl.zeros([BLOCK_E], dtype=tl.float32)
+    ss = tl.zeros([BLOCK_K], dtype=tl.float32)                             # NORM: squares
     if EARLY:
-        x0 = tl.load(X + t * stride_x + kk, mask=kk < H, other=0.0).to(tl.float32)
+        x0, sq = _router_input(X, R, G, kk, kk < H, NORM, HAS_RES)
+        ss += sq
         acc += tl.sum(w0.to(tl.float32) * x0[None, :], 1)
     for k0 in tl.range(BLOCK_K if EARLY else 0, H, BLOCK_K):
         k = k0 + kk
         k_ok = k < H
-        x = tl.load(X + t * stride_x + k, mask=k_ok, other=0.0).to(tl.float32)      # [K]
+        x, sq = _router_input(X, R, G, k, k_ok, NORM, HAS_RES)
+        ss += sq
         w = tl.load(W + e[:, None] * stride_w + k[None, :],
                     mask=e_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)  # [E_B, K]
         acc += tl.sum(w * x[None, :], 1)
+    if NORM:
+        inv = 1.0 / tl.sqrt(tl.sum(ss, 0) / H + eps)
+        acc = acc * inv
+        j = tl.arange(0, BLOCK_S)
+        k = tl.program_id(1) * SLICE + j
+        k_ok = (j < SLICE) & (k < H)
+        h = tl.load(X + k, mask=k_ok, other=0.0)
+        if HAS_RES:
+            h = (h.to(tl.float32) + tl.load(R + k, mask=k_ok, other=0.0).to(tl.float32)
+                 ).to(h.dtype)
+            tl.store(ResOut + t * stride_x + k, h, mask=k_ok)
+        g = tl.load(G + k, mask=k_ok, other=0.0).to(tl.float32)
+        tl.store(Normed + t * stride_x + k, (h.to(tl.float32) * inv * g).to(h.dtype), mask=k_ok)
     tl.store(Out + t * stride_o + e, acc, mask=e_ok)
 
 
@@ -88,12 +129,62 @@ def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     out = torch.empty(t, e, dtype=torch.float32, device=x.device)
     if t == 0:
         return out
+    _launch_router(x, weight, out)
+    return out
+
+
+def _launch_router(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor,
+                   norm: RouterNorm | None = None) -> None:
+    """The router kernel over x's rows into out (norm: x RMS-normed first, see RouterNorm)."""
+    t, h = x.shape
+    e = weight.shape[0]
     block_k = min(next_pow2(h), ROUTER_TILE_ELEMS)
     block_e = max(1, min(next_pow2(e), ROUTER_TILE_ELEMS // block_k))
-    _router_logits_kernel[(t, triton.cdiv(e, block_e))](
-        x, weight, out, x.stride(0), weight.stride(0), out.stride(0), H=h, E=e,
-        BLOCK_E=block_e, BLOCK_K=block_k, num_warps=4, **_early(pdl_launch(x.device)))
-    return out
+    programs = triton.cdiv(e, block_e)
+    has_res = norm is not None and norm.residual is not None
+    slice_ = triton.cdiv(h, programs)
+    _router_logits_kernel[(t, programs)](
+        x, weight, out, norm.residual if has_res else x, norm.weight if norm else x,
+        norm.normed if norm else x, norm.residual_out if has_res else x, x.stride(0),
+        weight.stride(0), out.stride(0), norm.eps if norm else 0.0, H=h, E=e,
+        BLOCK_E=block_e, BLOCK_K=block_k, SLICE=slice_ if norm else 1,
+        BLOCK_S=next_pow2(slice_) if norm else 1,
+        NORM=norm is not None, HAS_RES=has_res, num_warps=4, **_early(pdl_launch(x.device)))
+
+
+@dataclass(frozen=True)
+class RouterNorm:
+    """The RMS norm the router kernel applies to its rows first: weight [H], eps, the residual
+    [T, H] added before it (None: none) and the outputs it fills: normed [T, H] (the experts'
+    input) and residual_out [T, H] (the sum, when there is a residual)."""
+    weight: torch.Tensor
+    eps: float
+    normed: torch.Tensor
+    residual: torch.Tensor | None = None
+    residual_out: torch.Tensor | None = None
+
+
+@register("rms_norm_router_logits", backend="triton", priority=PRIORITY, supports=on_cuda)
+def rms_norm_router_logits(x: torch.Tensor, residual: torch.Tensor | None,
+                           norm_weight: torch.Tensor, eps: float, weight: torch.Tensor
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The reference's contract (kernels/reference/moe.py). One contiguous token: the router
+    kernel with the norm in its loads (NORM: the norm kernel's launch gone; the logits from
+    the normed row unrounded). More tokens: the norm kernel, then `router_logits`."""
+    one = (x.shape[0] == 1 and x.is_contiguous() and weight.stride(1) == 1
+           and (residual is None or (residual.shape == x.shape and residual.is_contiguous()))
+           and norm_weight.is_contiguous())
+    if not one:
+        if residual is None:
+            normed, residual = rms_norm(x, norm_weight, eps), x
+        else:
+            normed, residual = fused_add_rms_norm(x, residual, norm_weight, eps)
+        return router_logits(normed, weight), normed, residual
+    out = torch.empty(1, weight.shape[0], dtype=torch.float32, device=x.device)
+    norm = RouterNorm(norm_weight, eps, torch.empty_like(x), residual,
+                      torch.empty_like(x) if residual is not None else None)
+    _launch_router(x, weight, out, norm)
+    return out, norm.normed, norm.residual_out if residual is not None else x
 
 
 

@@ -5,6 +5,7 @@ global that is not constexpr, a loop-carried value changing type, shared memory 
 limit) would otherwise surface only on a GPU. This compiles ahead of time, no GPU needed.
 Each check runs in a subprocess without TRITON_INTERPRET, so the kernels are real JIT
 functions there."""
+import itertools
 import os
 import re
 import subprocess
@@ -293,11 +294,15 @@ def check_moe() -> None:
                           BLOCK_G=max(2, groups), SOFTMAX=softmax, HAS_BIAS=not softmax,
                           RENORM=not softmax), 1 if e <= 256 else 4, 1)
     # the router's logits: V2-Lite (64 experts x 2048) and V3 (256 x 7168) gates
-    for e, h in ((64, 2048), (256, 7168)):
+    for (e, h), norm in itertools.product(((64, 2048), (256, 7168)), (False, True)):
         block_k = min(next_pow2(h), RT.ROUTER_TILE_ELEMS)
-        compile_sm90(RT._router_logits_kernel, dict(X=BF, W=F32, Out=F32),
-                     dict(H=h, E=e, BLOCK_E=RT.ROUTER_TILE_ELEMS // block_k, BLOCK_K=block_k,
-                          EARLY=RT.EARLY_TILE),
+        block_e = RT.ROUTER_TILE_ELEMS // block_k
+        slice_ = -(-h // -(-e // block_e))          # the row's elements a program normalises
+        compile_sm90(RT._router_logits_kernel,
+                     dict(X=BF, W=F32, Out=F32, R=BF, G=BF, Normed=BF, ResOut=BF, eps=1e-6),
+                     dict(H=h, E=e, BLOCK_E=block_e, BLOCK_K=block_k, EARLY=RT.EARLY_TILE,
+                          SLICE=slice_ if norm else 1,
+                          BLOCK_S=next_pow2(slice_) if norm else 1, NORM=norm, HAS_RES=norm),
                      4, 1)
 
 

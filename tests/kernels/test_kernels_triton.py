@@ -700,6 +700,29 @@ def test_router_logits(t, h, e):
     assert torch.allclose(RT.router_logits(big, w), R.router_logits(big, w), atol=1e-4)
 
 
+@pytest.mark.parametrize("h,e,res", [(96, 8, True), (100, 12, False), (4096, 64, True)])
+def test_rms_norm_router_logits_one_token_in_one_launch(h, e, res):
+    """One token: the norm inside the router kernel (H not a power of two, programs' slices
+    ragged, one and several K tiles). Logits within float32 rounding of the reference (the
+    normed row is not rounded to bf16 before the dot); the normed row the norm kernel's, the
+    new residual exactly. More tokens: the norm kernel, then router_logits."""
+    bf = torch.bfloat16
+    x, g, w = rnd(1, h, dtype=bf), rnd(h, dtype=bf) + 1, rnd(e, h)
+    r = rnd(1, h, dtype=bf) if res else None
+    logits, normed, new_r = RT.rms_norm_router_logits(x, r, g, 1e-6, w)
+    want = R.rms_norm_router_logits(x, r, g, 1e-6, w)
+    assert rel_err(logits, want[0]) < 2e-2
+    norm_kernel = E.fused_add_rms_norm(x, r, g, 1e-6) if res else (E.rms_norm(x, g, 1e-6), x)
+    # the sum of squares in another order: the normed row may differ by an ulp on a GPU
+    assert rel_err(normed, norm_kernel[0]) < 1e-2 and torch.equal(new_r, norm_kernel[1])
+    assert (new_r is x) == (r is None)
+    xs, rs = rnd(3, h, dtype=bf), rnd(3, h, dtype=bf)
+    logits, normed, new_r = RT.rms_norm_router_logits(xs, rs, g, 1e-6, w)
+    normed_apart, r_apart = E.fused_add_rms_norm(xs, rs, g, 1e-6)
+    assert torch.equal(normed, normed_apart) and torch.equal(new_r, r_apart)
+    assert torch.equal(logits, RT.router_logits(normed_apart, w))
+
+
 def test_moe_route_rejects_bad_arguments():
     logits = rnd(2, 8)
     for args in [(9, "softmax", 1, 1), (2, "relu", 1, 1), (2, "softmax", 3, 1),

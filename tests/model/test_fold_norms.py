@@ -1,7 +1,8 @@
-"""A pre-norm layer's RMSNorm inside the first linear that reads it (layers/norm.py,
-`rms_norm_linear`), switched on for the CPU here: a prefill step's and a decode step's logits
-are the unfolded model's, the folded norms launch no norm op of their own, and a norm with a
-collective fused in (tensor parallelism) stays apart."""
+"""A pre-norm layer's RMSNorm inside the first op that reads it (layers/norm.py:
+`rms_norm_linear`, or a MoE router's `rms_norm_router_logits`), switched on for the CPU
+here: a prefill step's and a decode step's logits are the unfolded model's, the folded norms
+launch no norm op of their own, and a norm with a collective fused in (tensor parallelism)
+stays apart."""
 from __future__ import annotations
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 
 from appliance.model import ModelRunner
 from appliance.model.layers import norm as norm_module
-from appliance.model.layers.mlp import SwiGLUMLP
+from appliance.model.layers.moe import TopKRouter
 from helpers import save_tiny_hf_model
 from test_deepseek import CONFIGS, save_tiny_deepseek
 from test_verify_rows import PS, batch_of
@@ -38,23 +39,22 @@ def test_folded_norms_give_the_unfolded_logits(model_folder, monkeypatch):
     monkeypatch.setattr(norm_module, "FOLD_NORMS_ON", frozenset({"cpu"}))
     runner = ModelRunner(model_folder, kv_num_pages=16, page_size=PS)
     calls = {"norm": 0, "folded": 0}
+    ops = {norm_module.RMSNorm: (("rms_norm", "norm"), ("fused_add_rms_norm", "norm"),
+                                 ("rms_norm_linear", "folded")),
+           TopKRouter: (("normed_logits", "folded"),)}
     for m in runner.model.modules():
-        if isinstance(m, norm_module.RMSNorm):
-            for name, key in (("rms_norm", "norm"), ("fused_add_rms_norm", "norm"),
-                              ("rms_norm_linear", "folded")):
-                def counted(*args, _real=getattr(m, name), _key=key):
-                    calls[_key] += 1
-                    return _real(*args)
-                setattr(m, name, counted)
+        for name, key in ops.get(type(m), ()):
+            def counted(*args, _real=getattr(m, name), _key=key):
+                calls[_key] += 1
+                return _real(*args)
+            setattr(m, name, counted)
     got = _two_steps(runner)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
-    layers = runner.model.model.layers
-    # each step: every layer's input norm, the dense MLPs' post-attention ones and the final
-    # norm folded; the MoE layers' post-attention norms (their consumer takes none) apart
-    folded = 1 + sum(1 + isinstance(layer.mlp, SwiGLUMLP) for layer in layers)
-    assert calls["folded"] == 3 * folded and folded > len(layers) + 1
-    assert calls["norm"] == 3 * (1 + 2 * len(layers) - folded)
+    # each step: every norm folded (input norms into q|k|v or MLA's q|kv_a, post-attention
+    # ones into the dense MLP's gate|up or the MoE's router, the final one into the LM head)
+    assert calls["folded"] == 3 * (1 + 2 * len(runner.model.model.layers))
+    assert calls["norm"] == 0
 
 
 def test_a_norm_with_a_fused_reduce_stays_apart(model_folder, monkeypatch):

@@ -29,6 +29,7 @@ from torch import nn
 import kernels
 from appliance.model.context import BuildContext
 from appliance.model.layers.mlp import SwiGLUMLP
+from appliance.model.layers.norm import RMSNorm
 from appliance.model.placement import (ParallelLayout, Partial, Placed, Replicate,
                                        WeightSharding, WeightSource, split_extent)
 
@@ -103,6 +104,8 @@ class TopKRouter(nn.Module):
             nn.Parameter(torch.empty(e, dtype=torch.float32), requires_grad=False)
             if cfg.correction_bias else None)
         self.logits = kernels.select("router_logits", device=ctx.device, dtype=ctx.dtype)
+        self.normed_logits = kernels.select("rms_norm_router_logits", device=ctx.device,
+                                            dtype=ctx.dtype)
         self.route = kernels.select("moe_route", device=ctx.device, dtype=torch.float32,
                                     num_experts=e, top_k=cfg.top_k)
 
@@ -118,8 +121,19 @@ class TopKRouter(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # x: [T, H] -> (weights [T, k] float32, expert ids [T, k] int32)
+        return self.choose(self.logits(x, self.weight))                     # [T, E] f32
+
+    def forward_normed(self, norm: RMSNorm, x: torch.Tensor, residual: torch.Tensor | None
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """forward over norm(x, residual), the norm inside the logits' op -> (weights, ids,
+        the normed x [T, H], the new residual [T, H])."""
+        logits, normed, residual = self.normed_logits(x, residual, norm.weight, norm.eps,
+                                                      self.weight)
+        return *self.choose(logits), normed, residual
+
+    def choose(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The experts of router logits [T, E] float32 -> (weights [T, k], ids [T, k])."""
         c = self.cfg
-        logits = self.logits(x, self.weight)                                 # [T, E] f32
         return self.route(logits, c.top_k, c.scoring, c.renormalize, self.e_score_correction_bias,
                           c.n_group, c.topk_group, c.routed_scaling_factor)
 
@@ -214,10 +228,22 @@ class DeepseekMoE(Placed):
         # one token on the GPU: the shared experts join the routed ones' launches (forward)
         self.fold_shared = ctx.device.type == "cuda"
         self.input_placement, self.output_placement = Replicate(group), Partial(group)
+        self.folds_norm = True  # forward_normed: the norm inside the router's op
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         # hidden_states: [T, H] -> [T, H] (partial sums)
-        weights, ids = self.gate(hidden_states)                               # [T, k], [T, k]
+        return self._experts(hidden_states, *self.gate(hidden_states))
+
+    def forward_normed(self, norm: RMSNorm, x: torch.Tensor, residual: torch.Tensor | None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """forward over norm(x, residual), the norm inside the router's op (which hands the
+        experts the normed x) -> (out, residual)."""
+        weights, ids, normed, residual = self.gate.forward_normed(norm, x, residual)
+        return self._experts(normed, weights, ids), residual
+
+    def _experts(self, hidden_states: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor
+                 ) -> torch.Tensor:
+        # hidden_states: [T, H], the routing (weights, ids) [T, k] -> [T, H] (partial sums)
         mlp = self.shared_experts
         if mlp is not None and self.fold_shared and hidden_states.shape[0] == 1:
             # one token: the op runs the shared experts inside its GEMVs (moe_gemv.py), two

@@ -10,9 +10,10 @@ chain.
 A norm can also go into the first linear that reads its output (`folds_into`, `into`: the
 `rms_norm_linear` op, one GEMV launch at one token instead of the norm's and the GEMV's).
 The consumers that can take it (attention's q|k|v or MLA's q|kv_a projection, the dense
-MLP's gate|up, the LM head after the final norm) say so with `folds_norm` and run it in `forward_normed`; the decoder layer
-chooses. Only on the device types of `FOLD_NORMS_ON`: none until the GPU has measured it
-(`scripts/gpu_op_ablation.py --ablations fold_norms`).
+MLP's gate|up, the LM head after the final norm; a MoE's router, whose op hands the experts
+the normed row: `rms_norm_router_logits`) say so with `folds_norm` and run it in
+`forward_normed`; the decoder layer chooses. Only on the device types of `FOLD_NORMS_ON`:
+none until the GPU has measured it (`scripts/gpu_op_ablation.py --ablations fold_norms`).
 """
 from __future__ import annotations
 
