@@ -69,3 +69,10 @@ def test_a_norm_with_a_fused_reduce_stays_apart(model_folder, monkeypatch):
     handle.remove()
     monkeypatch.setattr(norm_module, "FOLD_NORMS_ON", frozenset())
     assert not layer.post_attention_layernorm.folds_into(layer.mlp)
+
+
+def test_the_environment_turns_folding_on_for_cuda_only():
+    assert norm_module.fold_norms_on({}) == frozenset()
+    assert norm_module.fold_norms_on({"TOKENSPEED_FOLD_NORMS": "0"}) == frozenset()
+    assert norm_module.fold_norms_on({"TOKENSPEED_FOLD_NORMS": "1"}) == frozenset({"cuda"})
+

@@ -13,11 +13,13 @@ The consumers that can take it (attention's q|k|v or MLA's q|kv_a projection, th
 MLP's gate|up, the LM head after the final norm; a MoE's router, whose op hands the experts
 the normed row: `rms_norm_router_logits`) say so with `folds_norm` and run it in
 `forward_normed`; the decoder layer chooses. Only on the device types of `FOLD_NORMS_ON`:
-none until the GPU has measured it (`scripts/gpu_op_ablation.py --ablations fold_norms`).
+none until the GPU has measured it (`scripts/gpu_op_ablation.py --ablations fold_norms`;
+through the daemon, TOKENSPEED_FOLD_NORMS=1).
 """
 from __future__ import annotations
 
-from typing import Callable
+import os
+from typing import Callable, Mapping
 
 import torch
 from torch import nn
@@ -26,9 +28,17 @@ import kernels
 from appliance.model.placement import Placed, Replicate, WeightSharding, WeightSource
 
 
-# The device types on which a norm goes into its consumer's first linear (none until the GPU
-# has measured it; read at each forward, so a test or an A/B may set it on a built model).
-FOLD_NORMS_ON: frozenset[str] = frozenset()
+FOLD_NORMS_ENV = "TOKENSPEED_FOLD_NORMS"
+
+
+def fold_norms_on(env: Mapping[str, str]) -> frozenset[str]:
+    """The device types on which norms fold: none by default (until the GPU has measured
+    it); TOKENSPEED_FOLD_NORMS=1 at start-up folds them on CUDA (a daemon A/B)."""
+    return frozenset({"cuda"}) if env.get(FOLD_NORMS_ENV) == "1" else frozenset()
+
+
+# read at each forward, so a test or an in-graph A/B may set it on a built model
+FOLD_NORMS_ON: frozenset[str] = fold_norms_on(os.environ)
 
 
 class _NormWeight(nn.Module):
