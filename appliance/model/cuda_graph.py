@@ -2,10 +2,11 @@
 
 `DecodeGraphs` captures the model's forward for decode-only batches (every row one token)
 at bucketed batch sizes, over static input buffers (`DecodeInputs`). `run` stages a batch
-into the buffers (one or two launches, and the unused rows of its bucket padded), replays the
-bucket's graph and returns the live rows' logits. Batches with prefill rows, more rows than
-the largest bucket, or a page table wider than `max_pages` run eagerly. The page table is always presented `max_pages` wide, so the
-attention kernels choose their split-KV for `max_pages * page_size` tokens.
+into the buffers (one or two launches, and the unused rows of its bucket padded), replays
+the bucket's graph and returns the live rows' logits. Batches with prefill rows, more rows
+than the largest bucket, or a page table wider than `max_pages` run eagerly. The page table
+is always presented `max_pages` wide, so the attention kernels choose their split-KV for
+`max_pages * page_size` tokens.
 Every rank makes the same choice for the same batch, so collectives stay matched (NCCL
 collectives are captured into the graph like any kernel). `forward` picks what is captured:
 the model's forward (logits), or e.g. `forward_hidden` (logits and every token's hidden
@@ -73,8 +74,9 @@ class DecodeInputs:
     """The static input buffers of the decode graphs (laid out for `max_batch` rows and a
     `max_pages`-wide page table; a bucket reads the first rows) and the staging of a batch
     into them: the per-row fields in one launch, the page table in the same one when its
-    rows are contiguous there (one row) and in another when not, the bucket's padding rows (slot -1: the cache write skips them; seq_len 1 over page 0: read, then
-    discarded) only when the batch leaves some."""
+    rows are contiguous there (one row) and in another when not; the bucket's padding rows
+    (slot -1: the cache write skips them; seq_len 1 over page 0: read, then discarded) only
+    when the batch leaves some."""
 
     def __init__(self, max_batch: int, max_pages: int, device: torch.device) -> None:
         self.max_pages = max_pages

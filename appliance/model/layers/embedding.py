@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from appliance.model.layers.linear import RegistryMatmul
+from appliance.model.layers.norm import RMSNorm
 from appliance.model.placement import (ParallelLayout, Partial, Placed, Replicate, Shard,
                                        WeightSharding, WeightSource, vocab_extent)
 
@@ -67,7 +68,7 @@ class ParallelLMHead(Placed):
         # x: [B, H] -> [B, V_local]
         return self._matmul(x, self.weight)
 
-    def forward_normed(self, norm: nn.Module, x: torch.Tensor, residual: torch.Tensor | None
+    def forward_normed(self, norm: RMSNorm, x: torch.Tensor, residual: torch.Tensor | None
                        ) -> tuple[torch.Tensor, torch.Tensor]:
         """forward over norm(x, residual), the norm inside the head's op -> (logits,
         residual)."""
