@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.reference.activation import silu_and_mul
-from kernels.reference.norm import fused_add_rms_norm, rms_norm
+from kernels.reference.norm import pre_norm
 from kernels.registry import register
 
 
@@ -42,10 +42,7 @@ def rms_norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm_weight:
     = fused_add_rms_norm(x, residual, norm_weight, eps) (rms_norm(x) and x when residual is
     None), then (linear(normed, weight, bias) or with silu_mul linear_silu_and_mul's, new
     residual). x, residual: [M, K] -> ([M, N] or [M, N / 2], [M, K])."""
-    if residual is None:
-        normed, residual = rms_norm(x, norm_weight, eps), x
-    else:
-        normed, residual = fused_add_rms_norm(x, residual, norm_weight, eps)
+    normed, residual = pre_norm(x, residual, norm_weight, eps)
     project = linear_silu_and_mul if silu_mul else linear
     return project(normed, weight, bias), residual
 

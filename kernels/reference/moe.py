@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from kernels.moe_activation import ClampedSwiGLU
 from kernels.mxfp4 import dequantize
-from kernels.reference.norm import fused_add_rms_norm, rms_norm
+from kernels.reference.norm import pre_norm
 from kernels.registry import register
 
 
@@ -41,10 +41,7 @@ def rms_norm_router_logits(x: torch.Tensor, residual: torch.Tensor | None,
     """A MoE layer's pre-norm and its router: (normed, new residual) =
     fused_add_rms_norm(x, residual, norm_weight, eps) (rms_norm(x) and x when residual is
     None) -> (router_logits(normed, weight) [T, E] float32, normed [T, H], new residual)."""
-    if residual is None:
-        normed, residual = rms_norm(x, norm_weight, eps), x
-    else:
-        normed, residual = fused_add_rms_norm(x, residual, norm_weight, eps)
+    normed, residual = pre_norm(x, residual, norm_weight, eps)
     return router_logits(normed, weight), normed, residual
 
 

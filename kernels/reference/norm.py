@@ -1,6 +1,8 @@
 """RMSNorm and RMSNorm with a fused residual add."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from kernels.registry import register
@@ -25,3 +27,15 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
     as an unfused model (HF) would store it."""
     s = (x.float() + residual.float()).to(x.dtype)  # [T, H]
     return _rms(s.float(), weight, eps).to(x.dtype), s
+
+
+def pre_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
+             norm: Callable = rms_norm, add_norm: Callable = fused_add_rms_norm
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A pre-norm layer's (normed, new residual): add_norm(x, residual, weight, eps), or
+    (norm(x, weight, eps), x) for the first layer's (residual None); `norm` and `add_norm`
+    are a backend's ops (these by default)."""
+    if residual is None:
+        return norm(x, weight, eps), x
+    return add_norm(x, residual, weight, eps)
+

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from kernels.reference.norm import pre_norm
 from kernels.registry import register
 from kernels.triton.common import HALF_DTYPES, PRIORITY, on_cuda, on_cuda_half
 from kernels.triton.elementwise import fused_add_rms_norm, rms_norm, silu_and_mul
@@ -229,10 +230,7 @@ def rms_norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm_weight:
         out_residual = torch.empty_like(x) if residual is not None else x
         norm = RowNorm(norm_weight, eps, residual, out_residual)
         return gemv(x, weight, bias, silu_mul=silu_mul, norm=norm), out_residual
-    if residual is None:
-        normed, residual = rms_norm(x, norm_weight, eps), x
-    else:
-        normed, residual = fused_add_rms_norm(x, residual, norm_weight, eps)
+    normed, residual = pre_norm(x, residual, norm_weight, eps, rms_norm, fused_add_rms_norm)
     project = linear_silu_and_mul if silu_mul else linear
     return project(normed, weight, bias), residual
 

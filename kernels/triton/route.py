@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 
 from kernels.reference.moe import router_logits as reference_router_logits
+from kernels.reference.norm import pre_norm
 from kernels.registry import register
 from kernels.triton.common import PRIORITY, check, next_pow2, on_cuda
 from kernels.triton.elementwise import fused_add_rms_norm, rms_norm
@@ -175,10 +176,7 @@ def rms_norm_router_logits(x: torch.Tensor, residual: torch.Tensor | None,
            and (residual is None or (residual.shape == x.shape and residual.is_contiguous()))
            and norm_weight.is_contiguous())
     if not one:
-        if residual is None:
-            normed, residual = rms_norm(x, norm_weight, eps), x
-        else:
-            normed, residual = fused_add_rms_norm(x, residual, norm_weight, eps)
+        normed, residual = pre_norm(x, residual, norm_weight, eps, rms_norm, fused_add_rms_norm)
         return router_logits(normed, weight), normed, residual
     out = torch.empty(1, weight.shape[0], dtype=torch.float32, device=x.device)
     norm = RouterNorm(norm_weight, eps, torch.empty_like(x), residual,

@@ -5,24 +5,12 @@ launch no norm op of their own, and a norm with a collective fused in (tensor pa
 stays apart."""
 from __future__ import annotations
 
-import pytest
 import torch
 
 from appliance.model import ModelRunner
 from appliance.model.layers import norm as norm_module
 from appliance.model.layers.moe import TopKRouter
-from helpers import save_tiny_hf_model
-from test_deepseek import CONFIGS, save_tiny_deepseek
-from test_verify_rows import PS, batch_of
-
-
-@pytest.fixture(scope="module", params=["llama", "deepseek-v2"])
-def model_folder(request, tmp_path_factory):
-    folder = tmp_path_factory.mktemp(request.param)
-    if request.param == "llama":
-        return save_tiny_hf_model(folder, "llama", seed=5)
-    version, over = CONFIGS["v2-noqlora"]
-    return save_tiny_deepseek(folder, version, seed=5, **over)
+from test_verify_rows import PS, batch_of, model_folder  # noqa: F401 (the fixture)
 
 
 def _two_steps(runner: ModelRunner) -> list[torch.Tensor]:
