@@ -2,6 +2,9 @@
 """The short table scripts/gpu_profile prints last, from what it wrote under OUT:
   timing/steps.csv         the engine's per-step timeline (appliance/engine/step_timing.py)
   timing/kernels-rows*.csv the top kernels of each torch.profiler window
+  timing/trace-rows*.json  its chrome trace: the GPU work a step runs outside its CUDA graph
+                           (the inputs' copies, the sampler: every kernel, copy and memset
+                           not launched by a cudaGraphLaunch), per step
   bench-*.json             `tokenspeed bench throughput --json` of each load
   stats.jsonl              /stats's step_time (the cost model) polled during the loads
   loads.txt                "name start end" (epoch seconds) of each load: steps are grouped by it
@@ -26,6 +29,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -41,6 +45,7 @@ def main() -> int:
     args = parser.parse_args()
     loads = read_loads(args.out / "loads.txt")
     lines = (bench_lines(args.out) + [""] + kernel_lines(args.out / "timing", args.top) + [""]
+             + outside_graph_lines(args.out / "timing", args.top) + [""]
              + cost_model_lines(args.out / "stats.jsonl") + [""]
              + step_lines(args.out / "timing" / "steps.csv", args.rows, loads) + [""]
              + cpu_lines(args.out, loads))
@@ -184,6 +189,60 @@ def kernel_lines(folder: Path, top: int) -> list[str]:
         table += [(k["kernel"][:70], k["calls_per_step"], k["ms_per_step"], k["pct"]) for k in kernels[:top]]
         lines += _format(table)
     return lines or [f"no kernel tables under {folder}"]
+
+
+def _window_rows(path: Path, prefix: str) -> int:
+    return int(path.stem.removeprefix(prefix))
+
+
+def outside_graph_lines(folder: Path, top: int) -> list[str]:
+    """Per profiler window with CUDA graphs: the GPU ops a step runs outside its graph."""
+    lines = []
+    for path in sorted(folder.glob("trace-rows*.json"),
+                       key=lambda p: _window_rows(p, "trace-rows")):
+        ops, steps = outside_graph_ops(json.loads(path.read_text()))
+        if not steps:
+            continue
+        calls, us = sum(c for c, _ in ops.values()), sum(t for _, t in ops.values())
+        lines.append(f"outside the CUDA graph, a step of the window at >= "
+                     f"{_window_rows(path, 'trace-rows')} decode rows: {calls / steps:.1f} GPU "
+                     f"ops, {us / steps:.1f} us of GPU time ({path.name}):")
+        table = [("op", "calls/step", "us/step")]
+        table += [(name[:70], f"{c / steps:.1f}", f"{t / steps:.2f}")
+                  for name, (c, t) in sorted(ops.items(), key=lambda kv: -kv[1][1])[:top]]
+        lines += _format(table)
+    return lines
+
+
+def outside_graph_ops(trace: dict) -> tuple[dict[str, tuple[int, float]], int]:
+    """A chrome trace's kernels, copies and memsets not launched by a cudaGraphLaunch, by
+    short name -> (calls, us), and how many graph launches (steps) the trace holds."""
+    events = [e for e in trace.get("traceEvents", []) if e.get("ph") == "X"]
+    launches = {e.get("args", {}).get("correlation") for e in events
+                if e.get("cat") == "cuda_runtime" and e.get("name") == "cudaGraphLaunch"}
+    ops: dict[str, tuple[int, float]] = {}
+    for e in events:
+        if (e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")
+                and e.get("args", {}).get("correlation") not in launches):
+            name = short_kernel_name(e.get("name", ""))
+            calls, us = ops.get(name, (0, 0.0))
+            ops[name] = (calls + 1, us + float(e.get("dur", 0.0)))
+    return ops, len(launches)
+
+
+# torch's generic launchers: the functor inside names the op
+_LAUNCHERS = ("vectorized_elementwise_kernel", "unrolled_elementwise_kernel",
+              "elementwise_kernel", "index_elementwise_kernel")
+
+
+def short_kernel_name(name: str) -> str:
+    """A kernel's name without its template arguments, a copy's kind ("Memcpy HtoD"); for
+    torch's generic elementwise launchers, the op inside them (neg_kernel_cuda)."""
+    found = re.findall(r"at::native::(?:\(anonymous namespace\)::)?(\w+)", name)
+    inner = [n for n in found if n not in _LAUNCHERS and n not in ("gpu_index_kernel",)]
+    if found and inner:
+        return inner[0]
+    return name.removeprefix("void ").split("<")[0].split("(")[0].strip()
 
 
 def bench_lines(out: Path) -> list[str]:
