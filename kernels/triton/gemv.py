@@ -85,6 +85,7 @@ def _norm_input(x, R, G, ResOut, kk, k_ok, K, first, ss, HAS_RES: tl.constexpr):
     if HAS_RES:
         r = tl.load(R + kk, mask=k_ok, other=0.0)
         x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
+        # the first program's only (a vector mask: the interpreter takes no scalar in one)
         tl.store(ResOut + kk, x, mask=k_ok & (kk < tl.where(first, K, 0)))
     xf = x.to(tl.float32)
     return xf * tl.load(G + kk, mask=k_ok, other=0.0).to(tl.float32), ss + xf * xf

@@ -5,6 +5,11 @@ float32 registers, one program per (token, BLOCK_E experts), BLOCK_E x BLOCK_K g
 per load. The reference takes three launches at batch 1 (the cast of x, cuBLAS's fp32 GEMV
 and its split reduction); prefill-sized batches go to it (cuBLAS's fp32 GEMM).
 
+`rms_norm_router_logits`: one token's pre-norm (and residual add) in the router's own launch
+(`RouterNorm`): each program sums the row's squares as it dots it, scales its logits by
+1 / rms, and stores its slice of the normed row (the experts' input) and of the new residual.
+More tokens: the norm kernel, then `router_logits`.
+
 `moe_route`: one program per token.
 
 The gate is a weight, never written while serving: with PDL a program reads its first gate
