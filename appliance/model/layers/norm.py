@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 import kernels
+from kernels.reference.norm import pre_norm
 from appliance.model.placement import Placed, Replicate, WeightSharding, WeightSource
 
 
@@ -74,9 +75,8 @@ class RMSNorm(_NormWeight, Placed):
         if self.fused_reduce is not None:
             return self.fused_reduce(x, residual, self.weight, self.eps, self.rms_norm,
                                      self.fused_add_rms_norm)
-        if residual is None:
-            return self.rms_norm(x, self.weight, self.eps), x
-        return self.fused_add_rms_norm(x, residual, self.weight, self.eps)
+        return pre_norm(x, residual, self.weight, self.eps, self.rms_norm,
+                        self.fused_add_rms_norm)
 
     def folds_into(self, consumer: nn.Module) -> bool:
         """Whether `consumer` runs this norm inside its first linear (its `forward_normed`):
