@@ -64,16 +64,59 @@ def check_grammar(constraint: Constraint) -> None:
 
 def build_tokenizer(tokenizer_path: str, vocab_size: int, eos_ids: list[int]) -> llguidance.LLTokenizer:
     """llguidance's view of the model's tokenizer, sized to the logits (ids past the tokenizer's
-    own vocabulary are never allowed); every end-of-sequence id ends a grammar."""
+    own vocabulary are never allowed); every end-of-sequence id ends a grammar. Text a grammar
+    forces is tokenized without added tokens (`TextOnlyTokenization`)."""
     import llguidance.hf
     from transformers import AutoTokenizer
 
     hf = AutoTokenizer.from_pretrained(tokenizer_path)
     try:
-        return llguidance.hf.from_tokenizer(hf, n_vocab=vocab_size, eos_token=list(eos_ids))
+        hf_view = llguidance.hf.from_tokenizer(hf, n_vocab=vocab_size, eos_token=list(eos_ids))
+        eos: int | list[int] = list(eos_ids)
     except TypeError:  # llguidance < 1.9 (the newest wheel for some glibc) takes one id: the
         # grammar then ends on the first; the others are masked where it must end
-        return llguidance.hf.from_tokenizer(hf, n_vocab=vocab_size, eos_token=eos_ids[0])
+        hf_view = llguidance.hf.from_tokenizer(hf, n_vocab=vocab_size, eos_token=eos_ids[0])
+        eos = eos_ids[0]
+    return llguidance.LLTokenizer(TextOnlyTokenization(hf_view, eos_ids[0]), n_vocab=vocab_size,
+                                  eos_token=eos)
+
+
+class TextOnlyTokenization:
+    """llguidance's tokenizer-wrapper protocol (`tokens`, `special_token_ids`, the end and
+    start ids, and a call that tokenizes text) over `hf_view`, the tokenizer llguidance builds
+    from the HF one: the same tokens and special tokens, but text never tokenizes to an added
+    token.
+
+    Why: llguidance matches every added token only as a token (`<name>` in a grammar), never
+    as text (a mask offers it for no literal), yet it tokenizes the text a grammar forces with
+    the HF tokenizer, which cuts added tokens out of text. A grammar or schema whose literal
+    holds "<tool_call>" (an added token of Qwen-family tokenizers) then forced that token, which
+    the grammar refused once it was sampled: the request was aborted. Here each added token in
+    such a tokenization is its text in ordinary tokens (llguidance's greedy tokenizer), which the
+    grammar accepts; ordinary text tokenizes as before."""
+
+    def __init__(self, hf_view: llguidance.LLTokenizer, eos_id: int) -> None:
+        self._view = hf_view
+        self.eos_token_id, self.bos_token_id = eos_id, None
+        ids = range(hf_view.vocab_size)
+        self.tokens = [hf_view.decode_bytes([i]) for i in ids]
+        self.special_token_ids = [i for i in ids if hf_view.is_special_token(i)]
+        self._special = frozenset(self.special_token_ids)
+        self._as_text: dict[int, list[int]] = {}
+        self.is_tokenizer_wrapper = True
+
+    def __call__(self, text: str | bytes) -> list[int]:
+        ids = (self._view.tokenize_bytes(text) if isinstance(text, bytes)
+               else self._view.tokenize_str(text))
+        if not self._special.intersection(ids):
+            return ids
+        return [t for i in ids for t in (self._text_tokens(i) if i in self._special else (i,))]
+
+    def _text_tokens(self, token: int) -> list[int]:
+        if token not in self._as_text:
+            name = self.tokens[token].decode("utf-8", errors="replace")
+            self._as_text[token] = self._view.greedy_tokenize(name)
+        return self._as_text[token]
 
 
 def compile_matcher(tokenizer: llguidance.LLTokenizer, constraint: Constraint) -> llguidance.LLMatcher:

@@ -204,6 +204,21 @@ def test_min_tokens_holds_back_the_end_until_the_grammar_must_end(engine, hf_tok
     assert text_of(engine, 2, hf_tokenizer) == ("ok", "stop")
 
 
+def test_a_literal_holding_added_tokens_text_is_written_in_ordinary_tokens(engine, hf_tokenizer):
+    """A quoted "<tool_call>" or "<|im_end|>" (added tokens of the tiny tokenizer) is text: the
+    grammar forces it spelled by ordinary tokens. llguidance 1.9's own tokenization of forced
+    text forced the added token, which its grammar then refused (the request was aborted)."""
+    literal = "a<tool_call>b<|im_end|>c"
+    engine._submit(request(1, Constraint("lark", json.dumps(literal).join(["start: ", ""]))))
+    engine._submit(request(2, Constraint("json_schema", json.dumps(
+        {"type": "object", "properties": {"k": {"const": "<tool_call>"}}, "required": ["k"]}))))
+    run_to_end(engine)
+    assert text_of(engine, 1, hf_tokenizer) == (literal, "stop")
+    assert text_of(engine, 2, hf_tokenizer) == ('{"k": "<tool_call>"}', "stop")
+    ids = [o.token_id for o in outputs(engine, 1) + outputs(engine, 2)]
+    assert 998 not in ids and ids.count(EOS) == 2
+
+
 @pytest.fixture(scope="module")
 def ll_tokenizer(tiny_tokenizer_path):
     return build_tokenizer(tiny_tokenizer_path, VOCAB, [EOS])
