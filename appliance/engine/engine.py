@@ -132,6 +132,7 @@ class Engine:
         self._last_stats = 0.0
         self._unsent: list[TokenOutput] = []  # a commit's outputs, until `_send_outputs`
         self._unsent_finished = False  # ... and whether a request ended in them
+        self._unsent_failed: list[protocol.Rejected] = []  # ... and those failed after them
         self._inflight: InFlight | None = None  # the launched, not yet committed step
         self.step_error = PredictionError()  # the cost model's, for /stats
         self._last_done = 0.0  # perf_counter when the last committed step's tokens were in
@@ -473,10 +474,9 @@ class Engine:
             if rid not in requests:
                 continue
             if grammars is not None and not reason and (error := grammars.advance(rid, token)):
-                log.error("request %d: its grammar refused the token sampled under its own "
-                          "mask: %s", rid, error)
-                self.scheduler.abort(rid)
-                token, reason = -1, "abort"
+                self._fail(rid, f"its grammar refused the token sampled under its own mask "
+                                f"({error.splitlines()[0] if error else 'no reason given'})")
+                continue
             cached = self._cached_tokens.pop(rid, None) if self._cached_tokens else None
             items.append(TokenOutput(rid, token, reason or None, logprobs.get(rid), cached))
             emitted.setdefault(rid, []).append(token)
@@ -486,15 +486,28 @@ class Engine:
                 self._unsent_finished = True
         return emitted
 
+    def _fail(self, rid: int, why: str) -> None:
+        """End running request `rid` on an engine-side error: its reply becomes an error that
+        says `why` (sent after the outputs queued before it), never a normal end."""
+        log.error("request %d: %s", rid, why)
+        self.scheduler.abort(rid)
+        del self.requests[rid]
+        self._forget(rid)
+        self._unsent_failed.append(protocol.Rejected(rid, why))
+        self._unsent_finished = True
+
     def _send_outputs(self) -> None:
         """Send the queued outputs (stats first when a request ended in them, so that /metrics
-        and /stats are current when its reply ends)."""
+        and /stats are current when its reply ends), then the failures."""
         if self._unsent_finished:
             self._unsent_finished = False
             self._publish_stats(force=True)
         if self._unsent:
             self._send(protocol.Outputs(self._unsent))
             self._unsent = []
+        for failed in self._unsent_failed:
+            self._send(failed)
+        self._unsent_failed = []
 
     def _publish_stats(self, force: bool = False) -> None:
         now = time.monotonic()

@@ -14,6 +14,7 @@ from transformers import AutoTokenizer
 
 from appliance.engine import constraints
 from appliance.engine.constraints import Grammars, allows, build_tokenizer, compile_matcher
+from appliance.engine import protocol
 from appliance.engine.protocol import Constraint, GenerateRequest
 
 from .conftest import FakeRunner, outputs, rejected, run_to_end
@@ -217,6 +218,32 @@ def test_a_literal_holding_added_tokens_text_is_written_in_ordinary_tokens(engin
     assert text_of(engine, 2, hf_tokenizer) == ('{"k": "<tool_call>"}', "stop")
     ids = [o.token_id for o in outputs(engine, 1) + outputs(engine, 2)]
     assert 998 not in ids and ids.count(EOS) == 2
+
+
+def test_a_grammar_refusing_its_own_token_fails_that_request_alone(engine, monkeypatch):
+    """Should a matcher refuse a token sampled under its own mask (an llguidance fault), that
+    request ends in an error sent after its earlier tokens, never a normal end; its pages come
+    back and the other request runs on."""
+    engine._submit(request(1, Constraint("json_object")))
+    engine._submit(request(2, Constraint("json_object")))
+    advance, calls = engine.grammars.advance, []
+
+    def refuse_rid_1_third(rid, token):
+        calls.append(rid)
+        return "Parser Error: no\nmore" if calls.count(1) == 3 and rid == 1 else advance(rid, token)
+
+    monkeypatch.setattr(engine.grammars, "advance", refuse_rid_1_third)
+    run_to_end(engine)
+    failed = [i for i, m in enumerate(engine.sent) if isinstance(m, protocol.Rejected)]
+    assert [engine.sent[i].rid for i in failed] == [1]
+    assert rejected(engine)[1] == ("its grammar refused the token sampled under its own mask "
+                                   "(Parser Error: no)")
+    firsts = [o for m in engine.sent[:failed[0]] if isinstance(m, protocol.Outputs)
+              for o in m.items if o.rid == 1]
+    assert len(firsts) == len(outputs(engine, 1)) == 2          # its tokens, then the error
+    assert all(o.finish_reason is None for o in outputs(engine, 1))
+    assert outputs(engine, 2)[-1].finish_reason == "stop"
+    assert engine.scheduler.stats()["pages_used"] == 0 and not engine.requests
 
 
 @pytest.fixture(scope="module")
