@@ -87,7 +87,8 @@ def validation_message(errors: Sequence[Any]) -> tuple[str, str | None]:
 
 
 def _is_union_tag(part: Any) -> bool:
-    """pydantic names the union member in `loc` ("str", "list[constrained-int]", "function-after[...]")."""
+    """pydantic names the union member in `loc` ("str", "list[constrained-int]", "function-after[...]",
+    and a discriminated union's tag: named "kind[...]" in the request models for this)."""
     return isinstance(part, str) and ("[" in part or part in _TYPE_NAMES)
 
 

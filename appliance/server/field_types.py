@@ -8,9 +8,9 @@ engine would refuse it too, but only after tokenization). Request models are str
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
-from pydantic import ConfigDict, Field
+from pydantic import AfterValidator, ConfigDict, Field
 
 INT32_MAX = 2**31 - 1
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
@@ -29,3 +29,16 @@ FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 StopString = Annotated[str, Field(max_length=MAX_STOP_LENGTH)]
 StopStrings = Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)]
 
+
+
+def _object_schema(schema: dict[str, Any]) -> dict[str, Any]:
+    """A tool's parameters are an object (a call's arguments are one JSON object): OpenAI and
+    Anthropic refuse a schema of another type, and a forced call could not satisfy one."""
+    kind = schema.get("type", "object")
+    if kind != "object":
+        raise ValueError(f'a tool\'s parameters must be a JSON schema of "type": "object", '
+                         f"got {kind!r}")
+    return schema
+
+
+ObjectSchema = Annotated[dict[str, Any], AfterValidator(_object_schema)]

@@ -110,6 +110,16 @@ def test_tool_choice_tool_offers_only_that_tool_and_bad_choices_are_400(client, 
     assert len(served.fake.requests) == n
 
 
+def test_a_tool_whose_input_schema_is_no_object_is_a_400(client, served):
+    n = len(served.fake.requests)
+    with pytest.raises(anthropic.BadRequestError) as e:
+        client.messages.create(model=MODEL, max_tokens=10, tool_choice={"type": "any"},
+                               tools=[{"name": "f", "input_schema": {"type": "string"}}],
+                               messages=[{"role": "user", "content": "x"}])
+    assert 'must be a JSON schema of "type": "object"' in e.value.body["error"]["message"]
+    assert len(served.fake.requests) == n
+
+
 def test_tool_result_round_trip_renders_template(client, served, tokenizer):
     served.fake.reply = "It is sunny."
     message = client.messages.create(model=MODEL, max_tokens=20, tools=TOOLS, messages=[

@@ -164,6 +164,19 @@ def test_unsatisfiable_tool_choice_is_a_400(client, served, tools, choice, messa
     assert len(served.fake.requests) == n      # nothing reached the engine
 
 
+@pytest.mark.parametrize("schema", [{"type": "string"}, {"type": "array"}, {"type": ["object", "null"]}])
+def test_a_tool_whose_parameters_are_no_object_is_a_400(client, served, schema):
+    """A call's arguments are one JSON object (OpenAI refuses other schemas too); accepted, a
+    forced call came back as raw markup in the text."""
+    tools = [{"type": "function", "function": {"name": "f", "parameters": schema}}]
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}],
+                                       tools=tools, tool_choice="required")
+    assert 'must be a JSON schema of "type": "object"' in e.value.body["message"]
+    assert e.value.body["param"] == "tools.0.function.parameters"
+    assert not any(r.prompt_ids for r in served.fake.requests[len(served.fake.requests):])
+
+
 def test_multi_turn_with_tool_results_renders_template(client, served, tokenizer):
     served.fake.reply = "The file defines main()."
     out = client.chat.completions.create(model=MODEL, tools=TOOLS, messages=[

@@ -8,7 +8,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field
 
-from appliance.server.field_types import STRICT_BODY, Probability, StopStrings, TokenCount, TopK
+from appliance.server.field_types import (STRICT_BODY, ObjectSchema, Probability, StopStrings,
+                                           TokenCount, TopK)
 
 Temperature = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
 
@@ -72,7 +73,7 @@ class Message(_Block):
 class ToolDefinition(_Block):
     name: str = Field(min_length=1)
     description: str | None = None
-    input_schema: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
+    input_schema: ObjectSchema = Field(default_factory=lambda: {"type": "object", "properties": {}})
 
 
 class ToolChoice(_Block):

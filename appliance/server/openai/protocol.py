@@ -7,8 +7,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from appliance.server.field_types import (INT32_MAX, STRICT_BODY, Probability, Seed,
-                                          StopString, StopStrings, TokenCount, TokenId)
+from appliance.server.field_types import (INT32_MAX, STRICT_BODY, ObjectSchema, Probability,
+                                          Seed, StopString, StopStrings, TokenCount, TokenId)
 
 Temperature = Annotated[float, Field(ge=0.0, le=2.0, allow_inf_nan=False)]
 TopK = Annotated[int, Field(ge=-1, le=INT32_MAX)]  # vLLM's extension: -1 and 0 are off
@@ -51,7 +51,7 @@ class ChatMessage(_Body):
 class FunctionDefinition(_Body):
     name: str = Field(min_length=1)
     description: str | None = None
-    parameters: dict[str, Any] | None = None
+    parameters: ObjectSchema | None = None
     strict: bool | None = None
 
 

@@ -10,7 +10,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Discriminator, Field, Tag
 
-from appliance.server.field_types import STRICT_BODY, Probability, Seed, TokenCount
+from appliance.server.field_types import (STRICT_BODY, ObjectSchema, Probability, Seed,
+                                           TokenCount)
 from appliance.server.openai.protocol import ContentPart, Temperature, TopK  # parts: text only
 
 
@@ -49,13 +50,16 @@ class UnsupportedItem(_Body):
 
 def _item_kind(item: Any) -> str:
     kind = item.get("type", "message") if isinstance(item, dict) else getattr(item, "type", "message")
-    return kind if kind in ("message", "function_call", "function_call_output", "reasoning") else "other"
+    known = kind in ("message", "function_call", "function_call_output", "reasoning")
+    return f"item[{kind if known else 'other'}]"  # [..]: errors.py leaves tags out of a field path
 
 
 InputItem = Annotated[
-    Annotated[MessageItem, Tag("message")] | Annotated[FunctionCallItem, Tag("function_call")]
-    | Annotated[FunctionCallOutputItem, Tag("function_call_output")]
-    | Annotated[ReasoningItem, Tag("reasoning")] | Annotated[UnsupportedItem, Tag("other")],
+    Annotated[MessageItem, Tag("item[message]")]
+    | Annotated[FunctionCallItem, Tag("item[function_call]")]
+    | Annotated[FunctionCallOutputItem, Tag("item[function_call_output]")]
+    | Annotated[ReasoningItem, Tag("item[reasoning]")]
+    | Annotated[UnsupportedItem, Tag("item[other]")],
     Discriminator(_item_kind),
 ]
 
@@ -64,7 +68,7 @@ class FunctionTool(_Body):
     type: Literal["function"]
     name: str = Field(min_length=1)
     description: str | None = None
-    parameters: dict[str, Any] | None = None
+    parameters: ObjectSchema | None = None
     strict: bool | None = None
 
 
@@ -74,11 +78,11 @@ class UnsupportedTool(_Body):
 
 def _tool_kind(tool: Any) -> str:
     kind = tool.get("type") if isinstance(tool, dict) else getattr(tool, "type", None)
-    return "function" if kind == "function" else "other"
+    return "tool[function]" if kind == "function" else "tool[other]"
 
 
 ToolDefinition = Annotated[
-    Annotated[FunctionTool, Tag("function")] | Annotated[UnsupportedTool, Tag("other")],
+    Annotated[FunctionTool, Tag("tool[function]")] | Annotated[UnsupportedTool, Tag("tool[other]")],
     Discriminator(_tool_kind),
 ]
 
