@@ -90,6 +90,22 @@ def test_tool_use_non_stream_and_stream(client, served):
     assert final.content[0].text == "Checking." and final.content[1].input == {"city": "Paris"}
 
 
+def test_a_call_cut_off_by_max_tokens_is_a_tool_use_block_streamed_or_not(client, served, tokenizer):
+    """max_tokens ends the output inside the arguments: both modes give the call's tool_use
+    block (input {}) and stop_reason max_tokens, as Anthropic's API does."""
+    served.fake.reply = CALL_REPLY
+    cut = len(tokenizer.encode(CALL_REPLY[:CALL_REPLY.index("Paris") + 2], add_special_tokens=False))
+    body = dict(model=MODEL, max_tokens=cut, tools=TOOLS, messages=[{"role": "user", "content": "weather?"}])
+    message = client.messages.create(**body)
+    with client.messages.stream(**body) as stream:
+        streamed = stream.get_final_message()
+    for final in (message, streamed):
+        assert final.stop_reason == "max_tokens"
+        assert [b.type for b in final.content] == ["text", "tool_use"]
+        assert final.content[0].text == "Checking." and final.content[1].name == "get_weather"
+    assert message.content[1].input == {}
+
+
 def test_tool_choice_tool_offers_only_that_tool_and_bad_choices_are_400(client, served, tokenizer):
     served.fake.reply = CALL_REPLY
     other = {"name": "list_dir", "input_schema": {"type": "object", "properties": {}}}

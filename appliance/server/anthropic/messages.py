@@ -119,16 +119,18 @@ def _tool_use(name: str) -> dict[str, Any]:
 
 
 def _content(result: Collected) -> list[dict[str, Any]]:
-    """Thinking, text, then the calls; a call whose arguments are not a JSON object (the model
-    broke them, or the output was cut off) is given back as text, as written."""
+    """Thinking, text, then the calls. A call whose arguments are not a JSON object is given
+    back as text, as written, when the model broke them; cut off by max_tokens it stays a
+    tool_use block with the input {} (as streamed, and as Anthropic's API answers then)."""
     blocks: list[dict[str, Any]] = []
     if result.reasoning:
         blocks.append({"type": "thinking", "thinking": result.reasoning, "signature": ""})
-    calls = [call for call in result.tool_calls if call.arguments is not None]
-    text = result.text + "".join(c.arguments_json for c in result.tool_calls if c.arguments is None)
+    cut = result.finished is not None and result.finished.reason == "length"
+    calls = [call for call in result.tool_calls if call.arguments is not None or cut]
+    text = result.text + "".join(c.arguments_json for c in result.tool_calls if c not in calls)
     if text or not calls:
         blocks.append({"type": "text", "text": text})
-    return blocks + [{**_tool_use(call.name), "input": call.arguments} for call in calls]
+    return blocks + [{**_tool_use(call.name), "input": call.arguments or {}} for call in calls]
 
 
 def _message(state: AppState, message_id: str, content: list[dict[str, Any]],
