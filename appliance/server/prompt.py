@@ -17,6 +17,14 @@ DEFAULT_MAX_TOKENS_CAP = 8192
 # Errors a template raises on values it cannot handle (a variable of the wrong type from
 # chat_template_kwargs, a message shape it refuses): the request's fault, so a 400.
 _TEMPLATE_ERRORS = (jinja2.TemplateError, TypeError, ValueError, KeyError, IndexError, AttributeError)
+# A prompt of more characters than this many per token of the context window is counted in
+# chunks first, until it has more tokens than the window holds: a body that could never fit
+# (tens of MB) is refused in a fraction of a second instead of holding a tokenizer worker for
+# tens of seconds. Text averages 3-5 characters a token; a prompt past this that does fit
+# (long runs of one character) is then encoded whole as any other.
+COUNT_FIRST_CHARS_PER_TOKEN = 8
+COUNT_CHUNK_CHARS = 1 << 18
+CHUNK_EDGE_TOKENS = 16  # what cutting the text at a chunk's edge may add to the count
 
 
 async def chat_prompt_ids(state: AppState, messages: list[dict[str, Any]],
@@ -25,9 +33,11 @@ async def chat_prompt_ids(state: AppState, messages: list[dict[str, Any]],
                           continue_final: bool = False) -> list[int]:
     """Render the chat template and encode it: with the generation prompt, or (prefill) open
     at the end of the final assistant message so the model continues it."""
+    max_model_len = state.client.max_model_len
+
     def render(tokenizer: Any) -> list[int]:
         text = render_chat(tokenizer, messages, tools, template_kwargs or {}, continue_final)
-        return list(tokenizer.encode(text, add_special_tokens=False))
+        return encode_fitting(tokenizer, text, False, max_model_len, "messages")
 
     return await state.tokenizers.run(render)
 
@@ -52,10 +62,30 @@ def render_chat(tokenizer: Any, messages: list[dict[str, Any]], tools: list[dict
 
 async def text_prompt_ids(state: AppState, text: str) -> list[int]:
     """Encode a raw completion prompt (with the tokenizer's own special tokens, e.g. BOS)."""
+    max_model_len = state.client.max_model_len
+
     def encode(tokenizer: Any) -> list[int]:
-        return list(tokenizer.encode(text, add_special_tokens=True))
+        return encode_fitting(tokenizer, text, True, max_model_len, "prompt")
 
     return await state.tokenizers.run(encode)
+
+
+def encode_fitting(tokenizer: Any, text: str, add_special_tokens: bool, max_model_len: int,
+                   param: str) -> list[int]:
+    """`text`'s token ids; a 400 naming `param`, before encoding it whole, when text far longer
+    than the context window (COUNT_FIRST_CHARS_PER_TOKEN) has more tokens than the window in
+    its first chunks."""
+    if len(text) > COUNT_FIRST_CHARS_PER_TOKEN * max_model_len:
+        counted = 0
+        for start in range(0, len(text), COUNT_CHUNK_CHARS):
+            chunk = text[start:start + COUNT_CHUNK_CHARS]
+            counted += len(tokenizer.encode(chunk, add_special_tokens=False)) - CHUNK_EDGE_TOKENS
+            if counted > max_model_len:
+                raise bad_request(
+                    f"This model's maximum context length is {max_model_len} tokens, but the "
+                    f"prompt has more than {counted} tokens in its first {start + len(chunk)} "
+                    f"characters (of {len(text)}). Shorten the prompt.", param)
+    return list(tokenizer.encode(text, add_special_tokens=add_special_tokens))
 
 
 def check_token_ids(ids: list[int], vocab_size: int, param: str = "prompt") -> list[int]:

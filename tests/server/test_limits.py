@@ -17,7 +17,8 @@ import anyio
 import pytest
 
 from appliance.config import ConfigError, load_config
-from appliance.server import connection
+from appliance.server import connection, prompt
+from appliance.server.errors import ApiError
 from appliance.server.tokenizer_pool import TokenizerPool
 
 from .conftest import MODEL, Served, serve_in_thread
@@ -255,3 +256,54 @@ def test_idle_keep_alive_connection_is_closed(served, monkeypatch):
         status, _ = read_response(sock)
         assert status == 200
         assert _closed_by_peer(sock, 5)
+
+
+@pytest.mark.parametrize("path, body, param", [
+    (CHAT, CHAT_BODY, "messages"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 4}, "prompt"),
+    (MESSAGES, MESSAGES_BODY, "messages")])
+def test_a_prompt_far_past_the_context_is_refused_from_its_first_chunks(served, path, body, param):
+    """4 MB of text against a 4,096-token window: refused after counting one chunk's tokens,
+    not after encoding it all (what held every tokenizer worker for ~20 s a prompt)."""
+    huge = "hello world " * 350_000
+    body = copy.deepcopy(body)
+    if "prompt" in body:
+        body["prompt"] = huge
+    else:
+        body["messages"][0]["content"] = huge
+    started = time.perf_counter()
+    with served.http() as http:
+        r = http.post(path, json=body)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert "maximum context length is 4096 tokens" in error["message"]
+    assert f"in its first {prompt.COUNT_CHUNK_CHARS} characters" in error["message"]
+    assert error.get("param", param) == param
+    assert time.perf_counter() - started < 5
+    assert not served.fake.requests
+
+
+class _CountingTokenizer:
+    """One token per `chars` characters; records the length of each text it encodes."""
+
+    def __init__(self, chars: int) -> None:
+        self.chars, self.encoded = chars, []
+
+    def encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        self.encoded.append(len(text))
+        return [7] * (len(text) // self.chars + add_special_tokens)
+
+
+def test_only_text_far_past_the_window_is_counted_first_and_what_fits_is_encoded_whole():
+    short = _CountingTokenizer(4)
+    assert len(prompt.encode_fitting(short, "x" * 4000, True, 1000, "prompt")) == 1001
+    assert short.encoded == [4000]                               # encoded once, whole
+    sparse = _CountingTokenizer(100)                             # 100 characters a token
+    text = "x" * (3 * prompt.COUNT_CHUNK_CHARS)
+    assert len(prompt.encode_fitting(sparse, text, False, 10_000, "prompt")) == len(text) // 100
+    assert sparse.encoded == [prompt.COUNT_CHUNK_CHARS] * 3 + [len(text)]  # counted, then whole
+    dense = _CountingTokenizer(4)
+    with pytest.raises(ApiError) as e:
+        prompt.encode_fitting(dense, "x" * (20 * prompt.COUNT_CHUNK_CHARS), False, 100_000, "prompt")
+    assert dense.encoded == [prompt.COUNT_CHUNK_CHARS] * 2             # stopped after 2 chunks
+    assert "more than 131040 tokens in its first 524288 characters" in str(e.value)
