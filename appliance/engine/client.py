@@ -33,6 +33,11 @@ _POLL_MS = 100
 STOP_TIMEOUT_S = 30.0
 
 
+def is_counter(key: str) -> bool:
+    """An engine stats key that only grows while the engine runs (`pages_total` is the pool)."""
+    return key.endswith("_total") and not key.startswith("pages_")
+
+
 class EngineRejected(Exception):
     """The engine refused a request (bad input) or is not running; the message says why."""
 
@@ -109,6 +114,7 @@ class EngineClient:
         self._lock = threading.Lock()  # guards _streams, _status and _instance together
         self._rids = itertools.count(1)
         self._stats: dict[str, float] = {}
+        self._before_restarts: dict[str, float] = {}  # counters' totals of engines that died
         self._progress: dict[int, protocol.RequestProgress] = {}
         self._status = "starting"
         self._closing = threading.Event()
@@ -134,7 +140,11 @@ class EngineClient:
         return self._status == "ok" and not self._closing.is_set()
 
     def stats(self) -> dict[str, float]:
+        """The engine's latest stats; its counters (`*_total`) count on across restarts, as
+        a counter of the daemon's /metrics must (a restarted engine counts from 0)."""
         values = dict(self._stats)
+        for key, before in self._before_restarts.items():
+            values[key] = values.get(key, 0.0) + before
         values.setdefault("page_size", self.info.page_size)
         values.setdefault("pages_total", self.info.num_pages)
         return values
@@ -229,6 +239,9 @@ class EngineClient:
         with self._lock:
             self._status = status
             streams = list(self._streams.values())
+        for key, value in self._stats.items():
+            if is_counter(key):
+                self._before_restarts[key] = self._before_restarts.get(key, 0.0) + value
         self._stats, self._progress = {}, {}
         then = "is restarting; retry shortly" if status == "restarting" else "is not coming back"
         error = EngineFailed(f"The engine failed while running this request and {then}.")

@@ -37,11 +37,23 @@ def _stop(daemon) -> None:
     assert code == 0, daemon.log.read_text()
 
 
+def _generated_total(daemon) -> float:
+    """/metrics' generation_tokens_total once the engine has published its latest counters."""
+    time.sleep(0.6)  # the engine publishes its stats every 0.25 s
+    text = httpx.get(daemon.base_url + "/metrics", timeout=30).text
+    line = next(x for x in text.splitlines() if x.startswith("tokenspeed_generation_tokens_total "))
+    return float(line.split()[1])
+
+
 def test_killed_rank_fails_every_request_then_the_engine_restarts(folder):
+    """... and /metrics' counters count on from the dead engine's totals."""
     daemon = start_daemon(folder)
     tally = Tally()
     try:
+        assert probe(daemon) == "length"
+        before = _generated_total(daemon)
         outcomes = fault_round(daemon, tally, rank=0, streams=5)
+        assert _generated_total(daemon) >= before + 8  # fault_round's probe after the restart
         assert any(o.kind == "error" for o in outcomes), outcomes
         _assert_all_told(tally)
         log = daemon.log.read_text()
