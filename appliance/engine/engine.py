@@ -133,6 +133,9 @@ class Engine:
         self._unsent: list[TokenOutput] = []  # a commit's outputs, until `_send_outputs`
         self._unsent_finished = False  # ... and whether a request ended in them
         self._unsent_failed: list[protocol.Rejected] = []  # ... and those failed after them
+        # a request ended in the last outputs sent: the step in flight behind them may still
+        # hold its pages (planned before its end was known), so the next commit's stats too
+        self._stats_after_next_commit = False
         self._inflight: InFlight | None = None  # the launched, not yet committed step
         self.step_error = PredictionError()  # the cost model's, for /stats
         self._last_done = 0.0  # perf_counter when the last committed step's tokens were in
@@ -498,8 +501,10 @@ class Engine:
 
     def _send_outputs(self) -> None:
         """Send the queued outputs (stats first when a request ended in them, so that /metrics
-        and /stats are current when its reply ends), then the failures."""
-        if self._unsent_finished:
+        and /stats are current when its reply ends, and again after the next commit, which
+        frees what the step in flight held of it), then the failures."""
+        if self._unsent_finished or self._stats_after_next_commit:
+            self._stats_after_next_commit = self._unsent_finished
             self._unsent_finished = False
             self._publish_stats(force=True)
         if self._unsent:

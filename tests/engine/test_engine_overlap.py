@@ -108,6 +108,24 @@ def test_decode_rows_in_order_take_the_previous_tokens_as_they_are():
         assert ids.tolist() == [int(prev[-i - 1]) if i < 0 else i for i in host]
 
 
+def test_a_request_ended_by_a_stop_token_has_its_pages_back_in_the_next_stats(engine):
+    """Its end is known at the commit of its step; the step in flight behind it was planned
+    with it and holds its pages until that one commits: the stats go out before its last
+    output and again after that commit, so /stats is current one step after the reply ends
+    (not one stats period, ~0.5 s, later)."""
+    from appliance.engine.protocol import Stats
+
+    prompt = [5, 6, 7]
+    stop = expected(prompt, 4)[-1]
+    engine._submit(GenerateRequest(1, prompt, max_new_tokens=50, temperature=0.0,
+                                   stop_token_ids=[stop]))
+    while engine.step():
+        pass
+    assert tokens_of(engine.sent, 1)[-1] == stop
+    stats = [m.values for m in engine.sent if isinstance(m, Stats)]
+    assert stats[-2]["requests_running"] == 0 and stats[-1]["pages_used"] == 0
+
+
 def test_first_output_carries_the_prefix_cache_hit(engine):
     """The first TokenOutput of a request carries the prompt tokens the scheduler reused
     (0 on a cold cache; every full page of the earlier turn on the next one); later outputs
