@@ -16,7 +16,7 @@ router = APIRouter()
 models_router = APIRouter(dependencies=[Depends(require_api_key)])
 
 
-@router.get("/health")
+@router.api_route("/health", methods=["GET", "HEAD"])  # HEAD: load balancers probe with it
 async def health(request: Request) -> JSONResponse:
     """200 `{"status": "ok"}` while the engine serves; else 503 with the engine's status
     ("starting" | "restarting" | "failed") and nothing more. Before the engine is up, the

@@ -92,6 +92,6 @@ class FrontendMetrics:
 router = APIRouter(dependencies=[Depends(require_api_key)])
 
 
-@router.get("/metrics", include_in_schema=False)
+@router.api_route("/metrics", methods=["GET", "HEAD"], include_in_schema=False)
 async def metrics(request: Request) -> Response:
     return Response(get_state(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)

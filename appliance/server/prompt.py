@@ -30,20 +30,23 @@ CHUNK_EDGE_TOKENS = 16  # what cutting the text at a chunk's edge may add to the
 async def chat_prompt_ids(state: AppState, messages: list[dict[str, Any]],
                           tools: list[dict[str, Any]] | None,
                           template_kwargs: dict[str, Any] | None = None,
-                          continue_final: bool = False) -> list[int]:
+                          continue_final: bool = False, param: str = "messages") -> list[int]:
     """Render the chat template and encode it: with the generation prompt, or (prefill) open
-    at the end of the final assistant message so the model continues it."""
+    at the end of the final assistant message so the model continues it. `param`: the field
+    a 400 about the messages names (the Responses API's `input`)."""
     max_model_len = state.client.max_model_len
 
     def render(tokenizer: Any) -> list[int]:
-        text = render_chat(tokenizer, messages, tools, template_kwargs or {}, continue_final)
-        return encode_fitting(tokenizer, text, False, max_model_len, "messages")
+        text = render_chat(tokenizer, messages, tools, template_kwargs or {}, continue_final,
+                           param)
+        return encode_fitting(tokenizer, text, False, max_model_len, param)
 
     return await state.tokenizers.run(render)
 
 
 def render_chat(tokenizer: Any, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
-                variables: dict[str, Any], continue_final: bool = False) -> str:
+                variables: dict[str, Any], continue_final: bool = False,
+                param: str = "messages") -> str:
     """The chat template's text. `variables` (chat_template_kwargs) reach the template only as
     variables: `messages` and the names of apply_chat_template's own parameters (tokenize,
     documents...) are dropped."""
@@ -54,7 +57,7 @@ def render_chat(tokenizer: Any, messages: list[dict[str, Any]], tools: list[dict
             messages, tools=tools or None, tokenize=False, add_generation_prompt=not continue_final,
             continue_final_message=continue_final, **extra)
     except _TEMPLATE_ERRORS as e:  # also: the tokenizer has no chat template (ValueError)
-        raise bad_request(f"Cannot apply the chat template to these messages: {e}", "messages") from None
+        raise bad_request(f"Cannot apply the chat template to these messages: {e}", param) from None
     if not isinstance(text, str):
         raise TypeError(f"apply_chat_template returned {type(text).__name__}, expected str")
     return text
@@ -99,15 +102,17 @@ def check_token_ids(ids: list[int], vocab_size: int, param: str = "prompt") -> l
 
 
 def output_budget(prompt_len: int, requested: int | None, max_model_len: int,
-                  default_cap: int = DEFAULT_MAX_TOKENS_CAP, param: str = "max_tokens") -> int:
-    """max_new_tokens for the engine; a 400 when the prompt (plus the request) cannot fit."""
+                  default_cap: int = DEFAULT_MAX_TOKENS_CAP, param: str = "max_tokens",
+                  prompt_param: str = "messages") -> int:
+    """max_new_tokens for the engine; a 400 when the prompt (plus the request) cannot fit,
+    naming `prompt_param` when the prompt alone fills the window, else `param`."""
     remaining = max_model_len - prompt_len
     if requested is None:
         if remaining < 1:
             raise bad_request(
                 f"This model's maximum context length is {max_model_len} tokens, but the prompt "
                 f"is {prompt_len} tokens, which leaves no room for output. Shorten the prompt.",
-                "messages")
+                prompt_param)
         return min(remaining, default_cap)
     if requested > remaining:
         raise bad_request(

@@ -57,6 +57,8 @@ def test_unsupported_options_are_400(served):
         _openai_error(http.post("/v1/completions", json={"prompt": "x", "n": 0}), 400, "n")
         _openai_error(http.post(CHAT, json={"messages": msgs, "response_format": {"type": "xml"}}), 400,
                       "response_format.type")
+        _openai_error(http.post(CHAT, json={"messages": msgs, "response_format": {}}), 400,
+                      "response_format.type")
         _openai_error(http.post(CHAT, json={"messages": msgs, "response_format": {"type": "json_schema"}}),
                       400, "response_format.json_schema.schema")
         _openai_error(http.post(CHAT, json={"messages": msgs, "top_logprobs": 2}), 400, "top_logprobs")

@@ -271,3 +271,14 @@ def test_any_value_in_any_field_is_never_a_5xx(served, path, data):
         assert_api_error(path, response)
     for req in served.fake.requests:  # whatever got through is something the engine accepts
         assert _engine_can_take(req, 4096), req
+
+
+@pytest.mark.parametrize("content_type", [None, "application/x-www-form-urlencoded", "text/plain"])
+def test_a_json_body_under_another_content_type_is_read_as_json(served, content_type):
+    """`curl -d '{...}'` declares form data: the body is still the JSON request it is (these
+    routes take nothing else), not a 400 saying the object is not a dictionary."""
+    headers = {"content-type": content_type} if content_type else {}
+    with served.http() as http:
+        r = http.post(CHAT, content=json.dumps(BASE[CHAT]).encode(), headers=headers)
+        assert r.status_code == 200, r.text
+        assert_api_error(CHAT, http.post(CHAT, content=b"a=1&b=2", headers=headers), 400)

@@ -155,6 +155,8 @@ def test_a_stream_that_fails_ends_with_error_and_response_failed(served):
     ({"top_logprobs": 3}, "top_logprobs"),
     ({"background": True}, "background"),
     ({"input": 5}, "input"),
+    ({"input": []}, "input"),
+    ({"input": "x" * 40_000}, "input"),
 ])
 def test_refused_with_a_400_naming_the_field(served, body, param):
     with served.http() as http:

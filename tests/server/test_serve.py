@@ -134,9 +134,13 @@ def test_health_says_the_engine_status_and_nothing_else(served):
             assert (r := http.get("/health")).status_code == 503 and r.json() == {"status": "failed"}
             served.fake.status = "restarting"
             assert (r := http.get("/health")).status_code == 503 and r.json() == {"status": "restarting"}
+            assert (r := http.head("/health")).status_code == 503 and r.content == b""
     finally:
         served.fake.healthy = True
         vars(served.fake).pop("status", None)
+    with served.http() as http:  # load balancers probe with HEAD too
+        assert (r := http.head("/health")).status_code == 200 and r.content == b""
+        assert http.head("/metrics").status_code == 200
 
 
 @pytest.mark.anyio

@@ -77,7 +77,10 @@ def _reject_unsupported(body: ChatCompletionRequest) -> None:
 
 def _response_format(value: dict[str, Any] | None) -> ResponseFormat:
     """OpenAI's `response_format`: text, json_object, or json_schema with `json_schema.schema`."""
-    kind = (value or {}).get("type", "text")
+    kind = "text" if value is None else value.get("type")
+    if kind is None:
+        raise bad_request("response_format needs a type: text, json_object or json_schema",
+                          "response_format.type")
     if kind in ("text", "json_object"):
         return ResponseFormat(kind)
     if kind != "json_schema":

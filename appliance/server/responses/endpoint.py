@@ -37,7 +37,8 @@ async def responses(body: ResponsesRequest, request: Request) -> Response:
     specs, choice = tool_setup(body, tools)
     effort = body.reasoning.effort if body.reasoning else None
     prompt_ids = await chat_prompt_ids(state, template_messages(body), template_tools(tools, choice),
-                                       {"reasoning_effort": effort} if effort else None)
+                                       {"reasoning_effort": effort} if effort else None,
+                                       param="input")
     text_format = body.text.format if body.text else None
     response_format = ResponseFormat(text_format.type, text_format.schema_) if text_format else ResponseFormat()
     if response_format.kind == "json_schema" and response_format.schema is None:
@@ -46,7 +47,7 @@ async def responses(body: ResponsesRequest, request: Request) -> Response:
                                     response_format)
     sampling = SamplingOptions(
         max_tokens=output_budget(len(prompt_ids), body.max_output_tokens, state.client.max_model_len,
-                                 param="max_output_tokens"),
+                                 param="max_output_tokens", prompt_param="input"),
         temperature=1.0 if body.temperature is None else body.temperature,
         top_p=1.0 if body.top_p is None else body.top_p, top_k=max(0, body.top_k or 0), seed=body.seed,
         speculative=body.speculative,
