@@ -295,3 +295,65 @@ def test_each_format_streams_through_both_apis(t):
         assert len([e for e in events if e.type == "content_block_delta" and e.delta.type == "input_json_delta"]) > 3
         thinking = "".join(b.thinking for b in final.content if b.type == "thinking")
         assert thinking == t.reasoning and final.stop_reason == "tool_use"
+
+
+PLACEHOLDER = "[image omitted: this model reads text only]"
+PNG = {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}
+
+
+def test_images_and_documents_become_placeholders_so_an_agent_session_goes_on(
+        claude, oai, served, tokenizer):
+    """A screenshot the user pasted, an image or PDF a tool returned, a plain-text document and a
+    server tool's blocks from a conversation begun on Anthropic's API: the turn is served, each
+    image and PDF a placeholder, the text document's text kept, the server tool's blocks left
+    out. Refused, every later turn of the session (agents resend it all) was refused too."""
+    claude.messages.create(model=MODEL, max_tokens=8, tools=ANTHROPIC_TOOLS, messages=[
+        {"role": "user", "content": [{"type": "text", "text": "what is in"},
+                                     {"type": "image", "source": PNG}]},
+        {"role": "assistant", "content": [
+            {"type": "server_tool_use", "id": "srvtoolu_1", "name": "web_search", "input": {"query": "q"}},
+            {"type": "web_search_tool_result", "tool_use_id": "srvtoolu_1", "content": []},
+            {"type": "tool_use", "id": "toolu_1", "name": "Read", "input": {"file_path": "a.png"}}]},
+        {"role": "user", "content": [
+            {"type": "tool_result", "tool_use_id": "toolu_1", "content": [
+                {"type": "image", "source": PNG},
+                {"type": "document", "source": {"type": "text", "media_type": "text/plain",
+                                                "data": "NOTES-42"}},
+                {"type": "document", "source": {"type": "base64", "media_type": "application/pdf",
+                                                "data": "JVBERi0="}}]}]}])
+    prompt = tokenizer.decode(served.fake.requests[-1].prompt_ids)
+    assert prompt.count(PLACEHOLDER) == 2 and "NOTES-42" in prompt
+    assert "[document omitted: this model reads text only]" in prompt
+    assert "srvtoolu_1" not in prompt
+    oai.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": [
+        {"type": "text", "text": "see"}, {"type": "image_url", "image_url": {"url": "data:image/png;base64,x"}}]}])
+    assert PLACEHOLDER in tokenizer.decode(served.fake.requests[-1].prompt_ids)
+
+
+def test_codex_hosted_and_custom_tools_are_left_out_and_their_calls_kept(served, tokenizer):
+    """`codex --search` adds a web_search tool, some models get local_shell or a free-form
+    apply_patch: the function tools are served, the others left out (not a 400 every turn); the
+    history's custom and local_shell calls are calls the template shows, a web search call is
+    left out, an image a placeholder."""
+    shell = {"type": "function", "name": "shell", "parameters": {
+        "type": "object", "properties": {"command": {"type": "array", "items": {"type": "string"}}}}}
+    body = {"model": MODEL, "stream": False, "tools": [
+        shell, {"type": "web_search"}, {"type": "local_shell"},
+        {"type": "custom", "name": "apply_patch", "format": {"type": "grammar", "syntax": "lark",
+                                                             "definition": "start: /.+/"}}],
+        "input": [
+            {"role": "user", "content": [{"type": "input_text", "text": "fix it"},
+                                         {"type": "input_image", "image_url": "data:image/png;base64,x"}]},
+            {"type": "web_search_call", "id": "ws_1", "status": "completed", "action": {"query": "q"}},
+            {"type": "custom_tool_call", "call_id": "c1", "name": "apply_patch", "input": "*** PATCH-7"},
+            {"type": "custom_tool_call_output", "call_id": "c1", "output": "PATCHED-OK"},
+            {"type": "local_shell_call", "call_id": "c2", "status": "completed",
+             "action": {"type": "exec", "command": ["ls", "LSDIR-9"]}},
+            {"type": "function_call_output", "call_id": "c2", "output": "LISTED-OK"}]}
+    with served.http() as http:
+        r = http.post("/v1/responses", json=body)
+    assert r.status_code == 200, r.text
+    prompt = tokenizer.decode(served.fake.requests[-1].prompt_ids)
+    for text in ("PATCH-7", "PATCHED-OK", "LSDIR-9", "LISTED-OK", '"shell"', PLACEHOLDER):
+        assert text in prompt, text
+    assert '"web_search"' not in prompt and "ws_1" not in prompt

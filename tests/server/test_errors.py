@@ -69,9 +69,9 @@ def test_unsupported_options_are_400(served):
         _openai_error(http.post("/v1/completions", json={"prompt": "x", "echo": True}), 400, "echo")
         _openai_error(http.post("/v1/completions", json={"prompt": ["a", "b"]}), 400, "prompt")
         _openai_error(http.post(CHAT, json={"messages": [{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": "http://x"}}]}]}), 400, "messages.0.content.0")
+            {"type": "video_url", "video_url": {"url": "http://x"}}]}]}), 400, "messages.0.content.0")
         _anthropic_error(http.post("/v1/messages", json={"model": MODEL, "max_tokens": 5, "messages": [
-            {"role": "user", "content": [{"type": "image", "source": {}}]}]}), 400, "invalid_request_error")
+            {"role": "user", "content": [{"type": "tool_result"}]}]}), 400, "invalid_request_error")
 
 
 def test_unknown_model_is_404_like_vllm(served):

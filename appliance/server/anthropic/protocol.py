@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Discriminator, Field, Tag
 
 from appliance.server.field_types import (STRICT_BODY, ObjectSchema, Probability, StopStrings,
                                            TokenCount, TopK)
@@ -58,10 +58,30 @@ class RedactedThinkingBlock(_Block):
     data: str = ""
 
 
+class OtherBlock(_Block):
+    """A block of a type this server has no use for (server tools' `server_tool_use` and
+    `web_search_tool_result`, say, in a conversation begun on Anthropic's API): dropped."""
+    type: str
+
+
+_KNOWN_BLOCKS = ("text", "image", "document", "tool_use", "tool_result", "thinking",
+                 "redacted_thinking")
+
+
+def _block_kind(block: Any) -> str:
+    kind = block.get("type") if isinstance(block, dict) else getattr(block, "type", None)
+    return f"block[{kind if kind in _KNOWN_BLOCKS else 'other'}]"  # [..]: see errors.py
+
+
 ContentBlock = Annotated[
-    TextBlock | ImageBlock | DocumentBlock | ToolUseBlock | ToolResultBlock | ThinkingBlock
-    | RedactedThinkingBlock,
-    Field(discriminator="type"),
+    Annotated[TextBlock, Tag("block[text]")] | Annotated[ImageBlock, Tag("block[image]")]
+    | Annotated[DocumentBlock, Tag("block[document]")]
+    | Annotated[ToolUseBlock, Tag("block[tool_use]")]
+    | Annotated[ToolResultBlock, Tag("block[tool_result]")]
+    | Annotated[ThinkingBlock, Tag("block[thinking]")]
+    | Annotated[RedactedThinkingBlock, Tag("block[redacted_thinking]")]
+    | Annotated[OtherBlock, Tag("block[other]")],
+    Discriminator(_block_kind),
 ]
 
 

@@ -1,20 +1,22 @@
 """Anthropic messages, system prompt and tools -> the plain dicts a HF chat template expects.
 
 A user turn's `tool_result` blocks become `tool` messages (in order, before the user's text), an
-assistant turn's `tool_use` blocks become `tool_calls`; thinking blocks are dropped. Images and
-documents are refused (the models served here read text only).
+assistant turn's `tool_use` blocks become `tool_calls`; thinking blocks and blocks of types this
+server has no use for are dropped. Images, and documents other than plain text, become a text
+placeholder (media.py: the models served here read text only).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from appliance.server.anthropic.protocol import (ContentBlock, CountTokensRequest, Message, TextBlock,
-                                                 ToolDefinition, ToolResultBlock, ToolUseBlock)
+from appliance.server.anthropic.protocol import (ContentBlock, CountTokensRequest, DocumentBlock,
+                                                 ImageBlock, Message, TextBlock, ToolDefinition,
+                                                 ToolResultBlock, ToolUseBlock)
 from appliance.server.errors import bad_request
+from appliance.server.media import document_text, omitted
 from appliance.server.tool_parsers import ToolChoice, ToolSpec
 
-_DROPPED = {"thinking", "redacted_thinking"}
 
 
 def template_messages(body: CountTokensRequest) -> list[dict[str, Any]]:
@@ -22,8 +24,8 @@ def template_messages(body: CountTokensRequest) -> list[dict[str, Any]]:
     system = _system_text(body.system)
     if system:
         out.append({"role": "system", "content": system})
-    for i, message in enumerate(body.messages):
-        out.extend(_convert(i, message))
+    for message in body.messages:
+        out.extend(_convert(message))
     return out
 
 
@@ -74,61 +76,56 @@ def _system_text(system: str | list[TextBlock] | None) -> str:
     return "\n".join(block.text for block in system)
 
 
-def _convert(index: int, message: Message) -> list[dict[str, Any]]:
+def _convert(message: Message) -> list[dict[str, Any]]:
     if isinstance(message.content, str):
         return [{"role": message.role, "content": message.content}]
     if message.role == "assistant":
-        return [_assistant(index, message.content)]
-    return _user(index, message.content)
+        return [_assistant(message.content)]
+    return _user(message.content)
 
 
-def _assistant(index: int, blocks: list[ContentBlock]) -> dict[str, Any]:
+def _assistant(blocks: list[ContentBlock]) -> dict[str, Any]:
     texts: list[str] = []
     calls: list[dict[str, Any]] = []
-    for j, block in enumerate(blocks):
+    for block in blocks:
         if isinstance(block, TextBlock):
             texts.append(block.text)
         elif isinstance(block, ToolUseBlock):
             calls.append({"id": block.id, "type": "function",
                           "function": {"name": block.name, "arguments": block.input}})
-        elif block.type not in _DROPPED:
-            raise _unsupported(block.type, f"messages.{index}.content.{j}")
+        elif isinstance(block, (ImageBlock, DocumentBlock)):
+            texts.append(_media_text(block))
     out: dict[str, Any] = {"role": "assistant", "content": "\n".join(texts)}
     if calls:
         out["tool_calls"] = calls
     return out
 
 
-def _user(index: int, blocks: list[ContentBlock]) -> list[dict[str, Any]]:
+def _user(blocks: list[ContentBlock]) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     texts: list[str] = []
-    for j, block in enumerate(blocks):
-        where = f"messages.{index}.content.{j}"
+    for block in blocks:
         if isinstance(block, TextBlock):
             texts.append(block.text)
+        elif isinstance(block, (ImageBlock, DocumentBlock)):
+            texts.append(_media_text(block))
         elif isinstance(block, ToolResultBlock):
             if texts:
                 out.append({"role": "user", "content": "\n".join(texts)})
                 texts = []
             out.append({"role": "tool", "tool_call_id": block.tool_use_id,
-                        "content": _tool_result_text(block, where)})
-        elif block.type not in _DROPPED:
-            raise _unsupported(block.type, where)
+                        "content": _tool_result_text(block)})
     if texts or not out:
         out.append({"role": "user", "content": "\n".join(texts)})
     return out
 
 
-def _tool_result_text(block: ToolResultBlock, where: str) -> str:
+def _tool_result_text(block: ToolResultBlock) -> str:
     if block.content is None or isinstance(block.content, str):
         return block.content or ""
-    texts = []
-    for k, part in enumerate(block.content):
-        if not isinstance(part, TextBlock):
-            raise _unsupported(part.type, f"{where}.content.{k}")
-        texts.append(part.text)
-    return "\n".join(texts)
+    return "\n".join(part.text if isinstance(part, TextBlock) else _media_text(part)
+                     for part in block.content)
 
 
-def _unsupported(kind: str, where: str) -> Exception:
-    return bad_request(f"Content blocks of type {kind!r} are not supported (text and tools only)", where)
+def _media_text(block: ImageBlock | DocumentBlock) -> str:
+    return omitted("image") if isinstance(block, ImageBlock) else document_text(block.source)

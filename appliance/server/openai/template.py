@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 from appliance.server.errors import bad_request
+from appliance.server.media import MEDIA_PARTS, omitted
 from appliance.server.openai.protocol import (ChatMessage, ContentPart, NamedToolChoice, Tool,
                                               ToolCall)
 
@@ -51,9 +52,12 @@ def _text(index: int, content: str | list[ContentPart] | None) -> str:
         return content or ""
     texts = []
     for j, part in enumerate(content):
+        if part.type in MEDIA_PARTS:
+            texts.append(omitted(MEDIA_PARTS[part.type]))
+            continue
         if part.type not in TEXT_PART_TYPES or part.text is None:
-            raise bad_request(f"Content parts of type {part.type!r} are not supported (text only)",
-                              f"messages.{index}.content.{j}")
+            raise bad_request(f"Content parts of type {part.type!r} are not supported (text, "
+                              "and images or files as a placeholder)", f"messages.{index}.content.{j}")
         texts.append(part.text)
     return "\n".join(texts)
 

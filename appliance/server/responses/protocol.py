@@ -1,8 +1,8 @@
 """Request body of `POST /v1/responses` (pydantic, strict types, unknown fields ignored).
 
-Input items of a type the server does not take (images, files, item references, hosted-tool
-calls) and tools other than functions parse into `Unsupported*` so the handler can refuse them
-with a 400 naming the item."""
+Input items and tools of other types parse into `Unsupported*`: the handler refuses item
+references (state this server does not keep) with a 400 naming the item, and leaves out hosted
+tools and their calls (web search, say), which it cannot run."""
 
 from __future__ import annotations
 
@@ -38,6 +38,27 @@ class FunctionCallOutputItem(_Body):
     output: str | list[ContentPart]
 
 
+class CustomToolCallItem(_Body):
+    """A call of a `custom` (free-form input) tool, such as Codex's apply_patch for some models."""
+    type: Literal["custom_tool_call"]
+    call_id: str
+    name: str
+    input: str = ""
+
+
+class CustomToolCallOutputItem(_Body):
+    type: Literal["custom_tool_call_output"]
+    call_id: str
+    output: str | list[ContentPart]
+
+
+class LocalShellCallItem(_Body):
+    """A call of the `local_shell` tool (its output comes back as a function_call_output)."""
+    type: Literal["local_shell_call"]
+    call_id: str
+    action: dict[str, Any] = Field(default_factory=dict)
+
+
 class ReasoningItem(_Body):
     type: Literal["reasoning"]
     summary: list[ContentPart] = Field(default_factory=list)
@@ -50,7 +71,8 @@ class UnsupportedItem(_Body):
 
 def _item_kind(item: Any) -> str:
     kind = item.get("type", "message") if isinstance(item, dict) else getattr(item, "type", "message")
-    known = kind in ("message", "function_call", "function_call_output", "reasoning")
+    known = kind in ("message", "function_call", "function_call_output", "reasoning",
+                     "custom_tool_call", "custom_tool_call_output", "local_shell_call")
     return f"item[{kind if known else 'other'}]"  # [..]: errors.py leaves tags out of a field path
 
 
@@ -59,6 +81,9 @@ InputItem = Annotated[
     | Annotated[FunctionCallItem, Tag("item[function_call]")]
     | Annotated[FunctionCallOutputItem, Tag("item[function_call_output]")]
     | Annotated[ReasoningItem, Tag("item[reasoning]")]
+    | Annotated[CustomToolCallItem, Tag("item[custom_tool_call]")]
+    | Annotated[CustomToolCallOutputItem, Tag("item[custom_tool_call_output]")]
+    | Annotated[LocalShellCallItem, Tag("item[local_shell_call]")]
     | Annotated[UnsupportedItem, Tag("item[other]")],
     Discriminator(_item_kind),
 ]

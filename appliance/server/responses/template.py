@@ -4,21 +4,31 @@
 (or start one), their outputs become `tool` messages, and a reasoning item is handed to the
 next assistant message as `reasoning_content` (and `thinking`, GPT-OSS's template's name). With
 no stored state every turn is in the input, so `previous_response_id` and item references are
-refused.
+refused. A custom tool's call is a function call with its input as `{"input": ...}`, a
+local_shell call one of `local_shell` with its action; images and files become a placeholder
+(media.py); hosted tools and their calls are left out.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 from typing import Any
 
 from appliance.server.errors import bad_request
+from appliance.server.media import MEDIA_PARTS, omitted
 from appliance.server.openai.template import tool_call_arguments
-from appliance.server.responses.protocol import (ContentPart, FunctionCallItem, FunctionCallOutputItem,
-                                                 FunctionChoice, FunctionTool, MessageItem, ReasoningItem,
+from appliance.server.responses.protocol import (ContentPart, CustomToolCallItem,
+                                                 CustomToolCallOutputItem, FunctionCallItem,
+                                                 FunctionCallOutputItem, FunctionChoice, FunctionTool,
+                                                 LocalShellCallItem, MessageItem, ReasoningItem,
                                                  ResponsesRequest)
 from appliance.server.tool_parsers import ToolChoice, ToolSpec
 
+log = logging.getLogger(__name__)
+
 TEXT_PARTS = {"input_text", "output_text", "text", "summary_text", "reasoning_text"}
+STATEFUL_ITEMS = {"item_reference"}  # items that point at state kept by the server
 
 
 def template_messages(body: ResponsesRequest) -> list[dict[str, Any]]:
@@ -42,11 +52,24 @@ def template_messages(body: ResponsesRequest) -> list[dict[str, Any]]:
         elif isinstance(item, FunctionCallOutputItem):
             out.append({"role": "tool", "tool_call_id": item.call_id,
                         "content": _text(item.output, f"{where}.output")})
+        elif isinstance(item, CustomToolCallItem):
+            _assistant(out, reasoning).setdefault("tool_calls", []).append(
+                {"id": item.call_id, "type": "function",
+                 "function": {"name": item.name, "arguments": {"input": item.input}}})
+        elif isinstance(item, LocalShellCallItem):
+            _assistant(out, reasoning).setdefault("tool_calls", []).append(
+                {"id": item.call_id, "type": "function",
+                 "function": {"name": "local_shell", "arguments": item.action}})
+        elif isinstance(item, CustomToolCallOutputItem):
+            out.append({"role": "tool", "tool_call_id": item.call_id,
+                        "content": _text(item.output, f"{where}.output")})
         elif isinstance(item, ReasoningItem):
             reasoning.extend(part.text or "" for part in [*item.summary, *(item.content or [])])
-        else:
+        elif item.type in STATEFUL_ITEMS:
             raise bad_request(f"input items of type {item.type!r} are not supported (this server keeps no "
-                              "state: send messages, function calls and their outputs)", f"{where}.type")
+                              "state: send the items themselves)", f"{where}.type")
+        else:  # a hosted tool's call (web_search_call, ...): nothing the model can act on
+            _left_out(f"input items of type {item.type!r}")
     return out
 
 
@@ -69,20 +92,32 @@ def _text(content: str | list[ContentPart], where: str) -> str:
         return content
     texts = []
     for j, part in enumerate(content):
+        if part.type in MEDIA_PARTS:
+            texts.append(omitted(MEDIA_PARTS[part.type]))
+            continue
         if part.type not in TEXT_PARTS or part.text is None:
-            raise bad_request(f"Content parts of type {part.type!r} are not supported (text only)", f"{where}.{j}")
+            raise bad_request(f"Content parts of type {part.type!r} are not supported (text, and images "
+                              "or files as a placeholder)", f"{where}.{j}")
         texts.append(part.text)
     return "\n".join(texts)
 
 
 def function_tools(body: ResponsesRequest) -> list[FunctionTool]:
+    """The function tools; hosted tools (web_search, file_search, local_shell, custom, ...) are
+    left out: this server cannot run them, and refusing them would fail every turn of an agent
+    configured with one (`codex --search`)."""
     tools = []
-    for i, tool in enumerate(body.tools or []):
-        if not isinstance(tool, FunctionTool):
-            raise bad_request(f"tools of type {tool.type!r} are not supported (function tools only)",
-                              f"tools.{i}.type")
-        tools.append(tool)
+    for tool in body.tools or []:
+        if isinstance(tool, FunctionTool):
+            tools.append(tool)
+        else:
+            _left_out(f"tools of type {tool.type!r}")
     return tools
+
+
+@functools.lru_cache(maxsize=None)
+def _left_out(what: str) -> None:
+    log.info("responses: %s are left out (this server runs function tools only; logged once)", what)
 
 
 def template_tools(tools: list[FunctionTool], choice: ToolChoice | None) -> list[dict[str, Any]] | None:
