@@ -9,6 +9,7 @@ Anthropic `metadata.user_id`.
 
 from __future__ import annotations
 
+import json
 import time
 
 from fastapi import Request
@@ -31,11 +32,27 @@ def user_hint(request: Request, *body_values: str | None) -> str:
     return _first(request.headers.get(USER_HEADER), *body_values)
 
 
-def embedded_session(user_id: str | None) -> str | None:
-    """The `<uuid>` of a Claude Code style `..._session_<uuid>` user id, else None."""
-    if not user_id or "_session_" not in user_id:
-        return None
-    return user_id.rsplit("_session_", 1)[1] or None
+def claude_code_ids(user_id: str | None) -> tuple[str | None, str | None]:
+    """(user, session) of an Anthropic `metadata.user_id` as Claude Code writes it: the older
+    `user_<hash>_account_<uuid>_session_<uuid>` (the user is `user_<hash>`), or a JSON object
+    with `session_id` and `device_id` / `account_uuid` (the user is the account, else the
+    device). Any other value is the user, with no session."""
+    if not user_id:
+        return None, None
+    if user_id.lstrip().startswith("{"):
+        try:
+            ids = json.loads(user_id)
+        except ValueError:
+            ids = None
+        if isinstance(ids, dict):
+            user = next((v for v in (ids.get("account_uuid"), ids.get("device_id"))
+                         if isinstance(v, str) and v), None)
+            session = ids.get("session_id")
+            return user, session if isinstance(session, str) and session else None
+    if "_session_" not in user_id:
+        return user_id, None
+    head, session = user_id.rsplit("_session_", 1)
+    return head.split("_account_", 1)[0] or None, session or None
 
 
 def check_model(state: AppState, model: str | None) -> None:

@@ -169,9 +169,14 @@ def test_session_from_metadata(client, served):
     client.messages.create(model=MODEL, max_tokens=4, messages=[{"role": "user", "content": "x"}],
                            metadata={"user_id": claude_code_user})
     assert served.fake.requests[-1].session == "0d9c6e2a-1b2c-4d5e-8f90-123456789abc"
+    assert served.fake.requests[-1].user == "user_8f3a"  # one user across their sessions
     client.messages.create(model=MODEL, max_tokens=4, messages=[{"role": "user", "content": "x"}],
                            metadata={"user_id": claude_code_user}, extra_headers={"x-session-id": "hdr"})
     assert served.fake.requests[-1].session == "hdr"
+    as_json = '{"device_id": "dev-1", "account_uuid": "", "session_id": "sess-7"}'  # newer Claude Code
+    client.messages.create(model=MODEL, max_tokens=4, messages=[{"role": "user", "content": "x"}],
+                           metadata={"user_id": as_json})
+    assert (served.fake.requests[-1].session, served.fake.requests[-1].user) == ("sess-7", "dev-1")
 
 
 def test_stream_disconnect_aborts_request(served):

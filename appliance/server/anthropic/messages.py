@@ -20,8 +20,8 @@ from appliance.server.generation import (Collected, Finished, GenerationJob, Pre
                                          TextDelta, collect, generate_choices)
 from appliance.server.json_body import JsonBodyRoute
 from appliance.server.prompt import chat_prompt_ids
-from appliance.server.request_context import (arrival_time, check_model, embedded_session, session_hint,
-                                              user_hint)
+from appliance.server.request_context import (arrival_time, check_model, claude_code_ids,
+                                              session_hint, user_hint)
 from appliance.server.state import AppState, get_state
 from appliance.server.tool_parsers import Reasoning, ToolCallArgs, ToolCallEnd, ToolCallStart
 
@@ -42,7 +42,7 @@ async def messages(body: MessagesRequest, request: Request) -> Response:
     sampling = replace(_sampling(body, len(prompt_ids), state.client.max_model_len), constraint=constraint)
     job = GenerationJob(prompt_ids, sampling, chat=True, tools=tuple(tools) if choice else (),
                         session=_session(request, body),
-                        user=user_hint(request, body.metadata.user_id if body.metadata else None),
+                        user=user_hint(request, claude_code_ids(_user_id(body))[0]),
                         arrived_at=arrival_time(request))
     message_id = f"msg_{uuid.uuid4().hex[:24]}"
     if body.stream:
@@ -87,7 +87,11 @@ def _session(request: Request, body: MessagesRequest) -> str:
     metadata = body.metadata
     if metadata is None:
         return session_hint(request)
-    return session_hint(request, metadata.session_id, embedded_session(metadata.user_id))
+    return session_hint(request, metadata.session_id, claude_code_ids(metadata.user_id)[1])
+
+
+def _user_id(body: MessagesRequest) -> str | None:
+    return body.metadata.user_id if body.metadata else None
 
 
 def _checked(finished: Finished | None) -> Finished:
