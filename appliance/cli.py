@@ -289,9 +289,14 @@ def _load_tokenizer(folder: str):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(folder)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
     except Exception as e:  # transformers raises many kinds; the message is what matters
         raise ConfigError(f"cannot load the tokenizer from {folder}: {e}") from None
+    # The frontend checks a prompt against the context window itself (a 400): without this,
+    # transformers warns in the daemon's log that "running this sequence through the model"
+    # would fail, for a prompt that never runs.
+    tokenizer.model_max_length = sys.maxsize
+    return tokenizer
 
 
 def _raise_keyboard_interrupt(signum, frame) -> None:

@@ -21,7 +21,7 @@ from appliance.server import connection, prompt
 from appliance.server.errors import ApiError
 from appliance.server.tokenizer_pool import TokenizerPool
 
-from .conftest import MODEL, Served, serve_in_thread
+from .conftest import MODEL, Served, serve_in_thread, tiny_checkpoint
 
 CHAT, MESSAGES = "/v1/chat/completions", "/v1/messages"
 CHAT_BODY = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
@@ -307,3 +307,14 @@ def test_only_text_far_past_the_window_is_counted_first_and_what_fits_is_encoded
         prompt.encode_fitting(dense, "x" * (20 * prompt.COUNT_CHUNK_CHARS), False, 100_000, "prompt")
     assert dense.encoded == [prompt.COUNT_CHUNK_CHARS] * 2             # stopped after 2 chunks
     assert "more than 131040 tokens in its first 524288 characters" in str(e.value)
+
+
+def test_the_daemons_tokenizer_does_not_warn_of_a_prompt_past_the_model_length(capsys, caplog):
+    """The frontend refuses such a prompt itself (a 400); transformers' warning that running it
+    through the model would fail only misled whoever read the daemon's log."""
+    from appliance.cli import _load_tokenizer
+
+    tokenizer = _load_tokenizer(str(tiny_checkpoint()))
+    tokenizer.encode("word " * 6000)
+    logged = caplog.text + capsys.readouterr().err
+    assert "sequence length is longer" not in logged
