@@ -169,12 +169,26 @@ def test_a_tool_whose_parameters_are_no_object_is_a_400(client, served, schema):
     """A call's arguments are one JSON object (OpenAI refuses other schemas too); accepted, a
     forced call came back as raw markup in the text."""
     tools = [{"type": "function", "function": {"name": "f", "parameters": schema}}]
+    n = len(served.fake.requests)
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}],
                                        tools=tools, tool_choice="required")
     assert 'must be a JSON schema of "type": "object"' in e.value.body["message"]
     assert e.value.body["param"] == "tools.0.function.parameters"
-    assert not any(r.prompt_ids for r in served.fake.requests[len(served.fake.requests):])
+    assert len(served.fake.requests) == n      # nothing reached the engine
+
+
+@pytest.mark.parametrize("legacy, param", [
+    ({"functions": [{"name": "f", "parameters": {"type": "object"}}]}, "functions"),
+    ({"function_call": {"name": "f"}}, "function_call")])
+def test_deprecated_functions_fields_are_a_400_naming_their_successor(client, served, legacy, param):
+    """Ignored, a forced function_call would never come and the client would wait for it."""
+    n = len(served.fake.requests)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}],
+                                       extra_body=legacy)
+    assert e.value.body["param"] == param and "deprecated" in e.value.body["message"]
+    assert len(served.fake.requests) == n
 
 
 def test_multi_turn_with_tool_results_renders_template(client, served, tokenizer):

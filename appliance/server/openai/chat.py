@@ -71,6 +71,10 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
 
 def _reject_unsupported(body: ChatCompletionRequest) -> None:
     reject_unsupported(body)
+    for legacy, current in (("functions", "tools"), ("function_call", "tool_choice")):
+        if getattr(body, legacy) is not None:  # ignored, a forced call would never come
+            raise bad_request(f"{legacy} is OpenAI's deprecated form of {current}; send {current}",
+                              legacy)
     if body.top_logprobs is not None and not body.logprobs:
         raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
 

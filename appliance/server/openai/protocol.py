@@ -120,6 +120,9 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: LogprobCount | None = None
     response_format: dict[str, Any] | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    # OpenAI's deprecated forms of tools / tool_choice: refused by name (chat.py), not ignored
+    functions: list[Any] | None = None
+    function_call: Any = None
 
 
 class CompletionRequest(SamplingFields):
