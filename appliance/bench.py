@@ -78,9 +78,12 @@ class DaemonLoad:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("mode", choices=["latency", "throughput", "agentic", "greedy"])
-    parser.add_argument("--input-len", type=int, default=512)
-    parser.add_argument("--output-len", type=int, default=128)
-    parser.add_argument("--requests", type=int, default=32)
+    parser.add_argument("--input-len", type=_positive, default=512,
+                        help="prompt tokens a request (default 512)")
+    parser.add_argument("--output-len", type=_positive, default=128,
+                        help="output tokens a request (default 128)")
+    parser.add_argument("--requests", type=_positive, default=32,
+                        help="requests in all (default 32)")
     parser.add_argument("--concurrency", type=_levels, default=[8], metavar="N[,N...]",
                         help="requests in flight (throughput); a list (1,4,16,64) sweeps the levels")
     parser.add_argument("--plot", type=Path, metavar="FILE.png",
@@ -93,7 +96,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="agentic: random token ids, or edits of this repo's files (chat)")
     parser.add_argument("--tcp", action="store_true", help="use TCP instead of the Unix socket")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="the load's random seed (default 0)")
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def _levels(text: str) -> list[int]:
@@ -115,6 +128,11 @@ def run_bench(config: AppConfig, args: argparse.Namespace) -> int:
     except BenchError as e:
         print(f"tokenspeed bench: {e}", file=sys.stderr)
         return 2
+    except httpx.TransportError as e:  # no daemon there, or it went away mid-run
+        where = f"port {config.server.port}" if args.tcp else config.server.socket
+        print(f"tokenspeed bench: no daemon answers on {where} ({e or type(e).__name__}); "
+              "start one with `tokenspeed up` (same -c/--set)", file=sys.stderr)
+        return 1
     if args.json:
         print(json.dumps(summaries[0] if len(summaries) == 1 else summaries, indent=2))
         return 0
@@ -389,6 +407,15 @@ async def complete(http: httpx.AsyncClient, model: str, prompt: list[int], max_t
     return result, token_ids
 
 
+def _error_message(body: str) -> str:
+    """The API error's message (OpenAI's and Anthropic's shapes), else the body."""
+    try:
+        error = json.loads(body).get("error")
+    except (ValueError, AttributeError):
+        return body
+    return error.get("message", body) if isinstance(error, dict) else body
+
+
 async def _sse(http: httpx.AsyncClient, path: str, body: dict, session: str) -> AsyncIterator[dict]:
     """The chunks of a streamed request, parsed ([DONE] left out)."""
     headers = {"x-session-id": session} if session else {}
@@ -398,8 +425,8 @@ async def _sse(http: httpx.AsyncClient, path: str, body: dict, session: str) -> 
             async with http.stream("POST", path, json=body, headers=headers) as response:
                 answered = True
                 if response.status_code != 200:
-                    raise RuntimeError(f"HTTP {response.status_code}: "
-                                       f"{(await response.aread()).decode()}")
+                    raise BenchError(f"the daemon answered HTTP {response.status_code}: "
+                                     f"{_error_message((await response.aread()).decode())}")
                 async for line in response.aiter_lines():
                     if line.startswith("data: ") and line != "data: [DONE]":
                         yield json.loads(line[6:])

@@ -64,8 +64,8 @@ def _parser() -> argparse.ArgumentParser:
     kern = sub.add_parser("kernels", parents=[common],
                           help="list every kernel implementation (and why one is unavailable) or explain a choice")
     kern.add_argument("--explain", metavar="OP", help="explain which implementation OP selects")
-    kern.add_argument("--device", default="cuda")
-    kern.add_argument("--dtype", default="bfloat16")
+    kern.add_argument("--device", default="cuda", choices=["cpu", "cuda"])
+    kern.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     kern.set_defaults(handler=cmd_kernels)
     return parser
 
@@ -248,7 +248,11 @@ def cmd_kernels(config: AppConfig, args: argparse.Namespace) -> int:
 
     kernels.set_overrides(dict(config.kernels.override))
     if args.explain:
-        print(kernels.explain(args.explain, device=args.device, dtype=getattr(torch, args.dtype)))
+        try:
+            print(kernels.explain(args.explain, device=args.device, dtype=getattr(torch, args.dtype)))
+        except kernels.KernelError as e:  # an unknown op: the message lists the known ones
+            print(f"tokenspeed kernels: {e}", file=sys.stderr)
+            return 2
         return 0
     print(kernels.listing())
     return 0

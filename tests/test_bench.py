@@ -179,3 +179,30 @@ def test_a_request_dropped_unanswered_is_sent_again_once():
     with pytest.raises(httpx.RemoteProtocolError):
         asyncio.run(_chunks(transport))
     assert len(calls) == 2
+
+
+def test_no_daemon_and_bad_lengths_are_one_line_errors_not_tracebacks(tmp_path, capsys):
+    """No daemon on the socket: one line saying so (an 82-line traceback before); lengths and
+    counts under 1 are refused by the arguments (--requests 0 printed a report of zeros)."""
+    socket = tmp_path / "none.sock"
+    assert main(["bench", "latency", "--set", f"server.socket={socket}", "--requests", "2"]) == 1
+    err = capsys.readouterr().err
+    assert f"no daemon answers on {socket}" in err and "Traceback" not in err
+    for flag in ("--requests", "--input-len", "--output-len"):
+        with pytest.raises(SystemExit):
+            main(["bench", "latency", "--set", f"server.socket={socket}", flag, "0"])
+        assert "must be >= 1, got 0" in capsys.readouterr().err
+
+
+async def _refused_stream() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(400, json={"error": {"message": "the prompt is too long", "type": "x"}})
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handler), base_url="http://t") as http:
+        async for _ in bench_client._sse(http, "/v1/completions", {}, ""):
+            pass
+
+
+def test_a_refused_request_is_a_bench_error_with_the_daemons_message():
+    with pytest.raises(bench_client.BenchError, match="answered HTTP 400: the prompt is too long$"):
+        asyncio.run(_refused_stream())

@@ -67,3 +67,12 @@ def test_cli_lists_every_op_and_the_unavailable_backends(fresh_unavailable, monk
     assert all("torch (priority 0)" in line for line in lines.values())
     assert {op for op, line in lines.items() if "triton (priority 10, unavailable)" in line} == set(kernels.TRITON_OPS)
     assert out.rstrip().endswith("unavailable on this machine:\n  triton: needs a CUDA device (torch sees none)")
+
+
+def test_cli_explain_of_an_unknown_op_is_one_line_and_bad_devices_are_refused(capsys):
+    assert main(["kernels", "--explain", "no_such_op"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tokenspeed kernels: ") and "Traceback" not in err
+    for bad in (["--device", "tpu"], ["--dtype", "int3"]):
+        with pytest.raises(SystemExit):
+            main(["kernels", *bad])
