@@ -61,8 +61,11 @@ def run_rank(config: AppConfig, files: ModelFiles, endpoints: EngineEndpoints | 
     this rank must not outlive (the frontend, then rank 0)."""
     name_process(f"tokenspeed-r{rank}")
     die_with(*lifelines)
-    # Ctrl-C reaches the whole process group: the frontend drains, then tells rank 0 to stop.
+    # Ctrl-C, and a stop of the whole group (systemd's default, `timeout`), reach every rank:
+    # the frontend drains, then tells rank 0 to stop (a rank dead of it read as an engine
+    # failure mid-shutdown). The lifelines end a rank whose frontend is gone.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     # `tokenspeed up` passes its verbosity (WARNING unless -v: its progress display tells the stages).
     logging.basicConfig(level=os.environ.get("TOKENSPEED_RANK_LOG_LEVEL", "INFO"),
                         format=f"%(asctime)s rank{rank} %(levelname)s %(message)s")

@@ -42,6 +42,12 @@ HEALTH_POLL_S = 0.5
 class DrainingServer(uvicorn.Server):
     """uvicorn.Server whose signal handling drains and returns instead of re-raising the signal."""
 
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        if not self.should_exit:  # the operator's log says a stop began, and why
+            log.info("shutting down (%s): draining the requests in flight",
+                     signal.Signals(sig).name)
+        super().handle_exit(sig, frame)
+
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         if threading.current_thread() is not threading.main_thread():
@@ -119,6 +125,7 @@ async def _run(server: DrainingServer, sockets: list[socket.socket], state: AppS
         for task in helpers:
             task.cancel()
     await _abort_leftovers(state)
+    log.info("stopped serving")
     return 1 if state.engine_status == "failed" else 0
 
 

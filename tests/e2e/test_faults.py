@@ -4,6 +4,7 @@ one endpoint, a stranger on the engine channel, private files, and start-up refu
 from __future__ import annotations
 
 import json
+import os
 import signal
 import stat
 import subprocess
@@ -99,6 +100,21 @@ def test_restart_never_exits_nonzero_and_tells_every_client(folder):
     assert tally.lost == 0 and tally.told_error >= 1, tally.details
     assert "not restarting" in daemon.log.read_text()
     assert not daemon.socket.exists()
+
+
+def test_sigterm_to_the_whole_group_drains_and_logs_no_engine_failure(folder):
+    """systemd's default stop (and `timeout`) signal every process of the group: the ranks
+    leave the stop to the frontend, which drains the request in flight and says so; a rank
+    dead of the signal was logged as an engine failure and a restart attempt."""
+    daemon = start_daemon(folder)
+    requests = start_requests(daemon, 1)
+    os.killpg(daemon.proc.pid, signal.SIGTERM)
+    outcomes = finish(requests)
+    assert daemon.proc.wait(60) == 0
+    log = daemon.log.read_text()
+    assert [o.kind for o in outcomes] == ["finished"], (outcomes, log)
+    assert "shutting down (SIGTERM)" in log and "stopped serving" in log
+    assert "engine failure" not in log and "restart" not in log, log
 
 
 def test_down_right_after_a_rank_died_stops_the_daemon_promptly(folder):
