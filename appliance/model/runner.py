@@ -334,7 +334,11 @@ class ModelRunner:
         runner's."""
         report = on_stage or (lambda stage, summary: None)
         source = model_source(config, files)
-        max_len = min(int(config.model.max_model_len), context_length(source.config()))
+        asked, context = int(config.model.max_model_len), context_length(source.config())
+        max_len = min(asked, context)
+        if asked > context:  # served, but not silently: requests past it get 400s
+            log.warning("model.max_model_len %d is more than the model's context length %d: "
+                        "serving %d tokens", asked, context, context)
         graphs = use_cuda_graphs(torch.device(device), dtype, dict(config.kernels.override))
         startup = startup_shapes(config, max_len, graphs, compile_also)
         report("weights", None)

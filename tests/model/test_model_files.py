@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from appliance import cli
 from appliance.config import ConfigError, load_config
@@ -13,6 +14,7 @@ from appliance.engine.model_files import resolve_model_files
 from appliance.model import presets, tiny
 from appliance.model.gguf_files import read_gguf_config
 from appliance.model.gguf_tokenizer import ensure_gguf_tokenizer
+from appliance.model.runner import ModelRunner
 from gguf_files import write_gguf
 from helpers import free_port
 
@@ -199,3 +201,15 @@ def test_the_gguf_tokenizer_folder_is_made_only_for_a_file_that_passes_and_keeps
     folder = ensure_gguf_tokenizer(good, tmp_path / "cache")
     assert json.loads((folder / GGUF_CONFIG).read_text()) == read_gguf_config(good)
     assert ensure_gguf_tokenizer(good, tmp_path / "cache") == folder
+
+
+def test_max_model_len_past_the_models_context_is_served_at_the_context_with_a_warning(caplog):
+    """Served at the model's own context length, as before, but said at start-up: requests past
+    it get 400s the operator thought they had allowed."""
+    config = load_config(overrides=["model.preset=tiny-llama", "model.max_model_len=32768",
+                                    "kv.num_pages=64"])
+    files = resolve_model_files(config)
+    with caplog.at_level("WARNING", logger="tokenspeed.model"):
+        runner = ModelRunner.from_config(config, files, "cpu", torch.float32)
+    assert runner.max_model_len == 4096
+    assert "model.max_model_len 32768 is more than the model's context length 4096" in caplog.text
