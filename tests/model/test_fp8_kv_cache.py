@@ -157,4 +157,3 @@ def test_config_key():
     assert load_config(overrides=["kv.dtype=fp8_e4m3"]).kv.dtype == "fp8_e4m3"
     with pytest.raises(ConfigError, match="kv.dtype: must be one of auto, fp8_e4m3"):
         load_config(overrides=["kv.dtype=fp8"])
-
