@@ -17,7 +17,8 @@ import pytest
 import zmq
 from daemon_process import (REPO, endpoint_args, free_port, launch_daemon, launch_with_args,
                             start_daemon, wait_healthy)
-from faults import Tally, engine_ranks, fault_round, finish, inject, probe, start_requests
+from faults import (InFlightRequest, Tally, engine_ranks, fault_round, finish, inject, probe,
+                    start_requests)
 
 from appliance.engine import protocol
 from appliance.engine.lifeline import process_alive
@@ -107,9 +108,11 @@ def test_sigterm_to_the_whole_group_drains_and_logs_no_engine_failure(folder):
     leave the stop to the frontend, which drains the request in flight and says so; a rank
     dead of the signal was logged as an engine failure and a restart attempt."""
     daemon = start_daemon(folder)
-    requests = start_requests(daemon, 1)
+    request = InFlightRequest(daemon.base_url, "chat", 0, max_tokens=64)  # within the grace
+    request.start()
+    assert request.started.wait(30)
     os.killpg(daemon.proc.pid, signal.SIGTERM)
-    outcomes = finish(requests)
+    outcomes = finish([request])
     assert daemon.proc.wait(60) == 0
     log = daemon.log.read_text()
     assert [o.kind for o in outcomes] == ["finished"], (outcomes, log)
