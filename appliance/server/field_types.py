@@ -8,9 +8,9 @@ engine would refuse it too, but only after tokenization). Request models are str
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Union
 
-from pydantic import AfterValidator, ConfigDict, Field
+from pydantic import AfterValidator, ConfigDict, Discriminator, Field, Tag
 
 INT32_MAX = 2**31 - 1
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
@@ -42,3 +42,18 @@ def _object_schema(schema: dict[str, Any]) -> dict[str, Any]:
 
 
 ObjectSchema = Annotated[dict[str, Any], AfterValidator(_object_schema)]
+
+
+def tagged_union(family: str, members: dict[str, type], other: type,
+                 default: str | None = None) -> Any:
+    """The union of `members`, chosen by a value's `type` (`default` where it has none); a value
+    of any other type parses as `other`, for the handler to refuse or leave out by name. Tags are
+    named `family[type]`: errors.py leaves such parts out of a field's path."""
+    def kind(value: Any) -> str:
+        found = (value.get("type", default) if isinstance(value, dict)
+                 else getattr(value, "type", default))
+        return f"{family}[{found if found in members else 'other'}]"
+
+    choices = [Annotated[model, Tag(f"{family}[{name}]")] for name, model in members.items()]
+    return Annotated[Union[(*choices, Annotated[other, Tag(f"{family}[other]")])],  # noqa: UP007
+                     Discriminator(kind)]

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Discriminator, Field, Tag
+from pydantic import BaseModel, Field
 
 from appliance.server.field_types import (STRICT_BODY, ObjectSchema, Probability, StopStrings,
-                                           TokenCount, TopK)
+                                           TokenCount, TopK, tagged_union)
 
 Temperature = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
 
@@ -64,25 +64,10 @@ class OtherBlock(_Block):
     type: str
 
 
-_KNOWN_BLOCKS = ("text", "image", "document", "tool_use", "tool_result", "thinking",
-                 "redacted_thinking")
-
-
-def _block_kind(block: Any) -> str:
-    kind = block.get("type") if isinstance(block, dict) else getattr(block, "type", None)
-    return f"block[{kind if kind in _KNOWN_BLOCKS else 'other'}]"  # [..]: see errors.py
-
-
-ContentBlock = Annotated[
-    Annotated[TextBlock, Tag("block[text]")] | Annotated[ImageBlock, Tag("block[image]")]
-    | Annotated[DocumentBlock, Tag("block[document]")]
-    | Annotated[ToolUseBlock, Tag("block[tool_use]")]
-    | Annotated[ToolResultBlock, Tag("block[tool_result]")]
-    | Annotated[ThinkingBlock, Tag("block[thinking]")]
-    | Annotated[RedactedThinkingBlock, Tag("block[redacted_thinking]")]
-    | Annotated[OtherBlock, Tag("block[other]")],
-    Discriminator(_block_kind),
-]
+ContentBlock = tagged_union("block", {
+    "text": TextBlock, "image": ImageBlock, "document": DocumentBlock, "tool_use": ToolUseBlock,
+    "tool_result": ToolResultBlock, "thinking": ThinkingBlock,
+    "redacted_thinking": RedactedThinkingBlock}, OtherBlock)
 
 
 class Message(_Block):

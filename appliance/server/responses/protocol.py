@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Discriminator, Field, Tag
+from pydantic import BaseModel, Field
 
 from appliance.server.field_types import (STRICT_BODY, ObjectSchema, Probability, Seed,
-                                           TokenCount)
+                                           TokenCount, tagged_union)
 from appliance.server.openai.protocol import ContentPart, Temperature, TopK  # parts: text only
 
 
@@ -33,7 +33,8 @@ class FunctionCallItem(_Body):
 
 
 class FunctionCallOutputItem(_Body):
-    type: Literal["function_call_output"]
+    """A function's output, or a custom tool's (the same fields)."""
+    type: Literal["function_call_output", "custom_tool_call_output"]
     call_id: str
     output: str | list[ContentPart]
 
@@ -44,12 +45,6 @@ class CustomToolCallItem(_Body):
     call_id: str
     name: str
     input: str = ""
-
-
-class CustomToolCallOutputItem(_Body):
-    type: Literal["custom_tool_call_output"]
-    call_id: str
-    output: str | list[ContentPart]
 
 
 class LocalShellCallItem(_Body):
@@ -69,24 +64,11 @@ class UnsupportedItem(_Body):
     type: str
 
 
-def _item_kind(item: Any) -> str:
-    kind = item.get("type", "message") if isinstance(item, dict) else getattr(item, "type", "message")
-    known = kind in ("message", "function_call", "function_call_output", "reasoning",
-                     "custom_tool_call", "custom_tool_call_output", "local_shell_call")
-    return f"item[{kind if known else 'other'}]"  # [..]: errors.py leaves tags out of a field path
-
-
-InputItem = Annotated[
-    Annotated[MessageItem, Tag("item[message]")]
-    | Annotated[FunctionCallItem, Tag("item[function_call]")]
-    | Annotated[FunctionCallOutputItem, Tag("item[function_call_output]")]
-    | Annotated[ReasoningItem, Tag("item[reasoning]")]
-    | Annotated[CustomToolCallItem, Tag("item[custom_tool_call]")]
-    | Annotated[CustomToolCallOutputItem, Tag("item[custom_tool_call_output]")]
-    | Annotated[LocalShellCallItem, Tag("item[local_shell_call]")]
-    | Annotated[UnsupportedItem, Tag("item[other]")],
-    Discriminator(_item_kind),
-]
+InputItem = tagged_union("item", {
+    "message": MessageItem, "function_call": FunctionCallItem,
+    "function_call_output": FunctionCallOutputItem, "custom_tool_call_output": FunctionCallOutputItem,
+    "reasoning": ReasoningItem, "custom_tool_call": CustomToolCallItem,
+    "local_shell_call": LocalShellCallItem}, UnsupportedItem, default="message")
 
 
 class FunctionTool(_Body):
@@ -101,15 +83,7 @@ class UnsupportedTool(_Body):
     type: str
 
 
-def _tool_kind(tool: Any) -> str:
-    kind = tool.get("type") if isinstance(tool, dict) else getattr(tool, "type", None)
-    return "tool[function]" if kind == "function" else "tool[other]"
-
-
-ToolDefinition = Annotated[
-    Annotated[FunctionTool, Tag("tool[function]")] | Annotated[UnsupportedTool, Tag("tool[other]")],
-    Discriminator(_tool_kind),
-]
+ToolDefinition = tagged_union("tool", {"function": FunctionTool}, UnsupportedTool)
 
 
 class FunctionChoice(_Body):

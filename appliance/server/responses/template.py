@@ -18,8 +18,7 @@ from typing import Any
 from appliance.server.errors import bad_request
 from appliance.server.media import MEDIA_PARTS, omitted
 from appliance.server.openai.template import tool_call_arguments
-from appliance.server.responses.protocol import (ContentPart, CustomToolCallItem,
-                                                 CustomToolCallOutputItem, FunctionCallItem,
+from appliance.server.responses.protocol import (ContentPart, CustomToolCallItem, FunctionCallItem,
                                                  FunctionCallOutputItem, FunctionChoice, FunctionTool,
                                                  LocalShellCallItem, MessageItem, ReasoningItem,
                                                  ResponsesRequest)
@@ -60,9 +59,6 @@ def template_messages(body: ResponsesRequest) -> list[dict[str, Any]]:
             _assistant(out, reasoning).setdefault("tool_calls", []).append(
                 {"id": item.call_id, "type": "function",
                  "function": {"name": "local_shell", "arguments": item.action}})
-        elif isinstance(item, CustomToolCallOutputItem):
-            out.append({"role": "tool", "tool_call_id": item.call_id,
-                        "content": _text(item.output, f"{where}.output")})
         elif isinstance(item, ReasoningItem):
             reasoning.extend(part.text or "" for part in [*item.summary, *(item.content or [])])
         elif item.type in STATEFUL_ITEMS:
