@@ -484,20 +484,23 @@ class Engine:
             items.append(TokenOutput(rid, token, reason or None, logprobs.get(rid), cached))
             emitted.setdefault(rid, []).append(token)
             if reason:
-                del requests[rid]
-                self._forget(rid)
-                self._unsent_finished = True
+                self._end(rid)
         return emitted
+
+    def _end(self, rid: int) -> None:
+        """Running request `rid` ended in the outputs being queued: forget it (the stats go
+        out before those outputs)."""
+        del self.requests[rid]
+        self._forget(rid)
+        self._unsent_finished = True
 
     def _fail(self, rid: int, why: str) -> None:
         """End running request `rid` on an engine-side error: its reply becomes an error that
         says `why` (sent after the outputs queued before it), never a normal end."""
         log.error("request %d: %s", rid, why)
         self.scheduler.abort(rid)
-        del self.requests[rid]
-        self._forget(rid)
+        self._end(rid)
         self._unsent_failed.append(protocol.Rejected(rid, why))
-        self._unsent_finished = True
 
     def _send_outputs(self) -> None:
         """Send the queued outputs (stats first when a request ended in them, so that /metrics
