@@ -45,20 +45,14 @@ def template_messages(body: ResponsesRequest) -> list[dict[str, Any]]:
             if role == "assistant":
                 _attach_reasoning(out[-1], reasoning)
         elif isinstance(item, FunctionCallItem):
-            _assistant(out, reasoning).setdefault("tool_calls", []).append(
-                {"id": item.call_id, "type": "function",
-                 "function": {"name": item.name, "arguments": tool_call_arguments(item.arguments)}})
+            _add_call(out, reasoning, item.call_id, item.name, tool_call_arguments(item.arguments))
         elif isinstance(item, FunctionCallOutputItem):
             out.append({"role": "tool", "tool_call_id": item.call_id,
                         "content": _text(item.output, f"{where}.output")})
         elif isinstance(item, CustomToolCallItem):
-            _assistant(out, reasoning).setdefault("tool_calls", []).append(
-                {"id": item.call_id, "type": "function",
-                 "function": {"name": item.name, "arguments": {"input": item.input}}})
+            _add_call(out, reasoning, item.call_id, item.name, {"input": item.input})
         elif isinstance(item, LocalShellCallItem):
-            _assistant(out, reasoning).setdefault("tool_calls", []).append(
-                {"id": item.call_id, "type": "function",
-                 "function": {"name": "local_shell", "arguments": item.action}})
+            _add_call(out, reasoning, item.call_id, "local_shell", item.action)
         elif isinstance(item, ReasoningItem):
             reasoning.extend(part.text or "" for part in [*item.summary, *(item.content or [])])
         elif item.type in STATEFUL_ITEMS:
@@ -67,6 +61,12 @@ def template_messages(body: ResponsesRequest) -> list[dict[str, Any]]:
         else:  # a hosted tool's call (web_search_call, ...): nothing the model can act on
             _left_out(f"input items of type {item.type!r}")
     return out
+
+
+def _add_call(out: list[dict[str, Any]], reasoning: list[str], call_id: str, name: str,
+              arguments: Any) -> None:
+    _assistant(out, reasoning).setdefault("tool_calls", []).append(
+        {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}})
 
 
 def _assistant(out: list[dict[str, Any]], reasoning: list[str]) -> dict[str, Any]:
