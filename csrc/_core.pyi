@@ -75,6 +75,7 @@ class Scheduler:
         counts: Optional[npt.ArrayLike] = None,  # [num_rows]: tokens row b emits (None: 1 each)
     ) -> list[tuple[int, int, str]]: ...  # one event per emitted token
     def abort(self, rid: int) -> bool: ...
+    def expire_sessions(self) -> None: ...  # drop session pins past their TTL (plan() does too)
     def stats(self) -> dict[str, int]: ...
     def cached_tokens(self, rid: int) -> Optional[int]: ...  # prefix-cache hit at first admission; None if unknown/queued
     # every live request, by rid: (rid, state, context_tokens, cached_tokens, kv_tokens);

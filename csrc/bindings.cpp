@@ -75,6 +75,7 @@ PYBIND11_MODULE(_core, m) {
       .def("commit", &PyScheduler::commit, py::arg("step"), py::arg("tokens"),
            py::arg("step_time_s") = 0.0, py::arg("counts") = py::none())
       .def("abort", &PyScheduler::abort, py::arg("rid"))
+      .def("expire_sessions", &PyScheduler::expire_sessions)
       .def("stats", &PyScheduler::stats)
       .def("cached_tokens", &PyScheduler::cached_tokens, py::arg("rid"))
       .def("progress", &PyScheduler::progress)

@@ -202,6 +202,11 @@ void PyScheduler::set_cost_prior(double a, double b, double c, double d, double 
   s_.set_cost_model(CostModel({a, b, c, d, e, f.value_or(0.0)}));
 }
 
+void PyScheduler::expire_sessions() {
+  std::lock_guard lock(mu_);
+  s_.expire_sessions();
+}
+
 int32_t PyScheduler::evict_cache() {
   std::lock_guard lock(mu_);
   return s_.evict_cache();

@@ -43,6 +43,7 @@ class PyScheduler {
   py::list commit(int64_t step, const I32Array& tokens, double step_time_s,
                   const std::optional<I32Array>& counts);
   bool abort(int64_t rid);
+  void expire_sessions();
   py::dict stats() const;
   std::optional<int32_t> cached_tokens(int64_t rid) const;
   py::list progress() const;

@@ -148,7 +148,7 @@ int32_t Scheduler::set_drafts(int64_t rid, std::span<const int32_t> drafts) {
 // ------------------------------------------------------------------ plan
 
 std::optional<PlanData> Scheduler::plan() {
-  sessions_.expire(clock_.now());
+  expire_sessions();
   std::vector<Row> rows;
   rows.reserve(running_.size() + 8);
   int32_t budget = cfg_.max_batch_tokens;

@@ -53,6 +53,8 @@ class Scheduler {
   std::vector<Event> commit(int64_t step, std::span<const int32_t> tokens,
                             std::span<const int32_t> counts, double step_time_s);
   bool abort(int64_t rid);
+  // Drops the session pins past their TTL (plan() does it too; an idle engine plans nothing).
+  void expire_sessions() { sessions_.expire(clock_.now()); }
   Stats stats() const;
   // Prompt tokens the prefix cache supplied when `rid` was first admitted (what
   // prefix_cache_hit_tokens_total counted for it); nullopt while it is unknown

@@ -155,6 +155,8 @@ class Engine:
             # for pages or for the TPS floor) so the loop does not spin.
             while self._drain_inbox(block=not ran):
                 ran = (bool(self.requests) or self._inflight is not None) and self.step()
+                if not ran:  # a plan drops session pins past their TTL; idle, nothing plans
+                    self.scheduler.expire_sessions()
                 self._publish_stats()
             # A clean stop ends what still runs with "abort". After a crash nothing is sent: an
             # abort would read as a normal end, and the frontend fails them with a clear error.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -215,3 +216,31 @@ def test_streamed_token_ids_come_one_chunk_per_token(daemon):
     per_chunk = [c["choices"][0].get("token_ids") for c in chunks if c["choices"]]
     assert [ids for ids in per_chunk if ids] == [[t] for t in sum(filter(None, per_chunk), [])]
     assert len(sum(filter(None, per_chunk), [])) == 9
+
+
+def test_an_idle_daemon_lets_session_pins_expire(tmp_path):
+    """A session's pages stay pinned for scheduler.session_ttl_s after its turn; past it they
+    go, even with nothing else to run (expiry rode on the next plan: an idle daemon showed
+    them used indefinitely)."""
+    import httpx
+
+    folder = Path(tempfile.mkdtemp(prefix="tse-", dir="/tmp"))  # Unix socket paths are short
+    daemon = start_daemon(folder, "scheduler.session_ttl_s=1")
+    try:
+        body = {"model": "tiny-llama", "prompt": "a session turn " * 20, "max_tokens": 4}
+        r = httpx.post(daemon.base_url + "/v1/completions", json=body, timeout=60,
+                       headers={"x-session-id": "agent-1"})
+        assert r.status_code == 200, r.text
+
+        def kv() -> dict:
+            with daemon.uds_client() as http:
+                return http.get("/stats").json()["kv"]
+
+        time.sleep(0.6)  # the engine publishes its stats every 0.25 s
+        assert kv()["pages_pinned"] > 0
+        deadline = time.monotonic() + 10
+        while kv()["pages_pinned"] and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert kv()["pages_pinned"] == 0 and kv()["pages_used"] == 0
+    finally:
+        daemon.stop()
