@@ -94,11 +94,13 @@ class EngineInstance:
 
     def failure(self) -> str | None:
         """Why this instance can no longer serve, or None while it can."""
-        if self._reported:
-            return f"engine rank 0 failed: {self._reported}"
-        for rank, proc in enumerate(self.procs):
-            if proc.exitcode is not None:
-                return f"engine rank {rank} (pid {proc.pid}) {_describe_exit(proc.exitcode)}"
+        # Another rank's death first: rank 0 then fails in a collective and says so, but the
+        # cause is the rank that died.
+        ranks = [*enumerate(self.procs)]
+        reported = f"engine rank 0 failed: {self._reported}" if self._reported else None
+        cause = _first_dead(ranks[1:]) or reported or _first_dead(ranks[:1])
+        if cause is not None:
+            return cause
         if self.channel.send_error:
             return self.channel.send_error
         silent = time.monotonic() - self._last_heard
@@ -193,6 +195,14 @@ def _rank_main(*args) -> None:
     from appliance.engine.rank import run_rank
 
     run_rank(*args)
+
+
+def _first_dead(ranks: list[tuple[int, mp.process.BaseProcess]]) -> str | None:
+    """How the first of `ranks` (rank, process) that exited ended, or None."""
+    for rank, proc in ranks:
+        if proc.exitcode is not None:
+            return f"engine rank {rank} (pid {proc.pid}) {_describe_exit(proc.exitcode)}"
+    return None
 
 
 def _describe_exit(code: int) -> str:

@@ -72,6 +72,8 @@ def test_tp2_dead_or_hung_ranks_fail_every_request_then_the_engine_restarts(fold
     tally = Tally()
     try:
         fault_round(daemon, tally, rank=1, streams=5)
+        # the rank that died is named, not rank 0's failed collective that followed
+        assert "engine rank 1 (pid" in daemon.log.read_text().split("engine failure: ", 1)[1]
         fault_round(daemon, tally, rank=0, streams=5)
         # A stopped rank 1 leaves rank 0 waiting in a collective: only the heartbeat shows it.
         ranks = engine_ranks(daemon.proc.pid)
