@@ -1,11 +1,17 @@
-"""Request bodies larger than `server.max_body_bytes` are refused with a 413 in the API's shape.
+"""Request bodies larger than `server.max_body_bytes` are refused with a 413 in the API's shape,
+and bodies that do not arrive within BODY_TIMEOUT_S of the request with a 408.
 
 A declared `Content-Length` over the limit is answered before a byte of the body is read; a
 body without one (chunked) is counted as it arrives and refused once it passes the limit, so
-the frontend never holds more than the limit for one request.
+the frontend never holds more than the limit for one request. The deadline covers the body
+only (the headers have their own, connection.py): a client trickling a body a byte at a time
+would otherwise hold its connection and buffer forever.
 """
 
 from __future__ import annotations
+
+import asyncio
+import time
 
 from fastapi import HTTPException, Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -23,6 +29,15 @@ class BodyTooLarge(HTTPException):
 
     def __init__(self, limit: int) -> None:
         super().__init__(status_code=413, detail=too_large_message(limit))
+
+
+BODY_TIMEOUT_S = 60.0  # loopback delivers 32 MiB in well under a second
+
+
+class BodyTooSlow(HTTPException):
+    def __init__(self) -> None:
+        super().__init__(status_code=408, detail=f"The request body did not arrive within "
+                                                 f"{BODY_TIMEOUT_S:.0f} s")
 
 
 class BodyLimitMiddleware:
@@ -44,15 +59,22 @@ class BodyLimitMiddleware:
         await self.app(scope, self._counting(receive), send)
 
     def _counting(self, receive: Receive) -> Receive:
-        received = 0
+        received, complete = 0, False
+        deadline = time.monotonic() + BODY_TIMEOUT_S
 
         async def counted() -> Message:
-            nonlocal received
-            message = await receive()
+            nonlocal received, complete
+            if complete:  # after the body, receive() waits for a disconnect: no deadline
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                raise BodyTooSlow() from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
                     raise BodyTooLarge(self.max_bytes)
+                complete = not message.get("more_body", False)
             return message
 
         return counted

@@ -110,7 +110,10 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
 
 
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    return error_response(request, ApiError(exc.status_code, str(exc.detail)))
+    response = error_response(request, ApiError(exc.status_code, str(exc.detail)))
+    if exc.status_code in (408, 413):  # refused mid-body: the rest must not be read as a request
+        response.headers["connection"] = "close"
+    return response
 
 
 class CatchAllMiddleware:

@@ -17,7 +17,7 @@ import anyio
 import pytest
 
 from appliance.config import ConfigError, load_config
-from appliance.server import connection, prompt
+from appliance.server import body_limit, connection, prompt
 from appliance.server.errors import ApiError
 from appliance.server.tokenizer_pool import TokenizerPool
 
@@ -117,6 +117,21 @@ def test_chunked_body_is_counted_and_a_pending_upload_holds_no_one(small_limit):
         status, body = read_response(sock)
     assert status == 413 and body["error"]["type"] == "request_too_large"
     assert small_limit.fake.requests[-1].prompt_ids  # the chat request went through
+
+
+@pytest.mark.parametrize("path", [CHAT, MESSAGES])
+def test_a_body_trickling_past_the_deadline_is_408_and_the_connection_closed(served, monkeypatch, path):
+    """Headers have a deadline (connection.py); the body now has one too, or a client sending
+    a byte now and then would hold its connection and buffer forever."""
+    monkeypatch.setattr(body_limit, "BODY_TIMEOUT_S", 1.0)
+    with _connect(served) as sock:
+        sock.sendall(request_head(path, content_length=100) + b'{"messages": ')
+        started = time.monotonic()
+        status, body = read_response(sock)
+        assert status == 408 and "did not arrive within 1 s" in json.dumps(body)
+        assert 0.9 < time.monotonic() - started < 5
+        assert _closed_by_peer(sock, 5)
+    assert _chat_ok(served) < 5
 
 
 def test_max_body_bytes_is_a_config_key_with_a_default():
