@@ -205,3 +205,17 @@ def test_assistant_prefill_is_continued(client, served, tokenizer):
     assert message.content[0].text == " 42."
     prompt = tokenizer.decode(served.fake.requests[-1].prompt_ids)
     assert prompt.endswith("<|im_start|>assistant\nThe answer is")
+
+
+def test_server_tools_are_left_out_of_the_offered_tools(client, served, tokenizer):
+    """Anthropic runs `web_search_20250305` & co. on its servers; no client answers a call of
+    one, so the model is not offered them (a client tool of the same request still is)."""
+    served.fake.reply = "No search here."
+    client.messages.create(model=MODEL, max_tokens=8, messages=[{"role": "user", "content": "news?"}],
+                           tools=[*TOOLS, {"type": "web_search_20250305", "name": "web_search", "max_uses": 5}])
+    prompt = tokenizer.decode(served.fake.requests[-1].prompt_ids)
+    assert '"get_weather"' in prompt and '"web_search"' not in prompt
+    with pytest.raises(anthropic.BadRequestError):  # nothing left to force a call of
+        client.messages.create(model=MODEL, max_tokens=8, messages=[{"role": "user", "content": "x"}],
+                               tools=[{"type": "web_search_20250305", "name": "web_search"}],
+                               tool_choice={"type": "any"})

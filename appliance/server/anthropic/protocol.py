@@ -76,9 +76,16 @@ class Message(_Block):
 
 
 class ToolDefinition(_Block):
+    """A client tool (`type` absent or "custom"); a server tool (`web_search_20250305`, ...)
+    is one Anthropic's servers run: the template leaves it out."""
+    type: str | None = None
     name: str = Field(min_length=1)
     description: str | None = None
     input_schema: ObjectSchema = Field(default_factory=lambda: {"type": "object", "properties": {}})
+
+    @property
+    def is_client_tool(self) -> bool:
+        return self.type in (None, "custom")
 
 
 class ToolChoice(_Block):

@@ -33,7 +33,7 @@ def template_tools(body: CountTokensRequest) -> list[dict[str, Any]] | None:
     """Tools in the OpenAI function shape chat templates know; None when tools are off. A
     tool_choice of type "tool" shows only that tool (steered, not grammar-constrained); a
     choice that no tool can satisfy is a 400."""
-    choice, tools = body.tool_choice, body.tools or []
+    choice, tools = body.tool_choice, client_tools(body)
     if choice is not None and choice.type == "any" and not tools:
         raise bad_request("tool_choice type 'any' needs at least one tool in tools", "tool_choice")
     if choice is not None and choice.type == "tool":
@@ -51,7 +51,7 @@ def template_tools(body: CountTokensRequest) -> list[dict[str, Any]] | None:
 def tool_setup(body: CountTokensRequest) -> tuple[list[ToolSpec], ToolChoice | None, bool]:
     """The offered tools, the normalized choice (None: tools are off: type "none" or no tools)
     and whether several calls may come at once (not with disable_parallel_tool_use)."""
-    specs = [ToolSpec(t.name, t.input_schema) for t in body.tools or []]
+    specs = [ToolSpec(t.name, t.input_schema) for t in client_tools(body)]
     choice = body.tool_choice
     parallel = not (choice and choice.disable_parallel_tool_use)
     if not specs or (choice is not None and choice.type == "none"):
@@ -61,6 +61,12 @@ def tool_setup(body: CountTokensRequest) -> tuple[list[ToolSpec], ToolChoice | N
     if choice.type == "tool":
         return specs, ToolChoice("named", choice.name), parallel
     return specs, ToolChoice("required"), parallel
+
+
+def client_tools(body: CountTokensRequest) -> list[ToolDefinition]:
+    """The tools the model may call and the client runs; server tools (web search, ...) are
+    left out: no client runs them, and this server does not."""
+    return [tool for tool in body.tools or [] if tool.is_client_tool]
 
 
 def _tool(tool: ToolDefinition) -> dict[str, Any]:
