@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Container
 from typing import Any
 
 from appliance.server.errors import bad_request
@@ -50,15 +51,21 @@ def _message(index: int, message: ChatMessage) -> dict[str, Any]:
 def _text(index: int, content: str | list[ContentPart] | None) -> str:
     if content is None or isinstance(content, str):
         return content or ""
+    return parts_text(content, TEXT_PART_TYPES, f"messages.{index}.content")
+
+
+def parts_text(parts: list[ContentPart], text_types: Container[str], where: str) -> str:
+    """Content parts (chat's or the Responses API's) as one text: the parts of `text_types`,
+    images / audio / files as placeholders (media.py); any other part a 400 at `where`.N."""
     texts = []
-    for j, part in enumerate(content):
+    for j, part in enumerate(parts):
         if part.type in MEDIA_PARTS:
             texts.append(omitted(MEDIA_PARTS[part.type]))
-            continue
-        if part.type not in TEXT_PART_TYPES or part.text is None:
+        elif part.type in text_types and part.text is not None:
+            texts.append(part.text)
+        else:
             raise bad_request(f"Content parts of type {part.type!r} are not supported (text, "
-                              "and images or files as a placeholder)", f"messages.{index}.content.{j}")
-        texts.append(part.text)
+                              "and images or files as a placeholder)", f"{where}.{j}")
     return "\n".join(texts)
 
 

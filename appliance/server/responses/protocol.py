@@ -6,7 +6,7 @@ tools and their calls (web search, say), which it cannot run."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 

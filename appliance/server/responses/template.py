@@ -16,8 +16,7 @@ import logging
 from typing import Any
 
 from appliance.server.errors import bad_request
-from appliance.server.media import MEDIA_PARTS, omitted
-from appliance.server.openai.template import tool_call_arguments
+from appliance.server.openai.template import parts_text, tool_call_arguments
 from appliance.server.responses.protocol import (ContentPart, CustomToolCallItem, FunctionCallItem,
                                                  FunctionCallOutputItem, FunctionChoice, FunctionTool,
                                                  LocalShellCallItem, MessageItem, ReasoningItem,
@@ -86,16 +85,7 @@ def _attach_reasoning(message: dict[str, Any], reasoning: list[str]) -> None:
 def _text(content: str | list[ContentPart], where: str) -> str:
     if isinstance(content, str):
         return content
-    texts = []
-    for j, part in enumerate(content):
-        if part.type in MEDIA_PARTS:
-            texts.append(omitted(MEDIA_PARTS[part.type]))
-            continue
-        if part.type not in TEXT_PARTS or part.text is None:
-            raise bad_request(f"Content parts of type {part.type!r} are not supported (text, and images "
-                              "or files as a placeholder)", f"{where}.{j}")
-        texts.append(part.text)
-    return "\n".join(texts)
+    return parts_text(content, TEXT_PARTS, where)
 
 
 def function_tools(body: ResponsesRequest) -> list[FunctionTool]:
