@@ -24,8 +24,9 @@ when the daemon never had as many requests (running + waiting) as were sent at o
 bar (rich) runs on stderr when it is a terminal (not for a load spread over processes).
 
 Prompts are token-id lists (ids 10..499, valid for any vocabulary) sent to /v1/completions with
-`ignore_eos`, so input and output lengths are exact, and `return_token_ids`, so the stream has a
-chunk per token and every token is timed (dummy-weight models emit ids with no text). The edit
+`ignore_eos`, so input and output lengths are exact, and `return_token_ids`, so every token's id
+is in the stream, text or not, and is timed when its chunk arrives (a chunk a token, or one for
+the tokens that reached the frontend together; dummy-weight models emit ids with no text). The edit
 workload is text through /v1/chat/completions instead: the model decides when an answer ends,
 and decode TPS is usage.completion_tokens over the time from the first to the last chunk.
 """
@@ -394,7 +395,7 @@ async def complete(http: httpx.AsyncClient, model: str, prompt: list[int], max_t
     async for chunk in _sse(http, "/v1/completions", body, session):
         usage = chunk.get("usage") or usage
         choice = chunk["choices"][0] if chunk.get("choices") else {}
-        for token_id in choice.get("token_ids") or []:  # one chunk per token, text or not
+        for token_id in choice.get("token_ids") or []:  # every token's, text or not
             token_ids.append(token_id)
             stamps.append(time.perf_counter())
     produced = int(usage.get("completion_tokens", len(token_ids)))

@@ -68,26 +68,46 @@ class RestartBudget:
 
 
 class _Stream:
-    """One request's token queue, fed from the monitor thread through the loop."""
+    """One request's outputs, fed from the monitor thread through the loop."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
-        self.queue: asyncio.Queue[TokenOutput | Exception] = asyncio.Queue()
+        self._items: deque[TokenOutput | Exception] = deque()
+        self._arrived = asyncio.Event()
 
     def put(self, item: TokenOutput | Exception) -> None:
+        """From any thread."""
         try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+            self.loop.call_soon_threadsafe(self.push, item)
         except RuntimeError:  # the loop is closed: nobody is waiting any more
             pass
+
+    def push(self, item: TokenOutput | Exception) -> None:
+        """On the loop."""
+        self._items.append(item)
+        self._arrived.set()
+
+    async def take(self) -> list[TokenOutput]:
+        """Every output that has arrived, in order (waits for one); an error that arrived is
+        raised once the outputs before it were taken."""
+        while not self._items:
+            self._arrived.clear()
+            await self._arrived.wait()
+        batch: list[TokenOutput] = []
+        while self._items and not isinstance(self._items[0], Exception):
+            batch.append(self._items.popleft())  # type: ignore[arg-type]
+        if not batch:
+            raise self._items.popleft()  # type: ignore[misc]
+        return batch
 
 
 def _deliver_all(routed: list[tuple[_Stream, TokenOutput]]) -> None:
     """Hand a step's outputs to their streams with one wake-up of each event loop (one per
     token cost a self-pipe write and a loop wake-up each: at 256 streams, ~12K a second on an
     H200). A stream's items stay in order: a loop runs its callbacks first in, first out."""
-    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, TokenOutput]]] = {}
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, TokenOutput]]] = {}
     for stream, item in routed:
-        by_loop.setdefault(stream.loop, []).append((stream.queue, item))
+        by_loop.setdefault(stream.loop, []).append((stream, item))
     for loop, items in by_loop.items():
         try:
             loop.call_soon_threadsafe(_put_each, items)
@@ -95,9 +115,9 @@ def _deliver_all(routed: list[tuple[_Stream, TokenOutput]]) -> None:
             pass
 
 
-def _put_each(items: list[tuple[asyncio.Queue, TokenOutput]]) -> None:
-    for queue, item in items:
-        queue.put_nowait(item)
+def _put_each(items: list[tuple[_Stream, TokenOutput]]) -> None:
+    for stream, item in items:
+        stream.push(item)
 
 
 class EngineClient:
@@ -153,7 +173,10 @@ class EngineClient:
         """rid -> where the request stands in the scheduler, as of the latest stats."""
         return self._progress
 
-    async def generate(self, req: GenerateRequest) -> AsyncIterator[TokenOutput]:
+    async def generate(self, req: GenerateRequest) -> AsyncIterator[list[TokenOutput]]:
+        """The request's outputs in order, in batches: each is every output that had arrived
+        when the consumer asked for more (one a step while it keeps up; a speculative step's
+        tokens, or several steps' when it fell behind, together)."""
         stream = _Stream(asyncio.get_running_loop())
         with self._lock:
             if not self.healthy:
@@ -165,15 +188,14 @@ class EngineClient:
         finished = False
         try:
             instance.send(req)
-            while True:
-                item = await stream.queue.get()
-                if isinstance(item, Exception):
-                    finished = True
-                    raise item
-                finished = item.finish_reason is not None
-                yield item
-                if finished:
-                    return
+            while not finished:
+                try:
+                    batch = await stream.take()
+                except Exception:
+                    finished = True  # an error ends the request: nothing to abort
+                    raise
+                finished = batch[-1].finish_reason is not None
+                yield batch
         finally:
             with self._lock:
                 self._streams.pop(req.rid, None)

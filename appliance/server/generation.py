@@ -25,6 +25,7 @@ from appliance.server.state import AppState
 from appliance.server.stop_strings import StopStringMatcher
 from appliance.server.tool_parsers import (ParsedToolCall, Piece, Reasoning, ToolCallArgs, ToolCallEnd,
                                            ToolCallFormat, ToolCallStart, ToolSpec)
+from appliance.server.tracker import TrackedRequest
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,7 @@ class GenerationJob:
     session: str = ""
     user: str = ""
     arrived_at: float | None = None  # monotonic time the HTTP request arrived (TTFT starts there)
-    token_events: bool = False  # also yield a TokenDelta per generated token
+    token_events: bool = False  # also yield each generated token's id (TokenDelta / TokenIds)
 
 
 @dataclass(frozen=True)
@@ -66,13 +67,22 @@ class TextDelta:
 
 @dataclass(frozen=True)
 class TokenDelta:
-    """One generated token id, ahead of its text: for jobs with `token_events`, and with its
-    log-probabilities for jobs that asked for them (then not for a final end of sequence).
-    For `token_events` jobs `text` carries the token's text when that is plain text (one
-    TextDelta, then not sent apart): a stream sends the two in one chunk, not two."""
+    """One generated token id with its log-probabilities, ahead of its text, for jobs that
+    asked for them (not for a final end of sequence). For `token_events` jobs `text` carries
+    the token's text when that is plain text (one TextDelta, then not sent apart): a stream
+    sends the two in one chunk, not two."""
 
     token_id: int
-    logprobs: TokenLogprobs | None = None
+    logprobs: TokenLogprobs
+    text: str = ""
+
+
+@dataclass(frozen=True)
+class TokenIds:
+    """Generated token ids, for `token_events` jobs without log-probabilities, and `text`, the
+    plain text they brought (TextDeltas, then not sent apart)."""
+
+    token_ids: tuple[int, ...]
     text: str = ""
 
 
@@ -101,7 +111,7 @@ class Finished:
         return bool(self.num_tool_calls) and self.reason in ("stop", "stop_sequence")
 
 
-Event = TextDelta | TokenDelta | Prefilled | Reasoning | ToolCallStart | ToolCallArgs | ToolCallEnd | Finished
+Event = TextDelta | TokenDelta | TokenIds | Prefilled | Reasoning | ToolCallStart | ToolCallArgs | ToolCallEnd | Finished
 
 
 class OutputPipeline:
@@ -162,49 +172,102 @@ def engine_request(rid: int, job: GenerationJob) -> GenerateRequest:
         speculative=sampling.speculative)
 
 
+@dataclass
+class _Progress:
+    """A request's outputs so far, as `generate` goes."""
+
+    token_ids: list[int] = field(default_factory=list)
+    cached: int = 0
+    reasoning_tokens: int = 0
+    prefilled: bool = False
+
+
 async def generate(state: AppState, job: GenerationJob) -> AsyncIterator[Event]:
     """Run `job` in the engine; yields one `Prefilled`, text / reasoning / tool-call events and
-    exactly one final `Finished`."""
+    exactly one final `Finished`. The outputs that arrive together (a speculative step's
+    tokens, or several steps' when the frontend fell behind) yield their text as one event."""
     client = state.client
     rid = client.new_rid()
     tracked = state.tracker.start(rid, job.user, len(job.prompt_ids), job.arrived_at, job.session)
     pipeline = OutputPipeline(state.tokenizer, state.tool_format, job)
     stream = client.generate(engine_request(rid, job))
-    token_ids: list[int] = []
-    cached = reasoning_tokens = 0
-    prefilled = False
+    progress = _Progress()
     try:
-        async for out in _engine_outputs(state, stream, token_ids):
-            if not prefilled:
-                prefilled, cached = True, out.cached_tokens or 0
-                yield Prefilled(cached)
-            decodes = _decodes(state, out)
-            logprobs = None
-            if out.token_id >= 0:
-                token_ids.append(out.token_id)
-                state.metrics.observe(*state.tracker.on_token(tracked))
-                logprobs = out.logprobs if decodes else None
-            last = out.finish_reason is not None
-            events, matched = pipeline.push(out.token_id, last, decodes)
-            reasoning_tokens += out.token_id >= 0 and pipeline.in_reasoning
-            if out.token_id >= 0 and (job.token_events or logprobs is not None):
-                text = ""
-                if job.token_events and len(events) == 1 and isinstance(events[0], TextDelta):
-                    text, events = events[0].text, []
-                yield TokenDelta(out.token_id, logprobs, text)
-            for item in events:
-                yield item
-            if matched is not None or last:
-                if matched is not None:
-                    await _close(stream)  # aborts the request in the engine (INTERFACES §4)
-                reason = "stop_sequence" if matched is not None else str(out.finish_reason)
-                yield Finished(reason, len(job.prompt_ids), len(token_ids), pipeline.num_tool_calls,
-                               matched, tuple(token_ids), cached, reasoning_tokens)
+        async for batch in _engine_outputs(state, stream, progress.token_ids):
+            events, finished = _batch_events(state, job, pipeline, tracked, batch, progress)
+            if finished is not None and finished.stop_sequence is not None:
+                await _close(stream)  # aborts the request in the engine (INTERFACES §4)
+            for event in coalesce(events):
+                yield event
+            if finished is not None:
                 return
         raise ApiError(503, "The engine stopped before the request finished")
     finally:
         state.tracker.finish(rid)
         await _close(stream)
+
+
+def _batch_events(state: AppState, job: GenerationJob, pipeline: OutputPipeline, tracked: TrackedRequest,
+                  batch: list[TokenOutput], progress: _Progress) -> tuple[list[Event], Finished | None]:
+    """A batch of engine outputs' events, up to the output that ends the request (its finish
+    reason, or a stop string it completed), then the `Finished` event (also returned)."""
+    events: list[Event] = []
+    for out in batch:
+        matched = _output_events(state, job, pipeline, tracked, out, progress, events)
+        if matched is not None or out.finish_reason is not None:
+            reason = "stop_sequence" if matched is not None else str(out.finish_reason)
+            finished = Finished(reason, len(job.prompt_ids), len(progress.token_ids),
+                                pipeline.num_tool_calls, matched, tuple(progress.token_ids),
+                                progress.cached, progress.reasoning_tokens)
+            events.append(finished)
+            return events, finished
+    return events, None
+
+
+def _output_events(state: AppState, job: GenerationJob, pipeline: OutputPipeline, tracked: TrackedRequest,
+                   out: TokenOutput, progress: _Progress, events: list[Event]) -> str | None:
+    """Add one engine output's events to `events`; the stop string it completed, if any."""
+    if not progress.prefilled:
+        progress.prefilled, progress.cached = True, out.cached_tokens or 0
+        events.append(Prefilled(progress.cached))
+    decodes = _decodes(state, out)
+    logprobs = None
+    if out.token_id >= 0:
+        progress.token_ids.append(out.token_id)
+        state.metrics.observe(*state.tracker.on_token(tracked))
+        logprobs = out.logprobs if decodes else None
+    new, matched = pipeline.push(out.token_id, out.finish_reason is not None, decodes)
+    progress.reasoning_tokens += out.token_id >= 0 and pipeline.in_reasoning
+    if out.token_id >= 0 and (job.token_events or logprobs is not None):
+        text = ""
+        if job.token_events and len(new) == 1 and isinstance(new[0], TextDelta):
+            text, new = new[0].text, []
+        events.append(TokenDelta(out.token_id, logprobs, text) if logprobs is not None
+                      else TokenIds((out.token_id,), text))
+    events.extend(new)
+    return matched
+
+
+def coalesce(events: list[Event]) -> list[Event]:
+    """Adjacent text, reasoning, token ids (with the text after them), and argument deltas of
+    one call, each joined into one event: a stream then sends one chunk for them, not one a
+    token."""
+    joined: list[Event] = []
+    for event in events:
+        last = joined[-1] if joined else None
+        if isinstance(event, TextDelta) and isinstance(last, TextDelta):
+            joined[-1] = TextDelta(last.text + event.text)
+        elif isinstance(event, TokenIds | TextDelta) and isinstance(last, TokenIds):
+            ids = event.token_ids if isinstance(event, TokenIds) else ()
+            joined[-1] = TokenIds(last.token_ids + ids, last.text + event.text)
+        elif isinstance(event, Reasoning) and isinstance(last, Reasoning):
+            joined[-1] = Reasoning(last.text + event.text)
+        elif (isinstance(event, ToolCallArgs) and isinstance(last, ToolCallArgs)
+              and event.index == last.index):
+            joined[-1] = ToolCallArgs(last.index, last.fragment + event.fragment)
+        else:
+            joined.append(event)
+    return joined
 
 
 def _decodes(state: AppState, out: TokenOutput) -> bool:
@@ -214,8 +277,8 @@ def _decodes(state: AppState, out: TokenOutput) -> bool:
     return not (out.finish_reason == "stop" and out.token_id in state.eos_token_ids)
 
 
-async def _engine_outputs(state: AppState, stream: AsyncIterator[TokenOutput],
-                          token_ids: list[int]) -> AsyncIterator[TokenOutput]:
+async def _engine_outputs(state: AppState, stream: AsyncIterator[list[TokenOutput]],
+                          token_ids: list[int]) -> AsyncIterator[list[TokenOutput]]:
     """The engine's outputs; its errors become API errors (a stream ends with an error event).
     A refusal comes before the first token from a running engine (400); anything else is the
     engine failing the request (503)."""
@@ -230,7 +293,7 @@ async def _engine_outputs(state: AppState, stream: AsyncIterator[TokenOutput],
         raise ApiError(503, f"The engine failed the request: {e}") from None
 
 
-async def _close(stream: AsyncIterator[TokenOutput]) -> None:
+async def _close(stream: AsyncIterator[list[TokenOutput]]) -> None:
     """Close the engine stream, even while being cancelled: closing an unfinished stream aborts
     its request in the engine (a finished one is closed already, so this is then a no-op)."""
     with anyio.CancelScope(shield=True):
@@ -294,7 +357,7 @@ class Collected:
             self.reasoning += event.text
         elif isinstance(event, ToolCallEnd):
             self.tool_calls.append(event.call)
-        elif isinstance(event, TokenDelta) and event.logprobs is not None:
+        elif isinstance(event, TokenDelta):
             self.logprobs.append(event)
         elif isinstance(event, Finished):
             self.finished = event

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+from contextlib import aclosing
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -56,6 +57,7 @@ class FakeEngineClient:
     max_model_len: int = 4096
     reply: str = "Hello from the fake engine."
     delay_s: float = 0.0  # before each token
+    batch_size: int = 1  # outputs handed over together (as when the frontend falls behind)
     reject: str | None = None
     fail_after: int | None = None  # after this many tokens: raise `failure`, or end the stream if None
     abort_after: int | None = None  # after this many tokens the engine aborts the request (shutdown)
@@ -80,6 +82,7 @@ class FakeEngineClient:
 
     def reset(self) -> None:
         self.reply, self.delay_s, self.reject = "Hello from the fake engine.", 0.0, None
+        self.batch_size = 1
         self.fail_after, self.failure, self.abort_after = None, None, None
         self.scripts.clear()
         self.seen.clear()
@@ -104,7 +107,25 @@ class FakeEngineClient:
             best = max(best, n)
         return best // PAGE_SIZE * PAGE_SIZE
 
-    async def generate(self, req: GenerateRequest) -> AsyncIterator[TokenOutput]:
+    async def generate(self, req: GenerateRequest) -> AsyncIterator[list[TokenOutput]]:
+        """The outputs in batches of `batch_size` (the last one maybe shorter), as the client
+        hands them over when its consumer fell behind (or a speculative step's tokens)."""
+        batch: list[TokenOutput] = []
+        async with aclosing(self._outputs(req)) as outputs:
+            try:
+                async for out in outputs:
+                    batch.append(out)
+                    if len(batch) == self.batch_size or out.finish_reason is not None:
+                        yield batch
+                        batch = []
+            except Exception:
+                if batch:  # the outputs that came before the error first
+                    yield batch
+                raise
+            if batch:  # the stream ended without a finish reason
+                yield batch
+
+    async def _outputs(self, req: GenerateRequest) -> AsyncIterator[TokenOutput]:
         self.requests.append(req)
         if self.reject is not None:
             raise EngineRejected(self.reject)

@@ -157,7 +157,7 @@ async def _stream(state: AppState, jobs: list[GenerationJob], ids: ChatIds,
         if isinstance(item, Finished):
             finished[index] = item
             yield chunk(index, {}, finish_reason(item))
-        elif isinstance(item, TokenDelta) and item.logprobs is not None:
+        elif isinstance(item, TokenDelta):
             logprobs[index].add(item.token_id, item.logprobs)
         elif (delta := _delta(item)) is not None:
             yield chunk(index, delta)

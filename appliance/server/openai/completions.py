@@ -13,7 +13,8 @@ from fastapi.responses import JSONResponse
 from appliance.server import sse
 from appliance.server.auth import require_api_key
 from appliance.server.errors import bad_request
-from appliance.server.generation import Finished, GenerationJob, TextDelta, TokenDelta, collect, generate_choices
+from appliance.server.generation import (Finished, GenerationJob, TextDelta, TokenDelta, TokenIds, collect,
+                                         generate_choices)
 from appliance.server.json_body import JsonBodyRoute
 from appliance.server.openai.common import (choice_jobs, finish_reason, reject_unsupported, sampling_options,
                                              stream_error, usage)
@@ -38,8 +39,8 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
         DEFAULT_MAX_TOKENS, max(1, state.client.max_model_len - len(prompt_ids)))
     sampling = sampling_options(body, len(prompt_ids), state.client.max_model_len, requested, "max_tokens",
                                 vocab_size=state.vocab_size, logprobs=body.logprobs)
-    # Streamed with return_token_ids: a chunk per token carrying its id (its text may still be
-    # held back by the detokenizer), so clients can time every token.
+    # Streamed with return_token_ids: every token's id in a chunk as it arrives (its text may
+    # still be held back by the detokenizer), so clients can time every token.
     job = GenerationJob(prompt_ids, sampling, session=session_hint(request, body.session_id),
                         user=user_hint(request, body.user), arrived_at=arrival_time(request),
                         token_events=bool(body.stream and body.return_token_ids))
@@ -106,10 +107,11 @@ async def _stream(state: AppState, jobs: list[GenerationJob], head: dict[str, An
 
     async for index, item in generate_choices(state, jobs):
         if isinstance(item, TokenDelta):
-            if item.logprobs is not None:
-                logprobs[index].add(item.token_id, item.logprobs)
+            logprobs[index].add(item.token_id, item.logprobs)
             if jobs[index].token_events:
                 yield chunk(index, _choice(index, item.text, None, [item.token_id]))
+        elif isinstance(item, TokenIds):
+            yield chunk(index, _choice(index, item.text, None, list(item.token_ids)))
         elif isinstance(item, TextDelta):
             yield chunk(index, _choice(index, item.text, None))
         elif isinstance(item, Finished):
