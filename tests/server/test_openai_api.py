@@ -279,7 +279,7 @@ def test_completions_return_token_ids(served, tokenizer):
             chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
         streamed = [c["choices"][0]["token_ids"] for c in chunks
                     if c["choices"] and "token_ids" in c["choices"][0]]
-        assert streamed == [[t] for t in expected]  # one chunk per token
+        assert streamed == [[t] for t in expected]  # one chunk per token (each arrived apart)
         # ... which carries the token's text: no chunk of text alone, then the finish chunk
         texts = [c["choices"][0]["text"] for c in chunks if c["choices"]]
         assert "".join(texts) == "ids please" and len(texts) == len(expected) + 1
