@@ -29,8 +29,10 @@ class ConfigError(ValueError):
 
 
 def cache_dir() -> Path:
-    """Where generated checkpoints and runtime files live ($TOKENSPEED_CACHE)."""
-    return Path(os.environ.get("TOKENSPEED_CACHE", Path.home() / ".cache" / "tokenspeed"))
+    """Where generated checkpoints and runtime files live ($TOKENSPEED_CACHE; empty is unset, a
+    relative path is taken from the current folder, so every subcommand finds the same one)."""
+    configured = os.environ.get("TOKENSPEED_CACHE", "")
+    return Path(configured).absolute() if configured else Path.home() / ".cache" / "tokenspeed"
 
 
 @dataclass(frozen=True)
@@ -164,15 +166,20 @@ _POSITIVE = {
 }
 # 0 has a meaning here: tps_floor 0 = no floor, session_ttl_s 0 = no retention.
 _NON_NEGATIVE = {"scheduler.tps_floor", "scheduler.session_ttl_s"}
+# Counts the C++ scheduler and the KV pool take as 32-bit ints.
+_INT32 = {"kv.page_size", "kv.num_pages", "scheduler.max_batch_tokens", "scheduler.max_running"}
+_INT32_MAX = 2**31 - 1
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> AppConfig:
     """Read YAML (default: configs/default.yaml), apply `key=value` overrides, validate."""
     path = Path(path) if path else DEFAULT_CONFIG
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as e:  # a folder, unreadable, not UTF-8
+        raise ConfigError(f"{path}: cannot read the config file: {e}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(raw, dict):
@@ -182,6 +189,21 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     config = _build(AppConfig, raw, prefix="")
     _validate(config)
     return _resolve(config)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last one, so a
+    second `server:` section would silently drop the first)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def _apply_override(raw: dict, item: str) -> None:
@@ -249,8 +271,12 @@ def _validate(config: AppConfig) -> None:
             raise ConfigError(f"{key}: {value} is not available: {why}")
     for key in _POSITIVE:
         value = _get(config, key)
-        if value is not None and value <= 0:
+        if value is not None and not value > 0:  # also refuses NaN
             raise ConfigError(f"{key}: must be positive, got {value!r}")
+    for key in _INT32:
+        value = _get(config, key)
+        if value is not None and value > _INT32_MAX:
+            raise ConfigError(f"{key}: must be <= {_INT32_MAX}, got {value!r}")
     for key in _NON_NEGATIVE:
         value = _get(config, key)
         if not value >= 0:  # also refuses NaN

@@ -1,6 +1,7 @@
 """Config loading: defaults, overrides, and errors that name the key."""
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import yaml
@@ -62,6 +63,11 @@ def test_model_path_override_replaces_the_preset():
     ("speculative.method=eagle", "speculative.method"),
     ("speculative.max_draft=0", "speculative.max_draft"),
     ("speculative.max_draft=33", "speculative.max_draft"),
+    ("engine.heartbeat_timeout_s=.nan", "engine.heartbeat_timeout_s"),  # NaN disabled the watchdog
+    ("engine.restart_window_s=.nan", "engine.restart_window_s"),
+    ("kv.num_pages=99999999999999", "kv.num_pages"),  # past what the C++ core takes
+    ("scheduler.max_running=99999999999999", "scheduler.max_running"),
+    ("kv.page_size=1099511627776", "kv.page_size"),
 ])
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
@@ -80,6 +86,29 @@ def test_bad_yaml_and_missing_file(tmp_path):
         load_config(bad)
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_unreadable_config_files_and_duplicate_keys_are_config_errors(tmp_path):
+    not_utf8 = tmp_path / "latin1.yaml"
+    not_utf8.write_bytes(b"server:\n  host: caf\xe9\n")
+    with pytest.raises(ConfigError, match="latin1.yaml: cannot read the config file"):
+        load_config(not_utf8)
+    with pytest.raises(ConfigError, match="cannot read the config file"):
+        load_config(tmp_path)  # a folder
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("server:\n  port: 9000\nkv:\n  num_pages: 64\nserver:\n  host: 127.0.0.1\n")
+    with pytest.raises(ConfigError, match="duplicate key 'server'"):  # the port was dropped
+        load_config(twice)
+
+
+@pytest.mark.parametrize("value", ["", "relative/cache"])
+def test_the_cache_folder_is_absolute_and_empty_means_unset(value, monkeypatch, tmp_path):
+    from appliance.config import cache_dir
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TOKENSPEED_CACHE", value)
+    want = tmp_path / value if value else Path.home() / ".cache" / "tokenspeed"
+    assert cache_dir() == want and load_config().server.socket.startswith(str(want))
 
 
 def test_set_needs_key_equals_value():

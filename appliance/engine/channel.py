@@ -118,8 +118,12 @@ class FrontendChannel:
         sock.curve_publickey = public
         sock.curve_secretkey = secret
         sock.linger = 0
-        sock.bind(address)
-        os.chmod(address.removeprefix("ipc://"), 0o600)
+        try:
+            sock.bind(address)
+            os.chmod(address.removeprefix("ipc://"), 0o600)
+        except BaseException:
+            sock.close()  # else close()'s context term() waits for it forever
+            raise
         return sock
 
     def _send_loop(self) -> None:
@@ -177,6 +181,7 @@ def _private_folder(run_dir: Path) -> Path:
     if len(f"{folder}/out") > _MAX_IPC_PATH:
         raise ChannelError(f"server.socket: its folder {run_dir} is too long a path for the engine's "
                            f"ipc sockets (at most {_MAX_IPC_PATH - 24} characters)")
+    run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # removed under a running daemon
     folder.mkdir(mode=0o700)  # fails if it exists: the name is new, nobody can have made it
     os.chmod(folder, 0o700)  # whatever the umask
     return folder

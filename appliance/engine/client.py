@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 _POLL_MS = 100
 STOP_TIMEOUT_S = 30.0
+RESTART_RETRY_S = 2.0  # between engine starts that failed while recovering
 
 
 def is_counter(key: str) -> bool:
@@ -248,6 +249,8 @@ class EngineClient:
             except EngineStartError as e:
                 log.error("engine restart failed: %s", e)
                 restart = self._budget.allow()
+                # a cause that passes (a disk briefly full) must not take every attempt at once
+                self._closing.wait(RESTART_RETRY_S if restart else 0)
                 continue
             with self._lock:
                 self._instance, self._status = instance, "ok"

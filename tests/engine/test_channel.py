@@ -6,6 +6,7 @@ import os
 import stat
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -110,3 +111,41 @@ def test_a_too_long_run_folder_is_a_clear_error():
     long_dir = Path("/tmp") / ("x" * 90)
     with pytest.raises(channel_module.ChannelError, match="server.socket"):
         FrontendChannel(long_dir)
+
+
+def test_a_socket_that_fails_to_bind_is_an_error_not_a_hang(run_dir, monkeypatch):
+    """A bind (or its chmod) failing left the socket open, and close()'s context term()
+    then waited for it forever: start-up hung in "warming up" with nothing in the log."""
+    chmod = os.chmod
+
+    def no_space_for_outputs(path, mode):
+        if str(path).endswith("/out"):
+            raise OSError(28, "No space left on device")
+        chmod(path, mode)
+
+    monkeypatch.setattr(channel_module.os, "chmod", no_space_for_outputs)
+    outcome: list[BaseException] = []
+    thread = threading.Thread(target=lambda: _catch(lambda: FrontendChannel(run_dir), outcome), daemon=True)
+    thread.start()
+    thread.join(20)
+    assert not thread.is_alive(), "FrontendChannel hung after a failed bind"
+    assert isinstance(outcome[0], OSError) and "No space" in str(outcome[0])
+    assert list(run_dir.iterdir()) == []  # its folder removed
+
+
+def _catch(make, outcome: list[BaseException]) -> None:
+    try:
+        make()
+    except BaseException as e:
+        outcome.append(e)
+
+
+def test_a_run_folder_removed_under_the_daemon_is_made_again(run_dir):
+    """An engine restart after the run folder was deleted (a cache cleaned by hand) failed
+    every attempt at once: the channel's folder could not be made in it."""
+    gone = run_dir / "run"
+    channel = FrontendChannel(gone)
+    try:
+        assert stat.S_IMODE(gone.stat().st_mode) == 0o700 and channel.folder.parent == gone
+    finally:
+        channel.close()

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from appliance.config import ConfigError, EngineConfig, load_config
-from appliance.engine.client import RestartBudget
+from appliance.engine import client as client_module
+from appliance.engine.client import EngineClient, RestartBudget
+from appliance.engine.instance import EngineInfo, EngineStartError
+from appliance.engine.model_files import ModelFiles
 
 
 def test_engine_section_defaults_and_overrides():
@@ -60,3 +65,47 @@ def test_the_heartbeat_timeout_defaults_by_device():
     assert heartbeat_timeout(None, ()) == 60.0
     assert heartbeat_timeout(None, ("GPU-1",)) == 10.0
     assert heartbeat_timeout(2.5, ()) == 2.5
+
+
+class _Instance:
+    """An engine that starts at once and, when told, has failed."""
+
+    info = EngineInfo(max_model_len=64, num_pages=8, page_size=16, vocab_size=100, eos_token_ids=(2,))
+
+    def __init__(self, failed: bool) -> None:
+        self.failed = failed
+
+    def poll(self, timeout_ms: int) -> None:
+        time.sleep(timeout_ms / 1e3)
+
+    def failure(self) -> str | None:
+        return "engine rank 0 exited with code 1" if self.failed else None
+
+    def send(self, message) -> None: ...
+    def stop(self, timeout_s: float) -> None: ...
+    def kill(self) -> None: ...
+
+
+class _FlakyClient(EngineClient):
+    """Its first engine dies; the next two starts fail (a disk briefly full); the fourth runs."""
+
+    def _start(self, on_progress=None):
+        self.starts = [*getattr(self, "starts", []), time.monotonic()]
+        if len(self.starts) in (2, 3):
+            raise EngineStartError("cannot set up the engine channel: No space left on device")
+        return _Instance(failed=len(self.starts) == 1)
+
+
+def test_failed_restarts_are_spaced_out_not_spent_at_once(monkeypatch):
+    monkeypatch.setattr(client_module, "RESTART_RETRY_S", 0.3)
+    config = load_config(None, ["model.preset=tiny-llama", "engine.max_restarts=3"])
+    client = _FlakyClient(config, ModelFiles(None, "tiny-llama", ""))
+    try:
+        deadline = time.monotonic() + 10
+        while client.status != "ok" or len(client.starts) < 4:
+            assert time.monotonic() < deadline and client.status != "failed"
+            time.sleep(0.05)
+        gaps = [b - a for a, b in zip(client.starts[1:], client.starts[2:])]
+        assert len(client.starts) == 4 and all(gap >= 0.3 for gap in gaps)
+    finally:
+        client.close()
