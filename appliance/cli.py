@@ -11,7 +11,6 @@ import signal
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from appliance.config import AppConfig, ConfigError, cache_dir, load_config
@@ -152,8 +151,8 @@ def _serve_when_ready(config: AppConfig, listening: Listening) -> int:
     from appliance.startup_progress import StartupProgress, since_process_start
 
     try:
+        _check_run_dir(config)
         files = resolve_model_files(config)
-        _check_model_config(files.checkpoint)
         check_mtp_checkpoint(config, files)
     except ConfigError as e:
         print(f"tokenspeed: config error: {e}", file=sys.stderr)
@@ -173,6 +172,7 @@ def _serve_when_ready(config: AppConfig, listening: Listening) -> int:
         log.info("engine ready: %d KV pages of %d tokens, max_model_len %d (%s)",
                  client.info.num_pages, client.info.page_size, client.max_model_len,
                  since_process_start())
+        _warn_tokenizer_past_vocabulary(len(ready_tokenizer), client.info.vocab_size, files.tokenizer)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         return serve(config, client, ready_tokenizer, listening)
     except ConfigError as e:
@@ -266,6 +266,18 @@ def _socket_client(config: AppConfig):
                         base_url="http://tokenspeed", headers=headers, timeout=5.0)
 
 
+def _check_run_dir(config: AppConfig) -> None:
+    """The run folder leaves room for the engine channel's ipc paths; checked before anything
+    loads, naming the setting that chose the folder."""
+    from appliance.engine.channel import ChannelError, check_run_dir_length
+
+    named_by = "TOKENSPEED_CACHE" if config.run_dir == cache_dir() / "run" else "server.socket"
+    try:
+        check_run_dir_length(config.run_dir, named_by)
+    except ChannelError as e:
+        raise ConfigError(str(e)) from None
+
+
 def _make_run_dir(config: AppConfig) -> None:
     """The run folder, 0700 when we create it. The default one (under the cache) is made 0700
     even if it exists; a folder named through server.socket keeps its mode (it may be /tmp)."""
@@ -276,17 +288,13 @@ def _make_run_dir(config: AppConfig) -> None:
         os.chmod(run_dir, 0o700)
 
 
-def _check_model_config(checkpoint: str | None) -> None:
-    """A config.json that is not a JSON object stops start-up with the file named (and no
-    traceback from whichever reader meets it first)."""
-    if checkpoint is None or not (path := Path(checkpoint) / "config.json").is_file():
-        return
-    try:
-        value = json.loads(path.read_bytes())
-    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
-        raise ConfigError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(value, dict):
-        raise ConfigError(f"{path}: expected a JSON object, got {type(value).__name__}")
+def _warn_tokenizer_past_vocabulary(tokenizer_ids: int, vocab_size: int, folder: str) -> None:
+    """A tokenizer with ids past the model's vocabulary (another model's?) makes every prompt
+    holding one a 400: say so once, at start-up, where the operator looks."""
+    if tokenizer_ids > vocab_size:
+        log.warning("the tokenizer in %s has %d ids, the model's vocab_size is %d: prompts "
+                    "holding ids %d and above will be refused (are they of the same model?)",
+                    folder, tokenizer_ids, vocab_size, vocab_size)
 
 
 def _load_tokenizer(folder: str):

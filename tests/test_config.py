@@ -166,3 +166,15 @@ def test_shipped_configs_state_only_what_they_change(path):
             default = getattr(default, part) if dataclasses.is_dataclass(default) \
                 else default.get(part)
         assert value != default, f"{path.name}: {key}: {value!r} is the default"
+
+
+def test_a_tokenizer_past_the_models_vocabulary_is_warned_at_start(caplog):
+    """Every prompt holding such an id is refused as the client's fault; the operator hears
+    why once, at start-up."""
+    from appliance import cli
+
+    with caplog.at_level("WARNING", logger="tokenspeed"):
+        cli._warn_tokenizer_past_vocabulary(1000, 1000, "/m")
+        assert not caplog.records
+        cli._warn_tokenizer_past_vocabulary(1000, 500, "/m")
+    assert "the tokenizer in /m has 1000 ids, the model's vocab_size is 500" in caplog.text

@@ -176,11 +176,17 @@ def remove_stale_folders(run_dir: Path) -> None:
             shutil.rmtree(entry, ignore_errors=True)
 
 
-def _private_folder(run_dir: Path) -> Path:
-    folder = run_dir / f"ts-{os.getpid()}-{secrets.token_hex(4)}"
-    if len(f"{folder}/out") > _MAX_IPC_PATH:
-        raise ChannelError(f"server.socket: its folder {run_dir} is too long a path for the engine's "
+def check_run_dir_length(run_dir: Path, named_by: str = "server.socket") -> None:
+    """ChannelError when the channel's socket paths under `run_dir` (any pid) would pass the
+    ipc limit; `named_by`: the setting that chose the folder."""
+    if len(f"{run_dir}/ts-{'9' * 7}-{'0' * 8}/out") > _MAX_IPC_PATH:
+        raise ChannelError(f"{named_by}: its folder {run_dir} is too long a path for the engine's "
                            f"ipc sockets (at most {_MAX_IPC_PATH - 24} characters)")
+
+
+def _private_folder(run_dir: Path) -> Path:
+    check_run_dir_length(run_dir)
+    folder = run_dir / f"ts-{os.getpid()}-{secrets.token_hex(4)}"
     run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # removed under a running daemon
     folder.mkdir(mode=0o700)  # fails if it exists: the name is new, nobody can have made it
     os.chmod(folder, 0o700)  # whatever the umask

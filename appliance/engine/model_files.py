@@ -28,7 +28,17 @@ class ModelFiles:
 
 def resolve_model_files(config: AppConfig) -> ModelFiles:
     """Map model.path / model.preset / model.load_format to files, creating the tiny model
-    or a GGUF's tokenizer folder when they are missing."""
+    or a GGUF's tokenizer folder when they are missing (a cache that cannot take them: a
+    ConfigError naming the folder)."""
+    from appliance.model.atomic_folder import CacheWriteError
+
+    try:
+        return _resolve(config)
+    except CacheWriteError as e:
+        raise ConfigError(f"{e} (the cache folder; TOKENSPEED_CACHE moves it)") from None
+
+
+def _resolve(config: AppConfig) -> ModelFiles:
     from appliance.model import presets, tiny  # the tiny checkpoint's weights need torch
 
     model = config.model
@@ -41,8 +51,9 @@ def resolve_model_files(config: AppConfig) -> ModelFiles:
             raise ConfigError(f"model.preset: {e}") from None
         return _checkpoint_files(path, "model.preset", model.load_format)
     if model.preset == TINY_PRESET and model.load_format != "dummy":
-        tiny_folder = str(tiny.ensure_tiny_checkpoint(cache_dir() / "models" / TINY_PRESET))
-        return ModelFiles(tiny_folder, None, tiny_folder)
+        tiny_folder = tiny.ensure_tiny_checkpoint(cache_dir() / "models" / TINY_PRESET)
+        _check_hf_folder(tiny_folder, f"model.preset (remove {tiny_folder} to have it made again)")
+        return ModelFiles(str(tiny_folder), None, str(tiny_folder))
     if model.preset not in presets.PRESETS:
         known = ", ".join(sorted(presets.PRESETS))
         raise ConfigError(f"model.preset: unknown preset {model.preset!r} (known: {known})")
@@ -64,6 +75,7 @@ def _checkpoint_files(path: Path, key: str, load_format: str) -> ModelFiles:
         if gguf is None:
             if not (path / "config.json").is_file():
                 raise ConfigError(f"{key}: no config.json or .gguf file in {path}")
+            _check_hf_folder(path, key)
             return ModelFiles(str(path), None, str(path))
         if load_format == "safetensors":
             raise ConfigError(f"model.load_format: safetensors, but {key} is a GGUF file ({gguf})")
@@ -71,6 +83,16 @@ def _checkpoint_files(path: Path, key: str, load_format: str) -> ModelFiles:
         # tokenizer folder is made, which then keeps the config: gguf_tokenizer.py)
         tokenizer = ensure_gguf_tokenizer(gguf, cache_dir() / "tokenizers")
         return ModelFiles(str(gguf), None, str(tokenizer))
+    except LoadError as e:
+        raise ConfigError(f"{key}: {e}") from None
+
+
+def _check_hf_folder(path: Path, key: str) -> None:
+    from appliance.model.hf_checkpoint import check_hf_checkpoint
+    from appliance.model.load_error import LoadError
+
+    try:
+        check_hf_checkpoint(path)
     except LoadError as e:
         raise ConfigError(f"{key}: {e}") from None
 

@@ -77,6 +77,15 @@ def read_eos_token_ids(folder: str | Path | None, hf_config: dict) -> list[int]:
     return [int(e) for e in (eos if isinstance(eos, list) else [eos])]
 
 
+def open_safetensors(file: Path):
+    """safe_open on the CPU for torch; a file it cannot read is a LoadError naming it (the file
+    may have been damaged after start-up's check, before a restart read it)."""
+    try:
+        return safe_open(str(file), framework="pt", device="cpu")
+    except Exception as e:  # SafetensorError, OSError
+        raise LoadError(f"{file}: not a readable safetensors file: {e}") from None
+
+
 def checkpoint_files(folder: str | Path) -> tuple[list[Path], dict[str, str] | None]:
     """The safetensors files of a folder, and the index's tensor -> file map if any."""
     folder = Path(folder)
@@ -109,7 +118,7 @@ def checkpoint_tensor_names(folder: str | Path) -> frozenset[str]:
         return frozenset(weight_map)
     names: set[str] = set()
     for file in files:
-        with safe_open(str(file), framework="pt", device="cpu") as f:
+        with open_safetensors(file) as f:
             names.update(f.keys())
     return frozenset(names)
 
@@ -148,7 +157,7 @@ def load_checkpoint(model: nn.Module, plan: ShardPlan, folder: str | Path) -> No
     zero_parameters(model)
     remaining = set(plan.slices)
     for file in files:
-        with safe_open(str(file), framework="pt", device="cpu") as f:
+        with open_safetensors(file) as f:
             for name in f.keys():
                 wanted = plan.slices.get(name)
                 if not wanted:
@@ -191,7 +200,7 @@ def _tensor_files(files: list[Path]) -> dict[str, str]:
     """tensor name -> file name, from the files' headers (no index.json)."""
     located: dict[str, str] = {}
     for file in files:
-        with safe_open(str(file), framework="pt", device="cpu") as f:
+        with open_safetensors(file) as f:
             located.update(dict.fromkeys(f.keys(), file.name))
     return located
 
@@ -200,8 +209,8 @@ def _load_packed(params: dict[str, torch.Tensor], name: str, wanted: list[LoadSl
                  folder: Path, located: dict[str, str]) -> None:
     """Tensor `name` from its MXFP4 `_blocks` / `_scales` pair, dequantized as it is read."""
     blocks, scales = mxfp4.packed_names(name)
-    with safe_open(str(folder / located[blocks]), framework="pt", device="cpu") as fb, \
-            safe_open(str(folder / located[scales]), framework="pt", device="cpu") as fs:
+    with open_safetensors(folder / located[blocks]) as fb, \
+            open_safetensors(folder / located[scales]) as fs:
         try:
             view = mxfp4.PackedView(fb.get_slice(blocks), fs.get_slice(scales), name)
         except ValueError as e:

@@ -149,3 +149,17 @@ def test_a_run_folder_removed_under_the_daemon_is_made_again(run_dir):
         assert stat.S_IMODE(gone.stat().st_mode) == 0o700 and channel.folder.parent == gone
     finally:
         channel.close()
+
+
+def test_a_too_long_cache_folder_is_named_before_anything_loads(monkeypatch, capsys):
+    """The run folder under TOKENSPEED_CACHE was found too long only once the model files were
+    made, and the error named server.socket, which the user never set."""
+    from appliance import cli
+
+    cache = Path("/tmp") / ("c" * 80)
+    monkeypatch.setenv("TOKENSPEED_CACHE", str(cache))
+    config = cli.load_config(None, ["model.preset=tiny-llama"])
+    assert cli._serve_when_ready(config, listening=None) == 2
+    err = capsys.readouterr().err
+    assert f"config error: TOKENSPEED_CACHE: its folder {cache}/run is too long" in err
+    assert not cache.exists()  # nothing made before the check

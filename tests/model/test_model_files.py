@@ -173,7 +173,6 @@ def test_the_frontend_resolves_model_files_without_importing_torch(tmp_path, mon
             f"for name in {configs!r}:\n"
             "    config = load_config(name)\n"
             "    files = resolve_model_files(config)\n"
-            "    cli._check_model_config(files.checkpoint)\n"
             "    check_mtp_checkpoint(config, files)\n"
             "print('torch' in sys.modules)\n")
     assert not (tmp_path / "models" / "tiny-llama-tokenizer").exists()

@@ -9,6 +9,8 @@ from __future__ import annotations
 import importlib
 from typing import Callable
 
+from appliance.model.load_error import LoadError
+
 _REGISTRY: dict[str, type] = {}
 
 # architecture -> module defining (and registering) it
@@ -34,7 +36,8 @@ def register_model(*names: str) -> Callable[[type], type]:
 
 
 def model_class(architectures: list[str] | None) -> type:
-    """The class of the first supported name in an HF config's `architectures`."""
+    """The class of the first supported name in an HF config's `architectures` (LoadError, a
+    ValueError the rank reports in one line, if none is)."""
     for arch in architectures or []:
         if arch not in _REGISTRY and arch in _BUILTIN:
             try:
@@ -45,4 +48,4 @@ def model_class(architectures: list[str] | None) -> type:
         if arch in _REGISTRY:
             return _REGISTRY[arch]
     known = sorted(set(_REGISTRY) | set(_BUILTIN))
-    raise ValueError(f"unsupported architectures {architectures}; known: {known}")
+    raise LoadError(f"unsupported architectures {architectures}; known: {known}")

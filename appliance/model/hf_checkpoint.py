@@ -1,0 +1,103 @@
+"""The checks of an HF checkpoint folder that start-up runs before any rank loads it (torch-free:
+the frontend runs them): every file a rank will read opens, config.json's sizes are usable, and
+the weights are of the model config.json describes. Each problem is a LoadError naming the file
+(and the key), where a rank would fail deep inside a reader with neither."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from appliance.model.load_error import LoadError
+
+REQUIRED_SIZES = ("hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size")
+OPTIONAL_SIZES = ("intermediate_size", "moe_intermediate_size", "num_key_value_heads", "head_dim")
+_LAYER = re.compile(r"model\.layers\.(\d+)\.")
+
+
+def check_hf_checkpoint(folder: Path) -> None:
+    """LoadError for the first problem found in `folder` (config.json, generation_config.json,
+    model.safetensors.index.json, the safetensors headers, layers beyond the config's)."""
+    config = _text_config(_json_object(folder / "config.json"))
+    _check_sizes(config, folder / "config.json")
+    if (folder / "generation_config.json").exists():
+        _json_object(folder / "generation_config.json")
+    names = _tensor_names(folder)
+    _check_layer_count(config, names, folder)
+
+
+def _json_object(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_bytes())
+    except OSError as e:
+        raise LoadError(f"{path}: cannot be read: {e.strerror or e}") from None
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+        raise LoadError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise LoadError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _text_config(config: dict) -> dict:
+    """A multimodal wrapper's language model part (as loader.read_hf_config reads it)."""
+    text = config.get("text_config")
+    return text if isinstance(text, dict) and "hidden_size" not in config else config
+
+
+def _check_sizes(config: dict, path: Path) -> None:
+    architectures = config.get("architectures")
+    if architectures is not None and not (
+            isinstance(architectures, list) and all(isinstance(a, str) for a in architectures)):
+        raise LoadError(f"{path}: architectures must be a list of names, got {architectures!r}")
+    for key in REQUIRED_SIZES + OPTIONAL_SIZES:
+        value = config.get(key)
+        if value is None and key in OPTIONAL_SIZES:
+            continue
+        if value is None:
+            raise LoadError(f"{path}: lacks {key}")
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise LoadError(f"{path}: {key} must be a positive integer, got {value!r}")
+
+
+def _tensor_names(folder: Path) -> set[str]:
+    """The index's tensor names, after every file it lists opened; else every file's."""
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = _json_object(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise LoadError(f"{index}: weight_map must map tensor names to file names")
+        missing = sorted(f for f in set(weight_map.values()) if not (folder / f).is_file())
+        if missing:
+            raise LoadError(f"{index}: lists files that do not exist: {missing}")
+        for file in sorted(set(weight_map.values())):
+            _header_names(folder / file)
+        return set(weight_map)
+    single = folder / "model.safetensors"
+    files = [single] if single.exists() or single.is_symlink() else sorted(folder.glob("*.safetensors"))
+    names: set[str] = set()
+    for file in files:
+        names.update(_header_names(file))
+    return names
+
+
+def _header_names(file: Path) -> list[str]:
+    """The tensor names of a safetensors file, once its header has been read and checked (the
+    file must be as long as the header says)."""
+    from safetensors import safe_open  # numpy framework: no torch
+
+    try:
+        with safe_open(str(file), framework="numpy") as f:
+            return list(f.keys())
+    except Exception as e:  # SafetensorError, OSError: which one matters less than the file
+        raise LoadError(f"{file}: not a readable safetensors file: {e}") from None
+
+
+def _check_layer_count(config: dict, names: set[str], folder: Path) -> None:
+    """Decoder layers past num_hidden_layers (and the MTP layers after them) would be left
+    unread, and the model served would not be the checkpoint's: a config.json of another size."""
+    layers = [int(m.group(1)) for name in names if (m := _LAYER.match(name))]
+    expected = config["num_hidden_layers"] + int(config.get("num_nextn_predict_layers") or 0)
+    if layers and max(layers) >= expected:
+        raise LoadError(f"{folder}: the weights hold decoder layers 0..{max(layers)}, but "
+                        f"config.json's num_hidden_layers is {config['num_hidden_layers']}: is "
+                        "config.json another model size's?")

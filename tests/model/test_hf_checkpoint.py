@@ -1,0 +1,90 @@
+"""A damaged HF checkpoint folder stops start-up with one line naming the file and the key, before
+any rank loads it (ranks failed deep in a reader: `SafetensorError: header too small`,
+`KeyError: 'hidden_size'`); a config.json of another model size is refused, not served."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from appliance.config import ConfigError, load_config
+from appliance.engine.model_files import resolve_model_files
+from appliance.model.hf_checkpoint import check_hf_checkpoint
+from appliance.model.load_error import LoadError
+from appliance.model.tiny import ensure_tiny_checkpoint
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory) -> Path:
+    return ensure_tiny_checkpoint(tmp_path_factory.mktemp("good") / "tiny")
+
+
+def _edit_config(**changes) -> Callable[[Path], None]:
+    def edit(folder: Path) -> None:
+        config = json.loads((folder / "config.json").read_text())
+        for key, value in changes.items():
+            if value is None:
+                config.pop(key)
+            else:
+                config[key] = value
+        (folder / "config.json").write_text(json.dumps(config))
+    return edit
+
+
+def _truncate(folder: Path) -> None:
+    data = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[:len(data) // 2])
+
+
+def _folder_for_file(folder: Path) -> None:
+    (folder / "model.safetensors").unlink()
+    (folder / "model.safetensors").mkdir()
+
+
+def _index(text: str) -> Callable[[Path], None]:
+    return lambda folder: (folder / "model.safetensors.index.json").write_text(text)
+
+
+BROKEN = {
+    "truncated": (_truncate, "model.safetensors: not a readable safetensors file"),
+    "empty": (lambda f: (f / "model.safetensors").write_bytes(b""), "model.safetensors: not a readable"),
+    "a folder": (_folder_for_file, "model.safetensors: not a readable safetensors file"),
+    "index not JSON": (_index("{not json"), "model.safetensors.index.json: not valid JSON"),
+    "index a list": (_index("[1, 2]"), "model.safetensors.index.json: expected a JSON object"),
+    "index without its file": (_index('{"weight_map": {"lm_head.weight": "other.safetensors"}}'),
+                               "lists files that do not exist: ['other.safetensors']"),
+    "generation config": (lambda f: (f / "generation_config.json").write_text("{garbage"),
+                          "generation_config.json: not valid JSON"),
+    "no hidden_size": (_edit_config(hidden_size=None), "config.json: lacks hidden_size"),
+    "zero heads": (_edit_config(num_attention_heads=0), "num_attention_heads must be a positive integer, got 0"),
+    "negative size": (_edit_config(hidden_size=-64), "hidden_size must be a positive integer, got -64"),
+    "architectures a string": (_edit_config(architectures="LlamaForCausalLM"), "architectures must be a list"),
+    "fewer layers": (_edit_config(num_hidden_layers=1), "decoder layers 0..1, but config.json's num_hidden_layers is 1"),
+}
+
+
+def test_the_tiny_checkpoint_passes(good):
+    check_hf_checkpoint(good)
+
+
+@pytest.mark.parametrize("name", list(BROKEN))
+def test_a_damaged_folder_is_named_in_one_line(name, good, tmp_path, monkeypatch):
+    damage, message = BROKEN[name]
+    folder = Path(shutil.copytree(good, tmp_path / "model"))
+    damage(folder)
+    with pytest.raises(LoadError, match=message.replace(".", r"\.").replace("[", r"\[")):
+        check_hf_checkpoint(folder)
+    monkeypatch.setenv("TOKENSPEED_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(ConfigError, match=f"^model.path: {folder}"):   # what start-up prints
+        resolve_model_files(load_config(None, [f"model.path={folder}"]))
+
+
+def test_next_token_layers_after_the_last_are_the_checkpoints_own(good, tmp_path):
+    """MTP layers (DeepSeek-V3, GLM-4.5) are stored as the layers after num_hidden_layers."""
+    folder = Path(shutil.copytree(good, tmp_path / "model"))
+    _edit_config(num_hidden_layers=1, num_nextn_predict_layers=1)(folder)
+    check_hf_checkpoint(folder)
