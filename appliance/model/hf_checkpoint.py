@@ -1,7 +1,8 @@
-"""The checks of an HF checkpoint folder that start-up runs before any rank loads it (torch-free:
-the frontend runs them): every file a rank will read opens, config.json's sizes are usable, and
-the weights are of the model config.json describes. Each problem is a LoadError naming the file
-(and the key), where a rank would fail deep inside a reader with neither."""
+"""An HF checkpoint folder's files, torch-free (the frontend reads them too): which safetensors
+files hold the weights, config.json's language-model part, and the checks start-up runs before
+any rank loads the folder: every file a rank will read opens, config.json's sizes are usable,
+and the weights are of the model config.json describes. Each problem is a LoadError naming the
+file (and the key), where a rank would fail deep inside a reader with neither."""
 from __future__ import annotations
 
 import json
@@ -18,15 +19,16 @@ _LAYER = re.compile(r"model\.layers\.(\d+)\.")
 def check_hf_checkpoint(folder: Path) -> None:
     """LoadError for the first problem found in `folder` (config.json, generation_config.json,
     model.safetensors.index.json, the safetensors headers, layers beyond the config's)."""
-    config = _text_config(_json_object(folder / "config.json"))
+    config = language_config(json_object(folder / "config.json"))
     _check_sizes(config, folder / "config.json")
     if (folder / "generation_config.json").exists():
-        _json_object(folder / "generation_config.json")
+        json_object(folder / "generation_config.json")
     names = _tensor_names(folder)
     _check_layer_count(config, names, folder)
 
 
-def _json_object(path: Path) -> dict:
+def json_object(path: Path) -> dict:
+    """The JSON object in `path`; LoadError naming the file if it is not one."""
     try:
         value = json.loads(path.read_bytes())
     except OSError as e:
@@ -38,10 +40,33 @@ def _json_object(path: Path) -> dict:
     return value
 
 
-def _text_config(config: dict) -> dict:
-    """A multimodal wrapper's language model part (as loader.read_hf_config reads it)."""
+def language_config(config: dict) -> dict:
+    """config.json's language model: a multimodal wrapper's text_config (Kimi K2.5), with the
+    wrapper's architectures when it names none."""
     text = config.get("text_config")
-    return text if isinstance(text, dict) and "hidden_size" not in config else config
+    if not isinstance(text, dict) or "hidden_size" in config:
+        return config
+    return {**text, "architectures": text.get("architectures", config.get("architectures"))}
+
+
+def checkpoint_files(folder: str | Path) -> tuple[list[Path], dict[str, str] | None]:
+    """The safetensors files of a folder, and the index's tensor -> file map if any."""
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json_object(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise LoadError(f"{index}: weight_map must map tensor names to file names")
+        files = sorted({folder / f for f in weight_map.values()})
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise LoadError(f"{index}: lists files that do not exist: {missing}")
+        return files, weight_map
+    single = folder / "model.safetensors"
+    files = [single] if single.is_file() else sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise LoadError(f"{folder}: no *.safetensors files")
+    return files, None
 
 
 def _check_sizes(config: dict, path: Path) -> None:
@@ -60,24 +85,10 @@ def _check_sizes(config: dict, path: Path) -> None:
 
 
 def _tensor_names(folder: Path) -> set[str]:
-    """The index's tensor names, after every file it lists opened; else every file's."""
-    index = folder / "model.safetensors.index.json"
-    if index.exists():
-        weight_map = _json_object(index).get("weight_map")
-        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
-            raise LoadError(f"{index}: weight_map must map tensor names to file names")
-        missing = sorted(f for f in set(weight_map.values()) if not (folder / f).is_file())
-        if missing:
-            raise LoadError(f"{index}: lists files that do not exist: {missing}")
-        for file in sorted(set(weight_map.values())):
-            _header_names(folder / file)
-        return set(weight_map)
-    single = folder / "model.safetensors"
-    files = [single] if single.exists() or single.is_symlink() else sorted(folder.glob("*.safetensors"))
-    names: set[str] = set()
-    for file in files:
-        names.update(_header_names(file))
-    return names
+    """The checkpoint's tensor names, once every file's header has been read."""
+    files, weight_map = checkpoint_files(folder)
+    names = {name for file in files for name in _header_names(file)}
+    return set(weight_map) if weight_map is not None else names
 
 
 def _header_names(file: Path) -> list[str]:

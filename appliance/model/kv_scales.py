@@ -17,7 +17,8 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from appliance.model.loader import LoadError, checkpoint_files
+from appliance.model.hf_checkpoint import checkpoint_files
+from appliance.model.loader import LoadError
 
 
 def scale_names(attn: str) -> dict[str, tuple[str, str]]:

@@ -20,7 +20,6 @@ and every TP size sees the same full tensors.
 """
 from __future__ import annotations
 
-import json
 import zlib
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from safetensors import safe_open
 from torch import nn
 
 from appliance.model import mxfp4
+from appliance.model.hf_checkpoint import checkpoint_files, json_object, language_config
 from appliance.model.load_error import LoadError
 from appliance.model.placement import LoadSlice, ShardPlan
 from kernels.mxfp4 import SCALE_BIAS
@@ -44,15 +44,9 @@ def read_hf_config(folder: str | Path) -> dict:
     if (gguf := gguf_files.find_gguf(folder)) is not None:
         return gguf_files.read_gguf_config(gguf)
     path = Path(folder) / "config.json"
-    try:
-        cfg = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise LoadError(f"{path}: not found (an HF checkpoint folder needs config.json)") from None
-    except json.JSONDecodeError as e:
-        raise LoadError(f"{path}: not valid JSON: {e}") from None
-    if "text_config" in cfg and "hidden_size" not in cfg:  # multimodal wrapper (Kimi K2.5)
-        cfg = {**cfg["text_config"], "architectures": cfg["text_config"].get(
-            "architectures", cfg.get("architectures"))}
+    if not path.exists():
+        raise LoadError(f"{path}: not found (an HF checkpoint folder needs config.json)")
+    cfg = language_config(json_object(path))
     quant = cfg.get("quantization_config")
     if quant:
         method = quant.get("quant_method", "unknown") if isinstance(quant, dict) else quant
@@ -69,7 +63,7 @@ def read_eos_token_ids(folder: str | Path | None, hf_config: dict) -> list[int]:
     if folder is not None:
         gen = Path(folder) / "generation_config.json"
         if gen.is_file():
-            eos = json.loads(gen.read_text()).get("eos_token_id")
+            eos = json_object(gen).get("eos_token_id")
     if eos is None:
         eos = hf_config.get("eos_token_id")
     if eos is None:
@@ -84,24 +78,6 @@ def open_safetensors(file: Path):
         return safe_open(str(file), framework="pt", device="cpu")
     except Exception as e:  # SafetensorError, OSError
         raise LoadError(f"{file}: not a readable safetensors file: {e}") from None
-
-
-def checkpoint_files(folder: str | Path) -> tuple[list[Path], dict[str, str] | None]:
-    """The safetensors files of a folder, and the index's tensor -> file map if any."""
-    folder = Path(folder)
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
-        files = sorted({folder / f for f in weight_map.values()})
-        missing = [str(f) for f in files if not f.is_file()]
-        if missing:
-            raise LoadError(f"{index}: lists files that do not exist: {missing}")
-        return files, weight_map
-    single = folder / "model.safetensors"
-    files = [single] if single.is_file() else sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise LoadError(f"{folder}: no *.safetensors files")
-    return files, None
 
 
 def checkpoint_tensor_names(folder: str | Path) -> frozenset[str]:

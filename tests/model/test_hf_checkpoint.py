@@ -56,7 +56,7 @@ BROKEN = {
     "index not JSON": (_index("{not json"), "model.safetensors.index.json: not valid JSON"),
     "index a list": (_index("[1, 2]"), "model.safetensors.index.json: expected a JSON object"),
     "index without its file": (_index('{"weight_map": {"lm_head.weight": "other.safetensors"}}'),
-                               "lists files that do not exist: ['other.safetensors']"),
+                               "model.safetensors.index.json: lists files that do not exist"),
     "generation config": (lambda f: (f / "generation_config.json").write_text("{garbage"),
                           "generation_config.json: not valid JSON"),
     "no hidden_size": (_edit_config(hidden_size=None), "config.json: lacks hidden_size"),
