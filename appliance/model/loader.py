@@ -154,6 +154,14 @@ def load_checkpoint(model: nn.Module, plan: ShardPlan, folder: str | Path) -> No
         raise LoadError(f"{folder}: checkpoint lacks tensor(s) {missing_names(sorted(remaining))}")
 
 
+def check_finite(model: nn.Module) -> None:
+    """LoadError naming the first parameter holding a NaN or an infinity (a damaged checkpoint
+    served only empty answers): one float32 sum a parameter, no copy of it."""
+    for name, param in model.named_parameters():
+        if param.is_floating_point() and not torch.isfinite(torch.sum(param, dtype=torch.float32)):
+            raise LoadError(f"parameter {name} holds NaN or infinite values: is the checkpoint damaged?")
+
+
 def _copy_slices(params: dict[str, torch.Tensor], name: str, view, wanted: list[LoadSlice],
                  where: str) -> None:
     """Copy this rank's slices of checkpoint tensor `name` (a safetensors slice, or an

@@ -44,8 +44,9 @@ from appliance.model.cuda_graph import DecodeGraphs
 from appliance.model.extend_graph import ExtendGraphs, graph_logits
 from appliance.model.kv_scales import apply_checkpoint_kv_scales
 from appliance.model.compile_ahead import CompileAhead, StartupShapes, compile_threads
-from appliance.model.loader import (checkpoint_tensor_names, load_checkpoint, load_dummy,
-                                    read_eos_token_ids, read_hf_config, zero_parameters)
+from appliance.model.loader import (check_finite, checkpoint_tensor_names, load_checkpoint,
+                                    load_dummy, read_eos_token_ids, read_hf_config,
+                                    zero_parameters)
 from appliance.model.layers.yarn import context_length
 from appliance.model.models import model_class
 from appliance.model.placement import ParallelLayout
@@ -269,6 +270,7 @@ class ModelRunner:
             load_dummy(model, self.compiled.shard_plan, self.source.seed)
             return
         load_checkpoint(model, self.compiled.shard_plan, folder)
+        check_finite(model)
         if self.kv_dtype != self.dtype:
             scaled = apply_checkpoint_kv_scales(model, folder, names)
             log.info("FP8 KV cache scales: %s", f"from the checkpoint for {scaled} layers"

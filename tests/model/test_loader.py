@@ -157,3 +157,15 @@ def test_multimodal_wrapper_config_uses_text_config(single_folder, tmp_path):
     runner = ModelRunner(str(wrapped), kv_num_pages=16, page_size=8)
     plain = ModelRunner(str(single_folder), kv_num_pages=16, page_size=8)
     assert greedy_generate(runner, PROMPTS, 4) == greedy_generate(plain, PROMPTS, 4)
+
+
+def test_a_weight_holding_nan_is_named(single_folder, tmp_path):
+    """Bit rot or a bad conversion: the daemon served empty answers from such weights."""
+    bad = tmp_path / "bad"
+
+    def poison(t):
+        t["model.norm.weight"][3] = float("nan")
+
+    _rewrite(single_folder, bad, poison)
+    with pytest.raises(LoadError, match=r"parameter .*norm.* holds NaN or infinite values"):
+        ModelRunner(str(bad), kv_num_pages=8)
