@@ -252,6 +252,8 @@ def coalesce(events: list[Event]) -> list[Event]:
     """Adjacent text, reasoning, token ids (with the text after them), and argument deltas of
     one call, each joined into one event: a stream then sends one chunk for them, not one a
     token."""
+    if len(events) < 2:  # one token's text, while the frontend keeps up
+        return events
     joined: list[Event] = []
     for event in events:
         last = joined[-1] if joined else None
