@@ -351,12 +351,20 @@ class Collected:
     tool_calls: list[ParsedToolCall] = field(default_factory=list)
     logprobs: list[TokenDelta] = field(default_factory=list)  # when the job asked for them
     finished: Finished | None = None
+    calls_at: int | None = None  # len(text) when the first call began
+
+    def text_around_calls(self) -> tuple[str, str]:
+        """The text written before the first call, and after it (as a stream sends them)."""
+        at = len(self.text) if self.calls_at is None else self.calls_at
+        return self.text[:at], self.text[at:]
 
     def add(self, event: Event) -> None:
         if isinstance(event, TextDelta):
             self.text += event.text
         elif isinstance(event, Reasoning):
             self.reasoning += event.text
+        elif isinstance(event, ToolCallStart) and self.calls_at is None:
+            self.calls_at = len(self.text)
         elif isinstance(event, ToolCallEnd):
             self.tool_calls.append(event.call)
         elif isinstance(event, TokenDelta):

@@ -219,3 +219,16 @@ def test_server_tools_are_left_out_of_the_offered_tools(client, served, tokenize
         client.messages.create(model=MODEL, max_tokens=8, messages=[{"role": "user", "content": "x"}],
                                tools=[{"type": "web_search_20250305", "name": "web_search"}],
                                tool_choice={"type": "any"})
+
+
+def test_text_after_a_call_comes_after_it_whole_as_streamed(client, served):
+    """A non-streamed reply put text the model wrote after its call (a forced call's cut-off
+    second header, say) before the tool_use block; the stream had it after."""
+    served.fake.reply = CALL_REPLY + "\nAnd then some."
+    kwargs = dict(model=MODEL, max_tokens=200, messages=[{"role": "user", "content": "weather?"}], tools=TOOLS)
+    whole = client.messages.create(**kwargs).content
+    with client.messages.stream(**kwargs) as stream:
+        streamed = stream.get_final_message().content
+    order = [(b.type, b.text if b.type == "text" else b.input) for b in whole]
+    assert order == [("text", "Checking."), ("tool_use", {"city": "Paris"}), ("text", "And then some.")]
+    assert [(b.type, b.text if b.type == "text" else b.input) for b in streamed] == order

@@ -163,3 +163,17 @@ def test_refused_with_a_400_naming_the_field(served, body, param):
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param
     assert not served.fake.requests
+
+
+def test_text_after_a_call_is_a_message_after_it_whole_as_streamed(client, served):
+    served.fake.reply = CALL + "\nAnd then some."
+    kwargs = dict(model=MODEL, input="list", tools=[SHELL])
+    whole = client.responses.create(**kwargs).output
+    streamed = [e for e in client.responses.create(stream=True, **kwargs)][-1].response.output
+
+    def kinds(items):
+        return [(i.type, i.content[0].text if i.type == "message" else i.name) for i in items]
+
+    assert kinds(whole) == [("message", "Listing the files."), ("function_call", "shell"),
+                            ("message", "And then some.")]
+    assert kinds(streamed) == kinds(whole)

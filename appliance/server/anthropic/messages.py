@@ -123,18 +123,21 @@ def _tool_use(name: str) -> dict[str, Any]:
 
 
 def _content(result: Collected) -> list[dict[str, Any]]:
-    """Thinking, text, then the calls. A call whose arguments are not a JSON object is given
-    back as text, as written, when the model broke them; cut off by max_tokens it stays a
-    tool_use block with the input {} (as streamed, and as Anthropic's API answers then)."""
+    """Thinking, text, the calls, then text written after them (as streamed). A call whose
+    arguments are not a JSON object is given back as text, as written, when the model broke
+    them; cut off by max_tokens it stays a tool_use block with the input {} (as streamed, and
+    as Anthropic's API answers then)."""
     blocks: list[dict[str, Any]] = []
     if result.reasoning:
         blocks.append({"type": "thinking", "thinking": result.reasoning, "signature": ""})
     cut = result.finished is not None and result.finished.reason == "length"
     calls = [call for call in result.tool_calls if call.arguments is not None or cut]
-    text = result.text + "".join(c.arguments_json for c in result.tool_calls if c not in calls)
+    before, after = result.text_around_calls()
+    text = before + "".join(c.arguments_json for c in result.tool_calls if c not in calls)
     if text or not calls:
         blocks.append({"type": "text", "text": text})
-    return blocks + [{**_tool_use(call.name), "input": call.arguments or {}} for call in calls]
+    blocks += [{**_tool_use(call.name), "input": call.arguments or {}} for call in calls]
+    return blocks + ([{"type": "text", "text": after}] if after else [])
 
 
 def _message(state: AppState, message_id: str, content: list[dict[str, Any]],

@@ -112,15 +112,19 @@ def _part(kind: str, text: str) -> dict[str, Any]:
 
 
 def whole_output(result: Collected, status: str) -> list[dict[str, Any]]:
-    """The output items of a generation collected whole: reasoning, the message, the calls."""
+    """The output items of a generation collected whole: reasoning, the message, the calls,
+    then a message of the text written after them (the items a stream of it makes)."""
     builder = OutputBuilder()
     events: list[object] = []
     if result.reasoning:
         events.append(Reasoning(result.reasoning))
-    if result.text or not result.tool_calls:
-        events.append(TextDelta(result.text))
+    before, after = result.text_around_calls()
+    if before or not result.tool_calls:
+        events.append(TextDelta(before))
     for i, call in enumerate(result.tool_calls):
         events += [ToolCallStart(i, call.name), ToolCallArgs(i, call.arguments_json), ToolCallEnd(i, call)]
+    if after:
+        events.append(TextDelta(after))
     for event in events:
         builder.on(event)
     builder.close(status)
