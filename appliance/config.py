@@ -277,6 +277,8 @@ def _validate(config: AppConfig) -> None:
         value = _get(config, key)
         if value is not None and value > _INT32_MAX:
             raise ConfigError(f"{key}: must be <= {_INT32_MAX}, got {value!r}")
+    if not -2**63 <= config.model.seed < 2**63:  # torch's generator takes a 64-bit seed
+        raise ConfigError(f"model.seed: must fit 64 bits, got {config.model.seed}")
     for key in _NON_NEGATIVE:
         value = _get(config, key)
         if not value >= 0:  # also refuses NaN

@@ -68,6 +68,7 @@ def test_model_path_override_replaces_the_preset():
     ("kv.num_pages=99999999999999", "kv.num_pages"),  # past what the C++ core takes
     ("scheduler.max_running=99999999999999", "scheduler.max_running"),
     ("kv.page_size=1099511627776", "kv.page_size"),
+    ("model.seed=99999999999999999999999", "model.seed"),
 ])
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

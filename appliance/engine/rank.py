@@ -207,6 +207,7 @@ def _build_runner(config: AppConfig, files: ModelFiles, device: torch.device, ra
     """The model runner; rank 0 tells the frontend each start-up stage (`tokenspeed up` shows
     them)."""
     from appliance.model import ModelRunner
+    from appliance.model.runner import KVPoolError
 
     torch.manual_seed(config.model.seed)
     outbox = _FrontendOutbox(endpoints) if endpoints is not None else None
@@ -216,6 +217,8 @@ def _build_runner(config: AppConfig, files: ModelFiles, device: torch.device, ra
         return ModelRunner.from_config(config, files, device, resolve_dtype(config.model.dtype, device),
                                        tp_rank=rank, tp_size=config.parallel.tp_size,
                                        on_stage=on_stage, compile_also=compile_also)
+    except KVPoolError as e:  # names the setting: one line, not a traceback
+        raise StartupError(str(e)) from None
     finally:
         if outbox is not None:
             outbox.close()  # delivered before the engine loop's own socket sends Ready

@@ -11,8 +11,10 @@ from pathlib import Path
 
 from appliance.model.load_error import LoadError
 
-REQUIRED_SIZES = ("hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size")
-OPTIONAL_SIZES = ("intermediate_size", "moe_intermediate_size", "num_key_value_heads", "head_dim")
+REQUIRED_SIZES = ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers",
+                  "vocab_size")
+OPTIONAL_SIZES = ("moe_intermediate_size", "num_key_value_heads", "head_dim", "max_position_embeddings")
+OPTIONAL_POSITIVE = ("rms_norm_eps", "rope_theta")  # numbers, when given
 _LAYER = re.compile(r"model\.layers\.(\d+)\.")
 
 
@@ -21,8 +23,10 @@ def check_hf_checkpoint(folder: Path) -> None:
     model.safetensors.index.json, the safetensors headers, layers beyond the config's)."""
     config = language_config(json_object(folder / "config.json"))
     _check_sizes(config, folder / "config.json")
+    _check_eos(config, folder / "config.json", config["vocab_size"])
     if (folder / "generation_config.json").exists():
-        json_object(folder / "generation_config.json")
+        _check_eos(json_object(folder / "generation_config.json"), folder / "generation_config.json",
+                   config["vocab_size"])
     names = _tensor_names(folder)
     _check_layer_count(config, names, folder)
 
@@ -82,6 +86,19 @@ def _check_sizes(config: dict, path: Path) -> None:
             raise LoadError(f"{path}: lacks {key}")
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise LoadError(f"{path}: {key} must be a positive integer, got {value!r}")
+    for key in OPTIONAL_POSITIVE:
+        value = config.get(key)
+        if value is not None and (not isinstance(value, int | float) or isinstance(value, bool)
+                                  or not 0 < value < float("inf")):
+            raise LoadError(f"{path}: {key} must be a positive number, got {value!r}")
+
+
+def _check_eos(config: dict, path: Path, vocab_size: int) -> None:
+    """eos_token_id, when given: a token id of the vocabulary, or a list of them."""
+    eos = config.get("eos_token_id")
+    for token in eos if isinstance(eos, list) else [] if eos is None else [eos]:
+        if not isinstance(token, int) or isinstance(token, bool) or not 0 <= token < vocab_size:
+            raise LoadError(f"{path}: eos_token_id must be token ids in [0, {vocab_size}), got {eos!r}")
 
 
 def _tensor_names(folder: Path) -> set[str]:

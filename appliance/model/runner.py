@@ -208,6 +208,10 @@ def moe_layout(tp_rank: int, tp_size: int, moe_parallel: str) -> ParallelLayout:
                                           tp_size if moe_parallel == "ep" else 1)
 
 
+
+class KVPoolError(ValueError):
+    """The KV pool asked for does not fit (its message names the setting)."""
+
 class ModelRunner:
     def __init__(self, model_cfg: Any, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32, tp_rank: int = 0, tp_size: int = 1,
@@ -428,6 +432,7 @@ class ModelRunner:
     def _plan_pages(self, kv_num_pages: int | None, memory_fraction: float | None) -> int:
         if kv_num_pages is not None:
             pages = int(kv_num_pages)
+            self._check_pool_fits(pages)
         else:
             fraction = 0.85 if memory_fraction is None else float(memory_fraction)
             if not 0.0 < fraction <= 1.0:
@@ -440,10 +445,22 @@ class ModelRunner:
             pages = int(budget // max(1, self.kv_bytes_per_page()))
         pages = self.world.min_int(pages)
         if pages < 1:
-            raise ValueError(f"no room for the KV cache: {pages} pages of "
+            raise KVPoolError(f"no room for the KV cache: {pages} pages of "
                              f"{self.kv_bytes_per_page()} bytes (raise kv.memory_fraction or set "
                              "kv.num_pages)")
         return pages
+
+    def _check_pool_fits(self, pages: int) -> None:
+        """KVPoolError naming kv.num_pages when the pool asked for is larger than the memory
+        there is (the allocation failed with a traceback)."""
+        if self.device.type == "cuda":
+            room, where = torch.cuda.mem_get_info(self.device)[0], "free on the GPU"
+        else:
+            room, where = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "of memory"
+        need = pages * self.kv_bytes_per_page()
+        if need > room:
+            raise KVPoolError(f"kv.num_pages: {pages} pages of {self.kv_bytes_per_page()} bytes "
+                              f"need {_bytes(need)}, more than the {_bytes(room)} {where}")
 
     def _replay(self, batch: ForwardBatch):
         """The graph outputs of `batch` (views of reused buffers), or None: it runs eagerly."""

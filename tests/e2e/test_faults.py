@@ -252,6 +252,15 @@ def test_kv_pool_smaller_than_one_request_is_refused_at_start(folder):
     assert "kv.num_pages" in log and "Traceback" not in log
 
 
+def test_kv_pool_larger_than_memory_is_refused_naming_the_key(folder):
+    """It passed validation and failed in the allocator with a 22-line traceback."""
+    daemon = launch_daemon(folder, "kv.num_pages=2147483647")
+    assert daemon.proc.wait(120) == 1
+    log = daemon.log.read_text()
+    assert "kv.num_pages: 2147483647 pages of" in log and "more than the" in log
+    assert "Traceback" not in log
+
+
 def test_garbled_config_json_is_a_clear_start_up_error(folder):
     checkpoint = folder / "model"
     checkpoint.mkdir()

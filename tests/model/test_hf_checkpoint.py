@@ -64,6 +64,12 @@ BROKEN = {
     "negative size": (_edit_config(hidden_size=-64), "hidden_size must be a positive integer, got -64"),
     "architectures a string": (_edit_config(architectures="LlamaForCausalLM"), "architectures must be a list"),
     "fewer layers": (_edit_config(num_hidden_layers=1), "decoder layers 0..1, but config.json's num_hidden_layers is 1"),
+    "no intermediate_size": (_edit_config(intermediate_size=None), "config.json: lacks intermediate_size"),
+    "context of 0": (_edit_config(max_position_embeddings=0), "max_position_embeddings must be a positive integer"),
+    "eps a string": (_edit_config(rms_norm_eps="x"), "rms_norm_eps must be a positive number, got 'x'"),
+    "eos past the vocabulary": (_edit_config(eos_token_id=10**30), "config.json: eos_token_id must be token ids in"),
+    "generation eos a string": (lambda f: (f / "generation_config.json").write_text('{"eos_token_id": ["x"]}'),
+                                "generation_config.json: eos_token_id must be token ids in"),
 }
 
 
