@@ -108,16 +108,20 @@ def _tensor_names(folder: Path) -> set[str]:
     return set(weight_map) if weight_map is not None else names
 
 
-def _header_names(file: Path) -> list[str]:
-    """The tensor names of a safetensors file, once its header has been read and checked (the
-    file must be as long as the header says)."""
-    from safetensors import safe_open  # numpy framework: no torch
+def open_safetensors(file: Path, framework: str = "numpy", **options):
+    """safe_open, its header read and checked (the file must be as long as the header says); a
+    file it cannot read is a LoadError naming it. numpy needs no torch; the loader asks "pt"."""
+    from safetensors import safe_open
 
     try:
-        with safe_open(str(file), framework="numpy") as f:
-            return list(f.keys())
+        return safe_open(str(file), framework=framework, **options)
     except Exception as e:  # SafetensorError, OSError: which one matters less than the file
         raise LoadError(f"{file}: not a readable safetensors file: {e}") from None
+
+
+def _header_names(file: Path) -> list[str]:
+    with open_safetensors(file) as f:
+        return list(f.keys())
 
 
 def _check_layer_count(config: dict, names: set[str], folder: Path) -> None:

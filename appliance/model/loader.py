@@ -24,11 +24,11 @@ import zlib
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from appliance.model import mxfp4
-from appliance.model.hf_checkpoint import checkpoint_files, json_object, language_config
+from appliance.model.hf_checkpoint import (checkpoint_files, json_object, language_config,
+                                           open_safetensors)
 from appliance.model.load_error import LoadError
 from appliance.model.placement import LoadSlice, ShardPlan
 from kernels.mxfp4 import SCALE_BIAS
@@ -71,15 +71,6 @@ def read_eos_token_ids(folder: str | Path | None, hf_config: dict) -> list[int]:
     return [int(e) for e in (eos if isinstance(eos, list) else [eos])]
 
 
-def open_safetensors(file: Path):
-    """safe_open on the CPU for torch; a file it cannot read is a LoadError naming it (the file
-    may have been damaged after start-up's check, before a restart read it)."""
-    try:
-        return safe_open(str(file), framework="pt", device="cpu")
-    except Exception as e:  # SafetensorError, OSError
-        raise LoadError(f"{file}: not a readable safetensors file: {e}") from None
-
-
 def checkpoint_tensor_names(folder: str | Path) -> frozenset[str]:
     """Every tensor name (HF spelling) of a checkpoint: a folder's index or files' headers, or
     a GGUF file's tensors."""
@@ -94,7 +85,7 @@ def checkpoint_tensor_names(folder: str | Path) -> frozenset[str]:
         return frozenset(weight_map)
     names: set[str] = set()
     for file in files:
-        with open_safetensors(file) as f:
+        with open_safetensors(file, "pt", device="cpu") as f:
             names.update(f.keys())
     return frozenset(names)
 
@@ -133,7 +124,7 @@ def load_checkpoint(model: nn.Module, plan: ShardPlan, folder: str | Path) -> No
     zero_parameters(model)
     remaining = set(plan.slices)
     for file in files:
-        with open_safetensors(file) as f:
+        with open_safetensors(file, "pt", device="cpu") as f:
             for name in f.keys():
                 wanted = plan.slices.get(name)
                 if not wanted:
@@ -184,7 +175,7 @@ def _tensor_files(files: list[Path]) -> dict[str, str]:
     """tensor name -> file name, from the files' headers (no index.json)."""
     located: dict[str, str] = {}
     for file in files:
-        with open_safetensors(file) as f:
+        with open_safetensors(file, "pt", device="cpu") as f:
             located.update(dict.fromkeys(f.keys(), file.name))
     return located
 
@@ -193,8 +184,8 @@ def _load_packed(params: dict[str, torch.Tensor], name: str, wanted: list[LoadSl
                  folder: Path, located: dict[str, str]) -> None:
     """Tensor `name` from its MXFP4 `_blocks` / `_scales` pair, dequantized as it is read."""
     blocks, scales = mxfp4.packed_names(name)
-    with open_safetensors(folder / located[blocks]) as fb, \
-            open_safetensors(folder / located[scales]) as fs:
+    with open_safetensors(folder / located[blocks], "pt", device="cpu") as fb, \
+            open_safetensors(folder / located[scales], "pt", device="cpu") as fs:
         try:
             view = mxfp4.PackedView(fb.get_slice(blocks), fs.get_slice(scales), name)
         except ValueError as e:
