@@ -54,6 +54,9 @@ class GenerationJob:
     sampling: SamplingOptions
     chat: bool = False  # a chat reply: parse the format's markup (calls of `tools`, reasoning)
     tools: tuple[ToolSpec, ...] = ()  # the calls to parse (none: tools are off)
+    # tool_choice forced calls (its grammar allows no text): text the parser gives back when the
+    # output ends is a call's header cut off by max_tokens, markup rather than an answer
+    calls_only: bool = False
     session: str = ""
     user: str = ""
     arrived_at: float | None = None  # monotonic time the HTTP request arrived (TTFT starts there)
@@ -123,6 +126,7 @@ class OutputPipeline:
         keep = frozenset(tool_format.markers) if parse else frozenset()
         self._detok = IncrementalDetokenizer(tokenizer, job.prompt_ids, keep)
         self._stops = StopStringMatcher(job.sampling.stop)
+        self._calls_only = job.calls_only
 
     @property
     def num_tool_calls(self) -> int:
@@ -152,7 +156,12 @@ class OutputPipeline:
         return _events(self._parser.feed(text))
 
     def _finish(self) -> list[Event]:
-        return _events(self._parser.finish()) if self._parser else []
+        if self._parser is None:
+            return []
+        pieces = self._parser.finish()
+        if self._calls_only:
+            pieces = [p for p in pieces if not isinstance(p, str)]
+        return _events(pieces)
 
 
 def _events(pieces: list[Piece]) -> list[Event]:

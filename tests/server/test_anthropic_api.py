@@ -232,3 +232,18 @@ def test_text_after_a_call_comes_after_it_whole_as_streamed(client, served):
     order = [(b.type, b.text if b.type == "text" else b.input) for b in whole]
     assert order == [("text", "Checking."), ("tool_use", {"city": "Paris"}), ("text", "And then some.")]
     assert [(b.type, b.text if b.type == "text" else b.input) for b in streamed] == order
+
+
+def test_a_forced_calls_cut_off_second_header_is_no_text_block(client, served, tokenizer):
+    """tool_choice any allows calls only: a second call's header cut by max_tokens is markup
+    (QA round 5: it came back as a text block after the tool_use)."""
+    reply = CALL_REPLY.removeprefix("Checking.\n") + '\n<tool_call>\n{"name": "get_'
+    served.fake.reply = reply
+    body = dict(model=MODEL, max_tokens=len(tokenizer.encode(reply, add_special_tokens=False)), tools=TOOLS,
+                tool_choice={"type": "any"}, messages=[{"role": "user", "content": "weather?"}])
+    message = client.messages.create(**body)
+    with client.messages.stream(**body) as stream:
+        streamed = stream.get_final_message()
+    for final in (message, streamed):
+        assert final.stop_reason == "max_tokens"
+        assert [(b.type, b.input) for b in final.content] == [("tool_use", {"city": "Paris"})]

@@ -150,6 +150,28 @@ def test_named_tool_choice_offers_only_that_tool(client, served, tokenizer):
     assert '"read_file"' in prompt and '"list_dir"' not in prompt
 
 
+CUT_SECOND_CALL = ('<tool_call>\n{"name": "read_file", "arguments": {"path": "a.py"}}\n</tool_call>\n'
+                   '<tool_call>\n{"name": "read')
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "read_file"}}])
+def test_forced_calls_cut_by_max_tokens_give_no_markup_as_text(client, served, tokenizer, choice):
+    """A forced choice's grammar allows calls only, so a second call's header cut by max_tokens
+    is markup, not an answer (QA round 5: it came back as content); under `auto` it stays text."""
+    served.fake.reply = CUT_SECOND_CALL
+    cut = len(tokenizer.encode(CUT_SECOND_CALL, add_special_tokens=False))
+    ask = dict(model=MODEL, messages=[{"role": "user", "content": "x"}], tools=TOOLS, max_tokens=cut)
+    out = client.chat.completions.create(**ask, tool_choice=choice)
+    message = out.choices[0].message
+    assert out.choices[0].finish_reason == "length"
+    assert message.content is None and [c.function.name for c in message.tool_calls] == ["read_file"]
+    chunks = list(client.chat.completions.create(**ask, tool_choice=choice, stream=True))
+    assert not "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert chunks[-1].choices[0].finish_reason == "length"
+    auto = client.chat.completions.create(**ask, tool_choice="auto").choices[0].message
+    assert auto.content == '<tool_call>\n{"name": "read' and len(auto.tool_calls) == 1
+
+
 @pytest.mark.parametrize("tools,choice,message", [
     (TOOLS, {"type": "function", "function": {"name": "write_file"}}, "'write_file', which is not in tools"),
     (None, {"type": "function", "function": {"name": "read_file"}}, "'read_file', which is not in tools"),

@@ -41,6 +41,7 @@ async def messages(body: MessagesRequest, request: Request) -> Response:
     constraint = await checked(state, request_constraint(state.tool_format, tools, choice, parallel), "tools")
     sampling = replace(_sampling(body, len(prompt_ids), state.client.max_model_len), constraint=constraint)
     job = GenerationJob(prompt_ids, sampling, chat=True, tools=tuple(tools) if choice else (),
+                        calls_only=bool(choice and choice.forced),
                         session=_session(request, body),
                         user=user_hint(request, claude_code_ids(_user_id(body))[0]),
                         arrived_at=arrival_time(request))

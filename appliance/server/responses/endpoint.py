@@ -53,6 +53,7 @@ async def responses(body: ResponsesRequest, request: Request) -> Response:
         speculative=body.speculative,
         constraint=await checked(state, constraint, "tools" if specs else "text.format"))
     job = GenerationJob(prompt_ids, sampling, chat=True, tools=tuple(specs) if choice else (),
+                        calls_only=bool(choice and choice.forced),
                         session=session_hint(request, body.session_id, body.prompt_cache_key),
                         user=user_hint(request, body.user), arrived_at=arrival_time(request))
     head = ResponseHead.of(state, body, tools)

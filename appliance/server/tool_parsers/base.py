@@ -44,6 +44,11 @@ class ToolChoice:
     mode: Literal["auto", "required", "named"] = "auto"
     name: str | None = None
 
+    @property
+    def forced(self) -> bool:
+        """The grammar allows calls only: no text, before or between them."""
+        return self.mode != "auto"
+
     def allowed(self, tools: list[ToolSpec]) -> list[ToolSpec]:
         return [t for t in tools if t.name == self.name] if self.mode == "named" else tools
 
