@@ -49,6 +49,8 @@ Ablations (those that touch no module of a preset are skipped for it):
 - fold_norms: the A/B of layers/norm.py's FOLD_NORMS_ON: each pre-norm layer's RMSNorm inside
   the first linear that reads it (rms_norm_linear: one GEMV launch at one token), not in a
   launch of its own as by default (logits compared too);
+- fold_only=KIND: fold_norms for one consumer kind alone (attention, mlp, router, mla, head),
+  the others' norms in launches of their own: which folds win;
 - gqa_splits=N / mla_splits=N: decode launches split to N programs an SM (SplitSizing's
   gqa_splits_per_sm / mla_splits_per_sm) instead of the default;
 - coarse_cap: SplitSizing.fine_cap off: every decode launch's split count capped by pieces
@@ -80,10 +82,13 @@ from gpu_spec_verify import PAGE, WIDTH_ALIGN, plan_arrays  # noqa: E402
 from appliance.engine.engine import to_forward_batch  # noqa: E402
 from appliance.model import ModelRunner, ModelSource  # noqa: E402
 from appliance.model.layers.attention import PagedAttention  # noqa: E402
+from appliance.model.layers.embedding import ParallelLMHead  # noqa: E402
+from appliance.model.layers.mlp import SwiGLUMLP  # noqa: E402
 from appliance.model.layers.mla import MLAttention  # noqa: E402
 from appliance.model.layers.moe import DeepseekMoE, RoutedExperts, TopKRouter  # noqa: E402
 from appliance.model.layers import norm as norm_layers  # noqa: E402
 from appliance.model.layers.norm import RMSNorm  # noqa: E402
+from appliance.model.models.llama import LlamaAttention  # noqa: E402
 from kernels.reference.linear import head_matmul as reference_head_matmul  # noqa: E402
 from kernels.triton import attention as gqa_attention  # noqa: E402
 from kernels.triton import attention_ops, gqa_decode, moe, route  # noqa: E402
@@ -248,6 +253,19 @@ ABLATIONS: dict[str, Callable[[torch.nn.Module], list[Patch]]] = {
 }
 
 
+FOLD_CONSUMERS = {"attention": LlamaAttention, "mlp": SwiGLUMLP, "router": DeepseekMoE,
+                  "mla": MLAttention, "head": ParallelLMHead}
+
+
+def _fold_only(kind: str) -> Callable[[torch.nn.Module], list[Patch]]:
+    """fold_norms with every other consumer kind's `folds_norm` off."""
+    keep = FOLD_CONSUMERS[kind]
+    fold = ABLATIONS["fold_norms"]
+    return lambda model: fold(model) + [
+        (m, "folds_norm", False) for m in model.modules()
+        if getattr(m, "folds_norm", False) and not isinstance(m, keep)]
+
+
 def _gqa_tiles(block_n: int, stages: int) -> Callable[[torch.nn.Module], list[Patch]]:
     tiles = AttentionTiles(g_blk=16, block_t=1, block_n=block_n, num_warps=4,
                            num_stages=stages)
@@ -260,6 +278,8 @@ def plan(name: str) -> Callable[[torch.nn.Module], list[Patch]]:
     if name.startswith("gqa_tiles="):
         block_n, stages = (int(x) for x in name.partition("=")[2].split(","))
         return _gqa_tiles(block_n, stages)
+    if name.startswith("fold_only="):
+        return _fold_only(name.partition("=")[2])
     kind, _, count = name.partition("_splits=")
     if kind in ("gqa", "mla") and count:
         return _split_count(f"{kind}_splits_per_sm", int(count))
@@ -273,6 +293,7 @@ def _checked(name: str) -> str:
     except (KeyError, ValueError):
         raise argparse.ArgumentTypeError(
             f"unknown ablation {name!r}: {', '.join(ABLATIONS)}, gqa_splits=N, mla_splits=N, "
+            f"fold_only={'|'.join(FOLD_CONSUMERS)}, "
             "gqa_tiles=BLOCK_N,STAGES") from None
 
 
