@@ -100,9 +100,10 @@ def cmd_up(config: AppConfig, args: argparse.Namespace) -> int:
         print(f"tokenspeed: a daemon (pid {e.pid}) already runs for {config.server.socket}; stop it "
               "with `tokenspeed down` (same -c/--set)", file=sys.stderr)
         return 1
-    except OSError as e:
-        print(f"tokenspeed: cannot use the run folder {config.run_dir}: {e}", file=sys.stderr)
-        return 1
+    except OSError as e:  # the operator's setting, as for the cache's other failures
+        print(f"tokenspeed: config error: {_run_dir_setting(config)}: cannot use the run folder "
+              f"{config.run_dir}: {e}", file=sys.stderr)
+        return 2
     try:
         return _run_daemon(config)
     finally:
@@ -271,11 +272,15 @@ def _check_run_dir(config: AppConfig) -> None:
     loads, naming the setting that chose the folder."""
     from appliance.engine.channel import ChannelError, check_run_dir_length
 
-    named_by = "TOKENSPEED_CACHE" if config.run_dir == cache_dir() / "run" else "server.socket"
     try:
-        check_run_dir_length(config.run_dir, named_by)
+        check_run_dir_length(config.run_dir, _run_dir_setting(config))
     except ChannelError as e:
         raise ConfigError(str(e)) from None
+
+
+def _run_dir_setting(config: AppConfig) -> str:
+    """What chose the run folder: the cache (TOKENSPEED_CACHE) or server.socket's folder."""
+    return "TOKENSPEED_CACHE" if config.run_dir == cache_dir() / "run" else "server.socket"
 
 
 def _make_run_dir(config: AppConfig) -> None:

@@ -124,6 +124,15 @@ def test_cli_reports_config_error(capsys):
     assert "kv.bogus" in capsys.readouterr().err
 
 
+def test_an_uncreatable_run_folder_is_a_config_error_naming_its_setting(tmp_path, capsys):
+    from appliance.cli import main
+
+    (tmp_path / "file").write_text("")  # a file where the socket's folder should be
+    assert main(["up", "--set", f"server.socket={tmp_path}/file/run/d.sock"]) == 2
+    err = capsys.readouterr().err
+    assert "config error: server.socket: cannot use the run folder" in err and "file/run" in err
+
+
 def test_zero_means_off_for_the_floor_and_retention():
     config = load_config(overrides=["scheduler.tps_floor=0", "scheduler.session_ttl_s=0"])
     assert config.scheduler.tps_floor == 0.0 and config.scheduler.session_ttl_s == 0.0
