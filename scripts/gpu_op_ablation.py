@@ -46,11 +46,12 @@ Ablations (those that touch no module of a preset are skipped for it):
   in two launches, as before it;
 - x_proj_apart: the A/B of MLA's q_kv_a_proj: the query's and the latent KV's projections
   as two GEMV launches over the fused weight's two row ranges, as before it;
-- fold_norms: the A/B of layers/norm.py's FOLD_NORMS_ON: each pre-norm layer's RMSNorm inside
-  the first linear that reads it (rms_norm_linear: one GEMV launch at one token), not in a
-  launch of its own as by default (logits compared too);
-- fold_only=KIND: fold_norms for one consumer kind alone (attention, mlp, router, mla, head),
-  the others' norms in launches of their own: which folds win;
+- fold_norms: layers/norm.py's fold for every consumer kind (FOLDED_KINDS = FOLD_KINDS): each
+  pre-norm layer's RMSNorm inside the first linear that reads it (rms_norm_linear: one GEMV
+  launch at one token), not only the kinds folded by default (logits compared too);
+- no_fold: no norm folded (FOLD_NORMS_ON empty), as before the fold;
+- fold_only=KIND: the fold for one consumer kind alone (attention, mla, mlp, router, head),
+  the others' norms in launches of their own: which folds win (FOLDED_KINDS' figures);
 - gqa_splits=N / mla_splits=N: decode launches split to N programs an SM (SplitSizing's
   gqa_splits_per_sm / mla_splits_per_sm) instead of the default;
 - coarse_cap: SplitSizing.fine_cap off: every decode launch's split count capped by pieces
@@ -82,13 +83,10 @@ from gpu_spec_verify import PAGE, WIDTH_ALIGN, plan_arrays  # noqa: E402
 from appliance.engine.engine import to_forward_batch  # noqa: E402
 from appliance.model import ModelRunner, ModelSource  # noqa: E402
 from appliance.model.layers.attention import PagedAttention  # noqa: E402
-from appliance.model.layers.embedding import ParallelLMHead  # noqa: E402
-from appliance.model.layers.mlp import SwiGLUMLP  # noqa: E402
 from appliance.model.layers.mla import MLAttention  # noqa: E402
 from appliance.model.layers.moe import DeepseekMoE, RoutedExperts, TopKRouter  # noqa: E402
 from appliance.model.layers import norm as norm_layers  # noqa: E402
 from appliance.model.layers.norm import RMSNorm  # noqa: E402
-from appliance.model.models.llama import LlamaAttention  # noqa: E402
 from kernels.reference.linear import head_matmul as reference_head_matmul  # noqa: E402
 from kernels.triton import attention as gqa_attention  # noqa: E402
 from kernels.triton import attention_ops, gqa_decode, moe, route  # noqa: E402
@@ -249,21 +247,18 @@ ABLATIONS: dict[str, Callable[[torch.nn.Module], list[Patch]]] = {
     "x_proj_apart": _x_proj_apart,
     "merge_apart": _knob(mla_decode, "MERGE_INTO_PROJECTION", False, MLAttention),
     "absorb_apart": _absorb_apart,
-    "fold_norms": _knob(norm_layers, "FOLD_NORMS_ON", frozenset({"cuda", "cpu"}), RMSNorm),
+    "fold_norms": lambda model: _fold_only(*norm_layers.FOLD_KINDS)(model),
+    "no_fold": _knob(norm_layers, "FOLD_NORMS_ON", frozenset(), RMSNorm),
 }
 
 
-FOLD_CONSUMERS = {"attention": LlamaAttention, "mlp": SwiGLUMLP, "router": DeepseekMoE,
-                  "mla": MLAttention, "head": ParallelLMHead}
-
-
-def _fold_only(kind: str) -> Callable[[torch.nn.Module], list[Patch]]:
-    """fold_norms with every other consumer kind's `folds_norm` off."""
-    keep = FOLD_CONSUMERS[kind]
-    fold = ABLATIONS["fold_norms"]
-    return lambda model: fold(model) + [
-        (m, "folds_norm", False) for m in model.modules()
-        if getattr(m, "folds_norm", False) and not isinstance(m, keep)]
+def _fold_only(*kinds: str) -> Callable[[torch.nn.Module], list[Patch]]:
+    """The norms folded on every device, into the consumers of `kinds` alone."""
+    unknown = set(kinds) - norm_layers.FOLD_KINDS
+    if unknown:
+        raise ValueError(f"no fold kind {', '.join(sorted(unknown))}")
+    return lambda model: [(norm_layers, "FOLD_NORMS_ON", frozenset({"cuda", "cpu"})),
+                          (norm_layers, "FOLDED_KINDS", frozenset(kinds))] if _has(model, RMSNorm) else []
 
 
 def _gqa_tiles(block_n: int, stages: int) -> Callable[[torch.nn.Module], list[Patch]]:
@@ -293,7 +288,7 @@ def _checked(name: str) -> str:
     except (KeyError, ValueError):
         raise argparse.ArgumentTypeError(
             f"unknown ablation {name!r}: {', '.join(ABLATIONS)}, gqa_splits=N, mla_splits=N, "
-            f"fold_only={'|'.join(FOLD_CONSUMERS)}, "
+            f"fold_only={'|'.join(sorted(norm_layers.FOLD_KINDS))}, "
             "gqa_tiles=BLOCK_N,STAGES") from None
 
 

@@ -27,13 +27,13 @@ SMALL = dict(num_hidden_layers=2, hidden_size=128, intermediate_size=256, vocab_
 # ablations that must find something to patch in each model
 EXPECTED = {"llama-3.1-8b": {"norms", "rope_kv", "attention", "merge", "one_split", "small",
                              "generic_decode", "gqa_merge_launch", "gqa_splits=2",
-                             "gqa_tiles=32,2", "coarse_cap", "fold_norms",
+                             "gqa_tiles=32,2", "coarse_cap", "fold_norms", "no_fold",
                              "fold_only=attention", "fold_only=mlp", "fold_only=head"},
             "deepseek-v2-lite": {"norms", "attention", "merge", "one_split", "absorbed",
                                  "routed", "small", "mla_splits=1", "moe_grouped",
                                  "head_einsum", "router_after_wait", "coarse_cap",
                                  "shared_apart", "x_proj_apart", "merge_apart",
-                                 "route", "absorb_apart", "rope_kv", "fold_norms",
+                                 "route", "absorb_apart", "rope_kv", "fold_norms", "no_fold",
                                  "fold_only=router", "fold_only=mla", "fold_only=head"}}
 
 
@@ -45,7 +45,7 @@ def test_each_ablation_patches_runs_and_restores(preset):
     arrays = plan_arrays(1, 0, 40, runner.vocab_size, np.random.default_rng(0))
     before = runner.forward(to_forward_batch(arrays, runner.device)).clone()
     names = list(A.ABLATIONS) + ["gqa_splits=2", "mla_splits=1", "gqa_tiles=32,2"] + [
-        f"fold_only={kind}" for kind in A.FOLD_CONSUMERS]
+        f"fold_only={kind}" for kind in sorted(A.norm_layers.FOLD_KINDS)]
     found = set()
     for name in names:
         patches = A.plan(A._checked(name))(runner.model)
@@ -70,11 +70,18 @@ def test_unknown_names_are_rejected():
 def test_fold_only_leaves_one_consumer_kind_folding():
     runner = ModelRunner(ModelSource(preset="llama-3.1-8b", load_format="dummy", hf_overrides=SMALL),
                          device="cpu", dtype=torch.float32, kv_num_pages=32, page_size=PAGE)
-    model = runner.model
-    with A.patched(A.plan("fold_only=mlp")(model)):
-        folding = {type(m).__name__ for m in model.modules() if getattr(m, "folds_norm", False)}
-        assert folding == {"SwiGLUMLP"} and "cpu" in A.norm_layers.FOLD_NORMS_ON
-    assert {type(m).__name__ for m in model.modules() if getattr(m, "folds_norm", False)} == {
-        "LlamaAttention", "SwiGLUMLP", "ParallelLMHead"}
+    layer = runner.model.model.layers[0]
+
+    def folding() -> set[str]:
+        return {kind for kind, norm, consumer in (
+            ("attention", layer.input_layernorm, layer.self_attn),
+            ("mlp", layer.post_attention_layernorm, layer.mlp),
+            ("head", runner.model.model.norm, runner.model.lm_head)) if norm.folds_into(consumer)}
+    assert folding() == set()                  # the CPU folds nothing by default
+    with A.patched(A.plan("fold_only=mlp")(runner.model)):
+        assert folding() == {"mlp"}
+    with A.patched(A.plan("fold_norms")(runner.model)):
+        assert folding() == {"attention", "mlp", "head"}
+    assert folding() == set()
     with pytest.raises(Exception, match="unknown ablation"):
         A._checked("fold_only=nothing")

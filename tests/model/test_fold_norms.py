@@ -1,8 +1,8 @@
 """A pre-norm layer's RMSNorm inside the first op that reads it (layers/norm.py:
 `rms_norm_linear`, or a MoE router's `rms_norm_router_logits`), switched on for the CPU
 here: a prefill step's and a decode step's logits are the unfolded model's, the folded norms
-launch no norm op of their own, and a norm with a collective fused in (tensor parallelism)
-stays apart."""
+launch no norm op of their own, a norm with a collective fused in (tensor parallelism)
+stays apart, and by default only the kinds measured to win fold (on CUDA)."""
 from __future__ import annotations
 
 import torch
@@ -25,6 +25,7 @@ def _two_steps(runner: ModelRunner) -> list[torch.Tensor]:
 def test_folded_norms_give_the_unfolded_logits(model_folder, monkeypatch):
     want = _two_steps(ModelRunner(model_folder, kv_num_pages=16, page_size=PS))
     monkeypatch.setattr(norm_module, "FOLD_NORMS_ON", frozenset({"cpu"}))
+    monkeypatch.setattr(norm_module, "FOLDED_KINDS", norm_module.FOLD_KINDS)
     runner = ModelRunner(model_folder, kv_num_pages=16, page_size=PS)
     calls = {"norm": 0, "folded": 0}
     ops = {norm_module.RMSNorm: (("rms_norm", "norm"), ("fused_add_rms_norm", "norm"),
@@ -47,6 +48,7 @@ def test_folded_norms_give_the_unfolded_logits(model_folder, monkeypatch):
 
 def test_a_norm_with_a_fused_reduce_stays_apart(model_folder, monkeypatch):
     monkeypatch.setattr(norm_module, "FOLD_NORMS_ON", frozenset({"cpu"}))
+    monkeypatch.setattr(norm_module, "FOLDED_KINDS", norm_module.FOLD_KINDS)
     runner = ModelRunner(model_folder, kv_num_pages=16, page_size=PS)
     layer = runner.model.model.layers[0]
     assert layer.input_layernorm.folds_into(layer.self_attn)
@@ -59,8 +61,18 @@ def test_a_norm_with_a_fused_reduce_stays_apart(model_folder, monkeypatch):
     assert not layer.post_attention_layernorm.folds_into(layer.mlp)
 
 
-def test_the_environment_turns_folding_on_for_cuda_only():
-    assert norm_module.fold_norms_on({}) == frozenset()
-    assert norm_module.fold_norms_on({"TOKENSPEED_FOLD_NORMS": "0"}) == frozenset()
+def test_norms_fold_on_cuda_unless_the_environment_says_0():
+    assert norm_module.fold_norms_on({}) == frozenset({"cuda"})
     assert norm_module.fold_norms_on({"TOKENSPEED_FOLD_NORMS": "1"}) == frozenset({"cuda"})
+    assert norm_module.fold_norms_on({"TOKENSPEED_FOLD_NORMS": "0"}) == frozenset()
+
+
+def test_by_default_only_the_kinds_measured_to_win_fold(model_folder, monkeypatch):
+    """FOLDED_KINDS: attention's q|k|v (and MLA's q|kv_a), not the MLP's gate|up or the head."""
+    monkeypatch.setattr(norm_module, "FOLD_NORMS_ON", frozenset({"cpu"}))
+    runner = ModelRunner(model_folder, kv_num_pages=16, page_size=PS)
+    layer = runner.model.model.layers[0]
+    assert layer.input_layernorm.folds_into(layer.self_attn)
+    assert not layer.post_attention_layernorm.folds_into(layer.mlp)
+    assert not runner.model.model.norm.folds_into(runner.model.lm_head)
 

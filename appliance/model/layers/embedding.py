@@ -63,6 +63,7 @@ class ParallelLMHead(Placed):
         self._matmul = RegistryMatmul()
         self.bias = None
         self.folds_norm = True  # forward_normed: the final norm inside the head's op
+        self.fold_kind = "head"  # folds by default if in norm.FOLDED_KINDS
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [B, H] -> [B, V_local]

@@ -166,6 +166,7 @@ class MLAttention(Placed):
         self.kv_cache: torch.Tensor | None = None
         self.input_placement, self.output_placement = Replicate("attn_tp"), Partial("attn_tp")
         self.folds_norm = self.fused_x_proj  # forward_normed: the norm inside q_kv_a_proj's op
+        self.fold_kind = "mla"  # folds by default if in norm.FOLDED_KINDS
 
     def _build_projections(self, cfg: MLAConfig, ctx: BuildContext) -> None:
         h, dqk, layout = cfg.num_heads, cfg.qk_head_dim, ctx.layout

@@ -27,6 +27,7 @@ class SwiGLUMLP(Placed):
                                           dtype=ctx.dtype)
         self.input_placement, self.output_placement = Replicate(group), Partial(group)
         self.folds_norm = True  # forward_normed: the norm inside gate|up's op
+        self.fold_kind = "mlp"  # folds by default if in norm.FOLDED_KINDS
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [T, H] -> [T, H] (partial sums over the group)

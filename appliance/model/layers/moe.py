@@ -229,6 +229,7 @@ class DeepseekMoE(Placed):
         self.fold_shared = ctx.device.type == "cuda"
         self.input_placement, self.output_placement = Replicate(group), Partial(group)
         self.folds_norm = True  # forward_normed: the norm inside the router's op
+        self.fold_kind = "router"  # folds by default if in norm.FOLDED_KINDS
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         # hidden_states: [T, H] -> [T, H] (partial sums)

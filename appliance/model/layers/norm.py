@@ -12,9 +12,9 @@ A norm can also go into the first linear that reads its output (`folds_into`, `i
 The consumers that can take it (attention's q|k|v or MLA's q|kv_a projection, the dense
 MLP's gate|up, the LM head after the final norm; a MoE's router, whose op hands the experts
 the normed row: `rms_norm_router_logits`) say so with `folds_norm` and run it in
-`forward_normed`; the decoder layer chooses. Only on the device types of `FOLD_NORMS_ON`:
-none until the GPU has measured it (`scripts/gpu_op_ablation.py --ablations fold_norms`;
-through the daemon, TOKENSPEED_FOLD_NORMS=1).
+`forward_normed`; the decoder layer chooses. Only on the device types of `FOLD_NORMS_ON`
+(CUDA; TOKENSPEED_FOLD_NORMS=0 at start-up: none) and for the consumer kinds of
+`FOLDED_KINDS`, those the H200 measured to win.
 """
 from __future__ import annotations
 
@@ -33,12 +33,21 @@ FOLD_NORMS_ENV = "TOKENSPEED_FOLD_NORMS"
 
 
 def fold_norms_on(env: Mapping[str, str]) -> frozenset[str]:
-    """The device types on which norms fold: none by default (until the GPU has measured
-    it); TOKENSPEED_FOLD_NORMS=1 at start-up folds them on CUDA (a daemon A/B)."""
-    return frozenset({"cuda"}) if env.get(FOLD_NORMS_ENV) == "1" else frozenset()
+    """The device types on which norms fold: CUDA; none with TOKENSPEED_FOLD_NORMS=0 at
+    start-up (a daemon A/B)."""
+    return frozenset() if env.get(FOLD_NORMS_ENV) == "0" else frozenset({"cuda"})
 
 
-# read at each forward, so a test or an in-graph A/B may set it on a built model
+# Each consumer's `fold_kind`: attention's q|k|v, MLA's q|kv_a, a dense MLP's gate|up, a MoE's
+# router, the LM head.
+FOLD_KINDS = frozenset({"attention", "mla", "mlp", "router", "head"})
+# The kinds whose fold wins at batch 1 (H200, scripts/gpu_op_ablation.py fold_only=KIND, CUDA
+# graph replays, us a step against no fold): Llama-3.1-8B q|k|v -38, gate|up +139 (its 1,792
+# programs each re-read the row, residual and norm weight), head +2; DeepSeek-V2-Lite q|kv_a
+# -52, router, dense MLP and head within 4.
+FOLDED_KINDS = frozenset({"attention", "mla"})
+
+# read at each forward, so a test or an in-graph A/B may set them on a built model
 FOLD_NORMS_ON: frozenset[str] = fold_norms_on(os.environ)
 
 
@@ -80,10 +89,12 @@ class RMSNorm(_NormWeight, Placed):
 
     def folds_into(self, consumer: nn.Module) -> bool:
         """Whether `consumer` runs this norm inside its first linear (its `forward_normed`):
-        on a device of FOLD_NORMS_ON, where it can (`folds_norm`) and no collective lies
-        between them (none fused into the norm, no hook on the consumer)."""
+        on a device of FOLD_NORMS_ON, where it can (`folds_norm`) and wins (its `fold_kind` in
+        FOLDED_KINDS), and no collective lies between them (none fused into the norm, no hook
+        on the consumer)."""
         return (self.weight.device.type in FOLD_NORMS_ON
-                and getattr(consumer, "folds_norm", False) and self.fused_reduce is None
+                and getattr(consumer, "folds_norm", False)
+                and getattr(consumer, "fold_kind", None) in FOLDED_KINDS and self.fused_reduce is None
                 and not consumer._forward_hooks and not consumer._forward_pre_hooks)
 
     def into(self, linear: nn.Module, x: torch.Tensor, residual: torch.Tensor | None,

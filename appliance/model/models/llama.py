@@ -95,6 +95,7 @@ class LlamaAttention(Placed):
         self.attn = PagedAttention(self.num_heads, self.num_kv_heads, d, d ** -0.5, ctx)
         self.input_placement, self.output_placement = Replicate("attn_tp"), Partial("attn_tp")
         self.folds_norm = True  # forward_normed: the norm inside q|k|v's op
+        self.fold_kind = "attention"  # folds by default if in norm.FOLDED_KINDS
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor,
                 batch: ForwardBatch) -> torch.Tensor:
