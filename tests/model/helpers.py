@@ -250,9 +250,13 @@ def check_graph_replay(runner: ModelRunner, steps: list[tuple[ForwardBatch, torc
 
 
 def check_extend_replay(runner: ModelRunner, prompts: list[list[int]], max_new: int,
-                        extra: list[ForwardBatch] = ()) -> int:
+                        extra: list[ForwardBatch] = (), route_flips: int = 0) -> int:
     """With extend graphs captured, every step of a greedy run (and each `extra` batch after
-    it) gives the eager forward's logits; returns how many steps replayed an extend graph."""
+    it) gives the eager forward's logits; returns how many steps replayed an extend graph.
+    route_flips: rows a step may have past the tolerance (within 0.1, same argmax), for MoE
+    models whose near-tied router scores flip an expert on the last bit of a GEMM that cuBLAS
+    tiles differently at the graph's padded row count (H200, Qwen3-Coder's 128 experts top-8,
+    dummy weights: one row at 4.7e-2, the rest under 1e-2; eager is bit-reproducible)."""
     eager_forward, replays = runner.forward, 0
 
     def both(batch: ForwardBatch) -> torch.Tensor:
@@ -263,8 +267,12 @@ def check_extend_replay(runner: ModelRunner, prompts: list[list[int]], max_new: 
         got = eager_forward(batch)          # replays a graph where one fits (the step's K/V)
         with torch.inference_mode():        # rewrites the same K/V eagerly
             want = runner._logits(runner.model(batch), batch.num_logits)
-        err = (got - want).abs().max().item() / want.abs().max().item()
-        assert err < 2e-2, f"relative error {err:.2e} on a step of {batch.num_tokens} tokens"
+        rows = (got - want).abs().amax(-1) / want.abs().max()                  # [rows]
+        err = rows.max().item()
+        past = int((rows >= 2e-2).sum())
+        assert err < 2e-2 or (past <= route_flips and err < 0.1 and torch.equal(
+            got.argmax(-1), want.argmax(-1))), \
+            f"relative error {err:.2e} on a step of {batch.num_tokens} tokens ({past} rows past 2e-2)"
         return got
 
     runner.forward = both

@@ -136,7 +136,8 @@ def test_cuda_graph_extend_equals_eager(preset):
     prefill = batch_of([(a, 0, pages)], 0, None)
     verify = batch_of([([7], 3, [106]), ([50, 51, 52, 53], len(a), pages)], num_decode=1,
                       logit_index=[0, 1, 2, 3, 4])
-    replays = check_extend_replay(runner, PROMPTS, 6, [to_cuda(prefill), to_cuda(verify)])
+    flips = 1 if preset == "qwen3-coder-30b-a3b" else 0   # 128 experts: near-tied routes
+    replays = check_extend_replay(runner, PROMPTS, 6, [to_cuda(prefill), to_cuda(verify)], flips)
     assert replays >= 5
 
 
