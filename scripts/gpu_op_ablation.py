@@ -333,9 +333,10 @@ def measure(preset: str, rows: int, context: int, rounds: int, names: list[str],
                 batch = to_forward_batch(arrays, runner.device)
                 logits.setdefault(name, runner.forward(batch).float().cpu())
                 times[name].append(forward_ms(runner, batch) * 1e3)
-    for name in ("generic_decode", "moe_grouped", "head_einsum", "shared_apart",
-                 "x_proj_apart", "merge_apart", "absorb_apart"):   # the A/Bs
-        if name in logits:
+    compared = ("generic_decode", "moe_grouped", "head_einsum", "shared_apart",
+                "x_proj_apart", "merge_apart", "absorb_apart", "fold_norms", "no_fold")
+    for name in logits:   # the A/Bs
+        if name in compared or name.startswith("fold_only="):
             diff = (logits[name] - logits["none"]).abs().max().item()
             print(f"{preset}: logits, {name} against the registered kernels: max |diff| "
                   f"{diff:.3g} (max |logit| {logits['none'].abs().max().item():.3g})",

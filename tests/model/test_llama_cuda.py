@@ -6,6 +6,7 @@
 - `memory_fraction` sizes the KV cache from torch.cuda.mem_get_info after the weights load.
 - TP=2 over NCCL decodes the TP=1 tokens (2 GPUs).
 - CUDA-graph decode steps give the eager logits (and are really replayed).
+- The default norm fold (q|k|v, MLA's q|kv_a) gives the unfolded logits.
 - CUDA-graph extend steps (prefill chunks, mixed steps, verify rows) give the eager logits, for
   the Llama shape, the Qwen3-Coder MoE shape and DeepSeek-V2-Lite (MLA, absorbed).
 - Compiling ahead (appliance/model/compile_ahead.py) leaves the graph capture and warm-up
@@ -81,6 +82,23 @@ def test_triton_equals_reference(preset):
     ref = build(dummy(preset, 2), torch.bfloat16, "torch", kv_num_pages=64, page_size=16)
     assert any(b.num_decode and b.num_rows > b.num_decode for b, _ in steps)  # mixed batches
     assert_steps_match(ref, steps)
+
+
+@cuda
+@pytest.mark.parametrize("preset", ["llama-3.1-8b", "deepseek-v2-lite"])
+def test_folded_norms_give_the_unfolded_logits_on_cuda(preset, monkeypatch):
+    """The default fold (layers/norm.py FOLDED_KINDS: q|k|v, MLA's q|kv_a) at one-token steps
+    gives the logits of the norms in launches of their own (bf16: within rounding)."""
+    from appliance.model.layers import norm as norm_module
+
+    runner = build(dummy(preset, 2), torch.bfloat16, None, kv_num_pages=64, page_size=16)
+    layer = runner.model.model.layers[0]
+    assert layer.input_layernorm.folds_into(layer.self_attn)
+    monkeypatch.setattr(norm_module, "FOLD_NORMS_ON", frozenset())
+    steps = record(runner, PROMPTS[:1], 6)                 # two prefill chunks, then one token
+    assert sum(b.num_tokens == 1 for b, _ in steps) >= 4
+    monkeypatch.setattr(norm_module, "FOLD_NORMS_ON", frozenset({"cuda"}))
+    assert_steps_match(runner, steps, tol=2e-2)
 
 
 @cuda
