@@ -24,7 +24,7 @@ from appliance.server.errors import ApiError
 from appliance.server.state import AppState
 from appliance.server.stop_strings import StopStringMatcher
 from appliance.server.tool_parsers import (ParsedToolCall, Piece, Reasoning, ToolCallArgs, ToolCallEnd,
-                                           ToolCallFormat, ToolCallStart, ToolSpec)
+                                           ToolCallFormat, ToolCallStart, ToolChoice, ToolSpec)
 from appliance.server.tracker import TrackedRequest
 
 
@@ -61,6 +61,14 @@ class GenerationJob:
     user: str = ""
     arrived_at: float | None = None  # monotonic time the HTTP request arrived (TTFT starts there)
     token_events: bool = False  # also yield each generated token's id (TokenDelta / TokenIds)
+
+    @classmethod
+    def chat_reply(cls, prompt_ids: list[int], sampling: SamplingOptions, tools: list[ToolSpec],
+                   choice: ToolChoice | None, **fields: Any) -> "GenerationJob":
+        """A chat endpoint's job: calls of `tools` parsed unless `choice` is None (tools off),
+        calls only when it forces them."""
+        return cls(prompt_ids, sampling, chat=True, tools=tuple(tools) if choice else (),
+                   calls_only=bool(choice and choice.forced), **fields)
 
 
 @dataclass(frozen=True)

@@ -40,11 +40,10 @@ async def messages(body: MessagesRequest, request: Request) -> Response:
     prompt_ids = await chat_prompt_ids(state, template_messages(body), template, continue_final=prefill)
     constraint = await checked(state, request_constraint(state.tool_format, tools, choice, parallel), "tools")
     sampling = replace(_sampling(body, len(prompt_ids), state.client.max_model_len), constraint=constraint)
-    job = GenerationJob(prompt_ids, sampling, chat=True, tools=tuple(tools) if choice else (),
-                        calls_only=bool(choice and choice.forced),
-                        session=_session(request, body),
-                        user=user_hint(request, claude_code_ids(_user_id(body))[0]),
-                        arrived_at=arrival_time(request))
+    job = GenerationJob.chat_reply(prompt_ids, sampling, tools, choice,
+                                   session=_session(request, body),
+                                   user=user_hint(request, claude_code_ids(_user_id(body))[0]),
+                                   arrived_at=arrival_time(request))
     message_id = f"msg_{uuid.uuid4().hex[:24]}"
     if body.stream:
         return sse.response(sse.guarded(_stream(state, job, message_id), _stream_error))

@@ -57,10 +57,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
                                     _response_format(body.response_format))
     constraint = await checked(state, constraint, _constraint_param(body))
     sampling = replace(sampling, constraint=merged_constraint(sampling.constraint, constraint))
-    job = GenerationJob(prompt_ids, sampling, chat=True, tools=tuple(tools) if choice else (),
-                        calls_only=bool(choice and choice.forced),
-                        session=session_hint(request, body.session_id), user=user_hint(request, body.user),
-                        arrived_at=arrival_time(request))
+    job = GenerationJob.chat_reply(prompt_ids, sampling, tools, choice,
+                                   session=session_hint(request, body.session_id),
+                                   user=user_hint(request, body.user), arrived_at=arrival_time(request))
     jobs = choice_jobs(job, body.n)
     ids = ChatIds(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), state.model_name)
     if body.stream:

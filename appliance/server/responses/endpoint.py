@@ -52,10 +52,9 @@ async def responses(body: ResponsesRequest, request: Request) -> Response:
         top_p=1.0 if body.top_p is None else body.top_p, top_k=max(0, body.top_k or 0), seed=body.seed,
         speculative=body.speculative,
         constraint=await checked(state, constraint, "tools" if specs else "text.format"))
-    job = GenerationJob(prompt_ids, sampling, chat=True, tools=tuple(specs) if choice else (),
-                        calls_only=bool(choice and choice.forced),
-                        session=session_hint(request, body.session_id, body.prompt_cache_key),
-                        user=user_hint(request, body.user), arrived_at=arrival_time(request))
+    job = GenerationJob.chat_reply(prompt_ids, sampling, specs, choice,
+                                   session=session_hint(request, body.session_id, body.prompt_cache_key),
+                                   user=user_hint(request, body.user), arrived_at=arrival_time(request))
     head = ResponseHead.of(state, body, tools)
     if body.stream:
         writer = StreamWriter(head)
