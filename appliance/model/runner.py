@@ -208,9 +208,9 @@ def moe_layout(tp_rank: int, tp_size: int, moe_parallel: str) -> ParallelLayout:
                                           tp_size if moe_parallel == "ep" else 1)
 
 
-
 class KVPoolError(ValueError):
     """The KV pool asked for does not fit (its message names the setting)."""
+
 
 class ModelRunner:
     def __init__(self, model_cfg: Any, device: str | torch.device = "cpu",
