@@ -322,7 +322,7 @@ void Scheduler::plan_prefills(std::vector<Row>& rows, int32_t& budget, StepFeatu
                              target);
     if (n <= 0) return;  // the step's time is spent
     // Only the oldest prefill may preempt (newer requests) for its pages.
-    Reclaim reclaim = i == 0 ? Reclaim::kMayPreempt : Reclaim::kIdleCacheOnly;
+    Reclaim reclaim = i == 0 ? Reclaim::kMayPreempt : Reclaim::kIdlePins;
     Chunk c = grow_chunk(static_cast<int32_t>(p->lease().size()), p->cursor(), n,
                          p->data().admit_seq, reclaim);
     p->grow(std::move(c.pages));
@@ -360,9 +360,9 @@ void Scheduler::plan_admissions(std::vector<Row>& rows, int32_t& budget,
     int32_t cached = static_cast<int32_t>(lease.size()) * ps;
     int32_t n = chunk_tokens(len - cached, cached, budget, f, f.prefill_tokens == 0, target);
     if (n <= 0) return;
-    // Into an idle system a request may drop session pins for its pages.
+    // Into an idle system a request may also drop pins handed to queued turns.
     Chunk c = grow_chunk(static_cast<int32_t>(lease.size()), cached, n, next_admit_seq_,
-                         running_.empty() ? Reclaim::kMayPreempt : Reclaim::kIdleCacheOnly);
+                         running_.empty() ? Reclaim::kMayPreempt : Reclaim::kIdlePins);
     lease.append(std::move(c.pages));
     n = c.tokens;
     if (n <= 0) return;
@@ -464,17 +464,22 @@ PlanData Scheduler::materialize(const std::vector<Row>& rows, int32_t num_decode
 // ----------------------------------------------------------- page supply
 
 // Frees pages for `lease` in order of harm: idle cache (LRU), waiting for
-// pages a committing step will free, and -- with Reclaim::kMayPreempt (decodes,
-// the oldest prefill, an admission into an idle system) -- preempting newer
-// requests and, last, dropping session pins.
+// pages a committing step will free; unless for draft slots, the pins of
+// sessions between turns (the first to expire first: a pin keeps pages from
+// the idle cache, never from running or admitted work); and -- with
+// Reclaim::kMayPreempt (decodes, the oldest prefill, an admission into an idle
+// system) -- preempting newer requests and, last, dropping the pins handed to
+// a queued next turn.
 bool Scheduler::obtain_pages(PageLease& lease, int32_t n, uint64_t seq, Reclaim reclaim) {
   const bool may_preempt = reclaim == Reclaim::kMayPreempt;
+  const bool may_drop_pins = reclaim != Reclaim::kIdleCacheOnly;
   while (pool_.num_free() < n) {
     int32_t shortfall = n - pool_.num_free();
     if (cache_.evict(shortfall) > 0) continue;
     if (graveyard_pages_ >= shortfall) return false;  // freed at next commit
+    if (may_drop_pins && sessions_.drop_one(false)) continue;
     if (may_preempt && preempt_newer_than(seq)) continue;
-    if (may_preempt && sessions_.drop_one()) continue;
+    if (may_preempt && sessions_.drop_one(true)) continue;
     return false;
   }
   return pool_.allocate_into(lease, n);

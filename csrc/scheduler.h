@@ -107,8 +107,9 @@ class Scheduler {
   };
   // How far obtain_pages may go when the pool is short.
   enum class Reclaim {
-    kIdleCacheOnly,  // evict idle cached pages, else wait
-    kMayPreempt,     // also preempt newer requests, then drop session pins
+    kIdleCacheOnly,  // evict idle cached pages, else wait (draft slots)
+    kIdlePins,       // also drop pins of sessions between turns (prefill chunks)
+    kMayPreempt,     // also preempt newer requests, then drop pins handed to a queued turn
   };
   // Fresh pages for a prefill chunk and the tokens they let it run.
   struct Chunk {

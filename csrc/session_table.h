@@ -6,6 +6,8 @@
 // session_ttl_s later. When the next request of S is submitted the pin is
 // handed to it and kept until that request is admitted (it then holds the
 // pages itself) or aborted -- so the pages cannot be lost while it queues.
+// A pin only outranks the idle cache: work that is short of pages drops idle
+// pins before it preempts anyone (Scheduler::obtain_pages).
 #pragma once
 
 #include <cstdint>
@@ -42,14 +44,15 @@ class SessionTable {
         ++it;
     }
   }
-  // Last resort under page pressure: drops the pin that expires first
-  // (handed-off pins last). False when there is none.
-  bool drop_one() {
+  // Under page pressure: drops the idle pin (no next turn waiting on it) that
+  // expires first; with `handed_off_too`, a handed-off pin once no idle one is
+  // left. False when there is none to drop.
+  bool drop_one(bool handed_off_too) {
     auto victim = pins_.end();
     for (auto it = pins_.begin(); it != pins_.end(); ++it) {
       if (victim == pins_.end() || rank(it->second) < rank(victim->second)) victim = it;
     }
-    if (victim == pins_.end()) return false;
+    if (victim == pins_.end() || (victim->second.handoff_rid && !handed_off_too)) return false;
     pins_.erase(victim);
     return true;
   }

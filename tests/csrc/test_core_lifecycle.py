@@ -77,6 +77,59 @@ def test_session_pin_handed_to_next_request_until_admitted():
     s.check_invariants()
 
 
+def _pin_a_turn(s):
+    """Session "agent" finishes a 33-token turn: 9 pages pinned, nothing else held."""
+    run_turn(s, 1, list(range(500, 533)), 4, "agent")
+    assert s.stats()["pages_pinned"] == 9
+
+
+def test_pins_give_way_to_decodes_before_anyone_is_preempted():
+    ps = 4
+    # 16 pages beside the pin, taken two at a time: the older decode finds none first
+    s = make(num_pages=25, page_size=ps, session_ttl_s=30.0, max_seq_len=96)
+    _pin_a_turn(s)
+    for rid in (2, 3):   # two decodes that grow to 10 pages each
+        s.submit(rid, i32(range(rid * 100, rid * 100 + 8)), 30, i32([]))
+    d = Driver(s)
+    d.run()
+    assert d.finished == {2: "length", 3: "length"}
+    assert s.stats()["preemptions_total"] == 0   # the idle session's pin went first
+    assert s.stats()["pages_pinned"] == 0
+
+
+def test_an_admission_takes_pages_from_an_idle_pin():
+    ps = 4
+    s = make(num_pages=24, page_size=ps, session_ttl_s=30.0, max_seq_len=96)
+    _pin_a_turn(s)
+    s.submit(2, i32(range(200, 208)), 30, i32([]))
+    d = Driver(s)
+    d.step(), d.step()
+    assert s.state(2) == "decoding"
+    s.submit(3, i32(range(300, 356)), 2, i32([]))   # 14 pages: more than the 12 free
+    d.step()
+    assert s.stats()["pages_pinned"] == 0           # its whole prompt at once
+    d.run()
+    assert d.finished == {2: "length", 3: "length"}
+    assert s.stats()["preemptions_total"] == 0
+
+
+def test_a_pin_handed_to_a_queued_turn_is_kept_from_admissions():
+    ps = 4
+    s = make(num_pages=24, page_size=ps, session_ttl_s=30.0, max_seq_len=96)
+    prompt = list(range(500, 533))
+    ans = run_turn(s, 1, prompt, 4, "agent")           # 9 pages pinned
+    s.submit(2, i32(range(200, 208)), 30, i32([]))
+    d = Driver(s)
+    d.step(), d.step()
+    s.submit(3, i32(range(300, 356)), 2, i32([]))      # 14 pages: the 12 free are too few
+    s.submit(4, i32(prompt + ans + [9]), 2, i32([]), "agent")   # the pin is handed to it
+    d.step()
+    assert s.state(3) == "prefilling" and s.stats()["pages_pinned"] == 9
+    d.run()
+    assert d.finished == {2: "length", 3: "length", 4: "length"}
+    assert s.stats()["prefix_cache_hit_tokens_total"] == 36   # turn 4 found all of turn 1
+
+
 def test_session_pins_with_real_monotonic_clock():
     s = make(session_ttl_s=30.0)
     s.clear_test_clock()
