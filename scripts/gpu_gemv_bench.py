@@ -11,6 +11,14 @@ against F.linear first.
     python scripts/gpu_gemv_bench.py                 # ~2 minutes on an H200
     python scripts/gpu_gemv_bench.py --shapes 4096x4096 --top 5
     python scripts/gpu_gemv_bench.py --shapes ds --block-n 2 4 8 16 --block-k 256 512 1024 2048
+    python scripts/gpu_gemv_bench.py --fold         # the norms' consumers, norm folded or not
+
+--fold: for the weights a pre-norm feeds (default: the 8B's qkv and gate_up, DeepSeek-V2-Lite's
+q|kv_a and dense gate_up; a gate_up with its SiLU epilogue), the norm kernel then the GEMV
+(what runs unfolded: the baseline, in place of cuBLAS) against the GEMV with the norm and its
+residual add in its loads (`rms_norm_linear`), as `gemv_config(n, k, norm=True)` tiles it and
+in every configuration swept (default rows 16, 32, 64: each program re-reads the row, residual
+and norm weight, so fewer programs read less).
 """
 from __future__ import annotations
 
@@ -25,7 +33,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kernel_bench.harness import sequence_us  # noqa: E402
-from kernels.triton.gemv import GemvConfig, gemv, gemv_config  # noqa: E402
+from kernels.triton.elementwise import fused_add_rms_norm  # noqa: E402
+from kernels.triton.gemv import GemvConfig, RowNorm, gemv, gemv_config  # noqa: E402
 
 LLAMA_8B = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096),
             "down": (4096, 14336), "lm_head": (128256, 4096)}
@@ -34,6 +43,10 @@ LLAMA_8B = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096),
 DEEPSEEK_V2_LITE = {"ds q": (3072, 2048), "ds kv_a": (576, 2048), "ds o": (2048, 2048),
                     "ds shared gate_up": (5632, 2048), "ds shared down": (2048, 2816),
                     "ds dense gate_up": (21888, 2048), "ds dense down": (2048, 10944)}
+# --fold's shapes: the consumers of a pre-norm (gate_up ones take the SiLU epilogue)
+FOLDED = {"qkv": (6144, 4096), "gate_up": (28672, 4096), "ds q|kv_a": (3648, 2048),
+          "ds dense gate_up": (21888, 2048)}
+EPS = 1e-5
 STREAM_BYTES = 1 << 30  # weight copies per graph: at least this much, well past the L2
 
 
@@ -61,25 +74,46 @@ def configs(args) -> list[GemvConfig]:
         args.block_n, args.block_k, args.warps, args.stages)]
 
 
+def _label(cfg: GemvConfig) -> str:
+    return f"{cfg.block_n}x{cfg.block_k} w{cfg.num_warps} s{cfg.num_stages}"
+
+
 def bench_shape(name: str, n: int, k: int, cfgs: list[GemvConfig], replays: int, top: int,
-                copy: float) -> list[str]:
+                copy: float, fold: bool = False) -> list[str]:
     bytes_ = n * k * 2
     copies = max(2, -(-STREAM_BYTES // bytes_))
     weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
                for _ in range(copies)]
     x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
-    want = F.linear(x, weights[0]).float()
-    rule = gemv_config(n, k)
-    results = [("cuBLAS", graph_us(lambda a, w: F.linear(a, w), weights, x, replays)),
-               (f"rule {rule.block_n}x{rule.block_k} w{rule.num_warps} s{rule.num_stages}",
-                graph_us(lambda a, w: gemv(a, w), weights, x, replays))]
+    silu = fold and "gate_up" in name
+    if fold:   # the row is x + residual, normed; the baseline runs the norm kernel first
+        residual, norm_w = torch.randn_like(x), torch.rand(k, device="cuda", dtype=x.dtype) + 0.5
+        residual_out = torch.empty_like(x)
+        row_norm = RowNorm(norm_w, EPS, residual, residual_out)
+
+        def base(a, w):
+            return gemv(fused_add_rms_norm(a, residual, norm_w, EPS)[0], w, silu_mul=silu)
+
+        def run(a, w, c=None):
+            return gemv(a, w, None, c, silu, row_norm)
+        base_label, rule = "norm, then GEMV", gemv_config(n, k, norm=True)
+    else:
+        def base(a, w):
+            return F.linear(a, w)
+
+        def run(a, w, c=None):
+            return gemv(a, w, None, c)
+        base_label, rule = "cuBLAS", gemv_config(n, k)
+    want = base(x, weights[0]).float()
+    results = [(base_label, graph_us(base, weights, x, replays)),
+               (f"rule {_label(rule)}", graph_us(run, weights, x, replays))]
     for cfg in cfgs:
-        err = (gemv(x, weights[0], None, cfg).float() - want).abs().max().item()
+        err = (run(x, weights[0], cfg).float() - want).abs().max().item()
         if err > 0.02 * want.abs().max().item() + 1e-3:
             print(f"{name} {cfg}: WRONG, max error {err:.4g}", flush=True)
             continue
-        results.append((f"gemv {cfg.block_n}x{cfg.block_k} w{cfg.num_warps} s{cfg.num_stages}",
-                        graph_us(lambda a, w, c=cfg: gemv(a, w, None, c), weights, x, replays)))
+        results.append((f"gemv {_label(cfg)}",
+                        graph_us(lambda a, w, c=cfg: run(a, w, c), weights, x, replays)))
     base = results[0][1]
     best = sorted(results[2:], key=lambda r: r[1])[:top]
     lines = []
@@ -95,8 +129,12 @@ def bench_shape(name: str, n: int, k: int, cfgs: list[GemvConfig], replays: int,
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--shapes", nargs="+", default=[f"{n}x{k}" for n, k in LLAMA_8B.values()])
-    parser.add_argument("--block-n", type=int, nargs="+", default=[4, 8, 16])
+    parser.add_argument("--shapes", nargs="+", default=None,
+                        help="NxK ... or ds (default: the 8B's; with --fold, FOLDED's)")
+    parser.add_argument("--fold", action="store_true",
+                        help="the norm folded into the GEMV against the norm kernel then it")
+    parser.add_argument("--block-n", type=int, nargs="+", default=None,
+                        help="default 4 8 16; with --fold 16 32 64")
     parser.add_argument("--block-k", type=int, nargs="+", default=[256, 512, 1024])
     parser.add_argument("--warps", type=int, nargs="+", default=[4, 8])
     parser.add_argument("--stages", type=int, nargs="+", default=[2, 4])
@@ -106,18 +144,21 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("gpu_gemv_bench: needs a CUDA device", file=sys.stderr)
         return 1
-    names = {f"{n}x{k}": name for name, (n, k) in {**LLAMA_8B, **DEEPSEEK_V2_LITE}.items()}
+    shapes = FOLDED if args.fold else LLAMA_8B
+    args.shapes = args.shapes or [f"{n}x{k}" for n, k in shapes.values()]
+    args.block_n = args.block_n or ([16, 32, 64] if args.fold else [4, 8, 16])
+    names = {f"{n}x{k}": name for name, (n, k) in {**LLAMA_8B, **DEEPSEEK_V2_LITE, **shapes}.items()}
     deepseek = [f"{n}x{k}" for n, k in DEEPSEEK_V2_LITE.values()]
     args.shapes = [s for shape in args.shapes for s in (deepseek if shape == "ds" else [shape])]
     copy = copy_tbps()
     print(f"card: {torch.cuda.get_device_name()}  torch {torch.__version__}  "
           f"copy {copy:.2f} TB/s", flush=True)
-    lines = ["| shape | kernel | us a call | TB/s | of copy | vs cuBLAS |",
+    lines = [f"| shape | kernel | us a call | TB/s | of copy | vs {'unfolded' if args.fold else 'cuBLAS'} |",
              "|---|---|---|---|---|---|"]
     for shape in args.shapes:
         n, k = (int(v) for v in shape.split("x"))
         lines += bench_shape(names.get(shape, shape), n, k, configs(args), args.replays,
-                             args.top, copy)
+                             args.top, copy, args.fold)
     print("\n" + "\n".join(lines))
     return 0
 

@@ -48,6 +48,13 @@ WIDE = GemvConfig(block_n=16, block_k=256, num_warps=4, num_stages=2)
 NARROW = GemvConfig(block_n=16, block_k=1024, num_warps=8, num_stages=2)
 TALL = GemvConfig(block_n=16, block_k=512, num_warps=8, num_stages=2)
 SMALL = GemvConfig(block_n=4, block_k=2048, num_warps=4, num_stages=2)
+# A wide GEMV with the norm in its loads: every program re-reads the row, the residual and the
+# norm weight (3 x 8 KB at K = 4096) from L2, so the traffic grows with the program count. At
+# WIDE's 16 rows the 8B's gate|up has 1,792 programs and 43 MB of such reads a layer, and its
+# fold lost (H200, fold_only=mlp: +139 us a step). 64-row programs read 11 MB, less than the
+# plain GEMV's row alone at 16 (15 MB); the same 32 float32 products a thread, 80 registers
+# (sm_90 compile). Not yet timed: `gpu_gemv_bench.py --fold` sweeps it.
+FOLD_WIDE = GemvConfig(block_n=64, block_k=128, num_warps=8, num_stages=2)
 
 
 @dataclass(frozen=True)
@@ -60,10 +67,10 @@ class RowNorm:
     residual_out: torch.Tensor | None = None
 
 
-def gemv_config(n: int, k: int) -> GemvConfig:
-    """The tiles of an [N, K] weight's GEMV."""
+def gemv_config(n: int, k: int, norm: bool = False) -> GemvConfig:
+    """The tiles of an [N, K] weight's GEMV (`norm`: with the RMS norm in its loads)."""
     if n >= WIDE_N:
-        return WIDE
+        return FOLD_WIDE if norm else WIDE
     if n * k <= SMALL_WEIGHT and k <= SMALL.block_k:
         return SMALL
     return TALL if n > k else NARROW
@@ -161,7 +168,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     silu_mul: weight is gate rows then up rows (N even) -> silu(gate) * up [1, N / 2].
     norm: x is RMS-normed first (its residual added and stored: see RowNorm)."""
     n, k = weight.shape
-    config = config or gemv_config(n, k)
+    config = config or gemv_config(n, k, norm is not None)
     if x.shape != (1, k) or not x.is_contiguous() or weight.stride(1) != 1:
         raise ValueError(f"gemv: expected x [1, {k}] contiguous and a row-contiguous weight, "
                          f"got x {tuple(x.shape)} and weight strides {weight.stride()}")

@@ -252,7 +252,7 @@ def _row_kernels() -> None:
 
 def _gemv(n: int, k: int, pdl: bool = True, silu_mul: bool = False, norm: bool = False):
     """norm: with the RMS norm (and its residual) in the loads (rms_norm_linear)."""
-    config = G.gemv_config(n, k)
+    config = G.gemv_config(n, k, norm)
     return compile_sm90(G._gemv_kernel, dict(X=BF, W=BF, B=BF, Out=BF, R=BF, G=BF, ResOut=BF,
                                              N=n // 2 if silu_mul else n, K=k, stride_w=k,
                                              eps=1e-6),
