@@ -135,9 +135,11 @@ def main() -> int:
                         help="the norm folded into the GEMV against the norm kernel then it")
     parser.add_argument("--block-n", type=int, nargs="+", default=None,
                         help="default 4 8 16; with --fold 16 32 64")
-    parser.add_argument("--block-k", type=int, nargs="+", default=[256, 512, 1024])
+    parser.add_argument("--block-k", type=int, nargs="+", default=None,
+                        help="default 256 512 1024; with --fold 128 256 512")
     parser.add_argument("--warps", type=int, nargs="+", default=[4, 8])
-    parser.add_argument("--stages", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--stages", type=int, nargs="+", default=None,
+                        help="default 2 4; with --fold 2 (a sweep of 18 tiles, ~2 minutes)")
     parser.add_argument("--replays", type=int, default=20)
     parser.add_argument("--top", type=int, default=3)
     args = parser.parse_args()
@@ -147,6 +149,8 @@ def main() -> int:
     shapes = FOLDED if args.fold else LLAMA_8B
     args.shapes = args.shapes or [f"{n}x{k}" for n, k in shapes.values()]
     args.block_n = args.block_n or ([16, 32, 64] if args.fold else [4, 8, 16])
+    args.block_k = args.block_k or ([128, 256, 512] if args.fold else [256, 512, 1024])
+    args.stages = args.stages or ([2] if args.fold else [2, 4])
     names = {f"{n}x{k}": name for name, (n, k) in {**LLAMA_8B, **DEEPSEEK_V2_LITE, **shapes}.items()}
     deepseek = [f"{n}x{k}" for n, k in DEEPSEEK_V2_LITE.values()]
     args.shapes = [s for shape in args.shapes for s in (deepseek if shape == "ds" else [shape])]
