@@ -17,13 +17,12 @@ import torch
 
 import kernels
 from appliance.engine.plan_arrays import PlanArrays
-from appliance.engine.protocol import GenerateRequest
+from appliance.engine.protocol import MAX_REPETITION_PENALTY, GenerateRequest
 from appliance.engine.transfer import to_device, to_device_packed
 
 INT32_MAX = 2**31 - 1
 MAX_BIAS = 100.0  # OpenAI's logit_bias range
 MAX_PENALTY = 2.0  # OpenAI's presence/frequency range
-MAX_REPETITION_PENALTY = 1e6
 
 
 def check_logits_processors(req: GenerateRequest, vocab_size: int) -> None:

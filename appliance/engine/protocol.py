@@ -8,6 +8,12 @@ from __future__ import annotations
 
 import msgspec
 
+# Sampling ranges the engine refuses a request outside of (sampler.check_sampling,
+# logits_processors.check_logits_processors); the frontend's fields use the same bounds, so such
+# a request is a 400 before its stream starts, not an error event after it.
+MIN_TOP_P = 2.0**-126  # float32's smallest normal: top_p runs in float32, and 0 keeps no token
+MAX_REPETITION_PENALTY = 1e6  # and its reciprocal: float32 logits stay finite
+
 
 class Constraint(msgspec.Struct, tag="constraint"):
     """What the output must match, enforced token by token (appliance/engine/constraints.py)."""

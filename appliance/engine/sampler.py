@@ -21,13 +21,12 @@ from appliance.engine.constraints import StepBitmask
 from appliance.engine.logits_processors import LogitsProcessors, ProcessorStep
 from appliance.engine.logprobs import LogprobRows, Logprobs, logprob_rows
 from appliance.engine.plan_arrays import PlanArrays
-from appliance.engine.protocol import GenerateRequest
+from appliance.engine.protocol import MIN_TOP_P, GenerateRequest
 from appliance.engine.transfer import to_device, to_device_packed
 
 INT32_MAX = 2**31 - 1
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 FLOAT32_MAX = float(np.finfo(np.float32).max)
-FLOAT32_TINY = float(np.finfo(np.float32).tiny)
 # Below this temperature a row is sampled greedily (as vLLM does): logits / a subnormal
 # temperature overflow float32 and would make the row NaN.
 GREEDY_BELOW_TEMPERATURE = 1e-5
@@ -41,7 +40,7 @@ def check_sampling(req: GenerateRequest) -> None:
     and take the whole batch down with it."""
     if not 0.0 <= req.temperature <= FLOAT32_MAX:  # NaN fails too; float32 inf gives NaN rows
         raise ValueError(f"temperature must be in [0, {FLOAT32_MAX:g}], got {req.temperature}")
-    if not FLOAT32_TINY <= req.top_p <= 1.0:  # NaN fails too; float32 0 would keep no token
+    if not MIN_TOP_P <= req.top_p <= 1.0:  # NaN fails too
         raise ValueError(f"top_p must be in (0, 1], got {req.top_p}")
     if not 0 <= req.top_k <= INT32_MAX:
         raise ValueError(f"top_k must be in [0, {INT32_MAX}], got {req.top_k}")

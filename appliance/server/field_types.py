@@ -12,6 +12,8 @@ from typing import Annotated, Any, Union
 
 from pydantic import AfterValidator, ConfigDict, Discriminator, Field, Tag
 
+from appliance.engine.protocol import MAX_REPETITION_PENALTY, MIN_TOP_P
+
 INT32_MAX = 2**31 - 1
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 MAX_STOP_STRINGS = 16  # stop strings are matched on every token's text: keep that work small
@@ -24,11 +26,12 @@ TokenCount = Annotated[int, Field(ge=1, le=INT32_MAX)]
 TopK = Annotated[int, Field(ge=0, le=INT32_MAX)]  # 0: off
 Seed = Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)]
 TokenId = Annotated[int, Field(ge=0, le=INT32_MAX)]  # below the model's vocab: checked per request
-Probability = Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)]
+Probability = Annotated[float, Field(ge=MIN_TOP_P, le=1.0, allow_inf_nan=False)]  # top_p
+RepetitionPenalty = Annotated[float, Field(ge=1 / MAX_REPETITION_PENALTY, le=MAX_REPETITION_PENALTY,
+                                           allow_inf_nan=False)]
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 StopString = Annotated[str, Field(max_length=MAX_STOP_LENGTH)]
 StopStrings = Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)]
-
 
 
 def _object_schema(schema: dict[str, Any]) -> dict[str, Any]:
@@ -52,7 +55,8 @@ def tagged_union(family: str, members: dict[str, type], other: type,
     def kind(value: Any) -> str:
         found = (value.get("type", default) if isinstance(value, dict)
                  else getattr(value, "type", default))
-        return f"{family}[{found if found in members else 'other'}]"
+        # a `type` that is not a string (a list, an object) is no member's: `other` refuses it
+        return f"{family}[{found if isinstance(found, str) and found in members else 'other'}]"
 
     choices = [Annotated[model, Tag(f"{family}[{name}]")] for name, model in members.items()]
     return Annotated[Union[(*choices, Annotated[other, Tag(f"{family}[other]")])],  # noqa: UP007

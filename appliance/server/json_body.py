@@ -20,6 +20,17 @@ from fastapi.routing import APIRoute
 _decoder = msgspec.json.Decoder()
 
 
+def strict_loads(text: str) -> Any:
+    """JSON inside a string field (Claude Code's `metadata.user_id`, a tool call's `arguments`)
+    decoded as strictly as a body; ValueError for what the body decoder would refuse (a lone
+    surrogate escape there would reach the tokenizer or the engine message as the body's
+    could not)."""
+    try:
+        return _decoder.decode(text)
+    except (msgspec.DecodeError, RecursionError) as e:
+        raise ValueError(str(e) or "nested too deeply") from None
+
+
 class JsonBodyRequest(Request):
     async def json(self) -> Any:
         if not hasattr(self, "_json"):

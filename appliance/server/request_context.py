@@ -9,13 +9,13 @@ Anthropic `metadata.user_id`.
 
 from __future__ import annotations
 
-import json
 import time
 
 from fastapi import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from appliance.server.errors import ApiError
+from appliance.server.json_body import strict_loads
 from appliance.server.state import AppState
 
 ARRIVAL_KEY = "tokenspeed.arrival"
@@ -41,7 +41,7 @@ def claude_code_ids(user_id: str | None) -> tuple[str | None, str | None]:
         return None, None
     if user_id.lstrip().startswith("{"):
         try:
-            ids = json.loads(user_id)
+            ids = strict_loads(user_id)
         except ValueError:
             ids = None
         if isinstance(ids, dict):

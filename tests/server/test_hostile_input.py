@@ -9,10 +9,12 @@ import json
 import math
 from typing import Any
 
+import msgspec
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from appliance.engine.protocol import MAX_REPETITION_PENALTY, MIN_TOP_P
 from appliance.server.field_types import INT32_MAX, INT64_MAX, INT64_MIN
 
 from .conftest import MODEL
@@ -36,7 +38,7 @@ OPENAI_SAMPLING: dict[str, list[Any]] = {
     "stream_options": ["x", {"include_usage": "yes"}],
     "max_tokens": [True, 0, -1, 1.5, "5", INT32_MAX + 1, 2**64, 10**40],
     "temperature": [-0.1, 2.5, "0.5", True, [1]],
-    "top_p": [0, -1, 1.5, "1", True],
+    "top_p": [0, -1, 1.5, "1", True, 1e-50, 5e-324],  # the last two: below float32's normals
     "top_k": [-2, INT32_MAX + 1, 10**12, True, 1.5, "5"],
     "seed": [INT64_MAX + 1, INT64_MIN - 1, 2**64, True, 1.5, "1"],
     "stop": [5, [5], ["x"] * 17, "x" * 257, ["x" * 257], [None]],
@@ -45,7 +47,7 @@ OPENAI_SAMPLING: dict[str, list[Any]] = {
     "frequency_penalty": ["x", False, -2.5],
     "logit_bias": ["x", [1], {"5": 101}, {"5": "x"}, {"5": True}, {str(VOCAB): 1}, {"-1": 1}, {"1e2": 1},
                    {" 5": 1}, {str(i): 1 for i in range(1025)}],
-    "repetition_penalty": [0, -1, "x", True],
+    "repetition_penalty": [0, -1, "x", True, 1e-30, 1e30],  # past the engine's [1e-6, 1e6]
     "min_tokens": [-1, True, "3", 5, INT32_MAX + 1],  # 5 > max_tokens
     "structured_outputs": ["x", {}, {"json": 5}, {"json": {"type": 12}}, {"json": "{bad"},
                            {"grammar": "start: nope"}, {"regex": "a+"}, {"choice": ["a"]},
@@ -70,7 +72,9 @@ CHAT_FIELDS: dict[str, list[Any]] = {
     "logprobs": ["yes", 1],
     "top_logprobs": [True, 3, "3", 21, -1],  # 3: without logprobs true
     "response_format": ["json", {"type": "yaml"}, {"type": "json_schema"},
-                        {"type": "json_schema", "json_schema": {"schema": {"type": "wat"}}}],
+                        {"type": "json_schema", "json_schema": {"schema": {"type": "wat"}}},
+                        {"type": "json_schema", "json_schema": "x"},
+                        {"type": "json_schema", "json_schema": 255}],
     "chat_template_kwargs": ["x", 5, [1]],
 }
 COMPLETION_FIELDS: dict[str, list[Any]] = {
@@ -86,9 +90,11 @@ RESPONSES_FIELDS: dict[str, list[Any]] = {
     "model": [5, True, "gpt-9"],
     "input": [5, None, [5], [{"type": "message", "role": "robot", "content": "x"}],
               [{"type": "function_call", "call_id": 5, "name": "f"}], [{"type": "item_reference", "id": "x"}],
-              [{"role": "user", "content": [{"type": "input_video", "video_url": "x"}]}]],
+              [{"role": "user", "content": [{"type": "input_video", "video_url": "x"}]}],
+              [{"type": []}], [{"type": {"type": "message"}}]],
     "instructions": [5, ["x"]],
-    "tools": ["x", [{"type": "function", "name": ""}], [{"type": 5}], [{"type": "function"}]],
+    "tools": ["x", [{"type": "function", "name": ""}], [{"type": 5}], [{"type": "function"}],
+              [{"type": {}}], [{"type": []}]],
     "tool_choice": ["maybe", "required", {"type": "function", "name": "nope"}],
     "parallel_tool_calls": ["yes", 1],
     "max_output_tokens": [True, 0, "5", INT32_MAX + 1, 5000],
@@ -105,6 +111,7 @@ ANTHROPIC_PROMPT: dict[str, list[Any]] = {
     "messages": [[], "hi", None, [{"role": "system", "content": "x"}],
                  [{"role": "user", "content": [{"type": "text", "text": 5}]}],
                  [{"role": "user", "content": [{"type": 5}]}],
+                 [{"role": "user", "content": [{"type": []}]}], [{"role": "user", "content": [{"type": {}}]}],
                  [{"role": "user", "content": [{"type": "image", "source": 5}]}],
                  [{"role": "user", "content": [{"type": "tool_result", "tool_use_id": 5}]}],
                  [{"role": "assistant", "content": [{"type": "tool_use", "id": "t", "name": "n", "input": "x"}]}]],
@@ -243,6 +250,36 @@ def test_template_kwargs_cannot_reach_apply_chat_templates_own_parameters(served
     assert with_kwargs.prompt_ids == plain.prompt_ids
 
 
+def test_json_inside_string_fields_is_read_as_strictly_as_a_body(served):
+    """Claude Code's `metadata.user_id` and a tool call's `arguments` hold JSON text. A lone
+    surrogate escape there (the body decoder refuses one in the body itself) reached the engine
+    message's encoder (user_id: a 500, or an error event in a stream) or the tokenizer
+    (arguments: a 500): such JSON is now left as the text it is."""
+    lone = json.dumps({"session_id": "\ud800s", "account_uuid": "\udfffa"})   # \ud800 escapes
+    args = json.dumps({"city": "\ud800"})
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": args}}
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    bodies = [
+        (MESSAGES, {**BASE[MESSAGES], "metadata": {"user_id": lone}}),
+        (MESSAGES, {**BASE[MESSAGES], "metadata": {"user_id": lone}, "stream": True}),
+        (CHAT, {**BASE[CHAT], "tools": [tool], "messages": [
+            *USER, {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]}),
+        (RESPONSES, {**BASE[RESPONSES], "tools": [{"type": "function", "name": "f"}], "input": [
+            {"role": "user", "content": "hi"},
+            {"type": "function_call", "call_id": "c1", "name": "f", "arguments": args},
+            {"type": "function_call_output", "call_id": "c1", "output": "sunny"}]}),
+    ]
+    with served.http() as http:
+        for path, body in bodies:
+            response = post_raw(http, path, body)
+            assert response.status_code == 200, (path, response.text[:300])
+            assert "event: error" not in response.text, response.text[:300]
+    assert len(served.fake.requests) == len(bodies)
+    for req in served.fake.requests:   # as the engine channel sends it
+        msgspec.msgpack.encode(req)
+
+
 # --- fuzzing: any JSON value in any field -------------------------------------------------------
 
 JSON_SCALARS = (st.none() | st.booleans() | st.integers(min_value=-(2**70), max_value=2**70)
@@ -255,7 +292,8 @@ def _engine_can_take(req, max_model_len: int) -> bool:
     """What the real engine's `_submit` accepts (appliance/engine/engine.py, sampler.py)."""
     return (all(0 <= t < VOCAB for t in req.prompt_ids) and 1 <= req.max_new_tokens <= INT32_MAX
             and len(req.prompt_ids) + req.max_new_tokens <= max_model_len
-            and math.isfinite(req.temperature) and req.temperature >= 0 and 0 < req.top_p <= 1
+            and math.isfinite(req.temperature) and req.temperature >= 0 and MIN_TOP_P <= req.top_p <= 1
+            and 1 / MAX_REPETITION_PENALTY <= req.repetition_penalty <= MAX_REPETITION_PENALTY
             and 0 <= req.top_k <= INT32_MAX and (req.seed is None or INT64_MIN <= req.seed <= INT64_MAX))
 
 

@@ -90,7 +90,11 @@ def _response_format(value: dict[str, Any] | None) -> ResponseFormat:
     if kind != "json_schema":
         raise bad_request(f"response_format type {kind!r} is not one of text, json_object, json_schema",
                           "response_format.type")
-    schema = ((value or {}).get("json_schema") or {}).get("schema")
+    wrapper = (value or {}).get("json_schema")
+    if wrapper is not None and not isinstance(wrapper, dict):
+        raise bad_request("response_format json_schema must be an object holding the JSON schema "
+                          "in json_schema.schema", "response_format.json_schema")
+    schema = (wrapper or {}).get("schema")
     if not isinstance(schema, dict):
         raise bad_request("response_format json_schema needs a JSON schema object in json_schema.schema",
                           "response_format.json_schema.schema")

@@ -8,7 +8,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from appliance.server.field_types import (INT32_MAX, STRICT_BODY, ObjectSchema, Probability,
-                                          Seed, StopString, StopStrings, TokenCount, TokenId)
+                                          RepetitionPenalty, Seed, StopString, StopStrings,
+                                          TokenCount, TokenId)
 
 Temperature = Annotated[float, Field(ge=0.0, le=2.0, allow_inf_nan=False)]
 TopK = Annotated[int, Field(ge=-1, le=INT32_MAX)]  # vLLM's extension: -1 and 0 are off
@@ -100,7 +101,7 @@ class SamplingFields(_Body):
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
     logit_bias: Annotated[dict[str, Bias], Field(max_length=MAX_LOGIT_BIAS)] | None = None
-    repetition_penalty: Annotated[float, Field(gt=0.0, allow_inf_nan=False)] | None = None  # vLLM
+    repetition_penalty: RepetitionPenalty | None = None  # vLLM
     min_tokens: Annotated[int, Field(ge=0, le=INT32_MAX)] | None = None  # vLLM extension
     structured_outputs: StructuredOutputs | None = None  # vLLM extension
     user: str | None = None

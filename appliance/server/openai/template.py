@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Container
 from typing import Any
 
 from appliance.server.errors import bad_request
+from appliance.server.json_body import strict_loads
 from appliance.server.media import MEDIA_PARTS, omitted
 from appliance.server.openai.protocol import (ChatMessage, ContentPart, NamedToolChoice, Tool,
                                               ToolCall)
@@ -81,7 +81,7 @@ def tool_call_arguments(arguments: str | dict[str, Any]) -> Any:
     """Arguments go to the template as an object when they are JSON (templates `tojson` them)."""
     if isinstance(arguments, str):
         try:
-            parsed = json.loads(arguments) if arguments.strip() else {}
+            parsed = strict_loads(arguments) if arguments.strip() else {}
             return parsed if isinstance(parsed, dict) else arguments
         except ValueError:
             pass
