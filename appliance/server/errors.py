@@ -128,16 +128,26 @@ class CatchAllMiddleware:
             await self.app(scope, receive, send)
             return
         started = False
+        send_error: Exception | None = None
 
         async def tracking_send(message: Message) -> None:
-            nonlocal started
+            nonlocal started, send_error
             started = started or message["type"] == "http.response.start"
-            await send(message)
+            try:
+                await send(message)
+            except Exception as e:
+                send_error = e
+                raise
 
         try:
             await self.app(scope, receive, tracking_send)
-        except Exception:
+        except Exception as e:
             request = Request(scope)
+            if e is send_error:  # the connection's failure, not the app's (e.g. a client that
+                # pipelined requests and closed): one line, and nothing more can be sent
+                log.warning("could not send the response to %s %s: %s", request.method,
+                            request.url.path, e)
+                return
             log.exception("unhandled error on %s %s", request.method, request.url.path)
             if started:  # nothing sensible left to send; the client sees the stream end
                 return

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import logging
+import socket
+import time
+
 import anthropic
 import openai
 import pytest
 
-from .conftest import MODEL
+from .conftest import MODEL, wait_until
 
 CHAT = "/v1/chat/completions"
 
@@ -153,3 +158,22 @@ def test_unexpected_failure_is_500_without_traceback(served):
     assert lines[-1] == "data: [DONE]" and '"server_error"' in lines[-2] and "boom" not in "".join(lines)
     rid = served.fake.requests[-1].rid
     assert rid not in served.fake.running
+
+
+def test_a_client_that_pipelines_and_closes_is_one_log_line_not_a_traceback(served, caplog):
+    """Three requests pipelined on one connection, the first answer read, the socket closed:
+    sending the later answers fails in the transport (uvloop: "unable to perform operation on
+    <TCPTransport closed=True>"), which was logged as an unhandled error with its traceback."""
+    body = json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}).encode()
+    request = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+               b"Content-Length: %d\r\n\r\n" % len(body)) + body
+    with caplog.at_level(logging.WARNING):
+        for _ in range(3):
+            with socket.create_connection(("127.0.0.1", served.port)) as s:
+                s.sendall(request * 3)
+                assert s.recv(65536).startswith(b"HTTP/1.1 200")
+        assert wait_until(lambda: len(served.fake.requests) >= 4 and not served.fake.running)
+        time.sleep(0.2)
+    assert not [r for r in caplog.records if r.exc_info], [r.getMessage() for r in caplog.records]
+    with served.http() as http:
+        assert http.post(CHAT, json={"messages": [{"role": "user", "content": "x"}]}).status_code == 200
