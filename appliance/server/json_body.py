@@ -20,25 +20,25 @@ from fastapi.routing import APIRoute
 _decoder = msgspec.json.Decoder()
 
 
-def strict_loads(text: str) -> Any:
-    """JSON inside a string field (Claude Code's `metadata.user_id`, a tool call's `arguments`)
-    decoded as strictly as a body; ValueError for what the body decoder would refuse (a lone
-    surrogate escape there would reach the tokenizer or the engine message as the body's
-    could not)."""
+def strict_loads(text: str | bytes) -> Any:
+    """A body, or JSON inside a string field (Claude Code's `metadata.user_id`, a tool call's
+    `arguments`: Python's json would let a lone surrogate escape through to the tokenizer or the
+    engine message), decoded strictly; ValueError for anything else."""
     try:
         return _decoder.decode(text)
-    except (msgspec.DecodeError, RecursionError) as e:
-        raise ValueError(str(e) or "nested too deeply") from None
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+    except msgspec.DecodeError as e:
+        raise ValueError(str(e)) from None
 
 
 class JsonBodyRequest(Request):
     async def json(self) -> Any:
         if not hasattr(self, "_json"):
             try:
-                self._json = _decoder.decode(await self.body())
-            except (msgspec.DecodeError, RecursionError) as e:
-                reason = "nested too deeply" if isinstance(e, RecursionError) else str(e)
-                raise json.JSONDecodeError(f"{reason} (expected strict JSON in UTF-8)", "", 0) from None
+                self._json = strict_loads(await self.body())
+            except ValueError as e:
+                raise json.JSONDecodeError(f"{e} (expected strict JSON in UTF-8)", "", 0) from None
         return self._json
 
 
