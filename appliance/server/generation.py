@@ -115,11 +115,14 @@ class Finished:
     token_ids: tuple[int, ...] = ()  # every generated token id, in order
     cached_tokens: int = 0  # prompt tokens reused from the prefix cache
     reasoning_tokens: int = 0  # generated while the output was in a reasoning channel
+    cut_call: bool = False  # the output ended inside a call's arguments (a stop string, say)
 
     @property
     def called_tools(self) -> bool:
-        """A call was really made: complete calls, and the output ended on its own."""
-        return bool(self.num_tool_calls) and self.reason in ("stop", "stop_sequence")
+        """A call was really made: complete calls, and the output ended on its own (at its end
+        of sequence, or at a stop string outside any call)."""
+        return (bool(self.num_tool_calls) and self.reason in ("stop", "stop_sequence")
+                and not self.cut_call)
 
 
 Event = TextDelta | TokenDelta | TokenIds | Prefilled | Reasoning | ToolCallStart | ToolCallArgs | ToolCallEnd | Finished
@@ -139,6 +142,10 @@ class OutputPipeline:
     @property
     def num_tool_calls(self) -> int:
         return self._parser.num_calls if self._parser else 0
+
+    @property
+    def cut_call(self) -> bool:
+        return bool(self._parser and self._parser.cut_call)
 
     @property
     def in_reasoning(self) -> bool:
@@ -235,7 +242,7 @@ def _batch_events(state: AppState, job: GenerationJob, pipeline: OutputPipeline,
             reason = "stop_sequence" if matched is not None else str(out.finish_reason)
             finished = Finished(reason, len(job.prompt_ids), len(progress.token_ids),
                                 pipeline.num_tool_calls, matched, tuple(progress.token_ids),
-                                progress.cached, progress.reasoning_tokens)
+                                progress.cached, progress.reasoning_tokens, pipeline.cut_call)
             events.append(finished)
             return events, finished
     return events, None

@@ -200,6 +200,16 @@ def test_finish_reason_says_tool_calls_only_when_a_call_was_made(oai, served):
     out = oai.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], tools=OPENAI_TOOLS,
                                       max_tokens=12)  # cut inside the call
     assert out.choices[0].finish_reason == "length"
+    # a stop string inside the call's arguments cuts it too (QA: was "tool_calls" with the
+    # arguments not JSON); one after a whole call leaves it made
+    out = oai.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], tools=OPENAI_TOOLS,
+                                      stop=["main"])
+    assert out.choices[0].finish_reason == "stop"
+    served.fake.reply = READ_CALL + "\nDone."
+    out = oai.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], tools=OPENAI_TOOLS,
+                                      stop=["Done"])
+    assert out.choices[0].finish_reason == "tool_calls"
+    assert json.loads(out.choices[0].message.tool_calls[0].function.arguments) == {"path": "src/main.py"}
 
 
 # --- Anthropic streams and errors ---------------------------------------------------------------------

@@ -149,6 +149,8 @@ class StreamParser:
         self.tools = {tool.name: tool for tool in tools}
         self.buf = ""
         self.num_calls = 0
+        self.cut_call = False  # the output ended inside a call: its arguments are no JSON object
+        self._finishing = False
         self.in_reasoning = False  # the text being generated is reasoning (for token counts)
         self._out: list[Piece] = []
         self._pending_ws = ""  # trailing whitespace of the content, held until we know more
@@ -163,6 +165,7 @@ class StreamParser:
         return self._drain()
 
     def finish(self) -> list[Piece]:
+        self._finishing = True   # a call the output's end closes was cut off (`_end`)
         self._parse(final=True)
         if self._call_name is not None:  # cut off inside a call's arguments
             self._end()
@@ -271,6 +274,7 @@ class StreamParser:
     def _end(self) -> None:
         assert self._call_name is not None
         call = ParsedToolCall(self._call_name, "".join(self._call_args))
+        self.cut_call = self.cut_call or (self._finishing and call.arguments is None)
         self._out.append(ToolCallEnd(self.num_calls, call))
         self.num_calls += 1
         self._call_name = None
