@@ -7,7 +7,7 @@ namespace {
 
 // Typical feature magnitudes; the ridge term of coefficient i is
 // prior_weight * scale_i^2, i.e. "prior_weight pseudo-steps of this size".
-constexpr CostModel::Vec kScale = {1.0, 16.0, 128.0, 4096.0, 32.0, 1.0, 1 << 20};
+constexpr CostModel::Vec kScale = {1.0, 16.0, 128.0, 4096.0, 32.0, 1.0};
 
 // Solves A x = b restricted to the `active` coefficients (others are 0), by
 // Gaussian elimination with partial pivoting. A is SPD so this is stable.
@@ -53,7 +53,7 @@ CostModel::CostModel(Vec prior, double forget, double prior_weight)
 
 CostModel::Vec CostModel::features(const StepFeatures& f) {
   return {1.0, f.decode_tokens, f.prefill_tokens, f.kv_tokens_read, f.draft_tokens,
-          f.eager() ? 1.0 : 0.0, f.prefill_pairs};
+          f.eager() ? 1.0 : 0.0};
 }
 
 void CostModel::observe(const StepFeatures& f, double step_time_s) {

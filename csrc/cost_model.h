@@ -1,16 +1,6 @@
 // Online step-time model: t = a + b*decode_tokens + c*prefill_tokens
-//                             + d*kv_tokens_read + e*draft_tokens + f*eager
-//                             + g*prefill_pairs,
+//                             + d*kv_tokens_read + e*draft_tokens + f*eager,
 // where `eager` marks a step that is not plain decode (it has prefill or drafts).
-//
-// g, causal attention's (query, key) pairs of the prefill rows: a chunk of n
-// tokens over a prefix of p attends n*p + n*(n+1)/2 pairs, compute that grows
-// with the prefix, which no linear term can fit. Without it, one chunk size
-// was predicted the same step time over any prefix (8B on an H200, an agent's
-// 16K-22K-token turns: 1,500-token chunks at 67.8 ms predicted measured 56 ms
-// at the prompt's start and 80-84 ms at its end), so the TPS floor was broken
-// exactly where agents' long contexts land. Its prior is 0: until steps with
-// prefill over a prefix are seen, the model is the linear one.
 //
 // f, the extra fixed cost of such a step: a plain decode step replays a captured
 // CUDA graph on a GPU, any other launches its kernels one by one (tens a layer).
@@ -54,10 +44,6 @@ struct StepFeatures {
   double prefill_tokens = 0;
   double kv_tokens_read = 0;
   double draft_tokens = 0;  // verify rows' tokens after their first
-  double prefill_pairs = 0;  // sum over prefill rows of n*(prefix + (n+1)/2)
-
-  // The pairs a chunk of n tokens over `prefix` cached ones attends.
-  static double pairs(double prefix, double n) { return n * (prefix + (n + 1) / 2); }
 
   // Launched kernel by kernel (not a plain decode step, which may replay a graph).
   bool eager() const { return prefill_tokens > 0 || draft_tokens > 0; }
@@ -65,17 +51,16 @@ struct StepFeatures {
 
 class CostModel {
  public:
-  static constexpr int kN = 7;
+  static constexpr int kN = 6;
   static constexpr int kEager = 5;  // index of f
-  static constexpr int kPairs = 6;  // index of g
   static constexpr double kMaxRatio = 4.0;
   using Vec = std::array<double, kN>;
 
   // prior: {a seconds, b s/decode token, c s/prefill token, d s/kv token,
-  //         e s/draft token, f seconds more for an eager step, g s/prefill pair}.
+  //         e s/draft token, f seconds more for an eager step}.
   explicit CostModel(Vec prior = default_prior(), double forget = 0.98,
                      double prior_weight = 0.5);
-  static Vec default_prior() { return {2e-3, 5e-5, 1e-4, 2e-8, 5e-5, 0.0, 0.0}; }
+  static Vec default_prior() { return {2e-3, 5e-5, 1e-4, 2e-8, 5e-5, 0.0}; }
 
   void observe(const StepFeatures& f, double step_time_s);
   double predict(const StepFeatures& f) const;

@@ -52,10 +52,9 @@ class PyScheduler {
   void set_test_clock(double now_s);
   void clear_test_clock();
   py::tuple cost_coeffs() const;
-  // f (the extra fixed cost of a step that is not plain decode) and g (a prefill
-  // attention pair's cost) default to 0.
+  // f (the extra fixed cost of a step that is not plain decode) defaults to 0.
   void set_cost_prior(double a, double b, double c, double d, double e,
-                      std::optional<double> f, std::optional<double> g);
+                      std::optional<double> f);
   std::string state(int64_t rid) const;
   int64_t inflight_steps() const;
   const SchedulerConfig& config() const { return s_.config(); }

@@ -80,18 +80,13 @@ void Scheduler::update_floor_credit(double predicted_s) {
 // else decode-only steps until the credit is full, then one step that spends
 // it; and if the decodes alone miss the target, the floor is lost for this
 // step anyway and a prefill still progresses by min_prefill_chunk.
-// `first_prefix`: the cached tokens under the prefill that would go first.
-Scheduler::StepTarget Scheduler::step_target(const StepFeatures& decodes,
-                                             int32_t first_prefix) const {
+Scheduler::StepTarget Scheduler::step_target(const StepFeatures& decodes) const {
   constexpr double kNone = std::numeric_limits<double>::infinity();
   double limit = floor_step_time();
   if (!std::isfinite(limit) || decodes.decode_tokens == 0) return {kNone, true};
   const auto& c = cost_.coeffs();
   double alone = cost_.predict(decodes);
-  double chunk = cfg_.min_prefill_chunk;
-  double with_chunk = alone + cost_.eager_jump(decodes) + (c[2] + c[3]) * chunk +
-                      c[3] * first_prefix +
-                      c[CostModel::kPairs] * StepFeatures::pairs(first_prefix, chunk);
+  double with_chunk = alone + cost_.eager_jump(decodes) + (c[2] + c[3]) * cfg_.min_prefill_chunk;
   if (with_chunk <= limit || alone >= limit) return {limit, true};
   if (floor_credit_s_ >= max_floor_credit()) return {limit + floor_credit_s_, true};
   return {limit, false};
@@ -167,7 +162,7 @@ std::optional<PlanData> Scheduler::plan() {
     f.draft_tokens += r.count - 1;
     f.kv_tokens_read += r.prefix + r.count;
   }
-  const StepTarget target = step_target(f, first_prefill_prefix());
+  const StepTarget target = step_target(f);
   // Decodes filled the running set; the rest is needed only with prefill work.
   if (static_cast<int32_t>(rows.size()) < static_cast<int32_t>(running_.size()))
     plan_prefills(rows, budget, f, target);
@@ -183,14 +178,6 @@ std::optional<PlanData> Scheduler::plan() {
   PlanData p = materialize(rows, num_decode, f);
   if (f.decode_tokens > 0) update_floor_credit(p.predicted_time_s);
   return p;
-}
-
-// The cursor of the oldest running prefill; 0 for a queued one (its cache hit
-// is not known before admission).
-int32_t Scheduler::first_prefill_prefix() const {
-  for (const Entry* e : running_)
-    if (const auto* p = std::get_if<Prefilling>(&e->state)) return p->cursor();
-  return 0;
 }
 
 bool Scheduler::decodable(const RequestData& d) const {
@@ -286,12 +273,8 @@ int32_t Scheduler::chunk_tokens(int32_t remaining, int32_t prefix, int32_t budge
   if (!std::isfinite(target.time_s) || (f.decode_tokens == 0 && first_prefill)) return n;
   const auto& c = cost_.coeffs();
   double avail = target.time_s - cost_.predict(f) - cost_.eager_jump(f) - c[3] * prefix;
-  // The chunk's cost, k tokens: k*(c + d) + g*pairs(prefix, k) = k*lin + g*k^2/2.
-  // Its root, in the form that stays exact as g -> 0 (then avail / lin).
-  double g = c[CostModel::kPairs];
-  double lin = c[2] + c[3] + g * (prefix + 0.5);
-  double root = lin + std::sqrt(lin * lin + 2 * g * std::max(avail, 0.0));
-  double fit = root > 0 ? std::floor(2 * avail / root) : n;
+  double per_token = c[2] + c[3];
+  double fit = per_token > 0 ? std::floor(avail / per_token) : n;
   int64_t allowed = fit < 0 ? 0 : static_cast<int64_t>(std::min<double>(fit, n));
   // The first prefill of a step gets a worthwhile chunk (min_prefill_chunk, or
   // what is left of the prompt) or none (step_target).
@@ -324,7 +307,6 @@ void Scheduler::add_prefill_row(std::vector<Row>& rows, Entry* e, int32_t n,
   p.advance(n);
   f.prefill_tokens += n;
   f.kv_tokens_read += cursor + n;
-  f.prefill_pairs += StepFeatures::pairs(cursor, n);
   if (!last) return;
   mark_sample(p.data(), rows.size() - 1);
   e->state = std::move(p).finish_prefill();  // replaces the consumed state

@@ -143,8 +143,7 @@ class Scheduler {
   static const PageLease& lease_of(const Entry& e);
   void pin_session(const RequestData& d);
   int64_t pinned_only_pages() const;
-  StepTarget step_target(const StepFeatures& decodes, int32_t first_prefix) const;
-  int32_t first_prefill_prefix() const;
+  StepTarget step_target(const StepFeatures& decodes) const;
   int32_t chunk_tokens(int32_t remaining, int32_t prefix, int32_t budget,
                        const StepFeatures& f, bool first_prefill,
                        const StepTarget& target) const;

@@ -21,7 +21,7 @@ def test_fit_recovers_a_linear_machine():
     s = make(num_pages=1024, page_size=16, max_batch_tokens=96, tps_floor=0.0)
     rng = np.random.default_rng(0)
     feed(s, lambda d, p, kv: 0.003 + 0.0004 * d + 0.00005 * p + 1e-7 * kv, 200, rng)
-    a, b, c, d, e, f, g = s.cost_coeffs()
+    a, b, c, d, e, f = s.cost_coeffs()
     assert abs(c - 0.00005) / 0.00005 < 0.1
     p = s.plan()  # prediction for a fresh plan is close to the truth
     if p is not None:
