@@ -68,6 +68,9 @@ class CostModel {
   // eager term, unless the step is eager already).
   double eager_jump(const StepFeatures& f) const { return f.eager() ? 0 : coeffs()[kEager]; }
   const Vec& coeffs() const;
+  // How many plain steps (no prefill) the fit has seen, forgetting counted:
+  // with few, a prediction for one is mostly extrapolated from steps with prefill.
+  double plain_weight() const { return xtx_[0][0][0]; }
 
  private:
   static Vec features(const StepFeatures& f);

@@ -65,14 +65,30 @@ double Scheduler::max_floor_credit() const {
   return kCreditSteps * floor_step_time();
 }
 
-void Scheduler::update_floor_credit(double predicted_s) {
+// Returns what it added to the credit (clamped), for settle_floor_credit.
+double Scheduler::update_floor_credit(double predicted_s) {
   double limit = floor_step_time();
+  double before = floor_credit_s_;
   if (!std::isfinite(limit)) {
     floor_credit_s_ = 0;
-    return;
+    return 0;
   }
   double most = max_floor_credit();
   floor_credit_s_ = std::clamp(floor_credit_s_ + limit - predicted_s, -most, most);
+  return floor_credit_s_ - before;
+}
+
+// A step is charged its predicted time when planned (the next plan comes before
+// it is measured); once measured, that charge is replaced by what it took. So
+// the floor holds on what steps really took: the cost model is linear, a
+// chunk's attention is not (its query-key pairs grow with the prefix under it),
+// and over an agent's 16K-22K contexts 1,500-token chunks planned at 67.8 ms
+// took 80-84 ms (8B, H200), each overdraft otherwise unpaid.
+void Scheduler::settle_floor_credit(double charged_s, double measured_s) {
+  double limit = floor_step_time();
+  if (!(measured_s > 0) || !std::isfinite(measured_s) || !std::isfinite(limit)) return;
+  double most = max_floor_credit();
+  floor_credit_s_ = std::clamp(floor_credit_s_ - charged_s + limit - measured_s, -most, most);
 }
 
 // Given the step's decode rows: smooth chunks that fit the target in every
@@ -87,7 +103,16 @@ Scheduler::StepTarget Scheduler::step_target(const StepFeatures& decodes) const 
   const auto& c = cost_.coeffs();
   double alone = cost_.predict(decodes);
   double with_chunk = alone + cost_.eager_jump(decodes) + (c[2] + c[3]) * cfg_.min_prefill_chunk;
-  if (with_chunk <= limit || alone >= limit) return {limit, true};
+  if (with_chunk <= limit) return {limit, true};
+  // Decodes alone that miss the target lose the floor anyway, so the prefill
+  // goes on beside them; but only once plain steps were measured. A fresh
+  // process has seen only its first prompts' prefill, whose fit put a plain
+  // 8B decode step at over 20 ms (it takes 5-7 on an H100 or H200): every
+  // step then took a 64-token chunk beside the first user's decodes, 20-22 ms
+  // a step, that user's whole first turn at 45-54 TPS (the floor 70), and no
+  // plain step came to correct the fit. Here a few come first.
+  constexpr double kPlainStepsTrusted = 8;
+  if (alone >= limit && cost_.plain_weight() >= kPlainStepsTrusted) return {limit, true};
   if (floor_credit_s_ >= max_floor_credit()) return {limit + floor_credit_s_, true};
   return {limit, false};
 }
@@ -176,7 +201,8 @@ std::optional<PlanData> Scheduler::plan() {
   }
   if (rows.empty()) return std::nullopt;
   PlanData p = materialize(rows, num_decode, f);
-  if (f.decode_tokens > 0) update_floor_credit(p.predicted_time_s);
+  if (f.decode_tokens > 0)
+    inflight_.back().credit_charged_s = update_floor_credit(p.predicted_time_s);
   return p;
 }
 
@@ -624,6 +650,7 @@ std::vector<Event> Scheduler::commit(int64_t step, std::span<const int32_t> toke
       break;
     }
   }
+  if (done.features.decode_tokens > 0) settle_floor_credit(done.credit_charged_s, step_time_s);
   cost_.observe(done.features, step_time_s);
   graveyard_pages_ -= done.graveyard_pages;
   ++steps_total_;

@@ -102,6 +102,7 @@ class Scheduler {
     std::vector<int32_t> num_draft;  // [B]
     std::vector<int32_t> drafts;     // every row's drafts, concatenated
     StepFeatures features;
+    double credit_charged_s = 0;  // what planning it added to the floor credit
     std::vector<PageLease> graveyard;
     int32_t graveyard_pages = 0;  // sole-owner pages the graveyard will free
   };
@@ -164,7 +165,8 @@ class Scheduler {
   void remove_waiting(int64_t rid);
   double floor_step_time() const;
   double max_floor_credit() const;
-  void update_floor_credit(double predicted_s);
+  double update_floor_credit(double predicted_s);
+  void settle_floor_credit(double charged_s, double measured_s);
 
   SchedulerConfig cfg_;
   PagePool pool_;
