@@ -16,7 +16,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -182,6 +182,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raise ConfigError(f"{path}: cannot read the config file: {e}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: not valid YAML: nested too deeply") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping")
     for item in overrides or []:
@@ -191,9 +193,22 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return _resolve(config)
 
 
+@dataclass(frozen=True)
+class _Scalar:
+    """A YAML number or boolean with the text it was written as. A string key takes the text:
+    YAML 1.1 reads an API key written 0123 as the octal 83, 0x1F as 31 and 12:30 as 750."""
+    value: int | float | bool
+    text: str
+
+    def __bool__(self) -> bool:
+        return bool(self.value)
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
     """SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last one, so a
-    second `server:` section would silently drop the first)."""
+    second `server:` section would silently drop the first), and keeps the text of numbers and
+    booleans in values (`_Scalar`).
+    """
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         seen: set = set()
@@ -203,7 +218,28 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                 raise yaml.constructor.ConstructorError(
                     None, None, f"duplicate key {key!r}", key_node.start_mark)
             seen.add(key)
-        return super().construct_mapping(node, deep=deep)
+        mapping = super().construct_mapping(node, deep=deep)
+        return {(k.value if isinstance(k, _Scalar) else k): v for k, v in mapping.items()}
+
+    def _with_text(self, node: yaml.ScalarNode, construct: Callable) -> _Scalar:
+        return _Scalar(construct(self, node), node.value)
+
+
+for _tag, _construct in (("int", yaml.SafeLoader.construct_yaml_int),
+                         ("float", yaml.SafeLoader.construct_yaml_float),
+                         ("bool", yaml.SafeLoader.construct_yaml_bool)):
+    _UniqueKeyLoader.add_constructor(
+        f"tag:yaml.org,2002:{_tag}",
+        lambda loader, node, construct=_construct: loader._with_text(node, construct))
+
+
+def _parse_value(text: str) -> Any:
+    """A --set value, read as YAML where it is YAML; else the text itself (`@secret`, `*x`)."""
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)
+    except (yaml.YAMLError, RecursionError):
+        return text
+
 
 
 def _apply_override(raw: dict, item: str) -> None:
@@ -216,7 +252,7 @@ def _apply_override(raw: dict, item: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"{key}: {part} is not a section")
-    node[leaf] = yaml.safe_load(value) if value.strip() else None
+    node[leaf] = _parse_value(value) if value.strip() else None
     # model.path and model.preset are alternatives: setting one on the command line replaces
     # the other from the file, so `--set model.path=/ckpt` works with the default config.
     if parents == ["model"] and leaf in ("path", "preset") and node[leaf]:
@@ -237,8 +273,6 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
 
 
 def _coerce(hint: Any, value: Any, key: str) -> Any:
-    if dataclasses.is_dataclass(hint):
-        return _build(hint, value, key + ".")
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
@@ -246,16 +280,18 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
             return None
         (hint,) = [a for a in args if a is not type(None)]
         return _coerce(hint, value, key)
+    if isinstance(value, _Scalar):
+        value = value.text if hint is str else value.value
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, key + ".")
     if origin is dict:
+        if isinstance(value, dict):
+            value = {k: v.text if isinstance(v, _Scalar) else v for k, v in value.items()}
         if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
             raise ConfigError(f"{key}: expected a mapping of names to strings, got {value!r}")
         return dict(value)
     if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
-    if hint is str and value is False:
-        return "off"  # YAML 1.1 reads an unquoted `off` (or `no`) as false
-    if hint is str and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return str(value)
     if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
         raise ConfigError(f"{key}: expected {hint.__name__}, got {value!r}")
     return value

@@ -89,6 +89,32 @@ def test_bad_yaml_and_missing_file(tmp_path):
         load_config(tmp_path / "missing.yaml")
 
 
+@pytest.mark.parametrize("text", ["0123", "0x1F", "12:30", "1_000", "no", "off", "true", "1e3",
+                                  "@secret", "%x", "*x", "`x", "["])
+def test_a_string_setting_keeps_the_text_it_was_given(text, tmp_path):
+    """YAML 1.1 reads 0123 as the octal 83, 0x1F as 31 and 12:30 as 750: an API key given so was
+    silently another one (QA: `--set server.api_key=0123` refused `Bearer 0123` and let `Bearer
+    83` in), and `@secret` was a traceback. From --set and from a file alike."""
+    assert load_config(overrides=[f"server.api_key={text}"]).server.api_key == text
+    in_file = tmp_path / "key.yaml"  # YAML itself needs the last five quoted
+    in_file.write_text(f"server:\n  api_key: {text}\n" if text[0] not in "@%*`[" else
+                       f"server:\n  api_key: '{text}'\n")
+    assert load_config(in_file).server.api_key == text
+
+
+def test_numbers_still_read_as_numbers_and_a_deep_config_is_a_config_error(tmp_path):
+    config = load_config(overrides=["kv.num_pages=0x10", "scheduler.tps_floor=12.5"])
+    assert (config.kv.num_pages, config.scheduler.tps_floor) == (16, 12.5)
+    with pytest.raises(ConfigError, match="kv.num_pages: expected int, got '\\['"):
+        load_config(overrides=["kv.num_pages=["])
+    with pytest.raises(ConfigError, match="model.seed: expected int, got False"):
+        load_config(overrides=["model.seed=no"])
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("a: " + "[" * 5000 + "]" * 5000 + "\n")
+    with pytest.raises(ConfigError, match="nested too deeply"):
+        load_config(deep)
+
+
 def test_unreadable_config_files_and_duplicate_keys_are_config_errors(tmp_path):
     not_utf8 = tmp_path / "latin1.yaml"
     not_utf8.write_bytes(b"server:\n  host: caf\xe9\n")
