@@ -23,16 +23,21 @@ ANTHROPIC_TYPES = {401: "authentication_error", 403: "permission_error", 404: "n
                    503: "overloaded_error", 529: "overloaded_error"}
 
 
+# Seconds a client is told to wait while the engine starts or restarts.
+RETRY_AFTER_S = 5
+
+
 class ApiError(Exception):
     """An error to report to the client with an HTTP status."""
 
     def __init__(self, status: int, message: str, *, param: str | None = None,
-                 code: str | None = None) -> None:
+                 code: str | None = None, retry_after_s: int | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.param = param
         self.code = code
+        self.retry_after_s = retry_after_s  # a Retry-After header: the SDKs wait that long
 
 
 def bad_request(message: str, param: str | None = None) -> ApiError:
@@ -59,8 +64,10 @@ def error_response(request: Request, error: ApiError) -> JSONResponse:
         body = anthropic_error_body(error.status, error.message)
     else:
         body = openai_error_body(error.status, error.message, error.param, error.code)
-    headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
-    return JSONResponse(body, status_code=error.status, headers=headers)
+    headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else {}
+    if error.retry_after_s is not None:
+        headers["Retry-After"] = str(error.retry_after_s)
+    return JSONResponse(body, status_code=error.status, headers=headers or None)
 
 
 def validation_message(errors: Sequence[Any]) -> tuple[str, str | None]:

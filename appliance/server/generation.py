@@ -20,7 +20,7 @@ from fastapi import Request
 from appliance.engine.client import EngineFailed, EngineRejected
 from appliance.engine.protocol import Constraint, GenerateRequest, TokenLogprobs, TokenOutput
 from appliance.server.detokenize import IncrementalDetokenizer
-from appliance.server.errors import ApiError
+from appliance.server.errors import RETRY_AFTER_S, ApiError
 from appliance.server.state import AppState
 from appliance.server.stop_strings import StopStringMatcher
 from appliance.server.tool_parsers import (ParsedToolCall, Piece, Reasoning, ToolCallArgs, ToolCallEnd,
@@ -206,6 +206,18 @@ class _Progress:
     prefilled: bool = False
 
 
+def require_engine(state: AppState) -> None:
+    """Refuse a request the engine cannot take now, before any response starts: 503, with
+    Retry-After while the engine (re)starts. The SDKs retry a 503 on their own, but never an
+    error event inside a 200 stream, which is what a stream started into a restart got."""
+    if state.engine_healthy:
+        return
+    status = state.engine_status
+    if status in ("restarting", "starting"):
+        raise ApiError(503, f"The engine is {status}; retry shortly", retry_after_s=RETRY_AFTER_S)
+    raise ApiError(503, f"The engine is not serving ({status})")
+
+
 async def generate(state: AppState, job: GenerationJob) -> AsyncIterator[Event]:
     """Run `job` in the engine; yields one `Prefilled`, text / reasoning / tool-call events and
     exactly one final `Finished`. The outputs that arrive together (a speculative step's
@@ -312,7 +324,8 @@ async def _engine_outputs(state: AppState, stream: AsyncIterator[list[TokenOutpu
         async for out in stream:
             yield out
     except EngineFailed as e:
-        raise ApiError(503, str(e)) from None
+        retry = RETRY_AFTER_S if state.engine_status == "restarting" else None
+        raise ApiError(503, str(e), retry_after_s=retry) from None
     except EngineRejected as e:
         if not token_ids and state.engine_healthy:
             raise ApiError(400, f"The engine rejected the request: {e}") from None

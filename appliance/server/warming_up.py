@@ -21,12 +21,11 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from appliance.server.connection import uvicorn_config
-from appliance.server.errors import ANTHROPIC_PREFIX, anthropic_error_body, openai_error_body
+from appliance.server.errors import ANTHROPIC_PREFIX, RETRY_AFTER_S, anthropic_error_body, openai_error_body
 from appliance.server.serve import DrainingServer
 
 STATUS = "warming up"
 MESSAGE = "the engine is warming up (loading the model); retry shortly"
-RETRY_AFTER_S = 5
 METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 
 

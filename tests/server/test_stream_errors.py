@@ -12,6 +12,7 @@ import openai
 import pytest
 
 from appliance.engine.client import EngineRejected
+from appliance.server import generation
 
 from .conftest import MODEL
 
@@ -113,9 +114,56 @@ def test_refusal_before_the_first_token_is_400_unless_the_engine_is_down(served)
     served.fake.reject = "prompt needs more KV pages than the pool has"
     lines = _stream_lines(served, "/v1/chat/completions")
     assert json.loads(lines[-2].removeprefix("data: "))["error"]["type"] == "invalid_request_error"
-    served.fake.healthy = False
+    served.fake.healthy = False  # an engine known to be down refuses before the stream starts
     try:
-        lines = _stream_lines(served, "/v1/chat/completions")
+        with served.http() as http:
+            r = http.post("/v1/chat/completions", json=STREAMS["/v1/chat/completions"])
     finally:
         served.fake.healthy = True
-    assert json.loads(lines[-2].removeprefix("data: "))["error"]["type"] == "service_unavailable"
+    assert r.status_code == 503 and r.json()["error"]["type"] == "service_unavailable"
+
+
+@pytest.mark.parametrize("stream", [True, False])
+@pytest.mark.parametrize("path", list(STREAMS))
+def test_a_request_into_an_engine_restart_is_a_503_with_retry_after(served, path, stream):
+    """QA: a stream asked for while the engine restarted got 200 and an error event, which no SDK
+    retries (the openai client with max_retries=3 failed in 0.04 s), and a whole response a 503
+    without Retry-After. Both are now refused before any response starts, as during warm-up."""
+    served.fake.healthy, served.fake.status = False, "restarting"
+    try:
+        with served.http() as http:
+            r = http.post(path, json={**STREAMS[path], "stream": stream})
+            assert r.status_code == 503 and r.headers["retry-after"] == "5"
+            error = r.json()["error"]
+            assert error["type"] == ("overloaded_error" if path == "/v1/messages"
+                                     else "service_unavailable")
+            assert "restarting" in error["message"]
+            served.fake.status = "failed"  # not coming back: no Retry-After
+            r = http.post(path, json={**STREAMS[path], "stream": stream})
+            assert r.status_code == 503 and "retry-after" not in r.headers
+    finally:
+        served.fake.healthy = True
+        vars(served.fake).pop("status", None)
+
+
+def test_the_sdk_retries_a_stream_refused_during_a_restart(served, monkeypatch):
+    """The openai SDK waits Retry-After and asks again: a stream that lands in a restart gets
+    its answer once the engine is back."""
+    monkeypatch.setattr(generation, "RETRY_AFTER_S", 1)
+    served.fake.healthy, served.fake.status = False, "restarting"
+    statuses = []
+
+    def back(response):  # the first try was refused; the engine is back for the retry
+        statuses.append(response.status_code)
+        served.fake.healthy = True
+        vars(served.fake).pop("status", None)
+
+    client = openai.OpenAI(base_url=f"{served.base_url}/v1", api_key="x", max_retries=1,
+                           http_client=openai.DefaultHttpxClient(event_hooks={"response": [back]}))
+    try:
+        stream = client.chat.completions.create(model=MODEL, messages=USER, stream=True)
+        assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+        assert statuses == [503, 200]
+    finally:
+        served.fake.healthy = True
+        vars(served.fake).pop("status", None)

@@ -17,7 +17,8 @@ from appliance.server.auth import require_api_key
 from appliance.server.constraints import checked, request_constraint
 from appliance.server.errors import ApiError, anthropic_error_body, bad_request
 from appliance.server.generation import (Collected, Finished, GenerationJob, Prefilled, SamplingOptions,
-                                         TextDelta, collect, generate_choices)
+                                         TextDelta, collect, generate_choices,
+                                         require_engine)
 from appliance.server.json_body import JsonBodyRoute
 from appliance.server.prompt import chat_prompt_ids
 from appliance.server.request_context import (arrival_time, check_model, claude_code_ids,
@@ -45,6 +46,7 @@ async def messages(body: MessagesRequest, request: Request) -> Response:
                                    user=user_hint(request, claude_code_ids(_user_id(body))[0]),
                                    arrived_at=arrival_time(request))
     message_id = f"msg_{uuid.uuid4().hex[:24]}"
+    require_engine(state)
     if body.stream:
         return sse.response(sse.guarded(_stream(state, job, message_id), _stream_error))
     (result,) = await collect(request, state, [job])

@@ -17,7 +17,7 @@ from appliance.server.auth import require_api_key
 from appliance.server.constraints import ResponseFormat, checked, request_constraint
 from appliance.server.errors import bad_request
 from appliance.server.generation import (Collected, Finished, GenerationJob, TextDelta, TokenDelta, collect,
-                                         generate_choices)
+                                         generate_choices, require_engine)
 from appliance.server.json_body import JsonBodyRoute
 from appliance.server.openai.common import (choice_jobs, finish_reason, merged_constraint, reject_unsupported,
                                              sampling_options, stream_error, tool_setup, usage)
@@ -62,6 +62,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
                                    user=user_hint(request, body.user), arrived_at=arrival_time(request))
     jobs = choice_jobs(job, body.n)
     ids = ChatIds(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), state.model_name)
+    require_engine(state)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return sse.response(sse.guarded(_stream(state, jobs, ids, include_usage), stream_error))

@@ -14,7 +14,7 @@ from appliance.server import sse
 from appliance.server.auth import require_api_key
 from appliance.server.errors import bad_request
 from appliance.server.generation import (Finished, GenerationJob, TextDelta, TokenDelta, TokenIds, collect,
-                                         generate_choices)
+                                         generate_choices, require_engine)
 from appliance.server.json_body import JsonBodyRoute
 from appliance.server.openai.common import (choice_jobs, finish_reason, reject_unsupported, sampling_options,
                                              stream_error, usage)
@@ -47,6 +47,7 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
             "model": state.model_name}
     jobs = choice_jobs(job, body.n)
+    require_engine(state)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         stream = _stream(state, jobs, head, include_usage, body.logprobs is not None)

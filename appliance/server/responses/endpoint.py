@@ -16,7 +16,7 @@ from appliance.server.auth import require_api_key
 from appliance.server.constraints import ResponseFormat, checked, request_constraint
 from appliance.server.errors import ApiError, bad_request, openai_error_body
 from appliance.server.generation import (Finished, GenerationJob, Prefilled, SamplingOptions, collect,
-                                         generate_choices)
+                                         generate_choices, require_engine)
 from appliance.server.json_body import JsonBodyRoute
 from appliance.server.prompt import chat_prompt_ids, output_budget
 from appliance.server.request_context import arrival_time, check_model, session_hint, user_hint
@@ -56,6 +56,7 @@ async def responses(body: ResponsesRequest, request: Request) -> Response:
                                    session=session_hint(request, body.session_id, body.prompt_cache_key),
                                    user=user_hint(request, body.user), arrived_at=arrival_time(request))
     head = ResponseHead.of(state, body, tools)
+    require_engine(state)
     if body.stream:
         writer = StreamWriter(head)
         return sse.response(sse.guarded(writer.stream(state, job), writer.error))
