@@ -17,6 +17,8 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+
+import zmq
 from dataclasses import dataclass
 
 from appliance.config import AppConfig
@@ -66,13 +68,18 @@ class EngineInstance:
         self._reported: str | None = None  # a Failed message from rank 0
         self._stopped = False
         self.procs: list[mp.process.BaseProcess] = []
+        # Out of file descriptors, processes or disk: an EngineStartError, so that a restart
+        # retries within engine.max_restarts (QA: a restart at the fd limit ended the daemon).
         try:
             self.channel = FrontendChannel(config.run_dir)
-        except OSError as e:
+        except (OSError, zmq.ZMQError) as e:
             raise EngineStartError(f"cannot set up the engine channel: {e}") from None
         try:
             self.procs = _spawn_ranks(config, files, self.channel.endpoints)
             self.info = self._wait_ready(timeout_s, cancelled, on_progress)
+        except (OSError, zmq.ZMQError) as e:
+            self.kill()
+            raise EngineStartError(f"cannot start the engine ranks: {e}") from None
         except BaseException:
             self.kill()
             raise

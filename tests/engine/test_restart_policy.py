@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -109,3 +110,27 @@ def test_failed_restarts_are_spaced_out_not_spent_at_once(monkeypatch):
         assert len(client.starts) == 4 and all(gap >= 0.3 for gap in gaps)
     finally:
         client.close()
+
+
+@pytest.mark.parametrize("where", ["channel", "ranks"])
+def test_running_out_of_descriptors_is_a_start_error_a_restart_retries(where, monkeypatch, tmp_path):
+    """QA: rank 0 killed while the frontend's descriptors were used up; the restart's os.pipe()
+    raised EMFILE, which escaped as an OSError and ended the daemon at once, with restarts left.
+    Out of descriptors (OSError, or zmq's own error) is now an EngineStartError: retried."""
+    import errno
+
+    import zmq
+
+    from appliance.engine import instance as instance_module
+
+    def out_of_fds(*args, **kwargs):
+        if where == "channel":
+            raise zmq.ZMQError(errno.EMFILE)
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(instance_module, "FrontendChannel" if where == "channel" else "_spawn_ranks",
+                        out_of_fds)
+    config = load_config(None, ["model.preset=tiny-llama", f"server.socket={tmp_path}/ts.sock"])
+    with pytest.raises(EngineStartError, match="Too many open files"):
+        instance_module.EngineInstance(config, ModelFiles(None, "tiny-llama", ""), lambda m: None,
+                                       5.0, threading.Event())
