@@ -49,7 +49,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tokenspeed", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, handler, help_text in [
-        ("up", cmd_up, "start the daemon in the foreground (Ctrl-C / SIGTERM drains and exits)"),
+        ("up", cmd_up, "start the daemon in the foreground (Ctrl-C / SIGTERM / SIGHUP drain and exit)"),
         ("down", cmd_down, "stop the daemon started with the same config"),
         ("status", cmd_status, "print the daemon's health and KV/queue figures"),
         ("top", cmd_top, "live dashboard of the daemon"),
@@ -147,7 +147,7 @@ def _serve_when_ready(config: AppConfig, listening: Listening) -> int:
 
     from appliance.engine.client import EngineClient, EngineStartError
     from appliance.engine.model_files import check_mtp_checkpoint, resolve_model_files
-    from appliance.server.serve import serve
+    from appliance.server.serve import serve, stop_signals
     from appliance.server.warming_up import WarmingUp
     from appliance.startup_progress import StartupProgress, since_process_start
 
@@ -159,7 +159,9 @@ def _serve_when_ready(config: AppConfig, listening: Listening) -> int:
         print(f"tokenspeed: config error: {e}", file=sys.stderr)
         return 2
     # Ctrl-C while the model loads: stop the ranks and exit cleanly too.
-    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    stopping = [s for s in stop_signals() if s != signal.SIGINT]  # SIGINT: KeyboardInterrupt
+    for sig in stopping:
+        signal.signal(sig, _raise_keyboard_interrupt)
     client = None
     # The tokenizer loads (seconds: transformers' import) while the engine ranks start.
     loader = ThreadPoolExecutor(1, thread_name_prefix="tokenizer")
@@ -174,7 +176,8 @@ def _serve_when_ready(config: AppConfig, listening: Listening) -> int:
                  client.info.num_pages, client.info.page_size, client.max_model_len,
                  since_process_start())
         _warn_tokenizer_past_vocabulary(len(ready_tokenizer), client.info.vocab_size, files.tokenizer)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        for sig in stopping:
+            signal.signal(sig, signal.SIG_DFL)
         return serve(config, client, ready_tokenizer, listening)
     except ConfigError as e:
         print(f"tokenspeed: config error: {e}", file=sys.stderr)

@@ -2,7 +2,7 @@
 
 The Unix socket is created mode 0600 (only the daemon's user may talk to it); a stale socket file
 left by a crashed daemon is replaced, a live one is an error; the file is removed at exit.
-SIGINT/SIGTERM: stop accepting, let in-flight requests finish for up to GRACE_S seconds, then
+SIGINT/SIGTERM/SIGHUP: stop accepting, let in-flight requests finish for up to GRACE_S seconds, then
 abort the rest through the engine client (their streams end with finish_reason "abort"); a
 request still running ABORT_WAIT_S later is cancelled. Returns 0, or 1 once the engine has
 failed for good (`engine.restart: never`, or its restart limit spent); while the engine client
@@ -39,6 +39,18 @@ BACKLOG = 2048
 HEALTH_POLL_S = 0.5
 
 
+# SIGHUP: the terminal or ssh session running `tokenspeed up` closed. No configuration is
+# reloaded, so it stops the daemon as SIGTERM does (draining, logged) rather than killing it;
+# unless it is ignored (`nohup tokenspeed up`), which stays so.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def stop_signals() -> tuple[signal.Signals, ...]:
+    """The STOP_SIGNALS this process is not ignoring."""
+    return tuple(s for s in STOP_SIGNALS
+                 if s != signal.SIGHUP or signal.getsignal(s) != signal.SIG_IGN)
+
+
 class DrainingServer(uvicorn.Server):
     """uvicorn.Server whose signal handling drains and returns instead of re-raising the signal."""
 
@@ -53,7 +65,7 @@ class DrainingServer(uvicorn.Server):
         if threading.current_thread() is not threading.main_thread():
             yield
             return
-        previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        previous = {sig: signal.signal(sig, self.handle_exit) for sig in stop_signals()}
         try:
             yield
         finally:

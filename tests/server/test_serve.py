@@ -86,7 +86,10 @@ def _finish(proc: subprocess.Popen) -> tuple[int, list[int], str]:
 
 
 @pytest.mark.slow
-def test_sigterm_drains_in_flight_stream_and_exits_zero():
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_sigterm_drains_in_flight_stream_and_exits_zero(sig):
+    """SIGHUP too: the terminal or ssh session that ran `tokenspeed up` closed (QA: it killed
+    the daemon with no drain and no log line, its streams cut and its run files left)."""
     folder = Path(tempfile.mkdtemp(dir="/tmp"))
     proc, port, sock = _start(folder, grace=10.0)
     assert stat.S_IMODE(os.stat(sock).st_mode) == 0o600
@@ -95,13 +98,14 @@ def test_sigterm_drains_in_flight_stream_and_exits_zero():
     lines: list[str] = []
     thread = _stream_in_thread(port, lines)
     assert wait_until(lambda: len(lines) >= 2, timeout=20)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     time.sleep(0.3)
     with pytest.raises(httpx.ConnectError):  # no new connections while draining
         httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
     thread.join(30)
     code, aborted, out = _finish(proc)
     assert code == 0, out
+    assert f"shutting down ({sig.name})" in out
     assert lines[-1] == "data: [DONE]"
     assert json.loads(lines[-2][6:])["choices"][0]["finish_reason"] == "length"  # ran to the end
     assert aborted == []
@@ -156,3 +160,16 @@ async def test_watchdog_stops_the_server_once_the_engine_failed_for_good():
     assert server.should_exit is False
     await _watch_engine(server, SimpleNamespace(engine_status="failed"))
     assert server.should_exit is True
+
+
+def test_an_ignored_sighup_stays_ignored():
+    """`nohup tokenspeed up &` must outlive its terminal."""
+    from appliance.server.serve import stop_signals
+
+    before = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        assert signal.SIGHUP not in stop_signals()
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        assert signal.SIGHUP in stop_signals()
+    finally:
+        signal.signal(signal.SIGHUP, before)
