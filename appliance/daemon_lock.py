@@ -9,8 +9,11 @@ when the daemon dies (even under kill -9), so a stale pid file never blocks a ne
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 
 class DaemonRunning(RuntimeError):
@@ -50,8 +53,11 @@ class DaemonLock:
         """Remove the pid file (while still holding the lock), then drop the lock."""
         if self._fd < 0:
             return
-        if _same_file(self._fd, self.path):
-            self.path.unlink()
+        try:
+            if _same_file(self._fd, self.path):
+                self.path.unlink()
+        except OSError as e:  # a read-only run folder: the next start sees the pid file is stale
+            log.warning("cannot remove the pid file %s: %s", self.path, e)
         os.close(self._fd)
         self._fd = -1
 

@@ -63,3 +63,29 @@ def test_only_a_tokenspeed_up_process_counts_as_a_daemon():
     finally:
         sleeper.kill()
         sleeper.wait()
+
+
+def test_a_read_only_run_folder_at_exit_is_a_warning_not_a_traceback(tmp_path, monkeypatch, caplog):
+    """QA: the run folder turned read-only (a disk remounted ro) under a running daemon; its clean
+    SIGTERM drain then ended in three chained tracebacks and exit 1, from removing the socket
+    file and the pid file. Each is a warning now, and the lock is still dropped."""
+    from pathlib import Path
+
+    from appliance.server import serve
+
+    lock = DaemonLock.acquire(tmp_path / "ts.sock.pid")
+    sock = tmp_path / "ts.sock"
+    sock.write_text("")
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(Path, "unlink", read_only)
+    monkeypatch.setattr(os, "unlink", read_only)
+    lock.release()
+    serve._remove_socket_file(str(sock), sock.stat().st_ino)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("cannot remove the pid file" in w for w in warnings), warnings
+    assert any("cannot remove the socket file" in w for w in warnings), warnings
+    monkeypatch.undo()
+    assert lock_holder(tmp_path / "ts.sock.pid") is None  # the lock is free: a new start may go

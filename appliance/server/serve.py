@@ -245,3 +245,5 @@ def _remove_socket_file(path: str, inode: int) -> None:
             os.unlink(path)
     except FileNotFoundError:
         pass
+    except OSError as e:  # the run folder went read-only: the next start replaces a stale file
+        log.warning("cannot remove the socket file %s: %s", path, e)
