@@ -71,8 +71,10 @@ def _open(path: Path, mtime_ns: int) -> GGUFReader:
     # the config, then the weights
     try:
         reader = GGUFReader(path)
-    except (OSError, ValueError) as e:
-        raise LoadError(f"{path}: not a readable GGUF file: {e}") from None
+    except Exception as e:  # a truncated or damaged file fails in the reader's numpy parsing
+        size = path.stat().st_size if path.exists() else 0
+        raise LoadError(f"{path}: not a readable GGUF file ({size:,} bytes: truncated or "
+                        f"damaged?): {type(e).__name__}: {e}") from None
     split = reader.fields.get("split.count")
     if split is not None and int(split.contents()) > 1:
         raise LoadError(f"{path}: a split GGUF checkpoint ({int(split.contents())} files); "

@@ -230,6 +230,20 @@ def test_find_gguf(tmp_path):
         read_gguf_config(tmp_path / "bad.gguf")
 
 
+@pytest.mark.parametrize("size", [4, 24, 3000])
+def test_a_truncated_gguf_is_a_load_error_naming_it(tmp_path, size):
+    """QA: a GGUF cut to 4 or 24 bytes made the reader raise IndexError, which reached the
+    tokenizer cache's builder and was reported as a cache that cannot be written."""
+    from appliance.model.gguf_tokenizer import ensure_gguf_tokenizer
+
+    model, cfg = _hf_model("qwen2", seed=4)
+    whole = write_gguf(tmp_path / "whole.gguf", "qwen2", cfg, _state_dict(model, tied=False))
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(whole.read_bytes()[:size])
+    with pytest.raises(LoadError, match=rf"cut.gguf: not a readable GGUF file \({size:,} bytes"):
+        ensure_gguf_tokenizer(cut, tmp_path / "cache")
+
+
 def test_runner_reads_a_folder_holding_one_gguf(ggufs, tmp_path):
     path = ggufs["llama"]
     (tmp_path / path.name).symlink_to(path)
