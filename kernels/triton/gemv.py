@@ -48,13 +48,12 @@ WIDE = GemvConfig(block_n=16, block_k=256, num_warps=4, num_stages=2)
 NARROW = GemvConfig(block_n=16, block_k=1024, num_warps=8, num_stages=2)
 TALL = GemvConfig(block_n=16, block_k=512, num_warps=8, num_stages=2)
 SMALL = GemvConfig(block_n=4, block_k=2048, num_warps=4, num_stages=2)
-# A wide GEMV with the norm in its loads: every program re-reads the row, the residual and the
-# norm weight (3 x 8 KB at K = 4096) from L2, so the traffic grows with the program count. At
-# WIDE's 16 rows the 8B's gate|up has 1,792 programs and 43 MB of such reads a layer, and its
-# fold lost (H200, fold_only=mlp: +139 us a step). 64-row programs read 11 MB, less than the
-# plain GEMV's row alone at 16 (15 MB); the same 32 float32 products a thread, 80 registers
-# (sm_90 compile). Not yet timed: `gpu_gemv_bench.py --fold` sweeps it.
-FOLD_WIDE = GemvConfig(block_n=64, block_k=128, num_warps=8, num_stages=2)
+# A wide GEMV with the norm in its loads takes WIDE too. Every program re-reads the row, the
+# residual and the norm weight, so fewer, taller programs were tried for the 8B's gate|up
+# (twenty-second session, H200, `gpu_gemv_bench.py --fold`, us a call against the norm kernel
+# then the plain GEMV, 56.7): 64x128 w8 72.8, 64x256 w4 59.0, 32x128 w8 63.1, 32x256 w4 65.5;
+# in the decode graph 64x128 cost +533 us a step where WIDE's fold cost +139. None wins, so the
+# dense MLP does not fold (layers/norm.py FOLDED_KINDS).
 
 
 @dataclass(frozen=True)
@@ -70,7 +69,7 @@ class RowNorm:
 def gemv_config(n: int, k: int, norm: bool = False) -> GemvConfig:
     """The tiles of an [N, K] weight's GEMV (`norm`: with the RMS norm in its loads)."""
     if n >= WIDE_N:
-        return FOLD_WIDE if norm else WIDE
+        return WIDE
     if n * k <= SMALL_WEIGHT and k <= SMALL.block_k:
         return SMALL
     return TALL if n > k else NARROW

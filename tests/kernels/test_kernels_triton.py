@@ -358,7 +358,7 @@ def test_linear_one_row_gemv(n, k, bias):
     assert G.gemv_config(2048, 2816) == G.NARROW                                 # its shared down
     assert G.gemv_config(4096, 4096) == G.NARROW                                 # the 8B's o_proj
     assert G.gemv_config(6144, 4096) == G.TALL                                   # ... and qkv
-    assert G.gemv_config(28672, 4096, norm=True) == G.FOLD_WIDE                  # gate_up, normed
+    assert G.gemv_config(28672, 4096, norm=True) == G.WIDE                       # gate_up, normed
     assert G.gemv_config(6144, 4096, norm=True) == G.TALL
 
 

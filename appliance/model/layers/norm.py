@@ -42,10 +42,10 @@ def fold_norms_on(env: Mapping[str, str]) -> frozenset[str]:
 # router, the LM head.
 FOLD_KINDS = frozenset({"attention", "mla", "mlp", "router", "head"})
 # The kinds whose fold wins at batch 1 (H200, scripts/gpu_op_ablation.py fold_only=KIND, CUDA
-# graph replays, us a step against no fold): Llama-3.1-8B q|k|v -38, gate|up +139 (its 1,792
-# programs each re-read the row, residual and norm weight; since tiled by FOLD_WIDE, 448
-# programs, not yet timed: scripts/gpu_fold_check), head +2; DeepSeek-V2-Lite q|kv_a -52,
-# router, dense MLP and head within 4.
+# graph replays, us a step against no fold): Llama-3.1-8B q|k|v -38 (-36 again in the
+# twenty-second session), gate|up +139 (its 1,792 programs each re-read the row, residual and
+# norm weight; taller tiles lost more, kernels/triton/gemv.py), head +2; DeepSeek-V2-Lite
+# q|kv_a -52, router, dense MLP and head within 4.
 FOLDED_KINDS = frozenset({"attention", "mla"})
 
 # read at each forward, so a test or an in-graph A/B may set them on a built model
