@@ -241,7 +241,6 @@ def _parse_value(text: str) -> Any:
         return text
 
 
-
 def _apply_override(raw: dict, item: str) -> None:
     key, sep, value = item.partition("=")
     if not sep or not key:

@@ -17,9 +17,9 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import zmq
-from dataclasses import dataclass
 
 from appliance.config import AppConfig
 from appliance.engine import protocol
