@@ -28,6 +28,7 @@ RANK_LOG_LEVEL_ENV = "TOKENSPEED_RANK_LOG_LEVEL"  # read by engine ranks (spawne
 
 
 def main(argv: list[str] | None = None) -> int:
+    _open_missing_std_fds()
     parser = _parser()
     args = parser.parse_args(argv)
     configure_logging(args.command, args.verbose)
@@ -37,6 +38,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tokenspeed: config error: {e}", file=sys.stderr)
         return 2
     return args.handler(config, args)
+
+
+def _open_missing_std_fds() -> None:
+    """/dev/null on descriptors 0-2 that whoever started us closed (some supervisors do): else
+    the next files opened take them (QA: the pid file became stdout and the listening socket
+    stderr, which the engine ranks then inherited and held open)."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            os.open(os.devnull, os.O_RDWR)  # the lowest free descriptor: this one
 
 
 def _parser() -> argparse.ArgumentParser:

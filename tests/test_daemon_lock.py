@@ -89,3 +89,18 @@ def test_a_read_only_run_folder_at_exit_is_a_warning_not_a_traceback(tmp_path, m
     assert any("cannot remove the socket file" in w for w in warnings), warnings
     monkeypatch.undo()
     assert lock_holder(tmp_path / "ts.sock.pid") is None  # the lock is free: a new start may go
+
+
+def test_closed_standard_descriptors_get_dev_null(tmp_path):
+    """QA: `tokenspeed up >&- 2>&-` (as some supervisors start it) gave the pid file fd 1 and the
+    listening socket fd 2, which the engine ranks inherited as stderr and held open."""
+    probe = ("import os\n"
+             "os.close(1); os.close(2)\n"
+             "from appliance.cli import _open_missing_std_fds\n"
+             "_open_missing_std_fds()\n"
+             "fd = os.open(os.devnull, os.O_RDONLY)\n"
+             f"open({str(tmp_path / 'out')!r}, 'w').write("
+             "f'{fd} {os.readlink(\"/proc/self/fd/1\")} {os.readlink(\"/proc/self/fd/2\")}')\n")
+    subprocess.run([sys.executable, "-c", probe], check=True, timeout=60)
+    fd, out, err = (tmp_path / "out").read_text().split()
+    assert int(fd) > 2 and out == err == os.devnull
