@@ -58,8 +58,10 @@ def test_stale_socket_is_replaced_and_live_one_refused(tmp_path):
 
 def _start(folder: Path, grace: float) -> tuple[subprocess.Popen, int, Path]:
     port, sock = _free_port(), folder / "d.sock"
+    # SIGHUP as a terminal leaves it, whatever this run inherited (under nohup it is ignored)
     proc = subprocess.Popen([sys.executable, "-m", "tests.server.fake_daemon", str(port), str(sock), str(grace)],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
     ok = wait_until(lambda: sock.exists() or proc.poll() is not None, timeout=60)
     assert ok and proc.poll() is None, proc.stdout.read() if proc.poll() is not None else "no socket"
     return proc, port, sock
