@@ -202,9 +202,9 @@ def decode_tps_beside_prompts(s, decoders, prompts, out=128, steps=3000):
         p = s.plan()
         if p is None:
             break
-        clock += h100_8b_step_time(p)
-        for rid, _, _ in s.commit(p.step, np.ones(p.num_rows, np.int32),
-                                  h100_8b_step_time(p)):
+        t = h100_8b_step_time(p)
+        clock += t
+        for rid, _, _ in s.commit(p.step, np.ones(p.num_rows, np.int32), t):
             if rid in decoders:
                 first.setdefault(rid, clock)
                 last[rid], count[rid] = clock, count.get(rid, 0) + 1
