@@ -21,7 +21,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from appliance.server.connection import uvicorn_config
-from appliance.server.errors import ANTHROPIC_PREFIX, RETRY_AFTER_S, anthropic_error_body, openai_error_body
+from appliance.server.errors import RETRY_AFTER_S, ApiError, error_response
 from appliance.server.serve import DrainingServer
 
 STATUS = "warming up"
@@ -34,9 +34,7 @@ def warming_up_app() -> Starlette:
         return JSONResponse({"status": STATUS}, status_code=503)
 
     async def unavailable(request: Request) -> JSONResponse:
-        body = (anthropic_error_body(503, MESSAGE) if request.url.path.startswith(ANTHROPIC_PREFIX)
-                else openai_error_body(503, MESSAGE))
-        return JSONResponse(body, status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)})
+        return error_response(request, ApiError(503, MESSAGE, retry_after_s=RETRY_AFTER_S))
 
     return Starlette(routes=[Route("/health", health, methods=["GET", "HEAD"]),
                              Route("/{path:path}", unavailable, methods=METHODS)])
