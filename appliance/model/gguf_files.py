@@ -57,6 +57,8 @@ def find_gguf(path: str | Path) -> Path | None:
     if len(files) > 1:
         raise LoadError(f"{path}: holds several GGUF files ({', '.join(f.name for f in files)}); "
                         "name the one to serve in model.path")
+    if files and not files[0].is_file():  # opening a FIFO would block start-up for ever
+        raise LoadError(f"{files[0]}: not a regular file")
     return files[0] if files else None
 
 

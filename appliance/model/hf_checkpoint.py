@@ -16,6 +16,10 @@ REQUIRED_SIZES = ("hidden_size", "intermediate_size", "num_attention_heads", "nu
 OPTIONAL_SIZES = ("moe_intermediate_size", "num_key_value_heads", "head_dim", "max_position_embeddings")
 OPTIONAL_POSITIVE = ("rms_norm_eps", "rope_theta")  # numbers, when given
 _LAYER = re.compile(r"model\.layers\.(\d+)\.")
+# the tokenizer's JSON files (transformers reads those present): damaged, they would fail the
+# frontend's tokenizer load only once every rank had loaded its weights
+TOKENIZER_JSON = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                  "added_tokens.json")
 
 
 def check_hf_checkpoint(folder: Path) -> None:
@@ -29,10 +33,14 @@ def check_hf_checkpoint(folder: Path) -> None:
                    config["vocab_size"])
     names = _tensor_names(folder)
     _check_layer_count(config, names, folder)
+    for name in TOKENIZER_JSON:
+        if (folder / name).exists():
+            json_object(folder / name)
 
 
 def json_object(path: Path) -> dict:
     """The JSON object in `path`; LoadError naming the file if it is not one."""
+    _check_regular(path)
     try:
         value = json.loads(path.read_bytes())
     except OSError as e:
@@ -57,20 +65,30 @@ def checkpoint_files(folder: str | Path) -> tuple[list[Path], dict[str, str] | N
     """The safetensors files of a folder, and the index's tensor -> file map if any."""
     folder = Path(folder)
     index = folder / "model.safetensors.index.json"
+    weight_map = None
     if index.is_file():
         weight_map = json_object(index).get("weight_map")
         if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
             raise LoadError(f"{index}: weight_map must map tensor names to file names")
         files = sorted({folder / f for f in weight_map.values()})
-        missing = [str(f) for f in files if not f.is_file()]
+        missing = [str(f) for f in files if not f.exists()]
         if missing:
             raise LoadError(f"{index}: lists files that do not exist: {missing}")
-        return files, weight_map
-    single = folder / "model.safetensors"
-    files = [single] if single.is_file() else sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise LoadError(f"{folder}: no *.safetensors files")
-    return files, None
+    else:
+        single = folder / "model.safetensors"
+        files = [single] if single.is_file() else sorted(folder.glob("*.safetensors"))
+        if not files:
+            raise LoadError(f"{folder}: no *.safetensors files")
+    for file in files:
+        _check_regular(file)
+    return files, weight_map
+
+
+def _check_regular(path: Path) -> None:
+    """A folder, FIFO or device where a file belongs is a LoadError: opening a FIFO would block
+    start-up for ever."""
+    if path.exists() and not path.is_file():
+        raise LoadError(f"{path}: not a regular file")
 
 
 def _check_sizes(config: dict, path: Path) -> None:

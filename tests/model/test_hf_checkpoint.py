@@ -1,10 +1,12 @@
 """A damaged HF checkpoint folder stops start-up with one line naming the file and the key, before
 any rank loads it (ranks failed deep in a reader: `SafetensorError: header too small`,
-`KeyError: 'hidden_size'`); a config.json of another model size is refused, not served."""
+`KeyError: 'hidden_size'`; a damaged tokenizer file failed only once the ranks had loaded, and a
+FIFO for a file blocked start-up for ever); a config.json of another model size is refused."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -45,6 +47,17 @@ def _folder_for_file(folder: Path) -> None:
     (folder / "model.safetensors").mkdir()
 
 
+def _fifo_for(name: str) -> Callable[[Path], None]:
+    def damage(folder: Path) -> None:
+        (folder / name).unlink(missing_ok=True)
+        os.mkfifo(folder / name)
+    return damage
+
+
+def _cut(name: str, size: int) -> Callable[[Path], None]:
+    return lambda folder: os.truncate(folder / name, size)
+
+
 def _index(text: str) -> Callable[[Path], None]:
     return lambda folder: (folder / "model.safetensors.index.json").write_text(text)
 
@@ -52,11 +65,20 @@ def _index(text: str) -> Callable[[Path], None]:
 BROKEN = {
     "truncated": (_truncate, "model.safetensors: not a readable safetensors file"),
     "empty": (lambda f: (f / "model.safetensors").write_bytes(b""), "model.safetensors: not a readable"),
-    "a folder": (_folder_for_file, "model.safetensors: not a readable safetensors file"),
+    "a folder": (_folder_for_file, "model.safetensors: not a regular file"),
+    "a FIFO": (_fifo_for("model.safetensors"), "model.safetensors: not a regular file"),
+    "generation config a FIFO": (_fifo_for("generation_config.json"),
+                                 "generation_config.json: not a regular file"),
+    "tokenizer cut short": (_cut("tokenizer.json", 1000), "tokenizer.json: not valid JSON"),
+    "tokenizer config not text": (lambda f: (f / "tokenizer_config.json").write_bytes(b"\xf6\x00" * 50),
+                                  "tokenizer_config.json: not valid JSON"),
+    "tokenizer a FIFO": (_fifo_for("tokenizer.json"), "tokenizer.json: not a regular file"),
     "index not JSON": (_index("{not json"), "model.safetensors.index.json: not valid JSON"),
     "index a list": (_index("[1, 2]"), "model.safetensors.index.json: expected a JSON object"),
     "index without its file": (_index('{"weight_map": {"lm_head.weight": "other.safetensors"}}'),
                                "model.safetensors.index.json: lists files that do not exist"),
+    "index naming a FIFO": (lambda f: (_fifo_for("model.safetensors")(f), _index(
+        '{"weight_map": {"lm_head.weight": "model.safetensors"}}')(f)), "model.safetensors: not a regular file"),
     "generation config": (lambda f: (f / "generation_config.json").write_text("{garbage"),
                           "generation_config.json: not valid JSON"),
     "no hidden_size": (_edit_config(hidden_size=None), "config.json: lacks hidden_size"),

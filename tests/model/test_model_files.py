@@ -128,14 +128,28 @@ def test_unreadable_gguf_stops_up_with_a_config_error(cache, tmp_path, capsys):
     assert "Traceback" not in err
 
 
+def test_a_gguf_that_is_not_a_regular_file_stops_up_with_a_config_error(cache, tmp_path, capsys):
+    """A FIFO as a folder's only .gguf: opening it would block start-up for ever."""
+    import os
+
+    (tmp_path / "model").mkdir()
+    os.mkfifo(tmp_path / "model" / "m.gguf")
+    code = cli.main(["up", "--set", f"model.path={tmp_path / 'model'}", "--set",
+                     f"server.socket={tmp_path / 'ts.sock'}", "--set", f"server.port={free_port()}"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"config error: model.path: {tmp_path / 'model' / 'm.gguf'}: not a regular file" in err
+
+
 def test_a_tokenizer_that_does_not_load_stops_up_with_a_config_error(cache, tmp_path, capsys):
-    """The tokenizer loads while the engine ranks start: its failure still ends `up` with a
-    config error naming it (exit 2, no traceback), after the ranks it started are stopped."""
+    """The tokenizer loads while the engine ranks start: its failure (valid JSON that is no
+    tokenizer; damaged JSON stops start-up before: test_hf_checkpoint.py) still ends `up` with
+    a config error naming it (exit 2, no traceback), after the ranks it started are stopped."""
     import shutil
 
     folder = tmp_path / "broken-tokenizer"
     shutil.copytree(tiny.ensure_tiny_checkpoint(tmp_path / "tiny-llama"), folder)
-    (folder / "tokenizer.json").write_text("{ not json")
+    (folder / "tokenizer.json").write_text('{"version": "1.0"}')
     code = cli.main(["up", "--set", f"model.path={folder}", "--set", "device=cpu",
                      "--set", f"server.socket={tmp_path / 'ts.sock'}", "--set", f"server.port={free_port()}"])
     err = capsys.readouterr().err
