@@ -31,6 +31,7 @@ Ablations (those that touch no module of a preset are skipped for it):
   compared with the step's own (summation order differs, so not bit for bit);
 - gqa_merge_launch: gqa_decode.py's kernel with the merge in a launch of its own at every
   batch size (as it runs at one row);
+- gqa_last_merge: the other way round: the merge in the last split's program at one row too;
 - moe_grouped: not an ablation but the A/B of moe_gemv.py: one token's routed experts on
   moe.py's grouped kernels and top-k sum launch, as before it (logits compared too);
 - head_einsum: the A/B of head_gemv.py: MLA's W_UK / W_UV products by torch.einsum (cuBLAS),
@@ -57,7 +58,8 @@ Ablations (those that touch no module of a preset are skipped for it):
 - coarse_cap: SplitSizing.fine_cap off: every decode launch's split count capped by pieces
   of min_split_tiles tiles (as before), not by its own fewest tiles per split;
 - gqa_tiles=BLOCK_N,STAGES: gqa_decode.py's launches on those key tiles and pipeline stages
-  (16 query rows, 4 warps) instead of attention_tiles' (their shared memory differs).
+  (16 query rows, 4 warps) instead of attention_tiles' (their shared memory differs);
+- A+B: the patches of A and B together (e.g. gqa_last_merge+gqa_splits=1).
 """
 from __future__ import annotations
 
@@ -238,6 +240,7 @@ ABLATIONS: dict[str, Callable[[torch.nn.Module], list[Patch]]] = {
     "small": lambda m: _norms(m) + _rope_kv(m) + _attention(m),
     "generic_decode": _generic_decode,
     "gqa_merge_launch": _knob(gqa_decode, "LAST_MERGE_MIN_ROWS", 1 << 30, PagedAttention),
+    "gqa_last_merge": _knob(gqa_decode, "LAST_MERGE_MIN_ROWS", 1, PagedAttention),
     "moe_grouped": _knob(moe, "moe_gemv_applies", lambda *args: False, RoutedExperts),
     "head_einsum": _products_by(reference_head_matmul),
     "coarse_cap": _split_count("fine_cap", False),
@@ -269,7 +272,11 @@ def _gqa_tiles(block_n: int, stages: int) -> Callable[[torch.nn.Module], list[Pa
 
 
 def plan(name: str) -> Callable[[torch.nn.Module], list[Patch]]:
-    """An ABLATIONS entry, `gqa_splits=N` / `mla_splits=N` or `gqa_tiles=BLOCK_N,STAGES`."""
+    """An ABLATIONS entry, `gqa_splits=N` / `mla_splits=N`, `gqa_tiles=BLOCK_N,STAGES`, or
+    several of those joined by '+'."""
+    if "+" in name:
+        parts = [plan(part) for part in name.split("+")]
+        return lambda model: [patch for part in parts for patch in part(model)]
     if name.startswith("gqa_tiles="):
         block_n, stages = (int(x) for x in name.partition("=")[2].split(","))
         return _gqa_tiles(block_n, stages)

@@ -28,6 +28,7 @@ SMALL = dict(num_hidden_layers=2, hidden_size=128, intermediate_size=256, vocab_
 EXPECTED = {"llama-3.1-8b": {"norms", "rope_kv", "attention", "merge", "one_split", "small",
                              "generic_decode", "gqa_merge_launch", "gqa_splits=2",
                              "gqa_tiles=32,2", "coarse_cap", "fold_norms", "no_fold",
+                             "gqa_last_merge", "gqa_last_merge+gqa_splits=1",
                              "fold_only=attention", "fold_only=mlp", "fold_only=head"},
             "deepseek-v2-lite": {"norms", "attention", "merge", "one_split", "absorbed",
                                  "routed", "small", "mla_splits=1", "moe_grouped",
@@ -44,7 +45,8 @@ def test_each_ablation_patches_runs_and_restores(preset):
                          device="cpu", dtype=torch.float32, kv_num_pages=32, page_size=PAGE)
     arrays = plan_arrays(1, 0, 40, runner.vocab_size, np.random.default_rng(0))
     before = runner.forward(to_forward_batch(arrays, runner.device)).clone()
-    names = list(A.ABLATIONS) + ["gqa_splits=2", "mla_splits=1", "gqa_tiles=32,2"] + [
+    names = list(A.ABLATIONS) + ["gqa_splits=2", "mla_splits=1", "gqa_tiles=32,2",
+                                 "gqa_last_merge+gqa_splits=1"] + [
         f"fold_only={kind}" for kind in sorted(A.norm_layers.FOLD_KINDS)]
     found = set()
     for name in names:
@@ -62,7 +64,7 @@ def test_each_ablation_patches_runs_and_restores(preset):
 
 
 def test_unknown_names_are_rejected():
-    for bad in ("foo", "gqa_splits=x", "foo_splits=2", "gqa_tiles=32"):
+    for bad in ("foo", "gqa_splits=x", "foo_splits=2", "gqa_tiles=32", "norms+foo"):
         with pytest.raises(Exception, match="unknown ablation"):
             A._checked(bad)
 
