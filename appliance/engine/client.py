@@ -19,10 +19,10 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 
-from appliance.config import AppConfig, EngineConfig
+from appliance.config import AppConfig, ConfigError, EngineConfig
 from appliance.engine import protocol
 from appliance.engine.instance import EngineInfo, EngineInstance, EngineStartError
-from appliance.engine.model_files import ModelFiles
+from appliance.engine.model_files import ModelFiles, resolve_model_files
 from appliance.engine.protocol import GenerateRequest, TokenOutput
 
 __all__ = ["EngineClient", "EngineFailed", "EngineInfo", "EngineRejected", "EngineStartError"]
@@ -100,6 +100,16 @@ class _Stream:
         if not batch:
             raise self._items.popleft()  # type: ignore[misc]
         return batch
+
+
+def _files_again(config: AppConfig) -> ModelFiles:
+    """The model files resolved again for a restart: those `up` makes in the cache (the tiny
+    preset's checkpoint, a GGUF's tokenizer folder) are made again if something removed them
+    while the engine ran; a folder damaged meanwhile fails this attempt, naming it."""
+    try:
+        return resolve_model_files(config)
+    except ConfigError as e:
+        raise EngineStartError(f"config error: {e}") from None
 
 
 def _deliver_all(routed: list[tuple[_Stream, TokenOutput]]) -> None:
@@ -245,6 +255,7 @@ class EngineClient:
         self._instance.kill()
         while restart and not self._closing.is_set():
             try:
+                self._files = _files_again(self.config)
                 instance = self._start()
             except EngineStartError as e:
                 log.error("engine restart failed: %s", e)

@@ -18,7 +18,7 @@ import zmq
 from daemon_process import (REPO, endpoint_args, free_port, launch_daemon, launch_with_args,
                             start_daemon, wait_healthy)
 from faults import (InFlightRequest, Tally, engine_ranks, fault_round, finish, inject, probe,
-                    start_requests)
+                    start_requests, wait_status)
 
 from appliance.engine import protocol
 from appliance.engine.lifeline import process_alive
@@ -103,6 +103,26 @@ def test_restart_never_exits_nonzero_and_tells_every_client(folder):
     assert tally.lost == 0 and tally.told_error >= 1, tally.details
     assert "not restarting" in daemon.log.read_text()
     assert not daemon.socket.exists()
+
+
+def test_a_restart_makes_the_cached_model_again_if_it_was_removed(folder, monkeypatch):
+    """The tiny preset's checkpoint is made in the cache at start-up; a cache cleaned while
+    the daemon runs, then a rank's death: the restart makes it again (it failed three times
+    on the missing config.json, and the daemon shut down)."""
+    import shutil
+
+    monkeypatch.setenv("TOKENSPEED_CACHE", str(folder / "cache"))
+    daemon = start_daemon(folder)
+    try:
+        shutil.rmtree(folder / "cache" / "models")
+        inject(daemon, 0)
+        deadline = time.monotonic() + 120
+        while "engine restarted" not in daemon.log.read_text() and daemon.proc.poll() is None \
+                and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert wait_status(daemon, 200) and probe(daemon) == "length", daemon.log.read_text()
+    finally:
+        _stop(daemon)
 
 
 def test_sigterm_to_the_whole_group_drains_and_logs_no_engine_failure(folder):
