@@ -16,8 +16,12 @@ could win. The logits of an ablated step are meaningless; only its time is kept.
 
 Ablations (those that touch no module of a preset are skipped for it):
 - norms: every RMSNorm on the hidden-state chain returns its input (and the residual);
-- rope_kv: RoPE + KV-cache write (`rope_store_kv`) returns q, k as they are;
-- attention: decode attention returns its query (GQA: out = q; MLA: o_latent = q_latent);
+- rope_kv: RoPE + KV-cache write (`rope_store_kv`) returns q, k as they are (GQA decode's
+  rope in its own launch first, as rope_apart);
+- rope_apart: not an ablation but the A/B of `rope_decode_attention`: GQA decode's rope + KV
+  write in rope_store_kv's launch before the attention's, as before it (logits compared);
+- attention: decode attention returns its query (GQA: out = q, its rope + KV write in
+  rope_store_kv's launch; MLA: o_latent = q_latent);
 - merge: the split-KV merge launch does nothing (the attention launch itself still splits;
   MLA's one-token merge runs inside W_UV's launch: see merge_apart);
 - one_split: the attention runs as one split per (row, head block), so no merge;
@@ -84,6 +88,7 @@ from gpu_spec_verify import PAGE, WIDTH_ALIGN, plan_arrays  # noqa: E402
 
 from appliance.engine.engine import to_forward_batch  # noqa: E402
 from appliance.model import ModelRunner, ModelSource  # noqa: E402
+from appliance.model.layers import attention as attention_layer  # noqa: E402
 from appliance.model.layers.attention import PagedAttention  # noqa: E402
 from appliance.model.layers.mla import MLAttention  # noqa: E402
 from appliance.model.layers.moe import DeepseekMoE, RoutedExperts, TopKRouter  # noqa: E402
@@ -124,14 +129,21 @@ def _absorb_as(w_uk_product: Callable | None, rope: bool) -> Callable[[MLAttenti
     return make
 
 
+def _rope_apart(model: torch.nn.Module) -> list[Patch]:
+    """GQA decode's rope + KV write in rope_store_kv's launch, not the attention's."""
+    return [(attention_layer, "ROPE_IN_DECODE_ON", frozenset())] if _has(model, PagedAttention) \
+        else []
+
+
 def _rope_kv(model: torch.nn.Module) -> list[Patch]:
-    return [(m, "rope_store_kv", lambda q, k, *a, **kw: (q, k)) for m in model.modules()
-            if isinstance(m, PagedAttention) and m.rope_store_kv is not None] + [
+    return _rope_apart(model) + [
+        (m, "rope_store_kv", lambda q, k, *a, **kw: (q, k)) for m in model.modules()
+        if isinstance(m, PagedAttention) and m.rope_store_kv is not None] + [
         (m, "absorb_rope", _absorb_as(None, rope=False)(m)) for m in _mla(model)]
 
 
 def _attention(model: torch.nn.Module) -> list[Patch]:
-    out: list[Patch] = []
+    out: list[Patch] = _rope_apart(model)   # the stand-in replaces decode_attention alone
     for m in model.modules():
         if isinstance(m, PagedAttention):
             out.append((m, "decode_attention", lambda q, *a, **kw: q))
@@ -235,7 +247,8 @@ def _split_count(field: str, value: object) -> Callable[[torch.nn.Module], list[
 
 
 ABLATIONS: dict[str, Callable[[torch.nn.Module], list[Patch]]] = {
-    "norms": _norms, "rope_kv": _rope_kv, "attention": _attention, "merge": _merge,
+    "norms": _norms, "rope_kv": _rope_kv, "rope_apart": _rope_apart, "attention": _attention,
+    "merge": _merge,
     "one_split": _one_split, "absorbed": _products_by(_empty_product), "routed": _routed,
     "small": lambda m: _norms(m) + _rope_kv(m) + _attention(m),
     "generic_decode": _generic_decode,
@@ -340,7 +353,7 @@ def measure(preset: str, rows: int, context: int, rounds: int, names: list[str],
                 batch = to_forward_batch(arrays, runner.device)
                 logits.setdefault(name, runner.forward(batch).float().cpu())
                 times[name].append(forward_ms(runner, batch) * 1e3)
-    compared = ("generic_decode", "moe_grouped", "head_einsum", "shared_apart",
+    compared = ("rope_apart", "generic_decode", "moe_grouped", "head_einsum", "shared_apart",
                 "x_proj_apart", "merge_apart", "absorb_apart", "fold_norms", "no_fold")
     for name in logits:   # the A/Bs
         if name in compared or name.startswith("fold_only="):

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.reference.kv_cache import dequantize
+from kernels.reference.rope import rope_store_kv
 from kernels.registry import register
 from kernels.step_memo import memoized
 
@@ -111,6 +112,23 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         out = torch.einsum("bkgn,bnkd->bkgd", p, v32)                        # [B, Hk, G, Dv]
     # a row with no keys (seq_len 0) gets zeros, not the NaN of an empty softmax
     return out.nan_to_num(0.0).reshape(b, hq, -1).to(q.dtype)
+
+
+@register("rope_decode_attention", backend="torch", priority=0)
+def rope_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          positions: torch.Tensor, cos_sin: torch.Tensor, rotary_dim: int,
+                          is_neox: bool, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                          slot_mapping: torch.Tensor, page_table: torch.Tensor,
+                          seq_lens: torch.Tensor, page_size: int, scale: float,
+                          sinks: torch.Tensor | None = None, k_scale: float = 1.0,
+                          v_scale: float = 1.0) -> torch.Tensor:
+    """A decode step's attention with its rope and cache write: `rope_store_kv` of the new
+    tokens (q: [B, Hq, D], k: [B, Hk, D], v: [B, Hk, Dv], one a row), then `decode_attention`
+    of the rotated q -> [B, Hq, Dv]."""
+    q_rot, _ = rope_store_kv(q, k, v, positions, cos_sin, rotary_dim, is_neox, k_cache, v_cache,
+                             slot_mapping, k_scale, v_scale)
+    return decode_attention(q_rot, k_cache, v_cache, page_table, seq_lens, page_size, scale,
+                            sinks=sinks, k_scale=k_scale, v_scale=v_scale)
 
 
 @register("extend_attention", backend="torch", priority=0)

@@ -10,7 +10,7 @@ import torch
 from kernels.registry import register
 from kernels.triton.attention import AttentionTiles, paged_attention
 from kernels.triton.common import PRIORITY, check, kv_dtype_ok, on_cuda_half
-from kernels.triton.gqa_decode import gqa_decode
+from kernels.triton.gqa_decode import NewTokens, gqa_decode
 from kernels.triton.head_gemv import head_matmul
 from kernels.triton.mla_decode import default_nc, mla_decode_chunked, mla_extend_per_token
 from kernels.triton.prefill import contiguous_ok, prefill_attention
@@ -42,6 +42,22 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     return paged_attention(q, None, k_cache, None, v_cache, page_table, None, seq_lens,
                            page_size, scale, num_splits, sinks=sinks, window=window,
                            k_scale=k_scale, v_scale=v_scale)
+
+
+@register("rope_decode_attention", backend="triton", priority=PRIORITY,
+          supports=lambda f: _gqa_ok(f) and not f.get("sliding_window"))
+def rope_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          positions: torch.Tensor, cos_sin: torch.Tensor, rotary_dim: int,
+                          is_neox: bool, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                          slot_mapping: torch.Tensor, page_table: torch.Tensor,
+                          seq_lens: torch.Tensor, page_size: int, scale: float,
+                          sinks: torch.Tensor | None = None, k_scale: float = 1.0,
+                          v_scale: float = 1.0) -> torch.Tensor:
+    """A decode step's rope, cache write and attention in gqa_decode.py's one launch (the
+    rope_store_kv launch before it saved)."""
+    new = NewTokens(k, v, positions, cos_sin, rotary_dim, is_neox, slot_mapping)
+    return gqa_decode(q, k_cache, v_cache, page_table, seq_lens, page_size, scale, sinks=sinks,
+                      k_scale=k_scale, v_scale=v_scale, new=new)
 
 
 # The contiguous-K/V prefill gathers a cached prefix a little slower than the generic kernel,

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import threading
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -35,6 +36,7 @@ from kernels.triton.attention import AttentionTiles, attention_tiles
 from kernels.triton.common import check, next_pow2, per_batch, pow2_dim
 from kernels.triton.paged_tiles import LOG2E, add_sink, attn_range, check_e4m3_words
 from kernels.triton.pdl import pdl_begin, pdl_launch
+from kernels.triton.rope_kv import load_heads, rotate_heads, store_cache_heads
 from kernels.triton.split_kv import (DEFAULT_SIZING, SPLIT_INTS, SplitSizing, merge_splits,
                                      split_buffers, split_length, split_range)
 
@@ -85,20 +87,67 @@ def _merge_in_last(PartO, PartL, Out, Sinks, tok, head0, group, hb, n_used, stri
                  out.to(Out.dtype.element_ty), mask=h_ok[:, None] & (dv[None, :] < DV))
 
 
+@triton.jit
+def _rope_and_store_new(Q, KNew, VNew, Pos, CosSin, KCache, VCache, Slots, tok, kvh, head0,
+                        n_heads, store, stride_qt, stride_qh, stride_knt, stride_knh,
+                        stride_vnt, stride_vnh, stride_cs, stride_ks, stride_kh, stride_vs,
+                        stride_vh, inv_k_scale, inv_v_scale, R, D: tl.constexpr,
+                        DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                        G_BLK: tl.constexpr, IS_NEOX: tl.constexpr, FP8: tl.constexpr):
+    """ROPE: query heads [head0, head0 + n_heads) of token tok rotated, [G_BLK, BLOCK_D] in
+    Q's dtype (as rope_kv.py stores them); with `store` (the row's last split) the token's
+    new key (rotated) and value of KV head kvh first written at its slot (none below 0), and
+    a barrier, so that this program's own reads of that key see them."""
+    d = tl.arange(0, BLOCK_D)
+    half = R // 2
+    rot = d < R
+    if IS_NEOX:
+        first = d < half
+        partner = tl.where(first, d + half, d - half)
+        freq = tl.where(first, d, d - half)
+    else:
+        first = (d % 2) == 0
+        partner = d ^ 1
+        freq = d // 2
+    pos = tl.load(Pos + tok).to(tl.int64)
+    cos = tl.load(CosSin + pos * stride_cs + freq, mask=rot, other=1.0).to(tl.float32)
+    sin = tl.load(CosSin + pos * stride_cs + half + freq, mask=rot, other=0.0).to(tl.float32)
+    if store:
+        slot = tl.load(Slots + tok).to(tl.int64)
+        if slot >= 0:
+            k, kok = rotate_heads(KNew + kvh * stride_knh, tok, stride_knt, stride_knh, 1, d,
+                                  cos, sin, partner, first, rot, D, 2)
+            store_cache_heads(KCache + kvh * stride_kh, slot, stride_ks, stride_kh, k, kok,
+                              inv_k_scale, FP8, 2, BLOCK_D)
+            v, vok = load_heads(VNew + kvh * stride_vnh, tok, stride_vnt, stride_vnh, 1, DV, 2,
+                                BLOCK_DV)
+            store_cache_heads(VCache + kvh * stride_vh, slot, stride_vs, stride_vh, v, vok,
+                              inv_v_scale, FP8, 2, BLOCK_DV)
+        tl.debug_barrier()   # the stores are visible to this program's threads after it
+    q, _ = rotate_heads(Q + head0 * stride_qh, tok, stride_qt, stride_qh, n_heads, d, cos, sin,
+                        partner, first, rot, D, G_BLK)
+    return q.to(Q.dtype.element_ty)
+
+
 @triton.jit(**per_batch(ints=SPLIT_INTS + ("stride_pt", "last_merges"),
-                        pointers=("PageTable", "SeqLens")))
+                        pointers=("PageTable", "SeqLens", "Pos", "Slots")))
 def _gqa_decode_kernel(
         Q, K, V, Out, PartO, PartL, Tickets, Sinks, PageTable, SeqLens,
+        KNew, VNew, Pos, CosSin, Slots,
         scale_log2, v_scale, group, min_split_len, num_splits, last_merges,
         stride_qt, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_ot, stride_oh,
         stride_pt, stride_pot, stride_poh, stride_pos, stride_plt, stride_plh,
+        stride_knt, stride_knh, stride_vnt, stride_vnh, stride_cs, inv_k_scale, inv_v_scale, R,
         D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
         G_BLK: tl.constexpr, BLOCK_N: tl.constexpr, N_HBLK: tl.constexpr,
         MERGE_G: tl.constexpr, CHUNK_S: tl.constexpr, EVEN_D: tl.constexpr,
-        HAS_SINKS: tl.constexpr, PAGE_SIZE: tl.constexpr, PDL: tl.constexpr):
+        HAS_SINKS: tl.constexpr, PAGE_SIZE: tl.constexpr, ROPE: tl.constexpr,
+        IS_NEOX: tl.constexpr, FP8_STORE: tl.constexpr, PDL: tl.constexpr):
     """Program (row b, KV head x head block, split): the paged kernel's decode path over the
     split's keys; then the output (one split), or the partial and, when last_merges, the
-    ticket (module doc). last_merges is a run-time flag: one compiled variant serves both."""
+    ticket (module doc). last_merges is a run-time flag: one compiled variant serves both.
+    ROPE: Q, KNew and VNew are the step's new tokens before rope and the cache write, which
+    this launch does (`_rope_and_store_new`)."""
     pdl_begin(PDL)
     b, pid_h, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     kvh, hb = pid_h // N_HBLK, pid_h % N_HBLK
@@ -113,8 +162,16 @@ def _gqa_decode_kernel(
     if split < n_used:
         d = tl.arange(0, BLOCK_D)
         dv = tl.arange(0, BLOCK_DV)
-        q = tl.load(Q + tok * stride_qt + head[:, None] * stride_qh + d[None, :],
-                    mask=row_ok[:, None] & (d[None, :] < D), other=0.0)           # [M, D]
+        if ROPE:
+            q = _rope_and_store_new(Q, KNew, VNew, Pos, CosSin, K, V, Slots, tok, kvh,
+                                    kvh * group + hb * G_BLK, group - hb * G_BLK,
+                                    split == n_used - 1, stride_qt, stride_qh, stride_knt,
+                                    stride_knh, stride_vnt, stride_vnh, stride_cs, stride_ks,
+                                    stride_kh, stride_vs, stride_vh, inv_k_scale, inv_v_scale,
+                                    R, D, DV, BLOCK_D, BLOCK_DV, G_BLK, IS_NEOX, FP8_STORE)
+        else:
+            q = tl.load(Q + tok * stride_qt + head[:, None] * stride_qh + d[None, :],
+                        mask=row_ok[:, None] & (d[None, :] < D), other=0.0)       # [M, D]
         if K.dtype.element_ty == tl.float8e4nv and Q.dtype.element_ty == tl.bfloat16:
             q = q.to(tl.float16)      # as attention.py: e4m3 -> fp16 is one cvt a pair
         acc = tl.zeros([G_BLK, BLOCK_DV], dtype=tl.float32)
@@ -193,14 +250,49 @@ def merge_shape(group: int, g_blk: int, dv: int) -> tuple[int, int]:
     return merge_g, max(1, MERGE_TILE_ELEMS // (merge_g * max(16, next_pow2(dv))))
 
 
+@dataclass(frozen=True)
+class NewTokens:
+    """A decode step's new tokens before rope and the cache write (one a row): k [B, Hk, D],
+    v [B, Hk, Dv], positions [B], cos_sin [max_pos, R] (cos | sin), slots [B] (below 0: not
+    stored), as `rope_store_kv` takes them."""
+    k: torch.Tensor
+    v: torch.Tensor
+    positions: torch.Tensor
+    cos_sin: torch.Tensor
+    rotary_dim: int
+    is_neox: bool
+    slots: torch.Tensor
+
+
+def _new_token_args(new: NewTokens | None, q: torch.Tensor, k_scale: float, v_scale: float
+                    ) -> tuple[tuple, tuple]:
+    """(pointers, strides and scalars) of the kernel's new-token arguments; placeholders
+    without them."""
+    if new is None:
+        return (q, q, q, q, q), (0, 0, 0, 0, 0, 1.0, 1.0, 0)
+    k, v, cs = new.k, new.v, new.cos_sin
+    check(q.stride(2) == 1 and k.stride(2) == 1 and v.stride(2) == 1 and cs.stride(1) == 1,
+          "gqa_decode: new tokens' last dims must be contiguous")
+    check(new.rotary_dim % 2 == 0 and new.rotary_dim <= q.shape[2],
+          f"gqa_decode: bad rotary_dim {new.rotary_dim}")
+    check(k.shape[0] == v.shape[0] == new.positions.shape[0] == new.slots.shape[0] == q.shape[0],
+          "gqa_decode: one new token a row")
+    return ((k, v, new.positions, cs, new.slots),
+            (k.stride(0), k.stride(1), v.stride(0), v.stride(1), cs.stride(0), 1.0 / k_scale,
+             1.0 / v_scale, new.rotary_dim))
+
+
 def gqa_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                page_table: torch.Tensor, seq_lens: torch.Tensor, page_size: int, scale: float,
                num_splits: int | None = None, tiles: AttentionTiles | None = None,
                sizing: SplitSizing = DEFAULT_SIZING, sinks: torch.Tensor | None = None,
-               k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
+               k_scale: float = 1.0, v_scale: float = 1.0,
+               new: NewTokens | None = None) -> torch.Tensor:
     """q: [B, Hq, D], k_cache: [S, Hk, D], v_cache: [S, Hk, Dv] (16-bit or e4m3, read as
     k * k_scale, v * v_scale) -> [B, Hq, Dv]: one new token a row, over the row's seq_lens
-    cached keys (its own included). sinks [Hq]: GPT-OSS's. Splits from `sizing` unless given."""
+    cached keys (its own included). sinks [Hq]: GPT-OSS's. Splits from `sizing` unless given.
+    new: q is not yet rotated and the new tokens' K/V not yet in the cache: this launch does
+    both (rope_store_kv's arithmetic)."""
     t, hq, d = q.shape
     hk, dv = k_cache.shape[1], v_cache.shape[-1]
     check(hq % hk == 0, f"query heads {hq} not a multiple of kv heads {hk}")
@@ -220,19 +312,21 @@ def gqa_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     last_merges = num_splits > 1 and t >= LAST_MERGE_MIN_ROWS
     tickets = TICKETS.get(q.device, programs if last_merges else 1)
     merge_g, chunk_s = merge_shape(group, tiles.g_blk, dv)
+    new_ptrs, new_args = _new_token_args(new, q, k_scale, v_scale)
     _gqa_decode_kernel[(t, hk * n_hblk, num_splits)](
         q, k_cache, v_cache, out, part_o, part_l, tickets, q if sinks is None else sinks,
-        page_table, seq_lens, scale * k_scale * math.log2(math.e), v_scale, group,
+        page_table, seq_lens, *new_ptrs, scale * k_scale * math.log2(math.e), v_scale, group,
         sizing.tiles_per_split(programs, False) * tiles.block_n, num_splits, int(last_merges),
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0),
         v_cache.stride(1), out.stride(0), out.stride(1), page_table.stride(0),
         part_o.stride(0), part_o.stride(1), part_o.stride(2) if num_splits > 1 else 0,
-        part_l.stride(0), part_l.stride(1),
+        part_l.stride(0), part_l.stride(1), *new_args,
         D=d, DV=dv, BLOCK_D=max(16, next_pow2(d)), BLOCK_DV=max(16, next_pow2(dv)),
         G_BLK=tiles.g_blk, BLOCK_N=tiles.block_n, N_HBLK=n_hblk, MERGE_G=merge_g,
         CHUNK_S=chunk_s, EVEN_D=pow2_dim(d) and pow2_dim(dv), HAS_SINKS=sinks is not None,
-        PAGE_SIZE=page_size, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
-        **pdl_launch(q.device))
+        PAGE_SIZE=page_size, ROPE=new is not None, IS_NEOX=new is not None and new.is_neox,
+        FP8_STORE=k_cache.element_size() == 1, num_warps=tiles.num_warps,
+        num_stages=tiles.num_stages, **pdl_launch(q.device))
     if num_splits > 1 and not last_merges:
         merge_splits(part_o, part_l, out, sinks)
     return out

@@ -26,7 +26,7 @@ def _store_ok(f) -> bool:
 
 
 @triton.jit
-def _rotate_heads(X, tok, stride_t, stride_h, num_heads, d, cos, sin, partner, first, rot,
+def rotate_heads(X, tok, stride_t, stride_h, num_heads, d, cos, sin, partner, first, rot,
                   D: tl.constexpr, BLOCK_H: tl.constexpr):
     """Token tok's heads of X rotated, fp32 [BLOCK_H, BLOCK_D], and the mask of their real
     elements: x*cos + sign*x[partner]*sin on the rotated dims (rot), x elsewhere."""
@@ -50,7 +50,7 @@ def _store_heads(Base, row, stride_s, stride_h, x, ok, BLOCK_H: tl.constexpr,
 
 
 @triton.jit
-def _store_cache_heads(Cache, slot, stride_s, stride_h, x, ok, inv_scale, FP8: tl.constexpr,
+def store_cache_heads(Cache, slot, stride_s, stride_h, x, ok, inv_scale, FP8: tl.constexpr,
                        BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
     """x [BLOCK_H, BLOCK_D] -> Cache[slot, h, d] where ok, as x * inv_scale (= x / scale; a
     product, exact for scale 1), saturated when FP8."""
@@ -61,7 +61,7 @@ def _store_cache_heads(Cache, slot, stride_s, stride_h, x, ok, inv_scale, FP8: t
 
 
 @triton.jit
-def _load_heads(X, tok, stride_t, stride_h, num_heads, D: tl.constexpr, BLOCK_H: tl.constexpr,
+def load_heads(X, tok, stride_t, stride_h, num_heads, D: tl.constexpr, BLOCK_H: tl.constexpr,
                 BLOCK_D: tl.constexpr):
     """Token tok's heads of X, [BLOCK_H, BLOCK_D] in X's dtype, and the mask of real ones."""
     h = tl.arange(0, BLOCK_H)
@@ -109,7 +109,7 @@ def rope_kv_token(tok, Q, K, V, Pos, CosSin, QOut, KOut, KCache, VCache, Slots, 
     cos = tl.load(CosSin + pos * stride_cs + freq, mask=rot, other=1.0).to(tl.float32)   # [D]
     sin = tl.load(CosSin + pos * stride_cs + half + freq, mask=rot, other=0.0).to(tl.float32)
     if DO_Q:
-        q, qok = _rotate_heads(Q, tok, stride_qt, stride_qh, HQ, d, cos, sin, partner, first,
+        q, qok = rotate_heads(Q, tok, stride_qt, stride_qh, HQ, d, cos, sin, partner, first,
                                rot, D, BLOCK_HQ)
         _store_heads(QOut, tok, stride_qot, stride_qoh, q, qok, BLOCK_HQ, BLOCK_D)
     if DO_KV:
@@ -128,18 +128,18 @@ def _rotate_store_kv(tok, K, V, KOut, KCache, VCache, Slots, VNormW, stride_kt, 
                      BLOCK_HK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                      STORE: tl.constexpr, FP8: tl.constexpr, V_NORM: tl.constexpr):
     """rope_kv_token's k part: k rotated into KOut, and with STORE k and v into the caches."""
-    k, kok = _rotate_heads(K, tok, stride_kt, stride_kh, HK, d, cos, sin, partner, first, rot,
+    k, kok = rotate_heads(K, tok, stride_kt, stride_kh, HK, d, cos, sin, partner, first, rot,
                            D, BLOCK_HK)
     _store_heads(KOut, tok, stride_kot, stride_koh, k, kok, BLOCK_HK, BLOCK_D)
     if STORE:
         slot = tl.load(Slots + tok).to(tl.int64)
         if slot >= 0:
-            _store_cache_heads(KCache, slot, stride_kcs, stride_kch, k, kok, inv_k_scale, FP8,
+            store_cache_heads(KCache, slot, stride_kcs, stride_kch, k, kok, inv_k_scale, FP8,
                                BLOCK_HK, BLOCK_D)
-            v, vok = _load_heads(V, tok, stride_vt, stride_vh, HK, DV, BLOCK_HK, BLOCK_DV)
+            v, vok = load_heads(V, tok, stride_vt, stride_vh, HK, DV, BLOCK_HK, BLOCK_DV)
             if V_NORM:
                 v = _rms_norm_heads(v, vok, VNormW, v_norm_eps, DV, BLOCK_DV)
-            _store_cache_heads(VCache, slot, stride_vcs, stride_vch, v, vok, inv_v_scale, FP8,
+            store_cache_heads(VCache, slot, stride_vcs, stride_vch, v, vok, inv_v_scale, FP8,
                                BLOCK_HK, BLOCK_DV)
 
 
@@ -238,11 +238,11 @@ def _store_kv_kernel(K, V, KCache, VCache, Slots, stride_kt, stride_kh, stride_v
     tok = tl.program_id(0).to(tl.int64)
     slot = tl.load(Slots + tok).to(tl.int64)
     if slot >= 0:
-        k, kok = _load_heads(K, tok, stride_kt, stride_kh, HK, D, BLOCK_HK, BLOCK_D)
-        _store_cache_heads(KCache, slot, stride_kcs, stride_kch, k, kok, inv_k_scale, FP8,
+        k, kok = load_heads(K, tok, stride_kt, stride_kh, HK, D, BLOCK_HK, BLOCK_D)
+        store_cache_heads(KCache, slot, stride_kcs, stride_kch, k, kok, inv_k_scale, FP8,
                            BLOCK_HK, BLOCK_D)
-        v, vok = _load_heads(V, tok, stride_vt, stride_vh, HK, DV, BLOCK_HK, BLOCK_DV)
-        _store_cache_heads(VCache, slot, stride_vcs, stride_vch, v, vok, inv_v_scale, FP8,
+        v, vok = load_heads(V, tok, stride_vt, stride_vh, HK, DV, BLOCK_HK, BLOCK_DV)
+        store_cache_heads(VCache, slot, stride_vcs, stride_vch, v, vok, inv_v_scale, FP8,
                            BLOCK_HK, BLOCK_DV)
 
 

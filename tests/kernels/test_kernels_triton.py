@@ -245,6 +245,35 @@ def test_extend_split_rule():
     assert SplitSizing(extend_wave=0).extend_splits(1, 1 << 20, 64, cpu) == 1
 
 
+@pytest.mark.parametrize("seq_lens,hq,hk,splits,rotary_dim,is_neox,sinks",
+                         [([1, 40, 77], 8, 2, None, 16, True, False),
+                          ([70], 4, 2, 3, 8, False, True), ([0, 33, 9], 8, 2, 8, 16, True, False),
+                          ([21, 50], 32, 1, 2, 12, True, False)])
+def test_rope_decode_attention_matches_rope_store_kv_then_decode(seq_lens, hq, hk, splits,
+                                                                 rotary_dim, is_neox, sinks):
+    """gqa_decode.py with the new tokens (rope_decode_attention): the output and both caches
+    as the reference's rope_store_kv, then decode_attention; rows of one key, split or not,
+    two head blocks a KV head (32 query heads on one), partial rotary, GPT-J pairs, sinks, a
+    row without keys (slot -1: nothing stored)."""
+    from kernel_testutil import slots_of
+    table, kc, vc, sl = _paged(seq_lens, 4, hk, 16, 16)
+    b = len(seq_lens)
+    q, k, v = rnd(b, hq, 16), rnd(b, hk, 16), rnd(b, hk, 16)
+    positions = (sl - 1).clamp(min=0)
+    slots = torch.tensor([slots_of(table[i].cpu(), n, 4)[-1] if n else -1
+                          for i, n in enumerate(seq_lens)], device=DEV)
+    cos_sin = rnd(128, rotary_dim)
+    extra = dict(sinks=rnd(hq)) if sinks else {}
+    kr, vr = kc.clone(), vc.clone()
+    ref = R.rope_decode_attention(q, k, v, positions, cos_sin, rotary_dim, is_neox, kr, vr,
+                                  slots, table, sl, 4, 0.3, **extra)
+    from kernels.triton.gqa_decode import NewTokens, gqa_decode
+    new = NewTokens(k, v, positions, cos_sin, rotary_dim, is_neox, slots)
+    out = gqa_decode(q, kc, vc, table, sl, 4, 0.3, num_splits=splits, new=new, **extra)
+    assert rel_err(out, ref) < TOL
+    assert torch.equal(kc, kr) and torch.equal(vc, vr)
+
+
 def test_decode_split_cap():
     """A decode launch splits to fill the GPU (splits_per_sm programs an SM), capped by the
     pieces its page table holds: of its own fewest tiles (tiles_per_split) for MLA and for

@@ -32,12 +32,32 @@ from appliance.model.layers.rotary import RotaryEmbedding
 from appliance.model.placement import WeightSharding, WeightSource
 
 
+# Devices whose decode-only steps rotate and store the new tokens inside the attention launch
+# (`rope_decode_attention`: one launch a layer fewer). CPU keeps its own decode kernels.
+ROPE_IN_DECODE_ON = frozenset({"cuda"})
+
+
 def select_optional(op: str, **features):
     """kernels.select, or None when no implementation of `op` exists."""
     try:
         return kernels.select(op, **features)
     except LookupError:  # kernels.KernelError: no implementation registered
         return None
+
+
+def _fused_rope_decode(window: int, feats: dict):
+    """The `rope_decode_attention` kernel for these features, or None: on ROPE_IN_DECODE_ON
+    devices, without a sliding window, and a fused kernel, not the reference's composition
+    of the two ops (the layer calls those itself)."""
+    op = "rope_decode_attention"
+    if window or feats["device"].type not in ROPE_IN_DECODE_ON:
+        return None
+    try:
+        if kernels.selected_backend(op, **feats) == "torch":
+            return None
+    except LookupError:
+        return None
+    return kernels.select(op, **feats)
 
 
 class PagedAttention(nn.Module):
@@ -71,6 +91,7 @@ class PagedAttention(nn.Module):
         self.rope_store_kv = select_optional("rope_store_kv", device=ctx.device, dtype=ctx.dtype,
                                              **cache)
         self.decode_attention = kernels.select("decode_attention", **feats)
+        self.rope_decode_attention = _fused_rope_decode(window, feats)
         self.extend_attention = kernels.select("extend_attention", **feats)
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
@@ -114,6 +135,14 @@ class PagedAttention(nn.Module):
         # q: [T, Hq, D], k: [T, Hk, D], v: [T, Hk, Dv] -> [T, Hq, Dv]
         if self.k_cache is None:
             raise RuntimeError("PagedAttention: no KV cache bound (ModelRunner allocates it)")
+        nd, rows = batch.num_decode, batch.num_rows
+        opts = self._options()
+        if (nd == rows and rotary is not None and self.rope_decode_attention is not None
+                and q.device.type in ROPE_IN_DECODE_ON):
+            return self.rope_decode_attention(
+                q, k, v, positions, rotary.cos_sin, rotary.rotary_dim, rotary.is_neox,
+                self.k_cache, self.v_cache, batch.slot_mapping, batch.page_table,
+                batch.seq_lens, self.page_size, self.scale, **opts)
         if rotary is not None and self.rope_store_kv is not None:
             q, k = self.rope_store_kv(q, k, v, positions, rotary.cos_sin, rotary.rotary_dim,
                                       rotary.is_neox, self.k_cache, self.v_cache,
@@ -122,8 +151,6 @@ class PagedAttention(nn.Module):
             if rotary is not None:
                 q, k = rotary(positions, q, k)
             self.store_kv(k, v, self.k_cache, self.v_cache, batch.slot_mapping, **self._scales())
-        nd, rows = batch.num_decode, batch.num_rows
-        opts = self._options()
         if nd == rows:  # decodes only
             return self.decode_attention(q, self.k_cache, self.v_cache, batch.page_table,
                                          batch.seq_lens, self.page_size, self.scale, **opts)
