@@ -258,6 +258,8 @@ class EngineClient:
                 self._files = _files_again(self.config)
                 instance = self._start()
             except EngineStartError as e:
+                if self._closing.is_set():   # the daemon is stopping: no failure to report
+                    break
                 log.error("engine restart failed: %s", e)
                 restart = self._budget.allow()
                 # a cause that passes (a disk briefly full) must not take every attempt at once

@@ -125,6 +125,20 @@ def test_a_restart_makes_the_cached_model_again_if_it_was_removed(folder, monkey
         _stop(daemon)
 
 
+def test_sigterm_while_the_engine_restarts_stops_cleanly_without_an_error(folder):
+    """A stop that lands while a dead rank's replacement loads cancels the start-up: exit 0,
+    and no "engine restart failed" in the log (there was no failure to report)."""
+    daemon = start_daemon(folder)
+    inject(daemon, 0)
+    deadline = time.monotonic() + 60
+    while "restarting it" not in daemon.log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    code = daemon.stop()
+    log = daemon.log.read_text()
+    assert code == 0 and "restarting it" in log, log
+    assert "engine restart failed" not in log, log
+
+
 def test_sigterm_to_the_whole_group_drains_and_logs_no_engine_failure(folder):
     """systemd's default stop (and `timeout`) signal every process of the group: the ranks
     leave the stop to the frontend, which drains the request in flight and says so; a rank
