@@ -20,6 +20,9 @@ Ablations (those that touch no module of a preset are skipped for it):
   rope in its own launch first, as rope_apart);
 - rope_apart: not an ablation but the A/B of `rope_decode_attention`: GQA decode's rope + KV
   write in rope_store_kv's launch before the attention's, as before it (logits compared);
+- new_key_from_cache: the A/B of gqa_decode.py's NEW_KEY_IN_REGISTERS_ROWS: with the rope in
+  the attention's launch, the row's last split reads its new key back from the cache after a
+  barrier at every row count (logits compared);
 - attention: decode attention returns its query (GQA: out = q, its rope + KV write in
   rope_store_kv's launch; MLA: o_latent = q_latent);
 - merge: the split-KV merge launch does nothing (the attention launch itself still splits;
@@ -254,6 +257,7 @@ ABLATIONS: dict[str, Callable[[torch.nn.Module], list[Patch]]] = {
     "generic_decode": _generic_decode,
     "gqa_merge_launch": _knob(gqa_decode, "LAST_MERGE_MIN_ROWS", 1 << 30, PagedAttention),
     "gqa_last_merge": _knob(gqa_decode, "LAST_MERGE_MIN_ROWS", 1, PagedAttention),
+    "new_key_from_cache": _knob(gqa_decode, "NEW_KEY_IN_REGISTERS_ROWS", 0, PagedAttention),
     "moe_grouped": _knob(moe, "moe_gemv_applies", lambda *args: False, RoutedExperts),
     "head_einsum": _products_by(reference_head_matmul),
     "coarse_cap": _split_count("fine_cap", False),
@@ -353,7 +357,7 @@ def measure(preset: str, rows: int, context: int, rounds: int, names: list[str],
                 batch = to_forward_batch(arrays, runner.device)
                 logits.setdefault(name, runner.forward(batch).float().cpu())
                 times[name].append(forward_ms(runner, batch) * 1e3)
-    compared = ("rope_apart", "generic_decode", "moe_grouped", "head_einsum", "shared_apart",
+    compared = ("rope_apart", "new_key_from_cache", "generic_decode", "moe_grouped", "head_einsum", "shared_apart",
                 "x_proj_apart", "merge_apart", "absorb_apart", "fold_norms", "no_fold")
     for name in logits:   # the A/Bs
         if name in compared or name.startswith("fold_only="):

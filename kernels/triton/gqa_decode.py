@@ -36,12 +36,18 @@ from kernels.triton.attention import AttentionTiles, attention_tiles
 from kernels.triton.common import check, next_pow2, per_batch, pow2_dim
 from kernels.triton.paged_tiles import LOG2E, add_sink, attn_range, check_e4m3_words
 from kernels.triton.pdl import pdl_begin, pdl_launch
-from kernels.triton.rope_kv import load_heads, rotate_heads, store_cache_heads
+from kernels.triton.rope_kv import cache_value, load_heads, rotate_heads, store_cache_heads
 from kernels.triton.split_kv import (DEFAULT_SIZING, SPLIT_INTS, SplitSizing, merge_splits,
                                      split_buffers, split_length, split_range)
 
 MERGE_TILE_ELEMS = 2048    # fp32 partials the last program loads at once: 128 registers a thread
 LAST_MERGE_MIN_ROWS = 2    # launches of fewer rows merge in a launch of their own (module doc)
+# With the new tokens (rope_decode_attention), launches of up to this many rows have the
+# row's last split attend to its new key and value from registers, not read back from the
+# cache after a barrier. Their 32-key tiles take 96 registers a thread either way on sm_90;
+# at 64-key tiles (more rows) the registers take 140 against the barrier's 112, over the 128
+# that keep 4 programs an SM
+NEW_KEY_IN_REGISTERS_ROWS = 2
 
 
 @triton.jit
@@ -93,11 +99,14 @@ def _rope_and_store_new(Q, KNew, VNew, Pos, CosSin, KCache, VCache, Slots, tok, 
                         stride_vnt, stride_vnh, stride_cs, stride_ks, stride_kh, stride_vs,
                         stride_vh, inv_k_scale, inv_v_scale, R, D: tl.constexpr,
                         DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                        G_BLK: tl.constexpr, IS_NEOX: tl.constexpr, FP8: tl.constexpr):
-    """ROPE: query heads [head0, head0 + n_heads) of token tok rotated, [G_BLK, BLOCK_D] in
-    Q's dtype (as rope_kv.py stores them); with `store` (the row's last split) the token's
-    new key (rotated) and value of KV head kvh first written at its slot (none below 0), and
-    a barrier, so that this program's own reads of that key see them."""
+                        G_BLK: tl.constexpr, IS_NEOX: tl.constexpr, FP8: tl.constexpr,
+                        NEW_IN_REGS: tl.constexpr):
+    """ROPE: (query heads [head0, head0 + n_heads) of token tok rotated, [G_BLK, BLOCK_D] in
+    Q's dtype as rope_kv.py stores them; the new key and value of KV head kvh as the cache
+    holds them, fp32 [BLOCK_D] / [BLOCK_DV], zeros unless `store` and NEW_IN_REGS). With
+    `store` (the row's last split) the new key (rotated) and value are written at the token's
+    slot (none below 0); without NEW_IN_REGS a barrier follows, so that this program's reads
+    of the cache see them, with it the caller attends to them from registers instead."""
     d = tl.arange(0, BLOCK_D)
     half = R // 2
     rot = d < R
@@ -112,21 +121,40 @@ def _rope_and_store_new(Q, KNew, VNew, Pos, CosSin, KCache, VCache, Slots, tok, 
     pos = tl.load(Pos + tok).to(tl.int64)
     cos = tl.load(CosSin + pos * stride_cs + freq, mask=rot, other=1.0).to(tl.float32)
     sin = tl.load(CosSin + pos * stride_cs + half + freq, mask=rot, other=0.0).to(tl.float32)
+    k_c = tl.zeros([BLOCK_D], dtype=tl.float32)
+    v_c = tl.zeros([BLOCK_DV], dtype=tl.float32)
     if store:
+        k, kok = rotate_heads(KNew + kvh * stride_knh, tok, stride_knt, stride_knh, 1, d, cos,
+                              sin, partner, first, rot, D, 2)                    # [2, D]
+        v, vok = load_heads(VNew + kvh * stride_vnh, tok, stride_vnt, stride_vnh, 1, DV, 2,
+                            BLOCK_DV)
         slot = tl.load(Slots + tok).to(tl.int64)
         if slot >= 0:
-            k, kok = rotate_heads(KNew + kvh * stride_knh, tok, stride_knt, stride_knh, 1, d,
-                                  cos, sin, partner, first, rot, D, 2)
             store_cache_heads(KCache + kvh * stride_kh, slot, stride_ks, stride_kh, k, kok,
                               inv_k_scale, FP8, 2, BLOCK_D)
-            v, vok = load_heads(VNew + kvh * stride_vnh, tok, stride_vnt, stride_vnh, 1, DV, 2,
-                                BLOCK_DV)
             store_cache_heads(VCache + kvh * stride_vh, slot, stride_vs, stride_vh, v, vok,
                               inv_v_scale, FP8, 2, BLOCK_DV)
-        tl.debug_barrier()   # the stores are visible to this program's threads after it
+        if NEW_IN_REGS:   # row 1 is masked out (zeros): the sum is row 0
+            k_c = tl.sum(tl.where(kok, cache_value(k, inv_k_scale, KCache, FP8).to(tl.float32),
+                                  0.0), 0)
+            v_c = tl.sum(tl.where(vok, cache_value(v, inv_v_scale, VCache, FP8).to(tl.float32),
+                                  0.0), 0)
+        else:
+            tl.debug_barrier()   # the stores are visible to this program's threads after it
     q, _ = rotate_heads(Q + head0 * stride_qh, tok, stride_qt, stride_qh, n_heads, d, cos, sin,
                         partner, first, rot, D, G_BLK)
-    return q.to(Q.dtype.element_ty)
+    return q.to(Q.dtype.element_ty), k_c, v_c
+
+
+@triton.jit
+def _attend_new_key(acc, m_i, l_i, q, k, v, scale_log2):
+    """The online softmax (log2 units) of one more key k [D] and value v [DV] (fp32, as the
+    cache holds them) for the query rows q [M, D]."""
+    s = tl.sum(q.to(tl.float32) * k[None, :], 1) * scale_log2                    # [M]
+    m_new = tl.maximum(m_i, s)
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new)
+    return acc * alpha[:, None] + p[:, None] * v[None, :], m_new, l_i * alpha + p
 
 
 @triton.jit(**per_batch(ints=SPLIT_INTS + ("stride_pt", "last_merges"),
@@ -142,7 +170,8 @@ def _gqa_decode_kernel(
         G_BLK: tl.constexpr, BLOCK_N: tl.constexpr, N_HBLK: tl.constexpr,
         MERGE_G: tl.constexpr, CHUNK_S: tl.constexpr, EVEN_D: tl.constexpr,
         HAS_SINKS: tl.constexpr, PAGE_SIZE: tl.constexpr, ROPE: tl.constexpr,
-        IS_NEOX: tl.constexpr, FP8_STORE: tl.constexpr, PDL: tl.constexpr):
+        IS_NEOX: tl.constexpr, FP8_STORE: tl.constexpr, NEW_IN_REGS: tl.constexpr,
+        PDL: tl.constexpr):
     """Program (row b, KV head x head block, split): the paged kernel's decode path over the
     split's keys; then the output (one split), or the partial and, when last_merges, the
     ticket (module doc). last_merges is a run-time flag: one compiled variant serves both.
@@ -162,13 +191,14 @@ def _gqa_decode_kernel(
     if split < n_used:
         d = tl.arange(0, BLOCK_D)
         dv = tl.arange(0, BLOCK_DV)
+        last = split == n_used - 1
         if ROPE:
-            q = _rope_and_store_new(Q, KNew, VNew, Pos, CosSin, K, V, Slots, tok, kvh,
-                                    kvh * group + hb * G_BLK, group - hb * G_BLK,
-                                    split == n_used - 1, stride_qt, stride_qh, stride_knt,
-                                    stride_knh, stride_vnt, stride_vnh, stride_cs, stride_ks,
-                                    stride_kh, stride_vs, stride_vh, inv_k_scale, inv_v_scale,
-                                    R, D, DV, BLOCK_D, BLOCK_DV, G_BLK, IS_NEOX, FP8_STORE)
+            q, k_new, v_new = _rope_and_store_new(
+                Q, KNew, VNew, Pos, CosSin, K, V, Slots, tok, kvh, kvh * group + hb * G_BLK,
+                group - hb * G_BLK, last, stride_qt, stride_qh, stride_knt, stride_knh,
+                stride_vnt, stride_vnh, stride_cs, stride_ks, stride_kh, stride_vs, stride_vh,
+                inv_k_scale, inv_v_scale, R, D, DV, BLOCK_D, BLOCK_DV, G_BLK, IS_NEOX,
+                FP8_STORE, NEW_IN_REGS)
         else:
             q = tl.load(Q + tok * stride_qt + head[:, None] * stride_qh + d[None, :],
                         mask=row_ok[:, None] & (d[None, :] < D), other=0.0)       # [M, D]
@@ -179,11 +209,18 @@ def _gqa_decode_kernel(
         l_i = tl.zeros([G_BLK], dtype=tl.float32)
         pos = tl.zeros([G_BLK], dtype=tl.int32) + seq_len - 1    # every key is visible
         pt = PageTable + tok * stride_pt
+        new_in_regs = last & (seq_len > 0)       # (with ROPE and NEW_IN_REGS)
+        if ROPE and NEW_IN_REGS:
+            if new_in_regs:
+                hi = hi - 1               # the new key: from registers, not from the cache
         full_end = lo + (hi - lo) // BLOCK_N * BLOCK_N
         acc, m_i, l_i = attn_range(acc, m_i, l_i, q, q, K, K, V, pt, lo, full_end, hi, pos,
                                    kvh, PAGE_SIZE, stride_ks, stride_kh, stride_ks, stride_kh,
                                    stride_vs, stride_vh, scale_log2, D, D, DV, BLOCK_D, BLOCK_D,
                                    BLOCK_DV, BLOCK_N, False, False, EVEN_D, 0, True)
+        if ROPE and NEW_IN_REGS:
+            if new_in_regs:
+                acc, m_i, l_i = _attend_new_key(acc, m_i, l_i, q, k_new, v_new, scale_log2)
         if HAS_SINKS:  # split: the merge adds the sink once
             if num_splits == 1:
                 l_i = add_sink(l_i, m_i, Sinks, head, row_ok)
@@ -325,7 +362,8 @@ def gqa_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         G_BLK=tiles.g_blk, BLOCK_N=tiles.block_n, N_HBLK=n_hblk, MERGE_G=merge_g,
         CHUNK_S=chunk_s, EVEN_D=pow2_dim(d) and pow2_dim(dv), HAS_SINKS=sinks is not None,
         PAGE_SIZE=page_size, ROPE=new is not None, IS_NEOX=new is not None and new.is_neox,
-        FP8_STORE=k_cache.element_size() == 1, num_warps=tiles.num_warps,
+        FP8_STORE=k_cache.element_size() == 1, NEW_IN_REGS=t <= NEW_KEY_IN_REGISTERS_ROWS,
+        num_warps=tiles.num_warps,
         num_stages=tiles.num_stages, **pdl_launch(q.device))
     if num_splits > 1 and not last_merges:
         merge_splits(part_o, part_l, out, sinks)

@@ -50,14 +50,21 @@ def _store_heads(Base, row, stride_s, stride_h, x, ok, BLOCK_H: tl.constexpr,
 
 
 @triton.jit
-def store_cache_heads(Cache, slot, stride_s, stride_h, x, ok, inv_scale, FP8: tl.constexpr,
-                       BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
-    """x [BLOCK_H, BLOCK_D] -> Cache[slot, h, d] where ok, as x * inv_scale (= x / scale; a
-    product, exact for scale 1), saturated when FP8."""
+def cache_value(x, inv_scale, Cache, FP8: tl.constexpr):
+    """x as the cache stores it, in the cache's dtype: x * inv_scale (= x / scale; a product,
+    exact for scale 1), saturated when FP8."""
     y = x.to(tl.float32) * inv_scale
     if FP8:
         y = tl.clamp(y, -FP8_LIMIT, FP8_LIMIT)
-    _store_heads(Cache, slot, stride_s, stride_h, y, ok, BLOCK_H, BLOCK_D)
+    return y.to(Cache.dtype.element_ty)
+
+
+@triton.jit
+def store_cache_heads(Cache, slot, stride_s, stride_h, x, ok, inv_scale, FP8: tl.constexpr,
+                       BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+    """x [BLOCK_H, BLOCK_D] -> Cache[slot, h, d] where ok, as `cache_value`."""
+    _store_heads(Cache, slot, stride_s, stride_h, cache_value(x, inv_scale, Cache, FP8), ok,
+                 BLOCK_H, BLOCK_D)
 
 
 @triton.jit

@@ -249,13 +249,19 @@ def test_extend_split_rule():
                          [([1, 40, 77], 8, 2, None, 16, True, False),
                           ([70], 4, 2, 3, 8, False, True), ([0, 33, 9], 8, 2, 8, 16, True, False),
                           ([21, 50], 32, 1, 2, 12, True, False)])
+@pytest.mark.parametrize("in_registers", [True, False])
 def test_rope_decode_attention_matches_rope_store_kv_then_decode(seq_lens, hq, hk, splits,
-                                                                 rotary_dim, is_neox, sinks):
+                                                                 rotary_dim, is_neox, sinks,
+                                                                 in_registers, monkeypatch):
     """gqa_decode.py with the new tokens (rope_decode_attention): the output and both caches
     as the reference's rope_store_kv, then decode_attention; rows of one key, split or not,
     two head blocks a KV head (32 query heads on one), partial rotary, GPT-J pairs, sinks, a
-    row without keys (slot -1: nothing stored)."""
+    row without keys (slot -1: nothing stored); the last split attending to the new key from
+    registers or reading it back from the cache."""
     from kernel_testutil import slots_of
+
+    from kernels.triton import gqa_decode as GD
+    monkeypatch.setattr(GD, "NEW_KEY_IN_REGISTERS_ROWS", 1 << 30 if in_registers else 0)
     table, kc, vc, sl = _paged(seq_lens, 4, hk, 16, 16)
     b = len(seq_lens)
     q, k, v = rnd(b, hq, 16), rnd(b, hk, 16), rnd(b, hk, 16)
@@ -267,9 +273,8 @@ def test_rope_decode_attention_matches_rope_store_kv_then_decode(seq_lens, hq, h
     kr, vr = kc.clone(), vc.clone()
     ref = R.rope_decode_attention(q, k, v, positions, cos_sin, rotary_dim, is_neox, kr, vr,
                                   slots, table, sl, 4, 0.3, **extra)
-    from kernels.triton.gqa_decode import NewTokens, gqa_decode
-    new = NewTokens(k, v, positions, cos_sin, rotary_dim, is_neox, slots)
-    out = gqa_decode(q, kc, vc, table, sl, 4, 0.3, num_splits=splits, new=new, **extra)
+    new = GD.NewTokens(k, v, positions, cos_sin, rotary_dim, is_neox, slots)
+    out = GD.gqa_decode(q, kc, vc, table, sl, 4, 0.3, num_splits=splits, new=new, **extra)
     assert rel_err(out, ref) < TOL
     assert torch.equal(kc, kr) and torch.equal(vc, vr)
 
