@@ -21,6 +21,13 @@ registers a thread and was slower at every batch size; asked into L2 (`prefetch.
 it was within +-1% and more often slower.
 
 Sinks (GPT-OSS) join the merge's denominator; sliding windows take the generic kernel.
+
+With the step's new tokens (`NewTokens`: `rope_decode_attention`, a decode-only step) the
+launch also does rope_store_kv's work, saving its launch a layer: each program rotates its
+query heads (rope_kv.py's arithmetic), and the programs of a row's last split, the only ones
+whose keys include the new one, write the new key (rotated) and value at the row's slot. At
+1-2 rows (NEW_KEY_IN_REGISTERS_ROWS) they then attend to that key and value from registers,
+rounded as the cache holds them; with more rows they read it back after a barrier.
 """
 from __future__ import annotations
 
