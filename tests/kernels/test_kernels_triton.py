@@ -276,7 +276,8 @@ def test_rope_decode_attention_matches_rope_store_kv_then_decode(seq_lens, hq, h
     new = GD.NewTokens(k, v, positions, cos_sin, rotary_dim, is_neox, slots)
     out = GD.gqa_decode(q, kc, vc, table, sl, 4, 0.3, num_splits=splits, new=new, **extra)
     assert rel_err(out, ref) < TOL
-    assert torch.equal(kc, kr) and torch.equal(vc, vr)
+    # the rotation's rounding may differ by an ulp on a GPU (fused multiply-adds)
+    assert torch.allclose(kc, kr, rtol=1e-5, atol=1e-6) and torch.equal(vc, vr)
 
 
 def test_decode_split_cap():
