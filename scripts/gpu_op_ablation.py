@@ -23,8 +23,6 @@ Ablations (those that touch no module of a preset are skipped for it):
 - new_key_from_cache: the A/B of gqa_decode.py's NEW_KEY_IN_REGISTERS_ROWS: with the rope in
   the attention's launch, the row's last split reads its new key back from the cache after a
   barrier at every row count (logits compared);
-- merge_after_lse: the A/B of split_kv.py's MERGE_ALL_SPLITS: the merge launch reads the
-  partials up to the last non-empty split, found from the lse vector first (logits compared);
 - attention: decode attention returns its query (GQA: out = q, its rope + KV write in
   rope_store_kv's launch; MLA: o_latent = q_latent);
 - merge: the split-KV merge launch does nothing (the attention launch itself still splits;
@@ -102,7 +100,7 @@ from appliance.model.layers.norm import RMSNorm  # noqa: E402
 from kernels.reference.linear import head_matmul as reference_head_matmul  # noqa: E402
 from kernels.triton import attention as gqa_attention  # noqa: E402
 from kernels.triton import attention_ops, gqa_decode, moe, route  # noqa: E402
-from kernels.triton import mla_decode, split_kv  # noqa: E402
+from kernels.triton import mla_decode  # noqa: E402
 from kernels.triton.attention import AttentionTiles  # noqa: E402
 from kernels.triton.split_kv import SplitSizing  # noqa: E402
 
@@ -260,7 +258,6 @@ ABLATIONS: dict[str, Callable[[torch.nn.Module], list[Patch]]] = {
     "gqa_merge_launch": _knob(gqa_decode, "LAST_MERGE_MIN_ROWS", 1 << 30, PagedAttention),
     "gqa_last_merge": _knob(gqa_decode, "LAST_MERGE_MIN_ROWS", 1, PagedAttention),
     "new_key_from_cache": _knob(gqa_decode, "NEW_KEY_IN_REGISTERS_ROWS", 0, PagedAttention),
-    "merge_after_lse": _knob(split_kv, "MERGE_ALL_SPLITS", False, PagedAttention),
     "moe_grouped": _knob(moe, "moe_gemv_applies", lambda *args: False, RoutedExperts),
     "head_einsum": _products_by(reference_head_matmul),
     "coarse_cap": _split_count("fine_cap", False),
@@ -360,7 +357,7 @@ def measure(preset: str, rows: int, context: int, rounds: int, names: list[str],
                 batch = to_forward_batch(arrays, runner.device)
                 logits.setdefault(name, runner.forward(batch).float().cpu())
                 times[name].append(forward_ms(runner, batch) * 1e3)
-    compared = ("rope_apart", "new_key_from_cache", "merge_after_lse", "generic_decode", "moe_grouped", "head_einsum", "shared_apart",
+    compared = ("rope_apart", "new_key_from_cache", "generic_decode", "moe_grouped", "head_einsum", "shared_apart",
                 "x_proj_apart", "merge_apart", "absorb_apart", "fold_norms", "no_fold")
     for name in logits:   # the A/Bs
         if name in compared or name.startswith("fold_only="):

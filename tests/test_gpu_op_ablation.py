@@ -25,7 +25,7 @@ SMALL = dict(num_hidden_layers=2, hidden_size=128, intermediate_size=256, vocab_
              first_k_dense_replace=1, kv_lora_rank=64, q_lora_rank=None,
              qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32)
 # ablations that must find something to patch in each model
-EXPECTED = {"llama-3.1-8b": {"norms", "rope_kv", "rope_apart", "new_key_from_cache", "merge_after_lse", "attention", "merge", "one_split", "small",
+EXPECTED = {"llama-3.1-8b": {"norms", "rope_kv", "rope_apart", "new_key_from_cache", "attention", "merge", "one_split", "small",
                              "generic_decode", "gqa_merge_launch", "gqa_splits=2",
                              "gqa_tiles=32,2", "coarse_cap", "fold_norms", "no_fold",
                              "gqa_last_merge", "gqa_last_merge+gqa_splits=1",

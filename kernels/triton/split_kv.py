@@ -112,15 +112,12 @@ def split_range(split, kv_len, min_split_len, num_splits, BLOCK_N: tl.constexpr)
 
 @triton.jit
 def merge_partials(part, lse_row, num_splits, stride_pos, dv, dv_ok, sink,
-                   BLOCK_S: tl.constexpr, CHUNK_S: tl.constexpr, HAS_SINKS: tl.constexpr,
-                   ALL_SPLITS: tl.constexpr = False):
+                   BLOCK_S: tl.constexpr, CHUNK_S: tl.constexpr, HAS_SINKS: tl.constexpr):
     """[BLOCK_DV] fp32: columns dv of one (row, head)'s split partials (`part`: its first
     split's row, `lse_row`: its log2-sum-exps) merged: sum_s exp2(lse_s - m) part_s /
     sum_s exp2(lse_s - m). Splits are read CHUNK_S at a time so that many loads are in flight
     at once, up to the last non-empty split (non-empty splits are a prefix; empty ones wrote
-    no partial). ALL_SPLITS: the chunks cover all num_splits splits instead, so their loads
-    wait for no lse (one round trip fewer), an empty split's unwritten partial taken as 0.
-    HAS_SINKS: `sink` (a logit, natural log) joins the denominator."""
+    no partial). HAS_SINKS: `sink` (a logit, natural log) joins the denominator."""
     s = tl.arange(0, BLOCK_S)
     lse = tl.load(lse_row + s, mask=s < num_splits, other=float("-inf"))   # [S]
     m = tl.max(lse, 0)
@@ -131,10 +128,7 @@ def merge_partials(part, lse_row, num_splits, stride_pos, dv, dv_ok, sink,
     den = tl.sum(tl.exp2(lse - m), 0)
     if HAS_SINKS:
         den += tl.exp2(sink - m)
-    if ALL_SPLITS:
-        used = num_splits
-    else:
-        used = tl.max(tl.where(lse > float("-inf"), s + 1, 0), 0)            # splits with keys
+    used = tl.max(tl.where(lse > float("-inf"), s + 1, 0), 0)                # splits with keys
     acc = tl.zeros(dv.shape, dtype=tl.float32)
     c = tl.arange(0, CHUNK_S)
     for s0 in range(0, used, CHUNK_S):
@@ -142,8 +136,6 @@ def merge_partials(part, lse_row, num_splits, stride_pos, dv, dv_ok, sink,
         w = tl.exp2(tl.load(lse_row + s0 + c, mask=ok, other=float("-inf")) - m)    # [C]
         p = tl.load(part + (s0 + c)[:, None] * stride_pos + dv[None, :],
                     mask=ok[:, None] & dv_ok[None, :], other=0.0)                # [C, DV]
-        if ALL_SPLITS:
-            p = tl.where(w[:, None] > 0, p, 0.0)   # an empty split's partial was not written
         acc += tl.sum(p * w[:, None], 0)
     return acc / tl.where(den > 0, den, 1.0)
 
@@ -152,8 +144,7 @@ def merge_partials(part, lse_row, num_splits, stride_pos, dv, dv_ok, sink,
 def _merge_splits_kernel(PartO, PartL, Out, Sinks, num_splits, stride_pot, stride_poh,
                          stride_pos, stride_plt, stride_plh, stride_ot, stride_oh,
                          DV: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_S: tl.constexpr,
-                         CHUNK_S: tl.constexpr, HAS_SINKS: tl.constexpr,
-                         ALL_SPLITS: tl.constexpr, PDL: tl.constexpr):
+                         CHUNK_S: tl.constexpr, HAS_SINKS: tl.constexpr, PDL: tl.constexpr):
     """Out[t, h, cols] = `merge_partials` of (t, h). HAS_SINKS: head h's sink logit Sinks[h]
     (natural log) joins the denominator."""
     pdl_begin(PDL)
@@ -164,14 +155,11 @@ def _merge_splits_kernel(PartO, PartL, Out, Sinks, num_splits, stride_pot, strid
         sink = tl.load(Sinks + h).to(tl.float32)
     out = merge_partials(PartO + t * stride_pot + h * stride_poh,
                          PartL + t * stride_plt + h * stride_plh, num_splits, stride_pos, dv,
-                         dv < DV, sink, BLOCK_S, CHUNK_S, HAS_SINKS, ALL_SPLITS)
+                         dv < DV, sink, BLOCK_S, CHUNK_S, HAS_SINKS)
     tl.store(Out + t * stride_ot + h * stride_oh + dv, out.to(Out.dtype.element_ty), mask=dv < DV)
 
 
 MERGE_TILE_ELEMS = 4096    # fp32 partial-output elements one merge load brings in (16 KB)
-# the merge launch reads every split's partial without waiting for the lse vector
-# (`merge_partials`' ALL_SPLITS): every kernel that launches it writes -inf for an empty split
-MERGE_ALL_SPLITS = True
 
 
 def merge_tiles(rows: int, dv: int, num_splits: int, device: torch.device
@@ -198,8 +186,7 @@ def merge_splits(part_o: torch.Tensor, part_l: torch.Tensor, out: torch.Tensor,
         part_o, part_l, out, out if sinks is None else sinks, num_splits, part_o.stride(0),
         part_o.stride(1), part_o.stride(2), part_l.stride(0), part_l.stride(1), out.stride(0),
         out.stride(1), DV=dv, BLOCK_DV=block_dv, BLOCK_S=block_s, CHUNK_S=chunk_s,
-        HAS_SINKS=sinks is not None, ALL_SPLITS=MERGE_ALL_SPLITS, num_warps=4,
-        **pdl_launch(out.device))
+        HAS_SINKS=sinks is not None, num_warps=4, **pdl_launch(out.device))
 
 
 def split_buffers(shape: tuple[int, ...], num_splits: int, out: torch.Tensor

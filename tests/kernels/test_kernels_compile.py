@@ -144,13 +144,12 @@ def check_attention() -> None:
 
 def _merge(dv: int, sinks: bool) -> None:
     """Merge tiles: many rows (wide column blocks), and batch 1 (narrow blocks, 256 splits)."""
-    for (block_dv, splits), all_splits in itertools.product(((128, 8), (16, 256)), (True, False)):
+    for block_dv, splits in ((128, 8), (16, 256)):
         compile_sm90(SK._merge_splits_kernel, dict(PartO=F32, PartL=F32, Out=BF, Sinks=BF),
                      dict(DV=dv, BLOCK_DV=min(block_dv, dv),
                           BLOCK_S=max(SK.MAX_DECODE_SPLITS, splits),
                           CHUNK_S=min(max(SK.MAX_DECODE_SPLITS, splits),
-                                      SK.MERGE_TILE_ELEMS // block_dv), HAS_SINKS=sinks,
-                          ALL_SPLITS=all_splits), 4, 1)
+                                      SK.MERGE_TILE_ELEMS // block_dv), HAS_SINKS=sinks), 4, 1)
 
 
 def _attention(decode: bool, mla: bool) -> None:
