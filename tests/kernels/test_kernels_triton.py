@@ -2,6 +2,7 @@
 
 Without a GPU they run through Triton's CPU interpreter (TRITON_INTERPRET=1, set in conftest)."""
 import dataclasses
+import math
 import os
 
 import pytest
@@ -278,6 +279,21 @@ def test_rope_decode_attention_matches_rope_store_kv_then_decode(seq_lens, hq, h
     assert rel_err(out, ref) < TOL
     # the rotation's rounding may differ by an ulp on a GPU (fused multiply-adds)
     assert torch.allclose(kc, kr, rtol=1e-5, atol=1e-6) and torch.equal(vc, vr)
+
+
+def test_merge_splits_ignores_the_partials_of_empty_splits():
+    """The merge launch: the splits' partials weighted by their lse; an empty split (lse -inf)
+    wrote no partial, and whatever its memory holds (NaN here) stays out of the sum."""
+    from kernels.triton import split_kv as SK
+    part_o, part_l = rnd(2, 3, 5, 16), rnd(2, 3, 5)
+    part_l[0, :, 3:] = float("-inf")                  # row 0: splits 3 and 4 empty
+    part_l[1, 1, :] = float("-inf")                   # row 1, head 1: no keys at all
+    part_o[part_l == float("-inf")] = float("nan")
+    out = torch.empty(2, 3, 16, device=DEV)
+    SK.merge_splits(part_o, part_l, out)
+    w = torch.softmax(part_l * math.log(2), -1).nan_to_num(0.0)        # exp2 weights
+    want = (w[..., None] * part_o.nan_to_num(0.0)).sum(2)
+    assert torch.allclose(out, want, atol=1e-5) and not out.isnan().any()
 
 
 def test_decode_split_cap():
