@@ -171,11 +171,26 @@ _INT32 = {"kv.page_size", "kv.num_pages", "scheduler.max_batch_tokens", "schedul
 _INT32_MAX = 2**31 - 1
 
 
+MAX_CONFIG_BYTES = 1 << 20   # a config is a few KB; a 50 MB one took YAML over 30 s to read
+
+
+def _config_text(path: Path) -> str:
+    """The config file's text: a regular file (opening a FIFO would block start-up for ever)
+    of at most MAX_CONFIG_BYTES."""
+    if path.exists() and not path.is_file():
+        raise ConfigError(f"{path}: the config file is not a regular file")
+    with path.open("rb") as f:
+        data = f.read(MAX_CONFIG_BYTES + 1)
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: the config file is over {MAX_CONFIG_BYTES >> 20} MiB")
+    return data.decode("utf-8")
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> AppConfig:
     """Read YAML (default: configs/default.yaml), apply `key=value` overrides, validate."""
     path = Path(path) if path else DEFAULT_CONFIG
     try:
-        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
+        raw = yaml.load(_config_text(path), Loader=_UniqueKeyLoader) or {}
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
     except (OSError, UnicodeDecodeError) as e:  # a folder, unreadable, not UTF-8

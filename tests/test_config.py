@@ -1,12 +1,13 @@
 """Config loading: defaults, overrides, and errors that name the key."""
 
 import dataclasses
+import os
 from pathlib import Path
 
 import pytest
 import yaml
 
-from appliance.config import REPO_ROOT, AppConfig, ConfigError, load_config
+from appliance.config import MAX_CONFIG_BYTES, REPO_ROOT, AppConfig, ConfigError, load_config
 
 SHIPPED_CONFIGS = sorted(REPO_ROOT.glob("configs/*.yaml"))
 
@@ -120,8 +121,16 @@ def test_unreadable_config_files_and_duplicate_keys_are_config_errors(tmp_path):
     not_utf8.write_bytes(b"server:\n  host: caf\xe9\n")
     with pytest.raises(ConfigError, match="latin1.yaml: cannot read the config file"):
         load_config(not_utf8)
-    with pytest.raises(ConfigError, match="cannot read the config file"):
+    with pytest.raises(ConfigError, match="the config file is not a regular file"):
         load_config(tmp_path)  # a folder
+    fifo = tmp_path / "fifo.yaml"
+    os.mkfifo(fifo)                                    # reading it would block for ever
+    with pytest.raises(ConfigError, match="fifo.yaml: the config file is not a regular file"):
+        load_config(fifo)
+    huge = tmp_path / "huge.yaml"
+    huge.write_text("# padding\n" * (MAX_CONFIG_BYTES // 10 + 1))
+    with pytest.raises(ConfigError, match="huge.yaml: the config file is over 1 MiB"):
+        load_config(huge)
     twice = tmp_path / "twice.yaml"
     twice.write_text("server:\n  port: 9000\nkv:\n  num_pages: 64\nserver:\n  host: 127.0.0.1\n")
     with pytest.raises(ConfigError, match="duplicate key 'server'"):  # the port was dropped
