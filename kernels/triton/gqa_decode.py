@@ -43,7 +43,8 @@ from kernels.triton.attention import AttentionTiles, attention_tiles
 from kernels.triton.common import check, next_pow2, per_batch, pow2_dim
 from kernels.triton.paged_tiles import LOG2E, add_sink, attn_range, check_e4m3_words
 from kernels.triton.pdl import pdl_begin, pdl_launch
-from kernels.triton.rope_kv import cache_value, load_heads, rotate_heads, store_cache_heads
+from kernels.triton.rope_kv import (cache_value, load_heads, rope_rows, rotate_heads,
+                                    store_cache_heads)
 from kernels.triton.split_kv import (DEFAULT_SIZING, SPLIT_INTS, SplitSizing, merge_splits,
                                      split_buffers, split_length, split_range)
 
@@ -114,20 +115,8 @@ def _rope_and_store_new(Q, KNew, VNew, Pos, CosSin, KCache, VCache, Slots, tok, 
     `store` (the row's last split) the new key (rotated) and value are written at the token's
     slot (none below 0); without NEW_IN_REGS a barrier follows, so that this program's reads
     of the cache see them, with it the caller attends to them from registers instead."""
-    d = tl.arange(0, BLOCK_D)
-    half = R // 2
-    rot = d < R
-    if IS_NEOX:
-        first = d < half
-        partner = tl.where(first, d + half, d - half)
-        freq = tl.where(first, d, d - half)
-    else:
-        first = (d % 2) == 0
-        partner = d ^ 1
-        freq = d // 2
-    pos = tl.load(Pos + tok).to(tl.int64)
-    cos = tl.load(CosSin + pos * stride_cs + freq, mask=rot, other=1.0).to(tl.float32)
-    sin = tl.load(CosSin + pos * stride_cs + half + freq, mask=rot, other=0.0).to(tl.float32)
+    d, cos, sin, partner, first, rot = rope_rows(tok, Pos, CosSin, stride_cs, R, BLOCK_D,
+                                                 IS_NEOX)
     k_c = tl.zeros([BLOCK_D], dtype=tl.float32)
     v_c = tl.zeros([BLOCK_DV], dtype=tl.float32)
     if store:

@@ -89,18 +89,10 @@ def _rms_norm_heads(v, ok, W, eps, DV: tl.constexpr, BLOCK_DV: tl.constexpr):
 
 
 @triton.jit
-def rope_kv_token(tok, Q, K, V, Pos, CosSin, QOut, KOut, KCache, VCache, Slots, VNormW,
-                  stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-                  stride_qot, stride_qoh, stride_kot, stride_koh, stride_cs,
-                  stride_kcs, stride_kch, stride_vcs, stride_vch, inv_k_scale, inv_v_scale,
-                  v_norm_eps, HQ, HK, R, D: tl.constexpr, DV: tl.constexpr,
-                  BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_D: tl.constexpr,
-                  BLOCK_DV: tl.constexpr, IS_NEOX: tl.constexpr, STORE: tl.constexpr,
-                  FP8: tl.constexpr, V_NORM: tl.constexpr, DO_Q, DO_KV):
-    """Token tok's q and k rotated; with STORE the rotated k and v written at the token's
-    slot (skipped for slot < 0), v first RMS-normed by VNormW when V_NORM (MLA's latent: the
-    kv_a layernorm in this launch instead of its own). DO_Q / DO_KV: q's part, k's and v's
-    (both True, or one each for two programs sharing a token)."""
+def rope_rows(tok, Pos, CosSin, stride_cs, R, BLOCK_D: tl.constexpr, IS_NEOX: tl.constexpr):
+    """What rotating token tok takes, over dims d = arange(BLOCK_D): (d, cos and sin of its
+    position fp32 [BLOCK_D], each dim's partner, whether it is its pair's first, whether it
+    is rotated (d < R))."""
     d = tl.arange(0, BLOCK_D)
     half = R // 2
     rot = d < R
@@ -115,6 +107,24 @@ def rope_kv_token(tok, Q, K, V, Pos, CosSin, QOut, KOut, KCache, VCache, Slots, 
     pos = tl.load(Pos + tok).to(tl.int64)
     cos = tl.load(CosSin + pos * stride_cs + freq, mask=rot, other=1.0).to(tl.float32)   # [D]
     sin = tl.load(CosSin + pos * stride_cs + half + freq, mask=rot, other=0.0).to(tl.float32)
+    return d, cos, sin, partner, first, rot
+
+
+@triton.jit
+def rope_kv_token(tok, Q, K, V, Pos, CosSin, QOut, KOut, KCache, VCache, Slots, VNormW,
+                  stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                  stride_qot, stride_qoh, stride_kot, stride_koh, stride_cs,
+                  stride_kcs, stride_kch, stride_vcs, stride_vch, inv_k_scale, inv_v_scale,
+                  v_norm_eps, HQ, HK, R, D: tl.constexpr, DV: tl.constexpr,
+                  BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_D: tl.constexpr,
+                  BLOCK_DV: tl.constexpr, IS_NEOX: tl.constexpr, STORE: tl.constexpr,
+                  FP8: tl.constexpr, V_NORM: tl.constexpr, DO_Q, DO_KV):
+    """Token tok's q and k rotated; with STORE the rotated k and v written at the token's
+    slot (skipped for slot < 0), v first RMS-normed by VNormW when V_NORM (MLA's latent: the
+    kv_a layernorm in this launch instead of its own). DO_Q / DO_KV: q's part, k's and v's
+    (both True, or one each for two programs sharing a token)."""
+    d, cos, sin, partner, first, rot = rope_rows(tok, Pos, CosSin, stride_cs, R, BLOCK_D,
+                                                 IS_NEOX)
     if DO_Q:
         q, qok = rotate_heads(Q, tok, stride_qt, stride_qh, HQ, d, cos, sin, partner, first,
                                rot, D, BLOCK_HQ)
