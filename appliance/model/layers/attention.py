@@ -46,11 +46,11 @@ def select_optional(op: str, **features):
 
 
 def _fused_rope_decode(window: int, feats: dict):
-    """The `rope_decode_attention` kernel for these features, or None: on ROPE_IN_DECODE_ON
-    devices, without a sliding window, and a fused kernel, not the reference's composition
-    of the two ops (the layer calls those itself)."""
+    """The `rope_decode_attention` kernel for these features, or None: without a sliding
+    window, and a fused kernel, not the reference's composition of the two ops (the layer
+    calls those itself; on CPU only the reference exists)."""
     op = "rope_decode_attention"
-    if window or feats["device"].type not in ROPE_IN_DECODE_ON:
+    if window:
         return None
     try:
         if kernels.selected_backend(op, **feats) == "torch":
