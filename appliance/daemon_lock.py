@@ -44,9 +44,14 @@ class DaemonLock:
             if _same_file(fd, path):
                 break
             os.close(fd)  # the previous holder removed the file after we opened it: retry
-        os.fchmod(fd, 0o600)
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
+        try:
+            os.fchmod(fd, 0o600)
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+        except OSError as e:  # a full disk, `ulimit -f 0`: no empty pid file is left behind
+            path.unlink(missing_ok=True)
+            os.close(fd)
+            raise OSError(e.errno, f"cannot write the pid file {path}: {e.strerror}") from None
         return cls(path, fd)
 
     def release(self) -> None:

@@ -104,3 +104,18 @@ def test_closed_standard_descriptors_get_dev_null(tmp_path):
     subprocess.run([sys.executable, "-c", probe], check=True, timeout=60)
     fd, out, err = (tmp_path / "out").read_text().split()
     assert int(fd) > 2 and out == err == os.devnull
+
+
+def test_a_pid_file_that_cannot_be_written_is_named_and_not_left_behind(tmp_path):
+    """`ulimit -f 0` (or a full disk): the error names the pid file, which is removed (an
+    empty one was left, and the message named only the run folder)."""
+    path = tmp_path / "ts.sock.pid"
+    code = ("import resource, signal, sys\n"
+            "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0))\n"
+            "from appliance.daemon_lock import DaemonLock\n"
+            f"DaemonLock.acquire(__import__('pathlib').Path({str(path)!r}))\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode != 0
+    assert f"cannot write the pid file {path}" in result.stderr, result.stderr
+    assert not path.exists()
