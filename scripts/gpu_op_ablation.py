@@ -34,8 +34,9 @@ Ablations (those that touch no module of a preset are skipped for it):
   before the capture: what the routing launch costs;
 - small: norms + rope_kv + attention together: what is left is the GEMVs and the rest;
 - generic_decode: not an ablation but the A/B of gqa_decode.py: GQA decode attention on the
-  generic paged kernel (attention.py, with its merge launch) as before it; its logits are
-  compared with the step's own (summation order differs, so not bit for bit);
+  generic paged kernel (attention.py, with its merge launch, the rope in its own launch) as
+  before it; its logits are compared with the step's own (summation order differs, so not
+  bit for bit);
 - gqa_merge_launch: gqa_decode.py's kernel with the merge in a launch of its own at every
   batch size (as it runs at one row);
 - gqa_last_merge: the other way round: the merge in the last split's program at one row too;
@@ -228,7 +229,9 @@ def _generic_decode(model: torch.nn.Module) -> list[Patch]:
         return gqa_attention.paged_attention(q, None, k_cache, None, v_cache, page_table, None,
                                              seq_lens, page_size, scale, num_splits,
                                              sinks=sinks, k_scale=k_scale, v_scale=v_scale)
-    return [(attention_ops, "gqa_decode", generic)] if _has(model, PagedAttention) else []
+    # the rope in its own launch: the generic kernel takes no new tokens
+    return _rope_apart(model) + [(attention_ops, "gqa_decode", generic)] \
+        if _has(model, PagedAttention) else []
 
 
 def _absorb_apart(model: torch.nn.Module) -> list[Patch]:
@@ -357,8 +360,9 @@ def measure(preset: str, rows: int, context: int, rounds: int, names: list[str],
                 batch = to_forward_batch(arrays, runner.device)
                 logits.setdefault(name, runner.forward(batch).float().cpu())
                 times[name].append(forward_ms(runner, batch) * 1e3)
-    compared = ("rope_apart", "new_key_from_cache", "generic_decode", "moe_grouped", "head_einsum", "shared_apart",
-                "x_proj_apart", "merge_apart", "absorb_apart", "fold_norms", "no_fold")
+    compared = ("rope_apart", "new_key_from_cache", "generic_decode", "moe_grouped",
+                "head_einsum", "shared_apart", "x_proj_apart", "merge_apart", "absorb_apart",
+                "fold_norms", "no_fold")
     for name in logits:   # the A/Bs
         if name in compared or name.startswith("fold_only="):
             diff = (logits[name] - logits["none"]).abs().max().item()
