@@ -18,7 +18,7 @@ from gguf import GGMLQuantizationType, GGUFReader, ReaderTensor
 from gguf.quants import dequantize
 
 from appliance.model.gguf_config import gguf_hf_config
-from appliance.model.load_error import LoadError
+from appliance.model.load_error import LoadError, check_regular_file
 
 Q = GGMLQuantizationType
 SUPPORTED_TYPES = (Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1,
@@ -57,8 +57,8 @@ def find_gguf(path: str | Path) -> Path | None:
     if len(files) > 1:
         raise LoadError(f"{path}: holds several GGUF files ({', '.join(f.name for f in files)}); "
                         "name the one to serve in model.path")
-    if files and not files[0].is_file():  # opening a FIFO would block start-up for ever
-        raise LoadError(f"{files[0]}: not a regular file")
+    if files:
+        check_regular_file(files[0])
     return files[0] if files else None
 
 

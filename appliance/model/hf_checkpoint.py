@@ -9,7 +9,7 @@ import json
 import re
 from pathlib import Path
 
-from appliance.model.load_error import LoadError
+from appliance.model.load_error import LoadError, check_regular_file
 
 REQUIRED_SIZES = ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers",
                   "vocab_size")
@@ -40,7 +40,7 @@ def check_hf_checkpoint(folder: Path) -> None:
 
 def json_object(path: Path) -> dict:
     """The JSON object in `path`; LoadError naming the file if it is not one."""
-    _check_regular(path)
+    check_regular_file(path)
     try:
         value = json.loads(path.read_bytes())
     except OSError as e:
@@ -80,15 +80,8 @@ def checkpoint_files(folder: str | Path) -> tuple[list[Path], dict[str, str] | N
         if not files:
             raise LoadError(f"{folder}: no *.safetensors files")
     for file in files:
-        _check_regular(file)
+        check_regular_file(file)
     return files, weight_map
-
-
-def _check_regular(path: Path) -> None:
-    """A folder, FIFO or device where a file belongs is a LoadError: opening a FIFO would block
-    start-up for ever."""
-    if path.exists() and not path.is_file():
-        raise LoadError(f"{path}: not a regular file")
 
 
 def _check_sizes(config: dict, path: Path) -> None:
