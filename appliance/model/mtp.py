@@ -61,6 +61,11 @@ class NextTokenLayers:
 
     mtp_layers: nn.ModuleList
 
+    def norm_consumers(self) -> Iterator[tuple[nn.Module, nn.Module]]:
+        """None: the final norm's output is the MTP layers' input too (`forward_hidden`), so
+        its scale stays in the norm, not in the head's weight (layers/norm.py)."""
+        return iter(())
+
     def build_next_token_layers(self, hf: dict, layers: list[nn.Module], ctx: BuildContext
                                 ) -> None:
         """`layers`: decoder layers (one per MTP layer) that `add_next_token_parts` completes."""
@@ -97,7 +102,7 @@ class NextTokenLayers:
         prior, _ = layer.hnorm(hidden)                                           # [T, H]
         x = layer.eh_proj(torch.cat([embedded, prior], dim=-1))                 # [T, H]
         x, residual = layer(batch.positions, x, None, batch)
-        z, _ = layer.shared_head.norm(x[rows], residual[rows])                  # [R, H]
+        z, _ = layer.shared_head.norm(x[rows], None if residual is None else residual[rows])
         return self.lm_head(z), z
 
 

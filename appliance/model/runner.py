@@ -47,6 +47,7 @@ from appliance.model.compile_ahead import CompileAhead, StartupShapes, compile_t
 from appliance.model.loader import (check_finite, checkpoint_tensor_names, load_checkpoint,
                                     load_dummy, read_eos_token_ids, read_hf_config,
                                     zero_parameters)
+from appliance.model.layers.norm import fold_scales, plan_scale_folds
 from appliance.model.layers.yarn import context_length
 from appliance.model.models import model_class
 from appliance.model.placement import ParallelLayout
@@ -247,6 +248,8 @@ class ModelRunner:
         self.compiled: CompiledModel = compile_model(model, self.layout, self.world)
         _materialize(model, self.device)
         self._kv_layers = [m for m in model.modules() if hasattr(m, "kv_cache_shapes")]
+        # before compile-ahead, which must build the unit-scale norms' kernels
+        self.scaled_norms = plan_scale_folds(model)
         ahead = self._compile_ahead(model, startup, tp_size)
         started = time.perf_counter()
         try:
@@ -254,6 +257,7 @@ class ModelRunner:
             self.load_seconds = time.perf_counter() - started
         finally:
             self.compile_summary = ahead.join() if ahead is not None else None
+        fold_scales(model)
         self.compiled_ahead = ahead is not None and ahead.ran_all
         self.model = model.eval()
         self.num_pages = self._plan_pages(kv_num_pages, memory_fraction)

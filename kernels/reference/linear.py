@@ -35,14 +35,25 @@ def head_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 @register("rms_norm_linear", backend="torch", priority=0)
-def rms_norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor,
-                    eps: float, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                    silu_mul: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def rms_norm_linear(x: torch.Tensor, residual: torch.Tensor | None,
+                    norm_weight: torch.Tensor | None, eps: float, weight: torch.Tensor,
+                    bias: torch.Tensor | None = None, silu_mul: bool = False
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """A pre-norm layer's RMSNorm and the first linear that reads it: (normed, new residual)
     = fused_add_rms_norm(x, residual, norm_weight, eps) (rms_norm(x) and x when residual is
     None), then (linear(normed, weight, bias) or with silu_mul linear_silu_and_mul's, new
-    residual). x, residual: [M, K] -> ([M, N] or [M, N / 2], [M, K])."""
+    residual). x, residual: [M, K] -> ([M, N] or [M, N / 2], [M, K]). norm_weight None: a
+    unit scale (the norm's own went into `weight`'s columns)."""
     normed, residual = pre_norm(x, residual, norm_weight, eps)
     project = linear_silu_and_mul if silu_mul else linear
     return project(normed, weight, bias), residual
 
+
+
+@register("linear_residual", backend="torch", priority=0)
+def linear_residual(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                    residual: torch.Tensor) -> torch.Tensor:
+    """residual + linear(x, weight, bias): x [M, K], weight [N, K], residual [M, N] -> [M, N];
+    a projection that ends a sublayer (o_proj, down_proj) added to the residual stream, its
+    output rounded to x.dtype first, as an unfused model (HF) adds it."""
+    return F.linear(x, weight, bias) + residual

@@ -13,7 +13,7 @@ from kernels.triton.pdl import pdl_begin, pdl_launch
 @triton.jit
 def _rms_norm_kernel(X, R, W, Out, ResOut, stride_x, stride_r, stride_o, stride_ro, eps,
                      H: tl.constexpr, BLOCK_H: tl.constexpr, HAS_RES: tl.constexpr,
-                     PDL: tl.constexpr):
+                     HAS_WEIGHT: tl.constexpr, PDL: tl.constexpr):
     pdl_begin(PDL)
     row = tl.program_id(0).to(tl.int64)
     h = tl.arange(0, BLOCK_H)
@@ -25,9 +25,10 @@ def _rms_norm_kernel(X, R, W, Out, ResOut, stride_x, stride_r, stride_o, stride_
         tl.store(ResOut + row * stride_ro + h, s, mask=ok)
         x = s
     x32 = x.to(tl.float32)
-    inv = 1.0 / tl.sqrt(tl.sum(x32 * x32, 0) / H + eps)
-    w = tl.load(W + h, mask=ok, other=0.0).to(tl.float32)
-    tl.store(Out + row * stride_o + h, (x32 * inv * w).to(Out.dtype.element_ty), mask=ok)
+    y = x32 * (1.0 / tl.sqrt(tl.sum(x32 * x32, 0) / H + eps))
+    if HAS_WEIGHT:
+        y = y * tl.load(W + h, mask=ok, other=0.0).to(tl.float32)
+    tl.store(Out + row * stride_o + h, y.to(Out.dtype.element_ty), mask=ok)
 
 
 def _rows(x: torch.Tensor, name: str) -> None:
@@ -40,29 +41,33 @@ def _norm_warps(h: int) -> int:
 
 @register("rms_norm", backend="triton", priority=PRIORITY,
           supports=lambda f: on_cuda(f) and f.get("hidden", 0) <= 65536)
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """x: [T, H], weight: [H] -> [T, H]."""
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """x: [T, H], weight: [H] or None (a unit scale) -> [T, H]."""
     _rows(x, "rms_norm")
     t, h = x.shape
     out = torch.empty_like(x)
-    _rms_norm_kernel[(t,)](x, x, weight, out, out, x.stride(0), 0, out.stride(0), 0, eps,
-                           H=h, BLOCK_H=next_pow2(h), HAS_RES=False, num_warps=_norm_warps(h),
+    _rms_norm_kernel[(t,)](x, x, weight if weight is not None else x, out, out, x.stride(0), 0,
+                           out.stride(0), 0, eps, H=h, BLOCK_H=next_pow2(h), HAS_RES=False,
+                           HAS_WEIGHT=weight is not None, num_warps=_norm_warps(h),
                            **pdl_launch(x.device))
     return out
 
 
 @register("fused_add_rms_norm", backend="triton", priority=PRIORITY,
           supports=lambda f: on_cuda(f) and f.get("hidden", 0) <= 65536)
-def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None,
                        eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x[T,H], residual[T,H]) -> (rms_norm(x + residual) [T,H], x + residual [T,H])."""
+    """(x[T,H], residual[T,H]) -> (rms_norm(x + residual) [T,H], x + residual [T,H]);
+    weight [H] or None (a unit scale)."""
     _rows(x, "fused_add_rms_norm")
     _rows(residual, "fused_add_rms_norm residual")
     t, h = x.shape
     out, res_out = torch.empty_like(x), torch.empty_like(x)
-    _rms_norm_kernel[(t,)](x, residual, weight, out, res_out, x.stride(0), residual.stride(0),
-                           out.stride(0), res_out.stride(0), eps, H=h, BLOCK_H=next_pow2(h),
-                           HAS_RES=True, num_warps=_norm_warps(h), **pdl_launch(x.device))
+    _rms_norm_kernel[(t,)](x, residual, weight if weight is not None else x, out, res_out,
+                           x.stride(0), residual.stride(0), out.stride(0), res_out.stride(0),
+                           eps, H=h, BLOCK_H=next_pow2(h), HAS_RES=True,
+                           HAS_WEIGHT=weight is not None, num_warps=_norm_warps(h),
+                           **pdl_launch(x.device))
     return out, res_out
 
 

@@ -1,5 +1,7 @@
 """`linear` on CUDA: one row (a batch-1 decode step) by a GEMV kernel, more rows by cuBLAS;
-and `linear_silu_and_mul`, a SwiGLU MLP's gate|up with its SiLU in the same GEMV's epilogue.
+`linear_silu_and_mul`, a SwiGLU MLP's gate|up with its SiLU in the same GEMV's epilogue;
+`rms_norm_linear`, the RMS norm in its loads; `linear_residual`, the residual add in its
+epilogue.
 
 At one row a decode step's linear layers only stream their weights; cuBLAS picks split-K
 kernels for the narrow ones (o_proj, down_proj) and pays a reduce kernel after each, and
@@ -58,9 +60,10 @@ SMALL = GemvConfig(block_n=4, block_k=2048, num_warps=4, num_stages=2)
 
 @dataclass(frozen=True)
 class RowNorm:
-    """The RMS norm a GEMV applies to its row first: weight [K], eps, and the residual [1, K]
-    added before it (None: the first layer's) with residual_out [1, K] receiving the sum."""
-    weight: torch.Tensor
+    """The RMS norm a GEMV applies to its row first: weight [K] (None: a unit scale, the
+    norm's own having gone into the GEMV's weight), eps, and the residual [1, K] added before
+    it (None: the first layer's) with residual_out [1, K] receiving the sum."""
+    weight: torch.Tensor | None
     eps: float
     residual: torch.Tensor | None = None
     residual_out: torch.Tensor | None = None
@@ -83,25 +86,30 @@ def _prefetch_l2(ptrs):
 
 
 @triton.jit
-def _norm_input(x, R, G, ResOut, kk, k_ok, K, first, ss, HAS_RES: tl.constexpr):
+def _norm_input(x, R, G, ResOut, kk, k_ok, K, first, ss, HAS_RES: tl.constexpr,
+                HAS_WEIGHT: tl.constexpr):
     """A chunk of X made the RMS norm's input inside the GEMV: + the residual's chunk (rounded
     to X's dtype as fused_add_rms_norm stores it; the `first` program stores it in ResOut),
-    its squares added to ss, times the norm weight G (the 1 / rms scale multiplies the dot
-    products at the end) -> (float32 chunk, ss)."""
+    its squares added to ss, times the norm weight G unless the GEMV's weight holds it (the
+    1 / rms scale multiplies the dot products at the end) -> (float32 chunk, ss)."""
     if HAS_RES:
         r = tl.load(R + kk, mask=k_ok, other=0.0)
         x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
         # the first program's only (a vector mask: the interpreter takes no scalar in one)
         tl.store(ResOut + kk, x, mask=k_ok & (kk < tl.where(first, K, 0)))
     xf = x.to(tl.float32)
-    return xf * tl.load(G + kk, mask=k_ok, other=0.0).to(tl.float32), ss + xf * xf
+    ss += xf * xf
+    if HAS_WEIGHT:
+        xf = xf * tl.load(G + kk, mask=k_ok, other=0.0).to(tl.float32)
+    return xf, ss
 
 
 @triton.jit
-def _gemv_kernel(X, W, B, Out, R, G, ResOut, N, K, stride_w, eps,
+def _gemv_kernel(X, W, B, Out, R, G, ResOut, A, N, K, stride_w, eps,
                  HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  EVEN_K: tl.constexpr, SILU_MUL: tl.constexpr, NORM: tl.constexpr,
-                 HAS_RES: tl.constexpr, PDL: tl.constexpr):
+                 HAS_RES: tl.constexpr, NORM_WEIGHT: tl.constexpr, ADD: tl.constexpr,
+                 PDL: tl.constexpr):
     """Out[n] = W[n] . X (+ B[n]) for BLOCK_N rows n a program. SILU_MUL: W is N gate rows
     then N up rows, and a program's rows are BLOCK_N / 2 (gate j, up j) pairs, interleaved,
     so that Out[j] = silu(gate_j) * up_j is its epilogue: the same rows, tiles and sums as
@@ -110,7 +118,9 @@ def _gemv_kernel(X, W, B, Out, R, G, ResOut, N, K, stride_w, eps,
     NORM: X is RMS-normed first (weight G, epsilon eps; HAS_RES: X + R, stored in ResOut by
     program 0): every program reads all of X anyway, so each sums its squares as it goes
     and scales its dot products by 1 / rms at the end (the normed X is not rounded to X's
-    dtype between the two, as the separate norm kernel's output is)."""
+    dtype between the two, as the separate norm kernel's output is); NORM_WEIGHT: times G,
+    else W holds the norm's scale. ADD: Out[n] = A[n] + the product rounded to Out's dtype
+    (a residual stream's `residual + linear(x)`, as an unfused model rounds it)."""
     pid = tl.program_id(0)
     r = tl.arange(0, BLOCK_N)
     if SILU_MUL:
@@ -143,7 +153,8 @@ def _gemv_kernel(X, W, B, Out, R, G, ResOut, N, K, stride_w, eps,
             w = tl.load(rows + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0,
                         eviction_policy="evict_first")
         if NORM:
-            x, ss = _norm_input(x, R, G, ResOut, kk, k_ok, K, pid == 0, ss, HAS_RES)
+            x, ss = _norm_input(x, R, G, ResOut, kk, k_ok, K, pid == 0, ss, HAS_RES,
+                                NORM_WEIGHT)
         acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
     y = tl.sum(acc, axis=1)                                            # [BN]
     if NORM:
@@ -157,15 +168,19 @@ def _gemv_kernel(X, W, B, Out, R, G, ResOut, N, K, stride_w, eps,
         tl.store(Out + j, (gate / (1.0 + tl.exp(-gate)) * up).to(Out.dtype.element_ty),
                  mask=j < N)
     else:
+        if ADD:
+            y = (y.to(Out.dtype.element_ty).to(tl.float32)
+                 + tl.load(A + n, mask=n_ok, other=0.0).to(tl.float32))
         tl.store(Out + n, y.to(Out.dtype.element_ty), mask=n_ok)
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
          config: GemvConfig | None = None, silu_mul: bool = False,
-         norm: RowNorm | None = None) -> torch.Tensor:
+         norm: RowNorm | None = None, add: torch.Tensor | None = None) -> torch.Tensor:
     """x: [1, K] (contiguous), weight: [N, K] (row-contiguous), bias: [N] -> [1, N].
     silu_mul: weight is gate rows then up rows (N even) -> silu(gate) * up [1, N / 2].
-    norm: x is RMS-normed first (its residual added and stored: see RowNorm)."""
+    norm: x is RMS-normed first (its residual added and stored: see RowNorm).
+    add: [1, N] (contiguous) added to the rounded product (not with silu_mul)."""
     n, k = weight.shape
     config = config or gemv_config(n, k, norm is not None)
     if x.shape != (1, k) or not x.is_contiguous() or weight.stride(1) != 1:
@@ -173,17 +188,23 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
                          f"got x {tuple(x.shape)} and weight strides {weight.stride()}")
     if silu_mul and n % 2:
         raise ValueError(f"gemv: silu_mul needs gate and up rows of equal count, got {n} rows")
+    if add is not None and (silu_mul or add.shape != (1, n) or not add.is_contiguous()):
+        raise ValueError(f"gemv: add must be [1, {n}] contiguous and without silu_mul, got "
+                         f"{tuple(add.shape)}")
     width = n // 2 if silu_mul else n
     out = torch.empty((1, width), device=x.device, dtype=x.dtype)
     has_res = norm is not None and norm.residual is not None
     residual, res_out = (norm.residual, norm.residual_out) if has_res else (x, x)
+    norm_weight = norm.weight if norm is not None and norm.weight is not None else None
     grid = (triton.cdiv(n, config.block_n),)
     _gemv_kernel[grid](x, weight, bias if bias is not None else out, out, residual,
-                       norm.weight if norm is not None else x, res_out, width, k,
+                       norm_weight if norm_weight is not None else x, res_out,
+                       add if add is not None else out, width, k,
                        weight.stride(0), norm.eps if norm is not None else 0.0,
                        HAS_BIAS=bias is not None, BLOCK_N=config.block_n,
                        BLOCK_K=config.block_k, EVEN_K=k % config.block_k == 0,
                        SILU_MUL=silu_mul, NORM=norm is not None, HAS_RES=has_res,
+                       NORM_WEIGHT=norm_weight is not None, ADD=add is not None,
                        num_warps=config.num_warps, num_stages=config.num_stages,
                        **pdl_launch(x.device))
     return out
@@ -218,16 +239,18 @@ def linear_silu_and_mul(x: torch.Tensor, weight: torch.Tensor,
 
 
 def _row_norm_applies(x: torch.Tensor, residual: torch.Tensor | None,
-                      norm_weight: torch.Tensor) -> bool:
+                      norm_weight: torch.Tensor | None) -> bool:
     return ((residual is None or (residual.shape == x.shape and residual.is_contiguous()
                                   and residual.dtype == x.dtype))
-            and norm_weight.shape == (x.shape[-1],) and norm_weight.is_contiguous())
+            and (norm_weight is None or (norm_weight.shape == (x.shape[-1],)
+                                         and norm_weight.is_contiguous())))
 
 
 @register("rms_norm_linear", backend="triton", priority=PRIORITY, supports=on_cuda_half)
-def rms_norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor,
-                    eps: float, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                    silu_mul: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def rms_norm_linear(x: torch.Tensor, residual: torch.Tensor | None,
+                    norm_weight: torch.Tensor | None, eps: float, weight: torch.Tensor,
+                    bias: torch.Tensor | None = None, silu_mul: bool = False
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """The reference's contract (kernels/reference/linear.py). One 16-bit row: one GEMV
     launch, the norm in its loads (`_gemv_kernel`'s NORM: the norm kernel's launch gone;
     the normed row is not rounded to 16 bits before the dot products). Anything else: the
@@ -241,3 +264,15 @@ def rms_norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm_weight:
     project = linear_silu_and_mul if silu_mul else linear
     return project(normed, weight, bias), residual
 
+
+
+@register("linear_residual", backend="triton", priority=PRIORITY, supports=on_cuda_half)
+def linear_residual(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                    residual: torch.Tensor) -> torch.Tensor:
+    """The reference's contract (kernels/reference/linear.py). One 16-bit row: one GEMV launch,
+    the residual added in its epilogue (no add launch, and the next norm can go into the
+    next GEMV without a residual of its own). Anything else: `linear`, then the add."""
+    if (gemv_applies(x, weight, bias) and residual.shape == (1, weight.shape[0])
+            and residual.is_contiguous() and residual.dtype == x.dtype):
+        return gemv(x, weight, bias, add=residual)
+    return linear(x, weight, bias).add_(residual)

@@ -235,7 +235,7 @@ def _prefill(d: int, group: int, rows: int, block_n: int, sinks: bool, cache=BF)
 
 def _row_kernels() -> None:
     compile_sm90(E._rms_norm_kernel, dict(X=BF, R=BF, W=BF, Out=BF, ResOut=BF, eps=1e-6),
-                 dict(H=4096, BLOCK_H=4096, HAS_RES=True), 8, 1)
+                 dict(H=4096, BLOCK_H=4096, HAS_RES=True, HAS_WEIGHT=True), 8, 1)
     compile_sm90(E._silu_and_mul_kernel, dict(X=BF, Out=BF), dict(I=14336, BLOCK=1024), 4, 1)
     _cache_writers(BF)
     for n, k in ((6144, 4096), (28672, 4096), (4096, 14336)):   # the 8B: qkv, gate_up, down
@@ -246,19 +246,29 @@ def _row_kernels() -> None:
     _gemv(6144, 4096, norm=True)                                   # the 8B's qkv, normed
     _gemv(28672, 4096, silu_mul=True, norm=True)                   # ... its gate_up, normed
     _gemv(3648, 2048, norm=True)                                   # DeepSeek's q | kv_a, normed
+    # one token's residual stream (models/llama.py): the norms' scales in the weights, the
+    # residual adds in o_proj's and down_proj's epilogues
+    _gemv(6144, 4096, norm=True, norm_weight=False, residual=False)
+    _gemv(28672, 4096, silu_mul=True, norm=True, norm_weight=False, residual=False)
+    _gemv(4096, 4096, add=True)
+    _gemv(4096, 14336, add=True)
     compile_sm90(SA._spec_accept_kernel, dict(Tokens=I32, Drafts=I32, Start=I32, Counts=I32),
                  dict(BLOCK=SA.BLOCK), 4, 1)
 
 
-def _gemv(n: int, k: int, pdl: bool = True, silu_mul: bool = False, norm: bool = False):
-    """norm: with the RMS norm (and its residual) in the loads (rms_norm_linear)."""
+def _gemv(n: int, k: int, pdl: bool = True, silu_mul: bool = False, norm: bool = False,
+          norm_weight: bool = True, residual: bool = True, add: bool = False):
+    """norm: with the RMS norm in the loads (rms_norm_linear), its weight and its residual
+    unless norm_weight / residual say not; add: the residual added in the epilogue
+    (linear_residual)."""
     config = G.gemv_config(n, k, norm)
     return compile_sm90(G._gemv_kernel, dict(X=BF, W=BF, B=BF, Out=BF, R=BF, G=BF, ResOut=BF,
-                                             N=n // 2 if silu_mul else n, K=k, stride_w=k,
-                                             eps=1e-6),
+                                             A=BF, N=n // 2 if silu_mul else n, K=k,
+                                             stride_w=k, eps=1e-6),
                         dict(HAS_BIAS=False, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
                              EVEN_K=k % config.block_k == 0, SILU_MUL=silu_mul, NORM=norm,
-                             HAS_RES=norm, PDL=pdl),
+                             HAS_RES=norm and residual, NORM_WEIGHT=norm and norm_weight,
+                             ADD=add, PDL=pdl),
                         config.num_warps, config.num_stages)
 
 

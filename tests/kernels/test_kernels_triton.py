@@ -53,6 +53,10 @@ def test_rms_norm(t, h, dtype):
     a, s = E.fused_add_rms_norm(x, r, w, 1e-6)
     ra, rs = R.fused_add_rms_norm(x, r, w, 1e-6)
     assert torch.equal(s, rs) and rel_err(a, ra) < 2e-3
+    # weight None: a unit scale (the norm's own folded into the next linear's weight)
+    assert rel_err(E.rms_norm(x, None, 1e-6), R.rms_norm(x, torch.ones_like(w), 1e-6)) < 2e-3
+    a, s = E.fused_add_rms_norm(x, r, None, 1e-6)
+    assert torch.equal(s, rs) and rel_err(a, R.fused_add_rms_norm(x, r, None, 1e-6)[0]) < 2e-3
 
 
 @pytest.mark.parametrize("t,i", [(1, 8), (4, 40), (2, 1500)])
@@ -448,6 +452,45 @@ def test_rms_norm_linear_one_row_is_one_gemv(n, k, res, silu, bias):
     project = G.linear_silu_and_mul if silu else G.linear
     got, got_r = G.rms_norm_linear(xs, rs, g, 1e-6, w, b, silu)
     assert torch.equal(got, project(normed, w, b)) and torch.equal(got_r, new_r)
+
+
+@pytest.mark.parametrize("n,k,res,silu", [(40, 64, True, False), (16, 100, False, True)])
+def test_rms_norm_linear_with_the_scale_in_the_weight(n, k, res, silu):
+    """norm_weight None: a unit scale, the norm's own multiplied into the linear's columns
+    (models/llama.py folds it at load). One row: the GEMV without the norm weight's loads;
+    more rows: the norm kernel without its weight, then the linear. Float32: the weighted
+    reference over the unscaled weight."""
+    from kernels.triton import gemv as G
+    torch.manual_seed(n + k)
+    x, g, w = rnd(1, k), rnd(k) + 1, rnd(2 * n if silu else n, k)
+    r = rnd(1, k) if res else None
+    want, want_r = R.rms_norm_linear(x, r, g, 1e-6, w, None, silu)
+    got, got_r = G.rms_norm_linear(x, r, None, 1e-6, w * g, None, silu)
+    assert rel_err(got, want) < 1e-5 and rel_err(got_r, want_r) < 1e-6
+    assert rel_err(R.rms_norm_linear(x, r, None, 1e-6, w * g, None, silu)[0], want) < 1e-5
+    xs = rnd(3, k)
+    rs = rnd(3, k) if res else None
+    got, got_r = G.rms_norm_linear(xs, rs, None, 1e-6, w * g, None, silu)
+    want, want_r = R.rms_norm_linear(xs, rs, g, 1e-6, w, None, silu)
+    assert rel_err(got, want) < 1e-5 and rel_err(got_r, want_r) < 1e-6
+
+
+@pytest.mark.parametrize("n,k,bias", [(40, 64, False), (37, 100, True)])
+def test_linear_residual_one_row_adds_in_the_gemv_epilogue(n, k, bias):
+    """One row: the GEMV with the residual added to its rounded product (exactly the GEMV's
+    output + the residual, as HF's `residual + out` rounds; the interpreter rounds to bf16
+    toward zero, so there within a bf16 step); more rows: linear + add."""
+    from kernels.triton import gemv as G
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
+        x, w, r = rnd(1, k, dtype=dtype), rnd(n, k, dtype=dtype), rnd(1, n, dtype=dtype)
+        b = rnd(n, dtype=dtype) if bias else None
+        got = G.linear_residual(x, w, b, r)
+        if DEV == "cuda" or dtype == torch.float32:
+            assert torch.equal(got, G.gemv(x, w, b) + r)
+        assert rel_err(got, R.linear_residual(x, w, b, r)) < tol
+        xs, rs = rnd(3, k, dtype=dtype), rnd(3, n, dtype=dtype)
+        assert torch.equal(G.linear_residual(xs, w, b, rs),
+                           torch.nn.functional.linear(xs, w, b) + rs)
 
 
 @pytest.mark.parametrize("inter,k,bias", [(20, 64, False), (37, 100, True), (8, 2048, False)])

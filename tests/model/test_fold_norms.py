@@ -9,8 +9,11 @@ import torch
 
 from appliance.model import ModelRunner
 from appliance.model.layers import norm as norm_module
+from appliance.model.layers.linear import RowParallelLinear
+from appliance.model.layers.mlp import SwiGLUMLP
 from appliance.model.layers.moe import TopKRouter
-from test_verify_rows import PS, batch_of, model_folder  # noqa: F401 (the fixture)
+from test_verify_rows import PS, batch_of, hf_logits, model_folder  # noqa: F401 (the fixture)
+from helpers import save_tiny_hf_model
 
 
 def _two_steps(runner: ModelRunner) -> list[torch.Tensor]:
@@ -67,12 +70,75 @@ def test_norms_fold_on_cuda_unless_the_environment_says_0():
     assert norm_module.fold_norms_on({"TOKENSPEED_FOLD_NORMS": "0"}) == frozenset()
 
 
-def test_by_default_only_the_kinds_measured_to_win_fold(model_folder, monkeypatch):
-    """FOLDED_KINDS: attention's q|k|v (and MLA's q|kv_a), not the MLP's gate|up or the head."""
+def test_by_default_the_kinds_measured_to_win_fold(model_folder, monkeypatch):
+    """FOLDED_KINDS (attention's q|k|v, MLA's q|kv_a) fold as they are; the dense MLP's gate|up
+    and an untied head take their norm's scale into their weight at load (SCALED_KINDS) and
+    then fold with a unit scale; a MoE's router does not fold, nor does the head of a model
+    whose final norm also feeds MTP layers (DeepSeek) take its scale."""
     monkeypatch.setattr(norm_module, "FOLD_NORMS_ON", frozenset({"cpu"}))
     runner = ModelRunner(model_folder, kv_num_pages=16, page_size=PS)
-    layer = runner.model.model.layers[0]
-    assert layer.input_layernorm.folds_into(layer.self_attn)
-    assert not layer.post_attention_layernorm.folds_into(layer.mlp)
-    assert not runner.model.model.norm.folds_into(runner.model.lm_head)
+    model = runner.model
+    head_scaled = not model.lm_head.tied and not hasattr(model, "mtp_layers")
+    assert model.model.norm.unit_scale == head_scaled
+    assert model.model.norm.folds_into(model.lm_head) == head_scaled
+    for layer in model.model.layers:
+        attn_norm, mlp_norm = layer.input_layernorm, layer.post_attention_layernorm
+        assert attn_norm.folds_into(layer.self_attn)
+        assert attn_norm.unit_scale == (layer.self_attn.fold_kind == "attention")
+        dense = isinstance(layer.mlp, SwiGLUMLP)
+        assert mlp_norm.unit_scale == mlp_norm.folds_into(layer.mlp) == dense
+    assert runner.scaled_norms == sum(isinstance(m, norm_module.RMSNorm) and m.unit_scale
+                                      for m in model.modules()) > 0
 
+
+def test_scaled_norms_weights_hold_the_scale_and_the_norms_are_ones(model_folder, monkeypatch):
+    """The load folds each planned norm's scale into its consumer's weight columns."""
+    plain = ModelRunner(model_folder, kv_num_pages=16, page_size=PS).model
+    monkeypatch.setattr(norm_module, "FOLD_NORMS_ON", frozenset({"cpu"}))
+    scaled = ModelRunner(model_folder, kv_num_pages=16, page_size=PS).model
+    pairs = [(n, c) for m in scaled.modules() for n, c in getattr(m, "norm_consumers",
+                                                                   lambda: ())()]
+    names = {id(t): name for name, t in scaled.named_modules()}
+    plain_modules = dict(plain.named_modules())
+    for norm, consumer in pairs:
+        if not norm.unit_scale:
+            continue
+        target = consumer.scale_target
+        g = plain_modules[names[id(norm)]].weight
+        assert torch.equal(norm.weight, torch.ones_like(g))
+        torch.testing.assert_close(target.weight, plain_modules[names[id(target)]].weight * g)
+
+
+def test_a_streamed_token_runs_no_norm_and_adds_in_the_projections(monkeypatch, tmp_path):
+    """One token through a dense Llama with every norm's scale in its consumer: each layer
+    runs as one residual stream (the adds in o_proj's and down_proj's ops, no norm op of its
+    own, the head's norm inside the head's op) and gives the unscaled model's logits, which
+    are HF transformers' (float32). Two tokens take the fused add + norm as before."""
+    folder = save_tiny_hf_model(tmp_path / "llama", "llama", seed=5)
+    plain = ModelRunner(folder, kv_num_pages=16, page_size=PS)
+    monkeypatch.setattr(norm_module, "FOLD_NORMS_ON", frozenset({"cpu"}))
+    runner = ModelRunner(folder, kv_num_pages=16, page_size=PS)
+    calls = {"norm": 0, "folded": 0, "add_to": 0}
+    for m in runner.model.modules():
+        names = {norm_module.RMSNorm: (("fused_add_rms_norm", "norm"), ("rms_norm", "norm"),
+                                       ("rms_norm_linear", "folded")),
+                 RowParallelLinear: (("add_to", "add_to"),)}.get(type(m), ())
+        for name, key in names:
+            def counted(*args, _real=getattr(m, name), _key=key, **kw):
+                calls[_key] += 1
+                return _real(*args, **kw)
+            setattr(m, name, counted)
+    layers = len(runner.model.model.layers)
+    prompt = [5, 9, 33, 7]
+    for r in (plain, runner):
+        r.forward(batch_of([(prompt, 0, [0, 1])], 0, None))
+    calls.update(norm=0, folded=0, add_to=0)
+    one = batch_of([([42], len(prompt), [0, 1])], 1, None)
+    got, want = runner.forward(one), plain.forward(one)
+    assert calls == {"norm": 0, "folded": 2 * layers + 1, "add_to": 2 * layers}
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[0], hf_logits(folder, prompt + [42])[-1], rtol=1e-4,
+                               atol=1e-4)
+    calls.update(norm=0, folded=0, add_to=0)
+    runner.forward(batch_of([([43], len(prompt) + 1, [0, 1]), ([8, 9], 0, [2])], 1, None))
+    assert calls["add_to"] == 0 and calls["folded"] == 2 * layers + 1

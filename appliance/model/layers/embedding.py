@@ -65,6 +65,12 @@ class ParallelLMHead(Placed):
         self.folds_norm = True  # forward_normed: the final norm inside the head's op
         self.fold_kind = "head"  # folds by default if in norm.FOLDED_KINDS
 
+    @property
+    def scale_target(self) -> nn.Module | None:
+        """What takes the final norm's scale (norm.SCALED_KINDS): the head, unless the
+        embedding shares its weight."""
+        return None if self.tied else self
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [B, H] -> [B, V_local]
         return self._matmul(x, self.weight)

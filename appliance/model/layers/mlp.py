@@ -29,6 +29,11 @@ class SwiGLUMLP(Placed):
         self.folds_norm = True  # forward_normed: the norm inside gate|up's op
         self.fold_kind = "mlp"  # folds by default if in norm.FOLDED_KINDS
 
+    @property
+    def scale_target(self) -> ColumnParallelLinear:
+        """What takes the norm's scale (norm.SCALED_KINDS): gate|up."""
+        return self.gate_up_proj
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [T, H] -> [T, H] (partial sums over the group)
         gate_up = self.gate_up_proj
@@ -40,3 +45,9 @@ class SwiGLUMLP(Placed):
         """forward over norm(x, residual), the norm inside gate|up's op -> (out, residual)."""
         act, residual = norm.into(self.gate_up_proj, x, residual, silu_mul=True)
         return self.down_proj(act), residual
+
+    def forward_streamed(self, norm: RMSNorm, x: torch.Tensor) -> torch.Tensor:
+        """x + forward(norm(x)), the norm inside gate|up's op and the add in down's (one group
+        rank): x [T, H] -> [T, H]."""
+        act, _ = norm.into(self.gate_up_proj, x, None, silu_mul=True)
+        return self.down_proj.add_to(x, act)

@@ -15,6 +15,13 @@ the normed row: `rms_norm_router_logits`) say so with `folds_norm` and run it in
 `forward_normed`; the decoder layer chooses. Only on the device types of `FOLD_NORMS_ON`
 (CUDA; TOKENSPEED_FOLD_NORMS=0 at start-up: none) and for the consumer kinds of
 `FOLDED_KINDS`, those the H200 measured to win.
+
+A norm's scale can also go into its consumer's weight at load (`plan_scale_folds` before
+the load, `fold_scales` after: W[:, k] *= g[k], g = 1), for the consumers of `SCALED_KINDS`
+(attention's q|k|v, the dense MLP's gate|up, an untied LM head). Such a norm (`unit_scale`)
+always folds, and its op reads no norm weight; with the residual added in the epilogue of the
+projection before it (`linear_residual`), one token's norm costs its consumer only the sum of
+squares of the row it streams anyway (models/llama.py's residual stream).
 """
 from __future__ import annotations
 
@@ -48,6 +55,10 @@ FOLD_KINDS = frozenset({"attention", "mla", "mlp", "router", "head"})
 # q|kv_a -52, router, dense MLP and head within 4.
 FOLDED_KINDS = frozenset({"attention", "mla"})
 
+# The kinds whose weight takes their norm's scale at load (then their norm always folds).
+# A tied LM head shares the embedding's weight, so it takes none.
+SCALED_KINDS = frozenset({"attention", "mlp", "head"})
+
 # read at each forward, so a test or an in-graph A/B may set them on a built model
 FOLD_NORMS_ON: frozenset[str] = fold_norms_on(os.environ)
 
@@ -75,6 +86,10 @@ class RMSNorm(_NormWeight, Placed):
         self.rms_norm_linear = kernels.select("rms_norm_linear", device=device, dtype=dtype)
         self.input_placement = self.output_placement = Replicate(group)
         self.fused_reduce: Callable | None = None
+        # plan_scale_fold: the linear whose weight takes this norm's scale at load (in a
+        # tuple, so that it is not registered as a submodule); then the norm's ops run with a
+        # unit scale (None), as its weight will be all ones
+        self._scale_target: tuple[nn.Module, ...] = ()
 
     def set_fused_reduce(self, step: Callable) -> None:
         self.fused_reduce = step
@@ -93,17 +108,41 @@ class RMSNorm(_NormWeight, Placed):
         on a device of FOLD_NORMS_ON, where it can (`folds_norm`) and wins (its `fold_kind` in
         FOLDED_KINDS), and no collective lies between them (none fused into the norm, no hook
         on the consumer)."""
+        return ((getattr(consumer, "fold_kind", None) in FOLDED_KINDS or self.unit_scale)
+                and self._can_fold(consumer))
+
+    def _can_fold(self, consumer: nn.Module) -> bool:
         return (self.weight.device.type in FOLD_NORMS_ON
-                and getattr(consumer, "folds_norm", False)
-                and getattr(consumer, "fold_kind", None) in FOLDED_KINDS and self.fused_reduce is None
+                and getattr(consumer, "folds_norm", False) and self.fused_reduce is None
                 and not consumer._forward_hooks and not consumer._forward_pre_hooks)
+
+    def plan_scale_fold(self, consumer: nn.Module) -> None:
+        """Before the load: if `consumer` (of SCALED_KINDS, its `scale_target` a linear of this
+        norm's dtype) can fold this norm, its weight will take the scale (`fold_scale`), and
+        from now on the norm runs with a unit scale (so compile-ahead builds those kernels)."""
+        target = getattr(consumer, "scale_target", None)
+        if (getattr(consumer, "fold_kind", None) in SCALED_KINDS and target is not None
+                and self._can_fold(consumer) and target.weight.dtype == self.weight.dtype):
+            self._scale_target = (target,)
+
+    @property
+    def unit_scale(self) -> bool:
+        """Whether this norm's scale goes (went) into its consumer's weight."""
+        return bool(self._scale_target)
+
+    def fold_scale(self) -> None:
+        """After the load: W[:, k] *= g[k] (rounded once, in W's dtype) and g = 1."""
+        for target in self._scale_target:
+            with torch.no_grad():
+                target.weight.mul_(self.weight)
+                self.weight.fill_(1.0)
 
     def into(self, linear: nn.Module, x: torch.Tensor, residual: torch.Tensor | None,
              silu_mul: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """(linear's output over this norm's, or with silu_mul its SwiGLU activation, new
         residual), in one op: x, residual [T, H] -> ([T, out], [T, H])."""
-        return self.rms_norm_linear(x, residual, self.weight, self.eps, linear.weight,
-                                    linear.bias, silu_mul)
+        return self.rms_norm_linear(x, residual, None if self.unit_scale else self.weight,
+                                    self.eps, linear.weight, linear.bias, silu_mul)
 
 
 class HeadRMSNorm(_NormWeight):
@@ -113,3 +152,19 @@ class HeadRMSNorm(_NormWeight):
         # x: [T, Hn, D] -> [T, Hn, D]
         t, h, d = x.shape
         return self.rms_norm(x.reshape(t * h, d), self.weight, self.eps).view(t, h, d)
+
+
+def plan_scale_folds(model: nn.Module) -> int:
+    """Every (norm, consumer) pair a module names (`norm_consumers()`) whose consumer's weight
+    will take the norm's scale (RMSNorm.plan_scale_fold); before the load. -> how many."""
+    for module in model.modules():
+        for norm, consumer in getattr(module, "norm_consumers", lambda: ())():
+            norm.plan_scale_fold(consumer)
+    return sum(isinstance(m, RMSNorm) and m.unit_scale for m in model.modules())
+
+
+def fold_scales(model: nn.Module) -> None:
+    """After the load: the planned norms' scales into their consumers' weights."""
+    for module in model.modules():
+        if isinstance(module, RMSNorm):
+            module.fold_scale()
