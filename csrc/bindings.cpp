@@ -85,7 +85,8 @@ PYBIND11_MODULE(_core, m) {
       .def("clear_test_clock", &PyScheduler::clear_test_clock)
       .def("cost_coeffs", &PyScheduler::cost_coeffs)
       .def("set_cost_prior", &PyScheduler::set_cost_prior, py::arg("a"), py::arg("b"),
-           py::arg("c"), py::arg("d"), py::arg("e"), py::arg("f") = py::none())
+           py::arg("c"), py::arg("d"), py::arg("e"), py::arg("f") = py::none(),
+           py::arg("g") = py::none())
       .def("state", &PyScheduler::state, py::arg("rid"))
       .def("inflight_steps", &PyScheduler::inflight_steps);
 

@@ -1,5 +1,6 @@
 #include "cost_model.h"
 
+#include <algorithm>
 #include <cmath>
 
 namespace ts {
@@ -7,7 +8,7 @@ namespace {
 
 // Typical feature magnitudes; the ridge term of coefficient i is
 // prior_weight * scale_i^2, i.e. "prior_weight pseudo-steps of this size".
-constexpr CostModel::Vec kScale = {1.0, 16.0, 128.0, 4096.0, 32.0, 1.0};
+constexpr CostModel::Vec kScale = {1.0, 16.0, 128.0, 4096.0, 32.0, 1.0, 1048576.0};
 
 // Solves A x = b restricted to the `active` coefficients (others are 0), by
 // Gaussian elimination with partial pivoting. A is SPD so this is stable.
@@ -53,17 +54,22 @@ CostModel::CostModel(Vec prior, double forget, double prior_weight)
 
 CostModel::Vec CostModel::features(const StepFeatures& f) {
   return {1.0, f.decode_tokens, f.prefill_tokens, f.kv_tokens_read, f.draft_tokens,
-          f.eager() ? 1.0 : 0.0};
+          f.eager() ? 1.0 : 0.0, f.prefill_pairs};
 }
 
 void CostModel::observe(const StepFeatures& f, double step_time_s) {
   // 0 (the binding's default) means "not measured": no information.
   if (!(step_time_s > 0) || !std::isfinite(step_time_s)) return;
-  double cap = kMaxRatio * predict(f);
+  const bool plain = f.prefill_tokens <= 0;
+  double cap = kMaxRatio * std::max(predict(f), plain ? recent_plain_s_ : 0.0);
   if (cap > 0) step_time_s = std::min(step_time_s, cap);
+  if (plain)
+    recent_plain_s_ = recent_plain_s_ > 0
+                          ? forget_ * recent_plain_s_ + (1 - forget_) * step_time_s
+                          : step_time_s;
   Vec x = features(f);
-  auto& a = xtx_[f.prefill_tokens > 0 ? 1 : 0];
-  auto& b = xty_[f.prefill_tokens > 0 ? 1 : 0];
+  auto& a = xtx_[plain ? 0 : 1];
+  auto& b = xty_[plain ? 0 : 1];
   for (int i = 0; i < kN; ++i) {
     for (int j = 0; j < kN; ++j) a[i][j] = forget_ * a[i][j] + x[i] * x[j];
     b[i] = forget_ * b[i] + x[i] * step_time_s;

@@ -193,13 +193,13 @@ py::tuple PyScheduler::cost_coeffs() const {
     std::lock_guard lock(mu_);  // no Python calls inside: safe under the GIL
     c = s_.cost_model().coeffs();
   }
-  return py::make_tuple(c[0], c[1], c[2], c[3], c[4], c[5]);
+  return py::make_tuple(c[0], c[1], c[2], c[3], c[4], c[5], c[6]);
 }
 
 void PyScheduler::set_cost_prior(double a, double b, double c, double d, double e,
-                                 std::optional<double> f) {
+                                 std::optional<double> f, std::optional<double> g) {
   std::lock_guard lock(mu_);
-  s_.set_cost_model(CostModel({a, b, c, d, e, f.value_or(0.0)}));
+  s_.set_cost_model(CostModel({a, b, c, d, e, f.value_or(0.0), g.value_or(0.0)}));
 }
 
 void PyScheduler::expire_sessions() {

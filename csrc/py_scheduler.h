@@ -54,7 +54,7 @@ class PyScheduler {
   py::tuple cost_coeffs() const;
   // f (the extra fixed cost of a step that is not plain decode) defaults to 0.
   void set_cost_prior(double a, double b, double c, double d, double e,
-                      std::optional<double> f);
+                      std::optional<double> f, std::optional<double> g);
   std::string state(int64_t rid) const;
   int64_t inflight_steps() const;
   const SchedulerConfig& config() const { return s_.config(); }

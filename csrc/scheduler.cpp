@@ -102,7 +102,8 @@ Scheduler::StepTarget Scheduler::step_target(const StepFeatures& decodes) const 
   if (!std::isfinite(limit) || decodes.decode_tokens == 0) return {kNone, true};
   const auto& c = cost_.coeffs();
   double alone = cost_.predict(decodes);
-  double with_chunk = alone + cost_.eager_jump(decodes) + (c[2] + c[3]) * cfg_.min_prefill_chunk;
+  double with_chunk = alone + cost_.eager_jump(decodes) + (c[2] + c[3]) * cfg_.min_prefill_chunk +
+                      c[CostModel::kPairs] * CostModel::pairs(0, cfg_.min_prefill_chunk);
   if (with_chunk <= limit) return {limit, true};
   // Decodes alone that miss the target lose the floor anyway, so the prefill
   // goes on beside them; but only once plain steps were measured. A fresh
@@ -299,9 +300,15 @@ int32_t Scheduler::chunk_tokens(int32_t remaining, int32_t prefix, int32_t budge
   if (!std::isfinite(target.time_s) || (f.decode_tokens == 0 && first_prefill)) return n;
   const auto& c = cost_.coeffs();
   double avail = target.time_s - cost_.predict(f) - cost_.eager_jump(f) - c[3] * prefix;
-  double per_token = c[2] + c[3];
-  double fit = per_token > 0 ? std::floor(avail / per_token) : n;
-  int64_t allowed = fit < 0 ? 0 : static_cast<int64_t>(std::min<double>(fit, n));
+  // a chunk of k tokens costs k * (c + d) + g * pairs(prefix, k): the largest k within avail
+  // (the positive root of half_g k^2 + per_token k = avail, in the form that stays exact as
+  // g goes to 0)
+  double per_token = c[2] + c[3] + c[CostModel::kPairs] * (prefix + 0.5);
+  double half_g = c[CostModel::kPairs] / 2;
+  double denominator =
+      per_token + std::sqrt(per_token * per_token + 4 * half_g * std::max(avail, 0.0));
+  double fit = avail < 0 ? 0 : denominator > 0 ? std::floor(2 * avail / denominator) : n;
+  int64_t allowed = static_cast<int64_t>(std::clamp<double>(fit, 0, n));
   // The first prefill of a step gets a worthwhile chunk (min_prefill_chunk, or
   // what is left of the prompt) or none (step_target).
   int64_t worthwhile = std::min<int64_t>(cfg_.min_prefill_chunk, n);
@@ -333,6 +340,7 @@ void Scheduler::add_prefill_row(std::vector<Row>& rows, Entry* e, int32_t n,
   p.advance(n);
   f.prefill_tokens += n;
   f.kv_tokens_read += cursor + n;
+  f.prefill_pairs += CostModel::pairs(cursor, n);
   if (!last) return;
   mark_sample(p.data(), rows.size() - 1);
   e->state = std::move(p).finish_prefill();  // replaces the consumed state

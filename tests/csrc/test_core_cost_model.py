@@ -3,6 +3,7 @@ import threading
 
 import numpy as np
 from core_helpers import Driver, i32, make
+from test_core_tps_floor import h100_8b_step_time
 
 
 def feed(s, truth, steps, rng):
@@ -21,7 +22,7 @@ def test_fit_recovers_a_linear_machine():
     s = make(num_pages=1024, page_size=16, max_batch_tokens=96, tps_floor=0.0)
     rng = np.random.default_rng(0)
     feed(s, lambda d, p, kv: 0.003 + 0.0004 * d + 0.00005 * p + 1e-7 * kv, 200, rng)
-    a, b, c, d, e, f = s.cost_coeffs()
+    a, b, c, d, e, f, g = s.cost_coeffs()
     assert abs(c - 0.00005) / 0.00005 < 0.1
     p = s.plan()  # prediction for a fresh plan is close to the truth
     if p is not None:
@@ -159,3 +160,40 @@ def test_plain_decode_steps_and_steps_with_prefill_have_their_own_fixed_cost():
         errors = [abs(pred - t) / t for p, pred, t in late
                   if (p.num_tokens > p.num_decode) == prefill]
         assert errors and max(errors) < bound, (prefill, max(errors, default=None))
+
+
+def test_prefill_attention_is_fitted_apart_so_a_short_request_is_predicted():
+    """On the H100-fitted machine (test_core_tps_floor.py): long prompts prefilled in 2K
+    chunks over growing prefixes, decoded together; then a short request alone. Its plain steps cost mostly the fixed 5.8 ms; with prefill attention
+    (quadratic) paid by the per-KV-token term, the intercept went to 0 and the first one was
+    predicted at a tenth of that (an H200's agentic run: 0.03 ms for 4 ms)."""
+    s = make(num_pages=8192, page_size=16, max_batch_tokens=2048, max_running=16,
+             tps_floor=0.0, max_seq_len=32768)
+    rng = np.random.default_rng(0)
+    for r in range(4):
+        s.submit(r, i32(rng.integers(0, 30000, 12000)), 200, i32([]))
+    _run(s, h100_8b_step_time)
+    s.submit(9, i32(rng.integers(0, 30000, 64)), 40, i32([]))
+    seen = [(p, predicted, t) for p, predicted, t in _run(s, h100_8b_step_time) if p.num_decode]
+    p, predicted, t = seen[0]
+    assert 0.8 < predicted / t < 1.25, (predicted, t, s.cost_coeffs())
+    g = s.cost_coeffs()[6]
+    assert abs(g - 1.3e-9) / 1.3e-9 < 0.25, s.cost_coeffs()
+
+
+def test_a_plain_step_far_above_its_prediction_counts_up_to_4x_the_recent_plain_steps():
+    """A fit that extrapolates far below the plain steps it has seen (here a prior that puts
+    the whole step in the KV term, then a short request) learns from the real step at once:
+    capped at 4x a 0.03 ms prediction instead, the 4 ms steps would move it by 0.1 ms each."""
+    s = make(num_pages=4096, page_size=16, max_batch_tokens=8192, max_running=16,
+             tps_floor=0.0, max_seq_len=32768)
+    s.set_cost_prior(0.0, 0.0, 1e-5, 2e-7, 1e-6)   # 20K keys: 4 ms; 64 keys: 0.01 ms
+    s.submit(0, i32(np.arange(20000) % 30000), 100, i32([]))
+    s.submit(1, i32(np.arange(64) + 7), 103, i32([]))   # decodes alone after rid 0 ends
+    alone = []
+    while (p := s.plan()) is not None:
+        t = 0.004 if p.num_decode == p.num_rows else 1e-5 * (p.num_tokens - p.num_decode)
+        if p.num_rows == 1 and int(p.rids[0]) == 1:
+            alone.append(p.predicted_time_s)
+        s.commit(p.step, np.ones(p.num_rows, np.int32), t)
+    assert alone[0] < 0.001 and alone[1] > 0.002, alone[:3]

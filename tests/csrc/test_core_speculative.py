@@ -209,7 +209,7 @@ def test_verify_steps_teach_the_cost_model_the_draft_coefficient():
         p = s.plan()
         t = 0.002 + 0.0003 * p.num_rows + 0.0004 * p.total_drafts + 1e-7 * p.seq_lens.sum()
         s.commit(p.step, np.full(p.num_rows + p.total_drafts, 60, np.int32), t)
-    a, b, c, d, e, f = s.cost_coeffs()
+    a, b, c, d, e, f, g = s.cost_coeffs()
     assert abs(e - 0.0004) / 0.0004 < 0.25, s.cost_coeffs()   # the prior said 0.00005
     for rid in range(8):
         s.set_drafts(rid, i32([1] * 7))
