@@ -23,7 +23,7 @@ OPS: tuple[str, ...] = (
     "router_logits", "moe_route", "fused_moe", "fused_moe_mxfp4", "sample",
     "apply_token_bitmask", "apply_penalties", "spec_accept", "linear", "linear_silu_and_mul",
     "head_matmul", "mla_absorb_rope", "rms_norm_linear", "rms_norm_router_logits",
-    "rope_decode_attention", "linear_residual",
+    "rope_decode_attention",
 )
 # Ops the torch reference serves on CUDA too (vectorized, no host sync): no Triton kernel until a
 # measurement asks for one.

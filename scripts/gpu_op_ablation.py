@@ -61,10 +61,8 @@ Ablations (those that touch no module of a preset are skipped for it):
 - no_fold: no norm folded (FOLD_NORMS_ON empty), as before the fold;
 - unscaled: the A/B of layers/norm.py's SCALED_KINDS: the norms whose scale went into their
   consumer's weight at load run as before it (their weight, now ones, read by their ops; the
-  dense MLP's and the head's norms in launches of their own; no residual stream), the same
-  function on the same weights (logits compared too);
-- no_stream: models/llama.py's residual stream off: the scales stay in the weights, but one
-  token's layers add the residual in the norms' ops, not in o_proj's and down_proj's;
+  dense MLP's and the head's norms in launches of their own), the same function on the same
+  weights (logits compared too);
 - fold_only=KIND: the fold for one consumer kind alone (attention, mla, mlp, router, head),
   the others' norms in launches of their own: which folds win (FOLDED_KINDS' figures);
 - gqa_splits=N / mla_splits=N: decode launches split to N programs an SM (SplitSizing's
@@ -104,7 +102,6 @@ from appliance.model.layers.mla import MLAttention  # noqa: E402
 from appliance.model.layers.moe import DeepseekMoE, RoutedExperts, TopKRouter  # noqa: E402
 from appliance.model.layers import norm as norm_layers  # noqa: E402
 from appliance.model.layers.norm import RMSNorm  # noqa: E402
-from appliance.model.models.llama import LlamaDecoderLayer  # noqa: E402
 from kernels.reference.linear import head_matmul as reference_head_matmul  # noqa: E402
 from kernels.triton import attention as gqa_attention  # noqa: E402
 from kernels.triton import attention_ops, gqa_decode, moe, route  # noqa: E402
@@ -281,8 +278,6 @@ ABLATIONS: dict[str, Callable[[torch.nn.Module], list[Patch]]] = {
     "no_fold": _knob(norm_layers, "FOLD_NORMS_ON", frozenset(), RMSNorm),
     "unscaled": lambda model: [(m, "_scale_target", ()) for m in model.modules()
                                if isinstance(m, RMSNorm) and m.unit_scale],
-    "no_stream": _knob(LlamaDecoderLayer, "streams", lambda self, hidden: False,
-                       LlamaDecoderLayer),
 }
 
 
@@ -373,7 +368,7 @@ def measure(preset: str, rows: int, context: int, rounds: int, names: list[str],
                 times[name].append(forward_ms(runner, batch) * 1e3)
     compared = ("rope_apart", "new_key_from_cache", "generic_decode", "moe_grouped",
                 "head_einsum", "shared_apart", "x_proj_apart", "merge_apart", "absorb_apart",
-                "fold_norms", "no_fold", "unscaled", "no_stream")
+                "fold_norms", "no_fold", "unscaled")
     for name in logits:   # the A/Bs
         if name in compared or name.startswith("fold_only="):
             diff = (logits[name] - logits["none"]).abs().max().item()

@@ -89,23 +89,22 @@ def test_fold_only_leaves_one_consumer_kind_folding():
         A._checked("fold_only=nothing")
 
 
-def test_unscaled_and_no_stream_run_the_same_function_the_old_ways(monkeypatch):
-    """With the norms' scales in the weights (as on CUDA), `unscaled` runs them as before
-    (weights read by the norms' ops, the MLP's and head's norms apart, no residual stream) and
-    `no_stream` keeps the scales but adds the residual in the norms' ops: the same logits."""
+
+def test_unscaled_runs_the_same_function_the_old_way(monkeypatch):
+    """With the norms' scales in the weights (as on CUDA), `unscaled` runs those norms as
+    before (their weight, now ones, read by their ops; the MLP's and the head's norms in
+    launches of their own): the same logits."""
     monkeypatch.setattr(A.norm_layers, "FOLD_NORMS_ON", frozenset({"cpu"}))
     runner = ModelRunner(ModelSource(preset="llama-3.1-8b", load_format="dummy", hf_overrides=SMALL),
                          device="cpu", dtype=torch.float32, kv_num_pages=32, page_size=PAGE)
     arrays = plan_arrays(1, 0, 40, runner.vocab_size, np.random.default_rng(0))
     layer = runner.model.model.layers[0]
-    one_token = torch.zeros(1, 1)
+    mlp_norm = layer.post_attention_layernorm
     before = runner.forward(to_forward_batch(arrays, runner.device)).clone()
-    assert layer.streams(one_token)
-    for name in ("unscaled", "no_stream"):
-        patches = A.plan(name)(runner.model)
-        assert patches
-        with A.patched(patches):
-            assert not layer.streams(one_token)
-            out = runner.forward(to_forward_batch(arrays, runner.device))
-        torch.testing.assert_close(out, before, rtol=1e-4, atol=1e-4)
-    assert layer.streams(one_token) and layer.post_attention_layernorm.unit_scale
+    assert mlp_norm.unit_scale and mlp_norm.folds_into(layer.mlp)
+    patches = A.plan("unscaled")(runner.model)
+    with A.patched(patches):
+        assert not mlp_norm.unit_scale and not mlp_norm.folds_into(layer.mlp)
+        out = runner.forward(to_forward_batch(arrays, runner.device))
+    torch.testing.assert_close(out, before, rtol=1e-4, atol=1e-4)
+    assert mlp_norm.unit_scale and mlp_norm.folds_into(layer.mlp)

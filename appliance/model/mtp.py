@@ -102,7 +102,7 @@ class NextTokenLayers:
         prior, _ = layer.hnorm(hidden)                                           # [T, H]
         x = layer.eh_proj(torch.cat([embedded, prior], dim=-1))                 # [T, H]
         x, residual = layer(batch.positions, x, None, batch)
-        z, _ = layer.shared_head.norm(x[rows], None if residual is None else residual[rows])
+        z, _ = layer.shared_head.norm(x[rows], residual[rows])                  # [R, H]
         return self.lm_head(z), z
 
 

@@ -7,8 +7,7 @@ from kernels.reference.activation import silu_and_mul
 from kernels.reference.attention import (decode_attention, extend_attention,
                                          rope_decode_attention)
 from kernels.reference.kv_cache import store_kv
-from kernels.reference.linear import (head_matmul, linear, linear_residual, linear_silu_and_mul,
-                                      rms_norm_linear)
+from kernels.reference.linear import head_matmul, linear, linear_silu_and_mul, rms_norm_linear
 from kernels.reference.logits import apply_penalties, apply_token_bitmask
 from kernels.reference.mla import mla_absorb_rope, mla_decode, mla_extend, mla_prefill
 from kernels.reference.moe import (fused_moe, fused_moe_mxfp4, moe_route, rms_norm_router_logits,
@@ -24,5 +23,5 @@ __all__ = [
     "router_logits", "moe_route", "fused_moe", "fused_moe_mxfp4", "sample",
     "apply_token_bitmask", "apply_penalties", "spec_accept", "linear", "linear_silu_and_mul",
     "head_matmul", "mla_absorb_rope", "rms_norm_linear", "rms_norm_router_logits",
-    "rope_decode_attention", "linear_residual",
+    "rope_decode_attention",
 ]

@@ -49,11 +49,3 @@ def rms_norm_linear(x: torch.Tensor, residual: torch.Tensor | None,
     return project(normed, weight, bias), residual
 
 
-
-@register("linear_residual", backend="torch", priority=0)
-def linear_residual(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                    residual: torch.Tensor) -> torch.Tensor:
-    """residual + linear(x, weight, bias): x [M, K], weight [N, K], residual [M, N] -> [M, N];
-    a projection that ends a sublayer (o_proj, down_proj) added to the residual stream, its
-    output rounded to x.dtype first, as an unfused model (HF) adds it."""
-    return F.linear(x, weight, bias) + residual

@@ -1,7 +1,6 @@
 """`linear` on CUDA: one row (a batch-1 decode step) by a GEMV kernel, more rows by cuBLAS;
 `linear_silu_and_mul`, a SwiGLU MLP's gate|up with its SiLU in the same GEMV's epilogue;
-`rms_norm_linear`, the RMS norm in its loads; `linear_residual`, the residual add in its
-epilogue.
+`rms_norm_linear`, the RMS norm in its loads.
 
 At one row a decode step's linear layers only stream their weights; cuBLAS picks split-K
 kernels for the narrow ones (o_proj, down_proj) and pays a reduce kernel after each, and
@@ -105,11 +104,10 @@ def _norm_input(x, R, G, ResOut, kk, k_ok, K, first, ss, HAS_RES: tl.constexpr,
 
 
 @triton.jit
-def _gemv_kernel(X, W, B, Out, R, G, ResOut, A, N, K, stride_w, eps,
+def _gemv_kernel(X, W, B, Out, R, G, ResOut, N, K, stride_w, eps,
                  HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  EVEN_K: tl.constexpr, SILU_MUL: tl.constexpr, NORM: tl.constexpr,
-                 HAS_RES: tl.constexpr, NORM_WEIGHT: tl.constexpr, ADD: tl.constexpr,
-                 PDL: tl.constexpr):
+                 HAS_RES: tl.constexpr, NORM_WEIGHT: tl.constexpr, PDL: tl.constexpr):
     """Out[n] = W[n] . X (+ B[n]) for BLOCK_N rows n a program. SILU_MUL: W is N gate rows
     then N up rows, and a program's rows are BLOCK_N / 2 (gate j, up j) pairs, interleaved,
     so that Out[j] = silu(gate_j) * up_j is its epilogue: the same rows, tiles and sums as
@@ -119,8 +117,7 @@ def _gemv_kernel(X, W, B, Out, R, G, ResOut, A, N, K, stride_w, eps,
     program 0): every program reads all of X anyway, so each sums its squares as it goes
     and scales its dot products by 1 / rms at the end (the normed X is not rounded to X's
     dtype between the two, as the separate norm kernel's output is); NORM_WEIGHT: times G,
-    else W holds the norm's scale. ADD: Out[n] = A[n] + the product rounded to Out's dtype
-    (a residual stream's `residual + linear(x)`, as an unfused model rounds it)."""
+    else W holds the norm's scale."""
     pid = tl.program_id(0)
     r = tl.arange(0, BLOCK_N)
     if SILU_MUL:
@@ -168,19 +165,15 @@ def _gemv_kernel(X, W, B, Out, R, G, ResOut, A, N, K, stride_w, eps,
         tl.store(Out + j, (gate / (1.0 + tl.exp(-gate)) * up).to(Out.dtype.element_ty),
                  mask=j < N)
     else:
-        if ADD:
-            y = (y.to(Out.dtype.element_ty).to(tl.float32)
-                 + tl.load(A + n, mask=n_ok, other=0.0).to(tl.float32))
         tl.store(Out + n, y.to(Out.dtype.element_ty), mask=n_ok)
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
          config: GemvConfig | None = None, silu_mul: bool = False,
-         norm: RowNorm | None = None, add: torch.Tensor | None = None) -> torch.Tensor:
+         norm: RowNorm | None = None) -> torch.Tensor:
     """x: [1, K] (contiguous), weight: [N, K] (row-contiguous), bias: [N] -> [1, N].
     silu_mul: weight is gate rows then up rows (N even) -> silu(gate) * up [1, N / 2].
-    norm: x is RMS-normed first (its residual added and stored: see RowNorm).
-    add: [1, N] (contiguous) added to the rounded product (not with silu_mul)."""
+    norm: x is RMS-normed first (its residual added and stored: see RowNorm)."""
     n, k = weight.shape
     config = config or gemv_config(n, k, norm is not None)
     if x.shape != (1, k) or not x.is_contiguous() or weight.stride(1) != 1:
@@ -188,9 +181,6 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
                          f"got x {tuple(x.shape)} and weight strides {weight.stride()}")
     if silu_mul and n % 2:
         raise ValueError(f"gemv: silu_mul needs gate and up rows of equal count, got {n} rows")
-    if add is not None and (silu_mul or add.shape != (1, n) or not add.is_contiguous()):
-        raise ValueError(f"gemv: add must be [1, {n}] contiguous and without silu_mul, got "
-                         f"{tuple(add.shape)}")
     width = n // 2 if silu_mul else n
     out = torch.empty((1, width), device=x.device, dtype=x.dtype)
     has_res = norm is not None and norm.residual is not None
@@ -198,13 +188,12 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     norm_weight = norm.weight if norm is not None and norm.weight is not None else None
     grid = (triton.cdiv(n, config.block_n),)
     _gemv_kernel[grid](x, weight, bias if bias is not None else out, out, residual,
-                       norm_weight if norm_weight is not None else x, res_out,
-                       add if add is not None else out, width, k,
+                       norm_weight if norm_weight is not None else x, res_out, width, k,
                        weight.stride(0), norm.eps if norm is not None else 0.0,
                        HAS_BIAS=bias is not None, BLOCK_N=config.block_n,
                        BLOCK_K=config.block_k, EVEN_K=k % config.block_k == 0,
                        SILU_MUL=silu_mul, NORM=norm is not None, HAS_RES=has_res,
-                       NORM_WEIGHT=norm_weight is not None, ADD=add is not None,
+                       NORM_WEIGHT=norm_weight is not None,
                        num_warps=config.num_warps, num_stages=config.num_stages,
                        **pdl_launch(x.device))
     return out
@@ -265,14 +254,3 @@ def rms_norm_linear(x: torch.Tensor, residual: torch.Tensor | None,
     return project(normed, weight, bias), residual
 
 
-
-@register("linear_residual", backend="triton", priority=PRIORITY, supports=on_cuda_half)
-def linear_residual(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                    residual: torch.Tensor) -> torch.Tensor:
-    """The reference's contract (kernels/reference/linear.py). One 16-bit row: one GEMV launch,
-    the residual added in its epilogue (no add launch, and the next norm can go into the
-    next GEMV without a residual of its own). Anything else: `linear`, then the add."""
-    if (gemv_applies(x, weight, bias) and residual.shape == (1, weight.shape[0])
-            and residual.is_contiguous() and residual.dtype == x.dtype):
-        return gemv(x, weight, bias, add=residual)
-    return linear(x, weight, bias).add_(residual)

@@ -246,29 +246,25 @@ def _row_kernels() -> None:
     _gemv(6144, 4096, norm=True)                                   # the 8B's qkv, normed
     _gemv(28672, 4096, silu_mul=True, norm=True)                   # ... its gate_up, normed
     _gemv(3648, 2048, norm=True)                                   # DeepSeek's q | kv_a, normed
-    # one token's residual stream (models/llama.py): the norms' scales in the weights, the
-    # residual adds in o_proj's and down_proj's epilogues
-    _gemv(6144, 4096, norm=True, norm_weight=False, residual=False)
-    _gemv(28672, 4096, silu_mul=True, norm=True, norm_weight=False, residual=False)
-    _gemv(4096, 4096, add=True)
-    _gemv(4096, 14336, add=True)
+    # the norms' scales in the weights (layers/norm.py SCALED_KINDS)
+    _gemv(6144, 4096, norm=True, norm_weight=False)
+    _gemv(28672, 4096, silu_mul=True, norm=True, norm_weight=False)
+    _gemv(128256, 4096, norm=True, norm_weight=False)              # the head
     compile_sm90(SA._spec_accept_kernel, dict(Tokens=I32, Drafts=I32, Start=I32, Counts=I32),
                  dict(BLOCK=SA.BLOCK), 4, 1)
 
 
 def _gemv(n: int, k: int, pdl: bool = True, silu_mul: bool = False, norm: bool = False,
-          norm_weight: bool = True, residual: bool = True, add: bool = False):
-    """norm: with the RMS norm in the loads (rms_norm_linear), its weight and its residual
-    unless norm_weight / residual say not; add: the residual added in the epilogue
-    (linear_residual)."""
+          norm_weight: bool = True):
+    """norm: with the RMS norm and its residual in the loads (rms_norm_linear), and the norm's
+    weight unless norm_weight says not (the scale in the GEMV's weight)."""
     config = G.gemv_config(n, k, norm)
     return compile_sm90(G._gemv_kernel, dict(X=BF, W=BF, B=BF, Out=BF, R=BF, G=BF, ResOut=BF,
-                                             A=BF, N=n // 2 if silu_mul else n, K=k,
-                                             stride_w=k, eps=1e-6),
+                                             N=n // 2 if silu_mul else n, K=k, stride_w=k,
+                                             eps=1e-6),
                         dict(HAS_BIAS=False, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
                              EVEN_K=k % config.block_k == 0, SILU_MUL=silu_mul, NORM=norm,
-                             HAS_RES=norm and residual, NORM_WEIGHT=norm and norm_weight,
-                             ADD=add, PDL=pdl),
+                             HAS_RES=norm, NORM_WEIGHT=norm and norm_weight, PDL=pdl),
                         config.num_warps, config.num_stages)
 
 

@@ -475,24 +475,6 @@ def test_rms_norm_linear_with_the_scale_in_the_weight(n, k, res, silu):
     assert rel_err(got, want) < 1e-5 and rel_err(got_r, want_r) < 1e-6
 
 
-@pytest.mark.parametrize("n,k,bias", [(40, 64, False), (37, 100, True)])
-def test_linear_residual_one_row_adds_in_the_gemv_epilogue(n, k, bias):
-    """One row: the GEMV with the residual added to its rounded product (exactly the GEMV's
-    output + the residual, as HF's `residual + out` rounds; the interpreter rounds to bf16
-    toward zero, so there within a bf16 step); more rows: linear + add."""
-    from kernels.triton import gemv as G
-    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
-        x, w, r = rnd(1, k, dtype=dtype), rnd(n, k, dtype=dtype), rnd(1, n, dtype=dtype)
-        b = rnd(n, dtype=dtype) if bias else None
-        got = G.linear_residual(x, w, b, r)
-        if DEV == "cuda" or dtype == torch.float32:
-            assert torch.equal(got, G.gemv(x, w, b) + r)
-        assert rel_err(got, R.linear_residual(x, w, b, r)) < tol
-        xs, rs = rnd(3, k, dtype=dtype), rnd(3, n, dtype=dtype)
-        assert torch.equal(G.linear_residual(xs, w, b, rs),
-                           torch.nn.functional.linear(xs, w, b) + rs)
-
-
 @pytest.mark.parametrize("inter,k,bias", [(20, 64, False), (37, 100, True), (8, 2048, False)])
 def test_linear_silu_and_mul_one_row_is_one_gemv_bit_equal_to_two_kernels(inter, k, bias):
     """One 16-bit row: the GEMV's SILU_MUL epilogue (gate and up rows paired in each

@@ -108,19 +108,10 @@ class RowParallelLinear(_Linear):
         self.in_features, self.out_features, self.group = in_features, out_features, group
         self.add_bias = bias and r == 0
         self.input_placement, self.output_placement = Shard(-1, group), Partial(group)
-        self._add_to: Callable[..., torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [T, in_local] -> [T, out] partial sums over the group
         return self._linear(x, self.bias if self.add_bias else None)
-
-    def add_to(self, residual: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """residual + forward(x) in one op (`linear_residual`: one token's GEMV adds it in its
-        epilogue); only where the group has one rank, as the sum must be whole first.
-        x: [T, in_local], residual: [T, out] -> [T, out]."""
-        if self._add_to is None:
-            self._add_to = kernels.select("linear_residual", device=x.device, dtype=x.dtype)
-        return self._add_to(x, self.weight, self.bias if self.add_bias else None, residual)
 
     def weight_shardings(self, prefix: str) -> list[WeightSharding]:
         name = f"{_parent(prefix)}{self.name}" if self.name else prefix

@@ -45,9 +45,3 @@ class SwiGLUMLP(Placed):
         """forward over norm(x, residual), the norm inside gate|up's op -> (out, residual)."""
         act, residual = norm.into(self.gate_up_proj, x, residual, silu_mul=True)
         return self.down_proj(act), residual
-
-    def forward_streamed(self, norm: RMSNorm, x: torch.Tensor) -> torch.Tensor:
-        """x + forward(norm(x)), the norm inside gate|up's op and the add in down's (one group
-        rank): x [T, H] -> [T, H]."""
-        act, _ = norm.into(self.gate_up_proj, x, None, silu_mul=True)
-        return self.down_proj.add_to(x, act)

@@ -19,9 +19,9 @@ the normed row: `rms_norm_router_logits`) say so with `folds_norm` and run it in
 A norm's scale can also go into its consumer's weight at load (`plan_scale_folds` before
 the load, `fold_scales` after: W[:, k] *= g[k], g = 1), for the consumers of `SCALED_KINDS`
 (attention's q|k|v, the dense MLP's gate|up, an untied LM head). Such a norm (`unit_scale`)
-always folds, and its op reads no norm weight; with the residual added in the epilogue of the
-projection before it (`linear_residual`), one token's norm costs its consumer only the sum of
-squares of the row it streams anyway (models/llama.py's residual stream).
+always folds, and its op reads no norm weight: one token's norm costs its consumer the sum of
+squares of the row it streams anyway and the residual's add (the dense MLP's norm, whose
+weight loads made its fold lose, folds too).
 """
 from __future__ import annotations
 

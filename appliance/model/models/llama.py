@@ -105,25 +105,18 @@ class LlamaAttention(Placed):
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor,
                 batch: ForwardBatch) -> torch.Tensor:
         # positions: [T]; hidden_states: [T, H] -> [T, H] (partial sums over attn_tp)
-        return self.o_proj(self._attend(positions, self.qkv_proj(hidden_states), batch))
+        return self._attend(positions, self.qkv_proj(hidden_states), batch)
 
     def forward_normed(self, norm: RMSNorm, x: torch.Tensor, residual: torch.Tensor | None,
                        positions: torch.Tensor, batch: ForwardBatch
                        ) -> tuple[torch.Tensor, torch.Tensor]:
         """forward over norm(x, residual), the norm inside q|k|v's op -> (out, residual)."""
         qkv, residual = norm.into(self.qkv_proj, x, residual)
-        return self.o_proj(self._attend(positions, qkv, batch)), residual
-
-    def forward_streamed(self, norm: RMSNorm, x: torch.Tensor, residual: torch.Tensor | None,
-                         positions: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        """The new residual + forward over norm(x, residual): the norm inside q|k|v's op, the
-        add in o_proj's (one attn_tp rank) -> [T, H]."""
-        qkv, residual = norm.into(self.qkv_proj, x, residual)
-        return self.o_proj.add_to(residual, self._attend(positions, qkv, batch))
+        return self._attend(positions, qkv, batch), residual
 
     def _attend(self, positions: torch.Tensor, qkv: torch.Tensor, batch: ForwardBatch
                 ) -> torch.Tensor:
-        # qkv: [T, (Hq + 2 Hk) * D] -> o_proj's input [T, Hq * D]
+        # qkv: [T, (Hq + 2 Hk) * D] -> [T, H] (partial sums over attn_tp)
         t = qkv.shape[0]
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(t, self.num_heads, self.head_dim)            # [T, Hq, D]
@@ -132,7 +125,7 @@ class LlamaAttention(Placed):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         out = self.attn(q, k, v, batch, positions, self.rotary_emb)  # [T, Hq, D]
-        return out.reshape(t, self.num_heads * self.head_dim)
+        return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -157,27 +150,11 @@ class LlamaDecoderLayer(nn.Module):
         yield self.input_layernorm, self.self_attn
         yield self.post_attention_layernorm, self.mlp
 
-    def streams(self, hidden_states: torch.Tensor) -> bool:
-        """Whether this step runs the layer as one residual stream: one token, both norms'
-        scales in their consumers' weights (layers/norm.py) and folded into them, and nothing
-        between a sublayer's last projection and the add (one rank: no collective, no hook)."""
-        attn_norm, mlp_norm = self.input_layernorm, self.post_attention_layernorm
-        return (hidden_states.shape[0] == 1 and attn_norm.unit_scale and mlp_norm.unit_scale
-                and isinstance(self.mlp, SwiGLUMLP) and attn_norm.folds_into(self.self_attn)
-                and mlp_norm.folds_into(self.mlp) and not self.self_attn._forward_hooks
-                and not self.mlp._forward_hooks)
-
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor,
                 residual: torch.Tensor | None, batch: ForwardBatch
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         # hidden_states, residual: [T, H] -> (mlp output [T, H], residual [T, H]); each norm
-        # inside its consumer's first linear where that one folds it (layers/norm.py). One
-        # streamed token returns (the new residual, None): each sublayer's last projection
-        # adds the residual in its own op, so no norm has a launch of its own.
-        if self.streams(hidden_states):
-            hidden_states = self.self_attn.forward_streamed(self.input_layernorm, hidden_states,
-                                                            residual, positions, batch)
-            return self.mlp.forward_streamed(self.post_attention_layernorm, hidden_states), None
+        # inside its consumer's first linear where that one folds it (layers/norm.py)
         norm, attn = self.input_layernorm, self.self_attn
         if norm.folds_into(attn):
             hidden_states, residual = attn.forward_normed(norm, hidden_states, residual,
@@ -261,8 +238,7 @@ class LlamaForCausalLM(nn.Module):
         # every token of a verify row); the compiler gathers vocab
         hidden_states, residual = self.model(batch.input_ids, batch.positions, batch)
         hidden_states = batch.at_logit_tokens(hidden_states)                   # [N, H]
-        if residual is not None:                                 # None: a streamed token's
-            residual = batch.at_logit_tokens(residual)                         # [N, H]
+        residual = batch.at_logit_tokens(residual)                             # [N, H]
         if self.model.norm.folds_into(self.lm_head):
             return self.lm_head.forward_normed(self.model.norm, hidden_states, residual)[0]
         hidden_states, _ = self.model.norm(hidden_states, residual)
