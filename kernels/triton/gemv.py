@@ -54,7 +54,8 @@ SMALL = GemvConfig(block_n=4, block_k=2048, num_warps=4, num_stages=2)
 # (twenty-second session, H200, `gpu_gemv_bench.py --fold`, us a call against the norm kernel
 # then the plain GEMV, 56.7): 64x128 w8 72.8, 64x256 w4 59.0, 32x128 w8 63.1, 32x256 w4 65.5;
 # in the decode graph 64x128 cost +533 us a step where WIDE's fold cost +139. None wins, so the
-# dense MLP does not fold (layers/norm.py FOLDED_KINDS).
+# dense MLP's norm folds only with its scale in gate|up's weight (layers/norm.py SCALED_KINDS:
+# no norm weight to load, NORM_WEIGHT off).
 
 
 @dataclass(frozen=True)
