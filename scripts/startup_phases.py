@@ -73,6 +73,8 @@ def rank_phases(config_path: str) -> None:
         torch.cuda.synchronize()
         phase("... its GPU work done", since)
     del built, compiler
+    if device.type == "cuda":   # the child processes below need the KV cache's memory back
+        torch.cuda.empty_cache()
     text = io.StringIO()
     pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(30)
     print(text.getvalue()[-6000:])
