@@ -116,6 +116,7 @@ def cmd_up(config: AppConfig, args: argparse.Namespace) -> int:
         print(f"tokenspeed: config error: {_run_dir_setting(config)}: cannot use the run folder "
               f"{config.run_dir}: {e}", file=sys.stderr)
         return 2
+    lock.keep()
     try:
         return _run_daemon(config)
     finally:

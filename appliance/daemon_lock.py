@@ -4,6 +4,11 @@ The lock is taken before anything is loaded, so a second `up` with the same conf
 socket, hence the same pid file) fails at once and names the holder. The kernel drops the lock
 when the daemon dies (even under kill -9), so a stale pid file never blocks a new daemon.
 `tokenspeed down` signals a pid only if that pid holds the lock and is a `tokenspeed up` process.
+
+A pid file removed under a running daemon (an operator's `rm`, a cleaner of old files) left
+`tokenspeed down` saying "no daemon running", and a second `up` free to start beside it (QA).
+`keep` writes it again, within CHECK_S seconds, under a new lock; if another daemon took the
+path meanwhile, it says so.
 """
 
 from __future__ import annotations
@@ -11,9 +16,12 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import threading
 from pathlib import Path
 
 log = logging.getLogger(__name__)
+
+CHECK_S = 5.0
 
 
 class DaemonRunning(RuntimeError):
@@ -31,6 +39,8 @@ class DaemonLock:
     def __init__(self, path: Path, fd: int) -> None:
         self.path = path
         self._fd = fd
+        self._stop = threading.Event()
+        self._keeper: threading.Thread | None = None
 
     @classmethod
     def acquire(cls, path: Path) -> DaemonLock:
@@ -54,8 +64,41 @@ class DaemonLock:
             raise OSError(e.errno, f"cannot write the pid file {path}: {e.strerror}") from None
         return cls(path, fd)
 
+    def restore(self) -> str | None:
+        """The pid file written again under a new lock if it is no longer ours -> what happened,
+        for the log (None: it is ours)."""
+        if self._fd < 0 or _same_file(self._fd, self.path):
+            return None
+        try:
+            fresh = DaemonLock.acquire(self.path)
+        except DaemonRunning as e:
+            return f"the pid file {self.path} was replaced: {e}"
+        except OSError as e:
+            return f"the pid file {self.path} was removed and cannot be written again: {e}"
+        os.close(self._fd)
+        self._fd, fresh._fd = fresh._fd, -1
+        return f"the pid file {self.path} was removed while the daemon ran; written again"
+
+    def keep(self, every_s: float = CHECK_S) -> None:
+        """`restore` every `every_s` seconds in a thread, until `release`; each change logged
+        once."""
+        def run() -> None:
+            said = None
+            while not self._stop.wait(every_s):
+                what = self.restore()
+                if what is not None and what != said:
+                    log.warning("%s", what)
+                said = what
+
+        self._keeper = threading.Thread(target=run, name="pid-file", daemon=True)
+        self._keeper.start()
+
     def release(self) -> None:
-        """Remove the pid file (while still holding the lock), then drop the lock."""
+        """Stop keeping the pid file, remove it (while still holding the lock), then drop the
+        lock."""
+        self._stop.set()
+        if self._keeper is not None:
+            self._keeper.join()
         if self._fd < 0:
             return
         try:

@@ -71,7 +71,7 @@ def test_a_read_only_run_folder_at_exit_is_a_warning_not_a_traceback(tmp_path, m
     file and the pid file. Each is a warning now, and the lock is still dropped."""
     from pathlib import Path
 
-    from appliance.server import serve
+    from appliance.server import socket_file
 
     lock = DaemonLock.acquire(tmp_path / "ts.sock.pid")
     sock = tmp_path / "ts.sock"
@@ -83,7 +83,7 @@ def test_a_read_only_run_folder_at_exit_is_a_warning_not_a_traceback(tmp_path, m
     monkeypatch.setattr(Path, "unlink", read_only)
     monkeypatch.setattr(os, "unlink", read_only)
     lock.release()
-    serve._remove_socket_file(str(sock), sock.stat().st_ino)
+    socket_file.remove_socket_file(str(sock), sock.stat().st_ino)
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert any("cannot remove the pid file" in w for w in warnings), warnings
     assert any("cannot remove the socket file" in w for w in warnings), warnings
@@ -119,3 +119,40 @@ def test_a_pid_file_that_cannot_be_written_is_named_and_not_left_behind(tmp_path
     assert result.returncode != 0
     assert f"cannot write the pid file {path}" in result.stderr, result.stderr
     assert not path.exists()
+
+
+def test_a_removed_pid_file_is_written_again(tmp_path, caplog):
+    """QA: the pid file removed under a running daemon left `tokenspeed down` unable to stop it
+    (and a second `up` free to start). `keep` writes it again under a new lock; a pid file a
+    second daemon took meanwhile is reported, not taken."""
+    import threading
+    import time
+    from pathlib import Path
+
+    path = tmp_path / "ts.sock.pid"
+    lock = DaemonLock.acquire(path)
+    assert lock.restore() is None
+    path.unlink()
+    assert "written again" in lock.restore()
+    assert read_pid(path) == os.getpid() and lock_holder(path) == os.getpid()
+    path.unlink()
+    other = subprocess.Popen([sys.executable, "-c",
+                              "import sys, time\nfrom appliance.daemon_lock import DaemonLock\n"
+                              f"DaemonLock.acquire(__import__('pathlib').Path({str(path)!r}))\n"
+                              "print('locked', flush=True)\ntime.sleep(60)\n"],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert other.stdout.readline().strip() == "locked"
+        assert f"pid {other.pid} already holds" in lock.restore()
+    finally:
+        other.kill()
+        other.wait()
+    lock.keep(every_s=0.02)
+    assert threading.active_count() >= 2
+    deadline = time.monotonic() + 10
+    while (lock_holder(path), read_pid(path)) != (os.getpid(),) * 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert lock_holder(path) == os.getpid() and read_pid(path) == os.getpid()
+    assert any("written again" in r.getMessage() for r in caplog.records)
+    lock.release()
+    assert not Path(path).exists()

@@ -1,7 +1,8 @@
 """`serve`: one uvicorn server for the app on TCP (`server.host:port`) and on the Unix socket.
 
 The Unix socket is created mode 0600 (only the daemon's user may talk to it); a stale socket file
-left by a crashed daemon is replaced, a live one is an error; the file is removed at exit.
+left by a crashed daemon is replaced, a live one is an error; the file is made again if it is
+removed while serving, and removed at exit (socket_file.py).
 SIGINT/SIGTERM/SIGHUP: stop accepting, let in-flight requests finish for up to GRACE_S seconds, then
 abort the rest through the engine client (their streams end with finish_reason "abort"); a
 request still running ABORT_WAIT_S later is cancelled. Returns 0, or 1 once the engine has
@@ -17,11 +18,9 @@ import logging
 import os
 import signal
 import socket
-import stat
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import uvicorn
@@ -29,13 +28,14 @@ import uvicorn
 from appliance.config import AppConfig
 from appliance.server.app import build_app
 from appliance.server.connection import uvicorn_config
+from appliance.server.socket_file import (BACKLOG, keep_socket_file, remove_socket_file,
+                                          unix_socket)
 from appliance.server.state import AppState, EngineClientLike
 
 log = logging.getLogger(__name__)
 
 GRACE_S = 10.0
 ABORT_WAIT_S = 5.0
-BACKLOG = 2048
 HEALTH_POLL_S = 0.5
 
 
@@ -88,7 +88,7 @@ class Listening:
 
     def close(self) -> None:
         self.uds.close()
-        _remove_socket_file(self.path, self.inode)
+        remove_socket_file(self.path, self.inode)
         self.tcp.close()
 
 
@@ -123,16 +123,17 @@ def serve(config: AppConfig, client: EngineClientLike, tokenizer: Any,
              listening.tcp.getsockname()[1], config.server.socket)
     try:
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-            return runner.run(_run(server, listening.sockets, app.state.tokenspeed))
+            return runner.run(_run(server, listening, app.state.tokenspeed))
     finally:
         listening.close()
 
 
-async def _run(server: DrainingServer, sockets: list[socket.socket], state: AppState) -> int:
+async def _run(server: DrainingServer, listening: Listening, state: AppState) -> int:
     helpers = [asyncio.create_task(_watch_engine(server, state)),
-               asyncio.create_task(_abort_after_grace(server, state))]
+               asyncio.create_task(_abort_after_grace(server, state)),
+               asyncio.create_task(keep_socket_file(server, listening.path, listening.inode))]
     try:
-        await server.serve(sockets=sockets)
+        await server.serve(sockets=listening.sockets)
     finally:
         for task in helpers:
             task.cancel()
@@ -201,49 +202,3 @@ def _bound_tcp(host: str, port: int) -> socket.socket:
         sock.close()
         raise
     return sock
-
-
-def unix_socket(path: str) -> socket.socket:
-    """Bind `path` with mode 0600 (chmod before listen: nobody can connect in between)."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    _replace_stale(target)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.bind(path)
-        os.chmod(path, 0o600)
-        sock.listen(BACKLOG)
-    except OSError:
-        sock.close()
-        raise
-    return sock
-
-
-def _replace_stale(target: Path) -> None:
-    try:
-        mode = target.lstat().st_mode
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(mode):
-        raise OSError(f"{target} exists and is not a socket")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(str(target))
-    except OSError:
-        target.unlink()  # nobody listens: a stale socket left by a daemon that died
-        log.info("removed stale socket %s", target)
-        return
-    finally:
-        probe.close()
-    raise OSError(f"another server is already listening on {target}")
-
-
-def _remove_socket_file(path: str, inode: int) -> None:
-    """Remove the socket file if it is still ours (a newer daemon may have replaced it)."""
-    try:
-        if os.lstat(path).st_ino == inode:
-            os.unlink(path)
-    except FileNotFoundError:
-        pass
-    except OSError as e:  # the run folder went read-only: the next start replaces a stale file
-        log.warning("cannot remove the socket file %s: %s", path, e)

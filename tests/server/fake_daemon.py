@@ -1,4 +1,5 @@
-"""`serve()` with the fake engine, as a process: python -m tests.server.fake_daemon PORT SOCKET GRACE_S.
+"""`serve()` with the fake engine, as a process:
+python -m tests.server.fake_daemon PORT SOCKET GRACE_S [SOCKET_CHECK_S].
 
 Prints the aborted request ids as JSON on exit, so tests can see what the drain did.
 """
@@ -14,6 +15,7 @@ from tokenizers import Tokenizer
 
 from appliance.config import AppConfig, ModelConfig, ServerConfig
 from appliance.server import serve as serve_module
+from appliance.server import socket_file
 
 from .fake_engine import FakeEngineClient
 
@@ -45,6 +47,8 @@ def main() -> int:
                        server=ServerConfig(host="127.0.0.1", port=port, socket=socket_path))
     fake = FakeEngineClient(tokenizer, reply="tok " * 400, delay_s=0.05)
     serve_module.GRACE_S = grace
+    if len(sys.argv) > 4:
+        socket_file.CHECK_S = float(sys.argv[4])
     code = serve_module.serve(config, fake, tokenizer)
     print("ABORTED " + json.dumps(sorted(fake.aborted)), flush=True)
     return code

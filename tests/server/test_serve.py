@@ -56,10 +56,12 @@ def test_stale_socket_is_replaced_and_live_one_refused(tmp_path):
     os.unlink(path)
 
 
-def _start(folder: Path, grace: float) -> tuple[subprocess.Popen, int, Path]:
+def _start(folder: Path, grace: float, socket_check_s: float = 5.0
+           ) -> tuple[subprocess.Popen, int, Path]:
     port, sock = _free_port(), folder / "d.sock"
     # SIGHUP as a terminal leaves it, whatever this run inherited (under nohup it is ignored)
-    proc = subprocess.Popen([sys.executable, "-m", "tests.server.fake_daemon", str(port), str(sock), str(grace)],
+    proc = subprocess.Popen([sys.executable, "-m", "tests.server.fake_daemon", str(port), str(sock),
+                             str(grace), str(socket_check_s)],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
     ok = wait_until(lambda: sock.exists() or proc.poll() is not None, timeout=60)
@@ -175,3 +177,27 @@ def test_an_ignored_sighup_stays_ignored():
         assert signal.SIGHUP in stop_signals()
     finally:
         signal.signal(signal.SIGHUP, before)
+
+
+def test_a_socket_file_removed_while_serving_is_made_again():
+    """QA: the socket file removed under a running daemon left `tokenspeed status` failing
+    while TCP served, and nothing in the log. It is bound again (0600) and answers; a file
+    that is someone else's is left alone and warned of; at exit the daemon removes only its
+    own."""
+    folder = Path(tempfile.mkdtemp(dir="/tmp"))
+    proc, port, sock = _start(folder, grace=1.0, socket_check_s=0.1)
+    first = sock.stat().st_ino
+    sock.unlink()
+    assert wait_until(sock.exists, timeout=10), "the socket file was not made again"
+    assert sock.stat().st_ino != first and stat.S_IMODE(os.stat(sock).st_mode) == 0o600
+    with httpx.Client(transport=httpx.HTTPTransport(uds=str(sock)), base_url="http://ts") as uds:
+        assert uds.get("/health").status_code == 200
+    sock.unlink()
+    sock.write_text("someone else's")
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    code, _, out = _finish(proc)
+    assert code == 0, out
+    assert out.count("was removed while serving; listening on it again") == 1, out
+    assert out.count("was replaced by another file while serving") == 1, out
+    assert sock.read_text() == "someone else's"
