@@ -37,15 +37,21 @@ def test_a_stale_pid_file_is_taken_over(tmp_path):
     lock.release()
 
 
-def test_a_lock_held_by_another_process_names_it(tmp_path):
-    path = tmp_path / "ts.sock.pid"
+def _hold_in_another_process(path) -> subprocess.Popen:
+    """A process that holds the daemon lock on `path` (for 60 s), once it has taken it."""
     holder = subprocess.Popen([sys.executable, "-c",
                                "import sys, time\nfrom appliance.daemon_lock import DaemonLock\n"
                                f"DaemonLock.acquire(__import__('pathlib').Path({str(path)!r}))\n"
                                "print('held', flush=True)\ntime.sleep(60)\n"],
                               stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == "held\n"
+    return holder
+
+
+def test_a_lock_held_by_another_process_names_it(tmp_path):
+    path = tmp_path / "ts.sock.pid"
+    holder = _hold_in_another_process(path)
     try:
-        assert holder.stdout.readline() == "held\n"
         with pytest.raises(DaemonRunning, match=f"pid {holder.pid}"):
             DaemonLock.acquire(path)
         assert lock_holder(path) == holder.pid
@@ -136,13 +142,8 @@ def test_a_removed_pid_file_is_written_again(tmp_path, caplog):
     assert "written again" in lock.restore()
     assert read_pid(path) == os.getpid() and lock_holder(path) == os.getpid()
     path.unlink()
-    other = subprocess.Popen([sys.executable, "-c",
-                              "import sys, time\nfrom appliance.daemon_lock import DaemonLock\n"
-                              f"DaemonLock.acquire(__import__('pathlib').Path({str(path)!r}))\n"
-                              "print('locked', flush=True)\ntime.sleep(60)\n"],
-                             stdout=subprocess.PIPE, text=True)
+    other = _hold_in_another_process(path)
     try:
-        assert other.stdout.readline().strip() == "locked"
         assert f"pid {other.pid} already holds" in lock.restore()
     finally:
         other.kill()
