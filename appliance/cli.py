@@ -140,8 +140,12 @@ def kernels_name_clash() -> str | None:
 
 def _run_daemon(config: AppConfig) -> int:
     """Everything `up` does once it holds the daemon lock."""
+    from appliance.server.fd_limit import raise_fd_limit
     from appliance.server.serve import listen
 
+    before, after = raise_fd_limit()   # before the ranks start: they inherit it
+    if after != before:
+        log.info("open-file limit raised from %d to %d", before, after)
     # Bound before anything loads: a port in use fails at once, and /health answers meanwhile.
     try:
         listening = listen(config)

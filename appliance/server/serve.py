@@ -28,6 +28,7 @@ import uvicorn
 from appliance.config import AppConfig
 from appliance.server.app import build_app
 from appliance.server.connection import uvicorn_config
+from appliance.server.fd_limit import watch_fds
 from appliance.server.socket_file import (BACKLOG, keep_socket_file, remove_socket_file,
                                           unix_socket)
 from appliance.server.state import AppState, EngineClientLike
@@ -131,7 +132,8 @@ def serve(config: AppConfig, client: EngineClientLike, tokenizer: Any,
 async def _run(server: DrainingServer, listening: Listening, state: AppState) -> int:
     helpers = [asyncio.create_task(_watch_engine(server, state)),
                asyncio.create_task(_abort_after_grace(server, state)),
-               asyncio.create_task(keep_socket_file(server, listening.path, listening.inode))]
+               asyncio.create_task(keep_socket_file(server, listening.path, listening.inode)),
+               asyncio.create_task(watch_fds())]
     try:
         await server.serve(sockets=listening.sockets)
     finally:

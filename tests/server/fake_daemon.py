@@ -1,5 +1,6 @@
 """`serve()` with the fake engine, as a process:
-python -m tests.server.fake_daemon PORT SOCKET GRACE_S [SOCKET_CHECK_S].
+python -m tests.server.fake_daemon PORT SOCKET GRACE_S [CHECK_S] (the socket file's and the
+descriptors' watch).
 
 Prints the aborted request ids as JSON on exit, so tests can see what the drain did.
 """
@@ -15,7 +16,7 @@ from tokenizers import Tokenizer
 
 from appliance.config import AppConfig, ModelConfig, ServerConfig
 from appliance.server import serve as serve_module
-from appliance.server import socket_file
+from appliance.server import fd_limit, socket_file
 
 from .fake_engine import FakeEngineClient
 
@@ -48,7 +49,7 @@ def main() -> int:
     fake = FakeEngineClient(tokenizer, reply="tok " * 400, delay_s=0.05)
     serve_module.GRACE_S = grace
     if len(sys.argv) > 4:
-        socket_file.CHECK_S = float(sys.argv[4])
+        socket_file.CHECK_S = fd_limit.CHECK_S = float(sys.argv[4])
     code = serve_module.serve(config, fake, tokenizer)
     print("ABORTED " + json.dumps(sorted(fake.aborted)), flush=True)
     return code

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
 import socket
 import stat
@@ -56,17 +57,25 @@ def test_stale_socket_is_replaced_and_live_one_refused(tmp_path):
     os.unlink(path)
 
 
-def _start(folder: Path, grace: float, socket_check_s: float = 5.0
+def _start(folder: Path, grace: float, check_s: float = 5.0, fds: int | None = None
            ) -> tuple[subprocess.Popen, int, Path]:
+    """The fake daemon; `check_s`: its run files' and descriptors' watch; `fds`: its open-file
+    limit."""
     port, sock = _free_port(), folder / "d.sock"
     # SIGHUP as a terminal leaves it, whatever this run inherited (under nohup it is ignored)
     proc = subprocess.Popen([sys.executable, "-m", "tests.server.fake_daemon", str(port), str(sock),
-                             str(grace), str(socket_check_s)],
+                             str(grace), str(check_s)],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
+                            preexec_fn=lambda: _child_setup(fds))
     ok = wait_until(lambda: sock.exists() or proc.poll() is not None, timeout=60)
     assert ok and proc.poll() is None, proc.stdout.read() if proc.poll() is not None else "no socket"
     return proc, port, sock
+
+
+def _child_setup(fds: int | None) -> None:
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    if fds is not None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (fds, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
 
 
 def _stream_in_thread(port: int, lines: list[str]) -> threading.Thread:
@@ -185,7 +194,7 @@ def test_a_socket_file_removed_while_serving_is_made_again():
     that is someone else's is left alone and warned of; at exit the daemon removes only its
     own."""
     folder = Path(tempfile.mkdtemp(dir="/tmp"))
-    proc, port, sock = _start(folder, grace=1.0, socket_check_s=0.1)
+    proc, port, sock = _start(folder, grace=1.0, check_s=0.1)
     first = sock.stat().st_ino
     sock.unlink()
     assert wait_until(sock.exists, timeout=10), "the socket file was not made again"
@@ -201,3 +210,22 @@ def test_a_socket_file_removed_while_serving_is_made_again():
     assert out.count("was removed while serving; listening on it again") == 1, out
     assert out.count("was replaced by another file while serving") == 1, out
     assert sock.read_text() == "someone else's"
+
+
+def test_a_warning_before_the_open_files_run_out():
+    """QA: at the open-file limit every new connection failed at once and the log said nothing.
+    Idle connections up to 90% of a 96-descriptor limit: the daemon warns (once)."""
+    folder = Path(tempfile.mkdtemp(dir="/tmp"))
+    proc, port, sock = _start(folder, grace=1.0, check_s=0.1, fds=96)
+    held = []
+    try:
+        for _ in range(80):
+            held.append(socket.create_connection(("127.0.0.1", port)))
+        time.sleep(1.0)
+    finally:
+        for conn in held:
+            conn.close()
+    proc.send_signal(signal.SIGTERM)
+    code, _, out = _finish(proc)
+    assert code == 0, out
+    assert out.count("file descriptors open: at the limit new connections are refused") == 1, out
