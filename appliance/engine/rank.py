@@ -30,6 +30,18 @@ from appliance.model.loader import LoadError
 
 log = logging.getLogger("tokenspeed.engine")
 
+# How gloo and NCCL say a peer rank went away mid-collective (a CPU TP=2 rank SIGKILLed: gloo's
+# "Connection closed by peer ... typically caused by a remote worker crashing"). The survivor's
+# stack says nothing more: QA found ~50 lines of it before the client's one-line cause.
+_PEER_GONE = ("closed by peer", "reset by peer", "remote worker crashing", "Broken pipe",
+              "communicator was aborted")
+
+
+def lost_peer(e: BaseException) -> bool:
+    """Whether `e` is a collective failing because another rank died."""
+    text = str(e)
+    return isinstance(e, RuntimeError) and any(s in text for s in _PEER_GONE)
+
 
 # Start-up runs Python on several threads at once: compile-ahead's batches (a GIL release and
 # re-take around every Triton launch), the weight load's loop over tensors, the grammar
@@ -93,6 +105,11 @@ def run_rank(config: AppConfig, files: ModelFiles, endpoints: EngineEndpoints | 
         if isinstance(e, (StartupError, ConfigError, LoadError)):  # the message says it all
             message = str(e)
             log.error("engine rank %d: %s", rank, message)
+        elif lost_peer(e):   # the client names the rank that died, and how
+            message = f"{type(e).__name__}: {e}"
+            log.error("engine rank %d: a collective failed, another rank is gone: %s", rank,
+                      str(e).splitlines()[0][:300])
+            log.debug("%s", traceback.format_exc())
         else:
             message = f"{type(e).__name__}: {e}"
             log.error("engine rank %d failed:\n%s", rank, traceback.format_exc())
