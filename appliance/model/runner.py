@@ -249,7 +249,7 @@ class ModelRunner:
         _materialize(model, self.device)
         self._kv_layers = [m for m in model.modules() if hasattr(m, "kv_cache_shapes")]
         # before compile-ahead, which must build the unit-scale norms' kernels
-        self.scaled_norms = plan_scale_folds(model)
+        plan_scale_folds(model)
         ahead = self._compile_ahead(model, startup, tp_size)
         started = time.perf_counter()
         try:

@@ -90,8 +90,7 @@ async def keep_socket_file(server: uvicorn.Server, path: str, inode: int) -> Non
                 continue
             try:
                 sock = unix_socket(path)
-                await serve_also(server, sock)
-            except (OSError, AttributeError) as e:   # AttributeError: another uvicorn
+            except OSError as e:   # a read-only run folder, say: tried again later
                 if not warned:
                     log.warning("the Unix socket %s was removed while serving and cannot be made "
                                 "again (%s); TCP still serves", path, e)
@@ -99,6 +98,12 @@ async def keep_socket_file(server: uvicorn.Server, path: str, inode: int) -> Non
                 continue
             inode = os.lstat(path).st_ino
             made.append(inode)
+            try:
+                await serve_also(server, sock)
+            except AttributeError as e:   # this uvicorn's internals differ: not tried again
+                log.warning("the Unix socket %s was removed while serving and cannot be served "
+                            "again by this uvicorn (%s); TCP still serves", path, e)
+                return
             log.warning("the Unix socket %s was removed while serving; listening on it again",
                         path)
     finally:

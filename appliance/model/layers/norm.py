@@ -108,8 +108,8 @@ class RMSNorm(_NormWeight, Placed):
     def folds_into(self, consumer: nn.Module) -> bool:
         """Whether `consumer` runs this norm inside its first linear (its `forward_normed`):
         on a device of FOLD_NORMS_ON, where it can (`folds_norm`) and wins (its `fold_kind` in
-        FOLDED_KINDS), and no collective lies between them (none fused into the norm, no hook
-        on the consumer)."""
+        FOLDED_KINDS, or this norm's scale in its weight: `unit_scale`), and no collective lies
+        between them (none fused into the norm, no hook on the consumer)."""
         return ((getattr(consumer, "fold_kind", None) in FOLDED_KINDS or self.unit_scale)
                 and self._can_fold(consumer))
 
@@ -134,8 +134,8 @@ class RMSNorm(_NormWeight, Placed):
 
     def fold_scale(self) -> None:
         """After the load: W[:, k] *= g[k] (rounded once, in W's dtype) and g = 1."""
-        for target in self._scale_target:
-            with torch.no_grad():
+        with torch.no_grad():
+            for target in self._scale_target:
                 target.weight.mul_(self.weight)
                 self.weight.fill_(1.0)
 
@@ -156,13 +156,12 @@ class HeadRMSNorm(_NormWeight):
         return self.rms_norm(x.reshape(t * h, d), self.weight, self.eps).view(t, h, d)
 
 
-def plan_scale_folds(model: nn.Module) -> int:
+def plan_scale_folds(model: nn.Module) -> None:
     """Every (norm, consumer) pair a module names (`norm_consumers()`) whose consumer's weight
-    will take the norm's scale (RMSNorm.plan_scale_fold); before the load. -> how many."""
+    will take the norm's scale (RMSNorm.plan_scale_fold); before the load."""
     for module in model.modules():
         for norm, consumer in getattr(module, "norm_consumers", lambda: ())():
             norm.plan_scale_fold(consumer)
-    return sum(isinstance(m, RMSNorm) and m.unit_scale for m in model.modules())
 
 
 def fold_scales(model: nn.Module) -> None:
