@@ -1,6 +1,6 @@
 """Limits that keep one client from holding the frontend: the body size (`server.max_body_bytes`,
 413), the tokenizer pool (long prompts do not hold short ones; 429 when its queue is full), the
-header deadline and the keep-alive idle timeout."""
+header deadline and the keep-alive idle timeout; and a request that does not parse as HTTP."""
 
 from __future__ import annotations
 
@@ -333,3 +333,31 @@ def test_the_daemons_tokenizer_does_not_warn_of_a_prompt_past_the_model_length(c
     tokenizer.encode("word " * 6000)
     logged = caplog.text + capsys.readouterr().err
     assert "sequence length is longer" not in logged
+
+
+def _raw_response(served: Served, data: bytes) -> tuple[str, dict[str, str], bytes]:
+    """(status line, headers, body) of what the server answers `data` with, then closes."""
+    with _connect(served) as conn:
+        conn.sendall(data)
+        raw = b""
+        while chunk := conn.recv(65536):
+            raw += chunk
+    head, _, body = raw.partition(b"\r\n\r\n")
+    status, *lines = head.decode("latin-1").split("\r\n")
+    return status, dict(line.lower().split(": ", 1) for line in lines), body
+
+
+@pytest.mark.parametrize("path", [CHAT, MESSAGES])
+def test_a_request_that_is_not_http_gets_the_apis_error_shape(served, path):
+    """QA: a malformed request got uvicorn's plain-text "Invalid HTTP request received."; now a
+    400 in OpenAI's JSON shape (Anthropic's under /v1/messages), and the connection closes."""
+    status, headers, body = _raw_response(served, request_head(path, content_length="abc"))
+    assert status == "HTTP/1.1 400 Bad Request"
+    assert headers["content-type"] == "application/json" and headers["connection"] == "close"
+    error = json.loads(body)
+    if path == MESSAGES:
+        assert error["type"] == "error" and error["error"]["type"] == "invalid_request_error"
+    else:
+        assert error["error"]["type"] == "invalid_request_error" and error["error"]["message"]
+    status, _, body = _raw_response(served, b"\x16\x03\x01 not http at all\r\n\r\n")
+    assert status == "HTTP/1.1 400 Bad Request" and "error" in json.loads(body)
