@@ -19,6 +19,7 @@ import json
 from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import llguidance
 import llguidance.numpy as llg_numpy
@@ -66,19 +67,58 @@ def build_tokenizer(tokenizer_path: str, vocab_size: int, eos_ids: list[int]) ->
     """llguidance's view of the model's tokenizer, sized to the logits (ids past the tokenizer's
     own vocabulary are never allowed); every end-of-sequence id ends a grammar. Text a grammar
     forces is tokenized without added tokens (`TextOnlyTokenization`)."""
-    import llguidance.hf
-    from transformers import AutoTokenizer
-
-    hf = AutoTokenizer.from_pretrained(tokenizer_path)
+    text = tokenizer_json(tokenizer_path)
     try:
-        hf_view = llguidance.hf.from_tokenizer(hf, n_vocab=vocab_size, eos_token=list(eos_ids))
+        hf_view = llguidance.LLTokenizer(text, n_vocab=vocab_size, eos_token=list(eos_ids))
         eos: int | list[int] = list(eos_ids)
     except TypeError:  # llguidance < 1.9 (the newest wheel for some glibc) takes one id: the
         # grammar then ends on the first; the others are masked where it must end
-        hf_view = llguidance.hf.from_tokenizer(hf, n_vocab=vocab_size, eos_token=eos_ids[0])
+        hf_view = llguidance.LLTokenizer(text, n_vocab=vocab_size, eos_token=eos_ids[0])
         eos = eos_ids[0]
     return llguidance.LLTokenizer(TextOnlyTokenization(hf_view, eos_ids[0]), n_vocab=vocab_size,
                                   eos_token=eos)
+
+
+def tokenizer_json(folder: str) -> str:
+    """The folder's fast tokenizer as llguidance reads it (HF tokenizers' JSON): tokenizer.json
+    with the added tokens tokenizer_config.json declares and it lacks (what transformers'
+    AutoTokenizer adds), without padding or truncation.
+
+    Read with the `tokenizers` library, not transformers: importing transformers is seconds of
+    Python (on the H100 box ~6 s, scanning every installed package's files) that held the GIL
+    against start-up's CUDA-graph capture on the main thread (scripts/gpu_startup SAMPLE=1: the
+    capture took 6-11 s instead of 1 s). Only a folder without tokenizer.json (a slow tokenizer
+    transformers converts) goes through transformers."""
+    from tokenizers import AddedToken, Tokenizer
+
+    path = Path(folder) / "tokenizer.json"
+    if not path.is_file():
+        from transformers import AutoTokenizer
+
+        tokenizer = Tokenizer.from_str(AutoTokenizer.from_pretrained(folder).backend_tokenizer.to_str())
+    else:
+        tokenizer = Tokenizer.from_file(str(path))
+        for token in _declared_added_tokens(Path(folder) / "tokenizer_config.json"):
+            if tokenizer.token_to_id(token["content"]) is None:
+                added = AddedToken(token["content"], single_word=token.get("single_word", False),
+                                   lstrip=token.get("lstrip", False), rstrip=token.get("rstrip", False),
+                                   normalized=token.get("normalized", not token.get("special", False)),
+                                   special=token.get("special", False))
+                if added.special:
+                    tokenizer.add_special_tokens([added])
+                else:
+                    tokenizer.add_tokens([added])
+    tokenizer.no_padding()
+    tokenizer.no_truncation()
+    return tokenizer.to_str()
+
+
+def _declared_added_tokens(config_path: Path) -> list[dict]:
+    """tokenizer_config.json's `added_tokens_decoder` entries, by id."""
+    if not config_path.is_file():
+        return []
+    declared = json.loads(config_path.read_text()).get("added_tokens_decoder") or {}
+    return [declared[k] for k in sorted(declared, key=int)]
 
 
 class TextOnlyTokenization:

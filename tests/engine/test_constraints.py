@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import shutil
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import jsonschema
 import pytest
@@ -13,11 +17,12 @@ import torch
 from transformers import AutoTokenizer
 
 from appliance.engine import constraints
-from appliance.engine.constraints import Grammars, allows, build_tokenizer, compile_matcher
+from appliance.engine.constraints import (Grammars, allows, build_tokenizer, compile_matcher,
+                                          tokenizer_json)
 from appliance.engine import protocol
 from appliance.engine.protocol import Constraint, GenerateRequest
 
-from .conftest import FakeRunner, outputs, rejected, run_to_end
+from .conftest import REPO, FakeRunner, outputs, rejected, run_to_end
 
 VOCAB = 1024  # the tiny tokenizer's 1000 ids, padded as a model's embedding often is
 EOS = 2  # <|im_end|>
@@ -280,25 +285,72 @@ def test_an_llguidance_that_takes_one_eos_id_still_builds_the_tokenizer(
         monkeypatch, tiny_tokenizer_path, hf_tokenizer):
     """llguidance < 1.9 (the newest wheel on an older glibc, as on the GPU box) refuses a list
     of end-of-sequence ids: the grammar then ends on the first one."""
-    import llguidance.hf
+    import llguidance
 
-    real = llguidance.hf.from_tokenizer
+    real = llguidance.LLTokenizer
     seen = []
 
-    def one_eos_only(hf, n_vocab=None, eos_token=None):
+    def one_eos_only(tokenizer, n_vocab=None, eos_token=None):
         if isinstance(eos_token, list):
             raise TypeError("argument 'eos_token': 'list' object cannot be interpreted as an integer")
         seen.append(eos_token)
-        return real(hf, n_vocab=n_vocab, eos_token=eos_token)
+        return real(tokenizer, n_vocab=n_vocab, eos_token=eos_token)
 
-    monkeypatch.setattr(llguidance.hf, "from_tokenizer", one_eos_only)
+    monkeypatch.setattr(llguidance, "LLTokenizer", one_eos_only)
     tokenizer = build_tokenizer(tiny_tokenizer_path, VOCAB, [EOS, EOS + 1])
-    assert seen == [EOS]
+    assert seen == [EOS, EOS]   # the view of the tokenizer, then the text-only wrapper
     grammars = Grammars(VOCAB)
     grammars.add(1, compile_matcher(tokenizer, Constraint("lark", 'start: "ok"')))
     ok = hf_tokenizer.encode("ok")
     masks, accepted = grammars.draft_bitmask(1, ok)
     assert accepted == len(ok) and allows(masks[-1], EOS)  # the grammar ends on the first id
+
+
+def _declared_only_folder(tiny: str, folder: Path) -> str:
+    """The tiny tokenizer with two added tokens (a plain one, a special one) that only
+    tokenizer_config.json's added_tokens_decoder declares, as older transformers saved them."""
+    shutil.copytree(tiny, folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["added_tokens_decoder"] = {
+        "1000": {"content": "<plain>", "special": False, "normalized": True},
+        "1001": {"content": "<sp>", "special": True, "normalized": False}}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return str(folder)
+
+
+@pytest.mark.parametrize("declared_only", [False, True])
+def test_the_grammar_tokenizer_is_the_one_transformers_loads(tiny_tokenizer_path, tmp_path,
+                                                            declared_only):
+    """tokenizer_json reads the folder with `tokenizers` alone; llguidance's view of it has the
+    same tokens, special ids and tokenizations as its view of transformers' tokenizer."""
+    import llguidance.hf
+    from transformers import AutoTokenizer
+
+    folder = (_declared_only_folder(tiny_tokenizer_path, tmp_path / "declared") if declared_only
+              else tiny_tokenizer_path)
+    n = 1002 if declared_only else 1000
+    ours = llguidance.LLTokenizer(tokenizer_json(folder), n_vocab=n, eos_token=EOS)
+    theirs = llguidance.hf.from_tokenizer(AutoTokenizer.from_pretrained(folder), n_vocab=n,
+                                          eos_token=EOS)
+    assert [ours.decode_bytes([i]) for i in range(n)] == [theirs.decode_bytes([i]) for i in range(n)]
+    assert [ours.is_special_token(i) for i in range(n)] == [theirs.is_special_token(i) for i in range(n)]
+    for text in ["hello world", '<tool_call>{"a": 1}</tool_call>', "<|im_end|> x", " ünï 😀",
+                 "a<plain>b<sp>c"]:
+        assert ours.tokenize_str(text) == theirs.tokenize_str(text)
+    if declared_only:
+        assert ours.decode_bytes([1000, 1001]) == b"<plain><sp>" and ours.is_special_token(1001)
+
+
+def test_the_grammar_tokenizer_does_not_import_transformers(tiny_tokenizer_path):
+    """Its import (seconds of Python on a GPU box) held the GIL against start-up's graph
+    capture on rank 0's main thread."""
+    code = ("import sys; from appliance.engine.constraints import build_tokenizer; "
+            f"build_tokenizer({tiny_tokenizer_path!r}, 1000, [2]); "
+            "print('transformers' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=REPO, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"
 
 
 def test_the_compiler_starts_from_the_config_files_and_can_be_waited_for(tiny_tokenizer_path):
