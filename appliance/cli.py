@@ -4,6 +4,7 @@ they all find the daemon that `up` started with the same config (its Unix socket
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import os
@@ -180,9 +181,11 @@ def _serve_when_ready(config: AppConfig, listening: Listening) -> int:
     for sig in stopping:
         signal.signal(sig, _raise_keyboard_interrupt)
     client = None
-    # The tokenizer loads (seconds: transformers' import) while the engine ranks start.
+    # The tokenizer loads (seconds: transformers' import) while the engine ranks start, then
+    # the app's modules (serve() imports them late: appliance/server/__init__.py).
     loader = ThreadPoolExecutor(1, thread_name_prefix="tokenizer")
     tokenizer = loader.submit(_load_tokenizer, files.tokenizer)
+    loader.submit(importlib.import_module, "appliance.server.app")
     loader.shutdown(wait=False)
     try:
         log.info("starting %d engine rank(s) for %s", config.parallel.tp_size, config.model.model_name)

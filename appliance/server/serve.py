@@ -21,17 +21,18 @@ import socket
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 
 from appliance.config import AppConfig
-from appliance.server.app import build_app
 from appliance.server.connection import uvicorn_config
 from appliance.server.fd_limit import watch_fds
 from appliance.server.socket_file import (BACKLOG, keep_socket_file, remove_socket_file,
                                           unix_socket)
-from appliance.server.state import AppState, EngineClientLike
+
+if TYPE_CHECKING:
+    from appliance.server.state import AppState, EngineClientLike
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +119,8 @@ def serve(config: AppConfig, client: EngineClientLike, tokenizer: Any,
         except OSError as e:
             log.error("%s", e)
             return 1
+    from appliance.server.app import build_app  # imported late: `up` starts the ranks first
+
     app = build_app(config, client, tokenizer)
     server = DrainingServer(uvicorn_config(app, timeout_graceful_shutdown=GRACE_S + ABORT_WAIT_S, backlog=BACKLOG))
     log.info("serving %s on http://%s:%d and %s", config.model.model_name, config.server.host,

@@ -161,7 +161,8 @@ def test_the_frontend_resolves_model_files_without_importing_torch(tmp_path, mon
     """What `tokenspeed up` runs before it spawns the engine ranks imports no torch (seconds
     on a GPU box, which the ranks would otherwise wait for), even on the first start, when it
     writes the dummy presets' stand-in tokenizer: for the GPU presets and for the default
-    model, a GGUF file (its tokenizer converted once, beforehand)."""
+    model, a GGUF file (its tokenizer converted once, beforehand). Nor FastAPI or the app's
+    modules: ~1 s on an H100 box (stack samples), imported while the ranks start."""
     import os
     import subprocess
     import sys
@@ -183,18 +184,20 @@ def test_the_frontend_resolves_model_files_without_importing_torch(tmp_path, mon
             "import pickle\n"
             "pickle.dumps(_rank_main)\n"   # what the spawn pickles
             "from appliance.engine.model_files import check_mtp_checkpoint, resolve_model_files\n"
-            "from appliance.server import serve, warming_up\n"
+            "from appliance.server import fd_limit, serve, warming_up\n"
+            "from appliance import startup_progress\n"
             f"for name in {configs!r}:\n"
             "    config = load_config(name)\n"
             "    files = resolve_model_files(config)\n"
             "    check_mtp_checkpoint(config, files)\n"
-            "print('torch' in sys.modules)\n")
+            "print('torch' in sys.modules, 'fastapi' in sys.modules,\n"
+            "      'appliance.server.app' in sys.modules)\n")
     assert not (tmp_path / "models" / "tiny-llama-tokenizer").exists()
     root = Path(__file__).resolve().parents[2]
     out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
                          timeout=120, env={**os.environ, "TOKENSPEED_CACHE": str(tmp_path)})
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "False"
+    assert out.stdout.strip() == "False False False"
     assert (tmp_path / "models" / "tiny-llama-tokenizer" / "tokenizer.json").is_file()
 
 
