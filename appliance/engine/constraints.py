@@ -168,10 +168,11 @@ def compile_matcher(tokenizer: llguidance.LLTokenizer, constraint: Constraint) -
 
 class GrammarCompiler:
     """Compiles constraints off the step loop, on one worker thread, where the tokenizer is
-    built first. Building it imports transformers and walks the vocabulary: seconds of Python
-    that hold the GIL against the step loop (the first request after start-up decoded at a
-    third of its speed while it ran), so rank 0 starts the compiler before the weights load and
-    waits for the tokenizer (`wait_for_tokenizer`) before it says it is ready."""
+    built first. Building it walks the vocabulary in Python (`TextOnlyTokenization`), which
+    holds the GIL against the step loop (the first request after start-up decoded at a third
+    of its speed while it ran, when the build also imported transformers), so rank 0 starts
+    the compiler before the weights load and waits for the tokenizer (`wait_for_tokenizer`)
+    before it says it is ready."""
 
     def __init__(self, tokenizer_path: str | None, vocab_size: int, eos_ids: list[int]) -> None:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar")
