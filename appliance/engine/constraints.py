@@ -95,7 +95,11 @@ def tokenizer_json(folder: str) -> str:
     if not path.is_file():
         from transformers import AutoTokenizer
 
-        tokenizer = Tokenizer.from_str(AutoTokenizer.from_pretrained(folder).backend_tokenizer.to_str())
+        backend = getattr(AutoTokenizer.from_pretrained(folder), "backend_tokenizer", None)
+        if backend is None:   # llguidance reads only the `tokenizers` library's JSON
+            raise ValueError(f"constrained decoding needs a fast tokenizer (tokenizer.json); "
+                             f"{folder} has only a slow one")
+        tokenizer = Tokenizer.from_str(backend.to_str())
     else:
         tokenizer = Tokenizer.from_file(str(path))
         for token in _declared_added_tokens(Path(folder) / "tokenizer_config.json"):

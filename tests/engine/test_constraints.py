@@ -318,13 +318,24 @@ def _declared_only_folder(tiny: str, folder: Path) -> str:
     return str(folder)
 
 
+TEXTS = ["hello world", '<tool_call>{"a": 1}</tool_call>', "<|im_end|> x", " ünï 😀", "a<plain>b<sp>c"]
+
+
+def _assert_same_view(ours, theirs, n: int) -> None:
+    """Two llguidance tokenizers with the same tokens, special ids and tokenizations."""
+    assert [ours.decode_bytes([i]) for i in range(n)] == [theirs.decode_bytes([i]) for i in range(n)]
+    assert [ours.is_special_token(i) for i in range(n)] == [theirs.is_special_token(i) for i in range(n)]
+    for text in TEXTS:
+        assert ours.tokenize_str(text) == theirs.tokenize_str(text)
+
+
 @pytest.mark.parametrize("declared_only", [False, True])
 def test_the_grammar_tokenizer_is_the_one_transformers_loads(tiny_tokenizer_path, tmp_path,
                                                             declared_only):
     """tokenizer_json reads the folder with `tokenizers` alone; llguidance's view of it has the
-    same tokens, special ids and tokenizations as its view of transformers' tokenizer."""
+    same tokens, special ids and tokenizations as its view of transformers' tokenizer (which
+    may differ in what llguidance does not read: the post-processor)."""
     import llguidance.hf
-    from transformers import AutoTokenizer
 
     folder = (_declared_only_folder(tiny_tokenizer_path, tmp_path / "declared") if declared_only
               else tiny_tokenizer_path)
@@ -332,13 +343,33 @@ def test_the_grammar_tokenizer_is_the_one_transformers_loads(tiny_tokenizer_path
     ours = llguidance.LLTokenizer(tokenizer_json(folder), n_vocab=n, eos_token=EOS)
     theirs = llguidance.hf.from_tokenizer(AutoTokenizer.from_pretrained(folder), n_vocab=n,
                                           eos_token=EOS)
-    assert [ours.decode_bytes([i]) for i in range(n)] == [theirs.decode_bytes([i]) for i in range(n)]
-    assert [ours.is_special_token(i) for i in range(n)] == [theirs.is_special_token(i) for i in range(n)]
-    for text in ["hello world", '<tool_call>{"a": 1}</tool_call>', "<|im_end|> x", " ünï 😀",
-                 "a<plain>b<sp>c"]:
-        assert ours.tokenize_str(text) == theirs.tokenize_str(text)
+    _assert_same_view(ours, theirs, n)
     if declared_only:
         assert ours.decode_bytes([1000, 1001]) == b"<plain><sp>" and ours.is_special_token(1001)
+
+
+def test_a_folder_without_tokenizer_json_goes_through_transformers(tiny_tokenizer_path,
+                                                                    tmp_path, monkeypatch):
+    """Its fast tokenizer (transformers converts a slow one) gives the same view; a tokenizer
+    that stays slow is refused by name."""
+    import llguidance
+    import transformers
+
+    folder = tmp_path / "slow"
+    shutil.copytree(tiny_tokenizer_path, folder)
+    (folder / "tokenizer.json").unlink()
+    fast = AutoTokenizer.from_pretrained(tiny_tokenizer_path)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda path: fast)
+    _assert_same_view(llguidance.LLTokenizer(tokenizer_json(str(folder)), n_vocab=1000, eos_token=EOS),
+                      llguidance.LLTokenizer(tokenizer_json(tiny_tokenizer_path), n_vocab=1000,
+                                             eos_token=EOS), 1000)
+
+    class SlowOnly:
+        pass
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda path: SlowOnly())
+    with pytest.raises(ValueError, match="needs a fast tokenizer"):
+        tokenizer_json(str(folder))
 
 
 def test_the_grammar_tokenizer_does_not_import_transformers(tiny_tokenizer_path):
