@@ -8,6 +8,7 @@ seconds (default 60), then writes DIR/<process name>-<pid>.json. Each sample als
 late the sampler woke (a sleeping thread waits for the GIL, so lateness is a measure of how hard
 the other threads hold it), each thread's CPU time and the process's and its waited-for
 children's (Triton's ptxas), in clock ticks from /proc. Without the variable this does nothing.
+On the path it stands in for any other sitecustomize (the system's): for diagnostic runs only.
 """
 
 import os
