@@ -19,16 +19,19 @@ import torch
 from gguf import ReaderTensor
 from torch import nn
 
-from appliance.model.gguf_files import (dequantize_array, dequantize_tensor, hf_tensor_name,
-                                        open_gguf, read_gguf_config, tensor_shape)
+from appliance.model.gguf_files import (MappedTensor, dequantize_array, dequantize_tensor,
+                                        gguf_tensors, hf_tensor_name, read_gguf_config,
+                                        tensor_shape)
 from appliance.model.loader import LoadError, destination, missing_names, zero_parameters
 from appliance.model.placement import LoadSlice, ShardPlan
 
 
-def load_gguf(model: nn.Module, plan: ShardPlan, path: str | Path) -> None:
-    config = read_gguf_config(path)
-    reader = open_gguf(path)
-    by_hf_name = {hf: t for t in reader.tensors if (hf := hf_tensor_name(t.name)) is not None}
+def load_gguf(model: nn.Module, plan: ShardPlan, path: str | Path,
+              prepared: str | Path | None = None) -> None:
+    """`prepared`: the file's folder of parsed metadata (gguf_files.py), read if given."""
+    config = read_gguf_config(path, prepared)
+    by_hf_name = {hf: t for t in gguf_tensors(path, prepared)
+                  if (hf := hf_tensor_name(t.name)) is not None}
     absent = [n for n in plan.slices if n not in by_hf_name]
     if absent:
         raise LoadError(f"{path}: checkpoint lacks tensor(s) {missing_names(absent)}")
@@ -47,7 +50,7 @@ def load_gguf(model: nn.Module, plan: ShardPlan, path: str | Path) -> None:
             destination(params, s).copy_(part)                  # to device and dtype
 
 
-def _read_slice(tensor: ReaderTensor, s: LoadSlice, permuted_heads: int | None) -> torch.Tensor:
+def _read_slice(tensor: ReaderTensor | MappedTensor, s: LoadSlice, permuted_heads: int | None) -> torch.Tensor:
     """This rank's part of `tensor` as float32: only its rows when it is sharded along
     a dimension other than the quantized (last) one."""
     if s.src_dim is not None and s.src_dim < len(s.shape) - 1 and permuted_heads is None:

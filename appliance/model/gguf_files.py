@@ -6,11 +6,19 @@ holding exactly one and no config.json); `read_gguf_config` gives its config
 (gguf_config.py) and refuses tensor types TokenSpeed does not read. The frontend calls these
 before it spawns the engine ranks, so nothing here imports torch (seconds of start-up);
 gguf_checkpoint.py loads the weights.
+
+Parsing a file's metadata builds a numpy view for every token of its vocabulary (5 s for
+SmolLM2's 49K tokens on a 2-core box, half of the default model's start-up). So the frontend
+parses it once, into the folder it prepares beside the tokenizer (gguf_tokenizer.py): the config
+(`GGUF_CONFIG`) and where each tensor lies in the file (`TENSOR_INDEX`, `write_tensor_index`).
+An engine rank handed that folder (`prepared`) reads those and maps the tensors' bytes.
 """
 from __future__ import annotations
 
 import functools
+import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +51,19 @@ _LAYER_NAMES = {
     "ffn_down": "mlp.down_proj",
 }
 _LAYER = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+
+GGUF_CONFIG = "gguf_config.json"     # not config.json: transformers would read that one
+TENSOR_INDEX = "gguf_tensors.json"
+
+
+@dataclass(frozen=True)
+class MappedTensor:
+    """A tensor of the file as ReaderTensor has it (the fields gguf_checkpoint.py reads): its
+    GGUF name and type, its shape innermost first, and its raw data mapped from the file."""
+    name: str
+    tensor_type: GGMLQuantizationType
+    shape: tuple[int, ...]
+    data: np.ndarray
 
 
 def find_gguf(path: str | Path) -> Path | None:
@@ -84,9 +105,39 @@ def _open(path: Path, mtime_ns: int) -> GGUFReader:
     return reader
 
 
-def read_gguf_config(path: str | Path) -> dict:
+def gguf_tensors(path: str | Path, prepared: str | Path | None = None
+                 ) -> list[ReaderTensor] | list[MappedTensor]:
+    """The file's tensors: mapped through `prepared`'s tensor index when it has one, else
+    from its parsed metadata."""
+    index = Path(prepared) / TENSOR_INDEX if prepared is not None else None
+    if index is None or not index.is_file():
+        return open_gguf(path).tensors
+    mapped = np.memmap(path, dtype=np.uint8, mode="r")
+    tensors = []
+    for t in json.loads(index.read_text()):
+        dtype = np.dtype(t["dtype"])
+        size = int(np.prod(t["data_shape"])) * dtype.itemsize
+        data = mapped[t["offset"]: t["offset"] + size].view(dtype).reshape(t["data_shape"])
+        tensors.append(MappedTensor(t["name"], GGMLQuantizationType(t["type"]),
+                                    tuple(t["shape"]), data))
+    return tensors
+
+
+def write_tensor_index(path: str | Path, out: Path) -> None:
+    """`out`/TENSOR_INDEX: each tensor's name, type, shape, and its data's offset, numpy
+    dtype and shape in the file (what `gguf_tensors` maps)."""
+    index = [{"name": t.name, "type": int(t.tensor_type), "shape": [int(d) for d in t.shape],
+              "offset": int(t.data_offset), "dtype": t.data.dtype.str,
+              "data_shape": [int(d) for d in t.data.shape]} for t in open_gguf(path).tensors]
+    (out / TENSOR_INDEX).write_text(json.dumps(index))
+
+
+def read_gguf_config(path: str | Path, prepared: str | Path | None = None) -> dict:
     """The HF-style config dict of a GGUF file (appliance/model/gguf_config.py); LoadError
-    for an architecture or a tensor type TokenSpeed does not read."""
+    for an architecture or a tensor type TokenSpeed does not read. From `prepared`'s copy
+    when it has one (written once the file passed these checks)."""
+    if prepared is not None and (Path(prepared) / GGUF_CONFIG).is_file():
+        return json.loads((Path(prepared) / GGUF_CONFIG).read_text())
     reader = open_gguf(path)
     config = _hf_config(reader, path)
     unsupported: dict[str, str] = {}          # type -> its first tensor
@@ -107,7 +158,7 @@ def _hf_config(reader: GGUFReader, path: str | Path) -> dict:
                           None if rope_freqs is None else dequantize_tensor(rope_freqs), str(path))
 
 
-def tensor_shape(t: ReaderTensor) -> tuple[int, ...]:
+def tensor_shape(t: ReaderTensor | MappedTensor) -> tuple[int, ...]:
     """Its shape outermost first, as torch has it (GGUF lists dimensions innermost first)."""
     return tuple(int(d) for d in reversed(t.shape))
 
@@ -123,7 +174,7 @@ def hf_tensor_name(gguf_name: str) -> str | None:
     return None
 
 
-def dequantize_tensor(tensor: ReaderTensor) -> np.ndarray:
+def dequantize_tensor(tensor: ReaderTensor | MappedTensor) -> np.ndarray:
     return dequantize_array(tensor.data, tensor.tensor_type).reshape(tensor_shape(tensor))
 
 

@@ -6,9 +6,10 @@ transformers converts the `tokenizer.ggml.*` metadata into a fast tokenizer
 folder named after the file's path, size and modification time, and every later start
 (and the frontend, which loads tokenizers from folders) reads it from there. The folder also
 keeps the file's HF-style config (`GGUF_CONFIG`, gguf_files.read_gguf_config), written
-once the file passed its checks (architecture, tensor types), so a later start skips them:
-reading a GGUF's metadata parses its whole vocabulary (4-5 s for SmolLM2's 49K tokens on a
-2-core box), which the frontend would otherwise do before it spawns the engine ranks.
+once the file passed its checks (architecture, tensor types), and its tensor index
+(`TENSOR_INDEX`), so a later start and the engine ranks skip the file's metadata: reading it
+parses its whole vocabulary (4-5 s for SmolLM2's 49K tokens on a 2-core box), which the
+frontend would otherwise do before it spawns the ranks, and each rank again.
 """
 from __future__ import annotations
 
@@ -17,11 +18,11 @@ import json
 from pathlib import Path
 
 from appliance.model.atomic_folder import ensure_folder
+from appliance.model.gguf_files import GGUF_CONFIG, TENSOR_INDEX
 from appliance.model.load_error import LoadError
 
-GGUF_CONFIG = "gguf_config.json"   # not config.json: transformers would read that one
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
-FOLDER_VERSION = 2                  # 2: with GGUF_CONFIG (a version-1 folder lacks it)
+FOLDER_VERSION = 3                  # 2: with GGUF_CONFIG; 3: with TENSOR_INDEX
 
 
 def ensure_gguf_tokenizer(gguf: str | Path, cache: str | Path) -> Path:
@@ -31,16 +32,18 @@ def ensure_gguf_tokenizer(gguf: str | Path, cache: str | Path) -> Path:
     stat = gguf.stat()
     key = hashlib.sha256(f"{gguf}|{stat.st_size}|{stat.st_mtime_ns}|{FOLDER_VERSION}".encode()
                          ).hexdigest()[:16]
-    return ensure_folder(Path(cache) / f"{gguf.stem}-{key}", (GGUF_CONFIG, *TOKENIZER_FILES),
+    return ensure_folder(Path(cache) / f"{gguf.stem}-{key}",
+                         (GGUF_CONFIG, TENSOR_INDEX, *TOKENIZER_FILES),
                          lambda out: _convert(gguf, out))
 
 
 def _convert(gguf: Path, out: Path) -> None:
     from transformers import AutoTokenizer
 
-    from appliance.model.gguf_files import read_gguf_config
+    from appliance.model.gguf_files import read_gguf_config, write_tensor_index
 
     (out / GGUF_CONFIG).write_text(json.dumps(read_gguf_config(gguf)))
+    write_tensor_index(gguf, out)
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)

@@ -37,12 +37,13 @@ from kernels.mxfp4 import SCALE_BIAS
 FLOAT_DTYPES = ("BF16", "F16", "F32", "F64")     # safetensors dtype names we can cast from
 
 
-def read_hf_config(folder: str | Path) -> dict:
-    """config.json of an HF folder, or the HF-style config of a GGUF checkpoint."""
+def read_hf_config(folder: str | Path, prepared: str | Path | None = None) -> dict:
+    """config.json of an HF folder, or the HF-style config of a GGUF checkpoint (`prepared`:
+    its folder of parsed metadata, gguf_files.py)."""
     from appliance.model import gguf_files
 
     if (gguf := gguf_files.find_gguf(folder)) is not None:
-        return gguf_files.read_gguf_config(gguf)
+        return gguf_files.read_gguf_config(gguf, prepared)
     path = Path(folder) / "config.json"
     if not path.exists():
         raise LoadError(f"{path}: not found (an HF checkpoint folder needs config.json)")
@@ -71,14 +72,14 @@ def read_eos_token_ids(folder: str | Path | None, hf_config: dict) -> list[int]:
     return [int(e) for e in (eos if isinstance(eos, list) else [eos])]
 
 
-def checkpoint_tensor_names(folder: str | Path) -> frozenset[str]:
+def checkpoint_tensor_names(folder: str | Path, prepared: str | Path | None = None
+                            ) -> frozenset[str]:
     """Every tensor name (HF spelling) of a checkpoint: a folder's index or files' headers, or
-    a GGUF file's tensors."""
+    a GGUF file's tensors (`prepared`: its folder of parsed metadata, gguf_files.py)."""
     from appliance.model import gguf_files
 
     if (gguf := gguf_files.find_gguf(folder)) is not None:
-        reader = gguf_files.open_gguf(gguf)
-        return frozenset(hf for t in reader.tensors
+        return frozenset(hf for t in gguf_files.gguf_tensors(gguf, prepared)
                          if (hf := gguf_files.hf_tensor_name(t.name)) is not None)
     files, weight_map = checkpoint_files(folder)
     if weight_map is not None:
@@ -105,11 +106,13 @@ def zero_parameters(model: nn.Module) -> None:
         p.data.zero_()
 
 
-def load_checkpoint(model: nn.Module, plan: ShardPlan, folder: str | Path) -> None:
+def load_checkpoint(model: nn.Module, plan: ShardPlan, folder: str | Path,
+                    prepared: str | Path | None = None) -> None:
+    """`prepared`: a GGUF checkpoint's folder of parsed metadata (gguf_files.py)."""
     from appliance.model import gguf_checkpoint, gguf_files   # build on this module's helpers
 
     if (gguf := gguf_files.find_gguf(folder)) is not None:
-        gguf_checkpoint.load_gguf(model, plan, gguf)
+        gguf_checkpoint.load_gguf(model, plan, gguf, prepared)
         return
     files, weight_map = checkpoint_files(folder)
     located = weight_map if weight_map is not None else _tensor_files(files)

@@ -83,6 +83,8 @@ class ModelSource:
     seed: int = 0
     hf_config: dict[str, Any] | None = field(default=None, compare=False)
     hf_overrides: dict[str, Any] | None = field(default=None, compare=False)
+    # a GGUF checkpoint's folder of metadata the frontend parsed once (gguf_files.py)
+    prepared: str | None = None
 
     @staticmethod
     def coerce(obj: Any) -> "ModelSource":
@@ -101,7 +103,7 @@ class ModelSource:
         elif self.preset is not None and (self.path is None or self.load_format == "dummy"):
             cfg = presets.preset_config(self.preset)
         elif self.path is not None:
-            cfg = read_hf_config(self.path)  # real weights, or dummy weights of its shape
+            cfg = read_hf_config(self.path, self.prepared)  # real weights, or dummy of its shape
         else:
             raise ValueError("ModelSource needs a path, a preset or an hf_config")
         cfg.update(self.hf_overrides or {})
@@ -168,8 +170,10 @@ def model_source(config: Any, files: Any) -> ModelSource:
     """The model `from_config` builds for the daemon's AppConfig and model files: the
     checkpoint, or dummy weights (a preset, or `model.load_format: dummy`)."""
     dummy = files.checkpoint is None or config.model.load_format == "dummy"
+    gguf = files.checkpoint is not None and Path(files.checkpoint).suffix == ".gguf"
     return ModelSource(path=files.checkpoint, preset=files.preset,
-                       load_format="dummy" if dummy else "auto", seed=config.model.seed)
+                       load_format="dummy" if dummy else "auto", seed=config.model.seed,
+                       prepared=files.tokenizer if gguf else None)  # its folder (model_files)
 
 
 def vocabulary(source: ModelSource, hf_config: dict | None = None) -> tuple[int, list[int]]:
@@ -237,7 +241,8 @@ class ModelRunner:
         self.max_model_len = context_length(self.hf_config)
         folder = self.source.path if self.source.load_format != "dummy" else None
 
-        names = checkpoint_tensor_names(folder) if folder is not None else None
+        names = (checkpoint_tensor_names(folder, self.source.prepared) if folder is not None
+                 else None)
         ctx = BuildContext(self.layout, self.device, dtype, page_size, names,
                            self.kv_dtype if self.kv_dtype != dtype else None)
         cls = model_class(self.hf_config.get("architectures"))
@@ -277,7 +282,7 @@ class ModelRunner:
         if folder is None:
             load_dummy(model, self.compiled.shard_plan, self.source.seed)
             return
-        load_checkpoint(model, self.compiled.shard_plan, folder)
+        load_checkpoint(model, self.compiled.shard_plan, folder, self.source.prepared)
         check_finite(model)
         if self.kv_dtype != self.dtype:
             scaled = apply_checkpoint_kv_scales(model, folder, names)

@@ -10,7 +10,8 @@ from gguf import GGUFReader
 from gguf.quants import dequantize
 
 from appliance.model import ModelRunner
-from appliance.model.gguf_files import find_gguf, hf_tensor_name, read_gguf_config
+from appliance.model.gguf_files import (find_gguf, gguf_tensors, hf_tensor_name,
+                                        read_gguf_config, write_tensor_index)
 from appliance.model.loader import LoadError
 from gguf_files import Q, encode, gguf_name, write_gguf
 from helpers import greedy_generate, run_tp, tiny_hf_config
@@ -137,6 +138,13 @@ def test_every_type_loads_as_the_reference_dequantization(qtype, tmp_path):
     want = {n: torch.from_numpy(np.array(dequantize(stored[gguf_name(n)].data,
                                                     stored[gguf_name(n)].tensor_type)))
             .reshape(t.shape).float() for n, t in sd.items()}
+    prepared = tmp_path / "prepared"
+    prepared.mkdir()
+    write_tensor_index(path, prepared)
+    for t in gguf_tensors(path, prepared):   # the index maps what the parse gives
+        ref = stored[t.name]
+        assert (t.tensor_type, t.shape) == (ref.tensor_type, tuple(int(d) for d in ref.shape))
+        assert t.data.dtype == ref.data.dtype and np.array_equal(t.data, ref.data)
     runner = ModelRunner(str(path), kv_num_pages=4, page_size=4)
     layer = runner.model.model.layers[0]
     pre = "model.layers.0."
@@ -251,3 +259,4 @@ def test_runner_reads_a_folder_holding_one_gguf(ggufs, tmp_path):
     assert runner.eos_token_ids == [] and runner.vocab_size == 160
     assert greedy_generate(runner, PROMPTS[:1], 3) == greedy_generate(
         ModelRunner(str(path), kv_num_pages=8, page_size=4), PROMPTS[:1], 3)
+

@@ -229,3 +229,32 @@ def test_max_model_len_past_the_models_context_is_served_at_the_context_with_a_w
         runner = ModelRunner.from_config(config, files, "cpu", torch.float32)
     assert runner.max_model_len == 4096
     assert "model.max_model_len 32768 is more than the model's context length 4096" in caplog.text
+
+
+def test_an_engine_rank_reads_the_prepared_folder_not_the_file_s_metadata(tiny_gguf, tmp_path,
+                                                                         monkeypatch):
+    """The frontend parses a GGUF's metadata once, into the folder it makes beside the
+    tokenizer (config, tensor index); a rank's runner built from the model files then never
+    parses it (5 s for SmolLM2's vocabulary on a 2-core box, half the default model's
+    start-up) and is the same model: Llama's permuted q/k included."""
+    from appliance.model import gguf_files
+    from appliance.model.runner import model_source, vocabulary
+    from helpers import greedy_generate
+
+    _, path = tiny_gguf
+    monkeypatch.setenv("TOKENSPEED_CACHE", str(tmp_path))
+    config = load_config(None, [f"model.path={path}"])
+    files = resolve_model_files(config)
+    prompts = [[5, 9, 33, 7, 100], list(range(10, 30))]
+    parsed = ModelRunner(str(path), kv_num_pages=16, page_size=4)
+    want = greedy_generate(parsed, prompts, 4)
+    gguf_files._open.cache_clear()
+
+    def no_parse(*args, **kwargs):
+        raise AssertionError("the GGUF's metadata was parsed")
+
+    monkeypatch.setattr(gguf_files, "GGUFReader", no_parse)
+    source = model_source(config, files)
+    assert source.prepared == files.tokenizer
+    assert vocabulary(source) == (parsed.vocab_size, parsed.eos_token_ids)
+    assert greedy_generate(ModelRunner(source, kv_num_pages=16, page_size=4), prompts, 4) == want
