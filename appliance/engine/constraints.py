@@ -102,16 +102,15 @@ def tokenizer_json(folder: str) -> str:
         tokenizer = Tokenizer.from_str(backend.to_str())
     else:
         tokenizer = Tokenizer.from_file(str(path))
-        for token in _declared_added_tokens(Path(folder) / "tokenizer_config.json"):
-            if tokenizer.token_to_id(token["content"]) is None:
-                added = AddedToken(token["content"], single_word=token.get("single_word", False),
-                                   lstrip=token.get("lstrip", False), rstrip=token.get("rstrip", False),
-                                   normalized=token.get("normalized", not token.get("special", False)),
-                                   special=token.get("special", False))
-                if added.special:
-                    tokenizer.add_special_tokens([added])
-                else:
-                    tokenizer.add_tokens([added])
+        for spec in _declared_added_tokens(Path(folder) / "tokenizer_config.json"):
+            if tokenizer.token_to_id(spec["content"]) is None:
+                special = spec.get("special", False)
+                added = AddedToken(spec["content"], special=special,
+                                   single_word=spec.get("single_word", False),
+                                   lstrip=spec.get("lstrip", False),
+                                   rstrip=spec.get("rstrip", False),
+                                   normalized=spec.get("normalized", not special))
+                (tokenizer.add_special_tokens if special else tokenizer.add_tokens)([added])
     tokenizer.no_padding()
     tokenizer.no_truncation()
     return tokenizer.to_str()

@@ -50,7 +50,8 @@ def load_gguf(model: nn.Module, plan: ShardPlan, path: str | Path,
             destination(params, s).copy_(part)                  # to device and dtype
 
 
-def _read_slice(tensor: ReaderTensor | MappedTensor, s: LoadSlice, permuted_heads: int | None) -> torch.Tensor:
+def _read_slice(tensor: ReaderTensor | MappedTensor, s: LoadSlice,
+                permuted_heads: int | None) -> torch.Tensor:
     """This rank's part of `tensor` as float32: only its rows when it is sharded along
     a dimension other than the quantized (last) one."""
     if s.src_dim is not None and s.src_dim < len(s.shape) - 1 and permuted_heads is None:
