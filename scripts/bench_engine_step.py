@@ -70,9 +70,6 @@ class FreeRunner:
         rows = torch.searchsorted(batch.query_start[1:], batch.logit_token_index, right=True)
         return self.logits[rows]
 
-    def forward_transient(self, batch) -> torch.Tensor:  # what the engine calls
-        return self.forward(batch)
-
 
 def tiny_tokenizer() -> str:
     from appliance.config import cache_dir

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from concurrent.futures import Future
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -32,7 +32,7 @@ from appliance.engine.speculative import make_speculator
 from appliance.engine.speculative.mtp import Following, MTPDraft, NextTokenPass
 from appliance.engine.speculative.policy import StepCost
 from appliance.engine.step_timing import PredictionError, timeline_from_env
-from appliance.engine.transfer import to_device_packed
+from appliance.engine.transfer import to_device, to_device_packed
 from appliance.engine.verify import LogitLayout, Verifier, verify_bitmask
 from appliance.model.late_compiles import LateCompiles
 
@@ -112,7 +112,7 @@ class Engine:
         self.scheduler = _core.Scheduler(core_scheduler_config(
             config.scheduler, runner.num_pages, runner.page_size, self.max_model_len))
         self.sampler = Sampler(self.device, runner.vocab_size)
-        self.sampler.warm_up(runner.vocab_size, getattr(runner, "dtype", torch.float32))
+        self.sampler.warm_up(runner.vocab_size)
         self.requests: dict[int, GenerateRequest] = {}
         self._unadmitted: set[int] = set()  # submitted, not yet in a plan
         self._cached_tokens: dict[int, int] = {}  # admitted, first output not yet sent
@@ -238,23 +238,21 @@ class Engine:
         self.channel.send(arrays)
         prev = self._inflight.tokens if self._inflight is not None else None
         layout = LogitLayout.of(arrays) if arrays.has_drafts else None
+        batch = to_forward_batch(arrays, self.device, prev,
+                                 layout.index if layout is not None else None)
+        self.timeline.forward_starts(arrays.step)
+        mtp = None
+        if self.next_token is None:
+            logits = self.runner.forward(batch)                                     # [N, V]
+        else:
+            logits, hidden = self.runner.forward_hidden(batch)                      # [T, H]
+            mtp = MTPInputs(batch, hidden, arrays,
+                            self.speculator.source.following(rids, arrays, layout))
         if layout is None:
             rows = self.sampler.prepare(rids, arrays, self.requests, self.grammars)
         else:  # every logits row samples the token at its own position
             rows = self.sampler.prepare(rids, layout.per_logit_row(arrays), self.requests,
                                         self.grammars, row_request=layout.row)
-        # the sampler's row parameters travel in the batch's host -> device copy
-        batch, params = forward_batch_and(arrays, self.device, rows.params, prev,
-                                          layout.index if layout is not None else None)
-        rows = replace(rows, params=params)
-        self.timeline.forward_starts(arrays.step)
-        mtp = None
-        if self.next_token is None:
-            logits = self.runner.forward_transient(batch)                           # [N, V]
-        else:
-            logits, hidden = self.runner.forward_hidden(batch)                      # [T, H]
-            mtp = MTPInputs(batch, hidden, arrays,
-                            self.speculator.source.following(rids, arrays, layout))
         if self.speculator is not None:
             self._next_cost = self._cost_without_drafts(plan, float(arrays.sample.sum()))
         return Forwarded(arrays.step, logits, rows, layout, arrays.num_draft, started, mtp)
@@ -553,22 +551,13 @@ def to_forward_batch(arrays: PlanArrays, device: torch.device,
     `prev_tokens` on rank 0, then broadcast over the TP group (a stream-ordered device
     collective: no host sync), so every rank runs the same ids. `logit_index` (steps with
     verify rows, `LogitLayout.index`): the tokens that need logits."""
-    return forward_batch_and(arrays, device, [], prev_tokens, logit_index)[0]
-
-
-def forward_batch_and(arrays: PlanArrays, device: torch.device, also: list[torch.Tensor],
-                      prev_tokens: torch.Tensor | None = None,
-                      logit_index: np.ndarray | None = None):
-    """to_forward_batch, and the host tensors `also` (any dtypes: the sampler's row
-    parameters) on `device` through the same copy: one host -> device copy a step, where
-    two cost an H200 ~4 us of a batch-1 step (the copy and the engine hand-offs around it)."""
     from appliance.model import ForwardBatch
 
     names = ("input_ids", "positions", "query_start", "prefix_lens", "seq_lens", "slot_mapping")
     parts = [getattr(arrays, n) for n in names] + [arrays.page_table.ravel()]
     if logit_index is not None:
         parts.append(logit_index)
-    flat, *also = to_device_packed([torch.from_numpy(np.concatenate(parts)), *also], device)
+    flat = to_device(torch.from_numpy(np.concatenate(parts)), device)   # [sum of sizes] int32
     views = dict(zip(names + ("page_table", "logit_index"), flat.split([len(p) for p in parts])))
     input_ids = views["input_ids"]                                       # [T]
     if arrays.input_ids.min(initial=0) < 0:
@@ -583,7 +572,7 @@ def forward_batch_and(arrays: PlanArrays, device: torch.device, also: list[torch
         page_table=views["page_table"].view(arrays.page_table.shape),
         slot_mapping=views["slot_mapping"], num_decode=arrays.num_decode,
         extend_keys_host=int(arrays.seq_lens[arrays.num_decode:].sum()),
-        logit_index=views.get("logit_index")), also
+        logit_index=views.get("logit_index"))
 
 
 def resolve_placeholders(input_ids: torch.Tensor, host_ids: np.ndarray,
@@ -607,6 +596,6 @@ def run_worker(runner, channel: PlanChannel, mtp: bool = False) -> None:
         index = LogitLayout.of(arrays).index if arrays.has_drafts else None
         batch = to_forward_batch(arrays, runner.device, logit_index=index)
         if next_token is None:
-            runner.forward_transient(batch)
+            runner.forward(batch)
         else:
             next_token.follow(batch, runner.forward_hidden(batch)[1], arrays)

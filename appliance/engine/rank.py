@@ -92,9 +92,8 @@ def run_rank(config: AppConfig, files: ModelFiles, endpoints: EngineEndpoints | 
         vocab = _vocabulary(config, files) if rank == 0 else None   # (size, eos ids)
         with quick_gil_handoffs():
             compiler = _start_grammar_compiler(files, *vocab) if vocab is not None else None
-            warm_up = _sampler_warm_up(device, vocab[0], resolve_dtype(config.model.dtype, device)
-                                       ) if vocab is not None else ()
-            runner = _build_runner(config, files, device, rank, endpoints, warm_up)
+            runner = _build_runner(config, files, device, rank, endpoints,
+                                   _sampler_warm_up(device, vocab[0]) if vocab is not None else ())
         from appliance.engine.engine import Engine, run_worker
 
         if rank == 0:
@@ -212,12 +211,12 @@ def _start_grammar_compiler(files: ModelFiles, vocab_size: int, eos_ids: list[in
     return GrammarCompiler(files.tokenizer, vocab_size, eos_ids)
 
 
-def _sampler_warm_up(device: torch.device, vocab_size: int, dtype: torch.dtype) -> tuple:
+def _sampler_warm_up(device: torch.device, vocab_size: int) -> tuple:
     """Rank 0's sampler warm-up (the Engine runs it again, then compiled), for the runner to
-    compile beside the weight load; `dtype`: the model's, a replayed graph's logits'."""
+    compile beside the weight load."""
     from appliance.engine.sampler import Sampler
 
-    return (Sampler(device, vocab_size).warm_up_launch(vocab_size, dtype),)
+    return (Sampler(device, vocab_size).warm_up_launch(vocab_size),)
 
 
 def _build_runner(config: AppConfig, files: ModelFiles, device: torch.device, rank: int,

@@ -53,9 +53,7 @@ class SampleRows:
     """One step's rows, snapshotted from the plan (host)."""
 
     rids: np.ndarray  # [B] int64
-    # the `sample` kernel's temperature, top_k, top_p, seeds, positions (host; the engine
-    # moves them to the device with the batch's inputs)
-    params: list[torch.Tensor]
+    params: list[torch.Tensor]  # the `sample` kernel's temperature, top_k, top_p, seeds, positions
     processors: ProcessorStep | None
     logprobs: LogprobRows | None
     constrained: list[tuple[int, int]]  # (row, rid) of the sampling rows under a grammar
@@ -75,22 +73,18 @@ class Sampler:
         self._seeds: dict[int, int] = {}
         self.processors = LogitsProcessors(device, vocab_size)
 
-    def warm_up(self, vocab_size: int, logits_dtype: torch.dtype = torch.float32) -> None:
-        """Launches before the first request (a GPU backend compiles its kernels then): a
-        greedy row and a temperature / top-k / top-p row, over float32 logits and over the
-        model's `logits_dtype` (what a replayed graph gives, sampled as it is)."""
-        self.warm_up_launch(vocab_size, logits_dtype)()
+    def warm_up(self, vocab_size: int) -> None:
+        """One launch before the first request (a GPU backend compiles its kernels then): a
+        greedy row and a temperature / top-k / top-p row."""
+        self.warm_up_launch(vocab_size)()
 
-    def warm_up_launch(self, vocab_size: int,
-                       logits_dtype: torch.dtype = torch.float32) -> Callable[[], object]:
-        """warm_up's launches, to run later or elsewhere (the runner compiles them ahead)."""
+    def warm_up_launch(self, vocab_size: int) -> Callable[[], object]:
+        """warm_up's launch, to run later or elsewhere (the runner compiles it ahead)."""
         def launch() -> object:
+            logits = torch.zeros(2, vocab_size, dtype=torch.float32, device=self.device)  # [2, V]
             params = [torch.tensor([0.0, 0.7]), torch.tensor([0, 40], dtype=torch.int32),
                       torch.tensor([1.0, 0.9]), torch.tensor([0, 1]), torch.tensor([1, 1])]
-            for dtype in dict.fromkeys((torch.float32, logits_dtype)):
-                logits = torch.zeros(2, vocab_size, dtype=dtype, device=self.device)  # [2, V]
-                tokens = self._sample(logits, *to_device_packed(params, self.device))
-            return tokens
+            return self._sample(logits, *to_device_packed(params, self.device))
         return launch
 
     def add(self, req: GenerateRequest, stop_ids: list[int]) -> None:
@@ -134,13 +128,8 @@ class Sampler:
     @torch.inference_mode()  # the runner's logits are inference tensors: edited in place here
     def sample(self, logits: torch.Tensor, rows: SampleRows,
                bitmask: StepBitmask | None = None) -> Sampled:
-        """logits [B, V] -> tokens [B] int32 on the device, and the log-probabilities of the
-        rows that asked; no host sync here. The logits may be a replayed graph's output in
-        the model's dtype (ModelRunner.forward_transient), which the kernel reads as they
-        are; rows to edit (processors, a grammar's mask) or to take log-probabilities of
-        need them in float32, edited in place."""
-        if rows.logprobs is not None or rows.processors is not None or bitmask is not None:
-            logits = logits.float()
+        """logits [B, V] float32 (edited in place) -> tokens [B] int32 on the device, and the
+        log-probabilities of the rows that asked; no host sync here."""
         raw = None
         if rows.logprobs is not None:
             lp_rows = to_device(torch.from_numpy(rows.logprobs.rows), self.device)
@@ -151,10 +140,7 @@ class Sampler:
             mask_rows, mask = to_device_packed([torch.from_numpy(bitmask.rows),
                                                 torch.from_numpy(bitmask.bitmask)], self.device)
             self._mask(logits, mask, mask_rows)
-        params = rows.params    # on the device already when they came with the batch's copy
-        if params[0].device != logits.device:
-            params = to_device_packed(params, self.device)
-        tokens = self._sample(logits, *params)                                       # [B] int32
+        tokens = self._sample(logits, *to_device_packed(rows.params, self.device))  # [B] int32
         if rows.processors is not None:
             self.processors.after_sample(tokens, rows.processors)
         logprobs = None if raw is None else Logprobs.compute(raw, rows.logprobs, lp_rows, tokens)

@@ -491,24 +491,11 @@ class ModelRunner:
         batch.logit_index (speculative verify rows); the same on every rank. Steps replay
         CUDA graphs where they fit one (decode-only steps; extend steps up to a token count),
         else run eagerly."""
-        logits, replayed = self._forward(batch)
-        return logits.to(torch.float32, copy=True) if replayed else logits
-
-    @torch.inference_mode()
-    def forward_transient(self, batch: ForwardBatch) -> torch.Tensor:
-        """`forward`'s logits without the float32 copy of a replayed graph's output: there, a
-        view of the graph's buffer in the model's dtype, which the next forward overwrites
-        (the engine samples from it before it launches the next step; at 256 rows of a
-        128K vocabulary the copy cost an H200 106 us a step). Float32 after an eager step."""
-        return self._forward(batch)[0]
-
-    def _forward(self, batch: ForwardBatch) -> tuple[torch.Tensor, bool]:
-        """(logits [N, vocab], whether they are a replayed graph's output)."""
         batch.validate()
         logits = None if self._graphs_hidden else self._replay(batch)   # [N, V_padded]
         if logits is not None:
-            return logits[:, : self.vocab_size], True
-        return self._logits(self.model(batch), batch.num_logits), False
+            return logits[:, : self.vocab_size].to(torch.float32, copy=True)
+        return self._logits(self.model(batch), batch.num_logits)
 
     @torch.inference_mode()
     def forward_hidden(self, batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:

@@ -25,8 +25,7 @@ from kernels.reference.sample import GOLDEN as _GOLDEN
 from kernels.reference.sample import MUL_A as _MUL_A
 from kernels.reference.sample import MUL_B as _MUL_B
 from kernels.registry import register
-from kernels.triton.common import (HALF_DTYPES, PRIORITY, interpreting, next_pow2, on_cuda,
-                                   per_batch)
+from kernels.triton.common import PRIORITY, interpreting, next_pow2, on_cuda, per_batch
 from kernels.triton.pdl import pdl_begin, pdl_launch
 
 ROW_PARAMS = ("Temp", "TopK", "TopP", "Seeds", "Pos")   # per-row views of one packed copy
@@ -301,12 +300,9 @@ def sample_sizes() -> SampleSizes:
 def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
            top_p: torch.Tensor, seeds: torch.Tensor, positions: torch.Tensor,
            sizes: SampleSizes | None = None) -> torch.Tensor:
-    """logits: [B, V] float32, or bfloat16 / float16 read as they are (the model's logits,
-    without a float32 copy of them first) -> tokens [B] int32. sizes: None for
-    `sample_sizes`."""
+    """logits: [B, V] float32 -> tokens [B] int32. sizes: None for `sample_sizes`."""
     b, v = logits.shape
-    if logits.dtype not in (torch.float32, *HALF_DTYPES):
-        logits = logits.float()
+    logits = logits.float()
     if logits.stride(1) != 1:
         logits = logits.contiguous()
     out = torch.empty(b, dtype=torch.int32, device=logits.device)

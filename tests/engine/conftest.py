@@ -35,9 +35,6 @@ class FakeRunner:
         last = batch.input_ids[batch.logit_token_index].long()   # [N]: each row's last token,
         return self.logits_fn(last).float()                      # or every token of a verify row
 
-    def forward_transient(self, batch) -> torch.Tensor:  # what the engine calls
-        return self.forward(batch)
-
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer_path() -> str:

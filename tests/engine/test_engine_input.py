@@ -28,9 +28,6 @@ class UniformRunner:
     def forward(self, batch) -> torch.Tensor:
         return torch.zeros(batch.num_rows, VOCAB)
 
-    def forward_transient(self, batch) -> torch.Tensor:  # what the engine calls
-        return self.forward(batch)
-
 
 @pytest.fixture
 def engine(make_engine):

@@ -33,9 +33,6 @@ class CountingRunner:
         logits[torch.arange(batch.num_rows), (last * 3 + 1) % VOCAB] = 1.0
         return logits
 
-    def forward_transient(self, batch) -> torch.Tensor:  # what the engine calls
-        return self.forward(batch)
-
 
 def expected(prompt: list[int], n: int) -> list[int]:
     out, last = [], prompt[-1]

@@ -34,9 +34,6 @@ class MarkovRunner:
         logits[torch.arange(at.shape[0]), (at * 7 + 2) % VOCAB] = 5.0
         return logits
 
-    def forward_transient(self, batch) -> torch.Tensor:  # what the engine calls
-        return self.forward(batch)
-
 
 @pytest.fixture
 def engines(make_engine):

@@ -131,39 +131,6 @@ def test_logprobs_are_the_models_raw_log_softmax(engine):
     assert all(o.logprobs is None for o in outputs(engine, 3))
 
 
-class ReplayedGraphRunner(FakeRunner):
-    """Logits as a replayed CUDA graph hands them to the engine (forward_transient): bf16,
-    a view of one buffer that the next step overwrites, wider than the vocabulary."""
-
-    def __init__(self) -> None:
-        super().__init__(VOCAB, table_model, eos_token_ids=(EOS,))
-        self.buffer = torch.zeros(8, VOCAB + 8, dtype=torch.bfloat16)
-
-    def forward_transient(self, batch) -> torch.Tensor:
-        logits = self.forward(batch)
-        self.buffer[: logits.shape[0], :VOCAB] = logits
-        return self.buffer[: logits.shape[0], :VOCAB]
-
-
-def test_half_logits_sample_as_their_float32_copy(make_engine):
-    """Rows that only sample read a replayed graph's bf16 logits as they are; rows with
-    processors, a bias or log-probabilities get a float32 copy to edit. Every row's tokens and
-    log-probabilities equal an engine given the same logits in float32."""
-    requests = [greedy(1), greedy(2, temperature=0.8, seed=5),
-                greedy(3, repetition_penalty=1.5, logprobs=3, temperature=0.9, seed=2),
-                greedy(4, logit_bias={7: 3.0}, top_k=5, temperature=1.1, seed=9)]
-    half = make_engine(ReplayedGraphRunner())
-    full = make_engine(FakeRunner(VOCAB, lambda last: TABLE[last].bfloat16().float(),
-                                  eos_token_ids=(EOS,)))
-    for eng in (half, full):
-        for req in requests:
-            eng._submit(req)
-        run_to_end(eng)
-    for req in requests:
-        assert outputs(half, req.rid) == outputs(full, req.rid)
-        assert len(outputs(half, req.rid)) == 12
-
-
 def tiny_runner() -> ModelRunner:
     config = load_config(None, ["device=cpu", "kv.num_pages=64"])
     return ModelRunner.from_config(config, resolve_model_files(config), torch.device("cpu"),
@@ -187,16 +154,16 @@ def test_every_processor_on_the_tiny_models_logits(make_engine, tiny_tokenizer_p
 
 def test_logprobs_of_the_tiny_model_match_its_logits(make_engine):
     """Runner-level: the engine's logprobs for the tiny model's tokens equal torch.log_softmax
-    of the logits ModelRunner.forward_transient returned in those steps."""
+    of the logits ModelRunner.forward returned in those steps."""
     runner = tiny_runner()
     seen = []
-    forward = runner.forward_transient
+    forward = runner.forward
 
     def recording(batch):
         seen.append(forward(batch).clone())
         return seen[-1]
 
-    runner.forward_transient = recording
+    runner.forward = recording
     eng = make_engine(runner)
     eng._submit(GenerateRequest(1, [1, 20, 30, 40], max_new_tokens=3, logprobs=3, temperature=0.0))
     run_to_end(eng)

@@ -688,24 +688,6 @@ def test_sample_matches_reference_exactly():
     assert torch.equal(got, R.sample(logits, temp, top_k, top_p, seeds, pos))
 
 
-def test_sample_reads_half_logits_as_their_float32_copy():
-    """A replayed graph's logits are sampled as they are (bf16, a row stride wider than the
-    vocabulary): the same tokens as the float32 copy the sampler used to take, in every mode
-    (greedy, plain, top-k, top-p alone, both)."""
-    b, v = 10, 300
-    padded = (rnd(b, v + 20) * 3).to(torch.bfloat16)
-    logits = padded[:, :v]                                            # [B, V], row stride V + 20
-    temp = torch.tensor([0.0, 1.0, 0.7, 1.3, 1.0] * 2, device=DEV)
-    top_k = torch.tensor([0, 0, 50, 0, 5] * 2, dtype=torch.int32, device=DEV)
-    top_p = torch.tensor([1.0, 1.0, 1.0, 0.9, 0.8] * 2, device=DEV)
-    seeds = torch.randint(-2 ** 62, 2 ** 62, (b,), device=DEV)
-    pos = torch.randint(0, 10 ** 6, (b,), device=DEV)
-    got = S.sample(logits, temp, top_k, top_p, seeds, pos)
-    want = R.sample(logits.float(), temp, top_k, top_p, seeds, pos)
-    assert torch.equal(got, want)
-    assert torch.equal(S.sample(logits.float(), temp, top_k, top_p, seeds, pos), want)
-
-
 # chunks of 128 tokens with 32 candidate slots each: rows of a few chunks exercise the limits
 SMALL_SAMPLE = dict(chunk=128, kcap=32)
 
