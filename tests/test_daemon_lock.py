@@ -151,9 +151,14 @@ def test_a_removed_pid_file_is_written_again(tmp_path, caplog):
     lock.keep(every_s=0.02)
     assert threading.active_count() >= 2
     deadline = time.monotonic() + 10
-    while (lock_holder(path), read_pid(path)) != (os.getpid(),) * 2 and time.monotonic() < deadline:
+
+    def logged() -> bool:  # the keeper logs after it wrote the file: wait for both
+        return any("written again" in r.getMessage() for r in caplog.records)
+
+    while ((lock_holder(path), read_pid(path)) != (os.getpid(),) * 2 or not logged()) \
+            and time.monotonic() < deadline:
         time.sleep(0.02)
     assert lock_holder(path) == os.getpid() and read_pid(path) == os.getpid()
-    assert any("written again" in r.getMessage() for r in caplog.records)
+    assert logged()
     lock.release()
     assert not Path(path).exists()
