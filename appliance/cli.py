@@ -183,8 +183,10 @@ def _serve_when_ready(config: AppConfig, listening: Listening) -> int:
     client = None
     # The tokenizer loads (seconds: transformers' import) while the engine ranks start, then
     # the app's modules (serve() imports them late: appliance/server/__init__.py).
+    from appliance.frontend_tokenizer import load_tokenizer
+
     loader = ThreadPoolExecutor(1, thread_name_prefix="tokenizer")
-    tokenizer = loader.submit(_load_tokenizer, files.tokenizer)
+    tokenizer = loader.submit(load_tokenizer, files.tokenizer)
     loader.submit(importlib.import_module, "appliance.server.app")
     loader.shutdown(wait=False)
     try:
@@ -323,20 +325,6 @@ def _warn_tokenizer_past_vocabulary(tokenizer_ids: int, vocab_size: int, folder:
         log.warning("the tokenizer in %s has %d ids, the model's vocab_size is %d: prompts "
                     "holding ids %d and above will be refused (are they of the same model?)",
                     folder, tokenizer_ids, vocab_size, vocab_size)
-
-
-def _load_tokenizer(folder: str):
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-    except Exception as e:  # transformers raises many kinds; the message is what matters
-        raise ConfigError(f"cannot load the tokenizer from {folder}: {e}") from None
-    # The frontend checks a prompt against the context window itself (a 400): without this,
-    # transformers warns in the daemon's log that "running this sequence through the model"
-    # would fail, for a prompt that never runs.
-    tokenizer.model_max_length = sys.maxsize
-    return tokenizer
 
 
 def _raise_keyboard_interrupt(signum, frame) -> None:

@@ -36,12 +36,12 @@ TOKEN_IDS = (260, 261, 262, 263, 264, 265, 266, 267)  # ordinary pieces of the t
 
 def _serve(socket_path: str, step_ms: float) -> None:
     """The server process: `serve` over an EngineClient whose engine is synthetic."""
-    from appliance import cli
     from appliance.config import load_config
     from appliance.engine import protocol
     from appliance.engine.client import EngineClient
     from appliance.engine.instance import EngineInfo
     from appliance.engine.model_files import resolve_model_files
+    from appliance.frontend_tokenizer import load_tokenizer
     from appliance.server.serve import serve
 
     class SyntheticEngine:
@@ -99,7 +99,7 @@ def _serve(socket_path: str, step_ms: float) -> None:
                                 f"server.port={port}", "scheduler.tps_floor=0"])
     files = resolve_model_files(config)
     client = SyntheticClient(config, files)
-    sys.exit(serve(config, client, cli._load_tokenizer(files.tokenizer)))
+    sys.exit(serve(config, client, load_tokenizer(files.tokenizer)))
 
 
 async def _stream(socket_path: str, tokens: int) -> tuple[int, int]:

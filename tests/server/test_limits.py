@@ -327,9 +327,9 @@ def test_only_text_far_past_the_window_is_counted_first_and_what_fits_is_encoded
 def test_the_daemons_tokenizer_does_not_warn_of_a_prompt_past_the_model_length(capsys, caplog):
     """The frontend refuses such a prompt itself (a 400); transformers' warning that running it
     through the model would fail only misled whoever read the daemon's log."""
-    from appliance.cli import _load_tokenizer
+    from appliance.frontend_tokenizer import load_tokenizer
 
-    tokenizer = _load_tokenizer(str(tiny_checkpoint()))
+    tokenizer = load_tokenizer(str(tiny_checkpoint()))
     tokenizer.encode("word " * 6000)
     logged = caplog.text + capsys.readouterr().err
     assert "sequence length is longer" not in logged
