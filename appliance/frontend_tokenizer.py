@@ -20,27 +20,39 @@ from contextlib import contextmanager
 
 from appliance.config import ConfigError
 
+log = logging.getLogger(__name__)
+
 # What transformers would import beside the tokenizer: torch and the packages that need it.
 HIDDEN_FROM_TRANSFORMERS = ("torch", "torchvision", "torchaudio")
 # transformers says so once at import, a warning a torch-less install needs; not this one
 _NO_TORCH_ADVICE = "PyTorch was not found"
 
 
-def load_tokenizer(folder: str):
-    """The folder's tokenizer as AutoTokenizer loads it, without torch where none is imported
-    yet; ConfigError with transformers' reason when it cannot be loaded."""
+def load_tokenizer(folder: str, hidden: tuple[str, ...] = HIDDEN_FROM_TRANSFORMERS):
+    """The folder's tokenizer as AutoTokenizer loads it, the `hidden` modules kept out (those
+    not imported yet); one that needs them after all loads again with them. ConfigError with
+    transformers' reason when it cannot be loaded."""
     try:
-        with hidden_modules(HIDDEN_FROM_TRANSFORMERS), _quiet_no_torch_advice():
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(folder)
-    except Exception as e:  # transformers raises many kinds; the message is what matters
-        raise ConfigError(f"cannot load the tokenizer from {folder}: {e}") from None
+        with hidden_modules(hidden), _quiet_no_torch_advice():
+            tokenizer = _auto_tokenizer(folder)
+    except Exception as without:  # transformers raises many kinds
+        try:
+            tokenizer = _auto_tokenizer(folder)
+        except Exception as e:  # the message is what matters
+            raise ConfigError(f"cannot load the tokenizer from {folder}: {e}") from None
+        log.warning("the tokenizer in %s loads only with %s importable (%s): the daemon takes "
+                    "seconds longer to start", folder, " / ".join(hidden), without)
     # The frontend checks a prompt against the context window itself (a 400): without this,
     # transformers warns in the daemon's log that "running this sequence through the model"
     # would fail, for a prompt that never runs.
     tokenizer.model_max_length = sys.maxsize
     return tokenizer
+
+
+def _auto_tokenizer(folder: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder)
 
 
 @contextmanager

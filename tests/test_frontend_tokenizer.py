@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from appliance.frontend_tokenizer import hidden_modules
+from appliance import frontend_tokenizer
+from appliance.config import ConfigError
+from appliance.frontend_tokenizer import hidden_modules, load_tokenizer
 from appliance.model.tiny import ensure_tiny_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -85,3 +87,22 @@ def test_hidden_modules_are_unimportable_inside_and_back_after():
             importlib.import_module(name)
         assert sys.modules["json"] is json             # imported already: left alone
     assert name not in sys.modules and sys.modules["json"] is json
+
+
+def test_a_tokenizer_that_needs_a_hidden_module_loads_with_it(tmp_path, monkeypatch, caplog):
+    """A tokenizer whose load imports a hidden module after all loads the ordinary way, with
+    a warning; a folder that loads neither way is a ConfigError naming it."""
+    name = "tokenspeed_hidden_probe_module"
+    auto = frontend_tokenizer._auto_tokenizer
+
+    def needs_it(folder: str):
+        if name in sys.modules and sys.modules[name] is None:
+            raise ImportError(f"{name} is hidden")
+        return auto(folder)
+
+    monkeypatch.setattr(frontend_tokenizer, "_auto_tokenizer", needs_it)
+    folder = ensure_tiny_tokenizer(tmp_path / "tiny")
+    assert load_tokenizer(str(folder), hidden=(name,)).encode("hello") != []
+    assert f"loads only with {name} importable" in caplog.text
+    with pytest.raises(ConfigError, match="cannot load the tokenizer from .*nowhere"):
+        load_tokenizer(str(tmp_path / "nowhere"), hidden=(name,))
