@@ -29,6 +29,7 @@ from appliance.model.gguf_config import gguf_hf_config
 from appliance.model.load_error import LoadError, check_regular_file
 
 Q = GGMLQuantizationType
+TORCH_DEQUANTIZED = (Q.Q8_0, Q.Q4_0, Q.Q4_1)   # gguf_blocks.BLOCK_BYTES's types
 SUPPORTED_TYPES = (Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1,
                    Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K)
 
@@ -179,5 +180,10 @@ def dequantize_tensor(tensor: ReaderTensor | MappedTensor) -> np.ndarray:
 
 
 def dequantize_array(data: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
-    # a copy: the reader's arrays are read-only views of the mapped file
+    """float32 values of a tensor's data (a new array: the reader's are read-only views of
+    the mapped file); the simple block formats by torch (gguf_blocks.py)."""
+    if qtype in TORCH_DEQUANTIZED:
+        from appliance.model.gguf_blocks import dequantize_blocks   # torch: a rank's import
+
+        return dequantize_blocks(data, qtype)
     return np.array(dequantize(np.asarray(data), qtype), dtype=np.float32)
