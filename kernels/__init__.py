@@ -25,20 +25,21 @@ TRITON_OPS: tuple[str, ...] = tuple(op for op in OPS if op not in REFERENCE_ONLY
 
 
 def _load_triton_backend() -> None:
+    import torch
+
+    # Every Triton op needs a CUDA device: without one, importing them (0.8 s of a CPU daemon's
+    # 4 s start-up on a 2-core box: Triton reads each kernel's source) would buy nothing.
+    if not torch.cuda.is_available():
+        registry.mark_unavailable("triton", "needs a CUDA device (torch sees none)", TRITON_OPS)
+        return
     try:
         import kernels.triton  # noqa: F401  (registers the triton backend)
     except ImportError as e:  # no triton on this machine: the torch backend serves every op
         registry.mark_unavailable("triton", f"not importable ({type(e).__name__}: {e})", TRITON_OPS)
-        return
     except Exception as e:  # noqa: BLE001 - a broken triton install must not take us down
         registry.mark_unavailable("triton", f"failed to load ({type(e).__name__}: {e})", TRITON_OPS)
         warnings.warn(f"kernels: triton backend not loaded ({type(e).__name__}: {e}); "
                       "using the torch reference", RuntimeWarning, stacklevel=2)
-        return
-    import torch
-
-    if not torch.cuda.is_available():
-        registry.mark_unavailable("triton", "needs a CUDA device (torch sees none)", TRITON_OPS)
 
 
 def rescan_plugins() -> None:

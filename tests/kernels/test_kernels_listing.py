@@ -20,11 +20,14 @@ def fresh_unavailable(monkeypatch):
 
 def test_triton_ops_declared_for_listing_are_the_ones_it_registers():
     pytest.importorskip("triton")
+    import kernels.triton  # noqa: F401  (the registry imports it only where CUDA is)
+
     registered = {op for op in kernels.registered_ops() if "triton" in kernels.backends(op)}
     assert registered == set(kernels.TRITON_OPS)
 
 
 def test_triton_that_does_not_import_is_listed_with_the_reason(fresh_unavailable, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)   # so that it tries
     monkeypatch.setitem(sys.modules, "kernels.triton", None)  # `import kernels.triton` fails
     kernels._load_triton_backend()
     (entry,) = kernels.unavailable().values()
@@ -35,8 +38,8 @@ def test_triton_that_does_not_import_is_listed_with_the_reason(fresh_unavailable
 
 
 def test_triton_without_a_cuda_device_says_so(fresh_unavailable, monkeypatch):
-    pytest.importorskip("triton")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setitem(sys.modules, "kernels.triton", None)   # not even imported
     kernels._load_triton_backend()
     assert kernels.unavailable()["triton"].reason == "needs a CUDA device (torch sees none)"
     assert "triton: unavailable on this machine: needs a CUDA device" in kernels.explain("rms_norm")
