@@ -5,8 +5,9 @@
     print(kernels.explain("rms_norm", device="cuda", dtype=torch.bfloat16))
 
 Backends: "torch" (kernels/reference, priority 0, everywhere) and "triton" (kernels/triton,
-priority 10, CUDA only, loaded lazily and only if triton imports); out-of-tree backends via the
-`tokenspeed.kernels` entry-point group. Imports torch (and triton when present), nothing else.
+priority 10, CUDA only: loaded lazily, where torch sees CUDA and triton imports); out-of-tree
+backends via the `tokenspeed.kernels` entry-point group. Imports torch (and triton where it
+loads), nothing else.
 """
 from __future__ import annotations
 
