@@ -6,7 +6,7 @@ values are bit-identical (tests/model/test_gguf_blocks.py). The other formats st
 gguf.quants (gguf_files.dequantize_array, which imports this module only for these types: the
 frontend, which reads GGUF metadata, imports no torch).
 
-Why: the default CPU model (SmolLM2-135M, Q4_1 with a Q8_0 embedding) spent 0.81 s of its
+Why: the default CPU model (SmolLM2-135M, Q4_1 with a Q8_0 embedding) spent 0.83 s of its
 4.3 s start-up dequantizing on the 2-core box.
 """
 from __future__ import annotations
@@ -15,17 +15,20 @@ import warnings
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from appliance.model.gguf_files import TORCH_DEQUANTIZED
 
 Q = GGMLQuantizationType
-BLOCK_VALUES = 32
-BLOCK_BYTES = {Q.Q8_0: 34, Q.Q4_0: 18, Q.Q4_1: 20}
 
 
 def dequantize_blocks(data: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
     """data: a tensor's bytes, uint8 [..., B] (B a whole number of blocks) of a type in
-    BLOCK_BYTES -> float32 [..., B / block bytes * 32], a new array."""
-    size = BLOCK_BYTES[qtype]
+    gguf_files.TORCH_DEQUANTIZED -> float32 [..., B / block bytes * block values], a new
+    array."""
+    if qtype not in TORCH_DEQUANTIZED:
+        raise ValueError(f"{qtype.name} blocks are gguf.quants' to dequantize")
+    values_a_block, size = GGML_QUANT_SIZES[qtype]
     with warnings.catch_warnings():   # a read-only view of the mapped file: only read here
         warnings.simplefilter("ignore", UserWarning)
         raw = torch.from_numpy(np.ascontiguousarray(data).view(np.uint8))
@@ -37,7 +40,7 @@ def dequantize_blocks(data: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarr
         values = scale * (_nibbles(blocks[:, 2:]).to(torch.int8) - 8).float()
     else:  # Q4_1
         values = scale * _nibbles(blocks[:, 4:]).float() + _f16(blocks[:, 2:4])
-    return values.reshape(*data.shape[:-1], data.shape[-1] // size * BLOCK_VALUES).numpy()
+    return values.reshape(*data.shape[:-1], data.shape[-1] // size * values_a_block).numpy()
 
 
 def _f16(two_bytes: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,7 @@ from appliance.model.gguf_config import gguf_hf_config
 from appliance.model.load_error import LoadError, check_regular_file
 
 Q = GGMLQuantizationType
-TORCH_DEQUANTIZED = (Q.Q8_0, Q.Q4_0, Q.Q4_1)   # gguf_blocks.BLOCK_BYTES's types
+TORCH_DEQUANTIZED = (Q.Q8_0, Q.Q4_0, Q.Q4_1)   # by gguf_blocks.py; the others by gguf.quants
 SUPPORTED_TYPES = (Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1,
                    Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K)
 

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from gguf import GGML_QUANT_SIZES
 from gguf.quants import dequantize, quantize
 
 from appliance.model import gguf_files
-from appliance.model.gguf_blocks import BLOCK_BYTES, dequantize_blocks
+from appliance.model.gguf_blocks import dequantize_blocks
 
 
 def _random_blocks(rng: np.random.Generator, qtype, rows: int, blocks_a_row: int) -> np.ndarray:
     """Bytes of rows x blocks_a_row blocks: finite f16 scales and minima of both signs and
     magnitudes (subnormals to large), random quants."""
-    size = BLOCK_BYTES[qtype]
+    size = GGML_QUANT_SIZES[qtype][1]
     raw = rng.integers(0, 256, (rows, blocks_a_row, size), dtype=np.uint8)
     halves = 2 if qtype == gguf_files.Q.Q4_1 else 1
     scales = (rng.standard_normal((rows, blocks_a_row, halves))
@@ -22,7 +23,7 @@ def _random_blocks(rng: np.random.Generator, qtype, rows: int, blocks_a_row: int
     return raw.reshape(rows, blocks_a_row * size)
 
 
-@pytest.mark.parametrize("qtype", sorted(BLOCK_BYTES, key=int))
+@pytest.mark.parametrize("qtype", gguf_files.TORCH_DEQUANTIZED)
 def test_bit_identical_to_gguf_quants(qtype):
     rng = np.random.default_rng(int(qtype))
     for rows, blocks in ((1, 1), (3, 5), (64, 18)):
@@ -40,4 +41,6 @@ def test_bit_identical_to_gguf_quants(qtype):
 
 
 def test_the_torch_path_serves_exactly_its_types():
-    assert set(gguf_files.TORCH_DEQUANTIZED) == set(BLOCK_BYTES)
+    data = np.zeros((2, GGML_QUANT_SIZES[gguf_files.Q.Q5_0][1]), np.uint8)
+    with pytest.raises(ValueError, match="Q5_0 blocks are gguf.quants'"):
+        dequantize_blocks(data, gguf_files.Q.Q5_0)
