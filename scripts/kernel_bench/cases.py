@@ -275,13 +275,15 @@ def case_rope_kv(s: Session, tokens: int, hq: int = 32, hk: int = 8, d: int = 12
 
 
 def case_sample(s: Session, batch: int, mode: str, vocab: int = 128256) -> None:
-    """mode: greedy, plain, topkK_topP, topP (top-p alone); a _peaked suffix: peaked logits.
+    """mode: greedy, plain, topkK_topP, topkK (top-k alone), topP (top-p alone); a _peaked
+    suffix: peaked logits.
     err: the fraction of rows whose token differs from the reference's."""
     logits = sample_logits(batch, vocab, mode.endswith("_peaked"))
     name, mode = mode, mode.removesuffix("_peaked")
     greedy, k_on, p_on = mode == "greedy", mode.startswith("topk"), "topp" in mode
     temp = torch.full((batch,), 0.0 if greedy else 0.8, device=DEV)
-    top_k = torch.full((batch,), 50 if k_on else 0, dtype=torch.int32, device=DEV)
+    k = int(mode.split("_")[0].removeprefix("topk")) if k_on else 0
+    top_k = torch.full((batch,), k, dtype=torch.int32, device=DEV)
     top_p = torch.full((batch,), float(mode.split("topp")[1]) if p_on else 1.0, device=DEV)
     seeds = torch.randint(0, 2 ** 62, (batch,), device=DEV)
     pos = torch.randint(0, 2 ** 20, (batch,), device=DEV)
@@ -360,9 +362,10 @@ def _cases() -> list[Case]:
     add("fused_add_rms_norm", case_norm, (1,), (4096,))
     add("silu_and_mul", case_silu, (4096,))
     add("rope_store_kv", case_rope_kv, (1,), (4096,))
-    add("sample", case_sample, (1, "greedy"), (1, "topk50_topp0.9"), (1, "topp0.95"),
-        (1, "topp0.95_peaked"), (64, "topk50_topp0.9"), (64, "topp0.95"),
-        (64, "topp0.95_peaked"), (256, "greedy"), (256, "plain"), (256, "topk50_topp0.9"))
+    add("sample", case_sample, (1, "greedy"), (1, "plain"), (1, "topk50_topp0.9"),
+        (1, "topk20_topp0.8"), (1, "topp0.95"), (1, "topp0.95_peaked"), (64, "topk50_topp0.9"),
+        (64, "topp0.95"), (64, "topp0.95_peaked"), (256, "greedy"), (256, "plain"),
+        (256, "topk50_topp0.9"), (256, "topk20_topp0.8"), (256, "topk100"))
     return rows
 
 

@@ -48,6 +48,33 @@ def test_estimate_within_its_error_for_every_input():
     assert S.ESTIMATE_SLACK.value >= 500 * ESTIMATE_ERROR
 
 
+def _tie(logits: torch.Tensor, noise: torch.Tensor, ids: list[int], want: torch.Tensor,
+         n: int) -> list[int]:
+    """The first n tokens of `ids` whose l can make l + g exactly `want` in float32 (the
+    kernels' score at temperature 1; a g halfway between two float32 steps of `want` rounds
+    to even, never to it), logits set so."""
+    tied = []
+    for i in ids:
+        for l in _steps_around(want - noise[i]):
+            if l + noise[i] == want:
+                logits[i] = l
+                tied.append(i)
+                break
+        if len(tied) == n:
+            return tied
+    raise AssertionError("too few tokens can tie")
+
+
+def _steps_around(x: torch.Tensor, n: int = 3) -> list[torch.Tensor]:
+    out = [x]
+    for direction in (1e30, -1e30):
+        y = x
+        for _ in range(n):
+            y = torch.nextafter(y, torch.tensor(direction))
+            out.append(y)
+    return out
+
+
 def _plain_rows(b: int, v: int):
     """Plain sampling (temperature only) for b rows of v tokens: the params and row noise."""
     temp = torch.ones(b, device=DEV)
@@ -65,21 +92,24 @@ def test_near_ties_sample_the_reference_token(filtered):
     that several tokens of a chunk (or of the candidates, top-k on) score one value. The
     estimate cannot order them, so the exact scores decide (the smallest id of exact ties);
     other rows' single best token is taken from the estimate. All equal the reference."""
+    torch.manual_seed(1)
     sizes = S.sample_sizes()
     v, b = 3 * sizes.chunk, 24
     params, noise = _plain_rows(b, v)
     if filtered:
         params = (params[0], torch.full((b,), 40, dtype=torch.int32, device=DEV), *params[2:])
     logits = torch.randn(b, v, device=DEV)
+    logits[: b - 4] -= 30.0             # the last rows keep their random logits
     gen = torch.Generator(device="cpu").manual_seed(7)
-    for row in range(b - 4):            # the last rows keep their random logits
-        ties = torch.randperm(v, generator=gen)[: 2 + row % 5].to(DEV)
-        # l + g == target up to rounding, above every other token's (l < 4, g < 13 here)
-        target = 20.0 + 0.001 * row
-        logits[row, ties] = target - noise[row, ties]
-        if row % 3 == 0:                # one float32 step apart instead
-            l = logits[row, ties[0]]
-            logits[row, ties[0]] = torch.nextafter(l, l + (row % 2 * 2 - 1))
+    for row in range(b - 4):
+        # l + g == target, above every other token's (l < -26, g < 13 here); small, so that
+        # the estimate's error spans several float32 steps of the score
+        target = torch.tensor(0.5 + 0.001 * row, device=DEV)
+        order = torch.randperm(v, generator=gen).tolist()
+        ties = _tie(logits[row], noise[row], order, target, 2 + row % 5)
+        if row % 3 == 0:                # and one more a float32 step above or below them
+            step = torch.nextafter(target, target + row % 2 - .5)
+            _tie(logits[row], noise[row], [i for i in order if i not in ties], step, 1)
     got = S.sample(logits, *params)
     want = R.sample(logits, *params)
     assert torch.equal(got, want)
@@ -90,16 +120,21 @@ def test_near_ties_sample_the_reference_token(filtered):
 @pytest.mark.slow
 def test_near_ties_in_streamed_rows():
     """The same through the streamed finish (top-k above the candidate slots)."""
+    torch.manual_seed(2)
     sizes = dataclasses.replace(S.sample_sizes(), chunk=64, kcap=8, block_v=64)
     v, b = 4 * sizes.chunk, 6
     params, noise = _plain_rows(b, v)
     params = (params[0], torch.full((b,), 100, dtype=torch.int32, device=DEV), *params[2:])
-    logits = torch.randn(b, v, device=DEV)
-    for row in range(b):
-        ties = torch.tensor([3 + row, 30 + row, 60], device=DEV)   # one block
-        logits[row, ties] = 20.0 - noise[row, ties]
-        if row % 2:                     # the last of them one float32 step ahead
-            logits[row, 60] = torch.nextafter(logits[row, 60], logits[row, 60] + 1)
+    logits = torch.randn(b, v, device=DEV) - 30.0
+    last = []
+    for row in range(b):                # three tokens of one block
+        target = torch.tensor(0.5, device=DEV)
+        ids = list(range(row, 64))
+        ties = _tie(logits[row], noise[row], ids, target, 2)
+        # and a third after them, on odd rows one float32 step ahead
+        third = torch.nextafter(target, target + 1) if row % 2 else target
+        last += _tie(logits[row], noise[row], [i for i in ids if i > ties[1]], third, 1)
     want = R.sample(logits, *params)
     assert torch.equal(S.sample(logits, *params, sizes=sizes), want)
-    assert (want[1::2] == 60).all() and (want[::2] != 60).all()
+    last = torch.tensor(last, device=DEV)
+    assert (want[1::2] == last[1::2]).all() and (want[::2] != last[::2]).all()

@@ -752,6 +752,30 @@ def test_sample_ties_beyond_the_candidate_slots():
     assert (got[:8] == 100).any() and ((got[8:] >= 200) & (got[8:] < 260)).sum() >= 4
 
 
+def test_sample_top_k_floor_from_group_maxima():
+    """Top-k <= GROUPS: a chunk's candidates are its tokens at or above the k-th largest of its
+    group maxima where no more than KCAP reach it (random rows); a chunk whose largest tokens
+    crowd into one group has more there and bisects for its k-th largest; ties at the floor
+    are kept. Chunks of 64 in 8 groups of 8, 16 candidate slots; all rows equal the reference
+    at several positions."""
+    sizes = dataclasses.replace(S.sample_sizes(), chunk=64, kcap=16)
+    assert S.chunk_groups(sizes.chunk) == 8
+    v, b = 3 * sizes.chunk + 5, 16
+    logits = rnd(b, v)
+    logits[4:8, :64] = 0.0                          # crowded: chunk 0's top 8 in one group,
+    logits[4:8, 8:16] = 6.0 + rnd(4, 8)             # every other group's maximum 0
+    logits[8:12, 64:128:4] = 2.5                    # 16 ties above the rest of chunk 1
+    logits[12:, :] = logits[12:, :].round()         # many ties everywhere
+    top_k = torch.tensor([1, 3, 5, 8] * 4, dtype=torch.int32, device=DEV)
+    temp = torch.full((b,), 0.9, device=DEV)
+    top_p = torch.tensor([1.0, 0.8] * 8, device=DEV)
+    seeds = torch.randint(-2 ** 62, 2 ** 62, (b,), device=DEV)
+    for pos in range(3):
+        positions = torch.full((b,), 1000 + pos, device=DEV)
+        got = S.sample(logits, temp, top_k, top_p, seeds, positions, sizes=sizes)
+        assert torch.equal(got, R.sample(logits, temp, top_k, top_p, seeds, positions))
+
+
 @pytest.mark.parametrize("scoring,e,k,n_group,topk_group,bias,renorm", [
     ("softmax", 64, 6, 1, 1, False, False),      # DeepSeek-V2-Lite
     ("softmax", 20, 3, 4, 2, False, True),       # V2 group-limited, groups of 5

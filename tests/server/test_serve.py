@@ -67,9 +67,22 @@ def _start(folder: Path, grace: float, check_s: float = 5.0, fds: int | None = N
                              str(grace), str(check_s)],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             preexec_fn=lambda: _child_setup(fds))
-    ok = wait_until(lambda: sock.exists() or proc.poll() is not None, timeout=60)
-    assert ok and proc.poll() is None, proc.stdout.read() if proc.poll() is not None else "no socket"
+    # serving: its signal handlers are in (the socket file comes before them, and a SIGTERM
+    # then ends the process by the default action: CI saw exit -15 under load)
+    ok = wait_until(lambda: _answers(sock) or proc.poll() is not None, timeout=60)
+    assert ok and proc.poll() is None, proc.stdout.read() if proc.poll() is not None else "no answer"
     return proc, port, sock
+
+
+def _answers(sock: Path) -> bool:
+    """Any HTTP answer on the Unix socket: uvicorn is serving."""
+    try:
+        with httpx.Client(transport=httpx.HTTPTransport(uds=str(sock)), base_url="http://ts",
+                          timeout=2) as uds:
+            uds.get("/health")
+            return True
+    except httpx.HTTPError:
+        return False
 
 
 def _child_setup(fds: int | None) -> None:
