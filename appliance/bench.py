@@ -13,6 +13,9 @@ Modes
               taken from the conversation are for).
 - greedy:     the greedy token ids of a few seeded prompts, to compare layouts (TP1 vs TP2/TP4).
 
+Requests are greedy unless `--temperature`, `--top-p` and `--top-k` ask for an agent's sampling
+(not for `greedy`); the summary says which (`sampling`).
+
 `--concurrency 1,4,16,64` runs throughput at each level in turn; `--plot FILE.png` draws per-user
 TPS against TPM over those levels (matplotlib, the `plot` extra). The HTTP clients hold as many
 connections as requests in flight are asked for (httpx's default of 100 would hold the rest back
@@ -69,6 +72,33 @@ class RequestResult:
     latency_s: float
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """The requests' sampling parameters (--temperature, --top-p, --top-k). Greedy by default;
+    an agent's own settings measure what its sampling costs the daemon (the sampler's work
+    grows from greedy to temperature to top-k / top-p)."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> Sampling:
+        return cls(args.temperature, args.top_p, args.top_k)
+
+    def fields(self) -> dict:
+        """The request body's sampling fields (top_k: the daemon's extension to OpenAI's)."""
+        out: dict = {"temperature": self.temperature}
+        if self.top_p < 1.0:
+            out["top_p"] = self.top_p
+        if self.top_k > 0:
+            out["top_k"] = self.top_k
+        return out
+
+
+GREEDY = Sampling()
+
+
 @dataclass
 class DaemonLoad:
     """requests_running and running + waiting, sampled from /stats while the load runs."""
@@ -98,6 +128,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tcp", action="store_true", help="use TCP instead of the Unix socket")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     parser.add_argument("--seed", type=int, default=0, help="the load's random seed (default 0)")
+    parser.add_argument("--temperature", type=_temperature, default=0.0,
+                        help="the requests' sampling temperature (default 0: greedy; not for "
+                             "`greedy`)")
+    parser.add_argument("--top-p", type=_top_p, default=1.0, help="the requests' top_p (default 1: off)")
+    parser.add_argument("--top-k", type=_top_k, default=0, help="the requests' top_k (default 0: off)")
 
 
 def _positive(text: str) -> int:
@@ -107,6 +142,40 @@ def _positive(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _temperature(text: str) -> float:
+    value = _finite(text)
+    if not 0.0 <= value <= 2.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 2] (OpenAI's range), got {value}")
+    return value
+
+
+def _top_p(text: str) -> float:
+    value = _finite(text)
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
+    return value
+
+
+def _top_k(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 (0: off), got {value}")
+    return value
+
+
+def _finite(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
     return value
 
 
@@ -146,6 +215,9 @@ def run_bench(config: AppConfig, args: argparse.Namespace) -> int:
 def _check_arguments(args: argparse.Namespace) -> None:
     if len(args.concurrency) > 1 and args.mode != "throughput":
         raise BenchError("a list of --concurrency levels is a throughput sweep: use `bench throughput`")
+    if args.mode == "greedy" and Sampling.from_args(args) != GREEDY:
+        raise BenchError("`bench greedy` compares greedy tokens: --temperature / --top-p / "
+                         "--top-k are for the other modes")
     if args.plot is not None:
         if args.mode != "throughput":
             raise BenchError("--plot draws a throughput sweep: use `bench throughput --concurrency 1,4,16`")
@@ -168,6 +240,7 @@ async def _run(config: AppConfig, args: argparse.Namespace, http: httpx.AsyncCli
                concurrency: int) -> dict:
     # Modes (and levels) draw different prompts: no accidental cache hits between them.
     rng = random.Random(f"{args.seed}-{args.mode}-{concurrency}")
+    sampling = Sampling.from_args(args)
     before = (await http.get("/stats")).json()
     load = DaemonLoad()
     if args.mode == "greedy":
@@ -181,24 +254,26 @@ async def _run(config: AppConfig, args: argparse.Namespace, http: httpx.AsyncCli
         if args.mode == "agentic":
             async with _progress("agentic turns", args.users * args.turns) as advance:
                 agentic = _agentic_edit if args.workload == "edit" else _agentic
-                results = await agentic(http, model, args, rng, advance)
+                results = await agentic(http, model, args, rng, advance, sampling)
         else:
             count = min(args.requests, 8) if args.mode == "latency" else args.requests
             prompts = [_tokens(rng, args.input_len) for _ in range(count)]
             from appliance.bench_processes import processes_for, run_in_processes  # imports bench
             if processes_for(concurrency) > 1:
                 started, results = await run_in_processes(config, args.tcp, model, prompts,
-                                                          args.output_len, concurrency)
+                                                          args.output_len, concurrency, sampling)
             else:
                 async with _progress(f"{args.mode} at concurrency {concurrency}", count) as advance, \
                         stream_clients(config, args.tcp, concurrency) as clients:
                     results = await bounded(concurrency, clients, [
-                        lambda client, p=p: _counted(advance, complete(client, model, p, args.output_len))
+                        lambda client, p=p: _counted(advance, complete(client, model, p, args.output_len,
+                                                                        sampling=sampling))
                         for p in prompts])
     elapsed = time.perf_counter() - started
     after = await _stats_covering(http, before, sum(r.prompt_tokens for r in results))
     expected = min(concurrency, len(results))
     summary = _summarize(config, args.mode, concurrency, results, elapsed, before, after, load, expected)
+    summary["sampling"] = sampling.fields()
     if args.mode == "agentic":
         summary["workload"] = args.workload
     return summary
@@ -265,13 +340,15 @@ async def _counted(advance: Callable[[], None], job: Awaitable):
 
 
 async def _agentic(http: httpx.AsyncClient, model: str, args: argparse.Namespace,
-                   rng: random.Random, advance: Callable[[], None]) -> list[RequestResult]:
+                   rng: random.Random, advance: Callable[[], None],
+                   sampling: Sampling) -> list[RequestResult]:
     async def conversation(user: int) -> list[RequestResult]:
         context = _tokens(rng, args.input_len)
         results = []
         for _ in range(args.turns):
             result, answer = await complete(http, model, context, args.output_len,
-                                            session=f"bench-user-{user}", with_tokens=True)
+                                            session=f"bench-user-{user}", with_tokens=True,
+                                            sampling=sampling)
             advance()
             results.append(result)
             context = context + answer + _tokens(rng, args.turn_tokens)
@@ -330,13 +407,14 @@ def edit_messages(task: EditTask, answers: list[str]) -> list[dict]:
 
 
 async def _agentic_edit(http: httpx.AsyncClient, model: str, args: argparse.Namespace,
-                        rng: random.Random, advance: Callable[[], None]) -> list[RequestResult]:
+                        rng: random.Random, advance: Callable[[], None],
+                        sampling: Sampling) -> list[RequestResult]:
     async def conversation(user: int, task: EditTask) -> list[RequestResult]:
         answers: list[str] = []
         results = []
         for _ in range(args.turns):
             result, answer = await _chat(http, model, edit_messages(task, answers), args.output_len,
-                                         session=f"bench-edit-{user}")
+                                         session=f"bench-edit-{user}", sampling=sampling)
             advance()
             results.append(result)
             answers.append(answer)
@@ -349,9 +427,9 @@ async def _agentic_edit(http: httpx.AsyncClient, model: str, args: argparse.Name
 
 
 async def _chat(http: httpx.AsyncClient, model: str, messages: list[dict], max_tokens: int,
-                session: str) -> tuple[RequestResult, str]:
+                session: str, sampling: Sampling = GREEDY) -> tuple[RequestResult, str]:
     body = {"model": model, "messages": messages, "max_tokens": max_tokens, "stream": True,
-            "temperature": 0.0, "stream_options": {"include_usage": True}}
+            **sampling.fields(), "stream_options": {"include_usage": True}}
     started = time.perf_counter()
     stamps: list[float] = []
     parts: list[str] = []
@@ -384,9 +462,9 @@ async def bounded(limit: int, clients: list[httpx.AsyncClient],
 
 
 async def complete(http: httpx.AsyncClient, model: str, prompt: list[int], max_tokens: int,
-                   session: str = "", with_tokens: bool = False):
+                   session: str = "", with_tokens: bool = False, sampling: Sampling = GREEDY):
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "stream": True,
-            "ignore_eos": True, "temperature": 0.0, "stream_options": {"include_usage": True},
+            "ignore_eos": True, **sampling.fields(), "stream_options": {"include_usage": True},
             "return_token_ids": True}
     started = time.perf_counter()
     stamps: list[float] = []

@@ -32,7 +32,8 @@ def split(items: list, parts: int) -> list[list]:
 
 
 async def run_in_processes(config: AppConfig, tcp: bool, model: str, prompts: list[list[int]],
-                           output_len: int, concurrency: int
+                           output_len: int, concurrency: int,
+                           sampling: bench.Sampling = bench.GREEDY
                            ) -> tuple[float, list[bench.RequestResult]]:
     """The load's start time (perf_counter, once every process is connected) and each
     request's result; `concurrency` streams in all, over processes_for(concurrency)."""
@@ -40,7 +41,8 @@ async def run_in_processes(config: AppConfig, tcp: bool, model: str, prompts: li
     ctx = mp.get_context("spawn")
     ready, results, go = ctx.Queue(), ctx.Queue(), ctx.Event()
     procs = [ctx.Process(target=_client_process, daemon=True, name=f"tokenspeed-bench-{k}",
-                         args=(config, tcp, model, share, output_len, streams, ready, go, results))
+                         args=(config, tcp, model, share, output_len, sampling, streams, ready,
+                               go, results))
              for k, (share, streams) in enumerate(zip(split(prompts, parts),
                                                       _streams(concurrency, parts)))]
     for proc in procs:
@@ -82,10 +84,11 @@ def _gather(channel, count: int, procs: list, timeout_s: float | None) -> list:
 
 
 def _client_process(config: AppConfig, tcp: bool, model: str, prompts: list[list[int]],
-                    output_len: int, streams: int, ready, go, results) -> None:
+                    output_len: int, sampling: bench.Sampling, streams: int, ready, go,
+                    results) -> None:
     try:
-        results.put(asyncio.run(_client_main(config, tcp, model, prompts, output_len, streams,
-                                             ready, go)))
+        results.put(asyncio.run(_client_main(config, tcp, model, prompts, output_len, sampling,
+                                             streams, ready, go)))
     except Exception as e:  # the parent raises it as the load's error, waiting on either queue
         message = f"a bench client process failed: {type(e).__name__}: {e}"
         ready.put(message)
@@ -93,9 +96,11 @@ def _client_process(config: AppConfig, tcp: bool, model: str, prompts: list[list
 
 
 async def _client_main(config: AppConfig, tcp: bool, model: str, prompts: list[list[int]],
-                       output_len: int, streams: int, ready, go) -> list[bench.RequestResult]:
+                       output_len: int, sampling: bench.Sampling, streams: int, ready, go
+                       ) -> list[bench.RequestResult]:
     async with bench.stream_clients(config, tcp, streams) as clients:
         ready.put(True)
         await asyncio.to_thread(go.wait)
         return await bench.bounded(streams, clients, [
-            lambda client, p=p: bench.complete(client, model, p, output_len) for p in prompts])
+            lambda client, p=p: bench.complete(client, model, p, output_len, sampling=sampling)
+            for p in prompts])

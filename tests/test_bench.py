@@ -18,10 +18,11 @@ from pathlib import Path
 import httpx
 import pytest
 import uvicorn
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 
 from appliance import bench as bench_client
+from appliance import bench_processes
 from appliance.bench import DaemonLoad, fewer_in_flight_warning
 from appliance.cli import main
 from appliance.server.serve import unix_socket
@@ -36,6 +37,7 @@ class CountingDaemon:
         self.target, self.tokens, self.token_delay_s, self.hold_s = target, tokens, token_delay_s, hold_s
         self.stats_cap = stats_cap
         self.open = self.max_open = 0
+        self.sampling: list[dict] = []  # each request's sampling fields
         self.app = FastAPI()
         self.app.get("/v1/models")(lambda: {"data": [{"id": "fake"}]})
         self.app.get("/stats")(self.stats)
@@ -45,7 +47,9 @@ class CountingDaemon:
         held = self.open if self.stats_cap is None else min(self.open, self.stats_cap)
         return {"requests": {"running": held, "waiting": 0}, "totals": {"prefix_cache_hit_tokens": 0}}
 
-    async def completions(self) -> StreamingResponse:
+    async def completions(self, request: Request) -> StreamingResponse:
+        body = await request.json()
+        self.sampling.append({k: body[k] for k in ("temperature", "top_p", "top_k") if k in body})
         self.open += 1
         self.max_open = max(self.max_open, self.open)
         deadline = time.monotonic() + self.hold_s
@@ -113,6 +117,44 @@ def test_streams_spread_over_clients_of_a_few_connections_each(capsys, monkeypat
     summary = json.loads(capsys.readouterr().out)
     assert daemon.max_open == 12 and summary["requests"] == 36
     assert summary["output_tokens"] == 36 * 5
+
+
+def test_the_requests_sample_as_asked_in_one_process_and_spread_over_several(capsys,
+                                                                            monkeypatch):
+    """Greedy by default; --temperature / --top-p / --top-k reach every request and the summary,
+    also from a load spread over client processes (here 2 of 4 streams each)."""
+    daemon = CountingDaemon(target=4, tokens=3)
+    with serving(daemon) as socket:
+        assert main(bench(socket, "--concurrency", "4", "--requests", "4")) == 0
+        assert json.loads(capsys.readouterr().out)["sampling"] == {"temperature": 0.0}
+        assert daemon.sampling == [{"temperature": 0.0}] * 4
+        asked = {"temperature": 0.7, "top_p": 0.8, "top_k": 20}
+        flags = ["--temperature", "0.7", "--top-p", "0.8", "--top-k", "20"]
+        for concurrency, processes in ((4, 1), (8, 2)):
+            monkeypatch.setattr(bench_processes, "STREAMS_PER_PROCESS", 4)
+            daemon.sampling.clear()
+            daemon.target = concurrency
+            assert bench_processes.processes_for(concurrency) == processes
+            assert main(bench(socket, "--concurrency", str(concurrency), "--requests", "8",
+                              *flags)) == 0
+            summary = json.loads(capsys.readouterr().out)
+            assert summary["sampling"] == asked and summary["output_tokens"] == 8 * 3
+            assert daemon.sampling == [asked] * 8
+
+
+def test_bad_sampling_flags_are_refused_before_the_load(tmp_path, capsys):
+    socket = tmp_path / "none.sock"
+    for flag, value, says in (("--temperature", "-0.1", "must be in [0, 2]"),
+                              ("--temperature", "nan", "expected a finite number"),
+                              ("--top-p", "0", "must be in (0, 1]"),
+                              ("--top-p", "1.5", "must be in (0, 1]"),
+                              ("--top-k", "-1", "must be >= 0"),
+                              ("--top-k", "2.5", "expected a whole number")):
+        with pytest.raises(SystemExit):
+            main(["bench", "throughput", "--set", f"server.socket={socket}", flag, value])
+        assert says in capsys.readouterr().err
+    assert main(["bench", "greedy", "--set", f"server.socket={socket}", "--top-k", "5"]) == 2
+    assert "`bench greedy` compares greedy tokens" in capsys.readouterr().err
 
 
 def test_fewer_requests_in_the_daemon_than_sent_is_called_out(capsys):
