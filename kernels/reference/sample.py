@@ -29,29 +29,43 @@ def mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def row_key(seeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """seeds, positions: [B] int64 -> [B] int64 in [0, 2^32)."""
-    s = seeds.long()
-    p = positions.long()
+def row_key(seeds, positions):
+    """seeds, positions: [B] int64 tensors -> [B] int64 in [0, 2^32); or one seed and position
+    as Python ints -> an int (Python's ints shift and mask as int64 two's complement does)."""
+    s = seeds.long() if isinstance(seeds, torch.Tensor) else seeds
+    p = positions.long() if isinstance(positions, torch.Tensor) else positions
     h = mix32(s & M32)
     h = mix32(h ^ ((s >> 32) & M32))
     h = mix32(h ^ (p & M32))
     return mix32(h ^ ((p >> 32) & M32))
 
 
-def uniform(key: torch.Tensor, vocab: int) -> torch.Tensor:
-    """key: [B] -> u [B, V] float64 in (0, 1) (exact: 24 random bits + 1/2), a pure function
-    of (key, token id)."""
-    ids = torch.arange(vocab, device=key.device, dtype=torch.int64)             # [V]
-    r = mix32(key[:, None] ^ ((ids[None, :] * GOLDEN) & M32))                    # [B, V]
+def uniform(key, ids: torch.Tensor) -> torch.Tensor:
+    """key: int64 tensor or int (row_key's), ids: int64 token ids (broadcast against key) ->
+    u float64 in (0, 1) (exact: 24 random bits + 1/2), a pure function of (key, token id)."""
+    r = mix32(key ^ ((ids * GOLDEN) & M32))
     return ((r >> 8).double() + 0.5) * (1.0 / 16777216.0)
 
 
+def noise(key, ids: torch.Tensor) -> torch.Tensor:
+    """Gumbel noise float32 of (key, token ids) as `uniform` broadcasts them, computed in
+    float64: -log(u) for u near 1 (the tokens that win) needs more precision than a float32
+    log gives."""
+    return (-torch.log(-torch.log(uniform(key, ids)))).float()
+
+
 def gumbel(seeds: torch.Tensor, positions: torch.Tensor, vocab: int) -> torch.Tensor:
-    """[B] x [B] -> Gumbel noise [B, V] float32, computed in float64: -log(u) for u near 1
-    (the tokens that win) needs more precision than a float32 log gives."""
-    u = uniform(row_key(seeds, positions), vocab)
-    return (-torch.log(-torch.log(u))).float()
+    """[B] x [B] -> Gumbel noise [B, V] float32 for every token id."""
+    ids = torch.arange(vocab, device=seeds.device, dtype=torch.int64)            # [V]
+    return noise(row_key(seeds, positions)[:, None], ids[None, :])
+
+
+def _noise_of_u(u: float) -> float:
+    return float((-torch.log(-torch.log(torch.tensor(u, dtype=torch.float64)))).float())
+
+
+# The smallest and largest noise any token can draw (u = 2^-25 and 1 - 2^-25): -2.85, 17.33.
+GUMBEL_MIN, GUMBEL_MAX = _noise_of_u(2.0 ** -25), _noise_of_u(1.0 - 2.0 ** -25)
 
 
 def _filter_row(l: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
