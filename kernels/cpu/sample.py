@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import torch
 
-from kernels.reference.sample import (GUMBEL_MAX, GUMBEL_MIN, _filter_row, gumbel, noise,
-                                      row_key)
+from kernels.reference.sample import (GUMBEL_MAX, GUMBEL_MIN, _filter_row, gumbel,
+                                      nucleus_floor, noise, row_key)
 from kernels.registry import register
 
 FIRST_TOP_P_COUNT = 64  # values topk takes first for top-p's floor
@@ -53,7 +53,7 @@ def _sampled_row(l: torch.Tensor, top: torch.Tensor, top_k: int, top_p: float,
     """The row's token (its largest logit `top` finite), or None where the tokens that can win
     leave no finite score (the reference then decides)."""
     if 0 < top_k < l.shape[0] or top_p < 1.0:
-        l = filter_row(l, top_k, top_p)
+        l = _filter_row(l, top_k, top_p, _top_p_floor)
         ids = (l > float("-inf")).nonzero().flatten()                 # the kept tokens
     else:   # those that can reach the top token's score, at least top + GUMBEL_MIN
         ids = (l + GUMBEL_MAX >= top + GUMBEL_MIN).nonzero().flatten()
@@ -64,28 +64,12 @@ def _sampled_row(l: torch.Tensor, top: torch.Tensor, top_k: int, top_p: float,
     return int(ids[best]) if bool(scores[best] > float("-inf")) else None
 
 
-def filter_row(l: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """kernels/reference/sample.py's _filter_row, the same values, without sorting the row."""
-    v = l.shape[0]
-    if 0 < top_k < v:
-        kth = l.topk(top_k).values[-1]
-        l = l.masked_fill(l < kth, float("-inf"))
-    if top_p < 1.0:
-        e = torch.exp(l - l.max())                                             # [V]
-        l = l.masked_fill(e < _top_p_floor(e, e.sum(), top_p), float("-inf"))
-    return l
-
-
 def _top_p_floor(e: torch.Tensor, z: torch.Tensor, top_p: float) -> torch.Tensor:
-    """The smallest e kept: the reference's, over the largest values of e (sorted by topk)
-    until one of them is not kept (mass strictly above it >= top_p * z), which ends the nucleus
-    inside them."""
+    """The reference's floor, over the largest values of e (sorted by topk) until the nucleus
+    ends inside them."""
     count = min(FIRST_TOP_P_COUNT, e.shape[0])
     while True:
-        es = e.topk(count).values                                              # descending
-        above = torch.cumsum(es, 0) - es                                       # mass before
-        first = torch.searchsorted(-es, -es, right=False)                      # first of ties
-        keep = above[first] < top_p * z
-        if not bool(keep.all()) or count == e.shape[0]:
-            return es[keep].min()
+        floor, ended = nucleus_floor(e.topk(count).values, z, top_p)
+        if ended or count == e.shape[0]:
+            return floor
         count = min(4 * count, e.shape[0])

@@ -10,6 +10,8 @@ Semantics (shared exactly by the Triton kernel):
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from kernels.registry import register
@@ -68,23 +70,36 @@ def _noise_of_u(u: float) -> float:
 GUMBEL_MIN, GUMBEL_MAX = _noise_of_u(2.0 ** -25), _noise_of_u(1.0 - 2.0 ** -25)
 
 
-def _filter_row(l: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """l: [V] float32 scaled logits -> l with filtered tokens at -inf."""
+def _filter_row(l: torch.Tensor, top_k: int, top_p: float,
+                top_p_floor: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor] | None = None
+                ) -> torch.Tensor:
+    """l: [V] float32 scaled logits -> l with filtered tokens at -inf. top_p_floor(e, z, top_p):
+    the smallest e = exp(l - max) top-p keeps (default: from the whole row sorted; the CPU
+    backend passes one that sorts less, the same value)."""
     v = l.shape[0]
     if 0 < top_k < v:
         kth = l.topk(top_k).values[-1]
         l = l.masked_fill(l < kth, float("-inf"))
     if top_p < 1.0:
         e = torch.exp(l - l.max())                                             # [V]
-        z = e.sum()
-        es, _ = e.sort(descending=True)                                        # [V]
-        above = torch.cumsum(es, 0) - es                                       # mass before
-        # mass strictly greater than each sorted value: take it at the first of its ties
-        first = torch.searchsorted(-es, -es, right=False)                      # [V]
-        keep_sorted = above[first] < top_p * z
-        thresh = es[keep_sorted].min()
-        l = l.masked_fill(e < thresh, float("-inf"))
+        floor = (top_p_floor or _sorted_top_p_floor)(e, e.sum(), top_p)
+        l = l.masked_fill(e < floor, float("-inf"))
     return l
+
+
+def _sorted_top_p_floor(e: torch.Tensor, z: torch.Tensor, top_p: float) -> torch.Tensor:
+    return nucleus_floor(e.sort(descending=True).values, z, top_p)[0]
+
+
+def nucleus_floor(es: torch.Tensor, z: torch.Tensor, top_p: float) -> tuple[torch.Tensor, bool]:
+    """es: e sorted descending (all of it, or its largest values first); z: the sum of all of
+    e -> the smallest value of es that top-p keeps (the mass strictly above it < top_p * z),
+    and whether a value of es is not kept (the nucleus ends inside es)."""
+    above = torch.cumsum(es, 0) - es                                           # mass before
+    # mass strictly greater than each sorted value: take it at the first of its ties
+    first = torch.searchsorted(-es, -es, right=False)
+    keep = above[first] < top_p * z
+    return es[keep].min(), not bool(keep.all())
 
 
 @register("sample", backend="torch", priority=0)
