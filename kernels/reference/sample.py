@@ -70,9 +70,12 @@ def _noise_of_u(u: float) -> float:
 GUMBEL_MIN, GUMBEL_MAX = _noise_of_u(2.0 ** -25), _noise_of_u(1.0 - 2.0 ** -25)
 
 
+# (e, z, top_p) -> the smallest e top-p keeps
+TopPFloor = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
+
+
 def _filter_row(l: torch.Tensor, top_k: int, top_p: float,
-                top_p_floor: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor] | None = None
-                ) -> torch.Tensor:
+                top_p_floor: TopPFloor | None = None) -> torch.Tensor:
     """l: [V] float32 scaled logits -> l with filtered tokens at -inf. top_p_floor(e, z, top_p):
     the smallest e = exp(l - max) top-p keeps (default: from the whole row sorted; the CPU
     backend passes one that sorts less, the same value)."""
