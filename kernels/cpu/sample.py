@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import torch
 
-from kernels.reference.sample import (GUMBEL_MAX, GUMBEL_MIN, _filter_row, gumbel,
-                                      nucleus_floor, noise, row_key)
+from kernels.reference.sample import (GUMBEL_MAX, GUMBEL_MIN, _filter_row, noise,
+                                      nucleus_floor, row_key, sample_row)
 from kernels.registry import register
 
 FIRST_TOP_P_COUNT = 64  # values topk takes first for top-p's floor
@@ -42,8 +42,7 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
         if bool(top > float("-inf")) and bool(top < float("inf")):
             token = _sampled_row(l, top, k, p, row_key(int(seeds[i]), int(positions[i])))
         if token is None:   # the reference's computation
-            l = _filter_row(l, k, p)
-            token = int((l + gumbel(seeds[i:i + 1], positions[i:i + 1], l.shape[0])[0]).argmax())
+            token = sample_row(l, k, p, seeds[i:i + 1], positions[i:i + 1])
         out[i] = token
     return out
 

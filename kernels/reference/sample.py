@@ -109,7 +109,7 @@ def nucleus_floor(es: torch.Tensor, z: torch.Tensor, top_p: float) -> tuple[torc
 def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
            top_p: torch.Tensor, seeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """logits: [B, V] float32 -> tokens [B] int32."""
-    b, v = logits.shape
+    b = logits.shape[0]
     greedy = temperature <= 0.0                                                # [B]
     out = logits.argmax(dim=1).to(torch.int32)          # every greedy row in one op
     if bool(greedy.all()):
@@ -118,7 +118,13 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
         t = float(temperature[i])
         if t <= 0.0:
             continue
-        l = _filter_row(logits[i].float() / t, int(top_k[i]), float(top_p[i]))
-        g = gumbel(seeds[i:i + 1], positions[i:i + 1], v)[0]                   # [V], this row's
-        out[i] = (l + g).argmax()
+        out[i] = sample_row(logits[i].float() / t, int(top_k[i]), float(top_p[i]),
+                            seeds[i:i + 1], positions[i:i + 1])
     return out
+
+
+def sample_row(l: torch.Tensor, top_k: int, top_p: float, seed: torch.Tensor,
+               position: torch.Tensor) -> int:
+    """One row's token: l [V] the scaled logits, seed and position [1]."""
+    l = _filter_row(l, top_k, top_p)
+    return int((l + gumbel(seed, position, l.shape[0])[0]).argmax())
