@@ -7,8 +7,9 @@ at or under the chunk's k-th largest: the global top-k is a subset of the union)
 the k-th largest of the chunk's group maxima where k <= GROUPS and no more than KCAP elements
 reach it, else the k-th largest itself, found by bisection over an order-preserving integer
 key; for top-p alone also the chunk's mass sum(exp(l - chunk max)).
-Stage 2, one program per row: rows with candidates finish on them (global k-th largest, top-p
-by bisection over the bits of e = exp(l - max), Gumbel-max). For top-p alone that is exact when
+Stage 2, one program per row: rows with candidates finish on them (`_finish_candidates`: the
+global top k and top-p's nucleus over e = exp(l - max), counted pairwise among the few
+candidates at or above a floor; Gumbel-max). For top-p alone that is exact when
 the global top KCAP hold at least top_p of the row's mass Z (summed from the chunk masses):
 every token of the nucleus is then a candidate. Rows where they do not (a flat distribution),
 rows with a chunk whose k-th value has more ties than its KCAP slots (e.g. masked logits), and
@@ -45,6 +46,8 @@ GOLDEN = tl.constexpr(_GOLDEN)
 # ulps of the score for its additions' rounding
 ESTIMATE_SLACK = tl.constexpr(1e-3)
 ESTIMATE_SLACK_REL = tl.constexpr(2.0 ** -20)
+MAX_CANDIDATE_GROUPS = 128
+RANK_COLUMNS = 32    # _finish_ranked's pairwise counts: NTOP x 32 compared at a time
 
 
 @triton.jit
@@ -260,21 +263,76 @@ def _candidate_mass(CandV, CandI, row, NC, V, m, KCAP: tl.constexpr, NCAND: tl.c
 
 
 @triton.jit
-def _finish_candidates(CandV, CandI, row, NC, V, top_k, top_p, p_on, p_alone, z_row, key,
-                       KCAP: tl.constexpr, NCAND: tl.constexpr):
+def _finish_candidates(CandV, CandI, TopV, TopI, row, NC, V, top_k, top_p, p_on, p_alone,
+                       z_row, key, KCAP: tl.constexpr, NCAND: tl.constexpr,
+                       CAND_GROUPS: tl.constexpr, NTOP: tl.constexpr, BLOCK_J: tl.constexpr):
     """(token, exact). With top-k, top-p renormalizes over the top k. Top-p alone (top_k =
     KCAP): z_row is the whole row's mass, and the result is exact only if the top KCAP hold
-    top_p of it (otherwise the caller streams the row)."""
+    top_p of it (otherwise the caller streams the row). The candidates at or above a floor
+    under the k-th largest (`_group_floor` of CAND_GROUPS groups, else the bisected k-th
+    itself) are ranked pairwise when no more than NTOP (`_finish_ranked`); only ties at the
+    k-th beyond NTOP take the bisections over every candidate."""
     vals, ids, valid = _load_candidates(CandV, CandI, row, NC, V, KCAP, NCAND)
     keys = _order_key(vals)
-    keep = valid & (keys >= _kth_key(keys, valid, top_k))
-    m = tl.max(tl.where(keep, vals, float("-inf")), 0)
-    e = tl.where(keep, tl.exp(vals - m), 0.0)
+    floor = tl.full((), -1, dtype=tl.int64)                 # under every key
+    if top_k <= CAND_GROUPS:
+        floor = _group_floor(keys, valid, top_k, NCAND, CAND_GROUPS)
+    if tl.sum((valid & (keys >= floor)).to(tl.int32), 0) > NTOP:
+        floor = _kth_key(keys, valid, top_k)
+    sel = valid & (keys >= floor)
+    if tl.sum(sel.to(tl.int32), 0) <= NTOP:
+        tok, exact = _finish_ranked(vals, ids, sel, TopV + row.to(tl.int64) * NTOP,
+                                    TopI + row.to(tl.int64) * NTOP, V, top_k, top_p, p_on,
+                                    p_alone, z_row, key, NTOP, BLOCK_J)
+    else:   # floor is the k-th largest, tied more than NTOP times
+        e = tl.where(sel, tl.exp(vals - tl.max(tl.where(sel, vals, float("-inf")), 0)), 0.0)
+        z_keep = tl.sum(e, 0)
+        z = tl.where(p_alone, z_row, z_keep)
+        keep = sel
+        if p_on:
+            keep = keep & (e >= _top_p_floor(e, z, top_p))
+        tok = _noisy_argmax(vals, ids, keep, key, V)[1]
+        exact = (~p_alone) | (z_keep >= top_p * z)
+    return tok, exact
+
+
+@triton.jit
+def _finish_ranked(vals, ids, sel, TopV, TopI, V, top_k, top_p, p_on, p_alone, z_row, key,
+                   NTOP: tl.constexpr, BLOCK_J: tl.constexpr):
+    """_finish_candidates on the (at most NTOP) `sel` candidates, moved to the row's TopV /
+    TopI slots: a token is in the top k when fewer than k keys are strictly larger, and in the
+    nucleus when the mass of the e strictly larger is < top_p * z, both counted pairwise
+    (BLOCK_J columns at a time): a few reductions where the bisections take 63."""
+    at = tl.cumsum(sel.to(tl.int32), 0) - 1
+    tl.store(TopV + at, vals, mask=sel)
+    tl.store(TopI + at, ids, mask=sel)
+    n = tl.sum(sel.to(tl.int32), 0)
+    tl.debug_barrier()       # the stores are visible to this program's threads after it
+    i = tl.arange(0, NTOP)
+    ok = i < n
+    tv = tl.load(TopV + i, mask=ok, other=float("-inf"))
+    ti = tl.load(TopI + i, mask=ok, other=V)
+    tk = _order_key(tv)
+    greater = tl.zeros([NTOP], dtype=tl.int32)
+    for j0 in range(0, n, BLOCK_J):
+        j = j0 + tl.arange(0, BLOCK_J)
+        kj = _order_key(tl.load(TopV + j, mask=j < n, other=float("-inf")))
+        greater += tl.sum(((kj[None, :] > tk[:, None]) & (j < n)[None, :]).to(tl.int32), 1)
+    keep = ok & (greater < top_k)
+    kth = tl.min(tl.where(keep, tk, 4294967296), 0)
+    m = tl.max(tl.where(keep, tv, float("-inf")), 0)
+    e = tl.where(keep, tl.exp(tv - m), 0.0)
     z_keep = tl.sum(e, 0)
     z = tl.where(p_alone, z_row, z_keep)
     if p_on:
-        keep = keep & (e >= _top_p_floor(e, z, top_p))
-    return _noisy_argmax(vals, ids, keep, key, V)[1], (~p_alone) | (z_keep >= top_p * z)
+        above = tl.zeros([NTOP], dtype=tl.float32)
+        for j0 in range(0, n, BLOCK_J):
+            j = j0 + tl.arange(0, BLOCK_J)
+            vj = tl.load(TopV + j, mask=j < n, other=float("-inf"))
+            ej = tl.where((j < n) & (_order_key(vj) >= kth), tl.exp(vj - m), 0.0)
+            above += tl.sum(tl.where(ej[None, :] > e[:, None], ej[None, :], 0.0), 1)
+        keep = keep & (above < top_p * z)
+    return _noisy_argmax(tv, ti, keep, key, V)[1], (~p_alone) | (z_keep >= top_p * z)
 
 
 @triton.jit
@@ -333,9 +391,10 @@ def _finish_stream(base, V, t, k_on, top_k, top_p, p_on, key, BLOCK_V: tl.conste
 
 @triton.jit(**per_batch(pointers=ROW_PARAMS))
 def _sample_finish_kernel(Logits, Temp, TopK, TopP, Seeds, Pos, CandV, CandI, BestV, BestI,
-                          ChunkZ, Overflow, Out, stride_l, V, NC, KCAP: tl.constexpr,
-                          NCAND: tl.constexpr, BLOCK_NC: tl.constexpr, BLOCK_V: tl.constexpr,
-                          PDL: tl.constexpr):
+                          ChunkZ, Overflow, Out, TopV, TopI, stride_l, V, NC,
+                          KCAP: tl.constexpr, NCAND: tl.constexpr, CAND_GROUPS: tl.constexpr,
+                          NTOP: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_NC: tl.constexpr,
+                          BLOCK_V: tl.constexpr, PDL: tl.constexpr):
     pdl_begin(PDL)
     row = tl.program_id(0)
     t, greedy, top_k, top_p, k_on, p_on, p_alone, cand = _row_params(Temp, TopK, TopP, row, V,
@@ -359,8 +418,9 @@ def _sample_finish_kernel(Logits, Temp, TopK, TopP, Seeds, Pos, CandV, CandI, Be
             stream = stream | (_candidate_mass(CandV, CandI, row, NC, V, top, KCAP, NCAND)
                                < top_p * z_row)
         if ~stream:
-            tok, exact = _finish_candidates(CandV, CandI, row, NC, V, top_k, top_p, p_on,
-                                            p_alone, z_row, key, KCAP, NCAND)
+            tok, exact = _finish_candidates(CandV, CandI, TopV, TopI, row, NC, V, top_k, top_p,
+                                            p_on, p_alone, z_row, key, KCAP, NCAND,
+                                            CAND_GROUPS, NTOP, BLOCK_J)
             stream = ~exact
     if stream:
         tok = _finish_stream(Logits + row.to(tl.int64) * stride_l, V, t, k_on, top_k, top_p,
@@ -391,6 +451,12 @@ def chunk_groups(chunk: int) -> int:
     return 1 << (chunk.bit_length() - 1) // 2
 
 
+def candidate_groups(ncand: int) -> int:
+    """Groups of a row's candidate slots for stage 2's `_group_floor`: up to 128 (top-k up to
+    128 then gets a floor), at least 4 slots each."""
+    return min(MAX_CANDIDATE_GROUPS, max(2, ncand // 4))
+
+
 @register("sample", backend="triton", priority=PRIORITY, supports=on_cuda)
 def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
            top_p: torch.Tensor, seeds: torch.Tensor, positions: torch.Tensor,
@@ -413,12 +479,17 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
     best_i = torch.empty(b, nc, dtype=torch.int32, device=dev)
     chunk_z = torch.empty(b, nc, dtype=torch.float32, device=dev)             # top-p alone
     overflow = torch.empty(b, nc, dtype=torch.int32, device=dev)
+    ntop = 2 * kcap              # top-p alone ranks the top KCAP: room for as many ties
+    top_v = torch.empty(b, ntop, dtype=torch.float32, device=dev)             # [B, NTOP]
+    top_i = torch.empty(b, ntop, dtype=torch.int32, device=dev)
     args = (logits, temperature.float(), top_k.int(), top_p.float(), seeds.long(),
             positions.long(), cand_v, cand_i, best_v, best_i, chunk_z, overflow)
     pdl = pdl_launch(dev)
     _sample_chunk_kernel[(b, nc)](*args, logits.stride(0), v, nc, CHUNK=chunk, KCAP=kcap,
                                   GROUPS=chunk_groups(chunk), num_warps=8, **pdl)
-    _sample_finish_kernel[(b,)](*args, out, logits.stride(0), v, nc, KCAP=kcap,
-                                NCAND=next_pow2(nc * kcap), BLOCK_NC=max(2, next_pow2(nc)),
+    ncand = next_pow2(nc * kcap)
+    _sample_finish_kernel[(b,)](*args, out, top_v, top_i, logits.stride(0), v, nc, KCAP=kcap,
+                                NCAND=ncand, CAND_GROUPS=candidate_groups(ncand), NTOP=ntop,
+                                BLOCK_J=RANK_COLUMNS, BLOCK_NC=max(2, next_pow2(nc)),
                                 BLOCK_V=sizes.block_v, num_warps=8, **pdl)
     return out

@@ -356,13 +356,15 @@ def _sample() -> None:
     sizes = S.sample_sizes()
     nc = -(-128256 // sizes.chunk)
     args = dict(Logits=F32, Temp=F32, TopK=I32, TopP=F32, Seeds=I64, Pos=I64, CandV=F32,
-                CandI=I32, BestV=F32, BestI=I32, ChunkZ=F32, Overflow=I32, Out=I32,
-                stride_l=128256, V=128256, NC=nc)
+                CandI=I32, BestV=F32, BestI=I32, ChunkZ=F32, Overflow=I32, Out=I32, TopV=F32,
+                TopI=I32, stride_l=128256, V=128256, NC=nc)
     compile_sm90(S._sample_chunk_kernel, args, dict(CHUNK=sizes.chunk, KCAP=sizes.kcap,
                                                     GROUPS=S.chunk_groups(sizes.chunk)), 8, 1)
+    ncand = next_pow2(nc * sizes.kcap)
     compile_sm90(S._sample_finish_kernel, args,
-                 dict(KCAP=sizes.kcap, NCAND=next_pow2(nc * sizes.kcap),
-                      BLOCK_NC=next_pow2(nc), BLOCK_V=sizes.block_v), 8, 1)
+                 dict(KCAP=sizes.kcap, NCAND=ncand, CAND_GROUPS=S.candidate_groups(ncand),
+                      NTOP=2 * sizes.kcap, BLOCK_J=S.RANK_COLUMNS, BLOCK_NC=next_pow2(nc),
+                      BLOCK_V=sizes.block_v), 8, 1)
 
 
 def check_rows_and_sample() -> None:

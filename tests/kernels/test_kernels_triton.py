@@ -776,6 +776,38 @@ def test_sample_top_k_floor_from_group_maxima():
         assert torch.equal(got, R.sample(logits, temp, top_k, top_p, seeds, positions))
 
 
+@pytest.mark.slow
+def test_sample_candidates_ranked_pairwise():
+    """Stage 2 ranks the candidates at or above its floor pairwise (top-k: fewer than k
+    strictly larger; top-p: the mass strictly larger under top_p * z). Chunks of 128 with 32
+    slots (NTOP 64). `ramp` rows: 30 near-equal tokens split over the chunks, top-k 30 and
+    top-p swept, each nucleus ending a few tokens from where a 2% looser top-p would; `tied`
+    rows: 30 ties a chunk at the k-th value, 90 in all (more than NTOP: the bisections over
+    every candidate); random rows; top-p alone. Every row equals the reference at four
+    positions."""
+    sizes = dataclasses.replace(S.sample_sizes(), **SMALL_SAMPLE)
+    v = 3 * sizes.chunk
+    ramp = rnd(20, v) * 0.1 - 4.0
+    for r in range(20):
+        ramp[r, torch.randperm(v, device=DEV)[:30]] = 2.0 - 0.02 * torch.arange(30, device=DEV)
+    tied = rnd(4, v) * 0.1 - 4.0
+    for c in range(3):
+        tied[:, c * sizes.chunk + torch.arange(30, device=DEV) * 4] = 3.0
+    logits = torch.cat([ramp, tied, rnd(8, v) * 2, rnd(4, v) * 6])
+    b = logits.shape[0]
+    top_k = torch.tensor([30] * 20 + [10] * 4 + [1, 5, 20, 32] * 2 + [0] * 4,
+                         dtype=torch.int32, device=DEV)
+    top_p = torch.cat([torch.linspace(0.3, 0.7, 20, device=DEV),
+                       torch.tensor([1.0, 0.9] * 2 + [1.0] * 4 + [0.8] * 4 + [0.9] * 4,
+                                    device=DEV)])
+    temp = torch.ones(b, device=DEV)
+    seeds = torch.randint(-2 ** 62, 2 ** 62, (b,), device=DEV)
+    for pos in range(4):
+        positions = torch.full((b,), 77 + pos, device=DEV)
+        got = S.sample(logits, temp, top_k, top_p, seeds, positions, sizes=sizes)
+        assert torch.equal(got, R.sample(logits, temp, top_k, top_p, seeds, positions))
+
+
 @pytest.mark.parametrize("scoring,e,k,n_group,topk_group,bias,renorm", [
     ("softmax", 64, 6, 1, 1, False, False),      # DeepSeek-V2-Lite
     ("softmax", 20, 3, 4, 2, False, True),       # V2 group-limited, groups of 5
