@@ -12,7 +12,8 @@ draws float64 noise for every token; here:
   tokens at temperature 1 within the top's own noise, and about 100 at 0.7;
 - the row's hash key is computed on Python ints (row_key takes them), not 1-element tensors.
 
-A row with a NaN or +inf logit, or no finite logit, is the reference's own computation.
+NaN logits count as -inf, as in the reference; a row with a +inf logit, or no finite logit, is
+the reference's own computation.
 
 The default model at 8 streams on a 2-core box (scripts/bench_cpu_sampling, two rounds, each
 against the reference in the same sitting): top-k 20 + top-p 0.8 72.5-74.1 -> 87.0-87.4 tok/s,
@@ -23,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from kernels.reference.sample import (GUMBEL_MAX, GUMBEL_MIN, _filter_row, noise,
-                                      nucleus_floor, row_key, sample_row)
+                                      nucleus_floor, row_key, sample_row, without_nan)
 from kernels.registry import register
 
 FIRST_TOP_P_COUNT = 64  # values topk takes first for top-p's floor
@@ -33,11 +34,12 @@ FIRST_TOP_P_COUNT = 64  # values topk takes first for top-p's floor
 def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
            top_p: torch.Tensor, seeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """logits: [B, V] float32 -> tokens [B] int32."""
+    logits = without_nan(logits)
     out = logits.argmax(dim=1).to(torch.int32)          # every greedy row in one op
     for i in (temperature > 0.0).nonzero().flatten().tolist():
         l = logits[i].float() / float(temperature[i])
         k, p = int(top_k[i]), float(top_p[i])
-        top = l.max()                                   # NaN if any is
+        top = l.max()
         token = None
         if bool(top > float("-inf")) and bool(top < float("inf")):
             token = _sampled_row(l, top, k, p, row_key(int(seeds[i]), int(positions[i])))

@@ -7,6 +7,9 @@ Semantics (shared exactly by the Triton kernel):
 - top_p < 1: with e = exp(l - max) over the kept tokens and Z = sum(e), keep token i iff the
   mass of kept tokens with e strictly greater than e_i is < top_p * Z (ties kept together).
 - token = argmax over kept tokens of l + g, g = -log(-log(u)), u = uniform(seed, position, id).
+- A broken model's logits: NaN is never sampled (it counts as -inf); tokens at an infinite
+  max have e = 1 (not exp(inf - inf)); a row where nothing can be sampled gives token 0, so a
+  token is always in [0, V).
 """
 from __future__ import annotations
 
@@ -84,10 +87,20 @@ def _filter_row(l: torch.Tensor, top_k: int, top_p: float,
         kth = l.topk(top_k).values[-1]
         l = l.masked_fill(l < kth, float("-inf"))
     if top_p < 1.0:
-        e = torch.exp(l - l.max())                                             # [V]
+        e = exp_from(l, l.max())                                               # [V]
         floor = (top_p_floor or _sorted_top_p_floor)(e, e.sum(), top_p)
         l = l.masked_fill(e < floor, float("-inf"))
     return l
+
+
+def exp_from(l: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """exp(l - m) for m = max(l), 1 where l is m (also when m is infinite)."""
+    return torch.exp(torch.where(l == m, 0.0, l - m))
+
+
+def without_nan(logits: torch.Tensor) -> torch.Tensor:
+    """NaN logits as -inf: never sampled (module doc)."""
+    return logits.masked_fill(logits.isnan(), float("-inf"))
 
 
 def _sorted_top_p_floor(e: torch.Tensor, z: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -110,6 +123,7 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
            top_p: torch.Tensor, seeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """logits: [B, V] float32 -> tokens [B] int32."""
     b = logits.shape[0]
+    logits = without_nan(logits)
     greedy = temperature <= 0.0                                                # [B]
     out = logits.argmax(dim=1).to(torch.int32)          # every greedy row in one op
     if bool(greedy.all()):

@@ -146,6 +146,21 @@ def _order_key(l):
 
 
 @triton.jit
+def _exp_from(l, m):
+    """exp(l - m) for m = max(l), 1 where l is m (also when m is infinite): the reference's
+    exp_from."""
+    return tl.exp(tl.where(l == m, 0.0, l - m))
+
+
+@triton.jit
+def _load_scaled(ptrs, ok, t):
+    """Logits / temperature, NaN as -inf (never sampled, as in the reference); -inf where not
+    ok."""
+    l = tl.load(ptrs, mask=ok, other=float("-inf"))
+    return tl.where(l == l, l, float("-inf")) / t
+
+
+@triton.jit
 def _kth_key(keys, valid, k):
     """The k-th largest key among `valid` (0 if fewer than k are valid): 32-step bisection."""
     lo = tl.zeros((), dtype=tl.int64)
@@ -194,7 +209,7 @@ def _sample_chunk_kernel(Logits, Temp, TopK, TopP, Seeds, Pos, CandV, CandI, Bes
                                                                       KCAP)
     idx = c * CHUNK + tl.arange(0, CHUNK)                                     # [C]
     ok = idx < V
-    l = tl.load(Logits + row.to(tl.int64) * stride_l + idx, mask=ok, other=float("-inf")) / t
+    l = _load_scaled(Logits + row.to(tl.int64) * stride_l + idx, ok, t)
     score = tl.where(ok, l, float("-inf"))
     if (~greedy) & (~k_on) & (~p_on):      # plain sampling: the chunk's best l + gumbel
         best, best_i = _noisy_argmax(l, idx, ok, _row_key(Seeds, Pos, row), V)
@@ -205,7 +220,7 @@ def _sample_chunk_kernel(Logits, Temp, TopK, TopP, Seeds, Pos, CandV, CandI, Bes
     tl.store(BestV + slot, best)
     tl.store(BestI + slot, best_i)
     if p_alone:   # the chunk's mass (no -inf - -inf when the chunk is all -inf)
-        tl.store(ChunkZ + slot, tl.sum(tl.where(score > float("-inf"), tl.exp(l - best), 0.0),
+        tl.store(ChunkZ + slot, tl.sum(tl.where(score > float("-inf"), _exp_from(l, best), 0.0),
                                        0))
     if cand:   # the elements above the chunk's k-th largest first, then its ties
         keys = _order_key(l)
@@ -259,7 +274,7 @@ def _load_candidates(CandV, CandI, row, NC, V, KCAP: tl.constexpr, NCAND: tl.con
 def _candidate_mass(CandV, CandI, row, NC, V, m, KCAP: tl.constexpr, NCAND: tl.constexpr):
     """sum(exp(l - m)) over the row's candidates: at least the top KCAP's mass."""
     vals, ids, valid = _load_candidates(CandV, CandI, row, NC, V, KCAP, NCAND)
-    return tl.sum(tl.where(valid, tl.exp(vals - m), 0.0), 0)
+    return tl.sum(tl.where(valid, _exp_from(vals, m), 0.0), 0)
 
 
 @triton.jit
@@ -285,7 +300,7 @@ def _finish_candidates(CandV, CandI, TopV, TopI, row, NC, V, top_k, top_p, p_on,
                                     TopI + row.to(tl.int64) * NTOP, V, top_k, top_p, p_on,
                                     p_alone, z_row, key, NTOP, BLOCK_J)
     else:   # floor is the k-th largest, tied more than NTOP times
-        e = tl.where(sel, tl.exp(vals - tl.max(tl.where(sel, vals, float("-inf")), 0)), 0.0)
+        e = tl.where(sel, _exp_from(vals, tl.max(tl.where(sel, vals, float("-inf")), 0)), 0.0)
         z_keep = tl.sum(e, 0)
         z = tl.where(p_alone, z_row, z_keep)
         keep = sel
@@ -321,7 +336,7 @@ def _finish_ranked(vals, ids, sel, TopV, TopI, V, top_k, top_p, p_on, p_alone, z
     keep = ok & (greater < top_k)
     kth = tl.min(tl.where(keep, tk, 4294967296), 0)
     m = tl.max(tl.where(keep, tv, float("-inf")), 0)
-    e = tl.where(keep, tl.exp(tv - m), 0.0)
+    e = tl.where(keep, _exp_from(tv, m), 0.0)
     z_keep = tl.sum(e, 0)
     z = tl.where(p_alone, z_row, z_keep)
     if p_on:
@@ -329,7 +344,7 @@ def _finish_ranked(vals, ids, sel, TopV, TopI, V, top_k, top_p, p_on, p_alone, z
         for j0 in range(0, n, BLOCK_J):
             j = j0 + tl.arange(0, BLOCK_J)
             vj = tl.load(TopV + j, mask=j < n, other=float("-inf"))
-            ej = tl.where((j < n) & (_order_key(vj) >= kth), tl.exp(vj - m), 0.0)
+            ej = tl.where((j < n) & (_order_key(vj) >= kth), _exp_from(vj, m), 0.0)
             above += tl.sum(tl.where(ej[None, :] > e[:, None], ej[None, :], 0.0), 1)
         keep = keep & (above < top_p * z)
     return _noisy_argmax(tv, ti, keep, key, V)[1], (~p_alone) | (z_keep >= top_p * z)
@@ -341,8 +356,7 @@ def _finish_stream(base, V, t, k_on, top_k, top_p, p_on, key, BLOCK_V: tl.conste
     offs = tl.arange(0, BLOCK_V)
     m = tl.full((), float("-inf"), dtype=tl.float32)
     for v0 in range(0, V, BLOCK_V):
-        m = tl.maximum(m, tl.max(tl.load(base + v0 + offs, mask=v0 + offs < V,
-                                         other=float("-inf")) / t, 0))
+        m = tl.maximum(m, tl.max(_load_scaled(base + v0 + offs, v0 + offs < V, t), 0))
     lo = tl.zeros((), dtype=tl.int64)
     hi = tl.full((), 4294967296, dtype=tl.int64)
     for _ in range(tl.where(k_on, 32, 0)):
@@ -350,7 +364,7 @@ def _finish_stream(base, V, t, k_on, top_k, top_p, p_on, key, BLOCK_V: tl.conste
         cnt = tl.zeros((), dtype=tl.int32)
         for v0 in range(0, V, BLOCK_V):
             ok = v0 + offs < V
-            l = tl.load(base + v0 + offs, mask=ok, other=float("-inf")) / t
+            l = _load_scaled(base + v0 + offs, ok, t)
             cnt += tl.sum(((_order_key(l) >= mid) & ok).to(tl.int32), 0)
         big = cnt >= top_k
         lo = tl.where(big, mid, lo)
@@ -358,8 +372,8 @@ def _finish_stream(base, V, t, k_on, top_k, top_p, p_on, key, BLOCK_V: tl.conste
     z = tl.zeros((), dtype=tl.float32)
     for v0 in range(0, V, BLOCK_V):
         ok = v0 + offs < V
-        l = tl.load(base + v0 + offs, mask=ok, other=float("-inf")) / t
-        z += tl.sum(tl.where(ok & (_order_key(l) >= lo), tl.exp(l - m), 0.0), 0)
+        l = _load_scaled(base + v0 + offs, ok, t)
+        z += tl.sum(tl.where(ok & (_order_key(l) >= lo), _exp_from(l, m), 0.0), 0)
     plo = tl.zeros((), dtype=tl.int32)
     phi = tl.full((), 1065353216, dtype=tl.int32)
     for _ in range(tl.where(p_on, 31, 0)):
@@ -368,8 +382,8 @@ def _finish_stream(base, V, t, k_on, top_k, top_p, p_on, key, BLOCK_V: tl.conste
         s = tl.zeros((), dtype=tl.float32)
         for v0 in range(0, V, BLOCK_V):
             ok = v0 + offs < V
-            l = tl.load(base + v0 + offs, mask=ok, other=float("-inf")) / t
-            e = tl.where(ok & (_order_key(l) >= lo), tl.exp(l - m), 0.0)
+            l = _load_scaled(base + v0 + offs, ok, t)
+            e = tl.where(ok & (_order_key(l) >= lo), _exp_from(l, m), 0.0)
             s += tl.sum(tl.where(e > x, e, 0.0), 0)
         pred = s < top_p * z
         phi = tl.where(pred, mid, phi)
@@ -380,8 +394,8 @@ def _finish_stream(base, V, t, k_on, top_k, top_p, p_on, key, BLOCK_V: tl.conste
     for v0 in range(0, V, BLOCK_V):
         idx = v0 + offs
         ok = idx < V
-        l = tl.load(base + idx, mask=ok, other=float("-inf")) / t
-        keep = ok & (_order_key(l) >= lo) & (tl.exp(l - m) >= e_min)
+        l = _load_scaled(base + idx, ok, t)
+        keep = ok & (_order_key(l) >= lo) & (_exp_from(l, m) >= e_min)
         cmax, cidx = _noisy_argmax(l, idx, keep, key, V)
         take = cmax > best
         best_i = tl.where(take, cidx, best_i)
@@ -413,7 +427,7 @@ def _sample_finish_kernel(Logits, Temp, TopK, TopP, Seeds, Pos, CandV, CandI, Be
         z_row = 0.0
         if p_alone:   # the row's mass relative to its max, from the chunks'
             cz = tl.load(ChunkZ + row.to(tl.int64) * NC + c, mask=c < NC, other=0.0)
-            z_row = tl.sum(tl.where(bv > float("-inf"), cz * tl.exp(bv - top), 0.0), 0)
+            z_row = tl.sum(tl.where(bv > float("-inf"), cz * _exp_from(bv, top), 0.0), 0)
             # all candidates' mass bounds the top KCAP's: a flat row streams without trying
             stream = stream | (_candidate_mass(CandV, CandI, row, NC, V, top, KCAP, NCAND)
                                < top_p * z_row)
@@ -425,7 +439,7 @@ def _sample_finish_kernel(Logits, Temp, TopK, TopP, Seeds, Pos, CandV, CandI, Be
     if stream:
         tok = _finish_stream(Logits + row.to(tl.int64) * stride_l, V, t, k_on, top_k, top_p,
                              p_on, key, BLOCK_V)
-    tl.store(Out + row, tok.to(tl.int32))
+    tl.store(Out + row, tl.where(tok < V, tok, 0).to(tl.int32))   # nothing sampleable: 0
 
 
 @dataclass(frozen=True)

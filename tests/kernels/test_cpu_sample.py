@@ -1,6 +1,6 @@
 """The CPU `sample` backend draws the reference's tokens (kernels/reference/sample.py), for any
-logits and parameters: spread from flat to peaked, ties, masked (-inf) tokens, NaN and +inf
-(without top-p, which the reference cannot apply to NaN),
+logits and parameters: spread from flat to peaked, ties, masked (-inf) tokens, a broken
+model's NaN and +inf (one token, or a whole row of NaN or -inf: a token in range all the same),
 top-k, top-p alone (a nucleus past the first topk count, so the count grows) and together; and
 the registry gives it to the CPU."""
 from __future__ import annotations
@@ -34,11 +34,12 @@ def batches(draw):
                                        min_size=ROWS, max_size=ROWS)), dtype=torch.int32)
     top_p = torch.tensor(draw(st.lists(st.sampled_from([1.0, 0.99, 0.9, 0.5, 0.05]),
                                        min_size=ROWS, max_size=ROWS)))
-    special = draw(st.sampled_from([None, float("nan"), float("inf")]))
-    if special is not None:   # (the reference's top-p has no answer for a NaN row)
-        row = draw(st.integers(0, ROWS - 1))
+    special = draw(st.sampled_from([None, float("nan"), float("inf"), "nan row", "-inf row"]))
+    row = draw(st.integers(0, ROWS - 1))
+    if isinstance(special, float):
         logits[row, draw(st.integers(0, v - 1))] = special
-        top_p[row] = 1.0
+    elif special is not None:
+        logits[row] = float(special.split()[0])
     seeds = torch.randint(-2 ** 62, 2 ** 62, (ROWS,), generator=gen)
     positions = torch.randint(0, 10 ** 6, (ROWS,), generator=gen)
     return logits, temperature, top_k, top_p, seeds, positions
@@ -47,7 +48,9 @@ def batches(draw):
 @settings(max_examples=150, deadline=None)
 @given(batches())
 def test_the_reference_tokens(batch):
-    assert torch.equal(cpu_sample.sample(*batch), R.sample(*batch))
+    got = cpu_sample.sample(*batch)
+    assert torch.equal(got, R.sample(*batch))
+    assert ((got >= 0) & (got < batch[0].shape[1])).all()
 
 
 def test_a_wide_nucleus_grows_the_topk_count(monkeypatch):

@@ -808,6 +808,36 @@ def test_sample_candidates_ranked_pairwise():
         assert torch.equal(got, R.sample(logits, temp, top_k, top_p, seeds, positions))
 
 
+@pytest.mark.slow
+def test_sample_broken_logits():
+    """A broken model's logits in every path (greedy, plain, top-k, top-p, top-p alone on the
+    candidates and streamed, top-k above KCAP streamed): NaN tokens are never sampled, tokens
+    at +inf share the mass, a row of NaN or -inf gives token 0; all as the reference, every
+    token in range (a token V would index past the embedding)."""
+    sizes = dataclasses.replace(S.sample_sizes(), **SMALL_SAMPLE)
+    v, modes = 2 * sizes.chunk + 9, 7
+    base = rnd(5, v) * 2
+    base[0, 5] = float("nan")
+    base[1, 200] = float("inf")
+    base[2, [3, 150]] = float("inf")
+    base[3] = float("nan")
+    base[4] = float("-inf")
+    logits = base.repeat(modes, 1)
+    b = logits.shape[0]
+    per_mode = lambda values, dtype=torch.float32: torch.tensor(values, dtype=dtype,  # noqa
+                                                                device=DEV).repeat_interleave(5)
+    temp = per_mode([0.0, 1.0, 0.7, 1.0, 1.0, 1.0, 0.9])
+    top_k = per_mode([0, 0, 20, 0, 0, 0, 50], torch.int32)    # 50 > KCAP: streamed
+    top_p = per_mode([1.0, 1.0, 0.8, 0.9, 0.9, 0.01, 1.0])
+    logits[25:30] = logits[25:30] * 0.01                      # flat: top-p alone streams
+    logits[25:30, 7] = float("nan")
+    seeds = torch.randint(-2 ** 62, 2 ** 62, (b,), device=DEV)
+    pos = torch.randint(0, 10 ** 6, (b,), device=DEV)
+    got = S.sample(logits, temp, top_k, top_p, seeds, pos, sizes=sizes)
+    assert torch.equal(got, R.sample(logits, temp, top_k, top_p, seeds, pos))
+    assert ((got >= 0) & (got < v)).all() and (got.view(modes, 5)[:, 3:] == 0).all()
+
+
 @pytest.mark.parametrize("scoring,e,k,n_group,topk_group,bias,renorm", [
     ("softmax", 64, 6, 1, 1, False, False),      # DeepSeek-V2-Lite
     ("softmax", 20, 3, 4, 2, False, True),       # V2 group-limited, groups of 5
