@@ -752,6 +752,16 @@ def test_sample_ties_beyond_the_candidate_slots():
     assert (got[:8] == 100).any() and ((got[8:] >= 200) & (got[8:] < 260)).sum() >= 4
 
 
+def _sample_as_reference(logits, temp, top_k, top_p, positions, sizes) -> None:
+    """Every row's token equals the reference's at each of `positions` (one random seed a
+    row)."""
+    seeds = torch.randint(-2 ** 62, 2 ** 62, (logits.shape[0],), device=DEV)
+    for pos in positions:
+        at = torch.full((logits.shape[0],), pos, device=DEV)
+        got = S.sample(logits, temp, top_k, top_p, seeds, at, sizes=sizes)
+        assert torch.equal(got, R.sample(logits, temp, top_k, top_p, seeds, at))
+
+
 def test_sample_top_k_floor_from_group_maxima():
     """Top-k <= GROUPS: a chunk's candidates are its tokens at or above the k-th largest of its
     group maxima where no more than KCAP reach it (random rows); a chunk whose largest tokens
@@ -769,11 +779,7 @@ def test_sample_top_k_floor_from_group_maxima():
     top_k = torch.tensor([1, 3, 5, 8] * 4, dtype=torch.int32, device=DEV)
     temp = torch.full((b,), 0.9, device=DEV)
     top_p = torch.tensor([1.0, 0.8] * 8, device=DEV)
-    seeds = torch.randint(-2 ** 62, 2 ** 62, (b,), device=DEV)
-    for pos in range(3):
-        positions = torch.full((b,), 1000 + pos, device=DEV)
-        got = S.sample(logits, temp, top_k, top_p, seeds, positions, sizes=sizes)
-        assert torch.equal(got, R.sample(logits, temp, top_k, top_p, seeds, positions))
+    _sample_as_reference(logits, temp, top_k, top_p, range(1000, 1003), sizes)
 
 
 @pytest.mark.slow
@@ -801,11 +807,7 @@ def test_sample_candidates_ranked_pairwise():
                        torch.tensor([1.0, 0.9] * 2 + [1.0] * 4 + [0.8] * 4 + [0.9] * 4,
                                     device=DEV)])
     temp = torch.ones(b, device=DEV)
-    seeds = torch.randint(-2 ** 62, 2 ** 62, (b,), device=DEV)
-    for pos in range(4):
-        positions = torch.full((b,), 77 + pos, device=DEV)
-        got = S.sample(logits, temp, top_k, top_p, seeds, positions, sizes=sizes)
-        assert torch.equal(got, R.sample(logits, temp, top_k, top_p, seeds, positions))
+    _sample_as_reference(logits, temp, top_k, top_p, range(77, 81), sizes)
 
 
 @pytest.mark.slow
