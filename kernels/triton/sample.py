@@ -300,15 +300,23 @@ def _finish_candidates(CandV, CandI, TopV, TopI, row, NC, V, top_k, top_p, p_on,
                                     TopI + row.to(tl.int64) * NTOP, V, top_k, top_p, p_on,
                                     p_alone, z_row, key, NTOP, BLOCK_J)
     else:   # floor is the k-th largest, tied more than NTOP times
-        e = tl.where(sel, _exp_from(vals, tl.max(tl.where(sel, vals, float("-inf")), 0)), 0.0)
-        z_keep = tl.sum(e, 0)
-        z = tl.where(p_alone, z_row, z_keep)
+        _, e, z_keep, z = _kept_mass(vals, sel, p_alone, z_row)
         keep = sel
         if p_on:
             keep = keep & (e >= _top_p_floor(e, z, top_p))
         tok = _noisy_argmax(vals, ids, keep, key, V)[1]
         exact = (~p_alone) | (z_keep >= top_p * z)
     return tok, exact
+
+
+@triton.jit
+def _kept_mass(vals, keep, p_alone, z_row):
+    """(m, e, z_keep, z) of the top-k's `keep` tokens: their max, e = exp(l - m) (0 where not
+    kept) and its sum; z, top-p's total: z_keep, or the whole row's z_row for top-p alone."""
+    m = tl.max(tl.where(keep, vals, float("-inf")), 0)
+    e = tl.where(keep, _exp_from(vals, m), 0.0)
+    z_keep = tl.sum(e, 0)
+    return m, e, z_keep, tl.where(p_alone, z_row, z_keep)
 
 
 @triton.jit
@@ -335,10 +343,7 @@ def _finish_ranked(vals, ids, sel, TopV, TopI, V, top_k, top_p, p_on, p_alone, z
         greater += tl.sum(((kj[None, :] > tk[:, None]) & (j < n)[None, :]).to(tl.int32), 1)
     keep = ok & (greater < top_k)
     kth = tl.min(tl.where(keep, tk, 4294967296), 0)
-    m = tl.max(tl.where(keep, tv, float("-inf")), 0)
-    e = tl.where(keep, _exp_from(tv, m), 0.0)
-    z_keep = tl.sum(e, 0)
-    z = tl.where(p_alone, z_row, z_keep)
+    m, e, z_keep, z = _kept_mass(tv, keep, p_alone, z_row)
     if p_on:
         above = tl.zeros([NTOP], dtype=tl.float32)
         for j0 in range(0, n, BLOCK_J):
