@@ -165,6 +165,7 @@ def _serve_when_ready(config: AppConfig, listening: Listening) -> int:
 
     from appliance.engine.client import EngineClient, EngineStartError
     from appliance.engine.model_files import check_mtp_checkpoint, resolve_model_files
+    from appliance.engine.sampling_defaults import read_sampling_defaults
     from appliance.server.serve import serve, stop_signals
     from appliance.server.warming_up import WarmingUp
     from appliance.startup_progress import StartupProgress, since_process_start
@@ -173,6 +174,7 @@ def _serve_when_ready(config: AppConfig, listening: Listening) -> int:
         _check_run_dir(config)
         files = resolve_model_files(config)
         check_mtp_checkpoint(config, files)
+        sampling_defaults = read_sampling_defaults(files)
     except ConfigError as e:
         print(f"tokenspeed: config error: {e}", file=sys.stderr)
         return 2
@@ -200,7 +202,10 @@ def _serve_when_ready(config: AppConfig, listening: Listening) -> int:
         _warn_tokenizer_past_vocabulary(len(ready_tokenizer), client.info.vocab_size, files.tokenizer)
         for sig in stopping:
             signal.signal(sig, signal.SIG_DFL)
-        return serve(config, client, ready_tokenizer, listening)
+        if changed := sampling_defaults.changed():
+            log.info("sampling defaults from the model's generation_config.json (for the fields a "
+                     "request leaves out): %s", ", ".join(f"{k} {v:g}" for k, v in changed.items()))
+        return serve(config, client, ready_tokenizer, listening, sampling_defaults)
     except ConfigError as e:
         print(f"tokenspeed: config error: {e}", file=sys.stderr)
         return 2

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import uvicorn
 
 from appliance.config import AppConfig
+from appliance.engine.sampling_defaults import SamplingDefaults
 from appliance.server.connection import uvicorn_config
 from appliance.server.fd_limit import watch_fds
 from appliance.server.socket_file import (BACKLOG, keep_socket_file, remove_socket_file,
@@ -110,7 +111,8 @@ def listen(config: AppConfig) -> Listening:
 
 
 def serve(config: AppConfig, client: EngineClientLike, tokenizer: Any,
-          listening: Listening | None = None) -> int:
+          listening: Listening | None = None,
+          sampling_defaults: SamplingDefaults = SamplingDefaults()) -> int:
     """Serve until SIGINT/SIGTERM (0), or until the engine fails for good (1), on `listening`
     (bound here when None: 1 if a socket can't be bound). Closes the sockets at the end."""
     if listening is None:
@@ -121,7 +123,7 @@ def serve(config: AppConfig, client: EngineClientLike, tokenizer: Any,
             return 1
     from appliance.server.app import build_app  # imported late: `up` starts the ranks first
 
-    app = build_app(config, client, tokenizer)
+    app = build_app(config, client, tokenizer, sampling_defaults)
     server = DrainingServer(uvicorn_config(app, timeout_graceful_shutdown=GRACE_S + ABORT_WAIT_S, backlog=BACKLOG))
     log.info("serving %s on http://%s:%d and %s", config.model.model_name, config.server.host,
              listening.tcp.getsockname()[1], config.server.socket)

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from fastapi import Request
 
 from appliance.config import AppConfig
+from appliance.engine.sampling_defaults import SamplingDefaults
 from appliance.server.counter_window import CounterWindow
 from appliance.server.gpus import GpuTelemetry
 from appliance.server.tokenizer_pool import TokenizerPool
@@ -48,6 +49,7 @@ class AppState:
     client: EngineClientLike
     tokenizer: Any  # a transformers tokenizer with a chat template
     metrics: FrontendMetrics
+    sampling_defaults: SamplingDefaults = SamplingDefaults()  # for the fields a request leaves out
     tracker: RequestTracker = field(default_factory=RequestTracker)
     counters: CounterWindow = field(default_factory=CounterWindow)  # /stats' last-minute figures
     started_at: float = field(default_factory=time.monotonic)

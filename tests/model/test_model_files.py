@@ -157,6 +157,22 @@ def test_a_tokenizer_that_does_not_load_stops_up_with_a_config_error(cache, tmp_
     assert "config error: cannot load the tokenizer" in err and "Traceback" not in err
 
 
+def test_a_bad_default_stops_up_before_the_ranks_start(cache, tmp_path, capsys):
+    """`tokenspeed up` on a checkpoint whose generation_config.json asks for top_p 0 exits 2 with a
+    config error naming the file and key, no traceback."""
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny.ensure_tiny_checkpoint(tmp_path / "tiny-llama"), folder)
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [2], "top_p": 0}))
+    code = cli.main(["up", "--set", f"model.path={folder}", "--set", "device=cpu",
+                     "--set", f"server.socket={tmp_path / 'ts.sock'}", "--set", f"server.port={free_port()}"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"config error: model.path: {folder / 'generation_config.json'}: top_p must be in" in err
+    assert "Traceback" not in err
+
+
 def test_the_frontend_resolves_model_files_without_importing_torch(tmp_path, monkeypatch):
     """What `tokenspeed up` runs before it spawns the engine ranks imports no torch (seconds
     on a GPU box, which the ranks would otherwise wait for), even on the first start, when it

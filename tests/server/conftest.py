@@ -17,6 +17,7 @@ import pytest
 import uvicorn
 
 from appliance.config import AppConfig, ModelConfig, ServerConfig
+from appliance.engine.sampling_defaults import SamplingDefaults
 from appliance.server.app import build_app
 from appliance.server.connection import uvicorn_config
 from appliance.server.serve import tcp_socket, unix_socket
@@ -72,13 +73,13 @@ def make_config(socket: Path, max_model_len: int = 4096, **server: Any) -> AppCo
 
 @contextmanager
 def serve_in_thread(tokenizer, engine: Callable[[AppConfig], Any] | None = None,
-                    **server: Any) -> Iterator[Served]:
+                    sampling_defaults: SamplingDefaults = SamplingDefaults(), **server: Any) -> Iterator[Served]:
     """The app on a fake engine, or on `engine(config)` (e.g. a real EngineClient; then
     `Served.fake` is that client)."""
     folder = Path(tempfile.mkdtemp(prefix="ts-", dir="/tmp"))  # short path: AF_UNIX limit
     config = make_config(folder / "ts.sock", **server)
     fake = FakeEngineClient(tokenizer) if engine is None else engine(config)
-    app = build_app(config, fake, tokenizer)
+    app = build_app(config, fake, tokenizer, sampling_defaults)
     tcp, uds = tcp_socket("127.0.0.1", 0), unix_socket(config.server.socket)
     server = uvicorn.Server(uvicorn_config(app, timeout_graceful_shutdown=2))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [tcp, uds]}, daemon=True)

@@ -10,6 +10,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 
+from appliance.engine.sampling_defaults import SamplingDefaults
 from appliance.server import sse
 from appliance.server.anthropic.protocol import CountTokensRequest, MessagesRequest
 from appliance.server.anthropic.template import template_messages, template_tools, tool_setup
@@ -40,7 +41,8 @@ async def messages(body: MessagesRequest, request: Request) -> Response:
     prefill = body.messages[-1].role == "assistant"  # Anthropic: the model continues that text
     prompt_ids = await chat_prompt_ids(state, template_messages(body), template, continue_final=prefill)
     constraint = await checked(state, request_constraint(state.tool_format, tools, choice, parallel), "tools")
-    sampling = replace(_sampling(body, len(prompt_ids), state.client.max_model_len), constraint=constraint)
+    sampling = replace(_sampling(body, len(prompt_ids), state.client.max_model_len, state.sampling_defaults),
+                       constraint=constraint)
     job = GenerationJob.chat_reply(prompt_ids, sampling, tools, choice,
                                    session=_session(request, body),
                                    user=user_hint(request, claude_code_ids(_user_id(body))[0]),
@@ -62,12 +64,11 @@ async def count_tokens(body: CountTokensRequest, request: Request) -> Response:
     return JSONResponse({"input_tokens": len(prompt_ids)})
 
 
-def _sampling(body: MessagesRequest, prompt_len: int, max_model_len: int) -> SamplingOptions:
+def _sampling(body: MessagesRequest, prompt_len: int, max_model_len: int,
+              defaults: SamplingDefaults) -> SamplingOptions:
     return SamplingOptions(
         max_tokens=output_budget(prompt_len, body.max_tokens, max_model_len),
-        temperature=1.0 if body.temperature is None else body.temperature,
-        top_p=1.0 if body.top_p is None else body.top_p,
-        top_k=body.top_k or 0,
+        **defaults.fill(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k),
         stop=tuple(body.stop_sequences or ()),
         speculative=body.speculative,
     )

@@ -51,7 +51,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     requested, param = ((body.max_completion_tokens, "max_completion_tokens")
                         if body.max_completion_tokens is not None else (body.max_tokens, "max_tokens"))
     sampling = sampling_options(body, len(prompt_ids), state.client.max_model_len, requested, param,
-                                vocab_size=state.vocab_size,
+                                vocab_size=state.vocab_size, defaults=state.sampling_defaults,
                                 logprobs=(body.top_logprobs or 0) if body.logprobs else None)
     constraint = request_constraint(state.tool_format, tools, choice, body.parallel_tool_calls is not False,
                                     _response_format(body.response_format))

@@ -9,6 +9,7 @@ from typing import Any
 
 from appliance.engine.constraints import check_grammar
 from appliance.engine.protocol import Constraint
+from appliance.engine.sampling_defaults import SamplingDefaults
 from appliance.server import sse
 from appliance.server.errors import ApiError, bad_request, openai_error_body
 from appliance.server.generation import Finished, GenerationJob, SamplingOptions
@@ -32,9 +33,11 @@ def reject_unsupported(body: SamplingFields) -> None:
 
 def sampling_options(body: SamplingFields, prompt_len: int, max_model_len: int,
                      requested: int | None, param: str, default_cap: int | None = None, *,
-                     vocab_size: int, logprobs: int | None = None) -> SamplingOptions:
+                     vocab_size: int, defaults: SamplingDefaults,
+                     logprobs: int | None = None) -> SamplingOptions:
     """The request's sampling fields, checked against the model (`vocab_size`) and its output
-    budget; `logprobs`: the alternatives per token the endpoint's own fields asked for."""
+    budget, `defaults` for those it leaves out; `logprobs`: the alternatives per token the
+    endpoint's own fields asked for."""
     budget_args = {} if default_cap is None else {"default_cap": default_cap}
     max_tokens = output_budget(prompt_len, requested, max_model_len, param=param, **budget_args)
     min_tokens = body.min_tokens or 0
@@ -42,14 +45,12 @@ def sampling_options(body: SamplingFields, prompt_len: int, max_model_len: int,
         raise bad_request(f"min_tokens ({min_tokens}) must not exceed {param} ({max_tokens})", "min_tokens")
     return SamplingOptions(
         max_tokens=max_tokens,
-        temperature=1.0 if body.temperature is None else body.temperature,
-        top_p=1.0 if body.top_p is None else body.top_p,
-        top_k=max(0, body.top_k or 0),
+        **defaults.fill(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
+                        repetition_penalty=body.repetition_penalty),
         seed=body.seed,
         stop=stop_strings(body.stop),
         ignore_eos=body.ignore_eos,
         logit_bias=logit_bias(body.logit_bias, vocab_size),
-        repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
         presence_penalty=body.presence_penalty or 0.0,
         frequency_penalty=body.frequency_penalty or 0.0,
         min_tokens=min_tokens,

@@ -38,7 +38,8 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     requested = body.max_tokens if body.max_tokens is not None else min(
         DEFAULT_MAX_TOKENS, max(1, state.client.max_model_len - len(prompt_ids)))
     sampling = sampling_options(body, len(prompt_ids), state.client.max_model_len, requested, "max_tokens",
-                                vocab_size=state.vocab_size, logprobs=body.logprobs)
+                                vocab_size=state.vocab_size, defaults=state.sampling_defaults,
+                                logprobs=body.logprobs)
     # Streamed with return_token_ids: every token's id in a chunk as it arrives (its text may
     # still be held back by the detokenizer), so clients can time every token.
     job = GenerationJob(prompt_ids, sampling, session=session_hint(request, body.session_id),

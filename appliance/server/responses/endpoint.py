@@ -48,8 +48,8 @@ async def responses(body: ResponsesRequest, request: Request) -> Response:
     sampling = SamplingOptions(
         max_tokens=output_budget(len(prompt_ids), body.max_output_tokens, state.client.max_model_len,
                                  param="max_output_tokens", prompt_param="input"),
-        temperature=1.0 if body.temperature is None else body.temperature,
-        top_p=1.0 if body.top_p is None else body.top_p, top_k=max(0, body.top_k or 0), seed=body.seed,
+        **state.sampling_defaults.fill(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k),
+        seed=body.seed,
         speculative=body.speculative,
         constraint=await checked(state, constraint, "tools" if specs else "text.format"))
     job = GenerationJob.chat_reply(prompt_ids, sampling, specs, choice,
