@@ -174,7 +174,7 @@ def _serve_when_ready(config: AppConfig, listening: Listening) -> int:
         _check_run_dir(config)
         files = resolve_model_files(config)
         check_mtp_checkpoint(config, files)
-        sampling_defaults = read_sampling_defaults(files)
+        sampling_defaults = read_sampling_defaults(files, config.model.sampling_defaults)
     except ConfigError as e:
         print(f"tokenspeed: config error: {e}", file=sys.stderr)
         return 2

@@ -44,6 +44,8 @@ class ModelConfig:
     max_model_len: int = 4096
     served_name: str | None = None
     seed: int = 0
+    # for the sampling fields a request leaves out: model (generation_config.json) | api
+    sampling_defaults: str = "model"
 
     @property
     def model_name(self) -> str:
@@ -146,6 +148,7 @@ class AppConfig:
 
 _CHOICES = {
     "model.load_format": ("auto", "safetensors", "dummy"),
+    "model.sampling_defaults": ("model", "api"),
     "model.dtype": ("auto", "float32", "bfloat16", "float16"),
     "device": ("auto", "cpu", "cuda"),
     "parallel.tp_size": (1, 2, 4, 8),

@@ -53,6 +53,7 @@ def test_model_path_override_replaces_the_preset():
     ("parallel.moe=dp", "parallel.moe"),
     ("server.port=http", "server.port"),
     ("model.dtype=fp7", "model.dtype"),
+    ("model.sampling_defaults=vllm", "model.sampling_defaults"),
     ("device=tpu", "device"),
     ("kv.memory_fraction=1.5", "kv.memory_fraction"),
     ("scheduler.max_batch_tokens=true", "scheduler.max_batch_tokens"),

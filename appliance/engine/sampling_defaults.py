@@ -45,14 +45,14 @@ class SamplingDefaults:
         return {name: value for name, value in asdict(self).items() if value != getattr(api, name)}
 
 
-def read_sampling_defaults(files: ModelFiles) -> SamplingDefaults:
+def read_sampling_defaults(files: ModelFiles, source: str = "model") -> SamplingDefaults:
     """The checkpoint folder's generation_config.json's sampling fields; the APIs' defaults
-    for dummy weights, a GGUF file (its `general.sampling.*` keys are not read) or a folder
-    without the file."""
+    for `source` api (`model.sampling_defaults`), dummy weights, a GGUF file (its
+    `general.sampling.*` keys are not read) or a folder without the file."""
     from appliance.model.hf_checkpoint import json_object
     from appliance.model.load_error import LoadError
 
-    if files.checkpoint is None or not Path(files.checkpoint).is_dir():
+    if source == "api" or files.checkpoint is None or not Path(files.checkpoint).is_dir():
         return SamplingDefaults()
     path = Path(files.checkpoint) / "generation_config.json"
     if not path.exists():

@@ -1,7 +1,8 @@
 """The model's sampling defaults end to end: `tokenspeed up` on a checkpoint whose
 generation_config.json sets top_k 1 samples every request that leaves top_k out from the
 single best token (its output is the greedy one at any temperature), through both SDKs; a
-request that sends top_k 0 turns it off and samples."""
+request that sends top_k 0 turns it off and samples, and so does every request of a daemon
+told `model.sampling_defaults: api`."""
 
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ PROMPT = [{"role": "user", "content": "def fib(n):"}]
 
 
 @pytest.fixture(scope="module")
-def daemon(tmp_path_factory):
+def top_k_one(tmp_path_factory):
+    """A copy of the tiny checkpoint whose generation_config.json sets top_k 1."""
     from appliance.model import tiny
 
     root = tmp_path_factory.mktemp("defaults")
@@ -28,7 +30,12 @@ def daemon(tmp_path_factory):
     shutil.copytree(tiny.ensure_tiny_checkpoint(root / "tiny-llama"), folder)
     generation = json.loads((folder / "generation_config.json").read_text())
     (folder / "generation_config.json").write_text(json.dumps({**generation, "top_k": 1}))
-    d = start_daemon(root, f"model.path={folder}")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def daemon(top_k_one):
+    d = start_daemon(top_k_one.parent, f"model.path={top_k_one}")
     yield d
     assert d.stop() == 0, d.log.read_text()
 
@@ -55,3 +62,12 @@ def test_top_k_zero_sent_turns_it_off(daemon):
     greedy = _chat(daemon, temperature=0)
     sampled = [_chat(daemon, temperature=1.0, top_k=0, seed=s) for s in range(4)]
     assert any(text != greedy for text in sampled)
+
+
+def test_sampling_defaults_api_ignores_the_models(top_k_one):
+    d = start_daemon(top_k_one.parent, f"model.path={top_k_one}", "model.sampling_defaults=api")
+    try:
+        greedy = _chat(d, temperature=0)
+        assert any(_chat(d, temperature=1.0, seed=s) != greedy for s in range(4))
+    finally:
+        assert d.stop() == 0, d.log.read_text()
