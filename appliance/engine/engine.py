@@ -252,7 +252,7 @@ class Engine:
             rows = self.sampler.prepare(rids, arrays, self.requests, self.grammars)
         else:  # every logits row samples the token at its own position
             rows = self.sampler.prepare(rids, layout.per_logit_row(arrays), self.requests,
-                                        self.grammars, row_request=layout.row)
+                                        self.grammars, layout=layout)
         if self.speculator is not None:
             self._next_cost = self._cost_without_drafts(plan, float(arrays.sample.sum()))
         return Forwarded(arrays.step, logits, rows, layout, arrays.num_draft, started, mtp)
@@ -297,6 +297,7 @@ class Engine:
         counts = first = None
         if fwd.layout is not None:
             counts, first = self.verifier.accept(sampled.tokens, fwd.layout)
+            self.sampler.count_emitted(sampled.tokens, fwd.rows, fwd.layout, counts)
         chains = None
         if fwd.mtp is not None:
             chains = self._mtp_chains(fwd, sampled.tokens, counts).to("cpu", non_blocking=True)

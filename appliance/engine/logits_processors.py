@@ -80,6 +80,12 @@ class ProcessorStep:
     penalty_slots: np.ndarray
     penalties: np.ndarray  # [P, 3] float32: repetition, presence, frequency
     counted: np.ndarray  # [P] bool: the row samples a token, which its statistics then count
+    # a verify step: the drafts before each penalized logits row in its chain, as (row, token,
+    # times) triples, and each one's index into penalty_rows (the row's slot and penalties)
+    draft_rows: np.ndarray  # [D] int64
+    draft_ids: np.ndarray  # [D] int64
+    draft_counts: np.ndarray  # [D] int32
+    draft_penalty: np.ndarray  # [D] int64
     stop_rows: np.ndarray  # [M] int64, with stop_ids: masked while min_tokens is not reached
     stop_ids: np.ndarray
     held_back: dict[int, np.ndarray]  # row -> its stop ids, for the rows the caller masks itself
@@ -138,6 +144,11 @@ class LogitsProcessors:
         if spec.penalties is not None:
             self._slots[req.rid] = self._pool.acquire(req.prompt_ids)
 
+    @property
+    def penalized(self) -> bool:
+        """Whether any request has penalties (their verify rows count drafts: `plan`)."""
+        return bool(self._slots)
+
     def remove(self, rid: int) -> None:
         self._specs.pop(rid, None)
         slot = self._slots.pop(rid, None)
@@ -145,10 +156,13 @@ class LogitsProcessors:
             self._pool.release(slot)
 
     def plan(self, rids: np.ndarray, arrays: PlanArrays,
-             masked_elsewhere: set[int] = frozenset()) -> ProcessorStep | None:
+             masked_elsewhere: set[int] = frozenset(),
+             drafts_before: tuple[np.ndarray, np.ndarray] | None = None) -> ProcessorStep | None:
         """This step's work, or None when no row asks for any. The rows of `masked_elsewhere`
         rids get their min_tokens stop ids in `held_back` instead of a logits mask (a grammar
-        mask folds them in, so that a grammar that can only end still can)."""
+        mask folds them in, so that a grammar that can only end still can). `drafts_before`
+        (a verify step, whose rows are its logits rows: `LogitLayout.drafts_before`): the
+        drafts a penalized row's statistics count on top of the request's."""
         if not self._specs:
             return None
         rows = [(row, self._specs[rid]) for row, rid in enumerate(rids.tolist()) if rid in self._specs]
@@ -165,14 +179,16 @@ class LogitsProcessors:
                     held[row] = s.stop_ids
                 else:
                     stops.append((row, s))
+        penalty_rows = np.array([row for row, _ in pen], np.int64)
         return ProcessorStep(
             bias_rows=_repeat_rows(bias, lambda s: len(s.bias_ids)),
             bias_ids=_cat([s.bias_ids for _, s in bias], np.int64),
             bias_values=_cat([s.bias_values for _, s in bias], np.float32),
-            penalty_rows=np.array([row for row, _ in pen], np.int64),
+            penalty_rows=penalty_rows,
             penalty_slots=np.array([self._slots[int(rids[row])] for row, _ in pen], np.int64),
             penalties=np.array([s.penalties for _, s in pen], np.float32).reshape(-1, 3),
             counted=np.array([bool(arrays.sample[row]) for row, _ in pen], bool),
+            **_drafts_of(penalty_rows, drafts_before, len(rids)),
             stop_rows=_repeat_rows(stops, lambda s: len(s.stop_ids)),
             stop_ids=_cat([s.stop_ids for _, s in stops], np.int64),
             held_back=held)
@@ -184,23 +200,66 @@ class LogitsProcessors:
             logits.index_put_((rows, ids), values, accumulate=True)
         if len(step.penalty_rows):
             rows, slots, penalties = self._upload(step.penalty_rows, step.penalty_slots, step.penalties)
+            drafted = self._drafted(logits, step, slots, penalties) if len(step.draft_rows) else None
             self._penalize(logits, rows, slots, self._pool.prompt_seen, self._pool.output_counts,
                            penalties[:, 0], penalties[:, 1], penalties[:, 2])
+            if drafted is not None:
+                logits.index_put_(*drafted)
         if len(step.stop_rows):
             rows, ids = self._upload(step.stop_rows, step.stop_ids)
             logits.index_put_((rows, ids), torch.full_like(rows, float("-inf"), dtype=logits.dtype))
 
-    def after_sample(self, tokens: torch.Tensor, step: ProcessorStep) -> None:
-        """tokens [B] int32 on the device: count each penalized row's sampled token."""
+    def _drafted(self, logits: torch.Tensor, step: ProcessorStep, slots: torch.Tensor,
+                 penalties: torch.Tensor) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """A verify step's drafted tokens, penalized as if generated: the (row, token) entries
+        and their values, from the logits before the penalties (the whole rows are penalized
+        with the request's statistics alone; these entries are then written over). The same
+        op on a one-column pool of those entries, so the arithmetic is the op's own."""
+        rows, ids, times, which = self._upload(step.draft_rows, step.draft_ids, step.draft_counts,
+                                               step.draft_penalty)
+        slot = slots[which]
+        entries = logits[rows, ids].unsqueeze(1)                                  # [D, 1]
+        seen = self._pool.prompt_seen[slot, ids].unsqueeze(1)
+        counts = (self._pool.output_counts[slot, ids] + times).unsqueeze(1)
+        each = torch.arange(len(rows), device=logits.device)
+        self._penalize(entries, each, each, seen, counts, penalties[which, 0], penalties[which, 1],
+                       penalties[which, 2])
+        return (rows, ids), entries.squeeze(1)
+
+    def after_sample(self, tokens: torch.Tensor, step: ProcessorStep,
+                     emitted: torch.Tensor | None = None) -> None:
+        """tokens [B] int32 on the device: count each penalized row's sampled token; of a
+        verify step (`emitted` [B] bool on the device: `LogitLayout.emitted`) only the ones
+        it emits."""
         counted = step.counted
         if not counted.any():
             return
         rows, slots = self._upload(step.penalty_rows[counted], step.penalty_slots[counted])
-        ones = torch.ones_like(slots, dtype=torch.int32)
-        self._pool.output_counts.index_put_((slots, tokens[rows].long()), ones, accumulate=True)
+        times = (torch.ones_like(slots, dtype=torch.int32) if emitted is None
+                 else emitted[rows].to(torch.int32))
+        self._pool.output_counts.index_put_((slots, tokens[rows].long()), times, accumulate=True)
 
     def _upload(self, *arrays: np.ndarray) -> list[torch.Tensor]:
         return to_device_packed([torch.from_numpy(np.ascontiguousarray(a)) for a in arrays], self.device)
+
+
+def _drafts_of(penalty_rows: np.ndarray, drafts_before: tuple[np.ndarray, np.ndarray] | None,
+               num_rows: int) -> dict[str, np.ndarray]:
+    """ProcessorStep's draft_* fields: the drafts before each penalized row, a (row, token)
+    pair once with the times it occurs."""
+    empty = {"draft_rows": np.zeros(0, np.int64), "draft_ids": np.zeros(0, np.int64),
+             "draft_counts": np.zeros(0, np.int32), "draft_penalty": np.zeros(0, np.int64)}
+    if drafts_before is None or not len(penalty_rows):
+        return empty
+    index = np.full(num_rows, -1, np.int64)
+    index[penalty_rows] = np.arange(len(penalty_rows))
+    rows, ids = drafts_before
+    keep = index[rows] >= 0
+    if not keep.any():
+        return empty
+    pairs, times = np.unique(np.stack([rows[keep], ids[keep]], axis=1), axis=0, return_counts=True)
+    return {"draft_rows": pairs[:, 0], "draft_ids": pairs[:, 1],
+            "draft_counts": times.astype(np.int32), "draft_penalty": index[pairs[:, 0]]}
 
 
 def _repeat_rows(rows: list[tuple[int, _RowSpec]], count) -> np.ndarray:

@@ -23,6 +23,7 @@ from appliance.engine.logprobs import LogprobRows, Logprobs, logprob_rows
 from appliance.engine.plan_arrays import PlanArrays
 from appliance.engine.protocol import MIN_TOP_P, GenerateRequest
 from appliance.engine.transfer import to_device, to_device_packed
+from appliance.engine.verify import LogitLayout
 
 INT32_MAX = 2**31 - 1
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
@@ -57,6 +58,7 @@ class SampleRows:
     processors: ProcessorStep | None
     logprobs: LogprobRows | None
     constrained: list[tuple[int, int]]  # (row, rid) of the sampling rows under a grammar
+    verify: bool = False  # a verify step's logits rows: statistics count what it emits (count_emitted)
 
 
 @dataclass(frozen=True)
@@ -99,11 +101,12 @@ class Sampler:
 
     def prepare(self, rids: np.ndarray, arrays: PlanArrays, params: dict[int, GenerateRequest],
                 constrained: Container[int] = frozenset(),
-                row_request: np.ndarray | None = None) -> SampleRows:
+                layout: LogitLayout | None = None) -> SampleRows:
         """The rows' parameters while every row's request is known (before the step in
-        flight is committed). `constrained`: the rids under a grammar. `row_request` (a verify
-        step, whose rows are its logits rows, 1 + k a request): each row's index into `rids`,
-        which then holds each request once."""
+        flight is committed). `constrained`: the rids under a grammar. `layout` (a verify
+        step, whose rows are its logits rows, 1 + k a request; `arrays` then as
+        `layout.per_logit_row` gives them): `rids` holds each request once."""
+        row_request = layout.row if layout is not None else None
         reqs = [params.get(rid) for rid in rids.tolist()]
         known = [r or _DISCARDED for r in reqs]
         per_request = [
@@ -121,9 +124,10 @@ class Sampler:
         under_grammar = [(row, int(rid)) for row, rid in enumerate(rids)
                          if arrays.sample[row] and int(rid) in constrained] if constrained else []
         masked = {rid for _, rid in under_grammar}
+        drafts = layout.drafts_before() if layout is not None and self.processors.penalized else None
         return SampleRows(rids, [*per_request, positions],
-                          self.processors.plan(rids, arrays, masked),
-                          logprob_rows(reqs, row_request), under_grammar)
+                          self.processors.plan(rids, arrays, masked, drafts),
+                          logprob_rows(reqs, row_request), under_grammar, verify=layout is not None)
 
     @torch.inference_mode()  # the runner's logits are inference tensors: edited in place here
     def sample(self, logits: torch.Tensor, rows: SampleRows,
@@ -141,7 +145,14 @@ class Sampler:
                                                 torch.from_numpy(bitmask.bitmask)], self.device)
             self._mask(logits, mask, mask_rows)
         tokens = self._sample(logits, *to_device_packed(rows.params, self.device))  # [B] int32
-        if rows.processors is not None:
+        if rows.processors is not None and not rows.verify:
             self.processors.after_sample(tokens, rows.processors)
         logprobs = None if raw is None else Logprobs.compute(raw, rows.logprobs, lp_rows, tokens)
         return Sampled(tokens, logprobs)
+
+    def count_emitted(self, tokens: torch.Tensor, rows: SampleRows, layout: LogitLayout,
+                      counts: torch.Tensor) -> None:
+        """After a verify step's `Verifier.accept` (counts [B] on the device): the penalized
+        requests' statistics count the tokens it emits, not the rejected drafts' rows."""
+        if rows.processors is not None and rows.processors.counted.any():
+            self.processors.after_sample(tokens, rows.processors, layout.emitted(counts))

@@ -57,6 +57,23 @@ class LogitLayout:
         return dataclasses.replace(arrays, seq_lens=self.positions.astype(np.int32),
                                    sample=arrays.sample[self.row])
 
+    def drafts_before(self) -> tuple[np.ndarray, np.ndarray]:
+        """(logits rows [P] int64, tokens [P] int64): each logits row paired with every draft
+        of its chain before it, the tokens a plain decode at its position would already have
+        generated (a penalty counts them; logits row j of a chain gets drafts 0 .. j-1)."""
+        local = np.arange(len(self.row)) - self.start[self.row]                 # [N]
+        rows = np.repeat(np.arange(len(self.row)), local)                      # [P]
+        nth = np.arange(len(rows)) - np.repeat(np.cumsum(local) - local, local)
+        return rows, self.drafts[self.start[self.row[rows]] + nth].astype(np.int64)
+
+    def emitted(self, counts: torch.Tensor) -> torch.Tensor:
+        """counts [B] int32 (`Verifier.accept`, on the device) -> [N] bool: the logits rows
+        whose token the step emits (each chain's first counts[b])."""
+        local = np.arange(len(self.row)) - self.start[self.row]
+        local_t, row_t = to_device_packed([torch.from_numpy(local), torch.from_numpy(self.row)],
+                                          counts.device)
+        return local_t < counts[row_t]
+
 
 class Verifier:
     def __init__(self, device: torch.device) -> None:

@@ -75,6 +75,22 @@ def test_speculation_gives_the_tokens_of_plain_decoding(engines, temperature, me
     assert verify_batches and all(b.num_logits > b.num_rows for b in verify_batches)
 
 
+@pytest.mark.parametrize("method", ["ngram", "suffix"])
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_penalized_requests_get_drafts_and_the_tokens_of_plain_decoding(engines, temperature, method):
+    """A verify row counts the drafts before it in its chain as generated (repetition,
+    presence, frequency), and the statistics count only the tokens a step emits: the tokens
+    are plain decoding's, while drafts are accepted."""
+    penalties = dict(frequency_penalty=0.5)
+    reqs = [GenerateRequest(**r, temperature=temperature, seed=7, ignore_eos=True, **penalties)
+            for r in REQUESTS]
+    plain = run(engines(), reqs)
+    spec_engine = engines(f"speculative.method={method}", "speculative.max_draft=4")
+    assert run(spec_engine, reqs) == plain
+    st = spec_engine.scheduler.stats()
+    assert st["spec_verify_rows_total"] > 0 and st["spec_accepted_tokens_total"] > 0
+
+
 def test_an_opted_out_request_never_gets_drafts(engines):
     eng = engines("speculative.method=ngram")
     run(eng, [GenerateRequest(**REQUESTS[0], temperature=0.0, speculative=False)])

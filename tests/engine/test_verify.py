@@ -1,12 +1,13 @@
 """The verifier keeps the target's distribution: chi-square tests over many seeds on a small
 vocabulary (temperature, top-k, top-p applied to the target first), greedy acceptance, and the
-logits layout of verify rows."""
+logits layout of verify rows; penalties count the drafts before each verify row."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
 
+from appliance.engine.logits_processors import LogitsProcessors
 from appliance.engine.plan_arrays import PlanArrays
 from appliance.engine.protocol import GenerateRequest
 from appliance.engine.sampler import Sampler
@@ -70,7 +71,7 @@ def run_verify(logits_per_position: torch.Tensor, drafts: list[int], n_seeds: in
     layout = LogitLayout.of(arrays)
     logits = logits_per_position.repeat(n_seeds, 1)                          # [n (1+k), V]
     rows = sampler.prepare(np.arange(n_seeds), layout.per_logit_row(arrays), params,
-                           row_request=layout.row)
+                           layout=layout)
     tokens = sampler.sample(logits, rows).tokens                              # [n (1+k)]
     counts, first = Verifier(CPU).accept(tokens, layout)
     return tokens.view(n_seeds, k + 1).numpy(), counts.numpy(), first.numpy()
@@ -161,3 +162,44 @@ def test_verify_matches_plain_sampling_at_each_position():
                                sampler.prepare(np.arange(n), arrays, params)).tokens
         live = counts > j
         assert (toks[live, j] == plain.numpy()[live]).all()
+
+
+PENALIZED = GenerateRequest(rid=0, prompt_ids=[1, 2], max_new_tokens=8, repetition_penalty=1.5,
+                            presence_penalty=0.5, frequency_penalty=0.25)
+
+
+def _penalized_after(generated: list[int], logits: torch.Tensor) -> torch.Tensor:
+    """`logits` [V] processed as a plain decode of PENALIZED after it generated `generated`."""
+    plain = LogitsProcessors(CPU, logits.shape[0])
+    plain.add(PENALIZED, [])
+    one_row = verify_arrays([0], [[]])
+    for token in generated:
+        plain.after_sample(torch.tensor([token], dtype=torch.int32), plain.plan(np.zeros(1, np.int64), one_row))
+    out = logits.clone().unsqueeze(0)
+    plain.apply(out, plain.plan(np.zeros(1, np.int64), one_row))
+    return out[0]
+
+
+def test_penalties_count_the_drafts_before_each_verify_row():
+    """Logits row j of a penalized chain is penalized as a plain decode after drafts 0 .. j-1
+    (repeated drafts counted as often as they occur); the statistics then count only the
+    tokens the step emits."""
+    drafts, vocab = [3, 3, 1, 5], 12
+    arrays = verify_arrays([4], [drafts])
+    layout = LogitLayout.of(arrays)
+    logits = torch.randn(len(drafts) + 1, vocab, generator=torch.Generator().manual_seed(3)) * 3
+    verify = LogitsProcessors(CPU, vocab)
+    verify.add(PENALIZED, [])
+    rids = np.zeros(len(drafts) + 1, np.int64)
+    step = verify.plan(rids, layout.per_logit_row(arrays), drafts_before=layout.drafts_before())
+    got = logits.clone()
+    verify.apply(got, step)
+    for j in range(len(drafts) + 1):
+        torch.testing.assert_close(got[j], _penalized_after(drafts[:j], logits[j]), rtol=0, atol=0)
+    # the step emits 3, 3 and then 7 where the third draft missed; 9 and 8 are not emitted
+    sampled = torch.tensor([3, 3, 7, 9, 8], dtype=torch.int32)
+    verify.after_sample(sampled, step, layout.emitted(torch.tensor([3], dtype=torch.int32)))
+    zeros = torch.zeros(1, vocab)
+    verify.apply(zeros, verify.plan(np.zeros(1, np.int64), verify_arrays([0], [[]])))
+    torch.testing.assert_close(zeros[0], _penalized_after([3, 3, 7], torch.zeros(vocab)), rtol=0, atol=0)
+    assert zeros[0, 3] == -1.0 and zeros[0, 7] == -0.75 and zeros[0, 9] == 0.0

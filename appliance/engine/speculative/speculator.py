@@ -82,11 +82,9 @@ class Speculator:
 
 
 def takes_part(req: GenerateRequest) -> bool:
-    """Whether `req` gets drafts: not when it opted out, nor when its sampling carries state
-    that would have to advance through each draft (penalties, logit_bias, min_tokens) or
-    reports per-token log-probabilities; those decode one token a step. A grammar composes:
-    its masks follow the drafts (verify.verify_bitmask)."""
+    """Whether `req` gets drafts: not when it opted out, nor when it sets logit_bias or
+    min_tokens or reports per-token log-probabilities; those decode one token a step.
+    Penalties compose: each verify row counts the drafts before it (`LogitsProcessors.plan`),
+    and a grammar's masks follow the drafts (verify.verify_bitmask)."""
     return (req.speculative and req.logprobs is None
-            and not req.logit_bias and req.min_tokens == 0
-            and (req.repetition_penalty, req.presence_penalty, req.frequency_penalty)
-            == (1.0, 0.0, 0.0))
+            and not req.logit_bias and req.min_tokens == 0)
