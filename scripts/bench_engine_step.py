@@ -11,6 +11,10 @@ B requests decode at once; one of them may ask for a feature (`--mode`):
   json       one row under a JSON schema (llguidance; the step commits before its sampler)
   suffix     every row drafts (speculative.method suffix; each row repeats one token, so its
              drafts are all accepted): host ms of a verify step, and tokens a step emits
+  model-defaults  every row with Qwen3-Coder's generation_config.json sampling (temperature 0.7,
+             top_p 0.8, top_k 20, repetition_penalty 1.05: what a request that sends none gets)
+  suffix-penalized  suffix with every row greedy under that repetition penalty (each verify row
+             counts the drafts before it)
 Prints the median and mean per step (the median is the one to compare on a shared machine). On CPU the `sample` reference dominates a large vocabulary,
 so the default vocabulary is small; on a GPU pass --device cuda to time the launches.
 
@@ -47,9 +51,13 @@ FEATURES = {
     "logprobs": {"logprobs": 5},
     "json": {"constraint": "json"},
     "suffix": {"temperature": 0.0},  # greedy: a row's fixed logits repeat its token
+    "model-defaults": {"temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.05},
+    "suffix-penalized": {"temperature": 0.0, "repetition_penalty": 1.05},
 }
-EVERY_ROW = {"greedy", "suffix"}  # the modes every row asks for (the others: row 0 alone)
-MODE_CONFIG = {"suffix": ("speculative.method=suffix",)}
+# the modes every row asks for (the others: row 0 alone)
+EVERY_ROW = {"greedy", "suffix", "model-defaults", "suffix-penalized"}
+MODE_CONFIG = {"suffix": ("speculative.method=suffix",),
+               "suffix-penalized": ("speculative.method=suffix",)}
 
 
 class FreeRunner:
