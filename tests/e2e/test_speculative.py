@@ -35,14 +35,15 @@ def daemon(tmp_path_factory, request):
 
 
 def complete(daemon, prompt: str, speculative: bool, max_tokens: int = 120,
-             http: httpx.Client | None = None) -> list[int]:
-    """Greedy token ids of `prompt`; over `http` (shared by threads) when given."""
+             http: httpx.Client | None = None, **fields) -> list[int]:
+    """Greedy token ids of `prompt`; over `http` (shared by threads) when given; `fields`:
+    more of the request body."""
     if http is None:
         with httpx.Client(base_url=daemon.base_url, timeout=300) as own:
-            return complete(daemon, prompt, speculative, max_tokens, own)
+            return complete(daemon, prompt, speculative, max_tokens, own, **fields)
     r = http.post("/v1/completions", json={
         "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
-        "return_token_ids": True, "speculative": speculative})
+        "return_token_ids": True, "speculative": speculative, **fields})
     assert r.status_code == 200, r.text
     return r.json()["choices"][0]["token_ids"]
 
@@ -61,6 +62,18 @@ def test_greedy_output_is_the_same_with_and_without_drafts(daemon):
     assert after["verify_rows"] > before["verify_rows"]
     assert after["accepted_tokens"] > before["accepted_tokens"]
     assert after["mean_accepted_length"] > 1.0
+
+
+def test_penalized_requests_get_drafts_and_keep_their_greedy_output(daemon):
+    """A model's default repetition penalty (Qwen3-Coder: 1.05) no longer takes a request out
+    of speculation: each verify row counts the drafts before it. A mild penalty: the tiny
+    model's output under 1.05 no longer repeats, so no draft source finds anything."""
+    penalties = {"repetition_penalty": 1.01}
+    before = stats(daemon)["speculative"]
+    with_drafts = complete(daemon, CODE * 2, speculative=True, **penalties)
+    assert with_drafts == complete(daemon, CODE * 2, speculative=False, **penalties)
+    assert with_drafts != complete(daemon, CODE * 2, speculative=False)  # the penalties count
+    assert stats(daemon)["speculative"]["accepted_tokens"] > before["accepted_tokens"]
 
 
 def test_batched_chunked_and_preempted_requests_keep_their_greedy_output(daemon):
