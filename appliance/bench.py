@@ -13,8 +13,9 @@ Modes
               taken from the conversation are for).
 - greedy:     the greedy token ids of a few seeded prompts, to compare layouts (TP1 vs TP2/TP4).
 
-Requests are greedy unless `--temperature`, `--top-p` and `--top-k` ask for an agent's sampling
-(not for `greedy`); the summary says which (`sampling`).
+Requests are greedy unless `--temperature`, `--top-p`, `--top-k` and `--repetition-penalty` ask
+for an agent's sampling (not for `greedy`); the summary says which (`sampling`). Each request
+sends all four, so a checkpoint's own sampling defaults (generation_config.json) never apply.
 
 `--concurrency 1,4,16,64` runs throughput at each level in turn; `--plot FILE.png` draws per-user
 TPS against TPM over those levels (matplotlib, the `plot` extra). The HTTP clients hold as many
@@ -75,26 +76,24 @@ class RequestResult:
 
 @dataclass(frozen=True)
 class Sampling:
-    """The requests' sampling parameters (--temperature, --top-p, --top-k). Greedy by default;
-    an agent's own settings measure what its sampling costs the daemon (the sampler's work
-    grows from greedy to temperature to top-k / top-p)."""
+    """The requests' sampling parameters (--temperature, --top-p, --top-k, --repetition-penalty).
+    Greedy by default; an agent's own settings measure what its sampling costs the daemon (the
+    sampler's work grows from greedy to temperature to top-k / top-p; a penalty adds its own)."""
 
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0  # 0: off
+    repetition_penalty: float = 1.0  # 1: off
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Sampling:
-        return cls(args.temperature, args.top_p, args.top_k)
+        return cls(args.temperature, args.top_p, args.top_k, args.repetition_penalty)
 
     def fields(self) -> dict:
-        """The request body's sampling fields (top_k: the daemon's extension to OpenAI's)."""
-        out: dict = {"temperature": self.temperature}
-        if self.top_p < 1.0:
-            out["top_p"] = self.top_p
-        if self.top_k > 0:
-            out["top_k"] = self.top_k
-        return out
+        """The request body's sampling fields, every one sent (a field left out would take the
+        model's default); top_k and repetition_penalty: the daemon's extensions to OpenAI's."""
+        return {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,
+                "repetition_penalty": self.repetition_penalty}
 
 
 GREEDY = Sampling()
@@ -134,6 +133,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "`greedy`)")
     parser.add_argument("--top-p", type=_top_p, default=1.0, help="the requests' top_p (default 1: off)")
     parser.add_argument("--top-k", type=_top_k, default=0, help="the requests' top_k (default 0: off)")
+    parser.add_argument("--repetition-penalty", type=_repetition_penalty, default=1.0,
+                        help="the requests' repetition_penalty (default 1: off)")
 
 
 def _positive(text: str) -> int:
@@ -161,6 +162,13 @@ def _top_p(text: str) -> float:
     value = _finite(text)
     if not 0.0 < value <= 1.0:
         raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
+    return value
+
+
+def _repetition_penalty(text: str) -> float:
+    value = _finite(text)
+    if not 0.0 < value <= 2.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 2], got {value}")
     return value
 
 
@@ -219,7 +227,7 @@ def _check_arguments(args: argparse.Namespace) -> None:
         raise BenchError("a list of --concurrency levels is a throughput sweep: use `bench throughput`")
     if args.mode == "greedy" and Sampling.from_args(args) != GREEDY:
         raise BenchError("`bench greedy` compares greedy tokens: --temperature / --top-p / "
-                         "--top-k are for the other modes")
+                         "--top-k / --repetition-penalty are for the other modes")
     if args.plot is not None:
         if args.mode != "throughput":
             raise BenchError("--plot draws a throughput sweep: use `bench throughput --concurrency 1,4,16`")

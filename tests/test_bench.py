@@ -49,7 +49,8 @@ class CountingDaemon:
 
     async def completions(self, request: Request) -> StreamingResponse:
         body = await request.json()
-        self.sampling.append({k: body[k] for k in ("temperature", "top_p", "top_k") if k in body})
+        self.sampling.append({k: body[k] for k in ("temperature", "top_p", "top_k", "repetition_penalty")
+                              if k in body})
         self.open += 1
         self.max_open = max(self.max_open, self.open)
         deadline = time.monotonic() + self.hold_s
@@ -121,15 +122,17 @@ def test_streams_spread_over_clients_of_a_few_connections_each(capsys, monkeypat
 
 def test_the_requests_sample_as_asked_in_one_process_and_spread_over_several(capsys,
                                                                             monkeypatch):
-    """Greedy by default; --temperature / --top-p / --top-k reach every request and the summary,
-    also from a load spread over client processes (here 2 of 4 streams each)."""
+    """Greedy by default; --temperature / --top-p / --top-k / --repetition-penalty reach every
+    request and the summary, also from a load spread over client processes (here 2 of 4
+    streams each). Every field is sent: a model's own defaults never apply to the load."""
     daemon = CountingDaemon(target=4, tokens=3)
     with serving(daemon) as socket:
         assert main(bench(socket, "--concurrency", "4", "--requests", "4")) == 0
-        assert json.loads(capsys.readouterr().out)["sampling"] == {"temperature": 0.0}
-        assert daemon.sampling == [{"temperature": 0.0}] * 4
-        asked = {"temperature": 0.7, "top_p": 0.8, "top_k": 20}
-        flags = ["--temperature", "0.7", "--top-p", "0.8", "--top-k", "20"]
+        greedy = {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0}
+        assert json.loads(capsys.readouterr().out)["sampling"] == greedy
+        assert daemon.sampling == [greedy] * 4
+        asked = {"temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.05}
+        flags = ["--temperature", "0.7", "--top-p", "0.8", "--top-k", "20", "--repetition-penalty", "1.05"]
         for concurrency, processes in ((4, 1), (8, 2)):
             monkeypatch.setattr(bench_processes, "STREAMS_PER_PROCESS", 4)
             daemon.sampling.clear()
@@ -149,7 +152,8 @@ def test_bad_sampling_flags_are_refused_before_the_load(tmp_path, capsys):
                               ("--top-p", "0", "must be in (0, 1]"),
                               ("--top-p", "1.5", "must be in (0, 1]"),
                               ("--top-k", "-1", "must be >= 0"),
-                              ("--top-k", "2.5", "expected a whole number")):
+                              ("--top-k", "2.5", "expected a whole number"),
+                              ("--repetition-penalty", "0", "must be in (0, 2]")):
         with pytest.raises(SystemExit):
             main(["bench", "throughput", "--set", f"server.socket={socket}", flag, value])
         assert says in capsys.readouterr().err

@@ -15,5 +15,5 @@ def test_throughput_with_temperature_top_p_and_top_k(daemon):
                         "--top-p", "0.8", "--top-k", "20", "--json", timeout=300)
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
-    assert summary["sampling"] == {"temperature": 0.7, "top_p": 0.8, "top_k": 20}
+    assert summary["sampling"] == {"temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.0}
     assert summary["requests"] == 4 and summary["output_tokens"] == 4 * 6  # ignore_eos
