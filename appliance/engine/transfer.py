@@ -25,8 +25,16 @@ def to_device_packed(hosts: list[torch.Tensor], device: torch.device) -> list[to
 def pack(hosts: list[torch.Tensor]) -> torch.Tensor:
     """The tensors' bytes in one uint8 buffer, widest element first, so that every tensor's
     bytes start aligned to its element size."""
-    return torch.cat([hosts[i].contiguous().reshape(-1).view(torch.uint8)
-                      for i in _widest_first(hosts)])
+    return torch.cat([_flat(hosts[i]).view(torch.uint8) for i in _widest_first(hosts)])
+
+
+def _flat(host: torch.Tensor) -> torch.Tensor:
+    """`host` as one dense row: a one-element view of a strided array (numpy's column of one
+    row) counts as contiguous whatever its stride, which a byte view refuses."""
+    flat = host.contiguous().reshape(-1)
+    if flat.numel() == 1 and flat.stride(0) != 1:
+        flat = flat.clone(memory_format=torch.contiguous_format)
+    return flat
 
 
 def unpack(packed: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:

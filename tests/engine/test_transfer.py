@@ -2,6 +2,7 @@
 with the same dtypes, shapes and values (the layout keeps every view aligned)."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -25,6 +26,16 @@ def test_pack_unpack_round_trip():
     for got, want in zip(unpack(packed, hosts), hosts):
         assert got.dtype == want.dtype and got.shape == want.shape and torch.equal(got, want)
         assert got.data_ptr() % want.element_size() == 0                 # aligned view
+
+
+def test_one_element_views_of_strided_arrays_pack():
+    """numpy's column of a one-row array: C-contiguous by numpy's and torch's rules, whatever
+    its stride, which a byte view refused (a verify step with one penalized draft did this)."""
+    pairs = np.array([[3, 40]], np.int64)
+    hosts = [torch.from_numpy(np.ascontiguousarray(pairs[:, 0])), torch.from_numpy(pairs[:, 1])]
+    assert hosts[0].stride() == (2,)
+    got = unpack(pack(hosts), hosts)
+    assert [g.tolist() for g in got] == [[3], [40]]
 
 
 def test_cpu_device_returns_the_tensors():
