@@ -27,7 +27,7 @@ OPS: tuple[str, ...] = (
 )
 # Ops the torch reference serves on CUDA too (vectorized, no host sync): no Triton kernel until a
 # measurement asks for one.
-REFERENCE_ONLY: tuple[str, ...] = ("apply_token_bitmask", "apply_penalties")
+REFERENCE_ONLY: tuple[str, ...] = ("apply_token_bitmask",)
 
 
 class KernelError(LookupError):

@@ -13,6 +13,6 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 from kernels.triton import attention_ops  # noqa: F401,E402
 from kernels.triton import elementwise, gemv, head_gemv, rope_kv  # noqa: F401,E402
 from kernels.triton import mla_absorb_rope  # noqa: F401,E402
-from kernels.triton import moe, route  # noqa: F401,E402
+from kernels.triton import moe, penalties, route  # noqa: F401,E402
 from kernels.triton import sample  # noqa: F401,E402
 from kernels.triton import spec_accept  # noqa: F401,E402

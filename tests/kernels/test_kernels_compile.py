@@ -37,6 +37,7 @@ from kernels.triton import moe_gemv as MG  # noqa: E402
 from kernels.triton import paged_tiles as PT  # noqa: E402
 from kernels.triton import prefill as P  # noqa: E402
 from kernels.triton import rope_kv as RK  # noqa: E402
+from kernels.triton import penalties as PN  # noqa: E402
 from kernels.triton import route as RT  # noqa: E402
 from kernels.triton import sample as S  # noqa: E402
 from kernels.triton import spec_accept as SA  # noqa: E402
@@ -252,6 +253,9 @@ def _row_kernels() -> None:
     _gemv(128256, 4096, norm=True, norm_weight=False)              # the head
     compile_sm90(SA._spec_accept_kernel, dict(Tokens=I32, Drafts=I32, Start=I32, Counts=I32),
                  dict(BLOCK=SA.BLOCK), 4, 1)
+    compile_sm90(PN._penalties_kernel, dict(Logits=F32, Rows=I64, Slots=I64, Seen=torch.uint8,
+                                            Counts=I32, Rep=F32, Pres=F32, Freq=F32, V=128256),
+                 dict(BLOCK=PN.BLOCK_V), 4, 1)
 
 
 def _gemv(n: int, k: int, pdl: bool = True, silu_mul: bool = False, norm: bool = False,

@@ -23,6 +23,7 @@ from kernels.triton import elementwise as E  # noqa: E402
 from kernels.triton import head_gemv as HG  # noqa: E402
 from kernels.triton import moe as M  # noqa: E402
 from kernels.triton import moe_gemv as MG  # noqa: E402
+from kernels.triton import penalties as PN  # noqa: E402
 from kernels.triton import rope_kv as RK  # noqa: E402
 from kernels.triton import route as RT  # noqa: E402
 from kernels.triton import sample as S  # noqa: E402
@@ -898,3 +899,28 @@ def test_moe_route_rejects_bad_arguments():
         k, scoring, n_group, topk_group = args
         with pytest.raises(ValueError):
             RT.moe_route(logits, k, scoring, False, None, n_group, topk_group, 1.0)
+
+
+@pytest.mark.parametrize("vocab", [7, 1500])
+def test_apply_penalties_equals_the_reference(vocab):
+    """Bit for bit, on rows of both signs, prompt and generated tokens, a row without penalties'
+    state, penalties as a strided [R, 3] view (the engine's), and a one-column pool (the
+    drafted entries of a verify step)."""
+    g = torch.Generator().manual_seed(vocab)
+    logits = (torch.randn(5, vocab, generator=g) * 4).to(DEV)
+    seen = (torch.rand(3, vocab, generator=g) < 0.3).to(DEV)
+    counts = torch.randint(0, 3, (3, vocab), generator=g, dtype=torch.int32).to(DEV)
+    rows, slots = torch.tensor([4, 0, 2], device=DEV), torch.tensor([1, 2, 0], device=DEV)
+    params = torch.tensor([[1.3, 0.5, 0.25], [0.8, -0.4, 1.5], [1.05, 0.0, 0.0]], device=DEV)
+    want, got = logits.clone(), logits.clone()
+    args = (rows, slots, seen, counts, params[:, 0], params[:, 1], params[:, 2])
+    R.apply_penalties(want, *args)
+    PN.apply_penalties(got, *args)
+    assert torch.equal(got, want) and not torch.equal(got, logits)
+    column = logits[rows, torch.tensor([0, 1, 2], device=DEV)].unsqueeze(1)     # [3, 1]
+    one = torch.arange(3, device=DEV)
+    pool = (seen[slots, :1].clone(), counts[slots, :1] + 1)
+    want, got = column.clone(), column.clone()
+    R.apply_penalties(want, one, one, *pool, params[:, 0], params[:, 1], params[:, 2])
+    PN.apply_penalties(got, one, one, *pool, params[:, 0], params[:, 1], params[:, 2])
+    assert torch.equal(got, want)

@@ -1,0 +1,59 @@
+"""apply_penalties in one launch: each (row, vocabulary block) program reads the row's logits and
+its request's token statistics and writes the penalized logits back.
+
+The torch reference takes ~18 ops (gathers, compares, selects, a scatter), each a launch on
+CUDA: scripts/bench_engine_step.py on an H100 measured one penalized row adding 0.81 ms to a
+batch-1 step of the engine loop (0.560 -> 1.368 ms) and 0.88 ms at 64 rows. Same arithmetic as
+the reference, so the same floats: l * p, l / p (IEEE), then (l - presence) - frequency * count.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.registry import register
+from kernels.triton.common import PRIORITY, check, on_cuda
+
+BLOCK_V = 1024
+
+
+@triton.jit
+def _penalties_kernel(Logits, Rows, Slots, Seen, Counts, Rep, Pres, Freq, stride_l, stride_s,
+                      stride_c, V, BLOCK: tl.constexpr):
+    r = tl.program_id(0)
+    v = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = v < V
+    row = tl.load(Rows + r).to(tl.int64)
+    slot = tl.load(Slots + r).to(tl.int64)
+    p, presence, frequency = tl.load(Rep + r), tl.load(Pres + r), tl.load(Freq + r)
+    ptrs = Logits + row * stride_l + v
+    l = tl.load(ptrs, mask=ok, other=0.0)
+    count = tl.load(Counts + slot * stride_c + v, mask=ok, other=0)
+    generated = count > 0
+    seen = (tl.load(Seen + slot * stride_s + v, mask=ok, other=0) != 0) | generated
+    l = tl.where(seen, tl.where(l < 0, l * p, l / p), l)
+    l = l - presence * generated.to(tl.float32) - frequency * count.to(tl.float32)
+    tl.store(ptrs, l, mask=ok)
+
+
+@register("apply_penalties", backend="triton", priority=PRIORITY, supports=on_cuda)
+def apply_penalties(logits: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor,
+                    prompt_seen: torch.Tensor, output_counts: torch.Tensor,
+                    repetition: torch.Tensor, presence: torch.Tensor,
+                    frequency: torch.Tensor) -> None:
+    """The reference's contract (kernels/reference/logits.py): logits [B, V] f32 in place; rows
+    distinct."""
+    check(logits.dtype == torch.float32 and logits.stride(1) == 1,
+          "apply_penalties: expected row-contiguous float32 logits")
+    check(prompt_seen.stride(1) == 1 and output_counts.stride(1) == 1,
+          "apply_penalties: expected row-contiguous token statistics")
+    num_rows, vocab = rows.shape[0], logits.shape[1]
+    if num_rows == 0:
+        return
+    block = min(BLOCK_V, triton.next_power_of_2(vocab))
+    seen = prompt_seen.view(torch.uint8)   # bool loads as bytes
+    _penalties_kernel[(num_rows, triton.cdiv(vocab, block))](
+        logits, rows, slots, seen, output_counts, *(t.float().contiguous() for t in
+                                                     (repetition, presence, frequency)),
+        logits.stride(0), seen.stride(0), output_counts.stride(0), vocab, BLOCK=block)
