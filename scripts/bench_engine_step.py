@@ -20,6 +20,7 @@ so the default vocabulary is small; on a GPU pass --device cuda to time the laun
 
     .venv/bin/python scripts/bench_engine_step.py [--batch 64] [--vocab 1024] [--steps 300]
         [--mode plain penalties bias logprobs json] [--device cpu | cuda [--check-syncs]]
+        [--override apply_penalties=torch ...]   # kernels.override: another backend of an op
 """
 from __future__ import annotations
 
@@ -160,11 +161,16 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--check-syncs", action="store_true",
                         help="CUDA: fail if the sampler syncs with the host (torch sync debug mode)")
+    parser.add_argument("--override", nargs="*", default=[], metavar="OP=BACKEND",
+                        help="kernel backends to force (as kernels.override.<op> in the config)")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    import kernels
+    kernels.set_overrides(dict(item.split("=", 1) for item in args.override))
     if "tokenizer" not in inspect.signature(Engine).parameters:  # an engine without the features
         args.mode = ["plain"]
-    print(f"batch {args.batch}, vocab {args.vocab}, {args.steps} steps, device {args.device}")
+    print(f"batch {args.batch}, vocab {args.vocab}, {args.steps} steps, device {args.device}"
+          + (f", overrides {' '.join(args.override)}" if args.override else ""))
     for mode in args.mode:
         times, tokens = bench(mode, args.batch, args.vocab, args.steps,
                               torch.device(args.device), args.check_syncs)
