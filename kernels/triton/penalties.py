@@ -51,7 +51,7 @@ def apply_penalties(logits: torch.Tensor, rows: torch.Tensor, slots: torch.Tenso
     num_rows, vocab = rows.shape[0], logits.shape[1]
     if num_rows == 0:
         return
-    block = min(BLOCK_V, triton.next_power_of_2(vocab))
+    block = min(BLOCK_V, max(16, triton.next_power_of_2(vocab)))   # the masks cover a short row
     seen = prompt_seen.view(torch.uint8)   # bool loads as bytes
     _penalties_kernel[(num_rows, triton.cdiv(vocab, block))](
         logits, rows, slots, seen, output_counts, *(t.float().contiguous() for t in
