@@ -32,6 +32,7 @@ class LogitLayout:
     index: np.ndarray  # [N] int32: the token (into the step's T) of each logits row
     start: np.ndarray  # [B+1] int32: plan row b owns logits rows start[b]:start[b+1]
     row: np.ndarray  # [N] int64: the plan row of each logits row
+    local: np.ndarray  # [N] int64: each logits row's place in its row's chain (0: the first)
     drafts: np.ndarray  # [N] int32: the draft each logits row checks (-1: none, last of a row)
     positions: np.ndarray  # [N] int64: the position of the token each logits row samples
 
@@ -46,7 +47,7 @@ class LogitLayout:
         index = arrays.query_start[1:].astype(np.int64)[row] - per_row[row] + local
         checks = local < arrays.num_draft[row]                                 # [N]
         following = arrays.input_ids[np.minimum(index + 1, len(arrays.input_ids) - 1)]
-        return cls(index=index.astype(np.int32), start=start.astype(np.int32), row=row,
+        return cls(index=index.astype(np.int32), start=start.astype(np.int32), row=row, local=local,
                    drafts=np.where(checks, following, -1).astype(np.int32),
                    positions=arrays.positions[index].astype(np.int64) + 1)
 
@@ -61,16 +62,14 @@ class LogitLayout:
         """(logits rows [P] int64, tokens [P] int64): each logits row paired with every draft
         of its chain before it, the tokens a plain decode at its position would already have
         generated (a penalty counts them; logits row j of a chain gets drafts 0 .. j-1)."""
-        local = np.arange(len(self.row)) - self.start[self.row]                 # [N]
-        rows = np.repeat(np.arange(len(self.row)), local)                      # [P]
-        nth = np.arange(len(rows)) - np.repeat(np.cumsum(local) - local, local)
+        rows = np.repeat(np.arange(len(self.row)), self.local)                 # [P]
+        nth = np.arange(len(rows)) - np.repeat(np.cumsum(self.local) - self.local, self.local)
         return rows, self.drafts[self.start[self.row[rows]] + nth].astype(np.int64)
 
     def emitted(self, counts: torch.Tensor) -> torch.Tensor:
         """counts [B] int32 (`Verifier.accept`, on the device) -> [N] bool: the logits rows
         whose token the step emits (each chain's first counts[b])."""
-        local = np.arange(len(self.row)) - self.start[self.row]
-        local_t, row_t = to_device_packed([torch.from_numpy(local), torch.from_numpy(self.row)],
+        local_t, row_t = to_device_packed([torch.from_numpy(self.local), torch.from_numpy(self.row)],
                                           counts.device)
         return local_t < counts[row_t]
 
