@@ -22,13 +22,14 @@ BLOCK_V = 1024
 
 @triton.jit
 def _penalties_kernel(Logits, Rows, Slots, Seen, Counts, Rep, Pres, Freq, stride_l, stride_s,
-                      stride_c, V, BLOCK: tl.constexpr):
+                      stride_c, stride_rep, stride_pres, stride_freq, V, BLOCK: tl.constexpr):
     r = tl.program_id(0)
     v = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = v < V
     row = tl.load(Rows + r).to(tl.int64)
     slot = tl.load(Slots + r).to(tl.int64)
-    p, presence, frequency = tl.load(Rep + r), tl.load(Pres + r), tl.load(Freq + r)
+    p = tl.load(Rep + r * stride_rep)
+    presence, frequency = tl.load(Pres + r * stride_pres), tl.load(Freq + r * stride_freq)
     ptrs = Logits + row * stride_l + v
     l = tl.load(ptrs, mask=ok, other=0.0)
     count = tl.load(Counts + slot * stride_c + v, mask=ok, other=0)
@@ -55,7 +56,9 @@ def apply_penalties(logits: torch.Tensor, rows: torch.Tensor, slots: torch.Tenso
         return
     block = min(BLOCK_V, max(16, triton.next_power_of_2(vocab)))   # the masks cover a short row
     seen = prompt_seen.view(torch.uint8)   # bool loads as bytes
+    # the engine's penalties are columns of one [R, 3] tensor: read in place through their
+    # strides (a contiguous copy of each would be three more launches a step)
+    params = [t.float() for t in (repetition, presence, frequency)]
     _penalties_kernel[(num_rows, triton.cdiv(vocab, block))](
-        logits, rows, slots, seen, output_counts, *(t.float().contiguous() for t in
-                                                     (repetition, presence, frequency)),
-        logits.stride(0), seen.stride(0), output_counts.stride(0), vocab, BLOCK=block)
+        logits, rows, slots, seen, output_counts, *params, logits.stride(0), seen.stride(0),
+        output_counts.stride(0), *(t.stride(0) for t in params), vocab, BLOCK=block)

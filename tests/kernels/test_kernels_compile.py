@@ -254,7 +254,8 @@ def _row_kernels() -> None:
     compile_sm90(SA._spec_accept_kernel, dict(Tokens=I32, Drafts=I32, Start=I32, Counts=I32),
                  dict(BLOCK=SA.BLOCK), 4, 1)
     compile_sm90(PN._penalties_kernel, dict(Logits=F32, Rows=I64, Slots=I64, Seen=torch.uint8,
-                                            Counts=I32, Rep=F32, Pres=F32, Freq=F32, V=128256),
+                                            Counts=I32, Rep=F32, Pres=F32, Freq=F32, stride_rep=3,
+                                            stride_pres=3, stride_freq=3, V=128256),
                  dict(BLOCK=PN.BLOCK_V), 4, 1)
 
 
