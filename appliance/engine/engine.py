@@ -297,7 +297,7 @@ class Engine:
         counts = first = None
         if fwd.layout is not None:
             counts, first = self.verifier.accept(sampled.tokens, fwd.layout)
-            self.sampler.count_emitted(sampled.tokens, fwd.rows, fwd.layout, counts)
+            self.sampler.count_emitted(sampled, counts)
         chains = None
         if fwd.mtp is not None:
             chains = self._mtp_chains(fwd, sampled.tokens, counts).to("cpu", non_blocking=True)

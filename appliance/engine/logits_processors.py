@@ -5,7 +5,7 @@ requests: a batch without any pays one dict lookup per row. Each step's work is 
 host from the plan's arrays (`plan`, before the step in flight is committed), then applied to
 the logits on the device with index tensors (`apply`; no host sync). Penalties keep per-request
 token statistics on the device, in pooled rows (`PenaltyPool`), updated from the sampled tokens
-where they lie (`after_sample`).
+where they lie (`count`). A step's index arrays travel to the device in one packed copy.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import kernels
 from appliance.engine.plan_arrays import PlanArrays
 from appliance.engine.protocol import MAX_REPETITION_PENALTY, GenerateRequest
 from appliance.engine.transfer import to_device, to_device_packed
+from appliance.engine.verify import LogitLayout
 
 INT32_MAX = 2**31 - 1
 MAX_BIAS = 100.0  # OpenAI's logit_bias range
@@ -80,6 +81,11 @@ class ProcessorStep:
     penalty_slots: np.ndarray
     penalties: np.ndarray  # [P, 3] float32: repetition, presence, frequency
     counted: np.ndarray  # [P] bool: the row samples a token, which its statistics then count
+    # each penalized row's place in its chain (a verify step: counted where below the chain's
+    # accepted count; a plain step: 0), NOT_COUNTED where it samples nothing; and its chain
+    # (a verify step's plan row; None in a plain step)
+    penalty_places: np.ndarray  # [P] int32
+    penalty_chains: np.ndarray | None  # [P] int64
     # a verify step: the drafts before each penalized logits row in its chain, as (row, token,
     # times) triples, and each one's index into penalty_rows (the row's slot and penalties)
     draft_rows: np.ndarray  # [D] int64
@@ -89,6 +95,20 @@ class ProcessorStep:
     stop_rows: np.ndarray  # [M] int64, with stop_ids: masked while min_tokens is not reached
     stop_ids: np.ndarray
     held_back: dict[int, np.ndarray]  # row -> its stop ids, for the rows the caller masks itself
+
+
+NOT_COUNTED = INT32_MAX  # a place no accepted count reaches
+
+
+@dataclass(frozen=True)
+class PenaltyCounting:
+    """A step's penalized rows on the device (ProcessorStep's penalty_* fields), kept from
+    `apply` for `count`: the tokens sampled at them join their requests' statistics."""
+
+    slots: torch.Tensor
+    rows: torch.Tensor
+    places: torch.Tensor
+    chains: torch.Tensor | None
 
 
 class PenaltyPool:
@@ -133,6 +153,7 @@ class LogitsProcessors:
         self._slots: dict[int, int] = {}
         self._pool = PenaltyPool(device, vocab_size)
         self._penalize = kernels.select("apply_penalties", device=device.type, dtype=torch.float32)
+        self._count = kernels.select("count_tokens", device=device.type, dtype=torch.float32)
 
     def add(self, req: GenerateRequest, stop_ids: list[int]) -> None:
         """Record `req`'s processors (nothing for a request that sets none). `stop_ids`: the ids
@@ -144,11 +165,6 @@ class LogitsProcessors:
         if spec.penalties is not None:
             self._slots[req.rid] = self._pool.acquire(req.prompt_ids)
 
-    @property
-    def penalized(self) -> bool:
-        """Whether any request has penalties (their verify rows count drafts: `plan`)."""
-        return bool(self._slots)
-
     def remove(self, rid: int) -> None:
         self._specs.pop(rid, None)
         slot = self._slots.pop(rid, None)
@@ -157,12 +173,13 @@ class LogitsProcessors:
 
     def plan(self, rids: np.ndarray, arrays: PlanArrays,
              masked_elsewhere: set[int] = frozenset(),
-             drafts_before: tuple[np.ndarray, np.ndarray] | None = None) -> ProcessorStep | None:
+             layout: LogitLayout | None = None) -> ProcessorStep | None:
         """This step's work, or None when no row asks for any. The rows of `masked_elsewhere`
         rids get their min_tokens stop ids in `held_back` instead of a logits mask (a grammar
-        mask folds them in, so that a grammar that can only end still can). `drafts_before`
-        (a verify step, whose rows are its logits rows: `LogitLayout.drafts_before`): the
-        drafts a penalized row's statistics count on top of the request's."""
+        mask folds them in, so that a grammar that can only end still can). `layout`: a
+        verify step's, whose rows are its logits rows; a penalized row's statistics then count
+        the drafts before it in its chain (`LogitLayout.drafts_before`) on top of the
+        request's."""
         if not self._specs:
             return None
         rows = [(row, self._specs[rid]) for row, rid in enumerate(rids.tolist()) if rid in self._specs]
@@ -180,6 +197,9 @@ class LogitsProcessors:
                 else:
                     stops.append((row, s))
         penalty_rows = np.array([row for row, _ in pen], np.int64)
+        counted = np.array([bool(arrays.sample[row]) for row, _ in pen], bool)
+        places = layout.local[penalty_rows] if layout is not None else np.zeros(len(pen), np.int64)
+        drafts = layout.drafts_before() if layout is not None and len(pen) else None
         return ProcessorStep(
             bias_rows=_repeat_rows(bias, lambda s: len(s.bias_ids)),
             bias_ids=_cat([s.bias_ids for _, s in bias], np.int64),
@@ -187,36 +207,54 @@ class LogitsProcessors:
             penalty_rows=penalty_rows,
             penalty_slots=np.array([self._slots[int(rids[row])] for row, _ in pen], np.int64),
             penalties=np.array([s.penalties for _, s in pen], np.float32).reshape(-1, 3),
-            counted=np.array([bool(arrays.sample[row]) for row, _ in pen], bool),
-            **_drafts_of(penalty_rows, drafts_before, len(rids)),
+            counted=counted,
+            penalty_places=np.where(counted, places, NOT_COUNTED).astype(np.int32),
+            penalty_chains=layout.row[penalty_rows] if layout is not None else None,
+            **_drafts_of(penalty_rows, drafts, len(rids)),
             stop_rows=_repeat_rows(stops, lambda s: len(s.stop_ids)),
             stop_ids=_cat([s.stop_ids for _, s in stops], np.int64),
             held_back=held)
 
-    def apply(self, logits: torch.Tensor, step: ProcessorStep) -> None:
-        """logits [B, V] f32, in place: bias, then penalties, then the min_tokens mask."""
-        if len(step.bias_rows):
-            rows, ids, values = self._upload(step.bias_rows, step.bias_ids, step.bias_values)
-            logits.index_put_((rows, ids), values, accumulate=True)
-        if len(step.penalty_rows):
-            rows, slots, penalties = self._upload(step.penalty_rows, step.penalty_slots, step.penalties)
-            drafted = self._drafted(logits, step, slots, penalties) if len(step.draft_rows) else None
+    def apply(self, logits: torch.Tensor, step: ProcessorStep) -> PenaltyCounting | None:
+        """logits [B, V] f32, in place: bias, then penalties, then the min_tokens mask. Returns
+        the penalized rows that sample a token, for `count` once it is sampled."""
+        dev = self._upload_step(step)
+        if "bias_rows" in dev:
+            logits.index_put_((dev["bias_rows"], dev["bias_ids"]), dev["bias_values"],
+                              accumulate=True)
+        if "penalty_rows" in dev:
+            rows, slots, penalties = dev["penalty_rows"], dev["penalty_slots"], dev["penalties"]
+            drafted = self._drafted(logits, dev, slots, penalties) if "draft_rows" in dev else None
             self._penalize(logits, rows, slots, self._pool.prompt_seen, self._pool.output_counts,
                            penalties[:, 0], penalties[:, 1], penalties[:, 2])
             if drafted is not None:
                 logits.index_put_(*drafted)
-        if len(step.stop_rows):
-            rows, ids = self._upload(step.stop_rows, step.stop_ids)
-            logits.index_put_((rows, ids), torch.full_like(rows, float("-inf"), dtype=logits.dtype))
+        if "stop_rows" in dev:
+            rows = dev["stop_rows"]
+            logits.index_put_((rows, dev["stop_ids"]),
+                              torch.full_like(rows, float("-inf"), dtype=logits.dtype))
+        if not step.counted.any():
+            return None
+        return PenaltyCounting(dev["penalty_slots"], dev["penalty_rows"], dev["penalty_places"],
+                               dev.get("penalty_chains"))
 
-    def _drafted(self, logits: torch.Tensor, step: ProcessorStep, slots: torch.Tensor,
+    def _upload_step(self, step: ProcessorStep) -> dict[str, torch.Tensor]:
+        """The step's non-empty index arrays on the device, by field name, in one copy."""
+        names = [*(_BIAS if len(step.bias_rows) else ()),
+                 *(_PENALTY if len(step.penalty_rows) else ()),
+                 *(("penalty_chains",) if step.penalty_chains is not None
+                   and len(step.penalty_rows) else ()),
+                 *(_DRAFT if len(step.draft_rows) else ()),
+                 *(_STOP if len(step.stop_rows) else ())]
+        return dict(zip(names, self._upload(*(getattr(step, n) for n in names))))
+
+    def _drafted(self, logits: torch.Tensor, dev: dict[str, torch.Tensor], slots: torch.Tensor,
                  penalties: torch.Tensor) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
         """A verify step's drafted tokens, penalized as if generated: the (row, token) entries
         and their values, from the logits before the penalties (the whole rows are penalized
         with the request's statistics alone; these entries are then written over). The same
         op on a one-column pool of those entries, so the arithmetic is the op's own."""
-        rows, ids, times, which = self._upload(step.draft_rows, step.draft_ids, step.draft_counts,
-                                               step.draft_penalty)
+        rows, ids, times, which = (dev[n] for n in _DRAFT)
         slot = slots[which]
         entries = logits[rows, ids].unsqueeze(1)                                  # [D, 1]
         seen = self._pool.prompt_seen[slot, ids].unsqueeze(1)
@@ -226,21 +264,22 @@ class LogitsProcessors:
                        penalties[which, 2])
         return (rows, ids), entries.squeeze(1)
 
-    def after_sample(self, tokens: torch.Tensor, step: ProcessorStep,
-                     emitted: torch.Tensor | None = None) -> None:
-        """tokens [B] int32 on the device: count each penalized row's sampled token; of a
-        verify step (`emitted` [B] bool on the device: `LogitLayout.emitted`) only the ones
-        it emits."""
-        counted = step.counted
-        if not counted.any():
-            return
-        rows, slots = self._upload(step.penalty_rows[counted], step.penalty_slots[counted])
-        times = (torch.ones_like(slots, dtype=torch.int32) if emitted is None
-                 else emitted[rows].to(torch.int32))
-        self._pool.output_counts.index_put_((slots, tokens[rows].long()), times, accumulate=True)
+    def count(self, tokens: torch.Tensor, counting: PenaltyCounting,
+              accepted: torch.Tensor | None = None) -> None:
+        """tokens [N] int32 on the device, sampled at the step's logits rows: each penalized row's
+        token joins its request's statistics; of a verify step (`accepted` [B] int32 on the
+        device: how many tokens each chain emits, `Verifier.accept`) only the emitted ones."""
+        self._count(self._pool.output_counts, counting.slots, counting.rows, tokens,
+                    counting.places, accepted, counting.chains if accepted is not None else None)
 
     def _upload(self, *arrays: np.ndarray) -> list[torch.Tensor]:
         return to_device_packed([torch.from_numpy(np.ascontiguousarray(a)) for a in arrays], self.device)
+
+
+_BIAS = ("bias_rows", "bias_ids", "bias_values")
+_PENALTY = ("penalty_rows", "penalty_slots", "penalties", "penalty_places")
+_DRAFT = ("draft_rows", "draft_ids", "draft_counts", "draft_penalty")
+_STOP = ("stop_rows", "stop_ids")
 
 
 def _drafts_of(penalty_rows: np.ndarray, drafts_before: tuple[np.ndarray, np.ndarray] | None,

@@ -18,7 +18,7 @@ import torch
 
 import kernels
 from appliance.engine.constraints import StepBitmask
-from appliance.engine.logits_processors import LogitsProcessors, ProcessorStep
+from appliance.engine.logits_processors import LogitsProcessors, PenaltyCounting, ProcessorStep
 from appliance.engine.logprobs import LogprobRows, Logprobs, logprob_rows
 from appliance.engine.plan_arrays import PlanArrays
 from appliance.engine.protocol import MIN_TOP_P, GenerateRequest
@@ -65,6 +65,7 @@ class SampleRows:
 class Sampled:
     tokens: torch.Tensor  # [B] int32, on the device
     logprobs: Logprobs | None
+    uncounted: PenaltyCounting | None = None  # a verify step's penalized rows: count_emitted
 
 
 class Sampler:
@@ -124,9 +125,8 @@ class Sampler:
         under_grammar = [(row, int(rid)) for row, rid in enumerate(rids)
                          if arrays.sample[row] and int(rid) in constrained] if constrained else []
         masked = {rid for _, rid in under_grammar}
-        drafts = layout.drafts_before() if layout is not None and self.processors.penalized else None
         return SampleRows(rids, [*per_request, positions],
-                          self.processors.plan(rids, arrays, masked, drafts),
+                          self.processors.plan(rids, arrays, masked, layout),
                           logprob_rows(reqs, row_request), under_grammar, verify=layout is not None)
 
     @torch.inference_mode()  # the runner's logits are inference tensors: edited in place here
@@ -138,21 +138,22 @@ class Sampler:
         if rows.logprobs is not None:
             lp_rows = to_device(torch.from_numpy(rows.logprobs.rows), self.device)
             raw = torch.log_softmax(logits[lp_rows], dim=-1)                          # [R, V]
+        counting = None
         if rows.processors is not None:
-            self.processors.apply(logits, rows.processors)
+            counting = self.processors.apply(logits, rows.processors)
         if bitmask is not None:
             mask_rows, mask = to_device_packed([torch.from_numpy(bitmask.rows),
                                                 torch.from_numpy(bitmask.bitmask)], self.device)
             self._mask(logits, mask, mask_rows)
         tokens = self._sample(logits, *to_device_packed(rows.params, self.device))  # [B] int32
-        if rows.processors is not None and not rows.verify:
-            self.processors.after_sample(tokens, rows.processors)
+        if counting is not None and not rows.verify:
+            self.processors.count(tokens, counting)
+            counting = None
         logprobs = None if raw is None else Logprobs.compute(raw, rows.logprobs, lp_rows, tokens)
-        return Sampled(tokens, logprobs)
+        return Sampled(tokens, logprobs, counting)
 
-    def count_emitted(self, tokens: torch.Tensor, rows: SampleRows, layout: LogitLayout,
-                      counts: torch.Tensor) -> None:
+    def count_emitted(self, sampled: Sampled, counts: torch.Tensor) -> None:
         """After a verify step's `Verifier.accept` (counts [B] on the device): the penalized
         requests' statistics count the tokens it emits, not the rejected drafts' rows."""
-        if rows.processors is not None and rows.processors.counted.any():
-            self.processors.after_sample(tokens, rows.processors, layout.emitted(counts))
+        if sampled.uncounted is not None:
+            self.processors.count(sampled.tokens, sampled.uncounted, counts)

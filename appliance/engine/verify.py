@@ -66,13 +66,6 @@ class LogitLayout:
         nth = np.arange(len(rows)) - np.repeat(np.cumsum(self.local) - self.local, self.local)
         return rows, self.drafts[self.start[self.row[rows]] + nth].astype(np.int64)
 
-    def emitted(self, counts: torch.Tensor) -> torch.Tensor:
-        """counts [B] int32 (`Verifier.accept`, on the device) -> [N] bool: the logits rows
-        whose token the step emits (each chain's first counts[b])."""
-        local_t, row_t = to_device_packed([torch.from_numpy(self.local), torch.from_numpy(self.row)],
-                                          counts.device)
-        return local_t < counts[row_t]
-
 
 class Verifier:
     def __init__(self, device: torch.device) -> None:

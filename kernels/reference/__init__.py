@@ -8,7 +8,7 @@ from kernels.reference.attention import (decode_attention, extend_attention,
                                          rope_decode_attention)
 from kernels.reference.kv_cache import store_kv
 from kernels.reference.linear import head_matmul, linear, linear_silu_and_mul, rms_norm_linear
-from kernels.reference.logits import apply_penalties, apply_token_bitmask
+from kernels.reference.logits import apply_penalties, apply_token_bitmask, count_tokens
 from kernels.reference.mla import mla_absorb_rope, mla_decode, mla_extend, mla_prefill
 from kernels.reference.moe import (fused_moe, fused_moe_mxfp4, moe_route, rms_norm_router_logits,
                                    router_logits)
@@ -21,7 +21,7 @@ __all__ = [
     "rms_norm", "fused_add_rms_norm", "silu_and_mul", "rope", "store_kv", "rope_store_kv",
     "decode_attention", "extend_attention", "mla_decode", "mla_extend", "mla_prefill",
     "router_logits", "moe_route", "fused_moe", "fused_moe_mxfp4", "sample",
-    "apply_token_bitmask", "apply_penalties", "spec_accept", "linear", "linear_silu_and_mul",
-    "head_matmul", "mla_absorb_rope", "rms_norm_linear", "rms_norm_router_logits",
-    "rope_decode_attention",
+    "apply_token_bitmask", "apply_penalties", "count_tokens", "spec_accept", "linear",
+    "linear_silu_and_mul", "head_matmul", "mla_absorb_rope", "rms_norm_linear",
+    "rms_norm_router_logits", "rope_decode_attention",
 ]

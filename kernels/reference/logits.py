@@ -1,5 +1,6 @@
 """In-place edits of some rows of a logits matrix before sampling: a token bitmask (grammar
-constraints) and repetition / presence / frequency penalties.
+constraints) and repetition / presence / frequency penalties; and the penalties' statistics
+updated with the sampled tokens (`count_tokens`).
 
 Both take the rows to edit as a device index tensor, so a batch where few rows ask pays for
 those rows only, and neither reads a value back to the host (no sync; CUDA-graph safe). Plain
@@ -46,3 +47,18 @@ def apply_penalties(logits: torch.Tensor, rows: torch.Tensor, slots: torch.Tenso
     l = torch.where(seen, torch.where(l < 0, l * p, l / p), l)
     l = l - presence.unsqueeze(1) * (counts > 0) - frequency.unsqueeze(1) * counts
     logits[rows] = l
+
+
+@register("count_tokens", backend="torch", priority=0)
+def count_tokens(output_counts: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor,
+                 tokens: torch.Tensor, places: torch.Tensor,
+                 accepted: torch.Tensor | None = None, chains: torch.Tensor | None = None) -> None:
+    """output_counts [S, V] int32, in place: the token sampled at logits row rows[r] (tokens [N]
+    int32) is counted once more in state slot slots[r] ([R] int64) where places[r] ([R] int32)
+    is below its limit: accepted[chains[r]] (accepted [C] int32, chains [R] int64: a verify
+    step's chains and how many tokens each emits, places[r] the row's place in its chain), or
+    1 without `accepted` (a plain step: place 0 counts, 1 does not). Slots may repeat (the rows
+    of one chain)."""
+    limit = accepted[chains] if accepted is not None else 1
+    times = (places < limit).to(torch.int32)                                     # [R]
+    output_counts.index_put_((slots, tokens[rows].long()), times, accumulate=True)

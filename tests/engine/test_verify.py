@@ -174,7 +174,8 @@ def _penalized_after(generated: list[int], logits: torch.Tensor) -> torch.Tensor
     plain.add(PENALIZED, [])
     one_row = verify_arrays([0], [[]])
     for token in generated:
-        plain.after_sample(torch.tensor([token], dtype=torch.int32), plain.plan(np.zeros(1, np.int64), one_row))
+        counting = plain.apply(torch.zeros(1, logits.shape[0]), plain.plan(np.zeros(1, np.int64), one_row))
+        plain.count(torch.tensor([token], dtype=torch.int32), counting)
     out = logits.clone().unsqueeze(0)
     plain.apply(out, plain.plan(np.zeros(1, np.int64), one_row))
     return out[0]
@@ -191,14 +192,14 @@ def test_penalties_count_the_drafts_before_each_verify_row():
     verify = LogitsProcessors(CPU, vocab)
     verify.add(PENALIZED, [])
     rids = np.zeros(len(drafts) + 1, np.int64)
-    step = verify.plan(rids, layout.per_logit_row(arrays), drafts_before=layout.drafts_before())
+    step = verify.plan(rids, layout.per_logit_row(arrays), layout=layout)
     got = logits.clone()
-    verify.apply(got, step)
+    counting = verify.apply(got, step)
     for j in range(len(drafts) + 1):
         torch.testing.assert_close(got[j], _penalized_after(drafts[:j], logits[j]), rtol=0, atol=0)
     # the step emits 3, 3 and then 7 where the third draft missed; 9 and 8 are not emitted
     sampled = torch.tensor([3, 3, 7, 9, 8], dtype=torch.int32)
-    verify.after_sample(sampled, step, layout.emitted(torch.tensor([3], dtype=torch.int32)))
+    verify.count(sampled, counting, torch.tensor([3], dtype=torch.int32))
     zeros = torch.zeros(1, vocab)
     verify.apply(zeros, verify.plan(np.zeros(1, np.int64), verify_arrays([0], [[]])))
     torch.testing.assert_close(zeros[0], _penalized_after([3, 3, 7], torch.zeros(vocab)), rtol=0, atol=0)

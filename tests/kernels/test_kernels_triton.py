@@ -924,3 +924,26 @@ def test_apply_penalties_equals_the_reference(vocab):
     R.apply_penalties(want, one, one, *pool, params[:, 0], params[:, 1], params[:, 2])
     PN.apply_penalties(got, one, one, *pool, params[:, 0], params[:, 1], params[:, 2])
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("verify", [False, True])
+def test_count_tokens_equals_the_reference(verify):
+    """The same counts as the reference: a plain step (place 0 counts, 1 does not) and a verify
+    step whose chains share a slot, repeat a token and emit 0, 2 and 3 of their rows; more rows
+    than one program takes."""
+    g = torch.Generator().manual_seed(int(verify))
+    counts = torch.randint(0, 3, (4, 50), generator=g, dtype=torch.int32).to(DEV)
+    tokens = torch.tensor([7, 7, 7, 3, 9, 49, 0, 7] * 20, dtype=torch.int32, device=DEV)
+    n = len(tokens)
+    rows = torch.arange(n, device=DEV).flip(0)
+    slots = torch.arange(n, device=DEV) % 3
+    chains = torch.arange(n, device=DEV) % 3
+    places = (torch.arange(n, device=DEV) // 3).int() if verify else \
+        (torch.arange(n, device=DEV) % 2).int()
+    accepted = torch.tensor([0, 2, 3], dtype=torch.int32, device=DEV) if verify else None
+    want, got = counts.clone(), counts.clone()
+    extra = (accepted, chains if verify else None)
+    R.count_tokens(want, slots, rows, tokens, places, *extra)
+    PN.count_tokens(got, slots, rows, tokens, places, *extra)
+    assert torch.equal(got, want) and not torch.equal(got, counts)
+    assert int((got - counts).sum()) == (5 if verify else n // 2)
