@@ -257,6 +257,10 @@ def _row_kernels() -> None:
                                             Counts=I32, Rep=F32, Pres=F32, Freq=F32, stride_rep=3,
                                             stride_pres=3, stride_freq=3, V=128256),
                  dict(BLOCK=PN.BLOCK_V), 4, 1)
+    for verify in (False, True):
+        compile_sm90(PN._count_tokens_kernel, dict(Counts=I32, Slots=I64, Rows=I64, Tokens=I32,
+                                                   Places=I32, Accepted=I32, Chains=I64, R=3),
+                     dict(VERIFY=verify, BLOCK=PN.COUNT_BLOCK), 4, 1)
 
 
 def _gemv(n: int, k: int, pdl: bool = True, silu_mul: bool = False, norm: bool = False,
