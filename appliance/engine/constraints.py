@@ -250,7 +250,7 @@ class Grammars:
                                               bitmask)
         for i, (row, _) in enumerate(live):
             if row in held_back:
-                _clear_unless_all(bitmask[i], held_back[row])
+                clear_unless_all(bitmask[i], held_back[row])
         return StepBitmask(np.array([row for row, _ in live], np.int64), bitmask)
 
     def draft_bitmask(self, rid: int, drafts: list[int]) -> tuple[np.ndarray, int]:
@@ -277,7 +277,7 @@ def allows(mask: np.ndarray, token: int) -> bool:
     return bool((int(mask[token >> 5]) >> (token & 31)) & 1)
 
 
-def _clear_unless_all(mask: np.ndarray, ids: np.ndarray) -> None:
+def clear_unless_all(mask: np.ndarray, ids: np.ndarray) -> None:
     """mask [W] int32 in place: clear the bits of `ids`, unless that clears every bit."""
     kept = mask.copy()
     words, bits = ids >> 5, (ids & 31).astype(np.int32)

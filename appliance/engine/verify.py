@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 import kernels
-from appliance.engine.constraints import Grammars, StepBitmask
+from appliance.engine.constraints import Grammars, StepBitmask, clear_unless_all
 from appliance.engine.plan_arrays import PlanArrays
 from appliance.engine.transfer import to_device_packed
 
@@ -87,7 +87,9 @@ def verify_bitmask(constrained: list[tuple[int, int]], held_back: dict[int, np.n
     """The grammar masks of a verify step's constrained logits rows ((logits row, rid) pairs):
     a plain row's at its matcher's state; a verify row's at the state after each of its drafts
     (`Grammars.draft_bitmask`), so a draft the grammar forbids cannot be sampled, hence is
-    rejected. Logits rows past such a draft (their tokens are discarded) repeat the last mask."""
+    rejected. Logits rows past such a draft (their tokens are discarded) repeat the last mask.
+    `held_back` (logits row -> the stop ids min_tokens forbids there) is folded in as
+    `Grammars.bitmask` folds it into a plain row's mask."""
     plain, rows, masks = [], [], []
     draft_masks: dict[int, tuple[np.ndarray, int]] = {}
     for logit_row, rid in constrained:
@@ -101,8 +103,11 @@ def verify_bitmask(constrained: list[tuple[int, int]], held_back: dict[int, np.n
         if b not in draft_masks:
             draft_masks[b] = grammars.draft_bitmask(rid, layout.drafts[first:end - 1].tolist())
         state_masks, accepted = draft_masks[b]
+        mask = state_masks[min(logit_row - first, accepted)].copy()
+        if logit_row in held_back:
+            clear_unless_all(mask, held_back[logit_row])
         rows.append(logit_row)
-        masks.append(state_masks[min(logit_row - first, accepted)])
+        masks.append(mask)
     step = grammars.bitmask(plain, held_back) if plain else None
     if step is not None:
         rows += step.rows.tolist()

@@ -75,16 +75,29 @@ def test_speculation_gives_the_tokens_of_plain_decoding(engines, temperature, me
     assert verify_batches and all(b.num_logits > b.num_rows for b in verify_batches)
 
 
+# request 3's chain 11, 3, 10, ... reaches its stop id 20 at its 17th token: min_tokens 20 holds
+# it back there; a bias of 3.5 lifts token 31 over the greedy token where 31 is the runner-up
+PROCESSORS = {"penalties": dict(frequency_penalty=0.5),
+              "logit_bias": dict(logit_bias={31: 3.5, 16: -9.0}),
+              "min_tokens": dict(min_tokens=20)}
+
+
 @pytest.mark.parametrize("method", ["ngram", "suffix"])
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_penalized_requests_get_drafts_and_the_tokens_of_plain_decoding(engines, temperature, method):
-    """A verify row counts the drafts before it in its chain as generated (repetition,
-    presence, frequency), and the statistics count only the tokens a step emits: the tokens
-    are plain decoding's, while drafts are accepted."""
-    penalties = dict(frequency_penalty=0.5)
-    reqs = [GenerateRequest(**r, temperature=temperature, seed=7, ignore_eos=True, **penalties)
-            for r in REQUESTS]
+@pytest.mark.parametrize("processor", sorted(PROCESSORS))
+def test_processed_requests_get_drafts_and_the_tokens_of_plain_decoding(engines, temperature,
+                                                                        method, processor):
+    """Each logits row of a chain is processed as a plain decode at its position: a verify row
+    counts the drafts before it in its chain as generated (repetition, presence, frequency)
+    and the statistics count only the tokens a step emits; a bias is the same at every row;
+    min_tokens holds the stop ids back by the row's own position. The tokens are plain
+    decoding's, while drafts are accepted."""
+    reqs = [GenerateRequest(**r, temperature=temperature, seed=7, ignore_eos=True,
+                            **PROCESSORS[processor]) for r in REQUESTS]
     plain = run(engines(), reqs)
+    unprocessed = run(engines(), [GenerateRequest(**r, temperature=temperature, seed=7,
+                                                  ignore_eos=True) for r in REQUESTS])
+    assert plain != unprocessed
     spec_engine = engines(f"speculative.method={method}", "speculative.max_draft=4")
     assert run(spec_engine, reqs) == plain
     st = spec_engine.scheduler.stats()

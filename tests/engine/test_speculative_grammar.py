@@ -83,3 +83,35 @@ def test_draft_masks_ending_the_grammar_leave_the_matcher_as_it_was(tiny_tokeniz
     assert accepted == 3
     after, _ = grammars.draft_bitmask(1, [])
     assert (after[0] == before[0]).all()
+
+
+class EndingDraft(OracleDraft):
+    """The known output's next token, then the end of sequence: a draft the grammar allows
+    wherever it may end, and one min_tokens forbids until enough tokens are out."""
+
+    def propose(self, rid, max_draft):
+        ahead = self.reference[rid][self.done[rid]:self.done[rid] + max_draft]
+        return [EOS if i == 1 else t for i, t in enumerate(ahead)]
+
+
+def test_min_tokens_holds_the_end_back_at_every_draft(make_engine, tiny_tokenizer_path):
+    """The grammar may end after "ok"; the model wants to; min_tokens 16 holds the end back in
+    each verify row's mask by that row's position, so the drafted ends before it are rejected
+    and the output is the one without drafts (without the hold, the first is accepted)."""
+    def request() -> GenerateRequest:
+        return GenerateRequest(1, [5, 6, 7], max_new_tokens=40, temperature=0.0, min_tokens=16,
+                               constraint=Constraint("lark", 'start: "ok" (" more")*'))
+    runner = FakeRunner(VOCAB, eager_to_stop, eos_token_ids=(EOS,))
+    plain = make_engine(runner, tiny_tokenizer_path)
+    plain._submit(request())
+    run_to_end(plain)
+    expected = [o.token_id for o in outputs(plain, 1)]
+    assert len(expected) > 16 and expected[-1] == EOS and EOS not in expected[:-1]
+
+    spec = make_engine(runner, tiny_tokenizer_path, overrides=("speculative.method=ngram",))
+    spec.speculator = Speculator(EndingDraft({1: expected}, 0), max_draft=3)
+    spec._submit(request())
+    run_to_end(spec)
+    assert [o.token_id for o in outputs(spec, 1)] == expected
+    st = spec.scheduler.stats()
+    assert 0 < st["spec_accepted_tokens_total"] < st["spec_draft_tokens_total"]
