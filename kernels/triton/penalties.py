@@ -8,7 +8,10 @@ CUDA: scripts/bench_engine_step.py on an H100 measured one penalized row adding 
 batch-1 step of the engine loop (0.560 -> 1.368 ms) and 0.88 ms at 64 rows. With this kernel
 (an H200, batch 1, three interleaved runs each, medians) a penalized step takes 1.015-1.139 ms
 against the reference's 1.263-1.336 ms (plain steps 0.475-0.876 ms). Same arithmetic as the
-reference, so the same floats: l * p, l / p (IEEE), then (l - presence) - frequency * count.
+reference, so the same floats: l * p, l / p (IEEE: `div_rn`; Triton's `/` is an approximate
+division), then (l - presence) - frequency * count, each rounded (launched with
+`enable_fp_fusion=False`: a contracted multiply-add rounds once). The H100 caught both, where
+the interpreter had matched.
 """
 from __future__ import annotations
 
@@ -40,7 +43,7 @@ def _penalties_kernel(Logits, Rows, Slots, Seen, Counts, Rep, Pres, Freq, stride
     count = tl.load(Counts + slot * stride_c + v, mask=ok, other=0)
     generated = count > 0
     seen = (tl.load(Seen + slot * stride_s + v, mask=ok, other=0) != 0) | generated
-    l = tl.where(seen, tl.where(l < 0, l * p, l / p), l)
+    l = tl.where(seen, tl.where(l < 0, l * p, tl.math.div_rn(l, p)), l)
     l = l - presence * generated.to(tl.float32) - frequency * count.to(tl.float32)
     tl.store(ptrs, l, mask=ok)
 
@@ -67,7 +70,7 @@ def apply_penalties(logits: torch.Tensor, rows: torch.Tensor, slots: torch.Tenso
     _penalties_kernel[(num_rows, triton.cdiv(vocab, block))](
         logits, rows, slots, seen, output_counts, *params, logits.stride(0), seen.stride(0),
         output_counts.stride(0), *(t.stride(0) for t in params), vocab, BLOCK=block,
-        **pdl_launch(logits.device))
+        enable_fp_fusion=False, **pdl_launch(logits.device))
 
 
 COUNT_BLOCK = 128  # counted rows a program: a step has one a penalized request, 1 + k verifying

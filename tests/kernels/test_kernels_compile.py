@@ -256,7 +256,7 @@ def _row_kernels() -> None:
     compile_sm90(PN._penalties_kernel, dict(Logits=F32, Rows=I64, Slots=I64, Seen=torch.uint8,
                                             Counts=I32, Rep=F32, Pres=F32, Freq=F32, stride_rep=3,
                                             stride_pres=3, stride_freq=3, V=128256),
-                 dict(BLOCK=PN.BLOCK_V), 4, 1)
+                 dict(BLOCK=PN.BLOCK_V), 4, 1, enable_fp_fusion=False)
     for verify in (False, True):
         compile_sm90(PN._count_tokens_kernel, dict(Counts=I32, Slots=I64, Rows=I64, Tokens=I32,
                                                    Places=I32, Accepted=I32, Chains=I64, R=3),
