@@ -46,15 +46,17 @@ class SamplingDefaults:
 
 
 def read_sampling_defaults(files: ModelFiles, source: str = "model") -> SamplingDefaults:
-    """The checkpoint folder's generation_config.json's sampling fields; the APIs' defaults
-    for `source` api (`model.sampling_defaults`), dummy weights, a GGUF file (its
-    `general.sampling.*` keys are not read) or a folder without the file."""
+    """The checkpoint folder's generation_config.json's sampling fields, or a GGUF file's
+    `general.sampling.*` keys (temp, top_p, top_k: gguf_files.SAMPLING_KEYS, kept as a
+    generation_config.json in its prepared tokenizer folder); the APIs' defaults for `source`
+    api (`model.sampling_defaults`), dummy weights or a checkpoint that recommends none."""
     from appliance.model.hf_checkpoint import json_object
     from appliance.model.load_error import LoadError
 
-    if source == "api" or files.checkpoint is None or not Path(files.checkpoint).is_dir():
+    if source == "api" or files.checkpoint is None:
         return SamplingDefaults()
-    path = Path(files.checkpoint) / "generation_config.json"
+    checkpoint = Path(files.checkpoint)
+    path = (checkpoint if checkpoint.is_dir() else Path(files.tokenizer)) / "generation_config.json"
     if not path.exists():
         return SamplingDefaults()
     try:
@@ -65,10 +67,20 @@ def read_sampling_defaults(files: ModelFiles, source: str = "model") -> Sampling
     for name, value in values.items():
         problem = _problem(name, value)
         if problem:
-            raise ConfigError(f"model.path: {path}: {name} {problem}, got {value!r}")
+            raise ConfigError(f"model.path: {_where(checkpoint, path, name)} {problem}, "
+                              f"got {value!r}")
     numbers = {name: max(0, value) if name == "top_k" else float(value)  # top_k -1 (vLLM's off): 0
                for name, value in values.items()}
     return SamplingDefaults(**numbers)
+
+
+def _where(checkpoint: Path, path: Path, name: str) -> str:
+    """The file and key a default came from: an HF folder's generation_config.json, or the
+    GGUF file's own key (its prepared copy is not what the user wrote)."""
+    if checkpoint.is_dir():
+        return f"{path}: {name}"
+    from appliance.model.gguf_files import SAMPLING_KEYS
+    return f"{checkpoint}: {SAMPLING_KEYS[name]}"
 
 
 def _problem(name: str, value: object) -> str:

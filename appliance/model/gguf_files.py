@@ -55,6 +55,11 @@ _LAYER = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 
 GGUF_CONFIG = "gguf_config.json"     # not config.json: transformers would read that one
 TENSOR_INDEX = "gguf_tensors.json"
+# generation_config.json's sampling fields -> the keys llama.cpp's converter writes them under.
+# Not read: general.sampling.penalty_repeat, which penalizes the last penalty_last_n tokens
+# (HF's repetition_penalty, what the engine applies, penalizes the whole context).
+SAMPLING_KEYS = {"temperature": "general.sampling.temp", "top_p": "general.sampling.top_p",
+                 "top_k": "general.sampling.top_k"}
 
 
 @dataclass(frozen=True)
@@ -150,6 +155,17 @@ def read_gguf_config(path: str | Path, prepared: str | Path | None = None) -> di
         raise LoadError(f"{path}: GGUF tensor type(s) TokenSpeed does not read: {found}; it "
                         f"reads {', '.join(t.name for t in SUPPORTED_TYPES)}")
     return config
+
+
+def read_gguf_sampling(path: str | Path) -> dict[str, object]:
+    """The file's recommended sampling (`SAMPLING_KEYS`), by generation_config.json's names
+    (sampling_defaults.py checks the values). A float32 value as its shortest decimal (0.6,
+    not 0.6000000238): what its writer meant, and the same float32 in the engine."""
+    reader = open_gguf(path)
+    values = {name: reader.fields[key].contents() for name, key in SAMPLING_KEYS.items()
+              if key in reader.fields}
+    return {name: float(str(np.float32(v))) if isinstance(v, float) else v
+            for name, v in values.items()}
 
 
 def _hf_config(reader: GGUFReader, path: str | Path) -> dict:

@@ -6,8 +6,9 @@ transformers converts the `tokenizer.ggml.*` metadata into a fast tokenizer
 folder named after the file's path, size and modification time, and every later start
 (and the frontend, which loads tokenizers from folders) reads it from there. The folder also
 keeps the file's HF-style config (`GGUF_CONFIG`, gguf_files.read_gguf_config), written
-once the file passed its checks (architecture, tensor types), and its tensor index
-(`TENSOR_INDEX`), so a later start and the engine ranks skip the file's metadata: reading it
+once the file passed its checks (architecture, tensor types), its tensor index
+(`TENSOR_INDEX`) and, where the file recommends sampling (`general.sampling.*`), that as a
+`generation_config.json` (sampling_defaults.py reads it as an HF folder's), so a later start and the engine ranks skip the file's metadata: reading it
 parses its whole vocabulary (4-5 s for SmolLM2's 49K tokens on a 2-core box), which the
 frontend would otherwise do before it spawns the ranks, and each rank again.
 """
@@ -22,7 +23,8 @@ from appliance.model.gguf_files import GGUF_CONFIG, TENSOR_INDEX
 from appliance.model.load_error import LoadError
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
-FOLDER_VERSION = 3                  # 2: with GGUF_CONFIG; 3: with TENSOR_INDEX
+FOLDER_VERSION = 4   # 2: with GGUF_CONFIG; 3: with TENSOR_INDEX; 4: with GENERATION_CONFIG
+GENERATION_CONFIG = "generation_config.json"
 
 
 def ensure_gguf_tokenizer(gguf: str | Path, cache: str | Path) -> Path:
@@ -40,10 +42,13 @@ def ensure_gguf_tokenizer(gguf: str | Path, cache: str | Path) -> Path:
 def _convert(gguf: Path, out: Path) -> None:
     from transformers import AutoTokenizer
 
-    from appliance.model.gguf_files import read_gguf_config, write_tensor_index
+    from appliance.model.gguf_files import read_gguf_config, read_gguf_sampling, write_tensor_index
 
     (out / GGUF_CONFIG).write_text(json.dumps(read_gguf_config(gguf)))
     write_tensor_index(gguf, out)
+    sampling = read_gguf_sampling(gguf)
+    if sampling:
+        (out / GENERATION_CONFIG).write_text(json.dumps(sampling))
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)

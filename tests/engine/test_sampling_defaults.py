@@ -33,13 +33,15 @@ def test_fields_left_out_keep_the_apis_defaults(tmp_path):
     assert isinstance(defaults.temperature, float) and defaults.changed() == {}
 
 
-def test_no_file_dummy_weights_a_gguf_or_source_api_use_the_apis_defaults(tmp_path):
+def test_no_file_dummy_weights_or_source_api_use_the_apis_defaults(tmp_path):
     assert read_sampling_defaults(_folder(tmp_path, None)) == SamplingDefaults()
     files = _folder(tmp_path, {"temperature": 0.7})
     assert read_sampling_defaults(files, "api") == SamplingDefaults() != read_sampling_defaults(files)
     assert read_sampling_defaults(ModelFiles(None, "llama-3.1-8b", str(tmp_path))) == SamplingDefaults()
+    prepared = tmp_path / "tokenizer"   # a GGUF's tokenizer folder: the file recommended none
+    prepared.mkdir()
     (tmp_path / "m.gguf").write_bytes(b"GGUF")
-    assert read_sampling_defaults(ModelFiles(str(tmp_path / "m.gguf"), None, str(tmp_path))) == SamplingDefaults()
+    assert read_sampling_defaults(ModelFiles(str(tmp_path / "m.gguf"), None, str(prepared))) == SamplingDefaults()
 
 
 def test_fill_takes_what_was_sent():

@@ -11,6 +11,7 @@ import torch
 from appliance import cli
 from appliance.config import ConfigError, load_config
 from appliance.engine.model_files import resolve_model_files
+from appliance.engine.sampling_defaults import SamplingDefaults, read_sampling_defaults
 from appliance.model import presets, tiny
 from appliance.model.gguf_files import read_gguf_config
 from appliance.model.gguf_tokenizer import ensure_gguf_tokenizer
@@ -30,11 +31,15 @@ def cache(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def tiny_gguf(tmp_path_factory):
+    return _write_tiny_gguf(tmp_path_factory.mktemp("tiny"))
+
+
+def _write_tiny_gguf(root, extra: dict | None = None):
     """The tiny checkpoint's weights and tokenizer (vocab, merges, special and added tokens,
-    chat template) written as a GGUF file."""
+    chat template) written as a GGUF file under `root`, with `extra` metadata."""
     import safetensors.torch
 
-    folder = tiny.ensure_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "tiny-llama")
+    folder = tiny.ensure_tiny_checkpoint(root / "tiny-llama")
     tj = json.loads((folder / "tokenizer.json").read_text())
     added = {t["id"]: t for t in tj["added_tokens"]}
     size = max(max(tj["model"]["vocab"].values()), max(added)) + 1
@@ -47,7 +52,7 @@ def tiny_gguf(tmp_path_factory):
     weights = safetensors.torch.load_file(folder / "model.safetensors")
     path = write_gguf(folder.parent / "tiny.gguf", "llama", tiny.TINY_CONFIG, weights,
                       tokenizer={"tokens": tokens, "types": types, "merges": merges, "bos": 0,
-                                 "eos": 2, "chat_template": tiny.CHAT_TEMPLATE})
+                                 "eos": 2, "chat_template": tiny.CHAT_TEMPLATE}, extra=extra)
     return folder, path
 
 
@@ -77,6 +82,22 @@ def test_model_path_may_name_a_gguf_file(tiny_gguf, cache):
     with pytest.raises(ConfigError, match="model.load_format: safetensors, but model.path"):
         resolve_model_files(load_config(None, [f"model.path={path}",
                                                "model.load_format=safetensors"]))
+
+
+def test_a_gguf_files_sampling_keys_are_its_defaults(tiny_gguf, cache, tmp_path):
+    """llama.cpp's general.sampling.temp / top_p / top_k, kept in the prepared folder; a bad
+    value is a config error naming the GGUF file and its key."""
+    _, path = tiny_gguf
+    assert read_sampling_defaults(resolve_model_files(load_config(None, [f"model.path={path}"]))) \
+        == SamplingDefaults()
+    sampling = {"general.sampling.temp": 0.6, "general.sampling.top_p": 0.95,
+                "general.sampling.top_k": 20, "general.sampling.penalty_repeat": 1.1}
+    _, good = _write_tiny_gguf(tmp_path / "a", sampling)
+    files = resolve_model_files(load_config(None, [f"model.path={good}"]))
+    assert read_sampling_defaults(files) == SamplingDefaults(temperature=0.6, top_p=0.95, top_k=20)
+    _, bad = _write_tiny_gguf(tmp_path / "b", {"general.sampling.temp": 7.5})
+    with pytest.raises(ConfigError, match=f"model.path: {bad}: general.sampling.temp must be in"):
+        read_sampling_defaults(resolve_model_files(load_config(None, [f"model.path={bad}"])))
 
 
 def test_default_config_serves_smollm2_from_its_wheel(cache):
