@@ -1,7 +1,10 @@
 """apply_penalties in one launch: each (row, vocabulary block) program reads the row's logits and
 its request's token statistics and writes the penalized logits back. count_tokens in one launch:
 the sampled tokens added to those statistics by atomic adds (the reference's gather, compare,
-cast and sorted index_put are ~10 launches after every penalized step's sampling).
+cast and sorted index_put are ~10 launches after every penalized step's sampling): with the
+engine's one packed upload, a batch-1 step with one penalized row went 1.04-1.16 -> 0.75-0.84
+ms on an H100 (kernels/README.md), and the 8B's batch-1 decode under repetition penalty 1.05
+183.0 -> 185.6 tok/s, against 185.9 greedy.
 
 The torch reference takes ~18 ops (gathers, compares, selects, a scatter), each a launch on
 CUDA: scripts/bench_engine_step.py on an H100 measured one penalized row adding 0.81 ms to a
