@@ -336,10 +336,10 @@ class Engine:
         events = self.scheduler.commit(step.step, tokens, measured, counts)
         self.step_error.committed(step.step, measured)
         self.timeline.committed(step.step, measured)
-        logprobs = {}
-        if step.logprobs is not None:
-            by_row = step.logprobs.by_row()
-            logprobs = {int(step.rids[row]): lp for row, lp in by_row.items()}
+        logprobs: dict[int, list[protocol.TokenLogprobs]] = {}
+        if step.logprobs is not None:  # a verify row's logits rows in chain order: its tokens'
+            for row, lp in sorted(step.logprobs.by_row().items()):
+                logprobs.setdefault(int(step.rids[row]), []).append(lp)
         emitted = self._emit(events, logprobs)
         self.timeline.mark("emit")
         if self.speculator is None:
@@ -470,9 +470,10 @@ class Engine:
             self.speculator.finish(rid)
 
     def _emit(self, events: list[tuple[int, int, str]],
-              logprobs: dict[int, protocol.TokenLogprobs]) -> dict[int, list[int]]:
+              logprobs: dict[int, list[protocol.TokenLogprobs]]) -> dict[int, list[int]]:
         """Queue the commit's tokens for `_send_outputs`; returns them per request that was
-        running, in order."""
+        running, in order. `logprobs`: per request, those of its tokens in order (a verify
+        row's emitted tokens are its first logits rows)."""
         items = self._unsent
         emitted: dict[int, list[int]] = {}
         requests, grammars = self.requests, self.grammars if self.grammars else None
@@ -484,7 +485,9 @@ class Engine:
                                 f"({error.splitlines()[0] if error else 'no reason given'})")
                 continue
             cached = self._cached_tokens.pop(rid, None) if self._cached_tokens else None
-            items.append(TokenOutput(rid, token, reason or None, logprobs.get(rid), cached))
+            lps = logprobs.get(rid)
+            items.append(TokenOutput(rid, token, reason or None, lps.pop(0) if lps else None,
+                                     cached))
             emitted.setdefault(rid, []).append(token)
             if reason:
                 self._end(rid)

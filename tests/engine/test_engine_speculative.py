@@ -104,6 +104,25 @@ def test_processed_requests_get_drafts_and_the_tokens_of_plain_decoding(engines,
     assert st["spec_verify_rows_total"] > 0 and st["spec_accepted_tokens_total"] > 0
 
 
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_log_probabilities_with_drafts_are_plain_decodings(engines, temperature):
+    """Each emitted token's log-probabilities come from its own logits row of the chain: the
+    same tokens, sampled values and alternatives as without drafts."""
+    reqs = [GenerateRequest(**r, temperature=temperature, seed=7, ignore_eos=True, logprobs=2)
+            for r in REQUESTS]
+
+    def outputs(engine):
+        run(engine, reqs)
+        return [(o.rid, o.token_id, o.logprobs) for m in engine.sent for o in getattr(m, "items", [])]
+
+    plain = outputs(engines())
+    spec_engine = engines("speculative.method=ngram", "speculative.max_draft=4")
+    spec = outputs(spec_engine)
+    assert sorted(spec, key=lambda o: o[0]) == sorted(plain, key=lambda o: o[0])
+    assert all(lp is not None for _, _, lp in spec)
+    assert spec_engine.scheduler.stats()["spec_accepted_tokens_total"] > 0
+
+
 def test_an_opted_out_request_never_gets_drafts(engines):
     eng = engines("speculative.method=ngram")
     run(eng, [GenerateRequest(**REQUESTS[0], temperature=0.0, speculative=False)])

@@ -82,11 +82,10 @@ class Speculator:
 
 
 def takes_part(req: GenerateRequest) -> bool:
-    """Whether `req` gets drafts: not when it opted out, nor when it reports per-token
-    log-probabilities; those decode one token a step. The logits processors compose, since
-    each logits row of a chain is processed as a plain decode at its position would be
+    """Whether `req` gets drafts: unless it opted out. Every sampling feature composes, since
+    each logits row of a chain is sampled as a plain decode at its position would be
     (`LogitLayout.per_logit_row`): logit_bias is stateless, min_tokens holds the stop ids
     back by the row's own position, penalties count the drafts before the row
-    (`LogitsProcessors.plan`); and a grammar's masks follow the drafts, min_tokens folded in
-    (verify.verify_bitmask)."""
-    return req.speculative and req.logprobs is None
+    (`LogitsProcessors.plan`), an emitted token's log-probabilities are its own row's; and a
+    grammar's masks follow the drafts, min_tokens folded in (verify.verify_bitmask)."""
+    return req.speculative
