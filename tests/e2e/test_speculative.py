@@ -22,6 +22,7 @@ pytestmark = pytest.mark.slow  # spawns the daemon: skipped by -m 'not slow'
 # once preempts. With 32 pages, one .ci/run of a fresh clone saw none (below).
 SETTINGS = ("model.preset=tiny-llama", "speculative.max_draft=6",
             "scheduler.max_batch_tokens=64", "kv.num_pages=24", "model.max_model_len=384")
+TINY_EOS = 2  # the tiny model's end of sequence (<|im_end|>)
 CODE = ("def add(a, b):\n    return a + b\n\n\ndef sub(a, b):\n    return a - b\n\n\n"
         "def mul(a, b):\n    return a * b\n\n\n")
 
@@ -74,6 +75,43 @@ def test_penalized_requests_get_drafts_and_keep_their_greedy_output(daemon):
     assert with_drafts == complete(daemon, CODE * 2, speculative=False, **penalties)
     assert with_drafts != complete(daemon, CODE * 2, speculative=False)  # the penalties count
     assert stats(daemon)["speculative"]["accepted_tokens"] > before["accepted_tokens"]
+
+
+def test_bias_min_tokens_and_logprobs_keep_their_output_with_drafts(daemon):
+    """logit_bias, min_tokens and log-probabilities no longer take a request out of
+    speculation: each logits row of a chain is processed as a plain decode at its position."""
+    plain = complete(daemon, CODE * 2, speculative=False)
+    common = max(set(plain), key=plain.count)
+    # the end of sequence (the tiny model's id 2) biased to win at once: min_tokens holds it
+    # back for 30 tokens, so each verify row must mask it by its own position
+    cases = [{"logit_bias": {str(common): -100}},
+             {"logit_bias": {str(TINY_EOS): 100}, "min_tokens": 30, "ignore_eos": False}]
+    for fields in cases:
+        before = stats(daemon)["speculative"]["accepted_tokens"]
+        with_drafts = complete(daemon, CODE * 2, speculative=True, **fields)
+        assert with_drafts == complete(daemon, CODE * 2, speculative=False, **fields), fields
+        assert with_drafts != plain, fields   # the feature acts
+        assert stats(daemon)["speculative"]["accepted_tokens"] > before, fields
+    assert common not in complete(daemon, CODE * 2, speculative=True, **cases[0])
+    ended = complete(daemon, CODE * 2, speculative=True, **cases[1])
+    assert ended[:30] == plain[:30] and ended[30:] == [TINY_EOS]
+
+    def logprobs(speculative: bool) -> dict:
+        with httpx.Client(base_url=daemon.base_url, timeout=300) as http:
+            r = http.post("/v1/completions", json={
+                "prompt": CODE * 2, "max_tokens": 120, "temperature": 0, "ignore_eos": True,
+                "return_token_ids": True, "speculative": speculative, "logprobs": 2})
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]
+
+    before = stats(daemon)["speculative"]["accepted_tokens"]
+    with_drafts, without = logprobs(True), logprobs(False)
+    assert stats(daemon)["speculative"]["accepted_tokens"] > before
+    assert with_drafts["token_ids"] == without["token_ids"] == plain
+    got, want = with_drafts["logprobs"], without["logprobs"]
+    assert got["tokens"] == want["tokens"]
+    assert got["token_logprobs"] == pytest.approx(want["token_logprobs"], abs=1e-3)
+    assert [sorted(t) for t in got["top_logprobs"]] == [sorted(t) for t in want["top_logprobs"]]
 
 
 def test_batched_chunked_and_preempted_requests_keep_their_greedy_output(daemon):
