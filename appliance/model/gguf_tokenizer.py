@@ -8,9 +8,10 @@ folder named after the file's path, size and modification time, and every later 
 keeps the file's HF-style config (`GGUF_CONFIG`, gguf_files.read_gguf_config), written
 once the file passed its checks (architecture, tensor types), its tensor index
 (`TENSOR_INDEX`) and, where the file recommends sampling (`general.sampling.*`), that as a
-`generation_config.json` (sampling_defaults.py reads it as an HF folder's), so a later start and the engine ranks skip the file's metadata: reading it
-parses its whole vocabulary (4-5 s for SmolLM2's 49K tokens on a 2-core box), which the
-frontend would otherwise do before it spawns the ranks, and each rank again.
+`GENERATION_CONFIG` (engine/sampling_defaults.py reads it as an HF folder's); so a later
+start and the engine ranks skip the file's metadata: reading it parses its whole vocabulary
+(4-5 s for SmolLM2's 49K tokens on a 2-core box), which the frontend would otherwise do
+before it spawns the ranks, and each rank again.
 """
 from __future__ import annotations
 
