@@ -411,19 +411,26 @@ class Engine:
                 self.grammars.add(rid, matcher)
 
     def _admit(self, req: GenerateRequest) -> bool:
+        stop_ids = list(req.stop_token_ids)
+        if not req.ignore_eos:
+            stop_ids += self.runner.eos_token_ids
+        try:  # first: a penalized request's token statistics take device memory
+            self.sampler.add(req, stop_ids)
+        except (torch.OutOfMemoryError, MemoryError):
+            self.sampler.remove(req.rid)
+            self._send(protocol.Rejected(req.rid, "no device memory left for its repetition / "
+                                         "presence / frequency penalties' token statistics"))
+            return False
         try:
-            stop_ids = list(req.stop_token_ids)
-            if not req.ignore_eos:
-                stop_ids += self.runner.eos_token_ids
             self.scheduler.submit(req.rid, np.asarray(req.prompt_ids, dtype=np.int32),
                                   req.max_new_tokens, np.asarray(stop_ids, dtype=np.int32),
                                   req.session)
         except (ValueError, TypeError, OverflowError) as e:  # the binding's conversions raise the last two
+            self.sampler.remove(req.rid)
             self._send(protocol.Rejected(req.rid, str(e)))
             return False
         self.requests[req.rid] = req
         self._unadmitted.add(req.rid)
-        self.sampler.add(req, stop_ids)
         if self.speculator is not None:
             self.speculator.start(req)
         return True

@@ -203,3 +203,25 @@ def test_penalty_slots_are_reused(engine):
     pool = engine.sampler.processors._pool
     assert pool.prompt_seen.shape[0] == 8 and len(pool._free) == 8
     assert all(tokens(engine, rid) == tokens(engine, 1) for rid in range(1, 25))
+
+
+def test_no_memory_for_penalty_statistics_rejects_that_request_alone(engine, monkeypatch):
+    """The pool grows on the device as penalized requests arrive: an allocation that fails
+    refuses the request that needed it, and the engine serves on (the others, and later ones
+    once memory is back)."""
+    from appliance.engine.logits_processors import PenaltyPool
+
+    grow = PenaltyPool._grow
+
+    def out_of_memory(self):
+        raise torch.OutOfMemoryError("CUDA out of memory (test)")
+
+    monkeypatch.setattr(PenaltyPool, "_grow", out_of_memory)
+    engine._submit(greedy(1, repetition_penalty=1.5))
+    engine._submit(greedy(2))
+    assert list(rejected(engine)) == [1] and "no device memory" in rejected(engine)[1]
+    monkeypatch.setattr(PenaltyPool, "_grow", grow)
+    engine._submit(greedy(3, repetition_penalty=1.5))
+    run_to_end(engine)
+    assert tokens(engine, 1) == [] and len(tokens(engine, 2)) == len(tokens(engine, 3)) == 12
+    assert engine.scheduler.stats()["pages_used"] == 0 and 1 not in engine.requests
