@@ -1,4 +1,5 @@
-"""`linear` on CUDA: one row (a batch-1 decode step) by a GEMV kernel, more rows by cuBLAS;
+"""`linear` on CUDA: one row (a batch-1 decode step) by a GEMV kernel, 2-16 rows by the
+few-rows kernel (few_rows.py), more by cuBLAS;
 `linear_silu_and_mul`, a SwiGLU MLP's gate|up with its SiLU in the same GEMV's epilogue;
 `rms_norm_linear`, the RMS norm in its loads.
 
@@ -24,7 +25,8 @@ from kernels.reference.norm import pre_norm
 from kernels.registry import register
 from kernels.triton.common import HALF_DTYPES, PRIORITY, on_cuda, on_cuda_half
 from kernels.triton.elementwise import fused_add_rms_norm, rms_norm, silu_and_mul
-from kernels.triton.pdl import pdl_begin, pdl_launch
+from kernels.triton.few_rows import few_rows_applies, few_rows_linear
+from kernels.triton.pdl import pdl_begin, pdl_launch, prefetch_l2
 
 
 @dataclass(frozen=True)
@@ -79,13 +81,6 @@ def gemv_config(n: int, k: int, norm: bool = False) -> GemvConfig:
 
 
 @triton.jit
-def _prefetch_l2(ptrs):
-    """Ask L2 for the lines at `ptrs` (no registers, no wait)."""
-    tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [ptrs],
-                              dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
 def _norm_input(x, R, G, ResOut, kk, k_ok, K, first, ss, HAS_RES: tl.constexpr,
                 HAS_WEIGHT: tl.constexpr):
     """A chunk of X made the RMS norm's input inside the GEMV: + the residual's chunk (rounded
@@ -135,7 +130,7 @@ def _gemv_kernel(X, W, B, Out, R, G, ResOut, N, K, stride_w, eps,
         # into L2 while the kernel that writes X ends (pdl.py).
         lines = tl.arange(0, BLOCK_K // 64) * 64
         safe_rows = W + tl.where(n_ok, n, 0).to(tl.int64)[:, None] * stride_w
-        _prefetch_l2(safe_rows + tl.where(lines < K, lines, 0)[None, :])
+        prefetch_l2(safe_rows + tl.where(lines < K, lines, 0)[None, :])
     pdl_begin(PDL)
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     ss = tl.zeros((BLOCK_K,), dtype=tl.float32)                        # NORM: sum of squares
@@ -211,9 +206,12 @@ def gemv_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 @register("linear", backend="triton", priority=PRIORITY, supports=on_cuda_half)
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
            ) -> torch.Tensor:
-    """F.linear's contract; one row by the GEMV, anything else by cuBLAS."""
+    """F.linear's contract; one row by the GEMV, 2-16 by the few-rows kernel, anything else by
+    cuBLAS."""
     if gemv_applies(x, weight, bias):
         return gemv(x, weight, bias)
+    if few_rows_applies(x, weight, bias):
+        return few_rows_linear(x, weight, bias)
     return F.linear(x, weight, bias)
 
 
@@ -221,11 +219,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 def linear_silu_and_mul(x: torch.Tensor, weight: torch.Tensor,
                         bias: torch.Tensor | None = None) -> torch.Tensor:
     """silu_and_mul(linear(x, weight, bias)); one 16-bit row in one GEMV launch (its SILU_MUL
-    epilogue), anything else by F.linear (cuBLAS) and the silu_and_mul kernel, as the
-    `linear` and `silu_and_mul` ops would run it."""
+    epilogue), anything else by `linear` and the silu_and_mul kernel, as the two ops would
+    run it."""
     if x.dtype in HALF_DTYPES and gemv_applies(x, weight, bias) and weight.shape[0] % 2 == 0:
         return gemv(x, weight, bias, silu_mul=True)
-    return silu_and_mul(F.linear(x, weight, bias))
+    return silu_and_mul(linear(x, weight, bias) if x.dtype in HALF_DTYPES
+                        else F.linear(x, weight, bias))
 
 
 def _row_norm_applies(x: torch.Tensor, residual: torch.Tensor | None,

@@ -53,6 +53,14 @@ def pdl_enabled(index: int) -> bool:
 
 
 @triton.jit
+def prefetch_l2(ptrs):
+    """Ask L2 for the lines at `ptrs` (no registers, no wait): what a kernel may read before
+    its PDL wait, the weights, streams in while the kernel before it ends."""
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [ptrs],
+                              dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
 def pdl_begin(PDL: tl.constexpr):
     """Wait until the kernel before has finished (its writes visible), then let the next
     kernel's programs launch; nothing without PDL."""

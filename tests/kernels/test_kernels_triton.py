@@ -418,6 +418,37 @@ def test_linear_one_row_gemv(n, k, bias):
     assert G.gemv_config(6144, 4096, norm=True) == G.TALL
 
 
+@pytest.mark.parametrize("rows,n,k,bias", [(2, 40, 64, False), (5, 37, 100, True),
+                                           (16, 80, 512, False)])
+def test_linear_of_a_few_rows(rows, n, k, bias, monkeypatch):
+    """2-16 16-bit rows take the few-rows kernel (ragged N and K, a bias, small tiles and the
+    rule's): F.linear's product within fp16 rounding (fp16: the interpreter's dot takes no
+    bf16). One row, 17 rows, float32 rows or TOKENSPEED_FEW_ROWS=0 do not."""
+    from kernels.triton import few_rows as FR
+    from kernels.triton import gemv as G
+    torch.manual_seed(rows * n + k)
+    half = torch.float16
+    x, w = rnd(rows, k, dtype=half), rnd(n, k, dtype=half)
+    b = rnd(n, dtype=half) if bias else None
+    want = torch.nn.functional.linear(x.float(), w.float(), None if b is None else b.float())
+    small = FR.FewRowsConfig(block_n=16, block_k=32, num_warps=4, num_stages=2)
+    assert rel_err(FR.few_rows_linear(x, w, b, small), want) < 1e-2
+    assert FR.few_rows_applies(x, w, b)
+    assert rel_err(G.linear(x, w, b), want) < 1e-2
+    assert torch.equal(G.linear(x, w, b), FR.few_rows_linear(x, w, b))
+    assert not FR.few_rows_applies(x[:1], w, b) and not FR.few_rows_applies(x.float(), w.float(), None)
+    assert not FR.few_rows_applies(rnd(17, k, dtype=half), w, b)
+    monkeypatch.setenv(FR.ENV, "0")
+    FR.few_rows_enabled.cache_clear()
+    try:
+        assert not FR.few_rows_applies(x, w, b)
+    finally:
+        monkeypatch.delenv(FR.ENV)
+        FR.few_rows_enabled.cache_clear()
+    assert FR.few_rows_config(4096, 14336) == FR.NARROW
+    assert FR.few_rows_config(28672, 4096) == FR.WIDE
+
+
 @pytest.mark.parametrize("n,k,res,silu,bias", [(40, 64, True, False, False),
                                                 (37, 100, False, False, True),
                                                 (16, 2048, True, True, False),
@@ -480,7 +511,8 @@ def test_rms_norm_linear_with_the_scale_in_the_weight(n, k, res, silu):
 def test_linear_silu_and_mul_one_row_is_one_gemv_bit_equal_to_two_kernels(inter, k, bias):
     """One 16-bit row: the GEMV's SILU_MUL epilogue (gate and up rows paired in each
     program) gives exactly what the GEMV then the silu_and_mul kernel give, and matches the
-    reference; more rows, or float32, take F.linear and the silu_and_mul kernel."""
+    reference; more rows take `linear` (2-16 16-bit rows: the few-rows kernel), float32
+    F.linear, then the silu_and_mul kernel."""
     from kernels.triton import gemv as G
     from kernels.triton.elementwise import silu_and_mul
     bf = torch.bfloat16
@@ -492,10 +524,14 @@ def test_linear_silu_and_mul_one_row_is_one_gemv_bit_equal_to_two_kernels(inter,
     assert torch.equal(fused, silu_and_mul(G.gemv(x, w, b, config)))
     assert torch.equal(G.linear_silu_and_mul(x, w, b), G.gemv(x, w, b, silu_mul=True))
     assert rel_err(G.linear_silu_and_mul(x, w, b), R.linear_silu_and_mul(x, w, b)) < 2e-2
-    for other in (rnd(3, k, dtype=bf), x.float()):
+    three = rnd(3, k, dtype=torch.float16)   # fp16: the interpreter's dot takes no bf16
+    for other, project in ((three, G.linear), (x.float(), torch.nn.functional.linear)):
         weight, bias_ = w.to(other.dtype), None if b is None else b.to(other.dtype)
         assert torch.equal(G.linear_silu_and_mul(other, weight, bias_),
-                           silu_and_mul(torch.nn.functional.linear(other, weight, bias_)))
+                           silu_and_mul(project(other, weight, bias_)))
+    assert rel_err(G.linear_silu_and_mul(three, w.half(), None if b is None else b.half()),
+                   R.linear_silu_and_mul(three.float(), w.float(),
+                                         None if b is None else b.float())) < 2e-2
     with pytest.raises(ValueError, match="equal count"):
         G.gemv(x, w[1:], None, config, silu_mul=True)
 

@@ -1,0 +1,121 @@
+"""`linear` of a few rows (2-16: a decode step of a few streams, a short verify or prefill
+chunk): each program reads its [BLOCK_N, BLOCK_K] tiles of the weight once and multiplies them
+with every row at once on the tensor cores (the rows padded to 16), so the weight streams from
+HBM once, as the one-row GEMV's does (gemv.py).
+
+At these shapes a decode step only streams weights. cuBLAS picks split-K kernels for the narrow
+ones and pays a reduce kernel after each (the 8B's batch-16 profile: 64 `splitKreduce` launches
+a step), and cannot start under programmatic dependent launch. Here no K is split: there are
+enough output tiles to fill the GPU, no reduce, no workspace, and the first weight tile is
+asked into L2 before the PDL wait (pdl.py).
+
+TOKENSPEED_FEW_ROWS=0 leaves these rows to cuBLAS (a benchmark's A/B switch).
+"""
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.triton.pdl import pdl_begin, pdl_launch, prefetch_l2
+
+ENV = "TOKENSPEED_FEW_ROWS"
+MAX_ROWS = 16     # one MMA tile of rows
+BLOCK_M = 16
+
+
+@dataclass(frozen=True)
+class FewRowsConfig:
+    block_n: int = 32
+    block_k: int = 256
+    num_warps: int = 4
+    num_stages: int = 4
+
+
+NARROW = FewRowsConfig(block_n=32, block_k=256, num_warps=4, num_stages=4)
+WIDE = FewRowsConfig(block_n=64, block_k=256, num_warps=4, num_stages=4)
+WIDE_N = 8192
+
+
+def few_rows_config(n: int, k: int) -> FewRowsConfig:
+    """The tiles of an [N, K] weight: narrow outputs take 32-row tiles, so that the output tiles
+    still fill the GPU without splitting K."""
+    return WIDE if n > WIDE_N else NARROW
+
+
+@triton.jit
+def _few_rows_kernel(X, W, B, Out, M, N, K, stride_x, stride_w, stride_o,
+                     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr):
+    """Out[m, n] = X[m] . W[n] (+ B[n]) for the M rows and BLOCK_N outputs n of a program.
+    Rows past N read row 0 (nothing is stored for them): the weight loads need no mask."""
+    pid = tl.program_id(0)
+    n = pid * BLOCK_N + tl.arange(0, BLOCK_N)                          # [BN]
+    n_ok = n < N
+    m = tl.arange(0, BLOCK_M)                                           # [BM]
+    m_ok = m < M
+    k = tl.arange(0, BLOCK_K)                                           # [BK]
+    w_rows = W + tl.where(n_ok, n, 0).to(tl.int64)[:, None] * stride_w  # [BN, 1]
+    x_rows = X + m.to(tl.int64)[:, None] * stride_x                     # [BM, 1]
+    if PDL:
+        # weights are never written while serving: the first tile's lines stream into L2
+        # while the kernel that writes X ends (pdl.py)
+        lines = tl.arange(0, BLOCK_K // 64) * 64
+        prefetch_l2(w_rows + tl.where(lines < K, lines, 0)[None, :])
+    pdl_begin(PDL)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + k
+        if EVEN_K:
+            x = tl.load(x_rows + kk[None, :], mask=m_ok[:, None], other=0.0)
+            w = tl.load(w_rows + kk[None, :], eviction_policy="evict_first")
+        else:
+            k_ok = kk < K
+            x = tl.load(x_rows + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(w_rows + kk[None, :], mask=k_ok[None, :], other=0.0,
+                        eviction_policy="evict_first")
+        acc = tl.dot(x, tl.trans(w), acc)  # [BM, BN]
+    if HAS_BIAS:
+        acc += tl.load(B + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(Out + m[:, None] * stride_o + n[None, :], acc.to(Out.dtype.element_ty),
+             mask=m_ok[:, None] & n_ok[None, :])
+
+
+def few_rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                    config: FewRowsConfig | None = None) -> torch.Tensor:
+    """x: [M, K] (M <= 16, rows contiguous), weight: [N, K] (rows contiguous), bias: [N] ->
+    [M, N]."""
+    rows, k = x.shape
+    n = weight.shape[0]
+    if not 1 <= rows <= MAX_ROWS or x.stride(1) != 1 or weight.stride(1) != 1 \
+            or weight.shape[1] != k:
+        raise ValueError(f"few_rows_linear: expected x [1..{MAX_ROWS}, {weight.shape[1]}] and "
+                         f"row-contiguous tensors, got x {tuple(x.shape)} strides {x.stride()}")
+    config = config or few_rows_config(n, k)
+    out = torch.empty((rows, n), device=x.device, dtype=x.dtype)
+    _few_rows_kernel[(triton.cdiv(n, config.block_n),)](
+        x, weight, bias if bias is not None else out, out, rows, n, k, x.stride(0),
+        weight.stride(0), out.stride(0), HAS_BIAS=bias is not None, BLOCK_M=BLOCK_M,
+        BLOCK_N=config.block_n, BLOCK_K=config.block_k, EVEN_K=k % config.block_k == 0,
+        num_warps=config.num_warps, num_stages=config.num_stages, **pdl_launch(x.device))
+    return out
+
+
+def few_rows_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """2-16 rows with contiguous elements, a row-contiguous 16-bit weight of their dtype, and
+    not turned off (TOKENSPEED_FEW_ROWS=0)."""
+    return (x.dim() == 2 and 2 <= x.shape[0] <= MAX_ROWS and x.stride(1) == 1
+            and x.dtype in (torch.float16, torch.bfloat16) and weight.dim() == 2
+            and weight.dtype == x.dtype and weight.stride(1) == 1
+            and x.shape[1] == weight.shape[1]
+            and (bias is None or (bias.dtype == x.dtype and bias.is_contiguous()))
+            and few_rows_enabled())
+
+
+@functools.lru_cache(maxsize=None)
+def few_rows_enabled() -> bool:
+    return os.environ.get(ENV, "1") != "0"
