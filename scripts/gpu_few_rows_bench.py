@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from triton.runtime.errors import OutOfResources
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -44,7 +45,11 @@ def bench(name: str, rows: int, n: int, k: int, cfgs: list[FewRowsConfig], repla
                (f"rule {_label(rule)}",
                 graph_us(lambda a, w: few_rows_linear(a, w, None, rule), weights, x, replays))]
     for cfg in cfgs:
-        err = (few_rows_linear(x, weights[0], None, cfg).float() - want).abs().max().item()
+        try:
+            got = few_rows_linear(x, weights[0], None, cfg)
+        except OutOfResources:   # its pipeline's buffers exceed the shared memory
+            continue
+        err = (got.float() - want).abs().max().item()
         if err > 0.02 * want.abs().max().item() + 1e-3:
             print(f"{name} M={rows} {_label(cfg)}: WRONG, max error {err:.4g}", flush=True)
             continue

@@ -9,6 +9,16 @@ a step), and cannot start under programmatic dependent launch. Here no K is spli
 enough output tiles to fill the GPU, no reduce, no workspace, and the first weight tile is
 asked into L2 before the PDL wait (pdl.py).
 
+H100 (copy 3.03 TB/s), `scripts/gpu_few_rows_bench.py` (graph replays, weights read from HBM),
+us a call at 4 / 16 rows, cuBLAS -> this kernel at the tiles `few_rows_config` now gives: the
+8B's o 15.88 -> 13.31 / 16.26 -> 13.18, down 42.70 -> 41.08 / 43.68 -> 40.97, lm_head 362.9
+-> 333.7 / 366.7 -> 339.1, qkv 19.85 -> 18.90 / 20.01 -> 19.20, gate_up 77.99 -> 77.72 / 79.04
+-> 78.92 (cuBLAS is already at copy speed there). Through the daemon (the same card, 8B, 128 in
+/ 256 out, two rounds each, with the first rule's tiles: 32x256 for qkv, 64x256 for gate_up and
+the head): 4 streams 654.0 / 652.7 -> 673.2 / 669.7 tok/s, 16 streams 2,446 / 2,381 -> 2,510 /
+2,529. Weights of fewer than 4,096 rows (DeepSeek-V2-Lite's 576-3,072) are untimed here, and
+would leave most SMs idle at these tiles: they stay on cuBLAS.
+
 TOKENSPEED_FEW_ROWS=0 leaves these rows to cuBLAS (a benchmark's A/B switch).
 """
 from __future__ import annotations
@@ -36,15 +46,20 @@ class FewRowsConfig:
     num_stages: int = 4
 
 
-NARROW = FewRowsConfig(block_n=32, block_k=256, num_warps=4, num_stages=4)
-WIDE = FewRowsConfig(block_n=64, block_k=256, num_warps=4, num_stages=4)
+# the best of gpu_few_rows_bench.py's 24 tiles per shape (H100, 4 and 16 rows, module doc)
+NARROW = FewRowsConfig(block_n=32, block_k=256, num_warps=4, num_stages=4)   # o, down
+TALL = FewRowsConfig(block_n=16, block_k=512, num_warps=4, num_stages=3)     # qkv
+WIDE = FewRowsConfig(block_n=128, block_k=256, num_warps=4, num_stages=3)    # gate_up, head
 WIDE_N = 8192
+MIN_N = 4096   # the fewest output rows timed (the 8B's o and down); fewer stay on cuBLAS
 
 
 def few_rows_config(n: int, k: int) -> FewRowsConfig:
-    """The tiles of an [N, K] weight: narrow outputs take 32-row tiles, so that the output tiles
-    still fill the GPU without splitting K."""
-    return WIDE if n > WIDE_N else NARROW
+    """The tiles of an [N, K] weight: narrow outputs take 16-32-row tiles, so that the output
+    tiles still fill the GPU without splitting K."""
+    if n > WIDE_N:
+        return WIDE
+    return TALL if n > k else NARROW
 
 
 @triton.jit
@@ -64,7 +79,7 @@ def _few_rows_kernel(X, W, B, Out, M, N, K, stride_x, stride_w, stride_o,
     if PDL:
         # weights are never written while serving: the first tile's lines stream into L2
         # while the kernel that writes X ends (pdl.py)
-        lines = tl.arange(0, BLOCK_K // 64) * 64
+        lines = tl.arange(0, (BLOCK_K + 63) // 64) * 64                # a line per 64 elements
         prefetch_l2(w_rows + tl.where(lines < K, lines, 0)[None, :])
     pdl_begin(PDL)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -106,10 +121,11 @@ def few_rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
 
 
 def few_rows_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    """2-16 rows with contiguous elements, a row-contiguous 16-bit weight of their dtype, and
-    not turned off (TOKENSPEED_FEW_ROWS=0)."""
+    """2-16 rows with contiguous elements, a row-contiguous 16-bit weight of their dtype with
+    at least MIN_N rows, and not turned off (TOKENSPEED_FEW_ROWS=0)."""
     return (x.dim() == 2 and 2 <= x.shape[0] <= MAX_ROWS and x.stride(1) == 1
             and x.dtype in (torch.float16, torch.bfloat16) and weight.dim() == 2
+            and weight.shape[0] >= MIN_N
             and weight.dtype == x.dtype and weight.stride(1) == 1
             and x.shape[1] == weight.shape[1]
             and (bias is None or (bias.dtype == x.dtype and bias.is_contiguous()))

@@ -421,9 +421,10 @@ def test_linear_one_row_gemv(n, k, bias):
 @pytest.mark.parametrize("rows,n,k,bias", [(2, 40, 64, False), (5, 37, 100, True),
                                            (16, 80, 512, False)])
 def test_linear_of_a_few_rows(rows, n, k, bias, monkeypatch):
-    """2-16 16-bit rows take the few-rows kernel (ragged N and K, a bias, small tiles and the
-    rule's): F.linear's product within fp16 rounding (fp16: the interpreter's dot takes no
-    bf16). One row, 17 rows, float32 rows or TOKENSPEED_FEW_ROWS=0 do not."""
+    """The few-rows kernel (ragged N and K, a bias, small tiles and the rule's): F.linear's
+    product within fp16 rounding (fp16: the interpreter's dot takes no bf16). `linear` gives
+    it 2-16 16-bit rows of a weight of at least MIN_N rows; not one row, 17 rows, float32
+    rows, a smaller weight, or with TOKENSPEED_FEW_ROWS=0."""
     from kernels.triton import few_rows as FR
     from kernels.triton import gemv as G
     torch.manual_seed(rows * n + k)
@@ -433,20 +434,25 @@ def test_linear_of_a_few_rows(rows, n, k, bias, monkeypatch):
     want = torch.nn.functional.linear(x.float(), w.float(), None if b is None else b.float())
     small = FR.FewRowsConfig(block_n=16, block_k=32, num_warps=4, num_stages=2)
     assert rel_err(FR.few_rows_linear(x, w, b, small), want) < 1e-2
-    assert FR.few_rows_applies(x, w, b)
-    assert rel_err(G.linear(x, w, b), want) < 1e-2
-    assert torch.equal(G.linear(x, w, b), FR.few_rows_linear(x, w, b))
-    assert not FR.few_rows_applies(x[:1], w, b) and not FR.few_rows_applies(x.float(), w.float(), None)
-    assert not FR.few_rows_applies(rnd(17, k, dtype=half), w, b)
+    assert rel_err(FR.few_rows_linear(x, w, b), want) < 1e-2
+    assert not FR.few_rows_applies(x, w, b)                             # fewer than MIN_N rows
+    tall = rnd(FR.MIN_N, k, dtype=half)
+    assert FR.few_rows_applies(x, tall, None)
+    assert torch.equal(G.linear(x, tall), FR.few_rows_linear(x, tall))
+    assert rel_err(G.linear(x, tall), torch.nn.functional.linear(x.float(), tall.float())) < 1e-2
+    assert not FR.few_rows_applies(x[:1], tall, None)
+    assert not FR.few_rows_applies(x.float(), tall.float(), None)
+    assert not FR.few_rows_applies(rnd(17, k, dtype=half), tall, None)
     monkeypatch.setenv(FR.ENV, "0")
     FR.few_rows_enabled.cache_clear()
     try:
-        assert not FR.few_rows_applies(x, w, b)
+        assert not FR.few_rows_applies(x, tall, None)
     finally:
         monkeypatch.delenv(FR.ENV)
         FR.few_rows_enabled.cache_clear()
-    assert FR.few_rows_config(4096, 14336) == FR.NARROW
-    assert FR.few_rows_config(28672, 4096) == FR.WIDE
+    assert FR.few_rows_config(4096, 14336) == FR.few_rows_config(4096, 4096) == FR.NARROW
+    assert FR.few_rows_config(6144, 4096) == FR.TALL
+    assert FR.few_rows_config(28672, 4096) == FR.few_rows_config(128256, 4096) == FR.WIDE
 
 
 @pytest.mark.parametrize("n,k,res,silu,bias", [(40, 64, True, False, False),
