@@ -31,6 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.triton.common import per_batch
 from kernels.triton.pdl import pdl_begin, pdl_launch, prefetch_l2
 
 ENV = "TOKENSPEED_FEW_ROWS"
@@ -62,7 +63,7 @@ def few_rows_config(n: int, k: int) -> FewRowsConfig:
     return TALL if n > k else NARROW
 
 
-@triton.jit
+@triton.jit(**per_batch(ints=("M",)))   # the row count: one compiled variant serves 2-16
 def _few_rows_kernel(X, W, B, Out, M, N, K, stride_x, stride_w, stride_o,
                      HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr):

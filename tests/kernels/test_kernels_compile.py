@@ -408,6 +408,7 @@ def check_per_batch() -> None:
     unspecialized(MA._absorb_rope_kernel, (), ("Pos", "Slots"))
     unspecialized(HG._merged_head_gemv_kernel, HG.MERGED_PER_BATCH)
     unspecialized(RK._store_kv_kernel, (), ("Slots",))
+    unspecialized(FR._few_rows_kernel, ("M",))
     for kernel in (S._sample_chunk_kernel, S._sample_finish_kernel):
         unspecialized(kernel, (), S.ROW_PARAMS)
 
