@@ -20,11 +20,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from triton.runtime.errors import OutOfResources
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gpu_gemv_bench import LLAMA_8B, STREAM_BYTES, copy_tbps, graph_us  # noqa: E402
+from gpu_gemv_bench import (LLAMA_8B, copy_tbps, graph_us, table_lines,  # noqa: E402
+                            timed_configs, weight_copies)
 from kernels.triton.few_rows import FewRowsConfig, few_rows_config, few_rows_linear  # noqa: E402
 
 
@@ -34,33 +34,17 @@ def _label(cfg: FewRowsConfig) -> str:
 
 def bench(name: str, rows: int, n: int, k: int, cfgs: list[FewRowsConfig], replays: int,
           top: int, copy: float) -> list[str]:
-    bytes_ = n * k * 2
-    copies = max(2, -(-STREAM_BYTES // bytes_))
-    weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
-               for _ in range(copies)]
+    weights = weight_copies(n, k)
     x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
     want = F.linear(x, weights[0]).float()
     rule = few_rows_config(n, k)
     results = [("cuBLAS", graph_us(F.linear, weights, x, replays)),
                (f"rule {_label(rule)}",
                 graph_us(lambda a, w: few_rows_linear(a, w, None, rule), weights, x, replays))]
-    for cfg in cfgs:
-        try:
-            got = few_rows_linear(x, weights[0], None, cfg)
-        except OutOfResources:   # its pipeline's buffers exceed the shared memory
-            continue
-        err = (got.float() - want).abs().max().item()
-        if err > 0.02 * want.abs().max().item() + 1e-3:
-            print(f"{name} M={rows} {_label(cfg)}: WRONG, max error {err:.4g}", flush=True)
-            continue
-        results.append((_label(cfg), graph_us(lambda a, w, c=cfg: few_rows_linear(a, w, None, c),
-                                              weights, x, replays)))
-    base = results[0][1]
-    lines = []
-    for label, us in results[:2] + sorted(results[2:], key=lambda r: r[1])[:top]:
-        tbps = bytes_ / (us * 1e-6) / 1e12
-        lines.append(f"| {rows} | {name} {n}x{k} | {label} | {us:.2f} | {tbps:.2f} | "
-                     f"{tbps / copy:.0%} | {base / us:.2f}x |")
+    results += timed_configs(f"{name} M={rows}", cfgs,
+                             lambda a, w, c: few_rows_linear(a, w, None, c), _label, weights, x,
+                             want, replays)
+    lines = table_lines(f"{rows} | {name} {n}x{k}", results, n * k * 2, top, copy)
     del weights
     torch.cuda.empty_cache()
     print("\n".join(lines), flush=True)
