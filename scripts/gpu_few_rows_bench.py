@@ -25,11 +25,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gpu_gemv_bench import (LLAMA_8B, copy_tbps, graph_us, table_lines,  # noqa: E402
                             timed_configs, weight_copies)
-from kernels.triton.few_rows import FewRowsConfig, few_rows_config, few_rows_linear  # noqa: E402
+from kernels.triton.few_rows import (MAX_ROWS, FewRowsConfig, few_rows_config,  # noqa: E402
+                                     few_rows_linear)
 
 
 def _label(cfg: FewRowsConfig) -> str:
-    return f"{cfg.block_n}x{cfg.block_k} w{cfg.num_warps} s{cfg.num_stages}"
+    return f"{cfg.block_m}:{cfg.block_n}x{cfg.block_k} w{cfg.num_warps} s{cfg.num_stages}"
+
+
+def row_tiles(rows: int, asked: list[int] | None) -> list[int]:
+    """The row tiles swept at `rows`: those asked, else one tile of all the rows (a power of
+    two, at least 16) and, from 128 rows, two tiles of half of them."""
+    if asked:
+        return asked
+    whole = max(16, 1 << (rows - 1).bit_length())
+    return [whole] + ([whole // 2] if whole >= 128 else [])
 
 
 def bench(name: str, rows: int, n: int, k: int, cfgs: list[FewRowsConfig], replays: int,
@@ -37,18 +47,20 @@ def bench(name: str, rows: int, n: int, k: int, cfgs: list[FewRowsConfig], repla
     weights = weight_copies(n, k)
     x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
     want = F.linear(x, weights[0]).float()
-    rule = few_rows_config(n, k)
-    results = [("cuBLAS", graph_us(F.linear, weights, x, replays)),
-               (f"rule {_label(rule)}",
-                graph_us(lambda a, w: few_rows_linear(a, w, None, rule), weights, x, replays))]
-    results += timed_configs(f"{name} M={rows}", cfgs,
-                             lambda a, w, c: few_rows_linear(a, w, None, c), _label, weights, x,
-                             want, replays)
+    results = [("cuBLAS", graph_us(F.linear, weights, x, replays))]
+    rule = few_rows_config(n, k, rows) if rows <= MAX_ROWS else None
+    if rule is not None:
+        results.append((f"rule {_label(rule)}", graph_us(
+            lambda a, w: few_rows_linear(a, w, None, rule), weights, x, replays)))
+    timed = timed_configs(f"{name} M={rows}", cfgs,
+                          lambda a, w, c: few_rows_linear(a, w, None, c), _label, weights, x,
+                          want, replays)
+    results += sorted(timed, key=lambda r: r[1])   # without a rule the best takes its row
     lines = table_lines(f"{rows} | {name} {n}x{k}", results, n * k * 2, top, copy)
     del weights
     torch.cuda.empty_cache()
     print("\n".join(lines), flush=True)
-    return lines
+    return lines, results[0][1], min(us for _, us in results[1:])
 
 
 def main() -> int:
@@ -59,6 +71,10 @@ def main() -> int:
     parser.add_argument("--block-k", type=int, nargs="+", default=[128, 256, 512])
     parser.add_argument("--warps", type=int, nargs="+", default=[4, 8])
     parser.add_argument("--stages", type=int, nargs="+", default=[4])
+    parser.add_argument("--block-m", type=int, nargs="+", default=None,
+                        help="row tiles (default: row_tiles)")
+    parser.add_argument("--layers", type=int, default=32,
+                        help="a step's sum: every shape but lm_head this many times")
     parser.add_argument("--replays", type=int, default=20)
     parser.add_argument("--top", type=int, default=3)
     args = parser.parse_args()
@@ -67,19 +83,27 @@ def main() -> int:
         return 1
     names = {f"{n}x{k}": name for name, (n, k) in LLAMA_8B.items()}
     shapes = args.shapes or list(names)
-    cfgs = [FewRowsConfig(n, k, w, s) for n, k, w, s in itertools.product(
-        args.block_n, args.block_k, args.warps, args.stages)]
     copy = copy_tbps()
     print(f"card: {torch.cuda.get_device_name()}  torch {torch.__version__}  "
           f"copy {copy:.2f} TB/s", flush=True)
     lines = ["| rows | shape | kernel | us a call | TB/s | of copy | vs cuBLAS |",
              "|---|---|---|---|---|---|---|"]
+    steps = ["| rows | cuBLAS us a step | best tiles us a step | speed-up |", "|---|---|---|---|"]
     for rows in args.rows:
+        cfgs = [FewRowsConfig(n, k, w, s, m) for m, n, k, w, s in itertools.product(
+            row_tiles(rows, args.block_m), args.block_n, args.block_k, args.warps,
+            args.stages)]
+        base = best = 0.0
         for shape in shapes:
             n, k = (int(v) for v in shape.split("x"))
-            lines += bench(names.get(shape, shape), rows, n, k, cfgs, args.replays, args.top,
-                           copy)
-    print("\n" + "\n".join(lines))
+            name = names.get(shape, shape)
+            shape_lines, base_us, best_us = bench(name, rows, n, k, cfgs, args.replays,
+                                                  args.top, copy)
+            lines += shape_lines
+            times = 1 if name == "lm_head" else args.layers
+            base, best = base + times * base_us, best + times * best_us
+        steps.append(f"| {rows} | {base:.0f} | {best:.0f} | {base / best:.3f}x |")
+    print("\n" + "\n".join(lines + [""] + steps))
     return 0
 
 

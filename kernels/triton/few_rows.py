@@ -35,8 +35,9 @@ from kernels.triton.common import per_batch
 from kernels.triton.pdl import pdl_begin, pdl_launch, prefetch_l2
 
 ENV = "TOKENSPEED_FEW_ROWS"
-MAX_ROWS = 16     # one MMA tile of rows
-BLOCK_M = 16
+BLOCK_M = 16      # one MMA tile of rows: 2-16 rows
+MEDIUM_BLOCK_M = 64
+MAX_ROWS = MEDIUM_BLOCK_M
 
 
 @dataclass(frozen=True)
@@ -45,34 +46,51 @@ class FewRowsConfig:
     block_k: int = 256
     num_warps: int = 4
     num_stages: int = 4
+    block_m: int = BLOCK_M   # rows a program; more rows than this take several row tiles
 
 
 # the best of gpu_few_rows_bench.py's 24 tiles per shape (H100, 4 and 16 rows, module doc)
 NARROW = FewRowsConfig(block_n=32, block_k=256, num_warps=4, num_stages=4)   # o, down
 TALL = FewRowsConfig(block_n=16, block_k=512, num_warps=4, num_stages=3)     # qkv
 WIDE = FewRowsConfig(block_n=128, block_k=256, num_warps=4, num_stages=3)    # gate_up, head
+# 17-64 rows, one 64-row tile (gpu_few_rows_bench.py --rows 24 32 48 64, H100): o and down
+# 1.02-1.08x of cuBLAS, gate_up 1.01-1.02x, the head 1.06-1.07x; qkv ties, so stays on cuBLAS
+MEDIUM_NARROW = FewRowsConfig(block_n=32, block_k=256, num_warps=4, num_stages=4,
+                              block_m=MEDIUM_BLOCK_M)                          # o, down
+MEDIUM_WIDE = FewRowsConfig(block_n=128, block_k=128, num_warps=4, num_stages=4,
+                            block_m=MEDIUM_BLOCK_M)                            # gate_up, head
 WIDE_N = 8192
 MIN_N = 4096   # the fewest output rows timed (the 8B's o and down); fewer stay on cuBLAS
 
 
-def few_rows_config(n: int, k: int) -> FewRowsConfig:
-    """The tiles of an [N, K] weight: narrow outputs take 16-32-row tiles, so that the output
-    tiles still fill the GPU without splitting K."""
+def few_rows_config(n: int, k: int, rows: int = BLOCK_M) -> FewRowsConfig | None:
+    """The tiles of `rows` rows times an [N, K] weight, None where cuBLAS is as fast. Narrow
+    outputs take 16-32-row tiles, so that the output tiles still fill the GPU without
+    splitting K; from 17 rows one 64-row tile holds them all (at 128 rows and more cuBLAS was
+    faster at every tile: the weight is no longer all a step reads)."""
+    if rows <= BLOCK_M:
+        if n > WIDE_N:
+            return WIDE
+        return TALL if n > k else NARROW
     if n > WIDE_N:
-        return WIDE
-    return TALL if n > k else NARROW
+        return MEDIUM_WIDE
+    return None if n > k else MEDIUM_NARROW
 
 
-@triton.jit(**per_batch(ints=("M",)))   # the row count: one compiled variant serves 2-16
+@triton.jit(**per_batch(ints=("M",)))   # the row count: one compiled variant a row tile
 def _few_rows_kernel(X, W, B, Out, M, N, K, stride_x, stride_w, stride_o,
                      HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr):
-    """Out[m, n] = X[m] . W[n] (+ B[n]) for the M rows and BLOCK_N outputs n of a program.
-    Rows past N read row 0 (nothing is stored for them): the weight loads need no mask."""
+                     BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, STREAM_W: tl.constexpr,
+                     PDL: tl.constexpr):
+    """Out[m, n] = X[m] . W[n] (+ B[n]) for the BLOCK_M rows m and BLOCK_N outputs n of a
+    program. The row tiles of one output tile are neighbouring programs, so that the later ones
+    read its weight from L2; with one row tile (STREAM_W) the weight streams past L2. Rows past
+    N read row 0 (nothing is stored for them): the weight loads need no mask."""
     pid = tl.program_id(0)
-    n = pid * BLOCK_N + tl.arange(0, BLOCK_N)                          # [BN]
+    m_tiles = tl.cdiv(M, BLOCK_M)
+    n = (pid // m_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)             # [BN]
     n_ok = n < N
-    m = tl.arange(0, BLOCK_M)                                           # [BM]
+    m = (pid % m_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)               # [BM]
     m_ok = m < M
     k = tl.arange(0, BLOCK_K)                                           # [BK]
     w_rows = W + tl.where(n_ok, n, 0).to(tl.int64)[:, None] * stride_w  # [BN, 1]
@@ -88,12 +106,18 @@ def _few_rows_kernel(X, W, B, Out, M, N, K, stride_x, stride_w, stride_o,
         kk = k0 + k
         if EVEN_K:
             x = tl.load(x_rows + kk[None, :], mask=m_ok[:, None], other=0.0)
-            w = tl.load(w_rows + kk[None, :], eviction_policy="evict_first")
+            if STREAM_W:
+                w = tl.load(w_rows + kk[None, :], eviction_policy="evict_first")
+            else:
+                w = tl.load(w_rows + kk[None, :])
         else:
             k_ok = kk < K
             x = tl.load(x_rows + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-            w = tl.load(w_rows + kk[None, :], mask=k_ok[None, :], other=0.0,
-                        eviction_policy="evict_first")
+            if STREAM_W:
+                w = tl.load(w_rows + kk[None, :], mask=k_ok[None, :], other=0.0,
+                            eviction_policy="evict_first")
+            else:
+                w = tl.load(w_rows + kk[None, :], mask=k_ok[None, :], other=0.0)
         acc = tl.dot(x, tl.trans(w), acc)  # [BM, BN]
     if HAS_BIAS:
         acc += tl.load(B + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
@@ -103,33 +127,38 @@ def _few_rows_kernel(X, W, B, Out, M, N, K, stride_x, stride_w, stride_o,
 
 def few_rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                     config: FewRowsConfig | None = None) -> torch.Tensor:
-    """x: [M, K] (M <= 16, rows contiguous), weight: [N, K] (rows contiguous), bias: [N] ->
-    [M, N]."""
+    """x: [M, K] (rows contiguous), weight: [N, K] (rows contiguous), bias: [N] -> [M, N];
+    `config` (default: `few_rows_config`'s) may take more rows than one tile holds."""
     rows, k = x.shape
     n = weight.shape[0]
-    if not 1 <= rows <= MAX_ROWS or x.stride(1) != 1 or weight.stride(1) != 1 \
+    config = config or few_rows_config(n, k, rows)
+    if rows < 1 or config is None or x.stride(1) != 1 or weight.stride(1) != 1 \
             or weight.shape[1] != k:
-        raise ValueError(f"few_rows_linear: expected x [1..{MAX_ROWS}, {weight.shape[1]}] and "
-                         f"row-contiguous tensors, got x {tuple(x.shape)} strides {x.stride()}")
-    config = config or few_rows_config(n, k)
+        raise ValueError(f"few_rows_linear: expected x [1..{MAX_ROWS}, {weight.shape[1]}] "
+                         f"(no cuBLAS-only shape) and row-contiguous tensors, got x "
+                         f"{tuple(x.shape)} strides {x.stride()} for a weight "
+                         f"{tuple(weight.shape)}")
     out = torch.empty((rows, n), device=x.device, dtype=x.dtype)
-    _few_rows_kernel[(triton.cdiv(n, config.block_n),)](
+    m_tiles = triton.cdiv(rows, config.block_m)
+    _few_rows_kernel[(triton.cdiv(n, config.block_n) * m_tiles,)](
         x, weight, bias if bias is not None else out, out, rows, n, k, x.stride(0),
-        weight.stride(0), out.stride(0), HAS_BIAS=bias is not None, BLOCK_M=BLOCK_M,
+        weight.stride(0), out.stride(0), HAS_BIAS=bias is not None, BLOCK_M=config.block_m,
         BLOCK_N=config.block_n, BLOCK_K=config.block_k, EVEN_K=k % config.block_k == 0,
+        STREAM_W=m_tiles == 1,
         num_warps=config.num_warps, num_stages=config.num_stages, **pdl_launch(x.device))
     return out
 
 
 def few_rows_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    """2-16 rows with contiguous elements, a row-contiguous 16-bit weight of their dtype with
-    at least MIN_N rows, and not turned off (TOKENSPEED_FEW_ROWS=0)."""
+    """2-64 rows with contiguous elements, a row-contiguous 16-bit weight of their dtype with
+    at least MIN_N rows and tiles for that shape, and not turned off (TOKENSPEED_FEW_ROWS=0)."""
     return (x.dim() == 2 and 2 <= x.shape[0] <= MAX_ROWS and x.stride(1) == 1
             and x.dtype in (torch.float16, torch.bfloat16) and weight.dim() == 2
             and weight.shape[0] >= MIN_N
             and weight.dtype == x.dtype and weight.stride(1) == 1
             and x.shape[1] == weight.shape[1]
             and (bias is None or (bias.dtype == x.dtype and bias.is_contiguous()))
+            and few_rows_config(weight.shape[0], x.shape[1], x.shape[0]) is not None
             and few_rows_enabled())
 
 

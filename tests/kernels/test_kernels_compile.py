@@ -252,11 +252,12 @@ def _row_kernels() -> None:
     _gemv(6144, 4096, norm=True, norm_weight=False)
     _gemv(28672, 4096, silu_mul=True, norm=True, norm_weight=False)
     _gemv(128256, 4096, norm=True, norm_weight=False)              # the head
-    for cfg in (FR.NARROW, FR.TALL, FR.WIDE):                       # 2-16 rows
+    for cfg in (FR.NARROW, FR.TALL, FR.WIDE, FR.MEDIUM_NARROW, FR.MEDIUM_WIDE):   # 2-64 rows
         compile_sm90(FR._few_rows_kernel, dict(X=BF, W=BF, B=BF, Out=BF, M=3, N=4096, K=4096,
                                                stride_x=4096, stride_w=4096, stride_o=4096),
-                     dict(HAS_BIAS=False, BLOCK_M=FR.BLOCK_M, BLOCK_N=cfg.block_n,
-                          BLOCK_K=cfg.block_k, EVEN_K=True), cfg.num_warps, cfg.num_stages)
+                     dict(HAS_BIAS=False, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                          BLOCK_K=cfg.block_k, EVEN_K=True, STREAM_W=True), cfg.num_warps,
+                     cfg.num_stages)
     compile_sm90(SA._spec_accept_kernel, dict(Tokens=I32, Drafts=I32, Start=I32, Counts=I32),
                  dict(BLOCK=SA.BLOCK), 4, 1)
     compile_sm90(PN._penalties_kernel, dict(Logits=F32, Rows=I64, Slots=I64, Seen=torch.uint8,

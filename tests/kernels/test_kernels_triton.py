@@ -442,7 +442,7 @@ def test_linear_of_a_few_rows(rows, n, k, bias, monkeypatch):
     assert rel_err(G.linear(x, tall), torch.nn.functional.linear(x.float(), tall.float())) < 1e-2
     assert not FR.few_rows_applies(x[:1], tall, None)
     assert not FR.few_rows_applies(x.float(), tall.float(), None)
-    assert not FR.few_rows_applies(rnd(17, k, dtype=half), tall, None)
+    assert not FR.few_rows_applies(rnd(17, k, dtype=half), tall, None)   # qkv-like: cuBLAS
     monkeypatch.setenv(FR.ENV, "0")
     FR.few_rows_enabled.cache_clear()
     try:
@@ -453,6 +453,40 @@ def test_linear_of_a_few_rows(rows, n, k, bias, monkeypatch):
     assert FR.few_rows_config(4096, 14336) == FR.few_rows_config(4096, 4096) == FR.NARROW
     assert FR.few_rows_config(6144, 4096) == FR.TALL
     assert FR.few_rows_config(28672, 4096) == FR.few_rows_config(128256, 4096) == FR.WIDE
+
+
+@pytest.mark.parametrize("rows,block_m", [(40, 32), (40, 64), (64, 64)])
+def test_linear_of_a_few_dozen_rows(rows, block_m):
+    """17-64 rows: one row tile (the weight streamed past L2) or several (neighbouring programs
+    share a weight tile), F.linear's product within fp16 rounding."""
+    from kernels.triton import few_rows as FR
+    torch.manual_seed(rows + block_m)
+    half = torch.float16
+    x, w, b = rnd(rows, 96, dtype=half), rnd(50, 96, dtype=half), rnd(50, dtype=half)
+    cfg = FR.FewRowsConfig(block_n=16, block_k=32, num_warps=4, num_stages=2, block_m=block_m)
+    want = torch.nn.functional.linear(x.float(), w.float(), b.float())
+    assert rel_err(FR.few_rows_linear(x, w, b, cfg), want) < 1e-2
+
+
+def test_linear_routes_a_few_dozen_rows():
+    """17-64 rows of o / down / gate_up / head-shaped weights take the few-rows kernel's 64-row
+    tile; qkv-shaped ones (more outputs than inputs, not wide), 65 rows, stay on cuBLAS."""
+    from kernels.triton import few_rows as FR
+    from kernels.triton import gemv as G
+    half = torch.float16
+    assert FR.few_rows_config(4096, 4096, 17) == FR.few_rows_config(4096, 14336, 64) \
+        == FR.MEDIUM_NARROW
+    assert FR.few_rows_config(28672, 4096, 32) == FR.MEDIUM_WIDE
+    assert FR.few_rows_config(6144, 4096, 32) is None
+    k = 64
+    wide = rnd(FR.WIDE_N + 8, k, dtype=half)
+    x = rnd(33, k, dtype=half)
+    assert FR.few_rows_applies(x, wide, None)
+    got = G.linear(x, wide)
+    assert torch.equal(got, FR.few_rows_linear(x, wide))
+    assert rel_err(got, torch.nn.functional.linear(x.float(), wide.float())) < 1e-2
+    assert not FR.few_rows_applies(rnd(FR.MAX_ROWS + 1, k, dtype=half), wide, None)
+    assert not FR.few_rows_applies(x, rnd(FR.MIN_N, k, dtype=half), None)   # qkv-like
 
 
 @pytest.mark.parametrize("n,k,res,silu,bias", [(40, 64, True, False, False),
