@@ -26,7 +26,10 @@ from appliance.model.batch import ForwardBatch
 
 Output = torch.Tensor | tuple[torch.Tensor, ...]
 
-DEFAULT_BUCKETS: tuple[int, ...] = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+# 160: cuBLAS's linear layers of the 8B cost about the same for 96-128 rows, then climb (H100,
+# `gpu_few_rows_bench.py --cublas-only`, us a step: 128 5,851, 144 6,012, 160 6,085, 192 6,418,
+# 224 6,788, 256 6,811), so a batch of 129-160 rows padded to 192 paid ~0.33 ms a step more
+DEFAULT_BUCKETS: tuple[int, ...] = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256)
 
 
 def capture(forward: Callable[[ForwardBatch], Output], make_batch: Callable[[], ForwardBatch],

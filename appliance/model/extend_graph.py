@@ -32,9 +32,9 @@ from appliance.model.batch import ForwardBatch
 from appliance.model.cuda_graph import Output, capture
 
 # Token counts a graph is captured for (up to the runner's limit): a step runs in the
-# smallest that holds it.
-DEFAULT_TOKEN_BUCKETS: tuple[int, ...] = (8, 16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768,
-                                          1024, 1536, 2048)
+# smallest that holds it (160: as cuda_graph.DEFAULT_BUCKETS says).
+DEFAULT_TOKEN_BUCKETS: tuple[int, ...] = (8, 16, 32, 48, 64, 96, 128, 160, 192, 256, 384, 512,
+                                          768, 1024, 1536, 2048)
 
 
 # With speculation, the most logits rows a graph computes: a verify step needs one per token of
