@@ -1,15 +1,19 @@
-"""Linear layers of 2-16 rows on one GPU: cuBLAS (F.linear) against kernels/triton/few_rows.py.
+"""Linear layers of a few rows on one GPU: cuBLAS (F.linear) against kernels/triton/few_rows.py.
 
 For each row count and each weight shape of a preset's decode step (default: Llama-3.1-8B's
 qkv, o, gate_up, down and lm_head), a CUDA graph calls the op on enough distinct weight copies
 that every call reads its weight from HBM, as a decode step of a few streams does (the timing
 of scripts/gpu_gemv_bench.py). Prints, per (rows, shape), cuBLAS, the few-rows kernel as
-`few_rows_config` tiles it (the rule) and the best few configurations swept: microseconds a
-call, the weight bytes a second against the copy bandwidth measured in the same run, and the
-speed-up over cuBLAS. Every configuration is checked against F.linear first.
+`few_rows_config` tiles it (the rule, where it has one) and the best few configurations swept
+(row tiles: `row_tiles`): microseconds a call, the weight bytes a second against the copy
+bandwidth measured in the same run, and the speed-up over cuBLAS. Every configuration is
+checked against F.linear first. Last, per row count, a step's sum (every shape but the head
+`--layers` times): cuBLAS against the best swept.
 
     python scripts/gpu_few_rows_bench.py                      # ~2 minutes on an H100
     python scripts/gpu_few_rows_bench.py --rows 4 16 --shapes 4096x4096 --top 5
+    python scripts/gpu_few_rows_bench.py --rows 32 64 --block-n 32 64 128 256 --block-k 128 256 --warps 4 8
+    python scripts/gpu_few_rows_bench.py --cublas-only --rows 96 128 160 192 256 --top 0
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
-"""`linear` of a few rows (2-16: a decode step of a few streams, a short verify or prefill
+"""`linear` of a few rows (2-64: a decode step of a few streams, a short verify or prefill
 chunk): each program reads its [BLOCK_N, BLOCK_K] tiles of the weight once and multiplies them
-with every row at once on the tensor cores (the rows padded to 16), so the weight streams from
-HBM once, as the one-row GEMV's does (gemv.py).
+with every row at once on the tensor cores (the rows padded to one 16-row tile, from 17 rows
+one 64-row tile), so the weight streams from HBM once, as the one-row GEMV's does (gemv.py).
 
 At these shapes a decode step only streams weights. cuBLAS picks split-K kernels for the narrow
 ones and pays a reduce kernel after each (the 8B's batch-16 profile: 64 `splitKreduce` launches
@@ -18,6 +18,11 @@ us a call at 4 / 16 rows, cuBLAS -> this kernel at the tiles `few_rows_config` n
 the head): 4 streams 654.0 / 652.7 -> 673.2 / 669.7 tok/s, 16 streams 2,446 / 2,381 -> 2,510 /
 2,529. Weights of fewer than 4,096 rows (DeepSeek-V2-Lite's 576-3,072) are untimed here, and
 would leave most SMs idle at these tiles: they stay on cuBLAS.
+
+17-64 rows (the same card and script, `--rows 24 32 48 64`): a step's linear layers 1.023-1.042x
+of cuBLAS's, the qkv weight tied (so it stays on cuBLAS); the daemon's 32 streams 4,422 / 4,293
+-> 4,532 / 4,561 tok/s, 48 streams 6,197 / 6,176 -> 6,398 / 6,437. At 128-256 rows cuBLAS was
+faster at every tile swept (docs/KERNELS.md).
 
 TOKENSPEED_FEW_ROWS=0 leaves these rows to cuBLAS (a benchmark's A/B switch).
 """

@@ -1,5 +1,5 @@
-"""`linear` on CUDA: one row (a batch-1 decode step) by a GEMV kernel, 2-16 rows by the
-few-rows kernel (few_rows.py), more by cuBLAS;
+"""`linear` on CUDA: one row (a batch-1 decode step) by a GEMV kernel, 2-64 rows by the
+few-rows kernel (few_rows.py) where it has tiles for the shape, the rest by cuBLAS;
 `linear_silu_and_mul`, a SwiGLU MLP's gate|up with its SiLU in the same GEMV's epilogue;
 `rms_norm_linear`, the RMS norm in its loads.
 
@@ -206,8 +206,8 @@ def gemv_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 @register("linear", backend="triton", priority=PRIORITY, supports=on_cuda_half)
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
            ) -> torch.Tensor:
-    """F.linear's contract; one row by the GEMV, 2-16 by the few-rows kernel, anything else by
-    cuBLAS."""
+    """F.linear's contract; one row by the GEMV, 2-64 by the few-rows kernel where it has
+    tiles, anything else by cuBLAS."""
     if gemv_applies(x, weight, bias):
         return gemv(x, weight, bias)
     if few_rows_applies(x, weight, bias):
