@@ -16,8 +16,17 @@ us a call at 4 / 16 rows, cuBLAS -> this kernel at the tiles `few_rows_config` n
 -> 78.92 (cuBLAS is already at copy speed there). Through the daemon (the same card, 8B, 128 in
 / 256 out, two rounds each, with the first rule's tiles: 32x256 for qkv, 64x256 for gate_up and
 the head): 4 streams 654.0 / 652.7 -> 673.2 / 669.7 tok/s, 16 streams 2,446 / 2,381 -> 2,510 /
-2,529. Weights of fewer than 4,096 rows (DeepSeek-V2-Lite's 576-3,072) are untimed here, and
-would leave most SMs idle at these tiles: they stay on cuBLAS.
+2,529.
+
+DeepSeek-V2-Lite's smaller weights (576-3,072 outputs of 2,048-2,816 inputs; `--shapes`, the
+same card): cuBLAS reaches 14-60% of copy on them. At 4 / 16 rows NARROW's tiles took q
+6.87 -> 6.31 / 7.24 -> 6.26 us (32x256; TALL's was slower than cuBLAS), kv_a 5.65 -> 4.12,
+o 6.12 -> 5.10, the shared experts' down 8.92 -> 6.46; at 64 rows MEDIUM_NARROW q 7.41 ->
+6.72 and MEDIUM_SMALL kv_a 5.75 -> 4.87, o 6.31 -> 5.37, down 7.52 -> 6.77. A step's dense
+linears (26 layers): 978 -> 806 us at 4 rows, 967 -> 878 at 64 (best tiles swept). Through
+the daemon (DeepSeek-V2-Lite, 128 in / 256 out, cuBLAS -> these tiles for the small weights,
+two rounds, one box), decode TPS a stream: 4 streams 158.3 / 158.4 -> 161.1 / 161.3, 16
+streams 91.3 / 92.2 -> 94.0 / 93.4, 32 streams 75.8 / 76.0 -> 76.6 / 76.4.
 
 17-64 rows (the same card and script, `--rows 24 32 48 64`): a step's linear layers 1.023-1.042x
 of cuBLAS's, the qkv weight tied (so it stays on cuBLAS); the daemon's 32 streams 4,422 / 4,293
@@ -64,8 +73,14 @@ MEDIUM_NARROW = FewRowsConfig(block_n=32, block_k=256, num_warps=4, num_stages=4
                               block_m=MEDIUM_BLOCK_M)                          # o, down
 MEDIUM_WIDE = FewRowsConfig(block_n=128, block_k=128, num_warps=4, num_stages=4,
                             block_m=MEDIUM_BLOCK_M)                            # gate_up, head
+# 17-64 rows of a weight of at most SMALL_N outputs (DeepSeek-V2-Lite's kv_a, o and shared
+# experts' down: 1.11-1.18x of cuBLAS at 64 rows, where MEDIUM_NARROW ties)
+MEDIUM_SMALL = FewRowsConfig(block_n=16, block_k=256, num_warps=4, num_stages=4,
+                             block_m=MEDIUM_BLOCK_M)
 WIDE_N = 8192
-MIN_N = 4096   # the fewest output rows timed (the 8B's o and down); fewer stay on cuBLAS
+SMALL_N = 2048
+MIN_N = 512    # the fewest output rows timed (DeepSeek-V2-Lite's kv_a: 576); fewer stay on cuBLAS
+BIG_N = 4096   # from here a weight is the 8B's kind: qkv-shaped ones (N > K) take TALL / cuBLAS
 
 
 def few_rows_config(n: int, k: int, rows: int = BLOCK_M) -> FewRowsConfig | None:
@@ -76,10 +91,12 @@ def few_rows_config(n: int, k: int, rows: int = BLOCK_M) -> FewRowsConfig | None
     if rows <= BLOCK_M:
         if n > WIDE_N:
             return WIDE
-        return TALL if n > k else NARROW
+        return TALL if n > k and n >= BIG_N else NARROW
     if n > WIDE_N:
         return MEDIUM_WIDE
-    return None if n > k else MEDIUM_NARROW
+    if n <= SMALL_N:
+        return MEDIUM_SMALL
+    return None if n > k and n >= BIG_N else MEDIUM_NARROW
 
 
 @triton.jit(**per_batch(ints=("M",)))   # the row count: one compiled variant a row tile

@@ -252,7 +252,8 @@ def _row_kernels() -> None:
     _gemv(6144, 4096, norm=True, norm_weight=False)
     _gemv(28672, 4096, silu_mul=True, norm=True, norm_weight=False)
     _gemv(128256, 4096, norm=True, norm_weight=False)              # the head
-    for cfg in (FR.NARROW, FR.TALL, FR.WIDE, FR.MEDIUM_NARROW, FR.MEDIUM_WIDE):   # 2-64 rows
+    for cfg in (FR.NARROW, FR.TALL, FR.WIDE, FR.MEDIUM_NARROW, FR.MEDIUM_WIDE,
+                FR.MEDIUM_SMALL):                                       # 2-64 rows
         compile_sm90(FR._few_rows_kernel, dict(X=BF, W=BF, B=BF, Out=BF, M=3, N=4096, K=4096,
                                                stride_x=4096, stride_w=4096, stride_o=4096),
                      dict(HAS_BIAS=False, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,

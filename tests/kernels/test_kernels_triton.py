@@ -423,8 +423,8 @@ def test_linear_one_row_gemv(n, k, bias):
 def test_linear_of_a_few_rows(rows, n, k, bias, monkeypatch):
     """The few-rows kernel (ragged N and K, a bias, small tiles and the rule's): F.linear's
     product within fp16 rounding (fp16: the interpreter's dot takes no bf16). `linear` gives
-    it 2-16 16-bit rows of a weight of at least MIN_N rows; not one row, 17 rows, float32
-    rows, a smaller weight, or with TOKENSPEED_FEW_ROWS=0."""
+    it 2-16 16-bit rows of a weight of at least MIN_N rows; not one row, 17 rows of a
+    qkv-shaped weight, float32 rows, a smaller weight, or with TOKENSPEED_FEW_ROWS=0."""
     from kernels.triton import few_rows as FR
     from kernels.triton import gemv as G
     torch.manual_seed(rows * n + k)
@@ -442,7 +442,8 @@ def test_linear_of_a_few_rows(rows, n, k, bias, monkeypatch):
     assert rel_err(G.linear(x, tall), torch.nn.functional.linear(x.float(), tall.float())) < 1e-2
     assert not FR.few_rows_applies(x[:1], tall, None)
     assert not FR.few_rows_applies(x.float(), tall.float(), None)
-    assert not FR.few_rows_applies(rnd(17, k, dtype=half), tall, None)   # qkv-like: cuBLAS
+    big_tall = rnd(FR.BIG_N, k, dtype=half)
+    assert not FR.few_rows_applies(rnd(17, k, dtype=half), big_tall, None)   # qkv-like: cuBLAS
     monkeypatch.setenv(FR.ENV, "0")
     FR.few_rows_enabled.cache_clear()
     try:
@@ -486,7 +487,24 @@ def test_linear_routes_a_few_dozen_rows():
     assert torch.equal(got, FR.few_rows_linear(x, wide))
     assert rel_err(got, torch.nn.functional.linear(x.float(), wide.float())) < 1e-2
     assert not FR.few_rows_applies(rnd(FR.MAX_ROWS + 1, k, dtype=half), wide, None)
-    assert not FR.few_rows_applies(x, rnd(FR.MIN_N, k, dtype=half), None)   # qkv-like
+    assert not FR.few_rows_applies(x, rnd(FR.BIG_N, k, dtype=half), None)   # qkv-like
+    small = rnd(FR.MIN_N, k, dtype=half)
+    assert FR.few_rows_applies(x, small, None)
+    assert rel_err(G.linear(x, small), torch.nn.functional.linear(x.float(), small.float())) < 1e-2
+    assert not FR.few_rows_applies(x, small[:-1], None)                      # under MIN_N
+
+
+def test_few_rows_tiles_of_small_weights():
+    """DeepSeek-V2-Lite's weights under BIG_N outputs: NARROW at 2-16 rows whatever their
+    shape, from 17 rows MEDIUM_SMALL up to SMALL_N outputs, MEDIUM_NARROW above; the 8B's
+    kinds keep their tiles."""
+    from kernels.triton import few_rows as FR
+    assert FR.few_rows_config(576, 2048, 4) == FR.few_rows_config(3072, 2048, 16) == FR.NARROW
+    assert FR.few_rows_config(2048, 2816, 64) == FR.few_rows_config(576, 2048, 17) \
+        == FR.MEDIUM_SMALL
+    assert FR.few_rows_config(3072, 2048, 32) == FR.MEDIUM_NARROW
+    assert FR.few_rows_config(5632, 2048, 32) is None                  # shared gate_up: ties
+    assert FR.few_rows_config(5632, 2048, 8) == FR.few_rows_config(6144, 4096, 8) == FR.TALL
 
 
 @pytest.mark.parametrize("n,k,res,silu,bias", [(40, 64, True, False, False),
