@@ -286,13 +286,18 @@ def check_extend_replay(runner: ModelRunner, prompts: list[list[int]], max_new: 
 
 
 def assert_steps_match(runner: ModelRunner, steps: list[tuple[ForwardBatch, torch.Tensor]],
-                       tol: float = 4e-2) -> None:
+                       tol: float = 4e-2, route_flips: int = 0) -> None:
     """`runner` gives the logits recorded in `steps` (batch, logits) within `tol` of its
-    largest magnitude, batch by batch."""
+    largest magnitude, batch by batch. route_flips: rows a batch may have past `tol` (within
+    0.1, same argmax), for MoE models whose near-tied router scores flip an expert on the
+    last bit (check_extend_replay)."""
     for batch, recorded in steps:
         want = runner.forward(batch)                                     # [B, V]
-        err = (recorded - want).abs().max().item() / want.abs().max().item()
-        assert err < tol, f"relative error {err:.2e} on a batch of {batch.num_rows} rows"
+        rows = (recorded - want).abs().amax(-1) / want.abs().max()       # [B]
+        err, past = rows.max().item(), int((rows >= tol).sum())
+        assert err < tol or (past <= route_flips and err < 0.1 and torch.equal(
+            recorded.argmax(-1), want.argmax(-1))), \
+            f"relative error {err:.2e} on a batch of {batch.num_rows} rows ({past} past {tol})"
 
 
 def assert_each_prompt_alone(folder: Path, prompts: list[list[int]], want: list[list[int]],
