@@ -18,6 +18,11 @@ us a call at 4 / 16 rows, cuBLAS -> this kernel at the tiles `few_rows_config` n
 the head): 4 streams 654.0 / 652.7 -> 673.2 / 669.7 tok/s, 16 streams 2,446 / 2,381 -> 2,510 /
 2,529.
 
+17-64 rows (the same card and script, `--rows 24 32 48 64`): a step's linear layers 1.023-1.042x
+of cuBLAS's, the qkv weight tied (so it stays on cuBLAS); the daemon's 32 streams 4,422 / 4,293
+-> 4,532 / 4,561 tok/s, 48 streams 6,197 / 6,176 -> 6,398 / 6,437. At 128-256 rows cuBLAS was
+faster at every tile swept (docs/KERNELS.md).
+
 DeepSeek-V2-Lite's smaller weights (576-3,072 outputs of 2,048-2,816 inputs; `--shapes`, the
 same card): cuBLAS reaches 14-60% of copy on them. At 4 / 16 rows NARROW's tiles took q
 6.87 -> 6.31 / 7.24 -> 6.26 us (32x256; TALL's was slower than cuBLAS), kv_a 5.65 -> 4.12,
@@ -27,11 +32,6 @@ linears (26 layers): 978 -> 806 us at 4 rows, 967 -> 878 at 64 (best tiles swept
 the daemon (DeepSeek-V2-Lite, 128 in / 256 out, cuBLAS -> these tiles for the small weights,
 two rounds, one box), decode TPS a stream: 4 streams 158.3 / 158.4 -> 161.1 / 161.3, 16
 streams 91.3 / 92.2 -> 94.0 / 93.4, 32 streams 75.8 / 76.0 -> 76.6 / 76.4.
-
-17-64 rows (the same card and script, `--rows 24 32 48 64`): a step's linear layers 1.023-1.042x
-of cuBLAS's, the qkv weight tied (so it stays on cuBLAS); the daemon's 32 streams 4,422 / 4,293
--> 4,532 / 4,561 tok/s, 48 streams 6,197 / 6,176 -> 6,398 / 6,437. At 128-256 rows cuBLAS was
-faster at every tile swept (docs/KERNELS.md).
 
 TOKENSPEED_FEW_ROWS=0 leaves these rows to cuBLAS (a benchmark's A/B switch).
 """
@@ -64,7 +64,7 @@ class FewRowsConfig:
 
 
 # the best of gpu_few_rows_bench.py's 24 tiles per shape (H100, 4 and 16 rows, module doc)
-NARROW = FewRowsConfig(block_n=32, block_k=256, num_warps=4, num_stages=4)   # o, down
+NARROW = FewRowsConfig(block_n=32, block_k=256, num_warps=4, num_stages=4)   # o, down, small
 TALL = FewRowsConfig(block_n=16, block_k=512, num_warps=4, num_stages=3)     # qkv
 WIDE = FewRowsConfig(block_n=128, block_k=256, num_warps=4, num_stages=3)    # gate_up, head
 # 17-64 rows, one 64-row tile (gpu_few_rows_bench.py --rows 24 32 48 64, H100): o and down
@@ -85,7 +85,7 @@ BIG_N = 4096   # from here a weight is the 8B's kind: qkv-shaped ones (N > K) ta
 
 def few_rows_config(n: int, k: int, rows: int = BLOCK_M) -> FewRowsConfig | None:
     """The tiles of `rows` rows times an [N, K] weight, None where cuBLAS is as fast. Narrow
-    outputs take 16-32-row tiles, so that the output tiles still fill the GPU without
+    weights take tiles of 16-32 outputs, so that the output tiles still fill the GPU without
     splitting K; from 17 rows one 64-row tile holds them all (at 128 rows and more cuBLAS was
     faster at every tile: the weight is no longer all a step reads)."""
     if rows <= BLOCK_M:
@@ -156,10 +156,9 @@ def few_rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     config = config or few_rows_config(n, k, rows)
     if rows < 1 or config is None or x.stride(1) != 1 or weight.stride(1) != 1 \
             or weight.shape[1] != k:
-        raise ValueError(f"few_rows_linear: expected x [1..{MAX_ROWS}, {weight.shape[1]}] "
-                         f"(no cuBLAS-only shape) and row-contiguous tensors, got x "
-                         f"{tuple(x.shape)} strides {x.stride()} for a weight "
-                         f"{tuple(weight.shape)}")
+        raise ValueError(f"few_rows_linear: expected row-contiguous x [M, {weight.shape[1]}] "
+                         f"of a shape with tiles (few_rows_config), got x {tuple(x.shape)} "
+                         f"strides {x.stride()} for a weight {tuple(weight.shape)}")
     out = torch.empty((rows, n), device=x.device, dtype=x.dtype)
     m_tiles = triton.cdiv(rows, config.block_m)
     _few_rows_kernel[(triton.cdiv(n, config.block_n) * m_tiles,)](
