@@ -13,12 +13,19 @@ launches, each layer's keys its own, as in a step).
     python scripts/gpu_verify_attention.py                  # ~1 minute on an H200
     python scripts/gpu_verify_attention.py --cases 1:4 16:4 --context 8192
     python scripts/gpu_verify_attention.py --mla            # DeepSeek-V2-Lite's MLA
+    python scripts/gpu_verify_attention.py --mixed 80:96 128:64 --kv-dtype bf16 fp8
 
 `--mla` times MLA's absorbed extend (16 heads, latent 512, rope 64, 64-token pages): the
 registered op, the per-token kernel at any size (each token a decode row of the chunked
 kernel; the op takes it up to MLA_PER_TOKEN_MAX_TOKENS tokens), the generic paged kernel, and
 the decode launch of the same rows. A case of B=1 and a large K is a prefill chunk over C
 cached keys.
+
+`--mixed B:P[:C]` times a mixed step's attention: B decode rows and one prefill chunk of P new
+tokens, all over C cached keys. An extend graph runs every row through the registered
+`extend_attention` (the step padded to its token bucket); the eager mixed step runs the B rows
+through `decode_attention` (GQA decode) and only the chunk through `extend_attention`. Each
+over a bf16 or an e4m3 cache (`--kv-dtype`), the decode rows' outputs compared first.
 """
 from __future__ import annotations
 
@@ -58,6 +65,82 @@ def verify_batch(b: int, k: int, context: int, device: torch.device,
         query_start=torch.arange(b + 1, **i32) * n, prefix_lens=torch.full((b,), context, **i32),
         seq_lens=torch.full((b,), context + n, **i32), page_table=pages, slot_mapping=slots,
         num_decode=0, logit_index=torch.arange(b * n, **i32))
+
+
+def rows_batch(new: list[int], context: int, device: torch.device,
+               page: int = PAGE) -> ForwardBatch:
+    """One row per entry of `new` (its new tokens) over `context` cached tokens, each row in
+    its own pages; the rows of one token first (decode rows)."""
+    b = len(new)
+    per_row = -(-(context + max(new)) // page)
+    i32 = dict(dtype=torch.int32, device=device)
+    counts = torch.tensor(new, **i32)
+    pages = torch.arange(b * per_row, **i32).view(b, per_row)
+    rows = torch.arange(b, device=device).repeat_interleave(counts.long())
+    starts = torch.cat([torch.zeros(1, **i32), counts.cumsum(0).to(torch.int32)])
+    positions = context + torch.arange(int(starts[-1]), **i32) - starts[rows.long()]
+    slots = pages[rows, (positions // page).long()] * page + positions % page
+    return ForwardBatch(
+        input_ids=torch.zeros(int(starts[-1]), **i32), positions=positions, query_start=starts,
+        prefix_lens=torch.full((b,), context, **i32), seq_lens=context + counts,
+        page_table=pages, slot_mapping=slots, num_decode=sum(n == 1 for n in new),
+        logit_index=starts[1:] - 1)
+
+
+def mixed_case(b: int, prefill: int, context: int, kv_dtype: str, layers: int) -> list[str]:
+    """B decode rows and one prefill row of `prefill` tokens over `context` keys: the extend
+    graph's one extend launch against decode + extend of the chunk (module doc)."""
+    dev = torch.device("cuda")
+    batch = rows_batch([1] * b + [prefill], context, dev)
+    tokens = bucket(batch.num_tokens)
+    padded = pad_extend_batch(batch, tokens, GRAPH_ROWS, min(tokens, GRAPH_ROWS * 9))
+    slots = int(batch.page_table.max()) * PAGE + PAGE
+    cache_dtype = torch.float8_e4m3fn if kv_dtype == "fp8" else torch.bfloat16
+    k_new = torch.randn(tokens, HK, D, device=dev, dtype=torch.bfloat16)
+    v_new = torch.randn(tokens, HK, D, device=dev, dtype=torch.bfloat16)
+    caches = []
+    for _ in range(layers):   # the new tokens' K/V in the cache, as the layer stores them first
+        kc = torch.randn(slots, HK, D, device=dev, dtype=torch.bfloat16)
+        vc = torch.randn(slots, HK, D, device=dev, dtype=torch.bfloat16)
+        kc[batch.slot_mapping.long()] = k_new[:batch.num_tokens]
+        vc[batch.slot_mapping.long()] = v_new[:batch.num_tokens]
+        caches.append((kc.to(cache_dtype), vc.to(cache_dtype)))
+    q = torch.randn(tokens, HQ, D, device=dev, dtype=torch.bfloat16)
+    scale = D ** -0.5
+    nd, real = b, batch.num_tokens
+
+    def extend_graph(layer):
+        kc, vc = caches[layer]
+        return attention_ops.extend_attention(q, kc, vc, padded.page_table, padded.query_start,
+                                              padded.seq_lens, PAGE, scale, k_new=k_new,
+                                              v_new=v_new)
+
+    def decode_rows(layer):
+        kc, vc = caches[layer]
+        return attention_ops.decode_attention(q[:nd], kc, vc, batch.decode_page_table,
+                                              batch.decode_seq_lens, PAGE, scale)
+
+    def split(layer):
+        kc, vc = caches[layer]
+        chunk = attention_ops.extend_attention(
+            q[nd:real], kc, vc, batch.extend_page_table, batch.extend_query_start,
+            batch.extend_seq_lens, PAGE, scale, k_new=k_new[nd:real], v_new=v_new[nd:real])
+        return decode_rows(layer), chunk
+
+    err = (extend_graph(0)[:nd].float() - decode_rows(0).float()).abs().max().item()
+    head = f"mixed B={b} + 1x{prefill} C={context} {kv_dtype} ({tokens}-token bucket)"
+    if err > 5e-2:
+        return [f"| {head} | WRONG: decode rows differ by {err:.3g} | | |"]
+    split_us = graph_us(split, layers)
+    lines = [f"| {head} | decode op + extend op on the chunk | {split_us:.1f} | 1.00x |"]
+    for label, fn in (("extend op on every row (the extend graph)", extend_graph),
+                      ("decode op alone (the B rows)", decode_rows)):
+        us = graph_us(fn, layers)
+        lines.append(f"| {head} | {label} | {us:.1f} | {us / split_us:.2f}x |")
+    print("\n".join(lines), flush=True)
+    del caches
+    torch.cuda.empty_cache()
+    return lines
 
 
 def bucket(tokens: int) -> int:
@@ -196,6 +279,10 @@ def main() -> int:
     parser.add_argument("--layers", type=int, default=8, help="caches a graph cycles through")
     parser.add_argument("--default-only", action="store_true",
                         help="time the kernel's default and the tiles before it, no sweep")
+    parser.add_argument("--mixed", nargs="+", metavar="B:P[:C]", default=None,
+                        help="mixed steps: B decode rows + a chunk of P tokens (module doc)")
+    parser.add_argument("--kv-dtype", nargs="+", choices=["bf16", "fp8"], default=["bf16"],
+                        help="--mixed: the caches' element types")
     parser.add_argument("--mla", action="store_true",
                         help="MLA (DeepSeek-V2-Lite's shapes): the registered op, the generic "
                         "kernel and decode; cases default to 1:1 1:2 1:4 1:8 4:1 4:4 16:1")
@@ -206,6 +293,14 @@ def main() -> int:
     print(f"card: {torch.cuda.get_device_name()}  torch {torch.__version__}  "
           f"context {args.context}", flush=True)
     table = ["| case | launch | us | vs decode |", "|---|---|---|---|"]
+    if args.mixed:
+        for spec in args.mixed:
+            b, p, *rest = (int(v) for v in spec.split(":"))
+            for kv_dtype in args.kv_dtype:
+                table += mixed_case(b, p, rest[0] if rest else args.context, kv_dtype,
+                                    args.layers)
+        print("\n" + "\n".join(table))
+        return 0
     if args.mla:
         cases = args.cases if args.cases != parser.get_default("cases") else [
             "1:1", "1:2", "1:4", "1:8", "4:1", "4:4", "16:1"]
