@@ -296,6 +296,8 @@ def main() -> int:
     if args.mixed:
         for spec in args.mixed:
             b, p, *rest = (int(v) for v in spec.split(":"))
+            if b < 1 or p < 2:
+                parser.error(f"--mixed {spec}: at least 1 decode row and a chunk of 2 tokens")
             for kv_dtype in args.kv_dtype:
                 table += mixed_case(b, p, rest[0] if rest else args.context, kv_dtype,
                                     args.layers)
