@@ -132,15 +132,20 @@ def mixed_case(b: int, prefill: int, context: int, kv_dtype: str, layers: int) -
     if err > 5e-2:
         return [f"| {head} | WRONG: decode rows differ by {err:.3g} | | |"]
     split_us = graph_us(split, layers)
-    lines = [f"| {head} | decode op + extend op on the chunk | {split_us:.1f} | 1.00x |"]
+    lines = [row(head, "decode op + extend op on the chunk", split_us, split_us)]
     for label, fn in (("extend op on every row (the extend graph)", extend_graph),
                       ("decode op alone (the B rows)", decode_rows)):
         us = graph_us(fn, layers)
-        lines.append(f"| {head} | {label} | {us:.1f} | {us / split_us:.2f}x |")
+        lines.append(row(head, label, us, split_us))
     print("\n".join(lines), flush=True)
     del caches
     torch.cuda.empty_cache()
     return lines
+
+
+def row(head: str, label: str, us: float, base_us: float) -> str:
+    """A table row: the case, the launch, us and its ratio to the case's baseline."""
+    return f"| {head} | {label} | {us:.1f} | {us / base_us:.2f}x |"
 
 
 def bucket(tokens: int) -> int:
@@ -182,14 +187,14 @@ def case(b: int, k: int, context: int, variants: list[Variant], layers: int) -> 
     real = batch.num_tokens
     want = extend(0, *variants[0][1:])[:real].float()
     head = f"B={b} k={k} C={context} ({tokens}-token bucket)"
-    lines = [f"| {head} | decode launch of the B rows | {decode_us:.1f} | 1.00x |"]
+    lines = [row(head, "decode launch of the B rows", decode_us, decode_us)]
     for label, tiles, splits in variants:
         err = (extend(0, tiles, splits)[:real].float() - want).abs().max().item()
         if err > 2e-2:
             lines.append(f"| {head} | {label} | WRONG (max error {err:.3g}) | |")
             continue
         us = graph_us(lambda layer: extend(layer, tiles, splits), layers)
-        lines.append(f"| {head} | {label} | {us:.1f} | {us / decode_us:.2f}x |")
+        lines.append(row(head, label, us, decode_us))
     print("\n".join(lines), flush=True)
     del caches
     torch.cuda.empty_cache()
@@ -234,7 +239,7 @@ def mla_case(b: int, k: int, context: int, layers: int) -> list[str]:
     want = generic(0)[:real].float()
     head = f"MLA B={b} k={k} C={context} ({tokens}-token bucket)"
     decode_us = graph_us(decode, layers)
-    lines = [f"| {head} | decode launch of the B rows | {decode_us:.1f} | 1.00x |"]
+    lines = [row(head, "decode launch of the B rows", decode_us, decode_us)]
     for label, fn in (("registered op", registered), ("per-token kernel", per_token),
                       ("generic kernel", generic)):
         err = (fn(0)[:real].float() - want).abs().max().item()
@@ -242,7 +247,7 @@ def mla_case(b: int, k: int, context: int, layers: int) -> list[str]:
             lines.append(f"| {head} | {label} | WRONG (max error {err:.3g} vs generic) | |")
             continue
         us = graph_us(fn, layers)
-        lines.append(f"| {head} | {label} | {us:.1f} | {us / decode_us:.2f}x |")
+        lines.append(row(head, label, us, decode_us))
     print("\n".join(lines), flush=True)
     del caches
     torch.cuda.empty_cache()
