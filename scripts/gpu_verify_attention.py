@@ -22,10 +22,15 @@ the decode launch of the same rows. A case of B=1 and a large K is a prefill chu
 cached keys.
 
 `--mixed B:P[:C]` times a mixed step's attention: B decode rows and one prefill chunk of P new
-tokens, all over C cached keys. An extend graph runs every row through the registered
-`extend_attention` (the step padded to its token bucket); the eager mixed step runs the B rows
-through `decode_attention` (GQA decode) and only the chunk through `extend_attention`. Each
-over a bf16 or an e4m3 cache (`--kv-dtype`), the decode rows' outputs compared first.
+tokens, all over C cached keys, laid out as an extend graph lays it out (padded to its token
+bucket). The graph's step as it was, every row through the registered `extend_attention`,
+against the step now (`graph_step_attention`: the decode launch over the bucket's rows beside
+the extend launch, each row given keys in one of them), and the eager mixed step before it
+(`decode_attention` on the B rows, then `extend_attention` on the chunk). Each over a bf16 or
+an e4m3 cache (`--kv-dtype`), the outputs compared first. B = 0 times a chunk alone (what the
+graph's step pays for its empty decode launch). `--sweep` adds the one launch at other tiles
+and with V read as words, every token a decode row, and the two launches side by side over
+the B rows alone.
 """
 from __future__ import annotations
 
@@ -39,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from appliance.model.batch import ForwardBatch  # noqa: E402
 from appliance.model.extend_graph import DEFAULT_TOKEN_BUCKETS, pad_extend_batch  # noqa: E402
+from appliance.model.layers.attention import graph_step_attention  # noqa: E402
 from kernel_bench.harness import sequence_us  # noqa: E402
 from kernels.triton import attention_ops  # noqa: E402
 from kernels.triton.attention import AttentionTiles, paged_attention  # noqa: E402
@@ -87,9 +93,13 @@ def rows_batch(new: list[int], context: int, device: torch.device,
         logit_index=starts[1:] - 1)
 
 
-def mixed_case(b: int, prefill: int, context: int, kv_dtype: str, layers: int) -> list[str]:
+def mixed_case(b: int, prefill: int, context: int, kv_dtype: str, layers: int,
+               sweep: bool = False) -> list[str]:
     """B decode rows and one prefill row of `prefill` tokens over `context` keys: the extend
-    graph's one extend launch against decode + extend of the chunk (module doc)."""
+    graph's step as it was (one extend launch) against its step now (graph_step_attention)
+    and the two launches in turn (module doc); with `sweep` also the one launch at other tiles
+    and value reads, the chunk's tokens as decode rows, and the two launches side by side
+    over the B rows alone."""
     dev = torch.device("cuda")
     batch = rows_batch([1] * b + [prefill], context, dev)
     tokens = bucket(batch.num_tokens)
@@ -120,27 +130,103 @@ def mixed_case(b: int, prefill: int, context: int, kv_dtype: str, layers: int) -
         return attention_ops.decode_attention(q[:nd], kc, vc, batch.decode_page_table,
                                               batch.decode_seq_lens, PAGE, scale)
 
-    def split(layer):
+    def chunk(layer):
         kc, vc = caches[layer]
-        chunk = attention_ops.extend_attention(
+        return attention_ops.extend_attention(
             q[nd:real], kc, vc, batch.extend_page_table, batch.extend_query_start,
             batch.extend_seq_lens, PAGE, scale, k_new=k_new[nd:real], v_new=v_new[nd:real])
-        return decode_rows(layer), chunk
 
-    err = (extend_graph(0)[:nd].float() - decode_rows(0).float()).abs().max().item()
+    def split(layer):
+        return decode_rows(layer), chunk(layer)
+
     head = f"mixed B={b} + 1x{prefill} C={context} {kv_dtype} ({tokens}-token bucket)"
-    if err > 5e-2:
-        return [f"| {head} | WRONG: decode rows differ by {err:.3g} | | |"]
-    split_us = graph_us(split, layers)
-    lines = [row(head, "decode op + extend op on the chunk", split_us, split_us)]
-    for label, fn in (("extend op on every row (the extend graph)", extend_graph),
-                      ("decode op alone (the B rows)", decode_rows)):
+
+    def graph_step(layer):
+        kc, vc = caches[layer]
+        return graph_step_attention(attention_ops.decode_attention,
+                                    attention_ops.extend_attention, q, k_new, v_new, kc, vc,
+                                    padded, PAGE, scale)
+
+    want_chunk = chunk(0)
+    got = graph_step(0)
+    errs = [(got[nd:real].float() - want_chunk.float()).abs().max().item()]
+    if nd:
+        want = (decode_rows(0), want_chunk)
+        errs += [(got[:nd].float() - want[0].float()).abs().max().item(),
+                 (extend_graph(0)[:nd].float() - want[0].float()).abs().max().item()]
+    if max(errs) > 5e-2:
+        return [f"| {head} | WRONG: outputs differ by {max(errs):.3g} | | |"]
+    base_us = graph_us(extend_graph, layers)
+    lines = [row(head, "extend op on every row (the extend graph before)", base_us, base_us)]
+    launches = [("decode || extend, the graph's step (graph_step_attention)", graph_step)]
+    if nd:
+        launches += [("decode op + extend op on the chunk, in turn", split),
+                     ("decode op alone (the B rows)", decode_rows)]
+    if sweep and nd:
+        launches += mixed_sweep(batch, padded, caches, q, want, scale, decode_rows, chunk)
+    for label, fn in launches:
         us = graph_us(fn, layers)
-        lines.append(row(head, label, us, split_us))
+        lines.append(row(head, label, us, base_us))
     print("\n".join(lines), flush=True)
     del caches
     torch.cuda.empty_cache()
     return lines
+
+
+def mixed_sweep(batch: ForwardBatch, padded: ForwardBatch, caches: list, q: torch.Tensor,
+                want: tuple, scale: float, decode_rows, chunk) -> list:
+    """`--mixed --sweep`'s other launches of one mixed step, each checked against the decode
+    rows' and the chunk's outputs (`want`) first: the one extend launch at other tiles and
+    with V read as words, every real token as a decode row of gqa_decode (its own causal
+    length), and decode + chunk on two streams."""
+    nd, real = batch.num_decode, batch.num_tokens
+    group = HQ // HK
+    out = []
+
+    def close(got: torch.Tensor) -> bool:
+        return ((got[:nd].float() - want[0].float()).abs().max().item() < 5e-2
+                and (got[nd:real].float() - want[1].float()).abs().max().item() < 5e-2)
+
+    for rows in (16, 32, 64):
+        for block_n in (64, 128):
+            for stages in (2, 3):
+                for words in (False, True):
+                    tiles = AttentionTiles(g_blk=group, block_t=rows // group, block_n=block_n,
+                                           num_warps=4, num_stages=stages)
+
+                    def one(layer, tiles=tiles, words=words):
+                        kc, vc = caches[layer]
+                        return paged_attention(q, None, kc, None, vc, padded.page_table,
+                                               padded.query_start, padded.seq_lens, PAGE, scale,
+                                               tiles=tiles, v_words=words)
+                    label = f"one launch {rows} rows x {block_n} keys s{stages}" + (
+                        " V words" if words else "")
+                    if close(one(0)):
+                        out.append((label, one))
+                    else:
+                        print(f"{label}: WRONG", flush=True)
+    row_of = torch.repeat_interleave(torch.arange(batch.num_rows, device=q.device),
+                                     batch.query_start.diff().long())
+    token_table = batch.page_table[row_of]                               # [real, P]
+    token_lens = batch.positions + 1                                     # causal: own key last
+
+    def per_token(layer):
+        kc, vc = caches[layer]
+        return attention_ops.decode_attention(q[:real], kc, vc, token_table, token_lens, PAGE,
+                                              scale)
+    if close(per_token(0)):
+        out.append(("every token a decode row (gqa_decode)", per_token))
+    side = torch.cuda.Stream()
+
+    def two_streams(layer):
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            d = decode_rows(layer)
+        c = chunk(layer)
+        torch.cuda.current_stream().wait_stream(side)
+        return d, c
+    out.append(("decode op || extend op on the chunk (two streams)", two_streams))
+    return out
 
 
 def row(head: str, label: str, us: float, base_us: float) -> str:
@@ -288,6 +374,9 @@ def main() -> int:
                         help="mixed steps: B decode rows + a chunk of P tokens (module doc)")
     parser.add_argument("--kv-dtype", nargs="+", choices=["bf16", "fp8"], default=["bf16"],
                         help="--mixed: the caches' element types")
+    parser.add_argument("--sweep", action="store_true",
+                        help="--mixed: also other tiles, V as words, per-token decode, "
+                        "two streams")
     parser.add_argument("--mla", action="store_true",
                         help="MLA (DeepSeek-V2-Lite's shapes): the registered op, the generic "
                         "kernel and decode; cases default to 1:1 1:2 1:4 1:8 4:1 4:4 16:1")
@@ -301,11 +390,11 @@ def main() -> int:
     if args.mixed:
         for spec in args.mixed:
             b, p, *rest = (int(v) for v in spec.split(":"))
-            if b < 1 or p < 2:
-                parser.error(f"--mixed {spec}: at least 1 decode row and a chunk of 2 tokens")
+            if b < 0 or p < 2:
+                parser.error(f"--mixed {spec}: B >= 0 decode rows and a chunk of 2 tokens")
             for kv_dtype in args.kv_dtype:
                 table += mixed_case(b, p, rest[0] if rest else args.context, kv_dtype,
-                                    args.layers)
+                                    args.layers, args.sweep)
         print("\n" + "\n".join(table))
         return 0
     if args.mla:

@@ -72,6 +72,25 @@ class ForwardBatch:
         return self.page_table[self.num_decode:]
 
     @cached_property
+    def graph_decode_mask(self) -> torch.Tensor:
+        """[B] bool: the rows an extend graph attends as decodes, found on the device (its
+        layout is read from the device only): one token, which is token b of row b (the
+        leading run of one-token rows, so q[:B] holds their queries in row order)."""
+        qs = self.query_start
+        rows = torch.arange(self.num_rows, dtype=qs.dtype, device=qs.device)
+        return (qs[1:] - qs[:-1] == 1) & (qs[:-1] == rows)
+
+    @cached_property
+    def graph_decode_lens(self) -> torch.Tensor:
+        """[B]: seq_lens of the rows in `graph_decode_mask`, 0 for the others (no keys)."""
+        return torch.where(self.graph_decode_mask, self.seq_lens, 0)
+
+    @cached_property
+    def graph_extend_lens(self) -> torch.Tensor:
+        """[B]: seq_lens with the rows of `graph_decode_mask` at 0 (the decode launch has them)."""
+        return torch.where(self.graph_decode_mask, 0, self.seq_lens)
+
+    @cached_property
     def extend_keys(self) -> int:
         """Keys of the prefill rows (cached prefix + new tokens), summed over those rows."""
         if self.extend_keys_host is not None:

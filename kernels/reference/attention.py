@@ -146,7 +146,9 @@ def extend_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     qs, sl = query_start.tolist(), seq_lens.tolist()
     for b in range(len(sl)):
         t0, t1 = qs[b], qs[b + 1]
-        if t1 > t0:
+        if sl[b] < t1 - t0:   # fewer keys than new tokens: an extend graph's decode row, given
+            out[t0:t1] = 0    # none (the layer takes it from the decode launch)
+        elif t1 > t0:
             out[t0:t1] = extend_row(q[t0:t1], k_cache, v_cache, page_table[b], sl[b], page_size,
                                     scale, sinks, window, k_scale, v_scale)
     return out

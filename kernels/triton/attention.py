@@ -29,7 +29,8 @@ import triton
 import triton.language as tl
 
 from kernels.triton.common import check, interpreting, next_pow2, per_batch, pow2_dim
-from kernels.triton.paged_tiles import BATCH_META, add_sink, attn_range, block_map, extend_block
+from kernels.triton.paged_tiles import (BATCH_META, add_sink, attn_range, block_map,
+                                        check_e4m3_words, extend_block)
 from kernels.triton.pdl import pdl_begin, pdl_launch
 from kernels.triton.split_kv import (DEFAULT_SIZING, SPLIT_INTS, SplitSizing, merge_splits,
                                      split_buffers, split_range)
@@ -49,7 +50,8 @@ def _paged_attn_kernel(
         BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, N_HBLK: tl.constexpr,
         HAS_D2: tl.constexpr, SHARED_V: tl.constexpr,
         DECODE: tl.constexpr, EVEN_D: tl.constexpr, WINDOW: tl.constexpr,
-        HAS_SINKS: tl.constexpr, PAGE_SIZE: tl.constexpr, PDL: tl.constexpr):
+        HAS_SINKS: tl.constexpr, PAGE_SIZE: tl.constexpr, V_WORDS: tl.constexpr,
+        PDL: tl.constexpr):
     pdl_begin(PDL)
     BLOCK_M: tl.constexpr = BLOCK_T * G_BLK
     pid_q, pid_h, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -104,7 +106,7 @@ def _paged_attn_kernel(
                                kvh, PAGE_SIZE, stride_k1s, stride_k1h, stride_k2s, stride_k2h,
                                stride_vs, stride_vh, scale_log2, D1, D2, DV, BLOCK_D1,
                                BLOCK_D2, BLOCK_DV, BLOCK_N, HAS_D2, SHARED_V, EVEN_D, WINDOW,
-                               False)
+                               V_WORDS)
     if HAS_SINKS:  # split: the merge adds the sink once
         if num_splits == 1:
             l_i = add_sink(l_i, m_i, Sinks, head, row_ok)
@@ -198,15 +200,16 @@ def paged_attention(q1: torch.Tensor, q2: torch.Tensor | None, k1: torch.Tensor,
                     scale: float, num_splits: int | None = None, split_tiles: int | None = None,
                     tiles: AttentionTiles | None = None,
                     sizing: SplitSizing = DEFAULT_SIZING, sinks: torch.Tensor | None = None,
-                    window: int = 0, k_scale: float = 1.0, v_scale: float = 1.0
-                    ) -> torch.Tensor:
+                    window: int = 0, k_scale: float = 1.0, v_scale: float = 1.0,
+                    v_words: bool = False) -> torch.Tensor:
     """q1: [T, Hq, D1], q2: [T, Hq, D2] | None, k1: [S, Hk, D1], k2: [S, Hk, D2] | None,
     v: [S, Hk, DV] | None (None: values are k1) -> [T, Hq, DV]. query_start None: decode.
     sinks [Hq] (softmax denominator logits) and window (> 0: sliding window): GPT-OSS.
     The cache tensors may be FP8, read as k * k_scale (k1 and k2) and v * v_scale.
 
     Tuning: num_splits / split_tiles (fewest KV tiles per split) for this call, else from
-    `sizing`; tiles, else `attention_tiles`."""
+    `sizing`; tiles, else `attention_tiles`. v_words: an e4m3 V is read as 32-bit words
+    (paged_tiles.load_e4m3_words)."""
     t, hq, d1 = q1.shape
     hk = k1.shape[1]
     check(hq % hk == 0, f"query heads {hq} not a multiple of kv heads {hk}")
@@ -216,6 +219,8 @@ def paged_attention(q1: torch.Tensor, q2: torch.Tensor | None, k1: torch.Tensor,
     vv = k1 if shared_v else v
     dv = vv.shape[-1]
     d2 = q2.shape[-1] if q2 is not None else 0
+    if v_words:
+        check_e4m3_words(vv)
     tiles = (attention_tiles(decode, shared_v, group, t, fp8=k1.element_size() == 1)
              if tiles is None else tiles)
     n_hblk = triton.cdiv(group, tiles.g_blk)
@@ -258,7 +263,7 @@ def paged_attention(q1: torch.Tensor, q2: torch.Tensor | None, k1: torch.Tensor,
         BLOCK_N=tiles.block_n, N_HBLK=n_hblk, HAS_D2=q2 is not None,
         SHARED_V=shared_v, DECODE=decode,
         EVEN_D=all(pow2_dim(x) for x in (d1, dv) + ((d2,) if d2 else ())),
-        WINDOW=window, HAS_SINKS=sinks is not None, PAGE_SIZE=page_size,
+        WINDOW=window, HAS_SINKS=sinks is not None, PAGE_SIZE=page_size, V_WORDS=v_words,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages, **pdl_launch(q1.device))
     if num_splits > 1:
         merge_splits(part_o, part_l, out, sinks)

@@ -250,13 +250,16 @@ def check_graph_replay(runner: ModelRunner, steps: list[tuple[ForwardBatch, torc
 
 
 def check_extend_replay(runner: ModelRunner, prompts: list[list[int]], max_new: int,
-                        extra: list[ForwardBatch] = (), route_flips: int = 0) -> int:
+                        extra: list[ForwardBatch] = (), route_flips: int = 0,
+                        tol: float = 2e-2) -> int:
     """With extend graphs captured, every step of a greedy run (and each `extra` batch after
     it) gives the eager forward's logits; returns how many steps replayed an extend graph.
     route_flips: rows a step may have past the tolerance (within 0.1, same argmax), for MoE
     models whose near-tied router scores flip an expert on the last bit of a GEMM that cuBLAS
     tiles differently at the graph's padded row count (H200, Qwen3-Coder's 128 experts top-8,
-    dummy weights: one row at 4.7e-2, the rest under 1e-2; eager is bit-reproducible)."""
+    dummy weights: one row at 4.7e-2, the rest under 1e-2; eager is bit-reproducible). tol:
+    the relative error a row may have (over an FP8 cache an eager chunk may read its own K/V
+    unquantized where a graph's reads them back from the cache)."""
     eager_forward, replays = runner.forward, 0
 
     def both(batch: ForwardBatch) -> torch.Tensor:
@@ -269,10 +272,10 @@ def check_extend_replay(runner: ModelRunner, prompts: list[list[int]], max_new: 
             want = runner._logits(runner.model(batch), batch.num_logits)
         rows = (got - want).abs().amax(-1) / want.abs().max()                  # [rows]
         err = rows.max().item()
-        past = int((rows >= 2e-2).sum())
-        assert err < 2e-2 or (past <= route_flips and err < 0.1 and torch.equal(
+        past = int((rows >= tol).sum())
+        assert err < tol or (past <= route_flips and err < 0.1 and torch.equal(
             got.argmax(-1), want.argmax(-1))), \
-            f"relative error {err:.2e} on a step of {batch.num_tokens} tokens ({past} rows past 2e-2)"
+            f"relative error {err:.2e} on a step of {batch.num_tokens} tokens ({past} rows past {tol})"
         return got
 
     runner.forward = both

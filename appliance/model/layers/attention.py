@@ -30,6 +30,7 @@ from appliance.model.batch import ForwardBatch
 from appliance.model.context import BuildContext
 from appliance.model.layers.rotary import RotaryEmbedding
 from appliance.model.placement import WeightSharding, WeightSource
+from appliance.model.side_stream import side_by_side
 
 
 # Devices whose decode-only steps rotate and store the new tokens inside the attention launch
@@ -58,6 +59,18 @@ def _fused_rope_decode(window: int, feats: dict):
     except LookupError:
         return None
     return kernels.select(op, **feats)
+
+
+# An extend graph lays a step out on the device only: every row goes through the extend launch,
+# a decode row as a row of one token, unless the cache is FP8: then `graph_step_attention` also
+# runs the decode launch beside it and takes the decode rows from there. The extend kernel's
+# tiles are sized for chunks (64 query rows a program) and read e4m3 values byte by byte, so
+# over an FP8 cache its decode rows cost ~1.6x the decode kernel's. H100, Llama-3.1-8B's
+# heads, 2K keys, a graph's launch a layer, us, one launch -> two (scripts/
+# gpu_verify_attention.py --mixed): FP8, 80 decode rows + a 96-token chunk 231.2 -> 186.6,
+# 200 + 56 524.5 -> 400.0, 32 + 224 159.6 -> 166.0, a chunk alone 78.6 -> 83.2 (the empty
+# decode launch and the select); bf16 257.9 -> 265.5, 611.3 -> 597.4, 159.4 -> 153.7, 78.1 ->
+# 82.8: no gain over a 16-bit cache, which keeps the one launch.
 
 
 class PagedAttention(nn.Module):
@@ -154,18 +167,48 @@ class PagedAttention(nn.Module):
         if nd == rows:  # decodes only
             return self.decode_attention(q, self.k_cache, self.v_cache, batch.page_table,
                                          batch.seq_lens, self.page_size, self.scale, **opts)
+        if batch.graph_bucket and self.quantized_kv:   # module comment above the class
+            return graph_step_attention(self.decode_attention, self.extend_attention, q, k, v,
+                                        self.k_cache, self.v_cache, batch, self.page_size,
+                                        self.scale, **opts)
         # the new tokens' K/V go along too: a kernel may read them contiguously (prefill.py)
         if nd == 0:  # prefill chunks only
             return self.extend_attention(q, self.k_cache, self.v_cache, batch.page_table,
                                          batch.query_start, batch.seq_lens, self.page_size,
                                          self.scale, k_new=k, v_new=v, **opts)
-        # mixed: decode rows first, then prefill chunks
-        out = q.new_empty(q.shape[0], self.num_heads, self.v_head_dim)           # [T, Hq, Dv]
-        out[:nd] = self.decode_attention(q[:nd], self.k_cache, self.v_cache,
-                                         batch.decode_page_table, batch.decode_seq_lens,
-                                         self.page_size, self.scale, **opts)
-        out[nd:] = self.extend_attention(q[nd:], self.k_cache, self.v_cache,
-                                         batch.extend_page_table, batch.extend_query_start,
-                                         batch.extend_seq_lens, self.page_size, self.scale,
-                                         k_new=k[nd:], v_new=v[nd:], **opts)
-        return out
+        # mixed: decode rows first, then prefill chunks, side by side
+        dec, ext = side_by_side(
+            lambda: self.decode_attention(q[:nd], self.k_cache, self.v_cache,
+                                          batch.decode_page_table, batch.decode_seq_lens,
+                                          self.page_size, self.scale, **opts),
+            lambda: self.extend_attention(q[nd:], self.k_cache, self.v_cache,
+                                          batch.extend_page_table, batch.extend_query_start,
+                                          batch.extend_seq_lens, self.page_size, self.scale,
+                                          k_new=k[nd:], v_new=v[nd:], **opts),
+            q.device)
+        return torch.cat([dec, ext])
+
+
+def graph_step_attention(decode_attention, extend_attention, q: torch.Tensor, k: torch.Tensor,
+                         v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                         batch: ForwardBatch, page_size: int, scale: float, **opts
+                         ) -> torch.Tensor:
+    """An extend graph's step (any mix of rows, laid out on the device), through the two ops:
+    the decode launch over every row, those that are not decodes (`graph_decode_mask`) given
+    no keys, beside the extend launch over every row, the decode rows given none; each decode
+    row then takes the decode launch's output. The extend kernel's tiles are sized for
+    prefill: a decode row through it cost 1.1-1.25x the two launches over an FP8 cache
+    (docs/KERNELS.md, "Mixed steps")."""
+    rows = batch.num_rows
+    # the step's row split, made (by the first layer) on this stream before the fork
+    decodes, decode_lens, extend_lens = (batch.graph_decode_mask, batch.graph_decode_lens,
+                                         batch.graph_extend_lens)
+    dec, ext = side_by_side(
+        lambda: decode_attention(q[:rows], k_cache, v_cache, batch.page_table, decode_lens,
+                                 page_size, scale, **opts),
+        lambda: extend_attention(q, k_cache, v_cache, batch.page_table, batch.query_start,
+                                 extend_lens, page_size, scale, k_new=k, v_new=v, **opts),
+        q.device)
+    head = ext[:rows]
+    torch.where(decodes[:, None, None], dec, head, out=head)
+    return ext
