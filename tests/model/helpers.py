@@ -258,8 +258,9 @@ def check_extend_replay(runner: ModelRunner, prompts: list[list[int]], max_new: 
     models whose near-tied router scores flip an expert on the last bit of a GEMM that cuBLAS
     tiles differently at the graph's padded row count (H200, Qwen3-Coder's 128 experts top-8,
     dummy weights: one row at 4.7e-2, the rest under 1e-2; eager is bit-reproducible). tol:
-    the relative error a row may have (over an FP8 cache an eager chunk may read its own K/V
-    unquantized where a graph's reads them back from the cache)."""
+    the relative error an extend row's logits may have (over an FP8 cache an eager chunk may
+    read its own K/V unquantized where a graph's reads them back from the cache); a decode
+    row's stay within 2e-2 even then (the first num_decode logits rows: decodes come first)."""
     eager_forward, replays = runner.forward, 0
 
     def both(batch: ForwardBatch) -> torch.Tensor:
@@ -272,6 +273,9 @@ def check_extend_replay(runner: ModelRunner, prompts: list[list[int]], max_new: 
             want = runner._logits(runner.model(batch), batch.num_logits)
         rows = (got - want).abs().amax(-1) / want.abs().max()                  # [rows]
         err = rows.max().item()
+        decodes = rows[:batch.num_decode]      # a looser tol is for extend rows only
+        assert tol <= 2e-2 or decodes.numel() == 0 or decodes.max().item() < 2e-2, \
+            f"decode rows' relative error {decodes.max().item():.2e}"
         past = int((rows >= tol).sum())
         assert err < tol or (past <= route_flips and err < 0.1 and torch.equal(
             got.argmax(-1), want.argmax(-1))), \
