@@ -167,6 +167,21 @@ def test_decode_attention_with_window_and_sinks(splits):
     assert rel_err(out, R.decode_attention(q, kc, vc, table, sl, 4, 0.25, **opts)) < TOL
 
 
+def test_extend_values_as_words_and_as_bytes():
+    """The generic kernel's extend reads e4m3 values byte by byte unless asked for words
+    (`paged_attention(v_words=True)`, gpu_verify_attention.py's sweep): both the reference's."""
+    from kernels.triton.attention import paged_attention
+    seq_lens = [30, 9, 50]
+    table, kc, vc, sl = _fp8_paged(seq_lens, 16, 2, 16, 32, seed=6)
+    qs = torch.tensor([0, 30, 31, 48], dtype=torch.int32, device=DEV)
+    q = torch.randn(48, 4, 16, device=DEV)
+    ref = R.extend_attention(q, kc, vc, table, qs, sl, 16, 0.3, **SCALES)
+    for words in (False, True):
+        out = paged_attention(q, None, kc, None, vc, table, qs, sl, 16, 0.3, v_words=words,
+                              **SCALES)
+        assert rel_err(out, ref) < TOL
+
+
 @pytest.mark.parametrize("window", [0, 10])
 def test_extend_attention_gathered(window):
     seq_lens, qlens = [30, 9, 50], [30, 1, 17]
