@@ -2,11 +2,13 @@
 
 Rows [0, num_decode) of a ForwardBatch are decodes (one query token each) and use the
 `decode_attention` kernel; the remaining rows are prefill chunks over a cached prefix and
-use `extend_attention`, which also gets the new tokens' K/V. The cache of one layer is a pair
-of tensors `k_cache[num_pages * page_size, kv_heads_local, head_dim]`, `v_cache[...,
-v_head_dim]`, allocated by the runner and handed over with `bind_kv_cache`. When the layer is
-given its RotaryEmbedding and a `rope_store_kv` kernel exists, rotation and the cache write are
-one op.
+use `extend_attention`, which also gets the new tokens' K/V. A mixed step runs the two
+launches side by side (appliance/model/side_stream.py); an extend graph's step, whose rows are
+known on the device only, through `graph_step_attention` over an FP8 cache, else every row
+through `extend_attention`. The cache of one layer is a pair of tensors `k_cache[num_pages *
+page_size, kv_heads_local, head_dim]`, `v_cache[..., v_head_dim]`, allocated by the runner and
+handed over with `bind_kv_cache`. When the layer is given its RotaryEmbedding and a
+`rope_store_kv` kernel exists, rotation and the cache write are one op.
 
 GPT-OSS options (off by default, and then the kernels are called exactly as before):
 `window` > 0 attends only the last `window` positions (sliding-window layers: the kernels
@@ -196,9 +198,9 @@ def graph_step_attention(decode_attention, extend_attention, q: torch.Tensor, k:
     """An extend graph's step (any mix of rows, laid out on the device), through the two ops:
     the decode launch over every row, those that are not decodes (`graph_decode_mask`) given
     no keys, beside the extend launch over every row, the decode rows given none; each decode
-    row then takes the decode launch's output. The extend kernel's tiles are sized for
-    prefill: a decode row through it cost 1.1-1.25x the two launches over an FP8 cache
-    (docs/KERNELS.md, "Mixed steps")."""
+    row then takes the decode launch's output. Over an FP8 cache the one extend launch cost
+    1.1-1.25x the decode and extend launches in turn, its decode rows ~1.6x the decode
+    kernel's (the comment above PagedAttention; docs/KERNELS.md, "Mixed steps")."""
     rows = batch.num_rows
     # the step's row split, made (by the first layer) on this stream before the fork
     decodes, decode_lens, extend_lens = (batch.graph_decode_mask, batch.graph_decode_lens,
