@@ -20,7 +20,9 @@ slows them):
   prefill only   no decode row
 Per group: medians of the host phases (ms) of the passes that launched them, the GPU time of the
 step and the GPU's idle gap before it (host-bound when the gap is large), and the cost model's
-prediction against the measured step time (median, and mean absolute error).
+prediction against the measured step time (median, and mean absolute error). Then per band of
+16 decode rows, the GPU time of decode-only steps beside mixed steps of at most 256 tokens
+(an extend graph's), and the prefill tokens those carried: what a chunk adds to a step.
 
     python scripts/profile_report.py OUT [--rows 192] [--top 8]
 """
@@ -48,6 +50,7 @@ def main() -> int:
              + outside_graph_lines(args.out / "timing", args.top) + [""]
              + cost_model_lines(args.out / "stats.jsonl") + [""]
              + step_lines(args.out / "timing" / "steps.csv", args.rows, loads) + [""]
+             + band_lines(args.out / "timing" / "steps.csv", loads) + [""]
              + cpu_lines(args.out, loads))
     text = "\n".join(lines)
     (args.out / "summary.txt").write_text(text + "\n")
@@ -163,6 +166,43 @@ def step_lines(path: Path, rows: int, loads: list[tuple[str, float, float]]) -> 
     return ["per step (medians, ms; host = all phases of the pass that launched the step; gap = GPU "
             "idle before it; pred/meas = the cost model's prediction vs the step's measured time, what "
             "it is fitted on; dec_tok/s = rows / meas, profiler pauses left out):", *_format(table)]
+
+
+BAND_ROWS = 16          # decode rows a band of the mixed-against-decode table spans
+MIXED_MAX_TOKENS = 256  # the table's mixed steps: at most this many tokens (a graph's chunk)
+
+
+def band_lines(path: Path, loads: list[tuple[str, float, float]]) -> list[str]:
+    """Per load and band of BAND_ROWS decode rows: the median GPU time of its decode-only steps
+    beside its mixed steps of at most MIXED_MAX_TOKENS tokens (and their prefill tokens): what
+    a step pays for the chunk it carries (profiled steps left out)."""
+    if not path.is_file():
+        return []
+    bands: dict[tuple[str, int, str], list[dict[str, float | None]]] = {}
+    for step in read_steps(path):
+        decode, prefill = int(step["decode_rows"] or 0), int(step["prefill_tokens"] or 0)
+        if step["profiled"] or step["gpu_ms"] is None or decode == 0 or (
+                decode + prefill > MIXED_MAX_TOKENS):
+            continue
+        load = next((n for n, start, end in loads if start <= (step["time_s"] or 0) <= end), None)
+        if load is not None:
+            kind = "mixed" if prefill else "decode"
+            bands.setdefault((load, decode // BAND_ROWS, kind), []).append(step)
+    table = [("load", "decode rows", "decode steps", "gpu", "mixed steps", "gpu", "pf_tok",
+              "mixed - decode")]
+    for load, band in sorted({(k[0], k[1]) for k in bands},
+                             key=lambda k: ([n for n, _, _ in loads].index(k[0]), k[1])):
+        dec, mix = bands.get((load, band, "decode"), []), bands.get((load, band, "mixed"), [])
+        if not (dec and mix):
+            continue
+        dec_ms, mix_ms = _median(dec, "gpu_ms"), _median(mix, "gpu_ms")
+        table.append((load, f"{band * BAND_ROWS}-{band * BAND_ROWS + BAND_ROWS - 1}",
+                      str(len(dec)), dec_ms, str(len(mix)), mix_ms,
+                      _median(mix, "prefill_tokens", 0), f"{float(mix_ms) - float(dec_ms):+.2f}"))
+    if len(table) == 1:
+        return []
+    return [f"mixed against decode-only steps by decode rows (GPU ms, medians; mixed: at most "
+            f"{MIXED_MAX_TOKENS} tokens, pf_tok their prefill tokens):", *_format(table)]
 
 
 def _decode_rate(steps: list[dict[str, float | None]]) -> str:

@@ -42,3 +42,21 @@ def test_ops_outside_graph_launches_per_step(tmp_path):
                                "3.0 GPU ops, 4.0 us of GPU time")
     assert "_sample_chunk_kernel" in lines[2] and len(lines) == 4  # title, header, top 2
     assert not any("128" in line for line in lines)  # a window without graph launches: none
+
+
+def test_mixed_against_decode_only_steps_by_decode_rows(tmp_path):
+    """Per band of 16 decode rows: decode-only steps' median GPU time beside mixed steps' of at
+    most 256 tokens; bands with only one kind, bigger chunks and profiled steps left out."""
+    fields = ("time_s", "step", "decode_rows", "prefill_rows", "prefill_tokens", "gpu_ms",
+              "profiled")
+    rows = [(1.0, 1, 80, 0, 0, 11.0, 0), (2.0, 2, 90, 0, 0, 12.0, 0), (3.0, 3, 85, 0, 0, 13.0, 0),
+            (4.0, 4, 82, 1, 100, 14.5, 0), (5.0, 5, 95, 1, 60, 13.5, 0),
+            (6.0, 6, 88, 1, 300, 30.0, 0),            # 388 tokens: a chunk past the graphs'
+            (7.0, 7, 84, 1, 64, 99.0, 1),             # profiled
+            (8.0, 8, 20, 0, 0, 5.0, 0)]               # no mixed step in its band
+    path = tmp_path / "steps.csv"
+    path.write_text(",".join(fields) + "\n" + "".join(",".join(map(str, r)) + "\n" for r in rows))
+    lines = P.band_lines(path, [("all", 0.0, float("inf"))])
+    assert len(lines) == 3                               # title, header, the 80-95 band
+    assert lines[2].split() == ["all", "80-95", "3", "12.00", "2", "14.00", "80", "+2.00"]
+    assert P.band_lines(tmp_path / "missing.csv", []) == []
