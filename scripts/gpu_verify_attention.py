@@ -45,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from appliance.model.batch import ForwardBatch  # noqa: E402
 from appliance.model.extend_graph import DEFAULT_TOKEN_BUCKETS, pad_extend_batch  # noqa: E402
 from appliance.model.layers.attention import graph_step_attention  # noqa: E402
+from appliance.model.side_stream import side_by_side  # noqa: E402
 from kernel_bench.harness import sequence_us  # noqa: E402
 from kernels.triton import attention_ops  # noqa: E402
 from kernels.triton.attention import AttentionTiles, paged_attention  # noqa: E402
@@ -216,15 +217,9 @@ def mixed_sweep(batch: ForwardBatch, padded: ForwardBatch, caches: list, q: torc
                                               scale)
     if close(per_token(0)):
         out.append(("every token a decode row (gqa_decode)", per_token))
-    side = torch.cuda.Stream()
 
     def two_streams(layer):
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            d = decode_rows(layer)
-        c = chunk(layer)
-        torch.cuda.current_stream().wait_stream(side)
-        return d, c
+        return side_by_side(lambda: decode_rows(layer), lambda: chunk(layer), q.device)
     out.append(("decode op || extend op on the chunk (two streams)", two_streams))
     return out
 
@@ -388,6 +383,7 @@ def main() -> int:
           f"context {args.context}", flush=True)
     table = ["| case | launch | us | vs decode |", "|---|---|---|---|"]
     if args.mixed:
+        table[0] = "| case | launch | us | vs one extend launch |"
         for spec in args.mixed:
             b, p, *rest = (int(v) for v in spec.split(":"))
             if b < 0 or p < 2:
