@@ -66,8 +66,9 @@ def _fused_rope_decode(window: int, feats: dict):
 # An extend graph lays a step out on the device only: every row goes through the extend launch,
 # a decode row as a row of one token, unless the cache is FP8: then `graph_step_attention` also
 # runs the decode launch beside it and takes the decode rows from there. The extend kernel's
-# tiles are sized for chunks (64 query rows a program) and read e4m3 values byte by byte, so
-# over an FP8 cache its decode rows cost ~1.6x the decode kernel's. H100, Llama-3.1-8B's
+# tiles are sized for chunks (16-64 query rows a program) and read e4m3 values byte by byte:
+# over an FP8 cache 80 decode rows + a 96-token chunk in its one launch took 1.76x the decode
+# launch of the 80 rows alone (231.2 against 131.6 us), over bf16 1.05x. H100, Llama-3.1-8B's
 # heads, 2K keys, a graph's launch a layer, us, one launch -> two (scripts/
 # gpu_verify_attention.py --mixed): FP8, 80 decode rows + a 96-token chunk 231.2 -> 186.6,
 # 200 + 56 524.5 -> 400.0, 32 + 224 159.6 -> 166.0, a chunk alone 78.6 -> 83.2 (the empty
@@ -199,8 +200,8 @@ def graph_step_attention(decode_attention, extend_attention, q: torch.Tensor, k:
     the decode launch over every row, those that are not decodes (`graph_decode_mask`) given
     no keys, beside the extend launch over every row, the decode rows given none; each decode
     row then takes the decode launch's output. Over an FP8 cache the one extend launch cost
-    1.1-1.25x the decode and extend launches in turn, its decode rows ~1.6x the decode
-    kernel's (the comment above PagedAttention; docs/KERNELS.md, "Mixed steps")."""
+    1.1-1.25x the decode and extend launches in turn (the comment above PagedAttention;
+    docs/KERNELS.md, "Mixed steps")."""
     rows = batch.num_rows
     # the step's row split, made (by the first layer) on this stream before the fork
     decodes, decode_lens, extend_lens = (batch.graph_decode_mask, batch.graph_decode_lens,
