@@ -539,6 +539,8 @@ class Engine:
         values["page_size"] = float(self.runner.page_size)
         values.update(self.step_error.stats())
         values.update(self.late_compiles.stats())
+        if self.speculator is not None:
+            values["spec_gate_paused_steps"] = float(self.speculator.gate.paused)
         progress = [protocol.RequestProgress(*row) for row in self.scheduler.progress()]
         self._send(protocol.Stats(values, progress))
 

@@ -26,6 +26,8 @@ GAUGES = {
     "kv_pages_cached": ("pages_cached", "KV cache pages kept by the prefix cache"),
     "requests_running": ("requests_running", "Requests being prefilled or decoded"),
     "requests_waiting": ("requests_waiting", "Requests queued or preempted"),
+    "spec_gate_paused_steps": ("spec_gate_paused_steps",
+                               "Decode steps left in speculation's batch-wide pause of drafting"),
 }
 COUNTERS = {
     "prompt_tokens": ("prompt_tokens_total", "Prompt tokens submitted to the engine"),

@@ -38,13 +38,16 @@ async def stats(request: Request) -> JSONResponse:
 
 def speculative_figures(engine: dict[str, float]) -> dict[str, float]:
     """Drafts verified and accepted since start; mean accepted length = tokens a verify row
-    emitted on average (its accepted drafts + the one token the target chose)."""
+    emitted on average (its accepted drafts + the one token the target chose); paused_steps:
+    decode steps left before anyone drafts again (the batch-wide pause while verify steps
+    emit fewer tokens a second than plain ones: engine/speculative/policy.py's BatchGate)."""
     drafted = int(engine.get("spec_draft_tokens_total", 0))
     accepted = int(engine.get("spec_accepted_tokens_total", 0))
     rows = int(engine.get("spec_verify_rows_total", 0))
     return {"draft_tokens": drafted, "accepted_tokens": accepted, "verify_rows": rows,
             "acceptance_rate": round(accepted / drafted, 4) if drafted else 0.0,
-            "mean_accepted_length": round(1 + accepted / rows, 4) if rows else 0.0}
+            "mean_accepted_length": round(1 + accepted / rows, 4) if rows else 0.0,
+            "paused_steps": int(engine.get("spec_gate_paused_steps", 0))}
 
 
 def stats_snapshot(state: AppState) -> dict[str, Any]:

@@ -8,6 +8,7 @@ import time
 import pytest
 import torch
 
+from appliance.engine import protocol
 from appliance.engine.protocol import GenerateRequest
 
 VOCAB = 50
@@ -259,6 +260,11 @@ def test_verify_steps_slower_than_plain_ones_close_the_batch_gate(engines, make_
     # 3 verify steps the gate closes for 16 plain steps, then 32, 64, ... (one trial each)
     assert st["spec_accepted_tokens_total"] >= 0.9 * st["spec_draft_tokens_total"] > 0
     assert st["spec_verify_rows_total"] <= 12
+    # the pause is published with the engine's stats (/stats' speculative.paused_steps)
+    eng.speculator.gate.paused = 7
+    eng._publish_stats(force=True)
+    published = [m for m in eng.sent if isinstance(m, protocol.Stats)][-1]
+    assert published.values["spec_gate_paused_steps"] == 7
 
 
 def test_batch_gate_compares_verify_and_plain_rates():

@@ -49,7 +49,7 @@ def test_metrics_names_types_and_values(served):
 
 def test_speculative_figures(served):
     spec = {"spec_draft_tokens_total": 12, "spec_accepted_tokens_total": 9,
-            "spec_verify_rows_total": 4}
+            "spec_verify_rows_total": 4, "spec_gate_paused_steps": 32}
     served.fake.totals.update(spec)
     try:
         with served.http() as http:
@@ -59,8 +59,10 @@ def test_speculative_figures(served):
         served.fake.totals.update(dict.fromkeys(spec, 0))
     assert _value(families["tokenspeed_spec_draft_tokens"], "_total") == 12
     assert _value(families["tokenspeed_spec_accepted_tokens"], "_total") == 9
+    assert _value(families["tokenspeed_spec_gate_paused_steps"]) == 32
     assert stats["speculative"] == {"draft_tokens": 12, "accepted_tokens": 9, "verify_rows": 4,
-                                    "acceptance_rate": 0.75, "mean_accepted_length": 3.25}
+                                    "acceptance_rate": 0.75, "mean_accepted_length": 3.25,
+                                    "paused_steps": 32}
 
 
 def test_stats_schema_and_live_request(served):
@@ -91,7 +93,7 @@ def test_stats_schema_and_live_request(served):
     assert stats["requests"] == {"running": 1, "waiting": 1}
     assert set(stats["totals"]) == {"prompt_tokens", "generation_tokens", "prefix_cache_hit_tokens", "preemptions"}
     assert stats["speculative"] == {"draft_tokens": 0, "accepted_tokens": 0, "verify_rows": 0,
-                                    "acceptance_rate": 0.0, "mean_accepted_length": 0.0}
+                                    "acceptance_rate": 0.0, "mean_accepted_length": 0.0, "paused_steps": 0}
     assert stats["throughput"]["generation_tokens_per_minute"] >= 10
     assert stats["throughput"]["prompt_tokens_per_minute"] > 0
     (active,) = stats["active"]
