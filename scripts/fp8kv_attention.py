@@ -11,6 +11,9 @@ of 128 over 8 KV heads, 16-token pages): part (a) of scripts/gpu_fp8kv.
    the reference.
 4. `--sweep`: decode tiles (keys per tile, warps, stages) at B=256 x 2048 for both caches: an
    FP8 tile of 64 keys moves half the bytes of a bf16 one per load, so its best tile may differ.
+5. `--gqa-sweep B:CTX ...`: the kernel the decode graphs launch (`gqa_decode`, FP8 values
+   read as words) at each shape: its default tiles and a few others; the default tiles with
+   the keys split (`--splits`, for the last wave of programs).
 
     python scripts/fp8kv_attention.py [--batches 1 64 256] [--contexts 1024 2048]
 """
@@ -26,6 +29,7 @@ from kernels.reference.kv_cache import FP8_KV_DTYPE, quantize
 from kernels.triton import attention_ops as A
 from kernels.triton.attention import AttentionTiles, attention_tiles, paged_attention
 from kernels.triton import rope_kv as RK
+from kernels.triton.gqa_decode import gqa_decode
 
 DEV, BF16, F8 = "cuda", torch.bfloat16, FP8_KV_DTYPE
 HQ, HK, D, PAGE = 32, 8, 128, 16
@@ -135,6 +139,52 @@ def tile_sweep(batch: int = 256, context: int = 2048) -> None:
         del table, kc, vc
 
 
+GQA_TILES = [(64, 4, 2), (128, 4, 2), (128, 4, 3), (128, 8, 2)]
+
+
+def gqa_variants(default: AttentionTiles, splits: list[int]) -> list[tuple]:
+    """(name, tiles, split count) of --gqa-sweep: the default, each of GQA_TILES, then forced
+    split counts at the default tiles."""
+    return ([("default", default, None)]
+            + [(f"{n}/{w}/{st}", AttentionTiles(default.g_blk, 1, n, w, st), None)
+               for n, w, st in GQA_TILES]
+            + [(f"split{s}", default, s) for s in splits])
+
+
+def gqa_sweep(shapes: list[str], splits: list[int]) -> list[str]:
+    """gqa_decode's us per variant (`gqa_variants`) at each B:CTX, both caches; K/V GB/s of
+    the best beside it. Each variant checked against the reference."""
+    failures = []
+    for shape in shapes:
+        batch, context = map(int, shape.split(":"))
+        for kv, scale in ((BF16, 1.0), (F8, K_SCALE)):
+            table, kc, vc, lens = paged_cache(batch, context, kv, scale)
+            q = torch.randn(batch, HQ, D, device=DEV, dtype=BF16)
+            ref = R.decode_attention(q, kc, vc, table, lens, PAGE, D ** -0.5, k_scale=scale,
+                                     v_scale=scale)
+            default = attention_tiles(True, False, HQ // HK, batch, fp8=kv == F8, v_words=True)
+            cells, best = [], None
+            for name, tiles, n_split in gqa_variants(default, splits):
+                def run(tiles=tiles, n_split=n_split):
+                    return gqa_decode(q, kc, vc, table, lens, PAGE, D ** -0.5, n_split,
+                                      tiles=tiles, k_scale=scale, v_scale=scale)
+                try:
+                    ok = rel_err(run(), ref) < TOL
+                    us = graph_ms(run) * 1e3
+                    best = us if best is None or (ok and us < best) else best
+                    cells.append(f"{name} {us:.1f}{'' if ok else ' FAIL'}")
+                    if not ok:
+                        failures.append(f"gqa {shape} {kv} {name}")
+                except Exception as e:  # noqa: BLE001 - a shape the GPU cannot run
+                    cells.append(f"{name} {type(e).__name__}")
+            gbs = 2 * batch * context * HK * D * kc.element_size() / best / 1e3
+            name = "fp8" if kv == F8 else "bf16"
+            print(f"  {shape} {name} (default {default.block_n}/{default.num_warps}/"
+                  f"{default.num_stages}; best {best:.1f} us, {gbs:.0f} GB/s): " + "; ".join(cells))
+            del table, kc, vc
+    return failures
+
+
 def extend_rows() -> list[str]:
     """An FP8 prefix of 1500 keys + 300 new tokens a row (the gathering kernel), and 64 + 2000
     (mostly new: the contiguous prefill kernel), against the reference."""
@@ -169,10 +219,19 @@ def main() -> int:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 64, 256])
     parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 2048])
     parser.add_argument("--sweep", action="store_true", help="decode tile shapes (4.)")
+    parser.add_argument("--gqa-sweep", nargs="*", metavar="B:CTX",
+                        help="gqa_decode's tiles at these shapes (5.), then exit")
+    parser.add_argument("--splits", type=int, nargs="*", default=[2],
+                        help="forced split counts in --gqa-sweep")
     args = parser.parse_args()
     torch.manual_seed(0)
     ceil = measure_ceilings()
     print(f"{torch.cuda.get_device_name()}: {ceil.line()}")
+    if args.gqa_sweep is not None:
+        print("gqa_decode tiles (block_n/warps/stages), us a launch, CUDA graph, L2 flushed:")
+        failures = gqa_sweep(args.gqa_sweep or ["256:2048", "128:2048", "64:2048"], args.splits)
+        print(f"\ngqa sweep checks: {'all ok' if not failures else 'FAILED: ' + ', '.join(failures)}")
+        return 1 if failures else 0
     print("cache writers (FP8 bytes against torch's cast):")
     failures = check_writers()
     print("decode attention, Llama-3.1-8B heads (32 x 128 over 8 KV heads), CUDA graph, L2 "
