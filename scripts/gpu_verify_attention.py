@@ -48,7 +48,9 @@ from appliance.model.layers.attention import graph_step_attention  # noqa: E402
 from appliance.model.side_stream import side_by_side  # noqa: E402
 from kernel_bench.harness import sequence_us  # noqa: E402
 from kernels.triton import attention_ops  # noqa: E402
-from kernels.triton.attention import AttentionTiles, paged_attention  # noqa: E402
+from kernels.triton.attention import AttentionTiles, attention_tiles, paged_attention  # noqa: E402
+from kernels.triton.gqa_decode import gqa_decode  # noqa: E402
+from kernels.triton.split_kv import DEFAULT_SIZING  # noqa: E402
 
 PAGE, HQ, HK, D = 16, 32, 8, 128
 GRAPH_ROWS = 256
@@ -161,13 +163,28 @@ def mixed_case(b: int, prefill: int, context: int, kv_dtype: str, layers: int,
     lines = [row(head, "extend op on every row (the extend graph before)", base_us, base_us)]
     launches = [("decode || extend, the graph's step (graph_step_attention)", graph_step)]
     if nd:
-        launches += [("decode op + extend op on the chunk, in turn", split),
+        tiles = attention_tiles(True, False, HQ // HK, nd, fp8=kv_dtype == "fp8", v_words=True)
+        splits = DEFAULT_SIZING.decode_splits(nd * HK, padded.page_table.shape[1] * PAGE,
+                                              tiles.block_n, dev, False)
+
+        def graph_step_sized(layer, splits=splits, tiles=tiles):   # the decode split sized...
+            kc, vc = caches[layer]                 # ... on the host, for the B rows or bucket
+            return graph_step_attention(
+                lambda *a, key_rows=None, **kw: gqa_decode(*a, num_splits=splits, tiles=tiles,
+                                                           **kw),
+                attention_ops.extend_attention, q, k_new, v_new, kc, vc, padded, PAGE, scale)
+        launches += [(f"the graph's step, decode tiles and {splits} splits as for the B rows "
+                      "alone (host-sized)", graph_step_sized),
+                     ("the graph's step, decode split on the host for the bucket's rows "
+                      "(before key_rows)", lambda layer: graph_step_sized(layer, None, None)),
+                     ("decode op + extend op on the chunk, in turn", split),
                      ("decode op alone (the B rows)", decode_rows)]
     if sweep and nd:
         launches += mixed_sweep(batch, padded, caches, q, want, scale, decode_rows, chunk)
-    for label, fn in launches:
-        us = graph_us(fn, layers)
-        lines.append(row(head, label, us, base_us))
+    timed = {label: graph_us(fn, layers) for label, fn in launches}
+    for label, fn in reversed(launches):   # a second round in reverse order: the best of two
+        timed[label] = min(timed[label], graph_us(fn, layers))
+    lines += [row(head, label, us, base_us) for label, us in timed.items()]
     print("\n".join(lines), flush=True)
     del caches
     torch.cuda.empty_cache()
