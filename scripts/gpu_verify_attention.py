@@ -26,9 +26,12 @@ tokens, all over C cached keys, laid out as an extend graph lays it out (padded 
 bucket). The graph's step as it was, every row through the registered `extend_attention`,
 against the step now (`graph_step_attention`: the decode launch over the bucket's rows beside
 the extend launch, each row given keys in one of them), and the eager mixed step before it
-(`decode_attention` on the B rows, then `extend_attention` on the chunk). Each over a bf16 or
-an e4m3 cache (`--kv-dtype`), the outputs compared first. B = 0 times a chunk alone (what the
-graph's step pays for its empty decode launch). `--sweep` adds the one launch at other tiles
+(`decode_attention` on the B rows, then `extend_attention` on the chunk); and the graph's step
+with its decode launch's tiles and split count as for the B rows alone (what the host cannot
+know in a graph: its split count is sized for the bucket's rows). Each over a bf16 or an e4m3
+cache (`--kv-dtype`), the outputs compared first, each timed twice (the second round in
+reverse order) and the best kept. B = 0 times a chunk alone (what the graph's step pays for
+its empty decode launch). `--sweep` adds the one launch at other tiles
 and with V read as words, every token a decode row, and the two launches side by side over
 the B rows alone.
 """
@@ -48,7 +51,8 @@ from appliance.model.layers.attention import graph_step_attention  # noqa: E402
 from appliance.model.side_stream import side_by_side  # noqa: E402
 from kernel_bench.harness import sequence_us  # noqa: E402
 from kernels.triton import attention_ops  # noqa: E402
-from kernels.triton.attention import AttentionTiles, attention_tiles, paged_attention  # noqa: E402
+from kernels.triton.attention import (AttentionTiles, attention_tiles,  # noqa: E402
+                                      paged_attention)
 from kernels.triton.gqa_decode import gqa_decode  # noqa: E402
 from kernels.triton.split_kv import DEFAULT_SIZING  # noqa: E402
 
@@ -167,16 +171,13 @@ def mixed_case(b: int, prefill: int, context: int, kv_dtype: str, layers: int,
         splits = DEFAULT_SIZING.decode_splits(nd * HK, padded.page_table.shape[1] * PAGE,
                                               tiles.block_n, dev, False)
 
-        def graph_step_sized(layer, splits=splits, tiles=tiles):   # the decode split sized...
-            kc, vc = caches[layer]                 # ... on the host, for the B rows or bucket
+        def graph_step_sized(layer):   # as if the host knew the B rows
+            kc, vc = caches[layer]
             return graph_step_attention(
-                lambda *a, key_rows=None, **kw: gqa_decode(*a, num_splits=splits, tiles=tiles,
-                                                           **kw),
+                lambda *a, **kw: gqa_decode(*a, num_splits=splits, tiles=tiles, **kw),
                 attention_ops.extend_attention, q, k_new, v_new, kc, vc, padded, PAGE, scale)
         launches += [(f"the graph's step, decode tiles and {splits} splits as for the B rows "
                       "alone (host-sized)", graph_step_sized),
-                     ("the graph's step, decode split on the host for the bucket's rows "
-                      "(before key_rows)", lambda layer: graph_step_sized(layer, None, None)),
                      ("decode op + extend op on the chunk, in turn", split),
                      ("decode op alone (the B rows)", decode_rows)]
     if sweep and nd:

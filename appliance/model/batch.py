@@ -81,11 +81,6 @@ class ForwardBatch:
         return (qs[1:] - qs[:-1] == 1) & (qs[:-1] == rows)
 
     @cached_property
-    def graph_decode_rows(self) -> torch.Tensor:
-        """int32 [1]: how many rows `graph_decode_mask` holds (they lead: rows [0, n))."""
-        return self.graph_decode_mask.sum(dtype=torch.int32).reshape(1)
-
-    @cached_property
     def graph_decode_lens(self) -> torch.Tensor:
         """[B]: seq_lens of the rows in `graph_decode_mask`, 0 for the others (no keys)."""
         return torch.where(self.graph_decode_mask, self.seq_lens, 0)

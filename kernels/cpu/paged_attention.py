@@ -74,9 +74,8 @@ def _decode_layout(page_table: torch.Tensor, seq_lens: torch.Tensor, page_size: 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      page_table: torch.Tensor, seq_lens: torch.Tensor, page_size: int,
                      scale: float, sinks: torch.Tensor | None = None, window: int = 0,
-                     k_scale: float = 1.0, v_scale: float = 1.0,
-                     key_rows: torch.Tensor | None = None) -> torch.Tensor:
-    """The reference's contract (kernels/reference/attention.py; key_rows unused)."""
+                     k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
+    """The reference's contract (kernels/reference/attention.py)."""
     if sinks is not None or window > 0:
         return reference.decode_attention(q, k_cache, v_cache, page_table, seq_lens, page_size,
                                           scale, sinks, window, k_scale, v_scale)

@@ -90,14 +90,11 @@ def _decode_slots(page_table: torch.Tensor, seq_lens: torch.Tensor, page_size: i
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      page_table: torch.Tensor, seq_lens: torch.Tensor, page_size: int,
                      scale: float, sinks: torch.Tensor | None = None, window: int = 0,
-                     k_scale: float = 1.0, v_scale: float = 1.0,
-                     key_rows: torch.Tensor | None = None) -> torch.Tensor:
+                     k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
     """q: [B, Hq, D] -> [B, Hq, Dv]. All rows at once (a CPU step is a few ops per layer, not a
     few per row), each kv head's query group attending together (no repeated K/V): torch's
     fused scaled_dot_product_attention with the shorter rows' tails masked, or, with sinks,
-    the softmax written out. sinks [Hq] / window / k_scale, v_scale: see the module doc.
-    key_rows: a hint that only the first key_rows[0] rows have keys (a backend may leave the
-    others' outputs unwritten); unused here."""
+    the softmax written out. sinks [Hq] / window / k_scale, v_scale: see the module doc."""
     b, hq, d = q.shape
     hk = k_cache.shape[1]
     slots, seen, mask = memoized(("decode_slots", page_size, window), (seq_lens, page_table),

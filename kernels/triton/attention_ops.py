@@ -31,17 +31,14 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      page_table: torch.Tensor, seq_lens: torch.Tensor, page_size: int,
                      scale: float, num_splits: int | None = None,
                      sinks: torch.Tensor | None = None, window: int = 0, k_scale: float = 1.0,
-                     v_scale: float = 1.0, key_rows: torch.Tensor | None = None
-                     ) -> torch.Tensor:
+                     v_scale: float = 1.0) -> torch.Tensor:
     """q: [B, Hq, D] -> [B, Hq, Dv]; split-KV chosen from the page table width (or the
     window). sinks [Hq] / window: GPT-OSS; k_scale / v_scale: an FP8 cache's
     (kernels/reference/attention.py). Without a window: gqa_decode.py's kernel (from 2 rows
-    up its split merge runs in the last split; with key_rows its split count is sized on the
-    device for the rows that have keys); with one, the generic kernel."""
+    up its split merge runs in the last split); with one, the generic kernel."""
     if window == 0:
         return gqa_decode(q, k_cache, v_cache, page_table, seq_lens, page_size, scale,
-                          num_splits, sinks=sinks, k_scale=k_scale, v_scale=v_scale,
-                          key_rows=key_rows)
+                          num_splits, sinks=sinks, k_scale=k_scale, v_scale=v_scale)
     return paged_attention(q, None, k_cache, None, v_cache, page_table, None, seq_lens,
                            page_size, scale, num_splits, sinks=sinks, window=window,
                            k_scale=k_scale, v_scale=v_scale)

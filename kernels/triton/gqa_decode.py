@@ -22,16 +22,6 @@ it was within +-1% and more often slower.
 
 Sinks (GPT-OSS) join the merge's denominator; sliding windows take the generic kernel.
 
-An extend graph's decode rows are known on the device only (appliance/model/layers/
-attention.py's `graph_step_attention`): the launch covers every row of the graph's bucket,
-most of them without keys, so a split count sized on the host for the bucket's rows (one at
-256) left a few decode rows walking their whole context in a handful of programs (H100, FP8,
-16 decode rows over 8K keys beside a 240-token chunk: 497.5 us a layer against the one extend
-launch's 312.2). With `key_rows` (their count, on the device) the grid's row axis becomes
-items: row r of the first key_rows takes `splits` consecutive items, as many as fill
-gqa_splits_per_sm programs an SM over the heads (at most the grid's items), and the
-partials are laid out by item. The figures: docs/KERNELS.md, "Mixed steps".
-
 With the step's new tokens (`NewTokens`: `rope_decode_attention`, a decode-only step) the
 launch also does rope_store_kv's work, saving its launch a layer: each program rotates its
 query heads (rope_kv.py's arithmetic), and the programs of a row's last split, the only ones
@@ -50,7 +40,7 @@ import triton
 import triton.language as tl
 
 from kernels.triton.attention import AttentionTiles, attention_tiles
-from kernels.triton.common import check, next_pow2, num_sms, per_batch, pow2_dim
+from kernels.triton.common import check, next_pow2, per_batch, pow2_dim
 from kernels.triton.paged_tiles import LOG2E, add_sink, attn_range, check_e4m3_words
 from kernels.triton.pdl import pdl_begin, pdl_launch
 from kernels.triton.rope_kv import (cache_value, load_heads, rope_rows, rotate_heads,
@@ -170,23 +160,12 @@ def _attend_new_key(acc, m_i, l_i, q, k, v, scale_log2):
     return acc * alpha[:, None] + p[:, None] * v[None, :], m_new, l_i * alpha + p
 
 
-@triton.jit
-def _item_of(item, KeyRows, want_programs):
-    """KEY_ROWS (module doc): grid item -> (row, split, splits a row, whether the row has
-    keys). The first KeyRows[0] rows take `splits` consecutive items each, as many as fill
-    want_programs programs over the grid's heads, at most the items (rows) of the grid."""
-    rows = tl.maximum(tl.load(KeyRows), 1)
-    splits = tl.minimum(tl.maximum(want_programs // (rows * tl.num_programs(0)), 1),
-                        tl.num_programs(1) // rows)
-    return item // splits, item % splits, splits, item // splits < rows
-
-
 @triton.jit(**per_batch(ints=SPLIT_INTS + ("stride_pt", "last_merges"),
-                        pointers=("PageTable", "SeqLens", "Pos", "Slots", "KeyRows")))
+                        pointers=("PageTable", "SeqLens", "Pos", "Slots")))
 def _gqa_decode_kernel(
         Q, K, V, Out, PartO, PartL, Tickets, Sinks, PageTable, SeqLens,
-        KNew, VNew, Pos, CosSin, Slots, KeyRows,
-        scale_log2, v_scale, group, min_split_len, num_splits, last_merges, want_programs,
+        KNew, VNew, Pos, CosSin, Slots,
+        scale_log2, v_scale, group, min_split_len, num_splits, last_merges,
         stride_qt, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_ot, stride_oh,
         stride_pt, stride_pot, stride_poh, stride_pos, stride_plt, stride_plh,
         stride_knt, stride_knh, stride_vnt, stride_vnh, stride_cs, inv_k_scale, inv_v_scale, R,
@@ -195,31 +174,24 @@ def _gqa_decode_kernel(
         MERGE_G: tl.constexpr, CHUNK_S: tl.constexpr, EVEN_D: tl.constexpr,
         HAS_SINKS: tl.constexpr, PAGE_SIZE: tl.constexpr, ROPE: tl.constexpr,
         IS_NEOX: tl.constexpr, FP8_STORE: tl.constexpr, NEW_IN_REGS: tl.constexpr,
-        KEY_ROWS: tl.constexpr, PDL: tl.constexpr):
+        PDL: tl.constexpr):
     """Program (KV head x head block, row b, split; GRID_ORDER): the paged kernel's decode
     path over the split's keys; then the output (one split), or the partial and, when
-    last_merges, the ticket (module doc). last_merges is a run-time flag: one compiled
-    variant serves both. ROPE: Q, KNew and VNew are the step's new tokens before rope and
-    the cache write, which this launch does (`_rope_and_store_new`). KEY_ROWS: the grid's
-    second axis is items, each a (row, split) of the rows with keys (`_item_of`), and the
-    partials are laid out by item (PartO [items, heads, DV], PartL [heads, items])."""
+    last_merges, the ticket (module doc). last_merges is a run-time flag: one compiled variant serves both.
+    ROPE: Q, KNew and VNew are the step's new tokens before rope and the cache write, which
+    this launch does (`_rope_and_store_new`)."""
     pdl_begin(PDL)
     pid_h, b, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)   # GRID_ORDER
-    splits, live = num_splits, True
-    if KEY_ROWS:
-        b, split, splits, live = _item_of(b, KeyRows, want_programs)
-        stride_pot = splits * stride_pos
-        stride_plt = splits
     kvh, hb = pid_h // N_HBLK, pid_h % N_HBLK
     tok = b.to(tl.int64)
     hg = hb * G_BLK + tl.arange(0, G_BLK)                                        # [M]
     row_ok = hg < group
     head = kvh * group + hg
     seq_len = tl.load(SeqLens + b)
-    lo, hi = split_range(split, seq_len, min_split_len, splits, BLOCK_N)
-    n_used = tl.maximum(tl.cdiv(seq_len, split_length(seq_len, min_split_len, splits,
+    lo, hi = split_range(split, seq_len, min_split_len, num_splits, BLOCK_N)
+    n_used = tl.maximum(tl.cdiv(seq_len, split_length(seq_len, min_split_len, num_splits,
                                                       BLOCK_N)), 1)     # splits with keys
-    if (split < n_used) & live:
+    if split < n_used:
         d = tl.arange(0, BLOCK_D)
         dv = tl.arange(0, BLOCK_DV)
         last = split == n_used - 1
@@ -253,12 +225,12 @@ def _gqa_decode_kernel(
             if new_in_regs:
                 acc, m_i, l_i = _attend_new_key(acc, m_i, l_i, q, k_new, v_new, scale_log2)
         if HAS_SINKS:  # split: the merge adds the sink once
-            if splits == 1:
+            if num_splits == 1:
                 l_i = add_sink(l_i, m_i, Sinks, head, row_ok)
         l_safe = tl.where(l_i > 0, l_i, 1.0)
         out = acc / l_safe[:, None] * v_scale                                    # [M, DV]
         omask = row_ok[:, None] & (dv[None, :] < DV)
-        if splits == 1:
+        if num_splits == 1:
             tl.store(Out + tok * stride_ot + head[:, None] * stride_oh + dv[None, :],
                      out.to(Out.dtype.element_ty), mask=omask)
         else:
@@ -355,15 +327,12 @@ def gqa_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                num_splits: int | None = None, tiles: AttentionTiles | None = None,
                sizing: SplitSizing = DEFAULT_SIZING, sinks: torch.Tensor | None = None,
                k_scale: float = 1.0, v_scale: float = 1.0,
-               new: NewTokens | None = None, key_rows: torch.Tensor | None = None
-               ) -> torch.Tensor:
+               new: NewTokens | None = None) -> torch.Tensor:
     """q: [B, Hq, D], k_cache: [S, Hk, D], v_cache: [S, Hk, Dv] (16-bit or e4m3, read as
     k * k_scale, v * v_scale) -> [B, Hq, Dv]: one new token a row, over the row's seq_lens
     cached keys (its own included). sinks [Hq]: GPT-OSS's. Splits from `sizing` unless given.
     new: q is not yet rotated and the new tokens' K/V not yet in the cache: this launch does
-    both (rope_store_kv's arithmetic). key_rows (int32 [1], on the device): only rows
-    [0, key_rows[0]) have keys, and the split count is sized for them on the device (module
-    doc); the other rows' outputs are not written."""
+    both (rope_store_kv's arithmetic)."""
     t, hq, d = q.shape
     hk, dv = k_cache.shape[1], v_cache.shape[-1]
     check(hq % hk == 0, f"query heads {hq} not a multiple of kv heads {hk}")
@@ -375,39 +344,29 @@ def gqa_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                      v_words=True)
     n_hblk = triton.cdiv(group, tiles.g_blk)
     programs = t * hk * n_hblk
+    if num_splits is None:
+        num_splits = sizing.decode_splits(programs, page_table.shape[1] * page_size,
+                                          tiles.block_n, q.device, False)
     out = torch.empty(t, hq, dv, dtype=q.dtype, device=q.device)
-    if key_rows is not None:   # one item a program: partials by item (_gqa_decode_kernel)
-        num_splits, last_merges = 1, True
-        part_o = torch.empty(t, hq, dv, dtype=torch.float32, device=q.device)
-        part_l = torch.empty(hq, t, dtype=torch.float32, device=q.device)
-        part_strides = (0, part_o.stride(1), part_o.stride(0), 0, part_l.stride(0))
-    else:
-        if num_splits is None:
-            num_splits = sizing.decode_splits(programs, page_table.shape[1] * page_size,
-                                              tiles.block_n, q.device, False)
-        part_o, part_l = split_buffers(out.shape, num_splits, out)
-        last_merges = num_splits > 1 and t >= LAST_MERGE_MIN_ROWS
-        part_strides = (part_o.stride(0), part_o.stride(1),
-                        part_o.stride(2) if num_splits > 1 else 0, part_l.stride(0),
-                        part_l.stride(1))
+    part_o, part_l = split_buffers(out.shape, num_splits, out)
+    last_merges = num_splits > 1 and t >= LAST_MERGE_MIN_ROWS
     tickets = TICKETS.get(q.device, programs if last_merges else 1)
     merge_g, chunk_s = merge_shape(group, tiles.g_blk, dv)
     new_ptrs, new_args = _new_token_args(new, q, k_scale, v_scale)
     _gqa_decode_kernel[(hk * n_hblk, t, num_splits)](
         q, k_cache, v_cache, out, part_o, part_l, tickets, q if sinks is None else sinks,
-        page_table, seq_lens, *new_ptrs, seq_lens if key_rows is None else key_rows,
-        scale * k_scale * math.log2(math.e), v_scale, group,
+        page_table, seq_lens, *new_ptrs, scale * k_scale * math.log2(math.e), v_scale, group,
         sizing.tiles_per_split(programs, False) * tiles.block_n, num_splits, int(last_merges),
-        sizing.gqa_splits_per_sm * num_sms(q.device),
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0),
         v_cache.stride(1), out.stride(0), out.stride(1), page_table.stride(0),
-        *part_strides, *new_args,
+        part_o.stride(0), part_o.stride(1), part_o.stride(2) if num_splits > 1 else 0,
+        part_l.stride(0), part_l.stride(1), *new_args,
         D=d, DV=dv, BLOCK_D=max(16, next_pow2(d)), BLOCK_DV=max(16, next_pow2(dv)),
         G_BLK=tiles.g_blk, BLOCK_N=tiles.block_n, N_HBLK=n_hblk, MERGE_G=merge_g,
         CHUNK_S=chunk_s, EVEN_D=pow2_dim(d) and pow2_dim(dv), HAS_SINKS=sinks is not None,
         PAGE_SIZE=page_size, ROPE=new is not None, IS_NEOX=new is not None and new.is_neox,
         FP8_STORE=k_cache.element_size() == 1, NEW_IN_REGS=t <= NEW_KEY_IN_REGISTERS_ROWS,
-        KEY_ROWS=key_rows is not None, num_warps=tiles.num_warps,
+        num_warps=tiles.num_warps,
         num_stages=tiles.num_stages, **pdl_launch(q.device))
     if num_splits > 1 and not last_merges:
         merge_splits(part_o, part_l, out, sinks)

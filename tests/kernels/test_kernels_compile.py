@@ -472,20 +472,19 @@ def _gqa_decode(d: int, group: int, sinks: bool, cache=BF, rows: int = 1) -> Non
     merge_g, chunk_s = GD.merge_shape(group, tiles.g_blk, d)
     args = dict(Q=BF, K=cache, V=cache, Out=BF, PartO=F32, PartL=F32, Tickets=I32, Sinks=BF,
                 PageTable=I32, SeqLens=I32, KNew=BF, VNew=BF, Pos=I32, CosSin=F32,
-                Slots=torch.int64, KeyRows=I32, scale_log2=0.1, v_scale=0.5, group=group,
-                min_split_len=64, want_programs=528, inv_k_scale=1.0, inv_v_scale=1.0, R=d)
+                Slots=torch.int64, scale_log2=0.1, v_scale=0.5, group=group, min_split_len=64,
+                inv_k_scale=1.0, inv_v_scale=1.0, R=d)
     # the rope and the new tokens' cache write in the launch (the new key from registers at
-    # few rows, else read back from the cache); the split count sized on the device for the
-    # rows with keys (an extend graph's decode rows)
-    for rope, key_rows in ((False, False), (True, False), (False, True)):
+    # few rows, else read back from the cache)
+    for rope in (False, True):
         regs = rope and rows <= GD.NEW_KEY_IN_REGISTERS_ROWS
         cex = dict(D=d, DV=d, BLOCK_D=d, BLOCK_DV=d, G_BLK=tiles.g_blk, BLOCK_N=tiles.block_n,
                    N_HBLK=1, MERGE_G=merge_g, CHUNK_S=chunk_s, EVEN_D=True, HAS_SINKS=sinks,
                    PAGE_SIZE=16, ROPE=rope, IS_NEOX=True, FP8_STORE=cache != BF,
-                   NEW_IN_REGS=regs, KEY_ROWS=key_rows)
+                   NEW_IN_REGS=regs)
         ptx = compile_sm90(GD._gqa_decode_kernel, args, cex, tiles.num_warps,
                            tiles.num_stages).asm["ptx"]
-        assert cache != BF or _registers(ptx) <= 128, (rope, key_rows, _registers(ptx))
+        assert cache != BF or _registers(ptx) <= 128, (rope, regs, _registers(ptx))
         _no_byte_loads_from_shared(ptx)
 
 

@@ -181,26 +181,6 @@ def test_gqa_decode_merges_in_the_last_split_and_leaves_its_tickets_at_zero(seq_
     assert seq_lens[0] or not out[0].any()
 
 
-@pytest.mark.parametrize("key_rows", [0, 1, 2, 3, 8])
-def test_gqa_decode_sizes_its_splits_for_the_rows_with_keys(key_rows):
-    """key_rows (an extend graph's leading decode rows, known on the device only): the grid's
-    items become (row, split) pairs of those rows, as many splits a row as fill the
-    interpreter's 4 SMs x 4 programs over 2 KV heads (8 at one row, then 4, 2, 1 at 8 rows;
-    none past the grid's 8 items), merged in the last split with sinks: their outputs are the
-    reference's, and every ticket is back at zero."""
-    from kernels.triton.gqa_decode import TICKETS
-    seq_lens = [70, 33, 90, 5, 61, 17, 44, 80][:key_rows] + [0] * (8 - key_rows)
-    table, kc, vc, sl = _paged(seq_lens, 4, 2, 16, 16)
-    sinks = rnd(8)
-    q = rnd(8, 8, 16)
-    got = A.decode_attention(q, kc, vc, table, sl, 4, 0.3, sinks=sinks,
-                             key_rows=torch.tensor([key_rows], dtype=torch.int32, device=DEV))
-    want = R.decode_attention(q, kc, vc, table, sl, 4, 0.3, sinks=sinks)
-    if key_rows:
-        assert rel_err(got[:key_rows], want[:key_rows]) < TOL
-    assert not TICKETS.current[q.device].any()
-
-
 @pytest.mark.parametrize("split_tiles", [1, 2, 5])
 def test_split_kv_short_rows_in_a_wide_table(split_tiles):
     """Rows far shorter than their page table (CUDA graphs pad it to the longest servable

@@ -197,20 +197,18 @@ def graph_step_attention(decode_attention, extend_attention, q: torch.Tensor, k:
                          batch: ForwardBatch, page_size: int, scale: float, **opts
                          ) -> torch.Tensor:
     """An extend graph's step (any mix of rows, laid out on the device), through the two ops:
-    the decode launch over the leading decode rows (`graph_decode_mask`; the others given no
-    keys, its split count sized on the device for the decode rows: `key_rows`), beside the
-    extend launch over every row, the decode rows given none; each decode row then takes the
-    decode launch's output. Over an FP8 cache the one extend launch cost 1.1-1.25x the decode
-    and extend launches in turn (the comment above PagedAttention; docs/KERNELS.md, "Mixed
-    steps")."""
+    the decode launch over every row, those that are not decodes (`graph_decode_mask`) given
+    no keys, beside the extend launch over every row, the decode rows given none; each decode
+    row then takes the decode launch's output. Over an FP8 cache the one extend launch cost
+    1.1-1.25x the decode and extend launches in turn (the comment above PagedAttention;
+    docs/KERNELS.md, "Mixed steps")."""
     rows = batch.num_rows
     # the step's row split, made (by the first layer) on this stream before the fork
-    decodes, decode_rows, decode_lens, extend_lens = (
-        batch.graph_decode_mask, batch.graph_decode_rows, batch.graph_decode_lens,
-        batch.graph_extend_lens)
+    decodes, decode_lens, extend_lens = (batch.graph_decode_mask, batch.graph_decode_lens,
+                                         batch.graph_extend_lens)
     dec, ext = side_by_side(
         lambda: decode_attention(q[:rows], k_cache, v_cache, batch.page_table, decode_lens,
-                                 page_size, scale, key_rows=decode_rows, **opts),
+                                 page_size, scale, **opts),
         lambda: extend_attention(q, k_cache, v_cache, batch.page_table, batch.query_start,
                                  extend_lens, page_size, scale, k_new=k, v_new=v, **opts),
         q.device)
