@@ -177,9 +177,9 @@ def _gqa_decode_kernel(
         PDL: tl.constexpr):
     """Program (KV head x head block, row b, split; GRID_ORDER): the paged kernel's decode
     path over the split's keys; then the output (one split), or the partial and, when
-    last_merges, the ticket (module doc). last_merges is a run-time flag: one compiled variant serves both.
-    ROPE: Q, KNew and VNew are the step's new tokens before rope and the cache write, which
-    this launch does (`_rope_and_store_new`)."""
+    last_merges, the ticket (module doc). last_merges is a run-time flag: one compiled
+    variant serves both. ROPE: Q, KNew and VNew are the step's new tokens before rope and
+    the cache write, which this launch does (`_rope_and_store_new`)."""
     pdl_begin(PDL)
     pid_h, b, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)   # GRID_ORDER
     kvh, hb = pid_h // N_HBLK, pid_h % N_HBLK
