@@ -101,7 +101,9 @@ def kv_bar(pages: KvPages, width: int) -> Text:
 
 
 def speculative_acceptance(stats: Mapping[str, Any]) -> str | None:
-    """Accepted / drafted tokens when the daemon speculates; None (nothing shown) otherwise."""
+    """Accepted / drafted tokens when the daemon speculates, and the decode steps left while
+    it has paused drafting (verify steps were losing to plain ones); None (nothing shown)
+    otherwise."""
     spec = stats.get("speculative")
     if not isinstance(spec, Mapping):
         return None
@@ -109,8 +111,9 @@ def speculative_acceptance(stats: Mapping[str, Any]) -> str | None:
     if not drafted or accepted is None:
         return None
     line = f"{pct(accepted, drafted)} of drafts"
-    mean = spec.get("mean_accepted_length")
-    return line + (f", {float(mean):.2f} tokens a step" if mean is not None else "")
+    mean, paused = spec.get("mean_accepted_length"), spec.get("paused_steps")
+    line += f", {float(mean):.2f} tokens a step" if mean is not None else ""
+    return line + (f", drafting paused for {int(paused)} steps" if paused else "")
 
 
 # --- throughput --------------------------------------------------------------------------------

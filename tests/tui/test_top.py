@@ -223,6 +223,9 @@ def test_view_helpers():
     assert len(bar.plain) == 10 and bar.plain.count("░") >= 5
     assert view.kv_bar(view.KvPages.of({}), width=10).plain == "░" * 10
     assert view.speculative_acceptance({"speculative": {"draft_tokens": 0, "accepted_tokens": 0}}) is None
+    assert view.speculative_acceptance({"speculative": {
+        "draft_tokens": 200, "accepted_tokens": 50, "mean_accepted_length": 1.25,
+        "paused_steps": 64}}) == "25.0% of drafts, 1.25 tokens a step, drafting paused for 64 steps"
     assert view.duration(3665) == "1h01m05s" and view.ratio(None) == "-"
 
 
