@@ -171,16 +171,19 @@ def gqa_sweep(shapes: list[str], splits: list[int]) -> list[str]:
                 try:
                     ok = rel_err(run(), ref) < TOL
                     us = graph_ms(run) * 1e3
-                    best = us if best is None or (ok and us < best) else best
+                    if ok and (best is None or us < best):
+                        best = us
                     cells.append(f"{name} {us:.1f}{'' if ok else ' FAIL'}")
                     if not ok:
                         failures.append(f"gqa {shape} {kv} {name}")
                 except Exception as e:  # noqa: BLE001 - a shape the GPU cannot run
                     cells.append(f"{name} {type(e).__name__}")
-            gbs = 2 * batch * context * HK * D * kc.element_size() / best / 1e3
             name = "fp8" if kv == F8 else "bf16"
+            best_line = "no variant correct" if best is None else (
+                f"best {best:.1f} us, "
+                f"{2 * batch * context * HK * D * kc.element_size() / best / 1e3:.0f} GB/s")
             print(f"  {shape} {name} (default {default.block_n}/{default.num_warps}/"
-                  f"{default.num_stages}; best {best:.1f} us, {gbs:.0f} GB/s): " + "; ".join(cells))
+                  f"{default.num_stages}; {best_line}): " + "; ".join(cells))
             del table, kc, vc
     return failures
 
