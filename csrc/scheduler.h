@@ -122,7 +122,8 @@ class Scheduler {
   static const RequestData& data_of(const Entry& e);
 
   // How long the step being planned may take, and whether its first prefill
-  // gets at least min_prefill_chunk (scheduler.cpp: the TPS floor).
+  // gets at least min_prefill_chunk (scheduler.cpp: the TPS floor). Decided
+  // at the step's first prefill chunk, which it depends on (chunk_tokens).
   struct StepTarget {
     double time_s;
     bool progress;
@@ -132,9 +133,9 @@ class Scheduler {
   void plan_decodes(std::vector<Row>& rows, int32_t& budget);
   int32_t verify_drafts(Decoding& dec, int32_t budget);
   void plan_prefills(std::vector<Row>& rows, int32_t& budget, StepFeatures& f,
-                     const StepTarget& target);
+                     StepTarget& target);
   void plan_admissions(std::vector<Row>& rows, int32_t& budget, StepFeatures& f,
-                       double running_kv, const StepTarget& target);
+                       double running_kv, StepTarget& target);
   void add_prefill_row(std::vector<Row>& rows, Entry* e, int32_t n, StepFeatures& f);
   void mark_sample(RequestData& d, size_t row);
   Chunk grow_chunk(int32_t have, int32_t cursor, int32_t n, uint64_t seq, Reclaim reclaim);
@@ -144,10 +145,9 @@ class Scheduler {
   static const PageLease& lease_of(const Entry& e);
   void pin_session(const RequestData& d);
   int64_t pinned_only_pages() const;
-  StepTarget step_target(const StepFeatures& decodes) const;
+  StepTarget step_target(const StepFeatures& decodes, int32_t prefix) const;
   int32_t chunk_tokens(int32_t remaining, int32_t prefix, int32_t budget,
-                       const StepFeatures& f, bool first_prefill,
-                       const StepTarget& target) const;
+                       const StepFeatures& f, bool first_prefill, StepTarget& target) const;
   bool admission_keeps_floor(const RequestData& d, double running_kv) const;
   bool decodable(const RequestData& d) const;
   PlanData materialize(const std::vector<Row>& rows, int32_t num_decode,
