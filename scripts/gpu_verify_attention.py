@@ -259,15 +259,18 @@ def graph_us(fn, layers: int, replays: int = 20) -> float:
 Variant = tuple[str, "AttentionTiles | None", "int | None"]
 
 
-def case(b: int, k: int, context: int, variants: list[Variant], layers: int) -> list[str]:
-    """B rows of 1 + k tokens over `context` keys: each variant's launch, `layers` caches."""
+def case(b: int, k: int, context: int, variants: list[Variant], layers: int,
+         kv_dtype: str = "bf16") -> list[str]:
+    """B rows of 1 + k tokens over `context` keys: each variant's launch, `layers` caches of
+    `kv_dtype` elements."""
     dev = torch.device("cuda")
     batch = verify_batch(b, k, context, dev)
     tokens = bucket(batch.num_tokens)
     padded = pad_extend_batch(batch, tokens, GRAPH_ROWS, min(tokens, GRAPH_ROWS * 9))
     slots = int(batch.page_table.max()) * PAGE + PAGE
-    caches = [(torch.randn(slots, HK, D, device=dev, dtype=torch.bfloat16),
-               torch.randn(slots, HK, D, device=dev, dtype=torch.bfloat16)) for _ in range(layers)]
+    cache_dtype = torch.float8_e4m3fn if kv_dtype == "fp8" else torch.bfloat16
+    caches = [tuple(torch.randn(slots, HK, D, device=dev, dtype=torch.bfloat16).to(cache_dtype)
+                    for _ in range(2)) for _ in range(layers)]
     q = torch.randn(tokens, HQ, D, device=dev, dtype=torch.bfloat16)
     qd = torch.randn(b, HQ, D, device=dev, dtype=torch.bfloat16)
     lens = batch.seq_lens - k
@@ -285,7 +288,7 @@ def case(b: int, k: int, context: int, variants: list[Variant], layers: int) -> 
     decode_us = graph_us(decode, layers)
     real = batch.num_tokens
     want = extend(0, *variants[0][1:])[:real].float()
-    head = f"B={b} k={k} C={context} ({tokens}-token bucket)"
+    head = f"B={b} k={k} C={context} {kv_dtype} ({tokens}-token bucket)"
     lines = [row(head, "decode launch of the B rows", decode_us, decode_us)]
     for label, tiles, splits in variants:
         err = (extend(0, tiles, splits)[:real].float() - want).abs().max().item()
@@ -364,10 +367,10 @@ def variants() -> list[Variant]:
     out.append(("256 rows w8 s3 (before), splits 2", old, 2))
     out.append(("256 rows w8 s3 (before), splits 1", old, 1))
     for rows, warps, stages in ((16, 4, 2), (32, 4, 2), (64, 4, 2), (64, 4, 3), (64, 8, 3),
-                                (128, 8, 3)):
+                                (128, 8, 3), (256, 8, 3)):
         tiles = AttentionTiles(g_blk=group, block_t=rows // group, block_n=64,
                                num_warps=warps, num_stages=stages)
-        for splits in (1, 2, 4, 8, 16):
+        for splits in (1, 2, 4, 8, 16, 32):
             out.append((f"{rows} rows w{warps} s{stages} splits {splits}", tiles, splits))
     return out
 
@@ -386,7 +389,7 @@ def main() -> int:
     parser.add_argument("--mixed", nargs="+", metavar="B:P[:C]", default=None,
                         help="mixed steps: B decode rows + a chunk of P tokens (module doc)")
     parser.add_argument("--kv-dtype", nargs="+", choices=["bf16", "fp8"], default=["bf16"],
-                        help="--mixed: the caches' element types")
+                        help="the caches' element types (--cases and --mixed)")
     parser.add_argument("--sweep", action="store_true",
                         help="--mixed: also other tiles, V as words, per-token decode, "
                         "two streams")
@@ -422,10 +425,11 @@ def main() -> int:
     for spec in args.cases:
         b, k, *rest = (int(v) for v in spec.split(":"))
         chosen = variants()[:3] if args.default_only else variants()
-        lines = case(b, k, rest[0] if rest else args.context, chosen, args.layers)
-        timed = [line for line in lines[4:] if "WRONG" not in line]
-        timed.sort(key=lambda line: float(line.split("|")[3]))
-        table += lines[:4] + timed[:args.top] + [line for line in lines if "WRONG" in line]
+        for kv_dtype in args.kv_dtype:
+            lines = case(b, k, rest[0] if rest else args.context, chosen, args.layers, kv_dtype)
+            timed = [line for line in lines[4:] if "WRONG" not in line]
+            timed.sort(key=lambda line: float(line.split("|")[3]))
+            table += lines[:4] + timed[:args.top] + [line for line in lines if "WRONG" in line]
     print("\n" + "\n".join(table))
     return 0
 

@@ -130,21 +130,34 @@ def _paged_attn_kernel(
 class AttentionTiles:
     """Launch shape of the paged attention kernel: a program owns block_t query tokens x g_blk
     heads of one KV head (BLOCK_M = block_t * g_blk MMA rows) and steps over block_n keys at a
-    time."""
+    time. split_tiles / split_wave: how a launch on these tiles splits its keys (fewest key
+    tiles a split, programs an SM to fill; None: SplitSizing's)."""
     g_blk: int
     block_t: int
     block_n: int
     num_warps: int
     num_stages: int
+    split_tiles: int | None = None
+    split_wave: float | None = None
 
 
 # Extend launches of few query tokens take small tiles: their rows are short (a verify step's
 # 1 + k tokens, decode rows padded into an extend graph, a short chunk), and the prefill tile
 # (256 rows) would hold a few of them and run mostly empty MMAs. (at most this many tokens,
-# tile rows), from scripts/gpu_verify_attention.py on an H200 (Llama-3.1-8B heads, 2K-token
-# rows; docs/KERNELS.md): B=1 x 2 tokens 69.6 -> 19.2 us, B=16 x 5 tokens 235 -> 83,
-# B=64 x 5 (384-token launch) 699 -> 194, one 256-token chunk over 16K keys 737 -> 581.
-SHORT_EXTEND_TILES: tuple[tuple[int, int], ...] = ((128, 16), (512, 64))
+# tile rows, fewest key tiles a split), from scripts/gpu_verify_attention.py on an H200
+# (Llama-3.1-8B heads, 2K-token rows; docs/KERNELS.md): B=1 x 2 tokens 69.6 -> 19.2 us, B=16 x 5
+# tokens 235 -> 83, B=64 x 5 (384-token launch) 699 -> 194, one 256-token chunk over 16K keys
+# 737 -> 581. A short chunk over a long prefix (an agent's turn beside decodes, in an extend
+# graph) is one row of many tokens: the 64-row tile reads each key once for 16 tokens where
+# the 16-row one did for 4, and its keys split to fill SHORT_EXTEND_WAVE programs an SM, each
+# split at least 32 tiles (2K keys) so that a verify step's 2K-key rows stay whole. H100, FP8
+# cache, us a launch, 16-row tiles -> these (call 3-4 of docs/KERNELS.md's "Short chunks over
+# long prefixes"): a 64-token chunk over 16K keys 549.1 -> 155.8, 128 over 16K 549.5 -> 268.2,
+# 256 over 16K 526.8 -> 417.1, 64 over 4K 140.2 -> 82.9; verify rows of 5 tokens, 16 over 16K
+# keys 607.7 -> 372.0, 16 over 2K 82.3 -> 80.2; 4 rows (a 32-token bucket: 16-row tiles, their
+# splits to fill the wave) 46.4 -> 33.7 over 2K, 293.9 -> 159.4 over 16K.
+SHORT_EXTEND_TILES: tuple[tuple[int, int, int], ...] = ((32, 16, 1), (512, 64, 32))
+SHORT_EXTEND_WAVE = 2.0
 # GQA decode over an FP8 cache with this many rows or more takes 128-key tiles, 3 stages
 # (scripts/fp8kv_attention.py --sweep, H200, Llama-3.1-8B heads, 2K keys: B=256 441.9 us at
 # 64 keys / 2 stages -> 397.0, bf16 499.7; B=64 152 -> 110, bf16 134.5). At B=1 they were
@@ -185,13 +198,17 @@ def attention_tiles(decode: bool, mla: bool, group: int, tokens: int | None = No
                               block_n=128 if wide else (32 if narrow else block_n),
                               num_warps=4, num_stages=3 if wide and not v_words else 2)
     g_blk = min(next_pow2(group), 16 if small else 64)
-    short = None if mla or tokens is None else next(
-        (rows for most, rows in SHORT_EXTEND_TILES if tokens <= most), None)
-    rows = 16 if small else (64 if mla else (short or (256 if g_blk >= 2 else 128)))
+    short_rows, split_tiles = (None, None) if mla or tokens is None else next(
+        ((rows, tiles) for most, rows, tiles in SHORT_EXTEND_TILES if tokens <= most),
+        (None, None))
+    rows = 16 if small else (64 if mla else (short_rows or (256 if g_blk >= 2 else 128)))
     g_blk = min(g_blk, rows)
+    short = short_rows is not None
     return AttentionTiles(g_blk=g_blk, block_t=rows // g_blk, block_n=block_n,
                           num_warps=4 if small or short else 8,
-                          num_stages=2 if mla or short else 3)
+                          num_stages=2 if mla or short else 3,
+                          split_tiles=split_tiles if short else None,
+                          split_wave=SHORT_EXTEND_WAVE if short else None)
 
 
 def paged_attention(q1: torch.Tensor, q2: torch.Tensor | None, k1: torch.Tensor,
@@ -240,9 +257,10 @@ def paged_attention(q1: torch.Tensor, q2: torch.Tensor | None, k1: torch.Tensor,
     if num_splits is None and decode:
         num_splits = sizing.decode_splits(programs, max_len, tiles.block_n, q1.device, shared_v)
     elif num_splits is None:
-        num_splits = sizing.extend_splits(busy, max_len, tiles.block_n, q1.device)
+        num_splits = sizing.extend_splits(busy, max_len, tiles.block_n, q1.device,
+                                          tiles.split_wave, tiles.split_tiles)
     if split_tiles is None:
-        split_tiles = sizing.tiles_per_split(programs, shared_v)
+        split_tiles = tiles.split_tiles or sizing.tiles_per_split(programs, shared_v)
     check(split_tiles >= 1, "split_tiles must be >= 1")
     out = torch.empty(t, hq, dv, dtype=q1.dtype, device=q1.device)          # [T, Hq, DV]
     part_o, part_l = split_buffers(out.shape, num_splits, out)

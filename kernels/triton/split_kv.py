@@ -79,11 +79,13 @@ class SplitSizing:
         return int(max(1, min(want, self.most_splits(max_len, block_n, tiles),
                               MAX_DECODE_SPLITS)))
 
-    def extend_splits(self, programs: int, max_len: int, block_n: int,
-                      device: torch.device) -> int:
-        """Splits per extend program; 1 from extend_wave / 2 programs per SM up."""
-        return int(max(1, min(int(self.extend_wave * num_sms(device)) // programs,
-                              self.most_splits(max_len, block_n), self.max_extend_splits)))
+    def extend_splits(self, programs: int, max_len: int, block_n: int, device: torch.device,
+                      wave: float | None = None, tiles: int | None = None) -> int:
+        """Splits per extend program; 1 from wave / 2 programs per SM up (wave: extend_wave
+        unless given; tiles: the fewest a split covers, min_split_tiles unless given)."""
+        wave = self.extend_wave if wave is None else wave
+        return int(max(1, min(int(wave * num_sms(device)) // programs,
+                              self.most_splits(max_len, block_n, tiles), self.max_extend_splits)))
 
     def most_splits(self, max_len: int, block_n: int, tiles: int | None = None) -> int:
         """Splits of at least `tiles` (min_split_tiles) tiles that a page table max_len keys

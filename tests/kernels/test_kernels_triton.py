@@ -249,6 +249,9 @@ def test_extend_split_rule():
     assert sizing.extend_splits(1, 3 * sizing.min_split_tiles * 64, 64, cpu) == 3
     assert sizing.extend_splits(1, 64, 64, cpu) == 1
     assert SplitSizing(extend_wave=0).extend_splits(1, 1 << 20, 64, cpu) == 1
+    # a short extend tile's own wave and fewest tiles a split (attention.SHORT_EXTEND_TILES)
+    assert sizing.extend_splits(1, 1 << 20, 64, cpu, wave=2.0) == 8
+    assert sizing.extend_splits(1, 3 * 32 * 64, 64, cpu, wave=2.0, tiles=32) == 3
 
 
 @pytest.mark.parametrize("seq_lens,hq,hk,splits,rotary_dim,is_neox,sinks",
@@ -376,9 +379,10 @@ def test_short_extend_launches_take_small_tiles(monkeypatch):
     verify-shaped launch on 16-row tiles against the reference."""
     from kernels.triton import attention as AT
     monkeypatch.setattr(AT, "interpreting", lambda: False)
-    for most, rows in AT.SHORT_EXTEND_TILES:
+    for most, rows, split_tiles in AT.SHORT_EXTEND_TILES:
         tiles = AT.attention_tiles(False, False, 4, most)
         assert tiles.block_t * tiles.g_blk == rows and tiles.num_warps == 4
+        assert tiles.split_tiles == split_tiles and tiles.split_wave == AT.SHORT_EXTEND_WAVE
     longest = AT.SHORT_EXTEND_TILES[-1][0]
     long_ = AT.attention_tiles(False, False, 4, longest + 1)
     assert long_.block_t * long_.g_blk == 256 and long_ == AT.attention_tiles(False, False, 4)
@@ -389,9 +393,16 @@ def test_short_extend_launches_take_small_tiles(monkeypatch):
     table, kc, vc, sl = _paged(seq_lens, page_size, 2, 16, 32)
     qs = torch.tensor([0, 5, 10, 11], dtype=torch.int32, device=DEV)
     q = rnd(11, 8, 16)
+    want = R.extend_attention(q, kc, vc, table, qs, sl, page_size, 0.3)
     tiles = AT.AttentionTiles(g_blk=4, block_t=4, block_n=16, num_warps=4, num_stages=2)
     out = AT.paged_attention(q, None, kc, None, vc, table, qs, sl, page_size, 0.3, tiles=tiles)
-    assert rel_err(out, R.extend_attention(q, kc, vc, table, qs, sl, page_size, 0.3)) < TOL
+    assert rel_err(out, want) < TOL
+    # the tile's own split sizing: a wave of 8 programs an SM, splits of at least 2 tiles (the
+    # 72-key page table holds 2 such splits, so the 70-key row is cut in two)
+    split = AT.AttentionTiles(g_blk=4, block_t=4, block_n=16, num_warps=4, num_stages=2,
+                              split_tiles=2, split_wave=8.0)
+    out = AT.paged_attention(q, None, kc, None, vc, table, qs, sl, page_size, 0.3, tiles=split)
+    assert rel_err(out, want) < TOL
 
 
 @pytest.mark.parametrize("n,k,bias", [(40, 64, False), (37, 100, True), (16, 2048, False)])
