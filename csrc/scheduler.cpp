@@ -101,6 +101,9 @@ void Scheduler::settle_floor_credit(double charged_s, double measured_s) {
 // contexts went beside every decode step, predicted at 15.1 ms and measured
 // at 15.7 against a 13.6 ms target (8B, FP8 cache, H100): that turn's user
 // below the floor for the whole prefill, at 4K prefill tokens a second.
+// A smooth step's target is also less what earlier steps overran it by (the
+// credit, settled on measured times, when negative): a model that prices
+// chunks short would otherwise overrun every smooth step unnoticed.
 Scheduler::StepTarget Scheduler::step_target(const StepFeatures& decodes, int32_t prefix) const {
   constexpr double kNone = std::numeric_limits<double>::infinity();
   double limit = floor_step_time();
@@ -110,7 +113,8 @@ Scheduler::StepTarget Scheduler::step_target(const StepFeatures& decodes, int32_
   double alone = cost_.predict(decodes);
   double with_chunk = alone + cost_.eager_jump(decodes) + (c[2] + c[3]) * m + c[3] * prefix +
                       c[CostModel::kPairs] * CostModel::pairs(prefix, m);
-  if (with_chunk <= limit) return {limit, true};
+  double smooth = limit + std::min(floor_credit_s_, 0.0);
+  if (with_chunk <= smooth) return {smooth, true};
   // Decodes alone that miss the target lose the floor anyway, so the prefill
   // goes on beside them; but only once plain steps were measured. A fresh
   // process has seen only its first prompts' prefill, whose fit put a plain
@@ -121,7 +125,7 @@ Scheduler::StepTarget Scheduler::step_target(const StepFeatures& decodes, int32_
   constexpr double kPlainStepsTrusted = 8;
   if (alone >= limit && cost_.plain_weight() >= kPlainStepsTrusted) return {limit, true};
   if (floor_credit_s_ >= max_floor_credit()) return {limit + floor_credit_s_, true};
-  return {limit, false};
+  return {smooth, false};
 }
 
 // ---------------------------------------------------------------- submit
