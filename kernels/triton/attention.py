@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import triton
@@ -89,14 +90,20 @@ def _paged_attn_kernel(
         q1 = q1.to(tl.float16)
         q2 = q2.to(tl.float16)
     first_pos = seq_len - qlen + t0                      # keys <= first_pos are seen by all rows
+    # A one-token row of an extend launch (a decode row in a 16-bit cache's extend graph) keeps
+    # its keys whole, in its first split: such rows come many to a launch whose split count is
+    # sized for its chunk, and split they overfill the SMs (docs/KERNELS.md, "Short chunks").
+    splits = num_splits
+    if not DECODE:
+        splits = tl.where(qlen == 1, 1, num_splits)
     if WINDOW > 0:  # keys from the first row's window on, every tile masked
         kv_start = tl.maximum(first_pos - WINDOW + 1, 0)
-        lo, hi = split_range(split, tl.maximum(kv_end - kv_start, 0), min_split_len,
-                             num_splits, BLOCK_N)
+        lo, hi = split_range(split, tl.maximum(kv_end - kv_start, 0), min_split_len, splits,
+                             BLOCK_N)
         lo, hi = lo + kv_start, hi + kv_start
         full_end = lo
     else:
-        lo, hi = split_range(split, kv_end, min_split_len, num_splits, BLOCK_N)
+        lo, hi = split_range(split, kv_end, min_split_len, splits, BLOCK_N)
         full_end = lo + tl.maximum(tl.minimum(hi, first_pos + 1) - lo, 0) // BLOCK_N * BLOCK_N
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
@@ -141,23 +148,36 @@ class AttentionTiles:
     split_wave: float | None = None
 
 
+class ShortTile(NamedTuple):
+    """The tiles of GQA extend launches of at most `most` tokens: `rows` MMA rows, and (when
+    given) their keys split to fill `wave` programs an SM, each split at least `split_tiles`
+    key tiles (None: SplitSizing's rule)."""
+    most: int
+    rows: int
+    split_tiles: int | None = None
+    wave: float | None = None
+
+
 # Extend launches of few query tokens take small tiles: their rows are short (a verify step's
 # 1 + k tokens, decode rows padded into an extend graph, a short chunk), and the prefill tile
-# (256 rows) would hold a few of them and run mostly empty MMAs. (at most this many tokens,
-# tile rows, fewest key tiles a split), from scripts/gpu_verify_attention.py on an H200
-# (Llama-3.1-8B heads, 2K-token rows; docs/KERNELS.md): B=1 x 2 tokens 69.6 -> 19.2 us, B=16 x 5
-# tokens 235 -> 83, B=64 x 5 (384-token launch) 699 -> 194, one 256-token chunk over 16K keys
-# 737 -> 581. A short chunk over a long prefix (an agent's turn beside decodes, in an extend
-# graph) is one row of many tokens: the 64-row tile reads each key once for 16 tokens where
-# the 16-row one did for 4, and its keys split to fill SHORT_EXTEND_WAVE programs an SM, each
-# split at least 32 tiles (2K keys) so that a verify step's 2K-key rows stay whole. H100, FP8
-# cache, us a launch, 16-row tiles -> these (call 3-4 of docs/KERNELS.md's "Short chunks over
-# long prefixes"): a 64-token chunk over 16K keys 549.1 -> 155.8, 128 over 16K 549.5 -> 268.2,
-# 256 over 16K 526.8 -> 417.1, 64 over 4K 140.2 -> 82.9; verify rows of 5 tokens, 16 over 16K
-# keys 607.7 -> 372.0, 16 over 2K 82.3 -> 80.2; 4 rows (a 32-token bucket: 16-row tiles, their
-# splits to fill the wave) 46.4 -> 33.7 over 2K, 293.9 -> 159.4 over 16K.
-SHORT_EXTEND_TILES: tuple[tuple[int, int, int], ...] = ((32, 16, 1), (512, 64, 32))
-SHORT_EXTEND_WAVE = 2.0
+# (256 rows) would hold a few of them and run mostly empty MMAs. From
+# scripts/gpu_verify_attention.py on an H200 (Llama-3.1-8B heads, 2K-token rows;
+# docs/KERNELS.md): B=1 x 2 tokens 69.6 -> 19.2 us, B=16 x 5 tokens 235 -> 83, B=64 x 5
+# (384-token launch) 699 -> 194, one 256-token chunk over 16K keys 737 -> 581.
+# A short chunk over a long prefix (an agent's turn beside decodes, in an extend graph) is one
+# row of many tokens: from 33 to 128 tokens the 64-row tile reads each key once for 16 tokens
+# where the 16-row one did for 4, and the keys split to fill 2 programs an SM, each split at
+# least 32 tiles (2K keys) so that a verify step's 2K-key rows stay whole; up to 32 tokens the
+# 16-row tile's keys split to fill 2 an SM. H100, us a launch, FP8 / bf16 caches, before ->
+# after (docs/KERNELS.md, "Short chunks over long prefixes"): a 64-token chunk over 16K keys
+# 550.5 -> 160.2 / 487.1 -> 165.4, 128 over 16K 545.8 -> 264.6, 64 over 4K 138.7 -> 82.4;
+# verify rows of 5 tokens: 16 over 16K keys 609.8 -> 401.8, 16 over 2K 83.2 -> 81.5, 4 over
+# 2K 46.2 -> 33.6. From 129 tokens the split rule is the extend one (1.25 programs an SM):
+# with 2 an SM, one 256-token chunk over 16K gained (526.6 -> 417.2) but 16 decode rows and a
+# 240-token chunk over 8K in one launch lost (312.7 -> 391.1), and a 16-bit cache's extend
+# graphs run every mixed step that way.
+SHORT_EXTEND_TILES: tuple[ShortTile, ...] = (ShortTile(32, 16, 1, 2.0), ShortTile(128, 64, 32, 2.0),
+                                            ShortTile(512, 64))
 # GQA decode over an FP8 cache with this many rows or more takes 128-key tiles, 3 stages
 # (scripts/fp8kv_attention.py --sweep, H200, Llama-3.1-8B heads, 2K keys: B=256 441.9 us at
 # 64 keys / 2 stages -> 397.0, bf16 499.7; B=64 152 -> 110, bf16 134.5). At B=1 they were
@@ -198,17 +218,15 @@ def attention_tiles(decode: bool, mla: bool, group: int, tokens: int | None = No
                               block_n=128 if wide else (32 if narrow else block_n),
                               num_warps=4, num_stages=3 if wide and not v_words else 2)
     g_blk = min(next_pow2(group), 16 if small else 64)
-    short_rows, split_tiles = (None, None) if mla or tokens is None else next(
-        ((rows, tiles) for most, rows, tiles in SHORT_EXTEND_TILES if tokens <= most),
-        (None, None))
-    rows = 16 if small else (64 if mla else (short_rows or (256 if g_blk >= 2 else 128)))
+    short = None if mla or tokens is None else next(
+        (tile for tile in SHORT_EXTEND_TILES if tokens <= tile.most), None)
+    rows = 16 if small else (64 if mla else (short.rows if short else (256 if g_blk >= 2 else 128)))
     g_blk = min(g_blk, rows)
-    short = short_rows is not None
     return AttentionTiles(g_blk=g_blk, block_t=rows // g_blk, block_n=block_n,
                           num_warps=4 if small or short else 8,
                           num_stages=2 if mla or short else 3,
-                          split_tiles=split_tiles if short else None,
-                          split_wave=SHORT_EXTEND_WAVE if short else None)
+                          split_tiles=short.split_tiles if short else None,
+                          split_wave=short.wave if short else None)
 
 
 def paged_attention(q1: torch.Tensor, q2: torch.Tensor | None, k1: torch.Tensor,

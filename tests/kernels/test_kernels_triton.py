@@ -379,11 +379,11 @@ def test_short_extend_launches_take_small_tiles(monkeypatch):
     verify-shaped launch on 16-row tiles against the reference."""
     from kernels.triton import attention as AT
     monkeypatch.setattr(AT, "interpreting", lambda: False)
-    for most, rows, split_tiles in AT.SHORT_EXTEND_TILES:
-        tiles = AT.attention_tiles(False, False, 4, most)
-        assert tiles.block_t * tiles.g_blk == rows and tiles.num_warps == 4
-        assert tiles.split_tiles == split_tiles and tiles.split_wave == AT.SHORT_EXTEND_WAVE
-    longest = AT.SHORT_EXTEND_TILES[-1][0]
+    for short in AT.SHORT_EXTEND_TILES:
+        tiles = AT.attention_tiles(False, False, 4, short.most)
+        assert tiles.block_t * tiles.g_blk == short.rows and tiles.num_warps == 4
+        assert (tiles.split_tiles, tiles.split_wave) == (short.split_tiles, short.wave)
+    longest = AT.SHORT_EXTEND_TILES[-1].most
     long_ = AT.attention_tiles(False, False, 4, longest + 1)
     assert long_.block_t * long_.g_blk == 256 and long_ == AT.attention_tiles(False, False, 4)
     assert AT.attention_tiles(False, True, 16, 8) == AT.attention_tiles(False, True, 16)
