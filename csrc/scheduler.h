@@ -127,6 +127,7 @@ class Scheduler {
   struct StepTarget {
     double time_s;
     bool progress;
+    bool hold = false;  // no chunk this step: decode-only steps save for one (the credit)
   };
 
   // plan() phases
@@ -146,6 +147,9 @@ class Scheduler {
   void pin_session(const RequestData& d);
   int64_t pinned_only_pages() const;
   StepTarget step_target(const StepFeatures& decodes, int32_t prefix) const;
+  bool smooth_keeps_pace(const StepFeatures& decodes, int32_t prefix, double alone,
+                         double smooth) const;
+  double chunk_fit(double avail, int32_t prefix) const;
   int32_t chunk_tokens(int32_t remaining, int32_t prefix, int32_t budget,
                        const StepFeatures& f, bool first_prefill, StepTarget& target) const;
   bool admission_keeps_floor(const RequestData& d, double running_kv) const;
