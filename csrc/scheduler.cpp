@@ -91,7 +91,8 @@ void Scheduler::settle_floor_credit(double charged_s, double measured_s) {
   floor_credit_s_ = std::clamp(floor_credit_s_ - charged_s + limit - measured_s, -most, most);
 }
 
-// Given the step's decode rows and the prefix under its first prefill chunk:
+// Given the step's decode rows, and the prefix under its first prefill chunk
+// and the tokens that chunk may take (what is left of its prompt, the budget):
 // smooth chunks that fit the target in every step where the cost model says a
 // worthwhile one (min_prefill_chunk) does over that prefix; else decode-only
 // steps until the credit is full, then one step that spends it; and if the
@@ -104,7 +105,8 @@ void Scheduler::settle_floor_credit(double charged_s, double measured_s) {
 // A smooth step's target is also less what earlier steps overran it by (the
 // credit, settled on measured times, when negative): a model that prices
 // chunks short would otherwise overrun every smooth step unnoticed.
-Scheduler::StepTarget Scheduler::step_target(const StepFeatures& decodes, int32_t prefix) const {
+Scheduler::StepTarget Scheduler::step_target(const StepFeatures& decodes, int32_t prefix,
+                                              int32_t tokens) const {
   constexpr double kNone = std::numeric_limits<double>::infinity();
   double limit = floor_step_time();
   if (!std::isfinite(limit) || decodes.decode_tokens == 0) return {kNone, true};
@@ -115,7 +117,7 @@ Scheduler::StepTarget Scheduler::step_target(const StepFeatures& decodes, int32_
                       c[CostModel::kPairs] * CostModel::pairs(prefix, m);
   double smooth = limit + std::min(floor_credit_s_, 0.0);
   const bool fits = with_chunk <= smooth;
-  if (fits && smooth_keeps_pace(decodes, prefix, alone, smooth)) return {smooth, true};
+  if (fits && smooth_keeps_pace(decodes, prefix, tokens, alone, smooth)) return {smooth, true};
   // Decodes alone that miss the target lose the floor anyway, so the prefill
   // goes on beside them; but only once plain steps were measured. A fresh
   // process has seen only its first prompts' prefill, whose fit put a plain
@@ -140,8 +142,8 @@ Scheduler::StepTarget Scheduler::step_target(const StepFeatures& decodes, int32_
 // with this rule; a GPU profile saw the same shape (64-token chunks beside
 // every decode step, 5.8 s TTFT p50 against 2.2 with the credit's ~1,100-token
 // chunks), though there the chunks did not even fit (step_target's prefix).
-bool Scheduler::smooth_keeps_pace(const StepFeatures& decodes, int32_t prefix, double alone,
-                                  double smooth) const {
+bool Scheduler::smooth_keeps_pace(const StepFeatures& decodes, int32_t prefix, int32_t tokens,
+                                  double alone, double smooth) const {
   constexpr double kSmoothPace = 0.75;
   const double limit = floor_step_time();
   const double slack = limit - alone;
@@ -149,9 +151,12 @@ bool Scheduler::smooth_keeps_pace(const StepFeatures& decodes, int32_t prefix, d
   const auto& c = cost_.coeffs();
   const double fixed = cost_.eager_jump(decodes) + c[3] * prefix;
   const double credit = max_floor_credit();
-  const double smooth_rate = chunk_fit(smooth - alone - fixed, prefix) / smooth;
+  // a prompt's last tokens: a smooth step that takes them all is never outpaced
+  const double smooth_rate =
+      std::min<double>(chunk_fit(smooth - alone - fixed, prefix), tokens) / smooth;
   const double cycle = credit / slack * alone + limit + credit;  // save, then spend
-  const double credit_rate = chunk_fit(limit + credit - alone - fixed, prefix) / cycle;
+  const double credit_rate =
+      std::min<double>(chunk_fit(limit + credit - alone - fixed, prefix), tokens) / cycle;
   return smooth_rate >= kSmoothPace * credit_rate;
 }
 
@@ -347,7 +352,7 @@ int32_t Scheduler::chunk_tokens(int32_t remaining, int32_t prefix, int32_t budge
                                 const StepFeatures& f, bool first_prefill,
                                 StepTarget& target) const {
   int32_t n = std::min(remaining, budget);
-  if (first_prefill) target = step_target(f, prefix);  // f: the decodes alone
+  if (first_prefill) target = step_target(f, prefix, n);  // f: the decodes alone
   if (first_prefill && target.hold) return 0;
   // No decodes to protect: prefill may use the whole step.
   if (!std::isfinite(target.time_s) || (f.decode_tokens == 0 && first_prefill)) return n;

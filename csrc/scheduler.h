@@ -146,9 +146,9 @@ class Scheduler {
   static const PageLease& lease_of(const Entry& e);
   void pin_session(const RequestData& d);
   int64_t pinned_only_pages() const;
-  StepTarget step_target(const StepFeatures& decodes, int32_t prefix) const;
-  bool smooth_keeps_pace(const StepFeatures& decodes, int32_t prefix, double alone,
-                         double smooth) const;
+  StepTarget step_target(const StepFeatures& decodes, int32_t prefix, int32_t tokens) const;
+  bool smooth_keeps_pace(const StepFeatures& decodes, int32_t prefix, int32_t tokens,
+                         double alone, double smooth) const;
   double chunk_fit(double avail, int32_t prefix) const;
   int32_t chunk_tokens(int32_t remaining, int32_t prefix, int32_t budget,
                        const StepFeatures& f, bool first_prefill, StepTarget& target) const;

@@ -332,3 +332,24 @@ def test_smooth_chunks_that_overrun_are_paid_back():
     tps, chunks = floor_beside_a_prompt((0.0058, 5e-5, 1.8e-5, 0.0, 5e-5, 0.002), 1.5)
     assert sum(chunks) == 16_000
     assert min(tps.values()) >= 70.0, tps
+
+
+def test_a_short_prompt_is_not_held_for_the_credit():
+    """A prompt whose whole rest fits one smooth chunk goes in now, not after decode-only steps
+    save for a large chunk: on the machine where smooth chunks give way over a long prefix
+    (5 ms of fixed cost a chunk step), a 300-token prompt that arrives beside a 16K decode
+    before the credit is full is prefilled in the step it arrives in (it waited for the credit
+    when the pace compared chunks longer than the prompt)."""
+    m = dict(a=0.0058, b=5e-5, kv=3.7e-8, eager=0.005, prefill=1.8e-5, pair=2e-9)
+    s = make(num_pages=8192, page_size=16, max_batch_tokens=8192, max_running=64,
+             tps_floor=70.0, max_seq_len=32768)
+    rng = np.random.default_rng(2)
+    s.submit(0, i32(rng.integers(0, 30000, 16_000)), 1000, i32([]))
+    for step in range(8):   # arrives before the credit is full (its decodes began at step 2)
+        if step == 3:
+            s.submit(1, i32(rng.integers(0, 30000, 300)), 4, i32([]))
+        s.set_cost_prior(m["a"], m["b"], m["prefill"], m["kv"], 5e-5, m["eager"], m["pair"])
+        p = s.plan()
+        if step == 3:
+            assert 1 in [int(r) for r in p.rids], "the short prompt waited"
+        s.commit(p.step, np.ones(p.num_rows, np.int32), h100_8b_step_time(p, m))
