@@ -113,11 +113,13 @@ Scheduler::StepTarget Scheduler::step_target(const StepFeatures& decodes, int32_
   const auto& c = cost_.coeffs();
   const double m = cfg_.min_prefill_chunk;
   double alone = cost_.predict(decodes);
-  double with_chunk = alone + cost_.eager_jump(decodes) + (c[2] + c[3]) * m + c[3] * prefix +
+  // what any chunk adds to the step: an eager (or padded) step's f, the prefix's KV read
+  double fixed = cost_.eager_jump(decodes) + c[3] * prefix;
+  double with_chunk = alone + fixed + (c[2] + c[3]) * m +
                       c[CostModel::kPairs] * CostModel::pairs(prefix, m);
   double smooth = limit + std::min(floor_credit_s_, 0.0);
   const bool fits = with_chunk <= smooth;
-  if (fits && smooth_keeps_pace(decodes, prefix, tokens, alone, smooth)) return {smooth, true};
+  if (fits && smooth_keeps_pace(alone, fixed, smooth, prefix, tokens)) return {smooth, true};
   // Decodes alone that miss the target lose the floor anyway, so the prefill
   // goes on beside them; but only once plain steps were measured. A fresh
   // process has seen only its first prompts' prefill, whose fit put a plain
@@ -142,14 +144,12 @@ Scheduler::StepTarget Scheduler::step_target(const StepFeatures& decodes, int32_
 // with this rule; a GPU profile saw the same shape (64-token chunks beside
 // every decode step, 5.8 s TTFT p50 against 2.2 with the credit's ~1,100-token
 // chunks), though there the chunks did not even fit (step_target's prefix).
-bool Scheduler::smooth_keeps_pace(const StepFeatures& decodes, int32_t prefix, int32_t tokens,
-                                  double alone, double smooth) const {
+bool Scheduler::smooth_keeps_pace(double alone, double fixed, double smooth, int32_t prefix,
+                                  int32_t tokens) const {
   constexpr double kSmoothPace = 0.75;
   const double limit = floor_step_time();
   const double slack = limit - alone;
   if (!(slack > 0)) return true;
-  const auto& c = cost_.coeffs();
-  const double fixed = cost_.eager_jump(decodes) + c[3] * prefix;
   const double credit = max_floor_credit();
   // a prompt's last tokens: a smooth step that takes them all is never outpaced
   const double smooth_rate =

@@ -147,8 +147,9 @@ class Scheduler {
   void pin_session(const RequestData& d);
   int64_t pinned_only_pages() const;
   StepTarget step_target(const StepFeatures& decodes, int32_t prefix, int32_t tokens) const;
-  bool smooth_keeps_pace(const StepFeatures& decodes, int32_t prefix, int32_t tokens,
-                         double alone, double smooth) const;
+  // alone: the decodes' predicted time; fixed: what any chunk adds (step_target)
+  bool smooth_keeps_pace(double alone, double fixed, double smooth, int32_t prefix,
+                         int32_t tokens) const;
   double chunk_fit(double avail, int32_t prefix) const;
   int32_t chunk_tokens(int32_t remaining, int32_t prefix, int32_t budget,
                        const StepFeatures& f, bool first_prefill, StepTarget& target) const;
