@@ -6,7 +6,8 @@ extend graphs lay it out (appliance/model/extend_graph.py: the step padded to it
 one row per token up to 257 rows). Its default tile is sized for prefill (256 query rows x
 64 keys), so a row of a few tokens fills a tenth of it; this script times the default against
 smaller tiles and split counts, every variant checked against the default's output first.
-Llama-3.1-8B's heads (32 query, 8 KV, 128 wide), bf16, 16-token pages; times from
+Llama-3.1-8B's heads (32 query, 8 KV, 128 wide), bf16 queries, bf16 or e4m3 caches
+(`--kv-dtype`), 16-token pages; times from
 CUDA-graph replays of one launch per layer over `--layers` caches (no host time between
 launches, each layer's keys its own, as in a step).
 
@@ -58,6 +59,7 @@ from kernels.triton.split_kv import DEFAULT_SIZING  # noqa: E402
 
 PAGE, HQ, HK, D = 16, 32, 8, 128
 GRAPH_ROWS = 256
+CACHE_DTYPES = {"bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn}   # --kv-dtype
 
 
 MLA_HEADS, MLA_LATENT, MLA_ROPE, MLA_PAGE = 16, 512, 64, 64
@@ -112,7 +114,7 @@ def mixed_case(b: int, prefill: int, context: int, kv_dtype: str, layers: int,
     tokens = bucket(batch.num_tokens)
     padded = pad_extend_batch(batch, tokens, GRAPH_ROWS, min(tokens, GRAPH_ROWS * 9))
     slots = int(batch.page_table.max()) * PAGE + PAGE
-    cache_dtype = torch.float8_e4m3fn if kv_dtype == "fp8" else torch.bfloat16
+    cache_dtype = CACHE_DTYPES[kv_dtype]
     k_new = torch.randn(tokens, HK, D, device=dev, dtype=torch.bfloat16)
     v_new = torch.randn(tokens, HK, D, device=dev, dtype=torch.bfloat16)
     caches = []
@@ -268,7 +270,7 @@ def case(b: int, k: int, context: int, variants: list[Variant], layers: int,
     tokens = bucket(batch.num_tokens)
     padded = pad_extend_batch(batch, tokens, GRAPH_ROWS, min(tokens, GRAPH_ROWS * 9))
     slots = int(batch.page_table.max()) * PAGE + PAGE
-    cache_dtype = torch.float8_e4m3fn if kv_dtype == "fp8" else torch.bfloat16
+    cache_dtype = CACHE_DTYPES[kv_dtype]
     caches = [tuple(torch.randn(slots, HK, D, device=dev, dtype=torch.bfloat16).to(cache_dtype)
                     for _ in range(2)) for _ in range(layers)]
     q = torch.randn(tokens, HQ, D, device=dev, dtype=torch.bfloat16)
