@@ -255,6 +255,7 @@ def paged_attention(q1: torch.Tensor, q2: torch.Tensor | None, k1: torch.Tensor,
     dv = vv.shape[-1]
     d2 = q2.shape[-1] if q2 is not None else 0
     if v_words:
+        check_e4m3_words(k1)
         check_e4m3_words(vv)
     tiles = (attention_tiles(decode, shared_v, group, t, fp8=k1.element_size() == 1)
              if tiles is None else tiles)

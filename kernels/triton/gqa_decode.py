@@ -338,6 +338,7 @@ def gqa_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     check(hq % hk == 0, f"query heads {hq} not a multiple of kv heads {hk}")
     check(page_table.dim() == 2 and seq_lens.shape[0] == page_table.shape[0] == t,
           "decode: page_table [B, P] and seq_lens [B] with one query row each")
+    check_e4m3_words(k_cache)
     check_e4m3_words(v_cache)
     group = hq // hk
     tiles = tiles or attention_tiles(True, False, group, t, fp8=k_cache.element_size() == 1,

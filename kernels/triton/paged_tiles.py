@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 
 from kernels.step_memo import memoized
+from kernels.triton.common import interpreting
 
 # The batch's metadata, per-batch views and slices of one packed copy: kernels that read them
 # keep them unspecialized on alignment (common.per_batch)
@@ -55,6 +56,32 @@ def _e4m3_at(words, shift: tl.constexpr):
 
 
 @triton.jit
+def _e4m3_word_to_f16(words):
+    """Each 32-bit word's four e4m3 values (low byte first) as four fp16 tensors, two cvt a
+    word (sm_89+ PTX; not for the interpreter)."""
+    return tl.inline_asm_elementwise(
+        """{ .reg .b16 l, h; .reg .b32 a, b;
+        mov.b32 {l, h}, $4;
+        cvt.rn.f16x2.e4m3x2 a, l;
+        cvt.rn.f16x2.e4m3x2 b, h;
+        mov.b32 {$0, $1}, a;
+        mov.b32 {$2, $3}, b; }""",
+        "=h,=h,=h,=h,r", [words], dtype=(tl.float16, tl.float16, tl.float16, tl.float16),
+        is_pure=True, pack=1)
+
+
+# The interpreter runs no inline PTX: it unpacks byte by byte (`_e4m3_at`). Compiled, two cvt a
+# word: gqa_decode's FP8 interior loop (128 keys, 4 warps, sm_90, compiled on the CPU) 997 -> 693
+# instructions (PRMT 176 -> 0, LOP3 65 -> 0), 649 with K read as words too (168 -> 154 registers
+# a thread, its 12-byte spill gone). H100 (`scripts/fp8kv_attention.py --gqa-sweep`, graph
+# replays, L2 flushed, one round each), us a launch bytes -> words and cvt: B=256 x 2K keys
+# 424.3 -> 413.8, B=64 x 2K 115.1 -> 111.6, B=1 x 4K 12.5 -> 12.1; through the daemon (8B, FP8
+# cache, 256 requests of 1000 in / 1000 out at once) 9,728 -> 10,284 output tok/s, mostly
+# run-to-run spread (docs/KERNELS.md, "Unpacked by cvt a word").
+E4M3_ASM = tl.constexpr(not interpreting())
+
+
+@triton.jit
 def load_e4m3_words(Base, slot, stride_s, D: tl.constexpr, BLOCK_N: tl.constexpr, n_ok,
                     PRED: tl.constexpr):
     """Gathered e4m3 rows Base[slot[n], :D] -> fp16 [N, D], read as 32-bit words (module
@@ -66,8 +93,13 @@ def load_e4m3_words(Base, slot, stride_s, D: tl.constexpr, BLOCK_N: tl.constexpr
     else:
         words = tl.load(ptrs)
     # word j holds elements 4j..4j+3 from its low byte up; the joins put them in that order
-    lo = tl.join(_e4m3_at(words, 0), _e4m3_at(words, 16))
-    hi = tl.join(_e4m3_at(words, 8), _e4m3_at(words, 24))
+    if E4M3_ASM:
+        e0, e1, e2, e3 = _e4m3_word_to_f16(words)
+        lo = tl.join(e0, e2)
+        hi = tl.join(e1, e3)
+    else:
+        lo = tl.join(_e4m3_at(words, 0), _e4m3_at(words, 16))
+        hi = tl.join(_e4m3_at(words, 8), _e4m3_at(words, 24))
     return tl.reshape(tl.join(lo, hi), [BLOCK_N, D])
 
 
@@ -93,8 +125,8 @@ def attn_tile(acc, m_i, l_i, q1, q2, K1, K2, V, PageTable, n0, hi, pos, kvh, pag
     SHARED_V (MLA: the latent is both). MASKED applies the causal mask (key n visible to the row
     at position pos iff n <= pos) and the bound hi: the diagonal and last tiles only; interior
     tiles of power-of-two heads (EVEN_D) load without predicates. WINDOW > 0 (sliding-window
-    attention, masked tiles only) also hides keys n <= pos - WINDOW. V_WORDS: an e4m3 value
-    tile of power-of-two width is read by `load_e4m3_words`."""
+    attention, masked tiles only) also hides keys n <= pos - WINDOW. V_WORDS: e4m3 value and
+    key tiles of power-of-two width are read by `load_e4m3_words` (keys without D2)."""
     offs_n = n0 + tl.arange(0, BLOCK_N)                                   # [N]
     n_ok = offs_n < hi
     d1 = tl.arange(0, BLOCK_D1)
@@ -102,13 +134,17 @@ def attn_tile(acc, m_i, l_i, q1, q2, K1, K2, V, PageTable, n0, hi, pos, kvh, pag
     if PRED:
         page = tl.load(PageTable + offs_n // page_size, mask=n_ok, other=0)  # [N]
         slot = page.to(tl.int64) * page_size + offs_n % page_size            # [N]
-        k1 = tl.load(K1 + slot[:, None] * stride_k1s + kvh * stride_k1h + d1[None, :],
-                     mask=n_ok[:, None] & (d1[None, :] < D1), other=0.0)   # [N, D1]
+        k_raw = tl.load(K1 + slot[:, None] * stride_k1s + kvh * stride_k1h + d1[None, :],
+                        mask=n_ok[:, None] & (d1[None, :] < D1), other=0.0)   # [N, D1]
     else:  # interior tile of power-of-two heads: no predicates
         page = tl.load(PageTable + offs_n // page_size)                      # [N]
         slot = page.to(tl.int64) * page_size + offs_n % page_size            # [N]
-        k1 = tl.load(K1 + slot[:, None] * stride_k1s + kvh * stride_k1h + d1[None, :])
-    k1 = k1.to(q1.dtype)                                  # an FP8 cache: e4m3 -> exact 16-bit
+        k_raw = tl.load(K1 + slot[:, None] * stride_k1s + kvh * stride_k1h + d1[None, :])
+    if V_WORDS and K1.dtype.element_ty == tl.float8e4nv and D1 == BLOCK_D1 and not HAS_D2:
+        k1 = load_e4m3_words(K1 + kvh * stride_k1h, slot, stride_k1s, D1, BLOCK_N, n_ok,
+                             PRED).to(q1.dtype)
+    else:
+        k1 = k_raw.to(q1.dtype)                           # an FP8 cache: e4m3 -> exact 16-bit
     qk = tl.dot(q1, tl.trans(k1))                                          # [M, N]
     if HAS_D2:
         d2 = tl.arange(0, BLOCK_D2)
