@@ -6,7 +6,8 @@ prefill.py).
   elements are cast to the query's dtype as they load, so an FP8 cache (e4m3, exact in bf16
   and fp16) is read by the same code; its scales are folded in by the callers (k_scale into
   the score scale, v_scale into the accumulator once its cached tiles are summed).
-- `load_e4m3_words`: an e4m3 value tile read as 32-bit words and unpacked in registers. V is
+- `load_e4m3_words`: an e4m3 key or value tile read as 32-bit words and unpacked in registers
+  (compiled: two `cvt.rn.f16x2.e4m3x2` a word, `E4M3_ASM`; interpreted: shifts and casts). V is
   P.V's B operand with the keys along the reduction; an 8-bit tile there was staged in shared
   memory as loaded and read back one byte a load (`ld.shared.u8`: sm_90 has no transposing
   ldmatrix for 8-bit types), 256 of them in gqa_decode's loops. Unpacked first, the fp16 tile
