@@ -14,6 +14,12 @@ checked against F.linear first. Last, per row count, a step's sum (every shape b
     python scripts/gpu_few_rows_bench.py --rows 4 16 --shapes 4096x4096 --top 5
     python scripts/gpu_few_rows_bench.py --rows 32 64 --block-n 32 64 128 256 --block-k 128 256 --warps 4 8
     python scripts/gpu_few_rows_bench.py --cublas-only --rows 96 128 160 192 256 --top 0
+    python scripts/gpu_few_rows_bench.py --silu --rows 2 4 16 32 64
+
+`--silu`: the MLP's gate_up with its SiLU at each row count, three ways: cuBLAS then the
+silu_and_mul kernel, the few-rows kernel then silu_and_mul (what 2-64 rows ran before), and
+the few-rows kernel with silu_and_mul in its epilogue (`linear_silu_and_mul` now), checked
+bit for bit against the two kernels.
 """
 from __future__ import annotations
 
@@ -29,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gpu_gemv_bench import (LLAMA_8B, copy_tbps, graph_us, table_lines,  # noqa: E402
                             timed_configs, weight_copies)
+from kernels.triton.elementwise import silu_and_mul  # noqa: E402
 from kernels.triton.few_rows import (MAX_ROWS, FewRowsConfig, few_rows_config,  # noqa: E402
                                      few_rows_linear)
 
@@ -67,6 +74,29 @@ def bench(name: str, rows: int, n: int, k: int, cfgs: list[FewRowsConfig], repla
     return lines, results[0][1], min(us for _, us in results)
 
 
+def silu_rows(rows_list: list[int], n: int, k: int, replays: int, copy: float) -> list[str]:
+    """gate_up [n, k] then SiLU at each row count: cuBLAS + silu_and_mul, few-rows +
+    silu_and_mul, few-rows with its SILU_MUL epilogue (checked equal to the two kernels)."""
+    weights = weight_copies(n, k)
+    lines = []
+    for rows in rows_list:
+        x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+        fused = few_rows_linear(x, weights[0], silu_mul=True)
+        same = torch.equal(fused, silu_and_mul(few_rows_linear(x, weights[0])))
+        results = [
+            ("cuBLAS + silu_and_mul", graph_us(lambda a, w: silu_and_mul(F.linear(a, w)),
+                                               weights, x, replays)),
+            ("few-rows + silu_and_mul", graph_us(
+                lambda a, w: silu_and_mul(few_rows_linear(a, w)), weights, x, replays)),
+            (f"few-rows SILU_MUL{'' if same else ' (NOT EQUAL)'}", graph_us(
+                lambda a, w: few_rows_linear(a, w, silu_mul=True), weights, x, replays))]
+        lines += table_lines(f"{rows} | gate_up+SiLU {n}x{k}", results, n * k * 2, 1, copy)
+        print(lines[-1], flush=True)
+    del weights
+    torch.cuda.empty_cache()
+    return lines
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rows", type=int, nargs="+", default=[2, 8, 16])
@@ -83,6 +113,8 @@ def main() -> int:
                         help="a step's sum: every shape but lm_head this many times")
     parser.add_argument("--replays", type=int, default=20)
     parser.add_argument("--top", type=int, default=3)
+    parser.add_argument("--silu", action="store_true",
+                        help="gate_up with its SiLU: two launches against one (module doc)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("gpu_few_rows_bench: needs a CUDA device", file=sys.stderr)
@@ -94,6 +126,10 @@ def main() -> int:
           f"copy {copy:.2f} TB/s", flush=True)
     lines = ["| rows | shape | kernel | us a call | TB/s | of copy | vs cuBLAS |",
              "|---|---|---|---|---|---|---|"]
+    if args.silu:
+        n, k = LLAMA_8B["gate_up"]
+        print("\n" + "\n".join(lines + silu_rows(args.rows, n, k, args.replays, copy)))
+        return 0
     steps = ["| rows | cuBLAS us a step | best tiles us a step | speed-up |", "|---|---|---|---|"]
     for rows in args.rows:
         cfgs = [FewRowsConfig(n, k, w, s, m) for m, n, k, w, s in itertools.product(

@@ -33,6 +33,14 @@ the daemon (DeepSeek-V2-Lite, 128 in / 256 out, cuBLAS -> these tiles for the sm
 two rounds, one box), decode TPS a stream: 4 streams 158.3 / 158.4 -> 161.1 / 161.3, 16
 streams 91.3 / 92.2 -> 94.0 / 93.4, 32 streams 75.8 / 76.0 -> 76.6 / 76.4.
 
+A SwiGLU MLP's gate|up (`linear_silu_and_mul`) pairs gate and up rows in each output tile
+and applies the SiLU in the epilogue, as the one-row GEMV does (SILU_MUL): one launch a layer
+and no [rows, 2I] intermediate, bit-equal to this kernel then silu_and_mul. H100 (`scripts/
+gpu_few_rows_bench.py --silu`, the 8B's gate_up, graph replays), us a layer at 2 / 8 / 16 /
+32 / 64 rows, cuBLAS + silu_and_mul, this kernel + silu_and_mul -> one launch: 78.9, 78.3 ->
+77.5; 80.7, 79.6 -> 78.0; 85.2, 80.3 -> 78.8; 83.1, 81.7 -> 80.2; 85.9, 84.0 -> 81.2 (1-3%
+of the layer; not yet timed through the daemon).
+
 TOKENSPEED_FEW_ROWS=0 leaves these rows to cuBLAS (a benchmark's A/B switch).
 """
 from __future__ import annotations
@@ -103,15 +111,24 @@ def few_rows_config(n: int, k: int, rows: int = BLOCK_M) -> FewRowsConfig | None
 def _few_rows_kernel(X, W, B, Out, M, N, K, stride_x, stride_w, stride_o,
                      HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, STREAM_W: tl.constexpr,
-                     PDL: tl.constexpr):
+                     SILU_MUL: tl.constexpr, PDL: tl.constexpr):
     """Out[m, n] = X[m] . W[n] (+ B[n]) for the BLOCK_M rows m and BLOCK_N outputs n of a
     program. The row tiles of one output tile are neighbouring programs, so that the later ones
     read its weight from L2; with one row tile (STREAM_W) the weight streams past L2. Rows past
-    N read row 0 (nothing is stored for them): the weight loads need no mask."""
+    N read row 0 (nothing is stored for them): the weight loads need no mask. SILU_MUL: W is N
+    gate rows then N up rows, a program's outputs BLOCK_N / 2 (gate j, up j) pairs side by
+    side, and Out[m, j] = silu(gate) * up its epilogue (gemv.py's SILU_MUL, as the plain
+    kernel then silu_and_mul would round them)."""
     pid = tl.program_id(0)
     m_tiles = tl.cdiv(M, BLOCK_M)
-    n = (pid // m_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)             # [BN]
-    n_ok = n < N
+    r = tl.arange(0, BLOCK_N)
+    if SILU_MUL:
+        j = (pid // m_tiles) * (BLOCK_N // 2) + r // 2                 # [BN] output column
+        n = j + (r % 2) * N                                            # gate row j, up row N + j
+        n_ok = j < N
+    else:
+        n = (pid // m_tiles) * BLOCK_N + r                             # [BN]
+        n_ok = n < N
     m = (pid % m_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)               # [BM]
     m_ok = m < M
     k = tl.arange(0, BLOCK_K)                                           # [BK]
@@ -143,29 +160,42 @@ def _few_rows_kernel(X, W, B, Out, M, N, K, stride_x, stride_w, stride_o,
         acc = tl.dot(x, tl.trans(w), acc)  # [BM, BN]
     if HAS_BIAS:
         acc += tl.load(B + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(Out + m[:, None] * stride_o + n[None, :], acc.to(Out.dtype.element_ty),
-             mask=m_ok[:, None] & n_ok[None, :])
+    if SILU_MUL:
+        gate, up = tl.split(tl.reshape(acc.to(Out.dtype.element_ty).to(tl.float32),
+                                       [BLOCK_M, BLOCK_N // 2, 2]))   # [BM, BN/2] each
+        j = (pid // m_tiles) * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+        tl.store(Out + m[:, None] * stride_o + j[None, :],
+                 (gate / (1.0 + tl.exp(-gate)) * up).to(Out.dtype.element_ty),
+                 mask=m_ok[:, None] & (j < N)[None, :])
+    else:
+        tl.store(Out + m[:, None] * stride_o + n[None, :], acc.to(Out.dtype.element_ty),
+                 mask=m_ok[:, None] & n_ok[None, :])
 
 
 def few_rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                    config: FewRowsConfig | None = None) -> torch.Tensor:
+                    config: FewRowsConfig | None = None, silu_mul: bool = False
+                    ) -> torch.Tensor:
     """x: [M, K] (rows contiguous), weight: [N, K] (rows contiguous), bias: [N] -> [M, N];
-    `config` (default: `few_rows_config`'s) may take more rows than one tile holds."""
+    `config` (default: `few_rows_config`'s) may take more rows than one tile holds.
+    silu_mul: weight is gate rows then up rows (N even) -> silu(gate) * up [M, N / 2], in the
+    same launch."""
     rows, k = x.shape
     n = weight.shape[0]
     config = config or few_rows_config(n, k, rows)
     if rows < 1 or config is None or x.stride(1) != 1 or weight.stride(1) != 1 \
-            or weight.shape[1] != k:
+            or weight.shape[1] != k or (silu_mul and n % 2):
         raise ValueError(f"few_rows_linear: expected row-contiguous x [M, {weight.shape[1]}] "
                          f"of a shape with tiles (few_rows_config), got x {tuple(x.shape)} "
-                         f"strides {x.stride()} for a weight {tuple(weight.shape)}")
-    out = torch.empty((rows, n), device=x.device, dtype=x.dtype)
+                         f"strides {x.stride()} for a weight {tuple(weight.shape)}"
+                         f"{' (silu_mul: gate and up rows of equal count)' if silu_mul else ''}")
+    width = n // 2 if silu_mul else n
+    out = torch.empty((rows, width), device=x.device, dtype=x.dtype)
     m_tiles = triton.cdiv(rows, config.block_m)
     _few_rows_kernel[(triton.cdiv(n, config.block_n) * m_tiles,)](
-        x, weight, bias if bias is not None else out, out, rows, n, k, x.stride(0),
+        x, weight, bias if bias is not None else out, out, rows, width, k, x.stride(0),
         weight.stride(0), out.stride(0), HAS_BIAS=bias is not None, BLOCK_M=config.block_m,
         BLOCK_N=config.block_n, BLOCK_K=config.block_k, EVEN_K=k % config.block_k == 0,
-        STREAM_W=m_tiles == 1,
+        STREAM_W=m_tiles == 1, SILU_MUL=silu_mul,
         num_warps=config.num_warps, num_stages=config.num_stages, **pdl_launch(x.device))
     return out
 

@@ -1,6 +1,7 @@
 """`linear` on CUDA: one row (a batch-1 decode step) by a GEMV kernel, 2-64 rows by the
 few-rows kernel (few_rows.py) where it has tiles for the shape, the rest by cuBLAS;
-`linear_silu_and_mul`, a SwiGLU MLP's gate|up with its SiLU in the same GEMV's epilogue;
+`linear_silu_and_mul`, a SwiGLU MLP's gate|up with its SiLU in the same GEMV's (or few-rows
+kernel's) epilogue;
 `rms_norm_linear`, the RMS norm in its loads.
 
 At one row a decode step's linear layers only stream their weights; cuBLAS picks split-K
@@ -218,11 +219,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 @register("linear_silu_and_mul", backend="triton", priority=PRIORITY, supports=on_cuda)
 def linear_silu_and_mul(x: torch.Tensor, weight: torch.Tensor,
                         bias: torch.Tensor | None = None) -> torch.Tensor:
-    """silu_and_mul(linear(x, weight, bias)); one 16-bit row in one GEMV launch (its SILU_MUL
-    epilogue), anything else by `linear` and the silu_and_mul kernel, as the two ops would
-    run it."""
-    if x.dtype in HALF_DTYPES and gemv_applies(x, weight, bias) and weight.shape[0] % 2 == 0:
-        return gemv(x, weight, bias, silu_mul=True)
+    """silu_and_mul(linear(x, weight, bias)); one 16-bit row in one GEMV launch, 2-64 in one
+    few-rows launch where it has tiles (their SILU_MUL epilogues), anything else by `linear`
+    and the silu_and_mul kernel, as the two ops would run it."""
+    if x.dtype in HALF_DTYPES and weight.shape[0] % 2 == 0:
+        if gemv_applies(x, weight, bias):
+            return gemv(x, weight, bias, silu_mul=True)
+        if few_rows_applies(x, weight, bias):
+            return few_rows_linear(x, weight, bias, silu_mul=True)
     return silu_and_mul(linear(x, weight, bias) if x.dtype in HALF_DTYPES
                         else F.linear(x, weight, bias))
 

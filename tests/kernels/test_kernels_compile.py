@@ -252,13 +252,15 @@ def _row_kernels() -> None:
     _gemv(6144, 4096, norm=True, norm_weight=False)
     _gemv(28672, 4096, silu_mul=True, norm=True, norm_weight=False)
     _gemv(128256, 4096, norm=True, norm_weight=False)              # the head
-    for cfg in (FR.NARROW, FR.TALL, FR.WIDE, FR.MEDIUM_NARROW, FR.MEDIUM_WIDE,
-                FR.MEDIUM_SMALL):                                       # 2-64 rows
+    for cfg, silu_mul in ((FR.NARROW, False), (FR.TALL, False), (FR.WIDE, False),
+                          (FR.MEDIUM_NARROW, False), (FR.MEDIUM_WIDE, False),
+                          (FR.MEDIUM_SMALL, False),                     # 2-64 rows
+                          (FR.WIDE, True), (FR.MEDIUM_WIDE, True)):     # gate_up with its SiLU
         compile_sm90(FR._few_rows_kernel, dict(X=BF, W=BF, B=BF, Out=BF, M=3, N=4096, K=4096,
                                                stride_x=4096, stride_w=4096, stride_o=4096),
                      dict(HAS_BIAS=False, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                          BLOCK_K=cfg.block_k, EVEN_K=True, STREAM_W=True), cfg.num_warps,
-                     cfg.num_stages)
+                          BLOCK_K=cfg.block_k, EVEN_K=True, STREAM_W=True, SILU_MUL=silu_mul),
+                     cfg.num_warps, cfg.num_stages)
     compile_sm90(SA._spec_accept_kernel, dict(Tokens=I32, Drafts=I32, Start=I32, Counts=I32),
                  dict(BLOCK=SA.BLOCK), 4, 1)
     compile_sm90(PN._penalties_kernel, dict(Logits=F32, Rows=I64, Slots=I64, Seen=torch.uint8,

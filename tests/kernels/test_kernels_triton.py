@@ -605,6 +605,38 @@ def test_linear_silu_and_mul_one_row_is_one_gemv_bit_equal_to_two_kernels(inter,
         G.gemv(x, w[1:], None, config, silu_mul=True)
 
 
+@pytest.mark.parametrize("rows,inter,k,bias,block_m", [(2, 20, 64, False, 16),
+                                                       (5, 37, 100, True, 16),
+                                                       (40, 24, 96, False, 64)])
+def test_few_rows_silu_and_mul_is_one_launch_equal_to_two_kernels(rows, inter, k, bias,
+                                                                   block_m):
+    """2-64 16-bit rows: the few-rows kernel's SILU_MUL epilogue (gate and up rows paired in
+    each output tile; ragged N and K, a bias, one or several row tiles) gives what the kernel
+    then the silu_and_mul kernel give, and matches the reference. `linear_silu_and_mul` takes
+    it where `linear` takes the few-rows kernel (a weight of at least MIN_N rows), not 65 rows.
+    fp16: the interpreter's dot takes no bf16."""
+    from kernels.triton import few_rows as FR
+    from kernels.triton import gemv as G
+    from kernels.triton.elementwise import silu_and_mul
+    torch.manual_seed(rows * inter + k)
+    half = torch.float16
+    x, w = rnd(rows, k, dtype=half), rnd(2 * inter, k, dtype=half)
+    b = rnd(2 * inter, dtype=half) if bias else None
+    cfg = FR.FewRowsConfig(block_n=16, block_k=32, num_warps=4, num_stages=2, block_m=block_m)
+    fused = FR.few_rows_linear(x, w, b, cfg, silu_mul=True)
+    assert fused.shape == (rows, inter)
+    assert torch.equal(fused, silu_and_mul(FR.few_rows_linear(x, w, b, cfg)))
+    want = R.linear_silu_and_mul(x.float(), w.float(), None if b is None else b.float())
+    assert rel_err(fused, want) < 2e-2
+    big = rnd(FR.MIN_N, k, dtype=half)
+    assert FR.few_rows_applies(x, big, None)
+    assert torch.equal(G.linear_silu_and_mul(x, big), FR.few_rows_linear(x, big, silu_mul=True))
+    many = rnd(FR.MAX_ROWS + 1, k, dtype=half)
+    assert torch.equal(G.linear_silu_and_mul(many, big), silu_and_mul(G.linear(many, big)))
+    with pytest.raises(ValueError, match="equal count"):
+        FR.few_rows_linear(x, w[1:], None, cfg, silu_mul=True)
+
+
 def test_router_gate_tile_before_the_wait_changes_nothing(monkeypatch):
     """With PDL the router reads its first gate tile before the wait (EARLY); the sums are
     the same, in the same order, as without it."""
