@@ -134,18 +134,15 @@ def attn_tile(acc, m_i, l_i, q1, q2, K1, K2, V, PageTable, n0, hi, pos, kvh, pag
     PRED: tl.constexpr = MASKED or not EVEN_D
     if PRED:
         page = tl.load(PageTable + offs_n // page_size, mask=n_ok, other=0)  # [N]
-        slot = page.to(tl.int64) * page_size + offs_n % page_size            # [N]
-        k_raw = tl.load(K1 + slot[:, None] * stride_k1s + kvh * stride_k1h + d1[None, :],
-                        mask=n_ok[:, None] & (d1[None, :] < D1), other=0.0)   # [N, D1]
     else:  # interior tile of power-of-two heads: no predicates
         page = tl.load(PageTable + offs_n // page_size)                      # [N]
-        slot = page.to(tl.int64) * page_size + offs_n % page_size            # [N]
-        k_raw = tl.load(K1 + slot[:, None] * stride_k1s + kvh * stride_k1h + d1[None, :])
+    slot = page.to(tl.int64) * page_size + offs_n % page_size                # [N]
     if V_WORDS and K1.dtype.element_ty == tl.float8e4nv and D1 == BLOCK_D1 and not HAS_D2:
         k1 = load_e4m3_words(K1 + kvh * stride_k1h, slot, stride_k1s, D1, BLOCK_N, n_ok,
                              PRED).to(q1.dtype)
-    else:
-        k1 = k_raw.to(q1.dtype)                           # an FP8 cache: e4m3 -> exact 16-bit
+    else:                                                 # an FP8 cache: e4m3 -> exact 16-bit
+        k1 = load_rows(K1 + kvh * stride_k1h, slot, stride_k1s, d1, D1, n_ok,
+                       PRED).to(q1.dtype)                                  # [N, D1]
     qk = tl.dot(q1, tl.trans(k1))                                          # [M, N]
     if HAS_D2:
         d2 = tl.arange(0, BLOCK_D2)
