@@ -72,6 +72,13 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
 
 
 @triton.jit
+def swiglu(gate, up):
+    """silu(gate) * up in fp32, the arithmetic every SwiGLU kernel shares (the fused epilogues
+    stay bit-equal to the silu_and_mul kernel by calling this one)."""
+    return gate / (1.0 + tl.exp(-gate)) * up
+
+
+@triton.jit
 def _silu_and_mul_kernel(X, Out, stride_x, stride_o, I: tl.constexpr, BLOCK: tl.constexpr,
                          PDL: tl.constexpr):
     pdl_begin(PDL)
@@ -80,7 +87,7 @@ def _silu_and_mul_kernel(X, Out, stride_x, stride_o, I: tl.constexpr, BLOCK: tl.
     ok = c < I
     g = tl.load(X + row * stride_x + c, mask=ok, other=0.0).to(tl.float32)      # [BLOCK]
     u = tl.load(X + row * stride_x + I + c, mask=ok, other=0.0).to(tl.float32)  # [BLOCK]
-    y = g / (1.0 + tl.exp(-g)) * u
+    y = swiglu(g, u)
     tl.store(Out + row * stride_o + c, y.to(Out.dtype.element_ty), mask=ok)
 
 

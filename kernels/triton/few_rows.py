@@ -54,6 +54,7 @@ import triton
 import triton.language as tl
 
 from kernels.triton.common import per_batch
+from kernels.triton.elementwise import swiglu
 from kernels.triton.pdl import pdl_begin, pdl_launch, prefetch_l2
 
 ENV = "TOKENSPEED_FEW_ROWS"
@@ -165,7 +166,7 @@ def _few_rows_kernel(X, W, B, Out, M, N, K, stride_x, stride_w, stride_o,
                                        [BLOCK_M, BLOCK_N // 2, 2]))   # [BM, BN/2] each
         j = (pid // m_tiles) * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
         tl.store(Out + m[:, None] * stride_o + j[None, :],
-                 (gate / (1.0 + tl.exp(-gate)) * up).to(Out.dtype.element_ty),
+                 swiglu(gate, up).to(Out.dtype.element_ty),
                  mask=m_ok[:, None] & (j < N)[None, :])
     else:
         tl.store(Out + m[:, None] * stride_o + n[None, :], acc.to(Out.dtype.element_ty),

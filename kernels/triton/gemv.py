@@ -25,7 +25,7 @@ import triton.language as tl
 from kernels.reference.norm import pre_norm
 from kernels.registry import register
 from kernels.triton.common import HALF_DTYPES, PRIORITY, on_cuda, on_cuda_half
-from kernels.triton.elementwise import fused_add_rms_norm, rms_norm, silu_and_mul
+from kernels.triton.elementwise import fused_add_rms_norm, rms_norm, silu_and_mul, swiglu
 from kernels.triton.few_rows import few_rows_applies, few_rows_linear
 from kernels.triton.pdl import pdl_begin, pdl_launch, prefetch_l2
 
@@ -159,7 +159,7 @@ def _gemv_kernel(X, W, B, Out, R, G, ResOut, N, K, stride_w, eps,
         gate, up = tl.split(tl.reshape(y.to(Out.dtype.element_ty).to(tl.float32),
                                        [BLOCK_N // 2, 2]))             # [BN/2] each
         j = pid * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
-        tl.store(Out + j, (gate / (1.0 + tl.exp(-gate)) * up).to(Out.dtype.element_ty),
+        tl.store(Out + j, swiglu(gate, up).to(Out.dtype.element_ty),
                  mask=j < N)
     else:
         tl.store(Out + n, y.to(Out.dtype.element_ty), mask=n_ok)

@@ -26,6 +26,7 @@ import triton.language as tl
 from kernels.moe_activation import ClampedSwiGLU
 from kernels.registry import register
 from kernels.triton.common import PRIORITY, check, interpreting, on_cuda_half, per_batch
+from kernels.triton.elementwise import swiglu
 from kernels.triton.gemv import linear, linear_silu_and_mul
 from kernels.triton.moe_gemv import moe_gemv, moe_gemv_applies, shared_slices
 from kernels.triton.pdl import pdl_begin, pdl_launch
@@ -190,7 +191,7 @@ def _moe_up_kernel(X, W13, Inter, Pairs, BlockExpert, B13, W13S, num_pairs, top_
         u = tl.minimum(tl.maximum(acc_u, -limit), limit)
         y = (u + 1.0) * g * tl.sigmoid(g * alpha)
     else:
-        y = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
+        y = swiglu(acc_g, acc_u)
     tl.store(Inter + rows[:, None].to(tl.int64) * stride_it + n[None, :],
              y.to(Inter.dtype.element_ty), mask=ok[:, None] & (n[None, :] < I))
 

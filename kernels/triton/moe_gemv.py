@@ -40,6 +40,7 @@ import triton
 import triton.language as tl
 
 from kernels.triton.common import check, interpreting
+from kernels.triton.elementwise import swiglu
 from kernels.triton.pdl import pdl_begin, pdl_launch
 
 
@@ -97,7 +98,7 @@ def _up_kernel(X, W13, Ids, Inter, SW13, num_experts, stride_we, stride_wn, stri
     dots = _rows_dot(rows, ok, X, K, BLOCK_N, BLOCK_K)                    # [BN]
     gate, up = tl.split(tl.reshape(dots, [BLOCK_N // 2, 2]))              # [BN/2] each
     c = pid * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
-    tl.store(Inter + j * I + c, (gate / (1.0 + tl.exp(-gate)) * up).to(Inter.dtype.element_ty),
+    tl.store(Inter + j * I + c, swiglu(gate, up).to(Inter.dtype.element_ty),
              mask=c < I)
 
 
