@@ -68,6 +68,22 @@ def drafting_resumed(daemon) -> None:
     pytest.fail(f"drafting still paused: {stats(daemon)['speculative']}")
 
 
+def drafted(daemon, **fields) -> tuple[list[int], int]:
+    """CODE * 2 completed with drafts, and the draft tokens accepted in it. A pause can also
+    begin inside a request this short (BatchGate's comparison is noise on a loaded 2-core
+    box; once in a fresh clone's .ci/run, a 31-token request ended inside one with nothing
+    accepted): a request that accepted nothing and ended inside a pause runs once more,
+    after the pause is run out."""
+    for _ in range(2):
+        drafting_resumed(daemon)
+        before = stats(daemon)["speculative"]["accepted_tokens"]
+        tokens = complete(daemon, CODE * 2, speculative=True, **fields)
+        after = stats(daemon)["speculative"]
+        if after["accepted_tokens"] > before or after["paused_steps"] == 0:
+            break
+    return tokens, after["accepted_tokens"] - before
+
+
 def test_greedy_output_is_the_same_with_and_without_drafts(daemon):
     drafting_resumed(daemon)
     before = stats(daemon)["speculative"]
@@ -85,12 +101,10 @@ def test_penalized_requests_get_drafts_and_keep_their_greedy_output(daemon):
     of speculation: each verify row counts the drafts before it. A mild penalty: the tiny
     model's output under 1.05 no longer repeats, so no draft source finds anything."""
     penalties = {"repetition_penalty": 1.01}
-    drafting_resumed(daemon)
-    before = stats(daemon)["speculative"]
-    with_drafts = complete(daemon, CODE * 2, speculative=True, **penalties)
+    with_drafts, accepted = drafted(daemon, **penalties)
     assert with_drafts == complete(daemon, CODE * 2, speculative=False, **penalties)
     assert with_drafts != complete(daemon, CODE * 2, speculative=False)  # the penalties count
-    assert stats(daemon)["speculative"]["accepted_tokens"] > before["accepted_tokens"]
+    assert accepted > 0
 
 
 def test_bias_min_tokens_and_logprobs_keep_their_output_with_drafts(daemon):
@@ -103,12 +117,10 @@ def test_bias_min_tokens_and_logprobs_keep_their_output_with_drafts(daemon):
     cases = [{"logit_bias": {str(common): -100}},
              {"logit_bias": {str(TINY_EOS): 100}, "min_tokens": 30, "ignore_eos": False}]
     for fields in cases:
-        drafting_resumed(daemon)
-        before = stats(daemon)["speculative"]["accepted_tokens"]
-        with_drafts = complete(daemon, CODE * 2, speculative=True, **fields)
+        with_drafts, accepted = drafted(daemon, **fields)
         assert with_drafts == complete(daemon, CODE * 2, speculative=False, **fields), fields
         assert with_drafts != plain, fields   # the feature acts
-        assert stats(daemon)["speculative"]["accepted_tokens"] > before, fields
+        assert accepted > 0, fields
     assert common not in complete(daemon, CODE * 2, speculative=True, **cases[0])
     ended = complete(daemon, CODE * 2, speculative=True, **cases[1])
     assert ended[:30] == plain[:30] and ended[30:] == [TINY_EOS]
