@@ -71,6 +71,11 @@ Ablations (those that touch no module of a preset are skipped for it):
   of min_split_tiles tiles (as before), not by its own fewest tiles per split;
 - gqa_tiles=BLOCK_N,STAGES: gqa_decode.py's launches on those key tiles and pipeline stages
   (16 query rows, 4 warps) instead of attention_tiles' (their shared memory differs);
+- gqa_merge_elems=N: gqa_decode.py's MERGE_TILE_ELEMS (fp32 partials the last split's
+  program loads at once when it merges) set to N: with gqa_last_merge, how many serial loads
+  the one-row merge takes;
+- gqa_split_count=N: GQA decode launches split N times per (row, head block), whatever the
+  rows' lengths and the SM count (MLA's as SplitSizing says);
 - A+B: the patches of A and B together (e.g. gqa_last_merge+gqa_splits=1).
 """
 from __future__ import annotations
@@ -168,6 +173,15 @@ def _merge(model: torch.nn.Module) -> list[Patch]:
 
 def _one_split(model: torch.nn.Module) -> list[Patch]:
     return [(SplitSizing, "decode_splits", lambda self, *a, **kw: 1)]
+
+
+def _gqa_split_count(count: int) -> Callable[[torch.nn.Module], list[Patch]]:
+    """GQA decode launches split `count` times per (row, head block); MLA's as before."""
+    default = SplitSizing.decode_splits
+
+    def decode_splits(self, programs, max_len, block_n, device, mla):
+        return default(self, programs, max_len, block_n, device, mla) if mla else count
+    return lambda model: [(SplitSizing, "decode_splits", decode_splits)]
 
 
 def _products_by(product: Callable) -> Callable[[torch.nn.Module], list[Patch]]:
@@ -308,6 +322,11 @@ def plan(name: str) -> Callable[[torch.nn.Module], list[Patch]]:
         return _gqa_tiles(block_n, stages)
     if name.startswith("fold_only="):
         return _fold_only(name.partition("=")[2])
+    if name.startswith("gqa_split_count="):
+        return _gqa_split_count(int(name.partition("=")[2]))
+    if name.startswith("gqa_merge_elems="):
+        return _knob(gqa_decode, "MERGE_TILE_ELEMS", int(name.partition("=")[2]),
+                     PagedAttention)
     kind, _, count = name.partition("_splits=")
     if kind in ("gqa", "mla") and count:
         return _split_count(f"{kind}_splits_per_sm", int(count))
@@ -322,7 +341,7 @@ def _checked(name: str) -> str:
         raise argparse.ArgumentTypeError(
             f"unknown ablation {name!r}: {', '.join(ABLATIONS)}, gqa_splits=N, mla_splits=N, "
             f"fold_only={'|'.join(sorted(norm_layers.FOLD_KINDS))}, "
-            "gqa_tiles=BLOCK_N,STAGES") from None
+            "gqa_tiles=BLOCK_N,STAGES, gqa_merge_elems=N, gqa_split_count=N") from None
 
 
 _MISSING = object()
