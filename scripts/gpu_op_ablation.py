@@ -37,6 +37,9 @@ Ablations (those that touch no module of a preset are skipped for it):
   generic paged kernel (attention.py, with its merge launch, the rope in its own launch) as
   before it; its logits are compared with the step's own (summation order differs, so not
   bit for bit);
+- few_rows_silu_apart: the A/B of gemv.py's FEW_ROWS_SILU: a SwiGLU MLP's gate|up at 2-64
+  rows on the few-rows kernel then silu_and_mul, as before its SILU_MUL epilogue (logits
+  compared: bit-equal);
 - gqa_merge_launch: gqa_decode.py's kernel with the merge in a launch of its own at every
   batch size (as it runs at one row);
 - gqa_last_merge: the other way round: the merge in the last split's program at one row too;
@@ -76,6 +79,9 @@ Ablations (those that touch no module of a preset are skipped for it):
   the one-row merge takes;
 - gqa_split_count=N: GQA decode launches split N times per (row, head block), whatever the
   rows' lengths and the SM count (MLA's as SplitSizing says);
+- gqa_split_tiles=N: a GQA decode split covers at least N key tiles (1 by default), so a
+  short row takes fewer splits (with gqa_last_merge a row of one split writes its output
+  with no merge);
 - A+B: the patches of A and B together (e.g. gqa_last_merge+gqa_splits=1).
 """
 from __future__ import annotations
@@ -104,12 +110,13 @@ from appliance.model import ModelRunner, ModelSource  # noqa: E402
 from appliance.model.layers import attention as attention_layer  # noqa: E402
 from appliance.model.layers.attention import PagedAttention  # noqa: E402
 from appliance.model.layers.mla import MLAttention  # noqa: E402
+from appliance.model.layers.mlp import SwiGLUMLP  # noqa: E402
 from appliance.model.layers.moe import DeepseekMoE, RoutedExperts, TopKRouter  # noqa: E402
 from appliance.model.layers import norm as norm_layers  # noqa: E402
 from appliance.model.layers.norm import RMSNorm  # noqa: E402
 from kernels.reference.linear import head_matmul as reference_head_matmul  # noqa: E402
 from kernels.triton import attention as gqa_attention  # noqa: E402
-from kernels.triton import attention_ops, gqa_decode, moe, route  # noqa: E402
+from kernels.triton import attention_ops, gemv, gqa_decode, moe, route  # noqa: E402
 from kernels.triton import mla_decode  # noqa: E402
 from kernels.triton.attention import AttentionTiles  # noqa: E402
 from kernels.triton.split_kv import SplitSizing  # noqa: E402
@@ -173,6 +180,16 @@ def _merge(model: torch.nn.Module) -> list[Patch]:
 
 def _one_split(model: torch.nn.Module) -> list[Patch]:
     return [(SplitSizing, "decode_splits", lambda self, *a, **kw: 1)]
+
+
+def _gqa_split_tiles(tiles: int) -> Callable[[torch.nn.Module], list[Patch]]:
+    """A GQA decode split covers at least `tiles` key tiles (a shorter row takes fewer
+    splits); MLA's as before."""
+    default = SplitSizing.tiles_per_split
+
+    def tiles_per_split(self, programs, mla):
+        return default(self, programs, mla) if mla else tiles
+    return lambda model: [(SplitSizing, "tiles_per_split", tiles_per_split)]
 
 
 def _gqa_split_count(count: int) -> Callable[[torch.nn.Module], list[Patch]]:
@@ -280,6 +297,7 @@ ABLATIONS: dict[str, Callable[[torch.nn.Module], list[Patch]]] = {
     "gqa_last_merge": _knob(gqa_decode, "LAST_MERGE_MIN_ROWS", 1, PagedAttention),
     "new_key_from_cache": _knob(gqa_decode, "NEW_KEY_IN_REGISTERS_ROWS", 0, PagedAttention),
     "moe_grouped": _knob(moe, "moe_gemv_applies", lambda *args: False, RoutedExperts),
+    "few_rows_silu_apart": _knob(gemv, "FEW_ROWS_SILU", False, SwiGLUMLP),
     "head_einsum": _products_by(reference_head_matmul),
     "coarse_cap": _split_count("fine_cap", False),
     "router_after_wait": _knob(route, "EARLY_TILE", False, RoutedExperts),
@@ -324,6 +342,8 @@ def plan(name: str) -> Callable[[torch.nn.Module], list[Patch]]:
         return _fold_only(name.partition("=")[2])
     if name.startswith("gqa_split_count="):
         return _gqa_split_count(int(name.partition("=")[2]))
+    if name.startswith("gqa_split_tiles="):
+        return _gqa_split_tiles(int(name.partition("=")[2]))
     if name.startswith("gqa_merge_elems="):
         return _knob(gqa_decode, "MERGE_TILE_ELEMS", int(name.partition("=")[2]),
                      PagedAttention)
@@ -341,7 +361,8 @@ def _checked(name: str) -> str:
         raise argparse.ArgumentTypeError(
             f"unknown ablation {name!r}: {', '.join(ABLATIONS)}, gqa_splits=N, mla_splits=N, "
             f"fold_only={'|'.join(sorted(norm_layers.FOLD_KINDS))}, "
-            "gqa_tiles=BLOCK_N,STAGES, gqa_merge_elems=N, gqa_split_count=N") from None
+            "gqa_tiles=BLOCK_N,STAGES, gqa_merge_elems=N, gqa_split_count=N, "
+            "gqa_split_tiles=N") from None
 
 
 _MISSING = object()
@@ -385,7 +406,7 @@ def measure(preset: str, rows: int, context: int, rounds: int, names: list[str],
                 batch = to_forward_batch(arrays, runner.device)
                 logits.setdefault(name, runner.forward(batch).float().cpu())
                 times[name].append(forward_ms(runner, batch) * 1e3)
-    compared = ("rope_apart", "new_key_from_cache", "generic_decode", "moe_grouped",
+    compared = ("rope_apart", "new_key_from_cache", "few_rows_silu_apart", "generic_decode", "moe_grouped",
                 "head_einsum", "shared_apart", "x_proj_apart", "merge_apart", "absorb_apart",
                 "fold_norms", "no_fold", "unscaled")
     for name in logits:   # the A/Bs

@@ -216,6 +216,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x, weight, bias)
 
 
+# 2-64 rows take the few-rows kernel's SILU_MUL epilogue where `linear` takes that kernel
+# (False: the kernel, then silu_and_mul; scripts/gpu_op_ablation.py's few_rows_silu_apart)
+FEW_ROWS_SILU = True
+
+
 @register("linear_silu_and_mul", backend="triton", priority=PRIORITY, supports=on_cuda)
 def linear_silu_and_mul(x: torch.Tensor, weight: torch.Tensor,
                         bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -225,7 +230,7 @@ def linear_silu_and_mul(x: torch.Tensor, weight: torch.Tensor,
     if x.dtype in HALF_DTYPES and weight.shape[0] % 2 == 0:
         if gemv_applies(x, weight, bias):
             return gemv(x, weight, bias, silu_mul=True)
-        if few_rows_applies(x, weight, bias):
+        if FEW_ROWS_SILU and few_rows_applies(x, weight, bias):
             return few_rows_linear(x, weight, bias, silu_mul=True)
     return silu_and_mul(linear(x, weight, bias) if x.dtype in HALF_DTYPES
                         else F.linear(x, weight, bias))
