@@ -182,23 +182,14 @@ def _one_split(model: torch.nn.Module) -> list[Patch]:
     return [(SplitSizing, "decode_splits", lambda self, *a, **kw: 1)]
 
 
-def _gqa_split_tiles(tiles: int) -> Callable[[torch.nn.Module], list[Patch]]:
-    """A GQA decode split covers at least `tiles` key tiles (a shorter row takes fewer
-    splits); MLA's as before."""
-    default = SplitSizing.tiles_per_split
+def _gqa_sizing(method: str, value: int) -> Callable[[torch.nn.Module], list[Patch]]:
+    """SplitSizing.`method` (decode_splits, tiles_per_split: `mla` their last argument)
+    answers `value` for GQA launches, as before for MLA's."""
+    default = getattr(SplitSizing, method)
 
-    def tiles_per_split(self, programs, mla):
-        return default(self, programs, mla) if mla else tiles
-    return lambda model: [(SplitSizing, "tiles_per_split", tiles_per_split)]
-
-
-def _gqa_split_count(count: int) -> Callable[[torch.nn.Module], list[Patch]]:
-    """GQA decode launches split `count` times per (row, head block); MLA's as before."""
-    default = SplitSizing.decode_splits
-
-    def decode_splits(self, programs, max_len, block_n, device, mla):
-        return default(self, programs, max_len, block_n, device, mla) if mla else count
-    return lambda model: [(SplitSizing, "decode_splits", decode_splits)]
+    def gqa_value(self, *args):
+        return default(self, *args) if args[-1] else value
+    return lambda model: [(SplitSizing, method, gqa_value)]
 
 
 def _products_by(product: Callable) -> Callable[[torch.nn.Module], list[Patch]]:
@@ -341,9 +332,9 @@ def plan(name: str) -> Callable[[torch.nn.Module], list[Patch]]:
     if name.startswith("fold_only="):
         return _fold_only(name.partition("=")[2])
     if name.startswith("gqa_split_count="):
-        return _gqa_split_count(int(name.partition("=")[2]))
+        return _gqa_sizing("decode_splits", int(name.partition("=")[2]))
     if name.startswith("gqa_split_tiles="):
-        return _gqa_split_tiles(int(name.partition("=")[2]))
+        return _gqa_sizing("tiles_per_split", int(name.partition("=")[2]))
     if name.startswith("gqa_merge_elems="):
         return _knob(gqa_decode, "MERGE_TILE_ELEMS", int(name.partition("=")[2]),
                      PagedAttention)
@@ -406,9 +397,9 @@ def measure(preset: str, rows: int, context: int, rounds: int, names: list[str],
                 batch = to_forward_batch(arrays, runner.device)
                 logits.setdefault(name, runner.forward(batch).float().cpu())
                 times[name].append(forward_ms(runner, batch) * 1e3)
-    compared = ("rope_apart", "new_key_from_cache", "few_rows_silu_apart", "generic_decode", "moe_grouped",
-                "head_einsum", "shared_apart", "x_proj_apart", "merge_apart", "absorb_apart",
-                "fold_norms", "no_fold", "unscaled")
+    compared = ("rope_apart", "new_key_from_cache", "few_rows_silu_apart", "generic_decode",
+                "moe_grouped", "head_einsum", "shared_apart", "x_proj_apart", "merge_apart",
+                "absorb_apart", "fold_norms", "no_fold", "unscaled")
     for name in logits:   # the A/Bs
         if name in compared or name.startswith("fold_only="):
             diff = (logits[name] - logits["none"]).abs().max().item()
