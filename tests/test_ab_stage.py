@@ -35,17 +35,27 @@ def test_a_revision_is_staged_swapped_in_and_back(tmp_path):
                    "README.md": "new\n"}, "after")
     (repo / "pkg" / "a.py").write_text("uncommitted a\n")      # the working tree is `current`
 
+    (repo / ".ab" / "current" / "pkg").mkdir(parents=True)       # an older staging's copy
+    (repo / ".ab" / "current" / "pkg" / "a.py").write_text("stale a\n")
     assert _sh(repo, "scripts/ab_stage HEAD~1 before").split() == ["pkg/a.py"]
+    assert _sh(repo, "scripts/ab_stage HEAD after").split() == ["pkg/a.py"]
     assert (repo / ".ab" / "before" / "pkg" / "a.py").read_text() == "old a\n"
-    assert (repo / ".ab" / "current" / "pkg" / "a.py").read_text() == "uncommitted a\n"
+    assert not (repo / ".ab" / "current").exists()
+    # the tree changed after staging: `current` is the tree as it is when a variant goes in
+    (repo / "pkg" / "a.py").write_text("changed a\n")
+    _sh(repo, "source scripts/lib/ab.sh; ab_use current")             # nothing replaced yet
+    assert (repo / "pkg" / "a.py").read_text() == "changed a\n"
 
     _sh(repo, "source scripts/lib/ab.sh; ab_use before")
     assert (repo / "pkg" / "a.py").read_text() == "old a\n"
     # tests, docs and files added since stay as they are
     assert (repo / "tests" / "t.py").read_text() == "new t\n"
     assert (repo / "pkg" / "b.py").read_text() == "added\n"
+    # a second variant straight over the first: the tree's own copy is the one kept
+    _sh(repo, "source scripts/lib/ab.sh; ab_use after")
+    assert (repo / "pkg" / "a.py").read_text() == "new a\n"
     _sh(repo, "source scripts/lib/ab.sh; ab_use current")
-    assert (repo / "pkg" / "a.py").read_text() == "uncommitted a\n"
+    assert (repo / "pkg" / "a.py").read_text() == "changed a\n"
     missing = subprocess.run(["bash", "-c", "source scripts/lib/ab.sh; ab_use nothing"],
                              cwd=repo, capture_output=True, text=True)
     assert missing.returncode != 0 and "scripts/ab_stage" in missing.stderr
